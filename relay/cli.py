@@ -1,0 +1,173 @@
+"""The ``ctct-relay`` command line: parses arguments, loads settings, runs one command.
+
+This is the boundary that turns every expected failure (bad config, unknown endpoint, unreachable
+API) into one clear line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+import orjson
+
+from relay import logs, sim
+from relay.config import AccountSettings, ConfigError, Settings, load
+from relay.ctct import catalogue
+from relay.ctct.catalogue import Shape
+from relay.ctct.client import CtctClient
+from relay.ctct.errors import CtctError
+from relay.ctct.ratelimit import RateLimiter
+from relay.events import RecordError, parse_activity, parse_time
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+DEFAULT_SCENARIO = "config/sim.example.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ctct-relay`` and ``python -m relay``."""
+    args = _parser().parse_args(argv)
+    redactor = logs.Redactor()
+    try:
+        if args.command == "sim":
+            return _sim(args)
+        if args.command == "demo":
+            from relay.demo import run_demo
+
+            return asyncio.run(run_demo(_scenario(args.scenario), args.duration, sys.stdout))
+        if args.command == "endpoints":
+            return _endpoints(sys.stdout)
+        settings = load(args.config)
+        redactor = logs.configure(
+            settings.logging.level, settings.logging.format, settings.secrets()
+        )
+        return asyncio.run(_fetch(settings, args, sys.stdout))
+    except (ConfigError, sim.ScenarioError, catalogue.UnknownEndpointError) as exc:
+        return _fail(redactor.text(str(exc)), EXIT_USAGE)
+    except CtctError as exc:
+        return _fail(redactor.text(str(exc)), EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctct-relay",
+        description="Change-feed relay for the Constant Contact v2 tracking API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("sim", help="run the Constant Contact v2 API simulator")
+    p.add_argument("--config", default=DEFAULT_SCENARIO, help="scenario YAML (%(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (%(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="listen port (%(default)s)")
+
+    p = commands.add_parser("demo", help="run the simulator and show the relay at work")
+    p.add_argument("--scenario", default=DEFAULT_SCENARIO, help="scenario YAML (%(default)s)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+
+    commands.add_parser("endpoints", help="list the upstream endpoints the client knows")
+
+    p = commands.add_parser("fetch", help="call one upstream endpoint and print what it returns")
+    p.add_argument("endpoint", help="catalogue name, e.g. campaign.clicks (see 'endpoints')")
+    p.add_argument("--config", required=True, help="relay config YAML")
+    p.add_argument("--account", help="account name (default: the first one)")
+    p.add_argument("--id", dest="resource_id", help="contact or campaign id")
+    p.add_argument("--link-id", help="link id, for clicks_by_link")
+    p.add_argument("--since", help="created_since / modified_since, ISO 8601")
+    p.add_argument("--limit", type=int, help="page size")
+    p.add_argument("--max-pages", type=int, default=None, help="stop after this many pages")
+    p.add_argument("--raw", action="store_true", help="print records as the API sent them")
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"ctct-relay: error: {message}", file=sys.stderr)
+    return code
+
+
+def _scenario(path: str) -> sim.Scenario:
+    return sim.load_scenario(Path(path))
+
+
+def _sim(args: argparse.Namespace) -> int:
+    logs.configure()
+    sim.run_sim(_scenario(args.config), args.host, args.port)
+    return 0
+
+
+def _endpoints(out: TextIO) -> int:
+    for ep in catalogue.ENDPOINTS:
+        paging = f"paged, limit <= {ep.max_limit}" if ep.paged else "not paged"
+        print(f"{ep.name:28} {ep.shape.value:13} {paging:22} {ep.path}", file=out)
+    return 0
+
+
+def _account(settings: Settings, name: str | None) -> AccountSettings:
+    if name is None:
+        return settings.accounts[0]
+    for account in settings.accounts:
+        if account.name == name:
+            return account
+    known = ", ".join(a.name for a in settings.accounts)
+    raise ConfigError(f"--account: no account named {name!r} (configured: {known})")
+
+
+async def _fetch(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    endpoint = catalogue.get(args.endpoint)
+    account = _account(settings, args.account)
+    since: datetime | None = None
+    try:
+        if args.since:
+            since = parse_time(args.since, "--since")
+        endpoint.url_path(args.resource_id, args.link_id)  # validates the ids the path needs
+    except (RecordError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if args.limit is not None and not 1 <= args.limit <= (endpoint.max_limit or 0):
+        takes = f"1..{endpoint.max_limit}" if endpoint.paged else "no limit (not paged)"
+        raise ConfigError(f"--limit: {endpoint.name} takes {takes}, got {args.limit}")
+    timeout = aiohttp.ClientTimeout(
+        total=settings.http.timeout_s, connect=settings.http.connect_timeout_s
+    )
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            account.credentials(),
+            RateLimiter(account.budget),
+            retry=settings.http.retry,
+            timeout=timeout,
+        )
+        if not endpoint.paged:
+            body = await client.fetch(endpoint, resource_id=args.resource_id)
+            out.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
+            return 0
+        pages = client.pages(
+            endpoint,
+            resource_id=args.resource_id,
+            link_id=args.link_id,
+            since=since,
+            limit=args.limit,
+        )
+        async for page in pages:
+            for record in page.records:
+                out.write(_render(record, endpoint, account.name, args.raw) + "\n")
+            if args.max_pages is not None and page.number >= args.max_pages:
+                break
+    return 0
+
+
+def _render(record: dict[str, object], endpoint: catalogue.Endpoint, account: str, raw: bool) -> str:
+    if raw or endpoint.shape is not Shape.ACTIVITIES:
+        return orjson.dumps(record).decode()
+    try:
+        event = parse_activity(record, account=account, kind=endpoint.kind)
+    except RecordError as exc:
+        return orjson.dumps({"error": str(exc), "record": record}).decode()
+    return orjson.dumps(event.to_cloudevent()).decode()

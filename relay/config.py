@@ -1,0 +1,343 @@
+"""Settings: read once at start-up from YAML, ``${ENV}`` interpolation and environment overrides.
+
+Every key is documented in ``config/relay.example.yaml``. Errors name the key and the problem
+(``accounts[0].rate_limit.requests_per_second: expected a number > 0, got 'fast'``) and are raised
+before anything starts. This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, cast
+from urllib.parse import urlsplit
+
+import yaml
+
+from relay.ctct.client import Credentials, RetryPolicy
+from relay.ctct.ratelimit import Budget
+
+ENV_PREFIX = "CTCT_RELAY_"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file or key and what is wrong."""
+
+
+class Secret:
+    """A string that never shows itself in repr, str, logs or status output."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret value, for the one place that sends it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSettings:
+    """One Constant Contact account (one api_key)."""
+
+    name: str
+    base_url: str
+    api_key: Secret
+    access_token: Secret
+    budget: Budget = field(default_factory=Budget)
+
+    def credentials(self) -> Credentials:
+        """What the client needs to call this account's API."""
+        return Credentials(self.base_url, self.api_key.reveal(), self.access_token.reveal())
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """Upstream HTTP behaviour shared by every account."""
+
+    timeout_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """Log level and rendering."""
+
+    level: LogLevel = "info"
+    format: LogFormat = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a running relay is configured with."""
+
+    accounts: tuple[AccountSettings, ...]
+    http: HttpSettings = field(default_factory=HttpSettings)
+    logging: LogSettings = field(default_factory=LogSettings)
+
+    def secrets(self) -> list[str]:
+        """Every secret value, so log redaction can scrub them wherever they appear."""
+        return [
+            secret.reveal()
+            for account in self.accounts
+            for secret in (account.api_key, account.access_token)
+        ]
+
+
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, interpolate, override and validate a config file."""
+    env = os.environ if environ is None else environ
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    data = _apply_overrides(_interpolate(raw, env, ""), env)
+    try:
+        if not isinstance(data, dict):
+            raise ConfigError("the top level must be a mapping of keys")
+        return from_mapping(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def from_mapping(data: Mapping[str, object]) -> Settings:
+    """Validate an already-parsed configuration."""
+    root = _Reader(data, "")
+    accounts = tuple(_account(r) for r in root.readers("accounts"))
+    if not accounts:
+        raise ConfigError("accounts: at least one account is required")
+    names = [a.name for a in accounts]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"accounts: names must be unique, got {names}")
+    settings = Settings(accounts=accounts, http=_http(root.child("http")), logging=_logs(root))
+    root.done()
+    return settings
+
+
+def _account(r: _Reader) -> AccountSettings:
+    base_url = r.text("base_url")
+    parts = urlsplit(base_url)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ConfigError(f"{r.key('base_url')}: expected an http(s) URL, got {base_url!r}")
+    limits = r.child("rate_limit")
+    defaults = Budget()
+    budget = Budget(
+        requests_per_second=limits.number("requests_per_second", defaults.requests_per_second),
+        requests_per_day=int(limits.number("requests_per_day", defaults.requests_per_day)),
+        reserved_share=limits.number(
+            "reserved_share", defaults.reserved_share, minimum=0.0, maximum=0.99, strict=False
+        ),
+    )
+    limits.done()
+    account = AccountSettings(
+        name=r.text("name"),
+        base_url=base_url,
+        api_key=Secret(r.text("api_key")),
+        access_token=Secret(r.text("access_token")),
+        budget=budget,
+    )
+    r.done()
+    return account
+
+
+def _http(r: _Reader) -> HttpSettings:
+    defaults = RetryPolicy()
+    base = HttpSettings()
+    http = HttpSettings(
+        timeout_s=r.number("timeout_s", base.timeout_s),
+        connect_timeout_s=r.number("connect_timeout_s", base.connect_timeout_s),
+        retry=RetryPolicy(
+            max_attempts=int(r.number("max_attempts", defaults.max_attempts, minimum=1)),
+            base_delay_s=r.number("backoff_base_s", defaults.base_delay_s),
+            max_delay_s=r.number("backoff_max_s", defaults.max_delay_s),
+            max_retry_after_s=r.number("max_retry_after_s", defaults.max_retry_after_s),
+        ),
+    )
+    r.done()
+    return http
+
+
+def _logs(root: _Reader) -> LogSettings:
+    r = root.child("logging")
+    base = LogSettings()
+    level = r.choice("level", ("debug", "info", "warning", "error"), base.level)
+    fmt = r.choice("format", ("auto", "json", "console"), base.format)
+    r.done()
+    return LogSettings(level=cast(LogLevel, level), format=cast(LogFormat, fmt))
+
+
+class _Reader:
+    """Typed access to one mapping of the config, tracking key paths and unknown keys."""
+
+    def __init__(self, data: object, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(data)}")
+        self._data: Mapping[str, object] = data
+        self._path = path
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def _get(self, name: str) -> object:
+        self._used.add(name)
+        return self._data.get(name)
+
+    def child(self, name: str) -> _Reader:
+        return _Reader(self._get(name), self.key(name))
+
+    def readers(self, name: str) -> Iterator[_Reader]:
+        items = self._get(name)
+        if items is None:
+            return
+        if not isinstance(items, list):
+            raise ConfigError(f"{self.key(name)}: expected a list, got {_show(items)}")
+        for index, item in enumerate(items):
+            yield _Reader(item, f"{self.key(name)}[{index}]")
+
+    def text(self, name: str, default: str | None = None) -> str:
+        value = self._get(name)
+        if value is None or value == "":
+            if default is not None:
+                return default
+            raise ConfigError(f"{self.key(name)}: required, but missing or empty")
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected a string, got {_show(value)}")
+        return str(value)
+
+    def number(
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float = 0.0,
+        maximum: float | None = None,
+        strict: bool = True,
+    ) -> float:
+        value = self._get(name)
+        if value is None:
+            return float(default)
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        if maximum is not None:
+            bound += f" and <= {maximum:g}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self.key(name)}: expected a number {bound}, got {_show(value)}")
+        number = float(value)
+        too_low = number <= minimum if strict else number < minimum
+        if too_low or (maximum is not None and number > maximum):
+            raise ConfigError(f"{self.key(name)}: expected a number {bound}, got {_show(value)}")
+        return number
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self._get(name)
+        if value is None:
+            return default
+        if value not in allowed:
+            raise ConfigError(
+                f"{self.key(name)}: expected one of {', '.join(allowed)}, got {_show(value)}"
+            )
+        return str(value)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._used)
+        if unknown:
+            where = self._path or "top level"
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _interpolate(value: object, env: Mapping[str, str], path: str) -> object:
+    """Replace ``${NAME}`` and ``${NAME:-default}`` in every string; an unset name is an error."""
+    if isinstance(value, dict):
+        return {
+            k: _interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable {name} is not set")
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def _apply_overrides(data: object, env: Mapping[str, str]) -> object:
+    """``CTCT_RELAY_HTTP__TIMEOUT_S=5`` sets ``http.timeout_s``; list items by index."""
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX:
+            continue
+        keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        try:
+            value = yaml.safe_load(env[name]) if env[name] else ""
+        except yaml.YAMLError:
+            value = env[name]
+        data = _set_path(data, keys, value, name)
+    return data
+
+
+def _set_path(node: object, keys: list[str], value: object, var: str) -> object:
+    head, rest = keys[0], keys[1:]
+    if isinstance(node, list):
+        if not head.isdigit() or int(head) > len(node):
+            raise ConfigError(f"{var}: {head!r} is not an index of a list of {len(node)}")
+        index = int(head)
+        if index == len(node):
+            node.append({})
+        node[index] = _set_path(node[index], rest, value, var) if rest else value
+        return node
+    if node is None:
+        node = {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"{var}: cannot set a key inside a {type(node).__name__}")
+    if rest:
+        child = node.get(head)
+        if child is None and rest[0].isdigit():
+            child = []
+        node[head] = _set_path(child, rest, value, var)
+    else:
+        node[head] = value
+    return node

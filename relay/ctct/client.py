@@ -1,0 +1,373 @@
+"""The async HTTP client for the Constant Contact v2 API: requests, paging, retries, error mapping.
+
+One code path serves every catalogue endpoint. Each request goes through the account's
+:class:`RateLimiter` (retries included, so no retry storm can exceed the budget); errors are
+mapped to :mod:`relay.ctct.errors` at this boundary, with the api_key and token redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Final
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import aiohttp
+import orjson
+import structlog
+
+from relay.ctct import errors
+from relay.ctct.catalogue import Endpoint, Shape
+from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
+from relay.events import JsonObject, format_time
+
+log = structlog.get_logger(__name__)
+
+OVER_QPS: Final = "mashery.not.authorized.over.qps"
+OVER_RATELIMIT: Final = "mashery.not.authorized.over.ratelimit"
+_ERROR_BODY_CAP = 64 * 1024
+_REDACTED = "***"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Where an account's API lives and how to authenticate; secrets never appear in repr."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    access_token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff and full jitter."""
+
+    max_attempts: int = 5
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    # A Retry-After longer than this is not slept through; the error goes to the caller.
+    max_retry_after_s: float = 120.0
+
+    def delay_s(self, attempt: int, rng: random.Random) -> float:
+        """Sleep before retry number ``attempt`` (1-based): full jitter over a doubling cap."""
+        cap = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+        return rng.uniform(cap / 2, cap)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a paged endpoint: its records, in the order the API sent them."""
+
+    number: int
+    records: tuple[JsonObject, ...]
+    next_link: str | None
+
+
+def redact_url(url: str) -> str:
+    """The URL with the value of ``api_key`` (and any ``access_token``) replaced."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    query = [
+        (key, _REDACTED if key.lower() in {"api_key", "access_token"} else value)
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return parts._replace(query=urlencode(query, safe="*:")).geturl()
+
+
+class CtctClient:
+    """Calls one account's endpoints on a shared ``aiohttp.ClientSession``."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        credentials: Credentials,
+        limiter: RateLimiter,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._session = session
+        self._credentials = credentials
+        self._base = credentials.base_url.rstrip("/")
+        self._limiter = limiter
+        self._retry = retry or RetryPolicy()
+        self._timeout = timeout or aiohttp.ClientTimeout(total=30, connect=10)
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._headers = {
+            "Accept": "application/json",
+            "Authorization": f"Bearer {credentials.access_token}",
+        }
+        self.requests_sent = 0
+
+    async def pages(
+        self,
+        endpoint: Endpoint,
+        *,
+        resource_id: str | None = None,
+        link_id: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[Page]:
+        """Yield every page of a paged endpoint, following ``next_link`` until there is none.
+
+        ``since`` is sent as ``created_since``/``modified_since`` (inclusive). ``limit`` defaults
+        to the endpoint's maximum; later pages inherit it through the next token.
+        """
+        if not endpoint.paged:
+            raise ValueError(f"endpoint {endpoint.name} is not paged; use fetch()")
+        max_limit = endpoint.max_limit or 0
+        size = max_limit if limit is None else limit
+        if not 1 <= size <= max_limit:
+            raise ValueError(f"limit for {endpoint.name} must be 1..{max_limit}, got {size}")
+        params = list(endpoint.fixed_params)
+        if since is not None and endpoint.since_param:
+            params.append((endpoint.since_param, format_time(since)))
+        params.append(("limit", str(size)))
+        path = endpoint.url_path(resource_id, link_id)
+        seen: set[str] = set()
+        number = 1
+        while True:
+            body = await self._get(endpoint.name, path, params)
+            records, next_link = _paged_body(endpoint.name, body)
+            yield Page(number, records, next_link)
+            if next_link is None:
+                return
+            if next_link in seen:
+                raise errors.PaginationLoopError(
+                    f"next_link repeated on page {number + 1}: {next_link}", endpoint=endpoint.name
+                )
+            seen.add(next_link)
+            path, params = self._follow(endpoint.name, next_link)
+            number += 1
+
+    async def fetch(
+        self, endpoint: Endpoint, *, resource_id: str | None = None
+    ) -> JsonObject | list[JsonObject]:
+        """The body of an unpaged endpoint: a summary object, or the summary-by-campaign list."""
+        if endpoint.paged:
+            raise ValueError(f"endpoint {endpoint.name} is paged; use pages()")
+        body = await self._get(
+            endpoint.name, endpoint.url_path(resource_id), list(endpoint.fixed_params)
+        )
+        if endpoint.shape is Shape.SUMMARY_LIST:
+            if isinstance(body, list) and all(isinstance(row, dict) for row in body):
+                return body
+            raise _malformed(endpoint.name, "expected a JSON array of objects")
+        if isinstance(body, dict):
+            return body
+        raise _malformed(endpoint.name, "expected a JSON object")
+
+    def _follow(self, name: str, next_link: str) -> tuple[str, list[tuple[str, str]]]:
+        """Split a next_link into path and params; it must stay on our host: it gets the key."""
+        parts = urlsplit(next_link)
+        if parts.scheme or parts.netloc or not parts.path.startswith("/"):
+            raise _malformed(name, f"next_link is not a relative path: {next_link!r}")
+        return parts.path, parse_qsl(parts.query, keep_blank_values=True)
+
+    async def _get(self, name: str, path: str, params: list[tuple[str, str]]) -> object:
+        """One logical GET with bounded retries; every attempt spends budget."""
+        attempt = 1
+        while True:
+            await self._limiter.acquire()
+            try:
+                return await self._attempt(name, path, params)
+            except errors.QuotaExhaustedError:
+                self._limiter.exhaust_today()
+                raise
+            except errors.CtctError as exc:
+                delay = self._retry_delay(exc, attempt)
+                if delay is None:
+                    raise
+                log.warning(
+                    "ctct.retry",
+                    endpoint=name,
+                    attempt=attempt,
+                    delay_s=round(delay, 3),
+                    error=str(exc),
+                )
+                await self._sleep(delay)
+                attempt += 1
+
+    def _retry_delay(self, exc: errors.CtctError, attempt: int) -> float | None:
+        """Seconds to wait before retrying, or None when the error goes to the caller."""
+        if not exc.retriable or attempt >= self._retry.max_attempts:
+            return None
+        delay = self._retry.delay_s(attempt, self._rng)
+        if exc.retry_after_s is not None:
+            if exc.retry_after_s > self._retry.max_retry_after_s:
+                return None
+            delay = max(delay, exc.retry_after_s)
+        if isinstance(exc, errors.OverQpsError):
+            delay = max(delay, self._limiter.budget.window_s)  # the API's window must pass
+        return delay
+
+    async def _attempt(self, name: str, path: str, params: list[tuple[str, str]]) -> object:
+        url = self._base + path
+        query = [("api_key", self._credentials.api_key), *params]
+        shown = redact_url(f"{url}?{urlencode(query)}")
+        started = time.perf_counter()
+        self.requests_sent += 1
+        try:
+            async with self._session.get(
+                url,
+                params=query,
+                headers=self._headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                if 200 <= status < 300:
+                    body = await resp.read()
+                else:
+                    body = await _read_capped(resp, _ERROR_BODY_CAP)
+                retry_after = resp.headers.get("Retry-After")
+        except TimeoutError:
+            raise errors.TransportError(
+                f"GET {shown} timed out after {self._timeout.total}s", endpoint=name
+            ) from None
+        except aiohttp.ClientError as exc:
+            # from None: aiohttp's own exception text may carry the full URL with the api_key
+            raise errors.TransportError(
+                f"GET {shown} failed: {_describe_transport(exc)}", endpoint=name
+            ) from None
+        log.debug(
+            "ctct.response",
+            endpoint=name,
+            status=status,
+            latency_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        if not 200 <= status < 300:
+            raise _map_error(name, shown, status, body, retry_after)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise _malformed(
+                name, f"GET {shown} answered {status} with a body that is not JSON ({exc})"
+            ) from None
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """Up to ``cap`` bytes of a body we only quote in an error message."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < cap:
+        chunk = await resp.content.read(cap - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _paged_body(name: str, body: object) -> tuple[tuple[JsonObject, ...], str | None]:
+    if not isinstance(body, dict):
+        raise _malformed(name, "expected a JSON object with 'results'")
+    results = body.get("results")
+    if not isinstance(results, list) or not all(isinstance(row, dict) for row in results):
+        raise _malformed(name, "'results' is not a list of objects")
+    meta = body.get("meta")
+    pagination = meta.get("pagination") if isinstance(meta, dict) else None
+    next_link = pagination.get("next_link") if isinstance(pagination, dict) else None
+    if next_link is not None and (not isinstance(next_link, str) or not next_link):
+        raise _malformed(name, f"meta.pagination.next_link is not a path: {next_link!r}")
+    return tuple(results), next_link
+
+
+def _malformed(name: str, message: str) -> errors.MalformedResponseError:
+    return errors.MalformedResponseError(message, endpoint=name)
+
+
+def _describe_transport(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "response body was cut off"
+    return type(exc).__name__
+
+
+def _upstream_errors(body: bytes) -> list[tuple[str, str]]:
+    """(error_key, error_message) pairs of the API's error array; empty when it is not one."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return []
+    if isinstance(parsed, dict):
+        parsed = [parsed]
+    if not isinstance(parsed, list):
+        return []
+    return [
+        (str(item.get("error_key", "")), str(item.get("error_message", "")))
+        for item in parsed
+        if isinstance(item, dict)
+    ]
+
+
+_BY_STATUS: Mapping[int, type[errors.ResponseError]] = {
+    400: errors.BadRequestError,
+    401: errors.UnauthorizedError,
+    403: errors.ForbiddenError,
+    404: errors.NotFoundError,
+    406: errors.NotAcceptableError,
+    429: errors.TooManyRequestsError,
+}
+
+
+def _map_error(
+    name: str, shown: str, status: int, body: bytes, retry_after: str | None
+) -> errors.CtctError:
+    """The typed error for a non-2xx answer, with the API's own error keys and messages."""
+    pairs = _upstream_errors(body)
+    key = pairs[0][0] if pairs else None
+    said = "; ".join(f"{k}: {m}" if m else k for k, m in pairs) or _excerpt(body)
+    message = f"GET {shown} answered {status}" + (f" ({said})" if said else "")
+    if status == 403 and key == OVER_QPS:
+        return errors.OverQpsError(message, endpoint=name, status=status, error_key=key)
+    if status == 403 and key == OVER_RATELIMIT:
+        resume_at = next_utc_midnight(datetime.now().astimezone())
+        return errors.QuotaExhaustedError(
+            message + f"; paused until {format_time(resume_at)}",
+            resume_at=resume_at,
+            endpoint=name,
+            status=status,
+            error_key=key,
+        )
+    cls = _BY_STATUS.get(status)
+    if cls is None:
+        cls = errors.ServerError if status >= 500 else errors.ResponseError
+    return cls(
+        message,
+        endpoint=name,
+        status=status,
+        error_key=key,
+        retry_after_s=_retry_after_s(retry_after),
+    )
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After as seconds (delta-seconds form; the HTTP-date form counts from now)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (moment - datetime.now(moment.tzinfo)).total_seconds())
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[:200].decode("utf-8", "replace").strip()
+    return " ".join(text.split())

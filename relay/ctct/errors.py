@@ -1,0 +1,132 @@
+"""Errors of the Constant Contact upstream, one class per thing a caller decides differently on.
+
+    CtctError                      retriable? what the caller does
+    ├── TransportError             yes        connection refused, DNS, reset, timeout: back off
+    ├── MalformedResponseError     yes        a 2xx whose body is not the JSON we expect
+    ├── PaginationLoopError        no         a next_link repeated: stop this pass, report
+    ├── BudgetExhaustedError       no         our own daily allowance is spent: wait for resume_at
+    └── ResponseError                         the API answered with an error status
+        ├── BadRequestError        no  400    a parameter was rejected (bug or bad config)
+        ├── UnauthorizedError      no  401    credentials are wrong: stop polling the account
+        ├── ForbiddenError         no  403    any other 403
+        ├── OverQpsError           yes 403    mashery.not.authorized.over.qps: back off
+        ├── QuotaExhaustedError    no  403    mashery.not.authorized.over.ratelimit: pause
+        │                                     the account until resume_at (00:00 UTC)
+        ├── NotFoundError          no  404    the contact or campaign is gone: retire the stream
+        ├── NotAcceptableError     no  406    the Accept header was refused
+        ├── TooManyRequestsError   yes 429    honour retry_after_s
+        └── ServerError            yes 5xx    back off
+
+Every message is safe to log: URLs in it are redacted (no api_key, no token).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+
+class CtctError(Exception):
+    """Base of every upstream error; ``retriable``: the same request may succeed later."""
+
+    retriable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str | None = None,
+        status: int | None = None,
+        error_key: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.endpoint = endpoint
+        self.status = status
+        self.error_key = error_key
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return f"{self.endpoint}: {self.message}" if self.endpoint else self.message
+
+
+class TransportError(CtctError):
+    """The request did not get an HTTP answer (connection, DNS, reset, timeout)."""
+
+    retriable = True
+
+
+class MalformedResponseError(CtctError):
+    """A success status with a body that is not the JSON the endpoint documents."""
+
+    retriable = True
+
+
+class PaginationLoopError(CtctError):
+    """The API sent a next_link it had already sent in this pass."""
+
+
+class BudgetExhaustedError(CtctError):
+    """The account's own daily allowance (quota minus the reserved share) is spent."""
+
+    def __init__(self, message: str, *, resume_at: datetime) -> None:
+        super().__init__(message)
+        self.resume_at = resume_at
+
+
+class ResponseError(CtctError):
+    """The API answered with an error status and (usually) its JSON error array."""
+
+
+class BadRequestError(ResponseError):
+    """400: the API rejected a parameter."""
+
+
+class UnauthorizedError(ResponseError):
+    """401: the api_key or access token is not valid; polling the account cannot succeed."""
+
+
+class ForbiddenError(ResponseError):
+    """403 for a reason other than the rate limits."""
+
+
+class OverQpsError(ResponseError):
+    """403 mashery.not.authorized.over.qps: too many requests this second."""
+
+    retriable = True
+
+
+class QuotaExhaustedError(ResponseError):
+    """403 mashery.not.authorized.over.ratelimit: the key's daily quota is spent."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        resume_at: datetime,
+        endpoint: str | None = None,
+        status: int | None = None,
+        error_key: str | None = None,
+    ) -> None:
+        super().__init__(message, endpoint=endpoint, status=status, error_key=error_key)
+        self.resume_at = resume_at
+
+
+class NotFoundError(ResponseError):
+    """404: the contact, campaign or link does not exist (any more)."""
+
+
+class NotAcceptableError(ResponseError):
+    """406: the API cannot answer in the requested media type."""
+
+
+class TooManyRequestsError(ResponseError):
+    """429: slow down; ``retry_after_s`` carries the Retry-After header when sent."""
+
+    retriable = True
+
+
+class ServerError(ResponseError):
+    """5xx: the API failed; usually passing."""
+
+    retriable = True

@@ -1,0 +1,123 @@
+"""Per-account request budget: the per-second limit and the daily quota, minus a reserved share.
+
+The per-second limit is a sliding log, not a token bucket: a bucket of 4 tokens refilled at 4/s lets
+8 requests through in one second (a full bucket, then the refills), and Mashery counts per second.
+With a log of the last N send times, no window of ``window_s`` ever holds more than N requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from relay.ctct.errors import BudgetExhaustedError
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """An account's published limits and the share of the daily quota left to other applications."""
+
+    requests_per_second: float = 4.0
+    requests_per_day: int = 10_000
+    reserved_share: float = 0.1
+    # Slack added to every one-second window so network jitter cannot push a 5th request into
+    # the server's second.
+    window_margin_s: float = 0.02
+
+    @property
+    def daily_allowance(self) -> int:
+        """Requests this relay may spend per UTC day."""
+        return math.floor(self.requests_per_day * (1.0 - self.reserved_share))
+
+    @property
+    def burst(self) -> int:
+        """Requests allowed in one window."""
+        return max(1, math.floor(self.requests_per_second))
+
+    @property
+    def window_s(self) -> float:
+        """Length of the window that may hold ``burst`` requests."""
+        return self.burst / self.requests_per_second + self.window_margin_s
+
+
+def next_utc_midnight(moment: datetime) -> datetime:
+    """The start of the UTC day after ``moment``: when a daily quota resets."""
+    day = moment.astimezone(UTC).date() + timedelta(days=1)
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+class RateLimiter:
+    """Admits requests for one account without exceeding its :class:`Budget`.
+
+    ``acquire()`` waits for a per-second slot and spends one request of today's allowance, or
+    raises :class:`BudgetExhaustedError` when the allowance is spent. Waiters are served in order.
+    """
+
+    def __init__(
+        self,
+        budget: Budget,
+        *,
+        used_today: int = 0,
+        wall_clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.budget = budget
+        self._wall_clock = wall_clock
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._day = self._today()
+        self._used_today = used_today
+        self._sent: deque[float] = deque(maxlen=budget.burst)
+        self._lock = asyncio.Lock()
+        self.waited_s = 0.0  # total time spent waiting for a slot, for metrics
+
+    @property
+    def used_today(self) -> int:
+        """Requests spent since 00:00 UTC."""
+        self._roll_day()
+        return self._used_today
+
+    @property
+    def remaining_today(self) -> int:
+        """Requests left of today's allowance."""
+        return max(0, self.budget.daily_allowance - self.used_today)
+
+    def resume_at(self) -> datetime:
+        """When the daily allowance renews."""
+        return next_utc_midnight(datetime.fromtimestamp(self._wall_clock(), UTC))
+
+    def exhaust_today(self) -> None:
+        """Mark today's quota spent, e.g. after the API said so (other apps share the key)."""
+        self._roll_day()
+        self._used_today = max(self._used_today, self.budget.daily_allowance)
+
+    async def acquire(self) -> None:
+        """Wait for a slot and count the request; raise if today's allowance is spent."""
+        async with self._lock:
+            if self.remaining_today <= 0:
+                raise BudgetExhaustedError(
+                    f"daily allowance of {self.budget.daily_allowance} requests is spent",
+                    resume_at=self.resume_at(),
+                )
+            if len(self._sent) == self._sent.maxlen:
+                wait_s = self._sent[0] + self.budget.window_s - self._monotonic()
+                if wait_s > 0:
+                    self.waited_s += wait_s
+                    await self._sleep(wait_s)
+            self._sent.append(self._monotonic())
+            self._used_today += 1
+
+    def _today(self) -> date:
+        return datetime.fromtimestamp(self._wall_clock(), UTC).date()
+
+    def _roll_day(self) -> None:
+        today = self._today()
+        if today != self._day:
+            self._day = today
+            self._used_today = 0

@@ -1,0 +1,282 @@
+"""The event model: tracking-record parsing, the dedup key, the deterministic event id, CloudEvents.
+
+Constant Contact v2 tracking records are inconsistent (``campaign_id`` sometimes a JSON number,
+``link_id`` sometimes the number ``0``, dates with or without milliseconds). Everything here
+normalizes them so that one activity has exactly one :class:`DedupKey` and one event id, whichever
+endpoint (contact or campaign scope) returned it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+
+JsonObject = dict[str, object]
+
+SPECVERSION = "1.0"
+TYPE_PREFIX = "com.constantcontact.email."
+# Namespace for the UUIDv5 event ids. Changing it changes every event id ever emitted: never do.
+_ID_NAMESPACE = uuid.UUID("6f0c3a52-6d1e-5b9e-9a4f-3c2b7c1d0e11")
+
+
+class Kind(enum.StrEnum):
+    """The six activity kinds; the suffix of the CloudEvent ``type``."""
+
+    SEND = "send"
+    OPEN = "open"
+    CLICK = "click"
+    FORWARD = "forward"
+    BOUNCE = "bounce"
+    UNSUBSCRIBE = "unsubscribe"
+
+    @property
+    def activity_type(self) -> str:
+        """The upstream ``activity_type`` value, e.g. ``EMAIL_CLICK``."""
+        return f"EMAIL_{self.name}"
+
+    @property
+    def date_field(self) -> str:
+        """The record field that carries the activity time, e.g. ``click_date``."""
+        return f"{self.value}_date"
+
+    @property
+    def event_type(self) -> str:
+        """The CloudEvent ``type``, e.g. ``com.constantcontact.email.click``."""
+        return TYPE_PREFIX + self.value
+
+
+_KIND_BY_ACTIVITY_TYPE = {kind.activity_type: kind for kind in Kind}
+BOUNCE_CODES = frozenset("BSDFVZX")
+
+
+class RecordError(ValueError):
+    """A tracking record that cannot be turned into an activity; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class DedupKey:
+    """Identity of one activity: the same activity always has the same key."""
+
+    activity_type: str
+    campaign_id: str
+    contact_id: str
+    occurred_ms: int
+    link_id: str  # "" for every kind but clicks
+
+    def as_text(self) -> str:
+        """A stable one-line form, used for storage and for the event id."""
+        return "|".join(
+            (
+                self.activity_type,
+                self.campaign_id,
+                self.contact_id,
+                str(self.occurred_ms),
+                self.link_id,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """One normalized tracking activity of one account."""
+
+    account: str
+    kind: Kind
+    campaign_id: str
+    contact_id: str
+    email_address: str
+    occurred_at: datetime  # UTC, millisecond precision
+    link_id: str | None = None
+    bounce_code: str | None = None
+    bounce_description: str | None = None
+    bounce_message: str | None = None
+    unsubscribe_source: str | None = None
+    unsubscribe_reason: str | None = None
+
+    @property
+    def occurred_ms(self) -> int:
+        """Activity time as Unix milliseconds."""
+        return to_millis(self.occurred_at)
+
+    @property
+    def dedup_key(self) -> DedupKey:
+        """(type, campaign, contact, time in UTC ms), plus the link for clicks."""
+        return DedupKey(
+            self.kind.activity_type,
+            self.campaign_id,
+            self.contact_id,
+            self.occurred_ms,
+            (self.link_id or "0") if self.kind is Kind.CLICK else "",
+        )
+
+    @property
+    def event_id(self) -> str:
+        """Deterministic CloudEvent id: UUIDv5 of the account and the dedup key."""
+        return str(uuid.uuid5(_ID_NAMESPACE, f"{self.account}|{self.dedup_key.as_text()}"))
+
+    def data(self) -> JsonObject:
+        """The CloudEvent ``data``: snake_case fields, ids as strings."""
+        out: JsonObject = {
+            "account": self.account,
+            "activity_type": self.kind.activity_type,
+            "campaign_id": self.campaign_id,
+            "contact_id": self.contact_id,
+            "email_address": self.email_address,
+            "occurred_at": format_time(self.occurred_at),
+        }
+        if self.kind is Kind.CLICK:
+            out["link_id"] = self.link_id or "0"
+        elif self.kind is Kind.BOUNCE:
+            out["bounce_code"] = self.bounce_code
+            out["bounce_description"] = self.bounce_description or ""
+            out["bounce_message"] = self.bounce_message or ""
+        elif self.kind is Kind.UNSUBSCRIBE:
+            out["unsubscribe_source"] = self.unsubscribe_source or ""
+            out["unsubscribe_reason"] = self.unsubscribe_reason or ""
+        return out
+
+    def to_cloudevent(self) -> JsonObject:
+        """The structured-mode CloudEvents 1.0 representation."""
+        return {
+            "specversion": SPECVERSION,
+            "id": self.event_id,
+            "source": f"ctct://{self.account}/campaigns/{self.campaign_id}",
+            "type": self.kind.event_type,
+            "subject": self.contact_id,
+            "time": format_time(self.occurred_at),
+            "datacontenttype": "application/json",
+            "data": self.data(),
+        }
+
+
+def schema(kind: Kind) -> JsonObject:
+    """The published JSON Schema of the ``data`` of events of ``kind`` (``relay/schemas/``)."""
+    text = resources.files("relay").joinpath("schemas", f"{kind.value}.json").read_bytes()
+    loaded: JsonObject = json.loads(text)
+    return loaded
+
+
+def to_millis(moment: datetime) -> int:
+    """Unix milliseconds of an aware datetime."""
+    delta = moment - _EPOCH
+    return delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
+
+
+def from_millis(ms: int) -> datetime:
+    """Aware UTC datetime of Unix milliseconds."""
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 UTC with milliseconds, the form Constant Contact's ``created_since`` takes."""
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def parse_time(value: object, field: str = "date") -> datetime:
+    """Parse an upstream timestamp (``Z`` or offset, with or without fraction) to UTC ms."""
+    if not isinstance(value, str) or not value:
+        raise RecordError(f"{field}: expected an ISO 8601 timestamp, got {value!r}")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise RecordError(f"{field}: not an ISO 8601 timestamp: {value!r}") from None
+    if moment.tzinfo is None:  # the API documents UTC; a bare timestamp is UTC
+        moment = moment.replace(tzinfo=UTC)
+    moment = moment.astimezone(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def parse_activity(
+    raw: Mapping[str, object], *, account: str, kind: Kind | None = None
+) -> Activity:
+    """Normalize one tracking record.
+
+    ``kind`` is what the endpoint returns; records from the mixed all-activities list pass None and
+    are typed by their own ``activity_type``. Raises :class:`RecordError` naming the bad field.
+    """
+    record_kind = _record_kind(raw, kind)
+    date_field = record_kind.date_field
+    link_id = bounce_code = bounce_description = bounce_message = None
+    unsubscribe_source = unsubscribe_reason = None
+    if record_kind is Kind.CLICK:
+        link_id = "0" if raw.get("link_id") in (None, "") else _id(raw, "link_id")
+    elif record_kind is Kind.BOUNCE:
+        bounce_code = _text(raw, "bounce_code").upper()
+        if bounce_code not in BOUNCE_CODES:
+            known = "".join(sorted(BOUNCE_CODES))
+            raise RecordError(f"bounce_code: unknown code {bounce_code!r} (known: {known})")
+        bounce_description = _text(raw, "bounce_description")
+        bounce_message = _text(raw, "bounce_message")
+    elif record_kind is Kind.UNSUBSCRIBE:
+        unsubscribe_source = _text(raw, "unsubscribe_source")
+        unsubscribe_reason = _text(raw, "unsubscribe_reason")
+    return Activity(
+        account=account,
+        kind=record_kind,
+        campaign_id=_id(raw, "campaign_id"),
+        contact_id=_id(raw, "contact_id"),
+        email_address=_text(raw, "email_address"),
+        occurred_at=parse_time(raw.get(date_field), date_field),
+        link_id=link_id,
+        bounce_code=bounce_code,
+        bounce_description=bounce_description,
+        bounce_message=bounce_message,
+        unsubscribe_source=unsubscribe_source,
+        unsubscribe_reason=unsubscribe_reason,
+    )
+
+
+def kind_of(activity_type: str) -> Kind:
+    """The kind of an upstream ``activity_type`` such as ``EMAIL_OPEN``."""
+    try:
+        return _KIND_BY_ACTIVITY_TYPE[activity_type.upper()]
+    except KeyError:
+        known = ", ".join(sorted(_KIND_BY_ACTIVITY_TYPE))
+        raise RecordError(f"activity_type: unknown {activity_type!r} (known: {known})") from None
+
+
+def _record_kind(raw: Mapping[str, object], expected: Kind | None) -> Kind:
+    declared = raw.get("activity_type")
+    if declared is None or declared == "":
+        if expected is None:
+            raise RecordError("activity_type: missing in a record of the mixed activity list")
+        return expected
+    if not isinstance(declared, str):
+        raise RecordError(f"activity_type: expected a string, got {declared!r}")
+    found = kind_of(declared)
+    if expected is not None and found is not expected:
+        raise RecordError(f"activity_type: {declared!r} in a {expected.value} feed")
+    return found
+
+
+def _id(raw: Mapping[str, object], field: str) -> str:
+    value = raw.get(field)
+    # bool is an int subclass; True is never an id
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise RecordError(f"{field}: expected an id (string or integer), got {value!r}")
+
+
+def _text(raw: Mapping[str, object], field: str) -> str:
+    value = raw.get(field)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    raise RecordError(f"{field}: expected a string, got {value!r}")
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

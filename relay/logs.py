@@ -1,0 +1,126 @@
+"""structlog set-up: JSON lines off a TTY, console on one, and secret redaction on every path.
+
+Redaction runs as the last processor before rendering, so whatever a log call passes (an
+exception text, a URL, a header dict) is scrubbed of the configured secrets and of anything that
+looks like one (``api_key=…`` query values, ``Bearer …`` tokens, ``whsec_…`` webhook secrets).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import TextIO
+
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+REDACTED = "***"
+_PATTERNS = (
+    re.compile(r"(?i)(api_key=)[^&\s\"']+"),
+    re.compile(r"(?i)(access_token=)[^&\s\"']+"),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"()whsec_[A-Za-z0-9+/=]+"),
+)
+
+
+class Redactor:
+    """Replaces known secret values and secret-shaped substrings in any nested log value."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        # longest first, so a secret that contains another is replaced whole
+        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        """``value`` with every secret replaced."""
+        for secret in self._secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        for pattern in _PATTERNS:
+            value = pattern.sub(lambda m: m.group(1) + REDACTED, value)
+        return value
+
+    def value(self, value: object) -> object:
+        """Redact strings inside dicts, lists and tuples; other values pass unchanged."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self.value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.value(v) for v in value)
+        if isinstance(value, BaseException):
+            return self.text(f"{type(value).__name__}: {value}")
+        return value
+
+    def __call__(self, _logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
+        for key, item in list(event.items()):
+            event[key] = self.value(item)
+        return event
+
+
+def configure(
+    level: str = "info",
+    fmt: str = "auto",
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> Redactor:
+    """Configure structlog (and the stdlib root logger, for libraries) once at start-up."""
+    out = stream or sys.stderr
+    redactor = Redactor(secrets)
+    console = fmt == "console" or (fmt == "auto" and out.isatty())
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redactor,
+    ]
+    renderer: Processor = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if console
+        else structlog.processors.JSONRenderer(serializer=_dumps)
+    )
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(out)
+    handler.addFilter(_StdlibRedaction(redactor))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(_LEVELS[level], logging.WARNING))
+    return redactor
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def _dumps(obj: MutableMapping[str, object], **_kw: object) -> str:
+    return orjson.dumps(obj, default=str).decode()
+
+
+class _StdlibRedaction(logging.Filter):
+    """Scrubs records of libraries that log through the standard library (aiohttp, aiokafka)."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self._redactor.text(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            record.exc_text = self._redactor.text(
+                logging.Formatter().formatException(record.exc_info)
+            )
+            record.exc_info = None
+        return True

@@ -1,0 +1,96 @@
+"""The per-account rate limiter: per-second sliding window, daily allowance, reserved share."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from relay.ctct.errors import BudgetExhaustedError
+from relay.ctct.ratelimit import Budget, RateLimiter, next_utc_midnight
+
+
+class FakeTime:
+    """A clock that only moves when the limiter sleeps (or the test says so)."""
+
+    def __init__(self, wall: float) -> None:
+        self.wall = wall
+        self.mono = 1000.0
+        self.sent: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+def limiter(budget: Budget, clock: FakeTime, used_today: int = 0) -> RateLimiter:
+    return RateLimiter(
+        budget,
+        used_today=used_today,
+        wall_clock=lambda: clock.wall,
+        monotonic=lambda: clock.mono,
+        sleep=clock.sleep,
+    )
+
+
+async def test_no_window_holds_more_than_the_per_second_limit() -> None:
+    """With 4/s, any window of one second sees at most 4 admitted requests."""
+    clock = FakeTime(wall=1_700_000_000.0)
+    lim = limiter(Budget(requests_per_second=4, window_margin_s=0.0), clock)
+    admitted = []
+    for _ in range(40):
+        await lim.acquire()
+        admitted.append(clock.mono)
+    for i, start in enumerate(admitted):
+        in_window = [t for t in admitted[i:] if t < start + 1.0]
+        assert len(in_window) <= 4
+    assert admitted[-1] - admitted[0] == pytest.approx(9.0)  # 40 requests at 4/s, no slower
+
+
+async def test_fractional_rates_space_requests() -> None:
+    """0.5 requests per second means one request every two seconds."""
+    clock = FakeTime(wall=1_700_000_000.0)
+    lim = limiter(Budget(requests_per_second=0.5, window_margin_s=0.0), clock)
+    times = []
+    for _ in range(3):
+        await lim.acquire()
+        times.append(clock.mono)
+    assert [b - a for a, b in zip(times, times[1:], strict=False)] == [2.0, 2.0]
+
+
+async def test_daily_allowance_keeps_the_reserved_share() -> None:
+    """With 10% reserved, 100/day admits 90 and then refuses until midnight UTC."""
+    clock = FakeTime(wall=datetime(2026, 11, 23, 12, tzinfo=UTC).timestamp())
+    lim = limiter(Budget(requests_per_second=1000, requests_per_day=100, reserved_share=0.1), clock)
+    for _ in range(90):
+        await lim.acquire()
+    with pytest.raises(BudgetExhaustedError) as caught:
+        await lim.acquire()
+    assert caught.value.resume_at == datetime(2026, 11, 24, tzinfo=UTC)
+    assert lim.remaining_today == 0
+
+
+async def test_counter_survives_restart_and_resets_at_midnight() -> None:
+    """A limiter started with today's count refuses at once; the next UTC day starts fresh."""
+    clock = FakeTime(wall=datetime(2026, 11, 23, 23, 59, tzinfo=UTC).timestamp())
+    lim = limiter(Budget(requests_per_day=10, reserved_share=0.0), clock, used_today=10)
+    with pytest.raises(BudgetExhaustedError):
+        await lim.acquire()
+    clock.wall += 120
+    await lim.acquire()
+    assert lim.used_today == 1
+
+
+async def test_exhaust_today_blocks_until_tomorrow() -> None:
+    """When the API says the quota is spent, the limiter stops admitting for the day."""
+    clock = FakeTime(wall=datetime(2026, 11, 23, 8, tzinfo=UTC).timestamp())
+    lim = limiter(Budget(), clock)
+    lim.exhaust_today()
+    with pytest.raises(BudgetExhaustedError):
+        await lim.acquire()
+
+
+def test_next_midnight_is_utc() -> None:
+    """The daily quota renews at 00:00 UTC, whatever the local offset of the input."""
+    moment = datetime.fromisoformat("2026-11-23T23:30:00-05:00")
+    assert next_utc_midnight(moment) == datetime(2026, 11, 25, tzinfo=UTC)

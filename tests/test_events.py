@@ -1,0 +1,226 @@
+"""The event model: record parsing, dedup keys, event ids, CloudEvents and their schemas."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import jsonschema
+import orjson
+import pytest
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.events import (
+    Activity,
+    Kind,
+    RecordError,
+    format_time,
+    from_millis,
+    parse_activity,
+    parse_time,
+    schema,
+    to_millis,
+)
+
+SAMPLES: dict[Kind, dict[str, object]] = {
+    Kind.SEND: {"send_date": "2026-11-20T10:00:00.123Z"},
+    Kind.OPEN: {"open_date": "2026-11-20T10:05:00.000Z"},
+    Kind.FORWARD: {"forward_date": "2026-11-20T10:06:00Z"},
+    Kind.CLICK: {"click_date": "2026-11-20T10:07:01.500Z", "link_id": "7"},
+    Kind.BOUNCE: {
+        "bounce_date": "2026-11-20T10:00:02.000Z",
+        "bounce_code": "B",
+        "bounce_description": "Non-existent address",
+        "bounce_message": "",
+    },
+    Kind.UNSUBSCRIBE: {
+        "unsubscribe_date": "2026-11-20T11:00:00.000Z",
+        "unsubscribe_source": "ACTION_BY_CUSTOMER",
+        "unsubscribe_reason": "",
+    },
+}
+
+
+def record(kind: Kind, **overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "activity_type": kind.activity_type,
+        "campaign_id": "1100394165290",
+        "contact_id": "1001",
+        "email_address": "contact1001@example.com",
+        **SAMPLES[kind],
+    }
+    base.update(overrides)
+    return base
+
+
+@pytest.mark.parametrize("kind", list(Kind), ids=lambda k: k.value)
+def test_every_kind_parses_and_validates_against_its_schema(kind: Kind) -> None:
+    """Each kind's sample record becomes a CloudEvent whose data matches the published schema."""
+    activity = parse_activity(record(kind), account="acme", kind=kind)
+    event = activity.to_cloudevent()
+    assert event["type"] == f"com.constantcontact.email.{kind.value}"
+    assert event["subject"] == "1001"
+    jsonschema.validate(event["data"], schema(kind), format_checker=jsonschema.FormatChecker())
+
+
+@pytest.mark.parametrize("kind", list(Kind), ids=lambda k: k.value)
+def test_cloudevent_parses_with_the_cloudevents_sdk(kind: Kind) -> None:
+    """The structured-mode JSON is accepted by the official CloudEvents SDK with the same attributes."""
+    activity = parse_activity(record(kind), account="acme", kind=kind)
+    body = orjson.dumps(activity.to_cloudevent())
+    parsed = JSONFormat().read(CloudEvent, body)
+    assert parsed.get_id() == activity.event_id
+    assert parsed.get_type() == kind.event_type
+    assert parsed.get_subject() == "1001"
+    assert parsed.get_source() == "ctct://acme/campaigns/1100394165290"
+    assert parsed.get_time() == activity.occurred_at
+    assert parsed.get_data() == activity.data()
+
+
+def test_quirky_renderings_of_one_activity_share_key_and_id() -> None:
+    """Numeric ids, link 0 as a number and dates without milliseconds all normalize alike."""
+    plain = parse_activity(
+        record(Kind.CLICK, link_id="0", click_date="2026-11-20T10:07:01.000Z"), account="a"
+    )
+    quirky = parse_activity(
+        record(
+            Kind.CLICK, campaign_id=1100394165290, link_id=0, click_date="2026-11-20T10:07:01Z"
+        ),
+        account="a",
+        kind=Kind.CLICK,
+    )
+    offset = parse_activity(
+        record(Kind.CLICK, link_id="0", click_date="2026-11-20T11:07:01+01:00"), account="a"
+    )
+    assert plain.dedup_key == quirky.dedup_key == offset.dedup_key
+    assert plain.event_id == quirky.event_id == offset.event_id
+
+
+def test_link_scanner_clicks_in_one_instant_are_distinct() -> None:
+    """Clicks on different links in the same millisecond are different activities."""
+    one = parse_activity(record(Kind.CLICK, link_id="1"), account="a")
+    two = parse_activity(record(Kind.CLICK, link_id="2"), account="a")
+    assert one.dedup_key != two.dedup_key
+    assert one.event_id != two.event_id
+
+
+def test_event_id_depends_on_the_account() -> None:
+    """Two accounts never share an event id for lookalike activity."""
+    r = record(Kind.OPEN)
+    assert parse_activity(r, account="a").event_id != parse_activity(r, account="b").event_id
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        pytest.param({"campaign_id": None}, "campaign_id", id="missing-campaign"),
+        pytest.param({"contact_id": True}, "contact_id", id="bool-contact"),
+        pytest.param({"contact_id": "  "}, "contact_id", id="blank-contact"),
+        pytest.param({"open_date": "yesterday"}, "open_date", id="bad-date"),
+        pytest.param({"open_date": None}, "open_date", id="missing-date"),
+        pytest.param({"activity_type": "EMAIL_SPAM"}, "activity_type", id="unknown-type"),
+        pytest.param({"activity_type": "EMAIL_CLICK"}, "activity_type", id="wrong-feed"),
+        pytest.param({"email_address": 5}, "email_address", id="numeric-email"),
+    ],
+)
+def test_bad_records_name_the_field(overrides: dict[str, object], field: str) -> None:
+    """A record that cannot be normalized raises RecordError naming the offending field."""
+    with pytest.raises(RecordError, match=field):
+        parse_activity(record(Kind.OPEN, **overrides), account="a", kind=Kind.OPEN)
+
+
+def test_unknown_bounce_code_is_rejected() -> None:
+    """Bounce codes outside the documented set are errors, not silently passed on."""
+    with pytest.raises(RecordError, match="bounce_code"):
+        parse_activity(record(Kind.BOUNCE, bounce_code="Q"), account="a")
+
+
+def test_mixed_feed_record_without_type_is_an_error() -> None:
+    """The all-activities list must say what each record is."""
+    with pytest.raises(RecordError, match="activity_type"):
+        parse_activity(record(Kind.OPEN, activity_type=None), account="a", kind=None)
+
+
+# --- properties ------------------------------------------------------------------------------
+
+moments = st.datetimes(
+    min_value=datetime(2005, 1, 1), max_value=datetime(2040, 1, 1), timezones=st.just(UTC)
+).map(lambda d: d.replace(microsecond=d.microsecond // 1000 * 1000))
+ids = st.integers(min_value=1, max_value=10**15)
+offsets = st.integers(min_value=-12 * 60, max_value=14 * 60).map(lambda m: timedelta(minutes=m))
+
+
+def render_time(moment: datetime, offset: timedelta, style: int) -> str:
+    """One of the forms real responses use for the same instant."""
+    local = moment.astimezone(timezone(offset))
+    if style == 0:
+        return format_time(moment)
+    if style == 1 and moment.microsecond == 0:
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return local.isoformat(timespec="milliseconds")
+
+
+@given(
+    kind=st.sampled_from(list(Kind)),
+    campaign=ids,
+    contact=ids,
+    link=st.integers(min_value=0, max_value=10**6),
+    moment=moments,
+    offset=offsets,
+    style=st.integers(0, 2),
+    numeric=st.booleans(),
+)
+def test_renderings_normalize_to_the_canonical_key(
+    kind: Kind,
+    campaign: int,
+    contact: int,
+    link: int,
+    moment: datetime,
+    offset: timedelta,
+    style: int,
+    numeric: bool,
+) -> None:
+    """Whatever form ids and dates take, the key is the canonical one."""
+    raw = record(
+        kind,
+        campaign_id=campaign if numeric else str(campaign),
+        contact_id=str(contact),
+        link_id=link if numeric else str(link),
+        **{kind.date_field: render_time(moment, offset, style)},
+    )
+    activity = parse_activity(raw, account="a", kind=kind)
+    key = activity.dedup_key
+    assert key.campaign_id == str(campaign)
+    assert key.contact_id == str(contact)
+    assert key.occurred_ms == to_millis(moment)
+    assert key.link_id == (str(link) if kind is Kind.CLICK else "")
+    assert from_millis(key.occurred_ms) == moment
+    assert parse_time(format_time(moment)) == moment
+
+
+activity_tuples = st.tuples(
+    st.sampled_from(list(Kind)), ids, ids, st.integers(0, 10**12), st.integers(0, 50)
+)
+
+
+@given(st.lists(activity_tuples, min_size=2, max_size=40, unique=True))
+def test_distinct_activities_never_collide(tuples: list[tuple[Kind, int, int, int, int]]) -> None:
+    """Distinct (type, campaign, contact, ms, link) identities get distinct keys and ids."""
+    activities = [
+        Activity(
+            account="a",
+            kind=kind,
+            campaign_id=str(campaign),
+            contact_id=str(contact),
+            email_address="x@example.com",
+            occurred_at=from_millis(ms),
+            link_id=str(link) if kind is Kind.CLICK else None,
+        )
+        for kind, campaign, contact, ms, link in tuples
+        if kind is Kind.CLICK or link == 0  # link is only identity for clicks
+    ]
+    keys = {a.dedup_key for a in activities}
+    assert len(keys) == len(activities)
+    assert len({a.event_id for a in activities}) == len(activities)
