@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -18,6 +19,7 @@ import aiohttp
 import orjson
 
 from relay import logs, sim
+from relay.app import run_relay
 from relay.config import AccountSettings, ConfigError, Settings, load
 from relay.ctct import catalogue
 from relay.ctct.catalogue import Shape
@@ -25,6 +27,7 @@ from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
 from relay.events import RecordError, parse_activity, parse_time
+from relay.store import StoreError
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -41,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from relay.demo import run_demo
 
+            logs.configure("warning")
             return asyncio.run(run_demo(_scenario(args.scenario), args.duration, sys.stdout))
         if args.command == "endpoints":
             return _endpoints(sys.stdout)
@@ -48,13 +52,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         redactor = logs.configure(
             settings.logging.level, settings.logging.format, settings.secrets()
         )
+        if args.command == "run":
+            asyncio.run(_run(settings))
+            return 0
         return asyncio.run(_fetch(settings, args, sys.stdout))
     except (ConfigError, sim.ScenarioError, catalogue.UnknownEndpointError) as exc:
         return _fail(redactor.text(str(exc)), EXIT_USAGE)
-    except CtctError as exc:
+    except (CtctError, StoreError) as exc:
         return _fail(redactor.text(str(exc)), EXIT_RUNTIME)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into head, less, …: the reader left, nothing to say
+        sys.stderr.close()
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Change-feed relay for the Constant Contact v2 tracking API.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("run", help="run the relay: poll, deduplicate, publish")
+    p.add_argument("--config", required=True, help="relay config YAML")
 
     p = commands.add_parser("sim", help="run the Constant Contact v2 API simulator")
     p.add_argument("--config", default=DEFAULT_SCENARIO, help="scenario YAML (%(default)s)")
@@ -101,6 +114,15 @@ def _sim(args: argparse.Namespace) -> int:
     logs.configure()
     sim.run_sim(_scenario(args.config), args.host, args.port)
     return 0
+
+
+async def _run(settings: Settings) -> None:
+    """The relay until SIGTERM or SIGINT, then an orderly shutdown."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await run_relay(settings, stop)
 
 
 def _endpoints(out: TextIO) -> int:
@@ -163,7 +185,9 @@ async def _fetch(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
     return 0
 
 
-def _render(record: dict[str, object], endpoint: catalogue.Endpoint, account: str, raw: bool) -> str:
+def _render(
+    record: dict[str, object], endpoint: catalogue.Endpoint, account: str, raw: bool
+) -> str:
     if raw or endpoint.shape is not Shape.ACTIVITIES:
         return orjson.dumps(record).decode()
     try:

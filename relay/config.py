@@ -19,8 +19,13 @@ import yaml
 
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
+from relay.events import Kind, RecordError, parse_time
+from relay.poller import PollSettings
+from relay.scheduler import ScheduleSettings
 
 ENV_PREFIX = "CTCT_RELAY_"
+DEFAULT_STATE = "sqlite:///relay-state.db"
+DEFAULT_RETENTION_H = 168.0
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -55,6 +60,16 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class CampaignTargets:
+    """Which campaigns of an account to follow."""
+
+    discover: bool = True  # poll the SENT campaign list and follow new campaigns
+    discover_interval_s: float = 300.0
+    max_age_days: float = 30.0  # stop following campaigns sent longer ago than this
+    ids: tuple[str, ...] = ()  # followed whatever discovery says
+
+
+@dataclass(frozen=True, slots=True)
 class AccountSettings:
     """One Constant Contact account (one api_key)."""
 
@@ -63,6 +78,9 @@ class AccountSettings:
     api_key: Secret
     access_token: Secret
     budget: Budget = field(default_factory=Budget)
+    campaigns: CampaignTargets = field(default_factory=CampaignTargets)
+    contacts: tuple[str, ...] = ()  # contact ids followed with contact-scope feeds
+    poll: PollSettings = field(default_factory=PollSettings)
 
     def credentials(self) -> Credentials:
         """What the client needs to call this account's API."""
@@ -91,6 +109,9 @@ class Settings:
     """Everything a running relay is configured with."""
 
     accounts: tuple[AccountSettings, ...]
+    state: str = DEFAULT_STATE
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    dedup_retention_h: float = DEFAULT_RETENTION_H  # outlasts overlap and late arrivals
     http: HttpSettings = field(default_factory=HttpSettings)
     logging: LogSettings = field(default_factory=LogSettings)
 
@@ -134,18 +155,96 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
 def from_mapping(data: Mapping[str, object]) -> Settings:
     """Validate an already-parsed configuration."""
     root = _Reader(data, "")
-    accounts = tuple(_account(r) for r in root.readers("accounts"))
+    poll = root.child("poll")
+    defaults = _poll(poll)
+    accounts = tuple(_account(r, defaults) for r in root.readers("accounts"))
     if not accounts:
         raise ConfigError("accounts: at least one account is required")
     names = [a.name for a in accounts]
     if len(set(names)) != len(names):
         raise ConfigError(f"accounts: names must be unique, got {names}")
-    settings = Settings(accounts=accounts, http=_http(root.child("http")), logging=_logs(root))
+    retention_h = poll.number(
+        "dedup_retention_h", DEFAULT_RETENTION_H
+    )
+    if retention_h * 3600 <= defaults.overlap_s * 2:
+        raise ConfigError("poll.dedup_retention_h: must be longer than twice poll.overlap_s")
+    poll.done()
+    settings = Settings(
+        accounts=accounts,
+        state=_state(root),
+        schedule=_schedule(root.child("schedule")),
+        dedup_retention_h=retention_h,
+        http=_http(root.child("http")),
+        logging=_logs(root),
+    )
     root.done()
     return settings
 
 
-def _account(r: _Reader) -> AccountSettings:
+def _state(root: _Reader) -> str:
+    url = root.text("state", DEFAULT_STATE)
+    if not url.startswith("sqlite:///") and url != "sqlite://:memory:":
+        raise ConfigError(
+            f"state: expected sqlite:///path/to/state.db (PostgreSQL comes later), got {url!r}"
+        )
+    return url
+
+
+def _poll(r: _Reader, base: PollSettings | None = None) -> PollSettings:
+    """Poll settings; per account they start from the top-level ``poll`` section."""
+    base = base or PollSettings()
+    start_from = r.text("start_from", base.start_from)
+    if start_from not in {"now", "earliest"}:
+        try:
+            parse_time(start_from, r.key("start_from"))
+        except RecordError:
+            raise ConfigError(
+                f"{r.key('start_from')}: expected now, earliest or an ISO 8601 time,"
+                f" got {start_from!r}"
+            ) from None
+    return PollSettings(
+        kinds=_kinds(r, base.kinds),
+        overlap_s=r.number("overlap_s", base.overlap_s, strict=False),
+        start_from=start_from,
+        summary_gate=r.flag("summary_gate", base.summary_gate),
+        page_limit=int(r.number("page_limit", base.page_limit, maximum=500)),
+    )
+
+
+def _kinds(r: _Reader, default: tuple[Kind, ...]) -> tuple[Kind, ...]:
+    names = r.strings("kinds")
+    if names is None:
+        return default
+    known = [k.value for k in Kind]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise ConfigError(
+            f"{r.key('kinds')}: expected a non-empty list of {', '.join(known)}, got {names}"
+        )
+    return tuple(Kind(n) for n in dict.fromkeys(names))
+
+
+def _schedule(r: _Reader) -> ScheduleSettings:
+    b = ScheduleSettings()
+    settings = ScheduleSettings(
+        min_interval_s=r.number("min_interval_s", b.min_interval_s),
+        max_interval_s=r.number("max_interval_s", b.max_interval_s),
+        prior_rate_per_h=r.number("prior_rate_per_h", b.prior_rate_per_h),
+        floor_rate_per_h=r.number("floor_rate_per_h", b.floor_rate_per_h),
+        smoothing=r.number("smoothing", b.smoothing, maximum=1.0),
+        budget_share=r.number("budget_share", b.budget_share, maximum=1.0),
+        tick_s=r.number("tick_s", b.tick_s),
+        concurrency=int(r.number("concurrency", b.concurrency, minimum=1, strict=False)),
+        error_backoff_s=r.number("error_backoff_s", b.error_backoff_s),
+        error_backoff_max_s=r.number("error_backoff_max_s", b.error_backoff_max_s),
+    )
+    if settings.min_interval_s > settings.max_interval_s:
+        raise ConfigError(f"{r.key('min_interval_s')}: must not exceed max_interval_s")
+    r.done()
+    return settings
+
+
+def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
     base_url = r.text("base_url")
     parts = urlsplit(base_url)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
@@ -160,15 +259,32 @@ def _account(r: _Reader) -> AccountSettings:
         ),
     )
     limits.done()
+    polling = r.child("poll")
     account = AccountSettings(
         name=r.text("name"),
         base_url=base_url,
         api_key=Secret(r.text("api_key")),
         access_token=Secret(r.text("access_token")),
         budget=budget,
+        campaigns=_campaigns(r.child("campaigns")),
+        contacts=tuple(r.strings("contacts") or ()),
+        poll=_poll(polling, poll),
     )
+    polling.done()
     r.done()
     return account
+
+
+def _campaigns(r: _Reader) -> CampaignTargets:
+    base = CampaignTargets()
+    targets = CampaignTargets(
+        discover=r.flag("discover", base.discover),
+        discover_interval_s=r.number("discover_interval_s", base.discover_interval_s),
+        max_age_days=r.number("max_age_days", base.max_age_days),
+        ids=tuple(r.strings("ids") or ()),
+    )
+    r.done()
+    return targets
 
 
 def _http(r: _Reader) -> HttpSettings:
@@ -260,6 +376,25 @@ class _Reader:
         if too_low or (maximum is not None and number > maximum):
             raise ConfigError(f"{self.key(name)}: expected a number {bound}, got {_show(value)}")
         return number
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected true or false, got {_show(value)}")
+        return value
+
+    def strings(self, name: str) -> list[str] | None:
+        """A list of ids or names; numbers are accepted and kept as text (ids often are)."""
+        value = self._get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(
+            isinstance(v, (str, int)) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{self.key(name)}: expected a list of strings, got {_show(value)}")
+        return [str(v) for v in value]
 
     def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
         value = self._get(name)

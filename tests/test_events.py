@@ -67,7 +67,7 @@ def test_every_kind_parses_and_validates_against_its_schema(kind: Kind) -> None:
 
 @pytest.mark.parametrize("kind", list(Kind), ids=lambda k: k.value)
 def test_cloudevent_parses_with_the_cloudevents_sdk(kind: Kind) -> None:
-    """The structured-mode JSON is accepted by the official CloudEvents SDK with the same attributes."""
+    """Structured-mode JSON is accepted by the official CloudEvents SDK, attributes intact."""
     activity = parse_activity(record(kind), account="acme", kind=kind)
     body = orjson.dumps(activity.to_cloudevent())
     parsed = JSONFormat().read(CloudEvent, body)
@@ -85,9 +85,7 @@ def test_quirky_renderings_of_one_activity_share_key_and_id() -> None:
         record(Kind.CLICK, link_id="0", click_date="2026-11-20T10:07:01.000Z"), account="a"
     )
     quirky = parse_activity(
-        record(
-            Kind.CLICK, campaign_id=1100394165290, link_id=0, click_date="2026-11-20T10:07:01Z"
-        ),
+        record(Kind.CLICK, campaign_id=1100394165290, link_id=0, click_date="2026-11-20T10:07:01Z"),
         account="a",
         kind=Kind.CLICK,
     )

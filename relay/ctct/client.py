@@ -213,7 +213,10 @@ class CtctClient:
     async def _attempt(self, name: str, path: str, params: list[tuple[str, str]]) -> object:
         url = self._base + path
         query = [("api_key", self._credentials.api_key), *params]
-        shown = redact_url(f"{url}?{urlencode(query)}")
+
+        def shown() -> str:  # only errors need it; not built on the success path
+            return redact_url(f"{url}?{urlencode(query)}")
+
         started = time.perf_counter()
         self.requests_sent += 1
         try:
@@ -232,12 +235,12 @@ class CtctClient:
                 retry_after = resp.headers.get("Retry-After")
         except TimeoutError:
             raise errors.TransportError(
-                f"GET {shown} timed out after {self._timeout.total}s", endpoint=name
+                f"GET {shown()} timed out after {self._timeout.total}s", endpoint=name
             ) from None
         except aiohttp.ClientError as exc:
             # from None: aiohttp's own exception text may carry the full URL with the api_key
             raise errors.TransportError(
-                f"GET {shown} failed: {_describe_transport(exc)}", endpoint=name
+                f"GET {shown()} failed: {_describe_transport(exc)}", endpoint=name
             ) from None
         log.debug(
             "ctct.response",
@@ -246,12 +249,12 @@ class CtctClient:
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         if not 200 <= status < 300:
-            raise _map_error(name, shown, status, body, retry_after)
+            raise _map_error(name, shown(), status, body, retry_after)
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise _malformed(
-                name, f"GET {shown} answered {status} with a body that is not JSON ({exc})"
+                name, f"GET {shown()} answered {status} with a body that is not JSON ({exc})"
             ) from None
 
 

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Protocol
 
 from relay.ctct.errors import BudgetExhaustedError
 
@@ -45,6 +46,14 @@ class Budget:
         return self.burst / self.requests_per_second + self.window_margin_s
 
 
+class QuotaLedger(Protocol):
+    """Durable count of an account's requests per UTC day (the state store provides one)."""
+
+    async def spend(self, day: str, requests: int) -> int:
+        """Add ``requests`` to the count of ``day`` (YYYY-MM-DD); return the new total."""
+        ...
+
+
 def next_utc_midnight(moment: datetime) -> datetime:
     """The start of the UTC day after ``moment``: when a daily quota resets."""
     day = moment.astimezone(UTC).date() + timedelta(days=1)
@@ -56,6 +65,8 @@ class RateLimiter:
 
     ``acquire()`` waits for a per-second slot and spends one request of today's allowance, or
     raises :class:`BudgetExhaustedError` when the allowance is spent. Waiters are served in order.
+    With a ``ledger``, every request is recorded durably before it is sent, so the daily count
+    survives restarts (start with ``used_today`` read from the same ledger).
     """
 
     def __init__(
@@ -63,6 +74,7 @@ class RateLimiter:
         budget: Budget,
         *,
         used_today: int = 0,
+        ledger: QuotaLedger | None = None,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -73,6 +85,7 @@ class RateLimiter:
         self._sleep = sleep
         self._day = self._today()
         self._used_today = used_today
+        self._ledger = ledger
         self._sent: deque[float] = deque(maxlen=budget.burst)
         self._lock = asyncio.Lock()
         self.waited_s = 0.0  # total time spent waiting for a slot, for metrics
@@ -112,6 +125,10 @@ class RateLimiter:
                     await self._sleep(wait_s)
             self._sent.append(self._monotonic())
             self._used_today += 1
+            if self._ledger is not None:
+                # Counted before it is sent: a crash can over-count, never under-count. The
+                # ledger's total wins, so replicas sharing it see each other's requests.
+                self._used_today = await self._ledger.spend(self._day.isoformat(), 1)
 
     def _today(self) -> date:
         return datetime.fromtimestamp(self._wall_clock(), UTC).date()

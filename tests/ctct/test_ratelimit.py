@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime
 
 import pytest
@@ -55,7 +56,7 @@ async def test_fractional_rates_space_requests() -> None:
     for _ in range(3):
         await lim.acquire()
         times.append(clock.mono)
-    assert [b - a for a, b in zip(times, times[1:], strict=False)] == [2.0, 2.0]
+    assert [b - a for a, b in itertools.pairwise(times)] == [2.0, 2.0]
 
 
 async def test_daily_allowance_keeps_the_reserved_share() -> None:

@@ -1,0 +1,131 @@
+"""Wiring of one running relay: start-up and shutdown order of store, clients, scheduler, jobs.
+
+Start: open the store (migrations), one ClientSession, per account a limiter that resumes today's
+count from the store, a client and a poller; configured streams; the scheduler; discovery and
+pruning jobs. Stop (SIGTERM/SIGINT): stop dispatching, abandon in-flight passes (committed pages
+stay committed; the watermark did not move, so the next run re-reads them and dedup drops them),
+close the HTTP session, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+
+import aiohttp
+import structlog
+
+from relay.config import AccountSettings, Settings
+from relay.ctct.client import CtctClient
+from relay.ctct.errors import CtctError
+from relay.ctct.ratelimit import RateLimiter
+from relay.poller import Poller
+from relay.scheduler import AccountRuntime, Scheduler, SqrtPolicy
+from relay.store import Store, StoreError, open_store
+from relay.targets import CampaignDiscovery, ensure_configured
+
+log = structlog.get_logger(__name__)
+
+PRUNE_EVERY_S = 3600.0
+
+
+def now_ms() -> int:
+    """Wall-clock Unix milliseconds."""
+    return int(time.time() * 1000)
+
+
+class StoreLedger:
+    """The store's per-day request count of one account, as the limiter's QuotaLedger."""
+
+    def __init__(self, store: Store, account: str) -> None:
+        self._store = store
+        self._account = account
+
+    async def spend(self, day: str, requests: int) -> int:
+        return await self._store.spend_quota(self._account, day, requests)
+
+
+async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set, then shut down in order."""
+    async with AsyncExitStack() as stack:
+        store = open_store(settings.state)
+        await store.open()
+        stack.push_async_callback(store.close)
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        today = datetime.now(UTC).date().isoformat()
+        runtimes: list[AccountRuntime] = []
+        clients: list[CtctClient] = []
+        for account in settings.accounts:
+            runtime, client = await _account_runtime(settings, account, store, session, today)
+            runtimes.append(runtime)
+            clients.append(client)
+            await ensure_configured(
+                store, account.name, account.campaigns.ids, account.contacts, now_ms()
+            )
+        scheduler = Scheduler(store, runtimes, settings.schedule)
+        stack.push_async_callback(scheduler.stop)
+        for account, client in zip(settings.accounts, clients, strict=True):
+            if not account.campaigns.discover:
+                continue
+            discovery = CampaignDiscovery(
+                client, store, account.name, account.campaigns.max_age_days, scheduler.reload
+            )
+            scheduler.add_job(
+                _guarded(discovery.run, "discovery"),
+                account.campaigns.discover_interval_s,
+                f"discover:{account.name}",
+            )
+        retention_ms = int(settings.dedup_retention_h * 3600_000)
+        scheduler.add_job(
+            _guarded(lambda: _prune(store, retention_ms), "prune"), PRUNE_EVERY_S, "prune"
+        )
+        await scheduler.start()
+        log.info("relay.started", accounts=[a.name for a in settings.accounts])
+        await stop.wait()
+        log.info("relay.stopping")
+
+
+async def _account_runtime(
+    settings: Settings,
+    account: AccountSettings,
+    store: Store,
+    session: aiohttp.ClientSession,
+    today: str,
+) -> tuple[AccountRuntime, CtctClient]:
+    limiter = RateLimiter(
+        account.budget,
+        used_today=await store.quota_used(account.name, today),
+        ledger=StoreLedger(store, account.name),
+    )
+    client = CtctClient(
+        session,
+        account.credentials(),
+        limiter,
+        retry=settings.http.retry,
+        timeout=aiohttp.ClientTimeout(
+            total=settings.http.timeout_s, connect=settings.http.connect_timeout_s
+        ),
+    )
+    poller = Poller(client, store, account.name, account.poll, now_ms)
+    return AccountRuntime(account.name, poller, limiter, SqrtPolicy(settings.schedule)), client
+
+
+async def _prune(store: Store, retention_ms: int) -> None:
+    pruned = await store.prune_dedup(now_ms() - retention_ms)
+    if pruned:
+        log.info("dedup.pruned", keys=pruned)
+
+
+def _guarded(job: Callable[[], Awaitable[None]], name: str) -> Callable[[], Awaitable[None]]:
+    """A job that logs an upstream or store failure and runs again at its next interval."""
+
+    async def run() -> None:
+        try:
+            await job()
+        except (CtctError, StoreError) as exc:
+            log.warning(f"{name}.failed", error=str(exc))
+
+    return run

@@ -1,0 +1,286 @@
+"""Which stream to poll when, under each account's request budget.
+
+The budget, not the CPU, limits freshness: 10,000 requests a day is about one request every nine
+seconds. Polling stream *i* every T_i seconds costs c_i/T_i requests per second (c_i: requests per
+pass) and leaves its events waiting T_i/2 on average, so the event-weighted mean lag is
+sum(r_i T_i)/(2 sum r_i). Minimizing it under sum(c_i/T_i) = B gives the square-root rule:
+
+    T_i = sqrt(c_i / r_i) * sum_j sqrt(c_j r_j) / B
+
+so a stream with four times the activity is polled twice as often. ``SqrtPolicy`` keeps the sum
+incrementally (a decision is O(1) at 100,000 streams); ``Scheduler`` measures r_i and c_i from
+passes, spreads what is left of today's quota over what is left of the day, and dispatches due
+streams with APScheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from relay.ctct import errors
+from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
+from relay.poller import PassOutcome, Poller
+from relay.store import PassResult, Store, Stream
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSettings:
+    """Bounds and smoothing of adaptive polling."""
+
+    min_interval_s: float = 60.0
+    max_interval_s: float = 6 * 3600.0
+    prior_rate_per_h: float = 120.0  # assumed for a stream never polled: poll it soon
+    floor_rate_per_h: float = 0.05  # keeps silent streams in the rule, at max_interval_s
+    smoothing: float = 0.5  # weight of the latest pass in the rate estimate
+    budget_share: float = 0.9  # of the day's pace; the rest absorbs retries and discovery
+    tick_s: float = 1.0
+    concurrency: int = 2  # streams of one account polled at once (the limiter still paces)
+    error_backoff_s: float = 30.0
+    error_backoff_max_s: float = 3600.0
+
+
+class SqrtPolicy:
+    """Poll intervals by the square-root rule; O(1) per decision."""
+
+    def __init__(self, settings: ScheduleSettings) -> None:
+        self._settings = settings
+        self._weights: dict[int, float] = {}  # stream -> sqrt(c r), r in events/s
+        self._costs: dict[int, float] = {}
+        self._rates: dict[int, float] = {}
+        self._sum = 0.0
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+    def update(self, stream_id: int, rate_per_h: float, cost: float) -> None:
+        """Set a stream's activity rate (events/hour) and requests per pass."""
+        rate = max(rate_per_h, self._settings.floor_rate_per_h) / 3600.0
+        weight = math.sqrt(max(cost, 1.0) * rate)
+        self._sum += weight - self._weights.get(stream_id, 0.0)
+        self._weights[stream_id] = weight
+        self._costs[stream_id] = max(cost, 1.0)
+        self._rates[stream_id] = rate
+
+    def remove(self, stream_id: int) -> None:
+        """Forget a retired or paused stream."""
+        self._sum -= self._weights.pop(stream_id, 0.0)
+        self._costs.pop(stream_id, None)
+        self._rates.pop(stream_id, None)
+
+    def interval_s(self, stream_id: int, budget_rps: float) -> float:
+        """Seconds until the stream's next pass, for a planning budget in requests/second."""
+        s = self._settings
+        rate = self._rates.get(stream_id)
+        if rate is None or budget_rps <= 0:
+            return s.max_interval_s
+        ideal = math.sqrt(self._costs[stream_id] / rate) * max(self._sum, 0.0) / budget_rps
+        return min(s.max_interval_s, max(s.min_interval_s, ideal))
+
+
+def estimate_rate(previous_per_h: float, new: int, elapsed_s: float, smoothing: float) -> float:
+    """EWMA of new activities per hour, from one pass that found ``new`` over ``elapsed_s``."""
+    if elapsed_s <= 0:
+        return previous_per_h
+    observed = new * 3600.0 / elapsed_s
+    return smoothing * observed + (1 - smoothing) * previous_per_h
+
+
+@dataclass
+class AccountRuntime:
+    """What the scheduler drives for one account."""
+
+    name: str
+    poller: Poller
+    limiter: RateLimiter
+    policy: SqrtPolicy
+    costs: dict[int, float] = field(default_factory=dict)
+    inflight: set[int] = field(default_factory=set)
+    paused_until_ms: int = 0
+
+
+class Scheduler:
+    """Dispatches due streams of every account, one APScheduler tick at a time."""
+
+    def __init__(
+        self,
+        store: Store,
+        accounts: Sequence[AccountRuntime],
+        settings: ScheduleSettings,
+        now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self._store = store
+        self._accounts = {a.name: a for a in accounts}
+        self._settings = settings
+        self._now_ms = now_ms
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._aps = AsyncIOScheduler(timezone=UTC)
+        self._rng = random.Random()
+        self.passes = 0
+
+    async def start(self) -> None:
+        """Load stream rates and pauses, then start ticking."""
+        await self.reload()
+        self._aps.add_job(
+            self.tick,
+            "interval",
+            seconds=self._settings.tick_s,
+            id="tick",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
+        self._aps.start()
+
+    def add_job(self, func: Callable[[], object], seconds: float, job_id: str) -> None:
+        """Run ``func`` every ``seconds`` (discovery, pruning), starting now."""
+        self._aps.add_job(
+            func,
+            "interval",
+            seconds=seconds,
+            id=job_id,
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
+
+    async def reload(self) -> None:
+        """Rebuild each account's policy from the store (after start-up or target changes)."""
+        pauses = await self._store.account_pauses()
+        rates = await self._store.stream_rates()
+        streams = {s.id: s.key.account for s in await self._store.streams()}
+        for runtime in self._accounts.values():
+            runtime.paused_until_ms = pauses.get(runtime.name, (0, ""))[0]
+            runtime.policy = SqrtPolicy(self._settings)
+        for stream_id, (rate, _due) in rates.items():
+            owner = self._accounts.get(streams.get(stream_id, ""))
+            if owner is not None:
+                prior = rate if rate > 0 else self._settings.prior_rate_per_h
+                owner.policy.update(stream_id, prior, owner.costs.get(stream_id, 2.0))
+
+    async def stop(self) -> None:
+        """Stop ticking; abandon in-flight passes (what they committed stays committed)."""
+        if self._aps.running:
+            self._aps.shutdown(wait=False)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def tick(self) -> None:
+        """Start passes for due streams of every account that has capacity and budget."""
+        now = self._now_ms()
+        for runtime in self._accounts.values():
+            if runtime.paused_until_ms > now:
+                continue
+            if runtime.paused_until_ms:
+                runtime.paused_until_ms = 0
+                await self._store.set_account_pause(runtime.name, None, "")
+                log.info("account.resumed", account=runtime.name)
+            free = self._settings.concurrency - len(runtime.inflight)
+            if free <= 0 or runtime.limiter.remaining_today <= 0:
+                continue
+            due = await self._store.due_streams(now, free + len(runtime.inflight))
+            for stream_id in (s for s in due if s not in runtime.inflight):
+                if len(runtime.inflight) >= self._settings.concurrency:
+                    break
+                runtime.inflight.add(stream_id)
+                task = asyncio.create_task(self._pass(runtime, stream_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def wait_idle(self) -> None:
+        """Wait for in-flight passes to finish (tests, graceful shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def budget_rps(self, runtime: AccountRuntime) -> float:
+        """Requests/second to plan with: what is left today spread over what is left of it."""
+        now = datetime.now(UTC)
+        left_s = max(60.0, (next_utc_midnight(now) - now).total_seconds())
+        pace = runtime.limiter.remaining_today / left_s
+        return min(pace, runtime.limiter.budget.requests_per_second) * self._settings.budget_share
+
+    async def _pass(self, runtime: AccountRuntime, stream_id: int) -> None:
+        try:
+            stream = await self._store.stream(stream_id)
+            if stream.key.account != runtime.name or stream.retired or stream.paused:
+                return
+            with structlog.contextvars.bound_contextvars(stream=str(stream.key)):
+                try:
+                    outcome = await runtime.poller.run_pass(stream)
+                except errors.CtctError as exc:
+                    await self._failed(runtime, stream, exc)
+                    return
+                await self._finished(runtime, stream, outcome)
+        finally:
+            runtime.inflight.discard(stream_id)
+
+    async def _finished(
+        self, runtime: AccountRuntime, stream: Stream, outcome: PassOutcome
+    ) -> None:
+        now = self._now_ms()
+        s = self._settings
+        elapsed_s = (now - (stream.last_poll_ms or stream.created_ms)) / 1000.0
+        previous = stream.rate_per_h if stream.last_poll_ms else s.prior_rate_per_h
+        rate = estimate_rate(previous, outcome.new, elapsed_s, s.smoothing)
+        cost = s.smoothing * outcome.requests + (1 - s.smoothing) * runtime.costs.get(
+            stream.id, 2.0
+        )
+        runtime.costs[stream.id] = cost
+        runtime.policy.update(stream.id, rate, cost)
+        interval = runtime.policy.interval_s(stream.id, self.budget_rps(runtime))
+        await self._store.finish_pass(
+            stream.id,
+            PassResult(
+                watermarks=outcome.watermarks,
+                summary=outcome.summary,
+                next_due_ms=now + int(interval * 1000),
+                rate_per_h=rate,
+                polled_ms=now,
+            ),
+        )
+        self.passes += 1
+        log.info(
+            "poll.pass",
+            requests=outcome.requests,
+            fetched=outcome.fetched,
+            new=outcome.new,
+            feeds=[k.value for k in outcome.feeds_read],
+            rate_per_h=round(rate, 2),
+            next_in_s=round(interval, 1),
+        )
+
+    async def _failed(self, runtime: AccountRuntime, stream: Stream, exc: errors.CtctError) -> None:
+        now = self._now_ms()
+        if isinstance(exc, errors.NotFoundError):
+            log.warning("poll.retired", reason=str(exc))
+            await self._store.record_error(stream.id, str(exc), now, retire=True)
+            runtime.policy.remove(stream.id)
+            return
+        if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
+            await self._pause(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
+        elif isinstance(exc, errors.UnauthorizedError):
+            # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
+            await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
+        backoff = min(
+            self._settings.error_backoff_max_s,
+            self._settings.error_backoff_s * 2 ** min(stream.consecutive_errors, 16),
+        )
+        delay_s = backoff * self._rng.uniform(0.5, 1.0)
+        log.warning("poll.failed", error=str(exc), retry_in_s=round(delay_s, 1))
+        await self._store.record_error(stream.id, str(exc), now + int(delay_s * 1000))
+
+    async def _pause(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
+        runtime.paused_until_ms = until_ms
+        await self._store.set_account_pause(runtime.name, until_ms, reason)
+        log.error("account.paused", account=runtime.name, until_ms=until_ms, reason=reason)

@@ -1,0 +1,121 @@
+"""The gate every /v2 request passes: authentication, limits, content negotiation, faults, stats.
+
+In the order the real stack applies them: the API gateway (Mashery) checks the key and its
+limits first, so a rejected request never reaches the data and does not count as served; only
+admitted requests consume a fault script entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from relay.sim.faults import FaultPlan, error_key_for
+from relay.sim.limits import UNKNOWN_KEY, Reason
+from relay.sim.responses import ApiError, error_response
+from relay.sim.state import STATE, SimState
+from relay.sim.v2 import Handler
+
+V2_PREFIX = "/v2/"
+_UNMATCHED = "(no such route)"
+_JSON_RANGES = frozenset({"*/*", "application/*", "application/json"})
+_LIMIT_ERRORS = {
+    Reason.OVER_QPS: ("mashery.not.authorized.over.qps", "Account Over Queries Per Second Limit"),
+    Reason.OVER_RATELIMIT: ("mashery.not.authorized.over.ratelimit", "Account Over Rate Limit"),
+}
+
+
+@web.middleware
+async def v2_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Apply the gate to /v2 requests; everything else (``/_sim``) passes untouched."""
+    if not request.path.startswith(V2_PREFIX):
+        return await handler(request)
+    state = request.app[STATE]
+    response = await _gated(state, request, handler)
+    state.stats.answered(_template(request), response.status)
+    return response
+
+
+async def _gated(state: SimState, request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = state.limits.authenticate(
+        request.query.get("api_key"), request.headers.get("Authorization")
+    )
+    if key is None:
+        known = request.query.get("api_key") in state.limits.names()
+        state.stats.rejected(
+            request.query["api_key"] if known else UNKNOWN_KEY, Reason.UNAUTHORIZED
+        )
+        return error_response(
+            401,
+            "http.status.unauthorized",
+            "Not authorized: api_key and the Authorization: Bearer access token must match",
+        )
+    reason = state.limits.admit(key)
+    if reason is not None:
+        state.stats.rejected(key.api_key, reason)
+        return error_response(403, *_LIMIT_ERRORS[reason])
+    if not accepts_json(request.headers.get("Accept")):
+        state.stats.rejected(key.api_key, Reason.NOT_ACCEPTABLE)
+        return error_response(
+            406, "http.status.not_acceptable", "Only application/json responses are available"
+        )
+    plan = state.faults.plan(request.path)
+    state.stats.served(key.api_key, fault=plan.injected)
+    return await _serve(request, handler, plan)
+
+
+async def _serve(request: web.Request, handler: Handler, plan: FaultPlan) -> web.StreamResponse:
+    if plan.delay_s:
+        await asyncio.sleep(plan.delay_s)
+    if plan.status is not None:
+        return error_response(
+            plan.status,
+            plan.error_key or error_key_for(plan.status),
+            plan.error_message or f"Simulated failure ({plan.status})",
+            retry_after_s=plan.retry_after_s,
+        )
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:  # the router's 404/405, in the API's error format
+        return error_response(exc.status, error_key_for(exc.status), exc.reason)
+    return _truncated(response) if plan.truncate else response
+
+
+def _truncated(response: web.StreamResponse) -> web.StreamResponse:
+    """The same 200 answer with its body cut in the middle: never valid JSON."""
+    if response.status != 200 or not isinstance(response, web.Response):
+        return response
+    body = response.body
+    if not isinstance(body, bytes) or len(body) < 2:
+        return response
+    return web.Response(status=200, body=body[: len(body) // 2], content_type="application/json")
+
+
+def accepts_json(accept: str | None) -> bool:
+    """Whether an ``Accept`` header (absent or empty: anything) admits application/json."""
+    if accept is None or not accept.strip():
+        return True
+    for item in accept.split(","):
+        media, *params = item.split(";")
+        if media.strip().lower() in _JSON_RANGES and _quality(params) > 0:
+            return True
+    return False
+
+
+def _quality(params: list[str]) -> float:
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value.strip())
+            except ValueError:
+                return 0.0
+    return 1.0
+
+
+def _template(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else _UNMATCHED

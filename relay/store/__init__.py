@@ -1,0 +1,26 @@
+"""Durable state behind one interface (:class:`Store`); ``open_store`` picks the backend by URL."""
+
+from __future__ import annotations
+
+from relay.store.base import OutboxEvent, PassResult, Store, StoreError, Stream, StreamKey
+from relay.store.sqlite import SqliteStore
+
+
+def open_store(url: str) -> Store:
+    """The store for a state URL (``sqlite:///path.db``); call ``await store.open()`` next."""
+    scheme = url.split(":", 1)[0]
+    if scheme == "sqlite":
+        return SqliteStore.from_url(url)
+    raise StoreError(f"state: unsupported URL scheme {scheme!r} (supported: sqlite)")
+
+
+__all__ = [
+    "OutboxEvent",
+    "PassResult",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "Stream",
+    "StreamKey",
+    "open_store",
+]

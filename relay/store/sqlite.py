@@ -1,0 +1,438 @@
+"""The embedded state store on SQLite: WAL mode, one connection, one writer thread.
+
+Every call runs on a single worker thread that owns the connection, so calls are serialized (SQLite
+has one writer anyway) and the event loop never blocks on disk. ``synchronous=FULL`` makes a
+committed page durable before ``commit_page`` returns: a crash after it loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import orjson
+
+from relay.events import Activity, Kind
+from relay.store.base import OutboxEvent, PassResult, StoreError, Stream, StreamKey
+from relay.store.migrations import MIGRATIONS
+
+T = TypeVar("T")
+
+_STREAM_COLUMNS = (
+    "id, account, scope, resource_id, next_due_ms, rate_per_h, consecutive_errors, last_error,"
+    " last_poll_ms, retired, paused, summary, seed, created_ms"
+)
+
+
+def path_from_url(url: str) -> Path | None:
+    """``sqlite:///relative.db``, ``sqlite:////abs/path.db``; None for ``sqlite://:memory:``."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise StoreError(f"state: not a sqlite URL: {url!r}")
+    raw = url[len("sqlite://") :]
+    if raw in {":memory:", "/:memory:"}:
+        return None
+    if not raw.startswith("/") or raw == "/":
+        raise StoreError(f"state: expected sqlite:///path/to/file.db, got {url!r}")
+    return Path(raw[1:])  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
+
+
+class SqliteStore:
+    """:class:`relay.store.base.Store` on one SQLite file."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteStore:
+        """A store for a ``sqlite:///…`` URL."""
+        return cls(path_from_url(url))
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._conn is None:
+                raise StoreError("state store is not open")
+            try:
+                return fn(self._conn)
+            except sqlite3.Error as exc:
+                self._conn.rollback()
+                raise StoreError(f"state store ({self._where()}): {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _where(self) -> str:
+        return str(self._path) if self._path else ":memory:"
+
+    async def open(self) -> None:
+        def connect() -> None:
+            try:
+                if self._path is not None:
+                    self._path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(
+                    self._path or ":memory:", isolation_level=None, check_same_thread=False
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA busy_timeout=5000")
+                _migrate(conn)
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreError(f"state store ({self._where()}): cannot open: {exc}") from None
+            self._conn = conn
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
+        self._executor.shutdown(wait=True)
+
+    async def schema_version(self) -> int:
+        return await self._run(_version)
+
+    async def ensure_streams(
+        self, keys: Sequence[StreamKey], due_ms: int, *, seed: bool = True
+    ) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _tx(conn):
+                before = conn.total_changes
+                conn.executemany(
+                    "INSERT INTO streams"
+                    " (account, scope, resource_id, next_due_ms, seed, created_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (account, scope, resource_id) DO NOTHING",
+                    [(k.account, k.scope, k.resource_id, due_ms, int(seed), due_ms) for k in keys],
+                )
+                created = conn.total_changes - before
+                conn.executemany(
+                    "UPDATE streams SET retired = 0"
+                    " WHERE account = ? AND scope = ? AND resource_id = ? AND retired = 1",
+                    [(k.account, k.scope, k.resource_id) for k in keys],
+                )
+            return created
+
+        return await self._run(run)
+
+    async def streams(self, account: str | None = None) -> list[Stream]:
+        def run(conn: sqlite3.Connection) -> list[Stream]:
+            where, args = ("WHERE account = ?", (account,)) if account else ("", ())
+            rows = conn.execute(
+                f"SELECT {_STREAM_COLUMNS} FROM streams {where} ORDER BY id",  # noqa: S608
+                args,
+            ).fetchall()
+            marks = _watermarks(conn, None)
+            return [_stream(row, marks.get(row[0], {})) for row in rows]
+
+        return await self._run(run)
+
+    async def stream(self, stream_id: int) -> Stream:
+        def run(conn: sqlite3.Connection) -> Stream:
+            row = conn.execute(
+                f"SELECT {_STREAM_COLUMNS} FROM streams WHERE id = ?",  # noqa: S608
+                (stream_id,),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no stream with id {stream_id}")
+            return _stream(row, _watermarks(conn, stream_id).get(stream_id, {}))
+
+        return await self._run(run)
+
+    async def due_streams(self, now_ms: int, limit: int) -> list[int]:
+        def run(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT id FROM streams WHERE retired = 0 AND paused = 0 AND next_due_ms <= ?"
+                " ORDER BY next_due_ms LIMIT ?",
+                (now_ms, limit),
+            ).fetchall()
+            return [int(r[0]) for r in rows]
+
+        return await self._run(run)
+
+    async def stream_rates(self) -> dict[int, tuple[float, int]]:
+        def run(conn: sqlite3.Connection) -> dict[int, tuple[float, int]]:
+            rows = conn.execute(
+                "SELECT id, rate_per_h, next_due_ms FROM streams WHERE retired = 0 AND paused = 0"
+            )
+            return {int(i): (float(r), int(d)) for i, r, d in rows}
+
+        return await self._run(run)
+
+    async def commit_page(
+        self, stream_id: int, activities: Sequence[Activity], now_ms: int, *, emit: bool = True
+    ) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            fresh: list[tuple[object, ...]] = []
+            with _tx(conn):
+                for activity in activities:
+                    event_id = activity.event_id
+                    inserted = conn.execute(
+                        "INSERT INTO dedup (event_id, occurred_ms) VALUES (?, ?)"
+                        " ON CONFLICT (event_id) DO NOTHING",
+                        (uuid.UUID(event_id).bytes, activity.occurred_ms),
+                    ).rowcount
+                    if inserted:
+                        fresh.append(_outbox_row(activity, stream_id, now_ms))
+                if not emit:
+                    return len(fresh)
+                conn.executemany(
+                    "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id,"
+                    " contact_id, occurred_ms, committed_ms, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    fresh,
+                )
+            return len(fresh)
+
+        return await self._run(run)
+
+    async def finish_pass(self, stream_id: int, result: PassResult) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _tx(conn):
+                conn.execute(
+                    "UPDATE streams SET next_due_ms = ?, rate_per_h = ?, last_poll_ms = ?,"
+                    " summary = ?, consecutive_errors = 0, last_error = NULL WHERE id = ?",
+                    (
+                        result.next_due_ms,
+                        result.rate_per_h,
+                        result.polled_ms,
+                        orjson.dumps(result.summary).decode(),
+                        stream_id,
+                    ),
+                )
+                conn.executemany(
+                    "INSERT INTO watermarks (stream_id, kind, watermark_ms) VALUES (?, ?, ?)"
+                    " ON CONFLICT (stream_id, kind) DO UPDATE SET watermark_ms ="
+                    " MAX(watermarks.watermark_ms, excluded.watermark_ms)",
+                    [(stream_id, kind.value, ms) for kind, ms in result.watermarks.items()],
+                )
+
+        await self._run(run)
+
+    async def record_error(
+        self, stream_id: int, error: str, next_due_ms: int, *, retire: bool = False
+    ) -> None:
+        await self._run(
+            lambda conn: _write(
+                conn,
+                "UPDATE streams SET consecutive_errors = consecutive_errors + 1, last_error = ?,"
+                " next_due_ms = ?, retired = MAX(retired, ?) WHERE id = ?",
+                (error[:1000], next_due_ms, int(retire), stream_id),
+            )
+        )
+
+    async def set_paused(self, stream_id: int, paused: bool) -> None:
+        await self._run(
+            lambda conn: _write(
+                conn, "UPDATE streams SET paused = ? WHERE id = ?", (int(paused), stream_id)
+            )
+        )
+
+    async def retire_streams(self, keys: Sequence[StreamKey]) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _tx(conn):
+                conn.executemany(
+                    "UPDATE streams SET retired = 1"
+                    " WHERE account = ? AND scope = ? AND resource_id = ?",
+                    [(k.account, k.scope, k.resource_id) for k in keys],
+                )
+
+        await self._run(run)
+
+    async def spend_quota(self, account: str, day: str, requests: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _tx(conn):
+                row = conn.execute(
+                    "INSERT INTO quota (account, day, used) VALUES (?, ?, ?)"
+                    " ON CONFLICT (account, day) DO UPDATE SET used = quota.used + excluded.used"
+                    " RETURNING used",
+                    (account, day, requests),
+                ).fetchone()
+            return int(row[0])
+
+        return await self._run(run)
+
+    async def quota_used(self, account: str, day: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT used FROM quota WHERE account = ? AND day = ?", (account, day)
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(run)
+
+    async def set_account_pause(self, account: str, until_ms: int | None, reason: str) -> None:
+        if until_ms is None:
+            sql, args = "DELETE FROM account_pauses WHERE account = ?", (account,)
+        else:
+            sql = (
+                "INSERT INTO account_pauses (account, until_ms, reason) VALUES (?, ?, ?)"
+                " ON CONFLICT (account) DO UPDATE SET until_ms = excluded.until_ms,"
+                " reason = excluded.reason"
+            )
+            args = (account, until_ms, reason)  # type: ignore[assignment]
+        await self._run(lambda conn: _write(conn, sql, args))
+
+    async def account_pauses(self) -> dict[str, tuple[int, str]]:
+        def run(conn: sqlite3.Connection) -> dict[str, tuple[int, str]]:
+            rows = conn.execute("SELECT account, until_ms, reason FROM account_pauses")
+            return {str(a): (int(u), str(r)) for a, u, r in rows}
+
+        return await self._run(run)
+
+    async def read_outbox(self, after_seq: int, limit: int) -> list[OutboxEvent]:
+        def run(conn: sqlite3.Connection) -> list[OutboxEvent]:
+            rows = conn.execute(
+                "SELECT seq, event_id, account, kind, campaign_id, contact_id, occurred_ms,"
+                " committed_ms, body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+            return [
+                OutboxEvent(
+                    seq=r[0],
+                    event_id=r[1],
+                    account=r[2],
+                    kind=Kind(r[3]),
+                    campaign_id=r[4],
+                    contact_id=r[5],
+                    occurred_ms=r[6],
+                    committed_ms=r[7],
+                    body=bytes(r[8]),
+                )
+                for r in rows
+            ]
+
+        return await self._run(run)
+
+    async def outbox_head(self) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()
+            return int(row[0])
+
+        return await self._run(run)
+
+    async def sink_cursor(self, sink: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT seq FROM sink_cursors WHERE sink = ?", (sink,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(run)
+
+    async def set_sink_cursor(self, sink: str, seq: int) -> None:
+        await self._run(
+            lambda conn: _write(
+                conn,
+                "INSERT INTO sink_cursors (sink, seq) VALUES (?, ?)"
+                " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
+                (sink, seq),
+            )
+        )
+
+    async def prune_dedup(self, before_ms: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _tx(conn):
+                return conn.execute(
+                    "DELETE FROM dedup WHERE occurred_ms < ?", (before_ms,)
+                ).rowcount
+
+        return await self._run(run)
+
+    async def dedup_count(self) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COUNT(*) FROM dedup").fetchone()[0])
+
+        return await self._run(run)
+
+
+@contextlib.contextmanager
+def _tx(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any error: one store call, one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _write(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> None:
+    with _tx(conn):
+        conn.execute(sql, args)
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
+    current = _version(conn)
+    if current > len(MIGRATIONS):
+        raise sqlite3.DatabaseError(
+            f"schema version {current} is newer than this relay knows ({len(MIGRATIONS)});"
+            " run a newer ctct-relay"
+        )
+    for version, script in enumerate(MIGRATIONS, start=1):
+        if version <= current:
+            continue
+        with _tx(conn):
+            for statement in script:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+
+def _watermarks(conn: sqlite3.Connection, stream_id: int | None) -> dict[int, dict[Kind, int]]:
+    where, args = ("WHERE stream_id = ?", (stream_id,)) if stream_id is not None else ("", ())
+    out: dict[int, dict[Kind, int]] = {}
+    for sid, kind, ms in conn.execute(
+        f"SELECT stream_id, kind, watermark_ms FROM watermarks {where}",  # noqa: S608
+        args,
+    ):
+        out.setdefault(int(sid), {})[Kind(kind)] = int(ms)
+    return out
+
+
+def _stream(row: Sequence[object], marks: dict[Kind, int]) -> Stream:
+    summary = orjson.loads(str(row[11]))
+    return Stream(
+        id=int(str(row[0])),
+        key=StreamKey(str(row[1]), str(row[2]), str(row[3])),
+        next_due_ms=int(str(row[4])),
+        rate_per_h=float(str(row[5])),
+        consecutive_errors=int(str(row[6])),
+        last_error=None if row[7] is None else str(row[7]),
+        last_poll_ms=None if row[8] is None else int(str(row[8])),
+        retired=bool(row[9]),
+        paused=bool(row[10]),
+        summary={str(k): int(v) for k, v in summary.items()},
+        watermarks=marks,
+        seed=bool(row[12]),
+        created_ms=int(str(row[13])),
+    )
+
+
+def _outbox_row(activity: Activity, stream_id: int, now_ms: int) -> tuple[object, ...]:
+    return (
+        activity.event_id,
+        activity.account,
+        stream_id,
+        activity.kind.value,
+        activity.campaign_id,
+        activity.contact_id,
+        activity.occurred_ms,
+        now_ms,
+        orjson.dumps(activity.to_cloudevent()),
+    )

@@ -1,0 +1,105 @@
+"""Which streams exist: configured campaigns and contacts, and campaigns found by discovery.
+
+Discovery lists the account's SENT campaigns, incrementally with ``modified_since`` and in full
+once a day (to retire campaigns older than ``max_age_days``). A campaign found at the very first
+discovery of a fresh state store is *seeded* (start_from decides whether its history is emitted);
+one found later was sent while we were watching (or while we were down), so all of it is new.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+
+import structlog
+
+from relay.ctct import catalogue
+from relay.ctct.client import CtctClient
+from relay.events import JsonObject, RecordError, from_millis, parse_time, to_millis
+from relay.store import Store, StreamKey
+
+log = structlog.get_logger(__name__)
+
+FULL_SCAN_EVERY_S = 86_400.0
+_OVERLAP_MS = 3_600_000  # re-list campaigns modified in the last hour of the previous scan
+
+
+class CampaignDiscovery:
+    """Keeps an account's campaign streams in step with its SENT campaigns."""
+
+    def __init__(
+        self,
+        client: CtctClient,
+        store: Store,
+        account: str,
+        max_age_days: float,
+        on_change: Callable[[], Awaitable[None]],
+        now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self._client = client
+        self._store = store
+        self._account = account
+        self._max_age_ms = int(timedelta(days=max_age_days).total_seconds() * 1000)
+        self._on_change = on_change
+        self._now_ms = now_ms
+        self._since_ms: int | None = None
+        self._last_full_ms = 0
+
+    async def run(self) -> None:
+        """One discovery pass; new campaigns become streams due now."""
+        now = self._now_ms()
+        full = self._since_ms is None or now - self._last_full_ms >= FULL_SCAN_EVERY_S * 1000
+        since = None if full else from_millis(max(0, (self._since_ms or 0) - _OVERLAP_MS))
+        rows = [
+            row
+            async for page in self._client.pages(catalogue.get("campaigns.sent"), since=since)
+            for row in page.records
+        ]
+        fresh_store = not await self._store.streams(self._account)
+        young, old = self._split_by_age(rows, now)
+        keys = [StreamKey(self._account, "campaign", cid) for cid in young]
+        created = await self._store.ensure_streams(keys, now, seed=fresh_store)
+        if full and old:
+            await self._store.retire_streams([StreamKey(self._account, "campaign", c) for c in old])
+            self._last_full_ms = now
+        elif full:
+            self._last_full_ms = now
+        self._since_ms = now
+        if created or (full and old):
+            log.info(
+                "discovery", account=self._account, found=len(rows), new=created, retired=len(old)
+            )
+            await self._on_change()
+
+    def _split_by_age(self, rows: Sequence[JsonObject], now: int) -> tuple[list[str], list[str]]:
+        young: list[str] = []
+        old: list[str] = []
+        for row in rows:
+            cid = row.get("id")
+            if not isinstance(cid, (str, int)) or isinstance(cid, bool):
+                log.warning("discovery.bad_row", account=self._account, row=str(row)[:200])
+                continue
+            sent = _sent_ms(row)
+            (old if sent is not None and now - sent > self._max_age_ms else young).append(str(cid))
+        return young, old
+
+
+def _sent_ms(row: JsonObject) -> int | None:
+    for field in ("last_run_date", "modified_date"):
+        value = row.get(field)
+        if isinstance(value, str) and value:
+            try:
+                return to_millis(parse_time(value, field))
+            except RecordError:
+                continue
+    return None
+
+
+async def ensure_configured(
+    store: Store, account: str, campaigns: Sequence[str], contacts: Sequence[str], now_ms: int
+) -> int:
+    """Streams for the campaigns and contacts named in the config; returns how many were new."""
+    keys = [StreamKey(account, "campaign", c) for c in campaigns]
+    keys += [StreamKey(account, "contact", c) for c in contacts]
+    return await store.ensure_streams(keys, now_ms) if keys else 0

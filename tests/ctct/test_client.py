@@ -1,0 +1,457 @@
+"""The Constant Contact client against the running simulator: every endpoint, paging, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from aiohttp.typedefs import Handler
+
+from relay.ctct import catalogue, errors
+from relay.ctct.catalogue import Endpoint, Scope, Shape
+from relay.ctct.client import Credentials, CtctClient, RetryPolicy, redact_url
+from relay.ctct.ratelimit import Budget, RateLimiter
+from relay.events import Activity, Kind, parse_activity, parse_time
+from relay.sim import Scenario
+from relay.sim.scenario import ApiKey, Campaigns, Contacts
+from tests.ctct.conftest import API_KEY, SCENARIO, START, TOKEN, MakeSim, Sim
+
+Truth = list[dict[str, object]]
+
+
+def pick(truth: Truth, **match: object) -> dict[str, object]:
+    """The first ground-truth activity with the given field values."""
+    return next(a for a in truth if all(a.get(k) == v for k, v in match.items()))
+
+
+def expected(truth: Truth, endpoint: Endpoint, resource: str, link: str | None) -> Counter[str]:
+    """Identities of the activities an activity endpoint should return for one resource."""
+    field = "contact_id" if endpoint.scope is Scope.CONTACT else "campaign_id"
+    rows = [
+        a
+        for a in truth
+        if a[field] == resource
+        and (endpoint.kind is None or a["kind"] == endpoint.kind.value)
+        and (link is None or a.get("link_id") == link)
+    ]
+    return Counter(_identity(a) for a in rows)
+
+
+def _identity(a: dict[str, object]) -> str:
+    kind = Kind(str(a["kind"]))
+    moment = parse_time(a[kind.date_field])
+    link = a.get("link_id", "") if kind is Kind.CLICK else ""
+    return f"{kind.value}|{a['campaign_id']}|{a['contact_id']}|{moment.isoformat()}|{link}"
+
+
+def _ids(truth: Truth, endpoint: Endpoint) -> tuple[str, str | None]:
+    """A resource with activity of the endpoint's kind (clicks for mixed lists), and a link."""
+    found = pick(truth, kind=(endpoint.kind or Kind.CLICK).value)
+    resource = found["contact_id" if endpoint.scope is Scope.CONTACT else "campaign_id"]
+    return str(resource), str(found.get("link_id"))
+
+
+ACTIVITY_ENDPOINTS = [e for e in catalogue.ENDPOINTS if e.shape is Shape.ACTIVITIES]
+
+
+@pytest.mark.parametrize("endpoint", ACTIVITY_ENDPOINTS, ids=lambda e: e.name)
+async def test_activity_endpoint_returns_exactly_the_truth(sim: Sim, endpoint: Endpoint) -> None:
+    """Every activity feed, paged at a small limit, yields its activities once, newest first."""
+    truth = await sim.truth()
+    resource, link = _ids(truth, endpoint)
+    client = sim.client()
+    got: Counter[str] = Counter()
+    pages = 0
+    async for page in client.pages(
+        endpoint,
+        resource_id=resource,
+        link_id=link if endpoint.needs_link else None,
+        limit=7,
+    ):
+        pages += 1
+        times = []
+        for record in page.records:
+            activity = parse_activity(record, account="t", kind=endpoint.kind)
+            got[_activity_identity(activity)] += 1
+            times.append(activity.occurred_at)
+        assert times == sorted(times, reverse=True)
+    want = expected(truth, endpoint, resource, link if endpoint.needs_link else None)
+    assert want, "the scenario should give every feed something to return"
+    assert got == want
+    assert pages == -(-sum(want.values()) // 7)
+
+
+def _activity_identity(a: Activity) -> str:
+    link = a.link_id if a.kind is Kind.CLICK else ""
+    return f"{a.kind.value}|{a.campaign_id}|{a.contact_id}|{a.occurred_at.isoformat()}|{link}"
+
+
+async def test_created_since_is_inclusive(sim: Sim) -> None:
+    """An activity exactly at created_since is returned; nothing older is."""
+    truth = await sim.truth()
+    opens = sorted((a for a in truth if a["kind"] == "open"), key=lambda a: str(a["open_date"]))
+    pivot = opens[len(opens) // 2]
+    since = parse_time(pivot["open_date"])
+    campaign = str(pivot["campaign_id"])
+    client = sim.client()
+    seen = []
+    async for page in client.pages(
+        catalogue.get("campaign.opens"), resource_id=campaign, since=since
+    ):
+        seen += [parse_activity(r, account="t").occurred_at for r in page.records]
+    assert since in seen
+    assert min(seen) == since
+    want = [
+        a for a in opens if a["campaign_id"] == campaign and parse_time(a["open_date"]) >= since
+    ]
+    assert len(seen) == len(want)
+
+
+async def test_later_pages_send_only_the_next_token(make_sim: MakeSim) -> None:
+    """Page two onward is requested with next and api_key alone; the first limit still applies."""
+    seen: list[dict[str, str]] = []
+
+    @web.middleware
+    async def spy(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v2/"):
+            seen.append(dict(request.query))
+        return await handler(request)
+
+    sim = await make_sim(middlewares=[spy])
+    truth = await sim.truth()
+    campaign = str(pick(truth, kind="send")["campaign_id"])
+    endpoint = catalogue.get("campaign.sends")
+    sizes = [
+        len(page.records)
+        async for page in sim.client().pages(endpoint, resource_id=campaign, limit=5)
+    ]
+    assert len(sizes) > 2
+    assert all(size == 5 for size in sizes[:-1])
+    assert set(seen[0]) == {"api_key", "limit"}
+    assert all(set(q) == {"api_key", "next"} for q in seen[1 : len(sizes)])
+
+
+@pytest.mark.parametrize(
+    "name", ["contact.summary", "campaign.summary", "contact.summary_by_campaign"]
+)
+async def test_summaries_count_what_is_visible(sim: Sim, name: str) -> None:
+    """Summary endpoints return counts that match the ground truth for the resource."""
+    truth = await sim.truth()
+    endpoint = catalogue.get(name)
+    field = "contact_id" if endpoint.scope is Scope.CONTACT else "campaign_id"
+    resource = str(pick(truth, kind="open")[field])
+    body = await sim.client().fetch(endpoint, resource_id=resource)
+    rows = [a for a in truth if a[field] == resource]
+    if endpoint.shape is Shape.SUMMARY_LIST:
+        assert isinstance(body, list)
+        per_campaign = {str(row["campaign_id"]): row for row in body}
+        for campaign, row in per_campaign.items():
+            mine = [a for a in rows if a["campaign_id"] == campaign]
+            assert row["opens"] == sum(a["kind"] == "open" for a in mine)
+            assert "unsubscribes" not in row
+    else:
+        assert isinstance(body, dict)
+        assert body["opens"] == sum(a["kind"] == "open" for a in rows)
+        assert body["clicks"] == sum(a["kind"] == "click" for a in rows)
+
+
+@pytest.mark.parametrize("name", ["campaigns.sent", "contacts.modified"])
+async def test_discovery_lists_page_through(sim: Sim, name: str) -> None:
+    """Campaign and contact discovery page through every resource."""
+    endpoint = catalogue.get(name)
+    ids = [
+        str(row["id"])
+        async for page in sim.client().pages(endpoint, limit=2)
+        for row in page.records
+    ]
+    want = SCENARIO.campaigns.already_sent if name == "campaigns.sent" else SCENARIO.contacts.count
+    assert len(ids) == len(set(ids)) == want
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+async def test_wrong_token_is_unauthorized(sim: Sim) -> None:
+    """A bad access token maps to UnauthorizedError, not retried."""
+    client = sim.client(token="wrong-token")
+    with pytest.raises(errors.UnauthorizedError, match="401") as caught:
+        await client.fetch(catalogue.get("contact.summary"), resource_id="1001")
+    assert client.requests_sent == 1
+    assert not caught.value.retriable
+
+
+async def test_unknown_campaign_is_not_found(sim: Sim) -> None:
+    """A campaign that does not exist maps to NotFoundError carrying the API's error key."""
+    with pytest.raises(errors.NotFoundError) as caught:
+        async for _ in sim.client().pages(catalogue.get("campaign.opens"), resource_id="999"):
+            pass
+    assert caught.value.status == 404
+    assert caught.value.error_key
+
+
+@pytest.mark.parametrize(
+    ("script", "error", "retriable"),
+    [
+        pytest.param({"status": 400}, errors.BadRequestError, False, id="400"),
+        pytest.param({"status": 406}, errors.NotAcceptableError, False, id="406"),
+        pytest.param({"status": 403, "error_key": "other"}, errors.ForbiddenError, False, id="403"),
+        pytest.param({"status": 500}, errors.ServerError, True, id="500"),
+        pytest.param({"status": 503}, errors.ServerError, True, id="503"),
+        pytest.param({"truncate": True}, errors.MalformedResponseError, True, id="truncated"),
+        pytest.param(
+            {"status": 403, "error_key": "mashery.not.authorized.over.qps"},
+            errors.OverQpsError,
+            True,
+            id="over-qps",
+        ),
+        pytest.param(
+            {"status": 429, "retry_after": 1}, errors.TooManyRequestsError, True, id="429"
+        ),
+    ],
+)
+async def test_error_statuses_map_to_typed_errors(
+    sim: Sim, script: dict[str, object], error: type[errors.CtctError], retriable: bool
+) -> None:
+    """Each error answer maps to its class; retriable ones are retried up to max_attempts."""
+    await sim.faults(script=[script] * 3)
+    client = sim.client(retry=RetryPolicy(max_attempts=3))
+    with pytest.raises(error):
+        await client.fetch(catalogue.get("contact.summary"), resource_id="1001")
+    assert client.requests_sent == (3 if retriable else 1)
+
+
+async def test_retriable_errors_recover(sim: Sim) -> None:
+    """5xx, truncated bodies, over-qps and 429 followed by success return the data."""
+    await sim.faults(
+        script=[
+            {"status": 502},
+            {"truncate": True},
+            {"status": 403, "error_key": "mashery.not.authorized.over.qps"},
+            {"status": 429, "retry_after": 2},
+        ]
+    )
+    sleeps: list[float] = []
+    client = sim.client(sleeps=sleeps, retry=RetryPolicy(max_attempts=5, base_delay_s=0.1))
+    body = await client.fetch(catalogue.get("contact.summary"), resource_id="1001")
+    assert isinstance(body, dict)
+    assert "opens" in body
+    assert client.requests_sent == 5
+    assert sleeps[3] >= 2  # Retry-After honoured
+    assert sleeps[2] >= 1  # over-qps waits out the API's one-second window
+    assert all(s >= 0.05 for s in sleeps[:2])
+
+
+async def test_retry_after_beyond_the_bound_goes_to_the_caller(sim: Sim) -> None:
+    """A Retry-After longer than max_retry_after_s is not slept through."""
+    await sim.faults(script=[{"status": 429, "retry_after": 3600}])
+    client = sim.client(retry=RetryPolicy(max_retry_after_s=60))
+    with pytest.raises(errors.TooManyRequestsError) as caught:
+        await client.fetch(catalogue.get("contact.summary"), resource_id="1001")
+    assert caught.value.retry_after_s == 3600
+    assert client.requests_sent == 1
+
+
+async def test_per_second_limit_of_the_api_is_mapped_and_survived(make_sim: MakeSim) -> None:
+    """A client allowed more than the key's qps gets real over-qps 403s and still finishes."""
+    scenario = Scenario(
+        seed=11,
+        start=START,
+        time_scale=0,
+        keys=(ApiKey(API_KEY, TOKEN, qps=2, daily=None),),
+        contacts=Contacts(count=20),
+        campaigns=Campaigns(count=1, already_sent=1),
+    )
+    sim = await make_sim(scenario)
+    client = sim.client(budget=Budget(requests_per_second=50), retry=RetryPolicy(max_attempts=10))
+    client._sleep = asyncio.sleep  # real waiting: the API's window must really pass
+    endpoint = catalogue.get("contact.summary")
+    bodies = await asyncio.gather(*(client.fetch(endpoint, resource_id="1001") for _ in range(5)))
+    assert len(bodies) == 5
+    assert client.requests_sent > 5  # some were refused with over-qps and retried
+
+
+async def test_daily_quota_403_pauses_the_account(make_sim: MakeSim) -> None:
+    """Over-ratelimit maps to QuotaExhaustedError with resume at 00:00 UTC; the limiter stops."""
+    scenario = Scenario(
+        seed=11,
+        start=START,
+        time_scale=0,
+        keys=(ApiKey(API_KEY, TOKEN, qps=None, daily=3),),
+        contacts=Contacts(count=5),
+        campaigns=Campaigns(count=1, already_sent=1),
+    )
+    sim = await make_sim(scenario, advance_s=0)
+    client = sim.client()
+    endpoint = catalogue.get("contact.summary")
+    for _ in range(3):
+        await client.fetch(endpoint, resource_id="1001")
+    with pytest.raises(errors.QuotaExhaustedError) as caught:
+        await client.fetch(endpoint, resource_id="1001")
+    assert caught.value.resume_at.hour == 0
+    assert caught.value.resume_at.tzinfo is not None
+    with pytest.raises(errors.BudgetExhaustedError):
+        await client.fetch(endpoint, resource_id="1001")
+    assert client.requests_sent == 4
+
+
+async def test_timeout_is_a_transport_error(sim: Sim) -> None:
+    """A response slower than the timeout becomes a retriable TransportError."""
+    await sim.faults(script=[{"delay_s": 2}, {"delay_s": 2}])
+    client = sim.client(retry=RetryPolicy(max_attempts=2), timeout=aiohttp.ClientTimeout(total=0.3))
+    with pytest.raises(errors.TransportError, match="timed out"):
+        await client.fetch(catalogue.get("contact.summary"), resource_id="1001")
+
+
+async def test_unreachable_base_url_is_a_clear_transport_error() -> None:
+    """Connection refused names the host and port, after bounded retries."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=100)),
+            retry=RetryPolicy(max_attempts=2, base_delay_s=0.01),
+        )
+        with pytest.raises(errors.TransportError, match=f"cannot connect to 127.0.0.1:{port}"):
+            await client.fetch(catalogue.get("contact.summary"), resource_id="1")
+        assert client.requests_sent == 2
+
+
+# --- paging defects, served by a deliberately broken API on loopback -------------------------
+
+
+async def broken_api(
+    aiohttp_server: Callable[..., object], next_link: Callable[[int], str | None]
+) -> TestServer:
+    calls = {"n": 0}
+
+    async def handler(_request: web.Request) -> web.Response:
+        calls["n"] += 1
+        link = next_link(calls["n"])
+        meta = {"pagination": {"next_link": link} if link else {}}
+        return web.json_response({"meta": meta, "results": []})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app)  # type: ignore[operator]
+    assert isinstance(server, TestServer)
+    return server
+
+
+async def test_repeated_next_link_is_an_error(aiohttp_server: Callable[..., object]) -> None:
+    """A next_link the API already sent stops the pass with PaginationLoopError."""
+    links = {1: "/v2/x?next=AAA", 2: "/v2/x?next=BBB", 3: "/v2/x?next=AAA"}
+    server = await broken_api(aiohttp_server, lambda n: links.get(n, "/v2/x?next=ZZZ"))
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=100)),
+        )
+        with pytest.raises(errors.PaginationLoopError, match="repeated"):
+            async for _ in client.pages(catalogue.get("campaign.opens"), resource_id="1"):
+                pass
+        assert client.requests_sent == 3
+
+
+async def test_next_link_to_another_host_is_refused(aiohttp_server: Callable[..., object]) -> None:
+    """An absolute next_link is never followed: it would send the api_key elsewhere."""
+    server = await broken_api(aiohttp_server, lambda n: "https://evil.example/v2?next=A")
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=100)),
+        )
+        with pytest.raises(errors.MalformedResponseError, match="not a relative path"):
+            async for _ in client.pages(catalogue.get("campaign.opens"), resource_id="1"):
+                pass
+
+
+async def test_paging_arguments_are_checked(sim: Sim) -> None:
+    """A limit outside the endpoint's range and missing ids are refused before any request."""
+    client = sim.client()
+    with pytest.raises(ValueError, match=r"1\.\.50"):
+        await anext(client.pages(catalogue.get("campaigns.sent"), limit=51))
+    with pytest.raises(ValueError, match="not paged"):
+        await anext(client.pages(catalogue.get("campaign.summary"), resource_id="1"))
+    assert client.requests_sent == 0
+    with pytest.raises(ValueError, match="needs a campaign id"):
+        catalogue.get("campaign.opens").url_path(None)
+    with pytest.raises(ValueError, match="needs a link id"):
+        catalogue.get("campaign.clicks_by_link").url_path("1")
+
+
+def test_unknown_endpoint_lists_known_ones() -> None:
+    """An unknown endpoint name says so and lists the names that exist."""
+    with pytest.raises(catalogue.UnknownEndpointError, match=r"campaign\.clicks_by_link"):
+        catalogue.get("campaign.click")
+
+
+# --- redaction --------------------------------------------------------------------------------
+
+
+def test_redact_url_hides_the_key() -> None:
+    """api_key values are replaced in URLs, other parameters kept."""
+    shown = redact_url(f"https://x/v2/contacts?api_key={API_KEY}&limit=5")
+    assert API_KEY not in shown
+    assert "api_key=***" in shown
+    assert "limit=5" in shown
+
+
+async def test_secrets_never_appear_in_errors_or_logs(sim: Sim) -> None:
+    """Across retries and every error class, neither the api_key nor the token is shown."""
+    await sim.faults(
+        script=[
+            {"status": 500},
+            {"truncate": True},
+            {"status": 429, "retry_after": 1},
+            {"status": 400},
+        ]
+    )
+    texts: list[str] = []
+    with structlog.testing.capture_logs() as captured:
+        client = sim.client(retry=RetryPolicy(max_attempts=5))
+        with pytest.raises(errors.BadRequestError) as caught:
+            await client.fetch(catalogue.get("contact.summary"), resource_id="1001")
+        texts += [str(caught.value), repr(caught.value), repr(client._credentials)]
+        for bad in (sim.client(token="bad-token-zz"), sim.client(api_key="bad-key-zz")):
+            with pytest.raises(errors.UnauthorizedError) as unauthorized:
+                await bad.fetch(catalogue.get("contact.summary"), resource_id="1001")
+            texts.append(str(unauthorized.value))
+    texts += [repr(entry) for entry in captured]
+    assert len(captured) >= 3  # the retries were logged
+    blob = "\n".join(texts)
+    for secret in (API_KEY, TOKEN, "bad-token-zz", "bad-key-zz"):
+        assert secret not in blob
+    assert "api_key=***" in blob
+
+
+async def test_all_activities_list_is_mixed_and_newest_first(sim: Sim) -> None:
+    """The contact's all-activities list carries several kinds, each typed by activity_type."""
+    truth = await sim.truth()
+    contact = str(pick(truth, kind="click")["contact_id"])
+    kinds = set()
+    async for page in sim.client().pages(catalogue.get("contact.activities"), resource_id=contact):
+        for record in page.records:
+            kinds.add(parse_activity(record, account="t").kind)
+    assert {Kind.SEND, Kind.OPEN, Kind.CLICK} <= kinds
+
+
+async def test_later_activity_becomes_visible_after_time_passes(make_sim: MakeSim) -> None:
+    """Advancing the simulator's clock reveals more activity to the same query."""
+    sim = await make_sim(advance_s=0)
+    truth_before = await sim.truth()
+    await sim.advance(timedelta(minutes=30).total_seconds())
+    truth_after = await sim.truth()
+    assert len(truth_after) > len(truth_before)

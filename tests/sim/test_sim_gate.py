@@ -1,0 +1,325 @@
+"""The gate and the control plane: auth, 406, per-key limits, faults, truth, stats, clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+from pytest_aiohttp import AiohttpClient
+
+from relay.sim import ApiKey, create_app, get_state
+from relay.sim.gate import accepts_json
+from relay.sim.limits import Limits
+from tests.sim import AUTH, KEY, TOKEN, Client, advance, get_json, scenario
+
+CONTACTS = "/v2/contacts"
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient) -> Client:
+    """A simulator with frozen time and an unlimited key."""
+    return await aiohttp_client(create_app(scenario()))
+
+
+async def limited(aiohttp_client: AiohttpClient, qps: int | None, daily: int | None) -> Client:
+    """A simulator whose key has the given limits."""
+    keys = [{"api_key": KEY, "access_token": TOKEN, "qps": qps, "daily": daily}]
+    return await aiohttp_client(create_app(scenario(keys=keys)))
+
+
+async def stats(client: Client) -> dict[str, object]:
+    """GET /_sim/stats."""
+    resp = await client.get("/_sim/stats")
+    assert resp.status == 200
+    body: dict[str, object] = await resp.json()
+    return body
+
+
+@pytest.mark.parametrize(
+    ("params", "headers"),
+    [
+        pytest.param({}, AUTH, id="no-api-key"),
+        pytest.param({"api_key": "other"}, AUTH, id="unknown-api-key"),
+        pytest.param({"api_key": KEY}, {}, id="no-authorization"),
+        pytest.param({"api_key": KEY}, {"Authorization": "Bearer wrong"}, id="wrong-token"),
+        pytest.param({"api_key": KEY}, {"Authorization": f"Basic {TOKEN}"}, id="not-bearer"),
+    ],
+)
+async def test_credentials_must_match_or_401(
+    client: Client, params: dict[str, str], headers: dict[str, str]
+) -> None:
+    """Both the api_key and its bearer token are required; otherwise 401 and no data."""
+    resp = await client.get(CONTACTS, params=params, headers=headers)
+    assert resp.status == 401
+    assert await resp.json() == [
+        {
+            "error_key": "http.status.unauthorized",
+            "error_message": (
+                "Not authorized: api_key and the Authorization: Bearer access token must match"
+            ),
+        }
+    ]
+
+
+async def test_rejections_are_counted_per_key(client: Client) -> None:
+    """Stats count 401s under the key (or "(unknown)") and served requests per key."""
+    await client.get(CONTACTS, params={"api_key": KEY})
+    await client.get(CONTACTS, params={"api_key": "nope"}, headers=AUTH)
+    await get_json(client, CONTACTS)
+    body = await stats(client)
+    keys = body["keys"]
+    assert isinstance(keys, dict)
+    assert keys[KEY]["served"] == 1
+    assert keys[KEY]["rejected"] == {"unauthorized": 1}
+    assert keys["(unknown)"]["rejected"] == {"unauthorized": 1}
+    endpoints = body["endpoints"]
+    assert isinstance(endpoints, dict)
+    assert endpoints["/v2/contacts"] == {"requests": 3, "by_status": {"200": 1, "401": 2}}
+
+
+@pytest.mark.parametrize(
+    ("accept", "ok"),
+    [
+        pytest.param(None, True, id="absent"),
+        pytest.param("application/json", True, id="json"),
+        pytest.param("*/*", True, id="any"),
+        pytest.param("text/html, application/*;q=0.5", True, id="wildcard-subtype"),
+        pytest.param("application/json;q=0", False, id="json-refused"),
+        pytest.param("text/html", False, id="html"),
+        pytest.param("application/xml", False, id="xml"),
+    ],
+)
+def test_accept_negotiation(accept: str | None, ok: bool) -> None:
+    """An Accept header must admit application/json with q > 0 (absent admits everything)."""
+    assert accepts_json(accept) is ok
+
+
+async def test_unacceptable_accept_is_406(client: Client) -> None:
+    """Accept: text/html gets 406 http.status.not_acceptable."""
+    resp = await client.get(
+        CONTACTS, params={"api_key": KEY}, headers={**AUTH, "Accept": "text/html"}
+    )
+    assert resp.status == 406
+    body = await resp.json(content_type=None)
+    assert body[0]["error_key"] == "http.status.not_acceptable"
+
+
+async def test_over_qps_is_403_and_nothing_is_served(aiohttp_client: AiohttpClient) -> None:
+    """A burst above the key's qps gets 403 over.qps; no 1-second window serves more than qps."""
+    client = await limited(aiohttp_client, qps=3, daily=None)
+    statuses = []
+    for _ in range(5):
+        resp = await client.get(CONTACTS, params={"api_key": KEY}, headers=AUTH)
+        statuses.append(resp.status)
+        if resp.status == 403:
+            body = await resp.json()
+            assert body[0]["error_key"] == "mashery.not.authorized.over.qps"
+            assert "results" not in body
+    assert statuses[:3] == [200, 200, 200]
+    assert 403 in statuses
+    keys = (await stats(client))["keys"]
+    assert isinstance(keys, dict)
+    assert keys[KEY]["max_per_1s"] == 3
+    assert keys[KEY]["rejected"]["over_qps"] == statuses.count(403)
+
+
+async def test_qps_window_slides(aiohttp_client: AiohttpClient) -> None:
+    """After a second, the key may send again."""
+    client = await limited(aiohttp_client, qps=1, daily=None)
+    await get_json(client, CONTACTS)
+    await get_json(client, CONTACTS, expect=403)
+    await asyncio.sleep(1.05)
+    await get_json(client, CONTACTS)
+
+
+async def test_daily_quota_is_403_over_ratelimit(aiohttp_client: AiohttpClient) -> None:
+    """The request after the daily quota gets 403 over.ratelimit."""
+    client = await limited(aiohttp_client, qps=None, daily=3)
+    for _ in range(3):
+        await get_json(client, CONTACTS)
+    body = await get_json(client, CONTACTS, expect=403)
+    assert isinstance(body, list)
+    assert body[0]["error_key"] == "mashery.not.authorized.over.ratelimit"
+    keys = (await stats(client))["keys"]
+    assert isinstance(keys, dict)
+    assert keys[KEY]["used_today"] == 3
+    assert keys[KEY]["rejected"] == {"over_ratelimit": 1}
+
+
+def test_daily_quota_resets_at_utc_midnight() -> None:
+    """The daily count starts over when the UTC date changes."""
+    wall = [datetime(2026, 11, 23, 23, 59, 59, tzinfo=UTC).timestamp()]
+    mono = [100.0]
+    limits = Limits(
+        [ApiKey("k", "t", qps=None, daily=2)], monotonic=lambda: mono[0], wall_clock=lambda: wall[0]
+    )
+    key = limits.authenticate("k", "Bearer t")
+    assert key is not None
+    assert [limits.admit(key) for _ in range(3)] == [None, None, "over_ratelimit"]
+    wall[0] += 1.0
+    assert limits.admit(key) is None
+
+
+def test_null_and_zero_limits_are_unenforced() -> None:
+    """A key with qps/daily None admits any burst."""
+    limits = Limits([ApiKey("k", "t", qps=None, daily=None)], monotonic=lambda: 5.0)
+    key = limits.authenticate("k", "bearer t")
+    assert key is not None
+    assert all(limits.admit(key) is None for _ in range(50))
+
+
+async def post_faults(client: Client, body: object, expect: int = 200) -> dict[str, object]:
+    """POST /_sim/faults."""
+    resp = await client.post("/_sim/faults", json=body)
+    assert resp.status == expect, await resp.text()
+    answer = await resp.json()
+    assert isinstance(answer, dict | list)
+    return answer if isinstance(answer, dict) else {"errors": answer}
+
+
+async def test_fault_script_is_played_in_order(client: Client) -> None:
+    """Each /v2 request consumes one script entry; then normal answers resume."""
+    await post_faults(
+        client,
+        {
+            "script": [
+                {"status": 500},
+                {"status": 429, "retry_after": 2},
+                {"status": 403, "error_key": "mashery.not.authorized.over.qps"},
+                {"truncate": True},
+                {"delay_s": 0.2},
+                {"status": 503, "error_message": "down for maintenance"},
+            ]
+        },
+    )
+    seen = []
+    for _ in range(7):
+        started = time.monotonic()
+        resp = await client.get(CONTACTS, params={"api_key": KEY}, headers=AUTH)
+        text = await resp.text()
+        seen.append(
+            (resp.status, resp.headers.get("Retry-After"), text, time.monotonic() - started)
+        )
+    assert [s[0] for s in seen] == [500, 429, 403, 200, 200, 503, 200]
+    assert '"http.status.internal_server_error"' in seen[0][2]
+    assert seen[1][1] == "2"
+    assert '"http.status.too_many_requests"' in seen[1][2]
+    assert "mashery.not.authorized.over.qps" in seen[2][2]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(seen[3][2])
+    assert seen[3][2].startswith('{"meta"')
+    assert seen[4][3] >= 0.2
+    assert '"down for maintenance"' in seen[5][2]
+    assert (await stats(client))["faults_injected"] == 6
+
+
+async def test_script_prefix_limits_which_requests_consume(client: Client) -> None:
+    """With script_path_prefix, only matching paths take script entries."""
+    await post_faults(
+        client, {"script": [{"status": 502}], "script_path_prefix": "/v2/emailmarketing/"}
+    )
+    await get_json(client, CONTACTS)
+    await get_json(client, "/v2/emailmarketing/campaigns", expect=502)
+    await get_json(client, "/v2/emailmarketing/campaigns")
+
+
+async def test_random_faults_and_reset(client: Client) -> None:
+    """Rates of 1 fail every request; reset clears rates and script."""
+    await post_faults(client, {"error_5xx_rate": 1.0})
+    for _ in range(5):
+        resp = await client.get(CONTACTS, params={"api_key": KEY}, headers=AUTH)
+        assert resp.status in (500, 502, 503)
+        body = await resp.json()
+        assert body[0]["error_key"].startswith("http.status.")
+    await post_faults(client, {"error_5xx_rate": 0, "truncate_rate": 1.0})
+    resp = await client.get(CONTACTS, params={"api_key": KEY}, headers=AUTH)
+    assert resp.status == 200
+    assert not (await resp.text()).endswith("}")
+    state = await post_faults(client, {"reset": True, "script": [{"status": 500}]})
+    assert state["truncate_rate"] == 0.0
+    assert state["script"] == [{"status": 500}]
+    state = await post_faults(client, {"reset": True})
+    assert state["script"] == []
+    await get_json(client, CONTACTS)
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        pytest.param({"error_5xx_rate": "lots"}, "error_5xx_rate", id="bad-rate"),
+        pytest.param({"slow_rate": 2}, "slow_rate", id="rate-above-1"),
+        pytest.param({"script": [{"status": 200}]}, "script[0].status", id="ok-status"),
+        pytest.param({"script": [{"stauts": 500}]}, "stauts", id="typo"),
+        pytest.param({"script": [{"status": 500, "truncate": True}]}, "truncate", id="both"),
+        pytest.param({"script": {"status": 500}}, "script", id="not-a-list"),
+        pytest.param({"chaos": True}, "chaos", id="unknown-key"),
+        pytest.param([1, 2], "mapping", id="not-an-object"),
+    ],
+)
+async def test_bad_fault_settings_are_400_and_change_nothing(
+    client: Client, body: object, named: str
+) -> None:
+    """An invalid POST /_sim/faults names the problem and leaves the settings as they were."""
+    answer = await post_faults(client, body, expect=400)
+    errors = answer["errors"]
+    assert isinstance(errors, list)
+    assert named in errors[0]["error_message"]
+    resp = await client.get("/_sim/faults")
+    current = await resp.json()
+    assert current["error_5xx_rate"] == 0.0
+    assert current["script"] == []
+
+
+async def test_truth_lists_canonical_records(client: Client) -> None:
+    """Truth records have string ids, millisecond dates, kind and visible_at."""
+    resp = await client.get("/_sim/truth")
+    body = await resp.json()
+    assert body["now"] == "2026-11-23T08:00:00.000Z"
+    assert body["activities"]
+    for record in body["activities"]:
+        assert isinstance(record["campaign_id"], str)
+        assert isinstance(record.get("link_id", ""), str)
+        date = record[f"{record['kind']}_date"]
+        assert len(date) == 24
+        assert date <= record["visible_at"] <= body["now"]
+
+
+async def test_truth_has_no_identity_collisions(client: Client) -> None:
+    """(type, campaign, contact, millisecond, link) is unique across all activity."""
+    await advance(client, 7200)
+    body = await (await client.get("/_sim/truth")).json()
+    identities = [
+        (r["kind"], r["campaign_id"], r["contact_id"], r[f"{r['kind']}_date"], r.get("link_id"))
+        for r in body["activities"]
+    ]
+    assert len(identities) == len(set(identities))
+
+
+async def test_clock_endpoints(client: Client) -> None:
+    """GET shows the clock; POST advances it; a negative or bad advance is a 400."""
+    resp = await client.get("/_sim/clock")
+    assert await resp.json() == {
+        "now": "2026-11-23T08:00:00.000Z",
+        "start": "2026-11-23T08:00:00.000Z",
+        "time_scale": 0.0,
+        "elapsed_s": 0.0,
+    }
+    assert await advance(client, 90.5) == "2026-11-23T08:01:30.500Z"
+    for bad in ({"advance_s": -1}, {"advance_s": "soon"}, {"advanse_s": 1}):
+        resp = await client.post("/_sim/clock", json=bad)
+        assert resp.status == 400
+    resp = await client.post("/_sim/clock", data=b"{not json")
+    assert resp.status == 400
+    assert get_state(client.app).clock.elapsed_s() == 90.5
+
+
+async def test_stats_show_world_size(client: Client) -> None:
+    """Stats report the simulated now, visible activities, sent campaigns and contacts."""
+    world = (await stats(client))["world"]
+    assert isinstance(world, dict)
+    assert world["campaigns_sent"] == 2
+    assert world["contacts"] == 30
+    assert world["visible_activities"] > 0

@@ -1,0 +1,169 @@
+"""Scenario loading: defaults, the example file, and error messages that name the key."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from relay.sim import (
+    ApiKey,
+    Audience,
+    Scenario,
+    ScenarioError,
+    create_app,
+    load_scenario,
+    scenario_from_mapping,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "sim.example.yaml"
+
+
+def test_defaults_make_a_working_scenario() -> None:
+    """Scenario() alone is valid and builds an app."""
+    default = Scenario()
+    assert default.keys == (ApiKey("demo-key", "demo-token", qps=4, daily=10_000),)
+    assert scenario_from_mapping({}) == default
+    create_app(default)
+
+
+def test_example_file_loads() -> None:
+    """config/sim.example.yaml is valid and has the demo key."""
+    example = load_scenario(EXAMPLE)
+    assert [(k.api_key, k.access_token) for k in example.keys] == [("demo-key", "demo-token")]
+    assert example.time_scale > 1
+    assert example.rates.late > 0
+    assert example.campaigns.explicit[0].links == ("0", "4242", "4243")
+
+
+def test_values_are_read() -> None:
+    """Keys map onto the frozen values, with start as aware UTC."""
+    loaded = scenario_from_mapping(
+        {
+            "seed": 9,
+            "start": "2026-11-23T08:00:00Z",
+            "time_scale": 0,
+            "quirks": False,
+            "keys": [{"api_key": "a", "access_token": "b", "qps": 0, "daily": None}],
+            "campaigns": {"audience": 5, "explicit": [{"id": "77", "send_at_s": -60}]},
+            "faults": {"error_5xx_rate": 0.5},
+        }
+    )
+    assert loaded.start == datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+    assert loaded.keys == (ApiKey("a", "b", qps=None, daily=None),)
+    assert loaded.campaigns.audience == Audience(count=5)
+    assert loaded.campaigns.explicit[0].send_at_s == -60
+    assert loaded.faults.error_5xx_rate == 0.5
+    assert not loaded.quirks
+
+
+def test_audience_integer_is_a_count_and_decimal_a_fraction() -> None:
+    """audience: 1 means one contact, 1.0 means everyone."""
+    assert scenario_from_mapping({"campaigns": {"audience": 1}}).campaigns.audience == Audience(
+        count=1
+    )
+    assert scenario_from_mapping({"campaigns": {"audience": 1.0}}).campaigns.audience == Audience(
+        fraction=1.0
+    )
+
+
+def test_error_names_file_key_and_problem(tmp_path: Path) -> None:
+    """A bad value in a file names the file, the key path, what was expected and what was got."""
+    path = tmp_path / "sim.example.yaml"
+    path.write_text("faults:\n  error_5xx_rate: lots\n")
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(path)
+    assert str(caught.value) == (
+        "sim.example.yaml: faults.error_5xx_rate: expected a number between 0 and 1, got 'lots'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param({"sede": 1}, "the top level: unknown key(s) sede", id="unknown-top"),
+        pytest.param({"rates": {"opne": 0.1}}, "rates: unknown key(s) opne", id="unknown-nested"),
+        pytest.param({"seed": "x"}, "seed: expected an integer", id="seed"),
+        pytest.param({"seed": True}, "seed: expected an integer", id="seed-bool"),
+        pytest.param({"time_scale": -1}, "time_scale: expected a number >= 0", id="scale"),
+        pytest.param({"start": "soon"}, "start: expected an ISO 8601", id="start"),
+        pytest.param({"quirks": "yes"}, "quirks: expected true or false", id="quirks"),
+        pytest.param({"keys": []}, "keys: at least one api key", id="no-keys"),
+        pytest.param({"keys": [{"api_key": "a"}]}, "keys[0].access_token: required", id="token"),
+        pytest.param(
+            {"keys": [{"api_key": "a", "access_token": "b"}] * 2}, "unique", id="dup-keys"
+        ),
+        pytest.param({"keys": {"api_key": "a"}}, "keys: expected a list", id="keys-mapping"),
+        pytest.param({"contacts": 5}, "contacts: expected a mapping", id="contacts-scalar"),
+        pytest.param({"contacts": {"count": 1.5}}, "contacts.count: expected an integer", id="c"),
+        pytest.param(
+            {"campaigns": {"count": 2, "already_sent": 3}},
+            "campaigns.already_sent: expected an integer between 0 and 2, got 3",
+            id="already-sent",
+        ),
+        pytest.param({"campaigns": {"links": 40}}, "campaigns.links", id="links"),
+        pytest.param({"campaigns": {"audience": 1.5}}, "campaigns.audience", id="fraction"),
+        pytest.param({"campaigns": {"audience": -1}}, "campaigns.audience", id="count"),
+        pytest.param(
+            {"campaigns": {"explicit": [{"id": "12ab", "send_at_s": 0}]}},
+            "campaigns.explicit[0].id: expected a numeric id",
+            id="explicit-id",
+        ),
+        pytest.param(
+            {"campaigns": {"explicit": [{"id": "1100394165290", "send_at_s": 0}]}},
+            "campaigns.explicit[0].id: campaign id 1100394165290 is used twice",
+            id="explicit-clash",
+        ),
+        pytest.param(
+            {"campaigns": {"explicit": [{"id": "5", "send_at_s": 0, "links": ["a"]}]}},
+            "campaigns.explicit[0].links",
+            id="explicit-links",
+        ),
+        pytest.param(
+            {"rates": {"reopen": 1.0}}, "rates.reopen: expected a number between 0", id="r"
+        ),
+        pytest.param({"rates": {"send_batch": 0}}, "rates.send_batch", id="batch"),
+        pytest.param({"faults": {"slow_s": "x"}}, "faults.slow_s", id="slow"),
+    ],
+)
+def test_errors_name_the_key(data: dict[str, object], message: str) -> None:
+    """Every invalid value or unknown key raises ScenarioError naming the key path."""
+    with pytest.raises(ScenarioError) as caught:
+        scenario_from_mapping(data)
+    assert message in str(caught.value)
+
+
+def test_unknown_key_error_lists_the_known_ones() -> None:
+    """An unknown key's message lists the keys that section knows."""
+    with pytest.raises(ScenarioError, match=r"faults: unknown key\(s\) slowness \(known: .*slow_s"):
+        scenario_from_mapping({"faults": {"slowness": 1}})
+
+
+def test_yaml_syntax_error_is_a_scenario_error(tmp_path: Path) -> None:
+    """Broken YAML raises ScenarioError with the file and line."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("seed: 1\nrates: [unclosed\n")
+    with pytest.raises(ScenarioError, match=r"broken.yaml: not valid YAML at line \d+"):
+        load_scenario(path)
+
+
+def test_missing_file_is_a_scenario_error(tmp_path: Path) -> None:
+    """A missing file raises ScenarioError naming it."""
+    with pytest.raises(ScenarioError, match="no such scenario file"):
+        load_scenario(tmp_path / "absent.yaml")
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    """A YAML list at the top level is rejected with the file name."""
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ScenarioError, match=r"list\.yaml: the top level: expected a mapping"):
+        load_scenario(path)
+
+
+def test_empty_file_is_the_default_scenario(tmp_path: Path) -> None:
+    """An empty scenario file means every default."""
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing\n")
+    assert load_scenario(path) == Scenario()

@@ -1,0 +1,114 @@
+"""The command line as a user runs it: real processes, clear one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def config(tmp_path: Path, base_url: str, extra: str = "") -> Path:
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        f"""
+accounts:
+  - name: t
+    base_url: {base_url}
+    api_key: cli-key-9d8c7b
+    access_token: cli-token-1a2b3c
+http:
+  max_attempts: 2
+  backoff_base_s: 0.01
+{extra}"""
+    )
+    return path
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert text in result.stderr
+    assert "Traceback" not in result.stderr
+    for secret in ("cli-key-9d8c7b", "cli-token-1a2b3c"):
+        assert secret not in result.stderr + result.stdout
+
+
+def test_unknown_endpoint_is_a_usage_error(tmp_path: Path) -> None:
+    """An endpoint name not in the catalogue exits 2 and lists the known names."""
+    result = run("fetch", "campaign.click", "--config", str(config(tmp_path, "http://127.0.0.1:1")))
+    assert_clean_failure(result, 2, "unknown endpoint 'campaign.click'; known endpoints:")
+
+
+def test_malformed_config_names_the_key(tmp_path: Path) -> None:
+    """A config error exits 2 naming the file and the key."""
+    path = config(tmp_path, "http://127.0.0.1:1", "logging:\n  level: loud\n")
+    result = run("fetch", "campaign.opens", "--id", "1", "--config", str(path))
+    assert_clean_failure(result, 2, "logging.level: expected one of debug, info, warning, error")
+
+
+def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
+    """Invalid YAML exits 2 with the line and column."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("accounts:\n  - name: [unclosed\n")
+    result = run("fetch", "campaign.opens", "--config", str(path))
+    assert_clean_failure(result, 2, "not valid YAML at line")
+
+
+def test_unreachable_base_url_is_a_runtime_error(tmp_path: Path) -> None:
+    """Connection refused exits 1 with the host and port, after the configured retries."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = config(tmp_path, f"http://127.0.0.1:{port}")
+    result = run("fetch", "campaign.opens", "--id", "1", "--config", str(path))
+    assert_clean_failure(result, 1, f"cannot connect to 127.0.0.1:{port}")
+
+
+def test_missing_resource_id_is_a_usage_error(tmp_path: Path) -> None:
+    """An endpoint that needs a campaign id refuses to run without one."""
+    result = run("fetch", "campaign.opens", "--config", str(config(tmp_path, "http://127.0.0.1:1")))
+    assert_clean_failure(result, 2, "needs a campaign id")
+
+
+def test_missing_scenario_file_is_a_usage_error() -> None:
+    """The simulator refuses a scenario path that does not exist."""
+    result = run("sim", "--config", "/nonexistent/scenario.yaml")
+    assert_clean_failure(result, 2, "/nonexistent/scenario.yaml")
+
+
+def test_endpoints_lists_the_catalogue() -> None:
+    """`endpoints` prints every catalogue entry."""
+    result = run("endpoints")
+    assert result.returncode == 0
+    assert "campaign.clicks_by_link" in result.stdout
+    assert "contact.summary_by_campaign" in result.stdout
+
+
+@pytest.mark.integration
+def test_demo_shows_events_flowing() -> None:
+    """The demo starts the simulator, polls it and prints new activities within seconds."""
+    result = run("demo", "--duration", "6", timeout=90)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if " campaign " in line]
+    assert len(lines) >= 5, result.stdout
+    assert "demo: " in result.stdout
+    assert "Traceback" not in result.stderr
