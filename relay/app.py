@@ -99,6 +99,7 @@ async def _account_runtime(
         account.budget,
         used_today=await store.quota_used(account.name, today),
         ledger=StoreLedger(store, account.name),
+        after_restart=True,
     )
     client = CtctClient(
         session,

@@ -26,6 +26,7 @@ from relay.ctct.catalogue import Shape
 from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
+from relay.devkafka import DevKafkaError, serve_dev_kafka
 from relay.events import RecordError, parse_activity, parse_time
 from relay.store import StoreError
 
@@ -48,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_demo(_scenario(args.scenario), args.duration, sys.stdout))
         if args.command == "endpoints":
             return _endpoints(sys.stdout)
+        if args.command == "dev-kafka":
+            logs.configure("warning")
+            data_dir = Path(args.data_dir) if args.data_dir else None
+            asyncio.run(serve_dev_kafka(args.port, data_dir, sys.stdout))
+            return 0
         settings = load(args.config)
         redactor = logs.configure(
             settings.logging.level, settings.logging.format, settings.secrets()
@@ -58,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_fetch(settings, args, sys.stdout))
     except (ConfigError, sim.ScenarioError, catalogue.UnknownEndpointError) as exc:
         return _fail(redactor.text(str(exc)), EXIT_USAGE)
-    except (CtctError, StoreError) as exc:
+    except (CtctError, StoreError, DevKafkaError) as exc:
         return _fail(redactor.text(str(exc)), EXIT_RUNTIME)
     except KeyboardInterrupt:
         return 130
@@ -87,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
 
     commands.add_parser("endpoints", help="list the upstream endpoints the client knows")
+
+    p = commands.add_parser(
+        "dev-kafka", help="run a local single-node Apache Kafka broker (needs Java 17 and Maven)"
+    )
+    p.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
+    p.add_argument("--data-dir", default=None, help="keep the broker's data here across runs")
 
     p = commands.add_parser("fetch", help="call one upstream endpoint and print what it returns")
     p.add_argument("endpoint", help="catalogue name, e.g. campaign.clicks (see 'endpoints')")

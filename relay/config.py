@@ -163,9 +163,7 @@ def from_mapping(data: Mapping[str, object]) -> Settings:
     names = [a.name for a in accounts]
     if len(set(names)) != len(names):
         raise ConfigError(f"accounts: names must be unique, got {names}")
-    retention_h = poll.number(
-        "dedup_retention_h", DEFAULT_RETENTION_H
-    )
+    retention_h = poll.number("dedup_retention_h", DEFAULT_RETENTION_H)
     if retention_h * 3600 <= defaults.overlap_s * 2:
         raise ConfigError("poll.dedup_retention_h: must be longer than twice poll.overlap_s")
     poll.done()

@@ -142,9 +142,10 @@ class Poller:
             if activities:
                 page_newest = max(a.occurred_ms for a in activities)
                 newest = page_newest if newest is None else max(newest, page_newest)
-                outcome.new += await self._store.commit_page(
+                fresh = await self._store.commit_page(
                     stream.id, activities, self._now_ms(), emit=not seeding
                 )
+                outcome.new += 0 if seeding else fresh
         if seeding:
             newest = max(newest or 0, self._now_ms() - self._overlap_ms)
         if newest is not None:

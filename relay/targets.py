@@ -50,6 +50,8 @@ class CampaignDiscovery:
         """One discovery pass; new campaigns become streams due now."""
         now = self._now_ms()
         full = self._since_ms is None or now - self._last_full_ms >= FULL_SCAN_EVERY_S * 1000
+        # The next modified_since comes from the API's own timestamps, never from our clock:
+        # the two can disagree, and a since ahead of the API's clock would hide new campaigns.
         since = None if full else from_millis(max(0, (self._since_ms or 0) - _OVERLAP_MS))
         rows = [
             row
@@ -60,12 +62,17 @@ class CampaignDiscovery:
         young, old = self._split_by_age(rows, now)
         keys = [StreamKey(self._account, "campaign", cid) for cid in young]
         created = await self._store.ensure_streams(keys, now, seed=fresh_store)
-        if full and old:
-            await self._store.retire_streams([StreamKey(self._account, "campaign", c) for c in old])
+        if full:
+            if old:
+                await self._store.retire_streams(
+                    [StreamKey(self._account, "campaign", c) for c in old]
+                )
             self._last_full_ms = now
-        elif full:
-            self._last_full_ms = now
-        self._since_ms = now
+        newest = max((m for m in map(_modified_ms, rows) if m is not None), default=None)
+        if newest is not None:
+            self._since_ms = max(self._since_ms or 0, newest)
+        elif self._since_ms is None:
+            self._since_ms = 0
         if created or (full and old):
             log.info(
                 "discovery", account=self._account, found=len(rows), new=created, retired=len(old)
@@ -86,7 +93,15 @@ class CampaignDiscovery:
 
 
 def _sent_ms(row: JsonObject) -> int | None:
-    for field in ("last_run_date", "modified_date"):
+    return _first_time(row, ("last_run_date", "modified_date"))
+
+
+def _modified_ms(row: JsonObject) -> int | None:
+    return _first_time(row, ("modified_date", "last_run_date"))
+
+
+def _first_time(row: JsonObject, fields: tuple[str, ...]) -> int | None:
+    for field in fields:
         value = row.get(field)
         if isinstance(value, str) and value:
             try:

@@ -75,6 +75,7 @@ class RateLimiter:
         *,
         used_today: int = 0,
         ledger: QuotaLedger | None = None,
+        after_restart: bool = False,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -87,6 +88,10 @@ class RateLimiter:
         self._used_today = used_today
         self._ledger = ledger
         self._sent: deque[float] = deque(maxlen=budget.burst)
+        if after_restart:
+            # The previous process may have spent this second's requests just before it died;
+            # the log of their times died with it, so assume a full window.
+            self._sent.extend([monotonic()] * budget.burst)
         self._lock = asyncio.Lock()
         self.waited_s = 0.0  # total time spent waiting for a slot, for metrics
 

@@ -45,9 +45,10 @@ log4j.logger.kafka.server.KafkaConfig=WARN
 class DevKafka:
     """One single-node KRaft broker on 127.0.0.1 whose config, data and log live in `work_dir`.
 
-    Ports are chosen on the first start and kept, so `restart()` (or `start()` after `kill()`)
-    brings the broker back where clients expect it, with its data. The log file is appended
-    to across restarts and kept after `stop()`.
+    Ports are chosen on the first start (`port` fixes the client one) and kept, so `restart()`,
+    or `start()` after `kill()`, brings the broker back where clients expect it, with its data.
+    Topics must be created explicitly unless `auto_create_topics`; `num_partitions` applies to
+    topics created without a count. The log file is appended to across restarts and kept.
     """
 
     def __init__(

@@ -63,7 +63,7 @@ def ensure_kafka(
     root = cache_dir if cache_dir is not None else default_cache_dir(environ)
     search_path = environ.get("PATH", os.defpath)
     stamp = _stamp(pom)
-    complete = _read(root / _MARKER) == stamp
+    complete = _read(root / _MARKER) == stamp and (root / "libs").is_dir()
     java = shutil.which("java", path=search_path)
     # Maven only fills the cache; a complete cache needs none.
     mvn = None if complete else shutil.which("mvn", path=search_path)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -13,14 +15,17 @@ from relay.devkafka.dist import ensure_kafka
 
 
 async def serve_dev_kafka(port: int | None, data_dir: Path | None, out: TextIO) -> None:
-    """Fetch Kafka if needed, run a broker until cancelled (Ctrl-C), then stop it cleanly.
+    """Fetch Kafka if needed and run a broker until cancelled (Ctrl-C) or sent SIGTERM.
 
-    `data_dir` holds the broker's config, data and log and is kept, so topics survive the next
-    run; without it a temporary directory is used and removed on exit. Raises `DevKafkaError`.
+    Either way the broker is stopped cleanly; after SIGTERM this returns normally. `data_dir`
+    holds the broker's config, data and log and is kept, so topics survive the next run;
+    without it a temporary directory is used and removed on exit. Raises `DevKafkaError`.
     """
-    # Maven may run for a while on first use; it must not block the loop's signal handling.
+    # In a thread, so a first-use Maven download leaves the loop free to see Ctrl-C.
     dist = await asyncio.to_thread(ensure_kafka)
+    terminated = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
+        _on_sigterm(stack, terminated.set)
         if data_dir is None:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ctct-kafka-")))
         broker = await stack.enter_async_context(DevKafka(dist, data_dir, port=port))
@@ -29,4 +34,15 @@ async def serve_dev_kafka(port: int | None, data_dir: Path | None, out: TextIO) 
             file=out,
             flush=True,
         )
-        await asyncio.Event().wait()
+        await terminated.wait()
+
+
+def _on_sigterm(stack: contextlib.AsyncExitStack, callback: Callable[[], None]) -> None:
+    # `kill` or a service manager must stop the broker as Ctrl-C does: the JVM runs in its own
+    # session and would otherwise outlive us, holding the port.
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, callback)
+    except (RuntimeError, NotImplementedError):  # not the main thread, or no signals here
+        return
+    stack.callback(loop.remove_signal_handler, signal.SIGTERM)

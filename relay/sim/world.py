@@ -2,7 +2,7 @@
 
 Campaign histories are generated lazily (when the clock reaches the send time, or ahead of it by
 the background ticker); their activities wait in a heap keyed by when they become visible and are
-drained into per-stream :class:`SortedIndex` es as the clock passes. Draining happens before each
+drained into per-stream sorted indexes as the clock passes. Draining happens before each
 request, so every answer reflects the clock at that moment and costs a bisect and a slice.
 """
 

@@ -22,7 +22,7 @@ from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.events import Activity, Kind, parse_activity, parse_time
 from relay.sim import Scenario
 from relay.sim.scenario import ApiKey, Campaigns, Contacts
-from tests.ctct.conftest import API_KEY, SCENARIO, START, TOKEN, MakeSim, Sim
+from tests.simkit import API_KEY, SCENARIO, START, TOKEN, MakeSim, Sim
 
 Truth = list[dict[str, object]]
 

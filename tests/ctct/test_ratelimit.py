@@ -95,3 +95,18 @@ def test_next_midnight_is_utc() -> None:
     """The daily quota renews at 00:00 UTC, whatever the local offset of the input."""
     moment = datetime.fromisoformat("2026-11-23T23:30:00-05:00")
     assert next_utc_midnight(moment) == datetime(2026, 11, 25, tzinfo=UTC)
+
+
+async def test_after_restart_the_first_window_is_assumed_full() -> None:
+    """A limiter started after a crash waits one window before its first request."""
+    clock = FakeTime(wall=1_700_000_000.0)
+    lim = RateLimiter(
+        Budget(requests_per_second=2, window_margin_s=0.0),
+        after_restart=True,
+        wall_clock=lambda: clock.wall,
+        monotonic=lambda: clock.mono,
+        sleep=clock.sleep,
+    )
+    start = clock.mono
+    await lim.acquire()
+    assert clock.mono - start == pytest.approx(1.0)

@@ -33,7 +33,8 @@ def kafka_dist() -> KafkaDist:
     try:
         return ensure_kafka()
     except DevKafkaError as exc:
-        pytest.fail(f"cannot fetch Kafka: {exc}", pytrace=False)
+        error = str(exc)
+    pytest.fail(f"cannot fetch Kafka: {error}", pytrace=False)  # outside: no chained traceback
 
 
 @pytest.fixture(scope="session")
@@ -49,10 +50,13 @@ def kafka_bootstrap(
     broker = DevKafka(dist, tmp_path_factory.mktemp("kafka"))
     # Synchronous on purpose: the broker is a child process, so a short-lived loop per step
     # avoids tying a session fixture to any test's event loop.
+    error = None
     try:
         asyncio.run(broker.start())
     except DevKafkaError as exc:
-        pytest.fail(f"cannot start the session's Kafka broker: {exc}", pytrace=False)
+        error = str(exc)
+    if error is not None:
+        pytest.fail(f"cannot start the session's Kafka broker: {error}", pytrace=False)
     try:
         yield broker.bootstrap_servers
     finally:

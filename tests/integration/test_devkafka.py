@@ -276,20 +276,31 @@ def test_maven_failure_quotes_its_output(tmp_path: Path) -> None:
     assert not (cache / "libs.complete").exists()
 
 
-async def test_broker_exiting_early_quotes_its_log(tmp_path: Path) -> None:
-    """A broker JVM that dies while starting fails `start()` with the tail of its log."""
-    java = fake_tool(
-        tmp_path / "bin",
-        "java",
-        'case "$*" in *StorageTool*) exit 0;; esac\necho "bind failed" >&2\nexit 3',
+@pytest.mark.parametrize(
+    ("storage_tool", "broker", "error"),
+    [
+        pytest.param(
+            "echo 'bad config' >&2; exit 1", "exit 0", r"formatting .* \(exit 1\)", id="format"
+        ),
+        pytest.param("exit 0", "echo 'bad config' >&2; exit 3", r"exited \(code 3\)", id="exit"),
+        pytest.param("exit 0", "echo 'bad config'; exec sleep 60", r"within 1 s", id="hang"),
+    ],
+)
+async def test_failed_start_quotes_the_log_and_leaves_no_process(
+    tmp_path: Path, storage_tool: str, broker: str, error: str
+) -> None:
+    """A broker that fails to format, exits or never answers fails `start()` with its log."""
+    script = f'case "$*" in *StorageTool*) {storage_tool};; esac\n{broker}'
+    java = fake_tool(tmp_path / "bin", "java", script)
+    kafka = DevKafka(
+        KafkaDist(tmp_path / "libs", "test", java), tmp_path / "kafka", ready_timeout_s=1
     )
-    broker = DevKafka(KafkaDist(tmp_path / "libs", "test", java), tmp_path / "kafka")
 
-    with pytest.raises(DevKafkaError, match=r"exited \(code 3\)") as info:
-        await broker.start()
+    with pytest.raises(DevKafkaError, match=error) as info:
+        await kafka.start()
 
-    assert "bind failed" in str(info.value)
-    assert broker.pid is None
+    assert "bad config" in str(info.value)
+    assert kafka.pid is None
 
 
 async def test_taken_port_is_refused_before_starting(tmp_path: Path) -> None:

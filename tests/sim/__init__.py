@@ -55,6 +55,11 @@ def scenario(**overrides: object) -> Scenario:
 
 async def get_json(client: Client, path: str, expect: int = 200, **params: str) -> object:
     """GET a /v2 path with valid credentials; asserts the status and returns the JSON body."""
+    return await fetch_json(client, path, params, expect)
+
+
+async def fetch_json(client: Client, path: str, params: Mapping[str, str], expect: int) -> object:
+    """GET with valid credentials and ``params``; asserts the status, returns the JSON body."""
     resp = await client.get(path, params={"api_key": KEY, **params}, headers=AUTH)
     assert resp.status == expect, await resp.text()
     return await resp.json()
@@ -62,7 +67,7 @@ async def get_json(client: Client, path: str, expect: int = 200, **params: str) 
 
 async def all_pages(client: Client, path: str, **params: str) -> list[JsonObject]:
     """Every result of a paged endpoint, following next_link with only the api_key."""
-    body = await get_json(client, path, **params)
+    body = await fetch_json(client, path, params, 200)
     results: list[JsonObject] = []
     while True:
         assert isinstance(body, dict)

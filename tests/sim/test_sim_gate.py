@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from datetime import UTC, datetime
 
+import aiohttp
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from relay.sim import ApiKey, create_app, get_state
+from relay.sim import ApiKey, create_app, get_state, serve
+from relay.sim.app import TICK_S
 from relay.sim.gate import accepts_json
 from relay.sim.limits import Limits
 from tests.sim import AUTH, KEY, TOKEN, Client, advance, get_json, scenario
@@ -323,3 +326,30 @@ async def test_stats_show_world_size(client: Client) -> None:
     assert world["campaigns_sent"] == 2
     assert world["contacts"] == 30
     assert world["visible_activities"] > 0
+
+
+async def test_serve_runs_the_ticker_and_answers() -> None:
+    """serve() listens on a free port; the ticker keeps the world current without requests."""
+    fast = scenario(time_scale=3600, keys=[{"api_key": KEY, "access_token": TOKEN}])
+    async with serve(fast) as sim, aiohttp.ClientSession() as session:
+        state = sim.state
+        before = state.world.now_ms
+        await asyncio.sleep(3 * TICK_S)
+        assert state.world.now_ms > before + 3600 * 1000 * TICK_S
+        url = f"{sim.url}/v2/contacts"
+        async with session.get(url, params={"api_key": KEY}, headers=AUTH) as resp:
+            assert resp.status == 200
+            assert len((await resp.json())["results"]) == 30
+
+
+async def test_frozen_gc_app_generates_ahead(aiohttp_client: AiohttpClient) -> None:
+    """With freeze_gc the world is exempted from collection after each generation step."""
+    app = create_app(scenario(time_scale=600), freeze_gc=True)
+    try:
+        client = await aiohttp_client(app)
+        await asyncio.sleep(3 * TICK_S)
+        assert gc.get_freeze_count() > 0
+        world = get_state(client.app).world
+        assert world.next_due(world.now_ms + 600_000) is None  # generated before being sent
+    finally:
+        gc.unfreeze()

@@ -1,4 +1,4 @@
-"""Fixtures for client tests: a running simulator on 127.0.0.1 and clients bound to it."""
+"""A running simulator on 127.0.0.1 for tests, and clients bound to it (fixtures: make_sim, sim)."""
 
 from __future__ import annotations
 

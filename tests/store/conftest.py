@@ -1,0 +1,20 @@
+"""Store fixtures: every store test runs against each backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from relay.store import Store, open_store
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """An opened, empty store of each backend."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    opened = open_store(url)
+    await opened.open()
+    yield opened
+    await opened.close()

@@ -1,0 +1,184 @@
+"""The store contract, for every backend: streams, exactly-once pages, watermarks, quota, outbox."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.events import Activity, Kind, from_millis
+from relay.store import PassResult, Store, StoreError, StreamKey, open_store
+from relay.store.migrations import MIGRATIONS
+
+T0 = 1_763_000_000_000
+KEY = StreamKey("acme", "campaign", "1100394165290")
+
+
+def activity(contact: int, ms: int, kind: Kind = Kind.OPEN, account: str = "acme") -> Activity:
+    return Activity(
+        account=account,
+        kind=kind,
+        campaign_id="1100394165290",
+        contact_id=str(contact),
+        email_address=f"c{contact}@example.com",
+        occurred_at=from_millis(ms),
+        link_id="1" if kind is Kind.CLICK else None,
+    )
+
+
+async def one_stream(store: Store) -> int:
+    await store.ensure_streams([KEY], T0)
+    return (await store.streams())[0].id
+
+
+async def test_migrations_applied_and_idempotent(store: Store, tmp_path: Path) -> None:
+    """A new store is at the latest schema version; reopening applies nothing twice."""
+    assert await store.schema_version() == len(MIGRATIONS)
+
+
+async def test_ensure_streams_creates_once(store: Store) -> None:
+    """Listing a stream twice creates it once; a retired stream listed again is revived."""
+    assert await store.ensure_streams([KEY], T0) == 1
+    assert await store.ensure_streams([KEY], T0 + 5) == 0
+    await store.retire_streams([KEY])
+    assert (await store.streams())[0].retired
+    await store.ensure_streams([KEY], T0)
+    stream = (await store.streams())[0]
+    assert not stream.retired
+    assert stream.next_due_ms == T0
+
+
+async def test_commit_page_appends_only_unseen_activity(store: Store) -> None:
+    """The same activity committed twice (other page, other scope) is one event."""
+    sid = await one_stream(store)
+    page = [activity(1, T0), activity(2, T0), activity(3, T0 + 1)]
+    assert await store.commit_page(sid, page, T0) == 3
+    assert await store.commit_page(sid, [activity(2, T0), activity(4, T0 + 2)], T0) == 1
+    events = await store.read_outbox(0, 100)
+    assert [e.contact_id for e in events] == ["1", "2", "3", "4"]
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    assert len({e.event_id for e in events}) == 4
+    assert await store.dedup_count() == 4
+
+
+async def test_seeding_absorbs_without_emitting(store: Store) -> None:
+    """A page committed with emit=False fills dedup but the outbox stays empty."""
+    sid = await one_stream(store)
+    assert await store.commit_page(sid, [activity(1, T0)], T0, emit=False) == 1
+    assert await store.read_outbox(0, 10) == []
+    assert await store.commit_page(sid, [activity(1, T0)], T0) == 0
+
+
+async def test_same_activity_of_two_accounts_is_two_events(store: Store) -> None:
+    """Dedup is per account: lookalike activity of another account is its own event."""
+    sid = await one_stream(store)
+    await store.commit_page(sid, [activity(1, T0, account="a")], T0)
+    assert await store.commit_page(sid, [activity(1, T0, account="b")], T0) == 1
+
+
+async def test_watermarks_never_move_backwards(store: Store) -> None:
+    """finish_pass keeps the newer of the stored and the offered watermark."""
+    sid = await one_stream(store)
+    result = PassResult({Kind.OPEN: T0 + 100}, {"opens": 3}, T0 + 60_000, 12.5, T0)
+    await store.finish_pass(sid, result)
+    await store.finish_pass(sid, PassResult({Kind.OPEN: T0, Kind.CLICK: T0}, {}, T0, 1.0, T0))
+    stream = await store.stream(sid)
+    assert stream.watermarks == {Kind.OPEN: T0 + 100, Kind.CLICK: T0}
+    assert stream.rate_per_h == 1.0
+
+
+async def test_errors_back_off_and_retire(store: Store) -> None:
+    """record_error counts, keeps the message, reschedules; a pass clears the count."""
+    sid = await one_stream(store)
+    await store.record_error(sid, "boom", T0 + 30_000)
+    await store.record_error(sid, "boom again", T0 + 90_000)
+    stream = await store.stream(sid)
+    assert (stream.consecutive_errors, stream.last_error) == (2, "boom again")
+    assert await store.due_streams(T0 + 60_000, 10) == []
+    await store.finish_pass(sid, PassResult({}, {}, T0, 0.0, T0))
+    assert (await store.stream(sid)).consecutive_errors == 0
+    await store.record_error(sid, "gone", T0, retire=True)
+    assert await store.due_streams(T0 + 10**9, 10) == []
+
+
+async def test_due_streams_soonest_first_and_skips_paused(store: Store) -> None:
+    """Due streams come soonest first; paused and retired ones never."""
+    keys = [StreamKey("acme", "contact", str(i)) for i in range(3)]
+    await store.ensure_streams(keys, T0)
+    ids = [s.id for s in await store.streams()]
+    for offset, sid in zip((300, 100, 200), ids, strict=True):
+        await store.finish_pass(sid, PassResult({}, {}, T0 + offset, 1.0, T0))
+    await store.set_paused(ids[2], True)
+    assert await store.due_streams(T0 + 1000, 10) == [ids[1], ids[0]]
+    assert set(await store.stream_rates()) == {ids[0], ids[1]}
+
+
+async def test_quota_survives_reopen(tmp_path: Path) -> None:
+    """Spent requests are counted per account and UTC day, durably."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    first = open_store(url)
+    await first.open()
+    assert await first.spend_quota("acme", "2026-11-23", 1) == 1
+    assert await first.spend_quota("acme", "2026-11-23", 2) == 3
+    await first.close()
+    second = open_store(url)
+    await second.open()
+    assert await second.quota_used("acme", "2026-11-23") == 3
+    assert await second.quota_used("acme", "2026-11-24") == 0
+    await second.close()
+
+
+async def test_account_pause_round_trip(store: Store) -> None:
+    """A pause is stored with its reason and cleared by None."""
+    await store.set_account_pause("acme", T0, "quota spent")
+    assert await store.account_pauses() == {"acme": (T0, "quota spent")}
+    await store.set_account_pause("acme", None, "")
+    assert await store.account_pauses() == {}
+
+
+async def test_sink_cursors_and_head(store: Store) -> None:
+    """Cursors start at 0 and move; the head is the newest seq."""
+    sid = await one_stream(store)
+    await store.commit_page(sid, [activity(1, T0), activity(2, T0)], T0)
+    head = await store.outbox_head()
+    assert await store.sink_cursor("kafka") == 0
+    await store.set_sink_cursor("kafka", head)
+    assert await store.sink_cursor("kafka") == head
+    assert await store.read_outbox(head, 10) == []
+
+
+async def test_prune_bounds_dedup(store: Store) -> None:
+    """Keys of activities older than the horizon are dropped; newer ones kept."""
+    sid = await one_stream(store)
+    await store.commit_page(sid, [activity(i, T0 + i * 1000) for i in range(10)], T0)
+    assert await store.prune_dedup(T0 + 5000) == 5
+    assert await store.dedup_count() == 5
+
+
+async def test_unknown_stream_is_a_store_error(store: Store) -> None:
+    """Asking for a stream that does not exist names it."""
+    with pytest.raises(StoreError, match="no stream with id 999"):
+        await store.stream(999)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        pytest.param("postgres://x", "unsupported URL scheme 'postgres'", id="scheme"),
+        pytest.param("sqlite:/relative", "expected sqlite:///", id="shape"),
+    ],
+)
+def test_bad_state_urls_are_named(url: str, message: str) -> None:
+    """A state URL the relay cannot use says what it expected."""
+    with pytest.raises(StoreError, match=message):
+        open_store(url)
+
+
+async def test_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
+    """A state file that cannot be created is a StoreError naming the path."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    store = open_store(f"sqlite:///{blocker / 'sub' / 'state.db'}")
+    with pytest.raises(StoreError, match="cannot open"):
+        await store.open()
+    await store.close()
