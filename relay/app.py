@@ -23,7 +23,7 @@ from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
 from relay.poller import Poller
-from relay.scheduler import AccountRuntime, Scheduler, SqrtPolicy
+from relay.scheduler import AccountRuntime, Planner, Scheduler
 from relay.store import Store, StoreError, open_store
 from relay.targets import CampaignDiscovery, ensure_configured
 
@@ -111,7 +111,7 @@ async def _account_runtime(
         ),
     )
     poller = Poller(client, store, account.name, account.poll, now_ms)
-    return AccountRuntime(account.name, poller, limiter, SqrtPolicy(settings.schedule)), client
+    return AccountRuntime(account.name, poller, limiter, Planner(settings.schedule)), client
 
 
 async def _prune(store: Store, retention_ms: int) -> None:

@@ -96,6 +96,47 @@ def estimate_rate(previous_per_h: float, new: int, elapsed_s: float, smoothing: 
     return smoothing * observed + (1 - smoothing) * previous_per_h
 
 
+class Planner:
+    """One account's adaptive polling: measured rates and costs feeding the square-root rule.
+
+    Pure arithmetic, no I/O: the scheduler calls it after each pass, and ``bench/freshness.py``
+    drives the very same object in simulated time.
+    """
+
+    def __init__(self, settings: ScheduleSettings) -> None:
+        self._settings = settings
+        self.policy = SqrtPolicy(settings)
+        self._costs: dict[int, float] = {}
+
+    def load(self, stream_id: int, rate_per_h: float | None) -> None:
+        """Register a stream with its stored rate (None: never polled, assume it is busy)."""
+        rate = rate_per_h or self._settings.prior_rate_per_h
+        self.policy.update(stream_id, rate, self._costs.get(stream_id, 2.0))
+
+    def remove(self, stream_id: int) -> None:
+        """Forget a retired stream."""
+        self.policy.remove(stream_id)
+        self._costs.pop(stream_id, None)
+
+    def after_pass(
+        self,
+        stream_id: int,
+        previous_rate_per_h: float | None,
+        new: int,
+        elapsed_s: float,
+        requests: int,
+        budget_rps: float,
+    ) -> tuple[float, float]:
+        """The stream's new rate estimate (events/hour) and the seconds until its next pass."""
+        s = self._settings
+        previous = s.prior_rate_per_h if previous_rate_per_h is None else previous_rate_per_h
+        rate = estimate_rate(previous, new, elapsed_s, s.smoothing)
+        cost = s.smoothing * requests + (1 - s.smoothing) * self._costs.get(stream_id, 2.0)
+        self._costs[stream_id] = cost
+        self.policy.update(stream_id, rate, cost)
+        return rate, self.policy.interval_s(stream_id, budget_rps)
+
+
 @dataclass
 class AccountRuntime:
     """What the scheduler drives for one account."""
@@ -103,8 +144,7 @@ class AccountRuntime:
     name: str
     poller: Poller
     limiter: RateLimiter
-    policy: SqrtPolicy
-    costs: dict[int, float] = field(default_factory=dict)
+    planner: Planner
     inflight: set[int] = field(default_factory=set)
     paused_until_ms: int = 0
 
@@ -161,12 +201,10 @@ class Scheduler:
         streams = {s.id: s.key.account for s in await self._store.streams()}
         for runtime in self._accounts.values():
             runtime.paused_until_ms = pauses.get(runtime.name, (0, ""))[0]
-            runtime.policy = SqrtPolicy(self._settings)
         for stream_id, (rate, _due) in rates.items():
             owner = self._accounts.get(streams.get(stream_id, ""))
             if owner is not None:
-                prior = rate if rate > 0 else self._settings.prior_rate_per_h
-                owner.policy.update(stream_id, prior, owner.costs.get(stream_id, 2.0))
+                owner.planner.load(stream_id, rate)
 
     async def stop(self) -> None:
         """Stop ticking; abandon in-flight passes (what they committed stays committed)."""
@@ -229,16 +267,14 @@ class Scheduler:
         self, runtime: AccountRuntime, stream: Stream, outcome: PassOutcome
     ) -> None:
         now = self._now_ms()
-        s = self._settings
-        elapsed_s = (now - (stream.last_poll_ms or stream.created_ms)) / 1000.0
-        previous = stream.rate_per_h if stream.last_poll_ms else s.prior_rate_per_h
-        rate = estimate_rate(previous, outcome.new, elapsed_s, s.smoothing)
-        cost = s.smoothing * outcome.requests + (1 - s.smoothing) * runtime.costs.get(
-            stream.id, 2.0
+        rate, interval = runtime.planner.after_pass(
+            stream.id,
+            stream.rate_per_h if stream.last_poll_ms else None,
+            outcome.new,
+            (now - (stream.last_poll_ms or stream.created_ms)) / 1000.0,
+            outcome.requests,
+            self.budget_rps(runtime),
         )
-        runtime.costs[stream.id] = cost
-        runtime.policy.update(stream.id, rate, cost)
-        interval = runtime.policy.interval_s(stream.id, self.budget_rps(runtime))
         await self._store.finish_pass(
             stream.id,
             PassResult(
@@ -265,7 +301,7 @@ class Scheduler:
         if isinstance(exc, errors.NotFoundError):
             log.warning("poll.retired", reason=str(exc))
             await self._store.record_error(stream.id, str(exc), now, retire=True)
-            runtime.policy.remove(stream.id)
+            runtime.planner.remove(stream.id)
             return
         if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
             await self._pause(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
