@@ -22,14 +22,17 @@ from relay.config import AccountSettings, Settings
 from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
+from relay.events import Kind
 from relay.poller import Poller
 from relay.scheduler import AccountRuntime, Planner, Scheduler
+from relay.sinks.kafka import KafkaSink
 from relay.store import Store, StoreError, open_store
 from relay.targets import CampaignDiscovery, ensure_configured
 
 log = structlog.get_logger(__name__)
 
 PRUNE_EVERY_S = 3600.0
+SINK_GRACE_S = 30.0
 
 
 def now_ms() -> int:
@@ -55,6 +58,8 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
         await store.open()
         stack.push_async_callback(store.close)
         session = await stack.enter_async_context(aiohttp.ClientSession())
+        sinks = _start_sinks(settings, store, stop)
+        stack.push_async_callback(_stop_sinks, sinks)
         today = datetime.now(UTC).date().isoformat()
         runtimes: list[AccountRuntime] = []
         clients: list[CtctClient] = []
@@ -86,6 +91,46 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
         log.info("relay.started", accounts=[a.name for a in settings.accounts])
         await stop.wait()
         log.info("relay.stopping")
+    for task in sinks.tasks:
+        failure = task.exception() if task.done() and not task.cancelled() else None
+        if failure is not None:
+            raise failure
+
+
+class _Sinks:
+    """The running sink tasks and the event that asks them to finish."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+
+def _start_sinks(settings: Settings, store: Store, relay_stop: asyncio.Event) -> _Sinks:
+    sinks = _Sinks()
+    if settings.kafka is not None:
+        kinds = sorted({k for a in settings.accounts for k in a.poll.kinds}, key=list(Kind).index)
+        sink = KafkaSink(settings.kafka, store, kinds, now_ms)
+        task = asyncio.create_task(sink.run(sinks.stop), name="sink:kafka")
+
+        def fatal(done: asyncio.Task[None]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                log.error("sink.failed", sink="kafka", error=str(done.exception()))
+                relay_stop.set()  # a sink that cannot run makes the relay exit with its error
+
+        task.add_done_callback(fatal)
+        sinks.tasks.append(task)
+    return sinks
+
+
+async def _stop_sinks(sinks: _Sinks) -> None:
+    """Let sinks finish their batch and flush, within a grace period."""
+    sinks.stop.set()
+    _done, pending = (
+        await asyncio.wait(sinks.tasks, timeout=SINK_GRACE_S) if sinks.tasks else ((), ())
+    )
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _account_runtime(

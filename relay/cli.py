@@ -28,6 +28,7 @@ from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
 from relay.devkafka import DevKafkaError, serve_dev_kafka
 from relay.events import RecordError, parse_activity, parse_time
+from relay.sinks.kafka import KafkaSinkError
 from relay.store import StoreError
 
 EXIT_RUNTIME = 1
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_fetch(settings, args, sys.stdout))
     except (ConfigError, sim.ScenarioError, catalogue.UnknownEndpointError) as exc:
         return _fail(redactor.text(str(exc)), EXIT_USAGE)
-    except (CtctError, StoreError, DevKafkaError) as exc:
+    except (CtctError, StoreError, DevKafkaError, KafkaSinkError) as exc:
         return _fail(redactor.text(str(exc)), EXIT_RUNTIME)
     except KeyboardInterrupt:
         return 130

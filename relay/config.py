@@ -22,12 +22,17 @@ from relay.ctct.ratelimit import Budget
 from relay.events import Kind, RecordError, parse_time
 from relay.poller import PollSettings
 from relay.scheduler import ScheduleSettings
+from relay.sinks.kafka import KafkaSecurity, KafkaSettings
 
 ENV_PREFIX = "CTCT_RELAY_"
 DEFAULT_STATE = "sqlite:///relay-state.db"
 DEFAULT_RETENTION_H = 168.0
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 LogLevel = Literal["debug", "info", "warning", "error"]
+Mode = Literal["binary", "structured"]
+Compression = Literal["none", "gzip", "lz4", "zstd"]
+Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+Mechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -114,14 +119,18 @@ class Settings:
     dedup_retention_h: float = DEFAULT_RETENTION_H  # outlasts overlap and late arrivals
     http: HttpSettings = field(default_factory=HttpSettings)
     logging: LogSettings = field(default_factory=LogSettings)
+    kafka: KafkaSettings | None = None
 
     def secrets(self) -> list[str]:
         """Every secret value, so log redaction can scrub them wherever they appear."""
-        return [
+        values = [
             secret.reveal()
             for account in self.accounts
             for secret in (account.api_key, account.access_token)
         ]
+        if self.kafka and self.kafka.security.password:
+            values.append(self.kafka.security.password)
+        return values
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
@@ -174,9 +183,74 @@ def from_mapping(data: Mapping[str, object]) -> Settings:
         dedup_retention_h=retention_h,
         http=_http(root.child("http")),
         logging=_logs(root),
+        kafka=_kafka(root),
     )
     root.done()
     return settings
+
+
+def _kafka(root: _Reader) -> KafkaSettings | None:
+    if root.raw("kafka") is None:
+        return None
+    r = root.child("kafka")
+    b = KafkaSettings(bootstrap_servers="")
+    topic = r.text("topic", b.topic)
+    try:
+        topic.format(kind="click")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(
+            f"{r.key('topic')}: only {{kind}} may be used in the template, got {topic!r}"
+        ) from None
+    settings = KafkaSettings(
+        bootstrap_servers=r.text("bootstrap_servers"),
+        topic=topic,
+        content_mode=cast(Mode, r.choice("content_mode", ("binary", "structured"), b.content_mode)),
+        compression=cast(
+            Compression, r.choice("compression", ("none", "gzip", "lz4", "zstd"), b.compression)
+        ),
+        linger_ms=int(r.number("linger_ms", b.linger_ms, strict=False)),
+        max_batch_bytes=int(r.number("max_batch_bytes", b.max_batch_bytes)),
+        max_request_bytes=int(r.number("max_request_bytes", b.max_request_bytes)),
+        request_timeout_s=r.number("request_timeout_s", b.request_timeout_s),
+        client_id=r.text("client_id", b.client_id),
+        create_topics=r.flag("create_topics", b.create_topics),
+        partitions=int(r.number("partitions", b.partitions)),
+        replication_factor=int(r.number("replication_factor", b.replication_factor)),
+        batch_events=int(r.number("batch_events", b.batch_events)),
+        security=_kafka_security(r.child("security")),
+    )
+    r.done()
+    return settings
+
+
+def _kafka_security(r: _Reader) -> KafkaSecurity:
+    b = KafkaSecurity()
+    protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    protocol = r.choice("protocol", protocols, b.protocol)
+    mechanism = r.choice(
+        "sasl_mechanism", ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"), b.sasl_mechanism
+    )
+    sasl = protocol.startswith("SASL")
+    security = KafkaSecurity(
+        protocol=cast(Protocol, protocol),
+        sasl_mechanism=cast(Mechanism, mechanism),
+        username=r.text("username") if sasl else r.optional_text("username"),
+        password=r.text("password") if sasl else r.optional_text("password"),
+        ssl_cafile=_existing_file(r, "ssl_cafile"),
+        ssl_certfile=_existing_file(r, "ssl_certfile"),
+        ssl_keyfile=_existing_file(r, "ssl_keyfile"),
+    )
+    if (security.ssl_certfile is None) != (security.ssl_keyfile is None):
+        raise ConfigError(f"{r.key('ssl_certfile')}: ssl_certfile and ssl_keyfile go together")
+    r.done()
+    return security
+
+
+def _existing_file(r: _Reader, name: str) -> str | None:
+    path = r.optional_text(name)
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{r.key(name)}: no such file: {path}")
+    return path
 
 
 def _state(root: _Reader) -> str:
@@ -329,6 +403,14 @@ class _Reader:
     def _get(self, name: str) -> object:
         self._used.add(name)
         return self._data.get(name)
+
+    def raw(self, name: str) -> object:
+        """The value as written (marks the key as known)."""
+        return self._get(name)
+
+    def optional_text(self, name: str) -> str | None:
+        value = self._get(name)
+        return None if value is None or value == "" else self.text(name)
 
     def child(self, name: str) -> _Reader:
         return _Reader(self._get(name), self.key(name))

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 
+import orjson
+
 JsonObject = dict[str, object]
 
 SPECVERSION = "1.0"
+DATA_CONTENT_TYPE = "application/json"
 TYPE_PREFIX = "com.constantcontact.email."
 # Namespace for the UUIDv5 event ids. Changing it changes every event id ever emitted: never do.
 _ID_NAMESPACE = uuid.UUID("6f0c3a52-6d1e-5b9e-9a4f-3c2b7c1d0e11")
@@ -140,18 +143,41 @@ class Activity:
             out["unsubscribe_reason"] = self.unsubscribe_reason or ""
         return out
 
+    def attributes(self) -> dict[str, str]:
+        """The CloudEvent context attributes (everything but ``data``)."""
+        return attributes(
+            self.event_id,
+            self.account,
+            self.kind,
+            self.campaign_id,
+            self.contact_id,
+            self.occurred_ms,
+        )
+
     def to_cloudevent(self) -> JsonObject:
         """The structured-mode CloudEvents 1.0 representation."""
-        return {
-            "specversion": SPECVERSION,
-            "id": self.event_id,
-            "source": f"ctct://{self.account}/campaigns/{self.campaign_id}",
-            "type": self.kind.event_type,
-            "subject": self.contact_id,
-            "time": format_time(self.occurred_at),
-            "datacontenttype": "application/json",
-            "data": self.data(),
-        }
+        return {**self.attributes(), "data": self.data()}
+
+
+def attributes(
+    event_id: str, account: str, kind: Kind, campaign_id: str, contact_id: str, occurred_ms: int
+) -> dict[str, str]:
+    """CloudEvent context attributes of an activity; the outbox rebuilds them from its columns."""
+    return {
+        "specversion": SPECVERSION,
+        "id": event_id,
+        "source": f"ctct://{account}/campaigns/{campaign_id}",
+        "type": kind.event_type,
+        "subject": contact_id,
+        "time": format_time(from_millis(occurred_ms)),
+        "datacontenttype": DATA_CONTENT_TYPE,
+    }
+
+
+def structured(attrs: dict[str, str], data: bytes) -> bytes:
+    """Structured-mode JSON from attributes and already-serialized ``data``, without re-parsing."""
+    head = orjson.dumps(attrs)
+    return head[:-1] + b',"data":' + data + b"}"
 
 
 def schema(kind: Kind) -> JsonObject:

@@ -44,6 +44,7 @@ class PollSettings:
     start_from: str = "now"  # "now" | "earliest" | an ISO 8601 timestamp
     summary_gate: bool = True  # skip feeds whose summary count did not change
     page_limit: int = 500
+    buffer_limit: int = 50_000  # activities held to sort a pass before committing
 
     def start_ms(self) -> int | None:
         """The first-run lower bound: None for "now" (seed) and "earliest" (everything)."""
@@ -90,14 +91,29 @@ class Poller:
         to_read = list(self._settings.kinds)
         if self._settings.summary_gate:
             to_read = await self._changed_kinds(stream, scope, outcome)
+        pending: list[Activity] = []
         for kind in self._settings.kinds:
             if kind in to_read:
-                await self._read_feed(stream, scope, kind, outcome)
+                await self._read_feed(stream, scope, kind, outcome, pending)
             elif self._seeds(stream, kind, outcome):
                 # nothing to absorb: later activity is newer than this
                 outcome.watermarks[kind] = self._now_ms() - self._overlap_ms
+        await self._commit(stream.id, pending, outcome)
         outcome.requests = self._client.requests_sent - sent_before
         return outcome
+
+    async def _commit(self, stream_id: int, pending: list[Activity], outcome: PassOutcome) -> None:
+        """Commit buffered activity oldest first, one transaction per page-sized chunk.
+
+        Feeds arrive newest first and kind by kind; sorting the pass makes the outbox (and so
+        each contact's Kafka partition) follow activity order within the pass.
+        """
+        pending.sort(key=_activity_order)
+        size = self._settings.page_limit
+        for start in range(0, len(pending), size):
+            chunk = pending[start : start + size]
+            outcome.new += await self._store.commit_page(stream_id, chunk, self._now_ms())
+        pending.clear()
 
     @property
     def _overlap_ms(self) -> int:
@@ -125,7 +141,12 @@ class Poller:
         ]
 
     async def _read_feed(
-        self, stream: Stream, scope: Scope, kind: Kind, outcome: PassOutcome
+        self,
+        stream: Stream,
+        scope: Scope,
+        kind: Kind,
+        outcome: PassOutcome,
+        pending: list[Activity],
     ) -> None:
         seeding = self._seeds(stream, kind, outcome)
         watermark = outcome.watermarks.get(kind)
@@ -139,13 +160,17 @@ class Poller:
         ):
             activities = self._parse(page.records, kind, outcome)
             outcome.fetched += len(activities)
-            if activities:
-                page_newest = max(a.occurred_ms for a in activities)
-                newest = page_newest if newest is None else max(newest, page_newest)
-                fresh = await self._store.commit_page(
-                    stream.id, activities, self._now_ms(), emit=not seeding
-                )
-                outcome.new += 0 if seeding else fresh
+            if not activities:
+                continue
+            page_newest = max(a.occurred_ms for a in activities)
+            newest = page_newest if newest is None else max(newest, page_newest)
+            if seeding:
+                await self._store.commit_page(stream.id, activities, self._now_ms(), emit=False)
+                continue
+            pending.extend(activities)
+            if len(pending) >= self._settings.buffer_limit:
+                # A huge backfill: keep memory bounded; order holds within each flush.
+                await self._commit(stream.id, pending, outcome)
         if seeding:
             newest = max(newest or 0, self._now_ms() - self._overlap_ms)
         if newest is not None:
@@ -174,3 +199,16 @@ class Poller:
                 outcome.skipped_records += 1
                 log.warning("poll.bad_record", kind=kind.value, error=str(exc))
         return activities
+
+
+_KIND_ORDER = {kind: index for index, kind in enumerate(Kind)}
+
+
+def _activity_order(activity: Activity) -> tuple[int, int, str, str]:
+    """Activity time first; ties (same millisecond) in a fixed, deterministic order."""
+    return (
+        activity.occurred_ms,
+        _KIND_ORDER[activity.kind],
+        activity.contact_id,
+        activity.link_id or "",
+    )

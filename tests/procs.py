@@ -132,10 +132,9 @@ def truth_identity(a: dict[str, object]) -> Identity:
     return kind.value, str(a["campaign_id"]), str(a["contact_id"]), ms, link
 
 
-def event_identity(body: bytes) -> Identity:
-    event = json.loads(body)
-    data = event["data"]
-    kind = str(event["type"]).rsplit(".", 1)[1]
+def data_identity(kind: str, raw: bytes) -> Identity:
+    """The identity of an event from its kind and ``data`` JSON."""
+    data = json.loads(raw)
     ms = to_millis(parse_time(data["occurred_at"]))
     return kind, data["campaign_id"], data["contact_id"], ms, data.get("link_id", "")
 
@@ -143,8 +142,8 @@ def event_identity(body: bytes) -> Identity:
 def outbox(db: Path) -> Counter[Identity]:
     """What the relay committed, read straight from its SQLite state file."""
     with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT body FROM outbox").fetchall()
-    return Counter(event_identity(bytes(r[0])) for r in rows)
+        rows = conn.execute("SELECT kind, data FROM outbox").fetchall()
+    return Counter(data_identity(str(r[0]), bytes(r[1])) for r in rows)
 
 
 def relay_config(

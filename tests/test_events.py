@@ -222,3 +222,13 @@ def test_distinct_activities_never_collide(tuples: list[tuple[Kind, int, int, in
     keys = {a.dedup_key for a in activities}
     assert len(keys) == len(activities)
     assert len({a.event_id for a in activities}) == len(activities)
+
+
+def test_structured_from_columns_equals_the_full_event() -> None:
+    """The outbox's attributes + data JSON concatenate into exactly the structured CloudEvent."""
+    from relay.events import structured
+
+    activity = parse_activity(record(Kind.CLICK), account="acme")
+    body = structured(activity.attributes(), orjson.dumps(activity.data()))
+    assert orjson.loads(body) == activity.to_cloudevent()
+    assert JSONFormat().read(CloudEvent, body).get_id() == activity.event_id

@@ -6,16 +6,16 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import orjson
 import pytest
 
 from relay.ctct.ratelimit import Budget
-from relay.events import Kind, parse_time, to_millis
+from relay.events import Kind, to_millis
 from relay.poller import Poller, PollSettings
 from relay.sim import Scenario
 from relay.sim.scenario import ApiKey, Audience, Campaigns, Contacts, Rates
 from relay.store import PassResult, Store, StreamKey, open_store
 from relay.targets import CampaignDiscovery
+from tests.procs import data_identity, truth_identity
 from tests.simkit import API_KEY, START, TOKEN, MakeSim, Sim
 
 ACCOUNT = "acme"
@@ -39,23 +39,8 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await opened.close()
 
 
-def identity_of_truth(a: dict[str, object]) -> tuple[str, str, str, int, str]:
-    kind = Kind(str(a["kind"]))
-    link = str(a.get("link_id", "")) if kind is Kind.CLICK else ""
-    ms = to_millis(parse_time(a[kind.date_field]))
-    return kind.value, str(a["campaign_id"]), str(a["contact_id"]), ms, link
-
-
-def identity_of_event(body: bytes) -> tuple[str, str, str, int, str]:
-    event = orjson.loads(body)
-    data = event["data"]
-    kind = event["type"].rsplit(".", 1)[1]
-    ms = to_millis(parse_time(data["occurred_at"]))
-    return kind, data["campaign_id"], data["contact_id"], ms, data.get("link_id", "")
-
-
 async def outbox_identities(store: Store) -> Counter[tuple[str, str, str, int, str]]:
-    return Counter(identity_of_event(e.body) for e in await store.read_outbox(0, 10**6))
+    return Counter(data_identity(e.kind.value, e.data) for e in await store.read_outbox(0, 10**6))
 
 
 class Driver:
@@ -108,7 +93,7 @@ async def test_exactly_once_with_late_bursts_and_overlapping_scopes(
     while await driver.tick(600):  # quiet period: late arrivals land, passes find nothing new
         pass
     await driver.tick(600)
-    truth = Counter(identity_of_truth(a) for a in await sim.truth())
+    truth = Counter(truth_identity(a) for a in await sim.truth())
     got = await outbox_identities(store)
     assert sum(truth.values()) > 800
     assert max(truth.values()) == 1, "the simulator's identities are unique"
@@ -124,7 +109,7 @@ async def test_start_from_now_emits_nothing_of_the_past(make_sim: MakeSim, store
     driver.now_ms += 3600_000
     assert await driver.tick(0) == 0
     assert await store.read_outbox(0, 10) == []
-    before = {identity_of_truth(a) for a in await sim.truth()}
+    before = {truth_identity(a) for a in await sim.truth()}
     for _ in range(8):
         await driver.tick(300)
     emitted = await outbox_identities(store)

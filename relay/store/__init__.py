@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from relay.store.base import OutboxEvent, PassResult, Store, StoreError, Stream, StreamKey
+from relay.store.base import (
+    DeadLetter,
+    OutboxEvent,
+    PassResult,
+    Store,
+    StoreError,
+    Stream,
+    StreamKey,
+)
 from relay.store.sqlite import SqliteStore
 
 
@@ -15,6 +23,7 @@ def open_store(url: str) -> Store:
 
 
 __all__ = [
+    "DeadLetter",
     "OutboxEvent",
     "PassResult",
     "SqliteStore",

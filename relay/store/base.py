@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.events import Activity, Kind
+from relay.events import Activity, Kind, attributes, structured
 
 
 class StoreError(Exception):
@@ -65,7 +65,33 @@ class OutboxEvent:
     contact_id: str
     occurred_ms: int
     committed_ms: int
-    body: bytes  # the structured-mode CloudEvent JSON
+    data: bytes  # the CloudEvent ``data`` JSON
+
+    def attributes(self) -> dict[str, str]:
+        """The CloudEvent context attributes."""
+        return attributes(
+            self.event_id,
+            self.account,
+            self.kind,
+            self.campaign_id,
+            self.contact_id,
+            self.occurred_ms,
+        )
+
+    def structured(self) -> bytes:
+        """The whole event as structured-mode CloudEvents JSON."""
+        return structured(self.attributes(), self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event a sink gave up on, and why."""
+
+    sink: str
+    seq: int
+    event_id: str
+    reason: str
+    created_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +178,14 @@ class Store(Protocol):
 
     async def set_sink_cursor(self, sink: str, seq: int) -> None:
         """Move a sink's cursor to ``seq``."""
+
+    async def add_dead_letter(
+        self, sink: str, seq: int, event_id: str, reason: str, now_ms: int
+    ) -> None:
+        """Record an event a sink could never deliver, with the reason."""
+
+    async def dead_letters(self, sink: str, limit: int = 100) -> list[DeadLetter]:
+        """A sink's dead letters, oldest first."""
 
     async def prune_dedup(self, before_ms: int) -> int:
         """Forget dedup keys of activities older than ``before_ms``; returns how many."""

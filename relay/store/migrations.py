@@ -49,7 +49,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             contact_id TEXT NOT NULL,
             occurred_ms BIGINT NOT NULL,
             committed_ms BIGINT NOT NULL,
-            body BLOB NOT NULL
+            data BLOB NOT NULL
         )""",
         "CREATE INDEX outbox_committed ON outbox (committed_ms)",
         "CREATE TABLE sink_cursors (sink TEXT PRIMARY KEY, seq BIGINT NOT NULL)",
@@ -64,5 +64,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             until_ms BIGINT NOT NULL,
             reason TEXT NOT NULL
         )""",
+        """CREATE TABLE dead_letters (
+            id INTEGER PRIMARY KEY,
+            sink TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            event_id TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            created_ms BIGINT NOT NULL
+        )""",
+        "CREATE INDEX dead_letters_sink ON dead_letters (sink, seq)",
     ),
 )

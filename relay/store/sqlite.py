@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from relay.events import Activity, Kind
-from relay.store.base import OutboxEvent, PassResult, StoreError, Stream, StreamKey
+from relay.store.base import DeadLetter, OutboxEvent, PassResult, StoreError, Stream, StreamKey
 from relay.store.migrations import MIGRATIONS
 
 T = TypeVar("T")
@@ -189,7 +189,7 @@ class SqliteStore:
                     return len(fresh)
                 conn.executemany(
                     "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id,"
-                    " contact_id, occurred_ms, committed_ms, body)"
+                    " contact_id, occurred_ms, committed_ms, data)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     fresh,
                 )
@@ -295,7 +295,7 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> list[OutboxEvent]:
             rows = conn.execute(
                 "SELECT seq, event_id, account, kind, campaign_id, contact_id, occurred_ms,"
-                " committed_ms, body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                " committed_ms, data FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit),
             ).fetchall()
             return [
@@ -308,7 +308,7 @@ class SqliteStore:
                     contact_id=r[5],
                     occurred_ms=r[6],
                     committed_ms=r[7],
-                    body=bytes(r[8]),
+                    data=bytes(r[8]),
                 )
                 for r in rows
             ]
@@ -338,6 +338,29 @@ class SqliteStore:
                 (sink, seq),
             )
         )
+
+    async def add_dead_letter(
+        self, sink: str, seq: int, event_id: str, reason: str, now_ms: int
+    ) -> None:
+        await self._run(
+            lambda conn: _write(
+                conn,
+                "INSERT INTO dead_letters (sink, seq, event_id, reason, created_ms)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (sink, seq, event_id, reason[:2000], now_ms),
+            )
+        )
+
+    async def dead_letters(self, sink: str, limit: int = 100) -> list[DeadLetter]:
+        def run(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                "SELECT sink, seq, event_id, reason, created_ms FROM dead_letters"
+                " WHERE sink = ? ORDER BY seq LIMIT ?",
+                (sink, limit),
+            ).fetchall()
+            return [DeadLetter(str(a), int(b), str(c), str(d), int(e)) for a, b, c, d, e in rows]
+
+        return await self._run(run)
 
     async def prune_dedup(self, before_ms: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
@@ -434,5 +457,5 @@ def _outbox_row(activity: Activity, stream_id: int, now_ms: int) -> tuple[object
         activity.contact_id,
         activity.occurred_ms,
         now_ms,
-        orjson.dumps(activity.to_cloudevent()),
+        orjson.dumps(activity.data()),
     )
