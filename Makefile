@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint format bench sim clean
+.PHONY: venv demo test lint format bench sim kafka kafka-jars check-java clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ctct-relay needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -30,7 +30,22 @@ format: venv
 	$(BIN)/ruff format relay tests bench
 	$(BIN)/ruff check --fix relay tests bench
 
-test: lint
+# The Kafka tests run a real Apache Kafka broker built from Maven Central: Java 17+ and Maven.
+check-java:
+	@command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1 || { \
+	  echo "make test needs Java 17+ and Maven for the Kafka broker tests."; \
+	  echo "Install them, e.g.: apt-get install openjdk-17-jre-headless maven"; exit 1; }
+	@java -version 2>&1 | head -1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' || { \
+	  echo "make test needs Java 17 or newer; found: $$(java -version 2>&1 | head -1)"; exit 1; }
+
+# Fetch the Kafka jars (cached in .cache/kafka) before the tests, so no test waits on Maven.
+kafka-jars: venv check-java
+	$(BIN)/python -c "from relay.devkafka import ensure_kafka; print('kafka jars:', ensure_kafka().libs_dir)"
+
+kafka: kafka-jars
+	$(BIN)/ctct-relay dev-kafka
+
+test: lint kafka-jars
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: venv

@@ -118,3 +118,94 @@ def test_secrets_never_render() -> None:
     assert "s3cr3t" not in str(secret)
     settings = load(EXAMPLE, environ={"CTCT_API_KEY": "s3cr3t-value"})
     assert "s3cr3t" not in repr(settings)
+
+
+def _paths(node: object, prefix: str = "") -> set[str]:
+    """Key paths of a YAML tree, list indexes folded to []."""
+    if isinstance(node, dict):
+        out = set()
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out |= {path} | _paths(value, path)
+        return out
+    if isinstance(node, list):
+        return set().union(*(_paths(v, f"{prefix}[]") for v in node)) if node else set()
+    return set()
+
+
+def test_every_key_the_loader_reads_is_documented(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading records each key path the loader asks for; all of them are in the example."""
+    import re
+
+    import yaml
+
+    from relay import config as cfg
+
+    asked: set[str] = set()
+    original = cfg._Reader._get
+
+    def spy(self: cfg._Reader, name: str) -> object:
+        asked.add(re.sub(r"\[\d+\]", "[]", self.key(name)))
+        return original(self, name)
+
+    monkeypatch.setattr(cfg._Reader, "_get", spy)
+    load(EXAMPLE, environ={})
+    documented = _paths(yaml.safe_load(EXAMPLE.read_text()))
+    # per-account poll overrides take the keys of the documented top-level poll section
+    asked = {p.replace("accounts[].poll.", "poll.") for p in asked}
+    assert asked - documented == set()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param("kafka: {}", "kafka.bootstrap_servers: required", id="kafka-no-servers"),
+        pytest.param(
+            "kafka: {bootstrap_servers: b:9092, topic: 'x.{topic}'}",
+            r"kafka.topic: only \{kind\}",
+            id="kafka-bad-template",
+        ),
+        pytest.param(
+            "kafka: {bootstrap_servers: b:9092, security: {protocol: SASL_SSL}}",
+            "kafka.security.username: required",
+            id="sasl-needs-user",
+        ),
+        pytest.param(
+            "kafka: {bootstrap_servers: b:9092, security: {ssl_cafile: /nope.pem}}",
+            "kafka.security.ssl_cafile: no such file",
+            id="missing-ca",
+        ),
+        pytest.param(
+            "poll: {kinds: [click, spam]}", "poll.kinds: expected a non-empty list", id="kind"
+        ),
+        pytest.param(
+            "poll: {start_from: yesterday}", "poll.start_from: expected now, earliest", id="start"
+        ),
+        pytest.param(
+            "poll: {overlap_s: 3600, dedup_retention_h: 1}",
+            "poll.dedup_retention_h: must be longer",
+            id="retention",
+        ),
+        pytest.param(
+            "schedule: {min_interval_s: 100, max_interval_s: 10}",
+            "schedule.min_interval_s: must not exceed",
+            id="intervals",
+        ),
+        pytest.param("state: postgres://x/y", "state: expected sqlite", id="state"),
+    ],
+)
+def test_pipeline_sections_name_the_problem(tmp_path: Path, extra: str, message: str) -> None:
+    """Kafka, poll, schedule and state errors name the key."""
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
+
+
+def test_kafka_password_is_a_secret(tmp_path: Path) -> None:
+    """The SASL password joins the secrets that log redaction scrubs."""
+    text = MINIMAL + (
+        "kafka: {bootstrap_servers: 'b:9092', security: {protocol: SASL_PLAINTEXT,"
+        " username: u, password: kafka-pw-123}}"
+    )
+    settings = load(write(tmp_path, text), environ={"KEY": "k"})
+    assert "kafka-pw-123" in settings.secrets()
+    assert "kafka-pw-123" not in repr(settings)
