@@ -180,6 +180,22 @@ def structured(attrs: dict[str, str], data: bytes) -> bytes:
     return head[:-1] + b',"data":' + data + b"}"
 
 
+EVENT_TYPES = tuple(kind.event_type for kind in Kind)
+WILDCARD = TYPE_PREFIX + "*"
+
+
+def type_matches(patterns: tuple[str, ...], event_type: str) -> bool:
+    """Whether an event type passes a filter of exact types and ``com.constantcontact.email.*``."""
+    return event_type in patterns or WILDCARD in patterns
+
+
+def check_type_pattern(pattern: str) -> None:
+    """Raise ValueError unless ``pattern`` is a known event type or the wildcard."""
+    if pattern != WILDCARD and pattern not in EVENT_TYPES:
+        known = ", ".join((*EVENT_TYPES, WILDCARD))
+        raise ValueError(f"unknown event type {pattern!r} (known: {known})")
+
+
 def schema(kind: Kind) -> JsonObject:
     """The published JSON Schema of the ``data`` of events of ``kind`` (``relay/schemas/``)."""
     text = resources.files("relay").joinpath("schemas", f"{kind.value}.json").read_bytes()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from relay.store.base import (
+    Attempt,
     DeadLetter,
+    Delivery,
+    NotFoundError,
     OutboxEvent,
     PassResult,
     Store,
     StoreError,
     Stream,
     StreamKey,
+    Webhook,
 )
 from relay.store.sqlite import SqliteStore
 
@@ -23,7 +27,10 @@ def open_store(url: str) -> Store:
 
 
 __all__ = [
+    "Attempt",
     "DeadLetter",
+    "Delivery",
+    "NotFoundError",
     "OutboxEvent",
     "PassResult",
     "SqliteStore",
@@ -31,5 +38,6 @@ __all__ = [
     "StoreError",
     "Stream",
     "StreamKey",
+    "Webhook",
     "open_store",
 ]

@@ -12,14 +12,18 @@ keys and exactly those events are written together, or nothing is.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from relay.events import Activity, Kind, attributes, structured
+from relay.events import Activity, Kind, attributes, structured, type_matches
 
 
 class StoreError(Exception):
     """The state store failed or holds something it cannot use; the message says which."""
+
+
+class NotFoundError(StoreError):
+    """A webhook, delivery or stream that does not exist."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,65 @@ class DeadLetter:
     event_id: str
     reason: str
     created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A registered webhook endpoint."""
+
+    id: str
+    url: str
+    event_types: tuple[str, ...]
+    secret: str = field(repr=False)
+    description: str = ""
+    enabled: bool = True
+    previous_secret: str | None = field(default=None, repr=False)
+    previous_expires_ms: int | None = None
+    rate_limit_per_s: float | None = None
+    start_seq: int = 0  # receives events with seq > start_seq (committed after registration)
+    disabled_reason: str | None = None
+    failing_since_ms: int | None = None
+    created_ms: int = 0
+    updated_ms: int = 0
+
+    def secrets_in_use(self, now_ms: int) -> list[str]:
+        """The current secret, plus the previous one during its grace period."""
+        if self.previous_secret and (self.previous_expires_ms or 0) > now_ms:
+            return [self.secret, self.previous_secret]
+        return [self.secret]
+
+    def wants(self, event_type: str) -> bool:
+        """Whether the filters let this event type through."""
+        return type_matches(self.event_types, event_type)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event owed to one webhook."""
+
+    id: int
+    webhook_id: str
+    seq: int
+    event_id: str
+    status: str  # pending | delivered | dead
+    attempts: int
+    next_attempt_ms: int
+    last_status: int | None
+    last_error: str | None
+    created_ms: int
+    delivered_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One HTTP attempt of a delivery."""
+
+    delivery_id: int
+    attempted_ms: int
+    status_code: int | None
+    latency_ms: float
+    response_excerpt: str = ""
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +249,65 @@ class Store(Protocol):
 
     async def dead_letters(self, sink: str, limit: int = 100) -> list[DeadLetter]:
         """A sink's dead letters, oldest first."""
+
+    async def create_webhook(self, webhook: Webhook) -> Webhook:
+        """Store a new webhook; its start_seq becomes the current outbox head."""
+
+    async def webhook(self, webhook_id: str) -> Webhook:
+        """One webhook; raises NotFoundError."""
+
+    async def webhooks(self) -> list[Webhook]:
+        """Every webhook, oldest first."""
+
+    async def update_webhook(self, webhook: Webhook) -> None:
+        """Replace a webhook's mutable fields; raises NotFoundError."""
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        """Remove a webhook with its deliveries; raises NotFoundError."""
+
+    async def webhook_failed(self, webhook_id: str, now_ms: int, disable_after_ms: int) -> bool:
+        """Note a failed attempt: start the failing clock if it is not running, and disable the
+        webhook once it has failed continuously for ``disable_after_ms``; True if disabled."""
+
+    async def webhook_succeeded(self, webhook_id: str) -> None:
+        """A success stops the failing clock."""
+
+    async def disable_webhook(self, webhook_id: str, reason: str, now_ms: int) -> None:
+        """Stop delivering to a webhook, with the reason (e.g. 410 Gone)."""
+
+    async def fanout(self, limit: int, now_ms: int) -> int:
+        """Create deliveries for committed events not yet fanned out, for every enabled webhook
+        whose filters match; returns how many events were fanned out. One transaction."""
+
+    async def due_deliveries(
+        self, webhook_id: str, now_ms: int, limit: int
+    ) -> list[tuple[Delivery, OutboxEvent]]:
+        """Pending deliveries of a webhook due by now, oldest event first."""
+
+    async def next_due_ms(self, webhook_id: str) -> int | None:
+        """When the webhook's next pending delivery is due (None: nothing pending)."""
+
+    async def finish_attempt(self, attempt: Attempt, status: str, next_attempt_ms: int) -> None:
+        """Record an attempt and the delivery's new status (pending with a retry time,
+        delivered, or dead)."""
+
+    async def delivery(self, delivery_id: int) -> Delivery:
+        """One delivery; raises NotFoundError."""
+
+    async def deliveries(
+        self, webhook_id: str, limit: int, status: str | None = None
+    ) -> list[Delivery]:
+        """A webhook's deliveries, newest first."""
+
+    async def attempts(self, delivery_id: int) -> list[Attempt]:
+        """A delivery's attempts, oldest first."""
+
+    async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
+        """Make a delivery pending again, due now, with a fresh attempt budget."""
+
+    async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
+        """Owe the webhook every matching event committed since ``since_ms`` again; returns how
+        many deliveries were created or reset."""
 
     async def prune_dedup(self, before_ms: int) -> int:
         """Forget dedup keys of activities older than ``before_ms``; returns how many."""

@@ -73,5 +73,46 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_ms BIGINT NOT NULL
         )""",
         "CREATE INDEX dead_letters_sink ON dead_letters (sink, seq)",
+        """CREATE TABLE webhooks (
+            id TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            event_types TEXT NOT NULL,
+            enabled INTEGER NOT NULL DEFAULT 1,
+            secret TEXT NOT NULL,
+            previous_secret TEXT,
+            previous_expires_ms BIGINT,
+            rate_limit_per_s DOUBLE PRECISION,
+            start_seq BIGINT NOT NULL,
+            disabled_reason TEXT,
+            failing_since_ms BIGINT,
+            created_ms BIGINT NOT NULL,
+            updated_ms BIGINT NOT NULL
+        )""",
+        """CREATE TABLE deliveries (
+            id INTEGER PRIMARY KEY,
+            webhook_id TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+            seq BIGINT NOT NULL,
+            event_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_ms BIGINT NOT NULL,
+            last_status INTEGER,
+            last_error TEXT,
+            created_ms BIGINT NOT NULL,
+            delivered_ms BIGINT,
+            UNIQUE (webhook_id, seq)
+        )""",
+        "CREATE INDEX deliveries_due ON deliveries (webhook_id, status, next_attempt_ms)",
+        """CREATE TABLE attempts (
+            id INTEGER PRIMARY KEY,
+            delivery_id INTEGER NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+            attempted_ms BIGINT NOT NULL,
+            status_code INTEGER,
+            latency_ms DOUBLE PRECISION NOT NULL,
+            response_excerpt TEXT NOT NULL DEFAULT '',
+            error TEXT
+        )""",
+        "CREATE INDEX attempts_delivery ON attempts (delivery_id)",
     ),
 )

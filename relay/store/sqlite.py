@@ -9,18 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
 
 from relay.events import Activity, Kind
-from relay.store.base import DeadLetter, OutboxEvent, PassResult, StoreError, Stream, StreamKey
+from relay.store.base import (
+    Attempt,
+    DeadLetter,
+    Delivery,
+    NotFoundError,
+    OutboxEvent,
+    PassResult,
+    StoreError,
+    Stream,
+    StreamKey,
+    Webhook,
+)
 from relay.store.migrations import MIGRATIONS
 
 T = TypeVar("T")
@@ -298,20 +310,7 @@ class SqliteStore:
                 " committed_ms, data FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit),
             ).fetchall()
-            return [
-                OutboxEvent(
-                    seq=r[0],
-                    event_id=r[1],
-                    account=r[2],
-                    kind=Kind(r[3]),
-                    campaign_id=r[4],
-                    contact_id=r[5],
-                    occurred_ms=r[6],
-                    committed_ms=r[7],
-                    data=bytes(r[8]),
-                )
-                for r in rows
-            ]
+            return [_outbox_event(r) for r in rows]
 
         return await self._run(run)
 
@@ -359,6 +358,289 @@ class SqliteStore:
                 (sink, limit),
             ).fetchall()
             return [DeadLetter(str(a), int(b), str(c), str(d), int(e)) for a, b, c, d, e in rows]
+
+        return await self._run(run)
+
+    async def create_webhook(self, webhook: Webhook) -> Webhook:
+        def run(conn: sqlite3.Connection) -> Webhook:
+            with _tx(conn):
+                head = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0])
+                created = dataclasses.replace(webhook, start_seq=head)
+                conn.execute(_INSERT_WEBHOOK, _webhook_row(created))
+            return created
+
+        return await self._run(run)
+
+    async def webhook(self, webhook_id: str) -> Webhook:
+        def run(conn: sqlite3.Connection) -> Webhook:
+            row = conn.execute(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?",  # noqa: S608
+                (webhook_id,),
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no webhook with id {webhook_id!r}")
+            return _webhook(row)
+
+        return await self._run(run)
+
+    async def webhooks(self) -> list[Webhook]:
+        def run(conn: sqlite3.Connection) -> list[Webhook]:
+            rows = conn.execute(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_ms, id"  # noqa: S608
+            )
+            return [_webhook(r) for r in rows]
+
+        return await self._run(run)
+
+    async def update_webhook(self, webhook: Webhook) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            columns = [c.strip() for c in _WEBHOOK_COLUMNS.split(",")][1:]
+            assignments = ", ".join(f"{c} = ?" for c in columns)
+            with _tx(conn):
+                changed = conn.execute(
+                    f"UPDATE webhooks SET {assignments} WHERE id = ?",  # noqa: S608
+                    (*_webhook_row(webhook)[1:], webhook.id),
+                ).rowcount
+            if not changed:
+                raise NotFoundError(f"no webhook with id {webhook.id!r}")
+
+        await self._run(run)
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _tx(conn):
+                conn.execute(
+                    "DELETE FROM attempts WHERE delivery_id IN"
+                    " (SELECT id FROM deliveries WHERE webhook_id = ?)",
+                    (webhook_id,),
+                )
+                conn.execute("DELETE FROM deliveries WHERE webhook_id = ?", (webhook_id,))
+                deleted = conn.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,)).rowcount
+            if not deleted:
+                raise NotFoundError(f"no webhook with id {webhook_id!r}")
+
+        await self._run(run)
+
+    async def webhook_failed(self, webhook_id: str, now_ms: int, disable_after_ms: int) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            with _tx(conn):
+                conn.execute(
+                    "UPDATE webhooks SET failing_since_ms = COALESCE(failing_since_ms, ?)"
+                    " WHERE id = ?",
+                    (now_ms, webhook_id),
+                )
+                disabled = conn.execute(
+                    "UPDATE webhooks SET enabled = 0, updated_ms = ?, disabled_reason ="
+                    " 'failing continuously since ' || failing_since_ms || ' (Unix ms)'"
+                    " WHERE id = ? AND enabled = 1 AND failing_since_ms <= ?",
+                    (now_ms, webhook_id, now_ms - disable_after_ms),
+                ).rowcount
+            return bool(disabled)
+
+        return await self._run(run)
+
+    async def webhook_succeeded(self, webhook_id: str) -> None:
+        await self._run(
+            lambda conn: _write(
+                conn,
+                "UPDATE webhooks SET failing_since_ms = NULL"
+                " WHERE id = ? AND failing_since_ms IS NOT NULL",
+                (webhook_id,),
+            )
+        )
+
+    async def disable_webhook(self, webhook_id: str, reason: str, now_ms: int) -> None:
+        await self._run(
+            lambda conn: _write(
+                conn,
+                "UPDATE webhooks SET enabled = 0, disabled_reason = ?, updated_ms = ? WHERE id = ?",
+                (reason, now_ms, webhook_id),
+            )
+        )
+
+    async def fanout(self, limit: int, now_ms: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _tx(conn):
+                row = conn.execute(
+                    "SELECT seq FROM sink_cursors WHERE sink = ?", (_FANOUT,)
+                ).fetchone()
+                cursor = int(row[0]) if row else 0
+                events = conn.execute(
+                    "SELECT seq, event_id, kind FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (cursor, limit),
+                ).fetchall()
+                if not events:
+                    return 0
+                hooks = [
+                    _webhook(r)
+                    for r in conn.execute(
+                        f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE enabled = 1"  # noqa: S608
+                    )
+                ]
+                rows = [
+                    (hook.id, seq, event_id, now_ms, now_ms)
+                    for seq, event_id, kind in events
+                    for hook in hooks
+                    if seq > hook.start_seq and hook.wants(Kind(kind).event_type)
+                ]
+                conn.executemany(
+                    "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms,"
+                    " created_ms) VALUES (?, ?, ?, 'pending', ?, ?)"
+                    " ON CONFLICT (webhook_id, seq) DO NOTHING",
+                    rows,
+                )
+                conn.execute(
+                    "INSERT INTO sink_cursors (sink, seq) VALUES (?, ?)"
+                    " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
+                    (_FANOUT, int(events[-1][0])),
+                )
+            return len(events)
+
+        return await self._run(run)
+
+    async def due_deliveries(
+        self, webhook_id: str, now_ms: int, limit: int
+    ) -> list[tuple[Delivery, OutboxEvent]]:
+        def run(conn: sqlite3.Connection) -> list[tuple[Delivery, OutboxEvent]]:
+            rows = conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS_D}, {_OUTBOX_COLUMNS_O} FROM deliveries d"  # noqa: S608
+                " JOIN outbox o ON o.seq = d.seq"
+                " WHERE d.webhook_id = ? AND d.status = 'pending' AND d.next_attempt_ms <= ?"
+                " ORDER BY d.next_attempt_ms, d.seq LIMIT ?",
+                (webhook_id, now_ms, limit),
+            ).fetchall()
+            width = len(_DELIVERY_COLUMNS.split(","))
+            return [(_delivery(r[:width]), _outbox_event(r[width:])) for r in rows]
+
+        return await self._run(run)
+
+    async def next_due_ms(self, webhook_id: str) -> int | None:
+        def run(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT MIN(next_attempt_ms) FROM deliveries"
+                " WHERE webhook_id = ? AND status = 'pending'",
+                (webhook_id,),
+            ).fetchone()
+            return None if row[0] is None else int(row[0])
+
+        return await self._run(run)
+
+    async def finish_attempt(self, attempt: Attempt, status: str, next_attempt_ms: int) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _tx(conn):
+                conn.execute(
+                    "INSERT INTO attempts (delivery_id, attempted_ms, status_code, latency_ms,"
+                    " response_excerpt, error) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        attempt.delivery_id,
+                        attempt.attempted_ms,
+                        attempt.status_code,
+                        attempt.latency_ms,
+                        attempt.response_excerpt,
+                        attempt.error,
+                    ),
+                )
+                conn.execute(
+                    "UPDATE deliveries SET status = ?, attempts = attempts + 1,"
+                    " next_attempt_ms = ?, last_status = ?, last_error = ?,"
+                    " delivered_ms = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_ms END"
+                    " WHERE id = ?",
+                    (
+                        status,
+                        next_attempt_ms,
+                        attempt.status_code,
+                        attempt.error,
+                        status,
+                        attempt.attempted_ms,
+                        attempt.delivery_id,
+                    ),
+                )
+
+        await self._run(run)
+
+    async def delivery(self, delivery_id: int) -> Delivery:
+        def run(conn: sqlite3.Connection) -> Delivery:
+            row = conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
+                (delivery_id,),
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no delivery with id {delivery_id}")
+            return _delivery(row)
+
+        return await self._run(run)
+
+    async def deliveries(
+        self, webhook_id: str, limit: int, status: str | None = None
+    ) -> list[Delivery]:
+        def run(conn: sqlite3.Connection) -> list[Delivery]:
+            where = "webhook_id = ?" + (" AND status = ?" if status else "")
+            args: tuple[object, ...] = (webhook_id, status) if status else (webhook_id,)
+            rows = conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE {where}"  # noqa: S608
+                " ORDER BY id DESC LIMIT ?",
+                (*args, limit),
+            )
+            return [_delivery(r) for r in rows]
+
+        return await self._run(run)
+
+    async def attempts(self, delivery_id: int) -> list[Attempt]:
+        def run(conn: sqlite3.Connection) -> list[Attempt]:
+            rows = conn.execute(
+                "SELECT delivery_id, attempted_ms, status_code, latency_ms, response_excerpt,"
+                " error FROM attempts WHERE delivery_id = ? ORDER BY id",
+                (delivery_id,),
+            )
+            return [Attempt(int(a), int(b), c, float(d), str(e), f) for a, b, c, d, e, f in rows]
+
+        return await self._run(run)
+
+    async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
+        def run(conn: sqlite3.Connection) -> Delivery:
+            with _tx(conn):
+                changed = conn.execute(
+                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = ?"
+                    " WHERE id = ?",
+                    (now_ms, delivery_id),
+                ).rowcount
+            if not changed:
+                raise NotFoundError(f"no delivery with id {delivery_id}")
+            row = conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
+                (delivery_id,),
+            ).fetchone()
+            return _delivery(row)
+
+        return await self._run(run)
+
+    async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _tx(conn):
+                row = conn.execute(
+                    f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?",  # noqa: S608
+                    (webhook_id,),
+                ).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no webhook with id {webhook_id!r}")
+                hook = _webhook(row)
+                events = conn.execute(
+                    "SELECT seq, event_id, kind FROM outbox WHERE committed_ms >= ? ORDER BY seq",
+                    (since_ms,),
+                ).fetchall()
+                rows = [
+                    (webhook_id, seq, event_id, now_ms, now_ms)
+                    for seq, event_id, kind in events
+                    if hook.wants(Kind(kind).event_type)
+                ]
+                conn.executemany(
+                    "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms,"
+                    " created_ms) VALUES (?, ?, ?, 'pending', ?, ?)"
+                    " ON CONFLICT (webhook_id, seq) DO UPDATE SET status = 'pending',"
+                    " attempts = 0, next_attempt_ms = excluded.next_attempt_ms",
+                    rows,
+                )
+            return len(rows)
 
         return await self._run(run)
 
@@ -444,6 +726,96 @@ def _stream(row: Sequence[object], marks: dict[Kind, int]) -> Stream:
         watermarks=marks,
         seed=bool(row[12]),
         created_ms=int(str(row[13])),
+    )
+
+
+_FANOUT = "webhooks-fanout"
+_WEBHOOK_COLUMNS = (
+    "id, url, description, event_types, enabled, secret, previous_secret, previous_expires_ms,"
+    " rate_limit_per_s, start_seq, disabled_reason, failing_since_ms, created_ms, updated_ms"
+)
+_DELIVERY_COLUMNS = (
+    "id, webhook_id, seq, event_id, status, attempts, next_attempt_ms, last_status, last_error,"
+    " created_ms, delivered_ms"
+)
+_DELIVERY_COLUMNS_D = ", ".join(f"d.{c.strip()}" for c in _DELIVERY_COLUMNS.split(","))
+_OUTBOX_COLUMNS_O = (
+    "o.seq, o.event_id, o.account, o.kind, o.campaign_id, o.contact_id, o.occurred_ms,"
+    " o.committed_ms, o.data"
+)
+
+
+_INSERT_WEBHOOK = (
+    f"INSERT INTO webhooks ({_WEBHOOK_COLUMNS})"  # noqa: S608 - column names are constants
+    f" VALUES ({', '.join('?' for _ in _WEBHOOK_COLUMNS.split(','))})"
+)
+
+
+def _webhook_row(w: Webhook) -> tuple[object, ...]:
+    return (
+        w.id,
+        w.url,
+        w.description,
+        orjson.dumps(list(w.event_types)).decode(),
+        int(w.enabled),
+        w.secret,
+        w.previous_secret,
+        w.previous_expires_ms,
+        w.rate_limit_per_s,
+        w.start_seq,
+        w.disabled_reason,
+        w.failing_since_ms,
+        w.created_ms,
+        w.updated_ms,
+    )
+
+
+def _webhook(r: Sequence[Any]) -> Webhook:
+    return Webhook(
+        id=r[0],
+        url=r[1],
+        description=r[2],
+        event_types=tuple(orjson.loads(r[3])),
+        enabled=bool(r[4]),
+        secret=r[5],
+        previous_secret=r[6],
+        previous_expires_ms=r[7],
+        rate_limit_per_s=r[8],
+        start_seq=int(r[9]),
+        disabled_reason=r[10],
+        failing_since_ms=r[11],
+        created_ms=int(r[12]),
+        updated_ms=int(r[13]),
+    )
+
+
+def _delivery(r: Sequence[Any]) -> Delivery:
+    return Delivery(
+        id=int(r[0]),
+        webhook_id=r[1],
+        seq=int(r[2]),
+        event_id=r[3],
+        status=r[4],
+        attempts=int(r[5]),
+        next_attempt_ms=int(r[6]),
+        last_status=r[7],
+        last_error=r[8],
+        created_ms=int(r[9]),
+        delivered_ms=r[10],
+    )
+
+
+def _outbox_event(r: Sequence[Any]) -> OutboxEvent:
+    return OutboxEvent(
+        seq=int(r[0]),
+        event_id=r[1],
+        account=r[2],
+        kind=Kind(r[3]),
+        campaign_id=r[4],
+        contact_id=r[5],
+        occurred_ms=int(r[6]),
+        committed_ms=int(r[7]),
+        data=bytes(r[8]),
     )
 
 

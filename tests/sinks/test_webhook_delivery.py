@@ -1,0 +1,347 @@
+"""Webhook delivery against real HTTP receivers on 127.0.0.1: signatures, filters, retries,
+Retry-After, 410, auto-disable, dead letters, redelivery, recovery, SSRF and isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+from standardwebhooks.webhooks import Webhook as Verifier
+
+from relay.events import Activity, Kind, from_millis
+from relay.sinks import signing
+from relay.sinks.ssrf import Guard
+from relay.sinks.webhooks import DeliverySettings, WebhookDispatcher
+from relay.store import Store, StreamKey, Webhook, open_store
+
+ALLOW_LOOPBACK = Guard.from_strings(["127.0.0.0/8", "::1/128"])
+FAST = DeliverySettings(
+    retry_schedule_s=(0.05, 0.1, 0.15),
+    jitter=0.0,
+    timeout_s=2.0,
+    idle_poll_s=0.02,
+    refresh_s=0.1,
+)
+T0 = 1_763_600_000_000
+
+
+@dataclass
+class Receiver:
+    """A webhook endpoint whose answers the test scripts; it records what it received."""
+
+    server: TestServer | None = None
+    answers: list[int | str] = field(default_factory=list)  # status codes or "hang"/"redirect"
+    default: int | str = 200
+    received: list[tuple[float, dict[str, str], bytes]] = field(default_factory=list)
+    retry_after: str | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("/hook"))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append((time.monotonic(), dict(request.headers), body))
+        answer = self.answers.pop(0) if self.answers else self.default
+        if answer == "hang":
+            await asyncio.sleep(3600)
+        if answer == "redirect":
+            raise web.HTTPFound(self.url + "/elsewhere")
+        headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+        return web.Response(
+            status=int(answer), text="ok" if answer == 200 else "nope", headers=headers
+        )
+
+
+Start = Callable[..., Awaitable[Receiver]]
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Start:
+    """Factory of receivers on free loopback ports."""
+
+    async def start(**kwargs: object) -> Receiver:
+        r = Receiver(**kwargs)  # type: ignore[arg-type]
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", r.handle)
+        r.server = await aiohttp_server(app)
+        return r
+
+    return start
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def activity(n: int, kind: Kind = Kind.OPEN) -> Activity:
+    return Activity(
+        account="acme",
+        kind=kind,
+        campaign_id="1100394165290",
+        contact_id=str(1000 + n),
+        email_address=f"c{n}@example.com",
+        occurred_at=from_millis(T0 + n),
+        link_id="1" if kind is Kind.CLICK else None,
+    )
+
+
+async def commit(store: Store, activities: list[Activity]) -> None:
+    await store.ensure_streams([StreamKey("acme", "campaign", "1100394165290")], T0)
+    sid = (await store.streams())[0].id
+    await store.commit_page(sid, activities, int(time.time() * 1000))
+
+
+async def register(
+    store: Store, url: str, types: tuple[str, ...] = ("com.constantcontact.email.*",), **kw: object
+) -> Webhook:
+    hook = Webhook(
+        id=f"wh_{len(await store.webhooks())}",
+        url=url,
+        event_types=types,
+        secret=signing.generate_secret(),
+        **kw,
+    )  # type: ignore[arg-type]
+    return await store.create_webhook(hook)
+
+
+class Running:
+    """The dispatcher running in the background for one test."""
+
+    def __init__(
+        self, store: Store, settings: DeliverySettings = FAST, guard: Guard = ALLOW_LOOPBACK
+    ) -> None:
+        self.dispatcher = WebhookDispatcher(store, settings, guard)
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> WebhookDispatcher:
+        self.task = asyncio.create_task(self.dispatcher.run(self.stop))
+        return self.dispatcher
+
+    async def __aexit__(self, *_: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 10)
+
+
+async def until(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_delivery_is_signed_per_standard_webhooks_and_a_structured_cloudevent(
+    store: Store, receiver: Start
+) -> None:
+    """The standardwebhooks library verifies every request; the body parses with the CE SDK."""
+    r = await receiver()
+    hook = await register(store, r.url)
+    await commit(store, [activity(i) for i in range(3)])
+    async with Running(store):
+        await until(lambda: len(r.received) == 3)
+    for _, headers, body in r.received:
+        lower = {k.lower(): v for k, v in headers.items()}
+        Verifier(hook.secret).verify(body, lower)
+        event = JSONFormat().read(CloudEvent, body)
+        assert lower["webhook-id"] == event.get_id()
+        assert lower["content-type"] == "application/cloudevents+json"
+        assert event.get_type() == "com.constantcontact.email.open"
+
+
+async def test_filters_and_start_point(store: Store, receiver: Start) -> None:
+    """Only matching types are delivered, and only events committed after registration."""
+    clicks, everything = await receiver(), await receiver()
+    await commit(store, [activity(0, Kind.CLICK)])  # before registration: nobody gets it
+    await register(store, clicks.url, ("com.constantcontact.email.click",))
+    await register(store, everything.url)
+    await commit(store, [activity(1, Kind.OPEN), activity(2, Kind.CLICK), activity(3, Kind.SEND)])
+    async with Running(store):
+        await until(lambda: len(everything.received) == 3 and len(clicks.received) == 1)
+        await asyncio.sleep(0.2)
+    types = [orjson.loads(b)["type"] for _, _, b in clicks.received]
+    assert types == ["com.constantcontact.email.click"]
+    assert len(everything.received) == 3
+
+
+async def test_rotation_signs_with_both_secrets_during_grace(store: Store, receiver: Start) -> None:
+    """While the previous secret is valid, either secret verifies the request."""
+    r = await receiver()
+    hook = await register(store, r.url)
+    old = hook.secret
+    rotated = replace(
+        hook,
+        secret=signing.generate_secret(),
+        previous_secret=old,
+        previous_expires_ms=int(time.time() * 1000) + 60_000,
+    )
+    await store.update_webhook(rotated)
+    await commit(store, [activity(1)])
+    async with Running(store):
+        await until(lambda: len(r.received) == 1)
+    _, headers, body = r.received[0]
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert len(lower["webhook-signature"].split(" ")) == 2
+    Verifier(old).verify(body, lower)
+    Verifier(rotated.secret).verify(body, lower)
+
+
+async def test_retries_follow_the_schedule_then_succeed(store: Store, receiver: Start) -> None:
+    """500, 500, then 200: three attempts spaced by the schedule; the delivery ends delivered."""
+    r = await receiver(answers=[500, 500])
+    hook = await register(store, r.url)
+    await commit(store, [activity(1)])
+    async with Running(store):
+        await until(lambda: len(r.received) == 3)
+        await asyncio.sleep(0.2)
+    gaps = [b[0] - a[0] for a, b in zip(r.received, r.received[1:], strict=False)]
+    assert gaps[0] >= 0.05 and gaps[1] >= 0.1
+    (delivery,) = await store.deliveries(hook.id, 10)
+    assert (delivery.status, delivery.attempts) == ("delivered", 3)
+    assert [a.status_code for a in await store.attempts(delivery.id)] == [500, 500, 200]
+    assert (await store.webhook(hook.id)).failing_since_ms is None
+
+
+async def test_retry_after_is_honoured(store: Store, receiver: Start) -> None:
+    """A 429 with Retry-After: 1 waits a second, not the 50 ms the schedule says."""
+    r = await receiver(answers=[429], retry_after="1")
+    await register(store, r.url)
+    await commit(store, [activity(1)])
+    async with Running(store):
+        await until(lambda: len(r.received) == 2, 5)
+    assert r.received[1][0] - r.received[0][0] >= 0.95
+
+
+async def test_gone_disables_the_endpoint_at_once(store: Store, receiver: Start) -> None:
+    """410 Gone disables the webhook; nothing more is attempted."""
+    r = await receiver(default=410)
+    hook = await register(store, r.url)
+    await commit(store, [activity(1), activity(2)])
+    async with Running(store):
+        await until(lambda: len(r.received) >= 1)
+        await asyncio.sleep(0.5)
+    stored = await store.webhook(hook.id)
+    assert not stored.enabled
+    assert "410" in (stored.disabled_reason or "")
+    assert len(r.received) <= 2  # the two first attempts may already be in flight together
+
+
+async def test_continuous_failure_disables_and_dead_letters_are_redeliverable(
+    store: Store, receiver: Start
+) -> None:
+    """Out of attempts → dead; failing past disable_after_s → disabled; redeliver → delivered."""
+    r = await receiver(default=500)
+    hook = await register(store, r.url)
+    await commit(store, [activity(1)])
+    settings = replace(FAST, disable_after_s=0.2)
+    async with Running(store, settings):
+        await until(lambda: len(r.received) == 4)  # 1 + 3 retries
+        await asyncio.sleep(0.3)
+    (delivery,) = await store.deliveries(hook.id, 10)
+    assert delivery.status == "dead"
+    stored = await store.webhook(hook.id)
+    assert not stored.enabled
+    assert "failing continuously" in (stored.disabled_reason or "")
+    r.default = 200
+    await store.update_webhook(
+        replace(stored, enabled=True, disabled_reason=None, failing_since_ms=None)
+    )
+    await store.redeliver(delivery.id, int(time.time() * 1000))
+    async with Running(store, settings):
+        await until(lambda: len(r.received) == 5)
+        await asyncio.sleep(0.2)
+    assert (await store.delivery(delivery.id)).status == "delivered"
+
+
+async def test_recover_redelivers_since_a_time(store: Store, receiver: Start) -> None:
+    """recover owes the endpoint every matching event committed since the given time."""
+    r = await receiver()
+    hook = await register(store, r.url)
+    await commit(store, [activity(i) for i in range(4)])
+    async with Running(store):
+        await until(lambda: len(r.received) == 4)
+    assert await store.recover(hook.id, 0, int(time.time() * 1000)) == 4
+    async with Running(store):
+        await until(lambda: len(r.received) == 8)
+    ids = [h["webhook-id"] for _, h, _ in r.received]
+    assert sorted(ids[:4]) == sorted(ids[4:])  # same webhook-id the second time
+
+
+async def test_redirects_are_failures_not_followed(store: Store, receiver: Start) -> None:
+    """A 302 is recorded as a failed attempt and the Location is never requested."""
+    r = await receiver(answers=["redirect"])
+    hook = await register(store, r.url)
+    await commit(store, [activity(1)])
+    async with Running(store):
+        await until(lambda: len(r.received) == 2)
+    assert all(body for _, _, body in r.received)  # both were POSTs to /hook, none to /elsewhere
+    (delivery,) = await store.deliveries(hook.id, 10)
+    assert [a.status_code for a in await store.attempts(delivery.id)][0] == 302
+
+
+async def test_names_resolving_to_loopback_are_refused_at_connect_time(
+    store: Store, receiver: Start
+) -> None:
+    """DNS rebinding: a webhook stored with a name that resolves to 127.0.0.1 is never called."""
+    r = await receiver()
+    port = r.url.split(":")[2].split("/")[0]
+    hook = await register(store, f"http://localhost:{port}/hook")
+    await commit(store, [activity(1)])
+    async with Running(store, guard=Guard()):
+        await asyncio.sleep(0.5)
+    assert r.received == []
+    (delivery,) = await store.deliveries(hook.id, 10)
+    attempts = await store.attempts(delivery.id)
+    assert attempts and "loopback" in (attempts[0].error or "")
+
+
+async def test_a_dead_and_a_failing_endpoint_do_not_slow_a_healthy_one(
+    store: Store, receiver: Start
+) -> None:
+    """p99 latency (commit to receipt) of a healthy endpoint stays within 2x of alone."""
+    settings = replace(FAST, timeout_s=5.0, retry_schedule_s=(0.05,) * 5)
+    serial = iter(range(10_000, 20_000))
+
+    async def p99_of(healthy: Receiver, rounds: int = 60) -> float:
+        latencies = []
+        for _ in range(rounds):
+            before = len(healthy.received)
+            committed = time.monotonic()
+            await commit(store, [activity(next(serial))])
+            await until(lambda: len(healthy.received) > before)
+            latencies.append(healthy.received[-1][0] - committed)
+        return statistics.quantiles(latencies, n=100)[98]
+
+    alone = await receiver()
+    await register(store, alone.url)
+    async with Running(store, settings):
+        baseline = await p99_of(alone)
+    await store.delete_webhook((await store.webhooks())[0].id)
+    healthy, dead, failing = (
+        await receiver(),
+        await receiver(default="hang"),
+        await receiver(default=500),
+    )
+    for r in (healthy, dead, failing):
+        await register(store, r.url)
+    async with Running(store, settings):
+        crowded = await p99_of(healthy)
+    assert dead.received and failing.received
+    assert crowded <= max(2 * baseline, baseline + 0.05), (baseline, crowded)
