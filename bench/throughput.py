@@ -1,0 +1,578 @@
+"""Kafka throughput: the whole relay pipeline beside a bare producer and a bare fetch loop.
+
+Three measurements, in one run, against the same broker, alternating round by round
+(a b c a b c ...) so that the noise of a shared two-core machine hits all three alike; the
+medians are the result:
+
+(a) end to end: simulator -> CtctClient -> Poller (parse, sort, dedup, one SQLite transaction
+    per page-sized chunk into the outbox, synchronous=FULL as shipped) -> KafkaSink (its default
+    settings: acks=all, idempotent, linger 20 ms, 2000-event outbox batches) -> broker. A fresh
+    state DB and a fresh topic prefix per round. The clock runs from just before the sink task
+    and the passes start until the sink has acknowledged every committed event (its cursor
+    reaches the outbox head), so producer start-up and the sink's idle polling are included.
+(b) bare producer: one AIOKafkaProducer with the sink's settings sends the records (a) put on
+    Kafka: the same topic template, keys, values and CloudEvents headers, built with
+    ``record_for`` from (a)'s outbox before the clock starts. Fresh topics with the same
+    partitioning, so neither side appends to a log the other one filled. The clock includes
+    producer start-up, as in (a), and stops when every send is acknowledged.
+(c) bare fetch: GET + read + orjson.loads + next_link over the same campaign feeds at limit 500,
+    as ``bench/fetch.py``'s floor.
+
+Target: (a) >= 0.6 x min(b, c): the whole pipeline keeps at least 60 % of the throughput of the
+slower of its two I/O floors. Also printed: the bench process's peak RSS and its CPU seconds per
+10,000 events during (a). The simulator runs in its own process and the broker in its JVM: their
+CPU is not counted, so the CPU figure is the relay's own (client, poller, store thread, sink).
+
+A warm-up round (not counted) comes first, so that connections and the broker's JIT are warm.
+Every topic is created up front, so topic creation and leader election are outside all clocks;
+the sink only checks that its topics exist (``create_topics: false``, the default).
+Delivery is verified after each round from the topics' end offsets, outside the clock.
+
+(a) is one function taking a store URL, so that multi-replica runs on PostgreSQL can drive it
+per replica later.
+
+    python bench/throughput.py [--rounds 3] [--contacts 4000] [--campaigns 2] [--profile]
+
+Uses ``$KAFKA_BOOTSTRAP_SERVERS`` when set, else starts a dev broker (relay.devkafka).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from relay import logs
+from relay.ctct import catalogue
+from relay.ctct.catalogue import Scope
+from relay.ctct.client import Credentials, CtctClient
+from relay.ctct.ratelimit import Budget, RateLimiter
+from relay.devkafka import DevKafka, ensure_kafka
+from relay.events import Kind
+from relay.poller import Poller, PollSettings
+from relay.scheduler import ScheduleSettings
+from relay.sim import Scenario, SimClock, create_app
+from relay.sim.scenario import ApiKey, Audience, Campaigns, Contacts
+from relay.sinks.kafka import SINK, KafkaSettings, KafkaSink, record_for
+from relay.store import PassResult, Store, StreamKey, open_store
+
+KEY, TOKEN = "bench-key", "bench-token"
+ACCOUNT = "bench"
+START = datetime(2026, 11, 1, tzinfo=UTC)
+TARGET = 0.6
+# The sink's own defaults, with only the topic template and address varied per run.
+SINK_DEFAULTS = KafkaSettings(bootstrap_servers="")
+DONE_POLL_S = 0.005  # how often (a) checks the sink's count: 5 ms on rounds of seconds
+
+
+def serve(port: int, contacts: int, campaigns: int) -> None:
+    """The simulator process: ``campaigns`` campaigns to every contact, no limits, no faults."""
+    scenario = Scenario(
+        seed=3,
+        start=START,
+        time_scale=0,
+        keys=(ApiKey(KEY, TOKEN, qps=None, daily=None),),
+        contacts=Contacts(count=contacts),
+        campaigns=Campaigns(
+            count=campaigns, already_sent=campaigns, audience=Audience(fraction=1.0)
+        ),
+    )
+    web.run_app(
+        create_app(scenario, SimClock(START, time_scale=0)),
+        host="127.0.0.1",
+        port=port,
+        print=None,
+        access_log=None,
+    )
+
+
+@contextlib.contextmanager
+def simulator(contacts: int, campaigns: int) -> Iterator[str]:
+    """Run the simulator in a spawned process (its CPU is not ours); yields its base URL."""
+    port = free_port()
+    process = multiprocessing.get_context("spawn").Process(
+        target=serve, args=(port, contacts, campaigns), daemon=True
+    )
+    process.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.join()
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    """What the simulator shows once its clock has moved past all activity."""
+
+    base: str
+    campaigns: tuple[str, ...]
+    activities: int  # ground truth: every visible activity
+
+    def feed_paths(self) -> list[str]:
+        """Every campaign activity feed, as the bare fetch loop reads them."""
+        return [
+            catalogue.feed(Scope.CAMPAIGN, kind).url_path(campaign)
+            for campaign in self.campaigns
+            for kind in Kind
+        ]
+
+
+async def open_world(session: aiohttp.ClientSession, base: str) -> World:
+    """Wait for the simulator, advance its clock two weeks (all activity visible), read truth."""
+    for _ in range(400):
+        try:
+            async with session.get(f"{base}/_sim/clock") as resp:
+                if resp.status == 200:
+                    break
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    else:
+        raise RuntimeError(f"the simulator at {base} did not start")
+    async with session.post(f"{base}/_sim/clock", json={"advance_s": 14 * 86400}) as resp:
+        resp.raise_for_status()
+    async with session.get(f"{base}/_sim/truth") as resp:
+        truth = (await resp.json())["activities"]
+    campaigns = tuple(sorted({str(a["campaign_id"]) for a in truth}))
+    return World(base, campaigns, len(truth))
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One Kafka record as the sink sends it, minus the topic (that depends on the prefix)."""
+
+    kind: Kind
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class EndToEnd:
+    """One (a) run: what it committed and delivered, how long it took, what it cost."""
+
+    committed: int  # new events the passes committed to the outbox
+    published: int  # events the sink counted as acknowledged
+    seconds: float
+    cpu_s: float
+    records: list[Record]  # the outbox as Kafka records, for (b)
+
+    @property
+    def rate(self) -> float:
+        """Events per second."""
+        return self.published / self.seconds
+
+
+async def end_to_end(
+    session: aiohttp.ClientSession,
+    world: World,
+    store_url: str,
+    settings: KafkaSettings,
+    *,
+    keep_records: bool = True,
+) -> EndToEnd:
+    """Poll every campaign stream into a fresh store while the Kafka sink drains it.
+
+    The store URL is the only backend knob: a PostgreSQL replica would pass its own.
+    ``keep_records``: turn the outbox into Kafka records for (b), after the clock stopped.
+    """
+    store = open_store(store_url)
+    await store.open()
+    try:
+        keys = [StreamKey(ACCOUNT, Scope.CAMPAIGN.value, c) for c in world.campaigns]
+        await store.ensure_streams(keys, now_ms(), seed=False)
+        client = CtctClient(
+            session,
+            Credentials(world.base, KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=1e6, requests_per_day=10**9)),
+        )
+        poller = Poller(client, store, ACCOUNT, PollSettings(start_from="earliest"))
+        sink = KafkaSink(settings, store)
+        stop = asyncio.Event()
+        cpu_started, started = time.process_time(), time.perf_counter()
+        sink_task = asyncio.create_task(sink.run(stop), name="bench:sink")
+        try:
+            committed = await _poll_all(store, poller)
+            while sink.published < committed:
+                if sink_task.done():  # a sink that died would leave us waiting forever
+                    sink_task.result()
+                    raise RuntimeError("the Kafka sink stopped before publishing everything")
+                await asyncio.sleep(DONE_POLL_S)
+            seconds = time.perf_counter() - started
+            cpu_s = time.process_time() - cpu_started
+        finally:
+            stop.set()
+            await sink_task
+        head, cursor = await store.outbox_head(), await store.sink_cursor(SINK)
+        if cursor != head or head != committed:
+            raise RuntimeError(f"outbox head {head}, sink cursor {cursor}, committed {committed}")
+        records = await outbox_records(store, settings.content_mode) if keep_records else []
+        return EndToEnd(committed, sink.published, seconds, cpu_s, records)
+    finally:
+        await store.close()
+
+
+async def _poll_all(store: Store, poller: Poller) -> int:
+    """One pass per stream, as many at once as the scheduler allows; returns events committed."""
+    gate = asyncio.Semaphore(ScheduleSettings().concurrency)
+    committed = 0
+
+    async def one(stream_id: int) -> None:
+        nonlocal committed
+        async with gate:
+            stream = await store.stream(stream_id)
+            outcome = await poller.run_pass(stream)
+            # The scheduler's bookkeeping after a pass: watermarks and summary, one transaction.
+            polled = now_ms()
+            await store.finish_pass(
+                stream.id,
+                PassResult(outcome.watermarks, outcome.summary, polled + 60_000, 0.0, polled),
+            )
+            committed += outcome.new
+
+    async with asyncio.TaskGroup() as group:
+        for stream in await store.streams(ACCOUNT):
+            group.create_task(one(stream.id))
+    return committed
+
+
+async def outbox_records(store: Store, mode: str) -> list[Record]:
+    """The whole outbox as the sink turns it into Kafka records."""
+    records: list[Record] = []
+    cursor = 0
+    while events := await store.read_outbox(cursor, 5000):
+        for event in events:
+            value, headers = record_for(event, mode)
+            records.append(Record(event.kind, event.contact_id.encode(), value, headers))
+        cursor = events[-1].seq
+    return records
+
+
+def bare_producer(settings: KafkaSettings) -> AIOKafkaProducer:
+    """A producer configured exactly as ``KafkaSink._producer`` configures its own."""
+    return AIOKafkaProducer(
+        **settings.client_options(),
+        acks="all",
+        enable_idempotence=True,
+        compression_type=None if settings.compression == "none" else settings.compression,
+        linger_ms=settings.linger_ms,
+        max_batch_size=settings.max_batch_bytes,
+        max_request_size=settings.max_request_bytes,
+    )
+
+
+async def produce(settings: KafkaSettings, records: Sequence[Record]) -> float:
+    """Send every record and await every acknowledgement; returns the seconds it took."""
+    topics = {kind: settings.topic_for(kind) for kind in Kind}  # looked up once: the floor
+    producer = bare_producer(settings)
+    started = time.perf_counter()
+    await producer.start()
+    try:
+        pending = [
+            await producer.send(topics[r.kind], value=r.value, key=r.key, headers=r.headers)
+            for r in records
+        ]
+        await asyncio.gather(*pending)
+        return time.perf_counter() - started
+    finally:
+        await producer.stop()
+
+
+async def bare_fetch(session: aiohttp.ClientSession, base: str, paths: Sequence[str]) -> int:
+    """The fetch floor: GET, read, parse, follow next_link. Nothing else."""
+    headers = {"Accept": "application/json", "Authorization": f"Bearer {TOKEN}"}
+    count = 0
+    for path in paths:
+        url, params = base + path, {"api_key": KEY, "limit": "500"}
+        while True:
+            async with session.get(url, params=params, headers=headers) as resp:
+                body = orjson.loads(await resp.read())
+            count += len(body["results"])
+            link = body["meta"]["pagination"].get("next_link")
+            if not link:
+                break
+            url, params = base + link, {"api_key": KEY}
+    return count
+
+
+def topic_settings(bootstrap: str, prefix: str) -> KafkaSettings:
+    """The sink's defaults, writing to ``<prefix>.ctct.email.{kind}``."""
+    return KafkaSettings(bootstrap_servers=bootstrap, topic=f"{prefix}.{SINK_DEFAULTS.topic}")
+
+
+async def create_topics(bootstrap: str, settings: Sequence[KafkaSettings]) -> None:
+    """Create every topic of every run in one go, and wait until each partition takes writes.
+
+    Otherwise the first producer on a fresh topic meets NotLeaderForPartition and retries with
+    backoff (over a second, measured) inside someone's clock.
+    """
+    wanted = {t: s.partitions for s in settings for t in s.topics()}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="ctct-relay-bench")
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(t, n, SINK_DEFAULTS.replication_factor) for t, n in wanted.items()]
+        )
+        deadline = time.monotonic() + 30
+        while not _described(await admin.describe_topics(list(wanted)), wanted):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the benchmark's topics got no partition leaders within 30 s")
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+    # The metadata names a leader before that broker serves the partition; a ListOffsets
+    # request is answered only by the serving leader, and writes nothing.
+    await end_offsets(
+        bootstrap, [TopicPartition(t, p) for t, n in wanted.items() for p in range(n)]
+    )
+
+
+def _described(described: list[dict[str, Any]], wanted: dict[str, int]) -> bool:
+    """Whether the metadata shows every wanted topic with all its partitions and their leaders."""
+    ready = {
+        t["topic"]
+        for t in described
+        if t["error_code"] == 0
+        and len(t["partitions"]) == wanted.get(t["topic"], -1)
+        and all(p["error_code"] == 0 and p["leader"] >= 0 for p in t["partitions"])
+    }
+    return ready >= wanted.keys()
+
+
+async def end_offsets(bootstrap: str, partitions: Sequence[TopicPartition]) -> int:
+    """The sum of the partitions' end offsets: how many records they hold, none being deleted."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        return sum((await consumer.end_offsets(list(partitions))).values())
+    finally:
+        await consumer.stop()
+
+
+async def on_kafka(settings: KafkaSettings) -> int:
+    """How many records the topics of ``settings`` hold."""
+    return await end_offsets(
+        settings.bootstrap_servers,
+        [TopicPartition(t, p) for t in settings.topics() for p in range(settings.partitions)],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One a-b-c round."""
+
+    e2e: EndToEnd
+    delivered: int  # records on (a)'s topics afterwards
+    produced: int  # records (b) sent, as found on its topics afterwards
+    producer_s: float
+    fetched: int
+    fetch_s: float
+
+    @property
+    def producer_rate(self) -> float:
+        """(b) in events per second."""
+        return self.produced / self.producer_s
+
+    @property
+    def fetch_rate(self) -> float:
+        """(c) in events per second."""
+        return self.fetched / self.fetch_s
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    """Every measured round (the warm-up is not among them)."""
+
+    world: World
+    rounds: list[Round]
+    profile: str | None = None  # pyinstrument's text for one extra (a), with --profile
+
+    @property
+    def e2e(self) -> float:
+        """Median (a), events per second."""
+        return statistics.median(r.e2e.rate for r in self.rounds)
+
+    @property
+    def producer(self) -> float:
+        """Median (b), events per second."""
+        return statistics.median(r.producer_rate for r in self.rounds)
+
+    @property
+    def fetch(self) -> float:
+        """Median (c), events per second."""
+        return statistics.median(r.fetch_rate for r in self.rounds)
+
+    @property
+    def ratio(self) -> float:
+        """(a) over the slower floor."""
+        return self.e2e / min(self.producer, self.fetch)
+
+    @property
+    def cpu_per_10k(self) -> float:
+        """Median CPU seconds of this process per 10,000 events during (a)."""
+        return statistics.median(r.e2e.cpu_s / r.e2e.published * 10_000 for r in self.rounds)
+
+
+async def one_round(
+    session: aiohttp.ClientSession, world: World, state_dir: Path, bootstrap: str, name: str
+) -> Round:
+    """(a), then (b) with (a)'s records, then (c); each on fresh state and topics."""
+    e2e_settings = topic_settings(bootstrap, f"{name}a")
+    db = state_dir / f"{name}.db"
+    e2e = await end_to_end(session, world, f"sqlite:///{db}", e2e_settings)
+    producer_settings = topic_settings(bootstrap, f"{name}b")
+    producer_s = await produce(producer_settings, e2e.records)
+    started = time.perf_counter()
+    fetched = await bare_fetch(session, world.base, world.feed_paths())
+    fetch_s = time.perf_counter() - started
+    done = Round(
+        e2e,
+        delivered=await on_kafka(e2e_settings),
+        produced=await on_kafka(producer_settings),
+        producer_s=producer_s,
+        fetched=fetched,
+        fetch_s=fetch_s,
+    )
+    # Rates compare like with like only if all three moved the same events, each exactly once.
+    counts = (world.activities, e2e.committed, done.delivered, done.produced, done.fetched)
+    if len(set(counts)) != 1:
+        labels = ("truth", "committed", "on (a)'s topics", "on (b)'s topics", "fetched")
+        detail = ", ".join(f"{label} {n}" for label, n in zip(labels, counts, strict=True))
+        raise RuntimeError(f"round {name}: counts differ: {detail}")
+    return done
+
+
+async def measure(
+    base: str, bootstrap: str, rounds: int, state_dir: Path, *, profile: bool = False
+) -> Results:
+    """A warm-up round, then ``rounds`` measured ones, against one simulator and one broker."""
+    run = uuid.uuid4().hex[:8]
+    names = [f"bench{run}r{i}" for i in range(rounds + 1)]  # r0 is the warm-up
+    topics = [topic_settings(bootstrap, f"{n}{side}") for n in names for side in "ab"]
+    profiled = topic_settings(bootstrap, f"bench{run}p")
+    await create_topics(bootstrap, [*topics, profiled] if profile else topics)
+    async with aiohttp.ClientSession() as session:
+        world = await open_world(session, base)
+        done = [await one_round(session, world, state_dir, bootstrap, n) for n in names]
+        text = await profile_e2e(session, world, state_dir, profiled) if profile else None
+    return Results(world, done[1:], text)
+
+
+async def profile_e2e(
+    session: aiohttp.ClientSession, world: World, state_dir: Path, settings: KafkaSettings
+) -> str:
+    """One more (a) under pyinstrument, outside the results: where the event loop's time goes.
+
+    The store's worker thread is not sampled; its share shows as the loop waiting in
+    ``epoll.poll`` (for the thread, and for the GIL that thread holds in its Python parts).
+    """
+    from pyinstrument import Profiler  # a development tool: imported only when asked for
+
+    profiler = Profiler(interval=0.001, async_mode="disabled")  # every task, not just one
+    profiler.start()
+    try:
+        db = state_dir / "profiled.db"
+        await end_to_end(session, world, f"sqlite:///{db}", settings, keep_records=False)
+    finally:
+        profiler.stop()
+    return profiler.output_text(unicode=False, color=False)
+
+
+@contextlib.asynccontextmanager
+async def kafka(work_dir: Path) -> AsyncIterator[str]:
+    """``$KAFKA_BOOTSTRAP_SERVERS``, else a dev broker in ``work_dir`` stopped on exit."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    dist = await asyncio.to_thread(ensure_kafka)  # Maven only if the jar cache is incomplete
+    async with DevKafka(dist, work_dir) as broker:
+        yield broker.bootstrap_servers
+
+
+def now_ms() -> int:
+    """Wall-clock Unix milliseconds."""
+    return int(time.time() * 1000)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(results: Results, contacts: int, bootstrap: str) -> list[str]:
+    """The printed result."""
+    world, rounds = results.world, results.rounds
+    floor = min(results.producer, results.fetch)
+    verdict = "meets" if results.ratio >= TARGET else "MISSES"
+    return [
+        f"throughput: {world.activities} events per round ({len(world.campaigns)} campaigns x"
+        f" {contacts} contacts), {len(rounds)} rounds + warm-up, broker {bootstrap}",
+        f"  (a) relay end to end  : {results.e2e:10.0f} events/s (median)",
+        f"  (b) bare producer     : {results.producer:10.0f} events/s (median)",
+        f"  (c) bare fetch        : {results.fetch:10.0f} events/s (median)",
+        f"  ratio a / min(b, c)   : {results.ratio:10.2f}  (floor {floor:.0f} events/s)",
+        f"  (a) CPU per 10k events: {results.cpu_per_10k:10.2f} s (this process only; the"
+        " simulator and broker run in other processes and are not counted)",
+        f"  peak RSS              : {peak_rss_mib():10.1f} MiB (this process)",
+        f"verdict: {verdict} target a / min(b, c) >= {TARGET}",
+    ]
+
+
+async def run(args: argparse.Namespace) -> list[str]:
+    with (
+        tempfile.TemporaryDirectory(prefix="ctct-bench-") as tmp,
+        simulator(args.contacts, args.campaigns) as base,
+    ):
+        async with kafka(Path(tmp) / "kafka") as bootstrap:
+            results = await measure(base, bootstrap, args.rounds, Path(tmp), profile=args.profile)
+            lines = report(results, args.contacts, bootstrap)
+            return lines if results.profile is None else [*lines, "", results.profile]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--contacts", type=int, default=4000)
+    parser.add_argument("--campaigns", type=int, default=2)
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one extra (a) run with pyinstrument"
+    )
+    args = parser.parse_args()
+    logs.configure("warning")  # as in production: debug lines are filtered, not rendered
+    for line in asyncio.run(run(args)):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Webhook delivery throughput: the relay's dispatcher beside a bare aiohttp POST loop.
+
+A fast receiver runs in its own process (so its CPU is not charged to either side). Both sides
+send the same structured CloudEvents at the same concurrency: the bare loop is N tasks doing
+``session.post`` back to back; the dispatcher reads them from a SQLite outbox, fans them out,
+signs them (Standard Webhooks) and records every attempt. Rounds alternate so machine noise hits
+both alike; the ratio of medians is the result (target: the dispatcher at least 0.7 of the bare
+loop). Latency from outbox commit to receipt is measured with events committed one at a time.
+
+    python bench/webhooks.py [--events 3000] [--concurrency 8] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from relay import logs
+from relay.events import Activity, Kind, from_millis, structured
+from relay.sinks import signing
+from relay.sinks.ssrf import Guard
+from relay.sinks.webhooks import DeliverySettings, WebhookDispatcher
+from relay.store import Store, StreamKey, Webhook, open_store
+
+TARGET = 0.7
+T0 = 1_763_600_000_000
+
+
+def receive(port: int) -> None:
+    """The receiver process: answer 204 to every POST, count them."""
+    count = {"n": 0}
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        count["n"] += 1
+        return web.Response(status=204)
+
+    async def seen(_request: web.Request) -> web.Response:
+        return web.json_response(count)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    app.router.add_get("/count", seen)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def activities(n: int, offset: int) -> list[Activity]:
+    return [
+        Activity(
+            account="bench",
+            kind=Kind.OPEN,
+            campaign_id="1100394165290",
+            contact_id=str(offset + i),
+            email_address=f"c{offset + i}@example.com",
+            occurred_at=from_millis(T0 + offset + i),
+        )
+        for i in range(n)
+    ]
+
+
+async def bare(url: str, bodies: list[bytes], concurrency: int) -> float:
+    """Seconds for N workers to POST every body, each awaiting its response."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    headers = {"content-type": "application/cloudevents+json"}
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            body = queue.get_nowait()
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        return time.perf_counter() - started
+
+
+async def new_store(tmp: Path, name: str) -> Store:
+    store = open_store(f"sqlite:///{tmp / name}")
+    await store.open()
+    await store.ensure_streams([StreamKey("bench", "campaign", "1100394165290")], T0)
+    return store
+
+
+async def dispatched(tmp: Path, url: str, n: int, settings: DeliverySettings, round_: int) -> float:
+    """Seconds for the dispatcher to deliver n committed events (fan-out, sign, record)."""
+    store = await new_store(tmp, f"round{round_}.db")
+    hook = Webhook("wh_bench", url, ("com.constantcontact.email.*",), signing.generate_secret())
+    await store.create_webhook(hook)
+    sid = (await store.streams())[0].id
+    for start in range(0, n, 500):
+        await store.commit_page(sid, activities(min(500, n - start), start), T0)
+    dispatcher = WebhookDispatcher(store, settings, Guard.from_strings(["127.0.0.0/8"]))
+    stop = asyncio.Event()
+    started = time.perf_counter()
+    task = asyncio.create_task(dispatcher.run(stop))
+    while dispatcher.delivered < n:  # noqa: ASYNC110 - polling a counter costs less than a hook
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    await task
+    await store.close()
+    return elapsed
+
+
+async def latency(tmp: Path, url: str, settings: DeliverySettings, samples: int) -> list[float]:
+    """Commit-to-receipt seconds, one event at a time (receipt = the 2xx came back)."""
+    store = await new_store(tmp, "latency.db")
+    await store.create_webhook(
+        Webhook("wh_lat", url, ("com.constantcontact.email.*",), signing.generate_secret())
+    )
+    sid = (await store.streams())[0].id
+    dispatcher = WebhookDispatcher(store, settings, Guard.from_strings(["127.0.0.0/8"]))
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop))
+    await asyncio.sleep(0.3)
+    out = []
+    for i in range(samples):
+        before = dispatcher.delivered
+        committed = time.perf_counter()
+        await store.commit_page(sid, activities(1, 10_000_000 + i), T0)
+        while dispatcher.delivered == before:  # noqa: ASYNC110 - as above
+            await asyncio.sleep(0.001)
+        out.append(time.perf_counter() - committed)
+    stop.set()
+    await task
+    await store.close()
+    return out
+
+
+async def measure(port: int, args: argparse.Namespace) -> None:
+    url = f"http://127.0.0.1:{port}/hook"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/count"):
+                    break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+    settings = replace(DeliverySettings(), concurrency=args.concurrency, idle_poll_s=0.01)
+    bodies = [
+        structured(a.attributes(), orjson.dumps(a.data())) for a in activities(args.events, 0)
+    ]
+    bare_rates, relay_rates = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            bare_rates.append(args.events / await bare(url, bodies, args.concurrency))
+            seconds = await dispatched(Path(tmp), url, args.events, settings, r)
+            relay_rates.append(args.events / seconds)
+        lat = await latency(Path(tmp), url, settings, args.latency_samples)
+    bare_med, relay_med = statistics.median(bare_rates), statistics.median(relay_rates)
+    ratio = relay_med / bare_med
+    q = statistics.quantiles(lat, n=100)
+    print(
+        f"webhooks: {args.events} events per round, concurrency {args.concurrency},"
+        f" {args.rounds} rounds"
+    )
+    print(f"  bare aiohttp POST loop : {bare_med:8.0f} deliveries/s (median)")
+    print(f"  ctct-relay dispatcher  : {relay_med:8.0f} deliveries/s (median)")
+    verdict = "meets" if ratio >= TARGET else "MISSES"
+    print(f"  ratio dispatcher/bare  : {ratio:8.2f}  ({verdict} target >= {TARGET})")
+    print(
+        f"  commit-to-receipt latency: p50 {q[49] * 1000:.1f} ms,"
+        f" p99 {q[98] * 1000:.1f} ms ({len(lat)} samples)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency-samples", type=int, default=200)
+    args = parser.parse_args()
+    logs.configure("error")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = multiprocessing.get_context("spawn").Process(target=receive, args=(port,), daemon=True)
+    server.start()
+    try:
+        asyncio.run(measure(port, args))
+    finally:
+        server.terminate()
+        server.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

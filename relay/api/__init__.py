@@ -1,0 +1,33 @@
+"""The admin HTTP API (aiohttp.web): webhook registration, deliveries, health, OpenAPI document.
+
+Modules: :mod:`~relay.api.app` (factory, auth, JSON errors, health), :mod:`~relay.api.webhooks`
+(routes), :mod:`~relay.api.service` (registration rules, also for webhooks declared in the config
+file), :mod:`~relay.api.body` (request checking), :mod:`~relay.api.views` (JSON shapes),
+:mod:`~relay.api.openapi` (the document), :mod:`~relay.api.client` (the CLI's HTTP client).
+"""
+
+from __future__ import annotations
+
+from relay.api.app import AdminConfigError, check_exposure, create_admin_app
+from relay.api.openapi import document as openapi_document
+from relay.api.service import (
+    ConflictError,
+    DeclaredWebhook,
+    WebhookChanges,
+    WebhookError,
+    upsert_declared,
+)
+from relay.api.state import AdminSettings
+
+__all__ = [
+    "AdminConfigError",
+    "AdminSettings",
+    "ConflictError",
+    "DeclaredWebhook",
+    "WebhookChanges",
+    "WebhookError",
+    "check_exposure",
+    "create_admin_app",
+    "openapi_document",
+    "upsert_declared",
+]

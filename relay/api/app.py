@@ -1,0 +1,204 @@
+"""The admin API application: factory, exposure check, bearer-token auth, JSON errors, health.
+
+``/healthz``, ``/readyz`` and ``/openapi.json`` are open; everything else (``/v1/…``, and any
+unknown path, so probing reveals nothing) needs ``Authorization: Bearer <token>`` when a token is
+configured. Without a token the API is open, which :func:`check_exposure` allows only on a
+loopback address. Every answer is JSON; an unexpected exception becomes a logged 500, never a
+traceback on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import math
+import time
+from collections.abc import Callable
+
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from relay.api import body, openapi, webhooks
+from relay.api.responses import ApiError, error_response, json_response
+from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE, AdminSettings, StatusFn
+from relay.sinks.ssrf import Guard
+from relay.store import Store
+
+log = structlog.get_logger(__name__)
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
+READY_TIMEOUT_S = 2.0
+_CHALLENGE = 'Bearer realm="ctct-relay"'
+
+__all__ = ["AdminConfigError", "AdminSettings", "check_exposure", "create_admin_app"]
+
+
+class AdminConfigError(ValueError):
+    """Admin API settings that would be unsafe or cannot work; the message names the key."""
+
+
+def wall_ms() -> int:
+    """Wall-clock Unix milliseconds."""
+    return int(time.time() * 1000)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the API on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a name (or "" for every interface) may reach the network
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def check_exposure(settings: AdminSettings) -> None:
+    """Refuse settings that would expose an unauthenticated API, or that cannot work."""
+    if not 0 <= settings.port <= 65535:
+        raise AdminConfigError(f"admin.port: expected 0 to 65535, got {settings.port}")
+    if not (math.isfinite(settings.rotation_grace_s) and settings.rotation_grace_s >= 0):
+        raise AdminConfigError(
+            f"admin.rotation_grace_s: expected a number of seconds >= 0,"
+            f" got {settings.rotation_grace_s}"
+        )
+    if settings.token is not None:
+        token = settings.token
+        # it travels in a header: visible ASCII, no spaces (the value itself is never shown)
+        if not token or not token.isascii() or not token.isprintable() or " " in token:
+            raise AdminConfigError("admin.token: must be non-empty printable ASCII without spaces")
+        return
+    if not is_loopback(settings.host):
+        raise AdminConfigError(
+            "admin.token: required when admin.host is not loopback"
+            f" (admin.host is {settings.host!r}: anyone who can reach it could register webhooks"
+            " and read delivery data; set admin.token, or listen on 127.0.0.1)"
+        )
+
+
+def create_admin_app(
+    store: Store,
+    settings: AdminSettings,
+    *,
+    guard: Guard,
+    now_ms: Callable[[], int] = wall_ms,
+    status: StatusFn | None = None,
+) -> web.Application:
+    """The admin API on an opened store. Raises AdminConfigError for unsafe settings.
+
+    ``status``, when given, serves ``GET /v1/status`` (the running relay's state).
+    """
+    check_exposure(settings)
+    middlewares: list[Middleware] = [_errors]
+    if settings.token is not None:
+        middlewares.append(_bearer_auth(settings.token))
+    app = web.Application(middlewares=middlewares, client_max_size=body.MAX_BODY_BYTES)
+    app[STORE] = store
+    app[SETTINGS] = settings
+    app[GUARD] = guard
+    app[NOW_MS] = now_ms
+    document = orjson.dumps(openapi.document(with_status=status is not None))
+
+    async def serve_openapi(_request: web.Request) -> web.Response:
+        return web.Response(body=document, content_type="application/json", charset="utf-8")
+
+    app.router.add_get("/healthz", _healthz, allow_head=False)
+    app.router.add_get("/readyz", _readyz, allow_head=False)
+    app.router.add_get("/openapi.json", serve_openapi, allow_head=False)
+    if status is not None:
+        app.router.add_get("/v1/status", _status_handler(status), allow_head=False)
+    app.router.add_routes(webhooks.routes())
+    return app
+
+
+async def _healthz(_request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    try:
+        await asyncio.wait_for(request.app[STORE].schema_version(), READY_TIMEOUT_S)
+    except Exception as exc:  # whatever stops the store answering means "not ready", not a 500
+        log.warning("api.not_ready", error=f"{type(exc).__name__}: {exc}")
+        # the store's message names files and hosts; this endpoint is unauthenticated
+        return error_response(503, "the state store is not answering; see the relay log")
+    return json_response({"status": "ready"})
+
+
+def _status_handler(status: StatusFn) -> Handler:
+    async def handle(_request: web.Request) -> web.StreamResponse:
+        return json_response(await status())
+
+    return handle
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: every failure leaves as the JSON error body."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects are answers, not errors
+        return _http_error(request, exc)
+    except Exception:
+        log.exception("api.unhandled", method=request.method, path=request.path)
+        return error_response(500, "internal error; the relay log has the details")
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (no route, wrong method, body too large) in our JSON form."""
+    if isinstance(exc, web.HTTPNotFound):
+        return error_response(404, f"no such resource: {request.path}")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return error_response(
+            405,
+            f"method {exc.method} is not allowed on {request.path} (allowed: {allowed})",
+            headers={"Allow": allowed},
+        )
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return error_response(413, f"body: larger than {body.MAX_BODY_BYTES} bytes")
+    return error_response(exc.status, exc.reason)
+
+
+def _bearer_auth(token: str) -> Middleware:
+    expected = token.encode()
+
+    @web.middleware
+    async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PUBLIC_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization")
+        if header is None:
+            raise ApiError(
+                401,
+                "Authorization: required (send 'Authorization: Bearer <admin token>')",
+                headers={"WWW-Authenticate": _CHALLENGE},
+            )
+        if not _token_matches(header, expected):
+            log.info("api.unauthorized", method=request.method, path=request.path)
+            raise ApiError(
+                401,
+                "Authorization: the bearer token is not valid",
+                headers={"WWW-Authenticate": _CHALLENGE + ', error="invalid_token"'},
+            )
+        return await handler(request)
+
+    return bearer_auth
+
+
+def _token_matches(header: str, expected: bytes) -> bool:
+    scheme, _, given = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    # header text may carry lone surrogates (undecodable bytes): compare bytes, never raise
+    given_bytes = given.strip().encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(given_bytes, expected)

@@ -1,0 +1,217 @@
+"""Request input of the admin API: JSON bodies, path ids and query values, checked field by field.
+
+Nothing parsed from a request travels further untyped: a body becomes ``dict[str, object]`` and
+each field is taken out with the accessor for its type, which raises a 400 naming the field. The
+limits here are the ones the OpenAPI document declares (:mod:`relay.api.openapi` reads them), so
+the document and the checks cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+
+import orjson
+from aiohttp import web
+
+from relay.api.responses import JsonObject, bad_request, not_found
+from relay.events import to_millis
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_URL_CHARS = 2048
+MAX_DESCRIPTION_CHARS = 1000
+MAX_SECRET_CHARS = 200
+MAX_RATE_PER_S = 100_000.0
+MAX_EVENT_TYPES = 16
+MAX_DELIVERY_ID = 2**63 - 1  # SQLite and PostgreSQL BIGINT: a larger id can name nothing
+DELIVERY_STATUSES = ("pending", "delivered", "dead")
+DEFAULT_DELIVERY_LIMIT = 50
+MAX_DELIVERY_LIMIT = 500
+
+# RFC 3339 date-time as JSON Schema's ``format: date-time`` means it (fromisoformat alone would
+# also take a bare date or a time without offset, which the document says are invalid)
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})",
+    re.ASCII,
+)
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+_JSON_WHITESPACE = b" \t\r\n"  # RFC 8259; bytes.strip() would also drop \x0b and \x0c
+
+
+async def read_object(request: web.Request, *, optional: bool = False) -> JsonObject:
+    """The request body as a JSON object; an empty body is ``{}`` when ``optional``.
+
+    The size cap is the application's ``client_max_size``: reading past it raises aiohttp's 413,
+    which the error middleware renders as JSON.
+    """
+    raw = await request.read()
+    if optional and not raw.strip(_JSON_WHITESPACE):
+        return {}
+    try:
+        parsed: object = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"body: not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise bad_request(f"body: expected a JSON object, got {_json_type(parsed)}")
+    return {str(key): value for key, value in parsed.items()}
+
+
+def check_fields(
+    body: JsonObject, allowed: Collection[str], required: Collection[str] = ()
+) -> None:
+    """Refuse unknown fields (a typo must not be silently ignored) and missing required ones."""
+    for name in body:
+        if name not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise bad_request(f"{name}: unknown field (known: {known})")
+    for name in required:
+        if name not in body:
+            raise bad_request(f"{name}: required")
+
+
+def string(body: JsonObject, name: str, *, max_chars: int) -> str:
+    """A string field of at most ``max_chars`` characters."""
+    value = body[name]
+    if not isinstance(value, str):
+        raise bad_request(f"{name}: expected a string, got {_json_type(value)}")
+    if len(value) > max_chars:
+        raise bad_request(f"{name}: longer than {max_chars} characters")
+    return value
+
+
+def boolean(body: JsonObject, name: str) -> bool:
+    """A true/false field."""
+    value = body[name]
+    if not isinstance(value, bool):
+        raise bad_request(f"{name}: expected true or false, got {_json_type(value)}")
+    return value
+
+
+def string_list(body: JsonObject, name: str, *, max_items: int, max_chars: int) -> list[str]:
+    """A non-empty array of strings."""
+    value = body[name]
+    if not isinstance(value, list):
+        raise bad_request(f"{name}: expected an array of strings, got {_json_type(value)}")
+    if not value:
+        raise bad_request(f"{name}: at least one is required")
+    if len(value) > max_items:
+        raise bad_request(f"{name}: at most {max_items} items")
+    out: list[str] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise bad_request(f"{name}[{index}]: expected a string, got {_json_type(item)}")
+        if len(item) > max_chars:
+            raise bad_request(f"{name}[{index}]: longer than {max_chars} characters")
+        out.append(item)
+    return out
+
+
+def rate_or_null(body: JsonObject, name: str) -> float | None:
+    """A number in (0, MAX_RATE_PER_S], or null for "no limit"."""
+    value = body[name]
+    if value is None:
+        return None
+    # bool is an int subclass: true is not a rate
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad_request(f"{name}: expected a number or null, got {_json_type(value)}")
+    rate = float(value)
+    if not (math.isfinite(rate) and 0 < rate <= MAX_RATE_PER_S):
+        raise bad_request(f"{name}: must be greater than 0 and at most {MAX_RATE_PER_S:g}")
+    return rate
+
+
+def timestamp_ms(body: JsonObject, name: str) -> int:
+    """An RFC 3339 date-time with an offset, as Unix milliseconds."""
+    value = body[name]
+    if not isinstance(value, str):
+        raise bad_request(f"{name}: expected an RFC 3339 time, got {_json_type(value)}")
+    match = _RFC3339.fullmatch(value)
+    try:
+        if match is None:
+            raise ValueError(value)
+        year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+        fraction = (match.group(7) or ".")[1:]
+        micros = int(fraction[:6].ljust(6, "0"))
+        moment = datetime(
+            year,
+            month,
+            day,
+            hour,
+            minute,
+            min(second, 59),  # RFC 3339 allows a leap second; datetime does not
+            micros,
+            tzinfo=_offset(match.group(8)),
+        )
+    except ValueError:
+        raise bad_request(
+            f"{name}: expected an RFC 3339 time such as 2025-01-31T12:00:00Z, got {value!r}"
+        ) from None
+    return to_millis(moment)
+
+
+def _offset(text: str) -> tzinfo:
+    if text in {"Z", "z"}:
+        return UTC
+    sign = -1 if text[0] == "-" else 1
+    hours, minutes = int(text[1:3]), int(text[4:6])
+    if minutes > 59:
+        raise ValueError(text)
+    return timezone(sign * timedelta(hours=hours, minutes=minutes))
+
+
+def delivery_id(text: str) -> int:
+    """A delivery id from the path; anything that is not one names no delivery (404)."""
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_DELIVERY_ID:
+        raise not_found(f"no delivery with id {text!r}")
+    return int(text)
+
+
+def check_query(request: web.Request, allowed: Collection[str]) -> None:
+    """Refuse unknown query parameters (``?stauts=dead`` must not list everything)."""
+    for name in request.query:
+        if name not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise bad_request(f"{name}: unknown query parameter (known: {known})")
+
+
+def query_status(request: web.Request) -> str | None:
+    """The ``status`` filter of a deliveries listing."""
+    status = _query_value(request, "status")
+    if status is not None and status not in DELIVERY_STATUSES:
+        raise bad_request(f"status: expected one of {', '.join(DELIVERY_STATUSES)}, got {status!r}")
+    return status
+
+
+def query_limit(request: web.Request) -> int:
+    """The ``limit`` of a deliveries listing, 1..MAX_DELIVERY_LIMIT."""
+    text = _query_value(request, "limit")
+    if text is None:
+        return DEFAULT_DELIVERY_LIMIT
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_DELIVERY_LIMIT:
+        raise bad_request(
+            f"limit: expected an integer from 1 to {MAX_DELIVERY_LIMIT}, got {text!r}"
+        )
+    return int(text)
+
+
+def _query_value(request: web.Request, name: str) -> str | None:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise bad_request(f"{name}: given more than once")
+    return values[0] if values else None
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

@@ -1,0 +1,337 @@
+"""``ctct-relay webhooks …``: the command-line client of the admin API.
+
+Each action is one HTTP call (aiohttp) to a running relay's admin API; the answer is printed as a
+table or key/value lines, or as JSON with ``--json``. Every failure (the API's error message, an
+unreachable API, a timeout) is one line ``ctct-relay: error: …`` and exit status 1. The token comes
+from ``--token`` or the ``CTCT_RELAY_ADMIN_TOKEN`` variable of the environment the caller passes
+in (only ``relay.cli`` reads the process environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TextIO
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from relay.api.responses import JsonObject
+from relay.events import TYPE_PREFIX
+
+DEFAULT_API = "http://127.0.0.1:8081"
+TOKEN_ENV = "CTCT_RELAY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a token
+DEFAULT_TIMEOUT_S = 30.0
+EXIT_ERROR = 1
+
+
+class AdminApiError(Exception):
+    """The admin API refused a request or could not be reached; the message says which."""
+
+
+class AdminClient:
+    """Calls the admin API over one session; answers are JSON objects (None for 204)."""
+
+    def __init__(self, session: aiohttp.ClientSession, api: str, token: str | None) -> None:
+        self._session = session
+        self._api = api.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: JsonObject | None = None,
+        query: Mapping[str, str] | None = None,
+    ) -> JsonObject | None:
+        """One request; raises AdminApiError with the API's message on any error status."""
+        url = self._api + path
+        try:
+            async with self._session.request(
+                method,
+                url,
+                headers=self._headers,
+                data=None if body is None else orjson.dumps(body),
+                params=dict(query or {}),
+                allow_redirects=False,
+            ) as response:
+                raw = await response.read()
+                status, reason = response.status, response.reason
+        except aiohttp.ClientConnectorError as exc:
+            raise AdminApiError(
+                f"cannot reach the admin API at {self._api}: {exc.strerror}"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise AdminApiError(f"admin API at {self._api}: {exc}") from None
+        except TimeoutError:
+            raise AdminApiError(f"the admin API at {self._api} did not answer in time") from None
+        if status >= 400:
+            raise AdminApiError(f"{_error_message(raw, reason)} (HTTP {status})")
+        if status == 204 or not raw:
+            return None
+        return _json_object(raw, f"{method} {path}")
+
+
+def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``webhooks add|list|show|remove|rotate-secret|deliveries|redeliver|recover``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--api", default=DEFAULT_API, help="admin API base URL (%(default)s)")
+    common.add_argument("--token", default=None, help=f"admin token (default: ${TOKEN_ENV})")
+    common.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    common.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds (%(default)s)"
+    )
+    parser = commands.add_parser("webhooks", help="manage webhooks through the admin API")
+    actions = parser.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
+
+    p = actions.add_parser("add", parents=[common], help="register a webhook")
+    p.add_argument("url", help="destination (https; must resolve to public addresses)")
+    p.add_argument(
+        "-e",
+        "--event-type",
+        dest="event_types",
+        metavar="TYPE",
+        action="append",
+        required=True,
+        help="event type to deliver, repeatable: click, open, … or a full type; * for all",
+    )
+    p.add_argument("--description", default=None, help="free text, e.g. who owns the receiver")
+    p.add_argument("--disabled", action="store_true", help="register it disabled")
+    p.add_argument("--rate-limit", type=float, default=None, help="requests per second")
+
+    actions.add_parser("list", parents=[common], help="list webhooks")
+    for name, text in (
+        ("show", "show one webhook"),
+        ("remove", "remove a webhook with its deliveries"),
+        ("rotate-secret", "replace a webhook's secret (the old one stays valid for a grace)"),
+    ):
+        actions.add_parser(name, parents=[common], help=text).add_argument("id")
+
+    p = actions.add_parser("deliveries", parents=[common], help="a webhook's recent deliveries")
+    p.add_argument("id")
+    p.add_argument("--status", choices=("pending", "delivered", "dead"), default=None)
+    p.add_argument("--limit", type=int, default=None, help="at most this many (1..500)")
+
+    p = actions.add_parser("redeliver", parents=[common], help="send a delivery again")
+    p.add_argument("delivery_id")
+
+    p = actions.add_parser("recover", parents=[common], help="re-send events since a time")
+    p.add_argument("id")
+    p.add_argument("--since", required=True, help="RFC 3339 time, e.g. 2025-01-31T12:00:00Z")
+
+
+def run_webhooks(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    out: TextIO,
+    err: TextIO | None = None,
+) -> int:
+    """Run one ``webhooks`` action; returns the exit status."""
+    return asyncio.run(webhooks_command(args, environ, out, err or sys.stderr))
+
+
+async def webhooks_command(
+    args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: TextIO
+) -> int:
+    """:func:`run_webhooks` inside a running event loop."""
+    token = args.token or environ.get(TOKEN_ENV) or None
+    action = _ACTIONS[args.webhooks_command]
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            shown = await action(AdminClient(session, args.api, token), args)
+    except AdminApiError as exc:
+        print(f"ctct-relay: error: {exc}", file=err)
+        return EXIT_ERROR
+    if args.json:
+        if shown.answer is not None:
+            out.write(orjson.dumps(shown.answer, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        out.write(shown.text + "\n")
+    return 0
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """What an action prints: the API's answer (for --json) and its readable form."""
+
+    answer: JsonObject | None
+    text: str
+
+
+async def _add(client: AdminClient, args: argparse.Namespace) -> _Shown:
+    body: JsonObject = {
+        "url": args.url,
+        "event_types": [_event_type(t) for t in args.event_types],
+        "enabled": not args.disabled,
+    }
+    if args.description is not None:
+        body["description"] = args.description
+    if args.rate_limit is not None:
+        body["rate_limit_per_s"] = args.rate_limit
+    hook = _required(await client.call("POST", "/v1/webhooks", body))
+    return _Shown(hook, _webhook_text(hook))
+
+
+async def _list(client: AdminClient, _args: argparse.Namespace) -> _Shown:
+    answer = _required(await client.call("GET", "/v1/webhooks"))
+    hooks = _objects(answer.get("webhooks"))
+    rows = [
+        [
+            _text(h.get("id")),
+            "yes" if h.get("enabled") is True else "no",
+            _types_text(h.get("event_types")),
+            _text(h.get("url")),
+        ]
+        for h in hooks
+    ]
+    text = _table(["ID", "ENABLED", "EVENT TYPES", "URL"], rows) if rows else "no webhooks"
+    return _Shown(answer, text)
+
+
+async def _show(client: AdminClient, args: argparse.Namespace) -> _Shown:
+    hook = _required(await client.call("GET", f"/v1/webhooks/{_segment(args.id)}"))
+    return _Shown(hook, _webhook_text(hook))
+
+
+async def _remove(client: AdminClient, args: argparse.Namespace) -> _Shown:
+    await client.call("DELETE", f"/v1/webhooks/{_segment(args.id)}")
+    return _Shown(None, f"removed webhook {args.id}")
+
+
+async def _rotate(client: AdminClient, args: argparse.Namespace) -> _Shown:
+    path = f"/v1/webhooks/{_segment(args.id)}/rotate-secret"
+    hook = _required(await client.call("POST", path, {}))
+    return _Shown(hook, _webhook_text(hook))
+
+
+async def _deliveries(client: AdminClient, args: argparse.Namespace) -> _Shown:
+    query = {"status": args.status} if args.status else {}
+    if args.limit is not None:
+        query["limit"] = str(args.limit)
+    path = f"/v1/webhooks/{_segment(args.id)}/deliveries"
+    answer = _required(await client.call("GET", path, query=query))
+    rows = [
+        [
+            _text(d.get("id")),
+            _text(d.get("status")),
+            _text(d.get("attempt_count")),
+            _text(d.get("last_status") or d.get("last_error") or "-")[:40],
+            _text(d.get("created_at")),
+            _text(d.get("event_id")),
+        ]
+        for d in _objects(answer.get("deliveries"))
+    ]
+    headers = ["ID", "STATUS", "ATTEMPTS", "LAST", "CREATED", "EVENT"]
+    return _Shown(answer, _table(headers, rows) if rows else "no deliveries")
+
+
+async def _redeliver(client: AdminClient, args: argparse.Namespace) -> _Shown:
+    path = f"/v1/deliveries/{_segment(args.delivery_id)}/redeliver"
+    delivery = _required(await client.call("POST", path))
+    return _Shown(delivery, f"delivery {args.delivery_id} is {_text(delivery.get('status'))}")
+
+
+async def _recover(client: AdminClient, args: argparse.Namespace) -> _Shown:
+    path = f"/v1/webhooks/{_segment(args.id)}/recover"
+    answer = _required(await client.call("POST", path, {"since": args.since}))
+    count = _text(answer.get("deliveries"))
+    return _Shown(answer, f"{count} deliveries owed again to webhook {args.id}")
+
+
+_ACTIONS: Mapping[str, Callable[[AdminClient, argparse.Namespace], Awaitable[_Shown]]] = {
+    "add": _add,
+    "list": _list,
+    "show": _show,
+    "remove": _remove,
+    "rotate-secret": _rotate,
+    "deliveries": _deliveries,
+    "redeliver": _redeliver,
+    "recover": _recover,
+}
+
+
+def _webhook_text(hook: JsonObject) -> str:
+    enabled = "yes" if hook.get("enabled") is True else f"no ({_text(hook.get('disabled_reason'))})"
+    rate = hook.get("rate_limit_per_s")
+    lines = [
+        ("id", _text(hook.get("id"))),
+        ("url", _text(hook.get("url"))),
+        ("event types", _types_text(hook.get("event_types"))),
+        ("description", _text(hook.get("description"))),
+        ("enabled", enabled),
+        ("rate limit", "none" if rate is None else f"{_text(rate)}/s"),
+        ("failing since", _text(hook.get("failing_since") or "-")),
+        ("created", _text(hook.get("created_at"))),
+        ("updated", _text(hook.get("updated_at"))),
+    ]
+    if hook.get("previous_secret_expires_at"):
+        lines.append(("old secret until", _text(hook.get("previous_secret_expires_at"))))
+    if "secret" in hook:
+        lines.append(("secret", f"{_text(hook.get('secret'))}  (shown only now: store it)"))
+    width = max(len(k) for k, _ in lines) + 1
+    return "\n".join(f"{k + ':':{width}} {v}" for k, v in lines)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    )
+
+
+def _event_type(text: str) -> str:
+    """``click`` → ``com.constantcontact.email.click``; ``*`` → the wildcard; full types as is."""
+    return text if "." in text else TYPE_PREFIX + text
+
+
+def _types_text(value: object) -> str:
+    types = value if isinstance(value, list) else []
+    return ", ".join(str(t).removeprefix(TYPE_PREFIX) for t in types)
+
+
+def _segment(text: str) -> str:
+    return quote(text, safe="")
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def _objects(value: object) -> list[JsonObject]:
+    items = value if isinstance(value, list) else []
+    return [{str(k): v for k, v in item.items()} for item in items if isinstance(item, dict)]
+
+
+def _required(answer: JsonObject | None) -> JsonObject:
+    if answer is None:
+        raise AdminApiError("the admin API sent an empty answer")
+    return answer
+
+
+def _json_object(raw: bytes, what: str) -> JsonObject:
+    try:
+        parsed: object = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise AdminApiError(f"{what}: the answer is not JSON") from None
+    if not isinstance(parsed, dict):
+        raise AdminApiError(f"{what}: expected a JSON object in the answer")
+    return {str(k): v for k, v in parsed.items()}
+
+
+def _error_message(raw: bytes, reason: str | None) -> str:
+    """The API's own error message, or the HTTP status when the answer is not ours."""
+    try:
+        parsed: object = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+    return reason or "error"

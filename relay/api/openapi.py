@@ -1,0 +1,448 @@
+"""The OpenAPI 3.1 document of the admin API, served at ``/openapi.json``.
+
+It describes exactly what :mod:`relay.api.app` and :mod:`relay.api.webhooks` serve; the limits
+(lengths, ranges, enums) come from :mod:`relay.api.body` and :mod:`relay.events`, the same values
+the handlers check, and the test suite fuzzes the running API against this document.
+"""
+
+from __future__ import annotations
+
+from relay.api import body
+from relay.api.responses import ERROR_CODES, JsonObject
+from relay.events import EVENT_TYPES, WILDCARD
+
+API_VERSION = "1.0.0"
+
+
+def document(*, with_status: bool = False) -> JsonObject:
+    """The document; ``with_status`` adds ``GET /v1/status`` (served only by a running relay)."""
+    paths: JsonObject = {
+        "/healthz": {"get": _health()},
+        "/readyz": {"get": _ready()},
+        "/openapi.json": {"get": _openapi()},
+        "/v1/webhooks": {"get": _list_webhooks(), "post": _create_webhook()},
+        "/v1/webhooks/{webhook_id}": {
+            "parameters": [_ref("parameters", "WebhookId")],
+            "get": _show_webhook(),
+            "patch": _patch_webhook(),
+            "delete": _delete_webhook(),
+        },
+        "/v1/webhooks/{webhook_id}/rotate-secret": {
+            "parameters": [_ref("parameters", "WebhookId")],
+            "post": _rotate_secret(),
+        },
+        "/v1/webhooks/{webhook_id}/deliveries": {
+            "parameters": [_ref("parameters", "WebhookId")],
+            "get": _list_deliveries(),
+        },
+        "/v1/webhooks/{webhook_id}/recover": {
+            "parameters": [_ref("parameters", "WebhookId")],
+            "post": _recover(),
+        },
+        "/v1/deliveries/{delivery_id}/redeliver": {
+            "parameters": [_ref("parameters", "DeliveryId")],
+            "post": _redeliver(),
+        },
+    }
+    if with_status:
+        paths["/v1/status"] = {"get": _status()}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ctct-relay admin API",
+            "version": API_VERSION,
+            "description": (
+                "Register webhooks for Constant Contact email-tracking CloudEvents, rotate their"
+                " signing secrets, and inspect, redeliver and recover deliveries. Every error is"
+                ' JSON: {"error": {"code": ..., "message": ...}}.'
+            ),
+        },
+        "security": [{"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "admin.token from the relay config (required unless the"
+                    " API listens on loopback only)",
+                }
+            },
+            "schemas": _schemas(),
+            "parameters": _parameters(),
+            "responses": _error_responses(),
+        },
+    }
+
+
+# -- operations ---------------------------------------------------------------------------------
+
+
+def _health() -> JsonObject:
+    return {
+        "operationId": "healthz",
+        "summary": "Liveness: the process answers",
+        "security": [],
+        "responses": {"200": _json("alive", _status_schema("ok"))},
+    }
+
+
+def _ready() -> JsonObject:
+    return {
+        "operationId": "readyz",
+        "summary": "Readiness: the state store answers",
+        "security": [],
+        "responses": {
+            "200": _json("ready", _status_schema("ready")),
+            "503": _ref("responses", "Unavailable"),
+        },
+    }
+
+
+def _openapi() -> JsonObject:
+    return {
+        "operationId": "openapi",
+        "summary": "This document",
+        "security": [],
+        "responses": {"200": _json("the OpenAPI document", {"type": "object"})},
+    }
+
+
+def _status() -> JsonObject:
+    return {
+        "operationId": "status",
+        "summary": "The running relay's state: streams, sinks, quota",
+        "responses": {"200": _json("status", {"type": "object"}), **_errors(401)},
+    }
+
+
+def _list_webhooks() -> JsonObject:
+    return {
+        "operationId": "listWebhooks",
+        "summary": "Every webhook, oldest first (secrets are never listed)",
+        "responses": {"200": _json("webhooks", _schema("WebhookList")), **_errors(401)},
+    }
+
+
+def _create_webhook() -> JsonObject:
+    return {
+        "operationId": "createWebhook",
+        "summary": "Register a webhook; it receives events committed from now on",
+        "description": "The destination must resolve to public addresses (SSRF guard) and use"
+        " https unless allowlisted. The answer is the only one, with rotation, that shows the"
+        " secret.",
+        "requestBody": _body("WebhookCreate"),
+        "responses": {
+            "201": _json("the webhook, with its secret", _schema("WebhookWithSecret")),
+            **_errors(400, 401, 409, 413),
+        },
+    }
+
+
+def _show_webhook() -> JsonObject:
+    return {
+        "operationId": "getWebhook",
+        "summary": "One webhook (without its secret)",
+        "responses": {"200": _json("the webhook", _schema("Webhook")), **_errors(401, 404)},
+    }
+
+
+def _patch_webhook() -> JsonObject:
+    return {
+        "operationId": "updateWebhook",
+        "summary": "Change a webhook; re-enabling clears the disabled reason and failing clock",
+        "requestBody": _body("WebhookPatch"),
+        "responses": {
+            "200": _json("the webhook", _schema("Webhook")),
+            **_errors(400, 401, 404, 409, 413),
+        },
+    }
+
+
+def _delete_webhook() -> JsonObject:
+    return {
+        "operationId": "deleteWebhook",
+        "summary": "Remove a webhook with its deliveries",
+        "responses": {"204": {"description": "removed"}, **_errors(401, 404)},
+    }
+
+
+def _rotate_secret() -> JsonObject:
+    return {
+        "operationId": "rotateWebhookSecret",
+        "summary": "Replace the signing secret; the old one keeps signing for the grace period",
+        "requestBody": _body("RotateSecret", required=False),
+        "responses": {
+            "200": _json("the webhook, with its new secret", _schema("WebhookWithSecret")),
+            **_errors(400, 401, 404, 413),
+        },
+    }
+
+
+def _list_deliveries() -> JsonObject:
+    return {
+        "operationId": "listDeliveries",
+        "summary": "A webhook's deliveries, newest first, each with its attempts",
+        "parameters": [_ref("parameters", "DeliveryStatus"), _ref("parameters", "Limit")],
+        "responses": {
+            "200": _json("deliveries", _schema("DeliveryList")),
+            **_errors(400, 401, 404),
+        },
+    }
+
+
+def _redeliver() -> JsonObject:
+    return {
+        "operationId": "redeliver",
+        "summary": "Make a delivery pending again, due now, with a fresh attempt budget",
+        "responses": {
+            "202": _json("the delivery, pending", _schema("Delivery")),
+            **_errors(401, 404),
+        },
+    }
+
+
+def _recover() -> JsonObject:
+    return {
+        "operationId": "recoverWebhook",
+        "summary": "Owe the webhook every matching event committed since a time, again",
+        "requestBody": _body("Recover"),
+        "responses": {
+            "202": _json("how many deliveries were created or reset", _schema("RecoverResult")),
+            **_errors(400, 401, 404, 413),
+        },
+    }
+
+
+# -- components ---------------------------------------------------------------------------------
+
+
+def _schemas() -> JsonObject:
+    patterns = [*EVENT_TYPES, WILDCARD]
+    event_types: JsonObject = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": body.MAX_EVENT_TYPES,
+        "items": {"type": "string", "enum": patterns},
+        "description": f"exact event types, or {WILDCARD} for all; duplicates are dropped",
+    }
+    url: JsonObject = {"type": "string", "format": "uri", "maxLength": body.MAX_URL_CHARS}
+    rate: JsonObject = {
+        "type": ["number", "null"],
+        "exclusiveMinimum": 0,
+        "maximum": body.MAX_RATE_PER_S,
+        "description": "requests per second to this endpoint; null: no limit",
+    }
+    description: JsonObject = {"type": "string", "maxLength": body.MAX_DESCRIPTION_CHARS}
+    secret: JsonObject = {
+        "type": "string",
+        # base64 of 24 to 66 bytes: 8 to 22 groups of four characters, the last one padded
+        "pattern": "^whsec_(?:[A-Za-z0-9+/]{4}){7,21}"
+        "(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$",
+        "maxLength": body.MAX_SECRET_CHARS,
+        "description": "Standard Webhooks secret: whsec_ + base64 of 24 to 64 random bytes",
+    }
+    webhook = _webhook_schema(event_types)
+    with_secret = {
+        **webhook,
+        "properties": {**_props(webhook), "secret": {"type": "string"}},
+        "required": [*_required(webhook), "secret"],
+    }
+    return {
+        "Error": _error_schema(),
+        "Webhook": webhook,
+        "WebhookWithSecret": with_secret,
+        "WebhookList": _object({"webhooks": {"type": "array", "items": _schema("Webhook")}}),
+        "WebhookCreate": _object(
+            {
+                "url": url,
+                "event_types": event_types,
+                "description": description,
+                "enabled": {"type": "boolean", "default": True},
+                "secret": {**secret, "description": "generated when absent"},
+                "rate_limit_per_s": rate,
+            },
+            required=["url", "event_types"],
+        ),
+        "WebhookPatch": _object(
+            {
+                "url": url,
+                "event_types": event_types,
+                "description": description,
+                "enabled": {"type": "boolean"},
+                "rate_limit_per_s": rate,
+            },
+            required=[],
+        ),
+        "RotateSecret": _object({"secret": secret}, required=[]),
+        "Recover": _object({"since": {"type": "string", "format": "date-time"}}),
+        "RecoverResult": _object({"deliveries": {"type": "integer", "minimum": 0}}),
+        "Attempt": _object(
+            {
+                "attempted_at": _time(),
+                "status_code": {"type": ["integer", "null"]},
+                "latency_ms": {"type": "number", "minimum": 0},
+                "response_excerpt": {"type": "string"},
+                "error": {"type": ["string", "null"]},
+            }
+        ),
+        "Delivery": _object(
+            {
+                "id": {"type": "integer", "minimum": 1},
+                "webhook_id": {"type": "string"},
+                "seq": {"type": "integer"},
+                "event_id": {"type": "string"},
+                "status": {"type": "string", "enum": list(body.DELIVERY_STATUSES)},
+                "attempt_count": {"type": "integer", "minimum": 0},
+                "next_attempt_at": _time(),
+                "last_status": {"type": ["integer", "null"]},
+                "last_error": {"type": ["string", "null"]},
+                "created_at": _time(),
+                "delivered_at": _time(nullable=True),
+                "attempts": {"type": "array", "items": _schema("Attempt")},
+            }
+        ),
+        "DeliveryList": _object({"deliveries": {"type": "array", "items": _schema("Delivery")}}),
+    }
+
+
+def _webhook_schema(event_types: JsonObject) -> JsonObject:
+    return _object(
+        {
+            "id": {"type": "string"},
+            "url": {"type": "string"},
+            "event_types": {k: v for k, v in event_types.items() if k != "description"},
+            "description": {"type": "string"},
+            "enabled": {"type": "boolean"},
+            "rate_limit_per_s": {"type": ["number", "null"]},
+            "disabled_reason": {"type": ["string", "null"]},
+            "failing_since": _time(nullable=True),
+            "previous_secret_expires_at": _time(nullable=True),
+            "created_at": _time(),
+            "updated_at": _time(),
+        }
+    )
+
+
+def _error_schema() -> JsonObject:
+    detail = _object(
+        {
+            "code": {"type": "string", "enum": sorted(set(ERROR_CODES.values()))},
+            "message": {"type": "string"},
+        }
+    )
+    return _object({"error": detail})
+
+
+def _parameters() -> JsonObject:
+    return {
+        "WebhookId": {
+            "name": "webhook_id",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1},
+        },
+        "DeliveryId": {
+            "name": "delivery_id",
+            "in": "path",
+            "required": True,
+            "schema": {
+                "type": "integer",
+                "format": "int64",
+                "minimum": 1,
+                "maximum": body.MAX_DELIVERY_ID,
+            },
+        },
+        "DeliveryStatus": {
+            "name": "status",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": list(body.DELIVERY_STATUSES)},
+        },
+        "Limit": {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": body.MAX_DELIVERY_LIMIT,
+                "default": body.DEFAULT_DELIVERY_LIMIT,
+            },
+        },
+    }
+
+
+_ERROR_RESPONSES = {
+    400: ("BadRequest", "invalid JSON, an unknown field or a bad value; the message names it"),
+    401: ("Unauthorized", "missing or wrong bearer token"),
+    404: ("NotFound", "no such webhook or delivery"),
+    409: ("Conflict", "another webhook is registered for this URL"),
+    413: ("PayloadTooLarge", f"body larger than {body.MAX_BODY_BYTES} bytes"),
+    500: ("Internal", "unexpected failure (logged)"),
+    503: ("Unavailable", "the state store is not answering"),
+}
+
+
+def _error_responses() -> JsonObject:
+    out: JsonObject = {}
+    for status, (name, text) in _ERROR_RESPONSES.items():
+        response: JsonObject = _json(text, _schema("Error"))
+        if status == 401:
+            response["headers"] = {
+                "WWW-Authenticate": {"schema": {"type": "string"}, "required": True}
+            }
+        out[name] = response
+    return out
+
+
+def _errors(*statuses: int) -> JsonObject:
+    """The error responses of an operation; every /v1 operation may also fail with a 500."""
+    return {str(s): _ref("responses", _ERROR_RESPONSES[s][0]) for s in (*statuses, 500)}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _object(properties: JsonObject, required: list[str] | None = None) -> JsonObject:
+    """A closed object: unknown properties are refused (requests) or never sent (responses)."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+    }
+
+
+def _props(schema: JsonObject) -> JsonObject:
+    props = schema["properties"]
+    return dict(props) if isinstance(props, dict) else {}
+
+
+def _required(schema: JsonObject) -> list[str]:
+    required = schema["required"]
+    return [str(r) for r in required] if isinstance(required, list) else []
+
+
+def _time(*, nullable: bool = False) -> JsonObject:
+    return {"type": ["string", "null"] if nullable else "string", "format": "date-time"}
+
+
+def _status_schema(value: str) -> JsonObject:
+    return _object({"status": {"type": "string", "const": value}})
+
+
+def _schema(name: str) -> JsonObject:
+    return _ref("schemas", name)
+
+
+def _ref(kind: str, name: str) -> JsonObject:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _json(description: str, schema: JsonObject) -> JsonObject:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _body(name: str, *, required: bool = True) -> JsonObject:
+    return {"required": required, "content": {"application/json": {"schema": _schema(name)}}}

@@ -1,0 +1,314 @@
+"""Webhook registration: the rules for creating, changing and re-keying webhooks, without HTTP.
+
+The admin API's handlers and the config file's declared webhooks (:func:`upsert_declared`) both go
+through here, so one set of rules applies: destinations pass the SSRF guard when they are
+registered, event types are known ones or the wildcard, secrets are valid ``whsec_`` secrets, and
+one URL has at most one webhook (declared webhooks are matched by URL).
+
+A webhook is disabled by the dispatcher (410 Gone, failing too long), by an operator through the
+API or by the config file; each leaves its own ``disabled_reason``. A restart never silently
+re-enables a webhook the dispatcher or an operator disabled: only the config file undoes its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import structlog
+
+from relay.api import body
+from relay.events import check_type_pattern
+from relay.sinks import signing
+from relay.sinks.ssrf import Guard, SsrfError
+from relay.store import Store, Webhook
+
+log = structlog.get_logger(__name__)
+
+ID_PREFIX = "wh_"
+DISABLED_BY_API = "disabled through the admin API"
+DISABLED_BY_CONFIG = "disabled in the config file"
+
+
+class WebhookError(ValueError):
+    """A webhook definition the relay refuses; the message starts with the field it is about."""
+
+
+class ConflictError(WebhookError):
+    """Another webhook is already registered for the URL."""
+
+
+@dataclass(frozen=True)
+class DeclaredWebhook:
+    """A webhook as declared: by the config file, or by the body of a registration request."""
+
+    url: str
+    event_types: tuple[str, ...]
+    description: str = ""
+    enabled: bool = True
+    secret: str | None = field(default=None, repr=False)  # None: generate one
+    rate_limit_per_s: float | None = None
+
+
+class Keep(enum.Enum):
+    """Marks a field a change leaves as it is (where None is a value: "no rate limit")."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+
+
+@dataclass(frozen=True)
+class WebhookChanges:
+    """What a PATCH changes; None (or KEEP) leaves a field as it is."""
+
+    url: str | None = None
+    event_types: tuple[str, ...] | None = None
+    description: str | None = None
+    enabled: bool | None = None
+    rate_limit_per_s: float | Keep | None = KEEP
+
+
+def new_webhook_id() -> str:
+    """``wh_`` and 16 random hex digits."""
+    return ID_PREFIX + secrets.token_hex(8)
+
+
+def check_event_types(patterns: Iterable[str]) -> tuple[str, ...]:
+    """Known types or the wildcard, at least one, duplicates dropped (first one kept)."""
+    out: list[str] = []
+    for index, pattern in enumerate(patterns):
+        try:
+            check_type_pattern(pattern)
+        except ValueError as exc:
+            raise WebhookError(f"event_types[{index}]: {exc}") from None
+        if pattern not in out:
+            out.append(pattern)
+    if not out:
+        raise WebhookError("event_types: at least one is required")
+    return tuple(out)
+
+
+def check_secret(secret: str) -> str:
+    """A valid ``whsec_`` secret (the message never contains it)."""
+    try:
+        signing.secret_key(secret)
+    except signing.SecretError as exc:
+        raise WebhookError(str(exc)) from None
+    return secret
+
+
+def check_rate(rate: float | None) -> float | None:
+    """None (no limit) or a positive, finite rate."""
+    if rate is not None and not 0 < rate <= body.MAX_RATE_PER_S:
+        raise WebhookError(
+            f"rate_limit_per_s: must be greater than 0 and at most {body.MAX_RATE_PER_S:g}"
+        )
+    return rate
+
+
+def check_description(text: str) -> str:
+    """At most MAX_DESCRIPTION_CHARS characters."""
+    if len(text) > body.MAX_DESCRIPTION_CHARS:
+        raise WebhookError(f"description: longer than {body.MAX_DESCRIPTION_CHARS} characters")
+    return text
+
+
+async def check_url(guard: Guard, url: str) -> str:
+    """An absolute http(s) URL of a destination the SSRF guard allows (resolves the host)."""
+    if len(url) > body.MAX_URL_CHARS:
+        raise WebhookError(f"url: longer than {body.MAX_URL_CHARS} characters")
+    # RFC 3986: a URI is printable ASCII without spaces; IRIs must be sent percent-encoded
+    if not url.isascii() or not url.isprintable() or " " in url:
+        raise WebhookError("url: must be printable ASCII without spaces (percent-encode the rest)")
+    try:
+        await guard.check_url(url)
+    except SsrfError as exc:
+        raise WebhookError(str(exc)) from None
+    return url
+
+
+async def create_webhook(store: Store, guard: Guard, spec: DeclaredWebhook, now_ms: int) -> Webhook:
+    """Register a webhook; it receives events committed from now on. Raises WebhookError."""
+    webhook = await _new_webhook(guard, spec, now_ms, DISABLED_BY_API)
+    await _refuse_taken(store, webhook.url)
+    created = await store.create_webhook(webhook)
+    log.info("webhook.created", webhook_id=created.id, host=_host(created.url))
+    return created
+
+
+async def update_webhook(
+    store: Store, guard: Guard, webhook_id: str, changes: WebhookChanges, now_ms: int
+) -> Webhook:
+    """Apply a PATCH. Raises NotFoundError or WebhookError."""
+    current = await store.webhook(webhook_id)
+    updated = current
+    if changes.url is not None:
+        url = await check_url(guard, changes.url)
+        if url != current.url:
+            await _refuse_taken(store, url)
+        updated = dataclasses.replace(updated, url=url)
+    if changes.event_types is not None:
+        updated = dataclasses.replace(updated, event_types=check_event_types(changes.event_types))
+    if changes.description is not None:
+        updated = dataclasses.replace(updated, description=check_description(changes.description))
+    if changes.rate_limit_per_s is not KEEP:
+        updated = dataclasses.replace(
+            updated, rate_limit_per_s=check_rate(changes.rate_limit_per_s)
+        )
+    if changes.enabled is not None:
+        updated = _set_enabled(updated, changes.enabled, DISABLED_BY_API)
+    if updated == current:
+        return current
+    updated = dataclasses.replace(updated, updated_ms=now_ms)
+    await store.update_webhook(updated)
+    log.info("webhook.updated", webhook_id=webhook_id, enabled=updated.enabled)
+    return updated
+
+
+async def rotate_secret(
+    store: Store, webhook_id: str, now_ms: int, grace_s: float, secret: str | None = None
+) -> Webhook:
+    """Replace the secret; the old one keeps signing for ``grace_s`` so receivers can switch."""
+    current = await store.webhook(webhook_id)
+    new = check_secret(secret) if secret is not None else signing.generate_secret()
+    if new == current.secret:
+        raise WebhookError("secret: the new secret must differ from the current one")
+    grace_ms = int(grace_s * 1000)
+    rotated = dataclasses.replace(
+        current,
+        secret=new,
+        previous_secret=current.secret if grace_ms > 0 else None,
+        previous_expires_ms=now_ms + grace_ms if grace_ms > 0 else None,
+        updated_ms=now_ms,
+    )
+    await store.update_webhook(rotated)
+    log.info("webhook.secret_rotated", webhook_id=webhook_id, grace_s=grace_s)
+    return rotated
+
+
+async def upsert_declared(
+    store: Store, guard: Guard, declared: Sequence[DeclaredWebhook], now_ms: int
+) -> list[Webhook]:
+    """Create or update the config file's webhooks, matched by URL; idempotent.
+
+    Everything is validated before anything is written; errors name the entry
+    (``webhooks[1].url: …``). A declared secret replaces the stored one when it differs; without
+    one the stored secret stays (a new webhook gets a generated one). Webhooks registered through
+    the API and not declared are left alone. Returns the webhooks in declaration order.
+    """
+    stored: dict[str, Webhook] = {}
+    for hook in await store.webhooks():
+        stored.setdefault(hook.url, hook)
+    wanted: list[tuple[int, DeclaredWebhook]] = []
+    seen: set[str] = set()
+    for index, spec in enumerate(declared):
+        try:
+            if spec.url in seen:
+                raise WebhookError(f"url: {spec.url!r} is declared twice")
+            seen.add(spec.url)
+            _check_spec(spec)
+            if spec.url not in stored:
+                await check_url(guard, spec.url)
+        except WebhookError as exc:
+            raise WebhookError(f"webhooks[{index}].{exc}") from None
+        wanted.append((index, spec))
+    out: list[Webhook] = []
+    for _, spec in wanted:
+        existing = stored.get(spec.url)
+        if existing is None:
+            created = await store.create_webhook(
+                await _new_webhook(guard, spec, now_ms, DISABLED_BY_CONFIG, checked=True)
+            )
+            log.info("webhook.declared", webhook_id=created.id, host=_host(created.url))
+            out.append(created)
+            continue
+        out.append(await _apply_declaration(store, existing, spec, now_ms))
+    return out
+
+
+async def _apply_declaration(
+    store: Store, existing: Webhook, spec: DeclaredWebhook, now_ms: int
+) -> Webhook:
+    updated = dataclasses.replace(
+        existing,
+        event_types=check_event_types(spec.event_types),
+        description=spec.description,
+        rate_limit_per_s=spec.rate_limit_per_s,
+    )
+    if spec.secret is not None and spec.secret != existing.secret:
+        updated = dataclasses.replace(
+            updated, secret=spec.secret, previous_secret=None, previous_expires_ms=None
+        )
+    if not spec.enabled:
+        updated = _set_enabled(updated, False, DISABLED_BY_CONFIG)
+    elif existing.disabled_reason == DISABLED_BY_CONFIG:
+        updated = _set_enabled(updated, True, DISABLED_BY_CONFIG)
+    elif not existing.enabled:
+        log.warning(
+            "webhook.declared_but_disabled",
+            webhook_id=existing.id,
+            reason=existing.disabled_reason,
+            hint='re-enable it with PATCH /v1/webhooks/{id} {"enabled": true}',
+        )
+    if updated == existing:
+        return existing
+    updated = dataclasses.replace(updated, updated_ms=now_ms)
+    await store.update_webhook(updated)
+    log.info("webhook.declared_updated", webhook_id=existing.id)
+    return updated
+
+
+def _check_spec(spec: DeclaredWebhook) -> None:
+    check_event_types(spec.event_types)
+    check_description(spec.description)
+    check_rate(spec.rate_limit_per_s)
+    if spec.secret is not None:
+        check_secret(spec.secret)
+
+
+async def _new_webhook(
+    guard: Guard, spec: DeclaredWebhook, now_ms: int, disabled_reason: str, *, checked: bool = False
+) -> Webhook:
+    _check_spec(spec)
+    if not checked:
+        await check_url(guard, spec.url)
+    return Webhook(
+        id=new_webhook_id(),
+        url=spec.url,
+        event_types=check_event_types(spec.event_types),
+        secret=spec.secret if spec.secret is not None else signing.generate_secret(),
+        description=spec.description,
+        enabled=spec.enabled,
+        rate_limit_per_s=spec.rate_limit_per_s,
+        disabled_reason=None if spec.enabled else disabled_reason,
+        created_ms=now_ms,
+        updated_ms=now_ms,
+    )
+
+
+def _set_enabled(webhook: Webhook, enabled: bool, reason: str) -> Webhook:
+    if enabled == webhook.enabled:
+        return webhook  # disabling twice keeps the first reason, the informative one
+    if enabled:
+        # a fresh start: the failing clock of the old outage must not disable it again at once
+        return dataclasses.replace(
+            webhook, enabled=True, disabled_reason=None, failing_since_ms=None
+        )
+    return dataclasses.replace(webhook, enabled=False, disabled_reason=reason)
+
+
+async def _refuse_taken(store: Store, url: str) -> None:
+    for other in await store.webhooks():
+        if other.url == url:
+            raise ConflictError(f"url: already registered as webhook {other.id}")
+
+
+def _host(url: str) -> str:
+    """What logs show of a destination: the host only, since paths often carry tokens."""
+    return urlsplit(url).hostname or "?"

@@ -1,0 +1,117 @@
+"""Admin API fixtures: a real SQLite store in tmp_path and the app on a real aiohttp test server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient
+from aiohttp.web import Application, Request
+from pytest_aiohttp import AiohttpClient
+
+from relay.api import AdminSettings, create_admin_app
+from relay.api.responses import JsonObject
+from relay.events import Activity, Kind, from_millis
+from relay.sinks.ssrf import Guard
+from relay.store import Store, StreamKey, open_store
+
+TOKEN = "test-admin-token-5f2c9a"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+T0 = 1_763_700_000_000
+PUBLIC_URL = "https://93.184.216.34/hook"  # a public literal: registration never connects
+KEY = StreamKey("acme", "campaign", "1100394165290")
+
+Client = TestClient[Request, Application]
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+@dataclass
+class Clock:
+    """A settable clock in Unix ms, so times in answers are exact."""
+
+    now: int = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """An opened, empty SQLite store."""
+    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """The app's clock."""
+    return Clock()
+
+
+@pytest.fixture
+def make_client(
+    aiohttp_client: AiohttpClient,
+    store: Store,
+    clock: Clock,
+) -> ClientFactory:
+    """Start the admin app on a real port with given settings; returns its test client."""
+
+    async def make(
+        settings: AdminSettings | None = None,
+        guard: Guard | None = None,
+        status: Callable[[], Awaitable[JsonObject]] | None = None,
+    ) -> Client:
+        app = create_admin_app(
+            store,
+            settings or AdminSettings(token=TOKEN),
+            guard=guard or Guard(),
+            now_ms=clock,
+            status=status,
+        )
+        return await aiohttp_client(app)
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> Client:
+    """The app with a token and a guard without allowlist."""
+    return await make_client()
+
+
+def activity(contact: int, ms: int, kind: Kind = Kind.CLICK) -> Activity:
+    """One tracking activity of the test account."""
+    return Activity(
+        account="acme",
+        kind=kind,
+        campaign_id="1100394165290",
+        contact_id=str(contact),
+        email_address=f"c{contact}@example.com",
+        occurred_at=from_millis(ms),
+        link_id="1" if kind is Kind.CLICK else None,
+    )
+
+
+async def commit_events(store: Store, activities: list[Activity], now_ms: int) -> None:
+    """Commit one page of events and fan them out to the webhooks."""
+    await store.ensure_streams([KEY], now_ms)
+    stream_id = (await store.streams())[0].id
+    await store.commit_page(stream_id, activities, now_ms)
+    await store.fanout(1000, now_ms)
+
+
+async def error_of(response: ClientResponse, status: int) -> dict[str, str]:
+    """The ``error`` object of a JSON error response with the expected status."""
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"code", "message"}
+    assert all(isinstance(v, str) and v for v in error.values())
+    return {"code": error["code"], "message": error["message"]}

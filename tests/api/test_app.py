@@ -1,0 +1,235 @@
+"""The admin application: exposure check, bearer auth, health, OpenAPI, JSON errors everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pytest_aiohttp import AiohttpClient
+from structlog.testing import capture_logs
+
+from relay.api import AdminConfigError, AdminSettings, check_exposure, create_admin_app
+from relay.api.body import MAX_BODY_BYTES
+from relay.api.responses import JsonObject
+from relay.sinks.ssrf import Guard
+from relay.store import Store, open_store
+from tests.api.conftest import AUTH, PUBLIC_URL, TOKEN, Client, ClientFactory, error_of
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        pytest.param("0.0.0.0", id="all-ipv4"),
+        pytest.param("::", id="all-ipv6"),
+        pytest.param("", id="empty"),
+        pytest.param("10.1.2.3", id="private"),
+        pytest.param("admin.example.com", id="name"),
+    ],
+)
+def test_exposure_needs_a_token_off_loopback(host: str) -> None:
+    """Without a token, a non-loopback listen address is refused with a message naming the key."""
+    with pytest.raises(AdminConfigError, match=r"^admin\.token: required when admin\.host"):
+        check_exposure(AdminSettings(host=host))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.53", "::1", "[::1]", "localhost"])
+def test_exposure_allows_loopback_without_token(host: str) -> None:
+    """Loopback addresses may serve the API without a token."""
+    check_exposure(AdminSettings(host=host))
+
+
+def test_exposure_with_token_anywhere() -> None:
+    """A token makes any listen address acceptable."""
+    check_exposure(AdminSettings(host="0.0.0.0", token=TOKEN))
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        pytest.param(AdminSettings(token=""), "admin.token", id="empty-token"),
+        pytest.param(AdminSettings(token="a b"), "admin.token", id="space-in-token"),
+        pytest.param(AdminSettings(port=70000), "admin.port", id="port"),
+        pytest.param(AdminSettings(rotation_grace_s=-1), "admin.rotation_grace_s", id="grace"),
+    ],
+)
+def test_exposure_refuses_unusable_settings(settings: AdminSettings, key: str) -> None:
+    """Settings that cannot work are refused naming the key, never echoing the token."""
+    with pytest.raises(AdminConfigError, match=rf"^{key}:") as caught:
+        check_exposure(settings)
+    assert "a b" not in str(caught.value)
+
+
+def test_settings_repr_hides_the_token() -> None:
+    """The token never shows in a repr (and so in logs of the settings)."""
+    assert TOKEN not in repr(AdminSettings(token=TOKEN))
+
+
+async def test_factory_refuses_unsafe_exposure(store: Store) -> None:
+    """The factory itself refuses an open API on all interfaces."""
+    with pytest.raises(AdminConfigError):
+        create_admin_app(store, AdminSettings(host="0.0.0.0"), guard=Guard())
+
+
+async def test_health_ready_and_openapi_are_open(client: Client) -> None:
+    """/healthz, /readyz and /openapi.json answer without a token."""
+    health = await client.get("/healthz")
+    assert health.status == 200
+    assert await health.json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status == 200
+    assert await ready.json() == {"status": "ready"}
+    doc = await client.get("/openapi.json")
+    assert doc.status == 200
+    assert (await doc.json())["openapi"] == "3.1.0"
+
+
+async def test_readyz_is_503_when_the_store_is_gone(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """A closed store makes /readyz answer 503 with a JSON error; liveness stays 200."""
+    own = open_store(f"sqlite:///{tmp_path / 'gone.db'}")
+    await own.open()
+    client = await aiohttp_client(create_admin_app(own, AdminSettings(), guard=Guard()))
+    await own.close()
+    with capture_logs() as logs:
+        error = await error_of(await client.get("/readyz"), 503)
+    assert error["code"] == "unavailable"
+    assert "gone.db" not in error["message"]  # unauthenticated: no file names
+    assert any(e["event"] == "api.not_ready" for e in logs)
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_missing_token_is_401_with_challenge(client: Client) -> None:
+    """Without Authorization every /v1 route answers 401 with WWW-Authenticate: Bearer."""
+    response = await client.get("/v1/webhooks")
+    error = await error_of(response, 401)
+    assert error["code"] == "unauthorized"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param("Bearer wrong-token", id="wrong"),
+        pytest.param(f"Basic {TOKEN}", id="wrong-scheme"),
+        pytest.param(f"Bearer {TOKEN}x", id="longer"),
+        pytest.param("Bearer", id="empty"),
+        pytest.param("Bearer t\u00e9st", id="non-ascii"),
+    ],
+)
+async def test_wrong_token_is_401(client: Client, header: str) -> None:
+    """A wrong token, scheme or shape is refused with invalid_token, never a 5xx."""
+    response = await client.get("/v1/webhooks", headers={"Authorization": header})
+    await error_of(response, 401)
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+
+
+async def test_right_token_is_accepted_case_insensitive_scheme(client: Client) -> None:
+    """The bearer scheme name is case-insensitive; the token is exact."""
+    response = await client.get("/v1/webhooks", headers={"Authorization": f"bearer {TOKEN}"})
+    assert response.status == 200
+    assert await response.json() == {"webhooks": []}
+
+
+async def test_unknown_paths_need_the_token_too(client: Client) -> None:
+    """Probing unknown paths without a token reveals nothing: 401, not 404."""
+    await error_of(await client.get("/v1/nothing-here"), 401)
+    await error_of(await client.get("/admin"), 401)
+
+
+async def test_loopback_without_token_is_open(make_client: ClientFactory) -> None:
+    """With no token configured (loopback), /v1 routes need no Authorization."""
+    client = await make_client(AdminSettings(host="127.0.0.1", token=None))
+    response = await client.get("/v1/webhooks")
+    assert response.status == 200
+
+
+async def test_unknown_route_is_json_404(client: Client) -> None:
+    """An unknown route is a JSON 404."""
+    error = await error_of(await client.get("/v1/nothing-here", headers=AUTH), 404)
+    assert error["code"] == "not_found"
+
+
+async def test_wrong_method_is_json_405_with_allow(client: Client) -> None:
+    """A known path with a wrong method is a JSON 405 listing the allowed methods."""
+    response = await client.put("/v1/webhooks", headers=AUTH)
+    error = await error_of(response, 405)
+    assert error["code"] == "method_not_allowed"
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "POST"}
+
+
+async def test_oversized_body_is_json_413(client: Client) -> None:
+    """A body over the cap is refused with 413 before it is parsed."""
+    big = b'{"url": "' + b"a" * MAX_BODY_BYTES + b'"}'
+    response = await client.post("/v1/webhooks", data=big, headers=AUTH)
+    error = await error_of(response, 413)
+    assert error["message"].startswith("body:")
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        pytest.param(b"{not json", "body: not valid JSON", id="malformed"),
+        pytest.param(b"", "body: not valid JSON", id="empty"),
+        pytest.param(b"[1, 2]", "body: expected a JSON object, got an array", id="array"),
+        pytest.param(b"null", "body: expected a JSON object, got null", id="null"),
+        pytest.param(b'"\xff"', "body: not valid JSON", id="bad-utf8"),
+    ],
+)
+async def test_invalid_json_is_400(client: Client, data: bytes, needle: str) -> None:
+    """Bodies that are not a JSON object are a 400 saying so."""
+    error = await error_of(await client.post("/v1/webhooks", data=data, headers=AUTH), 400)
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith(needle)
+
+
+async def test_unexpected_exception_is_logged_json_500(make_client: ClientFactory) -> None:
+    """A bug behind a route is a JSON 500 and a logged traceback, with no detail on the wire."""
+
+    async def broken_status() -> JsonObject:
+        raise RuntimeError("kaput whsec_c2VjcmV0LXRoYXQtbXVzdC1ub3QtbGVhaw==")
+
+    client = await make_client(status=broken_status)
+    with capture_logs() as logs:
+        error = await error_of(await client.get("/v1/status", headers=AUTH), 500)
+    assert error["code"] == "internal"
+    assert "kaput" not in error["message"]
+    logged = [e for e in logs if e["event"] == "api.unhandled"]
+    assert logged
+    assert logged[0]["path"] == "/v1/status"
+
+
+async def test_status_route_serves_the_callable(make_client: ClientFactory) -> None:
+    """The optional status callable is served at /v1/status and documented only then."""
+
+    async def status() -> JsonObject:
+        return {"streams": 3}
+
+    client = await make_client(status=status)
+    response = await client.get("/v1/status", headers=AUTH)
+    assert await response.json() == {"streams": 3}
+    assert "/v1/status" in (await (await client.get("/openapi.json")).json())["paths"]
+
+
+async def test_no_status_route_without_callable(client: Client) -> None:
+    """Without a status callable there is no /v1/status, in the router or the document."""
+    await error_of(await client.get("/v1/status", headers=AUTH), 404)
+    assert "/v1/status" not in (await (await client.get("/openapi.json")).json())["paths"]
+
+
+async def test_secrets_never_logged(client: Client) -> None:
+    """Creating and rotating a webhook logs neither secret nor token nor URL path."""
+    with capture_logs() as logs:
+        created = await client.post(
+            "/v1/webhooks",
+            json={"url": PUBLIC_URL, "event_types": ["com.constantcontact.email.*"]},
+            headers=AUTH,
+        )
+        hook = await created.json()
+        rotated = await client.post(f"/v1/webhooks/{hook['id']}/rotate-secret", headers=AUTH)
+        new_secret = (await rotated.json())["secret"]
+        await client.get("/v1/webhooks", headers={"Authorization": "Bearer nope"})
+    text = repr(logs)
+    for secret in (hook["secret"], new_secret, TOKEN, "/hook"):
+        assert secret not in text
+    assert any(e["event"] == "webhook.created" for e in logs)

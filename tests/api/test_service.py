@@ -1,0 +1,140 @@
+"""Webhooks declared in the config file: idempotent upsert by URL, secrets, enabled state."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.api import DeclaredWebhook, WebhookError, upsert_declared
+from relay.api.service import DISABLED_BY_CONFIG
+from relay.events import WILDCARD
+from relay.sinks import signing
+from relay.sinks.ssrf import Guard
+from relay.store import Store
+from tests.api.conftest import PUBLIC_URL, T0
+
+CLICK = "com.constantcontact.email.click"
+OTHER_URL = "https://93.184.216.35/other"
+
+
+async def test_upsert_creates_then_is_idempotent(store: Store) -> None:
+    """The first upsert creates; repeating it changes nothing, not even updated_ms."""
+    declared = [
+        DeclaredWebhook(PUBLIC_URL, (CLICK,), description="crm"),
+        DeclaredWebhook(OTHER_URL, (WILDCARD,), rate_limit_per_s=3.0),
+    ]
+    first = await upsert_declared(store, Guard(), declared, T0)
+    assert [w.url for w in first] == [PUBLIC_URL, OTHER_URL]
+    assert first[0].id.startswith("wh_")
+    signing.secret_key(first[0].secret)
+    again = await upsert_declared(store, Guard(), declared, T0 + 60_000)
+    assert again == first
+    # the store orders by creation time, then id: same-millisecond ids come in any order
+    assert sorted(await store.webhooks(), key=lambda w: w.id) == sorted(first, key=lambda w: w.id)
+
+
+async def test_upsert_updates_fields_matched_by_url(store: Store) -> None:
+    """A changed declaration updates the stored webhook in place (same id, same secret)."""
+    (created,) = await upsert_declared(store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,))], T0)
+    changed = DeclaredWebhook(PUBLIC_URL, (WILDCARD,), description="all", rate_limit_per_s=1.5)
+    (updated,) = await upsert_declared(store, Guard(), [changed], T0 + 1000)
+    assert updated.id == created.id
+    assert updated.secret == created.secret
+    assert updated.event_types == (WILDCARD,)
+    assert updated.description == "all"
+    assert updated.rate_limit_per_s == 1.5
+    assert updated.updated_ms == T0 + 1000
+    assert await store.webhook(created.id) == updated
+
+
+async def test_declared_secret_replaces_only_when_different(store: Store) -> None:
+    """A declared secret is used at creation and replaces the stored one only if it changed."""
+    secret, other = signing.generate_secret(), signing.generate_secret()
+    (created,) = await upsert_declared(
+        store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,), secret=secret)], T0
+    )
+    assert created.secret == secret
+    (same,) = await upsert_declared(
+        store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,), secret=secret)], T0 + 1
+    )
+    assert same == created
+    (kept,) = await upsert_declared(store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,))], T0 + 2)
+    assert kept.secret == secret  # no secret declared: keep the stored one
+    (replaced,) = await upsert_declared(
+        store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,), secret=other)], T0 + 3
+    )
+    assert replaced.secret == other
+    assert (await store.webhook(created.id)).secrets_in_use(T0 + 3) == [other]
+
+
+async def test_config_disable_and_reenable(store: Store) -> None:
+    """enabled: false in the config disables; flipping it back re-enables what it disabled."""
+    (hook,) = await upsert_declared(store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,))], T0)
+    (off,) = await upsert_declared(
+        store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,), enabled=False)], T0 + 1
+    )
+    assert (off.enabled, off.disabled_reason) == (False, DISABLED_BY_CONFIG)
+    (on,) = await upsert_declared(store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,))], T0 + 2)
+    assert (on.id, on.enabled, on.disabled_reason) == (hook.id, True, None)
+
+
+async def test_restart_does_not_undo_an_automatic_disable(store: Store) -> None:
+    """A webhook the dispatcher disabled stays disabled across restarts until an operator acts."""
+    (hook,) = await upsert_declared(store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,))], T0)
+    await store.disable_webhook(hook.id, "410 Gone", T0 + 1)
+    (after,) = await upsert_declared(
+        store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,))], T0 + 2
+    )
+    assert (after.enabled, after.disabled_reason) == (False, "410 Gone")
+
+
+async def test_undeclared_webhooks_are_left_alone(store: Store) -> None:
+    """Webhooks not in the declaration (e.g. registered through the API) are not touched."""
+    (api_hook,) = await upsert_declared(store, Guard(), [DeclaredWebhook(OTHER_URL, (CLICK,))], T0)
+    await upsert_declared(store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,))], T0)
+    assert api_hook in await store.webhooks()
+
+
+@pytest.mark.parametrize(
+    ("declared", "prefix"),
+    [
+        pytest.param(
+            [DeclaredWebhook(PUBLIC_URL, (CLICK,)), DeclaredWebhook("http://10.0.0.1/", (CLICK,))],
+            "webhooks[1].url: ",
+            id="ssrf",
+        ),
+        pytest.param(
+            [DeclaredWebhook(PUBLIC_URL, ("com.constantcontact.email.view",))],
+            "webhooks[0].event_types[0]: unknown event type",
+            id="type",
+        ),
+        pytest.param(
+            [DeclaredWebhook(PUBLIC_URL, (CLICK,), secret="nope")],
+            "webhooks[0].secret: must start with whsec_",
+            id="secret",
+        ),
+        pytest.param(
+            [DeclaredWebhook(PUBLIC_URL, (CLICK,), rate_limit_per_s=0.0)],
+            "webhooks[0].rate_limit_per_s: ",
+            id="rate",
+        ),
+        pytest.param(
+            [DeclaredWebhook(PUBLIC_URL, (CLICK,)), DeclaredWebhook(PUBLIC_URL, (WILDCARD,))],
+            "webhooks[1].url: ",
+            id="twice",
+        ),
+    ],
+)
+async def test_invalid_declarations_write_nothing(
+    store: Store, declared: list[DeclaredWebhook], prefix: str
+) -> None:
+    """A bad entry is refused naming it, before anything is written."""
+    with pytest.raises(WebhookError) as caught:
+        await upsert_declared(store, Guard(), declared, T0)
+    assert str(caught.value).startswith(prefix), str(caught.value)
+    assert await store.webhooks() == []
+
+
+def test_declared_repr_hides_the_secret() -> None:
+    """A declared secret never shows in a repr."""
+    secret = signing.generate_secret()
+    assert secret not in repr(DeclaredWebhook(PUBLIC_URL, (CLICK,), secret=secret))

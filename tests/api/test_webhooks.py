@@ -1,0 +1,525 @@
+"""Webhook routes against a real store: CRUD, validation, SSRF, rotation, deliveries, recovery."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse
+from standardwebhooks.webhooks import Webhook as Verifier
+
+from relay.api import AdminSettings
+from relay.events import WILDCARD, Kind
+from relay.sinks import signing
+from relay.sinks.ssrf import Guard
+from relay.store import Attempt, Store
+from tests.api.conftest import (
+    AUTH,
+    PUBLIC_URL,
+    T0,
+    TOKEN,
+    Client,
+    ClientFactory,
+    Clock,
+    activity,
+    commit_events,
+    error_of,
+)
+
+CLICK = "com.constantcontact.email.click"
+OPEN = "com.constantcontact.email.open"
+WEBHOOK_FIELDS = {
+    "id",
+    "url",
+    "event_types",
+    "description",
+    "enabled",
+    "rate_limit_per_s",
+    "disabled_reason",
+    "failing_since",
+    "previous_secret_expires_at",
+    "created_at",
+    "updated_at",
+}
+
+
+async def create(client: Client, **fields: object) -> dict[str, Any]:
+    """Register a webhook (public literal URL, clicks by default) and return the 201 body."""
+    body = {"url": PUBLIC_URL, "event_types": [CLICK], **fields}
+    response = await client.post("/v1/webhooks", json=body, headers=AUTH)
+    assert response.status == 201, await response.text()
+    created: dict[str, Any] = await response.json()
+    return created
+
+
+async def ok(response: ClientResponse, status: int = 200) -> dict[str, Any]:
+    """The JSON body of a successful response."""
+    assert response.status == status, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def test_create_returns_the_webhook_with_its_secret(client: Client, store: Store) -> None:
+    """POST registers a webhook: 201, wh_ id, generated secret, times in RFC 3339 UTC ms."""
+    hook = await create(client, description="CRM", rate_limit_per_s=5)
+    assert set(hook) == WEBHOOK_FIELDS | {"secret"}
+    assert re.fullmatch(r"wh_[0-9a-f]{16}", str(hook["id"]))
+    assert hook["url"] == PUBLIC_URL
+    assert hook["event_types"] == [CLICK]
+    assert hook["description"] == "CRM"
+    assert hook["enabled"] is True
+    assert hook["rate_limit_per_s"] == 5.0
+    assert hook["disabled_reason"] is None
+    assert hook["created_at"] == "2025-11-21T04:40:00.000Z"
+    signing.secret_key(str(hook["secret"]))
+    stored = await store.webhook(str(hook["id"]))
+    assert stored.secret == hook["secret"]
+
+
+async def test_create_with_own_secret_and_disabled(client: Client) -> None:
+    """A supplied valid secret is kept; enabled=false registers it disabled with a reason."""
+    secret = signing.generate_secret()
+    hook = await create(client, secret=secret, enabled=False, event_types=[WILDCARD])
+    assert hook["secret"] == secret
+    assert hook["enabled"] is False
+    assert hook["disabled_reason"] == "disabled through the admin API"
+
+
+async def test_secret_never_returned_by_reads(client: Client) -> None:
+    """GET, list and PATCH never show the secret."""
+    hook = await create(client)
+    path = f"/v1/webhooks/{hook['id']}"
+    shown = await ok(await client.get(path, headers=AUTH))
+    assert set(shown) == WEBHOOK_FIELDS
+    listed = await ok(await client.get("/v1/webhooks", headers=AUTH))
+    assert listed == {"webhooks": [shown]}
+    patched = await ok(await client.patch(path, json={"description": "x"}, headers=AUTH))
+    assert "secret" not in patched
+    assert str(hook["secret"]) not in repr([shown, listed, patched])
+
+
+async def test_list_in_creation_order(client: Client, clock: Clock) -> None:
+    """The list holds every webhook, oldest first."""
+    first = await create(client)
+    clock.now += 1000
+    second = await create(client, url="https://93.184.216.35/other")
+    listed = await ok(await client.get("/v1/webhooks", headers=AUTH))
+    assert [h["id"] for h in listed["webhooks"]] == [first["id"], second["id"]]
+
+
+async def test_duplicate_url_is_409(client: Client) -> None:
+    """A second webhook for the same URL is a conflict naming the existing one."""
+    hook = await create(client)
+    response = await client.post(
+        "/v1/webhooks", json={"url": PUBLIC_URL, "event_types": [OPEN]}, headers=AUTH
+    )
+    error = await error_of(response, 409)
+    assert error["message"] == f"url: already registered as webhook {hook['id']}"
+
+
+async def test_event_types_are_deduplicated(client: Client) -> None:
+    """Repeated event types are kept once, in order."""
+    hook = await create(client, event_types=[OPEN, CLICK, OPEN])
+    assert hook["event_types"] == [OPEN, CLICK]
+
+
+@pytest.mark.parametrize(
+    ("body", "prefix"),
+    [
+        pytest.param({"event_types": [CLICK]}, "url: required", id="no-url"),
+        pytest.param({"url": PUBLIC_URL}, "event_types: required", id="no-types"),
+        pytest.param({"url": 5, "event_types": [CLICK]}, "url: expected a string", id="url-type"),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": []}, "event_types: at least one", id="none"
+        ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": CLICK}, "event_types: expected an array", id="str"
+        ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": ["com.constantcontact.email.view"]},
+            "event_types[0]: unknown event type",
+            id="unknown-type",
+        ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": [CLICK, 3]},
+            "event_types[1]: expected a string",
+            id="item-type",
+        ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": [CLICK], "enabled": "yes"},
+            "enabled: expected true or false",
+            id="enabled",
+        ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": [CLICK], "rate_limit_per_s": 0},
+            "rate_limit_per_s: must be greater than 0",
+            id="rate-zero",
+        ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": [CLICK], "rate_limit_per_s": True},
+            "rate_limit_per_s: expected a number or null",
+            id="rate-bool",
+        ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": [CLICK], "secret": "hunter2"},
+            "secret: must start with whsec_",
+            id="secret-prefix",
+        ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": [CLICK], "secret": "whsec_c2hvcnQ="},
+            "secret: must encode 24 to 64 bytes",
+            id="secret-short",
+        ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": [CLICK], "description": "x" * 1001},
+            "description: longer than 1000",
+            id="description",
+        ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": [CLICK], "colour": "red"},
+            "colour: unknown field",
+            id="unknown-field",
+        ),
+        pytest.param(
+            {"url": "ftp://93.184.216.34/x", "event_types": [CLICK]},
+            "url: expected an http(s) URL",
+            id="scheme",
+        ),
+        pytest.param(
+            {"url": "https://93.184.216.34/a b", "event_types": [CLICK]},
+            "url: must be printable ASCII",
+            id="space",
+        ),
+        pytest.param(
+            {"url": "http://93.184.216.34/hook", "event_types": [CLICK]},
+            "url: https is required",
+            id="plain-http",
+        ),
+    ],
+)
+async def test_create_validation_names_the_field(
+    client: Client, body: dict[str, object], prefix: str
+) -> None:
+    """Every bad field is a 400 whose message starts with the field's name."""
+    error = await error_of(await client.post("/v1/webhooks", json=body, headers=AUTH), 400)
+    assert error["message"].startswith(prefix), error["message"]
+    assert "hunter2" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("http://127.0.0.1/", id="loopback"),
+        pytest.param("https://10.0.0.1/", id="private"),
+        pytest.param("http://169.254.169.254/latest/meta-data", id="metadata"),
+        pytest.param("http://[::1]/", id="ipv6-loopback"),
+        pytest.param("http://[::ffff:127.0.0.1]/", id="ipv4-mapped"),
+        pytest.param("http://localhost/", id="localhost-name"),
+        pytest.param("https://0.0.0.0/", id="unspecified"),
+    ],
+)
+async def test_ssrf_refused_at_registration(client: Client, url: str) -> None:
+    """Destinations resolving to non-public addresses are refused with 400 naming the url."""
+    response = await client.post(
+        "/v1/webhooks", json={"url": url, "event_types": [CLICK]}, headers=AUTH
+    )
+    error = await error_of(response, 400)
+    assert error["message"].startswith("url: ")
+
+
+async def test_public_literal_accepted(client: Client) -> None:
+    """A public address is accepted (registration does not connect)."""
+    hook = await create(client, url="https://93.184.216.34:8443/hooks/ctct?x=1")
+    assert hook["url"] == "https://93.184.216.34:8443/hooks/ctct?x=1"
+
+
+async def test_allowlisted_loopback_accepted(make_client: ClientFactory) -> None:
+    """With 127.0.0.0/8 allowlisted, a plain-http loopback receiver may be registered."""
+    client = await make_client(guard=Guard.from_strings(["127.0.0.0/8"]))
+    hook = await create(client, url="http://127.0.0.1:9876/hook")
+    assert hook["url"] == "http://127.0.0.1:9876/hook"
+
+
+async def test_patch_fields_and_recheck_url(client: Client, clock: Clock, store: Store) -> None:
+    """PATCH changes the given fields, re-checks a new URL and bumps updated_at."""
+    hook = await create(client)
+    path = f"/v1/webhooks/{hook['id']}"
+    clock.now += 60_000
+    patched = await ok(
+        await client.patch(
+            path,
+            json={
+                "event_types": [WILDCARD],
+                "description": "all",
+                "rate_limit_per_s": 2.5,
+                "url": "https://93.184.216.34/v2",
+            },
+            headers=AUTH,
+        )
+    )
+    assert patched["event_types"] == [WILDCARD]
+    assert patched["description"] == "all"
+    assert patched["rate_limit_per_s"] == 2.5
+    assert patched["url"] == "https://93.184.216.34/v2"
+    assert patched["updated_at"] == "2025-11-21T04:41:00.000Z"
+    assert patched["created_at"] == hook["created_at"]
+    cleared = await ok(await client.patch(path, json={"rate_limit_per_s": None}, headers=AUTH))
+    assert cleared["rate_limit_per_s"] is None
+    refused = await client.patch(path, json={"url": "http://10.0.0.1/"}, headers=AUTH)
+    assert (await error_of(refused, 400))["message"].startswith("url: ")
+    assert (await store.webhook(str(hook["id"]))).url == "https://93.184.216.34/v2"
+
+
+@pytest.mark.parametrize(
+    ("body", "prefix"),
+    [
+        pytest.param({"secret": signing.generate_secret()}, "secret: change it with", id="secret"),
+        pytest.param({"start_seq": 0}, "start_seq: unknown field", id="unknown"),
+        pytest.param({"event_types": []}, "event_types: at least one", id="types"),
+        pytest.param({"enabled": None}, "enabled: expected true or false", id="enabled"),
+    ],
+)
+async def test_patch_validation(client: Client, body: dict[str, object], prefix: str) -> None:
+    """PATCH refuses unknown fields (secret has its own route) and bad values, naming them."""
+    hook = await create(client)
+    response = await client.patch(f"/v1/webhooks/{hook['id']}", json=body, headers=AUTH)
+    assert (await error_of(response, 400))["message"].startswith(prefix)
+
+
+async def test_reenable_clears_failure_state(client: Client, store: Store) -> None:
+    """Re-enabling an auto-disabled webhook clears disabled_reason and the failing clock."""
+    hook = await create(client)
+    hook_id = str(hook["id"])
+    await store.webhook_failed(hook_id, T0, disable_after_ms=0)
+    disabled = await ok(await client.get(f"/v1/webhooks/{hook_id}", headers=AUTH))
+    assert disabled["enabled"] is False
+    assert disabled["failing_since"] == "2025-11-21T04:40:00.000Z"
+    assert str(disabled["disabled_reason"]).startswith("failing continuously")
+    again = await ok(
+        await client.patch(f"/v1/webhooks/{hook_id}", json={"enabled": True}, headers=AUTH)
+    )
+    assert again["enabled"] is True
+    assert again["disabled_reason"] is None
+    assert again["failing_since"] is None
+    stored = await store.webhook(hook_id)
+    assert stored.failing_since_ms is None
+
+
+async def test_disable_through_api_keeps_reason(client: Client) -> None:
+    """PATCH enabled=false disables with an operator reason."""
+    hook = await create(client)
+    off = await ok(
+        await client.patch(f"/v1/webhooks/{hook['id']}", json={"enabled": False}, headers=AUTH)
+    )
+    assert off["enabled"] is False
+    assert off["disabled_reason"] == "disabled through the admin API"
+
+
+async def test_delete_then_404(client: Client) -> None:
+    """DELETE answers 204 once, then the webhook is gone everywhere."""
+    hook = await create(client)
+    path = f"/v1/webhooks/{hook['id']}"
+    response = await client.delete(path, headers=AUTH)
+    assert response.status == 204
+    assert await response.read() == b""
+    for method in ("GET", "DELETE"):
+        error = await error_of(await client.request(method, path, headers=AUTH), 404)
+        assert error["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        pytest.param("GET", "/v1/webhooks/wh_0000000000000000", None, id="show"),
+        pytest.param("PATCH", "/v1/webhooks/wh_0000000000000000", {"enabled": True}, id="patch"),
+        pytest.param("DELETE", "/v1/webhooks/wh_0000000000000000", None, id="delete"),
+        pytest.param("POST", "/v1/webhooks/wh_0000000000000000/rotate-secret", None, id="rotate"),
+        pytest.param("GET", "/v1/webhooks/wh_0000000000000000/deliveries", None, id="deliveries"),
+        pytest.param(
+            "POST",
+            "/v1/webhooks/wh_0000000000000000/recover",
+            {"since": "2025-01-01T00:00:00Z"},
+            id="recover",
+        ),
+        pytest.param("POST", "/v1/deliveries/424242/redeliver", None, id="redeliver"),
+        pytest.param("POST", "/v1/deliveries/abc/redeliver", None, id="redeliver-not-int"),
+        pytest.param("POST", f"/v1/deliveries/{2**70}/redeliver", None, id="redeliver-huge"),
+    ],
+)
+async def test_unknown_ids_are_404(
+    client: Client, method: str, path: str, body: dict[str, object] | None
+) -> None:
+    """Every route answers 404 JSON for an unknown webhook or delivery id, never a 5xx."""
+    response = await client.request(method, path, json=body, headers=AUTH)
+    error = await error_of(response, 404)
+    assert error["message"].startswith("no ")
+
+
+async def test_rotation_keeps_previous_secret_for_the_grace(
+    make_client: ClientFactory, clock: Clock, store: Store
+) -> None:
+    """rotate-secret returns a new secret; the old one stays in use until the grace ends."""
+    client = await make_client(AdminSettings(token=TOKEN, rotation_grace_s=600))
+    hook = await create(client)
+    hook_id, old = str(hook["id"]), str(hook["secret"])
+    rotated = await ok(await client.post(f"/v1/webhooks/{hook_id}/rotate-secret", headers=AUTH))
+    new = str(rotated["secret"])
+    assert new != old
+    assert rotated["previous_secret_expires_at"] == "2025-11-21T04:50:00.000Z"
+    stored = await store.webhook(hook_id)
+    assert stored.secrets_in_use(T0 + 599_999) == [new, old]
+    assert stored.secrets_in_use(T0 + 600_000) == [new]
+    # during the grace a receiver still holding the old secret verifies what the relay signs
+    body, now_s = b'{"ok": true}', int(time.time())
+    headers = signing.headers(stored.secrets_in_use(T0 + 1), "msg_1", now_s, body)
+    Verifier(old).verify(body, headers)
+    Verifier(new).verify(body, headers)
+    clock.now = T0 + 600_000
+    shown = await ok(await client.get(f"/v1/webhooks/{hook_id}", headers=AUTH))
+    assert shown["previous_secret_expires_at"] is None
+    assert "secret" not in shown
+
+
+async def test_rotation_to_a_given_secret(client: Client, store: Store) -> None:
+    """A secret in the rotation body is validated and used; reusing the current one is a 400."""
+    hook = await create(client)
+    path = f"/v1/webhooks/{hook['id']}/rotate-secret"
+    chosen = signing.generate_secret(48)
+    rotated = await ok(await client.post(path, json={"secret": chosen}, headers=AUTH))
+    assert rotated["secret"] == chosen
+    assert (await store.webhook(str(hook["id"]))).secret == chosen
+    same = await client.post(path, json={"secret": chosen}, headers=AUTH)
+    assert (await error_of(same, 400))["message"].startswith("secret: the new secret must differ")
+    bad = await client.post(path, json={"secret": "whsec_!!"}, headers=AUTH)
+    assert (await error_of(bad, 400))["message"].startswith("secret: ")
+
+
+async def test_deliveries_with_attempts_filter_and_limit(
+    client: Client, store: Store, clock: Clock
+) -> None:
+    """Deliveries list newest first with their attempts; status and limit filter them."""
+    hook = await create(client)
+    hook_id = str(hook["id"])
+    await commit_events(store, [activity(1, T0 - 5000), activity(2, T0 - 4000)], T0)
+    pending = await store.deliveries(hook_id, 10)
+    assert len(pending) == 2
+    oldest = pending[-1]
+    await store.finish_attempt(
+        Attempt(oldest.id, T0 + 1000, 500, 12.3456, "oops", "HTTP 500"), "dead", T0 + 1000
+    )
+    path = f"/v1/webhooks/{hook_id}/deliveries"
+    listed = await ok(await client.get(path, headers=AUTH))
+    deliveries = listed["deliveries"]
+    assert isinstance(deliveries, list)
+    assert [d["id"] for d in deliveries] == [d.id for d in pending]
+    dead = deliveries[1]
+    assert dead["status"] == "dead"
+    assert dead["attempt_count"] == 1
+    assert dead["attempts"] == [
+        {
+            "attempted_at": "2025-11-21T04:40:01.000Z",
+            "status_code": 500,
+            "latency_ms": 12.346,
+            "response_excerpt": "oops",
+            "error": "HTTP 500",
+        }
+    ]
+    only_dead = await ok(await client.get(path, params={"status": "dead"}, headers=AUTH))
+    assert [d["id"] for d in only_dead["deliveries"]] == [oldest.id]
+    one = await ok(await client.get(path, params={"limit": "1"}, headers=AUTH))
+    assert len(one["deliveries"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("params", "prefix"),
+    [
+        pytest.param({"status": "lost"}, "status: expected one of", id="status"),
+        pytest.param({"limit": "0"}, "limit: expected an integer from 1 to 500", id="zero"),
+        pytest.param({"limit": "501"}, "limit: expected an integer from 1 to 500", id="big"),
+        pytest.param({"limit": "x"}, "limit: expected an integer", id="text"),
+    ],
+)
+async def test_deliveries_query_validation(
+    client: Client, params: dict[str, str], prefix: str
+) -> None:
+    """Bad query values are 400s naming the parameter."""
+    hook = await create(client)
+    response = await client.get(
+        f"/v1/webhooks/{hook['id']}/deliveries", params=params, headers=AUTH
+    )
+    assert (await error_of(response, 400))["message"].startswith(prefix)
+
+
+async def test_redeliver_resets_a_dead_delivery(client: Client, store: Store) -> None:
+    """redeliver makes a dead delivery pending, due now, with a fresh budget: 202."""
+    hook = await create(client)
+    await commit_events(store, [activity(1, T0 - 5000)], T0)
+    (delivery,) = await store.deliveries(str(hook["id"]), 10)
+    await store.finish_attempt(Attempt(delivery.id, T0, 503, 5.0), "dead", T0)
+    response = await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH)
+    body = await ok(response, 202)
+    assert body["status"] == "pending"
+    assert body["attempt_count"] == 0
+    assert body["next_attempt_at"] == "2025-11-21T04:40:00.000Z"
+    assert len(body["attempts"]) == 1
+    assert (await store.delivery(delivery.id)).status == "pending"
+
+
+async def test_recover_owes_matching_events_again(client: Client, store: Store) -> None:
+    """recover re-owes every matching event committed since the time: 202 with the count."""
+    await commit_events(store, [activity(1, T0 - 9000)], T0 - 1000)  # before the webhook
+    hook = await create(client)
+    hook_id = str(hook["id"])
+    await commit_events(
+        store, [activity(2, T0 - 5000), activity(3, T0 - 4000, Kind.OPEN)], T0 + 1000
+    )
+    assert len(await store.deliveries(hook_id, 10)) == 1  # clicks only, from registration on
+    path = f"/v1/webhooks/{hook_id}/recover"
+    body = await ok(
+        await client.post(path, json={"since": "2025-11-21T04:39:00+00:00"}, headers=AUTH), 202
+    )
+    assert body == {"deliveries": 2}  # both clicks, the one from before registration too
+    assert len(await store.deliveries(hook_id, 10)) == 2
+
+
+@pytest.mark.parametrize(
+    "since",
+    [
+        pytest.param("2025-11-21", id="date-only"),
+        pytest.param("2025-11-21T04:39:00", id="no-offset"),
+        pytest.param("yesterday", id="words"),
+        pytest.param("2025-13-01T00:00:00Z", id="month"),
+        pytest.param("2025-01-01T00:00:00+24:00", id="offset"),
+        pytest.param(1763700000000, id="number"),
+    ],
+)
+async def test_recover_needs_an_rfc3339_time(client: Client, since: object) -> None:
+    """since must be an RFC 3339 time with an offset; anything else is a 400 naming it."""
+    hook = await create(client)
+    response = await client.post(
+        f"/v1/webhooks/{hook['id']}/recover", json={"since": since}, headers=AUTH
+    )
+    assert (await error_of(response, 400))["message"].startswith("since: expected an RFC 3339")
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        pytest.param(b"", 200, id="empty"),
+        pytest.param(b" \r\n\t", 200, id="json-whitespace"),
+        pytest.param(b"\x0b", 400, id="vertical-tab"),
+        pytest.param(b"{}", 200, id="empty-object"),
+    ],
+)
+async def test_rotation_body_is_optional_but_json(client: Client, data: bytes, status: int) -> None:
+    """An absent rotation body means "generate"; anything else must be JSON (RFC 8259 spaces)."""
+    hook = await create(client)
+    response = await client.post(
+        f"/v1/webhooks/{hook['id']}/rotate-secret", data=data, headers=AUTH
+    )
+    if status == 400:
+        assert (await error_of(response, 400))["message"].startswith("body: not valid JSON")
+    else:
+        assert (await ok(response))["secret"] != hook["secret"]

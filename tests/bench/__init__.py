@@ -1,0 +1,1 @@
+"""Smoke tests of the benchmarks: their core functions on tiny inputs."""
