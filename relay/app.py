@@ -17,8 +17,10 @@ from datetime import UTC, datetime
 
 import aiohttp
 import structlog
+from aiohttp import web
 
-from relay.config import AccountSettings, Settings
+from relay.api import WebhookError, create_admin_app, upsert_declared
+from relay.config import AccountSettings, ConfigError, Settings
 from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
@@ -26,6 +28,8 @@ from relay.events import Kind
 from relay.poller import Poller
 from relay.scheduler import AccountRuntime, Planner, Scheduler
 from relay.sinks.kafka import KafkaSink
+from relay.sinks.ssrf import Guard
+from relay.sinks.webhooks import WebhookDispatcher
 from relay.store import Store, StoreError, open_store
 from relay.targets import CampaignDiscovery, ensure_configured
 
@@ -58,8 +62,15 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
         await store.open()
         stack.push_async_callback(store.close)
         session = await stack.enter_async_context(aiohttp.ClientSession())
-        sinks = _start_sinks(settings, store, stop)
+        guard = Guard.from_strings(settings.allow_networks)
+        try:
+            await upsert_declared(store, guard, settings.webhooks, now_ms())
+        except WebhookError as exc:
+            raise ConfigError(f"webhooks.declared: {exc}") from None
+        sinks = _start_sinks(settings, store, stop, guard)
         stack.push_async_callback(_stop_sinks, sinks)
+        runner = await _start_admin(settings, store, guard)
+        stack.push_async_callback(runner.cleanup)
         today = datetime.now(UTC).date().isoformat()
         runtimes: list[AccountRuntime] = []
         clients: list[CtctClient] = []
@@ -105,8 +116,28 @@ class _Sinks:
         self.tasks: list[asyncio.Task[None]] = []
 
 
-def _start_sinks(settings: Settings, store: Store, relay_stop: asyncio.Event) -> _Sinks:
+async def _start_admin(settings: Settings, store: Store, guard: Guard) -> web.AppRunner:
+    """The admin API (webhook registration, health) on its configured address."""
+    app = create_admin_app(store, settings.admin, guard=guard, now_ms=now_ms)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        where = f"{settings.admin.host}:{settings.admin.port}"
+        raise ConfigError(f"admin: cannot listen on {where}: {exc.strerror or exc}") from None
+    log.info("admin.listening", address=[f"{a[0]}:{a[1]}" for a in runner.addresses])
+    return runner
+
+
+def _start_sinks(
+    settings: Settings, store: Store, relay_stop: asyncio.Event, guard: Guard
+) -> _Sinks:
     sinks = _Sinks()
+    dispatcher = WebhookDispatcher(store, settings.delivery, guard, now_ms)
+    sinks.tasks.append(asyncio.create_task(dispatcher.run(sinks.stop), name="sink:webhooks"))
     if settings.kafka is not None:
         kinds = sorted({k for a in settings.accounts for k in a.poll.kinds}, key=list(Kind).index)
         sink = KafkaSink(settings.kafka, store, kinds, now_ms)

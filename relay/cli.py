@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import aiohttp
 import orjson
 
 from relay import logs, sim
+from relay.api.client import add_webhooks_parser, run_webhooks
 from relay.app import run_relay
 from relay.config import AccountSettings, ConfigError, Settings, load
 from relay.ctct import catalogue
@@ -50,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_demo(_scenario(args.scenario), args.duration, sys.stdout))
         if args.command == "endpoints":
             return _endpoints(sys.stdout)
+        if args.command == "webhooks":
+            return run_webhooks(args, os.environ, sys.stdout)
         if args.command == "dev-kafka":
             logs.configure("warning")
             data_dir = Path(args.data_dir) if args.data_dir else None
@@ -94,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
 
     commands.add_parser("endpoints", help="list the upstream endpoints the client knows")
+    add_webhooks_parser(commands)
 
     p = commands.add_parser(
         "dev-kafka", help="run a local single-node Apache Kafka broker (needs Java 17 and Maven)"

@@ -17,12 +17,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from relay.api import AdminConfigError, AdminSettings, DeclaredWebhook, check_exposure
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
 from relay.events import Kind, RecordError, parse_time
 from relay.poller import PollSettings
 from relay.scheduler import ScheduleSettings
 from relay.sinks.kafka import KafkaSecurity, KafkaSettings
+from relay.sinks.ssrf import Guard
+from relay.sinks.webhooks import DeliverySettings
 
 ENV_PREFIX = "CTCT_RELAY_"
 DEFAULT_STATE = "sqlite:///relay-state.db"
@@ -120,6 +123,10 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     logging: LogSettings = field(default_factory=LogSettings)
     kafka: KafkaSettings | None = None
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    allow_networks: tuple[str, ...] = ()  # webhook destinations allowed despite SSRF rules
+    webhooks: tuple[DeclaredWebhook, ...] = ()
 
     def secrets(self) -> list[str]:
         """Every secret value, so log redaction can scrub them wherever they appear."""
@@ -130,6 +137,9 @@ class Settings:
         ]
         if self.kafka and self.kafka.security.password:
             values.append(self.kafka.security.password)
+        if self.admin.token:
+            values.append(self.admin.token)
+        values += [w.secret for w in self.webhooks if w.secret]
         return values
 
 
@@ -176,6 +186,7 @@ def from_mapping(data: Mapping[str, object]) -> Settings:
     if retention_h * 3600 <= defaults.overlap_s * 2:
         raise ConfigError("poll.dedup_retention_h: must be longer than twice poll.overlap_s")
     poll.done()
+    delivery, allow, declared = _webhooks(root.child("webhooks"))
     settings = Settings(
         accounts=accounts,
         state=_state(root),
@@ -184,9 +195,67 @@ def from_mapping(data: Mapping[str, object]) -> Settings:
         http=_http(root.child("http")),
         logging=_logs(root),
         kafka=_kafka(root),
+        admin=_admin(root.child("admin")),
+        delivery=delivery,
+        allow_networks=allow,
+        webhooks=declared,
     )
     root.done()
     return settings
+
+
+def _admin(r: _Reader) -> AdminSettings:
+    b = AdminSettings()
+    admin = AdminSettings(
+        host=r.text("host", b.host),
+        port=int(r.number("port", b.port, strict=False, maximum=65535)),
+        token=r.optional_text("token"),
+        rotation_grace_s=r.number("rotation_grace_s", b.rotation_grace_s, strict=False),
+    )
+    r.done()
+    try:
+        check_exposure(admin)
+    except AdminConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return admin
+
+
+def _webhooks(
+    r: _Reader,
+) -> tuple[DeliverySettings, tuple[str, ...], tuple[DeclaredWebhook, ...]]:
+    b = DeliverySettings()
+    schedule = r.numbers("retry_schedule_s")
+    delivery = DeliverySettings(
+        retry_schedule_s=b.retry_schedule_s if schedule is None else tuple(schedule),
+        timeout_s=r.number("timeout_s", b.timeout_s),
+        connect_timeout_s=r.number("connect_timeout_s", b.connect_timeout_s),
+        max_retry_after_s=r.number("max_retry_after_s", b.max_retry_after_s),
+        concurrency=int(r.number("concurrency", b.concurrency, minimum=1, strict=False)),
+        disable_after_s=r.number("disable_after_s", b.disable_after_s),
+        response_cap_bytes=int(r.number("response_cap_bytes", b.response_cap_bytes)),
+    )
+    allow = tuple(r.strings("allow_networks") or ())
+    try:
+        Guard.from_strings(allow)
+    except ValueError as exc:
+        raise ConfigError(f"{r.key('allow_networks')}: {exc}") from None
+    declared = []
+    for w in r.readers("declared"):
+        secret = w.optional_text("secret")
+        rate = w.raw("rate_limit_per_s")
+        declared.append(
+            DeclaredWebhook(
+                url=w.text("url"),
+                event_types=tuple(w.strings("event_types") or ("com.constantcontact.email.*",)),
+                description=w.text("description", " ").strip(),
+                enabled=w.flag("enabled", True),
+                secret=secret,
+                rate_limit_per_s=None if rate is None else w.number("rate_limit_per_s", 1.0),
+            )
+        )
+        w.done()
+    r.done()
+    return delivery, allow, tuple(declared)
 
 
 def _kafka(root: _Reader) -> KafkaSettings | None:
@@ -464,6 +533,22 @@ class _Reader:
         if not isinstance(value, bool):
             raise ConfigError(f"{self.key(name)}: expected true or false, got {_show(value)}")
         return value
+
+    def numbers(self, name: str) -> list[float] | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value
+            )
+        ):
+            raise ConfigError(
+                f"{self.key(name)}: expected a non-empty list of seconds, got {_show(value)}"
+            )
+        return [float(v) for v in value]
 
     def strings(self, name: str) -> list[str] | None:
         """A list of ids or names; numbers are accepted and kept as text (ids often are)."""

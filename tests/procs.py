@@ -170,6 +170,7 @@ def relay_config(
         "schedule": {"min_interval_s": 0.3, "max_interval_s": 2, "tick_s": 0.2},
         "http": {"max_attempts": 3, "backoff_base_s": 0.05, "backoff_max_s": 0.5},
         "logging": {"level": "info", "format": "json"},
+        "admin": {"port": 0},
     }
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

@@ -170,9 +170,11 @@ class WebhookDispatcher:
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome(None, _ms(started), "", f"{type(exc).__name__}: {exc}"[:500])
 
-    async def _settle(self, hook: Webhook, delivery: Delivery, outcome: Outcome) -> bool:
+    async def _settle(
+        self, hook: Webhook, delivery: Delivery, outcome: Outcome, failing: bool
+    ) -> bool:
         """Record the attempt and decide what happens next to the delivery and the endpoint;
-        True when the endpoint was disabled."""
+        True when the endpoint was disabled. ``failing``: its failing clock may be running."""
         now = self._now_ms()
         attempt = Attempt(
             delivery.id,
@@ -184,7 +186,8 @@ class WebhookDispatcher:
         )
         if outcome.ok:
             await self._store.finish_attempt(attempt, "delivered", now)
-            await self._store.webhook_succeeded(hook.id)
+            if failing:  # a write per success only when there is a clock to stop
+                await self._store.webhook_succeeded(hook.id)
             self.delivered += 1
             return False
         self.failed_attempts += 1
@@ -227,6 +230,7 @@ class _Worker:
         self._loop_task: asyncio.Task[None] | None = None
         self._next_send = 0.0
         self.disabled = False  # set by an attempt that disabled the endpoint: take no more work
+        self.failing = hook.failing_since_ms is not None
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name=f"webhook:{self.hook.id}")
@@ -292,8 +296,10 @@ class _Worker:
                 webhook=self.hook.id, delivery=delivery.id
             ):
                 outcome = await d._attempt(self._session, self.hook, event)
-                if await asyncio.shield(d._settle(self.hook, delivery, outcome)):
+                settle = d._settle(self.hook, delivery, outcome, self.failing)
+                if await asyncio.shield(settle):
                     self.disabled = True
+                self.failing = not outcome.ok
         except StoreError as exc:
             log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
         finally:
