@@ -373,6 +373,7 @@ def _schedule(r: _Reader) -> ScheduleSettings:
         prior_rate_per_h=r.number("prior_rate_per_h", b.prior_rate_per_h),
         floor_rate_per_h=r.number("floor_rate_per_h", b.floor_rate_per_h),
         smoothing=r.number("smoothing", b.smoothing, maximum=1.0),
+        rate_memory_s=r.number("rate_memory_s", b.rate_memory_s),
         budget_share=r.number("budget_share", b.budget_share, maximum=1.0),
         tick_s=r.number("tick_s", b.tick_s),
         concurrency=int(r.number("concurrency", b.concurrency, minimum=1, strict=False)),

@@ -42,7 +42,8 @@ class ScheduleSettings:
     max_interval_s: float = 6 * 3600.0
     prior_rate_per_h: float = 120.0  # assumed for a stream never polled: poll it soon
     floor_rate_per_h: float = 0.05  # keeps silent streams in the rule, at max_interval_s
-    smoothing: float = 0.5  # weight of the latest pass in the rate estimate
+    smoothing: float = 0.5  # least weight of the latest pass in the rate estimate
+    rate_memory_s: float = 1800.0  # a pass covering this long outweighs the history ~2:1
     budget_share: float = 0.9  # of the day's pace; the rest absorbs retries and discovery
     tick_s: float = 1.0
     concurrency: int = 2  # streams of one account polled at once (the limiter still paces)
@@ -88,12 +89,25 @@ class SqrtPolicy:
         return min(s.max_interval_s, max(s.min_interval_s, ideal))
 
 
-def estimate_rate(previous_per_h: float, new: int, elapsed_s: float, smoothing: float) -> float:
-    """EWMA of new activities per hour, from one pass that found ``new`` over ``elapsed_s``."""
+def estimate_rate(
+    previous_per_h: float,
+    new: int,
+    elapsed_s: float,
+    smoothing: float,
+    memory_s: float = 1800.0,
+) -> float:
+    """EWMA of new activities per hour, from one pass that found ``new`` over ``elapsed_s``.
+
+    A pass that covers a long stretch of time says more than one that covers a few seconds: its
+    weight grows towards 1 with ``elapsed_s / memory_s`` (never below ``smoothing``). Without
+    this, a campaign that went quiet keeps half its old rate per empty pass and holds a large
+    share of the budget for most of a day (measured with bench/freshness.py).
+    """
     if elapsed_s <= 0:
         return previous_per_h
     observed = new * 3600.0 / elapsed_s
-    return smoothing * observed + (1 - smoothing) * previous_per_h
+    weight = max(smoothing, 1.0 - math.exp(-elapsed_s / memory_s))
+    return weight * observed + (1 - weight) * previous_per_h
 
 
 class Planner:
@@ -130,7 +144,7 @@ class Planner:
         """The stream's new rate estimate (events/hour) and the seconds until its next pass."""
         s = self._settings
         previous = s.prior_rate_per_h if previous_rate_per_h is None else previous_rate_per_h
-        rate = estimate_rate(previous, new, elapsed_s, s.smoothing)
+        rate = estimate_rate(previous, new, elapsed_s, s.smoothing, s.rate_memory_s)
         cost = s.smoothing * requests + (1 - s.smoothing) * self._costs.get(stream_id, 2.0)
         self._costs[stream_id] = cost
         self.policy.update(stream_id, rate, cost)

@@ -1,0 +1,58 @@
+"""The scheduler's arithmetic: rate estimates and the square-root rule under a budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from relay.scheduler import Planner, ScheduleSettings, SqrtPolicy, estimate_rate
+
+WIDE = ScheduleSettings(min_interval_s=1, max_interval_s=10**9)
+
+
+def test_four_times_the_rate_is_polled_twice_as_often() -> None:
+    """Intervals follow sqrt(cost/rate), scaled so the plan spends exactly the budget."""
+    policy = SqrtPolicy(WIDE)
+    policy.update(1, 400.0, 1.0)
+    policy.update(2, 100.0, 1.0)
+    budget = 0.1
+    t1, t2 = policy.interval_s(1, budget), policy.interval_s(2, budget)
+    assert t2 / t1 == pytest.approx(2.0)
+    assert 1 / t1 + 1 / t2 == pytest.approx(budget)
+
+
+def test_intervals_stay_within_bounds() -> None:
+    """A silent stream settles at max_interval_s, a busy one at min_interval_s."""
+    settings = ScheduleSettings(min_interval_s=60, max_interval_s=3600)
+    policy = SqrtPolicy(settings)
+    policy.update(1, 0.0, 1.0)
+    policy.update(2, 10**9, 1.0)
+    assert policy.interval_s(1, 0.001) == 3600
+    assert policy.interval_s(2, 1000.0) == 60
+
+
+def test_removing_a_stream_frees_its_share() -> None:
+    """After a stream is retired, the others get its share of the budget."""
+    policy = SqrtPolicy(WIDE)
+    policy.update(1, 100.0, 1.0)
+    policy.update(2, 100.0, 1.0)
+    before = policy.interval_s(1, 0.1)
+    policy.remove(2)
+    assert policy.interval_s(1, 0.1) == pytest.approx(before / 2)
+
+
+def test_a_long_quiet_pass_drops_the_rate_fast() -> None:
+    """A pass covering hours with nothing new outweighs the history; a short one does not."""
+    long_quiet = estimate_rate(1000.0, 0, 4 * 3600, 0.5, 1800)
+    short_quiet = estimate_rate(1000.0, 0, 10, 0.5, 1800)
+    assert long_quiet == pytest.approx(1000.0 * math.exp(-8), rel=1e-6)
+    assert short_quiet == pytest.approx(500.0)
+
+
+def test_planner_first_pass_uses_the_prior() -> None:
+    """A never-polled stream starts from prior_rate_per_h; a busy pass raises it."""
+    planner = Planner(ScheduleSettings(prior_rate_per_h=120, min_interval_s=1))
+    rate, interval = planner.after_pass(7, None, 60, 60.0, 3, 0.1)
+    assert rate > 120
+    assert interval >= 1
