@@ -372,16 +372,7 @@ class SqliteStore:
         return await self._run(run)
 
     async def webhook(self, webhook_id: str) -> Webhook:
-        def run(conn: sqlite3.Connection) -> Webhook:
-            row = conn.execute(
-                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?",  # noqa: S608
-                (webhook_id,),
-            ).fetchone()
-            if row is None:
-                raise NotFoundError(f"no webhook with id {webhook_id!r}")
-            return _webhook(row)
-
-        return await self._run(run)
+        return await self._run(lambda conn: _get_webhook(conn, webhook_id))
 
     async def webhooks(self) -> list[Webhook]:
         def run(conn: sqlite3.Connection) -> list[Webhook]:
@@ -559,16 +550,7 @@ class SqliteStore:
         await self._run(run)
 
     async def delivery(self, delivery_id: int) -> Delivery:
-        def run(conn: sqlite3.Connection) -> Delivery:
-            row = conn.execute(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
-                (delivery_id,),
-            ).fetchone()
-            if row is None:
-                raise NotFoundError(f"no delivery with id {delivery_id}")
-            return _delivery(row)
-
-        return await self._run(run)
+        return await self._run(lambda conn: _get_delivery(conn, delivery_id))
 
     async def deliveries(
         self, webhook_id: str, limit: int, status: str | None = None
@@ -606,24 +588,14 @@ class SqliteStore:
                 ).rowcount
             if not changed:
                 raise NotFoundError(f"no delivery with id {delivery_id}")
-            row = conn.execute(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
-                (delivery_id,),
-            ).fetchone()
-            return _delivery(row)
+            return _get_delivery(conn, delivery_id)
 
         return await self._run(run)
 
     async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
             with _tx(conn):
-                row = conn.execute(
-                    f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?",  # noqa: S608
-                    (webhook_id,),
-                ).fetchone()
-                if row is None:
-                    raise NotFoundError(f"no webhook with id {webhook_id!r}")
-                hook = _webhook(row)
+                hook = _get_webhook(conn, webhook_id)
                 events = conn.execute(
                     "SELECT seq, event_id, kind FROM outbox WHERE committed_ms >= ? ORDER BY seq",
                     (since_ms,),
@@ -749,6 +721,26 @@ _INSERT_WEBHOOK = (
     f"INSERT INTO webhooks ({_WEBHOOK_COLUMNS})"  # noqa: S608 - column names are constants
     f" VALUES ({', '.join('?' for _ in _WEBHOOK_COLUMNS.split(','))})"
 )
+
+
+def _get_webhook(conn: sqlite3.Connection, webhook_id: str) -> Webhook:
+    row = conn.execute(
+        f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?",  # noqa: S608
+        (webhook_id,),
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"no webhook with id {webhook_id!r}")
+    return _webhook(row)
+
+
+def _get_delivery(conn: sqlite3.Connection, delivery_id: int) -> Delivery:
+    row = conn.execute(
+        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
+        (delivery_id,),
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"no delivery with id {delivery_id}")
+    return _delivery(row)
 
 
 def _webhook_row(w: Webhook) -> tuple[object, ...]:
