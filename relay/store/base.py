@@ -287,9 +287,9 @@ class Store(Protocol):
     async def next_due_ms(self, webhook_id: str) -> int | None:
         """When the webhook's next pending delivery is due (None: nothing pending)."""
 
-    async def finish_attempt(self, attempt: Attempt, status: str, next_attempt_ms: int) -> None:
-        """Record an attempt and the delivery's new status (pending with a retry time,
-        delivered, or dead)."""
+    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
+        """Record attempts and their deliveries' new status (pending with a retry time,
+        delivered, or dead), all in one transaction."""
 
     async def delivery(self, delivery_id: int) -> Delivery:
         """One delivery; raises NotFoundError."""

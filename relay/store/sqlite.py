@@ -516,35 +516,41 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def finish_attempt(self, attempt: Attempt, status: str, next_attempt_ms: int) -> None:
+    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
         def run(conn: sqlite3.Connection) -> None:
             with _tx(conn):
-                conn.execute(
+                conn.executemany(
                     "INSERT INTO attempts (delivery_id, attempted_ms, status_code, latency_ms,"
                     " response_excerpt, error) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        attempt.delivery_id,
-                        attempt.attempted_ms,
-                        attempt.status_code,
-                        attempt.latency_ms,
-                        attempt.response_excerpt,
-                        attempt.error,
-                    ),
+                    [
+                        (
+                            a.delivery_id,
+                            a.attempted_ms,
+                            a.status_code,
+                            a.latency_ms,
+                            a.response_excerpt,
+                            a.error,
+                        )
+                        for a, _, _ in results
+                    ],
                 )
-                conn.execute(
+                conn.executemany(
                     "UPDATE deliveries SET status = ?, attempts = attempts + 1,"
                     " next_attempt_ms = ?, last_status = ?, last_error = ?,"
                     " delivered_ms = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_ms END"
                     " WHERE id = ?",
-                    (
-                        status,
-                        next_attempt_ms,
-                        attempt.status_code,
-                        attempt.error,
-                        status,
-                        attempt.attempted_ms,
-                        attempt.delivery_id,
-                    ),
+                    [
+                        (
+                            status,
+                            next_ms,
+                            a.status_code,
+                            a.error,
+                            status,
+                            a.attempted_ms,
+                            a.delivery_id,
+                        )
+                        for a, status, next_ms in results
+                    ],
                 )
 
         await self._run(run)

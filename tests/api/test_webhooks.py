@@ -406,8 +406,8 @@ async def test_deliveries_with_attempts_filter_and_limit(
     pending = await store.deliveries(hook_id, 10)
     assert len(pending) == 2
     oldest = pending[-1]
-    await store.finish_attempt(
-        Attempt(oldest.id, T0 + 1000, 500, 12.3456, "oops", "HTTP 500"), "dead", T0 + 1000
+    await store.finish_attempts(
+        [(Attempt(oldest.id, T0 + 1000, 500, 12.3456, "oops", "HTTP 500"), "dead", T0 + 1000)]
     )
     path = f"/v1/webhooks/{hook_id}/deliveries"
     listed = await ok(await client.get(path, headers=AUTH))
@@ -457,7 +457,7 @@ async def test_redeliver_resets_a_dead_delivery(client: Client, store: Store) ->
     hook = await create(client)
     await commit_events(store, [activity(1, T0 - 5000)], T0)
     (delivery,) = await store.deliveries(str(hook["id"]), 10)
-    await store.finish_attempt(Attempt(delivery.id, T0, 503, 5.0), "dead", T0)
+    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0)])
     response = await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH)
     body = await ok(response, 202)
     assert body["status"] == "pending"
