@@ -75,7 +75,9 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
         runtimes: list[AccountRuntime] = []
         clients: list[CtctClient] = []
         for account in settings.accounts:
-            runtime, client = await _account_runtime(settings, account, store, session, today)
+            runtime, client = await _account_runtime(
+                settings, account, store, session, today, sinks.notify
+            )
             runtimes.append(runtime)
             clients.append(client)
             await ensure_configured(
@@ -114,6 +116,12 @@ class _Sinks:
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
+        self.on_commit: list[Callable[[], None]] = []  # in-process outbox readers to wake
+
+    def notify(self) -> None:
+        """The poller committed new events."""
+        for wake in self.on_commit:
+            wake()
 
 
 async def _start_admin(settings: Settings, store: Store, guard: Guard) -> web.AppRunner:
@@ -141,6 +149,7 @@ def _start_sinks(
     if settings.kafka is not None:
         kinds = sorted({k for a in settings.accounts for k in a.poll.kinds}, key=list(Kind).index)
         sink = KafkaSink(settings.kafka, store, kinds, now_ms)
+        sinks.on_commit.append(sink.notify)
         task = asyncio.create_task(sink.run(sinks.stop), name="sink:kafka")
 
         def fatal(done: asyncio.Task[None]) -> None:
@@ -170,6 +179,7 @@ async def _account_runtime(
     store: Store,
     session: aiohttp.ClientSession,
     today: str,
+    on_commit: Callable[[], None],
 ) -> tuple[AccountRuntime, CtctClient]:
     limiter = RateLimiter(
         account.budget,
@@ -186,7 +196,7 @@ async def _account_runtime(
             total=settings.http.timeout_s, connect=settings.http.connect_timeout_s
         ),
     )
-    poller = Poller(client, store, account.name, account.poll, now_ms)
+    poller = Poller(client, store, account.name, account.poll, now_ms, on_commit)
     return AccountRuntime(account.name, poller, limiter, Planner(settings.schedule)), client
 
 

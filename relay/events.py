@@ -9,6 +9,7 @@ endpoint (contact or campaign scope) returned it.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import uuid
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ DATA_CONTENT_TYPE = "application/json"
 TYPE_PREFIX = "com.constantcontact.email."
 # Namespace for the UUIDv5 event ids. Changing it changes every event id ever emitted: never do.
 _ID_NAMESPACE = uuid.UUID("6f0c3a52-6d1e-5b9e-9a4f-3c2b7c1d0e11")
+_ID_NAMESPACE_BYTES = _ID_NAMESPACE.bytes
 
 
 class Kind(enum.StrEnum):
@@ -120,7 +122,12 @@ class Activity:
     @property
     def event_id(self) -> str:
         """Deterministic CloudEvent id: UUIDv5 of the account and the dedup key."""
-        return str(uuid.uuid5(_ID_NAMESPACE, f"{self.account}|{self.dedup_key.as_text()}"))
+        return format_id(self.event_id_bytes)
+
+    @property
+    def event_id_bytes(self) -> bytes:
+        """The 16 bytes of :attr:`event_id` (the stored dedup key), computed once per call."""
+        return uuid5_bytes(f"{self.account}|{self.dedup_key.as_text()}")
 
     def data(self) -> JsonObject:
         """The CloudEvent ``data``: snake_case fields, ids as strings."""
@@ -130,7 +137,7 @@ class Activity:
             "campaign_id": self.campaign_id,
             "contact_id": self.contact_id,
             "email_address": self.email_address,
-            "occurred_at": format_time(self.occurred_at),
+            "occurred_at": format_millis(self.occurred_ms),
         }
         if self.kind is Kind.CLICK:
             out["link_id"] = self.link_id or "0"
@@ -166,12 +173,34 @@ def attributes(
     return {
         "specversion": SPECVERSION,
         "id": event_id,
-        "source": f"ctct://{account}/campaigns/{campaign_id}",
+        "source": source(account, campaign_id),
         "type": kind.event_type,
         "subject": contact_id,
-        "time": format_time(from_millis(occurred_ms)),
+        "time": format_millis(occurred_ms),
         "datacontenttype": DATA_CONTENT_TYPE,
     }
+
+
+def uuid5_bytes(name: str) -> bytes:
+    """RFC 4122 UUIDv5 bytes of ``name`` in the event-id namespace, as ``uuid.uuid5`` computes
+    them but without building a UUID object (the commit path makes one per activity)."""
+    # SHA-1 is what RFC 4122 v5 is defined with: an id derivation, not a security function.
+    sha1 = hashlib.sha1(_ID_NAMESPACE_BYTES + name.encode(), usedforsecurity=False)
+    digest = bytearray(sha1.digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return bytes(digest)
+
+
+def format_id(raw: bytes) -> str:
+    """The canonical 8-4-4-4-12 hex form of 16 id bytes (``str(uuid.UUID(bytes=raw))``)."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def source(account: str, campaign_id: str) -> str:
+    """The CloudEvent ``source`` of an account's campaign."""
+    return f"ctct://{account}/campaigns/{campaign_id}"
 
 
 def structured(attrs: dict[str, str], data: bytes) -> bytes:
@@ -216,8 +245,28 @@ def from_millis(ms: int) -> datetime:
 
 def format_time(moment: datetime) -> str:
     """RFC 3339 UTC with milliseconds, the form Constant Contact's ``created_since`` takes."""
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return format_millis(to_millis(moment))
+
+
+_DATES: dict[int, str] = {}  # day number -> "YYYY-MM-DDT": activity clusters on few days
+
+
+def format_millis(ms: int) -> str:
+    """:func:`format_time` of Unix milliseconds.
+
+    Every event's time is formatted twice (its data, its ``ce_time`` header): integer arithmetic
+    and a per-day cache take half the time of a datetime and strftime (profiled).
+    """
+    day, rest = divmod(ms, 86_400_000)
+    date = _DATES.get(day)
+    if date is None:
+        if len(_DATES) > 10_000:
+            _DATES.clear()
+        date = _DATES[day] = (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
+    seconds, milli = divmod(rest, 1000)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    return f"{date}{hour:02d}:{minute:02d}:{second:02d}.{milli:03d}Z"
 
 
 def parse_time(value: object, field: str = "date") -> datetime:

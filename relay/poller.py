@@ -76,12 +76,14 @@ class Poller:
         account: str,
         settings: PollSettings,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
         self._store = store
         self._account = account
         self._settings = settings
         self._now_ms = now_ms
+        self._on_commit = on_commit  # tells in-process sinks that the outbox grew
 
     async def run_pass(self, stream: Stream) -> PassOutcome:
         """Poll every feed of the stream that may have news; commit what is new."""
@@ -112,7 +114,10 @@ class Poller:
         size = self._settings.page_limit
         for start in range(0, len(pending), size):
             chunk = pending[start : start + size]
-            outcome.new += await self._store.commit_page(stream_id, chunk, self._now_ms())
+            new = await self._store.commit_page(stream_id, chunk, self._now_ms())
+            outcome.new += new
+            if new and self._on_commit is not None:
+                self._on_commit()
         pending.clear()
 
     @property

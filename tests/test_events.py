@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import jsonschema
@@ -16,6 +17,7 @@ from relay.events import (
     Activity,
     Kind,
     RecordError,
+    format_millis,
     format_time,
     from_millis,
     parse_activity,
@@ -232,3 +234,48 @@ def test_structured_from_columns_equals_the_full_event() -> None:
     body = structured(activity.attributes(), orjson.dumps(activity.data()))
     assert orjson.loads(body) == activity.to_cloudevent()
     assert JSONFormat().read(CloudEvent, body).get_id() == activity.event_id
+
+
+# The id namespace as released: every id ever emitted derives from it.
+_NAMESPACE = uuid.UUID("6f0c3a52-6d1e-5b9e-9a4f-3c2b7c1d0e11")
+
+
+@given(
+    st.text(min_size=0, max_size=12),
+    st.sampled_from(list(Kind)),
+    ids,
+    ids,
+    st.integers(-(10**12), 4 * 10**12),
+    st.integers(0, 50),
+)
+def test_event_id_is_byte_identical_to_uuid5(
+    account: str, kind: Kind, campaign: int, contact: int, ms: int, link: int
+) -> None:
+    """The hashlib derivation gives exactly uuid.uuid5's id, as text and as stored bytes."""
+    activity = Activity(
+        account=account,
+        kind=kind,
+        campaign_id=str(campaign),
+        contact_id=str(contact),
+        email_address="x@example.com",
+        occurred_at=from_millis(ms),
+        link_id=str(link) if kind is Kind.CLICK else None,
+    )
+    expected = uuid.uuid5(_NAMESPACE, f"{account}|{activity.dedup_key.as_text()}")
+    assert activity.event_id_bytes == expected.bytes
+    assert activity.event_id == str(expected)
+
+
+def test_event_id_of_a_known_activity_never_changes() -> None:
+    """A pinned id (computed by the uuid.uuid5 release): released ids must never drift."""
+    activity = parse_activity(record(Kind.CLICK), account="acme")
+    assert activity.event_id == "08b14b60-1e33-56d7-8798-f41db689b884"
+
+
+@given(st.integers(-(10**13), 10**14))
+def test_format_millis_matches_strftime(ms: int) -> None:
+    """The integer formatter writes exactly what the datetime formatting wrote."""
+    moment = from_millis(ms)
+    expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    assert format_millis(ms) == expected
+    assert format_time(moment) == expected

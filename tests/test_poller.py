@@ -149,3 +149,29 @@ async def test_records_that_cannot_be_parsed_are_skipped_not_fatal(
     parsed = driver.poller._parse((good, {**good, "open_date": "never"}), Kind.OPEN, outcome)
     assert len(parsed) == 1
     assert outcome.skipped_records == 1
+
+
+async def test_commits_with_new_events_notify_the_sinks(make_sim: MakeSim, store: Store) -> None:
+    """on_commit fires for each chunk that added events; seeding and repeats are silent."""
+    sim = await make_sim(BUSY, advance_s=3600)
+    driver = Driver(sim, store, PollSettings())
+    calls: list[int] = []
+    driver.poller = Poller(
+        driver.client,
+        store,
+        ACCOUNT,
+        PollSettings(start_from="now", overlap_s=600, page_limit=5),
+        now_ms=lambda: driver.now_ms,
+        on_commit=lambda: calls.append(1),
+    )
+    driver.now_ms += 3600_000
+    assert await driver.tick(0) == 0
+    assert calls == [], "seeding commits nothing to the outbox"
+    new = 0
+    for _ in range(6):
+        new += await driver.tick(300)
+    assert new > 5, "the scenario commits more than one chunk"
+    assert len(calls) >= -(-new // 5)  # at least one call per chunk's worth of new events
+    before = len(calls)
+    assert await driver.tick(0) == 0  # the same window again: dedup drops it all
+    assert len(calls) == before

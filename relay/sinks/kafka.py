@@ -35,8 +35,16 @@ from aiokafka.errors import (
     UnsupportedForMessageFormatError,
 )
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
 
-from relay.events import Kind
+from relay.events import (
+    DATA_CONTENT_TYPE,
+    SPECVERSION,
+    Kind,
+    format_millis,
+    source,
+)
 from relay.store import OutboxEvent, Store
 
 log = structlog.get_logger(__name__)
@@ -119,16 +127,56 @@ class KafkaSettings:
         return options
 
 
+_SPECVERSION = ("ce_specversion", SPECVERSION.encode())
+_DATA_CONTENT_TYPE = ("content-type", DATA_CONTENT_TYPE.encode())
+_STRUCTURED_CONTENT_TYPE = [("content-type", b"application/cloudevents+json")]
+_TYPES = {kind: ("ce_type", kind.event_type.encode()) for kind in Kind}
+
+
 def record_for(event: OutboxEvent, mode: str) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """Value and headers of an event per the CloudEvents Kafka binding."""
-    attrs = event.attributes()
+    """Value and headers of an event per the CloudEvents Kafka binding.
+
+    Binary mode writes the attributes straight to headers, constants pre-encoded: building the
+    attribute dict first and encoding it cost ~20 us per event (profiled).
+    """
     if mode == "structured":
-        return event.structured(), [("content-type", b"application/cloudevents+json")]
-    headers = [
-        (f"ce_{name}", value.encode()) for name, value in attrs.items() if name != "datacontenttype"
+        return event.structured(), list(_STRUCTURED_CONTENT_TYPE)
+    return event.data, [
+        _SPECVERSION,
+        ("ce_id", event.event_id.encode()),
+        ("ce_source", source(event.account, event.campaign_id).encode()),
+        _TYPES[event.kind],
+        ("ce_subject", event.contact_id.encode()),
+        ("ce_time", format_millis(event.occurred_ms).encode()),
+        _DATA_CONTENT_TYPE,
     ]
-    headers.append(("content-type", attrs["datacontenttype"].encode()))
-    return event.data, headers
+
+
+class _Partitioner:
+    """The default partitioner's choice (murmur2 of the key, as Java and aiokafka compute it),
+    remembered per key: the pure-Python hash was the largest cost of ``producer.send``."""
+
+    def __init__(self, capacity: int = 200_000) -> None:
+        self._hashes: dict[bytes, int] = {}
+        self._capacity = capacity
+
+    def __call__(self, key: bytes, partitions: Sequence[int]) -> int:
+        hashed = self._hashes.get(key)
+        if hashed is None:
+            if len(self._hashes) >= self._capacity:
+                self._hashes.clear()  # contacts come and go: a bound, not an LRU
+            hashed = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        return partitions[hashed % len(partitions)]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Events bound for one partition, as one record batch."""
+
+    topic: str
+    partition: int
+    builder: BatchBuilder
+    events: list[OutboxEvent] = field(default_factory=list)
 
 
 class KafkaSink:
@@ -152,6 +200,10 @@ class KafkaSink:
         self.dead_lettered = 0
         self.last_error: str | None = None
         self.connected = False
+        self._topics = {kind: settings.topic_for(kind) for kind in Kind}
+        self._partition = _Partitioner()
+        self._isolate_through = 0  # events up to this seq go one per batch (see _advance)
+        self._committed = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, publish, and on any transient failure back off and resume from the cursor."""
@@ -217,45 +269,120 @@ class KafkaSink:
     async def _drain(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
         cursor = await self._store.sink_cursor(SINK)
         while not stop.is_set():
+            self._committed.clear()  # before the read: a commit after it sets it again
             events = await self._store.read_outbox(cursor, self._settings.batch_events)
             if not events:
-                await _sleep_or_stop(stop, self._settings.idle_poll_s)
+                await self._idle(stop)
                 continue
             cursor = await self._publish(producer, events, cursor)
+
+    def notify(self) -> None:
+        """New events were committed: look at the outbox now instead of at the next idle poll.
+
+        In-process wake-up (the poller calls it); other writers are found by the idle poll.
+        """
+        self._committed.set()
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Wait for a commit notification or ``stop``, at most ``idle_poll_s``."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._committed.wait())]
+        try:
+            await asyncio.wait(
+                waits, timeout=self._settings.idle_poll_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _publish(
         self, producer: AIOKafkaProducer, events: list[OutboxEvent], cursor: int
     ) -> int:
-        """Send a batch; move the cursor over the acknowledged (or dead-lettered) prefix."""
-        mode = self._settings.content_mode
-        pending: list[asyncio.Future[object] | BaseException] = []
-        for event in events:
-            value, headers = record_for(event, mode)
+        """Send a batch; move the cursor over the acknowledged (or dead-lettered) prefix.
+
+        Events go out as one closed record batch per partition (``send_batch``): per-record
+        ``send`` futures, murmur2 hashing and lingering cost more than the records themselves.
+        """
+        batches, refused = await self._batches(producer, events)
+        sent: list[tuple[_Batch, asyncio.Future[object] | BaseException]] = []
+        for batch in batches:
             try:
-                pending.append(
-                    await producer.send(
-                        self._settings.topic_for(event.kind),
-                        value=value,
-                        key=event.contact_id.encode(),
-                        headers=headers,
-                    )
+                future = await producer.send_batch(
+                    batch.builder, batch.topic, partition=batch.partition
                 )
-            except KafkaError as exc:  # refused before sending (size, closed producer, metadata)
-                pending.append(exc)
+                sent.append((batch, future))
+            except KafkaError as exc:  # refused before sending (closed producer, metadata)
+                sent.append((batch, exc))
         results = await asyncio.gather(
-            *(p for p in pending if not isinstance(p, BaseException)), return_exceptions=True
+            *(f for _, f in sent if not isinstance(f, BaseException)), return_exceptions=True
         )
         outcomes = iter(results)
+        failed: dict[int, tuple[BaseException, int]] = dict(refused)  # seq -> (error, batch size)
+        for batch, future in sent:
+            outcome = future if isinstance(future, BaseException) else next(outcomes)
+            if isinstance(outcome, BaseException):
+                failed.update((e.seq, (outcome, len(batch.events))) for e in batch.events)
+        return await self._advance(events, cursor, failed)
+
+    async def _batches(
+        self, producer: AIOKafkaProducer, events: list[OutboxEvent]
+    ) -> tuple[list[_Batch], dict[int, tuple[BaseException, int]]]:
+        """Group events by partition, in outbox order, into closed batches; also the events
+        refused before sending (larger than a request may be)."""
+        mode, limit = self._settings.content_mode, self._settings.max_request_bytes
+        open_batches: dict[tuple[str, int], _Batch] = {}
+        batches: list[_Batch] = []
+        refused: dict[int, tuple[BaseException, int]] = {}
+        partitions: dict[str, list[int]] = {}
+        for event in events:
+            topic = self._topics[event.kind]
+            if topic not in partitions:
+                partitions[topic] = sorted(await producer.partitions_for(topic))
+            key = event.contact_id.encode()
+            value, headers = record_for(event, mode)
+            size = len(key) + len(value) + sum(len(n) + len(v) for n, v in headers)
+            if size > limit:
+                refused[event.seq] = (MessageSizeTooLargeError(f"{size} bytes > {limit}"), 1)
+                continue
+            where = (topic, self._partition(key, partitions[topic]))
+            batch = open_batches.get(where)
+            isolate = event.seq <= self._isolate_through
+            if batch is None or isolate or not _append(batch, key, value, headers):
+                if batch is not None:
+                    batch.builder.close()  # full: hand it over now, no lingering
+                batch = open_batches[where] = _Batch(*where, producer.create_batch())
+                batches.append(batch)
+                _append(batch, key, value, headers)  # an empty batch takes any first record
+            batch.events.append(event)
+        for batch in batches:
+            batch.builder.close()
+        return batches, refused
+
+    async def _advance(
+        self, events: list[OutboxEvent], cursor: int, failed: dict[int, tuple[BaseException, int]]
+    ) -> int:
+        """Walk the events in order: acknowledged ones and permanent refusals of one record move
+        the cursor; the first other failure stops it there."""
         done = cursor
         failure: BaseException | None = None
-        for event, sent in zip(events, pending, strict=True):
-            outcome = sent if isinstance(sent, BaseException) else next(outcomes)
-            if isinstance(outcome, _PERMANENT):
-                await self._dead_letter(event, outcome)
-            elif isinstance(outcome, BaseException):
-                failure = outcome
+        for event in events:
+            error, batch_size = failed.get(event.seq, (None, 0))
+            if error is None:
+                done = event.seq
+            elif isinstance(error, _PERMANENT) and batch_size == 1:
+                await self._dead_letter(event, error)
+                done = event.seq
+            elif isinstance(error, _PERMANENT):
+                # The broker refused a whole batch for good (a record too large for the topic,
+                # say): resend from here one record per batch, so only the culprit is
+                # dead-lettered and the others keep their order.
+                self._isolate_through = max(
+                    self._isolate_through, max(s for s, (e, _) in failed.items() if e is error)
+                )
                 break
-            done = event.seq
+            else:
+                failure = error
+                break
         if done != cursor:
             await self._store.set_sink_cursor(SINK, done)
             self.published += sum(1 for e in events if cursor < e.seq <= done)
@@ -275,6 +402,11 @@ class KafkaSink:
         s = self._settings
         cap = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** min(attempt - 1, 16))
         return self._rng.uniform(cap / 2, cap)
+
+
+def _append(batch: _Batch, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> bool:
+    """Add a record to a batch; False when the batch is full."""
+    return batch.builder.append(key=key, value=value, timestamp=None, headers=headers) is not None
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

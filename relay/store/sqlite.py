@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import sqlite3
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from relay.events import Activity, Kind
+from relay.events import Activity, Kind, format_id
 from relay.store.base import (
     Attempt,
     DeadLetter,
@@ -186,25 +185,26 @@ class SqliteStore:
         self, stream_id: int, activities: Sequence[Activity], now_ms: int, *, emit: bool = True
     ) -> int:
         def run(conn: sqlite3.Connection) -> int:
-            fresh: list[tuple[object, ...]] = []
+            # Each id is derived once (a SHA-1), then the page is deduplicated with one lookup
+            # per _IN_CHUNK keys and written with executemany: a row-by-row INSERT OR IGNORE
+            # cost ~47 us per event (profiled).
+            fresh: dict[bytes, Activity] = {}
+            for activity in activities:
+                fresh.setdefault(activity.event_id_bytes, activity)  # a page may repeat one
             with _tx(conn):
-                for activity in activities:
-                    event_id = activity.event_id
-                    inserted = conn.execute(
-                        "INSERT INTO dedup (event_id, occurred_ms) VALUES (?, ?)"
-                        " ON CONFLICT (event_id) DO NOTHING",
-                        (uuid.UUID(event_id).bytes, activity.occurred_ms),
-                    ).rowcount
-                    if inserted:
-                        fresh.append(_outbox_row(activity, stream_id, now_ms))
-                if not emit:
-                    return len(fresh)
+                for seen in _existing_ids(conn, list(fresh)):
+                    del fresh[seen]
                 conn.executemany(
-                    "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id,"
-                    " contact_id, occurred_ms, committed_ms, data)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    fresh,
+                    "INSERT INTO dedup (event_id, occurred_ms) VALUES (?, ?)",
+                    [(key, a.occurred_ms) for key, a in fresh.items()],
                 )
+                if emit:
+                    conn.executemany(
+                        "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id,"
+                        " contact_id, occurred_ms, committed_ms, data)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [_outbox_row(key, a, stream_id, now_ms) for key, a in fresh.items()],
+                    )
             return len(fresh)
 
         return await self._run(run)
@@ -803,12 +803,15 @@ def _delivery(r: Sequence[Any]) -> Delivery:
     )
 
 
+_KINDS = {kind.value: kind for kind in Kind}
+
+
 def _outbox_event(r: Sequence[Any]) -> OutboxEvent:
     return OutboxEvent(
         seq=int(r[0]),
         event_id=r[1],
         account=r[2],
-        kind=Kind(r[3]),
+        kind=_KINDS[r[3]],  # Kind(value) goes through EnumType.__call__: ~1 us a row
         campaign_id=r[4],
         contact_id=r[5],
         occurred_ms=int(r[6]),
@@ -817,9 +820,11 @@ def _outbox_event(r: Sequence[Any]) -> OutboxEvent:
     )
 
 
-def _outbox_row(activity: Activity, stream_id: int, now_ms: int) -> tuple[object, ...]:
+def _outbox_row(
+    event_id: bytes, activity: Activity, stream_id: int, now_ms: int
+) -> tuple[object, ...]:
     return (
-        activity.event_id,
+        format_id(event_id),
         activity.account,
         stream_id,
         activity.kind.value,
@@ -829,3 +834,22 @@ def _outbox_row(activity: Activity, stream_id: int, now_ms: int) -> tuple[object
         now_ms,
         orjson.dumps(activity.data()),
     )
+
+
+_IN_CHUNK = 500  # keys per IN (...) lookup: well under SQLite's bound-variable limit
+
+
+def _existing_ids(conn: sqlite3.Connection, keys: list[bytes]) -> list[bytes]:
+    """Which of ``keys`` the dedup table already holds."""
+    found: list[bytes] = []
+    for start in range(0, len(keys), _IN_CHUNK):
+        chunk = keys[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        found += [
+            bytes(row[0])
+            for row in conn.execute(
+                f"SELECT event_id FROM dedup WHERE event_id IN ({marks})",  # noqa: S608 - only ?s
+                chunk,
+            )
+        ]
+    return found

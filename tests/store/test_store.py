@@ -61,6 +61,26 @@ async def test_commit_page_appends_only_unseen_activity(store: Store) -> None:
     assert await store.dedup_count() == 4
 
 
+async def test_commit_page_drops_repeats_within_one_page(store: Store) -> None:
+    """An activity listed twice in one page (paging shifted under us) is committed once."""
+    sid = await one_stream(store)
+    page = [activity(1, T0), activity(2, T0), activity(1, T0), activity(3, T0), activity(2, T0)]
+    assert await store.commit_page(sid, page, T0) == 3
+    assert [e.contact_id for e in await store.read_outbox(0, 10)] == ["1", "2", "3"]
+
+
+async def test_commit_page_larger_than_one_lookup_keeps_order_and_dedups(store: Store) -> None:
+    """A chunk bigger than one dedup lookup: old keys dropped, new ones appended in order."""
+    sid = await one_stream(store)
+    await store.commit_page(sid, [activity(i, T0) for i in range(0, 1300, 2)], T0)
+    page = [activity(i, T0) for i in range(1300)]
+    assert await store.commit_page(sid, page, T0) == 650
+    events = await store.read_outbox(650, 2000)
+    assert [e.contact_id for e in events] == [str(i) for i in range(1, 1300, 2)]
+    assert [e.event_id for e in events] == [a.event_id for a in page[1::2]]
+    assert await store.dedup_count() == 1300
+
+
 async def test_seeding_absorbs_without_emitting(store: Store) -> None:
     """A page committed with emit=False fills dedup but the outbox stays empty."""
     sid = await one_stream(store)
