@@ -48,8 +48,12 @@ kafka: kafka-jars
 test: lint kafka-jars
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: venv
-	$(BIN)/python bench/fetch.py
+# Every benchmark in turn (bench/throughput.py starts a dev broker unless KAFKA_BOOTSTRAP_SERVERS
+# is set, hence the jars); a failing one stops the run.
+BENCHES := $(filter-out bench/__init__.py,$(sort $(wildcard bench/*.py)))
+
+bench: venv kafka-jars
+	@set -e; for script in $(BENCHES); do echo "== $$script"; $(BIN)/python $$script; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

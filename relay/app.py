@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
@@ -97,8 +97,12 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
                 f"discover:{account.name}",
             )
         retention_ms = int(settings.dedup_retention_h * 3600_000)
+        outbox_ms = int(settings.outbox_retention_h * 3600_000)
+        readers = sinks.outbox_readers
         scheduler.add_job(
-            _guarded(lambda: _prune(store, retention_ms), "prune"), PRUNE_EVERY_S, "prune"
+            _guarded(lambda: _prune(store, retention_ms, outbox_ms, readers), "prune"),
+            PRUNE_EVERY_S,
+            "prune",
         )
         await scheduler.start()
         log.info("relay.started", accounts=[a.name for a in settings.accounts])
@@ -117,6 +121,7 @@ class _Sinks:
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.on_commit: list[Callable[[], None]] = []  # in-process outbox readers to wake
+        self.outbox_readers: list[str] = []  # sinks with an outbox cursor (besides fan-out)
 
     def notify(self) -> None:
         """The poller committed new events."""
@@ -150,6 +155,7 @@ def _start_sinks(
         kinds = sorted({k for a in settings.accounts for k in a.poll.kinds}, key=list(Kind).index)
         sink = KafkaSink(settings.kafka, store, kinds, now_ms)
         sinks.on_commit.append(sink.notify)
+        sinks.outbox_readers.append(sink.name)
         task = asyncio.create_task(sink.run(sinks.stop), name="sink:kafka")
 
         def fatal(done: asyncio.Task[None]) -> None:
@@ -200,10 +206,14 @@ async def _account_runtime(
     return AccountRuntime(account.name, poller, limiter, Planner(settings.schedule)), client
 
 
-async def _prune(store: Store, retention_ms: int) -> None:
+async def _prune(store: Store, retention_ms: int, outbox_ms: int, readers: Sequence[str]) -> None:
     pruned = await store.prune_dedup(now_ms() - retention_ms)
     if pruned:
         log.info("dedup.pruned", keys=pruned)
+    # Published events older than the retention; the store keeps whatever a reader still needs.
+    events = await store.prune_outbox(now_ms() - outbox_ms, readers)
+    if events:
+        log.info("outbox.pruned", events=events)
 
 
 def _guarded(job: Callable[[], Awaitable[None]], name: str) -> Callable[[], Awaitable[None]]:

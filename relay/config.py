@@ -30,6 +30,7 @@ from relay.sinks.webhooks import DeliverySettings
 ENV_PREFIX = "CTCT_RELAY_"
 DEFAULT_STATE = "sqlite:///relay-state.db"
 DEFAULT_RETENTION_H = 168.0
+DEFAULT_OUTBOX_RETENTION_H = 168.0
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 LogLevel = Literal["debug", "info", "warning", "error"]
 Mode = Literal["binary", "structured"]
@@ -120,6 +121,7 @@ class Settings:
     state: str = DEFAULT_STATE
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     dedup_retention_h: float = DEFAULT_RETENTION_H  # outlasts overlap and late arrivals
+    outbox_retention_h: float = DEFAULT_OUTBOX_RETENTION_H  # published events kept this long
     http: HttpSettings = field(default_factory=HttpSettings)
     logging: LogSettings = field(default_factory=LogSettings)
     kafka: KafkaSettings | None = None
@@ -190,6 +192,9 @@ def from_mapping(data: Mapping[str, object]) -> Settings:
     settings = Settings(
         accounts=accounts,
         state=_state(root),
+        outbox_retention_h=root.number(
+            "outbox_retention_h", DEFAULT_OUTBOX_RETENTION_H, strict=False
+        ),
         schedule=_schedule(root.child("schedule")),
         dedup_retention_h=retention_h,
         http=_http(root.child("http")),

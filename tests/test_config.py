@@ -33,6 +33,7 @@ def test_example_config_loads_with_every_default() -> None:
     assert account.budget.requests_per_second == 4
     assert account.budget.daily_allowance == 9000
     assert settings.http.retry.max_attempts == 5
+    assert settings.outbox_retention_h == 168
 
 
 def test_unknown_keys_are_refused(tmp_path: Path) -> None:
@@ -192,6 +193,9 @@ def test_every_key_the_loader_reads_is_documented(monkeypatch: pytest.MonkeyPatc
             id="intervals",
         ),
         pytest.param("state: postgres://x/y", "state: expected sqlite", id="state"),
+        pytest.param(
+            "outbox_retention_h: -1", "outbox_retention_h: expected a number >= 0", id="outbox"
+        ),
     ],
 )
 def test_pipeline_sections_name_the_problem(tmp_path: Path, extra: str, message: str) -> None:

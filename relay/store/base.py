@@ -312,5 +312,11 @@ class Store(Protocol):
     async def prune_dedup(self, before_ms: int) -> int:
         """Forget dedup keys of activities older than ``before_ms``; returns how many."""
 
+    async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
+        """Delete outbox events committed before ``before_ms`` that every reader is done with:
+        below the cursor of each of ``sinks`` and of the webhook fan-out (the newest event
+        always stays: it marks the head), and owed to no webhook (no pending or dead delivery);
+        returns how many. Short transactions."""
+
     async def dedup_count(self) -> int:
         """How many dedup keys are held."""

@@ -631,6 +631,39 @@ class SqliteStore:
 
         return await self._run(run)
 
+    async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _tx(conn):
+                names = [_FANOUT, *sinks]
+                found = dict(
+                    conn.execute(
+                        "SELECT sink, seq FROM sink_cursors"  # noqa: S608 - only ?s
+                        f" WHERE sink IN ({', '.join('?' * len(names))})",
+                        names,
+                    ).fetchall()
+                )
+                # A reader without a cursor has read nothing yet.
+                below = min(int(found.get(name, 0)) for name in names)
+                if below <= 0:
+                    return 0
+                # Strictly below: the newest row stays, so MAX(seq) is still the outbox head.
+                # Deliveries read their event from the outbox when due (pending) or when
+                # redelivered (dead): those rows stay, whatever their age.
+                return conn.execute(
+                    "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox"
+                    " WHERE seq < ? AND committed_ms < ? AND seq NOT IN"
+                    " (SELECT seq FROM deliveries WHERE status != 'delivered')"
+                    " ORDER BY seq LIMIT ?)",
+                    (below, before_ms, _PRUNE_CHUNK),
+                ).rowcount
+
+        pruned = 0
+        while True:  # chunked, so polling and sinks get the writer between transactions
+            removed = await self._run(run)
+            pruned += removed
+            if removed < _PRUNE_CHUNK:
+                return pruned
+
     async def dedup_count(self) -> int:
         def run(conn: sqlite3.Connection) -> int:
             return int(conn.execute("SELECT COUNT(*) FROM dedup").fetchone()[0])
@@ -836,6 +869,7 @@ def _outbox_row(
     )
 
 
+_PRUNE_CHUNK = 10_000  # outbox rows deleted per transaction
 _IN_CHUNK = 500  # keys per IN (...) lookup: well under SQLite's bound-variable limit
 
 

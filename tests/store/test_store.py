@@ -6,8 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from relay.events import Activity, Kind, from_millis
-from relay.store import PassResult, Store, StoreError, StreamKey, open_store
+from relay.events import WILDCARD, Activity, Kind, from_millis
+from relay.store import (
+    Attempt,
+    PassResult,
+    Store,
+    StoreError,
+    StreamKey,
+    Webhook,
+    open_store,
+)
 from relay.store.migrations import MIGRATIONS
 
 T0 = 1_763_000_000_000
@@ -202,3 +210,55 @@ async def test_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open"):
         await store.open()
     await store.close()
+
+
+async def test_prune_outbox_keeps_everything_a_reader_still_needs(store: Store) -> None:
+    """Only old events every reader is done with go: nothing above the Kafka cursor or the
+    webhook fan-out, nothing a webhook is still owed, nothing recent, never the head."""
+    sid = await one_stream(store)
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(10)], T0)  # seq 1..10
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(10, 20)], T0 + 5000)
+    late = T0 + 10_000
+    # No reader has a cursor yet: nothing was read, nothing goes.
+    assert await store.prune_outbox(late, ["kafka"]) == 0
+    hook = await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    assert hook.start_seq == 20  # registered after the commits: owed nothing
+    assert await store.fanout(100, T0) == 20
+    await store.set_sink_cursor("kafka", 6)
+    # Kafka has published seq 1..6: 1..5 go (strictly below the slowest reader's cursor)
+    assert await store.prune_outbox(late, ["kafka"]) == 5
+    assert [e.seq for e in await store.read_outbox(0, 100)][:2] == [6, 7]
+    # Without the Kafka sink configured the fan-out cursor (20) bounds; the retention too:
+    # seq 11..20 were committed at T0 + 5000, not before that horizon.
+    assert await store.prune_outbox(T0 + 5000, []) == 5  # seq 6..10, committed at T0
+    assert (await store.read_outbox(0, 100))[0].seq == 11
+    assert await store.prune_outbox(late, []) == 9  # seq 11..19; 20 is the head
+    assert [e.seq for e in await store.read_outbox(0, 100)] == [20]
+    assert await store.outbox_head() == 20
+    await store.commit_page(sid, [activity(99, T0 + 99)], late)
+    assert [e.seq for e in await store.read_outbox(0, 100)] == [20, 21]  # seq never reused
+
+
+async def test_prune_outbox_keeps_events_owed_to_webhooks(store: Store) -> None:
+    """Events with a pending or dead delivery stay however old; delivered ones may go."""
+    sid = await one_stream(store)
+    await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(6)], T0)  # seq 1..6
+    assert await store.fanout(100, T0) == 6
+    deliveries = sorted(await store.deliveries("wh_1", 100), key=lambda d: d.seq)
+    outcome = [(1, "delivered"), (2, "dead"), (3, "delivered"), (4, "pending"), (5, "delivered")]
+    await store.finish_attempts(
+        [
+            (Attempt(deliveries[seq - 1].id, T0, 200, 1.0), status, T0)
+            for seq, status in outcome
+            if status != "pending"
+        ]
+    )
+    assert await store.prune_outbox(T0 + 1, []) == 3  # 1, 3, 5; 2 dead, 4 and 6 pending
+    assert [e.seq for e in await store.read_outbox(0, 100)] == [2, 4, 6]
+    due = await store.due_deliveries("wh_1", T0 + 10**9, 10)
+    assert [(d.seq, e.seq) for d, e in due] == [(4, 4), (6, 6)]
