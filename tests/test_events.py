@@ -279,3 +279,29 @@ def test_format_millis_matches_strftime(ms: int) -> None:
     expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
     assert format_millis(ms) == expected
     assert format_time(moment) == expected
+
+
+@given(
+    moment=st.datetimes(
+        min_value=datetime(1990, 1, 1), max_value=datetime(2090, 1, 1), timezones=st.just(UTC)
+    ),
+    offset=offsets,
+    style=st.sampled_from(["Z", "z", "+00:00", "offset", "naive", "micro-Z", "padded"]),
+)
+def test_parse_time_normalizes_every_rendering_to_utc_milliseconds(
+    moment: datetime, offset: timedelta, style: str
+) -> None:
+    """Fast path or not, the result is the instant in UTC, truncated to whole milliseconds."""
+    base = moment.replace(tzinfo=None).isoformat(timespec="microseconds")
+    text = {
+        "Z": base + "Z",
+        "z": base + "z",
+        "+00:00": base + "+00:00",
+        "offset": moment.astimezone(timezone(offset)).isoformat(timespec="microseconds"),
+        "naive": base,
+        "micro-Z": base + "Z",
+        "padded": f"  {base}Z ",
+    }[style]
+    parsed = parse_time(text)
+    assert parsed.tzinfo is UTC
+    assert parsed == moment.replace(microsecond=moment.microsecond // 1000 * 1000)

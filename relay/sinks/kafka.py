@@ -379,6 +379,11 @@ class KafkaSink:
                 self._isolate_through = max(
                     self._isolate_through, max(s for s, (e, _) in failed.items() if e is error)
                 )
+                log.warning(
+                    "kafka.batch_refused",
+                    error=f"{type(error).__name__}: {error}",
+                    resend_singly_through=self._isolate_through,
+                )
                 break
             else:
                 failure = error
