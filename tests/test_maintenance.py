@@ -1,0 +1,55 @@
+"""The hourly maintenance job: dedup keys and published outbox events past their retention."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from relay.app import _prune
+from relay.events import Activity, Kind, from_millis
+from relay.store import Store, StreamKey, open_store
+
+HOUR_MS = 3600_000
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def commit_old_events(store: Store, count: int, age_h: float) -> None:
+    """``count`` events committed (and occurring) ``age_h`` hours ago, fanned out."""
+    await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
+    [stream] = await store.streams()
+    then = int(time.time() * 1000 - age_h * HOUR_MS)
+    page = [
+        Activity("acme", Kind.OPEN, "1", str(i), f"c{i}@example.com", from_millis(then + i))
+        for i in range(count)
+    ]
+    await store.commit_page(stream.id, page, then)
+    await store.fanout(1000, then)
+
+
+async def test_job_prunes_published_events_and_old_dedup_keys(store: Store) -> None:
+    """Events Kafka published, older than the retention, go with their old dedup keys."""
+    await commit_old_events(store, 10, age_h=200)
+    await store.set_sink_cursor("kafka", 10)
+    await _prune(store, 168 * HOUR_MS, 168 * HOUR_MS, ["kafka"])
+    assert [e.seq for e in await store.read_outbox(0, 100)] == [10]  # the head stays
+    assert await store.dedup_count() == 0
+
+
+async def test_job_keeps_what_kafka_has_not_published(store: Store) -> None:
+    """However old, events above the Kafka cursor stay while the Kafka sink is configured."""
+    await commit_old_events(store, 10, age_h=200)
+    await store.set_sink_cursor("kafka", 4)
+    await _prune(store, 168 * HOUR_MS, 168 * HOUR_MS, ["kafka"])
+    assert [e.seq for e in await store.read_outbox(0, 100)] == list(range(4, 11))
+    await _prune(store, 168 * HOUR_MS, 300 * HOUR_MS, [])  # retention not yet reached
+    assert len(await store.read_outbox(0, 100)) == 7
