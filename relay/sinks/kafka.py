@@ -156,7 +156,7 @@ class _Partitioner:
     """The default partitioner's choice (murmur2 of the key, as Java and aiokafka compute it),
     remembered per key: the pure-Python hash was the largest cost of ``producer.send``."""
 
-    def __init__(self, capacity: int = 200_000) -> None:
+    def __init__(self, capacity: int = 100_000) -> None:  # ~15 MB of keys at most
         self._hashes: dict[bytes, int] = {}
         self._capacity = capacity
 
