@@ -840,16 +840,11 @@ _KINDS = {kind.value: kind for kind in Kind}
 
 
 def _outbox_event(r: Sequence[Any]) -> OutboxEvent:
+    # Positional, in field order: keywords cost ~3 us a row in a frozen dataclass (profiled:
+    # reading the outbox back was 11 % of the pipeline); Kind(value) goes through
+    # EnumType.__call__, a dict lookup does not.
     return OutboxEvent(
-        seq=int(r[0]),
-        event_id=r[1],
-        account=r[2],
-        kind=_KINDS[r[3]],  # Kind(value) goes through EnumType.__call__: ~1 us a row
-        campaign_id=r[4],
-        contact_id=r[5],
-        occurred_ms=int(r[6]),
-        committed_ms=int(r[7]),
-        data=bytes(r[8]),
+        int(r[0]), r[1], r[2], _KINDS[r[3]], r[4], r[5], int(r[6]), int(r[7]), bytes(r[8])
     )
 
 

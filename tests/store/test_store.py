@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 
 from relay.events import WILDCARD, Activity, Kind, from_millis
@@ -262,3 +263,20 @@ async def test_prune_outbox_keeps_events_owed_to_webhooks(store: Store) -> None:
     assert [e.seq for e in await store.read_outbox(0, 100)] == [2, 4, 6]
     due = await store.due_deliveries("wh_1", T0 + 10**9, 10)
     assert [(d.seq, e.seq) for d, e in due] == [(4, 4), (6, 6)]
+
+
+async def test_outbox_event_reads_back_every_field(store: Store) -> None:
+    """Each column lands in its own field: id, account, kind, campaign, contact, times, data."""
+    sid = await one_stream(store)
+    committed = activity(7, T0 + 42, kind=Kind.CLICK)
+    await store.commit_page(sid, [committed], T0 + 99)
+    [event] = await store.read_outbox(0, 10)
+    assert event.seq == 1
+    assert event.event_id == committed.event_id
+    assert event.account == "acme"
+    assert event.kind is Kind.CLICK
+    assert event.campaign_id == "1100394165290"
+    assert event.contact_id == "7"
+    assert event.occurred_ms == T0 + 42
+    assert event.committed_ms == T0 + 99
+    assert orjson.loads(event.data) == committed.data()
