@@ -28,6 +28,10 @@ from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings
 
 ENV_PREFIX = "CTCT_RELAY_"
+# Variables under the prefix that belong to other commands, not to the config: the admin token
+# the CLI sends (`ctct-relay webhooks|status …`) and the Kafka jar cache of `dev-kafka`. A shell
+# that exports them for those commands must still be able to run the relay.
+NOT_OVERRIDES = frozenset({"CTCT_RELAY_ADMIN_TOKEN", "CTCT_RELAY_KAFKA_CACHE"})
 DEFAULT_STATE = "sqlite:///relay-state.db"
 DEFAULT_RETENTION_H = 168.0
 DEFAULT_OUTBOX_RETENTION_H = 168.0
@@ -614,7 +618,7 @@ def _interpolate(value: object, env: Mapping[str, str], path: str) -> object:
 def _apply_overrides(data: object, env: Mapping[str, str]) -> object:
     """``CTCT_RELAY_HTTP__TIMEOUT_S=5`` sets ``http.timeout_s``; list items by index."""
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX:
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX or name in NOT_OVERRIDES:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         try:

@@ -70,6 +70,19 @@ def test_environment_overrides_any_key(tmp_path: Path) -> None:
     assert settings.logging.level == "debug"
 
 
+def test_other_commands_variables_are_not_overrides(tmp_path: Path) -> None:
+    """The CLI's admin token and dev-kafka's jar cache variables do not break loading the config."""
+    env = {"KEY": "k", "CTCT_RELAY_ADMIN_TOKEN": "t0k", "CTCT_RELAY_KAFKA_CACHE": str(tmp_path)}
+    settings = load(write(tmp_path, MINIMAL), environ=env)
+    assert settings.accounts[0].name
+
+
+def test_unknown_override_names_its_variable(tmp_path: Path) -> None:
+    """A misspelt CTCT_RELAY_ variable is still an error that names the unknown key."""
+    with pytest.raises(ConfigError, match="unknown key"):
+        load(write(tmp_path, MINIMAL), environ={"KEY": "k", "CTCT_RELAY_HTTPP__TIMEOUT_S": "1"})
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
