@@ -25,6 +25,7 @@ from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
 from relay.events import Kind
+from relay.metrics import FANOUT_CURSOR, Metrics
 from relay.poller import Poller
 from relay.scheduler import AccountRuntime, Planner, Scheduler
 from relay.sinks.kafka import KafkaSink
@@ -55,8 +56,11 @@ class StoreLedger:
         return await self._store.spend_quota(self._account, day, requests)
 
 
-async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
+async def run_relay(
+    settings: Settings, stop: asyncio.Event, metrics: Metrics | None = None
+) -> None:
     """Run until ``stop`` is set, then shut down in order."""
+    metrics = metrics or Metrics()
     async with AsyncExitStack() as stack:
         store = open_store(settings.state)
         await store.open()
@@ -67,23 +71,25 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
             await upsert_declared(store, guard, settings.webhooks, now_ms())
         except WebhookError as exc:
             raise ConfigError(f"webhooks.declared: {exc}") from None
-        sinks = _start_sinks(settings, store, stop, guard)
+        sinks = _start_sinks(settings, store, stop, guard, metrics)
         stack.push_async_callback(_stop_sinks, sinks)
-        runner = await _start_admin(settings, store, guard)
+        cursors = [FANOUT_CURSOR] + (["kafka"] if settings.kafka else [])
+        metrics.watch_store(store, cursors, now_ms)
+        runner = await _start_admin(settings, store, guard, metrics)
         stack.push_async_callback(runner.cleanup)
         today = datetime.now(UTC).date().isoformat()
         runtimes: list[AccountRuntime] = []
         clients: list[CtctClient] = []
         for account in settings.accounts:
             runtime, client = await _account_runtime(
-                settings, account, store, session, today, sinks.notify
+                settings, account, store, session, today, sinks.notify, metrics
             )
             runtimes.append(runtime)
             clients.append(client)
             await ensure_configured(
                 store, account.name, account.campaigns.ids, account.contacts, now_ms()
             )
-        scheduler = Scheduler(store, runtimes, settings.schedule)
+        scheduler = Scheduler(store, runtimes, settings.schedule, metrics=metrics)
         stack.push_async_callback(scheduler.stop)
         for account, client in zip(settings.accounts, clients, strict=True):
             if not account.campaigns.discover:
@@ -129,9 +135,11 @@ class _Sinks:
             wake()
 
 
-async def _start_admin(settings: Settings, store: Store, guard: Guard) -> web.AppRunner:
-    """The admin API (webhook registration, health) on its configured address."""
-    app = create_admin_app(store, settings.admin, guard=guard, now_ms=now_ms)
+async def _start_admin(
+    settings: Settings, store: Store, guard: Guard, metrics: Metrics
+) -> web.AppRunner:
+    """The admin API (webhook registration, health, metrics) on its configured address."""
+    app = create_admin_app(store, settings.admin, guard=guard, now_ms=now_ms, metrics=metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
@@ -146,14 +154,14 @@ async def _start_admin(settings: Settings, store: Store, guard: Guard) -> web.Ap
 
 
 def _start_sinks(
-    settings: Settings, store: Store, relay_stop: asyncio.Event, guard: Guard
+    settings: Settings, store: Store, relay_stop: asyncio.Event, guard: Guard, metrics: Metrics
 ) -> _Sinks:
     sinks = _Sinks()
-    dispatcher = WebhookDispatcher(store, settings.delivery, guard, now_ms)
+    dispatcher = WebhookDispatcher(store, settings.delivery, guard, now_ms, metrics)
     sinks.tasks.append(asyncio.create_task(dispatcher.run(sinks.stop), name="sink:webhooks"))
     if settings.kafka is not None:
         kinds = sorted({k for a in settings.accounts for k in a.poll.kinds}, key=list(Kind).index)
-        sink = KafkaSink(settings.kafka, store, kinds, now_ms)
+        sink = KafkaSink(settings.kafka, store, kinds, now_ms, metrics)
         sinks.on_commit.append(sink.notify)
         sinks.outbox_readers.append(sink.name)
         task = asyncio.create_task(sink.run(sinks.stop), name="sink:kafka")
@@ -186,6 +194,7 @@ async def _account_runtime(
     session: aiohttp.ClientSession,
     today: str,
     on_commit: Callable[[], None],
+    metrics: Metrics,
 ) -> tuple[AccountRuntime, CtctClient]:
     limiter = RateLimiter(
         account.budget,
@@ -193,6 +202,7 @@ async def _account_runtime(
         ledger=StoreLedger(store, account.name),
         after_restart=True,
     )
+    metrics.watch_limiter(account.name, limiter)
     client = CtctClient(
         session,
         account.credentials(),
@@ -201,6 +211,7 @@ async def _account_runtime(
         timeout=aiohttp.ClientTimeout(
             total=settings.http.timeout_s, connect=settings.http.connect_timeout_s
         ),
+        on_response=metrics.api_observer(account.name),
     )
     poller = Poller(client, store, account.name, account.poll, now_ms, on_commit)
     return AccountRuntime(account.name, poller, limiter, Planner(settings.schedule)), client

@@ -220,6 +220,7 @@ def _admin(r: _Reader) -> AdminSettings:
         port=int(r.number("port", b.port, strict=False, maximum=65535)),
         token=r.optional_text("token"),
         rotation_grace_s=r.number("rotation_grace_s", b.rotation_grace_s, strict=False),
+        metrics_public=r.flag("metrics_public", b.metrics_public),
     )
     r.done()
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from relay.ctct import errors
 from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
+from relay.metrics import Metrics
 from relay.poller import PassOutcome, Poller
 from relay.store import PassResult, Store, Stream
 
@@ -172,8 +174,10 @@ class Scheduler:
         accounts: Sequence[AccountRuntime],
         settings: ScheduleSettings,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         self._accounts = {a.name: a for a in accounts}
         self._settings = settings
         self._now_ms = now_ms
@@ -267,10 +271,13 @@ class Scheduler:
             stream = await self._store.stream(stream_id)
             if stream.key.account != runtime.name or stream.retired or stream.paused:
                 return
-            with structlog.contextvars.bound_contextvars(stream=str(stream.key)):
+            # every line of one pass carries its poll id (and the stream), to grep one pass out
+            poll_id = secrets.token_hex(6)
+            with structlog.contextvars.bound_contextvars(stream=str(stream.key), poll_id=poll_id):
                 try:
                     outcome = await runtime.poller.run_pass(stream)
                 except errors.CtctError as exc:
+                    self._metrics.pass_failed(runtime.name, exc)
                     await self._failed(runtime, stream, exc)
                     return
                 await self._finished(runtime, stream, outcome)
@@ -300,6 +307,7 @@ class Scheduler:
             ),
         )
         self.passes += 1
+        self._metrics.pass_finished(runtime.name, outcome)
         log.info(
             "poll.pass",
             requests=outcome.requests,

@@ -1,6 +1,7 @@
 """The admin API application: factory, exposure check, bearer-token auth, JSON errors, health.
 
-``/healthz``, ``/readyz`` and ``/openapi.json`` are open; everything else (``/v1/…``, and any
+``/healthz``, ``/readyz``, ``/openapi.json`` and ``/metrics`` (unless ``admin.metrics_public`` is
+false) are open; everything else (``/v1/…``, and any
 unknown path, so probing reveals nothing) needs ``Authorization: Bearer <token>`` when a token is
 configured. Without a token the API is open, which :func:`check_exposure` allows only on a
 loopback address. Every answer is JSON; an unexpected exception becomes a logged 500, never a
@@ -24,6 +25,8 @@ from aiohttp.typedefs import Handler, Middleware
 from relay.api import body, openapi, webhooks
 from relay.api.responses import ApiError, error_response, json_response
 from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE, AdminSettings, StatusFn
+from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from relay.metrics import Metrics
 from relay.sinks.ssrf import Guard
 from relay.store import Store
 
@@ -88,21 +91,30 @@ def create_admin_app(
     guard: Guard,
     now_ms: Callable[[], int] = wall_ms,
     status: StatusFn | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The admin API on an opened store. Raises AdminConfigError for unsafe settings.
 
-    ``status``, when given, serves ``GET /v1/status`` (the running relay's state).
+    ``status``, when given, serves ``GET /v1/status`` (the running relay's state); ``metrics``
+    serves ``GET /metrics`` (Prometheus text format).
     """
     check_exposure(settings)
     middlewares: list[Middleware] = [_errors]
     if settings.token is not None:
-        middlewares.append(_bearer_auth(settings.token))
+        public = PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
+        middlewares.append(_bearer_auth(settings.token, public))
     app = web.Application(middlewares=middlewares, client_max_size=body.MAX_BODY_BYTES)
     app[STORE] = store
     app[SETTINGS] = settings
     app[GUARD] = guard
     app[NOW_MS] = now_ms
-    document = orjson.dumps(openapi.document(with_status=status is not None))
+    document = orjson.dumps(
+        openapi.document(
+            with_status=status is not None,
+            with_metrics=metrics is not None,
+            metrics_public=settings.metrics_public,
+        )
+    )
 
     async def serve_openapi(_request: web.Request) -> web.Response:
         return web.Response(body=document, content_type="application/json", charset="utf-8")
@@ -112,8 +124,18 @@ def create_admin_app(
     app.router.add_get("/openapi.json", serve_openapi, allow_head=False)
     if status is not None:
         app.router.add_get("/v1/status", _status_handler(status), allow_head=False)
+    if metrics is not None:
+        app.router.add_get("/metrics", _metrics_handler(metrics), allow_head=False)
     app.router.add_routes(webhooks.routes())
     return app
+
+
+def _metrics_handler(metrics: Metrics) -> Handler:
+    async def handle(_request: web.Request) -> web.StreamResponse:
+        body = await metrics.scrape()
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    return handle
 
 
 async def _healthz(_request: web.Request) -> web.Response:
@@ -169,12 +191,12 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     return error_response(exc.status, exc.reason)
 
 
-def _bearer_auth(token: str) -> Middleware:
+def _bearer_auth(token: str, public: frozenset[str] = PUBLIC_PATHS) -> Middleware:
     expected = token.encode()
 
     @web.middleware
     async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in PUBLIC_PATHS:
+        if request.path in public:
             return await handler(request)
         header = request.headers.get("Authorization")
         if header is None:

@@ -14,8 +14,11 @@ from relay.events import EVENT_TYPES, WILDCARD
 API_VERSION = "1.0.0"
 
 
-def document(*, with_status: bool = False) -> JsonObject:
-    """The document; ``with_status`` adds ``GET /v1/status`` (served only by a running relay)."""
+def document(
+    *, with_status: bool = False, with_metrics: bool = False, metrics_public: bool = True
+) -> JsonObject:
+    """The document; ``with_status`` adds ``GET /v1/status`` and ``with_metrics`` adds
+    ``GET /metrics`` (both served only by a running relay)."""
     paths: JsonObject = {
         "/healthz": {"get": _health()},
         "/readyz": {"get": _ready()},
@@ -46,6 +49,8 @@ def document(*, with_status: bool = False) -> JsonObject:
     }
     if with_status:
         paths["/v1/status"] = {"get": _status()}
+    if with_metrics:
+        paths["/metrics"] = {"get": _metrics(metrics_public)}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -106,6 +111,22 @@ def _openapi() -> JsonObject:
         "security": [],
         "responses": {"200": _json("the OpenAPI document", {"type": "object"})},
     }
+
+
+def _metrics(public: bool) -> JsonObject:
+    ok: JsonObject = {
+        "description": "metrics",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+    operation: JsonObject = {
+        "operationId": "metrics",
+        "summary": "Prometheus metrics in the text exposition format",
+        "description": "Open unless admin.metrics_public is false; then it needs the token.",
+        "responses": {"200": ok} if public else {"200": ok, **_errors(401)},
+    }
+    if public:
+        operation["security"] = []
+    return operation
 
 
 def _status() -> JsonObject:

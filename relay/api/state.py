@@ -24,6 +24,7 @@ class AdminSettings:
     port: int = 8081
     token: str | None = field(default=None, repr=False)  # bearer token; required off loopback
     rotation_grace_s: float = 86400.0  # how long a rotated-out secret keeps signing
+    metrics_public: bool = True  # /metrics without the token, as Prometheus scrapers expect
 
 
 StatusFn = Callable[[], Awaitable[JsonObject]]

@@ -93,8 +93,11 @@ class CtctClient:
         timeout: aiohttp.ClientTimeout | None = None,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_response: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self._session = session
+        # (endpoint, status or "timeout"/"transport_error", seconds): the metrics hook
+        self._on_response = on_response or _ignore_response
         self._credentials = credentials
         self._base = credentials.base_url.rstrip("/")
         self._limiter = limiter
@@ -234,10 +237,12 @@ class CtctClient:
                     body = await _read_capped(resp, _ERROR_BODY_CAP)
                 retry_after = resp.headers.get("Retry-After")
         except TimeoutError:
+            self._on_response(name, "timeout", time.perf_counter() - started)
             raise errors.TransportError(
                 f"GET {shown()} timed out after {self._timeout.total}s", endpoint=name
             ) from None
         except aiohttp.ClientError as exc:
+            self._on_response(name, "transport_error", time.perf_counter() - started)
             # from None: aiohttp's own exception text may carry the full URL with the api_key
             raise errors.TransportError(
                 f"GET {shown()} failed: {_describe_transport(exc)}", endpoint=name
@@ -248,6 +253,7 @@ class CtctClient:
             status=status,
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
         )
+        self._on_response(name, str(status), time.perf_counter() - started)
         if not 200 <= status < 300:
             raise _map_error(name, shown(), status, body, retry_after)
         try:
@@ -256,6 +262,10 @@ class CtctClient:
             raise _malformed(
                 name, f"GET {shown()} answered {status} with a body that is not JSON ({exc})"
             ) from None
+
+
+def _ignore_response(_endpoint: str, _status: str, _seconds: float) -> None:
+    """No metrics wanted (tools such as ``ctct-relay fetch``)."""
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:

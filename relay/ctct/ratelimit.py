@@ -94,6 +94,7 @@ class RateLimiter:
             self._sent.extend([monotonic()] * budget.burst)
         self._lock = asyncio.Lock()
         self.waited_s = 0.0  # total time spent waiting for a slot, for metrics
+        self.waits = 0  # requests that had to wait for a slot, for metrics
 
     @property
     def used_today(self) -> int:
@@ -127,6 +128,7 @@ class RateLimiter:
                 wait_s = self._sent[0] + self.budget.window_s - self._monotonic()
                 if wait_s > 0:
                     self.waited_s += wait_s
+                    self.waits += 1
                     await self._sleep(wait_s)
             self._sent.append(self._monotonic())
             self._used_today += 1

@@ -45,6 +45,7 @@ from relay.events import (
     format_millis,
     source,
 )
+from relay.metrics import Metrics
 from relay.store import OutboxEvent, Store
 
 log = structlog.get_logger(__name__)
@@ -190,9 +191,11 @@ class KafkaSink:
         store: Store,
         kinds: Sequence[Kind] = tuple(Kind),
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
+        self._metrics = metrics or Metrics()
         self._kinds = tuple(kinds)
         self._now_ms = now_ms
         self._rng = random.Random()
@@ -274,7 +277,9 @@ class KafkaSink:
             if not events:
                 await self._idle(stop)
                 continue
+            started = time.perf_counter()
             cursor = await self._publish(producer, events, cursor)
+            self._metrics.kafka_acknowledged(events, cursor, started)
 
     def notify(self) -> None:
         """New events were committed: look at the outbox now instead of at the next idle poll.
@@ -401,6 +406,7 @@ class KafkaSink:
         reason = f"{type(exc).__name__}: {exc}"
         await self._store.add_dead_letter(SINK, event.seq, event.event_id, reason, self._now_ms())
         self.dead_lettered += 1
+        self._metrics.dead_lettered(SINK)
         log.error("kafka.dead_letter", event_id=event.event_id, seq=event.seq, reason=reason)
 
     def _backoff(self, attempt: int) -> float:

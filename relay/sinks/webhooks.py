@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
+from relay.metrics import Metrics
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError
 from relay.store import Attempt, Delivery, OutboxEvent, Store, StoreError, Webhook
@@ -81,8 +82,10 @@ class WebhookDispatcher:
         settings: DeliverySettings,
         guard: Guard,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         self._settings = settings
         self._guard = guard
         self._now_ms = now_ms
@@ -172,7 +175,12 @@ class WebhookDispatcher:
             return Outcome(None, _ms(started), "", f"{type(exc).__name__}: {exc}"[:500])
 
     async def _settle(
-        self, hook: Webhook, delivery: Delivery, outcome: Outcome, failing: bool
+        self,
+        hook: Webhook,
+        delivery: Delivery,
+        outcome: Outcome,
+        failing: bool,
+        committed_ms: int = 0,
     ) -> bool:
         """Record the attempt and decide what happens next to the delivery and the endpoint;
         True when the endpoint was disabled. ``failing``: its failing clock may be running."""
@@ -187,6 +195,7 @@ class WebhookDispatcher:
         )
         if outcome.ok:
             await self._recorder.record(attempt, "delivered", now)
+            self._metrics.webhook_attempt("delivered", committed_ms)
             if failing:  # a write per success only when there is a clock to stop
                 await self._store.webhook_succeeded(hook.id)
             self.delivered += 1
@@ -195,6 +204,7 @@ class WebhookDispatcher:
         delay = self._retry_delay_s(delivery.attempts + 1, outcome)
         status, next_ms = ("dead", now) if delay is None else ("pending", now + int(delay * 1000))
         await self._recorder.record(attempt, status, next_ms)
+        self._metrics.webhook_attempt(status, committed_ms)
         log.warning(
             "webhook.attempt_failed",
             webhook=hook.id,
@@ -297,7 +307,7 @@ class _Worker:
                 webhook=self.hook.id, delivery=delivery.id
             ):
                 outcome = await d._attempt(self._session, self.hook, event)
-                settle = d._settle(self.hook, delivery, outcome, self.failing)
+                settle = d._settle(self.hook, delivery, outcome, self.failing, event.committed_ms)
                 if await asyncio.shield(settle):
                     self.disabled = True
                 self.failing = not outcome.ok

@@ -1,0 +1,326 @@
+"""Prometheus metrics of one running relay: the registry, the metric objects, the scrape.
+
+One :class:`Metrics` per relay, each with its own ``CollectorRegistry`` (never the global
+default), so tests and several relays in one process never collide. Components get it passed
+in and call one method at the point where something happened (a request answered, a pass
+finished, a batch acknowledged, an attempt settled). Everything that is *state* rather than
+*events* (quota, outbox depth, watermark lag, rate-limit waits) is read at scrape time instead:
+:meth:`Metrics.scrape` refreshes it from the store and the limiters, so hot paths stay untouched.
+
+Labels are bounded on purpose: account names come from the config, endpoints from the catalogue,
+kinds and scopes are enums; no stream, campaign, contact or webhook id is ever a label.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from relay.store import OutboxEvent, Store
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FANOUT_CURSOR = "webhooks-fanout"  # the store's cursor of webhook fan-out
+# Delivery latency runs from commit to acknowledgement: milliseconds for Kafka, up to hours for
+# a webhook on its retry schedule.
+_DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 36000)
+_REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+ResponseObserver = Callable[[str, str, float], None]
+
+
+class LimiterView(Protocol):
+    """What the scrape reads of an account's rate limiter."""
+
+    @property
+    def used_today(self) -> int: ...
+
+    @property
+    def remaining_today(self) -> int: ...
+
+    waited_s: float
+    waits: int
+
+
+class PassView(Protocol):
+    """What a finished poll pass reports (``relay.poller.PassOutcome``)."""
+
+    fetched: int
+    new: int
+    skipped_records: int
+
+
+@dataclass
+class _State:
+    """Gauges and counters read from the store and the limiters at the last scrape."""
+
+    quota_used: dict[str, int] = field(default_factory=dict)
+    quota_remaining: dict[str, int] = field(default_factory=dict)
+    waits: dict[str, tuple[int, float]] = field(default_factory=dict)
+    outbox_depth: dict[str, int] = field(default_factory=dict)
+    lag_max_s: dict[tuple[str, str], float] = field(default_factory=dict)
+    lag_min_s: dict[tuple[str, str], float] = field(default_factory=dict)
+    streams: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class Metrics:
+    """The relay's metrics; ``scrape()`` renders them in the Prometheus text format."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.api_requests = Counter(
+            "ctct_relay_api_requests",
+            "Upstream API requests by account, catalogue endpoint and HTTP status"
+            " (timeout / transport_error when none came back).",
+            ["account", "endpoint", "status"],
+            registry=r,
+        )
+        self.api_latency = Histogram(
+            "ctct_relay_api_request_seconds",
+            "Upstream API request duration by catalogue endpoint.",
+            ["endpoint"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.passes = Counter(
+            "ctct_relay_poll_passes",
+            "Poll passes by account and result (ok, or the upstream error class).",
+            ["account", "result"],
+            registry=r,
+        )
+        self.events_fetched = Counter(
+            "ctct_relay_events_fetched",
+            "Activity records read from the API, before deduplication.",
+            ["account"],
+            registry=r,
+        )
+        self.events_new = Counter(
+            "ctct_relay_events_new",
+            "Activities committed to the outbox as new events.",
+            ["account"],
+            registry=r,
+        )
+        self.events_deduplicated = Counter(
+            "ctct_relay_events_deduplicated",
+            "Activities read again (overlap, retries, history absorbed at start) and dropped.",
+            ["account"],
+            registry=r,
+        )
+        self.published = Counter(
+            "ctct_relay_events_published",
+            "Events acknowledged by a sink (Kafka broker ack, webhook 2xx).",
+            ["sink"],
+            registry=r,
+        )
+        self.kafka_publish = Histogram(
+            "ctct_relay_kafka_publish_seconds",
+            "Time from sending a batch to Kafka until the broker acknowledged all of it.",
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.webhook_attempts = Counter(
+            "ctct_relay_webhook_attempts",
+            "Webhook delivery attempts by outcome: delivered, retry (failed, will retry),"
+            " dead (failed, out of attempts).",
+            ["outcome"],
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "ctct_relay_delivery_latency_seconds",
+            "Time from an event's commit to its acknowledgement by a sink.",
+            ["sink"],
+            buckets=_DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "ctct_relay_dead_letters",
+            "Events a sink gave up on (Kafka refused for good; webhook out of attempts).",
+            ["sink"],
+            registry=r,
+        )
+        self._state = _State()
+        self._limiters: dict[str, LimiterView] = {}
+        self._store: Store | None = None
+        self._sinks: tuple[str, ...] = ()
+        self._now_ms: Callable[[], int] = lambda: int(time.time() * 1000)
+        r.register(_StateCollector(self._state))
+
+    # wiring, once at start-up
+
+    def watch_limiter(self, account: str, limiter: LimiterView) -> None:
+        """Report this account's quota and rate-limit waits at every scrape."""
+        self._limiters[account] = limiter
+
+    def watch_store(
+        self, store: Store, sinks: Sequence[str], now_ms: Callable[[], int] | None = None
+    ) -> None:
+        """Report outbox depth of ``sinks`` (cursor names) and watermark lag at every scrape."""
+        self._store = store
+        self._sinks = tuple(sinks)
+        if now_ms is not None:
+            self._now_ms = now_ms
+
+    # one-line hooks for the components
+
+    def api_observer(self, account: str) -> ResponseObserver:
+        """The client's per-response callback for ``account``: (endpoint, status, seconds)."""
+
+        def observe(endpoint: str, status: str, seconds: float) -> None:
+            self.api_requests.labels(account, endpoint, status).inc()
+            self.api_latency.labels(endpoint).observe(seconds)
+
+        return observe
+
+    def pass_finished(self, account: str, outcome: PassView) -> None:
+        """A poll pass committed its pages."""
+        self.passes.labels(account, "ok").inc()
+        self.events_fetched.labels(account).inc(outcome.fetched)
+        self.events_new.labels(account).inc(outcome.new)
+        dropped = outcome.fetched - outcome.new
+        self.events_deduplicated.labels(account).inc(max(0, dropped))
+
+    def pass_failed(self, account: str, error: BaseException) -> None:
+        """A poll pass ended with an upstream error (its class names the result)."""
+        self.passes.labels(account, type(error).__name__).inc()
+
+    def kafka_acknowledged(
+        self, events: Sequence[OutboxEvent], through_seq: int, started: float
+    ) -> None:
+        """The broker acknowledged ``events`` up to ``through_seq``; the batch began at
+        ``started`` (``time.perf_counter()``)."""
+        self.kafka_publish.observe(time.perf_counter() - started)
+        self._acknowledged("kafka", (e.committed_ms for e in events if e.seq <= through_seq))
+
+    def webhook_attempt(self, outcome: str, committed_ms: int) -> None:
+        """One webhook attempt settled as ``delivered``, ``pending`` (retry) or ``dead``."""
+        self.webhook_attempts.labels("retry" if outcome == "pending" else outcome).inc()
+        if outcome == "delivered":
+            self._acknowledged("webhooks", (committed_ms,))
+        elif outcome == "dead":
+            self.dead_letters.labels("webhooks").inc()
+
+    def dead_lettered(self, sink: str) -> None:
+        """A sink dead-lettered one event."""
+        self.dead_letters.labels(sink).inc()
+
+    def _acknowledged(self, sink: str, committed_ms: Iterable[int]) -> None:
+        now_ms = self._now_ms()
+        published = self.published.labels(sink)
+        latency = self.delivery_latency.labels(sink)
+        for ms in committed_ms:
+            published.inc()
+            latency.observe(max(0.0, (now_ms - ms) / 1000))
+
+    # the scrape
+
+    async def scrape(self) -> bytes:
+        """Refresh the scrape-time state, then render every metric in the text format."""
+        await self.refresh()
+        return generate_latest(self.registry)
+
+    async def refresh(self) -> None:
+        """Read quota, waits, outbox depth and watermark lag into the scrape-time state."""
+        state = _State()
+        for account, limiter in self._limiters.items():
+            state.quota_used[account] = limiter.used_today
+            state.quota_remaining[account] = limiter.remaining_today
+            state.waits[account] = (limiter.waits, limiter.waited_s)
+        if self._store is not None:
+            await self._read_store(self._store, state)
+        self._state.__dict__.update(state.__dict__)  # one swap: a concurrent scrape sees either
+
+    async def _read_store(self, store: Store, state: _State) -> None:
+        head = await store.outbox_head()
+        for sink in self._sinks:
+            state.outbox_depth[sink] = max(0, head - await store.sink_cursor(sink))
+        now_ms = self._now_ms()
+        for stream in await store.streams():
+            status = "retired" if stream.retired else "paused" if stream.paused else "active"
+            key = (stream.key.scope, status)
+            state.streams[key] = state.streams.get(key, 0) + 1
+            if status != "active":
+                continue
+            for kind, mark in stream.watermarks.items():
+                lag_s = max(0.0, (now_ms - mark) / 1000)
+                at = (stream.key.scope, kind.value)
+                state.lag_max_s[at] = max(state.lag_max_s.get(at, 0.0), lag_s)
+                state.lag_min_s[at] = min(state.lag_min_s.get(at, lag_s), lag_s)
+
+
+class _StateCollector(Collector):
+    """Renders the scrape-time state; labels are accounts, sinks, scopes and kinds only."""
+
+    def __init__(self, state: _State) -> None:
+        self._state = state
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self.collect())  # families without samples: no store read needed
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._state
+        yield _gauge(
+            "ctct_relay_quota_used_requests",
+            "Requests spent today (UTC) of the account's daily allowance.",
+            ["account"],
+            {(a,): float(v) for a, v in s.quota_used.items()},
+        )
+        yield _gauge(
+            "ctct_relay_quota_remaining_requests",
+            "Requests left today (UTC) of the account's allowance (after the reserved share).",
+            ["account"],
+            {(a,): float(v) for a, v in s.quota_remaining.items()},
+        )
+        waits = CounterMetricFamily(
+            "ctct_relay_rate_limit_waits",
+            "Requests that waited for a per-second slot of the account's rate limit.",
+            labels=["account"],
+        )
+        waited = CounterMetricFamily(
+            "ctct_relay_rate_limit_wait_seconds",
+            "Time requests spent waiting for a per-second slot.",
+            labels=["account"],
+        )
+        for account, (count, seconds) in s.waits.items():
+            waits.add_metric([account], count)
+            waited.add_metric([account], seconds)
+        yield waits
+        yield waited
+        yield _gauge(
+            "ctct_relay_outbox_depth_events",
+            "Committed events a sink has not finished with (webhooks: not yet fanned out).",
+            ["sink"],
+            {(k,): float(v) for k, v in s.outbox_depth.items()},
+        )
+        yield _gauge(
+            "ctct_relay_watermark_lag_max_seconds",
+            "Largest now-minus-watermark over active streams, per stream scope and feed kind.",
+            ["scope", "kind"],
+            dict(s.lag_max_s),
+        )
+        yield _gauge(
+            "ctct_relay_watermark_lag_min_seconds",
+            "Smallest now-minus-watermark over active streams, per stream scope and feed kind.",
+            ["scope", "kind"],
+            dict(s.lag_min_s),
+        )
+        yield _gauge(
+            "ctct_relay_streams",
+            "Streams known to the relay by scope and state (active, paused, retired).",
+            ["scope", "state"],
+            {k: float(v) for k, v in s.streams.items()},
+        )
+
+
+def _gauge(
+    name: str, doc: str, labels: list[str], values: dict[tuple[str, ...], float]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key), value)
+    return family
