@@ -46,10 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sim":
             return _sim(args)
         if args.command == "demo":
-            from relay.demo import run_demo
-
-            logs.configure("warning")
-            return asyncio.run(run_demo(_scenario(args.scenario), args.duration, sys.stdout))
+            return _demo(args)
         if args.command == "endpoints":
             return _endpoints(sys.stdout)
         if args.command == "webhooks":
@@ -93,9 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (%(default)s)")
     p.add_argument("--port", type=int, default=8080, help="listen port (%(default)s)")
 
-    p = commands.add_parser("demo", help="run the simulator and show the relay at work")
+    p = commands.add_parser(
+        "demo", help="run the simulator, the relay, a webhook receiver (and Kafka) together"
+    )
     p.add_argument("--scenario", default=DEFAULT_SCENARIO, help="scenario YAML (%(default)s)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--state-dir", default=None, help="keep the relay state here (default: temp)")
+    p.add_argument("--no-kafka", action="store_true", help="do not start a local Kafka broker")
 
     commands.add_parser("endpoints", help="list the upstream endpoints the client knows")
     add_webhooks_parser(commands)
@@ -126,6 +127,18 @@ def _fail(message: str, code: int) -> int:
 
 def _scenario(path: str) -> sim.Scenario:
     return sim.load_scenario(Path(path))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from relay.demo import DemoOptions, run_demo  # the demo's imports only when asked for
+
+    logs.configure("warning")
+    options = DemoOptions(
+        duration_s=args.duration,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        kafka=not args.no_kafka,
+    )
+    return asyncio.run(run_demo(_scenario(args.scenario), options, sys.stdout))
 
 
 def _sim(args: argparse.Namespace) -> int:

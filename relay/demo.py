@@ -1,123 +1,312 @@
-"""``ctct-relay demo``: the simulator and the client at work, in one process, in the terminal.
+"""``ctct-relay demo``: the real pipeline on one machine, in the terminal.
 
-Starts the simulator on a free loopback port, then polls it the way the relay does: discover sent
-campaigns, read each campaign's summary (one request) and fetch only the feeds whose counts
-changed, from a watermark with an overlap, dropping what was already seen. Every new activity is
-printed as one line. State is in memory; the durable pipeline is ``ctct-relay run``.
+Starts, on loopback ports, the simulator (a lively scenario: campaigns going out, activity every
+second), the relay itself (``run_relay`` on the embedded SQLite store, state in a temporary or
+given directory), a webhook receiver that verifies the Standard Webhooks signature of every
+request and prints each event on one line and, when Java (and Maven, or a filled jar cache) is
+there, a local Kafka broker with a consumer printing what arrives on the topics. Stops in order
+on Ctrl-C, SIGTERM or after ``--duration``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hmac
+import logging
+import signal
+import socket
+import tempfile
 import time
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
-import aiohttp
+import orjson
+import yaml
 from aiohttp import web
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from relay.ctct import catalogue
-from relay.ctct.catalogue import Scope
-from relay.ctct.client import Credentials, CtctClient
-from relay.ctct.errors import CtctError
-from relay.ctct.ratelimit import Budget, RateLimiter
-from relay.events import Activity, DedupKey, Kind, parse_activity
+from relay import logs
+from relay.app import run_relay
+from relay.config import load
+from relay.devkafka import DevKafka, DevKafkaError, ensure_kafka
+from relay.events import Kind
+from relay.metrics import Metrics
 from relay.sim import Scenario, create_app
+from relay.sinks import signing
 
-OVERLAP = timedelta(minutes=10)
+TOPIC = "ctct.email.{kind}"
+TOLERANCE_S = 300  # Standard Webhooks: refuse timestamps further than this from now
+ENABLE_KAFKA = (
+    "Kafka: off. To see events on Kafka topics too, install Java 17+ and Maven"
+    " (e.g. apt-get install openjdk-17-jre-headless maven) and run make demo again."
+)
 
 
-class DemoPoller:
-    """Summary-gated polling of every sent campaign, with in-memory watermarks and dedup."""
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    """What ``ctct-relay demo`` was asked for."""
 
-    def __init__(self, client: CtctClient, out: TextIO) -> None:
-        self._client = client
-        self._out = out
-        self._counts: dict[str, dict[str, object]] = {}
-        self._watermarks: dict[tuple[str, Kind], datetime] = {}
-        self._seen: set[DedupKey] = set()
-        self.events = 0
+    duration_s: float | None = None  # None: until Ctrl-C
+    state_dir: Path | None = None  # None: a temporary directory, removed at exit
+    kafka: bool = True  # False: do not even look for Java
 
-    async def pass_once(self) -> None:
-        """One pass over every campaign the account has sent."""
-        campaigns = [
-            str(row["id"])
-            async for page in self._client.pages(catalogue.get("campaigns.sent"))
-            for row in page.records
-        ]
-        for campaign in campaigns:
-            summary = await self._client.fetch(
-                catalogue.get("campaign.summary"), resource_id=campaign
-            )
-            if not isinstance(summary, dict):
-                continue
-            before = self._counts.get(campaign, {})
-            self._counts[campaign] = summary
-            for kind in Kind:
-                field = catalogue.FEEDS[kind]  # summary counts are named like the feeds
-                if summary.get(field) != before.get(field) and summary.get(field):
-                    await self._poll(campaign, kind)
 
-    async def _poll(self, campaign: str, kind: Kind) -> None:
-        mark = self._watermarks.get((campaign, kind))
-        since = mark - OVERLAP if mark else None
-        newest = mark
-        endpoint = catalogue.feed(Scope.CAMPAIGN, kind)
-        async for page in self._client.pages(endpoint, resource_id=campaign, since=since):
-            for record in page.records:
-                activity = parse_activity(record, account="demo", kind=kind)
-                newest = max(newest or activity.occurred_at, activity.occurred_at)
-                if activity.dedup_key not in self._seen:
-                    self._seen.add(activity.dedup_key)
-                    self._show(activity)
-        if newest:
-            self._watermarks[(campaign, kind)] = newest
+@dataclass
+class Tally:
+    """What reached the outside world, for the closing line (and the tests)."""
 
-    def _show(self, a: Activity) -> None:
-        self.events += 1
-        extra = f" link {a.link_id}" if a.link_id else ""
-        extra += f" code {a.bounce_code}" if a.bounce_code else ""
-        when = a.occurred_at.strftime("%H:%M:%S.%f")[:-3]
-        print(
-            f"{when}  {a.kind.value:11} campaign {a.campaign_id}  contact {a.contact_id:>6}"
-            f"{extra}  id {a.event_id[:8]}",
-            file=self._out,
-            flush=True,
+    webhook_ok: int = 0
+    webhook_rejected: int = 0
+    kafka: int = 0
+
+
+async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int:
+    """Run every component until the duration passes, Ctrl-C or SIGTERM; 0 when all went well."""
+    stop = asyncio.Event()
+    _on_signals(stop)
+    tally = Tally()
+    # The sim's daily quota would stop the demo for the day; its per-second limit stays.
+    scenario = dataclasses.replace(
+        scenario, keys=tuple(dataclasses.replace(k, daily=None) for k in scenario.keys)
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        state = options.state_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="ctct-demo-"))
         )
+        state.mkdir(parents=True, exist_ok=True)
+        sim_url = await stack.enter_async_context(_serve(create_app(scenario)))
+        secret = signing.generate_secret()
+        hook_url = await stack.enter_async_context(_serve(_receiver(secret, out, tally)))
+        bootstrap = await _start_kafka(stack, state, options, out)
+        admin_port = _free_port()
+        config = _write_config(state, scenario, sim_url, hook_url + "/hook", secret, admin_port)
+        config = config if bootstrap is None else _with_kafka(config, bootstrap)
+        settings = load(config, environ={})  # the demo config is complete; no overrides
+        logs.configure("warning", "auto", settings.secrets())
+        if bootstrap is not None:
+            # a fresh topic's first fetch may meet a leader election: aiokafka retries, quietly
+            logging.getLogger("aiokafka.consumer").setLevel(logging.ERROR)
+            await _create_topics(bootstrap)
+            stack.push_async_callback(
+                _cancel, asyncio.create_task(_consume(bootstrap, out, tally, stop))
+            )
+        admin = f"http://127.0.0.1:{admin_port}"
+        _banner(out, sim_url, hook_url, admin, config, bootstrap)
+        relay = asyncio.create_task(run_relay(settings, stop, Metrics()))
+        stopped = asyncio.create_task(stop.wait())
+        # the relay only returns early with an error (e.g. the admin port was taken)
+        await asyncio.wait(
+            {relay, stopped}, timeout=options.duration_s, return_when="FIRST_COMPLETED"
+        )
+        stop.set()
+        await stopped
+        await relay  # an orderly stop: sinks flush, the store closes; its error goes to the CLI
+    print(
+        f"demo: {tally.webhook_ok} events at the webhook receiver (signatures verified,"
+        f" {tally.webhook_rejected} rejected), {tally.kafka} records from Kafka",
+        file=out,
+        flush=True,
+    )
+    return 0 if tally.webhook_rejected == 0 else 1
 
 
-async def run_demo(scenario: Scenario, duration_s: float | None, out: TextIO) -> int:
-    """Run the simulator and the polling loop until ``duration_s`` passes or Ctrl-C."""
-    runner = web.AppRunner(create_app(scenario), access_log=None)
+def _on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(signum, stop.set)
+
+
+def _banner(out: TextIO, sim: str, hook: str, admin: str, config: Path, kafka: str | None) -> None:
+    lines = [
+        f"simulator     {sim}  (ground truth: {sim}/_sim/truth)",
+        f"webhooks      {hook}/hook  (signatures verified with the declared secret)",
+        f"admin API     {admin}/v1/webhooks  (OpenAPI: {admin}/openapi.json)",
+        f"metrics       {admin}/metrics",
+        f"status        ctct-relay status --config {config}",
+        f"relay config  {config}",
+        f"Kafka         {kafka}  (topics ctct.email.<kind>)" if kafka else ENABLE_KAFKA,
+        "events below as they arrive; Ctrl-C stops everything",
+    ]
+    print("\n".join(lines), file=out, flush=True)
+
+
+@contextlib.asynccontextmanager
+async def _serve(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a free loopback port; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    base = f"http://{host}:{port}"
-    key = scenario.keys[0]
-    print(f"simulator: {base} (ground truth: {base}/_sim/truth)", file=out)
-    print("polling sent campaigns; new activities below (Ctrl-C to stop)", file=out, flush=True)
-    deadline = None if duration_s is None else time.monotonic() + duration_s
     try:
-        async with aiohttp.ClientSession() as session:
-            budget = Budget(requests_per_second=float(key.qps or 4), reserved_share=0.0)
-            client = CtctClient(
-                session, Credentials(base, key.api_key, key.access_token), RateLimiter(budget)
-            )
-            poller = DemoPoller(client, out)
-            with contextlib.suppress(asyncio.CancelledError):
-                while deadline is None or time.monotonic() < deadline:
-                    try:
-                        await poller.pass_once()
-                    except CtctError as exc:
-                        print(f"upstream error: {exc}", file=out, flush=True)
-                    await asyncio.sleep(1.0)
-            print(
-                f"demo: {poller.events} events from {client.requests_sent} API requests",
-                file=out,
-                flush=True,
-            )
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
-    return 0
+
+
+def _receiver(secret: str, out: TextIO, tally: Tally) -> web.Application:
+    """A webhook endpoint that checks the Standard Webhooks signature and prints the event."""
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        problem = _check_signature(secret, request.headers, body)
+        if problem is not None:
+            tally.webhook_rejected += 1
+            print(f"webhook  REJECTED: {problem}", file=out, flush=True)
+            return web.Response(status=401, text=problem)
+        tally.webhook_ok += 1
+        event = orjson.loads(body)
+        print("webhook  " + _event_line(event, event.get("data", {})), file=out, flush=True)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    return app
+
+
+def _check_signature(secret: str, headers: Mapping[str, str], body: bytes) -> str | None:
+    """None when the request is signed with ``secret`` and recent, else what is wrong."""
+    msg_id = headers.get("webhook-id")
+    stamp = headers.get("webhook-timestamp")
+    given = headers.get("webhook-signature")
+    if not (msg_id and stamp and given):
+        return "missing webhook-id, webhook-timestamp or webhook-signature"
+    if not stamp.isdigit() or abs(time.time() - int(stamp)) > TOLERANCE_S:
+        return f"webhook-timestamp {stamp!r} is not within {TOLERANCE_S}s of now"
+    expected = signing.sign(secret, msg_id, int(stamp), body)
+    if any(hmac.compare_digest(expected, part) for part in given.split()):
+        return None
+    return "no signature in webhook-signature matches the secret"
+
+
+def _event_line(attrs: dict[str, object], data: object) -> str:
+    """One readable line: kind, campaign, contact, when, id."""
+    fields = data if isinstance(data, dict) else {}
+    kind = str(attrs.get("type", "")).rsplit(".", 1)[-1]
+    extra = f"  link {fields['link_id']}" if fields.get("link_id") else ""
+    extra += f"  code {fields['bounce_code']}" if fields.get("bounce_code") else ""
+    return (
+        f"{kind:11} campaign {fields.get('campaign_id', '?')}  contact"
+        f" {fields.get('contact_id', '?'):>6}  at {attrs.get('time', '?')}{extra}"
+        f"  id {str(attrs.get('id', ''))[:8]}"
+    )
+
+
+async def _start_kafka(
+    stack: contextlib.AsyncExitStack, state: Path, options: DemoOptions, out: TextIO
+) -> str | None:
+    """A dev broker's bootstrap address, or None (and why) when Kafka cannot run here."""
+    if not options.kafka:
+        return None
+    print("Kafka: starting a local broker (the first run fetches it with Maven)", file=out)
+    try:
+        dist = await asyncio.to_thread(ensure_kafka)
+        broker = await stack.enter_async_context(DevKafka(dist, state / "kafka"))
+    except DevKafkaError as exc:
+        print(f"Kafka: not started: {exc}", file=out)
+        return None
+    return broker.bootstrap_servers
+
+
+def _with_kafka(config: Path, bootstrap: str) -> Path:
+    raw = yaml.safe_load(config.read_text())
+    raw["kafka"] = {"bootstrap_servers": bootstrap, "create_topics": True, "partitions": 1}
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return config
+
+
+async def _create_topics(bootstrap: str) -> None:
+    """Create the topics up front, so the consumer subscribes before the first event."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [TOPIC.format(kind=k.value) for k in Kind]
+        missing = [NewTopic(t, 1, 1) for t in wanted if t not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+    finally:
+        await admin.close()
+
+
+async def _consume(bootstrap: str, out: TextIO, tally: Tally, stop: asyncio.Event) -> None:
+    """Print every record on the event topics (binary mode: attributes in ce_ headers)."""
+    consumer = AIOKafkaConsumer(
+        *(TOPIC.format(kind=k.value) for k in Kind),
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    try:
+        await consumer.start()
+        async for record in consumer:
+            headers = {k: v.decode() for k, v in record.headers}
+            attrs = {k.removeprefix("ce_"): v for k, v in headers.items()}
+            tally.kafka += 1
+            line = _event_line(attrs, orjson.loads(record.value or b"{}"))
+            print(f"kafka    {line}  ({record.topic}@{record.offset})", file=out, flush=True)
+    except KafkaError as exc:
+        print(f"Kafka consumer stopped: {exc}", file=out, flush=True)
+    finally:
+        with contextlib.suppress(KafkaError):
+            await consumer.stop()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _write_config(
+    state: Path, scenario: Scenario, sim_url: str, hook_url: str, secret: str, admin_port: int
+) -> Path:
+    """The relay config of the demo, written where the user can read and reuse it."""
+    key = scenario.keys[0]
+    config = {
+        "state": f"sqlite:///{state / 'state.db'}",
+        "accounts": [
+            {
+                "name": "demo",
+                "base_url": sim_url,
+                "api_key": key.api_key,
+                "access_token": key.access_token,
+                "campaigns": {"discover": True, "discover_interval_s": 2},
+                # the simulator's per-second limit; a day's quota the demo never reaches
+                "rate_limit": {
+                    "requests_per_second": float(key.qps or 4),
+                    "requests_per_day": 1_000_000,
+                },
+            }
+        ],
+        "poll": {"start_from": "earliest", "overlap_s": 600},
+        "schedule": {"min_interval_s": 1, "max_interval_s": 10, "tick_s": 0.5},
+        "http": {"max_attempts": 5, "backoff_base_s": 0.2, "backoff_max_s": 2},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
+        "webhooks": {
+            "allow_networks": ["127.0.0.1/32"],
+            "retry_schedule_s": [1, 2, 5],
+            "declared": [{"url": hook_url, "secret": secret, "description": "demo receiver"}],
+        },
+        "logging": {"level": "warning", "format": "auto"},
+    }
+    path = state / "relay.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)  # it holds the webhook secret and the (simulated) api key
+    return path
+
+
+def _free_port() -> int:
+    """A free loopback port for the admin API (printed before the relay starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

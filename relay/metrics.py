@@ -63,9 +63,9 @@ class _State:
     quota_remaining: dict[str, int] = field(default_factory=dict)
     waits: dict[str, tuple[int, float]] = field(default_factory=dict)
     outbox_depth: dict[str, int] = field(default_factory=dict)
-    lag_max_s: dict[tuple[str, str], float] = field(default_factory=dict)
-    lag_min_s: dict[tuple[str, str], float] = field(default_factory=dict)
-    streams: dict[tuple[str, str], int] = field(default_factory=dict)
+    lag_max_s: dict[tuple[str, ...], float] = field(default_factory=dict)
+    lag_min_s: dict[tuple[str, ...], float] = field(default_factory=dict)
+    streams: dict[tuple[str, ...], int] = field(default_factory=dict)
 
 
 class Metrics:
