@@ -60,7 +60,7 @@ async def run_relay(
     settings: Settings, stop: asyncio.Event, metrics: Metrics | None = None
 ) -> None:
     """Run until ``stop`` is set, then shut down in order."""
-    metrics = metrics or Metrics()
+    metrics = metrics or Metrics(now_ms)
     async with AsyncExitStack() as stack:
         store = open_store(settings.state)
         await store.open()
@@ -74,7 +74,7 @@ async def run_relay(
         sinks = _start_sinks(settings, store, stop, guard, metrics)
         stack.push_async_callback(_stop_sinks, sinks)
         cursors = [FANOUT_CURSOR] + (["kafka"] if settings.kafka else [])
-        metrics.watch_store(store, cursors, now_ms)
+        metrics.watch_store(store, cursors)
         runner = await _start_admin(settings, store, guard, metrics)
         stack.push_async_callback(runner.cleanup)
         today = datetime.now(UTC).date().isoformat()

@@ -36,7 +36,6 @@ from relay.app import run_relay
 from relay.config import load
 from relay.devkafka import DevKafka, DevKafkaError, ensure_kafka
 from relay.events import Kind
-from relay.metrics import Metrics
 from relay.sim import Scenario, create_app
 from relay.sinks import signing
 
@@ -98,7 +97,7 @@ async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int
             )
         admin = f"http://127.0.0.1:{admin_port}"
         _banner(out, sim_url, hook_url, admin, config, bootstrap)
-        relay = asyncio.create_task(run_relay(settings, stop, Metrics()))
+        relay = asyncio.create_task(run_relay(settings, stop))
         stopped = asyncio.create_task(stop.wait())
         # the relay only returns early with an error (e.g. the admin port was taken)
         await asyncio.wait(

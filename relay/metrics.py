@@ -71,7 +71,8 @@ class _State:
 class Metrics:
     """The relay's metrics; ``scrape()`` renders them in the Prometheus text format."""
 
-    def __init__(self) -> None:
+    def __init__(self, now_ms: Callable[[], int] | None = None) -> None:
+        self._now_ms = now_ms or (lambda: int(time.time() * 1000))
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.api_requests = Counter(
@@ -148,7 +149,6 @@ class Metrics:
         self._limiters: dict[str, LimiterView] = {}
         self._store: Store | None = None
         self._sinks: tuple[str, ...] = ()
-        self._now_ms: Callable[[], int] = lambda: int(time.time() * 1000)
         r.register(_StateCollector(self._state))
 
     # wiring, once at start-up
@@ -157,14 +157,10 @@ class Metrics:
         """Report this account's quota and rate-limit waits at every scrape."""
         self._limiters[account] = limiter
 
-    def watch_store(
-        self, store: Store, sinks: Sequence[str], now_ms: Callable[[], int] | None = None
-    ) -> None:
+    def watch_store(self, store: Store, sinks: Sequence[str]) -> None:
         """Report outbox depth of ``sinks`` (cursor names) and watermark lag at every scrape."""
         self._store = store
         self._sinks = tuple(sinks)
-        if now_ms is not None:
-            self._now_ms = now_ms
 
     # one-line hooks for the components
 

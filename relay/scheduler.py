@@ -177,7 +177,7 @@ class Scheduler:
         metrics: Metrics | None = None,
     ) -> None:
         self._store = store
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics or Metrics(now_ms)
         self._accounts = {a.name: a for a in accounts}
         self._settings = settings
         self._now_ms = now_ms

@@ -195,7 +195,7 @@ class KafkaSink:
     ) -> None:
         self._settings = settings
         self._store = store
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics or Metrics(now_ms)
         self._kinds = tuple(kinds)
         self._now_ms = now_ms
         self._rng = random.Random()

@@ -85,7 +85,7 @@ class WebhookDispatcher:
         metrics: Metrics | None = None,
     ) -> None:
         self._store = store
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics or Metrics(now_ms)
         self._settings = settings
         self._guard = guard
         self._now_ms = now_ms

@@ -1,4 +1,4 @@
-"""``ctct-relay demo`` as a user runs it: a process, headless, for a bounded time or until Ctrl-C."""
+"""``ctct-relay demo`` as a user runs it: a process, headless, for a bounded time or to Ctrl-C."""
 
 from __future__ import annotations
 
@@ -50,8 +50,11 @@ def test_demo_delivers_signed_webhooks_and_kafka_records_then_stops(tmp_path: Pa
     assert {"send", "open"} <= set(hooks)
     summary = SUMMARY.search(text)
     assert summary is not None, text[-2000:]
-    assert int(summary.group(1)) == len(hooks) and summary.group(2) == "0"
-    assert "/metrics" in text and "admin API" in text and "ctct-relay status" in text
+    assert int(summary.group(1)) == len(hooks)
+    assert summary.group(2) == "0"
+    assert "/metrics" in text
+    assert "admin API" in text
+    assert "ctct-relay status" in text
 
 
 def test_ctrl_c_stops_the_demo_cleanly_and_without_java_it_says_how_to_enable_kafka(
@@ -72,6 +75,7 @@ def test_ctrl_c_stops_the_demo_cleanly_and_without_java_it_says_how_to_enable_ka
         if proc.poll() is None:
             proc.kill()
     text = out.read_text()
-    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert "Traceback" not in text
+    assert "KeyboardInterrupt" not in text
     assert "install Java 17+ and Maven" in text
     assert "records from Kafka" in text

@@ -1,0 +1,137 @@
+"""Metrics: a registry per relay, scrape-time state from the store, /metrics on the admin API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpClient
+
+from relay.api import AdminSettings, create_admin_app
+from relay.events import Kind, from_millis, parse_activity
+from relay.metrics import FANOUT_CURSOR, Metrics
+from relay.poller import PassOutcome
+from relay.sinks.ssrf import Guard
+from relay.store import PassResult, Store, StreamKey, open_store
+
+NOW_MS = 1_763_700_000_000
+TOKEN = "metrics-unit-admin-token"
+
+
+@dataclass
+class FakeLimiter:
+    """The limiter's counters, as the scrape reads them."""
+
+    used_today: int = 120
+    remaining_today: int = 8880
+    waited_s: float = 1.5
+    waits: int = 6
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A real SQLite store with one campaign stream holding two committed opens."""
+    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await opened.open()
+    await opened.ensure_streams([StreamKey("acme", "campaign", "1100")], 0, seed=False)
+    stream = (await opened.streams())[0]
+    activities = [
+        parse_activity(
+            {
+                "activity_type": "EMAIL_OPEN",
+                "campaign_id": "1100",
+                "contact_id": str(c),
+                "email_address": f"c{c}@example.com",
+                "open_date": from_millis(NOW_MS - 60_000).isoformat(),
+            },
+            account="acme",
+            kind=Kind.OPEN,
+        )
+        for c in (1, 2)
+    ]
+    await opened.commit_page(stream.id, activities, NOW_MS)
+    await opened.finish_pass(
+        stream.id, PassResult({Kind.OPEN: NOW_MS - 60_000}, {}, NOW_MS, 1.0, NOW_MS)
+    )
+    yield opened
+    await opened.close()
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+
+
+async def test_scrape_reads_quota_waits_outbox_depth_and_lag(store: Store) -> None:
+    """Quota, waits, outbox depth per sink and watermark lag per scope and kind come from the
+    limiters and the store at scrape time."""
+    metrics = Metrics(lambda: NOW_MS)
+    metrics.watch_limiter("acme", FakeLimiter())
+    metrics.watch_store(store, ["kafka", FANOUT_CURSOR])
+    await store.set_sink_cursor("kafka", 1)
+    got = samples(await metrics.scrape())
+    assert got[("ctct_relay_quota_used_requests", (("account", "acme"),))] == 120
+    assert got[("ctct_relay_quota_remaining_requests", (("account", "acme"),))] == 8880
+    assert got[("ctct_relay_rate_limit_waits_total", (("account", "acme"),))] == 6
+    assert got[("ctct_relay_rate_limit_wait_seconds_total", (("account", "acme"),))] == 1.5
+    assert got[("ctct_relay_outbox_depth_events", (("sink", "kafka"),))] == 1
+    assert got[("ctct_relay_outbox_depth_events", (("sink", FANOUT_CURSOR),))] == 2
+    lag = ("ctct_relay_watermark_lag_max_seconds", (("kind", "open"), ("scope", "campaign")))
+    assert got[lag] == 60.0
+    assert got[("ctct_relay_streams", (("scope", "campaign"), ("state", "active")))] == 1
+
+
+def test_each_relay_has_its_own_registry() -> None:
+    """Two Metrics in one process never share or collide, and the global registry stays clean."""
+    one, two = Metrics(), Metrics()
+    one.pass_finished("acme", PassOutcome(fetched=10, new=7))
+    assert one.registry.get_sample_value("ctct_relay_events_new_total", {"account": "acme"}) == 7
+    assert (
+        one.registry.get_sample_value("ctct_relay_events_deduplicated_total", {"account": "acme"})
+        == 3
+    )
+    assert two.registry.get_sample_value("ctct_relay_events_new_total", {"account": "acme"}) is None
+    assert REGISTRY.get_sample_value("ctct_relay_events_new_total", {"account": "acme"}) is None
+
+
+def test_webhook_outcomes_count_attempts_latency_and_dead_letters() -> None:
+    """delivered feeds the latency histogram, pending counts as retry, dead as a dead letter."""
+    metrics = Metrics(lambda: NOW_MS)
+    metrics.webhook_attempt("delivered", NOW_MS - 2500)
+    metrics.webhook_attempt("pending", NOW_MS)
+    metrics.webhook_attempt("dead", NOW_MS)
+    value = metrics.registry.get_sample_value
+    assert value("ctct_relay_webhook_attempts_total", {"outcome": "retry"}) == 1
+    assert value("ctct_relay_dead_letters_total", {"sink": "webhooks"}) == 1
+    assert value("ctct_relay_delivery_latency_seconds_sum", {"sink": "webhooks"}) == 2.5
+    assert (
+        value("ctct_relay_delivery_latency_seconds_bucket", {"sink": "webhooks", "le": "1.0"}) == 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("public", "status"),
+    [pytest.param(True, 200, id="open"), pytest.param(False, 401, id="token-protected")],
+)
+async def test_metrics_route_is_open_unless_configured_to_need_the_token(
+    aiohttp_client: AiohttpClient, store: Store, public: bool, status: int
+) -> None:
+    """/metrics answers without the token by default; with metrics_public false it needs it."""
+    settings = AdminSettings(token=TOKEN, metrics_public=public)
+    app = create_admin_app(store, settings, guard=Guard(), metrics=Metrics())
+    client = await aiohttp_client(app)
+    resp = await client.get("/metrics")
+    assert resp.status == status
+    authed = await client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert authed.status == 200
+    assert authed.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert "ctct_relay_api_requests" in await authed.text()
+    doc = await (await client.get("/openapi.json")).json()
+    assert ("security" in doc["paths"]["/metrics"]["get"]) is public
