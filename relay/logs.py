@@ -1,17 +1,24 @@
 """structlog set-up: JSON lines off a TTY, console on one, and secret redaction on every path.
 
 Redaction runs as the last processor before rendering, so whatever a log call passes (an
-exception text, a URL, a header dict) is scrubbed of the configured secrets and of anything that
-looks like one (``api_key=…`` query values, ``Bearer …`` tokens, ``whsec_…`` webhook secrets).
+exception text, a URL, a header dict) is scrubbed of the configured secrets, of their obvious
+encodings (URL-quoted, base64, the key part of a ``whsec_`` secret) and of anything that looks
+like one (``api_key=…`` query values, ``Bearer …`` tokens, ``whsec_…`` webhook secrets).
+
+Every line of one poll pass carries its ``poll_id`` and every line of one webhook delivery its
+``delivery`` id: the scheduler and the dispatcher bind them with ``bound_contextvars``, and
+``merge_contextvars`` is the first processor here.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import TextIO
+from urllib.parse import quote, quote_plus
 
 import orjson
 import structlog
@@ -30,8 +37,9 @@ class Redactor:
     """Replaces known secret values and secret-shaped substrings in any nested log value."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
+        forms = {form for s in secrets if len(s) >= 4 for form in _encodings(s)}
         # longest first, so a secret that contains another is replaced whole
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._secrets = sorted(forms, key=len, reverse=True)
 
     def text(self, value: str) -> str:
         """``value`` with every secret replaced."""
@@ -58,6 +66,16 @@ class Redactor:
         for key, item in list(event.items()):
             event[key] = self.value(item)
         return event
+
+
+def _encodings(secret: str) -> set[str]:
+    """The secret as it may appear when a library quotes or encodes it."""
+    forms = {secret, quote(secret, safe=""), quote_plus(secret)}
+    forms.add(base64.b64encode(secret.encode()).decode().rstrip("="))
+    if secret.startswith("whsec_") and len(secret) > 10:
+        key = secret.removeprefix("whsec_")
+        forms |= {key, quote(key, safe=""), key.rstrip("=")}
+    return forms
 
 
 def configure(

@@ -1,14 +1,22 @@
-"""Log set-up: redaction of secrets on every path, JSON rendering off a TTY."""
+"""Log set-up: redaction of secrets on every path, JSON off a TTY, poll ids on pass lines."""
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
+from pathlib import Path
+from urllib.parse import quote
 
 import orjson
 import structlog
 
 from relay import logs
+from relay.ctct.ratelimit import Budget, RateLimiter
+from relay.poller import Poller, PollSettings
+from relay.scheduler import AccountRuntime, Planner, Scheduler, ScheduleSettings
+from relay.store import StreamKey, open_store
+from tests.simkit import API_KEY, TOKEN, MakeSim, Sim
 
 
 def test_configured_secrets_and_secret_shapes_are_redacted() -> None:
@@ -46,3 +54,81 @@ def test_level_filters_debug() -> None:
     logs.configure("info", "json", stream=out)
     structlog.get_logger("t").debug("hidden")
     assert out.getvalue() == ""
+
+
+def test_encoded_forms_of_secrets_are_redacted() -> None:
+    """URL-quoted and base64 forms of secrets and the key part of a whsec_ secret are scrubbed."""
+    secret = "whsec_" + base64.b64encode(b"k" * 30).decode()
+    api_key = "key/with+odd=chars"
+    out = io.StringIO()
+    logs.configure("info", "json", secrets=[secret, api_key], stream=out)
+    structlog.get_logger("t").info(
+        "leaks",
+        body=secret.removeprefix("whsec_"),
+        quoted=quote(api_key, safe=""),
+        b64=base64.b64encode(api_key.encode()).decode(),
+    )
+    text = out.getvalue()
+    assert secret.removeprefix("whsec_").rstrip("=") not in text
+    assert quote(api_key, safe="") not in text
+    assert base64.b64encode(api_key.encode()).decode().rstrip("=") not in text
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_console_on_a_tty_and_json_lines_otherwise() -> None:
+    """format auto renders for people on a terminal and one JSON object per line elsewhere."""
+    tty, pipe = _Tty(), io.StringIO()
+    logs.configure("info", "auto", stream=tty)
+    structlog.get_logger("t").info("hello", n=1)
+    logs.configure("info", "auto", stream=pipe)
+    structlog.get_logger("t").info("hello", n=1)
+    assert "hello" in tty.getvalue()
+    assert not tty.getvalue().lstrip().startswith("{")
+    assert orjson.loads(pipe.getvalue())["n"] == 1
+
+
+async def test_every_line_of_a_poll_pass_carries_its_poll_id(
+    make_sim: MakeSim, tmp_path: Path
+) -> None:
+    """Each pass binds one poll id (and the stream) to all its lines, debug lines included."""
+    sim = await make_sim()
+    out = io.StringIO()
+    logs.configure("debug", "json", stream=out)
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        keys = [StreamKey("acme", "campaign", str(c["id"])) for c in await _campaigns(sim)]
+        await store.ensure_streams(keys, 0, seed=False)
+        client = sim.client()
+        poller = Poller(client, store, "acme", PollSettings(start_from="earliest"))
+        limiter = RateLimiter(Budget(requests_per_second=1000, requests_per_day=10**6))
+        runtime = AccountRuntime("acme", poller, limiter, Planner(ScheduleSettings()))
+        scheduler = Scheduler(store, [runtime], ScheduleSettings(concurrency=4))
+        await scheduler.tick()
+        await scheduler.wait_idle()
+    finally:
+        await store.close()
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    in_pass = [line for line in lines if "stream" in line]
+    assert {line["event"] for line in in_pass} >= {"ctct.response", "poll.pass"}
+    ids_by_stream: dict[str, set[str]] = {}
+    for line in in_pass:
+        ids_by_stream.setdefault(line["stream"], set()).add(line["poll_id"])
+    assert len(ids_by_stream) == len(keys)
+    assert all(len(ids) == 1 for ids in ids_by_stream.values())
+    assert len(set().union(*ids_by_stream.values())) == len(keys)
+
+
+async def _campaigns(sim: Sim) -> list[dict[str, object]]:
+    async with sim.session.get(
+        f"{sim.url}/v2/emailmarketing/campaigns",
+        params={"api_key": API_KEY, "status": "SENT"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as resp:
+        body = await resp.json()
+    results: list[dict[str, object]] = body["results"]
+    return results
