@@ -163,8 +163,16 @@ async def test_listed_series_move_during_a_run(
     assert {"send", "open", "click"} <= lags
     assert ("ctct_relay_outbox_depth_events", (("sink", "kafka"),)) in last
     assert ("ctct_relay_outbox_depth_events", (("sink", "webhooks-fanout"),)) in last
-    labels = {k for (_name, pairs) in last for k, _v in pairs}
-    assert labels <= {"account", "endpoint", "status", "result", "sink", "outcome", "scope"} | {
+    label_names = {k for (_name, pairs) in last for k, _v in pairs}
+    assert label_names <= {
+        "account",
+        "endpoint",
+        "status",
+        "result",
+        "sink",
+        "outcome",
+        "scope",
+    } | {
         "kind",
         "state",
         "le",

@@ -47,9 +47,11 @@ def receiver() -> Iterator[str]:
     server.server_close()
 
 
-def admin(port: int, method: str, path: str, token: str, body: object = None) -> tuple[int, dict]:
+def admin(
+    port: int, method: str, path: str, token: str, body: object = None
+) -> tuple[int, dict[str, object]]:
     """One admin API call; returns status and JSON body (errors included)."""
-    request = urllib.request.Request(  # noqa: S310 - loopback
+    request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
         data=None if body is None else json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
