@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: venv demo test lint format bench sim kafka kafka-jars check-java clean
 
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/ctct-relay demo
+	$(BIN)/ctct-relay demo $(DEMO_ARGS)
 
 sim: venv
 	$(BIN)/ctct-relay sim --config config/sim.example.yaml

@@ -89,8 +89,9 @@ async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int
         settings = load(config, environ={})  # the demo config is complete; no overrides
         logs.configure("warning", "auto", settings.secrets())
         if bootstrap is not None:
-            # a fresh topic's first fetch may meet a leader election: aiokafka retries, quietly
-            logging.getLogger("aiokafka.consumer").setLevel(logging.ERROR)
+            # a fresh topic's first fetch may meet a leader election: aiokafka logs it as an
+            # error and retries; the demo's consumer reports real failures itself
+            logging.getLogger("aiokafka.consumer").setLevel(logging.CRITICAL)
             await _create_topics(bootstrap)
             stack.push_async_callback(
                 _cancel, asyncio.create_task(_consume(bootstrap, out, tally, stop))

@@ -12,6 +12,7 @@ Every line of one poll pass carries its ``poll_id`` and every line of one webhoo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import re
@@ -107,6 +108,7 @@ def configure(
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
+    handler.addFilter(_drop_cancellations)
     handler.addFilter(_StdlibRedaction(redactor))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -124,6 +126,13 @@ _LEVELS = {
 
 def _dumps(obj: MutableMapping[str, object], **_kw: object) -> str:
     return orjson.dumps(obj, default=str).decode()
+
+
+def _drop_cancellations(record: logging.LogRecord) -> bool:
+    """Drop library records about a task cancelled at shutdown: APScheduler logs the jobs it
+    cancels when the scheduler stops as "Error running job" with a traceback. Stopping is not
+    an error, and Ctrl-C must not print tracebacks."""
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 class _StdlibRedaction(logging.Filter):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
@@ -132,3 +133,18 @@ async def _campaigns(sim: Sim) -> list[dict[str, object]]:
         body = await resp.json()
     results: list[dict[str, object]] = body["results"]
     return results
+
+
+def test_jobs_cancelled_at_shutdown_leave_no_traceback() -> None:
+    """A library logging a job cancelled by shutdown (APScheduler does) writes nothing; other
+    errors with tracebacks still get through."""
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    aps = logging.getLogger("apscheduler.executors.default")
+    for exc in (asyncio.CancelledError(), RuntimeError("real failure")):
+        try:
+            raise exc
+        except BaseException:
+            aps.exception("Error running job tick")
+    assert "CancelledError" not in out.getvalue()
+    assert "RuntimeError: real failure" in out.getvalue()
