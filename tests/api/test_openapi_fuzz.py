@@ -27,6 +27,7 @@ from schemathesis import BaseSchema, Case, GenerationMode, Response
 from schemathesis.specs.openapi.formats import unregister_string_format
 
 from relay.api import AdminSettings, create_admin_app, openapi_document
+from relay.metrics import Metrics
 from relay.sinks.ssrf import Guard
 from relay.store import open_store
 from tests.api.conftest import AUTH
@@ -34,7 +35,7 @@ from tests.api.conftest import AUTH
 MAX_EXAMPLES = 30
 AUTH_TOKEN = AUTH["Authorization"].removeprefix("Bearer ")
 METHODS = ("get", "put", "post", "patch", "delete")
-PATHS: dict[str, Any] = openapi_document()["paths"]  # type: ignore[assignment]
+PATHS: dict[str, Any] = openapi_document(with_metrics=True)["paths"]  # type: ignore[assignment]
 OPERATIONS = [
     pytest.param(method.upper(), path, id=f"{method.upper()} {path}")
     for path, operations in PATHS.items()
@@ -86,7 +87,9 @@ class LiveServer:
     async def _serve(self) -> None:
         store = open_store(f"sqlite:///{self._state}")
         await store.open()
-        app = create_admin_app(store, AdminSettings(token=AUTH_TOKEN), guard=Guard())
+        app = create_admin_app(
+            store, AdminSettings(token=AUTH_TOKEN), guard=Guard(), metrics=Metrics()
+        )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
