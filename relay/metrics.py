@@ -13,13 +13,21 @@ kinds and scopes are enums; no stream, campaign, contact or webhook id is ever a
 
 from __future__ import annotations
 
+import bisect
+import collections
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from relay.store import OutboxEvent, Store
@@ -132,13 +140,15 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.delivery_latency = Histogram(
+        # Observed per event at Kafka rates: a bulk histogram (prometheus_client's costs ~6 us
+        # per observation, measured; this one a dict update per distinct commit time).
+        self.delivery_latency = _BulkHistogram(
             "ctct_relay_delivery_latency_seconds",
             "Time from an event's commit to its acknowledgement by a sink.",
-            ["sink"],
-            buckets=_DELIVERY_BUCKETS,
-            registry=r,
+            "sink",
+            _DELIVERY_BUCKETS,
         )
+        r.register(self.delivery_latency)
         self.dead_letters = Counter(
             "ctct_relay_dead_letters",
             "Events a sink gave up on (Kafka refused for good; webhook out of attempts).",
@@ -207,11 +217,11 @@ class Metrics:
 
     def _acknowledged(self, sink: str, committed_ms: Iterable[int]) -> None:
         now_ms = self._now_ms()
-        published = self.published.labels(sink)
-        latency = self.delivery_latency.labels(sink)
-        for ms in committed_ms:
-            published.inc()
-            latency.observe(max(0.0, (now_ms - ms) / 1000))
+        # events of one page share their commit time: count them once per distinct time
+        by_time = collections.Counter(committed_ms)
+        self.published.labels(sink).inc(by_time.total())
+        for ms, count in by_time.items():
+            self.delivery_latency.observe(sink, max(0.0, (now_ms - ms) / 1000), count)
 
     # the scrape
 
@@ -311,6 +321,38 @@ class _StateCollector(Collector):
             ["scope", "state"],
             {k: float(v) for k, v in s.streams.items()},
         )
+
+
+class _BulkHistogram(Collector):
+    """A labelled histogram that takes many equal observations in one call."""
+
+    def __init__(self, name: str, doc: str, label: str, buckets: Sequence[float]) -> None:
+        self._name, self._doc, self._label = name, doc, label
+        self._bounds = [float(b) for b in buckets]
+        self._counts: dict[str, list[int]] = {}  # per label value: one count per bucket + inf
+        self._sums: dict[str, float] = {}
+
+    def observe(self, value_of_label: str, seconds: float, count: int = 1) -> None:
+        """Add ``count`` observations of ``seconds``."""
+        counts = self._counts.setdefault(value_of_label, [0] * (len(self._bounds) + 1))
+        counts[bisect.bisect_left(self._bounds, seconds)] += count
+        self._sums[value_of_label] = self._sums.get(value_of_label, 0.0) + seconds * count
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self._name, self._doc, labels=[self._label])]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=[self._label])
+        for label, counts in sorted(self._counts.items()):
+            cumulative = list(itertools.accumulate(counts))
+            buckets = [(_le(b), float(c)) for b, c in zip(self._bounds, cumulative, strict=False)]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric([label], buckets, self._sums[label])
+        yield family
+
+
+def _le(bound: float) -> str:
+    return str(bound)  # prometheus_client's own form: 0.5 -> "0.5", 1 -> "1.0"
 
 
 def _gauge(

@@ -16,7 +16,7 @@ from relay.events import Kind, from_millis, parse_activity
 from relay.metrics import FANOUT_CURSOR, Metrics
 from relay.poller import PassOutcome
 from relay.sinks.ssrf import Guard
-from relay.store import PassResult, Store, StreamKey, open_store
+from relay.store import OutboxEvent, PassResult, Store, StreamKey, open_store
 
 NOW_MS = 1_763_700_000_000
 TOKEN = "metrics-unit-admin-token"
@@ -135,3 +135,20 @@ async def test_metrics_route_is_open_unless_configured_to_need_the_token(
     assert "ctct_relay_api_requests" in await authed.text()
     doc = await (await client.get("/openapi.json")).json()
     assert ("security" in doc["paths"]["/metrics"]["get"]) is public
+
+
+def test_kafka_acknowledgement_counts_only_the_acknowledged_prefix() -> None:
+    """Events up to the new cursor count as published, each with its own commit-to-ack latency;
+    an observation on a bucket bound falls in that bucket."""
+    metrics = Metrics(lambda: NOW_MS)
+    events = [
+        OutboxEvent(seq, f"id-{seq}", "acme", Kind.OPEN, "1100", str(seq), 0, NOW_MS - ms, b"{}")
+        for seq, ms in ((1, 1000), (2, 1000), (3, 5000), (4, 0))
+    ]
+    metrics.kafka_acknowledged(events, 3, started=0.0)
+    value = metrics.registry.get_sample_value
+    assert value("ctct_relay_events_published_total", {"sink": "kafka"}) == 3
+    assert value("ctct_relay_delivery_latency_seconds_count", {"sink": "kafka"}) == 3
+    assert value("ctct_relay_delivery_latency_seconds_bucket", {"sink": "kafka", "le": "1.0"}) == 2
+    assert value("ctct_relay_delivery_latency_seconds_sum", {"sink": "kafka"}) == 7.0
+    assert value("ctct_relay_kafka_publish_seconds_count", {}) == 1
