@@ -83,6 +83,9 @@ async def test_scrape_reads_quota_waits_outbox_depth_and_lag(store: Store) -> No
     assert got[("ctct_relay_rate_limit_wait_seconds_total", (("account", "acme"),))] == 1.5
     assert got[("ctct_relay_outbox_depth_events", (("sink", "kafka"),))] == 1
     assert got[("ctct_relay_outbox_depth_events", (("sink", FANOUT_CURSOR),))] == 2
+    assert got[("ctct_relay_outbox_depth_events", (("sink", "webhooks"),))] == 0
+    min_lag = ("ctct_relay_watermark_lag_min_seconds", (("kind", "open"), ("scope", "campaign")))
+    assert got[min_lag] == 60.0
     lag = ("ctct_relay_watermark_lag_max_seconds", (("kind", "open"), ("scope", "campaign")))
     assert got[lag] == 60.0
     assert got[("ctct_relay_streams", (("scope", "campaign"), ("state", "active")))] == 1
@@ -152,3 +155,22 @@ def test_kafka_acknowledgement_counts_only_the_acknowledged_prefix() -> None:
     assert value("ctct_relay_delivery_latency_seconds_bucket", {"sink": "kafka", "le": "1.0"}) == 2
     assert value("ctct_relay_delivery_latency_seconds_sum", {"sink": "kafka"}) == 7.0
     assert value("ctct_relay_kafka_publish_seconds_count", {}) == 1
+
+
+async def test_overview_leaves_paused_and_retired_streams_out_of_the_lag(store: Store) -> None:
+    """Streams are counted by state; only active streams' watermarks make the lag."""
+    keys = [StreamKey("acme", "campaign", "2200"), StreamKey("acme", "contact", "77")]
+    await store.ensure_streams(keys, 0, seed=False)
+    by_key = {s.key: s.id for s in await store.streams()}
+    old = PassResult({Kind.OPEN: NOW_MS - 3_600_000}, {}, NOW_MS, 1.0, NOW_MS)
+    await store.finish_pass(by_key[keys[0]], old)
+    await store.set_paused(by_key[keys[0]], True)
+    await store.retire_streams([keys[1]])
+    overview = await store.overview()
+    assert overview.streams == {
+        ("campaign", "active"): 1,
+        ("campaign", "paused"): 1,
+        ("contact", "retired"): 1,
+    }
+    assert overview.watermarks == {("campaign", Kind.OPEN): (NOW_MS - 60_000, NOW_MS - 60_000)}
+    assert overview.pending_deliveries == 0

@@ -168,6 +168,15 @@ class PassResult:
     polled_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """Aggregates for metrics, from grouped queries: as cheap at 100,000 streams as at ten."""
+
+    streams: dict[tuple[str, str], int]  # (scope, state: active | paused | retired) -> count
+    watermarks: dict[tuple[str, Kind], tuple[int, int]]  # over active streams: oldest, newest
+    pending_deliveries: int  # webhook deliveries not yet delivered or dead
+
+
 class Store(Protocol):
     """Durable state of one relay deployment. Implementations: SQLite (embedded), PostgreSQL."""
 
@@ -320,3 +329,6 @@ class Store(Protocol):
 
     async def dedup_count(self) -> int:
         """How many dedup keys are held."""
+
+    async def overview(self) -> Overview:
+        """Stream counts, watermark ranges per scope and kind, pending deliveries."""

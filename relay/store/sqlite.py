@@ -26,6 +26,7 @@ from relay.store.base import (
     Delivery,
     NotFoundError,
     OutboxEvent,
+    Overview,
     PassResult,
     StoreError,
     Stream,
@@ -667,6 +668,30 @@ class SqliteStore:
     async def dedup_count(self) -> int:
         def run(conn: sqlite3.Connection) -> int:
             return int(conn.execute("SELECT COUNT(*) FROM dedup").fetchone()[0])
+
+        return await self._run(run)
+
+    async def overview(self) -> Overview:
+        def run(conn: sqlite3.Connection) -> Overview:
+            streams = {
+                (str(scope), str(state)): int(n)
+                for scope, state, n in conn.execute(
+                    "SELECT scope, CASE WHEN retired THEN 'retired' WHEN paused THEN 'paused'"
+                    " ELSE 'active' END AS state, COUNT(*) FROM streams GROUP BY scope, state"
+                )
+            }
+            marks = {
+                (str(scope), Kind(kind)): (int(oldest), int(newest))
+                for scope, kind, oldest, newest in conn.execute(
+                    "SELECT s.scope, w.kind, MIN(w.watermark_ms), MAX(w.watermark_ms)"
+                    " FROM watermarks w JOIN streams s ON s.id = w.stream_id"
+                    " WHERE s.retired = 0 AND s.paused = 0 GROUP BY s.scope, w.kind"
+                )
+            }
+            pending = conn.execute(
+                "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'"
+            ).fetchone()[0]
+            return Overview(streams, marks, int(pending))
 
         return await self._run(run)
 
