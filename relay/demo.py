@@ -97,7 +97,8 @@ async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int
                 _cancel, asyncio.create_task(_consume(bootstrap, out, tally, stop))
             )
         admin = f"http://127.0.0.1:{admin_port}"
-        _banner(out, sim_url, hook_url, admin, config, bootstrap)
+        off = ENABLE_KAFKA if options.kafka else "Kafka: off (--no-kafka)"
+        _banner(out, sim_url, hook_url, admin, config, bootstrap, off)
         relay = asyncio.create_task(run_relay(settings, stop))
         stopped = asyncio.create_task(stop.wait())
         # the relay only returns early with an error (e.g. the admin port was taken)
@@ -123,7 +124,9 @@ def _on_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(signum, stop.set)
 
 
-def _banner(out: TextIO, sim: str, hook: str, admin: str, config: Path, kafka: str | None) -> None:
+def _banner(
+    out: TextIO, sim: str, hook: str, admin: str, config: Path, kafka: str | None, off: str
+) -> None:
     lines = [
         f"simulator     {sim}  (ground truth: {sim}/_sim/truth)",
         f"webhooks      {hook}/hook  (signatures verified with the declared secret)",
@@ -131,7 +134,7 @@ def _banner(out: TextIO, sim: str, hook: str, admin: str, config: Path, kafka: s
         f"metrics       {admin}/metrics",
         f"status        ctct-relay status --config {config}",
         f"relay config  {config}",
-        f"Kafka         {kafka}  (topics ctct.email.<kind>)" if kafka else ENABLE_KAFKA,
+        f"Kafka         {kafka}  (topics ctct.email.<kind>)" if kafka else off,
         "events below as they arrive; Ctrl-C stops everything",
     ]
     print("\n".join(lines), file=out, flush=True)
