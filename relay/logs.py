@@ -5,9 +5,9 @@ exception text, a URL, a header dict) is scrubbed of the configured secrets, of 
 encodings (URL-quoted, base64, the key part of a ``whsec_`` secret) and of anything that looks
 like one (``api_key=…`` query values, ``Bearer …`` tokens, ``whsec_…`` webhook secrets).
 
-Every line of one poll pass carries its ``poll_id`` and every line of one webhook delivery its
-``delivery`` id: the scheduler and the dispatcher bind them with ``bound_contextvars``, and
-``merge_contextvars`` is the first processor here.
+Every line of one poll pass carries its ``poll_id``, of one webhook delivery its ``delivery`` id,
+of one admin API request its ``request_id``: the scheduler, the dispatcher and the API bind them
+with ``bound_contextvars``, and ``merge_contextvars`` is the first processor here.
 """
 
 from __future__ import annotations

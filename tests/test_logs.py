@@ -11,11 +11,14 @@ from urllib.parse import quote
 
 import orjson
 import structlog
+from pytest_aiohttp import AiohttpClient
 
 from relay import logs
+from relay.api import AdminSettings, create_admin_app
 from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.poller import Poller, PollSettings
 from relay.scheduler import AccountRuntime, Planner, Scheduler, ScheduleSettings
+from relay.sinks.ssrf import Guard
 from relay.store import StreamKey, open_store
 from tests.simkit import API_KEY, TOKEN, MakeSim, Sim
 
@@ -148,3 +151,25 @@ def test_jobs_cancelled_at_shutdown_leave_no_traceback() -> None:
             aps.exception("Error running job tick")
     assert "CancelledError" not in out.getvalue()
     assert "RuntimeError: real failure" in out.getvalue()
+
+
+async def test_every_line_of_an_admin_request_carries_its_request_id(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """A request's log lines share one request_id; another request gets another."""
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        app = create_admin_app(store, AdminSettings(token="a-admin-token"), guard=Guard())
+        client = await aiohttp_client(app)
+        for _ in range(2):
+            resp = await client.get("/v1/webhooks", headers={"Authorization": "Bearer wrong"})
+            assert resp.status == 401
+    finally:
+        await store.close()
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    ids = [line["request_id"] for line in lines if line["event"] == "api.unauthorized"]
+    assert len(ids) == 2
+    assert len(set(ids)) == 2

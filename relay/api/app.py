@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import ipaddress
 import math
+import secrets
 import time
 from collections.abc import Callable
 
@@ -99,7 +100,7 @@ def create_admin_app(
     serves ``GET /metrics`` (Prometheus text format).
     """
     check_exposure(settings)
-    middlewares: list[Middleware] = [_errors]
+    middlewares: list[Middleware] = [_request_id, _errors]
     if settings.token is not None:
         public = PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
         middlewares.append(_bearer_auth(settings.token, public))
@@ -157,6 +158,13 @@ def _status_handler(status: StatusFn) -> Handler:
         return json_response(await status())
 
     return handle
+
+
+@web.middleware
+async def _request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every log line of one API request carries the same request_id."""
+    with structlog.contextvars.bound_contextvars(request_id=secrets.token_hex(6)):
+        return await handler(request)
 
 
 @web.middleware
