@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -30,7 +31,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from relay.store import OutboxEvent, Store
+from relay.store import OutboxEvent, Store, StoreError
+
+log = structlog.get_logger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FANOUT_CURSOR = "webhooks-fanout"  # the store's cursor of webhook fan-out
@@ -74,6 +77,7 @@ class _State:
     lag_max_s: dict[tuple[str, ...], float] = field(default_factory=dict)
     lag_min_s: dict[tuple[str, ...], float] = field(default_factory=dict)
     streams: dict[tuple[str, ...], int] = field(default_factory=dict)
+    store_up: int | None = None  # None: no store watched
 
 
 class Metrics:
@@ -238,7 +242,12 @@ class Metrics:
             state.quota_remaining[account] = limiter.remaining_today
             state.waits[account] = (limiter.waits, limiter.waited_s)
         if self._store is not None:
-            await self._read_store(self._store, state)
+            state.store_up = 0
+            try:
+                await self._read_store(self._store, state)
+                state.store_up = 1
+            except StoreError as exc:  # the scrape still answers, with what the process knows
+                log.warning("metrics.store_unavailable", error=str(exc))
         self._state.__dict__.update(state.__dict__)  # one swap: a concurrent scrape sees either
 
     async def _read_store(self, store: Store, state: _State) -> None:
@@ -314,6 +323,13 @@ class _StateCollector(Collector):
             ["scope", "kind"],
             dict(s.lag_min_s),
         )
+        if s.store_up is not None:
+            yield _gauge(
+                "ctct_relay_store_up",
+                "1 when the last scrape could read the state store, else 0.",
+                [],
+                {(): float(s.store_up)},
+            )
         yield _gauge(
             "ctct_relay_streams",
             "Streams known to the relay by scope and state (active, paused, retired).",

@@ -174,3 +174,21 @@ async def test_overview_leaves_paused_and_retired_streams_out_of_the_lag(store: 
     }
     assert overview.watermarks == {("campaign", Kind.OPEN): (NOW_MS - 60_000, NOW_MS - 60_000)}
     assert overview.pending_deliveries == 0
+
+
+async def test_a_store_that_does_not_answer_still_gets_a_scrape(tmp_path: Path) -> None:
+    """Without the store the scrape answers with what the process knows and store_up 0."""
+    metrics = Metrics(lambda: NOW_MS)
+    metrics.watch_limiter("acme", FakeLimiter())
+    metrics.watch_store(open_store(f"sqlite:///{tmp_path / 'never-opened.db'}"), ["kafka"])
+    got = samples(await metrics.scrape())
+    assert got[("ctct_relay_store_up", ())] == 0
+    assert got[("ctct_relay_quota_used_requests", (("account", "acme"),))] == 120
+    assert not any(name == "ctct_relay_outbox_depth_events" for name, _labels in got)
+
+
+async def test_store_up_is_one_when_the_store_answers(store: Store) -> None:
+    """A store that answers reports store_up 1."""
+    metrics = Metrics(lambda: NOW_MS)
+    metrics.watch_store(store, [])
+    assert samples(await metrics.scrape())[("ctct_relay_store_up", ())] == 1
