@@ -61,9 +61,11 @@ class PassOutcome:
     fetched: int = 0
     new: int = 0
     skipped_records: int = 0
+    replayed: int = 0  # known activities emitted again by a replay
     feeds_read: list[Kind] = field(default_factory=list)
     watermarks: dict[Kind, int] = field(default_factory=dict)
     summary: dict[str, int] = field(default_factory=dict)
+    replay_from_ms: int | None = None  # re-emit known activity from this time (an operator asked)
 
 
 class Poller:
@@ -85,14 +87,26 @@ class Poller:
         self._now_ms = now_ms
         self._on_commit = on_commit  # tells in-process sinks that the outbox grew
 
-    async def run_pass(self, stream: Stream) -> PassOutcome:
-        """Poll every feed of the stream that may have news; commit what is new."""
+    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+        """Poll every feed of the stream that may have news; commit what is new.
+
+        ``replay_from_ms``: read every feed again from that activity time (the watermark is
+        treated as if it were there; the stored one never moves back) and emit what is found
+        then or later even when dedup knows it, with its usual id.
+        """
         scope = Scope(stream.key.scope)
         outcome = PassOutcome(watermarks=dict(stream.watermarks), summary=dict(stream.summary))
         sent_before = self._client.requests_sent
         to_read = list(self._settings.kinds)
         if self._settings.summary_gate:
-            to_read = await self._changed_kinds(stream, scope, outcome)
+            changed = await self._changed_kinds(stream, scope, outcome)
+            to_read = to_read if replay_from_ms is not None else changed
+        if replay_from_ms is not None:
+            outcome.replay_from_ms = replay_from_ms
+            for kind in self._settings.kinds:
+                outcome.watermarks[kind] = min(
+                    outcome.watermarks.get(kind, replay_from_ms), replay_from_ms
+                )
         pending: list[Activity] = []
         for kind in self._settings.kinds:
             if kind in to_read:
@@ -114,9 +128,16 @@ class Poller:
         size = self._settings.page_limit
         for start in range(0, len(pending), size):
             chunk = pending[start : start + size]
-            new = await self._store.commit_page(stream_id, chunk, self._now_ms())
+            if outcome.replay_from_ms is None:
+                new = await self._store.commit_page(stream_id, chunk, self._now_ms())
+                appended = new
+            else:
+                new, appended = await self._store.commit_replay_page(
+                    stream_id, chunk, self._now_ms(), outcome.replay_from_ms
+                )
+                outcome.replayed += appended - new
             outcome.new += new
-            if new and self._on_commit is not None:
+            if appended and self._on_commit is not None:
                 self._on_commit()
         pending.clear()
 

@@ -223,6 +223,10 @@ class Scheduler:
             owner = self._accounts.get(streams.get(stream_id, ""))
             if owner is not None:
                 owner.planner.load(stream_id, rate)
+        for stream_id, account in streams.items():
+            owner = self._accounts.get(account)
+            if owner is not None and stream_id not in rates:
+                owner.planner.remove(stream_id)  # retired or paused: out of the budget sums
 
     async def stop(self) -> None:
         """Stop ticking; abandon in-flight passes (what they committed stays committed)."""
@@ -235,8 +239,9 @@ class Scheduler:
     async def tick(self) -> None:
         """Start passes for due streams of every account that has capacity and budget."""
         now = self._now_ms()
+        held = await self._store.account_holds()  # operator pauses: read each tick, any replica
         for runtime in self._accounts.values():
-            if runtime.paused_until_ms > now:
+            if runtime.paused_until_ms > now or runtime.name in held:
                 continue
             if runtime.paused_until_ms:
                 runtime.paused_until_ms = 0
@@ -271,16 +276,20 @@ class Scheduler:
             stream = await self._store.stream(stream_id)
             if stream.key.account != runtime.name or stream.retired or stream.paused:
                 return
+            replay_from = await self._store.stream_replay(stream_id)
             # every line of one pass carries its poll id (and the stream), to grep one pass out
             poll_id = secrets.token_hex(6)
             with structlog.contextvars.bound_contextvars(stream=str(stream.key), poll_id=poll_id):
                 try:
-                    outcome = await runtime.poller.run_pass(stream)
+                    outcome = await runtime.poller.run_pass(stream, replay_from)
                 except errors.CtctError as exc:
                     self._metrics.pass_failed(runtime.name, exc)
                     await self._failed(runtime, stream, exc)
                     return
                 await self._finished(runtime, stream, outcome)
+                if replay_from is not None:
+                    await self._store.end_replay(stream_id, replay_from)
+                    log.info("poll.replayed", since_ms=replay_from, replayed=outcome.replayed)
         finally:
             runtime.inflight.discard(stream_id)
 

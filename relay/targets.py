@@ -60,7 +60,9 @@ class CampaignDiscovery:
         ]
         fresh_store = not await self._store.streams(self._account)
         young, old = self._split_by_age(rows, now)
+        removed = await self._store.removed_targets(self._account)  # an operator's word stands
         keys = [StreamKey(self._account, "campaign", cid) for cid in young]
+        keys = [k for k in keys if k not in removed]
         created = await self._store.ensure_streams(keys, now, seed=fresh_store)
         if full:
             if old:

@@ -177,6 +177,35 @@ class Overview:
     pending_deliveries: int  # webhook deliveries not yet delivered or dead
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxSelector:
+    """Which committed events a log replay re-emits: one account's, narrowed by stream or
+    campaign, committed at or after ``since_ms``."""
+
+    account: str
+    since_ms: int
+    stream_id: int | None = None
+    campaign_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRange:
+    """How many events a replay selected or appended, and their seq range (0, 0 when none)."""
+
+    count: int
+    first_seq: int = 0
+    last_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryCounts:
+    """A webhook's backlog: pending and dead deliveries, and the oldest pending event's seq."""
+
+    pending: int = 0
+    dead: int = 0
+    oldest_pending_seq: int | None = None
+
+
 class Store(Protocol):
     """Durable state of one relay deployment. Implementations: SQLite (embedded), PostgreSQL."""
 
@@ -332,3 +361,61 @@ class Store(Protocol):
 
     async def overview(self) -> Overview:
         """Stream counts, watermark ranges per scope and kind, pending deliveries."""
+
+    # -- operations: status, operator holds, replay, run-time targets --------------------------
+
+    async def sink_cursors(self) -> dict[str, int]:
+        """Every sink cursor by sink name (``kafka``, ``webhooks-fanout``, …)."""
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """How many dead letters each sink holds."""
+
+    async def delivery_counts(self) -> dict[str, DeliveryCounts]:
+        """Per webhook id: pending and dead deliveries (webhooks with neither are absent)."""
+
+    async def hold_account(self, account: str, reason: str, now_ms: int) -> None:
+        """An operator pause of an account: no pass starts until released (kept apart from the
+        relay's own quota pauses, which end by themselves)."""
+
+    async def release_account(self, account: str) -> bool:
+        """End an operator pause; False if the account was not held."""
+
+    async def account_holds(self) -> dict[str, tuple[int, str]]:
+        """Accounts held by an operator: since (Unix ms) and why."""
+
+    async def request_replay(self, stream_ids: Sequence[int], since_ms: int, now_ms: int) -> int:
+        """Ask for the next pass of these streams to re-read every feed from ``since_ms``
+        (activity time) and re-emit what it finds, and make them due now; returns how many
+        streams exist. A second request keeps the earlier of the two times."""
+
+    async def stream_replay(self, stream_id: int) -> int | None:
+        """The activity time a stream's next pass re-emits from (None: no replay asked)."""
+
+    async def replays(self) -> dict[int, int]:
+        """Every stream with a replay pending: stream id -> since (Unix ms)."""
+
+    async def end_replay(self, stream_id: int, since_ms: int) -> None:
+        """A replay pass finished: clear the request, unless a newer one replaced it."""
+
+    async def commit_replay_page(
+        self, stream_id: int, activities: Sequence[Activity], now_ms: int, since_ms: int
+    ) -> tuple[int, int]:
+        """Like ``commit_page``, but also append events whose dedup key is known when they
+        occurred at or after ``since_ms`` (they keep their ids); returns (new keys, appended)."""
+
+    async def count_outbox(self, selector: OutboxSelector) -> OutboxRange:
+        """The committed events a log replay would re-emit."""
+
+    async def replay_outbox(self, selector: OutboxSelector, now_ms: int) -> OutboxRange:
+        """Append copies of the selected events (same ids, data and order) at the outbox head,
+        committed now, so every sink sends them again; returns the appended range."""
+
+    async def remove_targets(self, keys: Sequence[StreamKey], now_ms: int) -> int:
+        """Retire these streams and remember they were removed (discovery must not bring them
+        back); returns how many of them existed."""
+
+    async def removed_targets(self, account: str) -> set[StreamKey]:
+        """Streams of the account an operator removed."""
+
+    async def restore_targets(self, keys: Sequence[StreamKey]) -> None:
+        """Forget that these streams were removed (they are being added again)."""

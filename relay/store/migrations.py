@@ -115,4 +115,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX attempts_delivery ON attempts (delivery_id)",
     ),
+    # operations: replay by re-polling, operator holds on accounts, targets removed at run time
+    (
+        "ALTER TABLE streams ADD COLUMN replay_from_ms BIGINT",
+        """CREATE TABLE account_holds (
+            account TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            held_ms BIGINT NOT NULL
+        )""",
+        """CREATE TABLE removed_targets (
+            account TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            resource_id TEXT NOT NULL,
+            removed_ms BIGINT NOT NULL,
+            PRIMARY KEY (account, scope, resource_id)
+        )""",
+        "CREATE INDEX outbox_stream ON outbox (stream_id, seq)",
+    ),
 )

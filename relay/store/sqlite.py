@@ -24,8 +24,11 @@ from relay.store.base import (
     Attempt,
     DeadLetter,
     Delivery,
+    DeliveryCounts,
     NotFoundError,
     OutboxEvent,
+    OutboxRange,
+    OutboxSelector,
     Overview,
     PassResult,
     StoreError,
@@ -695,6 +698,198 @@ class SqliteStore:
 
         return await self._run(run)
 
+    # -- operations: status, operator holds, replay, run-time targets --------------------------
+
+    async def sink_cursors(self) -> dict[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            return {str(k): int(v) for k, v in conn.execute("SELECT sink, seq FROM sink_cursors")}
+
+        return await self._run(run)
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute("SELECT sink, COUNT(*) FROM dead_letters GROUP BY sink")
+            return {str(k): int(v) for k, v in rows}
+
+        return await self._run(run)
+
+    async def delivery_counts(self) -> dict[str, DeliveryCounts]:
+        def run(conn: sqlite3.Connection) -> dict[str, DeliveryCounts]:
+            rows = conn.execute(
+                "SELECT webhook_id, SUM(status = 'pending'), SUM(status = 'dead'),"
+                " MIN(CASE WHEN status = 'pending' THEN seq END) FROM deliveries"
+                " WHERE status IN ('pending', 'dead') GROUP BY webhook_id"
+            )
+            return {
+                str(w): DeliveryCounts(int(p), int(d), None if o is None else int(o))
+                for w, p, d, o in rows
+            }
+
+        return await self._run(run)
+
+    async def hold_account(self, account: str, reason: str, now_ms: int) -> None:
+        await self._run(
+            lambda conn: _write(
+                conn,
+                "INSERT INTO account_holds (account, reason, held_ms) VALUES (?, ?, ?)"
+                " ON CONFLICT (account) DO UPDATE SET reason = excluded.reason",
+                (account, reason[:1000], now_ms),
+            )
+        )
+
+    async def release_account(self, account: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            with _tx(conn):
+                deleted = conn.execute(
+                    "DELETE FROM account_holds WHERE account = ?", (account,)
+                ).rowcount
+            return bool(deleted)
+
+        return await self._run(run)
+
+    async def account_holds(self) -> dict[str, tuple[int, str]]:
+        def run(conn: sqlite3.Connection) -> dict[str, tuple[int, str]]:
+            rows = conn.execute("SELECT account, held_ms, reason FROM account_holds")
+            return {str(a): (int(h), str(r)) for a, h, r in rows}
+
+        return await self._run(run)
+
+    async def request_replay(self, stream_ids: Sequence[int], since_ms: int, now_ms: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _tx(conn):
+                before = conn.total_changes
+                conn.executemany(
+                    "UPDATE streams SET replay_from_ms = MIN(COALESCE(replay_from_ms, ?), ?),"
+                    " next_due_ms = MIN(next_due_ms, ?) WHERE id = ?",
+                    [(since_ms, since_ms, now_ms, sid) for sid in stream_ids],
+                )
+                return conn.total_changes - before
+
+        return await self._run(run)
+
+    async def stream_replay(self, stream_id: int) -> int | None:
+        def run(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT replay_from_ms FROM streams WHERE id = ?", (stream_id,)
+            ).fetchone()
+            return None if row is None or row[0] is None else int(row[0])
+
+        return await self._run(run)
+
+    async def replays(self) -> dict[int, int]:
+        def run(conn: sqlite3.Connection) -> dict[int, int]:
+            rows = conn.execute(
+                "SELECT id, replay_from_ms FROM streams WHERE replay_from_ms IS NOT NULL"
+            )
+            return {int(i): int(r) for i, r in rows}
+
+        return await self._run(run)
+
+    async def end_replay(self, stream_id: int, since_ms: int) -> None:
+        await self._run(
+            lambda conn: _write(
+                conn,
+                "UPDATE streams SET replay_from_ms = NULL WHERE id = ? AND replay_from_ms = ?",
+                (stream_id, since_ms),
+            )
+        )
+
+    async def commit_replay_page(
+        self, stream_id: int, activities: Sequence[Activity], now_ms: int, since_ms: int
+    ) -> tuple[int, int]:
+        def run(conn: sqlite3.Connection) -> tuple[int, int]:
+            new = 0
+            rows: list[tuple[object, ...]] = []
+            with _tx(conn):
+                for activity in activities:
+                    key = activity.event_id_bytes
+                    inserted = conn.execute(
+                        "INSERT INTO dedup (event_id, occurred_ms) VALUES (?, ?)"
+                        " ON CONFLICT (event_id) DO NOTHING",
+                        (key, activity.occurred_ms),
+                    ).rowcount
+                    new += inserted
+                    if inserted or activity.occurred_ms >= since_ms:
+                        rows.append(_outbox_row(key, activity, stream_id, now_ms))
+                conn.executemany(_INSERT_OUTBOX, rows)
+            return new, len(rows)
+
+        return await self._run(run)
+
+    async def count_outbox(self, selector: OutboxSelector) -> OutboxRange:
+        def run(conn: sqlite3.Connection) -> OutboxRange:
+            where, args = _selection(selector)
+            row = conn.execute(
+                # an event replayed before is in the log twice: it goes out once per replay
+                f"SELECT COUNT(DISTINCT event_id), MIN(seq), MAX(seq) FROM outbox"  # noqa: S608
+                f" WHERE {where}",
+                args,
+            ).fetchone()
+            return OutboxRange(int(row[0]), int(row[1] or 0), int(row[2] or 0))
+
+        return await self._run(run)
+
+    async def replay_outbox(self, selector: OutboxSelector, now_ms: int) -> OutboxRange:
+        def run(conn: sqlite3.Connection) -> OutboxRange:
+            where, args = _selection(selector)
+            with _tx(conn):
+                head = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0])
+                conn.execute(
+                    "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id,"  # noqa: S608
+                    " contact_id, occurred_ms, committed_ms, data)"
+                    " SELECT event_id, account, stream_id, kind, campaign_id, contact_id,"
+                    " occurred_ms, ?, data FROM outbox WHERE seq IN"
+                    f" (SELECT MIN(seq) FROM outbox WHERE {where} AND seq <= ? GROUP BY event_id)"
+                    " ORDER BY seq",
+                    (now_ms, *args, head),
+                )
+                row = conn.execute(
+                    "SELECT COUNT(*), MIN(seq), MAX(seq) FROM outbox WHERE seq > ?", (head,)
+                ).fetchone()
+            return OutboxRange(int(row[0]), int(row[1] or 0), int(row[2] or 0))
+
+        return await self._run(run)
+
+    async def remove_targets(self, keys: Sequence[StreamKey], now_ms: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            rows = [(k.account, k.scope, k.resource_id) for k in keys]
+            with _tx(conn):
+                before = conn.total_changes
+                conn.executemany(
+                    "UPDATE streams SET retired = 1"
+                    " WHERE account = ? AND scope = ? AND resource_id = ?",
+                    rows,
+                )
+                existed = conn.total_changes - before
+                conn.executemany(
+                    "INSERT INTO removed_targets (account, scope, resource_id, removed_ms)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (account, scope, resource_id) DO NOTHING",
+                    [(*r, now_ms) for r in rows],
+                )
+            return existed
+
+        return await self._run(run)
+
+    async def removed_targets(self, account: str) -> set[StreamKey]:
+        def run(conn: sqlite3.Connection) -> set[StreamKey]:
+            rows = conn.execute(
+                "SELECT scope, resource_id FROM removed_targets WHERE account = ?", (account,)
+            )
+            return {StreamKey(account, str(s), str(r)) for s, r in rows}
+
+        return await self._run(run)
+
+    async def restore_targets(self, keys: Sequence[StreamKey]) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _tx(conn):
+                conn.executemany(
+                    "DELETE FROM removed_targets"
+                    " WHERE account = ? AND scope = ? AND resource_id = ?",
+                    [(k.account, k.scope, k.resource_id) for k in keys],
+                )
+
+        await self._run(run)
+
 
 @contextlib.contextmanager
 def _tx(conn: sqlite3.Connection) -> Iterator[None]:
@@ -907,3 +1102,22 @@ def _existing_ids(conn: sqlite3.Connection, keys: list[bytes]) -> list[bytes]:
             )
         ]
     return found
+
+
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id, contact_id, occurred_ms,"
+    " committed_ms, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _selection(selector: OutboxSelector) -> tuple[str, tuple[object, ...]]:
+    """The WHERE clause (and its arguments) of the events a log replay selects."""
+    where = "account = ? AND committed_ms >= ?"
+    args: tuple[object, ...] = (selector.account, selector.since_ms)
+    if selector.stream_id is not None:
+        where += " AND stream_id = ?"
+        args += (selector.stream_id,)
+    if selector.campaign_id is not None:
+        where += " AND campaign_id = ?"
+        args += (selector.campaign_id,)
+    return where, args
