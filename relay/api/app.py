@@ -23,9 +23,10 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from relay.api import body, openapi, webhooks
+from relay.api import body, openapi, streams, webhooks
 from relay.api.responses import ApiError, error_response, json_response
 from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE, AdminSettings, StatusFn
+from relay.api.status import VIEW, RelayView
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.metrics import Metrics
 from relay.sinks.ssrf import Guard
@@ -93,11 +94,13 @@ def create_admin_app(
     now_ms: Callable[[], int] = wall_ms,
     status: StatusFn | None = None,
     metrics: Metrics | None = None,
+    view: RelayView | None = None,
 ) -> web.Application:
     """The admin API on an opened store. Raises AdminConfigError for unsafe settings.
 
-    ``status``, when given, serves ``GET /v1/status`` (the running relay's state); ``metrics``
-    serves ``GET /metrics`` (Prometheus text format).
+    ``view`` is what the running relay adds to the store's state (its accounts' allowances, the
+    scheduler to tell about pauses and targets); ``status``, when given, replaces the built-in
+    ``GET /v1/status``; ``metrics`` serves ``GET /metrics`` (Prometheus text format).
     """
     check_exposure(settings)
     middlewares: list[Middleware] = [_request_id, _errors]
@@ -109,12 +112,9 @@ def create_admin_app(
     app[SETTINGS] = settings
     app[GUARD] = guard
     app[NOW_MS] = now_ms
+    app[VIEW] = view or RelayView()
     document = orjson.dumps(
-        openapi.document(
-            with_status=status is not None,
-            with_metrics=metrics is not None,
-            metrics_public=settings.metrics_public,
-        )
+        openapi.document(with_metrics=metrics is not None, metrics_public=settings.metrics_public)
     )
 
     async def serve_openapi(_request: web.Request) -> web.Response:
@@ -128,6 +128,7 @@ def create_admin_app(
     if metrics is not None:
         app.router.add_get("/metrics", _metrics_handler(metrics), allow_head=False)
     app.router.add_routes(webhooks.routes())
+    app.router.add_routes(streams.routes(with_status=status is None))
     return app
 
 

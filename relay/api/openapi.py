@@ -7,18 +7,15 @@ the handlers check, and the test suite fuzzes the running API against this docum
 
 from __future__ import annotations
 
-from relay.api import body
+from relay.api import body, replay, streams
 from relay.api.responses import ERROR_CODES, JsonObject
-from relay.events import EVENT_TYPES, WILDCARD
+from relay.events import EVENT_TYPES, WILDCARD, Kind
 
 API_VERSION = "1.0.0"
 
 
-def document(
-    *, with_status: bool = False, with_metrics: bool = False, metrics_public: bool = True
-) -> JsonObject:
-    """The document; ``with_status`` adds ``GET /v1/status`` and ``with_metrics`` adds
-    ``GET /metrics`` (both served only by a running relay)."""
+def document(*, with_metrics: bool = False, metrics_public: bool = True) -> JsonObject:
+    """The document; ``with_metrics`` adds ``GET /metrics`` (served only by a running relay)."""
     paths: JsonObject = {
         "/healthz": {"get": _health()},
         "/readyz": {"get": _ready()},
@@ -47,8 +44,7 @@ def document(
             "post": _redeliver(),
         },
     }
-    if with_status:
-        paths["/v1/status"] = {"get": _status()}
+    paths.update(_operations_paths())
     if with_metrics:
         paths["/metrics"] = {"get": _metrics(metrics_public)}
     return {
@@ -73,8 +69,8 @@ def document(
                     " API listens on loopback only)",
                 }
             },
-            "schemas": _schemas(),
-            "parameters": _parameters(),
+            "schemas": {**_schemas(), **_operations_schemas()},
+            "parameters": {**_parameters(), **_operations_parameters()},
             "responses": _error_responses(),
         },
     }
@@ -127,14 +123,6 @@ def _metrics(public: bool) -> JsonObject:
     if public:
         operation["security"] = []
     return operation
-
-
-def _status() -> JsonObject:
-    return {
-        "operationId": "status",
-        "summary": "The running relay's state: streams, sinks, quota",
-        "responses": {"200": _json("status", {"type": "object"}), **_errors(401)},
-    }
 
 
 def _list_webhooks() -> JsonObject:
@@ -467,3 +455,321 @@ def _json(description: str, schema: JsonObject) -> JsonObject:
 
 def _body(name: str, *, required: bool = True) -> JsonObject:
     return {"required": required, "content": {"application/json": {"schema": _schema(name)}}}
+
+
+# -- operations: status, streams, pauses, replay, targets ---------------------------------------
+
+
+def _operations_paths() -> JsonObject:
+    stream = [_ref("parameters", "StreamId")]
+    account = [_ref("parameters", "Account")]
+    return {
+        "/v1/status": {"get": _op("status", "Accounts, outbox and sinks, webhooks", "Status")},
+        "/v1/streams": {"get": _list_streams()},
+        "/v1/streams/{stream_id}": {
+            "parameters": stream,
+            "get": _op("getStream", "One stream", "Stream", errors=(401, 404)),
+        },
+        "/v1/streams/{stream_id}/pause": {
+            "parameters": stream,
+            "post": _control("pauseStream", "Stop polling a stream until resumed", "Stream"),
+        },
+        "/v1/streams/{stream_id}/resume": {
+            "parameters": stream,
+            "post": _control("resumeStream", "Poll a paused stream again", "Stream"),
+        },
+        "/v1/streams/{stream_id}/replay": {
+            "parameters": stream,
+            "post": _replay_op("replayStream", "StreamReplay", retired=True),
+        },
+        "/v1/accounts/{account}/pause": {
+            "parameters": account,
+            "post": {
+                **_control(
+                    "pauseAccount",
+                    "Start no pass of the account until resumed (apart from quota pauses)",
+                    "AccountHold",
+                ),
+                "requestBody": _body("Pause", required=False),
+            },
+        },
+        "/v1/accounts/{account}/resume": {
+            "parameters": account,
+            "post": _control("resumeAccount", "End an operator pause", "AccountHold"),
+        },
+        "/v1/accounts/{account}/replay": {
+            "parameters": account,
+            "post": _replay_op("replayAccount", "AccountReplay", retired=False),
+        },
+        "/v1/accounts/{account}/targets": {
+            "parameters": account,
+            "get": _op(
+                "listTargets", "Polled campaigns and contacts", "Targets", errors=(401, 404)
+            ),
+            "post": {
+                "operationId": "addTargets",
+                "summary": "Poll more campaigns or contacts (kept across restarts)",
+                "requestBody": _body("TargetsAdd"),
+                "responses": {
+                    "200": _json(
+                        "nothing new: every target was polled already", _schema("TargetsAdded")
+                    ),
+                    "201": _json("targets created", _schema("TargetsAdded")),
+                    **_errors(400, 401, 404, 413),
+                },
+            },
+        },
+        "/v1/accounts/{account}/targets/{kind}/{resource_id}": {
+            "parameters": [
+                *account,
+                _ref("parameters", "TargetKind"),
+                _ref("parameters", "ResourceId"),
+            ],
+            "delete": {
+                "operationId": "removeTarget",
+                "summary": "Stop polling a campaign or contact; discovery will not add it back",
+                "responses": {"204": {"description": "removed"}, **_errors(401, 404)},
+            },
+        },
+    }
+
+
+def _op(op_id: str, summary: str, schema: str, errors: tuple[int, ...] = (400, 401)) -> JsonObject:
+    return {
+        "operationId": op_id,
+        "summary": summary,
+        "responses": {"200": _json(summary, _schema(schema)), **_errors(*errors)},
+    }
+
+
+def _control(op_id: str, summary: str, schema: str) -> JsonObject:
+    return {
+        "operationId": op_id,
+        "summary": summary,
+        "requestBody": _body("Empty", required=False),
+        "responses": {"200": _json(summary, _schema(schema)), **_errors(400, 401, 404, 413)},
+    }
+
+
+def _list_streams() -> JsonObject:
+    names = ("StreamAccount", "StreamScope", "StreamState", "Replaying", "StreamLimit", "Offset")
+    return {
+        "operationId": "listStreams",
+        "summary": "Streams, filtered, in id order, one page at a time",
+        "parameters": [_ref("parameters", n) for n in names],
+        "responses": {"200": _json("streams", _schema("StreamList")), **_errors(400, 401)},
+    }
+
+
+def _replay_op(op_id: str, request: str, *, retired: bool) -> JsonObject:
+    extra: JsonObject = (
+        {"409": _json("the stream is retired (not polled)", _schema("Error"))} if retired else {}
+    )
+    return {
+        "operationId": op_id,
+        "summary": "Send events again from a point in time, with their ids",
+        "description": "source log: copies of the events committed since then go to every sink"
+        " again. source upstream: the next pass re-reads the feeds from then (activity time)"
+        " and re-emits what it finds. dry_run: only count.",
+        "requestBody": _body(request),
+        "responses": {
+            "202": _json("what was (or would be) replayed", _schema("ReplayResult")),
+            **extra,
+            **_errors(400, 401, 404, 413),
+        },
+    }
+
+
+def _nullable(schema: JsonObject) -> JsonObject:
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def _operations_schemas() -> JsonObject:
+    count: JsonObject = {"type": "integer", "minimum": 0}
+    seconds: JsonObject = {"type": ["number", "null"], "minimum": 0}
+    ids: JsonObject = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": streams.MAX_TARGETS,
+        "items": {
+            "type": "string",
+            "pattern": f"^{streams.RESOURCE_ID.pattern}$",
+            "maxLength": 64,
+        },
+    }
+    replay_fields: JsonObject = {
+        "since": {"type": "string", "format": "date-time"},
+        "source": {"type": "string", "enum": list(replay.SOURCES), "default": replay.LOG},
+        "dry_run": {"type": "boolean", "default": False},
+    }
+    hold = _object({"since": _time(), "reason": {"type": "string"}})
+    targets = _operations_targets_schema()
+    return {
+        "Empty": _object({}, required=[]),
+        "Pause": _object(
+            {"reason": {"type": "string", "maxLength": streams.MAX_REASON_CHARS}}, required=[]
+        ),
+        "AccountHold": _object({"account": {"type": "string"}, "held": _nullable(hold)}),
+        "StreamReplay": _object(replay_fields, required=["since"]),
+        "AccountReplay": _object(
+            {
+                **replay_fields,
+                "campaign": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": replay.MAX_CAMPAIGN_CHARS,
+                },
+            },
+            required=["since"],
+        ),
+        "ReplayResult": _object(
+            {
+                "source": {"type": "string", "enum": list(replay.SOURCES)},
+                "since": _time(),
+                "dry_run": {"type": "boolean"},
+                "events": count,
+                "first_seq": {"type": ["integer", "null"]},
+                "last_seq": {"type": ["integer", "null"]},
+                "streams": {"type": ["integer", "null"], "minimum": 0},
+            }
+        ),
+        "Targets": targets,
+        "TargetsAdd": {
+            **_object({"campaigns": ids, "contacts": ids}, required=[]),
+            "minProperties": 1,
+        },
+        "TargetsAdded": _object({**_props(targets), "created": count}),
+        "Feed": _object({"watermark": _time(), "lag_s": seconds}),
+        "Stream": _object(
+            {
+                "id": {"type": "integer", "minimum": 1},
+                "account": {"type": "string"},
+                "scope": {"type": "string", "enum": list(streams.SCOPES)},
+                "resource_id": {"type": "string"},
+                "state": {"type": "string", "enum": list(streams.STREAM_STATES)},
+                "paused": {"type": "boolean"},
+                "retired": {"type": "boolean"},
+                "replay_from": _time(nullable=True),
+                "feeds": {
+                    "type": "object",
+                    "propertyNames": {"enum": [k.value for k in Kind]},
+                    "additionalProperties": _schema("Feed"),
+                },
+                "lag_s": seconds,
+                "rate_per_h": {"type": "number", "minimum": 0},
+                "last_poll_at": _time(nullable=True),
+                "next_poll_at": _time(),
+                "interval_s": seconds,
+                "consecutive_errors": count,
+                "last_error": {"type": ["string", "null"]},
+            }
+        ),
+        "StreamList": _object(
+            {
+                "streams": {"type": "array", "items": _schema("Stream")},
+                "total": count,
+                "limit": {"type": "integer", "minimum": 1},
+                "offset": count,
+            }
+        ),
+        "Status": _status_schema_full(count, seconds, hold),
+    }
+
+
+def _operations_targets_schema() -> JsonObject:
+    return _object(
+        {
+            "account": {"type": "string"},
+            "campaigns": {"type": "array", "items": {"type": "string"}},
+            "contacts": {"type": "array", "items": {"type": "string"}},
+            "removed": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "scope": {"type": "string", "enum": list(streams.SCOPES)},
+                        "resource_id": {"type": "string"},
+                    }
+                ),
+            },
+        }
+    )
+
+
+def _status_schema_full(count: JsonObject, seconds: JsonObject, hold: JsonObject) -> JsonObject:
+    account = _object(
+        {
+            "name": {"type": "string"},
+            "configured": {"type": "boolean"},
+            "quota": _object(
+                {
+                    "used_today": count,
+                    "allowance": {"type": ["integer", "null"], "minimum": 0},
+                    "left_today": {"type": ["integer", "null"], "minimum": 0},
+                }
+            ),
+            "paused": _nullable(_object({"until": _time(), "reason": {"type": "string"}})),
+            "held": _nullable(hold),
+            "streams": _object(
+                {k: count for k in ("total", "active", "paused", "retired", "failing", "replaying")}
+            ),
+            "max_lag_s": seconds,
+        }
+    )
+    sink = _object(
+        {"name": {"type": "string"}, "cursor": count, "depth": count, "dead_letters": count}
+    )
+    webhook = _object(
+        {
+            "id": {"type": "string"},
+            "url": {"type": "string"},
+            "enabled": {"type": "boolean"},
+            "disabled_reason": {"type": ["string", "null"]},
+            "failing_since": _time(nullable=True),
+            "pending": count,
+            "dead_letters": count,
+            "oldest_pending_seq": {"type": ["integer", "null"]},
+        }
+    )
+    return _object(
+        {
+            "time": _time(),
+            "accounts": {"type": "array", "items": account},
+            "outbox": _object({"head": count}),
+            "sinks": {"type": "array", "items": sink},
+            "webhooks": {"type": "array", "items": webhook},
+        }
+    )
+
+
+def _operations_parameters() -> JsonObject:
+    def query(name: str, schema: JsonObject) -> JsonObject:
+        return {"name": name, "in": "query", "required": False, "schema": schema}
+
+    def path(name: str, schema: JsonObject) -> JsonObject:
+        return {"name": name, "in": "path", "required": True, "schema": schema}
+
+    return {
+        "StreamId": path(
+            "stream_id",
+            {"type": "integer", "format": "int64", "minimum": 1, "maximum": streams.MAX_STREAM_ID},
+        ),
+        "Account": path(
+            "account", {"type": "string", "pattern": f"^{streams.ACCOUNT_NAME.pattern}$"}
+        ),
+        "TargetKind": path("kind", {"type": "string", "enum": list(streams.TARGET_KINDS)}),
+        "ResourceId": path("resource_id", {"type": "string", "minLength": 1}),
+        "StreamAccount": query("account", {"type": "string"}),
+        "StreamScope": query("scope", {"type": "string", "enum": list(streams.SCOPES)}),
+        "StreamState": query("state", {"type": "string", "enum": list(streams.STREAM_STATES)}),
+        "Replaying": query("replaying", {"type": "string", "enum": ["true", "false"]}),
+        "StreamLimit": query(
+            "limit",
+            {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": streams.MAX_STREAM_LIMIT,
+                "default": streams.DEFAULT_STREAM_LIMIT,
+            },
+        ),
+        "Offset": query("offset", {"type": "integer", "minimum": 0, "maximum": streams.MAX_OFFSET}),
+    }

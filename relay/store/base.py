@@ -180,12 +180,13 @@ class Overview:
 @dataclass(frozen=True, slots=True)
 class OutboxSelector:
     """Which committed events a log replay re-emits: one account's, narrowed by stream or
-    campaign, committed at or after ``since_ms``."""
+    campaign, committed (or, ``by_activity_time``, that occurred) at or after ``since_ms``."""
 
     account: str
     since_ms: int
     stream_id: int | None = None
     campaign_id: str | None = None
+    by_activity_time: bool = False  # since_ms compares with occurred_ms instead of committed_ms
 
 
 @dataclass(frozen=True, slots=True)

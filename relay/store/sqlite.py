@@ -1112,7 +1112,8 @@ _INSERT_OUTBOX = (
 
 def _selection(selector: OutboxSelector) -> tuple[str, tuple[object, ...]]:
     """The WHERE clause (and its arguments) of the events a log replay selects."""
-    where = "account = ? AND committed_ms >= ?"
+    column = "occurred_ms" if selector.by_activity_time else "committed_ms"
+    where = f"account = ? AND {column} >= ?"
     args: tuple[object, ...] = (selector.account, selector.since_ms)
     if selector.stream_id is not None:
         where += " AND stream_id = ?"

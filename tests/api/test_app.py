@@ -211,10 +211,12 @@ async def test_status_route_serves_the_callable(make_client: ClientFactory) -> N
     assert "/v1/status" in (await (await client.get("/openapi.json")).json())["paths"]
 
 
-async def test_no_status_route_without_callable(client: Client) -> None:
-    """Without a status callable there is no /v1/status, in the router or the document."""
-    await error_of(await client.get("/v1/status", headers=AUTH), 404)
-    assert "/v1/status" not in (await (await client.get("/openapi.json")).json())["paths"]
+async def test_builtin_status_without_callable(client: Client) -> None:
+    """Without a status callable /v1/status is built from the store, and documented."""
+    response = await client.get("/v1/status", headers=AUTH)
+    assert response.status == 200
+    assert set(await response.json()) == {"time", "accounts", "outbox", "sinks", "webhooks"}
+    assert "/v1/status" in (await (await client.get("/openapi.json")).json())["paths"]
 
 
 async def test_secrets_never_logged(client: Client) -> None:

@@ -1,0 +1,222 @@
+"""What ``GET /v1/status`` and ``GET /v1/streams`` show: accounts, streams, sinks, webhooks.
+
+Everything comes from the store, so any replica answers the same; the running relay adds what only
+it knows through a :class:`RelayView` (each account's daily allowance and live request count, and
+the callback that makes the scheduler re-read targets and pauses). No secret is ever shown: webhook
+URLs lose their user info, query and fragment (where tokens hide), and error texts go through the
+relay's redactor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import web
+
+from relay.api.responses import JsonObject
+from relay.api.views import time_or_null
+from relay.store import DeliveryCounts, Store, Stream, Webhook
+
+FANOUT_SINK = "webhooks-fanout"  # the cursor of webhook fan-out (deliveries track the rest)
+
+
+@dataclass(frozen=True)
+class AccountQuota:
+    """One configured account's daily allowance and its requests spent today, live."""
+
+    name: str
+    daily_allowance: int
+    used_today: Callable[[], int]
+
+
+def _same(text: str) -> str:
+    return text
+
+
+@dataclass
+class RelayView:
+    """What only the running relay knows; the API works from the store alone without it."""
+
+    accounts: dict[str, AccountQuota] = field(default_factory=dict)
+    sinks: tuple[str, ...] = (FANOUT_SINK,)  # sinks shown even before their first cursor write
+    redact: Callable[[str], str] = _same  # removes configured secrets from error texts
+    # tells the scheduler that pauses or targets changed (set once the scheduler exists)
+    on_change: Callable[[], Awaitable[None]] | None = None
+
+    async def changed(self) -> None:
+        """Let the scheduler pick up a pause, resume or target change now."""
+        if self.on_change is not None:
+            await self.on_change()
+
+
+VIEW = web.AppKey("relay.view", RelayView)
+
+
+async def status(store: Store, view: RelayView, now_ms: int) -> JsonObject:
+    """The whole relay at a glance: per account, the outbox and its sinks, per webhook."""
+    streams = await store.streams()
+    pauses = await store.account_pauses()
+    holds = await store.account_holds()
+    replays = await store.replays()
+    names = sorted(set(view.accounts) | {s.key.account for s in streams} | set(pauses) | set(holds))
+    day = datetime.fromtimestamp(now_ms / 1000, UTC).date().isoformat()
+    accounts: list[JsonObject] = []
+    for name in names:
+        mine = [s for s in streams if s.key.account == name]
+        quota = await _quota(store, view.accounts.get(name), name, day)
+        accounts.append(
+            {
+                "name": name,
+                "configured": name in view.accounts,
+                "quota": quota,
+                "paused": _relay_pause(pauses.get(name), now_ms, view.redact),
+                "held": _hold(holds.get(name)),
+                "streams": _stream_counts(mine, replays),
+                "max_lag_s": _max_lag(mine, now_ms),
+            }
+        )
+    head = await store.outbox_head()
+    return {
+        "time": time_or_null(now_ms),
+        "accounts": accounts,
+        "outbox": {"head": head},
+        "sinks": await _sinks(store, view.sinks, head),
+        "webhooks": await _webhooks(store),
+    }
+
+
+def stream_view(
+    stream: Stream, replay_from_ms: int | None, now_ms: int, view: RelayView
+) -> JsonObject:
+    """One stream: where its watermarks are, how far behind, when it polls, its last error."""
+    feeds: JsonObject = {
+        kind.value: {"watermark": time_or_null(ms), "lag_s": _lag_s(ms, now_ms)}
+        for kind, ms in sorted(stream.watermarks.items(), key=lambda item: item[0].value)
+    }
+    last = stream.last_poll_ms
+    return {
+        "id": stream.id,
+        "account": stream.key.account,
+        "scope": stream.key.scope,
+        "resource_id": stream.key.resource_id,
+        "state": _state(stream),
+        "paused": stream.paused,
+        "retired": stream.retired,
+        "replay_from": time_or_null(replay_from_ms),
+        "feeds": feeds,
+        "lag_s": _max_lag([stream], now_ms),
+        "rate_per_h": round(stream.rate_per_h, 3),
+        "last_poll_at": time_or_null(last),
+        "next_poll_at": time_or_null(stream.next_due_ms),
+        "interval_s": None if last is None else max(0.0, (stream.next_due_ms - last) / 1000),
+        "consecutive_errors": stream.consecutive_errors,
+        "last_error": None if stream.last_error is None else view.redact(stream.last_error),
+    }
+
+
+def public_url(url: str) -> str:
+    """A webhook URL without user info, query or fragment: where credentials usually hide."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(unparsable URL)"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _state(stream: Stream) -> str:
+    if stream.retired:
+        return "retired"
+    if stream.paused:
+        return "paused"
+    return "failing" if stream.consecutive_errors else "active"
+
+
+def _lag_s(watermark_ms: int | None, now_ms: int) -> float | None:
+    return None if watermark_ms is None else max(0.0, (now_ms - watermark_ms) / 1000)
+
+
+def _max_lag(streams: Iterable[Stream], now_ms: int) -> float | None:
+    """The largest lag (now minus the oldest feed watermark) over active streams."""
+    oldest = [min(s.watermarks.values()) for s in streams if s.watermarks and not s.retired]
+    return _lag_s(min(oldest), now_ms) if oldest else None
+
+
+async def _quota(store: Store, quota: AccountQuota | None, name: str, day: str) -> JsonObject:
+    if quota is None:  # not configured here: the store's count, no allowance to compare with
+        return {
+            "used_today": await store.quota_used(name, day),
+            "allowance": None,
+            "left_today": None,
+        }
+    used = quota.used_today()
+    return {
+        "used_today": used,
+        "allowance": quota.daily_allowance,
+        "left_today": max(0, quota.daily_allowance - used),
+    }
+
+
+def _relay_pause(
+    pause: tuple[int, str] | None, now_ms: int, redact: Callable[[str], str]
+) -> JsonObject | None:
+    """The relay's own pause (quota spent, credentials refused); it ends by itself."""
+    if pause is None or pause[0] <= now_ms:
+        return None
+    return {"until": time_or_null(pause[0]), "reason": redact(pause[1])}
+
+
+def _hold(hold: tuple[int, str] | None) -> JsonObject | None:
+    """An operator's pause; it lasts until resumed."""
+    return None if hold is None else {"since": time_or_null(hold[0]), "reason": hold[1]}
+
+
+def _stream_counts(streams: Sequence[Stream], replays: dict[int, int]) -> JsonObject:
+    counts = {"total": len(streams), "active": 0, "paused": 0, "retired": 0, "failing": 0}
+    for stream in streams:
+        counts[_state(stream)] += 1
+    counts["active"] += counts["failing"]  # failing streams are still polled (with backoff)
+    return {**counts, "replaying": sum(1 for s in streams if s.id in replays)}
+
+
+async def _sinks(store: Store, expected: Sequence[str], head: int) -> list[JsonObject]:
+    cursors = await store.sink_cursors()
+    dead = await store.dead_letter_counts()
+    names = sorted(set(expected) | set(cursors) | set(dead))
+    return [
+        {
+            "name": name,
+            "cursor": cursors.get(name, 0),
+            "depth": max(0, head - cursors.get(name, 0)),
+            "dead_letters": dead.get(name, 0),
+        }
+        for name in names
+    ]
+
+
+async def _webhooks(store: Store) -> list[JsonObject]:
+    counts = await store.delivery_counts()
+    return [
+        _webhook_health(hook, counts.get(hook.id, DeliveryCounts()))
+        for hook in await store.webhooks()
+    ]
+
+
+def _webhook_health(hook: Webhook, counts: DeliveryCounts) -> JsonObject:
+    return {
+        "id": hook.id,
+        "url": public_url(hook.url),
+        "enabled": hook.enabled,
+        "disabled_reason": hook.disabled_reason,
+        "failing_since": time_or_null(hook.failing_since_ms),
+        "pending": counts.pending,
+        "dead_letters": counts.dead,
+        "oldest_pending_seq": counts.oldest_pending_seq,
+    }
