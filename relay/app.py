@@ -20,14 +20,17 @@ import structlog
 from aiohttp import web
 
 from relay.api import WebhookError, create_admin_app, upsert_declared
+from relay.api.status import FANOUT_SINK, AccountQuota, RelayView
 from relay.config import AccountSettings, ConfigError, Settings
 from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
 from relay.events import Kind
+from relay.logs import Redactor
 from relay.metrics import FANOUT_CURSOR, Metrics
 from relay.poller import Poller
 from relay.scheduler import AccountRuntime, Planner, Scheduler
+from relay.sinks.kafka import SINK as KAFKA_SINK
 from relay.sinks.kafka import KafkaSink
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import WebhookDispatcher
@@ -75,7 +78,11 @@ async def run_relay(
         stack.push_async_callback(_stop_sinks, sinks)
         cursors = [FANOUT_CURSOR] + (["kafka"] if settings.kafka else [])
         metrics.watch_store(store, cursors)
-        runner = await _start_admin(settings, store, guard, metrics)
+        view = RelayView(
+            sinks=(FANOUT_SINK, KAFKA_SINK) if settings.kafka else (FANOUT_SINK,),
+            redact=Redactor(settings.secrets()).text,
+        )
+        runner = await _start_admin(settings, store, guard, metrics, view)
         stack.push_async_callback(runner.cleanup)
         today = datetime.now(UTC).date().isoformat()
         runtimes: list[AccountRuntime] = []
@@ -86,11 +93,13 @@ async def run_relay(
             )
             runtimes.append(runtime)
             clients.append(client)
+            view.accounts[account.name] = _quota_view(runtime)
             await ensure_configured(
                 store, account.name, account.campaigns.ids, account.contacts, now_ms()
             )
         scheduler = Scheduler(store, runtimes, settings.schedule, metrics=metrics)
         stack.push_async_callback(scheduler.stop)
+        view.on_change = scheduler.reload  # pauses and targets changed through the admin API
         for account, client in zip(settings.accounts, clients, strict=True):
             if not account.campaigns.discover:
                 continue
@@ -135,11 +144,18 @@ class _Sinks:
             wake()
 
 
+def _quota_view(runtime: AccountRuntime) -> AccountQuota:
+    limiter = runtime.limiter
+    return AccountQuota(runtime.name, limiter.budget.daily_allowance, lambda: limiter.used_today)
+
+
 async def _start_admin(
-    settings: Settings, store: Store, guard: Guard, metrics: Metrics
+    settings: Settings, store: Store, guard: Guard, metrics: Metrics, view: RelayView
 ) -> web.AppRunner:
-    """The admin API (webhook registration, health, metrics) on its configured address."""
-    app = create_admin_app(store, settings.admin, guard=guard, now_ms=now_ms, metrics=metrics)
+    """The admin API (webhooks, status, pauses, replay, targets, metrics) on its address."""
+    app = create_admin_app(
+        store, settings.admin, guard=guard, now_ms=now_ms, metrics=metrics, view=view
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.admin.host, settings.admin.port)

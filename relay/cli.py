@@ -21,6 +21,7 @@ import orjson
 
 from relay import logs, sim
 from relay.api.client import add_webhooks_parser, run_webhooks
+from relay.api.ops_client import add_ops_parsers, run_ops
 from relay.app import run_relay
 from relay.config import AccountSettings, ConfigError, Settings, load
 from relay.ctct import catalogue
@@ -36,6 +37,7 @@ from relay.store import StoreError
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 DEFAULT_SCENARIO = "config/sim.example.yaml"
+OPS_COMMANDS = frozenset({"status", "replay", "pause", "resume", "targets"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _endpoints(sys.stdout)
         if args.command == "webhooks":
             return run_webhooks(args, os.environ, sys.stdout)
+        if args.command in OPS_COMMANDS:
+            return run_ops(args, os.environ, sys.stdout)
         if args.command == "dev-kafka":
             logs.configure("warning")
             data_dir = Path(args.data_dir) if args.data_dir else None
@@ -100,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("endpoints", help="list the upstream endpoints the client knows")
     add_webhooks_parser(commands)
+    add_ops_parsers(commands)
 
     p = commands.add_parser(
         "dev-kafka", help="run a local single-node Apache Kafka broker (needs Java 17 and Maven)"

@@ -76,8 +76,8 @@ class AdminClient:
         return _json_object(raw, f"{method} {path}")
 
 
-def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``webhooks add|list|show|remove|rotate-secret|deliveries|redeliver|recover``."""
+def common_parser() -> argparse.ArgumentParser:
+    """The options every admin API command takes: where, which token, JSON, timeout."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--api", default=DEFAULT_API, help="admin API base URL (%(default)s)")
     common.add_argument("--token", default=None, help=f"admin token (default: ${TOKEN_ENV})")
@@ -85,6 +85,12 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     common.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds (%(default)s)"
     )
+    return common
+
+
+def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``webhooks add|list|show|remove|rotate-secret|deliveries|redeliver|recover``."""
+    common = common_parser()
     parser = commands.add_parser("webhooks", help="manage webhooks through the admin API")
     actions = parser.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
 

@@ -58,8 +58,11 @@ def parse(data: JsonObject, *, allow_campaign: bool) -> ReplayRequest:
         campaign = body.string(data, "campaign", max_chars=MAX_CAMPAIGN_CHARS)
         if not campaign:
             raise bad_request("campaign: must not be empty")
+    since_ms = body.timestamp_ms(data, "since")
+    if since_ms < 0:
+        raise bad_request("since: must be 1970-01-01T00:00:00Z or later")
     return ReplayRequest(
-        since_ms=body.timestamp_ms(data, "since"),
+        since_ms=since_ms,
         source=source,
         dry_run=body.boolean(data, "dry_run") if "dry_run" in data else False,
         campaign_id=campaign,

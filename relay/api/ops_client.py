@@ -1,0 +1,432 @@
+"""``ctct-relay status|replay|pause|resume|targets``: operating a running relay from the shell.
+
+Like ``ctct-relay webhooks`` (:mod:`relay.api.client`), every command is one or a few HTTP calls
+to the admin API; answers print as aligned plain text, or as the API's JSON with ``--json``;
+every failure (unreachable API, wrong token, the API's own refusal) is one line
+``ctct-relay: error: …`` and exit status 1. ``replay --wait`` follows the replay until every sink
+has sent it, with a one-line progress display on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TextIO
+
+import aiohttp
+import orjson
+
+from relay.api.client import (
+    EXIT_ERROR,
+    TOKEN_ENV,
+    AdminApiError,
+    AdminClient,
+    _objects,
+    _required,
+    _segment,
+    _table,
+    _text,
+    common_parser,
+)
+from relay.api.responses import JsonObject
+
+WAIT_POLL_S = 0.5
+
+Action = Callable[[AdminClient, argparse.Namespace, TextIO], Awaitable[tuple[object, str]]]
+
+
+def add_ops_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``status``, ``replay``, ``pause``, ``resume`` and ``targets``."""
+    common = common_parser()
+    p = commands.add_parser("status", parents=[common], help="what the running relay is doing")
+    p.add_argument("--streams", action="store_true", help="also list streams")
+    p.add_argument("--account", default=None, help="only this account's streams")
+    p.add_argument("--state", choices=("active", "failing", "paused", "retired"), default=None)
+    p.add_argument("--limit", type=int, default=50, help="streams to list (%(default)s)")
+
+    p = commands.add_parser("replay", parents=[common], help="send events again from a time")
+    _target(p, campaign=True)
+    p.add_argument("--since", required=True, help="RFC 3339 time, e.g. 2025-01-31T12:00:00Z")
+    p.add_argument(
+        "--source",
+        choices=("log", "upstream"),
+        default="log",
+        help="log: resend what was committed since then (default); upstream: re-poll from then",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only say how many events")
+    p.add_argument("--wait", action="store_true", help="follow it until every sink sent it")
+
+    for name, text in (("pause", "stop polling"), ("resume", "poll again")):
+        p = commands.add_parser(name, parents=[common], help=f"{text}: a stream or an account")
+        _target(p, campaign=False)
+        if name == "pause":
+            p.add_argument("--reason", default=None, help="shown in status (accounts only)")
+
+    p = commands.add_parser("targets", help="campaigns and contacts an account polls")
+    actions = p.add_subparsers(dest="targets_command", required=True, metavar="ACTION")
+    for name, text in (
+        ("list", "list them"),
+        ("add", "poll more (kept across restarts)"),
+        ("remove", "stop polling some"),
+    ):
+        q = actions.add_parser(name, parents=[common], help=text)
+        q.add_argument("--account", required=True)
+        if name != "list":
+            q.add_argument("--campaign", dest="campaigns", action="append", default=[])
+            q.add_argument("--contact", dest="contacts", action="append", default=[])
+
+
+def _target(parser: argparse.ArgumentParser, *, campaign: bool) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stream", type=int, default=None, help="a stream id (see status)")
+    which.add_argument("--account", default=None, help="an account name")
+    if campaign:
+        parser.add_argument("--campaign", default=None, help="with --account: one campaign")
+
+
+def run_ops(
+    args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: TextIO | None = None
+) -> int:
+    """Run one operations command; returns the exit status."""
+    return asyncio.run(ops_command(args, environ, out, err or sys.stderr))
+
+
+async def ops_command(
+    args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: TextIO
+) -> int:
+    """:func:`run_ops` inside a running event loop."""
+    token = args.token or environ.get(TOKEN_ENV) or None
+    name = args.command if args.command != "targets" else f"targets-{args.targets_command}"
+    try:
+        _check(args)
+        timeout = aiohttp.ClientTimeout(total=args.timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            answer, text = await _ACTIONS[name](AdminClient(session, args.api, token), args, err)
+    except AdminApiError as exc:
+        print(f"ctct-relay: error: {exc}", file=err)
+        return EXIT_ERROR
+    if args.json:
+        out.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        out.write(text + "\n")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> None:
+    if getattr(args, "campaign", None) and not getattr(args, "account", None):
+        raise AdminApiError("--campaign: needs --account")
+    if args.command == "status" and not 1 <= args.limit <= 1000:
+        raise AdminApiError(f"--limit: expected 1 to 1000, got {args.limit}")
+    listing = args.command != "targets" or args.targets_command == "list"
+    if not listing and not (args.campaigns or args.contacts):
+        raise AdminApiError("give at least one --campaign or --contact")
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+async def _status(
+    client: AdminClient, args: argparse.Namespace, _err: TextIO
+) -> tuple[object, str]:
+    status = _required(await client.call("GET", "/v1/status"))
+    parts = [_accounts_text(status), _sinks_text(status), _webhooks_text(status)]
+    answer: JsonObject = dict(status)
+    if args.streams or args.account or args.state:
+        query = {"limit": str(args.limit)}
+        if args.account:
+            query["account"] = args.account
+        if args.state:
+            query["state"] = args.state
+        listed = _required(await client.call("GET", "/v1/streams", query=query))
+        answer["streams"] = listed
+        parts.append(_streams_text(listed))
+    return answer, "\n\n".join(parts)
+
+
+def _accounts_text(status: JsonObject) -> str:
+    rows = []
+    for a in _objects(status.get("accounts")):
+        quota = _dict(a.get("quota"))
+        streams = _dict(a.get("streams"))
+        rows.append(
+            [
+                _text(a.get("name")),
+                _text(quota.get("used_today")),
+                _text(quota.get("left_today") if quota.get("left_today") is not None else "-"),
+                f"{_text(streams.get('active'))}/{_text(streams.get('total'))}",
+                _text(streams.get("failing")),
+                _text(streams.get("replaying")),
+                _duration(a.get("max_lag_s")),
+                _pause_text(a),
+            ]
+        )
+    heads = ["ACCOUNT", "USED TODAY", "LEFT", "ACTIVE", "FAILING", "REPLAYING", "MAX LAG", "PAUSE"]
+    return _table(heads, rows) if rows else "no accounts"
+
+
+def _pause_text(account: JsonObject) -> str:
+    held, paused = _dict(account.get("held")), _dict(account.get("paused"))
+    if held:
+        return f"by operator since {_text(held.get('since'))}: {_text(held.get('reason'))}"
+    if paused:
+        return f"by relay until {_text(paused.get('until'))}: {_text(paused.get('reason'))}"
+    return "-"
+
+
+def _sinks_text(status: JsonObject) -> str:
+    head = _text(_dict(status.get("outbox")).get("head"))
+    rows = [
+        [
+            _text(s.get("name")),
+            _text(s.get("cursor")),
+            _text(s.get("depth")),
+            _text(s.get("dead_letters")),
+        ]
+        for s in _objects(status.get("sinks"))
+    ]
+    return f"outbox head {head}\n" + _table(["SINK", "CURSOR", "DEPTH", "DEAD LETTERS"], rows)
+
+
+def _webhooks_text(status: JsonObject) -> str:
+    rows = [
+        [
+            _text(w.get("id")),
+            "enabled"
+            if w.get("enabled") is True
+            else f"disabled ({_text(w.get('disabled_reason'))})",
+            _text(w.get("failing_since") or "-"),
+            _text(w.get("pending")),
+            _text(w.get("dead_letters")),
+            _text(w.get("url")),
+        ]
+        for w in _objects(status.get("webhooks"))
+    ]
+    heads = ["WEBHOOK", "STATE", "FAILING SINCE", "PENDING", "DEAD", "URL"]
+    return _table(heads, rows) if rows else "no webhooks"
+
+
+def _streams_text(listed: JsonObject) -> str:
+    rows = [
+        [
+            _text(s.get("id")),
+            _text(s.get("account")),
+            f"{_text(s.get('scope'))}/{_text(s.get('resource_id'))}",
+            _text(s.get("state")),
+            _duration(s.get("lag_s")),
+            _duration(s.get("interval_s")),
+            _text(s.get("last_poll_at") or "-"),
+            _text(s.get("last_error") or "-")[:60],
+        ]
+        for s in _objects(listed.get("streams"))
+    ]
+    heads = ["STREAM", "ACCOUNT", "RESOURCE", "STATE", "LAG", "INTERVAL", "LAST POLL", "LAST ERROR"]
+    shown = f"{len(rows)} of {_text(listed.get('total'))} streams"
+    return (_table(heads, rows) + "\n" + shown) if rows else "no streams"
+
+
+# -- replay -------------------------------------------------------------------------------------
+
+
+async def _replay(client: AdminClient, args: argparse.Namespace, err: TextIO) -> tuple[object, str]:
+    body: JsonObject = {"since": args.since, "source": args.source, "dry_run": args.dry_run}
+    if args.stream is not None:
+        path = f"/v1/streams/{args.stream}/replay"
+    else:
+        path = f"/v1/accounts/{_segment(args.account)}/replay"
+        if args.campaign:
+            body["campaign"] = args.campaign
+    answer = _required(await client.call("POST", path, body))
+    text = _replay_text(answer)
+    if args.wait and not args.dry_run:
+        if answer.get("source") == "log":
+            await _follow_log(client, answer, err)
+        else:
+            await _follow_upstream(client, args, err)
+        text += "; done"
+    return answer, text
+
+
+def _replay_text(answer: JsonObject) -> str:
+    events = _text(answer.get("events"))
+    if answer.get("source") == "log":
+        verb = "would be sent again" if answer.get("dry_run") else "are being sent again"
+        return f"{events} events {verb} (same ids), from the log since {_text(answer.get('since'))}"
+    streams = _text(answer.get("streams"))
+    if answer.get("dry_run"):
+        return (
+            f"{streams} streams would be re-read from {_text(answer.get('since'))};"
+            f" the log holds {events} of their events since then (more may come)"
+        )
+    return f"{streams} streams will be re-read from {_text(answer.get('since'))}"
+
+
+async def _follow_log(client: AdminClient, answer: JsonObject, err: TextIO) -> None:
+    """Until every sink's cursor and every webhook's backlog is past the replayed range."""
+    first, last = _int(answer.get("first_seq")), _int(answer.get("last_seq"))
+    if not first or not last:
+        return
+    total = last - first + 1
+    while True:
+        status = _required(await client.call("GET", "/v1/status"))
+        sinks = {_text(s.get("name")): _int(s.get("cursor")) for s in _objects(status.get("sinks"))}
+        behind = [
+            w
+            for w in _objects(status.get("webhooks"))
+            if w.get("enabled") is True and 0 < _int(w.get("oldest_pending_seq")) <= last
+        ]
+        parts = [
+            f"{n} {min(total, max(0, c - first + 1))}/{total}" for n, c in sorted(sinks.items())
+        ]
+        parts.append(f"webhooks behind: {len(behind)}")
+        _progress(err, "replay: " + ", ".join(parts))
+        if all(c >= last for c in sinks.values()) and not behind:
+            break
+        await asyncio.sleep(WAIT_POLL_S)
+    err.write("\n")
+
+
+async def _follow_upstream(client: AdminClient, args: argparse.Namespace, err: TextIO) -> None:
+    """Until no selected stream still has its replay pending."""
+    query = {"replaying": "true", "limit": "1"}
+    if args.account:
+        query["account"] = args.account
+    started = time.monotonic()
+    while True:
+        if args.stream is not None:
+            stream = _required(await client.call("GET", f"/v1/streams/{args.stream}"))
+            left = 0 if stream.get("replay_from") is None else 1
+        else:
+            left = _int(
+                _required(await client.call("GET", "/v1/streams", query=query)).get("total")
+            )
+        _progress(
+            err, f"replay: {left} streams left to re-read ({time.monotonic() - started:.0f}s)"
+        )
+        if not left:
+            break
+        await asyncio.sleep(WAIT_POLL_S)
+    err.write("\n")
+
+
+def _progress(err: TextIO, line: str) -> None:
+    """One line, rewritten in place on a terminal, appended elsewhere (logs stay readable)."""
+    err.write(("\r" + line + "\x1b[K") if err.isatty() else line + "\n")
+    err.flush()
+
+
+# -- pause, resume, targets ---------------------------------------------------------------------
+
+
+async def _pause(client: AdminClient, args: argparse.Namespace, _err: TextIO) -> tuple[object, str]:
+    return await _pause_or_resume(client, args, "pause")
+
+
+async def _resume(
+    client: AdminClient, args: argparse.Namespace, _err: TextIO
+) -> tuple[object, str]:
+    return await _pause_or_resume(client, args, "resume")
+
+
+async def _pause_or_resume(
+    client: AdminClient, args: argparse.Namespace, verb: str
+) -> tuple[object, str]:
+    if args.stream is not None:
+        stream = _required(await client.call("POST", f"/v1/streams/{args.stream}/{verb}", {}))
+        return stream, f"stream {args.stream} is {_text(stream.get('state'))}"
+    body: JsonObject = {}
+    if verb == "pause" and args.reason:
+        body["reason"] = args.reason
+    path = f"/v1/accounts/{_segment(args.account)}/{verb}"
+    answer = _required(await client.call("POST", path, body))
+    held = _dict(answer.get("held"))
+    text = (
+        f"account {args.account} is paused: {_text(held.get('reason'))}"
+        if held
+        else f"account {args.account} is not paused by an operator"
+    )
+    return answer, text
+
+
+async def _targets_list(
+    client: AdminClient, args: argparse.Namespace, _err: TextIO
+) -> tuple[object, str]:
+    answer = _required(await client.call("GET", f"/v1/accounts/{_segment(args.account)}/targets"))
+    return answer, _targets_text(answer)
+
+
+async def _targets_add(
+    client: AdminClient, args: argparse.Namespace, _err: TextIO
+) -> tuple[object, str]:
+    body: JsonObject = {}
+    if args.campaigns:
+        body["campaigns"] = list(args.campaigns)
+    if args.contacts:
+        body["contacts"] = list(args.contacts)
+    path = f"/v1/accounts/{_segment(args.account)}/targets"
+    answer = _required(await client.call("POST", path, body))
+    return answer, f"{_text(answer.get('created'))} new targets\n" + _targets_text(answer)
+
+
+async def _targets_remove(
+    client: AdminClient, args: argparse.Namespace, _err: TextIO
+) -> tuple[object, str]:
+    account = _segment(args.account)
+    removed = []
+    for kind, ids in (("campaigns", args.campaigns), ("contacts", args.contacts)):
+        for rid in ids:
+            await client.call("DELETE", f"/v1/accounts/{account}/targets/{kind}/{_segment(rid)}")
+            removed.append(f"{kind[:-1]} {rid}")
+    return {"removed": removed}, "removed " + ", ".join(removed)
+
+
+def _targets_text(answer: JsonObject) -> str:
+    campaigns, contacts = _strings(answer.get("campaigns")), _strings(answer.get("contacts"))
+    removed = _objects(answer.get("removed"))
+    lines = [
+        f"campaigns: {', '.join(campaigns) or '-'}",
+        f"contacts:  {', '.join(contacts) or '-'}",
+    ]
+    if removed:
+        gone = ", ".join(f"{_text(r.get('scope'))} {_text(r.get('resource_id'))}" for r in removed)
+        lines.append(f"removed:   {gone}")
+    return "\n".join(lines)
+
+
+_ACTIONS: Mapping[str, Action] = {
+    "status": _status,
+    "replay": _replay,
+    "pause": _pause,
+    "resume": _resume,
+    "targets-list": _targets_list,
+    "targets-add": _targets_add,
+    "targets-remove": _targets_remove,
+}
+
+
+def _dict(value: object) -> JsonObject:
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _strings(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _duration(value: object) -> str:
+    """Seconds as 45s, 12m03s, 5h02m or 3d04h; '-' when unknown."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-"
+    seconds = int(value)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
