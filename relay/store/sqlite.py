@@ -852,20 +852,22 @@ class SqliteStore:
 
     async def remove_targets(self, keys: Sequence[StreamKey], now_ms: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
-            rows = [(k.account, k.scope, k.resource_id) for k in keys]
+            existed = 0
             with _tx(conn):
-                before = conn.total_changes
-                conn.executemany(
-                    "UPDATE streams SET retired = 1"
-                    " WHERE account = ? AND scope = ? AND resource_id = ?",
-                    rows,
-                )
-                existed = conn.total_changes - before
-                conn.executemany(
-                    "INSERT INTO removed_targets (account, scope, resource_id, removed_ms)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (account, scope, resource_id) DO NOTHING",
-                    [(*r, now_ms) for r in rows],
-                )
+                for key in keys:
+                    row = (key.account, key.scope, key.resource_id)
+                    if not conn.execute(
+                        "UPDATE streams SET retired = 1"
+                        " WHERE account = ? AND scope = ? AND resource_id = ?",
+                        row,
+                    ).rowcount:
+                        continue  # nothing to remove: no mark either
+                    existed += 1
+                    conn.execute(
+                        "INSERT INTO removed_targets (account, scope, resource_id, removed_ms)"
+                        " VALUES (?, ?, ?, ?) ON CONFLICT (account, scope, resource_id) DO NOTHING",
+                        (*row, now_ms),
+                    )
             return existed
 
         return await self._run(run)

@@ -1,0 +1,288 @@
+"""The operations routes: status, streams, pauses, replay and run-time targets, on a real store."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp.web import Application
+from pytest_aiohttp import AiohttpClient
+
+from relay.api import AdminSettings, create_admin_app
+from relay.api.status import AccountQuota, RelayView, public_url
+from relay.events import Kind
+from relay.sinks.ssrf import Guard
+from relay.store import PassResult, Store, StreamKey, Webhook
+from tests.api.conftest import AUTH, KEY, T0, TOKEN, Client, Clock, activity, error_of
+
+Make = Callable[[RelayView], Awaitable[Client]]
+
+
+@pytest.fixture
+def make(aiohttp_client: AiohttpClient, store: Store, clock: Clock) -> Make:
+    """The admin app with a given relay view (accounts, scheduler callback)."""
+
+    async def start(view: RelayView) -> Client:
+        app: Application = create_admin_app(
+            store, AdminSettings(token=TOKEN), guard=Guard(), now_ms=clock, view=view
+        )
+        client: Client = await aiohttp_client(app)
+        return client
+
+    return start
+
+
+class Changes:
+    """Counts scheduler reloads the API asked for."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def __call__(self) -> None:
+        self.count += 1
+
+
+@pytest.fixture
+def changes() -> Changes:
+    """The scheduler-reload callback."""
+    return Changes()
+
+
+@pytest.fixture
+async def api(make: Make, changes: Changes) -> Client:
+    """The app as a running relay with account acme (9,000 requests a day, 1,234 spent)."""
+    view = RelayView(
+        accounts={"acme": AccountQuota("acme", 9000, lambda: 1234)},
+        redact=lambda text: text.replace("k-secret-key", "[REDACTED]"),
+        on_change=changes,
+    )
+    return await make(view)
+
+
+async def stream_id(store: Store, key: StreamKey = KEY) -> int:
+    """The id of a stream, created when missing."""
+    await store.ensure_streams([key], T0)
+    return next(s.id for s in await store.streams() if s.key == key)
+
+
+async def test_status_shows_quota_streams_sinks_and_webhook_health(
+    api: Client, store: Store, clock: Clock
+) -> None:
+    """Quota used/left, stream counts and lag, sink depth, webhook backlog; no secret anywhere."""
+    sid = await stream_id(store)
+    await store.commit_page(sid, [activity(i, T0 - 60_000 + i) for i in range(5)], T0)
+    await store.finish_pass(sid, PassResult({Kind.CLICK: T0 - 60_000}, {}, T0 + 5000, 1.0, T0))
+    await store.record_error(sid, "upstream said no to api_key=k-secret-key", T0 + 5000)
+    await store.set_sink_cursor("kafka", 2)
+    await store.add_dead_letter("kafka", 1, "e1", "too large", T0)
+    hook = await store.create_webhook(
+        Webhook(
+            id="wh_1",
+            url="https://user:pw@93.184.216.34/hook?token=abc",
+            event_types=("*",),
+            secret="whsec_c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0",
+            created_ms=T0,
+            updated_ms=T0,
+        )
+    )
+    await store.webhook_failed(hook.id, T0, 10**9)
+    clock.now = T0 + 120_000
+    response = await api.get("/v1/status", headers=AUTH)
+    assert response.status == 200
+    text = await response.text()
+    for secret in ("k-secret-key", "pw", "token=abc", "whsec_", TOKEN):
+        assert secret not in text
+    body = await response.json()
+    (acme,) = body["accounts"]
+    assert acme["quota"] == {"used_today": 1234, "allowance": 9000, "left_today": 7766}
+    assert acme["streams"] == {
+        "total": 1,
+        "active": 1,
+        "paused": 0,
+        "retired": 0,
+        "failing": 1,
+        "replaying": 0,
+    }
+    assert acme["max_lag_s"] == 180.0
+    assert acme["paused"] is None
+    assert acme["held"] is None
+    assert body["outbox"] == {"head": 5}
+    sinks = {s["name"]: s for s in body["sinks"]}
+    assert sinks["kafka"] == {"name": "kafka", "cursor": 2, "depth": 3, "dead_letters": 1}
+    assert sinks["webhooks-fanout"]["depth"] == 5
+    (health,) = body["webhooks"]
+    assert health["url"] == "https://93.184.216.34/hook"
+    assert health["failing_since"] is not None
+    assert health["enabled"] is True
+
+
+async def test_streams_listing_filters_and_pages(api: Client, store: Store) -> None:
+    """Filters by account, scope, state and replay; limit/offset pages with a total."""
+    keys = [StreamKey("acme", "campaign", str(i)) for i in range(5)]
+    keys.append(StreamKey("acme", "contact", "77"))
+    keys.append(StreamKey("other", "campaign", "9"))
+    await store.ensure_streams(keys, T0)
+    await store.set_paused(await stream_id(store, keys[1]), True)
+    await store.request_replay([await stream_id(store, keys[2])], T0 - 1000, T0)
+
+    async def listing(query: str) -> dict[str, object]:
+        response = await api.get(f"/v1/streams?{query}", headers=AUTH)
+        assert response.status == 200, await response.text()
+        result: dict[str, object] = await response.json()
+        return result
+
+    assert (await listing("account=acme"))["total"] == 6
+    assert (await listing("account=acme&scope=contact"))["total"] == 1
+    assert (await listing("state=paused"))["total"] == 1
+    replaying = await listing("replaying=true")
+    assert [s["resource_id"] for s in replaying["streams"]] == ["2"]  # type: ignore[attr-defined]
+    page = await listing("limit=2&offset=2")
+    assert page["total"] == 7
+    assert len(page["streams"]) == 2
+    error = await error_of(await api.get("/v1/streams?state=sleeping", headers=AUTH), 400)
+    assert error["message"].startswith("state:")
+    error = await error_of(await api.get("/v1/streams?limt=3", headers=AUTH), 400)
+    assert "unknown query parameter" in error["message"]
+
+
+async def test_stream_pause_and_resume_reach_the_scheduler(
+    api: Client, store: Store, changes: Changes
+) -> None:
+    """Pausing takes the stream out of due streams; resuming puts it back; both reload."""
+    sid = await stream_id(store)
+    response = await api.post(f"/v1/streams/{sid}/pause", headers=AUTH)
+    assert (await response.json())["state"] == "paused"
+    assert await store.due_streams(T0 + 1, 10) == []
+    response = await api.post(f"/v1/streams/{sid}/resume", headers=AUTH)
+    assert (await response.json())["state"] == "active"
+    assert await store.due_streams(T0 + 1, 10) == [sid]
+    assert changes.count == 2
+    await error_of(await api.post("/v1/streams/999/pause", headers=AUTH), 404)
+    await error_of(await api.post("/v1/streams/abc/pause", headers=AUTH), 404)
+
+
+async def test_account_pause_is_an_operator_hold_apart_from_quota_pauses(
+    api: Client, store: Store, clock: Clock
+) -> None:
+    """An operator pause shows as held with its reason; a quota pause as paused; distinct."""
+    await store.set_account_pause("acme", T0 + 3_600_000, "daily quota spent")
+    response = await api.post(
+        "/v1/accounts/acme/pause", json={"reason": "CRM migration"}, headers=AUTH
+    )
+    assert (await response.json())["held"]["reason"] == "CRM migration"
+    status = await (await api.get("/v1/status", headers=AUTH)).json()
+    (acme,) = status["accounts"]
+    assert acme["held"]["reason"] == "CRM migration"
+    assert acme["paused"]["reason"] == "daily quota spent"
+    response = await api.post("/v1/accounts/acme/resume", headers=AUTH)
+    assert (await response.json())["held"] is None
+    assert await store.account_holds() == {}
+    assert "acme" in await store.account_pauses()  # the quota pause is the relay's, untouched
+    error = await error_of(await api.post("/v1/accounts/nobody/pause", headers=AUTH), 404)
+    assert "configured: acme" in error["message"]
+
+
+async def test_log_replay_counts_then_appends_copies_with_the_same_ids(
+    api: Client, store: Store, clock: Clock
+) -> None:
+    """Dry run counts; the replay appends the events committed since, same ids, in order, once."""
+    sid = await stream_id(store)
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(3)], T0)
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(10, 14)], T0 + 10_000)
+    since = "2025-11-21T04:40:05Z"  # T0 + 5 s
+    dry = await api.post(
+        f"/v1/streams/{sid}/replay", json={"since": since, "dry_run": True}, headers=AUTH
+    )
+    assert dry.status == 202
+    assert (await dry.json())["events"] == 4
+    assert await store.outbox_head() == 7
+    clock.now = T0 + 20_000
+    done = await (
+        await api.post(f"/v1/streams/{sid}/replay", json={"since": since}, headers=AUTH)
+    ).json()
+    assert (done["events"], done["first_seq"], done["last_seq"]) == (4, 8, 11)
+    events = await store.read_outbox(0, 100)
+    assert [e.event_id for e in events[7:]] == [e.event_id for e in events[3:7]]
+    assert all(e.committed_ms == T0 + 20_000 for e in events[7:])
+    again = await (
+        await api.post("/v1/accounts/acme/replay", json={"since": since}, headers=AUTH)
+    ).json()
+    assert again["events"] == 4  # the copies are not copied a second time
+    error = await error_of(
+        await api.post(f"/v1/streams/{sid}/replay", json={"since": "yesterday"}, headers=AUTH), 400
+    )
+    assert error["message"].startswith("since:")
+
+
+async def test_upstream_replay_asks_for_a_re_read(api: Client, store: Store) -> None:
+    """An upstream replay marks the stream, makes it due now; a campaign that is not polled is
+    a 404 and a retired stream a 409."""
+    sid = await stream_id(store)
+    await store.finish_pass(sid, PassResult({}, {}, T0 + 3_600_000, 1.0, T0))
+    body = {"since": "2025-11-21T04:00:00Z", "source": "upstream", "campaign": KEY.resource_id}
+    answer = await (await api.post("/v1/accounts/acme/replay", json=body, headers=AUTH)).json()
+    assert answer["streams"] == 1
+    assert await store.replays() == {sid: 1_763_697_600_000}
+    assert await store.due_streams(T0, 10) == [sid]
+    body["campaign"] = "404404"
+    await error_of(await api.post("/v1/accounts/acme/replay", json=body, headers=AUTH), 404)
+    await store.retire_streams([KEY])
+    stream_body = {"since": "2025-11-21T04:00:00Z", "source": "upstream"}
+    await error_of(await api.post(f"/v1/streams/{sid}/replay", json=stream_body, headers=AUTH), 409)
+
+
+async def test_targets_added_and_removed_at_run_time(
+    api: Client, store: Store, changes: Changes
+) -> None:
+    """Added targets become streams (kept in the store); removed ones retire and are listed."""
+    response = await api.post(
+        "/v1/accounts/acme/targets",
+        json={"campaigns": ["11", "12"], "contacts": ["5"]},
+        headers=AUTH,
+    )
+    assert response.status == 201
+    body = await response.json()
+    assert (body["campaigns"], body["contacts"], body["created"]) == (["11", "12"], ["5"], 3)
+    again = await api.post("/v1/accounts/acme/targets", json={"campaigns": ["11"]}, headers=AUTH)
+    assert again.status == 200
+    assert (await again.json())["created"] == 0
+    response = await api.delete("/v1/accounts/acme/targets/campaigns/11", headers=AUTH)
+    assert response.status == 204
+    listed = await (await api.get("/v1/accounts/acme/targets", headers=AUTH)).json()
+    assert listed["campaigns"] == ["12"]
+    assert listed["removed"] == [{"scope": "campaign", "resource_id": "11"}]
+    assert await store.removed_targets("acme") == {StreamKey("acme", "campaign", "11")}
+    await error_of(await api.delete("/v1/accounts/acme/targets/campaigns/11x", headers=AUTH), 404)
+    await error_of(await api.delete("/v1/accounts/acme/targets/lists/1", headers=AUTH), 404)
+    error = await error_of(
+        await api.post("/v1/accounts/acme/targets", json={"campaigns": ["a b"]}, headers=AUTH), 400
+    )
+    assert error["message"].startswith("campaigns[0]:")
+    await error_of(await api.post("/v1/accounts/acme/targets", json={}, headers=AUTH), 400)
+    re_added = await api.post("/v1/accounts/acme/targets", json={"campaigns": ["11"]}, headers=AUTH)
+    assert "11" in (await re_added.json())["campaigns"]
+    assert await store.removed_targets("acme") == set()
+    assert changes.count == 4  # two adds that changed something, one removal, one re-add
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param("https://a:b@h.example/p?q=1#f", "https://h.example/p", id="userinfo-query"),
+        pytest.param("http://[::1]:8080/x", "http://[::1]:8080/x", id="ipv6-port"),
+        pytest.param("http://h:99999/", "(unparsable URL)", id="bad-port"),
+    ],
+)
+def test_public_url_drops_where_credentials_hide(url: str, shown: str) -> None:
+    """User info, query and fragment never reach the status output."""
+    assert public_url(url) == shown
+
+
+async def test_routes_need_the_token(api: Client) -> None:
+    """Every operations route is behind the bearer token."""
+    for method, path in (
+        ("GET", "/v1/status"),
+        ("GET", "/v1/streams"),
+        ("POST", "/v1/accounts/acme/pause"),
+    ):
+        await error_of(await api.request(method, path), 401)
