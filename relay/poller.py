@@ -103,10 +103,10 @@ class Poller:
             to_read = to_read if replay_from_ms is not None else changed
         if replay_from_ms is not None:
             outcome.replay_from_ms = replay_from_ms
-            for kind in self._settings.kinds:
-                outcome.watermarks[kind] = min(
-                    outcome.watermarks.get(kind, replay_from_ms), replay_from_ms
-                )
+            # a feed never read keeps no watermark: it reads from its first-run bound anyway,
+            # and inventing one could hide late activity older than the replay time
+            for kind, mark in stream.watermarks.items():
+                outcome.watermarks[kind] = min(mark, replay_from_ms)
         pending: list[Activity] = []
         for kind in self._settings.kinds:
             if kind in to_read:

@@ -285,7 +285,8 @@ async def _follow_log(client: AdminClient, answer: JsonObject, err: TextIO) -> N
         if all(c >= last for c in sinks.values()) and not behind:
             break
         await asyncio.sleep(WAIT_POLL_S)
-    err.write("\n")
+    if err.isatty():
+        err.write("\n")  # end the line rewritten in place
 
 
 async def _follow_upstream(client: AdminClient, args: argparse.Namespace, err: TextIO) -> None:
@@ -308,7 +309,8 @@ async def _follow_upstream(client: AdminClient, args: argparse.Namespace, err: T
         if not left:
             break
         await asyncio.sleep(WAIT_POLL_S)
-    err.write("\n")
+    if err.isatty():
+        err.write("\n")  # end the line rewritten in place
 
 
 def _progress(err: TextIO, line: str) -> None:

@@ -191,7 +191,7 @@ async def _remove_target(request: web.Request) -> web.Response:
         raise not_found(f"no such resource: {request.path} (kind is campaigns or contacts)")
     store, now = request.app[STORE], request.app[NOW_MS]()
     if not await store.remove_targets([StreamKey(account, scope, rid)], now):
-        raise not_found(f"account {account!r} has no {scope} {rid!r}")
+        raise not_found(f"account {account!r} does not poll {scope} {rid!r}")
     await request.app[VIEW].changed()
     return web.Response(status=204)
 

@@ -412,8 +412,8 @@ class Store(Protocol):
         committed now, so every sink sends them again; returns the appended range."""
 
     async def remove_targets(self, keys: Sequence[StreamKey], now_ms: int) -> int:
-        """Retire those of these streams that exist and remember they were removed (discovery
-        must not bring them back); returns how many existed."""
+        """Retire those of these streams that are polled (exist, not retired) and remember they
+        were removed (discovery must not bring them back); returns how many were polled."""
 
     async def removed_targets(self, account: str) -> set[StreamKey]:
         """Streams of the account an operator removed."""

@@ -858,10 +858,10 @@ class SqliteStore:
                     row = (key.account, key.scope, key.resource_id)
                     if not conn.execute(
                         "UPDATE streams SET retired = 1"
-                        " WHERE account = ? AND scope = ? AND resource_id = ?",
+                        " WHERE account = ? AND scope = ? AND resource_id = ? AND retired = 0",
                         row,
                     ).rowcount:
-                        continue  # nothing to remove: no mark either
+                        continue  # not polled: nothing to remove, no mark either
                     existed += 1
                     conn.execute(
                         "INSERT INTO removed_targets (account, scope, resource_id, removed_ms)"

@@ -280,3 +280,78 @@ async def test_outbox_event_reads_back_every_field(store: Store) -> None:
     assert event.occurred_ms == T0 + 42
     assert event.committed_ms == T0 + 99
     assert orjson.loads(event.data) == committed.data()
+
+
+async def test_operator_holds_are_apart_from_quota_pauses(store: Store) -> None:
+    """Holding and releasing an account never touches the relay's own quota pause."""
+    await store.set_account_pause("acme", T0 + 1000, "quota")
+    await store.hold_account("acme", "migration", T0)
+    assert await store.account_holds() == {"acme": (T0, "migration")}
+    assert await store.release_account("acme") is True
+    assert await store.release_account("acme") is False
+    assert await store.account_pauses() == {"acme": (T0 + 1000, "quota")}
+
+
+async def test_replay_request_keeps_the_earliest_time_and_ends_only_itself(store: Store) -> None:
+    """Two requests keep the earlier time; ending a replaced request leaves the newer one."""
+    sid = await one_stream(store)
+    assert await store.request_replay([sid, 999], T0 - 10, T0) == 1
+    assert await store.request_replay([sid], T0 - 5, T0) == 1
+    assert await store.stream_replay(sid) == T0 - 10
+    await store.end_replay(sid, T0 - 5)
+    assert await store.replays() == {sid: T0 - 10}
+    await store.end_replay(sid, T0 - 10)
+    assert await store.stream_replay(sid) is None
+
+
+async def test_commit_replay_page_re_emits_known_keys_from_the_time_only(store: Store) -> None:
+    """Known activity at or after ``since`` is appended again; older known activity is not."""
+    sid = await one_stream(store)
+    page = [activity(i, T0 + i * 10) for i in range(4)]
+    await store.commit_page(sid, page, T0)
+    new, appended = await store.commit_replay_page(
+        sid, [*page, activity(9, T0 + 90)], T0 + 1, T0 + 20
+    )
+    assert (new, appended) == (1, 3)
+    tail = await store.read_outbox(4, 10)
+    assert [e.event_id for e in tail] == [page[2].event_id, page[3].event_id, tail[2].event_id]
+
+
+async def test_log_replay_copies_each_event_once_in_order(store: Store) -> None:
+    """Copies keep ids, data and order; copies already in the log are not copied again."""
+    from relay.store import OutboxSelector
+
+    sid = await one_stream(store)
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(3)], T0)
+    selector = OutboxSelector("acme", T0)
+    assert (await store.count_outbox(selector)).count == 3
+    first = await store.replay_outbox(selector, T0 + 5)
+    assert (first.count, first.first_seq, first.last_seq) == (3, 4, 6)
+    second = await store.replay_outbox(selector, T0 + 6)
+    assert second.count == 3
+    events = await store.read_outbox(0, 100)
+    assert [e.event_id for e in events[6:]] == [e.event_id for e in events[:3]]
+    assert [e.data for e in events[3:6]] == [e.data for e in events[:3]]
+    assert (await store.count_outbox(OutboxSelector("other", T0))).count == 0
+    narrowed = OutboxSelector("acme", T0 + 2, by_activity_time=True)
+    assert (await store.count_outbox(narrowed)).count == 1
+
+
+async def test_removed_targets_are_retired_remembered_and_restorable(store: Store) -> None:
+    """Removal retires existing streams and marks them; restoring forgets the mark."""
+    await one_stream(store)
+    missing = StreamKey("acme", "campaign", "404")
+    assert await store.remove_targets([KEY, missing], T0) == 1
+    assert (await store.streams())[0].retired
+    assert await store.removed_targets("acme") == {KEY}
+    await store.restore_targets([KEY])
+    assert await store.removed_targets("acme") == set()
+
+
+async def test_status_counts(store: Store) -> None:
+    """Sink cursors, dead letters per sink and webhook backlogs as status needs them."""
+    await store.set_sink_cursor("kafka", 7)
+    await store.add_dead_letter("kafka", 3, "e", "why", T0)
+    assert await store.sink_cursors() == {"kafka": 7}
+    assert await store.dead_letter_counts() == {"kafka": 1}
+    assert await store.delivery_counts() == {}

@@ -1,0 +1,143 @@
+"""``ctct-relay status|replay|pause|resume|targets`` against a live admin API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+
+import orjson
+import pytest
+from pytest_aiohttp import AiohttpServer
+
+from relay.api import AdminSettings, create_admin_app
+from relay.api.client import TOKEN_ENV
+from relay.api.ops_client import add_ops_parsers, ops_command, run_ops
+from relay.api.status import AccountQuota, RelayView
+from relay.sinks.ssrf import Guard
+from relay.store import Store
+from tests.api.conftest import KEY, T0, TOKEN, Clock, activity
+from tests.api.test_client import free_port
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line the way relay.cli does."""
+    parser = argparse.ArgumentParser(prog="ctct-relay")
+    add_ops_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+class Cli:
+    """Runs one command against the app on a real port; returns (status, out, err)."""
+
+    def __init__(self, api: str) -> None:
+        self.api = api
+
+    async def __call__(self, *argv: str, token: str = TOKEN) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        args = parse([*argv, "--api", self.api])
+        status = await ops_command(args, {TOKEN_ENV: token}, out, err)
+        return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+async def cli(aiohttp_server: AiohttpServer, store: Store, clock: Clock) -> Cli:
+    """The CLI aimed at an admin API that runs account acme."""
+    view = RelayView(accounts={"acme": AccountQuota("acme", 9000, lambda: 100)})
+    app = create_admin_app(
+        store, AdminSettings(token=TOKEN), guard=Guard(), now_ms=clock, view=view
+    )
+    server = await aiohttp_server(app)
+    return Cli(str(server.make_url("")))
+
+
+async def test_status_is_an_aligned_table_and_json_on_request(cli: Cli, store: Store) -> None:
+    """Accounts, sinks and webhooks as tables; --streams adds streams; --json the raw answer."""
+    await store.ensure_streams([KEY], T0)
+    status, out, err = await cli("status", "--streams")
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["ACCOUNT", "USED", "TODAY"]
+    assert lines[1].split()[:3] == ["acme", "100", "8900"]
+    assert "outbox head 0" in out
+    assert "webhooks-fanout" in out
+    assert f"campaign/{KEY.resource_id}" in out
+    assert "1 of 1 streams" in out
+    status, out, _ = await cli("status", "--json")
+    assert orjson.loads(out)["accounts"][0]["quota"]["left_today"] == 8900
+
+
+async def test_wrong_token_is_one_line(cli: Cli) -> None:
+    """A refused token: one line with the API's message, exit 1, no traceback."""
+    status, out, err = await cli("status", token="wrong")
+    assert (status, out) == (1, "")
+    assert err == "ctct-relay: error: Authorization: the bearer token is not valid (HTTP 401)\n"
+
+
+def test_unreachable_api_is_one_line() -> None:
+    """No server: one line naming the API, exit 1 (sync entry point)."""
+    args = parse(["status", "--api", f"http://127.0.0.1:{free_port()}"])
+    out_io, err_io = io.StringIO(), io.StringIO()
+    assert run_ops(args, {}, out_io, err_io) == 1
+    assert err_io.getvalue().startswith("ctct-relay: error: cannot reach the admin API at")
+    assert err_io.getvalue().count("\n") == 1
+
+
+async def test_pause_resume_and_targets(cli: Cli, store: Store) -> None:
+    """Account and stream pauses, targets added, listed and removed."""
+    status, out, _ = await cli("pause", "--account", "acme", "--reason", "maintenance")
+    assert (status, out) == (0, "account acme is paused: maintenance\n")
+    status, out, _ = await cli("resume", "--account", "acme")
+    assert out == "account acme is not paused by an operator\n"
+    status, out, err = await cli(
+        "targets", "add", "--account", "acme", "--campaign", "11", "--contact", "5"
+    )
+    assert status == 0, err
+    assert out.splitlines() == ["2 new targets", "campaigns: 11", "contacts:  5"]
+    stream_id = (await store.streams())[0].id
+    status, out, _ = await cli("pause", "--stream", str(stream_id))
+    assert out == f"stream {stream_id} is paused\n"
+    status, out, _ = await cli("targets", "remove", "--account", "acme", "--campaign", "11")
+    assert out == "removed campaign 11\n"
+    status, out, _ = await cli("targets", "list", "--account", "acme")
+    assert out.splitlines() == ["campaigns: -", "contacts:  5", "removed:   campaign 11"]
+    status, _, err = await cli("targets", "remove", "--account", "acme", "--campaign", "11")
+    assert status == 1
+    assert "does not poll campaign '11'" in err
+    status, _, err = await cli("targets", "add", "--account", "acme")
+    assert (status, err) == (1, "ctct-relay: error: give at least one --campaign or --contact\n")
+
+
+async def test_replay_dry_run_then_wait_shows_progress(
+    cli: Cli, store: Store, clock: Clock
+) -> None:
+    """A dry run counts; --wait follows the sinks until the replayed range is sent."""
+    await store.ensure_streams([KEY], T0)
+    sid = (await store.streams())[0].id
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(6)], T0)
+    await store.fanout(100, T0)
+    since = "2025-11-21T04:40:00Z"  # T0
+    status, out, _ = await cli("replay", "--account", "acme", "--since", since, "--dry-run")
+    assert (status, out) == (
+        0,
+        f"6 events would be sent again (same ids), from the log since {since[:-1]}.000Z\n",
+    )
+
+    async def sink() -> None:  # the fan-out sink, as the running relay would drive it
+        while True:
+            await store.fanout(2, T0)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(sink())
+    try:
+        status, out, err = await cli("replay", "--stream", str(sid), "--since", since, "--wait")
+    finally:
+        task.cancel()
+    assert status == 0, err
+    assert out.endswith("; done\n")
+    progress = err.splitlines()
+    assert progress[-1] == "replay: webhooks-fanout 6/6, webhooks behind: 0"
+    assert await store.outbox_head() == 12
+    status, _, err = await cli("replay", "--stream", "999", "--since", since)
+    assert status == 1
+    assert "no stream with id 999" in err
