@@ -9,7 +9,7 @@ relay's redactor.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
@@ -18,7 +18,7 @@ from aiohttp import web
 
 from relay.api.responses import JsonObject
 from relay.api.views import time_or_null
-from relay.store import DeliveryCounts, Store, Stream, Webhook
+from relay.store import DeliveryCounts, Store, Stream, StreamStats, Webhook
 
 FANOUT_SINK = "webhooks-fanout"  # the cursor of webhook fan-out (deliveries track the rest)
 
@@ -57,25 +57,30 @@ VIEW = web.AppKey("relay.view", RelayView)
 
 async def status(store: Store, view: RelayView, now_ms: int) -> JsonObject:
     """The whole relay at a glance: per account, the outbox and its sinks, per webhook."""
-    streams = await store.streams()
+    stats = await store.stream_stats()  # counted in the store: status stays cheap at 100k streams
     pauses = await store.account_pauses()
     holds = await store.account_holds()
-    replays = await store.replays()
-    names = sorted(set(view.accounts) | {s.key.account for s in streams} | set(pauses) | set(holds))
+    names = sorted(set(view.accounts) | set(stats) | set(pauses) | set(holds))
     day = datetime.fromtimestamp(now_ms / 1000, UTC).date().isoformat()
     accounts: list[JsonObject] = []
     for name in names:
-        mine = [s for s in streams if s.key.account == name]
-        quota = await _quota(store, view.accounts.get(name), name, day)
+        counts = stats.get(name, StreamStats())
         accounts.append(
             {
                 "name": name,
                 "configured": name in view.accounts,
-                "quota": quota,
+                "quota": await _quota(store, view.accounts.get(name), name, day),
                 "paused": _relay_pause(pauses.get(name), now_ms, view.redact),
                 "held": _hold(holds.get(name)),
-                "streams": _stream_counts(mine, replays),
-                "max_lag_s": _max_lag(mine, now_ms),
+                "streams": {
+                    "total": counts.total,
+                    "active": counts.active,
+                    "paused": counts.paused,
+                    "retired": counts.retired,
+                    "failing": counts.failing,
+                    "replaying": counts.replaying,
+                },
+                "max_lag_s": _lag_s(counts.oldest_watermark_ms, now_ms),
             }
         )
     head = await store.outbox_head()
@@ -107,7 +112,7 @@ def stream_view(
         "retired": stream.retired,
         "replay_from": time_or_null(replay_from_ms),
         "feeds": feeds,
-        "lag_s": _max_lag([stream], now_ms),
+        "lag_s": _max_lag(stream, now_ms),
         "rate_per_h": round(stream.rate_per_h, 3),
         "last_poll_at": time_or_null(last),
         "next_poll_at": time_or_null(stream.next_due_ms),
@@ -143,10 +148,9 @@ def _lag_s(watermark_ms: int | None, now_ms: int) -> float | None:
     return None if watermark_ms is None else max(0.0, (now_ms - watermark_ms) / 1000)
 
 
-def _max_lag(streams: Iterable[Stream], now_ms: int) -> float | None:
-    """The largest lag (now minus the oldest feed watermark) over active streams."""
-    oldest = [min(s.watermarks.values()) for s in streams if s.watermarks and not s.retired]
-    return _lag_s(min(oldest), now_ms) if oldest else None
+def _max_lag(stream: Stream, now_ms: int) -> float | None:
+    """A stream's lag: now minus its oldest feed watermark."""
+    return _lag_s(min(stream.watermarks.values()), now_ms) if stream.watermarks else None
 
 
 async def _quota(store: Store, quota: AccountQuota | None, name: str, day: str) -> JsonObject:
@@ -176,14 +180,6 @@ def _relay_pause(
 def _hold(hold: tuple[int, str] | None) -> JsonObject | None:
     """An operator's pause; it lasts until resumed."""
     return None if hold is None else {"since": time_or_null(hold[0]), "reason": hold[1]}
-
-
-def _stream_counts(streams: Sequence[Stream], replays: dict[int, int]) -> JsonObject:
-    counts = {"total": len(streams), "active": 0, "paused": 0, "retired": 0, "failing": 0}
-    for stream in streams:
-        counts[_state(stream)] += 1
-    counts["active"] += counts["failing"]  # failing streams are still polled (with backoff)
-    return {**counts, "replaying": sum(1 for s in streams if s.id in replays)}
 
 
 async def _sinks(store: Store, expected: Sequence[str], head: int) -> list[JsonObject]:

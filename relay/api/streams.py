@@ -17,7 +17,7 @@ from relay.api.responses import ApiError, JsonObject, bad_request, json_response
 from relay.api.state import NOW_MS, STORE
 from relay.api.status import VIEW, RelayView, status, stream_view
 from relay.api.views import time_or_null
-from relay.store import NotFoundError, Store, StoreError, Stream, StreamKey
+from relay.store import NotFoundError, Store, StoreError, Stream, StreamFilter, StreamKey
 
 STREAM_STATES = ("active", "failing", "paused", "retired")
 SCOPES = ("campaign", "contact")
@@ -68,19 +68,13 @@ async def _list(request: web.Request) -> web.Response:
     limit = _integer(request, "limit", DEFAULT_STREAM_LIMIT, 1, MAX_STREAM_LIMIT)
     offset = _integer(request, "offset", 0, 0, MAX_OFFSET)
     store, now, view = request.app[STORE], request.app[NOW_MS](), request.app[VIEW]
+    where = StreamFilter(account, scope, state, None if replaying is None else replaying == "true")
+    page, total = await store.stream_page(where, limit, offset)
     replays = await store.replays()
-    chosen = [
-        s
-        for s in await store.streams(account)
-        if (scope is None or s.key.scope == scope)
-        and (state is None or _matches_state(s, state))
-        and (replaying is None or (s.id in replays) == (replaying == "true"))
-    ]
-    page = chosen[offset : offset + limit]
     return json_response(
         {
             "streams": [stream_view(s, replays.get(s.id), now, view) for s in page],
-            "total": len(chosen),
+            "total": total,
             "limit": limit,
             "offset": offset,
         }
@@ -248,14 +242,6 @@ async def _account(request: web.Request) -> str:
     if not ACCOUNT_NAME.fullmatch(name):
         raise not_found(f"no account named {name!r}")
     return name
-
-
-def _matches_state(stream: Stream, state: str) -> bool:
-    if state == "active":
-        return not stream.retired and not stream.paused
-    if state == "failing":
-        return not stream.retired and not stream.paused and stream.consecutive_errors > 0
-    return stream.retired if state == "retired" else stream.paused and not stream.retired
 
 
 def _query(request: web.Request, name: str) -> str | None:

@@ -16,7 +16,9 @@ from relay.store.base import (
     Store,
     StoreError,
     Stream,
+    StreamFilter,
     StreamKey,
+    StreamStats,
     Webhook,
 )
 from relay.store.sqlite import SqliteStore
@@ -45,7 +47,9 @@ __all__ = [
     "Store",
     "StoreError",
     "Stream",
+    "StreamFilter",
     "StreamKey",
+    "StreamStats",
     "Webhook",
     "open_store",
 ]

@@ -207,6 +207,31 @@ class DeliveryCounts:
     oldest_pending_seq: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    """One account's streams counted by state, for status: ``active`` includes ``failing``
+    (polled with backoff); ``paused`` excludes retired ones."""
+
+    total: int = 0
+    active: int = 0
+    failing: int = 0
+    paused: int = 0
+    retired: int = 0
+    replaying: int = 0
+    oldest_watermark_ms: int | None = None  # over the feeds of streams not retired
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFilter:
+    """Which streams a listing shows; None matches anything. ``state`` is active (not paused,
+    not retired), failing (active with errors), paused or retired."""
+
+    account: str | None = None
+    scope: str | None = None
+    state: str | None = None
+    replaying: bool | None = None
+
+
 class Store(Protocol):
     """Durable state of one relay deployment. Implementations: SQLite (embedded), PostgreSQL."""
 
@@ -420,3 +445,13 @@ class Store(Protocol):
 
     async def restore_targets(self, keys: Sequence[StreamKey]) -> None:
         """Forget that these streams were removed (they are being added again)."""
+
+    async def stream_stats(self) -> dict[str, StreamStats]:
+        """Per account, its streams counted by state and the oldest watermark (one query's
+        worth of work, not a read of every stream)."""
+
+    async def stream_page(
+        self, where: StreamFilter, limit: int, offset: int
+    ) -> tuple[list[Stream], int]:
+        """Streams matching the filter in id order, ``limit`` from ``offset``, and how many
+        match in all."""

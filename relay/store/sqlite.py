@@ -33,7 +33,9 @@ from relay.store.base import (
     PassResult,
     StoreError,
     Stream,
+    StreamFilter,
     StreamKey,
+    StreamStats,
     Webhook,
 )
 from relay.store.migrations import MIGRATIONS
@@ -892,6 +894,58 @@ class SqliteStore:
 
         await self._run(run)
 
+    async def stream_stats(self) -> dict[str, StreamStats]:
+        def run(conn: sqlite3.Connection) -> dict[str, StreamStats]:
+            oldest = dict(
+                conn.execute(
+                    "SELECT s.account, MIN(w.watermark_ms) FROM watermarks w"
+                    " JOIN streams s ON s.id = w.stream_id WHERE s.retired = 0 GROUP BY s.account"
+                ).fetchall()
+            )
+            rows = conn.execute(
+                "SELECT account, COUNT(*), SUM(retired = 0 AND paused = 0),"
+                " SUM(retired = 0 AND paused = 0 AND consecutive_errors > 0),"
+                " SUM(retired = 0 AND paused = 1), SUM(retired = 1),"
+                " SUM(replay_from_ms IS NOT NULL) FROM streams GROUP BY account"
+            )
+            return {
+                str(a): StreamStats(
+                    int(t),
+                    int(ac),
+                    int(f),
+                    int(p),
+                    int(r),
+                    int(rp),
+                    None if oldest.get(a) is None else int(oldest[a]),
+                )
+                for a, t, ac, f, p, r, rp in rows
+            }
+
+        return await self._run(run)
+
+    async def stream_page(
+        self, where: StreamFilter, limit: int, offset: int
+    ) -> tuple[list[Stream], int]:
+        def run(conn: sqlite3.Connection) -> tuple[list[Stream], int]:
+            clause, args = _stream_filter(where)
+            total = int(
+                conn.execute(
+                    f"SELECT COUNT(*) FROM streams WHERE {clause}",  # noqa: S608
+                    args,
+                ).fetchone()[0]
+            )
+            rows = conn.execute(
+                f"SELECT {_STREAM_COLUMNS} FROM streams WHERE {clause}"  # noqa: S608
+                " ORDER BY id LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            ).fetchall()
+            marks: dict[int, dict[Kind, int]] = {}
+            for row in rows:
+                marks.update(_watermarks(conn, int(row[0])))
+            return [_stream(row, marks.get(int(row[0]), {})) for row in rows], total
+
+        return await self._run(run)
+
 
 @contextlib.contextmanager
 def _tx(conn: sqlite3.Connection) -> Iterator[None]:
@@ -1124,3 +1178,30 @@ def _selection(selector: OutboxSelector) -> tuple[str, tuple[object, ...]]:
         where += " AND campaign_id = ?"
         args += (selector.campaign_id,)
     return where, args
+
+
+_STATE_CLAUSES = {
+    "active": "retired = 0 AND paused = 0",
+    "failing": "retired = 0 AND paused = 0 AND consecutive_errors > 0",
+    "paused": "retired = 0 AND paused = 1",
+    "retired": "retired = 1",
+}
+
+
+def _stream_filter(where: StreamFilter) -> tuple[str, tuple[object, ...]]:
+    """The WHERE clause (and arguments) of a stream listing; only constants are interpolated."""
+    clauses = ["1 = 1"]
+    args: list[object] = []
+    if where.account is not None:
+        clauses.append("account = ?")
+        args.append(where.account)
+    if where.scope is not None:
+        clauses.append("scope = ?")
+        args.append(where.scope)
+    if where.state is not None:
+        if where.state not in _STATE_CLAUSES:
+            raise StoreError(f"unknown stream state {where.state!r}")
+        clauses.append(_STATE_CLAUSES[where.state])
+    if where.replaying is not None:
+        clauses.append(f"replay_from_ms IS {'NOT ' if where.replaying else ''}NULL")
+    return " AND ".join(clauses), tuple(args)

@@ -355,3 +355,31 @@ async def test_status_counts(store: Store) -> None:
     assert await store.sink_cursors() == {"kafka": 7}
     assert await store.dead_letter_counts() == {"kafka": 1}
     assert await store.delivery_counts() == {}
+
+
+async def test_stream_stats_and_pages_are_counted_in_the_store(store: Store) -> None:
+    """Per-account counts by state and oldest watermark; filtered pages with a total."""
+    from relay.store import StreamFilter, StreamStats
+
+    keys = [StreamKey("acme", "campaign", str(i)) for i in range(5)]
+    await store.ensure_streams([*keys, StreamKey("b", "contact", "1")], T0)
+    ids = {s.key: s.id for s in await store.streams()}
+    await store.set_paused(ids[keys[0]], True)
+    await store.retire_streams([keys[1]])
+    await store.record_error(ids[keys[2]], "boom", T0)
+    await store.request_replay([ids[keys[3]]], T0, T0)
+    await store.finish_pass(ids[keys[3]], PassResult({Kind.OPEN: T0 - 50}, {}, T0, 1.0, T0))
+    await store.finish_pass(ids[keys[1]], PassResult({Kind.OPEN: T0 - 99}, {}, T0, 1.0, T0))
+    stats = await store.stream_stats()
+    assert stats["acme"] == StreamStats(
+        total=5, active=3, failing=1, paused=1, retired=1, replaying=1, oldest_watermark_ms=T0 - 50
+    )
+    assert stats["b"].oldest_watermark_ms is None
+    page, total = await store.stream_page(StreamFilter(account="acme", state="active"), 2, 1)
+    assert total == 3
+    assert [s.key for s in page] == [keys[3], keys[4]]
+    assert page[0].watermarks == {Kind.OPEN: T0 - 50}
+    replaying, _ = await store.stream_page(StreamFilter(replaying=True), 10, 0)
+    assert [s.key for s in replaying] == [keys[3]]
+    _, contacts = await store.stream_page(StreamFilter(scope="contact"), 10, 0)
+    assert contacts == 1
