@@ -179,12 +179,29 @@ def seeded_webhook(live: LiveServer, http: requests.Session, name: str) -> str:
     return webhook_id
 
 
+def seeded_stream(live: LiveServer, http: requests.Session) -> int:
+    """A real stream (a campaign target of account acme), so stream ids are not always unknown."""
+    response = http.post(
+        f"{live.url}/v1/accounts/acme/targets", json={"campaigns": ["42"]}, headers=AUTH, timeout=10
+    )
+    assert response.status_code in {200, 201}, response.text
+    streams = http.get(f"{live.url}/v1/streams?account=acme", headers=AUTH, timeout=10).json()
+    stream_id: int = streams["streams"][0]["id"]
+    return stream_id
+
+
 def strategies(
-    schema: BaseSchema, method: str, path: str, webhook_id: str
+    schema: BaseSchema, method: str, path: str, webhook_id: str, stream_id: int | None = None
 ) -> st.SearchStrategy[Case[Any]]:
-    """Valid and invalid requests, half of those with a webhook id aimed at a real webhook."""
+    """Valid and invalid requests, half of those with path ids aimed at a real webhook, stream
+    or account."""
     operation = schema[path][method]
-    aimed = {"webhook_id": webhook_id} if "{webhook_id}" in path else None
+    targets: dict[str, object] = {
+        "webhook_id": webhook_id,
+        "stream_id": stream_id,
+        "account": "acme",
+    }
+    aimed = {k: v for k, v in targets.items() if "{" + k + "}" in path and v is not None} or None
     options = [operation.as_strategy(GenerationMode.POSITIVE)]
     if aimed is not None:
         options.append(operation.as_strategy(GenerationMode.POSITIVE, path_parameters=aimed))
@@ -221,9 +238,10 @@ def test_fuzz_with_token(
 ) -> None:
     """With the token: no 5xx, responses as documented, bad input a 4xx with a JSON error."""
     webhook_id = seeded_webhook(live, http, f"{method}{path}")
+    stream_id = seeded_stream(live, http)
 
     @FUZZ
-    @given(case=strategies(schema, method, path, webhook_id))
+    @given(case=strategies(schema, method, path, webhook_id, stream_id))
     def run(case: Case[Any]) -> None:
         response = case.call(base_url=live.url, session=http, timeout=10)
         case.validate_response(response, checks=CHECKS)
