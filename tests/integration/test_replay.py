@@ -3,6 +3,7 @@ as real processes and servers, driven through the ``ctct-relay`` command line.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from relay.sinks.signing import generate_secret, sign
+from tests.integration.test_kafka_sink import consume_all
 from tests.procs import ROOT, Proc, SimProcess, free_port, outbox, relay_config, wait_until
 
 pytestmark = pytest.mark.integration
@@ -72,6 +74,13 @@ class Receiver:
         self.server.server_close()
 
 
+@pytest.fixture(autouse=True)
+def relay_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay reads CTCT_RELAY_* as config overrides: keep the Kafka jar cache variable (for
+    the test broker, already started by then) away from the relay processes."""
+    monkeypatch.delenv("CTCT_RELAY_KAFKA_CACHE", raising=False)
+
+
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     """The webhook consumer."""
@@ -80,9 +89,11 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-@pytest.fixture
-def pipeline(tmp_path: Path, receiver: Receiver) -> Iterator[tuple[SimProcess, Proc, str]]:
-    """Simulator and relay (admin API with a token, one declared webhook); yields the API URL."""
+def start_pipeline(
+    tmp_path: Path, receiver: Receiver, **extra: object
+) -> tuple[SimProcess, Proc, str]:
+    """Simulator and relay (admin API with a token, one declared webhook, ``extra`` config);
+    returns them with the admin API's URL."""
     scenario = {
         "seed": 7,
         "start": "2026-11-20T09:00:00Z",
@@ -111,13 +122,30 @@ def pipeline(tmp_path: Path, receiver: Receiver) -> Iterator[tuple[SimProcess, P
                 }
             ],
         },
+        **extra,
     )
-    relay = Proc(["run", "--config", str(config)], tmp_path / "relay.log").start()
     try:
-        yield sim, relay, f"http://127.0.0.1:{port}"
+        relay = Proc(["run", "--config", str(config)], tmp_path / "relay.log").start()
+    except BaseException:
+        sim.kill()
+        raise
+    return sim, relay, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, receiver: Receiver) -> Iterator[tuple[SimProcess, Proc, str]]:
+    """The pipeline without Kafka."""
+    sim, relay, api = start_pipeline(tmp_path, receiver)
+    try:
+        yield sim, relay, api
     finally:
         relay.kill()
         sim.kill()
+
+
+def rfc3339(ms: int) -> str:
+    """Unix milliseconds as RFC 3339 UTC, exactly."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -149,7 +177,14 @@ def committed(db: Path) -> list[tuple[int, str, int, int]]:
 def settle(sim: SimProcess, relay: Proc, receiver: Receiver, db: Path) -> None:
     """Let the relay commit everything the simulator has, and the receiver get all of it."""
     truth = sim.truth()
-    wait_until(lambda: db.exists() and outbox(db) == truth, 90, "outbox == truth")
+
+    def caught_up() -> bool:
+        try:
+            return db.exists() and outbox(db) == truth
+        except sqlite3.OperationalError:  # the relay is still creating its tables
+            return False
+
+    wait_until(caught_up, 90, "outbox == truth")
     ids = {e for _, e, _, _ in committed(db)}
     wait_until(lambda: set(receiver.ids()) == ids, 60, "receiver has every committed event")
     assert relay.alive(), relay.output()[-3000:]
@@ -174,9 +209,7 @@ def test_log_replay_gives_a_consumer_exactly_what_it_lost_with_the_same_ids(
     assert set(lost).isdisjoint(before)
 
     receiver.lose_everything_after(moment)
-    since = (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment % 1 * 1000):03d}Z"
-    )
+    since = rfc3339(int(moment * 1000))
     dry = cli_json(api, "replay", "--account", "acme", "--since", since, "--dry-run")
     assert dry["events"] == len(lost)
     assert set(receiver.ids(after=moment)) == set()  # a dry run sends nothing
@@ -214,10 +247,7 @@ def test_upstream_replay_re_polls_a_campaign_from_an_activity_time(
     since_ms = times[len(times) // 2]
     expected = Counter(str(e) for e, ms in rows if ms >= since_ms)
     mark = time.time()
-    since = (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since_ms / 1000))
-        + f".{since_ms % 1000:03d}Z"
-    )
+    since = rfc3339(since_ms)
     args = ["replay", "--account", "acme", "--campaign", campaign["resource_id"], "--since", since]
     dry = cli_json(api, *args, "--source", "upstream", "--dry-run")
     assert dry["streams"] == 1
@@ -266,3 +296,48 @@ def test_pause_resume_and_targets_at_run_time(
     assert {"scope": "campaign", "resource_id": gone} in after["removed"]  # type: ignore[operator]
     assert ADMIN_TOKEN not in status.stdout
     assert KEY not in status.stdout
+
+
+def test_log_replay_reaches_kafka_and_webhooks_with_the_same_ids(
+    tmp_path: Path, receiver: Receiver, kafka_bootstrap: str
+) -> None:
+    """Kafka gets every lost event a second time with the same ce_id, the rest once."""
+    prefix = f"replay{free_port()}"
+    kafka = {
+        "bootstrap_servers": kafka_bootstrap,
+        "topic": prefix + ".ctct.email.{kind}",
+        "create_topics": True,
+        "partitions": 2,
+        "request_timeout_s": 10,
+    }
+    sim, relay, api = start_pipeline(tmp_path, receiver, kafka=kafka)
+    db = tmp_path / "state.db"
+    try:
+        sim.advance(900)
+        settle(sim, relay, receiver, db)
+        time.sleep(0.05)
+        moment = time.time()
+        time.sleep(0.05)
+        sim.advance(1800)
+        settle(sim, relay, receiver, db)
+        lost = receiver.ids(after=moment)
+        receiver.lose_everything_after(moment)
+        done = cli(
+            api, "replay", "--account", "acme", "--since", rfc3339(int(moment * 1000)), "--wait"
+        )
+        assert done.returncode == 0, done.stderr
+        assert "kafka" in done.stderr  # progress names every sink
+        wait_until(lambda: receiver.ids(after=moment) == lost, 30, "the webhook replay")
+        topics = [
+            f"{prefix}.ctct.email.{k}"
+            for k in ("send", "open", "click", "forward", "bounce", "unsubscribe")
+        ]
+        messages = asyncio.run(consume_all(kafka_bootstrap, topics))
+    finally:
+        relay.kill()
+        sim.kill()
+    published = Counter(dict(m[2])["ce_id"].decode() for m in messages)
+    everything = {e for _, e, _, _ in committed(db)}
+    assert set(published) == everything
+    assert {i for i, n in published.items() if n == 2} == set(lost)
+    assert max(published.values()) == 2
