@@ -3,7 +3,10 @@
 Modules: :mod:`~relay.api.app` (factory, auth, JSON errors, health), :mod:`~relay.api.webhooks`
 (routes), :mod:`~relay.api.service` (registration rules, also for webhooks declared in the config
 file), :mod:`~relay.api.body` (request checking), :mod:`~relay.api.views` (JSON shapes),
-:mod:`~relay.api.openapi` (the document), :mod:`~relay.api.client` (the CLI's HTTP client).
+:mod:`~relay.api.openapi` (the document), :mod:`~relay.api.client` (the CLI's HTTP client);
+for operating the relay, :mod:`~relay.api.streams` (status, streams, pauses, replay and target
+routes), :mod:`~relay.api.status` (what status shows), :mod:`~relay.api.replay` (the replay
+rules) and :mod:`~relay.api.ops_client` (``ctct-relay status|replay|pause|resume|targets``).
 """
 
 from __future__ import annotations

@@ -54,7 +54,9 @@ def document(*, with_metrics: bool = False, metrics_public: bool = True) -> Json
             "version": API_VERSION,
             "description": (
                 "Register webhooks for Constant Contact email-tracking CloudEvents, rotate their"
-                " signing secrets, and inspect, redeliver and recover deliveries. Every error is"
+                " signing secrets, and inspect, redeliver and recover deliveries; see what the"
+                " relay is doing (status, streams), pause and resume polling, replay events with"
+                " their ids and change polled targets at run time. Every error is"
                 ' JSON: {"error": {"code": ..., "message": ...}}.'
             ),
         },

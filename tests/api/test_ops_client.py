@@ -141,3 +141,13 @@ async def test_replay_dry_run_then_wait_shows_progress(
     status, _, err = await cli("replay", "--stream", "999", "--since", since)
     assert status == 1
     assert "no stream with id 999" in err
+
+
+def test_cli_entry_point_runs_the_operations_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """``ctct-relay status`` goes through relay.cli: one error line and exit 1 with no API."""
+    from relay.cli import main
+
+    assert main(["status", "--api", f"http://127.0.0.1:{free_port()}"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("ctct-relay: error: cannot reach the admin API")
