@@ -297,6 +297,16 @@ def test_pause_resume_and_targets_at_run_time(
     assert ADMIN_TOKEN not in status.stdout
     assert KEY not in status.stdout
 
+    added = cli(api, "targets", "add", "--account", "acme", "--contact", "1003")
+    assert added.returncode == 0, added.stderr
+    assert relay.stop() == 0  # a restart keeps run-time targets, added and removed
+    relay.start()
+    wait_until(lambda: cli(api, "status").returncode == 0, 30, "the restarted admin API")
+    time.sleep(2.0)  # the start-up discovery (a full scan) has run
+    restarted = cli_json(api, "targets", "list", "--account", "acme")
+    assert gone not in restarted["campaigns"]  # type: ignore[operator]
+    assert "1003" in restarted["contacts"]  # type: ignore[operator]
+
 
 def test_log_replay_reaches_kafka_and_webhooks_with_the_same_ids(
     tmp_path: Path, receiver: Receiver, kafka_bootstrap: str
