@@ -718,7 +718,13 @@ def _status_schema_full(count: JsonObject, seconds: JsonObject, hold: JsonObject
         }
     )
     sink = _object(
-        {"name": {"type": "string"}, "cursor": count, "depth": count, "dead_letters": count}
+        {
+            "name": {"type": "string"},
+            "cursor": count,
+            "depth": count,
+            "dead_letters": count,
+            "running": {"type": "boolean"},
+        }
     )
     webhook = _object(
         {

@@ -271,7 +271,11 @@ async def _follow_log(client: AdminClient, answer: JsonObject, err: TextIO) -> N
     total = last - first + 1
     while True:
         status = _required(await client.call("GET", "/v1/status"))
-        sinks = {_text(s.get("name")): _int(s.get("cursor")) for s in _objects(status.get("sinks"))}
+        sinks = {
+            _text(s.get("name")): _int(s.get("cursor"))
+            for s in _objects(status.get("sinks"))
+            if s.get("running") is True  # a stale cursor of a sink no longer configured never moves
+        }
         behind = [
             w
             for w in _objects(status.get("webhooks"))

@@ -192,6 +192,7 @@ async def _sinks(store: Store, expected: Sequence[str], head: int) -> list[JsonO
             "cursor": cursors.get(name, 0),
             "depth": max(0, head - cursors.get(name, 0)),
             "dead_letters": dead.get(name, 0),
+            "running": name in expected,  # a cursor left by a sink no longer configured: False
         }
         for name in names
     ]

@@ -940,8 +940,13 @@ class SqliteStore:
                 (*args, limit, offset),
             ).fetchall()
             marks: dict[int, dict[Kind, int]] = {}
-            for row in rows:
-                marks.update(_watermarks(conn, int(row[0])))
+            ids = [int(row[0]) for row in rows]
+            for sid, kind, ms in conn.execute(
+                "SELECT stream_id, kind, watermark_ms FROM watermarks WHERE stream_id IN"  # noqa: S608
+                f" ({', '.join('?' for _ in ids)})",
+                ids,
+            ):
+                marks.setdefault(int(sid), {})[Kind(kind)] = int(ms)
             return [_stream(row, marks.get(int(row[0]), {})) for row in rows], total
 
         return await self._run(run)

@@ -108,7 +108,13 @@ async def test_status_shows_quota_streams_sinks_and_webhook_health(
     assert acme["held"] is None
     assert body["outbox"] == {"head": 5}
     sinks = {s["name"]: s for s in body["sinks"]}
-    assert sinks["kafka"] == {"name": "kafka", "cursor": 2, "depth": 3, "dead_letters": 1}
+    assert sinks["kafka"] == {
+        "name": "kafka",
+        "cursor": 2,
+        "depth": 3,
+        "dead_letters": 1,
+        "running": False,
+    }
     assert sinks["webhooks-fanout"]["depth"] == 5
     (health,) = body["webhooks"]
     assert health["url"] == "https://93.184.216.34/hook"
