@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import structlog
+
 from relay.api import body
 from relay.api.responses import JsonObject, bad_request
 from relay.api.views import time_or_null
@@ -34,6 +36,8 @@ UPSTREAM = "upstream"
 SOURCES = (LOG, UPSTREAM)
 FIELDS = ("since", "source", "dry_run")
 MAX_CAMPAIGN_CHARS = 64
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,16 @@ async def run(
             if ask.dry_run
             else await store.replay_outbox(selector, now_ms)
         )
+        if not ask.dry_run:
+            log.info(
+                "api.replay",
+                source=LOG,
+                account=account,
+                stream_id=stream_id,
+                campaign=ask.campaign_id,
+                since_ms=ask.since_ms,
+                events=found.count,
+            )
         return {
             **answer,
             "events": found.count,
@@ -109,6 +123,15 @@ async def run(
     )
     if not ask.dry_run and streams:
         await store.request_replay([s.id for s in streams], ask.since_ms, now_ms)
+        log.info(
+            "api.replay",
+            source=UPSTREAM,
+            account=account,
+            stream_id=stream_id,
+            campaign=ask.campaign_id,
+            since_ms=ask.since_ms,
+            streams=len(streams),
+        )
     return {
         **answer,
         "events": known.count if streams else 0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import structlog
 from aiohttp import web
 
 from relay.api import body, replay
@@ -32,6 +33,8 @@ RESOURCE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}", re.ASCII)
 _DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
 _LIST_QUERY = ("account", "scope", "state", "replaying", "limit", "offset")
+
+log = structlog.get_logger(__name__)
 
 
 def routes(*, with_status: bool = True) -> web.RouteTableDef:
@@ -101,6 +104,7 @@ async def _set_paused(request: web.Request, *, paused: bool) -> web.Response:
     store = request.app[STORE]
     stream = await _stream(store, request.match_info["stream_id"])
     await store.set_paused(stream.id, paused)
+    log.info("api.stream_paused" if paused else "api.stream_resumed", stream=str(stream.key))
     await request.app[VIEW].changed()
     return await _stream_answer(request, await store.stream(stream.id))
 
@@ -123,6 +127,7 @@ async def _hold_account(request: web.Request) -> web.Response:
     account = await _account(request)
     store, now = request.app[STORE], request.app[NOW_MS]()
     await store.hold_account(account, reason or "paused by an operator", now)
+    log.info("api.account_paused", account=account)
     await request.app[VIEW].changed()
     return await _account_answer(store, account)
 
@@ -131,7 +136,8 @@ async def _release_account(request: web.Request) -> web.Response:
     body.check_fields(await body.read_object(request, optional=True), ())
     account = await _account(request)
     store = request.app[STORE]
-    await store.release_account(account)
+    if await store.release_account(account):
+        log.info("api.account_resumed", account=account)
     await request.app[VIEW].changed()
     return await _account_answer(store, account)
 
@@ -172,6 +178,7 @@ async def _add_targets(request: web.Request) -> web.Response:
     store, now = request.app[STORE], request.app[NOW_MS]()
     await store.restore_targets(keys)
     created = await store.ensure_streams(keys, now)
+    log.info("api.targets_added", account=account, targets=len(keys), created=created)
     await request.app[VIEW].changed()
     answer = await _targets_view(store, account)
     return json_response({**answer, "created": created}, 201 if created else 200)
@@ -186,6 +193,7 @@ async def _remove_target(request: web.Request) -> web.Response:
     store, now = request.app[STORE], request.app[NOW_MS]()
     if not await store.remove_targets([StreamKey(account, scope, rid)], now):
         raise not_found(f"account {account!r} does not poll {scope} {rid!r}")
+    log.info("api.target_removed", account=account, scope=scope, resource_id=rid)
     await request.app[VIEW].changed()
     return web.Response(status=204)
 

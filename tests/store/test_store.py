@@ -383,3 +383,28 @@ async def test_stream_stats_and_pages_are_counted_in_the_store(store: Store) -> 
     assert [s.key for s in replaying] == [keys[3]]
     _, contacts = await store.stream_page(StreamFilter(scope="contact"), 10, 0)
     assert contacts == 1
+
+
+async def test_log_replay_narrows_to_a_campaign_or_a_stream(store: Store) -> None:
+    """A campaign or stream selector picks only that campaign's or stream's events."""
+    from relay.store import OutboxSelector
+
+    sid = await one_stream(store)
+    other = StreamKey("acme", "contact", "5")
+    await store.ensure_streams([other], T0)
+    other_id = next(s.id for s in await store.streams() if s.key == other)
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(3)], T0)
+    foreign = Activity(
+        account="acme",
+        kind=Kind.OPEN,
+        campaign_id="77",
+        contact_id="5",
+        email_address="c5@example.com",
+        occurred_at=from_millis(T0),
+    )
+    await store.commit_page(other_id, [foreign], T0)
+    assert (await store.count_outbox(OutboxSelector("acme", T0, campaign_id="77"))).count == 1
+    assert (await store.count_outbox(OutboxSelector("acme", T0, stream_id=sid))).count == 3
+    copied = await store.replay_outbox(OutboxSelector("acme", T0, campaign_id="77"), T0 + 1)
+    assert copied.count == 1
+    assert (await store.read_outbox(copied.first_seq - 1, 1))[0].event_id == foreign.event_id
