@@ -238,15 +238,25 @@ async def _replay(client: AdminClient, args: argparse.Namespace, err: TextIO) ->
         path = f"/v1/accounts/{_segment(args.account)}/replay"
         if args.campaign:
             body["campaign"] = args.campaign
+    waits = args.wait and not args.dry_run
+    head_before = await _head(client) if waits and args.source == "upstream" else 0
     answer = _required(await client.call("POST", path, body))
     text = _replay_text(answer)
-    if args.wait and not args.dry_run:
+    if waits:
         if answer.get("source") == "log":
-            await _follow_log(client, answer, err)
+            await _follow_log(
+                client, _int(answer.get("first_seq")), _int(answer.get("last_seq")), err
+            )
         else:
             await _follow_upstream(client, args, err)
+            # what the re-read committed (and whatever else came meanwhile) still has to go out
+            await _follow_log(client, head_before + 1, await _head(client), err)
         text += "; done"
     return answer, text
+
+
+async def _head(client: AdminClient) -> int:
+    return _int(_dict(_required(await client.call("GET", "/v1/status")).get("outbox")).get("head"))
 
 
 def _replay_text(answer: JsonObject) -> str:
@@ -263,10 +273,9 @@ def _replay_text(answer: JsonObject) -> str:
     return f"{streams} streams will be re-read from {_text(answer.get('since'))}"
 
 
-async def _follow_log(client: AdminClient, answer: JsonObject, err: TextIO) -> None:
-    """Until every sink's cursor and every webhook's backlog is past the replayed range."""
-    first, last = _int(answer.get("first_seq")), _int(answer.get("last_seq"))
-    if not first or not last:
+async def _follow_log(client: AdminClient, first: int, last: int, err: TextIO) -> None:
+    """Until every sink's cursor and every webhook's backlog is past the range first..last."""
+    if not first or last < first:
         return
     total = last - first + 1
     while True:
