@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import cast
 
 import pytest
 
-from relay.scheduler import Planner, ScheduleSettings, SqrtPolicy, estimate_rate
+from relay.ctct.ratelimit import Budget, RateLimiter
+from relay.poller import PassOutcome, Poller
+from relay.scheduler import (
+    AccountRuntime,
+    Planner,
+    Scheduler,
+    ScheduleSettings,
+    SqrtPolicy,
+    estimate_rate,
+)
+from relay.store import Stream, StreamKey, open_store
 
 WIDE = ScheduleSettings(min_interval_s=1, max_interval_s=10**9)
 
@@ -56,3 +68,40 @@ def test_planner_first_pass_uses_the_prior() -> None:
     rate, interval = planner.after_pass(7, None, 60, 60.0, 3, 0.1)
     assert rate > 120
     assert interval >= 1
+
+
+class RecordingPoller:
+    """Stands in for the poller (no upstream here): records the passes the scheduler starts."""
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[int, int | None]] = []
+
+    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+        self.passes.append((stream.id, replay_from_ms))
+        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
+
+
+async def test_operator_holds_and_replays_reach_the_passes(tmp_path: Path) -> None:
+    """A held account starts no pass until released; a replay request goes to the next pass
+    of its stream and is cleared once that pass finished."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        now = 1_763_000_000_000
+        await store.ensure_streams([StreamKey("acme", "contact", "1")], now)
+        sid = (await store.streams())[0].id
+        poller = RecordingPoller()
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], WIDE, now_ms=lambda: now)
+        await store.hold_account("acme", "maintenance", now)
+        await scheduler.tick()
+        await scheduler.wait_idle()
+        assert poller.passes == []
+        await store.release_account("acme")
+        await store.request_replay([sid], now - 5000, now)
+        await scheduler.tick()
+        await scheduler.wait_idle()
+        assert poller.passes == [(sid, now - 5000)]
+        assert await store.stream_replay(sid) is None
+    finally:
+        await store.close()
