@@ -74,13 +74,6 @@ class Receiver:
         self.server.server_close()
 
 
-@pytest.fixture(autouse=True)
-def relay_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The relay reads CTCT_RELAY_* as config overrides: keep the Kafka jar cache variable (for
-    the test broker, already started by then) away from the relay processes."""
-    monkeypatch.delenv("CTCT_RELAY_KAFKA_CACHE", raising=False)
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     """The webhook consumer."""
