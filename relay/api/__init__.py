@@ -14,7 +14,6 @@ from __future__ import annotations
 from relay.api.app import AdminConfigError, check_exposure, create_admin_app
 from relay.api.openapi import document as openapi_document
 from relay.api.service import (
-    ConflictError,
     DeclaredWebhook,
     WebhookChanges,
     WebhookError,
@@ -25,7 +24,6 @@ from relay.api.state import AdminSettings
 __all__ = [
     "AdminConfigError",
     "AdminSettings",
-    "ConflictError",
     "DeclaredWebhook",
     "WebhookChanges",
     "WebhookError",

@@ -140,8 +140,9 @@ def _create_webhook() -> JsonObject:
         "operationId": "createWebhook",
         "summary": "Register a webhook; it receives events committed from now on",
         "description": "The destination must resolve to public addresses (SSRF guard) and use"
-        " https unless allowlisted. The answer is the only one, with rotation, that shows the"
-        " secret.",
+        " https unless allowlisted. A URL has at most one webhook: registering one already"
+        " registered is a 409 whose error message names the webhook that has it. The answer is"
+        " the only one, with rotation, that shows the secret.",
         "requestBody": _body("WebhookCreate"),
         "responses": {
             "201": _json("the webhook, with its secret", _schema("WebhookWithSecret")),
@@ -162,6 +163,9 @@ def _patch_webhook() -> JsonObject:
     return {
         "operationId": "updateWebhook",
         "summary": "Change a webhook; re-enabling clears the disabled reason and failing clock",
+        "description": "Only the fields given are written, so a change never undoes what the"
+        " dispatcher records meanwhile (its failing clock, a disable). A url another webhook"
+        " already has is a 409.",
         "requestBody": _body("WebhookPatch"),
         "responses": {
             "200": _json("the webhook", _schema("Webhook")),
@@ -388,7 +392,7 @@ _ERROR_RESPONSES = {
     400: ("BadRequest", "invalid JSON, an unknown field or a bad value; the message names it"),
     401: ("Unauthorized", "missing or wrong bearer token"),
     404: ("NotFound", "no such webhook or delivery"),
-    409: ("Conflict", "another webhook is registered for this URL"),
+    409: ("Conflict", "another webhook is registered for this URL (the message names it)"),
     413: ("PayloadTooLarge", f"body larger than {body.MAX_BODY_BYTES} bytes"),
     500: ("Internal", "unexpected failure (logged)"),
     503: ("Unavailable", "the state store is not answering"),

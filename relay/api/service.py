@@ -25,7 +25,7 @@ from relay.api import body
 from relay.events import check_type_pattern
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard, SsrfError
-from relay.store import Store, Webhook
+from relay.store import DuplicateError, Store, Webhook
 
 log = structlog.get_logger(__name__)
 
@@ -36,10 +36,6 @@ DISABLED_BY_CONFIG = "disabled in the config file"
 
 class WebhookError(ValueError):
     """A webhook definition the relay refuses; the message starts with the field it is about."""
-
-
-class ConflictError(WebhookError):
-    """Another webhook is already registered for the URL."""
 
 
 @dataclass(frozen=True)
@@ -134,9 +130,9 @@ async def check_url(guard: Guard, url: str) -> str:
 
 
 async def create_webhook(store: Store, guard: Guard, spec: DeclaredWebhook, now_ms: int) -> Webhook:
-    """Register a webhook; it receives events committed from now on. Raises WebhookError."""
+    """Register a webhook; it receives events committed from now on. Raises WebhookError, or
+    the store's DuplicateError when the URL is already registered."""
     webhook = await _new_webhook(guard, spec, now_ms, DISABLED_BY_API)
-    await _refuse_taken(store, webhook.url)
     created = await store.create_webhook(webhook)
     log.info("webhook.created", webhook_id=created.id, host=_host(created.url))
     return created
@@ -145,14 +141,12 @@ async def create_webhook(store: Store, guard: Guard, spec: DeclaredWebhook, now_
 async def update_webhook(
     store: Store, guard: Guard, webhook_id: str, changes: WebhookChanges, now_ms: int
 ) -> Webhook:
-    """Apply a PATCH. Raises NotFoundError or WebhookError."""
+    """Apply a PATCH, writing only the fields it changes. Raises NotFoundError, WebhookError or
+    DuplicateError (the new URL is taken)."""
     current = await store.webhook(webhook_id)
     updated = current
     if changes.url is not None:
-        url = await check_url(guard, changes.url)
-        if url != current.url:
-            await _refuse_taken(store, url)
-        updated = dataclasses.replace(updated, url=url)
+        updated = dataclasses.replace(updated, url=await check_url(guard, changes.url))
     if changes.event_types is not None:
         updated = dataclasses.replace(updated, event_types=check_event_types(changes.event_types))
     if changes.description is not None:
@@ -166,7 +160,7 @@ async def update_webhook(
     if updated == current:
         return current
     updated = dataclasses.replace(updated, updated_ms=now_ms)
-    await store.update_webhook(updated)
+    await store.update_webhook(updated, changed_fields(current, updated))
     log.info("webhook.updated", webhook_id=webhook_id, enabled=updated.enabled)
     return updated
 
@@ -187,7 +181,7 @@ async def rotate_secret(
         previous_expires_ms=now_ms + grace_ms if grace_ms > 0 else None,
         updated_ms=now_ms,
     )
-    await store.update_webhook(rotated)
+    await store.update_webhook(rotated, changed_fields(current, rotated))
     log.info("webhook.secret_rotated", webhook_id=webhook_id, grace_s=grace_s)
     return rotated
 
@@ -200,7 +194,9 @@ async def upsert_declared(
     Everything is validated before anything is written; errors name the entry
     (``webhooks[1].url: …``). A declared secret replaces the stored one when it differs; without
     one the stored secret stays (a new webhook gets a generated one). Webhooks registered through
-    the API and not declared are left alone. Returns the webhooks in declaration order.
+    the API and not declared are left alone. Two replicas starting together may both try to
+    create one: the store's unique URL lets one win and the other updates it. Returns the
+    webhooks in declaration order.
     """
     stored: dict[str, Webhook] = {}
     for hook in await store.webhooks():
@@ -222,12 +218,17 @@ async def upsert_declared(
     for _, spec in wanted:
         existing = stored.get(spec.url)
         if existing is None:
-            created = await store.create_webhook(
-                await _new_webhook(guard, spec, now_ms, DISABLED_BY_CONFIG, checked=True)
-            )
-            log.info("webhook.declared", webhook_id=created.id, host=_host(created.url))
-            out.append(created)
-            continue
+            try:
+                created = await store.create_webhook(
+                    await _new_webhook(guard, spec, now_ms, DISABLED_BY_CONFIG, checked=True)
+                )
+            except DuplicateError:
+                # another replica declared it since we read the list: update that one instead
+                existing = next(h for h in await store.webhooks() if h.url == spec.url)
+            else:
+                log.info("webhook.declared", webhook_id=created.id, host=_host(created.url))
+                out.append(created)
+                continue
         out.append(await _apply_declaration(store, existing, spec, now_ms))
     return out
 
@@ -259,7 +260,7 @@ async def _apply_declaration(
     if updated == existing:
         return existing
     updated = dataclasses.replace(updated, updated_ms=now_ms)
-    await store.update_webhook(updated)
+    await store.update_webhook(updated, changed_fields(existing, updated))
     log.info("webhook.declared_updated", webhook_id=existing.id)
     return updated
 
@@ -303,10 +304,14 @@ def _set_enabled(webhook: Webhook, enabled: bool, reason: str) -> Webhook:
     return dataclasses.replace(webhook, enabled=False, disabled_reason=reason)
 
 
-async def _refuse_taken(store: Store, url: str) -> None:
-    for other in await store.webhooks():
-        if other.url == url:
-            raise ConflictError(f"url: already registered as webhook {other.id}")
+def changed_fields(before: Webhook, after: Webhook) -> tuple[str, ...]:
+    """The fields ``after`` changes: what an update writes, so that it cannot undo what the
+    dispatcher wrote meanwhile (its failing clock, a disable) in fields the change left alone."""
+    return tuple(
+        f.name
+        for f in dataclasses.fields(Webhook)
+        if getattr(before, f.name) != getattr(after, f.name)
+    )
 
 
 def _host(url: str) -> str:

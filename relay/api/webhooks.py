@@ -17,7 +17,7 @@ from relay.api.responses import ApiError, JsonObject, bad_request, json_response
 from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE
 from relay.api.views import delivery_view, webhook_view, webhook_with_secret
 from relay.events import EVENT_TYPES
-from relay.store import NotFoundError
+from relay.store import DuplicateError, NotFoundError
 
 CREATE_FIELDS = ("url", "event_types", "description", "enabled", "secret", "rate_limit_per_s")
 PATCH_FIELDS = ("url", "event_types", "description", "enabled", "rate_limit_per_s")
@@ -175,7 +175,7 @@ def _service_errors() -> Iterator[None]:
     """Turns service and store outcomes into API errors: 409, 400, 404."""
     try:
         yield
-    except service.ConflictError as exc:
+    except DuplicateError as exc:  # the store's unique URL: race-free, unlike a lookup first
         raise ApiError(409, str(exc)) from None
     except service.WebhookError as exc:
         raise bad_request(str(exc)) from None

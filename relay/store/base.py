@@ -7,11 +7,17 @@ number and keep their own cursors.
 
 Every method is one transaction. ``commit_page`` is the exactly-once point: the page's new dedup
 keys and exactly those events are written together, or nothing is.
+
+Webhook URLs are unique (schema version 3): ``create_webhook`` and ``update_webhook`` raise
+:class:`DuplicateError` for a URL another webhook has, so a check-then-insert race between two
+registrations (or two replicas upserting declared webhooks) cannot create two endpoints for one URL.
+``update_webhook`` writes only the fields it is given, ``finish_attempts`` skips deliveries deleted
+meanwhile, and ``close`` may be called twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +30,11 @@ class StoreError(Exception):
 
 class NotFoundError(StoreError):
     """A webhook, delivery or stream that does not exist."""
+
+
+class DuplicateError(StoreError):
+    """A webhook URL that another webhook already has (``webhooks.url`` is unique, migration 3);
+    the message names the webhook holding it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +250,7 @@ class Store(Protocol):
         """Connect and apply pending migrations."""
 
     async def close(self) -> None:
-        """Flush and release the connection."""
+        """Flush and release the connection. Safe to call again (later calls do nothing)."""
 
     async def schema_version(self) -> int:
         """The applied migration version."""
@@ -315,7 +326,9 @@ class Store(Protocol):
         """A sink's dead letters, oldest first."""
 
     async def create_webhook(self, webhook: Webhook) -> Webhook:
-        """Store a new webhook; its start_seq becomes the current outbox head."""
+        """Store a new webhook; its start_seq becomes the current outbox head. Raises
+        DuplicateError when another webhook has the same URL (checked by the unique index, so
+        two concurrent registrations cannot both succeed)."""
 
     async def webhook(self, webhook_id: str) -> Webhook:
         """One webhook; raises NotFoundError."""
@@ -323,8 +336,12 @@ class Store(Protocol):
     async def webhooks(self) -> list[Webhook]:
         """Every webhook, oldest first."""
 
-    async def update_webhook(self, webhook: Webhook) -> None:
-        """Replace a webhook's mutable fields; raises NotFoundError."""
+    async def update_webhook(self, webhook: Webhook, fields: Collection[str] | None = None) -> None:
+        """Write ``webhook``'s values of the named fields (Webhook attribute names) and nothing
+        else; None writes every field but ``id``. Writing only what a change touched keeps it from
+        undoing a concurrent write of the others (the dispatcher's ``failing_since_ms``, a
+        disable). Raises NotFoundError, DuplicateError (the URL is taken), StoreError for a name
+        that is not a field or is ``id``."""
 
     async def delete_webhook(self, webhook_id: str) -> None:
         """Remove a webhook with its deliveries; raises NotFoundError."""
@@ -353,7 +370,8 @@ class Store(Protocol):
 
     async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
         """Record attempts and their deliveries' new status (pending with a retry time,
-        delivered, or dead), all in one transaction."""
+        delivered, or dead), all in one transaction. An attempt whose delivery no longer exists
+        (its webhook was deleted while the attempt was in flight) is skipped, not an error."""
 
     async def delivery(self, delivery_id: int) -> Delivery:
         """One delivery; raises NotFoundError."""

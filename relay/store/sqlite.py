@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from relay.store.base import (
     DeadLetter,
     Delivery,
     DeliveryCounts,
+    DuplicateError,
     NotFoundError,
     OutboxEvent,
     OutboxRange,
@@ -68,6 +69,7 @@ class SqliteStore:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
 
     @classmethod
     def from_url(cls, url: str) -> SqliteStore:
@@ -109,6 +111,10 @@ class SqliteStore:
         await asyncio.get_running_loop().run_in_executor(self._executor, connect)
 
     async def close(self) -> None:
+        if self._closed:
+            return  # the executor is gone: a second close has nothing left to release
+        self._closed = True
+
         def shut() -> None:
             if self._conn is not None:
                 self._conn.close()
@@ -372,7 +378,8 @@ class SqliteStore:
             with _tx(conn):
                 head = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0])
                 created = dataclasses.replace(webhook, start_seq=head)
-                conn.execute(_INSERT_WEBHOOK, _webhook_row(created))
+                with _unique_url(conn, webhook.url):
+                    conn.execute(_INSERT_WEBHOOK, _webhook_row(created))
             return created
 
         return await self._run(run)
@@ -389,14 +396,18 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def update_webhook(self, webhook: Webhook) -> None:
+    async def update_webhook(self, webhook: Webhook, fields: Collection[str] | None = None) -> None:
+        names = _WEBHOOK_FIELDS[1:] if fields is None else _update_fields(fields)
+        if not names:
+            return
+        values = dict(zip(_WEBHOOK_FIELDS, _webhook_row(webhook), strict=True))
+        assignments = ", ".join(f"{name} = ?" for name in names)
+
         def run(conn: sqlite3.Connection) -> None:
-            columns = [c.strip() for c in _WEBHOOK_COLUMNS.split(",")][1:]
-            assignments = ", ".join(f"{c} = ?" for c in columns)
-            with _tx(conn):
+            with _tx(conn), _unique_url(conn, webhook.url):
                 changed = conn.execute(
-                    f"UPDATE webhooks SET {assignments} WHERE id = ?",  # noqa: S608
-                    (*_webhook_row(webhook)[1:], webhook.id),
+                    f"UPDATE webhooks SET {assignments} WHERE id = ?",  # noqa: S608 - field names
+                    (*(values[name] for name in names), webhook.id),
                 ).rowcount
             if not changed:
                 raise NotFoundError(f"no webhook with id {webhook.id!r}")
@@ -525,9 +536,12 @@ class SqliteStore:
     async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
         def run(conn: sqlite3.Connection) -> None:
             with _tx(conn):
+                # a delivery deleted with its webhook while the attempt was in flight has
+                # nothing left to record: skipped, the rest of the batch still commits
                 conn.executemany(
                     "INSERT INTO attempts (delivery_id, attempted_ms, status_code, latency_ms,"
-                    " response_excerpt, error) VALUES (?, ?, ?, ?, ?, ?)",
+                    " response_excerpt, error) SELECT ?, ?, ?, ?, ?, ?"
+                    " WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = ?)",
                     [
                         (
                             a.delivery_id,
@@ -536,6 +550,7 @@ class SqliteStore:
                             a.latency_ms,
                             a.response_excerpt,
                             a.error,
+                            a.delivery_id,
                         )
                         for a, _, _ in results
                     ],
@@ -1035,6 +1050,30 @@ _OUTBOX_COLUMNS_O = (
     "o.seq, o.event_id, o.account, o.kind, o.campaign_id, o.contact_id, o.occurred_ms,"
     " o.committed_ms, o.data"
 )
+
+
+_WEBHOOK_FIELDS = tuple(c.strip() for c in _WEBHOOK_COLUMNS.split(","))  # Webhook's field names
+
+
+def _update_fields(fields: Collection[str]) -> list[str]:
+    """The columns an update writes, in table order; refuses ``id`` and unknown names."""
+    unknown = set(fields) - set(_WEBHOOK_FIELDS[1:])
+    if unknown:
+        raise StoreError(f"update_webhook: not updatable: {', '.join(sorted(unknown))}")
+    return [name for name in _WEBHOOK_FIELDS[1:] if name in fields]
+
+
+@contextlib.contextmanager
+def _unique_url(conn: sqlite3.Connection, url: str) -> Iterator[None]:
+    """Turns a violation of the unique index on ``webhooks.url`` into DuplicateError."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        if "webhooks.url" not in str(exc):
+            raise
+        row = conn.execute("SELECT id FROM webhooks WHERE url = ?", (url,)).fetchone()
+        holder = f" as webhook {row[0]}" if row else ""
+        raise DuplicateError(f"url: already registered{holder}") from None
 
 
 _INSERT_WEBHOOK = (

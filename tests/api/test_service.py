@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from relay.api import DeclaredWebhook, WebhookError, upsert_declared
@@ -9,7 +12,7 @@ from relay.api.service import DISABLED_BY_CONFIG
 from relay.events import WILDCARD
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
-from relay.store import Store
+from relay.store import Store, open_store
 from tests.api.conftest import PUBLIC_URL, T0
 
 CLICK = "com.constantcontact.email.click"
@@ -138,3 +141,23 @@ def test_declared_repr_hides_the_secret() -> None:
     """A declared secret never shows in a repr."""
     secret = signing.generate_secret()
     assert secret not in repr(DeclaredWebhook(PUBLIC_URL, (CLICK,), secret=secret))
+
+
+async def test_upsert_racing_another_replica_updates_its_webhook(tmp_path: Path) -> None:
+    """Two replicas start together on one database and both declare a URL: both read an empty
+    list, one creates the webhook, the other hits the unique URL and updates that webhook
+    instead of failing start-up."""
+    stores = [open_store(f"sqlite:///{tmp_path / 'shared.db'}") for _ in range(2)]
+    for opened in stores:
+        await opened.open()
+    try:
+        declared = [DeclaredWebhook(PUBLIC_URL, (CLICK,), description="crm")]
+        results = await asyncio.gather(
+            *(upsert_declared(opened, Guard(), declared, T0) for opened in stores)
+        )
+        ids = {hook.id for (hook,) in results}
+        assert len(ids) == 1
+        assert [w.id for w in await stores[0].webhooks()] == list(ids)
+    finally:
+        for opened in stores:
+            await opened.close()

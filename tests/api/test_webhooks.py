@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
 import time
 from typing import Any
@@ -10,7 +12,7 @@ import pytest
 from aiohttp import ClientResponse
 from standardwebhooks.webhooks import Webhook as Verifier
 
-from relay.api import AdminSettings
+from relay.api import AdminSettings, service
 from relay.events import WILDCARD, Kind
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
@@ -117,6 +119,58 @@ async def test_duplicate_url_is_409(client: Client) -> None:
     )
     error = await error_of(response, 409)
     assert error["message"] == f"url: already registered as webhook {hook['id']}"
+
+
+async def test_concurrent_registrations_of_one_url_make_one_webhook(client: Client) -> None:
+    """Ten simultaneous POSTs of one URL: one 201, nine 409 with JSON errors (the store's unique
+    index decides, not a lookup that all ten could pass before any inserts)."""
+    body = {"url": PUBLIC_URL, "event_types": [OPEN]}
+    responses = await asyncio.gather(
+        *(client.post("/v1/webhooks", json=body, headers=AUTH) for _ in range(10))
+    )
+    assert sorted(r.status for r in responses) == [201] + [409] * 9
+    created = next(r for r in responses if r.status == 201)
+    hook_id = (await created.json())["id"]
+    for response in responses:
+        if response.status == 409:
+            error = await error_of(response, 409)
+            assert error == {
+                "code": "conflict",
+                "message": f"url: already registered as webhook {hook_id}",
+            }
+    listed = await ok(await client.get("/v1/webhooks", headers=AUTH))
+    assert [h["id"] for h in listed["webhooks"]] == [hook_id]
+
+
+async def test_patch_to_a_taken_url_is_409_and_changes_nothing(client: Client) -> None:
+    """Moving a webhook to another's URL is a conflict; the webhook keeps its own URL."""
+    first = await create(client)
+    second = await create(client, url="https://93.184.216.35/other", description="second")
+    response = await client.patch(
+        f"/v1/webhooks/{second['id']}",
+        json={"url": PUBLIC_URL, "description": "moved"},
+        headers=AUTH,
+    )
+    error = await error_of(response, 409)
+    assert error["message"] == f"url: already registered as webhook {first['id']}"
+    shown = await ok(await client.get(f"/v1/webhooks/{second['id']}", headers=AUTH))
+    assert (shown["url"], shown["description"]) == ("https://93.184.216.35/other", "second")
+
+
+async def test_patch_does_not_undo_the_dispatchers_writes(client: Client, store: Store) -> None:
+    """A PATCH of the description, racing a 410 that disabled the webhook after the PATCH read
+    it, leaves the webhook disabled (only the changed fields are written)."""
+    hook = await create(client)
+    stale = await store.webhook(hook["id"])
+    await store.disable_webhook(hook["id"], "410 Gone from the endpoint", T0)
+    await store.webhook_failed(hook["id"], T0, 10**9)
+    changed = dataclasses.replace(stale, description="crm", updated_ms=T0 + 1)
+    await store.update_webhook(changed, service.changed_fields(stale, changed))
+    shown = await ok(await client.get(f"/v1/webhooks/{hook['id']}", headers=AUTH))
+    assert shown["description"] == "crm"
+    assert shown["enabled"] is False
+    assert shown["disabled_reason"] == "410 Gone from the endpoint"
+    assert shown["failing_since"] is not None
 
 
 async def test_event_types_are_deduplicated(client: Client) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
 from pathlib import Path
 
 import orjson
@@ -10,6 +12,8 @@ import pytest
 from relay.events import WILDCARD, Activity, Kind, from_millis
 from relay.store import (
     Attempt,
+    DuplicateError,
+    NotFoundError,
     PassResult,
     Store,
     StoreError,
@@ -408,3 +412,116 @@ async def test_log_replay_narrows_to_a_campaign_or_a_stream(store: Store) -> Non
     copied = await store.replay_outbox(OutboxSelector("acme", T0, campaign_id="77"), T0 + 1)
     assert copied.count == 1
     assert (await store.read_outbox(copied.first_seq - 1, 1))[0].event_id == foreign.event_id
+
+
+def hook(n: int, url: str = "https://example.com/h", created_ms: int = T0) -> Webhook:
+    return Webhook(
+        id=f"wh_{n}",
+        url=url,
+        event_types=(WILDCARD,),
+        secret="s",
+        created_ms=created_ms,
+        updated_ms=created_ms,
+    )
+
+
+async def test_a_url_has_one_webhook(store: Store) -> None:
+    """Creating, or moving a webhook to, a URL another webhook has is a DuplicateError naming it."""
+    await store.create_webhook(hook(1))
+    with pytest.raises(DuplicateError, match="already registered as webhook wh_1"):
+        await store.create_webhook(hook(2))
+    other = await store.create_webhook(hook(3, "https://example.com/other"))
+    with pytest.raises(DuplicateError, match="wh_1"):
+        await store.update_webhook(dataclasses.replace(other, url="https://example.com/h"))
+    assert [w.id for w in await store.webhooks()] == ["wh_1", "wh_3"]
+    assert (await store.webhook("wh_3")).url == "https://example.com/other"
+
+
+async def test_migration_keeps_the_oldest_of_duplicate_urls(tmp_path: Path) -> None:
+    """A schema-2 database with a URL registered three times: the oldest keeps it, the younger
+    ones are disabled with their url marked, and the unique index holds afterwards."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+    for version, script in enumerate(MIGRATIONS[:2], start=1):
+        for statement in script:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    for wid, url, created in [
+        ("wh_b", "https://a.example/h", T0 + 2),
+        ("wh_a", "https://a.example/h", T0 + 1),
+        ("wh_c", "https://a.example/h", T0 + 2),
+        ("wh_z", "https://z.example/h", T0),
+    ]:
+        conn.execute(
+            "INSERT INTO webhooks (id, url, event_types, secret, start_seq, created_ms,"
+            " updated_ms) VALUES (?, ?, '[\"*\"]', 's', 0, ?, ?)",
+            (wid, url, created, created),
+        )
+    conn.commit()
+    conn.close()
+    store = open_store(f"sqlite:///{path}")
+    await store.open()
+    try:
+        assert await store.schema_version() == len(MIGRATIONS)
+        hooks = {w.id: w for w in await store.webhooks()}
+        assert (hooks["wh_a"].url, hooks["wh_a"].enabled) == ("https://a.example/h", True)
+        assert (hooks["wh_z"].url, hooks["wh_z"].enabled) == ("https://z.example/h", True)
+        for wid in ("wh_b", "wh_c"):
+            assert hooks[wid].url == f"https://a.example/h#duplicate-{wid}"
+            assert not hooks[wid].enabled
+            assert "oldest" in (hooks[wid].disabled_reason or "")
+        with pytest.raises(DuplicateError, match="wh_a"):
+            await store.create_webhook(hook(9, "https://a.example/h"))
+    finally:
+        await store.close()
+
+
+async def test_update_writes_only_the_named_fields(store: Store) -> None:
+    """A partial update leaves every other column as stored, even if the caller's copy is stale."""
+    created = await store.create_webhook(hook(1))
+    await store.webhook_failed("wh_1", T0 + 5, 10**9)  # the dispatcher starts the failing clock
+    stale = dataclasses.replace(created, description="crm", updated_ms=T0 + 9)
+    await store.update_webhook(stale, ("description", "updated_ms"))
+    stored = await store.webhook("wh_1")
+    assert (stored.description, stored.updated_ms) == ("crm", T0 + 9)
+    assert stored.failing_since_ms == T0 + 5  # not reset by the stale copy
+    await store.update_webhook(stale)  # no fields named: every field is written
+    assert (await store.webhook("wh_1")).failing_since_ms is None
+    with pytest.raises(StoreError, match="not updatable: id"):
+        await store.update_webhook(stale, ("id",))
+    with pytest.raises(StoreError, match="not updatable: colour"):
+        await store.update_webhook(stale, ("colour",))
+    with pytest.raises(NotFoundError):
+        await store.update_webhook(dataclasses.replace(stale, id="wh_9"), ("description",))
+
+
+async def test_attempts_of_deleted_deliveries_are_skipped(store: Store) -> None:
+    """A webhook deleted while its attempt was in flight: the batch still commits the rest."""
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    await store.create_webhook(hook(2, "https://example.com/two"))
+    await store.commit_page(sid, [activity(1, T0)], T0)
+    await store.fanout(100, T0)
+    gone = (await store.deliveries("wh_1", 10))[0]
+    kept = (await store.deliveries("wh_2", 10))[0]
+    await store.delete_webhook("wh_1")
+    await store.finish_attempts(
+        [
+            (Attempt(gone.id, T0, 200, 1.0), "delivered", T0),
+            (Attempt(kept.id, T0, 200, 1.0), "delivered", T0),
+        ]
+    )
+    assert (await store.delivery(kept.id)).status == "delivered"
+    assert len(await store.attempts(kept.id)) == 1
+    assert await store.attempts(gone.id) == []
+    with pytest.raises(NotFoundError):
+        await store.delivery(gone.id)
+
+
+async def test_close_twice(tmp_path: Path) -> None:
+    """A second close does nothing (shutdown paths may both close the store)."""
+    store = open_store(f"sqlite:///{tmp_path / 'twice.db'}")
+    await store.open()
+    await store.close()
+    await store.close()
