@@ -179,39 +179,39 @@ async def _add(client: AdminClient, args: argparse.Namespace) -> _Shown:
         body["description"] = args.description
     if args.rate_limit is not None:
         body["rate_limit_per_s"] = args.rate_limit
-    hook = _required(await client.call("POST", "/v1/webhooks", body))
+    hook = answered(await client.call("POST", "/v1/webhooks", body))
     return _Shown(hook, _webhook_text(hook))
 
 
 async def _list(client: AdminClient, _args: argparse.Namespace) -> _Shown:
-    answer = _required(await client.call("GET", "/v1/webhooks"))
-    hooks = _objects(answer.get("webhooks"))
+    answer = answered(await client.call("GET", "/v1/webhooks"))
+    hooks = objects(answer.get("webhooks"))
     rows = [
         [
-            _text(h.get("id")),
+            text_of(h.get("id")),
             "yes" if h.get("enabled") is True else "no",
             _types_text(h.get("event_types")),
-            _text(h.get("url")),
+            text_of(h.get("url")),
         ]
         for h in hooks
     ]
-    text = _table(["ID", "ENABLED", "EVENT TYPES", "URL"], rows) if rows else "no webhooks"
+    text = table(["ID", "ENABLED", "EVENT TYPES", "URL"], rows) if rows else "no webhooks"
     return _Shown(answer, text)
 
 
 async def _show(client: AdminClient, args: argparse.Namespace) -> _Shown:
-    hook = _required(await client.call("GET", f"/v1/webhooks/{_segment(args.id)}"))
+    hook = answered(await client.call("GET", f"/v1/webhooks/{segment(args.id)}"))
     return _Shown(hook, _webhook_text(hook))
 
 
 async def _remove(client: AdminClient, args: argparse.Namespace) -> _Shown:
-    await client.call("DELETE", f"/v1/webhooks/{_segment(args.id)}")
+    await client.call("DELETE", f"/v1/webhooks/{segment(args.id)}")
     return _Shown(None, f"removed webhook {args.id}")
 
 
 async def _rotate(client: AdminClient, args: argparse.Namespace) -> _Shown:
-    path = f"/v1/webhooks/{_segment(args.id)}/rotate-secret"
-    hook = _required(await client.call("POST", path, {}))
+    path = f"/v1/webhooks/{segment(args.id)}/rotate-secret"
+    hook = answered(await client.call("POST", path, {}))
     return _Shown(hook, _webhook_text(hook))
 
 
@@ -219,33 +219,33 @@ async def _deliveries(client: AdminClient, args: argparse.Namespace) -> _Shown:
     query = {"status": args.status} if args.status else {}
     if args.limit is not None:
         query["limit"] = str(args.limit)
-    path = f"/v1/webhooks/{_segment(args.id)}/deliveries"
-    answer = _required(await client.call("GET", path, query=query))
+    path = f"/v1/webhooks/{segment(args.id)}/deliveries"
+    answer = answered(await client.call("GET", path, query=query))
     rows = [
         [
-            _text(d.get("id")),
-            _text(d.get("status")),
-            _text(d.get("attempt_count")),
-            _text(d.get("last_status") or d.get("last_error") or "-")[:40],
-            _text(d.get("created_at")),
-            _text(d.get("event_id")),
+            text_of(d.get("id")),
+            text_of(d.get("status")),
+            text_of(d.get("attempt_count")),
+            text_of(d.get("last_status") or d.get("last_error") or "-")[:40],
+            text_of(d.get("created_at")),
+            text_of(d.get("event_id")),
         ]
-        for d in _objects(answer.get("deliveries"))
+        for d in objects(answer.get("deliveries"))
     ]
     headers = ["ID", "STATUS", "ATTEMPTS", "LAST", "CREATED", "EVENT"]
-    return _Shown(answer, _table(headers, rows) if rows else "no deliveries")
+    return _Shown(answer, table(headers, rows) if rows else "no deliveries")
 
 
 async def _redeliver(client: AdminClient, args: argparse.Namespace) -> _Shown:
-    path = f"/v1/deliveries/{_segment(args.delivery_id)}/redeliver"
-    delivery = _required(await client.call("POST", path))
-    return _Shown(delivery, f"delivery {args.delivery_id} is {_text(delivery.get('status'))}")
+    path = f"/v1/deliveries/{segment(args.delivery_id)}/redeliver"
+    delivery = answered(await client.call("POST", path))
+    return _Shown(delivery, f"delivery {args.delivery_id} is {text_of(delivery.get('status'))}")
 
 
 async def _recover(client: AdminClient, args: argparse.Namespace) -> _Shown:
-    path = f"/v1/webhooks/{_segment(args.id)}/recover"
-    answer = _required(await client.call("POST", path, {"since": args.since}))
-    count = _text(answer.get("deliveries"))
+    path = f"/v1/webhooks/{segment(args.id)}/recover"
+    answer = answered(await client.call("POST", path, {"since": args.since}))
+    count = text_of(answer.get("deliveries"))
     return _Shown(answer, f"{count} deliveries owed again to webhook {args.id}")
 
 
@@ -262,28 +262,31 @@ _ACTIONS: Mapping[str, Callable[[AdminClient, argparse.Namespace], Awaitable[_Sh
 
 
 def _webhook_text(hook: JsonObject) -> str:
-    enabled = "yes" if hook.get("enabled") is True else f"no ({_text(hook.get('disabled_reason'))})"
+    enabled = (
+        "yes" if hook.get("enabled") is True else f"no ({text_of(hook.get('disabled_reason'))})"
+    )
     rate = hook.get("rate_limit_per_s")
     lines = [
-        ("id", _text(hook.get("id"))),
-        ("url", _text(hook.get("url"))),
+        ("id", text_of(hook.get("id"))),
+        ("url", text_of(hook.get("url"))),
         ("event types", _types_text(hook.get("event_types"))),
-        ("description", _text(hook.get("description"))),
+        ("description", text_of(hook.get("description"))),
         ("enabled", enabled),
-        ("rate limit", "none" if rate is None else f"{_text(rate)}/s"),
-        ("failing since", _text(hook.get("failing_since") or "-")),
-        ("created", _text(hook.get("created_at"))),
-        ("updated", _text(hook.get("updated_at"))),
+        ("rate limit", "none" if rate is None else f"{text_of(rate)}/s"),
+        ("failing since", text_of(hook.get("failing_since") or "-")),
+        ("created", text_of(hook.get("created_at"))),
+        ("updated", text_of(hook.get("updated_at"))),
     ]
     if hook.get("previous_secret_expires_at"):
-        lines.append(("old secret until", _text(hook.get("previous_secret_expires_at"))))
+        lines.append(("old secret until", text_of(hook.get("previous_secret_expires_at"))))
     if "secret" in hook:
-        lines.append(("secret", f"{_text(hook.get('secret'))}  (shown only now: store it)"))
+        lines.append(("secret", f"{text_of(hook.get('secret'))}  (shown only now: store it)"))
     width = max(len(k) for k, _ in lines) + 1
     return "\n".join(f"{k + ':':{width}} {v}" for k, v in lines)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Rows as aligned plain-text columns (also used by the operations commands)."""
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -301,20 +304,24 @@ def _types_text(value: object) -> str:
     return ", ".join(str(t).removeprefix(TYPE_PREFIX) for t in types)
 
 
-def _segment(text: str) -> str:
+def segment(text: str) -> str:
+    """``text`` quoted as one URL path segment."""
     return quote(text, safe="")
 
 
-def _text(value: object) -> str:
+def text_of(value: object) -> str:
+    """A JSON value as table text (null as empty)."""
     return "" if value is None else str(value)
 
 
-def _objects(value: object) -> list[JsonObject]:
+def objects(value: object) -> list[JsonObject]:
+    """The JSON objects of a list value (anything else: none)."""
     items = value if isinstance(value, list) else []
     return [{str(k): v for k, v in item.items()} for item in items if isinstance(item, dict)]
 
 
-def _required(answer: JsonObject | None) -> JsonObject:
+def answered(answer: JsonObject | None) -> JsonObject:
+    """An answer the API must have sent, or a clear error."""
     if answer is None:
         raise AdminApiError("the admin API sent an empty answer")
     return answer

@@ -24,12 +24,12 @@ from relay.api.client import (
     TOKEN_ENV,
     AdminApiError,
     AdminClient,
-    _objects,
-    _required,
-    _segment,
-    _table,
-    _text,
+    answered,
     common_parser,
+    objects,
+    segment,
+    table,
+    text_of,
 )
 from relay.api.responses import JsonObject
 
@@ -131,7 +131,7 @@ def _check(args: argparse.Namespace) -> None:
 async def _status(
     client: AdminClient, args: argparse.Namespace, _err: TextIO
 ) -> tuple[object, str]:
-    status = _required(await client.call("GET", "/v1/status"))
+    status = answered(await client.call("GET", "/v1/status"))
     parts = [_accounts_text(status), _sinks_text(status), _webhooks_text(status)]
     answer: JsonObject = dict(status)
     if args.streams or args.account or args.state:
@@ -140,7 +140,7 @@ async def _status(
             query["account"] = args.account
         if args.state:
             query["state"] = args.state
-        listed = _required(await client.call("GET", "/v1/streams", query=query))
+        listed = answered(await client.call("GET", "/v1/streams", query=query))
         answer["streams"] = listed
         parts.append(_streams_text(listed))
     return answer, "\n\n".join(parts)
@@ -148,83 +148,83 @@ async def _status(
 
 def _accounts_text(status: JsonObject) -> str:
     rows = []
-    for a in _objects(status.get("accounts")):
+    for a in objects(status.get("accounts")):
         quota = _dict(a.get("quota"))
         streams = _dict(a.get("streams"))
         rows.append(
             [
-                _text(a.get("name")),
-                _text(quota.get("used_today")),
-                _text(quota.get("left_today") if quota.get("left_today") is not None else "-"),
-                f"{_text(streams.get('active'))}/{_text(streams.get('total'))}",
-                _text(streams.get("failing")),
-                _text(streams.get("replaying")),
+                text_of(a.get("name")),
+                text_of(quota.get("used_today")),
+                text_of(quota.get("left_today") if quota.get("left_today") is not None else "-"),
+                f"{text_of(streams.get('active'))}/{text_of(streams.get('total'))}",
+                text_of(streams.get("failing")),
+                text_of(streams.get("replaying")),
                 _duration(a.get("max_lag_s")),
                 _pause_text(a),
             ]
         )
     heads = ["ACCOUNT", "USED TODAY", "LEFT", "ACTIVE", "FAILING", "REPLAYING", "MAX LAG", "PAUSE"]
-    return _table(heads, rows) if rows else "no accounts"
+    return table(heads, rows) if rows else "no accounts"
 
 
 def _pause_text(account: JsonObject) -> str:
     held, paused = _dict(account.get("held")), _dict(account.get("paused"))
     if held:
-        return f"by operator since {_text(held.get('since'))}: {_text(held.get('reason'))}"
+        return f"by operator since {text_of(held.get('since'))}: {text_of(held.get('reason'))}"
     if paused:
-        return f"by relay until {_text(paused.get('until'))}: {_text(paused.get('reason'))}"
+        return f"by relay until {text_of(paused.get('until'))}: {text_of(paused.get('reason'))}"
     return "-"
 
 
 def _sinks_text(status: JsonObject) -> str:
-    head = _text(_dict(status.get("outbox")).get("head"))
+    head = text_of(_dict(status.get("outbox")).get("head"))
     rows = [
         [
-            _text(s.get("name")),
-            _text(s.get("cursor")),
-            _text(s.get("depth")),
-            _text(s.get("dead_letters")),
+            text_of(s.get("name")),
+            text_of(s.get("cursor")),
+            text_of(s.get("depth")),
+            text_of(s.get("dead_letters")),
         ]
-        for s in _objects(status.get("sinks"))
+        for s in objects(status.get("sinks"))
     ]
-    return f"outbox head {head}\n" + _table(["SINK", "CURSOR", "DEPTH", "DEAD LETTERS"], rows)
+    return f"outbox head {head}\n" + table(["SINK", "CURSOR", "DEPTH", "DEAD LETTERS"], rows)
 
 
 def _webhooks_text(status: JsonObject) -> str:
     rows = [
         [
-            _text(w.get("id")),
+            text_of(w.get("id")),
             "enabled"
             if w.get("enabled") is True
-            else f"disabled ({_text(w.get('disabled_reason'))})",
-            _text(w.get("failing_since") or "-"),
-            _text(w.get("pending")),
-            _text(w.get("dead_letters")),
-            _text(w.get("url")),
+            else f"disabled ({text_of(w.get('disabled_reason'))})",
+            text_of(w.get("failing_since") or "-"),
+            text_of(w.get("pending")),
+            text_of(w.get("dead_letters")),
+            text_of(w.get("url")),
         ]
-        for w in _objects(status.get("webhooks"))
+        for w in objects(status.get("webhooks"))
     ]
     heads = ["WEBHOOK", "STATE", "FAILING SINCE", "PENDING", "DEAD", "URL"]
-    return _table(heads, rows) if rows else "no webhooks"
+    return table(heads, rows) if rows else "no webhooks"
 
 
 def _streams_text(listed: JsonObject) -> str:
     rows = [
         [
-            _text(s.get("id")),
-            _text(s.get("account")),
-            f"{_text(s.get('scope'))}/{_text(s.get('resource_id'))}",
-            _text(s.get("state")),
+            text_of(s.get("id")),
+            text_of(s.get("account")),
+            f"{text_of(s.get('scope'))}/{text_of(s.get('resource_id'))}",
+            text_of(s.get("state")),
             _duration(s.get("lag_s")),
             _duration(s.get("interval_s")),
-            _text(s.get("last_poll_at") or "-"),
-            _text(s.get("last_error") or "-")[:60],
+            text_of(s.get("last_poll_at") or "-"),
+            text_of(s.get("last_error") or "-")[:60],
         ]
-        for s in _objects(listed.get("streams"))
+        for s in objects(listed.get("streams"))
     ]
     heads = ["STREAM", "ACCOUNT", "RESOURCE", "STATE", "LAG", "INTERVAL", "LAST POLL", "LAST ERROR"]
-    shown = f"{len(rows)} of {_text(listed.get('total'))} streams"
-    return (_table(heads, rows) + "\n" + shown) if rows else "no streams"
+    shown = f"{len(rows)} of {text_of(listed.get('total'))} streams"
+    return (table(heads, rows) + "\n" + shown) if rows else "no streams"
 
 
 # -- replay -------------------------------------------------------------------------------------
@@ -235,12 +235,12 @@ async def _replay(client: AdminClient, args: argparse.Namespace, err: TextIO) ->
     if args.stream is not None:
         path = f"/v1/streams/{args.stream}/replay"
     else:
-        path = f"/v1/accounts/{_segment(args.account)}/replay"
+        path = f"/v1/accounts/{segment(args.account)}/replay"
         if args.campaign:
             body["campaign"] = args.campaign
     waits = args.wait and not args.dry_run
     head_before = await _head(client) if waits and args.source == "upstream" else 0
-    answer = _required(await client.call("POST", path, body))
+    answer = answered(await client.call("POST", path, body))
     text = _replay_text(answer)
     if waits:
         if answer.get("source") == "log":
@@ -256,21 +256,23 @@ async def _replay(client: AdminClient, args: argparse.Namespace, err: TextIO) ->
 
 
 async def _head(client: AdminClient) -> int:
-    return _int(_dict(_required(await client.call("GET", "/v1/status")).get("outbox")).get("head"))
+    return _int(_dict(answered(await client.call("GET", "/v1/status")).get("outbox")).get("head"))
 
 
 def _replay_text(answer: JsonObject) -> str:
-    events = _text(answer.get("events"))
+    events = text_of(answer.get("events"))
     if answer.get("source") == "log":
         verb = "would be sent again" if answer.get("dry_run") else "are being sent again"
-        return f"{events} events {verb} (same ids), from the log since {_text(answer.get('since'))}"
-    streams = _text(answer.get("streams"))
+        return (
+            f"{events} events {verb} (same ids), from the log since {text_of(answer.get('since'))}"
+        )
+    streams = text_of(answer.get("streams"))
     if answer.get("dry_run"):
         return (
-            f"{streams} streams would be re-read from {_text(answer.get('since'))};"
+            f"{streams} streams would be re-read from {text_of(answer.get('since'))};"
             f" the log holds {events} of their events since then (more may come)"
         )
-    return f"{streams} streams will be re-read from {_text(answer.get('since'))}"
+    return f"{streams} streams will be re-read from {text_of(answer.get('since'))}"
 
 
 async def _follow_log(client: AdminClient, first: int, last: int, err: TextIO) -> None:
@@ -279,15 +281,15 @@ async def _follow_log(client: AdminClient, first: int, last: int, err: TextIO) -
         return
     total = last - first + 1
     while True:
-        status = _required(await client.call("GET", "/v1/status"))
+        status = answered(await client.call("GET", "/v1/status"))
         sinks = {
-            _text(s.get("name")): _int(s.get("cursor"))
-            for s in _objects(status.get("sinks"))
+            text_of(s.get("name")): _int(s.get("cursor"))
+            for s in objects(status.get("sinks"))
             if s.get("running") is True  # a stale cursor of a sink no longer configured never moves
         }
         behind = [
             w
-            for w in _objects(status.get("webhooks"))
+            for w in objects(status.get("webhooks"))
             if w.get("enabled") is True and 0 < _int(w.get("oldest_pending_seq")) <= last
         ]
         parts = [
@@ -310,12 +312,10 @@ async def _follow_upstream(client: AdminClient, args: argparse.Namespace, err: T
     started = time.monotonic()
     while True:
         if args.stream is not None:
-            stream = _required(await client.call("GET", f"/v1/streams/{args.stream}"))
+            stream = answered(await client.call("GET", f"/v1/streams/{args.stream}"))
             left = 0 if stream.get("replay_from") is None else 1
         else:
-            left = _int(
-                _required(await client.call("GET", "/v1/streams", query=query)).get("total")
-            )
+            left = _int(answered(await client.call("GET", "/v1/streams", query=query)).get("total"))
         _progress(
             err, f"replay: {left} streams left to re-read ({time.monotonic() - started:.0f}s)"
         )
@@ -349,16 +349,16 @@ async def _pause_or_resume(
     client: AdminClient, args: argparse.Namespace, verb: str
 ) -> tuple[object, str]:
     if args.stream is not None:
-        stream = _required(await client.call("POST", f"/v1/streams/{args.stream}/{verb}", {}))
-        return stream, f"stream {args.stream} is {_text(stream.get('state'))}"
+        stream = answered(await client.call("POST", f"/v1/streams/{args.stream}/{verb}", {}))
+        return stream, f"stream {args.stream} is {text_of(stream.get('state'))}"
     body: JsonObject = {}
     if verb == "pause" and args.reason:
         body["reason"] = args.reason
-    path = f"/v1/accounts/{_segment(args.account)}/{verb}"
-    answer = _required(await client.call("POST", path, body))
+    path = f"/v1/accounts/{segment(args.account)}/{verb}"
+    answer = answered(await client.call("POST", path, body))
     held = _dict(answer.get("held"))
     text = (
-        f"account {args.account} is paused: {_text(held.get('reason'))}"
+        f"account {args.account} is paused: {text_of(held.get('reason'))}"
         if held
         else f"account {args.account} is not paused by an operator"
     )
@@ -368,7 +368,7 @@ async def _pause_or_resume(
 async def _targets_list(
     client: AdminClient, args: argparse.Namespace, _err: TextIO
 ) -> tuple[object, str]:
-    answer = _required(await client.call("GET", f"/v1/accounts/{_segment(args.account)}/targets"))
+    answer = answered(await client.call("GET", f"/v1/accounts/{segment(args.account)}/targets"))
     return answer, _targets_text(answer)
 
 
@@ -380,32 +380,34 @@ async def _targets_add(
         body["campaigns"] = list(args.campaigns)
     if args.contacts:
         body["contacts"] = list(args.contacts)
-    path = f"/v1/accounts/{_segment(args.account)}/targets"
-    answer = _required(await client.call("POST", path, body))
-    return answer, f"{_text(answer.get('created'))} new targets\n" + _targets_text(answer)
+    path = f"/v1/accounts/{segment(args.account)}/targets"
+    answer = answered(await client.call("POST", path, body))
+    return answer, f"{text_of(answer.get('created'))} new targets\n" + _targets_text(answer)
 
 
 async def _targets_remove(
     client: AdminClient, args: argparse.Namespace, _err: TextIO
 ) -> tuple[object, str]:
-    account = _segment(args.account)
+    account = segment(args.account)
     removed = []
     for kind, ids in (("campaigns", args.campaigns), ("contacts", args.contacts)):
         for rid in ids:
-            await client.call("DELETE", f"/v1/accounts/{account}/targets/{kind}/{_segment(rid)}")
+            await client.call("DELETE", f"/v1/accounts/{account}/targets/{kind}/{segment(rid)}")
             removed.append(f"{kind[:-1]} {rid}")
     return {"removed": removed}, "removed " + ", ".join(removed)
 
 
 def _targets_text(answer: JsonObject) -> str:
     campaigns, contacts = _strings(answer.get("campaigns")), _strings(answer.get("contacts"))
-    removed = _objects(answer.get("removed"))
+    removed = objects(answer.get("removed"))
     lines = [
         f"campaigns: {', '.join(campaigns) or '-'}",
         f"contacts:  {', '.join(contacts) or '-'}",
     ]
     if removed:
-        gone = ", ".join(f"{_text(r.get('scope'))} {_text(r.get('resource_id'))}" for r in removed)
+        gone = ", ".join(
+            f"{text_of(r.get('scope'))} {text_of(r.get('resource_id'))}" for r in removed
+        )
         lines.append(f"removed:   {gone}")
     return "\n".join(lines)
 
