@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv demo test lint format bench sim kafka kafka-jars check-java clean
+.PHONY: venv demo test lint format bench sim kafka kafka-jars check-java postgres-server clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ctct-relay needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -46,14 +46,20 @@ kafka-jars: venv check-java
 kafka: kafka-jars
 	$(BIN)/ctct-relay dev-kafka
 
-test: lint kafka-jars
+# The PostgreSQL tests start a throwaway cluster: the server binaries are installed here (apt-get,
+# as root) when missing, so no test waits on apt. RELAY_TEST_POSTGRES_URL / DATABASE_URL name a
+# server to use instead.
+postgres-server: venv
+	$(BIN)/python -m tests.pgkit --ensure
+
+test: lint kafka-jars postgres-server
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Every benchmark in turn (bench/throughput.py starts a dev broker unless KAFKA_BOOTSTRAP_SERVERS
 # is set, hence the jars); a failing one stops the run.
 BENCHES := $(filter-out bench/__init__.py,$(sort $(wildcard bench/*.py)))
 
-bench: venv kafka-jars
+bench: venv kafka-jars postgres-server
 	@set -e; for script in $(BENCHES); do echo "== $$script"; $(BIN)/python $$script; done
 
 clean:

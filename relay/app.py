@@ -65,7 +65,7 @@ async def run_relay(
     """Run until ``stop`` is set, then shut down in order."""
     metrics = metrics or Metrics(now_ms)
     async with AsyncExitStack() as stack:
-        store = open_store(settings.state)
+        store = open_store(settings.state, settings.postgres)
         await store.open()
         stack.push_async_callback(store.close)
         session = await stack.enter_async_context(aiohttp.ClientSession())

@@ -26,6 +26,7 @@ from relay.scheduler import ScheduleSettings
 from relay.sinks.kafka import KafkaSecurity, KafkaSettings
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings
+from relay.store.postgres import PostgresSettings, describe_url
 
 ENV_PREFIX = "CTCT_RELAY_"
 # Variables under the prefix that belong to other commands, not to the config: the admin token
@@ -123,6 +124,7 @@ class Settings:
 
     accounts: tuple[AccountSettings, ...]
     state: str = DEFAULT_STATE
+    postgres: PostgresSettings = field(default_factory=PostgresSettings)  # for postgresql:// state
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     dedup_retention_h: float = DEFAULT_RETENTION_H  # outlasts overlap and late arrivals
     outbox_retention_h: float = DEFAULT_OUTBOX_RETENTION_H  # published events kept this long
@@ -146,6 +148,9 @@ class Settings:
         if self.admin.token:
             values.append(self.admin.token)
         values += [w.secret for w in self.webhooks if w.secret]
+        state_password = urlsplit(self.state).password
+        if state_password:
+            values.append(state_password)
         return values
 
 
@@ -196,6 +201,7 @@ def from_mapping(data: Mapping[str, object]) -> Settings:
     settings = Settings(
         accounts=accounts,
         state=_state(root),
+        postgres=_postgres(root.child("postgres")),
         outbox_retention_h=root.number(
             "outbox_retention_h", DEFAULT_OUTBOX_RETENTION_H, strict=False
         ),
@@ -334,11 +340,34 @@ def _existing_file(r: _Reader, name: str) -> str | None:
 
 def _state(root: _Reader) -> str:
     url = root.text("state", DEFAULT_STATE)
-    if not url.startswith("sqlite:///") and url != "sqlite://:memory:":
-        raise ConfigError(
-            f"state: expected sqlite:///path/to/state.db (PostgreSQL comes later), got {url!r}"
-        )
-    return url
+    if url.startswith("sqlite:///") or url == "sqlite://:memory:":
+        return url
+    parts = urlsplit(url)
+    if parts.scheme in {"postgresql", "postgres"} and parts.hostname and parts.path.strip("/"):
+        return url
+    shown = describe_url(url) if parts.scheme in {"postgresql", "postgres"} else repr(url)
+    raise ConfigError(
+        "state: expected sqlite:///path/to/state.db or"
+        f" postgresql://user:password@host:port/database, got {shown}"
+    )
+
+
+def _postgres(r: _Reader) -> PostgresSettings:
+    b = PostgresSettings()
+    max_size = int(r.number("pool_max_size", b.pool_max_size, minimum=1, strict=False))
+    settings = PostgresSettings(
+        pool_min_size=int(
+            r.number("pool_min_size", b.pool_min_size, maximum=max_size, strict=False)
+        ),
+        pool_max_size=max_size,
+        statement_timeout_s=r.number("statement_timeout_s", b.statement_timeout_s),
+        connect_timeout_s=r.number("connect_timeout_s", b.connect_timeout_s),
+        reconnect_max_s=r.number("reconnect_max_s", b.reconnect_max_s, strict=False),
+        lease_s=r.number("lease_s", b.lease_s, minimum=1.0, strict=False),
+        request_margin_s=r.number("request_margin_s", b.request_margin_s, strict=False),
+    )
+    r.done()
+    return settings
 
 
 def _poll(r: _Reader, base: PollSettings | None = None) -> PollSettings:

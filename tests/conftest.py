@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
 
 import pytest
 import structlog
+
+from tests import pgkit
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +26,37 @@ def _reset_logging() -> Iterator[None]:
 
 
 from tests.simkit import make_sim, sim  # noqa: E402, F401 - fixtures shared by every test package
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a PostgreSQL server for the session: ``$RELAY_TEST_POSTGRES_URL`` or
+    ``$DATABASE_URL`` when set, else a throwaway cluster (its log is kept for failures)."""
+    external = pgkit.external_url()
+    if external:
+        yield external
+        return
+    try:
+        cluster = pgkit.Cluster().start()
+    except pgkit.PgKitError as exc:
+        error = str(exc)
+    else:
+        error = ""
+    if error:
+        pytest.fail(f"cannot start PostgreSQL: {error}", pytrace=False)
+    try:
+        yield cluster.url
+    finally:
+        kept = tmp_path_factory.mktemp("postgres") / "server.log"
+        if cluster.log.exists():
+            shutil.copyfile(cluster.log, kept)
+        print(f"PostgreSQL server log: {kept}")
+        cluster.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session's server, dropped after the test."""
+    url = pgkit.fresh_database(postgres_server)
+    yield url
+    pgkit.remove_database(postgres_server, url)

@@ -205,7 +205,26 @@ def test_every_key_the_loader_reads_is_documented(monkeypatch: pytest.MonkeyPatc
             "schedule.min_interval_s: must not exceed",
             id="intervals",
         ),
-        pytest.param("state: postgres://x/y", "state: expected sqlite", id="state"),
+        pytest.param("state: mysql://x/y", "state: expected sqlite", id="state"),
+        pytest.param(
+            "state: 'postgresql://u:pw-zz@db:5432'",
+            r"state: expected .* postgresql://user:password@host:port/database, got db:5432/$",
+            id="state-no-database",
+        ),
+        pytest.param(
+            "postgres: {pool_max_size: 0}",
+            "postgres.pool_max_size: expected a number >= 1",
+            id="pool",
+        ),
+        pytest.param(
+            "postgres: {pool_min_size: 20}",
+            "postgres.pool_min_size: expected a number",
+            id="pool-min",
+        ),
+        pytest.param(
+            "postgres: {lease_s: 0.5}", "postgres.lease_s: expected a number >= 1", id="lease"
+        ),
+        pytest.param("postgres: {poolsize: 3}", "postgres: unknown key", id="pg-unknown"),
         pytest.param(
             "outbox_retention_h: -1", "outbox_retention_h: expected a number >= 0", id="outbox"
         ),
@@ -226,3 +245,19 @@ def test_kafka_password_is_a_secret(tmp_path: Path) -> None:
     settings = load(write(tmp_path, text), environ={"KEY": "k"})
     assert "kafka-pw-123" in settings.secrets()
     assert "kafka-pw-123" not in repr(settings)
+
+
+def test_postgresql_state_and_its_settings(tmp_path: Path) -> None:
+    """A postgresql:// state is accepted with its pool and lease settings; the password is a
+    secret for log redaction and never shown."""
+    text = MINIMAL + (
+        "state: 'postgresql://relay:pg-secret-9@db.internal:5433/relay'\n"
+        "postgres: {pool_max_size: 4, statement_timeout_s: 5, lease_s: 6, request_margin_s: 0.2}\n"
+    )
+    settings = load(write(tmp_path, text), environ={"KEY": "k"})
+    assert settings.state.startswith("postgresql://")
+    assert settings.postgres.pool_max_size == 4
+    assert settings.postgres.statement_timeout_s == 5
+    assert settings.postgres.lease_s == 6
+    assert settings.postgres.request_margin_s == 0.2
+    assert "pg-secret-9" in settings.secrets()

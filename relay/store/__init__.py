@@ -22,15 +22,19 @@ from relay.store.base import (
     StreamStats,
     Webhook,
 )
+from relay.store.postgres import PostgresSettings, PostgresStore
 from relay.store.sqlite import SqliteStore
 
 
-def open_store(url: str) -> Store:
-    """The store for a state URL (``sqlite:///path.db``); call ``await store.open()`` next."""
+def open_store(url: str, postgres: PostgresSettings | None = None) -> Store:
+    """The store for a state URL (``sqlite:///path.db``, ``postgresql://…``); call
+    ``await store.open()`` next. ``postgres``: pool, timeouts and leases of a PostgreSQL store."""
     scheme = url.split(":", 1)[0]
     if scheme == "sqlite":
         return SqliteStore.from_url(url)
-    raise StoreError(f"state: unsupported URL scheme {scheme!r} (supported: sqlite)")
+    if scheme in {"postgresql", "postgres"}:
+        return PostgresStore.from_url(url, postgres)
+    raise StoreError(f"state: unsupported URL scheme {scheme!r} (supported: sqlite, postgresql)")
 
 
 __all__ = [
@@ -45,6 +49,8 @@ __all__ = [
     "OutboxSelector",
     "Overview",
     "PassResult",
+    "PostgresSettings",
+    "PostgresStore",
     "SqliteStore",
     "Store",
     "StoreError",

@@ -10,10 +10,13 @@ import pytest
 from relay.store import Store, open_store
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """An opened, empty store of each backend."""
-    url = f"sqlite:///{tmp_path / 'state.db'}"
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
     opened = open_store(url)
     await opened.open()
     yield opened

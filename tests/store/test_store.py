@@ -197,7 +197,7 @@ async def test_unknown_stream_is_a_store_error(store: Store) -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        pytest.param("postgres://x", "unsupported URL scheme 'postgres'", id="scheme"),
+        pytest.param("mysql://x", "unsupported URL scheme 'mysql'", id="scheme"),
         pytest.param("sqlite:/relative", "expected sqlite:///", id="shape"),
     ],
 )

@@ -1,0 +1,1209 @@
+"""The shared state store on PostgreSQL (asyncpg): the same semantics as the SQLite store, for
+several relay replicas at once.
+
+Every call is one transaction on a pooled connection. A connection that breaks (the server
+restarts, the network drops) rolls its transaction back on the server, so nothing half-written
+survives; the call is retried on a fresh connection with bounded, logged backoff for up to
+``reconnect_max_s``, then fails with a :class:`StoreError` naming the server. Retrying a
+transaction whose commit went through but whose answer was lost repeats it: every write here is
+idempotent or, like the quota count, may over-count but never under-count.
+
+Outbox appends take one transaction-scoped advisory lock, so sequence numbers become visible in
+order: a sink that has read seq N never finds a smaller one committed later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+import orjson
+import structlog
+from asyncpg import Connection, Pool
+
+from relay.events import Activity, Kind
+from relay.store.base import (
+    Attempt,
+    DeadLetter,
+    Delivery,
+    DeliveryCounts,
+    NotFoundError,
+    OutboxEvent,
+    OutboxRange,
+    OutboxSelector,
+    Overview,
+    PassResult,
+    StoreError,
+    Stream,
+    StreamFilter,
+    StreamKey,
+    StreamStats,
+    Webhook,
+)
+from relay.store.pg_migrations import PG_MIGRATIONS
+
+# Row shapes are shared with the SQLite store: one definition of each value's columns.
+from relay.store.sqlite import (
+    _DELIVERY_COLUMNS,
+    _FANOUT,
+    _PRUNE_CHUNK,
+    _STATE_CLAUSES,
+    _STREAM_COLUMNS,
+    _WEBHOOK_COLUMNS,
+    _delivery,
+    _outbox_event,
+    _outbox_row,
+    _stream,
+    _webhook,
+    _webhook_row,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# Advisory lock keys (namespace, key): one namespace for this application's locks.
+LOCK_NS = 0x43544354  # "CTCT"
+LOCK_OUTBOX = 1
+LOCK_MIGRATE = 2
+LOCK_FANOUT = 3
+BUDGET_NS = 0x43544355  # per-account request budget: (BUDGET_NS, hashtext(account))
+
+# Errors after which the same transaction may succeed on another connection or a bit later.
+RETRIABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # a connection the server cut while it was idle
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSettings:
+    """Pool, timeouts and reconnects of the PostgreSQL store; leases and the shared budget."""
+
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+    statement_timeout_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    reconnect_max_s: float = 60.0  # retry a call this long through an outage, then fail it
+    lease_s: float = 15.0  # a dead replica's streams and sinks are taken over after this
+    request_margin_s: float = 0.15  # added to each account's one-second window (clock skew)
+
+
+def describe_url(url: str) -> str:
+    """``host:port/database`` of a PostgreSQL URL: for messages, never the password."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    try:
+        port: int | str | None = parts.port or 5432
+    except ValueError:
+        port = "?"
+    return f"{host}:{port}{parts.path or '/'}"
+
+
+def _count(status: str) -> int:
+    """Rows affected, from a command status such as ``UPDATE 3`` or ``INSERT 0 2``."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class PostgresStore:
+    """:class:`relay.store.base.Store` on a PostgreSQL database shared by every replica."""
+
+    def __init__(self, url: str, settings: PostgresSettings | None = None) -> None:
+        self._url = url
+        self.settings = settings or PostgresSettings()
+        self._where = describe_url(url)
+        self._pool: Pool | None = None
+
+    @classmethod
+    def from_url(cls, url: str, settings: PostgresSettings | None = None) -> PostgresStore:
+        """A store for a ``postgresql://user:password@host:port/database`` URL."""
+        if urlsplit(url).scheme not in {"postgresql", "postgres"}:
+            raise StoreError(f"state: not a postgresql URL: {describe_url(url)}")
+        return cls(url, settings)
+
+    @property
+    def where(self) -> str:
+        """The server and database, for messages."""
+        return self._where
+
+    # -- connections and transactions -----------------------------------------------------------
+
+    async def open(self) -> None:
+        s = self.settings
+        timeout_ms = str(int(s.statement_timeout_s * 1000))
+
+        async def create() -> Pool:
+            return await asyncpg.create_pool(
+                self._url,
+                min_size=min(s.pool_min_size, s.pool_max_size),
+                max_size=s.pool_max_size,
+                timeout=s.connect_timeout_s,
+                command_timeout=s.statement_timeout_s + 5,
+                server_settings={
+                    "statement_timeout": timeout_ms,
+                    "application_name": "ctct-relay",
+                },
+            )
+
+        self._pool = await self._retrying(create, "connect")
+        await self.transaction(_migrate)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except RETRIABLE:
+                pool.terminate()
+
+    async def transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``fn`` in one transaction, retrying it through connection failures."""
+
+        async def attempt() -> T:
+            if self._pool is None:
+                raise StoreError("state store is not open")
+            async with self._pool.acquire(timeout=self.settings.connect_timeout_s) as conn:
+                try:
+                    async with conn.transaction():
+                        return await fn(conn)
+                except RETRIABLE:
+                    conn.terminate()  # never hand a broken connection out again
+                    raise
+
+        return await self._retrying(attempt, "query")
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        deadline = time.monotonic() + self.settings.reconnect_max_s
+        delay_s = 0.1
+        attempt = 1
+        while True:
+            try:
+                return await call()
+            except StoreError:
+                raise
+            except RETRIABLE as exc:
+                if time.monotonic() + delay_s > deadline:
+                    raise StoreError(
+                        f"state store (PostgreSQL at {self._where}): {what} failed for"
+                        f" {self.settings.reconnect_max_s:g}s: {_reason(exc)}"
+                    ) from None
+                log.warning(
+                    "store.retry",
+                    server=self._where,
+                    attempt=attempt,
+                    error=_reason(exc),
+                    retry_in_s=round(delay_s, 2),
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+                attempt += 1
+            except asyncpg.PostgresError as exc:
+                raise StoreError(f"state store (PostgreSQL at {self._where}): {exc}") from None
+
+    # -- streams ----------------------------------------------------------------------------------
+
+    async def schema_version(self) -> int:
+        return await self.transaction(_version)
+
+    async def ensure_streams(
+        self, keys: Sequence[StreamKey], due_ms: int, *, seed: bool = True
+    ) -> int:
+        cols = _key_columns(keys)
+
+        async def run(conn: Connection) -> int:
+            status = await conn.execute(
+                "INSERT INTO streams (account, scope, resource_id, next_due_ms, seed, created_ms)"
+                " SELECT a, s, r, $4, $5, $4 FROM unnest($1::text[], $2::text[], $3::text[])"
+                " WITH ORDINALITY AS t(a, s, r, n) ORDER BY n"
+                " ON CONFLICT (account, scope, resource_id) DO NOTHING",
+                *cols,
+                due_ms,
+                int(seed),
+            )
+            await conn.execute(
+                "UPDATE streams SET retired = 0 FROM unnest($1::text[], $2::text[], $3::text[])"
+                " AS t(a, s, r) WHERE account = a AND scope = s AND resource_id = r"
+                " AND retired = 1",
+                *cols,
+            )
+            return _count(status)
+
+        return await self.transaction(run)
+
+    async def streams(self, account: str | None = None) -> list[Stream]:
+        async def run(conn: Connection) -> list[Stream]:
+            if account:
+                rows = await conn.fetch(
+                    f"SELECT {_STREAM_COLUMNS} FROM streams WHERE account = $1"  # noqa: S608
+                    " ORDER BY id",
+                    account,
+                )
+            else:
+                rows = await conn.fetch(
+                    f"SELECT {_STREAM_COLUMNS} FROM streams ORDER BY id"  # noqa: S608
+                )
+            marks = await _watermarks(conn, None)
+            return [_stream(row, marks.get(int(row[0]), {})) for row in rows]
+
+        return await self.transaction(run)
+
+    async def stream(self, stream_id: int) -> Stream:
+        async def run(conn: Connection) -> Stream:
+            row = await conn.fetchrow(
+                f"SELECT {_STREAM_COLUMNS} FROM streams WHERE id = $1",  # noqa: S608
+                stream_id,
+            )
+            if row is None:
+                raise StoreError(f"no stream with id {stream_id}")
+            return _stream(row, (await _watermarks(conn, stream_id)).get(stream_id, {}))
+
+        return await self.transaction(run)
+
+    async def due_streams(self, now_ms: int, limit: int) -> list[int]:
+        async def run(conn: Connection) -> list[int]:
+            rows = await conn.fetch(
+                "SELECT id FROM streams WHERE retired = 0 AND paused = 0 AND next_due_ms <= $1"
+                " ORDER BY next_due_ms, id LIMIT $2",
+                now_ms,
+                limit,
+            )
+            return [int(r[0]) for r in rows]
+
+        return await self.transaction(run)
+
+    async def stream_rates(self) -> dict[int, tuple[float, int]]:
+        async def run(conn: Connection) -> dict[int, tuple[float, int]]:
+            rows = await conn.fetch(
+                "SELECT id, rate_per_h, next_due_ms FROM streams WHERE retired = 0 AND paused = 0"
+            )
+            return {int(i): (float(r), int(d)) for i, r, d in rows}
+
+        return await self.transaction(run)
+
+    async def commit_page(
+        self, stream_id: int, activities: Sequence[Activity], now_ms: int, *, emit: bool = True
+    ) -> int:
+        fresh: dict[bytes, Activity] = {}
+        for activity in activities:
+            fresh.setdefault(activity.event_id_bytes, activity)  # a page may repeat one
+
+        async def run(conn: Connection) -> int:
+            new = await _insert_dedup(conn, fresh)
+            if emit and new:
+                rows = [
+                    _outbox_row(key, a, stream_id, now_ms) for key, a in fresh.items() if key in new
+                ]
+                await _append_outbox(conn, rows)
+            return len(new)
+
+        return await self.transaction(run)
+
+    async def finish_pass(self, stream_id: int, result: PassResult) -> None:
+        async def run(conn: Connection) -> None:
+            await conn.execute(
+                "UPDATE streams SET next_due_ms = $1, rate_per_h = $2, last_poll_ms = $3,"
+                " summary = $4, consecutive_errors = 0, last_error = NULL WHERE id = $5",
+                result.next_due_ms,
+                result.rate_per_h,
+                result.polled_ms,
+                orjson.dumps(result.summary).decode(),
+                stream_id,
+            )
+            await conn.executemany(
+                "INSERT INTO watermarks (stream_id, kind, watermark_ms) VALUES ($1, $2, $3)"
+                " ON CONFLICT (stream_id, kind) DO UPDATE SET watermark_ms ="
+                " GREATEST(watermarks.watermark_ms, excluded.watermark_ms)",
+                [(stream_id, kind.value, ms) for kind, ms in result.watermarks.items()],
+            )
+
+        await self.transaction(run)
+
+    async def record_error(
+        self, stream_id: int, error: str, next_due_ms: int, *, retire: bool = False
+    ) -> None:
+        await self._execute(
+            "UPDATE streams SET consecutive_errors = consecutive_errors + 1, last_error = $1,"
+            " next_due_ms = $2, retired = GREATEST(retired, $3) WHERE id = $4",
+            error[:1000],
+            next_due_ms,
+            int(retire),
+            stream_id,
+        )
+
+    async def set_paused(self, stream_id: int, paused: bool) -> None:
+        await self._execute("UPDATE streams SET paused = $1 WHERE id = $2", int(paused), stream_id)
+
+    async def retire_streams(self, keys: Sequence[StreamKey]) -> None:
+        await self._execute(
+            "UPDATE streams SET retired = 1 FROM unnest($1::text[], $2::text[], $3::text[])"
+            " AS t(a, s, r) WHERE account = a AND scope = s AND resource_id = r",
+            *_key_columns(keys),
+        )
+
+    # -- quota and account pauses -------------------------------------------------------------
+
+    async def spend_quota(self, account: str, day: str, requests: int) -> int:
+        async def run(conn: Connection) -> int:
+            return int(
+                await conn.fetchval(
+                    "INSERT INTO quota (account, day, used) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (account, day) DO UPDATE SET used = quota.used + excluded.used"
+                    " RETURNING used",
+                    account,
+                    day,
+                    requests,
+                )
+            )
+
+        return await self.transaction(run)
+
+    async def quota_used(self, account: str, day: str) -> int:
+        async def run(conn: Connection) -> int:
+            used = await conn.fetchval(
+                "SELECT used FROM quota WHERE account = $1 AND day = $2", account, day
+            )
+            return int(used or 0)
+
+        return await self.transaction(run)
+
+    async def set_account_pause(self, account: str, until_ms: int | None, reason: str) -> None:
+        if until_ms is None:
+            await self._execute("DELETE FROM account_pauses WHERE account = $1", account)
+            return
+        await self._execute(
+            "INSERT INTO account_pauses (account, until_ms, reason) VALUES ($1, $2, $3)"
+            " ON CONFLICT (account) DO UPDATE SET until_ms = excluded.until_ms,"
+            " reason = excluded.reason",
+            account,
+            until_ms,
+            reason,
+        )
+
+    async def account_pauses(self) -> dict[str, tuple[int, str]]:
+        async def run(conn: Connection) -> dict[str, tuple[int, str]]:
+            rows = await conn.fetch("SELECT account, until_ms, reason FROM account_pauses")
+            return {str(a): (int(u), str(r)) for a, u, r in rows}
+
+        return await self.transaction(run)
+
+    # -- outbox and sinks -----------------------------------------------------------------------
+
+    async def read_outbox(self, after_seq: int, limit: int) -> list[OutboxEvent]:
+        async def run(conn: Connection) -> list[OutboxEvent]:
+            rows = await conn.fetch(
+                "SELECT seq, event_id, account, kind, campaign_id, contact_id, occurred_ms,"
+                " committed_ms, data FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
+                after_seq,
+                limit,
+            )
+            return [_outbox_event(r) for r in rows]
+
+        return await self.transaction(run)
+
+    async def outbox_head(self) -> int:
+        return await self._value_int("SELECT COALESCE(MAX(seq), 0) FROM outbox")
+
+    async def sink_cursor(self, sink: str) -> int:
+        return await self._value_int("SELECT seq FROM sink_cursors WHERE sink = $1", sink)
+
+    async def set_sink_cursor(self, sink: str, seq: int) -> None:
+        await self._execute(
+            "INSERT INTO sink_cursors (sink, seq) VALUES ($1, $2)"
+            " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
+            sink,
+            seq,
+        )
+
+    async def add_dead_letter(
+        self, sink: str, seq: int, event_id: str, reason: str, now_ms: int
+    ) -> None:
+        await self._execute(
+            "INSERT INTO dead_letters (sink, seq, event_id, reason, created_ms)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            sink,
+            seq,
+            event_id,
+            reason[:2000],
+            now_ms,
+        )
+
+    async def dead_letters(self, sink: str, limit: int = 100) -> list[DeadLetter]:
+        async def run(conn: Connection) -> list[DeadLetter]:
+            rows = await conn.fetch(
+                "SELECT sink, seq, event_id, reason, created_ms FROM dead_letters"
+                " WHERE sink = $1 ORDER BY seq, id LIMIT $2",
+                sink,
+                limit,
+            )
+            return [DeadLetter(str(a), int(b), str(c), str(d), int(e)) for a, b, c, d, e in rows]
+
+        return await self.transaction(run)
+
+    # -- webhooks ---------------------------------------------------------------------------------
+
+    async def create_webhook(self, webhook: Webhook) -> Webhook:
+        async def run(conn: Connection) -> Webhook:
+            head = int(await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM outbox"))
+            created = dataclasses.replace(webhook, start_seq=head)
+            await conn.execute(_INSERT_WEBHOOK, *_webhook_row(created))
+            return created
+
+        return await self.transaction(run)
+
+    async def webhook(self, webhook_id: str) -> Webhook:
+        return await self.transaction(lambda conn: _get_webhook(conn, webhook_id))
+
+    async def webhooks(self) -> list[Webhook]:
+        async def run(conn: Connection) -> list[Webhook]:
+            rows = await conn.fetch(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_ms, id"  # noqa: S608
+            )
+            return [_webhook(r) for r in rows]
+
+        return await self.transaction(run)
+
+    async def update_webhook(self, webhook: Webhook) -> None:
+        columns = [c.strip() for c in _WEBHOOK_COLUMNS.split(",")][1:]
+        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
+
+        async def run(conn: Connection) -> None:
+            status = await conn.execute(
+                f"UPDATE webhooks SET {assignments} WHERE id = $1",  # noqa: S608
+                webhook.id,
+                *_webhook_row(webhook)[1:],
+            )
+            if not _count(status):
+                raise NotFoundError(f"no webhook with id {webhook.id!r}")
+
+        await self.transaction(run)
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        async def run(conn: Connection) -> None:
+            # deliveries and their attempts go with it (ON DELETE CASCADE)
+            status = await conn.execute("DELETE FROM webhooks WHERE id = $1", webhook_id)
+            if not _count(status):
+                raise NotFoundError(f"no webhook with id {webhook_id!r}")
+
+        await self.transaction(run)
+
+    async def webhook_failed(self, webhook_id: str, now_ms: int, disable_after_ms: int) -> bool:
+        async def run(conn: Connection) -> bool:
+            await conn.execute(
+                "UPDATE webhooks SET failing_since_ms = COALESCE(failing_since_ms, $1)"
+                " WHERE id = $2",
+                now_ms,
+                webhook_id,
+            )
+            status = await conn.execute(
+                "UPDATE webhooks SET enabled = 0, updated_ms = $1, disabled_reason ="
+                " 'failing continuously since ' || failing_since_ms || ' (Unix ms)'"
+                " WHERE id = $2 AND enabled = 1 AND failing_since_ms <= $3",
+                now_ms,
+                webhook_id,
+                now_ms - disable_after_ms,
+            )
+            return bool(_count(status))
+
+        return await self.transaction(run)
+
+    async def webhook_succeeded(self, webhook_id: str) -> None:
+        await self._execute(
+            "UPDATE webhooks SET failing_since_ms = NULL"
+            " WHERE id = $1 AND failing_since_ms IS NOT NULL",
+            webhook_id,
+        )
+
+    async def disable_webhook(self, webhook_id: str, reason: str, now_ms: int) -> None:
+        await self._execute(
+            "UPDATE webhooks SET enabled = 0, disabled_reason = $1, updated_ms = $2 WHERE id = $3",
+            reason,
+            now_ms,
+            webhook_id,
+        )
+
+    async def fanout(self, limit: int, now_ms: int) -> int:
+        async def run(conn: Connection) -> int:
+            # one fan-out at a time across replicas: each event is fanned out once, in order
+            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_FANOUT)
+            cursor = int(
+                await conn.fetchval("SELECT seq FROM sink_cursors WHERE sink = $1", _FANOUT) or 0
+            )
+            events = await conn.fetch(
+                "SELECT seq, event_id, kind FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
+                cursor,
+                limit,
+            )
+            if not events:
+                return 0
+            hooks = [
+                _webhook(r)
+                for r in await conn.fetch(
+                    f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE enabled = 1"  # noqa: S608
+                )
+            ]
+            rows = [
+                (hook.id, int(seq), event_id, now_ms, now_ms)
+                for seq, event_id, kind in events
+                for hook in hooks
+                if seq > hook.start_seq and hook.wants(Kind(kind).event_type)
+            ]
+            await _insert_deliveries(conn, rows, reset=False)
+            await conn.execute(
+                "INSERT INTO sink_cursors (sink, seq) VALUES ($1, $2)"
+                " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
+                _FANOUT,
+                int(events[-1][0]),
+            )
+            return len(events)
+
+        return await self.transaction(run)
+
+    async def due_deliveries(
+        self, webhook_id: str, now_ms: int, limit: int
+    ) -> list[tuple[Delivery, OutboxEvent]]:
+        async def run(conn: Connection) -> list[tuple[Delivery, OutboxEvent]]:
+            rows = await conn.fetch(
+                f"SELECT {_DELIVERY_COLUMNS_D}, {_OUTBOX_COLUMNS_O} FROM deliveries d"  # noqa: S608
+                " JOIN outbox o ON o.seq = d.seq"
+                " WHERE d.webhook_id = $1 AND d.status = 'pending' AND d.next_attempt_ms <= $2"
+                " ORDER BY d.next_attempt_ms, d.seq LIMIT $3",
+                webhook_id,
+                now_ms,
+                limit,
+            )
+            width = len(_DELIVERY_COLUMNS.split(","))
+            return [(_delivery(r[:width]), _outbox_event(r[width:])) for r in rows]
+
+        return await self.transaction(run)
+
+    async def next_due_ms(self, webhook_id: str) -> int | None:
+        async def run(conn: Connection) -> int | None:
+            value = await conn.fetchval(
+                "SELECT MIN(next_attempt_ms) FROM deliveries"
+                " WHERE webhook_id = $1 AND status = 'pending'",
+                webhook_id,
+            )
+            return None if value is None else int(value)
+
+        return await self.transaction(run)
+
+    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
+        async def run(conn: Connection) -> None:
+            await conn.executemany(
+                "INSERT INTO attempts (delivery_id, attempted_ms, status_code, latency_ms,"
+                " response_excerpt, error) VALUES ($1, $2, $3, $4, $5, $6)",
+                [
+                    (
+                        a.delivery_id,
+                        a.attempted_ms,
+                        a.status_code,
+                        a.latency_ms,
+                        a.response_excerpt,
+                        a.error,
+                    )
+                    for a, _, _ in results
+                ],
+            )
+            await conn.executemany(
+                "UPDATE deliveries SET status = $1, attempts = attempts + 1,"
+                " next_attempt_ms = $2, last_status = $3, last_error = $4,"
+                " delivered_ms = CASE WHEN $1 = 'delivered' THEN $5 ELSE delivered_ms END"
+                " WHERE id = $6",
+                [
+                    (status, next_ms, a.status_code, a.error, a.attempted_ms, a.delivery_id)
+                    for a, status, next_ms in results
+                ],
+            )
+
+        await self.transaction(run)
+
+    async def delivery(self, delivery_id: int) -> Delivery:
+        return await self.transaction(lambda conn: _get_delivery(conn, delivery_id))
+
+    async def deliveries(
+        self, webhook_id: str, limit: int, status: str | None = None
+    ) -> list[Delivery]:
+        async def run(conn: Connection) -> list[Delivery]:
+            if status:
+                rows = await conn.fetch(
+                    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries"  # noqa: S608
+                    " WHERE webhook_id = $1 AND status = $2 ORDER BY id DESC LIMIT $3",
+                    webhook_id,
+                    status,
+                    limit,
+                )
+            else:
+                rows = await conn.fetch(
+                    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries"  # noqa: S608
+                    " WHERE webhook_id = $1 ORDER BY id DESC LIMIT $2",
+                    webhook_id,
+                    limit,
+                )
+            return [_delivery(r) for r in rows]
+
+        return await self.transaction(run)
+
+    async def attempts(self, delivery_id: int) -> list[Attempt]:
+        async def run(conn: Connection) -> list[Attempt]:
+            rows = await conn.fetch(
+                "SELECT delivery_id, attempted_ms, status_code, latency_ms, response_excerpt,"
+                " error FROM attempts WHERE delivery_id = $1 ORDER BY id",
+                delivery_id,
+            )
+            return [Attempt(int(a), int(b), c, float(d), str(e), f) for a, b, c, d, e, f in rows]
+
+        return await self.transaction(run)
+
+    async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
+        async def run(conn: Connection) -> Delivery:
+            status = await conn.execute(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = $1"
+                " WHERE id = $2",
+                now_ms,
+                delivery_id,
+            )
+            if not _count(status):
+                raise NotFoundError(f"no delivery with id {delivery_id}")
+            return await _get_delivery(conn, delivery_id)
+
+        return await self.transaction(run)
+
+    async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
+        async def run(conn: Connection) -> int:
+            hook = await _get_webhook(conn, webhook_id)
+            events = await conn.fetch(
+                "SELECT seq, event_id, kind FROM outbox WHERE committed_ms >= $1 ORDER BY seq",
+                since_ms,
+            )
+            rows = [
+                (webhook_id, int(seq), event_id, now_ms, now_ms)
+                for seq, event_id, kind in events
+                if hook.wants(Kind(kind).event_type)
+            ]
+            await _insert_deliveries(conn, rows, reset=True)
+            return len(rows)
+
+        return await self.transaction(run)
+
+    # -- retention ------------------------------------------------------------------------------
+
+    async def prune_dedup(self, before_ms: int) -> int:
+        async def run(conn: Connection) -> int:
+            return _count(await conn.execute("DELETE FROM dedup WHERE occurred_ms < $1", before_ms))
+
+        return await self.transaction(run)
+
+    async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
+        names = [_FANOUT, *sinks]
+
+        async def run(conn: Connection) -> int:
+            found = {
+                str(r[0]): int(r[1])
+                for r in await conn.fetch(
+                    "SELECT sink, seq FROM sink_cursors WHERE sink = ANY($1::text[])", names
+                )
+            }
+            # A reader without a cursor has read nothing yet.
+            below = min(found.get(name, 0) for name in names)
+            if below <= 0:
+                return 0
+            # Strictly below: the newest row stays, so MAX(seq) is still the outbox head; rows
+            # a pending or dead delivery still reads stay, whatever their age.
+            return _count(
+                await conn.execute(
+                    "DELETE FROM outbox WHERE seq IN (SELECT o.seq FROM outbox o"
+                    " WHERE o.seq < $1 AND o.committed_ms < $2 AND NOT EXISTS"
+                    " (SELECT 1 FROM deliveries d WHERE d.seq = o.seq"
+                    " AND d.status != 'delivered') ORDER BY o.seq LIMIT $3)",
+                    below,
+                    before_ms,
+                    _PRUNE_CHUNK,
+                )
+            )
+
+        pruned = 0
+        while True:  # chunked: short transactions
+            removed = await self.transaction(run)
+            pruned += removed
+            if removed < _PRUNE_CHUNK:
+                return pruned
+
+    async def dedup_count(self) -> int:
+        return await self._value_int("SELECT COUNT(*) FROM dedup")
+
+    async def overview(self) -> Overview:
+        async def run(conn: Connection) -> Overview:
+            streams = {
+                (str(scope), str(state)): int(n)
+                for scope, state, n in await conn.fetch(
+                    "SELECT scope, CASE WHEN retired <> 0 THEN 'retired' WHEN paused <> 0"
+                    " THEN 'paused' ELSE 'active' END AS state, COUNT(*) FROM streams"
+                    " GROUP BY 1, 2"
+                )
+            }
+            marks = {
+                (str(scope), Kind(kind)): (int(oldest), int(newest))
+                for scope, kind, oldest, newest in await conn.fetch(
+                    "SELECT s.scope, w.kind, MIN(w.watermark_ms), MAX(w.watermark_ms)"
+                    " FROM watermarks w JOIN streams s ON s.id = w.stream_id"
+                    " WHERE s.retired = 0 AND s.paused = 0 GROUP BY s.scope, w.kind"
+                )
+            }
+            pending = await conn.fetchval(
+                "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'"
+            )
+            return Overview(streams, marks, int(pending))
+
+        return await self.transaction(run)
+
+    # -- operations: status, operator holds, replay, run-time targets --------------------------
+
+    async def sink_cursors(self) -> dict[str, int]:
+        async def run(conn: Connection) -> dict[str, int]:
+            rows = await conn.fetch("SELECT sink, seq FROM sink_cursors")
+            return {str(k): int(v) for k, v in rows}
+
+        return await self.transaction(run)
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        async def run(conn: Connection) -> dict[str, int]:
+            rows = await conn.fetch("SELECT sink, COUNT(*) FROM dead_letters GROUP BY sink")
+            return {str(k): int(v) for k, v in rows}
+
+        return await self.transaction(run)
+
+    async def delivery_counts(self) -> dict[str, DeliveryCounts]:
+        async def run(conn: Connection) -> dict[str, DeliveryCounts]:
+            rows = await conn.fetch(
+                "SELECT webhook_id, COUNT(*) FILTER (WHERE status = 'pending'),"
+                " COUNT(*) FILTER (WHERE status = 'dead'),"
+                " MIN(seq) FILTER (WHERE status = 'pending') FROM deliveries"
+                " WHERE status IN ('pending', 'dead') GROUP BY webhook_id"
+            )
+            return {
+                str(w): DeliveryCounts(int(p), int(d), None if o is None else int(o))
+                for w, p, d, o in rows
+            }
+
+        return await self.transaction(run)
+
+    async def hold_account(self, account: str, reason: str, now_ms: int) -> None:
+        await self._execute(
+            "INSERT INTO account_holds (account, reason, held_ms) VALUES ($1, $2, $3)"
+            " ON CONFLICT (account) DO UPDATE SET reason = excluded.reason",
+            account,
+            reason[:1000],
+            now_ms,
+        )
+
+    async def release_account(self, account: str) -> bool:
+        async def run(conn: Connection) -> bool:
+            status = await conn.execute("DELETE FROM account_holds WHERE account = $1", account)
+            return bool(_count(status))
+
+        return await self.transaction(run)
+
+    async def account_holds(self) -> dict[str, tuple[int, str]]:
+        async def run(conn: Connection) -> dict[str, tuple[int, str]]:
+            rows = await conn.fetch("SELECT account, held_ms, reason FROM account_holds")
+            return {str(a): (int(h), str(r)) for a, h, r in rows}
+
+        return await self.transaction(run)
+
+    async def request_replay(self, stream_ids: Sequence[int], since_ms: int, now_ms: int) -> int:
+        async def run(conn: Connection) -> int:
+            changed = 0
+            for sid in stream_ids:
+                changed += _count(
+                    await conn.execute(
+                        "UPDATE streams SET replay_from_ms = LEAST(COALESCE(replay_from_ms, $1),"
+                        " $1), next_due_ms = LEAST(next_due_ms, $2) WHERE id = $3",
+                        since_ms,
+                        now_ms,
+                        sid,
+                    )
+                )
+            return changed
+
+        return await self.transaction(run)
+
+    async def stream_replay(self, stream_id: int) -> int | None:
+        async def run(conn: Connection) -> int | None:
+            value = await conn.fetchval(
+                "SELECT replay_from_ms FROM streams WHERE id = $1", stream_id
+            )
+            return None if value is None else int(value)
+
+        return await self.transaction(run)
+
+    async def replays(self) -> dict[int, int]:
+        async def run(conn: Connection) -> dict[int, int]:
+            rows = await conn.fetch(
+                "SELECT id, replay_from_ms FROM streams WHERE replay_from_ms IS NOT NULL"
+            )
+            return {int(i): int(r) for i, r in rows}
+
+        return await self.transaction(run)
+
+    async def end_replay(self, stream_id: int, since_ms: int) -> None:
+        await self._execute(
+            "UPDATE streams SET replay_from_ms = NULL WHERE id = $1 AND replay_from_ms = $2",
+            stream_id,
+            since_ms,
+        )
+
+    async def commit_replay_page(
+        self, stream_id: int, activities: Sequence[Activity], now_ms: int, since_ms: int
+    ) -> tuple[int, int]:
+        unique: dict[bytes, Activity] = {}
+        for activity in activities:
+            unique.setdefault(activity.event_id_bytes, activity)
+
+        async def run(conn: Connection) -> tuple[int, int]:
+            inserted = await _insert_dedup(conn, unique)
+            counted: set[bytes] = set()
+            rows: list[tuple[object, ...]] = []
+            for activity in activities:
+                key = activity.event_id_bytes
+                new = key in inserted and key not in counted
+                if new:
+                    counted.add(key)
+                if new or activity.occurred_ms >= since_ms:
+                    rows.append(_outbox_row(key, activity, stream_id, now_ms))
+            await _append_outbox(conn, rows)
+            return len(counted), len(rows)
+
+        return await self.transaction(run)
+
+    async def count_outbox(self, selector: OutboxSelector) -> OutboxRange:
+        where, args = _selection(selector, 1)
+
+        async def run(conn: Connection) -> OutboxRange:
+            row = await conn.fetchrow(
+                # an event replayed before is in the log twice: it goes out once per replay
+                f"SELECT COUNT(DISTINCT event_id), MIN(seq), MAX(seq) FROM outbox"  # noqa: S608
+                f" WHERE {where}",
+                *args,
+            )
+            assert row is not None  # an aggregate always returns a row
+            return OutboxRange(int(row[0]), int(row[1] or 0), int(row[2] or 0))
+
+        return await self.transaction(run)
+
+    async def replay_outbox(self, selector: OutboxSelector, now_ms: int) -> OutboxRange:
+        where, args = _selection(selector, 3)
+
+        async def run(conn: Connection) -> OutboxRange:
+            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_OUTBOX)
+            head = int(await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM outbox"))
+            await conn.execute(
+                "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id,"  # noqa: S608
+                " contact_id, occurred_ms, committed_ms, data)"
+                " SELECT event_id, account, stream_id, kind, campaign_id, contact_id,"
+                " occurred_ms, $1, data FROM outbox WHERE seq IN"
+                f" (SELECT MIN(seq) FROM outbox WHERE {where} AND seq <= $2 GROUP BY event_id)"
+                " ORDER BY seq",
+                now_ms,
+                head,
+                *args,
+            )
+            row = await conn.fetchrow(
+                "SELECT COUNT(*), MIN(seq), MAX(seq) FROM outbox WHERE seq > $1", head
+            )
+            assert row is not None  # an aggregate always returns a row
+            return OutboxRange(int(row[0]), int(row[1] or 0), int(row[2] or 0))
+
+        return await self.transaction(run)
+
+    async def remove_targets(self, keys: Sequence[StreamKey], now_ms: int) -> int:
+        async def run(conn: Connection) -> int:
+            existed = 0
+            for key in keys:
+                row = (key.account, key.scope, key.resource_id)
+                status = await conn.execute(
+                    "UPDATE streams SET retired = 1 WHERE account = $1 AND scope = $2"
+                    " AND resource_id = $3 AND retired = 0",
+                    *row,
+                )
+                if not _count(status):
+                    continue  # not polled: nothing to remove, no mark either
+                existed += 1
+                await conn.execute(
+                    "INSERT INTO removed_targets (account, scope, resource_id, removed_ms)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT (account, scope, resource_id)"
+                    " DO NOTHING",
+                    *row,
+                    now_ms,
+                )
+            return existed
+
+        return await self.transaction(run)
+
+    async def removed_targets(self, account: str) -> set[StreamKey]:
+        async def run(conn: Connection) -> set[StreamKey]:
+            rows = await conn.fetch(
+                "SELECT scope, resource_id FROM removed_targets WHERE account = $1", account
+            )
+            return {StreamKey(account, str(s), str(r)) for s, r in rows}
+
+        return await self.transaction(run)
+
+    async def restore_targets(self, keys: Sequence[StreamKey]) -> None:
+        await self._execute(
+            "DELETE FROM removed_targets USING unnest($1::text[], $2::text[], $3::text[])"
+            " AS t(a, s, r) WHERE account = a AND scope = s AND resource_id = r",
+            *_key_columns(keys),
+        )
+
+    async def stream_stats(self) -> dict[str, StreamStats]:
+        async def run(conn: Connection) -> dict[str, StreamStats]:
+            oldest = {
+                str(a): int(m)
+                for a, m in await conn.fetch(
+                    "SELECT s.account, MIN(w.watermark_ms) FROM watermarks w"
+                    " JOIN streams s ON s.id = w.stream_id WHERE s.retired = 0 GROUP BY s.account"
+                )
+            }
+            rows = await conn.fetch(
+                "SELECT account, COUNT(*),"
+                " COUNT(*) FILTER (WHERE retired = 0 AND paused = 0),"
+                " COUNT(*) FILTER (WHERE retired = 0 AND paused = 0 AND consecutive_errors > 0),"
+                " COUNT(*) FILTER (WHERE retired = 0 AND paused = 1),"
+                " COUNT(*) FILTER (WHERE retired = 1),"
+                " COUNT(*) FILTER (WHERE replay_from_ms IS NOT NULL) FROM streams GROUP BY account"
+            )
+            return {
+                str(a): StreamStats(
+                    int(t), int(ac), int(f), int(p), int(r), int(rp), oldest.get(str(a))
+                )
+                for a, t, ac, f, p, r, rp in rows
+            }
+
+        return await self.transaction(run)
+
+    async def stream_page(
+        self, where: StreamFilter, limit: int, offset: int
+    ) -> tuple[list[Stream], int]:
+        clause, args = _stream_filter(where)
+        n = len(args)
+
+        async def run(conn: Connection) -> tuple[list[Stream], int]:
+            total = int(
+                await conn.fetchval(
+                    f"SELECT COUNT(*) FROM streams WHERE {clause}",  # noqa: S608
+                    *args,
+                )
+            )
+            rows = await conn.fetch(
+                f"SELECT {_STREAM_COLUMNS} FROM streams WHERE {clause}"  # noqa: S608
+                f" ORDER BY id LIMIT ${n + 1} OFFSET ${n + 2}",
+                *args,
+                limit,
+                offset,
+            )
+            ids = [int(row[0]) for row in rows]
+            marks: dict[int, dict[Kind, int]] = {}
+            for sid, kind, ms in await conn.fetch(
+                "SELECT stream_id, kind, watermark_ms FROM watermarks"
+                " WHERE stream_id = ANY($1::bigint[])",
+                ids,
+            ):
+                marks.setdefault(int(sid), {})[Kind(kind)] = int(ms)
+            return [_stream(row, marks.get(int(row[0]), {})) for row in rows], total
+
+        return await self.transaction(run)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    async def _execute(self, sql: str, *args: object) -> None:
+        async def run(conn: Connection) -> None:
+            await conn.execute(sql, *args)
+
+        await self.transaction(run)
+
+    async def _value_int(self, sql: str, *args: object) -> int:
+        async def run(conn: Connection) -> int:
+            return int(await conn.fetchval(sql, *args) or 0)
+
+        return await self.transaction(run)
+
+
+_DELIVERY_COLUMNS_D = ", ".join(f"d.{c.strip()}" for c in _DELIVERY_COLUMNS.split(","))
+_OUTBOX_COLUMNS_O = (
+    "o.seq, o.event_id, o.account, o.kind, o.campaign_id, o.contact_id, o.occurred_ms,"
+    " o.committed_ms, o.data"
+)
+_INSERT_WEBHOOK = (
+    f"INSERT INTO webhooks ({_WEBHOOK_COLUMNS})"  # noqa: S608 - column names are constants
+    f" VALUES ({', '.join(f'${i}' for i in range(1, len(_WEBHOOK_COLUMNS.split(',')) + 1))})"
+)
+
+
+async def _version(conn: Connection) -> int:
+    return int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version") or 0)
+
+
+async def _migrate(conn: Connection) -> None:
+    """Apply pending migrations; the advisory lock makes replicas that start together wait."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_MIGRATE)
+    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
+    current = await _version(conn)
+    if current > len(PG_MIGRATIONS):
+        raise StoreError(
+            f"state store: schema version {current} is newer than this relay knows"
+            f" ({len(PG_MIGRATIONS)}); run a newer ctct-relay"
+        )
+    for version, script in enumerate(PG_MIGRATIONS, start=1):
+        if version <= current:
+            continue
+        for statement in script:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+
+
+async def _watermarks(conn: Connection, stream_id: int | None) -> dict[int, dict[Kind, int]]:
+    if stream_id is None:
+        rows = await conn.fetch("SELECT stream_id, kind, watermark_ms FROM watermarks")
+    else:
+        rows = await conn.fetch(
+            "SELECT stream_id, kind, watermark_ms FROM watermarks WHERE stream_id = $1", stream_id
+        )
+    out: dict[int, dict[Kind, int]] = {}
+    for sid, kind, ms in rows:
+        out.setdefault(int(sid), {})[Kind(kind)] = int(ms)
+    return out
+
+
+def _key_columns(keys: Sequence[StreamKey]) -> tuple[list[str], list[str], list[str]]:
+    return (
+        [k.account for k in keys],
+        [k.scope for k in keys],
+        [k.resource_id for k in keys],
+    )
+
+
+async def _insert_dedup(conn: Connection, fresh: dict[bytes, Activity]) -> set[bytes]:
+    """Insert the keys not yet known; returns those that were new. A concurrent insert of the
+    same key waits for the other transaction and then counts as known."""
+    if not fresh:
+        return set()
+    rows = await conn.fetch(
+        "INSERT INTO dedup (event_id, occurred_ms)"
+        " SELECT * FROM unnest($1::bytea[], $2::bigint[])"
+        " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        list(fresh),
+        [a.occurred_ms for a in fresh.values()],
+    )
+    return {bytes(r[0]) for r in rows}
+
+
+async def _append_outbox(conn: Connection, rows: list[tuple[object, ...]]) -> None:
+    """Append events in order. The advisory lock is held until commit, so sequence numbers
+    commit in order across replicas (sinks read ``seq > cursor`` and must never skip one)."""
+    if not rows:
+        return
+    await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_OUTBOX)
+    columns = list(zip(*rows, strict=True))
+    await conn.execute(
+        "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id, contact_id,"
+        " occurred_ms, committed_ms, data)"
+        " SELECT e, a, s, k, ca, co, o, c, d FROM unnest($1::text[], $2::text[], $3::bigint[],"
+        " $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::bytea[])"
+        " WITH ORDINALITY AS t(e, a, s, k, ca, co, o, c, d, n) ORDER BY n",
+        *[list(c) for c in columns],
+    )
+
+
+async def _insert_deliveries(
+    conn: Connection, rows: list[tuple[str, int, str, int, int]], *, reset: bool
+) -> None:
+    if not rows:
+        return
+    conflict = (
+        "DO UPDATE SET status = 'pending', attempts = 0, next_attempt_ms = excluded.next_attempt_ms"
+        if reset
+        else "DO NOTHING"
+    )
+    columns = list(zip(*rows, strict=True))
+    await conn.execute(
+        "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms, created_ms)"  # noqa: S608 - constant clauses
+        " SELECT w, s, e, 'pending', n, c FROM unnest($1::text[], $2::bigint[], $3::text[],"
+        " $4::bigint[], $5::bigint[]) WITH ORDINALITY AS t(w, s, e, n, c, i) ORDER BY i"
+        f" ON CONFLICT (webhook_id, seq) {conflict}",
+        *[list(c) for c in columns],
+    )
+
+
+async def _get_webhook(conn: Connection, webhook_id: str) -> Webhook:
+    row = await conn.fetchrow(
+        f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1",  # noqa: S608
+        webhook_id,
+    )
+    if row is None:
+        raise NotFoundError(f"no webhook with id {webhook_id!r}")
+    return _webhook(row)
+
+
+async def _get_delivery(conn: Connection, delivery_id: int) -> Delivery:
+    row = await conn.fetchrow(
+        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = $1",  # noqa: S608
+        delivery_id,
+    )
+    if row is None:
+        raise NotFoundError(f"no delivery with id {delivery_id}")
+    return _delivery(row)
+
+
+def _selection(selector: OutboxSelector, first: int) -> tuple[str, tuple[object, ...]]:
+    """The WHERE clause (placeholders from ``$first``) of the events a log replay selects."""
+    column = "occurred_ms" if selector.by_activity_time else "committed_ms"
+    where = f"account = ${first} AND {column} >= ${first + 1}"
+    args: tuple[object, ...] = (selector.account, selector.since_ms)
+    if selector.stream_id is not None:
+        where += f" AND stream_id = ${first + len(args)}"
+        args += (selector.stream_id,)
+    if selector.campaign_id is not None:
+        where += f" AND campaign_id = ${first + len(args)}"
+        args += (selector.campaign_id,)
+    return where, args
+
+
+def _stream_filter(where: StreamFilter) -> tuple[str, tuple[object, ...]]:
+    """The WHERE clause (and arguments) of a stream listing; only constants are interpolated."""
+    clauses = ["TRUE"]
+    args: list[object] = []
+    if where.account is not None:
+        args.append(where.account)
+        clauses.append(f"account = ${len(args)}")
+    if where.scope is not None:
+        args.append(where.scope)
+        clauses.append(f"scope = ${len(args)}")
+    if where.state is not None:
+        if where.state not in _STATE_CLAUSES:
+            raise StoreError(f"unknown stream state {where.state!r}")
+        clauses.append(_STATE_CLAUSES[where.state])
+    if where.replaying is not None:
+        clauses.append(f"replay_from_ms IS {'NOT ' if where.replaying else ''}NULL")
+    return " AND ".join(clauses), tuple(args)
