@@ -26,15 +26,17 @@ from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
 from relay.events import Kind
+from relay.leases import AccountBudget, exclusively, leased_job, new_replica_id, run_leased
 from relay.logs import Redactor
 from relay.metrics import FANOUT_CURSOR, Metrics
 from relay.poller import Poller
 from relay.scheduler import AccountRuntime, Planner, Scheduler
 from relay.sinks.kafka import SINK as KAFKA_SINK
-from relay.sinks.kafka import KafkaSink
+from relay.sinks.kafka import KafkaSink, KafkaSinkError
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import WebhookDispatcher
 from relay.store import Store, StoreError, open_store
+from relay.store.coordination import Coordinator, coordinator_for
 from relay.targets import CampaignDiscovery, ensure_configured
 
 log = structlog.get_logger(__name__)
@@ -64,17 +66,26 @@ async def run_relay(
 ) -> None:
     """Run until ``stop`` is set, then shut down in order."""
     metrics = metrics or Metrics(now_ms)
+    replica = new_replica_id()
+    # every log line of this process names it: replicas sharing PostgreSQL tell apart by it
+    structlog.contextvars.bind_contextvars(replica=replica)
     async with AsyncExitStack() as stack:
         store = open_store(settings.state, settings.postgres)
         await store.open()
         stack.push_async_callback(store.close)
+        coordinator = coordinator_for(store, replica, settings.postgres)
         session = await stack.enter_async_context(aiohttp.ClientSession())
         guard = Guard.from_strings(settings.allow_networks)
-        try:
+
+        async def declare() -> None:
             await upsert_declared(store, guard, settings.webhooks, now_ms())
+
+        try:
+            # one replica at a time, so replicas starting together create each webhook once
+            await exclusively(coordinator, "declare-webhooks", declare, 4 * coordinator.lease_s)
         except WebhookError as exc:
             raise ConfigError(f"webhooks.declared: {exc}") from None
-        sinks = _start_sinks(settings, store, stop, guard, metrics)
+        sinks = _start_sinks(settings, store, stop, guard, metrics, coordinator)
         stack.push_async_callback(_stop_sinks, sinks)
         cursors = [FANOUT_CURSOR] + (["kafka"] if settings.kafka else [])
         metrics.watch_store(store, cursors)
@@ -89,7 +100,7 @@ async def run_relay(
         clients: list[CtctClient] = []
         for account in settings.accounts:
             runtime, client = await _account_runtime(
-                settings, account, store, session, today, sinks.notify, metrics
+                settings, account, store, session, today, sinks.notify, metrics, coordinator
             )
             runtimes.append(runtime)
             clients.append(client)
@@ -97,7 +108,9 @@ async def run_relay(
             await ensure_configured(
                 store, account.name, account.campaigns.ids, account.contacts, now_ms()
             )
-        scheduler = Scheduler(store, runtimes, settings.schedule, metrics=metrics)
+        scheduler = Scheduler(
+            store, runtimes, settings.schedule, metrics=metrics, coordinator=coordinator
+        )
         stack.push_async_callback(scheduler.stop)
         view.on_change = scheduler.reload  # pauses and targets changed through the admin API
         for account, client in zip(settings.accounts, clients, strict=True):
@@ -107,7 +120,9 @@ async def run_relay(
                 client, store, account.name, account.campaigns.max_age_days, scheduler.reload
             )
             scheduler.add_job(
-                _guarded(discovery.run, "discovery"),
+                _guarded(
+                    leased_job(coordinator, f"discover:{account.name}", discovery.run), "discovery"
+                ),
                 account.campaigns.discover_interval_s,
                 f"discover:{account.name}",
             )
@@ -115,12 +130,17 @@ async def run_relay(
         outbox_ms = int(settings.outbox_retention_h * 3600_000)
         readers = sinks.outbox_readers
         scheduler.add_job(
-            _guarded(lambda: _prune(store, retention_ms, outbox_ms, readers), "prune"),
+            _guarded(
+                leased_job(
+                    coordinator, "prune", lambda: _prune(store, retention_ms, outbox_ms, readers)
+                ),
+                "prune",
+            ),
             PRUNE_EVERY_S,
             "prune",
         )
         await scheduler.start()
-        log.info("relay.started", accounts=[a.name for a in settings.accounts])
+        log.info("relay.started", accounts=[a.name for a in settings.accounts], replica=replica)
         await stop.wait()
         log.info("relay.stopping")
     for task in sinks.tasks:
@@ -170,17 +190,27 @@ async def _start_admin(
 
 
 def _start_sinks(
-    settings: Settings, store: Store, relay_stop: asyncio.Event, guard: Guard, metrics: Metrics
+    settings: Settings,
+    store: Store,
+    relay_stop: asyncio.Event,
+    guard: Guard,
+    metrics: Metrics,
+    coordinator: Coordinator,
 ) -> _Sinks:
     sinks = _Sinks()
-    dispatcher = WebhookDispatcher(store, settings.delivery, guard, now_ms, metrics)
+    dispatcher = WebhookDispatcher(store, settings.delivery, guard, now_ms, metrics, coordinator)
     sinks.tasks.append(asyncio.create_task(dispatcher.run(sinks.stop), name="sink:webhooks"))
     if settings.kafka is not None:
         kinds = sorted({k for a in settings.accounts for k in a.poll.kinds}, key=list(Kind).index)
         sink = KafkaSink(settings.kafka, store, kinds, now_ms, metrics)
         sinks.on_commit.append(sink.notify)
         sinks.outbox_readers.append(sink.name)
-        task = asyncio.create_task(sink.run(sinks.stop), name="sink:kafka")
+        # one publisher at a time keeps each contact's events in order; a lost lease or a
+        # failure backs off and tries again, only configuration errors end the relay
+        leased = run_leased(
+            "sink:kafka", coordinator, sink.run, sinks.stop, fatal=(KafkaSinkError,)
+        )
+        task = asyncio.create_task(leased, name="sink:kafka")
 
         def fatal(done: asyncio.Task[None]) -> None:
             if not done.cancelled() and done.exception() is not None:
@@ -211,11 +241,15 @@ async def _account_runtime(
     today: str,
     on_commit: Callable[[], None],
     metrics: Metrics,
+    coordinator: Coordinator,
 ) -> tuple[AccountRuntime, CtctClient]:
+    shared = coordinator.shared_budget
     limiter = RateLimiter(
         account.budget,
         used_today=await store.quota_used(account.name, today),
-        ledger=StoreLedger(store, account.name),
+        # replicas: every request admitted and counted in PostgreSQL for the whole deployment
+        ledger=None if shared else StoreLedger(store, account.name),
+        shared=AccountBudget(coordinator, account.name) if shared else None,
         after_restart=True,
     )
     metrics.watch_limiter(account.name, limiter)

@@ -109,6 +109,7 @@ def configure(
     )
     handler = logging.StreamHandler(out)
     handler.addFilter(_drop_cancellations)
+    handler.addFilter(_one_line_reconnects)
     handler.addFilter(_StdlibRedaction(redactor))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -133,6 +134,19 @@ def _drop_cancellations(record: logging.LogRecord) -> bool:
     cancels when the scheduler stops as "Error running job" with a traceback. Stopping is not
     an error, and Ctrl-C must not print tracebacks."""
     return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+def _one_line_reconnects(record: logging.LogRecord) -> bool:
+    """asyncpg's pool logs each failed reconnect during a PostgreSQL outage with a traceback
+    ("Failed to restore the pool connection floor"); the store retries and logs the outage
+    itself, so the library's line keeps just the error."""
+    if record.name.startswith("asyncpg") and record.exc_info and record.exc_info[1] is not None:
+        error = record.exc_info[1]
+        record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 class _StdlibRedaction(logging.Filter):

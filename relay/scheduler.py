@@ -31,7 +31,8 @@ from relay.ctct import errors
 from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
 from relay.metrics import Metrics
 from relay.poller import PassOutcome, Poller
-from relay.store import PassResult, Store, Stream
+from relay.store import PassResult, Store, StoreError, Stream
+from relay.store.coordination import Coordinator, LocalCoordinator
 
 log = structlog.get_logger(__name__)
 
@@ -175,8 +176,13 @@ class Scheduler:
         settings: ScheduleSettings,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         metrics: Metrics | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self._store = store
+        # which streams this process may poll: all that are due (alone on SQLite), or those it
+        # leased (replicas sharing PostgreSQL)
+        self._coordinator = coordinator or LocalCoordinator(store, "local")
+        self._passes: dict[int, asyncio.Task[None]] = {}  # stream -> its pass in flight
         self._metrics = metrics or Metrics(now_ms)
         self._accounts = {a.name: a for a in accounts}
         self._settings = settings
@@ -198,6 +204,15 @@ class Scheduler:
             coalesce=True,
             next_run_time=datetime.now(UTC),
         )
+        if self._coordinator.shared_budget:
+            self._aps.add_job(
+                self.renew_leases,
+                "interval",
+                seconds=self._coordinator.lease_s / 3,
+                id="renew-leases",
+                max_instances=1,
+                coalesce=True,
+            )
         self._aps.start()
 
     def add_job(self, func: Callable[[], object], seconds: float, job_id: str) -> None:
@@ -238,6 +253,12 @@ class Scheduler:
 
     async def tick(self) -> None:
         """Start passes for due streams of every account that has capacity and budget."""
+        try:
+            await self._tick()
+        except StoreError as exc:  # e.g. PostgreSQL restarting: the next tick tries again
+            log.warning("schedule.store_error", error=str(exc))
+
+    async def _tick(self) -> None:
         now = self._now_ms()
         held = await self._store.account_holds()  # operator pauses: read each tick, any replica
         for runtime in self._accounts.values():
@@ -250,14 +271,32 @@ class Scheduler:
             free = self._settings.concurrency - len(runtime.inflight)
             if free <= 0 or runtime.limiter.remaining_today <= 0:
                 continue
-            due = await self._store.due_streams(now, free + len(runtime.inflight))
-            for stream_id in (s for s in due if s not in runtime.inflight):
+            due = await self._coordinator.claim_streams(runtime.name, now, free, runtime.inflight)
+            for stream_id in due:
                 if len(runtime.inflight) >= self._settings.concurrency:
-                    break
+                    await self._coordinator.release_streams([stream_id])
+                    continue
                 runtime.inflight.add(stream_id)
                 task = asyncio.create_task(self._pass(runtime, stream_id))
                 self._tasks.add(task)
+                self._passes[stream_id] = task
                 task.add_done_callback(self._tasks.discard)
+
+    async def renew_leases(self) -> None:
+        """Extend the leases of the streams being polled; a pass whose lease is lost (another
+        replica may poll the stream now) is abandoned: what it committed stays committed."""
+        held = dict(self._passes)
+        if not held:
+            return
+        try:
+            kept = await self._coordinator.renew_streams(list(held))
+        except StoreError as exc:
+            log.warning("lease.renew_failed", streams=len(held), error=str(exc))
+            return
+        for stream_id, task in held.items():
+            if stream_id not in kept and not task.done():
+                log.warning("lease.lost", stream_id=stream_id)
+                task.cancel()
 
     async def wait_idle(self) -> None:
         """Wait for in-flight passes to finish (tests, graceful shutdown)."""
@@ -273,25 +312,37 @@ class Scheduler:
 
     async def _pass(self, runtime: AccountRuntime, stream_id: int) -> None:
         try:
-            stream = await self._store.stream(stream_id)
-            if stream.key.account != runtime.name or stream.retired or stream.paused:
-                return
-            replay_from = await self._store.stream_replay(stream_id)
-            # every line of one pass carries its poll id (and the stream), to grep one pass out
-            poll_id = secrets.token_hex(6)
-            with structlog.contextvars.bound_contextvars(stream=str(stream.key), poll_id=poll_id):
-                try:
-                    outcome = await runtime.poller.run_pass(stream, replay_from)
-                except errors.CtctError as exc:
-                    self._metrics.pass_failed(runtime.name, exc)
-                    await self._failed(runtime, stream, exc)
-                    return
-                await self._finished(runtime, stream, outcome)
-                if replay_from is not None:
-                    await self._store.end_replay(stream_id, replay_from)
-                    log.info("poll.replayed", since_ms=replay_from, replayed=outcome.replayed)
+            await self._polled(runtime, stream_id)
+        except StoreError as exc:
+            # the store is unreachable or refused a write: the stream stays due, and its pages
+            # committed so far stay committed; the next pass (here or elsewhere) re-reads them
+            log.warning("poll.store_error", stream_id=stream_id, error=str(exc))
         finally:
             runtime.inflight.discard(stream_id)
+            self._passes.pop(stream_id, None)
+            try:
+                await self._coordinator.release_streams([stream_id])
+            except StoreError as exc:  # the lease then ends by itself at its expiry
+                log.warning("lease.release_failed", stream_id=stream_id, error=str(exc))
+
+    async def _polled(self, runtime: AccountRuntime, stream_id: int) -> None:
+        stream = await self._store.stream(stream_id)
+        if stream.key.account != runtime.name or stream.retired or stream.paused:
+            return
+        replay_from = await self._store.stream_replay(stream_id)
+        # every line of one pass carries its poll id (and the stream), to grep one pass out
+        poll_id = secrets.token_hex(6)
+        with structlog.contextvars.bound_contextvars(stream=str(stream.key), poll_id=poll_id):
+            try:
+                outcome = await runtime.poller.run_pass(stream, replay_from)
+            except errors.CtctError as exc:
+                self._metrics.pass_failed(runtime.name, exc)
+                await self._failed(runtime, stream, exc)
+                return
+            await self._finished(runtime, stream, outcome)
+            if replay_from is not None:
+                await self._store.end_replay(stream_id, replay_from)
+                log.info("poll.replayed", since_ms=replay_from, replayed=outcome.replayed)
 
     async def _finished(
         self, runtime: AccountRuntime, stream: Stream, outcome: PassOutcome

@@ -153,6 +153,22 @@ def test_jobs_cancelled_at_shutdown_leave_no_traceback() -> None:
     assert "RuntimeError: real failure" in out.getvalue()
 
 
+def test_postgresql_reconnect_failures_are_one_line() -> None:
+    """asyncpg's pool logging a failed reconnect during an outage writes one line naming the
+    error, no traceback; other libraries keep theirs."""
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    for name in ("asyncpg.pool", "aiokafka"):
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed")
+        except OSError:
+            logging.getLogger(name).warning("Failed to restore the pool connection", exc_info=True)
+    first, second = out.getvalue().split("Failed to restore the pool connection")[1:]
+    assert first.startswith(": ConnectionRefusedError: [Errno 111] Connect call failed\n")
+    assert "Traceback" not in first
+    assert "Traceback" in second
+
+
 async def test_every_line_of_an_admin_request_carries_its_request_id(
     aiohttp_client: AiohttpClient, tmp_path: Path
 ) -> None:

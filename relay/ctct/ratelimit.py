@@ -56,6 +56,17 @@ class QuotaLedger(Protocol):
         ...
 
 
+class SharedBudget(Protocol):
+    """An account's budget counted for several processes at once (replicas sharing a store)."""
+
+    async def reserve(
+        self, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
+    ) -> tuple[bool, int, int]:
+        """Count one request if the shared window and ``day``'s count allow it: (admitted,
+        ms to wait before asking again (0 when the allowance is spent), used today)."""
+        ...
+
+
 def next_utc_midnight(moment: datetime) -> datetime:
     """The start of the UTC day after ``moment``: when a daily quota resets."""
     day = moment.astimezone(UTC).date() + timedelta(days=1)
@@ -68,7 +79,9 @@ class RateLimiter:
     ``acquire()`` waits for a per-second slot and spends one request of today's allowance, or
     raises :class:`BudgetExhaustedError` when the allowance is spent. Waiters are served in order.
     With a ``ledger``, every request is recorded durably before it is sent, so the daily count
-    survives restarts (start with ``used_today`` read from the same ledger).
+    survives restarts (start with ``used_today`` read from the same ledger). With a ``shared``
+    budget, each request is also admitted by it (and counted there, instead of in a ledger), so
+    several replicas together keep the account's limits.
     """
 
     def __init__(
@@ -77,6 +90,7 @@ class RateLimiter:
         *,
         used_today: int = 0,
         ledger: QuotaLedger | None = None,
+        shared: SharedBudget | None = None,
         after_restart: bool = False,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -89,6 +103,7 @@ class RateLimiter:
         self._day = self._today()
         self._used_today = used_today
         self._ledger = ledger
+        self._shared = shared
         self._sent: deque[float] = deque(maxlen=budget.burst)
         if after_restart:
             # The previous process may have spent this second's requests just before it died;
@@ -132,12 +147,41 @@ class RateLimiter:
                     self.waited_s += wait_s
                     self.waits += 1
                     await self._sleep(wait_s)
+            if self._shared is not None:
+                # counted there before it is sent, for every replica
+                await self._reserve_shared(self._shared)
+                self._sent.append(self._monotonic())
+                return
             self._sent.append(self._monotonic())
             self._used_today += 1
             if self._ledger is not None:
                 # Counted before it is sent: a crash can over-count, never under-count. The
                 # ledger's total wins, so replicas sharing it see each other's requests.
                 self._used_today = await self._ledger.spend(self._day.isoformat(), 1)
+
+    async def _reserve_shared(self, shared: SharedBudget) -> None:
+        """Wait until the shared budget admits the request; raise when today's is spent."""
+        budget = self.budget
+        while True:
+            admitted, wait_ms, used = await shared.reserve(
+                self._day.isoformat(),
+                int(self._wall_clock() * 1000),
+                budget.burst,
+                int(budget.window_s * 1000),
+                budget.daily_allowance,
+            )
+            self._used_today = used
+            if admitted:
+                return
+            if wait_ms <= 0:
+                raise BudgetExhaustedError(
+                    f"daily allowance of {budget.daily_allowance} requests is spent"
+                    " (counted over every replica)",
+                    resume_at=self.resume_at(),
+                )
+            self.waited_s += wait_ms / 1000
+            self.waits += 1
+            await self._sleep(wait_ms / 1000)
 
     def _today(self) -> date:
         return datetime.fromtimestamp(self._wall_clock(), UTC).date()

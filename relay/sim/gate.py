@@ -32,9 +32,22 @@ async def v2_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith(V2_PREFIX):
         return await handler(request)
     state = request.app[STATE]
-    response = await _gated(state, request, handler)
+    stream = stream_of(request.path)
+    state.stats.begin(stream)
+    try:
+        response = await _gated(state, request, handler)
+    finally:
+        state.stats.end(stream)
     state.stats.answered(_template(request), response.status)
     return response
+
+
+def stream_of(path: str) -> str | None:
+    """The resource a tracking request reads (``/v2/contacts/1017``, ``/v2/emailmarketing/
+    campaigns/11``): what one relay pass polls, so two requests for it at once mean two relay
+    replicas polled the same stream at once. None for other requests."""
+    resource, found, _ = path.partition("/tracking")
+    return resource if found else None
 
 
 async def _gated(state: SimState, request: web.Request, handler: Handler) -> web.StreamResponse:

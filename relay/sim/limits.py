@@ -113,6 +113,24 @@ class Stats:
     def __init__(self) -> None:
         self._keys: dict[str, _KeyCounts] = {}
         self._endpoints: dict[str, Counter[int]] = {}
+        self._open: Counter[str] = Counter()  # tracking requests in progress, per stream
+        self.overlapping = 0  # requests that started while another for its stream was open
+
+    def begin(self, stream: str | None) -> None:
+        """A tracking request for ``stream`` started (None: not a tracking request)."""
+        if stream is None:
+            return
+        if self._open[stream]:
+            self.overlapping += 1
+        self._open[stream] += 1
+
+    def end(self, stream: str | None) -> None:
+        """The request of ``begin`` was answered."""
+        if stream is None:
+            return
+        self._open[stream] -= 1
+        if not self._open[stream]:
+            del self._open[stream]
 
     def _key(self, name: str) -> _KeyCounts:
         counts = self._keys.get(name)
@@ -153,4 +171,4 @@ class Stats:
             }
             for template, statuses in sorted(self._endpoints.items())
         }
-        return {"keys": keys, "endpoints": endpoints}
+        return {"keys": keys, "endpoints": endpoints, "overlapping": self.overlapping}

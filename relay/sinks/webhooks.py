@@ -31,6 +31,7 @@ from relay.metrics import Metrics
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError
 from relay.store import Attempt, Delivery, OutboxEvent, Store, StoreError, Webhook
+from relay.store.coordination import Coordinator, LocalCoordinator
 
 log = structlog.get_logger(__name__)
 
@@ -83,10 +84,15 @@ class WebhookDispatcher:
         guard: Guard,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         metrics: Metrics | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self._store = store
-        self._metrics = metrics or Metrics(now_ms)
+        # each endpoint is served by the one replica holding its lease, so its concurrency and
+        # rate limits hold for the deployment (alone on SQLite, every lease is held)
+        self._coordinator = coordinator or LocalCoordinator(store, "local")
+        self._held_until = 0.0  # monotonic time the endpoint leases run out unless renewed
         self._settings = settings
+        self._metrics = metrics or Metrics(now_ms)
         self._guard = guard
         self._now_ms = now_ms
         self._workers: dict[str, _Worker] = {}
@@ -99,24 +105,49 @@ class WebhookDispatcher:
         connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._guard), limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             next_refresh = 0.0
+            failures = 0
             try:
                 while not stop.is_set():
-                    fanned = await self._store.fanout(self._settings.fanout_batch, self._now_ms())
-                    if time.monotonic() >= next_refresh:
-                        await self._reconcile(session)
-                        next_refresh = time.monotonic() + self._settings.refresh_s
+                    try:
+                        fanned = await self._store.fanout(
+                            self._settings.fanout_batch, self._now_ms()
+                        )
+                        if time.monotonic() >= next_refresh:
+                            await self._reconcile(session)
+                            next_refresh = time.monotonic() + self._settings.refresh_s
+                        failures = 0
+                    except StoreError as exc:
+                        # the store is unreachable: keep trying, and stop the workers before
+                        # their leases run out (another replica may take the endpoints then)
+                        failures += 1
+                        log.warning("webhooks.store_error", error=str(exc))
+                        await self._drop_expired()
+                        await _sleep_or_stop(stop, min(5.0, 0.2 * 2**failures))
+                        continue
                     if fanned:
                         for worker in self._workers.values():
                             worker.wake.set()
                         continue
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self._settings.idle_poll_s)
+                    await _sleep_or_stop(stop, self._settings.idle_poll_s)
             finally:
                 await asyncio.gather(*(w.stop() for w in self._workers.values()))
+                held = [_lease(hook_id) for hook_id in self._workers]
                 self._workers.clear()
+                with contextlib.suppress(StoreError):
+                    await self._coordinator.release(held)
+
+    async def _drop_expired(self) -> None:
+        if self._workers and time.monotonic() >= self._held_until:
+            log.warning("webhooks.leases_expired", webhooks=len(self._workers))
+            await asyncio.gather(*(w.stop() for w in self._workers.values()))
+            self._workers.clear()
 
     async def _reconcile(self, session: aiohttp.ClientSession) -> None:
-        hooks = {h.id: h for h in await self._store.webhooks() if h.enabled}
+        enabled = {h.id: h for h in await self._store.webhooks() if h.enabled}
+        asked = time.monotonic()
+        held = await self._coordinator.hold([_lease(hook_id) for hook_id in enabled])
+        self._held_until = asked + 0.9 * self._coordinator.lease_s
+        hooks = {hook_id: h for hook_id, h in enabled.items() if _lease(hook_id) in held}
         for hook_id in [h for h in self._workers if h not in hooks]:
             await self._workers.pop(hook_id).stop()
         for hook in hooks.values():
@@ -356,6 +387,15 @@ class _Recorder:
                 for *_, future in batch:
                     future.set_result(None)
         self._flusher = None
+
+
+def _lease(webhook_id: str) -> str:
+    return f"webhook:{webhook_id}"
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _ms(started: float) -> float:

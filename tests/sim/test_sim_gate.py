@@ -353,3 +353,27 @@ async def test_frozen_gc_app_generates_ahead(aiohttp_client: AiohttpClient) -> N
         assert world.next_due(world.now_ms + 600_000) is None  # generated before being sent
     finally:
         gc.unfreeze()
+
+
+def test_overlapping_requests_for_one_stream_are_counted() -> None:
+    """Two tracking requests for the same resource open at once count as one overlap; requests
+    for other resources, one after the other, or outside tracking do not."""
+    from relay.sim.gate import stream_of
+    from relay.sim.limits import Stats
+
+    opens = stream_of("/v2/contacts/1017/tracking/opens")
+    summary = stream_of("/v2/contacts/1017/tracking/reports/summary")
+    other = stream_of("/v2/emailmarketing/campaigns/11/tracking/clicks/3")
+    assert opens == summary == "/v2/contacts/1017"
+    assert other == "/v2/emailmarketing/campaigns/11"
+    assert stream_of("/v2/emailmarketing/campaigns") is None
+    counts = Stats()
+    counts.begin(opens)
+    counts.begin(other)
+    counts.begin(None)
+    counts.end(opens)
+    counts.begin(summary)  # after the first one ended
+    assert counts.overlapping == 0
+    counts.begin(opens)  # while summary is open
+    assert counts.overlapping == 1
+    assert counts.describe(Limits([]))["overlapping"] == 1

@@ -1,0 +1,274 @@
+"""How replicas sharing one store divide the work: stream leases, named leases, shared budgets.
+
+A *stream lease* says which replica polls a stream: a replica claims due streams with
+``SELECT … FOR UPDATE SKIP LOCKED`` (two replicas claiming at once never get the same stream),
+marks them with its id and an expiry, renews them while the pass runs and releases them after.
+A replica that dies stops renewing; once its leases expire, another claims the streams.
+A *named lease* does the same for one thing at a time: the Kafka sink (one publisher keeps each
+contact's order), one webhook's deliveries (its concurrency limit holds), a periodic job.
+The *shared budget* is a request log per account: each request is inserted before it is sent,
+under an advisory lock per account, so the per-second limit and the daily quota are counted for
+the whole deployment.
+
+Lease expiries and the request log are on the database's clock, so replicas' clocks need not
+agree; ``request_margin_s`` widens each account's window for the time between a request's
+admission and its arrival upstream.
+
+On SQLite there is one process: :class:`LocalCoordinator` claims what is due, always holds every
+lease and leaves the budget to the in-process rate limiter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from asyncpg import Connection
+
+from relay.store.base import Store
+from relay.store.postgres import BUDGET_NS, PostgresSettings, PostgresStore
+
+_DB_NOW_MS = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint"
+_LOG_KEEP_MS = 60_000  # request log rows older than this are deleted as new ones come
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer of the shared budget to one request: admitted (counted, send it now), or wait
+    ``wait_ms`` and ask again, or (neither) today's allowance is spent."""
+
+    admitted: bool
+    wait_ms: int
+    used_today: int
+
+
+class Coordinator(Protocol):
+    """Leases and the shared budget of one replica."""
+
+    replica: str
+    lease_s: float
+    shared_budget: bool  # whether reserve_request counts for the whole deployment
+
+    async def claim_streams(
+        self, account: str, now_ms: int, limit: int, exclude: Collection[int]
+    ) -> list[int]:
+        """Lease up to ``limit`` of the account's active streams due by ``now_ms``, soonest
+        first, that no replica holds (``exclude``: this replica's passes in flight)."""
+
+    async def renew_streams(self, stream_ids: Collection[int]) -> set[int]:
+        """Extend these stream leases; returns those this replica still holds."""
+
+    async def release_streams(self, stream_ids: Collection[int]) -> None:
+        """Give these streams back (their pass is over)."""
+
+    async def hold(self, names: Sequence[str]) -> set[str]:
+        """Take or extend named leases; returns the names this replica holds now."""
+
+    async def release(self, names: Sequence[str]) -> None:
+        """Give named leases back, so another replica need not wait for their expiry."""
+
+    async def reserve_request(
+        self, account: str, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
+    ) -> Reservation:
+        """Admit one request of the account if no window of ``window_ms`` (plus the margin)
+        would hold more than ``burst`` and today's count is below ``allowance``. ``now_ms`` is
+        the caller's clock, for stores without one of their own (PostgreSQL uses its own)."""
+
+
+class LocalCoordinator:
+    """One process owns the store: everything due is claimable, every lease is held."""
+
+    shared_budget = False
+
+    def __init__(self, store: Store, replica: str, lease_s: float = 15.0) -> None:
+        self._store = store
+        self.replica = replica
+        self.lease_s = lease_s
+
+    async def claim_streams(
+        self, account: str, now_ms: int, limit: int, exclude: Collection[int]
+    ) -> list[int]:
+        due = await self._store.due_streams(now_ms, limit + len(exclude))
+        return [s for s in due if s not in exclude][:limit]
+
+    async def renew_streams(self, stream_ids: Collection[int]) -> set[int]:
+        return set(stream_ids)
+
+    async def release_streams(self, stream_ids: Collection[int]) -> None:
+        return None
+
+    async def hold(self, names: Sequence[str]) -> set[str]:
+        return set(names)
+
+    async def release(self, names: Sequence[str]) -> None:
+        return None
+
+    async def reserve_request(
+        self, account: str, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
+    ) -> Reservation:
+        used = await self._store.spend_quota(account, day, 1)
+        return Reservation(True, 0, used)
+
+
+class PgCoordinator:
+    """Leases and request logs in the replicas' shared PostgreSQL database."""
+
+    shared_budget = True
+
+    def __init__(self, store: PostgresStore, replica: str, settings: PostgresSettings) -> None:
+        self._store = store
+        self.replica = replica
+        self.lease_s = settings.lease_s
+        self._lease_ms = int(settings.lease_s * 1000)
+        self._margin_ms = int(settings.request_margin_s * 1000)
+
+    async def claim_streams(
+        self, account: str, now_ms: int, limit: int, exclude: Collection[int]
+    ) -> list[int]:
+        if limit <= 0:
+            return []
+
+        async def run(conn: Connection) -> list[int]:
+            rows = await conn.fetch(
+                "WITH due AS (SELECT id, next_due_ms FROM streams"  # noqa: S608 - constants only
+                " WHERE account = $1 AND retired = 0 AND paused = 0 AND next_due_ms <= $2"
+                f" AND (lease_expires_ms IS NULL OR lease_expires_ms < {_DB_NOW_MS})"
+                " AND id <> ALL($5::bigint[])"
+                " ORDER BY next_due_ms, id LIMIT $3 FOR UPDATE SKIP LOCKED)"
+                f" UPDATE streams s SET lease_owner = $4, lease_expires_ms = {_DB_NOW_MS} + $6"
+                " FROM due WHERE s.id = due.id RETURNING s.id, due.next_due_ms",
+                account,
+                now_ms,
+                limit,
+                self.replica,
+                list(exclude),
+                self._lease_ms,
+            )
+            return [int(r[0]) for r in sorted(rows, key=lambda r: (r[1], r[0]))]
+
+        return await self._store.transaction(run)
+
+    async def renew_streams(self, stream_ids: Collection[int]) -> set[int]:
+        if not stream_ids:
+            return set()
+
+        async def run(conn: Connection) -> set[int]:
+            rows = await conn.fetch(
+                f"UPDATE streams SET lease_expires_ms = {_DB_NOW_MS} + $3"  # noqa: S608
+                " WHERE id = ANY($1::bigint[]) AND lease_owner = $2 RETURNING id",
+                list(stream_ids),
+                self.replica,
+                self._lease_ms,
+            )
+            return {int(r[0]) for r in rows}
+
+        return await self._store.transaction(run)
+
+    async def release_streams(self, stream_ids: Collection[int]) -> None:
+        if not stream_ids:
+            return
+
+        async def run(conn: Connection) -> None:
+            await conn.execute(
+                "UPDATE streams SET lease_owner = NULL, lease_expires_ms = NULL"
+                " WHERE id = ANY($1::bigint[]) AND lease_owner = $2",
+                list(stream_ids),
+                self.replica,
+            )
+
+        await self._store.transaction(run)
+
+    async def hold(self, names: Sequence[str]) -> set[str]:
+        if not names:
+            return set()
+
+        async def run(conn: Connection) -> set[str]:
+            rows = await conn.fetch(
+                "INSERT INTO leases (name, owner, expires_ms)"  # noqa: S608 - constants only
+                f" SELECT n, $2, {_DB_NOW_MS} + $3 FROM unnest($1::text[]) AS t(n)"
+                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                " expires_ms = excluded.expires_ms"
+                f" WHERE leases.owner = excluded.owner OR leases.expires_ms < {_DB_NOW_MS}"
+                " RETURNING name",
+                sorted(set(names)),  # one order for every replica: no deadlocks between them
+                self.replica,
+                self._lease_ms,
+            )
+            return {str(r[0]) for r in rows}
+
+        return await self._store.transaction(run)
+
+    async def release(self, names: Sequence[str]) -> None:
+        if not names:
+            return
+
+        async def run(conn: Connection) -> None:
+            await conn.execute(
+                "DELETE FROM leases WHERE name = ANY($1::text[]) AND owner = $2",
+                list(names),
+                self.replica,
+            )
+
+        await self._store.transaction(run)
+
+    async def reserve_request(
+        self, account: str, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
+    ) -> Reservation:
+        window = window_ms + self._margin_ms
+
+        async def run(conn: Connection) -> Reservation:
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", BUDGET_NS, account)
+            # the database's clock, read under the lock: one clock for every replica, and the
+            # time the request is really admitted (a call retried through an outage is late)
+            now = int(await conn.fetchval(f"SELECT {_DB_NOW_MS}"))
+            used = int(
+                await conn.fetchval(
+                    "SELECT used FROM quota WHERE account = $1 AND day = $2", account, day
+                )
+                or 0
+            )
+            if used >= allowance:
+                return Reservation(False, 0, used)
+            # the burst-th newest request: while it is inside the window, the window is full
+            edge = await conn.fetchval(
+                "SELECT sent_ms FROM request_log WHERE account = $1"
+                " ORDER BY sent_ms DESC OFFSET $2 LIMIT 1",
+                account,
+                burst - 1,
+            )
+            if edge is not None and int(edge) > now - window:
+                return Reservation(False, int(edge) + window - now, used)
+            await conn.execute(
+                "DELETE FROM request_log WHERE account = $1 AND sent_ms < $2",
+                account,
+                now - _LOG_KEEP_MS,
+            )
+            await conn.execute(
+                "INSERT INTO request_log (account, sent_ms, replica) VALUES ($1, $2, $3)",
+                account,
+                now,
+                self.replica,
+            )
+            used = int(
+                await conn.fetchval(
+                    "INSERT INTO quota (account, day, used) VALUES ($1, $2, 1)"
+                    " ON CONFLICT (account, day) DO UPDATE SET used = quota.used + 1"
+                    " RETURNING used",
+                    account,
+                    day,
+                )
+            )
+            return Reservation(True, 0, used)
+
+        return await self._store.transaction(run)
+
+
+def coordinator_for(
+    store: Store, replica: str, settings: PostgresSettings | None = None
+) -> Coordinator:
+    """The coordinator of a store: shared through PostgreSQL, or local to this process."""
+    settings = settings or PostgresSettings()
+    if isinstance(store, PostgresStore):
+        return PgCoordinator(store, replica, settings)
+    return LocalCoordinator(store, replica, settings.lease_s)

@@ -1,0 +1,161 @@
+"""Replicas sharing PostgreSQL: stream leases (SKIP LOCKED, expiry takeover), named leases and
+the shared request budget; and the single-process coordinator of SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from relay.ctct.ratelimit import Budget, RateLimiter
+from relay.leases import AccountBudget
+from relay.store import PostgresSettings, PostgresStore, StreamKey, open_store
+from relay.store.coordination import LocalCoordinator, PgCoordinator
+
+T0 = 1_763_000_000_000
+KEYS = [StreamKey("acme", "campaign", str(i)) for i in range(4)]
+
+
+@pytest.fixture
+async def stores(postgres_url: str) -> AsyncIterator[list[PostgresStore]]:
+    """Two stores (two pools, as two replicas have) on one fresh database, with four streams
+    of account acme due at T0."""
+    opened = [PostgresStore.from_url(postgres_url) for _ in range(2)]
+    for store in opened:
+        await store.open()
+    await opened[0].ensure_streams(KEYS, T0)
+    yield opened
+    for store in opened:
+        await store.close()
+
+
+def replicas(stores: list[PostgresStore], lease_s: float = 15.0) -> list[PgCoordinator]:
+    settings = PostgresSettings(lease_s=lease_s)
+    return [PgCoordinator(s, f"replica-{i}", settings) for i, s in enumerate(stores)]
+
+
+async def test_concurrent_claims_never_share_a_stream(stores: list[PostgresStore]) -> None:
+    """Two replicas claiming at once get disjoint streams; together every due one, once."""
+    a, b = replicas(stores)
+    got_a, got_b = await asyncio.gather(
+        a.claim_streams("acme", T0, 3, set()), b.claim_streams("acme", T0, 3, set())
+    )
+    assert not set(got_a) & set(got_b)
+    assert len(got_a) + len(got_b) == 4
+    assert await a.claim_streams("acme", T0, 3, set()) == []
+    assert await b.claim_streams("other", T0, 3, set()) == []  # another account's streams
+
+
+async def test_claims_skip_rows_locked_by_another_transaction(
+    stores: list[PostgresStore], postgres_url: str
+) -> None:
+    """A stream row locked elsewhere is skipped at once, not waited for."""
+    [a] = replicas(stores[:1])
+    first = (await stores[0].streams())[0].id
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT id FROM streams WHERE id = $1 FOR UPDATE", first)
+            started = time.monotonic()
+            claimed = await asyncio.wait_for(a.claim_streams("acme", T0, 10, set()), 5)
+            assert time.monotonic() - started < 2
+    finally:
+        await conn.close()
+    assert first not in claimed
+    assert len(claimed) == 3
+
+
+async def test_expired_leases_are_taken_over_and_released_ones_at_once(
+    stores: list[PostgresStore],
+) -> None:
+    """A replica that stops renewing loses its streams after the lease; a released stream is
+    claimable at once; renewing tells a replica which streams it still holds."""
+    a, b = replicas(stores, lease_s=1.0)
+    held = await a.claim_streams("acme", T0, 2, set())
+    assert await a.renew_streams(held) == set(held)
+    await a.release_streams(held[:1])
+    every = [s.id for s in await stores[0].streams()]
+    mine = await b.claim_streams("acme", T0, 10, set())
+    assert mine == [s for s in every if s != held[1]]
+    await asyncio.sleep(1.2)  # a's remaining lease expires (b's too: b passes its own in flight)
+    assert await b.claim_streams("acme", T0, 10, set(mine)) == [held[1]]
+    assert await a.renew_streams(held[1:]) == set()  # a learns it lost it
+
+
+async def test_named_leases_have_one_holder(stores: list[PostgresStore]) -> None:
+    """A named lease is held by one replica, renewed by it, released or expired to another."""
+    a, b = replicas(stores, lease_s=1.0)
+    assert await a.hold(["sink:kafka", "webhook:1"]) == {"sink:kafka", "webhook:1"}
+    assert await b.hold(["sink:kafka", "webhook:1", "webhook:2"]) == {"webhook:2"}
+    assert await a.hold(["sink:kafka"]) == {"sink:kafka"}  # renewal
+    await a.release(["webhook:1"])
+    assert await b.hold(["webhook:1"]) == {"webhook:1"}
+    await asyncio.sleep(1.2)
+    assert await b.hold(["sink:kafka"]) == {"sink:kafka"}
+    assert await a.hold(["sink:kafka"]) == set()
+
+
+async def test_shared_budget_counts_every_replica(stores: list[PostgresStore]) -> None:
+    """Requests of both replicas fill one window and one daily count; a full window says how
+    long to wait (at most the window plus the margin), a spent allowance says not today."""
+    a, b = replicas(stores)
+    day = "2025-11-13"
+    admitted = [await r.reserve_request("acme", day, T0, 4, 1100, 6) for r in [a, b, a, b]]
+    assert [r.admitted for r in admitted] == [True] * 4
+    assert admitted[-1].used_today == 4
+    full = await b.reserve_request("acme", day, T0, 4, 1100, 6)
+    assert not full.admitted
+    assert 0 < full.wait_ms <= 1100 + 150  # until the oldest leaves the window, plus the margin
+    other = await a.reserve_request("beta", day, T0, 4, 1100, 6)
+    assert other.admitted  # each account has its own budget
+    await asyncio.sleep(full.wait_ms / 1000 + 0.05)
+    assert (await a.reserve_request("acme", day, T0, 4, 1100, 6)).admitted
+    assert (await b.reserve_request("acme", day, T0, 4, 1100, 6)).admitted
+    await asyncio.sleep(1.3)
+    spent = await a.reserve_request("acme", day, T0, 4, 1100, 6)
+    assert (spent.admitted, spent.wait_ms, spent.used_today) == (False, 0, 6)
+    assert await stores[0].quota_used("acme", day) == 6
+
+
+async def test_limiters_of_two_replicas_keep_one_per_second_limit(
+    stores: list[PostgresStore],
+) -> None:
+    """Two replicas' rate limiters sending as fast as they may: no second of the deployment
+    holds more than 4 requests, and both got their turns."""
+    a, b = replicas(stores)
+    budget = Budget(requests_per_second=4, requests_per_day=10_000)
+    sent: list[tuple[float, str]] = []
+
+    async def replica(coordinator: PgCoordinator) -> None:
+        limiter = RateLimiter(budget, shared=AccountBudget(coordinator, "acme"))
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            await limiter.acquire()
+            sent.append((time.monotonic(), coordinator.replica))
+
+    await asyncio.gather(replica(a), replica(b))
+    times = sorted(t for t, _ in sent)
+    busiest = max(sum(1 for u in times if t <= u < t + 1.0) for t in times)
+    assert busiest <= 4
+    assert len(times) >= 8  # the budget was used, not starved
+    assert {r for _, r in sent} == {"replica-0", "replica-1"}
+
+
+async def test_local_coordinator_is_everything_due(tmp_path: Path) -> None:
+    """Alone on SQLite: every due stream not in flight is claimable and every lease is held."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await store.ensure_streams(KEYS, T0)
+        local = LocalCoordinator(store, "solo")
+        ids = await store.due_streams(T0, 10)
+        assert await local.claim_streams("acme", T0, 2, {ids[0]}) == ids[1:3]
+        assert await local.renew_streams(ids) == set(ids)
+        assert await local.hold(["sink:kafka"]) == {"sink:kafka"}
+        assert not local.shared_budget
+    finally:
+        await store.close()
