@@ -151,4 +151,15 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX outbox_stream ON outbox (stream_id, seq)",
     ),
+    # one webhook per URL: duplicates registered before (a check-then-insert race) keep the
+    # oldest; the younger ones are disabled and their url marked, so the unique index can be built
+    (
+        """UPDATE webhooks SET enabled = 0,
+            disabled_reason = 'URL registered twice; the oldest webhook with it was kept',
+            url = url || '#duplicate-' || id
+        WHERE EXISTS (SELECT 1 FROM webhooks AS older WHERE older.url = webhooks.url
+            AND (older.created_ms < webhooks.created_ms
+                OR (older.created_ms = webhooks.created_ms AND older.id < webhooks.id)))""",
+        "CREATE UNIQUE INDEX webhooks_url ON webhooks (url)",
+    ),
 )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -33,6 +33,7 @@ from relay.store.base import (
     DeadLetter,
     Delivery,
     DeliveryCounts,
+    DuplicateError,
     NotFoundError,
     OutboxEvent,
     OutboxRange,
@@ -56,10 +57,12 @@ from relay.store.sqlite import (
     _STATE_CLAUSES,
     _STREAM_COLUMNS,
     _WEBHOOK_COLUMNS,
+    _WEBHOOK_FIELDS,
     _delivery,
     _outbox_event,
     _outbox_row,
     _stream,
+    _update_fields,
     _webhook,
     _webhook_row,
 )
@@ -467,7 +470,7 @@ class PostgresStore:
         async def run(conn: Connection) -> Webhook:
             head = int(await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM outbox"))
             created = dataclasses.replace(webhook, start_seq=head)
-            await conn.execute(_INSERT_WEBHOOK, *_webhook_row(created))
+            await _unique_url(conn, webhook.url, _INSERT_WEBHOOK, *_webhook_row(created))
             return created
 
         return await self.transaction(run)
@@ -484,15 +487,20 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def update_webhook(self, webhook: Webhook) -> None:
-        columns = [c.strip() for c in _WEBHOOK_COLUMNS.split(",")][1:]
-        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns, start=2))
+    async def update_webhook(self, webhook: Webhook, fields: Collection[str] | None = None) -> None:
+        names = list(_WEBHOOK_FIELDS[1:]) if fields is None else _update_fields(fields)
+        if not names:
+            return
+        values = dict(zip(_WEBHOOK_FIELDS, _webhook_row(webhook), strict=True))
+        assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, start=2))
 
         async def run(conn: Connection) -> None:
-            status = await conn.execute(
-                f"UPDATE webhooks SET {assignments} WHERE id = $1",  # noqa: S608
+            status = await _unique_url(
+                conn,
+                webhook.url,
+                f"UPDATE webhooks SET {assignments} WHERE id = $1",  # noqa: S608 - field names
                 webhook.id,
-                *_webhook_row(webhook)[1:],
+                *(values[name] for name in names),
             )
             if not _count(status):
                 raise NotFoundError(f"no webhook with id {webhook.id!r}")
@@ -611,9 +619,12 @@ class PostgresStore:
 
     async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
         async def run(conn: Connection) -> None:
+            # a delivery deleted with its webhook while the attempt was in flight has nothing
+            # left to record: skipped, the rest of the batch still commits
             await conn.executemany(
                 "INSERT INTO attempts (delivery_id, attempted_ms, status_code, latency_ms,"
-                " response_excerpt, error) VALUES ($1, $2, $3, $4, $5, $6)",
+                " response_excerpt, error) SELECT $1, $2, $3, $4, $5, $6"
+                " WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = $1)",
                 [
                     (
                         a.delivery_id,
@@ -1154,6 +1165,20 @@ async def _insert_deliveries(
         f" ON CONFLICT (webhook_id, seq) {conflict}",
         *[list(c) for c in columns],
     )
+
+
+async def _unique_url(conn: Connection, url: str, sql: str, *args: object) -> str:
+    """Run a webhook insert or update; a violation of the unique index on ``webhooks.url``
+    becomes DuplicateError naming the webhook that has the URL (the savepoint keeps the
+    transaction usable for that lookup)."""
+    try:
+        async with conn.transaction():
+            return str(await conn.execute(sql, *args))
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != "webhooks_url":
+            raise
+    holder = await conn.fetchval("SELECT id FROM webhooks WHERE url = $1", url)
+    raise DuplicateError(f"url: already registered{f' as webhook {holder}' if holder else ''}")
 
 
 async def _get_webhook(conn: Connection, webhook_id: str) -> Webhook:

@@ -6,6 +6,7 @@ import dataclasses
 import sqlite3
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 
@@ -22,6 +23,7 @@ from relay.store import (
     open_store,
 )
 from relay.store.migrations import MIGRATIONS
+from relay.store.pg_migrations import PG_MIGRATIONS
 
 T0 = 1_763_000_000_000
 KEY = StreamKey("acme", "campaign", "1100394165290")
@@ -437,9 +439,16 @@ async def test_a_url_has_one_webhook(store: Store) -> None:
     assert (await store.webhook("wh_3")).url == "https://example.com/other"
 
 
-async def test_migration_keeps_the_oldest_of_duplicate_urls(tmp_path: Path) -> None:
-    """A schema-2 database with a URL registered three times: the oldest keeps it, the younger
-    ones are disabled with their url marked, and the unique index holds afterwards."""
+OLD_HOOKS = [
+    ("wh_b", "https://a.example/h", T0 + 2),
+    ("wh_a", "https://a.example/h", T0 + 1),
+    ("wh_c", "https://a.example/h", T0 + 2),
+    ("wh_z", "https://z.example/h", T0),
+]
+
+
+def schema_2_sqlite(tmp_path: Path) -> str:
+    """A SQLite state file at schema version 2 holding OLD_HOOKS; returns its URL."""
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
@@ -447,12 +456,7 @@ async def test_migration_keeps_the_oldest_of_duplicate_urls(tmp_path: Path) -> N
         for statement in script:
             conn.execute(statement)
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-    for wid, url, created in [
-        ("wh_b", "https://a.example/h", T0 + 2),
-        ("wh_a", "https://a.example/h", T0 + 1),
-        ("wh_c", "https://a.example/h", T0 + 2),
-        ("wh_z", "https://z.example/h", T0),
-    ]:
+    for wid, url, created in OLD_HOOKS:
         conn.execute(
             "INSERT INTO webhooks (id, url, event_types, secret, start_seq, created_ms,"
             " updated_ms) VALUES (?, ?, '[\"*\"]', 's', 0, ?, ?)",
@@ -460,7 +464,42 @@ async def test_migration_keeps_the_oldest_of_duplicate_urls(tmp_path: Path) -> N
         )
     conn.commit()
     conn.close()
-    store = open_store(f"sqlite:///{path}")
+    return f"sqlite:///{path}"
+
+
+async def schema_2_postgresql(url: str) -> str:
+    """The same at schema version 2 in a fresh PostgreSQL database; returns its URL."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+        for version, script in enumerate(PG_MIGRATIONS[:2], start=1):
+            for statement in script:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+        for wid, hook_url, created in OLD_HOOKS:
+            await conn.execute(
+                "INSERT INTO webhooks (id, url, event_types, secret, start_seq, created_ms,"
+                " updated_ms) VALUES ($1, $2, '[\"*\"]', 's', 0, $3, $3)",
+                wid,
+                hook_url,
+                created,
+            )
+    finally:
+        await conn.close()
+    return url
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_migration_keeps_the_oldest_of_duplicate_urls(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A schema-2 database with a URL registered three times: the oldest keeps it, the younger
+    ones are disabled with their url marked, and the unique index holds afterwards."""
+    if backend == "sqlite":
+        url = schema_2_sqlite(tmp_path)
+    else:
+        url = await schema_2_postgresql(request.getfixturevalue("postgres_url"))
+    store = open_store(url)
     await store.open()
     try:
         assert await store.schema_version() == len(MIGRATIONS)
@@ -519,9 +558,7 @@ async def test_attempts_of_deleted_deliveries_are_skipped(store: Store) -> None:
         await store.delivery(gone.id)
 
 
-async def test_close_twice(tmp_path: Path) -> None:
+async def test_close_twice(store: Store) -> None:
     """A second close does nothing (shutdown paths may both close the store)."""
-    store = open_store(f"sqlite:///{tmp_path / 'twice.db'}")
-    await store.open()
     await store.close()
     await store.close()
