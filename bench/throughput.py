@@ -32,10 +32,19 @@ Every topic is created up front, so topic creation and leader election are outsi
 the sink only checks that its topics exist (``create_topics: false``, the default).
 Delivery is verified after each round from the topics' end offsets, outside the clock.
 
-(a) is one function taking a store URL, so that multi-replica runs on PostgreSQL can drive it
-per replica later.
+(a) is one function taking a store URL.
+
+``--replicas 1,2,3`` measures something else: the pipeline as N replica *processes* sharing one
+PostgreSQL database (a throwaway cluster from tests/pgkit.py with fsync on, or
+``$RELAY_TEST_POSTGRES_URL`` / ``$DATABASE_URL``), each claiming campaign streams with leases
+and polling them, one of them holding the Kafka sink's lease and publishing everything. Rounds
+alternate between the replica counts (1 2 3 1 2 3 ...), each on a fresh database and fresh
+topics; the clock runs from the start signal until the sink's cursor has passed every committed
+event; per count it prints the median events/s and CPU seconds per 10,000 events (the replicas'
+own, and the PostgreSQL server's when it is the throwaway cluster).
 
     python bench/throughput.py [--rounds 3] [--contacts 4000] [--campaigns 2] [--profile]
+    python bench/throughput.py --replicas 1,2,3 [--rounds 3] [--contacts 1000] [--campaigns 12]
 
 Uses ``$KAFKA_BOOTSTRAP_SERVERS`` when set, else starts a dev broker (relay.devkafka).
 """
@@ -45,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import multiprocessing
 import os
 import resource
@@ -58,6 +68,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -75,12 +86,14 @@ from relay.ctct.client import Credentials, CtctClient
 from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.devkafka import DevKafka, ensure_kafka
 from relay.events import Kind
+from relay.leases import new_replica_id, run_leased
 from relay.poller import Poller, PollSettings
 from relay.scheduler import ScheduleSettings
 from relay.sim import Scenario, SimClock, create_app
 from relay.sim.scenario import ApiKey, Audience, Campaigns, Contacts
 from relay.sinks.kafka import SINK, KafkaSettings, KafkaSink, record_for
-from relay.store import PassResult, Store, StreamKey, open_store
+from relay.store import PassResult, PostgresSettings, PostgresStore, Store, StreamKey, open_store
+from relay.store.coordination import PgCoordinator
 
 KEY, TOKEN = "bench-key", "bench-token"
 ACCOUNT = "bench"
@@ -630,17 +643,290 @@ async def run(args: argparse.Namespace) -> list[str]:
             return lines if results.profile is None else [*lines, "", results.profile]
 
 
+# -- several replicas on PostgreSQL (--replicas) ---------------------------------------------
+
+
+def pgkit() -> ModuleType:
+    """tests/pgkit.py, the throwaway cluster of the tests (this script runs from bench/)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("tests.pgkit")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRun:
+    """One round of N replicas: events, seconds, CPU of the replicas and of the server."""
+
+    replicas: int
+    events: int
+    seconds: float
+    cpu_s: float
+    server_cpu_s: float | None
+    passes: tuple[int, ...]  # passes each replica ran
+    busy_cores: float  # the whole machine's CPU use during the round, in cores (others' too)
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+
+def replica_process(
+    db_url: str, base: str, bootstrap: str, prefix: str, signals: tuple[Any, ...], out: Any
+) -> None:
+    """One replica (a spawned process): wait for the start signal, claim and poll campaign
+    streams until none is due, publish under the Kafka sink's lease; report its CPU at the end."""
+    logs.configure("warning")
+    out.put(asyncio.run(_replica(db_url, base, bootstrap, prefix, signals)))
+
+
+async def _replica(
+    db_url: str, base: str, bootstrap: str, prefix: str, signals: tuple[Any, ...]
+) -> tuple[float, int]:
+    ready, go, done = signals
+    store = PostgresStore.from_url(db_url)
+    await store.open()
+    coordinator = PgCoordinator(store, new_replica_id(), PostgresSettings())
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = CtctClient(
+                session,
+                Credentials(base, KEY, TOKEN),
+                RateLimiter(Budget(requests_per_second=1e6, requests_per_day=10**9)),
+            )
+            sink = KafkaSink(topic_settings(bootstrap, prefix), store)
+            poller = Poller(
+                client, store, ACCOUNT, PollSettings(start_from="earliest"), on_commit=sink.notify
+            )
+            stop = asyncio.Event()
+            ready.set()
+            await asyncio.to_thread(go.wait)
+            cpu_started = time.process_time()
+            leased = asyncio.create_task(run_leased("sink:kafka", coordinator, sink.run, stop))
+            passes = await _poll_claimed(coordinator, store, poller)
+            await asyncio.to_thread(done.wait)
+            cpu_s = time.process_time() - cpu_started
+            stop.set()
+            await leased
+            return cpu_s, passes
+    finally:
+        await store.close()
+
+
+async def _poll_claimed(coordinator: PgCoordinator, store: Store, poller: Poller) -> int:
+    """Claim due streams (as the scheduler does) and poll each once; returns passes run."""
+    concurrency = ScheduleSettings().concurrency
+    inflight: dict[int, asyncio.Task[None]] = {}
+    passes = 0
+
+    async def one(stream_id: int) -> None:
+        stream = await store.stream(stream_id)
+        outcome = await poller.run_pass(stream)
+        polled = now_ms()
+        far = polled + 86_400_000  # polled once: due again only long after the round
+        await store.finish_pass(
+            stream.id, PassResult(outcome.watermarks, outcome.summary, far, 0.0, polled)
+        )
+        await coordinator.release_streams([stream_id])
+
+    while True:
+        free = concurrency - len(inflight)
+        claimed = (
+            await coordinator.claim_streams(ACCOUNT, now_ms(), free, set(inflight)) if free else []
+        )
+        for stream_id in claimed:
+            inflight[stream_id] = asyncio.create_task(one(stream_id))
+        if not inflight:
+            return passes
+        finished, _ = await asyncio.wait(inflight.values(), return_when=asyncio.FIRST_COMPLETED)
+        for stream_id, task in list(inflight.items()):
+            if task in finished:
+                task.result()
+                del inflight[stream_id]
+                passes += 1
+
+
+async def replica_round(
+    world: World, server: str, bootstrap: str, replicas: int, name: str, server_cpu: bool
+) -> ReplicaRun:
+    """N replica processes on a fresh database and fresh topics, timed from the start signal
+    until the Kafka sink's cursor passed every event; checks every event reached the topics."""
+    kit = pgkit()
+    db_url = await asyncio.to_thread(kit.fresh_database, server)
+    setup = PostgresStore.from_url(db_url)
+    await setup.open()  # migrations and streams before the clock
+    keys = [StreamKey(ACCOUNT, Scope.CAMPAIGN.value, c) for c in world.campaigns]
+    await setup.ensure_streams(keys, now_ms(), seed=False)
+    settings = topic_settings(bootstrap, name)
+    context = multiprocessing.get_context("spawn")
+    go, done, out = context.Event(), context.Event(), context.Queue()
+    readies = [context.Event() for _ in range(replicas)]
+    processes = [
+        context.Process(
+            target=replica_process,
+            args=(db_url, world.base, bootstrap, name, (ready, go, done), out),
+            daemon=True,
+        )
+        for ready in readies
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for ready in readies:
+            await asyncio.to_thread(ready.wait, 60)
+        server_before = postgres_cpu_s() if server_cpu else None
+        machine_before = machine_ticks()
+        started = time.perf_counter()
+        go.set()
+        # the sink runs in another process: its progress is in the database
+        while await _sink_behind(setup, world.activities):  # noqa: ASYNC110
+            await asyncio.sleep(DONE_POLL_S)
+        seconds = time.perf_counter() - started
+        machine_after = machine_ticks()
+        server_after = postgres_cpu_s() if server_cpu else None
+        done.set()
+        reports = [await asyncio.to_thread(out.get, True, 60) for _ in processes]
+    finally:
+        done.set()
+        for process in processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+        await setup.close()
+    delivered = await on_kafka(settings)
+    if delivered != world.activities:
+        raise RuntimeError(f"{name}: {delivered} records on Kafka, {world.activities} events")
+    server_s = None
+    if server_before is not None and server_after is not None:
+        server_s = server_after - server_before
+    return ReplicaRun(
+        replicas,
+        world.activities,
+        seconds,
+        sum(cpu for cpu, _ in reports),
+        server_s,
+        tuple(sorted((p for _, p in reports), reverse=True)),
+        busy_cores(machine_before, machine_after),
+    )
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values) - idle, sum(values)
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Cores' worth of CPU in use between two ``machine_ticks``."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total else 0.0
+
+
+async def _sink_behind(store: PostgresStore, events: int) -> bool:
+    """Whether the Kafka sink has not yet passed all ``events`` committed events."""
+
+    async def count(conn: Any) -> int:
+        return int(await conn.fetchval("SELECT COUNT(*) FROM outbox"))
+
+    head, cursor = await store.outbox_head(), await store.sink_cursor(SINK)
+    return head == 0 or cursor < head or await store.transaction(count) < events
+
+
+def postgres_cpu_s() -> float:
+    """CPU seconds (user + system) of every running ``postgres`` process on this machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            if "(postgres" not in fields[0]:
+                continue
+            values = fields[1].split()
+            total += int(values[11]) + int(values[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    return total / ticks
+
+
+async def run_replicas(
+    counts: list[int], rounds: int, contacts: int, campaigns: int, server: str | None = None
+) -> list[str]:
+    """Alternating rounds of each replica count; the printed medians. ``server``: a PostgreSQL
+    server URL (else the environment's, else a throwaway cluster)."""
+    kit = pgkit()
+    external = server or kit.external_url()
+    cluster = None if external else kit.Cluster(fsync=True).start()
+    server = external or cluster.url
+    run_id = uuid.uuid4().hex[:8]
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="ctct-bench-") as tmp,
+            simulator(contacts, campaigns) as base,
+        ):
+            async with kafka(Path(tmp) / "kafka") as bootstrap:
+                names = [(n, f"bench{run_id}n{n}r{r}") for r in range(rounds + 1) for n in counts]
+                await create_topics(bootstrap, [topic_settings(bootstrap, x) for _, x in names])
+                async with aiohttp.ClientSession() as session:
+                    world = await open_world(session, base)
+                done = [
+                    await replica_round(world, server, bootstrap, n, x, cluster is not None)
+                    for n, x in names
+                ]
+    finally:
+        if cluster is not None:
+            cluster.destroy()
+    measured = done[len(counts) :]  # the first round of each count is the warm-up
+    return replica_report(world, measured, counts, rounds, server_cpu=cluster is not None)
+
+
+def replica_report(
+    world: World, runs: list[ReplicaRun], counts: list[int], rounds: int, *, server_cpu: bool
+) -> list[str]:
+    lines = [
+        f"replicas: {world.activities} events per round ({len(world.campaigns)} campaign streams),"
+        f" {rounds} rounds + warm-up per replica count, one PostgreSQL database per round",
+    ]
+    base_rate = None
+    for n in counts:
+        mine = [r for r in runs if r.replicas == n]
+        rate = statistics.median(r.rate for r in mine)
+        base_rate = base_rate or rate
+        cpu = statistics.median(r.cpu_s / r.events * 10_000 for r in mine)
+        server_s = statistics.median((r.server_cpu_s or 0) / r.events * 10_000 for r in mine)
+        server = f", PostgreSQL server {server_s:.2f} s" if server_cpu else ""
+        passes = "/".join(str(p) for p in mine[-1].passes)
+        busy = statistics.median(r.busy_cores for r in mine)
+        lines.append(
+            f"  {n} replica(s): {rate:8.0f} events/s ({rate / base_rate:.2f}x),"
+            f" CPU per 10k events: replicas {cpu:.2f} s{server}; passes per replica {passes};"
+            f" machine busy {busy:.1f} of {os.cpu_count()} cores"
+        )
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--contacts", type=int, default=4000)
     parser.add_argument("--campaigns", type=int, default=2)
+    # --replicas divides streams between processes: it needs several campaigns to divide
     parser.add_argument(
         "--profile", action="store_true", help="profile one extra (a) run with pyinstrument"
     )
+    parser.add_argument(
+        "--replicas",
+        help="comma-separated replica counts (e.g. 1,2,3): the pipeline as that many processes"
+        " on one PostgreSQL database instead of (a) / (b) / (c)",
+    )
     args = parser.parse_args()
     logs.configure("warning")  # as in production: debug lines are filtered, not rendered
-    for line in asyncio.run(run(args)):
+    if args.replicas:
+        counts = [int(n) for n in args.replicas.split(",")]
+        lines = asyncio.run(run_replicas(counts, args.rounds, args.contacts, args.campaigns))
+    else:
+        lines = asyncio.run(run(args))
+    for line in lines:
         print(line)
     return 0
 

@@ -31,3 +31,13 @@ async def test_throughput_rounds_move_the_same_events_exactly_once(tmp_path: Pat
     assert results.cpu_per_10k > 0
     lines = throughput.report(results, contacts=60, bootstrap=bootstrap)
     assert lines[-1].startswith(("verdict: meets", "verdict: MISSES"))
+
+
+async def test_replica_rounds_report_each_count(postgres_server: str) -> None:
+    """--replicas on a tiny workload: every count is measured (each round checks that every
+    event reached Kafka) and reported with its rate and CPU."""
+    lines = await throughput.run_replicas([1, 2], 1, 40, 3, server=postgres_server)
+    assert lines[0].startswith("replicas: ")
+    assert lines[1].startswith("  1 replica(s): ")
+    assert lines[2].startswith("  2 replica(s): ")
+    assert "CPU per 10k events: replicas" in lines[2]

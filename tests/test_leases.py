@@ -1,0 +1,137 @@
+"""Work under a lease: runs only while held, survives worker failures, stops when the lease is
+lost, gives it back on the way out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Sequence
+
+import pytest
+
+from relay.leases import leased_job, new_replica_id, run_leased
+from relay.store import StoreError
+from relay.store.coordination import Reservation
+
+
+class Leases:
+    """An in-process coordinator: ``owner`` holds the lease; ``fail`` makes calls raise."""
+
+    shared_budget = True
+    lease_s = 0.3
+
+    def __init__(self, replica: str = "me") -> None:
+        self.replica = replica
+        self.owner: str | None = None
+        self.fail = False
+        self.released = 0
+
+    async def hold(self, names: Sequence[str]) -> set[str]:
+        if self.fail:
+            raise StoreError("state store (PostgreSQL at db:5432/relay): query failed")
+        if self.owner in (None, self.replica):
+            self.owner = self.replica
+            return set(names)
+        return set()
+
+    async def release(self, names: Sequence[str]) -> None:
+        if self.owner == self.replica:
+            self.owner = None
+        self.released += 1
+
+    async def claim_streams(
+        self, account: str, now_ms: int, limit: int, exclude: Collection[int]
+    ) -> list[int]:
+        return []
+
+    async def renew_streams(self, stream_ids: Collection[int]) -> set[int]:
+        return set()
+
+    async def release_streams(self, stream_ids: Collection[int]) -> None:
+        return None
+
+    async def reserve_request(
+        self, account: str, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
+    ) -> Reservation:
+        return Reservation(True, 0, 0)
+
+
+class Boom(Exception):
+    """A worker failure."""
+
+
+async def test_worker_runs_only_under_the_lease_and_survives_its_failures() -> None:
+    """While another replica holds the lease nothing runs; then a failing worker is restarted
+    (after a backoff) instead of ending the loop; stop gives the lease back."""
+    leases = Leases()
+    leases.owner = "other"
+    runs = 0
+
+    async def worker(stop: asyncio.Event) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise Boom("broker refused")
+        await stop.wait()
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_leased("sink:kafka", leases, worker, stop, backoff_max_s=0.1))
+    await asyncio.sleep(0.3)
+    assert runs == 0
+    leases.owner = None
+    for _ in range(100):
+        if runs >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert runs == 2
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert leases.owner is None  # given back, not left to expire
+
+
+async def test_lost_lease_stops_the_worker_and_fatal_errors_propagate() -> None:
+    """Renewals failing for longer than the lease stop the worker; a fatal error ends the
+    loop with that error."""
+    leases = Leases()
+    stopped = asyncio.Event()
+
+    async def worker(stop: asyncio.Event) -> None:
+        await stop.wait()
+        stopped.set()
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_leased("sink:kafka", leases, worker, stop))
+    await asyncio.sleep(0.15)
+    leases.fail = True  # the database is unreachable: the lease cannot be renewed
+    await asyncio.wait_for(stopped.wait(), 2)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+    async def misconfigured(stop: asyncio.Event) -> None:
+        raise Boom("topic does not exist")
+
+    with pytest.raises(Boom):
+        await asyncio.wait_for(
+            run_leased("sink:kafka", Leases(), misconfigured, asyncio.Event(), fatal=(Boom,)), 5
+        )
+
+
+async def test_leased_job_runs_on_the_holder_only() -> None:
+    """A periodic job runs where its lease is taken and gives it back after each run."""
+    ran: list[str] = []
+    mine, theirs = Leases("me"), Leases("other")
+    theirs.owner = "me"  # "me" holds it: "other" must skip
+
+    async def job() -> None:
+        ran.append("run")
+
+    await leased_job(mine, "discover:acme", job)()
+    await leased_job(theirs, "discover:acme", job)()
+    assert ran == ["run"]
+    assert mine.owner is None
+
+
+def test_replica_ids_are_unique_per_process_and_call() -> None:
+    """host-pid-random: two ids never collide, both name this process."""
+    first, second = new_replica_id(), new_replica_id()
+    assert first != second
+    assert first.rsplit("-", 2)[1] == second.rsplit("-", 2)[1]
