@@ -42,7 +42,7 @@ def server() -> Iterator[_Server]:
     """A real HTTP server on 127.0.0.1 with a canned answer."""
     httpd = _Server(("127.0.0.1", 0), _Canned)
     httpd.paths = []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield httpd
     httpd.shutdown()
