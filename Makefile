@@ -22,14 +22,23 @@ demo: venv
 sim: venv
 	$(BIN)/ctct-relay sim --config config/sim.example.yaml
 
+# Deployment files are linted without a Docker engine or a cluster: hadolint, the Kubernetes
+# schemas of K8S_VERSION (shipped in kubernetes-validate, offline) and `docker-compose config`
+# (the Compose specification schema built into the compose CLI; the token only satisfies ${...:?}).
+K8S_VERSION := 1.33.0
+K8S_MANIFESTS := $(filter-out deploy/k8s/kustomization.yaml,$(sort $(wildcard deploy/k8s/*.yaml)))
+
 lint: venv
-	$(BIN)/ruff check relay tests bench
-	$(BIN)/ruff format --check relay tests bench
+	$(BIN)/ruff check relay tests bench deploy
+	$(BIN)/ruff format --check relay tests bench deploy
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/kubernetes-validate --kubernetes-version $(K8S_VERSION) --strict --quiet $(K8S_MANIFESTS)
+	CTCT_RELAY_ADMIN_TOKEN=lint $(BIN)/docker-compose -f deploy/docker-compose.yml config --quiet
 
 format: venv
-	$(BIN)/ruff format relay tests bench
-	$(BIN)/ruff check --fix relay tests bench
+	$(BIN)/ruff format relay tests bench deploy
+	$(BIN)/ruff check --fix relay tests bench deploy
 
 # The Kafka tests run a real Apache Kafka broker built from Maven Central: Java 17+ and Maven.
 check-java:
