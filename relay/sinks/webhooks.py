@@ -21,7 +21,7 @@ import contextlib
 import heapq
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -187,17 +187,23 @@ class WebhookDispatcher:
         return wait * random.uniform(1 - jitter, 1 + jitter)
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, hook: Webhook, event: OutboxEvent
+        self,
+        session: aiohttp.ClientSession,
+        hook: Webhook,
+        event: OutboxEvent,
+        refused: SsrfError | None = None,
     ) -> Outcome:
-        """POST one event; every failure becomes an Outcome, never an exception."""
+        """POST one event; every failure becomes an Outcome, never an exception. ``refused``:
+        the guard's verdict on the URL's IP literal host (names are checked at connect time)."""
         body = event.structured()
         now_ms = self._now_ms()
         headers = signing.headers(hook.secrets_in_use(now_ms), event.event_id, now_ms // 1000, body)
         headers["content-type"] = CONTENT_TYPE
         s = self._settings
         started = time.perf_counter()
+        if refused is not None:
+            return Outcome(None, _ms(started), "", f"refused: {refused}")
         try:
-            self._guard.check_literal(urlsplit(hook.url).hostname or "")
             async with session.post(
                 hook.url,
                 data=body,
@@ -259,6 +265,7 @@ class _Worker:
         self._stopping = False
         self.disabled = False  # an attempt disabled the endpoint: take no more work
         self.failing_since_ms = hook.failing_since_ms
+        self._refused = _literal_refusal(dispatcher._guard, hook.url)
 
     def start(self) -> None:
         name = f"webhook:{self.hook.id}"
@@ -270,6 +277,8 @@ class _Worker:
 
     def update(self, hook: Webhook) -> None:
         """The webhook as stored now (secrets, rate limit, failing clock)."""
+        if hook.url != self.hook.url:
+            self._refused = _literal_refusal(self._dispatcher._guard, hook.url)
         self.hook = hook
         self.failing_since_ms = hook.failing_since_ms
 
@@ -355,12 +364,17 @@ class _Worker:
 
     async def _deliver(self, delivery: Delivery, event: OutboxEvent) -> None:
         d = self._dispatcher
-        outcome = await d._attempt(self._session, self.hook, event)
-        await asyncio.shield(self._settle(delivery, event, outcome))
+        outcome = await d._attempt(self._session, self.hook, event, self._refused)
+        writes = self._settle(delivery, event, outcome)
+        if writes is not None:  # the endpoint's state: finish it even if we are cancelled
+            await asyncio.shield(writes)
         await d._recorder.room()
 
-    async def _settle(self, delivery: Delivery, event: OutboxEvent, outcome: Outcome) -> None:
-        """Hand the attempt to the recorder and decide what happens to the endpoint."""
+    def _settle(
+        self, delivery: Delivery, event: OutboxEvent, outcome: Outcome
+    ) -> Coroutine[None, None, None] | None:
+        """Hand the attempt to the recorder; returns the store writes the endpoint's state
+        needs (none for a success of a healthy endpoint: the common case costs no task)."""
         d = self._dispatcher
         now = d._now_ms()
         attempt = Attempt(
@@ -375,10 +389,10 @@ class _Worker:
             d._recorder.add(attempt, "delivered", now, self._recorded)
             d._metrics.webhook_attempt("delivered", event.committed_ms)
             d.delivered += 1
-            if self.failing_since_ms is not None:  # a write per success only to stop a clock
-                self.failing_since_ms = None
-                await d._store.webhook_succeeded(self.hook.id)
-            return
+            if self.failing_since_ms is None:
+                return None
+            self.failing_since_ms = None  # a write per success only to stop a clock
+            return d._store.webhook_succeeded(self.hook.id)
         d.failed_attempts += 1
         delay = d._retry_delay_s(delivery.attempts + 1, outcome)
         status, next_ms = ("dead", now) if delay is None else ("pending", now + int(delay * 1000))
@@ -395,22 +409,24 @@ class _Worker:
         )
         if outcome.status_code == 410:
             self.disabled = True
-            await d._store.disable_webhook(self.hook.id, "410 Gone from the endpoint", now)
-            log.error("webhook.disabled", webhook=self.hook.id, reason="410 Gone")
-            return
-        await self._failed(now)
-
-    async def _failed(self, now_ms: int) -> None:
-        """Start the failing clock, and let the store disable the endpoint once it has run for
-        ``disable_after_s``: a write when the clock starts and when it may be due, not per
-        failure (a failing endpoint must not load the store others need)."""
-        d = self._dispatcher
+            return self._gone(now)
         after_ms = int(d._settings.disable_after_s * 1000)
         since = self.failing_since_ms
-        if since is not None and now_ms - since < after_ms:
-            return
-        self.failing_since_ms = now_ms if since is None else since
-        if await d._store.webhook_failed(self.hook.id, now_ms, after_ms):
+        if since is not None and now - since < after_ms:
+            return None  # the clock runs and cannot be due yet: nothing to write
+        self.failing_since_ms = now if since is None else since
+        return self._failed(now, after_ms)
+
+    async def _gone(self, now_ms: int) -> None:
+        d = self._dispatcher
+        await d._store.disable_webhook(self.hook.id, "410 Gone from the endpoint", now_ms)
+        log.error("webhook.disabled", webhook=self.hook.id, reason="410 Gone")
+
+    async def _failed(self, now_ms: int, after_ms: int) -> None:
+        """Start the failing clock, and let the store disable the endpoint once it has run for
+        ``after_ms``: a write when the clock starts and when it may be due, not per failure (a
+        failing endpoint must not load the store the others need)."""
+        if await self._dispatcher._store.webhook_failed(self.hook.id, now_ms, after_ms):
             self.disabled = True
             log.error("webhook.disabled", webhook=self.hook.id, reason="failing continuously")
 
@@ -477,6 +493,16 @@ class _Recorder:
                     self._room.set()
         finally:
             self._flusher = None
+
+
+def _literal_refusal(guard: Guard, url: str) -> SsrfError | None:
+    """The guard's verdict on a URL whose host is an IP literal (aiohttp does not resolve
+    those, so the resolver's check never sees them); None when allowed or a name."""
+    try:
+        guard.check_literal(urlsplit(url).hostname or "")
+    except SsrfError as exc:
+        return exc
+    return None
 
 
 def _ms(started: float) -> float:
