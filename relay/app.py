@@ -199,6 +199,7 @@ def _start_sinks(
 ) -> _Sinks:
     sinks = _Sinks()
     dispatcher = WebhookDispatcher(store, settings.delivery, guard, now_ms, metrics, coordinator)
+    sinks.on_commit.append(dispatcher.notify)
     sinks.tasks.append(asyncio.create_task(dispatcher.run(sinks.stop), name="sink:webhooks"))
     if settings.kafka is not None:
         kinds = sorted({k for a in settings.accounts for k in a.poll.kinds}, key=list(Kind).index)

@@ -137,6 +137,7 @@ class Metrics:
             buckets=_REQUEST_BUCKETS,
             registry=r,
         )
+        self._webhook_counters: dict[str, Counter] = {}
         self.webhook_attempts = Counter(
             "ctct_relay_webhook_attempts",
             "Webhook delivery attempts by outcome: delivered, retry (failed, will retry),"
@@ -209,9 +210,19 @@ class Metrics:
 
     def webhook_attempt(self, outcome: str, committed_ms: int) -> None:
         """One webhook attempt settled as ``delivered``, ``pending`` (retry) or ``dead``."""
-        self.webhook_attempts.labels("retry" if outcome == "pending" else outcome).inc()
-        if outcome == "delivered":
-            self._acknowledged("webhooks", (committed_ms,))
+        # children looked up once: labels() takes a lock and builds a key, per attempt
+        counters = self._webhook_counters
+        if outcome not in counters:
+            counters[outcome] = self.webhook_attempts.labels(
+                "retry" if outcome == "pending" else outcome
+            )
+            if outcome == "delivered":
+                counters["published"] = self.published.labels("webhooks")
+        counters[outcome].inc()
+        if outcome == "delivered":  # one event: no grouping by commit time (once per attempt)
+            counters["published"].inc()
+            seconds = max(0.0, (self._now_ms() - committed_ms) / 1000)
+            self.delivery_latency.observe("webhooks", seconds)
         elif outcome == "dead":
             self.dead_letters.labels("webhooks").inc()
 

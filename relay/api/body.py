@@ -37,17 +37,19 @@ _RFC3339 = re.compile(
     re.ASCII,
 )
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
-_JSON_WHITESPACE = b" \t\r\n"  # RFC 8259; bytes.strip() would also drop \x0b and \x0c
 
 
 async def read_object(request: web.Request, *, optional: bool = False) -> JsonObject:
-    """The request body as a JSON object; an empty body is ``{}`` when ``optional``.
+    """The request body as a JSON object; an absent (zero-byte) body is ``{}`` when ``optional``.
+
+    A body of whitespace alone is not absent: it is sent, and it is not a JSON text (RFC 8259
+    needs a value), so it is a 400 like any other unparsable body.
 
     The size cap is the application's ``client_max_size``: reading past it raises aiohttp's 413,
     which the error middleware renders as JSON.
     """
     raw = await request.read()
-    if optional and not raw.strip(_JSON_WHITESPACE):
+    if optional and not raw:
         return {}
     try:
         parsed: object = orjson.loads(raw)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -53,7 +54,8 @@ class DeliverySettings:
     concurrency: int = 4  # in-flight attempts per endpoint
     disable_after_s: float = 5 * 86400.0
     fanout_batch: int = 1000
-    idle_poll_s: float = 0.2
+    fetch_batch: int = 256  # due deliveries read per store query, per endpoint
+    idle_poll_s: float = 0.2  # fan-out without a commit notice (events appended by replays)
     refresh_s: float = 1.0  # how often workers pick up webhook changes (new, edited, disabled)
 
 
@@ -91,23 +93,32 @@ class WebhookDispatcher:
         # rate limits hold for the deployment (alone on SQLite, every lease is held)
         self._coordinator = coordinator or LocalCoordinator(store, "local")
         self._held_until = 0.0  # monotonic time the endpoint leases run out unless renewed
-        self._settings = settings
         self._metrics = metrics or Metrics(now_ms)
+        self._settings = settings
         self._guard = guard
         self._now_ms = now_ms
         self._workers: dict[str, _Worker] = {}
+        self._retiring: dict[str, _Worker] = {}  # stopped, finishing the attempts in flight
+        self._retired: set[asyncio.Task[None]] = set()
         self._recorder = _Recorder(store)
+        self._wake = asyncio.Event()
         self.delivered = 0
         self.failed_attempts = 0
+
+    def notify(self) -> None:
+        """Events were committed: fan them out now instead of at the next idle poll."""
+        self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fan out and keep workers in step with the registered webhooks until ``stop``."""
         connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._guard), limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
+            stopper = asyncio.create_task(self._wake_on(stop))
             next_refresh = 0.0
             failures = 0
             try:
                 while not stop.is_set():
+                    self._wake.clear()  # before the read: a commit from now on wakes us again
                     try:
                         fanned = await self._store.fanout(
                             self._settings.fanout_batch, self._now_ms()
@@ -117,30 +128,39 @@ class WebhookDispatcher:
                             next_refresh = time.monotonic() + self._settings.refresh_s
                         failures = 0
                     except StoreError as exc:
-                        # the store is unreachable: keep trying, and stop the workers before
-                        # their leases run out (another replica may take the endpoints then)
+                        # the store is unreachable: nothing was fanned out; keep trying, and stop
+                        # the workers before their leases run out (another replica may take over)
                         failures += 1
                         log.warning("webhooks.store_error", error=str(exc))
-                        await self._drop_expired()
+                        self._drop_expired()
                         await _sleep_or_stop(stop, min(5.0, 0.2 * 2**failures))
                         continue
                     if fanned:
                         for worker in self._workers.values():
-                            worker.wake.set()
-                        continue
-                    await _sleep_or_stop(stop, self._settings.idle_poll_s)
+                            worker.poke()
+                    if fanned >= self._settings.fanout_batch:
+                        continue  # more are waiting: no pause
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._settings.idle_poll_s)
             finally:
-                await asyncio.gather(*(w.stop() for w in self._workers.values()))
+                stopper.cancel()
                 held = [_lease(hook_id) for hook_id in self._workers]
+                workers = [*self._workers.values(), *self._retiring.values()]
                 self._workers.clear()
+                await asyncio.gather(*(w.stop() for w in workers), *self._retired)
+                await self._recorder.close()
                 with contextlib.suppress(StoreError):
                     await self._coordinator.release(held)
 
-    async def _drop_expired(self) -> None:
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
+
+    def _drop_expired(self) -> None:
         if self._workers and time.monotonic() >= self._held_until:
             log.warning("webhooks.leases_expired", webhooks=len(self._workers))
-            await asyncio.gather(*(w.stop() for w in self._workers.values()))
-            self._workers.clear()
+            for hook_id in list(self._workers):
+                self._retire(self._workers.pop(hook_id))
 
     async def _reconcile(self, session: aiohttp.ClientSession) -> None:
         enabled = {h.id: h for h in await self._store.webhooks() if h.enabled}
@@ -149,15 +169,32 @@ class WebhookDispatcher:
         self._held_until = asked + 0.9 * self._coordinator.lease_s
         hooks = {hook_id: h for hook_id, h in enabled.items() if _lease(hook_id) in held}
         for hook_id in [h for h in self._workers if h not in hooks]:
-            await self._workers.pop(hook_id).stop()
+            self._retire(self._workers.pop(hook_id))
         for hook in hooks.values():
             worker = self._workers.get(hook.id)
-            if worker is None:
-                worker = _Worker(self, session, hook)
-                self._workers[hook.id] = worker
-                worker.start()
-            else:
-                worker.hook = hook
+            if worker is not None:
+                worker.update(hook)
+                continue
+            # a worker of the same webhook still finishing its attempts shares what it holds,
+            # so the new one does not send those deliveries a second time
+            old = self._retiring.get(hook.id)
+            worker = _Worker(self, session, hook, None if old is None else old.held)
+            self._workers[hook.id] = worker
+            worker.start()
+
+    def _retire(self, worker: _Worker) -> None:
+        """Stop a worker without waiting here: a hanging endpoint must not hold up fan-out."""
+        hook_id = worker.hook.id
+        self._retiring[hook_id] = worker
+        task = asyncio.create_task(worker.stop(), name=f"webhook:{hook_id}:stop")
+        self._retired.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._retired.discard(finished)
+            if self._retiring.get(hook_id) is worker:
+                del self._retiring[hook_id]
+
+        task.add_done_callback(done)
 
     def _retry_delay_s(self, attempts_done: int, outcome: Outcome) -> float | None:
         """Wait before the next attempt, or None when the schedule is exhausted."""
@@ -171,19 +208,23 @@ class WebhookDispatcher:
         return wait * random.uniform(1 - jitter, 1 + jitter)
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, hook: Webhook, event: OutboxEvent
+        self,
+        session: aiohttp.ClientSession,
+        hook: Webhook,
+        event: OutboxEvent,
+        refused: SsrfError | None = None,
     ) -> Outcome:
-        """POST one event; every failure becomes an Outcome, never an exception."""
+        """POST one event; every failure becomes an Outcome, never an exception. ``refused``:
+        the guard's verdict on the URL's IP literal host (names are checked at connect time)."""
         body = event.structured()
-        timestamp = self._now_ms() // 1000
-        headers = signing.headers(
-            hook.secrets_in_use(self._now_ms()), event.event_id, timestamp, body
-        )
+        now_ms = self._now_ms()
+        headers = signing.headers(hook.secrets_in_use(now_ms), event.event_id, now_ms // 1000, body)
         headers["content-type"] = CONTENT_TYPE
         s = self._settings
         started = time.perf_counter()
+        if refused is not None:
+            return Outcome(None, _ms(started), "", f"refused: {refused}")
         try:
-            self._guard.check_literal(urlsplit(hook.url).hostname or "")
             async with session.post(
                 hook.url,
                 data=body,
@@ -205,121 +246,132 @@ class WebhookDispatcher:
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome(None, _ms(started), "", f"{type(exc).__name__}: {exc}"[:500])
 
-    async def _settle(
-        self,
-        hook: Webhook,
-        delivery: Delivery,
-        outcome: Outcome,
-        failing: bool,
-        committed_ms: int = 0,
-    ) -> bool:
-        """Record the attempt and decide what happens next to the delivery and the endpoint;
-        True when the endpoint was disabled. ``failing``: its failing clock may be running."""
-        now = self._now_ms()
-        attempt = Attempt(
-            delivery.id,
-            now,
-            outcome.status_code,
-            outcome.latency_ms,
-            outcome.excerpt,
-            outcome.error,
-        )
-        if outcome.ok:
-            await self._recorder.record(attempt, "delivered", now)
-            self._metrics.webhook_attempt("delivered", committed_ms)
-            if failing:  # a write per success only when there is a clock to stop
-                await self._store.webhook_succeeded(hook.id)
-            self.delivered += 1
-            return False
-        self.failed_attempts += 1
-        delay = self._retry_delay_s(delivery.attempts + 1, outcome)
-        status, next_ms = ("dead", now) if delay is None else ("pending", now + int(delay * 1000))
-        await self._recorder.record(attempt, status, next_ms)
-        self._metrics.webhook_attempt(status, committed_ms)
-        log.warning(
-            "webhook.attempt_failed",
-            webhook=hook.id,
-            event_id=delivery.event_id,
-            status=outcome.status_code,
-            error=outcome.error,
-            next=status,
-        )
-        if outcome.status_code == 410:
-            await self._store.disable_webhook(hook.id, "410 Gone from the endpoint", now)
-            log.error("webhook.disabled", webhook=hook.id, reason="410 Gone")
-            return True
-        if await self._store.webhook_failed(
-            hook.id, now, int(self._settings.disable_after_s * 1000)
-        ):
-            log.error("webhook.disabled", webhook=hook.id, reason="failing continuously")
-            return True
-        return False
+
+Due = tuple[Delivery, OutboxEvent]
 
 
 class _Worker:
-    """Delivers one webhook's due deliveries within its own concurrency and rate limits."""
+    """Delivers one webhook's due deliveries within its own concurrency and rate limits.
+
+    A feeder keeps a local queue of due deliveries, read from the store in batches and refilled
+    only when it runs low; ``concurrency`` senders take from it. The store is read again when
+    fan-out created deliveries (``poke``), when a recorded retry falls due, when the queue runs
+    low after a full batch, and every ``refresh_s`` (redeliveries, recoveries, retries left by
+    an earlier run). A delivery is *held* from the moment it is fetched until its attempt is
+    recorded, and a held delivery is never queued twice, so when everything due is in flight
+    (a hanging endpoint) the worker waits instead of reading the store in a loop.
+    """
 
     def __init__(
-        self, dispatcher: WebhookDispatcher, session: aiohttp.ClientSession, hook: Webhook
+        self,
+        dispatcher: WebhookDispatcher,
+        session: aiohttp.ClientSession,
+        hook: Webhook,
+        held: set[int] | None = None,
     ) -> None:
+        s = dispatcher._settings
         self._dispatcher = dispatcher
         self._session = session
         self.hook = hook
-        self.wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(dispatcher._settings.concurrency)
-        self._inflight: set[int] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
+        self.held: set[int] = set() if held is None else held  # fetched, not yet recorded
+        self._queue: asyncio.Queue[Due | None] = asyncio.Queue()
+        self._low_water = 2 * s.concurrency
+        self._batch = max(s.fetch_batch, 2 * self._low_water)
+        self._more = True  # the store may hold due deliveries not fetched yet
+        self._feed = asyncio.Event()  # something for the feeder to look at
+        self._retries: list[int] = []  # heap of recorded retry times (Unix ms)
         self._next_send = 0.0
-        self.disabled = False  # set by an attempt that disabled the endpoint: take no more work
-        self.failing = hook.failing_since_ms is not None
+        self._feeder: asyncio.Task[None] | None = None
+        self._senders: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.disabled = False  # an attempt disabled the endpoint: take no more work
+        self.failing_since_ms = hook.failing_since_ms
+        self._refused = _literal_refusal(dispatcher._guard, hook.url)
 
     def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._loop(), name=f"webhook:{self.hook.id}")
+        name = f"webhook:{self.hook.id}"
+        self._feeder = asyncio.create_task(self._feed_loop(), name=f"{name}:feed")
+        self._senders = [
+            asyncio.create_task(self._send_loop(), name=f"{name}:send")
+            for _ in range(self._dispatcher._settings.concurrency)
+        ]
+
+    def update(self, hook: Webhook) -> None:
+        """The webhook as stored now (secrets, rate limit, failing clock)."""
+        if hook.url != self.hook.url:
+            self._refused = _literal_refusal(self._dispatcher._guard, hook.url)
+        self.hook = hook
+        self.failing_since_ms = hook.failing_since_ms
+
+    def poke(self) -> None:
+        """Fan-out created deliveries: look in the store."""
+        self._more = True
+        self._feed.set()
 
     async def stop(self) -> None:
-        """Stop taking work; let attempts in flight finish (bounded by the request timeout)."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Take no more work; let attempts in flight finish (bounded by the request timeout).
+        Deliveries still queued stay pending in the store for whoever runs next."""
+        self._stopping = True
+        if self._feeder is not None:
+            self._feeder.cancel()
+            await asyncio.gather(self._feeder, return_exceptions=True)
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                self.held.discard(item[0].id)
+        for _ in self._senders:
+            self._queue.put_nowait(None)
+        await asyncio.gather(*self._senders, return_exceptions=True)
 
-    async def _loop(self) -> None:
-        d = self._dispatcher
-        while not self.disabled:
+    async def _feed_loop(self) -> None:
+        settings = self._dispatcher._settings
+        while not (self.disabled or self._stopping):
+            now = self._dispatcher._now_ms()
+            while self._retries and self._retries[0] <= now:
+                heapq.heappop(self._retries)
+                self._more = True
+            if self._more and self._queue.qsize() < self._low_water:
+                self._more = await self._fetch(now)
+                continue
+            wait_s = settings.refresh_s
+            if self._retries:
+                wait_s = min(wait_s, (self._retries[0] - now) / 1000)
+            self._feed.clear()
             try:
-                due = await d._store.due_deliveries(
-                    self.hook.id, d._now_ms(), 8 * d._settings.concurrency
-                )
+                await asyncio.wait_for(self._feed.wait(), max(wait_s, 0.001))
+            except TimeoutError:
+                self._more = True  # the periodic look
+
+    async def _fetch(self, now_ms: int) -> bool:
+        """Queue due deliveries not held yet; True if the store may have more due."""
+        limit = self._batch + len(self.held)  # held ones come back too: skip, still fill up
+        try:
+            due = await self._dispatcher._store.due_deliveries(self.hook.id, now_ms, limit)
+        except StoreError as exc:
+            log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
+            await asyncio.sleep(self._dispatcher._settings.refresh_s)
+            return True
+        for item in due:
+            if item[0].id not in self.held:
+                self.held.add(item[0].id)
+                self._queue.put_nowait(item)
+        return len(due) >= limit
+
+    async def _send_loop(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if self.disabled or self._stopping:
+                self.held.discard(item[0].id)
+                continue  # drain until stop() sends the end marker
+            if self._more and self._queue.qsize() < self._low_water:
+                self._feed.set()
+            await self._pace()
+            try:
+                await self._deliver(*item)
             except StoreError as exc:
                 log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
-                due = []
-            fresh = [(dl, ev) for dl, ev in due if dl.id not in self._inflight]
-            if not fresh:
-                await self._idle()
-                continue
-            for delivery, event in fresh:
-                await self._slots.acquire()
-                if self.disabled:
-                    self._slots.release()
-                    return
-                await self._pace()
-                self._inflight.add(delivery.id)
-                task = asyncio.create_task(self._deliver(delivery, event))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    async def _idle(self) -> None:
-        """Sleep until woken by fan-out or until the next retry is due (at most refresh_s)."""
-        d = self._dispatcher
-        wait = d._settings.refresh_s
-        with contextlib.suppress(StoreError):
-            due_ms = await d._store.next_due_ms(self.hook.id)
-            if due_ms is not None:
-                wait = min(wait, max(0.0, (due_ms - d._now_ms()) / 1000))
-        self.wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), wait)
 
     async def _pace(self) -> None:
         """The endpoint's own rate limit, as a minimum spacing between attempts."""
@@ -333,60 +385,145 @@ class _Worker:
 
     async def _deliver(self, delivery: Delivery, event: OutboxEvent) -> None:
         d = self._dispatcher
-        try:
-            with structlog.contextvars.bound_contextvars(
-                webhook=self.hook.id, delivery=delivery.id
-            ):
-                outcome = await d._attempt(self._session, self.hook, event)
-                settle = d._settle(self.hook, delivery, outcome, self.failing, event.committed_ms)
-                if await asyncio.shield(settle):
-                    self.disabled = True
-                self.failing = not outcome.ok
-        except StoreError as exc:
-            log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
-        finally:
-            self._inflight.discard(delivery.id)
-            self._slots.release()
-            self.wake.set()
+        outcome = await d._attempt(self._session, self.hook, event, self._refused)
+        writes = self._settle(delivery, event, outcome)
+        if writes is not None:  # the endpoint's state: finish it even if we are cancelled
+            await asyncio.shield(writes)
+        await d._recorder.room()
+
+    def _settle(
+        self, delivery: Delivery, event: OutboxEvent, outcome: Outcome
+    ) -> Coroutine[None, None, None] | None:
+        """Hand the attempt to the recorder; returns the store writes the endpoint's state
+        needs (none for a success of a healthy endpoint: the common case costs no task)."""
+        d = self._dispatcher
+        now = d._now_ms()
+        attempt = Attempt(
+            delivery.id,
+            now,
+            outcome.status_code,
+            outcome.latency_ms,
+            outcome.excerpt,
+            outcome.error,
+        )
+        if outcome.ok:
+            d._recorder.add(attempt, "delivered", now, self._recorded)
+            d._metrics.webhook_attempt("delivered", event.committed_ms)
+            d.delivered += 1
+            if self.failing_since_ms is None:
+                return None
+            self.failing_since_ms = None  # a write per success only to stop a clock
+            return d._store.webhook_succeeded(self.hook.id)
+        d.failed_attempts += 1
+        delay = d._retry_delay_s(delivery.attempts + 1, outcome)
+        status, next_ms = ("dead", now) if delay is None else ("pending", now + int(delay * 1000))
+        d._recorder.add(attempt, status, next_ms, self._recorded)
+        d._metrics.webhook_attempt(status, event.committed_ms)
+        log.warning(
+            "webhook.attempt_failed",
+            webhook=self.hook.id,
+            delivery=delivery.id,
+            event_id=delivery.event_id,
+            status=outcome.status_code,
+            error=outcome.error,
+            next=status,
+        )
+        if outcome.status_code == 410:
+            self.disabled = True
+            return self._gone(now)
+        after_ms = int(d._settings.disable_after_s * 1000)
+        since = self.failing_since_ms
+        if since is not None and now - since < after_ms:
+            return None  # the clock runs and cannot be due yet: nothing to write
+        self.failing_since_ms = now if since is None else since
+        return self._failed(now, after_ms)
+
+    async def _gone(self, now_ms: int) -> None:
+        d = self._dispatcher
+        await d._store.disable_webhook(self.hook.id, "410 Gone from the endpoint", now_ms)
+        log.error("webhook.disabled", webhook=self.hook.id, reason="410 Gone")
+
+    async def _failed(self, now_ms: int, after_ms: int) -> None:
+        """Start the failing clock, and let the store disable the endpoint once it has run for
+        ``after_ms``: a write when the clock starts and when it may be due, not per failure (a
+        failing endpoint must not load the store the others need)."""
+        if await self._dispatcher._store.webhook_failed(self.hook.id, now_ms, after_ms):
+            self.disabled = True
+            log.error("webhook.disabled", webhook=self.hook.id, reason="failing continuously")
+
+    def _recorded(self, delivery_id: int, status: str, next_ms: int) -> None:
+        """The recorder wrote the attempt (or could not: then it is due again at once)."""
+        self.held.discard(delivery_id)
+        if status == "pending":
+            heapq.heappush(self._retries, next_ms)
+            self._feed.set()
+
+
+Recorded = Callable[[int, str, int], None]
 
 
 class _Recorder:
     """Group commit of attempt records: one store transaction for every attempt that finished
-    within ``linger_s`` (profiled: a transaction per attempt capped delivery throughput).
-    ``record`` returns once its attempt is durable, so a delivery is never fetched again while
-    its result is still in memory.
+    while the previous transaction ran (profiled: a transaction per attempt capped delivery
+    throughput). Senders do not wait for it: a delivery stays *held* by its worker until its
+    record is written, so it is never fetched again while its result is only in memory; a crash
+    before the write leaves it pending, and it is sent again with the same ``webhook-id``.
     """
 
-    def __init__(self, store: Store, linger_s: float = 0.002, max_batch: int = 500) -> None:
+    def __init__(self, store: Store, max_batch: int = 500, max_backlog: int = 5000) -> None:
         self._store = store
-        self._linger_s = linger_s
         self._max_batch = max_batch
-        self._pending: list[tuple[Attempt, str, int, asyncio.Future[None]]] = []
+        self._max_backlog = max_backlog
+        self._pending: list[tuple[Attempt, str, int, Recorded]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._room = asyncio.Event()
+        self._room.set()
 
-    async def record(self, attempt: Attempt, status: str, next_ms: int) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((attempt, status, next_ms, future))
+    def add(self, attempt: Attempt, status: str, next_ms: int, done: Recorded) -> None:
+        """Record an attempt; ``done(delivery_id, status, next_ms)`` runs once it is written."""
+        self._pending.append((attempt, status, next_ms, done))
+        if len(self._pending) >= self._max_backlog:
+            self._room.clear()
         if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
-        await future
+            self._flusher = asyncio.create_task(self._flush(), name="webhook:recorder")
+
+    async def room(self) -> None:
+        """Wait while the backlog is full (the store is slower than the endpoints)."""
+        await self._room.wait()
+
+    async def close(self) -> None:
+        """Write everything recorded so far."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
 
     async def _flush(self) -> None:
-        await asyncio.sleep(self._linger_s)
-        while self._pending:
-            batch, self._pending = (
-                self._pending[: self._max_batch],
-                self._pending[self._max_batch :],
-            )
-            try:
-                await self._store.finish_attempts([(a, s, n) for a, s, n, _ in batch])
-            except StoreError as exc:
-                for *_, future in batch:
-                    future.set_exception(exc)
-            else:
-                for *_, future in batch:
-                    future.set_result(None)
-        self._flusher = None
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                try:
+                    await self._store.finish_attempts([(a, s, n) for a, s, n, _ in batch])
+                except StoreError as exc:
+                    log.warning("webhook.store_error", error=str(exc), attempts=len(batch))
+                    for attempt, _, _, done in batch:  # not recorded: due again
+                        done(attempt.delivery_id, "pending", attempt.attempted_ms)
+                else:
+                    for attempt, status, next_ms, done in batch:
+                        done(attempt.delivery_id, status, next_ms)
+                if len(self._pending) < self._max_backlog:
+                    self._room.set()
+        finally:
+            self._flusher = None
+
+
+def _literal_refusal(guard: Guard, url: str) -> SsrfError | None:
+    """The guard's verdict on a URL whose host is an IP literal (aiohttp does not resolve
+    those, so the resolver's check never sees them); None when allowed or a name."""
+    try:
+        guard.check_literal(urlsplit(url).hostname or "")
+    except SsrfError as exc:
+        return exc
+    return None
 
 
 def _lease(webhook_id: str) -> str:

@@ -12,7 +12,8 @@ Webhook URLs are unique (schema version 3): ``create_webhook`` and ``update_webh
 :class:`DuplicateError` for a URL another webhook has, so a check-then-insert race between two
 registrations (or two replicas upserting declared webhooks) cannot create two endpoints for one URL.
 ``update_webhook`` writes only the fields it is given, ``finish_attempts`` skips deliveries deleted
-meanwhile, and ``close`` may be called twice.
+meanwhile, and ``close`` may be called twice. ``fanout`` and ``finish_attempts`` need not wait for
+a flush to disk (bookkeeping whose loss only causes a redelivery).
 """
 
 from __future__ import annotations
@@ -358,7 +359,8 @@ class Store(Protocol):
 
     async def fanout(self, limit: int, now_ms: int) -> int:
         """Create deliveries for committed events not yet fanned out, for every enabled webhook
-        whose filters match; returns how many events were fanned out. One transaction."""
+        whose filters match; returns how many events were fanned out. One transaction, which
+        need not be flushed to disk before returning (see ``finish_attempts``)."""
 
     async def due_deliveries(
         self, webhook_id: str, now_ms: int, limit: int
@@ -371,7 +373,13 @@ class Store(Protocol):
     async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
         """Record attempts and their deliveries' new status (pending with a retry time,
         delivered, or dead), all in one transaction. An attempt whose delivery no longer exists
-        (its webhook was deleted while the attempt was in flight) is skipped, not an error."""
+        (its webhook was deleted while the attempt was in flight) is skipped, not an error.
+
+        This and ``fanout`` are bookkeeping: they must survive a crash of the relay process but
+        may commit without waiting for a flush to disk (SQLite ``synchronous=NORMAL``,
+        PostgreSQL ``SET LOCAL synchronous_commit = off``). A machine crash that undoes them
+        also undoes everything committed after them, so it can only cause a redelivery with the
+        same ``webhook-id``, never a loss."""
 
     async def delivery(self, delivery_id: int) -> Delivery:
         """One delivery; raises NotFoundError."""

@@ -140,12 +140,14 @@ class Running:
         await asyncio.wait_for(self.task, 10)
 
 
-async def until(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
+async def until(
+    predicate: Callable[[], object], timeout_s: float = 10.0, interval_s: float = 0.02
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(interval_s)
 
 
 async def test_delivery_is_signed_per_standard_webhooks_and_a_structured_cloudevent(
@@ -318,34 +320,80 @@ async def test_names_resolving_to_loopback_are_refused_at_connect_time(
 async def test_a_dead_and_a_failing_endpoint_do_not_slow_a_healthy_one(
     store: Store, receiver: Start
 ) -> None:
-    """p99 latency (commit to receipt) of a healthy endpoint stays within 2x of alone."""
+    """p99 latency (commit to receipt) of a healthy endpoint stays within 2x of alone.
+
+    Alone and crowded (a hanging and a failing endpoint enabled beside it) alternate twice in
+    one dispatcher run, 100 events each time, so a shared machine's changing load falls on both
+    alike. The clock starts when the commit has returned and the dispatcher is told, as the
+    poller does: the commit's own fsync is not delivery latency (its spikes under load made this
+    flaky without saying anything about isolation).
+    """
     settings = replace(FAST, timeout_s=5.0, retry_schedule_s=(0.05,) * 5)
     serial = iter(range(10_000, 20_000))
-
-    async def p99_of(healthy: Receiver, rounds: int = 60) -> float:
-        latencies = []
-        for _ in range(rounds):
-            before = len(healthy.received)
-            committed = time.monotonic()
-            await commit(store, [activity(next(serial))])
-            await until(lambda n=before: len(healthy.received) > n)
-            latencies.append(healthy.received[-1][0] - committed)
-        return statistics.quantiles(latencies, n=100)[98]
-
-    alone = await receiver()
-    await register(store, alone.url)
-    async with Running(store, settings):
-        baseline = await p99_of(alone)
-    await store.delete_webhook((await store.webhooks())[0].id)
+    await commit(store, [])
+    stream_id = (await store.streams())[0].id
     healthy, dead, failing = (
         await receiver(),
         await receiver(default="hang"),
         await receiver(default=500),
     )
-    for r in (healthy, dead, failing):
-        await register(store, r.url)
-    async with Running(store, settings):
-        crowded = await p99_of(healthy)
+    await register(store, healthy.url)
+    latencies: dict[bool, list[float]] = {False: [], True: []}
+    others: list[Webhook] = []
+    async with Running(store, settings) as dispatcher:
+        for phase in range(4):
+            crowded = phase % 2 == 1
+            if phase == 1:
+                others = [await register(store, dead.url), await register(store, failing.url)]
+            for other in others[: len(others) if phase > 1 else 0]:
+                await store.update_webhook(replace(other, enabled=crowded), ("enabled",))
+            await asyncio.sleep(3 * settings.refresh_s)  # the workers follow
+            for _ in range(100):
+                before = len(healthy.received)
+                now = int(time.time() * 1000)
+                await store.commit_page(stream_id, [activity(next(serial))], now)
+                committed = time.monotonic()
+                dispatcher.notify()
+                await until(lambda n=before: len(healthy.received) > n, interval_s=0.002)
+                latencies[crowded].append(healthy.received[-1][0] - committed)
     assert dead.received
     assert failing.received
-    assert crowded <= max(2 * baseline, baseline + 0.05), (baseline, crowded)
+    baseline, crowded_p99 = (statistics.quantiles(latencies[c], n=100)[98] for c in (False, True))
+    assert crowded_p99 <= max(2 * baseline, baseline + 0.05), (baseline, crowded_p99)
+
+
+class CountingStore:
+    """The real store, counting the reads a worker makes of its due deliveries."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def due_deliveries(self, webhook_id: str, now_ms: int, limit: int) -> object:
+        self.reads += 1
+        return await self._store.due_deliveries(webhook_id, now_ms, limit)
+
+    async def next_due_ms(self, webhook_id: str) -> int | None:
+        self.reads += 1
+        return await self._store.next_due_ms(webhook_id)
+
+
+async def test_a_worker_whose_deliveries_are_all_in_flight_waits(
+    store: Store, receiver: Start
+) -> None:
+    """Everything due is in flight at a hanging endpoint: the worker waits for a change instead
+    of re-reading the store in a loop (about one read per refresh_s, not thousands a second)."""
+    r = await receiver(default="hang")
+    await register(store, r.url)
+    await commit(store, [activity(1), activity(2)])
+    counting = CountingStore(store)
+    settings = replace(FAST, concurrency=4, timeout_s=3.0)
+    async with Running(counting, settings):  # type: ignore[arg-type]
+        await until(lambda: len(r.received) == 2)
+        before = counting.reads
+        await asyncio.sleep(1.0)
+        reads = counting.reads - before
+    assert reads <= 1.0 / settings.refresh_s + 5, reads
