@@ -45,16 +45,23 @@ def test_compose_cli_accepts_the_file() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_compose_cli_rejects_a_broken_copy(tmp_path: Path) -> None:
-    """The check is live: a depends_on condition outside the schema's enum is an error."""
+@pytest.mark.parametrize(
+    ("good", "bad", "says"),
+    [
+        pytest.param("condition: service_healthy", "condition: healthy", "condition", id="enum"),
+        pytest.param("restart: unless-stopped", "restrt: unless-stopped", "restrt", id="key"),
+    ],
+)
+def test_compose_cli_rejects_a_broken_copy(tmp_path: Path, good: str, bad: str, says: str) -> None:
+    """The check is live: a value outside the schema's enum, or an unknown key, is an error."""
     broken = tmp_path / "deploy" / "docker-compose.yml"
     broken.parent.mkdir()
-    text = COMPOSE.read_text().replace("condition: service_healthy", "condition: healthy", 1)
-    broken.write_text(text)
+    assert good in COMPOSE.read_text()
+    broken.write_text(COMPOSE.read_text().replace(good, bad, 1))
     shutil.copytree(ROOT / "config", tmp_path / "config")
     result = tool("docker-compose", "-f", str(broken), "config", "--quiet", env=TOKEN_ENV)
     assert result.returncode != 0
-    assert "condition" in result.stderr
+    assert says in result.stderr
 
 
 def test_admin_token_is_required_not_defaulted() -> None:
