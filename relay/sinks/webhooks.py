@@ -53,7 +53,7 @@ class DeliverySettings:
     concurrency: int = 4  # in-flight attempts per endpoint
     disable_after_s: float = 5 * 86400.0
     fanout_batch: int = 1000
-    fetch_batch: int = 256  # due deliveries read per store query, per endpoint
+    fetch_batch: int = 512  # due deliveries read per store query, per endpoint
     idle_poll_s: float = 0.2  # fan-out without a commit notice (events appended by replays)
     refresh_s: float = 1.0  # how often workers pick up webhook changes (new, edited, disabled)
 
@@ -443,14 +443,18 @@ Recorded = Callable[[int, str, int], None]
 
 class _Recorder:
     """Group commit of attempt records: one store transaction for every attempt that finished
-    while the previous transaction ran (profiled: a transaction per attempt capped delivery
-    throughput). Senders do not wait for it: a delivery stays *held* by its worker until its
-    record is written, so it is never fetched again while its result is only in memory; a crash
-    before the write leaves it pending, and it is sent again with the same ``webhook-id``.
+    within ``linger_s`` or while the previous transaction ran (profiled: a transaction per
+    attempt capped delivery throughput). Senders do not wait for it: a delivery stays *held*
+    by its worker until its record is written, so it is never fetched again while its result
+    is only in memory; a crash before the write leaves it pending, and it is sent again with
+    the same ``webhook-id``.
     """
 
-    def __init__(self, store: Store, max_batch: int = 500, max_backlog: int = 5000) -> None:
+    def __init__(
+        self, store: Store, linger_s: float = 0.02, max_batch: int = 500, max_backlog: int = 5000
+    ) -> None:
         self._store = store
+        self._linger_s = linger_s
         self._max_batch = max_batch
         self._max_backlog = max_backlog
         self._pending: list[tuple[Attempt, str, int, Recorded]] = []
@@ -477,6 +481,9 @@ class _Recorder:
 
     async def _flush(self) -> None:
         try:
+            # nobody waits for the write (senders go on), so gathering costs no latency, and
+            # each transaction has a fixed cost of ~130 us in the store thread (profiled)
+            await asyncio.sleep(self._linger_s)
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
