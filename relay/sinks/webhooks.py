@@ -96,6 +96,9 @@ class WebhookDispatcher:
         self._retired: set[asyncio.Task[None]] = set()
         self._recorder = _Recorder(store)
         self._wake = asyncio.Event()
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_s, sock_connect=settings.connect_timeout_s
+        )
         self.delivered = 0
         self.failed_attempts = 0
 
@@ -205,11 +208,7 @@ class WebhookDispatcher:
             return Outcome(None, _ms(started), "", f"refused: {refused}")
         try:
             async with session.post(
-                hook.url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=s.timeout_s, sock_connect=s.connect_timeout_s),
+                hook.url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
             ) as resp:
                 raw = await resp.content.read(s.response_cap_bytes)
                 excerpt = raw.decode("utf-8", "replace")[: s.excerpt_chars]
@@ -254,7 +253,7 @@ class _Worker:
         self.hook = hook
         self.held: set[int] = set() if held is None else held  # fetched, not yet recorded
         self._queue: asyncio.Queue[Due | None] = asyncio.Queue()
-        self._low_water = 2 * s.concurrency
+        self._low_water = max(2 * s.concurrency, s.fetch_batch // 4)  # a refill takes ms
         self._batch = max(s.fetch_batch, 2 * self._low_water)
         self._more = True  # the store may hold due deliveries not fetched yet
         self._feed = asyncio.Event()  # something for the feeder to look at
@@ -346,7 +345,8 @@ class _Worker:
                 continue  # drain until stop() sends the end marker
             if self._more and self._queue.qsize() < self._low_water:
                 self._feed.set()
-            await self._pace()
+            if self.hook.rate_limit_per_s:
+                await self._pace()
             try:
                 await self._deliver(*item)
             except StoreError as exc:
@@ -354,9 +354,7 @@ class _Worker:
 
     async def _pace(self) -> None:
         """The endpoint's own rate limit, as a minimum spacing between attempts."""
-        rate = self.hook.rate_limit_per_s
-        if not rate:
-            return
+        rate = self.hook.rate_limit_per_s or float("inf")
         now = time.monotonic()
         if self._next_send > now:
             await asyncio.sleep(self._next_send - now)
@@ -368,7 +366,8 @@ class _Worker:
         writes = self._settle(delivery, event, outcome)
         if writes is not None:  # the endpoint's state: finish it even if we are cancelled
             await asyncio.shield(writes)
-        await d._recorder.room()
+        if d._recorder.full:
+            await d._recorder.room()
 
     def _settle(
         self, delivery: Delivery, event: OutboxEvent, outcome: Outcome
@@ -461,6 +460,7 @@ class _Recorder:
         self._flusher: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
         self._room.set()
+        self._closing = asyncio.Event()
 
     def add(self, attempt: Attempt, status: str, next_ms: int, done: Recorded) -> None:
         """Record an attempt; ``done(delivery_id, status, next_ms)`` runs once it is written."""
@@ -470,12 +470,18 @@ class _Recorder:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="webhook:recorder")
 
+    @property
+    def full(self) -> bool:
+        """The backlog is full: the store is slower than the endpoints."""
+        return not self._room.is_set()
+
     async def room(self) -> None:
-        """Wait while the backlog is full (the store is slower than the endpoints)."""
+        """Wait while the backlog is full."""
         await self._room.wait()
 
     async def close(self) -> None:
-        """Write everything recorded so far."""
+        """Write everything recorded so far, without lingering."""
+        self._closing.set()
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
 
@@ -483,7 +489,9 @@ class _Recorder:
         try:
             # nobody waits for the write (senders go on), so gathering costs no latency, and
             # each transaction has a fixed cost of ~130 us in the store thread (profiled)
-            await asyncio.sleep(self._linger_s)
+            if not self._closing.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), self._linger_s)
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
