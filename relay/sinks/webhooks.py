@@ -353,12 +353,14 @@ class _Worker:
                 log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
 
     async def _pace(self) -> None:
-        """The endpoint's own rate limit, as a minimum spacing between attempts."""
+        """The endpoint's own rate limit, as a minimum spacing between attempts: each sender
+        reserves its slot before sleeping, so concurrent senders never share one."""
         rate = self.hook.rate_limit_per_s or float("inf")
         now = time.monotonic()
-        if self._next_send > now:
-            await asyncio.sleep(self._next_send - now)
-        self._next_send = max(now, self._next_send) + 1.0 / rate
+        slot = max(now, self._next_send)
+        self._next_send = slot + 1.0 / rate
+        if slot > now:
+            await asyncio.sleep(slot - now)
 
     async def _deliver(self, delivery: Delivery, event: OutboxEvent) -> None:
         d = self._dispatcher
