@@ -4,6 +4,7 @@ Retry-After, 410, auto-disable, dead letters, redelivery, recovery, SSRF and iso
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -397,3 +398,19 @@ async def test_a_worker_whose_deliveries_are_all_in_flight_waits(
         await asyncio.sleep(1.0)
         reads = counting.reads - before
     assert reads <= 1.0 / settings.refresh_s + 5, reads
+
+
+async def test_rate_limit_spaces_attempts_across_concurrent_senders(
+    store: Store, receiver: Start
+) -> None:
+    """rate_limit_per_s 20 with four senders: requests are spread at 50 ms (receipt times
+    carry network jitter, hence the margins; senders sharing a slot arrive microseconds apart)."""
+    r = await receiver()
+    await register(store, r.url, rate_limit_per_s=20.0)
+    await commit(store, [activity(i) for i in range(8)])
+    async with Running(store, replace(FAST, concurrency=4)):
+        await until(lambda: len(r.received) == 8)
+    times = sorted(t for t, _, _ in r.received)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.02, gaps
+    assert times[-1] - times[0] >= 7 * 0.05 - 0.05, gaps
