@@ -101,6 +101,7 @@ START = datetime(2026, 11, 1, tzinfo=UTC)
 TARGET = 0.6
 # The sink's own defaults, with only the topic template and address varied per run.
 SINK_DEFAULTS = KafkaSettings(bootstrap_servers="")
+SIMULATOR = "bench-simulator"  # its process name, to find its CPU time
 DONE_POLL_S = 0.005  # how often (a) checks the sink's count: 5 ms on rounds of seconds
 
 
@@ -130,7 +131,7 @@ def simulator(contacts: int, campaigns: int) -> Iterator[str]:
     """Run the simulator in a spawned process (its CPU is not ours); yields its base URL."""
     port = free_port()
     process = multiprocessing.get_context("spawn").Process(
-        target=serve, args=(port, contacts, campaigns), daemon=True
+        target=serve, args=(port, contacts, campaigns), daemon=True, name=SIMULATOR
     )
     process.start()
     try:
@@ -663,6 +664,8 @@ class ReplicaRun:
     seconds: float
     cpu_s: float
     server_cpu_s: float | None
+    simulator_cpu_s: float
+    broker_cpu_s: float  # the dev broker's JVM (0 with $KAFKA_BOOTSTRAP_SERVERS)
     passes: tuple[int, ...]  # passes each replica ran
     busy_cores: float  # the whole machine's CPU use during the round, in cores (others' too)
 
@@ -703,11 +706,13 @@ async def _replica(
             await asyncio.to_thread(go.wait)
             cpu_started = time.process_time()
             leased = asyncio.create_task(run_leased("sink:kafka", coordinator, sink.run, stop))
+            # commits of the other replicas wake the sink, as in the relay
+            watch = asyncio.create_task(coordinator.watch_commits(sink.notify, stop))
             passes = await _poll_claimed(coordinator, store, poller)
             await asyncio.to_thread(done.wait)
             cpu_s = time.process_time() - cpu_started
             stop.set()
-            await leased
+            await asyncio.gather(leased, watch)
             return cpu_s, passes
     finally:
         await store.close()
@@ -747,7 +752,7 @@ async def _poll_claimed(coordinator: PgCoordinator, store: Store, poller: Poller
 
 
 async def replica_round(
-    world: World, server: str, bootstrap: str, replicas: int, name: str, server_cpu: bool
+    world: World, server: str, bootstrap: str, replicas: int, name: str, postmaster: int | None
 ) -> ReplicaRun:
     """N replica processes on a fresh database and fresh topics, timed from the start signal
     until the Kafka sink's cursor passed every event; checks every event reached the topics."""
@@ -774,7 +779,11 @@ async def replica_round(
     try:
         for ready in readies:
             await asyncio.to_thread(ready.wait, 60)
-        server_before = postgres_cpu_s() if server_cpu else None
+        sim_pid = next(p.pid for p in multiprocessing.active_children() if p.name == SIMULATOR)
+        assert sim_pid is not None
+        sim_before = tree_cpu_s(sim_pid)
+        broker_before = children_cpu_s("java")
+        server_before = tree_cpu_s(postmaster) if postmaster else None
         machine_before = machine_ticks()
         started = time.perf_counter()
         go.set()
@@ -783,7 +792,9 @@ async def replica_round(
             await asyncio.sleep(DONE_POLL_S)
         seconds = time.perf_counter() - started
         machine_after = machine_ticks()
-        server_after = postgres_cpu_s() if server_cpu else None
+        server_after = tree_cpu_s(postmaster) if postmaster else None
+        sim_after = tree_cpu_s(sim_pid)
+        broker_after = children_cpu_s("java")
         done.set()
         reports = [await asyncio.to_thread(out.get, True, 60) for _ in processes]
     finally:
@@ -805,6 +816,8 @@ async def replica_round(
         seconds,
         sum(cpu for cpu, _ in reports),
         server_s,
+        sim_after - sim_before,
+        broker_after - broker_before,
         tuple(sorted((p for _, p in reports), reverse=True)),
         busy_cores(machine_before, machine_after),
     )
@@ -833,17 +846,32 @@ async def _sink_behind(store: PostgresStore, events: int) -> bool:
     return head == 0 or cursor < head or await store.transaction(count) < events
 
 
-def postgres_cpu_s() -> float:
-    """CPU seconds (user + system) of every running ``postgres`` process on this machine."""
+def children_cpu_s(command: str) -> float:
+    """CPU seconds of this process's children named ``command`` (the dev broker's java)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)
-            if "(postgres" not in fields[0]:
-                continue
-            values = fields[1].split()
-            total += int(values[11]) + int(values[12])  # utime, stime
+            name, rest = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
+            values = rest.split()
+            if name == command and int(values[1]) == os.getpid():
+                total += int(values[11]) + int(values[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / ticks
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) of process ``root`` and its children (a PostgreSQL
+    postmaster and its backends), from /proc: not other servers on a shared machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            values = stat.read_text().rsplit(")", 1)[1].split()
+            pid, ppid = int(stat.parent.name), int(values[1])
+            if root in (pid, ppid):
+                total += int(values[11]) + int(values[12])  # utime, stime
         except (OSError, IndexError, ValueError):
             continue  # a process that ended meanwhile
     return total / ticks
@@ -869,8 +897,12 @@ async def run_replicas(
                 await create_topics(bootstrap, [topic_settings(bootstrap, x) for _, x in names])
                 async with aiohttp.ClientSession() as session:
                     world = await open_world(session, base)
+                postmaster = None
+                if cluster is not None:  # the throwaway cluster's server process
+                    pid_file = cluster.data / "postmaster.pid"
+                    postmaster = int(pid_file.read_text().split()[0])
                 done = [
-                    await replica_round(world, server, bootstrap, n, x, cluster is not None)
+                    await replica_round(world, server, bootstrap, n, x, postmaster)
                     for n, x in names
                 ]
     finally:
@@ -895,6 +927,9 @@ def replica_report(
         cpu = statistics.median(r.cpu_s / r.events * 10_000 for r in mine)
         server_s = statistics.median((r.server_cpu_s or 0) / r.events * 10_000 for r in mine)
         server = f", PostgreSQL server {server_s:.2f} s" if server_cpu else ""
+        sim_s = statistics.median(r.simulator_cpu_s / r.events * 10_000 for r in mine)
+        broker_s = statistics.median(r.broker_cpu_s / r.events * 10_000 for r in mine)
+        server += f", simulator {sim_s:.2f} s, Kafka broker {broker_s:.2f} s"
         passes = "/".join(str(p) for p in mine[-1].passes)
         busy = statistics.median(r.busy_cores for r in mine)
         lines.append(

@@ -220,6 +220,9 @@ def _start_sinks(
 
         task.add_done_callback(fatal)
         sinks.tasks.append(task)
+    # commits of other replicas wake the sinks here too (PostgreSQL LISTEN; nothing on SQLite)
+    watch = coordinator.watch_commits(sinks.notify, sinks.stop)
+    sinks.tasks.append(asyncio.create_task(watch, name="sink:wake"))
     return sinks
 
 

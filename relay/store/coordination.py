@@ -20,7 +20,8 @@ lease and leaves the budget to the in-process rate limiter.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import asyncio
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,6 +69,10 @@ class Coordinator(Protocol):
     async def release(self, names: Sequence[str]) -> None:
         """Give named leases back, so another replica need not wait for their expiry."""
 
+    async def watch_commits(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
+        """Call ``wake`` when another replica commits outbox events, until ``stop`` (so the
+        sinks here need not wait for their next idle poll)."""
+
     async def reserve_request(
         self, account: str, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
     ) -> Reservation:
@@ -103,6 +108,9 @@ class LocalCoordinator:
 
     async def release(self, names: Sequence[str]) -> None:
         return None
+
+    async def watch_commits(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
+        return None  # every commit is this process's own: the poller wakes the sinks itself
 
     async def reserve_request(
         self, account: str, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
@@ -211,6 +219,9 @@ class PgCoordinator:
             )
 
         await self._store.transaction(run)
+
+    async def watch_commits(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
+        await self._store.listen_commits(wake, stop)
 
     async def reserve_request(
         self, account: str, day: str, now_ms: int, burst: int, window_ms: int, allowance: int

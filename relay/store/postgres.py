@@ -15,6 +15,7 @@ order: a sink that has read seq N never finds a smaller one committed later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -77,6 +78,7 @@ LOCK_OUTBOX = 1
 LOCK_MIGRATE = 2
 LOCK_FANOUT = 3
 BUDGET_NS = 0x43544355  # per-account request budget: (BUDGET_NS, hashtext(account))
+COMMITS_CHANNEL = "relay_outbox"  # NOTIFY channel: a transaction appended outbox events
 
 # Errors after which the same transaction may succeed on another connection or a bit later.
 RETRIABLE: tuple[type[BaseException], ...] = (
@@ -106,6 +108,21 @@ class PostgresSettings:
     reconnect_max_s: float = 60.0  # retry a call this long through an outage, then fail it
     lease_s: float = 15.0  # a dead replica's streams and sinks are taken over after this
     request_margin_s: float = 0.15  # added to each account's one-second window (clock skew)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _wait_any(first: asyncio.Event, second: asyncio.Event, timeout_s: float) -> None:
+    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 def describe_url(url: str) -> str:
@@ -196,6 +213,39 @@ class PostgresStore:
                     raise
 
         return await self._retrying(attempt, "query")
+
+    async def listen_commits(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
+        """Call ``wake`` whenever any process commits outbox events (LISTEN on one connection
+        of its own), until ``stop``; reconnects after a lost connection, waking once then for
+        whatever was committed meanwhile. Sinks still poll: this only makes them prompt."""
+        delay_s = 0.1
+        while not stop.is_set():
+            try:
+                conn = await asyncpg.connect(
+                    self._url,
+                    timeout=self.settings.connect_timeout_s,
+                    server_settings={"application_name": "ctct-relay-listen"},
+                )
+            except (*RETRIABLE, asyncpg.PostgresError) as exc:
+                log.warning("store.listen_retry", server=self._where, error=_reason(exc))
+                await _sleep_or_stop(stop, delay_s)
+                delay_s = min(delay_s * 2, 5.0)
+                continue
+            try:
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, lost=closed: lost.set())
+                await conn.add_listener(COMMITS_CHANNEL, lambda *_args: wake())
+                delay_s = 0.1
+                wake()
+                while not (stop.is_set() or closed.is_set() or conn.is_closed()):
+                    await _wait_any(stop, closed, 5.0)
+            except (*RETRIABLE, asyncpg.PostgresError) as exc:
+                log.warning("store.listen_retry", server=self._where, error=_reason(exc))
+            finally:
+                try:
+                    await asyncio.wait_for(conn.close(), 5)
+                except (*RETRIABLE, asyncpg.PostgresError):
+                    conn.terminate()
 
     async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         deadline = time.monotonic() + self.settings.reconnect_max_s
@@ -928,6 +978,7 @@ class PostgresStore:
 
         async def run(conn: Connection) -> OutboxRange:
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_OUTBOX)
+            await conn.execute("SELECT pg_notify($1, '')", COMMITS_CHANNEL)
             head = int(await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM outbox"))
             await conn.execute(
                 "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id,"  # noqa: S608
@@ -1136,6 +1187,7 @@ async def _append_outbox(conn: Connection, rows: list[tuple[object, ...]]) -> No
     if not rows:
         return
     await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_OUTBOX)
+    await conn.execute("SELECT pg_notify($1, '')", COMMITS_CHANNEL)  # sent at commit
     columns = list(zip(*rows, strict=True))
     await conn.execute(
         "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id, contact_id,"

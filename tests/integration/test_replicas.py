@@ -22,13 +22,38 @@ pytestmark = pytest.mark.integration
 
 KEY, TOKEN = "k-replicas-1", "t-replicas-1"
 LEASE_S = 3.0
+WEBHOOK_CONCURRENCY = 2  # per endpoint: for the deployment, not per replica
 KINDS = ("send", "open", "click", "forward", "bounce", "unsubscribe")
 
 
+class CountingReceiver(Receiver):
+    """The webhook consumer, taking ``delay_s`` per request and counting requests in progress:
+    the most at once shows whether the endpoint's concurrency limit held across replicas."""
+
+    def __init__(self, delay_s: float = 0.01) -> None:
+        super().__init__()
+        self.inflight = 0
+        self.max_inflight = 0
+        receiver = self
+        verifying = self.server.RequestHandlerClass
+
+        class Handler(verifying):  # type: ignore[valid-type, misc]
+            def do_POST(self) -> None:
+                with receiver._lock:
+                    receiver.inflight += 1
+                    receiver.max_inflight = max(receiver.max_inflight, receiver.inflight)
+                time.sleep(delay_s)
+                with receiver._lock:  # before answering: the relay's next request may follow
+                    receiver.inflight -= 1
+                super().do_POST()
+
+        self.server.RequestHandlerClass = Handler
+
+
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    """The webhook consumer (checks signatures)."""
-    r = Receiver()
+def receiver() -> Iterator[CountingReceiver]:
+    """The webhook consumer (checks signatures, counts concurrent requests)."""
+    r = CountingReceiver()
     yield r
     r.close()
 
@@ -49,7 +74,13 @@ class Deployment:
     """N replicas with one config: the same simulator, database, Kafka topics and webhook."""
 
     def __init__(
-        self, tmp: Path, db_url: str, kafka: str, receiver: Receiver, replicas: int
+        self,
+        tmp: Path,
+        db_url: str,
+        kafka: str,
+        receiver: Receiver,
+        replicas: int,
+        lease_s: float = LEASE_S,
     ) -> None:
         self.sim = SimProcess(tmp, scenario()).start()
         self.db_url = db_url
@@ -62,7 +93,7 @@ class Deployment:
             api_key=KEY,
             token=TOKEN,
             state=db_url,
-            postgres={"lease_s": LEASE_S, "reconnect_max_s": 120},
+            postgres={"lease_s": lease_s, "reconnect_max_s": 120},
             poll={"start_from": "earliest", "overlap_s": 1800, "page_limit": 50},
             schedule={"min_interval_s": 0.3, "max_interval_s": 2, "tick_s": 0.2},
             kafka={
@@ -74,6 +105,7 @@ class Deployment:
             },
             webhooks={
                 "allow_networks": ["127.0.0.0/8"],
+                "concurrency": WEBHOOK_CONCURRENCY,
                 "retry_schedule_s": [0.2, 0.5, 1, 2, 5, 5, 5, 5],
                 "declared": [
                     {
@@ -133,13 +165,23 @@ class Deployment:
 
     def kafka_ids(self, expected: set[str], timeout_s: float = 60) -> Counter[str]:
         """Event ids on the topics once every expected one is there (duplicates kept)."""
+        return Counter(ce_id for _, _, ce_id in self.kafka_records(expected, timeout_s))
+
+    def kafka_records(
+        self, expected: set[str], timeout_s: float = 60
+    ) -> list[tuple[str, int, str]]:
+        """(topic, partition, ce_id) of every record in offset order, once every expected
+        event id is there."""
         topics = [f"{self.prefix}.ctct.email.{k}" for k in KINDS]
         deadline = time.monotonic() + timeout_s
         while True:
             messages = asyncio.run(consume_all(self.kafka, topics, idle_s=2.0))
-            published = Counter(dict(m[2])["ce_id"].decode() for m in messages)
-            if set(published) >= expected or time.monotonic() > deadline:
-                return published
+            records = [
+                (m[0], m[4], dict(m[2])["ce_id"].decode())
+                for m in sorted(messages, key=lambda m: (m[0], m[4], m[5]))
+            ]
+            if {r[2] for r in records} >= expected or time.monotonic() > deadline:
+                return records
             time.sleep(1)
 
     def key_stats(self) -> dict[str, object]:
@@ -184,23 +226,32 @@ def assert_budget_and_no_overlap(deployment: Deployment) -> None:
 
 
 def test_three_replicas_share_the_work_and_deliver_everything(
-    tmp_path: Path, postgres_url: str, kafka_bootstrap: str, receiver: Receiver
+    tmp_path: Path, postgres_url: str, kafka_bootstrap: str, receiver: CountingReceiver
 ) -> None:
-    """Three replicas: every ground-truth activity reaches Kafka and the webhook, no stream is
+    """Three replicas: every ground-truth activity reaches Kafka (in commit order per partition:
+    one publisher) and the webhook (within its concurrency limit: one sender), no stream is
     polled by two at once, the API budget holds for all of them, each webhook is declared once."""
-    deployment = Deployment(tmp_path, postgres_url, kafka_bootstrap, receiver, replicas=3)
+    # a long lease: no takeover under a loaded machine's slow renewals, so one publisher
+    deployment = Deployment(
+        tmp_path, postgres_url, kafka_bootstrap, receiver, replicas=3, lease_s=10
+    )
     try:
         run_activity(deployment, rounds=4)
         ids = deployment.settle()
-        published = deployment.kafka_ids(ids)
+        records = deployment.kafka_records(ids)
         assert_budget_and_no_overlap(deployment)
         assert all(r.alive() for r in deployment.relays), deployment.logs()
         passes = deployment.passes_by_replica()
         hooks = deployment.query("SELECT COUNT(*) FROM webhooks")[0][0]
+        seq = {str(r[0]): int(r[1]) for r in deployment.query("SELECT event_id, seq FROM outbox")}
     finally:
         deployment.stop()
-    assert set(published) == ids
+    assert Counter(ce_id for _, _, ce_id in records) == Counter(ids)  # each once
+    for partition in {(topic, p) for topic, p, _ in records}:
+        order = [seq[ce_id] for topic, p, ce_id in records if (topic, p) == partition]
+        assert order == sorted(order), f"{partition}: published out of commit order"
     assert receiver.bad_signatures == 0
+    assert 1 <= receiver.max_inflight <= WEBHOOK_CONCURRENCY
     assert hooks == 1  # declared by three replicas at once, created once
     assert sum(1 for n in passes if n > 0) >= 2, passes  # the work was shared
 

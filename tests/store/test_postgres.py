@@ -110,3 +110,36 @@ async def test_replicas_migrate_once_and_append_in_order(postgres_url: str) -> N
         assert seen == sorted(set(seen))
     finally:
         await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_commits_of_another_replica_wake_a_listener(postgres_url: str) -> None:
+    """A commit in one store wakes the other store's listener promptly, also after the
+    listener's connection was cut (it reconnects)."""
+    writer, reader = PostgresStore.from_url(postgres_url), PostgresStore.from_url(postgres_url)
+    await writer.open()
+    await reader.open()
+    woken = asyncio.Event()
+    stop = asyncio.Event()
+    listening = asyncio.create_task(reader.listen_commits(woken.set, stop))
+    try:
+        await writer.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+        [stream] = await writer.streams()
+        for round_ in range(2):
+            await asyncio.wait_for(woken.wait(), 5)  # the wake-up on (re)connecting
+            woken.clear()
+            await writer.commit_page(stream.id, [activity(round_, T0)], T0)
+            await asyncio.wait_for(woken.wait(), 2)
+            woken.clear()
+            admin = await asyncpg.connect(postgres_url)
+            try:
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'ctct-relay-listen'"
+                )
+            finally:
+                await admin.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(listening, 10)
+        await writer.close()
+        await reader.close()
