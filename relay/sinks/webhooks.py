@@ -274,7 +274,7 @@ class _Worker:
         self.hook = hook
         self.held: set[int] = set() if held is None else held  # fetched, not yet recorded
         self._queue: asyncio.Queue[Due | None] = asyncio.Queue()
-        self._low_water = max(2 * s.concurrency, s.fetch_batch // 4)  # a refill takes ms
+        self._low_water = max(2 * s.concurrency, s.fetch_batch // 8)  # a refill takes ms
         self._batch = max(s.fetch_batch, 2 * self._low_water)
         self._more = True  # the store may hold due deliveries not fetched yet
         self._feed = asyncio.Event()  # something for the feeder to look at
