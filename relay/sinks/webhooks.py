@@ -274,7 +274,7 @@ class _Worker:
         self.hook = hook
         self.held: set[int] = set() if held is None else held  # fetched, not yet recorded
         self._queue: asyncio.Queue[Due | None] = asyncio.Queue()
-        self._low_water = max(2 * s.concurrency, s.fetch_batch // 4)  # a refill takes ms
+        self._low_water = max(2 * s.concurrency, s.fetch_batch // 8)  # a refill takes ms
         self._batch = max(s.fetch_batch, 2 * self._low_water)
         self._more = True  # the store may hold due deliveries not fetched yet
         self._feed = asyncio.Event()  # something for the feeder to look at
@@ -343,9 +343,14 @@ class _Worker:
 
     async def _fetch(self, now_ms: int) -> bool:
         """Queue due deliveries not held yet; True if the store may have more due."""
+        d = self._dispatcher
+        if len(self.held) > self._batch // 4:
+            # under load: write the lingering attempts first, so they do not come back as
+            # held rows to skip (at low rates this would only add a transaction's latency)
+            await d._recorder.drain()
         limit = self._batch + len(self.held)  # held ones come back too: skip, still fill up
         try:
-            due = await self._dispatcher._store.due_deliveries(self.hook.id, now_ms, limit)
+            due = await d._store.due_deliveries(self.hook.id, now_ms, limit)
         except StoreError as exc:
             log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
             await asyncio.sleep(self._dispatcher._settings.refresh_s)
@@ -483,7 +488,8 @@ class _Recorder:
         self._flusher: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
         self._room.set()
-        self._closing = asyncio.Event()
+        self._hurry = asyncio.Event()  # write without lingering
+        self._closed = False
 
     def add(self, attempt: Attempt, status: str, next_ms: int, done: Recorded) -> None:
         """Record an attempt; ``done(delivery_id, status, next_ms)`` runs once it is written."""
@@ -504,7 +510,15 @@ class _Recorder:
 
     async def close(self) -> None:
         """Write everything recorded so far, without lingering."""
-        self._closing.set()
+        self._closed = True
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Write what is recorded now, without lingering (a worker about to read its due
+        deliveries: those whose attempts are written do not come back as held rows)."""
+        if self._flusher is None:
+            return
+        self._hurry.set()
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
 
@@ -512,9 +526,9 @@ class _Recorder:
         try:
             # nobody waits for the write (senders go on), so gathering costs no latency, and
             # each transaction has a fixed cost of ~130 us in the store thread (profiled)
-            if not self._closing.is_set():
+            if not self._hurry.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), self._linger_s)
+                    await asyncio.wait_for(self._hurry.wait(), self._linger_s)
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
@@ -531,6 +545,8 @@ class _Recorder:
                     self._room.set()
         finally:
             self._flusher = None
+            if not self._closed:
+                self._hurry.clear()
 
 
 def _literal_refusal(guard: Guard, url: str) -> SsrfError | None:
