@@ -29,6 +29,9 @@ import structlog
 from asyncpg import Connection, Pool
 
 from relay.events import Activity, Kind
+
+# Row shapes are shared with the SQLite store: one definition of each value's columns.
+from relay.store import rowmap
 from relay.store.base import (
     Attempt,
     DeadLetter,
@@ -49,24 +52,6 @@ from relay.store.base import (
     Webhook,
 )
 from relay.store.pg_migrations import PG_MIGRATIONS
-
-# Row shapes are shared with the SQLite store: one definition of each value's columns.
-from relay.store.sqlite import (
-    _DELIVERY_COLUMNS,
-    _FANOUT,
-    _PRUNE_CHUNK,
-    _STATE_CLAUSES,
-    _STREAM_COLUMNS,
-    _WEBHOOK_COLUMNS,
-    _WEBHOOK_FIELDS,
-    _delivery,
-    _outbox_event,
-    _outbox_row,
-    _stream,
-    _update_fields,
-    _webhook,
-    _webhook_row,
-)
 
 log = structlog.get_logger(__name__)
 
@@ -309,28 +294,28 @@ class PostgresStore:
         async def run(conn: Connection) -> list[Stream]:
             if account:
                 rows = await conn.fetch(
-                    f"SELECT {_STREAM_COLUMNS} FROM streams WHERE account = $1"  # noqa: S608
+                    f"SELECT {rowmap.STREAM_COLUMNS} FROM streams WHERE account = $1"  # noqa: S608
                     " ORDER BY id",
                     account,
                 )
             else:
                 rows = await conn.fetch(
-                    f"SELECT {_STREAM_COLUMNS} FROM streams ORDER BY id"  # noqa: S608
+                    f"SELECT {rowmap.STREAM_COLUMNS} FROM streams ORDER BY id"  # noqa: S608
                 )
             marks = await _watermarks(conn, None)
-            return [_stream(row, marks.get(int(row[0]), {})) for row in rows]
+            return [rowmap.stream(row, marks.get(int(row[0]), {})) for row in rows]
 
         return await self.transaction(run)
 
     async def stream(self, stream_id: int) -> Stream:
         async def run(conn: Connection) -> Stream:
             row = await conn.fetchrow(
-                f"SELECT {_STREAM_COLUMNS} FROM streams WHERE id = $1",  # noqa: S608
+                f"SELECT {rowmap.STREAM_COLUMNS} FROM streams WHERE id = $1",  # noqa: S608
                 stream_id,
             )
             if row is None:
                 raise StoreError(f"no stream with id {stream_id}")
-            return _stream(row, (await _watermarks(conn, stream_id)).get(stream_id, {}))
+            return rowmap.stream(row, (await _watermarks(conn, stream_id)).get(stream_id, {}))
 
         return await self.transaction(run)
 
@@ -366,7 +351,9 @@ class PostgresStore:
             new = await _insert_dedup(conn, fresh)
             if emit and new:
                 rows = [
-                    _outbox_row(key, a, stream_id, now_ms) for key, a in fresh.items() if key in new
+                    rowmap.outbox_row(key, a, stream_id, now_ms)
+                    for key, a in fresh.items()
+                    if key in new
                 ]
                 await _append_outbox(conn, rows)
             return len(new)
@@ -471,7 +458,7 @@ class PostgresStore:
                 after_seq,
                 limit,
             )
-            return [_outbox_event(r) for r in rows]
+            return [rowmap.outbox_event(r) for r in rows]
 
         return await self.transaction(run)
 
@@ -520,7 +507,7 @@ class PostgresStore:
         async def run(conn: Connection) -> Webhook:
             head = int(await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM outbox"))
             created = dataclasses.replace(webhook, start_seq=head)
-            await _unique_url(conn, webhook.url, _INSERT_WEBHOOK, *_webhook_row(created))
+            await _unique_url(conn, webhook.url, _INSERT_WEBHOOK, *rowmap.webhook_row(created))
             return created
 
         return await self.transaction(run)
@@ -531,17 +518,17 @@ class PostgresStore:
     async def webhooks(self) -> list[Webhook]:
         async def run(conn: Connection) -> list[Webhook]:
             rows = await conn.fetch(
-                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_ms, id"  # noqa: S608
+                f"SELECT {rowmap.WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_ms, id"  # noqa: S608
             )
-            return [_webhook(r) for r in rows]
+            return [rowmap.webhook(r) for r in rows]
 
         return await self.transaction(run)
 
     async def update_webhook(self, webhook: Webhook, fields: Collection[str] | None = None) -> None:
-        names = list(_WEBHOOK_FIELDS[1:]) if fields is None else _update_fields(fields)
+        names = list(rowmap.WEBHOOK_FIELDS[1:]) if fields is None else rowmap.update_fields(fields)
         if not names:
             return
-        values = dict(zip(_WEBHOOK_FIELDS, _webhook_row(webhook), strict=True))
+        values = dict(zip(rowmap.WEBHOOK_FIELDS, rowmap.webhook_row(webhook), strict=True))
         assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, start=2))
 
         async def run(conn: Connection) -> None:
@@ -606,7 +593,8 @@ class PostgresStore:
             # one fan-out at a time across replicas: each event is fanned out once, in order
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_FANOUT)
             cursor = int(
-                await conn.fetchval("SELECT seq FROM sink_cursors WHERE sink = $1", _FANOUT) or 0
+                await conn.fetchval("SELECT seq FROM sink_cursors WHERE sink = $1", rowmap.FANOUT)
+                or 0
             )
             events = await conn.fetch(
                 "SELECT seq, event_id, kind FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
@@ -616,9 +604,9 @@ class PostgresStore:
             if not events:
                 return 0
             hooks = [
-                _webhook(r)
+                rowmap.webhook(r)
                 for r in await conn.fetch(
-                    f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE enabled = 1"  # noqa: S608
+                    f"SELECT {rowmap.WEBHOOK_COLUMNS} FROM webhooks WHERE enabled = 1"  # noqa: S608
                 )
             ]
             rows = [
@@ -631,7 +619,7 @@ class PostgresStore:
             await conn.execute(
                 "INSERT INTO sink_cursors (sink, seq) VALUES ($1, $2)"
                 " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
-                _FANOUT,
+                rowmap.FANOUT,
                 int(events[-1][0]),
             )
             return len(events)
@@ -651,8 +639,8 @@ class PostgresStore:
                 now_ms,
                 limit,
             )
-            width = len(_DELIVERY_COLUMNS.split(","))
-            return [(_delivery(r[:width]), _outbox_event(r[width:])) for r in rows]
+            width = len(rowmap.DELIVERY_COLUMNS.split(","))
+            return [(rowmap.delivery(r[:width]), rowmap.outbox_event(r[width:])) for r in rows]
 
         return await self.transaction(run)
 
@@ -709,7 +697,7 @@ class PostgresStore:
         async def run(conn: Connection) -> list[Delivery]:
             if status:
                 rows = await conn.fetch(
-                    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries"  # noqa: S608
+                    f"SELECT {rowmap.DELIVERY_COLUMNS} FROM deliveries"  # noqa: S608
                     " WHERE webhook_id = $1 AND status = $2 ORDER BY id DESC LIMIT $3",
                     webhook_id,
                     status,
@@ -717,12 +705,12 @@ class PostgresStore:
                 )
             else:
                 rows = await conn.fetch(
-                    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries"  # noqa: S608
+                    f"SELECT {rowmap.DELIVERY_COLUMNS} FROM deliveries"  # noqa: S608
                     " WHERE webhook_id = $1 ORDER BY id DESC LIMIT $2",
                     webhook_id,
                     limit,
                 )
-            return [_delivery(r) for r in rows]
+            return [rowmap.delivery(r) for r in rows]
 
         return await self.transaction(run)
 
@@ -777,7 +765,7 @@ class PostgresStore:
         return await self.transaction(run)
 
     async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
-        names = [_FANOUT, *sinks]
+        names = [rowmap.FANOUT, *sinks]
 
         async def run(conn: Connection) -> int:
             found = {
@@ -800,7 +788,7 @@ class PostgresStore:
                     " AND d.status != 'delivered') ORDER BY o.seq LIMIT $3)",
                     below,
                     before_ms,
-                    _PRUNE_CHUNK,
+                    rowmap.PRUNE_CHUNK,
                 )
             )
 
@@ -808,7 +796,7 @@ class PostgresStore:
         while True:  # chunked: short transactions
             removed = await self.transaction(run)
             pruned += removed
-            if removed < _PRUNE_CHUNK:
+            if removed < rowmap.PRUNE_CHUNK:
                 return pruned
 
     async def dedup_count(self) -> int:
@@ -952,7 +940,7 @@ class PostgresStore:
                 if new:
                     counted.add(key)
                 if new or activity.occurred_ms >= since_ms:
-                    rows.append(_outbox_row(key, activity, stream_id, now_ms))
+                    rows.append(rowmap.outbox_row(key, activity, stream_id, now_ms))
             await _append_outbox(conn, rows)
             return len(counted), len(rows)
 
@@ -1079,7 +1067,7 @@ class PostgresStore:
                 )
             )
             rows = await conn.fetch(
-                f"SELECT {_STREAM_COLUMNS} FROM streams WHERE {clause}"  # noqa: S608
+                f"SELECT {rowmap.STREAM_COLUMNS} FROM streams WHERE {clause}"  # noqa: S608
                 f" ORDER BY id LIMIT ${n + 1} OFFSET ${n + 2}",
                 *args,
                 limit,
@@ -1093,7 +1081,7 @@ class PostgresStore:
                 ids,
             ):
                 marks.setdefault(int(sid), {})[Kind(kind)] = int(ms)
-            return [_stream(row, marks.get(int(row[0]), {})) for row in rows], total
+            return [rowmap.stream(row, marks.get(int(row[0]), {})) for row in rows], total
 
         return await self.transaction(run)
 
@@ -1112,14 +1100,14 @@ class PostgresStore:
         return await self.transaction(run)
 
 
-_DELIVERY_COLUMNS_D = ", ".join(f"d.{c.strip()}" for c in _DELIVERY_COLUMNS.split(","))
+_DELIVERY_COLUMNS_D = ", ".join(f"d.{c.strip()}" for c in rowmap.DELIVERY_COLUMNS.split(","))
 _OUTBOX_COLUMNS_O = (
     "o.seq, o.event_id, o.account, o.kind, o.campaign_id, o.contact_id, o.occurred_ms,"
     " o.committed_ms, o.data"
 )
 _INSERT_WEBHOOK = (
-    f"INSERT INTO webhooks ({_WEBHOOK_COLUMNS})"  # noqa: S608 - column names are constants
-    f" VALUES ({', '.join(f'${i}' for i in range(1, len(_WEBHOOK_COLUMNS.split(',')) + 1))})"
+    f"INSERT INTO webhooks ({rowmap.WEBHOOK_COLUMNS})"  # noqa: S608 - column names are constants
+    f" VALUES ({', '.join(f'${i}' for i in range(1, len(rowmap.WEBHOOK_COLUMNS.split(',')) + 1))})"
 )
 
 
@@ -1235,22 +1223,22 @@ async def _unique_url(conn: Connection, url: str, sql: str, *args: object) -> st
 
 async def _get_webhook(conn: Connection, webhook_id: str) -> Webhook:
     row = await conn.fetchrow(
-        f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1",  # noqa: S608
+        f"SELECT {rowmap.WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1",  # noqa: S608
         webhook_id,
     )
     if row is None:
         raise NotFoundError(f"no webhook with id {webhook_id!r}")
-    return _webhook(row)
+    return rowmap.webhook(row)
 
 
 async def _get_delivery(conn: Connection, delivery_id: int) -> Delivery:
     row = await conn.fetchrow(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = $1",  # noqa: S608
+        f"SELECT {rowmap.DELIVERY_COLUMNS} FROM deliveries WHERE id = $1",  # noqa: S608
         delivery_id,
     )
     if row is None:
         raise NotFoundError(f"no delivery with id {delivery_id}")
-    return _delivery(row)
+    return rowmap.delivery(row)
 
 
 def _selection(selector: OutboxSelector, first: int) -> tuple[str, tuple[object, ...]]:
@@ -1278,9 +1266,9 @@ def _stream_filter(where: StreamFilter) -> tuple[str, tuple[object, ...]]:
         args.append(where.scope)
         clauses.append(f"scope = ${len(args)}")
     if where.state is not None:
-        if where.state not in _STATE_CLAUSES:
+        if where.state not in rowmap.STATE_CLAUSES:
             raise StoreError(f"unknown stream state {where.state!r}")
-        clauses.append(_STATE_CLAUSES[where.state])
+        clauses.append(rowmap.STATE_CLAUSES[where.state])
     if where.replaying is not None:
         clauses.append(f"replay_from_ms IS {'NOT ' if where.replaying else ''}NULL")
     return " AND ".join(clauses), tuple(args)

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from relay.events import Activity, Kind, format_id
+from relay.events import Activity, Kind
+from relay.store import rowmap
 from relay.store.base import (
     Attempt,
     DeadLetter,
@@ -44,11 +45,6 @@ from relay.store.base import (
 from relay.store.migrations import MIGRATIONS
 
 T = TypeVar("T")
-
-_STREAM_COLUMNS = (
-    "id, account, scope, resource_id, next_due_ms, rate_per_h, consecutive_errors, last_error,"
-    " last_poll_ms, retired, paused, summary, seed, created_ms"
-)
 
 
 def path_from_url(url: str) -> Path | None:
@@ -155,23 +151,23 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> list[Stream]:
             where, args = ("WHERE account = ?", (account,)) if account else ("", ())
             rows = conn.execute(
-                f"SELECT {_STREAM_COLUMNS} FROM streams {where} ORDER BY id",  # noqa: S608
+                f"SELECT {rowmap.STREAM_COLUMNS} FROM streams {where} ORDER BY id",  # noqa: S608
                 args,
             ).fetchall()
             marks = _watermarks(conn, None)
-            return [_stream(row, marks.get(row[0], {})) for row in rows]
+            return [rowmap.stream(row, marks.get(row[0], {})) for row in rows]
 
         return await self._run(run)
 
     async def stream(self, stream_id: int) -> Stream:
         def run(conn: sqlite3.Connection) -> Stream:
             row = conn.execute(
-                f"SELECT {_STREAM_COLUMNS} FROM streams WHERE id = ?",  # noqa: S608
+                f"SELECT {rowmap.STREAM_COLUMNS} FROM streams WHERE id = ?",  # noqa: S608
                 (stream_id,),
             ).fetchone()
             if row is None:
                 raise StoreError(f"no stream with id {stream_id}")
-            return _stream(row, _watermarks(conn, stream_id).get(stream_id, {}))
+            return rowmap.stream(row, _watermarks(conn, stream_id).get(stream_id, {}))
 
         return await self._run(run)
 
@@ -217,7 +213,7 @@ class SqliteStore:
                         "INSERT INTO outbox (event_id, account, stream_id, kind, campaign_id,"
                         " contact_id, occurred_ms, committed_ms, data)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [_outbox_row(key, a, stream_id, now_ms) for key, a in fresh.items()],
+                        [rowmap.outbox_row(key, a, stream_id, now_ms) for key, a in fresh.items()],
                     )
             return len(fresh)
 
@@ -324,7 +320,7 @@ class SqliteStore:
                 " committed_ms, data FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit),
             ).fetchall()
-            return [_outbox_event(r) for r in rows]
+            return [rowmap.outbox_event(r) for r in rows]
 
         return await self._run(run)
 
@@ -381,7 +377,7 @@ class SqliteStore:
                 head = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0])
                 created = dataclasses.replace(webhook, start_seq=head)
                 with _unique_url(conn, webhook.url):
-                    conn.execute(_INSERT_WEBHOOK, _webhook_row(created))
+                    conn.execute(_INSERT_WEBHOOK, rowmap.webhook_row(created))
             return created
 
         return await self._run(run)
@@ -392,17 +388,17 @@ class SqliteStore:
     async def webhooks(self) -> list[Webhook]:
         def run(conn: sqlite3.Connection) -> list[Webhook]:
             rows = conn.execute(
-                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_ms, id"  # noqa: S608
+                f"SELECT {rowmap.WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_ms, id"  # noqa: S608
             )
-            return [_webhook(r) for r in rows]
+            return [rowmap.webhook(r) for r in rows]
 
         return await self._run(run)
 
     async def update_webhook(self, webhook: Webhook, fields: Collection[str] | None = None) -> None:
-        names = _WEBHOOK_FIELDS[1:] if fields is None else _update_fields(fields)
+        names = rowmap.WEBHOOK_FIELDS[1:] if fields is None else rowmap.update_fields(fields)
         if not names:
             return
-        values = dict(zip(_WEBHOOK_FIELDS, _webhook_row(webhook), strict=True))
+        values = dict(zip(rowmap.WEBHOOK_FIELDS, rowmap.webhook_row(webhook), strict=True))
         assignments = ", ".join(f"{name} = ?" for name in names)
 
         def run(conn: sqlite3.Connection) -> None:
@@ -472,11 +468,11 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> int:
             # nothing new is the common answer: one read, no write transaction (profiled: an
             # empty pass cost as much as a full one)
-            if not conn.execute(_FANOUT_PENDING, (_FANOUT,)).fetchone():
+            if not conn.execute(_FANOUT_PENDING, (rowmap.FANOUT,)).fetchone():
                 return 0
             with _tx(conn, durable=False):
                 row = conn.execute(
-                    "SELECT seq FROM sink_cursors WHERE sink = ?", (_FANOUT,)
+                    "SELECT seq FROM sink_cursors WHERE sink = ?", (rowmap.FANOUT,)
                 ).fetchone()
                 cursor = int(row[0]) if row else 0
                 count, last = conn.execute(
@@ -487,9 +483,9 @@ class SqliteStore:
                 if not count:
                     return 0
                 hooks = [
-                    _webhook(r)
+                    rowmap.webhook(r)
                     for r in conn.execute(
-                        f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE enabled = 1"  # noqa: S608
+                        f"SELECT {rowmap.WEBHOOK_COLUMNS} FROM webhooks WHERE enabled = 1"  # noqa: S608
                     )
                 ]
                 # one INSERT … SELECT per webhook over the kinds its filter lets through: no
@@ -509,7 +505,7 @@ class SqliteStore:
                 conn.execute(
                     "INSERT INTO sink_cursors (sink, seq) VALUES (?, ?)"
                     " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
-                    (_FANOUT, int(last)),
+                    (rowmap.FANOUT, int(last)),
                 )
             return int(count)
 
@@ -579,11 +575,11 @@ class SqliteStore:
             where = "webhook_id = ?" + (" AND status = ?" if status else "")
             args: tuple[object, ...] = (webhook_id, status) if status else (webhook_id,)
             rows = conn.execute(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE {where}"  # noqa: S608
+                f"SELECT {rowmap.DELIVERY_COLUMNS} FROM deliveries WHERE {where}"  # noqa: S608
                 " ORDER BY id DESC LIMIT ?",
                 (*args, limit),
             )
-            return [_delivery(r) for r in rows]
+            return [rowmap.delivery(r) for r in rows]
 
         return await self._run(run)
 
@@ -648,7 +644,7 @@ class SqliteStore:
     async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
         def run(conn: sqlite3.Connection) -> int:
             with _tx(conn):
-                names = [_FANOUT, *sinks]
+                names = [rowmap.FANOUT, *sinks]
                 found = dict(
                     conn.execute(
                         "SELECT sink, seq FROM sink_cursors"  # noqa: S608 - only ?s
@@ -668,14 +664,14 @@ class SqliteStore:
                     " WHERE seq < ? AND committed_ms < ? AND seq NOT IN"
                     " (SELECT seq FROM deliveries WHERE status != 'delivered')"
                     " ORDER BY seq LIMIT ?)",
-                    (below, before_ms, _PRUNE_CHUNK),
+                    (below, before_ms, rowmap.PRUNE_CHUNK),
                 ).rowcount
 
         pruned = 0
         while True:  # chunked, so polling and sinks get the writer between transactions
             removed = await self._run(run)
             pruned += removed
-            if removed < _PRUNE_CHUNK:
+            if removed < rowmap.PRUNE_CHUNK:
                 return pruned
 
     async def dedup_count(self) -> int:
@@ -820,7 +816,7 @@ class SqliteStore:
                     ).rowcount
                     new += inserted
                     if inserted or activity.occurred_ms >= since_ms:
-                        rows.append(_outbox_row(key, activity, stream_id, now_ms))
+                        rows.append(rowmap.outbox_row(key, activity, stream_id, now_ms))
                 conn.executemany(_INSERT_OUTBOX, rows)
             return new, len(rows)
 
@@ -943,7 +939,7 @@ class SqliteStore:
                 ).fetchone()[0]
             )
             rows = conn.execute(
-                f"SELECT {_STREAM_COLUMNS} FROM streams WHERE {clause}"  # noqa: S608
+                f"SELECT {rowmap.STREAM_COLUMNS} FROM streams WHERE {clause}"  # noqa: S608
                 " ORDER BY id LIMIT ? OFFSET ?",
                 (*args, limit, offset),
             ).fetchall()
@@ -955,7 +951,7 @@ class SqliteStore:
                 ids,
             ):
                 marks.setdefault(int(sid), {})[Kind(kind)] = int(ms)
-            return [_stream(row, marks.get(int(row[0]), {})) for row in rows], total
+            return [rowmap.stream(row, marks.get(int(row[0]), {})) for row in rows], total
 
         return await self._run(run)
 
@@ -1022,26 +1018,6 @@ def _watermarks(conn: sqlite3.Connection, stream_id: int | None) -> dict[int, di
     return out
 
 
-def _stream(row: Sequence[object], marks: dict[Kind, int]) -> Stream:
-    summary = orjson.loads(str(row[11]))
-    return Stream(
-        id=int(str(row[0])),
-        key=StreamKey(str(row[1]), str(row[2]), str(row[3])),
-        next_due_ms=int(str(row[4])),
-        rate_per_h=float(str(row[5])),
-        consecutive_errors=int(str(row[6])),
-        last_error=None if row[7] is None else str(row[7]),
-        last_poll_ms=None if row[8] is None else int(str(row[8])),
-        retired=bool(row[9]),
-        paused=bool(row[10]),
-        summary={str(k): int(v) for k, v in summary.items()},
-        watermarks=marks,
-        seed=bool(row[12]),
-        created_ms=int(str(row[13])),
-    )
-
-
-_FANOUT = "webhooks-fanout"
 _BATCH = (
     "WITH batch AS (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS at,"
     " json_extract(value, '$[2]') AS code, json_extract(value, '$[3]') AS latency,"
@@ -1066,30 +1042,11 @@ _FANOUT_PENDING = (
     "SELECT 1 FROM outbox WHERE seq >"
     " COALESCE((SELECT seq FROM sink_cursors WHERE sink = ?), 0) LIMIT 1"
 )
-_WEBHOOK_COLUMNS = (
-    "id, url, description, event_types, enabled, secret, previous_secret, previous_expires_ms,"
-    " rate_limit_per_s, start_seq, disabled_reason, failing_since_ms, created_ms, updated_ms"
-)
-_DELIVERY_COLUMNS = (
-    "id, webhook_id, seq, event_id, status, attempts, next_attempt_ms, last_status, last_error,"
-    " created_ms, delivered_ms"
-)
-_DELIVERY_COLUMNS_D = ", ".join(f"d.{c.strip()}" for c in _DELIVERY_COLUMNS.split(","))
+_DELIVERY_COLUMNS_D = ", ".join(f"d.{c.strip()}" for c in rowmap.DELIVERY_COLUMNS.split(","))
 _OUTBOX_COLUMNS_O = (
     "o.seq, o.event_id, o.account, o.kind, o.campaign_id, o.contact_id, o.occurred_ms,"
     " o.committed_ms, o.data"
 )
-
-
-_WEBHOOK_FIELDS = tuple(c.strip() for c in _WEBHOOK_COLUMNS.split(","))  # Webhook's field names
-
-
-def _update_fields(fields: Collection[str]) -> list[str]:
-    """The columns an update writes, in table order; refuses ``id`` and unknown names."""
-    unknown = set(fields) - set(_WEBHOOK_FIELDS[1:])
-    if unknown:
-        raise StoreError(f"update_webhook: not updatable: {', '.join(sorted(unknown))}")
-    return [name for name in _WEBHOOK_FIELDS[1:] if name in fields]
 
 
 @contextlib.contextmanager
@@ -1106,78 +1063,29 @@ def _unique_url(conn: sqlite3.Connection, url: str) -> Iterator[None]:
 
 
 _INSERT_WEBHOOK = (
-    f"INSERT INTO webhooks ({_WEBHOOK_COLUMNS})"  # noqa: S608 - column names are constants
-    f" VALUES ({', '.join('?' for _ in _WEBHOOK_COLUMNS.split(','))})"
+    f"INSERT INTO webhooks ({rowmap.WEBHOOK_COLUMNS})"  # noqa: S608 - column names are constants
+    f" VALUES ({', '.join('?' for _ in rowmap.WEBHOOK_COLUMNS.split(','))})"
 )
 
 
 def _get_webhook(conn: sqlite3.Connection, webhook_id: str) -> Webhook:
     row = conn.execute(
-        f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?",  # noqa: S608
+        f"SELECT {rowmap.WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?",  # noqa: S608
         (webhook_id,),
     ).fetchone()
     if row is None:
         raise NotFoundError(f"no webhook with id {webhook_id!r}")
-    return _webhook(row)
+    return rowmap.webhook(row)
 
 
 def _get_delivery(conn: sqlite3.Connection, delivery_id: int) -> Delivery:
     row = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
+        f"SELECT {rowmap.DELIVERY_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
         (delivery_id,),
     ).fetchone()
     if row is None:
         raise NotFoundError(f"no delivery with id {delivery_id}")
-    return _delivery(row)
-
-
-def _webhook_row(w: Webhook) -> tuple[object, ...]:
-    return (
-        w.id,
-        w.url,
-        w.description,
-        orjson.dumps(list(w.event_types)).decode(),
-        int(w.enabled),
-        w.secret,
-        w.previous_secret,
-        w.previous_expires_ms,
-        w.rate_limit_per_s,
-        w.start_seq,
-        w.disabled_reason,
-        w.failing_since_ms,
-        w.created_ms,
-        w.updated_ms,
-    )
-
-
-def _webhook(r: Sequence[Any]) -> Webhook:
-    return Webhook(
-        id=r[0],
-        url=r[1],
-        description=r[2],
-        event_types=tuple(orjson.loads(r[3])),
-        enabled=bool(r[4]),
-        secret=r[5],
-        previous_secret=r[6],
-        previous_expires_ms=r[7],
-        rate_limit_per_s=r[8],
-        start_seq=int(r[9]),
-        disabled_reason=r[10],
-        failing_since_ms=r[11],
-        created_ms=int(r[12]),
-        updated_ms=int(r[13]),
-    )
-
-
-def _delivery(r: Sequence[Any]) -> Delivery:
-    # positional, in field order: keywords cost microseconds a row in a frozen dataclass, and
-    # the dispatcher reads a row per attempt (profiled)
-    return Delivery(
-        int(r[0]), r[1], int(r[2]), r[3], r[4], int(r[5]), int(r[6]), r[7], r[8], int(r[9]), r[10]
-    )
-
-
-_KINDS = {kind.value: kind for kind in Kind}
+    return rowmap.delivery(row)
 
 
 def _due(r: Sequence[Any]) -> tuple[Delivery, OutboxEvent]:
@@ -1185,36 +1093,12 @@ def _due(r: Sequence[Any]) -> tuple[Delivery, OutboxEvent]:
     # (this runs for every attempt: profiled, it was the store thread's largest Python cost)
     return (
         Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10]),
-        OutboxEvent(r[11], r[12], r[13], _KINDS[r[14]], r[15], r[16], r[17], r[18], bytes(r[19])),
+        OutboxEvent(
+            r[11], r[12], r[13], rowmap.KINDS[r[14]], r[15], r[16], r[17], r[18], bytes(r[19])
+        ),
     )
 
 
-def _outbox_event(r: Sequence[Any]) -> OutboxEvent:
-    # Positional, in field order: keywords cost ~3 us a row in a frozen dataclass (profiled:
-    # reading the outbox back was 11 % of the pipeline); Kind(value) goes through
-    # EnumType.__call__, a dict lookup does not.
-    return OutboxEvent(
-        int(r[0]), r[1], r[2], _KINDS[r[3]], r[4], r[5], int(r[6]), int(r[7]), bytes(r[8])
-    )
-
-
-def _outbox_row(
-    event_id: bytes, activity: Activity, stream_id: int, now_ms: int
-) -> tuple[object, ...]:
-    return (
-        format_id(event_id),
-        activity.account,
-        stream_id,
-        activity.kind.value,
-        activity.campaign_id,
-        activity.contact_id,
-        activity.occurred_ms,
-        now_ms,
-        orjson.dumps(activity.data()),
-    )
-
-
-_PRUNE_CHUNK = 10_000  # outbox rows deleted per transaction
 _IN_CHUNK = 500  # keys per IN (...) lookup: well under SQLite's bound-variable limit
 
 
@@ -1254,14 +1138,6 @@ def _selection(selector: OutboxSelector) -> tuple[str, tuple[object, ...]]:
     return where, args
 
 
-_STATE_CLAUSES = {
-    "active": "retired = 0 AND paused = 0",
-    "failing": "retired = 0 AND paused = 0 AND consecutive_errors > 0",
-    "paused": "retired = 0 AND paused = 1",
-    "retired": "retired = 1",
-}
-
-
 def _stream_filter(where: StreamFilter) -> tuple[str, tuple[object, ...]]:
     """The WHERE clause (and arguments) of a stream listing; only constants are interpolated."""
     clauses = ["1 = 1"]
@@ -1273,9 +1149,9 @@ def _stream_filter(where: StreamFilter) -> tuple[str, tuple[object, ...]]:
         clauses.append("scope = ?")
         args.append(where.scope)
     if where.state is not None:
-        if where.state not in _STATE_CLAUSES:
+        if where.state not in rowmap.STATE_CLAUSES:
             raise StoreError(f"unknown stream state {where.state!r}")
-        clauses.append(_STATE_CLAUSES[where.state])
+        clauses.append(rowmap.STATE_CLAUSES[where.state])
     if where.replaying is not None:
         clauses.append(f"replay_from_ms IS {'NOT ' if where.replaying else ''}NULL")
     return " AND ".join(clauses), tuple(args)
