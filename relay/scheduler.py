@@ -20,7 +20,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -188,6 +188,7 @@ class Scheduler:
         self._settings = settings
         self._now_ms = now_ms
         self._tasks: set[asyncio.Task[None]] = set()
+        self._job_tasks: set[asyncio.Task[object]] = set()  # jobs APScheduler is running now
         self._aps = AsyncIOScheduler(timezone=UTC)
         self._rng = random.Random()
         self.passes = 0
@@ -196,7 +197,7 @@ class Scheduler:
         """Load stream rates and pauses, then start ticking."""
         await self.reload()
         self._aps.add_job(
-            self.tick,
+            self._tracked(self.tick),
             "interval",
             seconds=self._settings.tick_s,
             id="tick",
@@ -206,7 +207,7 @@ class Scheduler:
         )
         if self._coordinator.shared_budget:
             self._aps.add_job(
-                self.renew_leases,
+                self._tracked(self.renew_leases),
                 "interval",
                 seconds=self._coordinator.lease_s / 3,
                 id="renew-leases",
@@ -215,10 +216,10 @@ class Scheduler:
             )
         self._aps.start()
 
-    def add_job(self, func: Callable[[], object], seconds: float, job_id: str) -> None:
+    def add_job(self, func: Callable[[], Awaitable[None]], seconds: float, job_id: str) -> None:
         """Run ``func`` every ``seconds`` (discovery, pruning), starting now."""
         self._aps.add_job(
-            func,
+            self._tracked(func),
             "interval",
             seconds=seconds,
             id=job_id,
@@ -243,13 +244,30 @@ class Scheduler:
             if owner is not None and stream_id not in rates:
                 owner.planner.remove(stream_id)  # retired or paused: out of the budget sums
 
+    def _tracked(self, job: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """``job`` as APScheduler runs it, its task known to ``stop``."""
+
+        async def run() -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._job_tasks.add(task)
+            try:
+                await job()
+            finally:
+                if task is not None:
+                    self._job_tasks.discard(task)
+
+        return run
+
     async def stop(self) -> None:
-        """Stop ticking; abandon in-flight passes (what they committed stays committed)."""
+        """Stop ticking; abandon in-flight passes and jobs (what they committed stays
+        committed), and wait until they have unwound, so nothing runs on a closed store."""
         if self._aps.running:
             self._aps.shutdown(wait=False)
-        for task in list(self._tasks):
+        running = [*self._job_tasks, *self._tasks]
+        for task in running:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)
 
     async def tick(self) -> None:
         """Start passes for due streams of every account that has capacity and budget."""

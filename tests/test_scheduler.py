@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 from typing import cast
@@ -103,5 +104,34 @@ async def test_operator_holds_and_replays_reach_the_passes(tmp_path: Path) -> No
         await scheduler.wait_idle()
         assert poller.passes == [(sid, now - 5000)]
         assert await store.stream_replay(sid) is None
+    finally:
+        await store.close()
+
+
+async def test_stop_waits_for_a_running_job_to_unwind(tmp_path: Path) -> None:
+    """A job still running at stop is cancelled and has finished before stop returns, so it
+    never touches a store that closes next."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        runtime = AccountRuntime(
+            "acme", cast(Poller, RecordingPoller()), RateLimiter(Budget()), Planner(WIDE)
+        )
+        scheduler = Scheduler(store, [runtime], WIDE)
+        started, unwound = asyncio.Event(), asyncio.Event()
+
+        async def slow_job() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            finally:
+                await asyncio.sleep(0.05)  # cleanup that needs the loop, like a lease release
+                unwound.set()
+
+        scheduler.add_job(slow_job, 3600, "slow")
+        await scheduler.start()
+        await asyncio.wait_for(started.wait(), 5)
+        await scheduler.stop()
+        assert unwound.is_set()
     finally:
         await store.close()
