@@ -10,6 +10,10 @@ idempotent or, like the quota count, may over-count but never under-count.
 
 Outbox appends take one transaction-scoped advisory lock, so sequence numbers become visible in
 order: a sink that has read seq N never finds a smaller one committed later.
+
+Webhook fan-out and attempt records commit with ``SET LOCAL synchronous_commit = off``: they
+survive a crash of the relay (the server has them), and a crash of the server can undo only the
+last few, which means sending again with the same ``webhook-id`` (see ``Store.finish_attempts``).
 """
 
 from __future__ import annotations
@@ -590,6 +594,7 @@ class PostgresStore:
 
     async def fanout(self, limit: int, now_ms: int) -> int:
         async def run(conn: Connection) -> int:
+            await conn.execute(_NO_FLUSH)  # bookkeeping: no wait for the WAL flush
             # one fan-out at a time across replicas: each event is fanned out once, in order
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_FANOUT)
             cursor = int(
@@ -657,6 +662,7 @@ class PostgresStore:
 
     async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
         async def run(conn: Connection) -> None:
+            await conn.execute(_NO_FLUSH)  # bookkeeping: no wait for the WAL flush
             # a delivery deleted with its webhook while the attempt was in flight has nothing
             # left to record: skipped, the rest of the batch still commits
             await conn.executemany(
@@ -1185,6 +1191,10 @@ async def _append_outbox(conn: Connection, rows: list[tuple[object, ...]]) -> No
         " WITH ORDINALITY AS t(e, a, s, k, ca, co, o, c, d, n) ORDER BY n",
         *[list(c) for c in columns],
     )
+
+
+# for this transaction only: commit without waiting for the WAL flush (see the module docstring)
+_NO_FLUSH = "SET LOCAL synchronous_commit = off"
 
 
 async def _insert_deliveries(

@@ -271,6 +271,30 @@ async def test_prune_outbox_keeps_events_owed_to_webhooks(store: Store) -> None:
     assert [(d.seq, e.seq) for d, e in due] == [(4, 4), (6, 6)]
 
 
+async def test_due_deliveries_read_back_every_field_in_due_order(store: Store) -> None:
+    """A due delivery comes back with its event exactly as committed (data byte for byte, non-
+    ASCII text and escapes included), soonest due first, then by seq."""
+    sid = await one_stream(store)
+    await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    odd = dataclasses.replace(activity(1, T0 + 1), email_address='zoë"\\\u2028@exämple.com')
+    await store.commit_page(sid, [odd, activity(2, T0 + 2, kind=Kind.CLICK)], T0 + 7)
+    await store.fanout(100, T0)
+    first, _ = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)
+    await store.finish_attempts([(Attempt(first.id, T0 + 1, 500, 1.0), "pending", T0 + 50)])
+    due = await store.due_deliveries("wh_1", T0 + 100, 10)
+    assert [d.seq for d, _ in due] == [2, 1]  # seq 1 is due later (its retry)
+    delivery, event = due[1]
+    assert (delivery.id, delivery.webhook_id, delivery.status) == (first.id, "wh_1", "pending")
+    assert (delivery.attempts, delivery.next_attempt_ms, delivery.last_status) == (1, T0 + 50, 500)
+    [stored] = [e for e in await store.read_outbox(0, 10) if e.seq == 1]
+    assert event == stored
+    assert orjson.loads(event.data)["email_address"] == odd.email_address
+    assert due[0][1].kind is Kind.CLICK
+    assert await store.due_deliveries("wh_1", T0 + 10, 10) == [due[0]]  # the retry is not due
+
+
 async def test_outbox_event_reads_back_every_field(store: Store) -> None:
     """Each column lands in its own field: id, account, kind, campaign, contact, times, data."""
     sid = await one_stream(store)
