@@ -275,7 +275,11 @@ async def _prune(store: Store, retention_ms: int, outbox_ms: int, readers: Seque
     pruned = await store.prune_dedup(now_ms() - retention_ms)
     if pruned:
         log.info("dedup.pruned", keys=pruned)
-    # Published events older than the retention; the store keeps whatever a reader still needs.
+    # Webhook deliveries delivered longer ago than the retention, with their attempt history,
+    # and published events older than it; the store keeps whatever a reader still needs.
+    deliveries = await store.prune_deliveries(now_ms() - outbox_ms)
+    if deliveries:
+        log.info("deliveries.pruned", deliveries=deliveries)
     events = await store.prune_outbox(now_ms() - outbox_ms, readers)
     if events:
         log.info("outbox.pruned", events=events)

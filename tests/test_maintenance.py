@@ -1,4 +1,5 @@
-"""The hourly maintenance job: dedup keys and published outbox events past their retention."""
+"""The hourly maintenance job: dedup keys, published outbox events and delivered webhook
+deliveries past their retention."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from relay.app import _prune
-from relay.events import Activity, Kind, from_millis
-from relay.store import Store, StreamKey, open_store
+from relay.events import WILDCARD, Activity, Kind, from_millis
+from relay.store import Attempt, Store, StreamKey, Webhook, open_store
 
 HOUR_MS = 3600_000
 
@@ -43,6 +44,26 @@ async def test_job_prunes_published_events_and_old_dedup_keys(store: Store) -> N
     await _prune(store, 168 * HOUR_MS, 168 * HOUR_MS, ["kafka"])
     assert [e.seq for e in await store.read_outbox(0, 100)] == [10]  # the head stays
     assert await store.dedup_count() == 0
+
+
+async def test_job_prunes_delivered_webhook_history(store: Store) -> None:
+    """Deliveries delivered before the retention go with their attempts; a dead one stays."""
+    await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    await commit_old_events(store, 3, age_h=200)
+    then = int(time.time() * 1000 - 200 * HOUR_MS)
+    first, second, third = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)
+    await store.finish_attempts(
+        [
+            (Attempt(first.id, then, 200, 1.0), "delivered", then),
+            (Attempt(second.id, then, 500, 1.0), "dead", then),
+        ]
+    )
+    await _prune(store, 168 * HOUR_MS, 168 * HOUR_MS, [])
+    left = sorted((d.seq, d.status) for d in await store.deliveries("wh_1", 10))
+    assert left == [(second.seq, "dead"), (third.seq, "pending")]
+    assert await store.attempts(first.id) == []
 
 
 async def test_job_keeps_what_kafka_has_not_published(store: Store) -> None:

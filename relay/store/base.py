@@ -408,6 +408,11 @@ class Store(Protocol):
         always stays: it marks the head), and owed to no webhook (no pending or dead delivery);
         returns how many. Short transactions."""
 
+    async def prune_deliveries(self, before_ms: int) -> int:
+        """Delete deliveries delivered before ``before_ms``, with their attempt history;
+        pending and dead deliveries stay (owed, or redeliverable); returns how many. Short
+        transactions."""
+
     async def dedup_count(self) -> int:
         """How many dedup keys are held."""
 

@@ -805,6 +805,24 @@ class PostgresStore:
             if removed < rowmap.PRUNE_CHUNK:
                 return pruned
 
+    async def prune_deliveries(self, before_ms: int) -> int:
+        async def run(conn: Connection) -> int:  # attempts go too (ON DELETE CASCADE)
+            return _count(
+                await conn.execute(
+                    "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries"
+                    " WHERE status = 'delivered' AND delivered_ms < $1 ORDER BY id LIMIT $2)",
+                    before_ms,
+                    rowmap.PRUNE_CHUNK,
+                )
+            )
+
+        pruned = 0
+        while True:  # chunked: short transactions
+            removed = await self.transaction(run)
+            pruned += removed
+            if removed < rowmap.PRUNE_CHUNK:
+                return pruned
+
     async def dedup_count(self) -> int:
         return await self._value_int("SELECT COUNT(*) FROM dedup")
 

@@ -674,6 +674,22 @@ class SqliteStore:
             if removed < rowmap.PRUNE_CHUNK:
                 return pruned
 
+    async def prune_deliveries(self, before_ms: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _tx(conn):  # attempts go with their delivery (ON DELETE CASCADE)
+                return conn.execute(
+                    "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries"
+                    " WHERE status = 'delivered' AND delivered_ms < ? ORDER BY id LIMIT ?)",
+                    (before_ms, rowmap.PRUNE_CHUNK),
+                ).rowcount
+
+        pruned = 0
+        while True:  # chunked, so polling and sinks get the writer between transactions
+            removed = await self._run(run)
+            pruned += removed
+            if removed < rowmap.PRUNE_CHUNK:
+                return pruned
+
     async def dedup_count(self) -> int:
         def run(conn: sqlite3.Connection) -> int:
             return int(conn.execute("SELECT COUNT(*) FROM dedup").fetchone()[0])

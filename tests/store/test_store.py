@@ -271,6 +271,33 @@ async def test_prune_outbox_keeps_events_owed_to_webhooks(store: Store) -> None:
     assert [(d.seq, e.seq) for d, e in due] == [(4, 4), (6, 6)]
 
 
+async def test_prune_deliveries_drops_delivered_history_only(store: Store) -> None:
+    """Deliveries delivered before the cutoff go with their attempts; a newer delivered one,
+    a dead one and a pending one stay, whatever their age."""
+    sid = await one_stream(store)
+    await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(4)], T0)  # seq 1..4
+    await store.fanout(100, T0)
+    d = sorted(await store.deliveries("wh_1", 100), key=lambda x: x.seq)
+    await store.finish_attempts(
+        [
+            (Attempt(d[0].id, T0 + 10, 200, 1.0), "delivered", T0),
+            (Attempt(d[1].id, T0 + 90, 200, 1.0), "delivered", T0),
+            (Attempt(d[2].id, T0 + 10, 500, 1.0), "dead", T0),
+        ]
+    )
+    assert await store.prune_deliveries(T0 + 50) == 1
+    assert await store.attempts(d[0].id) == []
+    left = sorted((x.seq, x.status) for x in await store.deliveries("wh_1", 100))
+    assert left == [(2, "delivered"), (3, "dead"), (4, "pending")]
+    assert len(await store.attempts(d[1].id)) == 1
+    assert await store.prune_deliveries(T0 + 50) == 0
+    assert await store.prune_outbox(T0 + 1, []) == 2  # the dead and the pending keep theirs
+    assert [e.seq for e in await store.read_outbox(0, 100)] == [3, 4]
+
+
 async def test_due_deliveries_read_back_every_field_in_due_order(store: Store) -> None:
     """A due delivery comes back with its event exactly as committed (data byte for byte, non-
     ASCII text and escapes included), soonest due first, then by seq."""
