@@ -770,6 +770,16 @@ class PostgresStore:
 
         return await self.transaction(run)
 
+    async def _in_chunks(self, run: Callable[[Connection], Awaitable[int]]) -> int:
+        """Repeat a deleting transaction until it removes less than a chunk; the total.
+        Chunked: short transactions."""
+        pruned = 0
+        while True:
+            removed = await self.transaction(run)
+            pruned += removed
+            if removed < rowmap.PRUNE_CHUNK:
+                return pruned
+
     async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
         names = [rowmap.FANOUT, *sinks]
 
@@ -798,12 +808,7 @@ class PostgresStore:
                 )
             )
 
-        pruned = 0
-        while True:  # chunked: short transactions
-            removed = await self.transaction(run)
-            pruned += removed
-            if removed < rowmap.PRUNE_CHUNK:
-                return pruned
+        return await self._in_chunks(run)
 
     async def prune_deliveries(self, before_ms: int) -> int:
         async def run(conn: Connection) -> int:  # attempts go too (ON DELETE CASCADE)
@@ -816,12 +821,7 @@ class PostgresStore:
                 )
             )
 
-        pruned = 0
-        while True:  # chunked: short transactions
-            removed = await self.transaction(run)
-            pruned += removed
-            if removed < rowmap.PRUNE_CHUNK:
-                return pruned
+        return await self._in_chunks(run)
 
     async def dedup_count(self) -> int:
         return await self._value_int("SELECT COUNT(*) FROM dedup")

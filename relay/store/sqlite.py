@@ -641,6 +641,16 @@ class SqliteStore:
 
         return await self._run(run)
 
+    async def _in_chunks(self, run: Callable[[sqlite3.Connection], int]) -> int:
+        """Repeat a deleting transaction until it removes less than a chunk; the total.
+        Chunked, so polling and sinks get the writer between transactions."""
+        pruned = 0
+        while True:
+            removed = await self._run(run)
+            pruned += removed
+            if removed < rowmap.PRUNE_CHUNK:
+                return pruned
+
     async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
         def run(conn: sqlite3.Connection) -> int:
             with _tx(conn):
@@ -667,12 +677,7 @@ class SqliteStore:
                     (below, before_ms, rowmap.PRUNE_CHUNK),
                 ).rowcount
 
-        pruned = 0
-        while True:  # chunked, so polling and sinks get the writer between transactions
-            removed = await self._run(run)
-            pruned += removed
-            if removed < rowmap.PRUNE_CHUNK:
-                return pruned
+        return await self._in_chunks(run)
 
     async def prune_deliveries(self, before_ms: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
@@ -683,12 +688,7 @@ class SqliteStore:
                     (before_ms, rowmap.PRUNE_CHUNK),
                 ).rowcount
 
-        pruned = 0
-        while True:  # chunked, so polling and sinks get the writer between transactions
-            removed = await self._run(run)
-            pruned += removed
-            if removed < rowmap.PRUNE_CHUNK:
-                return pruned
+        return await self._in_chunks(run)
 
     async def dedup_count(self) -> int:
         def run(conn: sqlite3.Connection) -> int:
