@@ -363,9 +363,11 @@ class Store(Protocol):
         need not be flushed to disk before returning (see ``finish_attempts``)."""
 
     async def due_deliveries(
-        self, webhook_id: str, now_ms: int, limit: int
+        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
     ) -> list[tuple[Delivery, OutboxEvent]]:
-        """Pending deliveries of a webhook due by now, oldest event first."""
+        """Pending deliveries of a webhook due by now, soonest due first, then by seq, leaving
+        out the delivery ids in ``skip`` (those the reader already holds: neither joined to
+        their events nor counted in ``limit``)."""
 
     async def next_due_ms(self, webhook_id: str) -> int | None:
         """When the webhook's next pending delivery is due (None: nothing pending)."""

@@ -162,4 +162,12 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
                 OR (older.created_ms = webhooks.created_ms AND older.id < webhooks.id)))""",
         "CREATE UNIQUE INDEX webhooks_url ON webhooks (url)",
     ),
+    # the due read orders by (next_attempt_ms, seq): with seq in the index the ORDER BY … LIMIT
+    # is read off the index, and only the rows returned are joined to the outbox; without it,
+    # every pending delivery sharing a next_attempt_ms (a whole fan-out batch) was joined, its
+    # data copied, and sorted on each read (profiled: ~5 ms per read of 512 behind 3,000)
+    (
+        "DROP INDEX deliveries_due",
+        "CREATE INDEX deliveries_due ON deliveries (webhook_id, status, next_attempt_ms, seq)",
+    ),
 )

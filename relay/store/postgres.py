@@ -632,16 +632,17 @@ class PostgresStore:
         return await self.transaction(run)
 
     async def due_deliveries(
-        self, webhook_id: str, now_ms: int, limit: int
+        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
     ) -> list[tuple[Delivery, OutboxEvent]]:
         async def run(conn: Connection) -> list[tuple[Delivery, OutboxEvent]]:
             rows = await conn.fetch(
                 f"SELECT {_DELIVERY_COLUMNS_D}, {_OUTBOX_COLUMNS_O} FROM deliveries d"  # noqa: S608
                 " JOIN outbox o ON o.seq = d.seq"
                 " WHERE d.webhook_id = $1 AND d.status = 'pending' AND d.next_attempt_ms <= $2"
-                " ORDER BY d.next_attempt_ms, d.seq LIMIT $3",
+                " AND d.id <> ALL($3::bigint[]) ORDER BY d.next_attempt_ms, d.seq LIMIT $4",
                 webhook_id,
                 now_ms,
+                list(skip),
                 limit,
             )
             width = len(rowmap.DELIVERY_COLUMNS.split(","))

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -373,9 +373,11 @@ class CountingStore:
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
 
-    async def due_deliveries(self, webhook_id: str, now_ms: int, limit: int) -> object:
+    async def due_deliveries(
+        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
+    ) -> object:
         self.reads += 1
-        return await self._store.due_deliveries(webhook_id, now_ms, limit)
+        return await self._store.due_deliveries(webhook_id, now_ms, limit, skip)
 
     async def next_due_ms(self, webhook_id: str) -> int | None:
         self.reads += 1

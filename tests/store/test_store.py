@@ -322,6 +322,21 @@ async def test_due_deliveries_read_back_every_field_in_due_order(store: Store) -
     assert await store.due_deliveries("wh_1", T0 + 10, 10) == [due[0]]  # the retry is not due
 
 
+async def test_due_deliveries_leave_out_the_held_ones_without_counting_them(store: Store) -> None:
+    """Ids the reader holds are skipped and do not use up the limit: the next ones come back."""
+    sid = await one_stream(store)
+    await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(1, 6)], T0 + 7)
+    await store.fanout(100, T0)
+    ids = [d.id for d, _ in await store.due_deliveries("wh_1", T0, 10)]
+    assert len(ids) == 5
+    due = await store.due_deliveries("wh_1", T0, 2, skip={ids[0], ids[2]})
+    assert [d.id for d, _ in due] == [ids[1], ids[3]]
+    assert await store.due_deliveries("wh_1", T0, 10, skip=ids) == []
+
+
 async def test_outbox_event_reads_back_every_field(store: Store) -> None:
     """Each column lands in its own field: id, account, kind, campaign, contact, times, data."""
     sid = await one_stream(store)
