@@ -208,23 +208,27 @@ class Metrics:
         self.kafka_publish.observe(time.perf_counter() - started)
         self._acknowledged("kafka", (e.committed_ms for e in events if e.seq <= through_seq))
 
-    def webhook_attempt(self, outcome: str, committed_ms: int) -> None:
-        """One webhook attempt settled as ``delivered``, ``pending`` (retry) or ``dead``."""
-        # children looked up once: labels() takes a lock and builds a key, per attempt
+    def webhooks_settled(self, settled: Sequence[tuple[str, int, int]]) -> None:
+        """Webhook attempts settled as ``delivered``, ``pending`` (retry) or ``dead``, each as
+        (outcome, the event's commit time, the attempt's end), both Unix ms; the dispatcher
+        hands them over in batches (per attempt, the counters' locks and label lookups were a
+        tenth of its bookkeeping, profiled)."""
+        outcomes = collections.Counter(outcome for outcome, _, _ in settled)
         counters = self._webhook_counters
-        if outcome not in counters:
-            counters[outcome] = self.webhook_attempts.labels(
-                "retry" if outcome == "pending" else outcome
+        for outcome, count in outcomes.items():
+            if outcome not in counters:  # children looked up once: labels() locks, builds a key
+                counters[outcome] = self.webhook_attempts.labels(
+                    "retry" if outcome == "pending" else outcome
+                )
+            counters[outcome].inc(count)
+        if delivered := outcomes["delivered"]:
+            self.published.labels("webhooks").inc(delivered)
+            self.delivery_latency.observe_each(
+                "webhooks",
+                [max(0, end - c) / 1000 for o, c, end in settled if o == "delivered"],
             )
-            if outcome == "delivered":
-                counters["published"] = self.published.labels("webhooks")
-        counters[outcome].inc()
-        if outcome == "delivered":  # one event: no grouping by commit time (once per attempt)
-            counters["published"].inc()
-            seconds = max(0.0, (self._now_ms() - committed_ms) / 1000)
-            self.delivery_latency.observe("webhooks", seconds)
-        elif outcome == "dead":
-            self.dead_letters.labels("webhooks").inc()
+        if dead := outcomes["dead"]:
+            self.dead_letters.labels("webhooks").inc(dead)
 
     def dead_lettered(self, sink: str) -> None:
         """A sink dead-lettered one event."""
@@ -363,6 +367,14 @@ class _BulkHistogram(Collector):
         counts = self._counts.setdefault(value_of_label, [0] * (len(self._bounds) + 1))
         counts[bisect.bisect_left(self._bounds, seconds)] += count
         self._sums[value_of_label] = self._sums.get(value_of_label, 0.0) + seconds * count
+
+    def observe_each(self, value_of_label: str, seconds: Sequence[float]) -> None:
+        """Add one observation per value of ``seconds``."""
+        counts = self._counts.setdefault(value_of_label, [0] * (len(self._bounds) + 1))
+        bounds = self._bounds
+        for value in seconds:
+            counts[bisect.bisect_left(bounds, value)] += 1
+        self._sums[value_of_label] = self._sums.get(value_of_label, 0.0) + sum(seconds)
 
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self._name, self._doc, labels=[self._label])]

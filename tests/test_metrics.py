@@ -107,15 +107,19 @@ def test_each_relay_has_its_own_registry() -> None:
 def test_webhook_outcomes_count_attempts_latency_and_dead_letters() -> None:
     """delivered feeds the latency histogram, pending counts as retry, dead as a dead letter."""
     metrics = Metrics(lambda: NOW_MS)
-    metrics.webhook_attempt("delivered", NOW_MS - 2500)
-    metrics.webhook_attempt("pending", NOW_MS)
-    metrics.webhook_attempt("dead", NOW_MS)
+    metrics.webhooks_settled([("delivered", NOW_MS - 2500, NOW_MS), ("pending", NOW_MS, NOW_MS)])
+    metrics.webhooks_settled(
+        [("dead", NOW_MS, NOW_MS), ("delivered", NOW_MS - 500, NOW_MS), ("pending", NOW_MS, 0)]
+    )
     value = metrics.registry.get_sample_value
-    assert value("ctct_relay_webhook_attempts_total", {"outcome": "retry"}) == 1
+    assert value("ctct_relay_webhook_attempts_total", {"outcome": "retry"}) == 2
+    assert value("ctct_relay_webhook_attempts_total", {"outcome": "delivered"}) == 2
+    assert value("ctct_relay_events_published_total", {"sink": "webhooks"}) == 2
     assert value("ctct_relay_dead_letters_total", {"sink": "webhooks"}) == 1
-    assert value("ctct_relay_delivery_latency_seconds_sum", {"sink": "webhooks"}) == 2.5
+    assert value("ctct_relay_delivery_latency_seconds_sum", {"sink": "webhooks"}) == 3.0
+    assert value("ctct_relay_delivery_latency_seconds_count", {"sink": "webhooks"}) == 2
     assert (
-        value("ctct_relay_delivery_latency_seconds_bucket", {"sink": "webhooks", "le": "1.0"}) == 0
+        value("ctct_relay_delivery_latency_seconds_bucket", {"sink": "webhooks", "le": "1.0"}) == 1
     )
 
 

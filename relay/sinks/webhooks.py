@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 CONTENT_TYPE = "application/cloudevents+json"
+TALLY_S = 0.05  # settled attempts reach the metrics in batches, at most this late
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,8 @@ class WebhookDispatcher:
         self._retiring: dict[str, _Worker] = {}  # stopped, finishing the attempts in flight
         self._retired: set[asyncio.Task[None]] = set()
         self._recorder = _Recorder(store)
+        self._tally: list[tuple[str, int, int]] = []  # settled attempts not yet in the metrics
+        self._tally_due: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._timeout = aiohttp.ClientTimeout(
             total=settings.timeout_s, sock_connect=settings.connect_timeout_s
@@ -152,12 +155,27 @@ class WebhookDispatcher:
                 self._workers.clear()
                 await asyncio.gather(*(w.stop() for w in workers), *self._retired)
                 await self._recorder.close()
+                self._fold_tally()
                 with contextlib.suppress(StoreError):
                     await self._coordinator.release(held)
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self._wake.set()
+
+    def _count(self, outcome: str, committed_ms: int, settled_ms: int) -> None:
+        """Tally one settled attempt for the metrics (folded in every ``TALLY_S``)."""
+        self._tally.append((outcome, committed_ms, settled_ms))
+        if self._tally_due is None:
+            self._tally_due = asyncio.get_running_loop().call_later(TALLY_S, self._fold_tally)
+
+    def _fold_tally(self) -> None:
+        if self._tally_due is not None:
+            self._tally_due.cancel()
+            self._tally_due = None
+        tally, self._tally = self._tally, []
+        if tally:
+            self._metrics.webhooks_settled(tally)
 
     def _drop_expired(self) -> None:
         if self._workers and time.monotonic() >= self._held_until:
@@ -361,6 +379,7 @@ class _Worker:
         return len(due) >= self._batch
 
     async def _send_loop(self) -> None:
+        d = self._dispatcher
         while True:
             item = await self._queue.get()
             if item is None:
@@ -372,8 +391,14 @@ class _Worker:
                 self._feed.set()
             if self.hook.rate_limit_per_s:
                 await self._pace()
+            delivery, event = item
             try:
-                await self._deliver(*item)
+                outcome = await d._attempt(self._session, self.hook, event, self._refused)
+                writes = self._settle(delivery, event, outcome)
+                if writes is not None:  # the endpoint's state: finish it even if we are cancelled
+                    await asyncio.shield(writes)
+                if d._recorder.full:
+                    await d._recorder.room()
             except StoreError as exc:
                 log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
 
@@ -386,15 +411,6 @@ class _Worker:
         self._next_send = slot + 1.0 / rate
         if slot > now:
             await asyncio.sleep(slot - now)
-
-    async def _deliver(self, delivery: Delivery, event: OutboxEvent) -> None:
-        d = self._dispatcher
-        outcome = await d._attempt(self._session, self.hook, event, self._refused)
-        writes = self._settle(delivery, event, outcome)
-        if writes is not None:  # the endpoint's state: finish it even if we are cancelled
-            await asyncio.shield(writes)
-        if d._recorder.full:
-            await d._recorder.room()
 
     def _settle(
         self, delivery: Delivery, event: OutboxEvent, outcome: Outcome
@@ -413,7 +429,7 @@ class _Worker:
         )
         if outcome.ok:
             d._recorder.add(attempt, "delivered", now, self._recorded)
-            d._metrics.webhook_attempt("delivered", event.committed_ms)
+            d._count("delivered", event.committed_ms, now)
             d.delivered += 1
             if self.failing_since_ms is None:
                 return None
@@ -423,7 +439,7 @@ class _Worker:
         delay = d._retry_delay_s(delivery.attempts + 1, outcome)
         status, next_ms = ("dead", now) if delay is None else ("pending", now + int(delay * 1000))
         d._recorder.add(attempt, status, next_ms, self._recorded)
-        d._metrics.webhook_attempt(status, event.committed_ms)
+        d._count(status, event.committed_ms, now)
         log.warning(
             "webhook.attempt_failed",
             webhook=self.hook.id,
