@@ -11,7 +11,6 @@ import base64
 import binascii
 import functools
 import hashlib
-import hmac
 import secrets
 from collections.abc import Iterable
 
@@ -44,19 +43,29 @@ def secret_key(secret: str) -> bytes:
     return key
 
 
+_BLOCK_BYTES = 64  # SHA-256's block size; MAX_KEY_BYTES never exceeds it
+
+
 @functools.lru_cache(maxsize=256)
-def _keyed(secret: str) -> hmac.HMAC:
-    # the key decoded and its HMAC state set up once per secret; each signature copies it
-    # (profiled in the dispatcher: hmac.digest with the key per request, plus the joins, cost
-    # ~8 us of CPU per attempt, the copy ~4 us)
-    return hmac.new(secret_key(secret), digestmod=hashlib.sha256)
+def _keyed(secret: str) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """HMAC-SHA256's inner and outer hash states after the padded key (RFC 2104), set up once
+    per secret; each signature copies them. A key is never longer than the block, so it is
+    padded, never hashed first. (Profiled in the dispatcher: hmac.digest with the key per
+    request cost ~8 us per attempt, copying an ``hmac.HMAC`` ~2 us, these two C copies ~1 us.)"""
+    key = secret_key(secret).ljust(_BLOCK_BYTES, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    return inner, outer
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """One ``v1,…`` signature."""
-    mac = _keyed(secret).copy()
-    mac.update(f"{msg_id}.{timestamp}.".encode())
-    mac.update(body)
+    """One ``v1,…`` signature: base64 of HMAC-SHA256(key, ``{msg_id}.{timestamp}.{body}``)."""
+    inner, outer = _keyed(secret)
+    digest = inner.copy()
+    digest.update(f"{msg_id}.{timestamp}.".encode())
+    digest.update(body)
+    mac = outer.copy()
+    mac.update(digest.digest())
     return "v1," + base64.b64encode(mac.digest()).decode()
 
 
