@@ -93,6 +93,7 @@ async def run_relay(
             sinks=(FANOUT_SINK, KAFKA_SINK) if settings.kafka else (FANOUT_SINK,),
             redact=Redactor(settings.secrets()).text,
         )
+        view.on_webhook_change = sinks.webhooks.changed
         runner = await _start_admin(settings, store, guard, metrics, view)
         stack.push_async_callback(runner.cleanup)
         today = datetime.now(UTC).date().isoformat()
@@ -152,7 +153,8 @@ async def run_relay(
 class _Sinks:
     """The running sink tasks and the event that asks them to finish."""
 
-    def __init__(self) -> None:
+    def __init__(self, webhooks: WebhookDispatcher) -> None:
+        self.webhooks = webhooks
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.on_commit: list[Callable[[], None]] = []  # in-process outbox readers to wake
@@ -197,8 +199,8 @@ def _start_sinks(
     metrics: Metrics,
     coordinator: Coordinator,
 ) -> _Sinks:
-    sinks = _Sinks()
     dispatcher = WebhookDispatcher(store, settings.delivery, guard, now_ms, metrics, coordinator)
+    sinks = _Sinks(dispatcher)
     sinks.on_commit.append(dispatcher.notify)
     sinks.tasks.append(asyncio.create_task(dispatcher.run(sinks.stop), name="sink:webhooks"))
     if settings.kafka is not None:

@@ -45,11 +45,19 @@ class RelayView:
     redact: Callable[[str], str] = _same  # removes configured secrets from error texts
     # tells the scheduler that pauses or targets changed (set once the scheduler exists)
     on_change: Callable[[], Awaitable[None]] | None = None
+    # tells this process's webhook dispatcher that a webhook changed or deliveries of it became
+    # due (set once the dispatcher exists; other replicas see it at their next refresh)
+    on_webhook_change: Callable[[str], None] | None = None
 
     async def changed(self) -> None:
         """Let the scheduler pick up a pause, resume or target change now."""
         if self.on_change is not None:
             await self.on_change()
+
+    def webhook_changed(self, webhook_id: str) -> None:
+        """Let the webhook dispatcher act on a webhook's change or new due deliveries now."""
+        if self.on_webhook_change is not None:
+            self.on_webhook_change(webhook_id)
 
 
 VIEW = web.AppKey("relay.view", RelayView)

@@ -15,6 +15,7 @@ from aiohttp import web
 from relay.api import body, service
 from relay.api.responses import ApiError, JsonObject, bad_request, json_response, not_found
 from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE
+from relay.api.status import VIEW
 from relay.api.views import delivery_view, webhook_view, webhook_with_secret
 from relay.events import EVENT_TYPES
 from relay.store import DuplicateError, NotFoundError
@@ -59,6 +60,7 @@ async def _create(request: web.Request) -> web.Response:
     now = request.app[NOW_MS]()
     with _service_errors():
         created = await service.create_webhook(request.app[STORE], request.app[GUARD], spec, now)
+    request.app[VIEW].webhook_changed(created.id)
     return json_response(webhook_with_secret(created, now), 201)
 
 
@@ -99,12 +101,14 @@ async def _patch(request: web.Request) -> web.Response:
             changes,
             now,
         )
+    request.app[VIEW].webhook_changed(hook.id)
     return json_response(webhook_view(hook, now))
 
 
 async def _delete(request: web.Request) -> web.Response:
     with _service_errors():
         await request.app[STORE].delete_webhook(request.match_info["webhook_id"])
+    request.app[VIEW].webhook_changed(request.match_info["webhook_id"])
     return web.Response(status=204)
 
 
@@ -120,6 +124,7 @@ async def _rotate(request: web.Request) -> web.Response:
             request.app[SETTINGS].rotation_grace_s,
             _secret(data),
         )
+    request.app[VIEW].webhook_changed(hook.id)
     return json_response(webhook_with_secret(hook, now))
 
 
@@ -141,6 +146,7 @@ async def _redeliver(request: web.Request) -> web.Response:
     store = request.app[STORE]
     with _service_errors():
         delivery = await store.redeliver(delivery_id, request.app[NOW_MS]())
+    request.app[VIEW].webhook_changed(delivery.webhook_id)
     return json_response(delivery_view(delivery, await store.attempts(delivery_id)), 202)
 
 
@@ -152,6 +158,7 @@ async def _recover(request: web.Request) -> web.Response:
         count = await request.app[STORE].recover(
             request.match_info["webhook_id"], since_ms, request.app[NOW_MS]()
         )
+    request.app[VIEW].webhook_changed(request.match_info["webhook_id"])
     return json_response({"deliveries": count}, 202)
 
 

@@ -105,6 +105,7 @@ class WebhookDispatcher:
         self._tally: list[tuple[str, int, int]] = []  # settled attempts not yet in the metrics
         self._tally_due: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
+        self._refresh_now = False  # a webhook changed: reconcile the workers at the next wake
         self._timeout = aiohttp.ClientTimeout(
             total=settings.timeout_s, sock_connect=settings.connect_timeout_s
         )
@@ -114,6 +115,15 @@ class WebhookDispatcher:
     def notify(self) -> None:
         """Events were committed: fan them out now instead of at the next idle poll."""
         self._wake.set()
+
+    def changed(self, webhook_id: str) -> None:
+        """A webhook was registered, edited or removed, or deliveries of it were made due now
+        (redeliver, recover) in this process: act on it now instead of at the next refresh."""
+        self._refresh_now = True
+        self._wake.set()
+        worker = self._workers.get(webhook_id)
+        if worker is not None:
+            worker.poke()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fan out and keep workers in step with the registered webhooks until ``stop``."""
@@ -129,7 +139,8 @@ class WebhookDispatcher:
                         fanned = await self._store.fanout(
                             self._settings.fanout_batch, self._now_ms()
                         )
-                        if time.monotonic() >= next_refresh:
+                        if self._refresh_now or time.monotonic() >= next_refresh:
+                            self._refresh_now = False
                             await self._reconcile(session)
                             next_refresh = time.monotonic() + self._settings.refresh_s
                         failures = 0

@@ -14,6 +14,7 @@ from pytest_aiohttp import AiohttpClient
 
 from relay.api import AdminSettings, create_admin_app
 from relay.api.responses import JsonObject
+from relay.api.status import RelayView
 from relay.events import Activity, Kind, from_millis
 from relay.sinks.ssrf import Guard
 from relay.store import Store, StreamKey, open_store
@@ -65,6 +66,7 @@ def make_client(
         settings: AdminSettings | None = None,
         guard: Guard | None = None,
         status: Callable[[], Awaitable[JsonObject]] | None = None,
+        view: RelayView | None = None,
     ) -> Client:
         app = create_admin_app(
             store,
@@ -72,6 +74,7 @@ def make_client(
             guard=guard or Guard(),
             now_ms=clock,
             status=status,
+            view=view,
         )
         return await aiohttp_client(app)
 

@@ -13,6 +13,7 @@ from aiohttp import ClientResponse
 from standardwebhooks.webhooks import Webhook as Verifier
 
 from relay.api import AdminSettings, service
+from relay.api.status import RelayView
 from relay.events import WILDCARD, Kind
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
@@ -519,6 +520,27 @@ async def test_redeliver_resets_a_dead_delivery(client: Client, store: Store) ->
     assert body["next_attempt_at"] == "2025-11-21T04:40:00.000Z"
     assert len(body["attempts"]) == 1
     assert (await store.delivery(delivery.id)).status == "pending"
+
+
+async def test_every_change_is_told_to_the_running_dispatcher(
+    make_client: ClientFactory, store: Store
+) -> None:
+    """Register, edit, rotate, redeliver, recover and delete each tell the relay's webhook
+    dispatcher which webhook changed, so it acts now rather than at its next refresh."""
+    told: list[str] = []
+    client = await make_client(view=RelayView(on_webhook_change=told.append))
+    hook = await create(client)
+    hook_id = str(hook["id"])
+    await ok(await client.patch(f"/v1/webhooks/{hook_id}", json={"description": "x"}, headers=AUTH))
+    await ok(await client.post(f"/v1/webhooks/{hook_id}/rotate-secret", headers=AUTH))
+    await commit_events(store, [activity(1, T0 - 5000)], T0)
+    (delivery,) = await store.deliveries(hook_id, 10)
+    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0)])
+    await ok(await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH), 202)
+    since = {"since": "2025-11-21T04:39:00+00:00"}
+    await ok(await client.post(f"/v1/webhooks/{hook_id}/recover", json=since, headers=AUTH), 202)
+    assert (await client.delete(f"/v1/webhooks/{hook_id}", headers=AUTH)).status == 204
+    assert told == [hook_id] * 6
 
 
 async def test_recover_owes_matching_events_again(client: Client, store: Store) -> None:

@@ -288,6 +288,30 @@ async def test_recover_redelivers_since_a_time(store: Store, receiver: Start) ->
     assert sorted(ids[:4]) == sorted(ids[4:])  # same webhook-id the second time
 
 
+async def test_changes_told_to_the_dispatcher_act_at_once_not_at_its_refresh(
+    store: Store, receiver: Start
+) -> None:
+    """With a 30 s refresh, a webhook registered while running and a redelivery, each followed
+    by ``changed`` (as the admin API does), are delivered within a second."""
+    settings = replace(FAST, refresh_s=30.0, idle_poll_s=30.0)
+    r = await receiver()
+    await commit(store, [activity(1)])  # committed before the webhook: not owed to it
+    async with Running(store, settings) as dispatcher:
+        await asyncio.sleep(0.2)  # the first refresh found no webhook
+        hook = await register(store, r.url)
+        dispatcher.changed(hook.id)
+        await commit(store, [activity(2)])
+        dispatcher.notify()
+        await until(lambda: len(r.received) == 1, timeout_s=1.0)
+        (delivery,) = await store.deliveries(hook.id, 10)
+        await until(lambda: not dispatcher._workers[hook.id].held, timeout_s=1.0)
+        await store.redeliver(delivery.id, int(time.time() * 1000))
+        dispatcher.changed(hook.id)
+        await until(lambda: len(r.received) == 2, timeout_s=1.0)
+    ids = [h["webhook-id"] for _, h, _ in r.received]
+    assert ids[0] == ids[1] == delivery.event_id
+
+
 async def test_redirects_are_failures_not_followed(store: Store, receiver: Start) -> None:
     """A 302 is recorded as a failed attempt and the Location is never requested."""
     r = await receiver(answers=["redirect"])
