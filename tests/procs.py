@@ -120,9 +120,21 @@ class SimProcess(Proc):
         self.post("/_sim/clock", {"advance_s": seconds})
 
     def truth(self) -> Counter[Identity]:
+        return Counter(truth_identity(a) for a in self._visible())
+
+    def late_arrivals(self) -> set[Identity]:
+        """Visible activities the API started returning only after they occurred."""
+        late = set()
+        for a in self._visible():
+            identity = truth_identity(a)
+            if to_millis(parse_time(str(a["visible_at"]))) > identity[3]:
+                late.add(identity)
+        return late
+
+    def _visible(self) -> list[dict[str, object]]:
         activities = self.get("/_sim/truth")["activities"]
         assert isinstance(activities, list)
-        return Counter(truth_identity(a) for a in activities)
+        return activities
 
 
 def truth_identity(a: dict[str, object]) -> Identity:
