@@ -9,7 +9,7 @@ loop); CPU per delivery is the process's CPU time (both threads) over the delive
 from outbox commit to receipt is measured with events committed one at a time, the dispatcher
 told of each commit as the poller tells it.
 
-    python bench/webhooks.py [--events 3000] [--concurrency 8] [--rounds 3]
+    python bench/webhooks.py [--events 3000] [--concurrency 8] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--latency-samples", type=int, default=200)
     args = parser.parse_args()
     logs.configure("error")
