@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -59,6 +59,10 @@ _PERMANENT = (
     CorruptRecordException,
     UnsupportedForMessageFormatError,
 )
+
+# Rounds read and handed to the producer ahead of the broker's acknowledgements: bounds memory;
+# a partition's batches still go one at a time (see KafkaSink._send).
+_ROUNDS_AHEAD = 4
 
 
 class KafkaSinkError(Exception):
@@ -180,6 +184,16 @@ class _Batch:
     events: list[OutboxEvent] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Round:
+    """One outbox read, handed to the producer, waiting for the broker."""
+
+    events: list[OutboxEvent]
+    sent: list[tuple[_Batch, asyncio.Future[object] | BaseException]]
+    refused: dict[int, tuple[BaseException, int]]  # seq -> (error, batch size): never sent
+    started: float  # time.perf_counter() when the round was read
+
+
 class KafkaSink:
     """Publishes the outbox to Kafka until stopped; survives broker outages."""
 
@@ -207,6 +221,9 @@ class KafkaSink:
         self._partition = _Partitioner()
         self._isolate_through = 0  # events up to this seq go one per batch (see _advance)
         self._committed = asyncio.Event()
+        self._settled = asyncio.Event()  # the acknowledging task finished a round
+        # per partition: the last batch handed to the producer (or why none was)
+        self._chain: dict[tuple[str, int], asyncio.Future[object] | BaseException] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, publish, and on any transient failure back off and resume from the cursor."""
@@ -272,14 +289,51 @@ class KafkaSink:
     async def _drain(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
         cursor = await self._store.sink_cursor(SINK)
         while not stop.is_set():
-            self._committed.clear()  # before the read: a commit after it sets it again
-            events = await self._store.read_outbox(cursor, self._settings.batch_events)
-            if not events:
-                await self._idle(stop)
-                continue
-            started = time.perf_counter()
-            cursor = await self._publish(producer, events, cursor)
-            self._metrics.kafka_acknowledged(events, cursor, started)
+            cursor = await self._pipeline(producer, stop, cursor)
+
+    async def _pipeline(self, producer: AIOKafkaProducer, stop: asyncio.Event, cursor: int) -> int:
+        """Read and send the next rounds while earlier ones wait for the broker; returns the
+        cursor when ``stop`` is set or when a refused batch means resending from the cursor.
+
+        Reading, building and the cursor write overlap the broker's round trip: one round at a
+        time left the sink idle for each acknowledgement, the broker idle for each read
+        (profiled). The acknowledging task takes rounds in order and alone moves the cursor.
+        """
+        self._chain.clear()
+        rounds: asyncio.Queue[_Round | None] = asyncio.Queue()
+        acker = asyncio.create_task(self._acknowledge(rounds, cursor), name="kafka:acks")
+        try:
+            read_from = cursor
+            while not stop.is_set() and not acker.done():
+                self._committed.clear()  # before the read: a commit after it sets it again
+                events = await self._store.read_outbox(read_from, self._settings.batch_events)
+                if not events:
+                    await self._idle(stop, acker)
+                    continue
+                while rounds.qsize() >= _ROUNDS_AHEAD and not acker.done():
+                    self._settled.clear()  # a wake-up lost here comes with the next round
+                    await _first(acker, self._settled.wait())
+                if acker.done():
+                    break
+                rounds.put_nowait(await self._send(producer, events))
+                read_from = events[-1].seq
+            rounds.put_nowait(None)  # stop (or a rewind): what was sent is still acknowledged
+            return await acker
+        finally:
+            if not acker.done():
+                acker.cancel()
+            await asyncio.gather(acker, return_exceptions=True)
+
+    async def _acknowledge(self, rounds: asyncio.Queue[_Round | None], cursor: int) -> int:
+        """Settle rounds in order; returns the cursor at the end, or early for a rewind."""
+        while (sent := await rounds.get()) is not None:
+            done = await self._settle(sent, cursor)
+            self._settled.set()
+            self._metrics.kafka_acknowledged(sent.events, done, sent.started)
+            if done != sent.events[-1].seq:
+                return done  # a batch refused for good: resend from here, one per batch
+            cursor = done
+        return cursor
 
     def notify(self) -> None:
         """New events were committed: look at the outbox now instead of at the next idle poll.
@@ -288,46 +342,56 @@ class KafkaSink:
         """
         self._committed.set()
 
-    async def _idle(self, stop: asyncio.Event) -> None:
-        """Wait for a commit notification or ``stop``, at most ``idle_poll_s``."""
-        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._committed.wait())]
-        try:
-            await asyncio.wait(
-                waits, timeout=self._settings.idle_poll_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+    async def _idle(self, stop: asyncio.Event, acker: asyncio.Task[int]) -> None:
+        """Wait for a commit notification, ``stop`` or the end of the acknowledging task, at
+        most ``idle_poll_s``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._settings.idle_poll_s):
+                await _first(acker, stop.wait(), self._committed.wait())
 
-    async def _publish(
-        self, producer: AIOKafkaProducer, events: list[OutboxEvent], cursor: int
-    ) -> int:
-        """Send a batch; move the cursor over the acknowledged (or dead-lettered) prefix.
+    async def _send(self, producer: AIOKafkaProducer, events: list[OutboxEvent]) -> _Round:
+        """Hand a round to the producer as one closed record batch per partition.
 
-        Events go out as one closed record batch per partition (``send_batch``): per-record
-        ``send`` futures, murmur2 hashing and lingering cost more than the records themselves.
+        Per-record ``send`` futures, murmur2 hashing and lingering cost more than the records
+        themselves (profiled). A partition's batch goes only after its previous one was
+        acknowledged: after a failure nothing later may overtake what is sent again.
         """
+        started = time.perf_counter()
         batches, refused = await self._batches(producer, events)
         sent: list[tuple[_Batch, asyncio.Future[object] | BaseException]] = []
         for batch in batches:
+            where = (batch.topic, batch.partition)
+            before = self._chain.get(where)
+            if isinstance(before, asyncio.Future) and not before.done():
+                await asyncio.wait([before])
+            if before is not None and _failed(before):
+                self._chain[where] = error = KafkaError("an earlier batch of the partition failed")
+                sent.append((batch, error))
+                continue
             try:
                 future = await producer.send_batch(
                     batch.builder, batch.topic, partition=batch.partition
                 )
-                sent.append((batch, future))
+                future.add_done_callback(_retrieve)  # a round given up may never await it
             except KafkaError as exc:  # refused before sending (closed producer, metadata)
-                sent.append((batch, exc))
+                future = exc
+            self._chain[where] = future
+            sent.append((batch, future))
+        return _Round(events, sent, refused, started)
+
+    async def _settle(self, sent: _Round, cursor: int) -> int:
+        """Await a round's acknowledgements; move the cursor over the acknowledged (or
+        dead-lettered) prefix."""
         results = await asyncio.gather(
-            *(f for _, f in sent if not isinstance(f, BaseException)), return_exceptions=True
+            *(f for _, f in sent.sent if not isinstance(f, BaseException)), return_exceptions=True
         )
         outcomes = iter(results)
-        failed: dict[int, tuple[BaseException, int]] = dict(refused)  # seq -> (error, batch size)
-        for batch, future in sent:
+        failed: dict[int, tuple[BaseException, int]] = dict(sent.refused)  # seq -> (error, size)
+        for batch, future in sent.sent:
             outcome = future if isinstance(future, BaseException) else next(outcomes)
             if isinstance(outcome, BaseException):
                 failed.update((e.seq, (outcome, len(batch.events))) for e in batch.events)
-        return await self._advance(events, cursor, failed)
+        return await self._advance(sent.events, cursor, failed)
 
     async def _batches(
         self, producer: AIOKafkaProducer, events: list[OutboxEvent]
@@ -413,6 +477,28 @@ class KafkaSink:
         s = self._settings
         cap = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** min(attempt - 1, 16))
         return self._rng.uniform(cap / 2, cap)
+
+
+def _failed(sent: asyncio.Future[object] | BaseException) -> bool:
+    """Whether a batch handed over (a settled future) or not handed over failed."""
+    return isinstance(sent, BaseException) or sent.cancelled() or sent.exception() is not None
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    """Mark a batch's outcome as seen: rounds given up after a failure are never awaited."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _first(task: asyncio.Task[int], *waits: Coroutine[object, object, object]) -> None:
+    """Wait until ``task`` ends or any of ``waits`` returns; the other waits are cancelled."""
+    others = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait([task, *others], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for other in others:
+            other.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
 
 def _append(batch: _Batch, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> bool:
