@@ -140,25 +140,52 @@ _SPECVERSION = ("ce_specversion", SPECVERSION.encode())
 _DATA_CONTENT_TYPE = ("content-type", DATA_CONTENT_TYPE.encode())
 _STRUCTURED_CONTENT_TYPE = [("content-type", b"application/cloudevents+json")]
 _TYPES = {kind: ("ce_type", kind.event_type.encode()) for kind in Kind}
+# what every binary record's headers weigh whatever the event: names and constant values
+_BINARY_SIZE = {
+    kind: sum(len(n) for n in ("ce_id", "ce_source", "ce_subject", "ce_time"))
+    + sum(len(n) + len(v) for n, v in (_SPECVERSION, _TYPES[kind], _DATA_CONTENT_TYPE))
+    for kind in Kind
+}
+_STRUCTURED_SIZE = sum(len(n) + len(v) for n, v in _STRUCTURED_CONTENT_TYPE)
 
 
 def record_for(event: OutboxEvent, mode: str) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """Value and headers of an event per the CloudEvents Kafka binding.
+    """Value and headers of an event per the CloudEvents Kafka binding."""
+    value, headers, _ = _record(event, mode, event.contact_id.encode(), {})
+    return value, headers
+
+
+def _record(
+    event: OutboxEvent, mode: str, key: bytes, sources: dict[tuple[str, str], bytes]
+) -> tuple[bytes, list[tuple[str, bytes]], int]:
+    """Value, headers and size (key, value, header names and values) of an event's record;
+    ``sources`` remembers encoded ``ce_source`` values (a round has a few campaigns).
 
     Binary mode writes the attributes straight to headers, constants pre-encoded: building the
-    attribute dict first and encoding it cost ~20 us per event (profiled).
+    attribute dict first and encoding it cost ~20 us per event (profiled). The size is summed
+    from the parts: a generator over the headers was a fifth of the sink's batching.
     """
     if mode == "structured":
-        return event.structured(), list(_STRUCTURED_CONTENT_TYPE)
-    return event.data, [
+        value = event.structured()
+        return value, list(_STRUCTURED_CONTENT_TYPE), len(key) + len(value) + _STRUCTURED_SIZE
+    where = (event.account, event.campaign_id)
+    origin = sources.get(where)
+    if origin is None:
+        origin = sources[where] = source(*where).encode()
+    ce_id = event.event_id.encode()
+    ce_time = format_millis(event.occurred_ms).encode()
+    headers = [
         _SPECVERSION,
-        ("ce_id", event.event_id.encode()),
-        ("ce_source", source(event.account, event.campaign_id).encode()),
+        ("ce_id", ce_id),
+        ("ce_source", origin),
         _TYPES[event.kind],
-        ("ce_subject", event.contact_id.encode()),
-        ("ce_time", format_millis(event.occurred_ms).encode()),
+        ("ce_subject", key),
+        ("ce_time", ce_time),
         _DATA_CONTENT_TYPE,
     ]
+    value = event.data
+    size = _BINARY_SIZE[event.kind] + 2 * len(key) + len(value) + len(ce_id) + len(origin)
+    return value, headers, size + len(ce_time)
 
 
 class _Partitioner:
@@ -442,19 +469,20 @@ class KafkaSink:
         batches: list[_Batch] = []
         refused: dict[int, tuple[BaseException, int]] = {}
         partitions: dict[str, list[int]] = {}
+        sources: dict[tuple[str, str], bytes] = {}
+        topics, partition, isolate_through = self._topics, self._partition, self._isolate_through
         for event in events:
-            topic = self._topics[event.kind]
+            topic = topics[event.kind]
             if topic not in partitions:
                 partitions[topic] = sorted(await producer.partitions_for(topic))
             key = event.contact_id.encode()
-            value, headers = record_for(event, mode)
-            size = len(key) + len(value) + sum(len(n) + len(v) for n, v in headers)
+            value, headers, size = _record(event, mode, key, sources)
             if size > limit:
                 refused[event.seq] = (MessageSizeTooLargeError(f"{size} bytes > {limit}"), 1)
                 continue
-            where = (topic, self._partition(key, partitions[topic]))
+            where = (topic, partition(key, partitions[topic]))
             batch = open_batches.get(where)
-            isolate = event.seq <= self._isolate_through
+            isolate = event.seq <= isolate_through
             if batch is None or isolate or not _append(batch, key, value, headers):
                 if batch is not None:
                     batch.builder.close()  # full: hand it over now, no lingering

@@ -134,3 +134,15 @@ def test_published_commits_are_let_go_and_memory_stays_bounded(
     sink._from_memory(4, 1)
     assert [a.after_seq for a in sink._handed] == [4]
     assert sink._handed_events == 2
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+@pytest.mark.parametrize("kind", list(Kind), ids=lambda k: k.value)
+def test_record_size_counts_key_value_and_every_header(kind: Kind, mode: str) -> None:
+    """The size checked against max_request_bytes is the key, the value and every header's name
+    and value, whatever the parts it is summed from."""
+    e = event(kind, contact="123456789")
+    key = e.contact_id.encode()
+    value, headers, size = kafka._record(e, mode, key, {})
+    assert (value, headers) == record_for(e, mode)
+    assert size == len(key) + len(value) + sum(len(n) + len(v) for n, v in headers)
