@@ -343,13 +343,14 @@ class KafkaSink:
                 self._committed.clear()  # before the read: a commit after it sets it again
                 limit = self._settings.batch_events
                 events = self._from_memory(read_from, limit)
-                if not events and (look or self._handed):  # a gap before what was handed over
+                look = look and not events  # handed over: nothing else was added before it
+                if look or (not events and self._handed):  # or a gap before what was handed
                     events = await self._store.read_outbox(read_from, limit)
+                    look = bool(events)  # there may be more
                 if not events:
                     await self._idle(stop, acker)
                     look = True  # woken by another writer, or the idle poll
                     continue
-                look = False
                 while rounds.qsize() >= _ROUNDS_AHEAD and not acker.done():
                     self._settled.clear()  # a wake-up lost here comes with the next round
                     await _first(acker, self._settled.wait())

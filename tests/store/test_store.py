@@ -656,3 +656,30 @@ async def test_sqlite_announces_exactly_the_rows_a_commit_appended(tmp_path: Pat
         assert [e for a in heard for e in a.events] == [outbox[i] for i in (0, 1, 2, 6, 7)]
     finally:
         await store.close()
+
+
+async def test_committed_data_reads_back_byte_for_byte(store: Store) -> None:
+    """The outbox keeps each event's data JSON exactly as serialized, whatever its characters
+    (quotes, backslashes, control characters, non-ASCII), with its ids and times."""
+    sid = await one_stream(store)
+    tricky = 'a "quoted" \\ back\\slash, tab\t, newline\n, \x01, é, 中文, \U0001f600, </script>'
+    page = [
+        Activity(
+            account="acme",
+            kind=Kind.BOUNCE,
+            campaign_id="1100394165290",
+            contact_id=str(i),
+            email_address=f"c{i}@example.com",
+            occurred_at=from_millis(T0 + i),
+            bounce_code="B",
+            bounce_description=tricky,
+            bounce_message=tricky * i,
+        )
+        for i in range(3)
+    ]
+    await store.commit_page(sid, page, T0 + 9)
+    events = await store.read_outbox(0, 10)
+    assert [e.data for e in events] == [orjson.dumps(a.data()) for a in page]
+    assert [(e.event_id, e.contact_id, e.occurred_ms, e.committed_ms) for e in events] == [
+        (a.event_id, a.contact_id, a.occurred_ms, T0 + 9) for a in page
+    ]
