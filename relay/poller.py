@@ -3,8 +3,8 @@
 Results come newest first, so a feed's watermark may only advance after its last page: the pass
 is committed in transactions of up to ``commit_events`` activities (each its unseen dedup keys
 plus exactly those events), and the watermarks move in ``finish_pass`` once every feed of the pass
-is read and committed. A crash anywhere before
-that re-reads the same window next time, and dedup drops what was already committed.
+is read and committed. A crash anywhere before that re-reads the same window next time, and dedup
+drops what was already committed.
 """
 
 from __future__ import annotations

@@ -213,8 +213,9 @@ class SqliteStore:
                 # Each write takes the page as one parameter, so it is one step: the sqlite3
                 # module hands the GIL back and forth around every step, and with the event
                 # loop busy, executemany's per-row steps spent more time waiting for the GIL
-                # than writing (profiled: 70-120 ms of wall time for 30-55 ms of CPU per round).
-                # A row-by-row INSERT OR IGNORE cost ~47 us per event.
+                # than writing (profiled, per bench round: the dedup insert took 68-95 ms of
+                # wall time for 27-37 ms of CPU). A row-by-row INSERT OR IGNORE cost ~47 us
+                # per event.
                 occurred = orjson.dumps([a.occurred_ms for a in fresh.values()])
                 conn.execute(_INSERT_DEDUP, (b"".join(fresh), occurred))
                 if not emit:
