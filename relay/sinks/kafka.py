@@ -7,6 +7,11 @@ down, leader moving, timeouts) stops the batch at the first unacknowledged event
 there with backoff, so nothing is skipped. A retry may re-send events after the failed one that
 did arrive: duplicates carry the same ``ce_id``.
 
+Rounds are read and sent ahead while earlier ones wait for the broker; one task settles them in
+order and alone moves the cursor, and a partition's next batch waits for its previous one.
+Events this process commits are handed over by the store in memory; the outbox is read whenever
+they do not continue from the sink's position, and after every restart.
+
 Records follow the CloudEvents Kafka protocol binding: binary content mode by default (value =
 ``data``, attributes as ``ce_*`` headers), structured mode as an option. Key = contact id, so each
 contact's activity stays ordered in one partition.
