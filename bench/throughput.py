@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -452,6 +453,7 @@ class Round:
     fetch_s: float
     per_record: int  # records (b') sent with send() per record, as found on its topics
     per_record_s: float
+    kinds: dict[Kind, int]  # the records (b) and (b') sent, by kind (the records are not kept)
 
     @property
     def per_record_rate(self) -> float:
@@ -534,6 +536,7 @@ async def one_round(
         fetch_s=fetch_s,
         per_record=await on_kafka(per_record_settings),
         per_record_s=per_record_s,
+        kinds=dict(Counter(r.kind for r in e2e.records)),
     )
     # Rates compare like with like only if all three moved the same events, each exactly once.
     counts = (
