@@ -1,9 +1,10 @@
 """One pass over one stream: summary gate, pages, normalize, commit, watermark.
 
-Results come newest first, so a feed's watermark may only advance after its last page: each page
-is committed in one transaction (its unseen dedup keys plus exactly those events), and the
-watermarks move in ``finish_pass`` once every feed of the pass is read. A crash anywhere before
-that re-reads the same window next time, and dedup drops what was already committed.
+Results come newest first, so a feed's watermark may only advance after its last page: the pass
+is committed in transactions of up to ``commit_events`` activities (each its unseen dedup keys
+plus exactly those events), and the watermarks move in ``finish_pass`` once every feed of the pass
+is read and committed. A crash anywhere before that re-reads the same window next time, and dedup
+drops what was already committed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class PollSettings:
     summary_gate: bool = True  # skip feeds whose summary count did not change
     page_limit: int = 500
     buffer_limit: int = 50_000  # activities held to sort a pass before committing
+    # Activities per commit transaction. Page-sized (500) transactions made committing the
+    # slowest stage of a pass: per-transaction work and an fsync each (profiled).
+    commit_events: int = 2000
 
     def start_ms(self) -> int | None:
         """The first-run lower bound: None for "now" (seed) and "earliest" (everything)."""
@@ -119,13 +123,13 @@ class Poller:
         return outcome
 
     async def _commit(self, stream_id: int, pending: list[Activity], outcome: PassOutcome) -> None:
-        """Commit buffered activity oldest first, one transaction per page-sized chunk.
+        """Commit buffered activity oldest first, one transaction per ``commit_events``.
 
         Feeds arrive newest first and kind by kind; sorting the pass makes the outbox (and so
         each contact's Kafka partition) follow activity order within the pass.
         """
         pending.sort(key=_activity_order)
-        size = self._settings.page_limit
+        size = self._settings.commit_events
         for start in range(0, len(pending), size):
             chunk = pending[start : start + size]
             if outcome.replay_from_ms is None:

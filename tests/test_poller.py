@@ -160,7 +160,7 @@ async def test_commits_with_new_events_notify_the_sinks(make_sim: MakeSim, store
         driver.client,
         store,
         ACCOUNT,
-        PollSettings(start_from="now", overlap_s=600, page_limit=5),
+        PollSettings(start_from="now", overlap_s=600, page_limit=5, commit_events=5),
         now_ms=lambda: driver.now_ms,
         on_commit=lambda: calls.append(1),
     )

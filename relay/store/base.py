@@ -18,7 +18,7 @@ a flush to disk (bookkeeping whose loss only causes a redelivery).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -97,6 +97,15 @@ class OutboxEvent:
     def structured(self) -> bytes:
         """The whole event as structured-mode CloudEvents JSON."""
         return structured(self.attributes(), self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxAppend:
+    """What one commit appended to the outbox: exactly the rows with
+    ``after_seq < seq <= events[-1].seq``, in seq order."""
+
+    after_seq: int
+    events: list[OutboxEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +318,12 @@ class Store(Protocol):
     async def read_outbox(self, after_seq: int, limit: int) -> list[OutboxEvent]:
         """Committed events with seq > after_seq, in order."""
 
+    def on_append(self, listener: Callable[[OutboxAppend], None]) -> None:
+        """Hand ``listener`` what each ``commit_page`` of this store object appended, after
+        the commit, on the event loop, so an in-process sink need not read it back. Other
+        appends (replays, other processes) are not announced: a reader that finds a gap reads
+        the outbox, which stays the only source of truth. ``listener`` must not raise."""
+
     async def outbox_head(self) -> int:
         """The highest committed seq (0 when empty)."""
 
@@ -316,7 +331,8 @@ class Store(Protocol):
         """The last seq a sink has finished with (0 when new)."""
 
     async def set_sink_cursor(self, sink: str, seq: int) -> None:
-        """Move a sink's cursor to ``seq``."""
+        """Move a sink's cursor to ``seq``; a crash of the machine (not of the relay) may move
+        it back, so the sink sends those events again, with the same ids."""
 
     async def add_dead_letter(
         self, sink: str, seq: int, event_id: str, reason: str, now_ms: int

@@ -11,9 +11,10 @@ idempotent or, like the quota count, may over-count but never under-count.
 Outbox appends take one transaction-scoped advisory lock, so sequence numbers become visible in
 order: a sink that has read seq N never finds a smaller one committed later.
 
-Webhook fan-out and attempt records commit with ``SET LOCAL synchronous_commit = off``: they
-survive a crash of the relay (the server has them), and a crash of the server can undo only the
-last few, which means sending again with the same ``webhook-id`` (see ``Store.finish_attempts``).
+Webhook fan-out and attempt records and the Kafka sink's cursor commit with ``SET LOCAL
+synchronous_commit = off``: they survive a crash of the relay (the server has them), and a crash
+of the server can undo only the last few, which means sending again with the same id (see
+``Store.finish_attempts``, ``Store.set_sink_cursor``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from relay.store.base import (
     DeliveryCounts,
     DuplicateError,
     NotFoundError,
+    OutboxAppend,
     OutboxEvent,
     OutboxRange,
     OutboxSelector,
@@ -364,6 +366,10 @@ class PostgresStore:
 
         return await self.transaction(run)
 
+    def on_append(self, listener: Callable[[OutboxAppend], None]) -> None:
+        """Announces nothing: every replica appends, and the one holding the Kafka sink's
+        lease reads the outbox (woken by ``LISTEN``)."""
+
     async def finish_pass(self, stream_id: int, result: PassResult) -> None:
         async def run(conn: Connection) -> None:
             await conn.execute(
@@ -473,12 +479,16 @@ class PostgresStore:
         return await self._value_int("SELECT seq FROM sink_cursors WHERE sink = $1", sink)
 
     async def set_sink_cursor(self, sink: str, seq: int) -> None:
-        await self._execute(
-            "INSERT INTO sink_cursors (sink, seq) VALUES ($1, $2)"
-            " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
-            sink,
-            seq,
-        )
+        async def run(conn: Connection) -> None:
+            await conn.execute(_NO_FLUSH)  # undone, it only means sending again (same ids)
+            await conn.execute(
+                "INSERT INTO sink_cursors (sink, seq) VALUES ($1, $2)"
+                " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
+                sink,
+                seq,
+            )
+
+        await self.transaction(run)
 
     async def add_dead_letter(
         self, sink: str, seq: int, event_id: str, reason: str, now_ms: int

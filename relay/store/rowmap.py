@@ -125,6 +125,16 @@ def outbox_event(r: Sequence[Any]) -> OutboxEvent:
     )
 
 
+def appended(rows: Sequence[tuple[Any, ...]], last_seq: int) -> list[OutboxEvent]:
+    """``outbox_row`` tuples just inserted with consecutive seqs ending at ``last_seq``, as
+    ``outbox_event`` reads them back."""
+    first = last_seq - len(rows) + 1
+    return [
+        OutboxEvent(first + i, r[0], r[1], KINDS[r[3]], r[4], r[5], r[6], r[7], r[8])
+        for i, r in enumerate(rows)
+    ]
+
+
 def outbox_row(
     event_id: bytes, activity: Activity, stream_id: int, now_ms: int
 ) -> tuple[object, ...]:

@@ -1,14 +1,20 @@
-"""The Kafka sink's record building: CloudEvents binary/structured records and partitioning."""
+"""The Kafka sink's record building: CloudEvents binary/structured records, partitioning, and
+reading what the store handed over in memory."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import cast
 
 import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from relay.events import Activity, Kind, from_millis
-from relay.sinks.kafka import _Partitioner, record_for
-from relay.store import OutboxEvent
+from relay.sinks import kafka
+from relay.sinks.kafka import KafkaSettings, KafkaSink, _Partitioner, record_for
+from relay.store import OutboxAppend, OutboxEvent, Store
 
 
 def event(kind: Kind, contact: str = "1001", ms: int = 1_763_633_221_500) -> OutboxEvent:
@@ -71,3 +77,72 @@ def test_partitions_match_the_default_partitioner(count: int) -> None:
         expected = DefaultPartitioner()(key, partitions, partitions)
         assert partitioner(key, partitions) == expected
         assert partitioner(key, partitions) == expected  # from the cache
+
+
+def appended(after: int, seqs: list[int]) -> OutboxAppend:
+    return OutboxAppend(after, [dataclasses.replace(event(Kind.OPEN, str(s)), seq=s) for s in seqs])
+
+
+class NoStore:
+    """Only what a KafkaSink touches when it is built."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[OutboxAppend], None]] = []
+
+    def on_append(self, listener: Callable[[OutboxAppend], None]) -> None:
+        self.listeners.append(listener)
+
+
+def sink_with(*appends: OutboxAppend) -> KafkaSink:
+    store = NoStore()
+    sink = KafkaSink(KafkaSettings(bootstrap_servers="127.0.0.1:9"), cast(Store, store))
+    for append in appends:
+        store.listeners[0](append)
+    return sink
+
+
+def seqs(events: list[OutboxEvent]) -> list[int]:
+    return [e.seq for e in events]
+
+
+def test_handed_over_commits_are_read_in_order_across_commits() -> None:
+    """Commits announced out of order still read back in seq order, up to the limit, from any
+    position inside them."""
+    sink = sink_with(appended(3, [4, 5]), appended(0, [1, 2, 3]), appended(5, [6, 7, 8]))
+    assert seqs(sink._from_memory(0, 100)) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert seqs(sink._from_memory(2, 4)) == [3, 4, 5, 6]
+    assert seqs(sink._from_memory(8, 100)) == []
+
+
+def test_a_gap_in_what_was_handed_over_means_reading_the_outbox() -> None:
+    """Rows nobody announced (a replay, another process) stop the in-memory read at the gap."""
+    sink = sink_with(appended(0, [1, 2]), appended(5, [6, 7]))
+    assert seqs(sink._from_memory(0, 100)) == [1, 2]
+    assert seqs(sink._from_memory(2, 100)) == []  # 3..5 are only in the outbox
+    assert seqs(sink._from_memory(5, 100)) == [6, 7]
+    assert seqs(sink._from_memory(9, 100)) == []
+
+
+def test_published_commits_are_let_go_and_memory_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the sink has passed is dropped; beyond the bound the oldest commits go first."""
+    monkeypatch.setattr(kafka, "_HANDED_OVER_MAX", 5)
+    sink = sink_with(appended(0, [1, 2]), appended(2, [3, 4]), appended(4, [5, 6]))
+    assert seqs(sink._from_memory(0, 100)) == []  # 1, 2 dropped: read from the outbox
+    assert seqs(sink._from_memory(2, 100)) == [3, 4, 5, 6]
+    sink._from_memory(4, 1)
+    assert [a.after_seq for a in sink._handed] == [4]
+    assert sink._handed_events == 2
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+@pytest.mark.parametrize("kind", list(Kind), ids=lambda k: k.value)
+def test_record_size_counts_key_value_and_every_header(kind: Kind, mode: str) -> None:
+    """The size checked against max_request_bytes is the key, the value and every header's name
+    and value, whatever the parts it is summed from."""
+    e = event(kind, contact="123456789")
+    key = e.contact_id.encode()
+    value, headers, size = kafka._record(e, mode, key, {})
+    assert (value, headers) == record_for(e, mode)
+    assert size == len(key) + len(value) + sum(len(n) + len(v) for n, v in headers)

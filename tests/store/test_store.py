@@ -628,3 +628,58 @@ async def test_close_twice(store: Store) -> None:
     """A second close does nothing (shutdown paths may both close the store)."""
     await store.close()
     await store.close()
+
+
+async def test_sqlite_announces_exactly_the_rows_a_commit_appended(tmp_path: Path) -> None:
+    """Each emitting commit_page hands its listeners the rows it appended (as read_outbox reads
+    them) and the head before them; replays, seeding and all-known pages announce nothing."""
+    from relay.store import OutboxAppend, OutboxSelector
+
+    store = open_store(f"sqlite:///{tmp_path / 'announce.db'}")
+    await store.open()
+    try:
+        heard: list[OutboxAppend] = []
+        store.on_append(heard.append)
+        sid = await one_stream(store)
+        await store.commit_page(sid, [activity(1, T0), activity(2, T0)], T0)
+        await store.commit_page(sid, [activity(2, T0), activity(3, T0)], T0 + 1)
+        await store.commit_page(sid, [activity(9, T0)], T0, emit=False)
+        await store.commit_page(sid, [activity(1, T0)], T0)  # nothing new
+        await store.replay_outbox(OutboxSelector("acme", T0), T0 + 2)  # seqs 4, 5, 6
+        await store.commit_page(sid, [activity(4, T0 + 5), activity(5, T0 + 6)], T0 + 3)
+        outbox = await store.read_outbox(0, 100)
+        assert [(a.after_seq, [e.seq for e in a.events]) for a in heard] == [
+            (0, [1, 2]),
+            (2, [3]),
+            (6, [7, 8]),
+        ]
+        assert [e for a in heard for e in a.events] == [outbox[i] for i in (0, 1, 2, 6, 7)]
+    finally:
+        await store.close()
+
+
+async def test_committed_data_reads_back_byte_for_byte(store: Store) -> None:
+    """The outbox keeps each event's data JSON exactly as serialized, whatever its characters
+    (quotes, backslashes, control characters, non-ASCII), with its ids and times."""
+    sid = await one_stream(store)
+    tricky = 'a "quoted" \\ back\\slash, tab\t, newline\n, \x01, é, 中文, \U0001f600, </script>'
+    page = [
+        Activity(
+            account="acme",
+            kind=Kind.BOUNCE,
+            campaign_id="1100394165290",
+            contact_id=str(i),
+            email_address=f"c{i}@example.com",
+            occurred_at=from_millis(T0 + i),
+            bounce_code="B",
+            bounce_description=tricky,
+            bounce_message=tricky * i,
+        )
+        for i in range(3)
+    ]
+    await store.commit_page(sid, page, T0 + 9)
+    events = await store.read_outbox(0, 10)
+    assert [e.data for e in events] == [orjson.dumps(a.data()) for a in page]
+    assert [(e.event_id, e.contact_id, e.occurred_ms, e.committed_ms) for e in events] == [
+        (a.event_id, a.contact_id, a.occurred_ms, T0 + 9) for a in page
+    ]
