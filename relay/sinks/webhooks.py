@@ -128,7 +128,10 @@ class WebhookDispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Fan out and keep workers in step with the registered webhooks until ``stop``."""
         connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._guard), limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        # no cookie jar: an endpoint's Set-Cookie must not follow later deliveries to it or to
+        # other endpoints on its host (attempts are stateless, as Standard Webhooks senders are)
+        jar = aiohttp.DummyCookieJar()
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as session:
             stopper = asyncio.create_task(self._wake_on(stop))
             next_refresh = 0.0
             failures = 0

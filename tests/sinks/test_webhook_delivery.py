@@ -45,6 +45,7 @@ class Receiver:
     default: int | str = 200
     received: list[tuple[float, dict[str, str], bytes]] = field(default_factory=list)
     retry_after: str | None = None
+    set_cookie: str | None = None
 
     @property
     def url(self) -> str:
@@ -60,6 +61,8 @@ class Receiver:
         if answer == "redirect":
             raise web.HTTPFound(self.url + "/elsewhere")
         headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+        if self.set_cookie:
+            headers["Set-Cookie"] = self.set_cookie
         return web.Response(
             status=int(answer), text="ok" if answer == 200 else "nope", headers=headers
         )
@@ -323,6 +326,23 @@ async def test_redirects_are_failures_not_followed(store: Store, receiver: Start
     (delivery,) = await store.deliveries(hook.id, 10)
     first = (await store.attempts(delivery.id))[0]
     assert first.status_code == 302
+
+
+async def test_cookies_an_endpoint_sets_are_never_sent(store: Store, receiver: Start) -> None:
+    """Deliveries are stateless: a Set-Cookie from an endpoint is sent back neither to it nor to
+    another endpoint on the same host (both webhooks here), as a shared cookie jar would."""
+    r = await receiver(set_cookie="session=abc123; Path=/")
+    port = r.url.split(":")[2].split("/")[0]
+    # a host name, not an IP literal: aiohttp's default jar keeps cookies only for names
+    await register(store, f"http://localhost:{port}/hook")
+    await register(store, f"http://localhost:{port}/other")
+    await commit(store, [activity(1)])
+    async with Running(store):
+        await until(lambda: len(r.received) == 2)
+        await commit(store, [activity(2)])
+        await until(lambda: len(r.received) == 4)
+    assert {h["Host"] for _, h, _ in r.received} == {f"localhost:{port}"}
+    assert [h for _, h, _ in r.received if "Cookie" in h] == []
 
 
 async def test_names_resolving_to_loopback_are_refused_at_connect_time(
