@@ -18,6 +18,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import aiohttp
@@ -57,7 +58,7 @@ def serve(port: int, contacts: int) -> None:
     )
 
 
-async def bare_loop(session: aiohttp.ClientSession, base: str, paths: list[str]) -> int:
+async def bare_loop(session: aiohttp.ClientSession, base: str, paths: Sequence[str]) -> int:
     """The floor: GET, read, parse, follow next_link. Nothing else."""
     headers = {"Accept": "application/json", "Authorization": f"Bearer {TOKEN}"}
     count = 0

@@ -74,7 +74,6 @@ from types import ModuleType
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -97,7 +96,11 @@ from relay.sinks.kafka import SINK, KafkaSettings, KafkaSink, record_for
 from relay.store import PassResult, PostgresSettings, PostgresStore, Store, StreamKey, open_store
 from relay.store.coordination import PgCoordinator
 
-KEY, TOKEN = "bench-key", "bench-token"
+try:  # run as a script, bench/ is on the path
+    from fetch import KEY, TOKEN, bare_loop  # type: ignore[import-not-found,no-redef]
+except ImportError:  # imported as bench.throughput (the tests)
+    from bench.fetch import KEY, TOKEN, bare_loop
+
 ACCOUNT = "bench"
 START = datetime(2026, 11, 1, tzinfo=UTC)
 TARGET = 0.6
@@ -362,23 +365,6 @@ async def produce_per_record(settings: KafkaSettings, records: Sequence[Record])
         await producer.stop()
 
 
-async def bare_fetch(session: aiohttp.ClientSession, base: str, paths: Sequence[str]) -> int:
-    """The fetch floor: GET, read, parse, follow next_link. Nothing else."""
-    headers = {"Accept": "application/json", "Authorization": f"Bearer {TOKEN}"}
-    count = 0
-    for path in paths:
-        url, params = base + path, {"api_key": KEY, "limit": "500"}
-        while True:
-            async with session.get(url, params=params, headers=headers) as resp:
-                body = orjson.loads(await resp.read())
-            count += len(body["results"])
-            link = body["meta"]["pagination"].get("next_link")
-            if not link:
-                break
-            url, params = base + link, {"api_key": KEY}
-    return count
-
-
 def topic_settings(bootstrap: str, prefix: str) -> KafkaSettings:
     """The sink's defaults, writing to ``<prefix>.ctct.email.{kind}``."""
     return KafkaSettings(bootstrap_servers=bootstrap, topic=f"{prefix}.{SINK_DEFAULTS.topic}")
@@ -522,7 +508,7 @@ async def one_round(
     per_record_settings = topic_settings(bootstrap, f"{name}s")
     per_record_s = await produce_per_record(per_record_settings, e2e.records)
     started = time.perf_counter()
-    fetched = await bare_fetch(session, world.base, world.feed_paths())
+    fetched = await bare_loop(session, world.base, world.feed_paths())
     fetch_s = time.perf_counter() - started
     done = Round(
         # Without the records: kept, every round's ~30,000 objects made each later (a) pay for
