@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit
@@ -186,17 +186,16 @@ def from_mapping(data: Mapping[str, object]) -> Settings:
     """Validate an already-parsed configuration."""
     root = _Reader(data, "")
     poll = root.child("poll")
-    defaults = _poll(poll)
+    retention_h = poll.number("dedup_retention_h", DEFAULT_RETENTION_H)
+    defaults = replace(_poll(poll), dedup_retention_s=retention_h * 3600)
+    _check_retention(defaults, "poll.overlap_s")
+    poll.done()
     accounts = tuple(_account(r, defaults) for r in root.readers("accounts"))
     if not accounts:
         raise ConfigError("accounts: at least one account is required")
     names = [a.name for a in accounts]
     if len(set(names)) != len(names):
         raise ConfigError(f"accounts: names must be unique, got {names}")
-    retention_h = poll.number("dedup_retention_h", DEFAULT_RETENTION_H)
-    if retention_h * 3600 <= defaults.overlap_s * 2:
-        raise ConfigError("poll.dedup_retention_h: must be longer than twice poll.overlap_s")
-    poll.done()
     delivery, allow, declared = _webhooks(root.child("webhooks"))
     settings = Settings(
         accounts=accounts,
@@ -388,7 +387,17 @@ def _poll(r: _Reader, base: PollSettings | None = None) -> PollSettings:
         start_from=start_from,
         summary_gate=r.flag("summary_gate", base.summary_gate),
         page_limit=int(r.number("page_limit", base.page_limit, maximum=500)),
+        dedup_retention_s=base.dedup_retention_s,
     )
+
+
+def _check_retention(poll: PollSettings, overlap_key: str) -> None:
+    """Dedup keys must outlive what a pass reads again (the overlap, twice for seeding)."""
+    if poll.dedup_retention_s <= poll.overlap_s * 2:
+        raise ConfigError(
+            f"poll.dedup_retention_h: must be longer than twice {overlap_key}"
+            f" ({poll.dedup_retention_s / 3600:g} h against {poll.overlap_s:g} s)"
+        )
 
 
 def _kinds(r: _Reader, default: tuple[Kind, ...]) -> tuple[Kind, ...]:
@@ -451,6 +460,7 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
         contacts=tuple(r.strings("contacts") or ()),
         poll=_poll(polling, poll),
     )
+    _check_retention(account.poll, polling.key("overlap_s"))
     polling.done()
     r.done()
     return account

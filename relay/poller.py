@@ -49,6 +49,9 @@ class PollSettings:
     # Activities per commit transaction. Page-sized (500) transactions made committing the
     # slowest stage of a pass: per-transaction work and an fsync each (profiled).
     commit_events: int = 2000
+    # How long dedup keys are kept (``poll.dedup_retention_h``): a feed read again after that
+    # long cannot tell its old activities from new ones, so they are left out (see _read_feed).
+    dedup_retention_s: float = 7 * 86400.0
 
     def start_ms(self) -> int | None:
         """The first-run lower bound: None for "now" (seed) and "earliest" (everything)."""
@@ -65,6 +68,7 @@ class PassOutcome:
     fetched: int = 0
     new: int = 0
     skipped_records: int = 0
+    beyond_retention: int = 0  # re-read activities older than the dedup keys kept: left out
     replayed: int = 0  # known activities emitted again by a replay
     feeds_read: list[Kind] = field(default_factory=list)
     watermarks: dict[Kind, int] = field(default_factory=dict)
@@ -150,8 +154,11 @@ class Poller:
         return int(self._settings.overlap_s * 1000)
 
     def _seeds(self, stream: Stream, kind: Kind, outcome: PassOutcome) -> bool:
-        """Whether this feed's first read only absorbs history (start_from: now) instead of
-        emitting it. Streams found by discovery after start-up always emit: all they have is new.
+        """Whether this feed's first read absorbs history (start_from: now): activity up to the
+        stream's creation goes into dedup only, later activity is emitted. The line is the
+        creation time, not the time of the read, so a first pass that fails or is cut short, or
+        an outage before it, loses nothing. Streams found by discovery after start-up always
+        emit: all they have is new.
         """
         return stream.seed and kind not in outcome.watermarks and self._settings.start_from == "now"
 
@@ -180,12 +187,20 @@ class Poller:
     ) -> None:
         seeding = self._seeds(stream, kind, outcome)
         watermark = outcome.watermarks.get(kind)
+        # Dedup keys older than the retention are pruned, so a feed idle that long and read
+        # again from its watermark would emit its last activities a second time: what is that
+        # old is left out. Anything new that old is far past the late-arrival limit (overlap_s,
+        # less than half the retention); first reads (backfills) and replays keep everything.
+        horizon = None
+        if watermark is not None and outcome.replay_from_ms is None:
+            horizon = self._now_ms() - int(self._settings.dedup_retention_s * 1000)
+        too_old = 0
         newest = watermark
         endpoint = catalogue.feed(scope, kind)
         async for page in self._client.pages(
             endpoint,
             resource_id=stream.key.resource_id,
-            since=self._since(watermark, seeding),
+            since=self._since(stream, watermark, seeding),
             limit=self._settings.page_limit,
         ):
             activities = self._parse(page.records, kind, outcome)
@@ -194,27 +209,36 @@ class Poller:
                 continue
             page_newest = max(a.occurred_ms for a in activities)
             newest = page_newest if newest is None else max(newest, page_newest)
+            if horizon is not None and min(a.occurred_ms for a in activities) < horizon:
+                kept = [a for a in activities if a.occurred_ms >= horizon]
+                too_old += len(activities) - len(kept)
+                activities = kept
             if seeding:
-                await self._store.commit_page(stream.id, activities, self._now_ms(), emit=False)
-                continue
+                history = [a for a in activities if a.occurred_ms <= stream.created_ms]
+                if history:
+                    await self._store.commit_page(stream.id, history, self._now_ms(), emit=False)
+                activities = [a for a in activities if a.occurred_ms > stream.created_ms]
             pending.extend(activities)
             if len(pending) >= self._settings.buffer_limit:
                 # A huge backfill: keep memory bounded; order holds within each flush.
                 await self._commit(stream.id, pending, outcome)
+        if too_old:
+            outcome.beyond_retention += too_old
+            log.info("poll.beyond_retention", kind=kind.value, activities=too_old)
         if seeding:
             newest = max(newest or 0, self._now_ms() - self._overlap_ms)
         if newest is not None:
             outcome.watermarks[kind] = newest
         outcome.feeds_read.append(kind)
 
-    def _since(self, watermark: int | None, seeding: bool) -> datetime | None:
+    def _since(self, stream: Stream, watermark: int | None, seeding: bool) -> datetime | None:
         """created_since for a feed: the watermark minus the overlap, or the first-run bound."""
         if watermark is not None:
             return from_millis(max(0, watermark - self._overlap_ms))
         if seeding:
-            # Absorb two overlaps: the next pass reads from (watermark - overlap), and the
-            # watermark is at least now - overlap, so nothing older can be emitted as new.
-            return from_millis(self._now_ms() - 2 * self._overlap_ms)
+            # Absorb two overlaps before the stream's creation: the history the next passes
+            # could read again is in dedup; everything after the creation is emitted.
+            return from_millis(max(0, stream.created_ms - 2 * self._overlap_ms))
         start = self._settings.start_ms()
         return None if start is None else from_millis(start)
 

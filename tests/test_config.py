@@ -50,6 +50,16 @@ def test_env_interpolation_and_defaults(tmp_path: Path) -> None:
     assert settings.accounts[0].access_token.reveal() == "tok-default"
 
 
+def test_every_account_polls_knowing_the_dedup_retention(tmp_path: Path) -> None:
+    """Pollers leave out re-read activity older than the dedup keys kept (poll.dedup_retention_h),
+    so every account's poll settings carry it, per-account overrides included."""
+    text = "poll: {dedup_retention_h: 48}\n" + MINIMAL + "    poll: {overlap_s: 900}\n"
+    settings = load(write(tmp_path, text), environ={"KEY": "k"})
+    assert settings.dedup_retention_h == 48
+    assert settings.accounts[0].poll.dedup_retention_s == 48 * 3600
+    assert settings.accounts[0].poll.overlap_s == 900
+
+
 def test_missing_env_var_names_key_and_variable(tmp_path: Path) -> None:
     """An unset ${NAME} is an error naming the key and the variable."""
     with pytest.raises(ConfigError, match=r"accounts\[0\]\.api_key: environment variable KEY"):
@@ -102,6 +112,12 @@ def test_unknown_override_names_its_variable(tmp_path: Path) -> None:
             MINIMAL + "    rate_limit: {reserved_share: 1.5}",
             r"reserved_share: expected a number >= 0 and <= 0.99",
             id="share-too-big",
+        ),
+        pytest.param(
+            MINIMAL + "    poll: {overlap_s: 360000}",
+            r"poll\.dedup_retention_h: must be longer than twice accounts\[0\]\.poll\.overlap_s"
+            r" \(168 h against 360000 s\)",
+            id="account-overlap-past-retention",
         ),
         pytest.param(
             MINIMAL + "logging: {format: xml}",

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from relay.ctct import catalogue
+from relay.ctct.catalogue import Endpoint
+from relay.ctct.client import Page
+from relay.ctct.errors import ServerError
 from relay.ctct.ratelimit import Budget
-from relay.events import Kind, to_millis
+from relay.events import Kind, format_millis, to_millis
 from relay.poller import Poller, PollSettings
 from relay.sim import Scenario
 from relay.sim.scenario import ApiKey, Audience, Campaigns, Contacts, Rates
@@ -203,3 +208,122 @@ async def test_replay_pass_re_emits_known_activity_since_a_time_with_its_ids(
         stream.id, PassResult(outcome.watermarks, outcome.summary, 0, 1.0, driver.now_ms)
     )
     assert (await store.stream(stream.id)).watermarks == stream.watermarks
+
+
+class Feeds:
+    """An in-process stand-in of the client for one campaign: records per kind, filtered by
+    created_since, newest first; a kind listed in ``failing`` answers 500."""
+
+    def __init__(self) -> None:
+        self.requests_sent = 0
+        self.records: dict[Kind, list[dict[str, object]]] = {k: [] for k in Kind}
+        self.failing: set[Kind] = set()
+
+    def add(self, kind: Kind, contact: str, at_ms: int) -> None:
+        self.records[kind].append(
+            {
+                "activity_type": kind.activity_type,
+                "campaign_id": "1",
+                "contact_id": contact,
+                "email_address": f"{contact}@example.com",
+                f"{kind.value}_date": format_millis(at_ms),
+                **({"link_id": "1"} if kind is Kind.CLICK else {}),
+            }
+        )
+
+    async def fetch(self, endpoint: Endpoint, *, resource_id: str | None = None) -> object:
+        self.requests_sent += 1
+        return {catalogue.FEEDS[k]: len(v) for k, v in self.records.items()}
+
+    async def pages(
+        self,
+        endpoint: Endpoint,
+        *,
+        resource_id: str | None = None,
+        since: datetime | None = None,
+        limit: int = 500,
+    ) -> AsyncIterator[Page]:
+        self.requests_sent += 1
+        kind = next(k for k in Kind if endpoint == catalogue.feed(catalogue.Scope.CAMPAIGN, k))
+        if kind in self.failing:
+            raise ServerError("500 from the test")
+        floor = None if since is None else to_millis(since)
+        date = f"{kind.value}_date"
+        found = [
+            r for r in self.records[kind] if floor is None or str(r[date]) >= format_millis(floor)
+        ]
+        yield Page(1, tuple(sorted(found, key=lambda r: str(r[date]), reverse=True)), None)
+
+
+class Passes:
+    """Passes over one seeded campaign stream, the way the scheduler runs them."""
+
+    def __init__(self, store: Store, feeds: Feeds, settings: PollSettings, now_ms: int) -> None:
+        self.store, self.now_ms = store, now_ms
+        self.poller = Poller(feeds, store, ACCOUNT, settings, now_ms=lambda: self.now_ms)  # type: ignore[arg-type]
+
+    async def run(self, advance_s: float = 0.0) -> bool:
+        """Advance the clock and run one pass; False when it failed (nothing finished)."""
+        self.now_ms += int(advance_s * 1000)
+        stream = (await self.store.streams())[0]
+        try:
+            outcome = await self.poller.run_pass(stream)
+        except ServerError:
+            return False
+        await self.store.finish_pass(
+            stream.id, PassResult(outcome.watermarks, outcome.summary, 0, 1.0, self.now_ms)
+        )
+        return True
+
+    async def contacts(self) -> list[tuple[str, str]]:
+        return [(e.kind.value, e.contact_id) for e in await self.store.read_outbox(0, 10**6)]
+
+
+T_START = to_millis(START)
+
+
+async def test_a_failed_first_pass_loses_no_activity_after_the_stream_was_added(
+    store: Store,
+) -> None:
+    """start_from: now absorbs what happened before the stream was added, whatever happens to
+    the first passes: activity after it is emitted even when the first pass fails in another
+    feed (it used to be absorbed by the next pass's new seed, or never read)."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=True)
+    passes = Passes(store, feeds, PollSettings(kinds=(Kind.OPEN, Kind.CLICK)), T_START)
+    feeds.add(Kind.OPEN, "100", T_START - 3600_000)  # history: absorbed
+    feeds.add(Kind.CLICK, "100", T_START - 60_000)
+    feeds.failing.add(Kind.CLICK)
+    assert not await passes.run(10)  # opens seeded, then the click feed fails
+    feeds.add(Kind.OPEN, "200", T_START + 60_000)
+    assert not await passes.run(90)
+    feeds.add(Kind.OPEN, "300", T_START + 7200_000)  # two hours on: past the seed window
+    feeds.failing.clear()
+    assert await passes.run(7200)
+    feeds.add(Kind.CLICK, "400", passes.now_ms + 1000)
+    assert await passes.run(60)
+    assert sorted(await passes.contacts()) == [("click", "400"), ("open", "200"), ("open", "300")]
+
+
+async def test_a_feed_read_again_after_the_dedup_retention_emits_nothing_twice(
+    store: Store,
+) -> None:
+    """Dedup keys are pruned by activity time; a feed idle for longer than that is read again
+    from its watermark (a new activity, or no summary gate), and the activities the pruned keys
+    stood for are left out instead of being emitted a second time, every hour."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    day = 86400_000
+    settings = PollSettings(kinds=(Kind.OPEN,), summary_gate=False, dedup_retention_s=2 * 86400)
+    passes = Passes(store, feeds, settings, T_START)
+    feeds.add(Kind.OPEN, "100", T_START - 30_000)
+    feeds.add(Kind.OPEN, "101", T_START - 20_000)
+    assert await passes.run(0)
+    assert len(await passes.contacts()) == 2
+    for _ in range(3):  # days of hourly passes with nothing new, pruning as the relay does
+        for _ in range(24):
+            assert await passes.run(3600)
+            await store.prune_dedup(passes.now_ms - 2 * day)
+    feeds.add(Kind.OPEN, "102", passes.now_ms - 5000)
+    assert await passes.run(60)
+    assert sorted(await passes.contacts()) == [("open", "100"), ("open", "101"), ("open", "102")]
