@@ -777,9 +777,16 @@ class PostgresStore:
 
     async def prune_dedup(self, before_ms: int) -> int:
         async def run(conn: Connection) -> int:
-            return _count(await conn.execute("DELETE FROM dedup WHERE occurred_ms < $1", before_ms))
+            return _count(
+                await conn.execute(
+                    "DELETE FROM dedup WHERE event_id IN (SELECT event_id FROM dedup"
+                    " WHERE occurred_ms < $1 ORDER BY occurred_ms LIMIT $2)",
+                    before_ms,
+                    rowmap.PRUNE_CHUNK,
+                )
+            )
 
-        return await self.transaction(run)
+        return await self._in_chunks(run)
 
     async def _in_chunks(self, run: Callable[[Connection], Awaitable[int]]) -> int:
         """Repeat a deleting transaction until it removes less than a chunk; the total.

@@ -16,7 +16,7 @@ from relay.events import Activity, Kind, format_id
 from relay.store.base import Delivery, OutboxEvent, StoreError, Stream, StreamKey, Webhook
 
 FANOUT = "webhooks-fanout"  # the sink cursor of webhook fan-out
-PRUNE_CHUNK = 10_000  # outbox rows (or deliveries) deleted per transaction
+PRUNE_CHUNK = 10_000  # rows pruned per transaction (dedup keys, outbox events, deliveries)
 
 STREAM_COLUMNS = (
     "id, account, scope, resource_id, next_due_ms, rate_per_h, consecutive_errors, last_error,"

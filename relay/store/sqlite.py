@@ -660,10 +660,12 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> int:
             with _tx(conn):
                 return conn.execute(
-                    "DELETE FROM dedup WHERE occurred_ms < ?", (before_ms,)
+                    "DELETE FROM dedup WHERE event_id IN (SELECT event_id FROM dedup"
+                    " WHERE occurred_ms < ? ORDER BY occurred_ms LIMIT ?)",
+                    (before_ms, rowmap.PRUNE_CHUNK),
                 ).rowcount
 
-        return await self._run(run)
+        return await self._in_chunks(run)
 
     async def _in_chunks(self, run: Callable[[sqlite3.Connection], int]) -> int:
         """Repeat a deleting transaction until it removes less than a chunk; the total.

@@ -21,6 +21,7 @@ from relay.store import (
     StreamKey,
     Webhook,
     open_store,
+    rowmap,
 )
 from relay.store.migrations import MIGRATIONS
 from relay.store.pg_migrations import PG_MIGRATIONS
@@ -188,6 +189,27 @@ async def test_prune_bounds_dedup(store: Store) -> None:
     await store.commit_page(sid, [activity(i, T0 + i * 1000) for i in range(10)], T0)
     assert await store.prune_dedup(T0 + 5000) == 5
     assert await store.dedup_count() == 5
+
+
+async def test_prune_dedup_goes_in_short_transactions(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large backlog of old keys is deleted a chunk per transaction (one DELETE of a million
+    keys held the writer for seconds) until none is left; newer keys stay."""
+    monkeypatch.setattr(rowmap, "PRUNE_CHUNK", 4)
+    sid = await one_stream(store)
+    await store.commit_page(sid, [activity(i, T0 + i * 1000) for i in range(11)], T0)
+    chunked = store._in_chunks  # type: ignore[attr-defined]
+    totals: list[int] = []
+
+    async def spy(run: object) -> int:
+        totals.append(await chunked(run))
+        return totals[-1]
+
+    monkeypatch.setattr(store, "_in_chunks", spy)
+    assert await store.prune_dedup(T0 + 10_000) == 10
+    assert totals == [10]
+    assert await store.dedup_count() == 1
 
 
 async def test_unknown_stream_is_a_store_error(store: Store) -> None:
