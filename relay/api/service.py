@@ -24,7 +24,7 @@ import structlog
 from relay.api import body
 from relay.events import check_type_pattern
 from relay.sinks import signing
-from relay.sinks.ssrf import Guard, SsrfError
+from relay.sinks.ssrf import Guard, SsrfError, shown
 from relay.store import DuplicateError, Store, Webhook
 
 log = structlog.get_logger(__name__)
@@ -206,7 +206,7 @@ async def upsert_declared(
     for index, spec in enumerate(declared):
         try:
             if spec.url in seen:
-                raise WebhookError(f"url: {spec.url!r} is declared twice")
+                raise WebhookError(f"url: {shown(spec.url)!r} is declared twice")
             seen.add(spec.url)
             _check_spec(spec)
             if spec.url not in stored:

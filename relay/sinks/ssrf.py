@@ -3,15 +3,19 @@
 A destination must resolve only to public (globally routable, non-multicast) addresses, unless
 it falls in an explicitly allowed network. It is checked when a webhook is registered and again at
 connect time on the addresses actually resolved (:class:`GuardedResolver`), so a name that later
-resolves to 127.0.0.1 or 169.254.169.254 (DNS rebinding) is refused too. IPv4-mapped IPv6
-addresses are judged by the IPv4 address they carry. ``https`` is required unless the destination
-is allowlisted.
+resolves to 127.0.0.1 or 169.254.169.254 (DNS rebinding) is refused too. IPv6 addresses that
+carry an IPv4 address (IPv4-mapped and -translated, IPv4-compatible, NAT64 ``64:ff9b::/96``,
+6to4 ``2002::/16``) are judged by the IPv4 address, since networks that translate them reach
+it. ``https`` is required unless the destination is allowlisted. Numeric hosts other than the
+dotted quad (``2130706433``, ``0x7f.1``) are refused at registration: aiohttp will not connect
+to them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +26,21 @@ from aiohttp.resolver import ThreadedResolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address a translator or the stack reaches: the
+# address is judged by that IPv4 address (::ffff:0:0/96, IPv4-mapped, has its own property)
+_EMBEDDING_IPV4 = tuple(
+    ipaddress.IPv6Network(n)
+    for n in ("::ffff:0:0:0/96", "::/96", "64:ff9b::/96")  # SIIT, IPv4-compatible, NAT64
+)
+# Not globally reachable, though Python's is_global says so for some of them: IETF protocol
+# assignments, the deprecated 6to4 relay anycast, local-use NAT64 (RFC 8215, any prefix length)
+_NOT_PUBLIC = tuple(
+    ipaddress.ip_network(n) for n in ("192.0.0.0/24", "192.88.99.0/24", "64:ff9b:1::/48")
+)
+# a host of digits, hex and dots that is not a dotted quad: resolvers read it as IPv4, aiohttp
+# refuses to connect to it
+_NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*\.?", re.IGNORECASE)
 
 
 class SsrfError(ValueError):
@@ -55,18 +74,22 @@ class Guard:
         plain = _unmapped(ip)
         if self.allowlisted(plain):
             return
-        if not plain.is_global or plain.is_multicast:
-            raise SsrfError(f"url: {host} resolves to {ip}, a {_category(plain)} address")
+        if not plain.is_global or plain.is_multicast or any(plain in n for n in _NOT_PUBLIC):
+            what = _category(plain)
+            carried = f" (it carries {plain})" if plain != ip else ""
+            raise SsrfError(f"url: {host} resolves to {ip}{carried}, {what} address")
 
     async def check_url(self, url: str) -> None:
         """Validate scheme and host, resolve it and check every address (at registration)."""
         parts = urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise SsrfError(f"url: expected an http(s) URL with a host, got {url!r}")
+            raise SsrfError(f"url: expected an http(s) URL with a host, got {shown(url)!r}")
         try:
             port = parts.port
         except ValueError:
-            raise SsrfError(f"url: invalid port in {url!r}") from None
+            raise SsrfError(f"url: invalid port in {shown(url)!r}") from None
+        if _NUMERIC_HOST.fullmatch(parts.hostname) and not _is_ipv4(parts.hostname):
+            raise SsrfError(f"url: {parts.hostname} is not an IPv4 address in dotted form a.b.c.d")
         addresses = await _resolve(parts.hostname, port or (443 if parts.scheme == "https" else 80))
         for ip in addresses:
             self.check_ip(ip, parts.hostname)
@@ -114,14 +137,42 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     return sorted({ipaddress.ip_address(info[4][0]) for info in infos}, key=str)
 
 
+def shown(url: str) -> str:
+    """A URL fit for messages: a password in it is replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+
+
 def _unmapped(ip: IPAddress) -> IPAddress:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+    """The IPv4 address an IPv6 address carries, if it is one of the forms that reach it."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip
+    if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.is_loopback or ip.is_unspecified:  # ::1 and :: are IPv6's own, not IPv4-compatible
+        return ip
+    if any(ip in net for net in _EMBEDDING_IPV4):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
     return ip
 
 
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _category(ip: IPAddress) -> str:
+    """ "a loopback address" and the like, for messages."""
     for name in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved"):
         if getattr(ip, f"is_{name}"):
-            return name.replace("_", "-")
-    return "non-public"
+            word = name.replace("_", "-")
+            return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+    return "a non-public"

@@ -137,6 +137,15 @@ async def test_invalid_declarations_write_nothing(
     assert await store.webhooks() == []
 
 
+async def test_a_url_declared_twice_is_named_without_its_password(store: Store) -> None:
+    url = "https://ops:hunter2@93.184.216.34/hook"
+    twice = [DeclaredWebhook(url, (CLICK,)), DeclaredWebhook(url, (WILDCARD,))]
+    with pytest.raises(WebhookError) as caught:
+        await upsert_declared(store, Guard(), twice, T0)
+    assert "hunter2" not in str(caught.value)
+    assert "ops:***@93.184.216.34" in str(caught.value)
+
+
 def test_declared_repr_hides_the_secret() -> None:
     """A declared secret never shows in a repr."""
     secret = signing.generate_secret()

@@ -273,6 +273,13 @@ async def test_create_validation_names_the_field(
         pytest.param("http://[::ffff:127.0.0.1]/", id="ipv4-mapped"),
         pytest.param("http://localhost/", id="localhost-name"),
         pytest.param("https://0.0.0.0/", id="unspecified"),
+        pytest.param("https://[64:ff9b::a9fe:a9fe]/x", id="nat64-metadata"),
+        pytest.param("https://[::ffff:0:a9fe:a9fe]/x", id="ipv4-translated-metadata"),
+        pytest.param("https://[::7f00:1]/", id="ipv4-compatible-loopback"),
+        pytest.param("https://[2002:7f00:1::]/", id="6to4-loopback"),
+        pytest.param("https://[64:ff9b:1::a00:1]/", id="local-use-nat64"),
+        pytest.param("https://2130706433/", id="decimal-ipv4"),
+        pytest.param("https://0x7f.1/", id="hex-short-ipv4"),
     ],
 )
 async def test_ssrf_refused_at_registration(client: Client, url: str) -> None:
@@ -282,6 +289,19 @@ async def test_ssrf_refused_at_registration(client: Client, url: str) -> None:
     )
     error = await error_of(response, 400)
     assert error["message"].startswith("url: ")
+
+
+async def test_non_dotted_numeric_hosts_refused_even_when_allowlisted(
+    make_client: ClientFactory,
+) -> None:
+    """``2130706433`` resolves to 127.0.0.1, but aiohttp will not connect to such a host: every
+    delivery would fail, so registration refuses it and says how to write it."""
+    client = await make_client(guard=Guard.from_strings(["127.0.0.0/8"]))
+    response = await client.post(
+        "/v1/webhooks", json={"url": "http://2130706433:9/x", "event_types": [CLICK]}, headers=AUTH
+    )
+    message = (await error_of(response, 400))["message"]
+    assert message == "url: 2130706433 is not an IPv4 address in dotted form a.b.c.d"
 
 
 async def test_public_literal_accepted(client: Client) -> None:

@@ -1,0 +1,68 @@
+"""The SSRF guard's verdicts on addresses, with no network: embedded IPv4 addresses, prefixes
+Python calls global that are not, and messages that never show a URL's password."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from relay.sinks.ssrf import Guard, SsrfError, shown
+
+
+@pytest.mark.parametrize(
+    ("address", "carried", "category"),
+    [
+        pytest.param("::ffff:127.0.0.1", "127.0.0.1", "a loopback", id="mapped"),
+        pytest.param("::ffff:0:a9fe:a9fe", "169.254.169.254", "a link-local", id="translated"),
+        pytest.param("::7f00:1", "127.0.0.1", "a loopback", id="compatible"),
+        pytest.param("64:ff9b::a00:1", "10.0.0.1", "a private", id="nat64"),
+        pytest.param("2002:a9fe:a9fe::1", "169.254.169.254", "a link-local", id="6to4"),
+    ],
+)
+def test_ipv6_forms_are_judged_by_the_ipv4_address_they_carry(
+    address: str, carried: str, category: str
+) -> None:
+    with pytest.raises(SsrfError) as refused:
+        Guard().check_ip(ipaddress.ip_address(address), "hooks.example.com")
+    assert f"(it carries {carried}), {category} address" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["64:ff9b::5db8:d822", "2002:5db8:d822::1", "::ffff:93.184.216.34", "2606:4700::1111"],
+)
+def test_ipv6_forms_carrying_public_addresses_pass(address: str) -> None:
+    Guard().check_ip(ipaddress.ip_address(address), "hooks.example.com")
+
+
+@pytest.mark.parametrize(
+    ("address", "category"),
+    [
+        pytest.param("::1", "a loopback", id="ipv6-loopback"),
+        pytest.param("::", "an unspecified", id="ipv6-unspecified"),
+        pytest.param("192.0.0.8", "a non-public", id="ietf-protocol-assignments"),
+        pytest.param("192.88.99.1", "a non-public", id="6to4-relay-anycast"),
+        pytest.param("64:ff9b:1::a00:1", "a reserved", id="local-use-nat64"),
+    ],
+)
+def test_refused_without_an_embedded_reading(address: str, category: str) -> None:
+    with pytest.raises(SsrfError, match=f"resolves to {address}, {category} address$"):
+        Guard().check_ip(ipaddress.ip_address(address), address)
+
+
+def test_the_allowlist_covers_the_forms_that_carry_an_allowed_address() -> None:
+    guard = Guard.from_strings(["127.0.0.0/8"])
+    for address in ("127.0.0.1", "::ffff:127.0.0.1", "64:ff9b::7f00:1"):
+        guard.check_ip(ipaddress.ip_address(address), address)
+    with pytest.raises(SsrfError):
+        guard.check_ip(ipaddress.ip_address("::1"), "::1")
+
+
+async def test_messages_never_show_a_urls_password() -> None:
+    with pytest.raises(SsrfError) as refused:
+        await Guard().check_url("ftp://ops:hunter2@hooks.example.com/x")
+    assert "hunter2" not in str(refused.value)
+    assert "ftp://ops:***@hooks.example.com/x" in str(refused.value)
+    assert shown("https://hooks.example.com/a?b=c") == "https://hooks.example.com/a?b=c"
+    assert shown("https://u:p@h:8443/x") == "https://u:***@h:8443/x"
