@@ -78,13 +78,13 @@ async def run_relay(
         guard = Guard.from_strings(settings.allow_networks)
 
         async def declare() -> None:
-            await upsert_declared(store, guard, settings.webhooks, now_ms())
+            await upsert_declared(store, guard, settings.webhooks, now_ms(), "webhooks.declared")
 
         try:
             # one replica at a time, so replicas starting together create each webhook once
             await exclusively(coordinator, "declare-webhooks", declare, 4 * coordinator.lease_s)
         except WebhookError as exc:
-            raise ConfigError(f"webhooks.declared: {exc}") from None
+            raise ConfigError(str(exc)) from None
         sinks = _start_sinks(settings, store, stop, guard, metrics, coordinator)
         stack.push_async_callback(_stop_sinks, sinks)
         cursors = [FANOUT_CURSOR] + (["kafka"] if settings.kafka else [])

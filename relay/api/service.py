@@ -187,16 +187,20 @@ async def rotate_secret(
 
 
 async def upsert_declared(
-    store: Store, guard: Guard, declared: Sequence[DeclaredWebhook], now_ms: int
+    store: Store,
+    guard: Guard,
+    declared: Sequence[DeclaredWebhook],
+    now_ms: int,
+    key: str = "webhooks",
 ) -> list[Webhook]:
     """Create or update the config file's webhooks, matched by URL; idempotent.
 
-    Everything is validated before anything is written; errors name the entry
-    (``webhooks[1].url: …``). A declared secret replaces the stored one when it differs; without
-    one the stored secret stays (a new webhook gets a generated one). Webhooks registered through
-    the API and not declared are left alone. Two replicas starting together may both try to
-    create one: the store's unique URL lets one win and the other updates it. Returns the
-    webhooks in declaration order.
+    Everything is validated before anything is written; errors name the entry under ``key``,
+    the config key of the list (``webhooks[1].url: …``). A declared secret replaces the stored
+    one when it differs; without one the stored secret stays (a new webhook gets a generated
+    one). Webhooks registered through the API and not declared are left alone. Two replicas
+    starting together may both try to create one: the store's unique URL lets one win and the
+    other updates it. Returns the webhooks in declaration order.
     """
     stored: dict[str, Webhook] = {}
     for hook in await store.webhooks():
@@ -212,7 +216,7 @@ async def upsert_declared(
             if spec.url not in stored:
                 await check_url(guard, spec.url)
         except WebhookError as exc:
-            raise WebhookError(f"webhooks[{index}].{exc}") from None
+            raise WebhookError(f"{key}[{index}].{exc}") from None
         wanted.append((index, spec))
     out: list[Webhook] = []
     for _, spec in wanted:

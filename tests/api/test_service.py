@@ -137,6 +137,13 @@ async def test_invalid_declarations_write_nothing(
     assert await store.webhooks() == []
 
 
+async def test_errors_name_the_config_key_of_the_list(store: Store) -> None:
+    """The relay passes the config key of its declared list, so errors name the key to fix."""
+    bad = [DeclaredWebhook(PUBLIC_URL, (CLICK,), secret="nope")]
+    with pytest.raises(WebhookError, match=r"^webhooks\.declared\[0\]\.secret: must start"):
+        await upsert_declared(store, Guard(), bad, T0, "webhooks.declared")
+
+
 async def test_a_url_declared_twice_is_named_without_its_password(store: Store) -> None:
     url = "https://ops:hunter2@93.184.216.34/hook"
     twice = [DeclaredWebhook(url, (CLICK,)), DeclaredWebhook(url, (WILDCARD,))]
