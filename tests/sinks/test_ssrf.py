@@ -44,6 +44,7 @@ def test_ipv6_forms_carrying_public_addresses_pass(address: str) -> None:
         pytest.param("192.0.0.8", "a non-public", id="ietf-protocol-assignments"),
         pytest.param("192.88.99.1", "a non-public", id="6to4-relay-anycast"),
         pytest.param("64:ff9b:1::a00:1", "a reserved", id="local-use-nat64"),
+        pytest.param("fec0::1", "a non-public", id="ipv6-site-local"),
     ],
 )
 def test_refused_without_an_embedded_reading(address: str, category: str) -> None:
