@@ -39,6 +39,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
     TopicAlreadyExistsError,
     UnsupportedForMessageFormatError,
+    for_code,
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
@@ -319,8 +320,19 @@ class KafkaSink:
                 NewTopic(t, self._settings.partitions, self._settings.replication_factor)
                 for t in missing
             ]
-            with contextlib.suppress(TopicAlreadyExistsError):  # another replica was first
-                await admin.create_topics(topics)
+            # the answer carries an error code per topic (the call itself does not raise)
+            answer = await admin.create_topics(topics)
+            refused = []
+            for topic, code, *message in answer.topic_errors:  # message: from version 1 on
+                if code in (0, TopicAlreadyExistsError.errno):  # another replica was first
+                    continue
+                detail = f" ({message[0]})" if message and message[0] else ""
+                refused.append(f"{topic}: {for_code(code).__name__}{detail}")
+            if refused:
+                raise KafkaSinkError(
+                    f"kafka: cannot create topic(s) on {self._settings.bootstrap_servers}: "
+                    + "; ".join(refused)
+                )
             log.info("kafka.topics_created", topics=missing)
         finally:
             await admin.close()

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from relay.events import Activity, Kind, from_millis
-from relay.sinks.kafka import KafkaSettings, KafkaSink
+from relay.sinks.kafka import KafkaSettings, KafkaSink, KafkaSinkError
 from relay.store import StreamKey, open_store
 from tests.integration.conftest import DevKafkaFactory
 from tests.procs import Identity, Proc, SimProcess, data_identity, outbox, relay_config, wait_until
@@ -308,3 +308,29 @@ async def test_records_refused_for_good_are_dead_lettered_and_the_rest_keep_orde
         # first appearances must follow the outbox.
         seqs = list(dict.fromkeys(seq for _, seq in sorted(records)))
         assert seqs == sorted(seqs), "per contact, Kafka order is outbox order"
+
+
+async def test_topics_the_broker_will_not_create_stop_the_sink_naming_them(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """create_topics: true with a replication factor one broker cannot give: the sink stops with
+    the topic and the broker's reason (it reported them created and retried for ever)."""
+    prefix = f"rf{uuid.uuid4().hex[:8]}"
+    settings = KafkaSettings(
+        bootstrap_servers=kafka_bootstrap,
+        topic=prefix + ".ctct.email.{kind}",
+        create_topics=True,
+        replication_factor=3,
+        request_timeout_s=10,
+    )
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        sink = KafkaSink(settings, store)
+        with pytest.raises(KafkaSinkError) as stopped:
+            await asyncio.wait_for(sink.run(asyncio.Event()), 60)
+    finally:
+        await store.close()
+    message = str(stopped.value)
+    assert message.startswith(f"kafka: cannot create topic(s) on {kafka_bootstrap}: ")
+    assert f"{prefix}.ctct.email.open: InvalidReplicationFactorError" in message
