@@ -268,7 +268,9 @@ def format_millis(ms: int) -> str:
     if date is None:
         if len(_DATES) > 10_000:
             _DATES.clear()
-        date = _DATES[day] = (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
+        when = _EPOCH + timedelta(days=day)
+        # not strftime: glibc's %Y writes year 1 as "1", and RFC 3339 needs four digits
+        date = _DATES[day] = f"{when.year:04d}-{when.month:02d}-{when.day:02d}T"
     seconds, milli = divmod(rest, 1000)
     minutes, second = divmod(seconds, 60)
     hour, minute = divmod(minutes, 60)
@@ -284,7 +286,7 @@ def parse_time(value: object, field: str = "date") -> datetime:
     """Parse an upstream timestamp (``Z`` or offset, with or without fraction) to UTC ms."""
     if not isinstance(value, str) or not value:
         raise RecordError(f"{field}: expected an ISO 8601 timestamp, got {value!r}")
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError, OverflowError):
         # The common case, "...T10:05:00.123Z", is already canonical: fromisoformat reads the Z
         # itself since Python 3.11, and the normalization below would only copy it (profiled:
         # a third of parse_activity).
@@ -296,11 +298,16 @@ def parse_time(value: object, field: str = "date") -> datetime:
         text = text[:-1] + "+00:00"
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise RecordError(f"{field}: not an ISO 8601 timestamp: {value!r}") from None
     if moment.tzinfo is None:  # the API documents UTC; a bare timestamp is UTC
         moment = moment.replace(tzinfo=UTC)
-    moment = moment.astimezone(UTC)
+    try:
+        moment = moment.astimezone(UTC)
+    except OverflowError:
+        # e.g. 0001-01-01T00:00:00+01:00: the instant is before year 1 (or after 9999) in UTC,
+        # which no datetime, and no RFC 3339 time of an event, can hold
+        raise RecordError(f"{field}: outside the years 1 to 9999 in UTC: {value!r}") from None
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 

@@ -103,7 +103,7 @@ class Metrics:
         )
         self.passes = Counter(
             "ctct_relay_poll_passes",
-            "Poll passes by account and result (ok, or the upstream error class).",
+            "Poll passes by account and result (ok, or the class of the error that ended it).",
             ["account", "result"],
             registry=r,
         )
@@ -197,7 +197,7 @@ class Metrics:
         self.events_deduplicated.labels(account).inc(max(0, dropped))
 
     def pass_failed(self, account: str, error: BaseException) -> None:
-        """A poll pass ended with an upstream error (its class names the result)."""
+        """A poll pass ended with an error, upstream or unexpected (its class names the result)."""
         self.passes.labels(account, type(error).__name__).inc()
 
     def kafka_acknowledged(

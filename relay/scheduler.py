@@ -353,11 +353,14 @@ class Scheduler:
         with structlog.contextvars.bound_contextvars(stream=str(stream.key), poll_id=poll_id):
             try:
                 outcome = await runtime.poller.run_pass(stream, replay_from)
-            except errors.CtctError as exc:
-                self._metrics.pass_failed(runtime.name, exc)
+                await self._finished(runtime, stream, outcome)
+            except StoreError:
+                raise  # the store failed, not the stream: _pass leaves the stream due
+            except Exception as exc:
+                # a CtctError, or a defect (ours, or an upstream value nobody foresaw): uncaught,
+                # it would end the task unseen, the stream still due and claimed at every tick
                 await self._failed(runtime, stream, exc)
                 return
-            await self._finished(runtime, stream, outcome)
             if replay_from is not None:
                 await self._store.end_replay(stream_id, replay_from)
                 log.info("poll.replayed", since_ms=replay_from, replayed=outcome.replayed)
@@ -396,7 +399,10 @@ class Scheduler:
             next_in_s=round(interval, 1),
         )
 
-    async def _failed(self, runtime: AccountRuntime, stream: Stream, exc: errors.CtctError) -> None:
+    async def _failed(self, runtime: AccountRuntime, stream: Stream, exc: Exception) -> None:
+        """Record a failed pass and back off; an upstream error may also pause the account or
+        retire the stream. Any other exception is a crash: logged with its traceback."""
+        self._metrics.pass_failed(runtime.name, exc)
         now = self._now_ms()
         if isinstance(exc, errors.NotFoundError):
             log.warning("poll.retired", reason=str(exc))
@@ -413,8 +419,20 @@ class Scheduler:
             self._settings.error_backoff_s * 2 ** min(stream.consecutive_errors, 16),
         )
         delay_s = backoff * self._rng.uniform(0.5, 1.0)
-        log.warning("poll.failed", error=str(exc), retry_in_s=round(delay_s, 1))
-        await self._store.record_error(stream.id, str(exc), now + int(delay_s * 1000))
+        retry_in_s = round(delay_s, 1)
+        if isinstance(exc, errors.CtctError):
+            reason = str(exc)
+            log.warning("poll.failed", error=reason, retry_in_s=retry_in_s)
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "poll.crashed",
+                error_type=type(exc).__name__,
+                error=str(exc),
+                retry_in_s=retry_in_s,
+                exc_info=exc,
+            )
+        await self._store.record_error(stream.id, reason, now + int(delay_s * 1000))
 
     async def _pause(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
         runtime.paused_until_ms = until_ms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -141,6 +142,49 @@ def test_mixed_feed_record_without_type_is_an_error() -> None:
     """The all-activities list must say what each record is."""
     with pytest.raises(RecordError, match="activity_type"):
         parse_activity(record(Kind.OPEN, activity_type=None), account="a", kind=None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("0001-01-01T00:00:00+01:00", id="before-year-1-in-utc"),
+        pytest.param("9999-12-31T23:59:59-01:00", id="after-year-9999-in-utc"),
+        pytest.param("0001-01-01T00:00+00:01", id="one-minute-short"),
+        pytest.param("9999-12-31 23:59:59.999-00:01", id="space-separated"),
+        pytest.param("99991231T235959-0100", id="basic-format"),
+        pytest.param("9999-12-31T23:59:59-23:59:59.999999", id="seconds-offset"),
+    ],
+)
+def test_a_time_outside_the_datetime_range_in_utc_is_a_record_error(value: str) -> None:
+    """A parsable time whose UTC instant no datetime holds is a RecordError naming the field
+    and the value (it was an OverflowError, which no caller treats as a bad record)."""
+    with pytest.raises(RecordError, match=re.escape("open_date: outside the years 1 to 9999")):
+        parse_time(value, "open_date")
+    with pytest.raises(RecordError, match=re.escape(repr(value))):
+        parse_activity(record(Kind.OPEN, open_date=value), account="a", kind=Kind.OPEN)
+
+
+@pytest.mark.parametrize(
+    ("value", "formatted"),
+    [
+        pytest.param("0001-01-01T00:00:00Z", "0001-01-01T00:00:00.000Z", id="first-instant"),
+        pytest.param("0001-01-01T00:59:00+00:59", "0001-01-01T00:00:00.000Z", id="offset-first"),
+        pytest.param("0999-06-30T12:00:00.5Z", "0999-06-30T12:00:00.500Z", id="three-digit-year"),
+        pytest.param(
+            "9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59.999Z", id="last-millisecond"
+        ),
+        pytest.param("9999-12-31T22:59:59-01:00", "9999-12-31T23:59:59.000Z", id="offset-last"),
+    ],
+)
+def test_the_first_and_last_representable_times_round_trip(value: str, formatted: str) -> None:
+    """Times at the edges of the range parse, convert to Unix ms and back, and format as
+    RFC 3339 with a four-digit year (the event's ``time`` and ``occurred_at``)."""
+    moment = parse_time(value, "open_date")
+    ms = to_millis(moment)
+    assert from_millis(ms) == moment
+    assert format_millis(ms) == formatted
+    activity = parse_activity(record(Kind.OPEN, open_date=value), account="a", kind=Kind.OPEN)
+    assert activity.data()["occurred_at"] == formatted
 
 
 # --- properties ------------------------------------------------------------------------------

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import math
 from pathlib import Path
 from typing import cast
 
+import orjson
 import pytest
 
+from relay import logs
 from relay.ctct.ratelimit import Budget, RateLimiter
+from relay.metrics import Metrics
 from relay.poller import PassOutcome, Poller
 from relay.scheduler import (
     AccountRuntime,
@@ -133,5 +137,104 @@ async def test_stop_waits_for_a_running_job_to_unwind(tmp_path: Path) -> None:
         await asyncio.wait_for(started.wait(), 5)
         await scheduler.stop()
         assert unwound.is_set()
+    finally:
+        await store.close()
+
+
+SECRET_URL = "/v2/contacts/1/tracking?api_key=k-secret-key"
+
+
+class CrashingPoller:
+    """A poller with a defect: its first ``crashes`` passes raise RuntimeError."""
+
+    def __init__(self, crashes: int) -> None:
+        self.crashes = crashes
+        self.calls = 0
+
+    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+        self.calls += 1
+        if self.calls <= self.crashes:
+            raise RuntimeError(f"parse edge case in {SECRET_URL}")
+        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
+
+
+async def test_a_pass_that_crashes_is_a_failed_pass_with_backoff(tmp_path: Path) -> None:
+    """An unexpected exception from a pass is logged as poll.crashed, counted, and recorded as a
+    failed pass that backs off like an upstream error, instead of leaving the stream due and
+    claimed again at every tick; the next pass after the backoff runs normally."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        clock = [1_763_000_000_000]
+        await store.ensure_streams([StreamKey("acme", "contact", "1")], clock[0])
+        poller = CrashingPoller(crashes=1)
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        metrics = Metrics(lambda: clock[0])
+        settings = ScheduleSettings(min_interval_s=1, max_interval_s=10**9, error_backoff_s=30)
+        scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: clock[0], metrics=metrics)
+        out = io.StringIO()
+        logs.configure("info", "json", secrets=["k-secret-key"], stream=out)
+        await scheduler.tick()
+        await scheduler.wait_idle()
+        stream = (await store.streams())[0]
+        assert poller.calls == 1
+        assert stream.consecutive_errors == 1
+        assert stream.last_error == f"RuntimeError: parse edge case in {SECRET_URL}"
+        assert clock[0] + 15_000 <= stream.next_due_ms <= clock[0] + 30_000
+        assert "k-secret-key" not in out.getvalue()
+        lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+        crashed = [line for line in lines if line["event"] == "poll.crashed"]
+        assert len(crashed) == 1
+        assert crashed[0]["level"] == "error"
+        assert crashed[0]["error_type"] == "RuntimeError"
+        assert crashed[0]["error"] == "parse edge case in /v2/contacts/1/tracking?api_key=***"
+        assert crashed[0]["poll_id"]
+        assert "in run_pass" in crashed[0]["exception"]  # the traceback, in the log only
+        result = {"account": "acme", "result": "RuntimeError"}
+        assert metrics.registry.get_sample_value("ctct_relay_poll_passes_total", result) == 1
+        for _ in range(3):  # within the backoff: the stream is not claimed again
+            clock[0] += 1000
+            await scheduler.tick()
+            await scheduler.wait_idle()
+        assert poller.calls == 1
+        clock[0] = stream.next_due_ms
+        await scheduler.tick()
+        await scheduler.wait_idle()
+        assert poller.calls == 2
+        assert scheduler.passes == 1
+        stream = (await store.streams())[0]
+        assert stream.consecutive_errors == 0
+    finally:
+        await store.close()
+
+
+class BrokenPlanner(Planner):
+    """A planner with a defect: its arithmetic after a pass raises."""
+
+    def after_pass(self, *args: object, **kwargs: object) -> tuple[float, float]:
+        raise ZeroDivisionError("float division by zero")
+
+
+async def test_a_pass_whose_bookkeeping_crashes_backs_off_too(tmp_path: Path) -> None:
+    """A defect after the pages were read (the planner's arithmetic) is a failed pass as well:
+    the stream backs off instead of being claimed again at every tick."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        now = 1_763_000_000_000
+        await store.ensure_streams([StreamKey("acme", "contact", "1")], now)
+        poller = RecordingPoller()
+        runtime = AccountRuntime(
+            "acme", cast(Poller, poller), RateLimiter(Budget()), BrokenPlanner(WIDE)
+        )
+        scheduler = Scheduler(store, [runtime], WIDE, now_ms=lambda: now)
+        for _ in range(3):
+            await scheduler.tick()
+            await scheduler.wait_idle()
+        stream = (await store.streams())[0]
+        assert len(poller.passes) == 1
+        assert stream.consecutive_errors == 1
+        assert stream.last_error == "ZeroDivisionError: float division by zero"
+        assert stream.next_due_ms > now
     finally:
         await store.close()

@@ -150,6 +150,10 @@ def timestamp_ms(body: JsonObject, name: str) -> int:
         raise bad_request(
             f"{name}: expected an RFC 3339 time such as 2025-01-31T12:00:00Z, got {value!r}"
         ) from None
+    try:
+        moment.astimezone(UTC)  # answers echo the time back in UTC: it must be a datetime there
+    except OverflowError:
+        raise bad_request(f"{name}: outside the years 1 to 9999 in UTC: {value!r}") from None
     return to_millis(moment)
 
 

@@ -94,6 +94,7 @@ class WebhookDispatcher:
         # rate limits hold for the deployment (alone on SQLite, every lease is held)
         self._coordinator = coordinator or LocalCoordinator(store, "local")
         self._held_until = 0.0  # monotonic time the endpoint leases run out unless renewed
+        self._renewed = asyncio.Event()  # _reconcile asked for the leases again
         self._metrics = metrics or Metrics(now_ms)
         self._settings = settings
         self._guard = guard
@@ -133,7 +134,10 @@ class WebhookDispatcher:
         jar = aiohttp.DummyCookieJar()
         async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as session:
             stopper = asyncio.create_task(self._wake_on(stop))
+            watchdog = asyncio.create_task(self._expire_leases(), name="webhooks:leases")
             next_refresh = 0.0
+            # the leases are renewed with the refresh: at least thrice per lease, as elsewhere
+            refresh_s = min(self._settings.refresh_s, self._coordinator.lease_s / 3)
             failures = 0
             try:
                 while not stop.is_set():
@@ -145,14 +149,13 @@ class WebhookDispatcher:
                         if self._refresh_now or time.monotonic() >= next_refresh:
                             self._refresh_now = False
                             await self._reconcile(session)
-                            next_refresh = time.monotonic() + self._settings.refresh_s
+                            next_refresh = time.monotonic() + refresh_s
                         failures = 0
                     except StoreError as exc:
-                        # the store is unreachable: nothing was fanned out; keep trying, and stop
-                        # the workers before their leases run out (another replica may take over)
+                        # the store is unreachable: nothing was fanned out; keep trying (the
+                        # watchdog retires the workers if their leases run out meanwhile)
                         failures += 1
                         log.warning("webhooks.store_error", error=str(exc))
-                        self._drop_expired()
                         await _sleep_or_stop(stop, min(5.0, 0.2 * 2**failures))
                         continue
                     if fanned:
@@ -164,6 +167,8 @@ class WebhookDispatcher:
                         await asyncio.wait_for(self._wake.wait(), self._settings.idle_poll_s)
             finally:
                 stopper.cancel()
+                watchdog.cancel()
+                await asyncio.gather(stopper, watchdog, return_exceptions=True)
                 held = [_lease(hook_id) for hook_id in self._workers]
                 workers = [*self._workers.values(), *self._retiring.values()]
                 self._workers.clear()
@@ -191,6 +196,19 @@ class WebhookDispatcher:
         if tally:
             self._metrics.webhooks_settled(tally)
 
+    async def _expire_leases(self) -> None:
+        """Retire the workers when their leases run out unrenewed, on time: a store call may
+        hang (PostgreSQL: reconnecting for ``reconnect_max_s``, longer than ``lease_s``) without
+        failing, and another replica takes an expired lease over."""
+        while True:
+            left_s = self._held_until - time.monotonic()
+            if left_s > 0:
+                await asyncio.sleep(left_s)  # then look again: _reconcile may have renewed
+                continue
+            self._drop_expired()
+            self._renewed.clear()
+            await self._renewed.wait()
+
     def _drop_expired(self) -> None:
         if self._workers and time.monotonic() >= self._held_until:
             log.warning("webhooks.leases_expired", webhooks=len(self._workers))
@@ -202,6 +220,9 @@ class WebhookDispatcher:
         asked = time.monotonic()
         held = await self._coordinator.hold([_lease(hook_id) for hook_id in enabled])
         self._held_until = asked + 0.9 * self._coordinator.lease_s
+        self._renewed.set()
+        if time.monotonic() >= self._held_until:
+            held = set()  # the answer came too late to rely on: the leases may have run out
         hooks = {hook_id: h for hook_id, h in enabled.items() if _lease(hook_id) in held}
         for hook_id in [h for h in self._workers if h not in hooks]:
             self._retire(self._workers.pop(hook_id))
@@ -220,6 +241,7 @@ class WebhookDispatcher:
     def _retire(self, worker: _Worker) -> None:
         """Stop a worker without waiting here: a hanging endpoint must not hold up fan-out."""
         hook_id = worker.hook.id
+        worker.halt()  # now, not when the stop task first runs: a sender may be about to start
         self._retiring[hook_id] = worker
         task = asyncio.create_task(worker.stop(), name=f"webhook:{hook_id}:stop")
         self._retired.add(task)
@@ -339,10 +361,14 @@ class _Worker:
         self._more = True
         self._feed.set()
 
+    def halt(self) -> None:
+        """Start no attempt from now on (``stop`` then winds the worker down)."""
+        self._stopping = True
+
     async def stop(self) -> None:
         """Take no more work; let attempts in flight finish (bounded by the request timeout).
         Deliveries still queued stay pending in the store for whoever runs next."""
-        self._stopping = True
+        self.halt()
         if self._feeder is not None:
             self._feeder.cancel()
             await asyncio.gather(self._feeder, return_exceptions=True)
@@ -405,6 +431,9 @@ class _Worker:
                 self._feed.set()
             if self.hook.rate_limit_per_s:
                 await self._pace()
+                if self.disabled or self._stopping:  # stopped while it waited for its slot
+                    self.held.discard(item[0].id)
+                    continue
             delivery, event = item
             try:
                 outcome = await d._attempt(self._session, self.hook, event, self._refused)

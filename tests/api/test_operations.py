@@ -220,6 +220,23 @@ async def test_log_replay_counts_then_appends_copies_with_the_same_ids(
     assert error["message"].startswith("since:")
 
 
+@pytest.mark.parametrize(
+    "since",
+    [
+        pytest.param("9999-12-31T23:59:59-01:00", id="after-year-9999-in-utc"),
+        pytest.param("0001-01-01T00:00:00+01:00", id="before-year-1-in-utc"),
+    ],
+)
+async def test_a_replay_time_outside_the_datetime_range_is_a_400(
+    api: Client, store: Store, since: str
+) -> None:
+    """A valid RFC 3339 time whose UTC instant no datetime holds is a 400 naming ``since``
+    (the answer echoes the time back: it was a 500)."""
+    sid = await stream_id(store)
+    response = await api.post(f"/v1/streams/{sid}/replay", json={"since": since}, headers=AUTH)
+    assert (await error_of(response, 400))["message"].startswith("since:")
+
+
 async def test_upstream_replay_asks_for_a_re_read(api: Client, store: Store) -> None:
     """An upstream replay marks the stream, makes it due now; a campaign that is not polled is
     a 404 and a retired stream a 409."""

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,12 +18,14 @@ from aiohttp.test_utils import TestServer
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from standardwebhooks.webhooks import Webhook as Verifier
+from structlog.testing import capture_logs
 
 from relay.events import Activity, Kind, from_millis
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings, WebhookDispatcher
 from relay.store import Store, StreamKey, Webhook, open_store
+from relay.store.coordination import Coordinator, LocalCoordinator
 
 ALLOW_LOOPBACK = Guard.from_strings(["127.0.0.0/8", "::1/128"])
 FAST = DeliverySettings(
@@ -46,6 +48,7 @@ class Receiver:
     received: list[tuple[float, dict[str, str], bytes]] = field(default_factory=list)
     retry_after: str | None = None
     set_cookie: str | None = None
+    delay_s: float = 0.0  # before answering: a slow endpoint
 
     @property
     def url(self) -> str:
@@ -60,6 +63,8 @@ class Receiver:
             await asyncio.sleep(3600)
         if answer == "redirect":
             raise web.HTTPFound(self.url + "/elsewhere")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         headers = {"Retry-After": self.retry_after} if self.retry_after else {}
         if self.set_cookie:
             headers["Set-Cookie"] = self.set_cookie
@@ -128,9 +133,13 @@ class Running:
     """The dispatcher running in the background for one test."""
 
     def __init__(
-        self, store: Store, settings: DeliverySettings = FAST, guard: Guard = ALLOW_LOOPBACK
+        self,
+        store: Store,
+        settings: DeliverySettings = FAST,
+        guard: Guard = ALLOW_LOOPBACK,
+        coordinator: Coordinator | None = None,
     ) -> None:
-        self.dispatcher = WebhookDispatcher(store, settings, guard)
+        self.dispatcher = WebhookDispatcher(store, settings, guard, coordinator=coordinator)
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -460,3 +469,111 @@ async def test_rate_limit_spaces_attempts_across_concurrent_senders(
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 0.02, gaps
     assert times[-1] - times[0] >= 7 * 0.05 - 0.05, gaps
+
+
+class Outage:
+    """A database cut off from the replica: while ``cut`` is set, the store's fan-out and the
+    coordinator's lease renewal hang (as a PostgreSQL store's calls do while it reconnects, for
+    up to ``reconnect_max_s`` and longer than a lease) instead of failing."""
+
+    def __init__(self) -> None:
+        self.restored = asyncio.Event()
+        self.restored.set()
+
+    @property
+    def cut(self) -> bool:
+        return not self.restored.is_set()
+
+    async def hang_while_cut(self) -> None:
+        await self.restored.wait()
+
+
+class CutStore:
+    """The real store, whose fan-out hangs during an outage (every other call goes through:
+    the attempts' records, the workers' reads)."""
+
+    def __init__(self, store: Store, outage: Outage) -> None:
+        self._store = store
+        self._outage = outage
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def fanout(self, limit: int, now_ms: int) -> int:
+        await self._outage.hang_while_cut()
+        return await self._store.fanout(limit, now_ms)
+
+
+class CutCoordinator(LocalCoordinator):
+    """Grants every lease, for ``lease_s`` from the start of each renewal, as the PostgreSQL
+    coordinator does while the database answers; renewals hang during an outage."""
+
+    def __init__(self, store: Store, outage: Outage, lease_s: float) -> None:
+        super().__init__(store, "replica-a", lease_s)
+        self._outage = outage
+        self.expires_at = 0.0  # monotonic time the leases granted so far run out
+
+    async def hold(self, names: Sequence[str]) -> set[str]:
+        asked = time.monotonic()
+        await self._outage.hang_while_cut()
+        if not self._outage.cut:  # an answer after the outage: the lease counts from now
+            asked = max(asked, time.monotonic())
+        self.expires_at = asked + self.lease_s
+        return set(names)
+
+
+async def test_workers_stop_on_time_when_their_leases_run_out_during_a_hanging_outage(
+    store: Store, receiver: Start
+) -> None:
+    """Cut off from the database, with fan-out and lease renewal hanging instead of failing, a
+    replica starts no attempt after its endpoint lease ran out (another replica may hold it by
+    then), though its local queue is long; the attempts in flight at expiry (at most
+    ``concurrency``) finish. When the database is back, the leases are held again and every
+    event is delivered, once."""
+    r = await receiver(delay_s=0.03)
+    hook = await register(store, r.url)
+    events = 150
+    await commit(store, [activity(i) for i in range(events)])
+    outage = Outage()
+    coordinator = CutCoordinator(store, outage, lease_s=1.5)
+    settings = replace(FAST, concurrency=2, refresh_s=0.2)
+    cut = CutStore(store, outage)
+    async with Running(cut, settings, coordinator=coordinator):  # type: ignore[arg-type]
+        await until(lambda: len(r.received) >= 20)
+        outage.restored.clear()
+        try:
+            expires_at = coordinator.expires_at
+            at_cut = len(r.received)
+            await asyncio.sleep(expires_at - time.monotonic() + 1.5)
+            arrivals = [t for t, _, _ in r.received]
+        finally:
+            outage.restored.set()
+        assert events - at_cut >= 100, "the endpoint is slow: a long queue is left at the cut"
+        late = [round(t - expires_at, 3) for t in arrivals if t > expires_at]
+        assert len(late) <= settings.concurrency, late
+        in_cut = len(arrivals)
+        await until(lambda: len({h["webhook-id"] for _, h, _ in r.received}) == events)
+    assert len(await store.deliveries(hook.id, 2 * events, "delivered")) == events
+    assert len(r.received) > in_cut
+    ids = [h["webhook-id"] for _, h, _ in r.received]
+    assert len(ids) == len(set(ids)), "a delivery was sent twice"
+
+
+async def test_a_lease_shorter_than_the_refresh_is_renewed_in_time(
+    store: Store, receiver: Start
+) -> None:
+    """With ``lease_s`` (1 s, the least allowed) under the refresh period, the leases are still
+    renewed before they run out: the workers are never retired for an expired lease while the
+    store answers."""
+    r = await receiver(delay_s=0.02)
+    await register(store, r.url)
+    events = 120
+    await commit(store, [activity(i) for i in range(events)])
+    settings = replace(FAST, concurrency=2, refresh_s=1.0)
+    coordinator = LocalCoordinator(store, "local", lease_s=1.0)
+    with capture_logs() as logs:
+        async with Running(store, settings, coordinator=coordinator):
+            await until(lambda: len(r.received) >= events)
+            await asyncio.sleep(0.5)
+    assert [line for line in logs if line["event"] == "webhooks.leases_expired"] == []
+    assert len(r.received) == events
