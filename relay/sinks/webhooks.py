@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import heapq
 import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -228,6 +230,12 @@ class WebhookDispatcher:
             self._retire(self._workers.pop(hook_id))
         for hook in hooks.values():
             worker = self._workers.get(hook.id)
+            if worker is not None and worker.disabled and not worker.disabling:
+                # an attempt disabled the endpoint, yet the store has it enabled: enabled again
+                # since, or the disabling write failed; a new worker takes over (this one stays
+                # stopped for good)
+                self._retire(self._workers.pop(hook.id))
+                worker = None
             if worker is not None:
                 worker.update(hook)
                 continue
@@ -250,19 +258,24 @@ class WebhookDispatcher:
             self._retired.discard(finished)
             if self._retiring.get(hook_id) is worker:
                 del self._retiring[hook_id]
+            successor = self._workers.get(hook_id)
+            if successor is not None:
+                successor.poke()  # what the stopped worker held and let go of is due to it
 
         task.add_done_callback(done)
 
     def _retry_delay_s(self, attempts_done: int, outcome: Outcome) -> float | None:
-        """Wait before the next attempt, or None when the schedule is exhausted."""
+        """Wait before the next attempt, or None when the schedule is exhausted. A Retry-After
+        (bounded by ``max_retry_after_s``) can only lengthen the scheduled wait: it never cuts a
+        long one short, and jitter never brings the retry before the time the endpoint asked."""
         schedule = self._settings.retry_schedule_s
         if attempts_done > len(schedule):
             return None
-        wait = schedule[attempts_done - 1]
-        if outcome.retry_after_s is not None:
-            wait = min(max(wait, outcome.retry_after_s), self._settings.max_retry_after_s)
         jitter = self._settings.jitter
-        return wait * random.uniform(1 - jitter, 1 + jitter)
+        wait = schedule[attempts_done - 1] * random.uniform(1 - jitter, 1 + jitter)
+        if outcome.retry_after_s is not None:
+            wait = max(wait, min(outcome.retry_after_s, self._settings.max_retry_after_s))
+        return wait
 
     async def _attempt(
         self,
@@ -287,10 +300,15 @@ class WebhookDispatcher:
             ) as resp:
                 raw = await resp.content.read(s.response_cap_bytes)
                 excerpt = raw.decode("utf-8", "replace")[: s.excerpt_chars]
-                retry_after = _retry_after(resp) if resp.status in (429, 503) else None
+                retry_after = (
+                    _retry_after(resp, now_ms / 1000) if resp.status in (429, 503) else None
+                )
                 return Outcome(resp.status, _ms(started), excerpt, None, retry_after)
         except SsrfError as exc:
             return Outcome(None, _ms(started), "", f"refused: {exc}")
+        except aiohttp.ConnectionTimeoutError:
+            error = f"connect timed out after {s.connect_timeout_s}s"
+            return Outcome(None, _ms(started), "", error)
         except TimeoutError:
             return Outcome(None, _ms(started), "", f"timed out after {s.timeout_s}s")
         except aiohttp.ClientConnectorError as exc:
@@ -334,10 +352,12 @@ class _Worker:
         self._feed = asyncio.Event()  # something for the feeder to look at
         self._retries: list[int] = []  # heap of recorded retry times (Unix ms)
         self._next_send = 0.0
+        self._repace = asyncio.Event()  # set: senders waiting for a slot look again
         self._feeder: asyncio.Task[None] | None = None
         self._senders: list[asyncio.Task[None]] = []
         self._stopping = False
         self.disabled = False  # an attempt disabled the endpoint: take no more work
+        self.disabling = False  # ... and the store is being told
         self.failing_since_ms = hook.failing_since_ms
         self._refused = _literal_refusal(dispatcher._guard, hook.url)
 
@@ -353,6 +373,9 @@ class _Worker:
         """The webhook as stored now (secrets, rate limit, failing clock)."""
         if hook.url != self.hook.url:
             self._refused = _literal_refusal(self._dispatcher._guard, hook.url)
+        if hook.rate_limit_per_s != self.hook.rate_limit_per_s:
+            self._next_send = time.monotonic()  # spacing by the new limit from now
+            self._wake_pacers()
         self.hook = hook
         self.failing_since_ms = hook.failing_since_ms
 
@@ -364,6 +387,11 @@ class _Worker:
     def halt(self) -> None:
         """Start no attempt from now on (``stop`` then winds the worker down)."""
         self._stopping = True
+        self._wake_pacers()
+
+    def _wake_pacers(self) -> None:
+        self._repace.set()
+        self._repace = asyncio.Event()
 
     async def stop(self) -> None:
         """Take no more work; let attempts in flight finish (bounded by the request timeout).
@@ -388,7 +416,8 @@ class _Worker:
                 heapq.heappop(self._retries)
                 self._more = True
             if self._more and self._queue.qsize() < self._low_water:
-                self._more = await self._fetch(now)
+                self._feed.clear()  # a poke while the store is read must not be lost
+                self._more = await self._fetch(now) or self._feed.is_set()
                 continue
             wait_s = settings.refresh_s
             if self._retries:
@@ -416,7 +445,18 @@ class _Worker:
             if item[0].id not in self.held:  # a safety net: only this feeder adds to held
                 self.held.add(item[0].id)
                 self._queue.put_nowait(item)
-        return len(due) >= self._batch
+        if len(due) >= self._batch:
+            return True
+        # all that is due now is queued: the next retry the store holds wakes the feeder, also
+        # one recorded before this worker existed (by the worker it replaced, or a past run)
+        try:
+            later = await d._store.next_due_ms(self.hook.id, now_ms)
+        except StoreError as exc:
+            log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
+            return False
+        if later is not None and (not self._retries or later < self._retries[0]):
+            heapq.heappush(self._retries, later)
+        return False
 
     async def _send_loop(self) -> None:
         d = self._dispatcher
@@ -447,13 +487,23 @@ class _Worker:
 
     async def _pace(self) -> None:
         """The endpoint's own rate limit, as a minimum spacing between attempts: each sender
-        reserves its slot before sleeping, so concurrent senders never share one."""
-        rate = self.hook.rate_limit_per_s or float("inf")
-        now = time.monotonic()
-        slot = max(now, self._next_send)
-        self._next_send = slot + 1.0 / rate
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        reserves its slot before sleeping, so concurrent senders never share one. A sender
+        waiting for its slot is woken when the worker stops or is disabled (a slow limit must
+        not hold up shutdown) and when the limit changes (it reserves again under the new one).
+        """
+        while not (self.disabled or self._stopping):
+            rate = self.hook.rate_limit_per_s
+            if not rate:
+                return
+            now = time.monotonic()
+            slot = max(now, self._next_send)
+            self._next_send = slot + 1.0 / rate
+            if slot <= now:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._repace.wait(), slot - now)
+                continue  # woken before the slot: stopped, disabled or a new limit
+            return
 
     def _settle(
         self, delivery: Delivery, event: OutboxEvent, outcome: Outcome
@@ -493,7 +543,8 @@ class _Worker:
             next=status,
         )
         if outcome.status_code == 410:
-            self.disabled = True
+            self.disabled = self.disabling = True
+            self._wake_pacers()
             return self._gone(now)
         after_ms = int(d._settings.disable_after_s * 1000)
         since = self.failing_since_ms
@@ -504,7 +555,10 @@ class _Worker:
 
     async def _gone(self, now_ms: int) -> None:
         d = self._dispatcher
-        await d._store.disable_webhook(self.hook.id, "410 Gone from the endpoint", now_ms)
+        try:
+            await d._store.disable_webhook(self.hook.id, "410 Gone from the endpoint", now_ms)
+        finally:
+            self.disabling = False  # written, or not: then the next reconcile sees it enabled
         log.error("webhook.disabled", webhook=self.hook.id, reason="410 Gone")
 
     async def _failed(self, now_ms: int, after_ms: int) -> None:
@@ -513,14 +567,18 @@ class _Worker:
         failing endpoint must not load the store the others need)."""
         if await self._dispatcher._store.webhook_failed(self.hook.id, now_ms, after_ms):
             self.disabled = True
+            self._wake_pacers()
             log.error("webhook.disabled", webhook=self.hook.id, reason="failing continuously")
 
     def _recorded(self, delivery_id: int, status: str, next_ms: int) -> None:
-        """The recorder wrote the attempt (or could not: then it is due again at once)."""
+        """The recorder wrote the attempt (or could not: then it is due again at once). A retry
+        is the business of whichever worker serves the webhook now (this one, or the one that
+        took over while the attempt's record was being written)."""
         self.held.discard(delivery_id)
         if status == "pending":
-            heapq.heappush(self._retries, next_ms)
-            self._feed.set()
+            current = self._dispatcher._workers.get(self.hook.id, self)
+            heapq.heappush(current._retries, next_ms)
+            current._feed.set()
 
 
 Recorded = Callable[[int, str, int], None]
@@ -628,6 +686,15 @@ def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
-def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+def _retry_after(resp: aiohttp.ClientResponse, now_s: float) -> float | None:
+    """Seconds a Retry-After header asks for: delay-seconds or an HTTP-date (RFC 9110)."""
     value = resp.headers.get("Retry-After", "").strip()
-    return float(value) if value.isdigit() else None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # HTTP-dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now_s)

@@ -385,8 +385,9 @@ class Store(Protocol):
         out the delivery ids in ``skip`` (those the reader already holds: neither joined to
         their events nor counted in ``limit``)."""
 
-    async def next_due_ms(self, webhook_id: str) -> int | None:
-        """When the webhook's next pending delivery is due (None: nothing pending)."""
+    async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
+        """When the webhook's first pending delivery due later than ``after_ms`` (Unix ms) is
+        due (None: nothing pending after it)."""
 
     async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
         """Record attempts and their deliveries' new status (pending with a retry time,

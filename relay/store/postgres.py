@@ -660,12 +660,13 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def next_due_ms(self, webhook_id: str) -> int | None:
+    async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
         async def run(conn: Connection) -> int | None:
             value = await conn.fetchval(
                 "SELECT MIN(next_attempt_ms) FROM deliveries"
-                " WHERE webhook_id = $1 AND status = 'pending'",
+                " WHERE webhook_id = $1 AND status = 'pending' AND next_attempt_ms > $2",
                 webhook_id,
+                after_ms,
             )
             return None if value is None else int(value)
 

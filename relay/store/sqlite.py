@@ -550,12 +550,12 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def next_due_ms(self, webhook_id: str) -> int | None:
+    async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
         def run(conn: sqlite3.Connection) -> int | None:
             row = conn.execute(
                 "SELECT MIN(next_attempt_ms) FROM deliveries"
-                " WHERE webhook_id = ? AND status = 'pending'",
-                (webhook_id,),
+                " WHERE webhook_id = ? AND status = 'pending' AND next_attempt_ms > ?",
+                (webhook_id, after_ms),
             ).fetchone()
             return None if row[0] is None else int(row[0])
 

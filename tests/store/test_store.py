@@ -359,6 +359,30 @@ async def test_due_deliveries_leave_out_the_held_ones_without_counting_them(stor
     assert await store.due_deliveries("wh_1", T0, 10, skip=ids) == []
 
 
+async def test_next_due_ms_is_the_first_pending_retry_after_a_time(store: Store) -> None:
+    """What wakes a worker for retries: the soonest pending delivery due after a given time
+    (ones due before it, already taken, and delivered ones do not count)."""
+    sid = await one_stream(store)
+    await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(1, 4)], T0)
+    await store.fanout(100, T0)
+    a, b, c = (d for d, _ in await store.due_deliveries("wh_1", T0, 10))
+    assert await store.next_due_ms("wh_1") == T0
+    assert await store.next_due_ms("wh_1", T0) is None
+    await store.finish_attempts(
+        [
+            (Attempt(a.id, T0, 500, 1.0), "pending", T0 + 5000),
+            (Attempt(b.id, T0, 503, 1.0), "pending", T0 + 300),
+            (Attempt(c.id, T0, 200, 1.0), "delivered", T0),
+        ]
+    )
+    assert await store.next_due_ms("wh_1", T0) == T0 + 300
+    assert await store.next_due_ms("wh_1", T0 + 300) == T0 + 5000
+    assert await store.next_due_ms("wh_1", T0 + 5000) is None
+
+
 async def test_outbox_event_reads_back_every_field(store: Store) -> None:
     """Each column lands in its own field: id, account, kind, campaign, contact, times, data."""
     sid = await one_stream(store)
