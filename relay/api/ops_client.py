@@ -21,9 +21,11 @@ import orjson
 
 from relay.api.client import (
     EXIT_ERROR,
-    TOKEN_ENV,
+    EXIT_USAGE,
     AdminApiError,
     AdminClient,
+    UsageError,
+    admin_token,
     answered,
     common_parser,
     objects,
@@ -98,13 +100,16 @@ async def ops_command(
     args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: TextIO
 ) -> int:
     """:func:`run_ops` inside a running event loop."""
-    token = args.token or environ.get(TOKEN_ENV) or None
     name = args.command if args.command != "targets" else f"targets-{args.targets_command}"
     try:
         _check(args)
+        token = admin_token(args.token, environ)
         timeout = aiohttp.ClientTimeout(total=args.timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             answer, text = await _ACTIONS[name](AdminClient(session, args.api, token), args, err)
+    except UsageError as exc:
+        print(f"ctct-relay: error: {exc}", file=err)
+        return EXIT_USAGE
     except AdminApiError as exc:
         print(f"ctct-relay: error: {exc}", file=err)
         return EXIT_ERROR

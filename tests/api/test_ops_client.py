@@ -74,6 +74,18 @@ async def test_wrong_token_is_one_line(cli: Cli) -> None:
     assert err == "ctct-relay: error: Authorization: the bearer token is not valid (HTTP 401)\n"
 
 
+async def test_token_with_a_line_break_is_a_usage_error(cli: Cli) -> None:
+    """A token holding CR/LF (read from a file): one line naming the variable, exit 2; a token
+    with only a line end around it works."""
+    status, out, err = await cli("status", token="adm1n\r\nsecret")
+    assert (status, out) == (2, "")
+    assert err == (
+        f"ctct-relay: error: {TOKEN_ENV}: the admin token holds a control character"
+        " (a line break, a tab, …); an HTTP header cannot carry it\n"
+    )
+    assert (await cli("status", token=TOKEN + "\r\n"))[0] == 0
+
+
 def test_unreachable_api_is_one_line() -> None:
     """No server: one line naming the API, exit 1 (sync entry point)."""
     args = parse(["status", "--api", f"http://127.0.0.1:{free_port()}"])
