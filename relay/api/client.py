@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -56,6 +57,17 @@ def admin_token(given: str | None, environ: Mapping[str, str]) -> str | None:
             " an HTTP header cannot carry it"
         )
     return token or None
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number greater than 0 (``nan``, ``inf``, 0 and less refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number greater than 0, got {text!r}")
+    return value
 
 
 class AdminClient:
@@ -108,7 +120,7 @@ def common_parser() -> argparse.ArgumentParser:
     common.add_argument("--token", default=None, help=f"admin token (default: ${TOKEN_ENV})")
     common.add_argument("--json", action="store_true", help="print the API's JSON answer")
     common.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds (%(default)s)"
+        "--timeout", type=positive_number, default=DEFAULT_TIMEOUT_S, help="seconds (%(default)s)"
     )
     return common
 
@@ -132,7 +144,9 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     p.add_argument("--description", default=None, help="free text, e.g. who owns the receiver")
     p.add_argument("--disabled", action="store_true", help="register it disabled")
-    p.add_argument("--rate-limit", type=float, default=None, help="requests per second")
+    p.add_argument(
+        "--rate-limit", type=positive_number, default=None, help="requests per second (> 0)"
+    )
 
     actions.add_parser("list", parents=[common], help="list webhooks")
     for name, text in (

@@ -180,3 +180,32 @@ async def test_token_with_a_control_character_is_a_usage_error(
     assert err.count("\n") == 1
     assert "adm1n" not in err
     assert "secret" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-2", "fast"])
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        pytest.param(["add", PUBLIC_URL, "-e", "click"], "--rate-limit", id="rate-limit"),
+        pytest.param(["list"], "--timeout", id="timeout"),
+    ],
+)
+def test_non_finite_or_non_positive_numbers_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str, value: str
+) -> None:
+    """--rate-limit nan would reach the API as null (no limit at all) and --timeout inf ended in
+    an OverflowError: both refuse anything but a finite number > 0, argparse-style, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        parse(["webhooks", *argv, f"{flag}={value}"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: expected a" in err
+    assert repr(value) in err
+    assert "Traceback" not in err
+
+
+async def test_a_fractional_rate_limit_is_sent(cli: Cli) -> None:
+    """A finite positive --rate-limit reaches the webhook as given."""
+    status, out, _ = await cli("add", PUBLIC_URL, "-e", "click", "--rate-limit", "0.5", "--json")
+    assert status == 0
+    assert orjson.loads(out)["rate_limit_per_s"] == 0.5
