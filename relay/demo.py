@@ -132,7 +132,9 @@ def _banner(
         f"webhooks      {hook}/hook  (signatures verified with the declared secret)",
         f"admin API     {admin}/v1/webhooks  (OpenAPI: {admin}/openapi.json)",
         f"metrics       {admin}/metrics",
-        f"status        ctct-relay status --config {config}",
+        # the demo's admin API listens on loopback without a token (its config sets none), and
+        # `status` takes the API's URL, not a config file
+        f"status        ctct-relay status --api {admin}",
         f"relay config  {config}",
         f"Kafka         {kafka}  (topics ctct.email.<kind>)" if kafka else off,
         "events below as they arrive; Ctrl-C stops everything",
