@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from relay.cli import _parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,3 +174,39 @@ def test_demo_shows_events_flowing() -> None:
     assert len(lines) >= 5, result.stdout
     assert "demo: " in result.stdout
     assert "Traceback" not in result.stderr
+
+
+ADMIN_OPTIONS = {"--api", "--token", "--json", "--timeout"}  # the README states them once
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """Long options of a command, of its actions too (webhooks add, targets list, …)."""
+    found: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _options(sub)
+        found |= {o for o in action.option_strings if o.startswith("--") and o != "--help"}
+    return found
+
+
+def test_readme_commands_table_matches_the_parser() -> None:
+    """Every command of the README's table shows exactly the options its --help has (the
+    admin API's common options are named once below the table), and every command is there."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Commands\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `ctct-relay ([a-z-]+(?:\\\|[a-z-]+)*)([^`]*)`", section, re.MULTILINE)
+    (commands,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    documented: set[str] = set()
+    for names, usage in rows:
+        shown = set(re.findall(r"--[a-z-]+", usage)) - ADMIN_OPTIONS
+        expected: set[str] = set()
+        for name in names.split("\\|"):  # pause|resume: one row for both
+            documented.add(name)
+            if name != "webhooks":  # its actions' options: `ctct-relay webhooks ACTION --help`
+                expected |= _options(commands.choices[name]) - ADMIN_OPTIONS
+        assert shown == expected, f"README row of {names}"
+    assert documented == set(commands.choices)
+    common = section.split("The admin API commands", 1)[1].split("\n\n", 1)[0]
+    for option in ADMIN_OPTIONS:
+        assert f"`{option}" in common
