@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # ctct-relay image: `docker build -t ctct-relay .` then
 #   docker run -e CTCT_API_KEY=... -e CTCT_ACCESS_TOKEN=... -e CTCT_RELAY_ADMIN_TOKEN=... \
-#     -p 8081:8081 -v ctct-relay-state:/var/lib/ctct-relay ctct-relay
+#     -p 127.0.0.1:8081:8081 -v ctct-relay-state:/var/lib/ctct-relay ctct-relay
 # The runtime stage holds the venv with the runtime dependencies only (no dev extras, no compilers,
 # no curl): the health check is the stdlib script deploy/healthcheck.py.
 

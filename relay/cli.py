@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 
 from relay import logs, sim
-from relay.api.client import add_webhooks_parser, run_webhooks
+from relay.api.client import add_webhooks_parser, positive_number, run_webhooks
 from relay.api.ops_client import add_ops_parsers, run_ops
 from relay.app import run_relay
 from relay.config import AccountSettings, ConfigError, Settings, load
@@ -92,13 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sim", help="run the Constant Contact v2 API simulator")
     p.add_argument("--config", default=DEFAULT_SCENARIO, help="scenario YAML (%(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="listen address (%(default)s)")
-    p.add_argument("--port", type=int, default=8080, help="listen port (%(default)s)")
+    p.add_argument("--port", type=_port, default=8080, help="listen port (%(default)s)")
 
     p = commands.add_parser(
         "demo", help="run the simulator, the relay, a webhook receiver (and Kafka) together"
     )
     p.add_argument("--scenario", default=DEFAULT_SCENARIO, help="scenario YAML (%(default)s)")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument(
+        "--duration", type=positive_number, default=None, help="stop after this many seconds"
+    )
     p.add_argument("--state-dir", default=None, help="keep the relay state here (default: temp)")
     p.add_argument("--no-kafka", action="store_true", help="do not start a local Kafka broker")
 
@@ -109,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "dev-kafka", help="run a local single-node Apache Kafka broker (needs Java 17 and Maven)"
     )
-    p.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
+    p.add_argument("--port", type=_port, default=None, help="client port (default: a free one)")
     p.add_argument("--data-dir", default=None, help="keep the broker's data here across runs")
 
     p = commands.add_parser("fetch", help="call one upstream endpoint and print what it returns")
@@ -123,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pages", type=int, default=None, help="stop after this many pages")
     p.add_argument("--raw", action="store_true", help="print records as the API sent them")
     return parser
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port to listen on, 1..65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return int(text)
 
 
 def _fail(message: str, code: int) -> int:
@@ -148,7 +157,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _sim(args: argparse.Namespace) -> int:
     logs.configure()
-    sim.run_sim(_scenario(args.config), args.host, args.port)
+    scenario = _scenario(args.config)
+    try:
+        sim.run_sim(scenario, args.host, args.port)
+    except OSError as exc:  # the address is taken, not ours, or the host name does not resolve
+        where = f"{args.host}:{args.port}"
+        raise ConfigError(f"sim: cannot listen on {where}: {exc.strerror or exc}") from None
     return 0
 
 

@@ -33,7 +33,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from relay import logs
 from relay.app import run_relay
-from relay.config import load
+from relay.config import ConfigError, load
 from relay.devkafka import DevKafka, DevKafkaError, ensure_kafka
 from relay.events import Kind
 from relay.sim import Scenario, create_app
@@ -78,7 +78,7 @@ async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int
         state = options.state_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="ctct-demo-"))
         )
-        state.mkdir(parents=True, exist_ok=True)
+        _state_dir(state)
         sim_url = await stack.enter_async_context(_serve(create_app(scenario)))
         secret = signing.generate_secret()
         hook_url = await stack.enter_async_context(_serve(_receiver(secret, out, tally)))
@@ -117,6 +117,21 @@ async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int
     return 0 if tally.webhook_rejected == 0 else 1
 
 
+def _state_dir(state: Path) -> None:
+    """Create the state directory and check that it takes files, before anything starts."""
+    probe = state / ".ctct-demo-probe"
+    if state.exists() and not state.is_dir():
+        raise ConfigError(f"--state-dir: {state} is not a directory")
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"--state-dir: cannot keep state in {state}: {exc.strerror or exc}"
+        ) from None
+
+
 def _on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -132,7 +147,9 @@ def _banner(
         f"webhooks      {hook}/hook  (signatures verified with the declared secret)",
         f"admin API     {admin}/v1/webhooks  (OpenAPI: {admin}/openapi.json)",
         f"metrics       {admin}/metrics",
-        f"status        ctct-relay status --config {config}",
+        # the demo's admin API listens on loopback without a token (its config sets none), and
+        # `status` takes the API's URL, not a config file
+        f"status        ctct-relay status --api {admin}",
         f"relay config  {config}",
         f"Kafka         {kafka}  (topics ctct.email.<kind>)" if kafka else off,
         "events below as they arrive; Ctrl-C stops everything",

@@ -4,6 +4,8 @@ Redaction runs as the last processor before rendering, so whatever a log call pa
 exception text, a URL, a header dict) is scrubbed of the configured secrets, of their obvious
 encodings (URL-quoted, base64, the key part of a ``whsec_`` secret) and of anything that looks
 like one (``api_key=…`` query values, ``Bearer …`` tokens, ``whsec_…`` webhook secrets).
+Records of libraries that log through the standard library go through the same processors
+(structlog's ``ProcessorFormatter``): the same JSON lines, redacted the same way.
 
 Every line of one poll pass carries its ``poll_id``, of one webhook delivery its ``delivery`` id,
 of one admin API request its ``request_id``: the scheduler, the dispatcher and the API bind them
@@ -89,28 +91,36 @@ def configure(
     out = stream or sys.stderr
     redactor = Redactor(secrets)
     console = fmt == "console" or (fmt == "auto" and out.isatty())
-    processors: list[Processor] = [
+    context: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-        redactor,
     ]
     renderer: Processor = (
         structlog.dev.ConsoleRenderer(colors=False)
         if console
         else structlog.processors.JSONRenderer(serializer=_dumps)
     )
+    # the traceback becomes an ``exception`` text field before redaction, so it is scrubbed too
+    rendering: list[Processor] = [structlog.processors.format_exc_info, redactor, renderer]
     structlog.configure(
-        processors=[*processors, renderer],
+        processors=[*context, *rendering],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    # Libraries (aiokafka, aiohttp, asyncio, asyncpg) log through the standard library: their
+    # records go through the same processors, so they are one JSON object per line (or one
+    # console line) with the library's name in ``logger``, redacted like everything else.
     handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*context, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
+        )
+    )
     handler.addFilter(_drop_cancellations)
     handler.addFilter(_one_line_reconnects)
-    handler.addFilter(_StdlibRedaction(redactor))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(_LEVELS[level], logging.WARNING))
@@ -147,21 +157,3 @@ def _one_line_reconnects(record: logging.LogRecord) -> bool:
         record.exc_info = None
         record.exc_text = None
     return True
-
-
-class _StdlibRedaction(logging.Filter):
-    """Scrubs records of libraries that log through the standard library (aiohttp, aiokafka)."""
-
-    def __init__(self, redactor: Redactor) -> None:
-        super().__init__()
-        self._redactor = redactor
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self._redactor.text(record.getMessage())
-        record.args = None
-        if record.exc_info:
-            record.exc_text = self._redactor.text(
-                logging.Formatter().formatException(record.exc_info)
-            )
-            record.exc_info = None
-        return True

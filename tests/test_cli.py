@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from relay.cli import _parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,6 +99,64 @@ def test_missing_scenario_file_is_a_usage_error() -> None:
     assert_clean_failure(result, 2, "/nonexistent/scenario.yaml")
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(
+            ["sim", "--port", "99999"],
+            "argument --port: expected a port number from 1 to 65535, got '99999'",
+            id="sim-port-range",
+        ),
+        pytest.param(
+            ["dev-kafka", "--port", "0"],
+            "argument --port: expected a port number from 1 to 65535, got '0'",
+            id="dev-kafka-port-range",
+        ),
+        pytest.param(
+            ["demo", "--no-kafka", "--duration", "nan"],
+            "argument --duration: expected a finite number greater than 0, got 'nan'",
+            id="demo-duration",
+        ),
+    ],
+)
+def test_bad_numbers_of_sim_and_demo_are_usage_errors(argv: list[str], message: str) -> None:
+    """A port out of range (an OverflowError from the socket before) or a duration that is not
+    a finite positive number: argparse's one line, exit 2."""
+    assert_clean_failure(run(*argv), 2, message)
+
+
+def test_sim_on_a_port_in_use_is_one_line() -> None:
+    """The simulator on a taken port says so in one line (it was an OSError traceback), exit 2
+    like ``run``'s "admin: cannot listen on …"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("sim", "--port", str(port))
+    assert_clean_failure(result, 2, f"sim: cannot listen on 127.0.0.1:{port}: ")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        pytest.param("a-file", "is not a directory", id="file"),
+        pytest.param("a-file/state", "cannot keep state in", id="under-a-file"),
+    ],
+)
+def test_demo_state_dir_that_cannot_hold_state_is_one_line(
+    tmp_path: Path, where: str, message: str
+) -> None:
+    """``demo --state-dir`` that cannot be a directory: one line naming the option, exit 2,
+    before anything starts (it was a FileNotFoundError/FileExistsError traceback)."""
+    (tmp_path / "a-file").write_text("not a directory")
+    result = run("demo", "--no-kafka", "--duration", "5", "--state-dir", str(tmp_path / where))
+    assert_clean_failure(result, 2, "ctct-relay: error: --state-dir: ")
+    assert message in result.stderr
+    assert str(tmp_path / where) in result.stderr
+    assert result.stdout == ""
+
+
 def test_endpoints_lists_the_catalogue() -> None:
     """`endpoints` prints every catalogue entry."""
     result = run("endpoints")
@@ -112,3 +174,39 @@ def test_demo_shows_events_flowing() -> None:
     assert len(lines) >= 5, result.stdout
     assert "demo: " in result.stdout
     assert "Traceback" not in result.stderr
+
+
+ADMIN_OPTIONS = {"--api", "--token", "--json", "--timeout"}  # the README states them once
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """Long options of a command, of its actions too (webhooks add, targets list, …)."""
+    found: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _options(sub)
+        found |= {o for o in action.option_strings if o.startswith("--") and o != "--help"}
+    return found
+
+
+def test_readme_commands_table_matches_the_parser() -> None:
+    """Every command of the README's table shows exactly the options its --help has (the
+    admin API's common options are named once below the table), and every command is there."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Commands\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `ctct-relay ([a-z-]+(?:\\\|[a-z-]+)*)([^`]*)`", section, re.MULTILINE)
+    (commands,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    documented: set[str] = set()
+    for names, usage in rows:
+        shown = set(re.findall(r"--[a-z-]+", usage)) - ADMIN_OPTIONS
+        expected: set[str] = set()
+        for name in names.split("\\|"):  # pause|resume: one row for both
+            documented.add(name)
+            if name != "webhooks":  # its actions' options: `ctct-relay webhooks ACTION --help`
+                expected |= _options(commands.choices[name]) - ADMIN_OPTIONS
+        assert shown == expected, f"README row of {names}"
+    assert documented == set(commands.choices)
+    common = section.split("The admin API commands", 1)[1].split("\n\n", 1)[0]
+    for option in ADMIN_OPTIONS:
+        assert f"`{option}" in common

@@ -52,6 +52,66 @@ def test_stdlib_logging_of_libraries_is_redacted_too() -> None:
     assert "api_key=***" in out.getvalue()
 
 
+def test_stdlib_records_are_json_lines_like_structlog_ones() -> None:
+    """With format json, a library's warning and its error with a traceback each give exactly
+    one JSON object (the traceback as a text field, the logger's name, the level), secrets in
+    the message and in the exception text redacted (they were bare text lines before)."""
+    out = io.StringIO()
+    logs.configure("info", "json", secrets=["kafkaPassw0rd"], stream=out)
+    kafka = logging.getLogger("aiokafka.conn")
+    kafka.warning("Unable connect to %s with password %s", "127.0.0.1:9092", "kafkaPassw0rd")
+    try:
+        raise ConnectionError("SASL as user u with kafkaPassw0rd refused")
+    except ConnectionError:
+        kafka.exception("Unable connect to node")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, out.getvalue()
+    warning, error = (orjson.loads(line) for line in lines)
+    assert warning["event"] == "Unable connect to 127.0.0.1:9092 with password ***"
+    assert (warning["level"], warning["logger"]) == ("warning", "aiokafka.conn")
+    assert "timestamp" in warning
+    assert (error["event"], error["level"]) == ("Unable connect to node", "error")
+    assert error["exception"].startswith("Traceback (most recent call last):")
+    assert error["exception"].endswith("ConnectionError: SASL as user u with *** refused")
+    assert "kafkaPassw0rd" not in out.getvalue()
+
+
+async def test_asyncio_task_exception_never_retrieved_is_one_json_line() -> None:
+    """asyncio's "Task exception was never retrieved" report (with its traceback) is one JSON
+    line, the exception in a field, secrets redacted."""
+    out = io.StringIO()
+    logs.configure("info", "json", secrets=["tok-xyz789"], stream=out)
+
+    async def fails() -> None:
+        raise RuntimeError("upstream said Bearer tok-xyz789 is wrong")
+
+    task = asyncio.get_running_loop().create_task(fails())
+    await asyncio.wait([task])
+    with structlog.contextvars.bound_contextvars(request_id="r1"):
+        asyncio.get_running_loop().call_exception_handler(
+            {"message": "Task exception was never retrieved", "exception": task.exception()}
+        )
+    (line,) = out.getvalue().splitlines()
+    record = orjson.loads(line)
+    assert record["event"].startswith("Task exception was never retrieved")
+    assert (record["logger"], record["level"], record["request_id"]) == ("asyncio", "error", "r1")
+    assert "RuntimeError: upstream said Bearer *** is wrong" in record["exception"]
+    assert "tok-xyz789" not in line
+
+
+def test_console_format_renders_library_records_too() -> None:
+    """On a terminal (format console) a library's record is a console line with its level and
+    logger, redacted, not the bare message."""
+    out = io.StringIO()
+    logs.configure("info", "console", secrets=["key-abc123"], stream=out)
+    logging.getLogger("aiohttp.client").warning("GET /v2?api_key=key-abc123 failed")
+    text = out.getvalue()
+    assert "warning" in text
+    assert "aiohttp.client" in text
+    assert "api_key=***" in text
+    assert "key-abc123" not in text
+
+
 def test_level_filters_debug() -> None:
     """At level info, debug lines are not written."""
     out = io.StringIO()
@@ -163,10 +223,14 @@ def test_postgresql_reconnect_failures_are_one_line() -> None:
             raise ConnectionRefusedError(111, "Connect call failed")
         except OSError:
             logging.getLogger(name).warning("Failed to restore the pool connection", exc_info=True)
-    first, second = out.getvalue().split("Failed to restore the pool connection")[1:]
-    assert first.startswith(": ConnectionRefusedError: [Errno 111] Connect call failed\n")
-    assert "Traceback" not in first
-    assert "Traceback" in second
+    first, second = (orjson.loads(line) for line in out.getvalue().splitlines())
+    assert first["event"] == (
+        "Failed to restore the pool connection: ConnectionRefusedError: [Errno 111] Connect call"
+        " failed"
+    )
+    assert "exception" not in first
+    assert second["event"] == "Failed to restore the pool connection"
+    assert "Traceback" in second["exception"]
 
 
 async def test_every_line_of_an_admin_request_carries_its_request_id(

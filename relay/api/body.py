@@ -29,6 +29,8 @@ MAX_DELIVERY_ID = 2**63 - 1  # SQLite and PostgreSQL BIGINT: a larger id can nam
 DELIVERY_STATUSES = ("pending", "delivered", "dead")
 DEFAULT_DELIVERY_LIMIT = 50
 MAX_DELIVERY_LIMIT = 500
+# a time whose UTC date leaves datetime's years cannot be echoed back (the OpenAPI document says so)
+TIME_RANGE = "the years 1 to 9999 in UTC"
 
 # RFC 3339 date-time as JSON Schema's ``format: date-time`` means it (fromisoformat alone would
 # also take a bare date or a time without offset, which the document says are invalid)
@@ -125,7 +127,7 @@ def rate_or_null(body: JsonObject, name: str) -> float | None:
 
 
 def timestamp_ms(body: JsonObject, name: str) -> int:
-    """An RFC 3339 date-time with an offset, as Unix milliseconds."""
+    """An RFC 3339 date-time with an offset, within :data:`TIME_RANGE`, as Unix milliseconds."""
     value = body[name]
     if not isinstance(value, str):
         raise bad_request(f"{name}: expected an RFC 3339 time, got {_json_type(value)}")
@@ -153,7 +155,7 @@ def timestamp_ms(body: JsonObject, name: str) -> int:
     try:
         moment.astimezone(UTC)  # answers echo the time back in UTC: it must be a datetime there
     except OverflowError:
-        raise bad_request(f"{name}: outside the years 1 to 9999 in UTC: {value!r}") from None
+        raise bad_request(f"{name}: outside {TIME_RANGE}: {value!r}") from None
     return to_millis(moment)
 
 

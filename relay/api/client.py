@@ -2,16 +2,20 @@
 
 Each action is one HTTP call (aiohttp) to a running relay's admin API; the answer is printed as a
 table or key/value lines, or as JSON with ``--json``. Every failure (the API's error message, an
-unreachable API, a timeout) is one line ``ctct-relay: error: …`` and exit status 1. The token comes
-from ``--token`` or the ``CTCT_RELAY_ADMIN_TOKEN`` variable of the environment the caller passes
-in (only ``relay.cli`` reads the process environment).
+unreachable API, a timeout) is one line ``ctct-relay: error: …`` and exit status 1; a command line
+that cannot be right (a token with a line break in it, an option without the one it needs) is one
+such line and exit status 2, like argparse's own usage errors. The token comes from ``--token`` or
+the ``CTCT_RELAY_ADMIN_TOKEN`` variable of the environment the caller passes in (only
+``relay.cli`` reads the process environment).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
+import unicodedata
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TextIO
@@ -27,10 +31,43 @@ DEFAULT_API = "http://127.0.0.1:8081"
 TOKEN_ENV = "CTCT_RELAY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a token
 DEFAULT_TIMEOUT_S = 30.0
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 
 
 class AdminApiError(Exception):
     """The admin API refused a request or could not be reached; the message says which."""
+
+
+class UsageError(Exception):
+    """The command line cannot be right (exit 2, like argparse's errors); the message says why."""
+
+
+def admin_token(given: str | None, environ: Mapping[str, str]) -> str | None:
+    """The admin token of ``--token``, else of the environment; None when there is none.
+
+    Whitespace around it is dropped (``$(cat token.txt)`` keeps a CRLF file's carriage return);
+    a control character left inside cannot go into a header, so it is a usage error naming where
+    the token came from, never showing the token.
+    """
+    source, raw = ("--token", given) if given else (TOKEN_ENV, environ.get(TOKEN_ENV))
+    token = (raw or "").strip()
+    if any(unicodedata.category(c) == "Cc" for c in token):
+        raise UsageError(
+            f"{source}: the admin token holds a control character (a line break, a tab, …);"
+            " an HTTP header cannot carry it"
+        )
+    return token or None
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number greater than 0 (``nan``, ``inf``, 0 and less refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number greater than 0, got {text!r}")
+    return value
 
 
 class AdminClient:
@@ -83,7 +120,7 @@ def common_parser() -> argparse.ArgumentParser:
     common.add_argument("--token", default=None, help=f"admin token (default: ${TOKEN_ENV})")
     common.add_argument("--json", action="store_true", help="print the API's JSON answer")
     common.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds (%(default)s)"
+        "--timeout", type=positive_number, default=DEFAULT_TIMEOUT_S, help="seconds (%(default)s)"
     )
     return common
 
@@ -107,7 +144,9 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     p.add_argument("--description", default=None, help="free text, e.g. who owns the receiver")
     p.add_argument("--disabled", action="store_true", help="register it disabled")
-    p.add_argument("--rate-limit", type=float, default=None, help="requests per second")
+    p.add_argument(
+        "--rate-limit", type=positive_number, default=None, help="requests per second (> 0)"
+    )
 
     actions.add_parser("list", parents=[common], help="list webhooks")
     for name, text in (
@@ -144,12 +183,15 @@ async def webhooks_command(
     args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: TextIO
 ) -> int:
     """:func:`run_webhooks` inside a running event loop."""
-    token = args.token or environ.get(TOKEN_ENV) or None
     action = _ACTIONS[args.webhooks_command]
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     try:
+        token = admin_token(args.token, environ)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             shown = await action(AdminClient(session, args.api, token), args)
+    except UsageError as exc:
+        print(f"ctct-relay: error: {exc}", file=err)
+        return EXIT_USAGE
     except AdminApiError as exc:
         print(f"ctct-relay: error: {exc}", file=err)
         return EXIT_ERROR

@@ -290,7 +290,15 @@ def _schemas() -> JsonObject:
             required=[],
         ),
         "RotateSecret": _object({"secret": secret}, required=[]),
-        "Recover": _object({"since": {"type": "string", "format": "date-time"}}),
+        "Recover": _object(
+            {
+                "since": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": f"with an offset; within {body.TIME_RANGE}",
+                }
+            }
+        ),
         "RecoverResult": _object({"deliveries": {"type": "integer", "minimum": 0}}),
         "Attempt": _object(
             {
@@ -604,7 +612,12 @@ def _operations_schemas() -> JsonObject:
         },
     }
     replay_fields: JsonObject = {
-        "since": {"type": "string", "format": "date-time"},
+        "since": {
+            "type": "string",
+            "format": "date-time",
+            "description": "with an offset; from 1970-01-01T00:00:00Z on,"
+            f" within {body.TIME_RANGE}",
+        },
         "source": {"type": "string", "enum": list(replay.SOURCES), "default": replay.LOG},
         "dry_run": {"type": "boolean", "default": False},
     }

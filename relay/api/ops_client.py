@@ -3,7 +3,8 @@
 Like ``ctct-relay webhooks`` (:mod:`relay.api.client`), every command is one or a few HTTP calls
 to the admin API; answers print as aligned plain text, or as the API's JSON with ``--json``;
 every failure (unreachable API, wrong token, the API's own refusal) is one line
-``ctct-relay: error: …`` and exit status 1. ``replay --wait`` follows the replay until every sink
+``ctct-relay: error: …`` and exit status 1, a usage error (``--campaign`` without ``--account``)
+one such line and exit status 2. ``replay --wait`` follows the replay until every sink
 has sent it, with a one-line progress display on stderr.
 """
 
@@ -21,9 +22,11 @@ import orjson
 
 from relay.api.client import (
     EXIT_ERROR,
-    TOKEN_ENV,
+    EXIT_USAGE,
     AdminApiError,
     AdminClient,
+    UsageError,
+    admin_token,
     answered,
     common_parser,
     objects,
@@ -98,13 +101,16 @@ async def ops_command(
     args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: TextIO
 ) -> int:
     """:func:`run_ops` inside a running event loop."""
-    token = args.token or environ.get(TOKEN_ENV) or None
     name = args.command if args.command != "targets" else f"targets-{args.targets_command}"
     try:
         _check(args)
+        token = admin_token(args.token, environ)
         timeout = aiohttp.ClientTimeout(total=args.timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             answer, text = await _ACTIONS[name](AdminClient(session, args.api, token), args, err)
+    except UsageError as exc:
+        print(f"ctct-relay: error: {exc}", file=err)
+        return EXIT_USAGE
     except AdminApiError as exc:
         print(f"ctct-relay: error: {exc}", file=err)
         return EXIT_ERROR
@@ -116,13 +122,17 @@ async def ops_command(
 
 
 def _check(args: argparse.Namespace) -> None:
+    """What argparse cannot say about the combination of options: usage errors (exit 2)."""
     if getattr(args, "campaign", None) and not getattr(args, "account", None):
-        raise AdminApiError("--campaign: needs --account")
+        raise UsageError("--campaign: needs --account")
+    if args.command == "pause" and args.stream is not None and args.reason is not None:
+        # the API keeps a reason for an account's pause only; dropping it silently would lie
+        raise UsageError("--reason: only an account pause takes a reason, not --stream")
     if args.command == "status" and not 1 <= args.limit <= 1000:
-        raise AdminApiError(f"--limit: expected 1 to 1000, got {args.limit}")
+        raise UsageError(f"--limit: expected 1 to 1000, got {args.limit}")
     listing = args.command != "targets" or args.targets_command == "list"
     if not listing and not (args.campaigns or args.contacts):
-        raise AdminApiError("give at least one --campaign or --contact")
+        raise UsageError("give at least one --campaign or --contact")
 
 
 # -- status -------------------------------------------------------------------------------------

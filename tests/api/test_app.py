@@ -8,7 +8,13 @@ import pytest
 from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
-from relay.api import AdminConfigError, AdminSettings, check_exposure, create_admin_app
+from relay.api import (
+    AdminConfigError,
+    AdminSettings,
+    check_exposure,
+    create_admin_app,
+    openapi_document,
+)
 from relay.api.body import MAX_BODY_BYTES
 from relay.api.responses import JsonObject
 from relay.sinks.ssrf import Guard
@@ -235,3 +241,16 @@ async def test_secrets_never_logged(client: Client) -> None:
     for secret in (hook["secret"], new_secret, TOKEN, "/hook"):
         assert secret not in text
     assert any(e["event"] == "webhook.created" for e in logs)
+
+
+def test_openapi_states_the_time_range_of_every_since_in_a_request_body() -> None:
+    """Every request body's since (replays, webhook recover) says which times the API takes:
+    a schema-valid date-time outside the years 1..9999 in UTC is a documented 400."""
+    schemas = openapi_document()["components"]["schemas"]
+    assert isinstance(schemas, dict)
+    for name in ("Recover", "StreamReplay", "AccountReplay"):
+        since = schemas[name]["properties"]["since"]
+        assert since["format"] == "date-time"
+        assert "the years 1 to 9999 in UTC" in since["description"], name
+    for name in ("StreamReplay", "AccountReplay"):  # replay.parse refuses earlier times
+        assert "1970-01-01T00:00:00Z on" in schemas[name]["properties"]["since"]["description"]

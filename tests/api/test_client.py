@@ -152,3 +152,60 @@ def test_unreachable_api_is_one_line() -> None:
     assert run_webhooks(args, {}, out, err) == 1
     assert err.getvalue().startswith("ctct-relay: error: cannot reach the admin API at http://")
     assert err.getvalue().count("\n") == 1
+
+
+async def test_token_read_from_a_crlf_file_is_used_without_its_line_end(cli: Cli) -> None:
+    """``CTCT_RELAY_ADMIN_TOKEN="$(cat token.txt)"`` of a CRLF file keeps a trailing carriage
+    return (and a flag may keep a newline): whitespace around the token is dropped."""
+    assert (await cli("list", environ={TOKEN_ENV: TOKEN + "\r"}))[0] == 0
+    assert (await cli("list", "--token", f" {TOKEN}\r\n", environ={}))[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "source"),
+    [
+        pytest.param(["--token", "adm1n\nsecret"], {}, "--token", id="flag-newline"),
+        pytest.param([], {TOKEN_ENV: "adm1n\r\nsecret"}, TOKEN_ENV, id="env-crlf"),
+        pytest.param([], {TOKEN_ENV: "adm1n\x7fsecret"}, TOKEN_ENV, id="env-del"),
+    ],
+)
+async def test_token_with_a_control_character_is_a_usage_error(
+    cli: Cli, argv: list[str], environ: dict[str, str], source: str
+) -> None:
+    """A control character inside the token: one line naming where it came from, exit 2, the
+    token not shown, no traceback (aiohttp would refuse the header with a ValueError)."""
+    status, out, err = await cli("list", *argv, environ=environ)
+    assert (status, out) == (2, "")
+    assert err.startswith(f"ctct-relay: error: {source}: the admin token holds a control character")
+    assert err.count("\n") == 1
+    assert "adm1n" not in err
+    assert "secret" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-2", "fast"])
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        pytest.param(["add", PUBLIC_URL, "-e", "click"], "--rate-limit", id="rate-limit"),
+        pytest.param(["list"], "--timeout", id="timeout"),
+    ],
+)
+def test_non_finite_or_non_positive_numbers_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str, value: str
+) -> None:
+    """--rate-limit nan would reach the API as null (no limit at all) and --timeout inf ended in
+    an OverflowError: both refuse anything but a finite number > 0, argparse-style, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        parse(["webhooks", *argv, f"{flag}={value}"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: expected a" in err
+    assert repr(value) in err
+    assert "Traceback" not in err
+
+
+async def test_a_fractional_rate_limit_is_sent(cli: Cli) -> None:
+    """A finite positive --rate-limit reaches the webhook as given."""
+    status, out, _ = await cli("add", PUBLIC_URL, "-e", "click", "--rate-limit", "0.5", "--json")
+    assert status == 0
+    assert orjson.loads(out)["rate_limit_per_s"] == 0.5

@@ -237,6 +237,37 @@ async def test_a_replay_time_outside_the_datetime_range_is_a_400(
     assert (await error_of(response, 400))["message"].startswith("since:")
 
 
+@pytest.mark.parametrize(
+    "since",
+    [
+        pytest.param("9999-12-31T23:59:59-01:00", id="year-10000-in-utc"),
+        pytest.param("0001-01-01T00:00:00+01:00", id="year-0-in-utc"),
+    ],
+)
+@pytest.mark.parametrize("source", ["log", "upstream"])
+@pytest.mark.parametrize("dry_run", [True, False])
+async def test_every_replay_route_and_source_names_the_time_range(
+    api: Client, store: Store, since: str, source: str, dry_run: bool
+) -> None:
+    """Stream and account replays, from the log or upstream, dry or not: a time outside the
+    range is a 400 whose message states the range the OpenAPI document gives, nothing asked."""
+    sid = await stream_id(store)
+    ask = {"since": since, "source": source, "dry_run": dry_run}
+    for path in (f"/v1/streams/{sid}/replay", "/v1/accounts/acme/replay"):
+        error = await error_of(await api.post(path, json=ask, headers=AUTH), 400)
+        assert error["message"] == f"since: outside the years 1 to 9999 in UTC: {since!r}"
+    assert await store.replays() == {}
+
+
+async def test_replay_since_at_the_end_of_time_is_accepted(api: Client, store: Store) -> None:
+    """The latest time there is, in UTC, is a valid (if empty) replay."""
+    sid = await stream_id(store)
+    ask = {"since": "9999-12-31T23:59:59.999+00:00", "dry_run": True}
+    response = await api.post(f"/v1/streams/{sid}/replay", json=ask, headers=AUTH)
+    assert response.status == 202
+    assert (await response.json())["since"] == "9999-12-31T23:59:59.999Z"
+
+
 async def test_upstream_replay_asks_for_a_re_read(api: Client, store: Store) -> None:
     """An upstream replay marks the stream, makes it due now; a campaign that is not polled is
     a 404 and a retired stream a 409."""

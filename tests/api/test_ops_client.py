@@ -74,6 +74,18 @@ async def test_wrong_token_is_one_line(cli: Cli) -> None:
     assert err == "ctct-relay: error: Authorization: the bearer token is not valid (HTTP 401)\n"
 
 
+async def test_token_with_a_line_break_is_a_usage_error(cli: Cli) -> None:
+    """A token holding CR/LF (read from a file): one line naming the variable, exit 2; a token
+    with only a line end around it works."""
+    status, out, err = await cli("status", token="adm1n\r\nsecret")
+    assert (status, out) == (2, "")
+    assert err == (
+        f"ctct-relay: error: {TOKEN_ENV}: the admin token holds a control character"
+        " (a line break, a tab, …); an HTTP header cannot carry it\n"
+    )
+    assert (await cli("status", token=TOKEN + "\r\n"))[0] == 0
+
+
 def test_unreachable_api_is_one_line() -> None:
     """No server: one line naming the API, exit 1 (sync entry point)."""
     args = parse(["status", "--api", f"http://127.0.0.1:{free_port()}"])
@@ -104,8 +116,35 @@ async def test_pause_resume_and_targets(cli: Cli, store: Store) -> None:
     status, _, err = await cli("targets", "remove", "--account", "acme", "--campaign", "11")
     assert status == 1
     assert "does not poll campaign '11'" in err
-    status, _, err = await cli("targets", "add", "--account", "acme")
-    assert (status, err) == (1, "ctct-relay: error: give at least one --campaign or --contact\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(
+            ["targets", "add", "--account", "acme"],
+            "give at least one --campaign or --contact",
+            id="targets-without-ids",
+        ),
+        pytest.param(
+            ["replay", "--stream", "1", "--campaign", "7", "--since", "2025-01-01T00:00:00Z"],
+            "--campaign: needs --account",
+            id="campaign-without-account",
+        ),
+        pytest.param(["status", "--limit", "0"], "--limit: expected 1 to 1000, got 0", id="limit"),
+        pytest.param(
+            ["pause", "--stream", "1", "--reason", "maintenance"],
+            "--reason: only an account pause takes a reason, not --stream",
+            id="stream-pause-reason",
+        ),
+    ],
+)
+async def test_usage_errors_exit_2(cli: Cli, store: Store, argv: list[str], message: str) -> None:
+    """Options that cannot go together: one line, exit 2 as for argparse's own usage errors,
+    and nothing sent (a stream pause's --reason is not dropped silently: the stream stays)."""
+    await store.ensure_streams([KEY], T0)
+    assert await cli(*argv) == (2, "", f"ctct-relay: error: {message}\n")
+    assert not (await store.streams())[0].paused
 
 
 async def test_replay_dry_run_then_wait_shows_progress(

@@ -600,6 +600,17 @@ async def test_recover_needs_an_rfc3339_time(client: Client, since: object) -> N
     assert (await error_of(response, 400))["message"].startswith("since: expected an RFC 3339")
 
 
+@pytest.mark.parametrize("since", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+00:01"])
+async def test_recover_since_out_of_range_is_a_400_naming_it(client: Client, since: str) -> None:
+    """A valid RFC 3339 time outside the years 1..9999 once in UTC is a 400 naming since."""
+    hook = await create(client)
+    response = await client.post(
+        f"/v1/webhooks/{hook['id']}/recover", json={"since": since}, headers=AUTH
+    )
+    message = (await error_of(response, 400))["message"]
+    assert message == f"since: outside the years 1 to 9999 in UTC: {since!r}"
+
+
 @pytest.mark.parametrize(
     ("data", "status"),
     [

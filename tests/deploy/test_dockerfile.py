@@ -123,3 +123,15 @@ def test_dockerignore_lets_in_exactly_what_is_copied() -> None:
         for src in i.args.split()[:-1]
     }
     assert sources == allowed
+
+
+def test_documented_docker_run_publishes_the_admin_port_on_loopback_only() -> None:
+    """The `docker run` of the Dockerfile's header and of the README publish the admin API on
+    127.0.0.1 only (``-p 8081:8081`` would expose the token-protected API on every interface
+    of the host)."""
+    header = "\n".join(line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#"))
+    readme = (ROOT / "README.md").read_text()
+    for where, text in (("Dockerfile", header), ("README.md", readme)):
+        published = re.findall(r"(?:-p|--publish)[ =](\S*\d:\d+)\b", text)
+        assert published, where
+        assert all(p.startswith("127.0.0.1:") for p in published), (where, published)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,45 @@ def test_ctrl_c_stops_the_demo_cleanly_and_without_java_it_says_how_to_enable_ka
     assert "KeyboardInterrupt" not in text
     assert "install Java 17+ and Maven" in text
     assert "records from Kafka" in text
+
+
+def test_what_the_banner_prints_works(tmp_path: Path) -> None:
+    """Every URL the banner prints answers 200 and its status command, run as printed (even with
+    an admin token of another relay in the environment), prints the demo's account."""
+    proc = demo(tmp_path, "--no-kafka", "--duration", "60", "--state-dir", str(tmp_path / "s"))
+    out = tmp_path / "demo.out"
+    try:
+        wait_until(lambda: "webhook  send" in out.read_text(), 60, "a first webhook event")
+        banner = out.read_text().split("events below as they arrive")[0]
+        urls = re.findall(r"http://127\.0\.0\.1:\d+/\S*[a-z]", banner)
+        webhooks_receiver = [u for u in urls if u.endswith("/hook")]
+        assert len(urls) - len(webhooks_receiver) == 4, banner  # truth, v1, openapi, metrics
+        for url in set(urls) - set(webhooks_receiver):  # a POST there would count as rejected
+            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+                assert response.status == 200, url
+        printed = re.search(r"^status +(ctct-relay status .*)$", banner, re.MULTILINE)
+        assert printed is not None, banner
+        argv = shlex.split(printed.group(1))
+        assert argv[:2] == ["ctct-relay", "status"]
+        for environ in ({}, {"CTCT_RELAY_ADMIN_TOKEN": "another-relays-token"}):
+            env = {k: v for k, v in os.environ.items() if k != "CTCT_RELAY_ADMIN_TOKEN"}
+            status = subprocess.run(
+                [sys.executable, "-m", "relay", *argv[1:]],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env={**env, **environ},
+                timeout=60,
+                check=False,
+            )
+            assert status.returncode == 0, status.stderr
+            assert re.search(r"^demo +\d+", status.stdout, re.MULTILINE), status.stdout
+        config = re.search(r"^relay config +(\S+)$", banner, re.MULTILINE)
+        assert config is not None
+        assert Path(config.group(1)) == tmp_path / "s" / "relay.yaml"
+        assert Path(config.group(1)).is_file()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, out.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
