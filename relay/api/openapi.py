@@ -212,7 +212,7 @@ def _redeliver() -> JsonObject:
         "summary": "Make a delivery pending again, due now, with a fresh attempt budget",
         "responses": {
             "202": _json("the delivery, pending", _schema("Delivery")),
-            **_errors(401, 404),
+            **_errors(401, 404, 410),
         },
     }
 
@@ -401,6 +401,10 @@ _ERROR_RESPONSES = {
     401: ("Unauthorized", "missing or wrong bearer token"),
     404: ("NotFound", "no such webhook or delivery"),
     409: ("Conflict", "another webhook is registered for this URL (the message names it)"),
+    410: (
+        "Gone",
+        "the delivery's event is no longer in the outbox (pruned after outbox_retention_h)",
+    ),
     413: ("PayloadTooLarge", f"body larger than {body.MAX_BODY_BYTES} bytes"),
     500: ("Internal", "unexpected failure (logged)"),
     503: ("Unavailable", "the state store is not answering"),

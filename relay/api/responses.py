@@ -21,6 +21,7 @@ ERROR_CODES: Mapping[int, str] = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
+    410: "gone",
     413: "payload_too_large",
     500: "internal",
     503: "unavailable",

@@ -18,7 +18,7 @@ from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE
 from relay.api.status import VIEW
 from relay.api.views import delivery_view, webhook_view, webhook_with_secret
 from relay.events import EVENT_TYPES
-from relay.store import DuplicateError, NotFoundError
+from relay.store import DuplicateError, GoneError, NotFoundError
 
 CREATE_FIELDS = ("url", "event_types", "description", "enabled", "secret", "rate_limit_per_s")
 PATCH_FIELDS = ("url", "event_types", "description", "enabled", "rate_limit_per_s")
@@ -179,11 +179,13 @@ def _secret(data: JsonObject) -> str | None:
 
 @contextlib.contextmanager
 def _service_errors() -> Iterator[None]:
-    """Turns service and store outcomes into API errors: 409, 400, 404."""
+    """Turns service and store outcomes into API errors: 409, 410, 400, 404."""
     try:
         yield
     except DuplicateError as exc:  # the store's unique URL: race-free, unlike a lookup first
         raise ApiError(409, str(exc)) from None
+    except GoneError as exc:  # a redelivery whose event was pruned
+        raise ApiError(410, str(exc)) from None
     except service.WebhookError as exc:
         raise bad_request(str(exc)) from None
     except NotFoundError as exc:

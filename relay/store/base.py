@@ -33,6 +33,19 @@ class NotFoundError(StoreError):
     """A webhook, delivery or stream that does not exist."""
 
 
+class GoneError(StoreError):
+    """A delivery whose event is no longer in the outbox (pruned after ``outbox_retention_h``):
+    it cannot be sent again."""
+
+
+def gone_message(delivery: Delivery) -> str:
+    """The GoneError of a delivery whose event was pruned."""
+    return (
+        f"delivery {delivery.id}: its event {delivery.event_id} is no longer in the outbox"
+        " (pruned after outbox_retention_h) and cannot be sent again"
+    )
+
+
 class DuplicateError(StoreError):
     """A webhook URL that another webhook already has (``webhooks.url`` is unique, migration 3);
     the message names the webhook holding it."""
@@ -412,7 +425,9 @@ class Store(Protocol):
         """A delivery's attempts, oldest first."""
 
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
-        """Make a delivery pending again, due now, with a fresh attempt budget."""
+        """Make a delivery pending again, due now, with a fresh attempt budget. Raises
+        NotFoundError, or GoneError when its event was pruned from the outbox (a delivered
+        delivery's history outlives its event)."""
 
     async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
         """Owe the webhook every matching event committed since ``since_ms`` again; returns how

@@ -43,6 +43,7 @@ from relay.store.base import (
     Delivery,
     DeliveryCounts,
     DuplicateError,
+    GoneError,
     NotFoundError,
     OutboxAppend,
     OutboxEvent,
@@ -56,6 +57,7 @@ from relay.store.base import (
     StreamKey,
     StreamStats,
     Webhook,
+    gone_message,
 )
 from relay.store.pg_migrations import PG_MIGRATIONS
 
@@ -745,15 +747,18 @@ class PostgresStore:
 
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
         async def run(conn: Connection) -> Delivery:
+            # only while its event is in the outbox (see the SQLite store)
             status = await conn.execute(
                 "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = $1"
-                " WHERE id = $2",
+                " WHERE id = $2 AND EXISTS (SELECT 1 FROM outbox WHERE outbox.seq ="
+                " deliveries.seq)",
                 now_ms,
                 delivery_id,
             )
+            delivery = await _get_delivery(conn, delivery_id)  # NotFoundError when none
             if not _count(status):
-                raise NotFoundError(f"no delivery with id {delivery_id}")
-            return await _get_delivery(conn, delivery_id)
+                raise GoneError(gone_message(delivery))
+            return delivery
 
         return await self.transaction(run)
 

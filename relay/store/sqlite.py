@@ -29,6 +29,7 @@ from relay.store.base import (
     Delivery,
     DeliveryCounts,
     DuplicateError,
+    GoneError,
     NotFoundError,
     OutboxAppend,
     OutboxEvent,
@@ -42,6 +43,7 @@ from relay.store.base import (
     StreamKey,
     StreamStats,
     Webhook,
+    gone_message,
 )
 from relay.store.migrations import MIGRATIONS
 
@@ -621,14 +623,18 @@ class SqliteStore:
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
         def run(conn: sqlite3.Connection) -> Delivery:
             with _tx(conn):
+                # only while its event is in the outbox: the due read joins it, so a delivery
+                # made pending without it would be neither sent nor ever dead-lettered
                 changed = conn.execute(
                     "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = ?"
-                    " WHERE id = ?",
+                    " WHERE id = ? AND EXISTS (SELECT 1 FROM outbox WHERE outbox.seq ="
+                    " deliveries.seq)",
                     (now_ms, delivery_id),
                 ).rowcount
+            delivery = _get_delivery(conn, delivery_id)  # NotFoundError when there is none
             if not changed:
-                raise NotFoundError(f"no delivery with id {delivery_id}")
-            return _get_delivery(conn, delivery_id)
+                raise GoneError(gone_message(delivery))
+            return delivery
 
         return await self._run(run)
 

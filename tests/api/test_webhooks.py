@@ -542,6 +542,25 @@ async def test_redeliver_resets_a_dead_delivery(client: Client, store: Store) ->
     assert (await store.delivery(delivery.id)).status == "pending"
 
 
+async def test_redeliver_of_a_delivery_whose_event_was_pruned_is_410(
+    client: Client, store: Store
+) -> None:
+    """A delivered delivery's history outlives its event: redelivering it would leave it pending
+    for ever (nothing to send, never dead-lettered), so it is refused with 410 and left as it is."""
+    hook = await create(client)
+    await commit_events(store, [activity(1, T0 - 5000), activity(2, T0 - 4000)], T0)
+    first, _ = sorted(await store.deliveries(str(hook["id"]), 10), key=lambda d: d.id)
+    await store.finish_attempts([(Attempt(first.id, T0, 200, 5.0), "delivered", T0)])
+    assert await store.prune_outbox(T0 + 1, []) == 1
+    response = await client.post(f"/v1/deliveries/{first.id}/redeliver", headers=AUTH)
+    error = await error_of(response, 410)
+    assert error["message"] == (
+        f"delivery {first.id}: its event {first.event_id} is no longer in the outbox"
+        " (pruned after outbox_retention_h) and cannot be sent again"
+    )
+    assert (await store.delivery(first.id)).status == "delivered"
+
+
 async def test_every_change_is_told_to_the_running_dispatcher(
     make_client: ClientFactory, store: Store
 ) -> None:

@@ -14,6 +14,7 @@ from relay.events import WILDCARD, Activity, Kind, from_millis
 from relay.store import (
     Attempt,
     DuplicateError,
+    GoneError,
     NotFoundError,
     PassResult,
     Store,
@@ -381,6 +382,26 @@ async def test_next_due_ms_is_the_first_pending_retry_after_a_time(store: Store)
     assert await store.next_due_ms("wh_1", T0) == T0 + 300
     assert await store.next_due_ms("wh_1", T0 + 300) == T0 + 5000
     assert await store.next_due_ms("wh_1", T0 + 5000) is None
+
+
+async def test_redeliver_needs_the_event_in_the_outbox(store: Store) -> None:
+    """A delivery whose event was pruned cannot be made pending again: GoneError, unchanged; an
+    unknown id is still NotFoundError."""
+    sid = await one_stream(store)
+    await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(1, 3)], T0)
+    await store.fanout(100, T0)
+    first, second = (d for d, _ in await store.due_deliveries("wh_1", T0, 10))
+    await store.finish_attempts([(Attempt(first.id, T0, 200, 1.0), "delivered", T0)])
+    assert await store.prune_outbox(T0 + 1, []) == 1
+    with pytest.raises(GoneError, match=f"delivery {first.id}: its event .* no longer"):
+        await store.redeliver(first.id, T0 + 2)
+    assert (await store.delivery(first.id)).status == "delivered"
+    assert (await store.redeliver(second.id, T0 + 2)).status == "pending"
+    with pytest.raises(NotFoundError):
+        await store.redeliver(999_999, T0)
 
 
 async def test_outbox_event_reads_back_every_field(store: Store) -> None:
