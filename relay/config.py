@@ -7,6 +7,7 @@ before anything starts. This is the only module that reads the environment.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -36,6 +37,10 @@ NOT_OVERRIDES = frozenset({"CTCT_RELAY_ADMIN_TOKEN", "CTCT_RELAY_KAFKA_CACHE"})
 DEFAULT_STATE = "sqlite:///relay-state.db"
 DEFAULT_RETENTION_H = 168.0
 DEFAULT_OUTBOX_RETENTION_H = 168.0
+# Ceilings of keys without their own: no setting needs more, and larger values overflow the
+# timers (timedelta) and protocol fields (Kafka's int32) they end up in.
+MAX_NUMBER = 1e9
+MAX_INTEGER = 2**31 - 1
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 LogLevel = Literal["debug", "info", "warning", "error"]
 Mode = Literal["binary", "structured"]
@@ -222,7 +227,7 @@ def _admin(r: _Reader) -> AdminSettings:
     b = AdminSettings()
     admin = AdminSettings(
         host=r.text("host", b.host),
-        port=int(r.number("port", b.port, strict=False, maximum=65535)),
+        port=r.integer("port", b.port, minimum=0, maximum=65535),
         token=r.optional_text("token"),
         rotation_grace_s=r.number("rotation_grace_s", b.rotation_grace_s, strict=False),
         metrics_public=r.flag("metrics_public", b.metrics_public),
@@ -245,9 +250,9 @@ def _webhooks(
         timeout_s=r.number("timeout_s", b.timeout_s),
         connect_timeout_s=r.number("connect_timeout_s", b.connect_timeout_s),
         max_retry_after_s=r.number("max_retry_after_s", b.max_retry_after_s),
-        concurrency=int(r.number("concurrency", b.concurrency, minimum=1, strict=False)),
+        concurrency=r.integer("concurrency", b.concurrency),
         disable_after_s=r.number("disable_after_s", b.disable_after_s),
-        response_cap_bytes=int(r.number("response_cap_bytes", b.response_cap_bytes)),
+        response_cap_bytes=r.integer("response_cap_bytes", b.response_cap_bytes),
     )
     allow = tuple(r.strings("allow_networks") or ())
     try:
@@ -292,15 +297,15 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
         compression=cast(
             Compression, r.choice("compression", ("none", "gzip", "lz4", "zstd"), b.compression)
         ),
-        linger_ms=int(r.number("linger_ms", b.linger_ms, strict=False)),
-        max_batch_bytes=int(r.number("max_batch_bytes", b.max_batch_bytes)),
-        max_request_bytes=int(r.number("max_request_bytes", b.max_request_bytes)),
+        linger_ms=r.integer("linger_ms", b.linger_ms, minimum=0),
+        max_batch_bytes=r.integer("max_batch_bytes", b.max_batch_bytes),
+        max_request_bytes=r.integer("max_request_bytes", b.max_request_bytes),
         request_timeout_s=r.number("request_timeout_s", b.request_timeout_s),
         client_id=r.text("client_id", b.client_id),
         create_topics=r.flag("create_topics", b.create_topics),
-        partitions=int(r.number("partitions", b.partitions)),
-        replication_factor=int(r.number("replication_factor", b.replication_factor)),
-        batch_events=int(r.number("batch_events", b.batch_events)),
+        partitions=r.integer("partitions", b.partitions),
+        replication_factor=r.integer("replication_factor", b.replication_factor, maximum=32767),
+        batch_events=r.integer("batch_events", b.batch_events),
         security=_kafka_security(r.child("security")),
     )
     r.done()
@@ -353,11 +358,9 @@ def _state(root: _Reader) -> str:
 
 def _postgres(r: _Reader) -> PostgresSettings:
     b = PostgresSettings()
-    max_size = int(r.number("pool_max_size", b.pool_max_size, minimum=1, strict=False))
+    max_size = r.integer("pool_max_size", b.pool_max_size)
     settings = PostgresSettings(
-        pool_min_size=int(
-            r.number("pool_min_size", b.pool_min_size, maximum=max_size, strict=False)
-        ),
+        pool_min_size=r.integer("pool_min_size", b.pool_min_size, minimum=0, maximum=max_size),
         pool_max_size=max_size,
         statement_timeout_s=r.number("statement_timeout_s", b.statement_timeout_s),
         connect_timeout_s=r.number("connect_timeout_s", b.connect_timeout_s),
@@ -386,7 +389,7 @@ def _poll(r: _Reader, base: PollSettings | None = None) -> PollSettings:
         overlap_s=r.number("overlap_s", base.overlap_s, strict=False),
         start_from=start_from,
         summary_gate=r.flag("summary_gate", base.summary_gate),
-        page_limit=int(r.number("page_limit", base.page_limit, maximum=500)),
+        page_limit=r.integer("page_limit", base.page_limit, maximum=500),
         dedup_retention_s=base.dedup_retention_s,
     )
 
@@ -424,7 +427,7 @@ def _schedule(r: _Reader) -> ScheduleSettings:
         rate_memory_s=r.number("rate_memory_s", b.rate_memory_s),
         budget_share=r.number("budget_share", b.budget_share, maximum=1.0),
         tick_s=r.number("tick_s", b.tick_s),
-        concurrency=int(r.number("concurrency", b.concurrency, minimum=1, strict=False)),
+        concurrency=r.integer("concurrency", b.concurrency),
         error_backoff_s=r.number("error_backoff_s", b.error_backoff_s),
         error_backoff_max_s=r.number("error_backoff_max_s", b.error_backoff_max_s),
     )
@@ -443,7 +446,7 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
     defaults = Budget()
     budget = Budget(
         requests_per_second=limits.number("requests_per_second", defaults.requests_per_second),
-        requests_per_day=int(limits.number("requests_per_day", defaults.requests_per_day)),
+        requests_per_day=limits.integer("requests_per_day", defaults.requests_per_day),
         reserved_share=limits.number(
             "reserved_share", defaults.reserved_share, minimum=0.0, maximum=0.99, strict=False
         ),
@@ -471,7 +474,7 @@ def _campaigns(r: _Reader) -> CampaignTargets:
     targets = CampaignTargets(
         discover=r.flag("discover", base.discover),
         discover_interval_s=r.number("discover_interval_s", base.discover_interval_s),
-        max_age_days=r.number("max_age_days", base.max_age_days),
+        max_age_days=r.number("max_age_days", base.max_age_days, maximum=36500),
         ids=tuple(r.strings("ids") or ()),
     )
     r.done()
@@ -485,7 +488,7 @@ def _http(r: _Reader) -> HttpSettings:
         timeout_s=r.number("timeout_s", base.timeout_s),
         connect_timeout_s=r.number("connect_timeout_s", base.connect_timeout_s),
         retry=RetryPolicy(
-            max_attempts=int(r.number("max_attempts", defaults.max_attempts, minimum=1)),
+            max_attempts=r.integer("max_attempts", defaults.max_attempts),
             base_delay_s=r.number("backoff_base_s", defaults.base_delay_s),
             max_delay_s=r.number("backoff_max_s", defaults.max_delay_s),
             max_retry_after_s=r.number("max_retry_after_s", defaults.max_retry_after_s),
@@ -562,19 +565,42 @@ class _Reader:
         maximum: float | None = None,
         strict: bool = True,
     ) -> float:
+        """A finite number; ``strict``: greater than ``minimum``, else at least ``minimum``."""
         value = self._get(name)
         if value is None:
             return float(default)
+        number = _as_number(value)
+        real = None if number is None else _as_float(number)
+        cap = MAX_NUMBER if maximum is None else maximum
         bound = f"{'>' if strict else '>='} {minimum:g}"
-        if maximum is not None:
-            bound += f" and <= {maximum:g}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if maximum is not None or (real is not None and cap < real < math.inf):
+            bound += f" and <= {cap:g}"
+        if real is None or not math.isfinite(real):
+            what = "a number" if real is None else "a finite number"
+            raise ConfigError(f"{self.key(name)}: expected {what} {bound}, got {_show(value)}")
+        too_low = real <= minimum if strict else real < minimum
+        if too_low or real > cap:
             raise ConfigError(f"{self.key(name)}: expected a number {bound}, got {_show(value)}")
-        number = float(value)
-        too_low = number <= minimum if strict else number < minimum
-        if too_low or (maximum is not None and number > maximum):
-            raise ConfigError(f"{self.key(name)}: expected a number {bound}, got {_show(value)}")
-        return number
+        return real
+
+    def integer(
+        self, name: str, default: int, *, minimum: int = 1, maximum: int | None = None
+    ) -> int:
+        """A whole number from ``minimum`` to ``maximum`` (both included); 2.0 counts, 2.5 not."""
+        value = self._get(name)
+        if value is None:
+            return default
+        number = _as_number(value)
+        cap = MAX_INTEGER if maximum is None else maximum
+        whole = number if isinstance(number, int) else None
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            whole = int(number)
+        bound = f">= {minimum}"
+        if maximum is not None or (whole is not None and whole > cap):
+            bound += f" and <= {cap}"
+        if whole is None or not minimum <= whole <= cap:
+            raise ConfigError(f"{self.key(name)}: expected an integer {bound}, got {_show(value)}")
+        return whole
 
     def flag(self, name: str, default: bool) -> bool:
         value = self._get(name)
@@ -585,20 +611,21 @@ class _Reader:
         return value
 
     def numbers(self, name: str) -> list[float] | None:
+        """A non-empty list of finite numbers >= 0 (seconds)."""
         value = self._get(name)
         if value is None:
             return None
+        items = [_as_number(v) for v in value] if isinstance(value, list) else []
+        numbers = [_as_float(v) for v in items if v is not None]
         if (
-            not isinstance(value, list)
-            or not value
-            or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value
-            )
+            not items
+            or len(numbers) != len(items)
+            or not all(math.isfinite(v) and 0 <= v <= MAX_NUMBER for v in numbers)
         ):
             raise ConfigError(
                 f"{self.key(name)}: expected a non-empty list of seconds, got {_show(value)}"
             )
-        return [float(v) for v in value]
+        return numbers
 
     def strings(self, name: str) -> list[str] | None:
         """A list of ids or names; numbers are accepted and kept as text (ids often are)."""
@@ -626,6 +653,20 @@ class _Reader:
         if unknown:
             where = self._path or "top level"
             raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+
+
+def _as_number(value: object) -> int | float | None:
+    """A YAML number; None for anything else (true/false included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def _as_float(number: int | float) -> float:
+    try:
+        return float(number)
+    except OverflowError:  # an integer beyond float range
+        return math.inf if number > 0 else -math.inf
 
 
 def _show(value: object) -> str:

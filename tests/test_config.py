@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -229,12 +230,12 @@ def test_every_key_the_loader_reads_is_documented(monkeypatch: pytest.MonkeyPatc
         ),
         pytest.param(
             "postgres: {pool_max_size: 0}",
-            "postgres.pool_max_size: expected a number >= 1",
+            "postgres.pool_max_size: expected an integer >= 1",
             id="pool",
         ),
         pytest.param(
             "postgres: {pool_min_size: 20}",
-            "postgres.pool_min_size: expected a number",
+            "postgres.pool_min_size: expected an integer >= 0 and <= 10",
             id="pool-min",
         ),
         pytest.param(
@@ -277,3 +278,104 @@ def test_postgresql_state_and_its_settings(tmp_path: Path) -> None:
     assert settings.postgres.lease_s == 6
     assert settings.postgres.request_margin_s == 0.2
     assert "pg-secret-9" in settings.secrets()
+
+
+# Every key read as a whole number, with a YAML snippet setting it to {} (accounts[0] keys extend
+# the MINIMAL account).
+INTEGER_KEYS = {
+    "poll.page_limit": "poll: {{page_limit: {}}}",
+    "schedule.concurrency": "schedule: {{concurrency: {}}}",
+    "http.max_attempts": "http: {{max_attempts: {}}}",
+    "admin.port": "admin: {{port: {}}}",
+    "webhooks.concurrency": "webhooks: {{concurrency: {}}}",
+    "webhooks.response_cap_bytes": "webhooks: {{response_cap_bytes: {}}}",
+    "postgres.pool_max_size": "postgres: {{pool_max_size: {}}}",
+    "postgres.pool_min_size": "postgres: {{pool_min_size: {}}}",
+    "kafka.linger_ms": "kafka: {{bootstrap_servers: b, linger_ms: {}}}",
+    "kafka.max_batch_bytes": "kafka: {{bootstrap_servers: b, max_batch_bytes: {}}}",
+    "kafka.max_request_bytes": "kafka: {{bootstrap_servers: b, max_request_bytes: {}}}",
+    "kafka.partitions": "kafka: {{bootstrap_servers: b, partitions: {}}}",
+    "kafka.replication_factor": "kafka: {{bootstrap_servers: b, replication_factor: {}}}",
+    "kafka.batch_events": "kafka: {{bootstrap_servers: b, batch_events: {}}}",
+    "accounts[0].rate_limit.requests_per_day": "    rate_limit: {{requests_per_day: {}}}",
+}
+
+
+@pytest.mark.parametrize("value", ["0.9", "2.5", "8081.9", ".nan", ".inf", "-.inf", "true", "x"])
+@pytest.mark.parametrize("key", INTEGER_KEYS)
+def test_integer_keys_refuse_what_is_not_a_whole_number(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    """A fraction is never truncated (page_limit 0.9 was 0), NaN and infinity never reach int()."""
+    with pytest.raises(ConfigError, match=rf"^.*: {re.escape(key)}: expected an integer >= \d"):
+        load(write(tmp_path, MINIMAL + INTEGER_KEYS[key].format(value)), environ={"KEY": "k"})
+
+
+def test_integer_keys_take_whole_numbers_written_as_floats(tmp_path: Path) -> None:
+    """3.0 is a whole number: it loads as the int 3."""
+    text = MINIMAL + "    rate_limit: {requests_per_day: 1200.0}\npoll: {page_limit: 3.0}\n"
+    settings = load(write(tmp_path, text), environ={"KEY": "k"})
+    assert settings.accounts[0].poll.page_limit == 3
+    assert type(settings.accounts[0].poll.page_limit) is int
+    assert settings.accounts[0].budget.requests_per_day == 1200
+
+
+def test_one_attempt_means_no_retries(tmp_path: Path) -> None:
+    """http.max_attempts: 1 is allowed (the minimum is inclusive): requests are not retried."""
+    settings = load(write(tmp_path, MINIMAL + "http: {max_attempts: 1}"), environ={"KEY": "k"})
+    assert settings.http.retry.max_attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param(
+            "schedule: {tick_s: .inf}", r"schedule\.tick_s: expected a finite number > 0", id="inf"
+        ),
+        pytest.param(
+            "schedule: {min_interval_s: .nan}",
+            r"schedule\.min_interval_s: expected a finite number > 0",
+            id="nan",
+        ),
+        pytest.param(
+            "webhooks: {timeout_s: -.inf}",
+            "webhooks.timeout_s: expected a finite number",
+            id="-inf",
+        ),
+        pytest.param(
+            "schedule: {tick_s: 1.0e+15}",
+            r"schedule\.tick_s: expected a number > 0 and <= 1e\+09, got ",
+            id="huge",
+        ),
+        pytest.param(
+            "    campaigns: {max_age_days: 1.0e+6}",
+            r"accounts\[0\]\.campaigns\.max_age_days: expected a number > 0 and <= 36500",
+            id="max-age-days",
+        ),
+        pytest.param(
+            "webhooks: {retry_schedule_s: [5, .inf]}",
+            "webhooks.retry_schedule_s: expected a non-empty list of seconds",
+            id="schedule-inf",
+        ),
+        pytest.param(
+            "webhooks: {retry_schedule_s: [.nan]}",
+            "webhooks.retry_schedule_s: expected a non-empty list of seconds",
+            id="schedule-nan",
+        ),
+        pytest.param(
+            "kafka: {bootstrap_servers: b, partitions: 99999999999}",
+            r"kafka\.partitions: expected an integer >= 1 and <= 2147483647, got 99999999999",
+            id="int-too-big",
+        ),
+        pytest.param(
+            "kafka: {bootstrap_servers: b, replication_factor: 40000}",
+            r"kafka\.replication_factor: expected an integer >= 1 and <= 32767",
+            id="replication-int16",
+        ),
+    ],
+)
+def test_numbers_are_finite_and_bounded(tmp_path: Path, extra: str, message: str) -> None:
+    """NaN and infinity are refused by name (they crashed int() or the scheduler at start), and so
+    are values beyond what the timers and Kafka fields hold."""
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
