@@ -41,6 +41,8 @@ DEFAULT_OUTBOX_RETENTION_H = 168.0
 # timers (timedelta) and protocol fields (Kafka's int32) they end up in.
 MAX_NUMBER = 1e9
 MAX_INTEGER = 2**31 - 1
+# What true/false keys take as text (override variables are text): YAML 1.1's words, any case.
+FLAGS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 LogLevel = Literal["debug", "info", "warning", "error"]
 Mode = Literal["binary", "structured"]
@@ -552,6 +554,8 @@ class _Reader:
             if default is not None:
                 return default
             raise ConfigError(f"{self.key(name)}: required, but missing or empty")
+        if isinstance(value, (_FlowList, _FlowMapping)):
+            return value.text  # an override variable's text, taken as written by string keys
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise ConfigError(f"{self.key(name)}: expected a string, got {_show(value)}")
         return str(value)
@@ -603,9 +607,12 @@ class _Reader:
         return whole
 
     def flag(self, name: str, default: bool) -> bool:
+        """true or false; also as a string (override variables are): the words of :data:`FLAGS`."""
         value = self._get(name)
         if value is None:
             return default
+        if isinstance(value, str) and value.strip().lower() in FLAGS:
+            return FLAGS[value.strip().lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{self.key(name)}: expected true or false, got {_show(value)}")
         return value
@@ -656,10 +663,22 @@ class _Reader:
 
 
 def _as_number(value: object) -> int | float | None:
-    """A YAML number; None for anything else (true/false included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A YAML number, or a string that spells one in decimal (``5``, ``2.5``, ``1e3``; ``0123`` is
+    123): override variables are strings. None for anything else (true/false included)."""
+    if isinstance(value, bool):
         return None
-    return value
+    if isinstance(value, (int, float)):
+        return value
+    if not isinstance(value, str) or not value.isascii():
+        return None
+    try:
+        return int(value, 10)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _as_float(number: int | float) -> float:
@@ -696,18 +715,47 @@ def _interpolate(value: object, env: Mapping[str, str], path: str) -> object:
     return _ENV_REF.sub(substitute, value)
 
 
+class _FlowList(list[object]):
+    """A list read from an override variable's ``[…]``, keeping the text for string keys."""
+
+    def __init__(self, items: list[object], text: str) -> None:
+        super().__init__(items)
+        self.text = text
+
+
+class _FlowMapping(dict[object, object]):
+    """A mapping read from an override variable's ``{…}``, keeping the text for string keys."""
+
+    def __init__(self, items: dict[object, object], text: str) -> None:
+        super().__init__(items)
+        self.text = text
+
+
 def _apply_overrides(data: object, env: Mapping[str, str]) -> object:
     """``CTCT_RELAY_HTTP__TIMEOUT_S=5`` sets ``http.timeout_s``; list items by index."""
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX or name in NOT_OVERRIDES:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
-        try:
-            value = yaml.safe_load(env[name]) if env[name] else ""
-        except yaml.YAMLError:
-            value = env[name]
-        data = _set_path(data, keys, value, name)
+        data = _set_path(data, keys, _override_value(env[name]), name)
     return data
+
+
+def _override_value(text: str) -> object:
+    """A variable's text as it is: the readers of number and true/false keys read their words.
+    Only a YAML flow list or mapping (``[a, b]``, ``{k: v}``) is parsed, for list and mapping
+    keys; a string key still gets the text (a token may well start with a bracket)."""
+    if not text.lstrip().startswith(("[", "{")):
+        return text
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(parsed, list):
+        return _FlowList(parsed, text)
+    if isinstance(parsed, dict):
+        return _FlowMapping(parsed, text)
+    return text
 
 
 def _set_path(node: object, keys: list[str], value: object, var: str) -> object:

@@ -68,7 +68,7 @@ def test_missing_env_var_names_key_and_variable(tmp_path: Path) -> None:
 
 
 def test_environment_overrides_any_key(tmp_path: Path) -> None:
-    """CTCT_RELAY_… variables override nested keys and list items, parsed as YAML scalars."""
+    """CTCT_RELAY_… variables override nested keys and list items."""
     env = {
         "KEY": "k",
         "CTCT_RELAY_HTTP__TIMEOUT_S": "7.5",
@@ -379,3 +379,114 @@ def test_numbers_are_finite_and_bounded(tmp_path: Path, extra: str, message: str
     are values beyond what the timers and Kafka fields hold."""
     with pytest.raises(ConfigError, match=message):
         load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "abc #def",
+        "0123",
+        "0x1F",
+        "12:30:45",
+        "1_000",
+        "1e5",
+        "&a b",
+        "*abc",
+        "#abc",
+        "~",
+        "null",
+        "on",
+        "false",
+        "a: b",
+        "!!binary aGVsbG8=",
+        "[secretval]",
+        "{a: b}",
+        "[unclosed",
+        " padded ",
+        "123456789012345678901234567890",
+    ],
+)
+def test_overrides_of_string_keys_keep_the_text_as_set(tmp_path: Path, value: str) -> None:
+    """A CTCT_RELAY_ variable gives a string key exactly its text: YAML never turns it into a
+    comment, an octal number, a sexagesimal one, an anchor, null or a boolean."""
+    env = {
+        "KEY": "k",
+        "CTCT_RELAY_ACCOUNTS__0__API_KEY": value,
+        "CTCT_RELAY_ACCOUNTS__0__ACCESS_TOKEN": value,
+        "CTCT_RELAY_KAFKA__BOOTSTRAP_SERVERS": "b:9092",
+        "CTCT_RELAY_KAFKA__CLIENT_ID": value,
+    }
+    if " " not in value:  # the admin token travels in a header: no spaces
+        env["CTCT_RELAY_ADMIN__TOKEN"] = value
+    settings = load(write(tmp_path, MINIMAL), environ=env)
+    assert settings.accounts[0].api_key.reveal() == value
+    assert settings.accounts[0].access_token.reveal() == value
+    assert settings.kafka is not None
+    assert settings.kafka.client_id == value
+    if " " not in value:
+        assert settings.admin.token == value
+
+
+def test_overrides_of_numbers_flags_and_lists(tmp_path: Path) -> None:
+    """Number keys read decimal text, true/false keys their words (any case), list and mapping keys
+    a YAML flow collection."""
+    env = {
+        "KEY": "k",
+        "CTCT_RELAY_HTTP__MAX_ATTEMPTS": "0012",
+        "CTCT_RELAY_HTTP__TIMEOUT_S": " 2.5e1 ",
+        "CTCT_RELAY_POLL__PAGE_LIMIT": "100.0",
+        "CTCT_RELAY_POLL__SUMMARY_GATE": "Off",
+        "CTCT_RELAY_POLL__KINDS": "[click, open]",
+        "CTCT_RELAY_ADMIN__METRICS_PUBLIC": "no",
+        "CTCT_RELAY_ACCOUNTS__0__CAMPAIGNS__DISCOVER": "FALSE",
+        "CTCT_RELAY_ACCOUNTS__0__CONTACTS": "[1001, '0042']",
+        "CTCT_RELAY_ACCOUNTS__0__RATE_LIMIT": "{requests_per_second: 2, requests_per_day: 500}",
+        "CTCT_RELAY_WEBHOOKS__RETRY_SCHEDULE_S": "[1, '2.5']",
+    }
+    settings = load(write(tmp_path, MINIMAL), environ=env)
+    account = settings.accounts[0]
+    assert settings.http.retry.max_attempts == 12
+    assert settings.http.timeout_s == 25
+    assert account.poll.page_limit == 100
+    assert account.poll.summary_gate is False
+    assert [k.value for k in account.poll.kinds] == ["click", "open"]
+    assert settings.admin.metrics_public is False
+    assert account.campaigns.discover is False
+    assert account.contacts == ("1001", "0042")
+    assert (account.budget.requests_per_second, account.budget.requests_per_day) == (2, 500)
+    assert settings.delivery.retry_schedule_s == (1, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        pytest.param(
+            "HTTP__TIMEOUT_S",
+            "0x1F",
+            r"http\.timeout_s: expected a number > 0, got '0x1F'",
+            id="hex",
+        ),
+        pytest.param(
+            "HTTP__TIMEOUT_S", "12:30", r"http\.timeout_s: expected a number > 0", id="sexagesimal"
+        ),
+        pytest.param(
+            "HTTP__TIMEOUT_S", "nan", r"http\.timeout_s: expected a finite number", id="nan"
+        ),
+        pytest.param(
+            "POLL__PAGE_LIMIT", "1.5", r"poll\.page_limit: expected an integer", id="fraction"
+        ),
+        pytest.param(
+            "POLL__SUMMARY_GATE", "1", r"poll\.summary_gate: expected true or false", id="flag"
+        ),
+        pytest.param(
+            "POLL__KINDS", "click", r"poll\.kinds: expected a list of strings", id="not-a-list"
+        ),
+    ],
+)
+def test_overrides_that_do_not_fit_their_key(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    """Override text that does not spell what the key takes is refused, naming the key."""
+    env = {"KEY": "k", f"CTCT_RELAY_{variable}": value}
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, MINIMAL), environ=env)
