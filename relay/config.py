@@ -43,6 +43,7 @@ MAX_NUMBER = 1e9
 MAX_INTEGER = 2**31 - 1
 # What true/false keys take as text (override variables are text): YAML 1.1's words, any case.
 FLAGS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+_GUESSED = frozenset({"bool", "int", "float", "timestamp"})  # YAML 1.1 resolvers _Loader replaces
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 LogLevel = Literal["debug", "info", "warning", "error"]
 Mode = Literal["binary", "structured"]
@@ -50,6 +51,40 @@ Compression = Literal["none", "gzip", "lz4", "zstd"]
 Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 Mechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogFormat = Literal["auto", "json", "console"]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with fewer guesses about plain scalars, so text keeps the form it was written in.
+
+    PyYAML follows YAML 1.1: ``0123`` is octal 83, ``12:30:45`` is 45045, ``on``/``no`` are
+    booleans and ``2026-01-01`` is a date, all silently, in keys that expect text (tokens, ids,
+    times). Here only ``true``/``false``, ``null``/``~``, decimal integers without a leading zero
+    and decimal floats (``.inf``/``.nan`` included) are resolved; everything else stays the
+    string as written. Number and true/false keys read such strings themselves (:class:`_Reader`).
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag.rsplit(":", 1)[-1] not in _GUESSED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:0|-?[1-9][0-9]*)$"), list("-0123456789")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?
+        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
 
 
 class ConfigError(ValueError):
@@ -170,7 +205,7 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, _Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -556,9 +591,13 @@ class _Reader:
             raise ConfigError(f"{self.key(name)}: required, but missing or empty")
         if isinstance(value, (_FlowList, _FlowMapping)):
             return value.text  # an override variable's text, taken as written by string keys
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
+        if isinstance(value, (bool, float)):  # YAML read true, 1.50 or .inf as such: quote it
+            raise ConfigError(
+                f"{self.key(name)}: expected a string, got {_show(value)} (quote it in YAML)"
+            )
+        if not isinstance(value, (str, int)):
             raise ConfigError(f"{self.key(name)}: expected a string, got {_show(value)}")
-        return str(value)
+        return str(value)  # an int is written as it reads (_Loader): ids are often numbers
 
     def number(
         self,
@@ -748,7 +787,7 @@ def _override_value(text: str) -> object:
     if not text.lstrip().startswith(("[", "{")):
         return text
     try:
-        parsed = yaml.safe_load(text)
+        parsed = yaml.load(text, _Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError:
         return text
     if isinstance(parsed, list):

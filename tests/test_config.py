@@ -439,7 +439,7 @@ def test_overrides_of_numbers_flags_and_lists(tmp_path: Path) -> None:
         "CTCT_RELAY_POLL__KINDS": "[click, open]",
         "CTCT_RELAY_ADMIN__METRICS_PUBLIC": "no",
         "CTCT_RELAY_ACCOUNTS__0__CAMPAIGNS__DISCOVER": "FALSE",
-        "CTCT_RELAY_ACCOUNTS__0__CONTACTS": "[1001, '0042']",
+        "CTCT_RELAY_ACCOUNTS__0__CONTACTS": "[1001, 0042]",
         "CTCT_RELAY_ACCOUNTS__0__RATE_LIMIT": "{requests_per_second: 2, requests_per_day: 500}",
         "CTCT_RELAY_WEBHOOKS__RETRY_SCHEDULE_S": "[1, '2.5']",
     }
@@ -490,3 +490,43 @@ def test_overrides_that_do_not_fit_their_key(
     env = {"KEY": "k", f"CTCT_RELAY_{variable}": value}
     with pytest.raises(ConfigError, match=message):
         load(write(tmp_path, MINIMAL), environ=env)
+
+
+def test_yaml_text_keeps_the_form_it_was_written_in(tmp_path: Path) -> None:
+    """Unquoted times, leading-zero ids and tokens, and on/off words reach string keys as written
+    (YAML 1.1 made them dates, octal numbers and booleans); number and true/false keys still read
+    them."""
+    text = """
+accounts:
+  - name: acme
+    base_url: https://api.example.com
+    api_key: 0123
+    access_token: 12:30:45
+    campaigns: {ids: [0123, 1100394165290], discover: no}
+    poll: {start_from: 2026-01-01T10:00:00Z, summary_gate: off}
+poll: {start_from: 2026-01-01, page_limit: 0100}
+http: {timeout_s: 1e3}
+kafka: {bootstrap_servers: 'b:9092', client_id: on, create_topics: yes}
+"""
+    settings = load(write(tmp_path, text), environ={})
+    account = settings.accounts[0]
+    assert account.api_key.reveal() == "0123"
+    assert account.access_token.reveal() == "12:30:45"
+    assert account.campaigns.ids == ("0123", "1100394165290")
+    assert account.campaigns.discover is False
+    assert account.poll.start_from == "2026-01-01T10:00:00Z"
+    assert account.poll.summary_gate is False
+    assert account.poll.page_limit == 100
+    assert settings.http.timeout_s == 1000
+    assert settings.kafka is not None
+    assert settings.kafka.client_id == "on"
+    assert settings.kafka.create_topics is True
+    top = load(write(tmp_path, MINIMAL + "poll: {start_from: 2026-01-01}"), {"KEY": "k"})
+    assert top.accounts[0].poll.start_from == "2026-01-01"
+
+
+def test_a_float_for_a_string_key_says_to_quote_it(tmp_path: Path) -> None:
+    """YAML reads 1.50 as a number; the error says to quote it rather than guess the text."""
+    text = MINIMAL + "kafka: {bootstrap_servers: b, client_id: 1.50}"
+    with pytest.raises(ConfigError, match=r"kafka\.client_id: expected a string, got 1\.5 \(quote"):
+        load(write(tmp_path, text), environ={"KEY": "k"})
