@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import date, datetime
 from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from relay.api import AdminConfigError, AdminSettings, DeclaredWebhook, check_exposure
+from relay.api.status import public_url
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
 from relay.events import Kind, RecordError, parse_time
@@ -265,7 +267,7 @@ def _admin(r: _Reader) -> AdminSettings:
     admin = AdminSettings(
         host=r.text("host", b.host),
         port=r.integer("port", b.port, minimum=0, maximum=65535),
-        token=r.optional_text("token"),
+        token=r.optional_text("token", secret=True),
         rotation_grace_s=r.number("rotation_grace_s", b.rotation_grace_s, strict=False),
         metrics_public=r.flag("metrics_public", b.metrics_public),
     )
@@ -298,7 +300,7 @@ def _webhooks(
         raise ConfigError(f"{r.key('allow_networks')}: {exc}") from None
     declared = []
     for w in r.readers("declared"):
-        secret = w.optional_text("secret")
+        secret = w.optional_text("secret", secret=True)
         rate = w.raw("rate_limit_per_s")
         declared.append(
             DeclaredWebhook(
@@ -361,7 +363,9 @@ def _kafka_security(r: _Reader) -> KafkaSecurity:
         protocol=cast(Protocol, protocol),
         sasl_mechanism=cast(Mechanism, mechanism),
         username=r.text("username") if sasl else r.optional_text("username"),
-        password=r.text("password") if sasl else r.optional_text("password"),
+        password=r.text("password", secret=True)
+        if sasl
+        else r.optional_text("password", secret=True),
         ssl_cafile=_existing_file(r, "ssl_cafile"),
         ssl_certfile=_existing_file(r, "ssl_certfile"),
         ssl_keyfile=_existing_file(r, "ssl_keyfile"),
@@ -380,13 +384,13 @@ def _existing_file(r: _Reader, name: str) -> str | None:
 
 
 def _state(root: _Reader) -> str:
-    url = root.text("state", DEFAULT_STATE)
+    url = root.text("state", DEFAULT_STATE, secret=True)  # a URL may hold a password
     if url.startswith("sqlite:///") or url == "sqlite://:memory:":
         return url
     parts = urlsplit(url)
     if parts.scheme in {"postgresql", "postgres"} and parts.hostname and parts.path.strip("/"):
         return url
-    shown = describe_url(url) if parts.scheme in {"postgresql", "postgres"} else repr(url)
+    shown = describe_url(url) if parts.scheme in {"postgresql", "postgres"} else _url(url)
     raise ConfigError(
         "state: expected sqlite:///path/to/state.db or"
         f" postgresql://user:password@host:port/database, got {shown}"
@@ -478,7 +482,7 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
     base_url = r.text("base_url")
     parts = urlsplit(base_url)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise ConfigError(f"{r.key('base_url')}: expected an http(s) URL, got {base_url!r}")
+        raise ConfigError(f"{r.key('base_url')}: expected an http(s) URL, got {_url(base_url)}")
     limits = r.child("rate_limit")
     defaults = Budget()
     budget = Budget(
@@ -493,8 +497,8 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
     account = AccountSettings(
         name=r.text("name"),
         base_url=base_url,
-        api_key=Secret(r.text("api_key")),
-        access_token=Secret(r.text("access_token")),
+        api_key=Secret(r.text("api_key", secret=True)),
+        access_token=Secret(r.text("access_token", secret=True)),
         budget=budget,
         campaigns=_campaigns(r.child("campaigns")),
         contacts=tuple(r.strings("contacts") or ()),
@@ -567,9 +571,9 @@ class _Reader:
         """The value as written (marks the key as known)."""
         return self._get(name)
 
-    def optional_text(self, name: str) -> str | None:
+    def optional_text(self, name: str, *, secret: bool = False) -> str | None:
         value = self._get(name)
-        return None if value is None or value == "" else self.text(name)
+        return None if value is None or value == "" else self.text(name, secret=secret)
 
     def child(self, name: str) -> _Reader:
         return _Reader(self._get(name), self.key(name))
@@ -583,7 +587,8 @@ class _Reader:
         for index, item in enumerate(items):
             yield _Reader(item, f"{self.key(name)}[{index}]")
 
-    def text(self, name: str, default: str | None = None) -> str:
+    def text(self, name: str, default: str | None = None, *, secret: bool = False) -> str:
+        """A string (or a YAML integer, as written); ``secret``: errors never show the value."""
         value = self._get(name)
         if value is None or value == "":
             if default is not None:
@@ -591,12 +596,12 @@ class _Reader:
             raise ConfigError(f"{self.key(name)}: required, but missing or empty")
         if isinstance(value, (_FlowList, _FlowMapping)):
             return value.text  # an override variable's text, taken as written by string keys
-        if isinstance(value, (bool, float)):  # YAML read true, 1.50 or .inf as such: quote it
-            raise ConfigError(
-                f"{self.key(name)}: expected a string, got {_show(value)} (quote it in YAML)"
-            )
-        if not isinstance(value, (str, int)):
-            raise ConfigError(f"{self.key(name)}: expected a string, got {_show(value)}")
+        if isinstance(value, (bool, float)) or not isinstance(value, (str, int)):
+            got = _kind(value) if secret else _show(value)
+            # YAML read true, 1.50 or .inf as such: quoting keeps the text
+            hint = " (quote it in YAML)" if isinstance(value, (bool, float)) else ""
+            shown = "; the value of a secret is not shown" if secret else ""
+            raise ConfigError(f"{self.key(name)}: expected a string, got {got}{hint}{shown}")
         return str(value)  # an int is written as it reads (_Loader): ids are often numbers
 
     def number(
@@ -728,8 +733,53 @@ def _as_float(number: int | float) -> float:
 
 
 def _show(value: object) -> str:
-    text = repr(value)
+    """A value for an error message, as YAML writes it (strings quoted), cut at 60 characters.
+    Never for secrets: see :func:`_kind`."""
+    text = _yaml_text(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _yaml_text(value: object) -> str:
+    if isinstance(value, (_FlowList, _FlowMapping)):
+        return repr(value.text)  # an override variable's text, as set
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
+    if isinstance(value, (date, datetime)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_yaml_text(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _url(url: str) -> str:
+    """A URL for an error message: no user info, query or fragment, where credentials hide."""
+    shown = public_url(url)
+    if "@" in shown:  # user info the parser did not take as such ("user:pw@host", no "//")
+        shown = "…@" + shown.rsplit("@", 1)[1]
+    return shown if shown == "(unparsable URL)" else repr(shown)
+
+
+def _kind(value: object) -> str:
+    """What a value is, without the value (for secrets)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
 
 
 def _interpolate(value: object, env: Mapping[str, str], path: str) -> object:

@@ -530,3 +530,89 @@ def test_a_float_for_a_string_key_says_to_quote_it(tmp_path: Path) -> None:
     text = MINIMAL + "kafka: {bootstrap_servers: b, client_id: 1.50}"
     with pytest.raises(ConfigError, match=r"kafka\.client_id: expected a string, got 1\.5 \(quote"):
         load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+SECRET_KEYS = {  # each secret key, set to VALUE
+    "accounts[0].api_key": MINIMAL.replace("${KEY}", "VALUE"),
+    "accounts[0].access_token": MINIMAL.replace("tok-${TOKEN_SUFFIX:-default}", "VALUE"),
+    "admin.token": MINIMAL + "admin: {token: VALUE}",
+    "kafka.security.password": MINIMAL
+    + "kafka: {bootstrap_servers: b, security: {protocol: SASL_SSL, username: u, password: VALUE}}",
+    "webhooks.declared[0].secret": MINIMAL
+    + "webhooks: {declared: [{url: 'https://x.example/h', secret: VALUE}]}",
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ("[secretval]", "a list"),
+        ("{secretval: 1}", "a mapping"),
+        ("12.75", r"a number \(quote it in YAML\)"),
+        ("true", r"true/false \(quote it in YAML\)"),
+    ],
+)
+@pytest.mark.parametrize("key", SECRET_KEYS)
+def test_errors_never_show_a_secret(tmp_path: Path, key: str, value: str, kind: str) -> None:
+    """A secret key of the wrong type is named with the type it got, never with its value."""
+    text = SECRET_KEYS[key].replace("VALUE", value)
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={"KEY": "k"})
+    message = str(caught.value)
+    assert re.search(rf"{re.escape(key)}: expected a string, got {kind}", message), message
+    assert "secretval" not in message
+    assert "12.75" not in message
+    assert "not shown" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "shown"),
+    [
+        pytest.param("state: 'mysql://u:hunter2pass@h/db'", "'mysql://h/db'", id="scheme"),
+        pytest.param("state: 'relay:hunter2pass@db:5432/relay'", "'…@db:5432/relay'", id="no-//"),
+        pytest.param("state: 'sqlite://u:hunter2pass@h/x?password=hunter2pass'", "'sqlite://h/x'"),
+    ],
+)
+def test_state_errors_never_show_a_password(tmp_path: Path, extra: str, shown: str) -> None:
+    """The state URL of an error is shown without user info, query or fragment."""
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
+    message = str(caught.value)
+    assert message.endswith(
+        f"state: expected sqlite:///path/to/state.db or"
+        f" postgresql://user:password@host:port/database, got {shown}"
+    )
+    assert "hunter2pass" not in message
+
+
+def test_base_url_errors_never_show_user_info(tmp_path: Path) -> None:
+    """An account's base_url is shown without the user info it may carry."""
+    text = MINIMAL.replace("https://api.example.com", "ftp://u:hunter2pass@x.example/v2")
+    with pytest.raises(ConfigError, match=r"base_url: expected an http\(s\) URL") as caught:
+        load(write(tmp_path, text), environ={"KEY": "k"})
+    assert "hunter2pass" not in str(caught.value)
+    assert str(caught.value).endswith("got 'ftp://x.example/v2'")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param("http: {timeout_s: true}", r"http\.timeout_s: .*, got true$", id="bool"),
+        pytest.param("http: {timeout_s: .nan}", r"http\.timeout_s: .*, got \.nan$", id="nan"),
+        pytest.param("poll: {summary_gate: 3}", r"poll\.summary_gate: .*, got 3$", id="int"),
+        pytest.param(
+            "kafka: {bootstrap_servers: !!timestamp 2024-01-01}",
+            r"kafka\.bootstrap_servers: expected a string, got 2024-01-01$",
+            id="date",
+        ),
+        pytest.param(
+            "logging: {level: {a: [1, null]}}",
+            r"logging\.level: expected one of debug, info, warning, error, got \{a: \[1, null\]\}$",
+            id="mapping",
+        ),
+    ],
+)
+def test_errors_show_values_as_yaml_writes_them(tmp_path: Path, extra: str, message: str) -> None:
+    """true, .nan, dates and collections appear in YAML's spelling, not Python's repr."""
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
