@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 import yaml
 
 from relay.api import AdminConfigError, AdminSettings, DeclaredWebhook, check_exposure
-from relay.api.status import public_url
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
 from relay.events import Kind, RecordError, parse_time
@@ -29,7 +28,9 @@ from relay.scheduler import ScheduleSettings
 from relay.sinks.kafka import KafkaSecurity, KafkaSettings
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings
-from relay.store.postgres import PostgresSettings, describe_url
+from relay.store import StoreError
+from relay.store.postgres import PostgresSettings
+from relay.store.sqlite import path_from_url
 
 ENV_PREFIX = "CTCT_RELAY_"
 # Variables under the prefix that belong to other commands, not to the config: the admin token
@@ -385,16 +386,45 @@ def _existing_file(r: _Reader, name: str) -> str | None:
 
 def _state(root: _Reader) -> str:
     url = root.text("state", DEFAULT_STATE, secret=True)  # a URL may hold a password
-    if url.startswith("sqlite:///") or url == "sqlite://:memory:":
-        return url
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        problem = _sqlite_problem(url)
+    elif scheme in {"postgresql", "postgres"}:
+        problem = _postgres_problem(url)
+    else:
+        problem = (
+            "expected sqlite:///path/to/state.db or postgresql://user:password@host:port/database"
+        )
+    if problem:
+        raise ConfigError(f"state: {problem}, got {_url(url)}")
+    return url
+
+
+def _sqlite_problem(url: str) -> str | None:
+    try:
+        path = path_from_url(url)
+    except StoreError:
+        path = Path()
+    if path is not None and (url.endswith("/") or path == Path() or path.is_dir()):
+        return "expected sqlite:///path/to/state.db (the path of a database file)"
+    return None
+
+
+def _postgres_problem(url: str) -> str | None:
     parts = urlsplit(url)
-    if parts.scheme in {"postgresql", "postgres"} and parts.hostname and parts.path.strip("/"):
-        return url
-    shown = describe_url(url) if parts.scheme in {"postgresql", "postgres"} else _url(url)
-    raise ConfigError(
-        "state: expected sqlite:///path/to/state.db or"
-        f" postgresql://user:password@host:port/database, got {shown}"
-    )
+    expected = "(expected postgresql://user:password@host:port/database)"
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        return (
+            "the port is not a number from 0 to 65535 (in a password, / ? # @ and : must be"
+            f" percent-encoded) {expected}"
+        )
+    if not parts.hostname:
+        return f"the PostgreSQL URL names no host {expected}"
+    if not parts.path.strip("/"):
+        return f"the PostgreSQL URL names no database {expected}"
+    return None
 
 
 def _postgres(r: _Reader) -> PostgresSettings:
@@ -758,11 +788,17 @@ def _yaml_text(value: object) -> str:
 
 
 def _url(url: str) -> str:
-    """A URL for an error message: no user info, query or fragment, where credentials hide."""
-    shown = public_url(url)
-    if "@" in shown:  # user info the parser did not take as such ("user:pw@host", no "//")
-        shown = "…@" + shown.rsplit("@", 1)[1]
-    return shown if shown == "(unparsable URL)" else repr(shown)
+    """A URL for an error message, as written but for what may hold a credential: everything up
+    to the last ``@`` (user info, even unencoded or without ``//``) and the query and fragment.
+    (:func:`relay.api.status.public_url` rebuilds the URL, which loses an empty host's ``//``:
+    the very mistake a state error has to show.)"""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "…@" + rest.rsplit("@", 1)[1]
+    rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+    return repr(f"{scheme}{sep}{rest}")
 
 
 def _kind(value: object) -> str:
