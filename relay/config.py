@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from relay.api import AdminConfigError, AdminSettings, DeclaredWebhook, check_exposure
+from relay.api.streams import ACCOUNT_NAME
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
 from relay.events import Kind, RecordError, parse_time
@@ -523,9 +524,16 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
         ),
     )
     limits.done()
+    name = r.text("name")
+    if not ACCOUNT_NAME.fullmatch(name):
+        # part of event ids, CloudEvent sources (ctct://<name>/…) and admin API paths
+        raise ConfigError(
+            f"{r.key('name')}: expected 1 to 100 letters, digits, '_', '.' or '-',"
+            f" got {_show(name)}"
+        )
     polling = r.child("poll")
     account = AccountSettings(
-        name=r.text("name"),
+        name=name,
         base_url=base_url,
         api_key=Secret(r.text("api_key", secret=True)),
         access_token=Secret(r.text("access_token", secret=True)),
