@@ -532,6 +532,11 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
             f" got {_show(name)}"
         )
     polling = r.child("poll")
+    if polling.has("dedup_retention_h"):
+        raise ConfigError(
+            f"{polling.key('dedup_retention_h')}: set poll.dedup_retention_h at the top level"
+            " (dedup keys are pruned for all accounts at once)"
+        )
     account = AccountSettings(
         name=name,
         base_url=base_url,
@@ -604,6 +609,10 @@ class _Reader:
     def _get(self, name: str) -> object:
         self._used.add(name)
         return self._data.get(name)
+
+    def has(self, name: str) -> bool:
+        """Whether the key is written at all (without reading it)."""
+        return name in self._data
 
     def raw(self, name: str) -> object:
         """The value as written (marks the key as known)."""

@@ -673,3 +673,15 @@ def test_account_names_of_the_api_pattern_load(tmp_path: Path, name: str) -> Non
     """Names the admin API can address load unchanged."""
     text = MINIMAL.replace("name: acme", f"name: {name}")
     assert load(write(tmp_path, text), environ={"KEY": "k"}).accounts[0].name == name
+
+
+def test_dedup_retention_is_global(tmp_path: Path) -> None:
+    """Dedup keys are pruned for all accounts at once, so a per-account retention is refused with
+    a message that says where it goes (it used to be 'unknown key')."""
+    text = MINIMAL + "    poll: {overlap_s: 60, dedup_retention_h: 24}\n"
+    with pytest.raises(
+        ConfigError,
+        match=r"accounts\[0\]\.poll\.dedup_retention_h: set poll\.dedup_retention_h at the top"
+        r" level \(dedup keys are pruned for all accounts at once\)$",
+    ):
+        load(write(tmp_path, text), environ={"KEY": "k"})
