@@ -45,6 +45,8 @@ DEFAULT_OUTBOX_RETENTION_H = 168.0
 # timers (timedelta) and protocol fields (Kafka's int32) they end up in.
 MAX_NUMBER = 1e9
 MAX_INTEGER = 2**31 - 1
+# What unsets a key that is not a string, as text (override variables are text); YAML's spellings.
+NULL_WORDS = frozenset({"null", "Null", "NULL", "~"})
 # What true/false keys take as text (override variables are text): YAML 1.1's words, any case.
 FLAGS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 _GUESSED = frozenset({"bool", "int", "float", "timestamp"})  # YAML 1.1 resolvers _Loader replaces
@@ -610,23 +612,30 @@ class _Reader:
         self._used.add(name)
         return self._data.get(name)
 
+    def _given(self, name: str) -> object:
+        """The value, None for the words null and ~ as text: what an override variable says to
+        unset a key that is not a string (CTCT_RELAY_KAFKA=null leaves the section out). String
+        keys read :meth:`_get`: for them the words are text (a token may be "null")."""
+        value = self._get(name)
+        return None if isinstance(value, str) and value in NULL_WORDS else value
+
     def has(self, name: str) -> bool:
         """Whether the key is written at all (without reading it)."""
         return name in self._data
 
     def raw(self, name: str) -> object:
-        """The value as written (marks the key as known)."""
-        return self._get(name)
+        """The value as written, null words as None (marks the key as known)."""
+        return self._given(name)
 
     def optional_text(self, name: str, *, secret: bool = False) -> str | None:
         value = self._get(name)
         return None if value is None or value == "" else self.text(name, secret=secret)
 
     def child(self, name: str) -> _Reader:
-        return _Reader(self._get(name), self.key(name))
+        return _Reader(self._given(name), self.key(name))
 
     def readers(self, name: str) -> Iterator[_Reader]:
-        items = self._get(name)
+        items = self._given(name)
         if items is None:
             return
         if not isinstance(items, list):
@@ -661,7 +670,7 @@ class _Reader:
         strict: bool = True,
     ) -> float:
         """A finite number; ``strict``: greater than ``minimum``, else at least ``minimum``."""
-        value = self._get(name)
+        value = self._given(name)
         if value is None:
             return float(default)
         number = _as_number(value)
@@ -682,7 +691,7 @@ class _Reader:
         self, name: str, default: int, *, minimum: int = 1, maximum: int | None = None
     ) -> int:
         """A whole number from ``minimum`` to ``maximum`` (both included); 2.0 counts, 2.5 not."""
-        value = self._get(name)
+        value = self._given(name)
         if value is None:
             return default
         number = _as_number(value)
@@ -699,7 +708,7 @@ class _Reader:
 
     def flag(self, name: str, default: bool) -> bool:
         """true or false; also as a string (override variables are): the words of :data:`FLAGS`."""
-        value = self._get(name)
+        value = self._given(name)
         if value is None:
             return default
         if isinstance(value, str) and value.strip().lower() in FLAGS:
@@ -710,7 +719,7 @@ class _Reader:
 
     def numbers(self, name: str) -> list[float] | None:
         """A non-empty list of finite numbers >= 0 (seconds)."""
-        value = self._get(name)
+        value = self._given(name)
         if value is None:
             return None
         items = [_as_number(v) for v in value] if isinstance(value, list) else []
@@ -727,7 +736,7 @@ class _Reader:
 
     def strings(self, name: str) -> list[str] | None:
         """A list of ids or names; numbers are accepted and kept as text (ids often are)."""
-        value = self._get(name)
+        value = self._given(name)
         if value is None:
             return None
         if not isinstance(value, list) or not all(
@@ -737,7 +746,7 @@ class _Reader:
         return [str(v) for v in value]
 
     def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
-        value = self._get(name)
+        value = self._given(name)
         if value is None:
             return default
         if value not in allowed:

@@ -685,3 +685,24 @@ def test_dedup_retention_is_global(tmp_path: Path) -> None:
         r" level \(dedup keys are pruned for all accounts at once\)$",
     ):
         load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+def test_null_overrides_unset_keys_that_are_not_strings(tmp_path: Path) -> None:
+    """null or ~ in an override unsets a number, list or mapping key (CTCT_RELAY_KAFKA=null leaves
+    the Kafka section out, as the Kubernetes test does); a string key keeps the word as text."""
+    text = MINIMAL + (
+        "http: {timeout_s: 3}\nkafka: {bootstrap_servers: 'b:9092'}\n"
+        "webhooks: {declared: [{url: 'https://x.example/h', rate_limit_per_s: 5}]}\n"
+    )
+    env = {
+        "KEY": "k",
+        "CTCT_RELAY_KAFKA": "null",
+        "CTCT_RELAY_HTTP__TIMEOUT_S": "~",
+        "CTCT_RELAY_WEBHOOKS__DECLARED__0__RATE_LIMIT_PER_S": "NULL",
+        "CTCT_RELAY_ACCOUNTS__0__ACCESS_TOKEN": "null",
+    }
+    settings = load(write(tmp_path, text), environ=env)
+    assert settings.kafka is None
+    assert settings.http.timeout_s == 30
+    assert settings.webhooks[0].rate_limit_per_s is None
+    assert settings.accounts[0].access_token.reveal() == "null"
