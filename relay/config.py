@@ -64,9 +64,10 @@ class _Loader(yaml.SafeLoader):
 
     PyYAML follows YAML 1.1: ``0123`` is octal 83, ``12:30:45`` is 45045, ``on``/``no`` are
     booleans and ``2026-01-01`` is a date, all silently, in keys that expect text (tokens, ids,
-    times). Here only ``true``/``false``, ``null``/``~``, decimal integers without a leading zero
-    and decimal floats (``.inf``/``.nan`` included) are resolved; everything else stays the
-    string as written. Number and true/false keys read such strings themselves (:class:`_Reader`).
+    times). Here only ``true``/``false``, ``null``/``~``, decimal integers (no leading zero, up
+    to 100 digits) and decimal floats (``.inf``/``.nan`` included) are resolved; everything else
+    stays the string as written. Number and true/false keys read such strings themselves
+    (:class:`_Reader`).
     """
 
 
@@ -77,8 +78,9 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+# at most 100 digits: longer ones stay text (int() refuses over 4300 digits, with a traceback)
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^(?:0|-?[1-9][0-9]*)$"), list("-0123456789")
+    "tag:yaml.org,2002:int", re.compile(r"^(?:0|-?[1-9][0-9]{0,99})$"), list("-0123456789")
 )
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

@@ -706,3 +706,14 @@ def test_null_overrides_unset_keys_that_are_not_strings(tmp_path: Path) -> None:
     assert settings.http.timeout_s == 30
     assert settings.webhooks[0].rate_limit_per_s is None
     assert settings.accounts[0].access_token.reveal() == "null"
+
+
+def test_an_integer_of_thousands_of_digits_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """Python's int() refuses strings over 4300 digits with a ValueError; such a value is refused
+    by name (and kept as text for a string key)."""
+    digits = "1" * 5000
+    text = MINIMAL.replace("${KEY}", digits) + f"http: {{timeout_s: {digits}}}"
+    with pytest.raises(ConfigError, match=r"http\.timeout_s: expected a finite number > 0, got '1"):
+        load(write(tmp_path, text), environ={})
+    settings = load(write(tmp_path, MINIMAL.replace("${KEY}", digits)), environ={})
+    assert settings.accounts[0].api_key.reveal() == digits
