@@ -212,6 +212,8 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
         text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start + 1})") from None
     try:
         raw = yaml.load(text, _Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
@@ -219,11 +221,21 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
+    except (ValueError, OverflowError):  # the value is not shown: it may be a secret
+        raise ConfigError(
+            f"{source}: not valid YAML: a value does not fit its explicit tag (!!int, !!float,"
+            " !!timestamp …)"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
-    data = _apply_overrides(_interpolate(raw, env, ""), env)
+    try:
+        data = _apply_overrides(_interpolate(raw, env, ""), env)
+    except RecursionError:  # a YAML anchor holding an alias to itself: &a [*a]
+        raise ConfigError(f"{source}: a YAML anchor contains an alias to itself") from None
     try:
         if not isinstance(data, dict):
             raise ConfigError("the top level must be a mapping of keys")

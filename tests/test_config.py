@@ -717,3 +717,42 @@ def test_an_integer_of_thousands_of_digits_is_an_error_not_a_traceback(tmp_path:
         load(write(tmp_path, text), environ={})
     settings = load(write(tmp_path, MINIMAL.replace("${KEY}", digits)), environ={})
     assert settings.accounts[0].api_key.reveal() == digits
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "http: {timeout_s: !!float s3cr3t}",
+            r"not valid YAML: a value does not fit its explicit tag",
+            id="tag-float",
+        ),
+        pytest.param(
+            "poll: {start_from: !!timestamp 2020-99-99}",
+            r"not valid YAML: a value does not fit its explicit tag",
+            id="tag-timestamp",
+        ),
+        pytest.param(
+            "accounts: &a [*a]", "a YAML anchor contains an alias to itself", id="self-alias"
+        ),
+        pytest.param(
+            "a: " + "[" * 5000 + "]" * 5000, "not valid YAML: nested too deeply", id="deep"
+        ),
+    ],
+)
+def test_yaml_the_loader_cannot_build_is_an_error_not_a_traceback(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Values that fail their explicit tag, self-referencing anchors and absurd nesting raised
+    ValueError or RecursionError; they are config errors, without the value."""
+    with pytest.raises(ConfigError, match=message) as caught:
+        load(write(tmp_path, text), environ={})
+    assert "s3cr3t" not in str(caught.value)
+
+
+def test_a_file_that_is_not_utf8_is_an_error(tmp_path: Path) -> None:
+    """A config that is not UTF-8 text is refused with the byte, not a UnicodeDecodeError."""
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(b"accounts: \xff\n")
+    with pytest.raises(ConfigError, match=r"relay\.yaml: not UTF-8 text \(byte 11\)"):
+        load(path, environ={})
