@@ -756,3 +756,17 @@ def test_a_file_that_is_not_utf8_is_an_error(tmp_path: Path) -> None:
     path.write_bytes(b"accounts: \xff\n")
     with pytest.raises(ConfigError, match=r"relay\.yaml: not UTF-8 text \(byte 11\)"):
         load(path, environ={})
+
+
+def test_a_key_written_twice_is_an_error(tmp_path: Path) -> None:
+    """Two kafka: sections (or any key twice in one mapping) are refused with the line; PyYAML
+    kept the last one silently. Merge keys (<<: *anchor) still override as YAML says."""
+    import yaml
+
+    from relay.config import _Loader
+
+    text = MINIMAL + "kafka: {bootstrap_servers: 'a:9092'}\npoll: {}\nkafka: {}\n"
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 9, column 1: the key kafka is"):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+    merged = "base: &b {x: 1, y: 1}\nc: {<<: *b, x: 2}\n"
+    assert yaml.load(merged, _Loader) == {"base": {"x": 1, "y": 1}, "c": {"x": 2, "y": 1}}  # noqa: S506
