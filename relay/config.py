@@ -7,17 +7,20 @@ before anything starts. This is the only module that reads the environment.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import date, datetime
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 import yaml
 
 from relay.api import AdminConfigError, AdminSettings, DeclaredWebhook, check_exposure
+from relay.api.streams import ACCOUNT_NAME
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
 from relay.events import Kind, RecordError, parse_time
@@ -26,7 +29,9 @@ from relay.scheduler import ScheduleSettings
 from relay.sinks.kafka import KafkaSecurity, KafkaSettings
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings
-from relay.store.postgres import PostgresSettings, describe_url
+from relay.store import StoreError
+from relay.store.postgres import PostgresSettings
+from relay.store.sqlite import path_from_url
 
 ENV_PREFIX = "CTCT_RELAY_"
 # Variables under the prefix that belong to other commands, not to the config: the admin token
@@ -36,6 +41,15 @@ NOT_OVERRIDES = frozenset({"CTCT_RELAY_ADMIN_TOKEN", "CTCT_RELAY_KAFKA_CACHE"})
 DEFAULT_STATE = "sqlite:///relay-state.db"
 DEFAULT_RETENTION_H = 168.0
 DEFAULT_OUTBOX_RETENTION_H = 168.0
+# Ceilings of keys without their own: no setting needs more, and larger values overflow the
+# timers (timedelta) and protocol fields (Kafka's int32) they end up in.
+MAX_NUMBER = 1e9
+MAX_INTEGER = 2**31 - 1
+# What unsets a key that is not a string, as text (override variables are text); YAML's spellings.
+NULL_WORDS = frozenset({"null", "Null", "NULL", "~"})
+# What true/false keys take as text (override variables are text): YAML 1.1's words, any case.
+FLAGS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+_GUESSED = frozenset({"bool", "int", "float", "timestamp"})  # YAML 1.1 resolvers _Loader replaces
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 LogLevel = Literal["debug", "info", "warning", "error"]
 Mode = Literal["binary", "structured"]
@@ -43,6 +57,54 @@ Compression = Literal["none", "gzip", "lz4", "zstd"]
 Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 Mechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogFormat = Literal["auto", "json", "console"]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with fewer guesses about plain scalars, so text keeps the form it was written in.
+
+    PyYAML follows YAML 1.1: ``0123`` is octal 83, ``12:30:45`` is 45045, ``on``/``no`` are
+    booleans and ``2026-01-01`` is a date, all silently, in keys that expect text (tokens, ids,
+    times). Here only ``true``/``false``, ``null``/``~``, decimal integers (no leading zero, up
+    to 100 digits) and decimal floats (``.inf``/``.nan`` included) are resolved; everything else
+    stays the string as written. Number and true/false keys read such strings themselves
+    (:class:`_Reader`).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A key written twice is an error: YAML says so, PyYAML keeps the last silently."""
+        seen: set[str] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key.value} is written twice", key.start_mark
+                    )
+                seen.add(key.value)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag.rsplit(":", 1)[-1] not in _GUESSED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# at most 100 digits: longer ones stay text (int() refuses over 4300 digits, with a traceback)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:0|-?[1-9][0-9]{0,99})$"), list("-0123456789")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?
+        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
 
 
 class ConfigError(ValueError):
@@ -162,18 +224,30 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
         text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start + 1})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, _Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
+    except (ValueError, OverflowError):  # the value is not shown: it may be a secret
+        raise ConfigError(
+            f"{source}: not valid YAML: a value does not fit its explicit tag (!!int, !!float,"
+            " !!timestamp …)"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
-    data = _apply_overrides(_interpolate(raw, env, ""), env)
+    try:
+        data = _apply_overrides(_interpolate(raw, env, ""), env)
+    except RecursionError:  # a YAML anchor holding an alias to itself: &a [*a]
+        raise ConfigError(f"{source}: a YAML anchor contains an alias to itself") from None
     try:
         if not isinstance(data, dict):
             raise ConfigError("the top level must be a mapping of keys")
@@ -222,8 +296,8 @@ def _admin(r: _Reader) -> AdminSettings:
     b = AdminSettings()
     admin = AdminSettings(
         host=r.text("host", b.host),
-        port=int(r.number("port", b.port, strict=False, maximum=65535)),
-        token=r.optional_text("token"),
+        port=r.integer("port", b.port, minimum=0, maximum=65535),
+        token=r.optional_text("token", secret=True),
         rotation_grace_s=r.number("rotation_grace_s", b.rotation_grace_s, strict=False),
         metrics_public=r.flag("metrics_public", b.metrics_public),
     )
@@ -245,9 +319,9 @@ def _webhooks(
         timeout_s=r.number("timeout_s", b.timeout_s),
         connect_timeout_s=r.number("connect_timeout_s", b.connect_timeout_s),
         max_retry_after_s=r.number("max_retry_after_s", b.max_retry_after_s),
-        concurrency=int(r.number("concurrency", b.concurrency, minimum=1, strict=False)),
+        concurrency=r.integer("concurrency", b.concurrency),
         disable_after_s=r.number("disable_after_s", b.disable_after_s),
-        response_cap_bytes=int(r.number("response_cap_bytes", b.response_cap_bytes)),
+        response_cap_bytes=r.integer("response_cap_bytes", b.response_cap_bytes),
     )
     allow = tuple(r.strings("allow_networks") or ())
     try:
@@ -256,7 +330,7 @@ def _webhooks(
         raise ConfigError(f"{r.key('allow_networks')}: {exc}") from None
     declared = []
     for w in r.readers("declared"):
-        secret = w.optional_text("secret")
+        secret = w.optional_text("secret", secret=True)
         rate = w.raw("rate_limit_per_s")
         declared.append(
             DeclaredWebhook(
@@ -292,15 +366,15 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
         compression=cast(
             Compression, r.choice("compression", ("none", "gzip", "lz4", "zstd"), b.compression)
         ),
-        linger_ms=int(r.number("linger_ms", b.linger_ms, strict=False)),
-        max_batch_bytes=int(r.number("max_batch_bytes", b.max_batch_bytes)),
-        max_request_bytes=int(r.number("max_request_bytes", b.max_request_bytes)),
+        linger_ms=r.integer("linger_ms", b.linger_ms, minimum=0),
+        max_batch_bytes=r.integer("max_batch_bytes", b.max_batch_bytes),
+        max_request_bytes=r.integer("max_request_bytes", b.max_request_bytes),
         request_timeout_s=r.number("request_timeout_s", b.request_timeout_s),
         client_id=r.text("client_id", b.client_id),
         create_topics=r.flag("create_topics", b.create_topics),
-        partitions=int(r.number("partitions", b.partitions)),
-        replication_factor=int(r.number("replication_factor", b.replication_factor)),
-        batch_events=int(r.number("batch_events", b.batch_events)),
+        partitions=r.integer("partitions", b.partitions),
+        replication_factor=r.integer("replication_factor", b.replication_factor, maximum=32767),
+        batch_events=r.integer("batch_events", b.batch_events),
         security=_kafka_security(r.child("security")),
     )
     r.done()
@@ -319,7 +393,9 @@ def _kafka_security(r: _Reader) -> KafkaSecurity:
         protocol=cast(Protocol, protocol),
         sasl_mechanism=cast(Mechanism, mechanism),
         username=r.text("username") if sasl else r.optional_text("username"),
-        password=r.text("password") if sasl else r.optional_text("password"),
+        password=r.text("password", secret=True)
+        if sasl
+        else r.optional_text("password", secret=True),
         ssl_cafile=_existing_file(r, "ssl_cafile"),
         ssl_certfile=_existing_file(r, "ssl_certfile"),
         ssl_keyfile=_existing_file(r, "ssl_keyfile"),
@@ -338,26 +414,53 @@ def _existing_file(r: _Reader, name: str) -> str | None:
 
 
 def _state(root: _Reader) -> str:
-    url = root.text("state", DEFAULT_STATE)
-    if url.startswith("sqlite:///") or url == "sqlite://:memory:":
-        return url
+    url = root.text("state", DEFAULT_STATE, secret=True)  # a URL may hold a password
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        problem = _sqlite_problem(url)
+    elif scheme in {"postgresql", "postgres"}:
+        problem = _postgres_problem(url)
+    else:
+        problem = (
+            "expected sqlite:///path/to/state.db or postgresql://user:password@host:port/database"
+        )
+    if problem:
+        raise ConfigError(f"state: {problem}, got {_url(url)}")
+    return url
+
+
+def _sqlite_problem(url: str) -> str | None:
+    try:
+        path = path_from_url(url)
+    except StoreError:
+        path = Path()
+    if path is not None and (url.endswith("/") or path == Path() or path.is_dir()):
+        return "expected sqlite:///path/to/state.db (the path of a database file)"
+    return None
+
+
+def _postgres_problem(url: str) -> str | None:
     parts = urlsplit(url)
-    if parts.scheme in {"postgresql", "postgres"} and parts.hostname and parts.path.strip("/"):
-        return url
-    shown = describe_url(url) if parts.scheme in {"postgresql", "postgres"} else repr(url)
-    raise ConfigError(
-        "state: expected sqlite:///path/to/state.db or"
-        f" postgresql://user:password@host:port/database, got {shown}"
-    )
+    expected = "(expected postgresql://user:password@host:port/database)"
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        return (
+            "the port is not a number from 0 to 65535 (in a password, / ? # @ and : must be"
+            f" percent-encoded) {expected}"
+        )
+    if not parts.hostname:
+        return f"the PostgreSQL URL names no host {expected}"
+    if not parts.path.strip("/"):
+        return f"the PostgreSQL URL names no database {expected}"
+    return None
 
 
 def _postgres(r: _Reader) -> PostgresSettings:
     b = PostgresSettings()
-    max_size = int(r.number("pool_max_size", b.pool_max_size, minimum=1, strict=False))
+    max_size = r.integer("pool_max_size", b.pool_max_size)
     settings = PostgresSettings(
-        pool_min_size=int(
-            r.number("pool_min_size", b.pool_min_size, maximum=max_size, strict=False)
-        ),
+        pool_min_size=r.integer("pool_min_size", b.pool_min_size, minimum=0, maximum=max_size),
         pool_max_size=max_size,
         statement_timeout_s=r.number("statement_timeout_s", b.statement_timeout_s),
         connect_timeout_s=r.number("connect_timeout_s", b.connect_timeout_s),
@@ -386,7 +489,7 @@ def _poll(r: _Reader, base: PollSettings | None = None) -> PollSettings:
         overlap_s=r.number("overlap_s", base.overlap_s, strict=False),
         start_from=start_from,
         summary_gate=r.flag("summary_gate", base.summary_gate),
-        page_limit=int(r.number("page_limit", base.page_limit, maximum=500)),
+        page_limit=r.integer("page_limit", base.page_limit, maximum=500),
         dedup_retention_s=base.dedup_retention_s,
     )
 
@@ -424,7 +527,7 @@ def _schedule(r: _Reader) -> ScheduleSettings:
         rate_memory_s=r.number("rate_memory_s", b.rate_memory_s),
         budget_share=r.number("budget_share", b.budget_share, maximum=1.0),
         tick_s=r.number("tick_s", b.tick_s),
-        concurrency=int(r.number("concurrency", b.concurrency, minimum=1, strict=False)),
+        concurrency=r.integer("concurrency", b.concurrency),
         error_backoff_s=r.number("error_backoff_s", b.error_backoff_s),
         error_backoff_max_s=r.number("error_backoff_max_s", b.error_backoff_max_s),
     )
@@ -438,23 +541,35 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
     base_url = r.text("base_url")
     parts = urlsplit(base_url)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise ConfigError(f"{r.key('base_url')}: expected an http(s) URL, got {base_url!r}")
+        raise ConfigError(f"{r.key('base_url')}: expected an http(s) URL, got {_url(base_url)}")
     limits = r.child("rate_limit")
     defaults = Budget()
     budget = Budget(
         requests_per_second=limits.number("requests_per_second", defaults.requests_per_second),
-        requests_per_day=int(limits.number("requests_per_day", defaults.requests_per_day)),
+        requests_per_day=limits.integer("requests_per_day", defaults.requests_per_day),
         reserved_share=limits.number(
             "reserved_share", defaults.reserved_share, minimum=0.0, maximum=0.99, strict=False
         ),
     )
     limits.done()
+    name = r.text("name")
+    if not ACCOUNT_NAME.fullmatch(name):
+        # part of event ids, CloudEvent sources (ctct://<name>/…) and admin API paths
+        raise ConfigError(
+            f"{r.key('name')}: expected 1 to 100 letters, digits, '_', '.' or '-',"
+            f" got {_show(name)}"
+        )
     polling = r.child("poll")
+    if polling.has("dedup_retention_h"):
+        raise ConfigError(
+            f"{polling.key('dedup_retention_h')}: set poll.dedup_retention_h at the top level"
+            " (dedup keys are pruned for all accounts at once)"
+        )
     account = AccountSettings(
-        name=r.text("name"),
+        name=name,
         base_url=base_url,
-        api_key=Secret(r.text("api_key")),
-        access_token=Secret(r.text("access_token")),
+        api_key=Secret(r.text("api_key", secret=True)),
+        access_token=Secret(r.text("access_token", secret=True)),
         budget=budget,
         campaigns=_campaigns(r.child("campaigns")),
         contacts=tuple(r.strings("contacts") or ()),
@@ -471,7 +586,7 @@ def _campaigns(r: _Reader) -> CampaignTargets:
     targets = CampaignTargets(
         discover=r.flag("discover", base.discover),
         discover_interval_s=r.number("discover_interval_s", base.discover_interval_s),
-        max_age_days=r.number("max_age_days", base.max_age_days),
+        max_age_days=r.number("max_age_days", base.max_age_days, maximum=36500),
         ids=tuple(r.strings("ids") or ()),
     )
     r.done()
@@ -485,7 +600,7 @@ def _http(r: _Reader) -> HttpSettings:
         timeout_s=r.number("timeout_s", base.timeout_s),
         connect_timeout_s=r.number("connect_timeout_s", base.connect_timeout_s),
         retry=RetryPolicy(
-            max_attempts=int(r.number("max_attempts", defaults.max_attempts, minimum=1)),
+            max_attempts=r.integer("max_attempts", defaults.max_attempts),
             base_delay_s=r.number("backoff_base_s", defaults.base_delay_s),
             max_delay_s=r.number("backoff_max_s", defaults.max_delay_s),
             max_retry_after_s=r.number("max_retry_after_s", defaults.max_retry_after_s),
@@ -523,19 +638,30 @@ class _Reader:
         self._used.add(name)
         return self._data.get(name)
 
-    def raw(self, name: str) -> object:
-        """The value as written (marks the key as known)."""
-        return self._get(name)
-
-    def optional_text(self, name: str) -> str | None:
+    def _given(self, name: str) -> object:
+        """The value, None for the words null and ~ as text: what an override variable says to
+        unset a key that is not a string (CTCT_RELAY_KAFKA=null leaves the section out). String
+        keys read :meth:`_get`: for them the words are text (a token may be "null")."""
         value = self._get(name)
-        return None if value is None or value == "" else self.text(name)
+        return None if isinstance(value, str) and value in NULL_WORDS else value
+
+    def has(self, name: str) -> bool:
+        """Whether the key is written at all (without reading it)."""
+        return name in self._data
+
+    def raw(self, name: str) -> object:
+        """The value as written, null words as None (marks the key as known)."""
+        return self._given(name)
+
+    def optional_text(self, name: str, *, secret: bool = False) -> str | None:
+        value = self._get(name)
+        return None if value is None or value == "" else self.text(name, secret=secret)
 
     def child(self, name: str) -> _Reader:
-        return _Reader(self._get(name), self.key(name))
+        return _Reader(self._given(name), self.key(name))
 
     def readers(self, name: str) -> Iterator[_Reader]:
-        items = self._get(name)
+        items = self._given(name)
         if items is None:
             return
         if not isinstance(items, list):
@@ -543,15 +669,22 @@ class _Reader:
         for index, item in enumerate(items):
             yield _Reader(item, f"{self.key(name)}[{index}]")
 
-    def text(self, name: str, default: str | None = None) -> str:
+    def text(self, name: str, default: str | None = None, *, secret: bool = False) -> str:
+        """A string (or a YAML integer, as written); ``secret``: errors never show the value."""
         value = self._get(name)
         if value is None or value == "":
             if default is not None:
                 return default
             raise ConfigError(f"{self.key(name)}: required, but missing or empty")
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise ConfigError(f"{self.key(name)}: expected a string, got {_show(value)}")
-        return str(value)
+        if isinstance(value, (_FlowList, _FlowMapping)):
+            return value.text  # an override variable's text, taken as written by string keys
+        if isinstance(value, (bool, float)) or not isinstance(value, (str, int)):
+            got = _kind(value) if secret else _show(value)
+            # YAML read true, 1.50 or .inf as such: quoting keeps the text
+            hint = " (quote it in YAML)" if isinstance(value, (bool, float)) else ""
+            shown = "; the value of a secret is not shown" if secret else ""
+            raise ConfigError(f"{self.key(name)}: expected a string, got {got}{hint}{shown}")
+        return str(value)  # an int is written as it reads (_Loader): ids are often numbers
 
     def number(
         self,
@@ -562,47 +695,74 @@ class _Reader:
         maximum: float | None = None,
         strict: bool = True,
     ) -> float:
-        value = self._get(name)
+        """A finite number; ``strict``: greater than ``minimum``, else at least ``minimum``."""
+        value = self._given(name)
         if value is None:
             return float(default)
+        number = _as_number(value)
+        real = None if number is None else _as_float(number)
+        cap = MAX_NUMBER if maximum is None else maximum
         bound = f"{'>' if strict else '>='} {minimum:g}"
-        if maximum is not None:
-            bound += f" and <= {maximum:g}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if maximum is not None or (real is not None and cap < real < math.inf):
+            bound += f" and <= {cap:g}"
+        if real is None or not math.isfinite(real):
+            what = "a number" if real is None else "a finite number"
+            raise ConfigError(f"{self.key(name)}: expected {what} {bound}, got {_show(value)}")
+        too_low = real <= minimum if strict else real < minimum
+        if too_low or real > cap:
             raise ConfigError(f"{self.key(name)}: expected a number {bound}, got {_show(value)}")
-        number = float(value)
-        too_low = number <= minimum if strict else number < minimum
-        if too_low or (maximum is not None and number > maximum):
-            raise ConfigError(f"{self.key(name)}: expected a number {bound}, got {_show(value)}")
-        return number
+        return real
 
-    def flag(self, name: str, default: bool) -> bool:
-        value = self._get(name)
+    def integer(
+        self, name: str, default: int, *, minimum: int = 1, maximum: int | None = None
+    ) -> int:
+        """A whole number from ``minimum`` to ``maximum`` (both included); 2.0 counts, 2.5 not."""
+        value = self._given(name)
         if value is None:
             return default
+        number = _as_number(value)
+        cap = MAX_INTEGER if maximum is None else maximum
+        whole = number if isinstance(number, int) else None
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            whole = int(number)
+        bound = f">= {minimum}"
+        if maximum is not None or (whole is not None and whole > cap):
+            bound += f" and <= {cap}"
+        if whole is None or not minimum <= whole <= cap:
+            raise ConfigError(f"{self.key(name)}: expected an integer {bound}, got {_show(value)}")
+        return whole
+
+    def flag(self, name: str, default: bool) -> bool:
+        """true or false; also as a string (override variables are): the words of :data:`FLAGS`."""
+        value = self._given(name)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.strip().lower() in FLAGS:
+            return FLAGS[value.strip().lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{self.key(name)}: expected true or false, got {_show(value)}")
         return value
 
     def numbers(self, name: str) -> list[float] | None:
-        value = self._get(name)
+        """A non-empty list of finite numbers >= 0 (seconds)."""
+        value = self._given(name)
         if value is None:
             return None
+        items = [_as_number(v) for v in value] if isinstance(value, list) else []
+        numbers = [_as_float(v) for v in items if v is not None]
         if (
-            not isinstance(value, list)
-            or not value
-            or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value
-            )
+            not items
+            or len(numbers) != len(items)
+            or not all(math.isfinite(v) and 0 <= v <= MAX_NUMBER for v in numbers)
         ):
             raise ConfigError(
                 f"{self.key(name)}: expected a non-empty list of seconds, got {_show(value)}"
             )
-        return [float(v) for v in value]
+        return numbers
 
     def strings(self, name: str) -> list[str] | None:
         """A list of ids or names; numbers are accepted and kept as text (ids often are)."""
-        value = self._get(name)
+        value = self._given(name)
         if value is None:
             return None
         if not isinstance(value, list) or not all(
@@ -612,7 +772,7 @@ class _Reader:
         return [str(v) for v in value]
 
     def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
-        value = self._get(name)
+        value = self._given(name)
         if value is None:
             return default
         if value not in allowed:
@@ -628,9 +788,86 @@ class _Reader:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
 
 
+def _as_number(value: object) -> int | float | None:
+    """A YAML number, or a string that spells one in decimal (``5``, ``2.5``, ``1e3``; ``0123`` is
+    123): override variables are strings. None for anything else (true/false included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if not isinstance(value, str) or not value.isascii():
+        return None
+    try:
+        return int(value, 10)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _as_float(number: int | float) -> float:
+    try:
+        return float(number)
+    except OverflowError:  # an integer beyond float range
+        return math.inf if number > 0 else -math.inf
+
+
 def _show(value: object) -> str:
-    text = repr(value)
+    """A value for an error message, as YAML writes it (strings quoted), cut at 60 characters.
+    Never for secrets: see :func:`_kind`."""
+    text = _yaml_text(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _yaml_text(value: object) -> str:
+    if isinstance(value, (_FlowList, _FlowMapping)):
+        return repr(value.text)  # an override variable's text, as set
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
+    if isinstance(value, (date, datetime)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_yaml_text(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _url(url: str) -> str:
+    """A URL for an error message, as written but for what may hold a credential: everything up
+    to the last ``@`` (user info, even unencoded or without ``//``) and the query and fragment.
+    (:func:`relay.api.status.public_url` rebuilds the URL, which loses an empty host's ``//``:
+    the very mistake a state error has to show.)"""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "…@" + rest.rsplit("@", 1)[1]
+    rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+    return repr(f"{scheme}{sep}{rest}")
+
+
+def _kind(value: object) -> str:
+    """What a value is, without the value (for secrets)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
 
 
 def _interpolate(value: object, env: Mapping[str, str], path: str) -> object:
@@ -655,18 +892,47 @@ def _interpolate(value: object, env: Mapping[str, str], path: str) -> object:
     return _ENV_REF.sub(substitute, value)
 
 
+class _FlowList(list[object]):
+    """A list read from an override variable's ``[…]``, keeping the text for string keys."""
+
+    def __init__(self, items: list[object], text: str) -> None:
+        super().__init__(items)
+        self.text = text
+
+
+class _FlowMapping(dict[object, object]):
+    """A mapping read from an override variable's ``{…}``, keeping the text for string keys."""
+
+    def __init__(self, items: dict[object, object], text: str) -> None:
+        super().__init__(items)
+        self.text = text
+
+
 def _apply_overrides(data: object, env: Mapping[str, str]) -> object:
     """``CTCT_RELAY_HTTP__TIMEOUT_S=5`` sets ``http.timeout_s``; list items by index."""
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX or name in NOT_OVERRIDES:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
-        try:
-            value = yaml.safe_load(env[name]) if env[name] else ""
-        except yaml.YAMLError:
-            value = env[name]
-        data = _set_path(data, keys, value, name)
+        data = _set_path(data, keys, _override_value(env[name]), name)
     return data
+
+
+def _override_value(text: str) -> object:
+    """A variable's text as it is: the readers of number and true/false keys read their words.
+    Only a YAML flow list or mapping (``[a, b]``, ``{k: v}``) is parsed, for list and mapping
+    keys; a string key still gets the text (a token may well start with a bracket)."""
+    if not text.lstrip().startswith(("[", "{")):
+        return text
+    try:
+        parsed = yaml.load(text, _Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError:
+        return text
+    if isinstance(parsed, list):
+        return _FlowList(parsed, text)
+    if isinstance(parsed, dict):
+        return _FlowMapping(parsed, text)
+    return text
 
 
 def _set_path(node: object, keys: list[str], value: object, var: str) -> object:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_missing_env_var_names_key_and_variable(tmp_path: Path) -> None:
 
 
 def test_environment_overrides_any_key(tmp_path: Path) -> None:
-    """CTCT_RELAY_… variables override nested keys and list items, parsed as YAML scalars."""
+    """CTCT_RELAY_… variables override nested keys and list items."""
     env = {
         "KEY": "k",
         "CTCT_RELAY_HTTP__TIMEOUT_S": "7.5",
@@ -224,17 +225,44 @@ def test_every_key_the_loader_reads_is_documented(monkeypatch: pytest.MonkeyPatc
         pytest.param("state: mysql://x/y", "state: expected sqlite", id="state"),
         pytest.param(
             "state: 'postgresql://u:pw-zz@db:5432'",
-            r"state: expected .* postgresql://user:password@host:port/database, got db:5432/$",
+            r"state: the PostgreSQL URL names no database \(expected"
+            r" postgresql://user:password@host:port/database\), got 'postgresql://…@db:5432'$",
             id="state-no-database",
         ),
         pytest.param(
+            "state: 'postgresql://u:pw-zz@/relay'",
+            r"state: the PostgreSQL URL names no host .*, got 'postgresql://…@/relay'$",
+            id="state-no-host",
+        ),
+        pytest.param(
+            "state: 'postgresql://db:54x2/relay'",
+            r"state: the port is not a number from 0 to 65535 .*, got 'postgresql://db:54x2/relay'$",
+            id="state-bad-port",
+        ),
+        pytest.param(
+            "state: 'sqlite:///'",
+            r"state: expected sqlite:///path/to/state\.db \(the path of a database file\),"
+            r" got 'sqlite:///'$",
+            id="sqlite-no-path",
+        ),
+        pytest.param(
+            "state: 'sqlite:////'",
+            r"state: expected sqlite:///.*, got 'sqlite:////'$",
+            id="sqlite-root",
+        ),
+        pytest.param(
+            "state: 'sqlite://relay.db'",
+            r"state: expected sqlite:///.*, got 'sqlite://relay.db'$",
+            id="sqlite-two-slashes",
+        ),
+        pytest.param(
             "postgres: {pool_max_size: 0}",
-            "postgres.pool_max_size: expected a number >= 1",
+            "postgres.pool_max_size: expected an integer >= 1",
             id="pool",
         ),
         pytest.param(
             "postgres: {pool_min_size: 20}",
-            "postgres.pool_min_size: expected a number",
+            "postgres.pool_min_size: expected an integer >= 0 and <= 10",
             id="pool-min",
         ),
         pytest.param(
@@ -277,3 +305,468 @@ def test_postgresql_state_and_its_settings(tmp_path: Path) -> None:
     assert settings.postgres.lease_s == 6
     assert settings.postgres.request_margin_s == 0.2
     assert "pg-secret-9" in settings.secrets()
+
+
+# Every key read as a whole number, with a YAML snippet setting it to {} (accounts[0] keys extend
+# the MINIMAL account).
+INTEGER_KEYS = {
+    "poll.page_limit": "poll: {{page_limit: {}}}",
+    "schedule.concurrency": "schedule: {{concurrency: {}}}",
+    "http.max_attempts": "http: {{max_attempts: {}}}",
+    "admin.port": "admin: {{port: {}}}",
+    "webhooks.concurrency": "webhooks: {{concurrency: {}}}",
+    "webhooks.response_cap_bytes": "webhooks: {{response_cap_bytes: {}}}",
+    "postgres.pool_max_size": "postgres: {{pool_max_size: {}}}",
+    "postgres.pool_min_size": "postgres: {{pool_min_size: {}}}",
+    "kafka.linger_ms": "kafka: {{bootstrap_servers: b, linger_ms: {}}}",
+    "kafka.max_batch_bytes": "kafka: {{bootstrap_servers: b, max_batch_bytes: {}}}",
+    "kafka.max_request_bytes": "kafka: {{bootstrap_servers: b, max_request_bytes: {}}}",
+    "kafka.partitions": "kafka: {{bootstrap_servers: b, partitions: {}}}",
+    "kafka.replication_factor": "kafka: {{bootstrap_servers: b, replication_factor: {}}}",
+    "kafka.batch_events": "kafka: {{bootstrap_servers: b, batch_events: {}}}",
+    "accounts[0].rate_limit.requests_per_day": "    rate_limit: {{requests_per_day: {}}}",
+}
+
+
+@pytest.mark.parametrize("value", ["0.9", "2.5", "8081.9", ".nan", ".inf", "-.inf", "true", "x"])
+@pytest.mark.parametrize("key", INTEGER_KEYS)
+def test_integer_keys_refuse_what_is_not_a_whole_number(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    """A fraction is never truncated (page_limit 0.9 was 0), NaN and infinity never reach int()."""
+    with pytest.raises(ConfigError, match=rf"^.*: {re.escape(key)}: expected an integer >= \d"):
+        load(write(tmp_path, MINIMAL + INTEGER_KEYS[key].format(value)), environ={"KEY": "k"})
+
+
+def test_integer_keys_take_whole_numbers_written_as_floats(tmp_path: Path) -> None:
+    """3.0 is a whole number: it loads as the int 3."""
+    text = MINIMAL + "    rate_limit: {requests_per_day: 1200.0}\npoll: {page_limit: 3.0}\n"
+    settings = load(write(tmp_path, text), environ={"KEY": "k"})
+    assert settings.accounts[0].poll.page_limit == 3
+    assert type(settings.accounts[0].poll.page_limit) is int
+    assert settings.accounts[0].budget.requests_per_day == 1200
+
+
+def test_one_attempt_means_no_retries(tmp_path: Path) -> None:
+    """http.max_attempts: 1 is allowed (the minimum is inclusive): requests are not retried."""
+    settings = load(write(tmp_path, MINIMAL + "http: {max_attempts: 1}"), environ={"KEY": "k"})
+    assert settings.http.retry.max_attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param(
+            "schedule: {tick_s: .inf}", r"schedule\.tick_s: expected a finite number > 0", id="inf"
+        ),
+        pytest.param(
+            "schedule: {min_interval_s: .nan}",
+            r"schedule\.min_interval_s: expected a finite number > 0",
+            id="nan",
+        ),
+        pytest.param(
+            "webhooks: {timeout_s: -.inf}",
+            "webhooks.timeout_s: expected a finite number",
+            id="-inf",
+        ),
+        pytest.param(
+            "schedule: {tick_s: 1.0e+15}",
+            r"schedule\.tick_s: expected a number > 0 and <= 1e\+09, got ",
+            id="huge",
+        ),
+        pytest.param(
+            "    campaigns: {max_age_days: 1.0e+6}",
+            r"accounts\[0\]\.campaigns\.max_age_days: expected a number > 0 and <= 36500",
+            id="max-age-days",
+        ),
+        pytest.param(
+            "webhooks: {retry_schedule_s: [5, .inf]}",
+            "webhooks.retry_schedule_s: expected a non-empty list of seconds",
+            id="schedule-inf",
+        ),
+        pytest.param(
+            "webhooks: {retry_schedule_s: [.nan]}",
+            "webhooks.retry_schedule_s: expected a non-empty list of seconds",
+            id="schedule-nan",
+        ),
+        pytest.param(
+            "kafka: {bootstrap_servers: b, partitions: 99999999999}",
+            r"kafka\.partitions: expected an integer >= 1 and <= 2147483647, got 99999999999",
+            id="int-too-big",
+        ),
+        pytest.param(
+            "kafka: {bootstrap_servers: b, replication_factor: 40000}",
+            r"kafka\.replication_factor: expected an integer >= 1 and <= 32767",
+            id="replication-int16",
+        ),
+    ],
+)
+def test_numbers_are_finite_and_bounded(tmp_path: Path, extra: str, message: str) -> None:
+    """NaN and infinity are refused by name (they crashed int() or the scheduler at start), and so
+    are values beyond what the timers and Kafka fields hold."""
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "abc #def",
+        "0123",
+        "0x1F",
+        "12:30:45",
+        "1_000",
+        "1e5",
+        "&a b",
+        "*abc",
+        "#abc",
+        "~",
+        "null",
+        "on",
+        "false",
+        "a: b",
+        "!!binary aGVsbG8=",
+        "[secretval]",
+        "{a: b}",
+        "[unclosed",
+        " padded ",
+        "123456789012345678901234567890",
+    ],
+)
+def test_overrides_of_string_keys_keep_the_text_as_set(tmp_path: Path, value: str) -> None:
+    """A CTCT_RELAY_ variable gives a string key exactly its text: YAML never turns it into a
+    comment, an octal number, a sexagesimal one, an anchor, null or a boolean."""
+    env = {
+        "KEY": "k",
+        "CTCT_RELAY_ACCOUNTS__0__API_KEY": value,
+        "CTCT_RELAY_ACCOUNTS__0__ACCESS_TOKEN": value,
+        "CTCT_RELAY_KAFKA__BOOTSTRAP_SERVERS": "b:9092",
+        "CTCT_RELAY_KAFKA__CLIENT_ID": value,
+    }
+    if " " not in value:  # the admin token travels in a header: no spaces
+        env["CTCT_RELAY_ADMIN__TOKEN"] = value
+    settings = load(write(tmp_path, MINIMAL), environ=env)
+    assert settings.accounts[0].api_key.reveal() == value
+    assert settings.accounts[0].access_token.reveal() == value
+    assert settings.kafka is not None
+    assert settings.kafka.client_id == value
+    if " " not in value:
+        assert settings.admin.token == value
+
+
+def test_overrides_of_numbers_flags_and_lists(tmp_path: Path) -> None:
+    """Number keys read decimal text, true/false keys their words (any case), list and mapping keys
+    a YAML flow collection."""
+    env = {
+        "KEY": "k",
+        "CTCT_RELAY_HTTP__MAX_ATTEMPTS": "0012",
+        "CTCT_RELAY_HTTP__TIMEOUT_S": " 2.5e1 ",
+        "CTCT_RELAY_POLL__PAGE_LIMIT": "100.0",
+        "CTCT_RELAY_POLL__SUMMARY_GATE": "Off",
+        "CTCT_RELAY_POLL__KINDS": "[click, open]",
+        "CTCT_RELAY_ADMIN__METRICS_PUBLIC": "no",
+        "CTCT_RELAY_ACCOUNTS__0__CAMPAIGNS__DISCOVER": "FALSE",
+        "CTCT_RELAY_ACCOUNTS__0__CONTACTS": "[1001, 0042]",
+        "CTCT_RELAY_ACCOUNTS__0__RATE_LIMIT": "{requests_per_second: 2, requests_per_day: 500}",
+        "CTCT_RELAY_WEBHOOKS__RETRY_SCHEDULE_S": "[1, '2.5']",
+    }
+    settings = load(write(tmp_path, MINIMAL), environ=env)
+    account = settings.accounts[0]
+    assert settings.http.retry.max_attempts == 12
+    assert settings.http.timeout_s == 25
+    assert account.poll.page_limit == 100
+    assert account.poll.summary_gate is False
+    assert [k.value for k in account.poll.kinds] == ["click", "open"]
+    assert settings.admin.metrics_public is False
+    assert account.campaigns.discover is False
+    assert account.contacts == ("1001", "0042")
+    assert (account.budget.requests_per_second, account.budget.requests_per_day) == (2, 500)
+    assert settings.delivery.retry_schedule_s == (1, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        pytest.param(
+            "HTTP__TIMEOUT_S",
+            "0x1F",
+            r"http\.timeout_s: expected a number > 0, got '0x1F'",
+            id="hex",
+        ),
+        pytest.param(
+            "HTTP__TIMEOUT_S", "12:30", r"http\.timeout_s: expected a number > 0", id="sexagesimal"
+        ),
+        pytest.param(
+            "HTTP__TIMEOUT_S", "nan", r"http\.timeout_s: expected a finite number", id="nan"
+        ),
+        pytest.param(
+            "POLL__PAGE_LIMIT", "1.5", r"poll\.page_limit: expected an integer", id="fraction"
+        ),
+        pytest.param(
+            "POLL__SUMMARY_GATE", "1", r"poll\.summary_gate: expected true or false", id="flag"
+        ),
+        pytest.param(
+            "POLL__KINDS", "click", r"poll\.kinds: expected a list of strings", id="not-a-list"
+        ),
+    ],
+)
+def test_overrides_that_do_not_fit_their_key(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    """Override text that does not spell what the key takes is refused, naming the key."""
+    env = {"KEY": "k", f"CTCT_RELAY_{variable}": value}
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, MINIMAL), environ=env)
+
+
+def test_yaml_text_keeps_the_form_it_was_written_in(tmp_path: Path) -> None:
+    """Unquoted times, leading-zero ids and tokens, and on/off words reach string keys as written
+    (YAML 1.1 made them dates, octal numbers and booleans); number and true/false keys still read
+    them."""
+    text = """
+accounts:
+  - name: acme
+    base_url: https://api.example.com
+    api_key: 0123
+    access_token: 12:30:45
+    campaigns: {ids: [0123, 1100394165290], discover: no}
+    poll: {start_from: 2026-01-01T10:00:00Z, summary_gate: off}
+poll: {start_from: 2026-01-01, page_limit: 0100}
+http: {timeout_s: 1e3}
+kafka: {bootstrap_servers: 'b:9092', client_id: on, create_topics: yes}
+"""
+    settings = load(write(tmp_path, text), environ={})
+    account = settings.accounts[0]
+    assert account.api_key.reveal() == "0123"
+    assert account.access_token.reveal() == "12:30:45"
+    assert account.campaigns.ids == ("0123", "1100394165290")
+    assert account.campaigns.discover is False
+    assert account.poll.start_from == "2026-01-01T10:00:00Z"
+    assert account.poll.summary_gate is False
+    assert account.poll.page_limit == 100
+    assert settings.http.timeout_s == 1000
+    assert settings.kafka is not None
+    assert settings.kafka.client_id == "on"
+    assert settings.kafka.create_topics is True
+    top = load(write(tmp_path, MINIMAL + "poll: {start_from: 2026-01-01}"), {"KEY": "k"})
+    assert top.accounts[0].poll.start_from == "2026-01-01"
+
+
+def test_a_float_for_a_string_key_says_to_quote_it(tmp_path: Path) -> None:
+    """YAML reads 1.50 as a number; the error says to quote it rather than guess the text."""
+    text = MINIMAL + "kafka: {bootstrap_servers: b, client_id: 1.50}"
+    with pytest.raises(ConfigError, match=r"kafka\.client_id: expected a string, got 1\.5 \(quote"):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+SECRET_KEYS = {  # each secret key, set to VALUE
+    "accounts[0].api_key": MINIMAL.replace("${KEY}", "VALUE"),
+    "accounts[0].access_token": MINIMAL.replace("tok-${TOKEN_SUFFIX:-default}", "VALUE"),
+    "admin.token": MINIMAL + "admin: {token: VALUE}",
+    "kafka.security.password": MINIMAL
+    + "kafka: {bootstrap_servers: b, security: {protocol: SASL_SSL, username: u, password: VALUE}}",
+    "webhooks.declared[0].secret": MINIMAL
+    + "webhooks: {declared: [{url: 'https://x.example/h', secret: VALUE}]}",
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ("[secretval]", "a list"),
+        ("{secretval: 1}", "a mapping"),
+        ("12.75", r"a number \(quote it in YAML\)"),
+        ("true", r"true/false \(quote it in YAML\)"),
+    ],
+)
+@pytest.mark.parametrize("key", SECRET_KEYS)
+def test_errors_never_show_a_secret(tmp_path: Path, key: str, value: str, kind: str) -> None:
+    """A secret key of the wrong type is named with the type it got, never with its value."""
+    text = SECRET_KEYS[key].replace("VALUE", value)
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={"KEY": "k"})
+    message = str(caught.value)
+    assert re.search(rf"{re.escape(key)}: expected a string, got {kind}", message), message
+    assert "secretval" not in message
+    assert "12.75" not in message
+    assert "not shown" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "shown"),
+    [
+        pytest.param("state: 'mysql://u:hunter2pass@h/db'", "'mysql://…@h/db'", id="scheme"),
+        pytest.param("state: 'relay:hunter2pass@db:5432/relay'", "'…@db:5432/relay'", id="no-//"),
+        pytest.param(
+            "state: 'sqlite://u:hunter2pass@h/x?password=hunter2pass'",
+            "'sqlite://…@h/x'",
+            id="query",
+        ),
+    ],
+)
+def test_state_errors_never_show_a_password(tmp_path: Path, extra: str, shown: str) -> None:
+    """The state URL of an error is shown without user info, query or fragment."""
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
+    message = str(caught.value)
+    assert re.search(
+        rf"state: expected sqlite:///path/to/state\.db.*, got {re.escape(shown)}$", message
+    )
+    assert "hunter2pass" not in message
+
+
+def test_base_url_errors_never_show_user_info(tmp_path: Path) -> None:
+    """An account's base_url is shown without the user info it may carry."""
+    text = MINIMAL.replace("https://api.example.com", "ftp://u:hunter2pass@x.example/v2")
+    with pytest.raises(ConfigError, match=r"base_url: expected an http\(s\) URL") as caught:
+        load(write(tmp_path, text), environ={"KEY": "k"})
+    assert "hunter2pass" not in str(caught.value)
+    assert str(caught.value).endswith("got 'ftp://…@x.example/v2'")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param("http: {timeout_s: true}", r"http\.timeout_s: .*, got true$", id="bool"),
+        pytest.param("http: {timeout_s: .nan}", r"http\.timeout_s: .*, got \.nan$", id="nan"),
+        pytest.param("poll: {summary_gate: 3}", r"poll\.summary_gate: .*, got 3$", id="int"),
+        pytest.param(
+            "kafka: {bootstrap_servers: !!timestamp 2024-01-01}",
+            r"kafka\.bootstrap_servers: expected a string, got 2024-01-01$",
+            id="date",
+        ),
+        pytest.param(
+            "logging: {level: {a: [1, null]}}",
+            r"logging\.level: expected one of debug, info, warning, error, got \{a: \[1, null\]\}$",
+            id="mapping",
+        ),
+    ],
+)
+def test_errors_show_values_as_yaml_writes_them(tmp_path: Path, extra: str, message: str) -> None:
+    """true, .nan, dates and collections appear in YAML's spelling, not Python's repr."""
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
+
+
+def test_sqlite_state_naming_a_directory_is_refused(tmp_path: Path) -> None:
+    """sqlite:///<a directory> is refused at load, naming state, not when the store opens."""
+    text = MINIMAL + f"state: 'sqlite:///{tmp_path}'"
+    with pytest.raises(
+        ConfigError, match=r"state: expected sqlite:///path/to/state\.db \(the path"
+    ):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+@pytest.mark.parametrize(
+    "name", ["acme corp/eu #1", "acme/eu", "a b", "ünicode", "x" * 101, "tab\tname", "0123:x"]
+)
+def test_account_names_fit_uris_and_api_paths(tmp_path: Path, name: str) -> None:
+    """An account name is part of CloudEvent sources (ctct://<name>/…) and admin API paths: the
+    API's own pattern (relay.api.streams.ACCOUNT_NAME) is checked at load, naming the key."""
+    text = MINIMAL.replace("name: acme", f"name: {name!r}")
+    with pytest.raises(ConfigError, match=r"accounts\[0\]\.name: expected 1 to 100 letters"):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+@pytest.mark.parametrize("name", ["acme", "acme-eu.prod_2", "0123", "x" * 100])
+def test_account_names_of_the_api_pattern_load(tmp_path: Path, name: str) -> None:
+    """Names the admin API can address load unchanged."""
+    text = MINIMAL.replace("name: acme", f"name: {name}")
+    assert load(write(tmp_path, text), environ={"KEY": "k"}).accounts[0].name == name
+
+
+def test_dedup_retention_is_global(tmp_path: Path) -> None:
+    """Dedup keys are pruned for all accounts at once, so a per-account retention is refused with
+    a message that says where it goes (it used to be 'unknown key')."""
+    text = MINIMAL + "    poll: {overlap_s: 60, dedup_retention_h: 24}\n"
+    with pytest.raises(
+        ConfigError,
+        match=r"accounts\[0\]\.poll\.dedup_retention_h: set poll\.dedup_retention_h at the top"
+        r" level \(dedup keys are pruned for all accounts at once\)$",
+    ):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+def test_null_overrides_unset_keys_that_are_not_strings(tmp_path: Path) -> None:
+    """null or ~ in an override unsets a number, list or mapping key (CTCT_RELAY_KAFKA=null leaves
+    the Kafka section out, as the Kubernetes test does); a string key keeps the word as text."""
+    text = MINIMAL + (
+        "http: {timeout_s: 3}\nkafka: {bootstrap_servers: 'b:9092'}\n"
+        "webhooks: {declared: [{url: 'https://x.example/h', rate_limit_per_s: 5}]}\n"
+    )
+    env = {
+        "KEY": "k",
+        "CTCT_RELAY_KAFKA": "null",
+        "CTCT_RELAY_HTTP__TIMEOUT_S": "~",
+        "CTCT_RELAY_WEBHOOKS__DECLARED__0__RATE_LIMIT_PER_S": "NULL",
+        "CTCT_RELAY_ACCOUNTS__0__ACCESS_TOKEN": "null",
+    }
+    settings = load(write(tmp_path, text), environ=env)
+    assert settings.kafka is None
+    assert settings.http.timeout_s == 30
+    assert settings.webhooks[0].rate_limit_per_s is None
+    assert settings.accounts[0].access_token.reveal() == "null"
+
+
+def test_an_integer_of_thousands_of_digits_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """Python's int() refuses strings over 4300 digits with a ValueError; such a value is refused
+    by name (and kept as text for a string key)."""
+    digits = "1" * 5000
+    text = MINIMAL.replace("${KEY}", digits) + f"http: {{timeout_s: {digits}}}"
+    with pytest.raises(ConfigError, match=r"http\.timeout_s: expected a finite number > 0, got '1"):
+        load(write(tmp_path, text), environ={})
+    settings = load(write(tmp_path, MINIMAL.replace("${KEY}", digits)), environ={})
+    assert settings.accounts[0].api_key.reveal() == digits
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "http: {timeout_s: !!float s3cr3t}",
+            r"not valid YAML: a value does not fit its explicit tag",
+            id="tag-float",
+        ),
+        pytest.param(
+            "poll: {start_from: !!timestamp 2020-99-99}",
+            r"not valid YAML: a value does not fit its explicit tag",
+            id="tag-timestamp",
+        ),
+        pytest.param(
+            "accounts: &a [*a]", "a YAML anchor contains an alias to itself", id="self-alias"
+        ),
+        pytest.param(
+            "a: " + "[" * 5000 + "]" * 5000, "not valid YAML: nested too deeply", id="deep"
+        ),
+    ],
+)
+def test_yaml_the_loader_cannot_build_is_an_error_not_a_traceback(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Values that fail their explicit tag, self-referencing anchors and absurd nesting raised
+    ValueError or RecursionError; they are config errors, without the value."""
+    with pytest.raises(ConfigError, match=message) as caught:
+        load(write(tmp_path, text), environ={})
+    assert "s3cr3t" not in str(caught.value)
+
+
+def test_a_file_that_is_not_utf8_is_an_error(tmp_path: Path) -> None:
+    """A config that is not UTF-8 text is refused with the byte, not a UnicodeDecodeError."""
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(b"accounts: \xff\n")
+    with pytest.raises(ConfigError, match=r"relay\.yaml: not UTF-8 text \(byte 11\)"):
+        load(path, environ={})
+
+
+def test_a_key_written_twice_is_an_error(tmp_path: Path) -> None:
+    """Two kafka: sections (or any key twice in one mapping) are refused with the line; PyYAML
+    kept the last one silently. Merge keys (<<: *anchor) still override as YAML says."""
+    import yaml
+
+    from relay.config import _Loader
+
+    text = MINIMAL + "kafka: {bootstrap_servers: 'a:9092'}\npoll: {}\nkafka: {}\n"
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 9, column 1: the key kafka is"):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+    merged = "base: &b {x: 1, y: 1}\nc: {<<: *b, x: 2}\n"
+    assert yaml.load(merged, _Loader) == {"base": {"x": 1, "y": 1}, "c": {"x": 2, "y": 1}}  # noqa: S506
