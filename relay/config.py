@@ -40,6 +40,7 @@ ENV_PREFIX = "CTCT_RELAY_"
 NOT_OVERRIDES = frozenset({"CTCT_RELAY_ADMIN_TOKEN", "CTCT_RELAY_KAFKA_CACHE"})
 DEFAULT_STATE = "sqlite:///relay-state.db"
 DEFAULT_RETENTION_H = 168.0
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 DEFAULT_OUTBOX_RETENTION_H = 168.0
 # Ceilings of keys without their own: no setting needs more, and larger values overflow the
 # timers (timedelta) and protocol fields (Kafka's int32) they end up in.
@@ -354,11 +355,17 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
     b = KafkaSettings(bootstrap_servers="")
     topic = r.text("topic", b.topic)
     try:
-        topic.format(kind="click")
+        names = [topic.format(kind=kind.value) for kind in Kind]
     except (KeyError, IndexError, ValueError):
         raise ConfigError(
             f"{r.key('topic')}: only {{kind}} may be used in the template, got {topic!r}"
         ) from None
+    for name in names:  # what the broker accepts; it would refuse to create or find others
+        if not _TOPIC_NAME.fullmatch(name) or name in {".", ".."}:
+            raise ConfigError(
+                f"{r.key('topic')}: {name!r} is not a Kafka topic name (1 to 249 of a-z, A-Z,"
+                " 0-9, '.', '_' and '-')"
+            )
     settings = KafkaSettings(
         bootstrap_servers=r.text("bootstrap_servers"),
         topic=topic,

@@ -197,6 +197,16 @@ def test_every_key_the_loader_reads_is_documented(monkeypatch: pytest.MonkeyPatc
             id="kafka-bad-template",
         ),
         pytest.param(
+            "kafka: {bootstrap_servers: b:9092, topic: 'bad topic/{kind}'}",
+            r"kafka.topic: 'bad topic/send' is not a Kafka topic name",
+            id="kafka-topic-name",
+        ),
+        pytest.param(
+            "kafka: {bootstrap_servers: b:9092, topic: 'ctct.{kind:>10}'}",
+            r"kafka.topic: 'ctct.      send' is not a Kafka topic name",
+            id="kafka-topic-format-spec",
+        ),
+        pytest.param(
             "kafka: {bootstrap_servers: b:9092, security: {protocol: SASL_SSL}}",
             "kafka.security.username: required",
             id="sasl-needs-user",
