@@ -251,9 +251,11 @@ def _schemas() -> JsonObject:
     description: JsonObject = {"type": "string", "maxLength": body.MAX_DESCRIPTION_CHARS}
     secret: JsonObject = {
         "type": "string",
-        # base64 of 24 to 66 bytes: 8 to 22 groups of four characters, the last one padded
-        "pattern": "^whsec_(?:[A-Za-z0-9+/]{4}){7,21}"
-        "(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$",
+        # base64 of 24 to 64 bytes: 8 to 21 groups of four characters, then none (24 to 63
+        # bytes, a multiple of 3), one padded with = (26 to 62) or one padded with == (25 to 64)
+        "pattern": "^whsec_(?:(?:[A-Za-z0-9+/]{4}){8,21}"
+        "|(?:[A-Za-z0-9+/]{4}){8,20}[A-Za-z0-9+/]{3}="
+        "|(?:[A-Za-z0-9+/]{4}){8,21}[A-Za-z0-9+/]{2}==)$",
         "maxLength": body.MAX_SECRET_CHARS,
         "description": "Standard Webhooks secret: whsec_ + base64 of 24 to 64 random bytes",
     }

@@ -254,3 +254,23 @@ def test_openapi_states_the_time_range_of_every_since_in_a_request_body() -> Non
         assert "the years 1 to 9999 in UTC" in since["description"], name
     for name in ("StreamReplay", "AccountReplay"):  # replay.parse refuses earlier times
         assert "1970-01-01T00:00:00Z on" in schemas[name]["properties"]["since"]["description"]
+
+
+def test_the_documented_secret_pattern_is_the_one_the_api_enforces() -> None:
+    """whsec_ + base64 of 24 to 64 bytes, every length in between and none outside (the document
+    used to accept 22, 23, 65 and 66 bytes, which the API refuses)."""
+    import base64
+    import re
+
+    from relay.sinks import signing
+
+    schemas = openapi_document()["components"]["schemas"]  # type: ignore[index]
+    pattern = re.compile(schemas["WebhookCreate"]["properties"]["secret"]["pattern"])
+    for size in range(16, 73):
+        secret = "whsec_" + base64.b64encode(bytes(range(size))).decode()
+        try:
+            signing.secret_key(secret)
+            accepted = True
+        except signing.SecretError:
+            accepted = False
+        assert bool(pattern.fullmatch(secret)) == accepted == (24 <= size <= 64), size
