@@ -63,6 +63,9 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
+MIN_TOKEN_CHARS = 16
+
+
 def check_exposure(settings: AdminSettings) -> None:
     """Refuse settings that would expose an unauthenticated API, or that cannot work."""
     if not 0 <= settings.port <= 65535:
@@ -77,6 +80,11 @@ def check_exposure(settings: AdminSettings) -> None:
         # it travels in a header: visible ASCII, no spaces (the value itself is never shown)
         if not token or not token.isascii() or not token.isprintable() or " " in token:
             raise AdminConfigError("admin.token: must be non-empty printable ASCII without spaces")
+        if len(token) < MIN_TOKEN_CHARS:  # guessable, and too short to scrub from logs safely
+            raise AdminConfigError(
+                f"admin.token: must be at least {MIN_TOKEN_CHARS} characters"
+                " (e.g. the output of `openssl rand -hex 16`)"
+            )
         return
     if not is_loopback(settings.host):
         raise AdminConfigError(

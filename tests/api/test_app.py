@@ -65,6 +65,14 @@ def test_exposure_refuses_unusable_settings(settings: AdminSettings, key: str) -
     assert "a b" not in str(caught.value)
 
 
+def test_a_short_token_is_refused_without_showing_it() -> None:
+    """Tokens shorter than 16 characters are guessable, and too short to scrub from logs."""
+    with pytest.raises(AdminConfigError, match=r"^admin\.token: must be at least 16") as refused:
+        check_exposure(AdminSettings(host="0.0.0.0", token="abc123"))
+    assert "abc123" not in str(refused.value)
+    check_exposure(AdminSettings(host="0.0.0.0", token="0123456789abcdef"))
+
+
 def test_settings_repr_hides_the_token() -> None:
     """The token never shows in a repr (and so in logs of the settings)."""
     assert TOKEN not in repr(AdminSettings(token=TOKEN))
