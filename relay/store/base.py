@@ -353,7 +353,7 @@ class Store(Protocol):
         """Record an event a sink could never deliver, with the reason."""
 
     async def dead_letters(self, sink: str, limit: int = 100) -> list[DeadLetter]:
-        """A sink's dead letters, oldest first."""
+        """A sink's dead letters, oldest first (by seq, then in the order recorded)."""
 
     async def create_webhook(self, webhook: Webhook) -> Webhook:
         """Store a new webhook; its start_seq becomes the current outbox head. Raises

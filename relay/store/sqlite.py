@@ -388,7 +388,7 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> list[DeadLetter]:
             rows = conn.execute(
                 "SELECT sink, seq, event_id, reason, created_ms FROM dead_letters"
-                " WHERE sink = ? ORDER BY seq LIMIT ?",
+                " WHERE sink = ? ORDER BY seq, id LIMIT ?",
                 (sink, limit),
             ).fetchall()
             return [DeadLetter(str(a), int(b), str(c), str(d), int(e)) for a, b, c, d, e in rows]

@@ -496,6 +496,25 @@ async def test_status_counts(store: Store) -> None:
     assert await store.delivery_counts() == {}
 
 
+async def test_dead_letters_listed_oldest_first_per_sink_up_to_a_limit(store: Store) -> None:
+    """A sink's dead letters read back every field, in seq order (a seq dead-lettered twice,
+    after a crash, in the order recorded), only that sink's, and no more than the limit."""
+    await store.add_dead_letter("kafka", 9, "e9", "MessageSizeTooLargeError: too large", T0 + 2)
+    await store.add_dead_letter("kafka", 4, "e4", "first", T0)
+    await store.add_dead_letter("other", 1, "o1", "not kafka", T0)
+    await store.add_dead_letter("kafka", 4, "e4", "again", T0 + 1)
+    everything = await store.dead_letters("kafka")
+    assert [(d.seq, d.event_id, d.reason, d.created_ms) for d in everything] == [
+        (4, "e4", "first", T0),
+        (4, "e4", "again", T0 + 1),
+        (9, "e9", "MessageSizeTooLargeError: too large", T0 + 2),
+    ]
+    assert {d.sink for d in everything} == {"kafka"}
+    assert [d.reason for d in await store.dead_letters("kafka", 2)] == ["first", "again"]
+    assert [d.event_id for d in await store.dead_letters("other", 1)] == ["o1"]
+    assert await store.dead_letters("none") == []
+
+
 async def test_stream_stats_and_pages_are_counted_in_the_store(store: Store) -> None:
     """Per-account counts by state and oldest watermark; filtered pages with a total."""
     from relay.store import StreamFilter, StreamStats
