@@ -70,6 +70,13 @@ def positive_number(text: str) -> float:
     return value
 
 
+def _delivery_id(text: str) -> int:
+    """An argparse type: a delivery id, an integer from 1 up."""
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a delivery id (an integer >= 1), got {text!r}")
+    return int(text)
+
+
 class AdminClient:
     """Calls the admin API over one session; answers are JSON objects (None for 204)."""
 
@@ -185,6 +192,13 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("id")
     p.add_argument("--status", choices=("pending", "delivered", "dead"), default=None)
     p.add_argument("--limit", type=int, default=None, help="at most this many (1..500)")
+    p.add_argument(
+        "--before",
+        type=_delivery_id,
+        default=None,
+        metavar="DELIVERY_ID",
+        help="only older ones: those with a lower id (the next page back, as the listing says)",
+    )
 
     p = actions.add_parser("redeliver", parents=[common], help="send a delivery again")
     p.add_argument("delivery_id")
@@ -335,6 +349,8 @@ async def _deliveries(client: AdminClient, args: argparse.Namespace) -> _Shown:
     query = {"status": args.status} if args.status else {}
     if args.limit is not None:
         query["limit"] = str(args.limit)
+    if args.before is not None:
+        query["before"] = str(args.before)
     path = f"/v1/webhooks/{segment(args.id)}/deliveries"
     answer = answered(await client.call("GET", path, query=query))
     rows = [
@@ -349,7 +365,11 @@ async def _deliveries(client: AdminClient, args: argparse.Namespace) -> _Shown:
         for d in objects(answer.get("deliveries"))
     ]
     headers = ["ID", "STATUS", "ATTEMPTS", "LAST", "CREATED", "EVENT"]
-    return _Shown(answer, table(headers, rows) if rows else "no deliveries")
+    text = table(headers, rows) if rows else "no deliveries"
+    older = answer.get("next_before")
+    if rows and isinstance(older, int) and not isinstance(older, bool):
+        text += f"\n(older ones: --before {older})"
+    return _Shown(answer, text)
 
 
 async def _redeliver(client: AdminClient, args: argparse.Namespace) -> _Shown:

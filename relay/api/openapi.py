@@ -198,7 +198,15 @@ def _list_deliveries() -> JsonObject:
     return {
         "operationId": "listDeliveries",
         "summary": "A webhook's deliveries, newest first, each with its attempts",
-        "parameters": [_ref("parameters", "DeliveryStatus"), _ref("parameters", "Limit")],
+        "description": "One page: at most limit deliveries, newest (highest id) first. When"
+        " older ones exist, next_before is the last id of the page: ask again with"
+        " before=next_before (and the same status) for the next page back; null when this is"
+        " the last page.",
+        "parameters": [
+            _ref("parameters", "DeliveryStatus"),
+            _ref("parameters", "Limit"),
+            _ref("parameters", "Before"),
+        ],
         "responses": {
             "200": _json("deliveries", _schema("DeliveryList")),
             **_errors(400, 401, 404),
@@ -327,7 +335,16 @@ def _schemas() -> JsonObject:
                 "attempts": {"type": "array", "items": _schema("Attempt")},
             }
         ),
-        "DeliveryList": _object({"deliveries": {"type": "array", "items": _schema("Delivery")}}),
+        "DeliveryList": _object(
+            {
+                "deliveries": {"type": "array", "items": _schema("Delivery")},
+                "next_before": {
+                    "type": ["integer", "null"],
+                    "minimum": 1,
+                    "description": "the before of the next page back; null: no older deliveries",
+                },
+            }
+        ),
     }
 
 
@@ -383,6 +400,18 @@ def _parameters() -> JsonObject:
             "in": "query",
             "required": False,
             "schema": {"type": "string", "enum": list(body.DELIVERY_STATUSES)},
+        },
+        "Before": {
+            "name": "before",
+            "in": "query",
+            "required": False,
+            "description": "only deliveries with a lower id (the next_before of the page before)",
+            "schema": {
+                "type": "integer",
+                "format": "int64",
+                "minimum": 1,
+                "maximum": body.MAX_DELIVERY_ID,
+            },
         },
         "Limit": {
             "name": "limit",

@@ -15,7 +15,7 @@ from relay.api import AdminSettings, create_admin_app
 from relay.api.client import TOKEN_ENV, add_webhooks_parser, run_webhooks, webhooks_command
 from relay.sinks.ssrf import Guard
 from relay.store import Store
-from tests.api.conftest import PUBLIC_URL, TOKEN, Clock
+from tests.api.conftest import KEY, PUBLIC_URL, T0, TOKEN, Clock, activity
 
 Cli = Callable[..., Awaitable[tuple[int, str, str]]]
 
@@ -88,7 +88,7 @@ async def test_json_output(cli: Cli) -> None:
     status, out, _ = await cli("list", "--json")
     assert [h["id"] for h in orjson.loads(out)["webhooks"]] == [created["id"]]
     status, out, _ = await cli("deliveries", created["id"], "--json", "--status", "dead")
-    assert orjson.loads(out) == {"deliveries": []}
+    assert orjson.loads(out) == {"deliveries": [], "next_before": None}
 
 
 async def test_deliveries_redeliver_and_recover_text(cli: Cli) -> None:
@@ -329,3 +329,37 @@ def test_update_conflicting_or_bad_options_are_usage_errors(
     err = capsys.readouterr().err
     assert "error: argument" in err
     assert "Traceback" not in err
+
+
+async def test_deliveries_pages_back_with_before(cli: Cli, store: Store) -> None:
+    """`webhooks deliveries --limit N` says how to ask for older ones; `--before` gets them."""
+    status, out, _ = await cli("add", PUBLIC_URL, "-e", "*", "--json")
+    hook_id = orjson.loads(out)["id"]
+    await store.ensure_streams([KEY], T0)
+    sid = next(s.id for s in await store.streams() if s.key == KEY)
+    await store.commit_page(sid, [activity(i, T0 - 9000 + i) for i in range(3)], T0)
+    await store.fanout(100, T0)
+    ids = [d.id for d in await store.deliveries(hook_id, 10)]
+    status, out, err = await cli("deliveries", hook_id, "--limit", "2")
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == [str(i) for i in ids[:2]]
+    assert lines[-1] == f"(older ones: --before {ids[1]})"
+    status, out, _ = await cli("deliveries", hook_id, "--limit", "2", "--before", str(ids[1]))
+    lines = out.splitlines()
+    assert status == 0
+    assert len(lines) == 2  # the header and the oldest; no hint: nothing older
+    assert lines[1].split()[0] == str(ids[2])
+    status, out, _ = await cli("deliveries", hook_id, "--before", str(ids[1]), "--json")
+    assert [d["id"] for d in orjson.loads(out)["deliveries"]] == [ids[2]]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "٣"])
+def test_deliveries_before_must_be_a_delivery_id(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """--before takes a delivery id (an integer >= 1): anything else is a usage error, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        parse(["webhooks", "deliveries", "wh_x", f"--before={value}"])
+    assert exited.value.code == 2
+    assert "error: argument --before: expected a delivery id" in capsys.readouterr().err

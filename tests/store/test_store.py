@@ -496,6 +496,27 @@ async def test_status_counts(store: Store) -> None:
     assert await store.delivery_counts() == {}
 
 
+async def test_deliveries_page_back_by_id_with_before(store: Store) -> None:
+    """deliveries(before=id) reads the deliveries older than that id, newest first, with the
+    status filter and the limit as without it."""
+    sid = await one_stream(store)
+    await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(5)], T0)
+    await store.fanout(100, T0)
+    ids = [d.id for d in await store.deliveries("wh_1", 100)]
+    assert len(ids) == 5
+    assert ids == sorted(ids, reverse=True)
+    assert [d.id for d in await store.deliveries("wh_1", 2, before=ids[1])] == ids[2:4]
+    assert [d.id for d in await store.deliveries("wh_1", 100, before=ids[-1])] == []
+    assert [d.id for d in await store.deliveries("wh_1", 100, before=ids[0] + 1)] == ids
+    await store.finish_attempts([(Attempt(ids[3], T0, 500, 1.0, "", "HTTP 500"), "dead", T0)])
+    assert [d.id for d in await store.deliveries("wh_1", 10, "dead", before=ids[2])] == [ids[3]]
+    assert await store.deliveries("wh_1", 10, "dead", before=ids[3]) == []
+    assert await store.deliveries("wh_other", 10, before=ids[0] + 1) == []
+
+
 async def test_dead_letters_listed_oldest_first_per_sink_up_to_a_limit(store: Store) -> None:
     """A sink's dead letters read back every field, in seq order (a seq dead-lettered twice,
     after a crash, in the order recorded), only that sink's, and no more than the limit."""
