@@ -399,9 +399,10 @@ _ACTIONS: Mapping[str, Callable[[AdminClient, argparse.Namespace], Awaitable[_Sh
 
 
 def _webhook_text(hook: JsonObject) -> str:
-    enabled = (
-        "yes" if hook.get("enabled") is True else f"no ({text_of(hook.get('disabled_reason'))})"
-    )
+    enabled = "yes"
+    if hook.get("enabled") is not True:
+        reason = text_of(hook.get("disabled_reason")) or "disabled"
+        enabled = f"no ({reason}; ctct-relay webhooks update {text_of(hook.get('id'))} --enable)"
     rate = hook.get("rate_limit_per_s")
     lines = [
         ("id", text_of(hook.get("id"))),

@@ -218,6 +218,11 @@ async def test_update_re_enables_a_webhook_disabled_by_a_410(cli: Cli, store: St
     created = orjson.loads(out)
     hook_id = created["id"]
     await store.disable_webhook(hook_id, "410 Gone from the endpoint", 0)
+    status, out, _ = await cli("show", hook_id)
+    (enabled,) = [line for line in out.splitlines() if line.startswith("enabled:")]
+    assert enabled.split(maxsplit=1)[1] == (
+        f"no (410 Gone from the endpoint; ctct-relay webhooks update {hook_id} --enable)"
+    )
 
     status, out, err = await cli("update", hook_id, "--enable")
     assert (status, err) == (0, "")
