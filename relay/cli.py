@@ -37,7 +37,7 @@ from relay.store import StoreError
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 DEFAULT_SCENARIO = "config/sim.example.yaml"
-OPS_COMMANDS = frozenset({"status", "replay", "pause", "resume", "targets"})
+OPS_COMMANDS = frozenset({"status", "replay", "pause", "resume", "targets", "dead-letters"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

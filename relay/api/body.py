@@ -204,6 +204,18 @@ def query_limit(request: web.Request) -> int:
     return int(text)
 
 
+def query_before(request: web.Request) -> int | None:
+    """The ``before`` cursor of a deliveries listing: a delivery id, 1..MAX_DELIVERY_ID."""
+    text = _query_value(request, "before")
+    if text is None:
+        return None
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_DELIVERY_ID:
+        raise bad_request(
+            f"before: expected a delivery id (an integer from 1 to {MAX_DELIVERY_ID}), got {text!r}"
+        )
+    return int(text)
+
+
 def _query_value(request: web.Request, name: str) -> str | None:
     values = request.query.getall(name, [])
     if len(values) > 1:

@@ -70,6 +70,13 @@ def positive_number(text: str) -> float:
     return value
 
 
+def _delivery_id(text: str) -> int:
+    """An argparse type: a delivery id, an integer from 1 up."""
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a delivery id (an integer >= 1), got {text!r}")
+    return int(text)
+
+
 class AdminClient:
     """Calls the admin API over one session; answers are JSON objects (None for 204)."""
 
@@ -126,40 +133,72 @@ def common_parser() -> argparse.ArgumentParser:
 
 
 def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``webhooks add|list|show|remove|rotate-secret|deliveries|redeliver|recover``."""
+    """Add ``webhooks add|list|show|update|remove|rotate-secret|deliveries|redeliver|recover``."""
     common = common_parser()
     parser = commands.add_parser("webhooks", help="manage webhooks through the admin API")
     actions = parser.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
 
     p = actions.add_parser("add", parents=[common], help="register a webhook")
     p.add_argument("url", help="destination (https; must resolve to public addresses)")
-    p.add_argument(
-        "-e",
-        "--event-type",
-        dest="event_types",
-        metavar="TYPE",
-        action="append",
-        required=True,
-        help="event type to deliver, repeatable: click, open, … or a full type; * for all",
-    )
+    _event_types_option(p, required=True)
     p.add_argument("--description", default=None, help="free text, e.g. who owns the receiver")
     p.add_argument("--disabled", action="store_true", help="register it disabled")
     p.add_argument(
         "--rate-limit", type=positive_number, default=None, help="requests per second (> 0)"
     )
+    _secret_option(p, "its signing secret (default: one is generated)")
 
     actions.add_parser("list", parents=[common], help="list webhooks")
     for name, text in (
         ("show", "show one webhook"),
         ("remove", "remove a webhook with its deliveries"),
-        ("rotate-secret", "replace a webhook's secret (the old one stays valid for a grace)"),
     ):
         actions.add_parser(name, parents=[common], help=text).add_argument("id")
+
+    p = actions.add_parser(
+        "update", parents=[common], help="change a webhook (e.g. --enable it again after a 410)"
+    )
+    p.add_argument("id")
+    p.add_argument("--url", default=None, help="new destination (same rules as add)")
+    _event_types_option(p, required=False)
+    p.add_argument("--description", default=None, help="new description ('' clears it)")
+    enabled = p.add_mutually_exclusive_group()
+    enabled.add_argument(
+        "--enable",
+        dest="enabled",
+        action="store_const",
+        const=True,
+        default=None,
+        help="deliver to it again (after a 410 Gone, an auto-disable or --disable)",
+    )
+    enabled.add_argument(
+        "--disable", dest="enabled", action="store_const", const=False, help="stop delivering"
+    )
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument(
+        "--rate-limit", type=positive_number, default=None, help="requests per second (> 0)"
+    )
+    rate.add_argument("--no-rate-limit", action="store_true", help="remove its rate limit")
+
+    p = actions.add_parser(
+        "rotate-secret",
+        parents=[common],
+        help="replace a webhook's secret (the old one stays valid for a grace)",
+    )
+    p.add_argument("id")
+    _secret_option(p, "the new secret (default: one is generated)")
 
     p = actions.add_parser("deliveries", parents=[common], help="a webhook's recent deliveries")
     p.add_argument("id")
     p.add_argument("--status", choices=("pending", "delivered", "dead"), default=None)
     p.add_argument("--limit", type=int, default=None, help="at most this many (1..500)")
+    p.add_argument(
+        "--before",
+        type=_delivery_id,
+        default=None,
+        metavar="DELIVERY_ID",
+        help="only older ones: those with a lower id (the next page back, as the listing says)",
+    )
 
     p = actions.add_parser("redeliver", parents=[common], help="send a delivery again")
     p.add_argument("delivery_id")
@@ -167,6 +206,29 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     p = actions.add_parser("recover", parents=[common], help="re-send events since a time")
     p.add_argument("id")
     p.add_argument("--since", required=True, help="RFC 3339 time, e.g. 2025-01-31T12:00:00Z")
+
+
+def _event_types_option(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "-e",
+        "--event-type",
+        dest="event_types",
+        metavar="TYPE",
+        action="append",
+        required=required,
+        default=None,
+        help="event type to deliver, repeatable or comma-separated: click, open, … or a full"
+        " type; * for all" + ("" if required else " (replaces the webhook's list)"),
+    )
+
+
+def _secret_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument(
+        "--secret",
+        default=None,
+        help=f"{text}: whsec_ + base64 of 24 to 64 bytes (visible in the process list: prefer"
+        " the generated one on a shared machine)",
+    )
 
 
 def run_webhooks(
@@ -214,14 +276,39 @@ class _Shown:
 async def _add(client: AdminClient, args: argparse.Namespace) -> _Shown:
     body: JsonObject = {
         "url": args.url,
-        "event_types": [_event_type(t) for t in args.event_types],
+        "event_types": _event_types(args.event_types),
         "enabled": not args.disabled,
     }
     if args.description is not None:
         body["description"] = args.description
     if args.rate_limit is not None:
         body["rate_limit_per_s"] = args.rate_limit
+    if args.secret is not None:
+        body["secret"] = args.secret
     hook = answered(await client.call("POST", "/v1/webhooks", body))
+    return _Shown(hook, _webhook_text(hook))
+
+
+async def _update(client: AdminClient, args: argparse.Namespace) -> _Shown:
+    body: JsonObject = {}
+    if args.url is not None:
+        body["url"] = args.url
+    if args.event_types is not None:
+        body["event_types"] = _event_types(args.event_types)
+    if args.description is not None:
+        body["description"] = args.description
+    if args.enabled is not None:
+        body["enabled"] = args.enabled
+    if args.rate_limit is not None:
+        body["rate_limit_per_s"] = args.rate_limit
+    if args.no_rate_limit:
+        body["rate_limit_per_s"] = None
+    if not body:
+        raise UsageError(
+            "update: nothing to change (give --url, --event-type, --description,"
+            " --enable/--disable or --rate-limit/--no-rate-limit)"
+        )
+    hook = answered(await client.call("PATCH", f"/v1/webhooks/{segment(args.id)}", body))
     return _Shown(hook, _webhook_text(hook))
 
 
@@ -253,7 +340,8 @@ async def _remove(client: AdminClient, args: argparse.Namespace) -> _Shown:
 
 async def _rotate(client: AdminClient, args: argparse.Namespace) -> _Shown:
     path = f"/v1/webhooks/{segment(args.id)}/rotate-secret"
-    hook = answered(await client.call("POST", path, {}))
+    body: JsonObject = {} if args.secret is None else {"secret": args.secret}
+    hook = answered(await client.call("POST", path, body))
     return _Shown(hook, _webhook_text(hook))
 
 
@@ -261,6 +349,8 @@ async def _deliveries(client: AdminClient, args: argparse.Namespace) -> _Shown:
     query = {"status": args.status} if args.status else {}
     if args.limit is not None:
         query["limit"] = str(args.limit)
+    if args.before is not None:
+        query["before"] = str(args.before)
     path = f"/v1/webhooks/{segment(args.id)}/deliveries"
     answer = answered(await client.call("GET", path, query=query))
     rows = [
@@ -275,7 +365,11 @@ async def _deliveries(client: AdminClient, args: argparse.Namespace) -> _Shown:
         for d in objects(answer.get("deliveries"))
     ]
     headers = ["ID", "STATUS", "ATTEMPTS", "LAST", "CREATED", "EVENT"]
-    return _Shown(answer, table(headers, rows) if rows else "no deliveries")
+    text = table(headers, rows) if rows else "no deliveries"
+    older = answer.get("next_before")
+    if rows and isinstance(older, int) and not isinstance(older, bool):
+        text += f"\n(older ones: --before {older})"
+    return _Shown(answer, text)
 
 
 async def _redeliver(client: AdminClient, args: argparse.Namespace) -> _Shown:
@@ -295,6 +389,7 @@ _ACTIONS: Mapping[str, Callable[[AdminClient, argparse.Namespace], Awaitable[_Sh
     "add": _add,
     "list": _list,
     "show": _show,
+    "update": _update,
     "remove": _remove,
     "rotate-secret": _rotate,
     "deliveries": _deliveries,
@@ -304,9 +399,10 @@ _ACTIONS: Mapping[str, Callable[[AdminClient, argparse.Namespace], Awaitable[_Sh
 
 
 def _webhook_text(hook: JsonObject) -> str:
-    enabled = (
-        "yes" if hook.get("enabled") is True else f"no ({text_of(hook.get('disabled_reason'))})"
-    )
+    enabled = "yes"
+    if hook.get("enabled") is not True:
+        reason = text_of(hook.get("disabled_reason")) or "disabled"
+        enabled = f"no ({reason}; ctct-relay webhooks update {text_of(hook.get('id'))} --enable)"
     rate = hook.get("rate_limit_per_s")
     lines = [
         ("id", text_of(hook.get("id"))),
@@ -334,6 +430,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in [headers, *rows]
     )
+
+
+def _event_types(given: Sequence[str]) -> list[str]:
+    """Every ``-e`` value, comma lists split, each as :func:`_event_type` makes it; an empty
+    one (``-e ''``, ``-e click,``) is a usage error rather than an odd type sent to the API."""
+    types: list[str] = []
+    for value in given:
+        for part in value.split(","):
+            if not part.strip():
+                raise UsageError(f"--event-type: empty event type in {value!r}")
+            types.append(_event_type(part.strip()))
+    return types
 
 
 def _event_type(text: str) -> str:

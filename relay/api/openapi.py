@@ -198,7 +198,15 @@ def _list_deliveries() -> JsonObject:
     return {
         "operationId": "listDeliveries",
         "summary": "A webhook's deliveries, newest first, each with its attempts",
-        "parameters": [_ref("parameters", "DeliveryStatus"), _ref("parameters", "Limit")],
+        "description": "One page: at most limit deliveries, newest (highest id) first. When"
+        " older ones exist, next_before is the last id of the page: ask again with"
+        " before=next_before (and the same status) for the next page back; null when this is"
+        " the last page.",
+        "parameters": [
+            _ref("parameters", "DeliveryStatus"),
+            _ref("parameters", "Limit"),
+            _ref("parameters", "Before"),
+        ],
         "responses": {
             "200": _json("deliveries", _schema("DeliveryList")),
             **_errors(400, 401, 404),
@@ -327,7 +335,16 @@ def _schemas() -> JsonObject:
                 "attempts": {"type": "array", "items": _schema("Attempt")},
             }
         ),
-        "DeliveryList": _object({"deliveries": {"type": "array", "items": _schema("Delivery")}}),
+        "DeliveryList": _object(
+            {
+                "deliveries": {"type": "array", "items": _schema("Delivery")},
+                "next_before": {
+                    "type": ["integer", "null"],
+                    "minimum": 1,
+                    "description": "the before of the next page back; null: no older deliveries",
+                },
+            }
+        ),
     }
 
 
@@ -383,6 +400,18 @@ def _parameters() -> JsonObject:
             "in": "query",
             "required": False,
             "schema": {"type": "string", "enum": list(body.DELIVERY_STATUSES)},
+        },
+        "Before": {
+            "name": "before",
+            "in": "query",
+            "required": False,
+            "description": "only deliveries with a lower id (the next_before of the page before)",
+            "schema": {
+                "type": "integer",
+                "format": "int64",
+                "minimum": 1,
+                "maximum": body.MAX_DELIVERY_ID,
+            },
         },
         "Limit": {
             "name": "limit",
@@ -486,6 +515,7 @@ def _operations_paths() -> JsonObject:
     return {
         "/v1/status": {"get": _op("status", "Accounts, outbox and sinks, webhooks", "Status")},
         "/v1/streams": {"get": _list_streams()},
+        "/v1/dead-letters": {"get": _list_dead_letters()},
         "/v1/streams/{stream_id}": {
             "parameters": stream,
             "get": _op("getStream", "One stream", "Stream", errors=(401, 404)),
@@ -581,6 +611,21 @@ def _list_streams() -> JsonObject:
     }
 
 
+def _list_dead_letters() -> JsonObject:
+    return {
+        "operationId": "listDeadLetters",
+        "summary": "Events a sink gave up on for good, oldest first, with the broker's reason",
+        "description": "Webhook deliveries that ran out of attempts are listed with their"
+        " webhook (GET /v1/webhooks/{webhook_id}/deliveries?status=dead) and redelivered"
+        " from there. total counts every dead letter of the sink, limit or not.",
+        "parameters": [_ref("parameters", n) for n in ("DeadLetterSink", "DeadLetterLimit")],
+        "responses": {
+            "200": _json("dead letters", _schema("DeadLetterList")),
+            **_errors(400, 401),
+        },
+    }
+
+
 def _replay_op(op_id: str, request: str, *, retired: bool) -> JsonObject:
     extra: JsonObject = (
         {"409": _json("the stream is retired (not polled)", _schema("Error"))} if retired else {}
@@ -629,7 +674,23 @@ def _operations_schemas() -> JsonObject:
     }
     hold = _object({"since": _time(), "reason": {"type": "string"}})
     targets = _operations_targets_schema()
+    dead_letter = _object(
+        {
+            "sink": {"type": "string", "enum": list(streams.DEAD_LETTER_SINKS)},
+            "seq": {"type": "integer", "minimum": 1},
+            "event_id": {"type": "string"},
+            "reason": {"type": "string", "description": "the broker's error text"},
+            "created_at": _time(),
+        }
+    )
     return {
+        "DeadLetterList": _object(
+            {
+                "dead_letters": {"type": "array", "items": dead_letter},
+                "total": count,
+                "limit": {"type": "integer", "minimum": 1},
+            }
+        ),
         "Empty": _object({}, required=[]),
         "Pause": _object(
             {"reason": {"type": "string", "maxLength": streams.MAX_REASON_CHARS}}, required=[]
@@ -803,4 +864,21 @@ def _operations_parameters() -> JsonObject:
             },
         ),
         "Offset": query("offset", {"type": "integer", "minimum": 0, "maximum": streams.MAX_OFFSET}),
+        "DeadLetterSink": query(
+            "sink",
+            {
+                "type": "string",
+                "enum": list(streams.DEAD_LETTER_SINKS),
+                "default": streams.DEAD_LETTER_SINKS[0],
+            },
+        ),
+        "DeadLetterLimit": query(
+            "limit",
+            {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": streams.MAX_DEAD_LETTER_LIMIT,
+                "default": streams.DEFAULT_DEAD_LETTER_LIMIT,
+            },
+        ),
     }

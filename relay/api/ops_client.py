@@ -1,4 +1,5 @@
-"""``ctct-relay status|replay|pause|resume|targets``: operating a running relay from the shell.
+"""``ctct-relay status|replay|pause|resume|targets|dead-letters``: operating a running relay
+from the shell.
 
 Like ``ctct-relay webhooks`` (:mod:`relay.api.client`), every command is one or a few HTTP calls
 to the admin API; answers print as aligned plain text, or as the API's JSON with ``--json``;
@@ -37,12 +38,14 @@ from relay.api.client import (
 from relay.api.responses import JsonObject
 
 WAIT_POLL_S = 0.5
+DEAD_LETTER_LIMIT = 100
+MAX_DEAD_LETTER_LIMIT = 1000
 
 Action = Callable[[AdminClient, argparse.Namespace, TextIO], Awaitable[tuple[object, str]]]
 
 
 def add_ops_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``status``, ``replay``, ``pause``, ``resume`` and ``targets``."""
+    """Add ``status``, ``replay``, ``pause``, ``resume``, ``targets`` and ``dead-letters``."""
     common = common_parser()
     p = commands.add_parser("status", parents=[common], help="what the running relay is doing")
     p.add_argument("--streams", action="store_true", help="also list streams")
@@ -67,6 +70,14 @@ def add_ops_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser
         _target(p, campaign=False)
         if name == "pause":
             p.add_argument("--reason", default=None, help="shown in status (accounts only)")
+
+    p = commands.add_parser(
+        "dead-letters", parents=[common], help="events a sink gave up on, with the reason"
+    )
+    p.add_argument("--sink", choices=("kafka",), default="kafka", help="(%(default)s)")
+    p.add_argument(
+        "--limit", type=int, default=DEAD_LETTER_LIMIT, help="at most this many (%(default)s)"
+    )
 
     p = commands.add_parser("targets", help="campaigns and contacts an account polls")
     actions = p.add_subparsers(dest="targets_command", required=True, metavar="ACTION")
@@ -130,6 +141,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--reason: only an account pause takes a reason, not --stream")
     if args.command == "status" and not 1 <= args.limit <= 1000:
         raise UsageError(f"--limit: expected 1 to 1000, got {args.limit}")
+    if args.command == "dead-letters" and not 1 <= args.limit <= MAX_DEAD_LETTER_LIMIT:
+        raise UsageError(f"--limit: expected 1 to {MAX_DEAD_LETTER_LIMIT}, got {args.limit}")
     listing = args.command != "targets" or args.targets_command == "list"
     if not listing and not (args.campaigns or args.contacts):
         raise UsageError("give at least one --campaign or --contact")
@@ -422,6 +435,29 @@ def _targets_text(answer: JsonObject) -> str:
     return "\n".join(lines)
 
 
+async def _dead_letters(
+    client: AdminClient, args: argparse.Namespace, _err: TextIO
+) -> tuple[object, str]:
+    query = {"sink": args.sink, "limit": str(args.limit)}
+    answer = answered(await client.call("GET", "/v1/dead-letters", query=query))
+    rows = [
+        [
+            text_of(d.get("seq")),
+            text_of(d.get("created_at")),
+            text_of(d.get("event_id")),
+            " ".join(text_of(d.get("reason")).split()),  # one line per dead letter
+        ]
+        for d in objects(answer.get("dead_letters"))
+    ]
+    if not rows:
+        return answer, f"no dead letters ({args.sink})"
+    text = table(["SEQ", "CREATED", "EVENT", "REASON"], rows)
+    total = _int(answer.get("total"))
+    if total > len(rows):
+        text += f"\n(the oldest {len(rows)} of {total}; --limit shows more)"
+    return answer, text
+
+
 _ACTIONS: Mapping[str, Action] = {
     "status": _status,
     "replay": _replay,
@@ -430,6 +466,7 @@ _ACTIONS: Mapping[str, Action] = {
     "targets-list": _targets_list,
     "targets-add": _targets_add,
     "targets-remove": _targets_remove,
+    "dead-letters": _dead_letters,
 }
 
 

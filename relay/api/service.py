@@ -259,7 +259,7 @@ async def _apply_declaration(
             "webhook.declared_but_disabled",
             webhook_id=existing.id,
             reason=existing.disabled_reason,
-            hint='re-enable it with PATCH /v1/webhooks/{id} {"enabled": true}',
+            hint=f"re-enable it with: ctct-relay webhooks update {existing.id} --enable",
         )
     if updated == existing:
         return existing

@@ -33,6 +33,9 @@ RESOURCE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}", re.ASCII)
 _DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
 _LIST_QUERY = ("account", "scope", "state", "replaying", "limit", "offset")
+DEAD_LETTER_SINKS = ("kafka",)  # webhook deliveries given up on are listed with their webhook
+DEFAULT_DEAD_LETTER_LIMIT = 100
+MAX_DEAD_LETTER_LIMIT = 1000
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +56,7 @@ def routes(*, with_status: bool = True) -> web.RouteTableDef:
     table.get("/v1/accounts/{account}/targets", allow_head=False)(_targets)
     table.post("/v1/accounts/{account}/targets")(_add_targets)
     table.delete("/v1/accounts/{account}/targets/{kind}/{resource_id}")(_remove_target)
+    table.get("/v1/dead-letters", allow_head=False)(_dead_letters)
     return table
 
 
@@ -80,6 +84,32 @@ async def _list(request: web.Request) -> web.Response:
             "total": total,
             "limit": limit,
             "offset": offset,
+        }
+    )
+
+
+async def _dead_letters(request: web.Request) -> web.Response:
+    """A sink's dead letters, oldest first, with how many it holds in all."""
+    body.check_query(request, ("sink", "limit"))
+    sink = _choice(request, "sink", DEAD_LETTER_SINKS) or DEAD_LETTER_SINKS[0]
+    limit = _integer(request, "limit", DEFAULT_DEAD_LETTER_LIMIT, 1, MAX_DEAD_LETTER_LIMIT)
+    store = request.app[STORE]
+    letters = await store.dead_letters(sink, limit)
+    total = (await store.dead_letter_counts()).get(sink, 0)
+    return json_response(
+        {
+            "dead_letters": [
+                {
+                    "sink": d.sink,
+                    "seq": d.seq,
+                    "event_id": d.event_id,
+                    "reason": d.reason,
+                    "created_at": time_or_null(d.created_ms),
+                }
+                for d in letters
+            ],
+            "total": max(total, len(letters)),
+            "limit": limit,
         }
     )
 

@@ -129,16 +129,20 @@ async def _rotate(request: web.Request) -> web.Response:
 
 
 async def _deliveries(request: web.Request) -> web.Response:
-    body.check_query(request, ("status", "limit"))
+    body.check_query(request, ("status", "limit", "before"))
     status = body.query_status(request)
     limit = body.query_limit(request)
+    before = body.query_before(request)
     store = request.app[STORE]
     webhook_id = request.match_info["webhook_id"]
     with _service_errors():
         await store.webhook(webhook_id)  # an unknown webhook is a 404, not an empty list
-    found = await store.deliveries(webhook_id, limit, status)
-    views: list[JsonObject] = [delivery_view(d, await store.attempts(d.id)) for d in found]
-    return json_response({"deliveries": views})
+    # one more than asked for says whether an older page exists, without a count
+    found = await store.deliveries(webhook_id, limit + 1, status, before=before)
+    page = found[:limit]
+    views: list[JsonObject] = [delivery_view(d, await store.attempts(d.id)) for d in page]
+    next_before = page[-1].id if len(found) > limit else None
+    return json_response({"deliveries": views, "next_before": next_before})
 
 
 async def _redeliver(request: web.Request) -> web.Response:

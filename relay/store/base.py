@@ -353,7 +353,7 @@ class Store(Protocol):
         """Record an event a sink could never deliver, with the reason."""
 
     async def dead_letters(self, sink: str, limit: int = 100) -> list[DeadLetter]:
-        """A sink's dead letters, oldest first."""
+        """A sink's dead letters, oldest first (by seq, then in the order recorded)."""
 
     async def create_webhook(self, webhook: Webhook) -> Webhook:
         """Store a new webhook; its start_seq becomes the current outbox head. Raises
@@ -417,9 +417,10 @@ class Store(Protocol):
         """One delivery; raises NotFoundError."""
 
     async def deliveries(
-        self, webhook_id: str, limit: int, status: str | None = None
+        self, webhook_id: str, limit: int, status: str | None = None, *, before: int | None = None
     ) -> list[Delivery]:
-        """A webhook's deliveries, newest first."""
+        """A webhook's deliveries, newest (highest id) first; with ``before``, only those whose id
+        is lower (the next page back: ``before`` is the last id of the page before)."""
 
     async def attempts(self, delivery_id: int) -> list[Attempt]:
         """A delivery's attempts, oldest first."""

@@ -712,24 +712,23 @@ class PostgresStore:
         return await self.transaction(lambda conn: _get_delivery(conn, delivery_id))
 
     async def deliveries(
-        self, webhook_id: str, limit: int, status: str | None = None
+        self, webhook_id: str, limit: int, status: str | None = None, *, before: int | None = None
     ) -> list[Delivery]:
         async def run(conn: Connection) -> list[Delivery]:
+            where = "webhook_id = $1"
+            args: list[object] = [webhook_id]
             if status:
-                rows = await conn.fetch(
-                    f"SELECT {rowmap.DELIVERY_COLUMNS} FROM deliveries"  # noqa: S608
-                    " WHERE webhook_id = $1 AND status = $2 ORDER BY id DESC LIMIT $3",
-                    webhook_id,
-                    status,
-                    limit,
-                )
-            else:
-                rows = await conn.fetch(
-                    f"SELECT {rowmap.DELIVERY_COLUMNS} FROM deliveries"  # noqa: S608
-                    " WHERE webhook_id = $1 ORDER BY id DESC LIMIT $2",
-                    webhook_id,
-                    limit,
-                )
+                args.append(status)
+                where += f" AND status = ${len(args)}"
+            if before is not None:
+                args.append(before)
+                where += f" AND id < ${len(args)}"
+            args.append(limit)
+            rows = await conn.fetch(
+                f"SELECT {rowmap.DELIVERY_COLUMNS} FROM deliveries WHERE {where}"  # noqa: S608
+                f" ORDER BY id DESC LIMIT ${len(args)}",
+                *args,
+            )
             return [rowmap.delivery(r) for r in rows]
 
         return await self.transaction(run)

@@ -388,7 +388,7 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> list[DeadLetter]:
             rows = conn.execute(
                 "SELECT sink, seq, event_id, reason, created_ms FROM dead_letters"
-                " WHERE sink = ? ORDER BY seq LIMIT ?",
+                " WHERE sink = ? ORDER BY seq, id LIMIT ?",
                 (sink, limit),
             ).fetchall()
             return [DeadLetter(str(a), int(b), str(c), str(d), int(e)) for a, b, c, d, e in rows]
@@ -595,11 +595,15 @@ class SqliteStore:
         return await self._run(lambda conn: _get_delivery(conn, delivery_id))
 
     async def deliveries(
-        self, webhook_id: str, limit: int, status: str | None = None
+        self, webhook_id: str, limit: int, status: str | None = None, *, before: int | None = None
     ) -> list[Delivery]:
         def run(conn: sqlite3.Connection) -> list[Delivery]:
-            where = "webhook_id = ?" + (" AND status = ?" if status else "")
-            args: tuple[object, ...] = (webhook_id, status) if status else (webhook_id,)
+            where = "webhook_id = ?"
+            args: tuple[object, ...] = (webhook_id,)
+            if status:
+                where, args = where + " AND status = ?", (*args, status)
+            if before is not None:
+                where, args = where + " AND id < ?", (*args, before)
             rows = conn.execute(
                 f"SELECT {rowmap.DELIVERY_COLUMNS} FROM deliveries WHERE {where}"  # noqa: S608
                 " ORDER BY id DESC LIMIT ?",

@@ -15,7 +15,7 @@ from relay.api import AdminSettings, create_admin_app
 from relay.api.client import TOKEN_ENV, add_webhooks_parser, run_webhooks, webhooks_command
 from relay.sinks.ssrf import Guard
 from relay.store import Store
-from tests.api.conftest import PUBLIC_URL, TOKEN, Clock
+from tests.api.conftest import KEY, PUBLIC_URL, T0, TOKEN, Clock, activity
 
 Cli = Callable[..., Awaitable[tuple[int, str, str]]]
 
@@ -88,7 +88,7 @@ async def test_json_output(cli: Cli) -> None:
     status, out, _ = await cli("list", "--json")
     assert [h["id"] for h in orjson.loads(out)["webhooks"]] == [created["id"]]
     status, out, _ = await cli("deliveries", created["id"], "--json", "--status", "dead")
-    assert orjson.loads(out) == {"deliveries": []}
+    assert orjson.loads(out) == {"deliveries": [], "next_before": None}
 
 
 async def test_deliveries_redeliver_and_recover_text(cli: Cli) -> None:
@@ -209,3 +209,162 @@ async def test_a_fractional_rate_limit_is_sent(cli: Cli) -> None:
     status, out, _ = await cli("add", PUBLIC_URL, "-e", "click", "--rate-limit", "0.5", "--json")
     assert status == 0
     assert orjson.loads(out)["rate_limit_per_s"] == 0.5
+
+
+async def test_update_re_enables_a_webhook_disabled_by_a_410(cli: Cli, store: Store) -> None:
+    """`webhooks update --enable` undoes a 410's disable, the way the log hint says; every other
+    PATCH field has its option, and only the fields given change."""
+    status, out, _ = await cli("add", PUBLIC_URL, "-e", "click", "--rate-limit", "5", "--json")
+    created = orjson.loads(out)
+    hook_id = created["id"]
+    await store.disable_webhook(hook_id, "410 Gone from the endpoint", 0)
+    status, out, _ = await cli("show", hook_id)
+    (enabled,) = [line for line in out.splitlines() if line.startswith("enabled:")]
+    assert enabled.split(maxsplit=1)[1] == (
+        f"no (410 Gone from the endpoint; ctct-relay webhooks update {hook_id} --enable)"
+    )
+
+    status, out, err = await cli("update", hook_id, "--enable")
+    assert (status, err) == (0, "")
+    (enabled,) = [line for line in out.splitlines() if line.startswith("enabled:")]
+    assert enabled.split() == ["enabled:", "yes"]
+    shown = await store.webhook(hook_id)
+    assert shown.enabled is True
+    assert shown.disabled_reason is None
+    assert shown.rate_limit_per_s == 5.0  # untouched
+
+    other = "https://93.184.216.35/other"
+    status, out, err = await cli(
+        "update",
+        hook_id,
+        "--url",
+        other,
+        "-e",
+        "open,bounce",
+        "-e",
+        "com.constantcontact.email.*",
+        "--description",
+        "new owner",
+        "--disable",
+        "--no-rate-limit",
+        "--json",
+    )
+    assert (status, err) == (0, "")
+    changed = orjson.loads(out)
+    assert changed["url"] == other
+    assert changed["event_types"] == [
+        "com.constantcontact.email.open",
+        "com.constantcontact.email.bounce",
+        "com.constantcontact.email.*",
+    ]
+    assert changed["description"] == "new owner"
+    assert changed["enabled"] is False
+    assert changed["rate_limit_per_s"] is None
+    assert "secret" not in changed
+
+    status, out, _ = await cli("update", hook_id, "--rate-limit", "2.5", "--json")
+    assert status == 0
+    again = orjson.loads(out)
+    assert again["rate_limit_per_s"] == 2.5
+    assert (again["url"], again["enabled"], again["description"]) == (other, False, "new owner")
+
+
+async def test_add_and_rotate_take_a_given_secret(cli: Cli) -> None:
+    """--secret on add registers that secret and on rotate-secret makes it the new one; the
+    API's check of its form comes back as one line."""
+    first = "whsec_" + "A" * 32
+    second = "whsec_" + "B" * 32
+    status, out, err = await cli("add", PUBLIC_URL, "-e", "click", "--secret", first, "--json")
+    assert (status, err) == (0, "")
+    created = orjson.loads(out)
+    assert created["secret"] == first
+    status, out, err = await cli("rotate-secret", created["id"], "--secret", second, "--json")
+    assert (status, err) == (0, "")
+    assert orjson.loads(out)["secret"] == second
+    status, out, err = await cli("rotate-secret", created["id"], "--secret", "hunter2")
+    assert (status, out) == (1, "")
+    assert err.startswith("ctct-relay: error: secret")
+    assert err.count("\n") == 1
+    assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["update", "wh_x"], "update: nothing to change", id="nothing"),
+        pytest.param(["update", "wh_x", "-e", "click,"], "--event-type: empty", id="empty-type"),
+        pytest.param(["add", PUBLIC_URL, "-e", ""], "--event-type: empty", id="add-empty-type"),
+    ],
+)
+async def test_update_usage_errors_are_one_line_exit_2(
+    cli: Cli, argv: list[str], message: str
+) -> None:
+    """An update without a change, or an empty event type, never reaches the API: exit 2."""
+    status, out, err = await cli(*argv)
+    assert (status, out) == (2, "")
+    assert err.startswith(f"ctct-relay: error: {message}")
+    assert err.count("\n") == 1
+
+
+async def test_update_of_an_unknown_webhook_is_one_line(cli: Cli) -> None:
+    """The API's 404 for an unknown id: one line, exit 1."""
+    status, out, err = await cli("update", "wh_0000000000000000", "--enable")
+    assert (status, out) == (1, "")
+    assert "no webhook with id" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["--enable", "--disable"], id="enable-disable"),
+        pytest.param(["--rate-limit", "3", "--no-rate-limit"], id="rate-no-rate"),
+        pytest.param(["--rate-limit", "nan"], id="rate-nan"),
+        pytest.param(["--rate-limit", "0"], id="rate-zero"),
+    ],
+)
+def test_update_conflicting_or_bad_options_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """Options that contradict each other, or a rate that is not finite and > 0: argparse's
+    usage error, exit 2, no traceback."""
+    with pytest.raises(SystemExit) as exited:
+        parse(["webhooks", "update", "wh_x", *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err
+    assert "Traceback" not in err
+
+
+async def test_deliveries_pages_back_with_before(cli: Cli, store: Store) -> None:
+    """`webhooks deliveries --limit N` says how to ask for older ones; `--before` gets them."""
+    status, out, _ = await cli("add", PUBLIC_URL, "-e", "*", "--json")
+    hook_id = orjson.loads(out)["id"]
+    await store.ensure_streams([KEY], T0)
+    sid = next(s.id for s in await store.streams() if s.key == KEY)
+    await store.commit_page(sid, [activity(i, T0 - 9000 + i) for i in range(3)], T0)
+    await store.fanout(100, T0)
+    ids = [d.id for d in await store.deliveries(hook_id, 10)]
+    status, out, err = await cli("deliveries", hook_id, "--limit", "2")
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == [str(i) for i in ids[:2]]
+    assert lines[-1] == f"(older ones: --before {ids[1]})"
+    status, out, _ = await cli("deliveries", hook_id, "--limit", "2", "--before", str(ids[1]))
+    lines = out.splitlines()
+    assert status == 0
+    assert len(lines) == 2  # the header and the oldest; no hint: nothing older
+    assert lines[1].split()[0] == str(ids[2])
+    status, out, _ = await cli("deliveries", hook_id, "--before", str(ids[1]), "--json")
+    assert [d["id"] for d in orjson.loads(out)["deliveries"]] == [ids[2]]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "٣"])
+def test_deliveries_before_must_be_a_delivery_id(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """--before takes a delivery id (an integer >= 1): anything else is a usage error, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        parse(["webhooks", "deliveries", "wh_x", f"--before={value}"])
+    assert exited.value.code == 2
+    assert "error: argument --before: expected a delivery id" in capsys.readouterr().err

@@ -87,6 +87,8 @@ class LiveServer:
     async def _serve(self) -> None:
         store = open_store(f"sqlite:///{self._state}")
         await store.open()
+        # a dead letter, so the listing's answers are checked against the document with an item
+        await store.add_dead_letter("kafka", 1, "evt-1", "MessageSizeTooLargeError: too large", 0)
         app = create_admin_app(
             store, AdminSettings(token=AUTH_TOKEN), guard=Guard(), metrics=Metrics()
         )

@@ -340,3 +340,50 @@ async def test_routes_need_the_token(api: Client) -> None:
         ("POST", "/v1/accounts/acme/pause"),
     ):
         await error_of(await api.request(method, path), 401)
+
+
+async def test_dead_letters_are_listed_oldest_first_with_a_total(api: Client, store: Store) -> None:
+    """GET /v1/dead-letters: the Kafka sink's dead letters with the broker's reason, oldest
+    first, at most limit of them, and how many there are in all."""
+    for seq in (7, 3, 5):
+        await store.add_dead_letter("kafka", seq, f"e{seq}", f"MessageSizeTooLargeError {seq}", T0)
+    response = await api.get("/v1/dead-letters", headers=AUTH)
+    assert response.status == 200
+    answer = await response.json()
+    assert answer["total"] == 3
+    assert answer["limit"] == 100
+    assert [d["seq"] for d in answer["dead_letters"]] == [3, 5, 7]
+    assert answer["dead_letters"][0] == {
+        "sink": "kafka",
+        "seq": 3,
+        "event_id": "e3",
+        "reason": "MessageSizeTooLargeError 3",
+        "created_at": "2025-11-21T04:40:00.000Z",
+    }
+    response = await api.get("/v1/dead-letters?sink=kafka&limit=2", headers=AUTH)
+    answer = await response.json()
+    assert [d["event_id"] for d in answer["dead_letters"]] == ["e3", "e5"]
+    assert (answer["total"], answer["limit"]) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        pytest.param("sink=webhooks", "sink: expected one of kafka", id="sink"),
+        pytest.param("limit=0", "limit: expected an integer from 1 to 1000", id="limit-0"),
+        pytest.param("limit=1001", "limit: expected an integer from 1 to 1000", id="limit-big"),
+        pytest.param("limit=2&limit=3", "limit: given more than once", id="limit-twice"),
+        pytest.param("limt=3", "limt: unknown query parameter", id="unknown"),
+    ],
+)
+async def test_dead_letters_query_errors_name_the_parameter(
+    api: Client, query: str, message: str
+) -> None:
+    """A bad sink, limit or parameter: 400 naming it."""
+    error = await error_of(await api.get(f"/v1/dead-letters?{query}", headers=AUTH), 400)
+    assert message in error["message"]
+
+
+async def test_dead_letters_need_the_token(api: Client) -> None:
+    """Like every /v1 route: 401 without the bearer token."""
+    await error_of(await api.get("/v1/dead-letters"), 401)

@@ -133,6 +133,11 @@ async def test_pause_resume_and_targets(cli: Cli, store: Store) -> None:
         ),
         pytest.param(["status", "--limit", "0"], "--limit: expected 1 to 1000, got 0", id="limit"),
         pytest.param(
+            ["dead-letters", "--limit", "1001"],
+            "--limit: expected 1 to 1000, got 1001",
+            id="dead-letters-limit",
+        ),
+        pytest.param(
             ["pause", "--stream", "1", "--reason", "maintenance"],
             "--reason: only an account pause takes a reason, not --stream",
             id="stream-pause-reason",
@@ -190,3 +195,31 @@ def test_cli_entry_point_runs_the_operations_commands(capsys: pytest.CaptureFixt
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("ctct-relay: error: cannot reach the admin API")
+
+
+async def test_dead_letters_table_json_and_the_rest_left_out(cli: Cli, store: Store) -> None:
+    """``dead-letters`` lists the Kafka sink's dead letters oldest first, one line each (a
+    reason's line breaks folded), says when the limit left some out; --json is the answer."""
+    assert await cli("dead-letters") == (0, "no dead letters (kafka)\n", "")
+    await store.add_dead_letter("kafka", 8, "evt-8", "KafkaError: record\ntoo large", T0)
+    await store.add_dead_letter("kafka", 2, "evt-2", "MessageSizeTooLargeError: 2 MB", T0)
+    status, out, err = await cli("dead-letters", "--sink", "kafka")
+    assert (status, err) == (0, "")
+    header, first, second = out.splitlines()
+    assert header.split() == ["SEQ", "CREATED", "EVENT", "REASON"]
+    assert first.split() == [
+        "2",
+        "2025-11-21T04:40:00.000Z",
+        "evt-2",
+        "MessageSizeTooLargeError:",
+        "2",
+        "MB",
+    ]
+    assert second.endswith("evt-8  KafkaError: record too large")
+    status, out, _ = await cli("dead-letters", "--limit", "1")
+    assert status == 0
+    assert out.splitlines()[-1] == "(the oldest 1 of 2; --limit shows more)"
+    status, out, _ = await cli("dead-letters", "--json")
+    answer = orjson.loads(out)
+    assert [d["event_id"] for d in answer["dead_letters"]] == ["evt-2", "evt-8"]
+    assert answer["total"] == 2

@@ -507,6 +507,47 @@ async def test_deliveries_with_attempts_filter_and_limit(
     assert len(one["deliveries"]) == 1
 
 
+async def test_deliveries_page_back_with_before_and_next_before(
+    client: Client, store: Store
+) -> None:
+    """Newest first, limit at a time: next_before names the next page back until none is left,
+    the pages together hold every delivery once, and before works with a status filter."""
+    hook = await create(client)
+    hook_id = str(hook["id"])
+    await commit_events(store, [activity(i, T0 - 9000 + i) for i in range(7)], T0)
+    every = [d.id for d in await store.deliveries(hook_id, 100)]
+    assert len(every) == 7
+    path = f"/v1/webhooks/{hook_id}/deliveries"
+    pages: list[list[int]] = []
+    params = {"limit": "3"}
+    while True:
+        page = await ok(await client.get(path, params=params, headers=AUTH))
+        pages.append([d["id"] for d in page["deliveries"]])
+        if page["next_before"] is None:
+            break
+        assert page["next_before"] == pages[-1][-1]
+        params = {"limit": "3", "before": str(page["next_before"])}
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [i for p in pages for i in p] == every  # newest first, each once
+    exact = await ok(await client.get(path, params={"limit": "7"}, headers=AUTH))
+    assert exact["next_before"] is None  # exactly limit left: no empty page to ask for
+    oldest, second = every[-1], every[-2]
+    await store.finish_attempts(
+        [
+            (Attempt(i, T0 + 1000, 500, 1.0, "", "HTTP 500"), "dead", T0 + 1000)
+            for i in (oldest, second)
+        ]
+    )
+    dead = await ok(
+        await client.get(
+            path, params={"status": "dead", "before": str(second), "limit": "1"}, headers=AUTH
+        )
+    )
+    assert ([d["id"] for d in dead["deliveries"]], dead["next_before"]) == ([oldest], None)
+    beyond = await ok(await client.get(path, params={"before": str(every[-1])}, headers=AUTH))
+    assert beyond == {"deliveries": [], "next_before": None}
+
+
 @pytest.mark.parametrize(
     ("params", "prefix"),
     [
@@ -514,6 +555,10 @@ async def test_deliveries_with_attempts_filter_and_limit(
         pytest.param({"limit": "0"}, "limit: expected an integer from 1 to 500", id="zero"),
         pytest.param({"limit": "501"}, "limit: expected an integer from 1 to 500", id="big"),
         pytest.param({"limit": "x"}, "limit: expected an integer", id="text"),
+        pytest.param({"before": "0"}, "before: expected a delivery id", id="before-zero"),
+        pytest.param({"before": "-3"}, "before: expected a delivery id", id="before-negative"),
+        pytest.param({"before": "2" * 20}, "before: expected a delivery id", id="before-big"),
+        pytest.param({"befor": "3"}, "befor: unknown query parameter", id="before-typo"),
     ],
 )
 async def test_deliveries_query_validation(

@@ -496,6 +496,46 @@ async def test_status_counts(store: Store) -> None:
     assert await store.delivery_counts() == {}
 
 
+async def test_deliveries_page_back_by_id_with_before(store: Store) -> None:
+    """deliveries(before=id) reads the deliveries older than that id, newest first, with the
+    status filter and the limit as without it."""
+    sid = await one_stream(store)
+    await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(5)], T0)
+    await store.fanout(100, T0)
+    ids = [d.id for d in await store.deliveries("wh_1", 100)]
+    assert len(ids) == 5
+    assert ids == sorted(ids, reverse=True)
+    assert [d.id for d in await store.deliveries("wh_1", 2, before=ids[1])] == ids[2:4]
+    assert [d.id for d in await store.deliveries("wh_1", 100, before=ids[-1])] == []
+    assert [d.id for d in await store.deliveries("wh_1", 100, before=ids[0] + 1)] == ids
+    await store.finish_attempts([(Attempt(ids[3], T0, 500, 1.0, "", "HTTP 500"), "dead", T0)])
+    assert [d.id for d in await store.deliveries("wh_1", 10, "dead", before=ids[2])] == [ids[3]]
+    assert await store.deliveries("wh_1", 10, "dead", before=ids[3]) == []
+    assert await store.deliveries("wh_other", 10, before=ids[0] + 1) == []
+
+
+async def test_dead_letters_listed_oldest_first_per_sink_up_to_a_limit(store: Store) -> None:
+    """A sink's dead letters read back every field, in seq order (a seq dead-lettered twice,
+    after a crash, in the order recorded), only that sink's, and no more than the limit."""
+    await store.add_dead_letter("kafka", 9, "e9", "MessageSizeTooLargeError: too large", T0 + 2)
+    await store.add_dead_letter("kafka", 4, "e4", "first", T0)
+    await store.add_dead_letter("other", 1, "o1", "not kafka", T0)
+    await store.add_dead_letter("kafka", 4, "e4", "again", T0 + 1)
+    everything = await store.dead_letters("kafka")
+    assert [(d.seq, d.event_id, d.reason, d.created_ms) for d in everything] == [
+        (4, "e4", "first", T0),
+        (4, "e4", "again", T0 + 1),
+        (9, "e9", "MessageSizeTooLargeError: too large", T0 + 2),
+    ]
+    assert {d.sink for d in everything} == {"kafka"}
+    assert [d.reason for d in await store.dead_letters("kafka", 2)] == ["first", "again"]
+    assert [d.event_id for d in await store.dead_letters("other", 1)] == ["o1"]
+    assert await store.dead_letters("none") == []
+
+
 async def test_stream_stats_and_pages_are_counted_in_the_store(store: Store) -> None:
     """Per-account counts by state and oldest watermark; filtered pages with a total."""
     from relay.store import StreamFilter, StreamStats
