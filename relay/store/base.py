@@ -287,8 +287,9 @@ class Store(Protocol):
     async def streams(self, account: str | None = None) -> list[Stream]:
         """Every stream (of one account), retired ones included."""
 
-    async def due_streams(self, now_ms: int, limit: int) -> list[int]:
-        """Ids of active (not retired, not paused) streams due by ``now_ms``, soonest first."""
+    async def due_streams(self, now_ms: int, limit: int, account: str | None = None) -> list[int]:
+        """Ids of active (not retired, not paused) streams due by ``now_ms``, soonest first; of
+        one account when ``account`` is given."""
 
     async def stream_rates(self) -> dict[int, tuple[float, int]]:
         """Active streams' (rate_per_h, next_due_ms), for the scheduler's budget arithmetic."""

@@ -94,7 +94,9 @@ class LocalCoordinator:
     async def claim_streams(
         self, account: str, now_ms: int, limit: int, exclude: Collection[int]
     ) -> list[int]:
-        due = await self._store.due_streams(now_ms, limit + len(exclude))
+        # this account's own: another's due streams (paused until midnight, or simply earlier)
+        # must not fill the claim and leave this one unpolled
+        due = await self._store.due_streams(now_ms, limit + len(exclude), account)
         return [s for s in due if s not in exclude][:limit]
 
     async def renew_streams(self, stream_ids: Collection[int]) -> set[int]:

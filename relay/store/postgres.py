@@ -327,13 +327,15 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def due_streams(self, now_ms: int, limit: int) -> list[int]:
+    async def due_streams(self, now_ms: int, limit: int, account: str | None = None) -> list[int]:
+        mine = "" if account is None else " AND account = $3"
+        args = (now_ms, limit) if account is None else (now_ms, limit, account)
+
         async def run(conn: Connection) -> list[int]:
             rows = await conn.fetch(
-                "SELECT id FROM streams WHERE retired = 0 AND paused = 0 AND next_due_ms <= $1"
-                " ORDER BY next_due_ms, id LIMIT $2",
-                now_ms,
-                limit,
+                "SELECT id FROM streams WHERE retired = 0 AND paused = 0 AND next_due_ms <= $1"  # noqa: S608 - constant fragments
+                f"{mine} ORDER BY next_due_ms, id LIMIT $2",
+                *args,
             )
             return [int(r[0]) for r in rows]
 

@@ -175,12 +175,16 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def due_streams(self, now_ms: int, limit: int) -> list[int]:
+    async def due_streams(self, now_ms: int, limit: int, account: str | None = None) -> list[int]:
+        # one account's by the index on (account, next_due_ms)
+        mine = "" if account is None else " AND account = ?"
+        args = (now_ms, limit) if account is None else (now_ms, account, limit)
+
         def run(conn: sqlite3.Connection) -> list[int]:
             rows = conn.execute(
-                "SELECT id FROM streams WHERE retired = 0 AND paused = 0 AND next_due_ms <= ?"
-                " ORDER BY next_due_ms LIMIT ?",
-                (now_ms, limit),
+                "SELECT id FROM streams WHERE retired = 0 AND paused = 0 AND next_due_ms <= ?"  # noqa: S608 - constant fragments
+                f"{mine} ORDER BY next_due_ms LIMIT ?",
+                args,
             ).fetchall()
             return [int(r[0]) for r in rows]
 

@@ -145,6 +145,26 @@ async def test_limiters_of_two_replicas_keep_one_per_second_limit(
     assert {r for _, r in sent} == {"replica-0", "replica-1"}
 
 
+async def test_local_coordinator_claims_only_the_accounts_own_streams(tmp_path: Path) -> None:
+    """Two accounts on SQLite: the other account's earlier due streams (say it is paused until
+    midnight, so nobody polls them) never fill this account's claim. They used to: its passes
+    then found streams of another account, did nothing, and its own were never polled."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        other = [StreamKey("globex", "campaign", str(n)) for n in range(6)]
+        await store.ensure_streams(other, T0 - 60_000)
+        await store.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+        [mine] = [s.id for s in await store.streams("acme")]
+        local = LocalCoordinator(store, "solo")
+        assert await local.claim_streams("acme", T0, 2, ()) == [mine]
+        assert len(await local.claim_streams("globex", T0, 10, ())) == 6
+        assert await store.due_streams(T0, 10, "acme") == [mine]
+        assert len(await store.due_streams(T0, 10)) == 7
+    finally:
+        await store.close()
+
+
 async def test_local_coordinator_is_everything_due(tmp_path: Path) -> None:
     """Alone on SQLite: every due stream not in flight is claimable and every lease is held."""
     store = open_store(f"sqlite:///{tmp_path / 'state.db'}")

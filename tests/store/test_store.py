@@ -148,6 +148,11 @@ async def test_due_streams_soonest_first_and_skips_paused(store: Store) -> None:
     await store.set_paused(ids[2], True)
     assert await store.due_streams(T0 + 1000, 10) == [ids[1], ids[0]]
     assert set(await store.stream_rates()) == {ids[0], ids[1]}
+    await store.ensure_streams([StreamKey("globex", "contact", "9")], T0 - 1)
+    [theirs] = [s.id for s in await store.streams("globex")]
+    assert await store.due_streams(T0 + 1000, 10) == [theirs, ids[1], ids[0]]
+    assert await store.due_streams(T0 + 1000, 10, "acme") == [ids[1], ids[0]]
+    assert await store.due_streams(T0 + 1000, 10, "globex") == [theirs]
 
 
 async def test_quota_survives_reopen(tmp_path: Path) -> None:
