@@ -126,8 +126,10 @@ class Planner:
         self._costs: dict[int, float] = {}
 
     def load(self, stream_id: int, rate_per_h: float | None) -> None:
-        """Register a stream with its stored rate (None: never polled, assume it is busy)."""
-        rate = rate_per_h or self._settings.prior_rate_per_h
+        """Register a stream with its stored rate (None: never polled, assume it is busy). A
+        rate of 0 is a stream gone silent (its estimate decays to exactly 0.0 after ~16 days of
+        quiet passes), not one never polled: it keeps its floor, not the busy prior."""
+        rate = self._settings.prior_rate_per_h if rate_per_h is None else rate_per_h
         self.policy.update(stream_id, rate, self._costs.get(stream_id, 2.0))
 
     def remove(self, stream_id: int) -> None:
@@ -232,13 +234,15 @@ class Scheduler:
         """Rebuild each account's policy from the store (after start-up or target changes)."""
         pauses = await self._store.account_pauses()
         rates = await self._store.stream_rates()
-        streams = {s.id: s.key.account for s in await self._store.streams()}
+        known = await self._store.streams()
+        streams = {s.id: s.key.account for s in known}
+        polled = {s.id for s in known if s.last_poll_ms is not None}
         for runtime in self._accounts.values():
             runtime.paused_until_ms = pauses.get(runtime.name, (0, ""))[0]
         for stream_id, (rate, _due) in rates.items():
             owner = self._accounts.get(streams.get(stream_id, ""))
             if owner is not None:
-                owner.planner.load(stream_id, rate)
+                owner.planner.load(stream_id, rate if stream_id in polled else None)
         for stream_id, account in streams.items():
             owner = self._accounts.get(account)
             if owner is not None and stream_id not in rates:

@@ -75,6 +75,29 @@ def test_planner_first_pass_uses_the_prior() -> None:
     assert interval >= 1
 
 
+def test_a_stream_gone_silent_is_not_mistaken_for_one_never_polled() -> None:
+    """A quiet stream's rate decays to exactly 0.0 after ~16 days of 6-hourly passes. Loaded
+    back (start-up, target changes, discovery) it must keep that rate, not the busy prior: 1000
+    such streams at the prior stretched a busy stream's interval from ~200 s to hours."""
+    settings = ScheduleSettings()
+    rate, passes = settings.prior_rate_per_h, 0
+    while rate > 0 and passes < 1000:
+        rate = estimate_rate(rate, 0, 6 * 3600, settings.smoothing, settings.rate_memory_s)
+        passes += 1
+    assert rate == 0.0
+    assert passes < 100
+    budget = 9000 / 86400 * 0.9
+    silent, never = Planner(settings), Planner(settings)
+    for stream_id in range(1000):
+        silent.load(stream_id, 0.0)
+        never.load(stream_id, None)
+    for planner in (silent, never):
+        planner.load(10_000, 600.0)
+    busy_silent = silent.policy.interval_s(10_000, budget)
+    busy_never = never.policy.interval_s(10_000, budget)
+    assert busy_silent < 600 < 5 * busy_silent < busy_never
+
+
 class RecordingPoller:
     """Stands in for the poller (no upstream here): records the passes the scheduler starts."""
 
