@@ -1,9 +1,12 @@
 """Which streams exist: configured campaigns and contacts, and campaigns found by discovery.
 
 Discovery lists the account's SENT campaigns, incrementally with ``modified_since`` and in full
-once a day (to retire campaigns older than ``max_age_days``). A campaign found at the very first
-discovery of a fresh state store is *seeded* (start_from decides whether its history is emitted);
-one found later was sent while we were watching (or while we were down), so all of it is new.
+once a day (to retire campaigns older than ``max_age_days``). A campaign last sent before the
+relay started watching the account (when its first stream was added; now, on a fresh store) is
+*seeded*: start_from decides whether its history is emitted. One sent since was sent while we
+were watching (or while we were down), so all of it is new. (Deciding by "the store had no
+streams yet" made configured contacts or campaign ids turn every old campaign found at the
+first discovery into a full backfill.)
 """
 
 from __future__ import annotations
@@ -58,12 +61,20 @@ class CampaignDiscovery:
             async for page in self._client.pages(catalogue.get("campaigns.sent"), since=since)
             for row in page.records
         ]
-        fresh_store = not await self._store.streams(self._account)
+        known = await self._store.streams(self._account)
+        watching_since = min((s.created_ms for s in known), default=now)
         young, old = self._split_by_age(rows, now)
         removed = await self._store.removed_targets(self._account)  # an operator's word stands
-        keys = [StreamKey(self._account, "campaign", cid) for cid in young]
-        keys = [k for k in keys if k not in removed]
-        created = await self._store.ensure_streams(keys, now, seed=fresh_store)
+        history: list[StreamKey] = []
+        new: list[StreamKey] = []
+        for cid, sent in young:
+            key = StreamKey(self._account, "campaign", cid)
+            if key not in removed:
+                (history if sent is None or sent <= watching_since else new).append(key)
+        created = 0
+        for keys, seed in ((history, True), (new, False)):
+            if keys:
+                created += await self._store.ensure_streams(keys, now, seed=seed)
         if full:
             if old:
                 await self._store.retire_streams(
@@ -81,8 +92,11 @@ class CampaignDiscovery:
             )
             await self._on_change()
 
-    def _split_by_age(self, rows: Sequence[JsonObject], now: int) -> tuple[list[str], list[str]]:
-        young: list[str] = []
+    def _split_by_age(
+        self, rows: Sequence[JsonObject], now: int
+    ) -> tuple[list[tuple[str, int | None]], list[str]]:
+        """Campaigns to follow (with when they were last sent), and ids too old to follow."""
+        young: list[tuple[str, int | None]] = []
         old: list[str] = []
         for row in rows:
             cid = row.get("id")
@@ -90,7 +104,10 @@ class CampaignDiscovery:
                 log.warning("discovery.bad_row", account=self._account, row=str(row)[:200])
                 continue
             sent = _sent_ms(row)
-            (old if sent is not None and now - sent > self._max_age_ms else young).append(str(cid))
+            if sent is not None and now - sent > self._max_age_ms:
+                old.append(str(cid))
+            else:
+                young.append((str(cid), sent))
         return young, old
 
 

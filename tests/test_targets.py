@@ -1,0 +1,86 @@
+"""Campaign discovery's seeding: which discovered campaigns keep their history out of the outbox
+(start_from: now) and which are all new. In-process stand-in of the client's campaign list."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from relay.ctct.catalogue import Endpoint
+from relay.ctct.client import CtctClient, Page
+from relay.events import format_millis
+from relay.store import Store, open_store
+from relay.targets import CampaignDiscovery, ensure_configured
+
+T0 = 1_795_000_000_000
+HOUR = 3600_000
+
+
+class Sent:
+    """The account's sent campaigns, as campaigns.sent lists them."""
+
+    def __init__(self) -> None:
+        self.campaigns: dict[str, int] = {}  # id -> last run (Unix ms)
+
+    async def pages(self, endpoint: Endpoint, **_: object) -> AsyncIterator[Page]:
+        rows = tuple(
+            {"id": cid, "last_run_date": format_millis(ms), "modified_date": format_millis(ms)}
+            for cid, ms in self.campaigns.items()
+        )
+        yield Page(1, rows, None)
+
+
+async def _nothing() -> None:
+    return None
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def discovery(store: Store, sent: Sent, now: list[int]) -> CampaignDiscovery:
+    return CampaignDiscovery(cast(CtctClient, sent), store, "acme", 30, _nothing, lambda: now[0])
+
+
+async def seeds(store: Store) -> dict[str, bool]:
+    return {
+        s.key.resource_id: s.seed for s in await store.streams("acme") if s.key.scope == "campaign"
+    }
+
+
+@pytest.mark.parametrize(("contacts", "ids"), [([], []), (["42"], []), ([], ["c9"])])
+async def test_campaigns_sent_before_watching_began_are_seeded_whatever_is_configured(
+    store: Store, contacts: list[str], ids: list[str]
+) -> None:
+    """Configured contacts or campaign ids made the store look used at the first discovery, so
+    every old campaign found then emitted its whole history (and spent the budget on it)."""
+    now = [T0]
+    await ensure_configured(store, "acme", ids, contacts, T0)
+    sent = Sent()
+    sent.campaigns = {"c1": T0 - 48 * HOUR, "c2": T0 - HOUR}
+    await discovery(store, sent, now).run()
+    assert {k: v for k, v in (await seeds(store)).items() if k in ("c1", "c2")} == {
+        "c1": True,
+        "c2": True,
+    }
+
+
+async def test_campaigns_sent_while_watching_are_all_new(store: Store) -> None:
+    """Found later (or at a first discovery that found nothing), a campaign sent after the relay
+    started watching emits everything; one sent before it is still history."""
+    now = [T0]
+    await ensure_configured(store, "acme", [], ["42"], T0)
+    sent = Sent()
+    found = discovery(store, sent, now)
+    await found.run()  # nothing sent yet
+    now[0] = T0 + 2 * HOUR
+    sent.campaigns = {"new": T0 + HOUR, "old": T0 - HOUR}
+    await found.run()
+    assert await seeds(store) == {"new": False, "old": True}
