@@ -418,6 +418,13 @@ class Scheduler:
         elif isinstance(exc, errors.UnauthorizedError):
             # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
             await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
+        elif isinstance(exc, errors.TooManyRequestsError) and exc.retry_after_s:
+            # The server asked the whole key to wait (the client only waits out short ones in
+            # place): every other stream would get its own 429 and spend budget. A bogus header
+            # cannot pause the account for ever: at most a day.
+            wait_s = min(exc.retry_after_s, 86_400.0)
+            reason = f"429 with Retry-After {exc.retry_after_s:g} s: {exc}"
+            await self._pause(runtime, now + int(wait_s * 1000), reason)
         backoff = min(
             self._settings.error_backoff_max_s,
             self._settings.error_backoff_s * 2 ** min(stream.consecutive_errors, 16),

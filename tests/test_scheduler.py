@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from relay import logs
+from relay.ctct import errors
 from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.metrics import Metrics
 from relay.poller import PassOutcome, Poller
@@ -261,3 +262,77 @@ async def test_a_pass_whose_bookkeeping_crashes_backs_off_too(tmp_path: Path) ->
         assert stream.next_due_ms > now
     finally:
         await store.close()
+
+
+class TooManyRequestsPoller:
+    """An upstream answering the first pass with a 429 whose Retry-After the client did not
+    wait out (longer than ``http.max_retry_after_s``); later passes succeed."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        self.passes: list[int] = []
+
+    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+        self.passes.append(stream.id)
+        if len(self.passes) == 1:
+            raise errors.TooManyRequestsError(
+                "GET /v2/emailmarketing/campaigns/1/tracking/opens answered 429",
+                endpoint="campaign_opens",
+                status=429,
+                retry_after_s=self.retry_after_s,
+            )
+        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
+
+
+async def _paused_by_429(tmp_path: Path, retry_after_s: float) -> tuple[int, int, str]:
+    """Five due streams, one pass at a time, the first one answered 429; ticks every minute
+    until the pause ends, asserting no stream is polled before: (start, paused until, reason)."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        start = 1_763_000_000_000
+        clock = [start]
+        await store.ensure_streams([StreamKey("acme", "contact", str(i)) for i in range(5)], start)
+        poller = TooManyRequestsPoller(retry_after_s)
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        # a per-stream backoff of about a second: only the account's pause keeps streams waiting
+        settings = ScheduleSettings(
+            min_interval_s=1, max_interval_s=10**9, concurrency=1, error_backoff_s=1
+        )
+        scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: clock[0])
+        await scheduler.tick()
+        await scheduler.wait_idle()
+        assert len(poller.passes) == 1
+        paused_until = runtime.paused_until_ms
+        until_ms, reason = (await store.account_pauses())["acme"]
+        assert until_ms == paused_until
+        while clock[0] + 60_000 < paused_until:
+            clock[0] += 60_000
+            await scheduler.tick()
+            await scheduler.wait_idle()
+            assert len(poller.passes) == 1, f"a stream was polled {clock[0] - start} ms in"
+        clock[0] = paused_until
+        await scheduler.tick()
+        await scheduler.wait_idle()
+        assert len(poller.passes) == 2  # the pause ends by itself
+        assert "acme" not in await store.account_pauses()
+        return start, paused_until, reason
+    finally:
+        await store.close()
+
+
+async def test_a_429_with_a_long_retry_after_pauses_the_whole_account(tmp_path: Path) -> None:
+    """A Retry-After the client handed back (longer than it waits in place) pauses every stream
+    of the account until it has passed, not only the stream whose pass got the 429: the others
+    would each get their own 429 and spend the daily budget."""
+    start, paused_until, reason = await _paused_by_429(tmp_path, 3600.0)
+    assert paused_until == start + 3_600_000
+    assert "Retry-After 3600 s" in reason
+    assert "answered 429" in reason
+
+
+async def test_a_bogus_retry_after_pauses_the_account_for_a_day_at_most(tmp_path: Path) -> None:
+    """A Retry-After of years is capped at 24 h."""
+    start, paused_until, reason = await _paused_by_429(tmp_path, 10.0**9)
+    assert paused_until == start + 86_400_000
+    assert "Retry-After 1e+09 s" in reason

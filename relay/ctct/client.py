@@ -31,6 +31,9 @@ log = structlog.get_logger(__name__)
 OVER_QPS: Final = "mashery.not.authorized.over.qps"
 OVER_RATELIMIT: Final = "mashery.not.authorized.over.ratelimit"
 _ERROR_BODY_CAP = 64 * 1024
+# Pages in a row with no records that still carry a next_link before a pass gives up: a server
+# bug that keeps changing the link over nothing would otherwise spend the whole daily budget.
+MAX_EMPTY_PAGES: Final = 3
 _REDACTED = "***"
 
 
@@ -122,6 +125,9 @@ class CtctClient:
     ) -> AsyncIterator[Page]:
         """Yield every page of a paged endpoint, following ``next_link`` until there is none.
 
+        Raises :class:`PaginationLoopError` when a ``next_link`` repeats, or after
+        ``MAX_EMPTY_PAGES`` pages in a row with no records that still carry one.
+
         ``since`` is sent as ``created_since``/``modified_since`` (inclusive). ``limit`` defaults
         to the endpoint's maximum; later pages inherit it through the next token.
         """
@@ -138,6 +144,7 @@ class CtctClient:
         path = endpoint.url_path(resource_id, link_id)
         seen: set[str] = set()
         number = 1
+        empty = 0  # pages in a row with no records
         while True:
             body = await self._get(endpoint.name, path, params)
             records, next_link = _paged_body(endpoint.name, body)
@@ -147,6 +154,13 @@ class CtctClient:
             if next_link in seen:
                 raise errors.PaginationLoopError(
                     f"next_link repeated on page {number + 1}: {next_link}", endpoint=endpoint.name
+                )
+            empty = 0 if records else empty + 1
+            if empty >= MAX_EMPTY_PAGES:
+                raise errors.PaginationLoopError(
+                    f"{empty} pages in a row (up to page {number}) had no records but a"
+                    f" next_link; not following it: {next_link}",
+                    endpoint=endpoint.name,
                 )
             seen.add(next_link)
             path, params = self._follow(endpoint.name, next_link)

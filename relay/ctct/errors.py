@@ -3,7 +3,8 @@
     CtctError                      retriable? what the caller does
     ├── TransportError             yes        connection refused, DNS, reset, timeout: back off
     ├── MalformedResponseError     yes        a 2xx whose body is not the JSON we expect
-    ├── PaginationLoopError        no         a next_link repeated: stop this pass, report
+    ├── PaginationLoopError        no         a next_link repeated, or kept coming with empty
+    │                                     pages: stop this pass, report
     ├── BudgetExhaustedError       no         our own daily allowance is spent: wait for resume_at
     └── ResponseError                         the API answered with an error status
         ├── BadRequestError        no  400    a parameter was rejected (bug or bad config)
@@ -63,7 +64,8 @@ class MalformedResponseError(CtctError):
 
 
 class PaginationLoopError(CtctError):
-    """The API sent a next_link it had already sent in this pass."""
+    """The API sent a next_link it had already sent in this pass, or kept sending new ones on
+    pages with no records (``client.MAX_EMPTY_PAGES`` in a row)."""
 
 
 class BudgetExhaustedError(CtctError):

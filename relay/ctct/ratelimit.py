@@ -39,13 +39,18 @@ class Budget:
 
     @property
     def burst(self) -> int:
-        """Requests allowed in one window."""
+        """Requests allowed in one window: the whole part of the per-second limit, at least 1."""
         return max(1, math.floor(self.requests_per_second))
 
     @property
     def window_s(self) -> float:
-        """Length of the window that may hold ``burst`` requests."""
-        return self.burst / self.requests_per_second + self.window_margin_s
+        """Length of the window that may hold ``burst`` requests: one second (plus the margin),
+        or ``1 / requests_per_second`` when that is longer (below 1 request per second).
+
+        Never shorter than a second: with 2.5/s, ``burst / rate`` would be 0.8 s, and two such
+        windows of 2 requests fit 4 requests into one second. A fractional part above 1/s is
+        thus not spent; no one-second window can hold it without exceeding the limit."""
+        return max(1.0, self.burst / self.requests_per_second) + self.window_margin_s
 
 
 class QuotaLedger(Protocol):

@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler
 
 from relay.ctct import catalogue, errors
 from relay.ctct.catalogue import Endpoint, Scope, Shape
-from relay.ctct.client import Credentials, CtctClient, RetryPolicy, redact_url
+from relay.ctct.client import MAX_EMPTY_PAGES, Credentials, CtctClient, RetryPolicy, redact_url
 from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.events import Activity, Kind, parse_activity, parse_time
 from relay.sim import Scenario
@@ -331,15 +331,20 @@ async def test_unreachable_base_url_is_a_clear_transport_error() -> None:
 
 
 async def broken_api(
-    aiohttp_server: Callable[..., object], next_link: Callable[[int], str | None]
+    aiohttp_server: Callable[..., object],
+    next_link: Callable[[int], str | None],
+    results: Callable[[int], int] = lambda n: 0,
 ) -> TestServer:
+    """Serves page n (1-based) with ``next_link(n)`` and ``results(n)`` records."""
     calls = {"n": 0}
 
     async def handler(_request: web.Request) -> web.Response:
         calls["n"] += 1
-        link = next_link(calls["n"])
+        n = calls["n"]
+        link = next_link(n)
         meta = {"pagination": {"next_link": link} if link else {}}
-        return web.json_response({"meta": meta, "results": []})
+        records = [{"activity_type": "EMAIL_OPEN", "page": n}] * results(n)
+        return web.json_response({"meta": meta, "results": records})
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
@@ -362,6 +367,59 @@ async def test_repeated_next_link_is_an_error(aiohttp_server: Callable[..., obje
             async for _ in client.pages(catalogue.get("campaign.opens"), resource_id="1"):
                 pass
         assert client.requests_sent == 3
+
+
+async def test_next_links_over_empty_pages_stop_the_pass(
+    aiohttp_server: Callable[..., object],
+) -> None:
+    """A server that keeps sending new next_links with no records stops the pass after
+    MAX_EMPTY_PAGES empty pages in a row (instead of spending the day's budget); a page with
+    records in between starts the count again."""
+    assert MAX_EMPTY_PAGES == 3
+    server = await broken_api(
+        aiohttp_server, lambda n: f"/v2/x?next=T{n}", lambda n: 2 if n == 3 else 0
+    )
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=1000)),
+        )
+        seen: list[int] = []
+
+        async def read() -> None:
+            async for page in client.pages(catalogue.get("campaign.opens"), resource_id="1"):
+                seen.append(page.number)
+
+        with pytest.raises(errors.PaginationLoopError) as caught:
+            await read()
+        assert seen == [1, 2, 3, 4, 5, 6]
+        assert client.requests_sent == 6
+        assert str(caught.value).startswith("campaign.opens: 3 pages in a row (up to page 6)")
+        assert "/v2/x?next=T6" in str(caught.value)
+
+
+async def test_a_long_feed_with_records_is_not_cut_short(
+    aiohttp_server: Callable[..., object],
+) -> None:
+    """Every page of a long feed is followed when each carries records, even with a run of
+    fewer than MAX_EMPTY_PAGES empty pages among them."""
+    pages = 200
+    server = await broken_api(
+        aiohttp_server,
+        lambda n: f"/v2/x?next=T{n}" if n < pages else None,
+        lambda n: 0 if n in {50, 51} else 1,
+    )
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=1000)),
+        )
+        numbers = [
+            p.number async for p in client.pages(catalogue.get("campaign.opens"), resource_id="1")
+        ]
+        assert numbers == list(range(1, pages + 1))
 
 
 async def test_next_link_to_another_host_is_refused(aiohttp_server: Callable[..., object]) -> None:

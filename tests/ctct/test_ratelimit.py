@@ -59,6 +59,27 @@ async def test_fractional_rates_space_requests() -> None:
     assert [b - a for a, b in itertools.pairwise(times)] == [2.0, 2.0]
 
 
+@pytest.mark.parametrize(
+    ("rps", "most", "window_s"), [(4.0, 4, 1.1), (2.5, 2, 1.1), (1.5, 1, 1.1), (0.5, 1, 2.1)]
+)
+async def test_no_one_second_window_exceeds_a_fractional_limit(
+    rps: float, most: int, window_s: float
+) -> None:
+    """With a fractional requests_per_second, any window of one second holds at most its whole
+    part (at least 1), and requests are not spaced further apart than that needs."""
+    clock = FakeTime(wall=1_700_000_000.0)
+    lim = limiter(Budget(requests_per_second=rps), clock)  # the default 100 ms margin
+    assert lim.budget.window_s == pytest.approx(window_s)
+    admitted = []
+    for _ in range(40):
+        await lim.acquire()
+        admitted.append(clock.mono)
+    worst = max(sum(1 for t in admitted if start <= t < start + 1.0) for start in admitted)
+    assert worst == most
+    # bursts of `most`, one window apart: 40 requests take (40 / most - 1) windows, no longer
+    assert admitted[-1] - admitted[0] == pytest.approx((40 / most - 1) * window_s)
+
+
 async def test_daily_allowance_keeps_the_reserved_share() -> None:
     """With 10% reserved, 100/day admits 90 and then refuses until midnight UTC."""
     clock = FakeTime(wall=datetime(2026, 11, 23, 12, tzinfo=UTC).timestamp())
