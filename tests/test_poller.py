@@ -327,3 +327,31 @@ async def test_a_feed_read_again_after_the_dedup_retention_emits_nothing_twice(
     feeds.add(Kind.OPEN, "102", passes.now_ms - 5000)
     assert await passes.run(60)
     assert sorted(await passes.contacts()) == [("open", "100"), ("open", "101"), ("open", "102")]
+
+
+@pytest.mark.parametrize(
+    "bad_time",
+    [
+        pytest.param("0001-01-01T00:00:00+01:00", id="before-year-1-in-utc"),
+        pytest.param("9999-12-31T23:59:59-01:00", id="after-year-9999-in-utc"),
+    ],
+)
+async def test_a_record_with_an_out_of_range_time_is_skipped_and_counted(
+    store: Store, bad_time: str
+) -> None:
+    """The pass goes on past the record: the good records are committed, the bad one counts in
+    ``skipped_records``, and the watermark is the newest good time (the overflow used to kill
+    every pass of the stream)."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    feeds.add(Kind.OPEN, "1", T_START - 2000)
+    feeds.add(Kind.OPEN, "2", T_START - 1000)
+    feeds.records[Kind.OPEN].insert(1, {**feeds.records[Kind.OPEN][0], "open_date": bad_time})
+    settings = PollSettings(kinds=(Kind.OPEN,), start_from="earliest", summary_gate=False)
+    passes = Passes(store, feeds, settings, T_START)
+    stream = (await store.streams())[0]
+    outcome = await passes.poller.run_pass(stream)
+    assert outcome.skipped_records == 1
+    assert outcome.new == 2
+    assert outcome.watermarks == {Kind.OPEN: T_START - 1000}
+    assert sorted(await passes.contacts()) == [("open", "1"), ("open", "2")]
