@@ -40,7 +40,6 @@ ENV_PREFIX = "CTCT_RELAY_"
 NOT_OVERRIDES = frozenset({"CTCT_RELAY_ADMIN_TOKEN", "CTCT_RELAY_KAFKA_CACHE"})
 DEFAULT_STATE = "sqlite:///relay-state.db"
 DEFAULT_RETENTION_H = 168.0
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 DEFAULT_OUTBOX_RETENTION_H = 168.0
 # Ceilings of keys without their own: no setting needs more, and larger values overflow the
 # timers (timedelta) and protocol fields (Kafka's int32) they end up in.
@@ -51,6 +50,7 @@ NULL_WORDS = frozenset({"null", "Null", "NULL", "~"})
 # What true/false keys take as text (override variables are text): YAML 1.1's words, any case.
 FLAGS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 _GUESSED = frozenset({"bool", "int", "float", "timestamp"})  # YAML 1.1 resolvers _Loader replaces
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Kafka accepts as a topic name
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 LogLevel = Literal["debug", "info", "warning", "error"]
 Mode = Literal["binary", "structured"]
