@@ -242,7 +242,7 @@ async def test_every_line_of_an_admin_request_carries_its_request_id(
     store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
     await store.open()
     try:
-        app = create_admin_app(store, AdminSettings(token="a-admin-token"), guard=Guard())
+        app = create_admin_app(store, AdminSettings(token="a-admin-token-7c1e9a"), guard=Guard())
         client = await aiohttp_client(app)
         for _ in range(2):
             resp = await client.get("/v1/webhooks", headers={"Authorization": "Bearer wrong"})
