@@ -1,14 +1,16 @@
-"""Shared fixtures: every test leaves logging as it found it."""
+"""Shared fixtures: every test leaves logging as it found it; an empty SQLite store."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 
+from relay.store import Store, open_store
 from tests import pgkit
 
 
@@ -60,3 +62,12 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
     url = pgkit.fresh_database(postgres_server)
     yield url
     pgkit.remove_database(postgres_server, url)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """An opened, empty SQLite store (tests/store runs its tests on every backend instead)."""
+    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await opened.open()
+    yield opened
+    await opened.close()

@@ -4,24 +4,12 @@ deliveries past their retention."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from relay.app import _prune
 from relay.events import WILDCARD, Activity, Kind, from_millis
-from relay.store import Attempt, Store, StreamKey, Webhook, open_store
+from relay.store import Attempt, Store, StreamKey, Webhook
 
 HOUR_MS = 3600_000
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def commit_old_events(store: Store, count: int, age_h: float) -> None:

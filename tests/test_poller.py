@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
@@ -18,7 +17,7 @@ from relay.events import Kind, format_millis, to_millis
 from relay.poller import Poller, PollSettings
 from relay.sim import Scenario
 from relay.sim.scenario import ApiKey, Audience, Campaigns, Contacts, Rates
-from relay.store import PassResult, Store, StreamKey, open_store
+from relay.store import PassResult, Store, StreamKey
 from relay.targets import CampaignDiscovery
 from tests.procs import data_identity, truth_identity
 from tests.simkit import API_KEY, START, TOKEN, MakeSim, Sim
@@ -34,14 +33,6 @@ BUSY = Scenario(
     campaigns=Campaigns(count=5, already_sent=2, sent_every_s=900, audience=Audience(1.0)),
     rates=Rates(late=0.2, late_mean_s=90, send_batch=40, open_delay_s=600, scanner=0.1),
 )
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def outbox_identities(store: Store) -> Counter[tuple[str, str, str, int, str]]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import cast
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from relay.ctct.catalogue import Endpoint
 from relay.ctct.client import CtctClient, Page
 from relay.events import format_millis
-from relay.store import Store, open_store
+from relay.store import Store
 from relay.targets import CampaignDiscovery, ensure_configured
 
 T0 = 1_795_000_000_000
@@ -35,14 +34,6 @@ class Sent:
 
 async def _nothing() -> None:
     return None
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def discovery(store: Store, sent: Sent, now: list[int]) -> CampaignDiscovery:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from aiohttp import ClientResponse
@@ -17,7 +16,7 @@ from relay.api.responses import JsonObject
 from relay.api.status import RelayView
 from relay.events import Activity, Kind, from_millis
 from relay.sinks.ssrf import Guard
-from relay.store import Store, StreamKey, open_store
+from relay.store import Store, StreamKey
 
 TOKEN = "test-admin-token-5f2c9a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -37,15 +36,6 @@ class Clock:
 
     def __call__(self) -> int:
         return self.now
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    """An opened, empty SQLite store."""
-    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 @pytest.fixture

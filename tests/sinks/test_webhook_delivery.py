@@ -7,9 +7,8 @@ import asyncio
 import itertools
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import orjson
 import pytest
@@ -24,7 +23,7 @@ from relay.events import Activity, Kind, from_millis
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings, WebhookDispatcher
-from relay.store import Store, StoreError, StreamKey, Webhook, open_store
+from relay.store import Store, StoreError, StreamKey, Webhook
 from relay.store.coordination import Coordinator, LocalCoordinator
 
 ALLOW_LOOPBACK = Guard.from_strings(["127.0.0.0/8", "::1/128"])
@@ -88,14 +87,6 @@ async def receiver(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Star
         return r
 
     return start
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'state.db'}")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def activity(n: int, kind: Kind = Kind.OPEN) -> Activity:
