@@ -36,6 +36,16 @@ from relay.store.coordination import Coordinator, LocalCoordinator
 
 log = structlog.get_logger(__name__)
 
+# The account's budget ran out (the daily quota, ours or the API's; the API's per-second limit, a
+# 429), not the stream: the account pauses, and the stream is neither counted as failing nor
+# backed off further. Under a tiny quota this is the normal course of a day.
+_BUDGET_ERRORS = (
+    errors.QuotaExhaustedError,
+    errors.BudgetExhaustedError,
+    errors.TooManyRequestsError,
+    errors.OverQpsError,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ScheduleSettings:
@@ -413,18 +423,12 @@ class Scheduler:
             await self._store.record_error(stream.id, str(exc), now, retire=True)
             runtime.planner.remove(stream.id)
             return
-        if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
-            await self._pause(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
-        elif isinstance(exc, errors.UnauthorizedError):
+        if isinstance(exc, _BUDGET_ERRORS):
+            await self._budget_ran_out(runtime, exc, now)
+            return
+        if isinstance(exc, errors.UnauthorizedError):
             # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
             await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
-        elif isinstance(exc, errors.TooManyRequestsError) and exc.retry_after_s:
-            # The server asked the whole key to wait (the client only waits out short ones in
-            # place): every other stream would get its own 429 and spend budget. A bogus header
-            # cannot pause the account for ever: at most a day.
-            wait_s = min(exc.retry_after_s, 86_400.0)
-            reason = f"429 with Retry-After {exc.retry_after_s:g} s: {exc}"
-            await self._pause(runtime, now + int(wait_s * 1000), reason)
         backoff = min(
             self._settings.error_backoff_max_s,
             self._settings.error_backoff_s * 2 ** min(stream.consecutive_errors, 16),
@@ -445,7 +449,31 @@ class Scheduler:
             )
         await self._store.record_error(stream.id, reason, now + int(delay_s * 1000))
 
-    async def _pause(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
-        runtime.paused_until_ms = until_ms
+    async def _budget_ran_out(
+        self, runtime: AccountRuntime, exc: errors.CtctError, now: int
+    ) -> None:
+        """Pause the account (every replica honours the stored pause) until its budget is back;
+        the stream stays due, its error count untouched, and is polled when the pause ends."""
+        if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
+            until_ms, reason = int(exc.resume_at.timestamp() * 1000), str(exc)
+        elif exc.retry_after_s:
+            # The server asked the whole key to wait (the client only waits out short ones in
+            # place): every other stream would get its own 429 and spend budget. A bogus header
+            # cannot pause the account for ever: at most a day.
+            wait_s = min(exc.retry_after_s, 86_400.0)
+            until_ms = now + int(wait_s * 1000)
+            reason = f"{exc.status or 429} with Retry-After {exc.retry_after_s:g} s: {exc}"
+        else:
+            # a 429 without Retry-After or the API's per-second limit, still hit after the
+            # client's retries: the key is busy (other applications share it), so wait a while
+            until_ms = now + int(self._settings.error_backoff_s * 1000)
+            reason = f"rate limited: {exc}"
+        await self._pause(runtime, until_ms, reason, expected=True)
+
+    async def _pause(
+        self, runtime: AccountRuntime, until_ms: int, reason: str, *, expected: bool = False
+    ) -> None:
+        runtime.paused_until_ms = max(runtime.paused_until_ms, until_ms)
         await self._store.set_account_pause(runtime.name, until_ms, reason)
-        log.error("account.paused", account=runtime.name, until_ms=until_ms, reason=reason)
+        emit = log.warning if expected else log.error
+        emit("account.paused", account=runtime.name, until_ms=until_ms, reason=reason)

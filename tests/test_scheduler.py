@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -336,3 +338,118 @@ async def test_a_bogus_retry_after_pauses_the_account_for_a_day_at_most(tmp_path
     start, paused_until, reason = await _paused_by_429(tmp_path, 10.0**9)
     assert paused_until == start + 86_400_000
     assert "Retry-After 1e+09 s" in reason
+
+
+class RaisingPoller:
+    """Every pass raises the error ``make`` builds for the time on ``clock``, until ``fixed``;
+    then passes succeed."""
+
+    def __init__(self, make: Callable[[int], Exception], clock: list[int]) -> None:
+        self.make = make
+        self.clock = clock
+        self.fixed = False
+        self.passes: list[int] = []
+
+    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+        self.passes.append(stream.id)
+        if not self.fixed:
+            raise self.make(self.clock[0])
+        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
+
+
+T_PAUSE = 1_763_000_000_000
+
+
+def midnight_after(now_ms: int) -> datetime:
+    return datetime.fromtimestamp(now_ms // 86_400_000 * 86_400 + 86_400, UTC)
+
+
+def over_ratelimit(now_ms: int) -> Exception:
+    return errors.QuotaExhaustedError(
+        "answered 403 (mashery.not.authorized.over.ratelimit)",
+        resume_at=midnight_after(now_ms),
+        status=403,
+        error_key="mashery.not.authorized.over.ratelimit",
+    )
+
+
+BUDGET_ERRORS = [
+    pytest.param(
+        lambda now: errors.BudgetExhaustedError("allowance spent", resume_at=midnight_after(now)),
+        id="local-daily-allowance",
+    ),
+    pytest.param(over_ratelimit, id="upstream-403-over-ratelimit"),
+    pytest.param(
+        lambda now: errors.TooManyRequestsError("answered 429", status=429, retry_after_s=3600.0),
+        id="upstream-429-retry-after",
+    ),
+    pytest.param(lambda now: errors.TooManyRequestsError("answered 429"), id="upstream-429"),
+    pytest.param(
+        lambda now: errors.OverQpsError(
+            "answered 403 (mashery.not.authorized.over.qps)",
+            status=403,
+            error_key="mashery.not.authorized.over.qps",
+        ),
+        id="upstream-403-over-qps",
+    ),
+]
+
+
+@pytest.mark.parametrize("make", BUDGET_ERRORS)
+async def test_a_budget_pause_is_not_a_stream_error(
+    tmp_path: Path, make: Callable[[int], Exception]
+) -> None:
+    """A pass stopped because the account's budget ran out (the daily quota, locally or by the
+    API's 403; a 429; the API's per-second limit) pauses the account: the stream is not counted
+    as failing and its backoff does not grow (a tiny quota is not an error of the stream)."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        clock = [T_PAUSE]
+        await store.ensure_streams([StreamKey("acme", "contact", "1")], T_PAUSE)
+        poller = RaisingPoller(make, clock)
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], WIDE, now_ms=lambda: clock[0])
+        for _ in range(3):  # each time the pause ends the budget has run out again
+            await scheduler.tick()
+            await scheduler.wait_idle()
+            until_ms, _reason = (await store.account_pauses())["acme"]
+            assert until_ms > clock[0]
+            clock[0] = until_ms
+        assert len(poller.passes) == 3
+        stream = (await store.streams())[0]
+        assert stream.consecutive_errors == 0
+        assert stream.last_error is None
+        assert (await store.stream_stats())["acme"].failing == 0
+        poller.fixed = True
+        await scheduler.tick()
+        await scheduler.wait_idle()
+        assert len(poller.passes) == 4
+        assert scheduler.passes == 1
+    finally:
+        await store.close()
+
+
+async def test_a_real_upstream_error_still_counts_and_backs_off(tmp_path: Path) -> None:
+    """A 5xx after the retries is the stream's error: counted, shown failing, backed off more
+    each time, and the account is not paused."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        clock = [T_PAUSE]
+        await store.ensure_streams([StreamKey("acme", "contact", "1")], T_PAUSE)
+        poller = RaisingPoller(lambda now: errors.ServerError("answered 503"), clock)
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        settings = ScheduleSettings(min_interval_s=1, max_interval_s=10**9, error_backoff_s=30)
+        scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: clock[0])
+        for errors_so_far in (1, 2):
+            await scheduler.tick()
+            await scheduler.wait_idle()
+            stream = (await store.streams())[0]
+            assert stream.consecutive_errors == errors_so_far
+            assert stream.next_due_ms >= clock[0] + 15_000 * errors_so_far
+            clock[0] = stream.next_due_ms
+        assert (await store.stream_stats())["acme"].failing == 1
+        assert await store.account_pauses() == {}
+    finally:
+        await store.close()
