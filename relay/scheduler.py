@@ -293,12 +293,23 @@ class Scheduler:
     async def _tick(self) -> None:
         now = self._now_ms()
         held = await self._store.account_holds()  # operator pauses: read each tick, any replica
+        # the relay's own pauses too: a spent quota or a long Retry-After one replica learned
+        # holds for all of them, or each would spend requests until it got the answer itself
+        pauses = await self._store.account_pauses()
         for runtime in self._accounts.values():
+            stored, reason = pauses.get(runtime.name, (0, ""))
+            if stored > runtime.paused_until_ms:
+                if stored > now:
+                    log.info(
+                        "account.pause_seen", account=runtime.name, until_ms=stored, reason=reason
+                    )
+                runtime.paused_until_ms = stored
             if runtime.paused_until_ms > now or runtime.name in held:
                 continue
             if runtime.paused_until_ms:
                 runtime.paused_until_ms = 0
-                await self._store.set_account_pause(runtime.name, None, "")
+                # only a pause that has ended: another replica may have stored a newer one
+                await self._store.end_account_pause(runtime.name, now)
                 log.info("account.resumed", account=runtime.name)
             free = self._settings.concurrency - len(runtime.inflight)
             if free <= 0 or runtime.limiter.remaining_today <= 0:

@@ -26,7 +26,8 @@ from relay.scheduler import (
     SqrtPolicy,
     estimate_rate,
 )
-from relay.store import Stream, StreamKey, open_store
+from relay.store import PostgresSettings, PostgresStore, Stream, StreamKey, open_store
+from relay.store.coordination import PgCoordinator
 
 WIDE = ScheduleSettings(min_interval_s=1, max_interval_s=10**9)
 
@@ -453,3 +454,55 @@ async def test_a_real_upstream_error_still_counts_and_backs_off(tmp_path: Path) 
         assert await store.account_pauses() == {}
     finally:
         await store.close()
+
+
+async def test_an_account_pause_learned_by_one_replica_holds_for_every_replica(
+    postgres_url: str,
+) -> None:
+    """Two replicas on PostgreSQL: when one learns the key's daily quota is spent (the API's
+    403), the other starts no pass until the pause ends instead of spending requests until it
+    gets its own 403; when it ends, both poll again and the stored pause is gone."""
+    stores = [PostgresStore.from_url(postgres_url) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        clock = [T_PAUSE]
+        keys = [StreamKey("acme", "campaign", str(i)) for i in range(6)]
+        await stores[0].ensure_streams(keys, T_PAUSE)
+        learner = RaisingPoller(over_ratelimit, clock)
+        other = RaisingPoller(over_ratelimit, clock)
+        other.fixed = True
+        settings = ScheduleSettings(min_interval_s=3600, max_interval_s=10**9, concurrency=1)
+        schedulers = []
+        for i, (store, poller) in enumerate(zip(stores, (learner, other), strict=True)):
+            runtime = AccountRuntime(
+                "acme", cast(Poller, poller), RateLimiter(Budget()), Planner(settings)
+            )
+            coordinator = PgCoordinator(store, f"replica-{i}", PostgresSettings())
+            scheduler = Scheduler(
+                store, [runtime], settings, now_ms=lambda: clock[0], coordinator=coordinator
+            )
+            await scheduler.reload()  # as start() does: no pause yet
+            schedulers.append(scheduler)
+        a, b = schedulers
+        await a.tick()
+        await a.wait_idle()
+        assert len(learner.passes) == 1
+        until_ms = (await stores[1].account_pauses())["acme"][0]
+        assert until_ms == int(midnight_after(T_PAUSE).timestamp() * 1000)
+        for _ in range(3):
+            clock[0] += 60_000
+            await b.tick()
+            await b.wait_idle()
+        assert other.passes == [], "the other replica spent requests on a paused account"
+        clock[0] = until_ms
+        learner.fixed = True
+        await b.tick()
+        await a.tick()
+        await asyncio.gather(a.wait_idle(), b.wait_idle())
+        assert len(other.passes) == 1
+        assert len(learner.passes) == 2
+        assert await stores[0].account_pauses() == {}
+    finally:
+        for store in stores:
+            await store.close()

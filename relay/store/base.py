@@ -324,7 +324,12 @@ class Store(Protocol):
         """Requests counted for the account on that UTC day."""
 
     async def set_account_pause(self, account: str, until_ms: int | None, reason: str) -> None:
-        """Pause an account until a time (None: resume)."""
+        """Pause an account until a time (None: resume). A stored pause that lasts longer is
+        kept: a replica learning a short pause (a 429) must not cut another's (the quota's)."""
+
+    async def end_account_pause(self, account: str, now_ms: int) -> bool:
+        """Lift the account's pause if it has ended by ``now_ms``; False if there was none that
+        had (a newer pause another replica stored stays)."""
 
     async def account_pauses(self) -> dict[str, tuple[int, str]]:
         """Accounts currently paused: until (Unix ms) and why."""

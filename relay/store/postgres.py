@@ -449,11 +449,22 @@ class PostgresStore:
         await self._execute(
             "INSERT INTO account_pauses (account, until_ms, reason) VALUES ($1, $2, $3)"
             " ON CONFLICT (account) DO UPDATE SET until_ms = excluded.until_ms,"
-            " reason = excluded.reason",
+            " reason = excluded.reason WHERE account_pauses.until_ms < excluded.until_ms",
             account,
             until_ms,
             reason,
         )
+
+    async def end_account_pause(self, account: str, now_ms: int) -> bool:
+        async def run(conn: Connection) -> bool:
+            status = await conn.execute(
+                "DELETE FROM account_pauses WHERE account = $1 AND until_ms <= $2",
+                account,
+                now_ms,
+            )
+            return bool(_count(status))
+
+        return await self.transaction(run)
 
     async def account_pauses(self) -> dict[str, tuple[int, str]]:
         async def run(conn: Connection) -> dict[str, tuple[int, str]]:
