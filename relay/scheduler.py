@@ -435,7 +435,7 @@ class Scheduler:
             runtime.planner.remove(stream.id)
             return
         if isinstance(exc, _BUDGET_ERRORS):
-            await self._budget_ran_out(runtime, exc, now)
+            await self._budget_ran_out(runtime, stream, exc, now)
             return
         if isinstance(exc, errors.UnauthorizedError):
             # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
@@ -461,30 +461,28 @@ class Scheduler:
         await self._store.record_error(stream.id, reason, now + int(delay_s * 1000))
 
     async def _budget_ran_out(
-        self, runtime: AccountRuntime, exc: errors.CtctError, now: int
+        self, runtime: AccountRuntime, stream: Stream, exc: errors.CtctError, now: int
     ) -> None:
-        """Pause the account (every replica honours the stored pause) until its budget is back;
-        the stream stays due, its error count untouched, and is polled when the pause ends."""
+        """The account's budget ran out, not the stream: its error count stays as it is. A spent
+        quota or a Retry-After pauses the account (every replica honours the stored pause) and
+        leaves the stream due for when it ends. The API's per-second limit still hit after the
+        client's retries (an over-qps 403, a 429 without Retry-After) defers only this stream,
+        by ``error_backoff_s``, never doubled: the next second may well have room."""
         if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
-            until_ms, reason = int(exc.resume_at.timestamp() * 1000), str(exc)
+            await self._pause(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
         elif exc.retry_after_s:
             # The server asked the whole key to wait (the client only waits out short ones in
             # place): every other stream would get its own 429 and spend budget. A bogus header
             # cannot pause the account for ever: at most a day.
             wait_s = min(exc.retry_after_s, 86_400.0)
-            until_ms = now + int(wait_s * 1000)
             reason = f"{exc.status or 429} with Retry-After {exc.retry_after_s:g} s: {exc}"
+            await self._pause(runtime, now + int(wait_s * 1000), reason)
         else:
-            # a 429 without Retry-After or the API's per-second limit, still hit after the
-            # client's retries: the key is busy (other applications share it), so wait a while
-            until_ms = now + int(self._settings.error_backoff_s * 1000)
-            reason = f"rate limited: {exc}"
-        await self._pause(runtime, until_ms, reason, expected=True)
+            delay_s = self._settings.error_backoff_s * self._rng.uniform(0.5, 1.0)
+            log.warning("poll.rate_limited", error=str(exc), retry_in_s=round(delay_s, 1))
+            await self._store.defer_stream(stream.id, now + int(delay_s * 1000))
 
-    async def _pause(
-        self, runtime: AccountRuntime, until_ms: int, reason: str, *, expected: bool = False
-    ) -> None:
+    async def _pause(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
         runtime.paused_until_ms = max(runtime.paused_until_ms, until_ms)
         await self._store.set_account_pause(runtime.name, until_ms, reason)
-        emit = log.warning if expected else log.error
-        emit("account.paused", account=runtime.name, until_ms=until_ms, reason=reason)
+        log.error("account.paused", account=runtime.name, until_ms=until_ms, reason=reason)

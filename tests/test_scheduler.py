@@ -377,32 +377,36 @@ def over_ratelimit(now_ms: int) -> Exception:
 BUDGET_ERRORS = [
     pytest.param(
         lambda now: errors.BudgetExhaustedError("allowance spent", resume_at=midnight_after(now)),
+        True,
         id="local-daily-allowance",
     ),
-    pytest.param(over_ratelimit, id="upstream-403-over-ratelimit"),
+    pytest.param(over_ratelimit, True, id="upstream-403-over-ratelimit"),
     pytest.param(
         lambda now: errors.TooManyRequestsError("answered 429", status=429, retry_after_s=3600.0),
+        True,
         id="upstream-429-retry-after",
     ),
-    pytest.param(lambda now: errors.TooManyRequestsError("answered 429"), id="upstream-429"),
+    pytest.param(lambda now: errors.TooManyRequestsError("answered 429"), False, id="upstream-429"),
     pytest.param(
         lambda now: errors.OverQpsError(
             "answered 403 (mashery.not.authorized.over.qps)",
             status=403,
             error_key="mashery.not.authorized.over.qps",
         ),
+        False,
         id="upstream-403-over-qps",
     ),
 ]
 
 
-@pytest.mark.parametrize("make", BUDGET_ERRORS)
+@pytest.mark.parametrize(("make", "pauses_account"), BUDGET_ERRORS)
 async def test_a_budget_pause_is_not_a_stream_error(
-    tmp_path: Path, make: Callable[[int], Exception]
+    tmp_path: Path, make: Callable[[int], Exception], pauses_account: bool
 ) -> None:
     """A pass stopped because the account's budget ran out (the daily quota, locally or by the
-    API's 403; a 429; the API's per-second limit) pauses the account: the stream is not counted
-    as failing and its backoff does not grow (a tiny quota is not an error of the stream)."""
+    API's 403; a 429; the API's per-second limit after the retries) is not counted as the
+    stream's error and its backoff does not grow: a spent quota or a Retry-After pauses the
+    account, the per-second limit defers the stream by error_backoff_s, never doubled."""
     store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
     await store.open()
     try:
@@ -411,13 +415,19 @@ async def test_a_budget_pause_is_not_a_stream_error(
         poller = RaisingPoller(make, clock)
         runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
         scheduler = Scheduler(store, [runtime], WIDE, now_ms=lambda: clock[0])
-        for _ in range(3):  # each time the pause ends the budget has run out again
+        for _ in range(4):  # each time the pause ends the budget has run out again
             await scheduler.tick()
             await scheduler.wait_idle()
-            until_ms, _reason = (await store.account_pauses())["acme"]
-            assert until_ms > clock[0]
+            stream = (await store.streams())[0]
+            if pauses_account:
+                until_ms = (await store.account_pauses())["acme"][0]
+                assert until_ms > clock[0]
+            else:
+                assert await store.account_pauses() == {}
+                until_ms = stream.next_due_ms
+                assert clock[0] + 15_000 <= until_ms <= clock[0] + 30_000  # error_backoff_s
             clock[0] = until_ms
-        assert len(poller.passes) == 3
+        assert len(poller.passes) == 4
         stream = (await store.streams())[0]
         assert stream.consecutive_errors == 0
         assert stream.last_error is None
@@ -425,7 +435,7 @@ async def test_a_budget_pause_is_not_a_stream_error(
         poller.fixed = True
         await scheduler.tick()
         await scheduler.wait_idle()
-        assert len(poller.passes) == 4
+        assert len(poller.passes) == 5
         assert scheduler.passes == 1
     finally:
         await store.close()

@@ -311,6 +311,10 @@ class Store(Protocol):
     ) -> None:
         """Count a failed pass, keep its message, back off (or retire the stream)."""
 
+    async def defer_stream(self, stream_id: int, next_due_ms: int) -> None:
+        """Move the stream's next pass to ``next_due_ms`` without counting an error (the
+        account's budget ran out, not the stream)."""
+
     async def set_paused(self, stream_id: int, paused: bool) -> None:
         """Pause or resume one stream."""
 

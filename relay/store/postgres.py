@@ -406,6 +406,11 @@ class PostgresStore:
             stream_id,
         )
 
+    async def defer_stream(self, stream_id: int, next_due_ms: int) -> None:
+        await self._execute(
+            "UPDATE streams SET next_due_ms = $1 WHERE id = $2", next_due_ms, stream_id
+        )
+
     async def set_paused(self, stream_id: int, paused: bool) -> None:
         await self._execute("UPDATE streams SET paused = $1 WHERE id = $2", int(paused), stream_id)
 

@@ -279,6 +279,13 @@ class SqliteStore:
             )
         )
 
+    async def defer_stream(self, stream_id: int, next_due_ms: int) -> None:
+        await self._run(
+            lambda conn: _write(
+                conn, "UPDATE streams SET next_due_ms = ? WHERE id = ?", (next_due_ms, stream_id)
+            )
+        )
+
     async def set_paused(self, stream_id: int, paused: bool) -> None:
         await self._run(
             lambda conn: _write(

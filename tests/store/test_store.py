@@ -426,6 +426,18 @@ async def test_outbox_event_reads_back_every_field(store: Store) -> None:
     assert orjson.loads(event.data) == committed.data()
 
 
+async def test_deferring_a_stream_moves_its_next_pass_and_counts_no_error(store: Store) -> None:
+    """A stream deferred because the account's budget ran out keeps a clean error record."""
+    await store.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+    [stream] = await store.streams()
+    await store.defer_stream(stream.id, T0 + 30_000)
+    [stream] = await store.streams()
+    assert stream.next_due_ms == T0 + 30_000
+    assert stream.consecutive_errors == 0
+    assert stream.last_error is None
+    assert await store.due_streams(T0 + 29_999, 10) == []
+
+
 async def test_a_shorter_pause_does_not_cut_a_longer_one_and_only_an_ended_one_is_lifted(
     store: Store,
 ) -> None:
