@@ -37,8 +37,8 @@ from relay.store.coordination import Coordinator, LocalCoordinator
 log = structlog.get_logger(__name__)
 
 # The account's budget ran out (the daily quota, ours or the API's; the API's per-second limit, a
-# 429), not the stream: the account pauses, and the stream is neither counted as failing nor
-# backed off further. Under a tiny quota this is the normal course of a day.
+# 429), not the stream: the account pauses or the stream waits a while, but the stream is neither
+# counted as failing nor backed off further. Under a tiny quota this is the normal course of a day.
 _BUDGET_ERRORS = (
     errors.QuotaExhaustedError,
     errors.BudgetExhaustedError,
