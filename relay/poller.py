@@ -5,6 +5,12 @@ is committed in transactions of up to ``commit_events`` activities (each its uns
 plus exactly those events), and the watermarks move in ``finish_pass`` once every feed of the pass
 is read and committed. A crash anywhere before that re-reads the same window next time, and dedup
 drops what was already committed.
+
+A watermark never moves past the upstream's own clock: the ``Date`` header of the page that
+carried the record (the relay's clock without one) plus ``CLOCK_SKEW_S``. A record dated later (a
+bad upstream row, say year 9999) is still emitted, and logged, but it does not drag the
+watermark along, which would leave every later activity older than ``created_since`` for good.
+The relay's own clock is no bound: the simulator's virtual clock runs ahead of it.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ import structlog
 
 from relay.ctct import catalogue
 from relay.ctct.catalogue import Scope
-from relay.ctct.client import CtctClient
+from relay.ctct.client import CtctClient, Page
 from relay.ctct.errors import MalformedResponseError
 from relay.events import (
     Activity,
     Kind,
     RecordError,
+    format_millis,
     from_millis,
     parse_activity,
     parse_time,
@@ -34,6 +41,9 @@ from relay.store import Store, Stream
 log = structlog.get_logger(__name__)
 
 SUMMARY_ENDPOINT = {Scope.CAMPAIGN: "campaign.summary", Scope.CONTACT: "contact.summary"}
+# How far past the upstream's clock a record's time may lie and still move the watermark: the
+# Date header has whole seconds, and the servers behind one API need not agree to the second.
+CLOCK_SKEW_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +79,7 @@ class PassOutcome:
     new: int = 0
     skipped_records: int = 0
     beyond_retention: int = 0  # re-read activities older than the dedup keys kept: left out
+    future_records: int = 0  # dated past the upstream's clock: emitted, not in the watermark
     replayed: int = 0  # known activities emitted again by a replay
     feeds_read: list[Kind] = field(default_factory=list)
     watermarks: dict[Kind, int] = field(default_factory=dict)
@@ -207,7 +218,8 @@ class Poller:
             outcome.fetched += len(activities)
             if not activities:
                 continue
-            page_newest = max(a.occurred_ms for a in activities)
+            ceiling = self._ceiling(stream, kind, page, activities, outcome)
+            page_newest = min(max(a.occurred_ms for a in activities), ceiling)
             newest = page_newest if newest is None else max(newest, page_newest)
             if horizon is not None and min(a.occurred_ms for a in activities) < horizon:
                 kept = [a for a in activities if a.occurred_ms >= horizon]
@@ -230,6 +242,35 @@ class Poller:
         if newest is not None:
             outcome.watermarks[kind] = newest
         outcome.feeds_read.append(kind)
+
+    def _ceiling(
+        self,
+        stream: Stream,
+        kind: Kind,
+        page: Page,
+        activities: list[Activity],
+        outcome: PassOutcome,
+    ) -> int:
+        """The highest watermark this page may set: the upstream's clock when it answered (the
+        relay's without a Date header) plus ``CLOCK_SKEW_S``. Activities dated later are logged
+        (once per read: dedup keeps them from being emitted twice)."""
+        upstream_ms, clock = page.server_ms, "date_header"
+        if upstream_ms is None:
+            upstream_ms, clock = self._now_ms(), "relay"
+        ceiling = upstream_ms + int(CLOCK_SKEW_S * 1000)
+        for activity in activities:
+            if activity.occurred_ms > ceiling:
+                outcome.future_records += 1
+                log.warning(
+                    "poll.future_record",
+                    stream=str(stream.key),
+                    kind=kind.value,
+                    contact_id=activity.contact_id,
+                    occurred=format_millis(activity.occurred_ms),
+                    upstream_now=format_millis(upstream_ms),
+                    clock=clock,
+                )
+        return ceiling
 
     def _since(self, stream: Stream, watermark: int | None, seeding: bool) -> datetime | None:
         """created_since for a feed: the watermark minus the overlap, or the first-run bound."""

@@ -36,6 +36,16 @@ from relay.store.coordination import Coordinator, LocalCoordinator
 
 log = structlog.get_logger(__name__)
 
+# The account's budget ran out (the daily quota, ours or the API's; the API's per-second limit, a
+# 429), not the stream: the account pauses or the stream waits a while, but the stream is neither
+# counted as failing nor backed off further. Under a tiny quota this is the normal course of a day.
+_BUDGET_ERRORS = (
+    errors.QuotaExhaustedError,
+    errors.BudgetExhaustedError,
+    errors.TooManyRequestsError,
+    errors.OverQpsError,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ScheduleSettings:
@@ -283,12 +293,23 @@ class Scheduler:
     async def _tick(self) -> None:
         now = self._now_ms()
         held = await self._store.account_holds()  # operator pauses: read each tick, any replica
+        # the relay's own pauses too: a spent quota or a long Retry-After one replica learned
+        # holds for all of them, or each would spend requests until it got the answer itself
+        pauses = await self._store.account_pauses()
         for runtime in self._accounts.values():
+            stored, reason = pauses.get(runtime.name, (0, ""))
+            if stored > runtime.paused_until_ms:
+                if stored > now:
+                    log.info(
+                        "account.pause_seen", account=runtime.name, until_ms=stored, reason=reason
+                    )
+                runtime.paused_until_ms = stored
             if runtime.paused_until_ms > now or runtime.name in held:
                 continue
             if runtime.paused_until_ms:
                 runtime.paused_until_ms = 0
-                await self._store.set_account_pause(runtime.name, None, "")
+                # only a pause that has ended: another replica may have stored a newer one
+                await self._store.end_account_pause(runtime.name, now)
                 log.info("account.resumed", account=runtime.name)
             free = self._settings.concurrency - len(runtime.inflight)
             if free <= 0 or runtime.limiter.remaining_today <= 0:
@@ -413,18 +434,12 @@ class Scheduler:
             await self._store.record_error(stream.id, str(exc), now, retire=True)
             runtime.planner.remove(stream.id)
             return
-        if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
-            await self._pause(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
-        elif isinstance(exc, errors.UnauthorizedError):
+        if isinstance(exc, _BUDGET_ERRORS):
+            await self._budget_ran_out(runtime, stream, exc, now)
+            return
+        if isinstance(exc, errors.UnauthorizedError):
             # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
             await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
-        elif isinstance(exc, errors.TooManyRequestsError) and exc.retry_after_s:
-            # The server asked the whole key to wait (the client only waits out short ones in
-            # place): every other stream would get its own 429 and spend budget. A bogus header
-            # cannot pause the account for ever: at most a day.
-            wait_s = min(exc.retry_after_s, 86_400.0)
-            reason = f"429 with Retry-After {exc.retry_after_s:g} s: {exc}"
-            await self._pause(runtime, now + int(wait_s * 1000), reason)
         backoff = min(
             self._settings.error_backoff_max_s,
             self._settings.error_backoff_s * 2 ** min(stream.consecutive_errors, 16),
@@ -445,7 +460,29 @@ class Scheduler:
             )
         await self._store.record_error(stream.id, reason, now + int(delay_s * 1000))
 
+    async def _budget_ran_out(
+        self, runtime: AccountRuntime, stream: Stream, exc: errors.CtctError, now: int
+    ) -> None:
+        """The account's budget ran out, not the stream: its error count stays as it is. A spent
+        quota or a Retry-After pauses the account (every replica honours the stored pause) and
+        leaves the stream due for when it ends. The API's per-second limit still hit after the
+        client's retries (an over-qps 403, a 429 without Retry-After) defers only this stream,
+        by ``error_backoff_s``, never doubled: the next second may well have room."""
+        if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
+            await self._pause(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
+        elif exc.retry_after_s:
+            # The server asked the whole key to wait (the client only waits out short ones in
+            # place): every other stream would get its own 429 and spend budget. A bogus header
+            # cannot pause the account for ever: at most a day.
+            wait_s = min(exc.retry_after_s, 86_400.0)
+            reason = f"{exc.status or 429} with Retry-After {exc.retry_after_s:g} s: {exc}"
+            await self._pause(runtime, now + int(wait_s * 1000), reason)
+        else:
+            delay_s = self._settings.error_backoff_s * self._rng.uniform(0.5, 1.0)
+            log.warning("poll.rate_limited", error=str(exc), retry_in_s=round(delay_s, 1))
+            await self._store.defer_stream(stream.id, now + int(delay_s * 1000))
+
     async def _pause(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
-        runtime.paused_until_ms = until_ms
+        runtime.paused_until_ms = max(runtime.paused_until_ms, until_ms)
         await self._store.set_account_pause(runtime.name, until_ms, reason)
         log.error("account.paused", account=runtime.name, until_ms=until_ms, reason=reason)

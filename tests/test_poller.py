@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
+from structlog.testing import capture_logs
 
 from relay.ctct import catalogue
 from relay.ctct.catalogue import Endpoint
@@ -14,7 +15,7 @@ from relay.ctct.client import Page
 from relay.ctct.errors import ServerError
 from relay.ctct.ratelimit import Budget
 from relay.events import Kind, format_millis, to_millis
-from relay.poller import Poller, PollSettings
+from relay.poller import CLOCK_SKEW_S, Poller, PollSettings
 from relay.sim import Scenario
 from relay.sim.scenario import ApiKey, Audience, Campaigns, Contacts, Rates
 from relay.store import PassResult, Store, StreamKey
@@ -209,6 +210,7 @@ class Feeds:
         self.requests_sent = 0
         self.records: dict[Kind, list[dict[str, object]]] = {k: [] for k in Kind}
         self.failing: set[Kind] = set()
+        self.clock_ms: int | None = None  # the upstream's clock (Date header); None: not sent
 
     def add(self, kind: Kind, contact: str, at_ms: int) -> None:
         self.records[kind].append(
@@ -243,7 +245,8 @@ class Feeds:
         found = [
             r for r in self.records[kind] if floor is None or str(r[date]) >= format_millis(floor)
         ]
-        yield Page(1, tuple(sorted(found, key=lambda r: str(r[date]), reverse=True)), None)
+        found.sort(key=lambda r: str(r[date]), reverse=True)
+        yield Page(1, tuple(found), None, self.clock_ms)
 
 
 class Passes:
@@ -346,3 +349,64 @@ async def test_a_record_with_an_out_of_range_time_is_skipped_and_counted(
     assert outcome.new == 2
     assert outcome.watermarks == {Kind.OPEN: T_START - 1000}
     assert sorted(await passes.contacts()) == [("open", "1"), ("open", "2")]
+
+
+YEAR_9999 = to_millis(datetime(9999, 1, 1, tzinfo=UTC))
+
+
+async def test_a_record_dated_far_in_the_future_does_not_silence_the_feed(store: Store) -> None:
+    """A bad upstream row dated 9999 is emitted once and logged, but the watermark stops at the
+    upstream's clock (its Date header) plus the skew allowance: later real activity is still
+    read (the watermark used to jump to 9999, every later activity older than created_since)."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.OPEN,), start_from="earliest", summary_gate=False)
+    passes = Passes(store, feeds, settings, T_START)
+    feeds.clock_ms = T_START
+    feeds.add(Kind.OPEN, "1", T_START - 1000)
+    feeds.add(Kind.OPEN, "9", YEAR_9999)
+    with capture_logs() as logs:
+        assert await passes.run()
+    stream = (await store.streams())[0]
+    assert stream.watermarks[Kind.OPEN] == T_START + int(CLOCK_SKEW_S * 1000)
+    [future] = [line for line in logs if line["event"] == "poll.future_record"]
+    assert future["stream"] == str(stream.key)
+    assert future["occurred"] == "9999-01-01T00:00:00.000Z"
+    assert future["upstream_now"] == format_millis(T_START)
+    assert future["clock"] == "date_header"
+    for contact in ("2", "3"):  # real activity keeps coming; the bad row is read again
+        feeds.clock_ms += 300_000
+        feeds.add(Kind.OPEN, contact, feeds.clock_ms - 1000)
+        assert await passes.run(300)
+    assert sorted(await passes.contacts()) == [("open", c) for c in ("1", "2", "3", "9")]
+    assert (await store.streams())[0].watermarks[Kind.OPEN] <= feeds.clock_ms + 60_000
+
+
+async def test_the_upstream_clock_bounds_the_watermark_not_the_relays(store: Store) -> None:
+    """An upstream clock ahead of the relay's (the simulator's virtual time) is the bound: its
+    newest record moves the watermark, though it is later than the relay's own now."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.OPEN,), start_from="earliest", summary_gate=False)
+    passes = Passes(store, feeds, settings, T_START)
+    feeds.clock_ms = T_START + 30 * 86400_000  # a month ahead of the relay
+    feeds.add(Kind.OPEN, "1", feeds.clock_ms - 1000)
+    with capture_logs() as logs:
+        assert await passes.run()
+    assert (await store.streams())[0].watermarks[Kind.OPEN] == feeds.clock_ms - 1000
+    assert not [line for line in logs if line["event"] == "poll.future_record"]
+
+
+async def test_without_a_date_header_the_relays_clock_bounds_the_watermark(store: Store) -> None:
+    """No usable Date header: the relay's clock plus the allowance is the bound."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.OPEN,), start_from="earliest", summary_gate=False)
+    passes = Passes(store, feeds, settings, T_START)
+    feeds.add(Kind.OPEN, "1", T_START + 86400_000)
+    with capture_logs() as logs:
+        assert await passes.run()
+    assert (await store.streams())[0].watermarks[Kind.OPEN] == T_START + 60_000
+    [future] = [line for line in logs if line["event"] == "poll.future_record"]
+    assert future["clock"] == "relay"
+    assert future["upstream_now"] == format_millis(T_START)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -24,7 +26,8 @@ from relay.scheduler import (
     SqrtPolicy,
     estimate_rate,
 )
-from relay.store import Stream, StreamKey, open_store
+from relay.store import PostgresSettings, PostgresStore, Stream, StreamKey, open_store
+from relay.store.coordination import PgCoordinator
 
 WIDE = ScheduleSettings(min_interval_s=1, max_interval_s=10**9)
 
@@ -336,3 +339,180 @@ async def test_a_bogus_retry_after_pauses_the_account_for_a_day_at_most(tmp_path
     start, paused_until, reason = await _paused_by_429(tmp_path, 10.0**9)
     assert paused_until == start + 86_400_000
     assert "Retry-After 1e+09 s" in reason
+
+
+class RaisingPoller:
+    """Every pass raises the error ``make`` builds for the time on ``clock``, until ``fixed``;
+    then passes succeed."""
+
+    def __init__(self, make: Callable[[int], Exception], clock: list[int]) -> None:
+        self.make = make
+        self.clock = clock
+        self.fixed = False
+        self.passes: list[int] = []
+
+    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+        self.passes.append(stream.id)
+        if not self.fixed:
+            raise self.make(self.clock[0])
+        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
+
+
+T_PAUSE = 1_763_000_000_000
+
+
+def midnight_after(now_ms: int) -> datetime:
+    return datetime.fromtimestamp(now_ms // 86_400_000 * 86_400 + 86_400, UTC)
+
+
+def over_ratelimit(now_ms: int) -> Exception:
+    return errors.QuotaExhaustedError(
+        "answered 403 (mashery.not.authorized.over.ratelimit)",
+        resume_at=midnight_after(now_ms),
+        status=403,
+        error_key="mashery.not.authorized.over.ratelimit",
+    )
+
+
+BUDGET_ERRORS = [
+    pytest.param(
+        lambda now: errors.BudgetExhaustedError("allowance spent", resume_at=midnight_after(now)),
+        True,
+        id="local-daily-allowance",
+    ),
+    pytest.param(over_ratelimit, True, id="upstream-403-over-ratelimit"),
+    pytest.param(
+        lambda now: errors.TooManyRequestsError("answered 429", status=429, retry_after_s=3600.0),
+        True,
+        id="upstream-429-retry-after",
+    ),
+    pytest.param(lambda now: errors.TooManyRequestsError("answered 429"), False, id="upstream-429"),
+    pytest.param(
+        lambda now: errors.OverQpsError(
+            "answered 403 (mashery.not.authorized.over.qps)",
+            status=403,
+            error_key="mashery.not.authorized.over.qps",
+        ),
+        False,
+        id="upstream-403-over-qps",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "pauses_account"), BUDGET_ERRORS)
+async def test_a_budget_pause_is_not_a_stream_error(
+    tmp_path: Path, make: Callable[[int], Exception], pauses_account: bool
+) -> None:
+    """A pass stopped because the account's budget ran out (the daily quota, locally or by the
+    API's 403; a 429; the API's per-second limit after the retries) is not counted as the
+    stream's error and its backoff does not grow: a spent quota or a Retry-After pauses the
+    account, the per-second limit defers the stream by error_backoff_s, never doubled."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        clock = [T_PAUSE]
+        await store.ensure_streams([StreamKey("acme", "contact", "1")], T_PAUSE)
+        poller = RaisingPoller(make, clock)
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], WIDE, now_ms=lambda: clock[0])
+        for _ in range(4):  # each time the pause ends the budget has run out again
+            await scheduler.tick()
+            await scheduler.wait_idle()
+            stream = (await store.streams())[0]
+            if pauses_account:
+                until_ms = (await store.account_pauses())["acme"][0]
+                assert until_ms > clock[0]
+            else:
+                assert await store.account_pauses() == {}
+                until_ms = stream.next_due_ms
+                assert clock[0] + 15_000 <= until_ms <= clock[0] + 30_000  # error_backoff_s
+            clock[0] = until_ms
+        assert len(poller.passes) == 4
+        stream = (await store.streams())[0]
+        assert stream.consecutive_errors == 0
+        assert stream.last_error is None
+        assert (await store.stream_stats())["acme"].failing == 0
+        poller.fixed = True
+        await scheduler.tick()
+        await scheduler.wait_idle()
+        assert len(poller.passes) == 5
+        assert scheduler.passes == 1
+    finally:
+        await store.close()
+
+
+async def test_a_real_upstream_error_still_counts_and_backs_off(tmp_path: Path) -> None:
+    """A 5xx after the retries is the stream's error: counted, shown failing, backed off more
+    each time, and the account is not paused."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        clock = [T_PAUSE]
+        await store.ensure_streams([StreamKey("acme", "contact", "1")], T_PAUSE)
+        poller = RaisingPoller(lambda now: errors.ServerError("answered 503"), clock)
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        settings = ScheduleSettings(min_interval_s=1, max_interval_s=10**9, error_backoff_s=30)
+        scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: clock[0])
+        for errors_so_far in (1, 2):
+            await scheduler.tick()
+            await scheduler.wait_idle()
+            stream = (await store.streams())[0]
+            assert stream.consecutive_errors == errors_so_far
+            assert stream.next_due_ms >= clock[0] + 15_000 * errors_so_far
+            clock[0] = stream.next_due_ms
+        assert (await store.stream_stats())["acme"].failing == 1
+        assert await store.account_pauses() == {}
+    finally:
+        await store.close()
+
+
+async def test_an_account_pause_learned_by_one_replica_holds_for_every_replica(
+    postgres_url: str,
+) -> None:
+    """Two replicas on PostgreSQL: when one learns the key's daily quota is spent (the API's
+    403), the other starts no pass until the pause ends instead of spending requests until it
+    gets its own 403; when it ends, both poll again and the stored pause is gone."""
+    stores = [PostgresStore.from_url(postgres_url) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    try:
+        clock = [T_PAUSE]
+        keys = [StreamKey("acme", "campaign", str(i)) for i in range(6)]
+        await stores[0].ensure_streams(keys, T_PAUSE)
+        learner = RaisingPoller(over_ratelimit, clock)
+        other = RaisingPoller(over_ratelimit, clock)
+        other.fixed = True
+        settings = ScheduleSettings(min_interval_s=3600, max_interval_s=10**9, concurrency=1)
+        schedulers = []
+        for i, (store, poller) in enumerate(zip(stores, (learner, other), strict=True)):
+            runtime = AccountRuntime(
+                "acme", cast(Poller, poller), RateLimiter(Budget()), Planner(settings)
+            )
+            coordinator = PgCoordinator(store, f"replica-{i}", PostgresSettings())
+            scheduler = Scheduler(
+                store, [runtime], settings, now_ms=lambda: clock[0], coordinator=coordinator
+            )
+            await scheduler.reload()  # as start() does: no pause yet
+            schedulers.append(scheduler)
+        a, b = schedulers
+        await a.tick()
+        await a.wait_idle()
+        assert len(learner.passes) == 1
+        until_ms = (await stores[1].account_pauses())["acme"][0]
+        assert until_ms == int(midnight_after(T_PAUSE).timestamp() * 1000)
+        for _ in range(3):
+            clock[0] += 60_000
+            await b.tick()
+            await b.wait_idle()
+        assert other.passes == [], "the other replica spent requests on a paused account"
+        clock[0] = until_ms
+        learner.fixed = True
+        await b.tick()
+        await a.tick()
+        await asyncio.gather(a.wait_idle(), b.wait_idle())
+        assert len(other.passes) == 1
+        assert len(learner.passes) == 2
+        assert await stores[0].account_pauses() == {}
+    finally:
+        for store in stores:
+            await store.close()

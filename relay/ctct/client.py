@@ -24,7 +24,7 @@ import structlog
 from relay.ctct import errors
 from relay.ctct.catalogue import Endpoint, Shape
 from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
-from relay.events import JsonObject, format_time
+from relay.events import JsonObject, format_time, to_millis
 
 log = structlog.get_logger(__name__)
 
@@ -64,11 +64,14 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of a paged endpoint: its records, in the order the API sent them."""
+    """One page of a paged endpoint: its records, in the order the API sent them, and the
+    upstream's clock when it answered (its ``Date`` header as Unix ms; None when the header was
+    missing or unreadable)."""
 
     number: int
     records: tuple[JsonObject, ...]
     next_link: str | None
+    server_ms: int | None = None
 
 
 def redact_url(url: str) -> str:
@@ -146,9 +149,9 @@ class CtctClient:
         number = 1
         empty = 0  # pages in a row with no records
         while True:
-            body = await self._get(endpoint.name, path, params)
+            body, server_ms = await self._get(endpoint.name, path, params)
             records, next_link = _paged_body(endpoint.name, body)
-            yield Page(number, records, next_link)
+            yield Page(number, records, next_link, server_ms)
             if next_link is None:
                 return
             if next_link in seen:
@@ -172,7 +175,7 @@ class CtctClient:
         """The body of an unpaged endpoint: a summary object, or the summary-by-campaign list."""
         if endpoint.paged:
             raise ValueError(f"endpoint {endpoint.name} is paged; use pages()")
-        body = await self._get(
+        body, _ = await self._get(
             endpoint.name, endpoint.url_path(resource_id), list(endpoint.fixed_params)
         )
         if endpoint.shape is Shape.SUMMARY_LIST:
@@ -190,8 +193,11 @@ class CtctClient:
             raise _malformed(name, f"next_link is not a relative path: {next_link!r}")
         return parts.path, parse_qsl(parts.query, keep_blank_values=True)
 
-    async def _get(self, name: str, path: str, params: list[tuple[str, str]]) -> object:
-        """One logical GET with bounded retries; every attempt spends budget."""
+    async def _get(
+        self, name: str, path: str, params: list[tuple[str, str]]
+    ) -> tuple[object, int | None]:
+        """One logical GET with bounded retries; every attempt spends budget. The body, and
+        the upstream's clock (its ``Date`` header, Unix ms) when it answered."""
         attempt = 1
         while True:
             await self._limiter.acquire()
@@ -227,7 +233,9 @@ class CtctClient:
             delay = max(delay, self._limiter.budget.window_s)  # the API's window must pass
         return delay
 
-    async def _attempt(self, name: str, path: str, params: list[tuple[str, str]]) -> object:
+    async def _attempt(
+        self, name: str, path: str, params: list[tuple[str, str]]
+    ) -> tuple[object, int | None]:
         url = self._base + path
         query = [("api_key", self._credentials.api_key), *params]
 
@@ -250,6 +258,7 @@ class CtctClient:
                 else:
                     body = await _read_capped(resp, _ERROR_BODY_CAP)
                 retry_after = resp.headers.get("Retry-After")
+                server_ms = _date_ms(resp.headers.get("Date"))
         except TimeoutError:
             self._on_response(name, "timeout", time.perf_counter() - started)
             raise errors.TransportError(
@@ -271,7 +280,7 @@ class CtctClient:
         if not 200 <= status < 300:
             raise _map_error(name, shown(), status, body, retry_after)
         try:
-            return orjson.loads(body)
+            return orjson.loads(body), server_ms
         except orjson.JSONDecodeError as exc:
             raise _malformed(
                 name, f"GET {shown()} answered {status} with a body that is not JSON ({exc})"
@@ -393,6 +402,19 @@ def _retry_after_s(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, (moment - datetime.now(moment.tzinfo)).total_seconds())
+
+
+def _date_ms(value: str | None) -> int | None:
+    """An HTTP ``Date`` header as Unix ms; None when absent or not an HTTP date with a zone."""
+    if not value:
+        return None
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:  # "-0000": no zone known, so no instant either
+        return None
+    return to_millis(moment)
 
 
 def _excerpt(body: bytes) -> str:

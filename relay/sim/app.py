@@ -12,6 +12,7 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from email.utils import format_datetime
 
 from aiohttp import web
 
@@ -54,7 +55,14 @@ def create_app(
     app.add_routes(v2.routes())
     app.add_routes(control.routes())
     app.cleanup_ctx.append(_ticker)
+    app.on_response_prepare.append(_simulated_date)
     return app
+
+
+async def _simulated_date(request: web.Request, response: web.StreamResponse) -> None:
+    """Date headers on the simulated clock, as the real API's are on its own: the relay bounds
+    watermarks by the upstream's clock, which here runs ``time_scale`` times real time."""
+    response.headers["Date"] = format_datetime(request.app[STATE].clock.now(), usegmt=True)
 
 
 async def _ticker(app: web.Application) -> AsyncIterator[None]:

@@ -311,6 +311,10 @@ class Store(Protocol):
     ) -> None:
         """Count a failed pass, keep its message, back off (or retire the stream)."""
 
+    async def defer_stream(self, stream_id: int, next_due_ms: int) -> None:
+        """Move the stream's next pass to ``next_due_ms`` without counting an error (the
+        account's budget ran out, not the stream)."""
+
     async def set_paused(self, stream_id: int, paused: bool) -> None:
         """Pause or resume one stream."""
 
@@ -324,7 +328,12 @@ class Store(Protocol):
         """Requests counted for the account on that UTC day."""
 
     async def set_account_pause(self, account: str, until_ms: int | None, reason: str) -> None:
-        """Pause an account until a time (None: resume)."""
+        """Pause an account until a time (None: resume). A stored pause that lasts longer is
+        kept: a replica learning a short pause (a 429) must not cut another's (the quota's)."""
+
+    async def end_account_pause(self, account: str, now_ms: int) -> bool:
+        """Lift the account's pause if it has ended by ``now_ms``; False if there was none that
+        had (a newer pause another replica stored stays)."""
 
     async def account_pauses(self) -> dict[str, tuple[int, str]]:
         """Accounts currently paused: until (Unix ms) and why."""

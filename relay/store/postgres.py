@@ -406,6 +406,11 @@ class PostgresStore:
             stream_id,
         )
 
+    async def defer_stream(self, stream_id: int, next_due_ms: int) -> None:
+        await self._execute(
+            "UPDATE streams SET next_due_ms = $1 WHERE id = $2", next_due_ms, stream_id
+        )
+
     async def set_paused(self, stream_id: int, paused: bool) -> None:
         await self._execute("UPDATE streams SET paused = $1 WHERE id = $2", int(paused), stream_id)
 
@@ -449,11 +454,22 @@ class PostgresStore:
         await self._execute(
             "INSERT INTO account_pauses (account, until_ms, reason) VALUES ($1, $2, $3)"
             " ON CONFLICT (account) DO UPDATE SET until_ms = excluded.until_ms,"
-            " reason = excluded.reason",
+            " reason = excluded.reason WHERE account_pauses.until_ms < excluded.until_ms",
             account,
             until_ms,
             reason,
         )
+
+    async def end_account_pause(self, account: str, now_ms: int) -> bool:
+        async def run(conn: Connection) -> bool:
+            status = await conn.execute(
+                "DELETE FROM account_pauses WHERE account = $1 AND until_ms <= $2",
+                account,
+                now_ms,
+            )
+            return bool(_count(status))
+
+        return await self.transaction(run)
 
     async def account_pauses(self) -> dict[str, tuple[int, str]]:
         async def run(conn: Connection) -> dict[str, tuple[int, str]]:

@@ -279,6 +279,13 @@ class SqliteStore:
             )
         )
 
+    async def defer_stream(self, stream_id: int, next_due_ms: int) -> None:
+        await self._run(
+            lambda conn: _write(
+                conn, "UPDATE streams SET next_due_ms = ? WHERE id = ?", (next_due_ms, stream_id)
+            )
+        )
+
     async def set_paused(self, stream_id: int, paused: bool) -> None:
         await self._run(
             lambda conn: _write(
@@ -326,10 +333,21 @@ class SqliteStore:
             sql = (
                 "INSERT INTO account_pauses (account, until_ms, reason) VALUES (?, ?, ?)"
                 " ON CONFLICT (account) DO UPDATE SET until_ms = excluded.until_ms,"
-                " reason = excluded.reason"
+                " reason = excluded.reason WHERE account_pauses.until_ms < excluded.until_ms"
             )
             args = (account, until_ms, reason)  # type: ignore[assignment]
         await self._run(lambda conn: _write(conn, sql, args))
+
+    async def end_account_pause(self, account: str, now_ms: int) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            with _tx(conn):
+                deleted = conn.execute(
+                    "DELETE FROM account_pauses WHERE account = ? AND until_ms <= ?",
+                    (account, now_ms),
+                ).rowcount
+            return bool(deleted)
+
+        return await self._run(run)
 
     async def account_pauses(self) -> dict[str, tuple[int, str]]:
         def run(conn: sqlite3.Connection) -> dict[str, tuple[int, str]]:

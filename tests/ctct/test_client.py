@@ -17,9 +17,16 @@ from aiohttp.typedefs import Handler
 
 from relay.ctct import catalogue, errors
 from relay.ctct.catalogue import Endpoint, Scope, Shape
-from relay.ctct.client import MAX_EMPTY_PAGES, Credentials, CtctClient, RetryPolicy, redact_url
+from relay.ctct.client import (
+    MAX_EMPTY_PAGES,
+    Credentials,
+    CtctClient,
+    RetryPolicy,
+    _date_ms,
+    redact_url,
+)
 from relay.ctct.ratelimit import Budget, RateLimiter
-from relay.events import Activity, Kind, parse_activity, parse_time
+from relay.events import Activity, Kind, parse_activity, parse_time, to_millis
 from relay.sim import Scenario
 from relay.sim.scenario import ApiKey, Campaigns, Contacts
 from tests.simkit import API_KEY, SCENARIO, START, TOKEN, MakeSim, Sim
@@ -513,3 +520,29 @@ async def test_later_activity_becomes_visible_after_time_passes(make_sim: MakeSi
     await sim.advance(timedelta(minutes=30).total_seconds())
     truth_after = await sim.truth()
     assert len(truth_after) > len(truth_before)
+
+
+async def test_pages_carry_the_upstreams_clock_from_its_date_header(make_sim: MakeSim) -> None:
+    """Each page carries the Date header as Unix ms, and the simulator's Date follows its
+    virtual clock (here weeks behind real time; in the demo, ahead of it)."""
+    sim = await make_sim(advance_s=7200)
+    campaign = str(pick(await sim.truth(), kind="open")["campaign_id"])
+    endpoint = catalogue.get("campaign.opens")
+    pages = [page async for page in sim.client().pages(endpoint, resource_id=campaign)]
+    virtual_ms = to_millis(START + timedelta(seconds=7200))  # frozen clock: exact to the second
+    assert [page.server_ms for page in pages] == [virtual_ms] * len(pages)
+
+
+@pytest.mark.parametrize(
+    ("header", "ms"),
+    [
+        pytest.param("Fri, 20 Nov 2026 09:00:00 GMT", to_millis(START), id="imf-fixdate"),
+        pytest.param("Fri, 20 Nov 2026 10:00:00 +0100", to_millis(START), id="numeric-zone"),
+        pytest.param(None, None, id="absent"),
+        pytest.param("yesterday", None, id="not-a-date"),
+        pytest.param("Fri, 20 Nov 2026 09:00:00 -0000", None, id="no-zone"),
+    ],
+)
+def test_date_headers_are_read_as_unix_ms_or_none(header: str | None, ms: int | None) -> None:
+    """A Date header the poller can bound watermarks by, or None (it then uses its own clock)."""
+    assert _date_ms(header) == ms

@@ -426,6 +426,33 @@ async def test_outbox_event_reads_back_every_field(store: Store) -> None:
     assert orjson.loads(event.data) == committed.data()
 
 
+async def test_deferring_a_stream_moves_its_next_pass_and_counts_no_error(store: Store) -> None:
+    """A stream deferred because the account's budget ran out keeps a clean error record."""
+    await store.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+    [stream] = await store.streams()
+    await store.defer_stream(stream.id, T0 + 30_000)
+    [stream] = await store.streams()
+    assert stream.next_due_ms == T0 + 30_000
+    assert stream.consecutive_errors == 0
+    assert stream.last_error is None
+    assert await store.due_streams(T0 + 29_999, 10) == []
+
+
+async def test_a_shorter_pause_does_not_cut_a_longer_one_and_only_an_ended_one_is_lifted(
+    store: Store,
+) -> None:
+    """A replica that learns a short pause (a 429) does not shorten another's pause until
+    midnight, and lifting a pause that has ended leaves a newer one another replica stored."""
+    await store.set_account_pause("acme", T0 + 3_600_000, "quota")
+    await store.set_account_pause("acme", T0 + 60_000, "429")
+    assert await store.account_pauses() == {"acme": (T0 + 3_600_000, "quota")}
+    assert not await store.end_account_pause("acme", T0 + 60_000)
+    assert await store.account_pauses() == {"acme": (T0 + 3_600_000, "quota")}
+    assert await store.end_account_pause("acme", T0 + 3_600_000)
+    assert await store.account_pauses() == {}
+    assert not await store.end_account_pause("acme", T0 + 3_600_000)
+
+
 async def test_operator_holds_are_apart_from_quota_pauses(store: Store) -> None:
     """Holding and releasing an account never touches the relay's own quota pause."""
     await store.set_account_pause("acme", T0 + 1000, "quota")
