@@ -24,7 +24,7 @@ import structlog
 
 from relay.ctct import catalogue
 from relay.ctct.catalogue import Scope
-from relay.ctct.client import CtctClient, Page
+from relay.ctct.client import CtctClient, Page, counting_requests
 from relay.ctct.errors import MalformedResponseError
 from relay.events import (
     Activity,
@@ -113,9 +113,18 @@ class Poller:
         treated as if it were there; the stored one never moves back) and emit what is found
         then or later even when dedup knows it, with its usual id.
         """
-        scope = Scope(stream.key.scope)
         outcome = PassOutcome(watermarks=dict(stream.watermarks), summary=dict(stream.summary))
-        sent_before = self._client.requests_sent
+        # The client is the account's, shared by its concurrent passes: each pass counts the
+        # requests sent from its own task (and tasks it starts), not the client's total.
+        with counting_requests() as sent:
+            await self._read_stream(stream, replay_from_ms, outcome)
+        outcome.requests = sent.requests
+        return outcome
+
+    async def _read_stream(
+        self, stream: Stream, replay_from_ms: int | None, outcome: PassOutcome
+    ) -> None:
+        scope = Scope(stream.key.scope)
         to_read = list(self._settings.kinds)
         if self._settings.summary_gate:
             changed = await self._changed_kinds(stream, scope, outcome)
@@ -134,15 +143,18 @@ class Poller:
                 # nothing to absorb: later activity is newer than this
                 outcome.watermarks[kind] = self._now_ms() - self._overlap_ms
         await self._commit(stream.id, pending, outcome)
-        outcome.requests = self._client.requests_sent - sent_before
-        return outcome
 
     async def _commit(self, stream_id: int, pending: list[Activity], outcome: PassOutcome) -> None:
         """Commit buffered activity oldest first, one transaction per ``commit_events``.
 
         Feeds arrive newest first and kind by kind; sorting the pass makes the outbox (and so
-        each contact's Kafka partition) follow activity order within the pass.
+        each contact's Kafka partition) follow activity order within the pass. An activity read
+        twice (offset pages that shifted under the pass repeat records) is committed once: a
+        replay appends every activity it commits, known or not.
         """
+        unique = {_identity(activity): activity for activity in pending}
+        if len(unique) < len(pending):
+            pending[:] = unique.values()
         pending.sort(key=_activity_order)
         size = self._settings.commit_events
         for start in range(0, len(pending), size):
@@ -200,12 +212,15 @@ class Poller:
         watermark = outcome.watermarks.get(kind)
         # Dedup keys older than the retention are pruned, so a feed idle that long and read
         # again from its watermark would emit its last activities a second time: what is that
-        # old is left out. Anything new that old is far past the late-arrival limit (overlap_s,
-        # less than half the retention); first reads (backfills) and replays keep everything.
+        # old AND no newer than the watermark (read before) is left out. Activity after the
+        # watermark was never read, however old (the relay or the stream stopped longer than
+        # the retention): it is kept. First reads (backfills) and replays keep everything.
         horizon = None
         if watermark is not None and outcome.replay_from_ms is None:
-            horizon = self._now_ms() - int(self._settings.dedup_retention_s * 1000)
+            retention_ms = int(self._settings.dedup_retention_s * 1000)
+            horizon = min(self._now_ms() - retention_ms, watermark + 1)
         too_old = 0
+        last_page: set[Identity] = set()  # ids of the feed's previous page, see _unrepeated
         newest = watermark
         endpoint = catalogue.feed(scope, kind)
         async for page in self._client.pages(
@@ -216,6 +231,7 @@ class Poller:
         ):
             activities = self._parse(page.records, kind, outcome)
             outcome.fetched += len(activities)
+            activities, last_page = _unrepeated(activities, last_page)
             if not activities:
                 continue
             ceiling = self._ceiling(stream, kind, page, activities, outcome)
@@ -294,6 +310,31 @@ class Poller:
                 outcome.skipped_records += 1
                 log.warning("poll.bad_record", kind=kind.value, error=str(exc))
         return activities
+
+
+def _unrepeated(
+    activities: list[Activity], previous_page: set[Identity]
+) -> tuple[list[Activity], set[Identity]]:
+    """A page without the records its feed's previous page already returned, and its ids.
+
+    Offset pages of a newest-first feed shift when activity arrives mid-pass: the last records
+    of one page come again at the top of the next. ``_commit`` drops repeats within what it
+    commits at once; this also covers a repeat across a buffer flush (``buffer_limit``), which a
+    replay would otherwise append twice, holding only one page of ids.
+    """
+    ids = {_identity(a) for a in activities}
+    if previous_page & ids:
+        activities = [a for a in activities if _identity(a) not in previous_page]
+    return activities, ids
+
+
+# What the dedup key holds (the poller reads one account), without the SHA-1 of the event id.
+Identity = tuple[Kind, str, str, datetime, str]
+
+
+def _identity(activity: Activity) -> Identity:
+    link = (activity.link_id or "0") if activity.kind is Kind.CLICK else ""
+    return (activity.kind, activity.campaign_id, activity.contact_id, activity.occurred_at, link)
 
 
 _KIND_ORDER = {kind: index for index, kind in enumerate(Kind)}

@@ -156,10 +156,19 @@ class Planner:
         requests: int,
         budget_rps: float,
     ) -> tuple[float, float]:
-        """The stream's new rate estimate (events/hour) and the seconds until its next pass."""
+        """The stream's new rate estimate (events/hour) and the seconds until its next pass.
+
+        ``previous_rate_per_h`` None: the stream's first pass, whose count is no rate: it is
+        whatever history the pass read (a campaign discovered after its send, ``start_from:
+        earliest``), over no known stretch of time. Divided by the seconds since the stream was
+        added, it made a backfill of 20,000 look like millions an hour, and the square-root rule
+        pushed every other stream of the account out until it decayed. It keeps the prior.
+        """
         s = self._settings
-        previous = s.prior_rate_per_h if previous_rate_per_h is None else previous_rate_per_h
-        rate = estimate_rate(previous, new, elapsed_s, s.smoothing, s.rate_memory_s)
+        if previous_rate_per_h is None:
+            rate = s.prior_rate_per_h
+        else:
+            rate = estimate_rate(previous_rate_per_h, new, elapsed_s, s.smoothing, s.rate_memory_s)
         cost = s.smoothing * requests + (1 - s.smoothing) * self._costs.get(stream_id, 2.0)
         self._costs[stream_id] = cost
         self.policy.update(stream_id, rate, cost)

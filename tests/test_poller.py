@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -11,7 +13,7 @@ from structlog.testing import capture_logs
 
 from relay.ctct import catalogue
 from relay.ctct.catalogue import Endpoint
-from relay.ctct.client import Page
+from relay.ctct.client import Page, count_request
 from relay.ctct.errors import ServerError
 from relay.ctct.ratelimit import Budget
 from relay.events import Kind, format_millis, to_millis
@@ -204,13 +206,18 @@ async def test_replay_pass_re_emits_known_activity_since_a_time_with_its_ids(
 
 class Feeds:
     """An in-process stand-in of the client for one campaign: records per kind, filtered by
-    created_since, newest first; a kind listed in ``failing`` answers 500."""
+    created_since, newest first, in pages of ``page_size``; a kind listed in ``failing``
+    answers 500."""
 
     def __init__(self) -> None:
         self.requests_sent = 0
         self.records: dict[Kind, list[dict[str, object]]] = {k: [] for k in Kind}
         self.failing: set[Kind] = set()
         self.clock_ms: int | None = None  # the upstream's clock (Date header); None: not sent
+        self.page_size: int | None = None  # None: one page
+        # each page after the first repeats the previous page's last record, as offset pages do
+        # when activity arrives between two page requests
+        self.shifted = False
 
     def add(self, kind: Kind, contact: str, at_ms: int) -> None:
         self.records[kind].append(
@@ -225,7 +232,9 @@ class Feeds:
         )
 
     async def fetch(self, endpoint: Endpoint, *, resource_id: str | None = None) -> object:
+        await asyncio.sleep(0)
         self.requests_sent += 1
+        count_request()
         return {catalogue.FEEDS[k]: len(v) for k, v in self.records.items()}
 
     async def pages(
@@ -237,6 +246,7 @@ class Feeds:
         limit: int = 500,
     ) -> AsyncIterator[Page]:
         self.requests_sent += 1
+        count_request()
         kind = next(k for k in Kind if endpoint == catalogue.feed(catalogue.Scope.CAMPAIGN, k))
         if kind in self.failing:
             raise ServerError("500 from the test")
@@ -245,8 +255,17 @@ class Feeds:
         found = [
             r for r in self.records[kind] if floor is None or str(r[date]) >= format_millis(floor)
         ]
-        found.sort(key=lambda r: str(r[date]), reverse=True)
-        yield Page(1, tuple(found), None, self.clock_ms)
+        rows = tuple(sorted(found, key=lambda r: str(r[date]), reverse=True))
+        size = self.page_size or max(len(rows), 1)
+        pages = [rows[start : start + size] for start in range(0, max(len(rows), 1), size)]
+        for number, records in enumerate(pages, start=1):
+            if number > 1:
+                self.requests_sent += 1
+                count_request()
+                if self.shifted:  # one activity arrived upstream since the previous page
+                    records = (pages[number - 2][-1], *records)
+            await asyncio.sleep(0)  # concurrent passes interleave, as on a network
+            yield Page(number, records, None, self.clock_ms)
 
 
 class Passes:
@@ -410,3 +429,96 @@ async def test_without_a_date_header_the_relays_clock_bounds_the_watermark(store
     [future] = [line for line in logs if line["event"] == "poll.future_record"]
     assert future["clock"] == "relay"
     assert future["upstream_now"] == format_millis(T_START)
+
+
+async def test_activity_after_the_watermark_is_kept_however_old(store: Store) -> None:
+    """The relay down (or the stream failing) longer than the dedup retention: what happened
+    after the feed's watermark was never read, so it is emitted however old; only what the
+    watermark covers and the retention no longer does is left out (everything older than the
+    retention was dropped, never-read activity included)."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    day = 86400_000
+    settings = PollSettings(kinds=(Kind.OPEN,), summary_gate=False, dedup_retention_s=2 * 86400)
+    passes = Passes(store, feeds, settings, T_START)
+    feeds.add(Kind.OPEN, "100", T_START - 30_000)
+    assert await passes.run(0)
+    for contact, at_ms in (("101", T_START + day // 2), ("102", T_START + 2 * day)):
+        feeds.add(Kind.OPEN, contact, at_ms)
+    passes.now_ms += 3 * day  # down for three days: all of it is older than the retention
+    await store.prune_dedup(passes.now_ms - 2 * day)
+    feeds.add(Kind.OPEN, "103", passes.now_ms - 5000)
+    stream = (await store.streams())[0]
+    outcome = await passes.poller.run_pass(stream)
+    assert (outcome.new, outcome.beyond_retention) == (3, 1)  # 100: read before, key pruned
+    assert sorted(await passes.contacts()) == [("open", c) for c in ("100", "101", "102", "103")]
+
+
+async def test_a_backfill_retried_after_the_prune_emits_nothing_twice(store: Store) -> None:
+    """A first read bigger than buffer_limit commits before its pass ends; the pass then
+    fails, the hourly prune runs (the history is older than the retention), and the retry reads
+    it all again: dedup still knows what was committed."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    day = 86400_000
+    for i in range(6):
+        feeds.add(Kind.OPEN, str(100 + i), T_START - 30 * day - i * 60_000)
+    feeds.add(Kind.CLICK, "200", T_START - 30 * day)
+    feeds.page_size = 2
+    feeds.failing.add(Kind.CLICK)
+    settings = PollSettings(
+        kinds=(Kind.OPEN, Kind.CLICK), start_from="earliest", summary_gate=False, buffer_limit=2
+    )
+    passes = Passes(store, feeds, settings, T_START)
+    assert not await passes.run(0)
+    assert len(await passes.contacts()) == 6  # flushed before the click feed failed
+    await store.prune_dedup(T_START + 3600_000 - int(settings.dedup_retention_s * 1000))
+    feeds.failing.clear()
+    assert await passes.run(3600)
+    assert Counter(await passes.contacts()) == Counter(
+        [("open", str(100 + i)) for i in range(6)] + [("click", "200")]
+    )
+
+
+async def test_a_record_repeated_by_shifted_pages_is_replayed_once(store: Store) -> None:
+    """Offset pages shift when activity arrives mid-pass, so a page repeats the previous page's
+    last record; a replay appends what it reads even when dedup knows it, so the repeat was
+    appended twice, within one commit or across a buffer flush."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    for i in range(7):
+        feeds.add(Kind.OPEN, str(100 + i), T_START - 60_000 * (i + 1))
+    settings = PollSettings(kinds=(Kind.OPEN,), start_from="earliest", summary_gate=False)
+    passes = Passes(store, feeds, settings, T_START)
+    assert await passes.run(0)
+    head = len(await passes.contacts())
+    feeds.page_size, feeds.shifted = 2, True
+    for buffer_limit in (50_000, 3):  # all in one commit; flushed between pages
+        poller = Poller(feeds, store, ACCOUNT, replace(settings, buffer_limit=buffer_limit))  # type: ignore[arg-type]
+        stream = (await store.streams())[0]
+        outcome = await poller.run_pass(stream, replay_from_ms=T_START - 3600_000)
+        replayed = (await passes.contacts())[head:]
+        assert (outcome.replayed, len(replayed)) == (7, 7)
+        assert Counter(replayed) == Counter(("open", str(100 + i)) for i in range(7))
+        head += len(replayed)
+
+
+async def test_concurrent_passes_are_charged_their_own_requests(store: Store) -> None:
+    """The account's client is shared by its passes, two at a time: each pass's request count
+    is its own (the difference of the client's total charged each the other's requests, and
+    inflated the planner's cost of quiet streams)."""
+    feeds = Feeds()
+    for i in range(10):
+        feeds.add(Kind.OPEN, str(100 + i), T_START - i * 1000)
+    feeds.page_size = 2
+    keys = [StreamKey(ACCOUNT, "campaign", "busy"), StreamKey(ACCOUNT, "campaign", "quiet")]
+    await store.ensure_streams(keys, T_START, seed=False)
+    busy, quiet = await store.streams()
+    counts = {catalogue.FEEDS[k]: len(v) for k, v in feeds.records.items()}
+    await store.finish_pass(quiet.id, PassResult({}, counts, 0, 1.0, T_START))  # nothing new
+    quiet = await store.stream(quiet.id)
+    settings = PollSettings(kinds=(Kind.OPEN,), start_from="earliest")
+    poller = Poller(feeds, store, ACCOUNT, settings, now_ms=lambda: T_START)  # type: ignore[arg-type]
+    outcomes = await asyncio.gather(poller.run_pass(busy), poller.run_pass(quiet))
+    assert [o.requests for o in outcomes] == [6, 1]  # summary + 5 pages; the summary only
+    assert feeds.requests_sent == 7

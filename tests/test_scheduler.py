@@ -26,7 +26,14 @@ from relay.scheduler import (
     SqrtPolicy,
     estimate_rate,
 )
-from relay.store import PostgresSettings, PostgresStore, Stream, StreamKey, open_store
+from relay.store import (
+    PassResult,
+    PostgresSettings,
+    PostgresStore,
+    Stream,
+    StreamKey,
+    open_store,
+)
 from relay.store.coordination import PgCoordinator
 
 WIDE = ScheduleSettings(min_interval_s=1, max_interval_s=10**9)
@@ -72,11 +79,14 @@ def test_a_long_quiet_pass_drops_the_rate_fast() -> None:
 
 
 def test_planner_first_pass_uses_the_prior() -> None:
-    """A never-polled stream starts from prior_rate_per_h; a busy pass raises it."""
+    """A never-polled stream starts from prior_rate_per_h and keeps it after its first pass,
+    whatever that pass found (history, not a rate); a busy second pass raises it."""
     planner = Planner(ScheduleSettings(prior_rate_per_h=120, min_interval_s=1))
-    rate, interval = planner.after_pass(7, None, 60, 60.0, 3, 0.1)
-    assert rate > 120
+    rate, interval = planner.after_pass(7, None, 20_000, 4.0, 45, 0.1)
+    assert rate == 120
     assert interval >= 1
+    rate, _ = planner.after_pass(7, rate, 60, 60.0, 3, 0.1)
+    assert rate > 120
 
 
 def test_a_stream_gone_silent_is_not_mistaken_for_one_never_polled() -> None:
@@ -516,3 +526,45 @@ async def test_an_account_pause_learned_by_one_replica_holds_for_every_replica(
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_backfilling_first_pass_does_not_push_the_other_streams_out(
+    tmp_path: Path,
+) -> None:
+    """A campaign discovered after its send reads thousands of activities on its first pass,
+    seconds after it was added: divided by those seconds they looked like millions an hour, and
+    the square-root rule stretched every other stream's interval. The first pass keeps the
+    prior rate; the other streams' next passes do not move."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        clock = [1_796_000_000_000]
+        runtime = AccountRuntime("acme", cast(Poller, None), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], ScheduleSettings(), now_ms=lambda: clock[0])
+        contacts = [StreamKey("acme", "contact", str(i)) for i in range(50)]
+        await store.ensure_streams(contacts, clock[0] - 86_400_000)
+        for stream in await store.streams():
+            await store.finish_pass(
+                stream.id, PassResult({}, {}, clock[0], 30.0, clock[0] - 1800_000)
+            )
+        await scheduler.reload()
+        contact = (await store.streams())[0]
+
+        async def contact_interval_s() -> float:
+            """The contact stream's next interval after a pass half an hour after its last."""
+            clock[0] += 1800_000
+            stream = await store.stream(contact.id)
+            await scheduler._finished(runtime, stream, PassOutcome(requests=2, new=15))
+            return ((await store.stream(contact.id)).next_due_ms - clock[0]) / 1000
+
+        await contact_interval_s()
+        before = await contact_interval_s()
+        await store.ensure_streams([StreamKey("acme", "campaign", "42")], clock[0], seed=False)
+        await scheduler.reload()
+        clock[0] += 2000
+        campaign = next(s for s in await store.streams() if s.key.scope == "campaign")
+        await scheduler._finished(runtime, campaign, PassOutcome(requests=45, new=20_000))
+        assert (await store.stream(campaign.id)).rate_per_h == ScheduleSettings().prior_rate_per_h
+        assert await contact_interval_s() == pytest.approx(before, rel=0.2)  # was 20 times
+    finally:
+        await store.close()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -35,6 +37,36 @@ _ERROR_BODY_CAP = 64 * 1024
 # bug that keeps changing the link over nothing would otherwise spend the whole daily budget.
 MAX_EMPTY_PAGES: Final = 3
 _REDACTED = "***"
+
+
+@dataclass(slots=True)
+class RequestCount:
+    """Requests sent within one unit of work (a pass), whatever client sent them."""
+
+    requests: int = 0
+
+
+# One per unit of work: a client is shared by all passes of its account, and passes run
+# concurrently, so a difference of ``requests_sent`` would charge each pass the others' requests.
+_REQUEST_COUNT: ContextVar[RequestCount | None] = ContextVar("ctct_request_count", default=None)
+
+
+@contextmanager
+def counting_requests() -> Iterator[RequestCount]:
+    """Count the requests sent by this task (and tasks it starts) inside the block."""
+    count = RequestCount()
+    token = _REQUEST_COUNT.set(count)
+    try:
+        yield count
+    finally:
+        _REQUEST_COUNT.reset(token)
+
+
+def count_request() -> None:
+    """Charge one request to the current unit of work, if one is counting."""
+    count = _REQUEST_COUNT.get()
+    if count is not None:
+        count.requests += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +276,7 @@ class CtctClient:
 
         started = time.perf_counter()
         self.requests_sent += 1
+        count_request()
         try:
             async with self._session.get(
                 url,

@@ -445,7 +445,8 @@ class Store(Protocol):
         many deliveries were created or reset."""
 
     async def prune_dedup(self, before_ms: int) -> int:
-        """Forget dedup keys of activities older than ``before_ms``; returns how many."""
+        """Forget dedup keys of activities older than ``before_ms`` that were also inserted
+        before it (a backfill's old history outlives a retry of its pass); returns how many."""
 
     async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
         """Delete outbox events committed before ``before_ms`` that every reader is done with:
@@ -503,7 +504,8 @@ class Store(Protocol):
         self, stream_id: int, activities: Sequence[Activity], now_ms: int, since_ms: int
     ) -> tuple[int, int]:
         """Like ``commit_page``, but also append events whose dedup key is known when they
-        occurred at or after ``since_ms`` (they keep their ids); returns (new keys, appended)."""
+        occurred at or after ``since_ms`` (they keep their ids), each activity once however often
+        ``activities`` holds it; returns (new keys, appended)."""
 
     async def count_outbox(self, selector: OutboxSelector) -> OutboxRange:
         """The committed events a log replay would re-emit."""

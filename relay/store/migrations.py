@@ -151,4 +151,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX deliveries_due",
         "CREATE INDEX deliveries_due ON deliveries (webhook_id, status, next_attempt_ms, seq)",
     ),
+    # placeholder: migration 5 is another branch's (the deliveries listing index); the lead
+    # renumbers at merge
+    (),
+    # dedup keys are kept by when they were inserted as well as by activity time: a backfill
+    # commits history older than the retention before its pass ends, and a pass that then
+    # fails is read again from the same watermark; its keys must outlive the retry. Existing
+    # keys get 0 (pruned by activity time, as before). The prune reads the later of the two
+    # times off an index, replacing the index on occurred_ms (the prune was its only reader).
+    (
+        "ALTER TABLE dedup ADD COLUMN inserted_ms BIGINT NOT NULL DEFAULT 0",
+        "DROP INDEX dedup_occurred",
+        "CREATE INDEX dedup_kept ON dedup (max(occurred_ms, inserted_ms))",
+    ),
 )

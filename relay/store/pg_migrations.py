@@ -170,4 +170,14 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX deliveries_due",
         "CREATE INDEX deliveries_due ON deliveries (webhook_id, status, next_attempt_ms, seq)",
     ),
+    # placeholder: migration 5 is another branch's (the deliveries listing index); the lead
+    # renumbers at merge
+    (),
+    # dedup keys are kept by when they were inserted as well as by activity time (see
+    # migrations.py, version 6)
+    (
+        "ALTER TABLE dedup ADD COLUMN inserted_ms BIGINT NOT NULL DEFAULT 0",
+        "DROP INDEX dedup_occurred",
+        "CREATE INDEX dedup_kept ON dedup (GREATEST(occurred_ms, inserted_ms))",
+    ),
 )

@@ -358,7 +358,7 @@ class PostgresStore:
             fresh.setdefault(activity.event_id_bytes, activity)  # a page may repeat one
 
         async def run(conn: Connection) -> int:
-            new = await _insert_dedup(conn, fresh)
+            new = await _insert_dedup(conn, fresh, now_ms)
             if emit and new:
                 rows = [
                     rowmap.outbox_row(key, a, stream_id, now_ms)
@@ -802,8 +802,10 @@ class PostgresStore:
         async def run(conn: Connection) -> int:
             return _count(
                 await conn.execute(
+                    # the expression of the dedup_kept index, so the prune reads it off the index
                     "DELETE FROM dedup WHERE event_id IN (SELECT event_id FROM dedup"
-                    " WHERE occurred_ms < $1 ORDER BY occurred_ms LIMIT $2)",
+                    " WHERE GREATEST(occurred_ms, inserted_ms) < $1"
+                    " ORDER BY GREATEST(occurred_ms, inserted_ms) LIMIT $2)",
                     before_ms,
                     rowmap.PRUNE_CHUNK,
                 )
@@ -993,21 +995,17 @@ class PostgresStore:
     ) -> tuple[int, int]:
         unique: dict[bytes, Activity] = {}
         for activity in activities:
-            unique.setdefault(activity.event_id_bytes, activity)
+            unique.setdefault(activity.event_id_bytes, activity)  # a page may repeat one
 
         async def run(conn: Connection) -> tuple[int, int]:
-            inserted = await _insert_dedup(conn, unique)
-            counted: set[bytes] = set()
-            rows: list[tuple[object, ...]] = []
-            for activity in activities:
-                key = activity.event_id_bytes
-                new = key in inserted and key not in counted
-                if new:
-                    counted.add(key)
-                if new or activity.occurred_ms >= since_ms:
-                    rows.append(rowmap.outbox_row(key, activity, stream_id, now_ms))
+            inserted = await _insert_dedup(conn, unique, now_ms)
+            rows = [
+                rowmap.outbox_row(key, activity, stream_id, now_ms)
+                for key, activity in unique.items()
+                if key in inserted or activity.occurred_ms >= since_ms
+            ]
             await _append_outbox(conn, rows)
-            return len(counted), len(rows)
+            return len(inserted), len(rows)
 
         return await self.transaction(run)
 
@@ -1219,17 +1217,18 @@ def _key_columns(keys: Sequence[StreamKey]) -> tuple[list[str], list[str], list[
     )
 
 
-async def _insert_dedup(conn: Connection, fresh: dict[bytes, Activity]) -> set[bytes]:
+async def _insert_dedup(conn: Connection, fresh: dict[bytes, Activity], now_ms: int) -> set[bytes]:
     """Insert the keys not yet known; returns those that were new. A concurrent insert of the
     same key waits for the other transaction and then counts as known."""
     if not fresh:
         return set()
     rows = await conn.fetch(
-        "INSERT INTO dedup (event_id, occurred_ms)"
-        " SELECT * FROM unnest($1::bytea[], $2::bigint[])"
+        "INSERT INTO dedup (event_id, occurred_ms, inserted_ms)"
+        " SELECT k, o, $3 FROM unnest($1::bytea[], $2::bigint[]) AS page (k, o)"
         " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
         list(fresh),
         [a.occurred_ms for a in fresh.values()],
+        now_ms,
     )
     return {bytes(r[0]) for r in rows}
 

@@ -223,7 +223,7 @@ class SqliteStore:
                 # wall time for 27-37 ms of CPU). A row-by-row INSERT OR IGNORE cost ~47 us
                 # per event.
                 occurred = orjson.dumps([a.occurred_ms for a in fresh.values()])
-                conn.execute(_INSERT_DEDUP, (b"".join(fresh), occurred))
+                conn.execute(_INSERT_DEDUP, (b"".join(fresh), occurred, now_ms))
                 if not emit:
                     return len(fresh), [], 0, 0
                 rows = [rowmap.outbox_row(key, a, stream_id, now_ms) for key, a in fresh.items()]
@@ -691,9 +691,11 @@ class SqliteStore:
     async def prune_dedup(self, before_ms: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
             with _tx(conn):
+                # the expression of the dedup_kept index, so the prune reads it off the index
                 return conn.execute(
                     "DELETE FROM dedup WHERE event_id IN (SELECT event_id FROM dedup"
-                    " WHERE occurred_ms < ? ORDER BY occurred_ms LIMIT ?)",
+                    " WHERE max(occurred_ms, inserted_ms) < ?"
+                    " ORDER BY max(occurred_ms, inserted_ms) LIMIT ?)",
                     (before_ms, rowmap.PRUNE_CHUNK),
                 ).rowcount
 
@@ -880,13 +882,17 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> tuple[int, int]:
             new = 0
             rows: list[tuple[object, ...]] = []
+            done: set[bytes] = set()  # a page may repeat one: it is appended once
             with _tx(conn):
                 for activity in activities:
                     key = activity.event_id_bytes
+                    if key in done:
+                        continue
+                    done.add(key)
                     inserted = conn.execute(
-                        "INSERT INTO dedup (event_id, occurred_ms) VALUES (?, ?)"
+                        "INSERT INTO dedup (event_id, occurred_ms, inserted_ms) VALUES (?, ?, ?)"
                         " ON CONFLICT (event_id) DO NOTHING",
-                        (key, activity.occurred_ms),
+                        (key, activity.occurred_ms, now_ms),
                     ).rowcount
                     new += inserted
                     if inserted or activity.occurred_ms >= since_ms:
@@ -1200,8 +1206,8 @@ _SEEN_IDS = (
     " SELECT d.event_id FROM i CROSS JOIN dedup AS d ON d.event_id = substr(?1, i.n * 16 + 1, 16)"
 )
 _INSERT_DEDUP = (
-    "INSERT INTO dedup (event_id, occurred_ms)"
-    " SELECT substr(?1, key * 16 + 1, 16), value FROM json_each(?2)"
+    "INSERT INTO dedup (event_id, occurred_ms, inserted_ms)"
+    " SELECT substr(?1, key * 16 + 1, 16), value, ?3 FROM json_each(?2)"
 )
 # A page as one JSON array of outbox_row tuples, ``data`` as a string: ->> gives its exact text
 # back, stored as a BLOB as executemany would.

@@ -23,6 +23,7 @@ from relay.ctct.client import (
     CtctClient,
     RetryPolicy,
     _date_ms,
+    counting_requests,
     redact_url,
 )
 from relay.ctct.ratelimit import Budget, RateLimiter
@@ -546,3 +547,19 @@ async def test_pages_carry_the_upstreams_clock_from_its_date_header(make_sim: Ma
 def test_date_headers_are_read_as_unix_ms_or_none(header: str | None, ms: int | None) -> None:
     """A Date header the poller can bound watermarks by, or None (it then uses its own clock)."""
     assert _date_ms(header) == ms
+
+
+async def test_requests_are_counted_per_task_on_a_shared_client(sim: Sim) -> None:
+    """Passes of one account share its client and run concurrently: counting_requests counts
+    only what the counting task sent, while requests_sent stays the client's total."""
+    client = sim.client()
+    summary = catalogue.get("contact.summary")
+
+    async def send(times: int) -> int:
+        with counting_requests() as sent:
+            for _ in range(times):
+                await client.fetch(summary, resource_id="1001")
+        return sent.requests
+
+    assert await asyncio.gather(send(3), send(1)) == [3, 1]
+    assert client.requests_sent == 4

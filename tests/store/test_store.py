@@ -822,3 +822,97 @@ async def test_committed_data_reads_back_byte_for_byte(store: Store) -> None:
     assert [(e.event_id, e.contact_id, e.occurred_ms, e.committed_ms) for e in events] == [
         (a.event_id, a.contact_id, a.occurred_ms, T0 + 9) for a in page
     ]
+
+
+async def test_prune_keeps_keys_inserted_within_the_retention_however_old(store: Store) -> None:
+    """A backfill commits history older than the retention before its pass ends; a pass that
+    then fails is read again from the same watermark. Its keys are pruned only once both the
+    activity and the insert are older than the cutoff (pruned by activity time, the retry
+    emitted them twice)."""
+    sid = await one_stream(store)
+    day = 86_400_000
+    history = [activity(i, T0 - 30 * day + i) for i in range(3)]
+    assert await store.commit_page(sid, history, T0) == 3
+    new, _ = await store.commit_replay_page(sid, [activity(9, T0 - 20 * day)], T0, T0)
+    assert new == 1
+    assert await store.prune_dedup(T0 + 3600_000 - 7 * day) == 0  # the hourly prune after it
+    assert await store.commit_page(sid, history, T0 + 3600_000) == 0  # the retry: no double
+    assert len(await store.read_outbox(0, 100)) == 4
+    assert await store.prune_dedup(T0 + 1) == 4  # a retention later both times are older
+    assert await store.dedup_count() == 0
+
+
+def _old_dedup_sqlite(tmp_path: Path, keys: list[Activity]) -> str:
+    """A SQLite state file at schema version 5 holding dedup keys; returns its URL."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+    for version, script in enumerate(MIGRATIONS[:5], start=1):
+        for statement in script:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    conn.executemany(
+        "INSERT INTO dedup (event_id, occurred_ms) VALUES (?, ?)",
+        [(a.event_id_bytes, a.occurred_ms) for a in keys],
+    )
+    conn.commit()
+    conn.close()
+    return f"sqlite:///{path}"
+
+
+async def _old_dedup_postgresql(url: str, keys: list[Activity]) -> str:
+    """The same in a fresh PostgreSQL database; returns its URL."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+        for version, script in enumerate(PG_MIGRATIONS[:5], start=1):
+            for statement in script:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+        await conn.executemany(
+            "INSERT INTO dedup (event_id, occurred_ms) VALUES ($1, $2)",
+            [(a.event_id_bytes, a.occurred_ms) for a in keys],
+        )
+    finally:
+        await conn.close()
+    return url
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_dedup_keys_stored_before_the_insert_time_are_pruned_by_activity_time(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Keys stored before the schema knew insert times keep working as keys and are pruned by
+    activity time, as they were; keys inserted after the upgrade are kept by both times."""
+    old = [activity(i, T0 + i * 1000) for i in range(4)]
+    if backend == "sqlite":
+        url = _old_dedup_sqlite(tmp_path, old)
+    else:
+        url = await _old_dedup_postgresql(request.getfixturevalue("postgres_url"), old)
+    store = open_store(url)
+    await store.open()
+    try:
+        assert await store.schema_version() == len(MIGRATIONS)
+        sid = await one_stream(store)
+        assert await store.commit_page(sid, [*old, activity(9, T0)], T0 + 10_000) == 1
+        assert await store.prune_dedup(T0 + 2000) == 2
+        assert await store.prune_dedup(T0 + 10_000) == 2
+        assert await store.dedup_count() == 1
+    finally:
+        await store.close()
+
+
+async def test_commit_replay_page_appends_a_repeated_activity_once(store: Store) -> None:
+    """Offset pages that shift mid-pass return a record twice: a replay commit appends it
+    once, as commit_page does (both copies were appended)."""
+    sid = await one_stream(store)
+    page = [activity(i, T0 + i * 10) for i in range(3)]
+    await store.commit_page(sid, page, T0)
+    new, appended = await store.commit_replay_page(
+        sid,
+        [page[0], page[1], page[1], page[2], activity(9, T0 + 90), activity(9, T0 + 90)],
+        T0 + 1,
+        T0,
+    )
+    assert (new, appended) == (1, 4)
+    assert len({e.event_id for e in await store.read_outbox(3, 10)}) == 4
