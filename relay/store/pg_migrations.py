@@ -170,4 +170,8 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX deliveries_due",
         "CREATE INDEX deliveries_due ON deliveries (webhook_id, status, next_attempt_ms, seq)",
     ),
+    # the deliveries listing pages newest first by id (GET /v1/webhooks/{id}/deliveries,
+    # ``before``): without this index it read every delivery of the webhook and sorted them on
+    # each page; with it, a page is a range read of the index that stops at the limit
+    ("CREATE INDEX deliveries_webhook ON deliveries (webhook_id, id)",),
 )
