@@ -47,6 +47,8 @@ own, and the PostgreSQL server's when it is the throwaway cluster).
     python bench/throughput.py --replicas 1,2,3 [--rounds 3] [--contacts 1000] [--campaigns 12]
 
 Uses ``$KAFKA_BOOTSTRAP_SERVERS`` when set, else starts a dev broker (relay.devkafka).
+SIGTERM stops the run as Ctrl-C does: the broker, the simulator, the replicas, the PostgreSQL
+cluster and the temporary directories are all cleaned up (exit status 143).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ import importlib
 import multiprocessing
 import os
 import resource
+import signal
 import socket
 import statistics
 import sys
@@ -66,7 +69,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -933,6 +936,20 @@ def replica_report(
     return lines
 
 
+async def cancelled_on_sigterm(work: Coroutine[Any, Any, list[str]]) -> list[str]:
+    """``work``, cancelled by SIGTERM as ``asyncio.run`` cancels it on Ctrl-C: every ``finally``
+    of the bench runs, so the broker, the simulator, the replicas, the PostgreSQL cluster and
+    the temporary directories go with it (SIGTERM's default action would leave them running)."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await work
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -951,9 +968,14 @@ def main() -> int:
     logs.configure("warning")  # as in production: debug lines are filtered, not rendered
     if args.replicas:
         counts = [int(n) for n in args.replicas.split(",")]
-        lines = asyncio.run(run_replicas(counts, args.rounds, args.contacts, args.campaigns))
+        work = run_replicas(counts, args.rounds, args.contacts, args.campaigns)
     else:
-        lines = asyncio.run(run(args))
+        work = run(args)
+    try:
+        lines = asyncio.run(cancelled_on_sigterm(work))
+    except asyncio.CancelledError:
+        print("stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     for line in lines:
         print(line)
     return 0

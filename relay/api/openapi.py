@@ -141,8 +141,11 @@ def _create_webhook() -> JsonObject:
         "summary": "Register a webhook; it receives events committed from now on",
         "description": "The destination must resolve to public addresses (SSRF guard) and use"
         " https unless allowlisted. A URL has at most one webhook: registering one already"
-        " registered is a 409 whose error message names the webhook that has it. The answer is"
-        " the only one, with rotation, that shows the secret.",
+        " registered is a 409 whose error message names the webhook that has it. URLs are"
+        " stored and compared with scheme and host in lower case and the scheme's default port"
+        " dropped (HTTPS://Example.COM:443/h is https://example.com/h); path, query and"
+        " fragment stay as written. The answer is the only one, with rotation, that shows the"
+        " secret.",
         "requestBody": _body("WebhookCreate"),
         "responses": {
             "201": _json("the webhook, with its secret", _schema("WebhookWithSecret")),
@@ -165,7 +168,7 @@ def _patch_webhook() -> JsonObject:
         "summary": "Change a webhook; re-enabling clears the disabled reason and failing clock",
         "description": "Only the fields given are written, so a change never undoes what the"
         " dispatcher records meanwhile (its failing clock, a disable). A url another webhook"
-        " already has is a 409.",
+        " already has (compared as at registration) is a 409.",
         "requestBody": _body("WebhookPatch"),
         "responses": {
             "200": _json("the webhook", _schema("Webhook")),

@@ -3,7 +3,9 @@
 The admin API's handlers and the config file's declared webhooks (:func:`upsert_declared`) both go
 through here, so one set of rules applies: destinations pass the SSRF guard when they are
 registered, event types are known ones or the wildcard, secrets are valid ``whsec_`` secrets, and
-one URL has at most one webhook (declared webhooks are matched by URL).
+one URL has at most one webhook (declared webhooks are matched by URL). URLs are stored in the
+form :func:`normalized_url` gives and compared in it, so ``https://Example.COM:443/h`` and
+``https://example.com/h`` are one endpoint, also against rows stored before URLs were normalised.
 
 A webhook is disabled by the dispatcher (410 Gone, failing too long), by an operator through the
 API or by the config file; each leaves its own ``disabled_reason``. A restart never silently
@@ -32,6 +34,7 @@ log = structlog.get_logger(__name__)
 ID_PREFIX = "wh_"
 DISABLED_BY_API = "disabled through the admin API"
 DISABLED_BY_CONFIG = "disabled in the config file"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class WebhookError(ValueError):
@@ -116,12 +119,13 @@ def check_description(text: str) -> str:
 
 
 async def check_url(guard: Guard, url: str) -> str:
-    """An absolute http(s) URL of a destination the SSRF guard allows (resolves the host)."""
+    """An absolute http(s) URL of a destination the SSRF guard allows (resolves the host), in
+    the form it is stored in (:func:`normalized_url`)."""
     if len(url) > body.MAX_URL_CHARS:
         raise WebhookError(f"url: longer than {body.MAX_URL_CHARS} characters")
-    # RFC 3986: a URI is printable ASCII without spaces; IRIs must be sent percent-encoded
-    if not url.isascii() or not url.isprintable() or " " in url:
+    if not _uri_characters(url):
         raise WebhookError("url: must be printable ASCII without spaces (percent-encode the rest)")
+    url = normalized_url(url)
     try:
         await guard.check_url(url)
     except SsrfError as exc:
@@ -129,10 +133,48 @@ async def check_url(guard: Guard, url: str) -> str:
     return url
 
 
+def normalized_url(url: str) -> str:
+    """A webhook URL as stored and compared: scheme and host in lower case (RFC 3986 says they
+    are case-insensitive) and the scheme's default port dropped, so that one endpoint cannot be
+    registered twice under different spellings. User info, path, query and fragment stay as
+    written: they are the endpoint's to interpret. A URL that does not parse comes back as
+    given, for :func:`check_url` to refuse."""
+    if not _uri_characters(url):
+        return url
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return url
+    host = parts.hostname  # lower case already; an IPv6 literal without its brackets
+    if not parts.netloc or host is None or not url.lower().startswith(f"{parts.scheme}://"):
+        return url
+    user_info, at, _ = parts.netloc.rpartition("@")
+    netloc = f"{user_info}{at}[{host}]" if ":" in host else f"{user_info}{at}{host}"
+    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
+        netloc += f":{port}"
+    rest = url[len(parts.scheme) + 3 + len(parts.netloc) :]  # urlsplit keeps netloc as written
+    return f"{parts.scheme}://{netloc}{rest}"
+
+
+def _uri_characters(url: str) -> bool:
+    # RFC 3986: a URI is printable ASCII without spaces; IRIs must be sent percent-encoded
+    return url.isascii() and url.isprintable() and " " not in url
+
+
+async def _check_unregistered(store: Store, url: str, webhook_id: str | None = None) -> None:
+    """DuplicateError when another webhook has ``url`` in another spelling: one stored before
+    URLs were normalised (the store's unique index catches the same spelling, races included)."""
+    for hook in await store.webhooks():
+        if hook.id != webhook_id and hook.url != url and normalized_url(hook.url) == url:
+            raise DuplicateError(f"url: already registered as webhook {hook.id}")
+
+
 async def create_webhook(store: Store, guard: Guard, spec: DeclaredWebhook, now_ms: int) -> Webhook:
     """Register a webhook; it receives events committed from now on. Raises WebhookError, or
     the store's DuplicateError when the URL is already registered."""
     webhook = await _new_webhook(guard, spec, now_ms, DISABLED_BY_API)
+    await _check_unregistered(store, webhook.url)
     created = await store.create_webhook(webhook)
     log.info("webhook.created", webhook_id=created.id, host=_host(created.url))
     return created
@@ -147,6 +189,8 @@ async def update_webhook(
     updated = current
     if changes.url is not None:
         updated = dataclasses.replace(updated, url=await check_url(guard, changes.url))
+        if updated.url != current.url:
+            await _check_unregistered(store, updated.url, webhook_id)
     if changes.event_types is not None:
         updated = dataclasses.replace(updated, event_types=check_event_types(changes.event_types))
     if changes.description is not None:
@@ -193,7 +237,7 @@ async def upsert_declared(
     now_ms: int,
     key: str = "webhooks",
 ) -> list[Webhook]:
-    """Create or update the config file's webhooks, matched by URL; idempotent.
+    """Create or update the config file's webhooks, matched by normalised URL; idempotent.
 
     Everything is validated before anything is written; errors name the entry under ``key``,
     the config key of the list (``webhooks[1].url: …``). A declared secret replaces the stored
@@ -204,10 +248,11 @@ async def upsert_declared(
     """
     stored: dict[str, Webhook] = {}
     for hook in await store.webhooks():
-        stored.setdefault(hook.url, hook)
+        stored.setdefault(normalized_url(hook.url), hook)  # rows of before are matched too
     wanted: list[tuple[int, DeclaredWebhook]] = []
     seen: set[str] = set()
-    for index, spec in enumerate(declared):
+    for index, given in enumerate(declared):
+        spec = dataclasses.replace(given, url=normalized_url(given.url))
         try:
             if spec.url in seen:
                 raise WebhookError(f"url: {shown(spec.url)!r} is declared twice")
@@ -228,7 +273,9 @@ async def upsert_declared(
                 )
             except DuplicateError:
                 # another replica declared it since we read the list: update that one instead
-                existing = next(h for h in await store.webhooks() if h.url == spec.url)
+                existing = next(
+                    h for h in await store.webhooks() if normalized_url(h.url) == spec.url
+                )
             else:
                 log.info("webhook.declared", webhook_id=created.id, host=_host(created.url))
                 out.append(created)
@@ -281,11 +328,10 @@ async def _new_webhook(
     guard: Guard, spec: DeclaredWebhook, now_ms: int, disabled_reason: str, *, checked: bool = False
 ) -> Webhook:
     _check_spec(spec)
-    if not checked:
-        await check_url(guard, spec.url)
+    url = spec.url if checked else await check_url(guard, spec.url)
     return Webhook(
         id=new_webhook_id(),
-        url=spec.url,
+        url=url,
         event_types=check_event_types(spec.event_types),
         secret=spec.secret if spec.secret is not None else signing.generate_secret(),
         description=spec.description,

@@ -3,20 +3,31 @@
 The broker is a plain `subprocess.Popen` child rather than an asyncio subprocess, so its handle
 is not tied to the event loop that started it: a synchronous pytest fixture can start it under
 one `asyncio.run()` and stop it under another.
+
+The JVM runs in its own session, so Ctrl-C at a terminal reaches only us and we stop it in order;
+the price is that it would outlive a process that ends without stopping it, holding its ports
+and heap. So the JVMs this process runs are tracked here and stopped (SIGTERM, then SIGKILL after
+their grace) when the process is sent SIGTERM, whose default action would end it without any
+cleanup (a handler is installed only where SIGTERM has its default action, and it ends the
+process with SIGTERM as before), and at interpreter exit (Ctrl-C in a program that never stopped
+its broker). A SIGKILLed process still leaves its broker behind: nothing can run then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import contextlib
 import os
+import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Self
 
 from aiokafka.admin import AIOKafkaAdminClient
@@ -128,6 +139,7 @@ class DevKafka:
         if proc is not None:
             proc.kill()
             await _wait_exit(proc, 10.0)
+            _kill(proc)  # reaped by now; also forgets it
 
     async def restart(self) -> None:
         """Stop the broker if it runs, then start it again on the same ports and data."""
@@ -220,7 +232,7 @@ class DevKafka:
         with self.log_path.open("ab") as log:
             log.write(f"=== {banner} ===\n".encode())
             log.flush()
-            return subprocess.Popen(  # noqa: S603 - argv built here from the resolved java
+            proc = subprocess.Popen(  # noqa: S603 - argv built here from the resolved java
                 self._java(main_class, *args),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -229,6 +241,8 @@ class DevKafka:
                 # Its own session: Ctrl-C at a terminal reaches only us, and we stop it in order.
                 start_new_session=True,
             )
+        _track(proc, self.stop_grace_s)
+        return proc
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -289,6 +303,51 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=10)
+    _RUNNING.pop(proc, None)
+
+
+# The JVMs this process started and has not reaped, with their stop grace (see the docstring).
+_RUNNING: dict[subprocess.Popen[bytes], float] = {}
+_owner_pid: int | None = None  # the process that filled _RUNNING (a fork inherits the dict)
+
+
+def _track(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    global _owner_pid
+    if _owner_pid != os.getpid():
+        _owner_pid = os.getpid()
+        _RUNNING.clear()  # a forked child's copy: those JVMs are its parent's
+    _RUNNING[proc] = grace_s
+    # only where SIGTERM would end the process unhandled: a program that handles it (the relay's
+    # commands do) stops its broker on its own orderly path
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop_running_then_terminate)
+
+
+@atexit.register
+def _stop_running() -> None:
+    """Stop every JVM this process still runs: SIGTERM, and SIGKILL after its grace."""
+    if _owner_pid != os.getpid():
+        return
+    procs = [p for p in list(_RUNNING) if p.poll() is None]
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            proc.terminate()
+    deadline = time.monotonic() + max((_RUNNING.get(p, 0.0) for p in procs), default=0.0)
+    for proc in procs:
+        # this may run in a signal handler: nothing may escape into the interrupted code
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            _kill(proc)
+
+
+def _stop_running_then_terminate(signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM with its default action would end the process without any cleanup: stop the
+    # brokers, then end as that default action would have (exit status 128 + 15)
+    _stop_running()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _free_port() -> int:

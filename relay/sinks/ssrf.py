@@ -42,6 +42,7 @@ _NOT_PUBLIC = tuple(
 )
 # a host of digits, hex and dots that is not a dotted quad: resolvers read it as IPv4, aiohttp
 # refuses to connect to it
+_MASK = "***"  # what messages show instead of a password or a query value
 _NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*\.?", re.IGNORECASE)
 
 
@@ -140,12 +141,41 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
 
 
 def shown(url: str) -> str:
-    """A URL fit for messages: a password in it is replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """A URL fit for messages and logs: its password and the value of every query parameter are
+    replaced by ``***`` (webhook URLs often carry a token in the query). The keys stay, to tell
+    the parameters apart; a query item without ``=`` may be a token itself and is hidden whole."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # a stray bracket in the host
+        return _unparsable(url)
+    if password is None and not parts.query:
         return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+    if password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username}:{_MASK}@{host}")
+    if parts.query:
+        parts = parts._replace(query="&".join(_masked(item) for item in parts.query.split("&")))
+    return parts.geturl()
+
+
+def _unparsable(url: str) -> str:
+    """A URL urlsplit refuses, without its user info, query and fragment."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+    if "@" in rest:
+        rest = f"{_MASK}@{rest.rsplit('@', 1)[1]}"
+    return f"{scheme}{sep}{rest}"
+
+
+def _masked(item: str) -> str:
+    """One ``key=value`` of a query as messages show it."""
+    key, eq, _ = item.partition("=")
+    if eq:
+        return f"{key}={_MASK}"
+    return _MASK if item else item
 
 
 def _unmapped(ip: IPAddress) -> IPAddress:

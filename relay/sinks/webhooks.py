@@ -32,7 +32,7 @@ import structlog
 
 from relay.metrics import Metrics
 from relay.sinks import signing
-from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError
+from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError, shown
 from relay.store import Attempt, Delivery, OutboxEvent, Store, StoreError, Webhook
 from relay.store.coordination import Coordinator, LocalCoordinator
 
@@ -315,7 +315,7 @@ class WebhookDispatcher:
             reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
             return Outcome(None, _ms(started), "", f"cannot connect: {reason}")
         except (aiohttp.ClientError, OSError) as exc:
-            return Outcome(None, _ms(started), "", f"{type(exc).__name__}: {exc}"[:500])
+            return Outcome(None, _ms(started), "", _error_text(exc, hook.url))
 
 
 Due = tuple[Delivery, OutboxEvent]
@@ -671,6 +671,21 @@ def _literal_refusal(guard: Guard, url: str) -> SsrfError | None:
     except SsrfError as exc:
         return exc
     return None
+
+
+def _error_text(exc: BaseException, url: str) -> str:
+    """An exception as an attempt's error (stored, listed by the API, logged). aiohttp puts the
+    request's URL in some (a response it cannot parse, an invalid URL): every form of it is
+    shown as :func:`shown` shows URLs, so a token in its query never reaches any of those."""
+    text = f"{type(exc).__name__}: {exc}"
+    forms = {url}
+    if isinstance(exc, aiohttp.ClientResponseError) and exc.request_info is not None:
+        forms |= {str(exc.request_info.url), str(exc.request_info.real_url)}
+    if isinstance(exc, aiohttp.InvalidURL):
+        forms.add(str(exc.url))
+    for form in sorted(forms, key=len, reverse=True):  # a form inside another after it
+        text = text.replace(form, shown(form))
+    return text[:500]
 
 
 def _lease(webhook_id: str) -> str:

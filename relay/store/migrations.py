@@ -151,9 +151,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX deliveries_due",
         "CREATE INDEX deliveries_due ON deliveries (webhook_id, status, next_attempt_ms, seq)",
     ),
-    # placeholder: migration 5 is another branch's (the deliveries listing index); the lead
-    # renumbers at merge
-    (),
+    # the deliveries listing pages newest first by id (GET /v1/webhooks/{id}/deliveries,
+    # ``before``): without this index it read every delivery of the webhook and sorted them on
+    # each page; with it, a page is a range read of the index that stops at the limit
+    ("CREATE INDEX deliveries_webhook ON deliveries (webhook_id, id)",),
     # dedup keys are kept by when they were inserted as well as by activity time: a backfill
     # commits history older than the retention before its pass ends, and a pass that then
     # fails is read again from the same watermark; its keys must outlive the retry. Existing

@@ -12,7 +12,7 @@ from relay.api.service import DISABLED_BY_CONFIG
 from relay.events import WILDCARD
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
-from relay.store import Store, open_store
+from relay.store import Store, Webhook, open_store
 from tests.api.conftest import PUBLIC_URL, T0
 
 CLICK = "com.constantcontact.email.click"
@@ -151,6 +151,40 @@ async def test_a_url_declared_twice_is_named_without_its_password(store: Store) 
         await upsert_declared(store, Guard(), twice, T0)
     assert "hunter2" not in str(caught.value)
     assert "ops:***@93.184.216.34" in str(caught.value)
+
+
+async def test_declared_urls_are_matched_normalised(store: Store) -> None:
+    """A declared URL is stored normalised (scheme and host case, default port) and matched so:
+    another spelling of it next start updates the same webhook, and a row stored unnormalised
+    by an older relay is matched too, not registered again."""
+    (created,) = await upsert_declared(
+        store, Guard(), [DeclaredWebhook("HTTPS://93.184.216.34:443/Hook?A=B", (CLICK,))], T0
+    )
+    assert created.url == "https://93.184.216.34/Hook?A=B"
+    (again,) = await upsert_declared(
+        store, Guard(), [DeclaredWebhook("https://93.184.216.34/Hook?A=B", (WILDCARD,))], T0 + 1
+    )
+    assert again.id == created.id
+    assert again.event_types == (WILDCARD,)
+    legacy = await store.create_webhook(
+        Webhook(id="wh_legacy", url="HTTPS://93.184.216.35:443/h", event_types=(CLICK,), secret="s")
+    )
+    (matched,) = await upsert_declared(
+        store, Guard(), [DeclaredWebhook("https://93.184.216.35/h", (CLICK,), description="x")], T0
+    )
+    assert (matched.id, matched.url, matched.description) == (legacy.id, legacy.url, "x")
+    assert len(await store.webhooks()) == 2
+
+
+async def test_one_url_declared_in_two_spellings_is_declared_twice(store: Store) -> None:
+    """Two declarations that normalise to one URL are refused like the same URL twice."""
+    twice = [
+        DeclaredWebhook("https://93.184.216.34/hook", (CLICK,)),
+        DeclaredWebhook("https://93.184.216.34:443/hook", (WILDCARD,)),
+    ]
+    with pytest.raises(WebhookError, match=r"^webhooks\[1\]\.url: .* is declared twice"):
+        await upsert_declared(store, Guard(), twice, T0)
+    assert await store.webhooks() == []
 
 
 def test_declared_repr_hides_the_secret() -> None:

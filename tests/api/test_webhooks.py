@@ -17,7 +17,7 @@ from relay.api.status import RelayView
 from relay.events import WILDCARD, Kind
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
-from relay.store import Attempt, Store
+from relay.store import Attempt, Store, Webhook
 from tests.api.conftest import (
     AUTH,
     PUBLIC_URL,
@@ -120,6 +120,79 @@ async def test_duplicate_url_is_409(client: Client) -> None:
     )
     error = await error_of(response, 409)
     assert error["message"] == f"url: already registered as webhook {hook['id']}"
+
+
+@pytest.mark.parametrize(
+    ("first", "stored", "again"),
+    [
+        pytest.param(
+            "HTTPS://93.184.216.34:443/hook",
+            "https://93.184.216.34/hook",
+            "https://93.184.216.34/hook",
+            id="scheme-port",
+        ),
+        pytest.param(
+            "http://LocalHost/hook", "http://localhost/hook", "http://localhost:80/hook", id="host"
+        ),
+        pytest.param(
+            "https://[2606:4700::ABCD]/hook",
+            "https://[2606:4700::abcd]/hook",
+            "https://[2606:4700::abcd]:443/hook",
+            id="ipv6",
+        ),
+    ],
+)
+async def test_one_endpoint_spelled_two_ways_is_one_webhook(
+    make_client: ClientFactory, first: str, stored: str, again: str
+) -> None:
+    """Scheme and host case and the scheme's default port do not make another webhook: the URL
+    is stored with them normalised, path and query as written, and the second spelling is a 409,
+    by POST or by PATCH."""
+    client = await make_client(guard=Guard.from_strings(["127.0.0.0/8"]))
+    hook = await create(client, url=first)
+    assert hook["url"] == stored
+    response = await client.post(
+        "/v1/webhooks", json={"url": again, "event_types": [OPEN]}, headers=AUTH
+    )
+    error = await error_of(response, 409)
+    assert error["message"] == f"url: already registered as webhook {hook['id']}"
+    other = await create(client, url="https://93.184.216.35/other")
+    response = await client.patch(f"/v1/webhooks/{other['id']}", json={"url": again}, headers=AUTH)
+    assert (await error_of(response, 409))["message"].endswith(hook["id"])
+
+
+async def test_path_and_query_keep_their_case(client: Client) -> None:
+    """Only scheme, host and default port are normalised: the endpoint interprets the rest."""
+    hook = await create(client, url="HTTPS://93.184.216.34:8443/Hooks/CTCT?Token=AbC#Frag")
+    assert hook["url"] == "https://93.184.216.34:8443/Hooks/CTCT?Token=AbC#Frag"
+
+
+async def test_a_url_stored_before_normalising_still_holds_its_endpoint(
+    make_client: ClientFactory, store: Store
+) -> None:
+    """A webhook stored with an unnormalised URL (registered by an older relay) still makes
+    another spelling of its endpoint a 409, by POST or by PATCH; PATCHing itself to the
+    normalised spelling is allowed."""
+    legacy = await store.create_webhook(
+        Webhook(id="wh_legacy", url="http://LOCALHOST:80/hook", event_types=(CLICK,), secret="s")
+    )
+    client = await make_client(guard=Guard.from_strings(["127.0.0.0/8"]))
+    response = await client.post(
+        "/v1/webhooks", json={"url": "http://localhost/hook", "event_types": [OPEN]}, headers=AUTH
+    )
+    error = await error_of(response, 409)
+    assert error["message"] == f"url: already registered as webhook {legacy.id}"
+    other = await create(client, url="https://93.184.216.35/other")
+    response = await client.patch(
+        f"/v1/webhooks/{other['id']}", json={"url": "http://localhost:80/hook"}, headers=AUTH
+    )
+    assert (await error_of(response, 409))["message"].endswith(legacy.id)
+    moved = await ok(
+        await client.patch(
+            f"/v1/webhooks/{legacy.id}", json={"url": "http://Localhost/hook"}, headers=AUTH
+        )
+    )
+    assert moved["url"] == "http://localhost/hook"
 
 
 async def test_concurrent_registrations_of_one_url_make_one_webhook(client: Client) -> None:

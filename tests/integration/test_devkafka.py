@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -220,6 +224,66 @@ async def test_serve_dev_kafka_announces_broker_and_stops_on_cancel(
     host, port = bootstrap.split(":")
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(host, int(port))
+
+
+# A program that starts a broker and never stops it itself: what stops it is the launcher's.
+OWNER = """
+import asyncio, signal, sys
+from pathlib import Path
+from relay.devkafka import DevKafka, KafkaDist
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+
+async def main() -> None:
+    libs, version, java, work = sys.argv[1:]
+    broker = DevKafka(KafkaDist(Path(libs), version, Path(java)), Path(work))
+    await broker.start()
+    print(broker.pid, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether a process (not a zombie) has this pid."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signalled_owner_stops_its_broker(
+    kafka_dist: KafkaDist, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """The broker JVM runs in its own session, so a signal to its owner does not reach it:
+    SIGTERM (whose default action skips all cleanup) and SIGINT to a program that never stops
+    its broker still stop it, and the program ends as the signal would have ended it."""
+    args = [str(kafka_dist.libs_dir), kafka_dist.version, str(kafka_dist.java), str(tmp_path)]
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, *args], stdout=subprocess.PIPE, cwd=Path(__file__).parents[2]
+    )
+    jvm = None
+    try:
+        assert owner.stdout is not None
+        line = owner.stdout.readline()  # the broker pid once it answers (the timeout caps it)
+        assert line.strip().isdigit(), f"the owner printed {line!r}; see {tmp_path / 'broker.log'}"
+        jvm = int(line)
+        assert running(jvm)
+        owner.send_signal(signum)
+        assert owner.wait(60) == -signum  # ended by the signal (uncaught KeyboardInterrupt too)
+        assert not running(jvm), f"the broker (pid {jvm}) outlived its owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
+        if jvm is not None and running(jvm):
+            os.kill(jvm, signal.SIGKILL)  # the leaked broker of this test, by its pid
 
 
 @pytest.mark.integration

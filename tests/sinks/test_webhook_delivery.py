@@ -328,6 +328,37 @@ async def test_redirects_are_failures_not_followed(store: Store, receiver: Start
     assert first.status_code == 302
 
 
+async def test_an_unparsable_answer_is_recorded_and_logged_without_the_query_token(
+    store: Store,
+) -> None:
+    """aiohttp names the request's URL when it cannot parse an answer: the attempt's error, as
+    stored and as logged, shows the URL's query keys but never the token in it."""
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        hook = await register(store, f"http://127.0.0.1:{port}/hook?token=s3cr3t-t0ken")
+        await commit(store, [activity(1)])
+        with capture_logs() as logs:
+            async with Running(store):
+                await until(lambda: any(e["event"] == "webhook.attempt_failed" for e in logs))
+    finally:
+        server.close()
+        await server.wait_closed()
+    (delivery,) = await store.deliveries(hook.id, 10)
+    error = (await store.attempts(delivery.id))[0].error or ""
+    assert f"url='http://127.0.0.1:{port}/hook?token=***'" in error
+    assert "s3cr3t" not in error
+    assert "s3cr3t" not in repr(logs)
+    assert "s3cr3t" not in (delivery.last_error or "")
+
+
 async def test_cookies_an_endpoint_sets_are_never_sent(store: Store, receiver: Start) -> None:
     """Deliveries are stateless: a Set-Cookie from an endpoint is sent back neither to it nor to
     another endpoint on the same host (both webhooks here), as a shared cookie jar would."""

@@ -24,6 +24,8 @@ from relay.store import (
     open_store,
     rowmap,
 )
+from relay.store import postgres as postgres_store
+from relay.store import sqlite as sqlite_store
 from relay.store.migrations import MIGRATIONS
 from relay.store.pg_migrations import PG_MIGRATIONS
 
@@ -547,6 +549,66 @@ async def test_deliveries_page_back_by_id_with_before(store: Store) -> None:
     assert [d.id for d in await store.deliveries("wh_1", 10, "dead", before=ids[2])] == [ids[3]]
     assert await store.deliveries("wh_1", 10, "dead", before=ids[3]) == []
     assert await store.deliveries("wh_other", 10, before=ids[0] + 1) == []
+
+
+# three webhooks, 30,000 deliveries: wh_2 has only the 100 oldest, so reading the table backwards
+# by id (the primary key) and filtering on webhook_id would walk past every younger delivery
+_FILL_WEBHOOKS = (
+    "INSERT INTO webhooks (id, url, event_types, secret, start_seq, created_ms, updated_ms)"
+    " VALUES ('wh_1', 'https://e.example/1', '[\"*\"]', 's', 0, 0, 0),"
+    " ('wh_2', 'https://e.example/2', '[\"*\"]', 's', 0, 0, 0),"
+    " ('wh_3', 'https://e.example/3', '[\"*\"]', 's', 0, 0, 0)"
+)
+_FILL_DELIVERIES = (
+    "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms, created_ms)"
+    " SELECT CASE WHEN i <= 300 THEN 'wh_' || (i % 3 + 1) ELSE 'wh_' || (i % 2 * 2 + 1) END,"
+    " i, 'e' || i, CASE WHEN i % 100 = 0 THEN 'dead' ELSE 'delivered' END, 0, 0 FROM {numbers}"
+)
+SQLITE_NUMBERS = (
+    "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 30000)"
+    " SELECT i FROM n)"
+)
+
+
+@pytest.mark.parametrize("before", [None, 250], ids=["first-page", "before"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_deliveries_listing_reads_the_webhook_index(
+    backend: str, before: int | None, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A page of a webhook's deliveries is read off the index on (webhook_id, id), newest first,
+    without a sort (EXPLAIN of the store's own query on an analysed table)."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    store = open_store(url)
+    await store.open()
+    await store.close()
+    if backend == "sqlite":
+        conn = sqlite3.connect(tmp_path / "state.db")
+        try:
+            conn.execute(_FILL_WEBHOOKS)
+            conn.execute(_FILL_DELIVERIES.format(numbers=SQLITE_NUMBERS))
+            conn.execute("ANALYZE")
+            sql, args = sqlite_store.deliveries_query("wh_2", 50, None, before)
+            plan = " | ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+        finally:
+            conn.close()
+        assert "USING INDEX deliveries_webhook" in plan, plan
+        assert "TEMP B-TREE" not in plan, plan
+    else:
+        pg = await asyncpg.connect(url)
+        try:
+            await pg.execute(_FILL_WEBHOOKS)
+            numbers = "generate_series(1, 30000) AS i"
+            await pg.execute(_FILL_DELIVERIES.format(numbers=numbers))
+            await pg.execute("ANALYZE")
+            sql, pg_args = postgres_store.deliveries_query("wh_2", 50, None, before)
+            plan = " | ".join(r[0] for r in await pg.fetch(f"EXPLAIN {sql}", *pg_args))
+        finally:
+            await pg.close()
+        assert "Index Scan Backward using deliveries_webhook" in plan, plan
+        assert "Sort" not in plan, plan
 
 
 async def test_dead_letters_listed_oldest_first_per_sink_up_to_a_limit(store: Store) -> None:
