@@ -1,10 +1,11 @@
 """Wiring of one running relay: start-up and shutdown order of store, clients, scheduler, jobs.
 
-Start: open the store (migrations), one ClientSession, per account a limiter that resumes today's
-count from the store, a client and a poller; configured streams; the scheduler; discovery and
-pruning jobs. Stop (SIGTERM/SIGINT): stop dispatching, abandon in-flight passes (committed pages
-stay committed; the watermark did not move, so the next run re-reads them and dedup drops them),
-close the HTTP session, close the store.
+Start: open the store (migrations), one ClientSession, per api_key a limiter that resumes today's
+count from the store (accounts sharing a key share it: the API counts per key), per account a
+client and a poller; configured streams; the scheduler; discovery and pruning jobs.
+Stop (SIGTERM/SIGINT): stop dispatching, abandon in-flight passes (committed pages stay
+committed; the watermark did not move, so the next run re-reads them and dedup drops them), close
+the HTTP session, close the store.
 """
 
 from __future__ import annotations
@@ -51,14 +52,14 @@ def now_ms() -> int:
 
 
 class StoreLedger:
-    """The store's per-day request count of one account, as the limiter's QuotaLedger."""
+    """The store's per-day request count of one budget, as the limiter's QuotaLedger."""
 
-    def __init__(self, store: Store, account: str) -> None:
+    def __init__(self, store: Store, budget: str) -> None:
         self._store = store
-        self._account = account
+        self._budget = budget
 
     async def spend(self, day: str, requests: int) -> int:
-        return await self._store.spend_quota(self._account, day, requests)
+        return await self._store.spend_quota(self._budget, day, requests)
 
 
 async def run_relay(
@@ -99,13 +100,23 @@ async def run_relay(
         today = datetime.now(UTC).date().isoformat()
         runtimes: list[AccountRuntime] = []
         clients: list[CtctClient] = []
+        groups = settings.budget_groups()
+        limiters: dict[str, RateLimiter] = {}  # one per api_key: the API counts per key
         for account in settings.accounts:
-            runtime, client = await _account_runtime(
-                settings, account, store, session, today, sinks.notify, metrics, coordinator
+            budget = account.budget_id
+            if budget not in limiters:
+                limiters[budget] = await _limiter(
+                    account, groups[budget], store, today, coordinator
+                )
+            limiter = limiters[budget]
+            metrics.watch_limiter(account.name, limiter, budget)
+            runtime, client = _account_runtime(
+                settings, account, limiter, store, session, sinks.notify, metrics
             )
             runtimes.append(runtime)
             clients.append(client)
-            view.accounts[account.name] = _quota_view(runtime)
+            sharing = tuple(name for name in groups[budget] if name != account.name)
+            view.accounts[account.name] = _quota_view(runtime, budget, sharing)
             await ensure_configured(
                 store, account.name, account.campaigns.ids, account.contacts, now_ms()
             )
@@ -166,9 +177,15 @@ class _Sinks:
             wake()
 
 
-def _quota_view(runtime: AccountRuntime) -> AccountQuota:
+def _quota_view(runtime: AccountRuntime, budget: str, sharing: tuple[str, ...]) -> AccountQuota:
     limiter = runtime.limiter
-    return AccountQuota(runtime.name, limiter.budget.daily_allowance, lambda: limiter.used_today)
+    return AccountQuota(
+        runtime.name,
+        limiter.budget.daily_allowance,
+        lambda: limiter.used_today,
+        budget=budget,
+        shared_with=sharing,
+    )
 
 
 async def _start_admin(
@@ -239,26 +256,44 @@ async def _stop_sinks(sinks: _Sinks) -> None:
     await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _account_runtime(
-    settings: Settings,
+async def _limiter(
     account: AccountSettings,
+    members: Sequence[str],
     store: Store,
-    session: aiohttp.ClientSession,
     today: str,
-    on_commit: Callable[[], None],
-    metrics: Metrics,
     coordinator: Coordinator,
-) -> tuple[AccountRuntime, CtctClient]:
+) -> RateLimiter:
+    """The rate limiter of ``account``'s budget, shared by the ``members`` (the accounts with
+    its api_key), counted in the store under the budget's name."""
+    budget = account.budget_id
+    used = await store.quota_used(budget, today)
+    if not used:
+        # Before budgets were per api_key, each account counted under its own name: today's
+        # counts carry over once (an upgrade is a restart, and a restart must not overspend).
+        # Replicas starting together may each carry them: over-counting is the safe side.
+        legacy = sum([await store.quota_used(name, today) for name in members])
+        if legacy:
+            used = await store.spend_quota(budget, today, legacy)
     shared = coordinator.shared_budget
-    limiter = RateLimiter(
+    return RateLimiter(
         account.budget,
-        used_today=await store.quota_used(account.name, today),
+        used_today=used,
         # replicas: every request admitted and counted in PostgreSQL for the whole deployment
-        ledger=None if shared else StoreLedger(store, account.name),
-        shared=AccountBudget(coordinator, account.name) if shared else None,
+        ledger=None if shared else StoreLedger(store, budget),
+        shared=AccountBudget(coordinator, budget) if shared else None,
         after_restart=True,
     )
-    metrics.watch_limiter(account.name, limiter)
+
+
+def _account_runtime(
+    settings: Settings,
+    account: AccountSettings,
+    limiter: RateLimiter,
+    store: Store,
+    session: aiohttp.ClientSession,
+    on_commit: Callable[[], None],
+    metrics: Metrics,
+) -> tuple[AccountRuntime, CtctClient]:
     client = CtctClient(
         session,
         account.credentials(),

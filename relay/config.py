@@ -7,11 +7,12 @@ before anything starts. This is the only module that reads the environment.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -148,7 +149,7 @@ class CampaignTargets:
 
 @dataclass(frozen=True, slots=True)
 class AccountSettings:
-    """One Constant Contact account (one api_key)."""
+    """One Constant Contact account: its own access token, an api_key perhaps shared with others."""
 
     name: str
     base_url: str
@@ -162,6 +163,21 @@ class AccountSettings:
     def credentials(self) -> Credentials:
         """What the client needs to call this account's API."""
         return Credentials(self.base_url, self.api_key.reveal(), self.access_token.reveal())
+
+    @property
+    def budget_id(self) -> str:
+        """The name of the request budget this account draws from: ``key:<12 hex>``.
+
+        Constant Contact counts its limits per api_key (one key serves every account of an
+        integration, each with its own access token), so accounts with the same key and server
+        share one budget. The name is a digest of the two, stable whatever the accounts are
+        called or in which order they are listed, and it shows nothing of the key; the ``:``
+        keeps it apart from account names in the store's per-name quota and request-log rows.
+        """
+        parts = urlsplit(self.base_url)
+        server = f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+        text = f"ctct-relay budget\0{server}\0{self.api_key.reveal()}"
+        return "key:" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +214,13 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     allow_networks: tuple[str, ...] = ()  # webhook destinations allowed despite SSRF rules
     webhooks: tuple[DeclaredWebhook, ...] = ()
+
+    def budget_groups(self) -> dict[str, tuple[str, ...]]:
+        """The accounts drawing from each budget (one per api_key), in config order."""
+        groups: dict[str, tuple[str, ...]] = {}
+        for account in self.accounts:
+            groups[account.budget_id] = (*groups.get(account.budget_id, ()), account.name)
+        return groups
 
     def secrets(self) -> list[str]:
         """Every secret value, so log redaction can scrub them wherever they appear."""
@@ -271,6 +294,7 @@ def from_mapping(data: Mapping[str, object]) -> Settings:
     names = [a.name for a in accounts]
     if len(set(names)) != len(names):
         raise ConfigError(f"accounts: names must be unique, got {names}")
+    _check_shared_keys(accounts)
     delivery, allow, declared = _webhooks(root.child("webhooks"))
     settings = Settings(
         accounts=accounts,
@@ -291,6 +315,27 @@ def from_mapping(data: Mapping[str, object]) -> Settings:
     )
     root.done()
     return settings
+
+
+def _check_shared_keys(accounts: tuple[AccountSettings, ...]) -> None:
+    """Accounts sharing an api_key share its limits, so they must agree on them: one budget
+    cannot be 4/s for one account and 2/s for another. The key itself is never shown."""
+    first: dict[str, int] = {}
+    for index, account in enumerate(accounts):
+        seen = first.setdefault(account.budget_id, index)
+        other = accounts[seen]
+        if seen == index or other.budget == account.budget:
+            continue
+        mine, theirs = account.budget, other.budget
+        differences = ", ".join(
+            f"{f.name} {getattr(mine, f.name):g} against {getattr(theirs, f.name):g}"
+            for f in fields(mine)
+            if getattr(mine, f.name) != getattr(theirs, f.name)
+        )
+        raise ConfigError(
+            f"accounts[{index}].rate_limit: {account.name} shares its api_key with {other.name}"
+            f" (accounts[{seen}]), so its rate_limit settings must be equal ({differences})"
+        )
 
 
 def _admin(r: _Reader) -> AdminSettings:

@@ -5,7 +5,7 @@ it takes the lease (waiting while another replica holds it), starts the worker, 
 every third of its length, and stops the worker when a renewal fails or does not come back before
 the lease would expire. A worker that fails, or a lost lease, never ends the process: it logs,
 backs off and tries to take the lease again. ``leased_job`` runs a periodic job (discovery,
-pruning) on the replica that gets its lease; ``AccountBudget`` is an account's shared budget as
+pruning) on the replica that gets its lease; ``AccountBudget`` is an api_key's shared budget as
 the rate limiter sees it. Replica ids are generated per process: nothing to configure.
 """
 
@@ -36,11 +36,13 @@ def new_replica_id() -> str:
 
 
 class AccountBudget:
-    """One account's per-second and daily budget, shared by every replica (``SharedBudget``)."""
+    """One budget's per-second and daily limits, shared by every replica (``SharedBudget``).
+    ``budget`` names it in the request log and the quota count: ``AccountSettings.budget_id``,
+    one per api_key, so the accounts sharing a key share it too."""
 
-    def __init__(self, coordinator: Coordinator, account: str) -> None:
+    def __init__(self, coordinator: Coordinator, budget: str) -> None:
         self._coordinator = coordinator
-        self._account = account
+        self._account = budget
 
     async def reserve(
         self, day: str, now_ms: int, burst: int, window_ms: int, allowance: int

@@ -70,9 +70,10 @@ class PassView(Protocol):
 class _State:
     """Gauges and counters read from the store and the limiters at the last scrape."""
 
-    quota_used: dict[str, int] = field(default_factory=dict)
-    quota_remaining: dict[str, int] = field(default_factory=dict)
-    waits: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # keyed by (account, budget): accounts sharing an api_key show their one budget's numbers
+    quota_used: dict[tuple[str, str], int] = field(default_factory=dict)
+    quota_remaining: dict[tuple[str, str], int] = field(default_factory=dict)
+    waits: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
     outbox_depth: dict[str, int] = field(default_factory=dict)
     lag_max_s: dict[tuple[str, ...], float] = field(default_factory=dict)
     lag_min_s: dict[tuple[str, ...], float] = field(default_factory=dict)
@@ -161,16 +162,17 @@ class Metrics:
             registry=r,
         )
         self._state = _State()
-        self._limiters: dict[str, LimiterView] = {}
+        self._limiters: dict[str, tuple[LimiterView, str]] = {}  # account -> (limiter, budget)
         self._store: Store | None = None
         self._sinks: tuple[str, ...] = ()
         r.register(_StateCollector(self._state))
 
     # wiring, once at start-up
 
-    def watch_limiter(self, account: str, limiter: LimiterView) -> None:
-        """Report this account's quota and rate-limit waits at every scrape."""
-        self._limiters[account] = limiter
+    def watch_limiter(self, account: str, limiter: LimiterView, budget: str) -> None:
+        """Report this account's quota and rate-limit waits at every scrape: those of its
+        api_key's ``budget`` (``key:<hex>``), the same numbers for every account of the key."""
+        self._limiters[account] = (limiter, budget)
 
     def watch_store(self, store: Store, sinks: Sequence[str]) -> None:
         """Report outbox depth of ``sinks`` (cursor names) and watermark lag at every scrape."""
@@ -252,10 +254,10 @@ class Metrics:
     async def refresh(self) -> None:
         """Read quota, waits, outbox depth and watermark lag into the scrape-time state."""
         state = _State()
-        for account, limiter in self._limiters.items():
-            state.quota_used[account] = limiter.used_today
-            state.quota_remaining[account] = limiter.remaining_today
-            state.waits[account] = (limiter.waits, limiter.waited_s)
+        for account, (limiter, budget) in self._limiters.items():
+            state.quota_used[(account, budget)] = limiter.used_today
+            state.quota_remaining[(account, budget)] = limiter.remaining_today
+            state.waits[(account, budget)] = (limiter.waits, limiter.waited_s)
         if self._store is not None:
             state.store_up = 0
             try:
@@ -294,29 +296,32 @@ class _StateCollector(Collector):
         s = self._state
         yield _gauge(
             "ctct_relay_quota_used_requests",
-            "Requests spent today (UTC) of the account's daily allowance.",
-            ["account"],
-            {(a,): float(v) for a, v in s.quota_used.items()},
+            "Requests spent today (UTC) of the daily allowance of the account's api_key (budget:"
+            " one per key; accounts sharing a key show the same numbers).",
+            ["account", "budget"],
+            {key: float(v) for key, v in s.quota_used.items()},
         )
         yield _gauge(
             "ctct_relay_quota_remaining_requests",
-            "Requests left today (UTC) of the account's allowance (after the reserved share).",
-            ["account"],
-            {(a,): float(v) for a, v in s.quota_remaining.items()},
+            "Requests left today (UTC) of the allowance of the account's api_key (after the"
+            " reserved share; one budget per key).",
+            ["account", "budget"],
+            {key: float(v) for key, v in s.quota_remaining.items()},
         )
         waits = CounterMetricFamily(
             "ctct_relay_rate_limit_waits",
-            "Requests that waited for a per-second slot of the account's rate limit.",
-            labels=["account"],
+            "Requests that waited for a per-second slot of the rate limit of the account's"
+            " api_key (budget: one per key, counted once for all its accounts).",
+            labels=["account", "budget"],
         )
         waited = CounterMetricFamily(
             "ctct_relay_rate_limit_wait_seconds",
-            "Time requests spent waiting for a per-second slot.",
-            labels=["account"],
+            "Time requests spent waiting for a per-second slot (per budget, as above).",
+            labels=["account", "budget"],
         )
-        for account, (count, seconds) in s.waits.items():
-            waits.add_metric([account], count)
-            waited.add_metric([account], seconds)
+        for (account, budget), (count, seconds) in s.waits.items():
+            waits.add_metric([account, budget], count)
+            waited.add_metric([account, budget], seconds)
         yield waits
         yield waited
         yield _gauge(

@@ -77,6 +77,11 @@ class SqrtPolicy:
     def __len__(self) -> int:
         return len(self._weights)
 
+    @property
+    def total_weight(self) -> float:
+        """sum_j sqrt(c_j r_j): what the streams ask of the budget."""
+        return max(self._sum, 0.0)
+
     def update(self, stream_id: int, rate_per_h: float, cost: float) -> None:
         """Set a stream's activity rate (events/hour) and requests per pass."""
         rate = max(rate_per_h, self._settings.floor_rate_per_h) / 3600.0
@@ -360,7 +365,20 @@ class Scheduler:
         now = datetime.now(UTC)
         left_s = max(60.0, (next_utc_midnight(now) - now).total_seconds())
         pace = runtime.limiter.remaining_today / left_s
-        return min(pace, runtime.limiter.budget.requests_per_second) * self._settings.budget_share
+        rps = min(pace, runtime.limiter.budget.requests_per_second) * self._settings.budget_share
+        # Accounts sharing an api_key share its limiter: each plans with its streams' share of
+        # the weights, so together they follow the square-root rule over all their streams (and
+        # spend the key's pace once, not once per account). A paused account spends nothing.
+        now_ms = self._now_ms()
+        sharing = [
+            a
+            for a in self._accounts.values()
+            if a.limiter is runtime.limiter and (a is runtime or a.paused_until_ms <= now_ms)
+        ]
+        total = sum(a.planner.policy.total_weight for a in sharing)
+        if len(sharing) > 1 and total > 0:
+            rps *= runtime.planner.policy.total_weight / total
+        return rps
 
     async def _pass(self, runtime: AccountRuntime, stream_id: int) -> None:
         try:
@@ -478,14 +496,14 @@ class Scheduler:
         client's retries (an over-qps 403, a 429 without Retry-After) defers only this stream,
         by ``error_backoff_s``, never doubled: the next second may well have room."""
         if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
-            await self._pause(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
+            await self._pause_key(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
         elif exc.retry_after_s:
             # The server asked the whole key to wait (the client only waits out short ones in
             # place): every other stream would get its own 429 and spend budget. A bogus header
             # cannot pause the account for ever: at most a day.
             wait_s = min(exc.retry_after_s, 86_400.0)
             reason = f"{exc.status or 429} with Retry-After {exc.retry_after_s:g} s: {exc}"
-            await self._pause(runtime, now + int(wait_s * 1000), reason)
+            await self._pause_key(runtime, now + int(wait_s * 1000), reason)
         else:
             delay_s = self._settings.error_backoff_s * self._rng.uniform(0.5, 1.0)
             log.warning("poll.rate_limited", error=str(exc), retry_in_s=round(delay_s, 1))
@@ -495,3 +513,11 @@ class Scheduler:
         runtime.paused_until_ms = max(runtime.paused_until_ms, until_ms)
         await self._store.set_account_pause(runtime.name, until_ms, reason)
         log.error("account.paused", account=runtime.name, until_ms=until_ms, reason=reason)
+
+    async def _pause_key(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
+        """Pause every account of ``runtime``'s api_key (those sharing its limiter): the key's
+        quota or a Retry-After holds for all of them. A 401 pauses only its account."""
+        await self._pause(runtime, until_ms, reason)
+        for other in self._accounts.values():
+            if other is not runtime and other.limiter is runtime.limiter:
+                await self._pause(other, until_ms, f"api_key shared with {runtime.name}: {reason}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, Secret, load
+from relay.config import ConfigError, Secret, from_mapping, load
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "relay.example.yaml"
 
@@ -781,3 +781,67 @@ def test_a_key_written_twice_is_an_error(tmp_path: Path) -> None:
         load(write(tmp_path, text), environ={"KEY": "k"})
     merged = "base: &b {x: 1, y: 1}\nc: {<<: *b, x: 2}\n"
     assert yaml.load(merged, _Loader) == {"base": {"x": 1, "y": 1}, "c": {"x": 2, "y": 1}}  # noqa: S506
+
+
+def two_accounts(
+    second_key: str = "APPKEY-one-for-both",
+    second_url: str = "https://api.example.com",
+    **limits: object,
+) -> dict[str, object]:
+    """shop-a and shop-b, each with its own token; shop-b with ``limits`` as its rate_limit."""
+    account = {"base_url": "https://api.example.com", "api_key": "APPKEY-one-for-both"}
+    return {
+        "accounts": [
+            {**account, "name": "shop-a", "access_token": "token-a"},
+            {
+                **account,
+                "name": "shop-b",
+                "base_url": second_url,
+                "api_key": second_key,
+                "access_token": "token-b",
+                "rate_limit": limits,
+            },
+        ]
+    }
+
+
+def test_accounts_sharing_an_api_key_share_one_budget() -> None:
+    """Same api_key and server: one budget, named by a digest that shows nothing of the key and
+    does not depend on account names or order; another key or server is another budget."""
+    settings = from_mapping(two_accounts())
+    a, b = settings.accounts
+    assert a.budget_id == b.budget_id
+    assert re.fullmatch(r"key:[0-9a-f]{12}", a.budget_id)
+    assert "APPKEY" not in a.budget_id
+    assert settings.budget_groups() == {a.budget_id: ("shop-a", "shop-b")}
+    # a trailing slash or upper-case host is the same server
+    same = from_mapping(two_accounts(second_url="https://API.example.com/"))
+    assert same.accounts[1].budget_id == a.budget_id
+    accounts = two_accounts()["accounts"]
+    assert isinstance(accounts, list)
+    renamed = [dict(x, name=f"x{i}") for i, x in enumerate(reversed(accounts))]
+    assert {x.budget_id for x in from_mapping({"accounts": renamed}).accounts} == {a.budget_id}
+    other_key = from_mapping(two_accounts(second_key="APPKEY-another"))
+    other_url = from_mapping(two_accounts(second_url="https://sandbox.example.com"))
+    for settings in (other_key, other_url):
+        first, second = settings.accounts
+        assert first.budget_id == a.budget_id != second.budget_id
+        assert len(settings.budget_groups()) == 2
+
+
+def test_accounts_sharing_an_api_key_must_agree_on_its_limits() -> None:
+    """Different rate_limit settings for one key: one line naming both accounts and the key path,
+    never the key."""
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(two_accounts(requests_per_second=2))
+    message = str(caught.value)
+    assert message == (
+        "accounts[1].rate_limit: shop-b shares its api_key with shop-a (accounts[0]), so its"
+        " rate_limit settings must be equal (requests_per_second 2 against 4)"
+    )
+    assert "APPKEY" not in message
+    with pytest.raises(ConfigError, match=r"requests_per_day 5000 against 10000, reserved_share"):
+        from_mapping(two_accounts(requests_per_day=5000, reserved_share=0.2))
+    # the same settings written out are fine, and another key may have its own
+    from_mapping(two_accounts(requests_per_second=4, requests_per_day=10000))
+    from_mapping(two_accounts(second_key="APPKEY-another", requests_per_second=2))

@@ -61,6 +61,9 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await opened.close()
 
 
+ACME = (("account", "acme"), ("budget", "key:0123456789ab"))  # the labels of acme's budget
+
+
 def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -73,14 +76,14 @@ async def test_scrape_reads_quota_waits_outbox_depth_and_lag(store: Store) -> No
     """Quota, waits, outbox depth per sink and watermark lag per scope and kind come from the
     limiters and the store at scrape time."""
     metrics = Metrics(lambda: NOW_MS)
-    metrics.watch_limiter("acme", FakeLimiter())
+    metrics.watch_limiter("acme", FakeLimiter(), "key:0123456789ab")
     metrics.watch_store(store, ["kafka", FANOUT_CURSOR])
     await store.set_sink_cursor("kafka", 1)
     got = samples(await metrics.scrape())
-    assert got[("ctct_relay_quota_used_requests", (("account", "acme"),))] == 120
-    assert got[("ctct_relay_quota_remaining_requests", (("account", "acme"),))] == 8880
-    assert got[("ctct_relay_rate_limit_waits_total", (("account", "acme"),))] == 6
-    assert got[("ctct_relay_rate_limit_wait_seconds_total", (("account", "acme"),))] == 1.5
+    assert got[("ctct_relay_quota_used_requests", ACME)] == 120
+    assert got[("ctct_relay_quota_remaining_requests", ACME)] == 8880
+    assert got[("ctct_relay_rate_limit_waits_total", ACME)] == 6
+    assert got[("ctct_relay_rate_limit_wait_seconds_total", ACME)] == 1.5
     assert got[("ctct_relay_outbox_depth_events", (("sink", "kafka"),))] == 1
     assert got[("ctct_relay_outbox_depth_events", (("sink", FANOUT_CURSOR),))] == 2
     assert got[("ctct_relay_outbox_depth_events", (("sink", "webhooks"),))] == 0
@@ -180,14 +183,33 @@ async def test_overview_leaves_paused_and_retired_streams_out_of_the_lag(store: 
     assert overview.pending_deliveries == 0
 
 
+async def test_accounts_sharing_an_api_key_show_their_one_budget() -> None:
+    """Two accounts on one key (one limiter): each series shows the key's numbers, labelled with
+    the budget, so max by (budget) counts the key once."""
+    metrics = Metrics(lambda: NOW_MS)
+    limiter = FakeLimiter()
+    metrics.watch_limiter("shop-a", limiter, "key:0123456789ab")
+    metrics.watch_limiter("shop-b", limiter, "key:0123456789ab")
+    got = samples(await metrics.scrape())
+    used = {
+        labels: value
+        for (name, labels), value in got.items()
+        if name == "ctct_relay_quota_used_requests"
+    }
+    assert used == {
+        (("account", "shop-a"), ("budget", "key:0123456789ab")): 120,
+        (("account", "shop-b"), ("budget", "key:0123456789ab")): 120,
+    }
+
+
 async def test_a_store_that_does_not_answer_still_gets_a_scrape(tmp_path: Path) -> None:
     """Without the store the scrape answers with what the process knows and store_up 0."""
     metrics = Metrics(lambda: NOW_MS)
-    metrics.watch_limiter("acme", FakeLimiter())
+    metrics.watch_limiter("acme", FakeLimiter(), "key:0123456789ab")
     metrics.watch_store(open_store(f"sqlite:///{tmp_path / 'never-opened.db'}"), ["kafka"])
     got = samples(await metrics.scrape())
     assert got[("ctct_relay_store_up", ())] == 0
-    assert got[("ctct_relay_quota_used_requests", (("account", "acme"),))] == 120
+    assert got[("ctct_relay_quota_used_requests", ACME)] == 120
     assert not any(name == "ctct_relay_outbox_depth_events" for name, _labels in got)
 
 

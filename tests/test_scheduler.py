@@ -568,3 +568,105 @@ async def test_a_backfilling_first_pass_does_not_push_the_other_streams_out(
         assert await contact_interval_s() == pytest.approx(before, rel=0.2)  # was 20 times
     finally:
         await store.close()
+
+
+class FailingOncePoller:
+    """Its first pass fails with ``error``; later ones succeed."""
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+        self.passes: list[int] = []
+
+    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+        self.passes.append(stream.id)
+        if self.error is not None and len(self.passes) == 1:
+            raise self.error
+        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
+
+
+async def _pauses_after(tmp_path: Path, error: Exception) -> dict[str, tuple[int, str]]:
+    """shop-a and shop-b on one api_key (one limiter), solo on another; shop-a's first pass
+    fails with ``error``: the stored pauses after one tick."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        now = 1_763_000_000_000
+        names = ("shop-a", "shop-b", "solo")
+        await store.ensure_streams([StreamKey(n, "contact", "1") for n in names], now)
+        shared, own = RateLimiter(Budget()), RateLimiter(Budget())
+        runtimes = [
+            AccountRuntime(
+                name,
+                cast(Poller, FailingOncePoller(error if name == "shop-a" else None)),
+                shared if name != "solo" else own,
+                Planner(WIDE),
+            )
+            for name in names
+        ]
+        settings = ScheduleSettings(min_interval_s=1, max_interval_s=10**9, concurrency=1)
+        scheduler = Scheduler(store, runtimes, settings, now_ms=lambda: now)
+        await scheduler.tick()
+        await scheduler.wait_idle()
+        return await store.account_pauses()
+    finally:
+        await store.close()
+
+
+async def test_a_spent_api_key_pauses_every_account_using_it(tmp_path: Path) -> None:
+    """The API's over-ratelimit 403 is about the key: every account sharing it pauses until the
+    quota renews (each would get its own 403 otherwise); an account on another key does not."""
+    resume = datetime(2025, 11, 14, tzinfo=UTC)
+    error = errors.QuotaExhaustedError(
+        "answered 403 mashery.not.authorized.over.ratelimit",
+        resume_at=resume,
+        endpoint="contact_opens",
+        status=403,
+    )
+    pauses = await _pauses_after(tmp_path, error)
+    assert set(pauses) == {"shop-a", "shop-b"}
+    until_ms = int(resume.timestamp() * 1000)
+    assert pauses["shop-a"] == (until_ms, "contact_opens: " + error.message)
+    assert pauses["shop-b"][0] == until_ms
+    assert pauses["shop-b"][1].startswith("api_key shared with shop-a: contact_opens: answered")
+
+
+async def test_a_429_retry_after_pauses_every_account_of_the_key(tmp_path: Path) -> None:
+    """A long Retry-After holds for the whole key."""
+    error = errors.TooManyRequestsError("answered 429", status=429, retry_after_s=600.0)
+    pauses = await _pauses_after(tmp_path, error)
+    assert set(pauses) == {"shop-a", "shop-b"}
+    assert pauses["shop-a"][0] == pauses["shop-b"][0]
+
+
+async def test_rejected_credentials_pause_only_their_account(tmp_path: Path) -> None:
+    """A 401 is about one account's access token: the others on the key keep polling."""
+    error = errors.UnauthorizedError("answered 401", status=401)
+    assert set(await _pauses_after(tmp_path, error)) == {"shop-a"}
+
+
+def test_accounts_sharing_a_key_split_its_pace_by_their_streams_weight(tmp_path: Path) -> None:
+    """Accounts on one limiter plan with shares of the key's pace in proportion to what their
+    streams ask (so intervals follow the square-root rule over all their streams), together the
+    pace of one account; an account on its own key keeps the whole of its own."""
+    shared = RateLimiter(Budget())
+
+    def runtime(name: str, limiter: RateLimiter, rates: list[float]) -> AccountRuntime:
+        planner = Planner(WIDE)
+        for stream_id, rate in enumerate(rates):
+            planner.load(stream_id, rate)
+        return AccountRuntime(name, cast(Poller, RecordingPoller()), limiter, planner)
+
+    a = runtime("shop-a", shared, [400.0, 400.0, 400.0])
+    b = runtime("shop-b", shared, [100.0])
+    solo = runtime("solo", RateLimiter(Budget()), [100.0])
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    alone = Scheduler(store, [solo], WIDE).budget_rps(solo)
+    scheduler = Scheduler(store, [a, b, solo], WIDE)
+    share_a, share_b = scheduler.budget_rps(a), scheduler.budget_rps(b)
+    assert share_a + share_b == pytest.approx(alone)
+    assert share_a == pytest.approx(6 * share_b)  # 3 x sqrt(400) against sqrt(100)
+    assert scheduler.budget_rps(solo) == pytest.approx(alone)
+    # the same interval for a stream of either account as if one account had them all
+    joint = runtime("joint", RateLimiter(Budget()), [400.0, 400.0, 400.0, 100.0])
+    expected = joint.planner.policy.interval_s(3, alone)
+    assert b.planner.policy.interval_s(0, share_b) == pytest.approx(expected)

@@ -794,6 +794,17 @@ def _status_schema_full(count: JsonObject, seconds: JsonObject, hold: JsonObject
                     "used_today": count,
                     "allowance": {"type": ["integer", "null"], "minimum": 0},
                     "left_today": {"type": ["integer", "null"], "minimum": 0},
+                    "budget": {
+                        "type": ["string", "null"],
+                        "description": "The api_key's budget (key:<12 hex>, nothing of the key);"
+                        " null when the account is not configured here",
+                    },
+                    "shared_with": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "Other accounts using the same api_key: the quota"
+                        " numbers are the key's, spent by all of them",
+                    },
                 }
             ),
             "paused": _nullable(_object({"until": _time(), "reason": {"type": "string"}})),

@@ -183,10 +183,21 @@ def _accounts_text(status: JsonObject) -> str:
                 text_of(streams.get("failing")),
                 text_of(streams.get("replaying")),
                 _duration(a.get("max_lag_s")),
+                ", ".join(_strings(quota.get("shared_with"))) or "-",
                 _pause_text(a),
             ]
         )
-    heads = ["ACCOUNT", "USED TODAY", "LEFT", "ACTIVE", "FAILING", "REPLAYING", "MAX LAG", "PAUSE"]
+    heads = [
+        "ACCOUNT",
+        "USED TODAY",
+        "LEFT",
+        "ACTIVE",
+        "FAILING",
+        "REPLAYING",
+        "MAX LAG",
+        "SHARES KEY WITH",
+        "PAUSE",
+    ]
     return table(heads, rows) if rows else "no accounts"
 
 

@@ -1,10 +1,10 @@
 """What ``GET /v1/status`` and ``GET /v1/streams`` show: accounts, streams, sinks, webhooks.
 
 Everything comes from the store, so any replica answers the same; the running relay adds what only
-it knows through a :class:`RelayView` (each account's daily allowance and live request count, and
-the callback that makes the scheduler re-read targets and pauses). No secret is ever shown: webhook
-URLs lose their user info, query and fragment (where tokens hide), and error texts go through the
-relay's redactor.
+it knows through a :class:`RelayView` (each account's daily allowance and live request count, both
+of its api_key's budget, and the callback that makes the scheduler re-read targets and pauses).
+No secret is ever shown: webhook URLs lose their user info, query and fragment (where tokens
+hide), and error texts go through the relay's redactor.
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ FANOUT_SINK = "webhooks-fanout"  # the cursor of webhook fan-out (deliveries tra
 
 @dataclass(frozen=True)
 class AccountQuota:
-    """One configured account's daily allowance and its requests spent today, live."""
+    """One configured account's daily allowance and its requests spent today, live: those of its
+    api_key's budget, which ``shared_with`` (the other accounts using the key) spend too."""
 
     name: str
     daily_allowance: int
     used_today: Callable[[], int]
+    budget: str | None = None  # the budget's name, ``key:<12 hex>`` (nothing of the key)
+    shared_with: tuple[str, ...] = ()
 
 
 def _same(text: str) -> str:
@@ -167,12 +170,16 @@ async def _quota(store: Store, quota: AccountQuota | None, name: str, day: str) 
             "used_today": await store.quota_used(name, day),
             "allowance": None,
             "left_today": None,
+            "budget": None,
+            "shared_with": [],
         }
     used = quota.used_today()
     return {
         "used_today": used,
         "allowance": quota.daily_allowance,
         "left_today": max(0, quota.daily_allowance - used),
+        "budget": quota.budget,
+        "shared_with": list(quota.shared_with),
     }
 
 

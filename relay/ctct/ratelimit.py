@@ -1,4 +1,6 @@
-"""Per-account request budget: the per-second limit and the daily quota, minus a reserved share.
+"""Request budget of one api_key: the per-second limit and the daily quota, minus a reserved share.
+
+Constant Contact counts both limits per api_key, so the accounts sharing a key share one limiter.
 
 The per-second limit is a sliding log, not a token bucket: a bucket of 4 tokens refilled at 4/s lets
 8 requests through in one second (a full bucket, then the refills), and Mashery counts per second.
@@ -21,7 +23,7 @@ from relay.ctct.errors import BudgetExhaustedError
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """An account's published limits and the share of the daily quota left to other applications."""
+    """An api_key's published limits and the share of the daily quota left to other applications."""
 
     requests_per_second: float = 4.0
     requests_per_day: int = 10_000
@@ -79,7 +81,7 @@ def next_utc_midnight(moment: datetime) -> datetime:
 
 
 class RateLimiter:
-    """Admits requests for one account without exceeding its :class:`Budget`.
+    """Admits requests of one api_key (all its accounts) without exceeding its :class:`Budget`.
 
     ``acquire()`` waits for a per-second slot and spends one request of today's allowance, or
     raises :class:`BudgetExhaustedError` when the allowance is spent. Waiters are served in order.

@@ -1,5 +1,8 @@
 """Authentication, Mashery-style per-key limits, and the request statistics of ``/_sim/stats``.
 
+The limits are counted per api_key, as the real API counts them: every account (access token)
+using a key spends the same per-second window and daily quota.
+
 Limits run on real time, not simulated time: a relay's budget is real requests per real second
 and per real UTC day. The per-second limit is a sliding window, so no 1-second window ever holds
 more than ``qps`` admitted requests; the daily count resets at 00:00 UTC of the wall clock.
@@ -55,12 +58,12 @@ class Limits:
         self._wall_clock = wall_clock
 
     def authenticate(self, api_key: str | None, authorization: str | None) -> ApiKey | None:
-        """The key, if ``api_key`` is known and the header carries its bearer token."""
+        """The key, if ``api_key`` is known and the header carries one of its bearer tokens."""
         key = self._keys.get(api_key or "")
         if key is None or authorization is None:
             return None
         scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != key.access_token:
+        if scheme.lower() != "bearer" or token.strip() not in key.tokens:
             return None
         return key
 

@@ -129,9 +129,21 @@ def _key(fields: Fields) -> ApiKey:
         # null and 0 both mean "not enforced"
         qps=fields.optional_integer("qps", base.qps) or None,
         daily=fields.optional_integer("daily", base.daily) or None,
+        more_tokens=_more_tokens(fields),
     )
+    if len(set(key.tokens)) != len(key.tokens):
+        raise fields.fail("more_tokens", "access tokens of a key must be unique")
     fields.finish()
     return key
+
+
+def _more_tokens(fields: Fields) -> tuple[str, ...]:
+    value = fields.raw("more_tokens")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise fields.fail("more_tokens", "expected a list of non-empty strings")
+    return tuple(v.strip() for v in value)
 
 
 def _contacts(fields: Fields) -> Contacts:

@@ -17,12 +17,21 @@ class ScenarioError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:
-    """One API key the simulator accepts, with its access token and its Mashery limits."""
+    """One API key the simulator accepts, with its access token and its Mashery limits.
+
+    Like the real API, the limits are the key's: the accounts using it (``more_tokens``, one
+    OAuth access token each) share them with the first."""
 
     api_key: str = "demo-key"
     access_token: str = field(default="demo-token", repr=False)
     qps: int | None = 4  # requests per any 1-second window; None: unenforced
     daily: int | None = 10_000  # requests per UTC day; None: unenforced
+    more_tokens: tuple[str, ...] = field(default=(), repr=False)  # more accounts on this key
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """Every access token the key accepts."""
+        return (self.access_token, *self.more_tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -322,10 +322,11 @@ class Store(Protocol):
         """Stop polling these streams (their state is kept)."""
 
     async def spend_quota(self, account: str, day: str, requests: int) -> int:
-        """Add to the account's request count of a UTC day (YYYY-MM-DD); returns the new total."""
+        """Add to a request count of a UTC day (YYYY-MM-DD); returns the new total. The relay
+        counts per budget (``key:<hex>``, one per api_key); older versions counted per account."""
 
     async def quota_used(self, account: str, day: str) -> int:
-        """Requests counted for the account on that UTC day."""
+        """Requests counted under that name (a budget's or an account's) on that UTC day."""
 
     async def set_account_pause(self, account: str, until_ms: int | None, reason: str) -> None:
         """Pause an account until a time (None: resume). A stored pause that lasts longer is

@@ -6,9 +6,10 @@ marks them with its id and an expiry, renews them while the pass runs and releas
 A replica that dies stops renewing; once its leases expire, another claims the streams.
 A *named lease* does the same for one thing at a time: the Kafka sink (one publisher keeps each
 contact's order), one webhook's deliveries (its concurrency limit holds), a periodic job.
-The *shared budget* is a request log per account: each request is inserted before it is sent,
-under an advisory lock per account, so the per-second limit and the daily quota are counted for
-the whole deployment.
+The *shared budget* is a request log per budget (one per api_key, named ``key:<hex>``; the
+``account`` column holds that name): each request is inserted before it is sent, under an
+advisory lock per budget, so the per-second limit and the daily quota are counted for the whole
+deployment and for every account using the key.
 
 Lease expiries and the request log are on the database's clock, so replicas' clocks need not
 agree; ``request_margin_s`` widens each account's window for the time between a request's

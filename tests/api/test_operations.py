@@ -94,7 +94,13 @@ async def test_status_shows_quota_streams_sinks_and_webhook_health(
         assert secret not in text
     body = await response.json()
     (acme,) = body["accounts"]
-    assert acme["quota"] == {"used_today": 1234, "allowance": 9000, "left_today": 7766}
+    assert acme["quota"] == {
+        "used_today": 1234,
+        "allowance": 9000,
+        "left_today": 7766,
+        "budget": None,
+        "shared_with": [],
+    }
     assert acme["streams"] == {
         "total": 1,
         "active": 1,

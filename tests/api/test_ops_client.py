@@ -67,6 +67,46 @@ async def test_status_is_an_aligned_table_and_json_on_request(cli: Cli, store: S
     assert orjson.loads(out)["accounts"][0]["quota"]["left_today"] == 8900
 
 
+async def test_status_says_which_accounts_share_an_api_key(
+    aiohttp_server: AiohttpServer, store: Store, clock: Clock
+) -> None:
+    """Accounts on one api_key show the key's numbers, its budget, and whom they share it with."""
+
+    def used() -> int:  # one budget, one count
+        return 700
+
+    view = RelayView(
+        accounts={
+            name: AccountQuota(name, 9000, used, budget="key:0123456789ab", shared_with=(other,))
+            for name, other in (("shop-a", "shop-b"), ("shop-b", "shop-a"))
+        }
+        | {"solo": AccountQuota("solo", 9000, lambda: 5, budget="key:ba9876543210")}
+    )
+    app = create_admin_app(
+        store, AdminSettings(token=TOKEN), guard=Guard(), now_ms=clock, view=view
+    )
+    cli = Cli(str((await aiohttp_server(app)).make_url("")))
+    status, out, err = await cli("status", "--json")
+    assert (status, err) == (0, "")
+    quotas = {a["name"]: a["quota"] for a in orjson.loads(out)["accounts"]}
+    assert quotas["shop-a"] == {
+        "used_today": 700,
+        "allowance": 9000,
+        "left_today": 8300,
+        "budget": "key:0123456789ab",
+        "shared_with": ["shop-b"],
+    }
+    assert quotas["solo"]["shared_with"] == []
+    status, out, err = await cli("status")
+    lines = out.splitlines()
+    assert "SHARES KEY WITH" in lines[0]
+    rows = {line.split()[0]: line for line in lines[1:4]}
+    at = lines[0].index("SHARES KEY WITH")
+    assert rows["shop-a"][at:].split()[0] == "shop-b"
+    assert rows["shop-b"][at:].split()[0] == "shop-a"
+    assert rows["solo"][at:].split()[0] == "-"
+
+
 async def test_wrong_token_is_one_line(cli: Cli) -> None:
     """A refused token: one line with the API's message, exit 1, no traceback."""
     status, out, err = await cli("status", token="wrong")

@@ -166,6 +166,7 @@ async def test_listed_series_move_during_a_run(
     label_names = {k for (_name, pairs) in last for k, _v in pairs}
     assert label_names <= {
         "account",
+        "budget",  # one per configured api_key
         "endpoint",
         "status",
         "result",

@@ -129,6 +129,29 @@ async def test_over_qps_is_403_and_nothing_is_served(aiohttp_client: AiohttpClie
     assert keys[KEY]["rejected"]["over_qps"] == statuses.count(403)
 
 
+async def test_accounts_on_one_key_share_its_limits(aiohttp_client: AiohttpClient) -> None:
+    """Two accounts (access tokens) on one api_key spend one per-second window and one daily
+    count, as the real API counts per key; a token of neither account is still a 401."""
+    keys = [{"api_key": KEY, "access_token": TOKEN, "more_tokens": ["tok-b"], "qps": 4}]
+    client = await aiohttp_client(create_app(scenario(keys=keys)))
+    statuses = []
+    for token in [TOKEN, "tok-b"] * 3:
+        resp = await client.get(
+            CONTACTS, params={"api_key": KEY}, headers={"Authorization": f"Bearer {token}"}
+        )
+        statuses.append(resp.status)
+    assert statuses == [200, 200, 200, 200, 403, 403]
+    resp = await client.get(
+        CONTACTS, params={"api_key": KEY}, headers={"Authorization": "Bearer tok-c"}
+    )
+    assert resp.status == 401
+    keys_stats = (await stats(client))["keys"]
+    assert isinstance(keys_stats, dict)
+    assert keys_stats[KEY]["max_per_1s"] == 4
+    assert keys_stats[KEY]["used_today"] == 4
+    assert keys_stats[KEY]["rejected"] == {"over_qps": 2, "unauthorized": 1}
+
+
 async def test_qps_window_slides(aiohttp_client: AiohttpClient) -> None:
     """After a second, the key may send again."""
     client = await limited(aiohttp_client, qps=1, daily=None)

@@ -95,6 +95,16 @@ def test_error_names_file_key_and_problem(tmp_path: Path) -> None:
             {"keys": [{"api_key": "a", "access_token": "b"}] * 2}, "unique", id="dup-keys"
         ),
         pytest.param({"keys": {"api_key": "a"}}, "keys: expected a list", id="keys-mapping"),
+        pytest.param(
+            {"keys": [{"api_key": "a", "access_token": "b", "more_tokens": ["c", "b"]}]},
+            "keys[0].more_tokens: access tokens of a key must be unique",
+            id="dup-tokens",
+        ),
+        pytest.param(
+            {"keys": [{"api_key": "a", "access_token": "b", "more_tokens": "c"}]},
+            "keys[0].more_tokens: expected a list of non-empty strings",
+            id="tokens-string",
+        ),
         pytest.param({"contacts": 5}, "contacts: expected a mapping", id="contacts-scalar"),
         pytest.param({"contacts": {"count": 1.5}}, "contacts.count: expected an integer", id="c"),
         pytest.param(
