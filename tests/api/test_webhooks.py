@@ -482,7 +482,7 @@ async def test_deliveries_with_attempts_filter_and_limit(
     assert len(pending) == 2
     oldest = pending[-1]
     await store.finish_attempts(
-        [(Attempt(oldest.id, T0 + 1000, 500, 12.3456, "oops", "HTTP 500"), "dead", T0 + 1000)]
+        [(Attempt(oldest.id, T0 + 1000, 500, 12.3456, "oops", "HTTP 500"), "dead", T0 + 1000, 0)]
     )
     path = f"/v1/webhooks/{hook_id}/deliveries"
     listed = await ok(await client.get(path, headers=AUTH))
@@ -534,7 +534,7 @@ async def test_deliveries_page_back_with_before_and_next_before(
     oldest, second = every[-1], every[-2]
     await store.finish_attempts(
         [
-            (Attempt(i, T0 + 1000, 500, 1.0, "", "HTTP 500"), "dead", T0 + 1000)
+            (Attempt(i, T0 + 1000, 500, 1.0, "", "HTTP 500"), "dead", T0 + 1000, 0)
             for i in (oldest, second)
         ]
     )
@@ -577,7 +577,7 @@ async def test_redeliver_resets_a_dead_delivery(client: Client, store: Store) ->
     hook = await create(client)
     await commit_events(store, [activity(1, T0 - 5000)], T0)
     (delivery,) = await store.deliveries(str(hook["id"]), 10)
-    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0)])
+    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0, 0)])
     response = await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH)
     body = await ok(response, 202)
     assert body["status"] == "pending"
@@ -595,7 +595,7 @@ async def test_redeliver_of_a_delivery_whose_event_was_pruned_is_410(
     hook = await create(client)
     await commit_events(store, [activity(1, T0 - 5000), activity(2, T0 - 4000)], T0)
     first, _ = sorted(await store.deliveries(str(hook["id"]), 10), key=lambda d: d.id)
-    await store.finish_attempts([(Attempt(first.id, T0, 200, 5.0), "delivered", T0)])
+    await store.finish_attempts([(Attempt(first.id, T0, 200, 5.0), "delivered", T0, 0)])
     assert await store.prune_outbox(T0 + 1, []) == 1
     response = await client.post(f"/v1/deliveries/{first.id}/redeliver", headers=AUTH)
     error = await error_of(response, 410)
@@ -619,7 +619,7 @@ async def test_every_change_is_told_to_the_running_dispatcher(
     await ok(await client.post(f"/v1/webhooks/{hook_id}/rotate-secret", headers=AUTH))
     await commit_events(store, [activity(1, T0 - 5000)], T0)
     (delivery,) = await store.deliveries(hook_id, 10)
-    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0)])
+    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0, 0)])
     await ok(await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH), 202)
     since = {"since": "2025-11-21T04:39:00+00:00"}
     await ok(await client.post(f"/v1/webhooks/{hook_id}/recover", json=since, headers=AUTH), 202)
