@@ -44,8 +44,8 @@ async def test_job_prunes_delivered_webhook_history(store: Store) -> None:
     first, second, third = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)
     await store.finish_attempts(
         [
-            (Attempt(first.id, then, 200, 1.0), "delivered", then),
-            (Attempt(second.id, then, 500, 1.0), "dead", then),
+            (Attempt(first.id, then, 200, 1.0), "delivered", then, 0),
+            (Attempt(second.id, then, 500, 1.0), "dead", then, 0),
         ]
     )
     await _prune(store, 168 * HOUR_MS, 168 * HOUR_MS, [])

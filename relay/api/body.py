@@ -29,16 +29,20 @@ MAX_DELIVERY_ID = 2**63 - 1  # SQLite and PostgreSQL BIGINT: a larger id can nam
 DELIVERY_STATUSES = ("pending", "delivered", "dead")
 DEFAULT_DELIVERY_LIMIT = 50
 MAX_DELIVERY_LIMIT = 500
+# every string of a body (no NUL: PostgreSQL text cannot hold it), as the OpenAPI document says
+NO_NUL_PATTERN = "^[^\\x00]*$"
 # a time whose UTC date leaves datetime's years cannot be echoed back (the OpenAPI document says so)
 TIME_RANGE = "the years 1 to 9999 in UTC"
 
 # RFC 3339 date-time as JSON Schema's ``format: date-time`` means it (fromisoformat alone would
 # also take a bare date or a time without offset, which the document says are invalid)
+# (seconds up to 60: a leap second, read as :59; 61 and up are no time at all)
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})",
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):([0-5]\d|60)(\.\d+)?([Zz]|[+-]\d{2}:\d{2})",
     re.ASCII,
 )
-_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+# 19 digits hold any BIGINT, and a longer run never reaches int() (its 4300-digit limit raises)
+_DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
 
 
 async def read_object(request: web.Request, *, optional: bool = False) -> JsonObject:
@@ -76,12 +80,15 @@ def check_fields(
 
 
 def string(body: JsonObject, name: str, *, max_chars: int) -> str:
-    """A string field of at most ``max_chars`` characters."""
+    """A string field of at most ``max_chars`` characters, without NUL (U+0000: PostgreSQL text
+    cannot hold it)."""
     value = body[name]
     if not isinstance(value, str):
         raise bad_request(f"{name}: expected a string, got {_json_type(value)}")
     if len(value) > max_chars:
         raise bad_request(f"{name}: longer than {max_chars} characters")
+    if "\x00" in value:
+        raise bad_request(f"{name}: must not contain NUL (U+0000)")
     return value
 
 
@@ -108,6 +115,8 @@ def string_list(body: JsonObject, name: str, *, max_items: int, max_chars: int) 
             raise bad_request(f"{name}[{index}]: expected a string, got {_json_type(item)}")
         if len(item) > max_chars:
             raise bad_request(f"{name}[{index}]: longer than {max_chars} characters")
+        if "\x00" in item:
+            raise bad_request(f"{name}[{index}]: must not contain NUL (U+0000)")
         out.append(item)
     return out
 
@@ -167,6 +176,15 @@ def _offset(text: str) -> tzinfo:
     if minutes > 59:
         raise ValueError(text)
     return timezone(sign * timedelta(hours=hours, minutes=minutes))
+
+
+def path_id(request: web.Request, name: str, what: str) -> str:
+    """A string id from the path. One with NUL names nothing (no store can hold it; PostgreSQL
+    refuses it in a query): 404, without asking the store."""
+    text = request.match_info[name]
+    if "\x00" in text:
+        raise not_found(f"no {what} with id {text!r}")
+    return text
 
 
 def delivery_id(text: str) -> int:

@@ -131,7 +131,8 @@ def _list_webhooks() -> JsonObject:
     return {
         "operationId": "listWebhooks",
         "summary": "Every webhook, oldest first (secrets are never listed)",
-        "responses": {"200": _json("webhooks", _schema("WebhookList")), **_errors(401)},
+        "description": "Takes no query parameters: an unknown one is a 400.",
+        "responses": {"200": _json("webhooks", _schema("WebhookList")), **_errors(400, 401)},
     }
 
 
@@ -158,7 +159,11 @@ def _show_webhook() -> JsonObject:
     return {
         "operationId": "getWebhook",
         "summary": "One webhook (without its secret)",
-        "responses": {"200": _json("the webhook", _schema("Webhook")), **_errors(401, 404)},
+        "description": "Takes no query parameters: an unknown one is a 400.",
+        "responses": {
+            "200": _json("the webhook", _schema("Webhook")),
+            **_errors(400, 401, 404),
+        },
     }
 
 
@@ -259,7 +264,12 @@ def _schemas() -> JsonObject:
         "maximum": body.MAX_RATE_PER_S,
         "description": "requests per second to this endpoint; null: no limit",
     }
-    description: JsonObject = {"type": "string", "maxLength": body.MAX_DESCRIPTION_CHARS}
+    description: JsonObject = {
+        "type": "string",
+        "maxLength": body.MAX_DESCRIPTION_CHARS,
+        "pattern": body.NO_NUL_PATTERN,
+        "description": "any text without NUL (U+0000)",
+    }
     secret: JsonObject = {
         "type": "string",
         # base64 of 24 to 64 bytes: 8 to 21 groups of four characters, then none (24 to 63
@@ -696,7 +706,14 @@ def _operations_schemas() -> JsonObject:
         ),
         "Empty": _object({}, required=[]),
         "Pause": _object(
-            {"reason": {"type": "string", "maxLength": streams.MAX_REASON_CHARS}}, required=[]
+            {
+                "reason": {
+                    "type": "string",
+                    "maxLength": streams.MAX_REASON_CHARS,
+                    "pattern": body.NO_NUL_PATTERN,
+                }
+            },
+            required=[],
         ),
         "AccountHold": _object({"account": {"type": "string"}, "held": _nullable(hold)}),
         "StreamReplay": _object(replay_fields, required=["since"]),
@@ -707,6 +724,7 @@ def _operations_schemas() -> JsonObject:
                     "type": "string",
                     "minLength": 1,
                     "maxLength": replay.MAX_CAMPAIGN_CHARS,
+                    "pattern": body.NO_NUL_PATTERN,
                 },
             },
             required=["since"],

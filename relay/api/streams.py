@@ -216,7 +216,7 @@ async def _add_targets(request: web.Request) -> web.Response:
 
 async def _remove_target(request: web.Request) -> web.Response:
     account = await _account(request)
-    kind, rid = request.match_info["kind"], request.match_info["resource_id"]
+    kind, rid = request.match_info["kind"], body.path_id(request, "resource_id", "resource")
     scope = TARGET_KINDS.get(kind)
     if scope is None:
         raise not_found(f"no such resource: {request.path} (kind is campaigns or contacts)")

@@ -65,14 +65,16 @@ async def _create(request: web.Request) -> web.Response:
 
 
 async def _list(request: web.Request) -> web.Response:
+    body.check_query(request, ())
     now = request.app[NOW_MS]()
     hooks = await request.app[STORE].webhooks()
     return json_response({"webhooks": [webhook_view(h, now) for h in hooks]})
 
 
 async def _show(request: web.Request) -> web.Response:
+    body.check_query(request, ())
     with _service_errors():
-        hook = await request.app[STORE].webhook(request.match_info["webhook_id"])
+        hook = await request.app[STORE].webhook(_webhook_id(request))
     return json_response(webhook_view(hook, request.app[NOW_MS]()))
 
 
@@ -97,7 +99,7 @@ async def _patch(request: web.Request) -> web.Response:
         hook = await service.update_webhook(
             request.app[STORE],
             request.app[GUARD],
-            request.match_info["webhook_id"],
+            _webhook_id(request),
             changes,
             now,
         )
@@ -107,8 +109,8 @@ async def _patch(request: web.Request) -> web.Response:
 
 async def _delete(request: web.Request) -> web.Response:
     with _service_errors():
-        await request.app[STORE].delete_webhook(request.match_info["webhook_id"])
-    request.app[VIEW].webhook_changed(request.match_info["webhook_id"])
+        await request.app[STORE].delete_webhook(_webhook_id(request))
+    request.app[VIEW].webhook_changed(_webhook_id(request))
     return web.Response(status=204)
 
 
@@ -119,7 +121,7 @@ async def _rotate(request: web.Request) -> web.Response:
     with _service_errors():
         hook = await service.rotate_secret(
             request.app[STORE],
-            request.match_info["webhook_id"],
+            _webhook_id(request),
             now,
             request.app[SETTINGS].rotation_grace_s,
             _secret(data),
@@ -134,7 +136,7 @@ async def _deliveries(request: web.Request) -> web.Response:
     limit = body.query_limit(request)
     before = body.query_before(request)
     store = request.app[STORE]
-    webhook_id = request.match_info["webhook_id"]
+    webhook_id = _webhook_id(request)
     with _service_errors():
         await store.webhook(webhook_id)  # an unknown webhook is a 404, not an empty list
     # one more than asked for says whether an older page exists, without a count
@@ -160,10 +162,14 @@ async def _recover(request: web.Request) -> web.Response:
     since_ms = body.timestamp_ms(data, "since")
     with _service_errors():
         count = await request.app[STORE].recover(
-            request.match_info["webhook_id"], since_ms, request.app[NOW_MS]()
+            _webhook_id(request), since_ms, request.app[NOW_MS]()
         )
-    request.app[VIEW].webhook_changed(request.match_info["webhook_id"])
+    request.app[VIEW].webhook_changed(_webhook_id(request))
     return json_response({"deliveries": count}, 202)
+
+
+def _webhook_id(request: web.Request) -> str:
+    return body.path_id(request, "webhook_id", "webhook")
 
 
 def _event_types(data: JsonObject) -> tuple[str, ...]:

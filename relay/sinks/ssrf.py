@@ -84,7 +84,12 @@ class Guard:
 
     async def check_url(self, url: str) -> None:
         """Validate scheme and host, resolve it and check every address (at registration)."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.hostname  # noqa: B018 - parses the netloc: an unclosed or bad [IPv6] raises
+        except ValueError as exc:
+            # the URL cannot be shown safely (it does not parse: its password cannot be cut)
+            raise SsrfError(f"url: not a valid URL: {exc}") from None
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise SsrfError(f"url: expected an http(s) URL with a host, got {shown(url)!r}")
         try:
@@ -137,6 +142,8 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
         infos: list[tuple[Any, ...]] = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise SsrfError(f"url: cannot resolve {host}: {exc.strerror}") from None
+    except ValueError:  # UnicodeError: the idna codec refuses an empty or over-long label
+        raise SsrfError(f"url: {host!r} is not a valid host name") from None
     return sorted({ipaddress.ip_address(info[4][0]) for info in infos}, key=str)
 
 

@@ -33,7 +33,15 @@ import structlog
 from relay.metrics import Metrics
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError, shown
-from relay.store import Attempt, Delivery, OutboxEvent, Store, StoreError, Webhook
+from relay.store import (
+    Attempt,
+    Delivery,
+    OutboxEvent,
+    Store,
+    StoreError,
+    UnavailableError,
+    Webhook,
+)
 from relay.store.coordination import Coordinator, LocalCoordinator
 
 log = structlog.get_logger(__name__)
@@ -102,8 +110,11 @@ class WebhookDispatcher:
         self._guard = guard
         self._now_ms = now_ms
         self._workers: dict[str, _Worker] = {}
-        self._retiring: dict[str, _Worker] = {}  # stopped, finishing the attempts in flight
-        self._retired: set[asyncio.Task[None]] = set()
+        # per webhook, the deliveries fetched and not yet recorded, shared by every worker of
+        # it: the current one and any number still finishing their attempts after being
+        # stopped, so none of them fetches and sends a delivery another has in flight
+        self._held: dict[str, set[int]] = {}
+        self._retired: set[asyncio.Task[None]] = set()  # stop tasks of retired workers
         self._recorder = _Recorder(store)
         self._tally: list[tuple[str, int, int]] = []  # settled attempts not yet in the metrics
         self._tally_due: asyncio.TimerHandle | None = None
@@ -172,7 +183,7 @@ class WebhookDispatcher:
                 watchdog.cancel()
                 await asyncio.gather(stopper, watchdog, return_exceptions=True)
                 held = [_lease(hook_id) for hook_id in self._workers]
-                workers = [*self._workers.values(), *self._retiring.values()]
+                workers = list(self._workers.values())
                 self._workers.clear()
                 await asyncio.gather(*(w.stop() for w in workers), *self._retired)
                 await self._recorder.close()
@@ -239,25 +250,23 @@ class WebhookDispatcher:
             if worker is not None:
                 worker.update(hook)
                 continue
-            # a worker of the same webhook still finishing its attempts shares what it holds,
+            # workers of the same webhook still finishing their attempts share what they hold,
             # so the new one does not send those deliveries a second time
-            old = self._retiring.get(hook.id)
-            worker = _Worker(self, session, hook, None if old is None else old.held)
+            worker = _Worker(self, session, hook, self._held.setdefault(hook.id, set()))
             self._workers[hook.id] = worker
             worker.start()
+        for hook_id in [h for h, ids in self._held.items() if not ids and h not in self._workers]:
+            del self._held[hook_id]  # nothing in flight: no worker can be sending it
 
     def _retire(self, worker: _Worker) -> None:
         """Stop a worker without waiting here: a hanging endpoint must not hold up fan-out."""
         hook_id = worker.hook.id
         worker.halt()  # now, not when the stop task first runs: a sender may be about to start
-        self._retiring[hook_id] = worker
         task = asyncio.create_task(worker.stop(), name=f"webhook:{hook_id}:stop")
         self._retired.add(task)
 
         def done(finished: asyncio.Task[None]) -> None:
             self._retired.discard(finished)
-            if self._retiring.get(hook_id) is worker:
-                del self._retiring[hook_id]
             successor = self._workers.get(hook_id)
             if successor is not None:
                 successor.poke()  # what the stopped worker held and let go of is due to it
@@ -338,13 +347,13 @@ class _Worker:
         dispatcher: WebhookDispatcher,
         session: aiohttp.ClientSession,
         hook: Webhook,
-        held: set[int] | None = None,
+        held: set[int],
     ) -> None:
         s = dispatcher._settings
         self._dispatcher = dispatcher
         self._session = session
         self.hook = hook
-        self.held: set[int] = set() if held is None else held  # fetched, not yet recorded
+        self.held = held  # fetched, not yet recorded: shared with the webhook's other workers
         self._queue: asyncio.Queue[Due | None] = asyncio.Queue()
         self._low_water = max(2 * s.concurrency, s.fetch_batch // 8)  # a refill takes ms
         self._batch = max(s.fetch_batch, 2 * self._low_water)
@@ -475,8 +484,8 @@ class _Worker:
                     self.held.discard(item[0].id)
                     continue
             delivery, event = item
+            outcome = await self._attempt(event)
             try:
-                outcome = await d._attempt(self._session, self.hook, event, self._refused)
                 writes = self._settle(delivery, event, outcome)
                 if writes is not None:  # the endpoint's state: finish it even if we are cancelled
                     await asyncio.shield(writes)
@@ -484,6 +493,22 @@ class _Worker:
                     await d._recorder.room()
             except StoreError as exc:
                 log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
+            except Exception as exc:  # a bug must not end the sender: the worker would stall
+                error = _error_text(exc, self.hook.url)
+                log.error("webhook.settle_crashed", webhook=self.hook.id, error=error)
+
+    async def _attempt(self, event: OutboxEvent) -> Outcome:
+        """One attempt; whatever it raises (it should not: a bug, or an answer nobody thought
+        of) is a failed attempt, logged, never the end of the sender task, which would hold its
+        delivery for ever and take one of the endpoint's slots with it."""
+        d = self._dispatcher
+        try:
+            return await d._attempt(self._session, self.hook, event, self._refused)
+        except Exception as exc:
+            # no traceback: its frames' text may hold the URL (and a token in its query)
+            error = _error_text(exc, self.hook.url)
+            log.error("webhook.attempt_crashed", webhook=self.hook.id, error=error)
+            return Outcome(None, 0.0, "", f"internal error: {error}"[:500])
 
     async def _pace(self) -> None:
         """The endpoint's own rate limit, as a minimum spacing between attempts: each sender
@@ -517,11 +542,12 @@ class _Worker:
             now,
             outcome.status_code,
             outcome.latency_ms,
-            outcome.excerpt,
-            outcome.error,
+            _storable(outcome.excerpt),
+            None if outcome.error is None else _storable(outcome.error),
         )
+        read = delivery.attempts  # settled only if no redeliver/recover reset it meanwhile
         if outcome.ok:
-            d._recorder.add(attempt, "delivered", now, self._recorded)
+            d._recorder.add(attempt, "delivered", now, read, self._recorded)
             d._count("delivered", event.committed_ms, now)
             d.delivered += 1
             if self.failing_since_ms is None:
@@ -531,7 +557,7 @@ class _Worker:
         d.failed_attempts += 1
         delay = d._retry_delay_s(delivery.attempts + 1, outcome)
         status, next_ms = ("dead", now) if delay is None else ("pending", now + int(delay * 1000))
-        d._recorder.add(attempt, status, next_ms, self._recorded)
+        d._recorder.add(attempt, status, next_ms, read, self._recorded)
         d._count(status, event.committed_ms, now)
         log.warning(
             "webhook.attempt_failed",
@@ -591,25 +617,44 @@ class _Recorder:
     by its worker until its record is written, so it is never fetched again while its result
     is only in memory; a crash before the write leaves it pending, and it is sent again with
     the same ``webhook-id``.
+
+    A batch the store refuses is written again record by record (unless the store is
+    unreachable), so one record it cannot take does not take the others down with it. A record
+    that still cannot be written stays held for a backoff that doubles with each failure of
+    that delivery (``backoff_s`` to ``max_backoff_s``), then is due again: an attempt whose
+    record fails must not turn into a resend loop against its endpoint.
     """
 
     def __init__(
-        self, store: Store, linger_s: float = 0.02, max_batch: int = 500, max_backlog: int = 5000
+        self,
+        store: Store,
+        linger_s: float = 0.02,
+        max_batch: int = 500,
+        max_backlog: int = 5000,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 300.0,
     ) -> None:
         self._store = store
         self._linger_s = linger_s
         self._max_batch = max_batch
         self._max_backlog = max_backlog
-        self._pending: list[tuple[Attempt, str, int, Recorded]] = []
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._pending: list[_Record] = []
         self._flusher: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
         self._room.set()
         self._hurry = asyncio.Event()  # write without lingering
         self._closed = False
+        self._failures: dict[int, int] = {}  # delivery id -> its records failed in a row
+        self._backoffs: set[asyncio.TimerHandle] = set()
 
-    def add(self, attempt: Attempt, status: str, next_ms: int, done: Recorded) -> None:
-        """Record an attempt; ``done(delivery_id, status, next_ms)`` runs once it is written."""
-        self._pending.append((attempt, status, next_ms, done))
+    def add(
+        self, attempt: Attempt, status: str, next_ms: int, read_attempts: int, done: Recorded
+    ) -> None:
+        """Record an attempt of a delivery read with ``read_attempts`` attempts; ``done(delivery_id,
+        status, next_ms)`` runs once it is written (or after a backoff, when it cannot be)."""
+        self._pending.append((attempt, status, next_ms, read_attempts, done))
         if len(self._pending) >= self._max_backlog:
             self._room.clear()
         if self._flusher is None:
@@ -625,13 +670,15 @@ class _Recorder:
         await self._room.wait()
 
     async def close(self) -> None:
-        """Write everything recorded so far, without lingering."""
+        """Write everything recorded so far, without lingering; drop the backoffs (the
+        deliveries they hold are pending in the store, for whoever runs next)."""
         self._closed = True
-        if self._flusher is None:
-            return
         self._hurry.set()
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
+        for handle in self._backoffs:
+            handle.cancel()
+        self._backoffs.clear()
 
     async def _flush(self) -> None:
         try:
@@ -646,15 +693,7 @@ class _Recorder:
                         await asyncio.wait_for(self._hurry.wait(), self._linger_s)
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                try:
-                    await self._store.finish_attempts([(a, s, n) for a, s, n, _ in batch])
-                except StoreError as exc:
-                    log.warning("webhook.store_error", error=str(exc), attempts=len(batch))
-                    for attempt, _, _, done in batch:  # not recorded: due again
-                        done(attempt.delivery_id, "pending", attempt.attempted_ms)
-                else:
-                    for attempt, status, next_ms, done in batch:
-                        done(attempt.delivery_id, status, next_ms)
+                await self._write(batch)
                 if len(self._pending) < self._max_backlog:
                     self._room.set()
         finally:
@@ -662,30 +701,64 @@ class _Recorder:
             if not self._closed:
                 self._hurry.clear()
 
+    async def _write(self, batch: list[_Record]) -> None:
+        try:
+            await self._store.finish_attempts([(a, s, n, r) for a, s, n, r, _ in batch])
+        except StoreError as exc:
+            log.warning("webhook.store_error", error=str(exc), attempts=len(batch))
+            if len(batch) == 1 or isinstance(exc, UnavailableError):
+                for record in batch:
+                    self._back_off(record)
+                return
+            for record in batch:  # which one the store refused: the others are written
+                attempt, status, next_ms, read, _ = record
+                try:
+                    await self._store.finish_attempts([(attempt, status, next_ms, read)])
+                except StoreError as single:
+                    refused = attempt.delivery_id
+                    log.warning("webhook.record_refused", delivery=refused, error=str(single))
+                    self._back_off(record)
+                else:
+                    self._written(record)
+        else:
+            for record in batch:
+                self._written(record)
+
+    def _written(self, record: _Record) -> None:
+        attempt, status, next_ms, _, done = record
+        self._failures.pop(attempt.delivery_id, None)
+        done(attempt.delivery_id, status, next_ms)
+
+    def _back_off(self, record: _Record) -> None:
+        """Not recorded: the delivery stays held for the backoff, then is due again."""
+        attempt, _, _, _, done = record
+        failures = self._failures.get(attempt.delivery_id, 0)
+        self._failures[attempt.delivery_id] = failures + 1
+        wait_s = min(self._backoff_s * 2 ** min(failures, 30), self._max_backoff_s)
+
+        def release() -> None:
+            self._backoffs.discard(handle)
+            done(attempt.delivery_id, "pending", attempt.attempted_ms)
+
+        handle = asyncio.get_running_loop().call_later(wait_s, release)
+        self._backoffs.add(handle)
+
+
+_Record = tuple[Attempt, str, int, int, Recorded]  # attempt, status, next_ms, attempts read, done
+
 
 def _literal_refusal(guard: Guard, url: str) -> SsrfError | None:
     """The guard's verdict on a URL whose host is an IP literal (aiohttp does not resolve
     those, so the resolver's check never sees them); None when allowed or a name."""
     try:
-        guard.check_literal(urlsplit(url).hostname or "")
+        host = urlsplit(url).hostname or ""
+    except ValueError:  # refused at registration: only a store written by hand holds one
+        return SsrfError("url: not a valid URL")
+    try:
+        guard.check_literal(host)
     except SsrfError as exc:
         return exc
     return None
-
-
-def _error_text(exc: BaseException, url: str) -> str:
-    """An exception as an attempt's error (stored, listed by the API, logged). aiohttp puts the
-    request's URL in some (a response it cannot parse, an invalid URL): every form of it is
-    shown as :func:`shown` shows URLs, so a token in its query never reaches any of those."""
-    text = f"{type(exc).__name__}: {exc}"
-    forms = {url}
-    if isinstance(exc, aiohttp.ClientResponseError) and exc.request_info is not None:
-        forms |= {str(exc.request_info.url), str(exc.request_info.real_url)}
-    if isinstance(exc, aiohttp.InvalidURL):
-        forms.add(str(exc.url))
-    for form in sorted(forms, key=len, reverse=True):  # a form inside another after it
-        text = text.replace(form, shown(form))
-    return text[:500]
 
 
 def _lease(webhook_id: str) -> str:
@@ -701,14 +774,40 @@ def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
+def _storable(text: str) -> str:
+    """Text from an endpoint, fit to store: PostgreSQL TEXT refuses NUL (one such excerpt failed
+    the whole batch of attempt records it was written with)."""
+    return text.replace("\x00", "\ufffd")
+
+
+def _error_text(exc: BaseException, url: str) -> str:
+    """An attempt's error for its record, the API and the log, storable: never the webhook URL
+    as registered, whose query or user info may carry a token (``str()`` of some aiohttp errors
+    includes it: those are built from their parts; any other text shows the URL as
+    :func:`shown` does)."""
+    name = type(exc).__name__
+    if isinstance(exc, aiohttp.ClientResponseError):
+        text = f"{name}: {exc.status}, {exc.message}"
+    elif isinstance(exc, aiohttp.InvalidURL):
+        text = f"{name}: {exc.description or 'invalid URL'}"
+    elif isinstance(exc, aiohttp.NonHttpUrlClientError):
+        text = f"{name}: not an http(s) URL"
+    else:
+        text = f"{name}: {exc}"
+    if url:
+        text = text.replace(url, shown(url))
+    return _storable(text)[:500]
+
+
 def _retry_after(resp: aiohttp.ClientResponse, now_s: float) -> float | None:
-    """Seconds a Retry-After header asks for: delay-seconds or an HTTP-date (RFC 9110)."""
+    """Seconds a Retry-After header asks for: delay-seconds or an HTTP-date (RFC 9110); None
+    for anything else (ASCII digits only: ``str.isdigit`` also takes "²", which float refuses)."""
     value = resp.headers.get("Retry-After", "").strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # HTTP-dates are GMT
         when = when.replace(tzinfo=UTC)

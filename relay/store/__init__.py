@@ -22,6 +22,7 @@ from relay.store.base import (
     StreamFilter,
     StreamKey,
     StreamStats,
+    UnavailableError,
     Webhook,
 )
 from relay.store.postgres import PostgresSettings, PostgresStore
@@ -62,6 +63,7 @@ __all__ = [
     "StreamFilter",
     "StreamKey",
     "StreamStats",
+    "UnavailableError",
     "Webhook",
     "open_store",
 ]

@@ -29,6 +29,11 @@ class StoreError(Exception):
     """The state store failed or holds something it cannot use; the message says which."""
 
 
+class UnavailableError(StoreError):
+    """The store could not be reached (PostgreSQL: for ``reconnect_max_s``): the same call may
+    succeed later; nothing in it was refused."""
+
+
 class NotFoundError(StoreError):
     """A webhook, delivery or stream that does not exist."""
 
@@ -413,10 +418,15 @@ class Store(Protocol):
         """When the webhook's first pending delivery due later than ``after_ms`` (Unix ms) is
         due (None: nothing pending after it)."""
 
-    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
+    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int, int]]) -> None:
         """Record attempts and their deliveries' new status (pending with a retry time,
         delivered, or dead), all in one transaction. An attempt whose delivery no longer exists
         (its webhook was deleted while the attempt was in flight) is skipped, not an error.
+
+        Each result is (attempt, status, next attempt ms, the delivery's attempt count when it
+        was read for this attempt). A delivery whose count is no longer that one (a
+        ``redeliver`` or ``recover`` reset it while the attempt was in flight) keeps the reset:
+        the attempt is recorded in its history, the delivery's status is not touched.
 
         This and ``fanout`` are bookkeeping: they must survive a crash of the relay process but
         may commit without waiting for a flush to disk (SQLite ``synchronous=NORMAL``,

@@ -56,6 +56,7 @@ from relay.store.base import (
     StreamFilter,
     StreamKey,
     StreamStats,
+    UnavailableError,
     Webhook,
     gone_message,
 )
@@ -70,6 +71,10 @@ LOCK_NS = 0x43544354  # "CTCT"
 LOCK_OUTBOX = 1
 LOCK_MIGRATE = 2
 LOCK_FANOUT = 3
+# retention deletes (exclusive) against the calls that owe deliveries again (shared): prune's NOT
+# EXISTS cannot see a recover's or redeliver's uncommitted pending deliveries, and would delete
+# the events they read
+LOCK_RETENTION = 4
 BUDGET_NS = 0x43544355  # per-account request budget: (BUDGET_NS, hashtext(account))
 COMMITS_CHANNEL = "relay_outbox"  # NOTIFY channel: a transaction appended outbox events
 
@@ -251,7 +256,7 @@ class PostgresStore:
                 raise
             except RETRIABLE as exc:
                 if time.monotonic() + delay_s > deadline:
-                    raise StoreError(
+                    raise UnavailableError(
                         f"state store (PostgreSQL at {self._where}): {what} failed for"
                         f" {self.settings.reconnect_max_s:g}s: {_reason(exc)}"
                     ) from None
@@ -692,7 +697,7 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
+    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int, int]]) -> None:
         async def run(conn: Connection) -> None:
             await conn.execute(_NO_FLUSH)  # bookkeeping: no wait for the WAL flush
             # a delivery deleted with its webhook while the attempt was in flight has nothing
@@ -710,17 +715,19 @@ class PostgresStore:
                         a.response_excerpt,
                         a.error,
                     )
-                    for a, _, _ in results
+                    for a, _, _, _ in results
                 ],
             )
+            # only a delivery with the attempt count the sender read: one reset meanwhile
+            # (redeliver, recover) keeps its reset, the attempt is only its history
             await conn.executemany(
                 "UPDATE deliveries SET status = $1, attempts = attempts + 1,"
                 " next_attempt_ms = $2, last_status = $3, last_error = $4,"
                 " delivered_ms = CASE WHEN $1 = 'delivered' THEN $5 ELSE delivered_ms END"
-                " WHERE id = $6",
+                " WHERE id = $6 AND attempts = $7",
                 [
-                    (status, next_ms, a.status_code, a.error, a.attempted_ms, a.delivery_id)
-                    for a, status, next_ms in results
+                    (status, next_ms, a.status_code, a.error, a.attempted_ms, a.delivery_id, read)
+                    for a, status, next_ms, read in results
                 ],
             )
 
@@ -752,6 +759,7 @@ class PostgresStore:
 
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
         async def run(conn: Connection) -> Delivery:
+            await _owing(conn)
             # only while its event is in the outbox (see the SQLite store)
             status = await conn.execute(
                 "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = $1"
@@ -769,6 +777,7 @@ class PostgresStore:
 
     async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
         async def run(conn: Connection) -> int:
+            await _owing(conn)
             hook = await _get_webhook(conn, webhook_id)
             events = await conn.fetch(
                 "SELECT seq, event_id, kind FROM outbox WHERE committed_ms >= $1 ORDER BY seq",
@@ -815,6 +824,7 @@ class PostgresStore:
         names = [rowmap.FANOUT, *sinks]
 
         async def run(conn: Connection) -> int:
+            await _pruning(conn)  # before the reads: they then see every committed delivery
             found = {
                 str(r[0]): int(r[1])
                 for r in await conn.fetch(
@@ -843,6 +853,7 @@ class PostgresStore:
 
     async def prune_deliveries(self, before_ms: int) -> int:
         async def run(conn: Connection) -> int:  # attempts go too (ON DELETE CASCADE)
+            await _pruning(conn)  # a redeliver making one pending meanwhile keeps it
             return _count(
                 await conn.execute(
                     "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries"
@@ -1241,6 +1252,17 @@ async def _append_outbox(conn: Connection, rows: list[tuple[object, ...]]) -> No
 
 # for this transaction only: commit without waiting for the WAL flush (see the module docstring)
 _NO_FLUSH = "SET LOCAL synchronous_commit = off"
+
+
+async def _owing(conn: Connection) -> None:
+    """Shared retention lock: a ``recover`` or ``redeliver`` commits before a prune reads."""
+    await conn.execute("SELECT pg_advisory_xact_lock_shared($1, $2)", LOCK_NS, LOCK_RETENTION)
+
+
+async def _pruning(conn: Connection) -> None:
+    """Exclusive retention lock: waits for the recovers and redelivers in progress, so the
+    prune's statements (each with its own snapshot, READ COMMITTED) see their deliveries."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_RETENTION)
 
 
 async def _insert_deliveries(

@@ -585,7 +585,7 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int]]) -> None:
+    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int, int]]) -> None:
         # the whole batch as one JSON parameter: two statements whatever its size, instead of
         # two per attempt, each binding values and handing the GIL back and forth (profiled)
         batch = orjson.dumps(
@@ -599,15 +599,18 @@ class SqliteStore:
                     a.error,
                     status,
                     next_ms,
+                    read,
                 ]
-                for a, status, next_ms in results
+                for a, status, next_ms, read in results
             ]
         )
 
         def run(conn: sqlite3.Connection) -> None:
             with _tx(conn, durable=False):
                 # a delivery deleted with its webhook while the attempt was in flight has
-                # nothing left to record: skipped, the rest of the batch still commits
+                # nothing left to record: skipped, the rest of the batch still commits; one
+                # reset meanwhile (redeliver, recover: its attempt count is no longer the one
+                # the sender read) keeps its reset, the attempt is only its history
                 conn.execute(_INSERT_ATTEMPTS, (batch,))
                 conn.execute(_SETTLE_DELIVERIES, (batch,))
 
@@ -1092,7 +1095,8 @@ _BATCH = (
     "WITH batch AS (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS at,"
     " json_extract(value, '$[2]') AS code, json_extract(value, '$[3]') AS latency,"
     " json_extract(value, '$[4]') AS excerpt, json_extract(value, '$[5]') AS error,"
-    " json_extract(value, '$[6]') AS status, json_extract(value, '$[7]') AS next_ms"
+    " json_extract(value, '$[6]') AS status, json_extract(value, '$[7]') AS next_ms,"
+    " json_extract(value, '$[8]') AS read"
     " FROM json_each(?))"
 )
 _INSERT_ATTEMPTS = (
@@ -1106,7 +1110,7 @@ _SETTLE_DELIVERIES = (
     "  deliveries SET status = batch.status, attempts = attempts + 1,"
     " next_attempt_ms = batch.next_ms, last_status = batch.code, last_error = batch.error,"
     " delivered_ms = CASE WHEN batch.status = 'delivered' THEN batch.at ELSE delivered_ms END"
-    " FROM batch WHERE deliveries.id = batch.id"
+    " FROM batch WHERE deliveries.id = batch.id AND deliveries.attempts = batch.read"
 )
 _FANOUT_PENDING = (
     "SELECT 1 FROM outbox WHERE seq >"

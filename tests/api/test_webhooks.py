@@ -6,20 +6,24 @@ import asyncio
 import dataclasses
 import re
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
+from pytest_aiohttp import AiohttpClient
 from standardwebhooks.webhooks import Webhook as Verifier
 
-from relay.api import AdminSettings, service
+from relay.api import AdminSettings, create_admin_app, service
 from relay.api.status import RelayView
 from relay.events import WILDCARD, Kind
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
-from relay.store import Attempt, Store, Webhook
+from relay.store import Attempt, Store, Webhook, open_store
 from tests.api.conftest import (
     AUTH,
+    KEY,
     PUBLIC_URL,
     T0,
     TOKEN,
@@ -325,6 +329,31 @@ async def test_event_types_are_deduplicated(client: Client) -> None:
             "url: https is required",
             id="plain-http",
         ),
+        pytest.param(
+            {"url": PUBLIC_URL, "event_types": [CLICK], "description": "a\x00b"},
+            "description: must not contain NUL",
+            id="description-nul",
+        ),
+        pytest.param(
+            {"url": f"https://{'a' * 64}.example.com/hook", "event_types": [CLICK]},
+            "url: ",
+            id="label-over-63",
+        ),
+        pytest.param(
+            {"url": "https://a..example.com/hook", "event_types": [CLICK]},
+            "url: ",
+            id="empty-label",
+        ),
+        pytest.param(
+            {"url": "https://[::1/hook", "event_types": [CLICK]},
+            "url: not a valid URL",
+            id="unclosed-ipv6",
+        ),
+        pytest.param(
+            {"url": "https://[zz]/hook", "event_types": [CLICK]},
+            "url: not a valid URL",
+            id="bad-ipv6",
+        ),
     ],
 )
 async def test_create_validation_names_the_field(
@@ -494,6 +523,8 @@ async def test_delete_then_404(client: Client) -> None:
         pytest.param("POST", "/v1/deliveries/424242/redeliver", None, id="redeliver"),
         pytest.param("POST", "/v1/deliveries/abc/redeliver", None, id="redeliver-not-int"),
         pytest.param("POST", f"/v1/deliveries/{2**70}/redeliver", None, id="redeliver-huge"),
+        # more digits than int() converts (4300): never parsed, still no such delivery
+        pytest.param("POST", f"/v1/deliveries/{'1' * 5000}/redeliver", None, id="redeliver-long"),
     ],
 )
 async def test_unknown_ids_are_404(
@@ -555,7 +586,7 @@ async def test_deliveries_with_attempts_filter_and_limit(
     assert len(pending) == 2
     oldest = pending[-1]
     await store.finish_attempts(
-        [(Attempt(oldest.id, T0 + 1000, 500, 12.3456, "oops", "HTTP 500"), "dead", T0 + 1000)]
+        [(Attempt(oldest.id, T0 + 1000, 500, 12.3456, "oops", "HTTP 500"), "dead", T0 + 1000, 0)]
     )
     path = f"/v1/webhooks/{hook_id}/deliveries"
     listed = await ok(await client.get(path, headers=AUTH))
@@ -607,7 +638,7 @@ async def test_deliveries_page_back_with_before_and_next_before(
     oldest, second = every[-1], every[-2]
     await store.finish_attempts(
         [
-            (Attempt(i, T0 + 1000, 500, 1.0, "", "HTTP 500"), "dead", T0 + 1000)
+            (Attempt(i, T0 + 1000, 500, 1.0, "", "HTTP 500"), "dead", T0 + 1000, 0)
             for i in (oldest, second)
         ]
     )
@@ -632,6 +663,8 @@ async def test_deliveries_page_back_with_before_and_next_before(
         pytest.param({"before": "-3"}, "before: expected a delivery id", id="before-negative"),
         pytest.param({"before": "2" * 20}, "before: expected a delivery id", id="before-big"),
         pytest.param({"befor": "3"}, "befor: unknown query parameter", id="before-typo"),
+        pytest.param({"limit": "1" * 5000}, "limit: expected an integer", id="limit-long"),
+        pytest.param({"before": "1" * 5000}, "before: expected a delivery id", id="before-long"),
     ],
 )
 async def test_deliveries_query_validation(
@@ -650,7 +683,7 @@ async def test_redeliver_resets_a_dead_delivery(client: Client, store: Store) ->
     hook = await create(client)
     await commit_events(store, [activity(1, T0 - 5000)], T0)
     (delivery,) = await store.deliveries(str(hook["id"]), 10)
-    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0)])
+    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0, 0)])
     response = await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH)
     body = await ok(response, 202)
     assert body["status"] == "pending"
@@ -668,7 +701,7 @@ async def test_redeliver_of_a_delivery_whose_event_was_pruned_is_410(
     hook = await create(client)
     await commit_events(store, [activity(1, T0 - 5000), activity(2, T0 - 4000)], T0)
     first, _ = sorted(await store.deliveries(str(hook["id"]), 10), key=lambda d: d.id)
-    await store.finish_attempts([(Attempt(first.id, T0, 200, 5.0), "delivered", T0)])
+    await store.finish_attempts([(Attempt(first.id, T0, 200, 5.0), "delivered", T0, 0)])
     assert await store.prune_outbox(T0 + 1, []) == 1
     response = await client.post(f"/v1/deliveries/{first.id}/redeliver", headers=AUTH)
     error = await error_of(response, 410)
@@ -692,7 +725,7 @@ async def test_every_change_is_told_to_the_running_dispatcher(
     await ok(await client.post(f"/v1/webhooks/{hook_id}/rotate-secret", headers=AUTH))
     await commit_events(store, [activity(1, T0 - 5000)], T0)
     (delivery,) = await store.deliveries(hook_id, 10)
-    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0)])
+    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0, 0)])
     await ok(await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH), 202)
     since = {"since": "2025-11-21T04:39:00+00:00"}
     await ok(await client.post(f"/v1/webhooks/{hook_id}/recover", json=since, headers=AUTH), 202)
@@ -726,6 +759,8 @@ async def test_recover_owes_matching_events_again(client: Client, store: Store) 
         pytest.param("2025-13-01T00:00:00Z", id="month"),
         pytest.param("2025-01-01T00:00:00+24:00", id="offset"),
         pytest.param(1763700000000, id="number"),
+        pytest.param("2025-01-01T00:00:61Z", id="second-61"),
+        pytest.param("2025-01-01T00:00:99Z", id="second-99"),
     ],
 )
 async def test_recover_needs_an_rfc3339_time(client: Client, since: object) -> None:
@@ -768,3 +803,93 @@ async def test_rotation_body_is_optional_but_json(client: Client, data: bytes, s
         assert (await error_of(response, 400))["message"].startswith("body: not valid JSON")
     else:
         assert (await ok(response))["secret"] != hook["secret"]
+
+
+async def test_a_leap_second_is_a_time_but_no_later_second_is(client: Client) -> None:
+    """RFC 3339 allows second 60 (a leap second, read as :59); 61 and up were clamped to :59."""
+    hook = await create(client)
+    path = f"/v1/webhooks/{hook['id']}/recover"
+    response = await client.post(path, json={"since": "2016-12-31T23:59:60Z"}, headers=AUTH)
+    assert response.status == 202, await response.text()
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param("/v1/webhooks", id="list"), pytest.param("/v1/webhooks/{id}", id="show")]
+)
+async def test_webhook_reads_refuse_unknown_query_parameters(client: Client, path: str) -> None:
+    """As every other route does: ``?enabled=false`` must not silently list everything."""
+    hook = await create(client)
+    response = await client.get(
+        path.format(id=hook["id"]), params={"enabled": "false"}, headers=AUTH
+    )
+    message = (await error_of(response, 400))["message"]
+    assert message == "enabled: unknown query parameter (known: none)"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """An opened, empty store of each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    opened = open_store(url)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        pytest.param("GET", "/v1/webhooks/wh%00x", None, id="show"),
+        pytest.param("PATCH", "/v1/webhooks/wh%00x", {"enabled": True}, id="patch"),
+        pytest.param("DELETE", "/v1/webhooks/wh%00x", None, id="delete"),
+        pytest.param("POST", "/v1/webhooks/wh%00x/rotate-secret", None, id="rotate"),
+        pytest.param("GET", "/v1/webhooks/wh%00x/deliveries", None, id="deliveries"),
+        pytest.param(
+            "POST", "/v1/webhooks/wh%00x/recover", {"since": "2025-01-01T00:00:00Z"}, id="recover"
+        ),
+        pytest.param("DELETE", "/v1/accounts/acme/targets/campaigns/1%002", None, id="target"),
+    ],
+)
+async def test_a_nul_in_a_path_id_is_404_on_every_store(
+    aiohttp_client: AiohttpClient,
+    any_store: Store,
+    method: str,
+    path: str,
+    body: dict[str, object] | None,
+) -> None:
+    """PostgreSQL refuses NUL in a query (it was a 500): an id with one names nothing."""
+    await any_store.ensure_streams([KEY], T0)
+    app = create_admin_app(any_store, AdminSettings(token=TOKEN), guard=Guard())
+    client = await aiohttp_client(app)
+    response = await client.request(method, path, json=body, headers=AUTH)
+    assert (await error_of(response, 404))["message"].startswith("no ")
+
+
+@pytest.mark.parametrize(
+    ("route", "field"),
+    [
+        pytest.param("create", "description", id="create-description"),
+        pytest.param("patch", "description", id="patch-description"),
+    ],
+)
+async def test_a_nul_in_a_body_string_is_a_400_naming_it_on_every_store(
+    aiohttp_client: AiohttpClient, any_store: Store, route: str, field: str
+) -> None:
+    """A JSON "\\u0000" in a string field is refused before the store sees it (PostgreSQL
+    text cannot hold it: it was a 500)."""
+    app = create_admin_app(any_store, AdminSettings(token=TOKEN), guard=Guard())
+    client = await aiohttp_client(app)
+    data = {"url": PUBLIC_URL, "event_types": [CLICK], field: "a\x00b"}
+    if route == "create":
+        response = await client.post("/v1/webhooks", json=data, headers=AUTH)
+    else:
+        hook = await create(client)
+        response = await client.patch(
+            f"/v1/webhooks/{hook['id']}", json={field: "a\x00b"}, headers=AUTH
+        )
+    message = (await error_of(response, 400))["message"]
+    assert message == f"{field}: must not contain NUL (U+0000)"
+    assert [h.description for h in await any_store.webhooks()] in ([], [""])

@@ -66,6 +66,10 @@ class Answer:
         pytest.param("soon", None, id="garbage"),
         pytest.param("-5", None, id="negative"),
         pytest.param("", None, id="empty"),
+        pytest.param("\u00b2", None, id="superscript-digit"),  # isdigit() says yes, float() no
+        pytest.param("\u0661\u0662", None, id="arabic-indic-digits"),
+        pytest.param("Sun, 06 Nov 99999999999 08:49:37 GMT", None, id="year-overflows-c-int"),
+        pytest.param("Sun, 06 Nov 10000 08:49:37 GMT", None, id="year-beyond-9999"),
     ],
 )
 def test_retry_after_reads_seconds_and_http_dates(value: str, seconds: float | None) -> None:

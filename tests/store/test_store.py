@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -17,6 +20,7 @@ from relay.store import (
     GoneError,
     NotFoundError,
     PassResult,
+    PostgresStore,
     Store,
     StoreError,
     StreamKey,
@@ -290,7 +294,7 @@ async def test_prune_outbox_keeps_events_owed_to_webhooks(store: Store) -> None:
     outcome = [(1, "delivered"), (2, "dead"), (3, "delivered"), (4, "pending"), (5, "delivered")]
     await store.finish_attempts(
         [
-            (Attempt(deliveries[seq - 1].id, T0, 200, 1.0), status, T0)
+            (Attempt(deliveries[seq - 1].id, T0, 200, 1.0), status, T0, 0)
             for seq, status in outcome
             if status != "pending"
         ]
@@ -313,9 +317,9 @@ async def test_prune_deliveries_drops_delivered_history_only(store: Store) -> No
     d = sorted(await store.deliveries("wh_1", 100), key=lambda x: x.seq)
     await store.finish_attempts(
         [
-            (Attempt(d[0].id, T0 + 10, 200, 1.0), "delivered", T0),
-            (Attempt(d[1].id, T0 + 90, 200, 1.0), "delivered", T0),
-            (Attempt(d[2].id, T0 + 10, 500, 1.0), "dead", T0),
+            (Attempt(d[0].id, T0 + 10, 200, 1.0), "delivered", T0, 0),
+            (Attempt(d[1].id, T0 + 90, 200, 1.0), "delivered", T0, 0),
+            (Attempt(d[2].id, T0 + 10, 500, 1.0), "dead", T0, 0),
         ]
     )
     assert await store.prune_deliveries(T0 + 50) == 1
@@ -339,7 +343,7 @@ async def test_due_deliveries_read_back_every_field_in_due_order(store: Store) -
     await store.commit_page(sid, [odd, activity(2, T0 + 2, kind=Kind.CLICK)], T0 + 7)
     await store.fanout(100, T0)
     first, _ = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)
-    await store.finish_attempts([(Attempt(first.id, T0 + 1, 500, 1.0), "pending", T0 + 50)])
+    await store.finish_attempts([(Attempt(first.id, T0 + 1, 500, 1.0), "pending", T0 + 50, 0)])
     due = await store.due_deliveries("wh_1", T0 + 100, 10)
     assert [d.seq for d, _ in due] == [2, 1]  # seq 1 is due later (its retry)
     delivery, event = due[1]
@@ -381,9 +385,9 @@ async def test_next_due_ms_is_the_first_pending_retry_after_a_time(store: Store)
     assert await store.next_due_ms("wh_1", T0) is None
     await store.finish_attempts(
         [
-            (Attempt(a.id, T0, 500, 1.0), "pending", T0 + 5000),
-            (Attempt(b.id, T0, 503, 1.0), "pending", T0 + 300),
-            (Attempt(c.id, T0, 200, 1.0), "delivered", T0),
+            (Attempt(a.id, T0, 500, 1.0), "pending", T0 + 5000, 0),
+            (Attempt(b.id, T0, 503, 1.0), "pending", T0 + 300, 0),
+            (Attempt(c.id, T0, 200, 1.0), "delivered", T0, 0),
         ]
     )
     assert await store.next_due_ms("wh_1", T0) == T0 + 300
@@ -401,7 +405,7 @@ async def test_redeliver_needs_the_event_in_the_outbox(store: Store) -> None:
     await store.commit_page(sid, [activity(i, T0 + i) for i in range(1, 3)], T0)
     await store.fanout(100, T0)
     first, second = (d for d, _ in await store.due_deliveries("wh_1", T0, 10))
-    await store.finish_attempts([(Attempt(first.id, T0, 200, 1.0), "delivered", T0)])
+    await store.finish_attempts([(Attempt(first.id, T0, 200, 1.0), "delivered", T0, 0)])
     assert await store.prune_outbox(T0 + 1, []) == 1
     with pytest.raises(GoneError, match=f"delivery {first.id}: its event .* no longer"):
         await store.redeliver(first.id, T0 + 2)
@@ -545,7 +549,7 @@ async def test_deliveries_page_back_by_id_with_before(store: Store) -> None:
     assert [d.id for d in await store.deliveries("wh_1", 2, before=ids[1])] == ids[2:4]
     assert [d.id for d in await store.deliveries("wh_1", 100, before=ids[-1])] == []
     assert [d.id for d in await store.deliveries("wh_1", 100, before=ids[0] + 1)] == ids
-    await store.finish_attempts([(Attempt(ids[3], T0, 500, 1.0, "", "HTTP 500"), "dead", T0)])
+    await store.finish_attempts([(Attempt(ids[3], T0, 500, 1.0, "", "HTTP 500"), "dead", T0, 0)])
     assert [d.id for d in await store.deliveries("wh_1", 10, "dead", before=ids[2])] == [ids[3]]
     assert await store.deliveries("wh_1", 10, "dead", before=ids[3]) == []
     assert await store.deliveries("wh_other", 10, before=ids[0] + 1) == []
@@ -814,8 +818,8 @@ async def test_attempts_of_deleted_deliveries_are_skipped(store: Store) -> None:
     await store.delete_webhook("wh_1")
     await store.finish_attempts(
         [
-            (Attempt(gone.id, T0, 200, 1.0), "delivered", T0),
-            (Attempt(kept.id, T0, 200, 1.0), "delivered", T0),
+            (Attempt(gone.id, T0, 200, 1.0), "delivered", T0, 0),
+            (Attempt(kept.id, T0, 200, 1.0), "delivered", T0, 0),
         ]
     )
     assert (await store.delivery(kept.id)).status == "delivered"
@@ -978,3 +982,108 @@ async def test_commit_replay_page_appends_a_repeated_activity_once(store: Store)
     )
     assert (new, appended) == (1, 4)
     assert len({e.event_id for e in await store.read_outbox(3, 10)}) == 4
+
+
+async def test_an_attempt_finished_after_a_reset_keeps_the_reset(store: Store) -> None:
+    """redeliver or recover while an attempt is in flight: its record joins the history, but
+    the delivery keeps the reset (pending, due now, a fresh budget) instead of the status the
+    sender computed from the attempt count it read before (dead: never sent again)."""
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(1, T0), activity(2, T0)], T0)
+    await store.fanout(100, T0)
+    first, second = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)
+    await store.finish_attempts(
+        [
+            (Attempt(first.id, T0, 500, 1.0), "pending", T0 + 1, 0),
+            (Attempt(second.id, T0, 500, 1.0), "pending", T0 + 1, 0),
+        ]
+    )
+    # both read again with one attempt made, sent; then reset while in flight
+    assert (await store.redeliver(first.id, T0 + 2)).attempts == 0
+    assert await store.recover("wh_1", 0, T0 + 2) == 2
+    await store.finish_attempts(
+        [
+            (Attempt(first.id, T0 + 3, 500, 1.0, "", "HTTP 500"), "dead", T0 + 3, 1),
+            (Attempt(second.id, T0 + 3, 200, 1.0), "delivered", T0 + 3, 1),
+        ]
+    )
+    for delivery in (first, second):
+        now = await store.delivery(delivery.id)
+        assert (now.status, now.attempts, now.next_attempt_ms) == ("pending", 0, T0 + 2)
+        assert [a.attempted_ms for a in await store.attempts(delivery.id)] == [T0, T0 + 3]
+    # an attempt of the reset delivery settles it as usual
+    await store.finish_attempts([(Attempt(first.id, T0 + 4, 200, 1.0), "delivered", T0 + 4, 0)])
+    assert (await store.delivery(first.id)).status == "delivered"
+
+
+@contextlib.asynccontextmanager
+async def delivery_row_locked(store: Store, delivery_id: int) -> AsyncIterator[None]:
+    """PostgreSQL: another connection holds the delivery's row, so a recover resetting it waits
+    in mid-transaction (its reads done, its writes not) until the block ends. SQLite runs one
+    transaction at a time: nothing to hold."""
+    if not isinstance(store, PostgresStore):
+        yield
+        return
+    conn = await asyncpg.connect(store._url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE", delivery_id)
+            yield
+    finally:
+        await conn.close()
+
+
+async def test_a_prune_overlapping_a_recover_leaves_no_pending_delivery_without_its_event(
+    store: Store,
+) -> None:
+    """recover reads old events and owes them again while the hourly prune runs: the prune
+    waits for it (PostgreSQL: its NOT EXISTS cannot see uncommitted deliveries) and keeps the
+    events, so every pending delivery is still due (the due read joins its event)."""
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(1, 4)], T0)  # seq 1..3
+    await store.fanout(100, T0)
+    delivered = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)
+    await store.finish_attempts(
+        [(Attempt(d.id, T0, 200, 1.0), "delivered", T0, 0) for d in delivered]
+    )
+    await store.commit_page(sid, [activity(9, T0 + 9)], T0 + 10**6)  # seq 4: the head stays
+    await store.fanout(100, T0 + 10**6)
+    async with delivery_row_locked(store, delivered[0].id):
+        recovering = asyncio.create_task(store.recover("wh_1", 0, T0 + 10**6))
+        await asyncio.sleep(0.3)  # recover has read the events and waits to write
+        pruning = asyncio.create_task(store.prune_outbox(T0 + 1, []))
+        await asyncio.sleep(0.3)
+    assert await recovering == 4
+    await pruning
+    pending = await store.deliveries("wh_1", 10, "pending")
+    due = await store.due_deliveries("wh_1", T0 + 10**7, 10)
+    assert sorted(d.id for d in pending) == sorted(d.id for d, _ in due)
+    assert len(due) == 4
+
+
+async def test_a_prune_overlapping_a_redeliver_leaves_no_pending_delivery_without_its_event(
+    store: Store,
+) -> None:
+    """redeliver makes a delivered delivery pending while the prune deletes delivered events:
+    either the prune goes first (GoneError, nothing pending) or the event stays."""
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(1, T0 + 1), activity(2, T0 + 2)], T0)  # seq 1, 2
+    await store.fanout(100, T0)
+    first = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)[0]
+    await store.finish_attempts([(Attempt(first.id, T0, 200, 1.0), "delivered", T0, 0)])
+    async with delivery_row_locked(store, first.id):
+        redelivering = asyncio.create_task(store.redeliver(first.id, T0 + 5))
+        await asyncio.sleep(0.3)  # PostgreSQL: its UPDATE waits for the row
+        pruning = asyncio.create_task(store.prune_outbox(T0 + 1, []))
+        await asyncio.sleep(0.3)
+    redelivered = await asyncio.gather(redelivering, return_exceptions=True)
+    await pruning
+    now = await store.delivery(first.id)
+    due = await store.due_deliveries("wh_1", T0 + 10**7, 10)
+    if now.status == "pending":
+        assert first.id in [d.id for d, _ in due]
+    else:
+        assert isinstance(redelivered[0], GoneError)
