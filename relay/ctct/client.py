@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Final
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -424,17 +424,20 @@ def _map_error(
 
 
 def _retry_after_s(value: str | None) -> float | None:
-    """Retry-After as seconds (delta-seconds form; the HTTP-date form counts from now)."""
+    """Retry-After as seconds (delta-seconds form; the HTTP-date form counts from now); None for
+    anything else (ASCII digits only: ``str.isdigit`` also takes "²", which float refuses)."""
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, (moment - datetime.now(moment.tzinfo)).total_seconds())
+    if moment.tzinfo is None:  # HTTP-dates are GMT
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 def _date_ms(value: str | None) -> int | None:
@@ -443,7 +446,7 @@ def _date_ms(value: str | None) -> int | None:
         return None
     try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if moment.tzinfo is None:  # "-0000": no zone known, so no instant either
         return None

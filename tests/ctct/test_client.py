@@ -542,6 +542,7 @@ async def test_pages_carry_the_upstreams_clock_from_its_date_header(make_sim: Ma
         pytest.param(None, None, id="absent"),
         pytest.param("yesterday", None, id="not-a-date"),
         pytest.param("Fri, 20 Nov 2026 09:00:00 -0000", None, id="no-zone"),
+        pytest.param("Mon, 01 Jan 99999999999999999999 00:00:00 GMT", None, id="overflow"),
     ],
 )
 def test_date_headers_are_read_as_unix_ms_or_none(header: str | None, ms: int | None) -> None:
@@ -563,3 +564,43 @@ async def test_requests_are_counted_per_task_on_a_shared_client(sim: Sim) -> Non
 
     assert await asyncio.gather(send(3), send(1)) == [3, 1]
     assert client.requests_sent == 4
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    [
+        pytest.param("\u00b2", id="superscript-two"),
+        pytest.param("\u0663", id="arabic-indic-digit"),
+        pytest.param("Mon, 01 Jan 99999999999999999999 00:00:00 GMT", id="overflowing-year"),
+    ],
+)
+async def test_an_odd_retry_after_is_ignored_not_a_crash(
+    aiohttp_server: Callable[..., object], retry_after: str
+) -> None:
+    """A 429 whose Retry-After is neither ASCII delay-seconds nor a usable HTTP date is retried
+    on the client's own schedule (str.isdigit takes "²", which float refuses; a huge year
+    overflows): the pass gets its page, it does not die with ValueError or OverflowError."""
+    calls = {"n": 0}
+
+    async def handler(_request: web.Request) -> web.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return web.json_response(
+                {"error_key": "too.many"}, status=429, headers={"Retry-After": retry_after}
+            )
+        return web.json_response({"meta": {"pagination": {}}, "results": []})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app)  # type: ignore[operator]
+    assert isinstance(server, TestServer)
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=100)),
+            retry=RetryPolicy(base_delay_s=0.01, max_delay_s=0.01),
+        )
+        pages = [p async for p in client.pages(catalogue.get("campaign.opens"), resource_id="1")]
+    assert calls["n"] == 2
+    assert len(pages) == 1
