@@ -429,6 +429,11 @@ class Scheduler:
             outcome.requests,
             self.budget_rps(runtime),
         )
+        failed = outcome.feed_error
+        if failed is not None:
+            # the other feeds were committed and move on; the failing one is read again no
+            # sooner than a failed pass would be, backing off as its errors repeat
+            interval = max(interval, self._backoff_s(stream))
         await self._store.finish_pass(
             stream.id,
             PassResult(
@@ -437,10 +442,19 @@ class Scheduler:
                 next_due_ms=now + int(interval * 1000),
                 rate_per_h=rate,
                 polled_ms=now,
+                error=None if failed is None else str(failed),
             ),
         )
         self.passes += 1
-        self._metrics.pass_finished(runtime.name, outcome)
+        result = "ok" if failed is None else type(failed).__name__
+        self._metrics.pass_finished(runtime.name, outcome, result)
+        if failed is not None:
+            log.warning(
+                "poll.failed",
+                error=str(failed),
+                feeds_failed=[k.value for k in outcome.feeds_failed],
+                retry_in_s=round(interval, 1),
+            )
         log.info(
             "poll.pass",
             requests=outcome.requests,
@@ -450,6 +464,15 @@ class Scheduler:
             rate_per_h=round(rate, 2),
             next_in_s=round(interval, 1),
         )
+
+    def _backoff_s(self, stream: Stream) -> float:
+        """How long a stream waits after a failed pass: doubling with its consecutive errors
+        (before this one), up to error_backoff_max_s, jittered."""
+        backoff: float = min(
+            self._settings.error_backoff_max_s,
+            self._settings.error_backoff_s * 2 ** min(stream.consecutive_errors, 16),
+        )
+        return backoff * self._rng.uniform(0.5, 1.0)
 
     async def _failed(self, runtime: AccountRuntime, stream: Stream, exc: Exception) -> None:
         """Record a failed pass and back off; an upstream error may also pause the account or
@@ -467,11 +490,7 @@ class Scheduler:
         if isinstance(exc, errors.UnauthorizedError):
             # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
             await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
-        backoff = min(
-            self._settings.error_backoff_max_s,
-            self._settings.error_backoff_s * 2 ** min(stream.consecutive_errors, 16),
-        )
-        delay_s = backoff * self._rng.uniform(0.5, 1.0)
+        delay_s = self._backoff_s(stream)
         retry_in_s = round(delay_s, 1)
         if isinstance(exc, errors.CtctError):
             reason = str(exc)
