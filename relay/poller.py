@@ -95,6 +95,7 @@ class PassOutcome:
     beyond_retention: int = 0  # re-read activities older than the dedup keys kept: left out
     future_records: int = 0  # dated past the upstream's clock: emitted, not in the watermark
     replayed: int = 0  # known activities emitted again by a replay
+    recent: int = 0  # activities read that occurred after the stream was added (first-pass rate)
     feeds_read: list[Kind] = field(default_factory=list)
     watermarks: dict[Kind, int] = field(default_factory=dict)
     summary: dict[str, int] = field(default_factory=dict)
@@ -279,6 +280,7 @@ class Poller:
             activities = self._parse(page.records, kind, outcome)
             outcome.fetched += len(activities)
             activities, last_page = _unrepeated(activities, last_page)
+            outcome.recent += sum(1 for a in activities if a.occurred_ms > stream.created_ms)
             if not activities:
                 continue
             ceiling = self._ceiling(stream, kind, page, activities, outcome)

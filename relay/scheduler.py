@@ -161,19 +161,10 @@ class Planner:
         requests: int,
         budget_rps: float,
     ) -> tuple[float, float]:
-        """The stream's new rate estimate (events/hour) and the seconds until its next pass.
-
-        ``previous_rate_per_h`` None: the stream's first pass, whose count is no rate: it is
-        whatever history the pass read (a campaign discovered after its send, ``start_from:
-        earliest``), over no known stretch of time. Divided by the seconds since the stream was
-        added, it made a backfill of 20,000 look like millions an hour, and the square-root rule
-        pushed every other stream of the account out until it decayed. It keeps the prior.
-        """
+        """The stream's new rate estimate (events/hour) and the seconds until its next pass."""
         s = self._settings
-        if previous_rate_per_h is None:
-            rate = s.prior_rate_per_h
-        else:
-            rate = estimate_rate(previous_rate_per_h, new, elapsed_s, s.smoothing, s.rate_memory_s)
+        previous = s.prior_rate_per_h if previous_rate_per_h is None else previous_rate_per_h
+        rate = estimate_rate(previous, new, elapsed_s, s.smoothing, s.rate_memory_s)
         cost = s.smoothing * requests + (1 - s.smoothing) * self._costs.get(stream_id, 2.0)
         self._costs[stream_id] = cost
         self.policy.update(stream_id, rate, cost)
@@ -421,10 +412,15 @@ class Scheduler:
         self, runtime: AccountRuntime, stream: Stream, outcome: PassOutcome
     ) -> None:
         now = self._now_ms()
+        # A first pass's rate is measured since the stream was added, so only what happened
+        # since then counts: a backfill (a campaign discovered after its send, start_from:
+        # earliest) divided by those seconds looked like millions an hour, and the square-root
+        # rule pushed every other stream of the account out until the estimate decayed.
+        new = outcome.new if stream.last_poll_ms else min(outcome.new, outcome.recent)
         rate, interval = runtime.planner.after_pass(
             stream.id,
             stream.rate_per_h if stream.last_poll_ms else None,
-            outcome.new,
+            new,
             (now - (stream.last_poll_ms or stream.created_ms)) / 1000.0,
             outcome.requests,
             self.budget_rps(runtime),

@@ -580,3 +580,16 @@ async def test_an_account_wide_error_in_one_feed_still_ends_the_pass(
     with pytest.raises(type(error)):
         await passes.poller.run_pass(stream)
     assert await passes.contacts() == []
+
+
+async def test_a_pass_counts_what_happened_after_the_stream_was_added(store: Store) -> None:
+    """``recent`` (the scheduler's first-pass rate) counts only activity after the stream was
+    added, not the history a first read backfills."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    feeds.add(Kind.OPEN, "100", T_START - 86400_000)
+    feeds.add(Kind.OPEN, "101", T_START + 1000)
+    settings = PollSettings(kinds=(Kind.OPEN,), start_from="earliest")
+    passes = Passes(store, feeds, settings, T_START + 2000)
+    outcome = await passes.poller.run_pass((await store.streams())[0])
+    assert (outcome.new, outcome.recent) == (2, 1)
