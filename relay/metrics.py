@@ -190,9 +190,10 @@ class Metrics:
 
         return observe
 
-    def pass_finished(self, account: str, outcome: PassView) -> None:
-        """A poll pass committed its pages."""
-        self.passes.labels(account, "ok").inc()
+    def pass_finished(self, account: str, outcome: PassView, result: str = "ok") -> None:
+        """A poll pass committed its pages; ``result`` names the error class of a feed that
+        failed while the others were committed."""
+        self.passes.labels(account, result).inc()
         self.events_fetched.labels(account).inc(outcome.fetched)
         self.events_new.labels(account).inc(outcome.new)
         dropped = outcome.fetched - outcome.new

@@ -25,7 +25,13 @@ import structlog
 from relay.ctct import catalogue
 from relay.ctct.catalogue import Scope
 from relay.ctct.client import CtctClient, Page, counting_requests
-from relay.ctct.errors import MalformedResponseError
+from relay.ctct.errors import (
+    BadRequestError,
+    CtctError,
+    MalformedResponseError,
+    PaginationLoopError,
+    ServerError,
+)
 from relay.events import (
     Activity,
     Kind,
@@ -44,6 +50,14 @@ SUMMARY_ENDPOINT = {Scope.CAMPAIGN: "campaign.summary", Scope.CONTACT: "contact.
 # How far past the upstream's clock a record's time may lie and still move the watermark: the
 # Date header has whole seconds, and the servers behind one API need not agree to the second.
 CLOCK_SKEW_S = 60.0
+
+
+# Errors of one feed's read that say nothing of the stream's other feeds (a feed answering 5xx,
+# a malformed body, a pagination loop, a rejected parameter): the other feeds are committed and
+# move on, the failing one keeps its watermark and summary count, and the pass reports the error
+# once finished, so the stream still backs off. Budget, quota, 401, 403, 404, 429 and transport
+# errors concern the account, the key, the network or the stream itself: they end the pass.
+FEED_ERRORS = (ServerError, MalformedResponseError, PaginationLoopError, BadRequestError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +95,13 @@ class PassOutcome:
     beyond_retention: int = 0  # re-read activities older than the dedup keys kept: left out
     future_records: int = 0  # dated past the upstream's clock: emitted, not in the watermark
     replayed: int = 0  # known activities emitted again by a replay
+    recent: int = 0  # activities read that occurred after the stream was added (first-pass rate)
     feeds_read: list[Kind] = field(default_factory=list)
     watermarks: dict[Kind, int] = field(default_factory=dict)
     summary: dict[str, int] = field(default_factory=dict)
     replay_from_ms: int | None = None  # re-emit known activity from this time (an operator asked)
+    feed_error: CtctError | None = None  # a feed failed, the others were committed (FEED_ERRORS)
+    feeds_failed: list[Kind] = field(default_factory=list)
 
 
 class Poller:
@@ -138,11 +155,42 @@ class Poller:
         pending: list[Activity] = []
         for kind in self._settings.kinds:
             if kind in to_read:
-                await self._read_feed(stream, scope, kind, outcome, pending)
+                await self._read_feed_or_skip(stream, scope, kind, outcome, pending)
             elif self._seeds(stream, kind, outcome):
                 # nothing to absorb: later activity is newer than this
                 outcome.watermarks[kind] = self._now_ms() - self._overlap_ms
         await self._commit(stream.id, pending, outcome)
+
+    async def _read_feed_or_skip(
+        self,
+        stream: Stream,
+        scope: Scope,
+        kind: Kind,
+        outcome: PassOutcome,
+        pending: list[Activity],
+    ) -> None:
+        """Read one feed; a feed-local error (``FEED_ERRORS``) leaves it to the next pass.
+
+        One persistently failing feed used to fail every pass of the stream, so the other feeds'
+        activity was read again at each retry and never emitted. What the failing feed read
+        before the error is committed with the rest: its watermark does not move, so the next
+        pass reads it again and dedup drops it. A replay still fails whole: a retry of a replay
+        appends again what it committed.
+        """
+        try:
+            await self._read_feed(stream, scope, kind, outcome, pending)
+        except FEED_ERRORS as exc:
+            if outcome.replay_from_ms is not None:
+                raise
+            name = catalogue.FEEDS[kind]
+            if name in stream.summary:  # the summary gate reads the feed again next pass
+                outcome.summary[name] = stream.summary[name]
+            else:
+                outcome.summary.pop(name, None)
+            outcome.feeds_failed.append(kind)
+            if outcome.feed_error is None:
+                outcome.feed_error = exc
+            log.warning("poll.feed_failed", kind=kind.value, error=str(exc))
 
     async def _commit(self, stream_id: int, pending: list[Activity], outcome: PassOutcome) -> None:
         """Commit buffered activity oldest first, one transaction per ``commit_events``.
@@ -232,6 +280,7 @@ class Poller:
             activities = self._parse(page.records, kind, outcome)
             outcome.fetched += len(activities)
             activities, last_page = _unrepeated(activities, last_page)
+            outcome.recent += sum(1 for a in activities if a.occurred_ms > stream.created_ms)
             if not activities:
                 continue
             ceiling = self._ceiling(stream, kind, page, activities, outcome)

@@ -161,19 +161,10 @@ class Planner:
         requests: int,
         budget_rps: float,
     ) -> tuple[float, float]:
-        """The stream's new rate estimate (events/hour) and the seconds until its next pass.
-
-        ``previous_rate_per_h`` None: the stream's first pass, whose count is no rate: it is
-        whatever history the pass read (a campaign discovered after its send, ``start_from:
-        earliest``), over no known stretch of time. Divided by the seconds since the stream was
-        added, it made a backfill of 20,000 look like millions an hour, and the square-root rule
-        pushed every other stream of the account out until it decayed. It keeps the prior.
-        """
+        """The stream's new rate estimate (events/hour) and the seconds until its next pass."""
         s = self._settings
-        if previous_rate_per_h is None:
-            rate = s.prior_rate_per_h
-        else:
-            rate = estimate_rate(previous_rate_per_h, new, elapsed_s, s.smoothing, s.rate_memory_s)
+        previous = s.prior_rate_per_h if previous_rate_per_h is None else previous_rate_per_h
+        rate = estimate_rate(previous, new, elapsed_s, s.smoothing, s.rate_memory_s)
         cost = s.smoothing * requests + (1 - s.smoothing) * self._costs.get(stream_id, 2.0)
         self._costs[stream_id] = cost
         self.policy.update(stream_id, rate, cost)
@@ -421,14 +412,24 @@ class Scheduler:
         self, runtime: AccountRuntime, stream: Stream, outcome: PassOutcome
     ) -> None:
         now = self._now_ms()
+        # A first pass's rate is measured since the stream was added, so only what happened
+        # since then counts: a backfill (a campaign discovered after its send, start_from:
+        # earliest) divided by those seconds looked like millions an hour, and the square-root
+        # rule pushed every other stream of the account out until the estimate decayed.
+        new = outcome.new if stream.last_poll_ms else min(outcome.new, outcome.recent)
         rate, interval = runtime.planner.after_pass(
             stream.id,
             stream.rate_per_h if stream.last_poll_ms else None,
-            outcome.new,
+            new,
             (now - (stream.last_poll_ms or stream.created_ms)) / 1000.0,
             outcome.requests,
             self.budget_rps(runtime),
         )
+        failed = outcome.feed_error
+        if failed is not None:
+            # the other feeds were committed and move on; the failing one is read again no
+            # sooner than a failed pass would be, backing off as its errors repeat
+            interval = max(interval, self._backoff_s(stream))
         await self._store.finish_pass(
             stream.id,
             PassResult(
@@ -437,10 +438,19 @@ class Scheduler:
                 next_due_ms=now + int(interval * 1000),
                 rate_per_h=rate,
                 polled_ms=now,
+                error=None if failed is None else str(failed),
             ),
         )
         self.passes += 1
-        self._metrics.pass_finished(runtime.name, outcome)
+        result = "ok" if failed is None else type(failed).__name__
+        self._metrics.pass_finished(runtime.name, outcome, result)
+        if failed is not None:
+            log.warning(
+                "poll.failed",
+                error=str(failed),
+                feeds_failed=[k.value for k in outcome.feeds_failed],
+                retry_in_s=round(interval, 1),
+            )
         log.info(
             "poll.pass",
             requests=outcome.requests,
@@ -450,6 +460,15 @@ class Scheduler:
             rate_per_h=round(rate, 2),
             next_in_s=round(interval, 1),
         )
+
+    def _backoff_s(self, stream: Stream) -> float:
+        """How long a stream waits after a failed pass: doubling with its consecutive errors
+        (before this one), up to error_backoff_max_s, jittered."""
+        backoff: float = min(
+            self._settings.error_backoff_max_s,
+            self._settings.error_backoff_s * 2 ** min(stream.consecutive_errors, 16),
+        )
+        return backoff * self._rng.uniform(0.5, 1.0)
 
     async def _failed(self, runtime: AccountRuntime, stream: Stream, exc: Exception) -> None:
         """Record a failed pass and back off; an upstream error may also pause the account or
@@ -467,11 +486,7 @@ class Scheduler:
         if isinstance(exc, errors.UnauthorizedError):
             # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
             await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
-        backoff = min(
-            self._settings.error_backoff_max_s,
-            self._settings.error_backoff_s * 2 ** min(stream.consecutive_errors, 16),
-        )
-        delay_s = backoff * self._rng.uniform(0.5, 1.0)
+        delay_s = self._backoff_s(stream)
         retry_in_s = round(delay_s, 1)
         if isinstance(exc, errors.CtctError):
             reason = str(exc)

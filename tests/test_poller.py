@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 import pytest
 from structlog.testing import capture_logs
 
-from relay.ctct import catalogue
+from relay.ctct import catalogue, errors
 from relay.ctct.catalogue import Endpoint
 from relay.ctct.client import Page, count_request
-from relay.ctct.errors import ServerError
+from relay.ctct.errors import CtctError, ServerError, TransportError
 from relay.ctct.ratelimit import Budget
 from relay.events import Kind, format_millis, to_millis
 from relay.poller import CLOCK_SKEW_S, Poller, PollSettings
@@ -213,6 +213,7 @@ class Feeds:
         self.requests_sent = 0
         self.records: dict[Kind, list[dict[str, object]]] = {k: [] for k in Kind}
         self.failing: set[Kind] = set()
+        self.failing_with: CtctError = ServerError("500 from the test")
         self.clock_ms: int | None = None  # the upstream's clock (Date header); None: not sent
         self.page_size: int | None = None  # None: one page
         # each page after the first repeats the previous page's last record, as offset pages do
@@ -249,7 +250,7 @@ class Feeds:
         count_request()
         kind = next(k for k in Kind if endpoint == catalogue.feed(catalogue.Scope.CAMPAIGN, k))
         if kind in self.failing:
-            raise ServerError("500 from the test")
+            raise self.failing_with
         floor = None if since is None else to_millis(since)
         date = f"{kind.value}_date"
         found = [
@@ -276,17 +277,19 @@ class Passes:
         self.poller = Poller(feeds, store, ACCOUNT, settings, now_ms=lambda: self.now_ms)  # type: ignore[arg-type]
 
     async def run(self, advance_s: float = 0.0) -> bool:
-        """Advance the clock and run one pass; False when it failed (nothing finished)."""
+        """Advance the clock and run one pass; False when it failed (a feed or all of it)."""
         self.now_ms += int(advance_s * 1000)
         stream = (await self.store.streams())[0]
         try:
             outcome = await self.poller.run_pass(stream)
-        except ServerError:
+        except CtctError:
             return False
+        error = None if outcome.feed_error is None else str(outcome.feed_error)
         await self.store.finish_pass(
-            stream.id, PassResult(outcome.watermarks, outcome.summary, 0, 1.0, self.now_ms)
+            stream.id,
+            PassResult(outcome.watermarks, outcome.summary, 0, 1.0, self.now_ms, error),
         )
-        return True
+        return error is None
 
     async def contacts(self) -> list[tuple[str, str]]:
         return [(e.kind.value, e.contact_id) for e in await self.store.read_outbox(0, 10**6)]
@@ -465,7 +468,8 @@ async def test_a_backfill_retried_after_the_prune_emits_nothing_twice(store: Sto
         feeds.add(Kind.OPEN, str(100 + i), T_START - 30 * day - i * 60_000)
     feeds.add(Kind.CLICK, "200", T_START - 30 * day)
     feeds.page_size = 2
-    feeds.failing.add(Kind.CLICK)
+    feeds.failing.add(Kind.CLICK)  # after the opens were flushed, the connection breaks
+    feeds.failing_with = TransportError("connection reset by peer")
     settings = PollSettings(
         kinds=(Kind.OPEN, Kind.CLICK), start_from="earliest", summary_gate=False, buffer_limit=2
     )
@@ -522,3 +526,70 @@ async def test_concurrent_passes_are_charged_their_own_requests(store: Store) ->
     outcomes = await asyncio.gather(poller.run_pass(busy), poller.run_pass(quiet))
     assert [o.requests for o in outcomes] == [6, 1]  # summary + 5 pages; the summary only
     assert feeds.requests_sent == 7
+
+
+async def test_a_failing_feed_does_not_hold_back_the_others(store: Store) -> None:
+    """One feed (clicks) answering 500 pass after pass: the other feeds' activity is committed
+    at the first pass (the whole pass failed, so it was read again at every retry, never emitted);
+    the failing feed keeps its watermark and summary count, the stream counts its errors, and
+    the feed is read in full once it answers again."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.OPEN, Kind.CLICK), start_from="earliest")
+    passes = Passes(store, feeds, settings, T_START)
+    feeds.add(Kind.OPEN, "100", T_START - 60_000)
+    feeds.add(Kind.CLICK, "200", T_START - 30_000)
+    feeds.failing.add(Kind.CLICK)
+    for hour in range(3):
+        feeds.add(Kind.OPEN, str(101 + hour), passes.now_ms + 3600_000 - 1000)
+        assert not await passes.run(3600)
+        assert sorted(await passes.contacts()) == [("open", str(100 + i)) for i in range(hour + 2)]
+    stream = (await store.streams())[0]
+    assert stream.consecutive_errors == 3
+    assert stream.last_error == "500 from the test"
+    assert Kind.CLICK not in stream.watermarks
+    assert catalogue.FEEDS[Kind.CLICK] not in stream.summary
+    feeds.failing.clear()
+    assert await passes.run(3600)
+    assert ("click", "200") in await passes.contacts()
+    assert len(await passes.contacts()) == 5
+    assert (await store.streams())[0].consecutive_errors == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(TransportError("connection reset"), id="transport"),
+        pytest.param(errors.UnauthorizedError("401", status=401), id="unauthorized"),
+    ],
+)
+async def test_an_account_wide_error_in_one_feed_still_ends_the_pass(
+    store: Store, error: CtctError
+) -> None:
+    """Errors that concern the key or the network, not the feed, end the pass: nothing of it is
+    committed (the scheduler pauses or backs off the account's stream as before)."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.OPEN, Kind.CLICK), start_from="earliest")
+    passes = Passes(store, feeds, settings, T_START)
+    feeds.add(Kind.OPEN, "100", T_START - 60_000)
+    feeds.add(Kind.CLICK, "200", T_START - 30_000)
+    feeds.failing.add(Kind.CLICK)
+    feeds.failing_with = error
+    stream = (await store.streams())[0]
+    with pytest.raises(type(error)):
+        await passes.poller.run_pass(stream)
+    assert await passes.contacts() == []
+
+
+async def test_a_pass_counts_what_happened_after_the_stream_was_added(store: Store) -> None:
+    """``recent`` (the scheduler's first-pass rate) counts only activity after the stream was
+    added, not the history a first read backfills."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    feeds.add(Kind.OPEN, "100", T_START - 86400_000)
+    feeds.add(Kind.OPEN, "101", T_START + 1000)
+    settings = PollSettings(kinds=(Kind.OPEN,), start_from="earliest")
+    passes = Passes(store, feeds, settings, T_START + 2000)
+    outcome = await passes.poller.run_pass((await store.streams())[0])
+    assert (outcome.new, outcome.recent) == (2, 1)

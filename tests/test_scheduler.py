@@ -79,14 +79,11 @@ def test_a_long_quiet_pass_drops_the_rate_fast() -> None:
 
 
 def test_planner_first_pass_uses_the_prior() -> None:
-    """A never-polled stream starts from prior_rate_per_h and keeps it after its first pass,
-    whatever that pass found (history, not a rate); a busy second pass raises it."""
+    """A never-polled stream starts from prior_rate_per_h; a busy pass raises it."""
     planner = Planner(ScheduleSettings(prior_rate_per_h=120, min_interval_s=1))
-    rate, interval = planner.after_pass(7, None, 20_000, 4.0, 45, 0.1)
-    assert rate == 120
-    assert interval >= 1
-    rate, _ = planner.after_pass(7, rate, 60, 60.0, 3, 0.1)
+    rate, interval = planner.after_pass(7, None, 60, 60.0, 3, 0.1)
     assert rate > 120
+    assert interval >= 1
 
 
 def test_a_stream_gone_silent_is_not_mistaken_for_one_never_polled() -> None:
@@ -533,8 +530,9 @@ async def test_a_backfilling_first_pass_does_not_push_the_other_streams_out(
 ) -> None:
     """A campaign discovered after its send reads thousands of activities on its first pass,
     seconds after it was added: divided by those seconds they looked like millions an hour, and
-    the square-root rule stretched every other stream's interval. The first pass keeps the
-    prior rate; the other streams' next passes do not move."""
+    the square-root rule stretched every other stream's interval. A first pass's rate counts
+    only what happened since the stream was added; the other streams' next passes do not
+    move."""
     store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
     await store.open()
     try:
@@ -563,8 +561,9 @@ async def test_a_backfilling_first_pass_does_not_push_the_other_streams_out(
         await scheduler.reload()
         clock[0] += 2000
         campaign = next(s for s in await store.streams() if s.key.scope == "campaign")
-        await scheduler._finished(runtime, campaign, PassOutcome(requests=45, new=20_000))
-        assert (await store.stream(campaign.id)).rate_per_h == ScheduleSettings().prior_rate_per_h
+        history = PassOutcome(requests=45, new=20_000, recent=0)  # all of it before it was added
+        await scheduler._finished(runtime, campaign, history)
+        assert (await store.stream(campaign.id)).rate_per_h < ScheduleSettings().prior_rate_per_h
         assert await contact_interval_s() == pytest.approx(before, rel=0.2)  # was 20 times
     finally:
         await store.close()

@@ -205,6 +205,9 @@ class PassResult:
     next_due_ms: int
     rate_per_h: float
     polled_ms: int
+    # a feed failed and the others were committed: the stream counts one more consecutive error
+    # (so it keeps backing off) with this as its last_error; None: a clean pass clears both
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1087,3 +1087,19 @@ async def test_a_prune_overlapping_a_redeliver_leaves_no_pending_delivery_withou
         assert first.id in [d.id for d, _ in due]
     else:
         assert isinstance(redelivered[0], GoneError)
+
+
+async def test_a_pass_with_a_failed_feed_counts_an_error_and_moves_the_rest(store: Store) -> None:
+    """finish_pass with an error (a feed failed, the others were committed) moves watermarks
+    and counts one more consecutive error, so the stream keeps backing off; a clean pass
+    clears the count and the error."""
+    sid = await one_stream(store)
+    for n in (1, 2):
+        result = PassResult({Kind.OPEN: T0 + n}, {"opens": n}, T0 + n, 1.0, T0 + n, "clicks: 500")
+        await store.finish_pass(sid, result)
+        stream = await store.stream(sid)
+        assert (stream.consecutive_errors, stream.last_error) == (n, "clicks: 500")
+        assert stream.watermarks == {Kind.OPEN: T0 + n}
+    await store.finish_pass(sid, PassResult({}, {}, T0 + 5, 1.0, T0 + 5))
+    stream = await store.stream(sid)
+    assert (stream.consecutive_errors, stream.last_error) == (0, None)
