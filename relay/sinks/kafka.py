@@ -240,14 +240,12 @@ class KafkaSink:
         self,
         settings: KafkaSettings,
         store: Store,
-        kinds: Sequence[Kind] = tuple(Kind),
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._metrics = metrics or Metrics(now_ms)
-        self._kinds = tuple(kinds)
         self._now_ms = now_ms
         self._rng = random.Random()
         self.published = 0
@@ -301,8 +299,13 @@ class KafkaSink:
         )
 
     async def _check_topics(self) -> None:
-        """Create missing topics when configured to; otherwise refuse to start without them."""
-        wanted = self._settings.topics(self._kinds)
+        """Create missing topics when configured to; otherwise refuse to start without them.
+
+        The topics of every kind, whatever ``poll.kinds`` says now: the outbox may hold events
+        of any kind (kinds followed before, a replay), and one event without its topic would
+        hold the cursor, and every event after it, for good.
+        """
+        wanted = self._settings.topics()
         admin = AIOKafkaAdminClient(**self._settings.client_options())
         await admin.start()
         try:
@@ -387,7 +390,7 @@ class KafkaSink:
         while (sent := await rounds.get()) is not None:
             done = await self._settle(sent, cursor)
             self._settled.set()
-            self._metrics.kafka_acknowledged(sent.events, done, sent.started)
+            self._metrics.kafka_round_settled(sent.started)
             if done != sent.events[-1].seq:
                 return done  # a batch refused for good: resend from here, one per batch
             cursor = done
@@ -516,8 +519,10 @@ class KafkaSink:
         self, events: list[OutboxEvent], cursor: int, failed: dict[int, tuple[BaseException, int]]
     ) -> int:
         """Walk the events in order: acknowledged ones and permanent refusals of one record move
-        the cursor; the first other failure stops it there."""
+        the cursor; the first other failure stops it there. Dead-lettered events move the cursor
+        but are not counted as published."""
         done = cursor
+        dead: set[int] = set()
         failure: BaseException | None = None
         for event in events:
             error, batch_size = failed.get(event.seq, (None, 0))
@@ -525,6 +530,7 @@ class KafkaSink:
                 done = event.seq
             elif isinstance(error, _PERMANENT) and batch_size == 1:
                 await self._dead_letter(event, error)
+                dead.add(event.seq)
                 done = event.seq
             elif isinstance(error, _PERMANENT):
                 # The broker refused a whole batch for good (a record too large for the topic,
@@ -544,7 +550,9 @@ class KafkaSink:
                 break
         if done != cursor:
             await self._store.set_sink_cursor(SINK, done)
-            self.published += sum(1 for e in events if cursor < e.seq <= done)
+            published = [e for e in events if cursor < e.seq <= done and e.seq not in dead]
+            self.published += len(published)
+            self._metrics.kafka_published(published)
         if failure is not None:
             if isinstance(failure, KafkaError):
                 raise failure
