@@ -26,7 +26,7 @@ from relay.ctct.ratelimit import Budget
 from relay.events import Kind, RecordError, parse_time
 from relay.poller import PollSettings
 from relay.scheduler import ScheduleSettings
-from relay.sinks.kafka import KafkaSecurity, KafkaSettings
+from relay.sinks.kafka import KafkaSecurity, KafkaSecurityError, KafkaSettings
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings
 from relay.store import StoreError
@@ -206,8 +206,9 @@ class Settings:
             for account in self.accounts
             for secret in (account.api_key, account.access_token)
         ]
-        if self.kafka and self.kafka.security.password:
-            values.append(self.kafka.security.password)
+        if self.kafka:
+            security = self.kafka.security
+            values += [v for v in (security.password, security.ssl_password) if v]
         if self.admin.token:
             values.append(self.admin.token)
         values += [w.secret for w in self.webhooks if w.secret]
@@ -367,7 +368,7 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
                 " 0-9, '.', '_' and '-')"
             )
     settings = KafkaSettings(
-        bootstrap_servers=r.text("bootstrap_servers"),
+        bootstrap_servers=_bootstrap_servers(r),
         topic=topic,
         content_mode=cast(Mode, r.choice("content_mode", ("binary", "structured"), b.content_mode)),
         compression=cast(
@@ -388,6 +389,29 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
     return settings
 
 
+def _bootstrap_servers(r: _Reader) -> str:
+    """``host[:port]`` items separated by commas (an IPv6 address in brackets), as aiokafka
+    reads them (no port: 9092); checked here because aiokafka retries a bad one for ever."""
+    servers = r.text("bootstrap_servers")
+    for item in servers.split(","):
+        address = item.strip()
+        try:
+            parts = urlsplit(f"//{address}")
+            usable = bool(parts.hostname) and parts.port != 0 and "@" not in address
+            usable = usable and not (parts.path or parts.query or parts.fragment)
+        except ValueError:  # the port is not a number from 0 to 65535, a broken [IPv6]
+            usable = False
+        if not usable:
+            raise ConfigError(
+                f"{r.key('bootstrap_servers')}: expected host:port[,host:port...] with ports from"
+                f" 1 to 65535, got {_show(address)}"
+            )
+    return servers
+
+
+_SSL_KEYS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password")
+
+
 def _kafka_security(r: _Reader) -> KafkaSecurity:
     b = KafkaSecurity()
     protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -406,11 +430,28 @@ def _kafka_security(r: _Reader) -> KafkaSecurity:
         ssl_cafile=_existing_file(r, "ssl_cafile"),
         ssl_certfile=_existing_file(r, "ssl_certfile"),
         ssl_keyfile=_existing_file(r, "ssl_keyfile"),
+        ssl_password=r.optional_text("ssl_password", secret=True),
     )
     if (security.ssl_certfile is None) != (security.ssl_keyfile is None):
         raise ConfigError(f"{r.key('ssl_certfile')}: ssl_certfile and ssl_keyfile go together")
+    # settings the protocol would silently ignore: the user meant another protocol
+    ignored = [k for k in _SSL_KEYS if getattr(security, k) is not None and not security.uses_ssl]
+    ignored += [k for k in ("username", "password") if getattr(security, k) and not sasl]
+    if ignored:
+        wanted = (
+            "SSL or SASL_SSL" if ignored[0].startswith("ssl_") else "SASL_PLAINTEXT or SASL_SSL"
+        )
+        raise ConfigError(
+            f"{r.key('protocol')}: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'}"
+            f" used only with {wanted}, not with {protocol}"
+        )
     r.done()
-    return security
+    if not security.uses_ssl:
+        return security
+    try:  # at load, so a bad file or passphrase stops the start naming its key
+        return replace(security, context=security.ssl_context())
+    except KafkaSecurityError as exc:
+        raise ConfigError(f"{r.key(exc.key)}: {exc.problem}") from None
 
 
 def _existing_file(r: _Reader, name: str) -> str | None:
