@@ -590,6 +590,12 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
     parts = urlsplit(base_url)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
         raise ConfigError(f"{r.key('base_url')}: expected an http(s) URL, got {_url(base_url)}")
+    if "@" in parts.netloc or parts.path not in {"", "/"} or parts.query or parts.fragment:
+        # the client appends /v2/...: a path doubles it, and every stream retires on the 404s
+        raise ConfigError(
+            f"{r.key('base_url')}: give the scheme and host only, e.g."
+            f" https://api.constantcontact.com, got {_url(base_url)}"
+        )
     limits = r.child("rate_limit")
     defaults = Budget()
     budget = Budget(

@@ -927,3 +927,34 @@ def test_security_settings_the_protocol_ignores_are_refused(
     text = text.replace("SECURITY", security.replace("CA", str(tls_files["plain.crt"])))
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("http://127.0.0.1:8080/v2", id="path"),
+        pytest.param("https://api.constantcontact.com/v2/", id="path-slash"),
+        pytest.param("https://bob:pw-secret-1@api.constantcontact.com", id="userinfo"),
+        pytest.param("https://api.constantcontact.com?x=1", id="query"),
+        pytest.param("https://api.constantcontact.com#top", id="fragment"),
+    ],
+)
+def test_base_url_takes_scheme_and_host_only(tmp_path: Path, url: str) -> None:
+    """The client appends /v2/...: a path doubled it and the 404s retired every stream; user
+    info made every request fail with a traceback. Neither loads; a password never shows."""
+    text = MINIMAL.replace("https://api.example.com", url)
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={"KEY": "k"})
+    message = str(caught.value)
+    assert (
+        "accounts[0].base_url: give the scheme and host only, e.g. https://api.constantcontact.com"
+        in message
+    )
+    assert "pw-secret-1" not in message
+
+
+@pytest.mark.parametrize("url", ["https://api.constantcontact.com/", "http://127.0.0.1:8080"])
+def test_base_url_with_at_most_a_slash_loads(tmp_path: Path, url: str) -> None:
+    """A trailing slash alone is still only the scheme and host."""
+    settings = load(write(tmp_path, MINIMAL.replace("https://api.example.com", url)), {"KEY": "k"})
+    assert settings.accounts[0].base_url == url
