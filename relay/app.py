@@ -41,7 +41,8 @@ from relay.targets import CampaignDiscovery, ensure_configured
 log = structlog.get_logger(__name__)
 
 PRUNE_EVERY_S = 3600.0
-SINK_GRACE_S = 30.0
+# longer than run_leased's own grace (30 s), so the Kafka worker is stopped by its owner first
+SINK_GRACE_S = 45.0
 
 
 def now_ms() -> int:
