@@ -968,6 +968,11 @@ def _apply_overrides(data: object, env: Mapping[str, str]) -> object:
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX or name in NOT_OVERRIDES:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if "" in keys:  # HTTP__ or HTTP____TIMEOUT_S: a key would have no name
+            raise ConfigError(
+                f"{name}: an empty key name (each '__' separates two key names, as in"
+                " CTCT_RELAY_HTTP__TIMEOUT_S)"
+            )
         data = _set_path(data, keys, _override_value(env[name]), name)
     return data
 

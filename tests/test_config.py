@@ -958,3 +958,12 @@ def test_base_url_with_at_most_a_slash_loads(tmp_path: Path, url: str) -> None:
     """A trailing slash alone is still only the scheme and host."""
     settings = load(write(tmp_path, MINIMAL.replace("https://api.example.com", url)), {"KEY": "k"})
     assert settings.accounts[0].base_url == url
+
+
+@pytest.mark.parametrize(
+    "name", ["CTCT_RELAY_HTTP__", "CTCT_RELAY_HTTP____TIMEOUT_S", "CTCT_RELAY___HTTP"]
+)
+def test_an_override_with_an_empty_key_name_names_the_variable(tmp_path: Path, name: str) -> None:
+    """CTCT_RELAY_HTTP__=1 said `http: unknown key(s) ` with an empty name."""
+    with pytest.raises(ConfigError, match=rf"^{name}: an empty key name"):
+        load(write(tmp_path, MINIMAL), environ={"KEY": "k", name: "1"})
