@@ -12,6 +12,7 @@ from typing import TextIO
 
 from relay.devkafka.broker import DevKafka
 from relay.devkafka.dist import ensure_kafka
+from relay.devkafka.errors import DevKafkaError
 
 
 async def serve_dev_kafka(port: int | None, data_dir: Path | None, out: TextIO) -> None:
@@ -21,6 +22,8 @@ async def serve_dev_kafka(port: int | None, data_dir: Path | None, out: TextIO) 
     holds the broker's config, data and log and is kept, so topics survive the next run;
     without it a temporary directory is used and removed on exit. Raises `DevKafkaError`.
     """
+    if data_dir is not None:
+        _check_data_dir(data_dir)
     # In a thread, so a first-use Maven download leaves the loop free to see Ctrl-C.
     dist = await asyncio.to_thread(ensure_kafka)
     terminated = asyncio.Event()
@@ -35,6 +38,19 @@ async def serve_dev_kafka(port: int | None, data_dir: Path | None, out: TextIO) 
             flush=True,
         )
         await terminated.wait()
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """A directory the broker can write to, or an error naming the option (not a traceback
+    from deep in the start, after a Maven download)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=data_dir):
+            pass
+    except OSError as exc:
+        raise DevKafkaError(
+            f"--data-dir {data_dir}: cannot keep the broker's data there: {exc.strerror or exc}"
+        ) from None
 
 
 def _on_sigterm(stack: contextlib.AsyncExitStack, callback: Callable[[], None]) -> None:
