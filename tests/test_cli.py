@@ -230,3 +230,22 @@ def test_dev_kafka_cache_variable_that_cannot_hold_the_cache_is_one_line(tmp_pat
     assert_clean_failure(result, 1, f"CTCT_RELAY_KAFKA_CACHE={cache}: cannot keep the Kafka cache")
     assert "Not a directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sim_finds_its_default_scenario_from_any_directory(tmp_path: Path) -> None:
+    """Without --config, the packaged scenario is used wherever the command runs (it was looked
+    up as config/sim.example.yaml under the current directory): here the simulator gets as
+    far as its port, which is taken."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", "sim", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            check=False,
+        )
+    assert_clean_failure(result, 2, f"sim: cannot listen on 127.0.0.1:{port}: ")
