@@ -26,7 +26,6 @@ from relay.config import AccountSettings, ConfigError, Settings
 from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
-from relay.events import Kind
 from relay.leases import AccountBudget, exclusively, leased_job, new_replica_id, run_leased
 from relay.logs import Redactor
 from relay.metrics import FANOUT_CURSOR, Metrics
@@ -43,7 +42,8 @@ from relay.targets import CampaignDiscovery, ensure_configured
 log = structlog.get_logger(__name__)
 
 PRUNE_EVERY_S = 3600.0
-SINK_GRACE_S = 30.0
+# longer than run_leased's own grace (30 s), so the Kafka worker is stopped by its owner first
+SINK_GRACE_S = 45.0
 
 
 def now_ms() -> int:
@@ -221,8 +221,7 @@ def _start_sinks(
     sinks.on_commit.append(dispatcher.notify)
     sinks.tasks.append(asyncio.create_task(dispatcher.run(sinks.stop), name="sink:webhooks"))
     if settings.kafka is not None:
-        kinds = sorted({k for a in settings.accounts for k in a.poll.kinds}, key=list(Kind).index)
-        sink = KafkaSink(settings.kafka, store, kinds, now_ms, metrics)
+        sink = KafkaSink(settings.kafka, store, now_ms, metrics)
         sinks.on_commit.append(sink.notify)
         sinks.outbox_readers.append(sink.name)
         # one publisher at a time keeps each contact's events in order; a lost lease or a

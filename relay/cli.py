@@ -36,7 +36,9 @@ from relay.store import StoreError
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-DEFAULT_SCENARIO = "config/sim.example.yaml"
+# the scenario shipped with the package (config/sim.example.yaml in a checkout links to it), so
+# `ctct-relay sim` and `demo` work from any directory and from an installed wheel
+DEFAULT_SCENARIO = str(Path(sim.__file__).with_name("example.yaml"))
 OPS_COMMANDS = frozenset({"status", "replay", "pause", "resume", "targets", "dead-letters"})
 
 
@@ -90,14 +92,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="relay config YAML")
 
     p = commands.add_parser("sim", help="run the Constant Contact v2 API simulator")
-    p.add_argument("--config", default=DEFAULT_SCENARIO, help="scenario YAML (%(default)s)")
+    p.add_argument(
+        "--config",
+        default=DEFAULT_SCENARIO,
+        help="scenario YAML (default: the packaged example, config/sim.example.yaml)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="listen address (%(default)s)")
     p.add_argument("--port", type=_port, default=8080, help="listen port (%(default)s)")
 
     p = commands.add_parser(
         "demo", help="run the simulator, the relay, a webhook receiver (and Kafka) together"
     )
-    p.add_argument("--scenario", default=DEFAULT_SCENARIO, help="scenario YAML (%(default)s)")
+    p.add_argument(
+        "--scenario",
+        default=DEFAULT_SCENARIO,
+        help="scenario YAML (default: the packaged example, config/sim.example.yaml)",
+    )
     p.add_argument(
         "--duration", type=positive_number, default=None, help="stop after this many seconds"
     )

@@ -27,7 +27,7 @@ from relay.ctct.ratelimit import Budget
 from relay.events import Kind, RecordError, parse_time
 from relay.poller import PollSettings
 from relay.scheduler import ScheduleSettings
-from relay.sinks.kafka import KafkaSecurity, KafkaSettings
+from relay.sinks.kafka import KafkaSecurity, KafkaSecurityError, KafkaSettings
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings
 from relay.store import StoreError
@@ -229,8 +229,9 @@ class Settings:
             for account in self.accounts
             for secret in (account.api_key, account.access_token)
         ]
-        if self.kafka and self.kafka.security.password:
-            values.append(self.kafka.security.password)
+        if self.kafka:
+            security = self.kafka.security
+            values += [v for v in (security.password, security.ssl_password) if v]
         if self.admin.token:
             values.append(self.admin.token)
         values += [w.secret for w in self.webhooks if w.secret]
@@ -412,7 +413,7 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
                 " 0-9, '.', '_' and '-')"
             )
     settings = KafkaSettings(
-        bootstrap_servers=r.text("bootstrap_servers"),
+        bootstrap_servers=_bootstrap_servers(r),
         topic=topic,
         content_mode=cast(Mode, r.choice("content_mode", ("binary", "structured"), b.content_mode)),
         compression=cast(
@@ -433,6 +434,29 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
     return settings
 
 
+def _bootstrap_servers(r: _Reader) -> str:
+    """``host[:port]`` items separated by commas (an IPv6 address in brackets), as aiokafka
+    reads them (no port: 9092); checked here because aiokafka retries a bad one for ever."""
+    servers = r.text("bootstrap_servers")
+    for item in servers.split(","):
+        address = item.strip()
+        try:
+            parts = urlsplit(f"//{address}")
+            usable = bool(parts.hostname) and parts.port != 0 and "@" not in address
+            usable = usable and not (parts.path or parts.query or parts.fragment)
+        except ValueError:  # the port is not a number from 0 to 65535, a broken [IPv6]
+            usable = False
+        if not usable:
+            raise ConfigError(
+                f"{r.key('bootstrap_servers')}: expected host:port[,host:port...] with ports from"
+                f" 1 to 65535, got {_show(address)}"
+            )
+    return servers
+
+
+_SSL_KEYS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password")
+
+
 def _kafka_security(r: _Reader) -> KafkaSecurity:
     b = KafkaSecurity()
     protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -451,11 +475,28 @@ def _kafka_security(r: _Reader) -> KafkaSecurity:
         ssl_cafile=_existing_file(r, "ssl_cafile"),
         ssl_certfile=_existing_file(r, "ssl_certfile"),
         ssl_keyfile=_existing_file(r, "ssl_keyfile"),
+        ssl_password=r.optional_text("ssl_password", secret=True),
     )
     if (security.ssl_certfile is None) != (security.ssl_keyfile is None):
         raise ConfigError(f"{r.key('ssl_certfile')}: ssl_certfile and ssl_keyfile go together")
+    # settings the protocol would silently ignore: the user meant another protocol
+    ignored = [k for k in _SSL_KEYS if getattr(security, k) is not None and not security.uses_ssl]
+    ignored += [k for k in ("username", "password") if getattr(security, k) and not sasl]
+    if ignored:
+        wanted = (
+            "SSL or SASL_SSL" if ignored[0].startswith("ssl_") else "SASL_PLAINTEXT or SASL_SSL"
+        )
+        raise ConfigError(
+            f"{r.key('protocol')}: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'}"
+            f" used only with {wanted}, not with {protocol}"
+        )
     r.done()
-    return security
+    if not security.uses_ssl:
+        return security
+    try:  # at load, so a bad file or passphrase stops the start naming its key
+        return replace(security, context=security.ssl_context())
+    except KafkaSecurityError as exc:
+        raise ConfigError(f"{r.key(exc.key)}: {exc.problem}") from None
 
 
 def _existing_file(r: _Reader, name: str) -> str | None:
@@ -594,6 +635,12 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
     parts = urlsplit(base_url)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
         raise ConfigError(f"{r.key('base_url')}: expected an http(s) URL, got {_url(base_url)}")
+    if "@" in parts.netloc or parts.path not in {"", "/"} or parts.query or parts.fragment:
+        # the client appends /v2/...: a path doubles it, and every stream retires on the 404s
+        raise ConfigError(
+            f"{r.key('base_url')}: give the scheme and host only, e.g."
+            f" https://api.constantcontact.com, got {_url(base_url)}"
+        )
     limits = r.child("rate_limit")
     defaults = Budget()
     budget = Budget(
@@ -966,6 +1013,11 @@ def _apply_overrides(data: object, env: Mapping[str, str]) -> object:
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX or name in NOT_OVERRIDES:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if "" in keys:  # HTTP__ or HTTP____TIMEOUT_S: a key would have no name
+            raise ConfigError(
+                f"{name}: an empty key name (each '__' separates two key names, as in"
+                " CTCT_RELAY_HTTP__TIMEOUT_S)"
+            )
         data = _set_path(data, keys, _override_value(env[name]), name)
     return data
 

@@ -38,9 +38,11 @@ from relay.devkafka import DevKafka, DevKafkaError, ensure_kafka
 from relay.events import Kind
 from relay.sim import Scenario, create_app
 from relay.sinks import signing
+from relay.store import open_store
 
 TOPIC = "ctct.email.{kind}"
 TOLERANCE_S = 300  # Standard Webhooks: refuse timestamps further than this from now
+RECEIVER = "demo receiver"  # the description of the demo receiver's webhook
 ENABLE_KAFKA = (
     "Kafka: off. To see events on Kafka topics too, install Java 17+ and Maven"
     " (e.g. apt-get install openjdk-17-jre-headless maven) and run make demo again."
@@ -88,6 +90,7 @@ async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int
         config = config if bootstrap is None else _with_kafka(config, bootstrap)
         settings = load(config, environ={})  # the demo config is complete; no overrides
         logs.configure("warning", "auto", settings.secrets())
+        await _forget_old_receivers(settings.state, hook_url + "/hook")
         if bootstrap is not None:
             # a fresh topic's first fetch may meet a leader election: aiokafka logs it as an
             # error and retries; the demo's consumer reports real failures itself
@@ -115,6 +118,19 @@ async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int
         flush=True,
     )
     return 0 if tally.webhook_rejected == 0 else 1
+
+
+async def _forget_old_receivers(state: str, hook_url: str) -> None:
+    """Remove the receivers of earlier demos kept in a reused --state-dir: they listened on
+    ports that are gone, and their failing deliveries would retry and dead-letter for ever."""
+    store = open_store(state)
+    await store.open()
+    try:
+        for webhook in await store.webhooks():
+            if webhook.description == RECEIVER and webhook.url != hook_url:
+                await store.delete_webhook(webhook.id)
+    finally:
+        await store.close()
 
 
 def _state_dir(state: Path) -> None:
@@ -314,7 +330,7 @@ def _write_config(
         "webhooks": {
             "allow_networks": ["127.0.0.1/32"],
             "retry_schedule_s": [1, 2, 5],
-            "declared": [{"url": hook_url, "secret": secret, "description": "demo receiver"}],
+            "declared": [{"url": hook_url, "secret": secret, "description": RECEIVER}],
         },
         "logging": {"level": "warning", "format": "auto"},
     }

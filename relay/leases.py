@@ -78,11 +78,15 @@ async def run_leased(
         started = time.monotonic()
         worker_stop = asyncio.Event()
         task = asyncio.create_task(worker(worker_stop), name=f"leased:{name}")
+        done: set[asyncio.Task[None]] = set()
         try:
             await _renew_while_running(name, coordinator, task, stop)
-        finally:
             worker_stop.set()
             done, _ = await asyncio.wait({task}, timeout=grace_s)
+        finally:
+            worker_stop.set()
+            # the grace ran out, or this was cancelled (its owner's grace ran out): either way
+            # the worker must not outlive this (it would publish after the store closed)
             if not done:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -108,7 +112,10 @@ async def _renew_while_running(
     stopping = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set() and not task.done():
-            await asyncio.wait({task, stopping}, timeout=lease_s / 3)
+            # whichever comes first: a worker's end or a stop must not wait for the next tick
+            await asyncio.wait(
+                {task, stopping}, timeout=lease_s / 3, return_when=asyncio.FIRST_COMPLETED
+            )
             if stop.is_set() or task.done():
                 return
             # a renewal that cannot finish before the lease runs out is a lost lease: another

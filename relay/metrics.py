@@ -203,13 +203,15 @@ class Metrics:
         """A poll pass ended with an error, upstream or unexpected (its class names the result)."""
         self.passes.labels(account, type(error).__name__).inc()
 
-    def kafka_acknowledged(
-        self, events: Sequence[OutboxEvent], through_seq: int, started: float
-    ) -> None:
-        """The broker acknowledged ``events`` up to ``through_seq``; the batch began at
-        ``started`` (``time.perf_counter()``)."""
+    def kafka_round_settled(self, started: float) -> None:
+        """The broker answered a round of batches that began at ``started``
+        (``time.perf_counter()``)."""
         self.kafka_publish.observe(time.perf_counter() - started)
-        self._acknowledged("kafka", (e.committed_ms for e in events if e.seq <= through_seq))
+
+    def kafka_published(self, events: Iterable[OutboxEvent]) -> None:
+        """The broker acknowledged ``events`` and the cursor moved past them (dead-lettered
+        events are counted by :meth:`dead_lettered`, not here)."""
+        self._acknowledged("kafka", (e.committed_ms for e in events))
 
     def webhooks_settled(self, settled: Sequence[tuple[str, int, int]]) -> None:
         """Webhook attempts settled as ``delivered``, ``pending`` (retry) or ``dead``, each as

@@ -210,3 +210,42 @@ def test_readme_commands_table_matches_the_parser() -> None:
     common = section.split("The admin API commands", 1)[1].split("\n\n", 1)[0]
     for option in ADMIN_OPTIONS:
         assert f"`{option}" in common
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/data"])
+def test_dev_kafka_data_dir_that_cannot_hold_data_is_one_line(tmp_path: Path, where: str) -> None:
+    """``dev-kafka --data-dir`` that cannot be a directory: one line naming the option and
+    the reason, exit 1 (it was a FileExistsError/NotADirectoryError traceback)."""
+    (tmp_path / "a-file").write_text("not a directory")
+    result = run("dev-kafka", "--data-dir", str(tmp_path / where))
+    assert_clean_failure(result, 1, f"--data-dir {tmp_path / where}: cannot keep the broker's")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dev_kafka_cache_variable_that_cannot_hold_the_cache_is_one_line(tmp_path: Path) -> None:
+    """CTCT_RELAY_KAFKA_CACHE under a file: one line naming the variable (it was a traceback)."""
+    (tmp_path / "a-file").write_text("not a directory")
+    cache = tmp_path / "a-file" / "cache"
+    result = run("dev-kafka", env={"CTCT_RELAY_KAFKA_CACHE": str(cache)})
+    assert_clean_failure(result, 1, f"CTCT_RELAY_KAFKA_CACHE={cache}: cannot keep the Kafka cache")
+    assert "Not a directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sim_finds_its_default_scenario_from_any_directory(tmp_path: Path) -> None:
+    """Without --config, the packaged scenario is used wherever the command runs (it was looked
+    up as config/sim.example.yaml under the current directory): here the simulator gets as
+    far as its port, which is taken."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", "sim", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            check=False,
+        )
+    assert_clean_failure(result, 2, f"sim: cannot listen on 127.0.0.1:{port}: ")

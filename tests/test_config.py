@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -576,6 +577,8 @@ SECRET_KEYS = {  # each secret key, set to VALUE
     "admin.token": MINIMAL + "admin: {token: VALUE}",
     "kafka.security.password": MINIMAL
     + "kafka: {bootstrap_servers: b, security: {protocol: SASL_SSL, username: u, password: VALUE}}",
+    "kafka.security.ssl_password": MINIMAL
+    + "kafka: {bootstrap_servers: b, security: {protocol: SSL, ssl_password: VALUE}}",
     "webhooks.declared[0].secret": MINIMAL
     + "webhooks: {declared: [{url: 'https://x.example/h', secret: VALUE}]}",
 }
@@ -845,3 +848,186 @@ def test_accounts_sharing_an_api_key_must_agree_on_its_limits() -> None:
     # the same settings written out are fine, and another key may have its own
     from_mapping(two_accounts(requests_per_second=4, requests_per_day=10000))
     from_mapping(two_accounts(second_key="APPKEY-another", requests_per_second=2))
+
+
+@pytest.mark.parametrize(
+    "servers",
+    [
+        pytest.param("localhost:abc", id="port-not-a-number"),
+        pytest.param("127.0.0.1:99999", id="port-too-large"),
+        pytest.param("broker:0", id="port-zero"),
+        pytest.param("a:9092,,b:9092", id="empty-item"),
+        pytest.param("user@broker:9092", id="userinfo"),
+    ],
+)
+def test_bad_bootstrap_servers_are_refused_naming_the_key(tmp_path: Path, servers: str) -> None:
+    """A server list aiokafka cannot connect to stops the start (it was retried for ever)."""
+    text = MINIMAL + f"kafka: {{bootstrap_servers: '{servers}'}}"
+    with pytest.raises(ConfigError, match=r"kafka\.bootstrap_servers: expected host:port"):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+def test_good_bootstrap_servers_load(tmp_path: Path) -> None:
+    """Several servers, an IPv6 address and a server without a port (9092) are accepted."""
+    servers = "b1:9092, [::1]:19092,b3"
+    text = MINIMAL + f"kafka: {{bootstrap_servers: '{servers}'}}"
+    settings = load(write(tmp_path, text), {"KEY": "k"})
+    assert settings.kafka is not None
+    assert settings.kafka.bootstrap_servers == servers
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A self-signed certificate with its key encrypted (passphrase pw-1234) and plain."""
+    where = tmp_path_factory.mktemp("tls")
+    for name, protect in (("enc", ["-passout", "pass:pw-1234"]), ("plain", ["-nodes"])):
+        files = ["-keyout", str(where / f"{name}.key"), "-out", str(where / f"{name}.crt")]
+        command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-days", "1", "-subj", "/CN=t"]
+        subprocess.run(
+            [*command, *files, *protect],
+            check=True,
+            capture_output=True,
+        )
+    return {p.name: p for p in where.iterdir()}
+
+
+def _ssl(tls: dict[str, Path], **keys: str) -> str:
+    fields = ", ".join(f"{k}: '{tls.get(v, v)}'" for k, v in keys.items())
+    return MINIMAL + f"kafka: {{bootstrap_servers: b, security: {{protocol: SSL, {fields}}}}}"
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        pytest.param(
+            {"ssl_certfile": "enc.crt", "ssl_keyfile": "enc.key"},
+            r"kafka\.security\.ssl_keyfile: \S+enc\.key is encrypted: give its passphrase in"
+            " ssl_password",
+            id="encrypted-key-no-passphrase",
+        ),
+        pytest.param(
+            {"ssl_certfile": "enc.crt", "ssl_keyfile": "enc.key", "ssl_password": "wrong-one"},
+            r"kafka\.security\.ssl_password: does not decrypt \S+enc\.key",
+            id="wrong-passphrase",
+        ),
+        pytest.param(
+            {"ssl_certfile": "enc.crt", "ssl_keyfile": "plain.key"},
+            r"kafka\.security\.ssl_keyfile: \S+plain\.key is not the key of the certificate",
+            id="key-of-another-certificate",
+        ),
+        pytest.param(
+            {"ssl_certfile": "plain.key", "ssl_keyfile": "plain.key"},
+            r"kafka\.security\.ssl_certfile: no PEM certificate in \S+plain\.key",
+            id="certfile-not-a-certificate",
+        ),
+        pytest.param(
+            {"ssl_cafile": "plain.key"},
+            r"kafka\.security\.ssl_cafile: no CA certificate OpenSSL can load in \S+plain\.key",
+            id="cafile-not-a-ca",
+        ),
+    ],
+)
+def test_unusable_tls_files_stop_the_load_naming_the_key(
+    tmp_path: Path, tls_files: dict[str, Path], keys: dict[str, str], message: str
+) -> None:
+    """The TLS context is built at load: a file or passphrase OpenSSL cannot use is a one-line
+    error naming its key (it passed, then prompted on a terminal or failed for ever), and the
+    passphrase never shows."""
+    with pytest.raises(ConfigError, match=message) as caught:
+        load(write(tmp_path, _ssl(tls_files, **keys)), environ={"KEY": "k"})
+    assert "wrong-one" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_encrypted_key_loads_with_its_passphrase(
+    tmp_path: Path, tls_files: dict[str, Path]
+) -> None:
+    """ssl_password decrypts the key at load; it is a secret: redacted, never in repr."""
+    text = _ssl(
+        tls_files,
+        ssl_cafile="enc.crt",
+        ssl_certfile="enc.crt",
+        ssl_keyfile="enc.key",
+        ssl_password="pw-1234",
+    )
+    settings = load(write(tmp_path, text), environ={"KEY": "k"})
+    assert settings.kafka is not None
+    security = settings.kafka.security
+    assert security.ssl_password == "pw-1234"
+    assert security.context is not None
+    assert settings.kafka.client_options()["ssl_context"] is security.context
+    assert "pw-1234" in settings.secrets()
+    assert "pw-1234" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("security", "message"),
+    [
+        pytest.param(
+            "{ssl_cafile: CA}",
+            "kafka.security.protocol: ssl_cafile is used only with SSL or SASL_SSL, not with"
+            " PLAINTEXT",
+            id="ssl-with-plaintext",
+        ),
+        pytest.param(
+            "{protocol: SASL_PLAINTEXT, username: u, password: p, ssl_cafile: CA}",
+            "kafka.security.protocol: ssl_cafile is used only with SSL or SASL_SSL, not with"
+            " SASL_PLAINTEXT",
+            id="ssl-with-sasl-plaintext",
+        ),
+        pytest.param(
+            "{protocol: SSL, username: u, password: p}",
+            "kafka.security.protocol: username, password are used only with SASL_PLAINTEXT or"
+            " SASL_SSL, not with SSL",
+            id="sasl-user-with-ssl",
+        ),
+    ],
+)
+def test_security_settings_the_protocol_ignores_are_refused(
+    tmp_path: Path, tls_files: dict[str, Path], security: str, message: str
+) -> None:
+    """TLS files without TLS, or SASL credentials without SASL, were silently ignored."""
+    text = MINIMAL + "kafka: {bootstrap_servers: b, security: SECURITY}"
+    text = text.replace("SECURITY", security.replace("CA", str(tls_files["plain.crt"])))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("http://127.0.0.1:8080/v2", id="path"),
+        pytest.param("https://api.constantcontact.com/v2/", id="path-slash"),
+        pytest.param("https://bob:pw-secret-1@api.constantcontact.com", id="userinfo"),
+        pytest.param("https://api.constantcontact.com?x=1", id="query"),
+        pytest.param("https://api.constantcontact.com#top", id="fragment"),
+    ],
+)
+def test_base_url_takes_scheme_and_host_only(tmp_path: Path, url: str) -> None:
+    """The client appends /v2/...: a path doubled it and the 404s retired every stream; user
+    info made every request fail with a traceback. Neither loads; a password never shows."""
+    text = MINIMAL.replace("https://api.example.com", url)
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={"KEY": "k"})
+    message = str(caught.value)
+    assert (
+        "accounts[0].base_url: give the scheme and host only, e.g. https://api.constantcontact.com"
+        in message
+    )
+    assert "pw-secret-1" not in message
+
+
+@pytest.mark.parametrize("url", ["https://api.constantcontact.com/", "http://127.0.0.1:8080"])
+def test_base_url_with_at_most_a_slash_loads(tmp_path: Path, url: str) -> None:
+    """A trailing slash alone is still only the scheme and host."""
+    settings = load(write(tmp_path, MINIMAL.replace("https://api.example.com", url)), {"KEY": "k"})
+    assert settings.accounts[0].base_url == url
+
+
+@pytest.mark.parametrize(
+    "name", ["CTCT_RELAY_HTTP__", "CTCT_RELAY_HTTP____TIMEOUT_S", "CTCT_RELAY___HTTP"]
+)
+def test_an_override_with_an_empty_key_name_names_the_variable(tmp_path: Path, name: str) -> None:
+    """CTCT_RELAY_HTTP__=1 said `http: unknown key(s) ` with an empty name."""
+    with pytest.raises(ConfigError, match=rf"^{name}: an empty key name"):
+        load(write(tmp_path, MINIMAL), environ={"KEY": "k", name: "1"})

@@ -135,3 +135,58 @@ def test_replica_ids_are_unique_per_process_and_call() -> None:
     first, second = new_replica_id(), new_replica_id()
     assert first != second
     assert first.rsplit("-", 2)[1] == second.rsplit("-", 2)[1]
+
+
+class SlowLeases(Leases):
+    """Leases renewed every 10 s: a worker's end or a stop must not wait for the tick."""
+
+    lease_s = 30.0
+
+
+async def test_a_worker_failure_or_a_stop_is_noticed_at_once() -> None:
+    """run_leased waited for the next renewal tick (a third of the lease) before it saw a fatal
+    error of the worker, or a stop."""
+
+    async def misconfigured(stop: asyncio.Event) -> None:
+        raise Boom("topic does not exist")
+
+    with pytest.raises(Boom):
+        await asyncio.wait_for(
+            run_leased("sink:kafka", SlowLeases(), misconfigured, asyncio.Event(), fatal=(Boom,)),
+            2,
+        )
+
+    async def worker(stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_leased("sink:kafka", SlowLeases(), worker, stop))
+    await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+
+
+async def test_cancelling_run_leased_cancels_and_awaits_its_worker() -> None:
+    """When its owner's grace runs out and cancels it, run_leased ends its worker before it
+    ends: the worker (the Kafka sink) outlived it and went on after the store closed."""
+    running = asyncio.Event()
+    worker_ended = asyncio.Event()
+
+    async def stubborn(stop: asyncio.Event) -> None:  # an unresponsive broker: stop not heeded
+        running.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            worker_ended.set()
+
+    leases = Leases()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_leased("sink:kafka", leases, stubborn, stop, grace_s=60))
+    await asyncio.wait_for(running.wait(), 2)
+    stop.set()
+    await asyncio.sleep(0.1)  # run_leased now waits out its grace for the worker
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    assert worker_ended.is_set()
+    assert leases.owner is None  # given back

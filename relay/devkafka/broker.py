@@ -158,6 +158,16 @@ class DevKafka:
     ) -> None:
         await self.stop()
 
+    async def exited(self, poll_s: float = 0.5) -> int:
+        """Wait until the broker process ends by itself; its exit code. (Polled: no thread
+        stays blocked in ``wait`` when the caller gives up.)"""
+        proc = self._proc
+        if proc is None:
+            raise DevKafkaError("the broker is not running")
+        while (code := proc.poll()) is None:  # noqa: ASYNC110 (a process end sets no Event)
+            await asyncio.sleep(poll_s)
+        return code
+
     def log_tail(self, lines: int = TAIL_LINES) -> str:
         """The last lines of the broker log, for error messages and failing tests."""
         try:

@@ -61,6 +61,17 @@ def ensure_kafka(
     """
     environ = os.environ if env is None else env
     root = cache_dir if cache_dir is not None else default_cache_dir(environ)
+    try:
+        return _ensure(root, environ, pom, timeout_s)
+    except OSError as exc:  # the cache is a file, under a file, not writable, ...
+        named = cache_dir is None and bool(environ.get(CACHE_ENV))
+        where = f"{CACHE_ENV}={root}" if named else str(root)
+        raise DevKafkaError(
+            f"{where}: cannot keep the Kafka cache there: {exc.strerror or exc}"
+        ) from None
+
+
+def _ensure(root: Path, environ: Mapping[str, str], pom: Path, timeout_s: float) -> KafkaDist:
     search_path = environ.get("PATH", os.defpath)
     stamp = _stamp(pom)
     complete = _read(root / _MARKER) == stamp and (root / "libs").is_dir()

@@ -23,6 +23,7 @@ import asyncio
 import bisect
 import contextlib
 import random
+import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,6 @@ from aiokafka.errors import (
     UnsupportedForMessageFormatError,
     for_code,
 )
-from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
@@ -79,6 +79,16 @@ class KafkaSinkError(Exception):
     """A Kafka problem the relay cannot work around (e.g. a required topic is missing)."""
 
 
+class KafkaSecurityError(KafkaSinkError):
+    """A TLS file or passphrase the client cannot use; ``key`` is the setting under
+    ``kafka.security`` to fix."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"kafka.security.{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
 @dataclass(frozen=True, slots=True)
 class KafkaSecurity:
     """How to reach a secured cluster."""
@@ -90,6 +100,61 @@ class KafkaSecurity:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_password: str | None = field(default=None, repr=False)  # of an encrypted ssl_keyfile
+    # built once at start-up (config load) from the files above; None: built when needed
+    context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def uses_ssl(self) -> bool:
+        """Whether the protocol is TLS (SSL or SASL_SSL)."""
+        return self.protocol in {"SSL", "SASL_SSL"}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of the files above, as aiokafka's ``create_ssl_context`` builds it
+        (hostname checked, broker certificate verified), but never prompting for a key's
+        passphrase: a prompt on a terminal would block the event loop, and without one OpenSSL
+        fails for ever. Raises :class:`KafkaSecurityError` naming the setting to fix."""
+        try:
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+        except ssl.SSLError as exc:
+            raise KafkaSecurityError(
+                "ssl_cafile", f"no CA certificate OpenSSL can load in {self.ssl_cafile} ({exc})"
+            ) from None
+        except OSError as exc:
+            raise KafkaSecurityError(
+                "ssl_cafile", f"cannot read {self.ssl_cafile}: {exc.strerror or exc}"
+            ) from None
+        if self.ssl_certfile is not None:
+            self._load_client_certificate(context, self.ssl_certfile, self.ssl_keyfile)
+        return context
+
+    def _load_client_certificate(
+        self, context: ssl.SSLContext, certfile: str, keyfile: str | None
+    ) -> None:
+        cert = _read("ssl_certfile", certfile)
+        if b"-----BEGIN CERTIFICATE-----" not in cert:
+            raise KafkaSecurityError("ssl_certfile", f"no PEM certificate in {certfile}")
+        key = cert if keyfile is None else _read("ssl_keyfile", keyfile)
+        encrypted = b"ENCRYPTED" in key
+        if encrypted and not self.ssl_password:
+            raise KafkaSecurityError(
+                "ssl_keyfile", f"{keyfile} is encrypted: give its passphrase in ssl_password"
+            )
+        password = self.ssl_password or ""
+        try:  # the callback answers any passphrase request: OpenSSL never prompts
+            context.load_cert_chain(certfile, keyfile, password=lambda: password)
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise KafkaSecurityError(
+                    "ssl_keyfile", f"{keyfile} is not the key of the certificate in {certfile}"
+                ) from None
+            if encrypted:
+                raise KafkaSecurityError(
+                    "ssl_password", f"does not decrypt {keyfile} (or the key is damaged)"
+                ) from None
+            raise KafkaSecurityError(
+                "ssl_keyfile", f"no PEM private key OpenSSL can load in {keyfile} ({exc})"
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +196,21 @@ class KafkaSettings:
             "request_timeout_ms": int(self.request_timeout_s * 1000),
             "security_protocol": sec.protocol,
         }
-        if sec.protocol in {"SSL", "SASL_SSL"}:
-            options["ssl_context"] = create_ssl_context(
-                cafile=sec.ssl_cafile, certfile=sec.ssl_certfile, keyfile=sec.ssl_keyfile
-            )
+        if sec.uses_ssl:
+            options["ssl_context"] = sec.context or sec.ssl_context()
         if sec.protocol.startswith("SASL"):
             options["sasl_mechanism"] = sec.sasl_mechanism
             options["sasl_plain_username"] = sec.username
             options["sasl_plain_password"] = sec.password
         return options
+
+
+def _read(key: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise KafkaSecurityError(key, f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 _SPECVERSION = ("ce_specversion", SPECVERSION.encode())
@@ -240,14 +311,12 @@ class KafkaSink:
         self,
         settings: KafkaSettings,
         store: Store,
-        kinds: Sequence[Kind] = tuple(Kind),
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._metrics = metrics or Metrics(now_ms)
-        self._kinds = tuple(kinds)
         self._now_ms = now_ms
         self._rng = random.Random()
         self.published = 0
@@ -269,7 +338,10 @@ class KafkaSink:
         """Connect, publish, and on any transient failure back off and resume from the cursor."""
         attempt = 0
         while not stop.is_set():
-            producer = self._producer()
+            try:
+                producer = self._producer()  # builds the TLS context when config did not
+            except ValueError as exc:  # an option aiokafka refuses: retrying will not help
+                raise KafkaSinkError(f"kafka: {exc}") from None
             try:
                 await producer.start()
                 await self._check_topics()
@@ -301,8 +373,13 @@ class KafkaSink:
         )
 
     async def _check_topics(self) -> None:
-        """Create missing topics when configured to; otherwise refuse to start without them."""
-        wanted = self._settings.topics(self._kinds)
+        """Create missing topics when configured to; otherwise refuse to start without them.
+
+        The topics of every kind, whatever ``poll.kinds`` says now: the outbox may hold events
+        of any kind (kinds followed before, a replay), and one event without its topic would
+        hold the cursor, and every event after it, for good.
+        """
+        wanted = self._settings.topics()
         admin = AIOKafkaAdminClient(**self._settings.client_options())
         await admin.start()
         try:
@@ -387,7 +464,7 @@ class KafkaSink:
         while (sent := await rounds.get()) is not None:
             done = await self._settle(sent, cursor)
             self._settled.set()
-            self._metrics.kafka_acknowledged(sent.events, done, sent.started)
+            self._metrics.kafka_round_settled(sent.started)
             if done != sent.events[-1].seq:
                 return done  # a batch refused for good: resend from here, one per batch
             cursor = done
@@ -516,8 +593,10 @@ class KafkaSink:
         self, events: list[OutboxEvent], cursor: int, failed: dict[int, tuple[BaseException, int]]
     ) -> int:
         """Walk the events in order: acknowledged ones and permanent refusals of one record move
-        the cursor; the first other failure stops it there."""
+        the cursor; the first other failure stops it there. Dead-lettered events move the cursor
+        but are not counted as published."""
         done = cursor
+        dead: set[int] = set()
         failure: BaseException | None = None
         for event in events:
             error, batch_size = failed.get(event.seq, (None, 0))
@@ -525,6 +604,7 @@ class KafkaSink:
                 done = event.seq
             elif isinstance(error, _PERMANENT) and batch_size == 1:
                 await self._dead_letter(event, error)
+                dead.add(event.seq)
                 done = event.seq
             elif isinstance(error, _PERMANENT):
                 # The broker refused a whole batch for good (a record too large for the topic,
@@ -544,7 +624,9 @@ class KafkaSink:
                 break
         if done != cursor:
             await self._store.set_sink_cursor(SINK, done)
-            self.published += sum(1 for e in events if cursor < e.seq <= done)
+            published = [e for e in events if cursor < e.seq <= done and e.seq not in dead]
+            self.published += len(published)
+            self._metrics.kafka_published(published)
         if failure is not None:
             if isinstance(failure, KafkaError):
                 raise failure

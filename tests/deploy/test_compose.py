@@ -106,10 +106,18 @@ def test_relay_health_check_is_the_images() -> None:
     assert check["test"] == ["CMD", *image_check]
 
 
-@pytest.mark.parametrize("name", ["relay", "sim"])
-def test_commands_name_config_files_that_exist(name: str) -> None:
+def test_sim_runs_the_scenario_shipped_in_the_image() -> None:
+    """The simulator takes the packaged scenario: config/sim.example.yaml is a link into the
+    package, which the mounted config/ directory cannot follow inside the container."""
+    command = services()["sim"]["command"]
+    assert isinstance(command, list)
+    assert "--config" not in command
+    assert (ROOT / "config" / "sim.example.yaml").resolve() == ROOT / "relay/sim/example.yaml"
+
+
+def test_commands_name_config_files_that_exist() -> None:
     """--config points into the mounted config/ directory at a file that is there."""
-    service = services()[name]
+    service = services()["relay"]
     host_dir, target = config_mount(service)
     assert host_dir == ROOT / "config"
     command = service["command"]

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -123,3 +124,23 @@ def test_what_the_banner_prints_works(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_reused_state_dir_keeps_only_the_current_receiver(tmp_path: Path) -> None:
+    """A second demo on the same --state-dir removes the first run's receiver webhook, whose
+    port is gone (its deliveries failed and dead-lettered), and delivers to its own."""
+    state = tmp_path / "state"
+    for run in (1, 2):
+        proc = demo(tmp_path, "--no-kafka", "--duration", "8", "--state-dir", str(state))
+        assert proc.wait(120) == 0, (tmp_path / "demo.out").read_text()
+        text = (tmp_path / "demo.out").read_text()
+        summary = SUMMARY.search(text)
+        assert summary is not None, text[-2000:]
+        assert int(summary.group(1)) > 0, f"run {run}: {text[-2000:]}"
+    with sqlite3.connect(state / "state.db") as conn:
+        hooks = conn.execute("SELECT url FROM webhooks").fetchall()
+        orphans = conn.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE webhook_id NOT IN (SELECT id FROM webhooks)"
+        ).fetchone()[0]
+    assert len(hooks) == 1, hooks
+    assert orphans == 0  # nothing left retrying towards the old port

@@ -286,6 +286,41 @@ def test_a_signalled_owner_stops_its_broker(
             os.kill(jvm, signal.SIGKILL)  # the leaked broker of this test, by its pid
 
 
+def jvms_under(work_dir: Path) -> list[int]:
+    """Processes whose command line names ``work_dir`` (the broker's config is there)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes()
+        except OSError:  # not a process, or gone
+            continue
+        if proc.name.isdigit() and str(work_dir).encode() in command and b"java" in command:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.integration
+async def test_serve_dev_kafka_fails_when_its_broker_dies(
+    kafka_dist: KafkaDist, tmp_path: Path
+) -> None:
+    """The broker JVM dies (the OOM killer, say): `serve_dev_kafka` ends with an error quoting
+    the broker's log (it went on waiting for a signal, announcing a dead broker)."""
+    out = Announcements()
+    task = asyncio.create_task(serve_dev_kafka(None, tmp_path / "kafka", out))
+    try:
+        written = asyncio.create_task(out.written.wait())
+        await asyncio.wait({task, written}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        written.cancel()
+        assert "ready at" in out.getvalue(), "serve_dev_kafka printed nothing within 60 s"
+        for pid in jvms_under(tmp_path / "kafka"):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(DevKafkaError, match=r"exited \(code -9\); last lines of"):
+            await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 @pytest.mark.integration
 async def test_complete_cache_needs_no_maven(kafka_dist: KafkaDist, tmp_path: Path) -> None:
     """Once the cache is complete, only `java` has to be on PATH."""

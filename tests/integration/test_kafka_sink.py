@@ -9,6 +9,8 @@ import sqlite3
 import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import orjson
 import pytest
@@ -16,10 +18,20 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from relay.events import Activity, Kind, from_millis
+from relay.metrics import Metrics
 from relay.sinks.kafka import KafkaSettings, KafkaSink, KafkaSinkError
 from relay.store import StreamKey, open_store
 from tests.integration.conftest import DevKafkaFactory
-from tests.procs import Identity, Proc, SimProcess, data_identity, outbox, relay_config, wait_until
+from tests.procs import (
+    Identity,
+    Proc,
+    SimProcess,
+    data_identity,
+    free_port,
+    outbox,
+    relay_config,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -276,7 +288,8 @@ async def test_records_refused_for_good_are_dead_lettered_and_the_rest_keep_orde
         page[40] = bounce(40, "x" * 400_000)  # above max_request_bytes: refused before sending
         page[80] = bounce(80, "y" * 100_000)  # fits a request, not the topic: the broker refuses
         await store.commit_page(stream.id, page, 0)
-        sink = KafkaSink(settings, store)
+        metrics = Metrics(lambda: 0)
+        sink = KafkaSink(settings, store, metrics=metrics)
         stop = asyncio.Event()
         task = asyncio.create_task(sink.run(stop))
         head = await store.outbox_head()
@@ -293,6 +306,11 @@ async def test_records_refused_for_good_are_dead_lettered_and_the_rest_keep_orde
         assert "MessageSizeTooLarge" in letters[0].reason
         assert "TooLarge" in letters[1].reason
         assert sink.dead_lettered == 2
+        # dead letters are not published: neither in the sink's count nor in the metrics
+        assert sink.published == 118
+        value = metrics.registry.get_sample_value
+        assert value("ctct_relay_events_published_total", {"sink": "kafka"}) == 118
+        assert value("ctct_relay_dead_letters_total", {"sink": "kafka"}) == 2
     finally:
         await store.close()
     messages = await consume_all(kafka_bootstrap, settings.topics())
@@ -334,3 +352,58 @@ async def test_topics_the_broker_will_not_create_stop_the_sink_naming_them(
     message = str(stopped.value)
     assert message.startswith(f"kafka: cannot create topic(s) on {kafka_bootstrap}: ")
     assert f"{prefix}.ctct.email.open: InvalidReplicationFactorError" in message
+
+
+async def test_events_of_kinds_no_longer_polled_are_published_too(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """Bounces wait in the outbox and poll.kinds is now [click]: the relay creates the topic of
+    every kind and publishes them (it created only the click topic and stalled for good)."""
+    prefix = f"kinds{uuid.uuid4().hex[:8]}"
+    db = tmp_path / "state.db"
+    store = open_store(f"sqlite:///{db}")
+    await store.open()
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
+        [stream] = await store.streams()
+        page = [
+            Activity(
+                account="acme",
+                kind=Kind.BOUNCE,
+                campaign_id="1",
+                contact_id=str(1000 + i),
+                email_address=f"c{i}@example.com",
+                occurred_at=from_millis(1_763_000_000_000 + i),
+                bounce_code="B",
+            )
+            for i in range(20)
+        ]
+        await store.commit_page(stream.id, page, 0)
+    finally:
+        await store.close()
+    upstream = cast(SimProcess, SimpleNamespace(url=f"http://127.0.0.1:{free_port()}"))
+    config = relay_config(
+        tmp_path,
+        upstream,
+        poll={"kinds": ["click"]},
+        kafka={
+            "bootstrap_servers": kafka_bootstrap,
+            "topic": prefix + ".ctct.email.{kind}",
+            "create_topics": True,
+            "request_timeout_s": 10,
+        },
+    )
+    relay = Proc(["run", "--config", str(config)], tmp_path / "relay.log").start()
+    print(f"relay log: {relay.log}")  # shown when the test fails
+    try:
+        await asyncio.to_thread(
+            wait_until,
+            lambda: kafka_cursor(db) == outbox_head(db),
+            60,
+            "the Kafka cursor to reach the outbox head (see relay.log)",
+        )
+        assert relay.stop() == 0
+    finally:
+        relay.kill()
+    messages = await consume_all(kafka_bootstrap, [f"{prefix}.ctct.email.bounce"])
+    assert len({m[2]["ce_id"] for m in messages}) == 20
