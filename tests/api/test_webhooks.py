@@ -6,8 +6,6 @@ import asyncio
 import dataclasses
 import re
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +18,7 @@ from relay.api.status import RelayView
 from relay.events import WILDCARD, Kind
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
-from relay.store import Attempt, Store, Webhook, open_store
+from relay.store import Attempt, Store, Webhook
 from tests.api.conftest import (
     AUTH,
     KEY,
@@ -824,19 +822,6 @@ async def test_webhook_reads_refuse_unknown_query_parameters(client: Client, pat
     )
     message = (await error_of(response, 400))["message"]
     assert message == "enabled: unknown query parameter (known: none)"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """An opened, empty store of each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    opened = open_store(url)
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,8 @@ import asyncio
 import itertools
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,7 +24,7 @@ from relay.events import Activity, Kind, from_millis
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings, Outcome, WebhookDispatcher
-from relay.store import Attempt, Store, StoreError, StreamKey, Webhook, open_store
+from relay.store import Attempt, Store, StoreError, StreamKey, Webhook
 from relay.store.coordination import Coordinator, LocalCoordinator
 
 ALLOW_LOOPBACK = Guard.from_strings(["127.0.0.0/8", "::1/128"])
@@ -684,19 +683,6 @@ async def test_a_raised_rate_limit_applies_to_senders_already_waiting(
         await store.update_webhook(replace(await store.webhook(hook.id), rate_limit_per_s=1000.0))
         dispatcher.changed(hook.id)
         await until(lambda: len(r.received) == 6, 3)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """An opened, empty store of each backend (what the attempt records meet differs)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    opened = open_store(url)
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def answering(status: int, body: bytes, *, delay_s: float = 0.0) -> Handler:
