@@ -19,7 +19,15 @@ import structlog
 
 from relay.ctct import catalogue
 from relay.ctct.client import CtctClient
-from relay.events import JsonObject, RecordError, from_millis, parse_time, to_millis
+from relay.events import (
+    JsonObject,
+    RecordError,
+    format_millis,
+    from_millis,
+    parse_time,
+    to_millis,
+)
+from relay.poller import CLOCK_SKEW_S
 from relay.store import Store, StreamKey
 
 log = structlog.get_logger(__name__)
@@ -56,11 +64,12 @@ class CampaignDiscovery:
         # The next modified_since comes from the API's own timestamps, never from our clock:
         # the two can disagree, and a since ahead of the API's clock would hide new campaigns.
         since = None if full else from_millis(max(0, (self._since_ms or 0) - _OVERLAP_MS))
-        rows = [
-            row
-            async for page in self._client.pages(catalogue.get("campaigns.sent"), since=since)
-            for row in page.records
-        ]
+        rows: list[JsonObject] = []
+        upstream_ms: int | None = None  # the API's clock (Date header) when it answered
+        async for page in self._client.pages(catalogue.get("campaigns.sent"), since=since):
+            rows.extend(page.records)
+            if page.server_ms is not None:
+                upstream_ms = max(upstream_ms or 0, page.server_ms)
         known = await self._store.streams(self._account)
         watching_since = min((s.created_ms for s in known), default=now)
         young, old = self._split_by_age(rows, now)
@@ -81,7 +90,7 @@ class CampaignDiscovery:
                     [StreamKey(self._account, "campaign", c) for c in old]
                 )
             self._last_full_ms = now
-        newest = max((m for m in map(_modified_ms, rows) if m is not None), default=None)
+        newest = self._newest(rows, now if upstream_ms is None else upstream_ms)
         if newest is not None:
             self._since_ms = max(self._since_ms or 0, newest)
         elif self._since_ms is None:
@@ -91,6 +100,28 @@ class CampaignDiscovery:
                 "discovery", account=self._account, found=len(rows), new=created, retired=len(old)
             )
             await self._on_change()
+
+    def _newest(self, rows: Sequence[JsonObject], upstream_ms: int) -> int | None:
+        """The latest modification time listed, never past the API's clock (the relay's without
+        a Date header) plus ``CLOCK_SKEW_S``: one campaign dated in the year 9999 would otherwise
+        hide every campaign sent later from the incremental scans until the next full scan."""
+        ceiling = upstream_ms + int(CLOCK_SKEW_S * 1000)
+        newest: int | None = None
+        for row in rows:
+            modified = _modified_ms(row)
+            if modified is None:
+                continue
+            if modified > ceiling:
+                log.warning(
+                    "discovery.future_campaign",
+                    account=self._account,
+                    campaign_id=str(row.get("id"))[:64],
+                    modified=format_millis(modified),
+                    upstream_now=format_millis(upstream_ms),
+                )
+                modified = ceiling
+            newest = modified if newest is None else max(newest, modified)
+        return newest
 
     def _split_by_age(
         self, rows: Sequence[JsonObject], now: int

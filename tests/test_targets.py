@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import cast
 
 import pytest
 
 from relay.ctct.catalogue import Endpoint
 from relay.ctct.client import CtctClient, Page
-from relay.events import format_millis
+from relay.events import format_millis, to_millis
 from relay.store import Store
 from relay.targets import CampaignDiscovery, ensure_configured
 
@@ -23,13 +24,17 @@ class Sent:
 
     def __init__(self) -> None:
         self.campaigns: dict[str, int] = {}  # id -> last run (Unix ms)
+        self.server_ms: int | None = None  # the Date header of the answer
 
-    async def pages(self, endpoint: Endpoint, **_: object) -> AsyncIterator[Page]:
+    async def pages(
+        self, endpoint: Endpoint, since: datetime | None = None, **_: object
+    ) -> AsyncIterator[Page]:
         rows = tuple(
             {"id": cid, "last_run_date": format_millis(ms), "modified_date": format_millis(ms)}
             for cid, ms in self.campaigns.items()
+            if since is None or ms >= to_millis(since)  # modified_since is inclusive
         )
-        yield Page(1, rows, None)
+        yield Page(1, rows, None, self.server_ms)
 
 
 async def _nothing() -> None:
@@ -75,3 +80,23 @@ async def test_campaigns_sent_while_watching_are_all_new(store: Store) -> None:
     sent.campaigns = {"new": T0 + HOUR, "old": T0 - HOUR}
     await found.run()
     assert await seeds(store) == {"new": False, "old": True}
+
+
+@pytest.mark.parametrize("server_ms", [None, T0 + HOUR])
+async def test_a_campaign_dated_in_the_far_future_does_not_hide_later_ones(
+    store: Store, server_ms: int | None
+) -> None:
+    """One campaign modified in the year 9999 moved modified_since there: every campaign sent
+    after it was missed by the incremental scans until the next full scan, a day later. The
+    next since is capped at the API's clock (its Date header, else the relay's) + the skew."""
+    now = [T0]
+    sent = Sent()
+    sent.server_ms = server_ms
+    sent.campaigns = {"odd": 253_402_300_000_000, "c1": T0 - HOUR}  # 9999-12-31
+    found = discovery(store, sent, now)
+    await found.run()  # the first run is a full scan
+    now[0] = T0 + 2 * HOUR
+    sent.server_ms = None if server_ms is None else T0 + 2 * HOUR
+    sent.campaigns["later"] = T0 + 90 * 60_000
+    await found.run()  # incremental
+    assert "later" in await seeds(store)
