@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import signal
 import socket
 import statistics
 import sys
@@ -136,6 +137,9 @@ def main() -> int:
     parser.add_argument("--contacts", type=int, default=4000)
     args = parser.parse_args()
     logs.configure("warning")  # as in production: debug lines are filtered, not rendered
+    # SIGTERM stops the bench as Ctrl-C does, so the finally below takes the helper process
+    # down with it (SIGTERM's default action would leave it running)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     port = free_port()
     server = multiprocessing.get_context("spawn").Process(
         target=serve, args=(port, args.contacts), daemon=True
@@ -143,6 +147,9 @@ def main() -> int:
     server.start()
     try:
         bare, client, activities = asyncio.run(measure(port, args.rounds))
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
     finally:
         server.terminate()
         server.join()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import signal
 import socket
 import statistics
 import sys
@@ -208,6 +209,9 @@ def main() -> int:
     parser.add_argument("--latency-samples", type=int, default=200)
     args = parser.parse_args()
     logs.configure("error")
+    # SIGTERM stops the bench as Ctrl-C does, so the finally below takes the helper process
+    # down with it (SIGTERM's default action would leave it running)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -215,6 +219,9 @@ def main() -> int:
     server.start()
     try:
         asyncio.run(measure(port, args))
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
     finally:
         server.terminate()
         server.join()
