@@ -1209,3 +1209,19 @@ def test_base_url_host_and_port_are_checked_at_load(tmp_path: Path, url: str, pr
 def test_base_url_hosts_that_resolve_load(tmp_path: Path, url: str) -> None:
     settings = load(write(tmp_path, MINIMAL.replace("https://api.example.com", url)), {"KEY": "k"})
     assert settings.accounts[0].base_url == url
+
+
+def test_example_declared_webhook_shows_the_defaults(tmp_path: Path) -> None:
+    """The example (and the README reference made from it) gives each key its default: its
+    declared webhook listed rate_limit_per_s 10 and two event types, while leaving them out
+    gives no limit and every email event."""
+    example = load(EXAMPLE, environ={}).webhooks
+    minimal = from_mapping(
+        {
+            "accounts": [
+                {"name": "d", "base_url": "http://h", "api_key": "k", "access_token": "t"}
+            ],
+            "webhooks": {"declared": [{"url": example[0].url}]},
+        }
+    ).webhooks
+    assert example == minimal
