@@ -8,9 +8,11 @@ before anything starts. This is the only module that reads the environment.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import date, datetime
@@ -53,6 +55,8 @@ FLAGS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "of
 _GUESSED = frozenset({"bool", "int", "float", "timestamp"})  # YAML 1.1 resolvers _Loader replaces
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Kafka accepts as a topic name
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# one label of a host name as the resolver takes it, after IDNA (underscores are in use)
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 LogLevel = Literal["debug", "info", "warning", "error"]
 Mode = Literal["binary", "structured"]
 Compression = Literal["none", "gzip", "lz4", "zstd"]
@@ -110,7 +114,15 @@ _Loader.add_implicit_resolver(
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message names the file or key and what is wrong."""
+    """A configuration problem; the message names the file or key and what is wrong.
+
+    ``environment``: the problem comes from ``CTCT_RELAY_*`` variables alone, which the message
+    names; :func:`load` does not put the file's name in front of it.
+    """
+
+    def __init__(self, message: str, *, environment: bool = False) -> None:
+        super().__init__(message)
+        self.environment = environment
 
 
 class Secret:
@@ -270,20 +282,29 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
     try:
-        data = _apply_overrides(_interpolate(raw, env, ""), env)
+        interpolated = _interpolate(raw, env, "")
+    except ConfigError as exc:  # an unset ${NAME}
+        raise ConfigError(f"{source}: {exc}") from None
     except RecursionError:  # a YAML anchor holding an alias to itself: &a [*a]
         raise ConfigError(f"{source}: a YAML anchor contains an alias to itself") from None
+    origins: dict[str, str] = {}
+    data = _apply_overrides(interpolated, env, origins)  # its errors name the variable
     try:
         if not isinstance(data, dict):
             raise ConfigError("the top level must be a mapping of keys")
-        return from_mapping(data)
+        return from_mapping(data, origins=origins)
     except ConfigError as exc:
+        if exc.environment:
+            raise
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def from_mapping(data: Mapping[str, object]) -> Settings:
-    """Validate an already-parsed configuration."""
-    root = _Reader(data, "")
+def from_mapping(
+    data: Mapping[str, object], *, origins: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate an already-parsed configuration. ``origins``: the override variable that set
+    each key path (``http.timeout_s`` → ``CTCT_RELAY_HTTP__TIMEOUT_S``), for unknown keys."""
+    root = _Reader(data, "", origins or {})
     poll = root.child("poll")
     retention_h = poll.number("dedup_retention_h", DEFAULT_RETENTION_H)
     defaults = replace(_poll(poll), dedup_retention_s=retention_h * 3600)
@@ -341,10 +362,13 @@ def _check_shared_keys(accounts: tuple[AccountSettings, ...]) -> None:
 
 def _admin(r: _Reader) -> AdminSettings:
     b = AdminSettings()
+    token = r.optional_text("token", secret=True)
     admin = AdminSettings(
         host=r.text("host", b.host),
         port=r.integer("port", b.port, minimum=0, maximum=65535),
-        token=r.optional_text("token", secret=True),
+        # as the CLI does: a token file's line end ("$(cat token.txt)" keeps a CR) is not part
+        # of it; a token of whitespace alone becomes "", which check_exposure refuses
+        token=None if token is None else token.strip(),
         rotation_grace_s=r.number("rotation_grace_s", b.rotation_grace_s, strict=False),
         metrics_public=r.flag("metrics_public", b.metrics_public),
     )
@@ -631,16 +655,7 @@ def _schedule(r: _Reader) -> ScheduleSettings:
 
 
 def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
-    base_url = r.text("base_url")
-    parts = urlsplit(base_url)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise ConfigError(f"{r.key('base_url')}: expected an http(s) URL, got {_url(base_url)}")
-    if "@" in parts.netloc or parts.path not in {"", "/"} or parts.query or parts.fragment:
-        # the client appends /v2/...: a path doubles it, and every stream retires on the 404s
-        raise ConfigError(
-            f"{r.key('base_url')}: give the scheme and host only, e.g."
-            f" https://api.constantcontact.com, got {_url(base_url)}"
-        )
+    base_url = _base_url(r)
     limits = r.child("rate_limit")
     defaults = Budget()
     budget = Budget(
@@ -667,8 +682,8 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
     account = AccountSettings(
         name=name,
         base_url=base_url,
-        api_key=Secret(r.text("api_key", secret=True)),
-        access_token=Secret(r.text("access_token", secret=True)),
+        api_key=_credential(r, "api_key"),
+        access_token=_credential(r, "access_token"),
         budget=budget,
         campaigns=_campaigns(r.child("campaigns")),
         contacts=tuple(r.strings("contacts") or ()),
@@ -678,6 +693,74 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
     polling.done()
     r.done()
     return account
+
+
+def _base_url(r: _Reader) -> str:
+    """An http(s) URL of scheme, host and port only, whose host a request can be sent to."""
+    key = r.key("base_url")
+    base_url = r.text("base_url")
+    expected = f"expected an http(s) URL, got {_url(base_url)}"
+    try:
+        parts = urlsplit(base_url)
+    except ValueError:  # a broken [IPv6] literal
+        raise ConfigError(f"{key}: {expected}") from None
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ConfigError(f"{key}: {expected}")
+    if "@" in parts.netloc or parts.path not in {"", "/"} or parts.query or parts.fragment:
+        # the client appends /v2/...: a path doubles it, and every stream retires on the 404s
+        raise ConfigError(
+            f"{key}: give the scheme and host only, e.g. https://api.constantcontact.com,"
+            f" got {_url(base_url)}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{key}: the port is not a number from 1 to 65535, got {_url(base_url)}")
+    host = parts.hostname or ""
+    if not _valid_host(host):
+        # aiohttp would raise UnicodeError (IDNA) on every request, or fail to resolve it
+        raise ConfigError(
+            f"{key}: {host!r} is not a valid host name (an IP address, or labels of 1 to 63"
+            " letters, digits, '-' or '_' separated by single dots), got"
+            f" {_url(base_url)}"
+        )
+    return base_url
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address, or a DNS name (IDNA for non-ASCII) whose last label is not a number."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        name = host.encode("idna").decode("ascii")
+    except UnicodeError:  # an empty or over-long label: the resolver's own encoding fails
+        return False
+    labels = name.removesuffix(".").split(".")
+    return (
+        len(name) <= 253
+        and all(_HOST_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()  # 1.2.3.4.5, 999.0.0.1: not an address, not a name
+    )
+
+
+def _credential(r: _Reader, name: str) -> Secret:
+    """An api_key or access token: whitespace around it dropped (a secret file's line end,
+    kubectl create secret --from-file), and refused if a control character is left inside,
+    as no key or token holds one (in a header it stops every request). Never shown."""
+    value = r.text(name, secret=True).strip()
+    if not value:
+        raise ConfigError(f"{r.key(name)}: required, but empty (only whitespace)")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ConfigError(
+            f"{r.key(name)}: holds a control character (a line break, a tab, …), which no key"
+            " or token does; the value of a secret is not shown"
+        )
+    return Secret(value)
 
 
 def _campaigns(r: _Reader) -> CampaignTargets:
@@ -721,7 +804,13 @@ def _logs(root: _Reader) -> LogSettings:
 class _Reader:
     """Typed access to one mapping of the config, tracking key paths and unknown keys."""
 
-    def __init__(self, data: object, path: str) -> None:
+    def __init__(
+        self,
+        data: object,
+        path: str,
+        origins: Mapping[str, str],
+        origin: str | None = None,
+    ) -> None:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
@@ -729,6 +818,11 @@ class _Reader:
         self._data: Mapping[str, object] = data
         self._path = path
         self._used: set[str] = set()
+        self._origins = origins  # key path -> the override variable that set it
+        self._origin = origin  # the variable that set this mapping (or one around it)
+
+    def _reader(self, data: object, path: str) -> _Reader:
+        return _Reader(data, path, self._origins, self._origins.get(path, self._origin))
 
     def key(self, name: str) -> str:
         return f"{self._path}.{name}" if self._path else name
@@ -757,7 +851,7 @@ class _Reader:
         return None if value is None or value == "" else self.text(name, secret=secret)
 
     def child(self, name: str) -> _Reader:
-        return _Reader(self._given(name), self.key(name))
+        return self._reader(self._given(name), self.key(name))
 
     def readers(self, name: str) -> Iterator[_Reader]:
         items = self._given(name)
@@ -766,7 +860,7 @@ class _Reader:
         if not isinstance(items, list):
             raise ConfigError(f"{self.key(name)}: expected a list, got {_show(items)}")
         for index, item in enumerate(items):
-            yield _Reader(item, f"{self.key(name)}[{index}]")
+            yield self._reader(item, f"{self.key(name)}[{index}]")
 
     def text(self, name: str, default: str | None = None, *, secret: bool = False) -> str:
         """A string (or a YAML integer, as written); ``secret``: errors never show the value."""
@@ -881,10 +975,25 @@ class _Reader:
         return str(value)
 
     def done(self) -> None:
-        unknown = sorted(set(self._data) - self._used)
-        if unknown:
-            where = self._path or "top level"
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+        """Refuse the keys nothing read. One an override variable set is named with it: a
+        variable under the prefix is a key, whoever set it (a Kubernetes Service named
+        ctct-relay gives every pod CTCT_RELAY_SERVICE_HOST, CTCT_RELAY_PORT, …)."""
+        unknown = sorted(set(self._data) - self._used, key=str)  # YAML keys may be numbers
+        if not unknown:
+            return
+        where = self._path or "top level"
+        sources = [self._origins.get(self.key(str(k)), self._origin) for k in unknown]
+        listed = ", ".join(
+            f"{k} (from {var})" if var else str(k) for k, var in zip(unknown, sources, strict=True)
+        )
+        message = f"{where}: unknown key(s) {listed}"
+        if any(sources):
+            message += (
+                f"; every {ENV_PREFIX}* variable sets a config key (on Kubernetes, a Service named"
+                " ctct-relay adds CTCT_RELAY_SERVICE_HOST, CTCT_RELAY_PORT and others unless the"
+                " pod spec has enableServiceLinks: false)"
+            )
+        raise ConfigError(message, environment=all(sources))
 
 
 def _as_number(value: object) -> int | float | None:
@@ -1007,8 +1116,10 @@ class _FlowMapping(dict[object, object]):
         self.text = text
 
 
-def _apply_overrides(data: object, env: Mapping[str, str]) -> object:
-    """``CTCT_RELAY_HTTP__TIMEOUT_S=5`` sets ``http.timeout_s``; list items by index."""
+def _apply_overrides(data: object, env: Mapping[str, str], origins: dict[str, str]) -> object:
+    """``CTCT_RELAY_HTTP__TIMEOUT_S=5`` sets ``http.timeout_s``; list items by index. ``origins``
+    gets the variable behind each key path it sets or creates (as :meth:`_Reader.key` spells
+    it), so an unknown key is reported with its variable."""
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX or name in NOT_OVERRIDES:
             continue
@@ -1018,7 +1129,7 @@ def _apply_overrides(data: object, env: Mapping[str, str]) -> object:
                 f"{name}: an empty key name (each '__' separates two key names, as in"
                 " CTCT_RELAY_HTTP__TIMEOUT_S)"
             )
-        data = _set_path(data, keys, _override_value(env[name]), name)
+        data = _set_path(data, keys, _override_value(env[name]), name, "", origins)
     return data
 
 
@@ -1039,25 +1150,37 @@ def _override_value(text: str) -> object:
     return text
 
 
-def _set_path(node: object, keys: list[str], value: object, var: str) -> object:
+def _set_path(
+    node: object, keys: list[str], value: object, var: str, path: str, origins: dict[str, str]
+) -> object:
     head, rest = keys[0], keys[1:]
     if isinstance(node, list):
         if not head.isdigit() or int(head) > len(node):
             raise ConfigError(f"{var}: {head!r} is not an index of a list of {len(node)}")
         index = int(head)
+        at = f"{path}[{index}]"
         if index == len(node):
             node.append({})
-        node[index] = _set_path(node[index], rest, value, var) if rest else value
+            origins.setdefault(at, var)
+        if rest:
+            node[index] = _set_path(node[index], rest, value, var, at, origins)
+        else:
+            node[index] = value
+            origins[at] = var
         return node
     if node is None:
         node = {}
     if not isinstance(node, dict):
         raise ConfigError(f"{var}: cannot set a key inside a {type(node).__name__}")
+    at = f"{path}.{head}" if path else head
+    if head not in node:
+        origins.setdefault(at, var)
     if rest:
         child = node.get(head)
         if child is None and rest[0].isdigit():
             child = []
-        node[head] = _set_path(child, rest, value, var)
+        node[head] = _set_path(child, rest, value, var, at, origins)
     else:
         node[head] = value
+        origins[at] = var
     return node

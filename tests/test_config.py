@@ -63,9 +63,14 @@ def test_every_account_polls_knowing_the_dedup_retention(tmp_path: Path) -> None
 
 
 def test_missing_env_var_names_key_and_variable(tmp_path: Path) -> None:
-    """An unset ${NAME} is an error naming the key and the variable."""
-    with pytest.raises(ConfigError, match=r"accounts\[0\]\.api_key: environment variable KEY"):
-        load(write(tmp_path, MINIMAL), environ={})
+    """An unset ${NAME} is an error naming the file, as every other one does, the key and the
+    variable."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={})
+    assert str(caught.value) == (
+        f"{path}: accounts[0].api_key: environment variable KEY is not set"
+    )
 
 
 def test_environment_overrides_any_key(tmp_path: Path) -> None:
@@ -90,9 +95,88 @@ def test_other_commands_variables_are_not_overrides(tmp_path: Path) -> None:
 
 
 def test_unknown_override_names_its_variable(tmp_path: Path) -> None:
-    """A misspelt CTCT_RELAY_ variable is still an error that names the unknown key."""
-    with pytest.raises(ConfigError, match="unknown key"):
-        load(write(tmp_path, MINIMAL), environ={"KEY": "k", "CTCT_RELAY_HTTPP__TIMEOUT_S": "1"})
+    """A misspelt CTCT_RELAY_ variable is an error that names the unknown key and the variable,
+    not the file, which has no such key."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={"KEY": "k", "CTCT_RELAY_HTTPP__TIMEOUT_S": "1"})
+    message = str(caught.value)
+    assert message.startswith(
+        "top level: unknown key(s) httpp (from CTCT_RELAY_HTTPP__TIMEOUT_S); every CTCT_RELAY_*"
+        " variable sets a config key"
+    ), message
+    assert str(path) not in message
+    assert caught.value.environment
+
+
+def test_kubernetes_service_links_name_their_variables(tmp_path: Path) -> None:
+    """A Service named ctct-relay gives every pod of the namespace CTCT_RELAY_SERVICE_HOST,
+    CTCT_RELAY_PORT_8081_TCP, … (unless enableServiceLinks is false). The relay stopped with
+    "relay.yaml: top level: unknown key(s) port, …", blaming the file; each key now names the
+    variable that set it, and the message says where such variables come from."""
+    env = {
+        "KEY": "k",
+        "CTCT_RELAY_SERVICE_HOST": "10.96.12.34",
+        "CTCT_RELAY_SERVICE_PORT": "8081",
+        "CTCT_RELAY_PORT": "tcp://10.96.12.34:8081",
+        "CTCT_RELAY_PORT_8081_TCP_ADDR": "10.96.12.34",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, MINIMAL), environ=env)
+    message = str(caught.value)
+    assert message.startswith(
+        "top level: unknown key(s) port (from CTCT_RELAY_PORT), port_8081_tcp_addr (from"
+        " CTCT_RELAY_PORT_8081_TCP_ADDR), service_host (from CTCT_RELAY_SERVICE_HOST),"
+        " service_port (from CTCT_RELAY_SERVICE_PORT)"
+    ), message
+    assert "enableServiceLinks: false" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "message"),
+    [
+        pytest.param(
+            "",
+            {"CTCT_RELAY_HTTP__TIMEOUTS": "5"},
+            r"^http: unknown key\(s\) timeouts \(from CTCT_RELAY_HTTP__TIMEOUTS\);",
+            id="in-a-section",
+        ),
+        pytest.param(
+            "http: {timeout_s: 3}\n",
+            {"CTCT_RELAY_HTTP": "{timeout: 5}"},
+            r"^http: unknown key\(s\) timeout \(from CTCT_RELAY_HTTP\);",
+            id="in-a-flow-mapping",
+        ),
+        pytest.param(
+            "",
+            {"CTCT_RELAY_ACCOUNTS__0__POLL__OVERLAPS": "5"},
+            r"^accounts\[0\]\.poll: unknown key\(s\) overlaps \(from"
+            r" CTCT_RELAY_ACCOUNTS__0__POLL__OVERLAPS\);",
+            id="in-a-list-item",
+        ),
+        pytest.param(
+            "    campaing: {}\n",
+            {"CTCT_RELAY_ACCOUNTS__0__CONTACT": "[1]"},
+            r"/relay\.yaml: accounts\[0\]: unknown key\(s\) campaing, contact \(from"
+            r" CTCT_RELAY_ACCOUNTS__0__CONTACT\);",
+            id="file-and-variable",
+        ),
+    ],
+)
+def test_unknown_keys_are_named_with_their_source(
+    tmp_path: Path, extra: str, env: dict[str, str], message: str
+) -> None:
+    """A key a variable set is named with the variable, wherever it lands; the file is named
+    only when one of the unknown keys is written in it."""
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k", **env})
+
+
+def test_unknown_keys_of_mixed_types_are_listed(tmp_path: Path) -> None:
+    """An integer key beside a misspelt one crashed the loader with a TypeError in sorted()."""
+    text = MINIMAL + "    8080: oops\n    campaing: {discover: true}\n"
+    with pytest.raises(ConfigError, match=r"accounts\[0\]: unknown key\(s\) 8080, campaing$"):
+        load(write(tmp_path, text), environ={"KEY": "k"})
 
 
 @pytest.mark.parametrize(
@@ -458,8 +542,9 @@ def test_overrides_of_string_keys_keep_the_text_as_set(tmp_path: Path, value: st
     if " " not in value:  # the admin token travels in a header: no spaces
         env["CTCT_RELAY_ADMIN__TOKEN"] = token
     settings = load(write(tmp_path, MINIMAL), environ=env)
-    assert settings.accounts[0].api_key.reveal() == value
-    assert settings.accounts[0].access_token.reveal() == value
+    # the credentials alone lose surrounding whitespace (a secret file's line end)
+    assert settings.accounts[0].api_key.reveal() == value.strip()
+    assert settings.accounts[0].access_token.reveal() == value.strip()
     assert settings.kafka is not None
     assert settings.kafka.client_id == value
     if " " not in value:
@@ -1031,3 +1116,112 @@ def test_an_override_with_an_empty_key_name_names_the_variable(tmp_path: Path, n
     """CTCT_RELAY_HTTP__=1 said `http: unknown key(s) ` with an empty name."""
     with pytest.raises(ConfigError, match=rf"^{name}: an empty key name"):
         load(write(tmp_path, MINIMAL), environ={"KEY": "k", name: "1"})
+
+
+@pytest.mark.parametrize("key", ["api_key", "access_token"])
+@pytest.mark.parametrize("around", ["\n", "\r\n", " \t", "\n\n"])
+def test_credentials_lose_surrounding_whitespace(tmp_path: Path, key: str, around: str) -> None:
+    """A secret read from a file keeps its line end (kubectl create secret --from-file): the
+    token loaded with it, then every request died in aiohttp ("Forbidden control character")
+    while the relay reported itself ready."""
+    env = {"KEY": "k", f"CTCT_RELAY_ACCOUNTS__0__{key.upper()}": f"{around}secret-42{around}"}
+    settings = load(write(tmp_path, MINIMAL), environ=env)
+    assert getattr(settings.accounts[0], key).reveal() == "secret-42"
+
+
+@pytest.mark.parametrize("key", ["api_key", "access_token"])
+@pytest.mark.parametrize("inside", ["\n", "\r", "\x00", "\x7f", "\t", "\x85"])
+def test_a_control_character_inside_a_credential_is_refused(
+    tmp_path: Path, key: str, inside: str
+) -> None:
+    """What stripping leaves inside is refused at load, naming the key, never the value."""
+    env = {"KEY": "k", f"CTCT_RELAY_ACCOUNTS__0__{key.upper()}": f"tok3n{inside}v4lue\n"}
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, MINIMAL), environ=env)
+    message = str(caught.value)
+    assert f"accounts[0].{key}: holds a control character" in message, message
+    assert "tok3n" not in message
+    assert "v4lue" not in message
+    assert message.endswith("the value of a secret is not shown")
+
+
+@pytest.mark.parametrize("key", ["api_key", "access_token"])
+def test_a_credential_of_whitespace_alone_is_missing(tmp_path: Path, key: str) -> None:
+    env = {"KEY": "k", f"CTCT_RELAY_ACCOUNTS__0__{key.upper()}": " \r\n"}
+    with pytest.raises(ConfigError, match=rf"accounts\[0\]\.{key}: required, but empty"):
+        load(write(tmp_path, MINIMAL), environ=env)
+
+
+@pytest.mark.parametrize(
+    "token", ["0123456789abcdefXYZ\r\n", "0123456789abcdefXYZ\n", " 0123456789abcdefXYZ"]
+)
+def test_admin_token_loses_surrounding_whitespace(tmp_path: Path, token: str) -> None:
+    """${CTCT_RELAY_ADMIN_TOKEN} of a CRLF file was refused by the relay ("must be non-empty
+    printable ASCII without spaces") while the CLI, stripping it, sent the same token."""
+    text = MINIMAL + "admin: {token: '${CTCT_RELAY_ADMIN_TOKEN}'}\n"
+    settings = load(write(tmp_path, text), environ={"KEY": "k", "CTCT_RELAY_ADMIN_TOKEN": token})
+    assert settings.admin.token == "0123456789abcdefXYZ"
+
+
+def test_admin_token_of_whitespace_alone_is_refused(tmp_path: Path) -> None:
+    """Stripped to nothing, it is not taken for 'no token' (an unauthenticated API)."""
+    text = MINIMAL + "admin: {token: '${CTCT_RELAY_ADMIN_TOKEN}'}\n"
+    with pytest.raises(ConfigError, match=r"admin\.token: must be non-empty"):
+        load(write(tmp_path, text), environ={"KEY": "k", "CTCT_RELAY_ADMIN_TOKEN": "\r\n"})
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        pytest.param("http://api..constantcontact.com", "not a valid host name", id="empty-label"),
+        pytest.param("https://.api.example.com", "not a valid host name", id="leading-dot"),
+        pytest.param(f"https://{'a' * 64}.example.com", "not a valid host name", id="long-label"),
+        pytest.param("https://ex ample.com", "not a valid host name", id="space"),
+        pytest.param("https://-api.example.com", "not a valid host name", id="hyphen-first"),
+        pytest.param("http://1.2.3.4.5", "not a valid host name", id="not-an-address"),
+        pytest.param("http://api.example.com:99999", "the port is not a number", id="port-big"),
+        pytest.param("http://api.example.com:http", "the port is not a number", id="port-text"),
+        pytest.param("http://api.example.com:0", "the port is not a number", id="port-0"),
+        pytest.param("http://[::1", "expected an http", id="broken-ipv6"),
+        pytest.param("http://[zz]", "expected an http", id="not-ipv6"),
+    ],
+)
+def test_base_url_host_and_port_are_checked_at_load(tmp_path: Path, url: str, problem: str) -> None:
+    """A host the resolver's IDNA encoding refuses loaded, then every pass crashed with
+    UnicodeError; a broken [IPv6] literal crashed the loader with a ValueError."""
+    text = MINIMAL.replace("https://api.example.com", url)
+    with pytest.raises(ConfigError, match=rf"accounts\[0\]\.base_url: .*{problem}"):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:18380",
+        "http://[::1]:8080",
+        "http://localhost:8080",
+        "https://api.constantcontact.com.",
+        "https://b\u00fccher.example",
+        "http://sim_api:8080",
+        "http://sim:8080",
+    ],
+)
+def test_base_url_hosts_that_resolve_load(tmp_path: Path, url: str) -> None:
+    settings = load(write(tmp_path, MINIMAL.replace("https://api.example.com", url)), {"KEY": "k"})
+    assert settings.accounts[0].base_url == url
+
+
+def test_example_declared_webhook_shows_the_defaults(tmp_path: Path) -> None:
+    """The example (and the README reference made from it) gives each key its default: its
+    declared webhook listed rate_limit_per_s 10 and two event types, while leaving them out
+    gives no limit and every email event."""
+    example = load(EXAMPLE, environ={}).webhooks
+    minimal = from_mapping(
+        {
+            "accounts": [
+                {"name": "d", "base_url": "http://h", "api_key": "k", "access_token": "t"}
+            ],
+            "webhooks": {"declared": [{"url": example[0].url}]},
+        }
+    ).webhooks
+    assert example == minimal

@@ -303,6 +303,14 @@ class CtctClient:
             raise errors.TransportError(
                 f"GET {shown()} failed: {_describe_transport(exc)}", endpoint=name
             ) from None
+        except ValueError as exc:  # UnicodeError included
+            # aiohttp refused to build the request: a control character in the token's header,
+            # a host name IDNA cannot encode. The config refuses both at load; this keeps any
+            # other such value from crashing a pass, and says what it was.
+            self._on_response(name, "transport_error", time.perf_counter() - started)
+            raise errors.InvalidRequestError(
+                f"GET {shown()} could not be sent: {self._request_problem(exc)}", endpoint=name
+            ) from None
         log.debug(
             "ctct.response",
             endpoint=name,
@@ -318,6 +326,18 @@ class CtctClient:
             raise _malformed(
                 name, f"GET {shown()} answered {status} with a body that is not JSON ({exc})"
             ) from None
+
+    def _request_problem(self, exc: ValueError) -> str:
+        """What aiohttp said, with the credentials' values scrubbed from it."""
+        if isinstance(exc, UnicodeError):
+            what = f"the host of the base_url is not a valid host name ({exc})"
+        else:
+            what = f"a credential or the base_url holds what an HTTP request cannot carry ({exc})"
+        for secret in (self._credentials.api_key, self._credentials.access_token):
+            for value in {secret, secret.strip()}:
+                if value:
+                    what = what.replace(value, _REDACTED)
+        return what
 
 
 def _ignore_response(_endpoint: str, _status: str, _seconds: float) -> None:

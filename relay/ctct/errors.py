@@ -2,6 +2,9 @@
 
     CtctError                      retriable? what the caller does
     ├── TransportError             yes        connection refused, DNS, reset, timeout: back off
+    ├── InvalidRequestError        no         aiohttp refused to build the request (a control
+    │                                     character in a credential, a host IDNA refuses): fix
+    │                                     the config
     ├── MalformedResponseError     yes        a 2xx whose body is not the JSON we expect
     ├── PaginationLoopError        no         a next_link repeated, or kept coming with empty
     │                                     pages: stop this pass, report
@@ -55,6 +58,11 @@ class TransportError(CtctError):
     """The request did not get an HTTP answer (connection, DNS, reset, timeout)."""
 
     retriable = True
+
+
+class InvalidRequestError(CtctError):
+    """The request could not be built: aiohttp refused a header value (a control character in
+    the access token) or the host name (IDNA). The same request will fail again."""
 
 
 class MalformedResponseError(CtctError):

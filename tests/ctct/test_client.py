@@ -335,6 +335,39 @@ async def test_unreachable_base_url_is_a_clear_transport_error() -> None:
         assert client.requests_sent == 2
 
 
+@pytest.mark.parametrize("token", [TOKEN + "\n", TOKEN + "\r\n", f"{TOKEN[:4]}\x00{TOKEN[4:]}"])
+async def test_a_control_character_in_the_token_is_a_typed_error(sim: Sim, token: str) -> None:
+    """aiohttp refuses the header ("Forbidden control character detected in headers"): the
+    ValueError escaped the client, so `fetch` died with a traceback and every pass of `run` was
+    a crash. It is an InvalidRequestError naming the cause, not retried, never showing it."""
+    client = sim.client(token=token, retry=RetryPolicy(max_attempts=3, base_delay_s=0.01))
+    with pytest.raises(errors.InvalidRequestError) as caught:
+        await client.fetch(catalogue.get("contact.summary"), resource_id="1001")
+    message = str(caught.value)
+    assert "could not be sent" in message
+    assert "Forbidden control character" in message
+    assert TOKEN not in message
+    assert API_KEY not in message
+    assert not caught.value.retriable
+    assert client.requests_sent == 1
+
+
+async def test_a_host_name_idna_refuses_is_a_typed_error() -> None:
+    """http://api..constantcontact.com: the resolver's IDNA encoding raises UnicodeError, which
+    escaped the client as a crash on every request."""
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials("http://api..constantcontact.com", API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=100)),
+            retry=RetryPolicy(max_attempts=3, base_delay_s=0.01),
+        )
+        with pytest.raises(errors.InvalidRequestError, match="not a valid host name") as caught:
+            await client.fetch(catalogue.get("contact.summary"), resource_id="1")
+        assert API_KEY not in str(caught.value)
+        assert client.requests_sent == 1
+
+
 # --- paging defects, served by a deliberately broken API on loopback -------------------------
 
 

@@ -120,8 +120,9 @@ def pod_environment() -> dict[str, str]:
         "postgres-password": SECRETS["POSTGRES_PASSWORD"],
     }
     deployment = next(m for m in manifests().values() if m["kind"] == "Deployment")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    environment = {}
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    environment = service_links() if pod.get("enableServiceLinks", True) else {}
     for var in container["env"]:
         if "value" in var:
             environment[var["name"]] = var["value"]
@@ -130,8 +131,44 @@ def pod_environment() -> dict[str, str]:
     return environment
 
 
+def service_links() -> dict[str, str]:
+    """The variables the kubelet adds for each Service of the namespace when the pod spec leaves
+    enableServiceLinks at its default (true), as Docker links named them (an example IP)."""
+    environment = {}
+    for service in (m for m in manifests().values() if m["kind"] == "Service"):
+        prefix = service["metadata"]["name"].upper().replace("-", "_")
+        ports = service["spec"]["ports"]
+        ip = "10.96.12.34"
+        environment[f"{prefix}_SERVICE_HOST"] = ip
+        environment[f"{prefix}_SERVICE_PORT"] = str(ports[0]["port"])
+        environment[f"{prefix}_PORT"] = f"tcp://{ip}:{ports[0]['port']}"
+        for port in ports:
+            number, protocol = port["port"], port.get("protocol", "TCP")
+            if "name" in port:
+                name = port["name"].upper().replace("-", "_")
+                environment[f"{prefix}_SERVICE_PORT_{name}"] = str(number)
+            link = f"{prefix}_PORT_{number}_{protocol}"
+            environment[link] = f"{protocol.lower()}://{ip}:{number}"
+            environment[f"{link}_PROTO"] = protocol.lower()
+            environment[f"{link}_PORT"] = str(number)
+            environment[f"{link}_ADDR"] = ip
+    return environment
+
+
+def test_service_links_would_stop_the_relay(tmp_path: Path) -> None:
+    """What enableServiceLinks: false keeps out: with them, the relay names the variables."""
+    links = service_links()
+    assert "CTCT_RELAY_SERVICE_HOST" in links
+    environment = {k: v for k, v in pod_environment().items() if k not in links}
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(k8s_config(tmp_path), {**environment, **links})
+    assert "(from CTCT_RELAY_SERVICE_HOST)" in str(caught.value)
+    assert "enableServiceLinks: false" in str(caught.value)
+
+
 def test_k8s_configmap_config_loads(tmp_path: Path) -> None:
-    """The ConfigMap's relay.yaml loads with the environment the Deployment gives the pod."""
+    """The ConfigMap's relay.yaml loads with the environment the Deployment gives the pod,
+    service-link variables included unless the pod spec turns them off."""
     settings = config.load(k8s_config(tmp_path), pod_environment())
     assert settings.state.startswith("postgresql://ctct_relay:")
     assert SECRETS["POSTGRES_PASSWORD"] in settings.secrets()

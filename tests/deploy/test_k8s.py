@@ -127,6 +127,14 @@ def test_probes_on_the_admin_port() -> None:
     assert service_port["targetPort"] == "admin"
 
 
+def test_no_service_link_variables() -> None:
+    """The kubelet gives a pod CTCT_RELAY_SERVICE_HOST, CTCT_RELAY_PORT_8081_TCP, … for the
+    Service ctct-relay unless enableServiceLinks is false, and the relay reads every CTCT_RELAY_*
+    variable as a config key: it stopped at start-up on unknown keys port, service_host, …"""
+    assert resource("Service")["metadata"]["name"] == "ctct-relay"
+    assert pod_spec()["enableServiceLinks"] is False
+
+
 def test_resources_and_security_context() -> None:
     """Requests and limits set; non-root as the image's uid, read-only root, no privileges."""
     c = container()
