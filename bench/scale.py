@@ -146,7 +146,7 @@ async def register(store: Store, campaigns: int, contacts: int) -> int:
 
 
 async def reload_scheduler(store: Store, planner: Planner, settings: ScheduleSettings) -> None:
-    """The relay's own Scheduler.reload: pauses, stream_rates, streams, Planner.load for each."""
+    """The relay's own Scheduler.reload: pauses, stream_rates, Planner.load for each."""
     runtime = AccountRuntime(
         name=ACCOUNT,
         poller=cast(Poller, None),  # reload never touches the poller

@@ -532,7 +532,10 @@ def _existing_file(r: _Reader, name: str) -> str | None:
 
 def _state(root: _Reader) -> str:
     url = root.text("state", DEFAULT_STATE, secret=True)  # a URL may hold a password
-    scheme = urlsplit(url).scheme
+    try:  # an unclosed IPv6 bracket ('…@[::1/relay') makes urlsplit raise
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        raise ConfigError(f"state: not a valid URL, got {_url(url)}") from None
     if scheme == "sqlite":
         problem = _sqlite_problem(url)
     elif scheme in {"postgresql", "postgres"}:

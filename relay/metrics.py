@@ -13,12 +13,14 @@ kinds and scopes are enums; no stream, campaign, contact or webhook id is ever a
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import collections
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 import structlog
@@ -37,6 +39,9 @@ log = structlog.get_logger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FANOUT_CURSOR = "webhooks-fanout"  # the store's cursor of webhook fan-out
+# the most a scrape waits for the store (Prometheus' default scrape timeout is 10 s); then it
+# answers with ctct_relay_store_up 0 and the counters this process keeps
+STORE_TIMEOUT_S = 5.0
 # Delivery latency runs from commit to acknowledgement: milliseconds for Kafka, up to hours for
 # a webhook on its retry schedule.
 _DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 36000)
@@ -255,7 +260,9 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def refresh(self) -> None:
-        """Read quota, waits, outbox depth and watermark lag into the scrape-time state."""
+        """Read quota, waits, outbox depth and watermark lag into the scrape-time state. The
+        quota is the larger of the limiter's count and the store's for its budget (replicas
+        count there for the whole deployment)."""
         state = _State()
         for account, (limiter, budget) in self._limiters.items():
             state.quota_used[(account, budget)] = limiter.used_today
@@ -263,14 +270,42 @@ class Metrics:
             state.waits[(account, budget)] = (limiter.waits, limiter.waited_s)
         if self._store is not None:
             state.store_up = 0
+            stored = _State()
             try:
-                await self._read_store(self._store, state)
-                state.store_up = 1
+                # bounded: a store that does not answer (PostgreSQL down: every call is retried
+                # for postgres.reconnect_max_s) must not outlast Prometheus' scrape timeout
+                await asyncio.wait_for(self._read_store(self._store, stored), STORE_TIMEOUT_S)
             except StoreError as exc:  # the scrape still answers, with what the process knows
                 log.warning("metrics.store_unavailable", error=str(exc))
+            except TimeoutError:
+                log.warning(
+                    "metrics.store_unavailable",
+                    error=f"the state store did not answer within {STORE_TIMEOUT_S:g} s",
+                )
+            else:
+                state.store_up = 1
+                # replicas share a budget's count in the store: this process's limiter knows
+                # only its own requests (and what it last read), the store the deployment's
+                for key, used in stored.quota_used.items():
+                    local = state.quota_used.get(key, 0)
+                    if used > local:
+                        state.quota_used[key] = used
+                        state.quota_remaining[key] = max(
+                            0, state.quota_remaining.get(key, 0) - (used - local)
+                        )
+                state.outbox_depth = stored.outbox_depth
+                state.streams = stored.streams
+                state.lag_max_s = stored.lag_max_s
+                state.lag_min_s = stored.lag_min_s
         self._state.__dict__.update(state.__dict__)  # one swap: a concurrent scrape sees either
 
     async def _read_store(self, store: Store, state: _State) -> None:
+        day = datetime.fromtimestamp(self._now_ms() / 1000, UTC).date().isoformat()
+        counts: dict[str, int] = {}  # one read per budget, however many accounts share it
+        for account, (_limiter, budget) in self._limiters.items():
+            if budget not in counts:
+                counts[budget] = await store.quota_used(budget, day)
+            state.quota_used[(account, budget)] = counts[budget]
         head = await store.outbox_head()
         # grouped queries, not every stream: about 1 s at 100,000 streams with 3 feeds each on
         # a shared 2-core box, where reading the streams (store.streams()) took 4.3-5.5 s

@@ -36,6 +36,9 @@ from relay.store.coordination import Coordinator, LocalCoordinator
 
 log = structlog.get_logger(__name__)
 
+# how often replicas sharing PostgreSQL re-read targets, pauses and rates into their planners
+RELOAD_EVERY_S = 30.0
+
 # The account's budget ran out (the daily quota, ours or the API's; the API's per-second limit, a
 # 429), not the stream: the account pauses or the stream waits a while, but the stream is neither
 # counted as failing nor backed off further. Under a tiny quota this is the normal course of a day.
@@ -139,18 +142,32 @@ class Planner:
         self._settings = settings
         self.policy = SqrtPolicy(settings)
         self._costs: dict[int, float] = {}
+        self._rates: dict[int, float] = {}  # stream -> the rate (events/hour) it is planned with
+
+    def streams(self) -> set[int]:
+        """The streams in the budget sums."""
+        return set(self._rates)
+
+    def rate_per_h(self, stream_id: int) -> float | None:
+        """The rate a stream is planned with (None: not in the budget sums)."""
+        return self._rates.get(stream_id)
 
     def load(self, stream_id: int, rate_per_h: float | None) -> None:
         """Register a stream with its stored rate (None: never polled, assume it is busy). A
         rate of 0 is a stream gone silent (its estimate decays to exactly 0.0 after ~16 days of
-        quiet passes), not one never polled: it keeps its floor, not the busy prior."""
+        quiet passes), not one never polled: it keeps its floor, not the busy prior. Loading a
+        stream again with the rate it has costs a lookup (replicas reload every 30 s)."""
         rate = self._settings.prior_rate_per_h if rate_per_h is None else rate_per_h
+        if self._rates.get(stream_id) == rate:
+            return
+        self._rates[stream_id] = rate
         self.policy.update(stream_id, rate, self._costs.get(stream_id, 2.0))
 
     def remove(self, stream_id: int) -> None:
         """Forget a retired stream."""
         self.policy.remove(stream_id)
         self._costs.pop(stream_id, None)
+        self._rates.pop(stream_id, None)
 
     def after_pass(
         self,
@@ -167,6 +184,7 @@ class Planner:
         rate = estimate_rate(previous, new, elapsed_s, s.smoothing, s.rate_memory_s)
         cost = s.smoothing * requests + (1 - s.smoothing) * self._costs.get(stream_id, 2.0)
         self._costs[stream_id] = cost
+        self._rates[stream_id] = rate
         self.policy.update(stream_id, rate, cost)
         return rate, self.policy.interval_s(stream_id, budget_rps)
 
@@ -194,8 +212,14 @@ class Scheduler:
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         metrics: Metrics | None = None,
         coordinator: Coordinator | None = None,
+        reload_every_s: float = RELOAD_EVERY_S,
     ) -> None:
         self._store = store
+        self._reload_every_s = reload_every_s
+        self._reloading = asyncio.Lock()  # one reload at a time (periodic, admin, discovery)
+        # streams whose pass ended while a reload was reading the store: their planner entry may
+        # be newer than what the reload read, which must not overwrite it
+        self._finished_during_reload: set[int] | None = None
         # which streams this process may poll: all that are due (alone on SQLite), or those it
         # leased (replicas sharing PostgreSQL)
         self._coordinator = coordinator or LocalCoordinator(store, "local")
@@ -231,6 +255,17 @@ class Scheduler:
                 max_instances=1,
                 coalesce=True,
             )
+            # targets, pauses and rates change through other replicas too (their admin API,
+            # discovery and passes): without this, the planner here kept weighing streams removed
+            # elsewhere (or missed new ones) until a restart, and planned the wrong intervals
+            self._aps.add_job(
+                self._tracked(self._periodic_reload),
+                "interval",
+                seconds=self._reload_every_s,
+                id="reload",
+                max_instances=1,
+                coalesce=True,
+            )
         self._aps.start()
 
     def add_job(self, func: Callable[[], Awaitable[None]], seconds: float, job_id: str) -> None:
@@ -246,22 +281,37 @@ class Scheduler:
         )
 
     async def reload(self) -> None:
-        """Rebuild each account's policy from the store (after start-up or target changes)."""
-        pauses = await self._store.account_pauses()
-        rates = await self._store.stream_rates()
-        known = await self._store.streams()
-        streams = {s.id: s.key.account for s in known}
-        polled = {s.id for s in known if s.last_poll_ms is not None}
-        for runtime in self._accounts.values():
-            runtime.paused_until_ms = pauses.get(runtime.name, (0, ""))[0]
-        for stream_id, (rate, _due) in rates.items():
-            owner = self._accounts.get(streams.get(stream_id, ""))
-            if owner is not None:
-                owner.planner.load(stream_id, rate if stream_id in polled else None)
-        for stream_id, account in streams.items():
-            owner = self._accounts.get(account)
-            if owner is not None and stream_id not in rates:
-                owner.planner.remove(stream_id)  # retired or paused: out of the budget sums
+        """Bring each account's policy in line with the store: its active streams with their
+        stored rates, none other (after start-up, target or pause changes, and every
+        ``reload_every_s`` with replicas). Streams being polled here, or whose pass finished
+        while the store was read, keep what their pass taught the planner."""
+        async with self._reloading:
+            self._finished_during_reload = set()
+            try:
+                pauses = await self._store.account_pauses()
+                rates = await self._store.stream_rates()
+            finally:
+                fresh, self._finished_during_reload = self._finished_during_reload, None
+            for runtime in self._accounts.values():
+                runtime.paused_until_ms = pauses.get(runtime.name, (0, ""))[0]
+            active: dict[str, set[int]] = {name: set() for name in self._accounts}
+            for stream_id, (account, rate) in rates.items():
+                owner = self._accounts.get(account)
+                if owner is None:
+                    continue
+                active[account].add(stream_id)
+                if stream_id not in owner.inflight and stream_id not in fresh:
+                    owner.planner.load(stream_id, rate)
+            for name, runtime in self._accounts.items():
+                # retired, paused or removed (here or through another replica): out of the sums
+                for stream_id in runtime.planner.streams() - active[name]:
+                    runtime.planner.remove(stream_id)
+
+    async def _periodic_reload(self) -> None:
+        try:
+            await self.reload()
+        except StoreError as exc:  # e.g. PostgreSQL restarting: the next one tries again
+            log.warning("schedule.reload_failed", error=str(exc))
 
     def _tracked(self, job: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
         """``job`` as APScheduler runs it, its task known to ``stop``."""
@@ -380,6 +430,8 @@ class Scheduler:
             log.warning("poll.store_error", stream_id=stream_id, error=str(exc))
         finally:
             runtime.inflight.discard(stream_id)
+            if self._finished_during_reload is not None:
+                self._finished_during_reload.add(stream_id)
             self._passes.pop(stream_id, None)
             try:
                 await self._coordinator.release_streams([stream_id])

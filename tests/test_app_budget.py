@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from relay.api.status import AccountQuota, RelayView, status
 from relay.app import _limiter
 from relay.config import from_mapping
-from relay.store import Store
-from relay.store.coordination import LocalCoordinator
+from relay.metrics import FANOUT_CURSOR, Metrics
+from relay.store import PostgresStore, Store
+from relay.store.coordination import LocalCoordinator, PgCoordinator
 
 DAY = datetime.now(UTC).date().isoformat()
 SETTINGS = from_mapping(
@@ -44,3 +46,59 @@ async def test_counts_stored_per_account_carry_over_once_into_the_keys_count(
     restarted = await _limiter(account, members, store, DAY, coordinator)
     assert restarted.used_today == 501
     assert await store.quota_used(budget, DAY) == 501
+
+
+async def test_every_replica_shows_the_budgets_count_from_the_store(postgres_url: str) -> None:
+    """Two replicas' limiters of one api_key on PostgreSQL: after replica A spends 40 requests,
+    replica B's /v1/status and /metrics show 40 used too (the store's count for the budget),
+    not its own limiter's 0; whichever replica a Service sends an operator to answers the same."""
+    settings = from_mapping(
+        {
+            "state": postgres_url,
+            "accounts": [
+                {
+                    "name": "acme",
+                    "base_url": "https://api.example.com",
+                    "api_key": "k-quota-replicas",
+                    "access_token": "t-quota-replicas",
+                    "rate_limit": {"requests_per_second": 1000, "requests_per_day": 10000},
+                }
+            ],
+        }
+    )
+    account = settings.accounts[0]
+    budget = account.budget_id
+    store = PostgresStore(postgres_url, settings.postgres)
+    await store.open()
+    try:
+        views: dict[str, RelayView] = {}
+        scrapes: dict[str, Metrics] = {}
+        limiters = {}
+        for name in ("A", "B"):
+            coordinator = PgCoordinator(store, f"replica-{name}", settings.postgres)
+            limiter = await _limiter(account, ("acme",), store, DAY, coordinator)
+            limiters[name] = limiter
+            quota = AccountQuota(
+                "acme", limiter.budget.daily_allowance, lambda lim=limiter: lim.used_today, budget
+            )
+            views[name] = RelayView(accounts={"acme": quota})
+            metrics = Metrics()
+            metrics.watch_limiter("acme", limiter, budget)
+            metrics.watch_store(store, [FANOUT_CURSOR])
+            scrapes[name] = metrics
+        for _ in range(40):
+            await limiters["A"].acquire()
+        assert limiters["B"].used_today == 0  # B's limiter has not heard of them
+        now = int(datetime.now(UTC).timestamp() * 1000)
+        allowance = account.budget.daily_allowance
+        for name in ("A", "B"):
+            shown = (await status(store, views[name], now))["accounts"]
+            assert isinstance(shown, list)
+            assert shown[0]["quota"]["used_today"] == 40, name
+            assert shown[0]["quota"]["left_today"] == allowance - 40, name
+            text = (await scrapes[name].scrape()).decode()
+            labels = f'{{account="acme",budget="{budget}"}}'
+            assert f"ctct_relay_quota_used_requests{labels} 40.0" in text, name
+            assert f"ctct_relay_quota_remaining_requests{labels} {allowance - 40}.0" in text, name
+    finally:
+        await store.close()

@@ -714,6 +714,16 @@ def test_state_errors_never_show_a_password(tmp_path: Path, extra: str, shown: s
     assert "hunter2pass" not in message
 
 
+def test_state_url_that_does_not_parse(tmp_path: Path) -> None:
+    """An unclosed IPv6 bracket is a ConfigError naming state, not a ValueError traceback."""
+    text = MINIMAL + "state: 'postgresql://relay:hunter2pass@[::1/relay'"
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={"KEY": "k"})
+    message = str(caught.value)
+    assert message.endswith("state: not a valid URL, got 'postgresql://…@[::1/relay'"), message
+    assert "hunter2pass" not in message
+
+
 def test_base_url_errors_never_show_user_info(tmp_path: Path) -> None:
     """An account's base_url is shown without the user info it may carry."""
     text = MINIMAL.replace("https://api.example.com", "ftp://u:hunter2pass@x.example/v2")

@@ -669,3 +669,80 @@ def test_accounts_sharing_a_key_split_its_pace_by_their_streams_weight(tmp_path:
     joint = runtime("joint", RateLimiter(Budget()), [400.0, 400.0, 400.0, 100.0])
     expected = joint.planner.policy.interval_s(3, alone)
     assert b.planner.policy.interval_s(0, share_b) == pytest.approx(expected)
+
+
+async def test_replicas_planners_follow_target_changes_made_through_another(
+    postgres_url: str,
+) -> None:
+    """Two replicas on PostgreSQL: an operator removes 900 of 1,000 targets through replica A
+    (A reloads at once) and pauses one more. Replica B heard of neither: its planner kept 1,000
+    streams and planned ~10x too long intervals until a restart. Its periodic reload now brings
+    it in line, with the same intervals as A's."""
+    store = PostgresStore.from_url(postgres_url)
+    await store.open()
+    try:
+        keys = [StreamKey("acme", "contact", str(1000 + i)) for i in range(1000)]
+        far = 4_000_000_000_000  # nothing is due: ticks claim no stream, only reloads run
+        await store.ensure_streams(keys, far)
+        settings = ScheduleSettings()
+        replicas = []
+        for name in ("A", "B"):
+            runtime = AccountRuntime(
+                "acme", cast(Poller, None), RateLimiter(Budget()), Planner(settings)
+            )
+            coordinator = PgCoordinator(store, f"replica-{name}", PostgresSettings())
+            scheduler = Scheduler(
+                store, [runtime], settings, coordinator=coordinator, reload_every_s=0.3
+            )
+            replicas.append((scheduler, runtime))
+        (a, a_runtime), (b, b_runtime) = replicas
+        await a.reload()
+        await b.start()
+        try:
+            assert len(b_runtime.planner.policy) == 1000
+            await store.remove_targets(keys[100:], 2_000)
+            kept = sorted(s.id for s in await store.streams("acme") if not s.retired)
+            await store.set_paused(kept[-1], True)
+            await a.reload()  # what A's admin API does after the change
+            assert len(a_runtime.planner.policy) == 99
+            for _ in range(50):
+                if len(b_runtime.planner.policy) == 99:
+                    break
+                await asyncio.sleep(0.1)
+            assert b_runtime.planner.streams() == a_runtime.planner.streams()
+            assert b_runtime.planner.policy.total_weight == pytest.approx(
+                a_runtime.planner.policy.total_weight
+            )
+            assert b_runtime.planner.policy.interval_s(kept[0], 0.1) == pytest.approx(
+                a_runtime.planner.policy.interval_s(kept[0], 0.1)
+            )
+        finally:
+            await b.stop()
+    finally:
+        await store.close()
+
+
+async def test_a_reload_keeps_what_a_running_pass_taught_the_planner(tmp_path: Path) -> None:
+    """A stream being polled keeps the rate its pass is about to store; the others take the
+    store's (which another replica's passes may have moved)."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await store.ensure_streams([StreamKey("acme", "contact", str(i)) for i in range(3)], 0)
+        runtime = AccountRuntime("acme", cast(Poller, None), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], WIDE)
+        await scheduler.reload()
+        ids = sorted(runtime.planner.streams())
+        assert len(ids) == 3
+        for sid in ids:
+            await store.finish_pass(sid, PassResult({}, {}, 10**13, 7.0, 1_000))
+        runtime.inflight.add(ids[0])
+        taught, _ = runtime.planner.after_pass(ids[0], None, 50, 600.0, 2, 0.1)  # not yet stored
+        await scheduler.reload()
+        assert runtime.planner.rate_per_h(ids[0]) == taught
+        assert runtime.planner.rate_per_h(ids[1]) == runtime.planner.rate_per_h(ids[2]) == 7.0
+        runtime.inflight.clear()
+        await scheduler.reload()
+        assert runtime.planner.rate_per_h(ids[0]) == 7.0  # what the store holds now
+    finally:
+        await store.close()

@@ -4,8 +4,9 @@
 false) are open; everything else (``/v1/…``, and any
 unknown path, so probing reveals nothing) needs ``Authorization: Bearer <token>`` when a token is
 configured. Without a token the API is open, which :func:`check_exposure` allows only on a
-loopback address. Every answer is JSON; an unexpected exception becomes a logged 500, never a
-traceback on the wire.
+loopback address. Every answer is JSON; a state store that fails or does not answer (within
+``READ_TIMEOUT_S`` for a GET) becomes a 503 naming the problem, an unexpected exception a logged
+500, never a traceback on the wire.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from relay.api.status import VIEW, RelayView
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.metrics import Metrics
 from relay.sinks.ssrf import Guard
-from relay.store import Store
+from relay.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 READY_TIMEOUT_S = 2.0
+READ_TIMEOUT_S = 10.0  # the most a GET /v1/... waits for the store before answering 503
 _CHALLENGE = 'Bearer realm="ctct-relay"'
 
 __all__ = ["AdminConfigError", "AdminSettings", "check_exposure", "create_admin_app"]
@@ -178,8 +180,14 @@ async def _request_id(request: web.Request, handler: Handler) -> web.StreamRespo
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: every failure leaves as the JSON error body."""
+    """Outermost: every failure leaves as the JSON error body. A store that fails or does not
+    answer is a 503 naming the problem (no traceback: nothing here is a bug)."""
     try:
+        if request.method == "GET" and request.path.startswith("/v1/"):
+            # reads only (cancelling one changes nothing): a store that does not answer
+            # (PostgreSQL down: each call retries for postgres.reconnect_max_s) must not
+            # outlast the client's patience (ctct-relay's --timeout is 30 s by default)
+            return await asyncio.wait_for(handler(request), READ_TIMEOUT_S)
         return await handler(request)
     except ApiError as exc:
         return exc.response()
@@ -187,6 +195,18 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise  # redirects are answers, not errors
         return _http_error(request, exc)
+    except StoreError as exc:
+        # the store's messages name the server (host:port/database) or file, never a password;
+        # configured secrets are redacted all the same
+        message = request.app[VIEW].redact(str(exc))
+        log.warning("api.store_error", method=request.method, path=request.path, error=message)
+        if not message.startswith("state store"):
+            message = f"state store: {message}"
+        return error_response(503, message)
+    except TimeoutError:
+        message = f"state store: no answer within {READ_TIMEOUT_S:g} s (see the relay log)"
+        log.warning("api.store_error", method=request.method, path=request.path, error=message)
+        return error_response(503, message)
     except Exception:
         log.exception("api.unhandled", method=request.method, path=request.path)
         return error_response(500, "internal error; the relay log has the details")

@@ -120,7 +120,8 @@ def _metrics(public: bool) -> JsonObject:
         "operationId": "metrics",
         "summary": "Prometheus metrics in the text exposition format",
         "description": "Open unless admin.metrics_public is false; then it needs the token.",
-        "responses": {"200": ok} if public else {"200": ok, **_errors(401)},
+        # never a 503: without the store it answers ctct_relay_store_up 0
+        "responses": {"200": ok} if public else {"200": ok, **_errors(401, store=False)},
     }
     if public:
         operation["security"] = []
@@ -451,7 +452,7 @@ _ERROR_RESPONSES = {
     ),
     413: ("PayloadTooLarge", f"body larger than {body.MAX_BODY_BYTES} bytes"),
     500: ("Internal", "unexpected failure (logged)"),
-    503: ("Unavailable", "the state store is not answering"),
+    503: ("Unavailable", "the state store failed or is not answering (PostgreSQL down)"),
 }
 
 
@@ -467,9 +468,11 @@ def _error_responses() -> JsonObject:
     return out
 
 
-def _errors(*statuses: int) -> JsonObject:
-    """The error responses of an operation; every /v1 operation may also fail with a 500."""
-    return {str(s): _ref("responses", _ERROR_RESPONSES[s][0]) for s in (*statuses, 500)}
+def _errors(*statuses: int, store: bool = True) -> JsonObject:
+    """The error responses of an operation; every /v1 operation may also fail with a 500, and
+    (``store``) with a 503 while the state store fails or does not answer."""
+    more = (500, 503) if store else (500,)
+    return {str(s): _ref("responses", _ERROR_RESPONSES[s][0]) for s in (*statuses, *more)}
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Everything comes from the store, so any replica answers the same; the running relay adds what only
 it knows through a :class:`RelayView` (each account's daily allowance and live request count, both
-of its api_key's budget, and the callback that makes the scheduler re-read targets and pauses).
+of its api_key's budget, and the callback that makes the scheduler re-read targets and pauses). The
+request count shown is the larger of that live count and the store's for the budget, which every
+replica adds to.
 No secret is ever shown: webhook URLs lose their user info, query and fragment (where tokens
 hide), and error texts go through the relay's redactor.
 """
@@ -174,6 +176,10 @@ async def _quota(store: Store, quota: AccountQuota | None, name: str, day: str) 
             "shared_with": [],
         }
     used = quota.used_today()
+    if quota.budget is not None:
+        # the store counts the budget for every replica (and process) spending it; this
+        # process's limiter only its own requests since it last read the store
+        used = max(used, await store.quota_used(quota.budget, day))
     return {
         "used_today": used,
         "allowance": quota.daily_allowance,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from relay.events import Activity, Kind, attributes, structured, type_matches
 
@@ -54,6 +54,13 @@ def gone_message(delivery: Delivery) -> str:
 class DuplicateError(StoreError):
     """A webhook URL that another webhook already has (``webhooks.url`` is unique, migration 3);
     the message names the webhook holding it."""
+
+
+class StreamRate(NamedTuple):
+    """What the scheduler's planner needs of an active stream (:meth:`Store.stream_rates`)."""
+
+    account: str
+    rate_per_h: float | None  # None: never polled yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,8 +306,9 @@ class Store(Protocol):
         """Ids of active (not retired, not paused) streams due by ``now_ms``, soonest first; of
         one account when ``account`` is given."""
 
-    async def stream_rates(self) -> dict[int, tuple[float, int]]:
-        """Active streams' (rate_per_h, next_due_ms), for the scheduler's budget arithmetic."""
+    async def stream_rates(self) -> dict[int, StreamRate]:
+        """Active (not retired, not paused) streams' account and rate, for the scheduler's budget
+        arithmetic: one light row per stream (replicas re-read it every 30 s)."""
 
     async def stream(self, stream_id: int) -> Stream:
         """One stream; raises StoreError when it does not exist."""

@@ -55,6 +55,7 @@ from relay.store.base import (
     Stream,
     StreamFilter,
     StreamKey,
+    StreamRate,
     StreamStats,
     UnavailableError,
     Webhook,
@@ -346,12 +347,13 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def stream_rates(self) -> dict[int, tuple[float, int]]:
-        async def run(conn: Connection) -> dict[int, tuple[float, int]]:
+    async def stream_rates(self) -> dict[int, StreamRate]:
+        async def run(conn: Connection) -> dict[int, StreamRate]:
             rows = await conn.fetch(
-                "SELECT id, rate_per_h, next_due_ms FROM streams WHERE retired = 0 AND paused = 0"
+                "SELECT id, account, rate_per_h, last_poll_ms IS NULL FROM streams"
+                " WHERE retired = 0 AND paused = 0"
             )
-            return {int(i): (float(r), int(d)) for i, r, d in rows}
+            return {int(i): StreamRate(a, None if new else float(r)) for i, a, r, new in rows}
 
         return await self.transaction(run)
 

@@ -41,6 +41,7 @@ from relay.store.base import (
     Stream,
     StreamFilter,
     StreamKey,
+    StreamRate,
     StreamStats,
     Webhook,
     gone_message,
@@ -190,12 +191,13 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def stream_rates(self) -> dict[int, tuple[float, int]]:
-        def run(conn: sqlite3.Connection) -> dict[int, tuple[float, int]]:
+    async def stream_rates(self) -> dict[int, StreamRate]:
+        def run(conn: sqlite3.Connection) -> dict[int, StreamRate]:
             rows = conn.execute(
-                "SELECT id, rate_per_h, next_due_ms FROM streams WHERE retired = 0 AND paused = 0"
+                "SELECT id, account, rate_per_h, last_poll_ms IS NULL FROM streams"
+                " WHERE retired = 0 AND paused = 0"
             )
-            return {int(i): (float(r), int(d)) for i, r, d in rows}
+            return {int(i): StreamRate(a, None if new else float(r)) for i, a, r, new in rows}
 
         return await self._run(run)
 

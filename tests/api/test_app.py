@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
+from aiohttp import ClientResponse
 from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
@@ -15,11 +21,27 @@ from relay.api import (
     create_admin_app,
     openapi_document,
 )
+from relay.api.app import READ_TIMEOUT_S
 from relay.api.body import MAX_BODY_BYTES
 from relay.api.responses import JsonObject
+from relay.api.status import RelayView
+from relay.logs import REDACTED, Redactor
+from relay.metrics import FANOUT_CURSOR, STORE_TIMEOUT_S, Metrics
 from relay.sinks.ssrf import Guard
-from relay.store import Store, open_store
+from relay.store import PostgresStore, Store, StoreError, UnavailableError, open_store
+from relay.store.postgres import PostgresSettings, describe_url
+from tests import pgkit
 from tests.api.conftest import AUTH, PUBLIC_URL, TOKEN, Client, ClientFactory, error_of
+
+
+@dataclass
+class _Limiter:
+    """A rate limiter's counters, as the scrape reads them."""
+
+    used_today: int = 120
+    remaining_today: int = 8880
+    waited_s: float = 0.0
+    waits: int = 0
 
 
 @pytest.mark.parametrize(
@@ -111,6 +133,120 @@ async def test_readyz_is_503_when_the_store_is_gone(
     assert "gone.db" not in error["message"]  # unauthenticated: no file names
     assert any(e["event"] == "api.not_ready" for e in logs)
     assert (await client.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        pytest.param(
+            UnavailableError(
+                "state store (PostgreSQL at db:5432/relay): query failed for 60s:"
+                " ConnectionRefusedError: [Errno 111] Connect call failed"
+            ),
+            "state store (PostgreSQL at db:5432/relay): query failed for 60s:"
+            " ConnectionRefusedError: [Errno 111] Connect call failed",
+            id="unavailable",
+        ),
+        pytest.param(
+            StoreError("disk I/O error near hunter2-store-pw"),
+            f"state store: disk I/O error near {REDACTED}",
+            id="other-redacted",
+        ),
+    ],
+)
+async def test_a_failing_store_is_a_503_naming_it_not_a_crash(
+    make_client: ClientFactory, failure: StoreError, message: str
+) -> None:
+    """A store that fails makes /v1 answer 503 `unavailable` naming the store problem (configured
+    secrets redacted), logged as a warning without a traceback, not as a 500 crash."""
+
+    async def failing_status() -> JsonObject:
+        raise failure
+
+    view = RelayView(redact=Redactor(["hunter2-store-pw"]).text)
+    client = await make_client(status=failing_status, view=view)
+    with capture_logs() as logs:
+        error = await error_of(await client.get("/v1/status", headers=AUTH), 503)
+    assert error == {"code": "unavailable", "message": message}
+    assert not [e for e in logs if e["event"] == "api.unhandled"]
+    logged = [e for e in logs if e["event"] == "api.store_error"]
+    assert [e["path"] for e in logged] == ["/v1/status"]
+    assert "exc_info" not in logged[0]
+    assert "hunter2" not in repr(logs)
+
+
+async def _timed(call: Awaitable[ClientResponse]) -> tuple[float, int, str]:
+    started = time.monotonic()
+    response = await call
+    text = await response.text()
+    return time.monotonic() - started, response.status, text
+
+
+async def test_a_postgresql_outage_is_a_prompt_503_and_metrics_say_store_down(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    """PostgreSQL down (every call retried for postgres.reconnect_max_s, 60 s): a GET /v1/...
+    answers 503 within READ_TIMEOUT_S and /metrics within its store bound, with
+    ctct_relay_store_up 0 and the process's own quota gauges (Prometheus gives up after 10 s;
+    they used to hang for the whole minute). A change waits out the store's retries (here 1 s)
+    and its 503 names the server, never the URL's password."""
+    cluster = pgkit.Cluster().start()
+    try:
+        url = pgkit.fresh_database(cluster.url)
+        with_password = url.replace("://postgres@", "://postgres:pw-S3cret-77@")
+        assert with_password != url
+        store = PostgresStore(with_password, PostgresSettings(reconnect_max_s=60))
+        quick = PostgresStore(with_password, PostgresSettings(reconnect_max_s=1))
+        await store.open()
+        await quick.open()
+        try:
+            metrics = Metrics()
+            metrics.watch_store(store, [FANOUT_CURSOR])
+            metrics.watch_limiter("acme", _Limiter(), "key:0123456789ab")
+            settings = AdminSettings(token=TOKEN)
+            client = await aiohttp_client(
+                create_admin_app(store, settings, guard=Guard(), metrics=metrics)
+            )
+            quick_client = await aiohttp_client(create_admin_app(quick, settings, guard=Guard()))
+            assert (await client.get("/v1/status", headers=AUTH)).status == 200
+            assert "ctct_relay_store_up 1.0" in await (await client.get("/metrics")).text()
+            cluster.stop()
+            with capture_logs() as logs:
+                (status_s, status, body), (metrics_s, metrics_status, text) = await asyncio.gather(
+                    _timed(client.get("/v1/status", headers=AUTH)), _timed(client.get("/metrics"))
+                )
+                write = await quick_client.post(
+                    "/v1/webhooks",
+                    json={"url": PUBLIC_URL, "event_types": ["com.constantcontact.email.click"]},
+                    headers=AUTH,
+                )
+                written = await error_of(write, 503)
+        finally:
+            await store.close()
+            await quick.close()
+    finally:
+        cluster.destroy()
+    assert status == 503, body
+    assert READ_TIMEOUT_S - 1 < status_s < READ_TIMEOUT_S + 3
+    error = orjson.loads(body)["error"]
+    assert error == {
+        "code": "unavailable",
+        "message": f"state store: no answer within {READ_TIMEOUT_S:g} s (see the relay log)",
+    }
+    assert metrics_status == 200
+    assert STORE_TIMEOUT_S - 1 < metrics_s < STORE_TIMEOUT_S + 3
+    assert "ctct_relay_store_up 0.0" in text
+    assert 'ctct_relay_quota_used_requests{account="acme",budget="key:0123456789ab"} 120.0' in text
+    where = describe_url(url)
+    assert written["code"] == "unavailable"
+    assert written["message"].startswith(f"state store (PostgreSQL at {where}): ")
+    assert "pw-S3cret-77" not in written["message"]
+    assert not [e for e in logs if e["event"] == "api.unhandled"]
+    assert {e["path"] for e in logs if e["event"] == "api.store_error"} == {
+        "/v1/status",
+        "/v1/webhooks",
+    }
+    assert "pw-S3cret-77" not in repr(logs)
 
 
 async def test_missing_token_is_401_with_challenge(client: Client) -> None:

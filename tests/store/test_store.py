@@ -24,6 +24,7 @@ from relay.store import (
     Store,
     StoreError,
     StreamKey,
+    StreamRate,
     Webhook,
     open_store,
     rowmap,
@@ -153,9 +154,13 @@ async def test_due_streams_soonest_first_and_skips_paused(store: Store) -> None:
         await store.finish_pass(sid, PassResult({}, {}, T0 + offset, 1.0, T0))
     await store.set_paused(ids[2], True)
     assert await store.due_streams(T0 + 1000, 10) == [ids[1], ids[0]]
-    assert set(await store.stream_rates()) == {ids[0], ids[1]}
+    assert await store.stream_rates() == {
+        ids[0]: StreamRate("acme", 1.0),
+        ids[1]: StreamRate("acme", 1.0),
+    }
     await store.ensure_streams([StreamKey("globex", "contact", "9")], T0 - 1)
     [theirs] = [s.id for s in await store.streams("globex")]
+    assert (await store.stream_rates())[theirs] == StreamRate("globex", None)  # never polled
     assert await store.due_streams(T0 + 1000, 10) == [theirs, ids[1], ids[0]]
     assert await store.due_streams(T0 + 1000, 10, "acme") == [ids[1], ids[0]]
     assert await store.due_streams(T0 + 1000, 10, "globex") == [theirs]
