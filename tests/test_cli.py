@@ -99,6 +99,20 @@ def test_missing_scenario_file_is_a_usage_error() -> None:
     assert_clean_failure(result, 2, "/nonexistent/scenario.yaml")
 
 
+@pytest.mark.parametrize("command", ["sim --config", "demo --no-kafka --scenario"])
+def test_a_scenario_date_that_does_not_exist_is_one_line(tmp_path: Path, command: str) -> None:
+    """start: 2026-02-30T… was a 43-line ValueError traceback from YAML's timestamp, in sim and
+    through demo --scenario: now the scenario's one line, exit 2."""
+    path = tmp_path / "feb30.yaml"
+    path.write_text("start: 2026-02-30T08:00:00Z\n")
+    result = run(*command.split(), str(path), timeout=30)
+    assert_clean_failure(result, 2, "")
+    assert result.stderr == (
+        "ctct-relay: error: feb30.yaml: start: expected an ISO 8601 date and time,"
+        " got '2026-02-30T08:00:00Z'\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
