@@ -26,6 +26,7 @@ from urllib.parse import SplitResult, quote, urlsplit
 import aiohttp
 import orjson
 
+from relay.api.body import rfc3339_ms
 from relay.api.responses import JsonObject
 from relay.events import TYPE_PREFIX
 
@@ -150,6 +151,16 @@ def _masked(url: str) -> str:
 def _unmasked_nowhere(exc: BaseException) -> str:
     """An exception's text with the user info of any URL in it replaced by ``***``."""
     return re.sub(r"(?<=//)[^/@\s]*@", "***@", str(exc))
+
+
+def rfc3339_time(text: str) -> str:
+    """An argparse type for ``--since``: an RFC 3339 time with an offset, as the API reads it,
+    checked here so ``--since yesterday`` is a usage error (exit 2), not the API's HTTP 400."""
+    try:
+        rfc3339_ms(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _delivery_id(text: str) -> int:
@@ -301,7 +312,12 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
     p = actions.add_parser("recover", parents=[common], help="re-send events since a time")
     p.add_argument("id")
-    p.add_argument("--since", required=True, help="RFC 3339 time, e.g. 2025-01-31T12:00:00Z")
+    p.add_argument(
+        "--since",
+        type=rfc3339_time,
+        required=True,
+        help="RFC 3339 time, e.g. 2025-01-31T12:00:00Z",
+    )
 
 
 def _event_types_option(parser: argparse.ArgumentParser, *, required: bool) -> None:

@@ -117,7 +117,6 @@ async def test_deliveries_redeliver_and_recover_text(cli: Cli) -> None:
         pytest.param(["add", "http://10.0.0.1/", "-e", "click"], "url: 10.0.0.1", id="ssrf"),
         pytest.param(["add", PUBLIC_URL, "-e", "view"], "event_types[0]: unknown", id="400"),
         pytest.param(["redeliver", "99"], "no delivery with id 99", id="redeliver"),
-        pytest.param(["recover", "wh_x", "--since", "soon"], "since: expected", id="since"),
     ],
 )
 async def test_api_errors_are_one_line(cli: Cli, argv: list[str], message: str) -> None:
@@ -457,3 +456,49 @@ async def test_client_turns_an_unusable_url_into_one_error(api: str, token: str 
     assert "PROXYPASSWORD" not in message
     assert message.startswith("admin API at http://")
     assert "not a usable URL" in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        pytest.param(
+            ["webhooks", "recover", "wh_x", "--since", "soon"],
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z, got 'soon'",
+            id="recover-words",
+        ),
+        pytest.param(
+            ["replay", "--stream", "1", "--since", "yesterday"],
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z, got 'yesterday'",
+            id="replay-words",
+        ),
+        pytest.param(
+            ["replay", "--account", "acme", "--since", "2026-12-06"],
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z, got '2026-12-06'",
+            id="replay-date-only",
+        ),
+        pytest.param(
+            ["replay", "--stream", "1", "--since", "2026-12-06T00:00:00+25:00"],
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z,"
+            " got '2026-12-06T00:00:00+25:00'",
+            id="replay-offset",
+        ),
+        pytest.param(
+            ["replay", "--stream", "1", "--since", "0001-01-01T00:00:00Z"],
+            "must be 1970-01-01T00:00:00Z or later, got '0001-01-01T00:00:00Z'",
+            id="replay-before-1970",
+        ),
+    ],
+)
+def test_a_since_that_is_not_a_time_is_a_usage_error(
+    argv: list[str], problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--since is read as RFC 3339 before any request (the API's HTTP 400 was exit 1): argparse's
+    usage block and one error line naming --since, exit 2; nothing is sent (no API listens)."""
+    api = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--api", api])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ctct-relay ")
+    command = " ".join(argv[:2] if argv[0] == "webhooks" else argv[:1])
+    assert err.splitlines()[-1] == f"ctct-relay {command}: error: argument --since: {problem}"
