@@ -153,6 +153,7 @@ def test_a_state_dir_in_use_is_refused_before_anything_starts(tmp_path: Path) ->
     first = demo(tmp_path, "--no-kafka", "--duration", "60", "--state-dir", str(state))
     second_dir = tmp_path / "second"
     second_dir.mkdir()
+    second: subprocess.Popen[bytes] | None = None
     try:
         # an event delivered: the first demo's relay is running (it holds the state's lock)
         wait_until(
@@ -174,5 +175,6 @@ def test_a_state_dir_in_use_is_refused_before_anything_starts(tmp_path: Path) ->
         first.send_signal(signal.SIGINT)
         assert first.wait(60) == 0, (tmp_path / "demo.out").read_text()
     finally:
-        if first.poll() is None:
-            first.kill()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
