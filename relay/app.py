@@ -71,7 +71,9 @@ async def run_relay(
     # every log line of this process names it: replicas sharing PostgreSQL tell apart by it
     structlog.contextvars.bind_contextvars(replica=replica)
     async with AsyncExitStack() as stack:
-        store = open_store(settings.state, settings.postgres)
+        # exclusive: a second relay on the same SQLite file stops here (it would poll the same
+        # streams, spending the API budget twice, and run a second set of sinks)
+        store = open_store(settings.state, settings.postgres, exclusive=True)
         await store.open()
         stack.push_async_callback(store.close)
         coordinator = coordinator_for(store, replica, settings.postgres)

@@ -129,10 +129,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="relay config YAML")
     p.add_argument("--account", help="account name (default: the first one)")
     p.add_argument("--id", dest="resource_id", help="contact or campaign id")
-    p.add_argument("--link-id", help="link id, for clicks_by_link")
-    p.add_argument("--since", help="created_since / modified_since, ISO 8601")
+    p.add_argument("--link-id", help="link id, for *.clicks_by_link only")
+    p.add_argument(
+        "--since", help="created_since / modified_since, ISO 8601 (endpoints that take one)"
+    )
     p.add_argument("--limit", type=int, help="page size")
-    p.add_argument("--max-pages", type=int, default=None, help="stop after this many pages")
+    p.add_argument(
+        "--max-pages",
+        type=_positive_int,
+        default=None,
+        help="stop after this many pages (1 or more; paged endpoints)",
+    )
     p.add_argument("--raw", action="store_true", help="print records as the API sent them")
     return parser
 
@@ -141,6 +148,13 @@ def _port(text: str) -> int:
     """An argparse type: a TCP port to listen on, 1..65535."""
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number from 1 up (``--max-pages 0`` printed a page anyway)."""
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 up, got {text!r}")
     return int(text)
 
 
@@ -205,6 +219,7 @@ def _account(settings: Settings, name: str | None) -> AccountSettings:
 async def _fetch(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     endpoint = catalogue.get(args.endpoint)
     account = _account(settings, args.account)
+    _refuse_ignored_options(endpoint, args)
     since: datetime | None = None
     try:
         if args.since:
@@ -243,6 +258,21 @@ async def _fetch(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
             if args.max_pages is not None and page.number >= args.max_pages:
                 break
     return 0
+
+
+def _refuse_ignored_options(endpoint: catalogue.Endpoint, args: argparse.Namespace) -> None:
+    """An option the endpoint has no use for is a usage error naming it, not silently ignored
+    (``campaign.clicks --link-id 5`` printed every click, ``--since`` on a summary all time)."""
+    if args.link_id is not None and not endpoint.needs_link:
+        raise ConfigError(
+            f"--link-id: {endpoint.name} takes no link id (the *.clicks_by_link endpoints do)"
+        )
+    if args.since is not None and endpoint.since_param is None:
+        raise ConfigError(f"--since: {endpoint.name} takes no since time (it has no time filter)")
+    if args.resource_id is not None and endpoint.scope is catalogue.Scope.ACCOUNT:
+        raise ConfigError(f"--id: {endpoint.name} is account-wide and takes no id")
+    if args.max_pages is not None and not endpoint.paged:
+        raise ConfigError(f"--max-pages: {endpoint.name} is not paged")
 
 
 def _render(

@@ -43,6 +43,7 @@ from relay.store import open_store
 TOPIC = "ctct.email.{kind}"
 TOLERANCE_S = 300  # Standard Webhooks: refuse timestamps further than this from now
 RECEIVER = "demo receiver"  # the description of the demo receiver's webhook
+STATE_FILE = "state.db"  # the relay's SQLite state in the state directory
 ENABLE_KAFKA = (
     "Kafka: off. To see events on Kafka topics too, install Java 17+ and Maven"
     " (e.g. apt-get install openjdk-17-jre-headless maven) and run make demo again."
@@ -81,6 +82,9 @@ async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int
             stack.enter_context(tempfile.TemporaryDirectory(prefix="ctct-demo-"))
         )
         _state_dir(state)
+        # first: a --state-dir another demo (or relay) is using stops here, before its
+        # relay.yaml is rewritten or a broker is started on its kafka/ directory
+        await _forget_old_receivers(f"sqlite:///{state / STATE_FILE}")
         sim_url = await stack.enter_async_context(_serve(create_app(scenario)))
         secret = signing.generate_secret()
         hook_url = await stack.enter_async_context(_serve(_receiver(secret, out, tally)))
@@ -90,7 +94,6 @@ async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int
         config = config if bootstrap is None else _with_kafka(config, bootstrap)
         settings = load(config, environ={})  # the demo config is complete; no overrides
         logs.configure("warning", "auto", settings.secrets())
-        await _forget_old_receivers(settings.state, hook_url + "/hook")
         if bootstrap is not None:
             # a fresh topic's first fetch may meet a leader election: aiokafka logs it as an
             # error and retries; the demo's consumer reports real failures itself
@@ -120,14 +123,17 @@ async def run_demo(scenario: Scenario, options: DemoOptions, out: TextIO) -> int
     return 0 if tally.webhook_rejected == 0 else 1
 
 
-async def _forget_old_receivers(state: str, hook_url: str) -> None:
+async def _forget_old_receivers(state: str) -> None:
     """Remove the receivers of earlier demos kept in a reused --state-dir: they listened on
-    ports that are gone, and their failing deliveries would retry and dead-letter for ever."""
-    store = open_store(state)
+    ports that are gone, and their failing deliveries would retry and dead-letter for ever.
+    Runs before this demo's relay declares its own receiver. Opened exclusive, like the relay's
+    store: a state directory in use by another demo is refused (StoreError) before anything
+    else of this demo starts."""
+    store = open_store(state, exclusive=True)
     await store.open()
     try:
         for webhook in await store.webhooks():
-            if webhook.description == RECEIVER and webhook.url != hook_url:
+            if webhook.description == RECEIVER:
                 await store.delete_webhook(webhook.id)
     finally:
         await store.close()
@@ -308,7 +314,7 @@ def _write_config(
     """The relay config of the demo, written where the user can read and reuse it."""
     key = scenario.keys[0]
     config = {
-        "state": f"sqlite:///{state / 'state.db'}",
+        "state": f"sqlite:///{state / STATE_FILE}",
         "accounts": [
             {
                 "name": "demo",

@@ -93,10 +93,73 @@ def test_missing_resource_id_is_a_usage_error(tmp_path: Path) -> None:
     assert_clean_failure(result, 2, "needs a campaign id")
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(
+            ["campaign.clicks", "--id", "1", "--max-pages", "0"],
+            "argument --max-pages: expected a whole number from 1 up, got '0'",
+            id="max-pages-0",
+        ),
+        pytest.param(
+            ["campaign.clicks", "--id", "1", "--max-pages=-3"],
+            "argument --max-pages: expected a whole number from 1 up, got '-3'",
+            id="max-pages-negative",
+        ),
+        pytest.param(
+            ["campaign.clicks", "--id", "1", "--link-id", "5"],
+            "ctct-relay: error: --link-id: campaign.clicks takes no link id"
+            " (the *.clicks_by_link endpoints do)",
+            id="link-id",
+        ),
+        pytest.param(
+            ["campaign.summary", "--id", "1", "--since", "2026-01-01T00:00:00Z"],
+            "ctct-relay: error: --since: campaign.summary takes no since time"
+            " (it has no time filter)",
+            id="since",
+        ),
+        pytest.param(
+            ["campaigns.sent", "--id", "1"],
+            "ctct-relay: error: --id: campaigns.sent is account-wide and takes no id",
+            id="id",
+        ),
+        pytest.param(
+            ["contact.summary", "--id", "1", "--max-pages", "2"],
+            "ctct-relay: error: --max-pages: contact.summary is not paged",
+            id="max-pages-unpaged",
+        ),
+    ],
+)
+def test_fetch_options_the_endpoint_ignores_are_usage_errors(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    """An option the endpoint would ignore exits 2 naming it, before any request (--max-pages 0
+    printed the first page, --link-id on campaign.clicks every click, both with exit 0)."""
+    path = config(tmp_path, "http://127.0.0.1:1")
+    result = run("fetch", *argv, "--config", str(path))
+    assert_clean_failure(result, 2, message)
+    assert result.stderr.splitlines()[-1].endswith(message)
+    assert result.stdout == ""
+
+
 def test_missing_scenario_file_is_a_usage_error() -> None:
     """The simulator refuses a scenario path that does not exist."""
     result = run("sim", "--config", "/nonexistent/scenario.yaml")
     assert_clean_failure(result, 2, "/nonexistent/scenario.yaml")
+
+
+@pytest.mark.parametrize("command", ["sim --config", "demo --no-kafka --scenario"])
+def test_a_scenario_date_that_does_not_exist_is_one_line(tmp_path: Path, command: str) -> None:
+    """start: 2026-02-30T… was a 43-line ValueError traceback from YAML's timestamp, in sim and
+    through demo --scenario: now the scenario's one line, exit 2."""
+    path = tmp_path / "feb30.yaml"
+    path.write_text("start: 2026-02-30T08:00:00Z\n")
+    result = run(*command.split(), str(path), timeout=30)
+    assert_clean_failure(result, 2, "")
+    assert result.stderr == (
+        "ctct-relay: error: feb30.yaml: start: expected an ISO 8601 date and time,"
+        " got '2026-02-30T08:00:00Z'\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -140,6 +140,15 @@ def timestamp_ms(body: JsonObject, name: str) -> int:
     value = body[name]
     if not isinstance(value, str):
         raise bad_request(f"{name}: expected an RFC 3339 time, got {_json_type(value)}")
+    try:
+        return rfc3339_ms(value)
+    except ValueError as exc:
+        raise bad_request(f"{name}: {exc}") from None
+
+
+def rfc3339_ms(value: str) -> int:
+    """:func:`timestamp_ms` of a string, for the API and the command line (which checks
+    ``--since`` with it before sending it); a ValueError says what is wrong."""
     match = _RFC3339.fullmatch(value)
     try:
         if match is None:
@@ -158,13 +167,13 @@ def timestamp_ms(body: JsonObject, name: str) -> int:
             tzinfo=_offset(match.group(8)),
         )
     except ValueError:
-        raise bad_request(
-            f"{name}: expected an RFC 3339 time such as 2025-01-31T12:00:00Z, got {value!r}"
+        raise ValueError(
+            f"expected an RFC 3339 time such as 2025-01-31T12:00:00Z, got {value!r}"
         ) from None
     try:
         moment.astimezone(UTC)  # answers echo the time back in UTC: it must be a datetime there
     except OverflowError:
-        raise bad_request(f"{name}: outside {TIME_RANGE}: {value!r}") from None
+        raise ValueError(f"outside {TIME_RANGE}: {value!r}") from None
     return to_millis(moment)
 
 

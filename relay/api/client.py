@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import math
+import re
 import sys
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TextIO
-from urllib.parse import quote
+from urllib.parse import SplitResult, quote, urlsplit
 
 import aiohttp
 import orjson
 
+from relay.api.body import rfc3339_ms
 from relay.api.responses import JsonObject
 from relay.events import TYPE_PREFIX
 
@@ -70,6 +73,96 @@ def positive_number(text: str) -> float:
     return value
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}", re.ASCII)  # after IDNA: what DNS names hold
+
+
+def api_url(text: str) -> str:
+    """An argparse type for ``--api``: an http or https URL with a host, an optional port from 1
+    to 65535 and an optional path prefix; no user name or password (the admin API takes a
+    bearer token, and a password in the URL would be shown in errors), no query or fragment.
+
+    Checked before any request, so a mistyped URL is a usage error (exit 2) naming --api, not a
+    traceback (user info and a token could not be combined) or an unclear line."""
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # e.g. an unbalanced [ of an IPv6 literal
+        raise argparse.ArgumentTypeError(f"not a URL: {exc}: {_masked(text)!r}") from None
+    example = "such as http://127.0.0.1:8081"
+    if parts.scheme.lower() not in {"http", "https"} or "://" not in text:
+        hint = f"; did you mean 'http://{text}'?" if "://" not in text else ""
+        raise argparse.ArgumentTypeError(
+            f"expected an http:// or https:// URL {example}, got {_masked(text)!r}{hint}"
+        )
+    if "@" in parts.netloc:
+        raise argparse.ArgumentTypeError(
+            f"a user name or password cannot go in the URL (give the admin token with --token"
+            f" or ${TOKEN_ENV}), got {_masked(text)!r}"
+        )
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise argparse.ArgumentTypeError(
+            f"expected a base URL without ?query or #fragment {example}, got {text!r}"
+        )
+    if not parts.hostname or not _valid_host(parts.hostname):
+        raise argparse.ArgumentTypeError(
+            f"expected a host name or IP address in the URL {example}, got {text!r}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or (port is None and parts.netloc.endswith(":")):
+        raise argparse.ArgumentTypeError(
+            f"expected a port from 1 to 65535 in the URL {example}, got {text!r}"
+        )
+    return text
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address, or a DNS name whose labels (IDNA-encoded) are 1 to 63 letters, digits,
+    _ or -; ``relay..internal`` (an empty label) made aiohttp raise a UnicodeError."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+    try:
+        encoded = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = encoded[:-1].split(".") if encoded.endswith(".") else encoded.split(".")
+    return all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def _masked(url: str) -> str:
+    """``url`` with any user info before the host replaced by ``***`` (it may hold a password)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//***@", url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return SplitResult(
+        parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment
+    ).geturl()
+
+
+def _unmasked_nowhere(exc: BaseException) -> str:
+    """An exception's text with the user info of any URL in it replaced by ``***``."""
+    return re.sub(r"(?<=//)[^/@\s]*@", "***@", str(exc))
+
+
+def rfc3339_time(text: str) -> str:
+    """An argparse type for ``--since``: an RFC 3339 time with an offset, as the API reads it,
+    checked here so ``--since yesterday`` is a usage error (exit 2), not the API's HTTP 400."""
+    try:
+        rfc3339_ms(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _delivery_id(text: str) -> int:
     """An argparse type: a delivery id, an integer from 1 up."""
     if not text.isascii() or not text.isdigit() or int(text) < 1:
@@ -83,6 +176,7 @@ class AdminClient:
     def __init__(self, session: aiohttp.ClientSession, api: str, token: str | None) -> None:
         self._session = session
         self._api = api.rstrip("/")
+        self._shown = _masked(self._api)  # what errors name: never a password of the URL
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def call(
@@ -107,12 +201,20 @@ class AdminClient:
                 status, reason = response.status, response.reason
         except aiohttp.ClientConnectorError as exc:
             raise AdminApiError(
-                f"cannot reach the admin API at {self._api}: {exc.strerror}"
+                f"cannot reach the admin API at {self._shown}: {exc.strerror}"
             ) from None
+        except aiohttp.InvalidURL:  # its text is the URL, which may hold a password
+            raise AdminApiError(f"admin API at {self._shown}: not a valid URL") from None
         except aiohttp.ClientError as exc:
-            raise AdminApiError(f"admin API at {self._api}: {exc}") from None
+            raise AdminApiError(f"admin API at {self._shown}: {_unmasked_nowhere(exc)}") from None
         except TimeoutError:
-            raise AdminApiError(f"the admin API at {self._api} did not answer in time") from None
+            raise AdminApiError(f"the admin API at {self._shown} did not answer in time") from None
+        except ValueError as exc:
+            # a URL aiohttp cannot use (UnicodeError of a bad host name is one; user info with a
+            # token is another): --api checks both first, this is for callers that do not
+            raise AdminApiError(
+                f"admin API at {self._shown}: not a usable URL: {_unmasked_nowhere(exc)}"
+            ) from None
         if status >= 400:
             raise AdminApiError(f"{_error_message(raw, reason)} (HTTP {status})")
         if status == 204 or not raw:
@@ -123,7 +225,12 @@ class AdminClient:
 def common_parser() -> argparse.ArgumentParser:
     """The options every admin API command takes: where, which token, JSON, timeout."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--api", default=DEFAULT_API, help="admin API base URL (%(default)s)")
+    common.add_argument(
+        "--api",
+        type=api_url,
+        default=DEFAULT_API,
+        help="admin API base URL, http(s)://HOST[:PORT][/PREFIX] (%(default)s)",
+    )
     common.add_argument("--token", default=None, help=f"admin token (default: ${TOKEN_ENV})")
     common.add_argument("--json", action="store_true", help="print the API's JSON answer")
     common.add_argument(
@@ -205,7 +312,12 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
     p = actions.add_parser("recover", parents=[common], help="re-send events since a time")
     p.add_argument("id")
-    p.add_argument("--since", required=True, help="RFC 3339 time, e.g. 2025-01-31T12:00:00Z")
+    p.add_argument(
+        "--since",
+        type=rfc3339_time,
+        required=True,
+        help="RFC 3339 time, e.g. 2025-01-31T12:00:00Z",
+    )
 
 
 def _event_types_option(parser: argparse.ArgumentParser, *, required: bool) -> None:

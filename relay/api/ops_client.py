@@ -21,6 +21,7 @@ from typing import TextIO
 import aiohttp
 import orjson
 
+from relay.api.body import rfc3339_ms
 from relay.api.client import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -31,6 +32,7 @@ from relay.api.client import (
     answered,
     common_parser,
     objects,
+    rfc3339_time,
     segment,
     table,
     text_of,
@@ -55,7 +57,12 @@ def add_ops_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser
 
     p = commands.add_parser("replay", parents=[common], help="send events again from a time")
     _target(p, campaign=True)
-    p.add_argument("--since", required=True, help="RFC 3339 time, e.g. 2025-01-31T12:00:00Z")
+    p.add_argument(
+        "--since",
+        type=_replay_since,
+        required=True,
+        help="RFC 3339 time from 1970 on, e.g. 2025-01-31T12:00:00Z",
+    )
     p.add_argument(
         "--source",
         choices=("log", "upstream"),
@@ -91,6 +98,14 @@ def add_ops_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser
         if name != "list":
             q.add_argument("--campaign", dest="campaigns", action="append", default=[])
             q.add_argument("--contact", dest="contacts", action="append", default=[])
+
+
+def _replay_since(text: str) -> str:
+    """An argparse type: ``replay --since``, an RFC 3339 time the API takes (from 1970 on)."""
+    since = rfc3339_time(text)
+    if rfc3339_ms(since) < 0:
+        raise argparse.ArgumentTypeError(f"must be 1970-01-01T00:00:00Z or later, got {text!r}")
+    return since
 
 
 def _target(parser: argparse.ArgumentParser, *, campaign: bool) -> None:

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import yaml
 
+# the relay config's loader, so both files read alike: 0123 and 2026-02-30T08:00:00Z stay the text
+# written (YAML 1.1 made the first octal 83 and the second a traceback), true/false and decimal
+# numbers are still typed
+from relay.config import _Loader
 from relay.sim.fields import Fields
 from relay.sim.scenario import (
     ApiKey,
@@ -43,20 +47,38 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(f"{source}: no such scenario file") from None
     except OSError as exc:
         raise ScenarioError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(
+            f"{source.name}: not UTF-8 text (byte {exc.start + 1}; save it as UTF-8)"
+        ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, _Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ScenarioError(f"{source.name}: not valid YAML{at}: {problem}") from None
+    except (ValueError, OverflowError):
+        raise ScenarioError(
+            f"{source.name}: not valid YAML: a value does not fit its explicit tag (!!int,"
+            " !!float, !!timestamp …)"
+        ) from None
+    except RecursionError:
+        raise ScenarioError(f"{source.name}: not valid YAML: nested too deeply") from None
     return scenario_from_mapping({} if data is None else data, source=source.name)
 
 
 def scenario_from_mapping(data: Mapping[str, object], *, source: str | None = None) -> Scenario:
     """Validate an already-parsed scenario; ``source`` prefixes error messages."""
     try:
-        return _scenario(Fields(data))
+        try:
+            return _scenario(Fields(data))
+        except ScenarioError:  # a ValueError too: already says what is wrong
+            raise
+        except RecursionError:  # an anchor holding an alias to itself, &a [*a], shown in a message
+            raise ScenarioError("a YAML anchor contains an alias to itself") from None
+        except (ValueError, OverflowError) as exc:  # a value no check above expected
+            raise ScenarioError(f"a value cannot be used: {exc}") from None
     except ScenarioError as exc:
         if source is None:
             raise
@@ -93,16 +115,20 @@ def _scenario(root: Fields) -> Scenario:
 
 
 def _start(root: Fields) -> datetime | None:
-    value = root.raw("start")
+    value = written = root.raw("start")
     if value is None:
         return None
     if isinstance(value, str):
         try:
+            # 2026-02-30 and an offset of +25:00 are ValueErrors here (the loader keeps them text)
             value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         except ValueError:
             raise root.fail("start", f"expected an ISO 8601 date and time, got {value!r}") from None
     if isinstance(value, datetime):
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        try:
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the year 1 in UTC
+            raise root.fail("start", f"outside the years 1 to 9999 in UTC: {written!r}") from None
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=UTC)
     raise root.fail("start", f"expected an ISO 8601 date and time, got {value!r}")

@@ -5,6 +5,10 @@ has one writer anyway) and the event loop never blocks on disk. ``synchronous=FU
 committed page durable before ``commit_page`` returns: a crash after it loses nothing. Webhook
 fan-out and attempt records and the Kafka sink's cursor commit without an fsync (see ``_tx``):
 undoing them can only cause a redelivery.
+
+The relay's own store is opened ``exclusive``: an advisory lock (``flock``) on ``<state>.lock``
+beside the file, held while the store is open, so a second relay on the same file stops at
+start-up instead of polling the same streams again (SQLite's own locks only serialize writes).
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import fcntl
+import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,20 +71,85 @@ def path_from_url(url: str) -> Path | None:
     return Path(raw[1:])  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
 
 
-class SqliteStore:
-    """:class:`relay.store.base.Store` on one SQLite file."""
+class StateLock:
+    """An exclusive advisory lock (``flock``) on ``<state file>.lock``: one holder at a time.
 
-    def __init__(self, path: Path | None) -> None:
+    ``flock`` locks belong to an open file description, so a second :meth:`acquire` of the same
+    file fails in the same process too; the kernel releases the lock when the holder exits,
+    however it exits (SIGKILL included), so a stale lock file never blocks anyone. The file is
+    left in place (removing it would let two processes lock two different files) and holds the
+    pid of its last holder, which the error names.
+    """
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.path = state.with_name(state.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`StoreError` naming the state file and the holder."""
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(
+                f"state store ({self.state}): cannot create its lock file {self.path}:"
+                f" {exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder(fd)
+            os.close(fd)
+            if exc.errno not in {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}:
+                raise StoreError(
+                    f"state store ({self.state}): cannot lock {self.path}: {exc.strerror or exc}"
+                ) from None
+            raise StoreError(
+                f"state store {self.state} is in use by another ctct-relay process{holder}"
+                " (one relay per SQLite file; several replicas need a postgresql:// state)"
+            ) from None
+        with contextlib.suppress(OSError):  # the pid is a courtesy for the next one's error
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases it); a no-op when not held."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """`` (pid N)`` from a lock file's content, '' when it holds none."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+class SqliteStore:
+    """:class:`relay.store.base.Store` on one SQLite file.
+
+    ``exclusive``: hold a :class:`StateLock` on the file while open (the relay's store); other
+    opens (tests, benchmarks, the demo's clean-up) take none and are not stopped by one.
+    """
+
+    def __init__(self, path: Path | None, *, exclusive: bool = False) -> None:
         self._path = path
+        self._lock = StateLock(path) if exclusive and path is not None else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._append_listeners: list[Callable[[OutboxAppend], None]] = []
 
     @classmethod
-    def from_url(cls, url: str) -> SqliteStore:
+    def from_url(cls, url: str, *, exclusive: bool = False) -> SqliteStore:
         """A store for a ``sqlite:///…`` URL."""
-        return cls(path_from_url(url))
+        return cls(path_from_url(url), exclusive=exclusive)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -99,6 +171,8 @@ class SqliteStore:
             try:
                 if self._path is not None:
                     self._path.parent.mkdir(parents=True, exist_ok=True)
+                if self._lock is not None:
+                    self._lock.acquire()  # before anything touches the file (migrations too)
                 conn = sqlite3.connect(
                     self._path or ":memory:", isolation_level=None, check_same_thread=False
                 )
@@ -111,7 +185,15 @@ class SqliteStore:
                 raise StoreError(f"state store ({self._where()}): cannot open: {exc}") from None
             self._conn = conn
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        def connect_or_unlock() -> None:
+            try:
+                connect()
+            except BaseException:
+                if self._lock is not None:
+                    self._lock.release()  # a store that did not open holds nothing
+                raise
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, connect_or_unlock)
 
     async def close(self) -> None:
         if self._closed:
@@ -122,6 +204,8 @@ class SqliteStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._lock is not None:
+                self._lock.release()  # after the connection: nothing of ours writes any more
 
         await asyncio.get_running_loop().run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=True)

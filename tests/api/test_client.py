@@ -7,12 +7,22 @@ import io
 import socket
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import orjson
 import pytest
 from pytest_aiohttp import AiohttpServer
 
 from relay.api import AdminSettings, create_admin_app
-from relay.api.client import TOKEN_ENV, add_webhooks_parser, run_webhooks, webhooks_command
+from relay.api.client import (
+    TOKEN_ENV,
+    AdminApiError,
+    AdminClient,
+    add_webhooks_parser,
+    api_url,
+    run_webhooks,
+    webhooks_command,
+)
+from relay.cli import main
 from relay.sinks.ssrf import Guard
 from relay.store import Store
 from tests.api.conftest import KEY, PUBLIC_URL, T0, TOKEN, Clock, activity
@@ -107,7 +117,6 @@ async def test_deliveries_redeliver_and_recover_text(cli: Cli) -> None:
         pytest.param(["add", "http://10.0.0.1/", "-e", "click"], "url: 10.0.0.1", id="ssrf"),
         pytest.param(["add", PUBLIC_URL, "-e", "view"], "event_types[0]: unknown", id="400"),
         pytest.param(["redeliver", "99"], "no delivery with id 99", id="redeliver"),
-        pytest.param(["recover", "wh_x", "--since", "soon"], "since: expected", id="since"),
     ],
 )
 async def test_api_errors_are_one_line(cli: Cli, argv: list[str], message: str) -> None:
@@ -368,3 +377,128 @@ def test_deliveries_before_must_be_a_delivery_id(
         parse(["webhooks", "deliveries", "wh_x", f"--before={value}"])
     assert exited.value.code == 2
     assert "error: argument --before: expected a delivery id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("api", "problem"),
+    [
+        pytest.param(
+            "http://admin:PROXYPASSWORD@127.0.0.1:18381",
+            "a user name or password cannot go in the URL (give the admin token with --token or"
+            " $CTCT_RELAY_ADMIN_TOKEN), got 'http://***@127.0.0.1:18381'",
+            id="userinfo",
+        ),
+        pytest.param(
+            "http://relay..internal:8081",
+            "expected a host name or IP address in the URL such as http://127.0.0.1:8081,"
+            " got 'http://relay..internal:8081'",
+            id="empty-label",
+        ),
+        pytest.param(
+            "127.0.0.1:18381",
+            "expected an http:// or https:// URL such as http://127.0.0.1:8081, got"
+            " '127.0.0.1:18381'; did you mean 'http://127.0.0.1:18381'?",
+            id="no-scheme",
+        ),
+        pytest.param(
+            "http://127.0.0.1:80810",
+            "expected a port from 1 to 65535 in the URL such as http://127.0.0.1:8081, got"
+            " 'http://127.0.0.1:80810'",
+            id="port",
+        ),
+        pytest.param(
+            "http://127.0.0.1:8081/?x=1",
+            "expected a base URL without ?query or #fragment such as http://127.0.0.1:8081,"
+            " got 'http://127.0.0.1:8081/?x=1'",
+            id="query",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", [["status"], ["webhooks", "list"]])
+def test_an_unusable_api_url_is_a_usage_error(
+    api: str, problem: str, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--api is checked before any request: exit 2 and argparse's one error line naming --api,
+    never the password of the URL (a traceback with a token, the password without one)."""
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--api", api, "--token", TOKEN])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "PROXYPASSWORD" not in err
+    assert err.splitlines()[-1] == (
+        f"ctct-relay {' '.join(command)}: error: argument --api: {problem}"
+    )
+
+
+@pytest.mark.parametrize(
+    "api", ["http://127.0.0.1:8081", "https://relay.internal/admin/", "http://[::1]:9", "HTTP://x"]
+)
+def test_usable_api_urls_pass(api: str) -> None:
+    """Hosts, IPv6 literals, path prefixes (behind a proxy) and default ports are fine."""
+    assert api_url(api) == api
+
+
+@pytest.mark.parametrize(
+    ("api", "token"),
+    [
+        pytest.param("http://admin:PROXYPASSWORD@127.0.0.1:9", TOKEN, id="userinfo-and-token"),
+        pytest.param("http://relay..internal:8081", None, id="idna"),
+    ],
+)
+async def test_client_turns_an_unusable_url_into_one_error(api: str, token: str | None) -> None:
+    """AdminClient.call, given a URL that did not pass --api's check (a caller of the library),
+    raises AdminApiError without the password (aiohttp's ValueError and UnicodeError escaped
+    as tracebacks)."""
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(AdminApiError) as failed:
+            await AdminClient(session, api, token).call("GET", "/v1/status")
+    message = str(failed.value)
+    assert "PROXYPASSWORD" not in message
+    assert message.startswith("admin API at http://")
+    assert "not a usable URL" in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        pytest.param(
+            ["webhooks", "recover", "wh_x", "--since", "soon"],
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z, got 'soon'",
+            id="recover-words",
+        ),
+        pytest.param(
+            ["replay", "--stream", "1", "--since", "yesterday"],
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z, got 'yesterday'",
+            id="replay-words",
+        ),
+        pytest.param(
+            ["replay", "--account", "acme", "--since", "2026-12-06"],
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z, got '2026-12-06'",
+            id="replay-date-only",
+        ),
+        pytest.param(
+            ["replay", "--stream", "1", "--since", "2026-12-06T00:00:00+25:00"],
+            "expected an RFC 3339 time such as 2025-01-31T12:00:00Z,"
+            " got '2026-12-06T00:00:00+25:00'",
+            id="replay-offset",
+        ),
+        pytest.param(
+            ["replay", "--stream", "1", "--since", "0001-01-01T00:00:00Z"],
+            "must be 1970-01-01T00:00:00Z or later, got '0001-01-01T00:00:00Z'",
+            id="replay-before-1970",
+        ),
+    ],
+)
+def test_a_since_that_is_not_a_time_is_a_usage_error(
+    argv: list[str], problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--since is read as RFC 3339 before any request (the API's HTTP 400 was exit 1): argparse's
+    usage block and one error line naming --since, exit 2; nothing is sent (no API listens)."""
+    api = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--api", api])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ctct-relay ")
+    command = " ".join(argv[:2] if argv[0] == "webhooks" else argv[:1])
+    assert err.splitlines()[-1] == f"ctct-relay {command}: error: argument --since: {problem}"

@@ -144,3 +144,37 @@ def test_a_reused_state_dir_keeps_only_the_current_receiver(tmp_path: Path) -> N
         ).fetchone()[0]
     assert len(hooks) == 1, hooks
     assert orphans == 0  # nothing left retrying towards the old port
+
+
+def test_a_state_dir_in_use_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """A second demo on the --state-dir of a running one stops at once, exit 1, one line naming
+    the state file (it rewrote the first's relay.yaml and ran a second relay on its state)."""
+    state = tmp_path / "state"
+    first = demo(tmp_path, "--no-kafka", "--duration", "60", "--state-dir", str(state))
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        # an event delivered: the first demo's relay is running (it holds the state's lock)
+        wait_until(
+            lambda: EVENT_LINE.search((tmp_path / "demo.out").read_text()) is not None,
+            60,
+            "the first demo's first event",
+        )
+        written = (state / "relay.yaml").read_text()
+        second = demo(second_dir, "--no-kafka", "--duration", "60", "--state-dir", str(state))
+        assert second.wait(60) == 1
+        said = (second_dir / "demo.out").read_text()
+        assert said == (
+            f"ctct-relay: error: state store {state / 'state.db'} is in use by another"
+            f" ctct-relay process (pid {first.pid}) (one relay per SQLite file; several"
+            " replicas need a postgresql:// state)\n"
+        )
+        assert (state / "relay.yaml").read_text() == written
+        assert first.poll() is None
+        first.send_signal(signal.SIGINT)
+        assert first.wait(60) == 0, (tmp_path / "demo.out").read_text()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()

@@ -177,3 +177,36 @@ def key_stats(sim: SimProcess) -> dict[str, int]:
     keys = sim.get("/_sim/stats")["keys"]
     assert isinstance(keys, dict)
     return {name: int(keys[KEY][name]) for name in ("served", "max_per_1s")}
+
+
+def test_a_second_relay_on_the_same_sqlite_file_stops_at_start_up(tmp_path: Path) -> None:
+    """Two `ctct-relay run` on one state file: the second exits 1 with one line naming the file
+    and the first's pid, and polls nothing (it started silently, polling the same streams with
+    the same budget); once the first has stopped, the same command starts."""
+    sim = SimProcess(tmp_path, scenario()).start()
+    config = relay_config(tmp_path, sim)
+    first = Proc(["run", "--config", str(config)], tmp_path / "relay.log").start()
+    second = Proc(["run", "--config", str(config)], tmp_path / "second.log")
+    db = tmp_path / "state.db"
+    try:
+        wait_until(lambda: '"relay.started"' in first.output(), 30, "the first relay")
+        second.start()
+        assert second.popen is not None
+        assert second.popen.wait(30) == 1
+        said = second.output().split("--- start 1 ---\n", 1)[1]
+        assert first.popen is not None
+        assert said == (
+            f"ctct-relay: error: state store {db} is in use by another ctct-relay process"
+            f" (pid {first.popen.pid}) (one relay per SQLite file; several replicas need a"
+            " postgresql:// state)\n"
+        )
+        assert first.alive(), first.output()
+        assert first.stop() == 0
+        second.start()
+        wait_until(lambda: '"relay.started"' in second.output(), 30, "the second relay")
+        assert second.alive(), second.output()
+        assert second.stop() == 0
+    finally:
+        first.kill()
+        second.kill()
+        sim.kill()

@@ -177,3 +177,65 @@ def test_empty_file_is_the_default_scenario(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing\n")
     assert load_scenario(path) == Scenario()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(
+            b"start: 2026-02-30T08:00:00Z\n",
+            "s.yaml: start: expected an ISO 8601 date and time, got '2026-02-30T08:00:00Z'",
+            id="no-30-february",
+        ),
+        pytest.param(
+            b"start: 2026-11-23T08:00:00+25:00\n",
+            "s.yaml: start: expected an ISO 8601 date and time, got '2026-11-23T08:00:00+25:00'",
+            id="offset-out-of-range",
+        ),
+        pytest.param(
+            b"start: 0001-01-01T00:00:00+01:00\n",
+            "s.yaml: start: outside the years 1 to 9999 in UTC: '0001-01-01T00:00:00+01:00'",
+            id="before-year-1-in-utc",
+        ),
+        pytest.param(
+            b"seed: 7\n# caf\xe9 (latin-1)\n",
+            "s.yaml: not UTF-8 text (byte 14; save it as UTF-8)",
+            id="latin-1",
+        ),
+        pytest.param(
+            b"start: !!timestamp 2026-02-30\n",
+            "s.yaml: not valid YAML: a value does not fit its explicit tag",
+            id="explicit-tag",
+        ),
+        pytest.param(
+            b"campaigns:\n  explicit: &a [*a]\n",
+            "s.yaml: campaigns.explicit[0]: expected a mapping of keys",
+            id="alias-loop",
+        ),
+    ],
+)
+def test_ordinary_file_mistakes_are_scenario_errors(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    """A date that does not exist, an offset of 25 hours, a latin-1 file: ScenarioError naming
+    the file and key (ValueError and UnicodeDecodeError tracebacks, through demo --scenario too)."""
+    path = tmp_path / "s.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(path)
+    assert str(caught.value).startswith(message), caught.value
+
+
+def test_scenario_yaml_keeps_text_as_written_like_the_relay_config(tmp_path: Path) -> None:
+    """api_key: 0123 is the key "0123" (YAML 1.1 read octal 83, which the relay config, reading
+    "0123", never matched); a start written as a timestamp is read as ISO 8601."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "start: 2026-11-23T08:00:00Z\n"
+        "keys:\n  - api_key: 0123\n    access_token: 0x1F\n"
+        "campaigns:\n  explicit:\n    - {id: '7', send_at_s: -60, links: [0, 12]}\n"
+    )
+    scenario = load_scenario(path)
+    assert [(k.api_key, k.access_token) for k in scenario.keys] == [("0123", "0x1F")]
+    assert scenario.start == datetime(2026, 11, 23, 8, tzinfo=UTC)
+    assert scenario.campaigns.explicit[0].links == ("0", "12")

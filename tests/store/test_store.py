@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -256,6 +258,74 @@ async def test_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open"):
         await store.open()
     await store.close()
+
+
+async def test_an_exclusive_sqlite_store_is_opened_once_at_a_time(tmp_path: Path) -> None:
+    """The relay's store (exclusive) locks <state>.lock while open: a second exclusive open fails
+    with one line naming the file and the holder; plain opens (tests, the demo's look-ups) are
+    not stopped; closing releases the lock (a second `ctct-relay run` started silently)."""
+    db = tmp_path / "state.db"
+    url = f"sqlite:///{db}"
+    first = open_store(url, exclusive=True)
+    await first.open()
+    second = open_store(url, exclusive=True)
+    with pytest.raises(StoreError) as refused:
+        await second.open()
+    await second.close()
+    assert str(refused.value) == (
+        f"state store {db} is in use by another ctct-relay process (pid {os.getpid()})"
+        " (one relay per SQLite file; several replicas need a postgresql:// state)"
+    )
+    plain = open_store(url)
+    await plain.open()
+    assert await plain.schema_version() == len(MIGRATIONS)
+    await plain.close()
+    await first.close()
+    assert (tmp_path / "state.db.lock").exists()  # left in place: it is the lock, not a flag
+    again = open_store(url, exclusive=True)
+    await again.open()
+    await again.close()
+
+
+async def test_an_exclusive_sqlite_store_stops_another_process(tmp_path: Path) -> None:
+    """flock is held across processes: another process's exclusive open of the same file is
+    refused while this one has it, and succeeds once it is closed (or this process died)."""
+    db = tmp_path / "state.db"
+    url = f"sqlite:///{db}"
+    script = (
+        "import asyncio, sys\n"
+        "from relay.store import StoreError, open_store\n"
+        "async def main():\n"
+        "    store = open_store(sys.argv[1], exclusive=True)\n"
+        "    try:\n"
+        "        await store.open()\n"
+        "    except StoreError as exc:\n"
+        "        print(exc)\n"
+        "        return 1\n"
+        "    await store.close()\n"
+        "    return 0\n"
+        "sys.exit(asyncio.run(main()))\n"
+    )
+
+    async def other() -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, url, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode()
+
+    held = open_store(url, exclusive=True)
+    await held.open()
+    try:
+        status, said = await other()
+    finally:
+        await held.close()
+    assert status == 1
+    assert (
+        said == f"state store {db} is in use by another ctct-relay process (pid {os.getpid()})"
+        " (one relay per SQLite file; several replicas need a postgresql:// state)\n"
+    )
+    assert await other() == (0, "")
 
 
 async def test_prune_outbox_keeps_everything_a_reader_still_needs(store: Store) -> None:
