@@ -263,10 +263,8 @@ class Poller:
         # old AND no newer than the watermark (read before) is left out. Activity after the
         # watermark was never read, however old (the relay or the stream stopped longer than
         # the retention): it is kept. First reads (backfills) and replays keep everything.
-        horizon = None
-        if watermark is not None and outcome.replay_from_ms is None:
-            retention_ms = int(self._settings.dedup_retention_s * 1000)
-            horizon = min(self._now_ms() - retention_ms, watermark + 1)
+        # "That old" holds on both clocks (see _horizon).
+        filtering = watermark is not None and outcome.replay_from_ms is None
         too_old = 0
         last_page: Previous = ([], 0)  # the feed's previous page, see _unrepeated
         newest = watermark
@@ -291,6 +289,7 @@ class Poller:
             ceiling = self._ceiling(stream, kind, page, activities, page_max, outcome)
             page_newest = min(page_max, ceiling)
             newest = page_newest if newest is None else max(newest, page_newest)
+            horizon = self._horizon(page, watermark) if filtering else None
             if horizon is not None and min(times) < horizon:
                 kept = [a for a in activities if a.occurred_ms >= horizon]
                 too_old += len(activities) - len(kept)
@@ -312,6 +311,24 @@ class Poller:
         if newest is not None:
             outcome.watermarks[kind] = newest
         outcome.feeds_read.append(kind)
+
+    def _horizon(self, page: Page, watermark: int | None) -> int:
+        """Activities of this page older than this were read before and may have lost their
+        dedup keys: older than the retention on the relay's clock (the prune's) AND on the
+        upstream's (the page's Date header), and no newer than the watermark.
+
+        A key goes only once both its activity time and its insertion are older than the
+        retention by the relay's clock, and it was inserted after the activity became visible
+        upstream: with the two clocks a steady distance apart, an activity younger than the
+        retention on the upstream's clock still has its key. On the relay's clock alone, a
+        feed whose activity times are older than the retention (an upstream clock that far
+        behind: a simulator on a fixed past date) lost every late arrival inside the overlap
+        although its neighbours' keys were inserted seconds before.
+        """
+        retention_ms = int(self._settings.dedup_retention_s * 1000)
+        now = self._now_ms()
+        upstream = now if page.server_ms is None else min(now, page.server_ms)
+        return min(upstream - retention_ms, (watermark or 0) + 1)
 
     def _ceiling(
         self,

@@ -1,12 +1,12 @@
 """Which streams exist: configured campaigns and contacts, and campaigns found by discovery.
 
 Discovery lists the account's SENT campaigns, incrementally with ``modified_since`` and in full
-once a day (to retire campaigns older than ``max_age_days``). A campaign last sent before the
-relay started watching the account (when its first stream was added; now, on a fresh store) is
-*seeded*: start_from decides whether its history is emitted. One sent since was sent while we
-were watching (or while we were down), so all of it is new. (Deciding by "the store had no
-streams yet" made configured contacts or campaign ids turn every old campaign found at the
-first discovery into a full backfill.)
+once a day (to retire campaigns older than ``max_age_days`` by the API's clock). A campaign
+last sent before the relay started watching the account (when its first stream was added; now,
+on a fresh store) is *seeded*: start_from decides whether its history is emitted. One sent since
+was sent while we were watching (or while we were down), so all of it is new. (Deciding by "the
+store had no streams yet" made configured contacts or campaign ids turn every old campaign found
+at the first discovery into a full backfill.)
 """
 
 from __future__ import annotations
@@ -70,9 +70,13 @@ class CampaignDiscovery:
             rows.extend(page.records)
             if page.server_ms is not None:
                 upstream_ms = max(upstream_ms or 0, page.server_ms)
+        # Ages are measured on the API's clock (the relay's without a Date header), as the
+        # campaigns' dates are: against a simulator whose clock is days behind the relay's (or
+        # ahead of it), the relay's clock retired every campaign (or none).
+        upstream_now = now if upstream_ms is None else upstream_ms
         known = await self._store.streams(self._account)
         watching_since = min((s.created_ms for s in known), default=now)
-        young, old = self._split_by_age(rows, now)
+        young, old = self._split_by_age(rows, upstream_now)
         removed = await self._store.removed_targets(self._account)  # an operator's word stands
         history: list[StreamKey] = []
         new: list[StreamKey] = []
@@ -90,7 +94,7 @@ class CampaignDiscovery:
                     [StreamKey(self._account, "campaign", c) for c in old]
                 )
             self._last_full_ms = now
-        newest = self._newest(rows, now if upstream_ms is None else upstream_ms)
+        newest = self._newest(rows, upstream_now)
         if newest is not None:
             self._since_ms = max(self._since_ms or 0, newest)
         elif self._since_ms is None:
@@ -124,9 +128,10 @@ class CampaignDiscovery:
         return newest
 
     def _split_by_age(
-        self, rows: Sequence[JsonObject], now: int
+        self, rows: Sequence[JsonObject], upstream_now: int
     ) -> tuple[list[tuple[str, int | None]], list[str]]:
-        """Campaigns to follow (with when they were last sent), and ids too old to follow."""
+        """Campaigns to follow (with when they were last sent), and ids too old to follow:
+        last sent more than ``max_age_days`` before ``upstream_now`` (the API's clock)."""
         young: list[tuple[str, int | None]] = []
         old: list[str] = []
         for row in rows:
@@ -135,7 +140,7 @@ class CampaignDiscovery:
                 log.warning("discovery.bad_row", account=self._account, row=str(row)[:200])
                 continue
             sent = _sent_ms(row)
-            if sent is not None and now - sent > self._max_age_ms:
+            if sent is not None and upstream_now - sent > self._max_age_ms:
                 old.append(str(cid))
             else:
                 young.append((str(cid), sent))

@@ -457,6 +457,53 @@ async def test_activity_after_the_watermark_is_kept_however_old(store: Store) ->
     assert sorted(await passes.contacts()) == [("open", c) for c in ("100", "101", "102", "103")]
 
 
+@pytest.mark.parametrize(
+    "relay_ahead_days", [pytest.param(0, id="same-clock"), pytest.param(30, id="relay-30d-ahead")]
+)
+async def test_a_late_arrival_is_kept_when_the_upstreams_clock_is_behind(
+    store: Store, relay_ahead_days: int
+) -> None:
+    """The retention filter compared activity times with the relay's clock alone: against an
+    upstream whose clock was more than dedup_retention_h behind (a simulator on a fixed past
+    date, CI weeks later) every late arrival inside the overlap was left out as beyond the
+    retention, though its neighbours' dedup keys were inserted seconds before. The upstream's
+    Date header says it is recent; the relay's clock still bounds what the prune removed."""
+    feeds = Feeds()
+    ahead = relay_ahead_days * 86400_000
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START + ahead, seed=False)
+    settings = PollSettings(kinds=(Kind.OPEN,), start_from="earliest", summary_gate=False)
+    passes = Passes(store, feeds, settings, T_START + ahead)
+    feeds.clock_ms = T_START
+    feeds.add(Kind.OPEN, "100", T_START - 30_000)
+    feeds.add(Kind.OPEN, "101", T_START)
+    assert await passes.run(0)
+    feeds.clock_ms += 120_000
+    feeds.add(Kind.OPEN, "102", T_START - 60_000)  # visible two minutes late, inside the overlap
+    assert await passes.run(120)
+    assert sorted(await passes.contacts()) == [("open", c) for c in ("100", "101", "102")]
+
+
+async def test_a_feed_idle_past_the_retention_on_both_clocks_is_still_filtered(
+    store: Store,
+) -> None:
+    """With a Date header as old as the relay's clock, a feed idle for longer than the
+    retention still leaves out what it read before and whose keys were pruned."""
+    feeds = Feeds()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
+    day = 86400_000
+    settings = PollSettings(kinds=(Kind.OPEN,), summary_gate=False, dedup_retention_s=2 * 86400)
+    passes = Passes(store, feeds, settings, T_START)
+    feeds.clock_ms = T_START
+    feeds.add(Kind.OPEN, "100", T_START - 30_000)
+    assert await passes.run(0)
+    passes.now_ms += 3 * day
+    feeds.clock_ms += 3 * day
+    await store.prune_dedup(passes.now_ms - 2 * day)
+    feeds.add(Kind.OPEN, "101", passes.now_ms - 5000)
+    outcome = await passes.poller.run_pass((await store.streams())[0])
+    assert (outcome.new, outcome.beyond_retention) == (1, 1)  # 100: read before, key pruned
+
+
 async def test_a_backfill_retried_after_the_prune_emits_nothing_twice(store: Store) -> None:
     """A first read bigger than buffer_limit commits before its pass ends; the pass then
     fails, the hourly prune runs (the history is older than the retention), and the retry reads

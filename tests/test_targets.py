@@ -100,3 +100,26 @@ async def test_a_campaign_dated_in_the_far_future_does_not_hide_later_ones(
     sent.campaigns["later"] = T0 + 90 * 60_000
     await found.run()  # incremental
     assert "later" in await seeds(store)
+
+
+@pytest.mark.parametrize(
+    ("relay_ms", "server_ms"),
+    [
+        pytest.param(T0 + 3 * 365 * 24 * HOUR, T0, id="api-clock-years-behind"),
+        pytest.param(T0 - 3 * 365 * 24 * HOUR, T0, id="api-clock-years-ahead"),
+        pytest.param(T0, None, id="no-date-header"),
+    ],
+)
+async def test_campaign_age_is_measured_on_the_apis_clock(
+    store: Store, relay_ms: int, server_ms: int | None
+) -> None:
+    """max_age_days (30) compared the campaigns' dates (the API's clock) with the relay's
+    clock: against a simulator whose clock was more than 30 days behind (a fixed scenario start,
+    a CI run weeks later) every campaign was retired and nothing polled, and one ahead followed
+    campaigns of any age. The age is taken from the answer's Date header, else the relay's
+    clock."""
+    sent = Sent()
+    sent.server_ms = server_ms
+    sent.campaigns = {"c1": T0 - HOUR, "c2": T0 - 20 * 24 * HOUR, "old": T0 - 40 * 24 * HOUR}
+    await discovery(store, sent, [relay_ms]).run()
+    assert set(await seeds(store)) == {"c1", "c2"}
