@@ -152,6 +152,9 @@ class SqliteStore:
         return cls(path_from_url(url), exclusive=exclusive)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:  # its executor is shut down: submitting would raise RuntimeError
+            raise StoreError(f"state store ({self._where()}) is closed")
+
         def call() -> T:
             if self._conn is None:
                 raise StoreError("state store is not open")
@@ -168,6 +171,7 @@ class SqliteStore:
 
     async def open(self) -> None:
         def connect() -> None:
+            conn: sqlite3.Connection | None = None
             try:
                 if self._path is not None:
                     self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +186,8 @@ class SqliteStore:
                 conn.execute("PRAGMA busy_timeout=5000")
                 _migrate(conn)
             except (sqlite3.Error, OSError) as exc:
+                if conn is not None:
+                    conn.close()  # a store that did not open keeps no connection either
                 raise StoreError(f"state store ({self._where()}): cannot open: {exc}") from None
             self._conn = conn
 

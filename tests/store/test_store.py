@@ -1178,3 +1178,45 @@ async def test_a_pass_with_a_failed_feed_counts_an_error_and_moves_the_rest(stor
     await store.finish_pass(sid, PassResult({}, {}, T0 + 5, 1.0, T0 + 5))
     stream = await store.stream(sid)
     assert (stream.consecutive_errors, stream.last_error) == (0, None)
+
+
+async def test_a_closed_sqlite_store_refuses_calls_with_a_store_error(tmp_path: Path) -> None:
+    """A call on a closed SQLite store raised RuntimeError from its shut-down executor, which
+    the admin API answered with a 500; it is a StoreError (a 503 naming the store)."""
+    store = open_store(f"sqlite:///{tmp_path / 'closed.db'}")
+    await store.open()
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.streams()
+
+
+async def test_a_sqlite_store_that_fails_to_open_closes_its_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migrations refusing the file (a schema newer than the code) left the connection open."""
+    path = tmp_path / "newer.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+        conn.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS) + 1,))
+        conn.commit()
+    opened: list[Recording] = []
+    connect = sqlite3.connect
+
+    class Recording(sqlite3.Connection):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+            super().close()
+
+    def recording(*args: object, **kwargs: object) -> sqlite3.Connection:
+        conn = connect(*args, factory=Recording, **kwargs)  # type: ignore[misc]
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite_store.sqlite3, "connect", recording)
+    store = open_store(f"sqlite:///{path}")
+    with pytest.raises(StoreError, match="newer"):
+        await store.open()
+    assert opened
+    assert all(c.closed for c in opened)
