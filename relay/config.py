@@ -8,7 +8,6 @@ before anything starts. This is the only module that reads the environment.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import math
 import os
 import re
@@ -27,6 +26,7 @@ from relay.api.streams import ACCOUNT_NAME
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
 from relay.events import Kind, RecordError, parse_time
+from relay.hostnames import valid_host
 from relay.poller import PollSettings
 from relay.scheduler import ScheduleSettings
 from relay.sinks.kafka import KafkaSecurity, KafkaSecurityError, KafkaSettings
@@ -56,7 +56,6 @@ _GUESSED = frozenset({"bool", "int", "float", "timestamp"})  # YAML 1.1 resolver
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Kafka accepts as a topic name
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # one label of a host name as the resolver takes it, after IDNA (underscores are in use)
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 LogLevel = Literal["debug", "info", "warning", "error"]
 Mode = Literal["binary", "structured"]
 Compression = Literal["none", "gzip", "lz4", "zstd"]
@@ -722,7 +721,7 @@ def _base_url(r: _Reader) -> str:
     if port == 0:
         raise ConfigError(f"{key}: the port is not a number from 1 to 65535, got {_url(base_url)}")
     host = parts.hostname or ""
-    if not _valid_host(host):
+    if not valid_host(host):
         # aiohttp would raise UnicodeError (IDNA) on every request, or fail to resolve it
         raise ConfigError(
             f"{key}: {host!r} is not a valid host name (an IP address, or labels of 1 to 63"
@@ -730,25 +729,6 @@ def _base_url(r: _Reader) -> str:
             f" {_url(base_url)}"
         )
     return base_url
-
-
-def _valid_host(host: str) -> bool:
-    """An IP address, or a DNS name (IDNA for non-ASCII) whose last label is not a number."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    try:
-        name = host.encode("idna").decode("ascii")
-    except UnicodeError:  # an empty or over-long label: the resolver's own encoding fails
-        return False
-    labels = name.removesuffix(".").split(".")
-    return (
-        len(name) <= 253
-        and all(_HOST_LABEL.fullmatch(label) for label in labels)
-        and not labels[-1].isdigit()  # 1.2.3.4.5, 999.0.0.1: not an address, not a name
-    )
 
 
 def _credential(r: _Reader, name: str) -> Secret:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import math
 import re
 import sys
@@ -29,6 +28,7 @@ import orjson
 from relay.api.body import rfc3339_ms
 from relay.api.responses import JsonObject
 from relay.events import TYPE_PREFIX
+from relay.hostnames import valid_host
 
 DEFAULT_API = "http://127.0.0.1:8081"
 TOKEN_ENV = "CTCT_RELAY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a token
@@ -73,9 +73,6 @@ def positive_number(text: str) -> float:
     return value
 
 
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}", re.ASCII)  # after IDNA: what DNS names hold
-
-
 def api_url(text: str) -> str:
     """An argparse type for ``--api``: an http or https URL with a host, an optional port from 1
     to 65535 and an optional path prefix; no user name or password (the admin API takes a
@@ -102,7 +99,7 @@ def api_url(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected a base URL without ?query or #fragment {example}, got {text!r}"
         )
-    if not parts.hostname or not _valid_host(parts.hostname):
+    if not parts.hostname or not valid_host(parts.hostname):
         raise argparse.ArgumentTypeError(
             f"expected a host name or IP address in the URL {example}, got {text!r}"
         )
@@ -115,23 +112,6 @@ def api_url(text: str) -> str:
             f"expected a port from 1 to 65535 in the URL {example}, got {text!r}"
         )
     return text
-
-
-def _valid_host(host: str) -> bool:
-    """An IP address, or a DNS name whose labels (IDNA-encoded) are 1 to 63 letters, digits,
-    _ or -; ``relay..internal`` (an empty label) made aiohttp raise a UnicodeError."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        return True
-    try:
-        encoded = host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    labels = encoded[:-1].split(".") if encoded.endswith(".") else encoded.split(".")
-    return all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def _masked(url: str) -> str:
