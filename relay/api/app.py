@@ -4,7 +4,8 @@
 false) are open; everything else (``/v1/…``, and any
 unknown path, so probing reveals nothing) needs ``Authorization: Bearer <token>`` when a token is
 configured. Without a token the API is open, which :func:`check_exposure` allows only on a
-loopback address. Every answer is JSON; a state store that fails or does not answer (within
+loopback address, and then answers only this machine's clients, not web pages
+(:mod:`relay.api.origin`). Every answer is JSON; a state store that fails or does not answer (within
 ``READ_TIMEOUT_S`` for a GET) becomes a 503 naming the problem, an unexpected exception a logged
 500, never a traceback on the wire.
 """
@@ -24,7 +25,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from relay.api import body, openapi, streams, webhooks
+from relay.api import body, openapi, origin, streams, webhooks
 from relay.api.responses import ApiError, error_response, json_response
 from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE, AdminSettings, StatusFn
 from relay.api.status import VIEW, RelayView
@@ -117,6 +118,8 @@ def create_admin_app(
     if settings.token is not None:
         public = PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
         middlewares.append(_bearer_auth(settings.token, public))
+    else:
+        middlewares.append(origin.local_only())
     app = web.Application(middlewares=middlewares, client_max_size=body.MAX_BODY_BYTES)
     app[STORE] = store
     app[SETTINGS] = settings

@@ -35,6 +35,7 @@ TOKEN_ENV = "CTCT_RELAY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a 
 DEFAULT_TIMEOUT_S = 30.0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+_JSON_BODY = {"Content-Type": "application/json"}  # the API refuses a body of any other type
 
 
 class AdminApiError(Exception):
@@ -172,7 +173,7 @@ class AdminClient:
             async with self._session.request(
                 method,
                 url,
-                headers=self._headers,
+                headers=self._headers if body is None else {**self._headers, **_JSON_BODY},
                 data=None if body is None else orjson.dumps(body),
                 params=dict(query or {}),
                 allow_redirects=False,

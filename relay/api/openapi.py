@@ -47,6 +47,7 @@ def document(*, with_metrics: bool = False, metrics_public: bool = True) -> Json
     paths.update(_operations_paths())
     if with_metrics:
         paths["/metrics"] = {"get": _metrics(metrics_public)}
+    _add_refusals(paths)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -68,7 +69,9 @@ def document(*, with_metrics: bool = False, metrics_public: bool = True) -> Json
                     "type": "http",
                     "scheme": "bearer",
                     "description": "admin.token from the relay config (required unless the"
-                    " API listens on loopback only)",
+                    " API listens on loopback only; without it, the API answers only requests"
+                    " whose Host is a loopback address or localhost and that no other site's"
+                    " web page sent: a 403 otherwise)",
                 }
             },
             "schemas": {**_schemas(), **_operations_schemas()},
@@ -450,7 +453,13 @@ _ERROR_RESPONSES = {
         "Gone",
         "the delivery's event is no longer in the outbox (pruned after outbox_retention_h)",
     ),
+    403: (
+        "Forbidden",
+        "only without admin.token: the request's Host is not a loopback address or localhost,"
+        " or its Origin or Sec-Fetch-Site says another site's web page sent it",
+    ),
     413: ("PayloadTooLarge", f"body larger than {body.MAX_BODY_BYTES} bytes"),
+    415: ("UnsupportedMediaType", f"a body sent without Content-Type: {body.JSON_MEDIA_TYPE}"),
     500: ("Internal", "unexpected failure (logged)"),
     503: ("Unavailable", "the state store failed or is not answering (PostgreSQL down)"),
 }
@@ -466,6 +475,26 @@ def _error_responses() -> JsonObject:
             }
         out[name] = response
     return out
+
+
+def _add_refusals(paths: JsonObject) -> None:
+    """Every operation may be refused with a 403 (a tokenless API's callers); every one that
+    takes a body, with a 415 (a body that is not declared as JSON)."""
+    for item in paths.values():
+        if not isinstance(item, dict):
+            continue
+        for method, operation in item.items():
+            if method not in _METHODS or not isinstance(operation, dict):
+                continue
+            responses = operation["responses"]
+            if not isinstance(responses, dict):
+                continue
+            responses["403"] = _ref("responses", _ERROR_RESPONSES[403][0])
+            if "requestBody" in operation:
+                responses["415"] = _ref("responses", _ERROR_RESPONSES[415][0])
+
+
+_METHODS = frozenset({"get", "put", "post", "patch", "delete"})
 
 
 def _errors(*statuses: int, store: bool = True) -> JsonObject:

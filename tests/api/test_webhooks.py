@@ -795,7 +795,9 @@ async def test_rotation_body_is_optional_but_json(client: Client, data: bytes, s
     alone is none: schemathesis sends it as invalid syntax and expects a 400)."""
     hook = await create(client)
     response = await client.post(
-        f"/v1/webhooks/{hook['id']}/rotate-secret", data=data, headers=AUTH
+        f"/v1/webhooks/{hook['id']}/rotate-secret",
+        data=data,
+        headers={**AUTH, "Content-Type": "application/json"},
     )
     if status == 400:
         assert (await error_of(response, 400))["message"].startswith("body: not valid JSON")
