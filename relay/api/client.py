@@ -221,7 +221,8 @@ def common_parser() -> argparse.ArgumentParser:
 
 
 def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``webhooks add|list|show|update|remove|rotate-secret|deliveries|redeliver|recover``."""
+    """Add ``webhooks add|list|show|update|remove|rotate-secret|secret|deliveries|redeliver|
+    recover``."""
     common = common_parser()
     parser = commands.add_parser("webhooks", help="manage webhooks through the admin API")
     actions = parser.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
@@ -275,6 +276,13 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     p.add_argument("id")
     _secret_option(p, "the new secret (default: one is generated)")
+
+    p = actions.add_parser(
+        "secret",
+        parents=[common],
+        help="print a webhook's current signing secret (e.g. a declared webhook's generated one)",
+    )
+    p.add_argument("id")
 
     p = actions.add_parser("deliveries", parents=[common], help="a webhook's recent deliveries")
     p.add_argument("id")
@@ -438,6 +446,15 @@ async def _rotate(client: AdminClient, args: argparse.Namespace) -> _Shown:
     return _Shown(hook, _webhook_text(hook))
 
 
+async def _secret(client: AdminClient, args: argparse.Namespace) -> _Shown:
+    answer = answered(await client.call("GET", f"/v1/webhooks/{segment(args.id)}/secret"))
+    text = text_of(answer.get("secret"))
+    until = answer.get("previous_secret_expires_at")
+    if until:  # the secret stays alone on the first line (`... | head -n1`)
+        text += f"\n(the previous secret also signs until {text_of(until)})"
+    return _Shown(answer, text)
+
+
 async def _deliveries(client: AdminClient, args: argparse.Namespace) -> _Shown:
     query = {"status": args.status} if args.status else {}
     if args.limit is not None:
@@ -485,6 +502,7 @@ _ACTIONS: Mapping[str, Callable[[AdminClient, argparse.Namespace], Awaitable[_Sh
     "update": _update,
     "remove": _remove,
     "rotate-secret": _rotate,
+    "secret": _secret,
     "deliveries": _deliveries,
     "redeliver": _redeliver,
     "recover": _recover,
@@ -511,7 +529,8 @@ def _webhook_text(hook: JsonObject) -> str:
     if hook.get("previous_secret_expires_at"):
         lines.append(("old secret until", text_of(hook.get("previous_secret_expires_at"))))
     if "secret" in hook:
-        lines.append(("secret", f"{text_of(hook.get('secret'))}  (shown only now: store it)"))
+        again = f"ctct-relay webhooks secret {text_of(hook.get('id'))} shows it again"
+        lines.append(("secret", f"{text_of(hook.get('secret'))}  ({again})"))
     width = max(len(k) for k, _ in lines) + 1
     return "\n".join(f"{k + ':':{width}} {v}" for k, v in lines)
 

@@ -31,6 +31,10 @@ def document(*, with_metrics: bool = False, metrics_public: bool = True) -> Json
             "parameters": [_ref("parameters", "WebhookId")],
             "post": _rotate_secret(),
         },
+        "/v1/webhooks/{webhook_id}/secret": {
+            "parameters": [_ref("parameters", "WebhookId")],
+            "get": _show_secret(),
+        },
         "/v1/webhooks/{webhook_id}/deliveries": {
             "parameters": [_ref("parameters", "WebhookId")],
             "get": _list_deliveries(),
@@ -149,8 +153,8 @@ def _create_webhook() -> JsonObject:
         " registered is a 409 whose error message names the webhook that has it. URLs are"
         " stored and compared with scheme and host in lower case and the scheme's default port"
         " dropped (HTTPS://Example.COM:443/h is https://example.com/h); path, query and"
-        " fragment stay as written. The answer is the only one, with rotation, that shows the"
-        " secret.",
+        " fragment stay as written. The answer shows the secret, as do rotation's and"
+        " GET /v1/webhooks/{webhook_id}/secret.",
         "requestBody": _body("WebhookCreate"),
         "responses": {
             "201": _json("the webhook, with its secret", _schema("WebhookWithSecret")),
@@ -202,6 +206,21 @@ def _rotate_secret() -> JsonObject:
         "responses": {
             "200": _json("the webhook, with its new secret", _schema("WebhookWithSecret")),
             **_errors(400, 401, 404, 413),
+        },
+    }
+
+
+def _show_secret() -> JsonObject:
+    return {
+        "operationId": "getWebhookSecret",
+        "summary": "The webhook's current signing secret",
+        "description": "For a receiver's configuration, e.g. of a webhook declared in the config"
+        " file without a secret (one was generated). During a rotation's grace the previous"
+        " secret also signs; previous_secret_expires_at says until when (it is not shown)."
+        " Takes no query parameters: an unknown one is a 400.",
+        "responses": {
+            "200": _json("the secret", _schema("WebhookSecret")),
+            **_errors(400, 401, 404),
         },
     }
 
@@ -295,6 +314,13 @@ def _schemas() -> JsonObject:
         "Webhook": webhook,
         "WebhookWithSecret": with_secret,
         "WebhookList": _object({"webhooks": {"type": "array", "items": _schema("Webhook")}}),
+        "WebhookSecret": _object(
+            {
+                "webhook_id": {"type": "string"},
+                "secret": {"type": "string"},
+                "previous_secret_expires_at": _time(nullable=True),
+            }
+        ),
         "WebhookCreate": _object(
             {
                 "url": url,

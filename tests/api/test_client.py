@@ -89,6 +89,31 @@ async def test_add_list_show_rotate_remove(cli: Cli) -> None:
     assert (status, out) == (0, "no webhooks\n")
 
 
+async def test_secret_prints_the_current_secret(cli: Cli) -> None:
+    """`webhooks secret ID` prints the secret alone on its first line (then the rotation's
+    grace, when one runs); --json the API's answer; show and list never print it."""
+    status, out, _ = await cli("add", PUBLIC_URL, "-e", "*", "--json")
+    created = orjson.loads(out)
+    status, out, err = await cli("secret", created["id"])
+    assert (status, out, err) == (0, created["secret"] + "\n", "")
+    status, out, _ = await cli("rotate-secret", created["id"], "--json")
+    rotated = orjson.loads(out)
+    status, out, _ = await cli("secret", created["id"])
+    first, second = out.splitlines()
+    assert first == rotated["secret"]
+    assert second == (
+        f"(the previous secret also signs until {rotated['previous_secret_expires_at']})"
+    )
+    status, out, _ = await cli("secret", created["id"], "--json")
+    assert orjson.loads(out)["secret"] == rotated["secret"]
+    for argv in (("show", created["id"]), ("list",)):
+        status, out, _ = await cli(*argv)
+        assert "whsec_" not in out
+    status, out, err = await cli("secret", "wh_0000000000000000")
+    assert (status, out) == (1, "")
+    assert err.startswith("ctct-relay: error: no webhook")
+
+
 async def test_json_output(cli: Cli) -> None:
     """--json prints the API's answer as JSON."""
     status, out, _ = await cli("add", PUBLIC_URL, "-e", "*", "--json")
