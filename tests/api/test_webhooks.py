@@ -353,6 +353,22 @@ async def test_event_types_are_deduplicated(client: Client) -> None:
             "url: not a valid URL",
             id="bad-ipv6",
         ),
+        # urlsplit reads host 93.184.215.14 (public), WHATWG parsers 127.0.0.1, yarl refuses it
+        pytest.param(
+            {"url": "https://127.0.0.1\\@93.184.215.14/", "event_types": [CLICK]},
+            "url: must not contain a backslash",
+            id="backslash-authority",
+        ),
+        pytest.param(
+            {"url": "https://93.184.215.14/a\\b", "event_types": [CLICK]},
+            "url: must not contain a backslash",
+            id="backslash-path",
+        ),
+        pytest.param(
+            {"url": "https://u@[::1]@93.184.216.34/hook", "event_types": [CLICK]},
+            "url: its host '93.184.216.34' cannot be connected to",
+            id="host-only-urlsplit-reads",
+        ),
     ],
 )
 async def test_create_validation_names_the_field(
@@ -455,6 +471,11 @@ async def test_patch_fields_and_recheck_url(client: Client, clock: Clock, store:
         pytest.param({"start_seq": 0}, "start_seq: unknown field", id="unknown"),
         pytest.param({"event_types": []}, "event_types: at least one", id="types"),
         pytest.param({"enabled": None}, "enabled: expected true or false", id="enabled"),
+        pytest.param(
+            {"url": "https://127.0.0.1\\@93.184.215.14/"},
+            "url: must not contain a backslash",
+            id="backslash",
+        ),
     ],
 )
 async def test_patch_validation(client: Client, body: dict[str, object], prefix: str) -> None:
