@@ -353,16 +353,16 @@ async def webhooks_command(
         async with aiohttp.ClientSession(timeout=timeout) as session:
             shown = await action(AdminClient(session, args.api, token), args)
     except UsageError as exc:
-        print(f"ctct-relay: error: {exc}", file=err)
+        print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
         return EXIT_USAGE
     except AdminApiError as exc:
-        print(f"ctct-relay: error: {exc}", file=err)
+        print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
         return EXIT_ERROR
     if args.json:
         if shown.answer is not None:
             out.write(orjson.dumps(shown.answer, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        out.write(shown.text + "\n")
+        out.write(terminal_safe(shown.text, keep="\n") + "\n")
     return 0
 
 
@@ -563,7 +563,7 @@ def _event_type(text: str) -> str:
 
 def _types_text(value: object) -> str:
     types = value if isinstance(value, list) else []
-    return ", ".join(str(t).removeprefix(TYPE_PREFIX) for t in types)
+    return ", ".join(text_of(t).removeprefix(TYPE_PREFIX) for t in types)
 
 
 def segment(text: str) -> str:
@@ -572,8 +572,33 @@ def segment(text: str) -> str:
 
 
 def text_of(value: object) -> str:
-    """A JSON value as table text (null as empty)."""
-    return "" if value is None else str(value)
+    """A JSON value as table text (null as empty), on one line (line breaks and tabs become
+    spaces) and with every other control character shown escaped (:func:`terminal_safe`):
+    API-stored text (a description, a response excerpt, an endpoint's error) must not move the
+    cursor, retitle the window or fake other lines."""
+    return "" if value is None else terminal_safe(str(value).translate(_SPACES))
+
+
+_SPACES = str.maketrans(dict.fromkeys("\t\n\v\f\r", " "))
+
+
+# Bidirectional overrides and isolates: they reorder what the terminal shows ("Trojan Source")
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def terminal_safe(text: str, keep: str = "") -> str:
+    """``text`` with each control character (C0, DEL, C1: ESC and CSI start terminal escape
+    sequences) and bidirectional override shown as ``\\x1b`` / ``\\u202e``, except those in
+    ``keep`` (the line breaks of a multi-line answer). --json output is not touched: JSON
+    escapes them itself."""
+    if text.isprintable() and not _BIDI.intersection(text):
+        return text  # the common case: nothing to look at per character
+    return "".join(
+        c
+        if c in keep or not (unicodedata.category(c) == "Cc" or c in _BIDI)
+        else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in text
+    )
 
 
 def objects(value: object) -> list[JsonObject]:
