@@ -21,6 +21,10 @@ from relay.events import to_millis
 
 MAX_BODY_BYTES = 64 * 1024
 JSON_MEDIA_TYPE = "application/json"  # the only Content-Type of a request body (parameters aside)
+# the types a web page may POST to another site without a CORS preflight
+_BROWSER_FORM_TYPES = frozenset(
+    {"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+)
 MAX_URL_CHARS = 2048
 MAX_DESCRIPTION_CHARS = 1000
 MAX_SECRET_CHARS = 200
@@ -54,15 +58,17 @@ async def read_object(request: web.Request, *, optional: bool = False) -> JsonOb
 
     A body must be sent as ``Content-Type: application/json`` (415 otherwise): the types a web
     page may send to another site without asking it first (``text/plain``, forms) never reach
-    the API's changes.
+    the API's changes. An empty body sent as one of those types (an empty form) is refused too;
+    an empty body of any other type (aiohttp sends ``application/octet-stream``) is absent.
 
     The size cap is the application's ``client_max_size``: reading past it raises aiohttp's 413,
     which the error middleware renders as JSON.
     """
     raw = await request.read()
-    if optional and not raw:
+    media_type = request.content_type.lower()
+    if optional and not raw and media_type not in _BROWSER_FORM_TYPES:
         return {}
-    if request.content_type.lower() != JSON_MEDIA_TYPE:
+    if media_type != JSON_MEDIA_TYPE:
         given = request.headers.get("Content-Type")
         raise ApiError(
             415,

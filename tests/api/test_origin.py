@@ -149,6 +149,17 @@ async def test_an_optional_body_may_be_absent(client: Client) -> None:
     assert response.status == 200, await response.text()
 
 
+async def test_an_empty_form_is_not_an_absent_body(tokenless: Client, store: Store) -> None:
+    """An empty form POST (what an old browser may send without Origin) is a 415, not "no
+    body": it pauses nothing."""
+    await store.ensure_streams([KEY], T0)
+    stream = (await store.streams())[0]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    response = await tokenless.post(f"/v1/streams/{stream.id}/pause", headers=form)
+    await error_of(response, 415)
+    assert not (await store.streams())[0].paused
+
+
 def test_the_document_lists_403_everywhere_and_415_where_a_body_goes() -> None:
     """Schemathesis checks statuses against the document: both refusals are in it."""
     paths = openapi_document(with_metrics=True)["paths"]
