@@ -4,8 +4,7 @@
 false) are open; everything else (``/v1/…``, and any
 unknown path, so probing reveals nothing) needs ``Authorization: Bearer <token>`` when a token is
 configured. Without a token the API is open, which :func:`check_exposure` allows only on a
-loopback address, and then answers only this machine's clients, not web pages
-(:mod:`relay.api.origin`). Every answer is JSON; a state store that fails or does not answer (within
+loopback address. Every answer is JSON; a state store that fails or does not answer (within
 ``READ_TIMEOUT_S`` for a GET) becomes a 503 naming the problem, an unexpected exception a logged
 500, never a traceback on the wire.
 """
@@ -118,7 +117,7 @@ def create_admin_app(
     if settings.token is not None:
         public = PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
         middlewares.append(_bearer_auth(settings.token, public))
-    else:
+    else:  # open on loopback: to this machine's clients only, not web pages (see origin.py)
         middlewares.append(origin.local_only())
     app = web.Application(middlewares=middlewares, client_max_size=body.MAX_BODY_BYTES)
     app[STORE] = store

@@ -263,14 +263,3 @@ async def test_dead_letters_table_json_and_the_rest_left_out(cli: Cli, store: St
     answer = orjson.loads(out)
     assert [d["event_id"] for d in answer["dead_letters"]] == ["evt-2", "evt-8"]
     assert answer["total"] == 2
-
-
-async def test_a_pause_reason_cannot_drive_the_terminal(cli: Cli) -> None:
-    """status prints an operator's pause reason with its escape sequences shown, not obeyed."""
-    status, _, _ = await cli("pause", "--account", "acme", "--reason", "\x1b[2Jwiped\x07")
-    assert status == 0
-    status, out, err = await cli("status")
-    assert (status, err) == (0, "")
-    assert "\x1b" not in out
-    assert "\x07" not in out
-    assert "\\x1b[2Jwiped\\x07" in out
