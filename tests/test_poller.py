@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from relay.ctct import catalogue, errors
 from relay.ctct.catalogue import Endpoint
-from relay.ctct.client import Page, count_request
+from relay.ctct.client import Credentials, CtctClient, Page, RetryPolicy, count_request
 from relay.ctct.errors import CtctError, ServerError, TransportError
-from relay.ctct.ratelimit import Budget
+from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.events import Kind, format_millis, to_millis
 from relay.poller import CLOCK_SKEW_S, Poller, PollSettings
 from relay.sim import Scenario
@@ -640,3 +643,104 @@ async def test_a_pass_counts_what_happened_after_the_stream_was_added(store: Sto
     passes = Passes(store, feeds, settings, T_START + 2000)
     outcome = await passes.poller.run_pass((await store.streams())[0])
     assert (outcome.new, outcome.recent) == (2, 1)
+
+
+# --- a deliberately broken upstream on loopback, read by the real client -------------------
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def upstream_client(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    session: aiohttp.ClientSession,
+    handler: Handler,
+    timeout_s: float = 30.0,
+) -> CtctClient:
+    """A client of an upstream served by ``handler`` on 127.0.0.1 (retries without sleeping)."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app)
+
+    async def no_sleep(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    return CtctClient(
+        session,
+        Credentials(str(server.make_url("")), API_KEY, TOKEN),
+        RateLimiter(Budget(requests_per_second=10_000, requests_per_day=2000)),
+        retry=RetryPolicy(max_attempts=2, base_delay_s=0.01),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        sleep=no_sleep,
+    )
+
+
+def tracking_page(records: list[dict[str, object]], next_link: str | None = None) -> web.Response:
+    pagination = {"next_link": next_link} if next_link else {}
+    return web.json_response({"meta": {"pagination": pagination}, "results": records})
+
+
+def tracking_record(kind: Kind, contact: str, at_ms: int) -> dict[str, object]:
+    return {
+        "activity_type": kind.activity_type,
+        "campaign_id": "1100",
+        "contact_id": contact,
+        "email_address": f"{contact}@example.com",
+        f"{kind.value}_date": format_millis(at_ms),
+    }
+
+
+async def test_a_cursor_that_never_ends_stops_at_what_the_summary_count_implies(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], store: Store
+) -> None:
+    """A sends feed whose cursor hands out a new next_link and a new record at every page (so
+    the client's guard never fires): it used to be followed until the day's budget was spent,
+    and the key paused until midnight. The summary counts 3 sends, one page's worth: the read
+    stops a few pages later as a feed error, logged once with the stream and the feed, and the
+    other feeds are read and committed. A campaign's opens count unique recipients, not the
+    feed's records, so a long opens feed is read in full whatever its count."""
+    served: Counter[str] = Counter()
+
+    async def handler(request: web.Request) -> web.Response:
+        feed = request.path.rsplit("/", 1)[-1]
+        served[feed] += 1
+        n = served[feed]
+        if feed == "summary":
+            return web.json_response({"sends": 3, "opens": 1, "bounces": 1})
+        if feed == "sends":  # a new record and a new link, for ever
+            record = tracking_record(Kind.SEND, str(n), T_START - n * 1000)
+            return tracking_page([record], f"{request.path}?next=s{n}")
+        if feed == "opens":  # six pages: one contact opened many times
+            record = tracking_record(Kind.OPEN, "7", T_START - n * 1000)
+            return tracking_page([record], f"{request.path}?next=o{n}" if n < 6 else None)
+        bounce = tracking_record(Kind.BOUNCE, "9", T_START - 500) | {"bounce_code": "B"}
+        return tracking_page([bounce])
+
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.SEND, Kind.OPEN, Kind.BOUNCE), start_from="earliest")
+    async with aiohttp.ClientSession() as session:
+        client = await upstream_client(aiohttp_server, session, handler)
+        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
+        stream = (await store.streams())[0]
+        with capture_logs() as logs:
+            outcome = await poller.run_pass(stream)
+    assert served == {"summary": 1, "sends": 4, "opens": 6, "bounces": 1}
+    assert outcome.feeds_failed == [Kind.SEND]
+    assert isinstance(outcome.feed_error, errors.PaginationLoopError)
+    assert str(outcome.feed_error).startswith(
+        "campaign.sends: acme/campaign/1100 send: 4 pages read and the feed still has a"
+        " next_link, though the summary counts 3 sends (500 a page; at most 4 pages expected)"
+    )
+    [failed] = [line for line in logs if line["event"] == "poll.feed_failed"]
+    assert (failed["stream"], failed["kind"]) == ("acme/campaign/1100", "send")
+    assert outcome.watermarks.keys() == {Kind.OPEN, Kind.BOUNCE}
+    assert "sends" not in outcome.summary  # read again next pass
+    assert Counter(kind for kind, _ in await outbox_kinds(store)) == {
+        "send": 4,  # what the failing feed read is committed; its watermark does not move
+        "open": 6,
+        "bounce": 1,
+    }
+
+
+async def outbox_kinds(store: Store) -> list[tuple[str, str]]:
+    return [(e.kind.value, e.contact_id) for e in await store.read_outbox(0, 10**6)]

@@ -33,9 +33,13 @@ log = structlog.get_logger(__name__)
 OVER_QPS: Final = "mashery.not.authorized.over.qps"
 OVER_RATELIMIT: Final = "mashery.not.authorized.over.ratelimit"
 _ERROR_BODY_CAP = 64 * 1024
-# Pages in a row with no records that still carry a next_link before a pass gives up: a server
-# bug that keeps changing the link over nothing would otherwise spend the whole daily budget.
+# Pages in a row that bring no record not seen earlier in the paging run (none at all, or only
+# repeats) and still carry a next_link before a pass gives up: a server bug that keeps changing
+# the link over nothing, or over the same records, would otherwise spend the whole daily budget.
 MAX_EMPTY_PAGES: Final = 3
+# Records remembered per paging run to tell a repeat; past this the memory starts over (a cursor
+# stuck on the same pages is still caught within MAX_EMPTY_PAGES pages of that).
+_SEEN_RECORDS_CAP: Final = 100_000
 _REDACTED = "***"
 
 
@@ -160,8 +164,10 @@ class CtctClient:
     ) -> AsyncIterator[Page]:
         """Yield every page of a paged endpoint, following ``next_link`` until there is none.
 
-        Raises :class:`PaginationLoopError` when a ``next_link`` repeats, or after
-        ``MAX_EMPTY_PAGES`` pages in a row with no records that still carry one.
+        Raises :class:`PaginationLoopError` when a ``next_link`` repeats (the same path and
+        parameters), or after ``MAX_EMPTY_PAGES`` pages in a row that still carry one but bring
+        no record not seen earlier in this run: no records at all, or only repeats (a cursor
+        that hands out a new link over the same records).
 
         ``since`` is sent as ``created_since``/``modified_since`` (inclusive). ``limit`` defaults
         to the endpoint's maximum; later pages inherit it through the next token.
@@ -177,28 +183,32 @@ class CtctClient:
             params.append((endpoint.since_param, format_time(since)))
         params.append(("limit", str(size)))
         path = endpoint.url_path(resource_id, link_id)
-        seen: set[str] = set()
+        links: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+        records_seen: set[int] = set()
         number = 1
-        empty = 0  # pages in a row with no records
+        stale = 0  # pages in a row that brought no record not seen earlier in this run
         while True:
             body, server_ms = await self._get(endpoint.name, path, params)
             records, next_link = _paged_body(endpoint.name, body)
+            fresh = _remember(records, records_seen)
             yield Page(number, records, next_link, server_ms)
             if next_link is None:
                 return
-            if next_link in seen:
+            path, params = self._follow(endpoint.name, next_link)
+            link = (path, tuple(sorted(params)))  # the same link, whatever its parameter order
+            if link in links:
                 raise errors.PaginationLoopError(
                     f"next_link repeated on page {number + 1}: {next_link}", endpoint=endpoint.name
                 )
-            empty = 0 if records else empty + 1
-            if empty >= MAX_EMPTY_PAGES:
+            stale = 0 if fresh else stale + 1
+            if stale >= MAX_EMPTY_PAGES:
                 raise errors.PaginationLoopError(
-                    f"{empty} pages in a row (up to page {number}) had no records but a"
-                    f" next_link; not following it: {next_link}",
+                    f"{stale} pages in a row (up to page {number}) brought no new record (none,"
+                    f" or only records this read had already returned) but a next_link; not"
+                    f" following it: {next_link}",
                     endpoint=endpoint.name,
                 )
-            seen.add(next_link)
-            path, params = self._follow(endpoint.name, next_link)
+            links.add(link)
             number += 1
 
     async def fetch(
@@ -355,6 +365,22 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+def _remember(records: tuple[JsonObject, ...], seen: set[int]) -> bool:
+    """Add the records to those seen in this paging run; whether any of them was new there.
+
+    A record is known by a hash of its fields and values (a 64-bit hash: a collision could at
+    worst count one page of a read as stale)."""
+    if len(seen) + len(records) > _SEEN_RECORDS_CAP:
+        seen.clear()
+    before = len(seen)
+    for record in records:
+        try:
+            seen.add(hash(tuple(record.items())))
+        except TypeError:  # a nested object or list: not hashable as it is
+            seen.add(hash(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)))
+    return len(seen) > before
 
 
 def _paged_body(name: str, body: object) -> tuple[tuple[JsonObject, ...], str | None]:

@@ -440,6 +440,52 @@ async def test_next_links_over_empty_pages_stop_the_pass(
         assert "/v2/x?next=T6" in str(caught.value)
 
 
+async def test_a_cursor_over_the_same_records_stops_the_pass(
+    aiohttp_server: Callable[..., object],
+) -> None:
+    """A next_link that changes at every page (a nonce in the token) over the same records:
+    only pages with no records counted, so the loop ran until the day's budget was spent. A page
+    that brings nothing this read has not already returned counts as empty; a repeat of a link
+    with its parameters in another order is a repeat."""
+    sent = {"n": 0}
+    same = [{"activity_type": "EMAIL_OPEN", "contact_id": str(i)} for i in range(3)]
+
+    async def stuck(_request: web.Request) -> web.Response:
+        sent["n"] += 1
+        link = f"/v2/x?next=tok&nonce={sent['n']}"
+        return web.json_response({"meta": {"pagination": {"next_link": link}}, "results": same})
+
+    async def reordered(request: web.Request) -> web.Response:
+        page = int(request.query.get("p", "1"))
+        link = "/v2/y?next=A&p=2" if page == 1 else "/v2/y?p=2&next=A"
+        record = {"activity_type": "EMAIL_OPEN", "contact_id": str(page)}
+        return web.json_response({"meta": {"pagination": {"next_link": link}}, "results": [record]})
+
+    app = web.Application()
+    app.router.add_get("/v2/y", reordered)
+    app.router.add_get("/{tail:.*}", stuck)
+    server = await aiohttp_server(app)  # type: ignore[operator]
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=1000, requests_per_day=300)),
+        )
+        with pytest.raises(errors.PaginationLoopError) as caught:
+            async for _ in client.pages(catalogue.get("campaign.opens"), resource_id="1"):
+                pass
+        assert client.requests_sent == 1 + MAX_EMPTY_PAGES
+        message = str(caught.value)
+        assert message.startswith("campaign.opens: 3 pages in a row (up to page 4) brought no new")
+        assert "only records this read had already returned" in message
+        assert API_KEY not in message
+
+        other = Endpoint("y", "/v2/y", Scope.ACCOUNT, Shape.RESOURCES, max_limit=50)
+        with pytest.raises(errors.PaginationLoopError, match="repeated on page 3"):
+            async for _ in client.pages(other):
+                pass
+
+
 async def test_a_long_feed_with_records_is_not_cut_short(
     aiohttp_server: Callable[..., object],
 ) -> None:
