@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -744,3 +745,49 @@ async def test_a_cursor_that_never_ends_stops_at_what_the_summary_count_implies(
 
 async def outbox_kinds(store: Store) -> list[tuple[str, str]]:
     return [(e.kind.value, e.contact_id) for e in await store.read_outbox(0, 10**6)]
+
+
+async def test_text_that_is_not_clean_utf8_costs_one_record_at_most(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], store: Store
+) -> None:
+    """One Latin-1 byte in a record's email, a lone surrogate escape in an unsubscribe reason:
+    orjson refused the whole page, so the feed failed every pass and nothing on it (or after
+    it) was ever emitted. The text is repaired (U+FFFD) and emitted; a record whose contact id
+    is what could not be decoded is skipped and logged as poll.bad_record, not its page."""
+    at = T_START - 60_000
+    opens = [tracking_record(Kind.OPEN, str(c), at - c) for c in (1, 2, 3, 4)]
+    opens[1]["email_address"] = "LATIN1"
+    opens[2]["contact_id"] = "CONTACT"
+    unsubscribe = tracking_record(Kind.UNSUBSCRIBE, "5", at) | {"unsubscribe_reason": "SURR"}
+    bodies = {
+        "opens": orjson.dumps({"meta": {"pagination": {}}, "results": opens})
+        .replace(b"LATIN1", b"ren\xe9@example.fr")
+        .replace(b"CONTACT", b"3\xe93"),
+        "unsubscribes": orjson.dumps(
+            {"meta": {"pagination": {}}, "results": [unsubscribe]}
+        ).replace(b"SURR", b"too many \\ud83d"),
+    }
+
+    async def handler(request: web.Request) -> web.Response:
+        feed = request.path.rsplit("/", 1)[-1]
+        if feed == "summary":
+            return web.json_response({"opens": 4, "unsubscribes": 1})
+        return web.Response(body=bodies[feed], content_type="application/json")
+
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.OPEN, Kind.UNSUBSCRIBE), start_from="earliest")
+    async with aiohttp.ClientSession() as session:
+        client = await upstream_client(aiohttp_server, session, handler)
+        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
+        with capture_logs() as logs:
+            outcome = await poller.run_pass((await store.streams())[0])
+    assert (outcome.feed_error, outcome.new, outcome.skipped_records) == (None, 4, 1)
+    assert outcome.watermarks == {Kind.OPEN: at - 1, Kind.UNSUBSCRIBE: at}
+    data = {e.contact_id: orjson.loads(e.data) for e in await store.read_outbox(0, 10**6)}
+    assert sorted(data) == ["1", "2", "4", "5"]
+    assert data["2"]["email_address"] == "ren\ufffd@example.fr"
+    assert data["5"]["unsubscribe_reason"] == "too many \ufffd"
+    [bad] = [line for line in logs if line["event"] == "poll.bad_record"]
+    assert bad["error"].startswith("contact_id: holds characters that could not be decoded")
+    repaired = [line["endpoint"] for line in logs if line["event"] == "ctct.body_repaired"]
+    assert repaired == ["campaign.opens", "campaign.unsubscribes"]

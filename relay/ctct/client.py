@@ -8,6 +8,7 @@ mapped to :mod:`relay.ctct.errors` at this boundary, with the api_key and token 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -26,7 +27,7 @@ import structlog
 from relay.ctct import errors
 from relay.ctct.catalogue import Endpoint, Shape
 from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
-from relay.events import JsonObject, format_time, to_millis
+from relay.events import JsonObject, format_time, text_without_surrogates, to_millis
 
 log = structlog.get_logger(__name__)
 
@@ -333,9 +334,22 @@ class CtctClient:
         try:
             return orjson.loads(body), server_ms
         except orjson.JSONDecodeError as exc:
+            strict_error = str(exc)
+        # One record's text that is not clean UTF-8 (a Latin-1 byte, a lone surrogate escape of
+        # a string cut mid-emoji) made orjson refuse the page, and the feed never moved again.
+        try:
+            parsed, repaired = _lenient_json(body)
+        except ValueError as exc:
             raise _malformed(
-                name, f"GET {shown()} answered {status} with a body that is not JSON ({exc})"
+                name, f"GET {shown()} answered {status} with a body that is {exc}"
             ) from None
+        if repaired is None:  # clean text; not JSON orjson takes
+            raise _malformed(
+                name,
+                f"GET {shown()} answered {status} with a body that is not JSON ({strict_error})",
+            )
+        log.warning("ctct.body_repaired", endpoint=name, path=path, status=status, problem=repaired)
+        return parsed, server_ms
 
     def _request_problem(self, exc: ValueError) -> str:
         """What aiohttp said, with the credentials' values scrubbed from it."""
@@ -381,6 +395,49 @@ def _remember(records: tuple[JsonObject, ...], seen: set[int]) -> bool:
         except TypeError:  # a nested object or list: not hashable as it is
             seen.add(hash(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)))
     return len(seen) > before
+
+
+def _lenient_json(body: bytes) -> tuple[object, str | None]:
+    """A body orjson refused, parsed with what is not text replaced by U+FFFD (bytes that are
+    not UTF-8, lone UTF-16 surrogate escapes), and what was replaced; None when nothing was:
+    the refusal was not about the text's encoding. Raises ValueError naming the problems of a
+    body that is neither UTF-8 nor JSON."""
+    problems = []
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = body.decode("utf-8", "replace")
+        problems.append(f"not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})")
+    try:
+        parsed = json.loads(text)  # the standard library's takes lone surrogate escapes
+        lone = _Replaced()
+        parsed = lone.clean(parsed)
+    except (ValueError, RecursionError) as exc:
+        if not problems:  # clean text, just not JSON: the caller says what orjson said
+            return None, None
+        problems.append(f"not JSON ({exc})")
+        raise ValueError(" and ".join(problems)) from None
+    if lone.strings:
+        problems.append(f"{lone.strings} string(s) holding a lone UTF-16 surrogate escape")
+    return parsed, "; ".join(problems) or None
+
+
+class _Replaced:
+    """Replaces lone surrogates in every string (keys too) of a parsed body; counts them."""
+
+    def __init__(self) -> None:
+        self.strings = 0
+
+    def clean(self, value: object) -> object:
+        if isinstance(value, str):
+            cleaned = text_without_surrogates(value)
+            self.strings += cleaned is not value
+            return cleaned
+        if isinstance(value, list):
+            return [self.clean(item) for item in value]
+        if isinstance(value, dict):
+            return {self.clean(key): self.clean(item) for key, item in value.items()}
+        return value
 
 
 def _paged_body(name: str, body: object) -> tuple[tuple[JsonObject, ...], str | None]:

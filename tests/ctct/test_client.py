@@ -509,6 +509,99 @@ async def test_a_long_feed_with_records_is_not_cut_short(
         assert numbers == list(range(1, pages + 1))
 
 
+GOOD_OPEN = b'{"activity_type":"EMAIL_OPEN","contact_id":"1","email_address":"a@example.com"}'
+
+
+@pytest.mark.parametrize(
+    ("text", "email", "problem"),
+    [
+        pytest.param(
+            b"ren\xe9@example.fr", "ren\ufffd@example.fr", "not valid UTF-8 (byte 0xe9", id="latin1"
+        ),
+        pytest.param(
+            b"x@example.com \\ud83d",
+            "x@example.com \ufffd",
+            "1 string(s) holding a lone UTF-16 surrogate escape",
+            id="lone-surrogate",
+        ),
+    ],
+)
+async def test_a_record_whose_text_is_not_clean_utf8_does_not_lose_the_page(
+    aiohttp_server: Callable[..., object], text: bytes, email: str, problem: str
+) -> None:
+    """A Latin-1 byte or a lone surrogate escape in one record made orjson refuse the whole
+    page: a MalformedResponseError every pass, the feed's watermark stuck, every later event of
+    the feed lost. The page is read with the bad text replaced by U+FFFD, and a warning names
+    the endpoint and the problem (never the credentials)."""
+    odd = b'{"activity_type":"EMAIL_OPEN","contact_id":"2","email_address":"' + text + b'"}'
+    body = b'{"meta":{"pagination":{}},"results":[' + GOOD_OPEN + b"," + odd + b"]}"
+
+    async def handler(_request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app)  # type: ignore[operator]
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=100)),
+        )
+        with structlog.testing.capture_logs() as logs:
+            pages = [
+                p async for p in client.pages(catalogue.get("campaign.opens"), resource_id="9")
+            ]
+    [page] = pages
+    assert [r["email_address"] for r in page.records] == ["a@example.com", email]
+    assert client.requests_sent == 1  # not retried: the body will not change
+    [warning] = [line for line in logs if line["event"] == "ctct.body_repaired"]
+    assert warning["endpoint"] == "campaign.opens"
+    assert warning["path"] == "/v2/emailmarketing/campaigns/9/tracking/opens"
+    assert warning["problem"].startswith(problem)
+    assert API_KEY not in str(logs)
+    assert TOKEN not in str(logs)
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        pytest.param(
+            b'{"results": [ren\xe9',
+            "not valid UTF-8 (byte 0xe9 at offset 16) and not JSON",
+            id="latin1",
+        ),
+        pytest.param(b"<html>busy</html>", "not JSON (unexpected character", id="html"),
+    ],
+)
+async def test_a_body_that_is_not_json_says_what_is_wrong_with_it(
+    aiohttp_server: Callable[..., object], body: bytes, said: str
+) -> None:
+    """orjson calls every invalid UTF-8 input "surrogates not allowed": a Latin-1 byte in a
+    body that is not JSON either was reported as a surrogate problem. The error names the byte
+    and its offset, and then what the JSON parser said."""
+
+    async def handler(_request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app)  # type: ignore[operator]
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=100)),
+            retry=RetryPolicy(max_attempts=1),
+        )
+        with pytest.raises(errors.MalformedResponseError) as caught:
+            await client.fetch(catalogue.get("campaign.summary"), resource_id="9")
+    message = str(caught.value)
+    assert f"answered 200 with a body that is {said}" in message
+    assert "surrogate" not in message
+    assert API_KEY not in message
+
+
 async def test_next_link_to_another_host_is_refused(aiohttp_server: Callable[..., object]) -> None:
     """An absolute next_link is never followed: it would send the api_key elsewhere."""
     server = await broken_api(aiohttp_server, lambda n: "https://evil.example/v2?next=A")
