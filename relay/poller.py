@@ -30,6 +30,7 @@ from relay.ctct.errors import (
     CtctError,
     MalformedResponseError,
     PaginationLoopError,
+    ResponseTimeoutError,
     ServerError,
 )
 from relay.events import (
@@ -72,6 +73,20 @@ PAGE_GROWTH = 0.5
 # once finished, so the stream still backs off. Budget, quota, 401, 403, 404, 429 and transport
 # errors concern the account, the key, the network or the stream itself: they end the pass.
 FEED_ERRORS = (ServerError, MalformedResponseError, PaginationLoopError, BadRequestError)
+# A request that got a connection but no answer in time (after its retries) is feed-local once
+# per pass: a slow query upstream (a big feed's window) concerns that feed, and ending the pass
+# kept the feeds after it unread for as long as it stayed slow. A second feed timing out in the
+# same pass says the upstream is slow as a whole: the pass ends rather than spend every feed's
+# retries. A connection that cannot be made (refused, reset, DNS, a connect timeout) concerns
+# the network and ends the pass at once, as before.
+
+
+def _feed_local(exc: CtctError, outcome: PassOutcome) -> bool:
+    """Whether a feed's error leaves the rest of the pass to go on (and counts a timeout)."""
+    if not isinstance(exc, ResponseTimeoutError):
+        return True
+    outcome.timeouts += 1
+    return outcome.timeouts == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +132,7 @@ class PassOutcome:
     feed_error: CtctError | None = None  # a feed failed, the others were committed (FEED_ERRORS)
     feeds_failed: list[Kind] = field(default_factory=list)
     counts: dict[str, int] | None = None  # what the summary answered in this pass, if it was read
+    timeouts: int = 0  # feeds whose read timed out in this pass (the first is feed-local)
 
 
 class Poller:
@@ -184,18 +200,26 @@ class Poller:
         outcome: PassOutcome,
         pending: list[Activity],
     ) -> None:
-        """Read one feed; a feed-local error (``FEED_ERRORS``) leaves it to the next pass.
+        """Read one feed; a feed-local error (``FEED_ERRORS``, the first timeout of the pass)
+        leaves it to the next pass.
 
         One persistently failing feed used to fail every pass of the stream, so the other feeds'
         activity was read again at each retry and never emitted. What the failing feed read
         before the error is committed with the rest: its watermark does not move, so the next
         pass reads it again and dedup drops it. A replay still fails whole: a retry of a replay
         appends again what it committed.
+
+        An error that ends the pass commits what the pass read first: the feeds read before it
+        (and this one's pages before the error) were thrown away at every failed pass, so one
+        feed timing out pass after pass held back the stream's every event. Safe, as above:
+        watermarks move only in ``finish_pass``, which a failed pass never reaches; dedup drops
+        the re-read. Not in a replay, for the same reason as above.
         """
         try:
             await self._read_feed(stream, scope, kind, outcome, pending)
-        except FEED_ERRORS as exc:
-            if outcome.replay_from_ms is not None:
+        except (*FEED_ERRORS, ResponseTimeoutError) as exc:
+            if outcome.replay_from_ms is not None or not _feed_local(exc, outcome):
+                await self._commit_before_failing(stream, pending, outcome)
                 raise
             name = catalogue.FEEDS[kind]
             if name in stream.summary:  # the summary gate reads the feed again next pass
@@ -206,6 +230,16 @@ class Poller:
             if outcome.feed_error is None:
                 outcome.feed_error = exc
             log.warning("poll.feed_failed", stream=str(stream.key), kind=kind.value, error=str(exc))
+        except CtctError:
+            await self._commit_before_failing(stream, pending, outcome)
+            raise
+
+    async def _commit_before_failing(
+        self, stream: Stream, pending: list[Activity], outcome: PassOutcome
+    ) -> None:
+        """Commit what the pass read before an error ends it (see ``_read_feed_or_skip``)."""
+        if outcome.replay_from_ms is None and pending:
+            await self._commit(stream.id, pending, outcome)
 
     async def _commit(self, stream_id: int, pending: list[Activity], outcome: PassOutcome) -> None:
         """Commit buffered activity oldest first, one transaction per ``commit_events``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -617,8 +618,9 @@ async def test_a_failing_feed_does_not_hold_back_the_others(store: Store) -> Non
 async def test_an_account_wide_error_in_one_feed_still_ends_the_pass(
     store: Store, error: CtctError
 ) -> None:
-    """Errors that concern the key or the network, not the feed, end the pass: nothing of it is
-    committed (the scheduler pauses or backs off the account's stream as before)."""
+    """Errors that concern the key or the network, not the feed, end the pass (the scheduler
+    pauses or backs off the account's stream as before); what the pass read before the error is
+    committed first (it was thrown away), and no watermark moves: the pass never finishes."""
     feeds = Feeds()
     await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
     settings = PollSettings(kinds=(Kind.OPEN, Kind.CLICK), start_from="earliest")
@@ -630,7 +632,8 @@ async def test_an_account_wide_error_in_one_feed_still_ends_the_pass(
     stream = (await store.streams())[0]
     with pytest.raises(type(error)):
         await passes.poller.run_pass(stream)
-    assert await passes.contacts() == []
+    assert await passes.contacts() == [("open", "100")]
+    assert (await store.streams())[0].watermarks == {}
 
 
 async def test_a_pass_counts_what_happened_after_the_stream_was_added(store: Store) -> None:
@@ -791,3 +794,90 @@ async def test_text_that_is_not_clean_utf8_costs_one_record_at_most(
     assert bad["error"].startswith("contact_id: holds characters that could not be decoded")
     repaired = [line["endpoint"] for line in logs if line["event"] == "ctct.body_repaired"]
     assert repaired == ["campaign.opens", "campaign.unsubscribes"]
+
+
+def slow_feeds_upstream(slow: set[str], served: Counter[str]) -> Handler:
+    """Answers a campaign's summary and feeds at once, but ``slow`` feeds only after a second
+    (a slow query upstream); one fresh record per feed."""
+
+    async def handler(request: web.Request) -> web.Response:
+        feed = request.path.rsplit("/", 1)[-1]
+        served[feed] += 1
+        if feed == "summary":
+            return web.json_response({"sends": 1, "opens": 1, "clicks": 1, "bounces": 1})
+        if feed in slow:
+            await asyncio.sleep(1)
+        kind = next(k for k in Kind if catalogue.FEEDS[k] == feed)
+        record = tracking_record(kind, "1", T_START - 1000)
+        extra = {"bounce_code": "B"} if kind is Kind.BOUNCE else {"link_id": "1"}
+        return tracking_page([record | extra])
+
+    return handler
+
+
+async def test_a_feed_that_times_out_does_not_hold_back_the_others(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], store: Store
+) -> None:
+    """One feed (sends) answering slower than the timeout, pass after pass: the timeout ended
+    the pass and what the other feeds had read was thrown away, so none of the stream's events
+    were delivered while it stayed slow. The timed-out feed fails alone (its watermark and
+    summary count kept, the stream backing off); the feeds before and after it are committed."""
+    served: Counter[str] = Counter()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.OPEN, Kind.SEND, Kind.BOUNCE), start_from="earliest")
+    async with aiohttp.ClientSession() as session:
+        handler = slow_feeds_upstream({"sends"}, served)
+        client = await upstream_client(aiohttp_server, session, handler, timeout_s=0.2)
+        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
+        outcome = await poller.run_pass((await store.streams())[0])
+    assert served == {"summary": 1, "opens": 1, "sends": 2, "bounces": 1}  # sends: 2 attempts
+    assert outcome.feeds_failed == [Kind.SEND]
+    assert isinstance(outcome.feed_error, errors.ResponseTimeoutError)
+    assert outcome.watermarks.keys() == {Kind.OPEN, Kind.BOUNCE}
+    assert "sends" not in outcome.summary
+    assert sorted(await outbox_kinds(store)) == [("bounce", "1"), ("open", "1")]
+
+
+async def test_a_second_feed_timing_out_ends_the_pass_keeping_what_was_read(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], store: Store
+) -> None:
+    """Two feeds timing out in one pass: the upstream is slow as a whole, and the pass ends
+    rather than spend every feed's retries; what it read before is committed (it was thrown
+    away), and no watermark moves (the pass never finishes), so the next pass reads it again."""
+    served: Counter[str] = Counter()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
+    kinds = (Kind.OPEN, Kind.SEND, Kind.CLICK, Kind.BOUNCE)
+    settings = PollSettings(kinds=kinds, start_from="earliest")
+    async with aiohttp.ClientSession() as session:
+        handler = slow_feeds_upstream({"sends", "clicks"}, served)
+        client = await upstream_client(aiohttp_server, session, handler, timeout_s=0.2)
+        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
+        with pytest.raises(errors.ResponseTimeoutError, match=r"campaign\.clicks"):
+            await poller.run_pass((await store.streams())[0])
+    assert served == {"summary": 1, "opens": 1, "sends": 2, "clicks": 2}  # bounces: not asked
+    assert await outbox_kinds(store) == [("open", "1")]
+    assert (await store.streams())[0].watermarks == {}
+
+
+async def test_a_network_that_refuses_every_connection_ends_the_pass_at_once(
+    store: Store,
+) -> None:
+    """Connection refused is the network's failure, not a feed's: the pass ends at the first
+    feed (its attempts only) instead of spending requests on every feed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
+    settings = PollSettings(start_from="earliest", summary_gate=False)
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=10_000)),
+            retry=RetryPolicy(max_attempts=2, base_delay_s=0.01),
+        )
+        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
+        with pytest.raises(errors.TransportError, match="cannot connect") as caught:
+            await poller.run_pass((await store.streams())[0])
+    assert not isinstance(caught.value, errors.ResponseTimeoutError)
+    assert client.requests_sent == 2

@@ -303,9 +303,15 @@ class CtctClient:
                     body = await _read_capped(resp, _ERROR_BODY_CAP)
                 retry_after = resp.headers.get("Retry-After")
                 server_ms = _date_ms(resp.headers.get("Date"))
-        except TimeoutError:
+        except TimeoutError as exc:
             self._on_response(name, "timeout", time.perf_counter() - started)
-            raise errors.TransportError(
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):  # the network, not the query
+                raise errors.TransportError(
+                    f"GET {shown()} timed out connecting (connect_timeout_s"
+                    f" {self._timeout.connect}, timeout_s {self._timeout.total})",
+                    endpoint=name,
+                ) from None
+            raise errors.ResponseTimeoutError(
                 f"GET {shown()} timed out after {self._timeout.total}s", endpoint=name
             ) from None
         except aiohttp.ClientError as exc:

@@ -2,6 +2,7 @@
 
     CtctError                      retriable? what the caller does
     ├── TransportError             yes        connection refused, DNS, reset, timeout: back off
+    │   └── ResponseTimeoutError   yes        connected, but no answer in time: a slow query
     ├── InvalidRequestError        no         aiohttp refused to build the request (a control
     │                                     character in a credential, a host IDNA refuses): fix
     │                                     the config
@@ -59,6 +60,12 @@ class TransportError(CtctError):
     """The request did not get an HTTP answer (connection, DNS, reset, timeout)."""
 
     retriable = True
+
+
+class ResponseTimeoutError(TransportError):
+    """A connection was made and the request sent, but no whole answer came within the timeout
+    (a slow query upstream). A connection that could not be made in time is a plain
+    :class:`TransportError`."""
 
 
 class InvalidRequestError(CtctError):

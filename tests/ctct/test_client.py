@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -311,11 +312,42 @@ async def test_daily_quota_403_pauses_the_account(make_sim: MakeSim) -> None:
 
 
 async def test_timeout_is_a_transport_error(sim: Sim) -> None:
-    """A response slower than the timeout becomes a retriable TransportError."""
+    """A response slower than the timeout becomes a retriable ResponseTimeoutError (a
+    TransportError: the poller lets one per pass fail only its feed)."""
     await sim.faults(script=[{"delay_s": 2}, {"delay_s": 2}])
     client = sim.client(retry=RetryPolicy(max_attempts=2), timeout=aiohttp.ClientTimeout(total=0.3))
-    with pytest.raises(errors.TransportError, match="timed out"):
+    with pytest.raises(errors.ResponseTimeoutError, match=r"timed out after 0\.3s") as caught:
         await client.fetch(catalogue.get("contact.summary"), resource_id="1001")
+    assert caught.value.retriable
+
+
+async def test_a_connection_that_cannot_be_made_in_time_is_no_response_timeout() -> None:
+    """A connect timeout (a listener whose backlog is full drops the SYN) is the network's
+    failure: a plain TransportError, which ends a pass, not a ResponseTimeoutError."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:  # fill the accept queue
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        try:
+            async with aiohttp.ClientSession() as session:
+                client = CtctClient(
+                    session,
+                    Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
+                    RateLimiter(Budget(requests_per_second=100)),
+                    retry=RetryPolicy(max_attempts=1),
+                    timeout=aiohttp.ClientTimeout(total=2, connect=0.2),
+                )
+                with pytest.raises(errors.TransportError, match="timed out connecting") as caught:
+                    await client.fetch(catalogue.get("contact.summary"), resource_id="1")
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert not isinstance(caught.value, errors.ResponseTimeoutError)
 
 
 async def test_unreachable_base_url_is_a_clear_transport_error() -> None:
