@@ -71,7 +71,8 @@ PAGE_GROWTH = 0.5
 # a malformed body, a pagination loop, a rejected parameter): the other feeds are committed and
 # move on, the failing one keeps its watermark and summary count, and the pass reports the error
 # once finished, so the stream still backs off. Budget, quota, 401, 403, 404, 429 and transport
-# errors concern the account, the key, the network or the stream itself: they end the pass.
+# errors (but one response timeout, below) concern the account, the key, the network or the
+# stream itself: they end the pass, once what it read is committed.
 FEED_ERRORS = (ServerError, MalformedResponseError, PaginationLoopError, BadRequestError)
 # A request that got a connection but no answer in time (after its retries) is feed-local once
 # per pass: a slow query upstream (a big feed's window) concerns that feed, and ending the pass
