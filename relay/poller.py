@@ -16,7 +16,7 @@ The relay's own clock is no bound: the simulator's virtual clock runs ahead of i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -30,6 +30,7 @@ from relay.ctct.errors import (
     CtctError,
     MalformedResponseError,
     PaginationLoopError,
+    ResponseTimeoutError,
     ServerError,
 )
 from relay.events import (
@@ -52,12 +53,41 @@ SUMMARY_ENDPOINT = {Scope.CAMPAIGN: "campaign.summary", Scope.CONTACT: "contact.
 CLOCK_SKEW_S = 60.0
 
 
+# Summary counts that count a feed's records, so that they bound how many pages reading it may
+# take. The campaign summary's opens, clicks and forwards count unique recipients (v2 docs) while
+# their feeds list every open, click and forward: those counts bound nothing.
+COUNTED_FEEDS = {
+    Scope.CONTACT: frozenset(Kind),
+    Scope.CAMPAIGN: frozenset({Kind.SEND, Kind.BOUNCE, Kind.UNSUBSCRIBE}),
+}
+# Pages a feed's read may take beyond what its summary count implies: activity arriving during
+# the pass (a campaign still sending) and a count lagging the feed. Past that, the cursor is
+# going nowhere (see ``_page_bound``).
+PAGE_MARGIN = 3
+PAGE_GROWTH = 0.5
+
+
 # Errors of one feed's read that say nothing of the stream's other feeds (a feed answering 5xx,
 # a malformed body, a pagination loop, a rejected parameter): the other feeds are committed and
 # move on, the failing one keeps its watermark and summary count, and the pass reports the error
 # once finished, so the stream still backs off. Budget, quota, 401, 403, 404, 429 and transport
-# errors concern the account, the key, the network or the stream itself: they end the pass.
+# errors (but one response timeout, below) concern the account, the key, the network or the
+# stream itself: they end the pass, once what it read is committed.
 FEED_ERRORS = (ServerError, MalformedResponseError, PaginationLoopError, BadRequestError)
+# A request that got a connection but no answer in time (after its retries) is feed-local once
+# per pass: a slow query upstream (a big feed's window) concerns that feed, and ending the pass
+# kept the feeds after it unread for as long as it stayed slow. A second feed timing out in the
+# same pass says the upstream is slow as a whole: the pass ends rather than spend every feed's
+# retries. A connection that cannot be made (refused, reset, DNS, a connect timeout) concerns
+# the network and ends the pass at once, as before.
+
+
+def _feed_local(exc: CtctError, outcome: PassOutcome) -> bool:
+    """Whether a feed's error leaves the rest of the pass to go on (and counts a timeout)."""
+    if not isinstance(exc, ResponseTimeoutError):
+        return True
+    outcome.timeouts += 1
+    return outcome.timeouts == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +132,8 @@ class PassOutcome:
     replay_from_ms: int | None = None  # re-emit known activity from this time (an operator asked)
     feed_error: CtctError | None = None  # a feed failed, the others were committed (FEED_ERRORS)
     feeds_failed: list[Kind] = field(default_factory=list)
+    counts: dict[str, int] | None = None  # what the summary answered in this pass, if it was read
+    timeouts: int = 0  # feeds whose read timed out in this pass (the first is feed-local)
 
 
 class Poller:
@@ -169,18 +201,26 @@ class Poller:
         outcome: PassOutcome,
         pending: list[Activity],
     ) -> None:
-        """Read one feed; a feed-local error (``FEED_ERRORS``) leaves it to the next pass.
+        """Read one feed; a feed-local error (``FEED_ERRORS``, the first timeout of the pass)
+        leaves it to the next pass.
 
         One persistently failing feed used to fail every pass of the stream, so the other feeds'
         activity was read again at each retry and never emitted. What the failing feed read
         before the error is committed with the rest: its watermark does not move, so the next
         pass reads it again and dedup drops it. A replay still fails whole: a retry of a replay
         appends again what it committed.
+
+        An error that ends the pass commits what the pass read first: the feeds read before it
+        (and this one's pages before the error) were thrown away at every failed pass, so one
+        feed timing out pass after pass held back the stream's every event. Safe, as above:
+        watermarks move only in ``finish_pass``, which a failed pass never reaches; dedup drops
+        the re-read. Not in a replay, for the same reason as above.
         """
         try:
             await self._read_feed(stream, scope, kind, outcome, pending)
-        except FEED_ERRORS as exc:
-            if outcome.replay_from_ms is not None:
+        except (*FEED_ERRORS, ResponseTimeoutError) as exc:
+            if outcome.replay_from_ms is not None or not _feed_local(exc, outcome):
+                await self._commit_before_failing(stream, pending, outcome)
                 raise
             name = catalogue.FEEDS[kind]
             if name in stream.summary:  # the summary gate reads the feed again next pass
@@ -190,7 +230,17 @@ class Poller:
             outcome.feeds_failed.append(kind)
             if outcome.feed_error is None:
                 outcome.feed_error = exc
-            log.warning("poll.feed_failed", kind=kind.value, error=str(exc))
+            log.warning("poll.feed_failed", stream=str(stream.key), kind=kind.value, error=str(exc))
+        except CtctError:
+            await self._commit_before_failing(stream, pending, outcome)
+            raise
+
+    async def _commit_before_failing(
+        self, stream: Stream, pending: list[Activity], outcome: PassOutcome
+    ) -> None:
+        """Commit what the pass read before an error ends it (see ``_read_feed_or_skip``)."""
+        if outcome.replay_from_ms is None and pending:
+            await self._commit(stream.id, pending, outcome)
 
     async def _commit(self, stream_id: int, pending: list[Activity], outcome: PassOutcome) -> None:
         """Commit buffered activity oldest first, one transaction per ``commit_events``.
@@ -242,6 +292,7 @@ class Poller:
             raise MalformedResponseError("summary is not an object", endpoint=endpoint.name)
         counts = {k: v for k, v in body.items() if isinstance(v, int) and not isinstance(v, bool)}
         outcome.summary = counts
+        outcome.counts = dict(counts)  # outcome.summary changes as feeds fail
         return [
             kind
             for kind in self._settings.kinds
@@ -269,12 +320,16 @@ class Poller:
         last_page: Previous = ([], 0)  # the feed's previous page, see _unrepeated
         newest = watermark
         endpoint = catalogue.feed(scope, kind)
-        async for page in self._client.pages(
+        pages = self._client.pages(
             endpoint,
             resource_id=stream.key.resource_id,
             since=self._since(stream, watermark, seeding),
             limit=self._settings.page_limit,
-        ):
+        )
+        bound = self._page_bound(scope, kind, outcome)
+        if bound is not None:
+            pages = _bounded(pages, bound, stream, kind, endpoint.name)
+        async for page in pages:
             activities = self._parse(page.records, kind, outcome)
             outcome.fetched += len(activities)
             # each activity's time once per page (a property computed on every read: profiled,
@@ -311,6 +366,23 @@ class Poller:
         if newest is not None:
             outcome.watermarks[kind] = newest
         outcome.feeds_read.append(kind)
+
+    def _page_bound(self, scope: Scope, kind: Kind, outcome: PassOutcome) -> PageBound | None:
+        """How many pages a read of this feed may take, when this pass's summary gave a count of
+        its records: the pages the count fills plus ``PAGE_MARGIN`` and ``PAGE_GROWTH``.
+
+        The client stops a cursor that keeps returning nothing new; this stops one that keeps
+        returning records (a cycle longer than the client remembers, records that differ only
+        in a field), which would otherwise spend the key's whole daily budget in one pass. The
+        count is the feed's total, so an incremental read is far below the bound."""
+        name = catalogue.FEEDS[kind]
+        if outcome.counts is None or kind not in COUNTED_FEEDS[scope] or name not in outcome.counts:
+            return None
+        count = max(0, outcome.counts[name])
+        limit = self._settings.page_limit
+        expected = max(1, -(-count // limit))
+        allowed = expected + max(PAGE_MARGIN, int(expected * PAGE_GROWTH))
+        return PageBound(count, name, limit, allowed)
 
     def _horizon(self, page: Page, watermark: int | None) -> int:
         """Activities of this page older than this were read before and may have lost their
@@ -384,6 +456,33 @@ class Poller:
                 outcome.skipped_records += 1
                 log.warning("poll.bad_record", kind=kind.value, error=str(exc))
         return activities
+
+
+@dataclass(frozen=True, slots=True)
+class PageBound:
+    """The most pages a feed's read may take, and the summary count it was derived from."""
+
+    count: int
+    name: str  # the summary field, e.g. "sends"
+    limit: int  # records per page
+    pages: int
+
+
+async def _bounded(
+    pages: AsyncIterator[Page], bound: PageBound, stream: Stream, kind: Kind, endpoint: str
+) -> AsyncIterator[Page]:
+    """``pages`` up to ``bound.pages``; a next_link past them raises PaginationLoopError (a
+    feed error: the other feeds go on) instead of being followed."""
+    async for page in pages:
+        yield page
+        if page.next_link is not None and page.number >= bound.pages:
+            raise PaginationLoopError(
+                f"{stream.key} {kind.value}: {page.number} pages read and the feed still has a"
+                f" next_link, though the summary counts {bound.count} {bound.name} ({bound.limit}"
+                f" a page; at most {bound.pages} pages expected); not following it:"
+                f" {page.next_link}",
+                endpoint=endpoint,
+            )
 
 
 def _unrepeated(
