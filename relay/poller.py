@@ -42,7 +42,7 @@ from relay.events import (
     parse_time,
     to_millis,
 )
-from relay.store import Store, Stream
+from relay.store import Behind, Store, Stream
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +102,7 @@ class PassOutcome:
     replay_from_ms: int | None = None  # re-emit known activity from this time (an operator asked)
     feed_error: CtctError | None = None  # a feed failed, the others were committed (FEED_ERRORS)
     feeds_failed: list[Kind] = field(default_factory=list)
+    behind: dict[Kind, Behind] = field(default_factory=dict)  # feeds behind their summary count
 
 
 class Poller:
@@ -130,7 +131,11 @@ class Poller:
         treated as if it were there; the stored one never moves back) and emit what is found
         then or later even when dedup knows it, with its usual id.
         """
-        outcome = PassOutcome(watermarks=dict(stream.watermarks), summary=dict(stream.summary))
+        outcome = PassOutcome(
+            watermarks=dict(stream.watermarks),
+            summary=dict(stream.summary),
+            behind={k: b for k, b in stream.behind.items() if k in self._settings.kinds},
+        )
         # The client is the account's, shared by its concurrent passes: each pass counts the
         # requests sent from its own task (and tasks it starts), not the client's total.
         with counting_requests() as sent:
@@ -145,7 +150,11 @@ class Poller:
         to_read = list(self._settings.kinds)
         if self._settings.summary_gate:
             changed = await self._changed_kinds(stream, scope, outcome)
-            to_read = to_read if replay_from_ms is not None else changed
+            if replay_from_ms is None:
+                # a feed still behind its count is read again (see _settle)
+                to_read = [k for k in to_read if k in changed or k in outcome.behind]
+        else:
+            outcome.behind.clear()
         if replay_from_ms is not None:
             outcome.replay_from_ms = replay_from_ms
             # a feed never read keeps no watermark: it reads from its first-run bound anyway,
@@ -191,6 +200,28 @@ class Poller:
             if outcome.feed_error is None:
                 outcome.feed_error = exc
             log.warning("poll.feed_failed", kind=kind.value, error=str(exc))
+
+    def _settle(self, stream: Stream, kind: Kind, shown: int, outcome: PassOutcome) -> None:
+        """Whether a feed just read is still behind its summary count.
+
+        The upstream's counters can move before its tracking feed lists the record: a read
+        that shows fewer new activities than the count moved by leaves the feed behind, and it
+        is read again at each pass of the stream (the count no longer changes, so the gate
+        alone would skip it for good) until it has shown them or until ``overlap_s`` has passed
+        since the count last moved, the longest a late arrival may take by the README's
+        promise; the read at or after that time is the last. ``shown``: activities the read
+        showed that are newer than the feed's stored watermark (all on a first read). A first read
+        bounded by ``start_from`` cannot show the history older than its window, so it stays
+        behind for ``overlap_s``: the price of catching what its counts saw first.
+        """
+        name = catalogue.FEEDS[kind]
+        moved = outcome.summary.get(name, 0) - stream.summary.get(name, 0)
+        before = outcome.behind.pop(kind, None)
+        now = self._now_ms()
+        missing = max(0, (0 if before is None else before.missing) + moved - shown)
+        since = now if moved > 0 or before is None else before.since_ms
+        if missing and now < since + self._overlap_ms:
+            outcome.behind[kind] = Behind(since, missing)
 
     async def _commit(self, stream_id: int, pending: list[Activity], outcome: PassOutcome) -> None:
         """Commit buffered activity oldest first, one transaction per ``commit_events``.
@@ -257,6 +288,8 @@ class Poller:
         pending: list[Activity],
     ) -> None:
         seeding = self._seeds(stream, kind, outcome)
+        stored = stream.watermarks.get(kind)
+        shown = 0
         watermark = outcome.watermarks.get(kind)
         # Dedup keys older than the retention are pruned, so a feed idle that long and read
         # again from its watermark would emit its last activities a second time: what is that
@@ -283,6 +316,7 @@ class Poller:
             activities, times, last_page = _unrepeated(activities, times, last_page)
             if not activities:
                 continue
+            shown += len(times) if stored is None else sum(1 for t in times if t > stored)
             created_ms = stream.created_ms
             outcome.recent += sum(1 for t in times if t > created_ms)
             page_max = max(times)
@@ -311,6 +345,8 @@ class Poller:
         if newest is not None:
             outcome.watermarks[kind] = newest
         outcome.feeds_read.append(kind)
+        if self._settings.summary_gate:
+            self._settle(stream, kind, shown, outcome)
 
     def _horizon(self, page: Page, watermark: int | None) -> int:
         """Activities of this page older than this were read before and may have lost their

@@ -491,6 +491,7 @@ class Scheduler:
                 rate_per_h=rate,
                 polled_ms=now,
                 error=None if failed is None else str(failed),
+                behind=outcome.behind,
             ),
         )
         self.passes += 1

@@ -68,7 +68,14 @@ class Driver:
             new += outcome.new
             await self.store.finish_pass(
                 stream.id,
-                PassResult(outcome.watermarks, outcome.summary, self.now_ms, 1.0, self.now_ms),
+                PassResult(
+                    outcome.watermarks,
+                    outcome.summary,
+                    self.now_ms,
+                    1.0,
+                    self.now_ms,
+                    behind=outcome.behind,
+                ),
             )
         return new
 
@@ -287,7 +294,9 @@ class Passes:
         error = None if outcome.feed_error is None else str(outcome.feed_error)
         await self.store.finish_pass(
             stream.id,
-            PassResult(outcome.watermarks, outcome.summary, 0, 1.0, self.now_ms, error),
+            PassResult(
+                outcome.watermarks, outcome.summary, 0, 1.0, self.now_ms, error, outcome.behind
+            ),
         )
         return error is None
 

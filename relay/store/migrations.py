@@ -165,4 +165,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX dedup_occurred",
         "CREATE INDEX dedup_kept ON dedup (max(occurred_ms, inserted_ms))",
     ),
+    # feeds whose summary count moved before the feed showed the record (the counters are
+    # ahead of the tracking feed): kind -> [since_ms, missing], read again until caught up or
+    # overlap_s has passed; kept in the store so a restart does not forget them
+    ("ALTER TABLE streams ADD COLUMN behind TEXT NOT NULL DEFAULT '{}'",),
 )
