@@ -256,13 +256,25 @@ class Poller:
         return int(self._settings.overlap_s * 1000)
 
     def _seeds(self, stream: Stream, kind: Kind, outcome: PassOutcome) -> bool:
-        """Whether this feed's first read absorbs history (start_from: now): activity up to the
-        stream's creation goes into dedup only, later activity is emitted. The line is the
-        creation time, not the time of the read, so a first pass that fails or is cut short, or
-        an outage before it, loses nothing. Streams found by discovery after start-up always
-        emit: all they have is new.
-        """
+        """Whether this is a seeded feed's first read (start_from: now): it starts at the
+        stream's history line (see ``_history_line``), not at the start of the feed."""
         return stream.seed and kind not in outcome.watermarks and self._settings.start_from == "now"
+
+    def _history_line(self, stream: Stream, outcome: PassOutcome) -> int | None:
+        """Activity at or before this time is a seeded stream's history (start_from: now): the
+        stream never emits it, at its first read or any later one (the overlap, late arrivals),
+        but a replay does. None: the stream emits everything it reads.
+
+        History is left out by its time, never by dedup keys: the keys are account-wide, so
+        history a new stream wrote into dedup was "known" to every other stream that had not
+        read it yet (a contact added as a target while a campaign stream of the same activity
+        was between passes), and they never emitted it. The line is the creation time, not the
+        time of the read, so a first pass that fails or is cut short, or an outage before it,
+        loses nothing. Streams found by discovery after start-up are not seeded: all they have
+        is new.
+        """
+        seeded = stream.seed and self._settings.start_from == "now"
+        return stream.created_ms if seeded and outcome.replay_from_ms is None else None
 
     async def _changed_kinds(
         self, stream: Stream, scope: Scope, outcome: PassOutcome
@@ -288,6 +300,7 @@ class Poller:
         pending: list[Activity],
     ) -> None:
         seeding = self._seeds(stream, kind, outcome)
+        line = self._history_line(stream, outcome)
         stored = stream.watermarks.get(kind)
         shown = 0
         watermark = outcome.watermarks.get(kind)
@@ -328,11 +341,8 @@ class Poller:
                 kept = [a for a in activities if a.occurred_ms >= horizon]
                 too_old += len(activities) - len(kept)
                 activities = kept
-            if seeding:
-                history = [a for a in activities if a.occurred_ms <= stream.created_ms]
-                if history:
-                    await self._store.commit_page(stream.id, history, self._now_ms(), emit=False)
-                activities = [a for a in activities if a.occurred_ms > stream.created_ms]
+            if line is not None and min(times) <= line:
+                activities = [a for a in activities if a.occurred_ms > line]
             pending.extend(activities)
             if len(pending) >= self._settings.buffer_limit:
                 # A huge backfill: keep memory bounded; order holds within each flush.
@@ -403,9 +413,8 @@ class Poller:
         if watermark is not None:
             return from_millis(max(0, watermark - self._overlap_ms))
         if seeding:
-            # Absorb two overlaps before the stream's creation: the history the next passes
-            # could read again is in dedup; everything after the creation is emitted.
-            return from_millis(max(0, stream.created_ms - 2 * self._overlap_ms))
+            # everything after the stream's creation is emitted; what is older is history
+            return from_millis(max(0, stream.created_ms))
         start = self._settings.start_ms()
         return None if start is None else from_millis(start)
 

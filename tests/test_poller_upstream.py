@@ -188,3 +188,34 @@ async def test_a_feed_behind_its_count_is_read_for_overlap_s_and_no_longer(
     upstream.ahead[("campaign", "1100", Kind.FORWARD)] = 2
     costs = [(await relay.run(stream_id, 400)).requests for _ in range(4)]
     assert costs == [2, 2, 2, 1]  # seen at +0 s; read again at +400 s and +800 s
+
+
+async def test_a_stream_seeded_at_run_time_hides_no_activity_from_the_others(
+    upstream: Upstream, session: aiohttp.ClientSession, store: Store
+) -> None:
+    """A contact added with start_from: now while a campaign stream of the same activity runs:
+    its history used to go into the account-wide dedup at its first read, so the campaign
+    stream, not yet past that activity, found it known and never emitted it. History is left
+    out by its time now: the campaign stream emits it, and the contact stream emits none of its
+    history, at its first read or later (the overlap, a late arrival), only what came after."""
+    settings = PollSettings(start_from="now", kinds=(Kind.OPEN,), overlap_s=600)
+    relay = Relay(upstream, session, store, settings)
+    relay.now_ms = T0 - 3600_000
+    campaign = await relay.add("campaign", "1100", seed=True)  # watching for an hour
+    assert (await relay.run(campaign, 3600)).new == 0
+    upstream.add(Kind.OPEN, "1100", "42", T0 + 59_000)
+    relay.now_ms += 60_000
+    contact = await relay.add("contact", "42", seed=True)  # a target added a second later
+    assert (await relay.run(contact)).new == 0
+    assert (await relay.run(campaign)).new == 1
+    upstream.add(Kind.OPEN, "1100", "42", T0 + 30_000)  # the contact's history, listed late
+    assert (await relay.run(contact, 120)).new == 0
+    assert (await relay.run(campaign)).new == 1
+    upstream.add(Kind.OPEN, "1100", "42", T0 + 200_000)  # after the contact was added
+    assert (await relay.run(contact, 120)).new == 1
+    assert (await relay.run(campaign)).new == 0  # the same activity: one event
+    for _ in range(3):
+        assert (await relay.run(contact, 120)).new == 0
+    assert await relay.emitted() == [("open", "42")] * 3
+    emitted = sorted(e.occurred_ms for e in await store.read_outbox(0, 10**6))
+    assert emitted == [T0 + 30_000, T0 + 59_000, T0 + 200_000]
