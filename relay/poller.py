@@ -103,6 +103,7 @@ class PassOutcome:
     feed_error: CtctError | None = None  # a feed failed, the others were committed (FEED_ERRORS)
     feeds_failed: list[Kind] = field(default_factory=list)
     behind: dict[Kind, Behind] = field(default_factory=dict)  # feeds behind their summary count
+    line_ms: int | None = None  # the seeded stream's history line this pass fixed (Poller._line)
 
 
 class Poller:
@@ -123,6 +124,8 @@ class Poller:
         self._settings = settings
         self._now_ms = now_ms
         self._on_commit = on_commit  # tells in-process sinks that the outbox grew
+        # the upstream's clock minus the relay's, by the last Date header read (None: none yet)
+        self._offset_ms: int | None = None
 
     async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
         """Poll every feed of the stream that may have news; commit what is new.
@@ -162,12 +165,18 @@ class Poller:
             for kind, mark in stream.watermarks.items():
                 outcome.watermarks[kind] = min(mark, replay_from_ms)
         pending: list[Activity] = []
+        unread: list[Kind] = []
         for kind in self._settings.kinds:
             if kind in to_read:
                 await self._read_feed_or_skip(stream, scope, kind, outcome, pending)
             elif self._seeds(stream, kind, outcome):
-                # nothing to absorb: later activity is newer than this
-                outcome.watermarks[kind] = self._now_ms() - self._overlap_ms
+                unread.append(kind)
+        if stream.line_ms is not None or self._offset_ms is not None:
+            for kind in unread:  # nothing to absorb: later activity is newer than the line
+                outcome.watermarks[kind] = self._line(stream, outcome)
+        # else no Date header was seen yet: an unread feed keeps no watermark (a line on the
+        # relay's clock could lie in the upstream's future), and its first read starts at the
+        # line known then
         await self._commit(stream.id, pending, outcome)
 
     async def _read_feed_or_skip(
@@ -260,6 +269,19 @@ class Poller:
         stream's history line (see ``_history_line``), not at the start of the feed."""
         return stream.seed and kind not in outcome.watermarks and self._settings.start_from == "now"
 
+    def _line(self, stream: Stream, outcome: PassOutcome) -> int:
+        """When a seeded stream was added, on the upstream's clock: its creation time moved by
+        the offset of the upstream's Date header (activity times are on that clock; against an
+        upstream whose clock is behind the relay's, the relay's clock put everything that
+        happened after the stream was added into its history). The first pass that knows the
+        offset fixes it (``PassOutcome.line_ms``, stored), so the Date header's whole seconds
+        cannot move it between passes. The relay's clock while no Date header was seen."""
+        if stream.line_ms is not None:
+            return stream.line_ms
+        if outcome.line_ms is None and self._offset_ms is not None:
+            outcome.line_ms = stream.created_ms + self._offset_ms
+        return stream.created_ms if outcome.line_ms is None else outcome.line_ms
+
     def _history_line(self, stream: Stream, outcome: PassOutcome) -> int | None:
         """Activity at or before this time is a seeded stream's history (start_from: now): the
         stream never emits it, at its first read or any later one (the overlap, late arrivals),
@@ -274,7 +296,7 @@ class Poller:
         is new.
         """
         seeded = stream.seed and self._settings.start_from == "now"
-        return stream.created_ms if seeded and outcome.replay_from_ms is None else None
+        return self._line(stream, outcome) if seeded and outcome.replay_from_ms is None else None
 
     async def _changed_kinds(
         self, stream: Stream, scope: Scope, outcome: PassOutcome
@@ -300,7 +322,6 @@ class Poller:
         pending: list[Activity],
     ) -> None:
         seeding = self._seeds(stream, kind, outcome)
-        line = self._history_line(stream, outcome)
         stored = stream.watermarks.get(kind)
         shown = 0
         watermark = outcome.watermarks.get(kind)
@@ -318,9 +339,11 @@ class Poller:
         async for page in self._client.pages(
             endpoint,
             resource_id=stream.key.resource_id,
-            since=self._since(stream, watermark, seeding),
+            since=self._since(watermark, self._line(stream, outcome) if seeding else None),
             limit=self._settings.page_limit,
         ):
+            if page.server_ms is not None:
+                self._offset_ms = page.server_ms - self._now_ms()
             activities = self._parse(page.records, kind, outcome)
             outcome.fetched += len(activities)
             # each activity's time once per page (a property computed on every read: profiled,
@@ -341,6 +364,7 @@ class Poller:
                 kept = [a for a in activities if a.occurred_ms >= horizon]
                 too_old += len(activities) - len(kept)
                 activities = kept
+            line = self._history_line(stream, outcome)
             if line is not None and min(times) <= line:
                 activities = [a for a in activities if a.occurred_ms > line]
             pending.extend(activities)
@@ -351,7 +375,9 @@ class Poller:
             outcome.beyond_retention += too_old
             log.info("poll.beyond_retention", kind=kind.value, activities=too_old)
         if seeding:
-            newest = max(newest or 0, self._now_ms() - self._overlap_ms)
+            # nothing to absorb: later activity is newer than the line (learnt during this
+            # read when the read had to start at the relay's clock: see _line)
+            newest = max(newest or 0, self._line(stream, outcome))
         if newest is not None:
             outcome.watermarks[kind] = newest
         outcome.feeds_read.append(kind)
@@ -408,13 +434,13 @@ class Poller:
                 )
         return ceiling
 
-    def _since(self, stream: Stream, watermark: int | None, seeding: bool) -> datetime | None:
-        """created_since for a feed: the watermark minus the overlap, or the first-run bound."""
+    def _since(self, watermark: int | None, line: int | None) -> datetime | None:
+        """created_since for a feed: the watermark minus the overlap, or the first-run bound
+        (``line``: a seeded feed's first read, see ``_line``; what is older is history)."""
         if watermark is not None:
             return from_millis(max(0, watermark - self._overlap_ms))
-        if seeding:
-            # everything after the stream's creation is emitted; what is older is history
-            return from_millis(max(0, stream.created_ms))
+        if line is not None:
+            return from_millis(max(0, line))
         start = self._settings.start_ms()
         return None if start is None else from_millis(start)
 

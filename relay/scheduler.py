@@ -492,6 +492,7 @@ class Scheduler:
                 polled_ms=now,
                 error=None if failed is None else str(failed),
                 behind=outcome.behind,
+                line_ms=outcome.line_ms,
             ),
         )
         self.passes += 1

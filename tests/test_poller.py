@@ -75,6 +75,7 @@ class Driver:
                     1.0,
                     self.now_ms,
                     behind=outcome.behind,
+                    line_ms=outcome.line_ms,
                 ),
             )
         return new
@@ -295,7 +296,14 @@ class Passes:
         await self.store.finish_pass(
             stream.id,
             PassResult(
-                outcome.watermarks, outcome.summary, 0, 1.0, self.now_ms, error, outcome.behind
+                outcome.watermarks,
+                outcome.summary,
+                0,
+                1.0,
+                self.now_ms,
+                error,
+                outcome.behind,
+                outcome.line_ms,
             ),
         )
         return error is None

@@ -5,7 +5,7 @@ counters ahead of their feeds and a clock far from the relay's."""
 from __future__ import annotations
 
 import email.utils
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -36,13 +36,14 @@ EXTRA = {
 class Upstream:
     """One account's activity, each record listed by its campaign's and its contact's feeds
     (newest first, one page, ``created_since`` honoured); summaries count what the feeds list
-    plus ``ahead`` (counters that moved before the feed shows the record). ``clock_ms``: the
-    ``Date`` header (None: not sent)."""
+    plus ``ahead`` (counters that moved before the feed shows the record). The ``Date`` header
+    is the relay's clock (``Relay.now_ms``) plus ``skew_ms``."""
 
     records: list[tuple[Kind, str, str, int]] = field(default_factory=list)
     ahead: dict[tuple[str, str, Kind], int] = field(default_factory=dict)
-    clock_ms: int | None = None
+    skew_ms: int = 0
     url: str = ""
+    now_ms: Callable[[], int] = lambda: T0
 
     def add(self, kind: Kind, campaign: str, contact: str, at_ms: int) -> None:
         self.records.append((kind, campaign, contact, at_ms))
@@ -69,9 +70,8 @@ class Upstream:
         scope = SCOPES[parts[1]]
         rest = parts[3:] if scope == "campaign" else parts[2:]
         resource_id, tail = rest[0], rest[2:]
-        headers = {}
-        if self.clock_ms is not None:
-            headers["Date"] = email.utils.formatdate(self.clock_ms / 1000, usegmt=True)
+        clock_s = (self.now_ms() + self.skew_ms) / 1000
+        headers = {"Date": email.utils.formatdate(clock_s, usegmt=True)}
         if tail == ["reports", "summary"]:
             counts = {
                 suffix: len(self._listed(scope, resource_id, kind))
@@ -117,6 +117,7 @@ class Relay:
         settings: PollSettings,
     ) -> None:
         self.store, self.now_ms = store, T0
+        upstream.now_ms = lambda: self.now_ms
         client = CtctClient(
             session,
             Credentials(upstream.url, API_KEY, TOKEN),
@@ -142,6 +143,7 @@ class Relay:
                 1.0,
                 self.now_ms,
                 behind=outcome.behind,
+                line_ms=outcome.line_ms,
             ),
         )
         return outcome
@@ -219,3 +221,35 @@ async def test_a_stream_seeded_at_run_time_hides_no_activity_from_the_others(
     assert await relay.emitted() == [("open", "42")] * 3
     emitted = sorted(e.occurred_ms for e in await store.read_outbox(0, 10**6))
     assert emitted == [T0 + 30_000, T0 + 59_000, T0 + 200_000]
+
+
+@pytest.mark.parametrize(
+    "skew_ms",
+    [
+        pytest.param(-86400_000, id="upstream-a-day-behind"),
+        pytest.param(30 * 86400_000, id="ahead"),
+    ],
+)
+async def test_start_from_now_draws_the_history_line_on_the_upstreams_clock(
+    upstream: Upstream, session: aiohttp.ClientSession, any_store: Store, skew_ms: int
+) -> None:
+    """Activity times and the Date header are the upstream's clock; the history line and the
+    first read's bound were the relay's: an upstream a day behind had everything after the
+    stream was added counted as history (nothing emitted, ever), one ahead had its history
+    emitted. The line is the creation moved by the Date header's offset, fixed by the first
+    pass and stored, so a restarted relay keeps it."""
+    settings = PollSettings(start_from="now", kinds=(Kind.OPEN,), overlap_s=600)
+    relay = Relay(upstream, session, any_store, settings)
+    upstream.skew_ms = skew_ms
+    upstream.add(Kind.OPEN, "1100", "old", T0 + skew_ms - 3600_000)  # history
+    stream_id = await relay.add("campaign", "1100", seed=True)
+    assert (await relay.run(stream_id, 10)).new == 0
+    assert (await any_store.stream(stream_id)).line_ms == T0 + skew_ms
+    for contact, after_s in (("n1", 30), ("n2", 40)):
+        upstream.add(Kind.OPEN, "1100", contact, T0 + skew_ms + after_s * 1000)
+    assert (await relay.run(stream_id, 60)).new == 2
+    restarted = Relay(upstream, session, any_store, settings)  # knows no offset yet
+    restarted.now_ms = relay.now_ms + 60_000
+    upstream.add(Kind.OPEN, "1100", "n3", T0 + skew_ms + 100_000)
+    assert (await restarted.run(stream_id)).new == 1
+    assert await restarted.emitted() == [("open", "n1"), ("open", "n2"), ("open", "n3")]

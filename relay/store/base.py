@@ -94,6 +94,9 @@ class Stream:
     created_ms: int
     # feeds whose summary count moved further than their reads showed (see ``Behind``)
     behind: dict[Kind, Behind] = field(default_factory=dict)
+    # a seeded stream's history line on the upstream's clock (created_ms moved by the offset of
+    # the upstream's Date header), fixed by its first pass that saw one; None: not yet
+    line_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +232,7 @@ class PassResult:
     # (so it keeps backing off) with this as its last_error; None: a clean pass clears both
     error: str | None = None
     behind: dict[Kind, Behind] = field(default_factory=dict)  # replaces the stream's
+    line_ms: int | None = None  # stored when the stream has none yet (the first one stays)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +339,7 @@ class Store(Protocol):
 
     async def finish_pass(self, stream_id: int, result: PassResult) -> None:
         """Advance watermarks (never backwards), store the summary and the feeds behind it,
-        schedule the next pass."""
+        fix the history line if the stream has none, schedule the next pass."""
 
     async def record_error(
         self, stream_id: int, error: str, next_due_ms: int, *, retire: bool = False

@@ -183,4 +183,6 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # feeds behind their summary count (see migrations.py, version 7)
     ("ALTER TABLE streams ADD COLUMN behind TEXT NOT NULL DEFAULT '{}'",),
+    # a seeded stream's history line on the upstream's clock (see migrations.py, version 8)
+    ("ALTER TABLE streams ADD COLUMN line_ms BIGINT",),
 )

@@ -28,7 +28,8 @@ PRUNE_CHUNK = 10_000  # rows pruned per transaction (dedup keys, outbox events, 
 
 STREAM_COLUMNS = (
     "id, account, scope, resource_id, next_due_ms, rate_per_h, consecutive_errors, last_error,"
-    " last_poll_ms, retired, paused, summary, seed, created_ms, behind"
+    " last_poll_ms, retired, paused, summary, seed, created_ms, behind,"
+    " line_ms"
 )
 STATE_CLAUSES = {
     "active": "retired = 0 AND paused = 0",
@@ -80,6 +81,7 @@ def stream(row: Sequence[object], marks: dict[Kind, int]) -> Stream:
             for k, v in orjson.loads(str(row[14])).items()
             if k in KINDS
         },
+        line_ms=None if row[15] is None else int(str(row[15])),
     )
 
 

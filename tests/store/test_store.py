@@ -149,6 +149,21 @@ async def test_feeds_behind_their_summary_are_kept_until_a_pass_clears_them(
     assert (await store.stream(sid)).behind == {}
 
 
+async def test_the_history_line_is_fixed_by_the_first_pass_that_offers_one(
+    store: Store,
+) -> None:
+    """finish_pass stores a stream's history line when it has none; later passes, offering
+    none or another, leave it."""
+    sid = await one_stream(store)
+    assert (await store.stream(sid)).line_ms is None
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0))
+    assert (await store.stream(sid)).line_ms is None
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0, line_ms=T0 - 86400_000))
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0, line_ms=T0 - 85000_000))
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0))
+    assert (await store.stream(sid)).line_ms == T0 - 86400_000
+
+
 async def test_errors_back_off_and_retire(store: Store) -> None:
     """record_error counts, keeps the message, reschedules; a pass clears the count."""
     sid = await one_stream(store)
