@@ -43,7 +43,7 @@ from relay.events import (
     parse_time,
     to_millis,
 )
-from relay.store import Store, Stream
+from relay.store import Behind, Store, Stream
 
 log = structlog.get_logger(__name__)
 
@@ -134,6 +134,8 @@ class PassOutcome:
     feeds_failed: list[Kind] = field(default_factory=list)
     counts: dict[str, int] | None = None  # what the summary answered in this pass, if it was read
     timeouts: int = 0  # feeds whose read timed out in this pass (the first is feed-local)
+    behind: dict[Kind, Behind] = field(default_factory=dict)  # feeds behind their summary count
+    line_ms: int | None = None  # the seeded stream's history line this pass fixed (Poller._line)
 
 
 class Poller:
@@ -154,6 +156,8 @@ class Poller:
         self._settings = settings
         self._now_ms = now_ms
         self._on_commit = on_commit  # tells in-process sinks that the outbox grew
+        # the upstream's clock minus the relay's, by the last Date header read (None: none yet)
+        self._offset_ms: int | None = None
 
     async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
         """Poll every feed of the stream that may have news; commit what is new.
@@ -162,7 +166,11 @@ class Poller:
         treated as if it were there; the stored one never moves back) and emit what is found
         then or later even when dedup knows it, with its usual id.
         """
-        outcome = PassOutcome(watermarks=dict(stream.watermarks), summary=dict(stream.summary))
+        outcome = PassOutcome(
+            watermarks=dict(stream.watermarks),
+            summary=dict(stream.summary),
+            behind={k: b for k, b in stream.behind.items() if k in self._settings.kinds},
+        )
         # The client is the account's, shared by its concurrent passes: each pass counts the
         # requests sent from its own task (and tasks it starts), not the client's total.
         with counting_requests() as sent:
@@ -177,7 +185,11 @@ class Poller:
         to_read = list(self._settings.kinds)
         if self._settings.summary_gate:
             changed = await self._changed_kinds(stream, scope, outcome)
-            to_read = to_read if replay_from_ms is not None else changed
+            if replay_from_ms is None:
+                # a feed still behind its count is read again (see _settle)
+                to_read = [k for k in to_read if k in changed or k in outcome.behind]
+        else:
+            outcome.behind.clear()
         if replay_from_ms is not None:
             outcome.replay_from_ms = replay_from_ms
             # a feed never read keeps no watermark: it reads from its first-run bound anyway,
@@ -185,12 +197,18 @@ class Poller:
             for kind, mark in stream.watermarks.items():
                 outcome.watermarks[kind] = min(mark, replay_from_ms)
         pending: list[Activity] = []
+        unread: list[Kind] = []
         for kind in self._settings.kinds:
             if kind in to_read:
                 await self._read_feed_or_skip(stream, scope, kind, outcome, pending)
             elif self._seeds(stream, kind, outcome):
-                # nothing to absorb: later activity is newer than this
-                outcome.watermarks[kind] = self._now_ms() - self._overlap_ms
+                unread.append(kind)
+        if stream.line_ms is not None or self._offset_ms is not None:
+            for kind in unread:  # nothing to absorb: later activity is newer than the line
+                outcome.watermarks[kind] = self._line(stream, outcome)
+        # else no Date header was seen yet: an unread feed keeps no watermark (a line on the
+        # relay's clock could lie in the upstream's future), and its first read starts at the
+        # line known then
         await self._commit(stream.id, pending, outcome)
 
     async def _read_feed_or_skip(
@@ -242,6 +260,28 @@ class Poller:
         if outcome.replay_from_ms is None and pending:
             await self._commit(stream.id, pending, outcome)
 
+    def _settle(self, stream: Stream, kind: Kind, shown: int, outcome: PassOutcome) -> None:
+        """Whether a feed just read is still behind its summary count.
+
+        The upstream's counters can move before its tracking feed lists the record: a read
+        that shows fewer new activities than the count moved by leaves the feed behind, and it
+        is read again at each pass of the stream (the count no longer changes, so the gate
+        alone would skip it for good) until it has shown them or until ``overlap_s`` has passed
+        since the count last moved, the longest a late arrival may take by the README's
+        promise; the read at or after that time is the last. ``shown``: activities the read
+        showed that are newer than the feed's stored watermark (all on a first read). A first read
+        bounded by ``start_from`` cannot show the history older than its window, so it stays
+        behind for ``overlap_s``: the price of catching what its counts saw first.
+        """
+        name = catalogue.FEEDS[kind]
+        moved = outcome.summary.get(name, 0) - stream.summary.get(name, 0)
+        before = outcome.behind.pop(kind, None)
+        now = self._now_ms()
+        missing = max(0, (0 if before is None else before.missing) + moved - shown)
+        since = now if moved > 0 or before is None else before.since_ms
+        if missing and now < since + self._overlap_ms:
+            outcome.behind[kind] = Behind(since, missing)
+
     async def _commit(self, stream_id: int, pending: list[Activity], outcome: PassOutcome) -> None:
         """Commit buffered activity oldest first, one transaction per ``commit_events``.
 
@@ -275,13 +315,38 @@ class Poller:
         return int(self._settings.overlap_s * 1000)
 
     def _seeds(self, stream: Stream, kind: Kind, outcome: PassOutcome) -> bool:
-        """Whether this feed's first read absorbs history (start_from: now): activity up to the
-        stream's creation goes into dedup only, later activity is emitted. The line is the
-        creation time, not the time of the read, so a first pass that fails or is cut short, or
-        an outage before it, loses nothing. Streams found by discovery after start-up always
-        emit: all they have is new.
-        """
+        """Whether this is a seeded feed's first read (start_from: now): it starts at the
+        stream's history line (see ``_history_line``), not at the start of the feed."""
         return stream.seed and kind not in outcome.watermarks and self._settings.start_from == "now"
+
+    def _line(self, stream: Stream, outcome: PassOutcome) -> int:
+        """When a seeded stream was added, on the upstream's clock: its creation time moved by
+        the offset of the upstream's Date header (activity times are on that clock; against an
+        upstream whose clock is behind the relay's, the relay's clock put everything that
+        happened after the stream was added into its history). The first pass that knows the
+        offset fixes it (``PassOutcome.line_ms``, stored), so the Date header's whole seconds
+        cannot move it between passes. The relay's clock while no Date header was seen."""
+        if stream.line_ms is not None:
+            return stream.line_ms
+        if outcome.line_ms is None and self._offset_ms is not None:
+            outcome.line_ms = stream.created_ms + self._offset_ms
+        return stream.created_ms if outcome.line_ms is None else outcome.line_ms
+
+    def _history_line(self, stream: Stream, outcome: PassOutcome) -> int | None:
+        """Activity at or before this time is a seeded stream's history (start_from: now): the
+        stream never emits it, at its first read or any later one (the overlap, late arrivals),
+        but a replay does. None: the stream emits everything it reads.
+
+        History is left out by its time, never by dedup keys: the keys are account-wide, so
+        history a new stream wrote into dedup was "known" to every other stream that had not
+        read it yet (a contact added as a target while a campaign stream of the same activity
+        was between passes), and they never emitted it. The line is the creation time, not the
+        time of the read, so a first pass that fails or is cut short, or an outage before it,
+        loses nothing. Streams found by discovery after start-up are not seeded: all they have
+        is new.
+        """
+        seeded = stream.seed and self._settings.start_from == "now"
+        return self._line(stream, outcome) if seeded and outcome.replay_from_ms is None else None
 
     async def _changed_kinds(
         self, stream: Stream, scope: Scope, outcome: PassOutcome
@@ -308,6 +373,8 @@ class Poller:
         pending: list[Activity],
     ) -> None:
         seeding = self._seeds(stream, kind, outcome)
+        stored = stream.watermarks.get(kind)
+        shown = 0
         watermark = outcome.watermarks.get(kind)
         # Dedup keys older than the retention are pruned, so a feed idle that long and read
         # again from its watermark would emit its last activities a second time: what is that
@@ -323,13 +390,15 @@ class Poller:
         pages = self._client.pages(
             endpoint,
             resource_id=stream.key.resource_id,
-            since=self._since(stream, watermark, seeding),
+            since=self._since(watermark, self._line(stream, outcome) if seeding else None),
             limit=self._settings.page_limit,
         )
         bound = self._page_bound(scope, kind, outcome)
         if bound is not None:
             pages = _bounded(pages, bound, stream, kind, endpoint.name)
         async for page in pages:
+            if page.server_ms is not None:
+                self._offset_ms = page.server_ms - self._now_ms()
             activities = self._parse(page.records, kind, outcome)
             outcome.fetched += len(activities)
             # each activity's time once per page (a property computed on every read: profiled,
@@ -338,6 +407,7 @@ class Poller:
             activities, times, last_page = _unrepeated(activities, times, last_page)
             if not activities:
                 continue
+            shown += len(times) if stored is None else sum(1 for t in times if t > stored)
             created_ms = stream.created_ms
             outcome.recent += sum(1 for t in times if t > created_ms)
             page_max = max(times)
@@ -349,11 +419,9 @@ class Poller:
                 kept = [a for a in activities if a.occurred_ms >= horizon]
                 too_old += len(activities) - len(kept)
                 activities = kept
-            if seeding:
-                history = [a for a in activities if a.occurred_ms <= stream.created_ms]
-                if history:
-                    await self._store.commit_page(stream.id, history, self._now_ms(), emit=False)
-                activities = [a for a in activities if a.occurred_ms > stream.created_ms]
+            line = self._history_line(stream, outcome)
+            if line is not None and min(times) <= line:
+                activities = [a for a in activities if a.occurred_ms > line]
             pending.extend(activities)
             if len(pending) >= self._settings.buffer_limit:
                 # A huge backfill: keep memory bounded; order holds within each flush.
@@ -362,10 +430,14 @@ class Poller:
             outcome.beyond_retention += too_old
             log.info("poll.beyond_retention", kind=kind.value, activities=too_old)
         if seeding:
-            newest = max(newest or 0, self._now_ms() - self._overlap_ms)
+            # nothing to absorb: later activity is newer than the line (learnt during this
+            # read when the read had to start at the relay's clock: see _line)
+            newest = max(newest or 0, self._line(stream, outcome))
         if newest is not None:
             outcome.watermarks[kind] = newest
         outcome.feeds_read.append(kind)
+        if self._settings.summary_gate:
+            self._settle(stream, kind, shown, outcome)
 
     def _page_bound(self, scope: Scope, kind: Kind, outcome: PassOutcome) -> PageBound | None:
         """How many pages a read of this feed may take, when this pass's summary gave a count of
@@ -434,14 +506,13 @@ class Poller:
                 )
         return ceiling
 
-    def _since(self, stream: Stream, watermark: int | None, seeding: bool) -> datetime | None:
-        """created_since for a feed: the watermark minus the overlap, or the first-run bound."""
+    def _since(self, watermark: int | None, line: int | None) -> datetime | None:
+        """created_since for a feed: the watermark minus the overlap, or the first-run bound
+        (``line``: a seeded feed's first read, see ``_line``; what is older is history)."""
         if watermark is not None:
             return from_millis(max(0, watermark - self._overlap_ms))
-        if seeding:
-            # Absorb two overlaps before the stream's creation: the history the next passes
-            # could read again is in dedup; everything after the creation is emitted.
-            return from_millis(max(0, stream.created_ms - 2 * self._overlap_ms))
+        if line is not None:
+            return from_millis(max(0, line))
         start = self._settings.start_ms()
         return None if start is None else from_millis(start)
 

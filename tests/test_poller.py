@@ -73,7 +73,15 @@ class Driver:
             new += outcome.new
             await self.store.finish_pass(
                 stream.id,
-                PassResult(outcome.watermarks, outcome.summary, self.now_ms, 1.0, self.now_ms),
+                PassResult(
+                    outcome.watermarks,
+                    outcome.summary,
+                    self.now_ms,
+                    1.0,
+                    self.now_ms,
+                    behind=outcome.behind,
+                    line_ms=outcome.line_ms,
+                ),
             )
         return new
 
@@ -292,7 +300,16 @@ class Passes:
         error = None if outcome.feed_error is None else str(outcome.feed_error)
         await self.store.finish_pass(
             stream.id,
-            PassResult(outcome.watermarks, outcome.summary, 0, 1.0, self.now_ms, error),
+            PassResult(
+                outcome.watermarks,
+                outcome.summary,
+                0,
+                1.0,
+                self.now_ms,
+                error,
+                outcome.behind,
+                outcome.line_ms,
+            ),
         )
         return error is None
 

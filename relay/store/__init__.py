@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from relay.store.base import (
     Attempt,
+    Behind,
     DeadLetter,
     Delivery,
     DeliveryCounts,
@@ -50,6 +51,7 @@ def open_store(
 
 __all__ = [
     "Attempt",
+    "Behind",
     "DeadLetter",
     "Delivery",
     "DeliveryCounts",

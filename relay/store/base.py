@@ -92,6 +92,22 @@ class Stream:
     watermarks: dict[Kind, int]  # per feed: newest activity time committed, Unix ms
     seed: bool  # first read of a feed absorbs history instead of emitting it (start_from: now)
     created_ms: int
+    # feeds whose summary count moved further than their reads showed (see ``Behind``)
+    behind: dict[Kind, Behind] = field(default_factory=dict)
+    # a seeded stream's history line on the upstream's clock (created_ms moved by the offset of
+    # the upstream's Date header), fixed by its first pass that saw one; None: not yet
+    line_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Behind:
+    """A feed whose summary count moved further than the feed's reads have shown: the
+    upstream's counters can move before its tracking feed lists the record, so the feed is
+    read again at each pass until it shows ``missing`` more activities or ``overlap_s`` has
+    passed since ``since_ms`` (on the relay's clock, when the last change was seen)."""
+
+    since_ms: int
+    missing: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +231,8 @@ class PassResult:
     # a feed failed and the others were committed: the stream counts one more consecutive error
     # (so it keeps backing off) with this as its last_error; None: a clean pass clears both
     error: str | None = None
+    behind: dict[Kind, Behind] = field(default_factory=dict)  # replaces the stream's
+    line_ms: int | None = None  # stored when the stream has none yet (the first one stays)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +338,8 @@ class Store(Protocol):
         ``emit``: seeding); returns how many keys were new. One transaction."""
 
     async def finish_pass(self, stream_id: int, result: PassResult) -> None:
-        """Advance watermarks (never backwards), store the summary, schedule the next pass."""
+        """Advance watermarks (never backwards), store the summary and the feeds behind it,
+        fix the history line if the stream has none, schedule the next pass."""
 
     async def record_error(
         self, stream_id: int, error: str, next_due_ms: int, *, retire: bool = False

@@ -386,13 +386,16 @@ class PostgresStore:
             await conn.execute(
                 "UPDATE streams SET next_due_ms = $1, rate_per_h = $2, last_poll_ms = $3,"
                 " summary = $4, consecutive_errors = CASE WHEN $5::text IS NULL THEN 0"
-                " ELSE consecutive_errors + 1 END, last_error = $5 WHERE id = $6",
+                " ELSE consecutive_errors + 1 END, last_error = $5, behind = $7,"
+                " line_ms = COALESCE(line_ms, $8) WHERE id = $6",
                 result.next_due_ms,
                 result.rate_per_h,
                 result.polled_ms,
                 orjson.dumps(result.summary).decode(),
                 None if result.error is None else result.error[:1000],
                 stream_id,
+                rowmap.behind_json(result.behind),
+                result.line_ms,
             )
             await conn.executemany(
                 "INSERT INTO watermarks (stream_id, kind, watermark_ms) VALUES ($1, $2, $3)"

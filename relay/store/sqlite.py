@@ -341,13 +341,16 @@ class SqliteStore:
             with _tx(conn):
                 conn.execute(
                     "UPDATE streams SET next_due_ms = ?, rate_per_h = ?, last_poll_ms = ?,"
-                    " summary = ?, consecutive_errors = CASE WHEN ? IS NULL THEN 0"
+                    " summary = ?, behind = ?, line_ms = COALESCE(line_ms, ?),"
+                    " consecutive_errors = CASE WHEN ? IS NULL THEN 0"
                     " ELSE consecutive_errors + 1 END, last_error = ? WHERE id = ?",
                     (
                         result.next_due_ms,
                         result.rate_per_h,
                         result.polled_ms,
                         orjson.dumps(result.summary).decode(),
+                        rowmap.behind_json(result.behind),
+                        result.line_ms,
                         result.error,
                         None if result.error is None else result.error[:1000],
                         stream_id,

@@ -18,6 +18,7 @@ import pytest
 from relay.events import WILDCARD, Activity, Kind, from_millis
 from relay.store import (
     Attempt,
+    Behind,
     DuplicateError,
     GoneError,
     NotFoundError,
@@ -131,6 +132,36 @@ async def test_watermarks_never_move_backwards(store: Store) -> None:
     stream = await store.stream(sid)
     assert stream.watermarks == {Kind.OPEN: T0 + 100, Kind.CLICK: T0}
     assert stream.rate_per_h == 1.0
+
+
+async def test_feeds_behind_their_summary_are_kept_until_a_pass_clears_them(
+    store: Store,
+) -> None:
+    """finish_pass stores the pass's feeds behind their summary count, replacing the stream's
+    (a pass that leaves none clears them); they are read back with the stream."""
+    sid = await one_stream(store)
+    assert (await store.stream(sid)).behind == {}
+    behind = {Kind.BOUNCE: Behind(T0, 1), Kind.FORWARD: Behind(T0 + 5, 2)}
+    await store.finish_pass(sid, PassResult({}, {"bounces": 1}, T0, 1.0, T0, behind=behind))
+    assert (await store.stream(sid)).behind == behind
+    assert [s.behind for s in await store.streams()] == [behind]
+    await store.finish_pass(sid, PassResult({}, {"bounces": 1}, T0, 1.0, T0))
+    assert (await store.stream(sid)).behind == {}
+
+
+async def test_the_history_line_is_fixed_by_the_first_pass_that_offers_one(
+    store: Store,
+) -> None:
+    """finish_pass stores a stream's history line when it has none; later passes, offering
+    none or another, leave it."""
+    sid = await one_stream(store)
+    assert (await store.stream(sid)).line_ms is None
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0))
+    assert (await store.stream(sid)).line_ms is None
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0, line_ms=T0 - 86400_000))
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0, line_ms=T0 - 85000_000))
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0))
+    assert (await store.stream(sid)).line_ms == T0 - 86400_000
 
 
 async def test_errors_back_off_and_retire(store: Store) -> None:
