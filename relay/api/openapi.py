@@ -452,7 +452,12 @@ _ERROR_RESPONSES = {
     ),
     413: ("PayloadTooLarge", f"body larger than {body.MAX_BODY_BYTES} bytes"),
     500: ("Internal", "unexpected failure (logged)"),
-    503: ("Unavailable", "the state store failed or is not answering (PostgreSQL down)"),
+    503: (
+        "Unavailable",
+        "the state store failed or is not answering (PostgreSQL down), after at most about 10 s;"
+        " a change whose message says 'nothing was changed' was not applied and may be"
+        " repeated as it is",
+    ),
 }
 
 
