@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, Secret, from_mapping, load
+from relay.config import ConfigError, Secret, Settings, from_mapping, load
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "relay.example.yaml"
 
@@ -1235,3 +1235,95 @@ def test_example_declared_webhook_shows_the_defaults(tmp_path: Path) -> None:
         }
     ).webhooks
     assert example == minimal
+
+
+_SASL = (
+    "kafka: {bootstrap_servers: 'b:9092', security: {protocol: SASL_PLAINTEXT, username: u,"
+    " password: '${KAFKA_PASSWORD}'}}\n"
+)
+_DECLARED = "webhooks: {declared: [{url: 'https://93.184.216.34/h', secret: '${HOOK_SECRET}'}]}\n"
+_HOOK_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" + "MfKQ9r8GKYqrTwjUPD8ILPZI"
+
+
+def _secret_setting(name: str) -> tuple[str, str]:
+    """The config text giving the secret ``name`` from a variable, and that variable."""
+    if name == "kafka.security.password":
+        return MINIMAL + _SASL, "KAFKA_PASSWORD"
+    return MINIMAL + _DECLARED, "HOOK_SECRET"
+
+
+def _secret_of(settings: Settings, name: str) -> str | None:
+    if name == "kafka.security.password":
+        assert settings.kafka is not None
+        return settings.kafka.security.password
+    return settings.webhooks[0].secret
+
+
+_SECRET_KEYS = ["kafka.security.password", "webhooks.declared[0].secret"]
+
+
+@pytest.mark.parametrize("key", _SECRET_KEYS)
+@pytest.mark.parametrize("around", ["\n", "\r\n", " \t"])
+def test_passwords_and_webhook_secrets_lose_surrounding_whitespace(
+    tmp_path: Path, key: str, around: str
+) -> None:
+    """The rule of api_key/access_token/admin.token holds for every secret: a Kafka password or
+    a declared webhook secret read from a file (its line end kept) loads without it (it loaded
+    as given: SASL failed for ever, the webhook secret failed the start as 'not valid base64')."""
+    text, variable = _secret_setting(key)
+    value = _HOOK_SECRET if key.startswith("webhooks") else "kafka-pw-123"
+    settings = load(write(tmp_path, text), environ={"KEY": "k", variable: around + value + around})
+    assert _secret_of(settings, key) == value
+    assert value in settings.secrets() or key.startswith("webhooks")
+
+
+@pytest.mark.parametrize("key", _SECRET_KEYS)
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        pytest.param("MfKQ9r8GKYqrT\nwjUPD8\n", "holds a control character", id="line-break"),
+        pytest.param("MfKQ9r8GKYqrT\x00wjUPD8", "holds a control character", id="nul"),
+        pytest.param(" \r\n", "only whitespace", id="whitespace-alone"),
+    ],
+)
+def test_a_bad_password_or_webhook_secret_is_refused_naming_its_key(
+    tmp_path: Path, key: str, value: str, problem: str
+) -> None:
+    """What stripping leaves inside (a control character), or nothing left at all, is refused
+    at load naming the key, never showing the value."""
+    text, variable = _secret_setting(key)
+    if key.startswith("webhooks") and problem != "only whitespace":
+        value = "whsec_" + value
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={"KEY": "k", variable: value})
+    message = str(caught.value)
+    expected = "required, but empty" if key.startswith("kafka") and value.isspace() else problem
+    assert f": {key}: {expected}" in message, message
+    assert "MfKQ9r8GKYqr" not in message
+
+
+def test_a_declared_webhook_secret_is_checked_at_load(tmp_path: Path) -> None:
+    """A declared secret that is no whsec_ secret stops the load naming its key (it stopped
+    the start later, naming webhooks[0]), never showing the value."""
+    environ = {"KEY": "k", "HOOK_SECRET": "whsec_MfKQ9r8GKYqr!!"}
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, MINIMAL + _DECLARED), environ=environ)
+    message = str(caught.value)
+    assert ": webhooks.declared[0].secret: the part after whsec_ is not valid" in message
+    assert "MfKQ9r8GKYqr" not in message
+
+
+def test_an_ssl_password_loses_surrounding_whitespace(
+    tmp_path: Path, tls_files: dict[str, Path]
+) -> None:
+    """The key's passphrase from a file with its line end decrypts the key (it did not)."""
+    text = _ssl(
+        tls_files,
+        ssl_cafile="enc.crt",
+        ssl_certfile="enc.crt",
+        ssl_keyfile="enc.key",
+        ssl_password="${SSL_PASSWORD}",
+    )
+    settings = load(write(tmp_path, text), environ={"KEY": "k", "SSL_PASSWORD": "pw-1234\r\n"})
+    assert settings.kafka is not None
+    assert settings.kafka.security.ssl_password == "pw-1234"

@@ -279,7 +279,8 @@ def _schemas() -> JsonObject:
         "|(?:[A-Za-z0-9+/]{4}){8,20}[A-Za-z0-9+/]{3}="
         "|(?:[A-Za-z0-9+/]{4}){8,21}[A-Za-z0-9+/]{2}==)$",
         "maxLength": body.MAX_SECRET_CHARS,
-        "description": "Standard Webhooks secret: whsec_ + base64 of 24 to 64 random bytes",
+        "description": "Standard Webhooks secret: whsec_ + base64 of 24 to 64 random bytes,"
+        " without whitespace (around it or inside: a 400 naming the field, never the value)",
     }
     webhook = _webhook_schema(event_types)
     with_secret = {
