@@ -303,8 +303,35 @@ def from_mapping(
     data: Mapping[str, object], *, origins: Mapping[str, str] | None = None
 ) -> Settings:
     """Validate an already-parsed configuration. ``origins``: the override variable that set
-    each key path (``http.timeout_s`` → ``CTCT_RELAY_HTTP__TIMEOUT_S``), for unknown keys."""
-    root = _Reader(data, "", origins or {})
+    each key path (``http.timeout_s`` → ``CTCT_RELAY_HTTP__TIMEOUT_S``): an error about a key
+    one of them set names it (see :func:`_blame_override`)."""
+    try:
+        return _settings(data, origins or {})
+    except ConfigError as exc:
+        raise _blame_override(exc, origins or {}) from None
+
+
+_KEY_PATH = re.compile(r"[a-z0-9_]+(?:\[\d+\]|\.[a-z0-9_]+)*")
+
+
+def _blame_override(exc: ConfigError, origins: Mapping[str, str]) -> ConfigError:
+    """Every check's message starts with the key it is about (``poll.page_limit: …``); when an
+    override variable set that key, or a mapping or list around it, the message names the
+    variable instead of leaving the config file to be blamed (as unknown keys do)."""
+    key, sep, rest = str(exc).partition(": ")
+    if exc.environment or not sep or not _KEY_PATH.fullmatch(key):
+        return exc
+    path = key
+    while path not in origins:
+        parent = re.sub(r"(?:\[\d+\]|\.[a-z0-9_]+)$", "", path)
+        if parent == path:
+            return exc
+        path = parent
+    return ConfigError(f"{key} (from {origins[path]}): {rest}", environment=True)
+
+
+def _settings(data: Mapping[str, object], origins: Mapping[str, str]) -> Settings:
+    root = _Reader(data, "", origins)
     poll = root.child("poll")
     retention_h = poll.number("dedup_retention_h", DEFAULT_RETENTION_H)
     defaults = replace(_poll(poll), dedup_retention_s=retention_h * 3600)

@@ -605,15 +605,28 @@ def test_overrides_of_numbers_flags_and_lists(tmp_path: Path) -> None:
         pytest.param(
             "POLL__KINDS", "click", r"poll\.kinds: expected a list of strings", id="not-a-list"
         ),
+        pytest.param(
+            "ACCOUNTS__0__RATE_LIMIT",
+            "{requests_per_second: 0}",
+            r"accounts\[0\]\.rate_limit\.requests_per_second: expected a number > 0",
+            id="inside-a-mapping-it-sets",
+        ),
     ],
 )
 def test_overrides_that_do_not_fit_their_key(
     tmp_path: Path, variable: str, value: str, message: str
 ) -> None:
-    """Override text that does not spell what the key takes is refused, naming the key."""
+    """Override text that does not spell what the key takes is refused, naming the key and the
+    variable, not the config file (which was blamed: it does not hold the value)."""
     env = {"KEY": "k", f"CTCT_RELAY_{variable}": value}
-    with pytest.raises(ConfigError, match=message):
-        load(write(tmp_path, MINIMAL), environ=env)
+    path = write(tmp_path, MINIMAL)
+    key, rest = message.split(": ", 1)  # the key the value fails, whichever variable set it
+    with pytest.raises(
+        ConfigError, match=rf"^{key} \(from CTCT_RELAY_{variable}\): {rest}"
+    ) as caught:
+        load(path, environ=env)
+    assert str(path) not in str(caught.value)
+    assert caught.value.environment
 
 
 def test_yaml_text_keeps_the_form_it_was_written_in(tmp_path: Path) -> None:
@@ -1149,7 +1162,8 @@ def test_a_control_character_inside_a_credential_is_refused(
     with pytest.raises(ConfigError) as caught:
         load(write(tmp_path, MINIMAL), environ=env)
     message = str(caught.value)
-    assert f"accounts[0].{key}: holds a control character" in message, message
+    variable = f"CTCT_RELAY_ACCOUNTS__0__{key.upper()}"
+    assert message.startswith(f"accounts[0].{key} (from {variable}): holds a control"), message
     assert "tok3n" not in message
     assert "v4lue" not in message
     assert message.endswith("the value of a secret is not shown")
@@ -1158,7 +1172,7 @@ def test_a_control_character_inside_a_credential_is_refused(
 @pytest.mark.parametrize("key", ["api_key", "access_token"])
 def test_a_credential_of_whitespace_alone_is_missing(tmp_path: Path, key: str) -> None:
     env = {"KEY": "k", f"CTCT_RELAY_ACCOUNTS__0__{key.upper()}": " \r\n"}
-    with pytest.raises(ConfigError, match=rf"accounts\[0\]\.{key}: required, but empty"):
+    with pytest.raises(ConfigError, match=rf"^accounts\[0\]\.{key} \(from \S+\): required, but"):
         load(write(tmp_path, MINIMAL), environ=env)
 
 
@@ -1327,3 +1341,12 @@ def test_an_ssl_password_loses_surrounding_whitespace(
     settings = load(write(tmp_path, text), environ={"KEY": "k", "SSL_PASSWORD": "pw-1234\r\n"})
     assert settings.kafka is not None
     assert settings.kafka.security.ssl_password == "pw-1234"
+
+
+def test_a_bad_value_in_the_file_is_still_the_files(tmp_path: Path) -> None:
+    """Only what a variable set is blamed on it: a bad value written in the file, beside a
+    variable setting another key of the same mapping, names the file."""
+    path = write(tmp_path, MINIMAL + "poll: {page_limit: 1.5}\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={"KEY": "k", "CTCT_RELAY_POLL__KINDS": "[click]"})
+    assert str(caught.value).startswith(f"{path}: poll.page_limit: expected an integer")
