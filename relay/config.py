@@ -26,7 +26,7 @@ from relay.api.service import WebhookError, check_secret
 from relay.api.streams import ACCOUNT_NAME
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
-from relay.events import Kind, RecordError, parse_time
+from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, Kind, RecordError, parse_time
 from relay.hostnames import valid_host
 from relay.poller import PollSettings
 from relay.scheduler import ScheduleSettings
@@ -719,7 +719,7 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
         access_token=_credential(r, "access_token"),
         budget=budget,
         campaigns=_campaigns(r.child("campaigns")),
-        contacts=tuple(r.strings("contacts") or ()),
+        contacts=r.ids("contacts"),
         poll=_poll(polling, poll),
     )
     _check_retention(account.poll, polling.key("overlap_s"))
@@ -807,7 +807,7 @@ def _campaigns(r: _Reader) -> CampaignTargets:
         discover=r.flag("discover", base.discover),
         discover_interval_s=r.number("discover_interval_s", base.discover_interval_s),
         max_age_days=r.number("max_age_days", base.max_age_days, maximum=36500),
-        ids=tuple(r.strings("ids") or ()),
+        ids=r.ids("ids"),
     )
     r.done()
     return targets
@@ -1001,6 +1001,16 @@ class _Reader:
         ):
             raise ConfigError(f"{self.key(name)}: expected a list of strings, got {_show(value)}")
         return [str(v) for v in value]
+
+    def ids(self, name: str) -> tuple[str, ...]:
+        """A list of contact or campaign ids, each of the shape the admin API takes."""
+        ids = self.strings(name) or []
+        for index, value in enumerate(ids):
+            if not RESOURCE_ID.fullmatch(value):
+                raise ConfigError(
+                    f"{self.key(name)}[{index}]: expected {RESOURCE_ID_SHAPE}, got {_show(value)}"
+                )
+        return tuple(ids)
 
     def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
         value = self._given(name)

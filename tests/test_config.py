@@ -1350,3 +1350,29 @@ def test_a_bad_value_in_the_file_is_still_the_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load(path, environ={"KEY": "k", "CTCT_RELAY_POLL__KINDS": "[click]"})
     assert str(caught.value).startswith(f"{path}: poll.page_limit: expected an integer")
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "shown"),
+    [
+        pytest.param(
+            "    contacts: [1001, abc]\n", "accounts[0].contacts[1]", "'abc'", id="contact"
+        ),
+        pytest.param(
+            "    campaigns: {ids: ['11 00']}\n",
+            "accounts[0].campaigns.ids[0]",
+            "'11 00'",
+            id="campaign",
+        ),
+    ],
+)
+def test_target_ids_are_constant_contact_ids(
+    tmp_path: Path, extra: str, key: str, shown: str
+) -> None:
+    """Contact and campaign ids are what the v2 API names them by (digits), as the admin API and
+    the CLI take them: anything else is refused at load naming the item."""
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
+    assert f": {key}: expected a Constant Contact id (1 to 64 digits), got {shown}" in str(
+        caught.value
+    )

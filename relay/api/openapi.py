@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from relay.api import body, replay, streams
 from relay.api.responses import ERROR_CODES, JsonObject
-from relay.events import EVENT_TYPES, WILDCARD, Kind
+from relay.events import EVENT_TYPES, RESOURCE_ID, RESOURCE_ID_SHAPE, WILDCARD, Kind
 
 API_VERSION = "1.0.0"
 
@@ -229,7 +229,7 @@ def _redeliver() -> JsonObject:
         "summary": "Make a delivery pending again, due now, with a fresh attempt budget",
         "responses": {
             "202": _json("the delivery, pending", _schema("Delivery")),
-            **_errors(401, 404, 410),
+            **_errors(400, 401, 404, 410),
         },
     }
 
@@ -443,7 +443,11 @@ def _parameters() -> JsonObject:
 
 
 _ERROR_RESPONSES = {
-    400: ("BadRequest", "invalid JSON, an unknown field or a bad value; the message names it"),
+    400: (
+        "BadRequest",
+        "invalid JSON, an unknown field, a bad value or a path parameter of the wrong shape (an id"
+        " out of range); the message names it",
+    ),
     401: ("Unauthorized", "missing or wrong bearer token"),
     404: ("NotFound", "no such webhook or delivery"),
     409: ("Conflict", "another webhook is registered for this URL (the message names it)"),
@@ -540,7 +544,7 @@ def _operations_paths() -> JsonObject:
         "/v1/dead-letters": {"get": _list_dead_letters()},
         "/v1/streams/{stream_id}": {
             "parameters": stream,
-            "get": _op("getStream", "One stream", "Stream", errors=(401, 404)),
+            "get": _op("getStream", "One stream", "Stream", errors=(400, 401, 404)),
         },
         "/v1/streams/{stream_id}/pause": {
             "parameters": stream,
@@ -600,7 +604,7 @@ def _operations_paths() -> JsonObject:
             "delete": {
                 "operationId": "removeTarget",
                 "summary": "Stop polling a campaign or contact; discovery will not add it back",
-                "responses": {"204": {"description": "removed"}, **_errors(401, 404)},
+                "responses": {"204": {"description": "removed"}, **_errors(400, 401, 404)},
             },
         },
     }
@@ -680,7 +684,7 @@ def _operations_schemas() -> JsonObject:
         "maxItems": streams.MAX_TARGETS,
         "items": {
             "type": "string",
-            "pattern": f"^{streams.RESOURCE_ID.pattern}$",
+            "pattern": f"^{RESOURCE_ID.pattern}$",
             "maxLength": 64,
         },
     }
@@ -731,9 +735,9 @@ def _operations_schemas() -> JsonObject:
                 **replay_fields,
                 "campaign": {
                     "type": "string",
-                    "minLength": 1,
                     "maxLength": replay.MAX_CAMPAIGN_CHARS,
-                    "pattern": body.NO_NUL_PATTERN,
+                    "pattern": f"^{RESOURCE_ID.pattern}$",
+                    "description": RESOURCE_ID_SHAPE,
                 },
             },
             required=["since"],
@@ -890,7 +894,14 @@ def _operations_parameters() -> JsonObject:
             "account", {"type": "string", "pattern": f"^{streams.ACCOUNT_NAME.pattern}$"}
         ),
         "TargetKind": path("kind", {"type": "string", "enum": list(streams.TARGET_KINDS)}),
-        "ResourceId": path("resource_id", {"type": "string", "minLength": 1}),
+        "ResourceId": path(
+            "resource_id",
+            {
+                "type": "string",
+                "pattern": f"^{RESOURCE_ID.pattern}$",
+                "description": RESOURCE_ID_SHAPE,
+            },
+        ),
         "StreamAccount": query("account", {"type": "string"}),
         "StreamScope": query("scope", {"type": "string", "enum": list(streams.SCOPES)}),
         "StreamState": query("state", {"type": "string", "enum": list(streams.STREAM_STATES)}),

@@ -519,10 +519,6 @@ async def test_delete_then_404(client: Client) -> None:
             id="recover",
         ),
         pytest.param("POST", "/v1/deliveries/424242/redeliver", None, id="redeliver"),
-        pytest.param("POST", "/v1/deliveries/abc/redeliver", None, id="redeliver-not-int"),
-        pytest.param("POST", f"/v1/deliveries/{2**70}/redeliver", None, id="redeliver-huge"),
-        # more digits than int() converts (4300): never parsed, still no such delivery
-        pytest.param("POST", f"/v1/deliveries/{'1' * 5000}/redeliver", None, id="redeliver-long"),
     ],
 )
 async def test_unknown_ids_are_404(
@@ -835,7 +831,6 @@ async def test_webhook_reads_refuse_unknown_query_parameters(client: Client, pat
         pytest.param(
             "POST", "/v1/webhooks/wh%00x/recover", {"since": "2025-01-01T00:00:00Z"}, id="recover"
         ),
-        pytest.param("DELETE", "/v1/accounts/acme/targets/campaigns/1%002", None, id="target"),
     ],
 )
 async def test_a_nul_in_a_path_id_is_404_on_every_store(
