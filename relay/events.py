@@ -29,6 +29,10 @@ TYPE_PREFIX = "com.constantcontact.email."
 # Namespace for the UUIDv5 event ids. Changing it changes every event id ever emitted: never do.
 _ID_NAMESPACE = uuid.UUID("6f0c3a52-6d1e-5b9e-9a4f-3c2b7c1d0e11")
 _ID_NAMESPACE_BYTES = _ID_NAMESPACE.bytes
+# Constant Contact v2 names contacts and campaigns by numeric strings ("1100394165290"; records
+# sometimes carry them as JSON numbers): what an operator gives as a target must be one
+RESOURCE_ID = re.compile(r"[0-9]{1,64}", re.ASCII)
+RESOURCE_ID_SHAPE = "a Constant Contact id (1 to 64 digits)"
 
 
 class Kind(enum.StrEnum):

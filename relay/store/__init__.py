@@ -27,6 +27,7 @@ from relay.store.base import (
     UnavailableError,
     Webhook,
 )
+from relay.store.budget import WaitBudget, current_budget, wait_budget
 from relay.store.postgres import PostgresSettings, PostgresStore
 from relay.store.sqlite import SqliteStore
 
@@ -75,6 +76,9 @@ __all__ = [
     "StreamRate",
     "StreamStats",
     "UnavailableError",
+    "WaitBudget",
     "Webhook",
+    "current_budget",
     "open_store",
+    "wait_budget",
 ]

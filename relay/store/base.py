@@ -31,7 +31,15 @@ class StoreError(Exception):
 
 class UnavailableError(StoreError):
     """The store could not be reached (PostgreSQL: for ``reconnect_max_s``): the same call may
-    succeed later; nothing in it was refused."""
+    succeed later; nothing in it was refused.
+
+    ``unchanged``: the call gave up at a :func:`relay.store.budget.wait_budget`'s deadline before
+    any writing transaction of that unit of work sent its COMMIT, so none of it was applied.
+    """
+
+    def __init__(self, message: str, *, unchanged: bool = False) -> None:
+        super().__init__(message)
+        self.unchanged = unchanged
 
 
 class NotFoundError(StoreError):
