@@ -44,6 +44,7 @@ from relay.store.base import (
     DeadLetter,
     Delivery,
     DeliveryCounts,
+    DueSend,
     DuplicateError,
     GoneError,
     NotFoundError,
@@ -718,6 +719,14 @@ class PostgresStore:
             return [(rowmap.delivery(r[:width]), rowmap.outbox_event(r[width:])) for r in rows]
 
         return await self.transaction(run)
+
+    async def due_sends(
+        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
+    ) -> list[DueSend]:
+        due = await self.due_deliveries(webhook_id, now_ms, limit, skip)
+        return [
+            DueSend(d.id, d.attempts, d.event_id, e.committed_ms, e.structured()) for d, e in due
+        ]
 
     async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
         async def run(conn: Connection) -> int | None:
