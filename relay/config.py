@@ -22,10 +22,11 @@ from urllib.parse import urlsplit
 import yaml
 
 from relay.api import AdminConfigError, AdminSettings, DeclaredWebhook, check_exposure
+from relay.api.service import WebhookError, check_secret
 from relay.api.streams import ACCOUNT_NAME
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
-from relay.events import Kind, RecordError, parse_time
+from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, Kind, RecordError, parse_time
 from relay.hostnames import valid_host
 from relay.poller import PollSettings
 from relay.scheduler import ScheduleSettings
@@ -302,8 +303,35 @@ def from_mapping(
     data: Mapping[str, object], *, origins: Mapping[str, str] | None = None
 ) -> Settings:
     """Validate an already-parsed configuration. ``origins``: the override variable that set
-    each key path (``http.timeout_s`` → ``CTCT_RELAY_HTTP__TIMEOUT_S``), for unknown keys."""
-    root = _Reader(data, "", origins or {})
+    each key path (``http.timeout_s`` → ``CTCT_RELAY_HTTP__TIMEOUT_S``): an error about a key
+    one of them set names it (see :func:`_blame_override`)."""
+    try:
+        return _settings(data, origins or {})
+    except ConfigError as exc:
+        raise _blame_override(exc, origins or {}) from None
+
+
+_KEY_PATH = re.compile(r"[a-z0-9_]+(?:\[\d+\]|\.[a-z0-9_]+)*")
+
+
+def _blame_override(exc: ConfigError, origins: Mapping[str, str]) -> ConfigError:
+    """Every check's message starts with the key it is about (``poll.page_limit: …``); when an
+    override variable set that key, or a mapping or list around it, the message names the
+    variable instead of leaving the config file to be blamed (as unknown keys do)."""
+    key, sep, rest = str(exc).partition(": ")
+    if exc.environment or not sep or not _KEY_PATH.fullmatch(key):
+        return exc
+    path = key
+    while path not in origins:
+        parent = re.sub(r"(?:\[\d+\]|\.[a-z0-9_]+)$", "", path)
+        if parent == path:
+            return exc
+        path = parent
+    return ConfigError(f"{key} (from {origins[path]}): {rest}", environment=True)
+
+
+def _settings(data: Mapping[str, object], origins: Mapping[str, str]) -> Settings:
+    root = _Reader(data, "", origins)
     poll = root.child("poll")
     retention_h = poll.number("dedup_retention_h", DEFAULT_RETENTION_H)
     defaults = replace(_poll(poll), dedup_retention_s=retention_h * 3600)
@@ -367,7 +395,7 @@ def _admin(r: _Reader) -> AdminSettings:
         port=r.integer("port", b.port, minimum=0, maximum=65535),
         # as the CLI does: a token file's line end ("$(cat token.txt)" keeps a CR) is not part
         # of it; a token of whitespace alone becomes "", which check_exposure refuses
-        token=None if token is None else token.strip(),
+        token=None if token is None else _secret_text(r, "token", token),
         rotation_grace_s=r.number("rotation_grace_s", b.rotation_grace_s, strict=False),
         metrics_public=r.flag("metrics_public", b.metrics_public),
     )
@@ -400,7 +428,12 @@ def _webhooks(
         raise ConfigError(f"{r.key('allow_networks')}: {exc}") from None
     declared = []
     for w in r.readers("declared"):
-        secret = w.optional_text("secret", secret=True)
+        secret = _optional_secret(w, "secret")
+        if secret is not None:
+            try:
+                check_secret(secret)
+            except WebhookError as exc:  # "secret: …", never the value
+                raise ConfigError(f"{w.key('secret')}{str(exc).removeprefix('secret')}") from None
         rate = w.raw("rate_limit_per_s")
         declared.append(
             DeclaredWebhook(
@@ -492,13 +525,11 @@ def _kafka_security(r: _Reader) -> KafkaSecurity:
         protocol=cast(Protocol, protocol),
         sasl_mechanism=cast(Mechanism, mechanism),
         username=r.text("username") if sasl else r.optional_text("username"),
-        password=r.text("password", secret=True)
-        if sasl
-        else r.optional_text("password", secret=True),
+        password=_required_secret(r, "password") if sasl else _optional_secret(r, "password"),
         ssl_cafile=_existing_file(r, "ssl_cafile"),
         ssl_certfile=_existing_file(r, "ssl_certfile"),
         ssl_keyfile=_existing_file(r, "ssl_keyfile"),
-        ssl_password=r.optional_text("ssl_password", secret=True),
+        ssl_password=_optional_secret(r, "ssl_password"),
     )
     if (security.ssl_certfile is None) != (security.ssl_keyfile is None):
         raise ConfigError(f"{r.key('ssl_certfile')}: ssl_certfile and ssl_keyfile go together")
@@ -688,7 +719,7 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
         access_token=_credential(r, "access_token"),
         budget=budget,
         campaigns=_campaigns(r.child("campaigns")),
-        contacts=tuple(r.strings("contacts") or ()),
+        contacts=r.ids("contacts"),
         poll=_poll(polling, poll),
     )
     _check_retention(account.poll, polling.key("overlap_s"))
@@ -732,18 +763,42 @@ def _base_url(r: _Reader) -> str:
 
 
 def _credential(r: _Reader, name: str) -> Secret:
-    """An api_key or access token: whitespace around it dropped (a secret file's line end,
-    kubectl create secret --from-file), and refused if a control character is left inside,
-    as no key or token holds one (in a header it stops every request). Never shown."""
-    value = r.text(name, secret=True).strip()
+    """An api_key or access token."""
+    return Secret(_required_secret(r, name))
+
+
+def _required_secret(r: _Reader, name: str) -> str:
+    """A secret that must be given (see :func:`_secret_text`)."""
+    value = _secret_text(r, name, r.text(name, secret=True))
     if not value:
         raise ConfigError(f"{r.key(name)}: required, but empty (only whitespace)")
+    return value
+
+
+def _optional_secret(r: _Reader, name: str) -> str | None:
+    """A secret that may be left out (missing or empty); one of whitespace alone is refused,
+    not taken for "none" (a webhook would get a generated secret its receiver does not know)."""
+    given = r.optional_text(name, secret=True)
+    if given is None:
+        return None
+    value = _secret_text(r, name, given)
+    if not value:
+        raise ConfigError(f"{r.key(name)}: only whitespace (leave the key out for none)")
+    return value
+
+
+def _secret_text(r: _Reader, name: str, value: str) -> str:
+    """The one rule for every secret of the config file (credentials, tokens, passwords, webhook
+    secrets): whitespace around it dropped (a secret file's line end, kubectl create secret
+    --from-file), and refused if a control character is left inside, as no secret holds one
+    (in a header it stops every request; a password with one never matches). Never shown."""
+    value = value.strip()
     if any(unicodedata.category(c) == "Cc" for c in value):
         raise ConfigError(
-            f"{r.key(name)}: holds a control character (a line break, a tab, …), which no key"
-            " or token does; the value of a secret is not shown"
+            f"{r.key(name)}: holds a control character (a line break, a tab, …), which no"
+            " secret does; the value of a secret is not shown"
         )
-    return Secret(value)
+    return value
 
 
 def _campaigns(r: _Reader) -> CampaignTargets:
@@ -752,7 +807,7 @@ def _campaigns(r: _Reader) -> CampaignTargets:
         discover=r.flag("discover", base.discover),
         discover_interval_s=r.number("discover_interval_s", base.discover_interval_s),
         max_age_days=r.number("max_age_days", base.max_age_days, maximum=36500),
-        ids=tuple(r.strings("ids") or ()),
+        ids=r.ids("ids"),
     )
     r.done()
     return targets
@@ -946,6 +1001,16 @@ class _Reader:
         ):
             raise ConfigError(f"{self.key(name)}: expected a list of strings, got {_show(value)}")
         return [str(v) for v in value]
+
+    def ids(self, name: str) -> tuple[str, ...]:
+        """A list of contact or campaign ids, each of the shape the admin API takes."""
+        ids = self.strings(name) or []
+        for index, value in enumerate(ids):
+            if not RESOURCE_ID.fullmatch(value):
+                raise ConfigError(
+                    f"{self.key(name)}[{index}]: expected {RESOURCE_ID_SHAPE}, got {_show(value)}"
+                )
+        return tuple(ids)
 
     def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
         value = self._given(name)

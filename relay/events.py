@@ -12,6 +12,7 @@ import contextlib
 import enum
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ TYPE_PREFIX = "com.constantcontact.email."
 # Namespace for the UUIDv5 event ids. Changing it changes every event id ever emitted: never do.
 _ID_NAMESPACE = uuid.UUID("6f0c3a52-6d1e-5b9e-9a4f-3c2b7c1d0e11")
 _ID_NAMESPACE_BYTES = _ID_NAMESPACE.bytes
+# Constant Contact v2 names contacts and campaigns by numeric strings ("1100394165290"; records
+# sometimes carry them as JSON numbers): what an operator gives as a target must be one
+RESOURCE_ID = re.compile(r"[0-9]{1,64}", re.ASCII)
+RESOURCE_ID_SHAPE = "a Constant Contact id (1 to 64 digits)"
 
 
 class Kind(enum.StrEnum):
@@ -382,7 +387,11 @@ def _id(raw: Mapping[str, object], field: str) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, str) and value.strip():
-        return value.strip()
+        value = value.strip()
+        if not value.isascii() and ("\ufffd" in value or _SURROGATE.search(value)):
+            # bytes that were not text upstream: whatever id it was, this is not it
+            raise RecordError(f"{field}: holds characters that could not be decoded: {value!r}")
+        return value
     raise RecordError(f"{field}: expected an id (string or integer), got {value!r}")
 
 
@@ -391,8 +400,20 @@ def _text(raw: Mapping[str, object], field: str) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
+        return value if value.isascii() else text_without_surrogates(value)
     raise RecordError(f"{field}: expected a string, got {value!r}")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_without_surrogates(value: str) -> str:
+    """``value`` with each lone UTF-16 surrogate replaced by U+FFFD (and a pair written as two
+    code points joined into one): no UTF-8 encoder, orjson's included, takes a surrogate, so
+    one such string in an event failed its whole commit. The same object when there is none."""
+    if value.isascii() or not _SURROGATE.search(value):
+        return value
+    return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -16,7 +16,7 @@ The relay's own clock is no bound: the simulator's virtual clock runs ahead of i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -30,6 +30,7 @@ from relay.ctct.errors import (
     CtctError,
     MalformedResponseError,
     PaginationLoopError,
+    ResponseTimeoutError,
     ServerError,
 )
 from relay.events import (
@@ -42,7 +43,7 @@ from relay.events import (
     parse_time,
     to_millis,
 )
-from relay.store import Store, Stream
+from relay.store import Behind, Store, Stream
 
 log = structlog.get_logger(__name__)
 
@@ -52,12 +53,41 @@ SUMMARY_ENDPOINT = {Scope.CAMPAIGN: "campaign.summary", Scope.CONTACT: "contact.
 CLOCK_SKEW_S = 60.0
 
 
+# Summary counts that count a feed's records, so that they bound how many pages reading it may
+# take. The campaign summary's opens, clicks and forwards count unique recipients (v2 docs) while
+# their feeds list every open, click and forward: those counts bound nothing.
+COUNTED_FEEDS = {
+    Scope.CONTACT: frozenset(Kind),
+    Scope.CAMPAIGN: frozenset({Kind.SEND, Kind.BOUNCE, Kind.UNSUBSCRIBE}),
+}
+# Pages a feed's read may take beyond what its summary count implies: activity arriving during
+# the pass (a campaign still sending) and a count lagging the feed. Past that, the cursor is
+# going nowhere (see ``_page_bound``).
+PAGE_MARGIN = 3
+PAGE_GROWTH = 0.5
+
+
 # Errors of one feed's read that say nothing of the stream's other feeds (a feed answering 5xx,
 # a malformed body, a pagination loop, a rejected parameter): the other feeds are committed and
 # move on, the failing one keeps its watermark and summary count, and the pass reports the error
 # once finished, so the stream still backs off. Budget, quota, 401, 403, 404, 429 and transport
-# errors concern the account, the key, the network or the stream itself: they end the pass.
+# errors (but one response timeout, below) concern the account, the key, the network or the
+# stream itself: they end the pass, once what it read is committed.
 FEED_ERRORS = (ServerError, MalformedResponseError, PaginationLoopError, BadRequestError)
+# A request that got a connection but no answer in time (after its retries) is feed-local once
+# per pass: a slow query upstream (a big feed's window) concerns that feed, and ending the pass
+# kept the feeds after it unread for as long as it stayed slow. A second feed timing out in the
+# same pass says the upstream is slow as a whole: the pass ends rather than spend every feed's
+# retries. A connection that cannot be made (refused, reset, DNS, a connect timeout) concerns
+# the network and ends the pass at once, as before.
+
+
+def _feed_local(exc: CtctError, outcome: PassOutcome) -> bool:
+    """Whether a feed's error leaves the rest of the pass to go on (and counts a timeout)."""
+    if not isinstance(exc, ResponseTimeoutError):
+        return True
+    outcome.timeouts += 1
+    return outcome.timeouts == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +132,10 @@ class PassOutcome:
     replay_from_ms: int | None = None  # re-emit known activity from this time (an operator asked)
     feed_error: CtctError | None = None  # a feed failed, the others were committed (FEED_ERRORS)
     feeds_failed: list[Kind] = field(default_factory=list)
+    counts: dict[str, int] | None = None  # what the summary answered in this pass, if it was read
+    timeouts: int = 0  # feeds whose read timed out in this pass (the first is feed-local)
+    behind: dict[Kind, Behind] = field(default_factory=dict)  # feeds behind their summary count
+    line_ms: int | None = None  # the seeded stream's history line this pass fixed (Poller._line)
 
 
 class Poller:
@@ -122,6 +156,8 @@ class Poller:
         self._settings = settings
         self._now_ms = now_ms
         self._on_commit = on_commit  # tells in-process sinks that the outbox grew
+        # the upstream's clock minus the relay's, by the last Date header read (None: none yet)
+        self._offset_ms: int | None = None
 
     async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
         """Poll every feed of the stream that may have news; commit what is new.
@@ -130,7 +166,11 @@ class Poller:
         treated as if it were there; the stored one never moves back) and emit what is found
         then or later even when dedup knows it, with its usual id.
         """
-        outcome = PassOutcome(watermarks=dict(stream.watermarks), summary=dict(stream.summary))
+        outcome = PassOutcome(
+            watermarks=dict(stream.watermarks),
+            summary=dict(stream.summary),
+            behind={k: b for k, b in stream.behind.items() if k in self._settings.kinds},
+        )
         # The client is the account's, shared by its concurrent passes: each pass counts the
         # requests sent from its own task (and tasks it starts), not the client's total.
         with counting_requests() as sent:
@@ -145,7 +185,11 @@ class Poller:
         to_read = list(self._settings.kinds)
         if self._settings.summary_gate:
             changed = await self._changed_kinds(stream, scope, outcome)
-            to_read = to_read if replay_from_ms is not None else changed
+            if replay_from_ms is None:
+                # a feed still behind its count is read again (see _settle)
+                to_read = [k for k in to_read if k in changed or k in outcome.behind]
+        else:
+            outcome.behind.clear()
         if replay_from_ms is not None:
             outcome.replay_from_ms = replay_from_ms
             # a feed never read keeps no watermark: it reads from its first-run bound anyway,
@@ -153,12 +197,18 @@ class Poller:
             for kind, mark in stream.watermarks.items():
                 outcome.watermarks[kind] = min(mark, replay_from_ms)
         pending: list[Activity] = []
+        unread: list[Kind] = []
         for kind in self._settings.kinds:
             if kind in to_read:
                 await self._read_feed_or_skip(stream, scope, kind, outcome, pending)
             elif self._seeds(stream, kind, outcome):
-                # nothing to absorb: later activity is newer than this
-                outcome.watermarks[kind] = self._now_ms() - self._overlap_ms
+                unread.append(kind)
+        if stream.line_ms is not None or self._offset_ms is not None:
+            for kind in unread:  # nothing to absorb: later activity is newer than the line
+                outcome.watermarks[kind] = self._line(stream, outcome)
+        # else no Date header was seen yet: an unread feed keeps no watermark (a line on the
+        # relay's clock could lie in the upstream's future), and its first read starts at the
+        # line known then
         await self._commit(stream.id, pending, outcome)
 
     async def _read_feed_or_skip(
@@ -169,18 +219,26 @@ class Poller:
         outcome: PassOutcome,
         pending: list[Activity],
     ) -> None:
-        """Read one feed; a feed-local error (``FEED_ERRORS``) leaves it to the next pass.
+        """Read one feed; a feed-local error (``FEED_ERRORS``, the first timeout of the pass)
+        leaves it to the next pass.
 
         One persistently failing feed used to fail every pass of the stream, so the other feeds'
         activity was read again at each retry and never emitted. What the failing feed read
         before the error is committed with the rest: its watermark does not move, so the next
         pass reads it again and dedup drops it. A replay still fails whole: a retry of a replay
         appends again what it committed.
+
+        An error that ends the pass commits what the pass read first: the feeds read before it
+        (and this one's pages before the error) were thrown away at every failed pass, so one
+        feed timing out pass after pass held back the stream's every event. Safe, as above:
+        watermarks move only in ``finish_pass``, which a failed pass never reaches; dedup drops
+        the re-read. Not in a replay, for the same reason as above.
         """
         try:
             await self._read_feed(stream, scope, kind, outcome, pending)
-        except FEED_ERRORS as exc:
-            if outcome.replay_from_ms is not None:
+        except (*FEED_ERRORS, ResponseTimeoutError) as exc:
+            if outcome.replay_from_ms is not None or not _feed_local(exc, outcome):
+                await self._commit_before_failing(stream, pending, outcome)
                 raise
             name = catalogue.FEEDS[kind]
             if name in stream.summary:  # the summary gate reads the feed again next pass
@@ -190,7 +248,39 @@ class Poller:
             outcome.feeds_failed.append(kind)
             if outcome.feed_error is None:
                 outcome.feed_error = exc
-            log.warning("poll.feed_failed", kind=kind.value, error=str(exc))
+            log.warning("poll.feed_failed", stream=str(stream.key), kind=kind.value, error=str(exc))
+        except CtctError:
+            await self._commit_before_failing(stream, pending, outcome)
+            raise
+
+    async def _commit_before_failing(
+        self, stream: Stream, pending: list[Activity], outcome: PassOutcome
+    ) -> None:
+        """Commit what the pass read before an error ends it (see ``_read_feed_or_skip``)."""
+        if outcome.replay_from_ms is None and pending:
+            await self._commit(stream.id, pending, outcome)
+
+    def _settle(self, stream: Stream, kind: Kind, shown: int, outcome: PassOutcome) -> None:
+        """Whether a feed just read is still behind its summary count.
+
+        The upstream's counters can move before its tracking feed lists the record: a read
+        that shows fewer new activities than the count moved by leaves the feed behind, and it
+        is read again at each pass of the stream (the count no longer changes, so the gate
+        alone would skip it for good) until it has shown them or until ``overlap_s`` has passed
+        since the count last moved, the longest a late arrival may take by the README's
+        promise; the read at or after that time is the last. ``shown``: activities the read
+        showed that are newer than the feed's stored watermark (all on a first read). A first read
+        bounded by ``start_from`` cannot show the history older than its window, so it stays
+        behind for ``overlap_s``: the price of catching what its counts saw first.
+        """
+        name = catalogue.FEEDS[kind]
+        moved = outcome.summary.get(name, 0) - stream.summary.get(name, 0)
+        before = outcome.behind.pop(kind, None)
+        now = self._now_ms()
+        missing = max(0, (0 if before is None else before.missing) + moved - shown)
+        since = now if moved > 0 or before is None else before.since_ms
+        if missing and now < since + self._overlap_ms:
+            outcome.behind[kind] = Behind(since, missing)
 
     async def _commit(self, stream_id: int, pending: list[Activity], outcome: PassOutcome) -> None:
         """Commit buffered activity oldest first, one transaction per ``commit_events``.
@@ -225,13 +315,38 @@ class Poller:
         return int(self._settings.overlap_s * 1000)
 
     def _seeds(self, stream: Stream, kind: Kind, outcome: PassOutcome) -> bool:
-        """Whether this feed's first read absorbs history (start_from: now): activity up to the
-        stream's creation goes into dedup only, later activity is emitted. The line is the
-        creation time, not the time of the read, so a first pass that fails or is cut short, or
-        an outage before it, loses nothing. Streams found by discovery after start-up always
-        emit: all they have is new.
-        """
+        """Whether this is a seeded feed's first read (start_from: now): it starts at the
+        stream's history line (see ``_history_line``), not at the start of the feed."""
         return stream.seed and kind not in outcome.watermarks and self._settings.start_from == "now"
+
+    def _line(self, stream: Stream, outcome: PassOutcome) -> int:
+        """When a seeded stream was added, on the upstream's clock: its creation time moved by
+        the offset of the upstream's Date header (activity times are on that clock; against an
+        upstream whose clock is behind the relay's, the relay's clock put everything that
+        happened after the stream was added into its history). The first pass that knows the
+        offset fixes it (``PassOutcome.line_ms``, stored), so the Date header's whole seconds
+        cannot move it between passes. The relay's clock while no Date header was seen."""
+        if stream.line_ms is not None:
+            return stream.line_ms
+        if outcome.line_ms is None and self._offset_ms is not None:
+            outcome.line_ms = stream.created_ms + self._offset_ms
+        return stream.created_ms if outcome.line_ms is None else outcome.line_ms
+
+    def _history_line(self, stream: Stream, outcome: PassOutcome) -> int | None:
+        """Activity at or before this time is a seeded stream's history (start_from: now): the
+        stream never emits it, at its first read or any later one (the overlap, late arrivals),
+        but a replay does. None: the stream emits everything it reads.
+
+        History is left out by its time, never by dedup keys: the keys are account-wide, so
+        history a new stream wrote into dedup was "known" to every other stream that had not
+        read it yet (a contact added as a target while a campaign stream of the same activity
+        was between passes), and they never emitted it. The line is the creation time, not the
+        time of the read, so a first pass that fails or is cut short, or an outage before it,
+        loses nothing. Streams found by discovery after start-up are not seeded: all they have
+        is new.
+        """
+        seeded = stream.seed and self._settings.start_from == "now"
+        return self._line(stream, outcome) if seeded and outcome.replay_from_ms is None else None
 
     async def _changed_kinds(
         self, stream: Stream, scope: Scope, outcome: PassOutcome
@@ -242,6 +357,7 @@ class Poller:
             raise MalformedResponseError("summary is not an object", endpoint=endpoint.name)
         counts = {k: v for k, v in body.items() if isinstance(v, int) and not isinstance(v, bool)}
         outcome.summary = counts
+        outcome.counts = dict(counts)  # outcome.summary changes as feeds fail
         return [
             kind
             for kind in self._settings.kinds
@@ -257,6 +373,8 @@ class Poller:
         pending: list[Activity],
     ) -> None:
         seeding = self._seeds(stream, kind, outcome)
+        stored = stream.watermarks.get(kind)
+        shown = 0
         watermark = outcome.watermarks.get(kind)
         # Dedup keys older than the retention are pruned, so a feed idle that long and read
         # again from its watermark would emit its last activities a second time: what is that
@@ -269,12 +387,18 @@ class Poller:
         last_page: Previous = ([], 0)  # the feed's previous page, see _unrepeated
         newest = watermark
         endpoint = catalogue.feed(scope, kind)
-        async for page in self._client.pages(
+        pages = self._client.pages(
             endpoint,
             resource_id=stream.key.resource_id,
-            since=self._since(stream, watermark, seeding),
+            since=self._since(watermark, self._line(stream, outcome) if seeding else None),
             limit=self._settings.page_limit,
-        ):
+        )
+        bound = self._page_bound(scope, kind, outcome)
+        if bound is not None:
+            pages = _bounded(pages, bound, stream, kind, endpoint.name)
+        async for page in pages:
+            if page.server_ms is not None:
+                self._offset_ms = page.server_ms - self._now_ms()
             activities = self._parse(page.records, kind, outcome)
             outcome.fetched += len(activities)
             # each activity's time once per page (a property computed on every read: profiled,
@@ -283,6 +407,7 @@ class Poller:
             activities, times, last_page = _unrepeated(activities, times, last_page)
             if not activities:
                 continue
+            shown += len(times) if stored is None else sum(1 for t in times if t > stored)
             created_ms = stream.created_ms
             outcome.recent += sum(1 for t in times if t > created_ms)
             page_max = max(times)
@@ -294,11 +419,9 @@ class Poller:
                 kept = [a for a in activities if a.occurred_ms >= horizon]
                 too_old += len(activities) - len(kept)
                 activities = kept
-            if seeding:
-                history = [a for a in activities if a.occurred_ms <= stream.created_ms]
-                if history:
-                    await self._store.commit_page(stream.id, history, self._now_ms(), emit=False)
-                activities = [a for a in activities if a.occurred_ms > stream.created_ms]
+            line = self._history_line(stream, outcome)
+            if line is not None and min(times) <= line:
+                activities = [a for a in activities if a.occurred_ms > line]
             pending.extend(activities)
             if len(pending) >= self._settings.buffer_limit:
                 # A huge backfill: keep memory bounded; order holds within each flush.
@@ -307,10 +430,31 @@ class Poller:
             outcome.beyond_retention += too_old
             log.info("poll.beyond_retention", kind=kind.value, activities=too_old)
         if seeding:
-            newest = max(newest or 0, self._now_ms() - self._overlap_ms)
+            # nothing to absorb: later activity is newer than the line (learnt during this
+            # read when the read had to start at the relay's clock: see _line)
+            newest = max(newest or 0, self._line(stream, outcome))
         if newest is not None:
             outcome.watermarks[kind] = newest
         outcome.feeds_read.append(kind)
+        if self._settings.summary_gate:
+            self._settle(stream, kind, shown, outcome)
+
+    def _page_bound(self, scope: Scope, kind: Kind, outcome: PassOutcome) -> PageBound | None:
+        """How many pages a read of this feed may take, when this pass's summary gave a count of
+        its records: the pages the count fills plus ``PAGE_MARGIN`` and ``PAGE_GROWTH``.
+
+        The client stops a cursor that keeps returning nothing new; this stops one that keeps
+        returning records (a cycle longer than the client remembers, records that differ only
+        in a field), which would otherwise spend the key's whole daily budget in one pass. The
+        count is the feed's total, so an incremental read is far below the bound."""
+        name = catalogue.FEEDS[kind]
+        if outcome.counts is None or kind not in COUNTED_FEEDS[scope] or name not in outcome.counts:
+            return None
+        count = max(0, outcome.counts[name])
+        limit = self._settings.page_limit
+        expected = max(1, -(-count // limit))
+        allowed = expected + max(PAGE_MARGIN, int(expected * PAGE_GROWTH))
+        return PageBound(count, name, limit, allowed)
 
     def _horizon(self, page: Page, watermark: int | None) -> int:
         """Activities of this page older than this were read before and may have lost their
@@ -362,14 +506,13 @@ class Poller:
                 )
         return ceiling
 
-    def _since(self, stream: Stream, watermark: int | None, seeding: bool) -> datetime | None:
-        """created_since for a feed: the watermark minus the overlap, or the first-run bound."""
+    def _since(self, watermark: int | None, line: int | None) -> datetime | None:
+        """created_since for a feed: the watermark minus the overlap, or the first-run bound
+        (``line``: a seeded feed's first read, see ``_line``; what is older is history)."""
         if watermark is not None:
             return from_millis(max(0, watermark - self._overlap_ms))
-        if seeding:
-            # Absorb two overlaps before the stream's creation: the history the next passes
-            # could read again is in dedup; everything after the creation is emitted.
-            return from_millis(max(0, stream.created_ms - 2 * self._overlap_ms))
+        if line is not None:
+            return from_millis(max(0, line))
         start = self._settings.start_ms()
         return None if start is None else from_millis(start)
 
@@ -384,6 +527,33 @@ class Poller:
                 outcome.skipped_records += 1
                 log.warning("poll.bad_record", kind=kind.value, error=str(exc))
         return activities
+
+
+@dataclass(frozen=True, slots=True)
+class PageBound:
+    """The most pages a feed's read may take, and the summary count it was derived from."""
+
+    count: int
+    name: str  # the summary field, e.g. "sends"
+    limit: int  # records per page
+    pages: int
+
+
+async def _bounded(
+    pages: AsyncIterator[Page], bound: PageBound, stream: Stream, kind: Kind, endpoint: str
+) -> AsyncIterator[Page]:
+    """``pages`` up to ``bound.pages``; a next_link past them raises PaginationLoopError (a
+    feed error: the other feeds go on) instead of being followed."""
+    async for page in pages:
+        yield page
+        if page.next_link is not None and page.number >= bound.pages:
+            raise PaginationLoopError(
+                f"{stream.key} {kind.value}: {page.number} pages read and the feed still has a"
+                f" next_link, though the summary counts {bound.count} {bound.name} ({bound.limit}"
+                f" a page; at most {bound.pages} pages expected); not following it:"
+                f" {page.next_link}",
+                endpoint=endpoint,
+            )
 
 
 def _unrepeated(

@@ -491,6 +491,8 @@ class Scheduler:
                 rate_per_h=rate,
                 polled_ms=now,
                 error=None if failed is None else str(failed),
+                behind=outcome.behind,
+                line_ms=outcome.line_ms,
             ),
         )
         self.passes += 1

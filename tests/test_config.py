@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, Secret, from_mapping, load
+from relay.config import ConfigError, Secret, Settings, from_mapping, load
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "relay.example.yaml"
 
@@ -605,15 +605,28 @@ def test_overrides_of_numbers_flags_and_lists(tmp_path: Path) -> None:
         pytest.param(
             "POLL__KINDS", "click", r"poll\.kinds: expected a list of strings", id="not-a-list"
         ),
+        pytest.param(
+            "ACCOUNTS__0__RATE_LIMIT",
+            "{requests_per_second: 0}",
+            r"accounts\[0\]\.rate_limit\.requests_per_second: expected a number > 0",
+            id="inside-a-mapping-it-sets",
+        ),
     ],
 )
 def test_overrides_that_do_not_fit_their_key(
     tmp_path: Path, variable: str, value: str, message: str
 ) -> None:
-    """Override text that does not spell what the key takes is refused, naming the key."""
+    """Override text that does not spell what the key takes is refused, naming the key and the
+    variable, not the config file (which was blamed: it does not hold the value)."""
     env = {"KEY": "k", f"CTCT_RELAY_{variable}": value}
-    with pytest.raises(ConfigError, match=message):
-        load(write(tmp_path, MINIMAL), environ=env)
+    path = write(tmp_path, MINIMAL)
+    key, rest = message.split(": ", 1)  # the key the value fails, whichever variable set it
+    with pytest.raises(
+        ConfigError, match=rf"^{key} \(from CTCT_RELAY_{variable}\): {rest}"
+    ) as caught:
+        load(path, environ=env)
+    assert str(path) not in str(caught.value)
+    assert caught.value.environment
 
 
 def test_yaml_text_keeps_the_form_it_was_written_in(tmp_path: Path) -> None:
@@ -1149,7 +1162,8 @@ def test_a_control_character_inside_a_credential_is_refused(
     with pytest.raises(ConfigError) as caught:
         load(write(tmp_path, MINIMAL), environ=env)
     message = str(caught.value)
-    assert f"accounts[0].{key}: holds a control character" in message, message
+    variable = f"CTCT_RELAY_ACCOUNTS__0__{key.upper()}"
+    assert message.startswith(f"accounts[0].{key} (from {variable}): holds a control"), message
     assert "tok3n" not in message
     assert "v4lue" not in message
     assert message.endswith("the value of a secret is not shown")
@@ -1158,7 +1172,7 @@ def test_a_control_character_inside_a_credential_is_refused(
 @pytest.mark.parametrize("key", ["api_key", "access_token"])
 def test_a_credential_of_whitespace_alone_is_missing(tmp_path: Path, key: str) -> None:
     env = {"KEY": "k", f"CTCT_RELAY_ACCOUNTS__0__{key.upper()}": " \r\n"}
-    with pytest.raises(ConfigError, match=rf"accounts\[0\]\.{key}: required, but empty"):
+    with pytest.raises(ConfigError, match=rf"^accounts\[0\]\.{key} \(from \S+\): required, but"):
         load(write(tmp_path, MINIMAL), environ=env)
 
 
@@ -1235,3 +1249,130 @@ def test_example_declared_webhook_shows_the_defaults(tmp_path: Path) -> None:
         }
     ).webhooks
     assert example == minimal
+
+
+_SASL = (
+    "kafka: {bootstrap_servers: 'b:9092', security: {protocol: SASL_PLAINTEXT, username: u,"
+    " password: '${KAFKA_PASSWORD}'}}\n"
+)
+_DECLARED = "webhooks: {declared: [{url: 'https://93.184.216.34/h', secret: '${HOOK_SECRET}'}]}\n"
+_HOOK_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" + "MfKQ9r8GKYqrTwjUPD8ILPZI"
+
+
+def _secret_setting(name: str) -> tuple[str, str]:
+    """The config text giving the secret ``name`` from a variable, and that variable."""
+    if name == "kafka.security.password":
+        return MINIMAL + _SASL, "KAFKA_PASSWORD"
+    return MINIMAL + _DECLARED, "HOOK_SECRET"
+
+
+def _secret_of(settings: Settings, name: str) -> str | None:
+    if name == "kafka.security.password":
+        assert settings.kafka is not None
+        return settings.kafka.security.password
+    return settings.webhooks[0].secret
+
+
+_SECRET_KEYS = ["kafka.security.password", "webhooks.declared[0].secret"]
+
+
+@pytest.mark.parametrize("key", _SECRET_KEYS)
+@pytest.mark.parametrize("around", ["\n", "\r\n", " \t"])
+def test_passwords_and_webhook_secrets_lose_surrounding_whitespace(
+    tmp_path: Path, key: str, around: str
+) -> None:
+    """The rule of api_key/access_token/admin.token holds for every secret: a Kafka password or
+    a declared webhook secret read from a file (its line end kept) loads without it (it loaded
+    as given: SASL failed for ever, the webhook secret failed the start as 'not valid base64')."""
+    text, variable = _secret_setting(key)
+    value = _HOOK_SECRET if key.startswith("webhooks") else "kafka-pw-123"
+    settings = load(write(tmp_path, text), environ={"KEY": "k", variable: around + value + around})
+    assert _secret_of(settings, key) == value
+    assert value in settings.secrets() or key.startswith("webhooks")
+
+
+@pytest.mark.parametrize("key", _SECRET_KEYS)
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        pytest.param("MfKQ9r8GKYqrT\nwjUPD8\n", "holds a control character", id="line-break"),
+        pytest.param("MfKQ9r8GKYqrT\x00wjUPD8", "holds a control character", id="nul"),
+        pytest.param(" \r\n", "only whitespace", id="whitespace-alone"),
+    ],
+)
+def test_a_bad_password_or_webhook_secret_is_refused_naming_its_key(
+    tmp_path: Path, key: str, value: str, problem: str
+) -> None:
+    """What stripping leaves inside (a control character), or nothing left at all, is refused
+    at load naming the key, never showing the value."""
+    text, variable = _secret_setting(key)
+    if key.startswith("webhooks") and problem != "only whitespace":
+        value = "whsec_" + value
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={"KEY": "k", variable: value})
+    message = str(caught.value)
+    expected = "required, but empty" if key.startswith("kafka") and value.isspace() else problem
+    assert f": {key}: {expected}" in message, message
+    assert "MfKQ9r8GKYqr" not in message
+
+
+def test_a_declared_webhook_secret_is_checked_at_load(tmp_path: Path) -> None:
+    """A declared secret that is no whsec_ secret stops the load naming its key (it stopped
+    the start later, naming webhooks[0]), never showing the value."""
+    environ = {"KEY": "k", "HOOK_SECRET": "whsec_MfKQ9r8GKYqr!!"}
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, MINIMAL + _DECLARED), environ=environ)
+    message = str(caught.value)
+    assert ": webhooks.declared[0].secret: the part after whsec_ is not valid" in message
+    assert "MfKQ9r8GKYqr" not in message
+
+
+def test_an_ssl_password_loses_surrounding_whitespace(
+    tmp_path: Path, tls_files: dict[str, Path]
+) -> None:
+    """The key's passphrase from a file with its line end decrypts the key (it did not)."""
+    text = _ssl(
+        tls_files,
+        ssl_cafile="enc.crt",
+        ssl_certfile="enc.crt",
+        ssl_keyfile="enc.key",
+        ssl_password="${SSL_PASSWORD}",
+    )
+    settings = load(write(tmp_path, text), environ={"KEY": "k", "SSL_PASSWORD": "pw-1234\r\n"})
+    assert settings.kafka is not None
+    assert settings.kafka.security.ssl_password == "pw-1234"
+
+
+def test_a_bad_value_in_the_file_is_still_the_files(tmp_path: Path) -> None:
+    """Only what a variable set is blamed on it: a bad value written in the file, beside a
+    variable setting another key of the same mapping, names the file."""
+    path = write(tmp_path, MINIMAL + "poll: {page_limit: 1.5}\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={"KEY": "k", "CTCT_RELAY_POLL__KINDS": "[click]"})
+    assert str(caught.value).startswith(f"{path}: poll.page_limit: expected an integer")
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "shown"),
+    [
+        pytest.param(
+            "    contacts: [1001, abc]\n", "accounts[0].contacts[1]", "'abc'", id="contact"
+        ),
+        pytest.param(
+            "    campaigns: {ids: ['11 00']}\n",
+            "accounts[0].campaigns.ids[0]",
+            "'11 00'",
+            id="campaign",
+        ),
+    ],
+)
+def test_target_ids_are_constant_contact_ids(
+    tmp_path: Path, extra: str, key: str, shown: str
+) -> None:
+    """Contact and campaign ids are what the v2 API names them by (digits), as the admin API and
+    the CLI take them: anything else is refused at load naming the item."""
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
+    assert f": {key}: expected a Constant Contact id (1 to 64 digits), got {shown}" in str(
+        caught.value
+    )

@@ -132,6 +132,27 @@ def test_bad_records_name_the_field(overrides: dict[str, object], field: str) ->
         parse_activity(record(Kind.OPEN, **overrides), account="a", kind=Kind.OPEN)
 
 
+def test_text_with_lone_surrogates_survives_into_the_event() -> None:
+    """A lone UTF-16 surrogate in free text (a string cut mid-emoji, parsed by a JSON decoder
+    that keeps it) made orjson refuse the event's data at commit, failing the whole commit; it
+    becomes U+FFFD (a pair split into two code points is joined). An id holding such characters
+    is no id the upstream meant: the record is refused, naming the field."""
+    raw = record(
+        Kind.UNSUBSCRIBE,
+        email_address="ren\ufffd@example.fr",
+        unsubscribe_reason="bye \ud83d",
+        unsubscribe_source="\ud83d\ude00",
+    )
+    activity = parse_activity(raw, account="a")
+    data = orjson.loads(orjson.dumps(activity.data()))
+    assert data["unsubscribe_reason"] == "bye \ufffd"
+    assert data["unsubscribe_source"] == "\U0001f600"
+    assert data["email_address"] == "ren\ufffd@example.fr"
+    for bad in ("12\ufffd3", "12\udce93"):
+        with pytest.raises(RecordError, match="contact_id: holds characters that could not be"):
+            parse_activity(record(Kind.OPEN, contact_id=bad), account="a")
+
+
 def test_unknown_bounce_code_is_rejected() -> None:
     """Bounce codes outside the documented set are errors, not silently passed on."""
     with pytest.raises(RecordError, match="bounce_code"):

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import aiohttp
+import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from relay.ctct import catalogue, errors
 from relay.ctct.catalogue import Endpoint
-from relay.ctct.client import Page, count_request
+from relay.ctct.client import Credentials, CtctClient, Page, RetryPolicy, count_request
 from relay.ctct.errors import CtctError, ServerError, TransportError
-from relay.ctct.ratelimit import Budget
+from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.events import Kind, format_millis, to_millis
 from relay.poller import CLOCK_SKEW_S, Poller, PollSettings
 from relay.sim import Scenario
@@ -68,7 +73,15 @@ class Driver:
             new += outcome.new
             await self.store.finish_pass(
                 stream.id,
-                PassResult(outcome.watermarks, outcome.summary, self.now_ms, 1.0, self.now_ms),
+                PassResult(
+                    outcome.watermarks,
+                    outcome.summary,
+                    self.now_ms,
+                    1.0,
+                    self.now_ms,
+                    behind=outcome.behind,
+                    line_ms=outcome.line_ms,
+                ),
             )
         return new
 
@@ -287,7 +300,16 @@ class Passes:
         error = None if outcome.feed_error is None else str(outcome.feed_error)
         await self.store.finish_pass(
             stream.id,
-            PassResult(outcome.watermarks, outcome.summary, 0, 1.0, self.now_ms, error),
+            PassResult(
+                outcome.watermarks,
+                outcome.summary,
+                0,
+                1.0,
+                self.now_ms,
+                error,
+                outcome.behind,
+                outcome.line_ms,
+            ),
         )
         return error is None
 
@@ -613,8 +635,9 @@ async def test_a_failing_feed_does_not_hold_back_the_others(store: Store) -> Non
 async def test_an_account_wide_error_in_one_feed_still_ends_the_pass(
     store: Store, error: CtctError
 ) -> None:
-    """Errors that concern the key or the network, not the feed, end the pass: nothing of it is
-    committed (the scheduler pauses or backs off the account's stream as before)."""
+    """Errors that concern the key or the network, not the feed, end the pass (the scheduler
+    pauses or backs off the account's stream as before); what the pass read before the error is
+    committed first (it was thrown away), and no watermark moves: the pass never finishes."""
     feeds = Feeds()
     await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1")], T_START, seed=False)
     settings = PollSettings(kinds=(Kind.OPEN, Kind.CLICK), start_from="earliest")
@@ -626,7 +649,8 @@ async def test_an_account_wide_error_in_one_feed_still_ends_the_pass(
     stream = (await store.streams())[0]
     with pytest.raises(type(error)):
         await passes.poller.run_pass(stream)
-    assert await passes.contacts() == []
+    assert await passes.contacts() == [("open", "100")]
+    assert (await store.streams())[0].watermarks == {}
 
 
 async def test_a_pass_counts_what_happened_after_the_stream_was_added(store: Store) -> None:
@@ -640,3 +664,237 @@ async def test_a_pass_counts_what_happened_after_the_stream_was_added(store: Sto
     passes = Passes(store, feeds, settings, T_START + 2000)
     outcome = await passes.poller.run_pass((await store.streams())[0])
     assert (outcome.new, outcome.recent) == (2, 1)
+
+
+# --- a deliberately broken upstream on loopback, read by the real client -------------------
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def upstream_client(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    session: aiohttp.ClientSession,
+    handler: Handler,
+    timeout_s: float = 30.0,
+) -> CtctClient:
+    """A client of an upstream served by ``handler`` on 127.0.0.1 (retries without sleeping)."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app)
+
+    async def no_sleep(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    return CtctClient(
+        session,
+        Credentials(str(server.make_url("")), API_KEY, TOKEN),
+        RateLimiter(Budget(requests_per_second=10_000, requests_per_day=2000)),
+        retry=RetryPolicy(max_attempts=2, base_delay_s=0.01),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        sleep=no_sleep,
+    )
+
+
+def tracking_page(records: list[dict[str, object]], next_link: str | None = None) -> web.Response:
+    pagination = {"next_link": next_link} if next_link else {}
+    return web.json_response({"meta": {"pagination": pagination}, "results": records})
+
+
+def tracking_record(kind: Kind, contact: str, at_ms: int) -> dict[str, object]:
+    return {
+        "activity_type": kind.activity_type,
+        "campaign_id": "1100",
+        "contact_id": contact,
+        "email_address": f"{contact}@example.com",
+        f"{kind.value}_date": format_millis(at_ms),
+    }
+
+
+async def test_a_cursor_that_never_ends_stops_at_what_the_summary_count_implies(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], store: Store
+) -> None:
+    """A sends feed whose cursor hands out a new next_link and a new record at every page (so
+    the client's guard never fires): it used to be followed until the day's budget was spent,
+    and the key paused until midnight. The summary counts 3 sends, one page's worth: the read
+    stops a few pages later as a feed error, logged once with the stream and the feed, and the
+    other feeds are read and committed. A campaign's opens count unique recipients, not the
+    feed's records, so a long opens feed is read in full whatever its count."""
+    served: Counter[str] = Counter()
+
+    async def handler(request: web.Request) -> web.Response:
+        feed = request.path.rsplit("/", 1)[-1]
+        served[feed] += 1
+        n = served[feed]
+        if feed == "summary":
+            return web.json_response({"sends": 3, "opens": 1, "bounces": 1})
+        if feed == "sends":  # a new record and a new link, for ever
+            record = tracking_record(Kind.SEND, str(n), T_START - n * 1000)
+            return tracking_page([record], f"{request.path}?next=s{n}")
+        if feed == "opens":  # six pages: one contact opened many times
+            record = tracking_record(Kind.OPEN, "7", T_START - n * 1000)
+            return tracking_page([record], f"{request.path}?next=o{n}" if n < 6 else None)
+        bounce = tracking_record(Kind.BOUNCE, "9", T_START - 500) | {"bounce_code": "B"}
+        return tracking_page([bounce])
+
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.SEND, Kind.OPEN, Kind.BOUNCE), start_from="earliest")
+    async with aiohttp.ClientSession() as session:
+        client = await upstream_client(aiohttp_server, session, handler)
+        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
+        stream = (await store.streams())[0]
+        with capture_logs() as logs:
+            outcome = await poller.run_pass(stream)
+    assert served == {"summary": 1, "sends": 4, "opens": 6, "bounces": 1}
+    assert outcome.feeds_failed == [Kind.SEND]
+    assert isinstance(outcome.feed_error, errors.PaginationLoopError)
+    assert str(outcome.feed_error).startswith(
+        "campaign.sends: acme/campaign/1100 send: 4 pages read and the feed still has a"
+        " next_link, though the summary counts 3 sends (500 a page; at most 4 pages expected)"
+    )
+    [failed] = [line for line in logs if line["event"] == "poll.feed_failed"]
+    assert (failed["stream"], failed["kind"]) == ("acme/campaign/1100", "send")
+    assert outcome.watermarks.keys() == {Kind.OPEN, Kind.BOUNCE}
+    assert "sends" not in outcome.summary  # read again next pass
+    assert Counter(kind for kind, _ in await outbox_kinds(store)) == {
+        "send": 4,  # what the failing feed read is committed; its watermark does not move
+        "open": 6,
+        "bounce": 1,
+    }
+
+
+async def outbox_kinds(store: Store) -> list[tuple[str, str]]:
+    return [(e.kind.value, e.contact_id) for e in await store.read_outbox(0, 10**6)]
+
+
+async def test_text_that_is_not_clean_utf8_costs_one_record_at_most(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], store: Store
+) -> None:
+    """One Latin-1 byte in a record's email, a lone surrogate escape in an unsubscribe reason:
+    orjson refused the whole page, so the feed failed every pass and nothing on it (or after
+    it) was ever emitted. The text is repaired (U+FFFD) and emitted; a record whose contact id
+    is what could not be decoded is skipped and logged as poll.bad_record, not its page."""
+    at = T_START - 60_000
+    opens = [tracking_record(Kind.OPEN, str(c), at - c) for c in (1, 2, 3, 4)]
+    opens[1]["email_address"] = "LATIN1"
+    opens[2]["contact_id"] = "CONTACT"
+    unsubscribe = tracking_record(Kind.UNSUBSCRIBE, "5", at) | {"unsubscribe_reason": "SURR"}
+    bodies = {
+        "opens": orjson.dumps({"meta": {"pagination": {}}, "results": opens})
+        .replace(b"LATIN1", b"ren\xe9@example.fr")
+        .replace(b"CONTACT", b"3\xe93"),
+        "unsubscribes": orjson.dumps(
+            {"meta": {"pagination": {}}, "results": [unsubscribe]}
+        ).replace(b"SURR", b"too many \\ud83d"),
+    }
+
+    async def handler(request: web.Request) -> web.Response:
+        feed = request.path.rsplit("/", 1)[-1]
+        if feed == "summary":
+            return web.json_response({"opens": 4, "unsubscribes": 1})
+        return web.Response(body=bodies[feed], content_type="application/json")
+
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.OPEN, Kind.UNSUBSCRIBE), start_from="earliest")
+    async with aiohttp.ClientSession() as session:
+        client = await upstream_client(aiohttp_server, session, handler)
+        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
+        with capture_logs() as logs:
+            outcome = await poller.run_pass((await store.streams())[0])
+    assert (outcome.feed_error, outcome.new, outcome.skipped_records) == (None, 4, 1)
+    assert outcome.watermarks == {Kind.OPEN: at - 1, Kind.UNSUBSCRIBE: at}
+    data = {e.contact_id: orjson.loads(e.data) for e in await store.read_outbox(0, 10**6)}
+    assert sorted(data) == ["1", "2", "4", "5"]
+    assert data["2"]["email_address"] == "ren\ufffd@example.fr"
+    assert data["5"]["unsubscribe_reason"] == "too many \ufffd"
+    [bad] = [line for line in logs if line["event"] == "poll.bad_record"]
+    assert bad["error"].startswith("contact_id: holds characters that could not be decoded")
+    repaired = [line["endpoint"] for line in logs if line["event"] == "ctct.body_repaired"]
+    assert repaired == ["campaign.opens", "campaign.unsubscribes"]
+
+
+def slow_feeds_upstream(slow: set[str], served: Counter[str]) -> Handler:
+    """Answers a campaign's summary and feeds at once, but ``slow`` feeds only after a second
+    (a slow query upstream); one fresh record per feed."""
+
+    async def handler(request: web.Request) -> web.Response:
+        feed = request.path.rsplit("/", 1)[-1]
+        served[feed] += 1
+        if feed == "summary":
+            return web.json_response({"sends": 1, "opens": 1, "clicks": 1, "bounces": 1})
+        if feed in slow:
+            await asyncio.sleep(1)
+        kind = next(k for k in Kind if catalogue.FEEDS[k] == feed)
+        record = tracking_record(kind, "1", T_START - 1000)
+        extra = {"bounce_code": "B"} if kind is Kind.BOUNCE else {"link_id": "1"}
+        return tracking_page([record | extra])
+
+    return handler
+
+
+async def test_a_feed_that_times_out_does_not_hold_back_the_others(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], store: Store
+) -> None:
+    """One feed (sends) answering slower than the timeout, pass after pass: the timeout ended
+    the pass and what the other feeds had read was thrown away, so none of the stream's events
+    were delivered while it stayed slow. The timed-out feed fails alone (its watermark and
+    summary count kept, the stream backing off); the feeds before and after it are committed."""
+    served: Counter[str] = Counter()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
+    settings = PollSettings(kinds=(Kind.OPEN, Kind.SEND, Kind.BOUNCE), start_from="earliest")
+    async with aiohttp.ClientSession() as session:
+        handler = slow_feeds_upstream({"sends"}, served)
+        client = await upstream_client(aiohttp_server, session, handler, timeout_s=0.2)
+        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
+        outcome = await poller.run_pass((await store.streams())[0])
+    assert served == {"summary": 1, "opens": 1, "sends": 2, "bounces": 1}  # sends: 2 attempts
+    assert outcome.feeds_failed == [Kind.SEND]
+    assert isinstance(outcome.feed_error, errors.ResponseTimeoutError)
+    assert outcome.watermarks.keys() == {Kind.OPEN, Kind.BOUNCE}
+    assert "sends" not in outcome.summary
+    assert sorted(await outbox_kinds(store)) == [("bounce", "1"), ("open", "1")]
+
+
+async def test_a_second_feed_timing_out_ends_the_pass_keeping_what_was_read(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], store: Store
+) -> None:
+    """Two feeds timing out in one pass: the upstream is slow as a whole, and the pass ends
+    rather than spend every feed's retries; what it read before is committed (it was thrown
+    away), and no watermark moves (the pass never finishes), so the next pass reads it again."""
+    served: Counter[str] = Counter()
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
+    kinds = (Kind.OPEN, Kind.SEND, Kind.CLICK, Kind.BOUNCE)
+    settings = PollSettings(kinds=kinds, start_from="earliest")
+    async with aiohttp.ClientSession() as session:
+        handler = slow_feeds_upstream({"sends", "clicks"}, served)
+        client = await upstream_client(aiohttp_server, session, handler, timeout_s=0.2)
+        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
+        with pytest.raises(errors.ResponseTimeoutError, match=r"campaign\.clicks"):
+            await poller.run_pass((await store.streams())[0])
+    assert served == {"summary": 1, "opens": 1, "sends": 2, "clicks": 2}  # bounces: not asked
+    assert await outbox_kinds(store) == [("open", "1")]
+    assert (await store.streams())[0].watermarks == {}
+
+
+async def test_a_network_that_refuses_every_connection_ends_the_pass_at_once(
+    store: Store,
+) -> None:
+    """Connection refused is the network's failure, not a feed's: the pass ends at the first
+    feed (its attempts only) instead of spending requests on every feed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
+    settings = PollSettings(start_from="earliest", summary_gate=False)
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=10_000)),
+            retry=RetryPolicy(max_attempts=2, base_delay_s=0.01),
+        )
+        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
+        with pytest.raises(errors.TransportError, match="cannot connect") as caught:
+            await poller.run_pass((await store.streams())[0])
+    assert not isinstance(caught.value, errors.ResponseTimeoutError)
+    assert client.requests_sent == 2

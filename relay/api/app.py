@@ -4,9 +4,15 @@
 false) are open; everything else (``/v1/…``, and any
 unknown path, so probing reveals nothing) needs ``Authorization: Bearer <token>`` when a token is
 configured. Without a token the API is open, which :func:`check_exposure` allows only on a
-loopback address. Every answer is JSON; a state store that fails or does not answer (within
-``READ_TIMEOUT_S`` for a GET) becomes a 503 naming the problem, an unexpected exception a logged
-500, never a traceback on the wire.
+loopback address. Every answer is JSON; a state store that fails or does not answer becomes a
+503 naming the problem, an unexpected exception a logged 500, never a traceback on the wire.
+
+A ``/v1`` request waits at most ``STORE_WAIT_S`` for an unreachable store (a
+:func:`relay.store.wait_budget`; the CLI's ``--timeout`` is 30 s by default). A GET is also cut
+off at ``READ_TIMEOUT_S`` (cancelling a read changes nothing). A change is never cancelled: its
+store calls give up between attempts, and only while none of its writing transactions has sent
+COMMIT, so its 503 says "nothing was changed" and nothing is applied after it; once a COMMIT was
+sent, the change runs its full course (``postgres.reconnect_max_s``), never half-applied by us.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ from relay.api.status import VIEW, RelayView
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.metrics import Metrics
 from relay.sinks.ssrf import Guard
-from relay.store import Store, StoreError
+from relay.store import Store, StoreError, UnavailableError, WaitBudget, wait_budget
 
 log = structlog.get_logger(__name__)
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 READY_TIMEOUT_S = 2.0
-READ_TIMEOUT_S = 10.0  # the most a GET /v1/... waits for the store before answering 503
+STORE_WAIT_S = 10.0  # the most a /v1 request waits for an unreachable store (see above)
+READ_TIMEOUT_S = STORE_WAIT_S  # the most a GET /v1/... takes, whatever the store does
 _CHALLENGE = 'Bearer realm="ctct-relay"'
 
 __all__ = ["AdminConfigError", "AdminSettings", "check_exposure", "create_admin_app"]
@@ -184,13 +191,16 @@ async def _request_id(request: web.Request, handler: Handler) -> web.StreamRespo
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: every failure leaves as the JSON error body. A store that fails or does not
     answer is a 503 naming the problem (no traceback: nothing here is a bug)."""
+    budget: WaitBudget | None = None
     try:
-        if request.method == "GET" and request.path.startswith("/v1/"):
-            # reads only (cancelling one changes nothing): a store that does not answer
-            # (PostgreSQL down: each call retries for postgres.reconnect_max_s) must not
-            # outlast the client's patience (ctct-relay's --timeout is 30 s by default)
-            return await asyncio.wait_for(handler(request), READ_TIMEOUT_S)
-        return await handler(request)
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        # a store that does not answer (PostgreSQL down: each call retries for
+        # postgres.reconnect_max_s) must not outlast the client's patience
+        with wait_budget(STORE_WAIT_S) as budget:
+            if request.method == "GET":  # reads only: cancelling one changes nothing
+                return await asyncio.wait_for(handler(request), READ_TIMEOUT_S)
+            return await handler(request)
     except ApiError as exc:
         return exc.response()
     except web.HTTPException as exc:
@@ -204,7 +214,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.warning("api.store_error", method=request.method, path=request.path, error=message)
         if not message.startswith("state store"):
             message = f"state store: {message}"
-        return error_response(503, message)
+        return error_response(503, message + _outcome(request, exc, budget))
     except TimeoutError:
         message = f"state store: no answer within {READ_TIMEOUT_S:g} s (see the relay log)"
         log.warning("api.store_error", method=request.method, path=request.path, error=message)
@@ -212,6 +222,17 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("api.unhandled", method=request.method, path=request.path)
         return error_response(500, "internal error; the relay log has the details")
+
+
+def _outcome(request: web.Request, exc: StoreError, budget: WaitBudget | None) -> str:
+    """What a failed change did, when the store can tell: the client's next step."""
+    if request.method == "GET":
+        return ""
+    if isinstance(exc, UnavailableError) and exc.unchanged:
+        return "; nothing was changed: repeat the request when the store answers again"
+    if budget is not None and budget.committing:
+        return "; the change may have been applied, in whole or in part: check before repeating it"
+    return ""
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from relay.api.responses import ApiError, JsonObject, bad_request, not_found
-from relay.events import to_millis
+from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, to_millis
 
 MAX_BODY_BYTES = 64 * 1024
 JSON_MEDIA_TYPE = "application/json"  # the only Content-Type of a request body (parameters aside)
@@ -214,11 +214,27 @@ def path_id(request: web.Request, name: str, what: str) -> str:
     return text
 
 
-def delivery_id(text: str) -> int:
-    """A delivery id from the path; anything that is not one names no delivery (404)."""
-    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_DELIVERY_ID:
-        raise not_found(f"no delivery with id {text!r}")
+def path_integer(request: web.Request, name: str, maximum: int) -> int:
+    """An integer id from the path (``stream_id``, ``delivery_id``: 1 to a BIGINT's maximum).
+    Anything else is a 400 naming the parameter, as the OpenAPI document's schema says: it is
+    not an id at all (a 404 would quote it as if it were one that does not exist)."""
+    text = request.match_info[name]
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= maximum:
+        raise bad_request(f"{name}: expected an integer from 1 to {maximum}, got {_clip(text)!r}")
     return int(text)
+
+
+def path_resource_id(request: web.Request, name: str) -> str:
+    """A contact or campaign id from the path: anything else is a 400 naming the parameter."""
+    text = request.match_info[name]
+    if not RESOURCE_ID.fullmatch(text):
+        raise bad_request(f"{name}: expected {RESOURCE_ID_SHAPE}, got {_clip(text)!r}")
+    return text
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    """A value for a message: what was sent, cut short (a path may be kilobytes long)."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def check_query(request: web.Request, allowed: Collection[str]) -> None:

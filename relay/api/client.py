@@ -25,9 +25,9 @@ from urllib.parse import SplitResult, quote, urlsplit
 import aiohttp
 import orjson
 
-from relay.api.body import rfc3339_ms
+from relay.api.body import MAX_DELIVERY_ID, rfc3339_ms
 from relay.api.responses import JsonObject
-from relay.events import TYPE_PREFIX
+from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, TYPE_PREFIX
 from relay.hostnames import valid_host
 
 DEFAULT_API = "http://127.0.0.1:8081"
@@ -144,11 +144,30 @@ def rfc3339_time(text: str) -> str:
     return text
 
 
-def _delivery_id(text: str) -> int:
-    """An argparse type: a delivery id, an integer from 1 up."""
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a delivery id (an integer >= 1), got {text!r}")
-    return int(text)
+def integer_id(what: str) -> Callable[[str], int]:
+    """An argparse type: a delivery or stream id, an integer the API takes (1 to a BIGINT's
+    maximum), so a mistyped one is a usage error naming the option, not the API's 400."""
+
+    def parse(text: str) -> int:
+        # 19 digits hold any BIGINT; a longer run never reaches int() (its 4300-digit limit)
+        digits = text.isascii() and text.isdigit() and len(text) <= 19
+        if not (digits and 1 <= int(text) <= MAX_DELIVERY_ID):
+            raise argparse.ArgumentTypeError(
+                f"expected {what} (an integer from 1 to {MAX_DELIVERY_ID}), got {text[:40]!r}"
+            )
+        return int(text)
+
+    return parse
+
+
+def resource_id(text: str) -> str:
+    """An argparse type: a campaign or contact id, as the API takes it."""
+    if not RESOURCE_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected {RESOURCE_ID_SHAPE}, got {text[:70]!r}")
+    return text
+
+
+_delivery_id = integer_id("a delivery id")
 
 
 class AdminClient:
@@ -297,7 +316,7 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
 
     p = actions.add_parser("redeliver", parents=[common], help="send a delivery again")
-    p.add_argument("delivery_id")
+    p.add_argument("delivery_id", type=_delivery_id)
 
     p = actions.add_parser("recover", parents=[common], help="re-send events since a time")
     p.add_argument("id")
@@ -483,7 +502,7 @@ async def _deliveries(client: AdminClient, args: argparse.Namespace) -> _Shown:
 
 
 async def _redeliver(client: AdminClient, args: argparse.Namespace) -> _Shown:
-    path = f"/v1/deliveries/{segment(args.delivery_id)}/redeliver"
+    path = f"/v1/deliveries/{args.delivery_id}/redeliver"
     delivery = answered(await client.call("POST", path))
     return _Shown(delivery, f"delivery {args.delivery_id} is {text_of(delivery.get('status'))}")
 

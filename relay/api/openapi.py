@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from relay.api import body, replay, streams
 from relay.api.responses import ERROR_CODES, JsonObject
-from relay.events import EVENT_TYPES, WILDCARD, Kind
+from relay.events import EVENT_TYPES, RESOURCE_ID, RESOURCE_ID_SHAPE, WILDCARD, Kind
 
 API_VERSION = "1.0.0"
 
@@ -251,7 +251,7 @@ def _redeliver() -> JsonObject:
         "summary": "Make a delivery pending again, due now, with a fresh attempt budget",
         "responses": {
             "202": _json("the delivery, pending", _schema("Delivery")),
-            **_errors(401, 404, 410),
+            **_errors(400, 401, 404, 410),
         },
     }
 
@@ -301,7 +301,8 @@ def _schemas() -> JsonObject:
         "|(?:[A-Za-z0-9+/]{4}){8,20}[A-Za-z0-9+/]{3}="
         "|(?:[A-Za-z0-9+/]{4}){8,21}[A-Za-z0-9+/]{2}==)$",
         "maxLength": body.MAX_SECRET_CHARS,
-        "description": "Standard Webhooks secret: whsec_ + base64 of 24 to 64 random bytes",
+        "description": "Standard Webhooks secret: whsec_ + base64 of 24 to 64 random bytes,"
+        " without whitespace (around it or inside: a 400 naming the field, never the value)",
     }
     webhook = _webhook_schema(event_types)
     with_secret = {
@@ -471,7 +472,11 @@ def _parameters() -> JsonObject:
 
 
 _ERROR_RESPONSES = {
-    400: ("BadRequest", "invalid JSON, an unknown field or a bad value; the message names it"),
+    400: (
+        "BadRequest",
+        "invalid JSON, an unknown field, a bad value or a path parameter of the wrong shape (an id"
+        " out of range); the message names it",
+    ),
     401: ("Unauthorized", "missing or wrong bearer token"),
     404: ("NotFound", "no such webhook or delivery"),
     409: ("Conflict", "another webhook is registered for this URL (the message names it)"),
@@ -487,7 +492,12 @@ _ERROR_RESPONSES = {
     413: ("PayloadTooLarge", f"body larger than {body.MAX_BODY_BYTES} bytes"),
     415: ("UnsupportedMediaType", f"a body sent without Content-Type: {body.JSON_MEDIA_TYPE}"),
     500: ("Internal", "unexpected failure (logged)"),
-    503: ("Unavailable", "the state store failed or is not answering (PostgreSQL down)"),
+    503: (
+        "Unavailable",
+        "the state store failed or is not answering (PostgreSQL down), after at most about 10 s;"
+        " a change whose message says 'nothing was changed' was not applied and may be"
+        " repeated as it is",
+    ),
 }
 
 
@@ -589,7 +599,7 @@ def _operations_paths() -> JsonObject:
         "/v1/dead-letters": {"get": _list_dead_letters()},
         "/v1/streams/{stream_id}": {
             "parameters": stream,
-            "get": _op("getStream", "One stream", "Stream", errors=(401, 404)),
+            "get": _op("getStream", "One stream", "Stream", errors=(400, 401, 404)),
         },
         "/v1/streams/{stream_id}/pause": {
             "parameters": stream,
@@ -649,7 +659,7 @@ def _operations_paths() -> JsonObject:
             "delete": {
                 "operationId": "removeTarget",
                 "summary": "Stop polling a campaign or contact; discovery will not add it back",
-                "responses": {"204": {"description": "removed"}, **_errors(401, 404)},
+                "responses": {"204": {"description": "removed"}, **_errors(400, 401, 404)},
             },
         },
     }
@@ -729,7 +739,7 @@ def _operations_schemas() -> JsonObject:
         "maxItems": streams.MAX_TARGETS,
         "items": {
             "type": "string",
-            "pattern": f"^{streams.RESOURCE_ID.pattern}$",
+            "pattern": f"^{RESOURCE_ID.pattern}$",
             "maxLength": 64,
         },
     }
@@ -780,9 +790,9 @@ def _operations_schemas() -> JsonObject:
                 **replay_fields,
                 "campaign": {
                     "type": "string",
-                    "minLength": 1,
                     "maxLength": replay.MAX_CAMPAIGN_CHARS,
-                    "pattern": body.NO_NUL_PATTERN,
+                    "pattern": f"^{RESOURCE_ID.pattern}$",
+                    "description": RESOURCE_ID_SHAPE,
                 },
             },
             required=["since"],
@@ -939,7 +949,14 @@ def _operations_parameters() -> JsonObject:
             "account", {"type": "string", "pattern": f"^{streams.ACCOUNT_NAME.pattern}$"}
         ),
         "TargetKind": path("kind", {"type": "string", "enum": list(streams.TARGET_KINDS)}),
-        "ResourceId": path("resource_id", {"type": "string", "minLength": 1}),
+        "ResourceId": path(
+            "resource_id",
+            {
+                "type": "string",
+                "pattern": f"^{RESOURCE_ID.pattern}$",
+                "description": RESOURCE_ID_SHAPE,
+            },
+        ),
         "StreamAccount": query("account", {"type": "string"}),
         "StreamScope": query("scope", {"type": "string", "enum": list(streams.SCOPES)}),
         "StreamState": query("state", {"type": "string", "enum": list(streams.STREAM_STATES)}),

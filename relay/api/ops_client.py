@@ -31,7 +31,9 @@ from relay.api.client import (
     admin_token,
     answered,
     common_parser,
+    integer_id,
     objects,
+    resource_id,
     rfc3339_time,
     segment,
     table,
@@ -97,8 +99,12 @@ def add_ops_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser
         q = actions.add_parser(name, parents=[common], help=text)
         q.add_argument("--account", required=True)
         if name != "list":
-            q.add_argument("--campaign", dest="campaigns", action="append", default=[])
-            q.add_argument("--contact", dest="contacts", action="append", default=[])
+            q.add_argument(
+                "--campaign", dest="campaigns", action="append", default=[], type=resource_id
+            )
+            q.add_argument(
+                "--contact", dest="contacts", action="append", default=[], type=resource_id
+            )
 
 
 def _replay_since(text: str) -> str:
@@ -111,10 +117,14 @@ def _replay_since(text: str) -> str:
 
 def _target(parser: argparse.ArgumentParser, *, campaign: bool) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--stream", type=int, default=None, help="a stream id (see status)")
+    which.add_argument(
+        "--stream", type=integer_id("a stream id"), default=None, help="a stream id (see status)"
+    )
     which.add_argument("--account", default=None, help="an account name")
     if campaign:
-        parser.add_argument("--campaign", default=None, help="with --account: one campaign")
+        parser.add_argument(
+            "--campaign", type=resource_id, default=None, help="with --account: one campaign"
+        )
 
 
 def run_ops(

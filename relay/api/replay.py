@@ -29,6 +29,7 @@ import structlog
 from relay.api import body
 from relay.api.responses import JsonObject, bad_request
 from relay.api.views import time_or_null
+from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE
 from relay.store import OutboxSelector, Store, Stream
 
 LOG = "log"
@@ -60,8 +61,8 @@ def parse(data: JsonObject, *, allow_campaign: bool) -> ReplayRequest:
     campaign = None
     if "campaign" in data:
         campaign = body.string(data, "campaign", max_chars=MAX_CAMPAIGN_CHARS)
-        if not campaign:
-            raise bad_request("campaign: must not be empty")
+        if not RESOURCE_ID.fullmatch(campaign):
+            raise bad_request(f"campaign: expected {RESOURCE_ID_SHAPE}, got {campaign!r}")
     since_ms = body.timestamp_ms(data, "since")
     if since_ms < 0:
         raise bad_request("since: must be 1970-01-01T00:00:00Z or later")

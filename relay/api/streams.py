@@ -18,6 +18,7 @@ from relay.api.responses import ApiError, JsonObject, bad_request, json_response
 from relay.api.state import NOW_MS, STORE
 from relay.api.status import VIEW, RelayView, status, stream_view
 from relay.api.views import time_or_null
+from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE
 from relay.store import NotFoundError, Store, StoreError, Stream, StreamFilter, StreamKey
 
 STREAM_STATES = ("active", "failing", "paused", "retired")
@@ -29,7 +30,6 @@ MAX_OFFSET = 10**9
 MAX_STREAM_ID = 2**63 - 1
 MAX_REASON_CHARS = 500
 MAX_TARGETS = 1000
-RESOURCE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}", re.ASCII)
 _DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
 _LIST_QUERY = ("account", "scope", "state", "replaying", "limit", "offset")
@@ -116,7 +116,7 @@ async def _dead_letters(request: web.Request) -> web.Response:
 
 async def _show(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    stream = await _stream(store, request.match_info["stream_id"])
+    stream = await _stream(store, body.path_integer(request, "stream_id", MAX_STREAM_ID))
     return await _stream_answer(request, stream)
 
 
@@ -132,7 +132,7 @@ async def _set_paused(request: web.Request, *, paused: bool) -> web.Response:
     # no fields; a body, if sent, must be a JSON object without unknown fields
     body.check_fields(await body.read_object(request, optional=True), ())
     store = request.app[STORE]
-    stream = await _stream(store, request.match_info["stream_id"])
+    stream = await _stream(store, body.path_integer(request, "stream_id", MAX_STREAM_ID))
     await store.set_paused(stream.id, paused)
     log.info("api.stream_paused" if paused else "api.stream_resumed", stream=str(stream.key))
     await request.app[VIEW].changed()
@@ -141,7 +141,7 @@ async def _set_paused(request: web.Request, *, paused: bool) -> web.Response:
 
 async def _replay_stream(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    stream = await _stream(store, request.match_info["stream_id"])
+    stream = await _stream(store, body.path_integer(request, "stream_id", MAX_STREAM_ID))
     ask = replay.parse(await body.read_object(request), allow_campaign=False)
     if stream.retired and ask.source == replay.UPSTREAM:
         raise ApiError(409, f"stream {stream.id} is retired: it is not polled any more")
@@ -201,7 +201,9 @@ async def _add_targets(request: web.Request) -> web.Response:
             ids = body.string_list(data, field, max_items=MAX_TARGETS, max_chars=64)
             for index, rid in enumerate(ids):
                 if not RESOURCE_ID.fullmatch(rid):
-                    raise bad_request(f"{field}[{index}]: expected letters, digits, _ or -")
+                    raise bad_request(
+                        f"{field}[{index}]: expected {RESOURCE_ID_SHAPE}, got {rid!r}"
+                    )
             keys += [StreamKey(account, scope, rid) for rid in dict.fromkeys(ids)]
     if not keys:
         raise bad_request("campaigns, contacts: give at least one id")
@@ -216,10 +218,11 @@ async def _add_targets(request: web.Request) -> web.Response:
 
 async def _remove_target(request: web.Request) -> web.Response:
     account = await _account(request)
-    kind, rid = request.match_info["kind"], body.path_id(request, "resource_id", "resource")
+    kind = request.match_info["kind"]
     scope = TARGET_KINDS.get(kind)
     if scope is None:
-        raise not_found(f"no such resource: {request.path} (kind is campaigns or contacts)")
+        raise bad_request(f"kind: expected campaigns or contacts, got {kind[:40]!r}")
+    rid = body.path_resource_id(request, "resource_id")
     store, now = request.app[STORE], request.app[NOW_MS]()
     if not await store.remove_targets([StreamKey(account, scope, rid)], now):
         raise not_found(f"account {account!r} does not poll {scope} {rid!r}")
@@ -254,17 +257,15 @@ async def _targets_view(store: Store, account: str) -> JsonObject:
     }
 
 
-async def _stream(store: Store, text: str) -> Stream:
-    """The stream a path names; anything that is not an existing stream's id is a 404."""
-    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_STREAM_ID:
-        raise not_found(f"no stream with id {text!r}")
+async def _stream(store: Store, stream_id: int) -> Stream:
+    """The stream of an id from the path; one that does not exist is a 404."""
     try:
-        return await store.stream(int(text))
+        return await store.stream(stream_id)
     except NotFoundError:
-        raise not_found(f"no stream with id {text}") from None
+        raise not_found(f"no stream with id {stream_id}") from None
     except StoreError as exc:
         if str(exc).startswith("no stream"):  # the SQLite store's way of saying "not found"
-            raise not_found(f"no stream with id {text}") from None
+            raise not_found(f"no stream with id {stream_id}") from None
         raise
 
 

@@ -162,7 +162,7 @@ async def _deliveries(request: web.Request) -> web.Response:
 
 
 async def _redeliver(request: web.Request) -> web.Response:
-    delivery_id = body.delivery_id(request.match_info["delivery_id"])
+    delivery_id = body.path_integer(request, "delivery_id", body.MAX_DELIVERY_ID)
     store = request.app[STORE]
     with _service_errors():
         delivery = await store.redeliver(delivery_id, request.app[NOW_MS]())

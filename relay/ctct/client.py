@@ -8,6 +8,7 @@ mapped to :mod:`relay.ctct.errors` at this boundary, with the api_key and token 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -26,16 +27,20 @@ import structlog
 from relay.ctct import errors
 from relay.ctct.catalogue import Endpoint, Shape
 from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
-from relay.events import JsonObject, format_time, to_millis
+from relay.events import JsonObject, format_time, text_without_surrogates, to_millis
 
 log = structlog.get_logger(__name__)
 
 OVER_QPS: Final = "mashery.not.authorized.over.qps"
 OVER_RATELIMIT: Final = "mashery.not.authorized.over.ratelimit"
 _ERROR_BODY_CAP = 64 * 1024
-# Pages in a row with no records that still carry a next_link before a pass gives up: a server
-# bug that keeps changing the link over nothing would otherwise spend the whole daily budget.
+# Pages in a row that bring no record not seen earlier in the paging run (none at all, or only
+# repeats) and still carry a next_link before a pass gives up: a server bug that keeps changing
+# the link over nothing, or over the same records, would otherwise spend the whole daily budget.
 MAX_EMPTY_PAGES: Final = 3
+# Records remembered per paging run to tell a repeat; past this the memory starts over (a cursor
+# stuck on the same pages is still caught within MAX_EMPTY_PAGES pages of that).
+_SEEN_RECORDS_CAP: Final = 100_000
 _REDACTED = "***"
 
 
@@ -160,8 +165,10 @@ class CtctClient:
     ) -> AsyncIterator[Page]:
         """Yield every page of a paged endpoint, following ``next_link`` until there is none.
 
-        Raises :class:`PaginationLoopError` when a ``next_link`` repeats, or after
-        ``MAX_EMPTY_PAGES`` pages in a row with no records that still carry one.
+        Raises :class:`PaginationLoopError` when a ``next_link`` repeats (the same path and
+        parameters), or after ``MAX_EMPTY_PAGES`` pages in a row that still carry one but bring
+        no record not seen earlier in this run: no records at all, or only repeats (a cursor
+        that hands out a new link over the same records).
 
         ``since`` is sent as ``created_since``/``modified_since`` (inclusive). ``limit`` defaults
         to the endpoint's maximum; later pages inherit it through the next token.
@@ -177,28 +184,32 @@ class CtctClient:
             params.append((endpoint.since_param, format_time(since)))
         params.append(("limit", str(size)))
         path = endpoint.url_path(resource_id, link_id)
-        seen: set[str] = set()
+        links: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+        records_seen: set[int] = set()
         number = 1
-        empty = 0  # pages in a row with no records
+        stale = 0  # pages in a row that brought no record not seen earlier in this run
         while True:
             body, server_ms = await self._get(endpoint.name, path, params)
             records, next_link = _paged_body(endpoint.name, body)
+            fresh = _remember(records, records_seen)
             yield Page(number, records, next_link, server_ms)
             if next_link is None:
                 return
-            if next_link in seen:
+            path, params = self._follow(endpoint.name, next_link)
+            link = (path, tuple(sorted(params)))  # the same link, whatever its parameter order
+            if link in links:
                 raise errors.PaginationLoopError(
                     f"next_link repeated on page {number + 1}: {next_link}", endpoint=endpoint.name
                 )
-            empty = 0 if records else empty + 1
-            if empty >= MAX_EMPTY_PAGES:
+            stale = 0 if fresh else stale + 1
+            if stale >= MAX_EMPTY_PAGES:
                 raise errors.PaginationLoopError(
-                    f"{empty} pages in a row (up to page {number}) had no records but a"
-                    f" next_link; not following it: {next_link}",
+                    f"{stale} pages in a row (up to page {number}) brought no new record (none,"
+                    f" or only records this read had already returned) but a next_link; not"
+                    f" following it: {next_link}",
                     endpoint=endpoint.name,
                 )
-            seen.add(next_link)
-            path, params = self._follow(endpoint.name, next_link)
+            links.add(link)
             number += 1
 
     async def fetch(
@@ -292,9 +303,15 @@ class CtctClient:
                     body = await _read_capped(resp, _ERROR_BODY_CAP)
                 retry_after = resp.headers.get("Retry-After")
                 server_ms = _date_ms(resp.headers.get("Date"))
-        except TimeoutError:
+        except TimeoutError as exc:
             self._on_response(name, "timeout", time.perf_counter() - started)
-            raise errors.TransportError(
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):  # the network, not the query
+                raise errors.TransportError(
+                    f"GET {shown()} timed out connecting (connect_timeout_s"
+                    f" {self._timeout.connect}, timeout_s {self._timeout.total})",
+                    endpoint=name,
+                ) from None
+            raise errors.ResponseTimeoutError(
                 f"GET {shown()} timed out after {self._timeout.total}s", endpoint=name
             ) from None
         except aiohttp.ClientError as exc:
@@ -323,9 +340,22 @@ class CtctClient:
         try:
             return orjson.loads(body), server_ms
         except orjson.JSONDecodeError as exc:
+            strict_error = str(exc)
+        # One record's text that is not clean UTF-8 (a Latin-1 byte, a lone surrogate escape of
+        # a string cut mid-emoji) made orjson refuse the page, and the feed never moved again.
+        try:
+            parsed, repaired = _lenient_json(body)
+        except ValueError as exc:
             raise _malformed(
-                name, f"GET {shown()} answered {status} with a body that is not JSON ({exc})"
+                name, f"GET {shown()} answered {status} with a body that is {exc}"
             ) from None
+        if repaired is None:  # clean text; not JSON orjson takes
+            raise _malformed(
+                name,
+                f"GET {shown()} answered {status} with a body that is not JSON ({strict_error})",
+            )
+        log.warning("ctct.body_repaired", endpoint=name, path=path, status=status, problem=repaired)
+        return parsed, server_ms
 
     def _request_problem(self, exc: ValueError) -> str:
         """What aiohttp said, with the credentials' values scrubbed from it."""
@@ -355,6 +385,65 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+def _remember(records: tuple[JsonObject, ...], seen: set[int]) -> bool:
+    """Add the records to those seen in this paging run; whether any of them was new there.
+
+    A record is known by a hash of its fields and values (a 64-bit hash: a collision could at
+    worst count one page of a read as stale)."""
+    if len(seen) + len(records) > _SEEN_RECORDS_CAP:
+        seen.clear()
+    before = len(seen)
+    for record in records:
+        try:
+            seen.add(hash(tuple(record.items())))
+        except TypeError:  # a nested object or list: not hashable as it is
+            seen.add(hash(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)))
+    return len(seen) > before
+
+
+def _lenient_json(body: bytes) -> tuple[object, str | None]:
+    """A body orjson refused, parsed with what is not text replaced by U+FFFD (bytes that are
+    not UTF-8, lone UTF-16 surrogate escapes), and what was replaced; None when nothing was:
+    the refusal was not about the text's encoding. Raises ValueError naming the problems of a
+    body that is neither UTF-8 nor JSON."""
+    problems = []
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = body.decode("utf-8", "replace")
+        problems.append(f"not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})")
+    try:
+        parsed = json.loads(text)  # the standard library's takes lone surrogate escapes
+        lone = _Replaced()
+        parsed = lone.clean(parsed)
+    except (ValueError, RecursionError) as exc:
+        if not problems:  # clean text, just not JSON: the caller says what orjson said
+            return None, None
+        problems.append(f"not JSON ({exc})")
+        raise ValueError(" and ".join(problems)) from None
+    if lone.strings:
+        problems.append(f"{lone.strings} string(s) holding a lone UTF-16 surrogate escape")
+    return parsed, "; ".join(problems) or None
+
+
+class _Replaced:
+    """Replaces lone surrogates in every string (keys too) of a parsed body; counts them."""
+
+    def __init__(self) -> None:
+        self.strings = 0
+
+    def clean(self, value: object) -> object:
+        if isinstance(value, str):
+            cleaned = text_without_surrogates(value)
+            self.strings += cleaned is not value
+            return cleaned
+        if isinstance(value, list):
+            return [self.clean(item) for item in value]
+        if isinstance(value, dict):
+            return {self.clean(key): self.clean(item) for key, item in value.items()}
+        return value
 
 
 def _paged_body(name: str, body: object) -> tuple[tuple[JsonObject, ...], str | None]:

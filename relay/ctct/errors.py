@@ -2,12 +2,14 @@
 
     CtctError                      retriable? what the caller does
     ├── TransportError             yes        connection refused, DNS, reset, timeout: back off
+    │   └── ResponseTimeoutError   yes        connected, but no answer in time: a slow query
     ├── InvalidRequestError        no         aiohttp refused to build the request (a control
     │                                     character in a credential, a host IDNA refuses): fix
     │                                     the config
     ├── MalformedResponseError     yes        a 2xx whose body is not the JSON we expect
-    ├── PaginationLoopError        no         a next_link repeated, or kept coming with empty
-    │                                     pages: stop this pass, report
+    ├── PaginationLoopError        no         a next_link repeated, kept coming with pages
+    │                                     bringing no new record, or outran the summary
+    │                                     count: stop reading the feed, report
     ├── BudgetExhaustedError       no         our own daily allowance is spent: wait for resume_at
     └── ResponseError                         the API answered with an error status
         ├── BadRequestError        no  400    a parameter was rejected (bug or bad config)
@@ -60,6 +62,12 @@ class TransportError(CtctError):
     retriable = True
 
 
+class ResponseTimeoutError(TransportError):
+    """A connection was made and the request sent, but no whole answer came within the timeout
+    (a slow query upstream). A connection that could not be made in time is a plain
+    :class:`TransportError`."""
+
+
 class InvalidRequestError(CtctError):
     """The request could not be built: aiohttp refused a header value (a control character in
     the access token) or the host name (IDNA). The same request will fail again."""
@@ -72,8 +80,10 @@ class MalformedResponseError(CtctError):
 
 
 class PaginationLoopError(CtctError):
-    """The API sent a next_link it had already sent in this pass, or kept sending new ones on
-    pages with no records (``client.MAX_EMPTY_PAGES`` in a row)."""
+    """The API sent a next_link it had already sent in this read, kept sending new ones on
+    pages that bring no record the read had not already returned (``client.MAX_EMPTY_PAGES``
+    in a row), or kept sending them past the pages the feed's summary count implies (the
+    poller's bound)."""
 
 
 class BudgetExhaustedError(CtctError):

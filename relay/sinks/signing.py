@@ -12,6 +12,7 @@ import binascii
 import functools
 import hashlib
 import secrets
+import unicodedata
 from collections.abc import Iterable
 
 PREFIX = "whsec_"
@@ -29,7 +30,14 @@ def generate_secret(key_bytes: int = 32) -> str:
 
 
 def secret_key(secret: str) -> bytes:
-    """The HMAC key of a secret; raises SecretError naming what is wrong (never the secret)."""
+    """The HMAC key of a secret; raises SecretError naming what is wrong (never the secret).
+
+    Whitespace around one is refused, not dropped: given through the API, the client would keep
+    a secret unlike the one that signs (the config file drops a file's line end beforehand)."""
+    if secret != secret.strip():
+        raise SecretError("secret: starts or ends with whitespace (a line end?); send it alone")
+    if any(c.isspace() or unicodedata.category(c) == "Cc" for c in secret):
+        raise SecretError("secret: holds whitespace or a control character, which no secret does")
     if not secret.startswith(PREFIX):
         raise SecretError("secret: must start with whsec_")
     try:

@@ -35,8 +35,7 @@ from relay.sinks import signing
 from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError, shown
 from relay.store import (
     Attempt,
-    Delivery,
-    OutboxEvent,
+    DueSend,
     Store,
     StoreError,
     UnavailableError,
@@ -290,14 +289,14 @@ class WebhookDispatcher:
         self,
         session: aiohttp.ClientSession,
         hook: Webhook,
-        event: OutboxEvent,
+        due: DueSend,
         refused: SsrfError | None = None,
     ) -> Outcome:
         """POST one event; every failure becomes an Outcome, never an exception. ``refused``:
         the guard's verdict on the URL's IP literal host (names are checked at connect time)."""
-        body = event.structured()
+        body = due.body
         now_ms = self._now_ms()
-        headers = signing.headers(hook.secrets_in_use(now_ms), event.event_id, now_ms // 1000, body)
+        headers = signing.headers(hook.secrets_in_use(now_ms), due.event_id, now_ms // 1000, body)
         headers["content-type"] = CONTENT_TYPE
         s = self._settings
         started = time.perf_counter()
@@ -327,9 +326,6 @@ class WebhookDispatcher:
             return Outcome(None, _ms(started), "", _error_text(exc, hook.url))
 
 
-Due = tuple[Delivery, OutboxEvent]
-
-
 class _Worker:
     """Delivers one webhook's due deliveries within its own concurrency and rate limits.
 
@@ -354,7 +350,7 @@ class _Worker:
         self._session = session
         self.hook = hook
         self.held = held  # fetched, not yet recorded: shared with the webhook's other workers
-        self._queue: asyncio.Queue[Due | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[DueSend | None] = asyncio.Queue()
         self._low_water = max(2 * s.concurrency, s.fetch_batch // 8)  # a refill takes ms
         self._batch = max(s.fetch_batch, 2 * self._low_water)
         self._more = True  # the store may hold due deliveries not fetched yet
@@ -412,7 +408,7 @@ class _Worker:
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if item is not None:
-                self.held.discard(item[0].id)
+                self.held.discard(item.delivery_id)
         for _ in self._senders:
             self._queue.put_nowait(None)
         await asyncio.gather(*self._senders, return_exceptions=True)
@@ -445,14 +441,14 @@ class _Worker:
         # while the senders waited (profiled: ~5 ms stalls per refill); waiting for the
         # lingering records to be written first made every refill ~8 ms longer instead
         try:
-            due = await d._store.due_deliveries(self.hook.id, now_ms, self._batch, self.held)
+            due = await d._store.due_sends(self.hook.id, now_ms, self._batch, self.held)
         except StoreError as exc:
             log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
             await asyncio.sleep(self._dispatcher._settings.refresh_s)
             return True
         for item in due:
-            if item[0].id not in self.held:  # a safety net: only this feeder adds to held
-                self.held.add(item[0].id)
+            if item.delivery_id not in self.held:  # a safety net: only this feeder adds to held
+                self.held.add(item.delivery_id)
                 self._queue.put_nowait(item)
         if len(due) >= self._batch:
             return True
@@ -474,19 +470,18 @@ class _Worker:
             if item is None:
                 return
             if self.disabled or self._stopping:
-                self.held.discard(item[0].id)
+                self.held.discard(item.delivery_id)
                 continue  # drain until stop() sends the end marker
             if self._more and self._queue.qsize() < self._low_water:
                 self._feed.set()
             if self.hook.rate_limit_per_s:
                 await self._pace()
                 if self.disabled or self._stopping:  # stopped while it waited for its slot
-                    self.held.discard(item[0].id)
+                    self.held.discard(item.delivery_id)
                     continue
-            delivery, event = item
-            outcome = await self._attempt(event)
+            outcome = await self._attempt(item)
             try:
-                writes = self._settle(delivery, event, outcome)
+                writes = self._settle(item, outcome)
                 if writes is not None:  # the endpoint's state: finish it even if we are cancelled
                     await asyncio.shield(writes)
                 if d._recorder.full:
@@ -497,13 +492,13 @@ class _Worker:
                 error = _error_text(exc, self.hook.url)
                 log.error("webhook.settle_crashed", webhook=self.hook.id, error=error)
 
-    async def _attempt(self, event: OutboxEvent) -> Outcome:
+    async def _attempt(self, due: DueSend) -> Outcome:
         """One attempt; whatever it raises (it should not: a bug, or an answer nobody thought
         of) is a failed attempt, logged, never the end of the sender task, which would hold its
         delivery for ever and take one of the endpoint's slots with it."""
         d = self._dispatcher
         try:
-            return await d._attempt(self._session, self.hook, event, self._refused)
+            return await d._attempt(self._session, self.hook, due, self._refused)
         except Exception as exc:
             # no traceback: its frames' text may hold the URL (and a token in its query)
             error = _error_text(exc, self.hook.url)
@@ -530,40 +525,38 @@ class _Worker:
                 continue  # woken before the slot: stopped, disabled or a new limit
             return
 
-    def _settle(
-        self, delivery: Delivery, event: OutboxEvent, outcome: Outcome
-    ) -> Coroutine[None, None, None] | None:
+    def _settle(self, due: DueSend, outcome: Outcome) -> Coroutine[None, None, None] | None:
         """Hand the attempt to the recorder; returns the store writes the endpoint's state
         needs (none for a success of a healthy endpoint: the common case costs no task)."""
         d = self._dispatcher
         now = d._now_ms()
         attempt = Attempt(
-            delivery.id,
+            due.delivery_id,
             now,
             outcome.status_code,
             outcome.latency_ms,
             _storable(outcome.excerpt),
             None if outcome.error is None else _storable(outcome.error),
         )
-        read = delivery.attempts  # settled only if no redeliver/recover reset it meanwhile
+        read = due.attempts  # settled only if no redeliver/recover reset it meanwhile
         if outcome.ok:
             d._recorder.add(attempt, "delivered", now, read, self._recorded)
-            d._count("delivered", event.committed_ms, now)
+            d._count("delivered", due.committed_ms, now)
             d.delivered += 1
             if self.failing_since_ms is None:
                 return None
             self.failing_since_ms = None  # a write per success only to stop a clock
             return d._store.webhook_succeeded(self.hook.id)
         d.failed_attempts += 1
-        delay = d._retry_delay_s(delivery.attempts + 1, outcome)
+        delay = d._retry_delay_s(due.attempts + 1, outcome)
         status, next_ms = ("dead", now) if delay is None else ("pending", now + int(delay * 1000))
         d._recorder.add(attempt, status, next_ms, read, self._recorded)
-        d._count(status, event.committed_ms, now)
+        d._count(status, due.committed_ms, now)
         log.warning(
             "webhook.attempt_failed",
             webhook=self.hook.id,
-            delivery=delivery.id,
-            event_id=delivery.event_id,
+            delivery=due.delivery_id,
+            event_id=due.event_id,
             status=outcome.status_code,
             error=outcome.error,
             next=status,

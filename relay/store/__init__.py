@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from relay.store.base import (
     Attempt,
+    Behind,
     DeadLetter,
     Delivery,
     DeliveryCounts,
+    DueSend,
     DuplicateError,
     GoneError,
     NotFoundError,
@@ -26,6 +28,7 @@ from relay.store.base import (
     UnavailableError,
     Webhook,
 )
+from relay.store.budget import WaitBudget, current_budget, wait_budget
 from relay.store.postgres import PostgresSettings, PostgresStore
 from relay.store.sqlite import SqliteStore
 
@@ -50,9 +53,11 @@ def open_store(
 
 __all__ = [
     "Attempt",
+    "Behind",
     "DeadLetter",
     "Delivery",
     "DeliveryCounts",
+    "DueSend",
     "DuplicateError",
     "GoneError",
     "NotFoundError",
@@ -73,6 +78,9 @@ __all__ = [
     "StreamRate",
     "StreamStats",
     "UnavailableError",
+    "WaitBudget",
     "Webhook",
+    "current_budget",
     "open_store",
+    "wait_budget",
 ]

@@ -31,7 +31,15 @@ class StoreError(Exception):
 
 class UnavailableError(StoreError):
     """The store could not be reached (PostgreSQL: for ``reconnect_max_s``): the same call may
-    succeed later; nothing in it was refused."""
+    succeed later; nothing in it was refused.
+
+    ``unchanged``: the call gave up at a :func:`relay.store.budget.wait_budget`'s deadline before
+    any writing transaction of that unit of work sent its COMMIT, so none of it was applied.
+    """
+
+    def __init__(self, message: str, *, unchanged: bool = False) -> None:
+        super().__init__(message)
+        self.unchanged = unchanged
 
 
 class NotFoundError(StoreError):
@@ -92,6 +100,22 @@ class Stream:
     watermarks: dict[Kind, int]  # per feed: newest activity time committed, Unix ms
     seed: bool  # first read of a feed absorbs history instead of emitting it (start_from: now)
     created_ms: int
+    # feeds whose summary count moved further than their reads showed (see ``Behind``)
+    behind: dict[Kind, Behind] = field(default_factory=dict)
+    # a seeded stream's history line on the upstream's clock (created_ms moved by the offset of
+    # the upstream's Date header), fixed by its first pass that saw one; None: not yet
+    line_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Behind:
+    """A feed whose summary count moved further than the feed's reads have shown: the
+    upstream's counters can move before its tracking feed lists the record, so the feed is
+    read again at each pass until it shows ``missing`` more activities or ``overlap_s`` has
+    passed since ``since_ms`` (on the relay's clock, when the last change was seen)."""
+
+    since_ms: int
+    missing: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +215,17 @@ class Delivery:
     delivered_ms: int | None
 
 
+class DueSend(NamedTuple):
+    """A due delivery as its sender needs it: the event's structured-mode CloudEvent
+    (:meth:`OutboxEvent.structured`, byte for byte) already built by the store."""
+
+    delivery_id: int
+    attempts: int  # when read: the attempt is settled only if it is still this
+    event_id: str
+    committed_ms: int
+    body: bytes
+
+
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """One HTTP attempt of a delivery."""
@@ -215,6 +250,8 @@ class PassResult:
     # a feed failed and the others were committed: the stream counts one more consecutive error
     # (so it keeps backing off) with this as its last_error; None: a clean pass clears both
     error: str | None = None
+    behind: dict[Kind, Behind] = field(default_factory=dict)  # replaces the stream's
+    line_ms: int | None = None  # stored when the stream has none yet (the first one stays)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +357,8 @@ class Store(Protocol):
         ``emit``: seeding); returns how many keys were new. One transaction."""
 
     async def finish_pass(self, stream_id: int, result: PassResult) -> None:
-        """Advance watermarks (never backwards), store the summary, schedule the next pass."""
+        """Advance watermarks (never backwards), store the summary and the feeds behind it,
+        fix the history line if the stream has none, schedule the next pass."""
 
     async def record_error(
         self, stream_id: int, error: str, next_due_ms: int, *, retire: bool = False
@@ -424,6 +462,12 @@ class Store(Protocol):
         """Pending deliveries of a webhook due by now, soonest due first, then by seq, leaving
         out the delivery ids in ``skip`` (those the reader already holds: neither joined to
         their events nor counted in ``limit``)."""
+
+    async def due_sends(
+        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
+    ) -> list[DueSend]:
+        """:meth:`due_deliveries`, in the same order, as what the webhook senders need (no
+        Delivery or OutboxEvent objects: the sender uses five of their twenty fields)."""
 
     async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
         """When the webhook's first pending delivery due later than ``after_ms`` (Unix ms) is

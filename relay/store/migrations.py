@@ -165,4 +165,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX dedup_occurred",
         "CREATE INDEX dedup_kept ON dedup (max(occurred_ms, inserted_ms))",
     ),
+    # feeds whose summary count moved before the feed showed the record (the counters are
+    # ahead of the tracking feed): kind -> [since_ms, missing], read again until caught up or
+    # overlap_s has passed; kept in the store so a restart does not forget them
+    ("ALTER TABLE streams ADD COLUMN behind TEXT NOT NULL DEFAULT '{}'",),
+    # a seeded stream's history line on the upstream's clock (its creation moved by the offset
+    # of the upstream's Date header), fixed at its first pass that saw one: against an upstream
+    # clock behind the relay's, the relay's clock put every later activity in its history
+    ("ALTER TABLE streams ADD COLUMN line_ms BIGINT",),
 )

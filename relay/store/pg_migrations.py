@@ -181,4 +181,8 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX dedup_occurred",
         "CREATE INDEX dedup_kept ON dedup (GREATEST(occurred_ms, inserted_ms))",
     ),
+    # feeds behind their summary count (see migrations.py, version 7)
+    ("ALTER TABLE streams ADD COLUMN behind TEXT NOT NULL DEFAULT '{}'",),
+    # a seeded stream's history line on the upstream's clock (see migrations.py, version 8)
+    ("ALTER TABLE streams ADD COLUMN line_ms BIGINT",),
 )

@@ -4,7 +4,9 @@ several relay replicas at once.
 Every call is one transaction on a pooled connection. A connection that breaks (the server
 restarts, the network drops) rolls its transaction back on the server, so nothing half-written
 survives; the call is retried on a fresh connection with bounded, logged backoff for up to
-``reconnect_max_s``, then fails with a :class:`StoreError` naming the server. Retrying a
+``reconnect_max_s`` (or until the deadline of a :func:`relay.store.budget.wait_budget`, while no
+writing transaction of its unit of work has sent COMMIT), then fails with a :class:`StoreError`
+naming the server. Retrying a
 transaction whose commit went through but whose answer was lost repeats it: every write here is
 idempotent or, like the quota count, may over-count but never under-count.
 
@@ -42,6 +44,7 @@ from relay.store.base import (
     DeadLetter,
     Delivery,
     DeliveryCounts,
+    DueSend,
     DuplicateError,
     GoneError,
     NotFoundError,
@@ -61,6 +64,7 @@ from relay.store.base import (
     Webhook,
     gone_message,
 )
+from relay.store.budget import WaitBudget, current_budget
 from relay.store.pg_migrations import PG_MIGRATIONS
 
 log = structlog.get_logger(__name__)
@@ -77,6 +81,7 @@ LOCK_FANOUT = 3
 # the events they read
 LOCK_RETENTION = 4
 BUDGET_NS = 0x43544355  # per-account request budget: (BUDGET_NS, hashtext(account))
+_WROTE = "SELECT txid_current_if_assigned() IS NOT NULL"  # this transaction changed something
 COMMITS_CHANNEL = "relay_outbox"  # NOTIFY channel: a transaction appended outbox events
 
 # Errors after which the same transaction may succeed on another connection or a bit later.
@@ -200,13 +205,20 @@ class PostgresStore:
     async def transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``fn`` in one transaction, retrying it through connection failures."""
 
+        budget = current_budget()
+
         async def attempt() -> T:
             if self._pool is None:
                 raise StoreError("state store is not open")
-            async with self._pool.acquire(timeout=self.settings.connect_timeout_s) as conn:
+            async with self._pool.acquire(timeout=self._connect_timeout_s(budget)) as conn:
                 try:
                     async with conn.transaction():
-                        return await fn(conn)
+                        result = await fn(conn)
+                        # COMMIT of a change is next: from here on, giving up early could leave
+                        # the unit of work half-applied, or applied after its 503
+                        if budget and not budget.committing and await conn.fetchval(_WROTE):
+                            budget.note_commit()
+                        return result
                 except RETRIABLE:
                     conn.terminate()  # never hand a broken connection out again
                     raise
@@ -246,8 +258,16 @@ class PostgresStore:
                 except (*RETRIABLE, asyncpg.PostgresError):
                     conn.terminate()
 
+    def _connect_timeout_s(self, budget: WaitBudget | None) -> float:
+        """A connection attempt ends by the budget's deadline, if one still applies."""
+        remaining = budget.remaining_s() if budget is not None else None
+        if remaining is None:
+            return self.settings.connect_timeout_s
+        return max(0.1, min(self.settings.connect_timeout_s, remaining))
+
     async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         deadline = time.monotonic() + self.settings.reconnect_max_s
+        budget = current_budget()
         delay_s = 0.1
         attempt = 1
         while True:
@@ -256,6 +276,14 @@ class PostgresStore:
             except StoreError:
                 raise
             except RETRIABLE as exc:
+                remaining = budget.remaining_s() if budget is not None else None
+                if budget is not None and remaining is not None and remaining < delay_s:
+                    # nothing of this unit of work has been sent to COMMIT: it was not applied
+                    raise UnavailableError(
+                        f"state store (PostgreSQL at {self._where}): {what} failed; gave up"
+                        f" after {budget.seconds:g}s: {_reason(exc)}",
+                        unchanged=True,
+                    ) from None
                 if time.monotonic() + delay_s > deadline:
                     raise UnavailableError(
                         f"state store (PostgreSQL at {self._where}): {what} failed for"
@@ -386,13 +414,16 @@ class PostgresStore:
             await conn.execute(
                 "UPDATE streams SET next_due_ms = $1, rate_per_h = $2, last_poll_ms = $3,"
                 " summary = $4, consecutive_errors = CASE WHEN $5::text IS NULL THEN 0"
-                " ELSE consecutive_errors + 1 END, last_error = $5 WHERE id = $6",
+                " ELSE consecutive_errors + 1 END, last_error = $5, behind = $7,"
+                " line_ms = COALESCE(line_ms, $8) WHERE id = $6",
                 result.next_due_ms,
                 result.rate_per_h,
                 result.polled_ms,
                 orjson.dumps(result.summary).decode(),
                 None if result.error is None else result.error[:1000],
                 stream_id,
+                rowmap.behind_json(result.behind),
+                result.line_ms,
             )
             await conn.executemany(
                 "INSERT INTO watermarks (stream_id, kind, watermark_ms) VALUES ($1, $2, $3)"
@@ -688,6 +719,14 @@ class PostgresStore:
             return [(rowmap.delivery(r[:width]), rowmap.outbox_event(r[width:])) for r in rows]
 
         return await self.transaction(run)
+
+    async def due_sends(
+        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
+    ) -> list[DueSend]:
+        due = await self.due_deliveries(webhook_id, now_ms, limit, skip)
+        return [
+            DueSend(d.id, d.attempts, d.event_id, e.committed_ms, e.structured()) for d, e in due
+        ]
 
     async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
         async def run(conn: Connection) -> int | None:

@@ -13,14 +13,23 @@ from typing import Any
 import orjson
 
 from relay.events import Activity, Kind, format_id
-from relay.store.base import Delivery, OutboxEvent, StoreError, Stream, StreamKey, Webhook
+from relay.store.base import (
+    Behind,
+    Delivery,
+    OutboxEvent,
+    StoreError,
+    Stream,
+    StreamKey,
+    Webhook,
+)
 
 FANOUT = "webhooks-fanout"  # the sink cursor of webhook fan-out
 PRUNE_CHUNK = 10_000  # rows pruned per transaction (dedup keys, outbox events, deliveries)
 
 STREAM_COLUMNS = (
     "id, account, scope, resource_id, next_due_ms, rate_per_h, consecutive_errors, last_error,"
-    " last_poll_ms, retired, paused, summary, seed, created_ms"
+    " last_poll_ms, retired, paused, summary, seed, created_ms, behind,"
+    " line_ms"
 )
 STATE_CLAUSES = {
     "active": "retired = 0 AND paused = 0",
@@ -67,7 +76,18 @@ def stream(row: Sequence[object], marks: dict[Kind, int]) -> Stream:
         watermarks=marks,
         seed=bool(row[12]),
         created_ms=int(str(row[13])),
+        behind={
+            KINDS[k]: Behind(int(v[0]), int(v[1]))
+            for k, v in orjson.loads(str(row[14])).items()
+            if k in KINDS
+        },
+        line_ms=None if row[15] is None else int(str(row[15])),
     )
+
+
+def behind_json(behind: dict[Kind, Behind]) -> str:
+    """The ``behind`` column: kind -> [since_ms, missing]."""
+    return orjson.dumps({k.value: [b.since_ms, b.missing] for k, b in behind.items()}).decode()
 
 
 def webhook_row(w: Webhook) -> tuple[object, ...]:

@@ -14,6 +14,7 @@ from relay.api import AdminSettings, create_admin_app
 from relay.api.client import TOKEN_ENV
 from relay.api.ops_client import add_ops_parsers, ops_command, run_ops
 from relay.api.status import AccountQuota, RelayView
+from relay.cli import main
 from relay.sinks.ssrf import Guard
 from relay.store import Store
 from tests.api.conftest import KEY, T0, TOKEN, Clock, activity
@@ -263,3 +264,63 @@ async def test_dead_letters_table_json_and_the_rest_left_out(cli: Cli, store: St
     answer = orjson.loads(out)
     assert [d["event_id"] for d in answer["dead_letters"]] == ["evt-2", "evt-8"]
     assert answer["total"] == 2
+
+
+_BIGINT = 2**63 - 1
+_NOT_AN_ID = "expected a Constant Contact id (1 to 64 digits)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "option", "problem"),
+    [
+        pytest.param(
+            ["targets", "add", "--account", "acme", "--campaign", "abc"],
+            "--campaign",
+            f"{_NOT_AN_ID}, got 'abc'",
+            id="targets-add-campaign",
+        ),
+        pytest.param(
+            ["targets", "remove", "--account", "acme", "--contact", "5x"],
+            "--contact",
+            f"{_NOT_AN_ID}, got '5x'",
+            id="targets-remove-contact",
+        ),
+        pytest.param(
+            ["replay", "--account", "acme", "--campaign", "c-1", "--since", "2025-01-01T00:00:00Z"],
+            "--campaign",
+            f"{_NOT_AN_ID}, got 'c-1'",
+            id="replay-campaign",
+        ),
+        pytest.param(
+            ["replay", "--stream", "1" * 20, "--since", "2025-01-01T00:00:00Z"],
+            "--stream",
+            f"expected a stream id (an integer from 1 to {_BIGINT}), got '{'1' * 20}'",
+            id="replay-stream-20-digits",
+        ),
+        pytest.param(
+            ["pause", "--stream", "0"],
+            "--stream",
+            f"expected a stream id (an integer from 1 to {_BIGINT}), got '0'",
+            id="pause-stream-zero",
+        ),
+        pytest.param(
+            ["webhooks", "redeliver", str(_BIGINT + 1)],
+            "delivery_id",
+            f"expected a delivery id (an integer from 1 to {_BIGINT}), got '{_BIGINT + 1}'",
+            id="redeliver-past-bigint",
+        ),
+    ],
+)
+def test_ids_of_the_wrong_shape_are_usage_errors(
+    argv: list[str], option: str, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`targets add --campaign abc` was sent (and accepted by the API), `replay --stream` of 20
+    digits got a 404 quoting the id: ids are checked as the API takes them, a usage error naming
+    the option, exit 2; nothing is sent (no API listens)."""
+    api = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--api", api])
+    assert exited.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1].endswith(f": error: argument {option}: {problem}")
+    )

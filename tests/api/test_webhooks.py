@@ -541,10 +541,6 @@ async def test_delete_then_404(client: Client) -> None:
             id="recover",
         ),
         pytest.param("POST", "/v1/deliveries/424242/redeliver", None, id="redeliver"),
-        pytest.param("POST", "/v1/deliveries/abc/redeliver", None, id="redeliver-not-int"),
-        pytest.param("POST", f"/v1/deliveries/{2**70}/redeliver", None, id="redeliver-huge"),
-        # more digits than int() converts (4300): never parsed, still no such delivery
-        pytest.param("POST", f"/v1/deliveries/{'1' * 5000}/redeliver", None, id="redeliver-long"),
     ],
 )
 async def test_unknown_ids_are_404(
@@ -859,7 +855,6 @@ async def test_webhook_reads_refuse_unknown_query_parameters(client: Client, pat
         pytest.param(
             "POST", "/v1/webhooks/wh%00x/recover", {"since": "2025-01-01T00:00:00Z"}, id="recover"
         ),
-        pytest.param("DELETE", "/v1/accounts/acme/targets/campaigns/1%002", None, id="target"),
     ],
 )
 async def test_a_nul_in_a_path_id_is_404_on_every_store(
@@ -902,3 +897,47 @@ async def test_a_nul_in_a_body_string_is_a_400_naming_it_on_every_store(
     message = (await error_of(response, 400))["message"]
     assert message == f"{field}: must not contain NUL (U+0000)"
     assert [h.description for h in await any_store.webhooks()] in ([], [""])
+
+
+_GOOD_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" + "MfKQ9r8GKYqrTwjUPD8ILPZI"
+
+
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        pytest.param(" " + _GOOD_SECRET, "starts or ends with whitespace", id="leading-space"),
+        pytest.param(_GOOD_SECRET + "\n", "starts or ends with whitespace", id="line-end"),
+        pytest.param(_GOOD_SECRET + "\r\n", "starts or ends with whitespace", id="crlf"),
+        pytest.param(_GOOD_SECRET[:20] + " " + _GOOD_SECRET[20:], "holds whitespace", id="space"),
+        pytest.param(_GOOD_SECRET[:20] + "\t" + _GOOD_SECRET[20:], "holds whitespace", id="tab"),
+        pytest.param(
+            _GOOD_SECRET[:20] + "!*" + _GOOD_SECRET[22:],
+            "the part after whsec_ is not valid base64",
+            id="chars",
+        ),
+    ],
+)
+@pytest.mark.parametrize("route", ["create", "rotate"])
+async def test_a_secret_with_whitespace_or_bad_base64_is_a_400_naming_it(
+    client: Client, secret: str, problem: str, route: str
+) -> None:
+    """A given whsec_ secret with whitespace around or inside, or bad base64, is refused with a
+    400 naming the field and the problem, never echoing the value (" whsec_…" used to be told it
+    must start with whsec_); nothing is registered or rotated."""
+    if route == "create":
+        response = await client.post(
+            "/v1/webhooks",
+            json={"url": PUBLIC_URL, "event_types": [CLICK], "secret": secret},
+            headers=AUTH,
+        )
+    else:
+        hook = await create(client, secret=_GOOD_SECRET)
+        response = await client.post(
+            f"/v1/webhooks/{hook['id']}/rotate-secret", json={"secret": secret}, headers=AUTH
+        )
+    text = await response.text()
+    error = await error_of(response, 400)
+    assert error["message"].startswith(f"secret: {problem}"), error
+    assert "MfKQ9r8GKYqr" not in text
+    hooks = await ok(await client.get("/v1/webhooks", headers=AUTH))
+    assert len(hooks["webhooks"]) == (0 if route == "create" else 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -311,11 +312,42 @@ async def test_daily_quota_403_pauses_the_account(make_sim: MakeSim) -> None:
 
 
 async def test_timeout_is_a_transport_error(sim: Sim) -> None:
-    """A response slower than the timeout becomes a retriable TransportError."""
+    """A response slower than the timeout becomes a retriable ResponseTimeoutError (a
+    TransportError: the poller lets one per pass fail only its feed)."""
     await sim.faults(script=[{"delay_s": 2}, {"delay_s": 2}])
     client = sim.client(retry=RetryPolicy(max_attempts=2), timeout=aiohttp.ClientTimeout(total=0.3))
-    with pytest.raises(errors.TransportError, match="timed out"):
+    with pytest.raises(errors.ResponseTimeoutError, match=r"timed out after 0\.3s") as caught:
         await client.fetch(catalogue.get("contact.summary"), resource_id="1001")
+    assert caught.value.retriable
+
+
+async def test_a_connection_that_cannot_be_made_in_time_is_no_response_timeout() -> None:
+    """A connect timeout (a listener whose backlog is full drops the SYN) is the network's
+    failure: a plain TransportError, which ends a pass, not a ResponseTimeoutError."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:  # fill the accept queue
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        try:
+            async with aiohttp.ClientSession() as session:
+                client = CtctClient(
+                    session,
+                    Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
+                    RateLimiter(Budget(requests_per_second=100)),
+                    retry=RetryPolicy(max_attempts=1),
+                    timeout=aiohttp.ClientTimeout(total=2, connect=0.2),
+                )
+                with pytest.raises(errors.TransportError, match="timed out connecting") as caught:
+                    await client.fetch(catalogue.get("contact.summary"), resource_id="1")
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert not isinstance(caught.value, errors.ResponseTimeoutError)
 
 
 async def test_unreachable_base_url_is_a_clear_transport_error() -> None:
@@ -440,6 +472,52 @@ async def test_next_links_over_empty_pages_stop_the_pass(
         assert "/v2/x?next=T6" in str(caught.value)
 
 
+async def test_a_cursor_over_the_same_records_stops_the_pass(
+    aiohttp_server: Callable[..., object],
+) -> None:
+    """A next_link that changes at every page (a nonce in the token) over the same records:
+    only pages with no records counted, so the loop ran until the day's budget was spent. A page
+    that brings nothing this read has not already returned counts as empty; a repeat of a link
+    with its parameters in another order is a repeat."""
+    sent = {"n": 0}
+    same = [{"activity_type": "EMAIL_OPEN", "contact_id": str(i)} for i in range(3)]
+
+    async def stuck(_request: web.Request) -> web.Response:
+        sent["n"] += 1
+        link = f"/v2/x?next=tok&nonce={sent['n']}"
+        return web.json_response({"meta": {"pagination": {"next_link": link}}, "results": same})
+
+    async def reordered(request: web.Request) -> web.Response:
+        page = int(request.query.get("p", "1"))
+        link = "/v2/y?next=A&p=2" if page == 1 else "/v2/y?p=2&next=A"
+        record = {"activity_type": "EMAIL_OPEN", "contact_id": str(page)}
+        return web.json_response({"meta": {"pagination": {"next_link": link}}, "results": [record]})
+
+    app = web.Application()
+    app.router.add_get("/v2/y", reordered)
+    app.router.add_get("/{tail:.*}", stuck)
+    server = await aiohttp_server(app)  # type: ignore[operator]
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=1000, requests_per_day=300)),
+        )
+        with pytest.raises(errors.PaginationLoopError) as caught:
+            async for _ in client.pages(catalogue.get("campaign.opens"), resource_id="1"):
+                pass
+        assert client.requests_sent == 1 + MAX_EMPTY_PAGES
+        message = str(caught.value)
+        assert message.startswith("campaign.opens: 3 pages in a row (up to page 4) brought no new")
+        assert "only records this read had already returned" in message
+        assert API_KEY not in message
+
+        other = Endpoint("y", "/v2/y", Scope.ACCOUNT, Shape.RESOURCES, max_limit=50)
+        with pytest.raises(errors.PaginationLoopError, match="repeated on page 3"):
+            async for _ in client.pages(other):
+                pass
+
+
 async def test_a_long_feed_with_records_is_not_cut_short(
     aiohttp_server: Callable[..., object],
 ) -> None:
@@ -461,6 +539,99 @@ async def test_a_long_feed_with_records_is_not_cut_short(
             p.number async for p in client.pages(catalogue.get("campaign.opens"), resource_id="1")
         ]
         assert numbers == list(range(1, pages + 1))
+
+
+GOOD_OPEN = b'{"activity_type":"EMAIL_OPEN","contact_id":"1","email_address":"a@example.com"}'
+
+
+@pytest.mark.parametrize(
+    ("text", "email", "problem"),
+    [
+        pytest.param(
+            b"ren\xe9@example.fr", "ren\ufffd@example.fr", "not valid UTF-8 (byte 0xe9", id="latin1"
+        ),
+        pytest.param(
+            b"x@example.com \\ud83d",
+            "x@example.com \ufffd",
+            "1 string(s) holding a lone UTF-16 surrogate escape",
+            id="lone-surrogate",
+        ),
+    ],
+)
+async def test_a_record_whose_text_is_not_clean_utf8_does_not_lose_the_page(
+    aiohttp_server: Callable[..., object], text: bytes, email: str, problem: str
+) -> None:
+    """A Latin-1 byte or a lone surrogate escape in one record made orjson refuse the whole
+    page: a MalformedResponseError every pass, the feed's watermark stuck, every later event of
+    the feed lost. The page is read with the bad text replaced by U+FFFD, and a warning names
+    the endpoint and the problem (never the credentials)."""
+    odd = b'{"activity_type":"EMAIL_OPEN","contact_id":"2","email_address":"' + text + b'"}'
+    body = b'{"meta":{"pagination":{}},"results":[' + GOOD_OPEN + b"," + odd + b"]}"
+
+    async def handler(_request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app)  # type: ignore[operator]
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=100)),
+        )
+        with structlog.testing.capture_logs() as logs:
+            pages = [
+                p async for p in client.pages(catalogue.get("campaign.opens"), resource_id="9")
+            ]
+    [page] = pages
+    assert [r["email_address"] for r in page.records] == ["a@example.com", email]
+    assert client.requests_sent == 1  # not retried: the body will not change
+    [warning] = [line for line in logs if line["event"] == "ctct.body_repaired"]
+    assert warning["endpoint"] == "campaign.opens"
+    assert warning["path"] == "/v2/emailmarketing/campaigns/9/tracking/opens"
+    assert warning["problem"].startswith(problem)
+    assert API_KEY not in str(logs)
+    assert TOKEN not in str(logs)
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        pytest.param(
+            b'{"results": [ren\xe9',
+            "not valid UTF-8 (byte 0xe9 at offset 16) and not JSON",
+            id="latin1",
+        ),
+        pytest.param(b"<html>busy</html>", "not JSON (unexpected character", id="html"),
+    ],
+)
+async def test_a_body_that_is_not_json_says_what_is_wrong_with_it(
+    aiohttp_server: Callable[..., object], body: bytes, said: str
+) -> None:
+    """orjson calls every invalid UTF-8 input "surrogates not allowed": a Latin-1 byte in a
+    body that is not JSON either was reported as a surrogate problem. The error names the byte
+    and its offset, and then what the JSON parser said."""
+
+    async def handler(_request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app)  # type: ignore[operator]
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            RateLimiter(Budget(requests_per_second=100)),
+            retry=RetryPolicy(max_attempts=1),
+        )
+        with pytest.raises(errors.MalformedResponseError) as caught:
+            await client.fetch(catalogue.get("campaign.summary"), resource_id="9")
+    message = str(caught.value)
+    assert f"answered 200 with a body that is {said}" in message
+    assert "surrogate" not in message
+    assert API_KEY not in message
 
 
 async def test_next_link_to_another_host_is_refused(aiohttp_server: Callable[..., object]) -> None:

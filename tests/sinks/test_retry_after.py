@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
-from relay.events import Kind
 from relay.sinks import webhooks
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings, Outcome, WebhookDispatcher
-from relay.store import OutboxEvent, Webhook
+from relay.store import DueSend, Webhook
 
 SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
@@ -90,6 +89,6 @@ async def test_a_connect_timeout_is_reported_as_such_with_its_own_limit() -> Non
     hook = Webhook(
         "wh_1", "https://hooks.example.com/x", ("com.constantcontact.email.*",), "whsec_" + "A" * 32
     )
-    event = OutboxEvent(1, "id-1", "acme", Kind.OPEN, "1", "2", 0, 0, b"{}")
-    outcome = await d._attempt(TimingOut(), hook, event)  # type: ignore[arg-type]
+    due = DueSend(1, 0, "id-1", 0, b"{}")
+    outcome = await d._attempt(TimingOut(), hook, due)  # type: ignore[arg-type]
     assert outcome.error == "connect timed out after 2.5s"

@@ -449,11 +449,11 @@ class CountingStore:
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
 
-    async def due_deliveries(
+    async def due_sends(
         self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
     ) -> object:
         self.reads += 1
-        return await self._store.due_deliveries(webhook_id, now_ms, limit, skip)
+        return await self._store.due_sends(webhook_id, now_ms, limit, skip)
 
     async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
         self.reads += 1

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 import asyncpg
 import pytest
 
 from relay.events import Activity, Kind, from_millis
-from relay.store import PostgresSettings, PostgresStore, StoreError, StreamKey
+from relay.store import (
+    PostgresSettings,
+    PostgresStore,
+    StoreError,
+    StreamKey,
+    UnavailableError,
+    wait_budget,
+)
 from relay.store.migrations import MIGRATIONS
 from relay.store.pg_migrations import PG_MIGRATIONS
+from tests import pgkit
 from tests.procs import free_port
 
 T0 = 1_763_000_000_000
@@ -143,3 +152,43 @@ async def test_commits_of_another_replica_wake_a_listener(postgres_url: str) -> 
         await asyncio.wait_for(listening, 10)
         await writer.close()
         await reader.close()
+
+
+async def _fails_after(call: Awaitable[object]) -> tuple[float, UnavailableError]:
+    started = time.monotonic()
+    with pytest.raises(UnavailableError) as caught:
+        await call
+    return time.monotonic() - started, caught.value
+
+
+async def test_a_wait_budget_gives_up_early_only_before_a_change_is_committed() -> None:
+    """Under a wait budget, a call to an unreachable server gives up at the budget's deadline
+    (``unchanged``: nothing of the unit of work was sent to COMMIT), not after reconnect_max_s;
+    reads do not count as changes. Once a transaction that wrote has committed, the unit's
+    later calls run their full reconnect_max_s, so a unit of work is never cut short
+    half-applied."""
+    cluster = pgkit.Cluster().start()
+    try:
+        url = pgkit.fresh_database(cluster.url)
+        store = PostgresStore.from_url(url, PostgresSettings(reconnect_max_s=6))
+        await store.open()
+        try:
+            with wait_budget(1.5) as writing:
+                await store.streams()
+                assert not writing.committing  # a read is no change
+                await store.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+                assert writing.committing
+                cluster.stop()
+                late_s, late = await _fails_after(store.streams())
+            with wait_budget(1.5) as reading:
+                early_s, early = await _fails_after(store.streams())
+            assert not reading.committing
+        finally:
+            await store.close()
+    finally:
+        cluster.destroy()
+    assert 5 < late_s < 9
+    assert not late.unchanged
+    assert 0.5 < early_s < 2.5
+    assert early.unchanged
+    assert "gave up after 1.5s" in str(early)

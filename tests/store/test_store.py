@@ -18,6 +18,8 @@ import pytest
 from relay.events import WILDCARD, Activity, Kind, from_millis
 from relay.store import (
     Attempt,
+    Behind,
+    DueSend,
     DuplicateError,
     GoneError,
     NotFoundError,
@@ -131,6 +133,36 @@ async def test_watermarks_never_move_backwards(store: Store) -> None:
     stream = await store.stream(sid)
     assert stream.watermarks == {Kind.OPEN: T0 + 100, Kind.CLICK: T0}
     assert stream.rate_per_h == 1.0
+
+
+async def test_feeds_behind_their_summary_are_kept_until_a_pass_clears_them(
+    store: Store,
+) -> None:
+    """finish_pass stores the pass's feeds behind their summary count, replacing the stream's
+    (a pass that leaves none clears them); they are read back with the stream."""
+    sid = await one_stream(store)
+    assert (await store.stream(sid)).behind == {}
+    behind = {Kind.BOUNCE: Behind(T0, 1), Kind.FORWARD: Behind(T0 + 5, 2)}
+    await store.finish_pass(sid, PassResult({}, {"bounces": 1}, T0, 1.0, T0, behind=behind))
+    assert (await store.stream(sid)).behind == behind
+    assert [s.behind for s in await store.streams()] == [behind]
+    await store.finish_pass(sid, PassResult({}, {"bounces": 1}, T0, 1.0, T0))
+    assert (await store.stream(sid)).behind == {}
+
+
+async def test_the_history_line_is_fixed_by_the_first_pass_that_offers_one(
+    store: Store,
+) -> None:
+    """finish_pass stores a stream's history line when it has none; later passes, offering
+    none or another, leave it."""
+    sid = await one_stream(store)
+    assert (await store.stream(sid)).line_ms is None
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0))
+    assert (await store.stream(sid)).line_ms is None
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0, line_ms=T0 - 86400_000))
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0, line_ms=T0 - 85000_000))
+    await store.finish_pass(sid, PassResult({}, {}, T0, 1.0, T0))
+    assert (await store.stream(sid)).line_ms == T0 - 86400_000
 
 
 async def test_errors_back_off_and_retire(store: Store) -> None:
@@ -464,6 +496,44 @@ async def test_due_deliveries_read_back_every_field_in_due_order(store: Store) -
     assert orjson.loads(event.data)["email_address"] == odd.email_address
     assert due[0][1].kind is Kind.CLICK
     assert await store.due_deliveries("wh_1", T0 + 10, 10) == [due[0]]  # the retry is not due
+
+
+async def test_due_sends_are_the_due_deliveries_with_their_bodies_byte_for_byte(
+    store: Store,
+) -> None:
+    """What the webhook senders read: the due deliveries in the same order, each with its
+    event's structured CloudEvent exactly as OutboxEvent.structured() builds it (SQLite builds
+    it in SQL: escapes, non-ASCII text and times from year 1 to 9999 included)."""
+    sid = await one_stream(store)
+    await store.create_webhook(
+        Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+    )
+    awkward = 'q"b\\s/\x01\x1f\x7f\n\t\r\b\f zoë \u2028 \U0001f600 <&>'
+    times = [0, -1, 999, T0 + 1, T0 + 999, -62135596800000, 253402300799999, 951782400123]
+    events = [
+        dataclasses.replace(
+            activity(i, ms, kind=list(Kind)[i % len(Kind)], account=f"acme{awkward}"),
+            campaign_id=f"11{awkward}",
+            contact_id=f"{i}{awkward}",
+            email_address=f"{awkward}@example.com",
+        )
+        for i, ms in enumerate(times)
+    ]
+    await store.commit_page(sid, events, T0 + 7)
+    await store.fanout(100, T0)
+    first = min(await store.deliveries("wh_1", 100), key=lambda d: d.seq)
+    await store.finish_attempts([(Attempt(first.id, T0 + 1, 500, 1.0), "pending", T0 + 50, 0)])
+    due = await store.due_deliveries("wh_1", T0 + 100, 100)
+    sends = await store.due_sends("wh_1", T0 + 100, 100)
+    assert len(sends) == len(times)
+    assert sends == [
+        DueSend(d.id, d.attempts, d.event_id, e.committed_ms, e.structured()) for d, e in due
+    ]
+    assert sends[-1].delivery_id == first.id  # due later: its retry
+    assert sends[-1].attempts == 1
+    skip = {sends[0].delivery_id, sends[2].delivery_id}
+    assert await store.due_sends("wh_1", T0 + 100, 2, skip=skip) == [sends[1], sends[3]]
+    assert await store.due_sends("wh_1", T0 + 10, 100) == sends[:-1]  # the retry is not due
 
 
 async def test_due_deliveries_leave_out_the_held_ones_without_counting_them(store: Store) -> None:
