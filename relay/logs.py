@@ -25,6 +25,7 @@ from urllib.parse import quote, quote_plus
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "***"
@@ -121,6 +122,7 @@ def configure(
     )
     handler.addFilter(_drop_cancellations)
     handler.addFilter(_one_line_reconnects)
+    handler.addFilter(_one_line_bad_requests)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(_LEVELS[level], logging.WARNING))
@@ -154,6 +156,29 @@ def _one_line_reconnects(record: logging.LogRecord) -> bool:
         error = record.exc_info[1]
         record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
         record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
+_DETAIL_CHARS = 200
+
+
+def _one_line_bad_requests(record: logging.LogRecord) -> bool:
+    """aiohttp's server logs every request it cannot parse (a request line or header over 8190
+    bytes, a bad HTTP version, a bad chunk) as an error with a ~1 KB traceback: anyone who can
+    connect could flood the log with them. It has answered 400 already and nothing of ours
+    failed, so the record becomes a one-line warning naming the peer and the problem."""
+    error = record.exc_info[1] if record.exc_info else None
+    if record.name.startswith("aiohttp.server") and isinstance(error, HttpProcessingError):
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        # the parser's message quotes the request's bytes over several lines: one line, capped
+        detail = " ".join(str(error.message).split())
+        if len(detail) > _DETAIL_CHARS:
+            detail = detail[:_DETAIL_CHARS] + "…"
+        record.msg = "malformed HTTP request from %s, answered %s: %s: %s"
+        record.args = (peer, error.code or 400, type(error).__name__, detail)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info = None
         record.exc_text = None
     return True

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import orjson
 import structlog
+from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from relay import logs
@@ -253,3 +254,59 @@ async def test_every_line_of_an_admin_request_carries_its_request_id(
     ids = [line["request_id"] for line in lines if line["event"] == "api.unauthorized"]
     assert len(ids) == 2
     assert len(set(ids)) == 2
+
+
+MALFORMED = {
+    "LineTooLong": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "BadStatusLine": b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    "BadHttpMessage": b"POST /v1/webhooks HTTP/1.1\r\nHost: x\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+}
+
+
+async def _send_raw(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+async def test_malformed_requests_are_one_warning_line_each(tmp_path: Path) -> None:
+    """aiohttp's server logs an unparsable request as an error with a traceback (a log flood
+    for anyone who can connect): each is one warning naming the peer and the problem; other
+    aiohttp.server errors keep their traceback."""
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    runner = web.AppRunner(create_admin_app(store, AdminSettings(), guard=Guard()))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        for request in MALFORMED.values():
+            assert (await _send_raw(port, request)).startswith(b"HTTP/1.0 400 ")
+            await asyncio.sleep(0.05)  # the error is logged as the connection closes
+    finally:
+        await runner.cleanup()
+        await store.close()
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    server = [line for line in lines if line.get("logger") == "aiohttp.server"]
+    assert len(server) == len(MALFORMED), lines
+    for line, name in zip(server, MALFORMED, strict=True):
+        assert line["level"] == "warning"
+        assert "exception" not in line
+        prefix = f"malformed HTTP request from 127.0.0.1, answered 400: {name}: "
+        assert line["event"].startswith(prefix)
+        assert len(line["event"]) < 300
+    try:
+        raise RuntimeError("a real bug")
+    except RuntimeError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    last = orjson.loads(out.getvalue().splitlines()[-1])
+    assert last["level"] == "error"
+    assert "RuntimeError: a real bug" in last["exception"]

@@ -30,7 +30,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from relay.api import body, openapi, streams, webhooks
+from relay.api import body, openapi, origin, streams, webhooks
 from relay.api.responses import ApiError, error_response, json_response
 from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE, AdminSettings, StatusFn
 from relay.api.status import VIEW, RelayView
@@ -124,6 +124,8 @@ def create_admin_app(
     if settings.token is not None:
         public = PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
         middlewares.append(_bearer_auth(settings.token, public))
+    else:  # open on loopback: to this machine's clients only, not web pages (see origin.py)
+        middlewares.append(origin.local_only())
     app = web.Application(middlewares=middlewares, client_max_size=body.MAX_BODY_BYTES)
     app[STORE] = store
     app[SETTINGS] = settings

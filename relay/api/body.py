@@ -16,10 +16,15 @@ from datetime import UTC, datetime, timedelta, timezone, tzinfo
 import orjson
 from aiohttp import web
 
-from relay.api.responses import JsonObject, bad_request, not_found
+from relay.api.responses import ApiError, JsonObject, bad_request, not_found
 from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, to_millis
 
 MAX_BODY_BYTES = 64 * 1024
+JSON_MEDIA_TYPE = "application/json"  # the only Content-Type of a request body (parameters aside)
+# the types a web page may POST to another site without a CORS preflight
+_BROWSER_FORM_TYPES = frozenset(
+    {"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+)
 MAX_URL_CHARS = 2048
 MAX_DESCRIPTION_CHARS = 1000
 MAX_SECRET_CHARS = 200
@@ -51,12 +56,25 @@ async def read_object(request: web.Request, *, optional: bool = False) -> JsonOb
     A body of whitespace alone is not absent: it is sent, and it is not a JSON text (RFC 8259
     needs a value), so it is a 400 like any other unparsable body.
 
+    A body must be sent as ``Content-Type: application/json`` (415 otherwise): the types a web
+    page may send to another site without asking it first (``text/plain``, forms) never reach
+    the API's changes. An empty body sent as one of those types (an empty form) is refused too;
+    an empty body of any other type (aiohttp sends ``application/octet-stream``) is absent.
+
     The size cap is the application's ``client_max_size``: reading past it raises aiohttp's 413,
     which the error middleware renders as JSON.
     """
     raw = await request.read()
-    if optional and not raw:
+    media_type = request.content_type.lower()
+    if optional and not raw and media_type not in _BROWSER_FORM_TYPES:
         return {}
+    if media_type != JSON_MEDIA_TYPE:
+        given = request.headers.get("Content-Type")
+        raise ApiError(
+            415,
+            f"Content-Type: expected {JSON_MEDIA_TYPE},"
+            f" got {'none' if given is None else repr(given[:100])}",
+        )
     try:
         parsed: object = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

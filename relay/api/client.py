@@ -35,6 +35,7 @@ TOKEN_ENV = "CTCT_RELAY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a 
 DEFAULT_TIMEOUT_S = 30.0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+_JSON_BODY = {"Content-Type": "application/json"}  # the API refuses a body of any other type
 
 
 class AdminApiError(Exception):
@@ -191,7 +192,7 @@ class AdminClient:
             async with self._session.request(
                 method,
                 url,
-                headers=self._headers,
+                headers=self._headers if body is None else {**self._headers, **_JSON_BODY},
                 data=None if body is None else orjson.dumps(body),
                 params=dict(query or {}),
                 allow_redirects=False,
@@ -239,7 +240,8 @@ def common_parser() -> argparse.ArgumentParser:
 
 
 def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``webhooks add|list|show|update|remove|rotate-secret|deliveries|redeliver|recover``."""
+    """Add ``webhooks add|list|show|update|remove|rotate-secret|secret|deliveries|redeliver|
+    recover``."""
     common = common_parser()
     parser = commands.add_parser("webhooks", help="manage webhooks through the admin API")
     actions = parser.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
@@ -293,6 +295,13 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     p.add_argument("id")
     _secret_option(p, "the new secret (default: one is generated)")
+
+    p = actions.add_parser(
+        "secret",
+        parents=[common],
+        help="print a webhook's current signing secret (e.g. a declared webhook's generated one)",
+    )
+    p.add_argument("id")
 
     p = actions.add_parser("deliveries", parents=[common], help="a webhook's recent deliveries")
     p.add_argument("id")
@@ -363,16 +372,16 @@ async def webhooks_command(
         async with aiohttp.ClientSession(timeout=timeout) as session:
             shown = await action(AdminClient(session, args.api, token), args)
     except UsageError as exc:
-        print(f"ctct-relay: error: {exc}", file=err)
+        print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
         return EXIT_USAGE
     except AdminApiError as exc:
-        print(f"ctct-relay: error: {exc}", file=err)
+        print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
         return EXIT_ERROR
     if args.json:
         if shown.answer is not None:
             out.write(orjson.dumps(shown.answer, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        out.write(shown.text + "\n")
+        out.write(terminal_safe(shown.text, keep="\n") + "\n")
     return 0
 
 
@@ -456,6 +465,15 @@ async def _rotate(client: AdminClient, args: argparse.Namespace) -> _Shown:
     return _Shown(hook, _webhook_text(hook))
 
 
+async def _secret(client: AdminClient, args: argparse.Namespace) -> _Shown:
+    answer = answered(await client.call("GET", f"/v1/webhooks/{segment(args.id)}/secret"))
+    text = text_of(answer.get("secret"))
+    until = answer.get("previous_secret_expires_at")
+    if until:  # the secret stays alone on the first line (`... | head -n1`)
+        text += f"\n(the previous secret also signs until {text_of(until)})"
+    return _Shown(answer, text)
+
+
 async def _deliveries(client: AdminClient, args: argparse.Namespace) -> _Shown:
     query = {"status": args.status} if args.status else {}
     if args.limit is not None:
@@ -503,6 +521,7 @@ _ACTIONS: Mapping[str, Callable[[AdminClient, argparse.Namespace], Awaitable[_Sh
     "update": _update,
     "remove": _remove,
     "rotate-secret": _rotate,
+    "secret": _secret,
     "deliveries": _deliveries,
     "redeliver": _redeliver,
     "recover": _recover,
@@ -529,7 +548,8 @@ def _webhook_text(hook: JsonObject) -> str:
     if hook.get("previous_secret_expires_at"):
         lines.append(("old secret until", text_of(hook.get("previous_secret_expires_at"))))
     if "secret" in hook:
-        lines.append(("secret", f"{text_of(hook.get('secret'))}  (shown only now: store it)"))
+        again = f"ctct-relay webhooks secret {text_of(hook.get('id'))} shows it again"
+        lines.append(("secret", f"{text_of(hook.get('secret'))}  ({again})"))
     width = max(len(k) for k, _ in lines) + 1
     return "\n".join(f"{k + ':':{width}} {v}" for k, v in lines)
 
@@ -562,7 +582,7 @@ def _event_type(text: str) -> str:
 
 def _types_text(value: object) -> str:
     types = value if isinstance(value, list) else []
-    return ", ".join(str(t).removeprefix(TYPE_PREFIX) for t in types)
+    return ", ".join(text_of(t).removeprefix(TYPE_PREFIX) for t in types)
 
 
 def segment(text: str) -> str:
@@ -571,8 +591,33 @@ def segment(text: str) -> str:
 
 
 def text_of(value: object) -> str:
-    """A JSON value as table text (null as empty)."""
-    return "" if value is None else str(value)
+    """A JSON value as table text (null as empty), on one line (line breaks and tabs become
+    spaces) and with every other control character shown escaped (:func:`terminal_safe`):
+    API-stored text (a description, a response excerpt, an endpoint's error) must not move the
+    cursor, retitle the window or fake other lines."""
+    return "" if value is None else terminal_safe(str(value).translate(_SPACES))
+
+
+_SPACES = str.maketrans(dict.fromkeys("\t\n\v\f\r", " "))
+
+
+# Bidirectional overrides and isolates: they reorder what the terminal shows ("Trojan Source")
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def terminal_safe(text: str, keep: str = "") -> str:
+    """``text`` with each control character (C0, DEL, C1: ESC and CSI start terminal escape
+    sequences) and bidirectional override shown as ``\\x1b`` / ``\\u202e``, except those in
+    ``keep`` (the line breaks of a multi-line answer). --json output is not touched: JSON
+    escapes them itself."""
+    if text.isprintable() and not _BIDI.intersection(text):
+        return text  # the common case: nothing to look at per character
+    return "".join(
+        c
+        if c in keep or not (unicodedata.category(c) == "Cc" or c in _BIDI)
+        else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in text
+    )
 
 
 def objects(value: object) -> list[JsonObject]:

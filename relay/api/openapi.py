@@ -31,6 +31,10 @@ def document(*, with_metrics: bool = False, metrics_public: bool = True) -> Json
             "parameters": [_ref("parameters", "WebhookId")],
             "post": _rotate_secret(),
         },
+        "/v1/webhooks/{webhook_id}/secret": {
+            "parameters": [_ref("parameters", "WebhookId")],
+            "get": _show_secret(),
+        },
         "/v1/webhooks/{webhook_id}/deliveries": {
             "parameters": [_ref("parameters", "WebhookId")],
             "get": _list_deliveries(),
@@ -47,6 +51,7 @@ def document(*, with_metrics: bool = False, metrics_public: bool = True) -> Json
     paths.update(_operations_paths())
     if with_metrics:
         paths["/metrics"] = {"get": _metrics(metrics_public)}
+    _add_refusals(paths)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -68,7 +73,9 @@ def document(*, with_metrics: bool = False, metrics_public: bool = True) -> Json
                     "type": "http",
                     "scheme": "bearer",
                     "description": "admin.token from the relay config (required unless the"
-                    " API listens on loopback only)",
+                    " API listens on loopback only; without it, the API answers only requests"
+                    " whose Host is a loopback address or localhost and that no other site's"
+                    " web page sent: a 403 otherwise)",
                 }
             },
             "schemas": {**_schemas(), **_operations_schemas()},
@@ -146,8 +153,8 @@ def _create_webhook() -> JsonObject:
         " registered is a 409 whose error message names the webhook that has it. URLs are"
         " stored and compared with scheme and host in lower case and the scheme's default port"
         " dropped (HTTPS://Example.COM:443/h is https://example.com/h); path, query and"
-        " fragment stay as written. The answer is the only one, with rotation, that shows the"
-        " secret.",
+        " fragment stay as written. The answer shows the secret, as do rotation's and"
+        " GET /v1/webhooks/{webhook_id}/secret.",
         "requestBody": _body("WebhookCreate"),
         "responses": {
             "201": _json("the webhook, with its secret", _schema("WebhookWithSecret")),
@@ -199,6 +206,21 @@ def _rotate_secret() -> JsonObject:
         "responses": {
             "200": _json("the webhook, with its new secret", _schema("WebhookWithSecret")),
             **_errors(400, 401, 404, 413),
+        },
+    }
+
+
+def _show_secret() -> JsonObject:
+    return {
+        "operationId": "getWebhookSecret",
+        "summary": "The webhook's current signing secret",
+        "description": "For a receiver's configuration, e.g. of a webhook declared in the config"
+        " file without a secret (one was generated). During a rotation's grace the previous"
+        " secret also signs; previous_secret_expires_at says until when (it is not shown)."
+        " Takes no query parameters: an unknown one is a 400.",
+        "responses": {
+            "200": _json("the secret", _schema("WebhookSecret")),
+            **_errors(400, 401, 404),
         },
     }
 
@@ -293,6 +315,13 @@ def _schemas() -> JsonObject:
         "Webhook": webhook,
         "WebhookWithSecret": with_secret,
         "WebhookList": _object({"webhooks": {"type": "array", "items": _schema("Webhook")}}),
+        "WebhookSecret": _object(
+            {
+                "webhook_id": {"type": "string"},
+                "secret": {"type": "string"},
+                "previous_secret_expires_at": _time(nullable=True),
+            }
+        ),
         "WebhookCreate": _object(
             {
                 "url": url,
@@ -455,7 +484,13 @@ _ERROR_RESPONSES = {
         "Gone",
         "the delivery's event is no longer in the outbox (pruned after outbox_retention_h)",
     ),
+    403: (
+        "Forbidden",
+        "only without admin.token: the request's Host is not a loopback address or localhost,"
+        " or its Origin or Sec-Fetch-Site says another site's web page sent it",
+    ),
     413: ("PayloadTooLarge", f"body larger than {body.MAX_BODY_BYTES} bytes"),
+    415: ("UnsupportedMediaType", f"a body sent without Content-Type: {body.JSON_MEDIA_TYPE}"),
     500: ("Internal", "unexpected failure (logged)"),
     503: (
         "Unavailable",
@@ -476,6 +511,26 @@ def _error_responses() -> JsonObject:
             }
         out[name] = response
     return out
+
+
+def _add_refusals(paths: JsonObject) -> None:
+    """Every operation may be refused with a 403 (a tokenless API's callers); every one that
+    takes a body, with a 415 (a body that is not declared as JSON)."""
+    for item in paths.values():
+        if not isinstance(item, dict):
+            continue
+        for method, operation in item.items():
+            if method not in _METHODS or not isinstance(operation, dict):
+                continue
+            responses = operation["responses"]
+            if not isinstance(responses, dict):
+                continue
+            responses["403"] = _ref("responses", _ERROR_RESPONSES[403][0])
+            if "requestBody" in operation:
+                responses["415"] = _ref("responses", _ERROR_RESPONSES[415][0])
+
+
+_METHODS = frozenset({"get", "put", "post", "patch", "delete"})
 
 
 def _errors(*statuses: int, store: bool = True) -> JsonObject:

@@ -37,6 +37,7 @@ from relay.api.client import (
     rfc3339_time,
     segment,
     table,
+    terminal_safe,
     text_of,
 )
 from relay.api.responses import JsonObject
@@ -145,15 +146,15 @@ async def ops_command(
         async with aiohttp.ClientSession(timeout=timeout) as session:
             answer, text = await _ACTIONS[name](AdminClient(session, args.api, token), args, err)
     except UsageError as exc:
-        print(f"ctct-relay: error: {exc}", file=err)
+        print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
         return EXIT_USAGE
     except AdminApiError as exc:
-        print(f"ctct-relay: error: {exc}", file=err)
+        print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
         return EXIT_ERROR
     if args.json:
         out.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        out.write(text + "\n")
+        out.write(terminal_safe(text, keep="\n") + "\n")
     return 0
 
 

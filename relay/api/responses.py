@@ -18,11 +18,13 @@ JsonObject = dict[str, object]
 ERROR_CODES: Mapping[int, str] = {
     400: "invalid_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
     410: "gone",
     413: "payload_too_large",
+    415: "unsupported_media_type",
     500: "internal",
     503: "unavailable",
 }

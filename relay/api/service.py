@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import structlog
+import yarl
 
 from relay.api import body
 from relay.events import check_type_pattern
@@ -125,12 +126,38 @@ async def check_url(guard: Guard, url: str) -> str:
         raise WebhookError(f"url: longer than {body.MAX_URL_CHARS} characters")
     if not _uri_characters(url):
         raise WebhookError("url: must be printable ASCII without spaces (percent-encode the rest)")
+    _check_one_host(url)
     url = normalized_url(url)
     try:
         await guard.check_url(url)
     except SsrfError as exc:
         raise WebhookError(str(exc)) from None
     return url
+
+
+def _check_one_host(url: str) -> None:
+    """Refuse a URL whose host depends on who parses it: the guard checks one reading (urlsplit),
+    the delivery connects to another (yarl), a receiver's proxy may use a third (WHATWG reads
+    ``https://127.0.0.1\\@example.com/`` as host 127.0.0.1, urlsplit as example.com)."""
+    if "\\" in url:
+        raise WebhookError(
+            "url: must not contain a backslash: URL parsers disagree on its meaning"
+            " (percent-encode it as %5C)"
+        )
+    try:
+        ours: str | None = urlsplit(url).hostname
+    except ValueError:
+        return  # the guard names what is wrong with it
+    try:
+        theirs = yarl.URL(url).host
+    except ValueError:
+        theirs = None
+    if ours is not None and theirs is not None and ours != theirs.lower():
+        raise WebhookError(
+            f"url: its host reads as {ours!r} or {theirs!r} depending on the parser; refused"
+        )
+    if ours is not None and theirs is None:
+        raise WebhookError(f"url: its host {ours!r} cannot be connected to (not a valid URL)")
 
 
 def normalized_url(url: str) -> str:

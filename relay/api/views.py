@@ -1,7 +1,8 @@
 """How the admin API shows webhooks, deliveries and attempts: JSON objects with RFC 3339 times.
 
 A webhook's view never carries a secret; :func:`webhook_with_secret` adds it for the two answers
-that must show it once (creation and rotation).
+that must show it once (creation and rotation), and :func:`secret_view` is the answer that is
+asked for it alone (``GET /v1/webhooks/{id}/secret``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ def time_or_null(ms: int | None) -> str | None:
     return None if ms is None else format_time(from_millis(ms))
 
 
-def webhook_view(webhook: Webhook, now_ms: int) -> JsonObject:
-    """A webhook without its secrets."""
+def _grace_until(webhook: Webhook, now_ms: int) -> int | None:
     grace_until = webhook.previous_expires_ms if webhook.previous_secret else None
     if grace_until is not None and grace_until <= now_ms:
         grace_until = None  # the rotation grace is over: only one secret signs now
+    return grace_until
+
+
+def webhook_view(webhook: Webhook, now_ms: int) -> JsonObject:
+    """A webhook without its secrets."""
+    grace_until = _grace_until(webhook, now_ms)
     return {
         "id": webhook.id,
         "url": webhook.url,
@@ -41,6 +47,16 @@ def webhook_view(webhook: Webhook, now_ms: int) -> JsonObject:
 def webhook_with_secret(webhook: Webhook, now_ms: int) -> JsonObject:
     """A webhook with its current secret: only in the answers to creation and rotation."""
     return {**webhook_view(webhook, now_ms), "secret": webhook.secret}
+
+
+def secret_view(webhook: Webhook, now_ms: int) -> JsonObject:
+    """A webhook's current secret and, during a rotation's grace, when the previous one (which
+    still signs, and is not shown) stops signing."""
+    return {
+        "webhook_id": webhook.id,
+        "secret": webhook.secret,
+        "previous_secret_expires_at": time_or_null(_grace_until(webhook, now_ms)),
+    }
 
 
 def attempt_view(attempt: Attempt) -> JsonObject:

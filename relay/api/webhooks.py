@@ -1,4 +1,4 @@
-"""The webhook routes of the admin API: registration, changes, secret rotation, deliveries.
+"""The webhook routes of the admin API: registration, changes, secrets, deliveries.
 
 Handlers only translate: JSON in (checked field by field, :mod:`relay.api.body`), a call to the
 registration service (:mod:`relay.api.service`) or the store, JSON out (:mod:`relay.api.views`).
@@ -10,19 +10,22 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import structlog
 from aiohttp import web
 
 from relay.api import body, service
 from relay.api.responses import ApiError, JsonObject, bad_request, json_response, not_found
 from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE
 from relay.api.status import VIEW
-from relay.api.views import delivery_view, webhook_view, webhook_with_secret
+from relay.api.views import delivery_view, secret_view, webhook_view, webhook_with_secret
 from relay.events import EVENT_TYPES
 from relay.store import DuplicateError, GoneError, NotFoundError
 
 CREATE_FIELDS = ("url", "event_types", "description", "enabled", "secret", "rate_limit_per_s")
 PATCH_FIELDS = ("url", "event_types", "description", "enabled", "rate_limit_per_s")
 MAX_PATTERN_CHARS = max(len(t) for t in EVENT_TYPES) + 8
+
+log = structlog.get_logger(__name__)
 
 
 def routes() -> web.RouteTableDef:
@@ -34,6 +37,7 @@ def routes() -> web.RouteTableDef:
     table.patch("/v1/webhooks/{webhook_id}")(_patch)
     table.delete("/v1/webhooks/{webhook_id}")(_delete)
     table.post("/v1/webhooks/{webhook_id}/rotate-secret")(_rotate)
+    table.get("/v1/webhooks/{webhook_id}/secret", allow_head=False)(_secret_of)
     table.get("/v1/webhooks/{webhook_id}/deliveries", allow_head=False)(_deliveries)
     table.post("/v1/webhooks/{webhook_id}/recover")(_recover)
     table.post("/v1/deliveries/{delivery_id}/redeliver")(_redeliver)
@@ -128,6 +132,16 @@ async def _rotate(request: web.Request) -> web.Response:
         )
     request.app[VIEW].webhook_changed(hook.id)
     return json_response(webhook_with_secret(hook, now))
+
+
+async def _secret_of(request: web.Request) -> web.Response:
+    """The current signing secret: how a declared webhook's generated one is read (the answers
+    to creation and rotation are the others that carry it)."""
+    body.check_query(request, ())
+    with _service_errors():
+        hook = await request.app[STORE].webhook(_webhook_id(request))
+    log.info("webhook.secret_read", webhook_id=hook.id)  # who read it is in the access log
+    return json_response(secret_view(hook, request.app[NOW_MS]()))
 
 
 async def _deliveries(request: web.Request) -> web.Response:

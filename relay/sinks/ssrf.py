@@ -35,10 +35,18 @@ _EMBEDDING_IPV4 = tuple(
 )
 # Not globally reachable, though Python's is_global says so for some of them: IETF protocol
 # assignments, the deprecated 6to4 relay anycast, local-use NAT64 (RFC 8215, any prefix length),
-# the deprecated IPv6 site-local range (RFC 3879; still routed inside some networks)
+# the deprecated IPv6 site-local range (RFC 3879; still routed inside some networks), the IPv6
+# documentation prefix 3fff::/20 (RFC 9637) and the SRv6 SIDs of 5f00::/16 (RFC 9602)
 _NOT_PUBLIC = tuple(
     ipaddress.ip_network(n)
-    for n in ("192.0.0.0/24", "192.88.99.0/24", "64:ff9b:1::/48", "fec0::/10")
+    for n in (
+        "192.0.0.0/24",
+        "192.88.99.0/24",
+        "64:ff9b:1::/48",
+        "fec0::/10",
+        "3fff::/20",
+        "5f00::/16",
+    )
 )
 # a host of digits, hex and dots that is not a dotted quad: resolvers read it as IPv4, aiohttp
 # refuses to connect to it

@@ -72,6 +72,17 @@ def path_from_url(url: str) -> Path | None:
     return Path(raw[1:])  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
 
 
+def create_private(path: Path) -> None:
+    """Create a missing state file readable and writable by its owner only: it holds webhook
+    signing secrets. SQLite gives the ``-wal`` and ``-shm`` files it makes beside it the same
+    mode. An existing file keeps its mode (``chmod 600`` it; the README says so)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 class StateLock:
     """An exclusive advisory lock (``flock``) on ``<state file>.lock``: one holder at a time.
 
@@ -178,6 +189,8 @@ class SqliteStore:
                     self._path.parent.mkdir(parents=True, exist_ok=True)
                 if self._lock is not None:
                     self._lock.acquire()  # before anything touches the file (migrations too)
+                if self._path is not None:
+                    create_private(self._path)
                 conn = sqlite3.connect(
                     self._path or ":memory:", isolation_level=None, check_same_thread=False
                 )

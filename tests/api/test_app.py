@@ -356,7 +356,8 @@ async def test_oversized_body_is_json_413(client: Client) -> None:
 )
 async def test_invalid_json_is_400(client: Client, data: bytes, needle: str) -> None:
     """Bodies that are not a JSON object are a 400 saying so."""
-    error = await error_of(await client.post("/v1/webhooks", data=data, headers=AUTH), 400)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    error = await error_of(await client.post("/v1/webhooks", data=data, headers=headers), 400)
     assert error["code"] == "invalid_request"
     assert error["message"].startswith(needle)
 

@@ -20,6 +20,7 @@ from relay.api.client import (
     add_webhooks_parser,
     api_url,
     run_webhooks,
+    terminal_safe,
     webhooks_command,
 )
 from relay.cli import main
@@ -87,6 +88,31 @@ async def test_add_list_show_rotate_remove(cli: Cli) -> None:
     assert (status, out) == (0, f"removed webhook {hook_id}\n")
     status, out, _ = await cli("list")
     assert (status, out) == (0, "no webhooks\n")
+
+
+async def test_secret_prints_the_current_secret(cli: Cli) -> None:
+    """`webhooks secret ID` prints the secret alone on its first line (then the rotation's
+    grace, when one runs); --json the API's answer; show and list never print it."""
+    status, out, _ = await cli("add", PUBLIC_URL, "-e", "*", "--json")
+    created = orjson.loads(out)
+    status, out, err = await cli("secret", created["id"])
+    assert (status, out, err) == (0, created["secret"] + "\n", "")
+    status, out, _ = await cli("rotate-secret", created["id"], "--json")
+    rotated = orjson.loads(out)
+    status, out, _ = await cli("secret", created["id"])
+    first, second = out.splitlines()
+    assert first == rotated["secret"]
+    assert second == (
+        f"(the previous secret also signs until {rotated['previous_secret_expires_at']})"
+    )
+    status, out, _ = await cli("secret", created["id"], "--json")
+    assert orjson.loads(out)["secret"] == rotated["secret"]
+    for argv in (("show", created["id"]), ("list",)):
+        status, out, _ = await cli(*argv)
+        assert "whsec_" not in out
+    status, out, err = await cli("secret", "wh_0000000000000000")
+    assert (status, out) == (1, "")
+    assert err.startswith("ctct-relay: error: no webhook")
 
 
 async def test_json_output(cli: Cli) -> None:
@@ -502,3 +528,31 @@ def test_a_since_that_is_not_a_time_is_a_usage_error(
     assert err.startswith("usage: ctct-relay ")
     command = " ".join(argv[:2] if argv[0] == "webhooks" else argv[:1])
     assert err.splitlines()[-1] == f"ctct-relay {command}: error: argument --since: {problem}"
+
+
+ESCAPES = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mfake\x1b[0m\x9b1m\u202eevil\nid: wh_fake"
+
+
+async def test_stored_text_cannot_drive_the_terminal(cli: Cli) -> None:
+    """A description holding terminal escapes, C1 controls, a bidi override and a line break is
+    printed escaped by show (no ESC, BEL or CSI byte; the line break a space, so no forged
+    line); --json keeps the text as it is, JSON-escaped."""
+    status, out, _ = await cli("add", PUBLIC_URL, "-e", "*", "--description", ESCAPES, "--json")
+    hook_id = orjson.loads(out)["id"]
+    status, shown, err = await cli("show", hook_id)
+    assert (status, err) == (0, "")
+    assert not any(c in shown for c in "\x1b\x07\x9b\u202e")
+    assert " \\x1b]0;PWNED\\x07\\x1b[2J\\x1b[31mfake\\x1b[0m\\x9b1m\\u202eevil id: wh_fake" in shown
+    assert [line.split() for line in shown.splitlines() if line.startswith("id:")] == [
+        ["id:", hook_id]
+    ]
+    status, out, _ = await cli("show", hook_id, "--json")
+    assert orjson.loads(out)["description"] == ESCAPES
+    assert "\x1b" not in out  # JSON escapes it as \u001b
+
+
+def test_terminal_safe_keeps_what_is_printable() -> None:
+    """Plain text, tabs of nothing, accents and emoji pass; controls are shown escaped."""
+    assert terminal_safe("café 🎉 ok") == "café 🎉 ok"
+    assert terminal_safe("a\tb\r\nc\x7f") == "a\\x09b\\x0d\\x0ac\\x7f"
+    assert terminal_safe("one\ntwo\x1b", keep="\n") == "one\ntwo\\x1b"

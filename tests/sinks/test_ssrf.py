@@ -30,7 +30,14 @@ def test_ipv6_forms_are_judged_by_the_ipv4_address_they_carry(
 
 @pytest.mark.parametrize(
     "address",
-    ["64:ff9b::5db8:d822", "2002:5db8:d822::1", "::ffff:93.184.216.34", "2606:4700::1111"],
+    [
+        "64:ff9b::5db8:d822",
+        "2002:5db8:d822::1",
+        "::ffff:93.184.216.34",
+        "2606:4700::1111",
+        "3fff:1000::1",  # just past the documentation /20
+        "5f01::1",  # just past the SRv6 /16
+    ],
 )
 def test_ipv6_forms_carrying_public_addresses_pass(address: str) -> None:
     Guard().check_ip(ipaddress.ip_address(address), "hooks.example.com")
@@ -45,6 +52,10 @@ def test_ipv6_forms_carrying_public_addresses_pass(address: str) -> None:
         pytest.param("192.88.99.1", "a non-public", id="6to4-relay-anycast"),
         pytest.param("64:ff9b:1::a00:1", "a reserved", id="local-use-nat64"),
         pytest.param("fec0::1", "a non-public", id="ipv6-site-local"),
+        pytest.param("3fff::1", "a non-public", id="ipv6-documentation-rfc9637"),
+        pytest.param("3fff:fff:ffff::1", "a non-public", id="ipv6-documentation-rfc9637-end"),
+        pytest.param("5f00::1", "a reserved", id="srv6-sids-rfc9602"),
+        pytest.param("5f00:ffff::1", "a reserved", id="srv6-sids-rfc9602-end"),
     ],
 )
 def test_refused_without_an_embedded_reading(address: str, category: str) -> None:

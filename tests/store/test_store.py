@@ -8,7 +8,7 @@ import dataclasses
 import os
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -280,6 +280,41 @@ def test_bad_state_urls_are_named(url: str, message: str) -> None:
     """A state URL the relay cannot use says what it expected."""
     with pytest.raises(StoreError, match=message):
         open_store(url)
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+async def test_a_new_sqlite_state_file_is_private(tmp_path: Path) -> None:
+    """The state holds webhook signing secrets: a file the relay creates, with its -wal and
+    -shm, is 0600 whatever the umask; an existing file keeps the mode its owner gave it."""
+    db = tmp_path / "state.db"
+    with _umask(0o022):
+        store = open_store(f"sqlite:///{db}")
+        await store.open()
+        await store.ensure_streams([StreamKey("a", "campaign", "1")], 0)  # the WAL is written
+        modes = _modes(tmp_path)
+        await store.close()
+        assert modes == {"state.db": "0o600", "state.db-wal": "0o600", "state.db-shm": "0o600"}
+        shared = tmp_path / "shared.db"
+        sqlite3.connect(shared).close()
+        shared.chmod(0o640)
+        store = open_store(f"sqlite:///{shared}")
+        await store.open()
+        await store.close()
+    assert _modes(tmp_path)["shared.db"] == "0o640"
+
+
+def _modes(directory: Path) -> dict[str, str]:
+    return {
+        p.name: oct(p.stat().st_mode & 0o777) for p in directory.iterdir() if "lock" not in p.name
+    }
 
 
 async def test_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
