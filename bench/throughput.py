@@ -10,6 +10,9 @@ medians are the result:
     state DB and a fresh topic prefix per round. The clock runs from just before the sink task
     and the passes start until the sink has acknowledged every committed event (its cursor
     reaches the outbox head), so producer start-up and the sink's idle polling are included.
+    Before the clock, (a) applies the relay's garbage-collector policy as ``run_relay`` does once
+    started (``relay.heap.settle_after_startup``); it is process-wide, so (b) and (c) run with
+    it too.
 (b) bare producer: one AIOKafkaProducer with the sink's settings sends the records (a) put on
     Kafka: the same topic template, keys, values and CloudEvents headers, built with
     ``record_for`` from (a)'s outbox, keys hashed to partitions, before the clock starts. It
@@ -90,6 +93,7 @@ from relay.ctct.client import Credentials, CtctClient
 from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.devkafka import DevKafka, ensure_kafka
 from relay.events import Kind
+from relay.heap import settle_after_startup
 from relay.leases import new_replica_id, run_leased
 from relay.poller import Poller, PollSettings
 from relay.scheduler import ScheduleSettings
@@ -241,6 +245,7 @@ async def end_to_end(
             client, store, ACCOUNT, PollSettings(start_from="earliest"), on_commit=sink.notify
         )
         stop = asyncio.Event()
+        settle_after_startup()  # as run_relay does once started: the relay as it runs
         cpu_started, started = time.process_time(), time.perf_counter()
         sink_task = asyncio.create_task(sink.run(stop), name="bench:sink")
         try:
@@ -698,6 +703,7 @@ async def _replica(
                 client, store, ACCOUNT, PollSettings(start_from="earliest"), on_commit=sink.notify
             )
             stop = asyncio.Event()
+            settle_after_startup()  # as run_relay does once started
             ready.set()
             await asyncio.to_thread(go.wait)
             cpu_started = time.process_time()

@@ -26,6 +26,7 @@ from relay.config import AccountSettings, ConfigError, Settings
 from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
+from relay.heap import settle_after_startup
 from relay.leases import AccountBudget, exclusively, leased_job, new_replica_id, run_leased
 from relay.logs import Redactor
 from relay.metrics import FANOUT_CURSOR, Metrics
@@ -153,6 +154,7 @@ async def run_relay(
             PRUNE_EVERY_S,
             "prune",
         )
+        settle_after_startup()  # everything above lives as long as the process
         await scheduler.start()
         log.info("relay.started", accounts=[a.name for a in settings.accounts], replica=replica)
         await stop.wait()

@@ -1043,6 +1043,30 @@ async def test_sqlite_announces_exactly_the_rows_a_commit_appended(tmp_path: Pat
         await store.close()
 
 
+async def test_sqlite_outbox_columns_keep_their_storage_classes(tmp_path: Path) -> None:
+    """A page inserted as one statement stores ids and kinds as TEXT, times as INTEGER and data
+    as BLOB, as row-by-row inserts do, in the order of the page."""
+    path = tmp_path / "classes.db"
+    store = open_store(f"sqlite:///{path}")
+    await store.open()
+    try:
+        sid = await one_stream(store)
+        page = [activity(i, T0 + i, kind=Kind.CLICK if i % 2 else Kind.OPEN) for i in range(5)]
+        await store.commit_page(sid, page, T0 + 9)
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute(
+            "SELECT event_id, typeof(event_id), typeof(account), typeof(stream_id), typeof(kind),"
+            " typeof(contact_id), typeof(occurred_ms), typeof(committed_ms), typeof(data)"
+            " FROM outbox ORDER BY seq"
+        ).fetchall()
+    assert [r[0] for r in rows] == [a.event_id for a in page]
+    assert {r[1:] for r in rows} == {
+        ("text", "text", "integer", "text", "text", "integer", "integer", "blob")
+    }
+
+
 async def test_committed_data_reads_back_byte_for_byte(store: Store) -> None:
     """The outbox keeps each event's data JSON exactly as serialized, whatever its characters
     (quotes, backslashes, control characters, non-ASCII), with its ids and times."""
