@@ -64,9 +64,17 @@ class StoreLedger:
 
 
 async def run_relay(
-    settings: Settings, stop: asyncio.Event, metrics: Metrics | None = None
+    settings: Settings,
+    stop: asyncio.Event,
+    metrics: Metrics | None = None,
+    *,
+    settle_heap: bool = False,
 ) -> None:
-    """Run until ``stop`` is set, then shut down in order."""
+    """Run until ``stop`` is set, then shut down in order.
+
+    ``settle_heap``: apply the process's garbage-collector policy once started (``relay.heap``);
+    only the process's owner asks for it (``ctct-relay run``), since it is process-wide.
+    """
     metrics = metrics or Metrics(now_ms)
     replica = new_replica_id()
     # every log line of this process names it: replicas sharing PostgreSQL tell apart by it
@@ -154,7 +162,8 @@ async def run_relay(
             PRUNE_EVERY_S,
             "prune",
         )
-        settle_after_startup()  # everything above lives as long as the process
+        if settle_heap:
+            settle_after_startup()  # everything above lives as long as the process
         await scheduler.start()
         log.info("relay.started", accounts=[a.name for a in settings.accounts], replica=replica)
         await stop.wait()

@@ -196,7 +196,7 @@ async def _run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await run_relay(settings, stop)
+    await run_relay(settings, stop, settle_heap=True)
 
 
 def _endpoints(out: TextIO) -> int:

@@ -54,7 +54,8 @@ def test_settle_collects_start_up_garbage_then_freezes_what_lives() -> None:
 
 
 async def test_run_relay_settles_the_heap_once_started(make_sim: MakeSim, tmp_path: Path) -> None:
-    """``run_relay`` applies the policy after start-up, as ``ctct-relay run`` runs it."""
+    """``run_relay`` applies the policy after start-up when asked, as ``ctct-relay run`` asks;
+    tests and the demo running it inside another process leave that process's collector alone."""
     gc.unfreeze()
     gc.set_threshold(700, 10, 10)
     sim = await make_sim()
@@ -69,7 +70,7 @@ async def test_run_relay_settles_the_heap_once_started(make_sim: MakeSim, tmp_pa
     path = tmp_path / "relay.yaml"
     path.write_text(yaml.safe_dump(config))
     stop = asyncio.Event()
-    relay = asyncio.create_task(run_relay(load(path, environ={}), stop))
+    relay = asyncio.create_task(run_relay(load(path, environ={}), stop, settle_heap=True))
     try:
         deadline = time.monotonic() + 20
         while gc.get_threshold()[0] != GEN0_THRESHOLD and not relay.done():
