@@ -207,6 +207,11 @@ async def run_passes(
                 next_due_ms=now_ms + int(interval * 1000),
                 rate_per_h=rate,
                 polled_ms=now_ms,
+                # what Scheduler._finished writes too: no feed behind its count here, the
+                # history line (kept from the first pass) and the last full read of opens
+                behind={},
+                line_ms=now_ms,
+                swept_ms=now_ms,
             ),
         )
         finished = time.perf_counter()

@@ -641,6 +641,7 @@ def _poll(r: _Reader, base: PollSettings | None = None) -> PollSettings:
         summary_gate=r.flag("summary_gate", base.summary_gate),
         page_limit=r.integer("page_limit", base.page_limit, maximum=500),
         dedup_retention_s=base.dedup_retention_s,
+        repeat_read_s=r.number("repeat_read_s", base.repeat_read_s),
     )
 
 

@@ -329,7 +329,9 @@ def _write_config(
                 },
             }
         ],
-        "poll": {"start_from": "earliest", "overlap_s": 600},
+        # repeat_read_s as max_interval_s, as their defaults are: the simulator runs 30 times
+        # faster, so a campaign's repeat opens and clicks show within the demo
+        "poll": {"start_from": "earliest", "overlap_s": 600, "repeat_read_s": 10},
         "schedule": {"min_interval_s": 1, "max_interval_s": 10, "tick_s": 0.5},
         "http": {"max_attempts": 5, "backoff_base_s": 0.2, "backoff_max_s": 2},
         "admin": {"host": "127.0.0.1", "port": admin_port},

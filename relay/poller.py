@@ -53,13 +53,20 @@ SUMMARY_ENDPOINT = {Scope.CAMPAIGN: "campaign.summary", Scope.CONTACT: "contact.
 CLOCK_SKEW_S = 60.0
 
 
-# Summary counts that count a feed's records, so that they bound how many pages reading it may
-# take. The campaign summary's opens, clicks and forwards count unique recipients (v2 docs) while
-# their feeds list every open, click and forward: those counts bound nothing.
-COUNTED_FEEDS = {
-    Scope.CONTACT: frozenset(Kind),
-    Scope.CAMPAIGN: frozenset({Kind.SEND, Kind.BOUNCE, Kind.UNSUBSCRIBE}),
+# Summary counts of unique recipients, not of a feed's records: the campaign summary's opens,
+# clicks and forwards (v2 docs: "Number of unique recipients who clicked a link in this email
+# campaign"), while their feeds list every open, click and forward. A repeat open, a click on a
+# second link or a second forward by a recipient already counted moves no count at all (nor a
+# related one: that recipient is counted in opens and clicks already), so the summary gate
+# alone never read it while nobody new acted. These feeds are also read by time: at least every
+# ``repeat_read_s`` (see ``_repeat_reads``).
+UNIQUE_COUNTED = {
+    Scope.CONTACT: frozenset[Kind](),
+    Scope.CAMPAIGN: frozenset({Kind.OPEN, Kind.CLICK, Kind.FORWARD}),
 }
+# Summary counts that count a feed's records, so that they bound how many pages reading it may
+# take: all but the unique counts, which bound nothing.
+COUNTED_FEEDS = {scope: frozenset(Kind) - unique for scope, unique in UNIQUE_COUNTED.items()}
 # Pages a feed's read may take beyond what its summary count implies: activity arriving during
 # the pass (a campaign still sending) and a count lagging the feed. Past that, the cursor is
 # going nowhere (see ``_page_bound``).
@@ -106,6 +113,9 @@ class PollSettings:
     # How long dedup keys are kept (``poll.dedup_retention_h``): a feed read again after that
     # long cannot tell its old activities from new ones, so they are left out (see _read_feed).
     dedup_retention_s: float = 7 * 86400.0
+    # Unique-counted feeds (``UNIQUE_COUNTED``) are read at least this often, their counts moving
+    # or not (``poll.repeat_read_s``); the scheduler polls the stream by then.
+    repeat_read_s: float = 21_600.0
 
     def start_ms(self) -> int | None:
         """The first-run lower bound: None for "now" (seed) and "earliest" (everything)."""
@@ -136,6 +146,23 @@ class PassOutcome:
     timeouts: int = 0  # feeds whose read timed out in this pass (the first is feed-local)
     behind: dict[Kind, Behind] = field(default_factory=dict)  # feeds behind their summary count
     line_ms: int | None = None  # the seeded stream's history line this pass fixed (Poller._line)
+    # Reads of the unique-counted feeds by time (see Poller._repeat_reads): when this pass read
+    # every one of them that has a count (stored: the next such read is due repeat_read_s later),
+    # when that next read is due (the scheduler polls the stream by then; None: never), the
+    # requests of feeds read only because it was due (part of ``requests``), and the share of
+    # such a read this pass is charged in the scheduler's cost estimate instead.
+    swept_ms: int | None = None
+    repeat_due_ms: int | None = None
+    repeat_requests: int = 0
+    repeat_share: float = 0.0
+
+    @property
+    def planned_requests(self) -> float:
+        """What the pass costs in the scheduler's per-pass cost estimate: its requests, with a
+        read of the unique-counted feeds by time spread over the passes between two of them (one
+        is due every ``repeat_read_s`` whatever the stream's interval; charging it whole to the
+        pass that made it made that pass's cost jump, and the next interval with it)."""
+        return self.requests - self.repeat_requests + self.repeat_share
 
 
 class Poller:
@@ -183,11 +210,15 @@ class Poller:
     ) -> None:
         scope = Scope(stream.key.scope)
         to_read = list(self._settings.kinds)
+        by_time: set[Kind] = set()  # read only because their read by time is due
         if self._settings.summary_gate:
             changed = await self._changed_kinds(stream, scope, outcome)
             if replay_from_ms is None:
-                # a feed still behind its count is read again (see _settle)
-                to_read = [k for k in to_read if k in changed or k in outcome.behind]
+                # a feed still behind its count is read again (see _settle); a unique-counted
+                # one whose read by time is due too
+                due = self._repeat_reads(stream, scope, outcome)
+                to_read = [k for k in to_read if k in changed or k in outcome.behind or k in due]
+                by_time = due - set(changed) - set(outcome.behind)
         else:
             outcome.behind.clear()
         if replay_from_ms is not None:
@@ -199,7 +230,11 @@ class Poller:
         pending: list[Activity] = []
         unread: list[Kind] = []
         for kind in self._settings.kinds:
-            if kind in to_read:
+            if kind in by_time:
+                with counting_requests() as sent:  # counted in the pass's requests as well
+                    await self._read_feed_or_skip(stream, scope, kind, outcome, pending)
+                outcome.repeat_requests += sent.requests
+            elif kind in to_read:
                 await self._read_feed_or_skip(stream, scope, kind, outcome, pending)
             elif self._seeds(stream, kind, outcome):
                 unread.append(kind)
@@ -209,7 +244,46 @@ class Poller:
         # else no Date header was seen yet: an unread feed keeps no watermark (a line on the
         # relay's clock could lie in the upstream's future), and its first read starts at the
         # line known then
+        if self._settings.summary_gate:
+            self._swept(scope, outcome)
         await self._commit(stream.id, pending, outcome)
+
+    def _repeat_reads(self, stream: Stream, scope: Scope, outcome: PassOutcome) -> set[Kind]:
+        """The unique-counted feeds (``UNIQUE_COUNTED``) to read whether their counts moved or
+        not: all that have a count, once ``repeat_read_s`` has passed since a pass last read
+        them all (since the stream was added, before its first such pass). Their counts cannot
+        tell a repeat open, a click on a second link or a second forward by a recipient already
+        counted: such activity waits for this read, or for a read its feed's count moved, at
+        most ``repeat_read_s`` (the scheduler polls the stream by then, ``repeat_due_ms``). A
+        count of 0 has no recipient, so no activity to repeat: such a feed costs nothing.
+
+        Also sets the pass's share of such a read for the scheduler's cost estimate: the feeds
+        it would read, times the part of ``repeat_read_s`` this pass covers."""
+        unique = [k for k in self._settings.kinds if k in UNIQUE_COUNTED[scope]]
+        if not unique:
+            return set()
+        now = self._now_ms()
+        every_ms = max(1, int(self._settings.repeat_read_s * 1000))
+        last = stream.created_ms if stream.swept_ms is None else stream.swept_ms
+        outcome.repeat_due_ms = last + every_ms
+        counted = {k for k in unique if outcome.summary.get(catalogue.FEEDS[k], 0) > 0}
+        covered = max(0, now - (stream.last_poll_ms or stream.created_ms))
+        outcome.repeat_share = len(counted) * min(1.0, covered / every_ms)
+        return counted if now >= last + every_ms else set()
+
+    def _swept(self, scope: Scope, outcome: PassOutcome) -> None:
+        """When this pass read every unique-counted feed that has a count (by time, or because
+        its count moved: a busy campaign's passes often do), the next read by time is due
+        ``repeat_read_s`` from now. A feed that failed leaves it due (the next pass reads them
+        again)."""
+        unique = [k for k in self._settings.kinds if k in UNIQUE_COUNTED[scope]]
+        if not unique or outcome.counts is None:
+            return
+        counted = [k for k in unique if outcome.counts.get(catalogue.FEEDS[k], 0) > 0]
+        if all(k in outcome.feeds_read for k in counted):
+            now = self._now_ms()
+            outcome.swept_ms = now
+            outcome.repeat_due_ms = now + max(1, int(self._settings.repeat_read_s * 1000))
 
     async def _read_feed_or_skip(
         self,

@@ -175,7 +175,7 @@ class Planner:
         previous_rate_per_h: float | None,
         new: int,
         elapsed_s: float,
-        requests: int,
+        requests: float,
         budget_rps: float,
     ) -> tuple[float, float]:
         """The stream's new rate estimate (events/hour) and the seconds until its next pass."""
@@ -474,9 +474,15 @@ class Scheduler:
             stream.rate_per_h if stream.last_poll_ms else None,
             new,
             (now - (stream.last_poll_ms or stream.created_ms)) / 1000.0,
-            outcome.requests,
+            outcome.planned_requests,
             self.budget_rps(runtime),
         )
+        if outcome.repeat_due_ms is not None:
+            # the unique-counted feeds' read by time (poll.repeat_read_s) is due then: a quiet
+            # stream planned further out is polled by then (its cost, the summary and those
+            # feeds, is in planned_requests)
+            due_s = (outcome.repeat_due_ms - now) / 1000.0
+            interval = min(interval, max(self._settings.min_interval_s, due_s))
         failed = outcome.feed_error
         if failed is not None:
             # the other feeds were committed and move on; the failing one is read again no
@@ -493,6 +499,7 @@ class Scheduler:
                 error=None if failed is None else str(failed),
                 behind=outcome.behind,
                 line_ms=outcome.line_ms,
+                swept_ms=outcome.swept_ms,
             ),
         )
         self.passes += 1

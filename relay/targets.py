@@ -2,11 +2,12 @@
 
 Discovery lists the account's SENT campaigns, incrementally with ``modified_since`` and in full
 once a day (to retire campaigns older than ``max_age_days`` by the API's clock). A campaign
-last sent before the relay started watching the account (when its first stream was added; now,
-on a fresh store) is *seeded*: start_from decides whether its history is emitted. One sent since
-was sent while we were watching (or while we were down), so all of it is new. (Deciding by "the
-store had no streams yet" made configured contacts or campaign ids turn every old campaign found
-at the first discovery into a full backfill.)
+last sent before the relay started watching the account (when its first stream was added, on
+the API's clock: moved by the offset of the answer's Date header; now, on a fresh store) is
+*seeded*: start_from decides whether its history is emitted. One sent since was sent while we
+were watching (or while we were down), so all of it is new. (Deciding by "the store had no
+streams yet" made configured contacts or campaign ids turn every old campaign found at the
+first discovery into a full backfill.)
 """
 
 from __future__ import annotations
@@ -66,16 +67,26 @@ class CampaignDiscovery:
         since = None if full else from_millis(max(0, (self._since_ms or 0) - _OVERLAP_MS))
         rows: list[JsonObject] = []
         upstream_ms: int | None = None  # the API's clock (Date header) when it answered
+        offset_ms: int | None = None  # the API's clock minus the relay's, by that header
         async for page in self._client.pages(catalogue.get("campaigns.sent"), since=since):
             rows.extend(page.records)
             if page.server_ms is not None:
                 upstream_ms = max(upstream_ms or 0, page.server_ms)
+                offset_ms = page.server_ms - self._now_ms()
         # Ages are measured on the API's clock (the relay's without a Date header), as the
         # campaigns' dates are: against a simulator whose clock is days behind the relay's (or
         # ahead of it), the relay's clock retired every campaign (or none).
         upstream_now = now if upstream_ms is None else upstream_ms
         known = await self._store.streams(self._account)
-        watching_since = min((s.created_ms for s in known), default=now)
+        # When the relay started watching, on the API's clock, as the send times it is compared
+        # with are: its first stream's creation moved by the Date header's offset (the history
+        # line a seeded stream fixed, when it has one). On the relay's clock, an API clock a
+        # day behind made every campaign sent in the day after the start look sent before it
+        # (its history kept out of the outbox), and one ahead made old campaigns all new.
+        watching_since = min(
+            (self._upstream_ms(s.created_ms, s.line_ms, offset_ms) for s in known),
+            default=upstream_now,
+        )
         young, old = self._split_by_age(rows, upstream_now)
         removed = await self._store.removed_targets(self._account)  # an operator's word stands
         history: list[StreamKey] = []
@@ -104,6 +115,15 @@ class CampaignDiscovery:
                 "discovery", account=self._account, found=len(rows), new=created, retired=len(old)
             )
             await self._on_change()
+
+    @staticmethod
+    def _upstream_ms(created_ms: int, line_ms: int | None, offset_ms: int | None) -> int:
+        """A stream's creation on the API's clock: its stored history line (the poller's, by
+        the Date header of its first pass), else its creation moved by ``offset_ms`` (the
+        relay's clock without one)."""
+        if line_ms is not None:
+            return line_ms
+        return created_ms if offset_ms is None else created_ms + offset_ms
 
     def _newest(self, rows: Sequence[JsonObject], upstream_ms: int) -> int | None:
         """The latest modification time listed, never past the API's clock (the relay's without

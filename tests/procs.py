@@ -178,7 +178,10 @@ def relay_config(
                 "campaigns": {"discover": True, "discover_interval_s": 0.5},
             }
         ],
-        "poll": {"start_from": "earliest", "overlap_s": 1800, "page_limit": 20},
+        # time constants in seconds of the relay's clock, scaled down as the schedule's are:
+        # the simulator's clock jumps by sim.advance, so a campaign's repeat opens and clicks
+        # (which move no unique-recipient count) are read at repeat_read_s, not 6 hours later
+        "poll": {"start_from": "earliest", "overlap_s": 1800, "page_limit": 20, "repeat_read_s": 2},
         "schedule": {"min_interval_s": 0.3, "max_interval_s": 2, "tick_s": 0.2},
         "http": {"max_attempts": 3, "backoff_base_s": 0.05, "backoff_max_s": 0.5},
         "logging": {"level": "info", "format": "json"},

@@ -1376,3 +1376,13 @@ def test_target_ids_are_constant_contact_ids(
     assert f": {key}: expected a Constant Contact id (1 to 64 digits), got {shown}" in str(
         caught.value
     )
+
+
+def test_repeat_read_s_is_read_per_account_and_must_be_positive(tmp_path: Path) -> None:
+    """poll.repeat_read_s: how often a campaign's unique-counted feeds are read whatever their
+    counts; the top level sets every account's, an account may override it, 0 is refused."""
+    assert load(write(tmp_path, MINIMAL), {"KEY": "k"}).accounts[0].poll.repeat_read_s == 21_600
+    top = load(write(tmp_path, MINIMAL + "poll: {repeat_read_s: 3600}"), {"KEY": "k"})
+    assert top.accounts[0].poll.repeat_read_s == 3600
+    with pytest.raises(ConfigError, match=r"poll\.repeat_read_s: expected a number > 0, got 0$"):
+        load(write(tmp_path, MINIMAL + "poll: {repeat_read_s: 0}"), {"KEY": "k"})

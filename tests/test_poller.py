@@ -42,6 +42,32 @@ BUSY = Scenario(
     rates=Rates(late=0.2, late_mean_s=90, send_batch=40, open_delay_s=600, scanner=0.1),
 )
 
+# One campaign, sent just before the start, to three contacts who all open and click, then
+# open and click again for hours: a campaign summary's opens and clicks count unique recipients,
+# so after the first few minutes neither count moves again.
+REPEATS = Scenario(
+    seed=9,
+    start=START,
+    time_scale=0,
+    keys=(ApiKey(API_KEY, TOKEN, qps=None, daily=None),),
+    contacts=Contacts(count=3),
+    campaigns=Campaigns(count=1, already_sent=1, sent_every_s=600, audience=Audience(1.0)),
+    rates=Rates(
+        open=1.0,
+        reopen=0.8,
+        click=1.0,
+        reclick=0.8,
+        forward=0.0,
+        bounce=0.0,
+        unsubscribe=0.0,
+        spam=0.0,
+        scanner=0.0,
+        late=0.0,
+        open_delay_s=120,
+        click_delay_s=1800,
+    ),
+)
+
 
 async def outbox_identities(store: Store) -> Counter[tuple[str, str, str, int, str]]:
     return Counter(data_identity(e.kind.value, e.data) for e in await store.read_outbox(0, 10**6))
@@ -81,6 +107,7 @@ class Driver:
                     self.now_ms,
                     behind=outcome.behind,
                     line_ms=outcome.line_ms,
+                    swept_ms=outcome.swept_ms,
                 ),
             )
         return new
@@ -93,18 +120,23 @@ async def _noop() -> None:
 async def test_exactly_once_with_late_bursts_and_overlapping_scopes(
     make_sim: MakeSim, store: Store
 ) -> None:
-    """Every ground-truth activity reaches the outbox exactly once, and nothing else does."""
+    """Every ground-truth activity reaches the outbox exactly once, and nothing else does:
+    repeat opens and clicks of recipients a campaign summary counts already (unique counts)
+    included, by the read repeat_read_s after the last."""
     sim = await make_sim(BUSY, advance_s=0)
     truth_contacts = [str(1001 + i) for i in range(0, 80, 7)]
     await store.ensure_streams(
         [StreamKey(ACCOUNT, "contact", c) for c in truth_contacts], to_millis(START)
     )
-    driver = Driver(sim, store, PollSettings(start_from="earliest", page_limit=25, overlap_s=1800))
+    settings = PollSettings(
+        start_from="earliest", page_limit=25, overlap_s=1800, repeat_read_s=1800
+    )
+    driver = Driver(sim, store, settings)
     for _ in range(30):  # campaigns are sent during the run; activity keeps arriving
         await driver.tick(150)
     while await driver.tick(600):  # quiet period: late arrivals land, passes find nothing new
         pass
-    await driver.tick(600)
+    await driver.tick(settings.repeat_read_s)  # repeats no count shows are read by then
     truth = Counter(truth_identity(a) for a in await sim.truth())
     got = await outbox_identities(store)
     assert sum(truth.values()) > 800
@@ -112,6 +144,30 @@ async def test_exactly_once_with_late_bursts_and_overlapping_scopes(
     assert got == truth
     same_ms = Counter((k, c, ms) for k, c, _, ms, _ in truth if k == "send")
     assert max(same_ms.values()) > 1, "the scenario has same-millisecond sends"
+
+
+async def test_repeat_opens_and_clicks_of_counted_recipients_are_emitted(
+    make_sim: MakeSim, store: Store
+) -> None:
+    """A campaign summary's opens and clicks count unique recipients: a recipient's second open,
+    or a click on a second link, moves no count. The summary gate read a feed only when its
+    count moved, so that activity was read only when a new recipient opened or clicked, and
+    never on a campaign with nobody new (here: all three recipients counted in the first
+    minutes, and hours of repeats). Unique-counted feeds are read at least every
+    ``repeat_read_s`` too: every repeat is emitted, exactly once."""
+    sim = await make_sim(REPEATS, advance_s=0)
+    settings = PollSettings(
+        start_from="earliest", kinds=(Kind.OPEN, Kind.CLICK), repeat_read_s=3600
+    )
+    driver = Driver(sim, store, settings)
+    for _ in range(8 * 6):  # eight hours, a pass every ten minutes
+        await driver.tick(600)
+    truth = Counter(truth_identity(a) for a in await sim.truth() if a["kind"] in {"open", "click"})
+    recipients = {(kind, contact) for kind, _, contact, _, _ in truth}
+    assert len(recipients) == 6, "three recipients open and click"
+    assert sum(truth.values()) > 3 * len(recipients), "and keep opening and clicking"
+    got = await outbox_identities(store)
+    assert got == truth
 
 
 async def test_start_from_now_emits_nothing_of_the_past(make_sim: MakeSim, store: Store) -> None:
@@ -309,6 +365,7 @@ class Passes:
                 error,
                 outcome.behind,
                 outcome.line_ms,
+                outcome.swept_ms,
             ),
         )
         return error is None

@@ -36,12 +36,14 @@ EXTRA = {
 class Upstream:
     """One account's activity, each record listed by its campaign's and its contact's feeds
     (newest first, one page, ``created_since`` honoured); summaries count what the feeds list
-    plus ``ahead`` (counters that moved before the feed shows the record). The ``Date`` header
-    is the relay's clock (``Relay.now_ms``) plus ``skew_ms``."""
+    plus ``ahead`` (counters that moved before the feed shows the record); with ``unique``, a
+    campaign's opens, clicks and forwards count recipients, as the real API's do. The ``Date``
+    header is the relay's clock (``Relay.now_ms``) plus ``skew_ms``."""
 
     records: list[tuple[Kind, str, str, int]] = field(default_factory=list)
     ahead: dict[tuple[str, str, Kind], int] = field(default_factory=dict)
     skew_ms: int = 0
+    unique: bool = False
     url: str = ""
     now_ms: Callable[[], int] = lambda: T0
 
@@ -65,6 +67,12 @@ class Upstream:
             if k is kind and resource_id == (campaign if scope == "campaign" else contact)
         ]
 
+    def _count(self, scope: str, resource_id: str, kind: Kind) -> int:
+        listed = self._listed(scope, resource_id, kind)
+        if self.unique and scope == "campaign" and kind in {Kind.OPEN, Kind.CLICK, Kind.FORWARD}:
+            return len({record["contact_id"] for _, record in listed})
+        return len(listed)
+
     async def handle(self, request: web.Request) -> web.Response:
         parts = request.path.strip("/").split("/")  # v2, scope, [campaigns,] id, tracking, ...
         scope = SCOPES[parts[1]]
@@ -74,7 +82,7 @@ class Upstream:
         headers = {"Date": email.utils.formatdate(clock_s, usegmt=True)}
         if tail == ["reports", "summary"]:
             counts = {
-                suffix: len(self._listed(scope, resource_id, kind))
+                suffix: self._count(scope, resource_id, kind)
                 + self.ahead.get((scope, resource_id, kind), 0)
                 for suffix, kind in SUFFIXES.items()
             }
@@ -144,6 +152,7 @@ class Relay:
                 self.now_ms,
                 behind=outcome.behind,
                 line_ms=outcome.line_ms,
+                swept_ms=outcome.swept_ms,
             ),
         )
         return outcome
@@ -253,3 +262,61 @@ async def test_start_from_now_draws_the_history_line_on_the_upstreams_clock(
     upstream.add(Kind.OPEN, "1100", "n3", T0 + skew_ms + 100_000)
     assert (await restarted.run(stream_id)).new == 1
     assert await restarted.emitted() == [("open", "n1"), ("open", "n2"), ("open", "n3")]
+
+
+async def test_unique_counted_feeds_are_read_every_repeat_read_s_whatever_their_counts(
+    upstream: Upstream, session: aiohttp.ClientSession, any_store: Store
+) -> None:
+    """A campaign's opens, clicks and forwards count unique recipients: a repeat open moves no
+    count, and the gate never read it while nobody new opened. Those feeds are read by time,
+    at least every repeat_read_s, those with a count only (forwards: 0, not read), whatever
+    the stream's interval; a pass that reads them all for their counts resets that time, and
+    the store keeps it. The scheduler is charged a share of that read per pass."""
+    upstream.unique = True
+    settings = PollSettings(start_from="earliest", repeat_read_s=3600)
+    relay = Relay(upstream, session, any_store, settings)
+    stream_id = await relay.add("campaign", "1100", seed=False)
+    upstream.add(Kind.SEND, "1100", "42", T0 - 60_000)
+    upstream.add(Kind.OPEN, "1100", "42", T0 - 30_000)
+    upstream.add(Kind.CLICK, "1100", "42", T0 - 20_000)
+    first = await relay.run(stream_id, 10)  # every feed with a count: a full read
+    assert (first.feeds_read, first.new, first.swept_ms) == (
+        [Kind.SEND, Kind.OPEN, Kind.CLICK],
+        3,
+        relay.now_ms,
+    )
+    assert (await any_store.stream(stream_id)).swept_ms == relay.now_ms
+    assert first.repeat_due_ms == relay.now_ms + 3600_000
+    swept = relay.now_ms
+    upstream.add(Kind.OPEN, "1100", "42", relay.now_ms + 60_000)  # a repeat: no count moves
+    upstream.add(Kind.CLICK, "1100", "42", relay.now_ms + 90_000)  # a second link, say
+    quiet = await relay.run(stream_id, 1800)
+    assert (quiet.feeds_read, quiet.requests, quiet.new) == ([], 1, 0)
+    assert quiet.planned_requests == pytest.approx(1 + 2 * 0.5)  # half of a 2-feed read
+    assert quiet.repeat_due_ms == swept + 3600_000
+    due = await relay.run(stream_id, 1800)  # repeat_read_s after the last full read
+    assert (due.feeds_read, due.new) == ([Kind.OPEN, Kind.CLICK], 2)
+    assert (due.requests, due.repeat_requests) == (3, 2)
+    assert due.planned_requests == pytest.approx(1 + 2 * 0.5)
+    assert (await any_store.stream(stream_id)).swept_ms == relay.now_ms
+    assert await relay.emitted() == [
+        ("send", "42"),
+        ("open", "42"),
+        ("click", "42"),
+        ("open", "42"),
+        ("click", "42"),
+    ]
+    upstream.add(Kind.OPEN, "1100", "43", relay.now_ms + 10_000)  # someone new: opens move
+    upstream.add(Kind.CLICK, "1100", "42", relay.now_ms + 20_000)  # a repeat click
+    moved = await relay.run(stream_id, 600)
+    assert (moved.feeds_read, moved.new, moved.swept_ms) == ([Kind.OPEN], 1, None)
+    assert (await relay.run(stream_id, 3000)).feeds_read == [Kind.OPEN, Kind.CLICK]
+    assert await relay.emitted() == [
+        ("send", "42"),
+        ("open", "42"),
+        ("click", "42"),
+        ("open", "42"),
+        ("click", "42"),
+        ("open", "43"),
+        ("click", "42"),
+    ]

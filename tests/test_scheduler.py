@@ -746,3 +746,60 @@ async def test_a_reload_keeps_what_a_running_pass_taught_the_planner(tmp_path: P
         assert runtime.planner.rate_per_h(ids[0]) == 7.0  # what the store holds now
     finally:
         await store.close()
+
+
+class CostRecordingPlanner(Planner):
+    """The real planner, recording the per-pass cost each pass charges it."""
+
+    def __init__(self, settings: ScheduleSettings) -> None:
+        super().__init__(settings)
+        self.charged: list[float] = []
+
+    def after_pass(
+        self,
+        stream_id: int,
+        previous_rate_per_h: float | None,
+        new: int,
+        elapsed_s: float,
+        requests: float,
+        budget_rps: float,
+    ) -> tuple[float, float]:
+        self.charged.append(requests)
+        return super().after_pass(
+            stream_id, previous_rate_per_h, new, elapsed_s, requests, budget_rps
+        )
+
+
+async def test_a_quiet_campaign_is_polled_by_its_read_by_time_at_its_share_of_the_cost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A campaign's unique-counted feeds are read every poll.repeat_read_s whatever their
+    counts: a silent stream the square-root rule leaves at max_interval_s is polled by the time
+    that read is due, and the planner is charged the pass's share of that read (spread over the
+    passes between two of them), not its whole cost on the pass that made it."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        clock = [1_796_000_000_000]
+        settings = ScheduleSettings()
+        planner = CostRecordingPlanner(settings)
+        runtime = AccountRuntime("acme", cast(Poller, None), RateLimiter(Budget()), planner)
+        scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: clock[0])
+        keys = [StreamKey("acme", "campaign", "1"), StreamKey("acme", "campaign", "2")]
+        await store.ensure_streams(keys, clock[0] - 86_400_000)
+        for stream in await store.streams():
+            await store.finish_pass(stream.id, PassResult({}, {}, clock[0], 0.0, clock[0] - 60_000))
+        await scheduler.reload()
+        # a budget this tight leaves silent streams at max_interval_s, whatever the time of day
+        monkeypatch.setattr(scheduler, "budget_rps", lambda _runtime: 1e-4)
+        plain, repeating = await store.streams()
+        await scheduler._finished(runtime, plain, PassOutcome(requests=1))
+        repeat = PassOutcome(
+            requests=3, repeat_requests=2, repeat_share=0.5, repeat_due_ms=clock[0] + 3600_000
+        )
+        await scheduler._finished(runtime, repeating, repeat)
+        assert planner.charged == [1, 1.5]
+        assert (await store.stream(plain.id)).next_due_ms == clock[0] + 21_600_000
+        assert (await store.stream(repeating.id)).next_due_ms == clock[0] + 3600_000
+    finally:
+        await store.close()

@@ -123,3 +123,27 @@ async def test_campaign_age_is_measured_on_the_apis_clock(
     sent.campaigns = {"c1": T0 - HOUR, "c2": T0 - 20 * 24 * HOUR, "old": T0 - 40 * 24 * HOUR}
     await discovery(store, sent, [relay_ms]).run()
     assert set(await seeds(store)) == {"c1", "c2"}
+
+
+@pytest.mark.parametrize(
+    "skew_ms",
+    [pytest.param(-24 * HOUR, id="api-clock-a-day-behind"), pytest.param(24 * HOUR, id="ahead")],
+)
+async def test_seeding_compares_send_times_with_when_watching_began_on_the_apis_clock(
+    store: Store, skew_ms: int
+) -> None:
+    """Send times are the API's clock; when watching began was the relay's (its first
+    stream's creation): against an API a day behind, a campaign sent an hour after the relay
+    started looked sent before it, and its activity was left out as history; against one a day
+    ahead, a campaign sent an hour before looked new and emitted its whole history. The
+    creation is moved by the answer's Date header offset (or taken from a seeded stream's
+    stored history line)."""
+    now = [T0]
+    await ensure_configured(store, "acme", [], ["42"], T0)  # watching since T0 (relay clock)
+    sent = Sent()
+    found = discovery(store, sent, now)
+    now[0] = T0 + 3 * HOUR
+    sent.server_ms = now[0] + skew_ms
+    sent.campaigns = {"after": T0 + skew_ms + HOUR, "before": T0 + skew_ms - HOUR}
+    await found.run()
+    assert await seeds(store) == {"after": False, "before": True}

@@ -46,9 +46,11 @@ _REDACTED = "***"
 
 @dataclass(slots=True)
 class RequestCount:
-    """Requests sent within one unit of work (a pass), whatever client sent them."""
+    """Requests sent within one unit of work (a pass), whatever client sent them; a count
+    opened inside another (a part of the pass) charges both."""
 
     requests: int = 0
+    outer: RequestCount | None = None
 
 
 # One per unit of work: a client is shared by all passes of its account, and passes run
@@ -59,7 +61,7 @@ _REQUEST_COUNT: ContextVar[RequestCount | None] = ContextVar("ctct_request_count
 @contextmanager
 def counting_requests() -> Iterator[RequestCount]:
     """Count the requests sent by this task (and tasks it starts) inside the block."""
-    count = RequestCount()
+    count = RequestCount(outer=_REQUEST_COUNT.get())
     token = _REQUEST_COUNT.set(count)
     try:
         yield count
@@ -70,8 +72,9 @@ def counting_requests() -> Iterator[RequestCount]:
 def count_request() -> None:
     """Charge one request to the current unit of work, if one is counting."""
     count = _REQUEST_COUNT.get()
-    if count is not None:
+    while count is not None:
         count.requests += 1
+        count = count.outer
 
 
 @dataclass(frozen=True, slots=True)

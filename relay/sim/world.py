@@ -24,6 +24,11 @@ from relay.sim.schedule import build_campaigns, build_contacts
 
 # (scope, contact or campaign id, kind or None for the mixed list, link id or "")
 StreamKey = tuple[Scope, str, Kind | None, str]
+# What a campaign's summary counts as unique recipients, as the real API does (v2 docs: "opens:
+# Number of unique recipients who opened…", the same for clicks and forwards): a repeat open,
+# a click on a second link or a second forward by a recipient already counted moves nothing.
+# Sends, bounces and unsubscribes, and every count of a contact's summary, count activities.
+UNIQUE_IN_CAMPAIGN = frozenset({Kind.OPEN, Kind.CLICK, Kind.FORWARD})
 _EMPTY = SortedIndex()  # answered for streams with no activity yet; never written to
 _T = TypeVar("_T")
 
@@ -46,6 +51,8 @@ class World:
         self._spam: dict[str, tuple[int, ...]] = {}
         self._streams: dict[StreamKey, SortedIndex] = {}
         self._visible: list[Activity] = []
+        # per (campaign, kind) of UNIQUE_IN_CAMPAIGN: the contacts with a visible activity
+        self._recipients: defaultdict[tuple[str, Kind], set[str]] = defaultdict(set)
         self.now_ms = -(2**62)
 
     def next_due(self, until_ms: int) -> Campaign | None:
@@ -109,6 +116,8 @@ class World:
             groups[(Scope.CONTACT, contact_id, kind, "")].append(activity)
             groups[(Scope.CONTACT, contact_id, None, "")].append(activity)
             groups[(Scope.CAMPAIGN, campaign_id, kind, "")].append(activity)
+            if kind in UNIQUE_IN_CAMPAIGN:
+                self._recipients[(campaign_id, kind)].add(contact_id)
             if kind is Kind.CLICK:
                 groups[(Scope.CONTACT, contact_id, kind, activity.link_id)].append(activity)
                 groups[(Scope.CAMPAIGN, campaign_id, kind, activity.link_id)].append(activity)
@@ -137,8 +146,13 @@ class World:
         return link_id in (campaign.links if campaign is not None else self._link_ids)
 
     def counts(self, scope: Scope, resource_id: str) -> dict[Kind, int]:
-        """Visible activities per kind of one contact or campaign."""
-        return {kind: len(self.stream((scope, resource_id, kind, ""))) for kind in Kind}
+        """What one contact's or campaign's summary counts per kind, by now: visible activities,
+        but unique recipients for a campaign's opens, clicks and forwards (UNIQUE_IN_CAMPAIGN)."""
+        counts = {kind: len(self.stream((scope, resource_id, kind, ""))) for kind in Kind}
+        if scope is Scope.CAMPAIGN:
+            for kind in UNIQUE_IN_CAMPAIGN:
+                counts[kind] = len(self._recipients.get((resource_id, kind), ()))
+        return counts
 
     def spam_count(self, campaign_id: str) -> int:
         """Spam reports of a campaign visible by now."""

@@ -105,6 +105,9 @@ class Stream:
     # a seeded stream's history line on the upstream's clock (created_ms moved by the offset of
     # the upstream's Date header), fixed by its first pass that saw one; None: not yet
     line_ms: int | None = None
+    # when a pass last read every unique-counted feed of the stream that has a count (a
+    # campaign's opens, clicks, forwards: see relay.poller.UNIQUE_COUNTED); None: none yet
+    swept_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +255,7 @@ class PassResult:
     error: str | None = None
     behind: dict[Kind, Behind] = field(default_factory=dict)  # replaces the stream's
     line_ms: int | None = None  # stored when the stream has none yet (the first one stays)
+    swept_ms: int | None = None  # replaces the stream's when set (None: keeps it)
 
 
 @dataclass(frozen=True, slots=True)

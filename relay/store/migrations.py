@@ -173,4 +173,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # of the upstream's Date header), fixed at its first pass that saw one: against an upstream
     # clock behind the relay's, the relay's clock put every later activity in its history
     ("ALTER TABLE streams ADD COLUMN line_ms BIGINT",),
+    # when a pass last read every unique-counted feed of a campaign stream (opens, clicks and
+    # forwards count unique recipients, so a repeat moves no count): they are read again
+    # poll.repeat_read_s later, counts moving or not; NULL: since the stream was added
+    ("ALTER TABLE streams ADD COLUMN swept_ms BIGINT",),
 )

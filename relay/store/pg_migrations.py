@@ -185,4 +185,6 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE streams ADD COLUMN behind TEXT NOT NULL DEFAULT '{}'",),
     # a seeded stream's history line on the upstream's clock (see migrations.py, version 8)
     ("ALTER TABLE streams ADD COLUMN line_ms BIGINT",),
+    # when a pass last read every unique-counted feed (see migrations.py, version 9)
+    ("ALTER TABLE streams ADD COLUMN swept_ms BIGINT",),
 )

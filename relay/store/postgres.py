@@ -415,7 +415,7 @@ class PostgresStore:
                 "UPDATE streams SET next_due_ms = $1, rate_per_h = $2, last_poll_ms = $3,"
                 " summary = $4, consecutive_errors = CASE WHEN $5::text IS NULL THEN 0"
                 " ELSE consecutive_errors + 1 END, last_error = $5, behind = $7,"
-                " line_ms = COALESCE(line_ms, $8) WHERE id = $6",
+                " line_ms = COALESCE(line_ms, $8), swept_ms = COALESCE($9, swept_ms) WHERE id = $6",
                 result.next_due_ms,
                 result.rate_per_h,
                 result.polled_ms,
@@ -424,6 +424,7 @@ class PostgresStore:
                 stream_id,
                 rowmap.behind_json(result.behind),
                 result.line_ms,
+                result.swept_ms,
             )
             await conn.executemany(
                 "INSERT INTO watermarks (stream_id, kind, watermark_ms) VALUES ($1, $2, $3)"

@@ -29,7 +29,7 @@ PRUNE_CHUNK = 10_000  # rows pruned per transaction (dedup keys, outbox events, 
 STREAM_COLUMNS = (
     "id, account, scope, resource_id, next_due_ms, rate_per_h, consecutive_errors, last_error,"
     " last_poll_ms, retired, paused, summary, seed, created_ms, behind,"
-    " line_ms"
+    " line_ms, swept_ms"
 )
 STATE_CLAUSES = {
     "active": "retired = 0 AND paused = 0",
@@ -82,6 +82,7 @@ def stream(row: Sequence[object], marks: dict[Kind, int]) -> Stream:
             if k in KINDS
         },
         line_ms=None if row[15] is None else int(str(row[15])),
+        swept_ms=None if row[16] is None else int(str(row[16])),
     )
 
 

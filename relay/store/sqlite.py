@@ -356,6 +356,7 @@ class SqliteStore:
                 conn.execute(
                     "UPDATE streams SET next_due_ms = ?, rate_per_h = ?, last_poll_ms = ?,"
                     " summary = ?, behind = ?, line_ms = COALESCE(line_ms, ?),"
+                    " swept_ms = COALESCE(?, swept_ms),"
                     " consecutive_errors = CASE WHEN ? IS NULL THEN 0"
                     " ELSE consecutive_errors + 1 END, last_error = ? WHERE id = ?",
                     (
@@ -365,6 +366,7 @@ class SqliteStore:
                         orjson.dumps(result.summary).decode(),
                         rowmap.behind_json(result.behind),
                         result.line_ms,
+                        result.swept_ms,
                         result.error,
                         None if result.error is None else result.error[:1000],
                         stream_id,
