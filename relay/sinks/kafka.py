@@ -1,8 +1,10 @@
-"""The Kafka sink: drains the outbox, in order, through one idempotent aiokafka producer.
+"""The Kafka sink: drains the outbox, in order, through an idempotent aiokafka producer.
 
 An event counts as published only when the broker acknowledged it (``acks=all``); only then does
 the sink's cursor move past it. A record the broker refuses for good (too large, invalid topic)
-goes to the dead-letter list with the reason and the cursor moves on; any other failure (broker
+goes to the dead-letter list with the reason and the cursor moves on, without resending anything
+(a batch refused for good is sent again one record per batch on a fresh producer, whose sequence
+numbers the refusal did not break; see ``KafkaSink._delivered``); any other failure (broker
 down, leader moving, timeouts) stops the batch at the first unacknowledged event and retries from
 there with backoff, so nothing is skipped. A retry may re-send events after the failed one that
 did arrive: duplicates carry the same ``ce_id``.
@@ -292,12 +294,16 @@ class _Batch:
     events: list[OutboxEvent] = field(default_factory=list)
 
 
+# a batch's delivery: its events the broker refused for good, by seq (see KafkaSink._delivered)
+_Delivery = asyncio.Task[dict[int, BaseException]]
+
+
 @dataclass(slots=True)
 class _Round:
     """One outbox read, handed to the producer, waiting for the broker."""
 
     events: list[OutboxEvent]
-    sent: list[tuple[_Batch, asyncio.Future[object] | BaseException]]
+    sent: list[tuple[_Batch, _Delivery | BaseException]]
     refused: dict[int, tuple[BaseException, int]]  # seq -> (error, batch size): never sent
     started: float  # time.perf_counter() when the round was read
 
@@ -325,11 +331,14 @@ class KafkaSink:
         self.connected = False
         self._topics = {kind: settings.topic_for(kind) for kind in Kind}
         self._partition = _Partitioner()
-        self._isolate_through = 0  # events up to this seq go one per batch (see _advance)
+        # the producer batches go to now; another one after a batch refused for good
+        self._current: AIOKafkaProducer | None = None
+        self._switching = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced producers being stopped
         self._committed = asyncio.Event()
         self._settled = asyncio.Event()  # the acknowledging task finished a round
         # per partition: the last batch handed to the producer (or why none was)
-        self._chain: dict[tuple[str, int], asyncio.Future[object] | BaseException] = {}
+        self._chain: dict[tuple[str, int], _Delivery | BaseException] = {}
         self._handed: list[OutboxAppend] = []  # in seq order; see _from_memory
         self._handed_events = 0
         store.on_append(self._appended)
@@ -342,12 +351,13 @@ class KafkaSink:
                 producer = self._producer()  # builds the TLS context when config did not
             except ValueError as exc:  # an option aiokafka refuses: retrying will not help
                 raise KafkaSinkError(f"kafka: {exc}") from None
+            self._current = producer
             try:
                 await producer.start()
                 await self._check_topics()
                 self.connected = True
                 attempt = 0
-                await self._drain(producer, stop)
+                await self._drain(stop)
             except KafkaSinkError:
                 raise
             except (KafkaError, OSError) as exc:
@@ -358,7 +368,8 @@ class KafkaSink:
                 await _sleep_or_stop(stop, delay)
             finally:
                 self.connected = False
-                await _stop_quietly(producer)
+                await _stop_quietly(self._current)
+                await asyncio.gather(*self._retiring)
 
     def _producer(self) -> AIOKafkaProducer:
         s = self._settings
@@ -414,14 +425,14 @@ class KafkaSink:
         finally:
             await admin.close()
 
-    async def _drain(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
+    async def _drain(self, stop: asyncio.Event) -> None:
         cursor = await self._store.sink_cursor(SINK)
         while not stop.is_set():
-            cursor = await self._pipeline(producer, stop, cursor)
+            cursor = await self._pipeline(stop, cursor)
 
-    async def _pipeline(self, producer: AIOKafkaProducer, stop: asyncio.Event, cursor: int) -> int:
+    async def _pipeline(self, stop: asyncio.Event, cursor: int) -> int:
         """Read and send the next rounds while earlier ones wait for the broker; returns the
-        cursor when ``stop`` is set or when a refused batch means resending from the cursor.
+        cursor when ``stop`` is set.
 
         Reading, building and the cursor write overlap the broker's round trip: one round at a
         time left the sink idle for each acknowledgement, the broker idle for each read
@@ -450,9 +461,9 @@ class KafkaSink:
                     await _first(acker, self._settled.wait())
                 if acker.done():
                     break
-                rounds.put_nowait(await self._send(producer, events))
+                rounds.put_nowait(await self._send(events))
                 read_from = events[-1].seq
-            rounds.put_nowait(None)  # stop (or a rewind): what was sent is still acknowledged
+            rounds.put_nowait(None)  # stop: what was sent is still acknowledged
             return await acker
         finally:
             if not acker.done():
@@ -460,14 +471,11 @@ class KafkaSink:
             await asyncio.gather(acker, return_exceptions=True)
 
     async def _acknowledge(self, rounds: asyncio.Queue[_Round | None], cursor: int) -> int:
-        """Settle rounds in order; returns the cursor at the end, or early for a rewind."""
+        """Settle rounds in order; returns the cursor at the end."""
         while (sent := await rounds.get()) is not None:
-            done = await self._settle(sent, cursor)
+            cursor = await self._settle(sent, cursor)
             self._settled.set()
             self._metrics.kafka_round_settled(sent.started)
-            if done != sent.events[-1].seq:
-                return done  # a batch refused for good: resend from here, one per batch
-            cursor = done
         return cursor
 
     def _appended(self, append: OutboxAppend) -> None:
@@ -510,7 +518,7 @@ class KafkaSink:
             async with asyncio.timeout(self._settings.idle_poll_s):
                 await _first(acker, stop.wait(), self._committed.wait())
 
-    async def _send(self, producer: AIOKafkaProducer, events: list[OutboxEvent]) -> _Round:
+    async def _send(self, events: list[OutboxEvent]) -> _Round:
         """Hand a round to the producer as one closed record batch per partition.
 
         Per-record ``send`` futures, murmur2 hashing and lingering cost more than the records
@@ -518,8 +526,8 @@ class KafkaSink:
         acknowledged: after a failure nothing later may overtake what is sent again.
         """
         started = time.perf_counter()
-        batches, refused = await self._batches(producer, events)
-        sent: list[tuple[_Batch, asyncio.Future[object] | BaseException]] = []
+        batches, refused = await self._batches(self._producer_now(), events)
+        sent: list[tuple[_Batch, _Delivery | BaseException]] = []
         for batch in batches:
             where = (batch.topic, batch.partition)
             before = self._chain.get(where)
@@ -529,16 +537,83 @@ class KafkaSink:
                 self._chain[where] = error = KafkaError("an earlier batch of the partition failed")
                 sent.append((batch, error))
                 continue
+            producer = self._producer_now()  # a refusal of the batch before may have replaced it
             try:
                 future = await producer.send_batch(
                     batch.builder, batch.topic, partition=batch.partition
                 )
-                future.add_done_callback(_retrieve)  # a round given up may never await it
+                task = asyncio.create_task(self._delivered(batch, producer, future))
+                task.add_done_callback(_retrieve)  # a round given up may never await it
+                delivery: _Delivery | BaseException = task
             except KafkaError as exc:  # refused before sending (closed producer, metadata)
-                future = exc
-            self._chain[where] = future
-            sent.append((batch, future))
+                delivery = exc
+            self._chain[where] = delivery
+            sent.append((batch, delivery))
         return _Round(events, sent, refused, started)
+
+    async def _delivered(
+        self, batch: _Batch, producer: AIOKafkaProducer, future: asyncio.Future[object]
+    ) -> dict[int, BaseException]:
+        """Wait for a batch's acknowledgement; returns its events the broker refused for good
+        (to dead-letter), each refused alone. Raises on any other failure.
+
+        A batch refused for good leaves a gap in the producer's sequence numbers for its
+        partition, which the broker answers with OutOfOrderSequenceNumber for every later batch
+        of that producer there: what follows goes on a fresh producer (``_replace``). A batch of
+        several records is then sent again one record per batch, so only the culprit is
+        dead-lettered; the partition's next batch waits for all of it, so order holds, and
+        nothing already acknowledged is sent again.
+        """
+        try:
+            await future
+            return {}
+        except _PERMANENT as exc:
+            refused: BaseException = exc
+        await self._replace(producer)
+        if len(batch.events) == 1:
+            return {batch.events[0].seq: refused}
+        log.warning(
+            "kafka.batch_refused",
+            error=f"{type(refused).__name__}: {refused}",
+            topic=batch.topic,
+            partition=batch.partition,
+            resend_singly=len(batch.events),
+        )
+        dead: dict[int, BaseException] = {}
+        mode, sources = self._settings.content_mode, dict[tuple[str, str], bytes]()
+        for event in batch.events:
+            producer = self._producer_now()
+            key = event.contact_id.encode()
+            value, headers, _ = _record(event, mode, key, sources)
+            single = _Batch(batch.topic, batch.partition, producer.create_batch())
+            _append(single, key, value, headers)
+            single.builder.close()
+            sent = await producer.send_batch(single.builder, batch.topic, partition=batch.partition)
+            try:
+                await sent
+            except _PERMANENT as exc:
+                dead[event.seq] = exc
+                await self._replace(producer)
+        return dead
+
+    def _producer_now(self) -> AIOKafkaProducer:
+        assert self._current is not None, "set by run() before anything is sent"
+        return self._current
+
+    async def _replace(self, refused_on: AIOKafkaProducer) -> None:
+        """Continue on a new producer (a new producer id, sequence numbers from 0) instead of
+        ``refused_on``, once however many of its partitions saw a refusal. The old one is
+        stopped in the background: it still delivers the batches it holds (each partition's
+        next batch waits for those)."""
+        async with self._switching:
+            if self._current is not refused_on:
+                return  # replaced already
+            fresh = self._current = self._producer()  # run() stops it if start() fails
+            await fresh.start()
+            retiring = asyncio.create_task(_stop_quietly(refused_on), name="kafka:retire")
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+            log.info("kafka.producer_replaced", reason="a batch was refused for good")
 
     async def _settle(self, sent: _Round, cursor: int) -> int:
         """Await a round's acknowledgements; move the cursor over the acknowledged (or
@@ -552,6 +627,8 @@ class KafkaSink:
             outcome = future if isinstance(future, BaseException) else next(outcomes)
             if isinstance(outcome, BaseException):
                 failed.update((e.seq, (outcome, len(batch.events))) for e in batch.events)
+            else:  # refused for good, each alone
+                failed.update((seq, (error, 1)) for seq, error in outcome.items())
         return await self._advance(sent.events, cursor, failed)
 
     async def _batches(
@@ -565,7 +642,7 @@ class KafkaSink:
         refused: dict[int, tuple[BaseException, int]] = {}
         partitions: dict[str, list[int]] = {}
         sources: dict[tuple[str, str], bytes] = {}
-        topics, partition, isolate_through = self._topics, self._partition, self._isolate_through
+        topics, partition = self._topics, self._partition
         for event in events:
             topic = topics[event.kind]
             if topic not in partitions:
@@ -577,8 +654,7 @@ class KafkaSink:
                 continue
             where = (topic, partition(key, partitions[topic]))
             batch = open_batches.get(where)
-            isolate = event.seq <= isolate_through
-            if batch is None or isolate or not _append(batch, key, value, headers):
+            if batch is None or not _append(batch, key, value, headers):
                 if batch is not None:
                     batch.builder.close()  # full: hand it over now, no lingering
                 batch = open_batches[where] = _Batch(*where, producer.create_batch())
@@ -592,7 +668,8 @@ class KafkaSink:
     async def _advance(
         self, events: list[OutboxEvent], cursor: int, failed: dict[int, tuple[BaseException, int]]
     ) -> int:
-        """Walk the events in order: acknowledged ones and permanent refusals of one record move
+        """Walk the events in order: acknowledged ones and permanent refusals of one record (a
+        batch refused for good was sent again one record per batch, see ``_delivered``) move
         the cursor; the first other failure stops it there. Dead-lettered events move the cursor
         but are not counted as published."""
         done = cursor
@@ -606,19 +683,6 @@ class KafkaSink:
                 await self._dead_letter(event, error)
                 dead.add(event.seq)
                 done = event.seq
-            elif isinstance(error, _PERMANENT):
-                # The broker refused a whole batch for good (a record too large for the topic,
-                # say): resend from here one record per batch, so only the culprit is
-                # dead-lettered and the others keep their order.
-                self._isolate_through = max(
-                    self._isolate_through, max(s for s, (e, _) in failed.items() if e is error)
-                )
-                log.warning(
-                    "kafka.batch_refused",
-                    error=f"{type(error).__name__}: {error}",
-                    resend_singly_through=self._isolate_through,
-                )
-                break
             else:
                 failure = error
                 break
@@ -646,12 +710,12 @@ class KafkaSink:
         return self._rng.uniform(cap / 2, cap)
 
 
-def _failed(sent: asyncio.Future[object] | BaseException) -> bool:
+def _failed(sent: _Delivery | BaseException) -> bool:
     """Whether a batch handed over (a settled future) or not handed over failed."""
     return isinstance(sent, BaseException) or sent.cancelled() or sent.exception() is not None
 
 
-def _retrieve(future: asyncio.Future[object]) -> None:
+def _retrieve(future: _Delivery) -> None:
     """Mark a batch's outcome as seen: rounds given up after a failure are never awaited."""
     if not future.cancelled():
         future.exception()
