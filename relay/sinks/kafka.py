@@ -34,6 +34,7 @@ from typing import Literal
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     CorruptRecordException,
     InvalidTopicError,
@@ -68,6 +69,10 @@ _PERMANENT = (
     CorruptRecordException,
     UnsupportedForMessageFormatError,
 )
+
+# The topic configuration that bounds a record batch, and the batch codecs of the Kafka protocol.
+_MAX_MESSAGE_BYTES = "max.message.bytes"
+_CODECS = {"none": 0, "gzip": 1, "lz4": 3, "zstd": 4}
 
 # Rounds read and handed to the producer ahead of the broker's acknowledgements: bounds memory;
 # a partition's batches still go one at a time (see KafkaSink._send).
@@ -335,6 +340,7 @@ class KafkaSink:
         self._current: AIOKafkaProducer | None = None
         self._switching = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()  # replaced producers being stopped
+        self._batch_bytes: dict[str, int] = {}  # topics whose max.message.bytes < max_batch_bytes
         self._committed = asyncio.Event()
         self._settled = asyncio.Event()  # the acknowledging task finished a round
         # per partition: the last batch handed to the producer (or why none was)
@@ -394,10 +400,15 @@ class KafkaSink:
         admin = AIOKafkaAdminClient(**self._settings.client_options())
         await admin.start()
         try:
-            existing = set(await admin.list_topics())
-            missing = [t for t in wanted if t not in existing]
-            if not missing:
-                return
+            await self._create_missing(admin, wanted)
+            await self._read_batch_limits(admin, wanted)
+        finally:
+            await admin.close()
+
+    async def _create_missing(self, admin: AIOKafkaAdminClient, wanted: list[str]) -> None:
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        if missing:
             if not self._settings.create_topics:
                 raise KafkaSinkError(
                     f"kafka: topic(s) {', '.join(missing)} do not exist on"
@@ -422,8 +433,52 @@ class KafkaSink:
                     + "; ".join(refused)
                 )
             log.info("kafka.topics_created", topics=missing)
-        finally:
-            await admin.close()
+
+    async def _read_batch_limits(self, admin: AIOKafkaAdminClient, topics: list[str]) -> None:
+        """Keep each topic's record batches within its ``max.message.bytes``.
+
+        The broker applies that limit to a whole record batch, so batches of ``max_batch_bytes``
+        above it would all be refused and sent again one record at a time. A lower limit caps
+        that topic's batches rather than stopping the relay: only a record too large on its own
+        is then refused (dead-lettered), and mirroring every topic's limit into the relay's
+        configuration would be the user's chore for no gain. Without the right to read topic
+        configurations (DescribeConfigs), batches keep ``max_batch_bytes``: a refusal still
+        costs only a resend of that batch's records one by one.
+        """
+        wanted = [
+            ConfigResource(ConfigResourceType.TOPIC, topic, {_MAX_MESSAGE_BYTES: None})
+            for topic in topics
+        ]
+        limits: dict[str, int] = {}
+        try:
+            answers = await admin.describe_configs(wanted)
+        except KafkaError as exc:
+            log.warning("kafka.topic_limit_unknown", error=f"{type(exc).__name__}: {exc}")
+            answers = []
+        for answer in answers:
+            for code, _message, _type, topic, entries in (r[:5] for r in answer.resources):
+                values = [e[1] for e in entries if e[0] == _MAX_MESSAGE_BYTES]
+                if code != 0 or not values or not str(values[0]).isdigit():
+                    error = for_code(code).__name__ if code else f"no {_MAX_MESSAGE_BYTES}"
+                    log.warning("kafka.topic_limit_unknown", topic=topic, error=error)
+                    continue
+                limit = int(values[0])
+                if limit < self._settings.max_batch_bytes:
+                    limits[topic] = limit
+                    log.info(
+                        "kafka.batches_capped",
+                        topic=topic,
+                        max_message_bytes=limit,
+                        max_batch_bytes=self._settings.max_batch_bytes,
+                    )
+        self._batch_bytes = limits
+
+    def _new_batch(self, producer: AIOKafkaProducer, topic: str) -> BatchBuilder:
+        """An empty record batch for ``topic``, within the topic's limit."""
+        limit = self._batch_bytes.get(topic)
+        if limit is None:
+            return producer.create_batch()
+        return BatchBuilder(limit, _CODECS[self._settings.compression])
 
     async def _drain(self, stop: asyncio.Event) -> None:
         cursor = await self._store.sink_cursor(SINK)
@@ -585,7 +640,7 @@ class KafkaSink:
             producer = self._producer_now()
             key = event.contact_id.encode()
             value, headers, _ = _record(event, mode, key, sources)
-            single = _Batch(batch.topic, batch.partition, producer.create_batch())
+            single = _Batch(batch.topic, batch.partition, self._new_batch(producer, batch.topic))
             _append(single, key, value, headers)
             single.builder.close()
             sent = await producer.send_batch(single.builder, batch.topic, partition=batch.partition)
@@ -657,7 +712,7 @@ class KafkaSink:
             if batch is None or not _append(batch, key, value, headers):
                 if batch is not None:
                     batch.builder.close()  # full: hand it over now, no lingering
-                batch = open_batches[where] = _Batch(*where, producer.create_batch())
+                batch = open_batches[where] = _Batch(*where, self._new_batch(producer, topic))
                 batches.append(batch)
                 _append(batch, key, value, headers)  # an empty batch takes any first record
             batch.events.append(event)
