@@ -332,8 +332,9 @@ class KafkaSink:
         self._rng = random.Random()
         self.published = 0
         self.dead_lettered = 0
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # the last failure; cleared by an acknowledgement
         self.connected = False
+        self.publishing = False  # run() is active here (this replica holds the sink's lease)
         self._topics = {kind: settings.topic_for(kind) for kind in Kind}
         self._partition = _Partitioner()
         # the producer batches go to now; another one after a batch refused for good
@@ -351,6 +352,18 @@ class KafkaSink:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, publish, and on any transient failure back off and resume from the cursor."""
+        self.publishing = True
+        try:
+            await self._run(stop)
+        finally:
+            self.publishing = False
+
+    def health(self) -> tuple[bool | None, str | None]:
+        """Whether the producer is connected (None when this process is not publishing) and
+        the last failure, unredacted, for ``/v1/status``."""
+        return (self.connected if self.publishing else None), self.last_error
+
+    async def _run(self, stop: asyncio.Event) -> None:
         attempt = 0
         while not stop.is_set():
             try:
@@ -362,6 +375,7 @@ class KafkaSink:
                 await producer.start()
                 await self._check_topics()
                 self.connected = True
+                self._metrics.kafka_connected(True)
                 attempt = 0
                 await self._drain(stop)
             except KafkaSinkError:
@@ -374,6 +388,7 @@ class KafkaSink:
                 await _sleep_or_stop(stop, delay)
             finally:
                 self.connected = False
+                self._metrics.kafka_connected(False)
                 await _stop_quietly(self._current)
                 await asyncio.gather(*self._retiring)
 
@@ -742,6 +757,7 @@ class KafkaSink:
                 failure = error
                 break
         if done != cursor:
+            self.last_error = None  # the broker acknowledged: whatever failed before is over
             await self._store.set_sink_cursor(SINK, done)
             published = [e for e in events if cursor < e.seq <= done and e.seq not in dead]
             self.published += len(published)

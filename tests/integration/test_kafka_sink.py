@@ -13,8 +13,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
+import aiohttp
 import orjson
 import pytest
+import yaml
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -104,6 +106,29 @@ def topics_of(prefix: str) -> list[str]:
     return [f"{prefix}.ctct.email.{k.value}" for k in Kind]
 
 
+ADMIN_TOKEN = "admin-token-kafka-test"
+
+
+async def kafka_health(admin_port: int) -> tuple[object, object, float | None]:
+    """The kafka entry's connected and last_error in /v1/status, and the
+    ctct_relay_kafka_connected gauge in /metrics."""
+    base = f"http://127.0.0.1:{admin_port}"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/v1/status", headers=headers) as resp:
+            assert resp.status == 200
+            status = await resp.json()
+        async with session.get(f"{base}/metrics", headers=headers) as resp:
+            scraped = await resp.text()
+    [entry] = [s for s in status["sinks"] if s["name"] == "kafka"]
+    gauges = [
+        line.split()[1]
+        for line in scraped.splitlines()
+        if line.startswith("ctct_relay_kafka_connected ")
+    ]
+    return entry["connected"], entry["last_error"], float(gauges[0]) if gauges else None
+
+
 def outbox_head(db: Path) -> int:
     with sqlite3.connect(db) as conn:
         return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0])
@@ -184,18 +209,35 @@ def assert_partition_order_is_outbox_order(messages: list[Message], db: Path) ->
 async def test_broker_outage_loses_nothing(
     tmp_path: Path, dev_kafka_factory: DevKafkaFactory
 ) -> None:
-    """The broker is killed mid-run and returns later: polling goes on, publishing resumes."""
+    """The broker is killed mid-run and returns later: polling goes on, publishing resumes;
+    /v1/status and /metrics say when the broker is unreachable, and the error goes once the
+    broker acknowledges again."""
     broker = await dev_kafka_factory()
     prefix = f"out{uuid.uuid4().hex[:8]}"
     sim = SimProcess(tmp_path, scenario()).start()
+    admin_port = free_port()
     config = kafka_config(tmp_path, sim, broker.bootstrap_servers, prefix)
+    settings = yaml.safe_load(config.read_text())
+    settings["admin"] = {"port": admin_port, "token": ADMIN_TOKEN}
+    config.write_text(yaml.safe_dump(settings))
     relay = Proc(["run", "--config", str(config)], tmp_path / "relay.log").start()
     db = tmp_path / "state.db"
     try:
         for _ in range(3):
             sim.advance(300)
             await asyncio.sleep(1.0)
+        up = await kafka_health(admin_port)
+        assert up == (True, None, 1.0), "connected, no error, gauge 1"
         await broker.kill()
+        for _ in range(60):  # the next send fails within request_timeout_s (10 s)
+            down = await kafka_health(admin_port)
+            if down[0] is False and down[1]:
+                break
+            sim.advance(60)
+            await asyncio.sleep(0.5)
+        assert down[0] is False, "status says the broker is unreachable"
+        assert down[1], "with the error"
+        assert down[2] == 0.0, "ctct_relay_kafka_connected 0"
         committed_while_down = len(outbox(db))
         for _ in range(4):
             sim.advance(300)
@@ -206,6 +248,7 @@ async def test_broker_outage_loses_nothing(
         await asyncio.to_thread(settle_kafka, sim, db, relay, broker.bootstrap_servers, prefix)
         truth = sim.truth()
         assert relay.alive()
+        assert await kafka_health(admin_port) == (True, None, 1.0), "the error went with an ack"
     finally:
         relay.kill()
         sim.kill()
