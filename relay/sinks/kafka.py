@@ -389,7 +389,10 @@ class KafkaSink:
             finally:
                 self.connected = False
                 self._metrics.kafka_connected(False)
-                await _stop_quietly(self._current)
+                # None: a delivery of a round given up must not start a producer of its own
+                current, self._current = self._current, None
+                if current is not None:
+                    await _stop_quietly(current)
                 await asyncio.gather(*self._retiring)
 
     def _producer(self) -> AIOKafkaProducer:
@@ -667,7 +670,8 @@ class KafkaSink:
         return dead
 
     def _producer_now(self) -> AIOKafkaProducer:
-        assert self._current is not None, "set by run() before anything is sent"
+        if self._current is None:  # run() is between producers
+            raise KafkaError("the Kafka producer is restarting")
         return self._current
 
     async def _replace(self, refused_on: AIOKafkaProducer) -> None:
@@ -679,10 +683,10 @@ class KafkaSink:
             if self._current is not refused_on:
                 return  # replaced already
             fresh = self._current = self._producer()  # run() stops it if start() fails
-            await fresh.start()
             retiring = asyncio.create_task(_stop_quietly(refused_on), name="kafka:retire")
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
+            await fresh.start()
             log.info("kafka.producer_replaced", reason="a batch was refused for good")
 
     async def _settle(self, sent: _Round, cursor: int) -> int:
