@@ -104,6 +104,7 @@ async def run_relay(
         view = RelayView(
             sinks=(FANOUT_SINK, KAFKA_SINK) if settings.kafka else (FANOUT_SINK,),
             redact=Redactor(settings.secrets()).text,
+            health=sinks.health,
         )
         view.on_webhook_change = sinks.webhooks.changed
         runner = await _start_admin(settings, store, guard, metrics, view)
@@ -183,6 +184,8 @@ class _Sinks:
         self.tasks: list[asyncio.Task[None]] = []
         self.on_commit: list[Callable[[], None]] = []  # in-process outbox readers to wake
         self.outbox_readers: list[str] = []  # sinks with an outbox cursor (besides fan-out)
+        # sinks reporting their connection for /v1/status
+        self.health: dict[str, Callable[[], tuple[bool | None, str | None]]] = {}
 
     def notify(self) -> None:
         """The poller committed new events."""
@@ -237,6 +240,7 @@ def _start_sinks(
         sink = KafkaSink(settings.kafka, store, now_ms, metrics)
         sinks.on_commit.append(sink.notify)
         sinks.outbox_readers.append(sink.name)
+        sinks.health[sink.name] = sink.health
         # one publisher at a time keeps each contact's events in order; a lost lease or a
         # failure backs off and tries again, only configuration errors end the relay
         leased = run_leased(

@@ -19,7 +19,8 @@ import base64
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+import time
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import TextIO
 from urllib.parse import quote, quote_plus
 
@@ -123,6 +124,7 @@ def configure(
     handler.addFilter(_drop_cancellations)
     handler.addFilter(_one_line_reconnects)
     handler.addFilter(_one_line_bad_requests)
+    handler.addFilter(RepeatCollapser())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(_LEVELS[level], logging.WARNING))
@@ -159,6 +161,43 @@ def _one_line_reconnects(record: logging.LogRecord) -> bool:
         record.exc_info = None
         record.exc_text = None
     return True
+
+
+# aiokafka's records that repeat at every metadata lookup, keyed by (logger, message template)
+_REPEATING = {("aiokafka.cluster", "Topic %s not found in cluster metadata")}
+
+
+class RepeatCollapser:
+    """aiokafka logs "Topic %s not found in cluster metadata" at each metadata lookup while a
+    topic the producer writes to is missing (deleted at run time): thousands of lines a second,
+    for as long as it lasts. The first record per topic passes; repeats within ``window_s`` are
+    dropped and counted, and the next one to pass says how many were left out. The sink's own
+    ``kafka.unavailable`` lines still say what fails."""
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window_s = window_s
+        self._clock = clock
+        self._seen: dict[tuple[str, str, object], tuple[float, int]] = {}  # -> (passed, dropped)
+
+    def __call__(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or (record.name, record.msg) not in _REPEATING:
+            return True
+        key = (record.name, record.msg, record.args)
+        now = self._clock()
+        passed, dropped = self._seen.get(key, (None, 0))
+        if passed is not None and now - passed < self._window_s:
+            self._seen[key] = (passed, dropped + 1)
+            return False
+        if len(self._seen) >= 1000:  # topics are few; a bound all the same
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if dropped and passed is not None:
+            record.msg = (
+                f"{record.getMessage()} (repeated {dropped} times in the last"
+                f" {now - passed:.0f} s, not logged)"
+            )
+            record.args = None
+        return True
 
 
 _DETAIL_CHARS = 200

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -143,6 +143,12 @@ class Metrics:
             buckets=_REQUEST_BUCKETS,
             registry=r,
         )
+        self.kafka_up = Gauge(
+            "ctct_relay_kafka_connected",
+            "1 while this process's Kafka producer is connected (on the replica publishing to"
+            " Kafka), else 0.",
+            registry=r,
+        )
         self._webhook_counters: dict[str, Counter] = {}
         self.webhook_attempts = Counter(
             "ctct_relay_webhook_attempts",
@@ -212,6 +218,10 @@ class Metrics:
         """The broker answered a round of batches that began at ``started``
         (``time.perf_counter()``)."""
         self.kafka_publish.observe(time.perf_counter() - started)
+
+    def kafka_connected(self, connected: bool) -> None:
+        """The Kafka sink connected to the cluster (topics checked) or lost it."""
+        self.kafka_up.set(1 if connected else 0)
 
     def kafka_published(self, events: Iterable[OutboxEvent]) -> None:
         """The broker acknowledged ``events`` and the cursor moved past them (dead-lettered

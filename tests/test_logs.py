@@ -310,3 +310,48 @@ async def test_malformed_requests_are_one_warning_line_each(tmp_path: Path) -> N
     last = orjson.loads(out.getvalue().splitlines()[-1])
     assert last["level"] == "error"
     assert "RuntimeError: a real bug" in last["exception"]
+
+
+def test_a_missing_topic_logged_at_every_metadata_lookup_is_one_line_per_topic() -> None:
+    """aiokafka's "Topic %s not found in cluster metadata", thousands of times a second while a
+    topic is deleted at run time, is written once per topic; other records all get through."""
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    cluster = logging.getLogger("aiokafka.cluster")
+    for _ in range(5000):
+        cluster.error("Topic %s not found in cluster metadata", "ctct.email.bounce")
+        cluster.error("Topic %s not found in cluster metadata", "ctct.email.open")
+    for i in range(3):
+        cluster.error("Something else %s", i)
+    events = [orjson.loads(line)["event"] for line in out.getvalue().splitlines()]
+    assert events == [
+        "Topic ctct.email.bounce not found in cluster metadata",
+        "Topic ctct.email.open not found in cluster metadata",
+        "Something else 0",
+        "Something else 1",
+        "Something else 2",
+    ]
+
+
+def test_a_repeat_after_the_window_passes_and_counts_those_left_out() -> None:
+    """Once the window is over, the next repeat is written with the number left out."""
+    now = [0.0]
+    collapse = logs.RepeatCollapser(window_s=60.0, clock=lambda: now[0])
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord(
+            "aiokafka.cluster", logging.ERROR, __file__, 1,
+            "Topic %s not found in cluster metadata", ("t",), None,
+        )  # fmt: skip
+
+    assert collapse(record())
+    now[0] = 30.0
+    assert not any(collapse(record()) for _ in range(99))
+    now[0] = 61.0
+    passed = record()
+    assert collapse(passed)
+    assert passed.getMessage() == (
+        "Topic t not found in cluster metadata (repeated 99 times in the last 61 s, not logged)"
+    )
+    now[0] = 62.0
+    assert not collapse(record())

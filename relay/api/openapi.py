@@ -908,6 +908,9 @@ def _status_schema_full(count: JsonObject, seconds: JsonObject, hold: JsonObject
             "depth": count,
             "dead_letters": count,
             "running": {"type": "boolean"},
+            # the Kafka sink on the replica publishing to Kafka; null elsewhere
+            "connected": {"type": ["boolean", "null"]},
+            "last_error": {"type": ["string", "null"]},
         }
     )
     webhook = _object(

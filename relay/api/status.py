@@ -11,7 +11,7 @@ hide), and error texts go through the relay's redactor.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
@@ -47,6 +47,8 @@ class RelayView:
 
     accounts: dict[str, AccountQuota] = field(default_factory=dict)
     sinks: tuple[str, ...] = (FANOUT_SINK,)  # sinks shown even before their first cursor write
+    # per sink that knows it: (connected, or None when not publishing here; its last error)
+    health: dict[str, Callable[[], tuple[bool | None, str | None]]] = field(default_factory=dict)
     redact: Callable[[str], str] = _same  # removes configured secrets from error texts
     # tells the scheduler that pauses or targets changed (set once the scheduler exists)
     on_change: Callable[[], Awaitable[None]] | None = None
@@ -101,7 +103,7 @@ async def status(store: Store, view: RelayView, now_ms: int) -> JsonObject:
         "time": time_or_null(now_ms),
         "accounts": accounts,
         "outbox": {"head": head},
-        "sinks": await _sinks(store, view.sinks, head),
+        "sinks": await _sinks(store, view, head),
         "webhooks": await _webhooks(store),
     }
 
@@ -203,9 +205,10 @@ def _hold(hold: tuple[int, str] | None) -> JsonObject | None:
     return None if hold is None else {"since": time_or_null(hold[0]), "reason": hold[1]}
 
 
-async def _sinks(store: Store, expected: Sequence[str], head: int) -> list[JsonObject]:
+async def _sinks(store: Store, view: RelayView, head: int) -> list[JsonObject]:
     cursors = await store.sink_cursors()
     dead = await store.dead_letter_counts()
+    expected = view.sinks
     names = sorted(set(expected) | set(cursors) | set(dead))
     return [
         {
@@ -214,9 +217,18 @@ async def _sinks(store: Store, expected: Sequence[str], head: int) -> list[JsonO
             "depth": max(0, head - cursors.get(name, 0)),
             "dead_letters": dead.get(name, 0),
             "running": name in expected,  # a cursor left by a sink no longer configured: False
+            **_health(view, name),
         }
         for name in names
     ]
+
+
+def _health(view: RelayView, name: str) -> JsonObject:
+    """A sink's connection as this process sees it: null where it does not know (a sink that
+    does not report it, the Kafka sink on a replica not publishing)."""
+    report = view.health.get(name)
+    connected, error = (None, None) if report is None else report()
+    return {"connected": connected, "last_error": None if error is None else view.redact(error)}
 
 
 async def _webhooks(store: Store) -> list[JsonObject]:

@@ -1,8 +1,10 @@
-"""The Kafka sink: drains the outbox, in order, through one idempotent aiokafka producer.
+"""The Kafka sink: drains the outbox, in order, through an idempotent aiokafka producer.
 
 An event counts as published only when the broker acknowledged it (``acks=all``); only then does
 the sink's cursor move past it. A record the broker refuses for good (too large, invalid topic)
-goes to the dead-letter list with the reason and the cursor moves on; any other failure (broker
+goes to the dead-letter list with the reason and the cursor moves on, without resending anything
+(a batch refused for good is sent again one record per batch on a fresh producer, whose sequence
+numbers the refusal did not break; see ``KafkaSink._delivered``); any other failure (broker
 down, leader moving, timeouts) stops the batch at the first unacknowledged event and retries from
 there with backoff, so nothing is skipped. A retry may re-send events after the failed one that
 did arrive: duplicates carry the same ``ce_id``.
@@ -32,6 +34,7 @@ from typing import Literal
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     CorruptRecordException,
     InvalidTopicError,
@@ -66,6 +69,10 @@ _PERMANENT = (
     CorruptRecordException,
     UnsupportedForMessageFormatError,
 )
+
+# The topic configuration that bounds a record batch, and the batch codecs of the Kafka protocol.
+_MAX_MESSAGE_BYTES = "max.message.bytes"
+_CODECS = {"none": 0, "gzip": 1, "lz4": 3, "zstd": 4}
 
 # Rounds read and handed to the producer ahead of the broker's acknowledgements: bounds memory;
 # a partition's batches still go one at a time (see KafkaSink._send).
@@ -292,12 +299,16 @@ class _Batch:
     events: list[OutboxEvent] = field(default_factory=list)
 
 
+# a batch's delivery: its events the broker refused for good, by seq (see KafkaSink._delivered)
+_Delivery = asyncio.Task[dict[int, BaseException]]
+
+
 @dataclass(slots=True)
 class _Round:
     """One outbox read, handed to the producer, waiting for the broker."""
 
     events: list[OutboxEvent]
-    sent: list[tuple[_Batch, asyncio.Future[object] | BaseException]]
+    sent: list[tuple[_Batch, _Delivery | BaseException]]
     refused: dict[int, tuple[BaseException, int]]  # seq -> (error, batch size): never sent
     started: float  # time.perf_counter() when the round was read
 
@@ -321,33 +332,52 @@ class KafkaSink:
         self._rng = random.Random()
         self.published = 0
         self.dead_lettered = 0
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # the last failure; cleared by an acknowledgement
         self.connected = False
+        self.publishing = False  # run() is active here (this replica holds the sink's lease)
         self._topics = {kind: settings.topic_for(kind) for kind in Kind}
         self._partition = _Partitioner()
-        self._isolate_through = 0  # events up to this seq go one per batch (see _advance)
+        # the producer batches go to now; another one after a batch refused for good
+        self._current: AIOKafkaProducer | None = None
+        self._switching = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced producers being stopped
+        self._batch_bytes: dict[str, int] = {}  # topics whose max.message.bytes < max_batch_bytes
         self._committed = asyncio.Event()
         self._settled = asyncio.Event()  # the acknowledging task finished a round
         # per partition: the last batch handed to the producer (or why none was)
-        self._chain: dict[tuple[str, int], asyncio.Future[object] | BaseException] = {}
+        self._chain: dict[tuple[str, int], _Delivery | BaseException] = {}
         self._handed: list[OutboxAppend] = []  # in seq order; see _from_memory
         self._handed_events = 0
         store.on_append(self._appended)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, publish, and on any transient failure back off and resume from the cursor."""
+        self.publishing = True
+        try:
+            await self._run(stop)
+        finally:
+            self.publishing = False
+
+    def health(self) -> tuple[bool | None, str | None]:
+        """Whether the producer is connected (None when this process is not publishing) and
+        the last failure, unredacted, for ``/v1/status``."""
+        return (self.connected if self.publishing else None), self.last_error
+
+    async def _run(self, stop: asyncio.Event) -> None:
         attempt = 0
         while not stop.is_set():
             try:
                 producer = self._producer()  # builds the TLS context when config did not
             except ValueError as exc:  # an option aiokafka refuses: retrying will not help
                 raise KafkaSinkError(f"kafka: {exc}") from None
+            self._current = producer
             try:
                 await producer.start()
                 await self._check_topics()
                 self.connected = True
+                self._metrics.kafka_connected(True)
                 attempt = 0
-                await self._drain(producer, stop)
+                await self._drain(stop)
             except KafkaSinkError:
                 raise
             except (KafkaError, OSError) as exc:
@@ -358,7 +388,12 @@ class KafkaSink:
                 await _sleep_or_stop(stop, delay)
             finally:
                 self.connected = False
-                await _stop_quietly(producer)
+                self._metrics.kafka_connected(False)
+                # None: a delivery of a round given up must not start a producer of its own
+                current, self._current = self._current, None
+                if current is not None:
+                    await _stop_quietly(current)
+                await asyncio.gather(*self._retiring)
 
     def _producer(self) -> AIOKafkaProducer:
         s = self._settings
@@ -383,10 +418,15 @@ class KafkaSink:
         admin = AIOKafkaAdminClient(**self._settings.client_options())
         await admin.start()
         try:
-            existing = set(await admin.list_topics())
-            missing = [t for t in wanted if t not in existing]
-            if not missing:
-                return
+            await self._create_missing(admin, wanted)
+            await self._read_batch_limits(admin, wanted)
+        finally:
+            await admin.close()
+
+    async def _create_missing(self, admin: AIOKafkaAdminClient, wanted: list[str]) -> None:
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        if missing:
             if not self._settings.create_topics:
                 raise KafkaSinkError(
                     f"kafka: topic(s) {', '.join(missing)} do not exist on"
@@ -411,17 +451,61 @@ class KafkaSink:
                     + "; ".join(refused)
                 )
             log.info("kafka.topics_created", topics=missing)
-        finally:
-            await admin.close()
 
-    async def _drain(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
+    async def _read_batch_limits(self, admin: AIOKafkaAdminClient, topics: list[str]) -> None:
+        """Keep each topic's record batches within its ``max.message.bytes``.
+
+        The broker applies that limit to a whole record batch, so batches of ``max_batch_bytes``
+        above it would all be refused and sent again one record at a time. A lower limit caps
+        that topic's batches rather than stopping the relay: only a record too large on its own
+        is then refused (dead-lettered), and mirroring every topic's limit into the relay's
+        configuration would be the user's chore for no gain. Without the right to read topic
+        configurations (DescribeConfigs), batches keep ``max_batch_bytes``: a refusal still
+        costs only a resend of that batch's records one by one.
+        """
+        wanted = [
+            ConfigResource(ConfigResourceType.TOPIC, topic, {_MAX_MESSAGE_BYTES: None})
+            for topic in topics
+        ]
+        limits: dict[str, int] = {}
+        try:
+            answers = await admin.describe_configs(wanted)
+        except KafkaError as exc:
+            log.warning("kafka.topic_limit_unknown", error=f"{type(exc).__name__}: {exc}")
+            answers = []
+        for answer in answers:
+            for code, _message, _type, topic, entries in (r[:5] for r in answer.resources):
+                values = [e[1] for e in entries if e[0] == _MAX_MESSAGE_BYTES]
+                if code != 0 or not values or not str(values[0]).isdigit():
+                    error = for_code(code).__name__ if code else f"no {_MAX_MESSAGE_BYTES}"
+                    log.warning("kafka.topic_limit_unknown", topic=topic, error=error)
+                    continue
+                limit = int(values[0])
+                if limit < self._settings.max_batch_bytes:
+                    limits[topic] = limit
+                    log.info(
+                        "kafka.batches_capped",
+                        topic=topic,
+                        max_message_bytes=limit,
+                        max_batch_bytes=self._settings.max_batch_bytes,
+                    )
+        self._batch_bytes = limits
+
+    def _new_batch(self, producer: AIOKafkaProducer, topic: str) -> BatchBuilder:
+        """An empty record batch for ``topic``, within the topic's limit."""
+        limit = self._batch_bytes.get(topic)
+        if limit is None:
+            return producer.create_batch()
+        return BatchBuilder(limit, _CODECS[self._settings.compression])
+
+    async def _drain(self, stop: asyncio.Event) -> None:
         cursor = await self._store.sink_cursor(SINK)
         while not stop.is_set():
-            cursor = await self._pipeline(producer, stop, cursor)
+            cursor = await self._pipeline(stop, cursor)
 
-    async def _pipeline(self, producer: AIOKafkaProducer, stop: asyncio.Event, cursor: int) -> int:
+    async def _pipeline(self, stop: asyncio.Event, cursor: int) -> int:
         """Read and send the next rounds while earlier ones wait for the broker; returns the
-        cursor when ``stop`` is set or when a refused batch means resending from the cursor.
+        cursor when ``stop`` is set.
 
         Reading, building and the cursor write overlap the broker's round trip: one round at a
         time left the sink idle for each acknowledgement, the broker idle for each read
@@ -450,9 +534,9 @@ class KafkaSink:
                     await _first(acker, self._settled.wait())
                 if acker.done():
                     break
-                rounds.put_nowait(await self._send(producer, events))
+                rounds.put_nowait(await self._send(events))
                 read_from = events[-1].seq
-            rounds.put_nowait(None)  # stop (or a rewind): what was sent is still acknowledged
+            rounds.put_nowait(None)  # stop: what was sent is still acknowledged
             return await acker
         finally:
             if not acker.done():
@@ -460,14 +544,11 @@ class KafkaSink:
             await asyncio.gather(acker, return_exceptions=True)
 
     async def _acknowledge(self, rounds: asyncio.Queue[_Round | None], cursor: int) -> int:
-        """Settle rounds in order; returns the cursor at the end, or early for a rewind."""
+        """Settle rounds in order; returns the cursor at the end."""
         while (sent := await rounds.get()) is not None:
-            done = await self._settle(sent, cursor)
+            cursor = await self._settle(sent, cursor)
             self._settled.set()
             self._metrics.kafka_round_settled(sent.started)
-            if done != sent.events[-1].seq:
-                return done  # a batch refused for good: resend from here, one per batch
-            cursor = done
         return cursor
 
     def _appended(self, append: OutboxAppend) -> None:
@@ -510,7 +591,7 @@ class KafkaSink:
             async with asyncio.timeout(self._settings.idle_poll_s):
                 await _first(acker, stop.wait(), self._committed.wait())
 
-    async def _send(self, producer: AIOKafkaProducer, events: list[OutboxEvent]) -> _Round:
+    async def _send(self, events: list[OutboxEvent]) -> _Round:
         """Hand a round to the producer as one closed record batch per partition.
 
         Per-record ``send`` futures, murmur2 hashing and lingering cost more than the records
@@ -518,8 +599,8 @@ class KafkaSink:
         acknowledged: after a failure nothing later may overtake what is sent again.
         """
         started = time.perf_counter()
-        batches, refused = await self._batches(producer, events)
-        sent: list[tuple[_Batch, asyncio.Future[object] | BaseException]] = []
+        batches, refused = await self._batches(self._producer_now(), events)
+        sent: list[tuple[_Batch, _Delivery | BaseException]] = []
         for batch in batches:
             where = (batch.topic, batch.partition)
             before = self._chain.get(where)
@@ -529,16 +610,84 @@ class KafkaSink:
                 self._chain[where] = error = KafkaError("an earlier batch of the partition failed")
                 sent.append((batch, error))
                 continue
+            producer = self._producer_now()  # a refusal of the batch before may have replaced it
             try:
                 future = await producer.send_batch(
                     batch.builder, batch.topic, partition=batch.partition
                 )
-                future.add_done_callback(_retrieve)  # a round given up may never await it
+                task = asyncio.create_task(self._delivered(batch, producer, future))
+                task.add_done_callback(_retrieve)  # a round given up may never await it
+                delivery: _Delivery | BaseException = task
             except KafkaError as exc:  # refused before sending (closed producer, metadata)
-                future = exc
-            self._chain[where] = future
-            sent.append((batch, future))
+                delivery = exc
+            self._chain[where] = delivery
+            sent.append((batch, delivery))
         return _Round(events, sent, refused, started)
+
+    async def _delivered(
+        self, batch: _Batch, producer: AIOKafkaProducer, future: asyncio.Future[object]
+    ) -> dict[int, BaseException]:
+        """Wait for a batch's acknowledgement; returns its events the broker refused for good
+        (to dead-letter), each refused alone. Raises on any other failure.
+
+        A batch refused for good leaves a gap in the producer's sequence numbers for its
+        partition, which the broker answers with OutOfOrderSequenceNumber for every later batch
+        of that producer there: what follows goes on a fresh producer (``_replace``). A batch of
+        several records is then sent again one record per batch, so only the culprit is
+        dead-lettered; the partition's next batch waits for all of it, so order holds, and
+        nothing already acknowledged is sent again.
+        """
+        try:
+            await future
+            return {}
+        except _PERMANENT as exc:
+            refused: BaseException = exc
+        await self._replace(producer)
+        if len(batch.events) == 1:
+            return {batch.events[0].seq: refused}
+        log.warning(
+            "kafka.batch_refused",
+            error=f"{type(refused).__name__}: {refused}",
+            topic=batch.topic,
+            partition=batch.partition,
+            resend_singly=len(batch.events),
+        )
+        dead: dict[int, BaseException] = {}
+        mode, sources = self._settings.content_mode, dict[tuple[str, str], bytes]()
+        for event in batch.events:
+            producer = self._producer_now()
+            key = event.contact_id.encode()
+            value, headers, _ = _record(event, mode, key, sources)
+            single = _Batch(batch.topic, batch.partition, self._new_batch(producer, batch.topic))
+            _append(single, key, value, headers)
+            single.builder.close()
+            sent = await producer.send_batch(single.builder, batch.topic, partition=batch.partition)
+            try:
+                await sent
+            except _PERMANENT as exc:
+                dead[event.seq] = exc
+                await self._replace(producer)
+        return dead
+
+    def _producer_now(self) -> AIOKafkaProducer:
+        if self._current is None:  # run() is between producers
+            raise KafkaError("the Kafka producer is restarting")
+        return self._current
+
+    async def _replace(self, refused_on: AIOKafkaProducer) -> None:
+        """Continue on a new producer (a new producer id, sequence numbers from 0) instead of
+        ``refused_on``, once however many of its partitions saw a refusal. The old one is
+        stopped in the background: it still delivers the batches it holds (each partition's
+        next batch waits for those)."""
+        async with self._switching:
+            if self._current is not refused_on:
+                return  # replaced already
+            fresh = self._current = self._producer()  # run() stops it if start() fails
+            retiring = asyncio.create_task(_stop_quietly(refused_on), name="kafka:retire")
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+            await fresh.start()
+            log.info("kafka.producer_replaced", reason="a batch was refused for good")
 
     async def _settle(self, sent: _Round, cursor: int) -> int:
         """Await a round's acknowledgements; move the cursor over the acknowledged (or
@@ -552,6 +701,8 @@ class KafkaSink:
             outcome = future if isinstance(future, BaseException) else next(outcomes)
             if isinstance(outcome, BaseException):
                 failed.update((e.seq, (outcome, len(batch.events))) for e in batch.events)
+            else:  # refused for good, each alone
+                failed.update((seq, (error, 1)) for seq, error in outcome.items())
         return await self._advance(sent.events, cursor, failed)
 
     async def _batches(
@@ -565,7 +716,7 @@ class KafkaSink:
         refused: dict[int, tuple[BaseException, int]] = {}
         partitions: dict[str, list[int]] = {}
         sources: dict[tuple[str, str], bytes] = {}
-        topics, partition, isolate_through = self._topics, self._partition, self._isolate_through
+        topics, partition = self._topics, self._partition
         for event in events:
             topic = topics[event.kind]
             if topic not in partitions:
@@ -577,11 +728,10 @@ class KafkaSink:
                 continue
             where = (topic, partition(key, partitions[topic]))
             batch = open_batches.get(where)
-            isolate = event.seq <= isolate_through
-            if batch is None or isolate or not _append(batch, key, value, headers):
+            if batch is None or not _append(batch, key, value, headers):
                 if batch is not None:
                     batch.builder.close()  # full: hand it over now, no lingering
-                batch = open_batches[where] = _Batch(*where, producer.create_batch())
+                batch = open_batches[where] = _Batch(*where, self._new_batch(producer, topic))
                 batches.append(batch)
                 _append(batch, key, value, headers)  # an empty batch takes any first record
             batch.events.append(event)
@@ -592,7 +742,8 @@ class KafkaSink:
     async def _advance(
         self, events: list[OutboxEvent], cursor: int, failed: dict[int, tuple[BaseException, int]]
     ) -> int:
-        """Walk the events in order: acknowledged ones and permanent refusals of one record move
+        """Walk the events in order: acknowledged ones and permanent refusals of one record (a
+        batch refused for good was sent again one record per batch, see ``_delivered``) move
         the cursor; the first other failure stops it there. Dead-lettered events move the cursor
         but are not counted as published."""
         done = cursor
@@ -606,23 +757,11 @@ class KafkaSink:
                 await self._dead_letter(event, error)
                 dead.add(event.seq)
                 done = event.seq
-            elif isinstance(error, _PERMANENT):
-                # The broker refused a whole batch for good (a record too large for the topic,
-                # say): resend from here one record per batch, so only the culprit is
-                # dead-lettered and the others keep their order.
-                self._isolate_through = max(
-                    self._isolate_through, max(s for s, (e, _) in failed.items() if e is error)
-                )
-                log.warning(
-                    "kafka.batch_refused",
-                    error=f"{type(error).__name__}: {error}",
-                    resend_singly_through=self._isolate_through,
-                )
-                break
             else:
                 failure = error
                 break
         if done != cursor:
+            self.last_error = None  # the broker acknowledged: whatever failed before is over
             await self._store.set_sink_cursor(SINK, done)
             published = [e for e in events if cursor < e.seq <= done and e.seq not in dead]
             self.published += len(published)
@@ -646,12 +785,12 @@ class KafkaSink:
         return self._rng.uniform(cap / 2, cap)
 
 
-def _failed(sent: asyncio.Future[object] | BaseException) -> bool:
+def _failed(sent: _Delivery | BaseException) -> bool:
     """Whether a batch handed over (a settled future) or not handed over failed."""
     return isinstance(sent, BaseException) or sent.cancelled() or sent.exception() is not None
 
 
-def _retrieve(future: asyncio.Future[object]) -> None:
+def _retrieve(future: _Delivery) -> None:
     """Mark a batch's outcome as seen: rounds given up after a failure are never awaited."""
     if not future.cancelled():
         future.exception()

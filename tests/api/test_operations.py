@@ -55,6 +55,7 @@ async def api(make: Make, changes: Changes) -> Client:
         accounts={"acme": AccountQuota("acme", 9000, lambda: 1234)},
         redact=lambda text: text.replace("k-secret-key", "[REDACTED]"),
         on_change=changes,
+        health={"kafka": lambda: (False, "KafkaConnectionError: no broker for k-secret-key")},
     )
     return await make(view)
 
@@ -120,8 +121,12 @@ async def test_status_shows_quota_streams_sinks_and_webhook_health(
         "depth": 3,
         "dead_letters": 1,
         "running": False,
+        # what this process's Kafka sink reports, its error redacted
+        "connected": False,
+        "last_error": "KafkaConnectionError: no broker for [REDACTED]",
     }
     assert sinks["webhooks-fanout"]["depth"] == 5
+    assert sinks["webhooks-fanout"]["connected"] is None  # a sink that does not report it
     (health,) = body["webhooks"]
     assert health["url"] == "https://93.184.216.34/hook"
     assert health["failing_since"] is not None

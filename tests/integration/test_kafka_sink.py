@@ -8,19 +8,24 @@ import random
 import sqlite3
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
+import aiohttp
 import orjson
 import pytest
+import yaml
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from structlog.testing import capture_logs
 
 from relay.events import Activity, Kind, from_millis
 from relay.metrics import Metrics
 from relay.sinks.kafka import KafkaSettings, KafkaSink, KafkaSinkError
-from relay.store import StreamKey, open_store
+from relay.store import OutboxEvent, Store, StreamKey, open_store
 from tests.integration.conftest import DevKafkaFactory
 from tests.procs import (
     Identity,
@@ -99,6 +104,29 @@ def identities(messages: list[Message]) -> Counter[Identity]:
 
 def topics_of(prefix: str) -> list[str]:
     return [f"{prefix}.ctct.email.{k.value}" for k in Kind]
+
+
+ADMIN_TOKEN = "admin-token-kafka-test"
+
+
+async def kafka_health(admin_port: int) -> tuple[object, object, float | None]:
+    """The kafka entry's connected and last_error in /v1/status, and the
+    ctct_relay_kafka_connected gauge in /metrics."""
+    base = f"http://127.0.0.1:{admin_port}"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/v1/status", headers=headers) as resp:
+            assert resp.status == 200
+            status = await resp.json()
+        async with session.get(f"{base}/metrics", headers=headers) as resp:
+            scraped = await resp.text()
+    [entry] = [s for s in status["sinks"] if s["name"] == "kafka"]
+    gauges = [
+        line.split()[1]
+        for line in scraped.splitlines()
+        if line.startswith("ctct_relay_kafka_connected ")
+    ]
+    return entry["connected"], entry["last_error"], float(gauges[0]) if gauges else None
 
 
 def outbox_head(db: Path) -> int:
@@ -181,18 +209,35 @@ def assert_partition_order_is_outbox_order(messages: list[Message], db: Path) ->
 async def test_broker_outage_loses_nothing(
     tmp_path: Path, dev_kafka_factory: DevKafkaFactory
 ) -> None:
-    """The broker is killed mid-run and returns later: polling goes on, publishing resumes."""
+    """The broker is killed mid-run and returns later: polling goes on, publishing resumes;
+    /v1/status and /metrics say when the broker is unreachable, and the error goes once the
+    broker acknowledges again."""
     broker = await dev_kafka_factory()
     prefix = f"out{uuid.uuid4().hex[:8]}"
     sim = SimProcess(tmp_path, scenario()).start()
+    admin_port = free_port()
     config = kafka_config(tmp_path, sim, broker.bootstrap_servers, prefix)
+    settings = yaml.safe_load(config.read_text())
+    settings["admin"] = {"port": admin_port, "token": ADMIN_TOKEN}
+    config.write_text(yaml.safe_dump(settings))
     relay = Proc(["run", "--config", str(config)], tmp_path / "relay.log").start()
     db = tmp_path / "state.db"
     try:
         for _ in range(3):
             sim.advance(300)
             await asyncio.sleep(1.0)
+        up = await kafka_health(admin_port)
+        assert up == (True, None, 1.0), "connected, no error, gauge 1"
         await broker.kill()
+        for _ in range(60):  # the next send fails within request_timeout_s (10 s)
+            down = await kafka_health(admin_port)
+            if down[0] is False and down[1]:
+                break
+            sim.advance(60)
+            await asyncio.sleep(0.5)
+        assert down[0] is False, "status says the broker is unreachable"
+        assert down[1], "with the error"
+        assert down[2] == 0.0, "ctct_relay_kafka_connected 0"
         committed_while_down = len(outbox(db))
         for _ in range(4):
             sim.advance(300)
@@ -203,6 +248,7 @@ async def test_broker_outage_loses_nothing(
         await asyncio.to_thread(settle_kafka, sim, db, relay, broker.bootstrap_servers, prefix)
         truth = sim.truth()
         assert relay.alive()
+        assert await kafka_health(admin_port) == (True, None, 1.0), "the error went with an ack"
     finally:
         relay.kill()
         sim.kill()
@@ -243,89 +289,193 @@ async def test_sigkill_while_publishing_duplicates_only_with_the_same_id(
     print(f"\nkafka crash test: {len(got)} events, {duplicates} duplicates after 10 SIGKILLs")
 
 
+def bounces(count: int, contacts: int = 50) -> list[Activity]:
+    return [bounce(i, contacts) for i in range(count)]
+
+
+def bounce(i: int, contacts: int = 50, message: str = "") -> Activity:
+    return Activity(
+        account="acme",
+        kind=Kind.BOUNCE,
+        campaign_id="1",
+        contact_id=str(1000 + i % contacts),
+        email_address=f"c{i}@example.com",
+        occurred_at=from_millis(1_763_000_000_000 + i),
+        bounce_code="B",
+        bounce_message=message,
+    )
+
+
+async def set_topic_limit(admin: AIOKafkaAdminClient, topics: list[str], limit: int) -> None:
+    """Set the topics' max.message.bytes; returns once the broker applies it."""
+    resources = [ConfigResource(ConfigResourceType.TOPIC, t, {LIMIT: str(limit)}) for t in topics]
+    await admin.alter_configs(resources)
+    for _ in range(100):
+        [answer] = await admin.describe_configs(resources)
+        if all(dict((e[0], e[1]) for e in r[4])[LIMIT] == str(limit) for r in answer.resources):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{LIMIT} of {topics} still not {limit}")
+
+
+LIMIT = "max.message.bytes"
+
+
+async def publish(
+    sink: KafkaSink, store: Store, page: list[Activity], before: Callable[[], Awaitable[None]]
+) -> None:
+    """Run the sink; once it is connected run ``before``, commit ``page`` and wait until the
+    sink's cursor reaches the outbox head."""
+    await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
+    [stream] = await store.streams()
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    try:
+        for _ in range(600):
+            if sink.connected or task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert sink.connected, "the sink connects"
+        await before()
+        await store.commit_page(stream.id, page, 0)
+        sink.notify()
+        head = await store.outbox_head()
+        for _ in range(600):
+            if await store.sink_cursor("kafka") == head or task.done():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+    assert await store.sink_cursor("kafka") == head
+
+
+def assert_once_in_order(
+    messages: list[Message], outbox: list[OutboxEvent], left: set[int]
+) -> None:
+    """Every outbox event but the indexes in ``left`` exactly once; per contact, outbox order."""
+    wanted = {e.event_id for i, e in enumerate(outbox) if i not in left}
+    got = Counter(m[2]["ce_id"].decode() for m in messages)
+    assert set(got) == wanted
+    repeated = sum(n - 1 for n in got.values())
+    assert repeated == 0, f"{repeated} records sent more than once"
+    seq_of = {e.event_id: e.seq for e in outbox}
+    by_key: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
+    for _t, key, headers, _v, _partition, offset in messages:
+        by_key[key].append((offset, seq_of[headers["ce_id"].decode()]))
+    for records in by_key.values():
+        seqs = [seq for _, seq in sorted(records)]
+        assert seqs == sorted(seqs), "per contact, Kafka order is outbox order"
+
+
+@pytest.mark.parametrize(
+    ("max_batch_bytes", "lowered"),
+    [
+        # the topics' limit is lowered after the sink read it: the batch with the culprit is
+        # refused whole, and so is every other batch above the new limit
+        pytest.param(1_048_576, True, id="whole-batch-refused"),
+        # batches within the limit: the culprit is refused alone, with rounds in flight
+        pytest.param(32_768, False, id="lone-record-refused"),
+    ],
+)
 async def test_records_refused_for_good_are_dead_lettered_and_the_rest_keep_order(
-    tmp_path: Path, kafka_bootstrap: str
+    tmp_path: Path, kafka_bootstrap: str, max_batch_bytes: int, lowered: bool
 ) -> None:
     """One event too large for the request, one too large for the topic: both dead-lettered
-    with the reason, every other event published once, in outbox order, nothing blocked."""
+    with the reason, every other event published exactly once, in outbox order, nothing
+    blocked: the refusal breaks neither its partition's order nor the idempotent producer's
+    sequence numbers, and nothing acknowledged is sent again."""
     prefix = f"dlq{uuid.uuid4().hex[:8]}"
     settings = KafkaSettings(
         bootstrap_servers=kafka_bootstrap,
         topic=prefix + ".ctct.email.{kind}",
         max_request_bytes=300_000,
+        max_batch_bytes=max_batch_bytes,
+        batch_events=500,  # rounds in flight on every partition when the broker refuses
         request_timeout_s=10,
     )
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
     try:  # the broker refuses records above 64 KiB on these topics
+        configs = {} if lowered else {LIMIT: "65536"}
         await admin.create_topics(
-            [
-                NewTopic(t, 3, 1, topic_configs={"max.message.bytes": "65536"})
-                for t in settings.topics()
-            ]
+            [NewTopic(t, 3, 1, topic_configs=configs) for t in settings.topics()]
+        )
+
+        async def lower() -> None:
+            if lowered:
+                await set_topic_limit(admin, settings.topics(), 65536)
+
+        page = bounces(2000)
+        page[40] = bounce(40, message="x" * 400_000)  # above max_request_bytes: never sent
+        page[80] = bounce(80, message="y" * 100_000)  # fits a request, not the topic: refused
+        metrics = Metrics(lambda: 0)
+        sink = KafkaSink(settings, store, metrics=metrics)
+        with capture_logs() as logs:
+            await publish(sink, store, page, lower)
+        events = [entry["event"] for entry in logs]
+        assert ("kafka.batch_refused" in events) is lowered, "the case this test is about"
+        assert "kafka.producer_replaced" in events
+        letters = await store.dead_letters("kafka")
+        outbox = await store.read_outbox(0, 5000)
+        assert [d.seq for d in letters] == [outbox[40].seq, outbox[80].seq]
+        assert "MessageSizeTooLarge" in letters[0].reason
+        assert "TooLarge" in letters[1].reason
+        assert sink.dead_lettered == 2
+        # dead letters are not published: neither in the sink's count nor in the metrics
+        assert sink.published == 1998
+        value = metrics.registry.get_sample_value
+        assert value("ctct_relay_events_published_total", {"sink": "kafka"}) == 1998
+        assert value("ctct_relay_dead_letters_total", {"sink": "kafka"}) == 2
+    finally:
+        await store.close()
+        await admin.close()
+    messages = await consume_all(kafka_bootstrap, settings.topics())
+    assert_once_in_order(messages, outbox, {40, 80})
+
+
+async def test_batches_stay_within_the_topics_max_message_bytes(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """A topic limit below kafka.max_batch_bytes (the default 1 MiB here) caps that topic's
+    record batches: the broker refuses none, so nothing is sent one by one or twice."""
+    prefix = f"cap{uuid.uuid4().hex[:8]}"
+    settings = KafkaSettings(
+        bootstrap_servers=kafka_bootstrap, topic=prefix + ".{kind}", request_timeout_s=10
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(t, 3, 1, topic_configs={LIMIT: "16384"}) for t in settings.topics()]
         )
     finally:
         await admin.close()
     store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
     await store.open()
     try:
-        await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
-        [stream] = await store.streams()
+        sink = KafkaSink(settings, store, metrics=Metrics(lambda: 0))
 
-        def bounce(i: int, message: str = "") -> Activity:
-            return Activity(
-                account="acme",
-                kind=Kind.BOUNCE,
-                campaign_id="1",
-                contact_id=str(1000 + i % 7),
-                email_address=f"c{i}@example.com",
-                occurred_at=from_millis(1_763_000_000_000 + i),
-                bounce_code="B",
-                bounce_message=message,
-            )
+        async def nothing() -> None:
+            pass
 
-        page = [bounce(i) for i in range(120)]
-        page[40] = bounce(40, "x" * 400_000)  # above max_request_bytes: refused before sending
-        page[80] = bounce(80, "y" * 100_000)  # fits a request, not the topic: the broker refuses
-        await store.commit_page(stream.id, page, 0)
-        metrics = Metrics(lambda: 0)
-        sink = KafkaSink(settings, store, metrics=metrics)
-        stop = asyncio.Event()
-        task = asyncio.create_task(sink.run(stop))
-        head = await store.outbox_head()
-        for _ in range(600):
-            if await store.sink_cursor("kafka") == head or task.done():
-                break
-            await asyncio.sleep(0.05)
-        stop.set()
-        await task
-        assert await store.sink_cursor("kafka") == head
-        letters = await store.dead_letters("kafka")
-        outbox = await store.read_outbox(0, 1000)
-        assert [d.seq for d in letters] == [outbox[40].seq, outbox[80].seq]
-        assert "MessageSizeTooLarge" in letters[0].reason
-        assert "TooLarge" in letters[1].reason
-        assert sink.dead_lettered == 2
-        # dead letters are not published: neither in the sink's count nor in the metrics
-        assert sink.published == 118
-        value = metrics.registry.get_sample_value
-        assert value("ctct_relay_events_published_total", {"sink": "kafka"}) == 118
-        assert value("ctct_relay_dead_letters_total", {"sink": "kafka"}) == 2
+        with capture_logs() as logs:
+            await publish(sink, store, bounces(3000), nothing)
+        outbox = await store.read_outbox(0, 5000)
+        assert await store.dead_letters("kafka") == []
     finally:
         await store.close()
+    events = [entry["event"] for entry in logs]
+    assert "kafka.batch_refused" not in events
+    assert "kafka.producer_replaced" not in events
+    capped = [e for e in logs if e["event"] == "kafka.batches_capped"]
+    assert {e["topic"] for e in capped} == set(settings.topics())
+    assert {e["max_message_bytes"] for e in capped} == {16384}
     messages = await consume_all(kafka_bootstrap, settings.topics())
-    wanted = {e.event_id for i, e in enumerate(outbox) if i not in (40, 80)}
-    got = [m[2]["ce_id"].decode() for m in messages]
-    assert set(got) == wanted
-    seq_of = {e.event_id: e.seq for e in outbox}
-    by_key: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
-    for _t, key, headers, _v, _partition, offset in messages:
-        by_key[key].append((offset, seq_of[headers["ce_id"].decode()]))
-    for records in by_key.values():
-        # Resending from the cursor after the refusal repeats some records (same ce_id);
-        # first appearances must follow the outbox.
-        seqs = list(dict.fromkeys(seq for _, seq in sorted(records)))
-        assert seqs == sorted(seqs), "per contact, Kafka order is outbox order"
+    assert_once_in_order(messages, outbox, set())
+    assert sink.published == 3000
 
 
 async def test_topics_the_broker_will_not_create_stop_the_sink_naming_them(
