@@ -244,10 +244,26 @@ def _sinks_text(status: JsonObject) -> str:
             text_of(s.get("cursor")),
             text_of(s.get("depth")),
             text_of(s.get("dead_letters")),
+            _connected_text(s.get("connected")),
+            _clip(text_of(s.get("last_error")) or "-", LAST_ERROR_CHARS),
         ]
         for s in objects(status.get("sinks"))
     ]
-    return f"outbox head {head}\n" + table(["SINK", "CURSOR", "DEPTH", "DEAD LETTERS"], rows)
+    heads = ["SINK", "CURSOR", "DEPTH", "DEAD LETTERS", "CONNECTED", "LAST ERROR"]
+    return f"outbox head {head}\n" + table(heads, rows)
+
+
+# a sink's last error in the status table (the whole of it is in --json)
+LAST_ERROR_CHARS = 80
+
+
+def _connected_text(connected: object) -> str:
+    """yes/no, or '-' where this process does not know (the fan-out; a replica not publishing)."""
+    return "-" if connected is None else "yes" if connected is True else "no"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _webhooks_text(status: JsonObject) -> str:

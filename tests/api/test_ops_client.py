@@ -68,6 +68,37 @@ async def test_status_is_an_aligned_table_and_json_on_request(cli: Cli, store: S
     assert orjson.loads(out)["accounts"][0]["quota"]["left_today"] == 8900
 
 
+async def test_status_table_says_whether_each_sink_reaches_its_destination(
+    aiohttp_server: AiohttpServer, store: Store, clock: Clock
+) -> None:
+    """The sinks table shows CONNECTED (yes/no, '-' where this process does not know) and the
+    last error, clipped to one table cell; the JSON keeps the whole error."""
+    error = "KafkaConnectionError: Unable to bootstrap from " + "127.0.0.1:9 " * 20
+    view = RelayView(
+        accounts={"acme": AccountQuota("acme", 9000, lambda: 100)},
+        sinks=("kafka", "webhooks-fanout"),
+        health={"kafka": lambda: (False, error)},
+    )
+    app = create_admin_app(
+        store, AdminSettings(token=TOKEN), guard=Guard(), now_ms=clock, view=view
+    )
+    cli = Cli(str((await aiohttp_server(app)).make_url("")))
+    status, out, err = await cli("status")
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("SINK"))
+    assert lines[at].split()[-4:] == ["LETTERS", "CONNECTED", "LAST", "ERROR"]
+    kafka = next(line for line in lines[at:] if line.startswith("kafka"))
+    assert kafka.split()[4:7] == ["no", "KafkaConnectionError:", "Unable"]
+    assert kafka.endswith("…")
+    assert len(kafka.split(None, 5)[5]) == 80
+    fanout = next(line for line in lines[at:] if line.startswith("webhooks-fanout"))
+    assert fanout.split()[4:] == ["-", "-"]
+    status, out, _ = await cli("status", "--json")
+    sinks = {s["name"]: s for s in orjson.loads(out)["sinks"]}
+    assert (sinks["kafka"]["connected"], sinks["kafka"]["last_error"]) == (False, error)
+
+
 async def test_status_says_which_accounts_share_an_api_key(
     aiohttp_server: AiohttpServer, store: Store, clock: Clock
 ) -> None:
