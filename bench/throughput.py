@@ -95,12 +95,12 @@ from relay.devkafka import DevKafka, ensure_kafka
 from relay.events import Kind
 from relay.heap import settle_after_startup
 from relay.leases import new_replica_id, run_leased
-from relay.poller import PassOutcome, Poller, PollSettings
+from relay.poller import Poller, PollSettings
 from relay.scheduler import ScheduleSettings
 from relay.sim import Scenario, SimClock, create_app
 from relay.sim.scenario import ApiKey, Audience, Campaigns, Contacts
 from relay.sinks.kafka import SINK, KafkaSettings, KafkaSink, record_for
-from relay.store import PassResult, PostgresSettings, PostgresStore, Store, StreamKey, open_store
+from relay.store import PostgresSettings, PostgresStore, Store, StreamKey, open_store
 from relay.store.coordination import PgCoordinator
 
 try:  # run as a script, bench/ is on the path
@@ -269,22 +269,6 @@ async def end_to_end(
         await store.close()
 
 
-def _result(outcome: PassOutcome, next_due_ms: int, polled_ms: int) -> PassResult:
-    """What the scheduler writes back after a pass (Scheduler._finished), rate aside: the feeds
-    behind their counts, the history line and the time of the last full read of the
-    unique-counted feeds too, so the bench's finish_pass writes what the relay's does."""
-    return PassResult(
-        outcome.watermarks,
-        outcome.summary,
-        next_due_ms,
-        0.0,
-        polled_ms,
-        behind=outcome.behind,
-        line_ms=outcome.line_ms,
-        swept_ms=outcome.swept_ms,
-    )
-
-
 async def _poll_all(store: Store, poller: Poller) -> int:
     """One pass per stream, as many at once as the scheduler allows; returns events committed."""
     gate = asyncio.Semaphore(ScheduleSettings().concurrency)
@@ -297,7 +281,7 @@ async def _poll_all(store: Store, poller: Poller) -> int:
             outcome = await poller.run_pass(stream)
             # The scheduler's bookkeeping after a pass (Scheduler._finished): one transaction.
             polled = now_ms()
-            await store.finish_pass(stream.id, _result(outcome, polled + 60_000, polled))
+            await store.finish_pass(stream.id, outcome.result(polled + 60_000, 0.0, polled))
             committed += outcome.new
 
     async with asyncio.TaskGroup() as group:
@@ -744,7 +728,7 @@ async def _poll_claimed(coordinator: PgCoordinator, store: Store, poller: Poller
         outcome = await poller.run_pass(stream)
         polled = now_ms()
         far = polled + 86_400_000  # polled once: due again only long after the round
-        await store.finish_pass(stream.id, _result(outcome, far, polled))
+        await store.finish_pass(stream.id, outcome.result(far, 0.0, polled))
         await coordinator.release_streams([stream_id])
 
     while True:

@@ -43,7 +43,7 @@ from relay.events import (
     parse_time,
     to_millis,
 )
-from relay.store import Behind, Store, Stream
+from relay.store import Behind, PassResult, Store, Stream
 
 log = structlog.get_logger(__name__)
 
@@ -155,6 +155,23 @@ class PassOutcome:
     repeat_due_ms: int | None = None
     repeat_requests: int = 0
     repeat_share: float = 0.0
+
+    def result(self, next_due_ms: int, rate_per_h: float, polled_ms: int) -> PassResult:
+        """What finishing this pass writes back to the stream: everything the pass carries over
+        (watermarks, summary, a feed's error, feeds behind their counts, the history line, the
+        last full read of the unique-counted feeds) with the caller's schedule. One place, so
+        no caller (the scheduler, a benchmark, a test) drops a field a later pass relies on."""
+        return PassResult(
+            watermarks=self.watermarks,
+            summary=self.summary,
+            next_due_ms=next_due_ms,
+            rate_per_h=rate_per_h,
+            polled_ms=polled_ms,
+            error=None if self.feed_error is None else str(self.feed_error),
+            behind=self.behind,
+            line_ms=self.line_ms,
+            swept_ms=self.swept_ms,
+        )
 
     @property
     def planned_requests(self) -> float:

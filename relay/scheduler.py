@@ -31,7 +31,7 @@ from relay.ctct import errors
 from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
 from relay.metrics import Metrics
 from relay.poller import PassOutcome, Poller
-from relay.store import PassResult, Store, StoreError, Stream
+from relay.store import Store, StoreError, Stream
 from relay.store.coordination import Coordinator, LocalCoordinator
 
 log = structlog.get_logger(__name__)
@@ -489,18 +489,7 @@ class Scheduler:
             # sooner than a failed pass would be, backing off as its errors repeat
             interval = max(interval, self._backoff_s(stream))
         await self._store.finish_pass(
-            stream.id,
-            PassResult(
-                watermarks=outcome.watermarks,
-                summary=outcome.summary,
-                next_due_ms=now + int(interval * 1000),
-                rate_per_h=rate,
-                polled_ms=now,
-                error=None if failed is None else str(failed),
-                behind=outcome.behind,
-                line_ms=outcome.line_ms,
-                swept_ms=outcome.swept_ms,
-            ),
+            stream.id, outcome.result(now + int(interval * 1000), rate, now)
         )
         self.passes += 1
         result = "ok" if failed is None else type(failed).__name__

@@ -97,19 +97,7 @@ class Driver:
                 continue
             outcome = await self.poller.run_pass(stream)
             new += outcome.new
-            await self.store.finish_pass(
-                stream.id,
-                PassResult(
-                    outcome.watermarks,
-                    outcome.summary,
-                    self.now_ms,
-                    1.0,
-                    self.now_ms,
-                    behind=outcome.behind,
-                    line_ms=outcome.line_ms,
-                    swept_ms=outcome.swept_ms,
-                ),
-            )
+            await self.store.finish_pass(stream.id, outcome.result(self.now_ms, 1.0, self.now_ms))
         return new
 
 
@@ -353,22 +341,8 @@ class Passes:
             outcome = await self.poller.run_pass(stream)
         except CtctError:
             return False
-        error = None if outcome.feed_error is None else str(outcome.feed_error)
-        await self.store.finish_pass(
-            stream.id,
-            PassResult(
-                outcome.watermarks,
-                outcome.summary,
-                0,
-                1.0,
-                self.now_ms,
-                error,
-                outcome.behind,
-                outcome.line_ms,
-                outcome.swept_ms,
-            ),
-        )
-        return error is None
+        await self.store.finish_pass(stream.id, outcome.result(0, 1.0, self.now_ms))
+        return outcome.feed_error is None
 
     async def contacts(self) -> list[tuple[str, str]]:
         return [(e.kind.value, e.contact_id) for e in await self.store.read_outbox(0, 10**6)]

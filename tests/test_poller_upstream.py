@@ -18,7 +18,7 @@ from relay.ctct.client import Credentials, CtctClient
 from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.events import Kind, format_millis, parse_time, to_millis
 from relay.poller import PassOutcome, Poller, PollSettings
-from relay.store import PassResult, Store, StreamKey
+from relay.store import Store, StreamKey
 from tests.simkit import API_KEY, START, TOKEN
 
 ACCOUNT = "acme"
@@ -142,19 +142,7 @@ class Relay:
         """Advance the clock and run one pass of the stream, finished as the scheduler does."""
         self.now_ms += int(advance_s * 1000)
         outcome = await self.poller.run_pass(await self.store.stream(stream_id))
-        await self.store.finish_pass(
-            stream_id,
-            PassResult(
-                outcome.watermarks,
-                outcome.summary,
-                self.now_ms,
-                1.0,
-                self.now_ms,
-                behind=outcome.behind,
-                line_ms=outcome.line_ms,
-                swept_ms=outcome.swept_ms,
-            ),
-        )
+        await self.store.finish_pass(stream_id, outcome.result(self.now_ms, 1.0, self.now_ms))
         return outcome
 
     async def emitted(self) -> list[tuple[str, str]]:
