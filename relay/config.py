@@ -23,7 +23,7 @@ import yaml
 
 from relay.api import AdminConfigError, AdminSettings, DeclaredWebhook, check_exposure
 from relay.api.service import WebhookError, check_secret
-from relay.api.streams import ACCOUNT_NAME
+from relay.api.streams import ACCOUNT_NAME, ACCOUNT_SHAPE
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
 from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, Kind, RecordError, parse_time
@@ -703,10 +703,7 @@ def _account(r: _Reader, poll: PollSettings) -> AccountSettings:
     name = r.text("name")
     if not ACCOUNT_NAME.fullmatch(name):
         # part of event ids, CloudEvent sources (ctct://<name>/…) and admin API paths
-        raise ConfigError(
-            f"{r.key('name')}: expected 1 to 100 letters, digits, '_', '.' or '-',"
-            f" got {_show(name)}"
-        )
+        raise ConfigError(f"{r.key('name')}: expected {ACCOUNT_SHAPE}, got {_show(name)}")
     polling = r.child("poll")
     if polling.has("dedup_retention_h"):
         raise ConfigError(

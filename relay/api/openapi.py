@@ -635,7 +635,7 @@ def _operations_paths() -> JsonObject:
         "/v1/accounts/{account}/targets": {
             "parameters": account,
             "get": _op(
-                "listTargets", "Polled campaigns and contacts", "Targets", errors=(401, 404)
+                "listTargets", "Polled campaigns and contacts", "Targets", errors=(400, 401, 404)
             ),
             "post": {
                 "operationId": "addTargets",
@@ -960,7 +960,9 @@ def _operations_parameters() -> JsonObject:
                 "description": RESOURCE_ID_SHAPE,
             },
         ),
-        "StreamAccount": query("account", {"type": "string"}),
+        "StreamAccount": query(
+            "account", {"type": "string", "pattern": f"^{streams.ACCOUNT_NAME.pattern}$"}
+        ),
         "StreamScope": query("scope", {"type": "string", "enum": list(streams.SCOPES)}),
         "StreamState": query("state", {"type": "string", "enum": list(streams.STREAM_STATES)}),
         "Replaying": query("replaying", {"type": "string", "enum": ["true", "false"]}),

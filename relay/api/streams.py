@@ -31,6 +31,7 @@ MAX_STREAM_ID = 2**63 - 1
 MAX_REASON_CHARS = 500
 MAX_TARGETS = 1000
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}", re.ASCII)
+ACCOUNT_SHAPE = "1 to 100 letters, digits, '_', '.' or '-'"
 _DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
 _LIST_QUERY = ("account", "scope", "state", "replaying", "limit", "offset")
 DEAD_LETTER_SINKS = ("kafka",)  # webhook deliveries given up on are listed with their webhook
@@ -69,6 +70,8 @@ async def _status(request: web.Request) -> web.Response:
 async def _list(request: web.Request) -> web.Response:
     body.check_query(request, _LIST_QUERY)
     account = _query(request, "account")
+    if account is not None and not ACCOUNT_NAME.fullmatch(account):
+        raise bad_request(f"account: expected {ACCOUNT_SHAPE}, got {account!r}")
     scope = _choice(request, "scope", SCOPES)
     state = _choice(request, "state", STREAM_STATES)
     replaying = _choice(request, "replaying", ("true", "false"))
@@ -115,6 +118,7 @@ async def _dead_letters(request: web.Request) -> web.Response:
 
 
 async def _show(request: web.Request) -> web.Response:
+    body.check_query(request, ())
     store = request.app[STORE]
     stream = await _stream(store, body.path_integer(request, "stream_id", MAX_STREAM_ID))
     return await _stream_answer(request, stream)
@@ -186,6 +190,7 @@ async def _replay_account(request: web.Request) -> web.Response:
 
 
 async def _targets(request: web.Request) -> web.Response:
+    body.check_query(request, ())
     account = await _account(request)
     store = request.app[STORE]
     return json_response(await _targets_view(store, account))

@@ -160,6 +160,16 @@ async def test_streams_listing_filters_and_pages(api: Client, store: Store) -> N
     assert error["message"].startswith("state:")
     error = await error_of(await api.get("/v1/streams?limt=3", headers=AUTH), 400)
     assert "unknown query parameter" in error["message"]
+    error = await error_of(await api.get("/v1/streams?account=a%00b", headers=AUTH), 400)
+    assert error["message"].startswith("account: expected 1 to 100 letters")
+
+
+@pytest.mark.parametrize("path", ["/v1/streams/{sid}", "/v1/accounts/acme/targets", "/v1/status"])
+async def test_gets_refuse_unknown_query_parameters(api: Client, store: Store, path: str) -> None:
+    """Every GET names an unknown query parameter (two of them used to ignore it)."""
+    target = path.format(sid=await stream_id(store))
+    error = await error_of(await api.get(f"{target}?bogus=1", headers=AUTH), 400)
+    assert error["message"] == "bogus: unknown query parameter (known: none)"
 
 
 async def test_stream_pause_and_resume_reach_the_scheduler(
