@@ -8,20 +8,29 @@ hundreds of campaigns sent over the horizon is advanced in-process (a frozen ``S
 
 The cost model is the poller's: a pass costs 1 request for the summary plus, per activity kind
 whose count changed since the last pass, one request per 500-record page of what became visible
-since then. Passes run one after another; a pass that starts at t observes what is visible at t,
-spends c/B seconds of the budget B (requests/second), and commits at t + c/B. An event's lag is
-that commit time minus its ``visible_at``. The policies:
+since then, plus the periodic reads by time of a campaign's opens, clicks and forwards (their
+counts are of unique recipients, so the poller reads each that has a count at least every
+``poll.repeat_read_s``, see ``relay.poller.Poller._repeat_reads``): one request for each such feed
+whose count did not change, at the first pass ``repeat_read_s`` after the pass that last read
+them all (after the stream's creation before that). Passes run one after another; a pass that
+starts at t observes what is visible at t, spends c/B seconds of the budget B (requests/second),
+and commits at t + c/B. An event's lag is that commit time minus its ``visible_at``. The
+policies:
 
     relay        relay.scheduler.Planner driven exactly as Scheduler._finished drives it: after
                  each pass, after_pass(stream, previous rate or None, new, elapsed since the last
-                 pass or creation, requests, B * budget_share) gives the next due time; a new
-                 stream is loaded with the prior rate and is due at once. Idle when nothing is due.
+                 pass or creation, planned requests, B * budget_share) gives the next due time,
+                 no later than the next read by time; the planned requests are the pass's own
+                 with a read by time spread over the passes between two of them, as
+                 PassOutcome.planned_requests does. A new stream is loaded with the prior rate and
+                 is due at once. Idle when nothing is due.
     round robin  every existing stream in creation order, back to back; never idle.
     oracle       the same mechanics, but relay.scheduler.SqrtPolicy is fed every stream's true
                  rate (events becoming visible within +-5 minutes: narrower than the 15-minute
                  mean open delay, so it follows a campaign's decay) and true cost (1 + kinds
                  active in that window), refreshed each minute of virtual time; the interval is
-                 interval_s(stream, B * budget_share) at each pass. Idle when nothing is due.
+                 interval_s(stream, B * budget_share) at each pass, no later than the next read by
+                 time (as the relay's). Idle when nothing is due.
 
 All three use ScheduleSettings() as the relay does by default: its 60 s .. 6 h intervals suit a
 multi-day horizon, so nothing is changed. The planning budget is the constant B * budget_share;
@@ -49,7 +58,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from relay.ctct.catalogue import Scope
 from relay.events import Kind
+from relay.poller import UNIQUE_COUNTED, PollSettings
 from relay.scheduler import Planner, ScheduleSettings, SqrtPolicy
 from relay.sim import Scenario, SimClock
 from relay.sim.scenario import Audience, Campaigns, Contacts
@@ -63,6 +74,8 @@ ORACLE_REFRESH_S = 60.0  # how often the oracle re-reads true rates (the relay's
 TARGET_VS_ORACLE = 1.3
 TARGET_VS_ROUND_ROBIN = 0.5
 _KINDS = tuple(Kind)
+# a campaign's feeds whose counts are of unique recipients: read by time as well (index into _KINDS)
+_BY_TIME = frozenset(_KINDS.index(kind) for kind in UNIQUE_COUNTED[Scope.CAMPAIGN])
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +116,7 @@ class PolicyResult:
     p95_lag_s: float
     mean_lag_engagement_s: float  # all kinds but sends: what follows the send burst
     requests: int  # spent by passes starting within the horizon
+    repeat_requests: int  # of those, reads by time of unique-counted feeds
     passes: int
     uncommitted: int  # horizon events still uncommitted at the end (lag then counted to the end)
 
@@ -151,30 +165,69 @@ def build_workload(campaigns: int, days: float, contacts: int, seed: int) -> Wor
     return Workload(tuple(streams), horizon_s, end_s)
 
 
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """What one pass did and what the scheduler learns from it."""
+
+    new: int
+    requests: int  # every request sent, reads by time included: what the budget pays
+    commit_s: float
+    # the pass's cost in the scheduler's estimate (PassOutcome.planned_requests): its requests
+    # with its reads by time replaced by its share of one such read
+    planned: float
+    repeat_due_s: float  # the next read by time is due then: the scheduler polls by then
+
+
 @dataclass
 class Ledger:
     """Every policy's passes go through here: one cost model, one budget, one way to count lag."""
 
     workload: Workload
     budget_rps: float
+    repeat_read_s: float = PollSettings().repeat_read_s
     cursors: list[int] = field(default_factory=list)  # per stream: activities committed so far
+    # per stream, as the store keeps them: the unique-counted feeds whose count is above 0, when
+    # a pass last read all of them (Stream.swept_ms) and when the last pass committed
+    counted: list[frozenset[int]] = field(default_factory=list)
+    swept_s: list[float | None] = field(default_factory=list)
+    polled_s: list[float | None] = field(default_factory=list)
     lags: list[float] = field(default_factory=list)
     engagement_lags: list[float] = field(default_factory=list)
     requests: int = 0
+    repeat_requests: int = 0  # of ``requests``: reads by time
     passes: int = 0
 
     def __post_init__(self) -> None:
-        self.cursors = [0] * len(self.workload.streams)
+        streams = len(self.workload.streams)
+        self.cursors = [0] * streams
+        self.counted = [frozenset()] * streams
+        self.swept_s = [None] * streams
+        self.polled_s = [None] * streams
 
-    def run_pass(self, index: int, start_s: float) -> tuple[int, int, float]:
-        """One pass of a stream starting at ``start_s``: (new events, requests, commit time)."""
+    def run_pass(self, index: int, start_s: float) -> Pass:
+        """One pass of a stream starting at ``start_s``."""
         stream = self.workload.streams[index]
         begin = self.cursors[index]
         end = bisect.bisect_right(stream.visible_s, start_s, lo=begin)
         # The summary gate: a feed is read only if its count changed, one request per page.
         counts = Counter(stream.kinds[begin:end])
         requests = 1 + sum(math.ceil(n / PAGE_LIMIT) for n in counts.values())
+        # Reads by time (Poller._repeat_reads): every unique-counted feed that has a count, once
+        # repeat_read_s has passed since a pass last read them all; one request each (nothing
+        # new since the last pass, or its count would have moved and the gate read it).
+        counted = self.counted[index] = self.counted[index] | (counts.keys() & _BY_TIME)
+        created, every = stream.created_s, self.repeat_read_s
+        swept = self.swept_s[index]
+        last = created if swept is None else swept
+        by_time = counted - counts.keys() if start_s >= last + every else frozenset()
+        requests += len(by_time)
+        polled = self.polled_s[index]
+        covered = max(0.0, start_s - (created if polled is None else polled))
+        share = len(counted) * min(1.0, covered / every)
         commit_s = start_s + requests / self.budget_rps
+        if counted <= counts.keys() | by_time:  # Poller._swept: this pass read them all
+            swept = self.swept_s[index] = commit_s
+        self.polled_s[index] = commit_s
         horizon = self.workload.horizon_s
         for visible, kind in zip(stream.visible_s[begin:end], stream.kinds[begin:end], strict=True):
             if visible <= horizon:
@@ -184,8 +237,11 @@ class Ledger:
         self.cursors[index] = end
         if start_s < horizon:
             self.requests += requests
+            self.repeat_requests += len(by_time)
             self.passes += 1
-        return end - begin, requests, commit_s
+        repeat_due_s = (created if swept is None else swept) + every
+        planned = requests - len(by_time) + share
+        return Pass(end - begin, requests, commit_s, planned, repeat_due_s)
 
     def result(self, name: str) -> PolicyResult:
         """Lag statistics; horizon events never committed count as lagging until the end."""
@@ -210,6 +266,7 @@ class Ledger:
             p95_lag_s=_quantile(lags, 0.95),
             mean_lag_engagement_s=statistics.fmean(engagement) if engagement else 0.0,
             requests=self.requests,
+            repeat_requests=self.repeat_requests,
             passes=self.passes,
             uncommitted=uncommitted,
         )
@@ -248,16 +305,19 @@ def run_relay(
         while loaded < len(created) and created[loaded] <= start_s:
             planner.load(loaded, None)
             loaded += 1
-        new, requests, now_s = ledger.run_pass(index, start_s)
+        done = ledger.run_pass(index, start_s)
+        now_s = done.commit_s
         since = last_s[index]
         rate, interval = planner.after_pass(
             index,
             rates[index],
-            new,
+            done.new,
             now_s - (created[index] if since is None else since),
-            requests,
+            done.planned,
             plan_rps,
         )
+        # the next read by time is due then: a quiet stream planned further out is polled by then
+        interval = min(interval, max(settings.min_interval_s, done.repeat_due_s - now_s))
         rates[index], last_s[index] = rate, now_s
         heapq.heappush(due, (now_s + interval, index))
         free_s = now_s
@@ -276,7 +336,7 @@ def run_round_robin(workload: Workload, budget_rps: float) -> PolicyResult:
             continue
         if position >= existing:
             position = 0
-        _, _, now_s = ledger.run_pass(position, now_s)
+        now_s = ledger.run_pass(position, now_s).commit_s
         position += 1
     return ledger.result("round robin")
 
@@ -334,9 +394,12 @@ def run_oracle(workload: Workload, budget_rps: float, settings: ScheduleSettings
             refresh_s += ORACLE_REFRESH_S
             continue
         _, index = heapq.heappop(due)
-        _, _, now_s = ledger.run_pass(index, start_s)
+        done = ledger.run_pass(index, start_s)
+        now_s = done.commit_s
         policy.update(index, *truth.rate_and_cost(index, now_s))
-        heapq.heappush(due, (now_s + policy.interval_s(index, plan_rps), index))
+        interval = policy.interval_s(index, plan_rps)
+        interval = min(interval, max(settings.min_interval_s, done.repeat_due_s - now_s))
+        heapq.heappush(due, (now_s + interval, index))
         free_s = now_s
     return ledger.result("oracle")
 
@@ -388,6 +451,7 @@ def report(result: Comparison) -> list[str]:
         ("uncommitted at end", lambda p: str(p.uncommitted)),
         ("passes", lambda p: str(p.passes)),
         ("requests spent", lambda p: str(p.requests)),
+        ("  of which reads by time", lambda p: str(p.repeat_requests)),
     ]
     lines = [f"  {'':32}" + "".join(f"{p.name:>14}" for p in columns)]
     lines += [f"  {label:32}" + "".join(f"{cell(p):>14}" for p in columns) for label, cell in rows]
@@ -422,7 +486,7 @@ def main() -> int:
     print(
         f"  settings: intervals {s.min_interval_s:g}..{s.max_interval_s:g} s,"
         f" prior {s.prior_rate_per_h:g}/h, smoothing {s.smoothing:g},"
-        f" budget_share {s.budget_share:g}"
+        f" budget_share {s.budget_share:g}, repeat_read_s {PollSettings().repeat_read_s:g}"
     )
     for line in report(result):
         print(line)

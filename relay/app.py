@@ -112,13 +112,14 @@ async def run_relay(
         today = datetime.now(UTC).date().isoformat()
         runtimes: list[AccountRuntime] = []
         clients: list[CtctClient] = []
-        groups = settings.budget_groups()
+        salt = await store.budget_salt()
+        groups = settings.budget_groups(salt)
         limiters: dict[str, RateLimiter] = {}  # one per api_key: the API counts per key
         for account in settings.accounts:
-            budget = account.budget_id
+            budget = account.budget_name(salt)
             if budget not in limiters:
                 limiters[budget] = await _limiter(
-                    account, groups[budget], store, today, coordinator
+                    account, budget, groups[budget], store, today, coordinator
                 )
             limiter = limiters[budget]
             metrics.watch_limiter(account.name, limiter, budget)
@@ -274,20 +275,23 @@ async def _stop_sinks(sinks: _Sinks) -> None:
 
 async def _limiter(
     account: AccountSettings,
+    budget: str,
     members: Sequence[str],
     store: Store,
     today: str,
     coordinator: Coordinator,
 ) -> RateLimiter:
-    """The rate limiter of ``account``'s budget, shared by the ``members`` (the accounts with
-    its api_key), counted in the store under the budget's name."""
-    budget = account.budget_id
+    """The rate limiter of ``account``'s budget (its name: ``budget``), shared by the
+    ``members`` (the accounts with its api_key), counted in the store under the budget's name."""
     used = await store.quota_used(budget, today)
     if not used:
-        # Before budgets were per api_key, each account counted under its own name: today's
-        # counts carry over once (an upgrade is a restart, and a restart must not overspend).
-        # Replicas starting together may each carry them: over-counting is the safe side.
-        legacy = sum([await store.quota_used(name, today) for name in members])
+        # Today's count of an older version carries over once (an upgrade is a restart, and a
+        # restart must not overspend): stored under the budget's unsalted name, or, before
+        # budgets were per api_key, under each account's name. Replicas starting together may
+        # each carry it: over-counting is the safe side.
+        legacy = await store.quota_used(account.legacy_budget_id, today)
+        if not legacy:
+            legacy = sum([await store.quota_used(name, today) for name in members])
         if legacy:
             used = await store.spend_quota(budget, today, legacy)
     shared = coordinator.shared_budget

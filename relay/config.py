@@ -8,6 +8,7 @@ before anything starts. This is the only module that reads the environment.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import os
 import re
@@ -176,20 +177,32 @@ class AccountSettings:
         """What the client needs to call this account's API."""
         return Credentials(self.base_url, self.api_key.reveal(), self.access_token.reveal())
 
-    @property
-    def budget_id(self) -> str:
-        """The name of the request budget this account draws from: ``key:<12 hex>``.
+    def budget_name(self, salt: bytes) -> str:
+        """The name of the request budget this account draws from: ``key:<12 hex>``, an
+        HMAC-SHA256 of its server and api_key under the state store's random ``salt``
+        (``Store.budget_salt``).
 
         Constant Contact counts its limits per api_key (one key serves every account of an
         integration, each with its own access token), so accounts with the same key and server
-        share one budget. The name is a digest of the two, stable whatever the accounts are
-        called or in which order they are listed, and it shows nothing of the key; the ``:``
-        keeps it apart from account names in the store's per-name quota and request-log rows.
+        share one budget. The name depends on nothing else (not on what the accounts are called
+        or their order, so renaming or adding one splits no count), is the same after a restart
+        and on every replica of the store, and without the salt, which never leaves the store,
+        it tells nothing of the key: an unsalted digest (``legacy_budget_id``) let whoever read
+        /metrics confirm a guessed key. The ``:`` keeps it apart from account names in the
+        store's per-name quota and request-log rows.
         """
+        return "key:" + hmac.new(salt, self._budget_text(), hashlib.sha256).hexdigest()[:12]
+
+    @property
+    def legacy_budget_id(self) -> str:
+        """The budget's name before ``budget_name``: an unsalted digest. Only read to carry the
+        day's count stored under it over to ``budget_name`` after an upgrade; never shown."""
+        return "key:" + hashlib.sha256(self._budget_text()).hexdigest()[:12]
+
+    def _budget_text(self) -> bytes:
         parts = urlsplit(self.base_url)
         server = f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
-        text = f"ctct-relay budget\0{server}\0{self.api_key.reveal()}"
-        return "key:" + hashlib.sha256(text.encode()).hexdigest()[:12]
+        return f"ctct-relay budget\0{server}\0{self.api_key.reveal()}".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,11 +240,13 @@ class Settings:
     allow_networks: tuple[str, ...] = ()  # webhook destinations allowed despite SSRF rules
     webhooks: tuple[DeclaredWebhook, ...] = ()
 
-    def budget_groups(self) -> dict[str, tuple[str, ...]]:
-        """The accounts drawing from each budget (one per api_key), in config order."""
+    def budget_groups(self, salt: bytes) -> dict[str, tuple[str, ...]]:
+        """The accounts drawing from each budget (one per api_key, by ``budget_name``), in
+        config order."""
         groups: dict[str, tuple[str, ...]] = {}
         for account in self.accounts:
-            groups[account.budget_id] = (*groups.get(account.budget_id, ()), account.name)
+            name = account.budget_name(salt)
+            groups[name] = (*groups.get(name, ()), account.name)
         return groups
 
     def secrets(self) -> list[str]:
@@ -371,7 +386,7 @@ def _check_shared_keys(accounts: tuple[AccountSettings, ...]) -> None:
     cannot be 4/s for one account and 2/s for another. The key itself is never shown."""
     first: dict[str, int] = {}
     for index, account in enumerate(accounts):
-        seen = first.setdefault(account.budget_id, index)
+        seen = first.setdefault(account.legacy_budget_id, index)  # one per key and server
         other = accounts[seen]
         if seen == index or other.budget == account.budget:
             continue

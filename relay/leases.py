@@ -37,7 +37,7 @@ def new_replica_id() -> str:
 
 class AccountBudget:
     """One budget's per-second and daily limits, shared by every replica (``SharedBudget``).
-    ``budget`` names it in the request log and the quota count: ``AccountSettings.budget_id``,
+    ``budget`` names it in the request log and the quota count: ``AccountSettings.budget_name``,
     one per api_key, so the accounts sharing a key share it too."""
 
     def __init__(self, coordinator: Coordinator, budget: str) -> None:

@@ -78,23 +78,20 @@ PAGE_GROWTH = 0.5
 # a malformed body, a pagination loop, a rejected parameter): the other feeds are committed and
 # move on, the failing one keeps its watermark and summary count, and the pass reports the error
 # once finished, so the stream still backs off. Budget, quota, 401, 403, 404, 429 and transport
-# errors (but one response timeout, below) concern the account, the key, the network or the
+# errors (but a response timeout, below) concern the account, the key, the network or the
 # stream itself: they end the pass, once what it read is committed.
 FEED_ERRORS = (ServerError, MalformedResponseError, PaginationLoopError, BadRequestError)
-# A request that got a connection but no answer in time (after its retries) is feed-local once
-# per pass: a slow query upstream (a big feed's window) concerns that feed, and ending the pass
-# kept the feeds after it unread for as long as it stayed slow. A second feed timing out in the
-# same pass says the upstream is slow as a whole: the pass ends rather than spend every feed's
-# retries. A connection that cannot be made (refused, reset, DNS, a connect timeout) concerns
-# the network and ends the pass at once, as before.
-
-
-def _feed_local(exc: CtctError, outcome: PassOutcome) -> bool:
-    """Whether a feed's error leaves the rest of the pass to go on (and counts a timeout)."""
-    if not isinstance(exc, ResponseTimeoutError):
-        return True
-    outcome.timeouts += 1
-    return outcome.timeouts == 1
+# A request that got a connection but no answer in time (after its retries) is feed-local too: a
+# slow query upstream (a big feed's window) concerns that feed. Ending the pass at the second
+# timeout (the rule before) left every feed after two slow ones unread, pass after pass, for as
+# long as they stayed slow. Instead, a feed that timed out is read after the stream's other
+# feeds at its next passes (``Poller._slow``), and once ``MAX_TIMEOUTS_PER_PASS`` feeds timed out
+# in a pass, the feeds still waiting that timed out before are put off to a later pass (tried
+# first among the slow ones then): feeds known slow spend no more of the budget per pass than
+# the old rule let timeouts spend (a feed turning slow costs its retries once, in the pass that
+# finds it). A connection that cannot be made (refused, reset, DNS, a connect timeout)
+# concerns the network and ends the pass at once, as does the summary timing out.
+MAX_TIMEOUTS_PER_PASS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +139,12 @@ class PassOutcome:
     replay_from_ms: int | None = None  # re-emit known activity from this time (an operator asked)
     feed_error: CtctError | None = None  # a feed failed, the others were committed (FEED_ERRORS)
     feeds_failed: list[Kind] = field(default_factory=list)
+    # feeds not tried: they timed out in an earlier pass, and this one had its share of
+    # timeouts already (MAX_TIMEOUTS_PER_PASS); read at a later pass, like a failed feed
+    feeds_put_off: list[Kind] = field(default_factory=list)
     counts: dict[str, int] | None = None  # what the summary answered in this pass, if it was read
-    timeouts: int = 0  # feeds whose read timed out in this pass (the first is feed-local)
+    timeouts: int = 0  # feeds whose read timed out in this pass
+    feeds_timed_out: list[Kind] = field(default_factory=list)
     behind: dict[Kind, Behind] = field(default_factory=dict)  # feeds behind their summary count
     line_ms: int | None = None  # the seeded stream's history line this pass fixed (Poller._line)
     # Reads of the unique-counted feeds by time (see Poller._repeat_reads): when this pass read
@@ -202,6 +203,10 @@ class Poller:
         self._on_commit = on_commit  # tells in-process sinks that the outbox grew
         # the upstream's clock minus the relay's, by the last Date header read (None: none yet)
         self._offset_ms: int | None = None
+        # per stream id: its feeds whose read timed out (or was put off) in a pass, in the order
+        # to try them at the next, after the stream's other feeds. This process's memory only:
+        # after a restart (or on another replica) a slow feed costs one pass its place.
+        self._slow: dict[int, tuple[Kind, ...]] = {}
 
     async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
         """Poll every feed of the stream that may have news; commit what is new.
@@ -245,16 +250,7 @@ class Poller:
             for kind, mark in stream.watermarks.items():
                 outcome.watermarks[kind] = min(mark, replay_from_ms)
         pending: list[Activity] = []
-        unread: list[Kind] = []
-        for kind in self._settings.kinds:
-            if kind in by_time:
-                with counting_requests() as sent:  # counted in the pass's requests as well
-                    await self._read_feed_or_skip(stream, scope, kind, outcome, pending)
-                outcome.repeat_requests += sent.requests
-            elif kind in to_read:
-                await self._read_feed_or_skip(stream, scope, kind, outcome, pending)
-            elif self._seeds(stream, kind, outcome):
-                unread.append(kind)
+        unread = await self._read_feeds(stream, scope, to_read, by_time, outcome, pending)
         if stream.line_ms is not None or self._offset_ms is not None:
             for kind in unread:  # nothing to absorb: later activity is newer than the line
                 outcome.watermarks[kind] = self._line(stream, outcome)
@@ -264,6 +260,45 @@ class Poller:
         if self._settings.summary_gate:
             self._swept(scope, outcome)
         await self._commit(stream.id, pending, outcome)
+
+    async def _read_feeds(
+        self,
+        stream: Stream,
+        scope: Scope,
+        to_read: list[Kind],
+        by_time: set[Kind],
+        outcome: PassOutcome,
+        pending: list[Activity],
+    ) -> list[Kind]:
+        """Read the feeds to read, those that timed out at an earlier pass last (see
+        ``MAX_TIMEOUTS_PER_PASS``); the seeded feeds not read, for their history line."""
+        unread: list[Kind] = []
+        slow = [k for k in self._slow.get(stream.id, ()) if k in self._settings.kinds]
+        attempted: set[Kind] = set()
+        try:
+            for kind in [k for k in self._settings.kinds if k not in slow] + slow:
+                reads = kind in by_time or kind in to_read
+                if reads and kind in slow and self._puts_off(stream, kind, outcome):
+                    continue
+                if reads:
+                    attempted.add(kind)
+                if kind in by_time:
+                    with counting_requests() as sent:  # counted in the pass's requests as well
+                        await self._read_feed_or_skip(stream, scope, kind, outcome, pending)
+                    outcome.repeat_requests += sent.requests
+                elif kind in to_read:
+                    await self._read_feed_or_skip(stream, scope, kind, outcome, pending)
+                elif self._seeds(stream, kind, outcome):
+                    unread.append(kind)
+        finally:
+            # the slow feeds not tried in this pass come first among them at the next
+            waiting = [k for k in slow if k not in attempted]
+            still_slow = tuple(waiting + outcome.feeds_timed_out)
+            if still_slow:
+                self._slow[stream.id] = still_slow
+            else:
+                self._slow.pop(stream.id, None)
+        return unread
 
     def _repeat_reads(self, stream: Stream, scope: Scope, outcome: PassOutcome) -> set[Kind]:
         """The unique-counted feeds (``UNIQUE_COUNTED``) to read whether their counts moved or
@@ -310,8 +345,8 @@ class Poller:
         outcome: PassOutcome,
         pending: list[Activity],
     ) -> None:
-        """Read one feed; a feed-local error (``FEED_ERRORS``, the first timeout of the pass)
-        leaves it to the next pass.
+        """Read one feed; a feed-local error (``FEED_ERRORS``, a response timeout) leaves it
+        to the next pass.
 
         One persistently failing feed used to fail every pass of the stream, so the other feeds'
         activity was read again at each retry and never emitted. What the failing feed read
@@ -328,14 +363,13 @@ class Poller:
         try:
             await self._read_feed(stream, scope, kind, outcome, pending)
         except (*FEED_ERRORS, ResponseTimeoutError) as exc:
-            if outcome.replay_from_ms is not None or not _feed_local(exc, outcome):
+            if outcome.replay_from_ms is not None:
                 await self._commit_before_failing(stream, pending, outcome)
                 raise
-            name = catalogue.FEEDS[kind]
-            if name in stream.summary:  # the summary gate reads the feed again next pass
-                outcome.summary[name] = stream.summary[name]
-            else:
-                outcome.summary.pop(name, None)
+            if isinstance(exc, ResponseTimeoutError):
+                outcome.timeouts += 1
+                outcome.feeds_timed_out.append(kind)
+            self._read_again(stream, kind, outcome)
             outcome.feeds_failed.append(kind)
             if outcome.feed_error is None:
                 outcome.feed_error = exc
@@ -343,6 +377,26 @@ class Poller:
         except CtctError:
             await self._commit_before_failing(stream, pending, outcome)
             raise
+
+    def _read_again(self, stream: Stream, kind: Kind, outcome: PassOutcome) -> None:
+        """Leave a feed to the next pass: its watermark does not move, and its stored summary
+        count is kept, so the summary gate reads it again."""
+        name = catalogue.FEEDS[kind]
+        if name in stream.summary:
+            outcome.summary[name] = stream.summary[name]
+        else:
+            outcome.summary.pop(name, None)
+
+    def _puts_off(self, stream: Stream, kind: Kind, outcome: PassOutcome) -> bool:
+        """Whether a feed that timed out at an earlier pass waits for a later one: this pass had
+        ``MAX_TIMEOUTS_PER_PASS`` timeouts already (not in a replay, which reads every feed or
+        fails whole)."""
+        if outcome.timeouts < MAX_TIMEOUTS_PER_PASS or outcome.replay_from_ms is not None:
+            return False
+        self._read_again(stream, kind, outcome)
+        outcome.feeds_put_off.append(kind)
+        log.warning("poll.feed_put_off", stream=str(stream.key), kind=kind.value)
+        return True
 
     async def _commit_before_failing(
         self, stream: Stream, pending: list[Activity], outcome: PassOutcome

@@ -499,6 +499,7 @@ class Scheduler:
                 "poll.failed",
                 error=str(failed),
                 feeds_failed=[k.value for k in outcome.feeds_failed],
+                feeds_put_off=[k.value for k in outcome.feeds_put_off],
                 retry_in_s=round(interval, 1),
             )
         log.info(

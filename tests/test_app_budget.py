@@ -33,19 +33,39 @@ async def test_counts_stored_per_account_carry_over_once_into_the_keys_count(
     """Today's counts an older version stored per account name start the key's count after the
     upgrade (a restart must not overspend); a later restart resumes the key's count alone."""
     account = SETTINGS.accounts[0]
-    budget = account.budget_id
+    salt = await store.budget_salt()
+    budget = account.budget_name(salt)
     await store.spend_quota("shop-a", DAY, 300)
     await store.spend_quota("shop-b", DAY, 200)
-    members = SETTINGS.budget_groups()[budget]
+    members = SETTINGS.budget_groups(salt)[budget]
     coordinator = LocalCoordinator(store, "test")
-    limiter = await _limiter(account, members, store, DAY, coordinator)
+    limiter = await _limiter(account, budget, members, store, DAY, coordinator)
     assert limiter.used_today == 500
     assert await store.quota_used(budget, DAY) == 500
     await limiter.acquire()
     assert await store.quota_used(budget, DAY) == 501
-    restarted = await _limiter(account, members, store, DAY, coordinator)
+    restarted = await _limiter(account, budget, members, store, DAY, coordinator)
     assert restarted.used_today == 501
     assert await store.quota_used(budget, DAY) == 501
+
+
+async def test_the_count_under_the_unsalted_name_carries_over_once(any_store: Store) -> None:
+    """The version before named a key's budget by an unsalted digest: today's count stored under
+    it starts the salted budget's count after the upgrade (no lost daily count, on either
+    backend), and the per-account counts it had carried already are not added again."""
+    account = SETTINGS.accounts[0]
+    salt = await any_store.budget_salt()
+    budget = account.budget_name(salt)
+    assert budget != account.legacy_budget_id
+    await any_store.spend_quota("shop-a", DAY, 300)  # what the version before that counted
+    await any_store.spend_quota(account.legacy_budget_id, DAY, 7300)  # 300 carried, then 7000
+    coordinator = LocalCoordinator(any_store, "test")
+    members = SETTINGS.budget_groups(salt)[budget]
+    limiter = await _limiter(account, budget, members, any_store, DAY, coordinator)
+    assert limiter.used_today == 7300
+    await limiter.acquire()
+    restarted = await _limiter(account, budget, members, any_store, DAY, coordinator)
+    assert restarted.used_today == await any_store.quota_used(budget, DAY) == 7301
 
 
 async def test_every_replica_shows_the_budgets_count_from_the_store(postgres_url: str) -> None:
@@ -67,16 +87,16 @@ async def test_every_replica_shows_the_budgets_count_from_the_store(postgres_url
         }
     )
     account = settings.accounts[0]
-    budget = account.budget_id
     store = PostgresStore(postgres_url, settings.postgres)
     await store.open()
     try:
+        budget = account.budget_name(await store.budget_salt())
         views: dict[str, RelayView] = {}
         scrapes: dict[str, Metrics] = {}
         limiters = {}
         for name in ("A", "B"):
             coordinator = PgCoordinator(store, f"replica-{name}", settings.postgres)
-            limiter = await _limiter(account, ("acme",), store, DAY, coordinator)
+            limiter = await _limiter(account, budget, ("acme",), store, DAY, coordinator)
             limiters[name] = limiter
             quota = AccountQuota(
                 "acme", limiter.budget.daily_allowance, lambda lim=limiter: lim.used_today, budget

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 from pathlib import Path
@@ -916,28 +917,46 @@ def two_accounts(
     }
 
 
+SALT = bytes(range(32))
+
+
 def test_accounts_sharing_an_api_key_share_one_budget() -> None:
-    """Same api_key and server: one budget, named by a digest that shows nothing of the key and
-    does not depend on account names or order; another key or server is another budget."""
+    """Same api_key and server: one budget, named by an HMAC under the store's salt that shows
+    nothing of the key and does not depend on account names or order; another key or server is
+    another budget."""
     settings = from_mapping(two_accounts())
     a, b = settings.accounts
-    assert a.budget_id == b.budget_id
-    assert re.fullmatch(r"key:[0-9a-f]{12}", a.budget_id)
-    assert "APPKEY" not in a.budget_id
-    assert settings.budget_groups() == {a.budget_id: ("shop-a", "shop-b")}
+    name = a.budget_name(SALT)
+    assert b.budget_name(SALT) == name
+    assert re.fullmatch(r"key:[0-9a-f]{12}", name)
+    assert "APPKEY" not in name
+    assert settings.budget_groups(SALT) == {name: ("shop-a", "shop-b")}
     # a trailing slash or upper-case host is the same server
     same = from_mapping(two_accounts(second_url="https://API.example.com/"))
-    assert same.accounts[1].budget_id == a.budget_id
+    assert same.accounts[1].budget_name(SALT) == name
     accounts = two_accounts()["accounts"]
     assert isinstance(accounts, list)
     renamed = [dict(x, name=f"x{i}") for i, x in enumerate(reversed(accounts))]
-    assert {x.budget_id for x in from_mapping({"accounts": renamed}).accounts} == {a.budget_id}
+    assert {x.budget_name(SALT) for x in from_mapping({"accounts": renamed}).accounts} == {name}
     other_key = from_mapping(two_accounts(second_key="APPKEY-another"))
     other_url = from_mapping(two_accounts(second_url="https://sandbox.example.com"))
     for settings in (other_key, other_url):
         first, second = settings.accounts
-        assert first.budget_id == a.budget_id != second.budget_id
-        assert len(settings.budget_groups()) == 2
+        assert first.budget_name(SALT) == name != second.budget_name(SALT)
+        assert len(settings.budget_groups(SALT)) == 2
+
+
+def test_a_budget_name_cannot_be_recomputed_from_the_key_alone() -> None:
+    """Whoever reads /metrics and holds a candidate api_key could confirm it: the name was an
+    unsalted digest of the server and the key. Under the store's salt, another store (another
+    salt) names the same key otherwise, and the unsalted digest (kept only to carry an upgraded
+    store's count over) is neither name."""
+    account = from_mapping(two_accounts()).accounts[0]
+    text = "ctct-relay budget\0https://api.example.com\0APPKEY-one-for-both"
+    unsalted = "key:" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    assert account.legacy_budget_id == unsalted
+    other = account.budget_name(bytes(32))
+    assert len({account.budget_name(SALT), other, unsalted}) == 3
 
 
 def test_accounts_sharing_an_api_key_must_agree_on_its_limits() -> None:

@@ -886,25 +886,114 @@ async def test_a_feed_that_times_out_does_not_hold_back_the_others(
     assert sorted(await outbox_kinds(store)) == [("bounce", "1"), ("open", "1")]
 
 
-async def test_a_second_feed_timing_out_ends_the_pass_keeping_what_was_read(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], store: Store
+class SlowFeeds:
+    """A middleware for the simulator: the campaign feeds named in ``slow`` answer only after
+    0.6 s (a slow query upstream); records the feeds asked, pass by pass."""
+
+    def __init__(self, slow: set[str]) -> None:
+        self.slow = slow
+        self.asked: list[str] = []
+
+        @web.middleware
+        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.path.startswith("/v2/emailmarketing/campaigns/"):
+                feed = request.path.rsplit("/", 1)[-1]
+                self.asked.append(feed)
+                if feed in self.slow:
+                    await asyncio.sleep(0.6)
+            return await handler(request)
+
+        self.middleware = middleware
+
+    def take(self) -> list[str]:
+        """The feeds asked since the last call, in order (one entry per request)."""
+        asked, self.asked = self.asked, []
+        return asked
+
+
+async def slow_feed_poller(
+    make_sim: MakeSim, store: Store, slow: set[str], kinds: tuple[Kind, ...]
+) -> tuple[SlowFeeds, Poller, Sim, str]:
+    """A poller of one sent campaign of the simulator, whose ``slow`` feeds time out (0.2 s, two
+    attempts a request); every feed is read at every pass (no summary gate)."""
+    upstream = SlowFeeds(slow)
+    sim = await make_sim(middlewares=[upstream.middleware])
+    truth = await sim.truth()
+    campaign = next(
+        str(c)
+        for c in sorted({a["campaign_id"] for a in truth}, key=str)
+        if all(any(a["campaign_id"] == c and a["kind"] == k.value for a in truth) for k in kinds)
+    )
+    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", campaign)], T_START, seed=False)
+    client = sim.client(retry=RetryPolicy(max_attempts=2), timeout=aiohttp.ClientTimeout(total=0.2))
+    settings = PollSettings(kinds=kinds, start_from="earliest", summary_gate=False)
+    return upstream, Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START), sim, campaign
+
+
+async def test_two_slow_feeds_leave_the_others_read_and_committed_every_pass(
+    make_sim: MakeSim, store: Store
 ) -> None:
-    """Two feeds timing out in one pass: the upstream is slow as a whole, and the pass ends
-    rather than spend every feed's retries; what it read before is committed (it was thrown
-    away), and no watermark moves (the pass never finishes), so the next pass reads it again."""
-    served: Counter[str] = Counter()
-    await store.ensure_streams([StreamKey(ACCOUNT, "campaign", "1100")], T_START, seed=False)
-    kinds = (Kind.OPEN, Kind.SEND, Kind.CLICK, Kind.BOUNCE)
-    settings = PollSettings(kinds=kinds, start_from="earliest")
-    async with aiohttp.ClientSession() as session:
-        handler = slow_feeds_upstream({"sends", "clicks"}, served)
-        client = await upstream_client(aiohttp_server, session, handler, timeout_s=0.2)
-        poller = Poller(client, store, ACCOUNT, settings, now_ms=lambda: T_START)
-        with pytest.raises(errors.ResponseTimeoutError, match=r"campaign\.clicks"):
-            await poller.run_pass((await store.streams())[0])
-    assert served == {"summary": 1, "opens": 1, "sends": 2, "clicks": 2}  # bounces: not asked
-    assert await outbox_kinds(store) == [("open", "1")]
-    assert (await store.streams())[0].watermarks == {}
+    """Two feeds of a stream timing out (sends, clicks) against the simulator: the second
+    timeout ended the pass, so the feeds after it (bounces, unsubscribes) went unread at every
+    pass while both stayed slow, and nothing read moved a watermark. Both now fail alone: every
+    other feed is read, committed in full and its watermark moves; the slow ones keep theirs,
+    spend their two attempts each, and are read after the others at the next pass."""
+    kinds = (Kind.OPEN, Kind.SEND, Kind.CLICK, Kind.BOUNCE, Kind.UNSUBSCRIBE)
+    upstream, poller, sim, campaign = await slow_feed_poller(
+        make_sim, store, {"sends", "clicks"}, kinds
+    )
+    outcome = await poller.run_pass((await store.streams())[0])
+    assert upstream.take() == [
+        "opens", "sends", "sends", "clicks", "clicks", "bounces", "unsubscribes"
+    ]  # fmt: skip
+    assert outcome.feeds_failed == [Kind.SEND, Kind.CLICK]
+    assert outcome.feeds_read == [Kind.OPEN, Kind.BOUNCE, Kind.UNSUBSCRIBE]
+    assert isinstance(outcome.feed_error, errors.ResponseTimeoutError)
+    assert outcome.watermarks.keys() == {Kind.OPEN, Kind.BOUNCE, Kind.UNSUBSCRIBE}
+    healthy = {"open", "bounce", "unsubscribe"}
+    truth = Counter(
+        truth_identity(a)
+        for a in await sim.truth()
+        if a["campaign_id"] == campaign and a["kind"] in healthy
+    )
+    assert await outbox_identities(store) == truth
+    stream = (await store.streams())[0]
+    await store.finish_pass(stream.id, outcome.result(T_START, 1.0, T_START))
+    stream = (await store.streams())[0]
+    assert stream.watermarks.keys() == {Kind.OPEN, Kind.BOUNCE, Kind.UNSUBSCRIBE}
+    outcome = await poller.run_pass(stream)
+    assert upstream.take() == [
+        "opens", "bounces", "unsubscribes", "sends", "sends", "clicks", "clicks"
+    ]  # fmt: skip
+    assert outcome.feeds_failed == [Kind.SEND, Kind.CLICK]
+
+
+async def test_slow_feeds_spend_two_feeds_attempts_a_pass_and_take_turns(
+    make_sim: MakeSim, store: Store
+) -> None:
+    """Three slow feeds: the pass that finds them tries each (it cannot know); at later passes
+    the healthy feeds come first, two slow feeds spend their attempts (as many as the old rule
+    let a pass spend on timeouts) and the third is put off, first in line at the next pass."""
+    kinds = (Kind.SEND, Kind.CLICK, Kind.FORWARD, Kind.OPEN, Kind.BOUNCE)
+    upstream, poller, _, _ = await slow_feed_poller(
+        make_sim, store, {"sends", "clicks", "forwards"}, kinds
+    )
+    stream = (await store.streams())[0]
+    first = await poller.run_pass(stream)
+    assert upstream.take() == [
+        "sends", "sends", "clicks", "clicks", "forwards", "forwards", "opens", "bounces"
+    ]  # fmt: skip
+    assert first.feeds_read == [Kind.OPEN, Kind.BOUNCE]
+    with capture_logs() as logs:
+        second = await poller.run_pass(stream)
+    assert upstream.take() == ["opens", "bounces", "sends", "sends", "clicks", "clicks"]
+    assert (second.feeds_read, second.feeds_put_off) == ([Kind.OPEN, Kind.BOUNCE], [Kind.FORWARD])
+    [put_off] = [line for line in logs if line["event"] == "poll.feed_put_off"]
+    assert put_off["kind"] == "forward"
+    third = await poller.run_pass(stream)
+    assert upstream.take() == ["opens", "bounces", "forwards", "forwards", "sends", "sends"]
+    assert third.feeds_put_off == [Kind.CLICK]
+    assert third.feeds_failed == [Kind.FORWARD, Kind.SEND]
 
 
 async def test_a_network_that_refuses_every_connection_ends_the_pass_at_once(

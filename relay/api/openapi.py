@@ -882,8 +882,9 @@ def _status_schema_full(count: JsonObject, seconds: JsonObject, hold: JsonObject
                     "left_today": {"type": ["integer", "null"], "minimum": 0},
                     "budget": {
                         "type": ["string", "null"],
-                        "description": "The api_key's budget (key:<12 hex>, nothing of the key);"
-                        " null when the account is not configured here",
+                        "description": "The api_key's budget (key:<12 hex>, an HMAC under the"
+                        " state store's salt: nothing of the key); null when the account is not"
+                        " configured here",
                     },
                     "shared_with": {
                         "type": "array",

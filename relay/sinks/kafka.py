@@ -47,6 +47,7 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from relay.events import (
     DATA_CONTENT_TYPE,
@@ -73,6 +74,9 @@ _PERMANENT = (
 # The topic configuration that bounds a record batch, and the batch codecs of the Kafka protocol.
 _MAX_MESSAGE_BYTES = "max.message.bytes"
 _CODECS = {"none": 0, "gzip": 1, "lz4": 3, "zstd": 4}
+# What a record batch of one record adds to the record's parts (61 bytes of batch header, the
+# record's varints), with room to spare: a record this far within a topic's limit is not measured.
+_BATCH_OVERHEAD = 1024
 
 # Rounds read and handed to the producer ahead of the broker's acknowledgements: bounds memory;
 # a partition's batches still go one at a time (see KafkaSink._send).
@@ -342,6 +346,7 @@ class KafkaSink:
         self._switching = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()  # replaced producers being stopped
         self._batch_bytes: dict[str, int] = {}  # topics whose max.message.bytes < max_batch_bytes
+        self._topic_limits: dict[str, int] = {}  # every topic's max.message.bytes, when read
         self._committed = asyncio.Event()
         self._settled = asyncio.Event()  # the acknowledging task finished a round
         # per partition: the last batch handed to the producer (or why none was)
@@ -468,6 +473,7 @@ class KafkaSink:
             for topic in topics
         ]
         limits: dict[str, int] = {}
+        topic_limits: dict[str, int] = {}
         try:
             answers = await admin.describe_configs(wanted)
         except KafkaError as exc:
@@ -480,7 +486,7 @@ class KafkaSink:
                     error = for_code(code).__name__ if code else f"no {_MAX_MESSAGE_BYTES}"
                     log.warning("kafka.topic_limit_unknown", topic=topic, error=error)
                     continue
-                limit = int(values[0])
+                limit = topic_limits[topic] = int(values[0])
                 if limit < self._settings.max_batch_bytes:
                     limits[topic] = limit
                     log.info(
@@ -490,6 +496,7 @@ class KafkaSink:
                         max_batch_bytes=self._settings.max_batch_bytes,
                     )
         self._batch_bytes = limits
+        self._topic_limits = topic_limits
 
     def _new_batch(self, producer: AIOKafkaProducer, topic: str) -> BatchBuilder:
         """An empty record batch for ``topic``, within the topic's limit."""
@@ -709,8 +716,8 @@ class KafkaSink:
         self, producer: AIOKafkaProducer, events: list[OutboxEvent]
     ) -> tuple[list[_Batch], dict[int, tuple[BaseException, int]]]:
         """Group events by partition, in outbox order, into closed batches; also the events
-        refused before sending (larger than a request may be)."""
-        mode, limit = self._settings.content_mode, self._settings.max_request_bytes
+        refused before sending (see ``_refusal``)."""
+        mode = self._settings.content_mode
         open_batches: dict[tuple[str, int], _Batch] = {}
         batches: list[_Batch] = []
         refused: dict[int, tuple[BaseException, int]] = {}
@@ -723,8 +730,9 @@ class KafkaSink:
                 partitions[topic] = sorted(await producer.partitions_for(topic))
             key = event.contact_id.encode()
             value, headers, size = _record(event, mode, key, sources)
-            if size > limit:
-                refused[event.seq] = (MessageSizeTooLargeError(f"{size} bytes > {limit}"), 1)
+            refusal = self._refusal(topic, key, value, headers, size)
+            if refusal is not None:
+                refused[event.seq] = (refusal, 1)
                 continue
             where = (topic, partition(key, partitions[topic]))
             batch = open_batches.get(where)
@@ -738,6 +746,27 @@ class KafkaSink:
         for batch in batches:
             batch.builder.close()
         return batches, refused
+
+    def _refusal(
+        self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]], size: int
+    ) -> MessageSizeTooLargeError | None:
+        """Why a record must be dead-lettered without being sent, if it must: it is larger than
+        a request may be (``kafka.max_request_bytes``: the producer would refuse it), or, as a
+        record batch of its own, than its topic's ``max.message.bytes`` read at start-up (the
+        broker would refuse it, with the same error). Sent anyway, such a record cost a refusal
+        and a fresh producer, and its batch's records were all sent again one per batch."""
+        limit = self._settings.max_request_bytes
+        if size > limit:
+            return MessageSizeTooLargeError(f"{size} bytes > kafka.max_request_bytes {limit}")
+        topic_limit = self._topic_limits.get(topic)
+        if topic_limit is None or size + size // 64 + _BATCH_OVERHEAD <= topic_limit:
+            return None  # no limit known, or far enough within it (compressed or not)
+        batch = _batch_size(key, value, headers, _CODECS[self._settings.compression])
+        if batch <= topic_limit:
+            return None
+        return MessageSizeTooLargeError(
+            f"{batch} bytes as a record batch > max.message.bytes {topic_limit} of topic {topic}"
+        )
 
     async def _advance(
         self, events: list[OutboxEvent], cursor: int, failed: dict[int, tuple[BaseException, int]]
@@ -805,6 +834,14 @@ async def _first(task: asyncio.Task[int], *waits: Coroutine[object, object, obje
         for other in others:
             other.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+
+
+def _batch_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]], codec: int) -> int:
+    """The bytes of a record batch holding only this record, compressed with ``codec``: what
+    the broker compares with a topic's ``max.message.bytes``."""
+    builder = DefaultRecordBatchBuilder(2, codec, 0, -1, -1, -1, 2**31 - 1)
+    builder.append(0, None, key=key, value=value, headers=headers)
+    return len(builder.build())
 
 
 def _append(batch: _Batch, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> bool:

@@ -24,6 +24,9 @@ from typing import NamedTuple, Protocol
 
 from relay.events import Activity, Kind, attributes, structured, type_matches
 
+# The ``meta`` row of the budget names' salt (Store.budget_salt).
+BUDGET_SALT = "budget_salt"
+
 
 class StoreError(Exception):
     """The state store failed or holds something it cannot use; the message says which."""
@@ -381,10 +384,15 @@ class Store(Protocol):
 
     async def spend_quota(self, account: str, day: str, requests: int) -> int:
         """Add to a request count of a UTC day (YYYY-MM-DD); returns the new total. The relay
-        counts per budget (``key:<hex>``, one per api_key); older versions counted per account."""
+        counts per budget (``key:<hex>``, one per api_key); older versions counted per account,
+        then per budget under an unsalted digest (``AccountSettings.legacy_budget_id``)."""
 
     async def quota_used(self, account: str, day: str) -> int:
         """Requests counted under that name (a budget's or an account's) on that UTC day."""
+
+    async def budget_salt(self) -> bytes:
+        """The store's random salt of budget names (``AccountSettings.budget_name``): made by
+        the first caller, the same for every later one and every replica sharing the store."""
 
     async def set_account_pause(self, account: str, until_ms: int | None, reason: str) -> None:
         """Pause an account until a time (None: resume). A stored pause that lasts longer is

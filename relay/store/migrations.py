@@ -177,4 +177,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # forwards count unique recipients, so a repeat moves no count): they are read again
     # poll.repeat_read_s later, counts moving or not; NULL: since the stream was added
     ("ALTER TABLE streams ADD COLUMN swept_ms BIGINT",),
+    # values the relay makes once per store and keeps: ``budget_salt``, the random key of the
+    # HMAC that names each api_key's budget (relay.config.AccountSettings.budget_name), so that
+    # whoever reads /metrics cannot confirm a guessed api_key with an unsalted digest of it
+    ("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",),
 )

@@ -187,4 +187,6 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE streams ADD COLUMN line_ms BIGINT",),
     # when a pass last read every unique-counted feed (see migrations.py, version 9)
     ("ALTER TABLE streams ADD COLUMN swept_ms BIGINT",),
+    # values made once per store: the budget names' salt (see migrations.py, version 10)
+    ("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",),
 )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from relay.events import Activity, Kind
 # Row shapes are shared with the SQLite store: one definition of each value's columns.
 from relay.store import rowmap
 from relay.store.base import (
+    BUDGET_SALT,
     Attempt,
     DeadLetter,
     Delivery,
@@ -487,6 +489,19 @@ class PostgresStore:
             return int(used or 0)
 
         return await self.transaction(run)
+
+    async def budget_salt(self) -> bytes:
+        made = secrets.token_hex(32)
+
+        async def run(conn: Connection) -> str:
+            await conn.execute(
+                "INSERT INTO meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                BUDGET_SALT,
+                made,
+            )
+            return str(await conn.fetchval("SELECT value FROM meta WHERE name = $1", BUDGET_SALT))
+
+        return bytes.fromhex(await self.transaction(run))
 
     async def set_account_pause(self, account: str, until_ms: int | None, reason: str) -> None:
         if until_ms is None:

@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import secrets
 import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ import orjson
 from relay.events import DATA_CONTENT_TYPE, SPECVERSION, TYPE_PREFIX, Activity, Kind
 from relay.store import rowmap
 from relay.store.base import (
+    BUDGET_SALT,
     Attempt,
     DeadLetter,
     Delivery,
@@ -439,6 +441,20 @@ class SqliteStore:
             return int(row[0]) if row else 0
 
         return await self._run(run)
+
+    async def budget_salt(self) -> bytes:
+        made = secrets.token_hex(32)
+
+        def run(conn: sqlite3.Connection) -> str:
+            with _tx(conn):
+                conn.execute(
+                    "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                    (BUDGET_SALT, made),
+                )
+                row = conn.execute("SELECT value FROM meta WHERE name = ?", (BUDGET_SALT,))
+                return str(row.fetchone()[0])
+
+        return bytes.fromhex(await self._run(run))
 
     async def set_account_pause(self, account: str, until_ms: int | None, reason: str) -> None:
         if until_ms is None:

@@ -47,15 +47,60 @@ def test_ledger_charges_summary_plus_pages_of_changed_feeds() -> None:
         kinds=tuple([opens] * 600 + [clicks, opens]),
     )
     ledger = freshness.Ledger(freshness.Workload((stream,), 10_000.0, 20_000.0), budget_rps=0.5)
-    new, requests, commit_s = ledger.run_pass(0, 100.0)
-    assert (new, requests) == (601, 1 + 2 + 1)  # summary, 2 pages of opens, 1 page of clicks
-    assert commit_s == 100.0 + requests / 0.5
-    assert ledger.run_pass(0, 200.0)[:2] == (0, 1)  # nothing changed: the summary only
+    first = ledger.run_pass(0, 100.0)
+    assert (first.new, first.requests) == (601, 1 + 2 + 1)  # summary, 2 pages of opens, 1 of clicks
+    commit_s = first.commit_s
+    assert commit_s == 100.0 + first.requests / 0.5
+    second = ledger.run_pass(0, 200.0)
+    assert (second.new, second.requests) == (0, 1)  # nothing changed: the summary only
     result = ledger.result("probe")
     assert result.events == 602
     assert result.uncommitted == 1  # the open at 5000 s: counted as lagging until the end
     assert result.requests == 5
     assert result.mean_lag_s > commit_s - 20.0
+
+
+def test_ledger_charges_the_reads_by_time_as_the_scheduler_does() -> None:
+    """A campaign's opens and clicks count unique recipients, so the poller reads each that has a
+    count every repeat_read_s whether it moved or not: the ledger left those requests out, so
+    the relay's figures were optimistic. They are charged now, one request per such feed, at the
+    first pass repeat_read_s after the pass that last read them all; the scheduler's estimate
+    gets the pass's share of one such read instead (PassOutcome.planned_requests), and the next
+    due time of the read."""
+    opens, clicks = freshness._KINDS.index(Kind.OPEN), freshness._KINDS.index(Kind.CLICK)
+    sends = freshness._KINDS.index(Kind.SEND)
+    stream = freshness.StreamTruth(
+        campaign_id="1",
+        created_s=0.0,
+        visible_s=(5.0, 10.0, 20.0, 30_000.0),
+        kinds=(sends, opens, clicks, opens),
+    )
+    every = 1000.0
+    workload = freshness.Workload((stream,), 40_000.0, 50_000.0)
+    ledger = freshness.Ledger(workload, budget_rps=1.0, repeat_read_s=every)
+    first = ledger.run_pass(0, 100.0)  # every feed with a count read: the read by time is done
+    assert (first.requests, first.commit_s, first.repeat_due_s) == (4, 104.0, 104.0 + every)
+    assert first.planned == pytest.approx(4 + 2 * 100.0 / every)  # share: opens, clicks
+    quiet = ledger.run_pass(0, 500.0)
+    assert (quiet.requests, quiet.repeat_due_s) == (1, 104.0 + every)
+    assert quiet.planned == pytest.approx(1 + 2 * (500.0 - 104.0) / every)
+    due = ledger.run_pass(0, 104.0 + every)  # opens and clicks read by time: one request each
+    assert (due.new, due.requests) == (0, 3)
+    assert due.planned == pytest.approx(1 + 2 * (104.0 + every - 501.0) / every)
+    assert due.repeat_due_s == due.commit_s + every
+    moved = ledger.run_pass(0, 30_001.0)  # the open count moved: read; clicks read by time
+    assert (moved.new, moved.requests) == (1, 3)
+    assert moved.planned == pytest.approx(3 - 1 + 2)  # a whole read by time covered, and more
+    assert ledger.result("probe").repeat_requests == 2 + 1
+
+
+def test_the_relay_is_charged_its_reads_by_time(workload: freshness.Workload) -> None:
+    """The relay's column spends requests on reads by time, within the same budget."""
+    budget_rps = BUDGET_PER_DAY / 86400
+    settings = ScheduleSettings()
+    charged = freshness.run_relay(workload, budget_rps, settings)
+    assert charged.repeat_requests > 0
+    assert charged.requests <= budget_rps * workload.horizon_s + 10
 
 
 def test_freshness_report_shape(comparison: freshness.Comparison) -> None:

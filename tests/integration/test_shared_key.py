@@ -8,6 +8,7 @@ account its own budget would send up to 8 a second on the key and get 403 over-q
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,7 +73,6 @@ async def test_two_accounts_on_one_api_key_keep_to_the_keys_limits(
     path = tmp_path / "relay.yaml"
     path.write_text(yaml.safe_dump(config))
     settings = load(path, environ={})
-    budget = settings.accounts[0].budget_id
     stop = asyncio.Event()
     relay = asyncio.create_task(run_relay(settings, stop, Metrics()))
     started = time.monotonic()
@@ -96,6 +96,15 @@ async def test_two_accounts_on_one_api_key_keep_to_the_keys_limits(
         stop.set()
         await relay
     elapsed_s = time.monotonic() - started
+    store = open_store(settings.state, settings.postgres)
+    await store.open()
+    try:
+        budget = settings.accounts[0].budget_name(await store.budget_salt())
+        today = datetime.now(UTC).date().isoformat()
+        counted = await store.quota_used(budget, today)
+        per_account = [await store.quota_used(name, today) for name in ("shop-a", "shop-b")]
+    finally:
+        await store.close()
     assert stats["rejected"] == {}, stats  # not one over-qps (or any other) refusal
     assert stats["max_per_1s"] <= 4, stats
     # the key was kept busy: demand above its 4/s, so the limit was what held it back
@@ -105,6 +114,13 @@ async def test_two_accounts_on_one_api_key_keep_to_the_keys_limits(
     assert quotas["shop-a"]["shared_with"] == ["shop-b"]
     assert quotas["shop-b"]["shared_with"] == ["shop-a"]
     assert API_KEY not in str(status)
+    # the budget label: an HMAC under the store's salt; the unsalted digest it was let whoever
+    # read /metrics confirm a guessed api_key
+    assert f'budget="{budget}"' in scraped
+    text = f"ctct-relay budget\0{sim.url}\0{API_KEY}"
+    unsalted = hashlib.sha256(text.encode()).hexdigest()[:12]
+    assert unsalted not in scraped
+    assert unsalted not in str(status)
     requests = {
         name: sum(
             s.value
@@ -115,14 +131,6 @@ async def test_two_accounts_on_one_api_key_keep_to_the_keys_limits(
         for name in ("shop-a", "shop-b")
     }
     assert min(requests.values()) >= 4, requests  # both accounts polled, with their own tokens
-    store = open_store(settings.state, settings.postgres)
-    await store.open()
-    try:
-        today = datetime.now(UTC).date().isoformat()
-        counted = await store.quota_used(budget, today)
-        per_account = [await store.quota_used(name, today) for name in ("shop-a", "shop-b")]
-    finally:
-        await store.close()
     # one count for the key, taken before each request was sent
     assert counted >= stats["served"], (counted, stats)
     assert per_account == [0, 0]

@@ -89,6 +89,8 @@ async def test_replicas_migrate_once_and_append_in_order(postgres_url: str) -> N
     await asyncio.gather(*(s.open() for s in stores))
     try:
         assert {await s.schema_version() for s in stores} == {len(PG_MIGRATIONS)}
+        # replicas asking at once for the budget names' salt all get the one made first
+        assert len(set(await asyncio.gather(*(s.budget_salt() for s in stores)))) == 1
         await stores[0].ensure_streams([StreamKey("acme", "campaign", str(i)) for i in range(3)], 0)
         ids = [s.id for s in await stores[0].streams()]
         pages, per_page = 40, 25

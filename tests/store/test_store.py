@@ -200,6 +200,28 @@ async def test_due_streams_soonest_first_and_skips_paused(store: Store) -> None:
     assert await store.due_streams(T0 + 1000, 10, "globex") == [theirs]
 
 
+async def test_the_budget_salt_is_made_once_and_kept(store: Store, tmp_path: Path) -> None:
+    """The salt of budget names is 32 random bytes made by the first call: every later call, of
+    this store or a new one on the same state (a restart, another replica), returns it."""
+    salt = await store.budget_salt()
+    assert len(salt) == 32
+    assert await store.budget_salt() == salt
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    other = open_store(url)
+    await other.open()
+    try:
+        made = await other.budget_salt()
+        assert made not in (salt, bytes(32))
+    finally:
+        await other.close()
+    again = open_store(url)
+    await again.open()
+    try:
+        assert await again.budget_salt() == made
+    finally:
+        await again.close()
+
+
 async def test_quota_survives_reopen(tmp_path: Path) -> None:
     """Spent requests are counted per account and UTC day, durably."""
     url = f"sqlite:///{tmp_path / 's.db'}"
