@@ -262,7 +262,11 @@ def _recover() -> JsonObject:
         "summary": "Owe the webhook every matching event committed since a time, again",
         "requestBody": _body("Recover"),
         "responses": {
-            "202": _json("how many deliveries were created or reset", _schema("RecoverResult")),
+            "202": _json(
+                "how many deliveries were created or reset: one per event, even when a log"
+                " replay put the event in the outbox twice",
+                _schema("RecoverResult"),
+            ),
             **_errors(400, 401, 404, 413),
         },
     }

@@ -823,8 +823,10 @@ class PostgresStore:
         async def run(conn: Connection) -> int:
             await _owing(conn)
             hook = await _get_webhook(conn, webhook_id)
+            # one delivery per event, at its first seq (see the SQLite store)
             events = await conn.fetch(
-                "SELECT seq, event_id, kind FROM outbox WHERE committed_ms >= $1 ORDER BY seq",
+                "SELECT MIN(seq), event_id, kind FROM outbox WHERE committed_ms >= $1"
+                " GROUP BY event_id, kind ORDER BY 1",
                 since_ms,
             )
             rows = [

@@ -1221,6 +1221,24 @@ async def test_an_attempt_finished_after_a_reset_keeps_the_reset(store: Store) -
     assert (await store.delivery(first.id)).status == "delivered"
 
 
+async def test_recover_after_a_log_replay_owes_each_event_once(store: Store) -> None:
+    """After a log replay each event is in the outbox twice with one id: recover makes one
+    delivery per event (its first seq since the point asked for) and counts each once."""
+    from relay.store import OutboxSelector
+
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(3)], T0)  # seq 1..3
+    await store.replay_outbox(OutboxSelector("acme", T0), T0 + 5)  # copies: seq 4..6
+    await store.fanout(100, T0 + 5)
+    done = await store.deliveries("wh_1", 10)
+    assert len(done) == 6
+    await store.finish_attempts([(Attempt(d.id, T0, 200, 1.0), "delivered", T0, 0) for d in done])
+    assert await store.recover("wh_1", T0, T0 + 10) == 3
+    pending = await store.deliveries("wh_1", 10, "pending")
+    assert sorted(d.seq for d in pending) == [1, 2, 3]
+
+
 @contextlib.asynccontextmanager
 async def delivery_row_locked(store: Store, delivery_id: int) -> AsyncIterator[None]:
     """PostgreSQL: another connection holds the delivery's row, so a recover resetting it waits
