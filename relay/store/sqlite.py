@@ -567,6 +567,8 @@ class SqliteStore:
                     f"UPDATE webhooks SET {assignments} WHERE id = ?",  # noqa: S608 - field names
                     (*(values[name] for name in names), webhook.id),
                 ).rowcount
+                if changed and "event_types" in names:
+                    _drop_unwanted(conn, webhook)
             if not changed:
                 raise NotFoundError(f"no webhook with id {webhook.id!r}")
 
@@ -701,7 +703,7 @@ class SqliteStore:
             (batch,) = conn.execute(_DUE_SENDS_JSON, (webhook_id, now_ms, held, limit)).fetchone()
             rows = orjson.loads(batch)
             rows.sort()  # by [next_attempt_ms, seq, …]: unique per webhook, the query's order
-            return [DueSend(r[2], r[3], r[4], r[5], r[6].encode()) for r in rows]
+            return [DueSend(r[2], r[3], r[4], r[5], r[6].encode(), r[7]) for r in rows]
 
         return await self._run(run)
 
@@ -1271,9 +1273,9 @@ _BODY = (
 )
 _DUE_SENDS_JSON = (
     "SELECT json_group_array(json_array(next_ms, seq, id, attempts, event_id, committed_ms,"  # noqa: S608
-    f" body)) FROM (SELECT d.next_attempt_ms AS next_ms, d.seq AS seq, d.id AS id,"
+    f" body, kind)) FROM (SELECT d.next_attempt_ms AS next_ms, d.seq AS seq, d.id AS id,"
     " d.attempts AS attempts, d.event_id AS event_id, o.committed_ms AS committed_ms,"
-    f" {_BODY} AS body FROM deliveries d JOIN outbox o ON o.seq = d.seq"
+    f" {_BODY} AS body, o.kind AS kind FROM deliveries d JOIN outbox o ON o.seq = d.seq"
     " WHERE d.webhook_id = ? AND d.status = 'pending' AND d.next_attempt_ms <= ?"
     " AND d.id NOT IN (SELECT value FROM json_each(?)) ORDER BY d.next_attempt_ms, d.seq LIMIT ?)"
 )
@@ -1296,6 +1298,21 @@ _INSERT_WEBHOOK = (
     f"INSERT INTO webhooks ({rowmap.WEBHOOK_COLUMNS})"  # noqa: S608 - column names are constants
     f" VALUES ({', '.join('?' for _ in rowmap.WEBHOOK_COLUMNS.split(','))})"
 )
+
+
+def _drop_unwanted(conn: sqlite3.Connection, hook: Webhook) -> None:
+    """A filter changed: the webhook's pending deliveries its filter now rejects go, with their
+    attempts, as ``delete_webhook``'s do (they would otherwise be retried for a day or more)."""
+    kinds = rowmap.unwanted_kinds(hook)
+    if not kinds:
+        return
+    where = rowmap.UNWANTED_PENDING.format(hook="?", kinds=f"IN ({', '.join('?' * len(kinds))})")
+    args = (hook.id, *kinds)
+    conn.execute(
+        f"DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE {where})",  # noqa: S608
+        args,
+    )
+    conn.execute(f"DELETE FROM deliveries WHERE {where}", args)  # noqa: S608 - constants
 
 
 def _get_webhook(conn: sqlite3.Connection, webhook_id: str) -> Webhook:
