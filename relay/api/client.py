@@ -27,6 +27,7 @@ import orjson
 
 from relay.api.body import MAX_DELIVERY_ID, rfc3339_ms
 from relay.api.responses import JsonObject
+from relay.api.status import public_url
 from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, TYPE_PREFIX
 from relay.hostnames import valid_host
 
@@ -440,7 +441,7 @@ async def _list(client: AdminClient, _args: argparse.Namespace) -> _Shown:
             text_of(h.get("id")),
             "yes" if h.get("enabled") is True else "no",
             _types_text(h.get("event_types")),
-            text_of(h.get("url")),
+            _url_text(h.get("url")),
         ]
         for h in hooks
     ]
@@ -536,7 +537,7 @@ def _webhook_text(hook: JsonObject) -> str:
     rate = hook.get("rate_limit_per_s")
     lines = [
         ("id", text_of(hook.get("id"))),
-        ("url", text_of(hook.get("url"))),
+        ("url", _url_text(hook.get("url"), note=True)),
         ("event types", _types_text(hook.get("event_types"))),
         ("description", text_of(hook.get("description"))),
         ("enabled", enabled),
@@ -552,6 +553,19 @@ def _webhook_text(hook: JsonObject) -> str:
         lines.append(("secret", f"{text_of(hook.get('secret'))}  ({again})"))
     width = max(len(k) for k, _ in lines) + 1
     return "\n".join(f"{k + ':':{width}} {v}" for k, v in lines)
+
+
+def _url_text(url: object, *, note: bool = False) -> str:
+    """A webhook URL as the text views show it: without user info, query or fragment, as
+    ``status`` shows it (a password or a token in the query must not land in a terminal's
+    scrollback or a pasted log); ``--json`` has it as registered. ``note``: say so when
+    something was left out."""
+    if not isinstance(url, str):
+        return text_of(url)
+    public = text_of(public_url(url))
+    if note and public_url(url) != url:
+        return f"{public}  (user info, query and fragment not shown; --json has them)"
+    return public
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -181,7 +181,12 @@ def _patch_webhook() -> JsonObject:
         "summary": "Change a webhook; re-enabling clears the disabled reason and failing clock",
         "description": "Only the fields given are written, so a change never undoes what the"
         " dispatcher records meanwhile (its failing clock, a disable). A url another webhook"
-        " already has (compared as at registration) is a 409.",
+        " already has (compared as at registration) is a 409. Changing event_types drops, in"
+        " the same transaction, the webhook's pending deliveries (retries included) of the"
+        " types the new filter rejects, with their attempts; delivered and dead ones stay,"
+        " and this process sends none of the dropped ones afterwards (an attempt already"
+        " started finishes, unrecorded; another replica may start one it had queued until its"
+        " next refresh, within a second). Widening it owes nothing from the past: use recover.",
         "requestBody": _body("WebhookPatch"),
         "responses": {
             "200": _json("the webhook", _schema("Webhook")),
@@ -262,7 +267,11 @@ def _recover() -> JsonObject:
         "summary": "Owe the webhook every matching event committed since a time, again",
         "requestBody": _body("Recover"),
         "responses": {
-            "202": _json("how many deliveries were created or reset", _schema("RecoverResult")),
+            "202": _json(
+                "how many deliveries were created or reset: one per event, even when a log"
+                " replay put the event in the outbox twice",
+                _schema("RecoverResult"),
+            ),
             **_errors(400, 401, 404, 413),
         },
     }

@@ -54,17 +54,19 @@ class RelayView:
     on_change: Callable[[], Awaitable[None]] | None = None
     # tells this process's webhook dispatcher that a webhook changed or deliveries of it became
     # due (set once the dispatcher exists; other replicas see it at their next refresh)
-    on_webhook_change: Callable[[str], None] | None = None
+    # (with the webhook as an edit stored it, whose filter applies to queued deliveries at once)
+    on_webhook_change: Callable[[str, Webhook | None], None] | None = None
 
     async def changed(self) -> None:
         """Let the scheduler pick up a pause, resume or target change now."""
         if self.on_change is not None:
             await self.on_change()
 
-    def webhook_changed(self, webhook_id: str) -> None:
-        """Let the webhook dispatcher act on a webhook's change or new due deliveries now."""
+    def webhook_changed(self, webhook_id: str, hook: Webhook | None = None) -> None:
+        """Let the webhook dispatcher act on a webhook's change or new due deliveries now;
+        ``hook``: the webhook as an edit just stored it."""
         if self.on_webhook_change is not None:
-            self.on_webhook_change(webhook_id)
+            self.on_webhook_change(webhook_id, hook)
 
 
 VIEW = web.AppKey("relay.view", RelayView)

@@ -107,7 +107,7 @@ async def _patch(request: web.Request) -> web.Response:
             changes,
             now,
         )
-    request.app[VIEW].webhook_changed(hook.id)
+    request.app[VIEW].webhook_changed(hook.id, hook)
     return json_response(webhook_view(hook, now))
 
 

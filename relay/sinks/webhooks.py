@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
+from relay.events import Kind
 from relay.metrics import Metrics
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError, shown
@@ -129,13 +130,17 @@ class WebhookDispatcher:
         """Events were committed: fan them out now instead of at the next idle poll."""
         self._wake.set()
 
-    def changed(self, webhook_id: str) -> None:
+    def changed(self, webhook_id: str, hook: Webhook | None = None) -> None:
         """A webhook was registered, edited or removed, or deliveries of it were made due now
-        (redeliver, recover) in this process: act on it now instead of at the next refresh."""
+        (redeliver, recover) in this process: act on it now instead of at the next refresh.
+        ``hook``: the webhook as just stored by an edit; its filter applies to the worker's
+        queue at once (the store dropped the pending deliveries it rejects)."""
         self._refresh_now = True
         self._wake.set()
         worker = self._workers.get(webhook_id)
         if worker is not None:
+            if hook is not None:
+                worker.refilter(hook)
             worker.poke()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -365,6 +370,7 @@ class _Worker:
         self.disabling = False  # ... and the store is being told
         self.failing_since_ms = hook.failing_since_ms
         self._refused = _literal_refusal(dispatcher._guard, hook.url)
+        self._wanted = _wanted_kinds(hook)
 
     def start(self) -> None:
         name = f"webhook:{self.hook.id}"
@@ -383,6 +389,13 @@ class _Worker:
             self._wake_pacers()
         self.hook = hook
         self.failing_since_ms = hook.failing_since_ms
+        self.refilter(hook)
+
+    def refilter(self, hook: Webhook) -> None:
+        """Send only the kinds ``hook``'s filter lets through: a delivery queued or waiting for
+        its rate-limit slot whose kind a narrowed filter rejects is let go unsent (the store
+        dropped it with the change); attempts already started finish."""
+        self._wanted = _wanted_kinds(hook)
 
     def poke(self) -> None:
         """Fan-out created deliveries: look in the store."""
@@ -469,15 +482,13 @@ class _Worker:
             item = await self._queue.get()
             if item is None:
                 return
-            if self.disabled or self._stopping:
-                self.held.discard(item.delivery_id)
+            if self._let_go(item):
                 continue  # drain until stop() sends the end marker
             if self._more and self._queue.qsize() < self._low_water:
                 self._feed.set()
             if self.hook.rate_limit_per_s:
                 await self._pace()
-                if self.disabled or self._stopping:  # stopped while it waited for its slot
-                    self.held.discard(item.delivery_id)
+                if self._let_go(item):  # stopped or refiltered while it waited for its slot
                     continue
             outcome = await self._attempt(item)
             try:
@@ -491,6 +502,15 @@ class _Worker:
             except Exception as exc:  # a bug must not end the sender: the worker would stall
                 error = _error_text(exc, self.hook.url)
                 log.error("webhook.settle_crashed", webhook=self.hook.id, error=error)
+
+    def _let_go(self, item: DueSend) -> bool:
+        """Whether ``item`` is not to be sent: the worker stops or is disabled, or the filter
+        no longer wants its kind. It is no longer held (pending in the store, if still there,
+        for whoever runs next)."""
+        if not (self.disabled or self._stopping) and item.kind in self._wanted:
+            return False
+        self.held.discard(item.delivery_id)
+        return True
 
     async def _attempt(self, due: DueSend) -> Outcome:
         """One attempt; whatever it raises (it should not: a bug, or an answer nobody thought
@@ -738,6 +758,11 @@ class _Recorder:
 
 
 _Record = tuple[Attempt, str, int, int, Recorded]  # attempt, status, next_ms, attempts read, done
+
+
+def _wanted_kinds(hook: Webhook) -> frozenset[str]:
+    """The outbox kinds (``DueSend.kind``) ``hook``'s filter lets through."""
+    return frozenset(kind.value for kind in Kind if hook.wants(kind.event_type))
 
 
 def _literal_refusal(guard: Guard, url: str) -> SsrfError | None:

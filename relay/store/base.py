@@ -230,6 +230,7 @@ class DueSend(NamedTuple):
     event_id: str
     committed_ms: int
     body: bytes
+    kind: str  # the event's Kind value: a sender skips a kind its webhook's filter now rejects
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,8 +448,10 @@ class Store(Protocol):
         """Write ``webhook``'s values of the named fields (Webhook attribute names) and nothing
         else; None writes every field but ``id``. Writing only what a change touched keeps it from
         undoing a concurrent write of the others (the dispatcher's ``failing_since_ms``, a
-        disable). Raises NotFoundError, DuplicateError (the URL is taken), StoreError for a name
-        that is not a field or is ``id``."""
+        disable). Writing ``event_types`` drops, in the same transaction, the webhook's pending
+        deliveries (and their attempts) whose kind the new filter rejects. Raises NotFoundError,
+        DuplicateError (the URL is taken), StoreError for a name that is not a field or is
+        ``id``."""
 
     async def delete_webhook(self, webhook_id: str) -> None:
         """Remove a webhook with its deliveries; raises NotFoundError."""

@@ -631,6 +631,16 @@ class PostgresStore:
             )
             if not _count(status):
                 raise NotFoundError(f"no webhook with id {webhook.id!r}")
+            kinds = rowmap.unwanted_kinds(webhook) if "event_types" in names else []
+            if kinds:
+                # a filter changed: its pending deliveries it now rejects go, as delete_webhook's
+                # do (attempts by ON DELETE CASCADE); in the same transaction
+                await conn.execute(
+                    "DELETE FROM deliveries WHERE"  # noqa: S608 - constants
+                    f" {rowmap.UNWANTED_PENDING.format(hook='$1', kinds='= ANY($2::text[])')}",
+                    webhook.id,
+                    kinds,
+                )
 
         await self.transaction(run)
 
@@ -741,7 +751,8 @@ class PostgresStore:
     ) -> list[DueSend]:
         due = await self.due_deliveries(webhook_id, now_ms, limit, skip)
         return [
-            DueSend(d.id, d.attempts, d.event_id, e.committed_ms, e.structured()) for d, e in due
+            DueSend(d.id, d.attempts, d.event_id, e.committed_ms, e.structured(), e.kind.value)
+            for d, e in due
         ]
 
     async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
@@ -838,8 +849,10 @@ class PostgresStore:
         async def run(conn: Connection) -> int:
             await _owing(conn)
             hook = await _get_webhook(conn, webhook_id)
+            # one delivery per event, at its first seq (see the SQLite store)
             events = await conn.fetch(
-                "SELECT seq, event_id, kind FROM outbox WHERE committed_ms >= $1 ORDER BY seq",
+                "SELECT MIN(seq), event_id, kind FROM outbox WHERE committed_ms >= $1"
+                " GROUP BY event_id, kind ORDER BY 1",
                 since_ms,
             )
             rows = [

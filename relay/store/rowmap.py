@@ -57,6 +57,20 @@ def update_fields(fields: Collection[str]) -> list[str]:
     return [name for name in WEBHOOK_FIELDS[1:] if name in fields]
 
 
+def unwanted_kinds(hook: Webhook) -> list[str]:
+    """The outbox kinds ``hook``'s filter rejects: a filter changed to this drops the webhook's
+    pending deliveries of them (``update_webhook``)."""
+    return [kind.value for kind in Kind if not hook.wants(kind.event_type)]
+
+
+# a webhook's pending deliveries whose event is of one of the kinds given (an array parameter on
+# PostgreSQL); served by the deliveries_due index, then one outbox lookup by seq per row
+UNWANTED_PENDING = (
+    "webhook_id = {hook} AND status = 'pending' AND EXISTS (SELECT 1 FROM outbox o"
+    " WHERE o.seq = deliveries.seq AND o.kind {kinds})"
+)
+
+
 KINDS = {kind.value: kind for kind in Kind}
 
 

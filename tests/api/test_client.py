@@ -41,6 +41,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 @pytest.fixture
 async def cli(aiohttp_server: AiohttpServer, store: Store, clock: Clock) -> Cli:
     """Runs one CLI command against the admin API on a real port; returns (status, out, err)."""
+    return await cli_on(aiohttp_server, store, clock)
+
+
+@pytest.fixture
+async def any_cli(aiohttp_server: AiohttpServer, any_store: Store, clock: Clock) -> Cli:
+    """``cli`` over each state store backend."""
+    return await cli_on(aiohttp_server, any_store, clock)
+
+
+async def cli_on(aiohttp_server: AiohttpServer, store: Store, clock: Clock) -> Cli:
     app = create_admin_app(store, AdminSettings(token=TOKEN), guard=Guard(), now_ms=clock)
     server = await aiohttp_server(app)
     api = str(server.make_url(""))
@@ -88,6 +98,34 @@ async def test_add_list_show_rotate_remove(cli: Cli) -> None:
     assert (status, out) == (0, f"removed webhook {hook_id}\n")
     status, out, _ = await cli("list")
     assert (status, out) == (0, "no webhooks\n")
+
+
+async def test_text_views_hide_what_a_url_carries_as_status_does(any_cli: Cli) -> None:
+    """add, list, show, update and rotate-secret print a webhook URL without its user info,
+    query and fragment (a password or token), as status does; --json has it as registered."""
+    url = "https://u:PSEKRET7@93.184.216.34/hook?token=QSEKRET8#FSEKRET9"
+    status, out, err = await any_cli("add", url, "-e", "click")
+    assert (status, err) == (0, "")
+    hook_id = next(line.split()[-1] for line in out.splitlines() if line.startswith("id:"))
+    outs = [out]
+    for argv in (
+        ("list",),
+        ("show", hook_id),
+        ("update", hook_id, "--description", "crm"),
+        ("rotate-secret", hook_id),
+    ):
+        status, out, err = await any_cli(*argv)
+        assert (status, err) == (0, "")
+        outs.append(out)
+    for out in outs:
+        assert "https://93.184.216.34/hook" in out
+        assert "SEKRET" not in out
+        assert "//u" not in out
+    assert outs[2].count("--json has them") == 1  # show says what it left out
+    status, out, _ = await any_cli("show", hook_id, "--json")
+    assert orjson.loads(out)["url"] == url
+    status, out, _ = await any_cli("list", "--json")
+    assert orjson.loads(out)["webhooks"][0]["url"] == url
 
 
 async def test_secret_prints_the_current_secret(cli: Cli) -> None:

@@ -734,7 +734,9 @@ async def test_every_change_is_told_to_the_running_dispatcher(
     """Register, edit, rotate, redeliver, recover and delete each tell the relay's webhook
     dispatcher which webhook changed, so it acts now rather than at its next refresh."""
     told: list[str] = []
-    client = await make_client(view=RelayView(on_webhook_change=told.append))
+    client = await make_client(
+        view=RelayView(on_webhook_change=lambda hook_id, _: told.append(hook_id))
+    )
     hook = await create(client)
     hook_id = str(hook["id"])
     await ok(await client.patch(f"/v1/webhooks/{hook_id}", json={"description": "x"}, headers=AUTH))

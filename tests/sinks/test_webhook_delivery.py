@@ -871,6 +871,28 @@ async def test_a_delivery_in_flight_is_not_sent_again_by_a_later_worker(
     assert (delivery.status, delivery.attempts) == ("delivered", 1)
 
 
+async def test_a_narrowed_filter_stops_the_deliveries_it_rejects_queued_ones_included(
+    any_store: Store, receiver: Start
+) -> None:
+    """An edit narrowing event_types while the worker has deliveries of the dropped kind queued
+    behind a slow attempt: that attempt finishes, none of the queued ones of the dropped kind
+    is sent afterwards, the kinds still wanted are, and the store keeps no trace of the rest."""
+    r = await receiver(delay_s=0.3)
+    hook = await register(any_store, r.url)
+    await commit(any_store, [*(activity(i) for i in range(3)), activity(9, Kind.CLICK)])
+    async with Running(any_store, replace(FAST, concurrency=1)) as dispatcher:
+        await until(lambda: len(r.received) == 1)  # the first open is in flight, the rest queued
+        narrowed = replace(hook, event_types=("com.constantcontact.email.click",))
+        await any_store.update_webhook(narrowed, ["event_types"])
+        dispatcher.changed(hook.id, narrowed)  # as the admin API's PATCH does
+        await until(lambda: dispatcher.delivered == 2)
+        await asyncio.sleep(0.5)
+    types = [orjson.loads(b)["type"].rsplit(".", 1)[1] for _, _, b in r.received]
+    assert types == ["open", "click"]
+    (left,) = await any_store.deliveries(hook.id, 10)
+    assert left.status == "delivered"
+
+
 async def test_a_redelivery_while_the_last_attempt_is_in_flight_is_not_undone(
     store: Store, aiohttp_server: Callable[..., Awaitable[TestServer]]
 ) -> None:

@@ -549,7 +549,8 @@ async def test_due_sends_are_the_due_deliveries_with_their_bodies_byte_for_byte(
     sends = await store.due_sends("wh_1", T0 + 100, 100)
     assert len(sends) == len(times)
     assert sends == [
-        DueSend(d.id, d.attempts, d.event_id, e.committed_ms, e.structured()) for d, e in due
+        DueSend(d.id, d.attempts, d.event_id, e.committed_ms, e.structured(), e.kind.value)
+        for d, e in due
     ]
     assert sends[-1].delivery_id == first.id  # due later: its retry
     assert sends[-1].attempts == 1
@@ -1241,6 +1242,57 @@ async def test_an_attempt_finished_after_a_reset_keeps_the_reset(store: Store) -
     # an attempt of the reset delivery settles it as usual
     await store.finish_attempts([(Attempt(first.id, T0 + 4, 200, 1.0), "delivered", T0 + 4, 0)])
     assert (await store.delivery(first.id)).status == "delivered"
+
+
+async def test_recover_after_a_log_replay_owes_each_event_once(store: Store) -> None:
+    """After a log replay each event is in the outbox twice with one id: recover makes one
+    delivery per event (its first seq since the point asked for) and counts each once."""
+    from relay.store import OutboxSelector
+
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(3)], T0)  # seq 1..3
+    await store.replay_outbox(OutboxSelector("acme", T0), T0 + 5)  # copies: seq 4..6
+    await store.fanout(100, T0 + 5)
+    done = await store.deliveries("wh_1", 10)
+    assert len(done) == 6
+    await store.finish_attempts([(Attempt(d.id, T0, 200, 1.0), "delivered", T0, 0) for d in done])
+    assert await store.recover("wh_1", T0, T0 + 10) == 3
+    pending = await store.deliveries("wh_1", 10, "pending")
+    assert sorted(d.seq for d in pending) == [1, 2, 3]
+
+
+async def test_a_narrowed_filter_drops_the_pending_deliveries_it_rejects(store: Store) -> None:
+    """Changing event_types drops, with their attempts, the webhook's pending deliveries (retries
+    included) of the kinds the new filter rejects; delivered and dead ones, those it still wants
+    and other webhooks' stay, and widening it again owes nothing back."""
+    sid = await one_stream(store)
+    first = await store.create_webhook(hook(1))
+    await store.create_webhook(hook(2, url="https://example.com/other"))
+    opens = [activity(i, T0 + i) for i in range(3)]
+    clicks = [activity(i, T0 + 10 + i, Kind.CLICK) for i in range(2)]
+    await store.commit_page(sid, [*opens, *clicks], T0)  # seq 1..3 opens, 4..5 clicks
+    await store.fanout(100, T0)
+    by_seq = {d.seq: d for d in await store.deliveries("wh_1", 10)}
+    await store.finish_attempts(
+        [
+            (Attempt(by_seq[1].id, T0, 200, 1.0), "delivered", T0, 0),
+            (Attempt(by_seq[2].id, T0, 500, 1.0), "dead", T0, 0),
+            (Attempt(by_seq[3].id, T0, 503, 1.0), "pending", T0 + 5, 0),  # a retry due
+            (Attempt(by_seq[4].id, T0, 503, 1.0), "pending", T0 + 5, 0),
+        ]
+    )
+    await store.update_webhook(dataclasses.replace(first, description="x"), ["description"])
+    assert len(await store.deliveries("wh_1", 10)) == 5  # another field: nothing dropped
+    narrowed = dataclasses.replace(first, event_types=("com.constantcontact.email.click",))
+    await store.update_webhook(narrowed, ["event_types"])
+    left = {d.seq: d.status for d in await store.deliveries("wh_1", 10)}
+    assert left == {1: "delivered", 2: "dead", 4: "pending", 5: "pending"}
+    assert await store.attempts(by_seq[3].id) == []
+    assert sorted(d.seq for d, _ in await store.due_deliveries("wh_1", T0 + 10, 10)) == [4, 5]
+    assert len(await store.deliveries("wh_2", 10, "pending")) == 5
+    await store.update_webhook(first, ["event_types"])  # widened again
+    assert sorted(d.seq for d in await store.deliveries("wh_1", 10)) == [1, 2, 4, 5]
 
 
 @contextlib.asynccontextmanager
