@@ -58,6 +58,8 @@ def update_fields(fields: Collection[str]) -> list[str]:
 
 
 KINDS = {kind.value: kind for kind in Kind}
+# and back: an enum's .value goes through a Python-level property (one per outbox row)
+KIND_VALUES = {kind: kind.value for kind in Kind}
 
 
 def stream(row: Sequence[object], marks: dict[Kind, int]) -> Stream:
@@ -163,7 +165,7 @@ def outbox_row(
         format_id(event_id),
         activity.account,
         stream_id,
-        activity.kind.value,
+        KIND_VALUES[activity.kind],
         activity.campaign_id,
         activity.contact_id,
         activity.occurred_ms,
