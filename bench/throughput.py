@@ -27,8 +27,12 @@ medians are the result:
 
 Target: (a) >= 0.6 x min(b, c): the whole pipeline keeps at least 60 % of the throughput of the
 slower of its two I/O floors. Also printed: the bench process's peak RSS and its CPU seconds per
-10,000 events during (a). The simulator runs in its own process and the broker in its JVM: their
-CPU is not counted, so the CPU figure is the relay's own (client, poller, store thread, sink).
+10,000 events during (a) (the relay's own: client, poller, store thread, sink). Then the physical
+bound: for each of (a), (b) and (c), the CPU seconds per 10,000 events of this process, of the
+simulator's process and of the dev broker's JVM (``/proc/<pid>/stat`` utime + stime, children
+included, read just outside each clock), and from (a)'s total the cores it would need at the
+target rate, against ``os.cpu_count()``; also the cores a pipeline costing no more than the two
+floors together ((b) + (c)) would need, the least any relay can.
 
 A warm-up round (not counted) comes first, so that connections and the broker's JIT are warm.
 Every topic is created up front, so topic creation and leader election are outside all clocks;
@@ -202,19 +206,68 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
+class Cpu:
+    """CPU seconds spent while one clock ran, by process; None: not measured (no such process
+    of ours: an external broker, or no meter)."""
+
+    bench: float  # this process: the relay in (a), the bare producer or fetch loop in (b), (c)
+    simulator: float | None
+    broker: float | None  # the dev broker's JVM
+    busy_cores: float | None = None  # the whole machine's CPU use meanwhile, in cores
+
+    @property
+    def total(self) -> float:
+        """All the measured processes together."""
+        return self.bench + (self.simulator or 0.0) + (self.broker or 0.0)
+
+
+class Meter:
+    """Reads the CPU time of the processes one clock involves: this process
+    (``time.process_time``, every thread) and the simulator's and broker's (``/proc``, utime +
+    stime of the process and its children). ``start`` reads /proc before this process's time and
+    ``stop`` after it, so scanning /proc is not counted as this process's work."""
+
+    def __init__(self, simulator_pid: int | None = None, broker_pid: int | None = None) -> None:
+        self._roots = (simulator_pid, broker_pid)
+
+    def _others(self) -> list[float | None]:
+        roots = [r for r in self._roots if r is not None]
+        found = dict(zip(roots, trees_cpu_s(roots), strict=True))
+        return [None if r is None else found[r] for r in self._roots]
+
+    def start(self) -> tuple[float, list[float | None], tuple[int, int]]:
+        machine, others = machine_ticks(), self._others()
+        return time.process_time(), others, machine
+
+    def stop(self, started: tuple[float, list[float | None], tuple[int, int]]) -> Cpu:
+        bench = time.process_time() - started[0]
+        after, machine = self._others(), machine_ticks()
+        spent = [
+            None if a is None or b is None else a - b
+            for a, b in zip(after, started[1], strict=True)
+        ]
+        return Cpu(bench, spent[0], spent[1], busy_cores(started[2], machine))
+
+
+@dataclass(frozen=True, slots=True)
 class EndToEnd:
     """One (a) run: what it committed and delivered, how long it took, what it cost."""
 
     committed: int  # new events the passes committed to the outbox
     published: int  # events the sink counted as acknowledged
     seconds: float
-    cpu_s: float
+    cpu: Cpu
     records: list[Record]  # the outbox as Kafka records, for (b)
 
     @property
     def rate(self) -> float:
         """Events per second."""
         return self.published / self.seconds
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of this process (the relay) during the clock."""
+        return self.cpu.bench
 
 
 async def end_to_end(
@@ -224,12 +277,15 @@ async def end_to_end(
     settings: KafkaSettings,
     *,
     keep_records: bool = True,
+    meter: Meter | None = None,
 ) -> EndToEnd:
     """Poll every campaign stream into a fresh store while the Kafka sink drains it.
 
     The store URL is the only backend knob: a PostgreSQL replica would pass its own.
     ``keep_records``: turn the outbox into Kafka records for (b), after the clock stopped.
+    ``meter``: whose CPU to read around the clock (this process's only without one).
     """
+    meter = meter or Meter()
     store = open_store(store_url)
     await store.open()
     try:
@@ -246,7 +302,8 @@ async def end_to_end(
         )
         stop = asyncio.Event()
         settle_after_startup()  # as run_relay does once started: the relay as it runs
-        cpu_started, started = time.process_time(), time.perf_counter()
+        cpu_started = meter.start()
+        started = time.perf_counter()
         sink_task = asyncio.create_task(sink.run(stop), name="bench:sink")
         try:
             committed = await _poll_all(store, poller)
@@ -256,7 +313,7 @@ async def end_to_end(
                     raise RuntimeError("the Kafka sink stopped before publishing everything")
                 await asyncio.sleep(DONE_POLL_S)
             seconds = time.perf_counter() - started
-            cpu_s = time.process_time() - cpu_started
+            cpu = meter.stop(cpu_started)
         finally:
             stop.set()
             await sink_task
@@ -264,7 +321,7 @@ async def end_to_end(
         if cursor != head or head != committed:
             raise RuntimeError(f"outbox head {head}, sink cursor {cursor}, committed {committed}")
         records = await outbox_records(store, settings.content_mode) if keep_records else []
-        return EndToEnd(committed, sink.published, seconds, cpu_s, records)
+        return EndToEnd(committed, sink.published, seconds, cpu, records)
     finally:
         await store.close()
 
@@ -317,14 +374,19 @@ def bare_producer(settings: KafkaSettings) -> AIOKafkaProducer:
     )
 
 
-async def produce(settings: KafkaSettings, records: Sequence[Record]) -> float:
-    """Send every record and await every acknowledgement; returns the seconds it took.
+async def produce(
+    settings: KafkaSettings, records: Sequence[Record], meter: Meter | None = None
+) -> tuple[float, Cpu]:
+    """Send every record and await every acknowledgement; returns the seconds it took and the
+    CPU it cost (``meter``: whose; this process's only without one).
 
     The fastest way aiokafka offers, as the sink does it: records grouped per partition (keys
     hashed before the clock starts) into closed batches handed over with ``send_batch``.
     """
     topics = {kind: settings.topic_for(kind) for kind in Kind}  # looked up once: the floor
     producer = bare_producer(settings)
+    meter = meter or Meter()
+    cpu_started = meter.start()
     started = time.perf_counter()
     await producer.start()
     try:
@@ -344,7 +406,8 @@ async def produce(settings: KafkaSettings, records: Sequence[Record]) -> float:
             batch.close()
             pending.append(await producer.send_batch(batch, topic, partition=partition))
         await asyncio.gather(*pending)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        return seconds, meter.stop(cpu_started)
     finally:
         await producer.stop()
 
@@ -440,11 +503,17 @@ class Round:
     delivered: int  # records on (a)'s topics afterwards
     produced: int  # records (b) sent, as found on its topics afterwards
     producer_s: float
+    producer_cpu: Cpu
     fetched: int
     fetch_s: float
+    fetch_cpu: Cpu
     per_record: int  # records (b') sent with send() per record, as found on its topics
     per_record_s: float
     kinds: dict[Kind, int]  # the records (b) and (b') sent, by kind (the records are not kept)
+
+    def cpu(self, side: str) -> Cpu:
+        """What (a), (b) or (c) cost while its clock ran."""
+        return {"a": self.e2e.cpu, "b": self.producer_cpu, "c": self.fetch_cpu}[side]
 
     @property
     def per_record_rate(self) -> float:
@@ -500,21 +569,56 @@ class Results:
         """Median CPU seconds of this process per 10,000 events during (a)."""
         return statistics.median(r.e2e.cpu_s / r.e2e.published * 10_000 for r in self.rounds)
 
+    def cpu_10k(self, side: str) -> Cpu:
+        """Median CPU seconds per 10,000 events of each process during (a), (b) or (c)
+        (``side``); ``busy_cores`` is the median machine load meanwhile."""
+        spent = [r.cpu(side) for r in self.rounds]
+        events = [r.e2e.published for r in self.rounds]  # all three moved the same events
+
+        def median(values: list[float | None]) -> float | None:
+            known = [v for v in values if v is not None]
+            return statistics.median(known) if len(known) == len(values) else None
+
+        def per_10k(part: str) -> float | None:
+            values = [getattr(c, part) for c in spent]
+            return median(
+                [None if v is None else v / n * 10_000 for v, n in zip(values, events, strict=True)]
+            )
+
+        return Cpu(
+            statistics.median(c.bench / n * 10_000 for c, n in zip(spent, events, strict=True)),
+            per_10k("simulator"),
+            per_10k("broker"),
+            median([c.busy_cores for c in spent]),
+        )
+
+    def total_10k(self, side: str) -> float:
+        """Median over rounds of all the measured processes' CPU per 10,000 events."""
+        return statistics.median(r.cpu(side).total / r.e2e.published * 10_000 for r in self.rounds)
+
 
 async def one_round(
-    session: aiohttp.ClientSession, world: World, state_dir: Path, bootstrap: str, name: str
+    session: aiohttp.ClientSession,
+    world: World,
+    state_dir: Path,
+    bootstrap: str,
+    name: str,
+    meter: Meter | None = None,
 ) -> Round:
     """(a), then (b) with (a)'s records, then (c); each on fresh state and topics."""
+    meter = meter or Meter()
     e2e_settings = topic_settings(bootstrap, f"{name}a")
     db = state_dir / f"{name}.db"
-    e2e = await end_to_end(session, world, f"sqlite:///{db}", e2e_settings)
+    e2e = await end_to_end(session, world, f"sqlite:///{db}", e2e_settings, meter=meter)
     producer_settings = topic_settings(bootstrap, f"{name}b")
-    producer_s = await produce(producer_settings, e2e.records)
+    producer_s, producer_cpu = await produce(producer_settings, e2e.records, meter)
     per_record_settings = topic_settings(bootstrap, f"{name}s")
     per_record_s = await produce_per_record(per_record_settings, e2e.records)
+    cpu_started = meter.start()
     started = time.perf_counter()
     fetched = await bare_loop(session, world.base, world.feed_paths())
     fetch_s = time.perf_counter() - started
+    fetch_cpu = meter.stop(cpu_started)
     done = Round(
         # Without the records: kept, every round's ~30,000 objects made each later (a) pay for
         # them in the collector's full passes (measured: 97 ms of GC in round 1's (a), 197 ms
@@ -523,8 +627,10 @@ async def one_round(
         delivered=await on_kafka(e2e_settings),
         produced=await on_kafka(producer_settings),
         producer_s=producer_s,
+        producer_cpu=producer_cpu,
         fetched=fetched,
         fetch_s=fetch_s,
+        fetch_cpu=fetch_cpu,
         per_record=await on_kafka(per_record_settings),
         per_record_s=per_record_s,
         kinds=dict(Counter(r.kind for r in e2e.records)),
@@ -554,9 +660,10 @@ async def measure(
     topics = [topic_settings(bootstrap, f"{n}{side}") for n in names for side in "abs"]
     profiled = topic_settings(bootstrap, f"bench{run}p")
     await create_topics(bootstrap, [*topics, profiled] if profile else topics)
+    meter = Meter(simulator_pid(), broker_pid(bootstrap))
     async with aiohttp.ClientSession() as session:
         world = await open_world(session, base)
-        done = [await one_round(session, world, state_dir, bootstrap, n) for n in names]
+        done = [await one_round(session, world, state_dir, bootstrap, n, meter) for n in names]
         text = await profile_e2e(session, world, state_dir, profiled) if profile else None
     return Results(world, done[1:], text)
 
@@ -590,7 +697,15 @@ async def kafka(work_dir: Path) -> AsyncIterator[str]:
         return
     dist = await asyncio.to_thread(ensure_kafka)  # Maven only if the jar cache is incomplete
     async with DevKafka(dist, work_dir) as broker:
-        yield broker.bootstrap_servers
+        if broker.pid is not None:
+            _BROKERS[broker.bootstrap_servers] = broker.pid
+        try:
+            yield broker.bootstrap_servers
+        finally:
+            _BROKERS.pop(broker.bootstrap_servers, None)
+
+
+_BROKERS: dict[str, int] = {}  # bootstrap -> JVM pid of the dev brokers ``kafka`` runs
 
 
 def now_ms() -> int:
@@ -611,6 +726,57 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def simulator_pid() -> int | None:
+    """The simulator process's id (``simulator``), None when none runs."""
+    return next((p.pid for p in multiprocessing.active_children() if p.name == SIMULATOR), None)
+
+
+def broker_pid(bootstrap: str) -> int | None:
+    """The JVM of the dev broker ``kafka`` runs at ``bootstrap``; None for an external one."""
+    return _BROKERS.get(bootstrap)
+
+
+def bound_lines(results: Results) -> list[str]:
+    """CPU per 10,000 events of every process during (a), (b) and (c), and what (a)'s would
+    take in cores at the target rate, against this machine's."""
+
+    def seconds(value: float | None) -> str:
+        return "       n/a" if value is None else f"{value:8.2f} s"
+
+    lines = [
+        "  CPU per 10k events    :  this proc  simulator     broker        all  (medians)",
+    ]
+    labels = {"a": "(a) relay end to end", "b": "(b) bare producer", "c": "(c) bare fetch"}
+    for side, label in labels.items():
+        c = results.cpu_10k(side)
+        lines.append(
+            f"    {label:20}: {seconds(c.bench)} {seconds(c.simulator)} {seconds(c.broker)}"
+            f" {seconds(results.total_10k(side))}"
+        )
+    cores = os.cpu_count() or 1
+    floor = min(results.producer, results.fetch)
+    target = TARGET * floor
+    per_event = results.total_10k("a") / 10_000
+    needed = target * per_event
+    reach = cores / per_event if per_event else float("inf")
+    least = (results.total_10k("b") + results.total_10k("c")) / 10_000
+    busy = results.cpu_10k("a").busy_cores
+    lines += [
+        f"  cores (a) needs at the target rate: {TARGET} x {floor:,.0f} = {target:,.0f} events/s"
+        f" x {per_event * 1e6:.1f} us of CPU per event (all processes) = {needed:.1f} cores;"
+        f" this machine has {cores} (os.cpu_count())",
+        f"  (a) with all {cores} cores at that CPU per event: at most {reach:,.0f} events/s"
+        f" (ratio {reach / floor:.2f}); costing only (b) + (c) ({least * 1e6:.1f} us per event)"
+        f" it would need {target * least:.1f} cores (ratio at most"
+        f" {cores / least / floor if least else float('inf'):.2f})",
+    ]
+    if busy is not None:
+        lines.append(
+            f"  machine busy during (a): {busy:.1f} of {cores} cores (median; every process)"
+        )
+    return lines
+
+
 def report(results: Results, contacts: int, bootstrap: str) -> list[str]:
     """The printed result."""
     world, rounds = results.world, results.rounds
@@ -627,6 +793,7 @@ def report(results: Results, contacts: int, bootstrap: str) -> list[str]:
         f"  (a) CPU per 10k events: {results.cpu_per_10k:10.2f} s (this process only; the"
         " simulator and broker run in other processes and are not counted)",
         f"  peak RSS              : {peak_rss_mib():10.1f} MiB (this process)",
+        *bound_lines(results),
         f"verdict: {verdict} target a / min(b, c) >= {TARGET}",
     ]
 
@@ -861,17 +1028,22 @@ def children_cpu_s(command: str) -> float:
 def tree_cpu_s(root: int) -> float:
     """CPU seconds (user + system) of process ``root`` and its children (a PostgreSQL
     postmaster and its backends), from /proc: not other servers on a shared machine."""
+    return trees_cpu_s([root])[0]
+
+
+def trees_cpu_s(roots: Sequence[int]) -> list[float]:
+    """``tree_cpu_s`` of each of ``roots``, from one scan of /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    totals = dict.fromkeys(roots, 0)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             values = stat.read_text().rsplit(")", 1)[1].split()
             pid, ppid = int(stat.parent.name), int(values[1])
-            if root in (pid, ppid):
-                total += int(values[11]) + int(values[12])  # utime, stime
+            for root in {pid, ppid} & totals.keys():
+                totals[root] += int(values[11]) + int(values[12])  # utime, stime
         except (OSError, IndexError, ValueError):
             continue  # a process that ended meanwhile
-    return total / ticks
+    return [totals[root] / ticks for root in roots]
 
 
 async def run_replicas(

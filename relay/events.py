@@ -14,8 +14,8 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 
@@ -29,6 +29,12 @@ TYPE_PREFIX = "com.constantcontact.email."
 # Namespace for the UUIDv5 event ids. Changing it changes every event id ever emitted: never do.
 _ID_NAMESPACE = uuid.UUID("6f0c3a52-6d1e-5b9e-9a4f-3c2b7c1d0e11")
 _ID_NAMESPACE_BYTES = _ID_NAMESPACE.bytes
+# SHA-1 is what RFC 4122 v5 is defined with: an id derivation, not a security function.
+_ID_NAMESPACE_SHA1 = hashlib.sha1(_ID_NAMESPACE_BYTES, usedforsecurity=False)
+# A v5 UUID as a 128-bit integer: the version nibble (byte 6's high half) is 5, the variant
+# (byte 8's two high bits) RFC 4122's 0b10; every other bit is the SHA-1's.
+_UUID_FIELDS = ~((0xF0 << 72) | (0xC0 << 56)) & ((1 << 128) - 1)
+_UUID5_BITS = (0x50 << 72) | (0x80 << 56)
 # Constant Contact v2 names contacts and campaigns by numeric strings ("1100394165290"; records
 # sometimes carry them as JSON numbers): what an operator gives as a target must be one
 RESOURCE_ID = re.compile(r"[0-9]{1,64}", re.ASCII)
@@ -62,6 +68,9 @@ class Kind(enum.StrEnum):
 
 
 _KIND_BY_ACTIVITY_TYPE = {kind.activity_type: kind for kind in Kind}
+# The properties above as lookups, for the per-record paths (each property builds its string anew)
+_ACTIVITY_TYPE = {kind: kind.activity_type for kind in Kind}
+_DATE_FIELD = {kind: kind.date_field for kind in Kind}
 BOUNCE_CODES = frozenset("BSDFVZX")
 
 
@@ -108,17 +117,48 @@ class Activity:
     bounce_message: str | None = None
     unsubscribe_source: str | None = None
     unsubscribe_reason: str | None = None
+    # Activity time as Unix milliseconds, derived from occurred_at once (read ~6 times on the
+    # way to the outbox: a property recomputed it each time)
+    occurred_ms: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def occurred_ms(self) -> int:
-        """Activity time as Unix milliseconds."""
-        return to_millis(self.occurred_at)
+    def __init__(
+        self,
+        account: str,
+        kind: Kind,
+        campaign_id: str,
+        contact_id: str,
+        email_address: str,
+        occurred_at: datetime,
+        link_id: str | None = None,
+        bounce_code: str | None = None,
+        bounce_description: str | None = None,
+        bounce_message: str | None = None,
+        unsubscribe_source: str | None = None,
+        unsubscribe_reason: str | None = None,
+    ) -> None:
+        # Still frozen, but each slot is set through its own descriptor: the generated __init__
+        # of a frozen dataclass calls object.__setattr__ by name per field, which cost twice as
+        # much (profiled: one is built per record read, on the event loop's thread).
+        s = _ACTIVITY_SLOTS
+        s[0](self, account)
+        s[1](self, kind)
+        s[2](self, campaign_id)
+        s[3](self, contact_id)
+        s[4](self, email_address)
+        s[5](self, occurred_at)
+        s[6](self, link_id)
+        s[7](self, bounce_code)
+        s[8](self, bounce_description)
+        s[9](self, bounce_message)
+        s[10](self, unsubscribe_source)
+        s[11](self, unsubscribe_reason)
+        s[12](self, to_millis(occurred_at))
 
     @property
     def dedup_key(self) -> DedupKey:
         """(type, campaign, contact, time in UTC ms), plus the link for clicks."""
         return DedupKey(
-            self.kind.activity_type,
+            _ACTIVITY_TYPE[self.kind],
             self.campaign_id,
             self.contact_id,
             self.occurred_ms,
@@ -136,7 +176,7 @@ class Activity:
         # The same text as f"{account}|{dedup_key.as_text()}", without building the key.
         link = (self.link_id or "0") if self.kind is Kind.CLICK else ""
         return uuid5_bytes(
-            f"{self.account}|{self.kind.activity_type}|{self.campaign_id}|{self.contact_id}"
+            f"{self.account}|{_ACTIVITY_TYPE[self.kind]}|{self.campaign_id}|{self.contact_id}"
             f"|{self.occurred_ms}|{link}"
         )
 
@@ -144,7 +184,7 @@ class Activity:
         """The CloudEvent ``data``: snake_case fields, ids as strings."""
         out: JsonObject = {
             "account": self.account,
-            "activity_type": self.kind.activity_type,
+            "activity_type": _ACTIVITY_TYPE[self.kind],
             "campaign_id": self.campaign_id,
             "contact_id": self.contact_id,
             "email_address": self.email_address,
@@ -177,6 +217,19 @@ class Activity:
         return {**self.attributes(), "data": self.data()}
 
 
+SlotSetter = Callable[[object, object], None]
+
+
+def slot_setters(cls: type) -> tuple[SlotSetter, ...]:
+    """The ``__set__`` of each of a slotted class's slots, in ``__slots__`` order: what a frozen
+    dataclass's own ``__init__`` may call to set its fields (``Activity``)."""
+    slots: tuple[str, ...] = cls.__dict__["__slots__"]
+    return tuple(cls.__dict__[name].__set__ for name in slots)
+
+
+_ACTIVITY_SLOTS = slot_setters(Activity)
+
+
 def attributes(
     event_id: str, account: str, kind: Kind, campaign_id: str, contact_id: str, occurred_ms: int
 ) -> dict[str, str]:
@@ -195,12 +248,10 @@ def attributes(
 def uuid5_bytes(name: str) -> bytes:
     """RFC 4122 UUIDv5 bytes of ``name`` in the event-id namespace, as ``uuid.uuid5`` computes
     them but without building a UUID object (the commit path makes one per activity)."""
-    # SHA-1 is what RFC 4122 v5 is defined with: an id derivation, not a security function.
-    sha1 = hashlib.sha1(_ID_NAMESPACE_BYTES + name.encode(), usedforsecurity=False)
-    digest = bytearray(sha1.digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    return bytes(digest)
+    sha1 = _ID_NAMESPACE_SHA1.copy()  # the namespace's 16 bytes hashed once
+    sha1.update(name.encode())
+    digest = int.from_bytes(sha1.digest()[:16])
+    return ((digest & _UUID_FIELDS) | _UUID5_BITS).to_bytes(16)
 
 
 def format_id(raw: bytes) -> str:
@@ -325,7 +376,7 @@ def parse_activity(
     are typed by their own ``activity_type``. Raises :class:`RecordError` naming the bad field.
     """
     record_kind = _record_kind(raw, kind)
-    date_field = record_kind.date_field
+    date_field = _DATE_FIELD[record_kind]
     link_id = bounce_code = bounce_description = bounce_message = None
     unsubscribe_source = unsubscribe_reason = None
     if record_kind is Kind.CLICK:
@@ -340,19 +391,20 @@ def parse_activity(
     elif record_kind is Kind.UNSUBSCRIBE:
         unsubscribe_source = _text(raw, "unsubscribe_source")
         unsubscribe_reason = _text(raw, "unsubscribe_reason")
+    # positional, in field order: keywords cost ~0.3 us per record (one per record read)
     return Activity(
-        account=account,
-        kind=record_kind,
-        campaign_id=_id(raw, "campaign_id"),
-        contact_id=_id(raw, "contact_id"),
-        email_address=_text(raw, "email_address"),
-        occurred_at=parse_time(raw.get(date_field), date_field),
-        link_id=link_id,
-        bounce_code=bounce_code,
-        bounce_description=bounce_description,
-        bounce_message=bounce_message,
-        unsubscribe_source=unsubscribe_source,
-        unsubscribe_reason=unsubscribe_reason,
+        account,
+        record_kind,
+        _id(raw, "campaign_id"),
+        _id(raw, "contact_id"),
+        _text(raw, "email_address"),
+        parse_time(raw.get(date_field), date_field),
+        link_id,
+        bounce_code,
+        bounce_description,
+        bounce_message,
+        unsubscribe_source,
+        unsubscribe_reason,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -370,3 +371,40 @@ def test_parse_time_normalizes_every_rendering_to_utc_milliseconds(
     parsed = parse_time(text)
     assert parsed.tzinfo is UTC
     assert parsed == moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def test_activity_built_by_its_own_init_is_still_a_frozen_value() -> None:
+    """Activity's hand-written __init__ puts each argument in its field, derives occurred_ms
+    from occurred_at (again in dataclasses.replace), and keeps the frozen dataclass's contract:
+    immutable, equal and hashed by value, a repr without the derived field."""
+    fields = {
+        "account": "acme",
+        "kind": Kind.BOUNCE,
+        "campaign_id": "11",
+        "contact_id": "22",
+        "email_address": "x@example.com",
+        "occurred_at": from_millis(1_763_000_000_123),
+        "link_id": "33",
+        "bounce_code": "B",
+        "bounce_description": "desc",
+        "bounce_message": "msg",
+        "unsubscribe_source": "src",
+        "unsubscribe_reason": "why",
+    }
+    activity = Activity(**fields)  # type: ignore[arg-type]
+    assert {name: getattr(activity, name) for name in fields} == fields
+    assert activity.occurred_ms == 1_763_000_000_123
+    assert activity == Activity(*fields.values())  # type: ignore[arg-type]
+    assert hash(activity) == hash(Activity(**fields))  # type: ignore[arg-type]
+    assert activity != dataclasses.replace(activity, link_id="34")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        activity.contact_id = "23"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        activity.occurred_ms = 0  # type: ignore[misc]
+    later = dataclasses.replace(activity, occurred_at=from_millis(1_763_000_001_000))
+    assert later.occurred_ms == 1_763_000_001_000
+    assert later.contact_id == "22"
+    assert "occurred_ms" not in repr(activity)
+    short = Activity("acme", Kind.OPEN, "11", "22", "x@example.com", from_millis(5))
+    assert (short.link_id, short.bounce_code, short.unsubscribe_reason) == (None, None, None)
+    assert short.occurred_ms == 5

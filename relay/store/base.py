@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from relay.events import Activity, Kind, attributes, structured, type_matches
+from relay.events import Activity, Kind, attributes, slot_setters, structured, type_matches
 
 # The ``meta`` row of the budget names' salt (Store.budget_salt).
 BUDGET_SALT = "budget_salt"
@@ -138,6 +138,32 @@ class OutboxEvent:
     committed_ms: int
     data: bytes  # the CloudEvent ``data`` JSON
 
+    def __init__(
+        self,
+        seq: int,
+        event_id: str,
+        account: str,
+        kind: Kind,
+        campaign_id: str,
+        contact_id: str,
+        occurred_ms: int,
+        committed_ms: int,
+        data: bytes,
+    ) -> None:
+        # Still frozen, each slot set through its descriptor: the generated __init__ calls
+        # object.__setattr__ by name per field, twice the cost (one event is built per commit
+        # of an activity, and per row read back or due for a webhook; see Activity.__init__).
+        s = _OUTBOX_EVENT_SLOTS
+        s[0](self, seq)
+        s[1](self, event_id)
+        s[2](self, account)
+        s[3](self, kind)
+        s[4](self, campaign_id)
+        s[5](self, contact_id)
+        s[6](self, occurred_ms)
+        s[7](self, committed_ms)
+        s[8](self, data)
+
     def attributes(self) -> dict[str, str]:
         """The CloudEvent context attributes."""
         return attributes(
@@ -152,6 +178,9 @@ class OutboxEvent:
     def structured(self) -> bytes:
         """The whole event as structured-mode CloudEvents JSON."""
         return structured(self.attributes(), self.data)
+
+
+_OUTBOX_EVENT_SLOTS = slot_setters(OutboxEvent)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,8 @@ UNWANTED_PENDING = (
 
 
 KINDS = {kind.value: kind for kind in Kind}
+# and back: an enum's .value goes through a Python-level property (one per outbox row)
+KIND_VALUES = {kind: kind.value for kind in Kind}
 
 
 def stream(row: Sequence[object], marks: dict[Kind, int]) -> Stream:
@@ -177,7 +179,7 @@ def outbox_row(
         format_id(event_id),
         activity.account,
         stream_id,
-        activity.kind.value,
+        KIND_VALUES[activity.kind],
         activity.campaign_id,
         activity.contact_id,
         activity.occurred_ms,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,33 @@ async def test_throughput_rounds_move_the_same_events_exactly_once(tmp_path: Pat
     assert results.ratio > 0
     assert results.cpu_per_10k > 0
     lines = throughput.report(results, contacts=60, bootstrap=bootstrap)
+    assert lines[-1].startswith(("verdict: meets", "verdict: MISSES"))
+
+
+async def test_throughput_reports_every_process_cpu_and_the_cores_needed(tmp_path: Path) -> None:
+    """(a), (b) and (c) each carry the CPU of this process, the simulator's and the dev
+    broker's, and the report derives the cores (a) needs at the target rate."""
+    with throughput.simulator(contacts=60, campaigns=1) as base:
+        async with throughput.kafka(tmp_path / "kafka") as bootstrap:
+            ours = throughput.broker_pid(bootstrap)
+            results = await throughput.measure(base, bootstrap, rounds=1, state_dir=tmp_path)
+    assert (ours is None) == bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
+    [done] = results.rounds
+    for side in "abc":
+        cpu = done.cpu(side)
+        assert cpu.bench > 0
+        assert cpu.simulator is not None
+        assert cpu.simulator >= 0
+        assert (cpu.broker is None) == (ours is None)
+        assert cpu.busy_cores is not None
+        assert 0 <= cpu.busy_cores <= (os.cpu_count() or 1)
+        assert cpu.total >= cpu.bench
+    lines = throughput.report(results, contacts=60, bootstrap=bootstrap)
+    text = "\n".join(lines)
+    for label in ("(a) relay end to end:", "(b) bare producer   :", "(c) bare fetch      :"):
+        assert f"    {label}" in text
+    [needs] = [line for line in lines if line.startswith("  cores (a) needs at the target rate:")]
+    assert needs.endswith(f"this machine has {os.cpu_count()} (os.cpu_count())")
     assert lines[-1].startswith(("verdict: meets", "verdict: MISSES"))
 
 

@@ -23,6 +23,7 @@ from relay.store import (
     DuplicateError,
     GoneError,
     NotFoundError,
+    OutboxEvent,
     PassResult,
     PostgresStore,
     Store,
@@ -1423,3 +1424,17 @@ async def test_a_sqlite_store_that_fails_to_open_closes_its_connection(
         await store.open()
     assert opened
     assert all(c.closed for c in opened)
+
+
+def test_outbox_event_built_by_its_own_init_is_still_a_frozen_value() -> None:
+    """OutboxEvent's hand-written __init__ puts each argument in its field and keeps the frozen
+    dataclass's contract: immutable, equal and hashed by value, dataclasses.replace."""
+    args = (7, "id-7", "acme", Kind.CLICK, "11", "22", 1_000, 2_000, b'{"a":1}')
+    event = OutboxEvent(*args)
+    assert dataclasses.astuple(event) == args
+    assert event == OutboxEvent(*args)
+    assert hash(event) == hash(OutboxEvent(*args))
+    assert dataclasses.replace(event, seq=8).seq == 8
+    assert dataclasses.replace(event, seq=8).data == b'{"a":1}'
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.seq = 9  # type: ignore[misc]
