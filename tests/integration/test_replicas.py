@@ -400,8 +400,11 @@ def test_a_paused_kafka_publisher_sends_nothing_more_after_a_takeover(
         os.kill(victim.popen.pid, signal.SIGCONT)
         time.sleep(3)  # the resumed replica settles its round and stops publishing
         moves = watch.stop()
-        seqs = {str(r[0]): int(r[1]) for r in deployment.query("SELECT event_id, seq FROM outbox")}
-        records = deployment.kafka_records(set(seqs))
+        sql = "SELECT event_id, seq FROM outbox"
+        committed = {str(r[0]) for r in deployment.query(sql)}
+        records = deployment.kafka_records(committed)
+        # read again: late activity may have been committed (and published) meanwhile
+        seqs = {str(r[0]): int(r[1]) for r in deployment.query(sql)}
         resumed = victim.output()
     finally:
         if watch is not None:
@@ -411,7 +414,7 @@ def test_a_paused_kafka_publisher_sends_nothing_more_after_a_takeover(
     assert successor != holder
     assert moves == sorted(moves), f"the Kafka cursor moved back: {moves}"
     counts = Counter(seqs[ce_id] for _, _, ce_id in records)
-    assert set(counts) == set(seqs.values())
+    assert {seqs[ce_id] for ce_id in committed} <= set(counts)  # nothing lost
     # sent twice: at most the paused holder's round in flight (the successor sent it again)
     again = sorted(seq for seq, n in counts.items() if n > 1 and seq > head)
     assert again == [], f"published again beyond the round in flight (head {head}): {again}"
