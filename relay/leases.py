@@ -3,10 +3,13 @@
 ``run_leased`` keeps a worker (the Kafka sink) running only while this replica holds its lease:
 it takes the lease (waiting while another replica holds it), starts the worker, renews the lease
 every third of its length, and stops the worker when a renewal fails or does not come back before
-the lease would expire. A worker that fails, or a lost lease, never ends the process: it logs,
-backs off and tries to take the lease again. ``leased_job`` runs a periodic job (discovery,
-pruning) on the replica that gets its lease; ``AccountBudget`` is an api_key's shared budget as
-the rate limiter sees it. Replica ids are generated per process: nothing to configure.
+the lease would expire, or when the lease ran out by this process's own clock before it could be
+renewed at all (the process was paused: no store call decides that). The worker also gets a cheap
+check of the same clock (``Tenure.valid``) to call right before each send. A worker that fails,
+or a lost lease, never ends the process: it logs, backs off and tries to take the lease again.
+``leased_job`` runs a periodic job (discovery, pruning) on the replica that gets its lease;
+``AccountBudget`` is an api_key's shared budget as the rate limiter sees it. Replica ids are
+generated per process: nothing to configure.
 """
 
 from __future__ import annotations
@@ -27,7 +30,35 @@ from relay.store.coordination import Coordinator
 
 log = structlog.get_logger(__name__)
 
-Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+# the worker gets its stop event and the lease's validity check (``Tenure.valid``)
+Worker = Callable[[asyncio.Event, Callable[[], bool]], Coroutine[Any, Any, None]]
+
+
+class Tenure:
+    """A lease as this process's monotonic clock sees it, no store call needed: held until the
+    start of the last successful ``hold`` plus ``lease_s`` (the store's expiry is no earlier),
+    less a safety margin of a tenth of the lease. The clock runs on while the process is
+    paused (SIGSTOP, a frozen VM), so a paused holder finds its lease gone when it resumes,
+    before it does anything else, even though its renewal loop has not run yet."""
+
+    def __init__(self, lease_s: float, asked: float) -> None:
+        self._lease_s = lease_s
+        self._until = asked + 0.9 * lease_s
+        self._lost = False
+
+    def renewed(self, asked: float) -> None:
+        """A ``hold`` started at monotonic time ``asked`` kept the lease."""
+        self._until = asked + 0.9 * self._lease_s
+
+    def lose(self) -> None:
+        self._lost = True
+
+    def left_s(self) -> float:
+        """Seconds the lease can still be relied on (0 or less: it is lost)."""
+        return -1.0 if self._lost else self._until - time.monotonic()
+
+    def valid(self) -> bool:
+        return self.left_s() > 0
 
 
 def new_replica_id() -> str:
@@ -71,16 +102,17 @@ async def run_leased(
     renew_s = coordinator.lease_s / 3
     failures = 0
     while not stop.is_set():
+        started = time.monotonic()
         if not await _take(name, coordinator):
             await _sleep_or_stop(stop, renew_s)
             continue
         log.info("lease.acquired", lease=name)
-        started = time.monotonic()
+        tenure = Tenure(coordinator.lease_s, started)
         worker_stop = asyncio.Event()
-        task = asyncio.create_task(worker(worker_stop), name=f"leased:{name}")
+        task = asyncio.create_task(worker(worker_stop, tenure.valid), name=f"leased:{name}")
         done: set[asyncio.Task[None]] = set()
         try:
-            await _renew_while_running(name, coordinator, task, stop)
+            await _renew_while_running(name, coordinator, task, stop, tenure)
             worker_stop.set()
             done, _ = await asyncio.wait({task}, timeout=grace_s)
         finally:
@@ -104,11 +136,14 @@ async def run_leased(
 
 
 async def _renew_while_running(
-    name: str, coordinator: Coordinator, task: asyncio.Task[None], stop: asyncio.Event
+    name: str,
+    coordinator: Coordinator,
+    task: asyncio.Task[None],
+    stop: asyncio.Event,
+    tenure: Tenure,
 ) -> None:
     """Renew the lease until the worker ends, ``stop`` is set, or the lease is lost."""
     lease_s = coordinator.lease_s
-    held_until = time.monotonic() + lease_s
     stopping = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set() and not task.done():
@@ -118,19 +153,26 @@ async def _renew_while_running(
             )
             if stop.is_set() or task.done():
                 return
+            # a lease that ran out by our own clock (the process was paused) is lost, whatever
+            # the store would say: another replica may have taken it and published meanwhile
+            left_s = tenure.left_s()
+            if left_s <= 0:
+                tenure.lose()
+                log.warning("lease.lost", lease=name, reason="ran out before its renewal")
+                return
             # a renewal that cannot finish before the lease runs out is a lost lease: another
             # replica may take it then, and two publishers would break per-contact order
-            margin_s = held_until - time.monotonic() - 0.1 * lease_s
             started = time.monotonic()
             try:
-                held = name in await asyncio.wait_for(coordinator.hold([name]), max(margin_s, 0.1))
+                held = name in await asyncio.wait_for(coordinator.hold([name]), left_s)
             except (StoreError, TimeoutError) as exc:
                 log.warning("lease.renew_failed", lease=name, error=str(exc) or "timed out")
                 held = False
             if not held:
+                tenure.lose()
                 log.warning("lease.lost", lease=name)
                 return
-            held_until = started + lease_s
+            tenure.renewed(started)
     finally:
         stopping.cancel()
 

@@ -4,7 +4,8 @@ lost, gives it back on the way out."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 
 import pytest
 
@@ -66,7 +67,7 @@ async def test_worker_runs_only_under_the_lease_and_survives_its_failures() -> N
     leases.owner = "other"
     runs = 0
 
-    async def worker(stop: asyncio.Event) -> None:
+    async def worker(stop: asyncio.Event, valid: Callable[[], bool]) -> None:
         nonlocal runs
         runs += 1
         if runs == 1:
@@ -94,7 +95,7 @@ async def test_lost_lease_stops_the_worker_and_fatal_errors_propagate() -> None:
     leases = Leases()
     stopped = asyncio.Event()
 
-    async def worker(stop: asyncio.Event) -> None:
+    async def worker(stop: asyncio.Event, valid: Callable[[], bool]) -> None:
         await stop.wait()
         stopped.set()
 
@@ -106,7 +107,7 @@ async def test_lost_lease_stops_the_worker_and_fatal_errors_propagate() -> None:
     stop.set()
     await asyncio.wait_for(task, 5)
 
-    async def misconfigured(stop: asyncio.Event) -> None:
+    async def misconfigured(stop: asyncio.Event, valid: Callable[[], bool]) -> None:
         raise Boom("topic does not exist")
 
     with pytest.raises(Boom):
@@ -147,7 +148,7 @@ async def test_a_worker_failure_or_a_stop_is_noticed_at_once() -> None:
     """run_leased waited for the next renewal tick (a third of the lease) before it saw a fatal
     error of the worker, or a stop."""
 
-    async def misconfigured(stop: asyncio.Event) -> None:
+    async def misconfigured(stop: asyncio.Event, valid: Callable[[], bool]) -> None:
         raise Boom("topic does not exist")
 
     with pytest.raises(Boom):
@@ -156,7 +157,7 @@ async def test_a_worker_failure_or_a_stop_is_noticed_at_once() -> None:
             2,
         )
 
-    async def worker(stop: asyncio.Event) -> None:
+    async def worker(stop: asyncio.Event, valid: Callable[[], bool]) -> None:
         await stop.wait()
 
     stop = asyncio.Event()
@@ -172,7 +173,7 @@ async def test_cancelling_run_leased_cancels_and_awaits_its_worker() -> None:
     running = asyncio.Event()
     worker_ended = asyncio.Event()
 
-    async def stubborn(stop: asyncio.Event) -> None:  # an unresponsive broker: stop not heeded
+    async def stubborn(stop: asyncio.Event, valid: Callable[[], bool]) -> None:  # unresponsive
         running.set()
         try:
             await asyncio.sleep(3600)
@@ -190,3 +191,72 @@ async def test_cancelling_run_leased_cancels_and_awaits_its_worker() -> None:
         await asyncio.wait_for(task, 2)
     assert worker_ended.is_set()
     assert leases.owner is None  # given back
+
+
+class RoundTripLeases(Leases):
+    """Leases whose ``hold`` takes a database round trip and counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holds = 0
+
+    async def hold(self, names: Sequence[str]) -> set[str]:
+        self.holds += 1
+        await asyncio.sleep(0.05)
+        return await super().hold(names)
+
+
+async def test_a_lease_run_out_while_paused_is_lost_at_once_without_asking_the_store() -> None:
+    """A holder paused (SIGSTOP) past its lease while another replica took it over finds the
+    lease invalid the moment it resumes, and is stopped without a renewal: the renewal's round
+    trip was the window in which the resumed Kafka sink published again what the successor had
+    already published (rev9)."""
+    leases = RoundTripLeases()
+    checks: list[Callable[[], bool]] = []
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def worker(stop: asyncio.Event, valid: Callable[[], bool]) -> None:
+        checks.append(valid)
+        started.set()
+        await stop.wait()
+        stopped.set()
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_leased("sink:kafka", leases, worker, stop))
+    await asyncio.wait_for(started.wait(), 2)
+    [valid] = checks
+    assert valid()
+    await asyncio.sleep(0.15)  # renewed at least once: still valid
+    assert valid()
+    leases.owner = "other"  # the lease ran out and a successor took it, while ...
+    asked = leases.holds
+    # ... this process was paused: its event loop did not run (a blocking sleep is the pause)
+    time.sleep(2 * leases.lease_s)  # noqa: ASYNC251
+    assert not valid()  # nothing may be sent now, before any task of ours runs
+    await asyncio.wait_for(stopped.wait(), 2)
+    assert leases.holds == asked  # stopped on its own clock: no round trip first
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_the_validity_check_turns_false_when_a_renewal_loses_the_lease() -> None:
+    """The store answering that another replica holds the lease makes the worker's check false
+    before the worker is stopped, not only once the lease's time is up."""
+    leases = Leases()
+    seen: list[bool] = []
+
+    async def worker(stop: asyncio.Event, valid: Callable[[], bool]) -> None:
+        await stop.wait()
+        seen.append(valid())
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_leased("sink:kafka", leases, worker, stop))
+    await asyncio.sleep(0.05)
+    leases.owner = "other"
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == [False]
+    stop.set()
+    await asyncio.wait_for(task, 5)

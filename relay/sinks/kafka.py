@@ -14,6 +14,10 @@ order and alone moves the cursor, and a partition's next batch waits for its pre
 Events this process commits are handed over by the store in memory; the outbox is read whenever
 they do not continue from the sink's position, and after every restart.
 
+With several replicas the sink runs under a lease (``relay.leases.run_leased``) and is given its
+validity check: nothing is handed to the producer once the lease ran out by this process's
+clock (a paused holder, resumed after another replica took over), and the sink ends.
+
 Records follow the CloudEvents Kafka protocol binding: binary content mode by default (value =
 ``data``, attributes as ``ce_*`` headers), structured mode as an option. Key = contact id, so each
 contact's activity stays ordered in one partition.
@@ -317,6 +321,11 @@ class _Round:
     started: float  # time.perf_counter() when the round was read
 
 
+def _always() -> bool:
+    """The lease check of a sink that runs alone (SQLite, tests, benchmarks)."""
+    return True
+
+
 class KafkaSink:
     """Publishes the outbox to Kafka until stopped; survives broker outages."""
 
@@ -353,13 +362,20 @@ class KafkaSink:
         self._chain: dict[tuple[str, int], _Delivery | BaseException] = {}
         self._handed: list[OutboxAppend] = []  # in seq order; see _from_memory
         self._handed_events = 0
+        self._valid: Callable[[], bool] = _always
         store.on_append(self._appended)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Connect, publish, and on any transient failure back off and resume from the cursor."""
+    async def run(self, stop: asyncio.Event, valid: Callable[[], bool] = _always) -> None:
+        """Connect, publish, and on any transient failure back off and resume from the cursor.
+
+        ``valid``: whether the sink's lease still holds, asked right before each send; once it
+        says no the sink sends nothing more, settles what it sent, and returns."""
         self.publishing = True
+        self._valid = valid
         try:
             await self._run(stop)
+            if not stop.is_set() and not valid():
+                log.warning("kafka.lease_ran_out", action="stopped publishing")
         finally:
             self.publishing = False
 
@@ -370,7 +386,7 @@ class KafkaSink:
 
     async def _run(self, stop: asyncio.Event) -> None:
         attempt = 0
-        while not stop.is_set():
+        while not stop.is_set() and self._valid():
             try:
                 producer = self._producer()  # builds the TLS context when config did not
             except ValueError as exc:  # an option aiokafka refuses: retrying will not help
@@ -386,6 +402,8 @@ class KafkaSink:
             except KafkaSinkError:
                 raise
             except (KafkaError, OSError) as exc:
+                if not self._valid():
+                    break  # the lease ran out (maybe what failed): not a broker problem
                 attempt += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 delay = self._backoff(attempt)
@@ -507,7 +525,7 @@ class KafkaSink:
 
     async def _drain(self, stop: asyncio.Event) -> None:
         cursor = await self._store.sink_cursor(SINK)
-        while not stop.is_set():
+        while not stop.is_set() and self._valid():
             cursor = await self._pipeline(stop, cursor)
 
     async def _pipeline(self, stop: asyncio.Event, cursor: int) -> int:
@@ -524,7 +542,7 @@ class KafkaSink:
         try:
             read_from = cursor
             look = True  # whether the outbox may hold rows nobody handed over
-            while not stop.is_set() and not acker.done():
+            while not stop.is_set() and not acker.done() and self._valid():
                 self._committed.clear()  # before the read: a commit after it sets it again
                 limit = self._settings.batch_events
                 events = self._from_memory(read_from, limit)
@@ -543,7 +561,7 @@ class KafkaSink:
                     break
                 rounds.put_nowait(await self._send(events))
                 read_from = events[-1].seq
-            rounds.put_nowait(None)  # stop: what was sent is still acknowledged
+            rounds.put_nowait(None)  # stop, or lease lost: what was sent is still settled
             return await acker
         finally:
             if not acker.done():
@@ -617,6 +635,10 @@ class KafkaSink:
                 self._chain[where] = error = KafkaError("an earlier batch of the partition failed")
                 sent.append((batch, error))
                 continue
+            if not self._valid():  # checked last thing before the send: the paused holder
+                self._chain[where] = error = KafkaError("the sink's lease ran out: not sent")
+                sent.append((batch, error))
+                continue
             producer = self._producer_now()  # a refusal of the batch before may have replaced it
             try:
                 future = await producer.send_batch(
@@ -662,6 +684,8 @@ class KafkaSink:
         dead: dict[int, BaseException] = {}
         mode, sources = self._settings.content_mode, dict[tuple[str, str], bytes]()
         for event in batch.events:
+            if not self._valid():
+                raise KafkaError("the sink's lease ran out: not sent again")
             producer = self._producer_now()
             key = event.contact_id.encode()
             value, headers, _ = _record(event, mode, key, sources)

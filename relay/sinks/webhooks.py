@@ -490,6 +490,14 @@ class _Worker:
                 await self._pace()
                 if self._let_go(item):  # stopped or refiltered while it waited for its slot
                     continue
+            if time.monotonic() >= d._held_until:
+                # the leases ran out by our own clock (a paused process resumed before the
+                # watchdog ran): another replica may serve the endpoint now; the watchdog or
+                # the next renewal decides what becomes of this worker (kept: it reads the
+                # delivery again at its next look)
+                self.held.discard(item.delivery_id)
+                self._more = True
+                continue
             outcome = await self._attempt(item)
             try:
                 writes = self._settle(item, outcome)

@@ -451,8 +451,10 @@ class Store(Protocol):
         """The last seq a sink has finished with (0 when new)."""
 
     async def set_sink_cursor(self, sink: str, seq: int) -> None:
-        """Move a sink's cursor to ``seq``; a crash of the machine (not of the relay) may move
-        it back, so the sink sends those events again, with the same ids."""
+        """Move a sink's cursor forward to ``seq``; a ``seq`` below the stored one changes
+        nothing (a late write of a replica that lost the sink's lease must not move it back).
+        A crash of the machine (not of the relay) may still undo a write, so the sink sends
+        those events again, with the same ids."""
 
     async def add_dead_letter(
         self, sink: str, seq: int, event_id: str, reason: str, now_ms: int

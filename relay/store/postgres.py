@@ -557,9 +557,12 @@ class PostgresStore:
     async def set_sink_cursor(self, sink: str, seq: int) -> None:
         async def run(conn: Connection) -> None:
             await conn.execute(_NO_FLUSH)  # undone, it only means sending again (same ids)
+            # never back: a replica that lost the lease while paused settles its old round
+            # after the successor recorded more (each value written means "all up to here
+            # was acknowledged", so the greater one is true too)
             await conn.execute(
                 "INSERT INTO sink_cursors (sink, seq) VALUES ($1, $2)"
-                " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
+                " ON CONFLICT (sink) DO UPDATE SET seq = GREATEST(sink_cursors.seq, excluded.seq)",
                 sink,
                 seq,
             )

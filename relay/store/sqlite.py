@@ -515,10 +515,11 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> None:
             # No fsync: a power cut that undoes it can only mean sending again with the same
             # ids; every sink round paid one, in the thread that also commits pages (profiled).
+            # never back, as on PostgreSQL (a late writer must not undo a newer position)
             with _tx(conn, durable=False):
                 conn.execute(
                     "INSERT INTO sink_cursors (sink, seq) VALUES (?, ?)"
-                    " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
+                    " ON CONFLICT (sink) DO UPDATE SET seq = MAX(seq, excluded.seq)",
                     (sink, seq),
                 )
 

@@ -5,6 +5,9 @@ budget holds for the deployment, and a replica's death or a database restart cha
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from relay.devkafka import DevKafka, KafkaDist
 from tests import pgkit
 from tests.integration.test_kafka_sink import consume_all
 from tests.integration.test_replay import SECRET, Receiver
@@ -318,3 +322,100 @@ def test_a_postgresql_restart_loses_nothing(
     assert set(published) == ids
     assert '"store.retry"' in output  # the outage was seen and ridden out
     assert "Traceback" not in output
+
+
+class CursorWatch:
+    """Polls the Kafka sink's cursor every 10 ms in a thread; ``moves`` lists each new value."""
+
+    def __init__(self, db_url: str) -> None:
+        self.moves: list[int] = []
+        self._done = threading.Event()
+        self._db_url = db_url
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    async def _run(self) -> None:
+        conn = await asyncpg.connect(self._db_url)
+        try:
+            while not self._done.is_set():
+                seq = await conn.fetchval("SELECT seq FROM sink_cursors WHERE sink = 'kafka'")
+                if seq is not None and (not self.moves or self.moves[-1] != seq):
+                    self.moves.append(int(seq))
+                await asyncio.sleep(0.01)
+        finally:
+            await conn.close()
+
+    def stop(self) -> list[int]:
+        self._done.set()
+        self._thread.join(10)
+        return self.moves
+
+
+def test_a_paused_kafka_publisher_sends_nothing_more_after_a_takeover(
+    tmp_path: Path, postgres_url: str, kafka_dist: KafkaDist, receiver: Receiver
+) -> None:
+    """The replica publishing to Kafka is paused (SIGSTOP) with a round in flight, past its
+    lease; the other takes the sink over and publishes past it. Resumed (SIGCONT), the paused
+    one sends nothing beyond the round in flight when it was paused, and the shared cursor never
+    moves back (it settled its old round and wrote the cursor back from 341 to 155, and sent
+    again events the successor had published and recorded: rev9)."""
+    # a private broker: it is paused too, so the holder's last round is unacknowledged
+    broker = DevKafka(kafka_dist, tmp_path / "kafka", num_partitions=3)
+    asyncio.run(broker.start())
+    deployment = Deployment(tmp_path, postgres_url, broker.bootstrap_servers, receiver, 2)
+    watch: CursorWatch | None = None
+    try:
+        run_activity(deployment, rounds=2)
+        deadline = time.monotonic() + 30
+        while (holder := deployment.holder("sink:kafka")) is None:
+            assert time.monotonic() < deadline, deployment.logs()
+            time.sleep(0.2)
+        victim = deployment.relay_of(holder)
+        assert victim.popen is not None
+        assert broker.pid is not None
+        time.sleep(2)  # the outbox drains
+        watch = CursorWatch(postgres_url)
+        os.kill(broker.pid, signal.SIGSTOP)  # the next round stays unacknowledged for now
+        deployment.sim.advance(600)
+        time.sleep(1.0)  # a round goes to the paused broker
+        os.kill(victim.popen.pid, signal.SIGSTOP)
+        [[head]] = deployment.query("SELECT COALESCE(MAX(seq), 0) FROM outbox")
+        paused = time.monotonic()
+        os.kill(broker.pid, signal.SIGCONT)
+        deployment.sim.advance(600)  # new activity for the successor alone
+        while (successor := deployment.holder("sink:kafka")) in (None, holder):
+            assert time.monotonic() - paused < LEASE_S + 10, deployment.logs()
+            time.sleep(0.1)
+        # the successor publishes everything committed, then the old holder resumes
+        deadline = time.monotonic() + 30
+        while True:
+            [[cursor, top]] = deployment.query(
+                "SELECT (SELECT seq FROM sink_cursors WHERE sink = 'kafka'),"
+                " (SELECT COALESCE(MAX(seq), 0) FROM outbox)"
+            )
+            if cursor == top and cursor > head and time.monotonic() - paused > 2 * LEASE_S:
+                break
+            assert time.monotonic() < deadline, deployment.logs()
+            time.sleep(0.1)
+        os.kill(victim.popen.pid, signal.SIGCONT)
+        time.sleep(3)  # the resumed replica settles its round and stops publishing
+        moves = watch.stop()
+        sql = "SELECT event_id, seq FROM outbox"
+        committed = {str(r[0]) for r in deployment.query(sql)}
+        records = deployment.kafka_records(committed)
+        # read again: late activity may have been committed (and published) meanwhile
+        seqs = {str(r[0]): int(r[1]) for r in deployment.query(sql)}
+        resumed = victim.output()
+    finally:
+        if watch is not None:
+            watch.stop()
+        deployment.stop()
+        asyncio.run(broker.stop())
+    assert successor != holder
+    assert moves == sorted(moves), f"the Kafka cursor moved back: {moves}"
+    counts = Counter(seqs[ce_id] for _, _, ce_id in records)
+    assert {seqs[ce_id] for ce_id in committed} <= set(counts)  # nothing lost
+    # sent twice: at most the paused holder's round in flight (the successor sent it again)
+    again = sorted(seq for seq, n in counts.items() if n > 1 and seq > head)
+    assert again == [], f"published again beyond the round in flight (head {head}): {again}"
+    assert '"lease.lost"' in resumed or '"kafka.lease_ran_out"' in resumed, resumed[-3000:]

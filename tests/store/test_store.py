@@ -257,6 +257,19 @@ async def test_sink_cursors_and_head(store: Store) -> None:
     assert await store.read_outbox(head, 10) == []
 
 
+async def test_sink_cursor_never_moves_back(store: Store) -> None:
+    """A lower position written late (a replica that lost the sink's lease while paused,
+    settling its old round after the successor recorded more) leaves the cursor where it is;
+    each sink's cursor, and the webhook fan-out's, keeps its own position."""
+    await store.set_sink_cursor("kafka", 341)
+    await store.set_sink_cursor("kafka", 155)
+    assert await store.sink_cursor("kafka") == 341
+    await store.set_sink_cursor("kafka", 342)
+    assert await store.sink_cursor("kafka") == 342
+    await store.set_sink_cursor("other", 7)
+    assert await store.sink_cursors() == {"kafka": 342, "other": 7}
+
+
 async def test_prune_bounds_dedup(store: Store) -> None:
     """Keys of activities older than the horizon are dropped; newer ones kept."""
     sid = await one_stream(store)
