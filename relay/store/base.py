@@ -262,9 +262,9 @@ class DueSend(NamedTuple):
     kind: str  # the event's Kind value: a sender skips a kind its webhook's filter now rejects
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One HTTP attempt of a delivery."""
+class Attempt(NamedTuple):
+    """One HTTP attempt of a delivery (a tuple, as DueSend: the dispatcher builds one per
+    attempt, and a frozen dataclass's ``__init__`` cost it ~0.9 us each, timed)."""
 
     delivery_id: int
     attempted_ms: int
