@@ -9,20 +9,26 @@ hundreds of campaigns sent over the horizon is advanced in-process (a frozen ``S
 The cost model is the poller's: a pass costs 1 request for the summary plus, per activity kind
 whose count changed since the last pass, one request per 500-record page of what became visible
 since then, plus the periodic reads by time of a campaign's opens, clicks and forwards (their
-counts are of unique recipients, so the poller reads each that has a count at least every
-``poll.repeat_read_s``, see ``relay.poller.Poller._repeat_reads``): one request for each such feed
-whose count did not change, at the first pass ``repeat_read_s`` after the pass that last read
-them all (after the stream's creation before that). Passes run one after another; a pass that
-starts at t observes what is visible at t, spends c/B seconds of the budget B (requests/second),
-and commits at t + c/B. An event's lag is that commit time minus its ``visible_at``. The
-policies:
+counts are of unique recipients, so the poller also reads each that has a count by time, every
+``poll.repeat_read_s`` at the shortest, see ``relay.poller.Poller._repeat_reads``): one request
+for each such feed whose count did not change, at the first pass an interval after the pass that
+last read them all (after the stream's creation before that). The interval is the relay's
+(``relay.scheduler.repeat_interval_s``): ``repeat_read_s``, stretched when one read of every
+stream's feeds would take more than ``schedule.repeat_share`` of the planning budget. The relay
+gets it from its Planner before each pass, as Scheduler._polled hands it to the poller; round
+robin and the oracle from the same rule over the ledger's count of those feeds (the same cost
+model for all three; ``fit_repeats=False`` keeps theirs at ``repeat_read_s``). Passes run one
+after another; a pass that starts at t observes what is visible at t, spends c/B seconds of the
+budget B (requests/second), and commits at t + c/B. An event's lag is that commit time minus its
+``visible_at``. The policies:
 
     relay        relay.scheduler.Planner driven exactly as Scheduler._finished drives it: after
                  each pass, after_pass(stream, previous rate or None, new, elapsed since the last
                  pass or creation, planned requests, B * budget_share) gives the next due time,
                  no later than the next read by time; the planned requests are the pass's own
                  with a read by time spread over the passes between two of them, as
-                 PassOutcome.planned_requests does. A new stream is loaded with the prior rate and
+                 PassOutcome.planned_requests does; the planner learns what the stream's read by
+                 time costs (set_repeat_feeds). A new stream is loaded with the prior rate and
                  is due at once. Idle when nothing is due.
     round robin  every existing stream in creation order, back to back; never idle.
     oracle       the same mechanics, but relay.scheduler.SqrtPolicy is fed every stream's true
@@ -61,7 +67,7 @@ from datetime import UTC, datetime
 from relay.ctct.catalogue import Scope
 from relay.events import Kind
 from relay.poller import UNIQUE_COUNTED, PollSettings
-from relay.scheduler import Planner, ScheduleSettings, SqrtPolicy
+from relay.scheduler import Planner, ScheduleSettings, SqrtPolicy, repeat_interval_s
 from relay.sim import Scenario, SimClock
 from relay.sim.scenario import Audience, Campaigns, Contacts
 from relay.sim.world import World
@@ -176,6 +182,7 @@ class Pass:
     # with its reads by time replaced by its share of one such read
     planned: float
     repeat_due_s: float  # the next read by time is due then: the scheduler polls by then
+    repeat_feeds: int  # what a read by time of the stream costs now (PassOutcome.repeat_feeds)
 
 
 @dataclass
@@ -185,6 +192,11 @@ class Ledger:
     workload: Workload
     budget_rps: float
     repeat_read_s: float = PollSettings().repeat_read_s
+    # With a share, the interval of reads by time is stretched to fit that share of the planning
+    # budget (relay.scheduler.repeat_interval_s) over every stream's reads by time; None: fixed.
+    # The relay's own passes get the interval from its Planner instead (run_pass's every_s).
+    repeat_share: float | None = None
+    plan_rps: float = 0.0
     cursors: list[int] = field(default_factory=list)  # per stream: activities committed so far
     # per stream, as the store keeps them: the unique-counted feeds whose count is above 0, when
     # a pass last read all of them (Stream.swept_ms) and when the last pass committed
@@ -204,8 +216,16 @@ class Ledger:
         self.swept_s = [None] * streams
         self.polled_s = [None] * streams
 
-    def run_pass(self, index: int, start_s: float) -> Pass:
-        """One pass of a stream starting at ``start_s``."""
+    def repeat_every_s(self) -> float:
+        """The interval of reads by time for round robin and the oracle (see ``repeat_share``)."""
+        if self.repeat_share is None:
+            return self.repeat_read_s
+        feeds = sum(len(counted) for counted in self.counted)
+        return repeat_interval_s(self.repeat_read_s, feeds, self.plan_rps, self.repeat_share)
+
+    def run_pass(self, index: int, start_s: float, every_s: float | None = None) -> Pass:
+        """One pass of a stream starting at ``start_s``; ``every_s``: the interval of reads by
+        time the scheduler handed the poller (None: ``repeat_every_s()``)."""
         stream = self.workload.streams[index]
         begin = self.cursors[index]
         end = bisect.bisect_right(stream.visible_s, start_s, lo=begin)
@@ -216,7 +236,8 @@ class Ledger:
         # repeat_read_s has passed since a pass last read them all; one request each (nothing
         # new since the last pass, or its count would have moved and the gate read it).
         counted = self.counted[index] = self.counted[index] | (counts.keys() & _BY_TIME)
-        created, every = stream.created_s, self.repeat_read_s
+        every = self.repeat_every_s() if every_s is None else every_s
+        created, every = stream.created_s, max(self.repeat_read_s, every)
         swept = self.swept_s[index]
         last = created if swept is None else swept
         by_time = counted - counts.keys() if start_s >= last + every else frozenset()
@@ -241,7 +262,7 @@ class Ledger:
             self.passes += 1
         repeat_due_s = (created if swept is None else swept) + every
         planned = requests - len(by_time) + share
-        return Pass(end - begin, requests, commit_s, planned, repeat_due_s)
+        return Pass(end - begin, requests, commit_s, planned, repeat_due_s, len(counted))
 
     def result(self, name: str) -> PolicyResult:
         """Lag statistics; horizon events never committed count as lagging until the end."""
@@ -270,6 +291,10 @@ class Ledger:
             passes=self.passes,
             uncommitted=uncommitted,
         )
+
+
+def _share(policy: PolicyResult) -> float:
+    return policy.repeat_requests / policy.requests if policy.requests else 0.0
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -305,7 +330,9 @@ def run_relay(
         while loaded < len(created) and created[loaded] <= start_s:
             planner.load(loaded, None)
             loaded += 1
-        done = ledger.run_pass(index, start_s)
+        # the interval of reads by time fitted to the budget, as Scheduler._polled hands it over
+        every_s = planner.repeat_interval_s(ledger.repeat_read_s, plan_rps)
+        done = ledger.run_pass(index, start_s, every_s)
         now_s = done.commit_s
         since = last_s[index]
         rate, interval = planner.after_pass(
@@ -316,6 +343,7 @@ def run_relay(
             done.planned,
             plan_rps,
         )
+        planner.set_repeat_feeds(index, done.repeat_feeds)
         # the next read by time is due then: a quiet stream planned further out is polled by then
         interval = min(interval, max(settings.min_interval_s, done.repeat_due_s - now_s))
         rates[index], last_s[index] = rate, now_s
@@ -324,9 +352,25 @@ def run_relay(
     return ledger.result("relay")
 
 
-def run_round_robin(workload: Workload, budget_rps: float) -> PolicyResult:
+def _baseline_ledger(
+    workload: Workload, budget_rps: float, settings: ScheduleSettings, fit_repeats: bool
+) -> Ledger:
+    """Round robin's and the oracle's ledger: reads by time fitted to the same share of the same
+    planning budget as the relay's (``fit_repeats``), or every ``repeat_read_s`` regardless."""
+    if not fit_repeats:
+        return Ledger(workload, budget_rps)
+    plan_rps = budget_rps * settings.budget_share
+    return Ledger(workload, budget_rps, repeat_share=settings.repeat_share, plan_rps=plan_rps)
+
+
+def run_round_robin(
+    workload: Workload,
+    budget_rps: float,
+    settings: ScheduleSettings | None = None,
+    fit_repeats: bool = True,
+) -> PolicyResult:
     """(b) Every existing stream in creation order, back to back, never idle."""
-    ledger = Ledger(workload, budget_rps)
+    ledger = _baseline_ledger(workload, budget_rps, settings or ScheduleSettings(), fit_repeats)
     created = workload.created_s
     now_s, position = 0.0, 0
     while now_s < workload.end_s:
@@ -366,7 +410,9 @@ class _Truth:
         return at_s >= self._quiet_until[index]
 
 
-def run_oracle(workload: Workload, budget_rps: float, settings: ScheduleSettings) -> PolicyResult:
+def run_oracle(
+    workload: Workload, budget_rps: float, settings: ScheduleSettings, fit_repeats: bool = True
+) -> PolicyResult:
     """(c) The relay's mechanics, but SqrtPolicy is fed true rates and costs instead of estimates.
 
     Every stream's weight follows the truth (refreshed each minute), so the rule's sum is right
@@ -375,7 +421,7 @@ def run_oracle(workload: Workload, budget_rps: float, settings: ScheduleSettings
     already elapsed becomes due at the refresh instant, and hundreds of quiet streams then queue
     ahead of the busy ones.
     """
-    ledger = Ledger(workload, budget_rps)
+    ledger = _baseline_ledger(workload, budget_rps, settings, fit_repeats)
     policy = SqrtPolicy(settings)
     truth = _Truth(workload)
     plan_rps = budget_rps * settings.budget_share
@@ -425,15 +471,18 @@ class Comparison:
 
 
 def compare(
-    workload: Workload, budget_per_day: float, settings: ScheduleSettings | None = None
+    workload: Workload,
+    budget_per_day: float,
+    settings: ScheduleSettings | None = None,
+    fit_repeats: bool = True,
 ) -> Comparison:
     """Run the three policies on the same workload, budget and cost model."""
     settings = settings or ScheduleSettings()
     budget_rps = budget_per_day / 86400.0
     return Comparison(
         relay=run_relay(workload, budget_rps, settings),
-        round_robin=run_round_robin(workload, budget_rps),
-        oracle=run_oracle(workload, budget_rps, settings),
+        round_robin=run_round_robin(workload, budget_rps, settings, fit_repeats),
+        oracle=run_oracle(workload, budget_rps, settings, fit_repeats),
         budget_requests=budget_rps * workload.horizon_s,
     )
 
@@ -451,7 +500,7 @@ def report(result: Comparison) -> list[str]:
         ("uncommitted at end", lambda p: str(p.uncommitted)),
         ("passes", lambda p: str(p.passes)),
         ("requests spent", lambda p: str(p.requests)),
-        ("  of which reads by time", lambda p: str(p.repeat_requests)),
+        ("  of which reads by time", lambda p: f"{p.repeat_requests} ({_share(p):.0%})"),
     ]
     lines = [f"  {'':32}" + "".join(f"{p.name:>14}" for p in columns)]
     lines += [f"  {label:32}" + "".join(f"{cell(p):>14}" for p in columns) for label, cell in rows]
@@ -486,7 +535,8 @@ def main() -> int:
     print(
         f"  settings: intervals {s.min_interval_s:g}..{s.max_interval_s:g} s,"
         f" prior {s.prior_rate_per_h:g}/h, smoothing {s.smoothing:g},"
-        f" budget_share {s.budget_share:g}, repeat_read_s {PollSettings().repeat_read_s:g}"
+        f" budget_share {s.budget_share:g}, repeat_read_s {PollSettings().repeat_read_s:g},"
+        f" repeat_share {s.repeat_share:g}"
     )
     for line in report(result):
         print(line)

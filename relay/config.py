@@ -692,6 +692,9 @@ def _schedule(r: _Reader) -> ScheduleSettings:
         smoothing=r.number("smoothing", b.smoothing, maximum=1.0),
         rate_memory_s=r.number("rate_memory_s", b.rate_memory_s),
         budget_share=r.number("budget_share", b.budget_share, maximum=1.0),
+        repeat_share=r.number(
+            "repeat_share", b.repeat_share, minimum=0.0, maximum=1.0, strict=False
+        ),
         tick_s=r.number("tick_s", b.tick_s),
         concurrency=r.integer("concurrency", b.concurrency),
         error_backoff_s=r.number("error_backoff_s", b.error_backoff_s),

@@ -110,8 +110,10 @@ class PollSettings:
     # How long dedup keys are kept (``poll.dedup_retention_h``): a feed read again after that
     # long cannot tell its old activities from new ones, so they are left out (see _read_feed).
     dedup_retention_s: float = 7 * 86400.0
-    # Unique-counted feeds (``UNIQUE_COUNTED``) are read at least this often, their counts moving
-    # or not (``poll.repeat_read_s``); the scheduler polls the stream by then.
+    # Unique-counted feeds (``UNIQUE_COUNTED``) are read this often, their counts moving or not
+    # (``poll.repeat_read_s``); the scheduler polls the stream by then. The shortest interval:
+    # the scheduler stretches it when those reads would take more than ``schedule.repeat_share``
+    # of the account's budget (``relay.scheduler.repeat_interval_s``).
     repeat_read_s: float = 21_600.0
 
     def start_ms(self) -> int | None:
@@ -148,7 +150,7 @@ class PassOutcome:
     behind: dict[Kind, Behind] = field(default_factory=dict)  # feeds behind their summary count
     line_ms: int | None = None  # the seeded stream's history line this pass fixed (Poller._line)
     # Reads of the unique-counted feeds by time (see Poller._repeat_reads): when this pass read
-    # every one of them that has a count (stored: the next such read is due repeat_read_s later),
+    # every one of them that has a count (stored: the next such read is due an interval later),
     # when that next read is due (the scheduler polls the stream by then; None: never), the
     # requests of feeds read only because it was due (part of ``requests``), and the share of
     # such a read this pass is charged in the scheduler's cost estimate instead.
@@ -156,6 +158,10 @@ class PassOutcome:
     repeat_due_ms: int | None = None
     repeat_requests: int = 0
     repeat_share: float = 0.0
+    # the unique-counted feeds with a count (what a read by time costs; None: not looked at, a
+    # replay or no summary gate) and the interval of such reads this pass used
+    repeat_feeds: int | None = None
+    repeat_every_ms: int = 0
 
     def result(self, next_due_ms: int, rate_per_h: float, polled_ms: int) -> PassResult:
         """What finishing this pass writes back to the stream: everything the pass carries over
@@ -178,7 +184,7 @@ class PassOutcome:
     def planned_requests(self) -> float:
         """What the pass costs in the scheduler's per-pass cost estimate: its requests, with a
         read of the unique-counted feeds by time spread over the passes between two of them (one
-        is due every ``repeat_read_s`` whatever the stream's interval; charging it whole to the
+        is due every interval of such reads whatever the stream's; charging it whole to the
         pass that made it made that pass's cost jump, and the next interval with it)."""
         return self.requests - self.repeat_requests + self.repeat_share
 
@@ -208,17 +214,31 @@ class Poller:
         # after a restart (or on another replica) a slow feed costs one pass its place.
         self._slow: dict[int, tuple[Kind, ...]] = {}
 
-    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+    @property
+    def repeat_read_s(self) -> float:
+        """The shortest interval of reads by time (``poll.repeat_read_s``)."""
+        return self._settings.repeat_read_s
+
+    async def run_pass(
+        self,
+        stream: Stream,
+        replay_from_ms: int | None = None,
+        repeat_every_s: float | None = None,
+    ) -> PassOutcome:
         """Poll every feed of the stream that may have news; commit what is new.
 
         ``replay_from_ms``: read every feed again from that activity time (the watermark is
         treated as if it were there; the stored one never moves back) and emit what is found
         then or later even when dedup knows it, with its usual id.
+        ``repeat_every_s``: the interval of reads by time the scheduler fits into the budget
+        (never below ``repeat_read_s``; None: ``repeat_read_s``).
         """
+        every_s = max(self._settings.repeat_read_s, repeat_every_s or 0.0)
         outcome = PassOutcome(
             watermarks=dict(stream.watermarks),
             summary=dict(stream.summary),
             behind={k: b for k, b in stream.behind.items() if k in self._settings.kinds},
+            repeat_every_ms=max(1, int(every_s * 1000)),
         )
         # The client is the account's, shared by its concurrent passes: each pass counts the
         # requests sent from its own task (and tasks it starts), not the client's total.
@@ -302,32 +322,34 @@ class Poller:
 
     def _repeat_reads(self, stream: Stream, scope: Scope, outcome: PassOutcome) -> set[Kind]:
         """The unique-counted feeds (``UNIQUE_COUNTED``) to read whether their counts moved or
-        not: all that have a count, once ``repeat_read_s`` has passed since a pass last read
+        not: all that have a count, once the interval of such reads (``repeat_read_s``, or
+        longer when the scheduler stretches it to the budget) has passed since a pass last read
         them all (since the stream was added, before its first such pass). Their counts cannot
         tell a repeat open, a click on a second link or a second forward by a recipient already
         counted: such activity waits for this read, or for a read its feed's count moved, at
-        most ``repeat_read_s`` (the scheduler polls the stream by then, ``repeat_due_ms``). A
+        most that interval (the scheduler polls the stream by then, ``repeat_due_ms``). A
         count of 0 has no recipient, so no activity to repeat: such a feed costs nothing.
 
         Also sets the pass's share of such a read for the scheduler's cost estimate: the feeds
-        it would read, times the part of ``repeat_read_s`` this pass covers."""
+        it would read, times the part of the interval this pass covers."""
         unique = [k for k in self._settings.kinds if k in UNIQUE_COUNTED[scope]]
         if not unique:
             return set()
         now = self._now_ms()
-        every_ms = max(1, int(self._settings.repeat_read_s * 1000))
+        every_ms = outcome.repeat_every_ms
         last = stream.created_ms if stream.swept_ms is None else stream.swept_ms
         outcome.repeat_due_ms = last + every_ms
         counted = {k for k in unique if outcome.summary.get(catalogue.FEEDS[k], 0) > 0}
+        outcome.repeat_feeds = len(counted)
         covered = max(0, now - (stream.last_poll_ms or stream.created_ms))
         outcome.repeat_share = len(counted) * min(1.0, covered / every_ms)
         return counted if now >= last + every_ms else set()
 
     def _swept(self, scope: Scope, outcome: PassOutcome) -> None:
         """When this pass read every unique-counted feed that has a count (by time, or because
-        its count moved: a busy campaign's passes often do), the next read by time is due
-        ``repeat_read_s`` from now. A feed that failed leaves it due (the next pass reads them
-        again)."""
+        its count moved: a busy campaign's passes often do), the next read by time is due the
+        interval of such reads from now. A feed that failed leaves it due (the next pass reads
+        them again)."""
         unique = [k for k in self._settings.kinds if k in UNIQUE_COUNTED[scope]]
         if not unique or outcome.counts is None:
             return
@@ -335,7 +357,7 @@ class Poller:
         if all(k in outcome.feeds_read for k in counted):
             now = self._now_ms()
             outcome.swept_ms = now
-            outcome.repeat_due_ms = now + max(1, int(self._settings.repeat_read_s * 1000))
+            outcome.repeat_due_ms = now + outcome.repeat_every_ms
 
     async def _read_feed_or_skip(
         self,

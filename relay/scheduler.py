@@ -61,6 +61,10 @@ class ScheduleSettings:
     smoothing: float = 0.5  # least weight of the latest pass in the rate estimate
     rate_memory_s: float = 1800.0  # a pass covering this long outweighs the history ~2:1
     budget_share: float = 0.9  # of the day's pace; the rest absorbs retries and discovery
+    # Most of the planning budget the reads by time of campaigns' unique-counted feeds
+    # (poll.repeat_read_s) may take: beyond it their interval stretches (see repeat_interval_s);
+    # 0: never stretched, every repeat_read_s whatever the budget.
+    repeat_share: float = 0.25
     tick_s: float = 1.0
     concurrency: int = 2  # streams of one account polled at once (the limiter still paces)
     error_backoff_s: float = 30.0
@@ -131,6 +135,26 @@ def estimate_rate(
     return weight * observed + (1 - weight) * previous_per_h
 
 
+def repeat_interval_s(
+    shortest_s: float, repeat_feeds: float, budget_rps: float, share: float
+) -> float:
+    """How often the unique-counted feeds are read by time: every ``shortest_s``
+    (``poll.repeat_read_s``) while one read of all of them (``repeat_feeds`` requests, a feed
+    each) at that interval takes at most ``share`` of the planning budget, else as often as that
+    share pays for: ``max(shortest_s, repeat_feeds / (share * budget_rps))``.
+
+    Those reads find only repeats (a recipient's second open or click: activity no count shows)
+    and are due whatever a stream's activity, so left at a fixed interval they grow with every
+    campaign followed: with 300 campaigns they alone asked more than a 3,000-request day, and
+    the stream deadlines they set crowded out first reads of new activity (bench/freshness.py).
+    A spent budget (0) leaves ``shortest_s``: nothing is polled then anyway. A share of 0
+    turns this off: ``shortest_s`` whatever the budget.
+    """
+    if budget_rps <= 0 or repeat_feeds <= 0 or share <= 0:
+        return shortest_s
+    return max(shortest_s, repeat_feeds / (share * budget_rps))
+
+
 class Planner:
     """One account's adaptive polling: measured rates and costs feeding the square-root rule.
 
@@ -143,6 +167,10 @@ class Planner:
         self.policy = SqrtPolicy(settings)
         self._costs: dict[int, float] = {}
         self._rates: dict[int, float] = {}  # stream -> the rate (events/hour) it is planned with
+        # stream -> its unique-counted feeds with a count (what its read by time costs), as
+        # its last pass here found them, and their sum
+        self._repeat_feeds: dict[int, int] = {}
+        self._repeat_sum = 0
 
     def streams(self) -> set[int]:
         """The streams in the budget sums."""
@@ -168,6 +196,30 @@ class Planner:
         self.policy.remove(stream_id)
         self._costs.pop(stream_id, None)
         self._rates.pop(stream_id, None)
+        self._repeat_sum -= self._repeat_feeds.pop(stream_id, 0)
+
+    def set_repeat_feeds(self, stream_id: int, feeds: int) -> None:
+        """Record what a read by time of the stream costs (its unique-counted feeds that have a
+        count, ``PassOutcome.repeat_feeds``)."""
+        if stream_id not in self._rates:
+            return  # removed while its pass ran: not followed
+        self._repeat_sum += feeds - self._repeat_feeds.get(stream_id, 0)
+        self._repeat_feeds[stream_id] = feeds
+
+    def repeat_feeds(self) -> float:
+        """Requests one read by time of every followed stream takes. Streams no pass here has
+        measured yet (after a start, or polled by other replicas) count as the mean of those
+        measured: a replica polls about 1/N of the streams, and counting only those would let
+        every replica spend the whole share."""
+        known = len(self._repeat_feeds)
+        if not known:
+            return 0.0
+        return self._repeat_sum * max(len(self._rates), known) / known
+
+    def repeat_interval_s(self, shortest_s: float, budget_rps: float) -> float:
+        """The interval of reads by time for a planning budget (``repeat_interval_s``)."""
+        share = self._settings.repeat_share
+        return repeat_interval_s(shortest_s, self.repeat_feeds(), budget_rps, share)
 
     def after_pass(
         self,
@@ -447,7 +499,12 @@ class Scheduler:
         poll_id = secrets.token_hex(6)
         with structlog.contextvars.bound_contextvars(stream=str(stream.key), poll_id=poll_id):
             try:
-                outcome = await runtime.poller.run_pass(stream, replay_from)
+                # reads by time no more often than the account's budget pays for (see
+                # repeat_interval_s): they must not crowd out first reads of new activity
+                repeat_every_s = runtime.planner.repeat_interval_s(
+                    runtime.poller.repeat_read_s, self.budget_rps(runtime)
+                )
+                outcome = await runtime.poller.run_pass(stream, replay_from, repeat_every_s)
                 await self._finished(runtime, stream, outcome)
             except StoreError:
                 raise  # the store failed, not the stream: _pass leaves the stream due
@@ -477,6 +534,8 @@ class Scheduler:
             outcome.planned_requests,
             self.budget_rps(runtime),
         )
+        if outcome.repeat_feeds is not None:
+            runtime.planner.set_repeat_feeds(stream.id, outcome.repeat_feeds)
         if outcome.repeat_due_ms is not None:
             # the unique-counted feeds' read by time (poll.repeat_read_s) is due then: a quiet
             # stream planned further out is polled by then (its cost, the summary and those

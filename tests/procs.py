@@ -182,7 +182,10 @@ def relay_config(
         # the simulator's clock jumps by sim.advance, so a campaign's repeat opens and clicks
         # (which move no unique-recipient count) are read at repeat_read_s, not 6 hours later
         "poll": {"start_from": "earliest", "overlap_s": 1800, "page_limit": 20, "repeat_read_s": 2},
-        "schedule": {"min_interval_s": 0.3, "max_interval_s": 2, "tick_s": 0.2},
+        # repeat_share 0: reads by time every repeat_read_s whatever the budget. The budget is a
+        # real day's (10,000 requests) while the clocks above are scaled down ~10,000 times, so
+        # the share would stretch those reads to minutes (as it should at that rate)
+        "schedule": {"min_interval_s": 0.3, "max_interval_s": 2, "tick_s": 0.2, "repeat_share": 0},
         "http": {"max_attempts": 3, "backoff_base_s": 0.05, "backoff_max_s": 0.5},
         "logging": {"level": "info", "format": "json"},
         "admin": {"port": 0},

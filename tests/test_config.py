@@ -1405,3 +1405,18 @@ def test_repeat_read_s_is_read_per_account_and_must_be_positive(tmp_path: Path) 
     assert top.accounts[0].poll.repeat_read_s == 3600
     with pytest.raises(ConfigError, match=r"poll\.repeat_read_s: expected a number > 0, got 0$"):
         load(write(tmp_path, MINIMAL + "poll: {repeat_read_s: 0}"), {"KEY": "k"})
+
+
+def test_schedule_repeat_share_is_read_and_must_be_a_share(tmp_path: Path) -> None:
+    """schedule.repeat_share: most of the planning budget reads by time may take before their
+    interval stretches; a share in [0, 1] (0: never stretched), anything else refused by
+    name."""
+    assert load(write(tmp_path, MINIMAL), {"KEY": "k"}).schedule.repeat_share == 0.25
+    given = load(write(tmp_path, MINIMAL + "schedule: {repeat_share: 0.5}"), {"KEY": "k"})
+    assert given.schedule.repeat_share == 0.5
+    off = load(write(tmp_path, MINIMAL + "schedule: {repeat_share: 0}"), {"KEY": "k"})
+    assert off.schedule.repeat_share == 0  # never stretched
+    refused = r": schedule\.repeat_share: expected a number >= 0 and <= 1, got "
+    for bad in ("1.5", "-0.1", "lots"):
+        with pytest.raises(ConfigError, match=refused):
+            load(write(tmp_path, MINIMAL + f"schedule: {{repeat_share: {bad}}}"), {"KEY": "k"})

@@ -138,10 +138,13 @@ class Relay:
         await self.store.ensure_streams([key], self.now_ms, seed=seed)
         return next(s.id for s in await self.store.streams() if s.key == key)
 
-    async def run(self, stream_id: int, advance_s: float = 0.0) -> PassOutcome:
+    async def run(
+        self, stream_id: int, advance_s: float = 0.0, repeat_every_s: float | None = None
+    ) -> PassOutcome:
         """Advance the clock and run one pass of the stream, finished as the scheduler does."""
         self.now_ms += int(advance_s * 1000)
-        outcome = await self.poller.run_pass(await self.store.stream(stream_id))
+        stream = await self.store.stream(stream_id)
+        outcome = await self.poller.run_pass(stream, None, repeat_every_s)
         await self.store.finish_pass(stream_id, outcome.result(self.now_ms, 1.0, self.now_ms))
         return outcome
 
@@ -307,4 +310,40 @@ async def test_unique_counted_feeds_are_read_every_repeat_read_s_whatever_their_
         ("click", "42"),
         ("open", "43"),
         ("click", "42"),
+    ]
+
+
+async def test_reads_by_time_follow_the_interval_the_scheduler_fits_to_the_budget(
+    upstream: Upstream, session: aiohttp.ClientSession, any_store: Store
+) -> None:
+    """The scheduler stretches the interval of reads by time when they would take more than
+    schedule.repeat_share of the budget: a pass repeat_read_s after the last full read then
+    reads no feed by time, its share and the next due time follow the stretched interval, and
+    the pass at that interval reads them. An interval below repeat_read_s is not taken."""
+    upstream.unique = True
+    settings = PollSettings(start_from="earliest", repeat_read_s=3600)
+    relay = Relay(upstream, session, any_store, settings)
+    stream_id = await relay.add("campaign", "1100", seed=False)
+    upstream.add(Kind.SEND, "1100", "42", T0 - 60_000)
+    upstream.add(Kind.OPEN, "1100", "42", T0 - 30_000)
+    upstream.add(Kind.CLICK, "1100", "42", T0 - 20_000)
+    first = await relay.run(stream_id, 10, repeat_every_s=10_800)
+    assert (first.repeat_feeds, first.repeat_due_ms) == (2, relay.now_ms + 10_800_000)
+    swept = relay.now_ms
+    upstream.add(Kind.OPEN, "1100", "42", relay.now_ms + 60_000)  # a repeat: no count moves
+    quiet = await relay.run(stream_id, 3600, repeat_every_s=10_800)
+    assert (quiet.feeds_read, quiet.requests, quiet.repeat_requests) == ([], 1, 0)
+    assert quiet.planned_requests == pytest.approx(1 + 2 / 3)  # a third of a 2-feed read
+    assert quiet.repeat_due_ms == swept + 10_800_000
+    due = await relay.run(stream_id, 7200, repeat_every_s=10_800)
+    assert (due.feeds_read, due.repeat_requests, due.new) == ([Kind.OPEN, Kind.CLICK], 2, 1)
+    assert due.repeat_due_ms == relay.now_ms + 10_800_000
+    swept = relay.now_ms
+    shorter = await relay.run(stream_id, 1800, repeat_every_s=60)  # never below repeat_read_s
+    assert (shorter.feeds_read, shorter.repeat_due_ms) == ([], swept + 3600_000)
+    assert await relay.emitted() == [
+        ("send", "42"),
+        ("open", "42"),
+        ("click", "42"),
+        ("open", "42"),
     ]

@@ -25,6 +25,7 @@ from relay.scheduler import (
     ScheduleSettings,
     SqrtPolicy,
     estimate_rate,
+    repeat_interval_s,
 )
 from relay.store import (
     PassResult,
@@ -112,10 +113,17 @@ def test_a_stream_gone_silent_is_not_mistaken_for_one_never_polled() -> None:
 class RecordingPoller:
     """Stands in for the poller (no upstream here): records the passes the scheduler starts."""
 
+    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
+
     def __init__(self) -> None:
         self.passes: list[tuple[int, int | None]] = []
 
-    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+    async def run_pass(
+        self,
+        stream: Stream,
+        replay_from_ms: int | None = None,
+        repeat_every_s: float | None = None,
+    ) -> PassOutcome:
         self.passes.append((stream.id, replay_from_ms))
         return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
 
@@ -181,11 +189,18 @@ SECRET_URL = "/v2/contacts/1/tracking?api_key=k-secret-key"
 class CrashingPoller:
     """A poller with a defect: its first ``crashes`` passes raise RuntimeError."""
 
+    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
+
     def __init__(self, crashes: int) -> None:
         self.crashes = crashes
         self.calls = 0
 
-    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+    async def run_pass(
+        self,
+        stream: Stream,
+        replay_from_ms: int | None = None,
+        repeat_every_s: float | None = None,
+    ) -> PassOutcome:
         self.calls += 1
         if self.calls <= self.crashes:
             raise RuntimeError(f"parse edge case in {SECRET_URL}")
@@ -278,11 +293,18 @@ class TooManyRequestsPoller:
     """An upstream answering the first pass with a 429 whose Retry-After the client did not
     wait out (longer than ``http.max_retry_after_s``); later passes succeed."""
 
+    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
+
     def __init__(self, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s
         self.passes: list[int] = []
 
-    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+    async def run_pass(
+        self,
+        stream: Stream,
+        replay_from_ms: int | None = None,
+        repeat_every_s: float | None = None,
+    ) -> PassOutcome:
         self.passes.append(stream.id)
         if len(self.passes) == 1:
             raise errors.TooManyRequestsError(
@@ -352,13 +374,20 @@ class RaisingPoller:
     """Every pass raises the error ``make`` builds for the time on ``clock``, until ``fixed``;
     then passes succeed."""
 
+    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
+
     def __init__(self, make: Callable[[int], Exception], clock: list[int]) -> None:
         self.make = make
         self.clock = clock
         self.fixed = False
         self.passes: list[int] = []
 
-    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+    async def run_pass(
+        self,
+        stream: Stream,
+        replay_from_ms: int | None = None,
+        repeat_every_s: float | None = None,
+    ) -> PassOutcome:
         self.passes.append(stream.id)
         if not self.fixed:
             raise self.make(self.clock[0])
@@ -572,11 +601,18 @@ async def test_a_backfilling_first_pass_does_not_push_the_other_streams_out(
 class FailingOncePoller:
     """Its first pass fails with ``error``; later ones succeed."""
 
+    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
+
     def __init__(self, error: Exception | None) -> None:
         self.error = error
         self.passes: list[int] = []
 
-    async def run_pass(self, stream: Stream, replay_from_ms: int | None = None) -> PassOutcome:
+    async def run_pass(
+        self,
+        stream: Stream,
+        replay_from_ms: int | None = None,
+        repeat_every_s: float | None = None,
+    ) -> PassOutcome:
         self.passes.append(stream.id)
         if self.error is not None and len(self.passes) == 1:
             raise self.error
@@ -801,5 +837,95 @@ async def test_a_quiet_campaign_is_polled_by_its_read_by_time_at_its_share_of_th
         assert planner.charged == [1, 1.5]
         assert (await store.stream(plain.id)).next_due_ms == clock[0] + 21_600_000
         assert (await store.stream(repeating.id)).next_due_ms == clock[0] + 3600_000
+    finally:
+        await store.close()
+
+
+def test_reads_by_time_stretch_to_their_share_of_a_tight_budget_and_keep_it_when_ample() -> None:
+    """repeat_interval_s: poll.repeat_read_s while one read by time of every followed stream
+    at that interval fits in schedule.repeat_share of the planning budget, else as often as
+    that share pays for; a budget spent (0), nothing to read or a share of 0 (off) leaves
+    repeat_read_s."""
+    assert repeat_interval_s(21_600, 900, budget_rps=1.0, share=0.25) == 21_600
+    # 300 campaigns x 3 feeds on a 2,700-request planned day: a quarter pays for 675 a day
+    assert repeat_interval_s(21_600, 900, 2700 / 86400, 0.25) == pytest.approx(115_200)
+    assert repeat_interval_s(21_600, 0, 2700 / 86400, 0.25) == 21_600
+    assert repeat_interval_s(21_600, 900, 0.0, 0.25) == 21_600
+    assert repeat_interval_s(21_600, 900, 2700 / 86400, 0.0) == 21_600  # a share of 0: off
+
+
+def test_the_planner_counts_what_reads_by_time_cost_and_extrapolates_streams_unmeasured() -> None:
+    """The planner sums each stream's unique-counted feeds with a count, as its passes report
+    them, and counts streams no pass here measured (after a start, polled by another replica)
+    as the mean of those measured; a removed stream leaves the sum."""
+    settings = ScheduleSettings(repeat_share=0.25)
+    planner = Planner(settings)
+    for stream_id in range(300):
+        planner.load(stream_id, None)
+    tight = 2700 / 86400
+    assert planner.repeat_interval_s(21_600, tight) == 21_600  # nothing measured yet
+    for stream_id in range(100):
+        planner.after_pass(stream_id, None, 0, 600.0, 1.0, tight)
+        planner.set_repeat_feeds(stream_id, 3)
+    assert planner.repeat_feeds() == pytest.approx(900)  # 100 measured at 3: 300 streams
+    assert planner.repeat_interval_s(21_600, tight) == pytest.approx(115_200)
+    assert planner.repeat_interval_s(21_600, 1.0) == 21_600  # an ample budget: unchanged
+    planner.set_repeat_feeds(0, 0)  # no count: nothing to repeat
+    planner.remove(1)
+    assert planner.repeat_feeds() == pytest.approx(3 * 98 * 299 / 99)
+    planner.set_repeat_feeds(1, 3)  # its pass ended after it was removed: not followed
+    assert planner.repeat_feeds() == pytest.approx(3 * 98 * 299 / 99)
+
+
+class RepeatRecordingPoller:
+    """Records the interval of reads by time each pass is handed; every stream a campaign with
+    three unique-counted feeds that have a count."""
+
+    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
+
+    def __init__(self) -> None:
+        self.handed: list[float | None] = []
+
+    async def run_pass(
+        self,
+        stream: Stream,
+        replay_from_ms: int | None = None,
+        repeat_every_s: float | None = None,
+    ) -> PassOutcome:
+        self.handed.append(repeat_every_s)
+        return PassOutcome(requests=1, watermarks=dict(stream.watermarks), repeat_feeds=3)
+
+
+async def test_the_scheduler_hands_passes_the_interval_of_reads_by_time_its_budget_pays_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 300 campaigns followed and 2,700 requests a day to plan with, reads by time every
+    repeat_read_s (up to 10,800 requests a day) would take four times the day: once the passes
+    have measured what they cost, each pass is handed the interval that a quarter of the budget
+    pays for; with an ample budget, repeat_read_s."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        now = 1_796_000_000_000
+        settings = ScheduleSettings(repeat_share=0.25)
+        poller = RepeatRecordingPoller()
+        runtime = AccountRuntime(
+            "acme", cast(Poller, poller), RateLimiter(Budget()), Planner(settings)
+        )
+        scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: now)
+        keys = [StreamKey("acme", "campaign", str(i)) for i in range(300)]
+        await store.ensure_streams(keys, now - 60_000)
+        await scheduler.reload()
+        budget = [2700 / 86400]
+        monkeypatch.setattr(scheduler, "budget_rps", lambda _runtime: budget[0])
+        ids = [stream.id for stream in await store.streams()]
+        for stream_id in ids:
+            await scheduler._polled(runtime, stream_id)
+        assert poller.handed[0] == 21_600
+        await scheduler._polled(runtime, ids[0])
+        assert poller.handed[-1] == pytest.approx(900 / (0.25 * budget[0]))  # 32 hours
+        budget[0] = 1.0
+        await scheduler._polled(runtime, ids[0])
+        assert poller.handed[-1] == 21_600
     finally:
         await store.close()

@@ -172,3 +172,35 @@ def test_plateau_verdicts() -> None:
     assert scale.plateaus([5.0] * 3 + [100.0] * 7)
     assert not scale.plateaus([float(day) for day in range(1, 31)])
     assert scale.last_week_slope([1.0, 3.0]) == pytest.approx(2.0)
+
+
+def test_reads_by_time_keep_to_their_share_of_a_tight_budget(workload: freshness.Workload) -> None:
+    """With a budget too small for reads by time every repeat_read_s, the relay's planner
+    stretches their interval (schedule.repeat_share): they take at most that share of the
+    planning budget, fewer than at a share of the whole budget, and still happen."""
+    budget_rps = 600 / 86400
+    tight = ScheduleSettings(repeat_share=0.25)
+    whole = ScheduleSettings(repeat_share=1.0)
+    fitted = freshness.run_relay(workload, budget_rps, tight)
+    unfitted = freshness.run_relay(workload, budget_rps, whole)
+    plan_requests = budget_rps * tight.budget_share * workload.horizon_s
+    assert 0 < fitted.repeat_requests <= 0.25 * plan_requests
+    assert fitted.repeat_requests < unfitted.repeat_requests
+
+
+def test_the_baselines_ledger_fits_reads_by_time_to_the_same_share() -> None:
+    """Round robin and the oracle get reads by time at the interval the relay's rule gives for
+    the same share of the same planning budget: a stream whose two counted feeds would take
+    more than that share every repeat_read_s is read by time later, at the stretched interval."""
+    opens, clicks = freshness._KINDS.index(Kind.OPEN), freshness._KINDS.index(Kind.CLICK)
+    stream = freshness.StreamTruth("1", 0.0, (10.0, 20.0), (opens, clicks))
+    workload = freshness.Workload((stream,), 40_000.0, 50_000.0)
+    # two feeds per read; a quarter of 2 / 4,000 requests/s pays for one read per 4,000 s
+    ledger = freshness.Ledger(
+        workload, budget_rps=1.0, repeat_read_s=1000.0, repeat_share=0.25, plan_rps=0.002
+    )
+    first = ledger.run_pass(0, 100.0)
+    assert first.repeat_due_s == pytest.approx(first.commit_s + 4000.0)
+    assert ledger.run_pass(0, first.commit_s + 1000.0).requests == 1  # not yet: stretched
+    due = ledger.run_pass(0, first.commit_s + 4000.0)
+    assert due.requests == 1 + 2
