@@ -330,7 +330,9 @@ def _write_config(
             }
         ],
         # repeat_read_s as max_interval_s, as their defaults are: the simulator runs 30 times
-        # faster, so a campaign's repeat opens and clicks show within the demo
+        # faster, so a campaign's repeat opens and clicks show within the demo (10 s apart at
+        # best; stretched when those reads would take more than schedule.repeat_share of the
+        # simulator's 4 requests/s)
         "poll": {"start_from": "earliest", "overlap_s": 600, "repeat_read_s": 10},
         "schedule": {"min_interval_s": 1, "max_interval_s": 10, "tick_s": 0.5},
         "http": {"max_attempts": 5, "backoff_base_s": 0.2, "backoff_max_s": 2},
