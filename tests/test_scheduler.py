@@ -110,13 +110,24 @@ def test_a_stream_gone_silent_is_not_mistaken_for_one_never_polled() -> None:
     assert busy_silent < 600 < 5 * busy_silent < busy_never
 
 
-class RecordingPoller:
-    """Stands in for the poller (no upstream here): records the passes the scheduler starts."""
+class StandInPoller:
+    """Stands in for the poller (no upstream here): remembers each pass the scheduler starts
+    (stream id, replay start, interval of reads by time handed), raises what ``fail`` says the
+    upstream would, else answers with one request spent and the watermarks unchanged."""
 
     repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
 
+    repeat_feeds: int | None = None
+
     def __init__(self) -> None:
-        self.passes: list[tuple[int, int | None]] = []
+        self.started: list[tuple[int, int | None, float | None]] = []
+
+    @property
+    def passes(self) -> list[int]:
+        return [stream_id for stream_id, _, _ in self.started]
+
+    def fail(self) -> None:
+        """Raise what the pass just started fails with (nothing, here)."""
 
     async def run_pass(
         self,
@@ -124,8 +135,18 @@ class RecordingPoller:
         replay_from_ms: int | None = None,
         repeat_every_s: float | None = None,
     ) -> PassOutcome:
-        self.passes.append((stream.id, replay_from_ms))
-        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
+        self.started.append((stream.id, replay_from_ms, repeat_every_s))
+        self.fail()
+        watermarks = dict(stream.watermarks)
+        return PassOutcome(requests=1, watermarks=watermarks, repeat_feeds=self.repeat_feeds)
+
+
+class RecordingPoller(StandInPoller):
+    """Records the passes the scheduler starts with their replay starts."""
+
+    @property
+    def replays(self) -> list[tuple[int, int | None]]:
+        return [(stream_id, replay) for stream_id, replay, _ in self.started]
 
 
 async def test_operator_holds_and_replays_reach_the_passes(tmp_path: Path) -> None:
@@ -143,12 +164,12 @@ async def test_operator_holds_and_replays_reach_the_passes(tmp_path: Path) -> No
         await store.hold_account("acme", "maintenance", now)
         await scheduler.tick()
         await scheduler.wait_idle()
-        assert poller.passes == []
+        assert poller.replays == []
         await store.release_account("acme")
         await store.request_replay([sid], now - 5000, now)
         await scheduler.tick()
         await scheduler.wait_idle()
-        assert poller.passes == [(sid, now - 5000)]
+        assert poller.replays == [(sid, now - 5000)]
         assert await store.stream_replay(sid) is None
     finally:
         await store.close()
@@ -186,25 +207,20 @@ async def test_stop_waits_for_a_running_job_to_unwind(tmp_path: Path) -> None:
 SECRET_URL = "/v2/contacts/1/tracking?api_key=k-secret-key"
 
 
-class CrashingPoller:
+class CrashingPoller(StandInPoller):
     """A poller with a defect: its first ``crashes`` passes raise RuntimeError."""
 
-    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
-
     def __init__(self, crashes: int) -> None:
+        super().__init__()
         self.crashes = crashes
-        self.calls = 0
 
-    async def run_pass(
-        self,
-        stream: Stream,
-        replay_from_ms: int | None = None,
-        repeat_every_s: float | None = None,
-    ) -> PassOutcome:
-        self.calls += 1
+    @property
+    def calls(self) -> int:
+        return len(self.started)
+
+    def fail(self) -> None:
         if self.calls <= self.crashes:
             raise RuntimeError(f"parse edge case in {SECRET_URL}")
-        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
 
 
 async def test_a_pass_that_crashes_is_a_failed_pass_with_backoff(tmp_path: Path) -> None:
@@ -289,31 +305,22 @@ async def test_a_pass_whose_bookkeeping_crashes_backs_off_too(tmp_path: Path) ->
         await store.close()
 
 
-class TooManyRequestsPoller:
+class TooManyRequestsPoller(StandInPoller):
     """An upstream answering the first pass with a 429 whose Retry-After the client did not
     wait out (longer than ``http.max_retry_after_s``); later passes succeed."""
 
-    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
-
     def __init__(self, retry_after_s: float) -> None:
+        super().__init__()
         self.retry_after_s = retry_after_s
-        self.passes: list[int] = []
 
-    async def run_pass(
-        self,
-        stream: Stream,
-        replay_from_ms: int | None = None,
-        repeat_every_s: float | None = None,
-    ) -> PassOutcome:
-        self.passes.append(stream.id)
-        if len(self.passes) == 1:
+    def fail(self) -> None:
+        if len(self.started) == 1:
             raise errors.TooManyRequestsError(
                 "GET /v2/emailmarketing/campaigns/1/tracking/opens answered 429",
                 endpoint="campaign_opens",
                 status=429,
                 retry_after_s=self.retry_after_s,
             )
-        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
 
 
 async def _paused_by_429(tmp_path: Path, retry_after_s: float) -> tuple[int, int, str]:
@@ -370,28 +377,19 @@ async def test_a_bogus_retry_after_pauses_the_account_for_a_day_at_most(tmp_path
     assert "Retry-After 1e+09 s" in reason
 
 
-class RaisingPoller:
+class RaisingPoller(StandInPoller):
     """Every pass raises the error ``make`` builds for the time on ``clock``, until ``fixed``;
     then passes succeed."""
 
-    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
-
     def __init__(self, make: Callable[[int], Exception], clock: list[int]) -> None:
+        super().__init__()
         self.make = make
         self.clock = clock
         self.fixed = False
-        self.passes: list[int] = []
 
-    async def run_pass(
-        self,
-        stream: Stream,
-        replay_from_ms: int | None = None,
-        repeat_every_s: float | None = None,
-    ) -> PassOutcome:
-        self.passes.append(stream.id)
+    def fail(self) -> None:
         if not self.fixed:
             raise self.make(self.clock[0])
-        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
 
 
 T_PAUSE = 1_763_000_000_000
@@ -598,25 +596,16 @@ async def test_a_backfilling_first_pass_does_not_push_the_other_streams_out(
         await store.close()
 
 
-class FailingOncePoller:
+class FailingOncePoller(StandInPoller):
     """Its first pass fails with ``error``; later ones succeed."""
 
-    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
-
     def __init__(self, error: Exception | None) -> None:
+        super().__init__()
         self.error = error
-        self.passes: list[int] = []
 
-    async def run_pass(
-        self,
-        stream: Stream,
-        replay_from_ms: int | None = None,
-        repeat_every_s: float | None = None,
-    ) -> PassOutcome:
-        self.passes.append(stream.id)
-        if self.error is not None and len(self.passes) == 1:
+    def fail(self) -> None:
+        if self.error is not None and len(self.started) == 1:
             raise self.error
-        return PassOutcome(requests=1, watermarks=dict(stream.watermarks))
 
 
 async def _pauses_after(tmp_path: Path, error: Exception) -> dict[str, tuple[int, str]]:
@@ -877,23 +866,15 @@ def test_the_planner_counts_what_reads_by_time_cost_and_extrapolates_streams_unm
     assert planner.repeat_feeds() == pytest.approx(3 * 98 * 299 / 99)
 
 
-class RepeatRecordingPoller:
+class RepeatRecordingPoller(StandInPoller):
     """Records the interval of reads by time each pass is handed; every stream a campaign with
     three unique-counted feeds that have a count."""
 
-    repeat_read_s = 21_600.0  # Poller.repeat_read_s: poll.repeat_read_s
+    repeat_feeds = 3
 
-    def __init__(self) -> None:
-        self.handed: list[float | None] = []
-
-    async def run_pass(
-        self,
-        stream: Stream,
-        replay_from_ms: int | None = None,
-        repeat_every_s: float | None = None,
-    ) -> PassOutcome:
-        self.handed.append(repeat_every_s)
-        return PassOutcome(requests=1, watermarks=dict(stream.watermarks), repeat_feeds=3)
+    @property
+    def handed(self) -> list[float | None]:
+        return [every_s for _, _, every_s in self.started]
 
 
 async def test_the_scheduler_hands_passes_the_interval_of_reads_by_time_its_budget_pays_for(
