@@ -268,8 +268,9 @@ def _recover() -> JsonObject:
         "requestBody": _body("Recover"),
         "responses": {
             "202": _json(
-                "how many deliveries were created or reset: one per event, even when a log"
-                " replay put the event in the outbox twice",
+                "how many events are owed again, each once: one delivery per event created or"
+                " reset (an event's pending delivery is reset, even when a log replay put the"
+                " event in the outbox twice)",
                 _schema("RecoverResult"),
             ),
             **_errors(400, 401, 404, 413),
