@@ -927,7 +927,11 @@ def _status_schema_full(count: JsonObject, seconds: JsonObject, hold: JsonObject
     webhook = _object(
         {
             "id": {"type": "string"},
-            "url": {"type": "string"},
+            "url": {
+                "type": "string",
+                "description": "without user info or fragment, every query value as ***"
+                " (the keys stay: ?token=***)",
+            },
             "enabled": {"type": "boolean"},
             "disabled_reason": {"type": ["string", "null"]},
             "failing_since": _time(nullable=True),
