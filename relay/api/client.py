@@ -556,15 +556,16 @@ def _webhook_text(hook: JsonObject) -> str:
 
 
 def _url_text(url: object, *, note: bool = False) -> str:
-    """A webhook URL as the text views show it: without user info, query or fragment, as
-    ``status`` shows it (a password or a token in the query must not land in a terminal's
-    scrollback or a pasted log); ``--json`` has it as registered. ``note``: say so when
-    something was left out."""
+    """A webhook URL as the text views show it: without user info or fragment and with every
+    query value as ``***``, as ``status`` shows it (a password or a token in the query must not
+    land in a terminal's scrollback or a pasted log; the query's keys tell apart URLs that
+    differ only there); ``--json`` has it as registered. ``note``: say so when something was
+    left out."""
     if not isinstance(url, str):
         return text_of(url)
     public = text_of(public_url(url))
     if note and public_url(url) != url:
-        return f"{public}  (user info, query and fragment not shown; --json has them)"
+        return f"{public}  (user info, query values and fragment not shown; --json has them)"
     return public
 
 

@@ -268,8 +268,9 @@ def _recover() -> JsonObject:
         "requestBody": _body("Recover"),
         "responses": {
             "202": _json(
-                "how many deliveries were created or reset: one per event, even when a log"
-                " replay put the event in the outbox twice",
+                "how many events are owed again, each once: one delivery per event created or"
+                " reset (an event's pending delivery is reset, even when a log replay put the"
+                " event in the outbox twice)",
                 _schema("RecoverResult"),
             ),
             **_errors(400, 401, 404, 413),
@@ -926,7 +927,11 @@ def _status_schema_full(count: JsonObject, seconds: JsonObject, hold: JsonObject
     webhook = _object(
         {
             "id": {"type": "string"},
-            "url": {"type": "string"},
+            "url": {
+                "type": "string",
+                "description": "without user info or fragment, every query value as ***"
+                " (the keys stay: ?token=***)",
+            },
             "enabled": {"type": "boolean"},
             "disabled_reason": {"type": ["string", "null"]},
             "failing_since": _time(nullable=True),

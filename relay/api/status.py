@@ -5,8 +5,9 @@ it knows through a :class:`RelayView` (each account's daily allowance and live r
 of its api_key's budget, and the callback that makes the scheduler re-read targets and pauses). The
 request count shown is the larger of that live count and the store's for the budget, which every
 replica adds to.
-No secret is ever shown: webhook URLs lose their user info, query and fragment (where tokens
-hide), and error texts go through the relay's redactor.
+No secret is ever shown: webhook URLs lose their user info and fragment and show every query
+value as ``***`` (where tokens hide; the keys stay), and error texts go through the relay's
+redactor.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from relay.api.responses import JsonObject
 from relay.api.views import time_or_null
+from relay.sinks.ssrf import masked_query
 from relay.store import DeliveryCounts, Store, Stream, StreamStats, Webhook
 
 FANOUT_SINK = "webhooks-fanout"  # the cursor of webhook fan-out (deliveries track the rest)
@@ -140,7 +142,9 @@ def stream_view(
 
 
 def public_url(url: str) -> str:
-    """A webhook URL without user info, query or fragment: where credentials usually hide."""
+    """A webhook URL as text views and status show it: without user info or fragment, and with
+    the value of every query parameter as ``***`` (where credentials usually hide); the
+    parameters' keys stay, so URLs differing only in their query can be told apart."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -150,7 +154,8 @@ def public_url(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port is None else f"{host}:{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    query = masked_query(parts.query) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def _state(stream: Stream) -> str:

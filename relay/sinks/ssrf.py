@@ -170,8 +170,15 @@ def shown(url: str) -> str:
         host = parts.netloc.rsplit("@", 1)[1]
         parts = parts._replace(netloc=f"{parts.username}:{_MASK}@{host}")
     if parts.query:
-        parts = parts._replace(query="&".join(_masked(item) for item in parts.query.split("&")))
+        parts = parts._replace(query=masked_query(parts.query))
     return parts.geturl()
+
+
+def masked_query(query: str) -> str:
+    """A URL's query with the value of every parameter replaced by ``***``: the keys stay, to
+    tell the parameters apart (any value may be a secret); an item without ``=`` may be a token
+    itself and is hidden whole."""
+    return "&".join(_masked(item) for item in query.split("&"))
 
 
 def _unparsable(url: str) -> str:

@@ -553,8 +553,10 @@ class Store(Protocol):
         delivery's history outlives its event)."""
 
     async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
-        """Owe the webhook every matching event committed since ``since_ms`` again; returns how
-        many deliveries were created or reset."""
+        """Owe the webhook every matching event committed since ``since_ms`` again, once: the
+        webhook's pending delivery of the event is reset (whatever its seq: a log replay's copy),
+        else its first seq since ``since_ms`` is owed. Returns how many events, each counted
+        once (one delivery created or reset per event)."""
 
     async def prune_dedup(self, before_ms: int) -> int:
         """Forget dedup keys of activities older than ``before_ms`` that were also inserted

@@ -719,7 +719,7 @@ class PostgresStore:
                 for hook in hooks
                 if seq > hook.start_seq and hook.wants(Kind(kind).event_type)
             ]
-            await _insert_deliveries(conn, rows, reset=False)
+            await _insert_deliveries(conn, rows)
             await conn.execute(
                 "INSERT INTO sink_cursors (sink, seq) VALUES ($1, $2)"
                 " ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
@@ -851,20 +851,14 @@ class PostgresStore:
     async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
         async def run(conn: Connection) -> int:
             await _owing(conn)
-            hook = await _get_webhook(conn, webhook_id)
-            # one delivery per event, at its first seq (see the SQLite store)
-            events = await conn.fetch(
-                "SELECT MIN(seq), event_id, kind FROM outbox WHERE committed_ms >= $1"
-                " GROUP BY event_id, kind ORDER BY 1",
-                since_ms,
+            kinds = rowmap.wanted_kinds(await _get_webhook(conn, webhook_id))
+            if not kinds:
+                return 0
+            sql = rowmap.RECOVER.format(
+                hook="$1", now="$2::bigint", since="$3", kinds="= ANY($4::text[])"
             )
-            rows = [
-                (webhook_id, int(seq), event_id, now_ms, now_ms)
-                for seq, event_id, kind in events
-                if hook.wants(Kind(kind).event_type)
-            ]
-            await _insert_deliveries(conn, rows, reset=True)
-            return len(rows)
+            # the status counts the rows updated as well as those inserted (INSERT 0 n)
+            return _count(await conn.execute(sql, webhook_id, now_ms, since_ms, kinds))
 
         return await self.transaction(run)
 
@@ -1340,22 +1334,15 @@ async def _pruning(conn: Connection) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_RETENTION)
 
 
-async def _insert_deliveries(
-    conn: Connection, rows: list[tuple[str, int, str, int, int]], *, reset: bool
-) -> None:
+async def _insert_deliveries(conn: Connection, rows: list[tuple[str, int, str, int, int]]) -> None:
     if not rows:
         return
-    conflict = (
-        "DO UPDATE SET status = 'pending', attempts = 0, next_attempt_ms = excluded.next_attempt_ms"
-        if reset
-        else "DO NOTHING"
-    )
     columns = list(zip(*rows, strict=True))
     await conn.execute(
-        "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms, created_ms)"  # noqa: S608 - constant clauses
+        "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms, created_ms)"
         " SELECT w, s, e, 'pending', n, c FROM unnest($1::text[], $2::bigint[], $3::text[],"
         " $4::bigint[], $5::bigint[]) WITH ORDINALITY AS t(w, s, e, n, c, i) ORDER BY i"
-        f" ON CONFLICT (webhook_id, seq) {conflict}",
+        " ON CONFLICT (webhook_id, seq) DO NOTHING",
         *[list(c) for c in columns],
     )
 

@@ -71,6 +71,32 @@ UNWANTED_PENDING = (
 )
 
 
+def wanted_kinds(hook: Webhook) -> list[str]:
+    """The outbox kinds ``hook``'s filter lets through (the filter stays ``Webhook.wants``)."""
+    return [kind.value for kind in Kind if hook.wants(kind.event_type)]
+
+
+# recover: one delivery per event of the kinds given committed since a time, however many times
+# a log replay put it in the outbox. The webhook's pending delivery of the event is reset,
+# whatever its seq (a copy fanned out and not yet sent); without one, the event's first seq
+# since the time is owed (a new delivery, or its delivered or dead one reset). One statement:
+# the filter and the choice in SQL, no Python per event; the pending deliveries are grouped
+# once (the due index) and joined by event id, instead of looked up per event (no index).
+# Each row is one event at a seq of its own, so the count of rows written is the count of events.
+RECOVER = (
+    "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms, created_ms)"
+    " SELECT {hook}, COALESCE(p.seq, o.seq), o.event_id, 'pending', {now}, {now}"
+    " FROM (SELECT event_id, MIN(seq) AS seq FROM outbox"
+    " WHERE committed_ms >= {since} AND kind {kinds} GROUP BY event_id) o"
+    " LEFT JOIN (SELECT event_id, MIN(seq) AS seq FROM deliveries"
+    " WHERE webhook_id = {hook} AND status = 'pending' GROUP BY event_id) p"
+    " ON p.event_id = o.event_id"
+    " WHERE true ORDER BY 2"  # SQLite: or ON CONFLICT would parse as the join's ON
+    " ON CONFLICT (webhook_id, seq) DO UPDATE SET status = 'pending', attempts = 0,"
+    " next_attempt_ms = excluded.next_attempt_ms"
+)
+
+
 KINDS = {kind.value: kind for kind in Kind}
 # and back: an enum's .value goes through a Python-level property (one per outbox row)
 KIND_VALUES = {kind: kind.value for kind in Kind}

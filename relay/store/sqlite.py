@@ -810,21 +810,13 @@ class SqliteStore:
     async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
             with _tx(conn):
-                hook = _get_webhook(conn, webhook_id)
-                events = conn.execute(_RECOVER_EVENTS, (since_ms,)).fetchall()
-                rows = [
-                    (webhook_id, seq, event_id, now_ms, now_ms)
-                    for seq, event_id, kind in events
-                    if hook.wants(Kind(kind).event_type)
-                ]
-                conn.executemany(
-                    "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms,"
-                    " created_ms) VALUES (?, ?, ?, 'pending', ?, ?)"
-                    " ON CONFLICT (webhook_id, seq) DO UPDATE SET status = 'pending',"
-                    " attempts = 0, next_attempt_ms = excluded.next_attempt_ms",
-                    rows,
-                )
-            return len(rows)
+                kinds = rowmap.wanted_kinds(_get_webhook(conn, webhook_id))
+                if not kinds:
+                    return 0
+                marks = ", ".join(f"?{n}" for n in range(4, 4 + len(kinds)))
+                sql = rowmap.RECOVER.format(hook="?1", now="?2", since="?3", kinds=f"IN ({marks})")
+                # an upsert's rowcount counts the rows it updated as well as those it inserted
+                return int(conn.execute(sql, (webhook_id, now_ms, since_ms, *kinds)).rowcount)
 
         return await self._run(run)
 
@@ -1340,14 +1332,6 @@ def _get_webhook(conn: sqlite3.Connection, webhook_id: str) -> Webhook:
     if row is None:
         raise NotFoundError(f"no webhook with id {webhook_id!r}")
     return rowmap.webhook(row)
-
-
-# one delivery per event: after a log replay an event is in the outbox twice (same id), and
-# recover owes it once, at its first seq since the point asked for (as count_outbox counts it)
-_RECOVER_EVENTS = (
-    "SELECT MIN(seq), event_id, kind FROM outbox WHERE committed_ms >= ?"
-    " GROUP BY event_id, kind ORDER BY 1"
-)
 
 
 def deliveries_query(

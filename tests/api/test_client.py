@@ -102,7 +102,8 @@ async def test_add_list_show_rotate_remove(cli: Cli) -> None:
 
 async def test_text_views_hide_what_a_url_carries_as_status_does(any_cli: Cli) -> None:
     """add, list, show, update and rotate-secret print a webhook URL without its user info,
-    query and fragment (a password or token), as status does; --json has it as registered."""
+    fragment and query values (a password or token), as status does; --json has it as
+    registered."""
     url = "https://u:PSEKRET7@93.184.216.34/hook?token=QSEKRET8#FSEKRET9"
     status, out, err = await any_cli("add", url, "-e", "click")
     assert (status, err) == (0, "")
@@ -118,7 +119,7 @@ async def test_text_views_hide_what_a_url_carries_as_status_does(any_cli: Cli) -
         assert (status, err) == (0, "")
         outs.append(out)
     for out in outs:
-        assert "https://93.184.216.34/hook" in out
+        assert "https://93.184.216.34/hook?token=***" in out
         assert "SEKRET" not in out
         assert "//u" not in out
     assert outs[2].count("--json has them") == 1  # show says what it left out
@@ -126,6 +127,25 @@ async def test_text_views_hide_what_a_url_carries_as_status_does(any_cli: Cli) -
     assert orjson.loads(out)["url"] == url
     status, out, _ = await any_cli("list", "--json")
     assert orjson.loads(out)["webhooks"][0]["url"] == url
+
+
+async def test_list_tells_apart_urls_differing_only_in_their_query(cli: Cli) -> None:
+    """Two webhooks whose URLs differ only in their query: list shows each query's keys with
+    the values as ***, so the rows differ, and no value appears; --json has the URLs whole."""
+    base = "https://93.184.216.34/hook"
+    urls = [f"{base}?token=QSEKRET1&tenant=TSEKRET2", f"{base}?key=QSEKRET3"]
+    for url in urls:
+        assert (await cli("add", url, "-e", "click"))[0] == 0
+    status, out, err = await cli("list")
+    assert (status, err) == (0, "")
+    rows = out.splitlines()[1:]
+    assert sorted(row.split()[-1] for row in rows) == [
+        f"{base}?key=***",
+        f"{base}?token=***&tenant=***",
+    ]
+    assert "SEKRET" not in out
+    status, out, _ = await cli("list", "--json")
+    assert sorted(h["url"] for h in orjson.loads(out)["webhooks"]) == sorted(urls)
 
 
 async def test_secret_prints_the_current_secret(cli: Cli) -> None:

@@ -128,7 +128,7 @@ async def test_status_shows_quota_streams_sinks_and_webhook_health(
     assert sinks["webhooks-fanout"]["depth"] == 5
     assert sinks["webhooks-fanout"]["connected"] is None  # a sink that does not report it
     (health,) = body["webhooks"]
-    assert health["url"] == "https://93.184.216.34/hook"
+    assert health["url"] == "https://93.184.216.34/hook?token=***"  # no value, user info
     assert health["failing_since"] is not None
     assert health["enabled"] is True
 
@@ -346,13 +346,23 @@ async def test_targets_added_and_removed_at_run_time(
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        pytest.param("https://a:b@h.example/p?q=1#f", "https://h.example/p", id="userinfo-query"),
+        pytest.param(
+            "https://a:b@h.example/p?q=1#f", "https://h.example/p?q=***", id="userinfo-query"
+        ),
+        pytest.param(
+            "https://h.example/p?token=s3&tenant=acme",
+            "https://h.example/p?token=***&tenant=***",
+            id="query-keys",
+        ),
+        pytest.param("https://h.example/p?s3cret&a=", "https://h.example/p?***&a=***", id="bare"),
+        pytest.param("https://h.example/p?", "https://h.example/p", id="empty-query"),
         pytest.param("http://[::1]:8080/x", "http://[::1]:8080/x", id="ipv6-port"),
         pytest.param("http://h:99999/", "(unparsable URL)", id="bad-port"),
     ],
 )
 def test_public_url_drops_where_credentials_hide(url: str, shown: str) -> None:
-    """User info, query and fragment never reach the status output."""
+    """User info, fragment and every query value never reach the status output; the query's
+    keys do (an item without ``=`` may be a token itself: hidden whole)."""
     assert public_url(url) == shown
 
 

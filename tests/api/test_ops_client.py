@@ -15,8 +15,9 @@ from relay.api.client import TOKEN_ENV
 from relay.api.ops_client import add_ops_parsers, ops_command, run_ops
 from relay.api.status import AccountQuota, RelayView
 from relay.cli import main
+from relay.events import WILDCARD
 from relay.sinks.ssrf import Guard
-from relay.store import Store
+from relay.store import Store, Webhook
 from tests.api.conftest import KEY, T0, TOKEN, Clock, activity
 from tests.api.test_client import free_port
 
@@ -66,6 +67,25 @@ async def test_status_is_an_aligned_table_and_json_on_request(cli: Cli, store: S
     assert "1 of 1 streams" in out
     status, out, _ = await cli("status", "--json")
     assert orjson.loads(out)["accounts"][0]["quota"]["left_today"] == 8900
+
+
+async def test_status_tells_apart_webhook_urls_differing_only_in_their_query(
+    cli: Cli, store: Store
+) -> None:
+    """status shows a webhook URL's query keys with every value as *** (the JSON too), so two
+    webhooks differing only in their query differ there; no value, user info or fragment."""
+    base = "https://93.184.216.34/hook"
+    for n, query in enumerate(["token=QSEKRET1&tenant=TSEKRET2", "key=QSEKRET3#FSEKRET4"]):
+        url = f"https://u:PSEKRET5@93.184.216.34/hook?{query}"
+        hook = Webhook(f"wh_{n}", url, (WILDCARD,), "s", created_ms=T0, updated_ms=T0)
+        await store.create_webhook(hook)
+    status, out, err = await cli("status")
+    assert (status, err) == (0, "")
+    rows = [line.split()[-1] for line in out.splitlines() if line.startswith("wh_")]
+    assert sorted(rows) == [f"{base}?key=***", f"{base}?token=***&tenant=***"]
+    status, out, _ = await cli("status", "--json")
+    assert "SEKRET" not in out
+    assert len({w["url"] for w in orjson.loads(out)["webhooks"]}) == 2
 
 
 async def test_status_table_says_whether_each_sink_reaches_its_destination(

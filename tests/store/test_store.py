@@ -1276,6 +1276,42 @@ async def test_recover_after_a_log_replay_owes_each_event_once(store: Store) -> 
     assert sorted(d.seq for d in pending) == [1, 2, 3]
 
 
+async def test_recover_resets_the_pending_delivery_of_a_replayed_event(store: Store) -> None:
+    """An event whose replay copy is still pending is owed once: recover resets that delivery,
+    whatever its seq, instead of owing the event again at its first seq (sent twice); an event
+    with no pending delivery is owed at its first seq since the point asked for; kinds the
+    filter rejects are not owed. The answer counts each event once."""
+    from relay.store import OutboxSelector
+
+    sid = await one_stream(store)
+    await store.create_webhook(dataclasses.replace(hook(1), event_types=(Kind.OPEN.event_type,)))
+    opens = [activity(i, T0 + i) for i in range(3)]
+    await store.commit_page(sid, [*opens, activity(9, T0 + 9, Kind.CLICK)], T0)  # seq 1..4
+    await store.fanout(100, T0)
+    first = await store.deliveries("wh_1", 10)
+    assert sorted(d.seq for d in first) == [1, 2, 3]
+    await store.finish_attempts([(Attempt(d.id, T0, 200, 1.0), "delivered", T0, 0) for d in first])
+    await store.replay_outbox(OutboxSelector("acme", T0), T0 + 5)  # copies: seq 5..8
+    await store.fanout(100, T0 + 5)  # pending: 5, 6, 7 (8 is the click)
+    copies = {d.seq: d for d in await store.deliveries("wh_1", 10, "pending")}
+    assert sorted(copies) == [5, 6, 7]
+    # the copy of the first open delivered, of the second retrying (one attempt made)
+    await store.finish_attempts(
+        [
+            (Attempt(copies[5].id, T0 + 6, 200, 1.0), "delivered", T0 + 6, 0),
+            (Attempt(copies[6].id, T0 + 6, 503, 1.0), "pending", T0 + 60_000, 0),
+        ]
+    )
+    assert await store.recover("wh_1", T0, T0 + 10) == 3
+    pending = await store.deliveries("wh_1", 10, "pending")
+    assert sorted(d.seq for d in pending) == [1, 6, 7]  # one per open event
+    assert len({d.event_id for d in pending}) == 3
+    assert {(d.attempts, d.next_attempt_ms) for d in pending} == {(0, T0 + 10)}
+    # recovered again: still one pending delivery per event
+    assert await store.recover("wh_1", 0, T0 + 20) == 3
+    assert sorted(d.seq for d in await store.deliveries("wh_1", 10, "pending")) == [1, 6, 7]
+
+
 async def test_a_narrowed_filter_drops_the_pending_deliveries_it_rejects(store: Store) -> None:
     """Changing event_types drops, with their attempts, the webhook's pending deliveries (retries
     included) of the kinds the new filter rejects; delivered and dead ones, those it still wants
