@@ -670,7 +670,7 @@ class SqliteStore:
                 # one INSERT … SELECT per webhook over the kinds its filter lets through: no
                 # Python per event (profiled); the filter stays Webhook.wants
                 for hook in hooks:
-                    kinds = [k.value for k in Kind if hook.wants(k.event_type)]
+                    kinds = rowmap.wanted_kinds(hook)
                     if not kinds:
                         continue
                     conn.execute(
