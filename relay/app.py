@@ -72,13 +72,48 @@ async def run_relay(
 ) -> None:
     """Run until ``stop`` is set, then shut down in order.
 
+    A ``stop`` during start-up abandons it where it waits (an unreachable PostgreSQL is retried
+    for ``postgres.reconnect_max_s``, longer than an orchestrator's grace period; a lease held
+    by another replica): what had started is stopped in reverse order and this returns, logging
+    ``relay.stopped_during_startup``, as after a stop once started.
+
     ``settle_heap``: apply the process's garbage-collector policy once started (``relay.heap``);
     only the process's owner asks for it (``ctct-relay run``), since it is process-wide.
     """
-    metrics = metrics or Metrics(now_ms)
     replica = new_replica_id()
     # every log line of this process names it: replicas sharing PostgreSQL tell apart by it
     structlog.contextvars.bind_contextvars(replica=replica)
+    started = asyncio.Event()
+    relay = asyncio.create_task(
+        _relay(settings, stop, started, replica, metrics or Metrics(now_ms), settle_heap),
+        name="relay",
+    )
+    stopping = asyncio.create_task(stop.wait(), name="relay:stop")
+    try:
+        await asyncio.wait({relay, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not relay.done() and not started.is_set():
+            relay.cancel()  # its exit stack stops what had started
+            await asyncio.wait({relay})
+            if relay.cancelled():
+                log.warning("relay.stopped_during_startup")
+                return
+        await relay  # an orderly stop, or the relay's failure
+    finally:
+        stopping.cancel()
+        if not relay.done():  # this was cancelled: so is the relay, and it is awaited
+            relay.cancel()
+            await asyncio.wait({relay})
+
+
+async def _relay(
+    settings: Settings,
+    stop: asyncio.Event,
+    started: asyncio.Event,
+    replica: str,
+    metrics: Metrics,
+    settle_heap: bool,
+) -> None:
+    """The relay's start-up (``started`` set once done), its run until ``stop``, its shutdown."""
     async with AsyncExitStack() as stack:
         # exclusive: a second relay on the same SQLite file stops here (it would poll the same
         # streams, spending the API budget twice, and run a second set of sinks)
@@ -168,6 +203,7 @@ async def run_relay(
             settle_after_startup()  # everything above lives as long as the process
         await scheduler.start()
         log.info("relay.started", accounts=[a.name for a in settings.accounts], replica=replica)
+        started.set()
         await stop.wait()
         log.info("relay.stopping")
     for task in sinks.tasks:
