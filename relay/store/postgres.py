@@ -467,6 +467,10 @@ class PostgresStore:
         """Announces nothing: every replica appends, and the one holding the Kafka sink's
         lease reads the outbox (woken by ``LISTEN``)."""
 
+    def on_fatal(self, listener: Callable[[StoreError], None]) -> None:
+        """Calls nothing: a lost server is retried (``reconnect_max_s``) and then fails the call
+        alone; the next call tries again."""
+
     async def finish_pass(self, stream_id: int, result: PassResult) -> None:
         async def run(conn: Connection) -> None:
             await conn.execute(
