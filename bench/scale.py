@@ -14,11 +14,13 @@ Three measurements, each against an absolute target (there is no baseline to tak
    is part of it, as in production. Target: p99 under 50 ms.
 3. The dedup store over a long run: synthetic ``relay.events.Activity`` values are committed with
    ``store.commit_page`` day by day (pages of 500, each re-reading a slice of the page before, as
-   the poller's overlap does), then ``store.prune_dedup(now - retention)`` runs as the relay's
-   prune job does with the default ``dedup_retention_h`` of 168. Per simulated day: dedup keys,
-   the dedup table's bytes (SQLite's ``dbstat``) and the file's bytes (database plus WAL). Each
-   must plateau: over the last seven days its least-squares slope stays within 1% of its maximum
-   per day.
+   the poller's overlap does), the day's events are fanned out to webhooks (none registered: the
+   fan-out only moves its cursor, as a running dispatcher does), then the relay's prune job runs
+   as it does with the default retentions of 168 h: ``prune_dedup``, ``prune_deliveries`` and
+   ``prune_outbox`` (published events older than ``outbox_retention_h``; the fan-out is the only
+   reader, as in a relay without a Kafka sink). Per simulated day: dedup keys, the dedup table's
+   bytes (SQLite's ``dbstat``) and the file's bytes (database plus WAL). Each must plateau: over
+   the last seven days its least-squares slope stays within 1% of its maximum per day.
 
 Passes run in virtual time: each advances the clock by its requests at 9,000 requests/day, and
 every stream is due at registration, so the due query always has a backlog to choose from.
@@ -60,6 +62,7 @@ REGISTER_BATCH = 5000
 PAGE = 500  # the poller commits one page of up to 500 records per transaction
 OVERLAP_SHARE = 0.05  # of each page re-read from the page before (overlap), dropped by dedup
 DEDUP_RETENTION_H = 168.0  # the relay's default dedup_retention_h
+OUTBOX_RETENTION_H = 168.0  # the relay's default outbox_retention_h
 BUSY_EVERY = 50  # one stream in 50 is busy: a skewed workload like freshness.py's
 BUSY_RATE_PER_H, QUIET_RATE_PER_H = 60.0, 0.05
 TARGET_RSS_MB = 300.0
@@ -253,6 +256,15 @@ def table_bytes(path: Path, table: str) -> int:
         conn.close()  # the context manager of sqlite3 commits, it does not close
 
 
+def outbox_rows(path: Path) -> int:
+    """Events in the outbox now (its head seq counts the pruned ones too)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def _file_bytes(path: Path) -> int:
     wal = path.with_name(path.name + "-wal")
     return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
@@ -270,6 +282,7 @@ async def dedup_run(
     """Commit a day of activity at a time, prune at the end of each day, record the sizes."""
     rng = random.Random(9)
     retention_ms = int(DEDUP_RETENTION_H * 3_600_000)
+    outbox_ms = int(OUTBOX_RETENTION_H * 3_600_000)
     overlap = max(1, int(PAGE * OVERLAP_SHARE))
     previous: list[Activity] = []
     for day in range(days):
@@ -284,7 +297,11 @@ async def dedup_run(
             fresh += await store.commit_page(1 + rng.randrange(campaigns), page, committed_ms)
             previous = page
         end_ms = to_millis(day_start) + _DAY_MS
+        while await store.fanout(10_000, end_ms):
+            pass
         pruned = await store.prune_dedup(end_ms - retention_ms)
+        await store.prune_deliveries(end_ms - outbox_ms)
+        await store.prune_outbox(end_ms - outbox_ms, [])
         result.days.append(
             DayRow(
                 day=day + 1,
@@ -292,7 +309,7 @@ async def dedup_run(
                 dedup_bytes=table_bytes(path, "dedup"),
                 outbox_bytes=table_bytes(path, "outbox"),
                 file_bytes=_file_bytes(path),
-                outbox_rows=await store.outbox_head(),
+                outbox_rows=outbox_rows(path),
                 fresh=fresh,
                 pruned=pruned,
             )
@@ -396,7 +413,8 @@ def report(result: ScaleResult) -> list[str]:
         )
     outbox_slope = last_week_slope([float(d.outbox_bytes) for d in result.days])
     lines.append(
-        f"  of which outbox {outbox_slope / mb:+,.1f} MB/day: committed events are never deleted"
+        f"  of which outbox {outbox_slope / mb:+,.1f} MB/day (published events leave after"
+        f" {OUTBOX_RETENTION_H:g} h)"
     )
     last = result.days[-1].dedup_keys if result.days else 0
     lines.append(

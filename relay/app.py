@@ -120,6 +120,7 @@ async def _relay(
         store = open_store(settings.state, settings.postgres, exclusive=True)
         await store.open()
         stack.push_async_callback(store.close)
+        damage = _stop_on_fatal(store, stop)
         coordinator = coordinator_for(store, replica, settings.postgres)
         session = await stack.enter_async_context(aiohttp.ClientSession())
         guard = Guard.from_strings(settings.allow_networks)
@@ -206,10 +207,29 @@ async def _relay(
         started.set()
         await stop.wait()
         log.info("relay.stopping")
+    if damage:
+        raise damage[0]  # the relay's error: ctct-relay run exits 1 with it
     for task in sinks.tasks:
         failure = task.exception() if task.done() and not task.cancelled() else None
         if failure is not None:
             raise failure
+
+
+def _stop_on_fatal(store: Store, stop: asyncio.Event) -> list[StoreError]:
+    """Stop the relay when the store reports an error it cannot go on from (a corrupt SQLite
+    file): every pass, delivery and job would fail on it for ever while the relay looked up.
+    Components handle the StoreError of their own call as always; this ends the run. Returns
+    the list that will hold the error."""
+    damage: list[StoreError] = []
+
+    def failed(exc: StoreError) -> None:
+        if not damage:
+            damage.append(exc)
+            log.error("store.failed", error=str(exc))
+        stop.set()
+
+    store.on_fatal(failed)
+    return damage
 
 
 class _Sinks:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -32,10 +32,11 @@ from relay.hostnames import valid_host
 from relay.poller import PollSettings
 from relay.scheduler import ScheduleSettings
 from relay.sinks.kafka import KafkaSecurity, KafkaSecurityError, KafkaSettings
-from relay.sinks.ssrf import Guard
+from relay.sinks.ssrf import Guard, masked_query
 from relay.sinks.webhooks import DeliverySettings
 from relay.store import StoreError
 from relay.store.postgres import PostgresSettings
+from relay.store.postgres import url_problem as postgres_url_problem
 from relay.store.sqlite import path_from_url
 
 ENV_PREFIX = "CTCT_RELAY_"
@@ -56,7 +57,18 @@ NULL_WORDS = frozenset({"null", "Null", "NULL", "~"})
 FLAGS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 _GUESSED = frozenset({"bool", "int", "float", "timestamp"})  # YAML 1.1 resolvers _Loader replaces
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Kafka accepts as a topic name
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}: what Docker
+# Compose and POSIX shells take (without nesting: the word after the operator is text, up to "}")
+_ENV_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<word>[^}]*))?\}")
+_ENV_FORMS = (
+    "supported: ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message};"
+    " $${ is a literal ${"
+)
+# the last names of the keys read as secrets (text(..., secret=True) below): an error about a
+# reference in one of them shows none of its text (interpolation comes before the readers)
+_SECRET_KEYS = frozenset(
+    {"api_key", "access_token", "token", "secret", "password", "ssl_password", "state"}
+)
 # one label of a host name as the resolver takes it, after IDNA (underscores are in use)
 LogLevel = Literal["debug", "info", "warning", "error"]
 Mode = Literal["binary", "structured"]
@@ -262,9 +274,12 @@ class Settings:
         if self.admin.token:
             values.append(self.admin.token)
         values += [w.secret for w in self.webhooks if w.secret]
-        state_password = urlsplit(self.state).password
-        if state_password:
-            values.append(state_password)
+        state = urlsplit(self.state)
+        if state.password:
+            values.append(state.password)
+        # asyncpg also takes the password (and the client key's) from the query
+        query = parse_qs(state.query)
+        values += [v for name in ("password", "sslpassword") for v in query.get(name, ()) if v]
         return values
 
 
@@ -298,7 +313,7 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
     try:
         interpolated = _interpolate(raw, env, "")
-    except ConfigError as exc:  # an unset ${NAME}
+    except ConfigError as exc:  # an unset ${NAME:?…}, a malformed ${
         raise ConfigError(f"{source}: {exc}") from None
     except RecursionError:  # a YAML anchor holding an alias to itself: &a [*a]
         raise ConfigError(f"{source}: a YAML anchor contains an alias to itself") from None
@@ -616,9 +631,15 @@ def _postgres_problem(url: str) -> str | None:
         )
     if not parts.hostname:
         return f"the PostgreSQL URL names no host {expected}"
+    if not valid_host(parts.hostname):
+        # asyncpg would fail to resolve it on every connect, retried as if the server were down
+        return (
+            f"{parts.hostname!r} is not a valid host name (an IP address, or labels of 1 to 63"
+            " letters, digits, '-' or '_' separated by single dots)"
+        )
     if not parts.path.strip("/"):
         return f"the PostgreSQL URL names no database {expected}"
-    return None
+    return postgres_url_problem(url)
 
 
 def _postgres(r: _Reader) -> PostgresSettings:
@@ -755,7 +776,13 @@ def _base_url(r: _Reader) -> str:
         raise ConfigError(f"{key}: {expected}") from None
     if parts.scheme not in {"http", "https"} or not parts.netloc:
         raise ConfigError(f"{key}: {expected}")
-    if "@" in parts.netloc or parts.path not in {"", "/"} or parts.query or parts.fragment:
+    if parts.query or parts.fragment:
+        # shown with the query's keys and *** for its values (a query may carry a token)
+        raise ConfigError(
+            f"{key}: a query or fragment is not allowed (give the scheme and host only, e.g."
+            f" https://api.constantcontact.com), got {_url(base_url)}"
+        )
+    if "@" in parts.netloc or parts.path not in {"", "/"}:
         # the client appends /v2/...: a path doubles it, and every stream retires on the 404s
         raise ConfigError(
             f"{key}: give the scheme and host only, e.g. https://api.constantcontact.com,"
@@ -1113,16 +1140,20 @@ def _yaml_text(value: object) -> str:
 
 def _url(url: str) -> str:
     """A URL for an error message, as written but for what may hold a credential: everything up
-    to the last ``@`` (user info, even unencoded or without ``//``) and the query and fragment.
-    (:func:`relay.api.status.public_url` rebuilds the URL, which loses an empty host's ``//``:
-    the very mistake a state error has to show.)"""
+    to the last ``@`` (user info, even unencoded or without ``//``), the value of each query
+    parameter (``?x=***``: the keys stay, so the error shows which one is wrong) and the
+    fragment (``#***``). (:func:`relay.api.status.public_url` rebuilds the URL, which loses an
+    empty host's ``//``: the very mistake a state error has to show.)"""
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
-    if "@" in rest:
+    if "@" in rest:  # first: a password may hold an unencoded ? or #
         rest = "…@" + rest.rsplit("@", 1)[1]
-    rest = re.split(r"[?#]", rest, maxsplit=1)[0]
-    return repr(f"{scheme}{sep}{rest}")
+    rest, hash_sign, _ = rest.partition("#")
+    rest, question, query = rest.partition("?")
+    query = masked_query(query) if question else ""
+    fragment = "#***" if hash_sign else ""
+    return repr(f"{scheme}{sep}{rest}{question}{query}{fragment}")
 
 
 def _kind(value: object) -> str:
@@ -1143,7 +1174,7 @@ def _kind(value: object) -> str:
 
 
 def _interpolate(value: object, env: Mapping[str, str], path: str) -> object:
-    """Replace ``${NAME}`` and ``${NAME:-default}`` in every string; an unset name is an error."""
+    """Replace environment references in every string (:func:`_expand`)."""
     if isinstance(value, dict):
         return {
             k: _interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()
@@ -1152,16 +1183,77 @@ def _interpolate(value: object, env: Mapping[str, str], path: str) -> object:
         return [_interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
+    return _expand(value, env, path)
 
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
+
+def _expand(text: str, env: Mapping[str, str], path: str) -> str:
+    """``text`` with each ``${…}`` replaced as Docker Compose does (:data:`_ENV_REF`). A run of
+    ``$`` before ``{`` reads in pairs, each ``$$`` one literal ``$``, and an odd one left starts
+    a reference: ``$${X}`` is the text ``${X}``. Any other ``$`` is text as written (``pa$$word``
+    stays so, as it always did). A ``${`` that starts no well-formed reference is an error:
+    kept as text, ``${TOKEN:?required}`` once became the admin token itself."""
+    out: list[str] = []
+    pos = 0
+    while (brace := text.find("${", pos)) >= 0:
+        start = brace
+        while start > pos and text[start - 1] == "$":
+            start -= 1
+        dollars = brace + 1 - start
+        out.append(text[pos:start] + "$" * (dollars // 2))
+        if dollars % 2 == 0:
+            out.append("{")
+            pos = brace + 2
+            continue
+        match = _ENV_REF.match(text, brace)
+        if match is None or "${" in (match.group("word") or ""):
+            raise ConfigError(f"{path}: {_bad_reference(text, brace, path)}")
+        out.append(_resolve(match, env, path))
+        pos = match.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _resolve(match: re.Match[str], env: Mapping[str, str], path: str) -> str:
+    """The value of one well-formed reference; ``:`` in the operator counts empty as unset."""
+    name, op, word = match.group("name", "op", "word")
+    value = env.get(name)
+    missing = value is None or (value == "" and op is not None and op.startswith(":"))
+    if not missing:
+        return value or ""
+    if op is None:
         raise ConfigError(f"{path}: environment variable {name} is not set")
+    if op.endswith("-"):
+        return str(word)
+    state = "is not set" if value is None else "is empty"
+    raise ConfigError(
+        f"{path}: environment variable {name} {state}" + (f": {word}" if word else "")
+    )
 
-    return _ENV_REF.sub(substitute, value)
+
+def _bad_reference(text: str, brace: int, path: str) -> str:
+    """What is wrong with the ``${`` at ``brace``; the text itself only of a key not secret."""
+    end = text.find("}", brace)
+    inner = text[brace + 2 : end] if end >= 0 else text[brace + 2 :]
+    name = re.match(r"[A-Za-z0-9_]*", inner)
+    after = inner[name.end() :] if name else inner
+    if end < 0:
+        problem = "a ${ without its closing }"
+    elif not inner:
+        problem = "an empty reference ${}"
+    elif not name or not name.group() or name.group()[0].isdigit():
+        problem = "a reference not starting with a variable name (a letter or _, then letters,"
+        problem += " digits or _)"
+    elif "${" in after:
+        problem = "a reference inside another (nesting is not supported)"
+    else:
+        problem = "a reference with something other than }, :-, -, :? or ? after the name"
+    leaf = re.sub(r"\[\d+\]$", "", path.rsplit(".", 1)[-1])
+    if leaf in _SECRET_KEYS:
+        shown = "; the value of a secret is not shown"
+    else:
+        reference = text[brace : end + 1] if end >= 0 else text[brace:]
+        shown = f" in {reference[:60]!r}"
+    return f"{problem}{shown} ({_ENV_FORMS})"
 
 
 class _FlowList(list[object]):

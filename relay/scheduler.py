@@ -39,6 +39,12 @@ log = structlog.get_logger(__name__)
 # how often replicas sharing PostgreSQL re-read targets, pauses and rates into their planners
 RELOAD_EVERY_S = 30.0
 
+# after a pass fails on the state store (a full disk, a database restarting), no pass starts for
+# this long, doubling while the store keeps failing: every pass spends requests before it
+# commits, and retrying due streams at each tick spent them for nothing
+STORE_RETRY_S = 1.0
+STORE_RETRY_MAX_S = 60.0
+
 # The account's budget ran out (the daily quota, ours or the API's; the API's per-second limit, a
 # 429), not the stream: the account pauses or the stream waits a while, but the stream is neither
 # counted as failing nor backed off further. Under a tiny quota this is the normal course of a day.
@@ -284,6 +290,8 @@ class Scheduler:
         self._job_tasks: set[asyncio.Task[object]] = set()  # jobs APScheduler is running now
         self._aps = AsyncIOScheduler(timezone=UTC)
         self._rng = random.Random()
+        self._store_failures = 0  # passes failed on the store in a row
+        self._store_retry_ms = 0  # no pass starts before this (Unix ms) after those failures
         self.passes = 0
 
     async def start(self) -> None:
@@ -399,6 +407,8 @@ class Scheduler:
 
     async def _tick(self) -> None:
         now = self._now_ms()
+        if now < self._store_retry_ms:
+            return  # passes failed on the store: backing off (see STORE_RETRY_S)
         held = await self._store.account_holds()  # operator pauses: read each tick, any replica
         # the relay's own pauses too: a spent quota or a long Retry-After one replica learned
         # holds for all of them, or each would spend requests until it got the answer itself
@@ -478,8 +488,14 @@ class Scheduler:
             await self._polled(runtime, stream_id)
         except StoreError as exc:
             # the store is unreachable or refused a write: the stream stays due, and its pages
-            # committed so far stay committed; the next pass (here or elsewhere) re-reads them
-            log.warning("poll.store_error", stream_id=stream_id, error=str(exc))
+            # committed so far stay committed; the next pass (here or elsewhere) re-reads them,
+            # once the backoff has passed
+            self._store_failures += 1
+            retry_s = min(STORE_RETRY_MAX_S, STORE_RETRY_S * 2 ** min(self._store_failures - 1, 16))
+            self._store_retry_ms = max(self._store_retry_ms, self._now_ms() + int(retry_s * 1000))
+            log.warning("poll.store_error", stream_id=stream_id, error=str(exc), retry_in_s=retry_s)
+        else:
+            self._store_failures = 0
         finally:
             runtime.inflight.discard(stream_id)
             if self._finished_during_reload is not None:

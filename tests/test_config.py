@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,139 @@ def test_every_account_polls_knowing_the_dedup_retention(tmp_path: Path) -> None
     assert settings.dedup_retention_h == 48
     assert settings.accounts[0].poll.dedup_retention_s == 48 * 3600
     assert settings.accounts[0].poll.overlap_s == 900
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param("${SET}", "v", id="plain"),
+        pytest.param("${EMPTY}", "", id="plain-empty"),
+        pytest.param("${UNSET:-d}", "d", id="colon-dash-unset"),
+        pytest.param("${EMPTY:-d}", "d", id="colon-dash-empty"),
+        pytest.param("${SET:-d}", "v", id="colon-dash-set"),
+        pytest.param("${UNSET-d}", "d", id="dash-unset"),
+        pytest.param("${EMPTY-d}", "", id="dash-empty"),
+        pytest.param("${UNSET:-}", "", id="empty-default"),
+        pytest.param("${SET:?needed}", "v", id="colon-question-set"),
+        pytest.param("${EMPTY?needed}", "", id="question-empty"),
+        pytest.param("a-${SET}-${SET}-b", "a-v-v-b", id="several"),
+        pytest.param("$${SET}", "${SET}", id="escaped"),
+        pytest.param("$$${SET}", "$v", id="dollar-then-reference"),
+        pytest.param("$$$${SET}", "$${SET}", id="two-escaped-dollars"),
+        pytest.param("pa$$word-${SET}", "pa$$word-v", id="dollars-elsewhere-as-written"),
+        pytest.param("$SET-${SET}-$", "$SET-v-$", id="bare-dollar"),
+        pytest.param("${UNSET:-a:b-c?d$e}", "a:b-c?d$e", id="default-text"),
+    ],
+)
+def test_env_reference_forms(tmp_path: Path, value: str, expected: str) -> None:
+    """The forms of Docker Compose and POSIX shells: ${NAME}, ${NAME:-x} (unset or empty),
+    ${NAME-x} (unset), ${NAME:?m}/${NAME?m}; $${ is a literal ${, any other $ is text."""
+    text = MINIMAL + f"admin: {{host: 127.0.0.1, token: '0123456789abcdef{value}'}}\n"
+    env = {"KEY": "k", "SET": "v", "EMPTY": ""}
+    settings = load(write(tmp_path, text), environ=env)
+    assert settings.admin.token == f"0123456789abcdef{expected}"
+
+
+@pytest.mark.parametrize(
+    ("value", "env", "problem"),
+    [
+        pytest.param(
+            "${CTCT_RELAY_ADMIN_TOKEN:?required}",
+            {},
+            "environment variable CTCT_RELAY_ADMIN_TOKEN is not set: required",
+            id="colon-question-unset",
+        ),
+        pytest.param(
+            "${CTCT_RELAY_ADMIN_TOKEN:?set it to the admin API token}",
+            {"CTCT_RELAY_ADMIN_TOKEN": ""},
+            "environment variable CTCT_RELAY_ADMIN_TOKEN is empty: set it to the admin API token",
+            id="colon-question-empty",
+        ),
+        pytest.param(
+            "${CTCT_RELAY_ADMIN_TOKEN?required}",
+            {},
+            "environment variable CTCT_RELAY_ADMIN_TOKEN is not set: required",
+            id="question-unset",
+        ),
+        pytest.param(
+            "${CTCT_RELAY_ADMIN_TOKEN:?}",
+            {},
+            "environment variable CTCT_RELAY_ADMIN_TOKEN is not set",
+            id="no-message",
+        ),
+    ],
+)
+def test_required_reference_names_key_variable_and_message(
+    tmp_path: Path, value: str, env: dict[str, str], problem: str
+) -> None:
+    """`admin.token: ${CTCT_RELAY_ADMIN_TOKEN:?required}` (deploy/docker-compose.yml's syntax)
+    with the variable unset was kept as text: the relay listened on 0.0.0.0 with that literal
+    string as its admin token. It is an error naming the key, the variable and the message."""
+    text = MINIMAL + f"admin: {{host: 0.0.0.0, token: '{value}'}}\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={"KEY": "k", **env})
+    assert str(caught.value) == f"{path}: admin.token: {problem}"
+
+
+_NOT_A_NAME = (
+    "a reference not starting with a variable name (a letter or _, then letters, digits or _)"
+)
+
+
+@pytest.mark.parametrize(
+    ("reference", "problem"),
+    [
+        pytest.param("${CTCT_API_KEY", "a ${ without its closing }", id="unclosed"),
+        pytest.param("${1BAD}", _NOT_A_NAME, id="digit"),
+        pytest.param("${}", "an empty reference ${}", id="empty"),
+        pytest.param("${-x}", _NOT_A_NAME, id="no-name"),
+        pytest.param(
+            "${CTCT_API_KEY:+alt}",
+            "a reference with something other than }, :-, -, :? or ? after the name",
+            id="unsupported-operator",
+        ),
+        pytest.param(
+            "${CTCT_API_KEY:-${OTHER}}",
+            "a reference inside another (nesting is not supported)",
+            id="nested",
+        ),
+    ],
+)
+def test_malformed_references_are_errors_naming_the_key(
+    tmp_path: Path, reference: str, problem: str
+) -> None:
+    """`${CTCT_API_KEY` (unclosed), `${1BAD}` and `${}` were kept as literal text, secrets
+    included. Each is an error naming the key's path and what is wrong; a secret key's text is
+    not shown, another key's reference is."""
+    env = {"KEY": "k", "CTCT_API_KEY": "from-env", "OTHER": "o"}
+    secret = MINIMAL.replace("${KEY}", f"sk-live-4411{reference}")
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, secret), environ=env)
+    message = str(caught.value)
+    assert f": accounts[0].api_key: {problem}; the value of a secret is not shown (" in message
+    assert "sk-live-4411" not in message
+    assert "CTCT_API_KEY" not in message
+    assert "supported: ${NAME}, ${NAME:-default}, ${NAME-default}" in message
+
+    text = MINIMAL + f"logging: {{level: 'info{reference}'}}\n"
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ=env)
+    shown = (
+        reference
+        if problem != "a reference inside another (nesting is not supported)"
+        else ("${CTCT_API_KEY:-${OTHER}")
+    )
+    assert f": logging.level: {problem} in {shown!r} (supported: " in str(caught.value)
+
+
+def test_the_example_documents_every_reference_form() -> None:
+    """The example file's header lists every form the loader takes."""
+    header = EXAMPLE.read_text().split("\n\n", 1)[0]
+    for form in ("${NAME}", "${NAME:-default}", "${NAME-default}", "${NAME:?message}"):
+        assert form in header
+    assert "${NAME?message}" in header
+    assert "$${" in header
 
 
 def test_missing_env_var_names_key_and_variable(tmp_path: Path) -> None:
@@ -403,6 +539,125 @@ def test_postgresql_state_and_its_settings(tmp_path: Path) -> None:
     assert "pg-secret-9" in settings.secrets()
 
 
+def test_a_password_in_the_state_urls_query_is_a_secret(tmp_path: Path) -> None:
+    """asyncpg takes `?password=` and `?sslpassword=` too: they are scrubbed from logs as the
+    user info's password is (only that one was)."""
+    url = "postgresql://relay@db.internal/relay?password=q-secret-1&sslpassword=q-secret-2"
+    settings = load(write(tmp_path, MINIMAL + f"state: '{url}'\n"), environ={"KEY": "k"})
+    assert {"q-secret-1", "q-secret-2"} <= set(settings.secrets())
+
+
+_BAD_STATE_URLS = [
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db.internal:5432/relay?sslmode=bogus",
+        "sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full, got"
+        " 'postgresql://…@db.internal:5432/relay?sslmode=***'",
+        id="sslmode",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@ho st/relay",
+        "'ho st' is not a valid host name (an IP address, or labels of 1 to 63 letters, digits,"
+        " '-' or '_' separated by single dots), got 'postgresql://…@ho st/relay'",
+        id="host-with-space",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db..internal/relay",
+        "'db..internal' is not a valid host name (an IP address, or labels of 1 to 63 letters,"
+        " digits, '-' or '_' separated by single dots), got 'postgresql://…@db..internal/relay'",
+        id="empty-label",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db/relay?sslmode",
+        "the query is not name=value pairs separated by &, got 'postgresql://…@db/relay?***'",
+        id="item-without-equals",
+    ),
+    pytest.param(
+        "postgresql://relay@db/relay?sslmode=require&target_session_attrs=master",
+        "target_session_attrs must be one of any, primary, standby, prefer-standby, read-write,"
+        " read-only, got 'postgresql://…@db/relay?sslmode=***&target_session_attrs=***'",
+        id="target-session-attrs",
+    ),
+    pytest.param(
+        "postgresql://relay@db/relay?sslmode=require&ssl_min_protocol_version=TLSv1.9",
+        "ssl_min_protocol_version must be one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3, got"
+        " 'postgresql://…@db/relay?sslmode=***&ssl_min_protocol_version=***'",
+        id="tls-version",
+    ),
+    pytest.param(
+        "postgresql://relay@db/relay?sslnegotiation=tls",
+        "sslnegotiation must be one of postgres, direct, got"
+        " 'postgresql://…@db/relay?sslnegotiation=***'",
+        id="sslnegotiation",
+    ),
+]
+
+
+@pytest.mark.parametrize(("url", "problem"), _BAD_STATE_URLS)
+def test_postgresql_state_url_is_checked_at_load(tmp_path: Path, url: str, problem: str) -> None:
+    """`?sslmode=bogus` and a host with a space loaded, and `run` retried for 60 s as if the
+    server were down (asyncpg's ClientConfigurationError, a resolver error) before exiting 1.
+    Now the config does not load: an error naming state and the problem, never the password."""
+    path = write(tmp_path, MINIMAL + f"state: '{url}'\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={"KEY": "k"})
+    assert str(caught.value) == f"{path}: state: {problem}"
+    assert "pg-secret-9" not in str(caught.value)
+
+
+def test_a_bad_postgresql_state_url_exits_2_at_once(tmp_path: Path) -> None:
+    """`ctct-relay run` with `?sslmode=bogus` exits 2 with the config error, before connecting."""
+    url = "postgresql://relay:pg-secret-9@127.0.0.1:9/relay?sslmode=bogus"
+    path = write(tmp_path, MINIMAL + f"state: '{url}'\n")
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KEY": "k"},
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert time.monotonic() - started < 30
+    assert "state: sslmode must be one of" in done.stderr
+    assert "pg-secret-9" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "sslmode=verify-full",
+        "sslmode=verify_ca",
+        "sslmode=disable&application_name=x&search_path=relay",
+        "target_session_attrs=read-write&sslnegotiation=postgres",
+        "sslmode=require&ssl_min_protocol_version=TLSv1.2&ssl_max_protocol_version=TLSv1_3",
+        "gsslib=gssapi&sslmode=",
+    ],
+)
+def test_postgresql_state_url_with_options_asyncpg_takes_loads(tmp_path: Path, query: str) -> None:
+    """Values asyncpg accepts load, in its spellings; parameters it sends to the server as
+    settings (application_name, search_path) are the server's to check."""
+    url = f"postgresql://relay:pg-secret-9@db.internal:5432/relay?{query}"
+    settings = load(write(tmp_path, MINIMAL + f"state: '{url}'\n"), environ={"KEY": "k"})
+    assert settings.state == url
+
+
+def test_postgresql_url_choices_are_asyncpgs() -> None:
+    """The values checked at load are the ones asyncpg takes, so a new asyncpg cannot drift."""
+    from asyncpg import connect_utils  # its parser: private, read only by this test
+
+    from relay.store.postgres import URL_CHOICES
+
+    modes = tuple(mode.name.replace("_", "-") for mode in connect_utils.SSLMode)
+    assert URL_CHOICES["sslmode"] == modes
+    assert URL_CHOICES["sslnegotiation"] == tuple(n.value for n in connect_utils.SSLNegotiation)
+    attrs = tuple(a.value for a in connect_utils.SessionAttribute)
+    assert URL_CHOICES["target_session_attrs"] == attrs
+    for version in URL_CHOICES["ssl_min_protocol_version"]:
+        connect_utils._parse_tls_version(version)
+    assert URL_CHOICES["ssl_max_protocol_version"] == URL_CHOICES["ssl_min_protocol_version"]
+
+
 # Every key read as a whole number, with a YAML snippet setting it to {} (accounts[0] keys extend
 # the MINIMAL account).
 INTEGER_KEYS = {
@@ -711,14 +966,15 @@ def test_errors_never_show_a_secret(tmp_path: Path, key: str, value: str, kind: 
         pytest.param("state: 'mysql://u:hunter2pass@h/db'", "'mysql://…@h/db'", id="scheme"),
         pytest.param("state: 'relay:hunter2pass@db:5432/relay'", "'…@db:5432/relay'", id="no-//"),
         pytest.param(
-            "state: 'sqlite://u:hunter2pass@h/x?password=hunter2pass'",
-            "'sqlite://…@h/x'",
+            "state: 'sqlite://u:hunter2pass@h/x?password=hunter2pass#hunter2pass'",
+            "'sqlite://…@h/x?password=***#***'",
             id="query",
         ),
     ],
 )
 def test_state_errors_never_show_a_password(tmp_path: Path, extra: str, shown: str) -> None:
-    """The state URL of an error is shown without user info, query or fragment."""
+    """The state URL of an error is shown without user info, with the values of its query
+    parameters and its fragment as ***."""
     with pytest.raises(ConfigError) as caught:
         load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
     message = str(caught.value)
@@ -1126,8 +1382,6 @@ def test_security_settings_the_protocol_ignores_are_refused(
         pytest.param("http://127.0.0.1:8080/v2", id="path"),
         pytest.param("https://api.constantcontact.com/v2/", id="path-slash"),
         pytest.param("https://bob:pw-secret-1@api.constantcontact.com", id="userinfo"),
-        pytest.param("https://api.constantcontact.com?x=1", id="query"),
-        pytest.param("https://api.constantcontact.com#top", id="fragment"),
     ],
 )
 def test_base_url_takes_scheme_and_host_only(tmp_path: Path, url: str) -> None:
@@ -1142,6 +1396,39 @@ def test_base_url_takes_scheme_and_host_only(tmp_path: Path, url: str) -> None:
         in message
     )
     assert "pw-secret-1" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param("http://127.0.0.1:28080?x=1", "'http://127.0.0.1:28080?x=***'", id="query"),
+        pytest.param(
+            "https://api.constantcontact.com/?api_key=tok-9f2e&v=2&flag",
+            "'https://api.constantcontact.com/?api_key=***&v=***&***'",
+            id="query-items",
+        ),
+        pytest.param(
+            "https://api.constantcontact.com#tok-9f2e",
+            "'https://api.constantcontact.com#***'",
+            id="fragment",
+        ),
+    ],
+)
+def test_base_url_with_a_query_says_so_with_its_values_masked(
+    tmp_path: Path, url: str, shown: str
+) -> None:
+    """`http://127.0.0.1:28080?x=1` was refused as not "the scheme and host only", shown as
+    `'http://127.0.0.1:28080'`: exactly what the error asked for. The error says a query or
+    fragment is not allowed and shows the query's keys, each value (a token, maybe) as ***."""
+    text = MINIMAL.replace("https://api.example.com", url)
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={"KEY": "k"})
+    message = str(caught.value)
+    assert message.endswith(
+        "accounts[0].base_url: a query or fragment is not allowed (give the scheme and host only,"
+        f" e.g. https://api.constantcontact.com), got {shown}"
+    ), message
+    assert "tok-9f2e" not in message
 
 
 @pytest.mark.parametrize("url", ["https://api.constantcontact.com/", "http://127.0.0.1:8080"])

@@ -31,6 +31,7 @@ from relay.store import (
     PassResult,
     PostgresSettings,
     PostgresStore,
+    StoreError,
     Stream,
     StreamKey,
     open_store,
@@ -126,6 +127,10 @@ class StandInPoller:
     def passes(self) -> list[int]:
         return [stream_id for stream_id, _, _ in self.started]
 
+    @property
+    def calls(self) -> int:
+        return len(self.started)
+
     def fail(self) -> None:
         """Raise what the pass just started fails with (nothing, here)."""
 
@@ -214,13 +219,63 @@ class CrashingPoller(StandInPoller):
         super().__init__()
         self.crashes = crashes
 
-    @property
-    def calls(self) -> int:
-        return len(self.started)
-
     def fail(self) -> None:
         if self.calls <= self.crashes:
             raise RuntimeError(f"parse edge case in {SECRET_URL}")
+
+
+class StoreFailingPoller(StandInPoller):
+    """A poller whose passes fail on the state store while ``failing`` (a full disk)."""
+
+    failing = True
+
+    def fail(self) -> None:
+        if self.failing:
+            raise StoreError("state store (/data/state.db): database or disk is full")
+
+
+async def test_passes_failing_on_the_store_hold_back_new_passes(tmp_path: Path) -> None:
+    """A pass that fails on the store starts a backoff during which no pass starts (1 s,
+    doubling while the store keeps failing, to 60 s): each pass spends requests before it
+    commits, and due streams retried at every tick spent them for nothing. The first pass that
+    gets through ends the backoff."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        clock = [1_763_000_000_000]
+        await store.ensure_streams([StreamKey("acme", "contact", "1")], clock[0])
+        poller = StoreFailingPoller()
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], WIDE, now_ms=lambda: clock[0])
+
+        async def tick_at(offset_ms: int) -> None:
+            clock[0] += offset_ms
+            await scheduler.tick()
+            await scheduler.wait_idle()
+
+        await tick_at(0)
+        assert poller.calls == 1  # failed: 1 s
+        await tick_at(999)
+        assert poller.calls == 1
+        await tick_at(1)
+        assert poller.calls == 2  # failed again: 2 s
+        await tick_at(1_999)
+        assert poller.calls == 2
+        await tick_at(1)
+        assert poller.calls == 3  # then 4 s, 8 s, ... at most 60 s
+        for _ in range(10):
+            await tick_at(60_000)
+        assert poller.calls == 13
+        await tick_at(59_999)
+        assert poller.calls == 13
+        poller.failing = False
+        await tick_at(1)
+        assert poller.calls == 14  # through: no backoff any more
+        await store.request_replay([(await store.streams())[0].id], clock[0] - 1000, clock[0])
+        await tick_at(0)
+        assert poller.calls == 15
+    finally:
+        await store.close()
 
 
 async def test_a_pass_that_crashes_is_a_failed_pass_with_backoff(tmp_path: Path) -> None:

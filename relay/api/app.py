@@ -37,7 +37,14 @@ from relay.api.status import VIEW, RelayView
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.metrics import Metrics
 from relay.sinks.ssrf import Guard
-from relay.store import Store, StoreError, UnavailableError, WaitBudget, wait_budget
+from relay.store import (
+    CorruptError,
+    Store,
+    StoreError,
+    UnavailableError,
+    WaitBudget,
+    wait_budget,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -169,6 +176,8 @@ async def _readyz(request: web.Request) -> web.Response:
     except Exception as exc:  # whatever stops the store answering means "not ready", not a 500
         log.warning("api.not_ready", error=f"{type(exc).__name__}: {exc}")
         # the store's message names files and hosts; this endpoint is unauthenticated
+        if isinstance(exc, CorruptError):  # the relay is stopping on it
+            return error_response(503, "the state store is corrupt; see the relay log")
         return error_response(503, "the state store is not answering; see the relay log")
     return json_response({"status": "ready"})
 

@@ -101,6 +101,10 @@ def _ready() -> JsonObject:
     return {
         "operationId": "readyz",
         "summary": "Readiness: the state store answers",
+        "description": (
+            "503 while the state store does not answer, and once it is found corrupt (the relay"
+            " is then stopping, exit status 1); the message names no file or server."
+        ),
         "security": [],
         "responses": {
             "200": _json("ready", _status_schema("ready")),

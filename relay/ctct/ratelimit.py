@@ -161,10 +161,19 @@ class RateLimiter:
                 return
             self._sent.append(self._monotonic())
             self._used_today += 1
+            counted = self._used_today
             if self._ledger is not None:
                 # Counted before it is sent: a crash can over-count, never under-count. The
                 # ledger's total wins, so replicas sharing it see each other's requests.
-                self._used_today = await self._ledger.spend(self._day.isoformat(), 1)
+                try:
+                    self._used_today = await self._ledger.spend(self._day.isoformat(), 1)
+                except BaseException:
+                    # not counted in the store, so not sent: taken back here too (a full disk
+                    # failed every spend, and the count alone spent the day's allowance)
+                    self._sent.pop()
+                    if self._used_today == counted:  # not marked spent (exhaust_today) meanwhile
+                        self._used_today -= 1
+                    raise
 
     async def _reserve_shared(self, shared: SharedBudget) -> None:
         """Wait until the shared budget admits the request; raise when today's is spent."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from relay.store.base import (
     Attempt,
     Behind,
+    CorruptError,
     DeadLetter,
     Delivery,
     DeliveryCounts,
@@ -54,6 +55,7 @@ def open_store(
 __all__ = [
     "Attempt",
     "Behind",
+    "CorruptError",
     "DeadLetter",
     "Delivery",
     "DeliveryCounts",

@@ -45,6 +45,13 @@ class UnavailableError(StoreError):
         self.unchanged = unchanged
 
 
+class CorruptError(StoreError):
+    """The store's data is damaged (SQLite: "database disk image is malformed", "file is not a
+    database"): nothing read from it can be trusted and no retry mends it, so the store refuses
+    every later call and the relay stops with this error (:meth:`Store.on_fatal`). The message
+    names the file and how to restore it."""
+
+
 class NotFoundError(StoreError):
     """A webhook, delivery or stream that does not exist."""
 
@@ -443,6 +450,13 @@ class Store(Protocol):
         the commit, on the event loop, so an in-process sink need not read it back. Other
         appends (replays, other processes) are not announced: a reader that finds a gap reads
         the outbox, which stays the only source of truth. ``listener`` must not raise."""
+
+    def on_fatal(self, listener: Callable[[StoreError], None]) -> None:
+        """Hand ``listener``, on the event loop, the first error after which this store cannot
+        be used any more (a :class:`CorruptError`); every later call fails with such an error
+        too. The relay stops on it instead of failing every pass for ever. A store whose
+        failures all pass (PostgreSQL: an outage is retried) never calls it. ``listener``
+        must not raise."""
 
     async def outbox_head(self) -> int:
         """The highest committed seq (0 when empty)."""

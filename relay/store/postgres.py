@@ -6,7 +6,9 @@ restarts, the network drops) rolls its transaction back on the server, so nothin
 survives; the call is retried on a fresh connection with bounded, logged backoff for up to
 ``reconnect_max_s`` (or until the deadline of a :func:`relay.store.budget.wait_budget`, while no
 writing transaction of its unit of work has sent COMMIT), then fails with a :class:`StoreError`
-naming the server. Retrying a
+naming the server. A connect asyncpg refuses for the URL or its settings
+(``ClientConfigurationError``: ``?sslnegotiation=direct&sslmode=disable``) is no outage: it
+fails at once. Retrying a
 transaction whose commit went through but whose answer was lost repeats it: every write here is
 idempotent or, like the quota count, may over-count but never under-count.
 
@@ -29,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import orjson
@@ -129,6 +131,53 @@ async def _wait_any(first: asyncio.Event, second: asyncio.Event, timeout_s: floa
         for wait in waits:
             wait.cancel()
         await asyncio.gather(*waits, return_exceptions=True)
+
+
+# Query parameters of the URL whose values asyncpg checks when it connects (connect_utils), with
+# the values it takes: a wrong one fails every connect with ClientConfigurationError, so loading
+# the config refuses it first (url_problem). Other parameters asyncpg reads are paths and names;
+# the ones it does not know it sends to the server as settings, which the server checks.
+URL_CHOICES: dict[str, tuple[str, ...]] = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "sslnegotiation": ("postgres", "direct"),
+    "target_session_attrs": (
+        "any",
+        "primary",
+        "standby",
+        "prefer-standby",
+        "read-write",
+        "read-only",
+    ),
+    "gsslib": ("gssapi", "sspi"),
+    "ssl_min_protocol_version": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"),
+    "ssl_max_protocol_version": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"),
+}
+# asyncpg reads sslmode with '_' for '-' (verify_full) and the TLS versions with '_' for '.'
+_URL_SPELLINGS = {
+    "sslmode": ("_", "-"),
+    "ssl_min_protocol_version": ("_", "."),
+    "ssl_max_protocol_version": ("_", "."),
+}
+
+
+def url_problem(url: str) -> str | None:
+    """What asyncpg would refuse in the query of a PostgreSQL URL at every connect, or None;
+    never shows a value (any may be a secret)."""
+    query = urlsplit(url).query
+    if not query:
+        return None
+    try:  # as asyncpg parses it: an item without '=' fails every connect with ValueError
+        params = parse_qs(query, strict_parsing=True)
+    except ValueError:
+        return "the query is not name=value pairs separated by &"
+    for name, choices in URL_CHOICES.items():
+        if name not in params:
+            continue
+        value = params[name][-1]  # asyncpg takes the last
+        old, new = _URL_SPELLINGS.get(name, ("", ""))
+        if value not in choices and (not old or value.replace(old, new) not in choices):
+            return f"{name} must be one of {', '.join(choices)}"
+    return None
 
 
 def describe_url(url: str) -> str:
@@ -277,6 +326,13 @@ class PostgresStore:
                 return await call()
             except StoreError:
                 raise
+            except asyncpg.ClientConfigurationError as exc:
+                # the URL or the settings, not the network: every attempt would fail alike (an
+                # InterfaceError, so it comes before RETRIABLE)
+                raise StoreError(
+                    f"state store (PostgreSQL at {self._where}): {what} refused by the client:"
+                    f" {_reason(exc)}"
+                ) from None
             except RETRIABLE as exc:
                 remaining = budget.remaining_s() if budget is not None else None
                 if budget is not None and remaining is not None and remaining < delay_s:
@@ -410,6 +466,10 @@ class PostgresStore:
     def on_append(self, listener: Callable[[OutboxAppend], None]) -> None:
         """Announces nothing: every replica appends, and the one holding the Kafka sink's
         lease reads the outbox (woken by ``LISTEN``)."""
+
+    def on_fatal(self, listener: Callable[[StoreError], None]) -> None:
+        """Calls nothing: a lost server is retried (``reconnect_max_s``) and then fails the call
+        alone; the next call tries again."""
 
     async def finish_pass(self, stream_id: int, result: PassResult) -> None:
         async def run(conn: Connection) -> None:

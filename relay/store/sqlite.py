@@ -7,8 +7,14 @@ fan-out and attempt records and the Kafka sink's cursor commit without an fsync 
 undoing them can only cause a redelivery.
 
 The relay's own store is opened ``exclusive``: an advisory lock (``flock``) on ``<state>.lock``
-beside the file, held while the store is open, so a second relay on the same file stops at
-start-up instead of polling the same streams again (SQLite's own locks only serialize writes).
+beside the file (its real path, symbolic links resolved), held while the store is open, so a
+second relay on the same file stops at start-up instead of polling the same streams again
+(SQLite's own locks only serialize writes). A file with hard links is refused there: the lock
+cannot tell that another name is the same file.
+
+A damaged file (SQLITE_CORRUPT, SQLITE_NOTADB) is a :class:`CorruptError`: the store refuses
+every later call and tells its ``on_fatal`` listeners, so the relay stops instead of failing
+every pass for ever.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import errno
 import fcntl
 import os
 import secrets
+import shlex
 import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,12 +35,14 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
+import structlog
 
 from relay.events import DATA_CONTENT_TYPE, SPECVERSION, TYPE_PREFIX, Activity, Kind
 from relay.store import rowmap
 from relay.store.base import (
     BUDGET_SALT,
     Attempt,
+    CorruptError,
     DeadLetter,
     Delivery,
     DeliveryCounts,
@@ -59,6 +68,11 @@ from relay.store.base import (
 from relay.store.migrations import MIGRATIONS
 
 T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
+
+# primary result codes (an extended code keeps its primary one in the low byte) of a damaged file
+_CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 def path_from_url(url: str) -> Path | None:
@@ -88,6 +102,10 @@ def create_private(path: Path) -> None:
 class StateLock:
     """An exclusive advisory lock (``flock``) on ``<state file>.lock``: one holder at a time.
 
+    Beside the file's real path (symbolic links resolved), so a link to the file or to its
+    directory finds the same lock; a hard link cannot be told by its path (see
+    :func:`_refuse_hard_links`).
+
     ``flock`` locks belong to an open file description, so a second :meth:`acquire` of the same
     file fails in the same process too; the kernel releases the lock when the holder exits,
     however it exits (SIGKILL included), so a stale lock file never blocks anyone. The file is
@@ -97,13 +115,19 @@ class StateLock:
 
     def __init__(self, state: Path) -> None:
         self.state = state
-        self.path = state.with_name(state.name + ".lock")
+        self.real, self.path = self._resolve()
         self._fd: int | None = None
+
+    def _resolve(self) -> tuple[Path, Path]:
+        """The state file's real path and the lock file's."""
+        real = Path(os.path.realpath(self.state))
+        return real, real.with_name(real.name + ".lock")
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`StoreError` naming the state file and the holder."""
         if self._fd is not None:
             return
+        self.real, self.path = self._resolve()  # again: a link may have been made since
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -120,8 +144,10 @@ class StateLock:
                 raise StoreError(
                     f"state store ({self.state}): cannot lock {self.path}: {exc.strerror or exc}"
                 ) from None
+            linked = self.real != Path(os.path.abspath(self.state))
+            named = f"{self.state} (that is, {self.real})" if linked else str(self.state)
             raise StoreError(
-                f"state store {self.state} is in use by another ctct-relay process{holder}"
+                f"state store {named} is in use by another ctct-relay process{holder}"
                 " (one relay per SQLite file; several replicas need a postgresql:// state)"
             ) from None
         with contextlib.suppress(OSError):  # the pid is a courtesy for the next one's error
@@ -134,6 +160,47 @@ class StateLock:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+def _refuse_hard_links(state: Path, found: os.stat_result | None) -> None:
+    """SQLite keeps the write-ahead log beside the name it was given, and the lock is found by
+    name too: two relays on two hard links of one file would both run, with a log each, and
+    corrupt it. A path cannot tell which other names a file has, its link count can."""
+    if found is None or found.st_nlink <= 1:
+        return
+    raise StoreError(
+        f"state store {state} has {found.st_nlink} hard links (names): another relay could use"
+        " the file under another name, unseen by the lock, and two relays on one SQLite file"
+        " corrupt it; keep one name (`find <its file system> -xdev -samefile"
+        f" {shlex.quote(str(state))}` lists them), or copy the file instead of linking it"
+    )
+
+
+def _corruption(exc: BaseException) -> sqlite3.Error | None:
+    """The SQLITE_CORRUPT or SQLITE_NOTADB error in ``exc`` or what it was raised from (a
+    ROLLBACK that failed after it), None when there is none."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = getattr(seen, "sqlite_errorcode", None)  # not on errors we raise ourselves
+        if (
+            isinstance(seen, sqlite3.Error)
+            and isinstance(code, int)
+            and code & 0xFF in _CORRUPT_CODES
+        ):
+            return seen
+        seen = seen.__context__
+    return None
+
+
+def _corrupt_error(where: str, exc: sqlite3.Error) -> CorruptError:
+    """The :class:`CorruptError` of a damaged state file: what happened and what to do."""
+    path = shlex.quote(where)
+    return CorruptError(
+        f"state store {where} is corrupt ({exc}): nothing read from it can be trusted, so the"
+        " relay stops. With the relay stopped, restore the file from a backup, or save what it"
+        f" still holds with `sqlite3 {path} .recover | sqlite3 recovered.db` and set state to"
+        " the new file (events whose dedup keys are lost are sent again, with the same ids)"
+    )
 
 
 def _holder(fd: int) -> str:
@@ -159,6 +226,8 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._append_listeners: list[Callable[[OutboxAppend], None]] = []
+        self._fatal_listeners: list[Callable[[StoreError], None]] = []
+        self._fatal: CorruptError | None = None
 
     @classmethod
     def from_url(cls, url: str, *, exclusive: bool = False) -> SqliteStore:
@@ -168,6 +237,8 @@ class SqliteStore:
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:  # its executor is shut down: submitting would raise RuntimeError
             raise StoreError(f"state store ({self._where()}) is closed")
+        if self._fatal is not None:  # writing more into a damaged file can only spread it
+            raise CorruptError(str(self._fatal))
 
         def call() -> T:
             if self._conn is None:
@@ -175,23 +246,47 @@ class SqliteStore:
             try:
                 return fn(self._conn)
             except sqlite3.Error as exc:
-                self._conn.rollback()
+                with contextlib.suppress(sqlite3.Error):  # the call's own error is the news
+                    self._conn.rollback()
+                damage = _corruption(exc)
+                if damage is not None:
+                    raise _corrupt_error(self._where(), damage) from exc
                 raise StoreError(f"state store ({self._where()}): {exc}") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except CorruptError as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: CorruptError) -> None:
+        """The first damage found: refuse what follows, tell the listeners (once)."""
+        if self._fatal is not None:
+            return
+        self._fatal = exc
+        for listener in self._fatal_listeners:
+            listener(exc)
+
+    def on_fatal(self, listener: Callable[[StoreError], None]) -> None:
+        self._fatal_listeners.append(listener)
 
     def _where(self) -> str:
         return str(self._path) if self._path else ":memory:"
 
     async def open(self) -> None:
-        def connect() -> None:
+        def connect() -> bool:
             conn: sqlite3.Connection | None = None
+            found: os.stat_result | None = None
             try:
                 if self._path is not None:
                     self._path.parent.mkdir(parents=True, exist_ok=True)
                 if self._lock is not None:
                     self._lock.acquire()  # before anything touches the file (migrations too)
                 if self._path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        found = self._path.stat()  # before we create it: was it there?
+                    if self._lock is not None:
+                        _refuse_hard_links(self._path, found)
                     create_private(self._path)
                 conn = sqlite3.connect(
                     self._path or ":memory:", isolation_level=None, check_same_thread=False
@@ -204,18 +299,33 @@ class SqliteStore:
             except (sqlite3.Error, OSError) as exc:
                 if conn is not None:
                     conn.close()  # a store that did not open keeps no connection either
+                damage = _corruption(exc)
+                if damage is not None:
+                    raise _corrupt_error(self._where(), damage) from None
                 raise StoreError(f"state store ({self._where()}): cannot open: {exc}") from None
             self._conn = conn
+            # SQLite writes its header when it first opens a file (WAL mode), so an empty file
+            # that was there before is one that lost its content (truncated), or was made
+            # empty on purpose (`touch` before a bind mount), not one of ours
+            return found is not None and found.st_size == 0
 
-        def connect_or_unlock() -> None:
+        def connect_or_unlock() -> bool:
             try:
-                connect()
+                return connect()
             except BaseException:
                 if self._lock is not None:
                     self._lock.release()  # a store that did not open holds nothing
                 raise
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, connect_or_unlock)
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(self._executor, connect_or_unlock):
+            log.warning(
+                "store.empty_file",
+                path=str(self._path),
+                detail="the state file was empty (0 bytes): a new store was created in it. If it"
+                " held this relay's state, that state is lost (watermarks, dedup keys, webhooks"
+                " and their secrets): stop the relay and restore the file from a backup",
+            )
 
     async def close(self) -> None:
         if self._closed:

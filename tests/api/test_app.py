@@ -28,10 +28,18 @@ from relay.api.status import RelayView
 from relay.logs import REDACTED, Redactor
 from relay.metrics import FANOUT_CURSOR, STORE_TIMEOUT_S, Metrics
 from relay.sinks.ssrf import Guard
-from relay.store import PostgresStore, Store, StoreError, UnavailableError, open_store
+from relay.store import (
+    CorruptError,
+    PostgresStore,
+    Store,
+    StoreError,
+    UnavailableError,
+    open_store,
+)
 from relay.store.postgres import PostgresSettings, describe_url
 from tests import pgkit
 from tests.api.conftest import AUTH, PUBLIC_URL, TOKEN, Client, ClientFactory, error_of
+from tests.sqlitekit import damage_middle, filled_state
 
 
 @dataclass
@@ -133,6 +141,32 @@ async def test_readyz_is_503_when_the_store_is_gone(
     assert "gone.db" not in error["message"]  # unauthenticated: no file names
     assert any(e["event"] == "api.not_ready" for e in logs)
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_readyz_is_503_once_the_store_is_found_corrupt(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """A store found corrupt by any call makes /readyz answer 503 saying so, though the page
+    the probe reads is intact (it stayed ready while every pass failed); no file name."""
+    db = tmp_path / "state.db"
+    await filled_state(db)
+    damage_middle(db)
+    own = open_store(f"sqlite:///{db}")
+    await own.open()
+    try:
+        client = await aiohttp_client(create_admin_app(own, AdminSettings(), guard=Guard()))
+        assert (await client.get("/readyz")).status == 200  # not found yet
+        with pytest.raises(CorruptError):
+            await own.read_outbox(0, 10_000)
+        with capture_logs() as logs:
+            error = await error_of(await client.get("/readyz"), 503)
+    finally:
+        await own.close()
+    assert error == {
+        "code": "unavailable",
+        "message": "the state store is corrupt; see the relay log",
+    }
+    assert any(e["event"] == "api.not_ready" for e in logs)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 
 from relay.ctct.errors import BudgetExhaustedError
 from relay.ctct.ratelimit import Budget, RateLimiter, next_utc_midnight
+from relay.store import StoreError
 
 
 class FakeTime:
@@ -131,3 +132,42 @@ async def test_after_restart_the_first_window_is_assumed_full() -> None:
     start = clock.mono
     await lim.acquire()
     assert clock.mono - start == pytest.approx(1.0)
+
+
+class FailingLedger:
+    """A quota ledger whose first ``failures`` writes fail, as a full disk fails them."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.total = 0
+
+    async def spend(self, day: str, requests: int) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("state store (/data/state.db): database or disk is full")
+        self.total += requests
+        return self.total
+
+
+async def test_a_request_the_ledger_did_not_count_is_not_counted() -> None:
+    """An acquire whose ledger write fails raises, and neither the day's count nor the
+    per-second window keeps the request it did not send: after the store recovers, the whole
+    allowance and window are there (a full disk once spent a day's allowance on no request)."""
+    clock = FakeTime(wall=1_700_000_000.0)
+    ledger = FailingLedger(failures=50)
+    lim = RateLimiter(
+        Budget(requests_per_second=4, requests_per_day=100, reserved_share=0.0, window_margin_s=0),
+        ledger=ledger,
+        wall_clock=lambda: clock.wall,
+        monotonic=lambda: clock.mono,
+        sleep=clock.sleep,
+    )
+    for _ in range(50):
+        with pytest.raises(StoreError):
+            await lim.acquire()
+    assert lim.remaining_today == 100
+    assert clock.mono == 1000.0  # no failed acquire waited for a slot the others took
+    for _ in range(4):
+        await lim.acquire()
+    assert clock.mono == 1000.0  # a whole window: four at once
+    assert (lim.remaining_today, ledger.total) == (96, 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import Proc, SimProcess, outbox, relay_config, wait_until
+from tests.sqlitekit import damage_middle
 
 pytestmark = pytest.mark.integration
 
@@ -210,3 +212,39 @@ def test_a_second_relay_on_the_same_sqlite_file_stops_at_start_up(tmp_path: Path
         first.kill()
         second.kill()
         sim.kill()
+
+
+def test_a_state_file_corrupted_while_the_relay_runs_stops_it(tmp_path: Path) -> None:
+    """Pages of the running relay's state file overwritten: the first store call that reads one
+    ends the relay, exit status 1, its last line naming the file and what to do, no traceback
+    (it polled on for ever, every pass failing, ready all the while)."""
+    sim = SimProcess(tmp_path, scenario()).start()
+    relay = Proc(["run", "--config", str(relay_config(tmp_path, sim))], tmp_path / "relay.log")
+    db = tmp_path / "state.db"
+    try:
+        relay.start()
+        sim.advance(900)
+        wait_until(lambda: db.exists() and sum(outbox(db).values()) >= 300, 60, "300 events")
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+            # everything into the file, so the relay reads the damaged pages, not the log's
+            wait_until(
+                lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0,
+                30,
+                "a checkpoint",
+            )
+            damage_middle(db)
+            # a write from another connection: the relay's drops its page cache and reads
+            conn.execute("PRAGMA user_version = 1")
+        sim.advance(900)  # new activity: passes look its dedup keys up all over the file
+        assert relay.popen is not None
+        status = relay.popen.wait(60)
+    finally:
+        relay.kill()
+        sim.kill()
+    said = relay.output()
+    assert status == 1, said[-3000:]
+    last = said.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last.startswith(f"ctct-relay: error: state store {db} is corrupt ("), said[-3000:]
+    assert f"sqlite3 {db} .recover | sqlite3 recovered.db" in last
+    assert "Traceback" not in said
+    assert '"store.failed"' in said

@@ -58,6 +58,31 @@ async def test_unreachable_server_is_a_store_error_naming_it() -> None:
     await store.close()
 
 
+async def test_a_url_asyncpg_refuses_is_a_store_error_at_once() -> None:
+    """asyncpg's ClientConfigurationError (an InterfaceError, so retriable before) comes from
+    the URL, not the network: it fails the first attempt instead of being retried for
+    reconnect_max_s as if the server were down. (The config refuses each of these values on its
+    own; this pair only asyncpg does.)"""
+    port = free_port()
+    store = PostgresStore.from_url(
+        f"postgresql://relay:pw-hidden-7@127.0.0.1:{port}/relaydb"
+        "?sslnegotiation=direct&sslmode=disable",
+        PostgresSettings(reconnect_max_s=30.0, connect_timeout_s=1.0),
+    )
+    started = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert time.monotonic() - started < 5
+    assert not isinstance(caught.value, UnavailableError)
+    message = str(caught.value)
+    assert message.startswith(
+        f"state store (PostgreSQL at 127.0.0.1:{port}/relaydb): connect refused by the client:"
+        " ClientConfigurationError: direct TLS requires sslmode=require"
+    ), message
+    assert "pw-hidden-7" not in message
+    await store.close()
+
+
 async def test_killed_connections_are_replaced_and_nothing_is_lost(postgres_url: str) -> None:
     """Every connection of the pool killed by the server: the next calls reconnect and see all
     that was committed before."""
