@@ -10,9 +10,11 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 import yaml
 
@@ -161,3 +163,38 @@ def test_sigterm_while_the_kafka_sink_connects_to_a_silent_broker(
     finally:
         relay.kill()
     assert_stopped_cleanly(relay, code, took_s)
+
+
+async def test_a_sink_failing_during_start_up_still_ends_the_relay_with_its_error(
+    tmp_path: Path, postgres_url: str, kafka_bootstrap: str
+) -> None:
+    """Start-up held (another transaction locks the table of the budget salt) while the Kafka
+    sink finds its topics missing: the sink's stop is the relay's failure, exit 1 with the
+    topic error, not a quiet "stopped during start-up"."""
+    store = open_store(postgres_url)
+    await store.open()  # the schema, so the lock below is all that holds the relay
+    await store.close()
+    prefix = f"missing{uuid.uuid4().hex[:8]}"
+    kafka = {"bootstrap_servers": kafka_bootstrap, "topic": prefix + ".{kind}"}
+    path = config(tmp_path, postgres_url, kafka=kafka)
+    relay = Proc(["run", "--config", str(path)], tmp_path / "relay.log")
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE meta IN ACCESS EXCLUSIVE MODE")
+            relay.start()
+            assert relay.popen is not None
+            try:  # within the relay's statement timeout (30 s), which would end the wait too
+                code: int | None = await asyncio.to_thread(relay.popen.wait, 25)
+            except subprocess.TimeoutExpired:
+                code = None
+    finally:
+        await conn.close()
+        relay.kill()
+    text = relay.output()
+    assert code == 1, text[-3000:]
+    last = text.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last.startswith(f"ctct-relay: error: kafka: topic(s) {prefix}."), text[-3000:]
+    assert "relay.started" not in text
+    assert "relay.stopped_during_startup" not in text
+    assert "Traceback" not in text
