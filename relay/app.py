@@ -72,20 +72,60 @@ async def run_relay(
 ) -> None:
     """Run until ``stop`` is set, then shut down in order.
 
+    A ``stop`` during start-up abandons it where it waits (an unreachable PostgreSQL is retried
+    for ``postgres.reconnect_max_s``, longer than an orchestrator's grace period; a lease held
+    by another replica): what had started is stopped in reverse order and this returns, logging
+    ``relay.stopped_during_startup``, as after a stop once started.
+
     ``settle_heap``: apply the process's garbage-collector policy once started (``relay.heap``);
     only the process's owner asks for it (``ctct-relay run``), since it is process-wide.
     """
-    metrics = metrics or Metrics(now_ms)
     replica = new_replica_id()
     # every log line of this process names it: replicas sharing PostgreSQL tell apart by it
     structlog.contextvars.bind_contextvars(replica=replica)
+    started = asyncio.Event()
+    failures = _Failures()
+    relay = asyncio.create_task(
+        _relay(settings, stop, started, failures, replica, metrics or Metrics(now_ms), settle_heap),
+        name="relay",
+    )
+    stopping = asyncio.create_task(stop.wait(), name="relay:stop")
+    try:
+        await asyncio.wait({relay, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not relay.done() and not started.is_set():
+            relay.cancel()  # its exit stack stops what had started
+            await asyncio.wait({relay})
+            if relay.cancelled():
+                failure = failures.first()
+                if failure is not None:  # the stop was the relay's own: a corrupt store, …
+                    raise failure
+                log.warning("relay.stopped_during_startup")
+                return
+        await relay  # an orderly stop, or the relay's failure
+    finally:
+        stopping.cancel()
+        if not relay.done():  # this was cancelled: so is the relay, and it is awaited
+            relay.cancel()
+            await asyncio.wait({relay})
+
+
+async def _relay(
+    settings: Settings,
+    stop: asyncio.Event,
+    started: asyncio.Event,
+    failures: _Failures,
+    replica: str,
+    metrics: Metrics,
+    settle_heap: bool,
+) -> None:
+    """The relay's start-up (``started`` set once done), its run until ``stop``, its shutdown."""
     async with AsyncExitStack() as stack:
         # exclusive: a second relay on the same SQLite file stops here (it would poll the same
         # streams, spending the API budget twice, and run a second set of sinks)
         store = open_store(settings.state, settings.postgres, exclusive=True)
         await store.open()
         stack.push_async_callback(store.close)
-        damage = _stop_on_fatal(store, stop)
+        failures.damage = _stop_on_fatal(store, stop)
         coordinator = coordinator_for(store, replica, settings.postgres)
         session = await stack.enter_async_context(aiohttp.ClientSession())
         guard = Guard.from_strings(settings.allow_networks)
@@ -99,6 +139,7 @@ async def run_relay(
         except WebhookError as exc:
             raise ConfigError(str(exc)) from None
         sinks = _start_sinks(settings, store, stop, guard, metrics, coordinator)
+        failures.sinks = sinks.tasks
         stack.push_async_callback(_stop_sinks, sinks)
         cursors = [FANOUT_CURSOR] + (["kafka"] if settings.kafka else [])
         metrics.watch_store(store, cursors)
@@ -169,14 +210,30 @@ async def run_relay(
             settle_after_startup()  # everything above lives as long as the process
         await scheduler.start()
         log.info("relay.started", accounts=[a.name for a in settings.accounts], replica=replica)
+        started.set()
         await stop.wait()
         log.info("relay.stopping")
-    if damage:
-        raise damage[0]  # the relay's error: ctct-relay run exits 1 with it
-    for task in sinks.tasks:
-        failure = task.exception() if task.done() and not task.cancelled() else None
-        if failure is not None:
-            raise failure
+    failure = failures.first()
+    if failure is not None:
+        raise failure  # the relay's error: ctct-relay run exits 1 with it
+
+
+class _Failures:
+    """What stopped the relay from inside (it sets ``stop``): raised once it has shut down,
+    also when that came during start-up, which a stop otherwise abandons quietly."""
+
+    def __init__(self) -> None:
+        self.damage: list[StoreError] = []  # a store that cannot be used any more
+        self.sinks: list[asyncio.Task[None]] = []  # a sink that cannot run ends the relay
+
+    def first(self) -> BaseException | None:
+        if self.damage:
+            return self.damage[0]
+        for task in self.sinks:
+            failure = task.exception() if task.done() and not task.cancelled() else None
+            if failure is not None:
+                return failure
+        return None
 
 
 def _stop_on_fatal(store: Store, stop: asyncio.Event) -> list[StoreError]:

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 
 from relay import logs, sim
-from relay.api.client import add_webhooks_parser, positive_number, run_webhooks
+from relay.api.client import add_webhooks_parser, positive_number, resource_id, run_webhooks
 from relay.api.ops_client import add_ops_parsers, run_ops
 from relay.app import run_relay
 from relay.config import AccountSettings, ConfigError, Settings, load
@@ -128,7 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("endpoint", help="catalogue name, e.g. campaign.clicks (see 'endpoints')")
     p.add_argument("--config", required=True, help="relay config YAML")
     p.add_argument("--account", help="account name (default: the first one)")
-    p.add_argument("--id", dest="resource_id", help="contact or campaign id")
+    # checked as `targets` and `replay --campaign` check it: `--id abc` was requested (and
+    # retried, spending the budget) as .../campaigns/abc/tracking/opens
+    p.add_argument(
+        "--id", dest="resource_id", type=resource_id, help="contact or campaign id (digits)"
+    )
     p.add_argument("--link-id", help="link id, for *.clicks_by_link only")
     p.add_argument(
         "--since", help="created_since / modified_since, ISO 8601 (endpoints that take one)"
@@ -183,7 +187,7 @@ def _sim(args: argparse.Namespace) -> int:
     logs.configure()
     scenario = _scenario(args.config)
     try:
-        sim.run_sim(scenario, args.host, args.port)
+        sim.run_sim(scenario, args.host, args.port, source=args.config)
     except OSError as exc:  # the address is taken, not ours, or the host name does not resolve
         where = f"{args.host}:{args.port}"
         raise ConfigError(f"sim: cannot listen on {where}: {exc.strerror or exc}") from None

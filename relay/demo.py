@@ -15,8 +15,13 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import os
+import shlex
+import shutil
 import signal
 import socket
+import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -171,12 +176,26 @@ def _banner(
         f"metrics       {admin}/metrics",
         # the demo's admin API listens on loopback without a token (its config sets none), and
         # `status` takes the API's URL, not a config file
-        f"status        ctct-relay status --api {admin}",
+        f"status        {relay_command()} status --api {admin}",
         f"relay config  {config}",
         f"Kafka         {kafka}  (topics ctct.email.<kind>)" if kafka else off,
         "events below as they arrive; Ctrl-C stops everything",
     ]
     print("\n".join(lines), file=out, flush=True)
+
+
+def relay_command(path: str | None = None) -> str:
+    """``ctct-relay`` as a shell with ``path`` (default: this one's ``PATH``) runs it: the bare
+    name when that finds this installation's, else the full path of the one beside this
+    interpreter (``make demo`` runs ``.venv/bin/ctct-relay``, which a fresh shell does not
+    find), else this interpreter with ``-m relay``."""
+    installed = shutil.which("ctct-relay", path=sysconfig.get_path("scripts"))
+    if installed is None:
+        return f"{shlex.quote(sys.executable)} -m relay"
+    found = shutil.which("ctct-relay", path=path)
+    if found is not None and os.path.samefile(found, installed):
+        return "ctct-relay"
+    return shlex.quote(os.path.abspath(installed))
 
 
 @contextlib.asynccontextmanager

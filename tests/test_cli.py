@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from relay.cli import _parser
+from tests.procs import SimProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,10 +143,57 @@ def test_fetch_options_the_endpoint_ignores_are_usage_errors(
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        pytest.param(["campaign.opens", "--id", "abc"], "'abc'", id="campaign-letters"),
+        pytest.param(["contact.clicks", "--id", "12a"], "'12a'", id="contact-letters"),
+        pytest.param(["campaign.sends", "--id", "../1"], "'../1'", id="path"),
+        pytest.param(["campaign.summary", "--id", "1" * 65], "'" + "1" * 65 + "'", id="65-digits"),
+        pytest.param(["contact.opens", "--id="], "''", id="empty"),
+    ],
+)
+def test_fetch_id_that_is_not_an_id_is_a_usage_error(
+    tmp_path: Path, argv: list[str], shown: str
+) -> None:
+    """``fetch --id`` takes 1 to 64 digits, as ``targets`` and ``replay --campaign`` do: anything
+    else is argparse's usage error naming --id, exit 2, before any request (``--id abc`` was
+    requested as .../campaigns/abc/tracking/opens and retried)."""
+    path = config(tmp_path, "http://127.0.0.1:1")
+    result = run("fetch", *argv, "--config", str(path))
+    message = f"argument --id: expected a Constant Contact id (1 to 64 digits), got {shown}"
+    assert_clean_failure(result, 2, message)
+    assert result.stderr.splitlines()[-1].endswith(message)
+    assert result.stdout == ""
+
+
 def test_missing_scenario_file_is_a_usage_error() -> None:
     """The simulator refuses a scenario path that does not exist."""
     result = run("sim", "--config", "/nonexistent/scenario.yaml")
     assert_clean_failure(result, 2, "/nonexistent/scenario.yaml")
+
+
+def test_sim_start_up_line_counts_its_api_keys_and_shows_none(tmp_path: Path) -> None:
+    """``ctct-relay sim`` says where it listens and how many api keys it accepts, from which
+    scenario file, and prints no key or token (it printed ``api keys: <each key>``)."""
+    secrets = ("apiKEYsecret7f3a91c2", "tokSECRET-0b1c", "apiKEYsecond-55aa", "tokSECOND-77")
+    keys = [
+        {"api_key": secrets[0], "access_token": secrets[1], "more_tokens": ["tokMORE-9e9e"]},
+        {"api_key": secrets[2], "access_token": secrets[3]},
+    ]
+    simulator = SimProcess(tmp_path, {"keys": keys}).start()
+    try:
+        text = simulator.output()
+    finally:
+        simulator.kill()
+    url = simulator.url
+    line = (
+        f"ctct simulator listening on {url}/v2 (2 api keys from {tmp_path / 'scenario.yaml'};"
+        f" control: {url}/_sim)"
+    )
+    assert line in text.splitlines(), text
+    for secret in (*secrets, "tokMORE-9e9e"):
+        assert secret not in text
 
 
 @pytest.mark.parametrize("command", ["sim --config", "demo --no-kafka --scenario"])

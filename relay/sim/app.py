@@ -137,17 +137,26 @@ async def serve(
         await runner.cleanup()
 
 
-def run_sim(scenario: Scenario, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve the simulator until interrupted, printing where it listens."""
+def run_sim(
+    scenario: Scenario, host: str = "127.0.0.1", port: int = 8080, source: str = "the scenario"
+) -> None:
+    """Serve the simulator until interrupted, printing where it listens; ``source``: where the
+    scenario (and so its api keys) came from, for that line."""
     app = create_app(scenario, freeze_gc=True)
-    keys = ", ".join(key.api_key for key in scenario.keys)
 
     def announce(_: str) -> None:
-        url = f"http://{_url_host(host)}:{port}"
-        print(f"ctct simulator listening on {url}/v2 (api keys: {keys}; control: {url}/_sim)")
+        print(announcement(f"http://{_url_host(host)}:{port}", scenario, source))
         print("(press CTRL+C to stop)", flush=True)
 
     web.run_app(app, host=host, port=port, print=announce, access_log=None)
+
+
+def announcement(url: str, scenario: Scenario, source: str) -> str:
+    """The start-up line: where the simulator listens and how many api keys it accepts, from
+    where; never the keys (a scenario may hold a real-looking key, and output is logged)."""
+    count = len(scenario.keys)
+    keys = f"{count} api key{'' if count == 1 else 's'} from {source}"
+    return f"ctct simulator listening on {url}/v2 ({keys}; control: {url}/_sim)"
 
 
 def _url_host(host: str) -> str:

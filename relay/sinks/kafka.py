@@ -393,8 +393,10 @@ class KafkaSink:
                 raise KafkaSinkError(f"kafka: {exc}") from None
             self._current = producer
             try:
-                await producer.start()
-                await self._check_topics()
+                # a broker that accepts connections but does not answer holds these for
+                # request_timeout_s: a stop (SIGTERM) must not wait for that
+                if not await _unless_stopped(stop, self._connect(producer)):
+                    break
                 self.connected = True
                 self._metrics.kafka_connected(True)
                 attempt = 0
@@ -418,6 +420,10 @@ class KafkaSink:
                     await _stop_quietly(current)
                 await asyncio.gather(*self._retiring)
 
+    async def _connect(self, producer: AIOKafkaProducer) -> None:
+        await producer.start()
+        await self._check_topics()
+
     def _producer(self) -> AIOKafkaProducer:
         s = self._settings
         return AIOKafkaProducer(
@@ -439,8 +445,8 @@ class KafkaSink:
         """
         wanted = self._settings.topics()
         admin = AIOKafkaAdminClient(**self._settings.client_options())
-        await admin.start()
         try:
+            await admin.start()  # in the try: a start cancelled by a stop closes it too
             await self._create_missing(admin, wanted)
             await self._read_batch_limits(admin, wanted)
         finally:
@@ -876,6 +882,24 @@ def _append(batch: _Batch, key: bytes, value: bytes, headers: list[tuple[str, by
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Coroutine[object, object, None]) -> bool:
+    """Run ``work`` unless ``stop`` is set first (then it is cancelled): whether it finished.
+    Its failure is raised."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        return False
+    task.result()
+    return True
 
 
 async def _stop_quietly(producer: AIOKafkaProducer) -> None:

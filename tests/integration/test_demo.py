@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -85,9 +86,19 @@ def test_ctrl_c_stops_the_demo_cleanly_and_without_java_it_says_how_to_enable_ka
 
 
 def test_what_the_banner_prints_works(tmp_path: Path) -> None:
-    """Every URL the banner prints answers 200 and its status command, run as printed (even with
-    an admin token of another relay in the environment), prints the demo's account."""
-    proc = demo(tmp_path, "--no-kafka", "--duration", "60", "--state-dir", str(tmp_path / "s"))
+    """Every URL the banner prints answers 200 and its status command, run as printed in a shell
+    whose PATH lacks the virtualenv, as a fresh one after ``make demo`` (even with an admin token
+    of another relay in the environment), prints the demo's account (it printed a bare
+    ``ctct-relay``: command not found)."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    fresh_path = os.pathsep.join(
+        d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != scripts
+    )
+    proc = demo(
+        tmp_path,
+        *("--no-kafka", "--duration", "60", "--state-dir", str(tmp_path / "s")),
+        env={"PATH": fresh_path},
+    )
     out = tmp_path / "demo.out"
     try:
         wait_until(lambda: "webhook  send" in out.read_text(), 60, "a first webhook event")
@@ -98,18 +109,19 @@ def test_what_the_banner_prints_works(tmp_path: Path) -> None:
         for url in set(urls) - set(webhooks_receiver):  # a POST there would count as rejected
             with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
                 assert response.status == 200, url
-        printed = re.search(r"^status +(ctct-relay status .*)$", banner, re.MULTILINE)
+        printed = re.search(r"^status +(\S*ctct-relay status .*)$", banner, re.MULTILINE)
         assert printed is not None, banner
         argv = shlex.split(printed.group(1))
-        assert argv[:2] == ["ctct-relay", "status"]
+        assert argv[0] == str(scripts / "ctct-relay")
+        assert argv[1] == "status"
         for environ in ({}, {"CTCT_RELAY_ADMIN_TOKEN": "another-relays-token"}):
             env = {k: v for k, v in os.environ.items() if k != "CTCT_RELAY_ADMIN_TOKEN"}
             status = subprocess.run(
-                [sys.executable, "-m", "relay", *argv[1:]],
+                argv,
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
-                env={**env, **environ},
+                env={**env, "PATH": fresh_path, **environ},
                 timeout=60,
                 check=False,
             )
