@@ -133,7 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--id", dest="resource_id", type=resource_id, help="contact or campaign id (digits)"
     )
-    p.add_argument("--link-id", help="link id, for *.clicks_by_link only")
+    p.add_argument(
+        "--link-id", type=resource_id, help="link id (digits), for *.clicks_by_link only"
+    )
     p.add_argument(
         "--since", help="created_since / modified_since, ISO 8601 (endpoints that take one)"
     )

@@ -167,6 +167,16 @@ def test_fetch_id_that_is_not_an_id_is_a_usage_error(
     assert result.stdout == ""
 
 
+def test_fetch_link_id_that_is_not_an_id_is_a_usage_error(tmp_path: Path) -> None:
+    """``fetch --link-id`` takes digits as ``--id`` does: ``../x`` was put in the request path."""
+    path = config(tmp_path, "http://127.0.0.1:1")
+    argv = ["campaign.clicks_by_link", "--id", "1", "--link-id", "../x", "--config", str(path)]
+    result = run("fetch", *argv)
+    message = "argument --link-id: expected a Constant Contact id (1 to 64 digits), got '../x'"
+    assert_clean_failure(result, 2, message)
+    assert result.stdout == ""
+
+
 def test_missing_scenario_file_is_a_usage_error() -> None:
     """The simulator refuses a scenario path that does not exist."""
     result = run("sim", "--config", "/nonexistent/scenario.yaml")
