@@ -12,6 +12,13 @@ fails at once. Retrying a
 transaction whose commit went through but whose answer was lost repeats it: every write here is
 idempotent or, like the quota count, may over-count but never under-count.
 
+Damage the server reports (SQLSTATE ``XX001 data_corrupted``, ``XX002 index_corrupted``) is a
+:class:`CorruptError`, as a damaged SQLite file is: no retry mends it and nothing read from the
+database can be trusted, so the store refuses every later call and tells its ``on_fatal``
+listeners, and the relay stops instead of running on against a damaged table. ``XX000
+internal_error`` stays a plain :class:`StoreError`: the server raises it for its own failures of
+many kinds (a cache lookup, an out-of-range request), most of which the next call does not meet.
+
 Outbox appends take one transaction-scoped advisory lock, so sequence numbers become visible in
 order: a sink that has read seq N never finds a smaller one committed later.
 
@@ -45,6 +52,7 @@ from relay.store import rowmap
 from relay.store.base import (
     BUDGET_SALT,
     Attempt,
+    CorruptError,
     DeadLetter,
     Delivery,
     DeliveryCounts,
@@ -103,6 +111,13 @@ RETRIABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+
+# Damage the server found in the data (SQLSTATE class XX but XX000): fatal, see the docstring.
+CORRUPT: tuple[type[asyncpg.PostgresError], ...] = (
+    asyncpg.exceptions.DataCorruptedError,  # XX001 data_corrupted
+    asyncpg.exceptions.IndexCorruptedError,  # XX002 index_corrupted
+)
+_CONDITIONS = {"XX001": "data_corrupted", "XX002": "index_corrupted"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +217,21 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _corrupt_error(where: str, exc: asyncpg.PostgresError) -> CorruptError:
+    """The :class:`CorruptError` of damage the server reported: what happened and what to do."""
+    code = f"{exc.sqlstate} {_CONDITIONS.get(exc.sqlstate, '')}".rstrip()
+    if isinstance(exc, asyncpg.exceptions.IndexCorruptedError):
+        mend = "rebuild the index it names (REINDEX) or restore the database from a backup"
+    else:
+        mend = "restore the database from a backup (or repair the table it names)"
+    return CorruptError(
+        f"state store (PostgreSQL at {where}) is corrupt (SQLSTATE {code}: {exc}): nothing read"
+        " from it can be trusted, so the relay stops. Check the server: its log names the"
+        " damaged relation and block, and pg_amcheck checks the database (a failing disk or"
+        f" file system is the usual cause); then, with every replica stopped, {mend}"
+    )
+
+
 class PostgresStore:
     """:class:`relay.store.base.Store` on a PostgreSQL database shared by every replica."""
 
@@ -210,6 +240,8 @@ class PostgresStore:
         self.settings = settings or PostgresSettings()
         self._where = describe_url(url)
         self._pool: Pool | None = None
+        self._fatal_listeners: list[Callable[[StoreError], None]] = []
+        self._fatal: CorruptError | None = None
 
     @classmethod
     def from_url(cls, url: str, settings: PostgresSettings | None = None) -> PostgresStore:
@@ -254,8 +286,11 @@ class PostgresStore:
                 pool.terminate()
 
     async def transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run ``fn`` in one transaction, retrying it through connection failures."""
+        """Run ``fn`` in one transaction, retrying it through connection failures; refused
+        once the database was found damaged (:class:`CorruptError`)."""
 
+        if self._fatal is not None:  # writing more on top of damage can only spread it
+            raise CorruptError(str(self._fatal))
         budget = current_budget()
 
         async def attempt() -> T:
@@ -274,7 +309,19 @@ class PostgresStore:
                     conn.terminate()  # never hand a broken connection out again
                     raise
 
-        return await self._retrying(attempt, "query")
+        try:
+            return await self._retrying(attempt, "query")
+        except CorruptError as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: CorruptError) -> None:
+        """The first damage found: refuse what follows, tell the listeners (once)."""
+        if self._fatal is not None:
+            return
+        self._fatal = exc
+        for listener in self._fatal_listeners:
+            listener(exc)
 
     async def listen_commits(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Call ``wake`` whenever any process commits outbox events (LISTEN on one connection
@@ -357,6 +404,8 @@ class PostgresStore:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 2.0)
                 attempt += 1
+            except CORRUPT as exc:
+                raise _corrupt_error(self._where, exc) from exc
             except asyncpg.PostgresError as exc:
                 raise StoreError(f"state store (PostgreSQL at {self._where}): {exc}") from None
 
@@ -468,8 +517,10 @@ class PostgresStore:
         lease reads the outbox (woken by ``LISTEN``)."""
 
     def on_fatal(self, listener: Callable[[StoreError], None]) -> None:
-        """Calls nothing: a lost server is retried (``reconnect_max_s``) and then fails the call
-        alone; the next call tries again."""
+        """Calls ``listener`` once the server reports damage (``XX001``, ``XX002``: a
+        :class:`CorruptError`). A lost server is no such error: it is retried
+        (``reconnect_max_s``) and then fails the call alone; the next call tries again."""
+        self._fatal_listeners.append(listener)
 
     async def finish_pass(self, stream_id: int, result: PassResult) -> None:
         async def run(conn: Connection) -> None:

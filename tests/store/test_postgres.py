@@ -11,6 +11,7 @@ import pytest
 
 from relay.events import Activity, Kind, from_millis
 from relay.store import (
+    CorruptError,
     PostgresSettings,
     PostgresStore,
     StoreError,
@@ -81,6 +82,76 @@ async def test_a_url_asyncpg_refuses_is_a_store_error_at_once() -> None:
     ), message
     assert "pw-hidden-7" not in message
     await store.close()
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "condition", "mend"),
+    [
+        pytest.param("XX001", "data_corrupted", "restore the database from a backup", id="data"),
+        pytest.param(
+            "XX002", "index_corrupted", "rebuild the index it names (REINDEX)", id="index"
+        ),
+    ],
+)
+async def test_damage_the_server_reports_is_a_corrupt_error_that_ends_the_store(
+    postgres_url: str, sqlstate: str, condition: str, mend: str
+) -> None:
+    """SQLSTATE XX001/XX002 (a damaged page or index) was a StoreError like any other: every
+    pass failed on it while the replica stayed ready. Now it is a CorruptError naming the
+    SQLSTATE, the server and what to do (never the password); the listeners hear it once, and
+    every later call is refused, also one the damage would not touch."""
+    # trust authentication: the server never asks for this password, so the URL may hold one
+    url = postgres_url.replace("postgres@", "postgres:pw-hidden-7@", 1)
+    store = PostgresStore.from_url(url)
+    heard: list[StoreError] = []
+    store.on_fatal(heard.append)
+    await store.open()
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+        [stream] = await store.streams()
+        words = await store.transaction(
+            lambda conn: pgkit.damage_on_insert(conn, "outbox", sqlstate)
+        )
+        with pytest.raises(CorruptError) as found:
+            await store.commit_page(stream.id, [activity(1, T0)], T0)
+        message = str(found.value)
+        assert message.startswith(
+            f"state store (PostgreSQL at {store.where}) is corrupt"
+            f" (SQLSTATE {sqlstate} {condition}: {words}): "
+        ), message
+        assert "Check the server: its log names the damaged relation" in message
+        assert mend in message
+        assert "pw-hidden-7" not in message
+        assert isinstance(found.value.__cause__, asyncpg.exceptions.InternalServerError)
+        assert heard == [found.value]
+        with pytest.raises(CorruptError) as refused:
+            await store.schema_version()  # reads what is intact: refused all the same
+        assert str(refused.value) == message
+        assert heard == [found.value]
+    finally:
+        await store.close()
+
+
+async def test_an_internal_error_is_a_plain_store_error(postgres_url: str) -> None:
+    """SQLSTATE XX000 internal_error (the server's own failure, of many kinds) fails its call
+    alone: a StoreError, not a CorruptError, the listeners hear nothing, the next call runs."""
+    store = PostgresStore.from_url(postgres_url)
+    heard: list[StoreError] = []
+    store.on_fatal(heard.append)
+    await store.open()
+    try:
+        with pytest.raises(StoreError) as failed:
+            await store.transaction(
+                lambda conn: conn.execute(
+                    "DO $$ BEGIN RAISE EXCEPTION 'cache lookup failed for type 0'"
+                    " USING ERRCODE = 'XX000'; END $$"
+                )
+            )
+        assert not isinstance(failed.value, CorruptError)
+        assert heard == []
+        assert await store.schema_version() == len(PG_MIGRATIONS)
+    finally:
+        await store.close()
 
 
 async def test_killed_connections_are_replaced_and_nothing_is_lost(postgres_url: str) -> None:
