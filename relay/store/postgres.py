@@ -33,12 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 import orjson
@@ -195,15 +196,71 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+def split_hosts(spec: str, *, unquote_hosts: bool = False) -> list[tuple[str, str]]:
+    """``(host, port)`` of each entry of a comma-separated host list as asyncpg splits it
+    (``h1:5432,[::1]:5433``, ``/run/postgresql``): an IPv6 address without its brackets, a Unix
+    socket directory whole, the port as written ('' when none is given). An entry asyncpg cannot
+    read comes back as ``(entry, '')`` (an unclosed bracket) or ``('', '')`` (empty): it fails
+    every connect with IndexError or ClientConfigurationError, so the config refuses it first.
+    ``unquote_hosts``: percent-decode the hosts (the URL's own list before the path; its
+    ``%2Frun%2Fpostgresql`` is a socket directory)."""
+    servers: list[tuple[str, str]] = []
+    for entry in spec.split(","):
+        if entry.startswith("/"):
+            host, port = entry, ""
+        elif entry.startswith("["):
+            found = _BRACKETED.fullmatch(entry)
+            host, port = (found[1], found[2] or "") if found else (entry, "")
+        else:
+            host, _, port = entry.partition(":")
+        servers.append((unquote(host) if unquote_hosts else host, port))
+    return servers
+
+
+_BRACKETED = re.compile(r"\[([^\]]*)\](?::(.*))?", re.DOTALL)
+
+
+def url_servers(url: str) -> tuple[list[tuple[str, str]], bool]:
+    """The servers of a PostgreSQL URL, in the order asyncpg tries them (:func:`split_hosts`),
+    and whether they come from its query (``?host=``, ``?port=``) rather than before its path.
+    asyncpg reads ``?host=`` and ``?port=`` only when no host precedes the path; no host at all
+    is ``[]``."""
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    if netloc:
+        return split_hosts(netloc, unquote_hosts=True), False
+    query = parse_qs(urlsplit(url).query)
+    if "host" not in query:
+        return [], False
+    servers = split_hosts(query["host"][-1])  # asyncpg takes the last
+    ports = query["port"][-1].split(",") if "port" in query else []
+    if ports:
+        ports = ports * len(servers) if len(ports) == 1 else ports
+        servers = [(host, port) for (host, _), port in zip(servers, ports, strict=False)]
+    return servers, True
+
+
 def describe_url(url: str) -> str:
-    """``host:port/database`` of a PostgreSQL URL: for messages, never the password."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
+    """``host:port/database`` of a PostgreSQL URL (``h1:5432,h2:5433/database`` for several
+    hosts): for messages, never the password. The values of the query are not shown (any may
+    be a secret): hosts given by ``?host=`` are ``?host=…``."""
     try:
-        port: int | str | None = parts.port or 5432
+        servers, in_query = url_servers(url)
+        path = urlsplit(url).path or "/"
     except ValueError:
-        port = "?"
-    return f"{host}:{port}{parts.path or '/'}"
+        return "?"
+    if in_query:
+        return f"?host=…{path}"
+    if not servers:
+        return f"localhost:5432{path}"
+    shown = (f"{f'[{host}]' if ':' in host else host}:{_port(port)}" for host, port in servers)
+    return ",".join(shown) + path
+
+
+def _port(written: str) -> str:
+    if not written:
+        return "5432"
+    # one that is no number may be the end of a password holding a '/': not shown
+    return written if written.isdigit() else "?"
 
 
 def _count(status: str) -> int:

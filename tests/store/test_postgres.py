@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from relay.config import load
 from relay.events import Activity, Kind, from_millis
 from relay.store import (
     CorruptError,
@@ -17,6 +19,7 @@ from relay.store import (
     StoreError,
     StreamKey,
     UnavailableError,
+    open_store,
     wait_budget,
 )
 from relay.store.migrations import MIGRATIONS
@@ -152,6 +155,73 @@ async def test_an_internal_error_is_a_plain_store_error(postgres_url: str) -> No
         assert await store.schema_version() == len(PG_MIGRATIONS)
     finally:
         await store.close()
+
+
+ACCOUNT = """
+accounts:
+  - {name: acme, base_url: "https://api.example.com", api_key: k, access_token: t}
+"""
+
+
+async def _opens_and_works(tmp_path: Path, url: str) -> tuple[PostgresStore, asyncpg.Record]:
+    """The store of a config whose state is ``url``, opened: it commits and reads a page, and
+    its LISTEN connection (a connect of its own) comes up. Returns it closed, with the address
+    and port its connection reached (None, None through a Unix socket)."""
+    path = tmp_path / "relay.yaml"
+    path.write_text(ACCOUNT + f"state: '{url}'\n")
+    settings = load(path, environ={})
+    store = open_store(settings.state, settings.postgres)
+    assert isinstance(store, PostgresStore)
+    await store.open()
+    woken, stop = asyncio.Event(), asyncio.Event()
+    listening = asyncio.create_task(store.listen_commits(woken.set, stop))
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+        [stream] = await store.streams()
+        assert await store.commit_page(stream.id, [activity(1, T0), activity(2, T0)], T0) == 2
+        assert [e.contact_id for e in await store.read_outbox(0, 10)] == ["1", "2"]
+        await asyncio.wait_for(woken.wait(), 10)  # the wake-up on connecting
+        reached = await store.transaction(
+            lambda conn: conn.fetchrow("SELECT inet_server_addr()::text, inet_server_port()")
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(listening, 10)
+        await store.close()
+    return store, reached
+
+
+async def test_a_url_with_several_hosts_tries_them_in_order(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """postgresql://h1:p1,h2:p2/db?target_session_attrs=read-write (an HA pair, as libpq and
+    asyncpg take it) was refused at load ("the port is not a number"). Now it loads and the
+    store tries the hosts in order: the first, a closed port, refuses the connection; the
+    second is the server, where the store opens and works. Messages name both hosts."""
+    closed = free_port()
+    scheme, _, rest = postgres_url.partition("://")
+    auth, at, server = rest.rpartition("@")
+    url = f"{scheme}://{auth}{at}127.0.0.1:{closed},{server}?target_session_attrs=read-write"
+    store, _reached = await _opens_and_works(tmp_path, url)
+    assert store.where == f"127.0.0.1:{closed},{server}"
+
+
+async def test_a_unix_socket_directory_in_the_query_is_a_host(tmp_path: Path) -> None:
+    """?host=/a/socket/directory&port=… (and ?host= lists, tried in order) was refused at load
+    ("names no host"). Now it loads, and the store connects through the cluster's socket after
+    a closed port on 127.0.0.1; messages do not show the query's values."""
+    cluster = pgkit.Cluster().start()
+    try:
+        closed = free_port()
+        url = (
+            f"postgresql://postgres@/postgres?host=127.0.0.1,{cluster.root}"
+            f"&port={closed},{cluster.port}"
+        )
+        store, reached = await _opens_and_works(tmp_path, url)
+        assert store.where == "?host=…/postgres"
+        assert tuple(reached) == (None, None)  # the socket, not TCP
+    finally:
+        cluster.destroy()
 
 
 async def test_killed_connections_are_replaced_and_nothing_is_lost(postgres_url: str) -> None:
