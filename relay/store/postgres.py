@@ -17,7 +17,7 @@ Damage the server reports (SQLSTATE ``XX001 data_corrupted``, ``XX002 index_corr
 database can be trusted, so the store refuses every later call and tells its ``on_fatal``
 listeners, and the relay stops instead of running on against a damaged table. ``XX000
 internal_error`` stays a plain :class:`StoreError`: the server raises it for its own failures of
-many kinds (a cache lookup, an out-of-range request), most of which the next call does not meet.
+many kinds ("cache lookup failed", "could not open file"), most of which are no damage to data.
 
 Outbox appends take one transaction-scoped advisory lock, so sequence numbers become visible in
 order: a sink that has read seq N never finds a smaller one committed later.
@@ -280,7 +280,7 @@ def _corrupt_error(where: str, exc: asyncpg.PostgresError) -> CorruptError:
     if isinstance(exc, asyncpg.exceptions.IndexCorruptedError):
         mend = "rebuild the index it names (REINDEX) or restore the database from a backup"
     else:
-        mend = "restore the database from a backup (or repair the table it names)"
+        mend = "restore the database from a backup"
     return CorruptError(
         f"state store (PostgreSQL at {where}) is corrupt (SQLSTATE {code}: {exc}): nothing read"
         " from it can be trusted, so the relay stops. Check the server: its log names the"
