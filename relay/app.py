@@ -238,9 +238,9 @@ class _Failures:
 
 def _stop_on_fatal(store: Store, stop: asyncio.Event) -> list[StoreError]:
     """Stop the relay when the store reports an error it cannot go on from (a corrupt SQLite
-    file): every pass, delivery and job would fail on it for ever while the relay looked up.
-    Components handle the StoreError of their own call as always; this ends the run. Returns
-    the list that will hold the error."""
+    file, damage PostgreSQL reports): every pass, delivery and job would fail on it for ever
+    while the relay looked up. Components handle the StoreError of their own call as always;
+    this ends the run. Returns the list that will hold the error."""
     damage: list[StoreError] = []
 
     def failed(exc: StoreError) -> None:

@@ -161,6 +161,29 @@ async def drop_database(server_url: str, url: str) -> None:
         await conn.close()
 
 
+# What the server says on a damaged page or index, by SQLSTATE (see damage_on_insert).
+DAMAGE = {
+    "XX001": "invalid page in block 7 of relation base/16384/16402",
+    "XX002": 'index "outbox_pkey" contains unexpected zero page at block 3',
+}
+
+
+async def damage_on_insert(conn: asyncpg.Connection, table: str, sqlstate: str) -> str:
+    """Make every insert into ``table`` fail as the server fails on a damaged page or index:
+    SQLSTATE ``sqlstate`` (XX001, XX002) with the server's own words, which are returned. (Real
+    damage means stopping the server and overwriting its files; the client sees only this.)"""
+    words = DAMAGE[sqlstate]
+    await conn.execute(
+        f"""CREATE FUNCTION relay_test_damage() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION '{words.replace("'", "''")}' USING ERRCODE = '{sqlstate}'; END $$"""
+    )
+    await conn.execute(
+        f"CREATE TRIGGER relay_test_damage BEFORE INSERT ON {table}"
+        " FOR EACH STATEMENT EXECUTE FUNCTION relay_test_damage()"
+    )
+    return words
+
+
 def fresh_database(server_url: str) -> str:
     """``create_database`` from synchronous code, even inside a running event loop (fixtures)."""
     with ThreadPoolExecutor(1) as pool:

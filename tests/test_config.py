@@ -468,7 +468,7 @@ def test_every_key_the_loader_reads_is_documented(monkeypatch: pytest.MonkeyPatc
         ),
         pytest.param(
             "state: 'postgresql://db:54x2/relay'",
-            r"state: the port is not a number from 0 to 65535 .*, got 'postgresql://db:54x2/relay'$",
+            r"state: the port is not a number from 1 to 65535 .*, got 'postgresql://db:54x2/relay'$",
             id="state-bad-port",
         ),
         pytest.param(
@@ -589,6 +589,94 @@ _BAD_STATE_URLS = [
         " 'postgresql://…@db/relay?sslnegotiation=***'",
         id="sslnegotiation",
     ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db1:5432,,db2:5432/relay",
+        "host 2 of 3 is empty (expected host:port,host:port), got"
+        " 'postgresql://…@db1:5432,,db2:5432/relay'",
+        id="multi-host-empty-host",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db1:5432,db2:99999/relay",
+        "the port of host 2 is not a number from 1 to 65535 (in a password, / ? # @ and : must be"
+        " percent-encoded) (expected postgresql://user:password@host:port/database), got"
+        " 'postgresql://…@db1:5432,db2:99999/relay'",
+        id="multi-host-port-out-of-range",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db1,db..2/relay",
+        "host 2 of 2, 'db..2', is not a valid host name (an IP address, or labels of 1 to 63"
+        " letters, digits, '-' or '_' separated by single dots), got"
+        " 'postgresql://…@db1,db..2/relay'",
+        id="multi-host-bad-name",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db1:5432,db2:5432/relay?target_session_attrs=primary-ish",
+        "target_session_attrs must be one of any, primary, standby, prefer-standby, read-write,"
+        " read-only, got 'postgresql://…@db1:5432,db2:5432/relay?target_session_attrs=***'",
+        id="multi-host-target-session-attrs",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db:0/relay",
+        "the port is not a number from 1 to 65535 (in a password, / ? # @ and : must be"
+        " percent-encoded) (expected postgresql://user:password@host:port/database), got"
+        " 'postgresql://…@db:0/relay'",
+        id="port-zero",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@/relay?host=db&port=54x2",
+        "?port= is not a number from 1 to 65535, got 'postgresql://…@/relay?host=***&port=***'",
+        id="query-port-not-a-number",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@/relay?host=db&port=65536",
+        "?port= is not a number from 1 to 65535, got 'postgresql://…@/relay?host=***&port=***'",
+        id="query-port-out-of-range",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@/relay?host=db1,db2&port=5432,5433,5434",
+        "?port= names 3 ports for 2 hosts of ?host=, got 'postgresql://…@/relay?host=***&port=***'",
+        id="query-ports-for-hosts",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@/relay?host=db1,db2&port=5432,",
+        "entry 2 of ?port= is not a number from 1 to 65535, got"
+        " 'postgresql://…@/relay?host=***&port=***'",
+        id="query-port-empty-entry",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@/relay?host=",
+        "?host= is empty (expected a host name, an IP address or a socket directory), got"
+        " 'postgresql://…@/relay?host=***'",
+        id="query-host-empty",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@/relay?host=db1,,db2",
+        "entry 2 of ?host= is empty (expected a host name, an IP address or a socket directory),"
+        " got 'postgresql://…@/relay?host=***'",
+        id="query-host-empty-entry",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@/relay?host=run/postgresql",
+        "?host= is not a valid host name, IP address or socket directory (an absolute path), got"
+        " 'postgresql://…@/relay?host=***'",
+        id="query-host-relative-path",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db/relay?port=5433",
+        "?port= is ignored by asyncpg when a host precedes the path: give the hosts and ports"
+        " either as host:port,host:port before the path or as"
+        " postgresql://user:password@/database?host=…&port=…, got"
+        " 'postgresql://…@db/relay?port=***'",
+        id="query-port-beside-a-host",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db/relay?host=/run/postgresql",
+        "?host= is ignored by asyncpg when a host precedes the path: give the hosts and ports"
+        " either as host:port,host:port before the path or as"
+        " postgresql://user:password@/database?host=…&port=…, got"
+        " 'postgresql://…@db/relay?host=***'",
+        id="query-host-beside-a-host",
+    ),
 ]
 
 
@@ -638,6 +726,36 @@ def test_postgresql_state_url_with_options_asyncpg_takes_loads(tmp_path: Path, q
     """Values asyncpg accepts load, in its spellings; parameters it sends to the server as
     settings (application_name, search_path) are the server's to check."""
     url = f"postgresql://relay:pg-secret-9@db.internal:5432/relay?{query}"
+    settings = load(write(tmp_path, MINIMAL + f"state: '{url}'\n"), environ={"KEY": "k"})
+    assert settings.state == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param(
+            "postgresql://relay:pg-secret-9@db1:5432,db2:5433/relay"
+            "?target_session_attrs=read-write",
+            id="multi-host",
+        ),
+        pytest.param("postgresql://relay:pg-secret-9@db1,[::1]:5433,10.0.0.3/relay", id="ipv6"),
+        pytest.param("postgresql://relay@/relay?host=/run/postgresql", id="socket"),
+        pytest.param("postgresql://relay@%2Frun%2Fpostgresql:5433/relay", id="socket-encoded"),
+        pytest.param("postgresql://relay:pg-secret-9@/relay?host=db&port=5433", id="query-host"),
+        pytest.param(
+            "postgresql://relay@/relay?host=db1,/run/postgresql&port=5432,5433"
+            "&target_session_attrs=primary",
+            id="query-hosts",
+        ),
+        pytest.param("postgresql://relay@/relay?host=db1,db2&port=5433", id="query-one-port"),
+    ],
+)
+def test_postgresql_state_url_with_several_hosts_or_a_socket_loads(
+    tmp_path: Path, url: str
+) -> None:
+    """Hosts asyncpg (and libpq) try in order (an HA pair), a Unix socket directory, and
+    ?host=/?port= were refused at load ("the port is not a number", "names no host"): they
+    load now, each host and port checked."""
     settings = load(write(tmp_path, MINIMAL + f"state: '{url}'\n"), environ={"KEY": "k"})
     assert settings.state == url
 

@@ -47,9 +47,10 @@ class UnavailableError(StoreError):
 
 class CorruptError(StoreError):
     """The store's data is damaged (SQLite: "database disk image is malformed", "file is not a
-    database"): nothing read from it can be trusted and no retry mends it, so the store refuses
-    every later call and the relay stops with this error (:meth:`Store.on_fatal`). The message
-    names the file and how to restore it."""
+    database"; PostgreSQL: SQLSTATE XX001 data_corrupted, XX002 index_corrupted): nothing read
+    from it can be trusted and no retry mends it, so the store refuses every later call and the
+    relay stops with this error (:meth:`Store.on_fatal`). The message names the file or server
+    and how to restore it."""
 
 
 class NotFoundError(StoreError):
@@ -454,9 +455,8 @@ class Store(Protocol):
     def on_fatal(self, listener: Callable[[StoreError], None]) -> None:
         """Hand ``listener``, on the event loop, the first error after which this store cannot
         be used any more (a :class:`CorruptError`); every later call fails with such an error
-        too. The relay stops on it instead of failing every pass for ever. A store whose
-        failures all pass (PostgreSQL: an outage is retried) never calls it. ``listener``
-        must not raise."""
+        too. The relay stops on it instead of failing every pass for ever. Failures that pass
+        (PostgreSQL: an outage is retried) never call it. ``listener`` must not raise."""
 
     async def outbox_head(self) -> int:
         """The highest committed seq (0 when empty)."""

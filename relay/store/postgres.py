@@ -12,6 +12,13 @@ fails at once. Retrying a
 transaction whose commit went through but whose answer was lost repeats it: every write here is
 idempotent or, like the quota count, may over-count but never under-count.
 
+Damage the server reports (SQLSTATE ``XX001 data_corrupted``, ``XX002 index_corrupted``) is a
+:class:`CorruptError`, as a damaged SQLite file is: no retry mends it and nothing read from the
+database can be trusted, so the store refuses every later call and tells its ``on_fatal``
+listeners, and the relay stops instead of running on against a damaged table. ``XX000
+internal_error`` stays a plain :class:`StoreError`: the server raises it for its own failures of
+many kinds ("cache lookup failed", "could not open file"), most of which are no damage to data.
+
 Outbox appends take one transaction-scoped advisory lock, so sequence numbers become visible in
 order: a sink that has read seq N never finds a smaller one committed later.
 
@@ -26,12 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 import orjson
@@ -45,6 +53,7 @@ from relay.store import rowmap
 from relay.store.base import (
     BUDGET_SALT,
     Attempt,
+    CorruptError,
     DeadLetter,
     Delivery,
     DeliveryCounts,
@@ -103,6 +112,13 @@ RETRIABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+
+# Damage the server found in the data (SQLSTATE class XX but XX000): fatal, see the docstring.
+CORRUPT: tuple[type[asyncpg.PostgresError], ...] = (
+    asyncpg.exceptions.DataCorruptedError,  # XX001 data_corrupted
+    asyncpg.exceptions.IndexCorruptedError,  # XX002 index_corrupted
+)
+_CONDITIONS = {"XX001": "data_corrupted", "XX002": "index_corrupted"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,15 +196,71 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+def split_hosts(spec: str, *, unquote_hosts: bool = False) -> list[tuple[str, str]]:
+    """``(host, port)`` of each entry of a comma-separated host list as asyncpg splits it
+    (``h1:5432,[::1]:5433``, ``/run/postgresql``): an IPv6 address without its brackets, a Unix
+    socket directory whole, the port as written ('' when none is given). An entry asyncpg cannot
+    read comes back as ``(entry, '')`` (an unclosed bracket) or ``('', '')`` (empty): it fails
+    every connect with IndexError or ClientConfigurationError, so the config refuses it first.
+    ``unquote_hosts``: percent-decode the hosts (the URL's own list before the path; its
+    ``%2Frun%2Fpostgresql`` is a socket directory)."""
+    servers: list[tuple[str, str]] = []
+    for entry in spec.split(","):
+        if entry.startswith("/"):
+            host, port = entry, ""
+        elif entry.startswith("["):
+            found = _BRACKETED.fullmatch(entry)
+            host, port = (found[1], found[2] or "") if found else (entry, "")
+        else:
+            host, _, port = entry.partition(":")
+        servers.append((unquote(host) if unquote_hosts else host, port))
+    return servers
+
+
+_BRACKETED = re.compile(r"\[([^\]]*)\](?::(.*))?", re.DOTALL)
+
+
+def url_servers(url: str) -> tuple[list[tuple[str, str]], bool]:
+    """The servers of a PostgreSQL URL, in the order asyncpg tries them (:func:`split_hosts`),
+    and whether they come from its query (``?host=``, ``?port=``) rather than before its path.
+    asyncpg reads ``?host=`` and ``?port=`` only when no host precedes the path; no host at all
+    is ``[]``."""
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    if netloc:
+        return split_hosts(netloc, unquote_hosts=True), False
+    query = parse_qs(urlsplit(url).query)
+    if "host" not in query:
+        return [], False
+    servers = split_hosts(query["host"][-1])  # asyncpg takes the last
+    ports = query["port"][-1].split(",") if "port" in query else []
+    if ports:
+        ports = ports * len(servers) if len(ports) == 1 else ports
+        servers = [(host, port) for (host, _), port in zip(servers, ports, strict=False)]
+    return servers, True
+
+
 def describe_url(url: str) -> str:
-    """``host:port/database`` of a PostgreSQL URL: for messages, never the password."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
+    """``host:port/database`` of a PostgreSQL URL (``h1:5432,h2:5433/database`` for several
+    hosts): for messages, never the password. The values of the query are not shown (any may
+    be a secret): hosts given by ``?host=`` are ``?host=…``."""
     try:
-        port: int | str | None = parts.port or 5432
+        servers, in_query = url_servers(url)
+        path = urlsplit(url).path or "/"
     except ValueError:
-        port = "?"
-    return f"{host}:{port}{parts.path or '/'}"
+        return "?"
+    if in_query:
+        return f"?host=…{path}"
+    if not servers:
+        return f"localhost:5432{path}"
+    shown = (f"{f'[{host}]' if ':' in host else host}:{_port(port)}" for host, port in servers)
+    return ",".join(shown) + path
+
+
+def _port(written: str) -> str:
+    if not written:
+        return "5432"
+    # one that is no number may be the end of a password holding a '/': not shown
+    return written if written.isdigit() else "?"
 
 
 def _count(status: str) -> int:
@@ -202,6 +274,21 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _corrupt_error(where: str, exc: asyncpg.PostgresError) -> CorruptError:
+    """The :class:`CorruptError` of damage the server reported: what happened and what to do."""
+    code = f"{exc.sqlstate} {_CONDITIONS.get(exc.sqlstate, '')}".rstrip()
+    if isinstance(exc, asyncpg.exceptions.IndexCorruptedError):
+        mend = "rebuild the index it names (REINDEX) or restore the database from a backup"
+    else:
+        mend = "restore the database from a backup"
+    return CorruptError(
+        f"state store (PostgreSQL at {where}) is corrupt (SQLSTATE {code}: {exc}): nothing read"
+        " from it can be trusted, so the relay stops. Check the server: its log names the"
+        " damaged relation and block, and pg_amcheck checks the database (a failing disk or"
+        f" file system is the usual cause); then, with every replica stopped, {mend}"
+    )
+
+
 class PostgresStore:
     """:class:`relay.store.base.Store` on a PostgreSQL database shared by every replica."""
 
@@ -210,6 +297,8 @@ class PostgresStore:
         self.settings = settings or PostgresSettings()
         self._where = describe_url(url)
         self._pool: Pool | None = None
+        self._fatal_listeners: list[Callable[[StoreError], None]] = []
+        self._fatal: CorruptError | None = None
 
     @classmethod
     def from_url(cls, url: str, settings: PostgresSettings | None = None) -> PostgresStore:
@@ -254,8 +343,11 @@ class PostgresStore:
                 pool.terminate()
 
     async def transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run ``fn`` in one transaction, retrying it through connection failures."""
+        """Run ``fn`` in one transaction, retrying it through connection failures; refused
+        once the database was found damaged (:class:`CorruptError`)."""
 
+        if self._fatal is not None:  # writing more on top of damage can only spread it
+            raise CorruptError(str(self._fatal))
         budget = current_budget()
 
         async def attempt() -> T:
@@ -274,7 +366,19 @@ class PostgresStore:
                     conn.terminate()  # never hand a broken connection out again
                     raise
 
-        return await self._retrying(attempt, "query")
+        try:
+            return await self._retrying(attempt, "query")
+        except CorruptError as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: CorruptError) -> None:
+        """The first damage found: refuse what follows, tell the listeners (once)."""
+        if self._fatal is not None:
+            return
+        self._fatal = exc
+        for listener in self._fatal_listeners:
+            listener(exc)
 
     async def listen_commits(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Call ``wake`` whenever any process commits outbox events (LISTEN on one connection
@@ -357,6 +461,8 @@ class PostgresStore:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 2.0)
                 attempt += 1
+            except CORRUPT as exc:
+                raise _corrupt_error(self._where, exc) from exc
             except asyncpg.PostgresError as exc:
                 raise StoreError(f"state store (PostgreSQL at {self._where}): {exc}") from None
 
@@ -468,8 +574,10 @@ class PostgresStore:
         lease reads the outbox (woken by ``LISTEN``)."""
 
     def on_fatal(self, listener: Callable[[StoreError], None]) -> None:
-        """Calls nothing: a lost server is retried (``reconnect_max_s``) and then fails the call
-        alone; the next call tries again."""
+        """Calls ``listener`` once the server reports damage (``XX001``, ``XX002``: a
+        :class:`CorruptError`). A lost server is no such error: it is retried
+        (``reconnect_max_s``) and then fails the call alone; the next call tries again."""
+        self._fatal_listeners.append(listener)
 
     async def finish_pass(self, stream_id: int, result: PassResult) -> None:
         async def run(conn: Connection) -> None:

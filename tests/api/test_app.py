@@ -25,6 +25,7 @@ from relay.api.app import READ_TIMEOUT_S, STORE_WAIT_S
 from relay.api.body import MAX_BODY_BYTES
 from relay.api.responses import JsonObject
 from relay.api.status import RelayView
+from relay.events import Activity, Kind, from_millis
 from relay.logs import REDACTED, Redactor
 from relay.metrics import FANOUT_CURSOR, STORE_TIMEOUT_S, Metrics
 from relay.sinks.ssrf import Guard
@@ -33,6 +34,7 @@ from relay.store import (
     PostgresStore,
     Store,
     StoreError,
+    StreamKey,
     UnavailableError,
     open_store,
 )
@@ -167,6 +169,40 @@ async def test_readyz_is_503_once_the_store_is_found_corrupt(
         "message": "the state store is corrupt; see the relay log",
     }
     assert any(e["event"] == "api.not_ready" for e in logs)
+
+
+async def test_readyz_is_503_once_postgresql_reports_damage(
+    aiohttp_client: AiohttpClient, postgres_url: str
+) -> None:
+    """A PostgreSQL store whose server reports a damaged page (SQLSTATE XX001) makes /readyz
+    answer 503 saying the store is corrupt (it stayed ready while every pass failed on it); no
+    host, no password."""
+    own = open_store(postgres_url)
+    await own.open()
+    try:
+        assert isinstance(own, PostgresStore)
+        client = await aiohttp_client(create_admin_app(own, AdminSettings(), guard=Guard()))
+        await own.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
+        [stream] = await own.streams()
+        activity = Activity(
+            account="acme",
+            kind=Kind.OPEN,
+            campaign_id="1100394165290",
+            contact_id="1",
+            email_address="c1@example.com",
+            occurred_at=from_millis(1_763_000_000_000),
+        )
+        await own.transaction(lambda conn: pgkit.damage_on_insert(conn, "outbox", "XX001"))
+        assert (await client.get("/readyz")).status == 200  # not found yet
+        with pytest.raises(CorruptError):
+            await own.commit_page(stream.id, [activity], 0)
+        error = await error_of(await client.get("/readyz"), 503)
+    finally:
+        await own.close()
+    assert error == {
+        "code": "unavailable",
+        "message": "the state store is corrupt; see the relay log",
+    }
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import sqlite3
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.store import PostgresStore
+from tests import pgkit
 from tests.procs import Proc, SimProcess, outbox, relay_config, wait_until
 from tests.sqlitekit import damage_middle
 
@@ -248,3 +251,48 @@ def test_a_state_file_corrupted_while_the_relay_runs_stops_it(tmp_path: Path) ->
     assert f"sqlite3 {db} .recover | sqlite3 recovered.db" in last
     assert "Traceback" not in said
     assert '"store.failed"' in said
+
+
+async def _damaged_outbox(url: str, sqlstate: str) -> str:
+    """A migrated database whose outbox inserts fail as on a damaged page (SQLSTATE)."""
+    store = PostgresStore.from_url(url)
+    await store.open()
+    try:
+        return await store.transaction(
+            lambda conn: pgkit.damage_on_insert(conn, "outbox", sqlstate)
+        )
+    finally:
+        await store.close()
+
+
+def test_damage_postgresql_reports_stops_the_relay(tmp_path: Path, postgres_url: str) -> None:
+    """A replica whose server reports a damaged page (SQLSTATE XX001) when it commits its first
+    page exits 1, its last line naming the server, the SQLSTATE and what to do, no traceback
+    and no password (it polled on for ever, every pass failing, ready all the while)."""
+    # trust authentication: the server never asks for this password, so the URL may hold one
+    url = postgres_url.replace("postgres@", "postgres:pw-hidden-7@", 1)
+    words = asyncio.run(_damaged_outbox(url, "XX001"))
+    sim = SimProcess(tmp_path, scenario()).start()
+    relay = Proc(
+        ["run", "--config", str(relay_config(tmp_path, sim, state=url))], tmp_path / "relay.log"
+    )
+    try:
+        relay.start()
+        sim.advance(900)
+        assert relay.popen is not None
+        status = relay.popen.wait(60)
+    finally:
+        relay.kill()
+        sim.kill()
+    said = relay.output()
+    assert status == 1, said[-3000:]
+    last = said.rstrip("\n").rsplit("\n", 1)[-1]
+    where = PostgresStore.from_url(url).where
+    assert last.startswith(
+        f"ctct-relay: error: state store (PostgreSQL at {where}) is corrupt"
+        f" (SQLSTATE XX001 data_corrupted: {words}): "
+    ), said[-3000:]
+    assert "Check the server" in last
+    assert "Traceback" not in said
+    assert '"store.failed"' in said
+    assert "pw-hidden-7" not in said

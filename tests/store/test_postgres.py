@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from relay.config import load
 from relay.events import Activity, Kind, from_millis
 from relay.store import (
+    CorruptError,
     PostgresSettings,
     PostgresStore,
     StoreError,
     StreamKey,
     UnavailableError,
+    open_store,
     wait_budget,
 )
 from relay.store.migrations import MIGRATIONS
@@ -81,6 +85,143 @@ async def test_a_url_asyncpg_refuses_is_a_store_error_at_once() -> None:
     ), message
     assert "pw-hidden-7" not in message
     await store.close()
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "condition", "mend"),
+    [
+        pytest.param("XX001", "data_corrupted", "restore the database from a backup", id="data"),
+        pytest.param(
+            "XX002", "index_corrupted", "rebuild the index it names (REINDEX)", id="index"
+        ),
+    ],
+)
+async def test_damage_the_server_reports_is_a_corrupt_error_that_ends_the_store(
+    postgres_url: str, sqlstate: str, condition: str, mend: str
+) -> None:
+    """SQLSTATE XX001/XX002 (a damaged page or index) was a StoreError like any other: every
+    pass failed on it while the replica stayed ready. Now it is a CorruptError naming the
+    SQLSTATE, the server and what to do (never the password); the listeners hear it once, and
+    every later call is refused, also one the damage would not touch."""
+    # trust authentication: the server never asks for this password, so the URL may hold one
+    url = postgres_url.replace("postgres@", "postgres:pw-hidden-7@", 1)
+    store = PostgresStore.from_url(url)
+    heard: list[StoreError] = []
+    store.on_fatal(heard.append)
+    await store.open()
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+        [stream] = await store.streams()
+        words = await store.transaction(
+            lambda conn: pgkit.damage_on_insert(conn, "outbox", sqlstate)
+        )
+        with pytest.raises(CorruptError) as found:
+            await store.commit_page(stream.id, [activity(1, T0)], T0)
+        message = str(found.value)
+        assert message.startswith(
+            f"state store (PostgreSQL at {store.where}) is corrupt"
+            f" (SQLSTATE {sqlstate} {condition}: {words}): "
+        ), message
+        assert "Check the server: its log names the damaged relation" in message
+        assert mend in message
+        assert "pw-hidden-7" not in message
+        assert isinstance(found.value.__cause__, asyncpg.exceptions.InternalServerError)
+        assert heard == [found.value]
+        with pytest.raises(CorruptError) as refused:
+            await store.schema_version()  # reads what is intact: refused all the same
+        assert str(refused.value) == message
+        assert heard == [found.value]
+    finally:
+        await store.close()
+
+
+async def test_an_internal_error_is_a_plain_store_error(postgres_url: str) -> None:
+    """SQLSTATE XX000 internal_error (the server's own failure, of many kinds) fails its call
+    alone: a StoreError, not a CorruptError, the listeners hear nothing, the next call runs."""
+    store = PostgresStore.from_url(postgres_url)
+    heard: list[StoreError] = []
+    store.on_fatal(heard.append)
+    await store.open()
+    try:
+        with pytest.raises(StoreError) as failed:
+            await store.transaction(
+                lambda conn: conn.execute(
+                    "DO $$ BEGIN RAISE EXCEPTION 'cache lookup failed for type 0'"
+                    " USING ERRCODE = 'XX000'; END $$"
+                )
+            )
+        assert not isinstance(failed.value, CorruptError)
+        assert heard == []
+        assert await store.schema_version() == len(PG_MIGRATIONS)
+    finally:
+        await store.close()
+
+
+ACCOUNT = """
+accounts:
+  - {name: acme, base_url: "https://api.example.com", api_key: k, access_token: t}
+"""
+
+
+async def _opens_and_works(tmp_path: Path, url: str) -> tuple[PostgresStore, asyncpg.Record]:
+    """The store of a config whose state is ``url``, opened: it commits and reads a page, and
+    its LISTEN connection (a connect of its own) comes up. Returns it closed, with the address
+    and port its connection reached (None, None through a Unix socket)."""
+    path = tmp_path / "relay.yaml"
+    path.write_text(ACCOUNT + f"state: '{url}'\n")
+    settings = load(path, environ={})
+    store = open_store(settings.state, settings.postgres)
+    assert isinstance(store, PostgresStore)
+    await store.open()
+    woken, stop = asyncio.Event(), asyncio.Event()
+    listening = asyncio.create_task(store.listen_commits(woken.set, stop))
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+        [stream] = await store.streams()
+        assert await store.commit_page(stream.id, [activity(1, T0), activity(2, T0)], T0) == 2
+        assert [e.contact_id for e in await store.read_outbox(0, 10)] == ["1", "2"]
+        await asyncio.wait_for(woken.wait(), 10)  # the wake-up on connecting
+        reached = await store.transaction(
+            lambda conn: conn.fetchrow("SELECT inet_server_addr()::text, inet_server_port()")
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(listening, 10)
+        await store.close()
+    return store, reached
+
+
+async def test_a_url_with_several_hosts_tries_them_in_order(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """postgresql://h1:p1,h2:p2/db?target_session_attrs=read-write (an HA pair, as libpq and
+    asyncpg take it) was refused at load ("the port is not a number"). Now it loads and the
+    store tries the hosts in order: the first, a closed port, refuses the connection; the
+    second is the server, where the store opens and works. Messages name both hosts."""
+    closed = free_port()
+    scheme, _, rest = postgres_url.partition("://")
+    auth, at, server = rest.rpartition("@")
+    url = f"{scheme}://{auth}{at}127.0.0.1:{closed},{server}?target_session_attrs=read-write"
+    store, _reached = await _opens_and_works(tmp_path, url)
+    assert store.where == f"127.0.0.1:{closed},{server}"
+
+
+async def test_a_unix_socket_directory_in_the_query_is_a_host(tmp_path: Path) -> None:
+    """?host=/a/socket/directory&port=… (and ?host= lists, tried in order) was refused at load
+    ("names no host"). Now it loads, and the store connects through the cluster's socket after
+    a closed port on 127.0.0.1; messages do not show the query's values."""
+    cluster = pgkit.Cluster().start()
+    try:
+        closed = free_port()
+        url = (
+            f"postgresql://postgres@/postgres?host=127.0.0.1,{cluster.root}"
+            f"&port={closed},{cluster.port}"
+        )
+        store, reached = await _opens_and_works(tmp_path, url)
+        assert store.where == "?host=…/postgres"
+        assert tuple(reached) == (None, None)  # the socket, not TCP
+    finally:
+        cluster.destroy()
 
 
 async def test_killed_connections_are_replaced_and_nothing_is_lost(postgres_url: str) -> None:
