@@ -7,9 +7,10 @@ medians are the result:
 (a) end to end: simulator -> CtctClient -> Poller (parse, sort, dedup, one SQLite transaction
     per page-sized chunk into the outbox, synchronous=FULL as shipped) -> KafkaSink (its default
     settings: acks=all, idempotent, linger 20 ms, 2000-event outbox batches) -> broker. A fresh
-    state DB and a fresh topic prefix per round. The clock runs from just before the sink task
-    and the passes start until the sink has acknowledged every committed event (its cursor
-    reaches the outbox head), so producer start-up and the sink's idle polling are included.
+    state DB per round; its own topics, the same every round (below). The clock runs from just
+    before the sink task and the passes start until the sink has acknowledged every committed
+    event (its cursor reaches the outbox head), so producer start-up and the sink's idle polling
+    are included.
     Before the clock, (a) applies the relay's garbage-collector policy as ``run_relay`` does once
     started (``relay.heap.settle_after_startup``); it is process-wide, so (b) and (c) run with
     it too.
@@ -17,7 +18,7 @@ medians are the result:
     Kafka: the same topic template, keys, values and CloudEvents headers, built with
     ``record_for`` from (a)'s outbox, keys hashed to partitions, before the clock starts. It
     uses the fastest path aiokafka offers, the one the sink uses too: closed per-partition
-    batches through ``send_batch``. Fresh topics with the same partitioning, so neither side
+    batches through ``send_batch``. Its own topics with the same partitioning, so neither side
     appends to a log the other one filled. The clock includes producer start-up, as in (a),
     and stops when every batch is acknowledged.
 (b') for reference only, not in the target: the same records through ``send()`` one by one,
@@ -36,8 +37,14 @@ floors together ((b) + (c)) would need, the least any relay can.
 
 A warm-up round (not counted) comes first, so that connections and the broker's JIT are warm.
 Every topic is created up front, so topic creation and leader election are outside all clocks;
-the sink only checks that its topics exist (``create_topics: false``, the default).
-Delivery is verified after each round from the topics' end offsets, outside the clock.
+the sink only checks that its topics exist (``create_topics: false``, the default). Each of (a),
+(b) and (b') appends to the same topics in every round, as a running relay appends to the same
+partitions, and every partition gets its first index entries before any clock
+(``prime_indexes``): the broker's first write of a partition's index costs it ~16 MiB of
+zero-filled page cache on this machine, which (a), with its smaller batches, paid inside its
+clock on fresh topics and (b) did not, and which grew dearer round after round (see
+``prime_indexes``). Delivery is verified after each round from the growth of the topics' end
+offsets, outside the clock. Per-round rates are printed too, so a drift shows.
 
 (a) is one function taking a store URL.
 
@@ -45,10 +52,10 @@ Delivery is verified after each round from the topics' end offsets, outside the 
 PostgreSQL database (a throwaway cluster from tests/pgkit.py with fsync on, or
 ``$RELAY_TEST_POSTGRES_URL`` / ``$DATABASE_URL``), each claiming campaign streams with leases
 and polling them, one of them holding the Kafka sink's lease and publishing everything. Rounds
-alternate between the replica counts (1 2 3 1 2 3 ...), each on a fresh database and fresh
-topics; the clock runs from the start signal until the sink's cursor has passed every committed
-event; per count it prints the median events/s and CPU seconds per 10,000 events (the replicas'
-own, and the PostgreSQL server's when it is the throwaway cluster).
+alternate between the replica counts (1 2 3 1 2 3 ...), each on a fresh database, each count
+appending to its own topics; the clock runs from the start signal until the sink's cursor has
+passed every committed event; per count it prints the median events/s and CPU seconds per
+10,000 events (the replicas' own, and the PostgreSQL server's when it is the throwaway cluster).
 
     python bench/throughput.py [--rounds 3] [--contacts 4000] [--campaigns 2] [--profile]
     python bench/throughput.py --replicas 1,2,3 [--rounds 3] [--contacts 1000] [--campaigns 12]
@@ -119,6 +126,7 @@ TARGET = 0.6
 SINK_DEFAULTS = KafkaSettings(bootstrap_servers="")
 SIMULATOR = "bench-simulator"  # its process name, to find its CPU time
 DONE_POLL_S = 0.005  # how often (a) checks the sink's count: 5 ms on rounds of seconds
+INDEX_INTERVAL_BYTES = 4096  # the broker's index.interval.bytes, the default (prime_indexes)
 
 
 def serve(port: int, contacts: int, campaigns: int) -> None:
@@ -439,7 +447,8 @@ def topic_settings(bootstrap: str, prefix: str) -> KafkaSettings:
 
 
 async def create_topics(bootstrap: str, settings: Sequence[KafkaSettings]) -> None:
-    """Create every topic of every run in one go, and wait until each partition takes writes.
+    """Create every topic of every run in one go, wait until each partition takes writes, and
+    give each partition its first index entries (``prime_indexes``).
 
     Otherwise the first producer on a fresh topic meets NotLeaderForPartition and retries with
     backoff (over a second, measured) inside someone's clock.
@@ -463,6 +472,37 @@ async def create_topics(bootstrap: str, settings: Sequence[KafkaSettings]) -> No
     await end_offsets(
         bootstrap, [TopicPartition(t, p) for t, n in wanted.items() for p in range(n)]
     )
+    await prime_indexes(bootstrap, wanted)
+
+
+async def prime_indexes(bootstrap: str, wanted: dict[str, int]) -> None:
+    """Make the broker write the first offset- and time-index entry of every partition, off
+    every clock: two records per partition, in two requests, the first over
+    ``index.interval.bytes``, so the second append writes the entries.
+
+    The broker memory-maps each partition's index files, preallocated (10 MiB each, sparse),
+    and the first entry faults them in; the kernel reads around the fault, zero-filling up to
+    the disk's readahead (8 MiB here, ``read_ahead_kb``): ~16 MiB of page cache per partition,
+    ~290 MiB for (a)'s 18 partitions (measured with perf: 81 % of the broker's CPU in a late
+    (a) round went to that memset). (a), whose ~140-record batches write index entries, paid it
+    inside its clock on fresh topics, while (b), one full batch per partition, wrote none; and
+    as the page cache grew round by round into memory the VM had never touched, zero-filling it
+    got ~7x dearer (3.8 against 0.5 ms per MiB, measured), so (a) fell from round to round.
+    A relay in production appends to the same partitions for ever and meets this once per log
+    segment.
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id="ctct-relay-bench")
+    await producer.start()
+    try:
+        for value in (bytes(INDEX_INTERVAL_BYTES), b""):  # appended one after the other
+            sent = [
+                await producer.send(topic, value, partition=p)
+                for topic, n in wanted.items()
+                for p in range(n)
+            ]
+            await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
 
 
 def _described(described: list[dict[str, Any]], wanted: dict[str, int]) -> bool:
@@ -495,19 +535,22 @@ async def on_kafka(settings: KafkaSettings) -> int:
     )
 
 
+Sides = dict[str, KafkaSettings]  # "a", "b", "s" (b'): the topics each one writes to
+
+
 @dataclass(frozen=True, slots=True)
 class Round:
     """One a-b-c round."""
 
     e2e: EndToEnd
-    delivered: int  # records on (a)'s topics afterwards
-    produced: int  # records (b) sent, as found on its topics afterwards
+    delivered: int  # records (a)'s topics gained in the round
+    produced: int  # records (b) sent, as its topics gained them
     producer_s: float
     producer_cpu: Cpu
     fetched: int
     fetch_s: float
     fetch_cpu: Cpu
-    per_record: int  # records (b') sent with send() per record, as found on its topics
+    per_record: int  # records (b') sent with send() per record, as its topics gained them
     per_record_s: float
     kinds: dict[Kind, int]  # the records (b) and (b') sent, by kind (the records are not kept)
 
@@ -601,19 +644,19 @@ async def one_round(
     session: aiohttp.ClientSession,
     world: World,
     state_dir: Path,
-    bootstrap: str,
+    sides: Sides,
     name: str,
     meter: Meter | None = None,
 ) -> Round:
-    """(a), then (b) with (a)'s records, then (c); each on fresh state and topics."""
+    """(a), then (b) with (a)'s records, then (c); (a) on a fresh state DB, each of (a), (b)
+    and (b') appending to its own topics (the same every round); what each delivered is the
+    growth of its topics' end offsets."""
     meter = meter or Meter()
-    e2e_settings = topic_settings(bootstrap, f"{name}a")
+    before = {side: await on_kafka(settings) for side, settings in sides.items()}
     db = state_dir / f"{name}.db"
-    e2e = await end_to_end(session, world, f"sqlite:///{db}", e2e_settings, meter=meter)
-    producer_settings = topic_settings(bootstrap, f"{name}b")
-    producer_s, producer_cpu = await produce(producer_settings, e2e.records, meter)
-    per_record_settings = topic_settings(bootstrap, f"{name}s")
-    per_record_s = await produce_per_record(per_record_settings, e2e.records)
+    e2e = await end_to_end(session, world, f"sqlite:///{db}", sides["a"], meter=meter)
+    producer_s, producer_cpu = await produce(sides["b"], e2e.records, meter)
+    per_record_s = await produce_per_record(sides["s"], e2e.records)
     cpu_started = meter.start()
     started = time.perf_counter()
     fetched = await bare_loop(session, world.base, world.feed_paths())
@@ -624,14 +667,14 @@ async def one_round(
         # them in the collector's full passes (measured: 97 ms of GC in round 1's (a), 197 ms
         # in round 3's), a cost of this script, not of the relay.
         dataclasses.replace(e2e, records=[]),
-        delivered=await on_kafka(e2e_settings),
-        produced=await on_kafka(producer_settings),
+        delivered=await on_kafka(sides["a"]) - before["a"],
+        produced=await on_kafka(sides["b"]) - before["b"],
         producer_s=producer_s,
         producer_cpu=producer_cpu,
         fetched=fetched,
         fetch_s=fetch_s,
         fetch_cpu=fetch_cpu,
-        per_record=await on_kafka(per_record_settings),
+        per_record=await on_kafka(sides["s"]) - before["s"],
         per_record_s=per_record_s,
         kinds=dict(Counter(r.kind for r in e2e.records)),
     )
@@ -654,16 +697,21 @@ async def one_round(
 async def measure(
     base: str, bootstrap: str, rounds: int, state_dir: Path, *, profile: bool = False
 ) -> Results:
-    """A warm-up round, then ``rounds`` measured ones, against one simulator and one broker."""
+    """A warm-up round, then ``rounds`` measured ones, against one simulator and one broker.
+
+    Each of (a), (b) and (b') has its own topics, the same in every round (see
+    ``prime_indexes``: fresh ones per round made every round pay the broker's first-write costs
+    inside (a)'s clock, more so round after round)."""
     run = uuid.uuid4().hex[:8]
     names = [f"bench{run}r{i}" for i in range(rounds + 1)]  # r0 is the warm-up
-    topics = [topic_settings(bootstrap, f"{n}{side}") for n in names for side in "abs"]
+    sides: Sides = {side: topic_settings(bootstrap, f"bench{run}{side}") for side in "abs"}
     profiled = topic_settings(bootstrap, f"bench{run}p")
+    topics = [*sides.values()]
     await create_topics(bootstrap, [*topics, profiled] if profile else topics)
     meter = Meter(simulator_pid(), broker_pid(bootstrap))
     async with aiohttp.ClientSession() as session:
         world = await open_world(session, base)
-        done = [await one_round(session, world, state_dir, bootstrap, n, meter) for n in names]
+        done = [await one_round(session, world, state_dir, sides, n, meter) for n in names]
         text = await profile_e2e(session, world, state_dir, profiled) if profile else None
     return Results(world, done[1:], text)
 
@@ -777,6 +825,20 @@ def bound_lines(results: Results) -> list[str]:
     return lines
 
 
+def round_lines(results: Results) -> list[str]:
+    """Each measured round's rates and the broker's CPU during (a) and (b): a broker (or
+    machine) slowing down round after round shows here, not in the medians."""
+
+    def broker(cpu: Cpu) -> str:
+        return "n/a" if cpu.broker is None else f"{cpu.broker:.2f} s"
+
+    return [
+        f"  round {i}: (a) {r.e2e.rate:7.0f}  (b) {r.producer_rate:7.0f}  (c) {r.fetch_rate:7.0f}"
+        f" events/s; broker CPU (a) {broker(r.e2e.cpu)}, (b) {broker(r.producer_cpu)}"
+        for i, r in enumerate(results.rounds, 1)
+    ]
+
+
 def report(results: Results, contacts: int, bootstrap: str) -> list[str]:
     """The printed result."""
     world, rounds = results.world, results.rounds
@@ -794,6 +856,7 @@ def report(results: Results, contacts: int, bootstrap: str) -> list[str]:
         " simulator and broker run in other processes and are not counted)",
         f"  peak RSS              : {peak_rss_mib():10.1f} MiB (this process)",
         *bound_lines(results),
+        *round_lines(results),
         f"verdict: {verdict} target a / min(b, c) >= {TARGET}",
     ]
 
@@ -918,8 +981,9 @@ async def _poll_claimed(coordinator: PgCoordinator, store: Store, poller: Poller
 async def replica_round(
     world: World, server: str, bootstrap: str, replicas: int, name: str, postmaster: int | None
 ) -> ReplicaRun:
-    """N replica processes on a fresh database and fresh topics, timed from the start signal
-    until the Kafka sink's cursor passed every event; checks every event reached the topics."""
+    """N replica processes on a fresh database, timed from the start signal until the Kafka
+    sink's cursor passed every event; checks every event reached the topics (``name``'s, the
+    same in every round of this replica count: see ``prime_indexes``)."""
     kit = pgkit()
     db_url = await asyncio.to_thread(kit.fresh_database, server)
     setup = PostgresStore.from_url(db_url)
@@ -927,6 +991,7 @@ async def replica_round(
     keys = [StreamKey(ACCOUNT, Scope.CAMPAIGN.value, c) for c in world.campaigns]
     await setup.ensure_streams(keys, now_ms(), seed=False)
     settings = topic_settings(bootstrap, name)
+    before = await on_kafka(settings)
     context = multiprocessing.get_context("spawn")
     go, done, out = context.Event(), context.Event(), context.Queue()
     readies = [context.Event() for _ in range(replicas)]
@@ -968,7 +1033,7 @@ async def replica_round(
             if process.is_alive():
                 process.kill()
         await setup.close()
-    delivered = await on_kafka(settings)
+    delivered = await on_kafka(settings) - before
     if delivered != world.activities:
         raise RuntimeError(f"{name}: {delivered} records on Kafka, {world.activities} events")
     server_s = None
@@ -1062,8 +1127,11 @@ async def run_replicas(
             simulator(contacts, campaigns) as base,
         ):
             async with kafka(Path(tmp) / "kafka") as bootstrap:
-                names = [(n, f"bench{run_id}n{n}r{r}") for r in range(rounds + 1) for n in counts]
-                await create_topics(bootstrap, [topic_settings(bootstrap, x) for _, x in names])
+                # each count its own topics, the same every round (see prime_indexes)
+                names = [(n, f"bench{run_id}n{n}") for _ in range(rounds + 1) for n in counts]
+                await create_topics(
+                    bootstrap, [topic_settings(bootstrap, f"bench{run_id}n{n}") for n in counts]
+                )
                 async with aiohttp.ClientSession() as session:
                     world = await open_world(session, base)
                 postmaster = None
