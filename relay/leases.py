@@ -117,12 +117,16 @@ async def run_leased(
             done, _ = await asyncio.wait({task}, timeout=grace_s)
         finally:
             worker_stop.set()
-            # the grace ran out, or this was cancelled (its owner's grace ran out): either way
-            # the worker must not outlive this (it would publish after the store closed)
-            if not done:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            await _give_back(name, coordinator)
+            try:
+                # the grace ran out, or this was cancelled (its owner's grace ran out): either
+                # way the worker must not outlive this (it would publish after the store closed)
+                if not done:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            finally:
+                # also when that wait is cancelled in turn: a lease kept would hold the other
+                # replicas off for its whole term
+                await _give_back(name, coordinator)
         error = task.exception() if task.done() and not task.cancelled() else None
         if isinstance(error, fatal):
             raise error
