@@ -614,6 +614,12 @@ class Scheduler:
         if isinstance(exc, errors.UnauthorizedError):
             # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
             await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
+        elif isinstance(exc, errors.ForbiddenError):
+            # A 403 that is no rate limit (those are OverQpsError and QuotaExhaustedError): a
+            # deactivated application, revoked privileges. It will not pass by itself either,
+            # and every stream of the account would get its own; the token is the account's,
+            # so only the account pauses, retried hourly like a 401.
+            await self._pause(runtime, now + 3600_000, f"forbidden: {exc}")
         delay_s = self._backoff_s(stream)
         retry_in_s = round(delay_s, 1)
         if isinstance(exc, errors.CtctError):

@@ -1,5 +1,5 @@
 """The scheduler against an upstream on loopback answering for the whole key or account (a 503
-with a long Retry-After): real client, poller and SQLite store."""
+with a long Retry-After, a 403 that is no rate limit): real client, poller and SQLite store."""
 
 from __future__ import annotations
 
@@ -144,3 +144,34 @@ async def test_a_503_without_retry_after_stays_the_streams_error(state: Store) -
         await run_scheduler(state, base_url, ("a",), streams=1, seconds=0.5)
     assert await state.account_pauses() == {}
     assert (await state.streams("a"))[0].consecutive_errors >= 1
+
+
+def forbidden_for_a(request: web.Request) -> web.Response:
+    """Account a's token is refused with a 403 that is no rate limit; b's summaries answer."""
+    if request.headers.get("Authorization") == f"Bearer {TOKEN}-b":
+        return web.json_response({})  # no counts: no feed to read
+    return web.json_response(
+        [{"error_key": "http.status.forbidden", "error_message": "application deactivated"}],
+        status=403,
+    )
+
+
+async def test_a_403_that_is_no_rate_limit_pauses_its_account_for_an_hour(state: Store) -> None:
+    """A 403 other than the rate limits' (a deactivated application, revoked privileges) will
+    not pass by itself: the account pauses for an hour, saying why, after one request (every
+    stream got its own 403, each failing on its own). Another account of the same key goes
+    on: the 403 is about the account's token, not the key's budget."""
+    async with upstream(forbidden_for_a) as (base_url, seen):
+        started = time.time()
+        await run_scheduler(state, base_url, ("a", "b"), streams=3, seconds=1.0)
+    pauses = await state.account_pauses()
+    assert set(pauses) == {"a"}
+    until_ms, reason = pauses["a"]
+    assert abs(until_ms - (started + 3600) * 1000) < 5_000
+    assert reason.startswith("forbidden: ")
+    assert "http.status.forbidden: application deactivated" in reason
+    assert API_KEY not in reason
+    assert TOKEN not in reason
+    assert seen.tokens.count(f"{TOKEN}-a") == 1
+    assert seen.tokens.count(f"{TOKEN}-b") == 3  # b's three summaries: b goes on
+    assert all(s.last_poll_ms for s in await state.streams("b"))
