@@ -77,11 +77,14 @@ class AccountBudget:
 
     async def reserve(
         self, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
-    ) -> tuple[bool, int, int]:
+    ) -> tuple[bool, int, int, int]:
         r = await self._coordinator.reserve_request(
             self._account, day, now_ms, burst, window_ms, allowance
         )
-        return r.admitted, r.wait_ms, r.used_today
+        return r.admitted, r.wait_ms, r.used_today, r.sent_ms
+
+    async def give_back(self, day: str, sent_ms: int) -> int:
+        return await self._coordinator.return_request(self._account, day, sent_ms)
 
 
 async def run_leased(
