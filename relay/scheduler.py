@@ -294,6 +294,7 @@ class Scheduler:
         self._rng = random.Random()
         self._store_failures = 0  # passes failed on the store in a row
         self._store_retry_ms = 0  # no pass starts before this (Unix ms) after those failures
+        self._stopping = False
         self.passes = 0
 
     async def start(self) -> None:
@@ -384,6 +385,11 @@ class Scheduler:
                 self._job_tasks.add(task)
             try:
                 await job()
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+                # abandoned by stop(): the job's end, not its failure (APScheduler logs anything
+                # a job raises, a cancellation too, as an error with its traceback)
             finally:
                 if task is not None:
                     self._job_tasks.discard(task)
@@ -393,6 +399,7 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop ticking; abandon in-flight passes and jobs (what they committed stays
         committed), and wait until they have unwound, so nothing runs on a closed store."""
+        self._stopping = True
         if self._aps.running:
             self._aps.shutdown(wait=False)
         running = [*self._job_tasks, *self._tasks]
