@@ -119,6 +119,17 @@ class SqrtPolicy:
         ideal = math.sqrt(self._costs[stream_id] / rate) * max(self._sum, 0.0) / budget_rps
         return min(s.max_interval_s, max(s.min_interval_s, ideal))
 
+    def interval_outside_s(self, rate_per_h: float, cost: float, budget_rps: float) -> float:
+        """``interval_s`` of a stream not in the sums, as if it were added (it is not)."""
+        s = self._settings
+        if budget_rps <= 0:
+            return s.max_interval_s
+        rate = max(rate_per_h, s.floor_rate_per_h) / 3600.0
+        cost = max(cost, 1.0)
+        total = max(self._sum, 0.0) + math.sqrt(cost * rate)
+        ideal = math.sqrt(cost / rate) * total / budget_rps
+        return min(s.max_interval_s, max(s.min_interval_s, ideal))
+
 
 def estimate_rate(
     previous_per_h: float,
@@ -236,10 +247,19 @@ class Planner:
         requests: float,
         budget_rps: float,
     ) -> tuple[float, float]:
-        """The stream's new rate estimate (events/hour) and the seconds until its next pass."""
+        """The stream's new rate estimate (events/hour) and the seconds until its next pass.
+
+        Only ``load`` (the scheduler's reload) puts a stream in the sums: one paused, retired or
+        removed while its pass ran stays out (put back here, a paused stream kept its share of
+        the budget until the next reload: on SQLite, the next admin change), and one this
+        replica has not loaded yet joins at its next reload. Either is planned as if it were
+        in the sums."""
         s = self._settings
         previous = s.prior_rate_per_h if previous_rate_per_h is None else previous_rate_per_h
         rate = estimate_rate(previous, new, elapsed_s, s.smoothing, s.rate_memory_s)
+        if stream_id not in self._rates:
+            cost = s.smoothing * requests + (1 - s.smoothing) * 2.0
+            return rate, self.policy.interval_outside_s(rate, cost, budget_rps)
         cost = s.smoothing * requests + (1 - s.smoothing) * self._costs.get(stream_id, 2.0)
         self._costs[stream_id] = cost
         self._rates[stream_id] = rate
@@ -360,7 +380,11 @@ class Scheduler:
                 if owner is None:
                     continue
                 active[account].add(stream_id)
-                if stream_id not in owner.inflight and stream_id not in fresh:
+                if stream_id in fresh:
+                    continue
+                # a stream being polled keeps what its pass teaches, unless it is out of the
+                # sums (resumed while that pass ran): its pass's end no longer puts it back
+                if stream_id not in owner.inflight or owner.planner.rate_per_h(stream_id) is None:
                     owner.planner.load(stream_id, rate)
             for name, runtime in self._accounts.items():
                 # retired, paused or removed (here or through another replica): out of the sums

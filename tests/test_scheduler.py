@@ -828,6 +828,111 @@ async def test_a_reload_keeps_what_a_running_pass_taught_the_planner(tmp_path: P
         await store.close()
 
 
+class BlockedPoller(StandInPoller):
+    """Each pass waits for ``go`` (``started`` is set once one waits), then finds 5000 new
+    events over 10 requests, 3 unique-counted feeds among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def run_pass(
+        self,
+        stream: Stream,
+        replay_from_ms: int | None = None,
+        repeat_every_s: float | None = None,
+    ) -> PassOutcome:
+        self.started.append((stream.id, replay_from_ms, repeat_every_s))
+        self.waiting.set()
+        await self.go.wait()
+        return PassOutcome(
+            watermarks=dict(stream.watermarks), new=5000, requests=10, repeat_feeds=3
+        )
+
+
+async def test_a_stream_paused_while_its_pass_runs_stays_out_of_the_budget(
+    tmp_path: Path,
+) -> None:
+    """Pausing a stream reloads the planner without it; the pass in flight then finishing must
+    not put it back (it kept the busiest stream's share of the budget, and its reads by time,
+    until the next reload: on SQLite, the next admin change or a restart). The pass is still
+    recorded."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", str(i)) for i in (1, 2)], 0)
+        busy, other = sorted(s.id for s in await store.streams("acme"))
+        poller = BlockedPoller()
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], WIDE)
+        await scheduler.reload()
+        alone = Planner(WIDE)
+        alone.load(other, None)
+        pass_ = asyncio.create_task(scheduler._pass(runtime, busy))
+        runtime.inflight.add(busy)
+        await asyncio.wait_for(poller.waiting.wait(), 5)
+        await store.set_paused(busy, True)
+        await scheduler.reload()  # what POST /v1/streams/{id}/pause does
+        assert runtime.planner.streams() == {other}
+        poller.go.set()
+        await pass_
+        assert runtime.planner.streams() == {other}
+        assert runtime.planner.policy.total_weight == alone.policy.total_weight
+        assert runtime.planner.repeat_feeds() == 0
+        assert (await store.stream(busy)).last_poll_ms is not None  # the pass was recorded
+    finally:
+        await store.close()
+
+
+async def test_a_stream_resumed_while_its_pass_runs_is_back_in_the_budget(
+    tmp_path: Path,
+) -> None:
+    """The mirror case: a stream paused, then resumed while a pass of it runs, is in the sums
+    again after that reload, and its pass's end updates it there."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
+        sid = (await store.streams("acme"))[0].id
+        poller = BlockedPoller()
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], WIDE)
+        await scheduler.reload()
+        pass_ = asyncio.create_task(scheduler._pass(runtime, sid))
+        runtime.inflight.add(sid)
+        await asyncio.wait_for(poller.waiting.wait(), 5)
+        await store.set_paused(sid, True)
+        await scheduler.reload()
+        assert runtime.planner.streams() == set()
+        await store.set_paused(sid, False)
+        await scheduler.reload()
+        assert runtime.planner.streams() == {sid}
+        poller.go.set()
+        await pass_
+        assert runtime.planner.rate_per_h(sid) == (await store.stream(sid)).rate_per_h
+        assert runtime.planner.repeat_feeds() == 3
+    finally:
+        await store.close()
+
+
+def test_a_pass_of_a_stream_not_in_the_sums_is_planned_as_if_it_were() -> None:
+    """A stream this replica has not loaded yet (another replica's discovery made it) gets the
+    interval it would have in the sums, not max_interval_s, and stays out until loaded."""
+    settings = ScheduleSettings()
+    planner, loaded = Planner(settings), Planner(settings)
+    for p in (planner, loaded):
+        for sid in range(10):
+            p.load(sid, 30.0)
+    loaded.load(99, 120.0)
+    budget = 9000 / 86400 * 0.9
+    _, outside = planner.after_pass(99, None, 0, 60.0, 2.0, budget)
+    _, inside = loaded.after_pass(99, None, 0, 60.0, 2.0, budget)
+    assert 99 not in planner.streams()
+    assert outside == pytest.approx(inside)
+    assert outside < settings.max_interval_s
+
+
 class CostRecordingPlanner(Planner):
     """The real planner, recording the per-pass cost each pass charges it."""
 
