@@ -545,20 +545,20 @@ class Scheduler:
                     runtime.poller.repeat_read_s, self.budget_rps(runtime)
                 )
                 outcome = await runtime.poller.run_pass(stream, replay_from, repeat_every_s)
-                await self._finished(runtime, stream, outcome)
+                await self._finished(runtime, stream, outcome, replay_from)
             except StoreError:
                 raise  # the store failed, not the stream: _pass leaves the stream due
             except Exception as exc:
                 # a CtctError, or a defect (ours, or an upstream value nobody foresaw): uncaught,
                 # it would end the task unseen, the stream still due and claimed at every tick
-                await self._failed(runtime, stream, exc)
+                await self._failed(runtime, stream, exc, replay_from)
                 return
             if replay_from is not None:
                 await self._store.end_replay(stream_id, replay_from)
                 log.info("poll.replayed", since_ms=replay_from, replayed=outcome.replayed)
 
     async def _finished(
-        self, runtime: AccountRuntime, stream: Stream, outcome: PassOutcome
+        self, runtime: AccountRuntime, stream: Stream, outcome: PassOutcome, replay: int | None
     ) -> None:
         now = self._now_ms()
         # A first pass's rate is measured since the stream was added, so only what happened
@@ -587,8 +587,9 @@ class Scheduler:
             # the other feeds were committed and move on; the failing one is read again no
             # sooner than a failed pass would be, backing off as its errors repeat
             interval = max(interval, self._backoff_s(stream))
+        # a replay asked for while the pass ran (not the one it ran) keeps the stream due
         await self._store.finish_pass(
-            stream.id, outcome.result(now + int(interval * 1000), rate, now)
+            stream.id, outcome.result(now + int(interval * 1000), rate, now), replay_from_ms=replay
         )
         self.passes += 1
         result = "ok" if failed is None else type(failed).__name__
@@ -620,7 +621,9 @@ class Scheduler:
         )
         return backoff * self._rng.uniform(0.5, 1.0)
 
-    async def _failed(self, runtime: AccountRuntime, stream: Stream, exc: Exception) -> None:
+    async def _failed(
+        self, runtime: AccountRuntime, stream: Stream, exc: Exception, replay: int | None
+    ) -> None:
         """Record a failed pass and back off; an upstream error may also pause the account or
         retire the stream. Any other exception is a crash: logged with its traceback."""
         self._metrics.pass_failed(runtime.name, exc)
@@ -631,7 +634,7 @@ class Scheduler:
             runtime.planner.remove(stream.id)
             return
         if isinstance(exc, _BUDGET_ERRORS):
-            await self._budget_ran_out(runtime, stream, exc, now)
+            await self._budget_ran_out(runtime, stream, exc, now, replay)
             return
         if isinstance(exc, errors.UnauthorizedError):
             # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
@@ -650,10 +653,16 @@ class Scheduler:
                 retry_in_s=retry_in_s,
                 exc_info=exc,
             )
-        await self._store.record_error(stream.id, reason, now + int(delay_s * 1000))
+        due = now + int(delay_s * 1000)
+        await self._store.record_error(stream.id, reason, due, replay_from_ms=replay)
 
     async def _budget_ran_out(
-        self, runtime: AccountRuntime, stream: Stream, exc: errors.CtctError, now: int
+        self,
+        runtime: AccountRuntime,
+        stream: Stream,
+        exc: errors.CtctError,
+        now: int,
+        replay: int | None,
     ) -> None:
         """The account's budget ran out, not the stream: its error count stays as it is. A spent
         quota or a Retry-After pauses the account (every replica honours the stored pause) and
@@ -672,7 +681,8 @@ class Scheduler:
         else:
             delay_s = self._settings.error_backoff_s * self._rng.uniform(0.5, 1.0)
             log.warning("poll.rate_limited", error=str(exc), retry_in_s=round(delay_s, 1))
-            await self._store.defer_stream(stream.id, now + int(delay_s * 1000))
+            due = now + int(delay_s * 1000)
+            await self._store.defer_stream(stream.id, due, replay_from_ms=replay)
 
     async def _pause(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
         runtime.paused_until_ms = max(runtime.paused_until_ms, until_ms)
