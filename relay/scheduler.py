@@ -20,7 +20,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -433,11 +433,31 @@ class Scheduler:
         now = self._now_ms()
         if now < self._store_retry_ms:
             return  # passes failed on the store: backing off (see STORE_RETRY_S)
-        held = await self._store.account_holds()  # operator pauses: read each tick, any replica
+        for runtime in await self._unpaused(self._accounts.values(), now):
+            free = self._settings.concurrency - len(runtime.inflight)
+            if free <= 0 or runtime.limiter.remaining_today <= 0:
+                continue
+            due = await self._coordinator.claim_streams(runtime.name, now, free, runtime.inflight)
+            for stream_id in due:
+                if len(runtime.inflight) >= self._settings.concurrency:
+                    await self._coordinator.release_streams([stream_id])
+                    continue
+                runtime.inflight.add(stream_id)
+                task = asyncio.create_task(self._pass(runtime, stream_id))
+                self._tasks.add(task)
+                self._passes[stream_id] = task
+                task.add_done_callback(self._tasks.discard)
+
+    async def _unpaused(self, runtimes: Iterable[AccountRuntime], now: int) -> list[AccountRuntime]:
+        """Those of ``runtimes`` that may spend requests now (passes at each tick, campaign
+        discovery before it runs): neither held by an operator nor paused by the relay; a
+        pause that has ended is lifted."""
+        held = await self._store.account_holds()  # operator pauses: read each time, any replica
         # the relay's own pauses too: a spent quota or a long Retry-After one replica learned
         # holds for all of them, or each would spend requests until it got the answer itself
         pauses = await self._store.account_pauses()
-        for runtime in self._accounts.values():
+        unpaused: list[AccountRuntime] = []
+        for runtime in runtimes:
             stored, reason = pauses.get(runtime.name, (0, ""))
             if stored > runtime.paused_until_ms:
                 if stored > now:
@@ -452,19 +472,31 @@ class Scheduler:
                 # only a pause that has ended: another replica may have stored a newer one
                 await self._store.end_account_pause(runtime.name, now)
                 log.info("account.resumed", account=runtime.name)
-            free = self._settings.concurrency - len(runtime.inflight)
-            if free <= 0 or runtime.limiter.remaining_today <= 0:
-                continue
-            due = await self._coordinator.claim_streams(runtime.name, now, free, runtime.inflight)
-            for stream_id in due:
-                if len(runtime.inflight) >= self._settings.concurrency:
-                    await self._coordinator.release_streams([stream_id])
-                    continue
-                runtime.inflight.add(stream_id)
-                task = asyncio.create_task(self._pass(runtime, stream_id))
-                self._tasks.add(task)
-                self._passes[stream_id] = task
-                task.add_done_callback(self._tasks.discard)
+            unpaused.append(runtime)
+        return unpaused
+
+    def account_job(
+        self, account: str, job: Callable[[], Awaitable[None]]
+    ) -> Callable[[], Awaitable[None]]:
+        """``job`` (campaign discovery) spending ``account``'s requests as its passes do: skipped
+        while the account is held or paused, and an upstream error it meets pauses the account
+        (or its api_key) as a pass's would; the error is raised again."""
+        runtime = self._accounts[account]
+
+        async def run() -> None:
+            if not await self._unpaused([runtime], self._now_ms()):
+                return
+            try:
+                await job()
+            except errors.CtctError as exc:
+                now = self._now_ms()
+                if isinstance(exc, _BUDGET_ERRORS):
+                    await self._budget_ran_out(runtime, None, exc, now, None)
+                elif isinstance(exc, errors.UnauthorizedError):
+                    await self._credentials_rejected(runtime, exc, now)
+                raise
+
+        return run
 
     async def renew_leases(self) -> None:
         """Extend the leases of the streams being polled; a pass whose lease is lost (another
@@ -637,8 +669,7 @@ class Scheduler:
             await self._budget_ran_out(runtime, stream, exc, now, replay)
             return
         if isinstance(exc, errors.UnauthorizedError):
-            # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
-            await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
+            await self._credentials_rejected(runtime, exc, now)
         delay_s = self._backoff_s(stream)
         retry_in_s = round(delay_s, 1)
         if isinstance(exc, errors.CtctError):
@@ -659,7 +690,7 @@ class Scheduler:
     async def _budget_ran_out(
         self,
         runtime: AccountRuntime,
-        stream: Stream,
+        stream: Stream | None,
         exc: errors.CtctError,
         now: int,
         replay: int | None,
@@ -668,7 +699,8 @@ class Scheduler:
         quota or a Retry-After pauses the account (every replica honours the stored pause) and
         leaves the stream due for when it ends. The API's per-second limit still hit after the
         client's retries (an over-qps 403, a 429 without Retry-After) defers only this stream,
-        by ``error_backoff_s``, never doubled: the next second may well have room."""
+        by ``error_backoff_s``, never doubled: the next second may well have room. Outside a
+        pass (``stream`` None: campaign discovery) only the pauses apply."""
         if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
             await self._pause_key(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
         elif exc.retry_after_s:
@@ -678,11 +710,17 @@ class Scheduler:
             wait_s = min(exc.retry_after_s, 86_400.0)
             reason = f"{exc.status or 429} with Retry-After {exc.retry_after_s:g} s: {exc}"
             await self._pause_key(runtime, now + int(wait_s * 1000), reason)
-        else:
+        elif stream is not None:  # a job outside a pass runs again at its own interval
             delay_s = self._settings.error_backoff_s * self._rng.uniform(0.5, 1.0)
             log.warning("poll.rate_limited", error=str(exc), retry_in_s=round(delay_s, 1))
             due = now + int(delay_s * 1000)
             await self._store.defer_stream(stream.id, due, replay_from_ms=replay)
+
+    async def _credentials_rejected(
+        self, runtime: AccountRuntime, exc: errors.CtctError, now: int
+    ) -> None:
+        # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
+        await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
 
     async def _pause(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
         runtime.paused_until_ms = max(runtime.paused_until_ms, until_ms)
