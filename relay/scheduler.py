@@ -250,10 +250,10 @@ class Planner:
         """The stream's new rate estimate (events/hour) and the seconds until its next pass.
 
         Only ``load`` (the scheduler's reload) puts a stream in the sums: one paused, retired or
-        removed while its pass ran stays out (put back here, a paused stream kept its share of
-        the budget until the next reload: on SQLite, the next admin change), and one this
-        replica has not loaded yet joins at its next reload. Either is planned as if it were
-        in the sums."""
+        removed while its pass ran stays out (put back here, a paused stream used to keep its
+        share of the budget until the next reload: on SQLite, the next admin change), and one
+        this replica has not loaded yet joins at its next reload. Either is planned as if it
+        were in the sums, neither is left at max_interval_s."""
         s = self._settings
         previous = s.prior_rate_per_h if previous_rate_per_h is None else previous_rate_per_h
         rate = estimate_rate(previous, new, elapsed_s, s.smoothing, s.rate_memory_s)
