@@ -407,8 +407,8 @@ def _discovery_job(
     scheduler: Scheduler, coordinator: Coordinator, account: str, discovery: CampaignDiscovery
 ) -> Callable[[], Awaitable[None]]:
     """One replica's campaign discovery for ``account``, spending its requests as its passes
-    do: not while the account is held or paused, and a 401, a spent quota or a long
-    Retry-After it meets pauses the account (or its key). (It used to call the API every
+    do: not while the account is held or paused, and an error that pauses a pass's account
+    (or key) pauses it when discovery meets it too. (It used to call the API every
     ``discover_interval_s`` whatever the account's state, and only log those errors.)"""
     job = scheduler.account_job(account, discovery.run)
     return _guarded(leased_job(coordinator, f"discover:{account}", job), "discovery")

@@ -508,7 +508,8 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
         linger_ms=r.integer("linger_ms", b.linger_ms, minimum=0),
         max_batch_bytes=r.integer("max_batch_bytes", b.max_batch_bytes),
         max_request_bytes=r.integer("max_request_bytes", b.max_request_bytes),
-        request_timeout_s=r.number("request_timeout_s", b.request_timeout_s),
+        # Kafka carries it in int32 milliseconds: aiokafka fails only when it encodes a request
+        request_timeout_s=r.number("request_timeout_s", b.request_timeout_s, maximum=2_147_483),
         client_id=r.text("client_id", b.client_id),
         create_topics=r.flag("create_topics", b.create_topics),
         partitions=r.integer("partitions", b.partitions),
@@ -1047,7 +1048,8 @@ class _Reader:
         cap = MAX_NUMBER if maximum is None else maximum
         bound = f"{'>' if strict else '>='} {minimum:g}"
         if maximum is not None or (real is not None and cap < real < math.inf):
-            bound += f" and <= {cap:g}"
+            short = f"{cap:g}"  # exact when it reads back the same (1e+09), else in full
+            bound += f" and <= {short if float(short) == cap else f'{cap:.10g}'}"
         if real is None or not math.isfinite(real):
             what = "a number" if real is None else "a finite number"
             raise ConfigError(f"{self.key(name)}: expected {what} {bound}, got {_show(value)}")

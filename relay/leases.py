@@ -77,11 +77,14 @@ class AccountBudget:
 
     async def reserve(
         self, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
-    ) -> tuple[bool, int, int]:
+    ) -> tuple[bool, int, int, int]:
         r = await self._coordinator.reserve_request(
             self._account, day, now_ms, burst, window_ms, allowance
         )
-        return r.admitted, r.wait_ms, r.used_today
+        return r.admitted, r.wait_ms, r.used_today, r.sent_ms
+
+    async def give_back(self, day: str, sent_ms: int) -> int:
+        return await self._coordinator.return_request(self._account, day, sent_ms)
 
 
 async def run_leased(
@@ -117,12 +120,16 @@ async def run_leased(
             done, _ = await asyncio.wait({task}, timeout=grace_s)
         finally:
             worker_stop.set()
-            # the grace ran out, or this was cancelled (its owner's grace ran out): either way
-            # the worker must not outlive this (it would publish after the store closed)
-            if not done:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            await _give_back(name, coordinator)
+            try:
+                # the grace ran out, or this was cancelled (its owner's grace ran out): either
+                # way the worker must not outlive this (it would publish after the store closed)
+                if not done:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            finally:
+                # also when that wait is cancelled in turn: a lease kept would hold the other
+                # replicas off for its whole term
+                await _give_back(name, coordinator)
         error = task.exception() if task.done() and not task.cancelled() else None
         if isinstance(error, fatal):
             raise error

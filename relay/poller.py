@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeGuard
 
 import structlog
 
@@ -92,6 +93,13 @@ FEED_ERRORS = (ServerError, MalformedResponseError, PaginationLoopError, BadRequ
 # finds it). A connection that cannot be made (refused, reset, DNS, a connect timeout)
 # concerns the network and ends the pass at once, as does the summary timing out.
 MAX_TIMEOUTS_PER_PASS = 2
+
+
+def asks_key_to_wait(exc: BaseException) -> TypeGuard[ServerError]:
+    """A 5xx that came with a ``Retry-After`` (still set after the client's retries: longer than
+    it waits in place, or its attempts ran out): the API asked for a wait, as a 429 does, and
+    the whole key honours it (the scheduler pauses the key) instead of each stream failing."""
+    return isinstance(exc, ServerError) and bool(exc.retry_after_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +393,9 @@ class Poller:
         try:
             await self._read_feed(stream, scope, kind, outcome, pending)
         except (*FEED_ERRORS, ResponseTimeoutError) as exc:
-            if outcome.replay_from_ms is not None:
+            if outcome.replay_from_ms is not None or asks_key_to_wait(exc):
+                # a 5xx with a Retry-After the client did not wait out speaks for the whole
+                # key: the scheduler pauses it, and the pass's other feeds would only get it too
                 await self._commit_before_failing(stream, pending, outcome)
                 raise
             if isinstance(exc, ResponseTimeoutError):

@@ -30,7 +30,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from relay.ctct import errors
 from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
 from relay.metrics import Metrics
-from relay.poller import PassOutcome, Poller
+from relay.poller import PassOutcome, Poller, asks_key_to_wait
 from relay.store import Store, StoreError, Stream
 from relay.store.coordination import Coordinator, LocalCoordinator
 
@@ -48,6 +48,8 @@ STORE_RETRY_MAX_S = 60.0
 # The account's budget ran out (the daily quota, ours or the API's; the API's per-second limit, a
 # 429), not the stream: the account pauses or the stream waits a while, but the stream is neither
 # counted as failing nor backed off further. Under a tiny quota this is the normal course of a day.
+# A 5xx with a Retry-After (poller.asks_key_to_wait) is handled the same way: the API asked the
+# key to wait, and every other stream of the key would only get the same answer.
 _BUDGET_ERRORS = (
     errors.QuotaExhaustedError,
     errors.BudgetExhaustedError,
@@ -489,11 +491,7 @@ class Scheduler:
             try:
                 await job()
             except errors.CtctError as exc:
-                now = self._now_ms()
-                if isinstance(exc, _BUDGET_ERRORS):
-                    await self._budget_ran_out(runtime, None, exc, now, None)
-                elif isinstance(exc, errors.UnauthorizedError):
-                    await self._credentials_rejected(runtime, exc, now)
+                await self._account_failed(runtime, None, exc, self._now_ms(), None)
                 raise
 
         return run
@@ -665,11 +663,8 @@ class Scheduler:
             await self._store.record_error(stream.id, str(exc), now, retire=True)
             runtime.planner.remove(stream.id)
             return
-        if isinstance(exc, _BUDGET_ERRORS):
-            await self._budget_ran_out(runtime, stream, exc, now, replay)
+        if await self._account_failed(runtime, stream, exc, now, replay):
             return
-        if isinstance(exc, errors.UnauthorizedError):
-            await self._credentials_rejected(runtime, exc, now)
         delay_s = self._backoff_s(stream)
         retry_in_s = round(delay_s, 1)
         if isinstance(exc, errors.CtctError):
@@ -696,17 +691,18 @@ class Scheduler:
         replay: int | None,
     ) -> None:
         """The account's budget ran out, not the stream: its error count stays as it is. A spent
-        quota or a Retry-After pauses the account (every replica honours the stored pause) and
-        leaves the stream due for when it ends. The API's per-second limit still hit after the
-        client's retries (an over-qps 403, a 429 without Retry-After) defers only this stream,
-        by ``error_backoff_s``, never doubled: the next second may well have room. Outside a
-        pass (``stream`` None: campaign discovery) only the pauses apply."""
+        quota or a Retry-After (a 429's or a 5xx's) pauses the account (every replica honours
+        the stored pause) and leaves the stream due for when it ends. The API's per-second
+        limit still hit after the client's retries (an over-qps 403, a 429 without Retry-After)
+        defers only this stream, by ``error_backoff_s``, never doubled: the next second may
+        well have room. Outside a pass (``stream`` None: campaign discovery) only the pauses
+        apply."""
         if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
             await self._pause_key(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
         elif exc.retry_after_s:
             # The server asked the whole key to wait (the client only waits out short ones in
-            # place): every other stream would get its own 429 and spend budget. A bogus header
-            # cannot pause the account for ever: at most a day.
+            # place): every other stream would get its own 429 (or 503) and spend budget. A
+            # bogus header cannot pause the account for ever: at most a day.
             wait_s = min(exc.retry_after_s, 86_400.0)
             reason = f"{exc.status or 429} with Retry-After {exc.retry_after_s:g} s: {exc}"
             await self._pause_key(runtime, now + int(wait_s * 1000), reason)
@@ -716,11 +712,32 @@ class Scheduler:
             due = now + int(delay_s * 1000)
             await self._store.defer_stream(stream.id, due, replay_from_ms=replay)
 
-    async def _credentials_rejected(
-        self, runtime: AccountRuntime, exc: errors.CtctError, now: int
-    ) -> None:
-        # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
-        await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
+    async def _account_failed(
+        self,
+        runtime: AccountRuntime,
+        stream: Stream | None,
+        exc: Exception,
+        now: int,
+        replay: int | None,
+    ) -> bool:
+        """Pause the account or its api_key for an error that is about them, not the stream
+        (a pass's, or campaign discovery's: ``stream`` None). True: the budget ran out
+        (``_budget_ran_out``), which the stream does not count as its error."""
+        if not isinstance(exc, errors.CtctError):
+            return False
+        if isinstance(exc, _BUDGET_ERRORS) or asks_key_to_wait(exc):
+            await self._budget_ran_out(runtime, stream, exc, now, replay)
+            return True
+        if isinstance(exc, errors.UnauthorizedError):
+            # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
+            await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
+        elif isinstance(exc, errors.ForbiddenError):
+            # A 403 that is no rate limit (those are OverQpsError and QuotaExhaustedError): a
+            # deactivated application, revoked privileges. It will not pass by itself either,
+            # and every stream of the account would get its own; the token is the account's,
+            # so only the account pauses, retried hourly like a 401.
+            await self._pause(runtime, now + 3600_000, f"forbidden: {exc}")
+        return False
 
     async def _pause(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
         runtime.paused_until_ms = max(runtime.paused_until_ms, until_ms)

@@ -868,6 +868,11 @@ def test_one_attempt_means_no_retries(tmp_path: Path) -> None:
             r"kafka\.replication_factor: expected an integer >= 1 and <= 32767",
             id="replication-int16",
         ),
+        pytest.param(
+            "kafka: {bootstrap_servers: b, request_timeout_s: 3000000}",
+            r"kafka\.request_timeout_s: expected a number > 0 and <= 2147483, got 3000000",
+            id="request-timeout-int32-ms",
+        ),
     ],
 )
 def test_numbers_are_finite_and_bounded(tmp_path: Path, extra: str, message: str) -> None:

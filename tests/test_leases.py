@@ -55,6 +55,9 @@ class Leases:
     ) -> Reservation:
         return Reservation(True, 0, 0)
 
+    async def return_request(self, account: str, day: str, sent_ms: int) -> int:
+        return 0
+
 
 class Boom(Exception):
     """A worker failure."""
@@ -191,6 +194,34 @@ async def test_cancelling_run_leased_cancels_and_awaits_its_worker() -> None:
         await asyncio.wait_for(task, 2)
     assert worker_ended.is_set()
     assert leases.owner is None  # given back
+
+
+async def test_the_lease_is_given_back_when_the_wait_for_a_cancelled_worker_is_cancelled() -> None:
+    """A worker slow to end once cancelled (the Kafka sink flushing to an unreachable broker)
+    and run_leased cancelled again while it waits for it: the lease is still given back, so the
+    other replicas need not wait out its term."""
+    running = asyncio.Event()
+
+    async def slow_to_end(stop: asyncio.Event, valid: Callable[[], bool]) -> None:
+        running.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(3600)  # cleanup that hangs until cancelled again
+
+    leases = Leases()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_leased("sink:kafka", leases, slow_to_end, stop, grace_s=60))
+    await asyncio.wait_for(running.wait(), 2)
+    stop.set()
+    await asyncio.sleep(0.1)  # run_leased waits out its grace for the worker
+    task.cancel()  # its owner's grace ran out
+    await asyncio.sleep(0.1)  # run_leased waits for the cancelled worker
+    task.cancel()  # the owner gives up on it too
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    assert leases.owner is None, "given back"
+    assert leases.released == 1
 
 
 class RoundTripLeases(Leases):

@@ -1138,3 +1138,47 @@ async def test_the_scheduler_hands_passes_the_interval_of_reads_by_time_its_budg
         assert poller.handed[-1] == 21_600
     finally:
         await store.close()
+
+
+ACCOUNT_JOB_ERRORS = [
+    pytest.param(errors.UnauthorizedError("answered 401", status=401), {"shop-a"}, id="401"),
+    pytest.param(errors.ForbiddenError("answered 403", status=403), {"shop-a"}, id="403"),
+    pytest.param(
+        errors.ServerError("answered 503", status=503, retry_after_s=600.0),
+        {"shop-a", "shop-b"},
+        id="503-retry-after",
+    ),
+    pytest.param(
+        errors.TooManyRequestsError("answered 429", status=429, retry_after_s=600.0),
+        {"shop-a", "shop-b"},
+        id="429-retry-after",
+    ),
+    pytest.param(errors.TooManyRequestsError("answered 429"), set(), id="429"),
+    pytest.param(errors.ServerError("answered 500", status=500), set(), id="500"),
+]
+
+
+@pytest.mark.parametrize(("error", "paused"), ACCOUNT_JOB_ERRORS)
+async def test_an_account_job_error_pauses_as_a_passs_would(
+    tmp_path: Path, error: errors.CtctError, paused: set[str]
+) -> None:
+    """An upstream error met by an account's job (campaign discovery) pauses the account or its
+    key as the same error met by a pass does, and is raised again (the job's owner logs it)."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        shared = RateLimiter(Budget())
+        runtimes = [
+            AccountRuntime(name, cast(Poller, None), shared, Planner(WIDE))
+            for name in ("shop-a", "shop-b")
+        ]
+        scheduler = Scheduler(store, runtimes, WIDE, now_ms=lambda: T_PAUSE)
+
+        async def failing() -> None:
+            raise error
+
+        with pytest.raises(type(error)):
+            await scheduler.account_job("shop-a", failing)()
+        assert set(await store.account_pauses()) == paused
+    finally:
+        await store.close()

@@ -242,17 +242,20 @@ class CtctClient:
     async def _get(
         self, name: str, path: str, params: list[tuple[str, str]]
     ) -> tuple[object, int | None]:
-        """One logical GET with bounded retries; every attempt spends budget. The body, and
-        the upstream's clock (its ``Date`` header, Unix ms) when it answered."""
+        """One logical GET with bounded retries; every attempt that may have reached the API
+        spends budget (one that provably never left is given back). The body, and the
+        upstream's clock (its ``Date`` header, Unix ms) when it answered."""
         attempt = 1
         while True:
-            await self._limiter.acquire()
+            admission = await self._limiter.acquire()
             try:
                 return await self._attempt(name, path, params)
             except errors.QuotaExhaustedError:
                 self._limiter.exhaust_today()
                 raise
             except errors.CtctError as exc:
+                if not exc.sent:
+                    await self._limiter.give_back(admission)
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
                     raise
@@ -313,6 +316,7 @@ class CtctClient:
                     f"GET {shown()} timed out connecting (connect_timeout_s"
                     f" {self._timeout.connect}, timeout_s {self._timeout.total})",
                     endpoint=name,
+                    sent=False,  # no connection, so no request: the API counted nothing
                 ) from None
             raise errors.ResponseTimeoutError(
                 f"GET {shown()} timed out after {self._timeout.total}s", endpoint=name
@@ -321,7 +325,11 @@ class CtctClient:
             self._on_response(name, "transport_error", time.perf_counter() - started)
             # from None: aiohttp's own exception text may carry the full URL with the api_key
             raise errors.TransportError(
-                f"GET {shown()} failed: {_describe_transport(exc)}", endpoint=name
+                f"GET {shown()} failed: {_describe_transport(exc)}",
+                endpoint=name,
+                # refused, DNS, TLS handshake: no request went out. A disconnect or reset once
+                # connected may have reached the API after it was sent: that one stays counted.
+                sent=not isinstance(exc, aiohttp.ClientConnectorError),
             ) from None
         except ValueError as exc:  # UnicodeError included
             # aiohttp refused to build the request: a control character in the token's header,
@@ -329,7 +337,9 @@ class CtctClient:
             # other such value from crashing a pass, and says what it was.
             self._on_response(name, "transport_error", time.perf_counter() - started)
             raise errors.InvalidRequestError(
-                f"GET {shown()} could not be sent: {self._request_problem(exc)}", endpoint=name
+                f"GET {shown()} could not be sent: {self._request_problem(exc)}",
+                endpoint=name,
+                sent=False,
             ) from None
         log.debug(
             "ctct.response",

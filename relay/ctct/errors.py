@@ -23,6 +23,9 @@
         ├── TooManyRequestsError   yes 429    honour retry_after_s
         └── ServerError            yes 5xx    back off
 
+``sent`` is False on an error whose request provably never left (a connection refused, a DNS
+failure, a connect timeout, a request aiohttp could not build): the client gives its budget back.
+
 Every message is safe to log: URLs in it are redacted (no api_key, no token).
 """
 
@@ -44,6 +47,7 @@ class CtctError(Exception):
         status: int | None = None,
         error_key: str | None = None,
         retry_after_s: float | None = None,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -51,6 +55,9 @@ class CtctError(Exception):
         self.status = status
         self.error_key = error_key
         self.retry_after_s = retry_after_s
+        # False only when the request provably never left this process (no connection was
+        # made, or it could not be built): the API counted nothing, so neither does the quota
+        self.sent = sent
 
     def __str__(self) -> str:
         return f"{self.endpoint}: {self.message}" if self.endpoint else self.message

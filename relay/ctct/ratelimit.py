@@ -10,6 +10,7 @@ With a log of the last N send times, no window of ``window_s`` ever holds more t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -18,7 +19,11 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 
+import structlog
+
 from relay.ctct.errors import BudgetExhaustedError
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +73,25 @@ class SharedBudget(Protocol):
 
     async def reserve(
         self, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
-    ) -> tuple[bool, int, int]:
+    ) -> tuple[bool, int, int, int]:
         """Count one request if the shared window and ``day``'s count allow it: (admitted,
-        ms to wait before asking again (0 when the allowance is spent), used today)."""
+        ms to wait before asking again (0 when the allowance is spent), used today, the time
+        the shared window logged it (Unix ms, the shared clock; 0 when not admitted))."""
         ...
+
+    async def give_back(self, day: str, sent_ms: int) -> int:
+        """Take back a request admitted at ``sent_ms`` that was never sent: out of the shared
+        window and ``day``'s count; return the count left."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """One request :meth:`RateLimiter.acquire` admitted: what ``give_back`` takes back."""
+
+    day: str  # the UTC day it was counted on
+    sent_at: float  # its entry in the per-second log (monotonic seconds)
+    shared_ms: int | None = None  # its entry in the shared window, when shared
 
 
 def next_utc_midnight(moment: datetime) -> datetime:
@@ -85,8 +105,9 @@ class RateLimiter:
 
     ``acquire()`` waits for a per-second slot and spends one request of today's allowance, or
     raises :class:`BudgetExhaustedError` when the allowance is spent. Waiters are served in order.
-    With a ``ledger``, every request is recorded durably before it is sent, so the daily count
-    survives restarts (start with ``used_today`` read from the same ledger). With a ``shared``
+    With a ``ledger``, every request is recorded durably before it is sent (and taken back by
+    ``give_back`` if it provably never left), so the daily count survives restarts (start with
+    ``used_today`` read from the same ledger). With a ``shared``
     budget, each request is also admitted by it (and counted there, instead of in a ledger), so
     several replicas together keep the account's limits.
     """
@@ -116,6 +137,7 @@ class RateLimiter:
             # The previous process may have spent this second's requests just before it died;
             # the log of their times died with it, so assume a full window.
             self._sent.extend([monotonic()] * budget.burst)
+        self._exhausted = False  # today's quota marked spent by exhaust_today
         self._lock = asyncio.Lock()
         self.waited_s = 0.0  # total time spent waiting for a slot, for metrics
         self.waits = 0  # requests that had to wait for a slot, for metrics
@@ -138,10 +160,12 @@ class RateLimiter:
     def exhaust_today(self) -> None:
         """Mark today's quota spent, e.g. after the API said so (other apps share the key)."""
         self._roll_day()
+        self._exhausted = True
         self._used_today = max(self._used_today, self.budget.daily_allowance)
 
-    async def acquire(self) -> None:
-        """Wait for a slot and count the request; raise if today's allowance is spent."""
+    async def acquire(self) -> Admission:
+        """Wait for a slot and count the request; raise if today's allowance is spent. The
+        admission is what :meth:`give_back` takes back if the request is never sent."""
         async with self._lock:
             if self.remaining_today <= 0:
                 raise BudgetExhaustedError(
@@ -154,32 +178,71 @@ class RateLimiter:
                     self.waited_s += wait_s
                     self.waits += 1
                     await self._sleep(wait_s)
+            day = self._day.isoformat()
             if self._shared is not None:
                 # counted there before it is sent, for every replica
-                await self._reserve_shared(self._shared)
-                self._sent.append(self._monotonic())
-                return
-            self._sent.append(self._monotonic())
+                shared_ms = await self._reserve_shared(self._shared)
+                sent_at = self._monotonic()
+                self._sent.append(sent_at)
+                return Admission(day, sent_at, shared_ms)
+            admission = Admission(day, self._monotonic())
+            self._sent.append(admission.sent_at)
             self._used_today += 1
-            counted = self._used_today
             if self._ledger is not None:
                 # Counted before it is sent: a crash can over-count, never under-count. The
                 # ledger's total wins, so replicas sharing it see each other's requests.
                 try:
-                    self._used_today = await self._ledger.spend(self._day.isoformat(), 1)
+                    self._used_today = await self._ledger.spend(day, 1)
                 except BaseException:
                     # not counted in the store, so not sent: taken back here too (a full disk
                     # failed every spend, and the count alone spent the day's allowance)
-                    self._sent.pop()
-                    if self._used_today == counted:  # not marked spent (exhaust_today) meanwhile
-                        self._used_today -= 1
+                    self._take_back(admission, None)
                     raise
+            return admission
 
-    async def _reserve_shared(self, shared: SharedBudget) -> None:
-        """Wait until the shared budget admits the request; raise when today's is spent."""
+    async def give_back(self, admission: Admission) -> None:
+        """Take back a request that provably never left (no connection was made, or it could
+        not be built): out of the per-second log and the day's count, here and in the ledger
+        or shared budget it was counted in. The API never saw it, so it spends nothing of the
+        key's quota; charged, a network outage spent the whole day's allowance on retries.
+        A failure to take it back in the store leaves it counted (over-counting is the safe
+        side) and is logged, not raised: the caller is handling the request's own error."""
+        async with self._lock:
+            counted_in: int | None = None
+            try:
+                if self._shared is not None and admission.shared_ms is not None:
+                    counted_in = await self._shared.give_back(admission.day, admission.shared_ms)
+                elif self._ledger is not None:
+                    counted_in = await self._ledger.spend(admission.day, -1)
+            except Exception as exc:
+                log.warning("quota.give_back_failed", day=admission.day, error=str(exc))
+                self._forget_send(admission)
+                return
+            self._take_back(admission, counted_in)
+
+    def _forget_send(self, admission: Admission) -> None:
+        """Remove the admission's entry from the per-second log (if it is still there)."""
+        with contextlib.suppress(ValueError):  # pushed out of the log by later requests
+            self._sent.remove(admission.sent_at)
+
+    def _take_back(self, admission: Admission, counted_in: int | None) -> None:
+        """Undo an admission here: its per-second entry, and its place in the day's count
+        (``counted_in``: the count the ledger or shared budget holds now, if it answered)."""
+        self._forget_send(admission)
+        self._roll_day()
+        if admission.day != self._day.isoformat():
+            return  # counted on a day that is over: today's count is not its
+        used = self._used_today - 1 if counted_in is None else counted_in
+        if self._exhausted:  # marked spent by the API meanwhile: it stays spent
+            used = max(used, self.budget.daily_allowance)
+        self._used_today = max(0, used)
+
+    async def _reserve_shared(self, shared: SharedBudget) -> int:
+        """Wait until the shared budget admits the request (return when its window logged it);
+        raise when today's is spent."""
         budget = self.budget
         while True:
-            admitted, wait_ms, used = await shared.reserve(
+            admitted, wait_ms, used, sent_ms = await shared.reserve(
                 self._day.isoformat(),
                 int(self._wall_clock() * 1000),
                 budget.burst,
@@ -188,7 +251,7 @@ class RateLimiter:
             )
             self._used_today = used
             if admitted:
-                return
+                return sent_ms
             if wait_ms <= 0:
                 raise BudgetExhaustedError(
                     f"daily allowance of {budget.daily_allowance} requests is spent"
@@ -207,3 +270,4 @@ class RateLimiter:
         if today != self._day:
             self._day = today
             self._used_today = 0
+            self._exhausted = False

@@ -9,6 +9,12 @@ down, leader moving, timeouts) stops the batch at the first unacknowledged event
 there with backoff, so nothing is skipped. A retry may re-send events after the failed one that
 did arrive: duplicates carry the same ``ce_id``.
 
+The idempotent producer never gives up a batch while the broker is unreachable (aiokafka retries
+it for ever): no failure comes. Acknowledgements are awaited in slices of ``request_timeout_s``,
+and a slice without any reports the broker unreachable, as does an unanswered metadata request
+of an idle sink (``_probe``); a stop waits for acknowledgements only so long, then abandons the
+producer unflushed: what it held is sent again from the cursor at the next start.
+
 Rounds are read and sent ahead while earlier ones wait for the broker; one task settles them in
 order and alone moves the cursor, and a partition's next batch waits for its previous one.
 Events this process commits are handed over by the store in memory; the outbox is read whenever
@@ -61,7 +67,7 @@ from relay.events import (
     source,
 )
 from relay.metrics import Metrics
-from relay.store import OutboxAppend, OutboxEvent, Store
+from relay.store import OutboxAppend, OutboxEvent, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -88,6 +94,12 @@ _ROUNDS_AHEAD = 4
 # Events this process committed, kept to publish without reading them back: the oldest go
 # first beyond this (the sink then reads those from the outbox).
 _HANDED_OVER_MAX = 20_000
+# At most this long (or request_timeout_s if shorter) a stop waits for the broker to acknowledge
+# what was sent: then the producer is abandoned unflushed, and what it held is sent again from
+# the cursor at the next start (same ce_id). An idempotent aiokafka producer never gives up a
+# batch it holds, so its own stop() waits for ever while the broker is unreachable.
+_STOP_SETTLE_MAX_S = 10.0
+_ABANDON_S = 2.0  # then the requests in flight of an abandoned producer are cut off too
 
 
 class KafkaSinkError(Exception):
@@ -102,6 +114,10 @@ class KafkaSecurityError(KafkaSinkError):
         super().__init__(f"kafka.security.{key}: {problem}")
         self.key = key
         self.problem = problem
+
+
+class KafkaUnreachableError(ConnectionError):
+    """Start-up got no answer in time; the message says from where. Retried with backoff."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +363,14 @@ class KafkaSink:
         self.dead_lettered = 0
         self.last_error: str | None = None  # the last failure; cleared by an acknowledgement
         self.connected = False
+        # connected to a producer (set after start-up, cleared when it is given up); the broker
+        # is reported reachable only while neither of the two below says otherwise
+        self._online = False
+        self._stalled = False  # batches waited request_timeout_s with no acknowledgement
+        self._probe_failed = False  # the last metadata request (see _probe) got no answer
+        self._last_answer = time.monotonic()  # of the broker: an acknowledgement or a refusal
+        self._unsettled = False  # a stop gave up waiting for acknowledgements: do not flush
+        self._deliveries: set[_Delivery] = set()  # batches awaiting the broker
         self.publishing = False  # run() is active here (this replica holds the sink's lease)
         self._topics = {kind: settings.topic_for(kind) for kind in Kind}
         self._partition = _Partitioner()
@@ -392,17 +416,18 @@ class KafkaSink:
             except ValueError as exc:  # an option aiokafka refuses: retrying will not help
                 raise KafkaSinkError(f"kafka: {exc}") from None
             self._current = producer
+            self._unsettled = False
             try:
                 # a broker that accepts connections but does not answer holds these for
                 # request_timeout_s: a stop (SIGTERM) must not wait for that
                 if not await _unless_stopped(stop, self._connect(producer)):
                     break
-                self.connected = True
-                self._metrics.kafka_connected(True)
+                self._online, self._stalled, self._probe_failed = True, False, False
+                self._report()
                 attempt = 0
                 await self._drain(stop)
-            except KafkaSinkError:
-                raise
+            except (KafkaSinkError, StoreError):
+                raise  # the store's own failures are retried by the caller (run_leased)
             except (KafkaError, OSError) as exc:
                 if not self._valid():
                     break  # the lease ran out (maybe what failed): not a broker problem
@@ -411,18 +436,117 @@ class KafkaSink:
                 delay = self._backoff(attempt)
                 log.warning("kafka.unavailable", error=self.last_error, retry_in_s=round(delay, 2))
                 await _sleep_or_stop(stop, delay)
+            except Exception as exc:
+                # a bug or an option aiokafka refuses only once it uses it (a value Kafka cannot
+                # encode): the same again after a backoff, for ever; stop the relay with its text
+                raise KafkaSinkError(f"kafka: {type(exc).__name__}: {exc}") from exc
             finally:
-                self.connected = False
-                self._metrics.kafka_connected(False)
+                self._online = False
+                self._report()
                 # None: a delivery of a round given up must not start a producer of its own
                 current, self._current = self._current, None
                 if current is not None:
-                    await _stop_quietly(current)
+                    await _stop_quietly(current, 0.0 if self._unsettled else self._settle_s())
                 await asyncio.gather(*self._retiring)
+                await self._drop_deliveries()
+
+    def _settle_s(self) -> float:
+        """How long a stop waits for acknowledgements of what was sent."""
+        return min(self._settings.request_timeout_s, _STOP_SETTLE_MAX_S)
+
+    async def _drop_deliveries(self) -> None:
+        """Forget batches of a producer that is gone: the broker will never answer them here;
+        they are sent again from the cursor."""
+        pending = {d for d in self._deliveries if not d.done()}
+        if pending:  # an abandoned producer failed their batches: let them see it
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+        for delivery in pending:
+            delivery.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._deliveries.clear()
 
     async def _connect(self, producer: AIOKafkaProducer) -> None:
-        await producer.start()
-        await self._check_topics()
+        """Start the producer and check the topics, within ``2 * request_timeout_s``: a broker
+        whose advertised listener cannot be reached answers the bootstrap's metadata request,
+        then aiokafka waits for a producer id from that listener for ever."""
+        limit_s = 2 * self._settings.request_timeout_s
+        deadline = asyncio.timeout(limit_s)
+        try:
+            async with deadline:
+                await producer.start()
+                await self._check_topics()
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise KafkaUnreachableError(await self._silent(producer, limit_s)) from None
+
+    async def _silent(self, producer: AIOKafkaProducer, waited_s: float) -> str:
+        """Why start-up got no answer in ``waited_s``: the brokers the bootstrap named that do
+        not accept connections (their advertised listeners), when it named any."""
+        bootstrap = self._settings.bootstrap_servers
+        brokers = sorted(producer.client.cluster.brokers(), key=lambda b: b.nodeId)
+        silent = [b for b in brokers if not await _accepts(b.host, b.port)]
+        if not brokers:
+            return f"kafka: no answer from bootstrap {bootstrap} in {waited_s:g} s"
+        if not silent:
+            return f"kafka: reached bootstrap {bootstrap}, but start-up took over {waited_s:g} s"
+        named = ", ".join(f"broker {b.nodeId} at {_address(b.host, b.port)}" for b in silent)
+        return (
+            f"kafka: reached bootstrap {bootstrap}, but {named} (its advertised listener) does"
+            " not answer; check the broker's advertised.listeners"
+        )
+
+    def _report(self) -> None:
+        """Publish whether the broker is reachable (status, the gauge)."""
+        connected = self._online and not (self._stalled or self._probe_failed)
+        if connected != self.connected:
+            self.connected = connected
+            self._metrics.kafka_connected(connected)
+
+    def _unreachable(self, error: str) -> None:
+        """The broker did not answer in time: say so (logged once per outage), keep waiting."""
+        if self.connected:
+            log.warning("kafka.unavailable", error=error, action="waiting for the broker")
+        self.last_error = error
+        self._report()
+
+    def _answered(self) -> None:
+        """The broker acknowledged (or refused for good) a batch: it is reachable."""
+        self._last_answer = time.monotonic()
+        if self._stalled or self._probe_failed:
+            self._stalled = self._probe_failed = False
+            self.last_error = None
+            if self._online:
+                log.info("kafka.available")
+            self._report()
+
+    async def _probe(self) -> None:
+        """Ask for metadata every ``request_timeout_s``: with nothing to publish, no
+        acknowledgement would tell that the broker went away (or came back)."""
+        every_s = self._settings.request_timeout_s
+        while True:
+            await asyncio.sleep(every_s)
+            producer = self._current  # a refusal for good may have replaced it
+            if producer is None:
+                return
+            try:
+                async with asyncio.timeout(every_s):
+                    answered = bool(await producer.client.force_metadata_update())
+            except TimeoutError:
+                answered = False
+            if answered and self._probe_failed:
+                self._probe_failed = False
+                if not self._stalled:
+                    self.last_error = None
+                    log.info("kafka.available")
+                self._report()
+            elif not answered and not self._probe_failed:
+                self._probe_failed = True
+                if not self._stalled:  # the stall's error says more
+                    self._unreachable(
+                        f"kafka: no broker of {self._settings.bootstrap_servers} answers"
+                        f" a metadata request (asked every {every_s:g} s)"
+                    )
 
     def _producer(self) -> AIOKafkaProducer:
         s = self._settings
@@ -545,6 +669,7 @@ class KafkaSink:
         self._chain.clear()
         rounds: asyncio.Queue[_Round | None] = asyncio.Queue()
         acker = asyncio.create_task(self._acknowledge(rounds, cursor), name="kafka:acks")
+        probe = asyncio.create_task(self._probe(), name="kafka:probe")
         try:
             read_from = cursor
             look = True  # whether the outbox may hold rows nobody handed over
@@ -560,19 +685,32 @@ class KafkaSink:
                     await self._idle(stop, acker)
                     look = True  # woken by another writer, or the idle poll
                     continue
-                while rounds.qsize() >= _ROUNDS_AHEAD and not acker.done():
+                while rounds.qsize() >= _ROUNDS_AHEAD and not acker.done() and not stop.is_set():
                     self._settled.clear()  # a wake-up lost here comes with the next round
-                    await _first(acker, self._settled.wait())
-                if acker.done():
+                    await _first(acker, self._settled.wait(), stop.wait())
+                if acker.done() or stop.is_set():
                     break
-                rounds.put_nowait(await self._send(events))
+                rounds.put_nowait(await self._send(events, stop))
                 read_from = events[-1].seq
-            rounds.put_nowait(None)  # stop, or lease lost: what was sent is still settled
-            return await acker
-        finally:
+            rounds.put_nowait(None)  # stop, or lease lost: what was sent is still settled...
+            if acker.done():
+                return acker.result()
+            # ... for a while: an unreachable broker would hold a stop for ever
+            await asyncio.wait({acker}, timeout=self._settle_s())
             if not acker.done():
-                acker.cancel()
-            await asyncio.gather(acker, return_exceptions=True)
+                self._unsettled = True  # the producer is abandoned, not flushed (see _run)
+                log.warning(
+                    "kafka.stop_unsettled",
+                    waited_s=self._settle_s(),
+                    action="unacknowledged events are sent again from the cursor at the next start",
+                )
+                return cursor  # the acknowledging task moved the stored cursor as far as it got
+            return acker.result()
+        finally:
+            for task in (acker, probe):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(acker, probe, return_exceptions=True)
 
     async def _acknowledge(self, rounds: asyncio.Queue[_Round | None], cursor: int) -> int:
         """Settle rounds in order; returns the cursor at the end."""
@@ -622,7 +760,7 @@ class KafkaSink:
             async with asyncio.timeout(self._settings.idle_poll_s):
                 await _first(acker, stop.wait(), self._committed.wait())
 
-    async def _send(self, events: list[OutboxEvent]) -> _Round:
+    async def _send(self, events: list[OutboxEvent], stop: asyncio.Event) -> _Round:
         """Hand a round to the producer as one closed record batch per partition.
 
         Per-record ``send`` futures, murmur2 hashing and lingering cost more than the records
@@ -636,7 +774,13 @@ class KafkaSink:
             where = (batch.topic, batch.partition)
             before = self._chain.get(where)
             if isinstance(before, asyncio.Future) and not before.done():
-                await asyncio.wait([before])
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait([before, stopping], return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not before.done():  # stopped: the rest of the round is not sent
+                    self._chain[where] = error = KafkaError("stopping: not sent")
+                    sent.append((batch, error))
+                    continue
             if before is not None and _failed(before):
                 self._chain[where] = error = KafkaError("an earlier batch of the partition failed")
                 sent.append((batch, error))
@@ -652,6 +796,8 @@ class KafkaSink:
                 )
                 task = asyncio.create_task(self._delivered(batch, producer, future))
                 task.add_done_callback(_retrieve)  # a round given up may never await it
+                self._deliveries.add(task)
+                task.add_done_callback(self._deliveries.discard)
                 delivery: _Delivery | BaseException = task
             except KafkaError as exc:  # refused before sending (closed producer, metadata)
                 delivery = exc
@@ -674,9 +820,11 @@ class KafkaSink:
         """
         try:
             await future
+            self._answered()
             return {}
         except _PERMANENT as exc:
             refused: BaseException = exc
+        self._answered()
         await self._replace(producer)
         if len(batch.events) == 1:
             return {batch.events[0].seq: refused}
@@ -701,7 +849,9 @@ class KafkaSink:
             sent = await producer.send_batch(single.builder, batch.topic, partition=batch.partition)
             try:
                 await sent
+                self._answered()
             except _PERMANENT as exc:
+                self._answered()
                 dead[event.seq] = exc
                 await self._replace(producer)
         return dead
@@ -729,9 +879,9 @@ class KafkaSink:
     async def _settle(self, sent: _Round, cursor: int) -> int:
         """Await a round's acknowledgements; move the cursor over the acknowledged (or
         dead-lettered) prefix."""
-        results = await asyncio.gather(
-            *(f for _, f in sent.sent if not isinstance(f, BaseException)), return_exceptions=True
-        )
+        deliveries = [f for _, f in sent.sent if not isinstance(f, BaseException)]
+        await self._acknowledged(deliveries)
+        results = await asyncio.gather(*deliveries, return_exceptions=True)
         outcomes = iter(results)
         failed: dict[int, tuple[BaseException, int]] = dict(sent.refused)  # seq -> (error, size)
         for batch, future in sent.sent:
@@ -741,6 +891,25 @@ class KafkaSink:
             else:  # refused for good, each alone
                 failed.update((seq, (error, 1)) for seq, error in outcome.items())
         return await self._advance(sent.events, cursor, failed)
+
+    async def _acknowledged(self, deliveries: list[_Delivery]) -> None:
+        """Wait for every delivery, in slices of ``request_timeout_s``: a slice without any
+        answer from the broker reports it unreachable. An idempotent aiokafka producer never
+        gives up a batch while the broker is unreachable, and sending again on our own would
+        break its ordering and idempotence: the same futures are awaited until it answers."""
+        slice_s = self._settings.request_timeout_s
+        pending = set(deliveries)
+        started = time.monotonic()
+        while pending:
+            sliced = time.monotonic()
+            _, pending = await asyncio.wait(pending, timeout=slice_s)
+            silent_s = time.monotonic() - max(self._last_answer, started)
+            if pending and self._last_answer < sliced and not self._stalled:
+                self._stalled = True
+                self._unreachable(
+                    f"kafka: no acknowledgement from {self._settings.bootstrap_servers}"
+                    f" for {silent_s:.0f} s"
+                )
 
     async def _batches(
         self, producer: AIOKafkaProducer, events: list[OutboxEvent]
@@ -902,9 +1071,56 @@ async def _unless_stopped(stop: asyncio.Event, work: Coroutine[object, object, N
     return True
 
 
-async def _stop_quietly(producer: AIOKafkaProducer) -> None:
-    """Flush what can be flushed; a producer that never connected has nothing to flush."""
+async def _accepts(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``timeout_s``."""
     try:
-        await producer.stop()
-    except (KafkaError, OSError) as exc:
-        log.warning("kafka.stop_failed", error=str(exc))
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(host, port)
+    except OSError:  # refused, unreachable, unknown host; TimeoutError too
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _stop_quietly(producer: AIOKafkaProducer, flush_s: float = _STOP_SETTLE_MAX_S) -> None:
+    """Flush what can be flushed within ``flush_s``, then abandon the rest (see
+    ``_STOP_SETTLE_MAX_S``); a producer that never connected has nothing to flush."""
+    stopping = asyncio.ensure_future(producer.stop())
+    try:
+        await asyncio.wait({stopping}, timeout=flush_s)
+    finally:  # also when cancelled: the producer must not go on retrying behind our back
+        if not stopping.done():
+            stopping.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
+            await _abandon(producer)
+    if not stopping.cancelled() and (exc := stopping.exception()) is not None:
+        log.warning("kafka.stop_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+async def _abandon(producer: AIOKafkaProducer) -> None:
+    """Close a producer without waiting for the batches it holds; they fail.
+
+    aiokafka has no such call: ``stop()`` flushes, and an idempotent producer retries a batch
+    for as long as the broker is unreachable. Their events are sent again from the cursor."""
+    log.warning("kafka.producer_abandoned", reason="unacknowledged batches at stop")
+    sender = producer._sender
+    task = sender.sender_task if sender is not None else None
+    if task is not None:
+        task.cancel()  # its end waits for its requests in flight...
+    await producer.client.close()  # ... which closing the connections fails
+    if task is not None:
+        await asyncio.wait({task}, timeout=_ABANDON_S)
+    # once nothing sends them: their futures (and a cancelled stop()'s flush) end; internals of
+    # aiokafka 0.14 (constraints.txt), as is _sender above
+    accumulator = producer._message_accumulator
+    held = [b for queued in accumulator._batches.values() for b in queued]
+    held += accumulator._pending_batches
+    accumulator.fail_all(KafkaError("abandoned unacknowledged at stop"))
+    for batch in held:  # nobody waits for these: mark their failure seen
+        batch._drain_waiter.exception()

@@ -489,7 +489,8 @@ class Store(Protocol):
     async def add_dead_letter(
         self, sink: str, seq: int, event_id: str, reason: str, now_ms: int
     ) -> None:
-        """Record an event a sink could never deliver, with the reason."""
+        """Record an event a sink could never deliver, with the reason; once per (sink, seq):
+        recording it again (a crash before the cursor moved, a replay) keeps the first."""
 
     async def dead_letters(self, sink: str, limit: int = 100) -> list[DeadLetter]:
         """A sink's dead letters, oldest first (by seq, then in the order recorded)."""

@@ -43,6 +43,7 @@ class Reservation:
     admitted: bool
     wait_ms: int
     used_today: int
+    sent_ms: int = 0  # when the request log took it (the store's clock); 0: not logged
 
 
 class Coordinator(Protocol):
@@ -80,6 +81,10 @@ class Coordinator(Protocol):
         """Admit one request of the account if no window of ``window_ms`` (plus the margin)
         would hold more than ``burst`` and today's count is below ``allowance``. ``now_ms`` is
         the caller's clock, for stores without one of their own (PostgreSQL uses its own)."""
+
+    async def return_request(self, account: str, day: str, sent_ms: int) -> int:
+        """Take back a request admitted at ``sent_ms`` (``Reservation.sent_ms``) that was never
+        sent: out of the request log and ``day``'s count; returns the count left."""
 
 
 class LocalCoordinator:
@@ -119,7 +124,10 @@ class LocalCoordinator:
         self, account: str, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
     ) -> Reservation:
         used = await self._store.spend_quota(account, day, 1)
-        return Reservation(True, 0, used)
+        return Reservation(True, 0, used, now_ms)
+
+    async def return_request(self, account: str, day: str, sent_ms: int) -> int:
+        return await self._store.spend_quota(account, day, -1)
 
 
 class PgCoordinator:
@@ -273,7 +281,28 @@ class PgCoordinator:
                     day,
                 )
             )
-            return Reservation(True, 0, used)
+            return Reservation(True, 0, used, now)
+
+        return await self._store.transaction(run)
+
+    async def return_request(self, account: str, day: str, sent_ms: int) -> int:
+        async def run(conn: Connection) -> int:
+            # under the lock reserve_request takes: its window and count read consistently
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", BUDGET_NS, account)
+            await conn.execute(
+                "DELETE FROM request_log WHERE ctid = (SELECT ctid FROM request_log"
+                " WHERE account = $1 AND sent_ms = $2 AND replica = $3 LIMIT 1)",
+                account,
+                sent_ms,
+                self.replica,
+            )
+            used = await conn.fetchval(
+                "UPDATE quota SET used = used - 1 WHERE account = $1 AND day = $2 AND used > 0"
+                " RETURNING used",
+                account,
+                day,
+            )
+            return int(used or 0)
 
         return await self._store.transaction(run)
 

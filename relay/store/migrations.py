@@ -181,4 +181,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # HMAC that names each api_key's budget (relay.config.AccountSettings.budget_name), so that
     # whoever reads /metrics cannot confirm a guessed api_key with an unsalted digest of it
     ("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",),
+    # one dead letter per (sink, seq): the Kafka sink writes it before moving its cursor, so a
+    # crash between the two, a replay or a lost lease recorded the same event again; the first
+    # record of each is kept
+    (
+        "DELETE FROM dead_letters WHERE id NOT IN"
+        " (SELECT MIN(id) FROM dead_letters GROUP BY sink, seq)",
+        "DROP INDEX dead_letters_sink",
+        "CREATE UNIQUE INDEX dead_letters_sink_seq ON dead_letters (sink, seq)",
+    ),
 )

@@ -189,4 +189,11 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE streams ADD COLUMN swept_ms BIGINT",),
     # values made once per store: the budget names' salt (see migrations.py, version 10)
     ("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",),
+    # one dead letter per (sink, seq) (see migrations.py, version 11)
+    (
+        "DELETE FROM dead_letters WHERE id NOT IN"
+        " (SELECT MIN(id) FROM dead_letters GROUP BY sink, seq)",
+        "DROP INDEX dead_letters_sink",
+        "CREATE UNIQUE INDEX dead_letters_sink_seq ON dead_letters (sink, seq)",
+    ),
 )

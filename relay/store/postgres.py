@@ -759,7 +759,7 @@ class PostgresStore:
     ) -> None:
         await self._execute(
             "INSERT INTO dead_letters (sink, seq, event_id, reason, created_ms)"
-            " VALUES ($1, $2, $3, $4, $5)",
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sink, seq) DO NOTHING",
             sink,
             seq,
             event_id,

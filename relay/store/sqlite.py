@@ -657,7 +657,7 @@ class SqliteStore:
             lambda conn: _write(
                 conn,
                 "INSERT INTO dead_letters (sink, seq, event_id, reason, created_ms)"
-                " VALUES (?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sink, seq) DO NOTHING",
                 (sink, seq, event_id, reason[:2000], now_ms),
             )
         )

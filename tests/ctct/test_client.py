@@ -7,7 +7,7 @@ import contextlib
 import socket
 from collections import Counter
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
@@ -15,7 +15,9 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiohttp.typedefs import Handler
+from asyncpg import Connection
 
+from relay.app import StoreLedger
 from relay.ctct import catalogue, errors
 from relay.ctct.catalogue import Endpoint, Scope, Shape
 from relay.ctct.client import (
@@ -29,8 +31,11 @@ from relay.ctct.client import (
 )
 from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.events import Activity, Kind, parse_activity, parse_time, to_millis
+from relay.leases import AccountBudget
 from relay.sim import Scenario
 from relay.sim.scenario import ApiKey, Campaigns, Contacts
+from relay.store import PostgresStore, Store
+from relay.store.coordination import coordinator_for
 from tests.simkit import API_KEY, SCENARIO, START, TOKEN, MakeSim, Sim
 
 Truth = list[dict[str, object]]
@@ -813,3 +818,126 @@ async def test_an_odd_retry_after_is_ignored_not_a_crash(
         pages = [p async for p in client.pages(catalogue.get("campaign.opens"), resource_id="1")]
     assert calls["n"] == 2
     assert len(pages) == 1
+
+
+# --- the quota counts only requests that may have reached the API ----------------------------
+
+
+async def _no_sleep(_seconds: float) -> None:
+    """Retry delays not waited out: the attempts, not the time, are what is counted."""
+
+
+def _counted_limiter(store: Store) -> RateLimiter:
+    """The limiter as the relay builds it on ``store``: counted in the store's ledger (SQLite),
+    or in the budget every replica shares (PostgreSQL)."""
+    coordinator = coordinator_for(store, "test")
+    budget = Budget(requests_per_second=1000, window_margin_s=0)
+    if coordinator.shared_budget:
+        return RateLimiter(budget, shared=AccountBudget(coordinator, "b"), sleep=_no_sleep)
+    return RateLimiter(budget, ledger=StoreLedger(store, "b"), sleep=_no_sleep)
+
+
+def _today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+async def test_requests_that_never_left_are_not_charged_to_the_quota(any_store: Store) -> None:
+    """Connection refused on every attempt: no request reached the API, so none is counted
+    in the day's quota, in the store or here (each attempt was, and an outage of an hour and a
+    half spent the day's 9,000 requests and paused the key until midnight)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limiter = _counted_limiter(any_store)
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
+            limiter,
+            sleep=_no_sleep,
+        )
+        with pytest.raises(errors.TransportError, match="cannot connect") as caught:
+            await client.fetch(catalogue.get("campaign.summary"), resource_id="1")
+        assert client.requests_sent == RetryPolicy().max_attempts
+    assert await any_store.quota_used("b", _today()) == 0
+    assert limiter.used_today == 0
+    assert not caught.value.sent
+    if isinstance(any_store, PostgresStore):  # nor does the shared per-second window keep them
+
+        async def logged(conn: Connection) -> int:
+            return int(await conn.fetchval("SELECT count(*) FROM request_log"))
+
+        assert await any_store.transaction(logged) == 0
+
+
+async def test_a_request_that_could_not_be_built_is_not_charged(store: Store) -> None:
+    """aiohttp refused the host name: nothing was sent, nothing is counted."""
+    limiter = _counted_limiter(store)
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session, Credentials("http://api..constantcontact.com", API_KEY, TOKEN), limiter
+        )
+        with pytest.raises(errors.InvalidRequestError):
+            await client.fetch(catalogue.get("contact.summary"), resource_id="1")
+    assert await store.quota_used("b", _today()) == 0
+
+
+async def test_a_connect_timeout_is_not_charged(store: Store) -> None:
+    """A connection that could not be made in time carried no request."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:  # fill the accept queue: the SYN is dropped
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        try:
+            async with aiohttp.ClientSession() as session:
+                client = CtctClient(
+                    session,
+                    Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
+                    _counted_limiter(store),
+                    retry=RetryPolicy(max_attempts=2, base_delay_s=0.01),
+                    timeout=aiohttp.ClientTimeout(total=2, connect=0.2),
+                )
+                with pytest.raises(errors.TransportError, match="timed out connecting"):
+                    await client.fetch(catalogue.get("contact.summary"), resource_id="1")
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert await store.quota_used("b", _today()) == 0
+
+
+@pytest.mark.parametrize("answer", ["disconnect", "slow", "503"])
+async def test_requests_that_reached_the_server_stay_charged(
+    aiohttp_server: Callable[..., object], store: Store, answer: str
+) -> None:
+    """A disconnect after the request was sent, a read timeout, any answer: the API may have
+    counted the request, so the quota does too (over-counting is the safe side)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if answer == "disconnect":
+            assert request.transport is not None
+            request.transport.close()
+        elif answer == "slow":
+            await asyncio.sleep(1)
+        return web.json_response({"error_key": "x"}, status=503)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app)  # type: ignore[operator]
+    assert isinstance(server, TestServer)
+    async with aiohttp.ClientSession() as session:
+        client = CtctClient(
+            session,
+            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            _counted_limiter(store),
+            retry=RetryPolicy(max_attempts=2),
+            timeout=aiohttp.ClientTimeout(total=0.3),
+            sleep=_no_sleep,
+        )
+        with pytest.raises(errors.CtctError):
+            await client.fetch(catalogue.get("contact.summary"), resource_id="1")
+    assert await store.quota_used("b", _today()) == 2

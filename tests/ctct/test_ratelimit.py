@@ -171,3 +171,38 @@ async def test_a_request_the_ledger_did_not_count_is_not_counted() -> None:
         await lim.acquire()
     assert clock.mono == 1000.0  # a whole window: four at once
     assert (lim.remaining_today, ledger.total) == (96, 4)
+
+
+class CountingLedger:
+    """A quota ledger in memory: the day's total."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    async def spend(self, day: str, requests: int) -> int:
+        self.total += requests
+        return self.total
+
+
+async def test_a_request_given_back_frees_its_slot_and_its_count() -> None:
+    """A request that never left (``give_back``) leaves the per-second window and the day's
+    count, here and in the ledger; a quota the API said is spent stays spent."""
+    clock = FakeTime(wall=1_700_000_000.0)
+    ledger = CountingLedger()
+    lim = RateLimiter(
+        Budget(requests_per_second=2, requests_per_day=100, reserved_share=0.0, window_margin_s=0),
+        ledger=ledger,
+        wall_clock=lambda: clock.wall,
+        monotonic=lambda: clock.mono,
+        sleep=clock.sleep,
+    )
+    sent = await lim.acquire()
+    unsent = await lim.acquire()
+    await lim.give_back(unsent)
+    assert (lim.used_today, ledger.total) == (1, 1)
+    await lim.acquire()
+    assert clock.mono == 1000.0  # its slot was free again: no wait
+    lim.exhaust_today()
+    await lim.give_back(sent)
+    assert ledger.total == 1
+    assert lim.remaining_today == 0

@@ -230,7 +230,7 @@ async def test_broker_outage_loses_nothing(
         up = await kafka_health(admin_port)
         assert up == (True, None, 1.0), "connected, no error, gauge 1"
         await broker.kill()
-        for _ in range(60):  # the next send fails within request_timeout_s (10 s)
+        for _ in range(60):  # reported within request_timeout_s (10 s): no ack, or no metadata
             down = await kafka_health(admin_port)
             if down[0] is False and down[1]:
                 break

@@ -879,20 +879,22 @@ async def test_deliveries_listing_reads_the_webhook_index(
 
 
 async def test_dead_letters_listed_oldest_first_per_sink_up_to_a_limit(store: Store) -> None:
-    """A sink's dead letters read back every field, in seq order (a seq dead-lettered twice,
-    after a crash, in the order recorded), only that sink's, and no more than the limit."""
+    """A sink's dead letters read back every field, in seq order, only that sink's, and no more
+    than the limit; a seq dead-lettered again (a crash between the dead letter and the cursor
+    write, a replay) is recorded once, with its first reason (it was listed and counted twice)."""
     await store.add_dead_letter("kafka", 9, "e9", "MessageSizeTooLargeError: too large", T0 + 2)
     await store.add_dead_letter("kafka", 4, "e4", "first", T0)
     await store.add_dead_letter("other", 1, "o1", "not kafka", T0)
     await store.add_dead_letter("kafka", 4, "e4", "again", T0 + 1)
+    await store.add_dead_letter("other", 4, "e4", "another sink's", T0 + 1)
     everything = await store.dead_letters("kafka")
     assert [(d.seq, d.event_id, d.reason, d.created_ms) for d in everything] == [
         (4, "e4", "first", T0),
-        (4, "e4", "again", T0 + 1),
         (9, "e9", "MessageSizeTooLargeError: too large", T0 + 2),
     ]
     assert {d.sink for d in everything} == {"kafka"}
-    assert [d.reason for d in await store.dead_letters("kafka", 2)] == ["first", "again"]
+    assert await store.dead_letter_counts() == {"kafka": 2, "other": 2}
+    assert [d.reason for d in await store.dead_letters("kafka", 1)] == ["first"]
     assert [d.event_id for d in await store.dead_letters("other", 1)] == ["o1"]
     assert await store.dead_letters("none") == []
 
@@ -1046,6 +1048,63 @@ async def test_migration_keeps_the_oldest_of_duplicate_urls(
             assert "oldest" in (hooks[wid].disabled_reason or "")
         with pytest.raises(DuplicateError, match="wh_a"):
             await store.create_webhook(hook(9, "https://a.example/h"))
+    finally:
+        await store.close()
+
+
+DUPLICATE_LETTERS = [
+    ("kafka", 4, "e4", "first", T0),
+    ("kafka", 4, "e4", "again", T0 + 1),
+    ("kafka", 9, "e9", "once", T0 + 2),
+    ("other", 4, "e4", "another sink's", T0 + 3),
+]
+BEFORE_UNIQUE_LETTERS = 10  # the schema version before dead letters were unique per (sink, seq)
+
+
+async def schema_10_with_duplicate_letters(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> str:
+    """A state store at schema version 10 holding DUPLICATE_LETTERS; returns its URL."""
+    insert = "INSERT INTO dead_letters (sink, seq, event_id, reason, created_ms) VALUES "
+    if backend == "sqlite":
+        path = tmp_path / "letters.db"
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+            for version, script in enumerate(MIGRATIONS[:BEFORE_UNIQUE_LETTERS], start=1):
+                for statement in script:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            conn.executemany(insert + "(?, ?, ?, ?, ?)", DUPLICATE_LETTERS)
+            conn.commit()
+        return f"sqlite:///{path}"
+    url: str = request.getfixturevalue("postgres_url")
+    pg = await asyncpg.connect(url)
+    try:
+        await pg.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+        for version, script in enumerate(PG_MIGRATIONS[:BEFORE_UNIQUE_LETTERS], start=1):
+            for statement in script:
+                await pg.execute(statement)
+            await pg.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+        await pg.executemany(insert + "($1, $2, $3, $4, $5)", DUPLICATE_LETTERS)
+    finally:
+        await pg.close()
+    return url
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_migration_keeps_the_first_of_duplicate_dead_letters(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A store that recorded a Kafka dead letter twice (no unique (sink, seq) before): the
+    migration keeps the first record of each, and recording it again adds nothing."""
+    store = open_store(await schema_10_with_duplicate_letters(backend, tmp_path, request))
+    await store.open()
+    try:
+        assert await store.schema_version() == len(MIGRATIONS)
+        letters = await store.dead_letters("kafka")
+        assert [(d.seq, d.reason) for d in letters] == [(4, "first"), (9, "once")]
+        await store.add_dead_letter("kafka", 9, "e9", "again", T0 + 9)
+        assert await store.dead_letter_counts() == {"kafka": 2, "other": 1}
     finally:
         await store.close()
 
