@@ -187,9 +187,7 @@ async def _relay(
                 client, store, account.name, account.campaigns.max_age_days, scheduler.reload
             )
             scheduler.add_job(
-                _guarded(
-                    leased_job(coordinator, f"discover:{account.name}", discovery.run), "discovery"
-                ),
+                _discovery_job(scheduler, coordinator, account.name, discovery),
                 account.campaigns.discover_interval_s,
                 f"discover:{account.name}",
             )
@@ -403,6 +401,17 @@ def _account_runtime(
     )
     poller = Poller(client, store, account.name, account.poll, now_ms, on_commit)
     return AccountRuntime(account.name, poller, limiter, Planner(settings.schedule)), client
+
+
+def _discovery_job(
+    scheduler: Scheduler, coordinator: Coordinator, account: str, discovery: CampaignDiscovery
+) -> Callable[[], Awaitable[None]]:
+    """One replica's campaign discovery for ``account``, spending its requests as its passes
+    do: not while the account is held or paused, and an error that pauses a pass's account
+    (or key) pauses it when discovery meets it too. (It used to call the API every
+    ``discover_interval_s`` whatever the account's state, and only log those errors.)"""
+    job = scheduler.account_job(account, discovery.run)
+    return _guarded(leased_job(coordinator, f"discover:{account}", job), "discovery")
 
 
 async def _prune(store: Store, retention_ms: int, outbox_ms: int, readers: Sequence[str]) -> None:

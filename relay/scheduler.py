@@ -20,7 +20,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -119,6 +119,17 @@ class SqrtPolicy:
         if rate is None or budget_rps <= 0:
             return s.max_interval_s
         ideal = math.sqrt(self._costs[stream_id] / rate) * max(self._sum, 0.0) / budget_rps
+        return min(s.max_interval_s, max(s.min_interval_s, ideal))
+
+    def interval_outside_s(self, rate_per_h: float, cost: float, budget_rps: float) -> float:
+        """``interval_s`` of a stream not in the sums, as if it were added (it is not)."""
+        s = self._settings
+        if budget_rps <= 0:
+            return s.max_interval_s
+        rate = max(rate_per_h, s.floor_rate_per_h) / 3600.0
+        cost = max(cost, 1.0)
+        total = max(self._sum, 0.0) + math.sqrt(cost * rate)
+        ideal = math.sqrt(cost / rate) * total / budget_rps
         return min(s.max_interval_s, max(s.min_interval_s, ideal))
 
 
@@ -238,10 +249,19 @@ class Planner:
         requests: float,
         budget_rps: float,
     ) -> tuple[float, float]:
-        """The stream's new rate estimate (events/hour) and the seconds until its next pass."""
+        """The stream's new rate estimate (events/hour) and the seconds until its next pass.
+
+        Only ``load`` (the scheduler's reload) puts a stream in the sums: one paused, retired or
+        removed while its pass ran stays out (put back here, a paused stream used to keep its
+        share of the budget until the next reload: on SQLite, the next admin change), and one
+        this replica has not loaded yet joins at its next reload. Either is planned as if it
+        were in the sums, neither is left at max_interval_s."""
         s = self._settings
         previous = s.prior_rate_per_h if previous_rate_per_h is None else previous_rate_per_h
         rate = estimate_rate(previous, new, elapsed_s, s.smoothing, s.rate_memory_s)
+        if stream_id not in self._rates:
+            cost = s.smoothing * requests + (1 - s.smoothing) * 2.0
+            return rate, self.policy.interval_outside_s(rate, cost, budget_rps)
         cost = s.smoothing * requests + (1 - s.smoothing) * self._costs.get(stream_id, 2.0)
         self._costs[stream_id] = cost
         self._rates[stream_id] = rate
@@ -363,7 +383,11 @@ class Scheduler:
                 if owner is None:
                     continue
                 active[account].add(stream_id)
-                if stream_id not in owner.inflight and stream_id not in fresh:
+                if stream_id in fresh:
+                    continue
+                # a stream being polled keeps what its pass teaches, unless it is out of the
+                # sums (resumed while that pass ran): its pass's end no longer puts it back
+                if stream_id not in owner.inflight or owner.planner.rate_per_h(stream_id) is None:
                     owner.planner.load(stream_id, rate)
             for name, runtime in self._accounts.items():
                 # retired, paused or removed (here or through another replica): out of the sums
@@ -418,11 +442,31 @@ class Scheduler:
         now = self._now_ms()
         if now < self._store_retry_ms:
             return  # passes failed on the store: backing off (see STORE_RETRY_S)
-        held = await self._store.account_holds()  # operator pauses: read each tick, any replica
+        for runtime in await self._unpaused(self._accounts.values(), now):
+            free = self._settings.concurrency - len(runtime.inflight)
+            if free <= 0 or runtime.limiter.remaining_today <= 0:
+                continue
+            due = await self._coordinator.claim_streams(runtime.name, now, free, runtime.inflight)
+            for stream_id in due:
+                if len(runtime.inflight) >= self._settings.concurrency:
+                    await self._coordinator.release_streams([stream_id])
+                    continue
+                runtime.inflight.add(stream_id)
+                task = asyncio.create_task(self._pass(runtime, stream_id))
+                self._tasks.add(task)
+                self._passes[stream_id] = task
+                task.add_done_callback(self._tasks.discard)
+
+    async def _unpaused(self, runtimes: Iterable[AccountRuntime], now: int) -> list[AccountRuntime]:
+        """Those of ``runtimes`` that may spend requests now (passes at each tick, campaign
+        discovery before it runs): neither held by an operator nor paused by the relay; a
+        pause that has ended is lifted."""
+        held = await self._store.account_holds()  # operator pauses: read each time, any replica
         # the relay's own pauses too: a spent quota or a long Retry-After one replica learned
         # holds for all of them, or each would spend requests until it got the answer itself
         pauses = await self._store.account_pauses()
-        for runtime in self._accounts.values():
+        unpaused: list[AccountRuntime] = []
+        for runtime in runtimes:
             stored, reason = pauses.get(runtime.name, (0, ""))
             if stored > runtime.paused_until_ms:
                 if stored > now:
@@ -437,19 +481,27 @@ class Scheduler:
                 # only a pause that has ended: another replica may have stored a newer one
                 await self._store.end_account_pause(runtime.name, now)
                 log.info("account.resumed", account=runtime.name)
-            free = self._settings.concurrency - len(runtime.inflight)
-            if free <= 0 or runtime.limiter.remaining_today <= 0:
-                continue
-            due = await self._coordinator.claim_streams(runtime.name, now, free, runtime.inflight)
-            for stream_id in due:
-                if len(runtime.inflight) >= self._settings.concurrency:
-                    await self._coordinator.release_streams([stream_id])
-                    continue
-                runtime.inflight.add(stream_id)
-                task = asyncio.create_task(self._pass(runtime, stream_id))
-                self._tasks.add(task)
-                self._passes[stream_id] = task
-                task.add_done_callback(self._tasks.discard)
+            unpaused.append(runtime)
+        return unpaused
+
+    def account_job(
+        self, account: str, job: Callable[[], Awaitable[None]]
+    ) -> Callable[[], Awaitable[None]]:
+        """``job`` (campaign discovery) spending ``account``'s requests as its passes do: skipped
+        while the account is held or paused, and an upstream error it meets pauses the account
+        (or its api_key) as a pass's would; the error is raised again."""
+        runtime = self._accounts[account]
+
+        async def run() -> None:
+            if not await self._unpaused([runtime], self._now_ms()):
+                return
+            try:
+                await job()
+            except errors.CtctError as exc:
+                await self._account_failed(runtime, None, exc, self._now_ms(), None)
+                raise
+
+        return run
 
     async def renew_leases(self) -> None:
         """Extend the leases of the streams being polled; a pass whose lease is lost (another
@@ -530,20 +582,20 @@ class Scheduler:
                     runtime.poller.repeat_read_s, self.budget_rps(runtime)
                 )
                 outcome = await runtime.poller.run_pass(stream, replay_from, repeat_every_s)
-                await self._finished(runtime, stream, outcome)
+                await self._finished(runtime, stream, outcome, replay_from)
             except StoreError:
                 raise  # the store failed, not the stream: _pass leaves the stream due
             except Exception as exc:
                 # a CtctError, or a defect (ours, or an upstream value nobody foresaw): uncaught,
                 # it would end the task unseen, the stream still due and claimed at every tick
-                await self._failed(runtime, stream, exc)
+                await self._failed(runtime, stream, exc, replay_from)
                 return
             if replay_from is not None:
                 await self._store.end_replay(stream_id, replay_from)
                 log.info("poll.replayed", since_ms=replay_from, replayed=outcome.replayed)
 
     async def _finished(
-        self, runtime: AccountRuntime, stream: Stream, outcome: PassOutcome
+        self, runtime: AccountRuntime, stream: Stream, outcome: PassOutcome, replay: int | None
     ) -> None:
         now = self._now_ms()
         # A first pass's rate is measured since the stream was added, so only what happened
@@ -572,8 +624,9 @@ class Scheduler:
             # the other feeds were committed and move on; the failing one is read again no
             # sooner than a failed pass would be, backing off as its errors repeat
             interval = max(interval, self._backoff_s(stream))
+        # a replay asked for while the pass ran (not the one it ran) keeps the stream due
         await self._store.finish_pass(
-            stream.id, outcome.result(now + int(interval * 1000), rate, now)
+            stream.id, outcome.result(now + int(interval * 1000), rate, now), replay_from_ms=replay
         )
         self.passes += 1
         result = "ok" if failed is None else type(failed).__name__
@@ -605,7 +658,9 @@ class Scheduler:
         )
         return backoff * self._rng.uniform(0.5, 1.0)
 
-    async def _failed(self, runtime: AccountRuntime, stream: Stream, exc: Exception) -> None:
+    async def _failed(
+        self, runtime: AccountRuntime, stream: Stream, exc: Exception, replay: int | None
+    ) -> None:
         """Record a failed pass and back off; an upstream error may also pause the account or
         retire the stream. Any other exception is a crash: logged with its traceback."""
         self._metrics.pass_failed(runtime.name, exc)
@@ -615,18 +670,8 @@ class Scheduler:
             await self._store.record_error(stream.id, str(exc), now, retire=True)
             runtime.planner.remove(stream.id)
             return
-        if isinstance(exc, _BUDGET_ERRORS) or asks_key_to_wait(exc):
-            await self._budget_ran_out(runtime, stream, exc, now)
+        if await self._account_failed(runtime, stream, exc, now, replay):
             return
-        if isinstance(exc, errors.UnauthorizedError):
-            # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
-            await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
-        elif isinstance(exc, errors.ForbiddenError):
-            # A 403 that is no rate limit (those are OverQpsError and QuotaExhaustedError): a
-            # deactivated application, revoked privileges. It will not pass by itself either,
-            # and every stream of the account would get its own; the token is the account's,
-            # so only the account pauses, retried hourly like a 401.
-            await self._pause(runtime, now + 3600_000, f"forbidden: {exc}")
         delay_s = self._backoff_s(stream)
         retry_in_s = round(delay_s, 1)
         if isinstance(exc, errors.CtctError):
@@ -641,17 +686,24 @@ class Scheduler:
                 retry_in_s=retry_in_s,
                 exc_info=exc,
             )
-        await self._store.record_error(stream.id, reason, now + int(delay_s * 1000))
+        due = now + int(delay_s * 1000)
+        await self._store.record_error(stream.id, reason, due, replay_from_ms=replay)
 
     async def _budget_ran_out(
-        self, runtime: AccountRuntime, stream: Stream, exc: errors.CtctError, now: int
+        self,
+        runtime: AccountRuntime,
+        stream: Stream | None,
+        exc: errors.CtctError,
+        now: int,
+        replay: int | None,
     ) -> None:
         """The account's budget ran out, not the stream: its error count stays as it is. A spent
         quota or a Retry-After (a 429's or a 5xx's) pauses the account (every replica honours
         the stored pause) and leaves the stream due for when it ends. The API's per-second
         limit still hit after the client's retries (an over-qps 403, a 429 without Retry-After)
         defers only this stream, by ``error_backoff_s``, never doubled: the next second may
-        well have room."""
+        well have room. Outside a pass (``stream`` None: campaign discovery) only the pauses
+        apply."""
         if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
             await self._pause_key(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
         elif exc.retry_after_s:
@@ -661,10 +713,38 @@ class Scheduler:
             wait_s = min(exc.retry_after_s, 86_400.0)
             reason = f"{exc.status or 429} with Retry-After {exc.retry_after_s:g} s: {exc}"
             await self._pause_key(runtime, now + int(wait_s * 1000), reason)
-        else:
+        elif stream is not None:  # a job outside a pass runs again at its own interval
             delay_s = self._settings.error_backoff_s * self._rng.uniform(0.5, 1.0)
             log.warning("poll.rate_limited", error=str(exc), retry_in_s=round(delay_s, 1))
-            await self._store.defer_stream(stream.id, now + int(delay_s * 1000))
+            due = now + int(delay_s * 1000)
+            await self._store.defer_stream(stream.id, due, replay_from_ms=replay)
+
+    async def _account_failed(
+        self,
+        runtime: AccountRuntime,
+        stream: Stream | None,
+        exc: Exception,
+        now: int,
+        replay: int | None,
+    ) -> bool:
+        """Pause the account or its api_key for an error that is about them, not the stream
+        (a pass's, or campaign discovery's: ``stream`` None). True: the budget ran out
+        (``_budget_ran_out``), which the stream does not count as its error."""
+        if not isinstance(exc, errors.CtctError):
+            return False
+        if isinstance(exc, _BUDGET_ERRORS) or asks_key_to_wait(exc):
+            await self._budget_ran_out(runtime, stream, exc, now, replay)
+            return True
+        if isinstance(exc, errors.UnauthorizedError):
+            # Credentials will not fix themselves; retry hourly so a rotated key is picked up.
+            await self._pause(runtime, now + 3600_000, f"credentials rejected: {exc}")
+        elif isinstance(exc, errors.ForbiddenError):
+            # A 403 that is no rate limit (those are OverQpsError and QuotaExhaustedError): a
+            # deactivated application, revoked privileges. It will not pass by itself either,
+            # and every stream of the account would get its own; the token is the account's,
+            # so only the account pauses, retried hourly like a 401.
+            await self._pause(runtime, now + 3600_000, f"forbidden: {exc}")
+        return False
 
     async def _pause(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
         runtime.paused_until_ms = max(runtime.paused_until_ms, until_ms)

@@ -642,7 +642,7 @@ async def test_a_backfilling_first_pass_does_not_push_the_other_streams_out(
             """The contact stream's next interval after a pass half an hour after its last."""
             clock[0] += 1800_000
             stream = await store.stream(contact.id)
-            await scheduler._finished(runtime, stream, PassOutcome(requests=2, new=15))
+            await scheduler._finished(runtime, stream, PassOutcome(requests=2, new=15), None)
             return ((await store.stream(contact.id)).next_due_ms - clock[0]) / 1000
 
         await contact_interval_s()
@@ -652,7 +652,7 @@ async def test_a_backfilling_first_pass_does_not_push_the_other_streams_out(
         clock[0] += 2000
         campaign = next(s for s in await store.streams() if s.key.scope == "campaign")
         history = PassOutcome(requests=45, new=20_000, recent=0)  # all of it before it was added
-        await scheduler._finished(runtime, campaign, history)
+        await scheduler._finished(runtime, campaign, history, None)
         assert (await store.stream(campaign.id)).rate_per_h < ScheduleSettings().prior_rate_per_h
         assert await contact_interval_s() == pytest.approx(before, rel=0.2)  # was 20 times
     finally:
@@ -836,6 +836,179 @@ async def test_a_reload_keeps_what_a_running_pass_taught_the_planner(tmp_path: P
         await store.close()
 
 
+class BlockedPoller(RecordingPoller):
+    """Each pass waits for ``go`` (``waiting`` is set once one does), then finds 5000 new
+    events over 10 requests, 3 unique-counted feeds among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def run_pass(
+        self,
+        stream: Stream,
+        replay_from_ms: int | None = None,
+        repeat_every_s: float | None = None,
+    ) -> PassOutcome:
+        self.started.append((stream.id, replay_from_ms, repeat_every_s))
+        self.waiting.set()
+        await self.go.wait()
+        return PassOutcome(
+            watermarks=dict(stream.watermarks), new=5000, requests=10, repeat_feeds=3
+        )
+
+
+async def test_a_stream_paused_while_its_pass_runs_stays_out_of_the_budget(
+    tmp_path: Path,
+) -> None:
+    """Pausing a stream reloads the planner without it; the pass in flight then finishing must
+    not put it back (it kept the busiest stream's share of the budget, and its reads by time,
+    until the next reload: on SQLite, the next admin change or a restart). The pass is still
+    recorded."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", str(i)) for i in (1, 2)], 0)
+        busy, other = sorted(s.id for s in await store.streams("acme"))
+        poller = BlockedPoller()
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], WIDE)
+        await scheduler.reload()
+        alone = Planner(WIDE)
+        alone.load(other, None)
+        pass_ = asyncio.create_task(scheduler._pass(runtime, busy))
+        runtime.inflight.add(busy)
+        await asyncio.wait_for(poller.waiting.wait(), 5)
+        await store.set_paused(busy, True)
+        await scheduler.reload()  # what POST /v1/streams/{id}/pause does
+        assert runtime.planner.streams() == {other}
+        poller.go.set()
+        await pass_
+        assert runtime.planner.streams() == {other}
+        assert runtime.planner.policy.total_weight == alone.policy.total_weight
+        assert runtime.planner.repeat_feeds() == 0
+        assert (await store.stream(busy)).last_poll_ms is not None  # the pass was recorded
+    finally:
+        await store.close()
+
+
+async def test_a_stream_resumed_while_its_pass_runs_is_back_in_the_budget(
+    tmp_path: Path,
+) -> None:
+    """The mirror case: a stream paused, then resumed while a pass of it runs, is in the sums
+    again after that reload, and its pass's end updates it there."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
+        sid = (await store.streams("acme"))[0].id
+        poller = BlockedPoller()
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], WIDE)
+        await scheduler.reload()
+        pass_ = asyncio.create_task(scheduler._pass(runtime, sid))
+        runtime.inflight.add(sid)
+        await asyncio.wait_for(poller.waiting.wait(), 5)
+        await store.set_paused(sid, True)
+        await scheduler.reload()
+        assert runtime.planner.streams() == set()
+        await store.set_paused(sid, False)
+        await scheduler.reload()
+        assert runtime.planner.streams() == {sid}
+        poller.go.set()
+        await pass_
+        assert runtime.planner.rate_per_h(sid) == (await store.stream(sid)).rate_per_h
+        assert runtime.planner.repeat_feeds() == 3
+    finally:
+        await store.close()
+
+
+class BlockedFailingPoller(BlockedPoller):
+    """A BlockedPoller whose passes then raise ``error`` (None: succeed)."""
+
+    def __init__(self, error: Exception | None) -> None:
+        super().__init__()
+        self.error = error
+
+    async def run_pass(
+        self,
+        stream: Stream,
+        replay_from_ms: int | None = None,
+        repeat_every_s: float | None = None,
+    ) -> PassOutcome:
+        outcome = await super().run_pass(stream, replay_from_ms, repeat_every_s)
+        if self.error is not None:
+            raise self.error
+        return outcome
+
+
+PASS_ENDINGS = [
+    pytest.param(None, id="finished"),
+    pytest.param(errors.ServerError("answered 503", status=503), id="failed"),
+    pytest.param(
+        errors.OverQpsError(
+            "answered 403 (mashery.not.authorized.over.qps)",
+            status=403,
+            error_key="mashery.not.authorized.over.qps",
+        ),
+        id="deferred",
+    ),
+]
+
+
+@pytest.mark.parametrize("error", PASS_ENDINGS)
+@pytest.mark.parametrize("running", [None, 1000], ids=["no-replay", "replaying"])
+async def test_a_replay_asked_for_while_a_pass_runs_is_not_put_off(
+    tmp_path: Path, error: Exception | None, running: int | None
+) -> None:
+    """A replay requested while a pass of its stream runs leaves the stream due once that pass
+    ends (finished, failed or deferred), whether the pass was a replay itself or not: it waited
+    for the next planned pass (up to max_interval_s, 6 h), and `replay --wait` with it."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        now = 1_763_000_000_000
+        await store.ensure_streams([StreamKey("acme", "campaign", "123")], now)
+        sid = (await store.streams("acme"))[0].id
+        if running is not None:
+            await store.request_replay([sid], now - running, now)
+        poller = BlockedFailingPoller(error)
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        settings = ScheduleSettings(min_interval_s=3600, error_backoff_s=3600)
+        scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: now)
+        await scheduler.tick()
+        await asyncio.wait_for(poller.waiting.wait(), 5)
+        await store.request_replay([sid], now - 86_400_000, now)
+        poller.go.set()
+        await scheduler.wait_idle()
+        assert poller.replays == [(sid, None if running is None else now - running)]
+        assert await store.due_streams(now, 10) == [sid]
+        assert await store.stream_replay(sid) == now - 86_400_000
+        await scheduler.tick()  # the next tick starts the replay
+        await scheduler.wait_idle()
+        assert poller.replays[1:] == [(sid, now - 86_400_000)]
+    finally:
+        await store.close()
+
+
+def test_a_pass_of_a_stream_not_in_the_sums_is_planned_as_if_it_were() -> None:
+    """A stream this replica has not loaded yet (another replica's discovery made it) gets the
+    interval it would have in the sums, not max_interval_s, and stays out until loaded."""
+    settings = ScheduleSettings()
+    planner, loaded = Planner(settings), Planner(settings)
+    for p in (planner, loaded):
+        for sid in range(10):
+            p.load(sid, 30.0)
+    loaded.load(99, 120.0)
+    budget = 9000 / 86400 * 0.9
+    _, outside = planner.after_pass(99, None, 0, 60.0, 2.0, budget)
+    _, inside = loaded.after_pass(99, None, 0, 60.0, 2.0, budget)
+    assert 99 not in planner.streams()
+    assert outside == pytest.approx(inside)
+    assert outside < settings.max_interval_s
+
+
 class CostRecordingPlanner(Planner):
     """The real planner, recording the per-pass cost each pass charges it."""
 
@@ -881,11 +1054,11 @@ async def test_a_quiet_campaign_is_polled_by_its_read_by_time_at_its_share_of_th
         # a budget this tight leaves silent streams at max_interval_s, whatever the time of day
         monkeypatch.setattr(scheduler, "budget_rps", lambda _runtime: 1e-4)
         plain, repeating = await store.streams()
-        await scheduler._finished(runtime, plain, PassOutcome(requests=1))
+        await scheduler._finished(runtime, plain, PassOutcome(requests=1), None)
         repeat = PassOutcome(
             requests=3, repeat_requests=2, repeat_share=0.5, repeat_due_ms=clock[0] + 3600_000
         )
-        await scheduler._finished(runtime, repeating, repeat)
+        await scheduler._finished(runtime, repeating, repeat, None)
         assert planner.charged == [1, 1.5]
         assert (await store.stream(plain.id)).next_due_ms == clock[0] + 21_600_000
         assert (await store.stream(repeating.id)).next_due_ms == clock[0] + 3600_000
@@ -971,5 +1144,49 @@ async def test_the_scheduler_hands_passes_the_interval_of_reads_by_time_its_budg
         budget[0] = 1.0
         await scheduler._polled(runtime, ids[0])
         assert poller.handed[-1] == 21_600
+    finally:
+        await store.close()
+
+
+ACCOUNT_JOB_ERRORS = [
+    pytest.param(errors.UnauthorizedError("answered 401", status=401), {"shop-a"}, id="401"),
+    pytest.param(errors.ForbiddenError("answered 403", status=403), {"shop-a"}, id="403"),
+    pytest.param(
+        errors.ServerError("answered 503", status=503, retry_after_s=600.0),
+        {"shop-a", "shop-b"},
+        id="503-retry-after",
+    ),
+    pytest.param(
+        errors.TooManyRequestsError("answered 429", status=429, retry_after_s=600.0),
+        {"shop-a", "shop-b"},
+        id="429-retry-after",
+    ),
+    pytest.param(errors.TooManyRequestsError("answered 429"), set(), id="429"),
+    pytest.param(errors.ServerError("answered 500", status=500), set(), id="500"),
+]
+
+
+@pytest.mark.parametrize(("error", "paused"), ACCOUNT_JOB_ERRORS)
+async def test_an_account_job_error_pauses_as_a_passs_would(
+    tmp_path: Path, error: errors.CtctError, paused: set[str]
+) -> None:
+    """An upstream error met by an account's job (campaign discovery) pauses the account or its
+    key as the same error met by a pass does, and is raised again (the job's owner logs it)."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        shared = RateLimiter(Budget())
+        runtimes = [
+            AccountRuntime(name, cast(Poller, None), shared, Planner(WIDE))
+            for name in ("shop-a", "shop-b")
+        ]
+        scheduler = Scheduler(store, runtimes, WIDE, now_ms=lambda: T_PAUSE)
+
+        async def failing() -> None:
+            raise error
+
+        with pytest.raises(type(error)):
+            await scheduler.account_job("shop-a", failing)()
+        assert set(await store.account_pauses()) == paused
     finally:
         await store.close()

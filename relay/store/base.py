@@ -401,18 +401,34 @@ class Store(Protocol):
         """Insert the page's unseen dedup keys and append exactly those events (none when not
         ``emit``: seeding); returns how many keys were new. One transaction."""
 
-    async def finish_pass(self, stream_id: int, result: PassResult) -> None:
+    async def finish_pass(
+        self, stream_id: int, result: PassResult, *, replay_from_ms: int | None = None
+    ) -> None:
         """Advance watermarks (never backwards), store the summary and the feeds behind it,
-        fix the history line if the stream has none, schedule the next pass."""
+        fix the history line if the stream has none, schedule the next pass.
+
+        ``replay_from_ms``: the replay the pass ran (``stream_replay`` before it; None: none).
+        A replay asked for while the pass ran keeps the stream due when it was asked, here and
+        in ``record_error`` and ``defer_stream``."""
 
     async def record_error(
-        self, stream_id: int, error: str, next_due_ms: int, *, retire: bool = False
+        self,
+        stream_id: int,
+        error: str,
+        next_due_ms: int,
+        *,
+        retire: bool = False,
+        replay_from_ms: int | None = None,
     ) -> None:
-        """Count a failed pass, keep its message, back off (or retire the stream)."""
+        """Count a failed pass, keep its message, back off (or retire the stream); a replay
+        asked for while it ran keeps the stream due (``finish_pass``)."""
 
-    async def defer_stream(self, stream_id: int, next_due_ms: int) -> None:
+    async def defer_stream(
+        self, stream_id: int, next_due_ms: int, *, replay_from_ms: int | None = None
+    ) -> None:
         """Move the stream's next pass to ``next_due_ms`` without counting an error (the
-        account's budget ran out, not the stream)."""
+        account's budget ran out, not the stream); a replay asked for while the pass ran keeps
+        the stream due (``finish_pass``)."""
 
     async def set_paused(self, stream_id: int, paused: bool) -> None:
         """Pause or resume one stream."""

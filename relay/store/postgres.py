@@ -579,10 +579,13 @@ class PostgresStore:
         (``reconnect_max_s``) and then fails the call alone; the next call tries again."""
         self._fatal_listeners.append(listener)
 
-    async def finish_pass(self, stream_id: int, result: PassResult) -> None:
+    async def finish_pass(
+        self, stream_id: int, result: PassResult, *, replay_from_ms: int | None = None
+    ) -> None:
         async def run(conn: Connection) -> None:
             await conn.execute(
-                "UPDATE streams SET next_due_ms = $1, rate_per_h = $2, last_poll_ms = $3,"
+                f"UPDATE streams SET next_due_ms = {_next_due('$1', '$10')},"  # noqa: S608 - constant fragments
+                " rate_per_h = $2, last_poll_ms = $3,"
                 " summary = $4, consecutive_errors = CASE WHEN $5::text IS NULL THEN 0"
                 " ELSE consecutive_errors + 1 END, last_error = $5, behind = $7,"
                 " line_ms = COALESCE(line_ms, $8), swept_ms = COALESCE($9, swept_ms) WHERE id = $6",
@@ -595,6 +598,7 @@ class PostgresStore:
                 rowmap.behind_json(result.behind),
                 result.line_ms,
                 result.swept_ms,
+                replay_from_ms,
             )
             await conn.executemany(
                 "INSERT INTO watermarks (stream_id, kind, watermark_ms) VALUES ($1, $2, $3)"
@@ -606,20 +610,33 @@ class PostgresStore:
         await self.transaction(run)
 
     async def record_error(
-        self, stream_id: int, error: str, next_due_ms: int, *, retire: bool = False
+        self,
+        stream_id: int,
+        error: str,
+        next_due_ms: int,
+        *,
+        retire: bool = False,
+        replay_from_ms: int | None = None,
     ) -> None:
         await self._execute(
-            "UPDATE streams SET consecutive_errors = consecutive_errors + 1, last_error = $1,"
-            " next_due_ms = $2, retired = GREATEST(retired, $3) WHERE id = $4",
+            "UPDATE streams SET consecutive_errors = consecutive_errors + 1, last_error = $1,"  # noqa: S608 - constant fragments
+            f" next_due_ms = {_next_due('$2', '$5')}, retired = GREATEST(retired, $3)"
+            " WHERE id = $4",
             error[:1000],
             next_due_ms,
             int(retire),
             stream_id,
+            replay_from_ms,
         )
 
-    async def defer_stream(self, stream_id: int, next_due_ms: int) -> None:
+    async def defer_stream(
+        self, stream_id: int, next_due_ms: int, *, replay_from_ms: int | None = None
+    ) -> None:
         await self._execute(
-            "UPDATE streams SET next_due_ms = $1 WHERE id = $2", next_due_ms, stream_id
+            f"UPDATE streams SET next_due_ms = {_next_due('$1', '$3')} WHERE id = $2",  # noqa: S608 - constant fragments
+            next_due_ms,
+            stream_id,
+            replay_from_ms,
         )
 
     async def set_paused(self, stream_id: int, paused: bool) -> None:
@@ -1408,6 +1425,11 @@ _INSERT_WEBHOOK = (
     f"INSERT INTO webhooks ({rowmap.WEBHOOK_COLUMNS})"  # noqa: S608 - column names are constants
     f" VALUES ({', '.join(f'${i}' for i in range(1, len(rowmap.WEBHOOK_COLUMNS.split(',')) + 1))})"
 )
+
+
+def _next_due(due: str, handled: str) -> str:
+    """``rowmap.NEXT_DUE`` with these parameters (the handled replay's typed: it may be NULL)."""
+    return rowmap.NEXT_DUE.format(due=due, handled=f"{handled}::bigint", least="LEAST")
 
 
 async def _version(conn: Connection) -> int:

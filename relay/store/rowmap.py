@@ -38,6 +38,17 @@ STATE_CLAUSES = {
     "retired": "retired = 1",
 }
 
+# next_due_ms as the end of a pass writes it (finish_pass, record_error, defer_stream), given the
+# replay that pass ran ({handled}, NULL: none): a replay asked for while it ran (request_replay
+# made the stream due then, and keeps the earlier of two times, so the stored one differs)
+# keeps the stream due then, instead of being put off to the next planned pass (up to
+# max_interval_s, with `replay --wait` waiting). Portable SQL: SQLite before 3.39 has no
+# IS DISTINCT FROM.
+NEXT_DUE = (
+    "CASE WHEN replay_from_ms IS NOT NULL AND ({handled} IS NULL OR replay_from_ms <> {handled})"
+    " THEN {least}(next_due_ms, {due}) ELSE {due} END"
+)
+
 WEBHOOK_COLUMNS = (
     "id, url, description, event_types, enabled, secret, previous_secret, previous_expires_ms,"
     " rate_limit_per_s, start_seq, disabled_reason, failing_since_ms, created_ms, updated_ms"

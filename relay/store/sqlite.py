@@ -462,15 +462,18 @@ class SqliteStore:
     def on_append(self, listener: Callable[[OutboxAppend], None]) -> None:
         self._append_listeners.append(listener)
 
-    async def finish_pass(self, stream_id: int, result: PassResult) -> None:
+    async def finish_pass(
+        self, stream_id: int, result: PassResult, *, replay_from_ms: int | None = None
+    ) -> None:
         def run(conn: sqlite3.Connection) -> None:
             with _tx(conn):
                 conn.execute(
-                    "UPDATE streams SET next_due_ms = ?, rate_per_h = ?, last_poll_ms = ?,"
-                    " summary = ?, behind = ?, line_ms = COALESCE(line_ms, ?),"
-                    " swept_ms = COALESCE(?, swept_ms),"
-                    " consecutive_errors = CASE WHEN ? IS NULL THEN 0"
-                    " ELSE consecutive_errors + 1 END, last_error = ? WHERE id = ?",
+                    f"UPDATE streams SET next_due_ms = {_next_due('?1', '?11')},"  # noqa: S608 - constant fragments
+                    " rate_per_h = ?2, last_poll_ms = ?3,"
+                    " summary = ?4, behind = ?5, line_ms = COALESCE(line_ms, ?6),"
+                    " swept_ms = COALESCE(?7, swept_ms),"
+                    " consecutive_errors = CASE WHEN ?8 IS NULL THEN 0"
+                    " ELSE consecutive_errors + 1 END, last_error = ?9 WHERE id = ?10",
                     (
                         result.next_due_ms,
                         result.rate_per_h,
@@ -482,6 +485,7 @@ class SqliteStore:
                         result.error,
                         None if result.error is None else result.error[:1000],
                         stream_id,
+                        replay_from_ms,
                     ),
                 )
                 conn.executemany(
@@ -494,21 +498,32 @@ class SqliteStore:
         await self._run(run)
 
     async def record_error(
-        self, stream_id: int, error: str, next_due_ms: int, *, retire: bool = False
+        self,
+        stream_id: int,
+        error: str,
+        next_due_ms: int,
+        *,
+        retire: bool = False,
+        replay_from_ms: int | None = None,
     ) -> None:
         await self._run(
             lambda conn: _write(
                 conn,
-                "UPDATE streams SET consecutive_errors = consecutive_errors + 1, last_error = ?,"
-                " next_due_ms = ?, retired = MAX(retired, ?) WHERE id = ?",
-                (error[:1000], next_due_ms, int(retire), stream_id),
+                "UPDATE streams SET consecutive_errors = consecutive_errors + 1, last_error = ?1,"  # noqa: S608 - constant fragments
+                f" next_due_ms = {_next_due('?2', '?5')}, retired = MAX(retired, ?3)"
+                " WHERE id = ?4",
+                (error[:1000], next_due_ms, int(retire), stream_id, replay_from_ms),
             )
         )
 
-    async def defer_stream(self, stream_id: int, next_due_ms: int) -> None:
+    async def defer_stream(
+        self, stream_id: int, next_due_ms: int, *, replay_from_ms: int | None = None
+    ) -> None:
         await self._run(
             lambda conn: _write(
-                conn, "UPDATE streams SET next_due_ms = ? WHERE id = ?", (next_due_ms, stream_id)
+                conn,
+                f"UPDATE streams SET next_due_ms = {_next_due('?1', '?3')} WHERE id = ?2",  # noqa: S608 - constant fragments
+                (next_due_ms, stream_id, replay_from_ms),
             )
         )
 
@@ -1300,6 +1315,11 @@ def _tx(conn: sqlite3.Connection, *, durable: bool = True) -> Iterator[None]:
     finally:
         if not durable:
             conn.execute("PRAGMA synchronous=FULL")
+
+
+def _next_due(due: str, handled: str) -> str:
+    """``rowmap.NEXT_DUE`` with these parameters."""
+    return rowmap.NEXT_DUE.format(due=due, handled=handled, least="MIN")
 
 
 def _write(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> None:

@@ -698,6 +698,52 @@ async def test_replay_request_keeps_the_earliest_time_and_ends_only_itself(store
     assert await store.stream_replay(sid) is None
 
 
+async def _end_pass(store: Store, how: str, sid: int, due_ms: int, replay: int | None) -> None:
+    """Write the end of a pass that ran ``replay`` (None: none) the way ``how`` names."""
+    if how == "finish_pass":
+        await store.finish_pass(sid, PassResult({}, {}, due_ms, 1.0, T0), replay_from_ms=replay)
+    elif how == "record_error":
+        await store.record_error(sid, "boom", due_ms, replay_from_ms=replay)
+    else:
+        await store.defer_stream(sid, due_ms, replay_from_ms=replay)
+
+
+PASS_ENDS = ("finish_pass", "record_error", "defer_stream")
+LATER = T0 + 6 * 3600_000  # the next planned pass
+
+
+@pytest.mark.parametrize("how", PASS_ENDS)
+@pytest.mark.parametrize("ran", [None, T0 - 3600_000], ids=["no-replay", "a-replay"])
+async def test_a_replay_asked_for_during_a_pass_keeps_the_stream_due(
+    store: Store, how: str, ran: int | None
+) -> None:
+    """A replay requested while a pass ran (other than the one the pass ran: an earlier time
+    replaces it) keeps the stream due from the request, whatever the end of that pass writes:
+    it was put off to the next planned pass (up to max_interval_s, `replay --wait` waiting)."""
+    sid = await one_stream(store)
+    if ran is not None:
+        await store.request_replay([sid], ran, T0)
+    await store.request_replay([sid], T0 - 7200_000, T0 + 1000)  # while the pass runs
+    await _end_pass(store, how, sid, LATER, ran)
+    assert (await store.stream(sid)).next_due_ms <= T0 + 1000
+    assert await store.due_streams(T0 + 1000, 10) == [sid]
+
+
+@pytest.mark.parametrize("how", PASS_ENDS)
+@pytest.mark.parametrize("ran", [None, T0 - 3600_000], ids=["no-replay", "its-replay"])
+async def test_the_replay_a_pass_ran_does_not_keep_the_stream_due(
+    store: Store, how: str, ran: int | None
+) -> None:
+    """Without a new request, the end of a pass schedules the next one as asked, whether it ran
+    the stream's replay (still stored until end_replay) or none."""
+    sid = await one_stream(store)
+    if ran is not None:
+        await store.request_replay([sid], ran, T0)
+    await _end_pass(store, how, sid, LATER, ran)
+    assert (await store.stream(sid)).next_due_ms == LATER
+    assert await store.due_streams(LATER - 1, 10) == []
+
+
 async def test_commit_replay_page_re_emits_known_keys_from_the_time_only(store: Store) -> None:
     """Known activity at or after ``since`` is appended again; older known activity is not."""
     sid = await one_stream(store)
