@@ -567,7 +567,9 @@ class _Worker:
             _storable(outcome.excerpt),
             None if outcome.error is None else _storable(outcome.error),
         )
-        read = due.attempts  # settled only if no redeliver/recover reset it meanwhile
+        # settled only if no redeliver/recover reset it meanwhile (its version moved on; the
+        # attempt count could not tell: a reset sets it back to what a first attempt read)
+        read = due.version
         if outcome.ok:
             d._recorder.add(attempt, "delivered", now, read, self._recorded)
             d._count("delivered", due.committed_ms, now)
@@ -672,11 +674,11 @@ class _Recorder:
         self._backoffs: set[asyncio.TimerHandle] = set()
 
     def add(
-        self, attempt: Attempt, status: str, next_ms: int, read_attempts: int, done: Recorded
+        self, attempt: Attempt, status: str, next_ms: int, read_version: int, done: Recorded
     ) -> None:
-        """Record an attempt of a delivery read with ``read_attempts`` attempts; ``done(delivery_id,
-        status, next_ms)`` runs once it is written (or after a backoff, when it cannot be)."""
-        self._pending.append((attempt, status, next_ms, read_attempts, done))
+        """Record an attempt of a delivery read at ``read_version``; ``done(delivery_id, status,
+        next_ms)`` runs once it is written (or after a backoff, when it cannot be)."""
+        self._pending.append((attempt, status, next_ms, read_version, done))
         if len(self._pending) >= self._max_backlog:
             self._room.clear()
         if self._flusher is None:
@@ -766,7 +768,7 @@ class _Recorder:
         self._backoffs.add(handle)
 
 
-_Record = tuple[Attempt, str, int, int, Recorded]  # attempt, status, next_ms, attempts read, done
+_Record = tuple[Attempt, str, int, int, Recorded]  # attempt, status, next_ms, version read, done
 
 
 def _wanted_kinds(hook: Webhook) -> frozenset[str]:

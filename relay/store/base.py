@@ -263,11 +263,12 @@ class DueSend(NamedTuple):
     (:meth:`OutboxEvent.structured`, byte for byte) already built by the store."""
 
     delivery_id: int
-    attempts: int  # when read: the attempt is settled only if it is still this
+    attempts: int  # made before this one: the retry schedule's position
     event_id: str
     committed_ms: int
     body: bytes
     kind: str  # the event's Kind value: a sender skips a kind its webhook's filter now rejects
+    version: int  # when read: the attempt settles the delivery only if it is still this
 
 
 class Attempt(NamedTuple):
@@ -538,10 +539,12 @@ class Store(Protocol):
         delivered, or dead), all in one transaction. An attempt whose delivery no longer exists
         (its webhook was deleted while the attempt was in flight) is skipped, not an error.
 
-        Each result is (attempt, status, next attempt ms, the delivery's attempt count when it
-        was read for this attempt). A delivery whose count is no longer that one (a
-        ``redeliver`` or ``recover`` reset it while the attempt was in flight) keeps the reset:
-        the attempt is recorded in its history, the delivery's status is not touched.
+        Each result is (attempt, status, next attempt ms, the delivery's ``DueSend.version``
+        when it was read for this attempt). Every settled attempt and every reset moves a
+        delivery's version on, never back: a delivery whose version is no longer that one (a
+        ``redeliver`` or ``recover`` reset it while the attempt was in flight, whichever attempt
+        it was, or another attempt of it settled first) keeps what it has: the attempt is
+        recorded in its history, the delivery's status is not touched.
 
         This and ``fanout`` are bookkeeping: they must survive a crash of the relay process but
         may commit without waiting for a flush to disk (SQLite ``synchronous=NORMAL``,

@@ -181,4 +181,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # HMAC that names each api_key's budget (relay.config.AccountSettings.budget_name), so that
     # whoever reads /metrics cannot confirm a guessed api_key with an unsalted digest of it
     ("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",),
+    # a delivery's version, moved on by every settled attempt and every reset (redeliver,
+    # recover): an attempt settles its delivery only if the version is still the one read for
+    # it. The attempt count could not tell a reset (back to 0) from the state a first attempt
+    # read, so that attempt's outcome overwrote a redelivery made while it was in flight
+    ("ALTER TABLE deliveries ADD COLUMN version INTEGER NOT NULL DEFAULT 0",),
 )

@@ -189,4 +189,7 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE streams ADD COLUMN swept_ms BIGINT",),
     # values made once per store: the budget names' salt (see migrations.py, version 10)
     ("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",),
+    # a delivery's version, moved on by every settled attempt and every reset (see
+    # migrations.py, version 11)
+    ("ALTER TABLE deliveries ADD COLUMN version INTEGER NOT NULL DEFAULT 0",),
 )

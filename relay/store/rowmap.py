@@ -93,7 +93,7 @@ RECOVER = (
     " ON p.event_id = o.event_id"
     " WHERE true ORDER BY 2"  # SQLite: or ON CONFLICT would parse as the join's ON
     " ON CONFLICT (webhook_id, seq) DO UPDATE SET status = 'pending', attempts = 0,"
-    " next_attempt_ms = excluded.next_attempt_ms"
+    " next_attempt_ms = excluded.next_attempt_ms, version = deliveries.version + 1"
 )
 
 

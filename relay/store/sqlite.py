@@ -830,7 +830,7 @@ class SqliteStore:
             (batch,) = conn.execute(_DUE_SENDS_JSON, (webhook_id, now_ms, held, limit)).fetchone()
             rows = orjson.loads(batch)
             rows.sort()  # by [next_attempt_ms, seq, …]: unique per webhook, the query's order
-            return [DueSend(r[2], r[3], r[4], r[5], r[6].encode(), r[7]) for r in rows]
+            return [DueSend(r[2], r[3], r[4], r[5], r[6].encode(), r[7], r[8]) for r in rows]
 
         return await self._run(run)
 
@@ -869,8 +869,8 @@ class SqliteStore:
             with _tx(conn, durable=False):
                 # a delivery deleted with its webhook while the attempt was in flight has
                 # nothing left to record: skipped, the rest of the batch still commits; one
-                # reset meanwhile (redeliver, recover: its attempt count is no longer the one
-                # the sender read) keeps its reset, the attempt is only its history
+                # reset meanwhile (redeliver, recover: its version is no longer the one the
+                # sender read) keeps its reset, the attempt is only its history
                 conn.execute(_INSERT_ATTEMPTS, (batch,))
                 conn.execute(_SETTLE_DELIVERIES, (batch,))
 
@@ -905,9 +905,9 @@ class SqliteStore:
                 # only while its event is in the outbox: the due read joins it, so a delivery
                 # made pending without it would be neither sent nor ever dead-lettered
                 changed = conn.execute(
-                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = ?"
-                    " WHERE id = ? AND EXISTS (SELECT 1 FROM outbox WHERE outbox.seq ="
-                    " deliveries.seq)",
+                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = ?,"
+                    " version = version + 1 WHERE id = ? AND EXISTS (SELECT 1 FROM outbox"
+                    " WHERE outbox.seq = deliveries.seq)",
                     (now_ms, delivery_id),
                 ).rowcount
             delivery = _get_delivery(conn, delivery_id)  # NotFoundError when there is none
@@ -1356,10 +1356,10 @@ _INSERT_ATTEMPTS = (
 )
 _SETTLE_DELIVERIES = (
     f"{_BATCH} UPDATE"  # noqa: S608 - constants only
-    "  deliveries SET status = batch.status, attempts = attempts + 1,"
+    "  deliveries SET status = batch.status, attempts = attempts + 1, version = version + 1,"
     " next_attempt_ms = batch.next_ms, last_status = batch.code, last_error = batch.error,"
     " delivered_ms = CASE WHEN batch.status = 'delivered' THEN batch.at ELSE delivered_ms END"
-    " FROM batch WHERE deliveries.id = batch.id AND deliveries.attempts = batch.read"
+    " FROM batch WHERE deliveries.id = batch.id AND deliveries.version = batch.read"
 )
 _FANOUT_PENDING = (
     "SELECT 1 FROM outbox WHERE seq >"
@@ -1392,9 +1392,10 @@ _BODY = (
 )
 _DUE_SENDS_JSON = (
     "SELECT json_group_array(json_array(next_ms, seq, id, attempts, event_id, committed_ms,"  # noqa: S608
-    f" body, kind)) FROM (SELECT d.next_attempt_ms AS next_ms, d.seq AS seq, d.id AS id,"
-    " d.attempts AS attempts, d.event_id AS event_id, o.committed_ms AS committed_ms,"
-    f" {_BODY} AS body, o.kind AS kind FROM deliveries d JOIN outbox o ON o.seq = d.seq"
+    " body, kind, version)) FROM (SELECT d.next_attempt_ms AS next_ms, d.seq AS seq,"
+    " d.id AS id, d.attempts AS attempts, d.event_id AS event_id, o.committed_ms AS committed_ms,"
+    f" {_BODY} AS body, o.kind AS kind, d.version AS version"
+    " FROM deliveries d JOIN outbox o ON o.seq = d.seq"
     " WHERE d.webhook_id = ? AND d.status = 'pending' AND d.next_attempt_ms <= ?"
     " AND d.id NOT IN (SELECT value FROM json_each(?)) ORDER BY d.next_attempt_ms, d.seq LIMIT ?)"
 )

@@ -926,6 +926,45 @@ async def test_a_redelivery_while_the_last_attempt_is_in_flight_is_not_undone(
     assert len(await store.attempts(delivery.id)) == 3
 
 
+@pytest.mark.parametrize("reset", ["redeliver", "recover"])
+async def test_a_reset_during_the_first_attempt_is_not_undone(
+    any_store: Store, aiohttp_server: Callable[..., Awaitable[TestServer]], reset: str
+) -> None:
+    """Redeliver or recover (as the API does) while a delivery's FIRST attempt hangs: when that
+    attempt fails (503, Retry-After an hour), the delivery stays pending, attempts 0, due now,
+    and is sent again. (The reset used to be recognised by the attempt count, which it sets back
+    to 0, the count a first attempt read: that attempt's retry in an hour overwrote the reset.)"""
+    store = any_store
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        await asyncio.sleep(1.0)
+        return web.Response(status=503, headers={"Retry-After": "3600"})
+
+    url, hits = await serve(aiohttp_server, handle)
+    hook = await register(store, url)
+    await commit(store, [activity(1)])
+    async with Running(store, replace(FAST, timeout_s=5.0)) as dispatcher:
+        await until(lambda: len(hits) == 1)
+        await asyncio.sleep(0.3)  # the first attempt is in flight
+        (delivery,) = await store.deliveries(hook.id, 10)
+        reset_ms = int(time.time() * 1000)
+        if reset == "redeliver":
+            await store.redeliver(delivery.id, reset_ms)
+        else:
+            assert await store.recover(hook.id, 0, reset_ms) == 1
+        dispatcher.changed(hook.id)
+        for _ in range(100):  # until the first attempt is recorded (the second takes 1 s)
+            if await store.attempts(delivery.id):
+                break
+            await asyncio.sleep(0.02)
+        settled = await store.delivery(delivery.id)
+        assert (settled.status, settled.attempts) == ("pending", 0)
+        assert settled.next_attempt_ms == reset_ms  # due now, not in an hour
+        await until(lambda: len(hits) == 2, timeout_s=5.0)
+    assert len(await store.attempts(delivery.id)) >= 1
+
+
 class Malformed:
     """A raw TCP endpoint answering with a malformed status line."""
 
