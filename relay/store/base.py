@@ -226,9 +226,10 @@ class Webhook:
     rate_limit_per_s: float | None = None
     start_seq: int = 0  # receives events with seq > start_seq (committed after registration)
     disabled_reason: str | None = None
-    failing_since_ms: int | None = None
+    failing_since_ms: int | None = None  # the failing clock's start (None: not failing)
     created_ms: int = 0
     updated_ms: int = 0
+    last_failure_ms: int | None = None  # the clock's latest failed attempt noted in the store
 
     def secrets_in_use(self, now_ms: int) -> list[str]:
         """The current secret, plus the previous one during its grace period."""
@@ -502,9 +503,14 @@ class Store(Protocol):
     async def delete_webhook(self, webhook_id: str) -> None:
         """Remove a webhook with its deliveries; raises NotFoundError."""
 
-    async def webhook_failed(self, webhook_id: str, now_ms: int, disable_after_ms: int) -> bool:
-        """Note a failed attempt: start the failing clock if it is not running, and disable the
-        webhook once it has failed continuously for ``disable_after_ms``; True if disabled."""
+    async def webhook_failed(
+        self, webhook_id: str, now_ms: int, disable_after_ms: int, restart_after_ms: int
+    ) -> bool:
+        """Note a failed attempt at ``now_ms``: start the failing clock if it is not running, or
+        restart it if no failure was noted for more than ``restart_after_ms`` (or none at all:
+        a clock from before schema version 12), so a silence (the relay down, nothing owed) is
+        not counted as failing; disable the webhook once the clock has run for
+        ``disable_after_ms``. True if disabled."""
 
     async def webhook_succeeded(self, webhook_id: str) -> None:
         """A success stops the failing clock."""

@@ -192,4 +192,6 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # a delivery's version, moved on by every settled attempt and every reset (see
     # migrations.py, version 11)
     ("ALTER TABLE deliveries ADD COLUMN version INTEGER NOT NULL DEFAULT 0",),
+    # when the failing clock last noted a failed attempt (see migrations.py, version 12)
+    ("ALTER TABLE webhooks ADD COLUMN last_failure_ms BIGINT",),
 )

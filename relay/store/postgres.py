@@ -824,12 +824,17 @@ class PostgresStore:
 
         await self.transaction(run)
 
-    async def webhook_failed(self, webhook_id: str, now_ms: int, disable_after_ms: int) -> bool:
+    async def webhook_failed(
+        self, webhook_id: str, now_ms: int, disable_after_ms: int, restart_after_ms: int
+    ) -> bool:
         async def run(conn: Connection) -> bool:
+            # started, or restarted after a silence (see the SQLite store)
             await conn.execute(
-                "UPDATE webhooks SET failing_since_ms = COALESCE(failing_since_ms, $1)"
-                " WHERE id = $2",
+                "UPDATE webhooks SET failing_since_ms = CASE WHEN failing_since_ms IS NULL"
+                " OR last_failure_ms IS NULL OR last_failure_ms < $2 THEN $1"
+                " ELSE failing_since_ms END, last_failure_ms = $1 WHERE id = $3",
                 now_ms,
+                now_ms - restart_after_ms,
                 webhook_id,
             )
             status = await conn.execute(
@@ -846,7 +851,7 @@ class PostgresStore:
 
     async def webhook_succeeded(self, webhook_id: str) -> None:
         await self._execute(
-            "UPDATE webhooks SET failing_since_ms = NULL"
+            "UPDATE webhooks SET failing_since_ms = NULL, last_failure_ms = NULL"
             " WHERE id = $1 AND failing_since_ms IS NOT NULL",
             webhook_id,
         )

@@ -40,7 +40,8 @@ STATE_CLAUSES = {
 
 WEBHOOK_COLUMNS = (
     "id, url, description, event_types, enabled, secret, previous_secret, previous_expires_ms,"
-    " rate_limit_per_s, start_seq, disabled_reason, failing_since_ms, created_ms, updated_ms"
+    " rate_limit_per_s, start_seq, disabled_reason, failing_since_ms, created_ms, updated_ms,"
+    " last_failure_ms"
 )
 DELIVERY_COLUMNS = (
     "id, webhook_id, seq, event_id, status, attempts, next_attempt_ms, last_status, last_error,"
@@ -149,6 +150,7 @@ def webhook_row(w: Webhook) -> tuple[object, ...]:
         w.failing_since_ms,
         w.created_ms,
         w.updated_ms,
+        w.last_failure_ms,
     )
 
 
@@ -168,6 +170,7 @@ def webhook(r: Sequence[Any]) -> Webhook:
         failing_since_ms=r[11],
         created_ms=int(r[12]),
         updated_ms=int(r[13]),
+        last_failure_ms=r[14],
     )
 
 

@@ -716,14 +716,12 @@ class SqliteStore:
 
         await self._run(run)
 
-    async def webhook_failed(self, webhook_id: str, now_ms: int, disable_after_ms: int) -> bool:
+    async def webhook_failed(
+        self, webhook_id: str, now_ms: int, disable_after_ms: int, restart_after_ms: int
+    ) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             with _tx(conn):
-                conn.execute(
-                    "UPDATE webhooks SET failing_since_ms = COALESCE(failing_since_ms, ?)"
-                    " WHERE id = ?",
-                    (now_ms, webhook_id),
-                )
+                conn.execute(_NOTE_FAILURE, (now_ms, now_ms - restart_after_ms, webhook_id))
                 disabled = conn.execute(
                     "UPDATE webhooks SET enabled = 0, updated_ms = ?, disabled_reason ="
                     " 'failing continuously since ' || failing_since_ms || ' (Unix ms)'"
@@ -738,7 +736,7 @@ class SqliteStore:
         await self._run(
             lambda conn: _write(
                 conn,
-                "UPDATE webhooks SET failing_since_ms = NULL"
+                "UPDATE webhooks SET failing_since_ms = NULL, last_failure_ms = NULL"
                 " WHERE id = ? AND failing_since_ms IS NOT NULL",
                 (webhook_id,),
             )
@@ -1360,6 +1358,13 @@ _SETTLE_DELIVERIES = (
     " next_attempt_ms = batch.next_ms, last_status = batch.code, last_error = batch.error,"
     " delivered_ms = CASE WHEN batch.status = 'delivered' THEN batch.at ELSE delivered_ms END"
     " FROM batch WHERE deliveries.id = batch.id AND deliveries.version = batch.read"
+)
+# the failing clock (Store.webhook_failed): started, or restarted when its last noted failure is
+# older than the silence allowed (every SET expression reads the row as it was before)
+_NOTE_FAILURE = (
+    "UPDATE webhooks SET failing_since_ms = CASE WHEN failing_since_ms IS NULL"
+    " OR last_failure_ms IS NULL OR last_failure_ms < ?2 THEN ?1 ELSE failing_since_ms END,"
+    " last_failure_ms = ?1 WHERE id = ?3"
 )
 _FANOUT_PENDING = (
     "SELECT 1 FROM outbox WHERE seq >"

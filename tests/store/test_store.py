@@ -1007,10 +1007,44 @@ async def test_migration_keeps_the_oldest_of_duplicate_urls(
         await store.close()
 
 
+async def test_the_failing_clock_restarts_after_a_silence(store: Store) -> None:
+    """Failures noted at most ``restart_after_ms`` apart keep the clock, which disables the
+    webhook once it has run ``disable_after_ms``; a failure after a longer silence (the relay
+    down or idle) restarts it instead, however old its start, and so does one after a clock
+    with no noted failure (left running by a relay before schema version 12)."""
+    await store.create_webhook(hook(1))
+    after, restart = 1000, 300
+    assert not await store.webhook_failed("wh_1", T0, after, restart)
+    assert not await store.webhook_failed("wh_1", T0 + 250, after, restart)
+    stored = await store.webhook("wh_1")
+    assert (stored.failing_since_ms, stored.last_failure_ms) == (T0, T0 + 250)
+    # six times the clock's whole span of silence: one failure now starts it again
+    assert not await store.webhook_failed("wh_1", T0 + 6250, after, restart)
+    stored = await store.webhook("wh_1")
+    assert (stored.enabled, stored.failing_since_ms) == (True, T0 + 6250)
+    for at in range(T0 + 6500, T0 + 7250, 250):  # failing on: the clock runs
+        assert not await store.webhook_failed("wh_1", at, after, restart)
+    assert await store.webhook_failed("wh_1", T0 + 7250, after, restart)
+    stored = await store.webhook("wh_1")
+    assert not stored.enabled
+    assert stored.disabled_reason == f"failing continuously since {T0 + 6250} (Unix ms)"
+    await store.webhook_succeeded("wh_1")
+    stored = await store.webhook("wh_1")
+    assert (stored.failing_since_ms, stored.last_failure_ms) == (None, None)
+    # an older relay's clock: a start, no noted failure
+    await store.create_webhook(hook(2, "https://example.com/two"))
+    old = dataclasses.replace(await store.webhook("wh_2"), failing_since_ms=T0)
+    await store.update_webhook(old, ["failing_since_ms"])
+    assert not await store.webhook_failed("wh_2", T0 + 6000, after, restart)
+    assert (await store.webhook("wh_2")).failing_since_ms == T0 + 6000
+
+
 async def test_update_writes_only_the_named_fields(store: Store) -> None:
     """A partial update leaves every other column as stored, even if the caller's copy is stale."""
     created = await store.create_webhook(hook(1))
-    await store.webhook_failed("wh_1", T0 + 5, 10**9)  # the dispatcher starts the failing clock
+    await store.webhook_failed(
+        "wh_1", T0 + 5, 10**9, 10**9
+    )  # the dispatcher starts the failing clock
     stale = dataclasses.replace(created, description="crm", updated_ms=T0 + 9)
     await store.update_webhook(stale, ("description", "updated_ms"))
     stored = await store.webhook("wh_1")
