@@ -416,7 +416,7 @@ def _webhook_schema(event_types: JsonObject) -> JsonObject:
             "enabled": {"type": "boolean"},
             "rate_limit_per_s": {"type": ["number", "null"]},
             "disabled_reason": {"type": ["string", "null"]},
-            "failing_since": _time(nullable=True),
+            "failing_since": _FAILING_SINCE,
             "previous_secret_expires_at": _time(nullable=True),
             "created_at": _time(),
             "updated_at": _time(),
@@ -579,6 +579,14 @@ def _required(schema: JsonObject) -> list[str]:
 
 def _time(*, nullable: bool = False) -> JsonObject:
     return {"type": ["string", "null"] if nullable else "string", "format": "date-time"}
+
+
+_FAILING_SINCE: JsonObject = {
+    **_time(nullable=True),
+    "description": "start of the failing clock (null: not failing); a failed attempt after a"
+    " silence of over twice the longest retry wait plus timeout_s starts it again; the"
+    " endpoint is disabled once it has run webhooks.disable_after_s",
+}
 
 
 def _status_schema(value: str) -> JsonObject:
@@ -938,7 +946,7 @@ def _status_schema_full(count: JsonObject, seconds: JsonObject, hold: JsonObject
             },
             "enabled": {"type": "boolean"},
             "disabled_reason": {"type": ["string", "null"]},
-            "failing_since": _time(nullable=True),
+            "failing_since": _FAILING_SINCE,
             "pending": count,
             "dead_letters": count,
             "oldest_pending_seq": {"type": ["integer", "null"]},

@@ -376,7 +376,7 @@ def _set_enabled(webhook: Webhook, enabled: bool, reason: str) -> Webhook:
     if enabled:
         # a fresh start: the failing clock of the old outage must not disable it again at once
         return dataclasses.replace(
-            webhook, enabled=True, disabled_reason=None, failing_since_ms=None
+            webhook, enabled=True, disabled_reason=None, failing_since_ms=None, last_failure_ms=None
         )
     return dataclasses.replace(webhook, enabled=False, disabled_reason=reason)
 

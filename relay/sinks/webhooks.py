@@ -9,7 +9,8 @@ An attempt POSTs the structured-mode CloudEvent with Standard Webhooks headers (
 the event id, stable across retries). 2xx is success; anything else, redirects included (never
 followed), is a failure retried on a schedule with jitter (``Retry-After`` on 429/503 is honoured
 within bounds). 410 Gone disables the endpoint at once; an endpoint failing continuously for
-``disable_after_s`` is disabled; a delivery out of attempts is dead-lettered (visible and
+``disable_after_s`` is disabled (a silence without failed attempts longer than the retry
+schedule allows restarts that clock); a delivery out of attempts is dead-lettered (visible and
 redeliverable through the admin API). A crash mid-attempt leaves the delivery pending, so it is
 sent again: at least once, duplicates with the same ``webhook-id``.
 """
@@ -69,6 +70,15 @@ class DeliverySettings:
     fetch_batch: int = 512  # due deliveries read per store query, per endpoint
     idle_poll_s: float = 0.2  # fan-out without a commit notice (events appended by replays)
     refresh_s: float = 1.0  # how often workers pick up webhook changes (new, edited, disabled)
+
+    @property
+    def quiet_s(self) -> float:
+        """The longest an endpoint failing continuously, with a delivery owed to it, goes
+        without a failed attempt: the longest retry wait (jitter included; a Retry-After can
+        lengthen one up to ``max_retry_after_s``), the attempt's timeout and a refresh. A
+        silence longer than twice this (see ``_Worker._settle``) restarts the failing clock."""
+        longest = max((*self.retry_schedule_s, 0.0)) * (1 + self.jitter)
+        return max(longest, self.max_retry_after_s) + self.timeout_s + self.refresh_s
 
 
 class Outcome(NamedTuple):
@@ -370,6 +380,7 @@ class _Worker:
         self.disabled = False  # an attempt disabled the endpoint: take no more work
         self.disabling = False  # ... and the store is being told
         self.failing_since_ms = hook.failing_since_ms
+        self.last_failure_ms = hook.last_failure_ms
         self._refused = _literal_refusal(dispatcher._guard, hook.url)
         self._wanted = _wanted_kinds(hook)
 
@@ -390,6 +401,7 @@ class _Worker:
             self._wake_pacers()
         self.hook = hook
         self.failing_since_ms = hook.failing_since_ms
+        self.last_failure_ms = hook.last_failure_ms
         self.refilter(hook)
 
     def refilter(self, hook: Webhook) -> None:
@@ -567,14 +579,16 @@ class _Worker:
             _storable(outcome.excerpt),
             None if outcome.error is None else _storable(outcome.error),
         )
-        read = due.attempts  # settled only if no redeliver/recover reset it meanwhile
+        # settled only if no redeliver/recover reset it meanwhile (its version moved on; the
+        # attempt count could not tell: a reset sets it back to what a first attempt read)
+        read = due.version
         if outcome.ok:
             d._recorder.add(attempt, "delivered", now, read, self._recorded)
             d._count("delivered", due.committed_ms, now)
             d.delivered += 1
             if self.failing_since_ms is None:
                 return None
-            self.failing_since_ms = None  # a write per success only to stop a clock
+            self.failing_since_ms = self.last_failure_ms = None  # a write only to stop a clock
             return d._store.webhook_succeeded(self.hook.id)
         d.failed_attempts += 1
         delay = d._retry_delay_s(due.attempts + 1, outcome)
@@ -594,12 +608,22 @@ class _Worker:
             self.disabled = self.disabling = True
             self._wake_pacers()
             return self._gone(now)
+        # disabled only on evidence of continuous failure: the store keeps the clock's start
+        # and its last noted failure, refreshed at most once per quiet period (a failing
+        # endpoint must not load the store the others need), so the stored one is at most that
+        # old while failures go on, and a failure more than twice that after it follows a
+        # silence (the relay down or idle, nothing owed): the clock restarts instead of
+        # counting the silence, and one failure after a restart cannot disable the endpoint
         after_ms = int(d._settings.disable_after_s * 1000)
-        since = self.failing_since_ms
-        if since is not None and now - since < after_ms:
-            return None  # the clock runs and cannot be due yet: nothing to write
-        self.failing_since_ms = now if since is None else since
-        return self._failed(now, after_ms)
+        quiet_ms = int(d._settings.quiet_s * 1000)
+        since, last = self.failing_since_ms, self.last_failure_ms
+        if since is not None and last is not None and now - last <= quiet_ms:
+            if now - since < after_ms:
+                return None  # the clock runs, noted recently, not due yet: nothing to write
+        elif since is None or last is None or now - last > 2 * quiet_ms:
+            since = now  # started, or restarted after a silence (as the store does)
+        self.failing_since_ms, self.last_failure_ms = since, now
+        return self._failed(now, after_ms, 2 * quiet_ms)
 
     async def _gone(self, now_ms: int) -> None:
         d = self._dispatcher
@@ -609,11 +633,12 @@ class _Worker:
             self.disabling = False  # written, or not: then the next reconcile sees it enabled
         log.error("webhook.disabled", webhook=self.hook.id, reason="410 Gone")
 
-    async def _failed(self, now_ms: int, after_ms: int) -> None:
-        """Start the failing clock, and let the store disable the endpoint once it has run for
-        ``after_ms``: a write when the clock starts and when it may be due, not per failure (a
-        failing endpoint must not load the store the others need)."""
-        if await self._dispatcher._store.webhook_failed(self.hook.id, now_ms, after_ms):
+    async def _failed(self, now_ms: int, after_ms: int, restart_after_ms: int) -> None:
+        """Start (or restart) the failing clock or note a failure, and let the store disable the
+        endpoint once the clock has run for ``after_ms``: a write when the clock starts, once
+        per quiet period, and when it may be due, not per failure."""
+        store = self._dispatcher._store
+        if await store.webhook_failed(self.hook.id, now_ms, after_ms, restart_after_ms):
             self.disabled = True
             self._wake_pacers()
             log.error("webhook.disabled", webhook=self.hook.id, reason="failing continuously")
@@ -672,11 +697,11 @@ class _Recorder:
         self._backoffs: set[asyncio.TimerHandle] = set()
 
     def add(
-        self, attempt: Attempt, status: str, next_ms: int, read_attempts: int, done: Recorded
+        self, attempt: Attempt, status: str, next_ms: int, read_version: int, done: Recorded
     ) -> None:
-        """Record an attempt of a delivery read with ``read_attempts`` attempts; ``done(delivery_id,
-        status, next_ms)`` runs once it is written (or after a backoff, when it cannot be)."""
-        self._pending.append((attempt, status, next_ms, read_attempts, done))
+        """Record an attempt of a delivery read at ``read_version``; ``done(delivery_id, status,
+        next_ms)`` runs once it is written (or after a backoff, when it cannot be)."""
+        self._pending.append((attempt, status, next_ms, read_version, done))
         if len(self._pending) >= self._max_backlog:
             self._room.clear()
         if self._flusher is None:
@@ -766,7 +791,7 @@ class _Recorder:
         self._backoffs.add(handle)
 
 
-_Record = tuple[Attempt, str, int, int, Recorded]  # attempt, status, next_ms, attempts read, done
+_Record = tuple[Attempt, str, int, int, Recorded]  # attempt, status, next_ms, version read, done
 
 
 def _wanted_kinds(hook: Webhook) -> frozenset[str]:

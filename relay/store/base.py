@@ -226,9 +226,10 @@ class Webhook:
     rate_limit_per_s: float | None = None
     start_seq: int = 0  # receives events with seq > start_seq (committed after registration)
     disabled_reason: str | None = None
-    failing_since_ms: int | None = None
+    failing_since_ms: int | None = None  # the failing clock's start (None: not failing)
     created_ms: int = 0
     updated_ms: int = 0
+    last_failure_ms: int | None = None  # the clock's latest failed attempt noted in the store
 
     def secrets_in_use(self, now_ms: int) -> list[str]:
         """The current secret, plus the previous one during its grace period."""
@@ -263,11 +264,12 @@ class DueSend(NamedTuple):
     (:meth:`OutboxEvent.structured`, byte for byte) already built by the store."""
 
     delivery_id: int
-    attempts: int  # when read: the attempt is settled only if it is still this
+    attempts: int  # made before this one: the retry schedule's position
     event_id: str
     committed_ms: int
     body: bytes
     kind: str  # the event's Kind value: a sender skips a kind its webhook's filter now rejects
+    version: int  # when read: the attempt settles the delivery only if it is still this
 
 
 class Attempt(NamedTuple):
@@ -518,9 +520,14 @@ class Store(Protocol):
     async def delete_webhook(self, webhook_id: str) -> None:
         """Remove a webhook with its deliveries; raises NotFoundError."""
 
-    async def webhook_failed(self, webhook_id: str, now_ms: int, disable_after_ms: int) -> bool:
-        """Note a failed attempt: start the failing clock if it is not running, and disable the
-        webhook once it has failed continuously for ``disable_after_ms``; True if disabled."""
+    async def webhook_failed(
+        self, webhook_id: str, now_ms: int, disable_after_ms: int, restart_after_ms: int
+    ) -> bool:
+        """Note a failed attempt at ``now_ms``: start the failing clock if it is not running, or
+        restart it if no failure was noted for more than ``restart_after_ms`` (or none at all:
+        a clock from before schema version 13), so a silence (the relay down, nothing owed) is
+        not counted as failing; disable the webhook once the clock has run for
+        ``disable_after_ms``. True if disabled."""
 
     async def webhook_succeeded(self, webhook_id: str) -> None:
         """A success stops the failing clock."""
@@ -555,10 +562,12 @@ class Store(Protocol):
         delivered, or dead), all in one transaction. An attempt whose delivery no longer exists
         (its webhook was deleted while the attempt was in flight) is skipped, not an error.
 
-        Each result is (attempt, status, next attempt ms, the delivery's attempt count when it
-        was read for this attempt). A delivery whose count is no longer that one (a
-        ``redeliver`` or ``recover`` reset it while the attempt was in flight) keeps the reset:
-        the attempt is recorded in its history, the delivery's status is not touched.
+        Each result is (attempt, status, next attempt ms, the delivery's ``DueSend.version``
+        when it was read for this attempt). Every settled attempt and every reset moves a
+        delivery's version on, never back: a delivery whose version is no longer that one (a
+        ``redeliver`` or ``recover`` reset it while the attempt was in flight, whichever attempt
+        it was, or another attempt of it settled first) keeps what it has: the attempt is
+        recorded in its history, the delivery's status is not touched.
 
         This and ``fanout`` are bookkeeping: they must survive a crash of the relay process but
         may commit without waiting for a flush to disk (SQLite ``synchronous=NORMAL``,

@@ -190,4 +190,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX dead_letters_sink",
         "CREATE UNIQUE INDEX dead_letters_sink_seq ON dead_letters (sink, seq)",
     ),
+    # a delivery's version, moved on by every settled attempt and every reset (redeliver,
+    # recover): an attempt settles its delivery only if the version is still the one read for
+    # it. The attempt count could not tell a reset (back to 0) from the state a first attempt
+    # read, so that attempt's outcome overwrote a redelivery made while it was in flight
+    ("ALTER TABLE deliveries ADD COLUMN version INTEGER NOT NULL DEFAULT 0",),
+    # when the failing clock last noted a failed attempt (refreshed at most every quiet period of
+    # a failing endpoint, see DeliverySettings.quiet_s): a failure after a longer silence (the
+    # relay down, nothing owed) restarts the clock instead of counting that silence as failing.
+    # A clock left running by an older relay has none: its next failure restarts it
+    ("ALTER TABLE webhooks ADD COLUMN last_failure_ms BIGINT",),
 )

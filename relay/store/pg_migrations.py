@@ -196,4 +196,9 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX dead_letters_sink",
         "CREATE UNIQUE INDEX dead_letters_sink_seq ON dead_letters (sink, seq)",
     ),
+    # a delivery's version, moved on by every settled attempt and every reset (see
+    # migrations.py, version 12)
+    ("ALTER TABLE deliveries ADD COLUMN version INTEGER NOT NULL DEFAULT 0",),
+    # when the failing clock last noted a failed attempt (see migrations.py, version 13)
+    ("ALTER TABLE webhooks ADD COLUMN last_failure_ms BIGINT",),
 )

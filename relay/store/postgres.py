@@ -841,12 +841,17 @@ class PostgresStore:
 
         await self.transaction(run)
 
-    async def webhook_failed(self, webhook_id: str, now_ms: int, disable_after_ms: int) -> bool:
+    async def webhook_failed(
+        self, webhook_id: str, now_ms: int, disable_after_ms: int, restart_after_ms: int
+    ) -> bool:
         async def run(conn: Connection) -> bool:
+            # started, or restarted after a silence (see the SQLite store)
             await conn.execute(
-                "UPDATE webhooks SET failing_since_ms = COALESCE(failing_since_ms, $1)"
-                " WHERE id = $2",
+                "UPDATE webhooks SET failing_since_ms = CASE WHEN failing_since_ms IS NULL"
+                " OR last_failure_ms IS NULL OR last_failure_ms < $2 THEN $1"
+                " ELSE failing_since_ms END, last_failure_ms = $1 WHERE id = $3",
                 now_ms,
+                now_ms - restart_after_ms,
                 webhook_id,
             )
             status = await conn.execute(
@@ -863,7 +868,7 @@ class PostgresStore:
 
     async def webhook_succeeded(self, webhook_id: str) -> None:
         await self._execute(
-            "UPDATE webhooks SET failing_since_ms = NULL"
+            "UPDATE webhooks SET failing_since_ms = NULL, last_failure_ms = NULL"
             " WHERE id = $1 AND failing_since_ms IS NOT NULL",
             webhook_id,
         )
@@ -918,10 +923,28 @@ class PostgresStore:
     async def due_deliveries(
         self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
     ) -> list[tuple[Delivery, OutboxEvent]]:
-        async def run(conn: Connection) -> list[tuple[Delivery, OutboxEvent]]:
+        return [(d, e) for d, e, _ in await self._due(webhook_id, now_ms, limit, skip)]
+
+    async def due_sends(
+        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
+    ) -> list[DueSend]:
+        due = await self._due(webhook_id, now_ms, limit, skip)
+        return [
+            DueSend(
+                d.id, d.attempts, d.event_id, e.committed_ms, e.structured(), e.kind.value, version
+            )
+            for d, e, version in due
+        ]
+
+    async def _due(
+        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int]
+    ) -> list[tuple[Delivery, OutboxEvent, int]]:
+        """The due read of both: each delivery with its event and its version."""
+
+        async def run(conn: Connection) -> list[tuple[Delivery, OutboxEvent, int]]:
             rows = await conn.fetch(
-                f"SELECT {_DELIVERY_COLUMNS_D}, {_OUTBOX_COLUMNS_O} FROM deliveries d"  # noqa: S608
-                " JOIN outbox o ON o.seq = d.seq"
+                f"SELECT {_DELIVERY_COLUMNS_D}, {_OUTBOX_COLUMNS_O}, d.version"  # noqa: S608
+                " FROM deliveries d JOIN outbox o ON o.seq = d.seq"
                 " WHERE d.webhook_id = $1 AND d.status = 'pending' AND d.next_attempt_ms <= $2"
                 " AND d.id <> ALL($3::bigint[]) ORDER BY d.next_attempt_ms, d.seq LIMIT $4",
                 webhook_id,
@@ -930,18 +953,12 @@ class PostgresStore:
                 limit,
             )
             width = len(rowmap.DELIVERY_COLUMNS.split(","))
-            return [(rowmap.delivery(r[:width]), rowmap.outbox_event(r[width:])) for r in rows]
+            return [
+                (rowmap.delivery(r[:width]), rowmap.outbox_event(r[width:-1]), int(r[-1]))
+                for r in rows
+            ]
 
         return await self.transaction(run)
-
-    async def due_sends(
-        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
-    ) -> list[DueSend]:
-        due = await self.due_deliveries(webhook_id, now_ms, limit, skip)
-        return [
-            DueSend(d.id, d.attempts, d.event_id, e.committed_ms, e.structured(), e.kind.value)
-            for d, e in due
-        ]
 
     async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
         async def run(conn: Connection) -> int | None:
@@ -976,13 +993,13 @@ class PostgresStore:
                     for a, _, _, _ in results
                 ],
             )
-            # only a delivery with the attempt count the sender read: one reset meanwhile
+            # only a delivery with the version the sender read: one reset meanwhile
             # (redeliver, recover) keeps its reset, the attempt is only its history
             await conn.executemany(
                 "UPDATE deliveries SET status = $1, attempts = attempts + 1,"
-                " next_attempt_ms = $2, last_status = $3, last_error = $4,"
+                " version = version + 1, next_attempt_ms = $2, last_status = $3, last_error = $4,"
                 " delivered_ms = CASE WHEN $1 = 'delivered' THEN $5 ELSE delivered_ms END"
-                " WHERE id = $6 AND attempts = $7",
+                " WHERE id = $6 AND version = $7",
                 [
                     (status, next_ms, a.status_code, a.error, a.attempted_ms, a.delivery_id, read)
                     for a, status, next_ms, read in results
@@ -1020,9 +1037,9 @@ class PostgresStore:
             await _owing(conn)
             # only while its event is in the outbox (see the SQLite store)
             status = await conn.execute(
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = $1"
-                " WHERE id = $2 AND EXISTS (SELECT 1 FROM outbox WHERE outbox.seq ="
-                " deliveries.seq)",
+                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = $1,"
+                " version = version + 1 WHERE id = $2 AND EXISTS (SELECT 1 FROM outbox"
+                " WHERE outbox.seq = deliveries.seq)",
                 now_ms,
                 delivery_id,
             )

@@ -51,7 +51,8 @@ NEXT_DUE = (
 
 WEBHOOK_COLUMNS = (
     "id, url, description, event_types, enabled, secret, previous_secret, previous_expires_ms,"
-    " rate_limit_per_s, start_seq, disabled_reason, failing_since_ms, created_ms, updated_ms"
+    " rate_limit_per_s, start_seq, disabled_reason, failing_since_ms, created_ms, updated_ms,"
+    " last_failure_ms"
 )
 DELIVERY_COLUMNS = (
     "id, webhook_id, seq, event_id, status, attempts, next_attempt_ms, last_status, last_error,"
@@ -104,7 +105,7 @@ RECOVER = (
     " ON p.event_id = o.event_id"
     " WHERE true ORDER BY 2"  # SQLite: or ON CONFLICT would parse as the join's ON
     " ON CONFLICT (webhook_id, seq) DO UPDATE SET status = 'pending', attempts = 0,"
-    " next_attempt_ms = excluded.next_attempt_ms"
+    " next_attempt_ms = excluded.next_attempt_ms, version = deliveries.version + 1"
 )
 
 
@@ -160,6 +161,7 @@ def webhook_row(w: Webhook) -> tuple[object, ...]:
         w.failing_since_ms,
         w.created_ms,
         w.updated_ms,
+        w.last_failure_ms,
     )
 
 
@@ -179,6 +181,7 @@ def webhook(r: Sequence[Any]) -> Webhook:
         failing_since_ms=r[11],
         created_ms=int(r[12]),
         updated_ms=int(r[13]),
+        last_failure_ms=r[14],
     )
 
 

@@ -731,14 +731,12 @@ class SqliteStore:
 
         await self._run(run)
 
-    async def webhook_failed(self, webhook_id: str, now_ms: int, disable_after_ms: int) -> bool:
+    async def webhook_failed(
+        self, webhook_id: str, now_ms: int, disable_after_ms: int, restart_after_ms: int
+    ) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             with _tx(conn):
-                conn.execute(
-                    "UPDATE webhooks SET failing_since_ms = COALESCE(failing_since_ms, ?)"
-                    " WHERE id = ?",
-                    (now_ms, webhook_id),
-                )
+                conn.execute(_NOTE_FAILURE, (now_ms, now_ms - restart_after_ms, webhook_id))
                 disabled = conn.execute(
                     "UPDATE webhooks SET enabled = 0, updated_ms = ?, disabled_reason ="
                     " 'failing continuously since ' || failing_since_ms || ' (Unix ms)'"
@@ -753,7 +751,7 @@ class SqliteStore:
         await self._run(
             lambda conn: _write(
                 conn,
-                "UPDATE webhooks SET failing_since_ms = NULL"
+                "UPDATE webhooks SET failing_since_ms = NULL, last_failure_ms = NULL"
                 " WHERE id = ? AND failing_since_ms IS NOT NULL",
                 (webhook_id,),
             )
@@ -845,7 +843,7 @@ class SqliteStore:
             (batch,) = conn.execute(_DUE_SENDS_JSON, (webhook_id, now_ms, held, limit)).fetchone()
             rows = orjson.loads(batch)
             rows.sort()  # by [next_attempt_ms, seq, …]: unique per webhook, the query's order
-            return [DueSend(r[2], r[3], r[4], r[5], r[6].encode(), r[7]) for r in rows]
+            return [DueSend(r[2], r[3], r[4], r[5], r[6].encode(), r[7], r[8]) for r in rows]
 
         return await self._run(run)
 
@@ -884,8 +882,8 @@ class SqliteStore:
             with _tx(conn, durable=False):
                 # a delivery deleted with its webhook while the attempt was in flight has
                 # nothing left to record: skipped, the rest of the batch still commits; one
-                # reset meanwhile (redeliver, recover: its attempt count is no longer the one
-                # the sender read) keeps its reset, the attempt is only its history
+                # reset meanwhile (redeliver, recover: its version is no longer the one the
+                # sender read) keeps its reset, the attempt is only its history
                 conn.execute(_INSERT_ATTEMPTS, (batch,))
                 conn.execute(_SETTLE_DELIVERIES, (batch,))
 
@@ -920,9 +918,9 @@ class SqliteStore:
                 # only while its event is in the outbox: the due read joins it, so a delivery
                 # made pending without it would be neither sent nor ever dead-lettered
                 changed = conn.execute(
-                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = ?"
-                    " WHERE id = ? AND EXISTS (SELECT 1 FROM outbox WHERE outbox.seq ="
-                    " deliveries.seq)",
+                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = ?,"
+                    " version = version + 1 WHERE id = ? AND EXISTS (SELECT 1 FROM outbox"
+                    " WHERE outbox.seq = deliveries.seq)",
                     (now_ms, delivery_id),
                 ).rowcount
             delivery = _get_delivery(conn, delivery_id)  # NotFoundError when there is none
@@ -1376,10 +1374,17 @@ _INSERT_ATTEMPTS = (
 )
 _SETTLE_DELIVERIES = (
     f"{_BATCH} UPDATE"  # noqa: S608 - constants only
-    "  deliveries SET status = batch.status, attempts = attempts + 1,"
+    "  deliveries SET status = batch.status, attempts = attempts + 1, version = version + 1,"
     " next_attempt_ms = batch.next_ms, last_status = batch.code, last_error = batch.error,"
     " delivered_ms = CASE WHEN batch.status = 'delivered' THEN batch.at ELSE delivered_ms END"
-    " FROM batch WHERE deliveries.id = batch.id AND deliveries.attempts = batch.read"
+    " FROM batch WHERE deliveries.id = batch.id AND deliveries.version = batch.read"
+)
+# the failing clock (Store.webhook_failed): started, or restarted when its last noted failure is
+# older than the silence allowed (every SET expression reads the row as it was before)
+_NOTE_FAILURE = (
+    "UPDATE webhooks SET failing_since_ms = CASE WHEN failing_since_ms IS NULL"
+    " OR last_failure_ms IS NULL OR last_failure_ms < ?2 THEN ?1 ELSE failing_since_ms END,"
+    " last_failure_ms = ?1 WHERE id = ?3"
 )
 _FANOUT_PENDING = (
     "SELECT 1 FROM outbox WHERE seq >"
@@ -1412,9 +1417,10 @@ _BODY = (
 )
 _DUE_SENDS_JSON = (
     "SELECT json_group_array(json_array(next_ms, seq, id, attempts, event_id, committed_ms,"  # noqa: S608
-    f" body, kind)) FROM (SELECT d.next_attempt_ms AS next_ms, d.seq AS seq, d.id AS id,"
-    " d.attempts AS attempts, d.event_id AS event_id, o.committed_ms AS committed_ms,"
-    f" {_BODY} AS body, o.kind AS kind FROM deliveries d JOIN outbox o ON o.seq = d.seq"
+    " body, kind, version)) FROM (SELECT d.next_attempt_ms AS next_ms, d.seq AS seq,"
+    " d.id AS id, d.attempts AS attempts, d.event_id AS event_id, o.committed_ms AS committed_ms,"
+    f" {_BODY} AS body, o.kind AS kind, d.version AS version"
+    " FROM deliveries d JOIN outbox o ON o.seq = d.seq"
     " WHERE d.webhook_id = ? AND d.status = 'pending' AND d.next_attempt_ms <= ?"
     " AND d.id NOT IN (SELECT value FROM json_each(?)) ORDER BY d.next_attempt_ms, d.seq LIMIT ?)"
 )

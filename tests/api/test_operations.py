@@ -86,7 +86,7 @@ async def test_status_shows_quota_streams_sinks_and_webhook_health(
             updated_ms=T0,
         )
     )
-    await store.webhook_failed(hook.id, T0, 10**9)
+    await store.webhook_failed(hook.id, T0, 10**9, 10**9)
     clock.now = T0 + 120_000
     response = await api.get("/v1/status", headers=AUTH)
     assert response.status == 200

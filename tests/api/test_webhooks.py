@@ -239,7 +239,7 @@ async def test_patch_does_not_undo_the_dispatchers_writes(client: Client, store:
     hook = await create(client)
     stale = await store.webhook(hook["id"])
     await store.disable_webhook(hook["id"], "410 Gone from the endpoint", T0)
-    await store.webhook_failed(hook["id"], T0, 10**9)
+    await store.webhook_failed(hook["id"], T0, 10**9, 10**9)
     changed = dataclasses.replace(stale, description="crm", updated_ms=T0 + 1)
     await store.update_webhook(changed, service.changed_fields(stale, changed))
     shown = await ok(await client.get(f"/v1/webhooks/{hook['id']}", headers=AUTH))
@@ -488,7 +488,7 @@ async def test_reenable_clears_failure_state(client: Client, store: Store) -> No
     """Re-enabling an auto-disabled webhook clears disabled_reason and the failing clock."""
     hook = await create(client)
     hook_id = str(hook["id"])
-    await store.webhook_failed(hook_id, T0, disable_after_ms=0)
+    await store.webhook_failed(hook_id, T0, disable_after_ms=0, restart_after_ms=10**9)
     disabled = await ok(await client.get(f"/v1/webhooks/{hook_id}", headers=AUTH))
     assert disabled["enabled"] is False
     assert disabled["failing_since"] == "2025-11-21T04:40:00.000Z"
@@ -500,7 +500,7 @@ async def test_reenable_clears_failure_state(client: Client, store: Store) -> No
     assert again["disabled_reason"] is None
     assert again["failing_since"] is None
     stored = await store.webhook(hook_id)
-    assert stored.failing_since_ms is None
+    assert (stored.failing_since_ms, stored.last_failure_ms) == (None, None)
 
 
 async def test_disable_through_api_keeps_reason(client: Client) -> None:

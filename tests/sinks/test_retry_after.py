@@ -89,6 +89,6 @@ async def test_a_connect_timeout_is_reported_as_such_with_its_own_limit() -> Non
     hook = Webhook(
         "wh_1", "https://hooks.example.com/x", ("com.constantcontact.email.*",), "whsec_" + "A" * 32
     )
-    due = DueSend(1, 0, "id-1", 0, b"{}", "open")
+    due = DueSend(1, 0, "id-1", 0, b"{}", "open", 0)
     outcome = await d._attempt(TimingOut(), hook, due)  # type: ignore[arg-type]
     assert outcome.error == "connect timed out after 2.5s"

@@ -278,6 +278,91 @@ async def test_continuous_failure_disables_and_dead_letters_are_redeliverable(
     assert (await store.delivery(delivery.id)).status == "delivered"
 
 
+async def test_a_failure_after_a_long_silence_does_not_disable_at_once(
+    any_store: Store, receiver: Start
+) -> None:
+    """The failing clock was started 6 days ago by a failure before the relay stopped: one 503
+    after the restart starts the clock again instead of disabling the endpoint (5 days) at
+    once; the retry succeeds and everything is delivered."""
+    store = any_store
+    r = await receiver(answers=[503], default=204)
+    hook = await register(store, r.url)
+    settings = replace(FAST, retry_schedule_s=(0.2,), concurrency=1)
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    restart_ms = int(2 * settings.quiet_s * 1000)
+    assert not await store.webhook_failed(hook.id, now - 6 * day, 5 * day, restart_ms)
+    await commit(store, [activity(i) for i in range(3)])
+    async with Running(store, settings) as dispatcher:
+        await until(lambda: dispatcher.delivered == 3)
+    stored = await store.webhook(hook.id)
+    assert (stored.enabled, stored.disabled_reason, stored.failing_since_ms) == (True, None, None)
+    deliveries = await store.deliveries(hook.id, 10)
+    assert sorted((d.status, d.attempts) for d in deliveries) == [
+        ("delivered", 1),
+        ("delivered", 1),
+        ("delivered", 2),
+    ]
+
+
+# the failing clock in compressed time: retries 0.1 s apart, a quiet period of 0.7 s (wait,
+# timeout and refresh), so a silence of over 1.4 s restarts the clock; disabled after 1 s
+COMPRESSED = replace(
+    FAST,
+    retry_schedule_s=(0.1,),
+    max_retry_after_s=0.1,
+    timeout_s=0.5,
+    refresh_s=0.1,
+    disable_after_s=1.0,
+)
+
+
+async def test_an_endpoint_failing_continuously_is_still_disabled(
+    any_store: Store, receiver: Start
+) -> None:
+    """Failing on every attempt, retried every 0.1 s for 4 s: disabled after disable_after_s
+    (the clock noted in the store once per quiet period, never restarted)."""
+    settings = replace(COMPRESSED, retry_schedule_s=(0.1,) * 40)
+    assert settings.quiet_s == pytest.approx(0.7)
+    store = any_store
+    r = await receiver(default=500)
+    hook = await register(store, r.url)
+    await commit(store, [activity(1)])
+    started = time.monotonic()
+    async with Running(store, settings):
+        await until(lambda: len(r.received) >= 1)
+        while (await store.webhook(hook.id)).enabled:
+            assert time.monotonic() - started < 3.0, "not disabled in time"
+            await asyncio.sleep(0.05)
+    stored = await store.webhook(hook.id)
+    assert "failing continuously" in (stored.disabled_reason or "")
+    assert time.monotonic() - started >= 1.0
+
+
+async def test_a_failure_after_an_idle_silence_restarts_the_clock(
+    any_store: Store, receiver: Start
+) -> None:
+    """An event fails until dead-lettered, nothing is owed for 2 s (longer than the quiet
+    period allows, and than disable_after_s), then the next event fails: the clock starts again
+    at that failure instead of disabling the endpoint for a failure spanning the idle time."""
+    store = any_store
+    r = await receiver(default=500)
+    hook = await register(store, r.url)
+    await commit(store, [activity(1)])
+    async with Running(store, COMPRESSED) as dispatcher:
+        await until(lambda: dispatcher.failed_attempts == 2)  # dead
+        first = (await store.webhook(hook.id)).failing_since_ms
+        assert first is not None
+        await asyncio.sleep(2.0)
+        await commit(store, [activity(2)])
+        await until(lambda: dispatcher.failed_attempts >= 3)
+        await asyncio.sleep(0.3)  # its clock write
+    stored = await store.webhook(hook.id)
+    assert (stored.enabled, stored.disabled_reason) == (True, None)
+    assert stored.failing_since_ms is not None
+    assert stored.failing_since_ms >= first + 2000
+
+
 async def test_recover_redelivers_since_a_time(store: Store, receiver: Start) -> None:
     """recover owes the endpoint every matching event committed since the given time."""
     r = await receiver()
@@ -924,6 +1009,45 @@ async def test_a_redelivery_while_the_last_attempt_is_in_flight_is_not_undone(
     final = await store.delivery(delivery.id)
     assert (final.status, final.attempts, len(hits)) == ("delivered", 1, 3)
     assert len(await store.attempts(delivery.id)) == 3
+
+
+@pytest.mark.parametrize("reset", ["redeliver", "recover"])
+async def test_a_reset_during_the_first_attempt_is_not_undone(
+    any_store: Store, aiohttp_server: Callable[..., Awaitable[TestServer]], reset: str
+) -> None:
+    """Redeliver or recover (as the API does) while a delivery's FIRST attempt hangs: when that
+    attempt fails (503, Retry-After an hour), the delivery stays pending, attempts 0, due now,
+    and is sent again. (The reset used to be recognised by the attempt count, which it sets back
+    to 0, the count a first attempt read: that attempt's retry in an hour overwrote the reset.)"""
+    store = any_store
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        await asyncio.sleep(1.0)
+        return web.Response(status=503, headers={"Retry-After": "3600"})
+
+    url, hits = await serve(aiohttp_server, handle)
+    hook = await register(store, url)
+    await commit(store, [activity(1)])
+    async with Running(store, replace(FAST, timeout_s=5.0)) as dispatcher:
+        await until(lambda: len(hits) == 1)
+        await asyncio.sleep(0.3)  # the first attempt is in flight
+        (delivery,) = await store.deliveries(hook.id, 10)
+        reset_ms = int(time.time() * 1000)
+        if reset == "redeliver":
+            await store.redeliver(delivery.id, reset_ms)
+        else:
+            assert await store.recover(hook.id, 0, reset_ms) == 1
+        dispatcher.changed(hook.id)
+        for _ in range(100):  # until the first attempt is recorded (the second takes 1 s)
+            if await store.attempts(delivery.id):
+                break
+            await asyncio.sleep(0.02)
+        settled = await store.delivery(delivery.id)
+        assert (settled.status, settled.attempts) == ("pending", 0)
+        assert settled.next_attempt_ms == reset_ms  # due now, not in an hour
+        await until(lambda: len(hits) == 2, timeout_s=5.0)
+    assert len(await store.attempts(delivery.id)) >= 1
 
 
 class Malformed:

@@ -563,11 +563,14 @@ async def test_due_sends_are_the_due_deliveries_with_their_bodies_byte_for_byte(
     sends = await store.due_sends("wh_1", T0 + 100, 100)
     assert len(sends) == len(times)
     assert sends == [
-        DueSend(d.id, d.attempts, d.event_id, e.committed_ms, e.structured(), e.kind.value)
+        # no reset: each version is the attempts settled
+        DueSend(
+            d.id, d.attempts, d.event_id, e.committed_ms, e.structured(), e.kind.value, d.attempts
+        )
         for d, e in due
     ]
     assert sends[-1].delivery_id == first.id  # due later: its retry
-    assert sends[-1].attempts == 1
+    assert (sends[-1].attempts, sends[-1].version) == (1, 1)
     skip = {sends[0].delivery_id, sends[2].delivery_id}
     assert await store.due_sends("wh_1", T0 + 100, 2, skip=skip) == [sends[1], sends[3]]
     assert await store.due_sends("wh_1", T0 + 10, 100) == sends[:-1]  # the retry is not due
@@ -1109,10 +1112,44 @@ async def test_migration_keeps_the_first_of_duplicate_dead_letters(
         await store.close()
 
 
+async def test_the_failing_clock_restarts_after_a_silence(store: Store) -> None:
+    """Failures noted at most ``restart_after_ms`` apart keep the clock, which disables the
+    webhook once it has run ``disable_after_ms``; a failure after a longer silence (the relay
+    down or idle) restarts it instead, however old its start, and so does one after a clock
+    with no noted failure (left running by a relay before schema version 13)."""
+    await store.create_webhook(hook(1))
+    after, restart = 1000, 300
+    assert not await store.webhook_failed("wh_1", T0, after, restart)
+    assert not await store.webhook_failed("wh_1", T0 + 250, after, restart)
+    stored = await store.webhook("wh_1")
+    assert (stored.failing_since_ms, stored.last_failure_ms) == (T0, T0 + 250)
+    # six times the clock's whole span of silence: one failure now starts it again
+    assert not await store.webhook_failed("wh_1", T0 + 6250, after, restart)
+    stored = await store.webhook("wh_1")
+    assert (stored.enabled, stored.failing_since_ms) == (True, T0 + 6250)
+    for at in range(T0 + 6500, T0 + 7250, 250):  # failing on: the clock runs
+        assert not await store.webhook_failed("wh_1", at, after, restart)
+    assert await store.webhook_failed("wh_1", T0 + 7250, after, restart)
+    stored = await store.webhook("wh_1")
+    assert not stored.enabled
+    assert stored.disabled_reason == f"failing continuously since {T0 + 6250} (Unix ms)"
+    await store.webhook_succeeded("wh_1")
+    stored = await store.webhook("wh_1")
+    assert (stored.failing_since_ms, stored.last_failure_ms) == (None, None)
+    # an older relay's clock: a start, no noted failure
+    await store.create_webhook(hook(2, "https://example.com/two"))
+    old = dataclasses.replace(await store.webhook("wh_2"), failing_since_ms=T0)
+    await store.update_webhook(old, ["failing_since_ms"])
+    assert not await store.webhook_failed("wh_2", T0 + 6000, after, restart)
+    assert (await store.webhook("wh_2")).failing_since_ms == T0 + 6000
+
+
 async def test_update_writes_only_the_named_fields(store: Store) -> None:
     """A partial update leaves every other column as stored, even if the caller's copy is stale."""
     created = await store.create_webhook(hook(1))
-    await store.webhook_failed("wh_1", T0 + 5, 10**9)  # the dispatcher starts the failing clock
+    await store.webhook_failed(
+        "wh_1", T0 + 5, 10**9, 10**9
+    )  # the dispatcher starts the failing clock
     stale = dataclasses.replace(created, description="crm", updated_ms=T0 + 9)
     await store.update_webhook(stale, ("description", "updated_ms"))
     stored = await store.webhook("wh_1")
@@ -1339,19 +1376,27 @@ async def test_an_attempt_finished_after_a_reset_keeps_the_reset(store: Store) -
     await store.commit_page(sid, [activity(1, T0), activity(2, T0)], T0)
     await store.fanout(100, T0)
     first, second = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)
+    read = {s.delivery_id: s.version for s in await store.due_sends("wh_1", T0, 10)}
     await store.finish_attempts(
         [
-            (Attempt(first.id, T0, 500, 1.0), "pending", T0 + 1, 0),
-            (Attempt(second.id, T0, 500, 1.0), "pending", T0 + 1, 0),
+            (Attempt(first.id, T0, 500, 1.0), "pending", T0 + 1, read[first.id]),
+            (Attempt(second.id, T0, 500, 1.0), "pending", T0 + 1, read[second.id]),
         ]
     )
     # both read again with one attempt made, sent; then reset while in flight
+    sent = {s.delivery_id: s for s in await store.due_sends("wh_1", T0 + 1, 10)}
+    assert [sent[d.id].attempts for d in (first, second)] == [1, 1]
     assert (await store.redeliver(first.id, T0 + 2)).attempts == 0
     assert await store.recover("wh_1", 0, T0 + 2) == 2
     await store.finish_attempts(
         [
-            (Attempt(first.id, T0 + 3, 500, 1.0, "", "HTTP 500"), "dead", T0 + 3, 1),
-            (Attempt(second.id, T0 + 3, 200, 1.0), "delivered", T0 + 3, 1),
+            (
+                Attempt(first.id, T0 + 3, 500, 1.0, "", "HTTP 500"),
+                "dead",
+                T0 + 3,
+                sent[first.id].version,
+            ),
+            (Attempt(second.id, T0 + 3, 200, 1.0), "delivered", T0 + 3, sent[second.id].version),
         ]
     )
     for delivery in (first, second):
@@ -1359,8 +1404,48 @@ async def test_an_attempt_finished_after_a_reset_keeps_the_reset(store: Store) -
         assert (now.status, now.attempts, now.next_attempt_ms) == ("pending", 0, T0 + 2)
         assert [a.attempted_ms for a in await store.attempts(delivery.id)] == [T0, T0 + 3]
     # an attempt of the reset delivery settles it as usual
-    await store.finish_attempts([(Attempt(first.id, T0 + 4, 200, 1.0), "delivered", T0 + 4, 0)])
+    reset = {s.delivery_id: s for s in await store.due_sends("wh_1", T0 + 2, 10)}
+    assert reset[first.id].attempts == 0
+    await store.finish_attempts(
+        [(Attempt(first.id, T0 + 4, 200, 1.0), "delivered", T0 + 4, reset[first.id].version)]
+    )
     assert (await store.delivery(first.id)).status == "delivered"
+
+
+@pytest.mark.parametrize("reset", ["redeliver", "recover"])
+async def test_a_first_attempt_finished_after_a_reset_keeps_the_reset(
+    store: Store, reset: str
+) -> None:
+    """A reset during a delivery's FIRST attempt stands too: that attempt read 0 attempts, the
+    count a reset sets, so only the version the reset moved on tells it (the attempt's retry in
+    an hour used to overwrite the reset); of two attempts read at one version, only the first
+    to finish settles the delivery."""
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(1, T0)], T0)
+    await store.fanout(100, T0)
+    (sent,) = await store.due_sends("wh_1", T0, 10)
+    assert sent.attempts == 0
+    if reset == "redeliver":
+        await store.redeliver(sent.delivery_id, T0 + 2)
+    else:
+        assert await store.recover("wh_1", 0, T0 + 2) == 1
+    hour = 3_600_000
+    failed = Attempt(sent.delivery_id, T0 + 3, 503, 1.0)
+    await store.finish_attempts([(failed, "pending", T0 + 3 + hour, sent.version)])
+    now = await store.delivery(sent.delivery_id)
+    assert (now.status, now.attempts, now.next_attempt_ms) == ("pending", 0, T0 + 2)
+    assert [a.status_code for a in await store.attempts(sent.delivery_id)] == [503]
+    (again,) = await store.due_sends("wh_1", T0 + 2, 10)
+    assert again.attempts == 0
+    # sent twice at this version (a takeover): the first record settles it, the second is history
+    first = Attempt(sent.delivery_id, T0 + 4, 503, 1.0)
+    await store.finish_attempts([(first, "pending", T0 + 4 + hour, again.version)])
+    late = Attempt(sent.delivery_id, T0 + 5, 200, 1.0)
+    await store.finish_attempts([(late, "delivered", T0 + 5, again.version)])
+    now = await store.delivery(sent.delivery_id)
+    assert (now.status, now.attempts, now.next_attempt_ms) == ("pending", 1, T0 + 4 + hour)
+    assert len(await store.attempts(sent.delivery_id)) == 3
 
 
 async def test_recover_after_a_log_replay_owes_each_event_once(store: Store) -> None:
