@@ -31,7 +31,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
-from relay.events import Kind
 from relay.metrics import Metrics
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError, shown
@@ -42,6 +41,7 @@ from relay.store import (
     StoreError,
     UnavailableError,
     Webhook,
+    rowmap,
 )
 from relay.store.coordination import Coordinator, LocalCoordinator
 
@@ -372,6 +372,10 @@ class _Worker:
         self.failing_since_ms = hook.failing_since_ms
         self._refused = _literal_refusal(dispatcher._guard, hook.url)
         self._wanted = _wanted_kinds(hook)
+        # the store may hold pending deliveries of kinds the filter rejects (a redelivery an
+        # older version let through, a fan-out that raced a filter edit): never read, they are
+        # dropped at the first fetch, and at the first after each filter change
+        self._drop_unwanted = True
 
     def start(self) -> None:
         name = f"webhook:{self.hook.id}"
@@ -396,7 +400,10 @@ class _Worker:
         """Send only the kinds ``hook``'s filter lets through: a delivery queued or waiting for
         its rate-limit slot whose kind a narrowed filter rejects is let go unsent (the store
         dropped it with the change); attempts already started finish."""
-        self._wanted = _wanted_kinds(hook)
+        wanted = _wanted_kinds(hook)
+        if wanted != self._wanted:
+            self._wanted = wanted
+            self._drop_unwanted = True
 
     def poke(self) -> None:
         """Fan-out created deliveries: look in the store."""
@@ -450,12 +457,19 @@ class _Worker:
     async def _fetch(self, now_ms: int) -> bool:
         """Queue due deliveries not held yet; True if the store may have more due."""
         d = self._dispatcher
+        if self._drop_unwanted:
+            self._drop_unwanted = False
+            await self._drop()
         # the held ones (in flight, or their records lingering) are left out by the store: read
         # back, a third of each read was rows thrown away, and its Python work held the GIL
         # while the senders waited (profiled: ~5 ms stalls per refill); waiting for the
         # lingering records to be written first made every refill ~8 ms longer instead
         try:
-            due = await d._store.due_sends(self.hook.id, now_ms, self._batch, self.held)
+            # of the wanted kinds only: others, never sent, would fill every batch and hold
+            # the wanted ones back for ever
+            due = await d._store.due_sends(
+                self.hook.id, now_ms, self._batch, self.held, kinds=self._wanted
+            )
         except StoreError as exc:
             log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
             await asyncio.sleep(self._dispatcher._settings.refresh_s)
@@ -476,6 +490,18 @@ class _Worker:
         if later is not None and (not self._retries or later < self._retries[0]):
             heapq.heappush(self._retries, later)
         return False
+
+    async def _drop(self) -> None:
+        """Drop the pending deliveries the stored filter rejects (the due read leaves them out,
+        so they would stay pending, never sent nor dead-lettered); a failure only leaves them
+        (the due read still leaves them out)."""
+        try:
+            dropped = await self._dispatcher._store.drop_unwanted(self.hook.id)
+        except StoreError as exc:
+            log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
+            return
+        if dropped:
+            log.info("webhook.unwanted_dropped", webhook=self.hook.id, deliveries=dropped)
 
     async def _send_loop(self) -> None:
         d = self._dispatcher
@@ -770,8 +796,9 @@ _Record = tuple[Attempt, str, int, int, Recorded]  # attempt, status, next_ms, a
 
 
 def _wanted_kinds(hook: Webhook) -> frozenset[str]:
-    """The outbox kinds (``DueSend.kind``) ``hook``'s filter lets through."""
-    return frozenset(kind.value for kind in Kind if hook.wants(kind.event_type))
+    """The outbox kinds (``DueSend.kind``) ``hook``'s filter lets through: those fan-out
+    creates deliveries of, and the only ones the due read returns."""
+    return frozenset(rowmap.wanted_kinds(hook))
 
 
 def _literal_refusal(guard: Guard, url: str) -> SsrfError | None:

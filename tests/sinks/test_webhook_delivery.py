@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,8 +25,9 @@ from relay.events import Activity, Kind, from_millis
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings, Outcome, WebhookDispatcher
-from relay.store import Attempt, Store, StoreError, StreamKey, Webhook
+from relay.store import Attempt, Store, StoreError, StreamKey, UnwantedError, Webhook
 from relay.store.coordination import Coordinator, LocalCoordinator
+from tests.storekit import behind_the_store
 
 ALLOW_LOOPBACK = Guard.from_strings(["127.0.0.0/8", "::1/128"])
 FAST = DeliverySettings(
@@ -450,10 +452,16 @@ class CountingStore:
         return getattr(self._store, name)
 
     async def due_sends(
-        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
+        self,
+        webhook_id: str,
+        now_ms: int,
+        limit: int,
+        skip: Collection[int] = (),
+        *,
+        kinds: Collection[str],
     ) -> object:
         self.reads += 1
-        return await self._store.due_sends(webhook_id, now_ms, limit, skip)
+        return await self._store.due_sends(webhook_id, now_ms, limit, skip, kinds=kinds)
 
     async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
         self.reads += 1
@@ -891,6 +899,68 @@ async def test_a_narrowed_filter_stops_the_deliveries_it_rejects_queued_ones_inc
     assert types == ["open", "click"]
     (left,) = await any_store.deliveries(hook.id, 10)
     assert left.status == "delivered"
+
+
+async def test_redelivered_deliveries_of_a_kind_the_filter_rejects_never_starve_the_rest(
+    any_store: Store, receiver: Start
+) -> None:
+    """600 opens delivered, the filter narrowed to clicks, every open redelivered (as an
+    operator would through the API): the redeliveries are refused, and clicks committed next
+    arrive. (Made pending, the opens were never sent nor dead-lettered, and as the oldest due
+    they filled every 512-row read, so no click was ever fetched.)"""
+    r = await receiver(default=204)
+    hook = await register(any_store, r.url)
+    await commit(any_store, [activity(i) for i in range(600)])
+    async with Running(any_store, replace(FAST, concurrency=8)) as dispatcher:
+        await until(lambda: dispatcher.delivered == 600, timeout_s=30)
+        while await any_store.deliveries(hook.id, 1, "pending"):  # the last records written
+            await asyncio.sleep(0.02)
+        narrowed = replace(hook, event_types=("com.constantcontact.email.click",))
+        await any_store.update_webhook(narrowed, ["event_types"])
+        dispatcher.changed(hook.id, narrowed)
+        now = int(time.time() * 1000)
+        ids = [d.id for d in await any_store.deliveries(hook.id, 1000)]
+        outcomes = [
+            await asyncio.gather(any_store.redeliver(i, now), return_exceptions=True) for i in ids
+        ]
+        dispatcher.changed(hook.id)
+        await asyncio.sleep(0.3)
+        r.received.clear()
+        await commit(any_store, [activity(1000 + i, Kind.CLICK) for i in range(5)])
+        dispatcher.notify()
+        await until(lambda: len(r.received) == 5, timeout_s=5)
+    types = {orjson.loads(b)["type"] for _, _, b in r.received}
+    assert types == {"com.constantcontact.email.click"}
+    refused = [o for (o,) in outcomes if isinstance(o, UnwantedError)]
+    assert len(refused) == len(ids) == 600
+    assert await any_store.deliveries(hook.id, 10, "pending") == []
+
+
+async def test_pending_deliveries_of_a_rejected_kind_left_by_an_older_relay_are_dropped(
+    any_store: Store, receiver: Start, tmp_path: Path
+) -> None:
+    """A store where an older relay left 600 opens pending (redelivered after the filter was
+    narrowed to clicks): the worker reads only clicks, so the clicks committed next arrive, and
+    it drops the opens when it starts, as a filter edit does; nothing stays pending."""
+    r = await receiver(default=204)
+    hook = await register(any_store, r.url, ("com.constantcontact.email.click",))
+    await commit(any_store, [activity(i) for i in range(1200)])
+    await any_store.fanout(2000, T0)  # none of them: opens
+    await behind_the_store(  # what the old redeliver of them left: opens pending, due
+        any_store,
+        tmp_path,
+        "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms, created_ms)"
+        " SELECT (SELECT id FROM webhooks), seq, event_id, 'pending', 0, 0 FROM outbox",
+    )
+    assert len(await any_store.deliveries(hook.id, 2000, "pending")) == 1200
+    await commit(any_store, [activity(2000 + i, Kind.CLICK) for i in range(5)])
+    async with Running(any_store, replace(FAST, concurrency=8)) as dispatcher:
+        await until(lambda: len(r.received) == 5, timeout_s=5)
+        await asyncio.sleep(0.3)
+    types = {orjson.loads(b)["type"] for _, _, b in r.received}
+    assert types == {"com.constantcontact.email.click"}
+    assert dispatcher.delivered == 5
+    assert await any_store.deliveries(hook.id, 10, "pending") == []
 
 
 async def test_a_redelivery_while_the_last_attempt_is_in_flight_is_not_undone(
