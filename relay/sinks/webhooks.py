@@ -50,6 +50,7 @@ log = structlog.get_logger(__name__)
 DEFAULT_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 CONTENT_TYPE = "application/cloudevents+json"
 TALLY_S = 0.05  # settled attempts reach the metrics in batches, at most this late
+EXCERPT_WAIT_S = 1.0  # for a response body not there with the headers (the status is known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +313,7 @@ class WebhookDispatcher:
             async with session.post(
                 hook.url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
             ) as resp:
-                raw = await resp.content.read(s.response_cap_bytes)
+                raw = await self._excerpt(resp.content, started)
                 excerpt = raw.decode("utf-8", "replace")[: s.excerpt_chars]
                 retry_after = (
                     _retry_after(resp, now_ms / 1000) if resp.status in (429, 503) else None
@@ -330,6 +331,24 @@ class WebhookDispatcher:
             return Outcome(None, _ms(started), "", f"cannot connect: {reason}")
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome(None, _ms(started), "", _error_text(exc, hook.url))
+
+    async def _excerpt(self, content: aiohttp.StreamReader, started: float) -> bytes:
+        """The start of a response body (up to ``response_cap_bytes``), for the record. The
+        status is known once the headers are in, so a body that stalls must not throw it away
+        (read under the whole request's timeout, a 2xx with a stalled body was recorded as a
+        timeout and sent again): a body not there with the headers is waited for at most
+        ``EXCERPT_WAIT_S`` (or the request's time left), then the excerpt is what came. One
+        there already (the common case: it comes in the headers' packet) costs no timer."""
+        s = self._settings
+        raw = content.read_nowait(s.response_cap_bytes)
+        if raw or content.is_eof():
+            return raw
+        left_s = s.timeout_s - (time.perf_counter() - started)
+        try:
+            async with asyncio.timeout(max(0.0, min(EXCERPT_WAIT_S, left_s))):
+                return await content.read(s.response_cap_bytes)
+        except TimeoutError:
+            return b""
 
 
 class _Worker:

@@ -4,6 +4,7 @@ Retry-After, 410, auto-disable, dead letters, redelivery, recovery, SSRF and iso
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import statistics
 import time
@@ -913,7 +914,8 @@ async def test_redelivered_deliveries_of_a_kind_the_filter_rejects_never_starve_
     await commit(any_store, [activity(i) for i in range(600)])
     async with Running(any_store, replace(FAST, concurrency=8)) as dispatcher:
         await until(lambda: dispatcher.delivered == 600, timeout_s=30)
-        while await any_store.deliveries(hook.id, 1, "pending"):  # the last records written
+        # the last records written (a store has no event to wait on)
+        while await any_store.deliveries(hook.id, 1, "pending"):  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         narrowed = replace(hook, event_types=("com.constantcontact.email.click",))
         await any_store.update_webhook(narrowed, ["event_types"])
@@ -1029,6 +1031,50 @@ async def test_an_error_text_never_carries_the_url_and_its_token(store: Store) -
         assert "TopSecretToken123" not in text
         assert "127.0.0.1" not in text
     assert (attempt.error or "").startswith("ClientResponseError: 400, ")
+
+
+class StalledBody:
+    """A raw TCP endpoint answering each request ``200 OK`` with ``Content-Length: 10``, then
+    nothing: the status is in, the body never comes."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        self.requests += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # silence until the client hangs up
+        writer.close()
+
+
+async def test_a_2xx_whose_body_stalls_is_delivered_not_timed_out_and_resent(
+    store: Store,
+) -> None:
+    """The status line and headers of a 200 arrive, the body never does: the attempt is a
+    success with status 200 and an empty excerpt, within the excerpt's own wait (1 s), not the
+    request's timeout; one request. (The body was read under the whole request's timeout: the
+    attempt was recorded as a timeout, its status thrown away, and the event sent again.)"""
+    endpoint = StalledBody()
+    server = await asyncio.start_server(endpoint.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hook = await register(store, f"http://127.0.0.1:{port}/hook")
+    await commit(store, [activity(1)])
+    try:
+        async with Running(store, replace(FAST, timeout_s=3.0)) as dispatcher:
+            await until(lambda: dispatcher.delivered + dispatcher.failed_attempts > 0, 6)
+            await asyncio.sleep(0.3)  # a resend would show here
+    finally:
+        server.close()
+        await server.wait_closed()
+    (delivery,) = await store.deliveries(hook.id, 10)
+    assert (delivery.status, delivery.attempts, delivery.last_status) == ("delivered", 1, 200)
+    [attempt] = await store.attempts(delivery.id)
+    assert (attempt.status_code, attempt.response_excerpt, attempt.error) == (200, "", None)
+    assert 900 <= attempt.latency_ms < 2000, attempt.latency_ms
+    assert (dispatcher.delivered, dispatcher.failed_attempts, endpoint.requests) == (1, 0, 1)
 
 
 def dispatcher_attempted(logs: list[dict[str, Any]]) -> bool:
