@@ -316,7 +316,11 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="only older ones: those with a lower id (the next page back, as the listing says)",
     )
 
-    p = actions.add_parser("redeliver", parents=[common], help="send a delivery again")
+    p = actions.add_parser(
+        "redeliver",
+        parents=[common],
+        help="send a delivery again (refused while its webhook's event types reject its type)",
+    )
     p.add_argument("delivery_id", type=_delivery_id)
 
     p = actions.add_parser("recover", parents=[common], help="re-send events since a time")

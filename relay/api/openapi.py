@@ -258,9 +258,12 @@ def _redeliver() -> JsonObject:
     return {
         "operationId": "redeliver",
         "summary": "Make a delivery pending again, due now, with a fresh attempt budget",
+        "description": "Only a delivery whose event type the webhook's event_types still let"
+        " through: one they reject (narrowed since) is a 409 whose error message names them"
+        " (widen them with PATCH first), and one whose event was pruned is a 410.",
         "responses": {
             "202": _json("the delivery, pending", _schema("Delivery")),
-            **_errors(400, 401, 404, 410),
+            **_errors(400, 401, 404, 409, 410),
         },
     }
 
@@ -493,7 +496,12 @@ _ERROR_RESPONSES = {
     ),
     401: ("Unauthorized", "missing or wrong bearer token"),
     404: ("NotFound", "no such webhook or delivery"),
-    409: ("Conflict", "another webhook is registered for this URL (the message names it)"),
+    409: (
+        "Conflict",
+        "another webhook is registered for this URL (the message names it); or, for a"
+        " redelivery, the webhook's event_types no longer let the delivery's event type"
+        " through (the message names them)",
+    ),
     410: (
         "Gone",
         "the delivery's event is no longer in the outbox (pruned after outbox_retention_h)",

@@ -2,7 +2,7 @@
 
 Handlers only translate: JSON in (checked field by field, :mod:`relay.api.body`), a call to the
 registration service (:mod:`relay.api.service`) or the store, JSON out (:mod:`relay.api.views`).
-Service and store errors become 400 / 404 / 409 here.
+Service and store errors become 400 / 404 / 409 / 410 here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE
 from relay.api.status import VIEW
 from relay.api.views import delivery_view, secret_view, webhook_view, webhook_with_secret
 from relay.events import EVENT_TYPES
-from relay.store import DuplicateError, GoneError, NotFoundError
+from relay.store import DuplicateError, GoneError, NotFoundError, UnwantedError
 
 CREATE_FIELDS = ("url", "event_types", "description", "enabled", "secret", "rate_limit_per_s")
 PATCH_FIELDS = ("url", "event_types", "description", "enabled", "rate_limit_per_s")
@@ -207,6 +207,8 @@ def _service_errors() -> Iterator[None]:
     try:
         yield
     except DuplicateError as exc:  # the store's unique URL: race-free, unlike a lookup first
+        raise ApiError(409, str(exc)) from None
+    except UnwantedError as exc:  # a redelivery of a kind the webhook's filter now rejects
         raise ApiError(409, str(exc)) from None
     except GoneError as exc:  # a redelivery whose event was pruned
         raise ApiError(410, str(exc)) from None

@@ -32,7 +32,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
-from relay.events import Kind
 from relay.metrics import Metrics
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError, shown
@@ -43,6 +42,7 @@ from relay.store import (
     StoreError,
     UnavailableError,
     Webhook,
+    rowmap,
 )
 from relay.store.coordination import Coordinator, LocalCoordinator
 
@@ -51,6 +51,7 @@ log = structlog.get_logger(__name__)
 DEFAULT_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 CONTENT_TYPE = "application/cloudevents+json"
 TALLY_S = 0.05  # settled attempts reach the metrics in batches, at most this late
+EXCERPT_WAIT_S = 1.0  # for a response body not there with the headers (the status is known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +323,7 @@ class WebhookDispatcher:
             async with session.post(
                 hook.url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
             ) as resp:
-                raw = await resp.content.read(s.response_cap_bytes)
+                raw = await self._excerpt(resp.content, started)
                 excerpt = raw.decode("utf-8", "replace")[: s.excerpt_chars]
                 retry_after = (
                     _retry_after(resp, now_ms / 1000) if resp.status in (429, 503) else None
@@ -340,6 +341,24 @@ class WebhookDispatcher:
             return Outcome(None, _ms(started), "", f"cannot connect: {reason}")
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome(None, _ms(started), "", _error_text(exc, hook.url))
+
+    async def _excerpt(self, content: aiohttp.StreamReader, started: float) -> bytes:
+        """The start of a response body (up to ``response_cap_bytes``), for the record. The
+        status is known once the headers are in, so a body that stalls must not throw it away
+        (read under the whole request's timeout, a 2xx with a stalled body was recorded as a
+        timeout and sent again): a body not there with the headers is waited for at most
+        ``EXCERPT_WAIT_S`` (or the request's time left), then the excerpt is what came. One
+        there already (the common case: it comes in the headers' packet) costs no timer."""
+        s = self._settings
+        raw = content.read_nowait(s.response_cap_bytes)
+        if raw or content.is_eof():
+            return raw
+        left_s = s.timeout_s - (time.perf_counter() - started)
+        try:
+            async with asyncio.timeout(max(0.0, min(EXCERPT_WAIT_S, left_s))):
+                return await content.read(s.response_cap_bytes)
+        except TimeoutError:
+            return b""
 
 
 class _Worker:
@@ -383,6 +402,10 @@ class _Worker:
         self.last_failure_ms = hook.last_failure_ms
         self._refused = _literal_refusal(dispatcher._guard, hook.url)
         self._wanted = _wanted_kinds(hook)
+        # the store may hold pending deliveries of kinds the filter rejects (a redelivery an
+        # older version let through, a fan-out that raced a filter edit): never read, they are
+        # dropped at the first fetch, and at the first after each filter change
+        self._drop_unwanted = True
 
     def start(self) -> None:
         name = f"webhook:{self.hook.id}"
@@ -408,7 +431,10 @@ class _Worker:
         """Send only the kinds ``hook``'s filter lets through: a delivery queued or waiting for
         its rate-limit slot whose kind a narrowed filter rejects is let go unsent (the store
         dropped it with the change); attempts already started finish."""
-        self._wanted = _wanted_kinds(hook)
+        wanted = _wanted_kinds(hook)
+        if wanted != self._wanted:
+            self._wanted = wanted
+            self._drop_unwanted = True
 
     def poke(self) -> None:
         """Fan-out created deliveries: look in the store."""
@@ -462,12 +488,19 @@ class _Worker:
     async def _fetch(self, now_ms: int) -> bool:
         """Queue due deliveries not held yet; True if the store may have more due."""
         d = self._dispatcher
+        if self._drop_unwanted:
+            self._drop_unwanted = False
+            await self._drop()
         # the held ones (in flight, or their records lingering) are left out by the store: read
         # back, a third of each read was rows thrown away, and its Python work held the GIL
         # while the senders waited (profiled: ~5 ms stalls per refill); waiting for the
         # lingering records to be written first made every refill ~8 ms longer instead
         try:
-            due = await d._store.due_sends(self.hook.id, now_ms, self._batch, self.held)
+            # of the wanted kinds only: others, never sent, would fill every batch and hold
+            # the wanted ones back for ever
+            due = await d._store.due_sends(
+                self.hook.id, now_ms, self._batch, self.held, kinds=self._wanted
+            )
         except StoreError as exc:
             log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
             await asyncio.sleep(self._dispatcher._settings.refresh_s)
@@ -488,6 +521,18 @@ class _Worker:
         if later is not None and (not self._retries or later < self._retries[0]):
             heapq.heappush(self._retries, later)
         return False
+
+    async def _drop(self) -> None:
+        """Drop the pending deliveries the stored filter rejects (the due read leaves them out,
+        so they would stay pending, never sent nor dead-lettered); a failure only leaves them
+        (the due read still leaves them out)."""
+        try:
+            dropped = await self._dispatcher._store.drop_unwanted(self.hook.id)
+        except StoreError as exc:
+            log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
+            return
+        if dropped:
+            log.info("webhook.unwanted_dropped", webhook=self.hook.id, deliveries=dropped)
 
     async def _send_loop(self) -> None:
         d = self._dispatcher
@@ -795,8 +840,9 @@ _Record = tuple[Attempt, str, int, int, Recorded]  # attempt, status, next_ms, v
 
 
 def _wanted_kinds(hook: Webhook) -> frozenset[str]:
-    """The outbox kinds (``DueSend.kind``) ``hook``'s filter lets through."""
-    return frozenset(kind.value for kind in Kind if hook.wants(kind.event_type))
+    """The outbox kinds (``DueSend.kind``) ``hook``'s filter lets through: those fan-out
+    creates deliveries of, and the only ones the due read returns."""
+    return frozenset(rowmap.wanted_kinds(hook))
 
 
 def _literal_refusal(guard: Guard, url: str) -> SsrfError | None:

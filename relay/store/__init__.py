@@ -27,6 +27,7 @@ from relay.store.base import (
     StreamRate,
     StreamStats,
     UnavailableError,
+    UnwantedError,
     Webhook,
 )
 from relay.store.budget import WaitBudget, current_budget, wait_budget
@@ -80,6 +81,7 @@ __all__ = [
     "StreamRate",
     "StreamStats",
     "UnavailableError",
+    "UnwantedError",
     "WaitBudget",
     "Webhook",
     "current_budget",

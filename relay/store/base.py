@@ -22,7 +22,15 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from relay.events import Activity, Kind, attributes, slot_setters, structured, type_matches
+from relay.events import (
+    TYPE_PREFIX,
+    Activity,
+    Kind,
+    attributes,
+    slot_setters,
+    structured,
+    type_matches,
+)
 
 # The ``meta`` row of the budget names' salt (Store.budget_salt).
 BUDGET_SALT = "budget_salt"
@@ -67,6 +75,20 @@ def gone_message(delivery: Delivery) -> str:
     return (
         f"delivery {delivery.id}: its event {delivery.event_id} is no longer in the outbox"
         " (pruned after outbox_retention_h) and cannot be sent again"
+    )
+
+
+class UnwantedError(StoreError):
+    """A redelivery of an event its webhook's filter (``event_types``) no longer lets through:
+    it would stay pending unsent for ever (the worker sends only the kinds the filter wants)."""
+
+
+def unwanted_message(delivery: Delivery, kind: str, hook: Webhook) -> str:
+    """The UnwantedError of a delivery whose kind ``hook``'s filter rejects."""
+    return (
+        f"delivery {delivery.id}: its event is a {TYPE_PREFIX}{kind}, which webhook {hook.id}'s"
+        f" event_types ({', '.join(hook.event_types)}) no longer let through; widen them"
+        f" (PATCH /v1/webhooks/{hook.id}) to send it again"
     )
 
 
@@ -548,10 +570,27 @@ class Store(Protocol):
         their events nor counted in ``limit``)."""
 
     async def due_sends(
-        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
+        self,
+        webhook_id: str,
+        now_ms: int,
+        limit: int,
+        skip: Collection[int] = (),
+        *,
+        kinds: Collection[str],
     ) -> list[DueSend]:
         """:meth:`due_deliveries`, in the same order, as what the webhook senders need (no
-        Delivery or OutboxEvent objects: the sender uses five of their twenty fields)."""
+        Delivery or OutboxEvent objects: the sender uses five of their twenty fields), only
+        those whose event is of one of ``kinds`` (outbox kinds: the ones the webhook's filter
+        lets through, ``rowmap.wanted_kinds``). Pending deliveries of other kinds are neither
+        read nor counted in ``limit``, so they can never fill a batch and hold the wanted ones
+        back (see :meth:`drop_unwanted`)."""
+
+    async def drop_unwanted(self, webhook_id: str) -> int:
+        """Drop the webhook's pending deliveries (and their attempts) whose kind its filter, as
+        stored now, rejects, as ``update_webhook`` does when the filter changes; returns how
+        many. Such deliveries are never sent (``due_sends`` leaves them out): a store written by
+        an older version (a redelivery it let through) or a fan-out that raced a filter change
+        can hold some. Raises NotFoundError."""
 
     async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
         """When the webhook's first pending delivery due later than ``after_ms`` (Unix ms) is
@@ -589,8 +628,9 @@ class Store(Protocol):
 
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
         """Make a delivery pending again, due now, with a fresh attempt budget. Raises
-        NotFoundError, or GoneError when its event was pruned from the outbox (a delivered
-        delivery's history outlives its event)."""
+        NotFoundError, GoneError when its event was pruned from the outbox (a delivered
+        delivery's history outlives its event), or UnwantedError when its webhook's filter no
+        longer lets its event's type through (decided in the same transaction as the write)."""
 
     async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
         """Owe the webhook every matching event committed since ``since_ms`` again, once: the

@@ -74,8 +74,10 @@ from relay.store.base import (
     StreamRate,
     StreamStats,
     UnavailableError,
+    UnwantedError,
     Webhook,
     gone_message,
+    unwanted_message,
 )
 from relay.store.budget import WaitBudget, current_budget
 from relay.store.pg_migrations import PG_MIGRATIONS
@@ -819,16 +821,8 @@ class PostgresStore:
             )
             if not _count(status):
                 raise NotFoundError(f"no webhook with id {webhook.id!r}")
-            kinds = rowmap.unwanted_kinds(webhook) if "event_types" in names else []
-            if kinds:
-                # a filter changed: its pending deliveries it now rejects go, as delete_webhook's
-                # do (attempts by ON DELETE CASCADE); in the same transaction
-                await conn.execute(
-                    "DELETE FROM deliveries WHERE"  # noqa: S608 - constants
-                    f" {rowmap.UNWANTED_PENDING.format(hook='$1', kinds='= ANY($2::text[])')}",
-                    webhook.id,
-                    kinds,
-                )
+            if "event_types" in names:
+                await _drop_unwanted(conn, webhook)  # in the same transaction
 
         await self.transaction(run)
 
@@ -923,12 +917,18 @@ class PostgresStore:
     async def due_deliveries(
         self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
     ) -> list[tuple[Delivery, OutboxEvent]]:
-        return [(d, e) for d, e, _ in await self._due(webhook_id, now_ms, limit, skip)]
+        return [(d, e) for d, e, _ in await self._due(webhook_id, now_ms, limit, skip, None)]
 
     async def due_sends(
-        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
+        self,
+        webhook_id: str,
+        now_ms: int,
+        limit: int,
+        skip: Collection[int] = (),
+        *,
+        kinds: Collection[str],
     ) -> list[DueSend]:
-        due = await self._due(webhook_id, now_ms, limit, skip)
+        due = await self._due(webhook_id, now_ms, limit, skip, kinds)
         return [
             DueSend(
                 d.id, d.attempts, d.event_id, e.committed_ms, e.structured(), e.kind.value, version
@@ -937,26 +937,41 @@ class PostgresStore:
         ]
 
     async def _due(
-        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int]
+        self,
+        webhook_id: str,
+        now_ms: int,
+        limit: int,
+        skip: Collection[int],
+        kinds: Collection[str] | None,
     ) -> list[tuple[Delivery, OutboxEvent, int]]:
-        """The due read of both: each delivery with its event and its version."""
+        """The due read of both: each delivery with its event and its version; of ``kinds``
+        only, when given (rows of others are left out, not counted in the limit)."""
 
         async def run(conn: Connection) -> list[tuple[Delivery, OutboxEvent, int]]:
             rows = await conn.fetch(
                 f"SELECT {_DELIVERY_COLUMNS_D}, {_OUTBOX_COLUMNS_O}, d.version"  # noqa: S608
                 " FROM deliveries d JOIN outbox o ON o.seq = d.seq"
                 " WHERE d.webhook_id = $1 AND d.status = 'pending' AND d.next_attempt_ms <= $2"
-                " AND d.id <> ALL($3::bigint[]) ORDER BY d.next_attempt_ms, d.seq LIMIT $4",
+                " AND d.id <> ALL($3::bigint[])"
+                " AND ($5::text[] IS NULL OR o.kind = ANY($5::text[]))"
+                " ORDER BY d.next_attempt_ms, d.seq LIMIT $4",
                 webhook_id,
                 now_ms,
                 list(skip),
                 limit,
+                None if kinds is None else list(kinds),
             )
             width = len(rowmap.DELIVERY_COLUMNS.split(","))
             return [
                 (rowmap.delivery(r[:width]), rowmap.outbox_event(r[width:-1]), int(r[-1]))
                 for r in rows
             ]
+
+        return await self.transaction(run)
+
+    async def drop_unwanted(self, webhook_id: str) -> int:
+        async def run(conn: Connection) -> int:
+            return await _drop_unwanted(conn, await _get_webhook(conn, webhook_id, share=True))
 
         return await self.transaction(run)
 
@@ -1035,6 +1050,10 @@ class PostgresStore:
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
         async def run(conn: Connection) -> Delivery:
             await _owing(conn)
+            # only a kind the webhook's filter wants: the worker sends no other, so it would
+            # stay pending for ever (the webhook's row is locked while it is read, so a filter
+            # change cannot commit between this check and the write: see _check_wanted)
+            await _check_wanted(conn, delivery_id)
             # only while its event is in the outbox (see the SQLite store)
             status = await conn.execute(
                 "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_ms = $1,"
@@ -1053,7 +1072,8 @@ class PostgresStore:
     async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
         async def run(conn: Connection) -> int:
             await _owing(conn)
-            kinds = rowmap.wanted_kinds(await _get_webhook(conn, webhook_id))
+            # the filter as it stays until the commit (its row locked: see _check_wanted)
+            kinds = rowmap.wanted_kinds(await _get_webhook(conn, webhook_id, share=True))
             if not kinds:
                 return 0
             sql = rowmap.RECOVER.format(
@@ -1568,14 +1588,42 @@ async def _unique_url(conn: Connection, url: str, sql: str, *args: object) -> st
     raise DuplicateError(f"url: already registered{f' as webhook {holder}' if holder else ''}")
 
 
-async def _get_webhook(conn: Connection, webhook_id: str) -> Webhook:
+async def _get_webhook(conn: Connection, webhook_id: str, *, share: bool = False) -> Webhook:
+    """The webhook; ``share``: its row locked FOR SHARE until the transaction ends, so no
+    change to it (a filter edit) commits meanwhile, and one in progress is waited for and read
+    as committed (READ COMMITTED reads the row's newest version after the wait)."""
+    lock = " FOR SHARE" if share else ""
     row = await conn.fetchrow(
-        f"SELECT {rowmap.WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1",  # noqa: S608
+        f"SELECT {rowmap.WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1{lock}",  # noqa: S608
         webhook_id,
     )
     if row is None:
         raise NotFoundError(f"no webhook with id {webhook_id!r}")
     return rowmap.webhook(row)
+
+
+async def _drop_unwanted(conn: Connection, hook: Webhook) -> int:
+    """The webhook's pending deliveries its filter rejects go, as delete_webhook's do (attempts
+    by ON DELETE CASCADE; they would otherwise never be sent); returns how many."""
+    kinds = rowmap.unwanted_kinds(hook)
+    if not kinds:
+        return 0
+    where = rowmap.UNWANTED_PENDING.format(hook="$1", kinds="= ANY($2::text[])")
+    return _count(await conn.execute(f"DELETE FROM deliveries WHERE {where}", hook.id, kinds))  # noqa: S608
+
+
+async def _check_wanted(conn: Connection, delivery_id: int) -> None:
+    """UnwantedError when the delivery's event is of a kind its webhook's filter rejects (no
+    answer when the delivery or its event is gone: the caller says which). The webhook's row
+    is locked FOR SHARE: a filter edit (``update_webhook``) committing between this read and
+    the caller's write would not see the delivery pending, and leave it so."""
+    row = await conn.fetchrow(rowmap.DELIVERY_KIND.format(id="$1"), delivery_id)
+    if row is None:
+        return
+    webhook_id, kind = row
+    hook = await _get_webhook(conn, webhook_id, share=True)
+    if not hook.wants(rowmap.KINDS[kind].event_type):
+        raise UnwantedError(unwanted_message(await _get_delivery(conn, delivery_id), kind, hook))
 
 
 def deliveries_query(

@@ -83,6 +83,12 @@ UNWANTED_PENDING = (
 )
 
 
+# the webhook and outbox kind of a delivery (no row: the delivery or its event is gone)
+DELIVERY_KIND = (
+    "SELECT d.webhook_id, o.kind FROM deliveries d JOIN outbox o ON o.seq = d.seq WHERE d.id = {id}"
+)
+
+
 def wanted_kinds(hook: Webhook) -> list[str]:
     """The outbox kinds ``hook``'s filter lets through (the filter stays ``Webhook.wants``)."""
     return [kind.value for kind in Kind if hook.wants(kind.event_type)]

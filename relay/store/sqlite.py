@@ -62,8 +62,10 @@ from relay.store.base import (
     StreamKey,
     StreamRate,
     StreamStats,
+    UnwantedError,
     Webhook,
     gone_message,
+    unwanted_message,
 )
 from relay.store.migrations import MIGRATIONS
 
@@ -831,19 +833,34 @@ class SqliteStore:
         return await self._run(run)
 
     async def due_sends(
-        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
+        self,
+        webhook_id: str,
+        now_ms: int,
+        limit: int,
+        skip: Collection[int] = (),
+        *,
+        kinds: Collection[str],
     ) -> list[DueSend]:
         held = orjson.dumps(list(skip))
+        wanted = orjson.dumps(list(kinds))
 
         def run(conn: sqlite3.Connection) -> list[DueSend]:
             # as due_deliveries, with each body built by SQLite (C, the GIL released): building
             # two frozen dataclasses per row here and the body per attempt in the event loop's
             # thread were the dispatcher's largest Python costs besides aiohttp (profiled:
             # ~6 us a row of store-thread GIL time, ~6 us per attempt in the loop's thread)
-            (batch,) = conn.execute(_DUE_SENDS_JSON, (webhook_id, now_ms, held, limit)).fetchone()
+            args = (webhook_id, now_ms, held, wanted, limit)
+            (batch,) = conn.execute(_DUE_SENDS_JSON, args).fetchone()
             rows = orjson.loads(batch)
             rows.sort()  # by [next_attempt_ms, seq, …]: unique per webhook, the query's order
             return [DueSend(r[2], r[3], r[4], r[5], r[6].encode(), r[7], r[8]) for r in rows]
+
+        return await self._run(run)
+
+    async def drop_unwanted(self, webhook_id: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _tx(conn):
+                return _drop_unwanted(conn, _get_webhook(conn, webhook_id))
 
         return await self._run(run)
 
@@ -915,6 +932,10 @@ class SqliteStore:
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
         def run(conn: sqlite3.Connection) -> Delivery:
             with _tx(conn):
+                # only a kind the webhook's filter wants: the worker sends no other, so it would
+                # stay pending for ever (a filter change in another transaction cannot come
+                # between this check and the write: SQLite runs one write transaction at a time)
+                _check_wanted(conn, delivery_id)
                 # only while its event is in the outbox: the due read joins it, so a delivery
                 # made pending without it would be neither sent nor ever dead-lettered
                 changed = conn.execute(
@@ -1422,7 +1443,9 @@ _DUE_SENDS_JSON = (
     f" {_BODY} AS body, o.kind AS kind, d.version AS version"
     " FROM deliveries d JOIN outbox o ON o.seq = d.seq"
     " WHERE d.webhook_id = ? AND d.status = 'pending' AND d.next_attempt_ms <= ?"
-    " AND d.id NOT IN (SELECT value FROM json_each(?)) ORDER BY d.next_attempt_ms, d.seq LIMIT ?)"
+    " AND d.id NOT IN (SELECT value FROM json_each(?))"
+    # the wanted kinds (a JSON array): rows of others are left out, not counted in the limit
+    " AND o.kind IN (SELECT value FROM json_each(?)) ORDER BY d.next_attempt_ms, d.seq LIMIT ?)"
 )
 
 
@@ -1445,19 +1468,32 @@ _INSERT_WEBHOOK = (
 )
 
 
-def _drop_unwanted(conn: sqlite3.Connection, hook: Webhook) -> None:
+def _drop_unwanted(conn: sqlite3.Connection, hook: Webhook) -> int:
     """A filter changed: the webhook's pending deliveries its filter now rejects go, with their
-    attempts, as ``delete_webhook``'s do (they would otherwise be retried for a day or more)."""
+    attempts, as ``delete_webhook``'s do (they would otherwise be retried for a day or more);
+    returns how many."""
     kinds = rowmap.unwanted_kinds(hook)
     if not kinds:
-        return
+        return 0
     where = rowmap.UNWANTED_PENDING.format(hook="?", kinds=f"IN ({', '.join('?' * len(kinds))})")
     args = (hook.id, *kinds)
     conn.execute(
         f"DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE {where})",  # noqa: S608
         args,
     )
-    conn.execute(f"DELETE FROM deliveries WHERE {where}", args)  # noqa: S608 - constants
+    return int(conn.execute(f"DELETE FROM deliveries WHERE {where}", args).rowcount)  # noqa: S608
+
+
+def _check_wanted(conn: sqlite3.Connection, delivery_id: int) -> None:
+    """UnwantedError when the delivery's event is of a kind its webhook's filter rejects (no
+    answer when the delivery or its event is gone: the caller says which)."""
+    row = conn.execute(rowmap.DELIVERY_KIND.format(id="?"), (delivery_id,)).fetchone()
+    if row is None:
+        return
+    webhook_id, kind = row
+    hook = _get_webhook(conn, webhook_id)
+    if not hook.wants(rowmap.KINDS[kind].event_type):
+        raise UnwantedError(unwanted_message(_get_delivery(conn, delivery_id), kind, hook))
 
 
 def _get_webhook(conn: sqlite3.Connection, webhook_id: str) -> Webhook:

@@ -728,6 +728,35 @@ async def test_redeliver_of_a_delivery_whose_event_was_pruned_is_410(
     assert (await store.delivery(first.id)).status == "delivered"
 
 
+async def test_redeliver_of_a_kind_the_filter_no_longer_wants_is_409(
+    client: Client, store: Store
+) -> None:
+    """A delivered click of a webhook narrowed to opens since: made pending, it would never be
+    sent (the worker sends only the kinds its filter wants) nor dead-lettered, so redelivering
+    it is refused with 409 naming the filter, and left as it is; once the filter wants clicks
+    again it is redelivered."""
+    hook = await create(client)
+    hook_id = str(hook["id"])
+    await commit_events(store, [activity(1, T0 - 5000)], T0)
+    (delivery,) = await store.deliveries(hook_id, 10)
+    await store.finish_attempts([(Attempt(delivery.id, T0, 200, 5.0), "delivered", T0, 0)])
+    opens = {"event_types": [OPEN]}
+    await ok(await client.patch(f"/v1/webhooks/{hook_id}", json=opens, headers=AUTH))
+    response = await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH)
+    error = await error_of(response, 409)
+    assert error == {
+        "code": "conflict",
+        "message": f"delivery {delivery.id}: its event is a {CLICK}, which webhook {hook_id}'s"
+        " event_types (com.constantcontact.email.open) no longer let through; widen them"
+        f" (PATCH /v1/webhooks/{hook_id}) to send it again",
+    }
+    assert (await store.delivery(delivery.id)).status == "delivered"
+    both = {"event_types": [OPEN, CLICK]}
+    await ok(await client.patch(f"/v1/webhooks/{hook_id}", json=both, headers=AUTH))
+    response = await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH)
+    assert (await ok(response, 202))["status"] == "pending"
+
+
 async def test_every_change_is_told_to_the_running_dispatcher(
     make_client: ClientFactory, store: Store
 ) -> None:

@@ -4,11 +4,13 @@ Retry-After, 410, auto-disable, dead letters, redelivery, recovery, SSRF and iso
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,8 +26,9 @@ from relay.events import Activity, Kind, from_millis
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import DeliverySettings, Outcome, WebhookDispatcher
-from relay.store import Attempt, Store, StoreError, StreamKey, Webhook
+from relay.store import Attempt, Store, StoreError, StreamKey, UnwantedError, Webhook
 from relay.store.coordination import Coordinator, LocalCoordinator
+from tests.storekit import behind_the_store
 
 ALLOW_LOOPBACK = Guard.from_strings(["127.0.0.0/8", "::1/128"])
 FAST = DeliverySettings(
@@ -535,10 +538,16 @@ class CountingStore:
         return getattr(self._store, name)
 
     async def due_sends(
-        self, webhook_id: str, now_ms: int, limit: int, skip: Collection[int] = ()
+        self,
+        webhook_id: str,
+        now_ms: int,
+        limit: int,
+        skip: Collection[int] = (),
+        *,
+        kinds: Collection[str],
     ) -> object:
         self.reads += 1
-        return await self._store.due_sends(webhook_id, now_ms, limit, skip)
+        return await self._store.due_sends(webhook_id, now_ms, limit, skip, kinds=kinds)
 
     async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
         self.reads += 1
@@ -978,6 +987,69 @@ async def test_a_narrowed_filter_stops_the_deliveries_it_rejects_queued_ones_inc
     assert left.status == "delivered"
 
 
+async def test_redelivered_deliveries_of_a_kind_the_filter_rejects_never_starve_the_rest(
+    any_store: Store, receiver: Start
+) -> None:
+    """600 opens delivered, the filter narrowed to clicks, every open redelivered (as an
+    operator would through the API): the redeliveries are refused, and clicks committed next
+    arrive. (Made pending, the opens were never sent nor dead-lettered, and as the oldest due
+    they filled every 512-row read, so no click was ever fetched.)"""
+    r = await receiver(default=204)
+    hook = await register(any_store, r.url)
+    await commit(any_store, [activity(i) for i in range(600)])
+    async with Running(any_store, replace(FAST, concurrency=8)) as dispatcher:
+        await until(lambda: dispatcher.delivered == 600, timeout_s=30)
+        # the last records written (a store has no event to wait on)
+        while await any_store.deliveries(hook.id, 1, "pending"):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        narrowed = replace(hook, event_types=("com.constantcontact.email.click",))
+        await any_store.update_webhook(narrowed, ["event_types"])
+        dispatcher.changed(hook.id, narrowed)
+        now = int(time.time() * 1000)
+        ids = [d.id for d in await any_store.deliveries(hook.id, 1000)]
+        outcomes = [
+            await asyncio.gather(any_store.redeliver(i, now), return_exceptions=True) for i in ids
+        ]
+        dispatcher.changed(hook.id)
+        await asyncio.sleep(0.3)
+        r.received.clear()
+        await commit(any_store, [activity(1000 + i, Kind.CLICK) for i in range(5)])
+        dispatcher.notify()
+        await until(lambda: len(r.received) == 5, timeout_s=5)
+    types = {orjson.loads(b)["type"] for _, _, b in r.received}
+    assert types == {"com.constantcontact.email.click"}
+    refused = [o for (o,) in outcomes if isinstance(o, UnwantedError)]
+    assert len(refused) == len(ids) == 600
+    assert await any_store.deliveries(hook.id, 10, "pending") == []
+
+
+async def test_pending_deliveries_of_a_rejected_kind_left_by_an_older_relay_are_dropped(
+    any_store: Store, receiver: Start, tmp_path: Path
+) -> None:
+    """A store where an older relay left 600 opens pending (redelivered after the filter was
+    narrowed to clicks): the worker reads only clicks, so the clicks committed next arrive, and
+    it drops the opens when it starts, as a filter edit does; nothing stays pending."""
+    r = await receiver(default=204)
+    hook = await register(any_store, r.url, ("com.constantcontact.email.click",))
+    await commit(any_store, [activity(i) for i in range(1200)])
+    await any_store.fanout(2000, T0)  # none of them: opens
+    await behind_the_store(  # what the old redeliver of them left: opens pending, due
+        any_store,
+        tmp_path,
+        "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms, created_ms)"
+        " SELECT (SELECT id FROM webhooks), seq, event_id, 'pending', 0, 0 FROM outbox",
+    )
+    assert len(await any_store.deliveries(hook.id, 2000, "pending")) == 1200
+    await commit(any_store, [activity(2000 + i, Kind.CLICK) for i in range(5)])
+    async with Running(any_store, replace(FAST, concurrency=8)) as dispatcher:
+        await until(lambda: len(r.received) == 5, timeout_s=5)
+        await asyncio.sleep(0.3)
+    types = {orjson.loads(b)["type"] for _, _, b in r.received}
+    assert types == {"com.constantcontact.email.click"}
+    assert dispatcher.delivered == 5
+    assert await any_store.deliveries(hook.id, 10, "pending") == []
+
+
 async def test_a_redelivery_while_the_last_attempt_is_in_flight_is_not_undone(
     store: Store, aiohttp_server: Callable[..., Awaitable[TestServer]]
 ) -> None:
@@ -1083,6 +1155,50 @@ async def test_an_error_text_never_carries_the_url_and_its_token(store: Store) -
         assert "TopSecretToken123" not in text
         assert "127.0.0.1" not in text
     assert (attempt.error or "").startswith("ClientResponseError: 400, ")
+
+
+class StalledBody:
+    """A raw TCP endpoint answering each request ``200 OK`` with ``Content-Length: 10``, then
+    nothing: the status is in, the body never comes."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        self.requests += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # silence until the client hangs up
+        writer.close()
+
+
+async def test_a_2xx_whose_body_stalls_is_delivered_not_timed_out_and_resent(
+    store: Store,
+) -> None:
+    """The status line and headers of a 200 arrive, the body never does: the attempt is a
+    success with status 200 and an empty excerpt, within the excerpt's own wait (1 s), not the
+    request's timeout; one request. (The body was read under the whole request's timeout: the
+    attempt was recorded as a timeout, its status thrown away, and the event sent again.)"""
+    endpoint = StalledBody()
+    server = await asyncio.start_server(endpoint.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hook = await register(store, f"http://127.0.0.1:{port}/hook")
+    await commit(store, [activity(1)])
+    try:
+        async with Running(store, replace(FAST, timeout_s=3.0)) as dispatcher:
+            await until(lambda: dispatcher.delivered + dispatcher.failed_attempts > 0, 6)
+            await asyncio.sleep(0.3)  # a resend would show here
+    finally:
+        server.close()
+        await server.wait_closed()
+    (delivery,) = await store.deliveries(hook.id, 10)
+    assert (delivery.status, delivery.attempts, delivery.last_status) == ("delivered", 1, 200)
+    [attempt] = await store.attempts(delivery.id)
+    assert (attempt.status_code, attempt.response_excerpt, attempt.error) == (200, "", None)
+    assert 900 <= attempt.latency_ms < 2000, attempt.latency_ms
+    assert (dispatcher.delivered, dispatcher.failed_attempts, endpoint.requests) == (1, 0, 1)
 
 
 def dispatcher_attempted(logs: list[dict[str, Any]]) -> bool:

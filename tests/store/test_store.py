@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +31,7 @@ from relay.store import (
     StoreError,
     StreamKey,
     StreamRate,
+    UnwantedError,
     Webhook,
     open_store,
     rowmap,
@@ -38,9 +40,11 @@ from relay.store import postgres as postgres_store
 from relay.store import sqlite as sqlite_store
 from relay.store.migrations import MIGRATIONS
 from relay.store.pg_migrations import PG_MIGRATIONS
+from tests.storekit import behind_the_store
 
 T0 = 1_763_000_000_000
 KEY = StreamKey("acme", "campaign", "1100394165290")
+ALL_KINDS = [kind.value for kind in Kind]  # every outbox kind (a due read asks for some)
 
 
 def activity(contact: int, ms: int, kind: Kind = Kind.OPEN, account: str = "acme") -> Activity:
@@ -560,7 +564,7 @@ async def test_due_sends_are_the_due_deliveries_with_their_bodies_byte_for_byte(
     first = min(await store.deliveries("wh_1", 100), key=lambda d: d.seq)
     await store.finish_attempts([(Attempt(first.id, T0 + 1, 500, 1.0), "pending", T0 + 50, 0)])
     due = await store.due_deliveries("wh_1", T0 + 100, 100)
-    sends = await store.due_sends("wh_1", T0 + 100, 100)
+    sends = await store.due_sends("wh_1", T0 + 100, 100, kinds=ALL_KINDS)
     assert len(sends) == len(times)
     assert sends == [
         # no reset: each version is the attempts settled
@@ -572,8 +576,8 @@ async def test_due_sends_are_the_due_deliveries_with_their_bodies_byte_for_byte(
     assert sends[-1].delivery_id == first.id  # due later: its retry
     assert (sends[-1].attempts, sends[-1].version) == (1, 1)
     skip = {sends[0].delivery_id, sends[2].delivery_id}
-    assert await store.due_sends("wh_1", T0 + 100, 2, skip=skip) == [sends[1], sends[3]]
-    assert await store.due_sends("wh_1", T0 + 10, 100) == sends[:-1]  # the retry is not due
+    assert await store.due_sends("wh_1", T0 + 100, 2, skip, kinds=ALL_KINDS) == [sends[1], sends[3]]
+    assert await store.due_sends("wh_1", T0 + 10, 100, kinds=ALL_KINDS) == sends[:-1]  # not due
 
 
 async def test_due_deliveries_leave_out_the_held_ones_without_counting_them(store: Store) -> None:
@@ -1533,6 +1537,135 @@ async def test_a_narrowed_filter_drops_the_pending_deliveries_it_rejects(store: 
     assert len(await store.deliveries("wh_2", 10, "pending")) == 5
     await store.update_webhook(first, ["event_types"])  # widened again
     assert sorted(d.seq for d in await store.deliveries("wh_1", 10)) == [1, 2, 4, 5]
+
+
+CLICKS_ONLY = ("com.constantcontact.email.click",)
+NARROW_TO_CLICKS = "UPDATE webhooks SET event_types = '[\"com.constantcontact.email.click\"]'"
+
+
+async def test_redeliver_refuses_a_kind_the_filter_no_longer_wants(store: Store) -> None:
+    """A delivered open of a webhook narrowed to clicks: redelivered, it would stay pending for
+    ever (never sent, never dead-lettered), so redeliver raises UnwantedError naming the filter
+    and leaves it as it is; a click of the same webhook is redelivered."""
+    sid = await one_stream(store)
+    first = await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(1, T0 + 1), activity(2, T0 + 2, Kind.CLICK)], T0)
+    await store.fanout(100, T0)
+    opened, clicked = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)
+    await store.finish_attempts(
+        [(Attempt(d.id, T0, 200, 1.0), "delivered", T0, 0) for d in (opened, clicked)]
+    )
+    await store.update_webhook(dataclasses.replace(first, event_types=CLICKS_ONLY), ["event_types"])
+    message = (
+        f"delivery {opened.id}: its event is a com.constantcontact.email.open, which webhook"
+        " wh_1's event_types (com.constantcontact.email.click) no longer let through"
+    )
+    with pytest.raises(UnwantedError, match=re.escape(message)):
+        await store.redeliver(opened.id, T0 + 5)
+    assert (await store.delivery(opened.id)).status == "delivered"
+    assert (await store.redeliver(clicked.id, T0 + 5)).status == "pending"
+    assert await store.deliveries("wh_1", 10, "pending") == [await store.delivery(clicked.id)]
+
+
+async def test_a_redeliver_racing_a_filter_edit_sees_the_edit(store: Store) -> None:
+    """PostgreSQL: a filter edit in progress (its transaction open, the webhook's row written)
+    while a redeliver of a kind it drops runs: the redeliver waits for it and is refused, so no
+    delivery of a rejected kind is left pending (the edit's drop could not see it). SQLite
+    runs one write transaction at a time: the edit is committed first."""
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(1, T0 + 1)], T0)
+    await store.fanout(100, T0)
+    (opened,) = await store.deliveries("wh_1", 10)
+    await store.finish_attempts([(Attempt(opened.id, T0, 200, 1.0), "delivered", T0, 0)])
+    types = orjson.dumps(list(CLICKS_ONLY)).decode()
+    if isinstance(store, PostgresStore):
+        pg = await asyncpg.connect(store._url)
+        try:
+            async with pg.transaction():
+                await pg.execute("UPDATE webhooks SET event_types = $1 WHERE id = 'wh_1'", types)
+                redelivering = asyncio.create_task(store.redeliver(opened.id, T0 + 5))
+                await asyncio.sleep(0.3)  # it has read the delivery and waits for the row
+        finally:
+            await pg.close()
+        outcome = await asyncio.gather(redelivering, return_exceptions=True)
+    else:
+        narrowed = dataclasses.replace(hook(1), event_types=CLICKS_ONLY)
+        await store.update_webhook(narrowed, ["event_types"])
+        outcome = await asyncio.gather(store.redeliver(opened.id, T0 + 5), return_exceptions=True)
+    assert isinstance(outcome[0], UnwantedError), outcome
+    assert await store.deliveries("wh_1", 10, "pending") == []
+
+
+async def test_due_sends_read_only_the_kinds_asked_for(store: Store) -> None:
+    """600 older pending opens and 5 clicks: asked for clicks, the due read returns the clicks
+    in one batch of 512 (the opens are neither read nor counted in the limit; a read of every
+    kind fills the batch with opens, and the clicks would never come)."""
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    opens = [activity(i, T0 + i) for i in range(600)]
+    await store.commit_page(sid, opens, T0)
+    await store.fanout(1000, T0)
+    await store.commit_page(sid, [activity(i, T0 + i, Kind.CLICK) for i in range(5)], T0 + 1)
+    await store.fanout(1000, T0 + 1)
+    assert {s.kind for s in await store.due_sends("wh_1", T0 + 10, 512, kinds=ALL_KINDS)} == {
+        "open"
+    }
+    clicks = await store.due_sends("wh_1", T0 + 10, 512, kinds=["click"])
+    assert [s.kind for s in clicks] == ["click"] * 5
+    assert await store.due_sends("wh_1", T0 + 10, 512, kinds=[]) == []
+    skip = {clicks[0].delivery_id}
+    assert await store.due_sends("wh_1", T0 + 10, 2, skip, kinds=["click"]) == clicks[1:3]
+
+
+async def test_drop_unwanted_drops_what_the_stored_filter_rejects(
+    store: Store, tmp_path: Path
+) -> None:
+    """Pending opens left behind by an older relay (a redelivery after the filter was narrowed
+    to clicks) go with their attempts, as a filter edit drops them; pending clicks, and
+    delivered opens, stay; a second call finds nothing."""
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    opens = [activity(i, T0 + i) for i in range(3)]
+    await store.commit_page(sid, [*opens, activity(9, T0 + 9, Kind.CLICK)], T0)  # seq 1..4
+    await store.fanout(100, T0)
+    by_seq = {d.seq: d for d in await store.deliveries("wh_1", 10)}
+    await store.finish_attempts(
+        [
+            (Attempt(by_seq[1].id, T0, 200, 1.0), "delivered", T0, 0),
+            (Attempt(by_seq[2].id, T0, 500, 1.0), "pending", T0 + 5, 0),
+        ]
+    )
+    await behind_the_store(store, tmp_path, NARROW_TO_CLICKS)
+    assert await store.drop_unwanted("wh_1") == 2  # seq 2 (with its attempt) and 3
+    left = {d.seq: d.status for d in await store.deliveries("wh_1", 10)}
+    assert left == {1: "delivered", 4: "pending"}
+    assert await store.attempts(by_seq[2].id) == []
+    assert await store.drop_unwanted("wh_1") == 0
+    with pytest.raises(NotFoundError):
+        await store.drop_unwanted("wh_none")
+
+
+async def test_the_due_read_uses_the_due_index_with_the_kinds_filter(tmp_path: Path) -> None:
+    """SQLite: the due read (one JSON statement, the wanted kinds a parameter) still walks the
+    deliveries_due index in due order, then one outbox lookup by seq per row (EXPLAIN QUERY
+    PLAN of the store's own statement on an analysed table)."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "state.db")
+    try:
+        conn.execute(_FILL_WEBHOOKS)
+        conn.execute(_FILL_DELIVERIES.format(numbers=SQLITE_NUMBERS))
+        conn.execute("ANALYZE")
+        args = ("wh_1", T0, "[]", '["click"]', 512)
+        rows = conn.execute(f"EXPLAIN QUERY PLAN {sqlite_store._DUE_SENDS_JSON}", args)
+        plan = " | ".join(r[3] for r in rows)
+    finally:
+        conn.close()
+    assert "SEARCH d USING INDEX deliveries_due" in plan, plan
+    assert "SEARCH o USING INTEGER PRIMARY KEY" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
 
 
 @contextlib.asynccontextmanager
