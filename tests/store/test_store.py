@@ -1380,7 +1380,9 @@ async def test_an_attempt_finished_after_a_reset_keeps_the_reset(store: Store) -
     await store.commit_page(sid, [activity(1, T0), activity(2, T0)], T0)
     await store.fanout(100, T0)
     first, second = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)
-    read = {s.delivery_id: s.version for s in await store.due_sends("wh_1", T0, 10)}
+    read = {
+        s.delivery_id: s.version for s in await store.due_sends("wh_1", T0, 10, kinds=ALL_KINDS)
+    }
     await store.finish_attempts(
         [
             (Attempt(first.id, T0, 500, 1.0), "pending", T0 + 1, read[first.id]),
@@ -1388,7 +1390,7 @@ async def test_an_attempt_finished_after_a_reset_keeps_the_reset(store: Store) -
         ]
     )
     # both read again with one attempt made, sent; then reset while in flight
-    sent = {s.delivery_id: s for s in await store.due_sends("wh_1", T0 + 1, 10)}
+    sent = {s.delivery_id: s for s in await store.due_sends("wh_1", T0 + 1, 10, kinds=ALL_KINDS)}
     assert [sent[d.id].attempts for d in (first, second)] == [1, 1]
     assert (await store.redeliver(first.id, T0 + 2)).attempts == 0
     assert await store.recover("wh_1", 0, T0 + 2) == 2
@@ -1408,7 +1410,7 @@ async def test_an_attempt_finished_after_a_reset_keeps_the_reset(store: Store) -
         assert (now.status, now.attempts, now.next_attempt_ms) == ("pending", 0, T0 + 2)
         assert [a.attempted_ms for a in await store.attempts(delivery.id)] == [T0, T0 + 3]
     # an attempt of the reset delivery settles it as usual
-    reset = {s.delivery_id: s for s in await store.due_sends("wh_1", T0 + 2, 10)}
+    reset = {s.delivery_id: s for s in await store.due_sends("wh_1", T0 + 2, 10, kinds=ALL_KINDS)}
     assert reset[first.id].attempts == 0
     await store.finish_attempts(
         [(Attempt(first.id, T0 + 4, 200, 1.0), "delivered", T0 + 4, reset[first.id].version)]
@@ -1428,7 +1430,7 @@ async def test_a_first_attempt_finished_after_a_reset_keeps_the_reset(
     await store.create_webhook(hook(1))
     await store.commit_page(sid, [activity(1, T0)], T0)
     await store.fanout(100, T0)
-    (sent,) = await store.due_sends("wh_1", T0, 10)
+    (sent,) = await store.due_sends("wh_1", T0, 10, kinds=ALL_KINDS)
     assert sent.attempts == 0
     if reset == "redeliver":
         await store.redeliver(sent.delivery_id, T0 + 2)
@@ -1440,7 +1442,7 @@ async def test_a_first_attempt_finished_after_a_reset_keeps_the_reset(
     now = await store.delivery(sent.delivery_id)
     assert (now.status, now.attempts, now.next_attempt_ms) == ("pending", 0, T0 + 2)
     assert [a.status_code for a in await store.attempts(sent.delivery_id)] == [503]
-    (again,) = await store.due_sends("wh_1", T0 + 2, 10)
+    (again,) = await store.due_sends("wh_1", T0 + 2, 10, kinds=ALL_KINDS)
     assert again.attempts == 0
     # sent twice at this version (a takeover): the first record settles it, the second is history
     first = Attempt(sent.delivery_id, T0 + 4, 503, 1.0)
