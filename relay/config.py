@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 from relay.api import AdminConfigError, AdminSettings, DeclaredWebhook, check_exposure
+from relay.api.body import MAX_RATE_PER_S, MIN_RATE_PER_S
 from relay.api.service import WebhookError, check_secret
 from relay.api.streams import ACCOUNT_NAME, ACCOUNT_SHAPE
 from relay.ctct.client import Credentials, RetryPolicy
@@ -472,7 +473,15 @@ def _webhooks(
                 description=w.text("description", " ").strip(),
                 enabled=w.flag("enabled", True),
                 secret=secret,
-                rate_limit_per_s=None if rate is None else w.number("rate_limit_per_s", 1.0),
+                rate_limit_per_s=None
+                if rate is None
+                else w.number(
+                    "rate_limit_per_s",
+                    1.0,
+                    minimum=MIN_RATE_PER_S,
+                    maximum=MAX_RATE_PER_S,
+                    strict=False,
+                ),
             )
         )
         w.done()

@@ -332,6 +332,13 @@ def test_unknown_keys_of_mixed_types_are_listed(tmp_path: Path) -> None:
             id="bad-number",
         ),
         pytest.param(
+            MINIMAL
+            + "webhooks: {declared: [{url: 'https://x.example/h', rate_limit_per_s: 1e-9}]}",
+            r"webhooks\.declared\[0\]\.rate_limit_per_s: expected a number >= 1\.15741e-05"
+            r" and <= 100000, got '1e-9'",
+            id="declared-rate-too-slow",
+        ),
+        pytest.param(
             MINIMAL + "    rate_limit: {reserved_share: 1.5}",
             r"reserved_share: expected a number >= 0 and <= 0.99",
             id="share-too-big",

@@ -29,6 +29,9 @@ MAX_URL_CHARS = 2048
 MAX_DESCRIPTION_CHARS = 1000
 MAX_SECRET_CHARS = 200
 MAX_RATE_PER_S = 100_000.0
+# one request a day: a slower limit spaces its requests past any wait that means something (a
+# rate of 5e-324 spaced them by infinity, so the endpoint's senders waited for ever)
+MIN_RATE_PER_S = 1 / 86400
 MAX_EVENT_TYPES = 16
 MAX_DELIVERY_ID = 2**63 - 1  # SQLite and PostgreSQL BIGINT: a larger id can name nothing
 DELIVERY_STATUSES = ("pending", "delivered", "dead")
@@ -139,8 +142,11 @@ def string_list(body: JsonObject, name: str, *, max_items: int, max_chars: int) 
     return out
 
 
+RATE_RANGE = f"must be at least {MIN_RATE_PER_S:.3g} (one a day) and at most {MAX_RATE_PER_S:g}"
+
+
 def rate_or_null(body: JsonObject, name: str) -> float | None:
-    """A number in (0, MAX_RATE_PER_S], or null for "no limit"."""
+    """A number in [MIN_RATE_PER_S, MAX_RATE_PER_S], or null for "no limit"."""
     value = body[name]
     if value is None:
         return None
@@ -148,8 +154,8 @@ def rate_or_null(body: JsonObject, name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise bad_request(f"{name}: expected a number or null, got {_json_type(value)}")
     rate = float(value)
-    if not (math.isfinite(rate) and 0 < rate <= MAX_RATE_PER_S):
-        raise bad_request(f"{name}: must be greater than 0 and at most {MAX_RATE_PER_S:g}")
+    if not (math.isfinite(rate) and MIN_RATE_PER_S <= rate <= MAX_RATE_PER_S):
+        raise bad_request(f"{name}: {RATE_RANGE}")
     return rate
 
 

@@ -300,7 +300,7 @@ def _schemas() -> JsonObject:
     url: JsonObject = {"type": "string", "format": "uri", "maxLength": body.MAX_URL_CHARS}
     rate: JsonObject = {
         "type": ["number", "null"],
-        "exclusiveMinimum": 0,
+        "minimum": body.MIN_RATE_PER_S,
         "maximum": body.MAX_RATE_PER_S,
         "description": "requests per second to this endpoint; null: no limit",
     }

@@ -104,11 +104,9 @@ def check_secret(secret: str) -> str:
 
 
 def check_rate(rate: float | None) -> float | None:
-    """None (no limit) or a positive, finite rate."""
-    if rate is not None and not 0 < rate <= body.MAX_RATE_PER_S:
-        raise WebhookError(
-            f"rate_limit_per_s: must be greater than 0 and at most {body.MAX_RATE_PER_S:g}"
-        )
+    """None (no limit) or a rate in [MIN_RATE_PER_S, MAX_RATE_PER_S]."""
+    if rate is not None and not body.MIN_RATE_PER_S <= rate <= body.MAX_RATE_PER_S:
+        raise WebhookError(f"rate_limit_per_s: {body.RATE_RANGE}")
     return rate
 
 
@@ -127,6 +125,12 @@ async def check_url(guard: Guard, url: str) -> str:
     if not _uri_characters(url):
         raise WebhookError("url: must be printable ASCII without spaces (percent-encode the rest)")
     _check_one_host(url)
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = None  # out of range: the guard names it
+    if port == 0:
+        raise WebhookError("url: port 0 cannot be connected to")
     url = normalized_url(url)
     try:
         await guard.check_url(url)

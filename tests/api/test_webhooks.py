@@ -284,8 +284,19 @@ async def test_event_types_are_deduplicated(client: Client) -> None:
         ),
         pytest.param(
             {"url": PUBLIC_URL, "event_types": [CLICK], "rate_limit_per_s": 0},
-            "rate_limit_per_s: must be greater than 0",
+            "rate_limit_per_s: must be at least 1.16e-05 (one a day)",
             id="rate-zero",
+        ),
+        pytest.param(
+            # its spacing was infinite: the endpoint's senders waited for ever
+            {"url": PUBLIC_URL, "event_types": [CLICK], "rate_limit_per_s": 5e-324},
+            "rate_limit_per_s: must be at least 1.16e-05 (one a day) and at most 100000",
+            id="rate-subnormal",
+        ),
+        pytest.param(
+            {"url": "https://hooks.example.com:0/h", "event_types": [CLICK]},
+            "url: port 0 cannot be connected to",
+            id="port-zero",
         ),
         pytest.param(
             {"url": PUBLIC_URL, "event_types": [CLICK], "rate_limit_per_s": True},
