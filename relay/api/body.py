@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.api.responses import ApiError, JsonObject, bad_request, not_found
 from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, to_millis
@@ -65,9 +66,17 @@ async def read_object(request: web.Request, *, optional: bool = False) -> JsonOb
     an empty body of any other type (aiohttp sends ``application/octet-stream``) is absent.
 
     The size cap is the application's ``client_max_size``: reading past it raises aiohttp's 413,
-    which the error middleware renders as JSON.
+    which the error middleware renders as JSON. aiohttp decodes a ``Content-Encoding`` (gzip,
+    deflate) as it reads: a body that does not decode as its header says is a 400 naming the
+    problem (it was a 500 and a logged traceback), as is one cut short by the client closing
+    the connection (an answer no one reads, but no traceback in the log).
     """
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError as exc:
+        raise bad_request(f"body: cannot be read as sent: {payload_problem(exc)}") from None
+    except ConnectionError:  # the client left mid-body: no one to answer, nothing of ours failed
+        raise bad_request("body: the connection closed before all of it arrived") from None
     media_type = request.content_type.lower()
     if optional and not raw and media_type not in _BROWSER_FORM_TYPES:
         return {}
@@ -85,6 +94,18 @@ async def read_object(request: web.Request, *, optional: bool = False) -> JsonOb
     if not isinstance(parsed, dict):
         raise bad_request(f"body: expected a JSON object, got {_json_type(parsed)}")
     return {str(key): value for key, value in parsed.items()}
+
+
+def payload_problem(exc: BaseException) -> str:
+    """What aiohttp found wrong with a request body (``Can not decode content-encoding: gzip``),
+    on one line: its parser's message, without the status it prefixes."""
+    cause = exc.__cause__
+    text = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    text = _STATUS_PREFIX.sub("", " ".join(str(text).split()))
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+_STATUS_PREFIX = re.compile(r"^[0-9]{3}, message: ")
 
 
 def check_fields(

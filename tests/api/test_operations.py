@@ -400,6 +400,15 @@ async def test_dead_letters_are_listed_oldest_first_with_a_total(api: Client, st
     assert (answer["total"], answer["limit"]) == (3, 2)
 
 
+async def test_a_dead_letter_reason_goes_through_the_redactor(api: Client, store: Store) -> None:
+    """The broker's error text is shown as status shows a sink's last error: redacted."""
+    reason = "KafkaError: SASL authentication failed for k-secret-key"
+    await store.add_dead_letter("kafka", 4, "e4", reason, T0)
+    answer = await (await api.get("/v1/dead-letters", headers=AUTH)).json()
+    shown = answer["dead_letters"][0]["reason"]
+    assert shown == "KafkaError: SASL authentication failed for [REDACTED]"
+
+
 @pytest.mark.parametrize(
     ("query", "message"),
     [
