@@ -115,7 +115,7 @@ def check_fields(
     for name in body:
         if name not in allowed:
             known = ", ".join(sorted(allowed))
-            raise bad_request(f"{name}: unknown field (known: {known})")
+            raise bad_request(f"{clip(name)}: unknown field (known: {known})")
     for name in required:
         if name not in body:
             raise bad_request(f"{name}: required")
@@ -247,7 +247,7 @@ def path_integer(request: web.Request, name: str, maximum: int) -> int:
     not an id at all (a 404 would quote it as if it were one that does not exist)."""
     text = request.match_info[name]
     if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= maximum:
-        raise bad_request(f"{name}: expected an integer from 1 to {maximum}, got {_clip(text)!r}")
+        raise bad_request(f"{name}: expected an integer from 1 to {maximum}, got {clip(text)!r}")
     return int(text)
 
 
@@ -255,11 +255,11 @@ def path_resource_id(request: web.Request, name: str) -> str:
     """A contact or campaign id from the path: anything else is a 400 naming the parameter."""
     text = request.match_info[name]
     if not RESOURCE_ID.fullmatch(text):
-        raise bad_request(f"{name}: expected {RESOURCE_ID_SHAPE}, got {_clip(text)!r}")
+        raise bad_request(f"{name}: expected {RESOURCE_ID_SHAPE}, got {clip(text)!r}")
     return text
 
 
-def _clip(text: str, limit: int = 40) -> str:
+def clip(text: str, limit: int = 40) -> str:
     """A value for a message: what was sent, cut short (a path may be kilobytes long)."""
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -269,7 +269,7 @@ def check_query(request: web.Request, allowed: Collection[str]) -> None:
     for name in request.query:
         if name not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
-            raise bad_request(f"{name}: unknown query parameter (known: {known})")
+            raise bad_request(f"{clip(name)}: unknown query parameter (known: {known})")
 
 
 def query_status(request: web.Request) -> str | None:

@@ -75,7 +75,7 @@ async def _list(request: web.Request) -> web.Response:
     body.check_query(request, _LIST_QUERY)
     account = _query(request, "account")
     if account is not None and not ACCOUNT_NAME.fullmatch(account):
-        raise bad_request(f"account: expected {ACCOUNT_SHAPE}, got {account!r}")
+        raise bad_request(f"account: expected {ACCOUNT_SHAPE}, got {body.clip(account)!r}")
     scope = _choice(request, "scope", SCOPES)
     state = _choice(request, "state", STREAM_STATES)
     replaying = _choice(request, "replaying", ("true", "false"))
@@ -286,10 +286,10 @@ async def _account(request: web.Request) -> str:
     if view.accounts:
         if name not in view.accounts:
             known = ", ".join(sorted(view.accounts))
-            raise not_found(f"no account named {name!r} (configured: {known})")
+            raise not_found(f"no account named {body.clip(name)!r} (configured: {known})")
         return name
     if not ACCOUNT_NAME.fullmatch(name):
-        raise not_found(f"no account named {name!r}")
+        raise not_found(f"no account named {body.clip(name)!r}")
     return name
 
 
@@ -303,7 +303,7 @@ def _query(request: web.Request, name: str) -> str | None:
 def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | None:
     value = _query(request, name)
     if value is not None and value not in allowed:
-        raise bad_request(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        raise bad_request(f"{name}: expected one of {', '.join(allowed)}, got {body.clip(value)!r}")
     return value
 
 
@@ -312,5 +312,7 @@ def _integer(request: web.Request, name: str, default: int, low: int, high: int)
     if text is None:
         return default
     if not _DIGITS.fullmatch(text) or not low <= int(text) <= high:
-        raise bad_request(f"{name}: expected an integer from {low} to {high}, got {text!r}")
+        raise bad_request(
+            f"{name}: expected an integer from {low} to {high}, got {body.clip(text)!r}"
+        )
     return int(text)
