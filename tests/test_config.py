@@ -1186,17 +1186,21 @@ def test_sqlite_state_naming_a_directory_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["acme corp/eu #1", "acme/eu", "a b", "ünicode", "x" * 101, "tab\tname", "0123:x"]
+    "name",
+    ["acme corp/eu #1", "acme/eu", "a b", "ünicode", "x" * 101, "tab\tname", "0123:x", ".", ".."],
 )
 def test_account_names_fit_uris_and_api_paths(tmp_path: Path, name: str) -> None:
     """An account name is part of CloudEvent sources (ctct://<name>/…) and admin API paths: the
-    API's own pattern (relay.api.streams.ACCOUNT_NAME) is checked at load, naming the key."""
+    API's own pattern (relay.api.streams.ACCOUNT_NAME) is checked at load, naming the key ("."
+    and "..", dot segments, are a path no client sends as written)."""
     text = MINIMAL.replace("name: acme", f"name: {name!r}")
     with pytest.raises(ConfigError, match=r"accounts\[0\]\.name: expected 1 to 100 letters"):
         load(write(tmp_path, text), environ={"KEY": "k"})
 
 
-@pytest.mark.parametrize("name", ["acme", "acme-eu.prod_2", "0123", "x" * 100])
+@pytest.mark.parametrize(
+    "name", ["acme", "acme-eu.prod_2", "0123", "x" * 100, "...", ".a", ".a.", "a.", "." + "x" * 99]
+)
 def test_account_names_of_the_api_pattern_load(tmp_path: Path, name: str) -> None:
     """Names the admin API can address load unchanged."""
     text = MINIMAL.replace("name: acme", f"name: {name}")

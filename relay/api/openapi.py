@@ -496,8 +496,9 @@ def _parameters() -> JsonObject:
 _ERROR_RESPONSES = {
     400: (
         "BadRequest",
-        "invalid JSON, an unknown field, a bad value or a path parameter of the wrong shape (an id"
-        " out of range); the message names it",
+        "invalid JSON, an unknown field, a bad value, a path parameter of the wrong shape (an id"
+        " out of range) or a body that does not decode as its Content-Encoding says; the"
+        " message names it",
     ),
     401: ("Unauthorized", "missing or wrong bearer token"),
     404: ("NotFound", "no such webhook or delivery"),
