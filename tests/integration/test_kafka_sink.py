@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from structlog.testing import capture_logs
@@ -75,8 +75,55 @@ def kafka_config(tmp: Path, sim: SimProcess, bootstrap: str, prefix: str) -> Pat
 Message = tuple[str, bytes, dict[str, bytes], bytes, int, int]  # topic, key, headers, value, p, off
 
 
-async def consume_all(bootstrap: str, topics: list[str], idle_s: float = 3.0) -> list[Message]:
-    """Everything on the topics, from the beginning, until nothing new arrives for idle_s."""
+async def consume_all(
+    bootstrap: str, topics: list[str], idle_s: float | None = None
+) -> list[Message]:
+    """Everything on the topics, from the beginning. Without ``idle_s``: up to the end offsets
+    the topics have when called, for callers whose publishers have all stopped (nothing more
+    can arrive, so waiting for silence would only cost time). With ``idle_s``: until nothing new
+    arrives for idle_s, for callers whose publisher may still be sending."""
+    if idle_s is not None:
+        return await _consume_until_idle(bootstrap, topics, idle_s)
+    partitions = await _partitions(bootstrap, topics)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    messages: list[Message] = []
+    try:
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        deadline = asyncio.get_running_loop().time() + 60
+        while behind := [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"not read to their end offsets within 60 s: {behind}")
+            batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            _collect(messages, batch)
+        return messages
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(bootstrap: str, topics: list[str]) -> list[TopicPartition]:
+    """The partitions of those of ``topics`` that exist."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return [
+        TopicPartition(t["topic"], p["partition"])
+        for t in described
+        if t["error_code"] == 0
+        for p in t["partitions"]
+    ]
+
+
+async def _consume_until_idle(bootstrap: str, topics: list[str], idle_s: float) -> list[Message]:
     consumer = AIOKafkaConsumer(
         *topics,
         bootstrap_servers=bootstrap,
@@ -91,12 +138,16 @@ async def consume_all(bootstrap: str, topics: list[str], idle_s: float = 3.0) ->
             batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=5000)
             if not batch:
                 return messages
-            for records in batch.values():
-                for r in records:
-                    headers = {k: v for k, v in r.headers}
-                    messages.append((r.topic, r.key, headers, r.value, r.partition, r.offset))
+            _collect(messages, batch)
     finally:
         await consumer.stop()
+
+
+def _collect(messages: list[Message], batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+    for records in batch.values():
+        for r in records:
+            headers = {k: v for k, v in r.headers}
+            messages.append((r.topic, r.key, headers, r.value, r.partition, r.offset))
 
 
 def identities(messages: list[Message]) -> Counter[Identity]:

@@ -351,7 +351,7 @@ def test_log_replay_reaches_kafka_and_webhooks_with_the_same_ids(
             f"{prefix}.ctct.email.{k}"
             for k in ("send", "open", "click", "forward", "bounce", "unsubscribe")
         ]
-        messages = asyncio.run(consume_all(kafka_bootstrap, topics))
+        messages = asyncio.run(consume_all(kafka_bootstrap, topics, idle_s=3.0))
     finally:
         relay.kill()
         sim.kill()
