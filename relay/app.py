@@ -131,7 +131,14 @@ async def _relay(
         guard = Guard.from_strings(settings.allow_networks)
 
         async def declare() -> None:
-            await upsert_declared(store, guard, settings.webhooks, now_ms(), "webhooks.declared")
+            await upsert_declared(
+                store,
+                guard,
+                settings.webhooks,
+                now_ms(),
+                "webhooks.declared",
+                settings.admin.max_webhooks,
+            )
 
         try:
             # one replica at a time, so replicas starting together create each webhook once

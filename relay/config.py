@@ -52,6 +52,7 @@ DEFAULT_OUTBOX_RETENTION_H = 168.0
 # timers (timedelta) and protocol fields (Kafka's int32) they end up in.
 MAX_NUMBER = 1e9
 MAX_INTEGER = 2**31 - 1
+MAX_WEBHOOKS = 10_000  # the most webhooks.max_webhooks may be: a worker per webhook
 # What unsets a key that is not a string, as text (override variables are text); YAML's spellings.
 NULL_WORDS = frozenset({"null", "Null", "NULL", "~"})
 # What true/false keys take as text (override variables are text): YAML 1.1's words, any case.
@@ -375,7 +376,7 @@ def _settings(data: Mapping[str, object], origins: Mapping[str, str]) -> Setting
     if len(set(names)) != len(names):
         raise ConfigError(f"accounts: names must be unique, got {names}")
     _check_shared_keys(accounts)
-    delivery, allow, declared = _webhooks(root.child("webhooks"))
+    delivery, allow, declared, max_webhooks = _webhooks(root.child("webhooks"))
     settings = Settings(
         accounts=accounts,
         state=_state(root),
@@ -388,7 +389,7 @@ def _settings(data: Mapping[str, object], origins: Mapping[str, str]) -> Setting
         http=_http(root.child("http")),
         logging=_logs(root),
         kafka=_kafka(root),
-        admin=_admin(root.child("admin")),
+        admin=replace(_admin(root.child("admin")), max_webhooks=max_webhooks),
         delivery=delivery,
         allow_networks=allow,
         webhooks=declared,
@@ -440,8 +441,11 @@ def _admin(r: _Reader) -> AdminSettings:
 
 def _webhooks(
     r: _Reader,
-) -> tuple[DeliverySettings, tuple[str, ...], tuple[DeclaredWebhook, ...]]:
+) -> tuple[DeliverySettings, tuple[str, ...], tuple[DeclaredWebhook, ...], int]:
     b = DeliverySettings()
+    max_webhooks = r.integer(
+        "max_webhooks", AdminSettings().max_webhooks, minimum=1, maximum=MAX_WEBHOOKS
+    )
     schedule = r.numbers("retry_schedule_s")
     delivery = DeliverySettings(
         retry_schedule_s=b.retry_schedule_s if schedule is None else tuple(schedule),
@@ -485,8 +489,13 @@ def _webhooks(
             )
         )
         w.done()
+    if len(declared) > max_webhooks:
+        raise ConfigError(
+            f"{r.key('declared')}: {len(declared)} webhooks declared, more than"
+            f" {r.key('max_webhooks')} ({max_webhooks}) allows"
+        )
     r.done()
-    return delivery, allow, tuple(declared)
+    return delivery, allow, tuple(declared), max_webhooks
 
 
 def _kafka(root: _Reader) -> KafkaSettings | None:

@@ -27,6 +27,7 @@ from urllib.parse import quote, quote_plus
 import orjson
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "***"
@@ -207,17 +208,37 @@ def _one_line_bad_requests(record: logging.LogRecord) -> bool:
     """aiohttp's server logs every request it cannot parse (a request line or header over 8190
     bytes, a bad HTTP version, a bad chunk) as an error with a ~1 KB traceback: anyone who can
     connect could flood the log with them. It has answered 400 already and nothing of ours
-    failed, so the record becomes a one-line warning naming the peer and the problem."""
+    failed, so the record becomes a one-line warning naming the peer and the problem.
+
+    So does its "Unhandled exception" for a body that does not decode as its
+    ``Content-Encoding`` says (gzip that is not gzip): after the answer (a 400, or a 401 to a
+    request without the token, whose body is never read) aiohttp drains the rest of the body,
+    finds the error again and closes the connection."""
     error = record.exc_info[1] if record.exc_info else None
-    if record.name.startswith("aiohttp.server") and isinstance(error, HttpProcessingError):
+    if not record.name.startswith("aiohttp.server"):
+        return True
+    if isinstance(error, HttpProcessingError):
         peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-        # the parser's message quotes the request's bytes over several lines: one line, capped
-        detail = " ".join(str(error.message).split())
-        if len(detail) > _DETAIL_CHARS:
-            detail = detail[:_DETAIL_CHARS] + "…"
         record.msg = "malformed HTTP request from %s, answered %s: %s: %s"
-        record.args = (peer, error.code or 400, type(error).__name__, detail)
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.exc_info = None
-        record.exc_text = None
+        record.args = (peer, error.code or 400, type(error).__name__, _detail(error.message))
+    elif isinstance(error, RequestPayloadError):
+        cause = error.__cause__
+        text = cause.message if isinstance(cause, HttpProcessingError) else str(error)
+        record.msg = "malformed HTTP request body, connection closed: %s: %s"
+        record.args = (type(cause or error).__name__, _detail(text))
+    else:
+        return True
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
+    record.exc_info = None
+    record.exc_text = None
     return True
+
+
+def _detail(text: object) -> str:
+    """The parser's message (which quotes the request's bytes over several lines): one line,
+    capped, without the status it may start with."""
+    detail = _STATUS_PREFIX.sub("", " ".join(str(text).split()))
+    return detail if len(detail) <= _DETAIL_CHARS else detail[:_DETAIL_CHARS] + "…"
+
+
+_STATUS_PREFIX = re.compile(r"^[0-9]{3}, message: ")

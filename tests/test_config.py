@@ -339,6 +339,18 @@ def test_unknown_keys_of_mixed_types_are_listed(tmp_path: Path) -> None:
             id="declared-rate-too-slow",
         ),
         pytest.param(
+            MINIMAL + "webhooks: {max_webhooks: 0}",
+            r"webhooks\.max_webhooks: expected an integer >= 1 and <= 10000, got 0",
+            id="max-webhooks-zero",
+        ),
+        pytest.param(
+            MINIMAL + "webhooks: {max_webhooks: 1, declared: [{url: 'https://x.example/h'},"
+            " {url: 'https://y.example/h'}]}",
+            r"webhooks\.declared: 2 webhooks declared, more than webhooks\.max_webhooks \(1\)"
+            " allows",
+            id="declared-beyond-max-webhooks",
+        ),
+        pytest.param(
             MINIMAL + "    rate_limit: {reserved_share: 1.5}",
             r"reserved_share: expected a number >= 0 and <= 0.99",
             id="share-too-big",
@@ -363,6 +375,13 @@ def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -
     """Each malformed config is refused with a message naming the key and the problem."""
     with pytest.raises(ConfigError, match=message):
         load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+def test_max_webhooks_defaults_to_100_and_reaches_the_admin_api(tmp_path: Path) -> None:
+    """webhooks.max_webhooks: 100 unless set; the admin API enforces it (its settings)."""
+    assert load(write(tmp_path, MINIMAL), environ={"KEY": "k"}).admin.max_webhooks == 100
+    text = MINIMAL + "webhooks: {max_webhooks: 250}"
+    assert load(write(tmp_path, text), environ={"KEY": "k"}).admin.max_webhooks == 250
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -1167,17 +1186,21 @@ def test_sqlite_state_naming_a_directory_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["acme corp/eu #1", "acme/eu", "a b", "ünicode", "x" * 101, "tab\tname", "0123:x"]
+    "name",
+    ["acme corp/eu #1", "acme/eu", "a b", "ünicode", "x" * 101, "tab\tname", "0123:x", ".", ".."],
 )
 def test_account_names_fit_uris_and_api_paths(tmp_path: Path, name: str) -> None:
     """An account name is part of CloudEvent sources (ctct://<name>/…) and admin API paths: the
-    API's own pattern (relay.api.streams.ACCOUNT_NAME) is checked at load, naming the key."""
+    API's own pattern (relay.api.streams.ACCOUNT_NAME) is checked at load, naming the key ("."
+    and "..", dot segments, are a path no client sends as written)."""
     text = MINIMAL.replace("name: acme", f"name: {name!r}")
     with pytest.raises(ConfigError, match=r"accounts\[0\]\.name: expected 1 to 100 letters"):
         load(write(tmp_path, text), environ={"KEY": "k"})
 
 
-@pytest.mark.parametrize("name", ["acme", "acme-eu.prod_2", "0123", "x" * 100])
+@pytest.mark.parametrize(
+    "name", ["acme", "acme-eu.prod_2", "0123", "x" * 100, "...", ".a", ".a.", "a.", "." + "x" * 99]
+)
 def test_account_names_of_the_api_pattern_load(tmp_path: Path, name: str) -> None:
     """Names the admin API can address load unchanged."""
     text = MINIMAL.replace("name: acme", f"name: {name}")

@@ -312,6 +312,53 @@ async def test_malformed_requests_are_one_warning_line_each(tmp_path: Path) -> N
     assert "RuntimeError: a real bug" in last["exception"]
 
 
+BAD_GZIP = (
+    b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Encoding: gzip\r\nContent-Length: 14\r\n%s\r\nnot compressed"
+)
+
+
+async def test_a_body_that_does_not_decode_is_one_warning_line(tmp_path: Path) -> None:
+    """A body whose Content-Encoding lies (gzip that is not gzip) is found again when aiohttp
+    drains it after the answer, which it logged as an error with a traceback, for a request
+    without the token too: it is one warning line, whether the API read the body or not."""
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    token = "t" * 20
+    app = create_admin_app(store, AdminSettings(token=token), guard=Guard())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    auth = f"Authorization: Bearer {token}\r\n".encode()
+    try:
+        for path, header, status in [
+            (b"/v1/webhooks", b"", b"401"),  # no token: the body is never read
+            (b"/healthz", b"", b"405"),  # a public path: the body is never read either
+            (b"/v1/webhooks", auth, b"400"),  # read, and refused
+        ]:
+            answer = await _send_raw(port, BAD_GZIP % (path, header))
+            assert answer.startswith(b"HTTP/1.1 " + status), answer
+            await asyncio.sleep(0.05)  # the error is logged as the connection closes
+    finally:
+        await runner.cleanup()
+        await store.close()
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert not [line for line in lines if line["level"] == "error"], lines
+    server = [line for line in lines if line.get("logger") == "aiohttp.server"]
+    assert len(server) == 3, lines
+    for line in server:
+        assert line["level"] == "warning"
+        assert "exception" not in line
+        assert line["event"] == (
+            "malformed HTTP request body, connection closed:"
+            " ContentEncodingError: Can not decode content-encoding: gzip"
+        )
+
+
 def test_a_missing_topic_logged_at_every_metadata_lookup_is_one_line_per_topic() -> None:
     """aiokafka's "Topic %s not found in cluster metadata", thousands of times a second while a
     topic is deleted at run time, is written once per topic; other records all get through."""

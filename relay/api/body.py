@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.api.responses import ApiError, JsonObject, bad_request, not_found
 from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, to_millis
@@ -65,9 +66,17 @@ async def read_object(request: web.Request, *, optional: bool = False) -> JsonOb
     an empty body of any other type (aiohttp sends ``application/octet-stream``) is absent.
 
     The size cap is the application's ``client_max_size``: reading past it raises aiohttp's 413,
-    which the error middleware renders as JSON.
+    which the error middleware renders as JSON. aiohttp decodes a ``Content-Encoding`` (gzip,
+    deflate) as it reads: a body that does not decode as its header says is a 400 naming the
+    problem (it was a 500 and a logged traceback), as is one cut short by the client closing
+    the connection (an answer no one reads, but no traceback in the log).
     """
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError as exc:
+        raise bad_request(f"body: cannot be read as sent: {payload_problem(exc)}") from None
+    except ConnectionError:  # the client left mid-body: no one to answer, nothing of ours failed
+        raise bad_request("body: the connection closed before all of it arrived") from None
     media_type = request.content_type.lower()
     if optional and not raw and media_type not in _BROWSER_FORM_TYPES:
         return {}
@@ -87,6 +96,18 @@ async def read_object(request: web.Request, *, optional: bool = False) -> JsonOb
     return {str(key): value for key, value in parsed.items()}
 
 
+def payload_problem(exc: BaseException) -> str:
+    """What aiohttp found wrong with a request body (``Can not decode content-encoding: gzip``),
+    on one line: its parser's message, without the status it prefixes."""
+    cause = exc.__cause__
+    text = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    text = _STATUS_PREFIX.sub("", " ".join(str(text).split()))
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+_STATUS_PREFIX = re.compile(r"^[0-9]{3}, message: ")
+
+
 def check_fields(
     body: JsonObject, allowed: Collection[str], required: Collection[str] = ()
 ) -> None:
@@ -94,7 +115,7 @@ def check_fields(
     for name in body:
         if name not in allowed:
             known = ", ".join(sorted(allowed))
-            raise bad_request(f"{name}: unknown field (known: {known})")
+            raise bad_request(f"{clip(name)}: unknown field (known: {known})")
     for name in required:
         if name not in body:
             raise bad_request(f"{name}: required")
@@ -226,7 +247,7 @@ def path_integer(request: web.Request, name: str, maximum: int) -> int:
     not an id at all (a 404 would quote it as if it were one that does not exist)."""
     text = request.match_info[name]
     if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= maximum:
-        raise bad_request(f"{name}: expected an integer from 1 to {maximum}, got {_clip(text)!r}")
+        raise bad_request(f"{name}: expected an integer from 1 to {maximum}, got {clip(text)!r}")
     return int(text)
 
 
@@ -234,11 +255,11 @@ def path_resource_id(request: web.Request, name: str) -> str:
     """A contact or campaign id from the path: anything else is a 400 naming the parameter."""
     text = request.match_info[name]
     if not RESOURCE_ID.fullmatch(text):
-        raise bad_request(f"{name}: expected {RESOURCE_ID_SHAPE}, got {_clip(text)!r}")
+        raise bad_request(f"{name}: expected {RESOURCE_ID_SHAPE}, got {clip(text)!r}")
     return text
 
 
-def _clip(text: str, limit: int = 40) -> str:
+def clip(text: str, limit: int = 40) -> str:
     """A value for a message: what was sent, cut short (a path may be kilobytes long)."""
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -248,7 +269,7 @@ def check_query(request: web.Request, allowed: Collection[str]) -> None:
     for name in request.query:
         if name not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
-            raise bad_request(f"{name}: unknown query parameter (known: {known})")
+            raise bad_request(f"{clip(name)}: unknown query parameter (known: {known})")
 
 
 def query_status(request: web.Request) -> str | None:

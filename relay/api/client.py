@@ -25,7 +25,7 @@ from urllib.parse import SplitResult, quote, urlsplit
 import aiohttp
 import orjson
 
-from relay.api.body import MAX_DELIVERY_ID, rfc3339_ms
+from relay.api.body import MAX_DELIVERY_ID, MAX_DELIVERY_LIMIT, rfc3339_ms
 from relay.api.responses import JsonObject
 from relay.api.status import public_url
 from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, TYPE_PREFIX
@@ -159,6 +159,17 @@ def integer_id(what: str) -> Callable[[str], int]:
         return int(text)
 
     return parse
+
+
+def delivery_limit(text: str) -> int:
+    """An argparse type for ``deliveries --limit``: 1 to MAX_DELIVERY_LIMIT, as the API takes
+    it, so ``--limit 0`` is a usage error naming the option (exit 2), not the API's 400."""
+    digits = text.isascii() and text.isdigit() and len(text) <= 19
+    if not (digits and 1 <= int(text) <= MAX_DELIVERY_LIMIT):
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from 1 to {MAX_DELIVERY_LIMIT}, got {text[:40]!r}"
+        )
+    return int(text)
 
 
 def resource_id(text: str) -> str:
@@ -307,7 +318,12 @@ def add_webhooks_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     p = actions.add_parser("deliveries", parents=[common], help="a webhook's recent deliveries")
     p.add_argument("id")
     p.add_argument("--status", choices=("pending", "delivered", "dead"), default=None)
-    p.add_argument("--limit", type=int, default=None, help="at most this many (1..500)")
+    p.add_argument(
+        "--limit",
+        type=delivery_limit,
+        default=None,
+        help=f"at most this many (1..{MAX_DELIVERY_LIMIT}; the API's default: 50)",
+    )
     p.add_argument(
         "--before",
         type=_delivery_id,

@@ -8,7 +8,7 @@ the handlers check, and the test suite fuzzes the running API against this docum
 from __future__ import annotations
 
 from relay.api import body, replay, streams
-from relay.api.responses import ERROR_CODES, JsonObject
+from relay.api.responses import ERROR_CODES, SPECIFIC_CODES, JsonObject
 from relay.events import EVENT_TYPES, RESOURCE_ID, RESOURCE_ID_SHAPE, WILDCARD, Kind
 
 API_VERSION = "1.0.0"
@@ -157,7 +157,10 @@ def _create_webhook() -> JsonObject:
         " registered is a 409 whose error message names the webhook that has it. URLs are"
         " stored and compared with scheme and host in lower case and the scheme's default port"
         " dropped (HTTPS://Example.COM:443/h is https://example.com/h); path, query and"
-        " fragment stay as written. The answer shows the secret, as do rotation's and"
+        " fragment stay as written. A relay keeps at most webhooks.max_webhooks webhooks"
+        " (config; 100 by default), enabled or not: registering one more is a 409 with code"
+        " webhook_limit (counted in the registering transaction, so concurrent registrations"
+        " cannot pass it). The answer shows the secret, as do rotation's and"
         " GET /v1/webhooks/{webhook_id}/secret.",
         "requestBody": _body("WebhookCreate"),
         "responses": {
@@ -187,10 +190,12 @@ def _patch_webhook() -> JsonObject:
         " dispatcher records meanwhile (its failing clock, a disable). A url another webhook"
         " already has (compared as at registration) is a 409. Changing event_types drops, in"
         " the same transaction, the webhook's pending deliveries (retries included) of the"
-        " types the new filter rejects, with their attempts; delivered and dead ones stay,"
-        " and this process sends none of the dropped ones afterwards (an attempt already"
-        " started finishes, unrecorded; another replica may start one it had queued until its"
-        " next refresh, within a second). Widening it owes nothing from the past: use recover.",
+        " types the new filter rejects, with their attempts, but for those due within a"
+        " minute (one may be in flight): the worker drops those once it has let go of them;"
+        " delivered and dead ones stay, and this process sends none of the rejected ones"
+        " afterwards (an attempt already started finishes and is recorded; another replica"
+        " may start one it had queued until its next refresh, within a second). Widening it"
+        " owes nothing from the past: use recover.",
         "requestBody": _body("WebhookPatch"),
         "responses": {
             "200": _json("the webhook", _schema("Webhook")),
@@ -430,7 +435,7 @@ def _webhook_schema(event_types: JsonObject) -> JsonObject:
 def _error_schema() -> JsonObject:
     detail = _object(
         {
-            "code": {"type": "string", "enum": sorted(set(ERROR_CODES.values()))},
+            "code": {"type": "string", "enum": sorted({*ERROR_CODES.values(), *SPECIFIC_CODES})},
             "message": {"type": "string"},
         }
     )
@@ -491,16 +496,18 @@ def _parameters() -> JsonObject:
 _ERROR_RESPONSES = {
     400: (
         "BadRequest",
-        "invalid JSON, an unknown field, a bad value or a path parameter of the wrong shape (an id"
-        " out of range); the message names it",
+        "invalid JSON, an unknown field, a bad value, a path parameter of the wrong shape (an id"
+        " out of range) or a body that does not decode as its Content-Encoding says; the"
+        " message names it",
     ),
     401: ("Unauthorized", "missing or wrong bearer token"),
     404: ("NotFound", "no such webhook or delivery"),
     409: (
         "Conflict",
-        "another webhook is registered for this URL (the message names it); or, for a"
-        " redelivery, the webhook's event_types no longer let the delivery's event type"
-        " through (the message names them)",
+        "another webhook is registered for this URL (the message names it); for a"
+        " registration, webhooks.max_webhooks webhooks are registered already (code"
+        " webhook_limit); or, for a redelivery, the webhook's event_types no longer let the"
+        " delivery's event type through (the message names them)",
     ),
     410: (
         "Gone",

@@ -465,10 +465,18 @@ async def _targets_remove(
     client: AdminClient, args: argparse.Namespace, _err: TextIO
 ) -> tuple[object, str]:
     account = segment(args.account)
-    removed = []
+    removed: list[str] = []
     for kind, ids in (("campaigns", args.campaigns), ("contacts", args.contacts)):
         for rid in ids:
-            await client.call("DELETE", f"/v1/accounts/{account}/targets/{kind}/{segment(rid)}")
+            path = f"/v1/accounts/{account}/targets/{kind}/{segment(rid)}"
+            try:
+                await client.call("DELETE", path)
+            except AdminApiError as exc:
+                # one call per target: those before the failure are gone, which the error
+                # must say (alone it read as if nothing had changed)
+                if removed:
+                    raise AdminApiError(f"{exc}; removed before it: {', '.join(removed)}") from None
+                raise
             removed.append(f"{kind[:-1]} {rid}")
     return {"removed": removed}, "removed " + ", ".join(removed)
 

@@ -79,9 +79,14 @@ def _host_port(value: str, scheme: str) -> tuple[str, int] | None:
     else:
         name, _, port_text = value.partition(":")
         rest = f":{port_text}" if ":" in value else ""
-    if rest and (not rest.startswith(":") or not rest[1:].isascii() or not rest[1:].isdigit()):
+    digits = rest[1:]
+    if rest and (not rest.startswith(":") or not digits.isascii() or not digits.isdigit()):
         return None
-    port = int(rest[1:]) if rest[1:] else _DEFAULT_PORTS.get(scheme, 80)
+    # a port has at most 5 digits: a longer run is malformed (one of over 4300 digits made
+    # int() raise, a 500 with a logged traceback for any client that can connect)
+    if len(digits) > 5 or (digits and int(digits) > 65535):
+        return None
+    port = int(digits) if digits else _DEFAULT_PORTS.get(scheme, 80)
     return (name, port) if name else None
 
 

@@ -28,6 +28,9 @@ ERROR_CODES: Mapping[int, str] = {
     500: "internal",
     503: "unavailable",
 }
+# codes more specific than their status's, for errors a client may want to tell apart
+WEBHOOK_LIMIT = "webhook_limit"  # 409: webhooks.max_webhooks webhooks are registered already
+SPECIFIC_CODES = (WEBHOOK_LIMIT,)
 
 
 class ApiError(Exception):

@@ -28,7 +28,7 @@ from relay.api import body
 from relay.events import check_type_pattern
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard, SsrfError, shown
-from relay.store import DuplicateError, Store, Webhook
+from relay.store import DuplicateError, LimitError, Store, Webhook
 
 log = structlog.get_logger(__name__)
 
@@ -201,12 +201,19 @@ async def _check_unregistered(store: Store, url: str, webhook_id: str | None = N
             raise DuplicateError(f"url: already registered as webhook {hook.id}")
 
 
-async def create_webhook(store: Store, guard: Guard, spec: DeclaredWebhook, now_ms: int) -> Webhook:
-    """Register a webhook; it receives events committed from now on. Raises WebhookError, or
-    the store's DuplicateError when the URL is already registered."""
+async def create_webhook(
+    store: Store,
+    guard: Guard,
+    spec: DeclaredWebhook,
+    now_ms: int,
+    max_webhooks: int | None = None,
+) -> Webhook:
+    """Register a webhook; it receives events committed from now on. Raises WebhookError, the
+    store's DuplicateError when the URL is already registered, or its LimitError when
+    ``max_webhooks`` are registered already."""
     webhook = await _new_webhook(guard, spec, now_ms, DISABLED_BY_API)
     await _check_unregistered(store, webhook.url)
-    created = await store.create_webhook(webhook)
+    created = await store.create_webhook(webhook, max_webhooks)
     log.info("webhook.created", webhook_id=created.id, host=_host(created.url))
     return created
 
@@ -267,6 +274,7 @@ async def upsert_declared(
     declared: Sequence[DeclaredWebhook],
     now_ms: int,
     key: str = "webhooks",
+    max_webhooks: int | None = None,
 ) -> list[Webhook]:
     """Create or update the config file's webhooks, matched by normalised URL; idempotent.
 
@@ -275,7 +283,9 @@ async def upsert_declared(
     one when it differs; without one the stored secret stays (a new webhook gets a generated
     one). Webhooks registered through the API and not declared are left alone. Two replicas
     starting together may both try to create one: the store's unique URL lets one win and the
-    other updates it. Returns the webhooks in declaration order.
+    other updates it. A new one beyond ``max_webhooks`` registered (those registered through
+    the API count too) is a WebhookError naming the entry. Returns the webhooks in declaration
+    order.
     """
     stored: dict[str, Webhook] = {}
     for hook in await store.webhooks():
@@ -295,13 +305,16 @@ async def upsert_declared(
             raise WebhookError(f"{key}[{index}].{exc}") from None
         wanted.append((index, spec))
     out: list[Webhook] = []
-    for _, spec in wanted:
+    for index, spec in wanted:
         existing = stored.get(spec.url)
         if existing is None:
             try:
                 created = await store.create_webhook(
-                    await _new_webhook(guard, spec, now_ms, DISABLED_BY_CONFIG, checked=True)
+                    await _new_webhook(guard, spec, now_ms, DISABLED_BY_CONFIG, checked=True),
+                    max_webhooks,
                 )
+            except LimitError as exc:
+                raise WebhookError(f"{key}[{index}].url: not registered: {exc}") from None
             except DuplicateError:
                 # another replica declared it since we read the list: update that one instead
                 existing = next(

@@ -25,6 +25,9 @@ class AdminSettings:
     token: str | None = field(default=None, repr=False)  # bearer token; required off loopback
     rotation_grace_s: float = 86400.0  # how long a rotated-out secret keeps signing
     metrics_public: bool = True  # /metrics without the token, as Prometheus scrapers expect
+    # webhooks registered at most (config: webhooks.max_webhooks): each has its own worker, and
+    # fan-out writes a delivery per webhook per event
+    max_webhooks: int = 100
 
 
 StatusFn = Callable[[], Awaitable[JsonObject]]

@@ -30,8 +30,12 @@ MAX_OFFSET = 10**9
 MAX_STREAM_ID = 2**63 - 1
 MAX_REASON_CHARS = 500
 MAX_TARGETS = 1000
-ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}", re.ASCII)
-ACCOUNT_SHAPE = "1 to 100 letters, digits, '_', '.' or '-'"
+# not "." or "..": as a path segment (/v1/accounts/../pause) every URL-normalising client
+# (ctct-relay, curl, browsers) sends another path; one group, so "^" + pattern + "$" holds
+ACCOUNT_NAME = re.compile(
+    r"(?:[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}|\.[A-Za-z0-9_-]|\.[A-Za-z0-9_.-]{2,99})", re.ASCII
+)
+ACCOUNT_SHAPE = "1 to 100 letters, digits, '_', '.' or '-', other than . and .."
 _DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
 _LIST_QUERY = ("account", "scope", "state", "replaying", "limit", "offset")
 DEAD_LETTER_SINKS = ("kafka",)  # webhook deliveries given up on are listed with their webhook
@@ -71,7 +75,7 @@ async def _list(request: web.Request) -> web.Response:
     body.check_query(request, _LIST_QUERY)
     account = _query(request, "account")
     if account is not None and not ACCOUNT_NAME.fullmatch(account):
-        raise bad_request(f"account: expected {ACCOUNT_SHAPE}, got {account!r}")
+        raise bad_request(f"account: expected {ACCOUNT_SHAPE}, got {body.clip(account)!r}")
     scope = _choice(request, "scope", SCOPES)
     state = _choice(request, "state", STREAM_STATES)
     replaying = _choice(request, "replaying", ("true", "false"))
@@ -96,7 +100,7 @@ async def _dead_letters(request: web.Request) -> web.Response:
     body.check_query(request, ("sink", "limit"))
     sink = _choice(request, "sink", DEAD_LETTER_SINKS) or DEAD_LETTER_SINKS[0]
     limit = _integer(request, "limit", DEFAULT_DEAD_LETTER_LIMIT, 1, MAX_DEAD_LETTER_LIMIT)
-    store = request.app[STORE]
+    store, redact = request.app[STORE], request.app[VIEW].redact
     letters = await store.dead_letters(sink, limit)
     total = (await store.dead_letter_counts()).get(sink, 0)
     return json_response(
@@ -106,7 +110,8 @@ async def _dead_letters(request: web.Request) -> web.Response:
                     "sink": d.sink,
                     "seq": d.seq,
                     "event_id": d.event_id,
-                    "reason": d.reason,
+                    # an error text, stored as the sink saw it: redacted as status's are
+                    "reason": redact(d.reason),
                     "created_at": time_or_null(d.created_ms),
                 }
                 for d in letters
@@ -281,10 +286,10 @@ async def _account(request: web.Request) -> str:
     if view.accounts:
         if name not in view.accounts:
             known = ", ".join(sorted(view.accounts))
-            raise not_found(f"no account named {name!r} (configured: {known})")
+            raise not_found(f"no account named {body.clip(name)!r} (configured: {known})")
         return name
     if not ACCOUNT_NAME.fullmatch(name):
-        raise not_found(f"no account named {name!r}")
+        raise not_found(f"no account named {body.clip(name)!r}")
     return name
 
 
@@ -298,7 +303,7 @@ def _query(request: web.Request, name: str) -> str | None:
 def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | None:
     value = _query(request, name)
     if value is not None and value not in allowed:
-        raise bad_request(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        raise bad_request(f"{name}: expected one of {', '.join(allowed)}, got {body.clip(value)!r}")
     return value
 
 
@@ -307,5 +312,7 @@ def _integer(request: web.Request, name: str, default: int, low: int, high: int)
     if text is None:
         return default
     if not _DIGITS.fullmatch(text) or not low <= int(text) <= high:
-        raise bad_request(f"{name}: expected an integer from {low} to {high}, got {text!r}")
+        raise bad_request(
+            f"{name}: expected an integer from {low} to {high}, got {body.clip(text)!r}"
+        )
     return int(text)

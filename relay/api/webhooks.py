@@ -14,12 +14,19 @@ import structlog
 from aiohttp import web
 
 from relay.api import body, service
-from relay.api.responses import ApiError, JsonObject, bad_request, json_response, not_found
+from relay.api.responses import (
+    WEBHOOK_LIMIT,
+    ApiError,
+    JsonObject,
+    bad_request,
+    json_response,
+    not_found,
+)
 from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE
 from relay.api.status import VIEW
 from relay.api.views import delivery_view, secret_view, webhook_view, webhook_with_secret
 from relay.events import EVENT_TYPES
-from relay.store import DuplicateError, GoneError, NotFoundError, UnwantedError
+from relay.store import DuplicateError, GoneError, LimitError, NotFoundError, UnwantedError
 
 CREATE_FIELDS = ("url", "event_types", "description", "enabled", "secret", "rate_limit_per_s")
 PATCH_FIELDS = ("url", "event_types", "description", "enabled", "rate_limit_per_s")
@@ -63,7 +70,13 @@ async def _create(request: web.Request) -> web.Response:
     )
     now = request.app[NOW_MS]()
     with _service_errors():
-        created = await service.create_webhook(request.app[STORE], request.app[GUARD], spec, now)
+        created = await service.create_webhook(
+            request.app[STORE],
+            request.app[GUARD],
+            spec,
+            now,
+            request.app[SETTINGS].max_webhooks,
+        )
     request.app[VIEW].webhook_changed(created.id)
     return json_response(webhook_with_secret(created, now), 201)
 
@@ -156,7 +169,10 @@ async def _deliveries(request: web.Request) -> web.Response:
     # one more than asked for says whether an older page exists, without a count
     found = await store.deliveries(webhook_id, limit + 1, status, before=before)
     page = found[:limit]
-    views: list[JsonObject] = [delivery_view(d, await store.attempts(d.id)) for d in page]
+    # every delivery's attempts in one query: a query per delivery made a page of the largest
+    # limit cost a thousand and one
+    histories = await store.attempts_of([d.id for d in page])
+    views: list[JsonObject] = [delivery_view(d, histories.get(d.id, [])) for d in page]
     next_before = page[-1].id if len(found) > limit else None
     return json_response({"deliveries": views, "next_before": next_before})
 
@@ -210,6 +226,8 @@ def _service_errors() -> Iterator[None]:
         raise ApiError(409, str(exc)) from None
     except UnwantedError as exc:  # a redelivery of a kind the webhook's filter now rejects
         raise ApiError(409, str(exc)) from None
+    except LimitError as exc:  # a registration beyond webhooks.max_webhooks
+        raise ApiError(409, str(exc), code=WEBHOOK_LIMIT) from None
     except GoneError as exc:  # a redelivery whose event was pruned
         raise ApiError(410, str(exc)) from None
     except service.WebhookError as exc:

@@ -146,13 +146,15 @@ class WebhookDispatcher:
         """A webhook was registered, edited or removed, or deliveries of it were made due now
         (redeliver, recover) in this process: act on it now instead of at the next refresh.
         ``hook``: the webhook as just stored by an edit; its filter applies to the worker's
-        queue at once (the store dropped the pending deliveries it rejects)."""
+        queue at once (the store dropped the pending deliveries it rejects, or left the due
+        ones, which may be in flight, for the worker to drop)."""
         self._refresh_now = True
         self._wake.set()
         worker = self._workers.get(webhook_id)
         if worker is not None:
             if hook is not None:
                 worker.refilter(hook)
+            worker.recheck()
             worker.poke()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -391,6 +393,7 @@ class _Worker:
         self._more = True  # the store may hold due deliveries not fetched yet
         self._feed = asyncio.Event()  # something for the feeder to look at
         self._retries: list[int] = []  # heap of recorded retry times (Unix ms)
+        self._recheck: set[int] = set()  # held at a change: look again once each is recorded
         self._next_send = 0.0
         self._repace = asyncio.Event()  # set: senders waiting for a slot look again
         self._feeder: asyncio.Task[None] | None = None
@@ -402,10 +405,13 @@ class _Worker:
         self.last_failure_ms = hook.last_failure_ms
         self._refused = _literal_refusal(dispatcher._guard, hook.url)
         self._wanted = _wanted_kinds(hook)
-        # the store may hold pending deliveries of kinds the filter rejects (a redelivery an
-        # older version let through, a fan-out that raced a filter edit): never read, they are
-        # dropped at the first fetch, and at the first after each filter change
+        # the store may hold pending deliveries of kinds the filter rejects (those a filter
+        # edit left because they were due, a redelivery an older version let through): never
+        # read, they are dropped at the first fetch and at the first after each filter change,
+        # but the held ones, whose records must find them; so once none of those held then is
+        # held any more, they are dropped again
         self._drop_unwanted = True
+        self._drop_after: set[int] = set(held)
 
     def start(self) -> None:
         name = f"webhook:{self.hook.id}"
@@ -429,17 +435,26 @@ class _Worker:
 
     def refilter(self, hook: Webhook) -> None:
         """Send only the kinds ``hook``'s filter lets through: a delivery queued or waiting for
-        its rate-limit slot whose kind a narrowed filter rejects is let go unsent (the store
-        dropped it with the change); attempts already started finish."""
+        its rate-limit slot whose kind a narrowed filter rejects is let go unsent; attempts
+        already started finish and are recorded (the store left the due ones of those kinds:
+        they are dropped once none of them is held)."""
         wanted = _wanted_kinds(hook)
         if wanted != self._wanted:
             self._wanted = wanted
             self._drop_unwanted = True
+            self._drop_after = set(self.held)
 
     def poke(self) -> None:
         """Fan-out created deliveries: look in the store."""
         self._more = True
         self._feed.set()
+
+    def recheck(self) -> None:
+        """Deliveries may have been reset (redeliver, recover): a held one (in flight, or its
+        record lingering) is left out of the read this change wakes, and its record does not
+        undo the reset (its version moved on), so it is due again once recorded: look then,
+        not at the next periodic look ``refresh_s`` later."""
+        self._recheck = set(self.held)
 
     def halt(self) -> None:
         """Start no attempt from now on (``stop`` then winds the worker down)."""
@@ -488,6 +503,9 @@ class _Worker:
     async def _fetch(self, now_ms: int) -> bool:
         """Queue due deliveries not held yet; True if the store may have more due."""
         d = self._dispatcher
+        if self._drop_after:
+            self._drop_after &= self.held
+            self._drop_unwanted |= not self._drop_after  # the last of them let go: again
         if self._drop_unwanted:
             self._drop_unwanted = False
             await self._drop()
@@ -514,7 +532,9 @@ class _Worker:
         # all that is due now is queued: the next retry the store holds wakes the feeder, also
         # one recorded before this worker existed (by the worker it replaced, or a past run)
         try:
-            later = await d._store.next_due_ms(self.hook.id, now_ms)
+            # of the wanted kinds only, as the due read: a pending delivery of another (never
+            # read) must not wake the feeder for a read that leaves it out
+            later = await d._store.next_due_ms(self.hook.id, now_ms, kinds=self._wanted)
         except StoreError as exc:
             log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
             return False
@@ -524,10 +544,11 @@ class _Worker:
 
     async def _drop(self) -> None:
         """Drop the pending deliveries the stored filter rejects (the due read leaves them out,
-        so they would stay pending, never sent nor dead-lettered); a failure only leaves them
-        (the due read still leaves them out)."""
+        so they would stay pending, never sent nor dead-lettered), but the held ones: in flight
+        or their records lingering, those must find them; a failure only leaves them (the due
+        read still leaves them out)."""
         try:
-            dropped = await self._dispatcher._store.drop_unwanted(self.hook.id)
+            dropped = await self._dispatcher._store.drop_unwanted(self.hook.id, set(self.held))
         except StoreError as exc:
             log.warning("webhook.store_error", webhook=self.hook.id, error=str(exc))
             return
@@ -693,8 +714,11 @@ class _Worker:
         is the business of whichever worker serves the webhook now (this one, or the one that
         took over while the attempt's record was being written)."""
         self.held.discard(delivery_id)
+        current = self._dispatcher._workers.get(self.hook.id, self)
+        if current._recheck and delivery_id in current._recheck:
+            current._recheck.discard(delivery_id)
+            current.poke()  # it may have been reset while held: due now
         if status == "pending":
-            current = self._dispatcher._workers.get(self.hook.id, self)
             heapq.heappush(current._retries, next_ms)
             current._feed.set()
 

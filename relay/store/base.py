@@ -97,6 +97,24 @@ class DuplicateError(StoreError):
     the message names the webhook holding it."""
 
 
+# A filter edit leaves the rejected deliveries due by its time plus this (clocks of replicas may
+# disagree by a little) to the worker: one may be in flight (see Store.update_webhook).
+SPARED_DUE_MS = 60_000
+
+
+class LimitError(StoreError):
+    """A webhook registration beyond the most a relay keeps (``webhooks.max_webhooks``): each
+    webhook has its own worker, and fan-out writes a delivery per webhook per event."""
+
+
+def limit_message(limit: int) -> str:
+    """The LimitError of a registration when ``limit`` webhooks are registered already."""
+    return (
+        f"webhooks: {limit} are registered, the most allowed (webhooks.max_webhooks);"
+        " delete one or raise the limit"
+    )
+
+
 class StreamRate(NamedTuple):
     """What the scheduler's planner needs of an active stream (:meth:`Store.stream_rates`)."""
 
@@ -519,10 +537,12 @@ class Store(Protocol):
     async def dead_letters(self, sink: str, limit: int = 100) -> list[DeadLetter]:
         """A sink's dead letters, oldest first (by seq, then in the order recorded)."""
 
-    async def create_webhook(self, webhook: Webhook) -> Webhook:
+    async def create_webhook(self, webhook: Webhook, max_webhooks: int | None = None) -> Webhook:
         """Store a new webhook; its start_seq becomes the current outbox head. Raises
         DuplicateError when another webhook has the same URL (checked by the unique index, so
-        two concurrent registrations cannot both succeed)."""
+        two concurrent registrations cannot both succeed), and LimitError when ``max_webhooks``
+        webhooks (enabled or not) are registered already (counted in the transaction that
+        inserts, registrations one at a time, so concurrent ones cannot pass the limit)."""
 
     async def webhook(self, webhook_id: str) -> Webhook:
         """One webhook; raises NotFoundError."""
@@ -535,9 +555,13 @@ class Store(Protocol):
         else; None writes every field but ``id``. Writing only what a change touched keeps it from
         undoing a concurrent write of the others (the dispatcher's ``failing_since_ms``, a
         disable). Writing ``event_types`` drops, in the same transaction, the webhook's pending
-        deliveries (and their attempts) whose kind the new filter rejects. Raises NotFoundError,
-        DuplicateError (the URL is taken), StoreError for a name that is not a field or is
-        ``id``."""
+        deliveries (and their attempts) whose kind the new filter rejects, but for those due by
+        ``webhook.updated_ms`` (the edit's time) plus ``SPARED_DUE_MS``: one of those may be in
+        flight, and its attempt's record must find it (a success would otherwise vanish from
+        the history); they stay pending, never read (``due_sends`` takes the wanted kinds),
+        until the worker drops them (:meth:`drop_unwanted`) once it holds none of them. Raises
+        NotFoundError, DuplicateError (the URL is taken), StoreError for a name that is not a
+        field or is ``id``."""
 
     async def delete_webhook(self, webhook_id: str) -> None:
         """Remove a webhook with its deliveries; raises NotFoundError."""
@@ -585,16 +609,20 @@ class Store(Protocol):
         read nor counted in ``limit``, so they can never fill a batch and hold the wanted ones
         back (see :meth:`drop_unwanted`)."""
 
-    async def drop_unwanted(self, webhook_id: str) -> int:
+    async def drop_unwanted(self, webhook_id: str, skip: Collection[int] = ()) -> int:
         """Drop the webhook's pending deliveries (and their attempts) whose kind its filter, as
-        stored now, rejects, as ``update_webhook`` does when the filter changes; returns how
-        many. Such deliveries are never sent (``due_sends`` leaves them out): a store written by
-        an older version (a redelivery it let through) or a fan-out that raced a filter change
-        can hold some. Raises NotFoundError."""
+        stored now, rejects, but those in ``skip`` (the ones the caller holds: in flight, or
+        their records not yet written); returns how many. Such deliveries are never sent
+        (``due_sends`` leaves them out): a filter edit leaves those that were due (see
+        :meth:`update_webhook`), and a store written by an older version (a redelivery it let
+        through) can hold some. Raises NotFoundError."""
 
-    async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
+    async def next_due_ms(
+        self, webhook_id: str, after_ms: int = -1, *, kinds: Collection[str] | None = None
+    ) -> int | None:
         """When the webhook's first pending delivery due later than ``after_ms`` (Unix ms) is
-        due (None: nothing pending after it)."""
+        due (None: nothing pending after it); with ``kinds``, of those kinds only (as
+        ``due_sends`` reads: a delivery the reader would leave out must not wake it)."""
 
     async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int, int]]) -> None:
         """Record attempts and their deliveries' new status (pending with a retry time,
@@ -625,6 +653,11 @@ class Store(Protocol):
 
     async def attempts(self, delivery_id: int) -> list[Attempt]:
         """A delivery's attempts, oldest first."""
+
+    async def attempts_of(self, delivery_ids: Collection[int]) -> dict[int, list[Attempt]]:
+        """The attempts of each of ``delivery_ids``, oldest first, in one query (a page of
+        deliveries with their histories: a query per delivery made a page of 100 cost 101); a
+        delivery without attempts (or unknown) maps to an empty list."""
 
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
         """Make a delivery pending again, due now, with a fresh attempt budget. Raises

@@ -52,6 +52,7 @@ from relay.events import Activity, Kind
 from relay.store import rowmap
 from relay.store.base import (
     BUDGET_SALT,
+    SPARED_DUE_MS,
     Attempt,
     CorruptError,
     DeadLetter,
@@ -60,6 +61,7 @@ from relay.store.base import (
     DueSend,
     DuplicateError,
     GoneError,
+    LimitError,
     NotFoundError,
     OutboxAppend,
     OutboxEvent,
@@ -77,6 +79,7 @@ from relay.store.base import (
     UnwantedError,
     Webhook,
     gone_message,
+    limit_message,
     unwanted_message,
 )
 from relay.store.budget import WaitBudget, current_budget
@@ -95,6 +98,7 @@ LOCK_FANOUT = 3
 # EXISTS cannot see a recover's or redeliver's uncommitted pending deliveries, and would delete
 # the events they read
 LOCK_RETENTION = 4
+LOCK_WEBHOOKS = 5  # registrations counted against webhooks.max_webhooks
 # How long opening the store may spend on migrations, waiting for another replica's included;
 # the client waits a little longer, so the server's own error ends a migration that overruns.
 MIGRATE_TIMEOUT_S = 3600.0
@@ -787,8 +791,15 @@ class PostgresStore:
 
     # -- webhooks ---------------------------------------------------------------------------------
 
-    async def create_webhook(self, webhook: Webhook) -> Webhook:
+    async def create_webhook(self, webhook: Webhook, max_webhooks: int | None = None) -> Webhook:
         async def run(conn: Connection) -> Webhook:
+            if max_webhooks is not None:
+                # registrations one at a time (READ COMMITTED: two counting at once would both
+                # see room for one more)
+                await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_WEBHOOKS)
+                count = int(await conn.fetchval("SELECT COUNT(*) FROM webhooks"))
+                if count >= max_webhooks:
+                    raise LimitError(limit_message(max_webhooks))
             # The fan-out's lock, until this commits: a fan-out then ran before the head was read
             # (it moved past events this webhook is not owed), or runs after the commit and sees
             # the webhook. Between the two, one on another replica read the webhooks without it
@@ -830,8 +841,8 @@ class PostgresStore:
             )
             if not _count(status):
                 raise NotFoundError(f"no webhook with id {webhook.id!r}")
-            if "event_types" in names:
-                await _drop_unwanted(conn, webhook)  # in the same transaction
+            if "event_types" in names:  # in the same transaction
+                await _drop_unwanted(conn, webhook, due_after_ms=webhook.updated_ms + SPARED_DUE_MS)
 
         await self.transaction(run)
 
@@ -900,10 +911,15 @@ class PostgresStore:
             )
             if not events:
                 return 0
+            # the rows locked FOR SHARE until the commit: a filter edit (update_webhook) in
+            # progress is waited for and its filter read, and one starting later waits for this
+            # commit, so its drop sees these deliveries (without the lock, an edit committing
+            # between this read and the insert left deliveries of kinds it rejects pending)
             hooks = [
                 rowmap.webhook(r)
                 for r in await conn.fetch(
                     f"SELECT {rowmap.WEBHOOK_COLUMNS} FROM webhooks WHERE enabled = 1"  # noqa: S608
+                    " ORDER BY id FOR SHARE"
                 )
             ]
             rows = [
@@ -978,19 +994,27 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def drop_unwanted(self, webhook_id: str) -> int:
+    async def drop_unwanted(self, webhook_id: str, skip: Collection[int] = ()) -> int:
         async def run(conn: Connection) -> int:
-            return await _drop_unwanted(conn, await _get_webhook(conn, webhook_id, share=True))
+            hook = await _get_webhook(conn, webhook_id, share=True)
+            return await _drop_unwanted(conn, hook, skip=skip)
 
         return await self.transaction(run)
 
-    async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
+    async def next_due_ms(
+        self, webhook_id: str, after_ms: int = -1, *, kinds: Collection[str] | None = None
+    ) -> int | None:
         async def run(conn: Connection) -> int | None:
+            # the deliveries_due index in due order, to the first of a wanted kind (a MIN over
+            # the join would read every pending delivery of a failing endpoint)
             value = await conn.fetchval(
-                "SELECT MIN(next_attempt_ms) FROM deliveries"
-                " WHERE webhook_id = $1 AND status = 'pending' AND next_attempt_ms > $2",
+                "SELECT d.next_attempt_ms FROM deliveries d JOIN outbox o ON o.seq = d.seq"
+                " WHERE d.webhook_id = $1 AND d.status = 'pending' AND d.next_attempt_ms > $2"
+                " AND ($3::text[] IS NULL OR o.kind = ANY($3::text[]))"
+                " ORDER BY d.next_attempt_ms LIMIT 1",
                 webhook_id,
                 after_ms,
+                None if kinds is None else list(kinds),
             )
             return None if value is None else int(value)
 
@@ -1053,6 +1077,25 @@ class PostgresStore:
                 delivery_id,
             )
             return [Attempt(int(a), int(b), c, float(d), str(e), f) for a, b, c, d, e, f in rows]
+
+        return await self.transaction(run)
+
+    async def attempts_of(self, delivery_ids: Collection[int]) -> dict[int, list[Attempt]]:
+        ids = sorted(set(delivery_ids))
+        found: dict[int, list[Attempt]] = {i: [] for i in ids}
+        if not ids:
+            return found
+
+        async def run(conn: Connection) -> dict[int, list[Attempt]]:
+            rows = await conn.fetch(
+                "SELECT delivery_id, attempted_ms, status_code, latency_ms, response_excerpt,"
+                " error FROM attempts WHERE delivery_id = ANY($1::bigint[])"
+                " ORDER BY delivery_id, id",
+                ids,
+            )
+            for a, b, c, d, e, f in rows:
+                found[int(a)].append(Attempt(int(a), int(b), c, float(d), str(e), f))
+            return found
 
         return await self.transaction(run)
 
@@ -1619,14 +1662,24 @@ async def _get_webhook(conn: Connection, webhook_id: str, *, share: bool = False
     return rowmap.webhook(row)
 
 
-async def _drop_unwanted(conn: Connection, hook: Webhook) -> int:
+async def _drop_unwanted(
+    conn: Connection,
+    hook: Webhook,
+    *,
+    due_after_ms: int | None = None,
+    skip: Collection[int] = (),
+) -> int:
     """The webhook's pending deliveries its filter rejects go, as delete_webhook's do (attempts
-    by ON DELETE CASCADE; they would otherwise never be sent); returns how many."""
+    by ON DELETE CASCADE; they would otherwise never be sent), but those due by
+    ``due_after_ms`` and those in ``skip`` (possibly in flight: see the SQLite store); returns
+    how many."""
     kinds = rowmap.unwanted_kinds(hook)
     if not kinds:
         return 0
     where = rowmap.UNWANTED_PENDING.format(hook="$1", kinds="= ANY($2::text[])")
-    return _count(await conn.execute(f"DELETE FROM deliveries WHERE {where}", hook.id, kinds))  # noqa: S608
+    where += " AND ($3::bigint IS NULL OR next_attempt_ms > $3) AND id <> ALL($4::bigint[])"
+    sql = f"DELETE FROM deliveries WHERE {where}"  # noqa: S608 - constants
+    return _count(await conn.execute(sql, hook.id, kinds, due_after_ms, list(skip)))
 
 
 async def _check_wanted(conn: Connection, delivery_id: int) -> None:

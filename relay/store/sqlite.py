@@ -41,6 +41,7 @@ from relay.events import DATA_CONTENT_TYPE, SPECVERSION, TYPE_PREFIX, Activity, 
 from relay.store import rowmap
 from relay.store.base import (
     BUDGET_SALT,
+    SPARED_DUE_MS,
     Attempt,
     CorruptError,
     DeadLetter,
@@ -49,6 +50,7 @@ from relay.store.base import (
     DueSend,
     DuplicateError,
     GoneError,
+    LimitError,
     NotFoundError,
     OutboxAppend,
     OutboxEvent,
@@ -65,6 +67,7 @@ from relay.store.base import (
     UnwantedError,
     Webhook,
     gone_message,
+    limit_message,
     unwanted_message,
 )
 from relay.store.migrations import MIGRATIONS
@@ -675,9 +678,13 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def create_webhook(self, webhook: Webhook) -> Webhook:
+    async def create_webhook(self, webhook: Webhook, max_webhooks: int | None = None) -> Webhook:
         def run(conn: sqlite3.Connection) -> Webhook:
-            with _tx(conn):
+            with _tx(conn):  # one write transaction at a time: the count holds until the insert
+                if max_webhooks is not None:
+                    (count,) = conn.execute("SELECT COUNT(*) FROM webhooks").fetchone()
+                    if count >= max_webhooks:
+                        raise LimitError(limit_message(max_webhooks))
                 head = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0])
                 created = dataclasses.replace(webhook, start_seq=head)
                 with _unique_url(conn, webhook.url):
@@ -712,7 +719,7 @@ class SqliteStore:
                     (*(values[name] for name in names), webhook.id),
                 ).rowcount
                 if changed and "event_types" in names:
-                    _drop_unwanted(conn, webhook)
+                    _drop_unwanted(conn, webhook, due_after_ms=webhook.updated_ms + SPARED_DUE_MS)
             if not changed:
                 raise NotFoundError(f"no webhook with id {webhook.id!r}")
 
@@ -857,21 +864,32 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def drop_unwanted(self, webhook_id: str) -> int:
+    async def drop_unwanted(self, webhook_id: str, skip: Collection[int] = ()) -> int:
         def run(conn: sqlite3.Connection) -> int:
             with _tx(conn):
-                return _drop_unwanted(conn, _get_webhook(conn, webhook_id))
+                return _drop_unwanted(conn, _get_webhook(conn, webhook_id), skip=skip)
 
         return await self._run(run)
 
-    async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
+    async def next_due_ms(
+        self, webhook_id: str, after_ms: int = -1, *, kinds: Collection[str] | None = None
+    ) -> int | None:
         def run(conn: sqlite3.Connection) -> int | None:
-            row = conn.execute(
-                "SELECT MIN(next_attempt_ms) FROM deliveries"
-                " WHERE webhook_id = ? AND status = 'pending' AND next_attempt_ms > ?",
-                (webhook_id, after_ms),
-            ).fetchone()
-            return None if row[0] is None else int(row[0])
+            if kinds is None:
+                row = conn.execute(
+                    "SELECT MIN(next_attempt_ms) FROM deliveries"
+                    " WHERE webhook_id = ? AND status = 'pending' AND next_attempt_ms > ?",
+                    (webhook_id, after_ms),
+                ).fetchone()
+            else:  # the deliveries_due index in due order, to the first of a wanted kind
+                row = conn.execute(
+                    "SELECT d.next_attempt_ms FROM deliveries d JOIN outbox o ON o.seq = d.seq"
+                    " WHERE d.webhook_id = ? AND d.status = 'pending' AND d.next_attempt_ms > ?"
+                    " AND o.kind IN (SELECT value FROM json_each(?))"
+                    " ORDER BY d.next_attempt_ms LIMIT 1",
+                    (webhook_id, after_ms, orjson.dumps(list(kinds))),
+                ).fetchone()
+            return None if row is None or row[0] is None else int(row[0])
 
         return await self._run(run)
 
@@ -926,6 +944,26 @@ class SqliteStore:
                 (delivery_id,),
             )
             return [Attempt(int(a), int(b), c, float(d), str(e), f) for a, b, c, d, e, f in rows]
+
+        return await self._run(run)
+
+    async def attempts_of(self, delivery_ids: Collection[int]) -> dict[int, list[Attempt]]:
+        ids = sorted(set(delivery_ids))
+        found: dict[int, list[Attempt]] = {i: [] for i in ids}
+        if not ids:
+            return found
+        listed = orjson.dumps(ids)  # one parameter, however many (SQLite caps their number)
+
+        def run(conn: sqlite3.Connection) -> dict[int, list[Attempt]]:
+            rows = conn.execute(
+                "SELECT delivery_id, attempted_ms, status_code, latency_ms, response_excerpt,"
+                " error FROM attempts WHERE delivery_id IN (SELECT value FROM json_each(?))"
+                " ORDER BY delivery_id, id",
+                (listed,),
+            )
+            for a, b, c, d, e, f in rows:
+                found[int(a)].append(Attempt(int(a), int(b), c, float(d), str(e), f))
+            return found
 
         return await self._run(run)
 
@@ -1468,15 +1506,27 @@ _INSERT_WEBHOOK = (
 )
 
 
-def _drop_unwanted(conn: sqlite3.Connection, hook: Webhook) -> int:
+def _drop_unwanted(
+    conn: sqlite3.Connection,
+    hook: Webhook,
+    *,
+    due_after_ms: int | None = None,
+    skip: Collection[int] = (),
+) -> int:
     """A filter changed: the webhook's pending deliveries its filter now rejects go, with their
-    attempts, as ``delete_webhook``'s do (they would otherwise be retried for a day or more);
-    returns how many."""
+    attempts, as ``delete_webhook``'s do (they would otherwise be retried for a day or more),
+    but those due by ``due_after_ms`` and those in ``skip`` (possibly in flight: see
+    Store.update_webhook); returns how many."""
     kinds = rowmap.unwanted_kinds(hook)
     if not kinds:
         return 0
     where = rowmap.UNWANTED_PENDING.format(hook="?", kinds=f"IN ({', '.join('?' * len(kinds))})")
-    args = (hook.id, *kinds)
+    args: tuple[object, ...] = (hook.id, *kinds)
+    if due_after_ms is not None:
+        where, args = f"{where} AND next_attempt_ms > ?", (*args, due_after_ms)
+    if skip:
+        where += " AND id NOT IN (SELECT value FROM json_each(?))"
+        args = (*args, orjson.dumps(list(skip)))
     conn.execute(
         f"DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE {where})",  # noqa: S608
         args,

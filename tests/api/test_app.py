@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
+import zlib
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
@@ -430,6 +432,61 @@ async def test_invalid_json_is_400(client: Client, data: bytes, needle: str) -> 
     error = await error_of(await client.post("/v1/webhooks", data=data, headers=headers), 400)
     assert error["code"] == "invalid_request"
     assert error["message"].startswith(needle)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_as_its_content_encoding_is_400(
+    client: Client, store: Store, encoding: str
+) -> None:
+    """aiohttp decodes a Content-Encoding as the body is read: one that does not decode is a
+    400 naming the problem, not a 500 with a logged traceback; a body that decodes is read."""
+    await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
+    stream = (await store.streams())[0]
+    headers = {**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding}
+    path = f"/v1/streams/{stream.id}/pause"
+    with capture_logs() as logs:
+        response = await client.post(path, data=b"not compressed", headers=headers)
+        error = await error_of(response, 400)
+    assert error["code"] == "invalid_request"
+    assert error["message"] == (
+        f"body: cannot be read as sent: Can not decode content-encoding: {encoding}"
+    )
+    assert not [e for e in logs if e["log_level"] == "error"], logs
+    assert not (await store.streams())[0].paused
+    packed = gzip.compress(b"{}") if encoding == "gzip" else zlib.compress(b"{}")
+    response = await client.post(path, data=packed, headers=headers)
+    assert response.status == 200, await response.text()
+    assert (await store.streams())[0].paused
+
+
+async def test_a_client_leaving_mid_body_is_no_crash_in_the_log(store: Store) -> None:
+    """A client that closes the connection before its whole body arrived: nothing of ours
+    failed, so no "api.unhandled" error with a traceback is logged, and nothing changes. (On
+    the app as the relay serves it: the test client's server cancels the handler instead.)"""
+    await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
+    stream = (await store.streams())[0]
+    runner = web.AppRunner(create_admin_app(store, AdminSettings(token=TOKEN), guard=Guard()))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    head = (
+        f"POST /v1/streams/{stream.id}/pause HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100\r\n\r\n{"
+    )
+    try:
+        with capture_logs() as logs:
+            _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+            writer.write(head.encode())
+            await writer.drain()
+            await asyncio.sleep(0.1)  # the handler is reading the body
+            writer.close()
+            await writer.wait_closed()
+            await asyncio.sleep(0.2)  # the read fails as the connection is lost
+    finally:
+        await runner.cleanup()
+    assert not [e for e in logs if e["log_level"] == "error"], logs
+    assert not (await store.streams())[0].paused
 
 
 async def test_unexpected_exception_is_logged_json_500(make_client: ClientFactory) -> None:

@@ -463,6 +463,18 @@ def test_deliveries_before_must_be_a_delivery_id(
     assert "error: argument --before: expected a delivery id" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "501", "-1", "x", "٣", "9" * 5000])
+def test_deliveries_limit_out_of_range_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """--limit takes 1 to 500, as the API does: anything else is a usage error naming the
+    option, exit 2 (it was sent, and the API's 400 was exit 1)."""
+    with pytest.raises(SystemExit) as exited:
+        parse(["webhooks", "deliveries", "wh_x", f"--limit={value}"])
+    assert exited.value.code == 2
+    assert "error: argument --limit: expected an integer from 1 to 500" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("api", "problem"),
     [

@@ -164,6 +164,32 @@ async def test_streams_listing_filters_and_pages(api: Client, store: Store) -> N
     assert error["message"].startswith("account: expected 1 to 100 letters")
 
 
+LONG = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "start"),
+    [
+        pytest.param(f"/v1/streams?limit={LONG}", 400, "limit: expected an integer", id="limit"),
+        pytest.param(f"/v1/streams?offset={LONG}", 400, "offset: expected an integer", id="offset"),
+        pytest.param(f"/v1/streams?account={'a' * 5000}", 400, "account: expected", id="account"),
+        pytest.param(f"/v1/streams?state={LONG}", 400, "state: expected one of", id="state"),
+        pytest.param(f"/v1/dead-letters?sink={LONG}", 400, "sink: expected one of", id="sink"),
+        pytest.param(f"/v1/streams?{LONG}=1", 400, "9999", id="unknown-parameter"),
+        pytest.param(f"/v1/accounts/{'a' * 5000}/targets", 404, "no account named", id="path"),
+    ],
+)
+async def test_a_long_value_is_quoted_cut_short(
+    api: Client, path: str, status: int, start: str
+) -> None:
+    """An error quotes what was sent cut short, as it does for path ids: a query value or a
+    path may be kilobytes long, and the message is for reading (it quoted all of it)."""
+    error = await error_of(await api.get(path, headers=AUTH), status)
+    assert error["message"].startswith(start)
+    assert "…" in error["message"]
+    assert len(error["message"]) < 300, len(error["message"])
+
+
 @pytest.mark.parametrize("path", ["/v1/streams/{sid}", "/v1/accounts/acme/targets", "/v1/status"])
 async def test_gets_refuse_unknown_query_parameters(api: Client, store: Store, path: str) -> None:
     """Every GET names an unknown query parameter (two of them used to ignore it)."""
@@ -398,6 +424,15 @@ async def test_dead_letters_are_listed_oldest_first_with_a_total(api: Client, st
     answer = await response.json()
     assert [d["event_id"] for d in answer["dead_letters"]] == ["e3", "e5"]
     assert (answer["total"], answer["limit"]) == (3, 2)
+
+
+async def test_a_dead_letter_reason_goes_through_the_redactor(api: Client, store: Store) -> None:
+    """The broker's error text is shown as status shows a sink's last error: redacted."""
+    reason = "KafkaError: SASL authentication failed for k-secret-key"
+    await store.add_dead_letter("kafka", 4, "e4", reason, T0)
+    answer = await (await api.get("/v1/dead-letters", headers=AUTH)).json()
+    shown = answer["dead_letters"][0]["reason"]
+    assert shown == "KafkaError: SASL authentication failed for [REDACTED]"
 
 
 @pytest.mark.parametrize(

@@ -210,6 +210,24 @@ async def test_pause_resume_and_targets(cli: Cli, store: Store) -> None:
     assert "does not poll campaign '11'" in err
 
 
+async def test_targets_remove_that_fails_part_way_says_what_it_removed(
+    cli: Cli, store: Store
+) -> None:
+    """One DELETE per target: when a later one fails, the error says which were removed
+    before it (the error alone read as if nothing had changed)."""
+    status, _, err = await cli("targets", "add", "--account", "acme", "--campaign", "11")
+    assert status == 0, err
+    await cli("targets", "add", "--account", "acme", "--contact", "5")
+    argv = ["--account", "acme", "--campaign", "11", "--campaign", "12", "--contact", "5"]
+    status, out, err = await cli("targets", "remove", *argv)
+    assert (status, out) == (1, "")
+    assert err == (
+        "ctct-relay: error: account 'acme' does not poll campaign '12' (HTTP 404);"
+        " removed before it: campaign 11\n"
+    )
+    assert [s.key.resource_id for s in await store.streams() if not s.retired] == ["5"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -90,11 +90,14 @@ async def test_local_names_are_answered(tokenless: Client, host: str) -> None:
         pytest.param("127.0.0.1.nip.io", id="nip"),
         pytest.param("[::1", id="unclosed"),
         pytest.param("127.0.0.1:80x", id="bad-port"),
+        pytest.param("localhost:65536", id="port-out-of-range"),
+        pytest.param("localhost:" + "9" * 5000, id="port-too-long-for-int"),
+        pytest.param("[::1]:" + "0" * 5000 + "1", id="port-of-many-zeros"),
         pytest.param("10.0.0.1", id="private"),
     ],
 )
 async def test_other_host_headers_are_refused(tokenless: Client, host: str) -> None:
-    """Anything else, malformed included, is a 403."""
+    """Anything else, malformed included, is a 403 (a port of thousands of digits was a 500)."""
     await error_of(await tokenless.get("/v1/webhooks", headers={"Host": host}), 403)
 
 

@@ -144,6 +144,22 @@ async def test_errors_name_the_config_key_of_the_list(store: Store) -> None:
         await upsert_declared(store, Guard(), bad, T0, "webhooks.declared")
 
 
+async def test_a_declared_webhook_beyond_max_webhooks_is_named(store: Store) -> None:
+    """Declared webhooks count against max_webhooks with those registered through the API: a
+    new one beyond it is an error naming its entry and the limit; the ones before it stay, and
+    one already stored is updated whatever the count."""
+    declared = [DeclaredWebhook(f"https://93.184.216.{n}/hook", (CLICK,)) for n in range(30, 33)]
+    with pytest.raises(WebhookError) as caught:
+        await upsert_declared(store, Guard(), declared, T0, "webhooks.declared", 2)
+    assert str(caught.value) == (
+        "webhooks.declared[2].url: not registered: webhooks: 2 are registered, the most allowed"
+        " (webhooks.max_webhooks); delete one or raise the limit"
+    )
+    assert len(await store.webhooks()) == 2
+    again = await upsert_declared(store, Guard(), declared[:2], T0, "webhooks.declared", 2)
+    assert len(again) == 2
+
+
 async def test_a_url_declared_twice_is_named_without_its_password(store: Store) -> None:
     url = "https://ops:hunter2@93.184.216.34/hook"
     twice = [DeclaredWebhook(url, (CLICK,)), DeclaredWebhook(url, (WILDCARD,))]

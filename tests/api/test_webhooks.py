@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import re
 import time
 from typing import Any
@@ -112,6 +113,43 @@ async def test_list_in_creation_order(client: Client, clock: Clock) -> None:
     second = await create(client, url="https://93.184.216.35/other")
     listed = await ok(await client.get("/v1/webhooks", headers=AUTH))
     assert [h["id"] for h in listed["webhooks"]] == [first["id"], second["id"]]
+
+
+async def test_registrations_beyond_max_webhooks_are_409(
+    aiohttp_client: AiohttpClient, any_store: Store
+) -> None:
+    """With max_webhooks 3, six concurrent registrations make exactly three webhooks (the
+    count is taken in the registering transaction, on PostgreSQL too); the others are 409s
+    with code webhook_limit naming the limit and the config key, disabled webhooks count, and
+    removing one makes room for one."""
+    settings = AdminSettings(token=TOKEN, max_webhooks=3)
+    client = await aiohttp_client(
+        create_admin_app(any_store, settings, guard=Guard(), now_ms=Clock())
+    )
+    bodies = [
+        {"url": f"https://93.184.216.{n}/hook", "event_types": [CLICK], "enabled": n % 2 == 0}
+        for n in range(40, 46)
+    ]
+    answers = await asyncio.gather(
+        *(client.post("/v1/webhooks", json=b, headers=AUTH) for b in bodies)
+    )
+    assert sorted(a.status for a in answers) == [201] * 3 + [409] * 3
+    refused = [a for a in answers if a.status == 409]
+    for answer in refused:
+        assert await error_of(answer, 409) == {
+            "code": "webhook_limit",
+            "message": "webhooks: 3 are registered, the most allowed (webhooks.max_webhooks);"
+            " delete one or raise the limit",
+        }
+    assert len(await any_store.webhooks()) == 3
+    victim = (await any_store.webhooks())[0].id
+    assert (await client.delete(f"/v1/webhooks/{victim}", headers=AUTH)).status == 204
+    await ok(
+        await client.post("/v1/webhooks", json=bodies[0] | {"url": PUBLIC_URL}, headers=AUTH), 201
+    )
+    spec = await client.get("/openapi.json")
+    codes = (await spec.json())["components"]["schemas"]["Error"]["properties"]["error"]
+    assert "webhook_limit" in codes["properties"]["code"]["enum"]
 
 
 async def test_duplicate_url_is_409(client: Client) -> None:
@@ -636,6 +674,57 @@ async def test_deliveries_with_attempts_filter_and_limit(
     assert [d["id"] for d in only_dead["deliveries"]] == [oldest.id]
     one = await ok(await client.get(path, params={"limit": "1"}, headers=AUTH))
     assert len(one["deliveries"]) == 1
+
+
+class CountingStore:
+    """The real store, counting the calls made of it (each is one query or transaction)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._store, name)
+        if not inspect.iscoroutinefunction(found):
+            return found
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return await found(*args, **kwargs)
+
+        return counted
+
+
+async def test_a_page_of_deliveries_costs_a_bounded_number_of_queries(
+    aiohttp_client: AiohttpClient, any_store: Store
+) -> None:
+    """A page of 60 deliveries with two attempts each is read in three store calls (the
+    webhook, the page, every attempt of it), not one more per delivery, and each delivery
+    carries its own attempts, oldest first."""
+    store = any_store
+    counting = CountingStore(store)
+    app = create_admin_app(counting, AdminSettings(token=TOKEN), guard=Guard(), now_ms=Clock())  # type: ignore[arg-type]
+    client = await aiohttp_client(app)
+    hook = await create(client)
+    hook_id = str(hook["id"])
+    await commit_events(store, [activity(i, T0 - 9000 + i) for i in range(60)], T0)
+    every = await store.deliveries(hook_id, 100)
+    for n in (1, 2):  # a failure then a success, each delivery: two attempts, in that order
+        status = 500 if n == 1 else 200
+        await store.finish_attempts(
+            [
+                (Attempt(d.id, T0 + n, status, 1.0, f"{d.id}:{n}"), "pending", T0, n - 1)
+                for d in every
+            ]
+        )
+    counting.calls.clear()
+    path = f"/v1/webhooks/{hook_id}/deliveries"
+    listed = await ok(await client.get(path, params={"limit": "100"}, headers=AUTH))
+    assert len(counting.calls) <= 3, counting.calls
+    assert [d["id"] for d in listed["deliveries"]] == [d.id for d in every]
+    for d in listed["deliveries"]:
+        excerpts = [a["response_excerpt"] for a in d["attempts"]]
+        assert excerpts == [f"{d['id']}:1", f"{d['id']}:2"]
 
 
 async def test_deliveries_page_back_with_before_and_next_before(

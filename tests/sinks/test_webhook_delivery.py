@@ -22,6 +22,7 @@ from cloudevents.core.v1.event import CloudEvent
 from standardwebhooks.webhooks import Webhook as Verifier
 from structlog.testing import capture_logs
 
+from relay.api import service
 from relay.events import Activity, Kind, from_millis
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
@@ -549,9 +550,38 @@ class CountingStore:
         self.reads += 1
         return await self._store.due_sends(webhook_id, now_ms, limit, skip, kinds=kinds)
 
-    async def next_due_ms(self, webhook_id: str, after_ms: int = -1) -> int | None:
+    async def next_due_ms(self, webhook_id: str, after_ms: int = -1, **kw: Any) -> int | None:
         self.reads += 1
-        return await self._store.next_due_ms(webhook_id, after_ms)
+        return await self._store.next_due_ms(webhook_id, after_ms, **kw)
+
+
+async def test_pending_deliveries_of_a_rejected_kind_do_not_wake_the_worker(
+    any_store: Store, receiver: Start, tmp_path: Path
+) -> None:
+    """20 opens pending for a clicks-only webhook (as a fan-out racing a filter edit could
+    leave), due one every 100 ms: the worker, which never reads them, does not wake for them
+    either (about one look after the change, none till its refresh; it used to be woken by
+    each one's due time, for a read that left it out: two reads each)."""
+    r = await receiver()
+    await commit(any_store, [activity(i) for i in range(20)])
+    hook = await register(any_store, r.url, ("com.constantcontact.email.click",))
+    counting = CountingStore(any_store)
+    async with Running(counting, replace(FAST, refresh_s=5.0)) as dispatcher:  # type: ignore[arg-type]
+        await asyncio.sleep(0.3)  # the worker started (and dropped what its filter rejects)
+        now = int(time.time() * 1000)
+        await behind_the_store(
+            any_store,
+            tmp_path,
+            "INSERT INTO deliveries (webhook_id, seq, event_id, status, next_attempt_ms,"  # noqa: S608
+            f" created_ms) SELECT '{hook.id}', seq, event_id, 'pending', {now} + 100 * seq, 0"
+            " FROM outbox",
+        )
+        dispatcher.changed(hook.id)  # one look now
+        before = counting.reads
+        await asyncio.sleep(2.5)
+        reads = counting.reads - before
+    assert reads <= 4, reads
+    assert r.received == []
 
 
 async def test_a_worker_whose_deliveries_are_all_in_flight_waits(
@@ -969,22 +999,74 @@ async def test_a_narrowed_filter_stops_the_deliveries_it_rejects_queued_ones_inc
     any_store: Store, receiver: Start
 ) -> None:
     """An edit narrowing event_types while the worker has deliveries of the dropped kind queued
-    behind a slow attempt: that attempt finishes, none of the queued ones of the dropped kind
-    is sent afterwards, the kinds still wanted are, and the store keeps no trace of the rest."""
+    behind a slow attempt: that attempt finishes and is recorded, none of the queued ones of
+    the dropped kind is sent afterwards, the kinds still wanted are, and the store keeps no
+    trace of the rest."""
     r = await receiver(delay_s=0.3)
     hook = await register(any_store, r.url)
     await commit(any_store, [*(activity(i) for i in range(3)), activity(9, Kind.CLICK)])
     async with Running(any_store, replace(FAST, concurrency=1)) as dispatcher:
         await until(lambda: len(r.received) == 1)  # the first open is in flight, the rest queued
-        narrowed = replace(hook, event_types=("com.constantcontact.email.click",))
-        await any_store.update_webhook(narrowed, ["event_types"])
+        now = int(time.time() * 1000)  # the edit's time, as the service writes it
+        narrowed = replace(hook, event_types=("com.constantcontact.email.click",), updated_ms=now)
+        await any_store.update_webhook(narrowed, ["event_types", "updated_ms"])
         dispatcher.changed(hook.id, narrowed)  # as the admin API's PATCH does
         await until(lambda: dispatcher.delivered == 2)
         await asyncio.sleep(0.5)
     types = [orjson.loads(b)["type"].rsplit(".", 1)[1] for _, _, b in r.received]
     assert types == ["open", "click"]
-    (left,) = await any_store.deliveries(hook.id, 10)
-    assert left.status == "delivered"
+    left = await any_store.deliveries(hook.id, 10)
+    assert [d.status for d in left] == ["delivered", "delivered"]  # the click, the first open
+
+
+class GatedRecords:
+    """The real store, whose attempt records wait for ``gate`` (a store slow to write them, or
+    the recorder's linger stretched): an edit can come between an attempt and its record."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int, int]]) -> None:
+        self.waiting += 1
+        await self.gate.wait()
+        await self._store.finish_attempts(results)
+
+
+@pytest.mark.parametrize("status", [200, 503])
+async def test_an_attempt_recorded_after_a_filter_edit_rejecting_its_kind_is_kept(
+    any_store: Store, aiohttp_server: Callable[..., Awaitable[TestServer]], status: int
+) -> None:
+    """An open's attempt done, its record not yet written (the recorder lingers), when a PATCH
+    (the service, as the API calls it) narrows the filter to clicks: a 200 is recorded, the
+    delivery delivered with its attempt in the history; a 503 is recorded too, and the open,
+    no longer wanted, is then dropped, never sent again. (The edit deleted the pending open,
+    so the record found nothing: a delivery the endpoint received vanished from its history.)"""
+    url, hits = await serve(aiohttp_server, answering(status, b"ok"))
+    hook = await register(any_store, url)
+    await commit(any_store, [activity(1)])
+    gated = GatedRecords(any_store)
+    async with Running(gated) as dispatcher:  # type: ignore[arg-type]
+        await until(lambda: gated.waiting == 1)  # the attempt is done, its record waits
+        changes = service.WebhookChanges(event_types=("com.constantcontact.email.click",))
+        edited = await service.update_webhook(
+            any_store, ALLOW_LOOPBACK, hook.id, changes, int(time.time() * 1000)
+        )
+        dispatcher.changed(hook.id, edited)  # as the admin API's PATCH does
+        gated.gate.set()
+        await asyncio.sleep(0.5)  # the record, then the worker's look (refresh_s 0.1)
+    assert len(hits) == 1
+    if status == 200:
+        (delivery,) = await any_store.deliveries(hook.id, 10)
+        assert (delivery.status, delivery.attempts) == ("delivered", 1)
+        (attempt,) = await any_store.attempts(delivery.id)
+        assert attempt.status_code == 200
+    else:
+        assert await any_store.deliveries(hook.id, 10) == []
 
 
 async def test_redelivered_deliveries_of_a_kind_the_filter_rejects_never_starve_the_rest(
@@ -1120,6 +1202,31 @@ async def test_a_reset_during_the_first_attempt_is_not_undone(
         assert settled.next_attempt_ms == reset_ms  # due now, not in an hour
         await until(lambda: len(hits) == 2, timeout_s=5.0)
     assert len(await store.attempts(delivery.id)) >= 1
+
+
+@pytest.mark.parametrize("answer", [200, 500])
+async def test_a_delivery_reset_while_in_flight_is_sent_again_without_waiting_for_the_refresh(
+    any_store: Store, aiohttp_server: Callable[..., Awaitable[TestServer]], answer: int
+) -> None:
+    """Redelivered (as the API does) while its attempt hangs, refresh_s 5 s: once that attempt
+    is recorded (a 200 or a 500; the reset keeps the delivery pending, due now) the worker
+    reads it again at once, not at its next periodic look. (The change's wake-up came while
+    the delivery was held, so the read left it out, and nothing woke the worker when the
+    record let go of it: the resend waited for the refresh.)"""
+    store = any_store
+    handler = answering(answer, b"", delay_s=1.0)
+    url, hits = await serve(aiohttp_server, handler)
+    hook = await register(store, url)
+    await commit(store, [activity(1)])
+    async with Running(store, replace(FAST, refresh_s=5.0, timeout_s=5.0)) as dispatcher:
+        await until(lambda: len(hits) == 1)
+        (delivery,) = await store.deliveries(hook.id, 10)
+        await store.redeliver(delivery.id, int(time.time() * 1000))
+        dispatcher.changed(hook.id)
+        told = time.monotonic()
+        await until(lambda: len(hits) == 2, timeout_s=8.0)
+        assert hits[1] - told < 2.5, hits[1] - told  # the attempt's 1 s, then at once
+        await until(lambda: dispatcher.delivered + dispatcher.failed_attempts >= 2)
 
 
 class Malformed:

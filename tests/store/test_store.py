@@ -1524,7 +1524,8 @@ async def test_a_narrowed_filter_drops_the_pending_deliveries_it_rejects(store: 
         [
             (Attempt(by_seq[1].id, T0, 200, 1.0), "delivered", T0, 0),
             (Attempt(by_seq[2].id, T0, 500, 1.0), "dead", T0, 0),
-            (Attempt(by_seq[3].id, T0, 503, 1.0), "pending", T0 + 5, 0),  # a retry due
+            # a retry in an hour: not in flight (one due may be: see the next test)
+            (Attempt(by_seq[3].id, T0, 503, 1.0), "pending", T0 + 3_600_000, 0),
             (Attempt(by_seq[4].id, T0, 503, 1.0), "pending", T0 + 5, 0),
         ]
     )
@@ -1599,6 +1600,82 @@ async def test_a_redeliver_racing_a_filter_edit_sees_the_edit(store: Store) -> N
     assert await store.deliveries("wh_1", 10, "pending") == []
 
 
+async def test_a_filter_edit_leaves_rejected_deliveries_that_may_be_in_flight_to_the_worker(
+    store: Store,
+) -> None:
+    """A filter edit at T0 + 10 s narrowing to clicks: pending opens due by then plus a minute
+    (one may be in flight, and its attempt's record must find it) stay, never read; the one due
+    later goes at once. The worker's drop_unwanted then drops them, but those it holds; its
+    records of them are written in full (a delivered one stays delivered)."""
+    sid = await one_stream(store)
+    first = await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(4)], T0)  # opens 1..4
+    await store.commit_page(sid, [activity(9, T0 + 9, Kind.CLICK)], T0)  # seq 5
+    await store.fanout(100, T0)
+    by_seq = {d.seq: d for d in await store.deliveries("wh_1", 10)}
+    await store.finish_attempts(
+        [
+            (Attempt(by_seq[3].id, T0, 503, 1.0), "pending", T0 + 10_000 + 59_000, 0),
+            (Attempt(by_seq[4].id, T0, 503, 1.0), "pending", T0 + 10_000 + 61_000, 0),
+        ]
+    )
+    edited = dataclasses.replace(first, event_types=CLICKS_ONLY, updated_ms=T0 + 10_000)
+    await store.update_webhook(edited, ["event_types", "updated_ms"])
+    pending = {d.seq for d in await store.deliveries("wh_1", 10, "pending")}
+    assert pending == {1, 2, 3, 5}  # seq 4, due after the minute, went
+    due = await store.due_sends("wh_1", T0 + 100_000, 10, kinds=["click"])
+    assert [s.kind for s in due] == ["click"]
+    # the worker holds seq 1 (its attempt just succeeded, its record lingers)
+    assert await store.drop_unwanted("wh_1", {by_seq[1].id}) == 2
+    assert {d.seq for d in await store.deliveries("wh_1", 10, "pending")} == {1, 5}
+    assert await store.attempts(by_seq[3].id) == []
+    await store.finish_attempts([(Attempt(by_seq[1].id, T0 + 1, 200, 1.0), "delivered", T0, 0)])
+    delivered = await store.delivery(by_seq[1].id)
+    assert (delivered.status, delivered.attempts) == ("delivered", 1)
+    assert len(await store.attempts(by_seq[1].id)) == 1
+
+
+async def test_a_fanout_racing_a_filter_edit_leaves_no_rejected_kind_pending(store: Store) -> None:
+    """PostgreSQL: a filter edit narrowing to clicks, followed at once by the worker's drop
+    (told of the edit), while a fan-out that has read the webhooks (and inserted an open and a
+    click for it) is still open: the edit waits for the fan-out, so the drop after it sees the
+    open, and only the click is left pending. (The fan-out read the webhooks unlocked: the edit
+    and the drop committed first, neither could see the uncommitted open, and the fan-out then
+    left it pending, never to be sent nor dropped.) SQLite runs one write transaction at a
+    time: the fan-out is committed first."""
+    sid = await one_stream(store)
+    first = await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(1, T0 + 1)], T0)
+    await store.fanout(100, T0)  # the fan-out's cursor row exists: the test can lock it
+    await store.commit_page(sid, [activity(2, T0 + 2), activity(3, T0 + 3, Kind.CLICK)], T0)
+    narrowed = dataclasses.replace(first, event_types=CLICKS_ONLY)
+
+    async def edit_then_drop() -> int:
+        await store.update_webhook(narrowed, ["event_types"])
+        return await store.drop_unwanted("wh_1")
+
+    if isinstance(store, PostgresStore):
+        pg = await asyncpg.connect(store._url)
+        try:
+            async with pg.transaction():
+                # the fan-out reads, inserts, then waits here to move its cursor
+                await pg.execute(
+                    "SELECT seq FROM sink_cursors WHERE sink = $1 FOR UPDATE", rowmap.FANOUT
+                )
+                fanning = asyncio.create_task(store.fanout(100, T0))
+                await asyncio.sleep(0.3)
+                editing = asyncio.create_task(edit_then_drop())
+                await asyncio.sleep(0.3)  # the edit and the drop commit now, or wait
+        finally:
+            await pg.close()
+        await asyncio.gather(fanning, editing)
+    else:
+        assert await store.fanout(100, T0) == 2
+        await edit_then_drop()
+    pending = await store.deliveries("wh_1", 10, "pending")
+    assert [d.seq for d in pending] == [3]  # the click (both opens dropped)
+
+
 async def test_due_sends_read_only_the_kinds_asked_for(store: Store) -> None:
     """600 older pending opens and 5 clicks: asked for clicks, the due read returns the clicks
     in one batch of 512 (the opens are neither read nor counted in the limit; a read of every
@@ -1618,6 +1695,52 @@ async def test_due_sends_read_only_the_kinds_asked_for(store: Store) -> None:
     assert await store.due_sends("wh_1", T0 + 10, 512, kinds=[]) == []
     skip = {clicks[0].delivery_id}
     assert await store.due_sends("wh_1", T0 + 10, 2, skip, kinds=["click"]) == clicks[1:3]
+
+
+async def test_next_due_ms_of_the_kinds_asked_for(store: Store) -> None:
+    """The next due time after a moment, of every kind or of the kinds asked for only (an open
+    due sooner does not count when clicks are asked for)."""
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(1, T0 + 1), activity(2, T0 + 2, Kind.CLICK)], T0)
+    await store.fanout(100, T0)
+    by_seq = {d.seq: d for d in await store.deliveries("wh_1", 10)}
+    await store.finish_attempts(
+        [
+            (Attempt(by_seq[1].id, T0, 503, 1.0), "pending", T0 + 100, 0),
+            (Attempt(by_seq[2].id, T0, 503, 1.0), "pending", T0 + 200, 0),
+        ]
+    )
+    assert await store.next_due_ms("wh_1", T0) == T0 + 100
+    assert await store.next_due_ms("wh_1", T0, kinds=ALL_KINDS) == T0 + 100
+    assert await store.next_due_ms("wh_1", T0, kinds=["click"]) == T0 + 200
+    assert await store.next_due_ms("wh_1", T0 + 200, kinds=ALL_KINDS) is None
+    assert await store.next_due_ms("wh_1", T0, kinds=[]) is None
+
+
+async def test_attempts_of_reads_many_deliveries_histories_at_once(store: Store) -> None:
+    """Each delivery's attempts, oldest first; one without attempts, or unknown, has none."""
+    sid = await one_stream(store)
+    await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(3)], T0)
+    await store.fanout(100, T0)
+    first, second, third = sorted(await store.deliveries("wh_1", 10), key=lambda d: d.seq)
+    for n in range(2):
+        await store.finish_attempts(
+            [
+                (Attempt(d.id, T0 + n, 500, 1.0, f"{d.id}.{n}"), "pending", T0, n)
+                for d in (first, second)
+            ]
+        )
+    found = await store.attempts_of([second.id, third.id, first.id, 999_999])
+    assert found == {
+        first.id: await store.attempts(first.id),
+        second.id: await store.attempts(second.id),
+        third.id: [],
+        999_999: [],
+    }
+    assert [a.response_excerpt for a in found[first.id]] == [f"{first.id}.0", f"{first.id}.1"]
+    assert await store.attempts_of([]) == {}
 
 
 async def test_drop_unwanted_drops_what_the_stored_filter_rejects(
