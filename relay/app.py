@@ -191,7 +191,12 @@ async def _relay(
             if not account.campaigns.discover:
                 continue
             discovery = CampaignDiscovery(
-                client, store, account.name, account.campaigns.max_age_days, scheduler.reload
+                client,
+                store,
+                account.name,
+                account.campaigns.max_age_days,
+                scheduler.reload,
+                keep=account.campaigns.ids,
             )
             scheduler.add_job(
                 _discovery_job(scheduler, coordinator, account.name, discovery),

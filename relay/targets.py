@@ -13,7 +13,7 @@ first discovery into a full backfill.)
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import timedelta
 
 import structlog
@@ -48,8 +48,11 @@ class CampaignDiscovery:
         max_age_days: float,
         on_change: Callable[[], Awaitable[None]],
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        keep: Collection[str] = (),
     ) -> None:
         self._client = client
+        # campaign ids named in the config: followed regardless of discovery, however old
+        self._keep = frozenset(keep)
         self._store = store
         self._account = account
         self._max_age_ms = int(timedelta(days=max_age_days).total_seconds() * 1000)
@@ -99,6 +102,8 @@ class CampaignDiscovery:
         for keys, seed in ((history, True), (new, False)):
             if keys:
                 created += await self._store.ensure_streams(keys, now, seed=seed)
+        # a configured campaign is followed until removed from the config, whatever its age
+        old = [c for c in old if c not in self._keep]
         if full:
             if old:
                 await self._store.retire_streams(

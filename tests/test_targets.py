@@ -12,7 +12,7 @@ import pytest
 from relay.ctct.catalogue import Endpoint
 from relay.ctct.client import CtctClient, Page
 from relay.events import format_millis, to_millis
-from relay.store import Store
+from relay.store import Store, StreamKey
 from relay.targets import CampaignDiscovery, ensure_configured
 
 T0 = 1_795_000_000_000
@@ -147,3 +147,24 @@ async def test_seeding_compares_send_times_with_when_watching_began_on_the_apis_
     sent.campaigns = {"after": T0 + skew_ms + HOUR, "before": T0 + skew_ms - HOUR}
     await found.run()
     assert await seeds(store) == {"after": False, "before": True}
+
+
+async def test_campaigns_named_in_the_config_are_never_retired_for_their_age(
+    store: Store,
+) -> None:
+    """``campaigns.ids`` are followed regardless of discovery, until removed (README), but the
+    full scan retired every listed campaign sent more than ``max_age_days`` ago, configured or
+    not: a configured campaign sent 40 days ago stopped being polled seconds after start-up (its
+    late opens and clicks never emitted) and was retired again after every restart. A discovered
+    campaign of that age is still retired."""
+    now = [T0]
+    await ensure_configured(store, "acme", ["c9"], [], T0)
+    sent = Sent()
+    sent.campaigns = {"c9": T0 - 40 * 24 * HOUR, "c8": T0 - 40 * 24 * HOUR, "c1": T0 - HOUR}
+    await store.ensure_streams([StreamKey("acme", "campaign", "c8")], T0)  # found back then
+    found = CampaignDiscovery(
+        cast(CtctClient, sent), store, "acme", 30, _nothing, lambda: now[0], keep=("c9",)
+    )
+    await found.run()
+    retired = {s.key.resource_id: s.retired for s in await store.streams("acme")}
+    assert retired == {"c9": False, "c8": True, "c1": False}

@@ -99,6 +99,10 @@ LOCK_FANOUT = 3
 # the events they read
 LOCK_RETENTION = 4
 LOCK_WEBHOOKS = 5  # registrations counted against webhooks.max_webhooks
+# How long opening the store may spend on migrations, waiting for another replica's included;
+# the client waits a little longer, so the server's own error ends a migration that overruns.
+MIGRATE_TIMEOUT_S = 3600.0
+_MIGRATE_WAIT_S = MIGRATE_TIMEOUT_S + 5
 BUDGET_NS = 0x43544355  # per-account request budget: (BUDGET_NS, hashtext(account))
 _WROTE = "SELECT txid_current_if_assigned() IS NOT NULL"  # this transaction changed something
 COMMITS_CHANNEL = "relay_outbox"  # NOTIFY channel: a transaction appended outbox events
@@ -796,6 +800,11 @@ class PostgresStore:
                 count = int(await conn.fetchval("SELECT COUNT(*) FROM webhooks"))
                 if count >= max_webhooks:
                     raise LimitError(limit_message(max_webhooks))
+            # The fan-out's lock, until this commits: a fan-out then ran before the head was read
+            # (it moved past events this webhook is not owed), or runs after the commit and sees
+            # the webhook. Between the two, one on another replica read the webhooks without it
+            # and moved past events committed meanwhile, owed by start_seq, never delivered.
+            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_FANOUT)
             head = int(await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM outbox"))
             created = dataclasses.replace(webhook, start_seq=head)
             await _unique_url(conn, webhook.url, _INSERT_WEBHOOK, *rowmap.webhook_row(created))
@@ -1517,8 +1526,16 @@ async def _version(conn: Connection) -> int:
 
 
 async def _migrate(conn: Connection) -> None:
-    """Apply pending migrations; the advisory lock makes replicas that start together wait."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_MIGRATE)
+    """Apply pending migrations; the advisory lock makes replicas that start together wait.
+
+    Neither the wait nor a migration's statements are bounded by ``statement_timeout_s`` (the
+    store's calls' limit), only by ``MIGRATE_TIMEOUT_S``: cut off at it, a replica starting
+    while another applied a longer migration failed to start, and a migration longer than it
+    (an index built on a large table) was rolled back at every start, for good."""
+    await conn.execute(f"SET LOCAL statement_timeout = {int(MIGRATE_TIMEOUT_S * 1000)}")
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_MIGRATE, timeout=_MIGRATE_WAIT_S
+    )
     await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
     current = await _version(conn)
     if current > len(PG_MIGRATIONS):
@@ -1530,7 +1547,7 @@ async def _migrate(conn: Connection) -> None:
         if version <= current:
             continue
         for statement in script:
-            await conn.execute(statement)
+            await conn.execute(statement, timeout=_MIGRATE_WAIT_S)
         await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
 
 

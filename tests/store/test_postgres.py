@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from relay.config import load
-from relay.events import Activity, Kind, from_millis
+from relay.events import WILDCARD, Activity, Kind, from_millis
 from relay.store import (
     CorruptError,
     PostgresSettings,
@@ -19,11 +19,13 @@ from relay.store import (
     StoreError,
     StreamKey,
     UnavailableError,
+    Webhook,
     open_store,
     wait_budget,
 )
 from relay.store.migrations import MIGRATIONS
 from relay.store.pg_migrations import PG_MIGRATIONS
+from relay.store.postgres import LOCK_MIGRATE, LOCK_NS
 from tests import pgkit
 from tests.procs import free_port
 
@@ -287,6 +289,92 @@ async def test_replicas_migrate_once_and_append_in_order(postgres_url: str) -> N
         assert seen == sorted(set(seen))
     finally:
         await asyncio.gather(*(s.close() for s in stores))
+
+
+async def _waiting_on_a_lock(url: str, query_start: str) -> None:
+    """Return once another backend's statement starting with ``query_start`` waits on a lock."""
+    admin = await asyncpg.connect(url)
+    try:
+        for _ in range(200):
+            waiting = await admin.fetchval(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE $1 AND pid <> pg_backend_pid()",
+                query_start + "%",
+            )
+            if waiting:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no statement {query_start!r} came to wait on a lock")
+    finally:
+        await admin.close()
+
+
+async def test_a_webhook_registered_during_a_fanout_gets_every_event_after_its_start(
+    postgres_url: str,
+) -> None:
+    """A webhook receives every event with seq > its start_seq. Its registration read the outbox
+    head, then inserted the webhook: a fan-out on another replica running in between (events
+    committed meanwhile) read the webhooks without the new one and moved its cursor past those
+    events, which the webhook, though owed them by its start_seq, never received."""
+    store = PostgresStore.from_url(postgres_url)
+    await store.open()
+    blocker = await asyncpg.connect(postgres_url)
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+        [stream] = await store.streams()
+        await store.commit_page(stream.id, [activity(1, T0)], T0)
+        assert await store.fanout(100, T0) == 1
+        # An uncommitted registration of the same URL holds the new one's INSERT (the unique
+        # index): the window between its head read and its commit, held open.
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(
+            "INSERT INTO webhooks (id, url, event_types, secret, start_seq, created_ms,"
+            " updated_ms) VALUES ('wh_other', 'https://example.com/h', '[]', 's', 0, 0, 0)"
+        )
+        registering = asyncio.create_task(
+            store.create_webhook(
+                Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+            )
+        )
+        await _waiting_on_a_lock(postgres_url, "INSERT INTO webhooks")
+        await store.commit_page(stream.id, [activity(2, T0 + 1), activity(3, T0 + 2)], T0)
+        fanning = asyncio.create_task(store.fanout(100, T0))
+        await asyncio.sleep(0.3)  # the fan-out runs now (or waits for the registration)
+        await tx.rollback()
+        created = await registering
+        await fanning
+        await store.fanout(100, T0)
+        owed = {e.seq for e in await store.read_outbox(created.start_seq, 100)}
+        assert owed  # the events committed during the registration
+        delivered = {d.seq for d in await store.deliveries(created.id, 100)}
+        assert delivered == owed
+    finally:
+        await blocker.close()
+        await store.close()
+
+
+async def test_a_replica_waits_for_a_long_migration_instead_of_failing(postgres_url: str) -> None:
+    """Replicas that start together wait for the one applying the migrations (their advisory
+    lock), and a migration's statements run as long as they take: neither is cut off by
+    ``statement_timeout_s``, meant for the store's calls. Cut off, the waiting replica failed
+    to start whenever a migration took longer, and a migration longer than it (an index on a
+    large table) could never be applied at all."""
+    holder = await asyncpg.connect(postgres_url)
+    store = PostgresStore.from_url(postgres_url, PostgresSettings(statement_timeout_s=0.2))
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", LOCK_NS, LOCK_MIGRATE)
+        opening = asyncio.create_task(store.open())
+        await asyncio.sleep(1.0)  # another replica migrating for five statement timeouts
+        await holder.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_NS, LOCK_MIGRATE)
+        await asyncio.wait_for(opening, 30)
+        assert await store.schema_version() == len(PG_MIGRATIONS)
+        # the store's own calls keep their limit
+        with pytest.raises(StoreError, match="statement timeout"):
+            await store.transaction(lambda conn: conn.execute("SELECT pg_sleep(1)"))
+    finally:
+        await holder.close()
+        await store.close()
 
 
 async def test_commits_of_another_replica_wake_a_listener(postgres_url: str) -> None:
