@@ -22,8 +22,8 @@ from aiohttp import web
 
 from relay.api import WebhookError, create_admin_app, upsert_declared
 from relay.api.status import FANOUT_SINK, AccountQuota, CircuitView, RelayView
-from relay.config import AccountSettings, ConfigError, HttpSettings, Settings
-from relay.ctct.breaker import KeyBreaker
+from relay.config import AccountSettings, ConfigError, Settings
+from relay.ctct.breaker import BreakerSettings, KeyBreaker
 from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
@@ -162,7 +162,13 @@ async def _relay(
             budget = account.budget_name(salt)
             if budget not in limiters:
                 limiters[budget] = await _limiter(
-                    account, budget, groups[budget], store, today, coordinator, settings.http
+                    account,
+                    budget,
+                    groups[budget],
+                    store,
+                    today,
+                    coordinator,
+                    settings.http.breaker,
                 )
             limiter = limiters[budget]
             metrics.watch_limiter(account.name, limiter, budget)
@@ -368,7 +374,7 @@ async def _limiter(
     store: Store,
     today: str,
     coordinator: Coordinator,
-    http: HttpSettings,
+    breaker: BreakerSettings | None = None,
 ) -> RateLimiter:
     """The rate limiter of ``account``'s budget (its name: ``budget``), shared by the
     ``members`` (the accounts with its api_key), counted in the store under the budget's name."""
@@ -391,7 +397,7 @@ async def _limiter(
         ledger=None if shared else StoreLedger(store, budget),
         shared=AccountBudget(coordinator, budget) if shared else None,
         after_restart=True,
-        breaker=KeyBreaker(http.breaker),  # the key's circuit: its outages stop all its streams
+        breaker=KeyBreaker(breaker),  # the key's circuit: its outages stop all its streams
     )
 
 
