@@ -21,8 +21,9 @@ import structlog
 from aiohttp import web
 
 from relay.api import WebhookError, create_admin_app, upsert_declared
-from relay.api.status import FANOUT_SINK, AccountQuota, RelayView
+from relay.api.status import FANOUT_SINK, AccountQuota, CircuitView, RelayView
 from relay.config import AccountSettings, ConfigError, Settings
+from relay.ctct.breaker import BreakerSettings, KeyBreaker
 from relay.ctct.client import CtctClient
 from relay.ctct.errors import CtctError
 from relay.ctct.ratelimit import RateLimiter
@@ -168,7 +169,13 @@ async def _relay(
             budget = account.budget_name(salt)
             if budget not in limiters:
                 limiters[budget] = await _limiter(
-                    account, budget, groups[budget], store, today, coordinator
+                    account,
+                    budget,
+                    groups[budget],
+                    store,
+                    today,
+                    coordinator,
+                    settings.http.breaker,
                 )
             limiter = limiters[budget]
             metrics.watch_limiter(account.name, limiter, budget)
@@ -283,12 +290,24 @@ class _Sinks:
 
 def _quota_view(runtime: AccountRuntime, budget: str, sharing: tuple[str, ...]) -> AccountQuota:
     limiter = runtime.limiter
+
+    def circuit() -> CircuitView:
+        breaker = limiter.breaker
+        until = breaker.open_until_s
+        return CircuitView(
+            breaker.state(),
+            breaker.failures,
+            None if until is None else int(until * 1000),
+            breaker.last_error,
+        )
+
     return AccountQuota(
         runtime.name,
         limiter.budget.daily_allowance,
         lambda: limiter.used_today,
         budget=budget,
         shared_with=sharing,
+        circuit=circuit,
     )
 
 
@@ -367,6 +386,7 @@ async def _limiter(
     store: Store,
     today: str,
     coordinator: Coordinator,
+    breaker: BreakerSettings | None = None,
 ) -> RateLimiter:
     """The rate limiter of ``account``'s budget (its name: ``budget``), shared by the
     ``members`` (the accounts with its api_key), counted in the store under the budget's name."""
@@ -389,6 +409,7 @@ async def _limiter(
         ledger=None if shared else StoreLedger(store, budget),
         shared=AccountBudget(coordinator, budget) if shared else None,
         after_restart=True,
+        breaker=KeyBreaker(breaker),  # the key's circuit: its outages stop all its streams
     )
 
 

@@ -26,6 +26,7 @@ from relay.api import AdminConfigError, AdminSettings, DeclaredWebhook, check_ex
 from relay.api.body import MAX_RATE_PER_S, MIN_RATE_PER_S
 from relay.api.service import WebhookError, check_secret
 from relay.api.streams import ACCOUNT_NAME, ACCOUNT_SHAPE
+from relay.ctct.breaker import BreakerSettings
 from relay.ctct.client import Credentials, RetryPolicy
 from relay.ctct.ratelimit import Budget
 from relay.events import RESOURCE_ID, RESOURCE_ID_SHAPE, Kind, RecordError, parse_time
@@ -226,6 +227,7 @@ class HttpSettings:
     timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)  # per api_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -956,9 +958,26 @@ def _http(r: _Reader) -> HttpSettings:
             max_delay_s=r.number("backoff_max_s", defaults.max_delay_s),
             max_retry_after_s=r.number("max_retry_after_s", defaults.max_retry_after_s),
         ),
+        breaker=_breaker(r),
     )
     r.done()
     return http
+
+
+def _breaker(r: _Reader) -> BreakerSettings:
+    base = BreakerSettings()
+    open_s = r.number("breaker_open_s", base.open_s)
+    max_open_s = r.number("breaker_max_open_s", max(base.max_open_s, open_s))
+    if max_open_s < open_s:
+        raise ConfigError(
+            f"{r.key('breaker_max_open_s')}: {max_open_s:g} is shorter than"
+            f" {r.key('breaker_open_s')} ({open_s:g})"
+        )
+    return BreakerSettings(
+        failures=r.integer("breaker_failures", base.failures, minimum=0),
+        open_s=open_s,
+        max_open_s=max_open_s,
+    )
 
 
 def _logs(root: _Reader) -> LogSettings:

@@ -50,8 +50,21 @@ _REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ResponseObserver = Callable[[str, str, float], None]
 
 
+class BreakerView(Protocol):
+    """What the scrape reads of an api_key's circuit breaker (``relay.ctct.breaker``)."""
+
+    @property
+    def is_open(self) -> bool: ...
+
+    @property
+    def failures(self) -> int: ...
+
+
 class LimiterView(Protocol):
     """What the scrape reads of an account's rate limiter."""
+
+    @property
+    def breaker(self) -> BreakerView: ...
 
     @property
     def used_today(self) -> int: ...
@@ -79,6 +92,7 @@ class _State:
     quota_used: dict[tuple[str, str], int] = field(default_factory=dict)
     quota_remaining: dict[tuple[str, str], int] = field(default_factory=dict)
     waits: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    circuit: dict[tuple[str, str], tuple[bool, int]] = field(default_factory=dict)  # open, failures
     outbox_depth: dict[str, int] = field(default_factory=dict)
     lag_max_s: dict[tuple[str, ...], float] = field(default_factory=dict)
     lag_min_s: dict[tuple[str, ...], float] = field(default_factory=dict)
@@ -278,6 +292,8 @@ class Metrics:
             state.quota_used[(account, budget)] = limiter.used_today
             state.quota_remaining[(account, budget)] = limiter.remaining_today
             state.waits[(account, budget)] = (limiter.waits, limiter.waited_s)
+            breaker = limiter.breaker
+            state.circuit[(account, budget)] = (breaker.is_open, breaker.failures)
         if self._store is not None:
             state.store_up = 0
             stored = _State()
@@ -372,6 +388,21 @@ class _StateCollector(Collector):
             waited.add_metric([account, budget], seconds)
         yield waits
         yield waited
+        yield _gauge(
+            "ctct_relay_circuit_open",
+            "1 while the circuit breaker of the account's api_key is open in this process (5xx"
+            " or no answer on http.breaker_failures requests in a row: the key pauses, one probe"
+            " request at a time), else 0.",
+            ["account", "budget"],
+            {key: float(is_open) for key, (is_open, _) in s.circuit.items()},
+        )
+        yield _gauge(
+            "ctct_relay_circuit_failures",
+            "Requests of the account's api_key in a row that got a 5xx or no answer (this"
+            " process; an answer below 500 resets it).",
+            ["account", "budget"],
+            {key: float(failures) for key, (_, failures) in s.circuit.items()},
+        )
         yield _gauge(
             "ctct_relay_outbox_depth_events",
             "Events a sink has not finished with: kafka, webhooks-fanout (committed, not yet"

@@ -28,11 +28,16 @@ from relay.ctct.catalogue import Scope
 from relay.ctct.client import CtctClient, Page, counting_requests
 from relay.ctct.errors import (
     BadRequestError,
+    BudgetExhaustedError,
     CtctError,
+    KeyPausedError,
     MalformedResponseError,
+    OverQpsError,
     PaginationLoopError,
+    QuotaExhaustedError,
     ResponseTimeoutError,
     ServerError,
+    TooManyRequestsError,
 )
 from relay.events import (
     Activity,
@@ -78,9 +83,10 @@ PAGE_GROWTH = 0.5
 # Errors of one feed's read that say nothing of the stream's other feeds (a feed answering 5xx,
 # a malformed body, a pagination loop, a rejected parameter): the other feeds are committed and
 # move on, the failing one keeps its watermark and summary count, and the pass reports the error
-# once finished, so the stream still backs off. Budget, quota, 401, 403, 404, 429 and transport
-# errors (but a response timeout, below) concern the account, the key, the network or the
-# stream itself: they end the pass, once what it read is committed.
+# once finished, so the stream still backs off (a 2xx whose body was cut off mid-way is such a
+# MalformedResponseError). 401, 403, 404 and transport errors (but a response timeout, below)
+# concern the account, the network or the stream itself: they end the pass, once what it read
+# is committed. The key's budget (KEY_ERRORS, below) stops it, finished with what it read.
 FEED_ERRORS = (ServerError, MalformedResponseError, PaginationLoopError, BadRequestError)
 # A request that got a connection but no answer in time (after its retries) is feed-local too: a
 # slow query upstream (a big feed's window) concerns that feed. Ending the pass at the second
@@ -100,6 +106,27 @@ def asks_key_to_wait(exc: BaseException) -> TypeGuard[ServerError]:
     it waits in place, or its attempts ran out): the API asked for a wait, as a 429 does, and
     the whole key honours it (the scheduler pauses the key) instead of each stream failing."""
     return isinstance(exc, ServerError) and bool(exc.retry_after_s)
+
+
+# Errors that say the key may not send for now (its budget, the API's limits, a Retry-After, a
+# pause of the key, its open circuit), nothing about the stream. Met after the summary, they stop
+# the pass at that page (no further request), and the pass is finished with what it read: the
+# feeds read whole move their watermarks, the stopped one and those not read keep theirs (and
+# their summary counts, so the gate reads them next time). Ending the pass on them threw the
+# whole pass's watermarks away: the next pass re-read (and paid for) every feed read before.
+KEY_ERRORS = (
+    KeyPausedError,
+    BudgetExhaustedError,
+    QuotaExhaustedError,
+    TooManyRequestsError,
+    OverQpsError,
+)
+
+
+def stops_for_key(exc: BaseException) -> TypeGuard[CtctError]:
+    """Whether an error stops the pass for the key's sake (``KEY_ERRORS``, a 5xx asking the
+    key to wait)."""
+    return isinstance(exc, KEY_ERRORS) or asks_key_to_wait(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +197,10 @@ class PassOutcome:
     # replay or no summary gate) and the interval of such reads this pass used
     repeat_feeds: int | None = None
     repeat_every_ms: int = 0
+    # the key may not send for now (KEY_ERRORS): the pass stopped at a page, finished with the
+    # feeds it read whole; the scheduler pauses the key or defers the stream as for that error
+    stopped: CtctError | None = None
+    feeds_stopped: list[Kind] = field(default_factory=list)  # not read (whole) for that
 
     def result(self, next_due_ms: int, rate_per_h: float, polled_ms: int) -> PassResult:
         """What finishing this pass writes back to the stream: everything the pass carries over
@@ -306,6 +337,10 @@ class Poller:
         try:
             for kind in [k for k in self._settings.kinds if k not in slow] + slow:
                 reads = kind in by_time or kind in to_read
+                if reads and outcome.stopped is not None:
+                    self._read_again(stream, kind, outcome)  # the key may not send: next pass
+                    outcome.feeds_stopped.append(kind)
+                    continue
                 if reads and kind in slow and self._puts_off(stream, kind, outcome):
                     continue
                 if reads:
@@ -389,13 +424,26 @@ class Poller:
         feed timing out pass after pass held back the stream's every event. Safe, as above:
         watermarks move only in ``finish_pass``, which a failed pass never reaches; dedup drops
         the re-read. Not in a replay, for the same reason as above.
+
+        An error of the key (``KEY_ERRORS``) stops the pass instead: no request after it, and
+        the pass is finished with the feeds it read whole (``PassOutcome.stopped``).
         """
         try:
             await self._read_feed(stream, scope, kind, outcome, pending)
-        except (*FEED_ERRORS, ResponseTimeoutError) as exc:
-            if outcome.replay_from_ms is not None or asks_key_to_wait(exc):
+        except CtctError as exc:
+            if outcome.replay_from_ms is None and stops_for_key(exc):
                 # a 5xx with a Retry-After the client did not wait out speaks for the whole
-                # key: the scheduler pauses it, and the pass's other feeds would only get it too
+                # key, as a 429 or a spent quota do: the pass's other feeds would only get it
+                # too. It stops here, and is finished with what it read (KEY_ERRORS).
+                self._read_again(stream, kind, outcome)
+                outcome.stopped = exc
+                outcome.feeds_stopped.append(kind)
+                log.warning("poll.stopped", kind=kind.value, error=str(exc))
+                return
+            if not isinstance(exc, (*FEED_ERRORS, ResponseTimeoutError)):
+                await self._commit_before_failing(stream, pending, outcome)
+                raise
+            if outcome.replay_from_ms is not None:
                 await self._commit_before_failing(stream, pending, outcome)
                 raise
             if isinstance(exc, ResponseTimeoutError):
@@ -406,9 +454,6 @@ class Poller:
             if outcome.feed_error is None:
                 outcome.feed_error = exc
             log.warning("poll.feed_failed", stream=str(stream.key), kind=kind.value, error=str(exc))
-        except CtctError:
-            await self._commit_before_failing(stream, pending, outcome)
-            raise
 
     def _read_again(self, stream: Stream, kind: Kind, outcome: PassOutcome) -> None:
         """Leave a feed to the next pass: its watermark does not move, and its stored summary

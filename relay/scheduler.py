@@ -39,6 +39,12 @@ log = structlog.get_logger(__name__)
 # how often replicas sharing PostgreSQL re-read targets, pauses and rates into their planners
 RELOAD_EVERY_S = 30.0
 
+# A 404 retires a stream only when its previous pass met one too (its error starts with this):
+# a retired stream is polled again only after a restart or discovery's daily full scan, so one
+# passing 404 (an upstream glitch, a campaign briefly unlisted) lost up to a day of its events.
+# A stream really gone costs one more pass, after the error backoff.
+NOT_FOUND = "not found (retired if its next pass finds it gone too): "
+
 # after a pass fails on the state store (a full disk, a database restarting), no pass starts for
 # this long, doubling while the store keeps failing: every pass spends requests before it
 # commits, and retrying due streams at each tick spent them for nothing
@@ -50,11 +56,14 @@ STORE_RETRY_MAX_S = 60.0
 # counted as failing nor backed off further. Under a tiny quota this is the normal course of a day.
 # A 5xx with a Retry-After (poller.asks_key_to_wait) is handled the same way: the API asked the
 # key to wait, and every other stream of the key would only get the same answer.
+# A pause of the key (KeyPausedError: a long Retry-After, a pause stored, the key's open circuit,
+# ctct/breaker.py) is handled the same way: the stream stays due for when it ends.
 _BUDGET_ERRORS = (
     errors.QuotaExhaustedError,
     errors.BudgetExhaustedError,
     errors.TooManyRequestsError,
     errors.OverQpsError,
+    errors.KeyPausedError,
 )
 
 
@@ -246,10 +255,12 @@ class Planner:
         previous_rate_per_h: float | None,
         new: int,
         elapsed_s: float,
-        requests: float,
+        requests: float | None,
         budget_rps: float,
     ) -> tuple[float, float]:
         """The stream's new rate estimate (events/hour) and the seconds until its next pass.
+        ``requests`` None: the pass says nothing of the stream's cost (it was stopped part way,
+        ``PassOutcome.stopped``), which stays as it was.
 
         Only ``load`` (the scheduler's reload) puts a stream in the sums: one paused, retired or
         removed while its pass ran stays out (put back here, a paused stream used to keep its
@@ -259,10 +270,10 @@ class Planner:
         s = self._settings
         previous = s.prior_rate_per_h if previous_rate_per_h is None else previous_rate_per_h
         rate = estimate_rate(previous, new, elapsed_s, s.smoothing, s.rate_memory_s)
+        known = self._costs.get(stream_id, 2.0)
+        cost = known if requests is None else s.smoothing * requests + (1 - s.smoothing) * known
         if stream_id not in self._rates:
-            cost = s.smoothing * requests + (1 - s.smoothing) * 2.0
             return rate, self.policy.interval_outside_s(rate, cost, budget_rps)
-        cost = s.smoothing * requests + (1 - s.smoothing) * self._costs.get(stream_id, 2.0)
         self._costs[stream_id] = cost
         self._rates[stream_id] = rate
         self.policy.update(stream_id, rate, cost)
@@ -444,6 +455,11 @@ class Scheduler:
             return  # passes failed on the store: backing off (see STORE_RETRY_S)
         for runtime in await self._unpaused(self._accounts.values(), now):
             free = self._settings.concurrency - len(runtime.inflight)
+            breaker = runtime.limiter.breaker
+            if breaker.blocks_passes():
+                continue  # the key's circuit is open, or its one probe is out
+            if breaker.is_open:
+                free = min(free, 1 - len(runtime.inflight))  # one pass, whose request probes
             if free <= 0 or runtime.limiter.remaining_today <= 0:
                 continue
             due = await self._coordinator.claim_streams(runtime.name, now, free, runtime.inflight)
@@ -467,6 +483,7 @@ class Scheduler:
         pauses = await self._store.account_pauses()
         unpaused: list[AccountRuntime] = []
         for runtime in runtimes:
+            await self._circuit_paused(runtime, now)
             stored, reason = pauses.get(runtime.name, (0, ""))
             if stored > runtime.paused_until_ms:
                 if stored > now:
@@ -583,6 +600,12 @@ class Scheduler:
                 )
                 outcome = await runtime.poller.run_pass(stream, replay_from, repeat_every_s)
                 await self._finished(runtime, stream, outcome, replay_from)
+                if outcome.stopped is not None:
+                    # the key may not send for now: paused (or the stream deferred) as a pass
+                    # ending on that error would be, with what this one read kept
+                    await self._account_failed(
+                        runtime, stream, outcome.stopped, self._now_ms(), replay_from
+                    )
             except StoreError:
                 raise  # the store failed, not the stream: _pass leaves the stream due
             except Exception as exc:
@@ -603,12 +626,13 @@ class Scheduler:
         # earliest) divided by those seconds looked like millions an hour, and the square-root
         # rule pushed every other stream of the account out until the estimate decayed.
         new = outcome.new if stream.last_poll_ms else min(outcome.new, outcome.recent)
+        stopped = outcome.stopped is not None
         rate, interval = runtime.planner.after_pass(
             stream.id,
             stream.rate_per_h if stream.last_poll_ms else None,
             new,
             (now - (stream.last_poll_ms or stream.created_ms)) / 1000.0,
-            outcome.planned_requests,
+            None if stopped else outcome.planned_requests,  # a part of a pass: no cost
             self.budget_rps(runtime),
         )
         if outcome.repeat_feeds is not None:
@@ -624,12 +648,17 @@ class Scheduler:
             # the other feeds were committed and move on; the failing one is read again no
             # sooner than a failed pass would be, backing off as its errors repeat
             interval = max(interval, self._backoff_s(stream))
+        if stopped:
+            # the feeds it did not read are due when the key may send again (the pause that
+            # follows keeps the stream from being polled before)
+            interval = 0.0
         # a replay asked for while the pass ran (not the one it ran) keeps the stream due
         await self._store.finish_pass(
             stream.id, outcome.result(now + int(interval * 1000), rate, now), replay_from_ms=replay
         )
         self.passes += 1
-        result = "ok" if failed is None else type(failed).__name__
+        ended = outcome.stopped or failed
+        result = "ok" if ended is None else type(ended).__name__
         self._metrics.pass_finished(runtime.name, outcome, result)
         if failed is not None:
             log.warning(
@@ -666,9 +695,18 @@ class Scheduler:
         self._metrics.pass_failed(runtime.name, exc)
         now = self._now_ms()
         if isinstance(exc, errors.NotFoundError):
-            log.warning("poll.retired", reason=str(exc))
-            await self._store.record_error(stream.id, str(exc), now, retire=True)
-            runtime.planner.remove(stream.id)
+            if stream.consecutive_errors and (stream.last_error or "").startswith(NOT_FOUND):
+                log.warning("poll.retired", reason=str(exc))
+                await self._store.record_error(stream.id, str(exc), now, retire=True)
+                runtime.planner.remove(stream.id)
+                return
+            # the first 404: a failed pass like any other, retired if the next finds it gone
+            reason = NOT_FOUND + str(exc)
+            delay_s = self._backoff_s(stream)
+            log.warning("poll.not_found", error=str(exc), retry_in_s=round(delay_s, 1))
+            await self._store.record_error(
+                stream.id, reason, now + int(delay_s * 1000), replay_from_ms=replay
+            )
             return
         if await self._account_failed(runtime, stream, exc, now, replay):
             return
@@ -706,6 +744,12 @@ class Scheduler:
         apply."""
         if isinstance(exc, (errors.QuotaExhaustedError, errors.BudgetExhaustedError)):
             await self._pause_key(runtime, int(exc.resume_at.timestamp() * 1000), str(exc))
+        elif isinstance(exc, errors.KeyPausedError):
+            # the key was paused (here, by a Retry-After or its circuit): stored once; a probe
+            # already out (resume_at now) pauses nothing, the next tick sees its outcome
+            until = int(exc.resume_at.timestamp() * 1000)
+            if until > now and until > runtime.paused_until_ms:
+                await self._pause_key(runtime, until, str(exc))
         elif exc.retry_after_s:
             # The server asked the whole key to wait (the client only waits out short ones in
             # place): every other stream would get its own 429 (or 503) and spend budget. A
@@ -746,6 +790,16 @@ class Scheduler:
             await self._pause(runtime, now + 3600_000, f"forbidden: {exc}")
         return False
 
+    async def _circuit_paused(self, runtime: AccountRuntime, now: int) -> None:
+        """Store the pause an open circuit of the account's key implies (until its probe time),
+        for status and every replica, once per open period."""
+        breaker = runtime.limiter.breaker
+        if breaker.open_until_s is None:
+            return
+        until = int(breaker.open_until_s * 1000)
+        if until > now and until > runtime.paused_until_ms:
+            await self._pause_key(runtime, until, breaker.reason())
+
     async def _pause(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
         runtime.paused_until_ms = max(runtime.paused_until_ms, until_ms)
         await self._store.set_account_pause(runtime.name, until_ms, reason)
@@ -753,7 +807,9 @@ class Scheduler:
 
     async def _pause_key(self, runtime: AccountRuntime, until_ms: int, reason: str) -> None:
         """Pause every account of ``runtime``'s api_key (those sharing its limiter): the key's
-        quota or a Retry-After holds for all of them. A 401 pauses only its account."""
+        quota or a Retry-After holds for all of them. A 401 pauses only its account. Passes of
+        the key already running stop at their next request (the key's hold, ctct/breaker.py)."""
+        runtime.limiter.breaker.hold(until_ms / 1000, reason)
         await self._pause(runtime, until_ms, reason)
         for other in self._accounts.values():
             if other is not runtime and other.limiter is runtime.limiter:

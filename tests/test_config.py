@@ -42,6 +42,22 @@ def test_example_config_loads_with_every_default() -> None:
     assert settings.outbox_retention_h == 168
 
 
+def test_the_breaker_settings_load_and_a_cap_below_the_first_pause_is_refused(
+    tmp_path: Path,
+) -> None:
+    """http.breaker_* reach the settings (0 failures: never opens); a max_open_s below
+    open_s names both keys."""
+    text = MINIMAL + "http: {breaker_failures: 0, breaker_open_s: 5, breaker_max_open_s: 60}\n"
+    breaker = load(write(tmp_path, text), environ={"KEY": "k"}).http.breaker
+    assert (breaker.failures, breaker.open_s, breaker.max_open_s) == (0, 5, 60)
+    assert load(EXAMPLE, environ={}).http.breaker.failures == 10
+    text = MINIMAL + "http: {breaker_open_s: 600, breaker_max_open_s: 60}\n"
+    with pytest.raises(
+        ConfigError, match=r"http\.breaker_max_open_s: 60 is shorter than http\.breaker_open_s"
+    ):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+
+
 def test_unknown_keys_are_refused(tmp_path: Path) -> None:
     """A key the loader does not read is an error, so a typo never passes silently."""
     text = EXAMPLE.read_text().replace("  level: info", "  level: info\n  colour: blue")

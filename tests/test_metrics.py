@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from relay.api import AdminSettings, create_admin_app
+from relay.ctct.breaker import KeyBreaker
 from relay.events import Kind, from_millis, parse_activity
 from relay.metrics import FANOUT_CURSOR, Metrics
 from relay.poller import PassOutcome
@@ -30,6 +31,7 @@ class FakeLimiter:
     remaining_today: int = 8880
     waited_s: float = 1.5
     waits: int = 6
+    breaker: KeyBreaker = field(default_factory=KeyBreaker)
 
 
 @pytest.fixture
@@ -84,6 +86,8 @@ async def test_scrape_reads_quota_waits_outbox_depth_and_lag(store: Store) -> No
     assert got[("ctct_relay_quota_remaining_requests", ACME)] == 8880
     assert got[("ctct_relay_rate_limit_waits_total", ACME)] == 6
     assert got[("ctct_relay_rate_limit_wait_seconds_total", ACME)] == 1.5
+    assert got[("ctct_relay_circuit_open", ACME)] == 0
+    assert got[("ctct_relay_circuit_failures", ACME)] == 0
     assert got[("ctct_relay_outbox_depth_events", (("sink", "kafka"),))] == 1
     assert got[("ctct_relay_outbox_depth_events", (("sink", FANOUT_CURSOR),))] == 2
     assert got[("ctct_relay_outbox_depth_events", (("sink", "webhooks"),))] == 0
@@ -219,3 +223,15 @@ async def test_store_up_is_one_when_the_store_answers(store: Store) -> None:
     metrics = Metrics(lambda: NOW_MS)
     metrics.watch_store(store, [])
     assert samples(await metrics.scrape())[("ctct_relay_store_up", ())] == 1
+
+
+async def test_scrape_shows_an_open_circuit() -> None:
+    """The circuit breaker of the account's api_key: open (1) and its failures in a row."""
+    limiter = FakeLimiter()
+    for _ in range(limiter.breaker.settings.failures):
+        limiter.breaker.failed(False, "GET /v2/x answered 503")
+    metrics = Metrics(lambda: NOW_MS)
+    metrics.watch_limiter("acme", limiter, "key:0123456789ab")
+    got = samples(await metrics.scrape())
+    assert got[("ctct_relay_circuit_open", ACME)] == 1
+    assert got[("ctct_relay_circuit_failures", ACME)] == 10

@@ -932,6 +932,22 @@ def _status_schema_full(count: JsonObject, seconds: JsonObject, hold: JsonObject
                 }
             ),
             "paused": _nullable(_object({"until": _time(), "reason": {"type": "string"}})),
+            "circuit": {
+                **_nullable(
+                    _object(
+                        {
+                            "state": {"type": "string", "enum": ["closed", "open", "half_open"]},
+                            "consecutive_failures": count,
+                            "probe_at": _time(nullable=True),
+                            "last_error": {"type": ["string", "null"]},
+                        }
+                    )
+                ),
+                "description": "The circuit breaker of the account's api_key in the process"
+                " answering (a 5xx or no answer on http.breaker_failures requests in a row opens"
+                " it: the key pauses until probe_at, when one request probes); null when the"
+                " account is not configured there",
+            },
             "held": _nullable(hold),
             "streams": _object(
                 {k: count for k in ("total", "active", "paused", "retired", "failing", "replaying")}

@@ -37,6 +37,18 @@ class AccountQuota:
     used_today: Callable[[], int]
     budget: str | None = None  # the budget's name, ``key:<12 hex>`` (nothing of the key)
     shared_with: tuple[str, ...] = ()
+    circuit: Callable[[], CircuitView] | None = None  # the key's circuit breaker, live
+
+
+@dataclass(frozen=True)
+class CircuitView:
+    """The circuit breaker of an account's api_key as this process sees it (it is no store
+    state: each replica counts the failures its own requests meet)."""
+
+    state: str  # closed | open | half_open
+    consecutive_failures: int
+    probe_at_ms: int | None  # when a probe request may go (open, half_open)
+    last_error: str
 
 
 def _same(text: str) -> str:
@@ -90,6 +102,7 @@ async def status(store: Store, view: RelayView, now_ms: int) -> JsonObject:
                 "configured": name in view.accounts,
                 "quota": await _quota(store, view.accounts.get(name), name, day),
                 "paused": _relay_pause(pauses.get(name), now_ms, view.redact),
+                "circuit": _circuit(view.accounts.get(name), view.redact),
                 "held": _hold(holds.get(name)),
                 "streams": {
                     "total": counts.total,
@@ -205,6 +218,19 @@ def _relay_pause(
     if pause is None or pause[0] <= now_ms:
         return None
     return {"until": time_or_null(pause[0]), "reason": redact(pause[1])}
+
+
+def _circuit(quota: AccountQuota | None, redact: Callable[[str], str]) -> JsonObject | None:
+    """The key's circuit breaker in this process (null: the account is not configured here)."""
+    if quota is None or quota.circuit is None:
+        return None
+    circuit = quota.circuit()
+    return {
+        "state": circuit.state,
+        "consecutive_failures": circuit.consecutive_failures,
+        "probe_at": time_or_null(circuit.probe_at_ms),
+        "last_error": redact(circuit.last_error) if circuit.last_error else None,
+    }
 
 
 def _hold(hold: tuple[int, str] | None) -> JsonObject | None:

@@ -26,7 +26,7 @@ import structlog
 
 from relay.ctct import errors
 from relay.ctct.catalogue import Endpoint, Shape
-from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
+from relay.ctct.ratelimit import Admission, RateLimiter, next_utc_midnight
 from relay.events import JsonObject, format_time, text_without_surrogates, to_millis
 
 log = structlog.get_logger(__name__)
@@ -69,11 +69,12 @@ def counting_requests() -> Iterator[RequestCount]:
         _REQUEST_COUNT.reset(token)
 
 
-def count_request() -> None:
-    """Charge one request to the current unit of work, if one is counting."""
+def count_request(requests: int = 1) -> None:
+    """Charge one request to the current unit of work, if one is counting (-1: take back one
+    that never left)."""
     count = _REQUEST_COUNT.get()
     while count is not None:
-        count.requests += 1
+        count.requests += requests
         count = count.outer
 
 
@@ -147,6 +148,7 @@ class CtctClient:
         self._credentials = credentials
         self._base = credentials.base_url.rstrip("/")
         self._limiter = limiter
+        self._breaker = limiter.breaker  # the key's, shared as its limiter is
         self._retry = retry or RetryPolicy()
         self._timeout = timeout or aiohttp.ClientTimeout(total=30, connect=10)
         self._rng = rng or random.Random()
@@ -243,19 +245,33 @@ class CtctClient:
         self, name: str, path: str, params: list[tuple[str, str]]
     ) -> tuple[object, int | None]:
         """One logical GET with bounded retries; every attempt that may have reached the API
-        spends budget (one that provably never left is given back). The body, and the
-        upstream's clock (its ``Date`` header, Unix ms) when it answered."""
+        spends budget (one that provably never left is given back, and is no request of the
+        pass either). Each attempt first asks the key's breaker (``relay.ctct.breaker``): a
+        short hold is waited out, a long one or an open circuit raises ``KeyPausedError``. The
+        body, and the upstream's clock (its ``Date`` header, Unix ms) when it answered."""
         attempt = 1
+        slept_until = 0.0  # a hold this request's own retry delay has already waited out
         while True:
-            admission = await self._limiter.acquire()
+            probe = await self._key_admits(slept_until)
+            admission: Admission | None = None
             try:
-                return await self._attempt(name, path, params)
+                admission = await self._limiter.acquire()
+                result = await self._attempt(name, path, params)
             except errors.QuotaExhaustedError:
+                self._breaker.succeeded(probe)
                 self._limiter.exhaust_today()
                 raise
             except errors.CtctError as exc:
-                if not exc.sent:
+                self._breaker.observe(exc, probe)
+                if not exc.sent and admission is not None:
                     await self._limiter.give_back(admission)
+                    count_request(-1)
+                if exc.retry_after_s:
+                    # the API asked the key, not this request, to wait: the key's other
+                    # requests wait too (a long wait stops them: the scheduler pauses the key)
+                    until = self._breaker.now() + exc.retry_after_s
+                    self._breaker.hold(until, f"{exc.status} with Retry-After: {exc}")
+                    slept_until = until
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
                     raise
@@ -268,6 +284,33 @@ class CtctClient:
                 )
                 await self._sleep(delay)
                 attempt += 1
+            except BaseException:
+                self._breaker.abandoned(probe)
+                raise
+            else:
+                self._breaker.succeeded(probe)
+                return result
+
+    async def _key_admits(self, slept_until: float) -> bool:
+        """Wait out a short hold of the key (one this request's retry delay covered already is
+        not waited again); raise ``KeyPausedError`` for a longer one, ``CircuitOpenError`` while
+        the circuit is open. True when the request goes as the circuit's probe."""
+        breaker = self._breaker
+        breaker.check()  # an open circuit stops the request at once, whatever it holds
+        while breaker.held_until_s > slept_until:
+            until = breaker.held_until_s
+            wait_s = until - breaker.now()
+            if wait_s <= 0:
+                break
+            if wait_s > self._retry.max_retry_after_s:
+                resume_at = datetime.fromtimestamp(until, UTC)
+                raise errors.KeyPausedError(
+                    f"api_key paused until {format_time(resume_at)}: {breaker.hold_reason}",
+                    resume_at=resume_at,
+                )
+            await self._sleep(wait_s)
+            slept_until = until  # a hold set meanwhile, if later, is waited for too
+        return breaker.admit()
 
     def _retry_delay(self, exc: errors.CtctError, attempt: int) -> float | None:
         """Seconds to wait before retrying, or None when the error goes to the caller."""
@@ -304,7 +347,7 @@ class CtctClient:
             ) as resp:
                 status = resp.status
                 if 200 <= status < 300:
-                    body = await resp.read()
+                    body = await self._read_whole(resp, name, shown, started)
                 else:
                     body = await _read_capped(resp, _ERROR_BODY_CAP)
                 retry_after = resp.headers.get("Retry-After")
@@ -369,6 +412,25 @@ class CtctClient:
             )
         log.warning("ctct.body_repaired", endpoint=name, path=path, status=status, problem=repaired)
         return parsed, server_ms
+
+    async def _read_whole(
+        self,
+        resp: aiohttp.ClientResponse,
+        name: str,
+        shown: Callable[[], str],
+        started: float,
+    ) -> bytes:
+        """A 2xx's body. One cut off mid-way (the connection closed before its length) is a
+        malformed answer of this request, not a network failure: it is retried as such, and
+        once the retries are spent only its feed fails (``poller.FEED_ERRORS``), the pass
+        keeping the feeds it read; as a transport error it ended the whole pass."""
+        try:
+            return await resp.read()
+        except aiohttp.ClientPayloadError:
+            self._on_response(name, str(resp.status), time.perf_counter() - started)
+            raise _malformed(
+                name, f"GET {shown()} answered {resp.status} with a body cut off mid-way"
+            ) from None
 
     def _request_problem(self, exc: ValueError) -> str:
         """What aiohttp said, with the credentials' values scrubbed from it."""

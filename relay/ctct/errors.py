@@ -11,6 +11,10 @@
     │                                     bringing no new record, or outran the summary
     │                                     count: stop reading the feed, report
     ├── BudgetExhaustedError       no         our own daily allowance is spent: wait for resume_at
+    ├── KeyPausedError             no         the api_key is held (a long Retry-After, a pause
+    │   │                                 the scheduler stored) until resume_at: not sent
+    │   └── CircuitOpenError       no         the key's circuit breaker is open (an outage):
+    │                                     not sent; one probe at a time (ctct/breaker.py)
     └── ResponseError                         the API answered with an error status
         ├── BadRequestError        no  400    a parameter was rejected (bug or bad config)
         ├── UnauthorizedError      no  401    credentials are wrong: stop polling the account
@@ -99,6 +103,20 @@ class BudgetExhaustedError(CtctError):
     def __init__(self, message: str, *, resume_at: datetime) -> None:
         super().__init__(message)
         self.resume_at = resume_at
+
+
+class KeyPausedError(CtctError):
+    """The api_key may not send before ``resume_at`` (a long Retry-After, a pause of the key);
+    the request was not sent, so a pass stops here and keeps what it read."""
+
+    def __init__(self, message: str, *, resume_at: datetime) -> None:
+        super().__init__(message, sent=False)
+        self.resume_at = resume_at
+
+
+class CircuitOpenError(KeyPausedError):
+    """The api_key's circuit breaker is open after requests in a row met an outage (5xx, no
+    answer); ``resume_at``: when a probe may go (now, when one is already out)."""
 
 
 class ResponseError(CtctError):

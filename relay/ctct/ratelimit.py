@@ -21,6 +21,7 @@ from typing import Protocol
 
 import structlog
 
+from relay.ctct.breaker import KeyBreaker
 from relay.ctct.errors import BudgetExhaustedError
 
 log = structlog.get_logger(__name__)
@@ -120,11 +121,15 @@ class RateLimiter:
         ledger: QuotaLedger | None = None,
         shared: SharedBudget | None = None,
         after_restart: bool = False,
+        breaker: KeyBreaker | None = None,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.budget = budget
+        # the key's circuit and holds (a Retry-After, a pause): shared as the limiter is, by
+        # every account and client of the key
+        self.breaker = breaker or KeyBreaker(clock=wall_clock)
         self._wall_clock = wall_clock
         self._monotonic = monotonic
         self._sleep = sleep

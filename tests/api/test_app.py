@@ -7,7 +7,7 @@ import gzip
 import time
 import zlib
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -27,6 +27,7 @@ from relay.api.app import READ_TIMEOUT_S, STORE_WAIT_S
 from relay.api.body import MAX_BODY_BYTES
 from relay.api.responses import JsonObject
 from relay.api.status import RelayView
+from relay.ctct.breaker import KeyBreaker
 from relay.events import Activity, Kind, from_millis
 from relay.logs import REDACTED, Redactor
 from relay.metrics import FANOUT_CURSOR, STORE_TIMEOUT_S, Metrics
@@ -54,6 +55,7 @@ class _Limiter:
     remaining_today: int = 8880
     waited_s: float = 0.0
     waits: int = 0
+    breaker: KeyBreaker = field(default_factory=KeyBreaker)
 
 
 @pytest.mark.parametrize(

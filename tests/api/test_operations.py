@@ -9,7 +9,8 @@ from aiohttp.web import Application
 from pytest_aiohttp import AiohttpClient
 
 from relay.api import AdminSettings, create_admin_app
-from relay.api.status import AccountQuota, RelayView, public_url
+from relay.api.status import AccountQuota, CircuitView, RelayView, public_url
+from relay.api.views import time_or_null
 from relay.events import Kind
 from relay.sinks.ssrf import Guard
 from relay.store import PassResult, Store, StreamKey, Webhook
@@ -112,6 +113,7 @@ async def test_status_shows_quota_streams_sinks_and_webhook_health(
     }
     assert acme["max_lag_s"] == 180.0
     assert acme["paused"] is None
+    assert acme["circuit"] is None  # the view tells none
     assert acme["held"] is None
     assert body["outbox"] == {"head": 5}
     sinks = {s["name"]: s for s in body["sinks"]}
@@ -529,3 +531,25 @@ async def test_a_path_parameter_of_the_wrong_shape_is_a_400_naming_it(
     response = await api.request(method, path, headers=AUTH)
     error = await error_of(response, 400)
     assert error == {"code": "invalid_request", "message": message}
+
+
+async def test_status_shows_the_keys_circuit_breaker(make: Make, store: Store) -> None:
+    """An account configured here shows its api_key's circuit: state, failures in a row, when
+    it probes, the last error (redacted); the pause the scheduler stored for it shows why."""
+    circuit = CircuitView("open", 10, T0 + 30_000, "GET /v2/x?api_key=k-secret-key answered 503")
+    view = RelayView(
+        accounts={"acme": AccountQuota("acme", 9000, lambda: 10, circuit=lambda: circuit)},
+        redact=lambda text: text.replace("k-secret-key", "[REDACTED]"),
+    )
+    api = await make(view)
+    await store.set_account_pause("acme", T0 + 30_000, "circuit open: 10 requests in a row failed")
+    response = await api.get("/v1/status", headers=AUTH)
+    assert response.status == 200
+    (acme,) = (await response.json())["accounts"]
+    assert acme["circuit"] == {
+        "state": "open",
+        "consecutive_failures": 10,
+        "probe_at": time_or_null(T0 + 30_000),
+        "last_error": "GET /v2/x?api_key=[REDACTED] answered 503",
+    }
+    assert acme["paused"]["reason"].startswith("circuit open: 10 requests")
