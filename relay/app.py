@@ -34,6 +34,7 @@ from relay.metrics import FANOUT_CURSOR, Metrics
 from relay.poller import Poller
 from relay.scheduler import AccountRuntime, Planner, Scheduler
 from relay.sinks.kafka import SINK as KAFKA_SINK
+from relay.sinks.kafka import STOP_MAX_S as KAFKA_STOP_MAX_S
 from relay.sinks.kafka import KafkaSink, KafkaSinkError
 from relay.sinks.ssrf import Guard
 from relay.sinks.webhooks import WebhookDispatcher
@@ -44,8 +45,13 @@ from relay.targets import CampaignDiscovery, ensure_configured
 log = structlog.get_logger(__name__)
 
 PRUNE_EVERY_S = 3600.0
-# longer than run_leased's own grace (30 s), so the Kafka worker is stopped by its owner first
-SINK_GRACE_S = 45.0
+# How long a stop waits for the Kafka sink (which ends within STOP_MAX_S, ~13 s, whatever the
+# broker does) before its lease's owner cancels it, then for every sink: longer than the Kafka
+# grace, so the Kafka worker is stopped by its owner first (and gives its lease back), and with
+# the rest of the shutdown well inside the 40 s Kubernetes and deploy/ give a stopping relay
+# (it was 45 s: a relay whose broker was down was killed mid-stop).
+KAFKA_GRACE_S = KAFKA_STOP_MAX_S + 2.0
+SINK_GRACE_S = KAFKA_GRACE_S + 5.0
 
 
 def now_ms() -> int:
@@ -351,7 +357,12 @@ def _start_sinks(
         # one publisher at a time keeps each contact's events in order; a lost lease or a
         # failure backs off and tries again, only configuration errors end the relay
         leased = run_leased(
-            "sink:kafka", coordinator, sink.run, sinks.stop, fatal=(KafkaSinkError,)
+            "sink:kafka",
+            coordinator,
+            sink.run,
+            sinks.stop,
+            fatal=(KafkaSinkError,),
+            grace_s=KAFKA_GRACE_S,
         )
         task = asyncio.create_task(leased, name="sink:kafka")
 

@@ -525,11 +525,19 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
         compression=cast(
             Compression, r.choice("compression", ("none", "gzip", "lz4", "zstd"), b.compression)
         ),
-        linger_ms=r.integer("linger_ms", b.linger_ms, minimum=0),
-        max_batch_bytes=r.integer("max_batch_bytes", b.max_batch_bytes),
-        max_request_bytes=r.integer("max_request_bytes", b.max_request_bytes),
-        # Kafka carries it in int32 milliseconds: aiokafka fails only when it encodes a request
-        request_timeout_s=r.number("request_timeout_s", b.request_timeout_s, maximum=2_147_483),
+        # Kafka's int32 fields, their whole range named in an error whichever end is crossed
+        linger_ms=r.integer("linger_ms", b.linger_ms, minimum=0, maximum=MAX_INTEGER),
+        max_batch_bytes=r.integer("max_batch_bytes", b.max_batch_bytes, maximum=MAX_INTEGER),
+        max_request_bytes=r.integer("max_request_bytes", b.max_request_bytes, maximum=MAX_INTEGER),
+        # Kafka carries it in int32 milliseconds: aiokafka fails only when it encodes a request,
+        # and below 1 ms it was 0 ms, a timeout every request hit at once, retried for ever
+        request_timeout_s=r.number(
+            "request_timeout_s",
+            b.request_timeout_s,
+            minimum=0.001,
+            strict=False,
+            maximum=2_147_483,
+        ),
         client_id=r.text("client_id", b.client_id),
         create_topics=r.flag("create_topics", b.create_topics),
         partitions=r.integer("partitions", b.partitions),

@@ -912,7 +912,7 @@ def test_one_attempt_means_no_retries(tmp_path: Path) -> None:
         ),
         pytest.param(
             "kafka: {bootstrap_servers: b, request_timeout_s: 3000000}",
-            r"kafka\.request_timeout_s: expected a number > 0 and <= 2147483, got 3000000",
+            r"kafka\.request_timeout_s: expected a number >= 0.001 and <= 2147483, got 3000000",
             id="request-timeout-int32-ms",
         ),
     ],

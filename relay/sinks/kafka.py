@@ -15,6 +15,11 @@ and a slice without any reports the broker unreachable, as does an unanswered me
 of an idle sink (``_probe``); a stop waits for acknowledgements only so long, then abandons the
 producer unflushed: what it held is sent again from the cursor at the next start.
 
+Access problems are not outages (``access_error``): credentials the broker refuses, a broker
+certificate not trusted, ACLs that keep the relay's principal from its topics or from a
+producer id. aiokafka logs them and retries for ever; here they stop the relay at start-up with
+their cause, and after it are reported (status, logs) and retried.
+
 Rounds are read and sent ahead while earlier ones wait for the broker; one task settles them in
 order and alone moves the cursor, and a partition's next batch waits for its previous one.
 Events this process commits are handed over by the store in memory; the outbox is read whenever
@@ -45,18 +50,27 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
     CorruptRecordException,
+    IllegalSaslStateError,
     InvalidTopicError,
+    KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
     RecordTooLargeError,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
     UnsupportedForMessageFormatError,
+    UnsupportedSaslMechanismError,
     for_code,
 )
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from relay.events import (
@@ -100,6 +114,9 @@ _HANDED_OVER_MAX = 20_000
 # batch it holds, so its own stop() waits for ever while the broker is unreachable.
 _STOP_SETTLE_MAX_S = 10.0
 _ABANDON_S = 2.0  # then the requests in flight of an abandoned producer are cut off too
+_DROP_S = 1.0  # then deliveries of the abandoned producer still waiting are cancelled
+# The longest a stop of ``KafkaSink.run`` takes: its owner's grace (relay.app) must exceed it.
+STOP_MAX_S = _STOP_SETTLE_MAX_S + _ABANDON_S + _DROP_S
 
 
 class KafkaSinkError(Exception):
@@ -118,6 +135,23 @@ class KafkaSecurityError(KafkaSinkError):
 
 class KafkaUnreachableError(ConnectionError):
     """Start-up got no answer in time; the message says from where. Retried with backoff."""
+
+
+class KafkaAccessError(Exception):
+    """The broker refused who the relay is (SASL authentication, an ACL), or the relay refused
+    the broker's TLS certificate; the message names the cause and the principal, never a
+    password. At start-up it stops the relay (retrying would only hide it); later it is
+    reported and retried, as someone may fix the broker's side while the relay runs."""
+
+
+# What a broker answers a SASL handshake or authentication it refuses (the credentials, the
+# mechanism); aiokafka only logs them, then reports that it could not bootstrap.
+_SASL_REFUSALS = (
+    AuthenticationFailedError,
+    SaslAuthenticationFailed,
+    IllegalSaslStateError,
+    UnsupportedSaslMechanismError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +276,90 @@ def _read(key: str, path: str) -> bytes:
             return file.read()
     except OSError as exc:
         raise KafkaSecurityError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def principal(security: KafkaSecurity) -> str:
+    """Who the broker takes the relay for, as Kafka's default principal builder names it (a
+    broker's own builder or ``ssl.principal.mapping.rules`` may name it otherwise)."""
+    if security.protocol.startswith("SASL"):
+        return f"User:{security.username}"
+    if security.uses_ssl and security.ssl_certfile is not None:
+        return f"the principal of the certificate in {security.ssl_certfile}"
+    return "User:ANONYMOUS"
+
+
+def access_error(
+    exc: BaseException, settings: KafkaSettings, where: str | None = None
+) -> KafkaAccessError | None:
+    """``exc`` as the access problem it is, in words a user can act on, or None when it is
+    none: the broker refused the credentials (SASL), an ACL does not let the relay's principal
+    at a topic or the cluster, or the broker's TLS certificate is not trusted. ``where``: the
+    broker the connection went to, when known. No password is ever part of the message.
+    Causes count too: aiokafka wraps what crashed its sender ("Unexpected error during batch
+    delivery")."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        found = _access(cause, settings, where)
+        if found is not None:
+            return found
+        cause = cause.__cause__
+    return None
+
+
+def _access(
+    exc: BaseException, settings: KafkaSettings, where: str | None
+) -> KafkaAccessError | None:
+    if isinstance(exc, KafkaAccessError):
+        return exc
+    security = settings.security
+    at = where or settings.bootstrap_servers
+    who = principal(security)
+    if isinstance(exc, TopicAuthorizationFailedError):
+        return _unauthorized_topics(_topics_of(exc), settings, at)
+    if isinstance(exc, ClusterAuthorizationFailedError):
+        return KafkaAccessError(
+            f"kafka: {who} is not authorized on the cluster of {at} (ClusterAuthorizationFailed):"
+            " the idempotent producer needs IdempotentWrite on the cluster or Write on a topic"
+        )
+    if isinstance(exc, _SASL_REFUSALS):
+        said = exc.args[0] if exc.args and isinstance(exc.args[0], str) else ""
+        said = said or getattr(exc, "description", "") or type(exc).__name__
+        if security.password:  # no broker repeats it, but a message is no place for it
+            said = said.replace(security.password, "***")
+        return KafkaAccessError(
+            f"kafka: {at} refused to authenticate {who} (SASL {security.sasl_mechanism},"
+            f" {type(exc).__name__}): {said}; check kafka.security.username and password"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        trusted = (
+            f"the CA certificates in {security.ssl_cafile}"
+            if security.ssl_cafile
+            else "the system's CA certificates"
+        )
+        return KafkaAccessError(
+            f"kafka: TLS: the certificate of {at} is not trusted: {exc.verify_message}"
+            f" (checked against {trusted}: kafka.security.ssl_cafile)"
+        )
+    return None
+
+
+def _unauthorized_topics(topics: str, settings: KafkaSettings, at: str) -> KafkaAccessError:
+    return KafkaAccessError(
+        f"kafka: {principal(settings.security)} is not authorized for topic(s) {topics} on {at}"
+        " (TopicAuthorizationFailed): the broker's ACLs must allow it Describe and Write on"
+        " them (the broker says so of a topic that does not exist too, when the principal may"
+        " not describe it)"
+    )
+
+
+def _topics_of(exc: TopicAuthorizationFailedError) -> str:
+    """The topic(s) aiokafka put in the error: one name, or a set of them."""
+    named = exc.args[0] if exc.args else None
+    if isinstance(named, str):
+        return named
+    if isinstance(named, set | frozenset | list | tuple):
+        return ", ".join(sorted(str(t) for t in named))
+    return "(not named by the broker)"
 
 
 _SPECVERSION = ("ce_specversion", SPECVERSION.encode())
@@ -372,6 +490,7 @@ class KafkaSink:
         self._unsettled = False  # a stop gave up waiting for acknowledgements: do not flush
         self._deliveries: set[_Delivery] = set()  # batches awaiting the broker
         self.publishing = False  # run() is active here (this replica holds the sink's lease)
+        self._started_once = False  # a producer started and found the topics in this process
         self._topics = {kind: settings.topic_for(kind) for kind in Kind}
         self._partition = _Partitioner()
         # the producer batches go to now; another one after a batch refused for good
@@ -423,18 +542,25 @@ class KafkaSink:
                 if not await _unless_stopped(stop, self._connect(producer)):
                     break
                 self._online, self._stalled, self._probe_failed = True, False, False
+                self._started_once = True
                 self._report()
                 attempt = 0
                 await self._drain(stop)
             except (KafkaSinkError, StoreError):
                 raise  # the store's own failures are retried by the caller (run_leased)
-            except (KafkaError, OSError) as exc:
+            except (KafkaError, OSError, KafkaAccessError) as exc:
                 if not self._valid():
                     break  # the lease ran out (maybe what failed): not a broker problem
+                access = access_error(exc, self._settings)
+                if access is not None and not self._started_once:
+                    # credentials, a certificate or ACLs wrong from the start: stop the relay
+                    # with the cause, where retrying hid it in aiokafka's log for ever
+                    raise KafkaSinkError(str(access)) from None
                 attempt += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = str(access) if access else f"{type(exc).__name__}: {exc}"
                 delay = self._backoff(attempt)
-                log.warning("kafka.unavailable", error=self.last_error, retry_in_s=round(delay, 2))
+                event = "kafka.access_refused" if access else "kafka.unavailable"
+                log.warning(event, error=self.last_error, retry_in_s=round(delay, 2))
                 await _sleep_or_stop(stop, delay)
             except Exception as exc:
                 # a bug or an option aiokafka refuses only once it uses it (a value Kafka cannot
@@ -459,7 +585,7 @@ class KafkaSink:
         they are sent again from the cursor."""
         pending = {d for d in self._deliveries if not d.done()}
         if pending:  # an abandoned producer failed their batches: let them see it
-            _, pending = await asyncio.wait(pending, timeout=1.0)
+            _, pending = await asyncio.wait(pending, timeout=_DROP_S)
         for delivery in pending:
             delivery.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -473,12 +599,54 @@ class KafkaSink:
         deadline = asyncio.timeout(limit_s)
         try:
             async with deadline:
-                await producer.start()
+                started = time.monotonic()
+                try:
+                    await producer.start()
+                except KafkaConnectionError:
+                    # "Unable to bootstrap": aiokafka logged why and dropped it. A quick failure
+                    # is a refusal, not silence: ask once more, to report the cause
+                    if time.monotonic() - started < self._settings.request_timeout_s:
+                        refused = await self._refused(producer)
+                        if refused is not None:
+                            raise refused from None
+                    raise
                 await self._check_topics()
         except TimeoutError:
             if not deadline.expired():
                 raise
             raise KafkaUnreachableError(await self._silent(producer, limit_s)) from None
+
+    async def _refused(self, producer: AIOKafkaProducer) -> KafkaAccessError | None:
+        """The access problem of the first bootstrap address that refuses a connection made as
+        aiokafka makes them (TLS, SASL), if any does for such a reason."""
+        options = self._settings.client_options()
+        del options["bootstrap_servers"]
+        for host, port, _family in producer.client.hosts:
+            where = _address(host, port)
+            try:
+                async with asyncio.timeout(self._settings.request_timeout_s):
+                    connection = await create_conn(host, port, **options)
+            except (KafkaError, OSError) as exc:  # TLS errors are OSErrors, so is a timeout
+                refused = access_error(exc, self._settings, where)
+                if refused is not None:
+                    return refused
+            else:
+                connection.close()
+        return None
+
+    async def _why_silent(self, silence: str) -> str:
+        """``silence``, or the access problem behind it: a reconnection the broker refuses (a
+        password changed on the broker, a certificate from another CA) aiokafka only logs, and
+        it retries for ever. Asked once per outage, within ``request_timeout_s``."""
+        producer = self._current
+        if producer is None:
+            return silence
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._settings.request_timeout_s):
+                refused = await self._refused(producer)
+                if refused is not None:
+                    return str(refused)
+        return silence
 
     async def _silent(self, producer: AIOKafkaProducer, waited_s: float) -> str:
         """Why start-up got no answer in ``waited_s``: the brokers the bootstrap named that do
@@ -544,8 +712,10 @@ class KafkaSink:
                 self._probe_failed = True
                 if not self._stalled:  # the stall's error says more
                     self._unreachable(
-                        f"kafka: no broker of {self._settings.bootstrap_servers} answers"
-                        f" a metadata request (asked every {every_s:g} s)"
+                        await self._why_silent(
+                            f"kafka: no broker of {self._settings.bootstrap_servers} answers"
+                            f" a metadata request (asked every {every_s:g} s)"
+                        )
                     )
 
     def _producer(self) -> AIOKafkaProducer:
@@ -580,6 +750,7 @@ class KafkaSink:
         existing = set(await admin.list_topics())
         missing = [t for t in wanted if t not in existing]
         if missing:
+            await self._check_authorized(missing)
             if not self._settings.create_topics:
                 raise KafkaSinkError(
                     f"kafka: topic(s) {', '.join(missing)} do not exist on"
@@ -604,6 +775,24 @@ class KafkaSink:
                     + "; ".join(refused)
                 )
             log.info("kafka.topics_created", topics=missing)
+
+    async def _check_authorized(self, topics: list[str]) -> None:
+        """Raise the access error of the ``topics`` the relay's principal may not describe: a
+        metadata request for every topic leaves them out, just as if they did not exist (they
+        were reported missing). Asked without auto-creation: asking creates nothing."""
+        client = self._producer_now().client
+        node = client.get_random_node()
+        if node is None:
+            return  # no broker known yet: the listing above came from the bootstrap alone
+        answer = await client.send(node, MetadataRequest(topics, allow_auto_topic_creation=False))
+        refused = {
+            str(topic)
+            for code, topic, *_ in answer.topics
+            if code == TopicAuthorizationFailedError.errno
+        }
+        if refused:
+            names = ", ".join(sorted(refused))
+            raise _unauthorized_topics(names, self._settings, self._settings.bootstrap_servers)
 
     async def _read_batch_limits(self, admin: AIOKafkaAdminClient, topics: list[str]) -> None:
         """Keep each topic's record batches within its ``max.message.bytes``.
@@ -907,8 +1096,10 @@ class KafkaSink:
             if pending and self._last_answer < sliced and not self._stalled:
                 self._stalled = True
                 self._unreachable(
-                    f"kafka: no acknowledgement from {self._settings.bootstrap_servers}"
-                    f" for {silent_s:.0f} s"
+                    await self._why_silent(
+                        f"kafka: no acknowledgement from {self._settings.bootstrap_servers}"
+                        f" for {silent_s:.0f} s"
+                    )
                 )
 
     async def _batches(
