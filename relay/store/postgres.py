@@ -54,6 +54,7 @@ from relay.store.base import (
     BUDGET_SALT,
     Attempt,
     CorruptError,
+    CorruptionLatch,
     DeadLetter,
     Delivery,
     DeliveryCounts,
@@ -299,8 +300,7 @@ class PostgresStore:
         self.settings = settings or PostgresSettings()
         self._where = describe_url(url)
         self._pool: Pool | None = None
-        self._fatal_listeners: list[Callable[[StoreError], None]] = []
-        self._fatal: CorruptError | None = None
+        self._latch = CorruptionLatch()
 
     @classmethod
     def from_url(cls, url: str, settings: PostgresSettings | None = None) -> PostgresStore:
@@ -347,9 +347,6 @@ class PostgresStore:
     async def transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``fn`` in one transaction, retrying it through connection failures; refused
         once the database was found damaged (:class:`CorruptError`)."""
-
-        if self._fatal is not None:  # writing more on top of damage can only spread it
-            raise CorruptError(str(self._fatal))
         budget = current_budget()
 
         async def attempt() -> T:
@@ -368,19 +365,8 @@ class PostgresStore:
                     conn.terminate()  # never hand a broken connection out again
                     raise
 
-        try:
+        with self._latch.guard():  # damage found: writing more on top of it can only spread it
             return await self._retrying(attempt, "query")
-        except CorruptError as exc:
-            self._failed(exc)
-            raise
-
-    def _failed(self, exc: CorruptError) -> None:
-        """The first damage found: refuse what follows, tell the listeners (once)."""
-        if self._fatal is not None:
-            return
-        self._fatal = exc
-        for listener in self._fatal_listeners:
-            listener(exc)
 
     async def listen_commits(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Call ``wake`` whenever any process commits outbox events (LISTEN on one connection
@@ -579,7 +565,7 @@ class PostgresStore:
         """Calls ``listener`` once the server reports damage (``XX001``, ``XX002``: a
         :class:`CorruptError`). A lost server is no such error: it is retried
         (``reconnect_max_s``) and then fails the call alone; the next call tries again."""
-        self._fatal_listeners.append(listener)
+        self._latch.listen(listener)
 
     async def finish_pass(
         self, stream_id: int, result: PassResult, *, replay_from_ms: int | None = None
