@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from relay.config import load
+from relay.config import ConfigError, load
 from relay.events import Activity, Kind, from_millis
 from relay.store import (
     CorruptError,
@@ -222,6 +222,64 @@ async def test_a_unix_socket_directory_in_the_query_is_a_host(tmp_path: Path) ->
         assert tuple(reached) == (None, None)  # the socket, not TCP
     finally:
         cluster.destroy()
+
+
+async def test_a_url_with_no_host_takes_the_default_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """postgresql://user@/database (no host: libpq's default) was refused at load ("names no
+    host"), though asyncpg takes it as libpq does: $PGHOST, else the local socket directories,
+    then localhost. Now it loads and the store works: with ?port= and no $PGHOST through
+    localhost (no default socket directory holds this cluster's socket), and with $PGHOST and
+    $PGPORT alone through the socket in the directory $PGHOST names."""
+    cluster = pgkit.Cluster().start()
+    try:
+        monkeypatch.delenv("PGHOST", raising=False)
+        monkeypatch.delenv("PGPORT", raising=False)
+        first = (await pgkit.create_database(cluster.url)).rpartition("/")[2]
+        url = f"postgresql://postgres@/{first}?port={cluster.port}"
+        store, reached = await _opens_and_works(tmp_path, url)
+        assert store.where == f"the default host/{first}"
+        assert reached[1] == cluster.port  # TCP, to localhost
+        monkeypatch.setenv("PGHOST", str(cluster.root))
+        monkeypatch.setenv("PGPORT", str(cluster.port))
+        second = (await pgkit.create_database(cluster.url)).rpartition("/")[2]
+        _store, reached = await _opens_and_works(tmp_path, f"postgresql://postgres@/{second}")
+        assert tuple(reached) == (None, None)  # the socket
+    finally:
+        cluster.destroy()
+
+
+async def test_a_database_given_by_dbname_is_the_one_connected(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """postgresql://user@host:port?dbname=database (no path, as libpq and asyncpg both read it)
+    was refused at load ("names no database"). Now it loads and the store works in that
+    database; messages show ?dbname=…, not its value. After a bare '/' asyncpg ignores
+    ?dbname= and connects to the database named like the user, so that URL stays refused,
+    saying so."""
+    base, _, name = postgres_url.partition("?")[0].rpartition("/")
+    url = f"{base}?dbname={name}"
+    store, _reached = await _opens_and_works(tmp_path, url)
+    assert store.where == f"{base.rpartition('@')[2]}/?dbname=…"
+    await store.open()
+    try:
+        assert (
+            await store.transaction(lambda conn: conn.fetchval("SELECT current_database()")) == name
+        )
+    finally:
+        await store.close()
+    slash = f"{base}/?dbname={name}"
+    path = tmp_path / "slash.yaml"
+    path.write_text(ACCOUNT + f"state: '{slash}'\n")
+    with pytest.raises(ConfigError, match=r"state: \?dbname= is ignored by asyncpg after a '/'"):
+        load(path, environ={})
+    conn = await asyncpg.connect(slash)  # what the refusal says asyncpg does
+    try:
+        assert await conn.fetchval("SELECT current_database() = current_user") is True
+        assert await conn.fetchval("SELECT current_database()") != name
+    finally:
+        await conn.close()
 
 
 async def test_killed_connections_are_replaced_and_nothing_is_lost(postgres_url: str) -> None:
