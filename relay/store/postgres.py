@@ -220,8 +220,16 @@ class PostgresStore:
                 },
             )
 
-        self._pool = await self._retrying(create, "connect")
-        await self.transaction(_migrate)
+        # an open that fails or is cancelled after the pool started (in the migration, which
+        # waits for another replica's) closes the pool: the caller closes only a store that
+        # opened (relay.app), so its connections would stay open until the process exits
+        self._pool = pool = await self._retrying(create, "connect")
+        try:
+            await self.transaction(_migrate)
+        except BaseException:
+            self._pool = None
+            pool.terminate()  # no await: a cancelled open may not wait on the server
+            raise
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

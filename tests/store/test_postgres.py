@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -24,6 +24,7 @@ from relay.store import (
 )
 from relay.store.migrations import MIGRATIONS
 from relay.store.pg_migrations import PG_MIGRATIONS
+from relay.store.postgres import LOCK_MIGRATE, LOCK_NS
 from tests import pgkit
 from tests.procs import free_port
 
@@ -280,6 +281,64 @@ async def test_a_database_given_by_dbname_is_the_one_connected(
         assert await conn.fetchval("SELECT current_database()") != name
     finally:
         await conn.close()
+
+
+async def _relay_connections(
+    admin: asyncpg.Connection, database: str, wanted: Callable[[int], bool]
+) -> int:
+    """How many connections the store has to ``database`` (pg_stat_activity), once ``wanted``
+    holds for that number or after 10 s (a closed connection's backend leaves a moment later)."""
+    deadline = time.monotonic() + 10
+    while True:
+        count: int = await admin.fetchval(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1"
+            " AND application_name = 'ctct-relay'",
+            database,
+        )
+        if wanted(count) or time.monotonic() > deadline:
+            return count
+        await asyncio.sleep(0.05)  # the server's view: no event to wait on
+
+
+async def test_an_open_cancelled_after_the_pool_started_closes_it(postgres_url: str) -> None:
+    """An open cancelled while its migration waited (another replica migrating: the advisory
+    lock held) kept its pool, and its connections stayed open on the server until the process
+    exited (the relay closes only a store that opened). Now the open closes the pool first."""
+    database = postgres_url.partition("?")[0].rpartition("/")[2]
+    # pg_stat_activity is read once per transaction: the watcher is not the lock's holder
+    admin, holder = await asyncpg.connect(postgres_url), await asyncpg.connect(postgres_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_MIGRATE)
+            store = PostgresStore.from_url(postgres_url, PostgresSettings(pool_min_size=2))
+            opening = asyncio.create_task(store.open())
+            # the pool is up, its migration waits for the lock
+            assert await _relay_connections(admin, database, lambda n: n == 2) == 2
+            assert not opening.done()
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+        assert await _relay_connections(admin, database, lambda n: n == 0) == 0
+        await store.close()  # closing a store that did not open is fine
+    finally:
+        await admin.close()
+        await holder.close()
+
+
+async def test_an_open_that_fails_after_the_pool_started_closes_it(postgres_url: str) -> None:
+    """An open whose migration fails (a schema newer than this relay knows) raised its
+    StoreError and kept its pool's connections open; now it closes them first."""
+    database = postgres_url.partition("?")[0].rpartition("/")[2]
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+        await admin.execute("INSERT INTO schema_version VALUES ($1)", len(PG_MIGRATIONS) + 1)
+        store = PostgresStore.from_url(postgres_url)
+        with pytest.raises(StoreError, match="is newer than this relay knows"):
+            await store.open()
+        assert await _relay_connections(admin, database, lambda n: n == 0) == 0
+    finally:
+        await admin.close()
 
 
 async def test_killed_connections_are_replaced_and_nothing_is_lost(postgres_url: str) -> None:
