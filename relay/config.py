@@ -37,8 +37,8 @@ from relay.sinks.kafka import KafkaSecurity, KafkaSecurityError, KafkaSettings
 from relay.sinks.ssrf import Guard, masked_query
 from relay.sinks.webhooks import DeliverySettings
 from relay.store import StoreError
-from relay.store.postgres import PostgresSettings, split_hosts
-from relay.store.postgres import url_problem as postgres_url_problem
+from relay.store.pgurl import url_problem as postgres_url_problem
+from relay.store.postgres import PostgresSettings
 from relay.store.sqlite import path_from_url
 
 ENV_PREFIX = "CTCT_RELAY_"
@@ -628,7 +628,7 @@ def _state(root: _Reader) -> str:
     if scheme == "sqlite":
         problem = _sqlite_problem(url)
     elif scheme in {"postgresql", "postgres"}:
-        problem = _postgres_problem(url)
+        problem = postgres_url_problem(url)
     else:
         problem = (
             "expected sqlite:///path/to/state.db or postgresql://user:password@host:port/database"
@@ -646,98 +646,6 @@ def _sqlite_problem(url: str) -> str | None:
     if path is not None and (url.endswith("/") or path == Path() or path.is_dir()):
         return "expected sqlite:///path/to/state.db (the path of a database file)"
     return None
-
-
-def _postgres_problem(url: str) -> str | None:
-    parts = urlsplit(url)
-    expected = "(expected postgresql://user:password@host:port/database)"
-    netloc = parts.netloc.rpartition("@")[2]
-    try:  # what asyncpg reads (the last of each); a query that does not parse is named below
-        query = {
-            name: values[-1]
-            for name, values in parse_qs(
-                parts.query, keep_blank_values=True, strict_parsing=True
-            ).items()
-        }
-    except ValueError:
-        query = {}
-    if netloc:
-        problem = _netloc_hosts_problem(netloc, query)
-    elif "host" in query:
-        problem = _query_hosts_problem(query)
-    else:
-        problem = f"the PostgreSQL URL names no host {expected}"
-    if problem:
-        return problem
-    if not parts.path.strip("/"):
-        return f"the PostgreSQL URL names no database {expected}"
-    return postgres_url_problem(url)
-
-
-def _netloc_hosts_problem(netloc: str, query: Mapping[str, str]) -> str | None:
-    """The hosts before the path (``host:port,host:port``, tried in order): shown by the error
-    as written, so a message may name them."""
-    servers = split_hosts(netloc, unquote_hosts=True)
-    several = len(servers) > 1
-    for n, (_host, port) in enumerate(servers, 1):
-        if port and _port_problem(port):
-            which = f"the port of host {n}" if several else "the port"
-            return (
-                f"{which} is not a number from 1 to 65535 (in a password, / ? # @ and : must be"
-                " percent-encoded) (expected postgresql://user:password@host:port/database)"
-            )
-    for n, (host, _port) in enumerate(servers, 1):
-        if not host:
-            return f"host {n} of {len(servers)} is empty (expected host:port,host:port)"
-        if not (host.startswith("/") or valid_host(host)):
-            # asyncpg would fail to resolve it on every connect, retried as if it were down
-            which = f"host {n} of {len(servers)}, {host!r}," if several else repr(host)
-            return (
-                f"{which} is not a valid host name (an IP address, or labels of 1 to 63 letters,"
-                " digits, '-' or '_' separated by single dots)"
-            )
-    # asyncpg reads ?host= and ?port= only when no host precedes the path: it would connect
-    # elsewhere than they say, silently (libpq would use them)
-    for name in ("host", "port"):
-        if name in query:
-            return (
-                f"?{name}= is ignored by asyncpg when a host precedes the path: give the hosts"
-                " and ports either as host:port,host:port before the path or as"
-                " postgresql://user:password@/database?host=…&port=…"
-            )
-    return None
-
-
-def _query_hosts_problem(query: Mapping[str, str]) -> str | None:
-    """The hosts of ``?host=`` (and their ports, ``?port=``): the error masks query values, so
-    a message names an entry by its place."""
-    servers = split_hosts(query["host"])
-    several = len(servers) > 1
-    for n, (host, port) in enumerate(servers, 1):
-        which = f"entry {n} of ?host=" if several else "?host="
-        if not host:
-            return f"{which} is empty (expected a host name, an IP address or a socket directory)"
-        if not (host.startswith("/") or valid_host(host)):
-            return (
-                f"{which} is not a valid host name, IP address or socket directory (an absolute"
-                " path)"
-            )
-        if port and _port_problem(port):
-            return f"the port of {which} is not a number from 1 to 65535"
-    if "port" not in query:
-        return None
-    ports = query["port"].split(",")
-    if len(ports) > 1 and len(ports) != len(servers):
-        return f"?port= names {len(ports)} ports for {len(servers)} hosts of ?host="
-    for n, port in enumerate(ports, 1):
-        if _port_problem(port):
-            which = f"entry {n} of ?port=" if len(ports) > 1 else "?port="
-            return f"{which} is not a number from 1 to 65535"
-    return None
-
-
-def _port_problem(port: str) -> bool:
-    return not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535)
 
 
 def _postgres(r: _Reader) -> PostgresSettings:

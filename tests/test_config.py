@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from relay.config import ConfigError, Secret, Settings, from_mapping, load
+from relay.store import PostgresStore, StoreError
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "relay.example.yaml"
 
@@ -504,11 +505,6 @@ def test_every_key_the_loader_reads_is_documented(monkeypatch: pytest.MonkeyPatc
             id="state-no-database",
         ),
         pytest.param(
-            "state: 'postgresql://u:pw-zz@/relay'",
-            r"state: the PostgreSQL URL names no host .*, got 'postgresql://…@/relay'$",
-            id="state-no-host",
-        ),
-        pytest.param(
             "state: 'postgresql://db:54x2/relay'",
             r"state: the port is not a number from 1 to 65535 .*, got 'postgresql://db:54x2/relay'$",
             id="state-bad-port",
@@ -719,6 +715,38 @@ _BAD_STATE_URLS = [
         " 'postgresql://…@db/relay?host=***'",
         id="query-host-beside-a-host",
     ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@/relay?port=5432,5433",
+        "?port= names 2 ports but the URL names no host (give the hosts with ?host=…, or one"
+        " port), got 'postgresql://…@/relay?port=***'",
+        id="no-host-ports",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db:5432/?dbname=relay",
+        "?dbname= is ignored by asyncpg after a '/' (it would connect to the database named like"
+        " the user): remove the '/' before the '?', or name the database in the path (expected"
+        " postgresql://user:password@host:port/database), got"
+        " 'postgresql://…@db:5432/?dbname=***'",
+        id="dbname-after-slash",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db:5432/relay?dbname=other",
+        "the database is named twice, in the path and by ?dbname= (asyncpg takes the path's,"
+        " libpq the query's): name it once, got 'postgresql://…@db:5432/relay?dbname=***'",
+        id="database-twice",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db:5432?dbname=relay&database=other",
+        "the database is named twice, by ?dbname= and ?database=: name it once, got"
+        " 'postgresql://…@db:5432?dbname=***&database=***'",
+        id="dbname-and-database",
+    ),
+    pytest.param(
+        "postgresql://relay:pg-secret-9@db:5432?dbname=",
+        "the PostgreSQL URL names no database (expected"
+        " postgresql://user:password@host:port/database), got 'postgresql://…@db:5432?dbname=***'",
+        id="dbname-blank",
+    ),
 ]
 
 
@@ -732,6 +760,16 @@ def test_postgresql_state_url_is_checked_at_load(tmp_path: Path, url: str, probl
         load(path, environ={"KEY": "k"})
     assert str(caught.value) == f"{path}: state: {problem}"
     assert "pg-secret-9" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("url", "problem"), _BAD_STATE_URLS)
+def test_the_store_refuses_a_url_as_the_config_does(url: str, problem: str) -> None:
+    """PostgresStore.from_url checked only the scheme, so a URL given to it directly (a script,
+    a benchmark) failed at connect, or was retried for reconnect_max_s as if the server were
+    down. It runs the config's check now: the same problem (never a password or query value)."""
+    with pytest.raises(StoreError) as caught:
+        PostgresStore.from_url(url)
+    assert str(caught.value) == f"state: {problem.rpartition(', got ')[0]}"
 
 
 def test_a_bad_postgresql_state_url_exits_2_at_once(tmp_path: Path) -> None:
@@ -790,6 +828,12 @@ def test_postgresql_state_url_with_options_asyncpg_takes_loads(tmp_path: Path, q
             id="query-hosts",
         ),
         pytest.param("postgresql://relay@/relay?host=db1,db2&port=5433", id="query-one-port"),
+        pytest.param("postgresql://relay:pg-secret-9@/relay", id="default-host"),
+        pytest.param("postgresql:///relay", id="default-host-no-user"),
+        pytest.param("postgresql://relay@/relay?port=5433&sslmode=disable", id="default-host-port"),
+        pytest.param("postgresql://relay:pg-secret-9@db:5433?dbname=relay", id="dbname"),
+        pytest.param("postgresql://relay@db?database=relay", id="database"),
+        pytest.param("postgresql://relay@?host=/run/postgresql&dbname=relay", id="dbname-socket"),
     ],
 )
 def test_postgresql_state_url_with_several_hosts_or_a_socket_loads(
@@ -797,7 +841,9 @@ def test_postgresql_state_url_with_several_hosts_or_a_socket_loads(
 ) -> None:
     """Hosts asyncpg (and libpq) try in order (an HA pair), a Unix socket directory, and
     ?host=/?port= were refused at load ("the port is not a number", "names no host"): they
-    load now, each host and port checked."""
+    load now, each host and port checked. So do no host at all (postgresql:///relay: $PGHOST,
+    else the local socket directories and localhost) and a database given only by ?dbname= in
+    a URL with no path, which were refused ("names no host", "names no database")."""
     settings = load(write(tmp_path, MINIMAL + f"state: '{url}'\n"), environ={"KEY": "k"})
     assert settings.state == url
 
@@ -806,7 +852,7 @@ def test_postgresql_url_choices_are_asyncpgs() -> None:
     """The values checked at load are the ones asyncpg takes, so a new asyncpg cannot drift."""
     from asyncpg import connect_utils  # its parser: private, read only by this test
 
-    from relay.store.postgres import URL_CHOICES
+    from relay.store.pgurl import URL_CHOICES
 
     modes = tuple(mode.name.replace("_", "-") for mode in connect_utils.SSLMode)
     assert URL_CHOICES["sslmode"] == modes

@@ -18,7 +18,8 @@ a flush to disk (bookkeeping whose loss only causes a redelivery).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -59,6 +60,41 @@ class CorruptError(StoreError):
     from it can be trusted and no retry mends it, so the store refuses every later call and the
     relay stops with this error (:meth:`Store.on_fatal`). The message names the file or server
     and how to restore it."""
+
+
+class CorruptionLatch:
+    """What a store does once its data is found damaged, shared by both backends: the first
+    :class:`CorruptError` is kept and handed to the :meth:`Store.on_fatal` listeners (once), and
+    every later call is refused with it, since writing more on top of damage can only spread
+    it."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[StoreError], None]] = []
+        self._damage: CorruptError | None = None
+
+    def listen(self, listener: Callable[[StoreError], None]) -> None:
+        """:meth:`Store.on_fatal`: ``listener`` hears the first damage found."""
+        self._listeners.append(listener)
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Around one call of the store: refused at once after damage was found; a
+        :class:`CorruptError` it raises closes the latch and tells the listeners (the first
+        one only), then goes on to the caller."""
+        if self._damage is not None:
+            raise CorruptError(str(self._damage))
+        try:
+            yield
+        except CorruptError as exc:
+            self._close(exc)
+            raise
+
+    def _close(self, exc: CorruptError) -> None:
+        if self._damage is not None:
+            return
+        self._damage = exc
+        for listener in self._listeners:
+            listener(exc)
 
 
 class NotFoundError(StoreError):

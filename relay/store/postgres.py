@@ -33,13 +33,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 import orjson
@@ -55,6 +53,7 @@ from relay.store.base import (
     SPARED_DUE_MS,
     Attempt,
     CorruptError,
+    CorruptionLatch,
     DeadLetter,
     Delivery,
     DeliveryCounts,
@@ -84,6 +83,7 @@ from relay.store.base import (
 )
 from relay.store.budget import WaitBudget, current_budget
 from relay.store.pg_migrations import PG_MIGRATIONS
+from relay.store.pgurl import describe_url, url_problem
 
 log = structlog.get_logger(__name__)
 
@@ -159,120 +159,6 @@ async def _wait_any(first: asyncio.Event, second: asyncio.Event, timeout_s: floa
         await asyncio.gather(*waits, return_exceptions=True)
 
 
-# Query parameters of the URL whose values asyncpg checks when it connects (connect_utils), with
-# the values it takes: a wrong one fails every connect with ClientConfigurationError, so loading
-# the config refuses it first (url_problem). Other parameters asyncpg reads are paths and names;
-# the ones it does not know it sends to the server as settings, which the server checks.
-URL_CHOICES: dict[str, tuple[str, ...]] = {
-    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
-    "sslnegotiation": ("postgres", "direct"),
-    "target_session_attrs": (
-        "any",
-        "primary",
-        "standby",
-        "prefer-standby",
-        "read-write",
-        "read-only",
-    ),
-    "gsslib": ("gssapi", "sspi"),
-    "ssl_min_protocol_version": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"),
-    "ssl_max_protocol_version": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"),
-}
-# asyncpg reads sslmode with '_' for '-' (verify_full) and the TLS versions with '_' for '.'
-_URL_SPELLINGS = {
-    "sslmode": ("_", "-"),
-    "ssl_min_protocol_version": ("_", "."),
-    "ssl_max_protocol_version": ("_", "."),
-}
-
-
-def url_problem(url: str) -> str | None:
-    """What asyncpg would refuse in the query of a PostgreSQL URL at every connect, or None;
-    never shows a value (any may be a secret)."""
-    query = urlsplit(url).query
-    if not query:
-        return None
-    try:  # as asyncpg parses it: an item without '=' fails every connect with ValueError
-        params = parse_qs(query, strict_parsing=True)
-    except ValueError:
-        return "the query is not name=value pairs separated by &"
-    for name, choices in URL_CHOICES.items():
-        if name not in params:
-            continue
-        value = params[name][-1]  # asyncpg takes the last
-        old, new = _URL_SPELLINGS.get(name, ("", ""))
-        if value not in choices and (not old or value.replace(old, new) not in choices):
-            return f"{name} must be one of {', '.join(choices)}"
-    return None
-
-
-def split_hosts(spec: str, *, unquote_hosts: bool = False) -> list[tuple[str, str]]:
-    """``(host, port)`` of each entry of a comma-separated host list as asyncpg splits it
-    (``h1:5432,[::1]:5433``, ``/run/postgresql``): an IPv6 address without its brackets, a Unix
-    socket directory whole, the port as written ('' when none is given). An entry asyncpg cannot
-    read comes back as ``(entry, '')`` (an unclosed bracket) or ``('', '')`` (empty): it fails
-    every connect with IndexError or ClientConfigurationError, so the config refuses it first.
-    ``unquote_hosts``: percent-decode the hosts (the URL's own list before the path; its
-    ``%2Frun%2Fpostgresql`` is a socket directory)."""
-    servers: list[tuple[str, str]] = []
-    for entry in spec.split(","):
-        if entry.startswith("/"):
-            host, port = entry, ""
-        elif entry.startswith("["):
-            found = _BRACKETED.fullmatch(entry)
-            host, port = (found[1], found[2] or "") if found else (entry, "")
-        else:
-            host, _, port = entry.partition(":")
-        servers.append((unquote(host) if unquote_hosts else host, port))
-    return servers
-
-
-_BRACKETED = re.compile(r"\[([^\]]*)\](?::(.*))?", re.DOTALL)
-
-
-def url_servers(url: str) -> tuple[list[tuple[str, str]], bool]:
-    """The servers of a PostgreSQL URL, in the order asyncpg tries them (:func:`split_hosts`),
-    and whether they come from its query (``?host=``, ``?port=``) rather than before its path.
-    asyncpg reads ``?host=`` and ``?port=`` only when no host precedes the path; no host at all
-    is ``[]``."""
-    netloc = urlsplit(url).netloc.rpartition("@")[2]
-    if netloc:
-        return split_hosts(netloc, unquote_hosts=True), False
-    query = parse_qs(urlsplit(url).query)
-    if "host" not in query:
-        return [], False
-    servers = split_hosts(query["host"][-1])  # asyncpg takes the last
-    ports = query["port"][-1].split(",") if "port" in query else []
-    if ports:
-        ports = ports * len(servers) if len(ports) == 1 else ports
-        servers = [(host, port) for (host, _), port in zip(servers, ports, strict=False)]
-    return servers, True
-
-
-def describe_url(url: str) -> str:
-    """``host:port/database`` of a PostgreSQL URL (``h1:5432,h2:5433/database`` for several
-    hosts): for messages, never the password. The values of the query are not shown (any may
-    be a secret): hosts given by ``?host=`` are ``?host=…``."""
-    try:
-        servers, in_query = url_servers(url)
-        path = urlsplit(url).path or "/"
-    except ValueError:
-        return "?"
-    if in_query:
-        return f"?host=…{path}"
-    if not servers:
-        return f"localhost:5432{path}"
-    shown = (f"{f'[{host}]' if ':' in host else host}:{_port(port)}" for host, port in servers)
-    return ",".join(shown) + path
-
-
-def _port(written: str) -> str:
-    if not written:
-        return "5432"
-    # one that is no number may be the end of a password holding a '/': not shown
-    return written if written.isdigit() else "?"
-
-
 def _count(status: str) -> int:
     """Rows affected, from a command status such as ``UPDATE 3`` or ``INSERT 0 2``."""
     tail = status.rsplit(" ", 1)[-1]
@@ -307,14 +193,15 @@ class PostgresStore:
         self.settings = settings or PostgresSettings()
         self._where = describe_url(url)
         self._pool: Pool | None = None
-        self._fatal_listeners: list[Callable[[StoreError], None]] = []
-        self._fatal: CorruptError | None = None
+        self._latch = CorruptionLatch()
 
     @classmethod
     def from_url(cls, url: str, settings: PostgresSettings | None = None) -> PostgresStore:
-        """A store for a ``postgresql://user:password@host:port/database`` URL."""
-        if urlsplit(url).scheme not in {"postgresql", "postgres"}:
-            raise StoreError(f"state: not a postgresql URL: {describe_url(url)}")
+        """A store for a ``postgresql://user:password@host:port/database`` URL; a URL asyncpg
+        would refuse or misread is a :class:`StoreError` saying why (as at config load)."""
+        problem = url_problem(url)
+        if problem is not None:
+            raise StoreError(f"state: {problem}")  # the caller holds the URL; no secret shown
         return cls(url, settings)
 
     @property
@@ -341,8 +228,16 @@ class PostgresStore:
                 },
             )
 
-        self._pool = await self._retrying(create, "connect")
-        await self.transaction(_migrate)
+        # an open that fails or is cancelled after the pool started (in the migration, which
+        # waits for another replica's) closes the pool: the caller closes only a store that
+        # opened (relay.app), so its connections would stay open until the process exits
+        self._pool = pool = await self._retrying(create, "connect")
+        try:
+            await self.transaction(_migrate)
+        except BaseException:
+            self._pool = None
+            pool.terminate()  # no await: a cancelled open may not wait on the server
+            raise
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -355,9 +250,6 @@ class PostgresStore:
     async def transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``fn`` in one transaction, retrying it through connection failures; refused
         once the database was found damaged (:class:`CorruptError`)."""
-
-        if self._fatal is not None:  # writing more on top of damage can only spread it
-            raise CorruptError(str(self._fatal))
         budget = current_budget()
 
         async def attempt() -> T:
@@ -376,19 +268,8 @@ class PostgresStore:
                     conn.terminate()  # never hand a broken connection out again
                     raise
 
-        try:
+        with self._latch.guard():  # damage found: writing more on top of it can only spread it
             return await self._retrying(attempt, "query")
-        except CorruptError as exc:
-            self._failed(exc)
-            raise
-
-    def _failed(self, exc: CorruptError) -> None:
-        """The first damage found: refuse what follows, tell the listeners (once)."""
-        if self._fatal is not None:
-            return
-        self._fatal = exc
-        for listener in self._fatal_listeners:
-            listener(exc)
 
     async def listen_commits(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Call ``wake`` whenever any process commits outbox events (LISTEN on one connection
@@ -587,7 +468,7 @@ class PostgresStore:
         """Calls ``listener`` once the server reports damage (``XX001``, ``XX002``: a
         :class:`CorruptError`). A lost server is no such error: it is retried
         (``reconnect_max_s``) and then fails the call alone; the next call tries again."""
-        self._fatal_listeners.append(listener)
+        self._latch.listen(listener)
 
     async def finish_pass(
         self, stream_id: int, result: PassResult, *, replay_from_ms: int | None = None

@@ -44,6 +44,7 @@ from relay.store.base import (
     SPARED_DUE_MS,
     Attempt,
     CorruptError,
+    CorruptionLatch,
     DeadLetter,
     Delivery,
     DeliveryCounts,
@@ -231,8 +232,7 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._append_listeners: list[Callable[[OutboxAppend], None]] = []
-        self._fatal_listeners: list[Callable[[StoreError], None]] = []
-        self._fatal: CorruptError | None = None
+        self._latch = CorruptionLatch()
 
     @classmethod
     def from_url(cls, url: str, *, exclusive: bool = False) -> SqliteStore:
@@ -242,8 +242,6 @@ class SqliteStore:
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:  # its executor is shut down: submitting would raise RuntimeError
             raise StoreError(f"state store ({self._where()}) is closed")
-        if self._fatal is not None:  # writing more into a damaged file can only spread it
-            raise CorruptError(str(self._fatal))
 
         def call() -> T:
             if self._conn is None:
@@ -258,22 +256,11 @@ class SqliteStore:
                     raise _corrupt_error(self._where(), damage) from exc
                 raise StoreError(f"state store ({self._where()}): {exc}") from exc
 
-        try:
+        with self._latch.guard():  # a damaged file: writing more into it can only spread it
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-        except CorruptError as exc:
-            self._failed(exc)
-            raise
-
-    def _failed(self, exc: CorruptError) -> None:
-        """The first damage found: refuse what follows, tell the listeners (once)."""
-        if self._fatal is not None:
-            return
-        self._fatal = exc
-        for listener in self._fatal_listeners:
-            listener(exc)
 
     def on_fatal(self, listener: Callable[[StoreError], None]) -> None:
-        self._fatal_listeners.append(listener)
+        self._latch.listen(listener)
 
     def _where(self) -> str:
         return str(self._path) if self._path else ":memory:"

@@ -41,7 +41,8 @@ from relay.store import (
     UnavailableError,
     open_store,
 )
-from relay.store.postgres import PostgresSettings, describe_url
+from relay.store.pgurl import describe_url
+from relay.store.postgres import PostgresSettings
 from tests import pgkit
 from tests.api.conftest import AUTH, PUBLIC_URL, TOKEN, Client, ClientFactory, error_of
 from tests.sqlitekit import damage_middle, filled_state

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from relay.config import load
+from relay.config import ConfigError, load
 from relay.events import WILDCARD, Activity, Kind, from_millis
 from relay.store import (
     CorruptError,
@@ -224,6 +224,122 @@ async def test_a_unix_socket_directory_in_the_query_is_a_host(tmp_path: Path) ->
         assert tuple(reached) == (None, None)  # the socket, not TCP
     finally:
         cluster.destroy()
+
+
+async def test_a_url_with_no_host_takes_the_default_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """postgresql://user@/database (no host: libpq's default) was refused at load ("names no
+    host"), though asyncpg takes it as libpq does: $PGHOST, else the local socket directories,
+    then localhost. Now it loads and the store works: with ?port= and no $PGHOST through
+    localhost (no default socket directory holds this cluster's socket), and with $PGHOST and
+    $PGPORT alone through the socket in the directory $PGHOST names."""
+    cluster = pgkit.Cluster().start()
+    try:
+        monkeypatch.delenv("PGHOST", raising=False)
+        monkeypatch.delenv("PGPORT", raising=False)
+        first = (await pgkit.create_database(cluster.url)).rpartition("/")[2]
+        url = f"postgresql://postgres@/{first}?port={cluster.port}"
+        store, reached = await _opens_and_works(tmp_path, url)
+        assert store.where == f"the default host/{first}"
+        assert reached[1] == cluster.port  # TCP, to localhost
+        monkeypatch.setenv("PGHOST", str(cluster.root))
+        monkeypatch.setenv("PGPORT", str(cluster.port))
+        second = (await pgkit.create_database(cluster.url)).rpartition("/")[2]
+        _store, reached = await _opens_and_works(tmp_path, f"postgresql://postgres@/{second}")
+        assert tuple(reached) == (None, None)  # the socket
+    finally:
+        cluster.destroy()
+
+
+async def test_a_database_given_by_dbname_is_the_one_connected(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """postgresql://user@host:port?dbname=database (no path, as libpq and asyncpg both read it)
+    was refused at load ("names no database"). Now it loads and the store works in that
+    database; messages show ?dbname=…, not its value. After a bare '/' asyncpg ignores
+    ?dbname= and connects to the database named like the user, so that URL stays refused,
+    saying so."""
+    base, _, name = postgres_url.partition("?")[0].rpartition("/")
+    url = f"{base}?dbname={name}"
+    store, _reached = await _opens_and_works(tmp_path, url)
+    assert store.where == f"{base.rpartition('@')[2]}/?dbname=…"
+    await store.open()
+    try:
+        assert (
+            await store.transaction(lambda conn: conn.fetchval("SELECT current_database()")) == name
+        )
+    finally:
+        await store.close()
+    slash = f"{base}/?dbname={name}"
+    path = tmp_path / "slash.yaml"
+    path.write_text(ACCOUNT + f"state: '{slash}'\n")
+    with pytest.raises(ConfigError, match=r"state: \?dbname= is ignored by asyncpg after a '/'"):
+        load(path, environ={})
+    conn = await asyncpg.connect(slash)  # what the refusal says asyncpg does
+    try:
+        assert await conn.fetchval("SELECT current_database() = current_user") is True
+        assert await conn.fetchval("SELECT current_database()") != name
+    finally:
+        await conn.close()
+
+
+async def _relay_connections(
+    admin: asyncpg.Connection, database: str, wanted: Callable[[int], bool]
+) -> int:
+    """How many connections the store has to ``database`` (pg_stat_activity), once ``wanted``
+    holds for that number or after 10 s (a closed connection's backend leaves a moment later)."""
+    deadline = time.monotonic() + 10
+    while True:
+        count: int = await admin.fetchval(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1"
+            " AND application_name = 'ctct-relay'",
+            database,
+        )
+        if wanted(count) or time.monotonic() > deadline:
+            return count
+        await asyncio.sleep(0.05)  # the server's view: no event to wait on
+
+
+async def test_an_open_cancelled_after_the_pool_started_closes_it(postgres_url: str) -> None:
+    """An open cancelled while its migration waited (another replica migrating: the advisory
+    lock held) kept its pool, and its connections stayed open on the server until the process
+    exited (the relay closes only a store that opened). Now the open closes the pool first."""
+    database = postgres_url.partition("?")[0].rpartition("/")[2]
+    # pg_stat_activity is read once per transaction: the watcher is not the lock's holder
+    admin, holder = await asyncpg.connect(postgres_url), await asyncpg.connect(postgres_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NS, LOCK_MIGRATE)
+            store = PostgresStore.from_url(postgres_url, PostgresSettings(pool_min_size=2))
+            opening = asyncio.create_task(store.open())
+            # the pool is up, its migration waits for the lock
+            assert await _relay_connections(admin, database, lambda n: n == 2) == 2
+            assert not opening.done()
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+        assert await _relay_connections(admin, database, lambda n: n == 0) == 0
+        await store.close()  # closing a store that did not open is fine
+    finally:
+        await admin.close()
+        await holder.close()
+
+
+async def test_an_open_that_fails_after_the_pool_started_closes_it(postgres_url: str) -> None:
+    """An open whose migration fails (a schema newer than this relay knows) raised its
+    StoreError and kept its pool's connections open; now it closes them first."""
+    database = postgres_url.partition("?")[0].rpartition("/")[2]
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+        await admin.execute("INSERT INTO schema_version VALUES ($1)", len(PG_MIGRATIONS) + 1)
+        store = PostgresStore.from_url(postgres_url)
+        with pytest.raises(StoreError, match="is newer than this relay knows"):
+            await store.open()
+        assert await _relay_connections(admin, database, lambda n: n == 0) == 0
+    finally:
+        await admin.close()
 
 
 async def test_killed_connections_are_replaced_and_nothing_is_lost(postgres_url: str) -> None:
