@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from structlog.testing import capture_logs
+
 from relay.app import _prune
 from relay.events import WILDCARD, Activity, Kind, from_millis
 from relay.store import Attempt, Store, StreamKey, Webhook
@@ -62,3 +64,21 @@ async def test_job_keeps_what_kafka_has_not_published(store: Store) -> None:
     assert [e.seq for e in await store.read_outbox(0, 100)] == list(range(4, 11))
     await _prune(store, 168 * HOUR_MS, 300 * HOUR_MS, [])  # retention not yet reached
     assert len(await store.read_outbox(0, 100)) == 7
+
+
+async def test_job_keeps_what_an_unconfigured_sink_has_not_published(store: Store) -> None:
+    """Kafka left out of the config (of the replica holding the prune lease): its stored cursor
+    still holds the prune back, and a warning names it; forgotten, it holds nothing."""
+    await commit_old_events(store, 10, age_h=200)
+    await store.set_sink_cursor("kafka", 4)
+    with capture_logs() as logs:
+        await _prune(store, 168 * HOUR_MS, 168 * HOUR_MS, [])
+    assert [e.seq for e in await store.read_outbox(0, 100)] == list(range(4, 11))
+    [held] = [entry for entry in logs if entry["event"] == "outbox.prune_held"]
+    assert held["sinks"] == {"kafka": 4}
+    assert held["log_level"] == "warning"
+    assert await store.forget_sink("kafka")
+    with capture_logs() as logs:
+        await _prune(store, 168 * HOUR_MS, 168 * HOUR_MS, [])
+    assert [e.seq for e in await store.read_outbox(0, 100)] == [10]
+    assert not [entry for entry in logs if entry["event"] == "outbox.prune_held"]
