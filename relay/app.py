@@ -153,6 +153,10 @@ async def _relay(
         except WebhookError as exc:
             raise ConfigError(str(exc)) from None
         sinks = _start_sinks(settings, store, stop, guard, metrics, coordinator)
+        for reader in sinks.outbox_readers:
+            # A stored cursor from the start (0: nothing published yet), so a replica without
+            # this sink configured that holds the prune lease keeps the sink's events too.
+            await store.set_sink_cursor(reader, 0)
         failures.sinks = sinks.tasks
         stack.push_async_callback(_stop_sinks, sinks)
         cursors = [FANOUT_CURSOR] + (["kafka"] if settings.kafka else [])
@@ -470,6 +474,27 @@ async def _prune(store: Store, retention_ms: int, outbox_ms: int, readers: Seque
     events = await store.prune_outbox(now_ms() - outbox_ms, readers)
     if events:
         log.info("outbox.pruned", events=events)
+    held = _held_by_unconfigured(await store.sink_cursors(), readers)
+    if held:
+        # The prune keeps what every stored cursor still owes, configured here or not: said
+        # each time, as an outbox that keeps growing for a retired sink is the operator's call.
+        log.warning(
+            "outbox.prune_held",
+            sinks=held,
+            hint="sinks not configured on this replica keep their events in the outbox; one"
+            " configured on no replica any more lets go with: ctct-relay sinks forget NAME",
+        )
+
+
+def _held_by_unconfigured(cursors: dict[str, int], readers: Sequence[str]) -> dict[str, int]:
+    """The cursors of sinks not configured here that sit below every configured reader's
+    (webhook fan-out's included): those alone keep the prune from going as far as this
+    replica's sinks would let it."""
+    configured = {FANOUT_CURSOR, *readers}
+    floor = min(cursors.get(name, 0) for name in configured)
+    return {
+        name: seq for name, seq in sorted(cursors.items()) if name not in configured and seq < floor
+    }
 
 
 def _guarded(job: Callable[[], Awaitable[None]], name: str) -> Callable[[], Awaitable[None]]:

@@ -39,7 +39,9 @@ EXIT_USAGE = 2
 # the scenario shipped with the package (config/sim.example.yaml in a checkout links to it), so
 # `ctct-relay sim` and `demo` work from any directory and from an installed wheel
 DEFAULT_SCENARIO = str(Path(sim.__file__).with_name("example.yaml"))
-OPS_COMMANDS = frozenset({"status", "replay", "pause", "resume", "targets", "dead-letters"})
+OPS_COMMANDS = frozenset(
+    {"status", "replay", "pause", "resume", "targets", "dead-letters", "sinks"}
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

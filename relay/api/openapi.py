@@ -699,6 +699,26 @@ def _operations_paths() -> JsonObject:
                 "responses": {"204": {"description": "removed"}, **_errors(400, 401, 404)},
             },
         },
+        "/v1/sinks/{sink}": {
+            "parameters": [_ref("parameters", "Sink")],
+            "delete": {
+                "operationId": "forgetSink",
+                "summary": "Retire a sink: forget its cursor, so the outbox prune stops keeping"
+                " the events it has not published",
+                "description": "The outbox prune keeps every event above any stored sink cursor,"
+                " whether or not the sink is configured (a sink left out of the config for a"
+                " while, or of one replica, loses nothing). A sink removed for good holds the"
+                " prune back until forgotten here. Configured again later, it starts from the"
+                " oldest event still in the outbox. 404: no cursor stored under that name;"
+                " 409: the sink is configured on the replica answering (webhooks-fanout"
+                " always is).",
+                "responses": {
+                    "204": {"description": "forgotten"},
+                    "409": _json("the sink is configured on this replica", _schema("Error")),
+                    **_errors(401, 404),
+                },
+            },
+        },
     }
 
 
@@ -961,7 +981,12 @@ def _status_schema_full(count: JsonObject, seconds: JsonObject, hold: JsonObject
             "cursor": count,
             "depth": count,
             "dead_letters": count,
-            "running": {"type": "boolean"},
+            "running": {
+                "type": "boolean",
+                "description": "configured on the replica answering; the stored cursor of a sink"
+                " configured nowhere still holds the outbox prune back until the sink is"
+                " forgotten (DELETE /v1/sinks/{sink})",
+            },
             # the Kafka sink on the replica publishing to Kafka; null elsewhere
             "connected": {"type": ["boolean", "null"]},
             "last_error": {"type": ["string", "null"]},
@@ -1008,6 +1033,14 @@ def _operations_parameters() -> JsonObject:
         ),
         "Account": path(
             "account", {"type": "string", "pattern": f"^{streams.ACCOUNT_NAME.pattern}$"}
+        ),
+        "Sink": path(
+            "sink",
+            {
+                "type": "string",
+                "pattern": f"^{streams.ACCOUNT_NAME.pattern}$",
+                "description": "a sink name as GET /v1/status lists it (kafka)",
+            },
         ),
         "TargetKind": path("kind", {"type": "string", "enum": list(streams.TARGET_KINDS)}),
         "ResourceId": path(

@@ -1,5 +1,5 @@
-"""``ctct-relay status|replay|pause|resume|targets|dead-letters``: operating a running relay
-from the shell.
+"""``ctct-relay status|replay|pause|resume|targets|dead-letters|sinks``: operating a running
+relay from the shell.
 
 Like ``ctct-relay webhooks`` (:mod:`relay.api.client`), every command is one or a few HTTP calls
 to the admin API; answers print as aligned plain text, or as the API's JSON with ``--json``;
@@ -50,7 +50,8 @@ Action = Callable[[AdminClient, argparse.Namespace, TextIO], Awaitable[tuple[obj
 
 
 def add_ops_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``status``, ``replay``, ``pause``, ``resume``, ``targets`` and ``dead-letters``."""
+    """Add ``status``, ``replay``, ``pause``, ``resume``, ``targets``, ``dead-letters`` and
+    ``sinks``."""
     common = common_parser()
     p = commands.add_parser("status", parents=[common], help="what the running relay is doing")
     p.add_argument("--streams", action="store_true", help="also list streams")
@@ -106,6 +107,16 @@ def add_ops_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser
                 "--contact", dest="contacts", action="append", default=[], type=resource_id
             )
 
+    p = commands.add_parser("sinks", help="sinks the outbox keeps events for")
+    actions = p.add_subparsers(dest="sinks_command", required=True, metavar="ACTION")
+    q = actions.add_parser(
+        "forget",
+        parents=[common],
+        help="retire a sink removed from every replica's config: the outbox prune stops"
+        " keeping the events it has not published",
+    )
+    q.add_argument("sink", help="its name, as status lists it (kafka)")
+
 
 def _replay_since(text: str) -> str:
     """An argparse type: ``replay --since``, an RFC 3339 time the API takes (from 1970 on)."""
@@ -138,7 +149,8 @@ async def ops_command(
     args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: TextIO
 ) -> int:
     """:func:`run_ops` inside a running event loop."""
-    name = args.command if args.command != "targets" else f"targets-{args.targets_command}"
+    sub = {"targets": "targets_command", "sinks": "sinks_command"}.get(args.command)
+    name = args.command if sub is None else f"{args.command}-{getattr(args, sub)}"
     try:
         _check(args)
         token = admin_token(args.token, environ)
@@ -519,6 +531,15 @@ async def _dead_letters(
     return answer, text
 
 
+async def _sinks_forget(
+    client: AdminClient, args: argparse.Namespace, _err: TextIO
+) -> tuple[object, str]:
+    await client.call("DELETE", f"/v1/sinks/{segment(args.sink)}")
+    return {"forgotten": args.sink}, (
+        f"forgot sink {args.sink}: the outbox prune no longer keeps events for it"
+    )
+
+
 _ACTIONS: Mapping[str, Action] = {
     "status": _status,
     "replay": _replay,
@@ -528,6 +549,7 @@ _ACTIONS: Mapping[str, Action] = {
     "targets-add": _targets_add,
     "targets-remove": _targets_remove,
     "dead-letters": _dead_letters,
+    "sinks-forget": _sinks_forget,
 }
 
 

@@ -1,4 +1,5 @@
-"""The operations routes of the admin API: status, streams, pauses, replay, run-time targets.
+"""The operations routes of the admin API: status, streams, pauses, replay, run-time targets,
+retiring a sink.
 
 Handlers translate only: query and body checked here (400 naming the field), the work done by the
 store (:mod:`relay.store`) and the replay rules (:mod:`relay.api.replay`), JSON out
@@ -62,6 +63,7 @@ def routes(*, with_status: bool = True) -> web.RouteTableDef:
     table.post("/v1/accounts/{account}/targets")(_add_targets)
     table.delete("/v1/accounts/{account}/targets/{kind}/{resource_id}")(_remove_target)
     table.get("/v1/dead-letters", allow_head=False)(_dead_letters)
+    table.delete("/v1/sinks/{sink}")(_forget_sink)
     return table
 
 
@@ -238,6 +240,24 @@ async def _remove_target(request: web.Request) -> web.Response:
         raise not_found(f"account {account!r} does not poll {scope} {rid!r}")
     log.info("api.target_removed", account=account, scope=scope, resource_id=rid)
     await request.app[VIEW].changed()
+    return web.Response(status=204)
+
+
+async def _forget_sink(request: web.Request) -> web.Response:
+    """Retire a sink: its stored cursor goes, so the outbox prune no longer keeps the events it
+    has not published (every stored cursor holds the prune back, configured or not)."""
+    sink = request.match_info["sink"]
+    view: RelayView = request.app[VIEW]
+    if sink in view.sinks:  # webhook fan-out always; a sink this replica runs would write it again
+        raise ApiError(
+            409,
+            f"sink {sink!r} is configured on this replica: remove it from the config of every"
+            " replica (and restart them) before forgetting it",
+        )
+    store: Store = request.app[STORE]
+    if not ACCOUNT_NAME.fullmatch(sink) or not await store.forget_sink(sink):
+        raise not_found(f"no stored cursor of a sink named {body.clip(sink)!r}")
+    log.warning("api.sink_forgotten", sink=sink)
     return web.Response(status=204)
 
 

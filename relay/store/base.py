@@ -713,9 +713,11 @@ class Store(Protocol):
 
     async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
         """Delete outbox events committed before ``before_ms`` that every reader is done with:
-        below the cursor of each of ``sinks`` and of the webhook fan-out (the newest event
-        always stays: it marks the head), and owed to no webhook (no pending or dead delivery);
-        returns how many. Short transactions."""
+        below every stored sink cursor, whether or not the sink is configured here (a sink left
+        out of the config still owes its events until :meth:`forget_sink`), below the webhook
+        fan-out's, and nothing at all while one of ``sinks`` (the configured ones) has no
+        cursor yet (the newest event always stays: it marks the head); and owed to no webhook
+        (no pending or dead delivery); returns how many. Short transactions."""
 
     async def prune_deliveries(self, before_ms: int) -> int:
         """Delete deliveries delivered before ``before_ms``, with their attempt history;
@@ -732,6 +734,11 @@ class Store(Protocol):
 
     async def sink_cursors(self) -> dict[str, int]:
         """Every sink cursor by sink name (``kafka``, ``webhooks-fanout``, …)."""
+
+    async def forget_sink(self, sink: str) -> bool:
+        """Delete a retired sink's cursor, so it no longer holds the outbox prune back (its dead
+        letters stay); returns whether it had one. Configured again later, the sink starts from
+        the oldest event still in the outbox."""
 
     async def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters each sink holds."""

@@ -1045,17 +1045,15 @@ class PostgresStore:
                 return pruned
 
     async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
-        names = [rowmap.FANOUT, *sinks]
-
         async def run(conn: Connection) -> int:
             await _pruning(conn)  # before the reads: they then see every committed delivery
+            # Every stored cursor holds, configured here or not: a sink left out of this
+            # replica's config (or of the config for a while) still owes its events.
             found = {
-                str(r[0]): int(r[1])
-                for r in await conn.fetch(
-                    "SELECT sink, seq FROM sink_cursors WHERE sink = ANY($1::text[])", names
-                )
+                str(r[0]): int(r[1]) for r in await conn.fetch("SELECT sink, seq FROM sink_cursors")
             }
             # A reader without a cursor has read nothing yet.
+            names = {rowmap.FANOUT, *sinks, *found}
             below = min(found.get(name, 0) for name in names)
             if below <= 0:
                 return 0
@@ -1123,6 +1121,12 @@ class PostgresStore:
         async def run(conn: Connection) -> dict[str, int]:
             rows = await conn.fetch("SELECT sink, seq FROM sink_cursors")
             return {str(k): int(v) for k, v in rows}
+
+        return await self.transaction(run)
+
+    async def forget_sink(self, sink: str) -> bool:
+        async def run(conn: Connection) -> bool:
+            return _count(await conn.execute("DELETE FROM sink_cursors WHERE sink = $1", sink)) > 0
 
         return await self.transaction(run)
 

@@ -1015,15 +1015,11 @@ class SqliteStore:
     async def prune_outbox(self, before_ms: int, sinks: Sequence[str]) -> int:
         def run(conn: sqlite3.Connection) -> int:
             with _tx(conn):
-                names = [rowmap.FANOUT, *sinks]
-                found = dict(
-                    conn.execute(
-                        "SELECT sink, seq FROM sink_cursors"  # noqa: S608 - only ?s
-                        f" WHERE sink IN ({', '.join('?' * len(names))})",
-                        names,
-                    ).fetchall()
-                )
+                # Every stored cursor holds, configured here or not: a sink left out of this
+                # replica's config (or of the config for a while) still owes its events.
+                found = dict(conn.execute("SELECT sink, seq FROM sink_cursors").fetchall())
                 # A reader without a cursor has read nothing yet.
+                names = {rowmap.FANOUT, *sinks, *found}
                 below = min(int(found.get(name, 0)) for name in names)
                 if below <= 0:
                     return 0
@@ -1086,6 +1082,13 @@ class SqliteStore:
     async def sink_cursors(self) -> dict[str, int]:
         def run(conn: sqlite3.Connection) -> dict[str, int]:
             return {str(k): int(v) for k, v in conn.execute("SELECT sink, seq FROM sink_cursors")}
+
+        return await self._run(run)
+
+    async def forget_sink(self, sink: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            with _tx(conn):
+                return conn.execute("DELETE FROM sink_cursors WHERE sink = ?", (sink,)).rowcount > 0
 
         return await self._run(run)
 

@@ -553,3 +553,31 @@ async def test_status_shows_the_keys_circuit_breaker(make: Make, store: Store) -
         "last_error": "GET /v2/x?api_key=[REDACTED] answered 503",
     }
     assert acme["paused"]["reason"].startswith("circuit open: 10 requests")
+
+
+async def test_forgetting_a_retired_sink_releases_its_hold_on_the_outbox(
+    make: Make, store: Store
+) -> None:
+    """DELETE /v1/sinks/{sink}: the stored cursor of a sink configured nowhere goes (204), so
+    the outbox prune stops keeping its events; an unknown one is a 404, one this replica runs
+    (webhook fan-out always) a 409 that leaves the cursor alone."""
+    await store.set_sink_cursor("kafka", 4)
+    await store.set_sink_cursor("webhooks-fanout", 9)
+    api = await make(RelayView())  # this replica does not run the Kafka sink
+    status = await (await api.get("/v1/status", headers=AUTH)).json()
+    assert {s["name"]: s["running"] for s in status["sinks"]} == {
+        "kafka": False,
+        "webhooks-fanout": True,
+    }
+    response = await api.delete("/v1/sinks/kafka", headers=AUTH)
+    assert response.status == 204, await response.text()
+    assert await store.sink_cursors() == {"webhooks-fanout": 9}
+    error = await error_of(await api.delete("/v1/sinks/kafka", headers=AUTH), 404)
+    assert error["message"] == "no stored cursor of a sink named 'kafka'"
+    error = await error_of(await api.delete("/v1/sinks/webhooks-fanout", headers=AUTH), 409)
+    assert error["message"].startswith("sink 'webhooks-fanout' is configured on this replica")
+    await store.set_sink_cursor("kafka", 4)
+    running = await make(RelayView(sinks=("webhooks-fanout", "kafka")))
+    await error_of(await running.delete("/v1/sinks/kafka", headers=AUTH), 409)
+    await error_of(await running.delete("/v1/sinks/kafka"), 401)
+    assert await store.sink_cursors() == {"kafka": 4, "webhooks-fanout": 9}

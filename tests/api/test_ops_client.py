@@ -393,3 +393,17 @@ def test_ids_of_the_wrong_shape_are_usage_errors(
     assert (
         capsys.readouterr().err.splitlines()[-1].endswith(f": error: argument {option}: {problem}")
     )
+
+
+async def test_sinks_forget_releases_a_retired_sink(cli: Cli, store: Store) -> None:
+    """``sinks forget kafka`` deletes the cursor of a sink configured nowhere; an unknown sink
+    is one error line and exit 1."""
+    await store.set_sink_cursor("kafka", 3)
+    status, out, err = await cli("sinks", "forget", "kafka")
+    assert (status, err) == (0, "")
+    assert out == "forgot sink kafka: the outbox prune no longer keeps events for it\n"
+    assert "kafka" not in await store.sink_cursors()
+    status, out, err = await cli("sinks", "forget", "kafka")
+    assert (status, out) == (1, "")
+    assert err.startswith("ctct-relay: error: ")
+    assert "no stored cursor of a sink named 'kafka'" in err

@@ -453,8 +453,9 @@ async def test_prune_outbox_keeps_everything_a_reader_still_needs(store: Store) 
     # Kafka has published seq 1..6: 1..5 go (strictly below the slowest reader's cursor)
     assert await store.prune_outbox(late, ["kafka"]) == 5
     assert [e.seq for e in await store.read_outbox(0, 100)][:2] == [6, 7]
-    # Without the Kafka sink configured the fan-out cursor (20) bounds; the retention too:
-    # seq 11..20 were committed at T0 + 5000, not before that horizon.
+    # Once Kafka's cursor is forgotten (an operator retired it) the fan-out cursor (20) bounds;
+    # the retention too: seq 11..20 were committed at T0 + 5000, not before that horizon.
+    assert await store.forget_sink("kafka")
     assert await store.prune_outbox(T0 + 5000, []) == 5  # seq 6..10, committed at T0
     assert (await store.read_outbox(0, 100))[0].seq == 11
     assert await store.prune_outbox(late, []) == 9  # seq 11..19; 20 is the head
@@ -462,6 +463,26 @@ async def test_prune_outbox_keeps_everything_a_reader_still_needs(store: Store) 
     assert await store.outbox_head() == 20
     await store.commit_page(sid, [activity(99, T0 + 99)], late)
     assert [e.seq for e in await store.read_outbox(0, 100)] == [20, 21]  # seq never reused
+
+
+async def test_prune_outbox_keeps_what_an_unconfigured_sink_has_not_published(
+    store: Store,
+) -> None:
+    """A stored sink cursor holds the prune back though no configured sink names it (Kafka left
+    out of the config for a while, or of the replica holding the prune lease): pruned, its
+    unpublished events would be a silent gap once it runs again; forgetting it releases them."""
+    sid = await one_stream(store)
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(10)], T0)  # seq 1..10
+    assert await store.fanout(100, T0) == 10
+    await store.set_sink_cursor("kafka", 4)  # Kafka published 1..4, then left the config
+    late = T0 + 10_000
+    assert await store.prune_outbox(late, []) == 3  # 1..3: below Kafka's cursor only
+    assert [e.seq for e in await store.read_outbox(0, 100)] == list(range(4, 11))
+    assert await store.sink_cursors() == {"kafka": 4, "webhooks-fanout": 10}
+    assert await store.forget_sink("kafka")
+    assert not await store.forget_sink("kafka")  # gone already
+    assert await store.prune_outbox(late, []) == 6  # 4..9; 10 is the head
+    assert await store.sink_cursors() == {"webhooks-fanout": 10}
 
 
 async def test_prune_outbox_keeps_events_owed_to_webhooks(store: Store) -> None:
