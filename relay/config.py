@@ -171,7 +171,9 @@ class CampaignTargets:
 
     discover: bool = True  # poll the SENT campaign list and follow new campaigns
     discover_interval_s: float = 300.0
-    max_age_days: float = 30.0  # stop following campaigns sent longer ago than this
+    # stop following discovered campaigns sent longer ago than this (not those in ids or
+    # added at run time: relay.targets.CampaignDiscovery)
+    max_age_days: float = 30.0
     ids: tuple[str, ...] = ()  # followed whatever discovery says
 
 

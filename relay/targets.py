@@ -1,13 +1,14 @@
 """Which streams exist: configured campaigns and contacts, and campaigns found by discovery.
 
 Discovery lists the account's SENT campaigns, incrementally with ``modified_since`` and in full
-once a day (to retire campaigns older than ``max_age_days`` by the API's clock). A campaign
-last sent before the relay started watching the account (when its first stream was added, on
-the API's clock: moved by the offset of the answer's Date header; now, on a fresh store) is
-*seeded*: start_from decides whether its history is emitted. One sent since was sent while we
-were watching (or while we were down), so all of it is new. (Deciding by "the store had no
-streams yet" made configured contacts or campaign ids turn every old campaign found at the
-first discovery into a full backfill.)
+once a day (to retire campaigns older than ``max_age_days`` by the API's clock, but never one
+named in the config or added by an operator at run time: those are followed until removed). A
+campaign last sent before the relay started watching the account (when its first stream was
+added, on the API's clock: moved by the offset of the answer's Date header; now, on a fresh
+store) is *seeded*: start_from decides whether its history is emitted. One sent since was sent
+while we were watching (or while we were down), so all of it is new. (Deciding by "the store
+had no streams yet" made configured contacts or campaign ids turn every old campaign found at
+the first discovery into a full backfill.)
 """
 
 from __future__ import annotations
@@ -102,11 +103,13 @@ class CampaignDiscovery:
         for keys, seed in ((history, True), (new, False)):
             if keys:
                 created += await self._store.ensure_streams(keys, now, seed=seed)
-        # a configured campaign is followed until removed from the config, whatever its age
+        # a configured campaign is followed until removed from the config, whatever its age;
+        # one an operator added at run time is spared by the store (Store.retire_streams)
         old = [c for c in old if c not in self._keep]
+        retired = 0
         if full:
             if old:
-                await self._store.retire_streams(
+                retired = await self._store.retire_streams(
                     [StreamKey(self._account, "campaign", c) for c in old]
                 )
             self._last_full_ms = now
@@ -115,9 +118,9 @@ class CampaignDiscovery:
             self._since_ms = max(self._since_ms or 0, newest)
         elif self._since_ms is None:
             self._since_ms = 0
-        if created or (full and old):
+        if created or retired:
             log.info(
-                "discovery", account=self._account, found=len(rows), new=created, retired=len(old)
+                "discovery", account=self._account, found=len(rows), new=created, retired=retired
             )
             await self._on_change()
 

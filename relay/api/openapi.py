@@ -677,6 +677,11 @@ def _operations_paths() -> JsonObject:
             "post": {
                 "operationId": "addTargets",
                 "summary": "Poll more campaigns or contacts (kept across restarts)",
+                "description": (
+                    "Each target is followed until removed: campaign discovery does not retire"
+                    " an added campaign for its age (campaigns.max_age_days), and one it had"
+                    " retired is polled again. Adding a removed target again ends its removal."
+                ),
                 "requestBody": _body("TargetsAdd"),
                 "responses": {
                     "200": _json(

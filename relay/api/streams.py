@@ -220,7 +220,9 @@ async def _add_targets(request: web.Request) -> web.Response:
     if not keys:
         raise bad_request("campaigns, contacts: give at least one id")
     store, now = request.app[STORE], request.app[NOW_MS]()
-    await store.restore_targets(keys)
+    # the mark first: the other way round, a failure between the two left a stream without
+    # it, which discovery's full scan could retire for its age
+    await store.add_targets(keys, now)
     created = await store.ensure_streams(keys, now)
     log.info("api.targets_added", account=account, targets=len(keys), created=created)
     await request.app[VIEW].changed()

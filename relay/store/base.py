@@ -511,8 +511,11 @@ class Store(Protocol):
     async def set_paused(self, stream_id: int, paused: bool) -> None:
         """Pause or resume one stream."""
 
-    async def retire_streams(self, keys: Sequence[StreamKey]) -> None:
-        """Stop polling these streams (their state is kept)."""
+    async def retire_streams(self, keys: Sequence[StreamKey]) -> int:
+        """Stop polling these streams (their state is kept), except those an operator added
+        (``add_targets``: followed until removed, whatever their age); returns how many were
+        polled before. The exception is checked in the same statement, so an addition made
+        while discovery's full scan runs (on any replica) is never retired by it."""
 
     async def spend_quota(self, account: str, day: str, requests: int) -> int:
         """Add to a request count of a UTC day (YYYY-MM-DD); returns the new total. The relay
@@ -785,14 +788,20 @@ class Store(Protocol):
         committed now, so every sink sends them again; returns the appended range."""
 
     async def remove_targets(self, keys: Sequence[StreamKey], now_ms: int) -> int:
-        """Retire those of these streams that are polled (exist, not retired) and remember they
-        were removed (discovery must not bring them back); returns how many were polled."""
+        """Retire those of these streams that are polled (exist, not retired), remember they
+        were removed (discovery must not bring them back) and forget that an operator added
+        them; returns how many were polled."""
 
     async def removed_targets(self, account: str) -> set[StreamKey]:
         """Streams of the account an operator removed."""
 
-    async def restore_targets(self, keys: Sequence[StreamKey]) -> None:
-        """Forget that these streams were removed (they are being added again)."""
+    async def add_targets(self, keys: Sequence[StreamKey], now_ms: int) -> None:
+        """An operator added these streams: forget that they were removed, and remember the
+        addition (discovery does not retire them for their age). The streams themselves are
+        made by ``ensure_streams``."""
+
+    async def added_targets(self, account: str) -> set[StreamKey]:
+        """Streams of the account an operator added (and did not remove since)."""
 
     async def stream_stats(self) -> dict[str, StreamStats]:
         """Per account, its streams counted by state and the oldest watermark (one query's

@@ -200,4 +200,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # relay down, nothing owed) restarts the clock instead of counting that silence as failing.
     # A clock left running by an older relay has none: its next failure restarts it
     ("ALTER TABLE webhooks ADD COLUMN last_failure_ms BIGINT",),
+    # targets an operator added at run time (admin API, ``ctct-relay targets add``): followed
+    # until removed, as campaigns.ids are, so discovery's full scan does not retire them for
+    # their age. Kept in the store, as the removals are, for restarts and the other replicas.
+    # Targets added by an older relay have no row: adding them again records them
+    (
+        """CREATE TABLE added_targets (
+            account TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            resource_id TEXT NOT NULL,
+            added_ms BIGINT NOT NULL,
+            PRIMARY KEY (account, scope, resource_id)
+        )""",
+    ),
 )

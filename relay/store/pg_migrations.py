@@ -201,4 +201,14 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE deliveries ADD COLUMN version INTEGER NOT NULL DEFAULT 0",),
     # when the failing clock last noted a failed attempt (see migrations.py, version 13)
     ("ALTER TABLE webhooks ADD COLUMN last_failure_ms BIGINT",),
+    # targets an operator added at run time (see migrations.py, version 14)
+    (
+        """CREATE TABLE added_targets (
+            account TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            resource_id TEXT NOT NULL,
+            added_ms BIGINT NOT NULL,
+            PRIMARY KEY (account, scope, resource_id)
+        )""",
+    ),
 )

@@ -533,12 +533,20 @@ class PostgresStore:
     async def set_paused(self, stream_id: int, paused: bool) -> None:
         await self._execute("UPDATE streams SET paused = $1 WHERE id = $2", int(paused), stream_id)
 
-    async def retire_streams(self, keys: Sequence[StreamKey]) -> None:
-        await self._execute(
-            "UPDATE streams SET retired = 1 FROM unnest($1::text[], $2::text[], $3::text[])"
-            " AS t(a, s, r) WHERE account = a AND scope = s AND resource_id = r",
-            *_key_columns(keys),
-        )
+    async def retire_streams(self, keys: Sequence[StreamKey]) -> int:
+        cols = _key_columns(keys)
+
+        async def run(conn: Connection) -> int:
+            status = await conn.execute(
+                "UPDATE streams SET retired = 1 FROM unnest($1::text[], $2::text[], $3::text[])"
+                " AS t(a, s, r) WHERE account = a AND scope = s AND resource_id = r"
+                " AND retired = 0 AND NOT EXISTS (SELECT 1 FROM added_targets AS x"
+                " WHERE x.account = a AND x.scope = s AND x.resource_id = r)",
+                *cols,
+            )
+            return _count(status)
+
+        return await self.transaction(run)
 
     # -- quota and account pauses -------------------------------------------------------------
 
@@ -1297,6 +1305,11 @@ class PostgresStore:
                     *row,
                     now_ms,
                 )
+                await conn.execute(
+                    "DELETE FROM added_targets"
+                    " WHERE account = $1 AND scope = $2 AND resource_id = $3",
+                    *row,
+                )
             return existed
 
         return await self.transaction(run)
@@ -1310,12 +1323,33 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def restore_targets(self, keys: Sequence[StreamKey]) -> None:
-        await self._execute(
-            "DELETE FROM removed_targets USING unnest($1::text[], $2::text[], $3::text[])"
-            " AS t(a, s, r) WHERE account = a AND scope = s AND resource_id = r",
-            *_key_columns(keys),
-        )
+    async def add_targets(self, keys: Sequence[StreamKey], now_ms: int) -> None:
+        cols = _key_columns(keys)
+
+        async def run(conn: Connection) -> None:
+            await conn.execute(
+                "DELETE FROM removed_targets USING unnest($1::text[], $2::text[], $3::text[])"
+                " AS t(a, s, r) WHERE account = a AND scope = s AND resource_id = r",
+                *cols,
+            )
+            await conn.execute(
+                "INSERT INTO added_targets (account, scope, resource_id, added_ms)"
+                " SELECT a, s, r, $4 FROM unnest($1::text[], $2::text[], $3::text[])"
+                " AS t(a, s, r) ON CONFLICT (account, scope, resource_id) DO NOTHING",
+                *cols,
+                now_ms,
+            )
+
+        await self.transaction(run)
+
+    async def added_targets(self, account: str) -> set[StreamKey]:
+        async def run(conn: Connection) -> set[StreamKey]:
+            rows = await conn.fetch(
+                "SELECT scope, resource_id FROM added_targets WHERE account = $1", account
+            )
+            return {StreamKey(account, str(s), str(r)) for s, r in rows}
+
+        return await self.transaction(run)
 
     async def stream_stats(self) -> dict[str, StreamStats]:
         async def run(conn: Connection) -> dict[str, StreamStats]:

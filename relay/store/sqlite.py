@@ -526,16 +526,21 @@ class SqliteStore:
             )
         )
 
-    async def retire_streams(self, keys: Sequence[StreamKey]) -> None:
-        def run(conn: sqlite3.Connection) -> None:
+    async def retire_streams(self, keys: Sequence[StreamKey]) -> int:
+        def run(conn: sqlite3.Connection) -> int:
             with _tx(conn):
+                before = conn.total_changes
                 conn.executemany(
                     "UPDATE streams SET retired = 1"
-                    " WHERE account = ? AND scope = ? AND resource_id = ?",
+                    " WHERE account = ? AND scope = ? AND resource_id = ? AND retired = 0"
+                    " AND NOT EXISTS (SELECT 1 FROM added_targets AS a"
+                    " WHERE a.account = streams.account AND a.scope = streams.scope"
+                    " AND a.resource_id = streams.resource_id)",
                     [(k.account, k.scope, k.resource_id) for k in keys],
                 )
+                return conn.total_changes - before
 
-        await self._run(run)
+        return await self._run(run)
 
     async def spend_quota(self, account: str, day: str, requests: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
@@ -1258,6 +1263,11 @@ class SqliteStore:
                         " VALUES (?, ?, ?, ?) ON CONFLICT (account, scope, resource_id) DO NOTHING",
                         (*row, now_ms),
                     )
+                    conn.execute(
+                        "DELETE FROM added_targets"
+                        " WHERE account = ? AND scope = ? AND resource_id = ?",
+                        row,
+                    )
             return existed
 
         return await self._run(run)
@@ -1271,16 +1281,31 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def restore_targets(self, keys: Sequence[StreamKey]) -> None:
+    async def add_targets(self, keys: Sequence[StreamKey], now_ms: int) -> None:
         def run(conn: sqlite3.Connection) -> None:
+            rows = [(k.account, k.scope, k.resource_id) for k in keys]
             with _tx(conn):
                 conn.executemany(
                     "DELETE FROM removed_targets"
                     " WHERE account = ? AND scope = ? AND resource_id = ?",
-                    [(k.account, k.scope, k.resource_id) for k in keys],
+                    rows,
+                )
+                conn.executemany(
+                    "INSERT INTO added_targets (account, scope, resource_id, added_ms)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (account, scope, resource_id) DO NOTHING",
+                    [(*row, now_ms) for row in rows],
                 )
 
         await self._run(run)
+
+    async def added_targets(self, account: str) -> set[StreamKey]:
+        def run(conn: sqlite3.Connection) -> set[StreamKey]:
+            rows = conn.execute(
+                "SELECT scope, resource_id FROM added_targets WHERE account = ?", (account,)
+            )
+            return {StreamKey(account, str(s), str(r)) for s, r in rows}
+
+        return await self._run(run)
 
     async def stream_stats(self) -> dict[str, StreamStats]:
         def run(conn: sqlite3.Connection) -> dict[str, StreamStats]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import pytest
 from aiohttp.web import Application
@@ -11,10 +12,13 @@ from pytest_aiohttp import AiohttpClient
 from relay.api import AdminSettings, create_admin_app
 from relay.api.status import AccountQuota, CircuitView, RelayView, public_url
 from relay.api.views import time_or_null
+from relay.ctct.client import CtctClient
 from relay.events import Kind
 from relay.sinks.ssrf import Guard
 from relay.store import PassResult, Store, StreamKey, Webhook
+from relay.targets import CampaignDiscovery
 from tests.api.conftest import AUTH, KEY, T0, TOKEN, Client, Clock, activity, error_of
+from tests.test_targets import Sent
 
 Make = Callable[[RelayView], Awaitable[Client]]
 
@@ -369,6 +373,47 @@ async def test_targets_added_and_removed_at_run_time(
     assert "11" in (await re_added.json())["campaigns"]
     assert await store.removed_targets("acme") == set()
     assert changes.count == 4  # two adds that changed something, one removal, one re-add
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def retired(store: Store) -> dict[str, bool]:
+    """Whether each campaign stream of acme is retired."""
+    return {s.key.resource_id: s.retired for s in await store.streams("acme")}
+
+
+async def test_campaigns_added_at_run_time_are_never_retired_for_their_age(
+    api: Client, store: Store
+) -> None:
+    """Campaigns an operator added (this route, ``ctct-relay targets add --campaign``) are
+    followed until removed, as ``campaigns.ids`` are; but discovery's daily full scan retired
+    every listed campaign sent more than ``max_age_days`` ago, added or not: an added campaign
+    sent 40 days ago stopped being polled at the next full scan (its late opens and clicks never
+    emitted). The mark is kept in the store, so a new discovery (a restart, another replica)
+    honours it. A discovered campaign of that age, and an added one removed since, are retired;
+    one retired by discovery and then added is followed again."""
+    old = T0 - 40 * 86_400_000
+    sent = Sent()
+    sent.campaigns = {"11": old, "12": old, "13": old}
+    await store.ensure_streams([StreamKey("acme", "campaign", "13")], T0)  # discovered earlier
+    added = await api.post(
+        "/v1/accounts/acme/targets", json={"campaigns": ["11", "12"]}, headers=AUTH
+    )
+    assert added.status == 201
+
+    def discovery() -> CampaignDiscovery:
+        return CampaignDiscovery(cast(CtctClient, sent), store, "acme", 30, _nothing, lambda: T0)
+
+    await discovery().run()
+    assert await retired(store) == {"11": False, "12": False, "13": True}
+    removed = await api.delete("/v1/accounts/acme/targets/campaigns/12", headers=AUTH)
+    assert removed.status == 204
+    again = await api.post("/v1/accounts/acme/targets", json={"campaigns": ["13"]}, headers=AUTH)
+    assert again.status == 200  # the stream existed (retired): followed again, not created
+    await discovery().run()
+    assert await retired(store) == {"11": False, "12": True, "13": False}
 
 
 @pytest.mark.parametrize(

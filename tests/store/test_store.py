@@ -806,14 +806,38 @@ async def test_log_replay_copies_each_event_once_in_order(store: Store) -> None:
 
 
 async def test_removed_targets_are_retired_remembered_and_restorable(store: Store) -> None:
-    """Removal retires existing streams and marks them; restoring forgets the mark."""
+    """Removal retires existing streams and marks them; adding them again forgets the mark."""
     await one_stream(store)
     missing = StreamKey("acme", "campaign", "404")
     assert await store.remove_targets([KEY, missing], T0) == 1
     assert (await store.streams())[0].retired
     assert await store.removed_targets("acme") == {KEY}
-    await store.restore_targets([KEY])
+    await store.add_targets([KEY], T0 + 1)
     assert await store.removed_targets("acme") == set()
+
+
+async def test_added_targets_are_remembered_until_removed(store: Store) -> None:
+    """An operator's additions are kept per account, a second addition keeps one mark,
+    discovery's retirement spares them (and counts only streams it stopped), and removing the
+    stream forgets the mark."""
+    other = StreamKey("other", "campaign", "7")
+    found = StreamKey("acme", "campaign", "8")
+    await store.add_targets([KEY, other], T0)
+    await store.add_targets([KEY], T0 + 1)
+    assert await store.added_targets("acme") == {KEY}
+    assert await store.added_targets("other") == {other}
+    await store.ensure_streams([KEY, found, other], T0)
+    assert await store.retire_streams([KEY, found, other, StreamKey("acme", "campaign", "9")]) == 1
+    assert await store.retire_streams([found]) == 0  # retired already
+    assert {s.key: s.retired for s in await store.streams()} == {
+        KEY: False,
+        found: True,
+        other: False,
+    }
+    assert await store.remove_targets([KEY], T0 + 2) == 1
+    assert await store.added_targets("acme") == set()
+    assert await store.removed_targets("acme") == {KEY}
+    assert await store.added_targets("other") == {other}
 
 
 async def test_status_counts(store: Store) -> None:
