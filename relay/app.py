@@ -20,7 +20,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from relay.api import WebhookError, create_admin_app, upsert_declared
+from relay.api import WebhookError, admin_runner, create_admin_app, upsert_declared
 from relay.api.status import FANOUT_SINK, AccountQuota, CircuitView, RelayView
 from relay.config import AccountSettings, ConfigError, Settings
 from relay.ctct.breaker import BreakerSettings, KeyBreaker
@@ -328,7 +328,7 @@ async def _start_admin(
     app = create_admin_app(
         store, settings.admin, guard=guard, now_ms=now_ms, metrics=metrics, view=view
     )
-    runner = web.AppRunner(app, access_log=None)
+    runner = admin_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
     try:

@@ -11,7 +11,7 @@ rules) and :mod:`~relay.api.ops_client` (``ctct-relay status|replay|pause|resume
 
 from __future__ import annotations
 
-from relay.api.app import AdminConfigError, check_exposure, create_admin_app
+from relay.api.app import AdminConfigError, admin_runner, check_exposure, create_admin_app
 from relay.api.openapi import document as openapi_document
 from relay.api.service import (
     DeclaredWebhook,
@@ -27,6 +27,7 @@ __all__ = [
     "DeclaredWebhook",
     "WebhookChanges",
     "WebhookError",
+    "admin_runner",
     "check_exposure",
     "create_admin_app",
     "openapi_document",

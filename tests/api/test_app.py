@@ -19,11 +19,12 @@ from structlog.testing import capture_logs
 from relay.api import (
     AdminConfigError,
     AdminSettings,
+    admin_runner,
     check_exposure,
     create_admin_app,
     openapi_document,
 )
-from relay.api.app import READ_TIMEOUT_S, STORE_WAIT_S
+from relay.api.app import READ_TIMEOUT_S, SHUTDOWN_GRACE_S, STORE_WAIT_S
 from relay.api.body import MAX_BODY_BYTES
 from relay.api.responses import JsonObject
 from relay.api.status import RelayView
@@ -489,6 +490,34 @@ async def test_a_client_leaving_mid_body_is_no_crash_in_the_log(store: Store) ->
     finally:
         await runner.cleanup()
     assert not [e for e in logs if e["log_level"] == "error"], logs
+    assert not (await store.streams())[0].paused
+
+
+async def test_a_request_held_open_cannot_hold_the_stop(store: Store) -> None:
+    """A stop cancels admin requests still in progress after SHUTDOWN_GRACE_S: a client that
+    sends half a body and waits held the relay's stop for aiohttp's default 60 s, past the
+    40 s a stopping container gets."""
+    await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
+    stream = (await store.streams())[0]
+    runner = admin_runner(create_admin_app(store, AdminSettings(token=TOKEN), guard=Guard()))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    head = (
+        f"POST /v1/streams/{stream.id}/pause HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100\r\n\r\n{"
+    )
+    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    try:
+        writer.write(head.encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the handler is reading the body, which never comes
+        started = time.monotonic()
+        await asyncio.wait_for(runner.cleanup(), SHUTDOWN_GRACE_S + 10)
+        assert time.monotonic() - started < SHUTDOWN_GRACE_S + 2
+    finally:
+        writer.close()
     assert not (await store.streams())[0].paused
 
 
