@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from relay.ctct.ratelimit import SharedReply
 from relay.store import StoreError
 from relay.store.coordination import Coordinator
 
@@ -77,11 +78,11 @@ class AccountBudget:
 
     async def reserve(
         self, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
-    ) -> tuple[bool, int, int, int]:
+    ) -> SharedReply:
         r = await self._coordinator.reserve_request(
             self._account, day, now_ms, burst, window_ms, allowance
         )
-        return r.admitted, r.wait_ms, r.used_today, r.sent_ms
+        return SharedReply(r.admitted, r.wait_ms, r.used_today, r.sent_ms, r.day, r.day_left_ms)
 
     async def give_back(self, day: str, sent_ms: int) -> int:
         return await self._coordinator.return_request(self._account, day, sent_ms)

@@ -386,8 +386,12 @@ class Scheduler:
                 rates = await self._store.stream_rates()
             finally:
                 fresh, self._finished_during_reload = self._finished_during_reload, None
+            now = self._now_ms()
             for runtime in self._accounts.values():
-                runtime.paused_until_ms = pauses.get(runtime.name, (0, ""))[0]
+                stored = pauses.get(runtime.name, (0, ""))[0]
+                if stored > max(runtime.paused_until_ms, now):  # seen here first: as a tick
+                    self._hold_key_while_paused(runtime, pauses, now)
+                runtime.paused_until_ms = stored
             active: dict[str, set[int]] = {name: set() for name in self._accounts}
             for stream_id, (account, rate) in rates.items():
                 owner = self._accounts.get(account)
@@ -490,6 +494,7 @@ class Scheduler:
                     log.info(
                         "account.pause_seen", account=runtime.name, until_ms=stored, reason=reason
                     )
+                    self._hold_key_while_paused(runtime, pauses, now)
                 runtime.paused_until_ms = stored
             if runtime.paused_until_ms > now or runtime.name in held:
                 continue
@@ -500,6 +505,20 @@ class Scheduler:
                 log.info("account.resumed", account=runtime.name)
             unpaused.append(runtime)
         return unpaused
+
+    def _hold_key_while_paused(
+        self, runtime: AccountRuntime, pauses: dict[str, tuple[int, str]], now: int
+    ) -> None:
+        """A pause stored by another replica for every account of ``runtime``'s api_key (a
+        spent quota, a long Retry-After, its open circuit: what ``_pause_key`` stores) holds
+        the key here too, so passes of it already running here stop at their next page, as
+        they do on the replica that stored it; they used to run on to their end, sending
+        requests the API had asked the key to hold back. A pause of one account of several (a
+        401) holds nothing: the others may go on."""
+        sharing = [a.name for a in self._accounts.values() if a.limiter is runtime.limiter]
+        until, reason = min((pauses.get(name, (0, "")) for name in sharing), key=lambda p: p[0])
+        if until > now:
+            runtime.limiter.breaker.hold(until / 1000, reason)
 
     def account_job(
         self, account: str, job: Callable[[], Awaitable[None]]

@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import math
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -613,6 +614,86 @@ async def test_an_account_pause_learned_by_one_replica_holds_for_every_replica(
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_key_pause_stored_by_another_replica_stops_passes_running_here(
+    postgres_url: str,
+) -> None:
+    """Two replicas on PostgreSQL: one gets a 429 with a long Retry-After and stores the key's
+    pause; the other, with a pass of the key in flight, holds the key at its next tick, so that
+    pass stops at its next request (the client refuses every request of a held key) instead of
+    running on, each request getting its own 429."""
+    stores = [PostgresStore.from_url(postgres_url) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    running = BlockedPoller()
+    schedulers: list[Scheduler] = []
+    try:
+        clock = [int(time.time() * 1000)]  # the breaker holds on the wall clock
+        keys = [StreamKey("acme", "campaign", str(i)) for i in range(4)]
+        await stores[0].ensure_streams(keys, clock[0])
+        too_many = errors.TooManyRequestsError("answered 429", status=429, retry_after_s=600.0)
+        learner = RaisingPoller(lambda _now: too_many, clock)
+        settings = ScheduleSettings(min_interval_s=3600, max_interval_s=10**9, concurrency=1)
+        limiters = []
+        for i, (store, poller) in enumerate(zip(stores, (learner, running), strict=True)):
+            limiter = RateLimiter(Budget())
+            runtime = AccountRuntime("acme", cast(Poller, poller), limiter, Planner(settings))
+            coordinator = PgCoordinator(store, f"replica-{i}", PostgresSettings())
+            scheduler = Scheduler(
+                store, [runtime], settings, now_ms=lambda: clock[0], coordinator=coordinator
+            )
+            await scheduler.reload()
+            schedulers.append(scheduler)
+            limiters.append(limiter)
+        a, b = schedulers
+        await b.tick()
+        await asyncio.wait_for(running.waiting.wait(), 5)  # b's pass is in flight
+        await a.tick()
+        await a.wait_idle()
+        until_ms = (await stores[1].account_pauses())["acme"][0]
+        assert until_ms == clock[0] + 600_000
+        assert limiters[1].breaker.held_until_s == 0
+        clock[0] += 1000
+        await b.tick()
+        assert limiters[1].breaker.held_until_s == until_ms / 1000, "b's pass would run on"
+        assert "429 with Retry-After 600 s" in limiters[1].breaker.hold_reason
+    finally:
+        running.go.set()
+        for scheduler in schedulers:
+            await scheduler.wait_idle()
+        for store in stores:
+            await store.close()
+
+
+async def test_a_pause_of_one_account_of_a_key_seen_from_another_replica_holds_no_key(
+    tmp_path: Path,
+) -> None:
+    """Pauses stored elsewhere (as another replica would): one of two accounts of a key paused
+    (a 401) holds nothing, and its partner polls on; both paused (the key's pause) hold the
+    key until the earlier of them ends."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        now = int(time.time() * 1000)
+        await store.ensure_streams([StreamKey(n, "contact", "1") for n in ("a", "b")], now)
+        limiter = RateLimiter(Budget())
+        runtimes = [
+            AccountRuntime(n, cast(Poller, StandInPoller()), limiter, Planner(WIDE))
+            for n in ("a", "b")
+        ]
+        scheduler = Scheduler(store, runtimes, WIDE, now_ms=lambda: now)
+        await scheduler.reload()
+        await store.set_account_pause("a", now + 3_600_000, "credentials rejected: 401")
+        await scheduler.tick()
+        await scheduler.wait_idle()
+        assert limiter.breaker.held_until_s == 0
+        assert cast(StandInPoller, runtimes[1].poller).calls == 1
+        await store.set_account_pause("b", now + 600_000, "api_key shared with a: 429")
+        await scheduler.tick()
+        assert limiter.breaker.held_until_s == (now + 600_000) / 1000
+    finally:
+        await store.close()
 
 
 async def test_a_backfilling_first_pass_does_not_push_the_other_streams_out(

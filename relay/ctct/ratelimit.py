@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 
@@ -69,15 +69,25 @@ class QuotaLedger(Protocol):
         ...
 
 
+class SharedReply(NamedTuple):
+    """A shared budget's answer to one request."""
+
+    admitted: bool
+    wait_ms: int  # before asking again; 0 when not admitted: the day's allowance is spent
+    used: int  # the count of ``day``
+    sent_ms: int  # when the shared window logged it (Unix ms, the shared clock); 0: not logged
+    day: str  # the UTC day counted, by the shared clock (replicas' own clocks may disagree)
+    day_left_ms: int  # until that day ends, by the shared clock
+
+
 class SharedBudget(Protocol):
     """An account's budget counted for several processes at once (replicas sharing a store)."""
 
     async def reserve(
         self, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
-    ) -> tuple[bool, int, int, int]:
-        """Count one request if the shared window and ``day``'s count allow it: (admitted,
-        ms to wait before asking again (0 when the allowance is spent), used today, the time
-        the shared window logged it (Unix ms, the shared clock; 0 when not admitted))."""
+    ) -> SharedReply:
+        """Count one request if the shared window and the day's count allow it (``day`` and
+        ``now_ms``: this process's clock, for a budget without a clock of its own)."""
         ...
 
     async def give_back(self, day: str, sent_ms: int) -> int:
@@ -185,11 +195,11 @@ class RateLimiter:
                     await self._sleep(wait_s)
             day = self._day.isoformat()
             if self._shared is not None:
-                # counted there before it is sent, for every replica
-                shared_ms = await self._reserve_shared(self._shared)
+                # counted there before it is sent, for every replica, on the shared clock's day
+                reply = await self._reserve_shared(self._shared)
                 sent_at = self._monotonic()
                 self._sent.append(sent_at)
-                return Admission(day, sent_at, shared_ms)
+                return Admission(reply.day or day, sent_at, reply.sent_ms)
             admission = Admission(day, self._monotonic())
             self._sent.append(admission.sent_at)
             self._used_today += 1
@@ -242,30 +252,39 @@ class RateLimiter:
             used = max(used, self.budget.daily_allowance)
         self._used_today = max(0, used)
 
-    async def _reserve_shared(self, shared: SharedBudget) -> int:
-        """Wait until the shared budget admits the request (return when its window logged it);
-        raise when today's is spent."""
+    async def _reserve_shared(self, shared: SharedBudget) -> SharedReply:
+        """Wait until the shared budget admits the request; raise when its day's allowance is
+        spent."""
         budget = self.budget
         while True:
-            admitted, wait_ms, used, sent_ms = await shared.reserve(
+            reply = await shared.reserve(
                 self._day.isoformat(),
                 int(self._wall_clock() * 1000),
                 budget.burst,
                 int(budget.window_s * 1000),
                 budget.daily_allowance,
             )
-            self._used_today = used
-            if admitted:
-                return sent_ms
-            if wait_ms <= 0:
+            if reply.day in ("", self._day.isoformat()):
+                # another day's count (this clock and the shared one on either side of a
+                # midnight) is not this day's: this process's day rolls by its own clock
+                self._used_today = reply.used
+            if reply.admitted:
+                return reply
+            if reply.wait_ms <= 0:
+                # when the shared day ends, in this clock's terms: a replica whose clock ran
+                # ahead past midnight while the shared day was still spent paused the key
+                # until its own next midnight, a whole day
+                resume_s = self._wall_clock() + reply.day_left_ms / 1000
                 raise BudgetExhaustedError(
                     f"daily allowance of {budget.daily_allowance} requests is spent"
                     " (counted over every replica)",
-                    resume_at=self.resume_at(),
+                    resume_at=datetime.fromtimestamp(resume_s, UTC)
+                    if reply.day
+                    else self.resume_at(),
                 )
-            self.waited_s += wait_ms / 1000
+            self.waited_s += reply.wait_ms / 1000
             self.waits += 1
-            await self._sleep(wait_ms / 1000)
+            await self._sleep(reply.wait_ms / 1000)
 
     def _today(self) -> date:
         return datetime.fromtimestamp(self._wall_clock(), UTC).date()

@@ -11,8 +11,10 @@ The *shared budget* is a request log per budget (one per api_key, named ``key:<h
 advisory lock per budget, so the per-second limit and the daily quota are counted for the whole
 deployment and for every account using the key.
 
-Lease expiries and the request log are on the database's clock, so replicas' clocks need not
-agree; ``request_margin_s`` widens each account's window for the time between a request's
+Lease expiries, the request log and the quota's UTC day are on the database's clock, so
+replicas' clocks need not agree (a replica whose clock ran a few minutes ahead used to count its
+requests on the next day's quota from its own midnight on, beside the others still spending
+today's); ``request_margin_s`` widens each account's window for the time between a request's
 admission and its arrival upstream.
 
 On SQLite there is one process: :class:`LocalCoordinator` claims what is due, always holds every
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 from asyncpg import Connection
@@ -32,6 +35,7 @@ from relay.store.base import Store
 from relay.store.postgres import BUDGET_NS, PostgresSettings, PostgresStore
 
 _DB_NOW_MS = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint"
+_DAY_MS = 86_400_000
 _LOG_KEEP_MS = 60_000  # request log rows older than this are deleted as new ones come
 
 
@@ -44,6 +48,8 @@ class Reservation:
     wait_ms: int
     used_today: int
     sent_ms: int = 0  # when the request log took it (the store's clock); 0: not logged
+    day: str = ""  # the UTC day (YYYY-MM-DD) counted: the store's, if it has a clock
+    day_left_ms: int = 0  # until that day ends, by the same clock
 
 
 class Coordinator(Protocol):
@@ -79,12 +85,14 @@ class Coordinator(Protocol):
         self, account: str, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
     ) -> Reservation:
         """Admit one request of the account if no window of ``window_ms`` (plus the margin)
-        would hold more than ``burst`` and today's count is below ``allowance``. ``now_ms`` is
-        the caller's clock, for stores without one of their own (PostgreSQL uses its own)."""
+        would hold more than ``burst`` and today's count is below ``allowance``. ``now_ms`` and
+        ``day`` are the caller's clock, for stores without one of their own (PostgreSQL uses
+        its own for both: ``Reservation.day`` says which day was counted)."""
 
     async def return_request(self, account: str, day: str, sent_ms: int) -> int:
         """Take back a request admitted at ``sent_ms`` (``Reservation.sent_ms``) that was never
-        sent: out of the request log and ``day``'s count; returns the count left."""
+        sent: out of the request log and the count of the day it was counted on (``day``, or
+        the store's day of ``sent_ms``); returns the count left."""
 
 
 class LocalCoordinator:
@@ -124,7 +132,7 @@ class LocalCoordinator:
         self, account: str, day: str, now_ms: int, burst: int, window_ms: int, allowance: int
     ) -> Reservation:
         used = await self._store.spend_quota(account, day, 1)
-        return Reservation(True, 0, used, now_ms)
+        return Reservation(True, 0, used, now_ms, day, _day_left_ms(now_ms))
 
     async def return_request(self, account: str, day: str, sent_ms: int) -> int:
         return await self._store.spend_quota(account, day, -1)
@@ -244,6 +252,10 @@ class PgCoordinator:
             # the database's clock, read under the lock: one clock for every replica, and the
             # time the request is really admitted (a call retried through an outage is late)
             now = int(await conn.fetchval(f"SELECT {_DB_NOW_MS}"))
+            # the day too: one replica's clock ahead of the others' counted on tomorrow's quota
+            # from its own midnight on, while they still spent today's (both on the key's one
+            # day upstream), and one behind kept counting a spent day after midnight
+            day, left_ms = _utc_day(now), _day_left_ms(now)
             used = int(
                 await conn.fetchval(
                     "SELECT used FROM quota WHERE account = $1 AND day = $2", account, day
@@ -251,7 +263,7 @@ class PgCoordinator:
                 or 0
             )
             if used >= allowance:
-                return Reservation(False, 0, used)
+                return Reservation(False, 0, used, 0, day, left_ms)
             # the burst-th newest request: while it is inside the window, the window is full
             edge = await conn.fetchval(
                 "SELECT sent_ms FROM request_log WHERE account = $1"
@@ -260,7 +272,7 @@ class PgCoordinator:
                 burst - 1,
             )
             if edge is not None and int(edge) > now - window:
-                return Reservation(False, int(edge) + window - now, used)
+                return Reservation(False, int(edge) + window - now, used, 0, day, left_ms)
             await conn.execute(
                 "DELETE FROM request_log WHERE account = $1 AND sent_ms < $2",
                 account,
@@ -281,11 +293,13 @@ class PgCoordinator:
                     day,
                 )
             )
-            return Reservation(True, 0, used, now)
+            return Reservation(True, 0, used, now, day, left_ms)
 
         return await self._store.transaction(run)
 
     async def return_request(self, account: str, day: str, sent_ms: int) -> int:
+        day = _utc_day(sent_ms)  # the day reserve_request counted it on, by the same clock
+
         async def run(conn: Connection) -> int:
             # under the lock reserve_request takes: its window and count read consistently
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", BUDGET_NS, account)
@@ -305,6 +319,16 @@ class PgCoordinator:
             return int(used or 0)
 
         return await self._store.transaction(run)
+
+
+def _utc_day(ms: int) -> str:
+    """The UTC day (YYYY-MM-DD) of a Unix time in milliseconds."""
+    return datetime.fromtimestamp(ms / 1000, UTC).date().isoformat()
+
+
+def _day_left_ms(ms: int) -> int:
+    """Milliseconds from a Unix time in milliseconds to the end of its UTC day."""
+    return _DAY_MS - ms % _DAY_MS
 
 
 def coordinator_for(

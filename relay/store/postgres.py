@@ -682,6 +682,18 @@ class PostgresStore:
 
     async def create_webhook(self, webhook: Webhook, max_webhooks: int | None = None) -> Webhook:
         async def run(conn: Connection) -> Webhook:
+            # A retry of this very call (the same id and secret, both random) whose COMMIT went
+            # through but whose answer was lost with its connection: the webhook is there, so
+            # answer with it. Inserted again, it failed as a duplicate of itself, and the
+            # caller never saw the secret of the webhook it had registered.
+            row = await conn.fetchrow(
+                f"SELECT {rowmap.WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1",  # noqa: S608
+                webhook.id,
+            )
+            if row is not None:
+                stored = rowmap.webhook(row)
+                if stored.url == webhook.url and stored.secret == webhook.secret:
+                    return stored
             if max_webhooks is not None:
                 # registrations one at a time (READ COMMITTED: two counting at once would both
                 # see room for one more)
@@ -913,11 +925,14 @@ class PostgresStore:
         async def run(conn: Connection) -> None:
             await conn.execute(_NO_FLUSH)  # bookkeeping: no wait for the WAL flush
             # a delivery deleted with its webhook while the attempt was in flight has nothing
-            # left to record: skipped, the rest of the batch still commits
+            # left to record: skipped, the rest of the batch still commits. The row is locked
+            # as the foreign key's check locks it: a delete not yet committed (another
+            # replica's API) is waited for and then seen, where a plain EXISTS saw the row
+            # still there and the check, after that wait, failed the whole batch
             await conn.executemany(
                 "INSERT INTO attempts (delivery_id, attempted_ms, status_code, latency_ms,"
                 " response_excerpt, error) SELECT $1, $2, $3, $4, $5, $6"
-                " WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = $1)",
+                " WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = $1 FOR KEY SHARE)",
                 [
                     (
                         a.delivery_id,

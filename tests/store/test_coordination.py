@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import date, timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from relay.ctct.errors import BudgetExhaustedError
 from relay.ctct.ratelimit import Budget, RateLimiter
+from relay.events import Activity, Kind, from_millis
 from relay.leases import AccountBudget
-from relay.store import PostgresSettings, PostgresStore, StreamKey, open_store
+from relay.store import PassResult, PostgresSettings, PostgresStore, StreamKey, open_store
 from relay.store.coordination import LocalCoordinator, PgCoordinator
 
 T0 = 1_763_000_000_000
@@ -103,9 +106,10 @@ async def test_shared_budget_counts_every_replica(stores: list[PostgresStore]) -
     """Requests of both replicas fill one window and one daily count; a full window says how
     long to wait (at most the window plus the margin), a spent allowance says not today."""
     a, b = replicas(stores)
-    day = "2025-11-13"
+    day = "2025-11-13"  # a replica's: the database's own is counted
     admitted = [await r.reserve_request("acme", day, T0, 4, 1100, 6) for r in [a, b, a, b]]
     assert [r.admitted for r in admitted] == [True] * 4
+    day = admitted[0].day
     assert admitted[-1].used_today == 4
     full = await b.reserve_request("acme", day, T0, 4, 1100, 6)
     assert not full.admitted
@@ -143,6 +147,91 @@ async def test_limiters_of_two_replicas_keep_one_per_second_limit(
     assert busiest <= 4
     assert len(times) >= 8  # the budget was used, not starved
     assert {r for _, r in sent} == {"replica-0", "replica-1"}
+
+
+async def test_two_replicas_committing_the_same_page_append_each_event_once(
+    stores: list[PostgresStore],
+) -> None:
+    """Stream leases carry no fencing token: a replica that lost its lease unnoticed (frozen
+    past it) may finish its pass beside the new holder. The dedup keys absorb that: the same
+    page committed by both at once appends each event once, and the older pass's watermark
+    does not move the stream's back."""
+    events = [
+        Activity(
+            account="acme",
+            kind=Kind.OPEN,
+            campaign_id="1",
+            contact_id=str(n),
+            email_address=f"c{n}@example.com",
+            occurred_at=from_millis(T0 + n),
+        )
+        for n in range(50)
+    ]
+    stream = (await stores[0].streams())[0].id
+    new = await asyncio.gather(*(s.commit_page(stream, events, T0) for s in stores))
+    assert sorted(new) == [0, 50]
+    assert len(await stores[0].read_outbox(0, 1000)) == 50
+    newer = PassResult({Kind.OPEN: T0 + 49}, {}, next_due_ms=T0, rate_per_h=1.0, polled_ms=T0)
+    older = PassResult({Kind.OPEN: T0 + 9}, {}, next_due_ms=T0, rate_per_h=1.0, polled_ms=T0)
+    await stores[1].finish_pass(stream, newer)
+    await stores[0].finish_pass(stream, older)
+    assert (await stores[0].stream(stream)).watermarks[Kind.OPEN] == T0 + 49
+
+
+async def _database_day(url: str) -> tuple[str, float]:
+    """The database's UTC day, and the seconds left of it."""
+    conn = await asyncpg.connect(url)
+    try:
+        day, left_s = await conn.fetchrow(
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD'),"
+            " EXTRACT(EPOCH FROM date_trunc('day', clock_timestamp() AT TIME ZONE 'UTC')"
+            " + interval '1 day' - clock_timestamp() AT TIME ZONE 'UTC')"
+        )
+    finally:
+        await conn.close()
+    return str(day), float(left_s)
+
+
+async def test_the_quota_day_is_the_databases_whatever_a_replicas_clock_says(
+    stores: list[PostgresStore], postgres_url: str
+) -> None:
+    """Replicas whose clocks stand on either side of midnight count on one day, the database's:
+    one whose clock is ahead used to spend the next day's quota beside the others still
+    spending today's (the API counts one day), and a request it takes back leaves that day."""
+    a, b = replicas(stores)
+    today, _ = await _database_day(postgres_url)
+    tomorrow = (date.fromisoformat(today) + timedelta(days=1)).isoformat()
+    first = await a.reserve_request("acme", today, T0, 4, 1100, 2)
+    ahead = await b.reserve_request("acme", tomorrow, T0, 4, 1100, 2)
+    assert first.admitted
+    assert ahead.admitted
+    spent = await a.reserve_request("acme", today, T0, 4, 1100, 2)
+    assert (spent.admitted, spent.wait_ms) == (False, 0), "a day's allowance spent twice"
+    assert await stores[0].quota_used("acme", tomorrow) == 0
+    assert (first.day, ahead.day, ahead.used_today) == (today, today, 2)
+    assert await b.return_request("acme", tomorrow, ahead.sent_ms) == 1
+    assert await stores[0].quota_used("acme", today) == 1
+
+
+async def test_a_replica_clock_ahead_pauses_the_key_until_the_databases_midnight(
+    stores: list[PostgresStore], postgres_url: str
+) -> None:
+    """The shared day's allowance spent, a replica whose clock is 12 hours ahead gives the
+    key's pause the database's midnight (in its own clock's terms), not its own next one:
+    after its own midnight it used to pause the key for most of a day."""
+    a, b = replicas(stores)
+    budget = Budget(requests_per_second=4, requests_per_day=1, reserved_share=0.0)
+    today, _ = await _database_day(postgres_url)
+    assert (await a.reserve_request("acme", today, T0, 4, 1100, 1)).admitted
+    skew_s = 12 * 3600.0
+    limiter = RateLimiter(
+        budget, shared=AccountBudget(b, "acme"), wall_clock=lambda: time.time() + skew_s
+    )
+    with pytest.raises(BudgetExhaustedError) as raised:
+        await limiter.acquire()
+    _, left_s = await _database_day(postgres_url)
+    expected = time.time() + skew_s + left_s
+    assert abs(raised.value.resume_at.timestamp() - expected) < 5
 
 
 async def test_local_coordinator_claims_only_the_accounts_own_streams(tmp_path: Path) -> None:

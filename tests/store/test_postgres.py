@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from relay.config import ConfigError, load
 from relay.events import WILDCARD, Activity, Kind, from_millis
 from relay.store import (
+    Attempt,
     CorruptError,
     PostgresSettings,
     PostgresStore,
@@ -564,3 +566,115 @@ async def test_a_wait_budget_gives_up_early_only_before_a_change_is_committed() 
     assert 0.5 < early_s < 2.5
     assert early.unchanged
     assert "gave up after 1.5s" in str(early)
+
+
+async def test_an_attempt_recorded_while_its_webhook_is_being_deleted_is_skipped(
+    postgres_url: str,
+) -> None:
+    """A webhook deleted (on another replica, not yet committed) while one of its attempts is
+    recorded: the record waits for the delete and skips the delivery gone with it. It used to
+    see the delivery still there, insert the attempt and fail the batch on the foreign key."""
+    store = PostgresStore.from_url(postgres_url)
+    await store.open()
+    deleting = await asyncpg.connect(postgres_url)
+    try:
+        await store.ensure_streams([StreamKey("acme", "campaign", "1")], T0)
+        [stream] = await store.streams()
+        await store.create_webhook(
+            Webhook(id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="s")
+        )
+        await store.commit_page(stream.id, [activity(1, T0)], T0)
+        await store.fanout(100, T0)
+        [delivery] = await store.deliveries("wh_1", 10)
+        tx = deleting.transaction()
+        await tx.start()
+        await deleting.execute("DELETE FROM webhooks WHERE id = 'wh_1'")
+        recording = asyncio.create_task(
+            store.finish_attempts([(Attempt(delivery.id, T0, 200, 1.0), "delivered", T0, 0)])
+        )
+        await _waiting_on_a_lock(postgres_url, "INSERT INTO attempts")
+        await tx.commit()
+        await asyncio.wait_for(recording, 10)  # no StoreError (foreign key violation)
+        assert await store.attempts(delivery.id) == []
+    finally:
+        await deleting.close()
+        await store.close()
+
+
+class _CommitCutter:
+    """A TCP proxy to the server that, once ``armed``, passes the next COMMIT on and cuts its
+    connection before the server's answer reaches the client: a commit that went through,
+    its answer lost."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 5432
+        self._url = parts
+        self.armed = False
+        self.cut = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        """Start listening; the URL through the proxy."""
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        netloc = f"{self._url.username}@127.0.0.1:{port}"
+        return urlunsplit(self._url._replace(netloc=netloc))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
+        cut = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                if self.armed and b"COMMIT" in data:
+                    self.armed = False
+                    cut.set()  # before it is sent: no part of the answer goes back
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if cut.is_set():
+                    self.cut.set()  # the server answered: it committed; the answer is dropped
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        tasks = {asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())}
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            writer.transport.abort()
+            up_writer.transport.abort()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_registration_whose_commit_answer_was_lost_is_answered_with_the_webhook(
+    postgres_url: str,
+) -> None:
+    """The connection breaks after the server committed a new webhook but before the answer
+    came back: the store's retry answers with that webhook (its secret with it). It used to
+    insert it again and fail as a duplicate of itself, the webhook registered but its secret
+    never shown."""
+    cutter = _CommitCutter(postgres_url)
+    store = PostgresStore.from_url(await cutter.start())
+    await store.open()
+    try:
+        cutter.armed = True
+        webhook = Webhook(
+            id="wh_1", url="https://example.com/h", event_types=(WILDCARD,), secret="whsec_1"
+        )
+        created = await asyncio.wait_for(store.create_webhook(webhook, max_webhooks=1), 30)
+        assert cutter.cut.is_set()  # the answer of its COMMIT was lost indeed
+        assert (created.id, created.secret) == ("wh_1", "whsec_1")
+        assert [w.id for w in await store.webhooks()] == ["wh_1"]
+    finally:
+        await store.close()
+        await cutter.close()
