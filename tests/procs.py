@@ -76,6 +76,19 @@ class Proc:
         return self.log.read_text(errors="replace")
 
 
+def sim_scenario(api_key: str, token: str, *, seed: int, **parts: object) -> dict[str, object]:
+    """A SimProcess scenario: one key (``api_key``, ``token``) without limits, a clock that moves
+    only by ``sim.advance``; ``parts`` (contacts, campaigns, rates, faults, keys, ...) as the
+    simulator reads them."""
+    return {
+        "seed": seed,
+        "start": "2026-11-20T09:00:00Z",
+        "time_scale": 0,
+        "keys": [{"api_key": api_key, "access_token": token, "qps": None, "daily": None}],
+        **parts,
+    }
+
+
 class SimProcess(Proc):
     """``ctct-relay sim`` on a free port with a scenario written from a mapping."""
 
@@ -164,9 +177,11 @@ def relay_config(
     *,
     api_key: str = "k-crash-1",
     token: str = "t-crash-1",
+    account: dict[str, object] | None = None,
     **extra: object,
 ) -> Path:
-    """A relay config for the simulator; ``extra`` merges into the top level (deeply for dicts)."""
+    """A relay config for the simulator; ``account`` merges into its one account, ``extra`` into
+    the top level (deeply for dicts)."""
     config: dict[str, object] = {
         "state": f"sqlite:///{tmp / 'state.db'}",
         "accounts": [
@@ -176,6 +191,7 @@ def relay_config(
                 "api_key": api_key,
                 "access_token": token,
                 "campaigns": {"discover": True, "discover_interval_s": 0.5},
+                **(account or {}),
             }
         ],
         # time constants in seconds of the relay's clock, scaled down as the schedule's are:

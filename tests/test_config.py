@@ -32,6 +32,14 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def load_error(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> str:
+    """The message of the ConfigError that loading ``text`` raises (in ``environ``, by default
+    one that sets only KEY)."""
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={"KEY": "k"} if environ is None else environ)
+    return str(caught.value)
+
+
 def test_example_config_loads_with_every_default() -> None:
     """The documented example is valid as shipped."""
     settings = load(EXAMPLE, environ={})
@@ -188,9 +196,7 @@ def test_malformed_references_are_errors_naming_the_key(
     not shown, another key's reference is."""
     env = {"KEY": "k", "CTCT_API_KEY": "from-env", "OTHER": "o"}
     secret = MINIMAL.replace("${KEY}", f"sk-live-4411{reference}")
-    with pytest.raises(ConfigError) as caught:
-        load(write(tmp_path, secret), environ=env)
-    message = str(caught.value)
+    message = load_error(tmp_path, secret, env)
     assert f": accounts[0].api_key: {problem}; the value of a secret is not shown (" in message
     assert "sk-live-4411" not in message
     assert "CTCT_API_KEY" not in message
@@ -275,9 +281,7 @@ def test_kubernetes_service_links_name_their_variables(tmp_path: Path) -> None:
         "CTCT_RELAY_PORT": "tcp://10.96.12.34:8081",
         "CTCT_RELAY_PORT_8081_TCP_ADDR": "10.96.12.34",
     }
-    with pytest.raises(ConfigError) as caught:
-        load(write(tmp_path, MINIMAL), environ=env)
-    message = str(caught.value)
+    message = load_error(tmp_path, MINIMAL, env)
     assert message.startswith(
         "top level: unknown key(s) port (from CTCT_RELAY_PORT), port_8081_tcp_addr (from"
         " CTCT_RELAY_PORT_8081_TCP_ADDR), service_host (from CTCT_RELAY_SERVICE_HOST),"
@@ -1162,9 +1166,7 @@ SECRET_KEYS = {  # each secret key, set to VALUE
 def test_errors_never_show_a_secret(tmp_path: Path, key: str, value: str, kind: str) -> None:
     """A secret key of the wrong type is named with the type it got, never with its value."""
     text = SECRET_KEYS[key].replace("VALUE", value)
-    with pytest.raises(ConfigError) as caught:
-        load(write(tmp_path, text), environ={"KEY": "k"})
-    message = str(caught.value)
+    message = load_error(tmp_path, text)
     assert re.search(rf"{re.escape(key)}: expected a string, got {kind}", message), message
     assert "secretval" not in message
     assert "12.75" not in message
@@ -1186,9 +1188,7 @@ def test_errors_never_show_a_secret(tmp_path: Path, key: str, value: str, kind: 
 def test_state_errors_never_show_a_password(tmp_path: Path, extra: str, shown: str) -> None:
     """The state URL of an error is shown without user info, with the values of its query
     parameters and its fragment as ***."""
-    with pytest.raises(ConfigError) as caught:
-        load(write(tmp_path, MINIMAL + extra), environ={"KEY": "k"})
-    message = str(caught.value)
+    message = load_error(tmp_path, MINIMAL + extra)
     assert re.search(
         rf"state: expected sqlite:///path/to/state\.db.*, got {re.escape(shown)}$", message
     )
@@ -1198,9 +1198,7 @@ def test_state_errors_never_show_a_password(tmp_path: Path, extra: str, shown: s
 def test_state_url_that_does_not_parse(tmp_path: Path) -> None:
     """An unclosed IPv6 bracket is a ConfigError naming state, not a ValueError traceback."""
     text = MINIMAL + "state: 'postgresql://relay:hunter2pass@[::1/relay'"
-    with pytest.raises(ConfigError) as caught:
-        load(write(tmp_path, text), environ={"KEY": "k"})
-    message = str(caught.value)
+    message = load_error(tmp_path, text)
     assert message.endswith("state: not a valid URL, got 'postgresql://…@[::1/relay'"), message
     assert "hunter2pass" not in message
 
@@ -1603,9 +1601,7 @@ def test_base_url_takes_scheme_and_host_only(tmp_path: Path, url: str) -> None:
     """The client appends /v2/...: a path doubled it and the 404s retired every stream; user
     info made every request fail with a traceback. Neither loads; a password never shows."""
     text = MINIMAL.replace("https://api.example.com", url)
-    with pytest.raises(ConfigError) as caught:
-        load(write(tmp_path, text), environ={"KEY": "k"})
-    message = str(caught.value)
+    message = load_error(tmp_path, text)
     assert (
         "accounts[0].base_url: give the scheme and host only, e.g. https://api.constantcontact.com"
         in message
@@ -1636,9 +1632,7 @@ def test_base_url_with_a_query_says_so_with_its_values_masked(
     `'http://127.0.0.1:28080'`: exactly what the error asked for. The error says a query or
     fragment is not allowed and shows the query's keys, each value (a token, maybe) as ***."""
     text = MINIMAL.replace("https://api.example.com", url)
-    with pytest.raises(ConfigError) as caught:
-        load(write(tmp_path, text), environ={"KEY": "k"})
-    message = str(caught.value)
+    message = load_error(tmp_path, text)
     assert message.endswith(
         "accounts[0].base_url: a query or fragment is not allowed (give the scheme and host only,"
         f" e.g. https://api.constantcontact.com), got {shown}"
@@ -1680,9 +1674,7 @@ def test_a_control_character_inside_a_credential_is_refused(
 ) -> None:
     """What stripping leaves inside is refused at load, naming the key, never the value."""
     env = {"KEY": "k", f"CTCT_RELAY_ACCOUNTS__0__{key.upper()}": f"tok3n{inside}v4lue\n"}
-    with pytest.raises(ConfigError) as caught:
-        load(write(tmp_path, MINIMAL), environ=env)
-    message = str(caught.value)
+    message = load_error(tmp_path, MINIMAL, env)
     variable = f"CTCT_RELAY_ACCOUNTS__0__{key.upper()}"
     assert message.startswith(f"accounts[0].{key} (from {variable}): holds a control"), message
     assert "tok3n" not in message
@@ -1829,9 +1821,7 @@ def test_a_bad_password_or_webhook_secret_is_refused_naming_its_key(
     text, variable = _secret_setting(key)
     if key.startswith("webhooks") and problem != "only whitespace":
         value = "whsec_" + value
-    with pytest.raises(ConfigError) as caught:
-        load(write(tmp_path, text), environ={"KEY": "k", variable: value})
-    message = str(caught.value)
+    message = load_error(tmp_path, text, {"KEY": "k", variable: value})
     expected = "required, but empty" if key.startswith("kafka") and value.isspace() else problem
     assert f": {key}: {expected}" in message, message
     assert "MfKQ9r8GKYqr" not in message
@@ -1841,9 +1831,7 @@ def test_a_declared_webhook_secret_is_checked_at_load(tmp_path: Path) -> None:
     """A declared secret that is no whsec_ secret stops the load naming its key (it stopped
     the start later, naming webhooks[0]), never showing the value."""
     environ = {"KEY": "k", "HOOK_SECRET": "whsec_MfKQ9r8GKYqr!!"}
-    with pytest.raises(ConfigError) as caught:
-        load(write(tmp_path, MINIMAL + _DECLARED), environ=environ)
-    message = str(caught.value)
+    message = load_error(tmp_path, MINIMAL + _DECLARED, environ)
     assert ": webhooks.declared[0].secret: the part after whsec_ is not valid" in message
     assert "MfKQ9r8GKYqr" not in message
 

@@ -255,6 +255,21 @@ async def test_start_from_now_draws_the_history_line_on_the_upstreams_clock(
     assert await restarted.emitted() == [("open", "n1"), ("open", "n2"), ("open", "n3")]
 
 
+async def _sent_opened_clicked(
+    upstream: Upstream, session: aiohttp.ClientSession, store: Store
+) -> tuple[Relay, int]:
+    """Campaign 1100, counting unique recipients, which contact 42 was sent, opened and clicked
+    before T0, and a relay reading its feeds by time every hour: the relay and the stream."""
+    upstream.unique = True
+    settings = PollSettings(start_from="earliest", repeat_read_s=3600)
+    relay = Relay(upstream, session, store, settings)
+    stream_id = await relay.add("campaign", "1100", seed=False)
+    upstream.add(Kind.SEND, "1100", "42", T0 - 60_000)
+    upstream.add(Kind.OPEN, "1100", "42", T0 - 30_000)
+    upstream.add(Kind.CLICK, "1100", "42", T0 - 20_000)
+    return relay, stream_id
+
+
 async def test_unique_counted_feeds_are_read_every_repeat_read_s_whatever_their_counts(
     upstream: Upstream, session: aiohttp.ClientSession, any_store: Store
 ) -> None:
@@ -263,13 +278,7 @@ async def test_unique_counted_feeds_are_read_every_repeat_read_s_whatever_their_
     at least every repeat_read_s, those with a count only (forwards: 0, not read), whatever
     the stream's interval; a pass that reads them all for their counts resets that time, and
     the store keeps it. The scheduler is charged a share of that read per pass."""
-    upstream.unique = True
-    settings = PollSettings(start_from="earliest", repeat_read_s=3600)
-    relay = Relay(upstream, session, any_store, settings)
-    stream_id = await relay.add("campaign", "1100", seed=False)
-    upstream.add(Kind.SEND, "1100", "42", T0 - 60_000)
-    upstream.add(Kind.OPEN, "1100", "42", T0 - 30_000)
-    upstream.add(Kind.CLICK, "1100", "42", T0 - 20_000)
+    relay, stream_id = await _sent_opened_clicked(upstream, session, any_store)
     first = await relay.run(stream_id, 10)  # every feed with a count: a full read
     assert (first.feeds_read, first.new, first.swept_ms) == (
         [Kind.SEND, Kind.OPEN, Kind.CLICK],
@@ -320,13 +329,7 @@ async def test_reads_by_time_follow_the_interval_the_scheduler_fits_to_the_budge
     schedule.repeat_share of the budget: a pass repeat_read_s after the last full read then
     reads no feed by time, its share and the next due time follow the stretched interval, and
     the pass at that interval reads them. An interval below repeat_read_s is not taken."""
-    upstream.unique = True
-    settings = PollSettings(start_from="earliest", repeat_read_s=3600)
-    relay = Relay(upstream, session, any_store, settings)
-    stream_id = await relay.add("campaign", "1100", seed=False)
-    upstream.add(Kind.SEND, "1100", "42", T0 - 60_000)
-    upstream.add(Kind.OPEN, "1100", "42", T0 - 30_000)
-    upstream.add(Kind.CLICK, "1100", "42", T0 - 20_000)
+    relay, stream_id = await _sent_opened_clicked(upstream, session, any_store)
     first = await relay.run(stream_id, 10, repeat_every_s=10_800)
     assert (first.repeat_feeds, first.repeat_due_ms) == (2, relay.now_ms + 10_800_000)
     swept = relay.now_ms

@@ -24,6 +24,7 @@ from relay.events import Kind, format_millis
 from relay.poller import Poller, PollSettings
 from relay.scheduler import AccountRuntime, Planner, Scheduler, ScheduleSettings
 from relay.store import Store, StreamKey, open_store
+from tests.httpkit import serving_get
 
 API_KEY = "k3y-upstream-test"
 TOKEN = "t0ken-upstream-test"
@@ -53,18 +54,8 @@ async def upstream(answer: Answer) -> AsyncIterator[tuple[str, Upstream]]:
         answered = answer(request)
         return await answered if inspect.isawaitable(answered) else answered
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    assert site._server is not None
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with serving_get(handler) as base_url:
+        yield base_url, seen
 
 
 async def run_scheduler(

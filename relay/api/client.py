@@ -392,12 +392,8 @@ async def webhooks_command(
         token = admin_token(args.token, environ)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             shown = await action(AdminClient(session, args.api, token), args)
-    except UsageError as exc:
-        print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
-        return EXIT_USAGE
-    except AdminApiError as exc:
-        print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
-        return EXIT_ERROR
+    except (UsageError, AdminApiError) as exc:
+        return failed(exc, err)
     if args.json:
         if shown.answer is not None:
             out.write(orjson.dumps(shown.answer, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -638,6 +634,12 @@ _SPACES = str.maketrans(dict.fromkeys("\t\n\v\f\r", " "))
 
 # Bidirectional overrides and isolates: they reorder what the terminal shows ("Trojan Source")
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def failed(exc: UsageError | AdminApiError, err: TextIO) -> int:
+    """Print ``exc`` as the command's one error line; the exit status it calls for."""
+    print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
+    return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
 
 
 def terminal_safe(text: str, keep: str = "") -> str:

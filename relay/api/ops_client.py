@@ -23,14 +23,13 @@ import orjson
 
 from relay.api.body import rfc3339_ms
 from relay.api.client import (
-    EXIT_ERROR,
-    EXIT_USAGE,
     AdminApiError,
     AdminClient,
     UsageError,
     admin_token,
     answered,
     common_parser,
+    failed,
     integer_id,
     objects,
     resource_id,
@@ -157,12 +156,8 @@ async def ops_command(
         timeout = aiohttp.ClientTimeout(total=args.timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             answer, text = await _ACTIONS[name](AdminClient(session, args.api, token), args, err)
-    except UsageError as exc:
-        print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
-        return EXIT_USAGE
-    except AdminApiError as exc:
-        print(f"ctct-relay: error: {terminal_safe(str(exc))}", file=err)
-        return EXIT_ERROR
+    except (UsageError, AdminApiError) as exc:
+        return failed(exc, err)
     if args.json:
         out.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

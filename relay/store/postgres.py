@@ -534,19 +534,13 @@ class PostgresStore:
         await self._execute("UPDATE streams SET paused = $1 WHERE id = $2", int(paused), stream_id)
 
     async def retire_streams(self, keys: Sequence[StreamKey]) -> int:
-        cols = _key_columns(keys)
-
-        async def run(conn: Connection) -> int:
-            status = await conn.execute(
-                "UPDATE streams SET retired = 1 FROM unnest($1::text[], $2::text[], $3::text[])"
-                " AS t(a, s, r) WHERE account = a AND scope = s AND resource_id = r"
-                " AND retired = 0 AND NOT EXISTS (SELECT 1 FROM added_targets AS x"
-                " WHERE x.account = a AND x.scope = s AND x.resource_id = r)",
-                *cols,
-            )
-            return _count(status)
-
-        return await self.transaction(run)
+        return await self._execute(
+            "UPDATE streams SET retired = 1 FROM unnest($1::text[], $2::text[], $3::text[])"
+            " AS t(a, s, r) WHERE account = a AND scope = s AND resource_id = r"
+            " AND retired = 0 AND NOT EXISTS (SELECT 1 FROM added_targets AS x"
+            " WHERE x.account = a AND x.scope = s AND x.resource_id = r)",
+            *_key_columns(keys),
+        )
 
     # -- quota and account pauses -------------------------------------------------------------
 
@@ -1148,10 +1142,7 @@ class PostgresStore:
         return await self.transaction(run)
 
     async def forget_sink(self, sink: str) -> bool:
-        async def run(conn: Connection) -> bool:
-            return _count(await conn.execute("DELETE FROM sink_cursors WHERE sink = $1", sink)) > 0
-
-        return await self.transaction(run)
+        return await self._execute("DELETE FROM sink_cursors WHERE sink = $1", sink) > 0
 
     async def dead_letter_counts(self) -> dict[str, int]:
         async def run(conn: Connection) -> dict[str, int]:
@@ -1426,11 +1417,13 @@ class PostgresStore:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    async def _execute(self, sql: str, *args: object) -> None:
-        async def run(conn: Connection) -> None:
-            await conn.execute(sql, *args)
+    async def _execute(self, sql: str, *args: object) -> int:
+        """Run one statement in a transaction of its own; the rows it changed."""
 
-        await self.transaction(run)
+        async def run(conn: Connection) -> int:
+            return _count(await conn.execute(sql, *args))
+
+        return await self.transaction(run)
 
     async def _value_int(self, sql: str, *args: object) -> int:
         async def run(conn: Connection) -> int:

@@ -6,7 +6,7 @@ import asyncio
 import gzip
 import time
 import zlib
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,98 +258,110 @@ async def _timed(call: Awaitable[ClientResponse]) -> tuple[float, int, str]:
     return time.monotonic() - started, response.status, text
 
 
+PASSWORD = "pw-S3cret-77"
+
+
+@dataclass
+class _OwnServer:
+    """A PostgreSQL server of the test's own (to stop and start) and a store on it, opened with
+    PASSWORD in its URL (``url`` is that URL without it)."""
+
+    cluster: pgkit.Cluster
+    url: str
+    store: PostgresStore
+
+
+@pytest.fixture
+async def own_server() -> AsyncIterator[_OwnServer]:
+    """A store on a server of its own that retries every call for 60 s
+    (postgres.reconnect_max_s): an outage is the test's to start."""
+    cluster = pgkit.Cluster().start()
+    try:
+        url = pgkit.fresh_database(cluster.url)
+        with_password = url.replace("://postgres@", f"://postgres:{PASSWORD}@")
+        assert with_password != url
+        store = PostgresStore(with_password, PostgresSettings(reconnect_max_s=60))
+        await store.open()
+        try:
+            yield _OwnServer(cluster, url, store)
+        finally:
+            await store.close()
+    finally:
+        cluster.destroy()
+
+
+def _unavailable(body: str, url: str) -> str:
+    """The message of the "unavailable" error in ``body``, which names the PostgreSQL server at
+    ``url`` and never its password."""
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "unavailable"
+    assert error["message"].startswith(f"state store (PostgreSQL at {describe_url(url)}): ")
+    assert PASSWORD not in error["message"]
+    return str(error["message"])
+
+
 async def test_a_postgresql_outage_is_a_prompt_503_and_metrics_say_store_down(
-    aiohttp_client: AiohttpClient,
+    aiohttp_client: AiohttpClient, own_server: _OwnServer
 ) -> None:
     """PostgreSQL down (every call retried for postgres.reconnect_max_s, 60 s): a GET /v1/...
     answers 503 within READ_TIMEOUT_S naming the server (never the URL's password), and
     /metrics within its store bound, with ctct_relay_store_up 0 and the process's own quota
     gauges (Prometheus gives up after 10 s; they used to hang for the whole minute)."""
-    cluster = pgkit.Cluster().start()
-    try:
-        url = pgkit.fresh_database(cluster.url)
-        with_password = url.replace("://postgres@", "://postgres:pw-S3cret-77@")
-        assert with_password != url
-        store = PostgresStore(with_password, PostgresSettings(reconnect_max_s=60))
-        await store.open()
-        try:
-            metrics = Metrics()
-            metrics.watch_store(store, [FANOUT_CURSOR])
-            metrics.watch_limiter("acme", _Limiter(), "key:0123456789ab")
-            settings = AdminSettings(token=TOKEN)
-            client = await aiohttp_client(
-                create_admin_app(store, settings, guard=Guard(), metrics=metrics)
-            )
-            assert (await client.get("/v1/status", headers=AUTH)).status == 200
-            assert "ctct_relay_store_up 1.0" in await (await client.get("/metrics")).text()
-            cluster.stop()
-            with capture_logs() as logs:
-                (status_s, status, body), (metrics_s, metrics_status, text) = await asyncio.gather(
-                    _timed(client.get("/v1/status", headers=AUTH)), _timed(client.get("/metrics"))
-                )
-        finally:
-            await store.close()
-    finally:
-        cluster.destroy()
+    metrics = Metrics()
+    metrics.watch_store(own_server.store, [FANOUT_CURSOR])
+    metrics.watch_limiter("acme", _Limiter(), "key:0123456789ab")
+    settings = AdminSettings(token=TOKEN)
+    client = await aiohttp_client(
+        create_admin_app(own_server.store, settings, guard=Guard(), metrics=metrics)
+    )
+    assert (await client.get("/v1/status", headers=AUTH)).status == 200
+    assert "ctct_relay_store_up 1.0" in await (await client.get("/metrics")).text()
+    own_server.cluster.stop()
+    with capture_logs() as logs:
+        (status_s, status, body), (metrics_s, metrics_status, text) = await asyncio.gather(
+            _timed(client.get("/v1/status", headers=AUTH)), _timed(client.get("/metrics"))
+        )
     assert status == 503, body
     assert status_s < READ_TIMEOUT_S + 3
-    error = orjson.loads(body)["error"]
-    assert error["code"] == "unavailable"
-    assert error["message"].startswith(f"state store (PostgreSQL at {describe_url(url)}): ")
-    assert "pw-S3cret-77" not in error["message"]
+    _unavailable(body, own_server.url)
     assert metrics_status == 200
     assert STORE_TIMEOUT_S - 1 < metrics_s < STORE_TIMEOUT_S + 3
     assert "ctct_relay_store_up 0.0" in text
     assert 'ctct_relay_quota_used_requests{account="acme",budget="key:0123456789ab"} 120.0' in text
     assert not [e for e in logs if e["event"] == "api.unhandled"]
     assert {e["path"] for e in logs if e["event"] == "api.store_error"} == {"/v1/status"}
-    assert "pw-S3cret-77" not in repr(logs)
+    assert PASSWORD not in repr(logs)
 
 
 async def test_a_change_during_an_outage_is_a_prompt_503_and_never_applied_later(
-    aiohttp_client: AiohttpClient,
+    aiohttp_client: AiohttpClient, own_server: _OwnServer
 ) -> None:
     """PostgreSQL down: POST /v1/webhooks answers 503 within STORE_WAIT_S (not after
     postgres.reconnect_max_s, longer than the CLI's 30 s --timeout), naming the server and
     saying nothing was changed; once the server is back the webhook does not appear by itself
     (no attempt outlives the 503), and the same request then succeeds."""
     hook = {"url": PUBLIC_URL, "event_types": ["com.constantcontact.email.click"]}
-    cluster = pgkit.Cluster().start()
-    try:
-        url = pgkit.fresh_database(cluster.url)
-        with_password = url.replace("://postgres@", "://postgres:pw-S3cret-77@")
-        store = PostgresStore(with_password, PostgresSettings(reconnect_max_s=60))
-        await store.open()
-        try:
-            client = await aiohttp_client(
-                create_admin_app(store, AdminSettings(token=TOKEN), guard=Guard())
-            )
-            assert (await client.get("/v1/webhooks", headers=AUTH)).status == 200
-            cluster.stop()
-            with capture_logs() as logs:
-                write_s, write_status, write_body = await _timed(
-                    client.post("/v1/webhooks", json=hook, headers=AUTH)
-                )
-            cluster.start()
-            await asyncio.sleep(3)  # an attempt left running would commit now
-            listed = await client.get("/v1/webhooks", headers=AUTH)
-            assert listed.status == 200
-            assert (await listed.json())["webhooks"] == []
-            assert (await client.post("/v1/webhooks", json=hook, headers=AUTH)).status == 201
-        finally:
-            await store.close()
-    finally:
-        cluster.destroy()
+    client = await aiohttp_client(
+        create_admin_app(own_server.store, AdminSettings(token=TOKEN), guard=Guard())
+    )
+    assert (await client.get("/v1/webhooks", headers=AUTH)).status == 200
+    own_server.cluster.stop()
+    with capture_logs() as logs:
+        write_s, write_status, write_body = await _timed(
+            client.post("/v1/webhooks", json=hook, headers=AUTH)
+        )
+    own_server.cluster.start()
+    await asyncio.sleep(3)  # an attempt left running would commit now
+    listed = await client.get("/v1/webhooks", headers=AUTH)
+    assert listed.status == 200
+    assert (await listed.json())["webhooks"] == []
+    assert (await client.post("/v1/webhooks", json=hook, headers=AUTH)).status == 201
     assert write_status == 503, write_body
     assert write_s < STORE_WAIT_S + 3
-    written = orjson.loads(write_body)["error"]
-    assert written["code"] == "unavailable"
-    assert written["message"].startswith(f"state store (PostgreSQL at {describe_url(url)}): ")
-    assert written["message"].endswith(
+    assert _unavailable(write_body, own_server.url).endswith(
         "; nothing was changed: repeat the request when the store answers again"
     )
-    assert "pw-S3cret-77" not in written["message"]
-    assert "pw-S3cret-77" not in repr(logs)
+    assert PASSWORD not in repr(logs)
     assert [e["path"] for e in logs if e["event"] == "api.store_error"] == ["/v1/webhooks"]
 
 
@@ -463,43 +475,15 @@ async def test_a_body_that_does_not_decode_as_its_content_encoding_is_400(
     assert (await store.streams())[0].paused
 
 
-async def test_a_client_leaving_mid_body_is_no_crash_in_the_log(store: Store) -> None:
-    """A client that closes the connection before its whole body arrived: nothing of ours
-    failed, so no "api.unhandled" error with a traceback is logged, and nothing changes. (On
-    the app as the relay serves it: the test client's server cancels the handler instead.)"""
+async def _half_a_pause(
+    store: Store, runner_for: Callable[[web.Application], web.AppRunner]
+) -> tuple[web.AppRunner, asyncio.StreamWriter]:
+    """The admin app on ``store`` served by ``runner_for(app)`` on a free port, and a connection
+    that sent it the head of a POST pausing a new stream with 1 byte of its 100-byte body: the
+    handler is reading the body. The caller cleans up the runner."""
     await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
     stream = (await store.streams())[0]
-    runner = web.AppRunner(create_admin_app(store, AdminSettings(token=TOKEN), guard=Guard()))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    head = (
-        f"POST /v1/streams/{stream.id}/pause HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
-        "Content-Length: 100\r\n\r\n{"
-    )
-    try:
-        with capture_logs() as logs:
-            _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
-            writer.write(head.encode())
-            await writer.drain()
-            await asyncio.sleep(0.1)  # the handler is reading the body
-            writer.close()
-            await writer.wait_closed()
-            await asyncio.sleep(0.2)  # the read fails as the connection is lost
-    finally:
-        await runner.cleanup()
-    assert not [e for e in logs if e["log_level"] == "error"], logs
-    assert not (await store.streams())[0].paused
-
-
-async def test_a_request_held_open_cannot_hold_the_stop(store: Store) -> None:
-    """A stop cancels admin requests still in progress after SHUTDOWN_GRACE_S: a client that
-    sends half a body and waits held the relay's stop for aiohttp's default 60 s, past the
-    40 s a stopping container gets."""
-    await store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
-    stream = (await store.streams())[0]
-    runner = admin_runner(create_admin_app(store, AdminSettings(token=TOKEN), guard=Guard()))
+    runner = runner_for(create_admin_app(store, AdminSettings(token=TOKEN), guard=Guard()))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -509,10 +493,34 @@ async def test_a_request_held_open_cannot_hold_the_stop(store: Store) -> None:
         "Content-Length: 100\r\n\r\n{"
     )
     _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(head.encode())
+    await writer.drain()
+    await asyncio.sleep(0.1)  # the handler is reading the body
+    return runner, writer
+
+
+async def test_a_client_leaving_mid_body_is_no_crash_in_the_log(store: Store) -> None:
+    """A client that closes the connection before its whole body arrived: nothing of ours
+    failed, so no "api.unhandled" error with a traceback is logged, and nothing changes. (On
+    the app as the relay serves it: the test client's server cancels the handler instead.)"""
+    with capture_logs() as logs:
+        runner, writer = await _half_a_pause(store, web.AppRunner)
+        try:
+            writer.close()
+            await writer.wait_closed()
+            await asyncio.sleep(0.2)  # the read fails as the connection is lost
+        finally:
+            await runner.cleanup()
+    assert not [e for e in logs if e["log_level"] == "error"], logs
+    assert not (await store.streams())[0].paused
+
+
+async def test_a_request_held_open_cannot_hold_the_stop(store: Store) -> None:
+    """A stop cancels admin requests still in progress after SHUTDOWN_GRACE_S: a client that
+    sends half a body and waits held the relay's stop for aiohttp's default 60 s, past the
+    40 s a stopping container gets."""
+    runner, writer = await _half_a_pause(store, admin_runner)  # the body never comes
     try:
-        writer.write(head.encode())
-        await writer.drain()
-        await asyncio.sleep(0.1)  # the handler is reading the body, which never comes
         started = time.monotonic()
         await asyncio.wait_for(runner.cleanup(), SHUTDOWN_GRACE_S + 10)
         assert time.monotonic() - started < SHUTDOWN_GRACE_S + 2

@@ -17,6 +17,7 @@ from relay.ctct import catalogue, errors
 from relay.ctct.breaker import BreakerSettings, KeyBreaker
 from relay.ctct.client import Credentials, CtctClient, RetryPolicy, counting_requests
 from relay.ctct.ratelimit import Budget, RateLimiter
+from tests.httpkit import serving_get
 from tests.simkit import API_KEY, TOKEN
 
 QUICK = RetryPolicy(base_delay_s=0.01, max_delay_s=0.02)
@@ -88,18 +89,8 @@ async def upstream(
         arrived.append(time.monotonic())
         return answer(request)
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    assert site._server is not None
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-    try:
-        yield f"http://127.0.0.1:{port}", arrived
-    finally:
-        await runner.cleanup()
+    async with serving_get(handler) as base_url:
+        yield base_url, arrived
 
 
 def _client(session: aiohttp.ClientSession, base_url: str, limiter: RateLimiter) -> CtctClient:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -331,32 +331,40 @@ async def test_timeout_is_a_transport_error(sim: Sim) -> None:
     assert caught.value.retriable
 
 
-async def test_a_connection_that_cannot_be_made_in_time_is_no_response_timeout() -> None:
-    """A connect timeout (a listener whose backlog is full drops the SYN) is the network's
-    failure: a plain TransportError, which ends a pass, not a ResponseTimeoutError."""
+@contextlib.contextmanager
+def full_backlog() -> Iterator[int]:
+    """A port on 127.0.0.1 whose listener's accept queue is full: the SYN of a connection to it
+    is dropped, so connecting times out."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)
-        port = listener.getsockname()[1]
+        port: int = listener.getsockname()[1]
         fillers = [socket.socket() for _ in range(3)]
-        for filler in fillers:  # fill the accept queue
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
         try:
-            async with aiohttp.ClientSession() as session:
-                client = CtctClient(
-                    session,
-                    Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
-                    RateLimiter(Budget(requests_per_second=100)),
-                    retry=RetryPolicy(max_attempts=1),
-                    timeout=aiohttp.ClientTimeout(total=2, connect=0.2),
-                )
-                with pytest.raises(errors.TransportError, match="timed out connecting") as caught:
-                    await client.fetch(catalogue.get("contact.summary"), resource_id="1")
+            for filler in fillers:
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            yield port
         finally:
             for filler in fillers:
                 filler.close()
+
+
+async def test_a_connection_that_cannot_be_made_in_time_is_no_response_timeout() -> None:
+    """A connect timeout (a listener whose backlog is full drops the SYN) is the network's
+    failure: a plain TransportError, which ends a pass, not a ResponseTimeoutError."""
+    with full_backlog() as port:
+        async with aiohttp.ClientSession() as session:
+            client = CtctClient(
+                session,
+                Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
+                RateLimiter(Budget(requests_per_second=100)),
+                retry=RetryPolicy(max_attempts=1),
+                timeout=aiohttp.ClientTimeout(total=2, connect=0.2),
+            )
+            with pytest.raises(errors.TransportError, match="timed out connecting") as caught:
+                await client.fetch(catalogue.get("contact.summary"), resource_id="1")
     assert not isinstance(caught.value, errors.ResponseTimeoutError)
 
 
@@ -417,8 +425,8 @@ async def broken_api(
     aiohttp_server: Callable[..., object],
     next_link: Callable[[int], str | None],
     results: Callable[[int], int] = lambda n: 0,
-) -> TestServer:
-    """Serves page n (1-based) with ``next_link(n)`` and ``results(n)`` records."""
+) -> str:
+    """Serves page n (1-based) with ``next_link(n)`` and ``results(n)`` records; the base URL."""
     calls = {"n": 0}
 
     async def handler(_request: web.Request) -> web.Response:
@@ -429,23 +437,39 @@ async def broken_api(
         records = [{"activity_type": "EMAIL_OPEN", "page": n}] * results(n)
         return web.json_response({"meta": meta, "results": records})
 
+    return await serve_get(aiohttp_server, handler)
+
+
+async def serve_get(aiohttp_server: Callable[..., object], handler: Handler) -> str:
+    """Serves ``handler`` for every GET on a test server; its base URL."""
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
     server = await aiohttp_server(app)  # type: ignore[operator]
     assert isinstance(server, TestServer)
-    return server
+    return str(server.make_url(""))
+
+
+def _client(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    budget: Budget | None = None,
+    retry: RetryPolicy | None = None,
+) -> CtctClient:
+    """The test key's client of ``base_url``, 100 requests a second unless ``budget`` says."""
+    return CtctClient(
+        session,
+        Credentials(base_url, API_KEY, TOKEN),
+        RateLimiter(budget or Budget(requests_per_second=100)),
+        retry=retry,
+    )
 
 
 async def test_repeated_next_link_is_an_error(aiohttp_server: Callable[..., object]) -> None:
     """A next_link the API already sent stops the pass with PaginationLoopError."""
     links = {1: "/v2/x?next=AAA", 2: "/v2/x?next=BBB", 3: "/v2/x?next=AAA"}
-    server = await broken_api(aiohttp_server, lambda n: links.get(n, "/v2/x?next=ZZZ"))
+    base_url = await broken_api(aiohttp_server, lambda n: links.get(n, "/v2/x?next=ZZZ"))
     async with aiohttp.ClientSession() as session:
-        client = CtctClient(
-            session,
-            Credentials(str(server.make_url("")), API_KEY, TOKEN),
-            RateLimiter(Budget(requests_per_second=100)),
-        )
+        client = _client(session, base_url)
         with pytest.raises(errors.PaginationLoopError, match="repeated"):
             async for _ in client.pages(catalogue.get("campaign.opens"), resource_id="1"):
                 pass
@@ -459,15 +483,11 @@ async def test_next_links_over_empty_pages_stop_the_pass(
     MAX_EMPTY_PAGES empty pages in a row (instead of spending the day's budget); a page with
     records in between starts the count again."""
     assert MAX_EMPTY_PAGES == 3
-    server = await broken_api(
+    base_url = await broken_api(
         aiohttp_server, lambda n: f"/v2/x?next=T{n}", lambda n: 2 if n == 3 else 0
     )
     async with aiohttp.ClientSession() as session:
-        client = CtctClient(
-            session,
-            Credentials(str(server.make_url("")), API_KEY, TOKEN),
-            RateLimiter(Budget(requests_per_second=1000)),
-        )
+        client = _client(session, base_url, Budget(requests_per_second=1000))
         seen: list[int] = []
 
         async def read() -> None:
@@ -508,10 +528,10 @@ async def test_a_cursor_over_the_same_records_stops_the_pass(
     app.router.add_get("/{tail:.*}", stuck)
     server = await aiohttp_server(app)  # type: ignore[operator]
     async with aiohttp.ClientSession() as session:
-        client = CtctClient(
+        client = _client(
             session,
-            Credentials(str(server.make_url("")), API_KEY, TOKEN),
-            RateLimiter(Budget(requests_per_second=1000, requests_per_day=300)),
+            str(server.make_url("")),
+            Budget(requests_per_second=1000, requests_per_day=300),
         )
         with pytest.raises(errors.PaginationLoopError) as caught:
             async for _ in client.pages(catalogue.get("campaign.opens"), resource_id="1"):
@@ -534,17 +554,13 @@ async def test_a_long_feed_with_records_is_not_cut_short(
     """Every page of a long feed is followed when each carries records, even with a run of
     fewer than MAX_EMPTY_PAGES empty pages among them."""
     pages = 200
-    server = await broken_api(
+    base_url = await broken_api(
         aiohttp_server,
         lambda n: f"/v2/x?next=T{n}" if n < pages else None,
         lambda n: 0 if n in {50, 51} else 1,
     )
     async with aiohttp.ClientSession() as session:
-        client = CtctClient(
-            session,
-            Credentials(str(server.make_url("")), API_KEY, TOKEN),
-            RateLimiter(Budget(requests_per_second=1000)),
-        )
+        client = _client(session, base_url, Budget(requests_per_second=1000))
         numbers = [
             p.number async for p in client.pages(catalogue.get("campaign.opens"), resource_id="1")
         ]
@@ -581,15 +597,9 @@ async def test_a_record_whose_text_is_not_clean_utf8_does_not_lose_the_page(
     async def handler(_request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    server = await aiohttp_server(app)  # type: ignore[operator]
+    base_url = await serve_get(aiohttp_server, handler)
     async with aiohttp.ClientSession() as session:
-        client = CtctClient(
-            session,
-            Credentials(str(server.make_url("")), API_KEY, TOKEN),
-            RateLimiter(Budget(requests_per_second=100)),
-        )
+        client = _client(session, base_url)
         with structlog.testing.capture_logs() as logs:
             pages = [
                 p async for p in client.pages(catalogue.get("campaign.opens"), resource_id="9")
@@ -626,16 +636,9 @@ async def test_a_body_that_is_not_json_says_what_is_wrong_with_it(
     async def handler(_request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    server = await aiohttp_server(app)  # type: ignore[operator]
+    base_url = await serve_get(aiohttp_server, handler)
     async with aiohttp.ClientSession() as session:
-        client = CtctClient(
-            session,
-            Credentials(str(server.make_url("")), API_KEY, TOKEN),
-            RateLimiter(Budget(requests_per_second=100)),
-            retry=RetryPolicy(max_attempts=1),
-        )
+        client = _client(session, base_url, retry=RetryPolicy(max_attempts=1))
         with pytest.raises(errors.MalformedResponseError) as caught:
             await client.fetch(catalogue.get("campaign.summary"), resource_id="9")
     message = str(caught.value)
@@ -646,13 +649,9 @@ async def test_a_body_that_is_not_json_says_what_is_wrong_with_it(
 
 async def test_next_link_to_another_host_is_refused(aiohttp_server: Callable[..., object]) -> None:
     """An absolute next_link is never followed: it would send the api_key elsewhere."""
-    server = await broken_api(aiohttp_server, lambda n: "https://evil.example/v2?next=A")
+    base_url = await broken_api(aiohttp_server, lambda n: "https://evil.example/v2?next=A")
     async with aiohttp.ClientSession() as session:
-        client = CtctClient(
-            session,
-            Credentials(str(server.make_url("")), API_KEY, TOKEN),
-            RateLimiter(Budget(requests_per_second=100)),
-        )
+        client = _client(session, base_url)
         with pytest.raises(errors.MalformedResponseError, match="not a relative path"):
             async for _ in client.pages(catalogue.get("campaign.opens"), resource_id="1"):
                 pass
@@ -804,17 +803,9 @@ async def test_an_odd_retry_after_is_ignored_not_a_crash(
             )
         return web.json_response({"meta": {"pagination": {}}, "results": []})
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    server = await aiohttp_server(app)  # type: ignore[operator]
-    assert isinstance(server, TestServer)
+    base_url = await serve_get(aiohttp_server, handler)
     async with aiohttp.ClientSession() as session:
-        client = CtctClient(
-            session,
-            Credentials(str(server.make_url("")), API_KEY, TOKEN),
-            RateLimiter(Budget(requests_per_second=100)),
-            retry=RetryPolicy(base_delay_s=0.01, max_delay_s=0.01),
-        )
+        client = _client(session, base_url, retry=RetryPolicy(base_delay_s=0.01, max_delay_s=0.01))
         pages = [p async for p in client.pages(catalogue.get("campaign.opens"), resource_id="1")]
     assert calls["n"] == 2
     assert len(pages) == 1
@@ -884,29 +875,17 @@ async def test_a_request_that_could_not_be_built_is_not_charged(store: Store) ->
 
 async def test_a_connect_timeout_is_not_charged(store: Store) -> None:
     """A connection that could not be made in time carried no request."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        fillers = [socket.socket() for _ in range(3)]
-        for filler in fillers:  # fill the accept queue: the SYN is dropped
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
-        try:
-            async with aiohttp.ClientSession() as session:
-                client = CtctClient(
-                    session,
-                    Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
-                    _counted_limiter(store),
-                    retry=RetryPolicy(max_attempts=2, base_delay_s=0.01),
-                    timeout=aiohttp.ClientTimeout(total=2, connect=0.2),
-                )
-                with pytest.raises(errors.TransportError, match="timed out connecting"):
-                    await client.fetch(catalogue.get("contact.summary"), resource_id="1")
-        finally:
-            for filler in fillers:
-                filler.close()
+    with full_backlog() as port:
+        async with aiohttp.ClientSession() as session:
+            client = CtctClient(
+                session,
+                Credentials(f"http://127.0.0.1:{port}", API_KEY, TOKEN),
+                _counted_limiter(store),
+                retry=RetryPolicy(max_attempts=2, base_delay_s=0.01),
+                timeout=aiohttp.ClientTimeout(total=2, connect=0.2),
+            )
+            with pytest.raises(errors.TransportError, match="timed out connecting"):
+                await client.fetch(catalogue.get("contact.summary"), resource_id="1")
     assert await store.quota_used("b", _today()) == 0
 
 
@@ -925,14 +904,11 @@ async def test_requests_that_reached_the_server_stay_charged(
             await asyncio.sleep(1)
         return web.json_response({"error_key": "x"}, status=503)
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    server = await aiohttp_server(app)  # type: ignore[operator]
-    assert isinstance(server, TestServer)
+    base_url = await serve_get(aiohttp_server, handler)
     async with aiohttp.ClientSession() as session:
         client = CtctClient(
             session,
-            Credentials(str(server.make_url("")), API_KEY, TOKEN),
+            Credentials(base_url, API_KEY, TOKEN),
             _counted_limiter(store),
             retry=RetryPolicy(max_attempts=2),
             timeout=aiohttp.ClientTimeout(total=0.3),

@@ -17,6 +17,7 @@ from typing import Protocol
 import pytest
 
 from relay.devkafka import DevKafka, DevKafkaError, KafkaDist, ensure_kafka
+from tests.integration.kafkakit import start_or_fail
 
 
 class DevKafkaFactory(Protocol):
@@ -50,13 +51,7 @@ def kafka_bootstrap(
     broker = DevKafka(dist, tmp_path_factory.mktemp("kafka"))
     # Synchronous on purpose: the broker is a child process, so a short-lived loop per step
     # avoids tying a session fixture to any test's event loop.
-    error = None
-    try:
-        asyncio.run(broker.start())
-    except DevKafkaError as exc:
-        error = str(exc)
-    if error is not None:
-        pytest.fail(f"cannot start the session's Kafka broker: {error}", pytrace=False)
+    start_or_fail(broker, "the session's Kafka broker")
     try:
         yield broker.bootstrap_servers
     finally:

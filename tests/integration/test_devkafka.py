@@ -57,6 +57,15 @@ class Announcements(io.StringIO):
         self.written.set()
         return super().write(text)
 
+    async def ready_at(self, serving: asyncio.Task[None]) -> str:
+        """The address ``serving`` (a ``serve_dev_kafka`` writing here) announces its broker
+        at, within 60 s."""
+        written = asyncio.create_task(self.written.wait())
+        await asyncio.wait({serving, written}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        written.cancel()
+        assert "ready at" in self.getvalue(), "serve_dev_kafka printed nothing within 60 s"
+        return self.getvalue().split("ready at ", 1)[1].split(" ", 1)[0]
+
 
 async def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -209,11 +218,7 @@ async def test_serve_dev_kafka_announces_broker_and_stops_on_cancel(
     out = Announcements()
     task = asyncio.create_task(serve_dev_kafka(None, tmp_path / "kafka", out))
     try:
-        written = asyncio.create_task(out.written.wait())
-        await asyncio.wait({task, written}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-        written.cancel()
-        assert "ready at" in out.getvalue(), "serve_dev_kafka printed nothing within 60 s"
-        bootstrap = out.getvalue().split("ready at ", 1)[1].split(" ", 1)[0]
+        bootstrap = await out.ready_at(task)
         assert isinstance(await list_topics(bootstrap), list)
     finally:
         task.cancel()
@@ -308,10 +313,7 @@ async def test_serve_dev_kafka_fails_when_its_broker_dies(
     out = Announcements()
     task = asyncio.create_task(serve_dev_kafka(None, tmp_path / "kafka", out))
     try:
-        written = asyncio.create_task(out.written.wait())
-        await asyncio.wait({task, written}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-        written.cancel()
-        assert "ready at" in out.getvalue(), "serve_dev_kafka printed nothing within 60 s"
+        await out.ready_at(task)
         for pid in jvms_under(tmp_path / "kafka"):
             os.kill(pid, signal.SIGKILL)
         with pytest.raises(DevKafkaError, match=r"exited \(code -9\); last lines of"):

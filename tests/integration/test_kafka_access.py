@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -18,10 +17,11 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from structlog.testing import capture_logs
 
-from relay.devkafka import DevKafkaError, KafkaDist
-from relay.events import Activity, Kind
+from relay.devkafka import KafkaDist
+from relay.events import Kind
 from relay.sinks.kafka import KafkaSecurity, KafkaSettings, KafkaSink, KafkaSinkError
-from relay.store import Store, StreamKey
+from relay.store import Store
+from tests.integration.kafkakit import Running, start_or_fail, until
 from tests.integration.securekafka import USERS, SecureKafka
 from tests.integration.test_kafka_sink import bounce
 from tests.procs import Proc, SimProcess, free_port, relay_config
@@ -38,53 +38,11 @@ def secure_kafka(
     """One broker with SASL, TLS and an authorizer for the module (its start is the cost)."""
     broker = SecureKafka(kafka_dist, tmp_path_factory.mktemp("secure-kafka"))
     print(f"secure Kafka broker log: {broker.log_path}")
-    error = None
-    try:
-        asyncio.run(broker.start())
-    except DevKafkaError as exc:
-        error = str(exc)
-    if error is not None:
-        pytest.fail(f"cannot start the secured Kafka broker: {error}", pytrace=False)
+    start_or_fail(broker, "the secured Kafka broker")
     try:
         yield broker
     finally:
         asyncio.run(broker.stop())
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        await asyncio.sleep(0.1)
-
-
-class Running:
-    """A sink publishing the outbox of ``store`` until ``stop()``."""
-
-    def __init__(self, sink: KafkaSink, store: Store) -> None:
-        self.sink = sink
-        self.store = store
-        self.halt = asyncio.Event()
-        self.task = asyncio.create_task(sink.run(self.halt))
-
-    async def commit(self, page: list[Activity]) -> None:
-        await self.store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
-        [stream] = await self.store.streams()
-        await self.store.commit_page(stream.id, page, 0)
-        self.sink.notify()
-
-    async def caught_up(self, timeout_s: float) -> None:
-        head = await self.store.outbox_head()
-
-        async def reached() -> bool:
-            assert not self.task.done(), self.task
-            return await self.store.sink_cursor("kafka") == head
-
-        await until(reached, timeout_s, f"the sink's cursor at the outbox head {head}")
-
-    async def stop(self) -> None:
-        self.halt.set()
-        await asyncio.wait_for(self.task, 60)
 
 
 def sasl(user: str, password: str) -> KafkaSecurity:
@@ -118,6 +76,14 @@ def every_line(logs: list[dict[str, object]], caplog: pytest.LogCaptureFixture) 
     return "\n".join([str(e) for e in logs] + [r.getMessage() for r in caplog.records])
 
 
+async def start_up_error(settings: KafkaSettings, store: Store, timeout_s: float = 20) -> str:
+    """The message of the KafkaSinkError a sink on ``settings`` stops with at start-up."""
+    sink = KafkaSink(settings, store)
+    with pytest.raises(KafkaSinkError) as stopped:
+        await asyncio.wait_for(sink.run(asyncio.Event()), timeout_s)
+    return str(stopped.value)
+
+
 async def test_a_wrong_sasl_password_stops_the_sink_at_start_up_naming_the_cause(
     secure_kafka: SecureKafka, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -128,10 +94,8 @@ async def test_a_wrong_sasl_password_stops_the_sink_at_start_up_naming_the_cause
     settings = settings_for(
         secure_kafka.sasl_bootstrap, f"pw{uuid.uuid4().hex[:8]}", sasl("relay", WRONG_PASSWORD)
     )
-    sink = KafkaSink(settings, store)
-    with capture_logs() as logs, pytest.raises(KafkaSinkError) as stopped:
-        await asyncio.wait_for(sink.run(asyncio.Event()), 20)
-    message = str(stopped.value)
+    with capture_logs() as logs:
+        message = await start_up_error(settings, store)
     assert message.startswith(
         f"kafka: {secure_kafka.sasl_bootstrap} refused to authenticate User:relay (SASL PLAIN,"
     ), message
@@ -157,10 +121,7 @@ async def test_an_untrusted_broker_certificate_stops_the_sink_at_start_up(
     OpenSSL's verdict and the file (it retried for ever, "Unable to bootstrap")."""
     security = KafkaSecurity(protocol="SSL", ssl_cafile=str(other_ca))
     settings = settings_for(secure_kafka.ssl_bootstrap, f"ca{uuid.uuid4().hex[:8]}", security)
-    sink = KafkaSink(settings, store)
-    with pytest.raises(KafkaSinkError) as stopped:
-        await asyncio.wait_for(sink.run(asyncio.Event()), 20)
-    message = str(stopped.value)
+    message = await start_up_error(settings, store)
     assert message.startswith(
         f"kafka: TLS: the certificate of {secure_kafka.ssl_bootstrap} is not trusted: "
     ), message
@@ -180,7 +141,7 @@ async def test_a_trusted_certificate_and_good_credentials_still_publish(
     run = Running(KafkaSink(over_tls, store), store)
     await run.commit([bounce(i) for i in range(5)])
     await run.caught_up(60)
-    await run.stop()
+    await run.stop(60)
     pattern = ["--topic", f"{prefix}.ctct.email.", "--resource-pattern-type", "prefixed"]
     await secure_kafka.grant("User:reader", "--operation", "Describe", *pattern)
     await secure_kafka.grant("User:reader", "--operation", "Write", *pattern)
@@ -188,7 +149,7 @@ async def test_a_trusted_certificate_and_good_credentials_still_publish(
     run = Running(KafkaSink(over_sasl, store), store)
     await run.commit([bounce(i) for i in range(5, 10)])
     await run.caught_up(60)
-    await run.stop()
+    await run.stop(60)
 
 
 async def test_a_principal_without_any_acl_stops_the_sink_at_start_up(
@@ -200,10 +161,7 @@ async def test_a_principal_without_any_acl_stops_the_sink_at_start_up(
     settings = settings_for(
         secure_kafka.sasl_bootstrap, prefix, sasl("stranger", USERS["stranger"])
     )
-    sink = KafkaSink(settings, store)
-    with pytest.raises(KafkaSinkError) as stopped:
-        await asyncio.wait_for(sink.run(asyncio.Event()), 20)
-    assert str(stopped.value) == (
+    assert await start_up_error(settings, store) == (
         f"kafka: User:stranger is not authorized on the cluster of {secure_kafka.sasl_bootstrap}"
         " (ClusterAuthorizationFailed): the idempotent producer needs IdempotentWrite on the"
         " cluster or Write on a topic"
@@ -221,10 +179,7 @@ async def test_topics_the_principal_may_not_describe_are_not_reported_missing(
     )
     await create_topics(secure_kafka, settings)
     await secure_kafka.grant("User:relay", "--operation", "IdempotentWrite", "--cluster")
-    sink = KafkaSink(settings, store)
-    with pytest.raises(KafkaSinkError) as stopped:
-        await asyncio.wait_for(sink.run(asyncio.Event()), 30)
-    message = str(stopped.value)
+    message = await start_up_error(settings, store, 30)
     assert message.startswith(
         f"kafka: User:relay is not authorized for topic(s) {', '.join(settings.topics())}"
         f" on {secure_kafka.sasl_bootstrap} (TopicAuthorizationFailed)"
@@ -266,7 +221,7 @@ async def test_a_topic_the_principal_may_not_write_is_reported_and_retried(
         assert events[0]["error"] == run.sink.last_error
         await secure_kafka.grant("User:reader", "--operation", "Write", *pattern)
         await run.caught_up(60)
-        await run.stop()
+        await run.stop(60)
 
 
 async def test_credentials_refused_after_start_up_are_reported_and_retried(
@@ -310,7 +265,7 @@ async def test_credentials_refused_after_start_up_are_reported_and_retried(
             await broker.restart()
             await run.caught_up(90)
             assert run.sink.last_error is None
-            await run.stop()
+            await run.stop(60)
     finally:
         await broker.stop()
     assert USERS["reader"] not in every_line(logs, caplog)

@@ -8,7 +8,6 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,11 @@ import yaml
 from structlog.testing import capture_logs
 
 from relay.devkafka import DevKafka, KafkaDist
-from relay.events import Activity
 from relay.metrics import Metrics
 from relay.sinks.kafka import KafkaSettings, KafkaSink, KafkaSinkError
-from relay.store import Store, StreamKey, open_store
+from relay.store import open_store
 from tests.integration.conftest import DevKafkaFactory
+from tests.integration.kafkakit import Running, until
 from tests.integration.test_kafka_sink import (
     SimProcess,
     bounce,
@@ -36,50 +35,6 @@ pytestmark = pytest.mark.integration
 # broker on loopback acknowledges in milliseconds, so 3 s still leaves a loaded machine ample
 # room before a healthy broker would be taken for silent (5 s made this file ~100 s).
 RTO_S = 3.0
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> float:
-    """Poll ``check`` until true; the seconds it took. Fails naming ``what``."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.1)
-    return time.monotonic() - started
-
-
-class Running:
-    """A sink running on a SQLite store until ``stop()``."""
-
-    def __init__(self, sink: KafkaSink, store: Store) -> None:
-        self.sink = sink
-        self.store = store
-        self.halt = asyncio.Event()
-        self.task = asyncio.create_task(sink.run(self.halt))
-
-    async def commit(self, page: list[Activity]) -> int:
-        """Commit ``page``; the outbox head after it."""
-        await self.store.ensure_streams([StreamKey("acme", "campaign", "1")], 0)
-        [stream] = await self.store.streams()
-        await self.store.commit_page(stream.id, page, 0)
-        self.sink.notify()
-        return await self.store.outbox_head()
-
-    async def caught_up(self, timeout_s: float = 60) -> None:
-        head = await self.store.outbox_head()
-
-        async def reached() -> bool:
-            assert not self.task.done(), self.task
-            return await self.store.sink_cursor("kafka") == head
-
-        await until(reached, timeout_s, f"the sink's cursor at the outbox head {head}")
-
-    async def stop(self) -> float:
-        """Stop the sink; the seconds ``run`` took to return."""
-        started = time.monotonic()
-        self.halt.set()
-        await asyncio.wait_for(self.task, 120)
-        return time.monotonic() - started
 
 
 def settings_for(bootstrap: str, prefix: str) -> KafkaSettings:

@@ -36,6 +36,7 @@ from tests.procs import (
     free_port,
     outbox,
     relay_config,
+    sim_scenario,
     wait_until,
 )
 
@@ -45,15 +46,14 @@ KEY, TOKEN = "k-kafka-1", "t-kafka-1"
 
 
 def scenario() -> dict[str, object]:
-    return {
-        "seed": 33,
-        "start": "2026-11-20T09:00:00Z",
-        "time_scale": 0,
-        "keys": [{"api_key": KEY, "access_token": TOKEN, "qps": None, "daily": None}],
-        "contacts": {"count": 50},
-        "campaigns": {"count": 5, "already_sent": 2, "sent_every_s": 600, "audience": 1.0},
-        "rates": {"late": 0.1, "late_mean_s": 60, "send_batch": 25, "open_delay_s": 400},
-    }
+    return sim_scenario(
+        KEY,
+        TOKEN,
+        seed=33,
+        contacts={"count": 50},
+        campaigns={"count": 5, "already_sent": 2, "sent_every_s": 600, "audience": 1.0},
+        rates={"late": 0.1, "late_mean_s": 60, "send_batch": 25, "open_delay_s": 400},
+    )
 
 
 def kafka_config(tmp: Path, sim: SimProcess, bootstrap: str, prefix: str) -> Path:
@@ -85,12 +85,7 @@ async def consume_all(
     if idle_s is not None:
         return await _consume_until_idle(bootstrap, topics, idle_s)
     partitions = await _partitions(bootstrap, topics)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    consumer = _reader(bootstrap)
     await consumer.start()
     messages: list[Message] = []
     try:
@@ -123,14 +118,19 @@ async def _partitions(bootstrap: str, topics: list[str]) -> list[TopicPartition]
     ]
 
 
-async def _consume_until_idle(bootstrap: str, topics: list[str], idle_s: float) -> list[Message]:
-    consumer = AIOKafkaConsumer(
+def _reader(bootstrap: str, *topics: str) -> AIOKafkaConsumer:
+    """A consumer of no group, from the earliest offsets, committing nothing."""
+    return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
     )
+
+
+async def _consume_until_idle(bootstrap: str, topics: list[str], idle_s: float) -> list[Message]:
+    consumer = _reader(bootstrap, *topics)
     await consumer.start()
     messages: list[Message] = []
     try:

@@ -14,7 +14,7 @@ import pytest
 
 from relay.store import PostgresStore
 from tests import pgkit
-from tests.procs import Proc, SimProcess, outbox, relay_config, wait_until
+from tests.procs import Proc, SimProcess, outbox, relay_config, sim_scenario, wait_until
 from tests.sqlitekit import damage_middle
 
 pytestmark = pytest.mark.integration
@@ -23,15 +23,14 @@ KEY, TOKEN = "k-crash-1", "t-crash-1"
 
 
 def scenario(**overrides: object) -> dict[str, object]:
-    base: dict[str, object] = {
-        "seed": 21,
-        "start": "2026-11-20T09:00:00Z",
-        "time_scale": 0,
-        "keys": [{"api_key": KEY, "access_token": TOKEN, "qps": None, "daily": None}],
-        "contacts": {"count": 60},
-        "campaigns": {"count": 6, "already_sent": 2, "sent_every_s": 600, "audience": 1.0},
-        "rates": {"late": 0.2, "late_mean_s": 90, "send_batch": 30, "open_delay_s": 400},
-    }
+    base = sim_scenario(
+        KEY,
+        TOKEN,
+        seed=21,
+        contacts={"count": 60},
+        campaigns={"count": 6, "already_sent": 2, "sent_every_s": 600, "audience": 1.0},
+        rates={"late": 0.2, "late_mean_s": 90, "send_batch": 30, "open_delay_s": 400},
+    )
     base.update(overrides)
     return base
 
@@ -84,16 +83,7 @@ def test_upstream_faults_lose_nothing_and_watermarks_stay_honest(tmp_path: Path)
     config = relay_config(
         tmp_path,
         sim,
-        accounts=[
-            {
-                "name": "acme",
-                "base_url": sim.url,
-                "api_key": KEY,
-                "access_token": TOKEN,
-                "campaigns": {"discover": True, "discover_interval_s": 0.5},
-                "rate_limit": {"requests_per_second": 20, "requests_per_day": 10**6},
-            }
-        ],
+        account={"rate_limit": {"requests_per_second": 20, "requests_per_day": 10**6}},
         schedule={"concurrency": 4},
     )
     relay = Proc(["run", "--config", str(config)], tmp_path / "relay.log").start()
@@ -142,20 +132,9 @@ def test_budget_holds_per_second_and_per_day_across_a_restart(tmp_path: Path) ->
     config = relay_config(
         tmp_path,
         sim,
-        accounts=[
-            {
-                "name": "acme",
-                "base_url": sim.url,
-                "api_key": KEY,
-                "access_token": TOKEN,
-                "campaigns": {"discover": True, "discover_interval_s": 0.5},
-                "rate_limit": {
-                    "requests_per_second": 2,
-                    "requests_per_day": 60,
-                    "reserved_share": 0.5,
-                },
-            }
-        ],
+        account={
+            "rate_limit": {"requests_per_second": 2, "requests_per_day": 60, "reserved_share": 0.5}
+        },
     )
     relay = Proc(["run", "--config", str(config)], tmp_path / "relay.log")
     try:
@@ -217,6 +196,15 @@ def test_a_second_relay_on_the_same_sqlite_file_stops_at_start_up(tmp_path: Path
         sim.kill()
 
 
+def last_words(relay: Proc) -> tuple[str, str]:
+    """Wait (60 s at most) for ``relay`` to exit 1 by itself: its output, and the last line."""
+    assert relay.popen is not None
+    status = relay.popen.wait(60)
+    said = relay.output()
+    assert status == 1, said[-3000:]
+    return said, said.rstrip("\n").rsplit("\n", 1)[-1]
+
+
 def test_a_state_file_corrupted_while_the_relay_runs_stops_it(tmp_path: Path) -> None:
     """Pages of the running relay's state file overwritten: the first store call that reads one
     ends the relay, exit status 1, its last line naming the file and what to do, no traceback
@@ -239,14 +227,10 @@ def test_a_state_file_corrupted_while_the_relay_runs_stops_it(tmp_path: Path) ->
             # a write from another connection: the relay's drops its page cache and reads
             conn.execute("PRAGMA user_version = 1")
         sim.advance(900)  # new activity: passes look its dedup keys up all over the file
-        assert relay.popen is not None
-        status = relay.popen.wait(60)
+        said, last = last_words(relay)
     finally:
         relay.kill()
         sim.kill()
-    said = relay.output()
-    assert status == 1, said[-3000:]
-    last = said.rstrip("\n").rsplit("\n", 1)[-1]
     assert last.startswith(f"ctct-relay: error: state store {db} is corrupt ("), said[-3000:]
     assert f"sqlite3 {db} .recover | sqlite3 recovered.db" in last
     assert "Traceback" not in said
@@ -279,14 +263,10 @@ def test_damage_postgresql_reports_stops_the_relay(tmp_path: Path, postgres_url:
     try:
         relay.start()
         sim.advance(900)
-        assert relay.popen is not None
-        status = relay.popen.wait(60)
+        said, last = last_words(relay)
     finally:
         relay.kill()
         sim.kill()
-    said = relay.output()
-    assert status == 1, said[-3000:]
-    last = said.rstrip("\n").rsplit("\n", 1)[-1]
     where = PostgresStore.from_url(url).where
     assert last.startswith(
         f"ctct-relay: error: state store (PostgreSQL at {where}) is corrupt"

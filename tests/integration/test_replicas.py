@@ -20,7 +20,15 @@ from relay.devkafka import DevKafka, KafkaDist
 from tests import pgkit
 from tests.integration.test_kafka_sink import consume_all
 from tests.integration.test_replay import SECRET, Receiver
-from tests.procs import Identity, Proc, SimProcess, data_identity, free_port, relay_config
+from tests.procs import (
+    Identity,
+    Proc,
+    SimProcess,
+    data_identity,
+    free_port,
+    relay_config,
+    sim_scenario,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -63,15 +71,14 @@ def receiver() -> Iterator[CountingReceiver]:
 
 
 def scenario() -> dict[str, object]:
-    return {
-        "seed": 33,
-        "start": "2026-11-20T09:00:00Z",
-        "time_scale": 0,
-        "keys": [{"api_key": KEY, "access_token": TOKEN, "qps": None, "daily": None}],
-        "contacts": {"count": 40},
-        "campaigns": {"count": 6, "already_sent": 3, "sent_every_s": 600, "audience": 1.0},
-        "rates": {"late": 0.1, "late_mean_s": 60, "send_batch": 40, "open_delay_s": 300},
-    }
+    return sim_scenario(
+        KEY,
+        TOKEN,
+        seed=33,
+        contacts={"count": 40},
+        campaigns={"count": 6, "already_sent": 3, "sent_every_s": 600, "audience": 1.0},
+        rates={"late": 0.1, "late_mean_s": 60, "send_batch": 40, "open_delay_s": 300},
+    )
 
 
 class Deployment:
@@ -197,6 +204,14 @@ class Deployment:
     def passes_by_replica(self) -> list[int]:
         return [r.output().count('"poll.pass"') for r in self.relays]
 
+    def held(self, lease: str, timeout_s: float = 30) -> str:
+        """The replica holding ``lease``, once one does (within ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while (holder := self.holder(lease)) is None:
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.2)
+        return holder
+
     def holder(self, lease: str) -> str | None:
         rows = self.query(
             "SELECT owner FROM leases WHERE name = $1 AND expires_ms >"
@@ -268,10 +283,7 @@ def test_a_killed_replica_is_taken_over_within_the_lease(
     deployment = Deployment(tmp_path, postgres_url, kafka_bootstrap, receiver, replicas=3)
     try:
         run_activity(deployment, rounds=2)
-        deadline = time.monotonic() + 30
-        while (holder := deployment.holder("sink:kafka")) is None:
-            assert time.monotonic() < deadline, deployment.logs()
-            time.sleep(0.2)
+        holder = deployment.held("sink:kafka")
         victim = deployment.relay_of(holder)
         streams = deployment.query("SELECT id FROM streams WHERE lease_owner = $1", holder)
         deployment.sim.advance(600)
@@ -366,10 +378,7 @@ def test_a_paused_kafka_publisher_sends_nothing_more_after_a_takeover(
     watch: CursorWatch | None = None
     try:
         run_activity(deployment, rounds=2)
-        deadline = time.monotonic() + 30
-        while (holder := deployment.holder("sink:kafka")) is None:
-            assert time.monotonic() < deadline, deployment.logs()
-            time.sleep(0.2)
+        holder = deployment.held("sink:kafka")
         victim = deployment.relay_of(holder)
         assert victim.popen is not None
         assert broker.pid is not None

@@ -24,7 +24,15 @@ from standardwebhooks.webhooks import Webhook as Verifier
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from relay.sinks.signing import generate_secret
-from tests.procs import Identity, Proc, SimProcess, data_identity, relay_config, wait_until
+from tests.procs import (
+    Identity,
+    Proc,
+    SimProcess,
+    data_identity,
+    relay_config,
+    sim_scenario,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -122,15 +130,14 @@ def receivers() -> Iterator[tuple[Receiver, Receiver]]:
 
 
 def scenario() -> dict[str, object]:
-    return {
-        "seed": 33,
-        "start": "2026-11-20T09:00:00Z",
-        "time_scale": 0,
-        "keys": [{"api_key": KEY, "access_token": TOKEN, "qps": None, "daily": None}],
-        "contacts": {"count": 60},
-        "campaigns": {"count": 6, "already_sent": 2, "sent_every_s": 600, "audience": 1.0},
-        "rates": {"late": 0.0, "send_batch": 30, "open_delay_s": 300},
-    }
+    return sim_scenario(
+        KEY,
+        TOKEN,
+        seed=33,
+        contacts={"count": 60},
+        campaigns={"count": 6, "already_sent": 2, "sent_every_s": 600, "audience": 1.0},
+        rates={"late": 0.0, "send_batch": 30, "open_delay_s": 300},
+    )
 
 
 def test_sigkill_mid_delivery_loses_nothing_and_duplicates_keep_their_id(

@@ -39,8 +39,7 @@ from relay.store import (
 from relay.store import postgres as postgres_store
 from relay.store import sqlite as sqlite_store
 from relay.store.migrations import MIGRATIONS
-from relay.store.pg_migrations import PG_MIGRATIONS
-from tests.storekit import behind_the_store
+from tests.storekit import behind_the_store, older_state
 
 T0 = 1_763_000_000_000
 KEY = StreamKey("acme", "campaign", "1100394165290")
@@ -1035,59 +1034,18 @@ OLD_HOOKS = [
 ]
 
 
-def schema_2_sqlite(tmp_path: Path) -> str:
-    """A SQLite state file at schema version 2 holding OLD_HOOKS; returns its URL."""
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
-    for version, script in enumerate(MIGRATIONS[:2], start=1):
-        for statement in script:
-            conn.execute(statement)
-        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-    for wid, url, created in OLD_HOOKS:
-        conn.execute(
-            "INSERT INTO webhooks (id, url, event_types, secret, start_seq, created_ms,"
-            " updated_ms) VALUES (?, ?, '[\"*\"]', 's', 0, ?, ?)",
-            (wid, url, created, created),
-        )
-    conn.commit()
-    conn.close()
-    return f"sqlite:///{path}"
-
-
-async def schema_2_postgresql(url: str) -> str:
-    """The same at schema version 2 in a fresh PostgreSQL database; returns its URL."""
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
-        for version, script in enumerate(PG_MIGRATIONS[:2], start=1):
-            for statement in script:
-                await conn.execute(statement)
-            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
-        for wid, hook_url, created in OLD_HOOKS:
-            await conn.execute(
-                "INSERT INTO webhooks (id, url, event_types, secret, start_seq, created_ms,"
-                " updated_ms) VALUES ($1, $2, '[\"*\"]', 's', 0, $3, $3)",
-                wid,
-                hook_url,
-                created,
-            )
-    finally:
-        await conn.close()
-    return url
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_migration_keeps_the_oldest_of_duplicate_urls(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A schema-2 database with a URL registered three times: the oldest keeps it, the younger
     ones are disabled with their url marked, and the unique index holds afterwards."""
-    if backend == "sqlite":
-        url = schema_2_sqlite(tmp_path)
-    else:
-        url = await schema_2_postgresql(request.getfixturevalue("postgres_url"))
-    store = open_store(url)
+    insert = (
+        "INSERT INTO webhooks (id, url, event_types, secret, start_seq, created_ms, updated_ms)"
+        " VALUES (?, ?, '[\"*\"]', 's', 0, ?, ?)"
+    )
+    rows = [(wid, url, created, created) for wid, url, created in OLD_HOOKS]
+    store = open_store(await older_state(backend, tmp_path, request, 2, insert, rows))
     await store.open()
     try:
         assert await store.schema_version() == len(MIGRATIONS)
@@ -1113,43 +1071,19 @@ DUPLICATE_LETTERS = [
 BEFORE_UNIQUE_LETTERS = 10  # the schema version before dead letters were unique per (sink, seq)
 
 
-async def schema_10_with_duplicate_letters(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> str:
-    """A state store at schema version 10 holding DUPLICATE_LETTERS; returns its URL."""
-    insert = "INSERT INTO dead_letters (sink, seq, event_id, reason, created_ms) VALUES "
-    if backend == "sqlite":
-        path = tmp_path / "letters.db"
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
-            for version, script in enumerate(MIGRATIONS[:BEFORE_UNIQUE_LETTERS], start=1):
-                for statement in script:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-            conn.executemany(insert + "(?, ?, ?, ?, ?)", DUPLICATE_LETTERS)
-            conn.commit()
-        return f"sqlite:///{path}"
-    url: str = request.getfixturevalue("postgres_url")
-    pg = await asyncpg.connect(url)
-    try:
-        await pg.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
-        for version, script in enumerate(PG_MIGRATIONS[:BEFORE_UNIQUE_LETTERS], start=1):
-            for statement in script:
-                await pg.execute(statement)
-            await pg.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
-        await pg.executemany(insert + "($1, $2, $3, $4, $5)", DUPLICATE_LETTERS)
-    finally:
-        await pg.close()
-    return url
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_migration_keeps_the_first_of_duplicate_dead_letters(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A store that recorded a Kafka dead letter twice (no unique (sink, seq) before): the
     migration keeps the first record of each, and recording it again adds nothing."""
-    store = open_store(await schema_10_with_duplicate_letters(backend, tmp_path, request))
+    insert = (
+        "INSERT INTO dead_letters (sink, seq, event_id, reason, created_ms) VALUES (?, ?, ?, ?, ?)"
+    )
+    url = await older_state(
+        backend, tmp_path, request, BEFORE_UNIQUE_LETTERS, insert, DUPLICATE_LETTERS
+    )
+    store = open_store(url)
     await store.open()
     try:
         assert await store.schema_version() == len(MIGRATIONS)
@@ -1340,42 +1274,6 @@ async def test_prune_keeps_keys_inserted_within_the_retention_however_old(store:
     assert await store.dedup_count() == 0
 
 
-def _old_dedup_sqlite(tmp_path: Path, keys: list[Activity]) -> str:
-    """A SQLite state file at schema version 5 holding dedup keys; returns its URL."""
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
-    for version, script in enumerate(MIGRATIONS[:5], start=1):
-        for statement in script:
-            conn.execute(statement)
-        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-    conn.executemany(
-        "INSERT INTO dedup (event_id, occurred_ms) VALUES (?, ?)",
-        [(a.event_id_bytes, a.occurred_ms) for a in keys],
-    )
-    conn.commit()
-    conn.close()
-    return f"sqlite:///{path}"
-
-
-async def _old_dedup_postgresql(url: str, keys: list[Activity]) -> str:
-    """The same in a fresh PostgreSQL database; returns its URL."""
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
-        for version, script in enumerate(PG_MIGRATIONS[:5], start=1):
-            for statement in script:
-                await conn.execute(statement)
-            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
-        await conn.executemany(
-            "INSERT INTO dedup (event_id, occurred_ms) VALUES ($1, $2)",
-            [(a.event_id_bytes, a.occurred_ms) for a in keys],
-        )
-    finally:
-        await conn.close()
-    return url
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_dedup_keys_stored_before_the_insert_time_are_pruned_by_activity_time(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -1383,11 +1281,9 @@ async def test_dedup_keys_stored_before_the_insert_time_are_pruned_by_activity_t
     """Keys stored before the schema knew insert times keep working as keys and are pruned by
     activity time, as they were; keys inserted after the upgrade are kept by both times."""
     old = [activity(i, T0 + i * 1000) for i in range(4)]
-    if backend == "sqlite":
-        url = _old_dedup_sqlite(tmp_path, old)
-    else:
-        url = await _old_dedup_postgresql(request.getfixturevalue("postgres_url"), old)
-    store = open_store(url)
+    insert = "INSERT INTO dedup (event_id, occurred_ms) VALUES (?, ?)"
+    rows = [(a.event_id_bytes, a.occurred_ms) for a in old]
+    store = open_store(await older_state(backend, tmp_path, request, 5, insert, rows))
     await store.open()
     try:
         assert await store.schema_version() == len(MIGRATIONS)
