@@ -1,17 +1,56 @@
-"""Shared fixtures: every test leaves logging as it found it; an empty SQLite store."""
+"""Shared fixtures: every test leaves logging as it found it; an empty SQLite store. Hooks: under
+pytest-xdist, tests marked ``serial`` take their turn alone (tests/turns.py)."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import AsyncIterator, Iterator
+import tempfile
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import structlog
 
 from relay.store import Store, open_store
-from tests import pgkit
+from tests import pgkit, turns
+
+if TYPE_CHECKING:
+    from xdist.workermanage import WorkerController
+
+_TURNS_DIR = pytest.StashKey[Path]()
+_TURNS = pytest.StashKey[turns.Turns]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: WorkerController) -> None:
+    """(xdist controller) Every worker of the run gets the one directory of its turn locks."""
+    config = node.config
+    if _TURNS_DIR not in config.stash:
+        config.stash[_TURNS_DIR] = Path(tempfile.mkdtemp(prefix="ctct-relay-turns-"))
+    node.workerinput[turns.WORKER_INPUT_KEY] = str(config.stash[_TURNS_DIR])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = config.stash.get(_TURNS_DIR, None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    """(xdist worker) Each test waits for its turn: alone when marked ``serial``. Outside
+    pytest-timeout's hook, so the wait never counts against the test's own timeout."""
+    config = item.config
+    workerinput: dict[str, object] = getattr(config, "workerinput", {})
+    directory = workerinput.get(turns.WORKER_INPUT_KEY)
+    if not isinstance(directory, str):
+        return (yield)  # not under xdist: every test runs alone anyway
+    if _TURNS not in config.stash:
+        config.stash[_TURNS] = turns.Turns(Path(directory))
+    with config.stash[_TURNS].turn(alone=item.get_closest_marker(turns.MARK) is not None):
+        return (yield)
 
 
 @pytest.fixture(autouse=True)
