@@ -38,18 +38,38 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _turns_dir(config: pytest.Config) -> Path | None:
+    """(xdist worker) The directory of the run's turn locks; None outside pytest-xdist."""
+    workerinput: dict[str, object] = getattr(config, "workerinput", {})
+    directory = workerinput.get(turns.WORKER_INPUT_KEY)
+    return Path(directory) if isinstance(directory, str) else None
+
+
+def _serial(item: pytest.Item | None) -> bool:
+    return item is not None and item.get_closest_marker(turns.MARK) is not None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """(xdist worker) Serial tests first: one worker runs them back to back at the start (every
+    worker sorts alike, as xdist requires), rather than each waiting for a long test to end."""
+    if _turns_dir(config) is not None:
+        items.sort(key=lambda item: not _serial(item))
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
     """(xdist worker) Each test waits for its turn: alone when marked ``serial``. Outside
     pytest-timeout's hook, so the wait never counts against the test's own timeout."""
     config = item.config
-    workerinput: dict[str, object] = getattr(config, "workerinput", {})
-    directory = workerinput.get(turns.WORKER_INPUT_KEY)
-    if not isinstance(directory, str):
+    directory = _turns_dir(config)
+    if directory is None:
         return (yield)  # not under xdist: every test runs alone anyway
     if _TURNS not in config.stash:
-        config.stash[_TURNS] = turns.Turns(Path(directory))
-    with config.stash[_TURNS].turn(alone=item.get_closest_marker(turns.MARK) is not None):
+        config.stash[_TURNS] = turns.Turns(directory)
+    with config.stash[_TURNS].turn(alone=_serial(item), alone_next=_serial(nextitem)):
         return (yield)
 
 

@@ -72,3 +72,17 @@ def test_a_waiting_serial_test_is_not_starved_by_later_ones(tmp_path: Path) -> N
     release_serial.set()
     assert later.wait(WAIT_S)
     release_later.set()
+
+
+def test_a_run_of_serial_tests_keeps_its_turn_between_them(tmp_path: Path) -> None:
+    """A serial test followed by another keeps the turn: nothing runs between the two, and the
+    turn ends with the last of them."""
+    serial = Turns(tmp_path)
+    with serial.turn(alone=True, alone_next=True):
+        pass
+    other, release_other = holding(Turns(tmp_path), alone=False)
+    assert settle(lambda: not other.is_set())
+    with serial.turn(alone=True, alone_next=False):
+        assert not other.is_set()
+    assert other.wait(WAIT_S)
+    release_other.set()
