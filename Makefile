@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist worker processes for `make test`: most tests wait on brokers, timers and
+# subprocesses, so more workers than cores pay (tests/turns.py: tests marked serial run alone).
+PYTEST_WORKERS ?= 3
 DEMO_ARGS ?=
 
 .PHONY: venv demo test lint format bench sim kafka kafka-jars check-java postgres-server clean
@@ -62,7 +65,7 @@ postgres-server: venv
 	$(BIN)/python -m tests.pgkit --ensure
 
 test: lint kafka-jars postgres-server
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Every benchmark in turn (bench/throughput.py starts a dev broker unless KAFKA_BOOTSTRAP_SERVERS
 # is set, hence the jars); a failing one stops the run.

@@ -1,17 +1,76 @@
-"""Shared fixtures: every test leaves logging as it found it; an empty SQLite store."""
+"""Shared fixtures: every test leaves logging as it found it; an empty SQLite store. Hooks: under
+pytest-xdist, tests marked ``serial`` take their turn alone (tests/turns.py)."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import AsyncIterator, Iterator
+import tempfile
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import structlog
 
 from relay.store import Store, open_store
-from tests import pgkit
+from tests import pgkit, turns
+
+if TYPE_CHECKING:
+    from xdist.workermanage import WorkerController
+
+_TURNS_DIR = pytest.StashKey[Path]()
+_TURNS = pytest.StashKey[turns.Turns]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: WorkerController) -> None:
+    """(xdist controller) Every worker of the run gets the one directory of its turn locks."""
+    config = node.config
+    if _TURNS_DIR not in config.stash:
+        config.stash[_TURNS_DIR] = Path(tempfile.mkdtemp(prefix="ctct-relay-turns-"))
+    node.workerinput[turns.WORKER_INPUT_KEY] = str(config.stash[_TURNS_DIR])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = config.stash.get(_TURNS_DIR, None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _turns_dir(config: pytest.Config) -> Path | None:
+    """(xdist worker) The directory of the run's turn locks; None outside pytest-xdist."""
+    workerinput: dict[str, object] = getattr(config, "workerinput", {})
+    directory = workerinput.get(turns.WORKER_INPUT_KEY)
+    return Path(directory) if isinstance(directory, str) else None
+
+
+def _serial(item: pytest.Item | None) -> bool:
+    return item is not None and item.get_closest_marker(turns.MARK) is not None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """(xdist worker) Serial tests first: one worker runs them back to back at the start (every
+    worker sorts alike, as xdist requires), rather than each waiting for a long test to end."""
+    if _turns_dir(config) is not None:
+        items.sort(key=lambda item: not _serial(item))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    """(xdist worker) Each test waits for its turn: alone when marked ``serial``. Outside
+    pytest-timeout's hook, so the wait never counts against the test's own timeout."""
+    config = item.config
+    directory = _turns_dir(config)
+    if directory is None:
+        return (yield)  # not under xdist: every test runs alone anyway
+    if _TURNS not in config.stash:
+        config.stash[_TURNS] = turns.Turns(directory)
+    with config.stash[_TURNS].turn(alone=_serial(item), alone_next=_serial(nextitem)):
+        return (yield)
 
 
 @pytest.fixture(autouse=True)

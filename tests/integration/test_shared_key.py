@@ -40,6 +40,7 @@ SCENARIO = Scenario(
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.serial  # measures wall time: other workers would skew it
 async def test_two_accounts_on_one_api_key_keep_to_the_keys_limits(
     backend: str, make_sim: MakeSim, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -178,6 +178,7 @@ def test_world_drains_by_visibility() -> None:
     assert all(a.visible_ms <= START_MS + 3_600_000 for a in world.visible())
 
 
+@pytest.mark.serial  # measures wall time: other workers would skew it
 def test_large_world_queries_are_fast() -> None:
     """Hundreds of thousands of activities: a 500-item page costs a bisect and a slice."""
     big = scenario(

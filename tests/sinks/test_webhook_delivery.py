@@ -483,6 +483,7 @@ async def test_names_resolving_to_loopback_are_refused_at_connect_time(
     assert "loopback" in (attempts[0].error or "")
 
 
+@pytest.mark.serial  # measures wall time: other workers would skew it
 async def test_a_dead_and_a_failing_endpoint_do_not_slow_a_healthy_one(
     store: Store, receiver: Start
 ) -> None:
@@ -775,6 +776,7 @@ async def test_a_410_whose_disabling_write_failed_is_tried_again_not_left_stalle
     assert len(r.received) == 4
 
 
+@pytest.mark.serial  # measures wall time: other workers would skew it
 async def test_a_slow_rate_limit_does_not_hold_up_stopping(store: Store, receiver: Start) -> None:
     """Senders waiting 20 s for their slots (0.05/s) are woken by the stop: it takes well under
     a second, and none of them sends on its way out."""
