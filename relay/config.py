@@ -641,6 +641,13 @@ def _state(root: _Reader) -> str:
 
 
 def _sqlite_problem(url: str) -> str | None:
+    if "?" in url or "#" in url:
+        # it would be part of the file's name: sqlite:///relay.db?mode=ro made a new, empty
+        # "relay.db?mode=ro" (and the streams started again from start_from)
+        return (
+            "expected sqlite:///path/to/state.db (a sqlite state takes no ?query or #fragment;"
+            " they would be part of the file's name)"
+        )
     try:
         path = path_from_url(url)
     except StoreError:

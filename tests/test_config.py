@@ -1322,6 +1322,22 @@ def test_sqlite_state_naming_a_directory_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///relay.db?mode=ro",
+        "sqlite:////var/lib/relay/state.db?cache=shared",
+        "sqlite:///x#y",
+    ],
+)
+def test_sqlite_state_with_a_query_or_fragment_is_refused(tmp_path: Path, url: str) -> None:
+    """A ?query or #fragment of a sqlite state became part of the file name: a new, empty
+    "relay.db?mode=ro" beside the real state. Refused at load, naming state; no file made."""
+    with pytest.raises(ConfigError, match=r"state: .*takes no \?query or #fragment") as caught:
+        load(write(tmp_path, MINIMAL + f"state: '{url}'"), environ={"KEY": "k"})
+    assert "got 'sqlite://" in str(caught.value)
+
+
+@pytest.mark.parametrize(
     "name",
     ["acme corp/eu #1", "acme/eu", "a b", "ünicode", "x" * 101, "tab\tname", "0123:x", ".", ".."],
 )
