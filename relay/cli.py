@@ -46,9 +46,9 @@ OPS_COMMANDS = frozenset(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ctct-relay`` and ``python -m relay``."""
-    args = _parser().parse_args(argv)
     redactor = logs.Redactor()
     try:
+        args = _parser().parse_args(argv)  # in the try: a Ctrl-C here is 130 too
         if args.command == "sim":
             return _sim(args)
         if args.command == "demo":

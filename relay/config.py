@@ -641,6 +641,13 @@ def _state(root: _Reader) -> str:
 
 
 def _sqlite_problem(url: str) -> str | None:
+    if "?" in url or "#" in url:
+        # it would be part of the file's name: sqlite:///relay.db?mode=ro made a new, empty
+        # "relay.db?mode=ro" (and the streams started again from start_from)
+        return (
+            "expected sqlite:///path/to/state.db (a sqlite state takes no ?query or #fragment;"
+            " they would be part of the file's name)"
+        )
     try:
         path = path_from_url(url)
     except StoreError:
@@ -920,7 +927,7 @@ class _Reader:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{path or 'config'}: expected a mapping, got {_show(data)}")
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {_shape(data)}")
         self._data: Mapping[str, object] = data
         self._path = path
         self._used: set[str] = set()
@@ -964,7 +971,7 @@ class _Reader:
         if items is None:
             return
         if not isinstance(items, list):
-            raise ConfigError(f"{self.key(name)}: expected a list, got {_show(items)}")
+            raise ConfigError(f"{self.key(name)}: expected a list, got {_shape(items)}")
         for index, item in enumerate(items):
             yield self._reader(item, f"{self.key(name)}[{index}]")
 
@@ -1141,9 +1148,34 @@ def _as_float(number: int | float) -> float:
 
 def _show(value: object) -> str:
     """A value for an error message, as YAML writes it (strings quoted), cut at 60 characters.
-    Never for secrets: see :func:`_kind`."""
+    Never for secrets: see :func:`_kind`. A mapping, or a list holding mappings or lists, is
+    described by its shape (:func:`_shape`): a whole section written where another shape was
+    expected (``accounts:`` without its ``-``) holds api keys, tokens and passwords."""
+    if isinstance(value, dict) or (
+        isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)
+    ):
+        return _shape(value)
     text = _yaml_text(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _shape(value: object) -> str:
+    """A value for an error about a section of the wrong shape (a mapping or list expected): a
+    mapping or list by its keys or length, never its values, which may be secrets; anything
+    else as :func:`_show` writes it."""
+    if isinstance(value, dict) and value:
+        keys = ", ".join(k if isinstance(k, str) else _yaml_text(k) for k in value)
+        keys = keys if len(keys) <= 60 else keys[:57] + "..."
+        return f"a mapping of {keys} (values not shown)"
+    if isinstance(value, list) and value:
+        count = f"{len(value)} item{'' if len(value) == 1 else 's'}"
+        return f"a list of {count} (values not shown)"
+    if isinstance(value, (dict, list)):
+        return "an empty mapping" if isinstance(value, dict) else "an empty list"
+    if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+        # an override variable's flow text that did not parse: a section with its secrets
+        return "text starting with [ or { that is not a YAML flow list or mapping (not shown)"
+    return _show(value)
 
 
 def _yaml_text(value: object) -> str:

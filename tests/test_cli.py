@@ -370,3 +370,43 @@ def test_sim_finds_its_default_scenario_from_any_directory(tmp_path: Path) -> No
             check=False,
         )
     assert_clean_failure(result, 2, f"sim: cannot listen on 127.0.0.1:{port}: ")
+
+
+# Run in a fresh interpreter: a KeyboardInterrupt raised by the import of relay.cli, which is
+# where a Ctrl-C at start-up lands (the imports take most of a second on a slow host).
+_INTERRUPTED_IMPORT = """
+import runpy, sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "relay.cli":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["ctct-relay", "status"]
+runpy.run_module("relay", run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_the_start_up_imports_is_exit_130_without_a_traceback() -> None:
+    """`python -m relay` (and ctct-relay, the same function) interrupted while it imports the
+    command line exits 130 like an interrupt later on, with no KeyboardInterrupt traceback."""
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_IMPORT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (130, "")
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_console_script_is_the_interrupt_safe_entry_point() -> None:
+    """pyproject's ctct-relay script runs relay.__main__:run, which catches a Ctrl-C during the
+    imports; relay.cli:main cannot (the script imports relay.cli before calling it)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'ctct-relay = "relay.__main__:run"' in text

@@ -1173,6 +1173,75 @@ def test_errors_never_show_a_secret(tmp_path: Path, key: str, value: str, kind: 
     assert "not shown" in message
 
 
+_ACCOUNT = "{name: acme, base_url: 'https://api.example.com', api_key: secretval, access_token: t}"
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "expected"),
+    [
+        pytest.param(
+            "accounts:\n  name: acme\n  api_key: secretval\n  access_token: secretval\n",
+            {},
+            "accounts: expected a list, got a mapping of name, api_key, access_token",
+            id="accounts-without-its-dash",
+        ),
+        pytest.param(
+            "accounts:\n  - [acme, secretval]\n",
+            {},
+            r"accounts\[0\]: expected a mapping, got a list of 2 items",
+            id="account-as-a-list",
+        ),
+        pytest.param(
+            MINIMAL + "admin: [127.0.0.1, 8081, secretval]\n",
+            {},
+            "admin: expected a mapping, got a list of 3 items",
+            id="admin-as-a-list",
+        ),
+        pytest.param(
+            MINIMAL + "kafka: {bootstrap_servers: b, security: [SASL_SSL, u, secretval]}\n",
+            {},
+            r"kafka\.security: expected a mapping, got a list of 3 items",
+            id="kafka-security-as-a-list",
+        ),
+        pytest.param(
+            MINIMAL.replace("name: acme", "name: {api_key: secretval}"),
+            {},
+            r"accounts\[0\]\.name: expected a string, got a mapping of api_key",
+            id="mapping-for-a-string",
+        ),
+        pytest.param(
+            MINIMAL,
+            {"CTCT_RELAY_ACCOUNTS": _ACCOUNT},
+            r"accounts \(from CTCT_RELAY_ACCOUNTS\): expected a list, got a mapping of name,",
+            id="override-mapping-for-a-list",
+        ),
+        pytest.param(
+            MINIMAL,
+            {"CTCT_RELAY_ACCOUNTS": "[" + _ACCOUNT[:-1]},
+            r"accounts \(from CTCT_RELAY_ACCOUNTS\): expected a list, got text starting with \[",
+            id="override-flow-text-that-does-not-parse",
+        ),
+        pytest.param(
+            MINIMAL,
+            {"CTCT_RELAY_ACCOUNTS__0": "[acme, secretval]"},
+            r"accounts\[0\] \(from CTCT_RELAY_ACCOUNTS__0\): expected a mapping, got a list of 2",
+            id="override-list-for-a-mapping",
+        ),
+    ],
+)
+def test_a_section_of_the_wrong_shape_never_shows_its_values(
+    tmp_path: Path, text: str, environ: dict[str, str], expected: str
+) -> None:
+    """A section written where another shape belongs (accounts: without its "-") is named by
+    its keys or length: its values are api keys, tokens and passwords."""
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={"KEY": "k", **environ})
+    message = str(caught.value)
+    assert re.search(expected, message), message
+    assert "secretval" not in message
+    assert "values not shown" in message or "(not shown)" in message
+
+
 @pytest.mark.parametrize(
     ("extra", "shown"),
     [
@@ -1224,8 +1293,13 @@ def test_base_url_errors_never_show_user_info(tmp_path: Path) -> None:
             id="date",
         ),
         pytest.param(
+            "logging: {level: [1, null, .inf]}",
+            r"logging\.level: expected one of debug, info, warning, error, got \[1, null, \.inf\]$",
+            id="list",
+        ),
+        pytest.param(  # its values may be secrets: only its keys
             "logging: {level: {a: [1, null]}}",
-            r"logging\.level: expected one of debug, info, warning, error, got \{a: \[1, null\]\}$",
+            r"logging\.level: .*, got a mapping of a \(values not shown\)$",
             id="mapping",
         ),
     ],
@@ -1243,6 +1317,22 @@ def test_sqlite_state_naming_a_directory_is_refused(tmp_path: Path) -> None:
         ConfigError, match=r"state: expected sqlite:///path/to/state\.db \(the path"
     ):
         load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///relay.db?mode=ro",
+        "sqlite:////var/lib/relay/state.db?cache=shared",
+        "sqlite:///x#y",
+    ],
+)
+def test_sqlite_state_with_a_query_or_fragment_is_refused(tmp_path: Path, url: str) -> None:
+    """A ?query or #fragment of a sqlite state became part of the file name: a new, empty
+    "relay.db?mode=ro" beside the real state. Refused at load, naming state; no file made."""
+    with pytest.raises(ConfigError, match=r"state: .*takes no \?query or #fragment") as caught:
+        load(write(tmp_path, MINIMAL + f"state: '{url}'"), environ={"KEY": "k"})
+    assert "got 'sqlite://" in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -211,6 +211,7 @@ class AdminClient:
             ) as response:
                 raw = await response.read()
                 status, reason = response.status, response.reason
+                location = response.headers.get("Location")
         except aiohttp.ClientConnectorError as exc:
             raise AdminApiError(
                 f"cannot reach the admin API at {self._shown}: {exc.strerror}"
@@ -227,11 +228,40 @@ class AdminClient:
             raise AdminApiError(
                 f"admin API at {self._shown}: not a usable URL: {_unmasked_nowhere(exc)}"
             ) from None
-        if status >= 400:
-            raise AdminApiError(f"{_error_message(raw, reason)} (HTTP {status})")
+        if status >= 300:
+            raise AdminApiError(self._refusal(method, path, status, reason, raw, location))
         if status == 204 or not raw:
             return None
         return _json_object(raw, f"{method} {path}")
+
+    def _refusal(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        reason: str | None,
+        raw: bytes,
+        location: str | None,
+    ) -> str:
+        """What an answer other than a success says: the API's own error message, or, for an
+        answer that is not the API's (another server, a proxy in front, a redirect, which the
+        API never sends and the client does not follow), the request and the status. A
+        redirect's 204-like empty body was taken for a success: ``webhooks remove`` said
+        "removed" through an ingress redirecting http to https, and nothing was."""
+        message = _error_message(raw)
+        if message is not None and status >= 400:
+            return f"{message} (HTTP {status})"
+        answer = f"HTTP {status}{f' {reason}' if reason else ''}"
+        if 300 <= status < 400:
+            to = f" to {public_url(location)}" if location else ""
+            return (
+                f"{method} {self._shown}{path}: {answer}, a redirect{to}; the admin API never"
+                " sends one, so the request did not reach it (give --api the URL it answers at)"
+            )
+        return (
+            f"{method} {self._shown}{path}: {answer}, not an answer of the ctct-relay admin API"
+            " (a proxy in front of it, or --api names another server)"
+        )
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -680,14 +710,14 @@ def _json_object(raw: bytes, what: str) -> JsonObject:
     return {str(k): v for k, v in parsed.items()}
 
 
-def _error_message(raw: bytes, reason: str | None) -> str:
-    """The API's own error message, or the HTTP status when the answer is not ours."""
+def _error_message(raw: bytes) -> str | None:
+    """The API's own error message; None when the answer is not the API's."""
     try:
         parsed: object = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        parsed = None
+        return None
     if isinstance(parsed, dict):
         error = parsed.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
             return str(error["message"])
-    return reason or "error"
+    return None

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
 from pytest_aiohttp import AiohttpClient
@@ -108,3 +108,16 @@ async def error_of(response: ClientResponse, status: int) -> dict[str, str]:
     assert set(error) == {"code", "message"}
     assert all(isinstance(v, str) and v for v in error.values())
     return {"code": error["code"], "message": error["message"]}
+
+
+def foreign_app(status: int, body: bytes = b"", location: str | None = None) -> web.Application:
+    """A server that is not the admin API: every request gets ``status`` (a proxy, an ingress
+    redirecting http to https, another service on the port)."""
+
+    async def answer(request: web.Request) -> web.Response:
+        headers = {"Location": location} if location else {}
+        return web.Response(status=status, body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app

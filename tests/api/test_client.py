@@ -26,7 +26,7 @@ from relay.api.client import (
 from relay.cli import main
 from relay.sinks.ssrf import Guard
 from relay.store import Store
-from tests.api.conftest import KEY, PUBLIC_URL, T0, TOKEN, Clock, activity
+from tests.api.conftest import KEY, PUBLIC_URL, T0, TOKEN, Clock, activity, foreign_app
 
 Cli = Callable[..., Awaitable[tuple[int, str, str]]]
 
@@ -626,3 +626,16 @@ def test_terminal_safe_keeps_what_is_printable() -> None:
     assert terminal_safe("café 🎉 ok") == "café 🎉 ok"
     assert terminal_safe("a\tb\r\nc\x7f") == "a\\x09b\\x0d\\x0ac\\x7f"
     assert terminal_safe("one\ntwo\x1b", keep="\n") == "one\ntwo\\x1b"
+
+
+async def test_webhooks_remove_through_a_redirect_is_an_error(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """`webhooks remove` answered by a redirect (an ingress sending http to https) printed
+    "removed webhook" with nothing removed: now one error line naming the redirect, exit 1."""
+    server = await aiohttp_server(foreign_app(308, location="https://relay.example.com/"))
+    out, err = io.StringIO(), io.StringIO()
+    args = parse(["webhooks", "remove", "wh_1", "--api", str(server.make_url(""))])
+    assert await webhooks_command(args, {}, out, err) == 1
+    assert out.getvalue() == ""
+    assert "HTTP 308 Permanent Redirect, a redirect to https://relay.example.com/" in err.getvalue()

@@ -18,7 +18,7 @@ from relay.cli import main
 from relay.events import WILDCARD
 from relay.sinks.ssrf import Guard
 from relay.store import Store, Webhook
-from tests.api.conftest import KEY, T0, TOKEN, Clock, activity
+from tests.api.conftest import KEY, T0, TOKEN, Clock, activity, foreign_app
 from tests.api.test_client import free_port
 
 
@@ -407,3 +407,46 @@ async def test_sinks_forget_releases_a_retired_sink(cli: Cli, store: Store) -> N
     assert (status, out) == (1, "")
     assert err.startswith("ctct-relay: error: ")
     assert "no stored cursor of a sink named 'kafka'" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["sinks", "forget", "kafka"], id="sinks-forget"),
+        pytest.param(["targets", "remove", "--account", "acme", "--campaign", "5"], id="targets"),
+        pytest.param(["pause", "--account", "acme"], id="pause"),
+        pytest.param(["status"], id="status"),
+    ],
+)
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_an_error_not_a_success(
+    aiohttp_server: AiohttpServer, argv: list[str], status: int
+) -> None:
+    """The admin API never redirects and the client does not follow: an ingress redirecting
+    http to https made `sinks forget` and `targets remove` report success with nothing done.
+    One line naming the request, the status and where it points (its query masked), exit 1."""
+    to = "https://relay.example.com/v1/x?token=hunter2pass"
+    server = await aiohttp_server(foreign_app(status, location=to))
+    code, out, err = await Cli(str(server.make_url("")))(*argv)
+    assert (code, out) == (1, "")
+    assert err.startswith("ctct-relay: error: "), err
+    assert f": HTTP {status} " in err
+    assert "a redirect to https://relay.example.com/v1/x?token=***;" in err
+    assert "hunter2pass" not in err
+    assert err.count("\n") == 1
+
+
+async def test_an_error_page_of_another_server_names_the_request(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """A 404 or 502 page not of the admin API (--api naming another service, a proxy whose
+    backend is down) says which request got it and that the answer is not the API's; the
+    API's own errors keep their message."""
+    server = await aiohttp_server(foreign_app(502, b"<html>Bad Gateway</html>"))
+    api = str(server.make_url("")).rstrip("/")
+    code, _, err = await Cli(api)("status")
+    assert code == 1
+    assert err == (
+        f"ctct-relay: error: GET {api}/v1/status: HTTP 502 Bad Gateway, not an answer of the"
+        " ctct-relay admin API (a proxy in front of it, or --api names another server)\n"
+    )
