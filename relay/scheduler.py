@@ -499,9 +499,12 @@ class Scheduler:
             if runtime.paused_until_ms > now or runtime.name in held:
                 continue
             if runtime.paused_until_ms:
+                # only a pause that has ended: another replica may have stored a newer one (seen
+                # at the next tick), or the store's clock (PostgreSQL's) says this one has not
+                ended = await self._store.end_account_pause(runtime.name, now)
+                if not ended and stored == runtime.paused_until_ms:
+                    continue  # this replica's clock runs ahead: the store's decides for all
                 runtime.paused_until_ms = 0
-                # only a pause that has ended: another replica may have stored a newer one
-                await self._store.end_account_pause(runtime.name, now)
                 log.info("account.resumed", account=runtime.name)
             unpaused.append(runtime)
         return unpaused

@@ -1104,6 +1104,27 @@ async def test_a_replay_asked_again_while_a_pass_runs_it_is_taken_by_the_next_pa
     assert poller.replays == [(sid, now - 86_400_000)] * 2
 
 
+async def test_a_replica_clock_ahead_keeps_a_stored_pause_until_the_database_ends_it(
+    any_store: Store,
+) -> None:
+    """A replica whose clock runs 2 h ahead neither polls nor ends a pause stored until 1 h from
+    now on PostgreSQL (the database's clock decides for every replica); it ended it for all of
+    them. On SQLite, one process, its own clock ends it."""
+    store = any_store
+    real_ms = int(time.time() * 1000)
+    await store.ensure_streams([StreamKey("acme", "contact", "1")], real_ms)
+    await store.set_account_pause("acme", real_ms + 3_600_000, "Retry-After")
+    poller = RecordingPoller()
+    runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+    scheduler = Scheduler(store, [runtime], WIDE, now_ms=lambda: real_ms + 7_200_000)
+    for _ in range(2):
+        await scheduler.tick()
+        await scheduler.wait_idle()
+    shared = isinstance(store, PostgresStore)
+    assert (await store.account_pauses() != {}) is shared
+    assert (poller.calls == 0) is shared
+
+
 def test_a_pass_of_a_stream_not_in_the_sums_is_planned_as_if_it_were() -> None:
     """A stream this replica has not loaded yet (another replica's discovery made it) gets the
     interval it would have in the sums, not max_interval_s, and stays out until loaded."""

@@ -105,6 +105,8 @@ LOCK_WEBHOOKS = 5  # registrations counted against webhooks.max_webhooks
 MIGRATE_TIMEOUT_S = 3600.0
 _MIGRATE_WAIT_S = MIGRATE_TIMEOUT_S + 5
 BUDGET_NS = 0x43544355  # per-account request budget: (BUDGET_NS, hashtext(account))
+# the database's clock, in Unix ms: what every replica shares when their own clocks disagree
+DB_NOW_MS = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint"
 _WROTE = "SELECT txid_current_if_assigned() IS NOT NULL"  # this transaction changed something
 COMMITS_CHANNEL = "relay_outbox"  # NOTIFY channel: a transaction appended outbox events
 
@@ -597,8 +599,11 @@ class PostgresStore:
 
     async def end_account_pause(self, account: str, now_ms: int) -> bool:
         async def run(conn: Connection) -> bool:
+            # the database's clock must have passed the pause too: a replica whose clock runs
+            # ahead ended a stored Retry-After (or quota) pause early for every replica
             status = await conn.execute(
-                "DELETE FROM account_pauses WHERE account = $1 AND until_ms <= $2",
+                "DELETE FROM account_pauses WHERE account = $1"  # noqa: S608 - constant fragment
+                f" AND until_ms <= LEAST($2, {DB_NOW_MS})",
                 account,
                 now_ms,
             )

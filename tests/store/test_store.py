@@ -9,6 +9,7 @@ import os
 import re
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -702,6 +703,20 @@ async def test_a_shorter_pause_does_not_cut_a_longer_one_and_only_an_ended_one_i
     assert await store.end_account_pause("acme", T0 + 3_600_000)
     assert await store.account_pauses() == {}
     assert not await store.end_account_pause("acme", T0 + 3_600_000)
+
+
+async def test_a_clock_ahead_does_not_end_a_stored_pause_the_database_says_runs(
+    store: Store,
+) -> None:
+    """On PostgreSQL a replica whose clock runs ahead does not end a stored pause (a Retry-After,
+    a spent quota) for every replica: the database's clock must have passed it too. SQLite has
+    one process, so its clock is the one that decides."""
+    real_ms = int(time.time() * 1000)
+    await store.set_account_pause("acme", real_ms + 3_600_000, "429")
+    ended = await store.end_account_pause("acme", real_ms + 7_200_000)  # a clock 2 h ahead
+    shared = isinstance(store, PostgresStore)
+    assert ended is not shared
+    assert ("acme" in await store.account_pauses()) is shared
 
 
 async def test_operator_holds_are_apart_from_quota_pauses(store: Store) -> None:
