@@ -31,7 +31,7 @@ from relay.ctct import errors
 from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
 from relay.metrics import Metrics
 from relay.poller import PassOutcome, Poller, asks_key_to_wait
-from relay.store import Store, StoreError, Stream
+from relay.store import ReplayRequest, Store, StoreError, Stream
 from relay.store.coordination import Coordinator, LocalCoordinator
 
 log = structlog.get_logger(__name__)
@@ -499,9 +499,12 @@ class Scheduler:
             if runtime.paused_until_ms > now or runtime.name in held:
                 continue
             if runtime.paused_until_ms:
+                # only a pause that has ended: another replica may have stored a newer one (seen
+                # at the next tick), or the store's clock (PostgreSQL's) says this one has not
+                ended = await self._store.end_account_pause(runtime.name, now)
+                if not ended and stored == runtime.paused_until_ms:
+                    continue  # this replica's clock runs ahead: the store's decides for all
                 runtime.paused_until_ms = 0
-                # only a pause that has ended: another replica may have stored a newer one
-                await self._store.end_account_pause(runtime.name, now)
                 log.info("account.resumed", account=runtime.name)
             unpaused.append(runtime)
         return unpaused
@@ -607,7 +610,7 @@ class Scheduler:
         stream = await self._store.stream(stream_id)
         if stream.key.account != runtime.name or stream.retired or stream.paused:
             return
-        replay_from = await self._store.stream_replay(stream_id)
+        replay = await self._store.stream_replay(stream_id)
         # every line of one pass carries its poll id (and the stream), to grep one pass out
         poll_id = secrets.token_hex(6)
         with structlog.contextvars.bound_contextvars(stream=str(stream.key), poll_id=poll_id):
@@ -617,27 +620,32 @@ class Scheduler:
                 repeat_every_s = runtime.planner.repeat_interval_s(
                     runtime.poller.repeat_read_s, self.budget_rps(runtime)
                 )
-                outcome = await runtime.poller.run_pass(stream, replay_from, repeat_every_s)
-                await self._finished(runtime, stream, outcome, replay_from)
+                since = None if replay is None else replay.since_ms
+                outcome = await runtime.poller.run_pass(stream, since, repeat_every_s)
+                await self._finished(runtime, stream, outcome, replay)
                 if outcome.stopped is not None:
                     # the key may not send for now: paused (or the stream deferred) as a pass
                     # ending on that error would be, with what this one read kept
                     await self._account_failed(
-                        runtime, stream, outcome.stopped, self._now_ms(), replay_from
+                        runtime, stream, outcome.stopped, self._now_ms(), replay
                     )
             except StoreError:
                 raise  # the store failed, not the stream: _pass leaves the stream due
             except Exception as exc:
                 # a CtctError, or a defect (ours, or an upstream value nobody foresaw): uncaught,
                 # it would end the task unseen, the stream still due and claimed at every tick
-                await self._failed(runtime, stream, exc, replay_from)
+                await self._failed(runtime, stream, exc, replay)
                 return
-            if replay_from is not None:
-                await self._store.end_replay(stream_id, replay_from)
-                log.info("poll.replayed", since_ms=replay_from, replayed=outcome.replayed)
+            if replay is not None:
+                await self._store.end_replay(stream_id, replay)
+                log.info("poll.replayed", since_ms=replay.since_ms, replayed=outcome.replayed)
 
     async def _finished(
-        self, runtime: AccountRuntime, stream: Stream, outcome: PassOutcome, replay: int | None
+        self,
+        runtime: AccountRuntime,
+        stream: Stream,
+        outcome: PassOutcome,
+        replay: ReplayRequest | None,
     ) -> None:
         now = self._now_ms()
         # A first pass's rate is measured since the stream was added, so only what happened
@@ -673,7 +681,7 @@ class Scheduler:
             interval = 0.0
         # a replay asked for while the pass ran (not the one it ran) keeps the stream due
         await self._store.finish_pass(
-            stream.id, outcome.result(now + int(interval * 1000), rate, now), replay_from_ms=replay
+            stream.id, outcome.result(now + int(interval * 1000), rate, now), replay=replay
         )
         self.passes += 1
         ended = outcome.stopped or failed
@@ -707,7 +715,7 @@ class Scheduler:
         return backoff * self._rng.uniform(0.5, 1.0)
 
     async def _failed(
-        self, runtime: AccountRuntime, stream: Stream, exc: Exception, replay: int | None
+        self, runtime: AccountRuntime, stream: Stream, exc: Exception, replay: ReplayRequest | None
     ) -> None:
         """Record a failed pass and back off; an upstream error may also pause the account or
         retire the stream. Any other exception is a crash: logged with its traceback."""
@@ -724,7 +732,7 @@ class Scheduler:
             delay_s = self._backoff_s(stream)
             log.warning("poll.not_found", error=str(exc), retry_in_s=round(delay_s, 1))
             await self._store.record_error(
-                stream.id, reason, now + int(delay_s * 1000), replay_from_ms=replay
+                stream.id, reason, now + int(delay_s * 1000), replay=replay
             )
             return
         if await self._account_failed(runtime, stream, exc, now, replay):
@@ -744,7 +752,7 @@ class Scheduler:
                 exc_info=exc,
             )
         due = now + int(delay_s * 1000)
-        await self._store.record_error(stream.id, reason, due, replay_from_ms=replay)
+        await self._store.record_error(stream.id, reason, due, replay=replay)
 
     async def _budget_ran_out(
         self,
@@ -752,7 +760,7 @@ class Scheduler:
         stream: Stream | None,
         exc: errors.CtctError,
         now: int,
-        replay: int | None,
+        replay: ReplayRequest | None,
     ) -> None:
         """The account's budget ran out, not the stream: its error count stays as it is. A spent
         quota or a Retry-After (a 429's or a 5xx's) pauses the account (every replica honours
@@ -780,7 +788,7 @@ class Scheduler:
             delay_s = self._settings.error_backoff_s * self._rng.uniform(0.5, 1.0)
             log.warning("poll.rate_limited", error=str(exc), retry_in_s=round(delay_s, 1))
             due = now + int(delay_s * 1000)
-            await self._store.defer_stream(stream.id, due, replay_from_ms=replay)
+            await self._store.defer_stream(stream.id, due, replay=replay)
 
     async def _account_failed(
         self,
@@ -788,7 +796,7 @@ class Scheduler:
         stream: Stream | None,
         exc: Exception,
         now: int,
-        replay: int | None,
+        replay: ReplayRequest | None,
     ) -> bool:
         """Pause the account or its api_key for an error that is about them, not the stream
         (a pass's, or campaign discovery's: ``stream`` None). True: the budget ran out

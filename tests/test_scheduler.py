@@ -33,6 +33,7 @@ from relay.store import (
     PassResult,
     PostgresSettings,
     PostgresStore,
+    Store,
     StoreError,
     Stream,
     StreamKey,
@@ -1065,12 +1066,63 @@ async def test_a_replay_asked_for_while_a_pass_runs_is_not_put_off(
         await scheduler.wait_idle()
         assert poller.replays == [(sid, None if running is None else now - running)]
         assert await store.due_streams(now, 10) == [sid]
-        assert await store.stream_replay(sid) == now - 86_400_000
+        replay = await store.stream_replay(sid)
+        assert replay is not None
+        assert replay.since_ms == now - 86_400_000
         await scheduler.tick()  # the next tick starts the replay
         await scheduler.wait_idle()
         assert poller.replays[1:] == [(sid, now - 86_400_000)]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("error", PASS_ENDINGS)
+async def test_a_replay_asked_again_while_a_pass_runs_it_is_taken_by_the_next_pass(
+    any_store: Store, error: Exception | None
+) -> None:
+    """The same replay asked for again (same since) while a pass runs the first request is kept
+    for the next pass, due once this one ends: the running pass's end cleared the new request
+    with its own (they carried the same time), and the stream waited for its planned pass."""
+    store = any_store
+    now = 1_763_000_000_000
+    await store.ensure_streams([StreamKey("acme", "campaign", "123")], now)
+    sid = (await store.streams("acme"))[0].id
+    await store.request_replay([sid], now - 86_400_000, now)
+    poller = BlockedFailingPoller(error)
+    runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+    settings = ScheduleSettings(min_interval_s=3600, error_backoff_s=3600)
+    scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: now)
+    await scheduler.tick()
+    await asyncio.wait_for(poller.waiting.wait(), 5)
+    await store.request_replay([sid], now - 86_400_000, now)  # asked again meanwhile
+    poller.go.set()
+    await scheduler.wait_idle()
+    assert await store.stream_replay(sid) is not None
+    assert await store.due_streams(now, 10) == [sid]
+    await scheduler.tick()
+    await scheduler.wait_idle()
+    assert poller.replays == [(sid, now - 86_400_000)] * 2
+
+
+async def test_a_replica_clock_ahead_keeps_a_stored_pause_until_the_database_ends_it(
+    any_store: Store,
+) -> None:
+    """A replica whose clock runs 2 h ahead neither polls nor ends a pause stored until 1 h from
+    now on PostgreSQL (the database's clock decides for every replica); it ended it for all of
+    them. On SQLite, one process, its own clock ends it."""
+    store = any_store
+    real_ms = int(time.time() * 1000)
+    await store.ensure_streams([StreamKey("acme", "contact", "1")], real_ms)
+    await store.set_account_pause("acme", real_ms + 3_600_000, "Retry-After")
+    poller = RecordingPoller()
+    runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+    scheduler = Scheduler(store, [runtime], WIDE, now_ms=lambda: real_ms + 7_200_000)
+    for _ in range(2):
+        await scheduler.tick()
+        await scheduler.wait_idle()
+    shared = isinstance(store, PostgresStore)
+    assert (await store.account_pauses() != {}) is shared
+    assert (poller.calls == 0) is shared
 
 
 def test_a_pass_of_a_stream_not_in_the_sums_is_planned_as_if_it_were() -> None:

@@ -268,7 +268,8 @@ async def _forget_sink(request: web.Request) -> web.Response:
 
 async def _stream_answer(request: web.Request, stream: Stream) -> web.Response:
     store, now, view = request.app[STORE], request.app[NOW_MS](), request.app[VIEW]
-    since = await store.stream_replay(stream.id)
+    replay = await store.stream_replay(stream.id)
+    since = None if replay is None else replay.since_ms
     return json_response(stream_view(stream, since, now, view))
 
 

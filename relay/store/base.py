@@ -378,6 +378,16 @@ class PassResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    """A stream's pending upstream replay: the activity time its next pass re-reads from, and
+    which request it is (``asked``: how many were made of the stream), so that the end of a pass
+    clears or discounts only the request it ran, not one asked for again while it ran."""
+
+    since_ms: int
+    asked: int
+
+
+@dataclass(frozen=True, slots=True)
 class Overview:
     """Aggregates for metrics, from grouped queries: as cheap at 100,000 streams as at ten."""
 
@@ -480,14 +490,14 @@ class Store(Protocol):
         ``emit``: seeding); returns how many keys were new. One transaction."""
 
     async def finish_pass(
-        self, stream_id: int, result: PassResult, *, replay_from_ms: int | None = None
+        self, stream_id: int, result: PassResult, *, replay: ReplayRequest | None = None
     ) -> None:
         """Advance watermarks (never backwards), store the summary and the feeds behind it,
         fix the history line if the stream has none, schedule the next pass.
 
-        ``replay_from_ms``: the replay the pass ran (``stream_replay`` before it; None: none).
-        A replay asked for while the pass ran keeps the stream due when it was asked, here and
-        in ``record_error`` and ``defer_stream``."""
+        ``replay``: the replay the pass ran (``stream_replay`` before it; None: none). A replay
+        asked for while the pass ran (even with the same time) keeps the stream due when it was
+        asked, here and in ``record_error`` and ``defer_stream``."""
 
     async def record_error(
         self,
@@ -496,13 +506,13 @@ class Store(Protocol):
         next_due_ms: int,
         *,
         retire: bool = False,
-        replay_from_ms: int | None = None,
+        replay: ReplayRequest | None = None,
     ) -> None:
         """Count a failed pass, keep its message, back off (or retire the stream); a replay
         asked for while it ran keeps the stream due (``finish_pass``)."""
 
     async def defer_stream(
-        self, stream_id: int, next_due_ms: int, *, replay_from_ms: int | None = None
+        self, stream_id: int, next_due_ms: int, *, replay: ReplayRequest | None = None
     ) -> None:
         """Move the stream's next pass to ``next_due_ms`` without counting an error (the
         account's budget ran out, not the stream); a replay asked for while the pass ran keeps
@@ -762,16 +772,18 @@ class Store(Protocol):
     async def request_replay(self, stream_ids: Sequence[int], since_ms: int, now_ms: int) -> int:
         """Ask for the next pass of these streams to re-read every feed from ``since_ms``
         (activity time) and re-emit what it finds, and make them due now; returns how many
-        streams exist. A second request keeps the earlier of the two times."""
+        streams exist. A second request keeps the earlier of the two times, and is a new request
+        all the same: a pass already running the first does not end it."""
 
-    async def stream_replay(self, stream_id: int) -> int | None:
-        """The activity time a stream's next pass re-emits from (None: no replay asked)."""
+    async def stream_replay(self, stream_id: int) -> ReplayRequest | None:
+        """The replay a stream's next pass runs (None: no replay asked)."""
 
     async def replays(self) -> dict[int, int]:
         """Every stream with a replay pending: stream id -> since (Unix ms)."""
 
-    async def end_replay(self, stream_id: int, since_ms: int) -> None:
-        """A replay pass finished: clear the request, unless a newer one replaced it."""
+    async def end_replay(self, stream_id: int, replay: ReplayRequest) -> None:
+        """A replay pass finished: clear the request, unless another was made since
+        ``stream_replay`` read it (it is the next pass's)."""
 
     async def commit_replay_page(
         self, stream_id: int, activities: Sequence[Activity], now_ms: int, since_ms: int

@@ -32,9 +32,8 @@ from typing import Protocol
 from asyncpg import Connection
 
 from relay.store.base import Store
-from relay.store.postgres import BUDGET_NS, PostgresSettings, PostgresStore
+from relay.store.postgres import BUDGET_NS, DB_NOW_MS, PostgresSettings, PostgresStore
 
-_DB_NOW_MS = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint"
 _DAY_MS = 86_400_000
 _LOG_KEEP_MS = 60_000  # request log rows older than this are deleted as new ones come
 
@@ -160,10 +159,10 @@ class PgCoordinator:
             rows = await conn.fetch(
                 "WITH due AS (SELECT id, next_due_ms FROM streams"  # noqa: S608 - constants only
                 " WHERE account = $1 AND retired = 0 AND paused = 0 AND next_due_ms <= $2"
-                f" AND (lease_expires_ms IS NULL OR lease_expires_ms < {_DB_NOW_MS})"
+                f" AND (lease_expires_ms IS NULL OR lease_expires_ms < {DB_NOW_MS})"
                 " AND id <> ALL($5::bigint[])"
                 " ORDER BY next_due_ms, id LIMIT $3 FOR UPDATE SKIP LOCKED)"
-                f" UPDATE streams s SET lease_owner = $4, lease_expires_ms = {_DB_NOW_MS} + $6"
+                f" UPDATE streams s SET lease_owner = $4, lease_expires_ms = {DB_NOW_MS} + $6"
                 " FROM due WHERE s.id = due.id RETURNING s.id, due.next_due_ms",
                 account,
                 now_ms,
@@ -182,7 +181,7 @@ class PgCoordinator:
 
         async def run(conn: Connection) -> set[int]:
             rows = await conn.fetch(
-                f"UPDATE streams SET lease_expires_ms = {_DB_NOW_MS} + $3"  # noqa: S608
+                f"UPDATE streams SET lease_expires_ms = {DB_NOW_MS} + $3"  # noqa: S608
                 " WHERE id = ANY($1::bigint[]) AND lease_owner = $2 RETURNING id",
                 list(stream_ids),
                 self.replica,
@@ -213,10 +212,10 @@ class PgCoordinator:
         async def run(conn: Connection) -> set[str]:
             rows = await conn.fetch(
                 "INSERT INTO leases (name, owner, expires_ms)"  # noqa: S608 - constants only
-                f" SELECT n, $2, {_DB_NOW_MS} + $3 FROM unnest($1::text[]) AS t(n)"
+                f" SELECT n, $2, {DB_NOW_MS} + $3 FROM unnest($1::text[]) AS t(n)"
                 " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
                 " expires_ms = excluded.expires_ms"
-                f" WHERE leases.owner = excluded.owner OR leases.expires_ms < {_DB_NOW_MS}"
+                f" WHERE leases.owner = excluded.owner OR leases.expires_ms < {DB_NOW_MS}"
                 " RETURNING name",
                 sorted(set(names)),  # one order for every replica: no deadlocks between them
                 self.replica,
@@ -251,7 +250,7 @@ class PgCoordinator:
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", BUDGET_NS, account)
             # the database's clock, read under the lock: one clock for every replica, and the
             # time the request is really admitted (a call retried through an outage is late)
-            now = int(await conn.fetchval(f"SELECT {_DB_NOW_MS}"))
+            now = int(await conn.fetchval(f"SELECT {DB_NOW_MS}"))
             # the day too: one replica's clock ahead of the others' counted on tomorrow's quota
             # from its own midnight on, while they still spent today's (both on the key's one
             # day upstream), and one behind kept counting a spent day after midnight

@@ -213,4 +213,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (account, scope, resource_id)
         )""",
     ),
+    # how many upstream replays were asked of a stream: the end of a pass clears (and stops
+    # keeping the stream due for) only the request it ran. The time alone could not tell a
+    # request asked again with the same (or a later) time while a pass ran the first: that
+    # pass's end cleared it, and nothing re-read what the operator asked for
+    ("ALTER TABLE streams ADD COLUMN replay_asked INTEGER NOT NULL DEFAULT 0",),
 )

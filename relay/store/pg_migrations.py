@@ -211,4 +211,6 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (account, scope, resource_id)
         )""",
     ),
+    # how many upstream replays were asked of a stream (see migrations.py, version 15)
+    ("ALTER TABLE streams ADD COLUMN replay_asked INTEGER NOT NULL DEFAULT 0",),
 )

@@ -68,6 +68,7 @@ from relay.store.base import (
     OutboxSelector,
     Overview,
     PassResult,
+    ReplayRequest,
     StoreError,
     Stream,
     StreamFilter,
@@ -104,6 +105,8 @@ LOCK_WEBHOOKS = 5  # registrations counted against webhooks.max_webhooks
 MIGRATE_TIMEOUT_S = 3600.0
 _MIGRATE_WAIT_S = MIGRATE_TIMEOUT_S + 5
 BUDGET_NS = 0x43544355  # per-account request budget: (BUDGET_NS, hashtext(account))
+# the database's clock, in Unix ms: what every replica shares when their own clocks disagree
+DB_NOW_MS = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::bigint"
 _WROTE = "SELECT txid_current_if_assigned() IS NOT NULL"  # this transaction changed something
 COMMITS_CHANNEL = "relay_outbox"  # NOTIFY channel: a transaction appended outbox events
 
@@ -471,7 +474,7 @@ class PostgresStore:
         self._latch.listen(listener)
 
     async def finish_pass(
-        self, stream_id: int, result: PassResult, *, replay_from_ms: int | None = None
+        self, stream_id: int, result: PassResult, *, replay: ReplayRequest | None = None
     ) -> None:
         async def run(conn: Connection) -> None:
             await conn.execute(
@@ -489,7 +492,7 @@ class PostgresStore:
                 rowmap.behind_json(result.behind),
                 result.line_ms,
                 result.swept_ms,
-                replay_from_ms,
+                _asked(replay),
             )
             await conn.executemany(
                 "INSERT INTO watermarks (stream_id, kind, watermark_ms) VALUES ($1, $2, $3)"
@@ -507,7 +510,7 @@ class PostgresStore:
         next_due_ms: int,
         *,
         retire: bool = False,
-        replay_from_ms: int | None = None,
+        replay: ReplayRequest | None = None,
     ) -> None:
         await self._execute(
             "UPDATE streams SET consecutive_errors = consecutive_errors + 1, last_error = $1,"  # noqa: S608 - constant fragments
@@ -517,17 +520,17 @@ class PostgresStore:
             next_due_ms,
             int(retire),
             stream_id,
-            replay_from_ms,
+            _asked(replay),
         )
 
     async def defer_stream(
-        self, stream_id: int, next_due_ms: int, *, replay_from_ms: int | None = None
+        self, stream_id: int, next_due_ms: int, *, replay: ReplayRequest | None = None
     ) -> None:
         await self._execute(
             f"UPDATE streams SET next_due_ms = {_next_due('$1', '$3')} WHERE id = $2",  # noqa: S608 - constant fragments
             next_due_ms,
             stream_id,
-            replay_from_ms,
+            _asked(replay),
         )
 
     async def set_paused(self, stream_id: int, paused: bool) -> None:
@@ -596,8 +599,11 @@ class PostgresStore:
 
     async def end_account_pause(self, account: str, now_ms: int) -> bool:
         async def run(conn: Connection) -> bool:
+            # the database's clock must have passed the pause too: a replica whose clock runs
+            # ahead ended a stored Retry-After (or quota) pause early for every replica
             status = await conn.execute(
-                "DELETE FROM account_pauses WHERE account = $1 AND until_ms <= $2",
+                "DELETE FROM account_pauses WHERE account = $1"  # noqa: S608 - constant fragment
+                f" AND until_ms <= LEAST($2, {DB_NOW_MS})",
                 account,
                 now_ms,
             )
@@ -1196,7 +1202,8 @@ class PostgresStore:
                 changed += _count(
                     await conn.execute(
                         "UPDATE streams SET replay_from_ms = LEAST(COALESCE(replay_from_ms, $1),"
-                        " $1), next_due_ms = LEAST(next_due_ms, $2) WHERE id = $3",
+                        " $1), replay_asked = replay_asked + 1,"
+                        " next_due_ms = LEAST(next_due_ms, $2) WHERE id = $3",
                         since_ms,
                         now_ms,
                         sid,
@@ -1206,12 +1213,14 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def stream_replay(self, stream_id: int) -> int | None:
-        async def run(conn: Connection) -> int | None:
-            value = await conn.fetchval(
-                "SELECT replay_from_ms FROM streams WHERE id = $1", stream_id
+    async def stream_replay(self, stream_id: int) -> ReplayRequest | None:
+        async def run(conn: Connection) -> ReplayRequest | None:
+            row = await conn.fetchrow(
+                "SELECT replay_from_ms, replay_asked FROM streams WHERE id = $1", stream_id
             )
-            return None if value is None else int(value)
+            if row is None or row[0] is None:
+                return None
+            return ReplayRequest(int(row[0]), int(row[1]))
 
         return await self.transaction(run)
 
@@ -1224,11 +1233,11 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def end_replay(self, stream_id: int, since_ms: int) -> None:
+    async def end_replay(self, stream_id: int, replay: ReplayRequest) -> None:
         await self._execute(
-            "UPDATE streams SET replay_from_ms = NULL WHERE id = $1 AND replay_from_ms = $2",
+            "UPDATE streams SET replay_from_ms = NULL WHERE id = $1 AND replay_asked = $2",
             stream_id,
-            since_ms,
+            replay.asked,
         )
 
     async def commit_replay_page(
@@ -1445,7 +1454,12 @@ _INSERT_WEBHOOK = (
 
 def _next_due(due: str, handled: str) -> str:
     """``rowmap.NEXT_DUE`` with these parameters (the handled replay's typed: it may be NULL)."""
-    return rowmap.NEXT_DUE.format(due=due, handled=f"{handled}::bigint", least="LEAST")
+    return rowmap.NEXT_DUE.format(due=due, handled=f"{handled}::integer", least="LEAST")
+
+
+def _asked(replay: ReplayRequest | None) -> int | None:
+    """The request count ``_next_due`` compares with (None: the pass ran no replay)."""
+    return None if replay is None else replay.asked
 
 
 async def _version(conn: Connection) -> int:

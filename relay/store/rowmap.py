@@ -39,13 +39,13 @@ STATE_CLAUSES = {
 }
 
 # next_due_ms as the end of a pass writes it (finish_pass, record_error, defer_stream), given the
-# replay that pass ran ({handled}, NULL: none): a replay asked for while it ran (request_replay
-# made the stream due then, and keeps the earlier of two times, so the stored one differs)
-# keeps the stream due then, instead of being put off to the next planned pass (up to
-# max_interval_s, with `replay --wait` waiting). Portable SQL: SQLite before 3.39 has no
-# IS DISTINCT FROM.
+# replay request that pass ran ({handled}: its replay_asked, NULL: none): a replay asked for while
+# it ran (request_replay made the stream due then, and counted the request, so the stored count
+# differs, whatever the times) keeps the stream due then, instead of being put off to the next
+# planned pass (up to max_interval_s, with `replay --wait` waiting). Portable SQL: SQLite before
+# 3.39 has no IS DISTINCT FROM.
 NEXT_DUE = (
-    "CASE WHEN replay_from_ms IS NOT NULL AND ({handled} IS NULL OR replay_from_ms <> {handled})"
+    "CASE WHEN replay_from_ms IS NOT NULL AND ({handled} IS NULL OR replay_asked <> {handled})"
     " THEN {least}(next_due_ms, {due}) ELSE {due} END"
 )
 

@@ -59,6 +59,7 @@ from relay.store.base import (
     OutboxSelector,
     Overview,
     PassResult,
+    ReplayRequest,
     StoreError,
     Stream,
     StreamFilter,
@@ -455,7 +456,7 @@ class SqliteStore:
         self._append_listeners.append(listener)
 
     async def finish_pass(
-        self, stream_id: int, result: PassResult, *, replay_from_ms: int | None = None
+        self, stream_id: int, result: PassResult, *, replay: ReplayRequest | None = None
     ) -> None:
         def run(conn: sqlite3.Connection) -> None:
             with _tx(conn):
@@ -477,7 +478,7 @@ class SqliteStore:
                         result.error,
                         None if result.error is None else result.error[:1000],
                         stream_id,
-                        replay_from_ms,
+                        _asked(replay),
                     ),
                 )
                 conn.executemany(
@@ -496,7 +497,7 @@ class SqliteStore:
         next_due_ms: int,
         *,
         retire: bool = False,
-        replay_from_ms: int | None = None,
+        replay: ReplayRequest | None = None,
     ) -> None:
         await self._run(
             lambda conn: _write(
@@ -504,18 +505,18 @@ class SqliteStore:
                 "UPDATE streams SET consecutive_errors = consecutive_errors + 1, last_error = ?1,"  # noqa: S608 - constant fragments
                 f" next_due_ms = {_next_due('?2', '?5')}, retired = MAX(retired, ?3)"
                 " WHERE id = ?4",
-                (error[:1000], next_due_ms, int(retire), stream_id, replay_from_ms),
+                (error[:1000], next_due_ms, int(retire), stream_id, _asked(replay)),
             )
         )
 
     async def defer_stream(
-        self, stream_id: int, next_due_ms: int, *, replay_from_ms: int | None = None
+        self, stream_id: int, next_due_ms: int, *, replay: ReplayRequest | None = None
     ) -> None:
         await self._run(
             lambda conn: _write(
                 conn,
                 f"UPDATE streams SET next_due_ms = {_next_due('?1', '?3')} WHERE id = ?2",  # noqa: S608 - constant fragments
-                (next_due_ms, stream_id, replay_from_ms),
+                (next_due_ms, stream_id, _asked(replay)),
             )
         )
 
@@ -1151,19 +1152,22 @@ class SqliteStore:
                 before = conn.total_changes
                 conn.executemany(
                     "UPDATE streams SET replay_from_ms = MIN(COALESCE(replay_from_ms, ?), ?),"
-                    " next_due_ms = MIN(next_due_ms, ?) WHERE id = ?",
+                    " replay_asked = replay_asked + 1, next_due_ms = MIN(next_due_ms, ?)"
+                    " WHERE id = ?",
                     [(since_ms, since_ms, now_ms, sid) for sid in stream_ids],
                 )
                 return conn.total_changes - before
 
         return await self._run(run)
 
-    async def stream_replay(self, stream_id: int) -> int | None:
-        def run(conn: sqlite3.Connection) -> int | None:
+    async def stream_replay(self, stream_id: int) -> ReplayRequest | None:
+        def run(conn: sqlite3.Connection) -> ReplayRequest | None:
             row = conn.execute(
-                "SELECT replay_from_ms FROM streams WHERE id = ?", (stream_id,)
+                "SELECT replay_from_ms, replay_asked FROM streams WHERE id = ?", (stream_id,)
             ).fetchone()
-            return None if row is None or row[0] is None else int(row[0])
+            return (
+                None if row is None or row[0] is None else ReplayRequest(int(row[0]), int(row[1]))
+            )
 
         return await self._run(run)
 
@@ -1176,12 +1180,12 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def end_replay(self, stream_id: int, since_ms: int) -> None:
+    async def end_replay(self, stream_id: int, replay: ReplayRequest) -> None:
         await self._run(
             lambda conn: _write(
                 conn,
-                "UPDATE streams SET replay_from_ms = NULL WHERE id = ? AND replay_from_ms = ?",
-                (stream_id, since_ms),
+                "UPDATE streams SET replay_from_ms = NULL WHERE id = ? AND replay_asked = ?",
+                (stream_id, replay.asked),
             )
         )
 
@@ -1392,6 +1396,11 @@ def _tx(conn: sqlite3.Connection, *, durable: bool = True) -> Iterator[None]:
 def _next_due(due: str, handled: str) -> str:
     """``rowmap.NEXT_DUE`` with these parameters."""
     return rowmap.NEXT_DUE.format(due=due, handled=handled, least="MIN")
+
+
+def _asked(replay: ReplayRequest | None) -> int | None:
+    """The request count ``_next_due`` compares with (None: the pass ran no replay)."""
+    return None if replay is None else replay.asked
 
 
 def _write(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> None:

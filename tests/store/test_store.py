@@ -9,6 +9,7 @@ import os
 import re
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from relay.store import (
     OutboxEvent,
     PassResult,
     PostgresStore,
+    ReplayRequest,
     Store,
     StoreError,
     StreamKey,
@@ -703,6 +705,20 @@ async def test_a_shorter_pause_does_not_cut_a_longer_one_and_only_an_ended_one_i
     assert not await store.end_account_pause("acme", T0 + 3_600_000)
 
 
+async def test_a_clock_ahead_does_not_end_a_stored_pause_the_database_says_runs(
+    store: Store,
+) -> None:
+    """On PostgreSQL a replica whose clock runs ahead does not end a stored pause (a Retry-After,
+    a spent quota) for every replica: the database's clock must have passed it too. SQLite has
+    one process, so its clock is the one that decides."""
+    real_ms = int(time.time() * 1000)
+    await store.set_account_pause("acme", real_ms + 3_600_000, "429")
+    ended = await store.end_account_pause("acme", real_ms + 7_200_000)  # a clock 2 h ahead
+    shared = isinstance(store, PostgresStore)
+    assert ended is not shared
+    assert ("acme" in await store.account_pauses()) is shared
+
+
 async def test_operator_holds_are_apart_from_quota_pauses(store: Store) -> None:
     """Holding and releasing an account never touches the relay's own quota pause."""
     await store.set_account_pause("acme", T0 + 1000, "quota")
@@ -717,22 +733,43 @@ async def test_replay_request_keeps_the_earliest_time_and_ends_only_itself(store
     """Two requests keep the earlier time; ending a replaced request leaves the newer one."""
     sid = await one_stream(store)
     assert await store.request_replay([sid, 999], T0 - 10, T0) == 1
+    first = await store.stream_replay(sid)
     assert await store.request_replay([sid], T0 - 5, T0) == 1
-    assert await store.stream_replay(sid) == T0 - 10
-    await store.end_replay(sid, T0 - 5)
+    second = await store.stream_replay(sid)
+    assert first is not None
+    assert second is not None
+    assert second.since_ms == T0 - 10
+    await store.end_replay(sid, first)
     assert await store.replays() == {sid: T0 - 10}
-    await store.end_replay(sid, T0 - 10)
+    await store.end_replay(sid, second)
     assert await store.stream_replay(sid) is None
 
 
-async def _end_pass(store: Store, how: str, sid: int, due_ms: int, replay: int | None) -> None:
+@pytest.mark.parametrize("again", [T0 - 10, T0 - 5], ids=["same-time", "later-time"])
+async def test_a_replay_asked_again_is_not_ended_by_the_pass_running_the_first(
+    store: Store, again: int
+) -> None:
+    """A request asked again while a pass runs the first, with the same or a later time (so the
+    stored time does not move), outlives the end of that pass: it cleared it."""
+    sid = await one_stream(store)
+    await store.request_replay([sid], T0 - 10, T0)
+    running = await store.stream_replay(sid)
+    assert running is not None
+    await store.request_replay([sid], again, T0 + 1000)
+    await store.end_replay(sid, running)
+    assert await store.replays() == {sid: T0 - 10}
+
+
+async def _end_pass(
+    store: Store, how: str, sid: int, due_ms: int, replay: ReplayRequest | None
+) -> None:
     """Write the end of a pass that ran ``replay`` (None: none) the way ``how`` names."""
     if how == "finish_pass":
-        await store.finish_pass(sid, PassResult({}, {}, due_ms, 1.0, T0), replay_from_ms=replay)
+        await store.finish_pass(sid, PassResult({}, {}, due_ms, 1.0, T0), replay=replay)
     elif how == "record_error":
-        await store.record_error(sid, "boom", due_ms, replay_from_ms=replay)
+        await store.record_error(sid, "boom", due_ms, replay=replay)
     else:
-        await store.defer_stream(sid, due_ms, replay_from_ms=replay)
+        await store.defer_stream(sid, due_ms, replay=replay)
 
 
 PASS_ENDS = ("finish_pass", "record_error", "defer_stream")
@@ -740,18 +777,27 @@ LATER = T0 + 6 * 3600_000  # the next planned pass
 
 
 @pytest.mark.parametrize("how", PASS_ENDS)
-@pytest.mark.parametrize("ran", [None, T0 - 3600_000], ids=["no-replay", "a-replay"])
+@pytest.mark.parametrize(
+    ("ran", "asked"),
+    [
+        pytest.param(None, T0 - 7200_000, id="no-replay"),
+        pytest.param(T0 - 3600_000, T0 - 7200_000, id="a-replay-then-an-earlier-one"),
+        pytest.param(T0 - 3600_000, T0 - 3600_000, id="a-replay-asked-again"),
+    ],
+)
 async def test_a_replay_asked_for_during_a_pass_keeps_the_stream_due(
-    store: Store, how: str, ran: int | None
+    store: Store, how: str, ran: int | None, asked: int
 ) -> None:
-    """A replay requested while a pass ran (other than the one the pass ran: an earlier time
-    replaces it) keeps the stream due from the request, whatever the end of that pass writes:
-    it was put off to the next planned pass (up to max_interval_s, `replay --wait` waiting)."""
+    """A replay requested while a pass ran (even the same as the one the pass ran) keeps the
+    stream due from the request, whatever the end of that pass writes: it was put off to the
+    next planned pass (up to max_interval_s, `replay --wait` waiting)."""
     sid = await one_stream(store)
+    running = None
     if ran is not None:
         await store.request_replay([sid], ran, T0)
-    await store.request_replay([sid], T0 - 7200_000, T0 + 1000)  # while the pass runs
-    await _end_pass(store, how, sid, LATER, ran)
+        running = await store.stream_replay(sid)
+    await store.request_replay([sid], asked, T0 + 1000)  # while the pass runs
+    await _end_pass(store, how, sid, LATER, running)
     assert (await store.stream(sid)).next_due_ms <= T0 + 1000
     assert await store.due_streams(T0 + 1000, 10) == [sid]
 
@@ -766,7 +812,7 @@ async def test_the_replay_a_pass_ran_does_not_keep_the_stream_due(
     sid = await one_stream(store)
     if ran is not None:
         await store.request_replay([sid], ran, T0)
-    await _end_pass(store, how, sid, LATER, ran)
+    await _end_pass(store, how, sid, LATER, await store.stream_replay(sid))
     assert (await store.stream(sid)).next_due_ms == LATER
     assert await store.due_streams(LATER - 1, 10) == []
 
