@@ -125,6 +125,8 @@ def test_event_id_depends_on_the_account() -> None:
         pytest.param({"activity_type": "EMAIL_SPAM"}, "activity_type", id="unknown-type"),
         pytest.param({"activity_type": "EMAIL_CLICK"}, "activity_type", id="wrong-feed"),
         pytest.param({"email_address": 5}, "email_address", id="numeric-email"),
+        pytest.param({"contact_id": "4\x002"}, "contact_id", id="nul-in-contact"),
+        pytest.param({"campaign_id": "11\x1b[0m"}, "campaign_id", id="escape-in-campaign"),
     ],
 )
 def test_bad_records_name_the_field(overrides: dict[str, object], field: str) -> None:
