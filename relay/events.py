@@ -440,9 +440,15 @@ def _id(raw: Mapping[str, object], field: str) -> str:
         return str(int(value))
     if isinstance(value, str) and value.strip():
         value = value.strip()
+        if value.isascii() and value.isdigit():  # what the API's ids are: nothing to check
+            return value
         if not value.isascii() and ("\ufffd" in value or _SURROGATE.search(value)):
             # bytes that were not text upstream: whatever id it was, this is not it
             raise RecordError(f"{field}: holds characters that could not be decoded: {value!r}")
+        if _CONTROL.search(value):
+            # no id of the API's, and PostgreSQL refuses NUL in text: the commit of its page
+            # failed at every pass, so the stream never got past it
+            raise RecordError(f"{field}: holds a control character: {value!r}")
         return value
     raise RecordError(f"{field}: expected an id (string or integer), got {value!r}")
 
@@ -457,6 +463,7 @@ def _text(raw: Mapping[str, object], field: str) -> str:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def text_without_surrogates(value: str) -> str:

@@ -145,6 +145,12 @@ class Metrics:
             ["account"],
             registry=r,
         )
+        self.records_skipped = Counter(
+            "ctct_relay_records_skipped",
+            "Activity records left out because they could not be read (poll.bad_record).",
+            ["account"],
+            registry=r,
+        )
         self.published = Counter(
             "ctct_relay_events_published",
             "Events acknowledged by a sink (Kafka broker ack, webhook 2xx).",
@@ -223,6 +229,8 @@ class Metrics:
         self.events_new.labels(account).inc(outcome.new)
         dropped = outcome.fetched - outcome.new
         self.events_deduplicated.labels(account).inc(max(0, dropped))
+        if outcome.skipped_records:
+            self.records_skipped.labels(account).inc(outcome.skipped_records)
 
     def pass_failed(self, account: str, error: BaseException) -> None:
         """A poll pass ended with an error, upstream or unexpected (its class names the result)."""

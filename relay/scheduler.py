@@ -700,6 +700,7 @@ class Scheduler:
             requests=outcome.requests,
             fetched=outcome.fetched,
             new=outcome.new,
+            skipped=outcome.skipped_records,
             feeds=[k.value for k in outcome.feeds_read],
             rate_per_h=round(rate, 2),
             next_in_s=round(interval, 1),

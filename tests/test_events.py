@@ -125,6 +125,8 @@ def test_event_id_depends_on_the_account() -> None:
         pytest.param({"activity_type": "EMAIL_SPAM"}, "activity_type", id="unknown-type"),
         pytest.param({"activity_type": "EMAIL_CLICK"}, "activity_type", id="wrong-feed"),
         pytest.param({"email_address": 5}, "email_address", id="numeric-email"),
+        pytest.param({"contact_id": "4\x002"}, "contact_id", id="nul-in-contact"),
+        pytest.param({"campaign_id": "11\x1b[0m"}, "campaign_id", id="escape-in-campaign"),
     ],
 )
 def test_bad_records_name_the_field(overrides: dict[str, object], field: str) -> None:
@@ -158,6 +160,33 @@ def test_unknown_bounce_code_is_rejected() -> None:
     """Bounce codes outside the documented set are errors, not silently passed on."""
     with pytest.raises(RecordError, match="bounce_code"):
         parse_activity(record(Kind.BOUNCE, bounce_code="Q"), account="a")
+
+
+# The v2 API's bounce codes and what each means (v2 SDKs' BounceCode; the v3 bounces report
+# documents the same seven): the published schema must say the same.
+DOCUMENTED_BOUNCE_CODES = {
+    "B": "non-existent address",
+    "D": "undeliverable",
+    "F": "mailbox full",
+    "S": "suspended",
+    "V": "vacation/auto-reply",
+    "X": "other",
+    "Z": "blocked",
+}
+
+
+def test_the_bounce_schema_gives_each_code_its_documented_meaning() -> None:
+    """The schema's enum is the documented set and its description pairs each code with the
+    meaning Constant Contact gives it (it said S undeliverable, D mailbox full, F vacation, V
+    blocked, Z suspended: a consumer acting on a blocked bounce as a suspended address)."""
+    bounce = schema(Kind.BOUNCE)["properties"]
+    assert isinstance(bounce, dict)
+    code = bounce["bounce_code"]
+    assert sorted(code["enum"]) == sorted(DOCUMENTED_BOUNCE_CODES)
+    described = dict(re.findall(r"\b([A-Z]) ([a-z][a-z /-]*[a-z])", code["description"]))
+    assert described == DOCUMENTED_BOUNCE_CODES
+    for letter in DOCUMENTED_BOUNCE_CODES:
+        parse_activity(record(Kind.BOUNCE, bounce_code=letter.lower()), account="a")
 
 
 def test_mixed_feed_record_without_type_is_an_error() -> None:

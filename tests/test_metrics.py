@@ -111,6 +111,18 @@ def test_each_relay_has_its_own_registry() -> None:
     assert REGISTRY.get_sample_value("ctct_relay_events_new_total", {"account": "acme"}) is None
 
 
+def test_records_skipped_as_unreadable_are_counted() -> None:
+    """A record the parser refuses (poll.bad_record) is left out so that its stream goes on; the
+    pass's count of them reaches a counter, so an account whose records are being dropped shows
+    on a dashboard and an alert, not only in a warning line per record."""
+    metrics = Metrics()
+    metrics.pass_finished("acme", PassOutcome(fetched=10, new=7, skipped_records=2))
+    metrics.pass_finished("acme", PassOutcome(fetched=1, new=1, skipped_records=1))
+    value = metrics.registry.get_sample_value
+    assert value("ctct_relay_records_skipped_total", {"account": "acme"}) == 3
+    assert value("ctct_relay_events_deduplicated_total", {"account": "acme"}) == 3
+
+
 def test_webhook_outcomes_count_attempts_latency_and_dead_letters() -> None:
     """delivered feeds the latency histogram, pending counts as retry, dead as a dead letter."""
     metrics = Metrics(lambda: NOW_MS)

@@ -350,3 +350,23 @@ async def test_reads_by_time_follow_the_interval_the_scheduler_fits_to_the_budge
         ("click", "42"),
         ("open", "42"),
     ]
+
+
+async def test_a_record_whose_id_holds_a_control_character_is_skipped_not_a_stalled_stream(
+    upstream: Upstream, session: aiohttp.ClientSession, any_store: Store
+) -> None:
+    """A contact id with a NUL (or any other control character) is no Constant Contact id (the
+    API names contacts and campaigns by numeric strings). It used to pass the parser, and
+    PostgreSQL refuses NUL in text: every commit of the page failed, the watermark never moved,
+    and the stream's every later activity waited behind that one record for good. It is skipped
+    now, counted and logged as ``poll.bad_record``, on every backend, and the stream goes on."""
+    relay = Relay(upstream, session, any_store, PollSettings(start_from="earliest"))
+    stream_id = await relay.add("campaign", "1100", seed=False)
+    upstream.add(Kind.OPEN, "1100", "4\x002", T0 - 2000)
+    upstream.add(Kind.OPEN, "1100", "43", T0 - 1000)
+    first = await relay.run(stream_id)
+    assert (first.new, first.skipped_records) == (1, 1)
+    upstream.add(Kind.OPEN, "1100", "44", T0 + 60_000)
+    second = await relay.run(stream_id, 120)
+    assert second.new == 1
+    assert await relay.emitted() == [("open", "43"), ("open", "44")]

@@ -560,10 +560,15 @@ def _upstream_errors(body: bytes) -> list[tuple[str, str]]:
     if not isinstance(parsed, list):
         return []
     return [
-        (str(item.get("error_key", "")), str(item.get("error_message", "")))
+        (_said(item.get("error_key")), _said(item.get("error_message")))
         for item in parsed
         if isinstance(item, dict)
     ]
+
+
+def _said(value: object) -> str:
+    """One field of an error entry as text; absent or null says nothing ("", not "None")."""
+    return "" if value is None else str(value).strip()
 
 
 _BY_STATUS: Mapping[int, type[errors.ResponseError]] = {
@@ -581,8 +586,10 @@ def _map_error(
 ) -> errors.CtctError:
     """The typed error for a non-2xx answer, with the API's own error keys and messages."""
     pairs = _upstream_errors(body)
-    key = pairs[0][0] if pairs else None
-    said = "; ".join(f"{k}: {m}" if m else k for k, m in pairs) or _excerpt(body)
+    key = (pairs[0][0] or None) if pairs else None
+    # each entry: its key and message, or whichever of the two came (": message" said nothing)
+    said = "; ".join(f"{k}: {m}" if k and m else k or m for k, m in pairs if k or m)
+    said = said or _excerpt(body)
     message = f"GET {shown} answered {status}" + (f" ({said})" if said else "")
     if status == 403 and key == OVER_QPS:
         return errors.OverQpsError(message, endpoint=name, status=status, error_key=key)

@@ -464,6 +464,42 @@ def _client(
     )
 
 
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        pytest.param(
+            [{"error_message": "created_since is not a valid date"}],
+            "(created_since is not a valid date)",
+            id="message-without-key",
+        ),
+        pytest.param([{"error_key": "query.param.invalid"}], "(query.param.invalid)", id="key"),
+        pytest.param(
+            [
+                {"error_key": "query.param.invalid", "error_message": "limit: 1 to 500"},
+                {"error_key": "", "error_message": "next: not a token"},
+            ],
+            "(query.param.invalid: limit: 1 to 500; next: not a token)",
+            id="two-errors",
+        ),
+    ],
+)
+async def test_the_apis_error_array_is_quoted_as_it_said(
+    aiohttp_server: Callable[..., object], body: list[dict[str, str]], said: str
+) -> None:
+    """Each entry of the API's ``[{error_key, error_message}]`` is named in the error: a key
+    and its message, or whichever of the two came (an entry without a key read ": message")."""
+
+    async def handler(_request: web.Request) -> web.Response:
+        return web.json_response(body, status=400)
+
+    base_url = await serve_get(aiohttp_server, handler)
+    async with aiohttp.ClientSession() as session:
+        client = _client(session, base_url)
+        with pytest.raises(errors.BadRequestError) as caught:
+            await client.fetch(catalogue.get("contact.summary"), resource_id="1")
+    assert str(caught.value).endswith(f"answered 400 {said}")
+
+
 async def test_repeated_next_link_is_an_error(aiohttp_server: Callable[..., object]) -> None:
     """A next_link the API already sent stops the pass with PaginationLoopError."""
     links = {1: "/v2/x?next=AAA", 2: "/v2/x?next=BBB", 3: "/v2/x?next=AAA"}
