@@ -117,6 +117,9 @@ class Activity:
     bounce_message: str | None = None
     unsubscribe_source: str | None = None
     unsubscribe_reason: str | None = None
+    # Last of the fields, so that positional callers written before it still line up. Not part
+    # of the dedup key or the id: the same click reported with and without it is one activity.
+    link_uri: str | None = None
     # Activity time as Unix milliseconds, derived from occurred_at once (read ~6 times on the
     # way to the outbox: a property recomputed it each time)
     occurred_ms: int = field(init=False, repr=False, compare=False)
@@ -135,6 +138,7 @@ class Activity:
         bounce_message: str | None = None,
         unsubscribe_source: str | None = None,
         unsubscribe_reason: str | None = None,
+        link_uri: str | None = None,
     ) -> None:
         # Still frozen, but each slot is set through its own descriptor: the generated __init__
         # of a frozen dataclass calls object.__setattr__ by name per field, which cost twice as
@@ -152,7 +156,8 @@ class Activity:
         s[9](self, bounce_message)
         s[10](self, unsubscribe_source)
         s[11](self, unsubscribe_reason)
-        s[12](self, to_millis(occurred_at))
+        s[12](self, link_uri)
+        s[13](self, to_millis(occurred_at))
 
     @property
     def dedup_key(self) -> DedupKey:
@@ -192,6 +197,7 @@ class Activity:
         }
         if self.kind is Kind.CLICK:
             out["link_id"] = self.link_id or "0"
+            out["link_uri"] = self.link_uri or ""
         elif self.kind is Kind.BOUNCE:
             out["bounce_code"] = self.bounce_code
             out["bounce_description"] = self.bounce_description or ""
@@ -377,10 +383,11 @@ def parse_activity(
     """
     record_kind = _record_kind(raw, kind)
     date_field = _DATE_FIELD[record_kind]
-    link_id = bounce_code = bounce_description = bounce_message = None
+    link_id = link_uri = bounce_code = bounce_description = bounce_message = None
     unsubscribe_source = unsubscribe_reason = None
     if record_kind is Kind.CLICK:
         link_id = "0" if raw.get("link_id") in (None, "") else _id(raw, "link_id")
+        link_uri = _link_uri(raw.get("link_uri"))
     elif record_kind is Kind.BOUNCE:
         bounce_code = _text(raw, "bounce_code").upper()
         if bounce_code not in BOUNCE_CODES:
@@ -405,6 +412,7 @@ def parse_activity(
         bounce_message,
         unsubscribe_source,
         unsubscribe_reason,
+        link_uri,
     )
 
 
@@ -460,6 +468,21 @@ def _text(raw: Mapping[str, object], field: str) -> str:
     if isinstance(value, str):
         return value if value.isascii() else text_without_surrogates(value)
     raise RecordError(f"{field}: expected a string, got {value!r}")
+
+
+# RFC 9110 section 4.1: senders and recipients should support URIs of at least 8000 octets. A
+# longer value is no link a mail could carry; kept, it would bloat every copy of the event.
+LINK_URI_MAX = 8000
+
+
+def _link_uri(value: object) -> str | None:
+    """The clicked link's URL, or None: it is extra information about a click the rest of the
+    record already identifies, so a value that is not a string, or is no plausible URL for its
+    length, is left out instead of refusing the record (cut short, it would be a different URL).
+    Kept as text like the other free text: lone surrogates replaced, nothing else changed."""
+    if not isinstance(value, str) or not value or len(value) > LINK_URI_MAX:
+        return None
+    return value if value.isascii() else text_without_surrogates(value)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -331,6 +331,80 @@ def test_structured_from_columns_equals_the_full_event() -> None:
     assert JSONFormat().read(CloudEvent, body).get_id() == activity.event_id
 
 
+# A contact-scope click as the v2 API returns it (the Constant Contact Ruby SDK's fixture of
+# /v2/contacts/{id}/tracking/clicks; the Java SDK's ClickReport maps the same link_uri).
+_URI = "http://www.constantcontact.com"
+
+
+def test_a_clicks_link_uri_is_in_the_event_data_and_validates() -> None:
+    """The clicked URL reaches the CloudEvent data (and the structured body the webhooks POST),
+    and the data matches the published click schema."""
+    from relay.events import structured
+
+    activity = parse_activity(record(Kind.CLICK, link_uri=_URI), account="acme")
+    data = activity.to_cloudevent()["data"]
+    assert data == {**activity.data(), "link_uri": _URI}
+    jsonschema.validate(data, schema(Kind.CLICK), format_checker=_FORMATS)
+    body = structured(activity.attributes(), orjson.dumps(activity.data()))
+    assert orjson.loads(body)["data"]["link_uri"] == _URI
+
+
+def test_a_click_without_link_uri_still_validates() -> None:
+    """Campaign-scope records may lack it: "" like other text a record lacks; and the data of a
+    click committed before the field existed (no link_uri at all) is still valid."""
+    for lacking in ({}, {"link_uri": None}, {"link_uri": ""}):
+        data = parse_activity(record(Kind.CLICK, **lacking), account="acme").data()
+        assert data["link_uri"] == ""
+        jsonschema.validate(data, schema(Kind.CLICK), format_checker=_FORMATS)
+        older = {k: v for k, v in data.items() if k != "link_uri"}
+        jsonschema.validate(older, schema(Kind.CLICK), format_checker=_FORMATS)
+
+
+def test_link_uri_changes_neither_the_dedup_key_nor_the_event_id() -> None:
+    """Ids are a contract: a click has the id it had before link_uri was read (pinned), and
+    the same click with or without a URL is one activity."""
+    with_uri = parse_activity(record(Kind.CLICK, link_uri=_URI), account="acme")
+    without = parse_activity(record(Kind.CLICK), account="acme")
+    assert with_uri.event_id == without.event_id == "08b14b60-1e33-56d7-8798-f41db689b884"
+    assert with_uri.event_id_bytes == without.event_id_bytes
+    assert with_uri.dedup_key == without.dedup_key
+    assert with_uri.dedup_key.as_text() == "EMAIL_CLICK|1100394165290|1001|1795169221500|7"
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        pytest.param(5, "", id="number"),
+        pytest.param(True, "", id="bool"),
+        pytest.param({"href": _URI}, "", id="object"),
+        pytest.param([_URI], "", id="list"),
+        pytest.param("http://x.example/" + "a" * 7984, "", id="over-long"),
+        pytest.param("http://x.example/" + "a" * 7983, "http://x.example/" + "a" * 7983, id="8000"),
+        pytest.param("http://x.example/\t\x00?", "http://x.example/\t\x00?", id="control"),
+        pytest.param("http://x.example/\ud83d", "http://x.example/\ufffd", id="surrogate"),
+    ],
+)
+def test_an_unusable_link_uri_is_dropped_and_the_click_kept(value: object, kept: str) -> None:
+    """A link_uri that is no string or too long for a URL is left out, not a bad record; text
+    is kept as other free text is (control characters as they are, lone surrogates replaced)."""
+    activity = parse_activity(record(Kind.CLICK, link_uri=value), account="acme")
+    data = orjson.loads(orjson.dumps(activity.data()))
+    assert data["link_uri"] == kept
+    assert data["link_id"] == "7"
+    assert activity.event_id == "08b14b60-1e33-56d7-8798-f41db689b884"
+    jsonschema.validate(data, schema(Kind.CLICK), format_checker=_FORMATS)
+
+
+def test_only_clicks_carry_a_link_uri() -> None:
+    """A link_uri on another kind's record is not read: their schemas allow no such field."""
+    data = parse_activity(record(Kind.OPEN, link_uri=_URI), account="acme").data()
+    assert "link_uri" not in data
+    jsonschema.validate(data, schema(Kind.OPEN), format_checker=_FORMATS)
+
+
+_FORMATS = jsonschema.FormatChecker()
+
+
 # The id namespace as released: every id ever emitted derives from it.
 _NAMESPACE = uuid.UUID("6f0c3a52-6d1e-5b9e-9a4f-3c2b7c1d0e11")
 
@@ -419,6 +493,7 @@ def test_activity_built_by_its_own_init_is_still_a_frozen_value() -> None:
         "bounce_message": "msg",
         "unsubscribe_source": "src",
         "unsubscribe_reason": "why",
+        "link_uri": "https://example.com/a",
     }
     activity = Activity(**fields)  # type: ignore[arg-type]
     assert {name: getattr(activity, name) for name in fields} == fields
@@ -426,6 +501,7 @@ def test_activity_built_by_its_own_init_is_still_a_frozen_value() -> None:
     assert activity == Activity(*fields.values())  # type: ignore[arg-type]
     assert hash(activity) == hash(Activity(**fields))  # type: ignore[arg-type]
     assert activity != dataclasses.replace(activity, link_id="34")
+    assert activity != dataclasses.replace(activity, link_uri="https://example.com/b")
     with pytest.raises(dataclasses.FrozenInstanceError):
         activity.contact_id = "23"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -63,11 +63,19 @@ def record(activity: Activity, scope: Scope, quirks: bool) -> JsonObject:
     if activity.kind is Kind.CLICK:
         numeric_link = bits is not None and activity.link_id == "0" and bits & _NUMERIC_ZERO_LINK
         out["link_id"] = 0 if numeric_link else activity.link_id
+        if activity.link_id != "0":  # the "0" link is a click the API names no link for
+            out["link_uri"] = link_uri(activity.campaign, activity.link_id)
     _add_detail(out, activity.detail)
     out[_DATE_FIELD[activity.kind]] = format_ms(
         activity.occurred_ms, drop_zero_fraction=bits is not None and bool(bits & _NO_FRACTION)
     )
     return out
+
+
+def link_uri(campaign: Campaign, link_id: str) -> str:
+    """The URL a campaign's link points to; click records carry it as ``link_uri`` (at both
+    scopes: the Java SDK reads both into one ClickReport, which has it)."""
+    return f"https://www.example.com/{campaign.id}/{link_id}"
 
 
 def canonical(activity: Activity) -> JsonObject:

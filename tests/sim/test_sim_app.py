@@ -10,7 +10,7 @@ import pytest
 from pytest_aiohttp import AiohttpClient
 
 from relay.ctct.catalogue import ENDPOINTS, FEEDS, Scope, Shape
-from relay.events import Kind, parse_time
+from relay.events import Kind, parse_activity, parse_time
 from relay.sim import create_app, get_state
 from tests.sim import (
     Client,
@@ -31,6 +31,13 @@ KEYS = {
     Kind.BOUNCE: COMMON | {"bounce_code", "bounce_description", "bounce_message", "bounce_date"},
     Kind.UNSUBSCRIBE: COMMON | {"unsubscribe_source", "unsubscribe_reason", "unsubscribe_date"},
 }
+
+
+def keys(kind: Kind, record: JsonObject) -> set[str]:
+    """The keys a record of ``kind`` has: a click on a link also has the link's URL."""
+    if kind is Kind.CLICK and str(record["link_id"]) != "0":
+        return KEYS[kind] | {"link_uri"}
+    return KEYS[kind]
 
 
 @pytest.fixture
@@ -89,7 +96,7 @@ async def test_feed_records_have_exact_keys_newest_first(
     assert isinstance(body, dict)
     results = body["results"]
     assert results
-    assert all(set(record) == KEYS[kind] for record in results)
+    assert all(set(record) == keys(kind, record) for record in results)
     assert all(record["activity_type"] == kind.activity_type for record in results)
     times = [when(record) for record in results]
     assert times == sorted(times, reverse=True)
@@ -131,6 +138,32 @@ async def test_clicks_by_link_filters_to_that_link(client: Client) -> None:
         results = await all_pages(client, path, limit="500")
         assert results
         assert {str(r["link_id"]) for r in results} == {link}
+
+
+async def test_click_records_carry_the_links_url_into_the_event(client: Client) -> None:
+    """As the API's do, click records of both scopes carry link_uri (but the "0" link's, which
+    names no link); the relay's event data has it, and the same click's id from either side."""
+    rows = await truth(client)
+    click = next(r for r in rows if r["kind"] == "click" and r["link_id"] != "0")
+    campaign, contact, link = click["campaign_id"], click["contact_id"], click["link_id"]
+    uri = click["link_uri"]
+    assert isinstance(uri, str)
+    assert uri.startswith("https://")
+    ids = set()
+    for path in (
+        f"/v2/emailmarketing/campaigns/{campaign}/tracking/clicks/{link}",
+        f"/v2/contacts/{contact}/tracking/clicks/{link}",
+    ):
+        results = await all_pages(client, path, limit="500")
+        mine = [r for r in results if identity(r) == identity(click)]
+        assert len(mine) == 1
+        activity = parse_activity(mine[0], account="acme", kind=Kind.CLICK)
+        assert activity.data()["link_uri"] == uri
+        ids.add(activity.event_id)
+    assert len(ids) == 1
+    zero = [r for r in rows if r["kind"] == "click" and r["link_id"] == "0"]
+    assert zero
+    assert all("link_uri" not in r for r in zero)
 
 
 async def test_created_since_is_inclusive(client: Client) -> None:

@@ -17,7 +17,9 @@ from relay.sinks.kafka import KafkaSettings, KafkaSink, _Partitioner, record_for
 from relay.store import OutboxAppend, OutboxEvent, Store
 
 
-def event(kind: Kind, contact: str = "1001", ms: int = 1_763_633_221_500) -> OutboxEvent:
+def event(
+    kind: Kind, contact: str = "1001", ms: int = 1_763_633_221_500, link_uri: str | None = None
+) -> OutboxEvent:
     activity = Activity(
         account="acme",
         kind=kind,
@@ -26,6 +28,7 @@ def event(kind: Kind, contact: str = "1001", ms: int = 1_763_633_221_500) -> Out
         email_address="c@example.com",
         occurred_at=from_millis(ms),
         link_id="7" if kind is Kind.CLICK else None,
+        link_uri=link_uri,
     )
     return OutboxEvent(
         seq=1,
@@ -57,6 +60,17 @@ def test_structured_record_is_the_whole_event() -> None:
     value, headers = record_for(e, "structured")
     assert headers == [("content-type", b"application/cloudevents+json")]
     assert orjson.loads(value) == {**e.attributes(), "data": orjson.loads(e.data)}
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_a_clicks_link_uri_is_in_the_record_value(mode: str) -> None:
+    """Binary mode's value (the data) and structured mode's (the whole event, also the webhook
+    body) carry the clicked URL."""
+    value, _ = record_for(event(Kind.CLICK, link_uri="http://www.constantcontact.com"), mode)
+    loaded = orjson.loads(value)
+    data = loaded if mode == "binary" else loaded["data"]
+    assert data["link_uri"] == "http://www.constantcontact.com"
+    assert data["link_id"] == "7"
 
 
 def test_record_headers_are_not_shared_between_records() -> None:
