@@ -53,6 +53,10 @@ DEFAULT_OUTBOX_RETENTION_H = 168.0
 # timers (timedelta) and protocol fields (Kafka's int32) they end up in.
 MAX_NUMBER = 1e9
 MAX_INTEGER = 2**31 - 1
+# The smallest kafka.max_request_bytes: the smallest event is ~380 bytes as a record (its ce_*
+# headers alone take ~300), ~450 structured; under that every event was dead-lettered as too
+# large. Kafka's clients accept any size; this floor leaves room for the longest ids and sources.
+MIN_REQUEST_BYTES = 1024
 MAX_WEBHOOKS = 10_000  # the most webhooks.max_webhooks may be: a worker per webhook
 # What unsets a key that is not a string, as text (override variables are text); YAML's spellings.
 NULL_WORDS = frozenset({"null", "Null", "NULL", "~"})
@@ -530,7 +534,7 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
         # Kafka's int32 fields, their whole range named in an error whichever end is crossed
         linger_ms=r.integer("linger_ms", b.linger_ms, minimum=0, maximum=MAX_INTEGER),
         max_batch_bytes=r.integer("max_batch_bytes", b.max_batch_bytes, maximum=MAX_INTEGER),
-        max_request_bytes=r.integer("max_request_bytes", b.max_request_bytes, maximum=MAX_INTEGER),
+        max_request_bytes=_max_request_bytes(r, b.max_request_bytes),
         # Kafka carries it in int32 milliseconds: aiokafka fails only when it encodes a request,
         # and below 1 ms it was 0 ms, a timeout every request hit at once, retried for ever
         request_timeout_s=r.number(
@@ -549,6 +553,20 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
     )
     r.done()
     return settings
+
+
+def _max_request_bytes(r: _Reader, default: int) -> int:
+    """At least :data:`MIN_REQUEST_BYTES`: a smaller limit is met by no event, and the error
+    says so (the range alone reads as an arbitrary rule)."""
+    try:
+        return r.integer(
+            "max_request_bytes", default, minimum=MIN_REQUEST_BYTES, maximum=MAX_INTEGER
+        )
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc} (every event is a few hundred bytes as a Kafka record: a smaller limit"
+            " dead-letters them all as too large)"
+        ) from None
 
 
 def _bootstrap_servers(r: _Reader) -> str:
