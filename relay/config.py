@@ -670,7 +670,14 @@ def _sqlite_problem(url: str) -> str | None:
         path = path_from_url(url)
     except StoreError:
         path = Path()
-    if path is not None and (url.endswith("/") or path == Path() or path.is_dir()):
+    if path is None:
+        # a relay whose state is lost at exit: after a restart every stream started again from
+        # start_from and the sinks sent it all again; the state is there to survive restarts
+        return (
+            "expected sqlite:///path/to/state.db (an in-memory state is lost when the relay"
+            " stops: it must survive restarts)"
+        )
+    if url.endswith("/") or path == Path() or path.is_dir():
         return "expected sqlite:///path/to/state.db (the path of a database file)"
     return None
 

@@ -1319,6 +1319,18 @@ def test_sqlite_state_naming_a_directory_is_refused(tmp_path: Path) -> None:
         load(write(tmp_path, text), environ={"KEY": "k"})
 
 
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://:memory:"])
+def test_in_memory_sqlite_state_is_refused(tmp_path: Path, url: str) -> None:
+    """An in-memory state loaded and ran, then was lost at exit (every stream started again
+    from start_from, every event sent again): refused at load, naming state."""
+    with pytest.raises(
+        ConfigError,
+        match=r"state: expected sqlite:///path/to/state\.db \(an in-memory state is lost when"
+        r" the relay stops: it must survive restarts\), got 'sqlite://",
+    ):
+        load(write(tmp_path, MINIMAL + f"state: '{url}'"), environ={"KEY": "k"})
+
+
 @pytest.mark.parametrize(
     "url",
     [
