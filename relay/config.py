@@ -296,6 +296,8 @@ class Settings:
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
     """Read, interpolate, override and validate a config file."""
     env = os.environ if environ is None else environ
+    if path == "":  # Path("") is ".": it was "cannot read config file: Is a directory"
+        raise ConfigError("config file: the path is empty (expected the path of a YAML file)")
     source = Path(path)
     try:
         text = source.read_text(encoding="utf-8")

@@ -411,6 +411,13 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         load(tmp_path / "nope.yaml", environ={})
 
 
+def test_an_empty_path_says_it_is_empty() -> None:
+    """An empty config path (``--config ""``) says so; it read as the directory ".": "cannot
+    read config file: Is a directory"."""
+    with pytest.raises(ConfigError, match=r"^config file: the path is empty \(expected"):
+        load("", environ={})
+
+
 def test_secrets_never_render() -> None:
     """repr and str of a Secret and of settings holding one never show the value."""
     secret = Secret("s3cr3t-value")
