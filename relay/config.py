@@ -296,15 +296,8 @@ class Settings:
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
     """Read, interpolate, override and validate a config file."""
     env = os.environ if environ is None else environ
-    if path == "":  # Path("") is ".": it was "cannot read config file: Is a directory"
-        raise ConfigError("config file: the path is empty (expected the path of a YAML file)")
     source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start + 1})") from None
+    text = _read(path)
     try:
         raw = yaml.load(text, _Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
@@ -339,6 +332,19 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
         if exc.environment:
             raise
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _read(path: str | Path) -> str:
+    """The config file's text; errors name the file."""
+    if path == "":  # Path("") is ".": it was "cannot read config file: Is a directory"
+        raise ConfigError("config file: the path is empty (expected the path of a YAML file)")
+    source = Path(path)
+    try:
+        return source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start + 1})") from None
 
 
 def from_mapping(
