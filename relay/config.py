@@ -53,6 +53,10 @@ DEFAULT_OUTBOX_RETENTION_H = 168.0
 # timers (timedelta) and protocol fields (Kafka's int32) they end up in.
 MAX_NUMBER = 1e9
 MAX_INTEGER = 2**31 - 1
+# The smallest kafka.max_request_bytes: the smallest event is ~380 bytes as a record (its ce_*
+# headers alone take ~300), ~450 structured; under that every event was dead-lettered as too
+# large. Kafka's clients accept any size; this floor leaves room for the longest ids and sources.
+MIN_REQUEST_BYTES = 1024
 MAX_WEBHOOKS = 10_000  # the most webhooks.max_webhooks may be: a worker per webhook
 # What unsets a key that is not a string, as text (override variables are text); YAML's spellings.
 NULL_WORDS = frozenset({"null", "Null", "NULL", "~"})
@@ -293,12 +297,7 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
     """Read, interpolate, override and validate a config file."""
     env = os.environ if environ is None else environ
     source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start + 1})") from None
+    text = _read(path)
     try:
         raw = yaml.load(text, _Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
@@ -333,6 +332,19 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
         if exc.environment:
             raise
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _read(path: str | Path) -> str:
+    """The config file's text; errors name the file."""
+    if path == "":  # Path("") is ".": it was "cannot read config file: Is a directory"
+        raise ConfigError("config file: the path is empty (expected the path of a YAML file)")
+    source = Path(path)
+    try:
+        return source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start + 1})") from None
 
 
 def from_mapping(
@@ -530,7 +542,7 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
         # Kafka's int32 fields, their whole range named in an error whichever end is crossed
         linger_ms=r.integer("linger_ms", b.linger_ms, minimum=0, maximum=MAX_INTEGER),
         max_batch_bytes=r.integer("max_batch_bytes", b.max_batch_bytes, maximum=MAX_INTEGER),
-        max_request_bytes=r.integer("max_request_bytes", b.max_request_bytes, maximum=MAX_INTEGER),
+        max_request_bytes=_max_request_bytes(r, b.max_request_bytes),
         # Kafka carries it in int32 milliseconds: aiokafka fails only when it encodes a request,
         # and below 1 ms it was 0 ms, a timeout every request hit at once, retried for ever
         request_timeout_s=r.number(
@@ -549,6 +561,20 @@ def _kafka(root: _Reader) -> KafkaSettings | None:
     )
     r.done()
     return settings
+
+
+def _max_request_bytes(r: _Reader, default: int) -> int:
+    """At least :data:`MIN_REQUEST_BYTES`: a smaller limit is met by no event, and the error
+    says so (the range alone reads as an arbitrary rule)."""
+    try:
+        return r.integer(
+            "max_request_bytes", default, minimum=MIN_REQUEST_BYTES, maximum=MAX_INTEGER
+        )
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc} (every event is a few hundred bytes as a Kafka record: a smaller limit"
+            " dead-letters them all as too large)"
+        ) from None
 
 
 def _bootstrap_servers(r: _Reader) -> str:
@@ -652,7 +678,14 @@ def _sqlite_problem(url: str) -> str | None:
         path = path_from_url(url)
     except StoreError:
         path = Path()
-    if path is not None and (url.endswith("/") or path == Path() or path.is_dir()):
+    if path is None:
+        # a relay whose state is lost at exit: after a restart every stream started again from
+        # start_from and the sinks sent it all again; the state is there to survive restarts
+        return (
+            "expected sqlite:///path/to/state.db (an in-memory state is lost when the relay"
+            " stops: it must survive restarts)"
+        )
+    if url.endswith("/") or path == Path() or path.is_dir():
         return "expected sqlite:///path/to/state.db (the path of a database file)"
     return None
 

@@ -70,6 +70,14 @@ def test_malformed_config_names_the_key(tmp_path: Path) -> None:
     assert_clean_failure(result, 2, "logging.level: expected one of debug, info, warning, error")
 
 
+def test_an_empty_config_path_says_it_is_empty() -> None:
+    """``--config ""`` exits 2 saying the path is empty (it was ".: cannot read config file:
+    Is a directory")."""
+    result = run("fetch", "campaign.opens", "--id", "1", "--config", "")
+    assert_clean_failure(result, 2, "config file: the path is empty")
+    assert "Is a directory" not in result.stderr
+
+
 def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
     """Invalid YAML exits 2 with the line and column."""
     path = tmp_path / "bad.yaml"

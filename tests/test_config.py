@@ -411,6 +411,13 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         load(tmp_path / "nope.yaml", environ={})
 
 
+def test_an_empty_path_says_it_is_empty() -> None:
+    """An empty config path (``--config ""``) says so; it read as the directory ".": "cannot
+    read config file: Is a directory"."""
+    with pytest.raises(ConfigError, match=r"^config file: the path is empty \(expected"):
+        load("", environ={})
+
+
 def test_secrets_never_render() -> None:
     """repr and str of a Secret and of settings holding one never show the value."""
     secret = Secret("s3cr3t-value")
@@ -1317,6 +1324,18 @@ def test_sqlite_state_naming_a_directory_is_refused(tmp_path: Path) -> None:
         ConfigError, match=r"state: expected sqlite:///path/to/state\.db \(the path"
     ):
         load(write(tmp_path, text), environ={"KEY": "k"})
+
+
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://:memory:"])
+def test_in_memory_sqlite_state_is_refused(tmp_path: Path, url: str) -> None:
+    """An in-memory state loaded and ran, then was lost at exit (every stream started again
+    from start_from, every event sent again): refused at load, naming state."""
+    with pytest.raises(
+        ConfigError,
+        match=r"state: expected sqlite:///path/to/state\.db \(an in-memory state is lost when"
+        r" the relay stops: it must survive restarts\), got 'sqlite://",
+    ):
+        load(write(tmp_path, MINIMAL + f"state: '{url}'"), environ={"KEY": "k"})
 
 
 @pytest.mark.parametrize(

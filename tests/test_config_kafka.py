@@ -20,7 +20,6 @@ from tests.test_config import MINIMAL, write
         pytest.param("max_batch_bytes", "0", "an integer >= 1 and <= 2147483647", id="batch-0"),
         pytest.param("max_batch_bytes", "-5", "an integer >= 1 and <= 2147483647", id="batch-neg"),
         pytest.param("max_batch_bytes", "2147483648", "an integer >= 1 and <= 2147483647", id="b"),
-        pytest.param("max_request_bytes", "0", "an integer >= 1 and <= 2147483647", id="request"),
         pytest.param("request_timeout_s", "0", "a number >= 0.001 and <= 2147483", id="rto-0"),
         pytest.param("request_timeout_s", "-1", "a number >= 0.001 and <= 2147483", id="rto-neg"),
         pytest.param(
@@ -42,12 +41,29 @@ def test_out_of_range_values_name_the_key_and_the_range(
         load(write(tmp_path, text), environ={"KEY": "k"})
 
 
+@pytest.mark.parametrize("value", ["0", "1", "377", "1023"])
+def test_a_request_limit_no_event_fits_is_refused_with_the_reason(
+    tmp_path: Path, value: str
+) -> None:
+    """max_request_bytes under 1024 (1 loaded, then every event was dead-lettered as too
+    large: the smallest is ~380 bytes as a record) stops the load, saying why."""
+    text = MINIMAL + f"kafka: {{bootstrap_servers: b, max_request_bytes: {value}}}\n"
+    expected = (
+        rf"kafka\.max_request_bytes: expected an integer >= 1024 and <= 2147483647, got {value}"
+        r" \(every event is a few hundred bytes as a Kafka record: a smaller limit dead-letters"
+        r" them all as too large\)$"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        load(write(tmp_path, text), environ={"KEY": "k"})
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [
         ("linger_ms", "0"),
         ("linger_ms", "2147483647"),
         ("max_batch_bytes", "1"),
+        ("max_request_bytes", "1024"),
         ("max_request_bytes", "2147483647"),
         ("request_timeout_s", "0.001"),
         ("request_timeout_s", "2147483"),

@@ -157,6 +157,8 @@ class CtctClient:
             "Accept": "application/json",
             "Authorization": f"Bearer {credentials.access_token}",
         }
+        # Attempts made, including those that never left (refused, not buildable): the quota
+        # and a pass's count (``counting_requests``) get those back; this total does not.
         self.requests_sent = 0
 
     async def pages(
