@@ -40,6 +40,8 @@ _MAX_REPEAT = 0.95  # reopen/reclick are chained chances; 1.0 would never stop
 
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario YAML file."""
+    if path == "":  # Path("") is ".": it was "cannot read: Is a directory"
+        raise ScenarioError("scenario file: the path is empty (expected the path of a YAML file)")
     source = Path(path)
     try:
         text = source.read_text(encoding="utf-8")

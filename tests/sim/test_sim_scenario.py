@@ -164,6 +164,12 @@ def test_missing_file_is_a_scenario_error(tmp_path: Path) -> None:
         load_scenario(tmp_path / "absent.yaml")
 
 
+def test_an_empty_path_says_it_is_empty() -> None:
+    """An empty path (``sim --config ""``) says so, not that "." is a directory."""
+    with pytest.raises(ScenarioError, match=r"^scenario file: the path is empty"):
+        load_scenario("")
+
+
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     """A YAML list at the top level is rejected with the file name."""
     path = tmp_path / "list.yaml"
