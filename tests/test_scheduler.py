@@ -1040,68 +1040,41 @@ PASS_ENDINGS = [
 
 
 @pytest.mark.parametrize("error", PASS_ENDINGS)
-@pytest.mark.parametrize("running", [None, 1000], ids=["no-replay", "replaying"])
+@pytest.mark.parametrize(
+    "running",
+    [None, 1000, 86_400_000],
+    ids=["no-replay", "replaying", "the-same-replay-asked-again"],
+)
 async def test_a_replay_asked_for_while_a_pass_runs_is_not_put_off(
-    tmp_path: Path, error: Exception | None, running: int | None
+    any_store: Store, error: Exception | None, running: int | None
 ) -> None:
     """A replay requested while a pass of its stream runs leaves the stream due once that pass
-    ends (finished, failed or deferred), whether the pass was a replay itself or not: it waited
-    for the next planned pass (up to max_interval_s, 6 h), and `replay --wait` with it."""
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
-    await store.open()
-    try:
-        now = 1_763_000_000_000
-        await store.ensure_streams([StreamKey("acme", "campaign", "123")], now)
-        sid = (await store.streams("acme"))[0].id
-        if running is not None:
-            await store.request_replay([sid], now - running, now)
-        poller = BlockedFailingPoller(error)
-        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
-        settings = ScheduleSettings(min_interval_s=3600, error_backoff_s=3600)
-        scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: now)
-        await scheduler.tick()
-        await asyncio.wait_for(poller.waiting.wait(), 5)
-        await store.request_replay([sid], now - 86_400_000, now)
-        poller.go.set()
-        await scheduler.wait_idle()
-        assert poller.replays == [(sid, None if running is None else now - running)]
-        assert await store.due_streams(now, 10) == [sid]
-        replay = await store.stream_replay(sid)
-        assert replay is not None
-        assert replay.since_ms == now - 86_400_000
-        await scheduler.tick()  # the next tick starts the replay
-        await scheduler.wait_idle()
-        assert poller.replays[1:] == [(sid, now - 86_400_000)]
-    finally:
-        await store.close()
-
-
-@pytest.mark.parametrize("error", PASS_ENDINGS)
-async def test_a_replay_asked_again_while_a_pass_runs_it_is_taken_by_the_next_pass(
-    any_store: Store, error: Exception | None
-) -> None:
-    """The same replay asked for again (same since) while a pass runs the first request is kept
-    for the next pass, due once this one ends: the running pass's end cleared the new request
-    with its own (they carried the same time), and the stream waited for its planned pass."""
+    ends (finished, failed or deferred), whether the pass was a replay itself or not, even the
+    same replay asked again (same since: the running pass's end cleared it with its own): it
+    waited for the next planned pass (up to max_interval_s, 6 h), and `replay --wait` with it."""
     store = any_store
     now = 1_763_000_000_000
     await store.ensure_streams([StreamKey("acme", "campaign", "123")], now)
     sid = (await store.streams("acme"))[0].id
-    await store.request_replay([sid], now - 86_400_000, now)
+    if running is not None:
+        await store.request_replay([sid], now - running, now)
     poller = BlockedFailingPoller(error)
     runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
     settings = ScheduleSettings(min_interval_s=3600, error_backoff_s=3600)
     scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: now)
     await scheduler.tick()
     await asyncio.wait_for(poller.waiting.wait(), 5)
-    await store.request_replay([sid], now - 86_400_000, now)  # asked again meanwhile
+    await store.request_replay([sid], now - 86_400_000, now)
     poller.go.set()
     await scheduler.wait_idle()
-    assert await store.stream_replay(sid) is not None
+    assert poller.replays == [(sid, None if running is None else now - running)]
     assert await store.due_streams(now, 10) == [sid]
-    await scheduler.tick()
+    replay = await store.stream_replay(sid)
+    assert replay is not None
+    assert replay.since_ms == now - 86_400_000
+    await scheduler.tick()  # the next tick starts the replay
     await scheduler.wait_idle()
-    assert poller.replays == [(sid, now - 86_400_000)] * 2
+    assert poller.replays[1:] == [(sid, now - 86_400_000)]
 
 
 async def test_a_replica_clock_ahead_keeps_a_stored_pause_until_the_database_ends_it(
