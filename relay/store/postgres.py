@@ -1329,14 +1329,18 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def removed_targets(self, account: str) -> set[StreamKey]:
+    async def _targets(self, table: str, account: str) -> set[StreamKey]:
+        """The account's targets listed in ``table`` (removed_targets or added_targets)."""
+
         async def run(conn: Connection) -> set[StreamKey]:
-            rows = await conn.fetch(
-                "SELECT scope, resource_id FROM removed_targets WHERE account = $1", account
-            )
+            query = f"SELECT scope, resource_id FROM {table} WHERE account = $1"  # noqa: S608 - constant table names
+            rows = await conn.fetch(query, account)
             return {StreamKey(account, str(s), str(r)) for s, r in rows}
 
         return await self.transaction(run)
+
+    async def removed_targets(self, account: str) -> set[StreamKey]:
+        return await self._targets("removed_targets", account)
 
     async def add_targets(self, keys: Sequence[StreamKey], now_ms: int) -> None:
         cols = _key_columns(keys)
@@ -1358,13 +1362,7 @@ class PostgresStore:
         await self.transaction(run)
 
     async def added_targets(self, account: str) -> set[StreamKey]:
-        async def run(conn: Connection) -> set[StreamKey]:
-            rows = await conn.fetch(
-                "SELECT scope, resource_id FROM added_targets WHERE account = $1", account
-            )
-            return {StreamKey(account, str(s), str(r)) for s, r in rows}
-
-        return await self.transaction(run)
+        return await self._targets("added_targets", account)
 
     async def stream_stats(self) -> dict[str, StreamStats]:
         async def run(conn: Connection) -> dict[str, StreamStats]:

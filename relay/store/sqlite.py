@@ -1276,14 +1276,20 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def removed_targets(self, account: str) -> set[StreamKey]:
+    async def _targets(self, table: str, account: str) -> set[StreamKey]:
+        """The account's targets listed in ``table`` (removed_targets or added_targets)."""
+
         def run(conn: sqlite3.Connection) -> set[StreamKey]:
             rows = conn.execute(
-                "SELECT scope, resource_id FROM removed_targets WHERE account = ?", (account,)
+                f"SELECT scope, resource_id FROM {table} WHERE account = ?",  # noqa: S608 - constant table names
+                (account,),
             )
             return {StreamKey(account, str(s), str(r)) for s, r in rows}
 
         return await self._run(run)
+
+    async def removed_targets(self, account: str) -> set[StreamKey]:
+        return await self._targets("removed_targets", account)
 
     async def add_targets(self, keys: Sequence[StreamKey], now_ms: int) -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -1303,13 +1309,7 @@ class SqliteStore:
         await self._run(run)
 
     async def added_targets(self, account: str) -> set[StreamKey]:
-        def run(conn: sqlite3.Connection) -> set[StreamKey]:
-            rows = conn.execute(
-                "SELECT scope, resource_id FROM added_targets WHERE account = ?", (account,)
-            )
-            return {StreamKey(account, str(s), str(r)) for s, r in rows}
-
-        return await self._run(run)
+        return await self._targets("added_targets", account)
 
     async def stream_stats(self) -> dict[str, StreamStats]:
         def run(conn: sqlite3.Connection) -> dict[str, StreamStats]:
