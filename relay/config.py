@@ -1140,8 +1140,9 @@ class _Reader:
             return
         where = self._path or "top level"
         sources = [self._origins.get(self.key(str(k)), self._origin) for k in unknown]
+        names = [k if isinstance(k, str) else _yaml_text(k) for k in unknown]  # `~:` is null
         listed = ", ".join(
-            f"{k} (from {var})" if var else str(k) for k, var in zip(unknown, sources, strict=True)
+            f"{k} (from {var})" if var else k for k, var in zip(names, sources, strict=True)
         )
         message = f"{where}: unknown key(s) {listed}"
         if any(sources):

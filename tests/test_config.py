@@ -74,6 +74,22 @@ def test_unknown_keys_are_refused(tmp_path: Path) -> None:
         load(write(tmp_path, text), environ={})
 
 
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [
+        pytest.param("~", "null", id="null"),
+        pytest.param("true", "true", id="bool"),
+        pytest.param("3", "3", id="int"),
+    ],
+)
+def test_unknown_keys_are_named_as_yaml_writes_them(tmp_path: Path, key: str, shown: str) -> None:
+    """An unknown key YAML reads as null, a bool or a number is named as written, not as Python
+    prints it (``None``, ``True``)."""
+    text = EXAMPLE.read_text().replace("  level: info", f"  level: info\n  {key}: 1")
+    with pytest.raises(ConfigError, match=rf"logging: unknown key\(s\) {shown}$"):
+        load(write(tmp_path, text), environ={})
+
+
 def test_env_interpolation_and_defaults(tmp_path: Path) -> None:
     """${NAME} is replaced from the environment, ${NAME:-x} falls back to x."""
     settings = load(write(tmp_path, MINIMAL), environ={"KEY": "k-123"})
