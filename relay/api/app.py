@@ -156,13 +156,15 @@ def create_admin_app(
     async def serve_openapi(_request: web.Request) -> web.Response:
         return web.Response(body=document, content_type="application/json", charset="utf-8")
 
-    app.router.add_get("/healthz", _healthz, allow_head=False)
-    app.router.add_get("/readyz", _readyz, allow_head=False)
-    app.router.add_get("/openapi.json", serve_openapi, allow_head=False)
+    # HEAD too on the open routes: load balancers and uptime checks probe with it (RFC 9110
+    # wants HEAD wherever GET is served); it runs the GET handler, without the body
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/openapi.json", serve_openapi)
     if status is not None:
         app.router.add_get("/v1/status", _status_handler(status), allow_head=False)
     if metrics is not None:
-        app.router.add_get("/metrics", _metrics_handler(metrics), allow_head=False)
+        app.router.add_get("/metrics", _metrics_handler(metrics))
     app.router.add_routes(webhooks.routes())
     app.router.add_routes(streams.routes(with_status=status is None))
     return app
@@ -201,8 +203,11 @@ def _status_handler(status: StatusFn) -> Handler:
 
 @web.middleware
 async def _request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every log line of one API request carries the same request_id."""
-    with structlog.contextvars.bound_contextvars(request_id=secrets.token_hex(6)):
+    """Every log line of one API request carries the same request_id and the peer's address
+    (there is no access log: who read a secret or changed a webhook is in these lines)."""
+    with structlog.contextvars.bound_contextvars(
+        request_id=secrets.token_hex(6), peer=request.remote
+    ):
         return await handler(request)
 
 

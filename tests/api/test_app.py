@@ -135,6 +135,26 @@ async def test_health_ready_and_openapi_are_open(client: Client) -> None:
     assert (await doc.json())["openapi"] == "3.1.0"
 
 
+async def test_head_on_the_open_routes_answers_as_get_does(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """Load balancers and uptime checks probe with HEAD: /healthz, /readyz and /openapi.json
+    answer it with GET's status and headers and no body (it was a 405), /readyz a 503 too
+    while the store is gone; the document lists HEAD there."""
+    own = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await own.open()
+    client = await aiohttp_client(create_admin_app(own, AdminSettings(), guard=Guard()))
+    for path in ("/healthz", "/readyz", "/openapi.json"):
+        got, head = await client.get(path), await client.head(path)
+        assert head.status == got.status == 200, path
+        assert head.headers["Content-Type"] == got.headers["Content-Type"], path
+        assert await head.read() == b"", path
+    paths = (await (await client.get("/openapi.json")).json())["paths"]
+    assert all("head" in paths[p] for p in ("/healthz", "/readyz", "/openapi.json"))
+    await own.close()
+    assert (await client.head("/readyz")).status == 503
+
+
 async def test_readyz_is_503_when_the_store_is_gone(
     aiohttp_client: AiohttpClient, tmp_path: Path
 ) -> None:
