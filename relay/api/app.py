@@ -56,6 +56,8 @@ READ_TIMEOUT_S = STORE_WAIT_S  # the most a GET /v1/... takes, whatever the stor
 # aiohttp's default (60 s) alone outlasted the 40 s grace deploy/ gives a stopping container.
 SHUTDOWN_GRACE_S = 5.0
 _CHALLENGE = 'Bearer realm="ctct-relay"'
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = web.RequestKey("relay.request_id", str)
 
 __all__ = ["AdminConfigError", "AdminSettings", "check_exposure", "create_admin_app"]
 
@@ -204,11 +206,15 @@ def _status_handler(status: StatusFn) -> Handler:
 @web.middleware
 async def _request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every log line of one API request carries the same request_id and the peer's address
-    (there is no access log: who read a secret or changed a webhook is in these lines)."""
-    with structlog.contextvars.bound_contextvars(
-        request_id=secrets.token_hex(6), peer=request.remote
-    ):
-        return await handler(request)
+    (there is no access log: who read a secret or changed a webhook is in these lines). The
+    answer carries the id in ``X-Request-Id``, so a client's error leads to its log lines."""
+    request_id = secrets.token_hex(6)
+    request[REQUEST_ID] = request_id
+    with structlog.contextvars.bound_contextvars(request_id=request_id, peer=request.remote):
+        response = await handler(request)
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 @web.middleware
@@ -245,7 +251,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(503, message)
     except Exception:
         log.exception("api.unhandled", method=request.method, path=request.path)
-        return error_response(500, "internal error; the relay log has the details")
+        return error_response(
+            500,
+            f"internal error; the relay log has the details (request_id {request[REQUEST_ID]})",
+        )
 
 
 def _outcome(request: web.Request, exc: StoreError, budget: WaitBudget | None) -> str:

@@ -553,10 +553,15 @@ def _error_responses() -> JsonObject:
     out: JsonObject = {}
     for status, (name, text) in _ERROR_RESPONSES.items():
         response: JsonObject = _json(text, _schema("Error"))
-        if status == 401:
-            response["headers"] = {
-                "WWW-Authenticate": {"schema": {"type": "string"}, "required": True}
+        headers: JsonObject = {
+            "X-Request-Id": {
+                "schema": {"type": "string"},
+                "description": "the request_id of the relay's log lines about this request",
             }
+        }
+        if status == 401:
+            headers["WWW-Authenticate"] = {"schema": {"type": "string"}, "required": True}
+        response["headers"] = headers
         out[name] = response
     return out
 

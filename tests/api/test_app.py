@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from aiohttp import ClientResponse, web
 from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
+from relay import logs
 from relay.api import (
     AdminConfigError,
     AdminSettings,
@@ -563,6 +565,27 @@ async def test_unexpected_exception_is_logged_json_500(make_client: ClientFactor
     logged = [e for e in logs if e["event"] == "api.unhandled"]
     assert logged
     assert logged[0]["path"] == "/v1/status"
+
+
+async def test_a_500_names_the_request_id_of_its_log_lines(make_client: ClientFactory) -> None:
+    """A 500's message and its X-Request-Id header carry the request_id its traceback was
+    logged with (the message said only "the relay log has the details": which of them was
+    left to timestamps)."""
+
+    async def broken_status() -> JsonObject:
+        raise RuntimeError("kaput")
+
+    client = await make_client(status=broken_status)
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    response = await client.get("/v1/status", headers=AUTH)
+    error = await error_of(response, 500)
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    (crash,) = [line for line in lines if line["event"] == "api.unhandled"]
+    assert response.headers["X-Request-Id"] == crash["request_id"]
+    assert f"request_id {crash['request_id']}" in error["message"]
+    ok = await client.get("/healthz")
+    assert len(ok.headers["X-Request-Id"]) == 12
 
 
 async def test_status_route_serves_the_callable(make_client: ClientFactory) -> None:
