@@ -3,13 +3,14 @@
 Redaction runs as the last processor before rendering, so whatever a log call passes (an
 exception text, a URL, a header dict) is scrubbed of the configured secrets, of their obvious
 encodings (URL-quoted, base64, the key part of a ``whsec_`` secret) and of anything that looks
-like one (``api_key=…`` query values, ``Bearer …`` tokens, ``whsec_…`` webhook secrets).
+like one (``api_key=…`` query values, ``Bearer …`` tokens, ``whsec_…`` webhook secrets, a URL's
+password and query values).
 Records of libraries that log through the standard library go through the same processors
 (structlog's ``ProcessorFormatter``): the same JSON lines, redacted the same way.
 
 Every line of one poll pass carries its ``poll_id``, of one webhook delivery its ``delivery`` id,
-of one admin API request its ``request_id``: the scheduler, the dispatcher and the API bind them
-with ``bound_contextvars``, and ``merge_contextvars`` is the first processor here.
+of one admin API request its ``request_id`` and ``peer``: the scheduler, the dispatcher and the
+API bind them with ``bound_contextvars``, and ``merge_contextvars`` is the first processor here.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class Redactor:
         return _URL_QUERY.sub(_masked_query, value)
 
     def value(self, value: object) -> object:
-        """Redact strings inside dicts, lists and tuples; other values pass unchanged."""
+        """Redact strings inside dicts, lists and tuples; numbers, booleans and None pass
+        unchanged, anything else becomes its redacted ``str()``."""
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
