@@ -161,6 +161,8 @@ async def _relay(
         stack.push_async_callback(_stop_sinks, sinks)
         cursors = [FANOUT_CURSOR] + (["kafka"] if settings.kafka else [])
         metrics.watch_store(store, cursors)
+        if KAFKA_SINK in sinks.health:  # the gauge says what status says: null where not publishing
+            metrics.watch_kafka(sinks.health[KAFKA_SINK])
         view = RelayView(
             sinks=(FANOUT_SINK, KAFKA_SINK) if settings.kafka else (FANOUT_SINK,),
             redact=Redactor(settings.secrets()).text,

@@ -3,13 +3,14 @@
 Redaction runs as the last processor before rendering, so whatever a log call passes (an
 exception text, a URL, a header dict) is scrubbed of the configured secrets, of their obvious
 encodings (URL-quoted, base64, the key part of a ``whsec_`` secret) and of anything that looks
-like one (``api_key=…`` query values, ``Bearer …`` tokens, ``whsec_…`` webhook secrets).
+like one (``api_key=…`` query values, ``Bearer …`` tokens, ``whsec_…`` webhook secrets, a URL's
+password and query values).
 Records of libraries that log through the standard library go through the same processors
 (structlog's ``ProcessorFormatter``): the same JSON lines, redacted the same way.
 
 Every line of one poll pass carries its ``poll_id``, of one webhook delivery its ``delivery`` id,
-of one admin API request its ``request_id``: the scheduler, the dispatcher and the API bind them
-with ``bound_contextvars``, and ``merge_contextvars`` is the first processor here.
+of one admin API request its ``request_id`` and ``peer``: the scheduler, the dispatcher and the
+API bind them with ``bound_contextvars``, and ``merge_contextvars`` is the first processor here.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ _PATTERNS = (
     re.compile(r"(?i)(access_token=)[^&\s\"']+"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
     re.compile(r"()whsec_[A-Za-z0-9+/=]+"),
+    # the password of a URL's user info (https://user:password@host/): the user name stays
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s/?#@:\"'<>]*:)[^\s/?#@\"'<>]+(?=@)"),
 )
+# An absolute URL's query: every value is masked, as status and the webhook dispatcher show
+# webhook URLs (tokens hide in ?token=, ?sig=, ?code=…, not only in api_key=); the keys stay.
+_URL_QUERY = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s?#\"'<>]*\?)([^\s#\"'<>]+)")
+_QUERY_VALUE = re.compile(r"=[^&;]*")
 
 
 class Redactor:
@@ -54,10 +61,11 @@ class Redactor:
                 value = value.replace(secret, REDACTED)
         for pattern in _PATTERNS:
             value = pattern.sub(lambda m: m.group(1) + REDACTED, value)
-        return value
+        return _URL_QUERY.sub(_masked_query, value)
 
     def value(self, value: object) -> object:
-        """Redact strings inside dicts, lists and tuples; other values pass unchanged."""
+        """Redact strings inside dicts, lists and tuples; numbers, booleans and None pass
+        unchanged, anything else becomes its redacted ``str()``."""
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
@@ -66,12 +74,23 @@ class Redactor:
             return type(value)(self.value(v) for v in value)
         if isinstance(value, BaseException):
             return self.text(f"{type(value).__name__}: {value}")
-        return value
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        # anything else is rendered by str() or repr() (a yarl.URL, a set) or field by field
+        # (orjson writes a dataclass's fields, whatever its repr hides): redact its text here
+        return self.text(str(value))
 
     def __call__(self, _logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
         for key, item in list(event.items()):
             event[key] = self.value(item)
         return event
+
+
+def _masked_query(match: re.Match[str]) -> str:
+    """A URL's query with every value as ``***``; an item without ``=`` may be a token itself."""
+    items = match.group(2).split("&")
+    masked = [_QUERY_VALUE.sub("=" + REDACTED, i, count=1) if "=" in i else REDACTED for i in items]
+    return match.group(1) + "&".join(masked)
 
 
 def _encodings(secret: str) -> set[str]:

@@ -4,8 +4,9 @@ One :class:`Metrics` per relay, each with its own ``CollectorRegistry`` (never t
 default), so tests and several relays in one process never collide. Components get it passed
 in and call one method at the point where something happened (a request answered, a pass
 finished, a batch acknowledged, an attempt settled). Everything that is *state* rather than
-*events* (quota, outbox depth, watermark lag, rate-limit waits) is read at scrape time instead:
-:meth:`Metrics.scrape` refreshes it from the store and the limiters, so hot paths stay untouched.
+*events* (quota, outbox depth, watermark lag, rate-limit waits, the Kafka connection) is read at
+scrape time instead: :meth:`Metrics.scrape` refreshes it from the store, the limiters and the
+Kafka sink's health, so hot paths stay untouched.
 
 Labels are bounded on purpose: account names come from the config, endpoints from the catalogue,
 kinds and scopes are enums; no stream, campaign, contact or webhook id is ever a label.
@@ -24,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -82,6 +83,7 @@ class PassView(Protocol):
     fetched: int
     new: int
     skipped_records: int
+    replayed: int
 
 
 @dataclass
@@ -145,6 +147,12 @@ class Metrics:
             ["account"],
             registry=r,
         )
+        self.events_replayed = Counter(
+            "ctct_relay_events_replayed",
+            "Known activities a replay read again and committed again (same event ids).",
+            ["account"],
+            registry=r,
+        )
         self.records_skipped = Counter(
             "ctct_relay_records_skipped",
             "Activity records left out because they could not be read (poll.bad_record).",
@@ -163,12 +171,10 @@ class Metrics:
             buckets=_REQUEST_BUCKETS,
             registry=r,
         )
-        self.kafka_up = Gauge(
-            "ctct_relay_kafka_connected",
-            "1 while this process's Kafka producer is connected (on the replica publishing to"
-            " Kafka), else 0.",
-            registry=r,
-        )
+        # ctct_relay_kafka_connected is scrape-time state: a gauge that said 0 on every replica
+        # not publishing (and on a relay without Kafka) made "== 0" alerts fire for ever
+        self._kafka_connected: bool | None = None  # as the sink last reported it
+        self._kafka_health: Callable[[], tuple[bool | None, str | None]] | None = None
         self._webhook_counters: dict[str, Counter] = {}
         self.webhook_attempts = Counter(
             "ctct_relay_webhook_attempts",
@@ -196,7 +202,7 @@ class Metrics:
         self._limiters: dict[str, tuple[LimiterView, str]] = {}  # account -> (limiter, budget)
         self._store: Store | None = None
         self._sinks: tuple[str, ...] = ()
-        r.register(_StateCollector(self._state))
+        r.register(_StateCollector(self._state, self._kafka_connection))
 
     # wiring, once at start-up
 
@@ -205,10 +211,21 @@ class Metrics:
         api_key's ``budget`` (``key:<hex>``), the same numbers for every account of the key."""
         self._limiters[account] = (limiter, budget)
 
+    def watch_kafka(self, health: Callable[[], tuple[bool | None, str | None]]) -> None:
+        """Report the Kafka sink's connection at every scrape as ``/v1/status`` does: ``health``
+        says None where this process does not publish (another replica holds the sink)."""
+        self._kafka_health = health
+
     def watch_store(self, store: Store, sinks: Sequence[str]) -> None:
         """Report outbox depth of ``sinks`` (cursor names) and watermark lag at every scrape."""
         self._store = store
         self._sinks = tuple(sinks)
+
+    def _kafka_connection(self) -> bool | None:
+        """Whether this process's Kafka producer is connected; None where it does not publish."""
+        if self._kafka_health is not None:
+            return self._kafka_health()[0]
+        return self._kafka_connected
 
     # one-line hooks for the components
 
@@ -227,7 +244,10 @@ class Metrics:
         self.passes.labels(account, result).inc()
         self.events_fetched.labels(account).inc(outcome.fetched)
         self.events_new.labels(account).inc(outcome.new)
-        dropped = outcome.fetched - outcome.new
+        # a replay commits known activities again: re-emitted, not dropped
+        if outcome.replayed:
+            self.events_replayed.labels(account).inc(outcome.replayed)
+        dropped = outcome.fetched - outcome.new - outcome.replayed
         self.events_deduplicated.labels(account).inc(max(0, dropped))
         if outcome.skipped_records:
             self.records_skipped.labels(account).inc(outcome.skipped_records)
@@ -242,8 +262,9 @@ class Metrics:
         self.kafka_publish.observe(time.perf_counter() - started)
 
     def kafka_connected(self, connected: bool) -> None:
-        """The Kafka sink connected to the cluster (topics checked) or lost it."""
-        self.kafka_up.set(1 if connected else 0)
+        """The Kafka sink connected to the cluster (topics checked) or lost it (read when no
+        :meth:`watch_kafka` health is watched)."""
+        self._kafka_connected = connected
 
     def kafka_published(self, events: Iterable[OutboxEvent]) -> None:
         """The broker acknowledged ``events`` and the cursor moved past them (dead-lettered
@@ -358,8 +379,9 @@ class Metrics:
 class _StateCollector(Collector):
     """Renders the scrape-time state; labels are accounts, sinks, scopes and kinds only."""
 
-    def __init__(self, state: _State) -> None:
+    def __init__(self, state: _State, kafka_connected: Callable[[], bool | None]) -> None:
         self._state = state
+        self._kafka_connected = kafka_connected  # read live: the sink's flag, no store read
 
     def describe(self) -> Iterable[Metric]:
         return list(self.collect())  # families without samples: no store read needed
@@ -429,6 +451,14 @@ class _StateCollector(Collector):
             "Smallest now-minus-watermark over active streams, per stream scope and feed kind.",
             ["scope", "kind"],
             dict(s.lag_min_s),
+        )
+        yield _gauge(
+            "ctct_relay_kafka_connected",
+            "1 while this process's Kafka producer is connected and the broker answers, else 0;"
+            " no sample where this process does not publish to Kafka (another replica does, or"
+            " no Kafka is configured).",
+            [],
+            {} if (kafka := self._kafka_connected()) is None else {(): float(kafka)},
         )
         if s.store_up is not None:
             yield _gauge(

@@ -584,6 +584,13 @@ class Scheduler:
         return rps
 
     async def _pass(self, runtime: AccountRuntime, stream_id: int) -> None:
+        # every line of one pass carries its poll id and account (and the stream once it is
+        # read), its failure on the store included: that line is written out here
+        poll_id = secrets.token_hex(6)
+        with structlog.contextvars.bound_contextvars(account=runtime.name, poll_id=poll_id):
+            await self._pass_logged(runtime, stream_id)
+
+    async def _pass_logged(self, runtime: AccountRuntime, stream_id: int) -> None:
         try:
             await self._polled(runtime, stream_id)
         except StoreError as exc:
@@ -611,9 +618,7 @@ class Scheduler:
         if stream.key.account != runtime.name or stream.retired or stream.paused:
             return
         replay = await self._store.stream_replay(stream_id)
-        # every line of one pass carries its poll id (and the stream), to grep one pass out
-        poll_id = secrets.token_hex(6)
-        with structlog.contextvars.bound_contextvars(stream=str(stream.key), poll_id=poll_id):
+        with structlog.contextvars.bound_contextvars(stream=str(stream.key)):
             try:
                 # reads by time no more often than the account's budget pays for (see
                 # repeat_interval_s): they must not crowd out first reads of new activity

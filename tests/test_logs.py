@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import logging
 from pathlib import Path
 from urllib.parse import quote
 
 import orjson
+import pytest
 import structlog
+import yarl
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
@@ -40,8 +43,63 @@ def test_configured_secrets_and_secret_shapes_are_redacted() -> None:
     for secret in ("key-abc123", "tok-xyz789", "other-key", "whsec_c2VjcmV0"):
         assert secret not in text
     line = orjson.loads(text.splitlines()[-1])
-    assert line["url"].endswith("api_key=***&limit=5")
+    assert line["url"].endswith("api_key=***&limit=***")  # a URL's query values: all of them
     assert line["event"] == "request"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        pytest.param(
+            "POST https://crm:s3cr3t-pw@hooks.example.com/in failed",
+            "POST https://crm:***@hooks.example.com/in failed",
+            id="user-info-password",
+        ),
+        pytest.param(
+            "ClientResponseError: 500, url='https://hooks.example.com/in?token=t0k3n&v=2'",
+            "ClientResponseError: 500, url='https://hooks.example.com/in?token=***&v=***'",
+            id="query-values",
+        ),
+        pytest.param(
+            "https://hooks.example.com/in?t0k3n#frag",
+            "https://hooks.example.com/in?***#frag",
+            id="bare",
+        ),
+        pytest.param("limit=5&offset=10 of 12", "limit=5&offset=10 of 12", id="not-a-url"),
+    ],
+)
+def test_url_passwords_and_query_values_are_redacted(text: str, shown: str) -> None:
+    """A URL's password and its query values (where webhook URLs carry tokens: ?token=, ?sig=)
+    are replaced by *** in every log line, configured or not; the keys and the rest stay."""
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    structlog.get_logger("t").warning("webhook.failed", error=text)
+    assert orjson.loads(out.getvalue())["error"] == shown
+
+
+@dataclasses.dataclass
+class _Credentials:
+    api_key: str
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_values_rendered_from_objects_are_redacted(fmt: str) -> None:
+    """A value that is no string (a yarl.URL, a dataclass orjson writes field by field, a set)
+    is redacted in the text it is rendered as: it reached the output whole before."""
+    out = io.StringIO()
+    logs.configure("info", fmt, secrets=["key-abc123"], stream=out)
+    structlog.get_logger("t").warning(
+        "request",
+        url=yarl.URL("https://api.example.com/v2/x?api_key=key-abc123"),
+        credentials=_Credentials("key-abc123"),
+        keys={"key-abc123"},
+        attempts=3,
+    )
+    text = out.getvalue()
+    assert "key-abc123" not in text
+    assert "attempts" in text
+    if fmt == "json":
+        assert orjson.loads(text)["attempts"] == 3  # numbers stay numbers
 
 
 def test_stdlib_logging_of_libraries_is_redacted_too() -> None:
@@ -254,6 +312,44 @@ async def test_every_line_of_an_admin_request_carries_its_request_id(
     ids = [line["request_id"] for line in lines if line["event"] == "api.unauthorized"]
     assert len(ids) == 2
     assert len(set(ids)) == 2
+
+
+async def test_admin_lines_name_the_webhook_and_the_peer(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """Registering, reading the secret of and deleting a webhook each leave a line with the
+    webhook's id under ``webhook`` (the key the dispatcher's lines use) and the peer's address
+    (there is no access log); a refused token names the peer too."""
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    token = "a-admin-token-7c1e9a"
+    auth = {"Authorization": f"Bearer {token}"}
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        app = create_admin_app(store, AdminSettings(token=token), guard=Guard())
+        client = await aiohttp_client(app)
+        resp = await client.post(
+            "/v1/webhooks",
+            json={
+                "url": "https://93.184.216.34/hook",
+                "event_types": ["com.constantcontact.email.*"],
+            },
+            headers=auth,
+        )
+        assert resp.status == 201, await resp.text()
+        hook_id = (await resp.json())["id"]
+        assert (await client.get(f"/v1/webhooks/{hook_id}/secret", headers=auth)).status == 200
+        assert (await client.delete(f"/v1/webhooks/{hook_id}", headers=auth)).status == 204
+        resp = await client.get("/v1/webhooks", headers={"Authorization": "Bearer wrong"})
+        assert resp.status == 401
+    finally:
+        await store.close()
+    lines = {line["event"]: line for line in map(orjson.loads, out.getvalue().splitlines())}
+    for event in ("webhook.created", "webhook.secret_read", "webhook.deleted"):
+        assert lines[event]["webhook"] == hook_id, event
+        assert lines[event]["peer"] == "127.0.0.1", event
+    assert lines["api.unauthorized"]["peer"] == "127.0.0.1"
 
 
 MALFORMED = {

@@ -247,3 +247,53 @@ async def test_scrape_shows_an_open_circuit() -> None:
     got = samples(await metrics.scrape())
     assert got[("ctct_relay_circuit_open", ACME)] == 1
     assert got[("ctct_relay_circuit_failures", ACME)] == 10
+
+
+def test_activities_a_replay_commits_again_are_not_counted_as_dropped() -> None:
+    """A replay re-reads known activities and commits them again (same ids, published again):
+    they count as replayed, not as deduplicated, which says read again and dropped."""
+    metrics = Metrics()
+    metrics.pass_finished("acme", PassOutcome(fetched=10, new=2, replayed=7))
+    value = metrics.registry.get_sample_value
+    assert value("ctct_relay_events_new_total", {"account": "acme"}) == 2
+    assert value("ctct_relay_events_replayed_total", {"account": "acme"}) == 7
+    assert value("ctct_relay_events_deduplicated_total", {"account": "acme"}) == 1
+
+
+async def test_kafka_connected_only_where_this_process_publishes() -> None:
+    """ctct_relay_kafka_connected says what /v1/status says: 1 or 0 on the process publishing
+    to Kafka, and no sample on a replica that does not publish or a relay without Kafka (where
+    a 0 made every "== 0" alert fire)."""
+    without_kafka = samples(await Metrics().scrape())
+    assert ("ctct_relay_kafka_connected", ()) not in without_kafka
+    health: list[bool | None] = [None]
+    metrics = Metrics()
+    metrics.watch_kafka(lambda: (health[0], None))
+    assert ("ctct_relay_kafka_connected", ()) not in samples(await metrics.scrape())
+    health[0] = True
+    assert samples(await metrics.scrape())[("ctct_relay_kafka_connected", ())] == 1
+    health[0] = False
+    assert samples(await metrics.scrape())[("ctct_relay_kafka_connected", ())] == 0
+    reported = Metrics()  # a sink without a watched health: what it reported last
+    reported.kafka_connected(True)
+    assert reported.registry.get_sample_value("ctct_relay_kafka_connected") == 1
+
+
+@pytest.mark.parametrize(
+    ("public", "status"),
+    [pytest.param(True, 200, id="open"), pytest.param(False, 401, id="token-protected")],
+)
+async def test_head_on_metrics_answers_as_get_does_without_a_body(
+    aiohttp_client: AiohttpClient, store: Store, public: bool, status: int
+) -> None:
+    """HEAD /metrics (probes, uptime checks) gets GET's status and content type, no body; it
+    was a 405. With metrics_public false it needs the token as GET does."""
+    settings = AdminSettings(token=TOKEN, metrics_public=public)
+    app = create_admin_app(store, settings, guard=Guard(), metrics=Metrics())
+    client = await aiohttp_client(app)
+    resp = await client.head("/metrics")
+    assert resp.status == status
+    authed = await client.head("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert authed.status == 200
+    assert authed.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert await authed.read() == b""

@@ -288,6 +288,33 @@ async def test_passes_failing_on_the_store_hold_back_new_passes(tmp_path: Path) 
         await store.close()
 
 
+async def test_a_pass_failing_on_the_store_is_logged_with_its_account_and_poll_id(
+    tmp_path: Path,
+) -> None:
+    """The line of a pass that failed on the state store names the account and the pass's
+    poll_id, as the pass's other lines do, with the stream's id (it had only the stream_id: the
+    failure fell outside the pass's bound context, so grepping the poll_id or the account
+    missed it)."""
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await store.ensure_streams([StreamKey("acme", "contact", "1")], 1_763_000_000_000)
+        poller = StoreFailingPoller()
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        scheduler = Scheduler(store, [runtime], WIDE, now_ms=lambda: 1_763_000_000_000)
+        await scheduler.tick()
+        await scheduler.wait_idle()
+    finally:
+        await store.close()
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    (failed,) = [line for line in lines if line["event"] == "poll.store_error"]
+    assert failed["account"] == "acme"
+    assert failed["stream_id"] == 1
+    assert len(failed["poll_id"]) == 12
+
+
 async def test_a_pass_that_crashes_is_a_failed_pass_with_backoff(tmp_path: Path) -> None:
     """An unexpected exception from a pass is logged as poll.crashed, counted, and recorded as a
     failed pass that backs off like an upstream error, instead of leaving the stream due and

@@ -56,6 +56,8 @@ READ_TIMEOUT_S = STORE_WAIT_S  # the most a GET /v1/... takes, whatever the stor
 # aiohttp's default (60 s) alone outlasted the 40 s grace deploy/ gives a stopping container.
 SHUTDOWN_GRACE_S = 5.0
 _CHALLENGE = 'Bearer realm="ctct-relay"'
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = web.RequestKey("relay.request_id", str)
 
 __all__ = ["AdminConfigError", "AdminSettings", "check_exposure", "create_admin_app"]
 
@@ -156,13 +158,15 @@ def create_admin_app(
     async def serve_openapi(_request: web.Request) -> web.Response:
         return web.Response(body=document, content_type="application/json", charset="utf-8")
 
-    app.router.add_get("/healthz", _healthz, allow_head=False)
-    app.router.add_get("/readyz", _readyz, allow_head=False)
-    app.router.add_get("/openapi.json", serve_openapi, allow_head=False)
+    # HEAD too on the open routes: load balancers and uptime checks probe with it (RFC 9110
+    # wants HEAD wherever GET is served); it runs the GET handler, without the body
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/openapi.json", serve_openapi)
     if status is not None:
         app.router.add_get("/v1/status", _status_handler(status), allow_head=False)
     if metrics is not None:
-        app.router.add_get("/metrics", _metrics_handler(metrics), allow_head=False)
+        app.router.add_get("/metrics", _metrics_handler(metrics))
     app.router.add_routes(webhooks.routes())
     app.router.add_routes(streams.routes(with_status=status is None))
     return app
@@ -201,9 +205,16 @@ def _status_handler(status: StatusFn) -> Handler:
 
 @web.middleware
 async def _request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every log line of one API request carries the same request_id."""
-    with structlog.contextvars.bound_contextvars(request_id=secrets.token_hex(6)):
-        return await handler(request)
+    """Every log line of one API request carries the same request_id and the peer's address
+    (there is no access log: who read a secret or changed a webhook is in these lines). The
+    answer carries the id in ``X-Request-Id``, so a client's error leads to its log lines."""
+    request_id = secrets.token_hex(6)
+    request[REQUEST_ID] = request_id
+    with structlog.contextvars.bound_contextvars(request_id=request_id, peer=request.remote):
+        response = await handler(request)
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 @web.middleware
@@ -240,7 +251,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(503, message)
     except Exception:
         log.exception("api.unhandled", method=request.method, path=request.path)
-        return error_response(500, "internal error; the relay log has the details")
+        return error_response(
+            500,
+            f"internal error; the relay log has the details (request_id {request[REQUEST_ID]})",
+        )
 
 
 def _outcome(request: web.Request, exc: StoreError, budget: WaitBudget | None) -> str:

@@ -17,9 +17,9 @@ API_VERSION = "1.0.0"
 def document(*, with_metrics: bool = False, metrics_public: bool = True) -> JsonObject:
     """The document; ``with_metrics`` adds ``GET /metrics`` (served only by a running relay)."""
     paths: JsonObject = {
-        "/healthz": {"get": _health()},
-        "/readyz": {"get": _ready()},
-        "/openapi.json": {"get": _openapi()},
+        "/healthz": _with_head(_health()),
+        "/readyz": _with_head(_ready()),
+        "/openapi.json": _with_head(_openapi()),
         "/v1/webhooks": {"get": _list_webhooks(), "post": _create_webhook()},
         "/v1/webhooks/{webhook_id}": {
             "parameters": [_ref("parameters", "WebhookId")],
@@ -50,7 +50,7 @@ def document(*, with_metrics: bool = False, metrics_public: bool = True) -> Json
     }
     paths.update(_operations_paths())
     if with_metrics:
-        paths["/metrics"] = {"get": _metrics(metrics_public)}
+        paths["/metrics"] = _with_head(_metrics(metrics_public))
     _add_refusals(paths)
     return {
         "openapi": "3.1.0",
@@ -111,6 +111,25 @@ def _ready() -> JsonObject:
             "503": _ref("responses", "Unavailable"),
         },
     }
+
+
+def _with_head(get: JsonObject) -> JsonObject:
+    """A path served by GET and HEAD (probes of load balancers and uptime checks): HEAD answers
+    what GET does, with the same status and headers and without the body."""
+    responses = get["responses"]
+    if not isinstance(responses, dict):
+        return {"get": get}
+    head: JsonObject = {
+        **get,
+        "operationId": f"{get['operationId']}_head",
+        "summary": f"{get['summary']} (headers only)",
+        "responses": {
+            status: {"description": str(r.get("description", ""))} if "content" in r else r
+            for status, r in responses.items()
+            if isinstance(r, dict)
+        },
+    }
+    return {"get": get, "head": head}
 
 
 def _openapi() -> JsonObject:
@@ -534,10 +553,15 @@ def _error_responses() -> JsonObject:
     out: JsonObject = {}
     for status, (name, text) in _ERROR_RESPONSES.items():
         response: JsonObject = _json(text, _schema("Error"))
-        if status == 401:
-            response["headers"] = {
-                "WWW-Authenticate": {"schema": {"type": "string"}, "required": True}
+        headers: JsonObject = {
+            "X-Request-Id": {
+                "schema": {"type": "string"},
+                "description": "the request_id of the relay's log lines about this request",
             }
+        }
+        if status == 401:
+            headers["WWW-Authenticate"] = {"schema": {"type": "string"}, "required": True}
+        response["headers"] = headers
         out[name] = response
     return out
 
@@ -559,7 +583,7 @@ def _add_refusals(paths: JsonObject) -> None:
                 responses["415"] = _ref("responses", _ERROR_RESPONSES[415][0])
 
 
-_METHODS = frozenset({"get", "put", "post", "patch", "delete"})
+_METHODS = frozenset({"get", "head", "put", "post", "patch", "delete"})
 
 
 def _errors(*statuses: int, store: bool = True) -> JsonObject:

@@ -214,7 +214,7 @@ async def create_webhook(
     webhook = await _new_webhook(guard, spec, now_ms, DISABLED_BY_API)
     await _check_unregistered(store, webhook.url)
     created = await store.create_webhook(webhook, max_webhooks)
-    log.info("webhook.created", webhook_id=created.id, host=_host(created.url))
+    log.info("webhook.created", webhook=created.id, host=_host(created.url))
     return created
 
 
@@ -243,7 +243,7 @@ async def update_webhook(
         return current
     updated = dataclasses.replace(updated, updated_ms=now_ms)
     await store.update_webhook(updated, changed_fields(current, updated))
-    log.info("webhook.updated", webhook_id=webhook_id, enabled=updated.enabled)
+    log.info("webhook.updated", webhook=webhook_id, enabled=updated.enabled)
     return updated
 
 
@@ -264,7 +264,7 @@ async def rotate_secret(
         updated_ms=now_ms,
     )
     await store.update_webhook(rotated, changed_fields(current, rotated))
-    log.info("webhook.secret_rotated", webhook_id=webhook_id, grace_s=grace_s)
+    log.info("webhook.secret_rotated", webhook=webhook_id, grace_s=grace_s)
     return rotated
 
 
@@ -321,7 +321,7 @@ async def upsert_declared(
                     h for h in await store.webhooks() if normalized_url(h.url) == spec.url
                 )
             else:
-                log.info("webhook.declared", webhook_id=created.id, host=_host(created.url))
+                log.info("webhook.declared", webhook=created.id, host=_host(created.url))
                 out.append(created)
                 continue
         out.append(await _apply_declaration(store, existing, spec, now_ms))
@@ -348,7 +348,7 @@ async def _apply_declaration(
     elif not existing.enabled:
         log.warning(
             "webhook.declared_but_disabled",
-            webhook_id=existing.id,
+            webhook=existing.id,
             reason=existing.disabled_reason,
             hint=f"re-enable it with: ctct-relay webhooks update {existing.id} --enable",
         )
@@ -356,7 +356,7 @@ async def _apply_declaration(
         return existing
     updated = dataclasses.replace(updated, updated_ms=now_ms)
     await store.update_webhook(updated, changed_fields(existing, updated))
-    log.info("webhook.declared_updated", webhook_id=existing.id)
+    log.info("webhook.declared_updated", webhook=existing.id)
     return updated
 
 

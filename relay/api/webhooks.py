@@ -127,6 +127,7 @@ async def _patch(request: web.Request) -> web.Response:
 async def _delete(request: web.Request) -> web.Response:
     with _service_errors():
         await request.app[STORE].delete_webhook(_webhook_id(request))
+    log.info("webhook.deleted", webhook=_webhook_id(request))
     request.app[VIEW].webhook_changed(_webhook_id(request))
     return web.Response(status=204)
 
@@ -153,7 +154,7 @@ async def _secret_of(request: web.Request) -> web.Response:
     body.check_query(request, ())
     with _service_errors():
         hook = await request.app[STORE].webhook(_webhook_id(request))
-    log.info("webhook.secret_read", webhook_id=hook.id)  # who read it is in the access log
+    log.info("webhook.secret_read", webhook=hook.id)  # the API's lines carry the peer
     return json_response(secret_view(hook, request.app[NOW_MS]()))
 
 
@@ -182,6 +183,7 @@ async def _redeliver(request: web.Request) -> web.Response:
     store = request.app[STORE]
     with _service_errors():
         delivery = await store.redeliver(delivery_id, request.app[NOW_MS]())
+    log.info("webhook.redelivery_asked", webhook=delivery.webhook_id, delivery=delivery_id)
     request.app[VIEW].webhook_changed(delivery.webhook_id)
     return json_response(delivery_view(delivery, await store.attempts(delivery_id)), 202)
 
@@ -194,6 +196,7 @@ async def _recover(request: web.Request) -> web.Response:
         count = await request.app[STORE].recover(
             _webhook_id(request), since_ms, request.app[NOW_MS]()
         )
+    log.info("webhook.recovered", webhook=_webhook_id(request), deliveries=count)
     request.app[VIEW].webhook_changed(_webhook_id(request))
     return json_response({"deliveries": count}, 202)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from aiohttp import ClientResponse, web
 from pytest_aiohttp import AiohttpClient
 from structlog.testing import capture_logs
 
+from relay import logs
 from relay.api import (
     AdminConfigError,
     AdminSettings,
@@ -133,6 +135,26 @@ async def test_health_ready_and_openapi_are_open(client: Client) -> None:
     doc = await client.get("/openapi.json")
     assert doc.status == 200
     assert (await doc.json())["openapi"] == "3.1.0"
+
+
+async def test_head_on_the_open_routes_answers_as_get_does(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """Load balancers and uptime checks probe with HEAD: /healthz, /readyz and /openapi.json
+    answer it with GET's status and headers and no body (it was a 405), /readyz a 503 too
+    while the store is gone; the document lists HEAD there."""
+    own = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await own.open()
+    client = await aiohttp_client(create_admin_app(own, AdminSettings(), guard=Guard()))
+    for path in ("/healthz", "/readyz", "/openapi.json"):
+        got, head = await client.get(path), await client.head(path)
+        assert head.status == got.status == 200, path
+        assert head.headers["Content-Type"] == got.headers["Content-Type"], path
+        assert await head.read() == b"", path
+    paths = (await (await client.get("/openapi.json")).json())["paths"]
+    assert all("head" in paths[p] for p in ("/healthz", "/readyz", "/openapi.json"))
+    await own.close()
+    assert (await client.head("/readyz")).status == 503
 
 
 async def test_readyz_is_503_when_the_store_is_gone(
@@ -543,6 +565,27 @@ async def test_unexpected_exception_is_logged_json_500(make_client: ClientFactor
     logged = [e for e in logs if e["event"] == "api.unhandled"]
     assert logged
     assert logged[0]["path"] == "/v1/status"
+
+
+async def test_a_500_names_the_request_id_of_its_log_lines(make_client: ClientFactory) -> None:
+    """A 500's message and its X-Request-Id header carry the request_id its traceback was
+    logged with (the message said only "the relay log has the details": which of them was
+    left to timestamps)."""
+
+    async def broken_status() -> JsonObject:
+        raise RuntimeError("kaput")
+
+    client = await make_client(status=broken_status)
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    response = await client.get("/v1/status", headers=AUTH)
+    error = await error_of(response, 500)
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    (crash,) = [line for line in lines if line["event"] == "api.unhandled"]
+    assert response.headers["X-Request-Id"] == crash["request_id"]
+    assert f"request_id {crash['request_id']}" in error["message"]
+    ok = await client.get("/healthz")
+    assert len(ok.headers["X-Request-Id"]) == 12
 
 
 async def test_status_route_serves_the_callable(make_client: ClientFactory) -> None:
