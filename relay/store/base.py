@@ -437,7 +437,7 @@ class StreamStats:
     paused: int = 0
     retired: int = 0
     replaying: int = 0
-    oldest_watermark_ms: int | None = None  # over the feeds of streams not retired
+    oldest_watermark_ms: int | None = None  # over the feeds of active streams (not paused or retired)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1370,7 +1370,8 @@ class PostgresStore:
                 str(a): int(m)
                 for a, m in await conn.fetch(
                     "SELECT s.account, MIN(w.watermark_ms) FROM watermarks w"
-                    " JOIN streams s ON s.id = w.stream_id WHERE s.retired = 0 GROUP BY s.account"
+                    " JOIN streams s ON s.id = w.stream_id WHERE s.retired = 0 AND s.paused = 0"
+                    " GROUP BY s.account"
                 )
             }
             rows = await conn.fetch(

@@ -1316,7 +1316,8 @@ class SqliteStore:
             oldest = dict(
                 conn.execute(
                     "SELECT s.account, MIN(w.watermark_ms) FROM watermarks w"
-                    " JOIN streams s ON s.id = w.stream_id WHERE s.retired = 0 GROUP BY s.account"
+                    " JOIN streams s ON s.id = w.stream_id WHERE s.retired = 0 AND s.paused = 0"
+                    " GROUP BY s.account"
                 ).fetchall()
             )
             rows = conn.execute(

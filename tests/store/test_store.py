@@ -997,7 +997,8 @@ async def test_dead_letters_listed_oldest_first_per_sink_up_to_a_limit(store: St
 
 
 async def test_stream_stats_and_pages_are_counted_in_the_store(store: Store) -> None:
-    """Per-account counts by state and oldest watermark; filtered pages with a total."""
+    """Per-account counts by state and the oldest watermark of active streams (a paused or
+    retired stream's lag is not the account's); filtered pages with a total."""
     from relay.store import StreamFilter, StreamStats
 
     keys = [StreamKey("acme", "campaign", str(i)) for i in range(5)]
@@ -1009,6 +1010,7 @@ async def test_stream_stats_and_pages_are_counted_in_the_store(store: Store) -> 
     await store.request_replay([ids[keys[3]]], T0, T0)
     await store.finish_pass(ids[keys[3]], PassResult({Kind.OPEN: T0 - 50}, {}, T0, 1.0, T0))
     await store.finish_pass(ids[keys[1]], PassResult({Kind.OPEN: T0 - 99}, {}, T0, 1.0, T0))
+    await store.finish_pass(ids[keys[0]], PassResult({Kind.OPEN: T0 - 77}, {}, T0, 1.0, T0))
     stats = await store.stream_stats()
     assert stats["acme"] == StreamStats(
         total=5, active=3, failing=1, paused=1, retired=1, replaying=1, oldest_watermark_ms=T0 - 50
