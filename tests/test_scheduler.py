@@ -37,6 +37,7 @@ from relay.store import (
     StoreError,
     Stream,
     StreamKey,
+    StreamLease,
     open_store,
 )
 from relay.store.coordination import PgCoordinator
@@ -142,6 +143,8 @@ class StandInPoller:
         stream: Stream,
         replay_from_ms: int | None = None,
         repeat_every_s: float | None = None,
+        *,
+        lease: StreamLease | None = None,
     ) -> PassOutcome:
         self.started.append((stream.id, replay_from_ms, repeat_every_s))
         self.fail()
@@ -932,6 +935,8 @@ class BlockedPoller(RecordingPoller):
         stream: Stream,
         replay_from_ms: int | None = None,
         repeat_every_s: float | None = None,
+        *,
+        lease: StreamLease | None = None,
     ) -> PassOutcome:
         self.started.append((stream.id, replay_from_ms, repeat_every_s))
         self.waiting.set()
@@ -1018,6 +1023,8 @@ class BlockedFailingPoller(BlockedPoller):
         stream: Stream,
         replay_from_ms: int | None = None,
         repeat_every_s: float | None = None,
+        *,
+        lease: StreamLease | None = None,
     ) -> PassOutcome:
         outcome = await super().run_pass(stream, replay_from_ms, repeat_every_s)
         if self.error is not None:
