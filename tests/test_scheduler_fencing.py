@@ -27,7 +27,9 @@ from tests.httpkit import serving_get
 from tests.test_scheduler_upstream import record
 
 API_KEY = "k3y-fencing-test"
-LEASE_S = 1.0
+# a's lease runs out while its pass is stuck; b's outlasts its pass on a loaded machine (no
+# renewals run here)
+LEASE_S = {"a": 2.0, "b": 30.0}
 BASE = "/v2/emailmarketing/campaigns/100/tracking/"
 SENDS = PollSettings(kinds=(Kind.SEND,), start_from="earliest")
 # one pass per test and replica: the next is planned an hour on at least
@@ -103,7 +105,7 @@ async def replicas(postgres_url: str, campaign: Campaign) -> AsyncIterator[list[
             client = CtctClient(session, credentials, limiter, retry=RetryPolicy(max_attempts=1))
             poller = Poller(client, store, "acme", SENDS)
             runtime = AccountRuntime("acme", poller, limiter, Planner(SETTINGS))
-            coordinator = PgCoordinator(store, name, PostgresSettings(lease_s=LEASE_S))
+            coordinator = PgCoordinator(store, name, PostgresSettings(lease_s=LEASE_S[name]))
             scheduler = Scheduler(store, [runtime], SETTINGS, coordinator=coordinator)
             stack.push_async_callback(scheduler.wait_idle)
             made.append(Replica(name, store, scheduler))
@@ -122,7 +124,7 @@ async def taken_over(a: Replica, b: Replica, campaign: Campaign) -> Stream:
     await a.scheduler.tick()
     await asyncio.wait_for(campaign.frozen.wait(), 5)
     campaign.arrives("c9")
-    await asyncio.sleep(LEASE_S + 0.3)
+    await asyncio.sleep(LEASE_S["a"] + 0.3)
     await b.scheduler.tick()
     await asyncio.wait_for(b.scheduler.wait_idle(), 10)
     assert campaign.sent_by("b")[-2:] == ["reports/summary", "sends"], "b did not poll it"
