@@ -955,10 +955,11 @@ async def _poll_claimed(coordinator: PgCoordinator, store: Store, poller: Poller
 
     async def one(stream_id: int) -> None:
         stream = await store.stream(stream_id)
-        outcome = await poller.run_pass(stream)
+        lease = coordinator.lease(stream_id)  # its writes fenced by the claim, as the relay's
+        outcome = await poller.run_pass(stream, lease=lease)
         polled = now_ms()
         far = polled + 86_400_000  # polled once: due again only long after the round
-        await store.finish_pass(stream.id, outcome.result(far, 0.0, polled))
+        await store.finish_pass(stream.id, outcome.result(far, 0.0, polled), lease=lease)
         await coordinator.release_streams([stream_id])
 
     while True:

@@ -7,6 +7,8 @@ the lease would expire, or when the lease ran out by this process's own clock be
 renewed at all (the process was paused: no store call decides that). The worker also gets a cheap
 check of the same clock (``Tenure.valid``) to call right before each send. A worker that fails,
 or a lost lease, never ends the process: it logs, backs off and tries to take the lease again.
+The scheduler times each stream pass's lease with a ``Tenure`` too (renewed by its own renewals):
+the pass checks it before each upstream request (``relay.store.StreamLease``).
 ``leased_job`` runs a periodic job (discovery, pruning) on the replica that gets its lease;
 ``AccountBudget`` is an api_key's shared budget as the rate limiter sees it. Replica ids are
 generated per process: nothing to configure.

@@ -25,7 +25,7 @@ import structlog
 
 from relay.ctct import catalogue
 from relay.ctct.catalogue import Scope
-from relay.ctct.client import CtctClient, Page, counting_requests
+from relay.ctct.client import CtctClient, Page, counting_requests, guarding_requests
 from relay.ctct.errors import (
     BadRequestError,
     BudgetExhaustedError,
@@ -49,7 +49,7 @@ from relay.events import (
     parse_time,
     to_millis,
 )
-from relay.store import Behind, PassResult, Store, Stream
+from relay.store import Behind, PassResult, Store, Stream, StreamLease
 
 log = structlog.get_logger(__name__)
 
@@ -201,6 +201,9 @@ class PassOutcome:
     # feeds it read whole; the scheduler pauses the key or defers the stream as for that error
     stopped: CtctError | None = None
     feeds_stopped: list[Kind] = field(default_factory=list)  # not read (whole) for that
+    # the claim the pass runs under (replicas on PostgreSQL): the fencing token of its commits
+    # and the check before each of its requests; None: not fenced (one process)
+    lease: StreamLease | None = None
 
     def result(self, next_due_ms: int, rate_per_h: float, polled_ms: int) -> PassResult:
         """What finishing this pass writes back to the stream: everything the pass carries over
@@ -263,6 +266,8 @@ class Poller:
         stream: Stream,
         replay_from_ms: int | None = None,
         repeat_every_s: float | None = None,
+        *,
+        lease: StreamLease | None = None,
     ) -> PassOutcome:
         """Poll every feed of the stream that may have news; commit what is new.
 
@@ -271,6 +276,9 @@ class Poller:
         then or later even when dedup knows it, with its usual id.
         ``repeat_every_s``: the interval of reads by time the scheduler fits into the budget
         (never below ``repeat_read_s``; None: ``repeat_read_s``).
+        ``lease``: the scheduler's claim of the stream (replicas): each commit is fenced by it
+        and each request waits on ``StreamLease.check``; either raises ``LeaseLostError`` once
+        the lease is gone, which ends the pass (what it committed stays committed).
         """
         every_s = max(self._settings.repeat_read_s, repeat_every_s or 0.0)
         outcome = PassOutcome(
@@ -278,10 +286,13 @@ class Poller:
             summary=dict(stream.summary),
             behind={k: b for k, b in stream.behind.items() if k in self._settings.kinds},
             repeat_every_ms=max(1, int(every_s * 1000)),
+            lease=lease,
         )
         # The client is the account's, shared by its concurrent passes: each pass counts the
-        # requests sent from its own task (and tasks it starts), not the client's total.
-        with counting_requests() as sent:
+        # requests sent from its own task (and tasks it starts), not the client's total, and
+        # stops its own requests once its lease ran out (a replica paused past it).
+        check = None if lease is None else lease.check
+        with counting_requests() as sent, guarding_requests(check):
             await self._read_stream(stream, replay_from_ms, outcome)
         outcome.requests = sent.requests
         return outcome
@@ -520,11 +531,13 @@ class Poller:
         for start in range(0, len(pending), size):
             chunk = pending[start : start + size]
             if outcome.replay_from_ms is None:
-                new = await self._store.commit_page(stream_id, chunk, self._now_ms())
+                new = await self._store.commit_page(
+                    stream_id, chunk, self._now_ms(), lease=outcome.lease
+                )
                 appended = new
             else:
                 new, appended = await self._store.commit_replay_page(
-                    stream_id, chunk, self._now_ms(), outcome.replay_from_ms
+                    stream_id, chunk, self._now_ms(), outcome.replay_from_ms, lease=outcome.lease
                 )
                 outcome.replayed += appended - new
             outcome.new += new

@@ -16,6 +16,7 @@ streams with APScheduler.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import secrets
@@ -29,9 +30,10 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from relay.ctct import errors
 from relay.ctct.ratelimit import RateLimiter, next_utc_midnight
+from relay.leases import Tenure
 from relay.metrics import Metrics
 from relay.poller import PassOutcome, Poller, asks_key_to_wait
-from relay.store import ReplayRequest, Store, StoreError, Stream
+from relay.store import LeaseLostError, ReplayRequest, Store, StoreError, Stream, StreamLease
 from relay.store.coordination import Coordinator, LocalCoordinator
 
 log = structlog.get_logger(__name__)
@@ -315,6 +317,8 @@ class Scheduler:
         # leased (replicas sharing PostgreSQL)
         self._coordinator = coordinator or LocalCoordinator(store, "local")
         self._passes: dict[int, asyncio.Task[None]] = {}  # stream -> its pass in flight
+        # stream -> its pass's lease by this process's clock (replicas: see _lease)
+        self._tenures: dict[int, Tenure] = {}
         self._metrics = metrics or Metrics(now_ms)
         self._accounts = {a.name: a for a in accounts}
         self._settings = settings
@@ -466,13 +470,15 @@ class Scheduler:
                 free = min(free, 1 - len(runtime.inflight))  # one pass, whose request probes
             if free <= 0 or runtime.limiter.remaining_today <= 0:
                 continue
+            asked = time.monotonic()
             due = await self._coordinator.claim_streams(runtime.name, now, free, runtime.inflight)
             for stream_id in due:
                 if len(runtime.inflight) >= self._settings.concurrency:
                     await self._coordinator.release_streams([stream_id])
                     continue
                 runtime.inflight.add(stream_id)
-                task = asyncio.create_task(self._pass(runtime, stream_id))
+                lease = self._lease(stream_id, asked)
+                task = asyncio.create_task(self._pass(runtime, stream_id, lease))
                 self._tasks.add(task)
                 self._passes[stream_id] = task
                 task.add_done_callback(self._tasks.discard)
@@ -542,19 +548,38 @@ class Scheduler:
 
         return run
 
+    def _lease(self, stream_id: int, asked: float) -> StreamLease | None:
+        """The claim of a stream just claimed (its pass's fencing token: ``StreamLease``), held
+        by this process's clock from ``asked`` (monotonic: when the claim was asked for) as
+        renewals keep it (``Tenure``): a pass stops before a request once it ran out, as after
+        a pause past it, with no store call. None: nothing to fence (one process)."""
+        lease = self._coordinator.lease(stream_id)
+        if lease is None:
+            return None
+        tenure = Tenure(self._coordinator.lease_s, asked)
+        self._tenures[stream_id] = tenure
+        return dataclasses.replace(lease, held=tenure.valid)
+
     async def renew_leases(self) -> None:
         """Extend the leases of the streams being polled; a pass whose lease is lost (another
         replica may poll the stream now) is abandoned: what it committed stays committed."""
         held = dict(self._passes)
         if not held:
             return
+        asked = time.monotonic()
         try:
             kept = await self._coordinator.renew_streams(list(held))
         except StoreError as exc:
             log.warning("lease.renew_failed", streams=len(held), error=str(exc))
             return
         for stream_id, task in held.items():
-            if stream_id not in kept and not task.done():
+            tenure = self._tenures.get(stream_id)
+            if stream_id in kept:
+                if tenure is not None:
+                    tenure.renewed(asked)
+            elif not task.done():
+                if tenure is not None:
+                    tenure.lose()
                 log.warning("lease.lost", stream_id=stream_id)
                 task.cancel()
 
@@ -583,16 +608,27 @@ class Scheduler:
             rps *= runtime.planner.policy.total_weight / total
         return rps
 
-    async def _pass(self, runtime: AccountRuntime, stream_id: int) -> None:
+    async def _pass(
+        self, runtime: AccountRuntime, stream_id: int, lease: StreamLease | None = None
+    ) -> None:
         # every line of one pass carries its poll id and account (and the stream once it is
         # read), its failure on the store included: that line is written out here
         poll_id = secrets.token_hex(6)
         with structlog.contextvars.bound_contextvars(account=runtime.name, poll_id=poll_id):
-            await self._pass_logged(runtime, stream_id)
+            await self._pass_logged(runtime, stream_id, lease)
 
-    async def _pass_logged(self, runtime: AccountRuntime, stream_id: int) -> None:
+    async def _pass_logged(
+        self, runtime: AccountRuntime, stream_id: int, lease: StreamLease | None
+    ) -> None:
         try:
-            await self._polled(runtime, stream_id)
+            await self._polled(runtime, stream_id, lease)
+        except LeaseLostError as exc:
+            # another replica claimed the stream while this one was paused (or its renewals
+            # failed): its pass writes the stream's state now, so this one records nothing
+            # (no error, no backoff: neither the store nor the stream failed). What it
+            # committed before stays committed; its other pages are the new holder's to read.
+            self._metrics.pass_failed(runtime.name, exc)
+            log.warning("poll.lease_lost", stream_id=stream_id, error=str(exc))
         except StoreError as exc:
             # the store is unreachable or refused a write: the stream stays due, and its pages
             # committed so far stay committed; the next pass (here or elsewhere) re-reads them,
@@ -604,16 +640,22 @@ class Scheduler:
         else:
             self._store_failures = 0
         finally:
-            runtime.inflight.discard(stream_id)
-            if self._finished_during_reload is not None:
-                self._finished_during_reload.add(stream_id)
-            self._passes.pop(stream_id, None)
             try:
+                # before the stream leaves ``inflight``: a claim of it by this replica in
+                # between (its lease run out) would be the one released here
                 await self._coordinator.release_streams([stream_id])
             except StoreError as exc:  # the lease then ends by itself at its expiry
                 log.warning("lease.release_failed", stream_id=stream_id, error=str(exc))
+            finally:
+                runtime.inflight.discard(stream_id)
+                if self._finished_during_reload is not None:
+                    self._finished_during_reload.add(stream_id)
+                self._passes.pop(stream_id, None)
+                self._tenures.pop(stream_id, None)
 
-    async def _polled(self, runtime: AccountRuntime, stream_id: int) -> None:
+    async def _polled(
+        self, runtime: AccountRuntime, stream_id: int, lease: StreamLease | None = None
+    ) -> None:
         stream = await self._store.stream(stream_id)
         if stream.key.account != runtime.name or stream.retired or stream.paused:
             return
@@ -626,23 +668,23 @@ class Scheduler:
                     runtime.poller.repeat_read_s, self.budget_rps(runtime)
                 )
                 since = None if replay is None else replay.since_ms
-                outcome = await runtime.poller.run_pass(stream, since, repeat_every_s)
-                await self._finished(runtime, stream, outcome, replay)
+                outcome = await runtime.poller.run_pass(stream, since, repeat_every_s, lease=lease)
+                await self._finished(runtime, stream, outcome, replay, lease)
                 if outcome.stopped is not None:
                     # the key may not send for now: paused (or the stream deferred) as a pass
                     # ending on that error would be, with what this one read kept
                     await self._account_failed(
-                        runtime, stream, outcome.stopped, self._now_ms(), replay
+                        runtime, stream, outcome.stopped, self._now_ms(), replay, lease
                     )
             except StoreError:
                 raise  # the store failed, not the stream: _pass leaves the stream due
             except Exception as exc:
                 # a CtctError, or a defect (ours, or an upstream value nobody foresaw): uncaught,
                 # it would end the task unseen, the stream still due and claimed at every tick
-                await self._failed(runtime, stream, exc, replay)
+                await self._failed(runtime, stream, exc, replay, lease)
                 return
             if replay is not None:
-                await self._store.end_replay(stream_id, replay)
+                await self._store.end_replay(stream_id, replay, lease=lease)
                 log.info("poll.replayed", since_ms=replay.since_ms, replayed=outcome.replayed)
 
     async def _finished(
@@ -651,6 +693,7 @@ class Scheduler:
         stream: Stream,
         outcome: PassOutcome,
         replay: ReplayRequest | None,
+        lease: StreamLease | None = None,
     ) -> None:
         now = self._now_ms()
         # A first pass's rate is measured since the stream was added, so only what happened
@@ -686,7 +729,10 @@ class Scheduler:
             interval = 0.0
         # a replay asked for while the pass ran (not the one it ran) keeps the stream due
         await self._store.finish_pass(
-            stream.id, outcome.result(now + int(interval * 1000), rate, now), replay=replay
+            stream.id,
+            outcome.result(now + int(interval * 1000), rate, now),
+            replay=replay,
+            lease=lease,
         )
         self.passes += 1
         ended = outcome.stopped or failed
@@ -721,7 +767,12 @@ class Scheduler:
         return backoff * self._rng.uniform(0.5, 1.0)
 
     async def _failed(
-        self, runtime: AccountRuntime, stream: Stream, exc: Exception, replay: ReplayRequest | None
+        self,
+        runtime: AccountRuntime,
+        stream: Stream,
+        exc: Exception,
+        replay: ReplayRequest | None,
+        lease: StreamLease | None = None,
     ) -> None:
         """Record a failed pass and back off; an upstream error may also pause the account or
         retire the stream. Any other exception is a crash: logged with its traceback."""
@@ -730,7 +781,7 @@ class Scheduler:
         if isinstance(exc, errors.NotFoundError):
             if stream.consecutive_errors and (stream.last_error or "").startswith(NOT_FOUND):
                 log.warning("poll.retired", reason=str(exc))
-                await self._store.record_error(stream.id, str(exc), now, retire=True)
+                await self._store.record_error(stream.id, str(exc), now, retire=True, lease=lease)
                 runtime.planner.remove(stream.id)
                 return
             # the first 404: a failed pass like any other, retired if the next finds it gone
@@ -738,10 +789,10 @@ class Scheduler:
             delay_s = self._backoff_s(stream)
             log.warning("poll.not_found", error=str(exc), retry_in_s=round(delay_s, 1))
             await self._store.record_error(
-                stream.id, reason, now + int(delay_s * 1000), replay=replay
+                stream.id, reason, now + int(delay_s * 1000), replay=replay, lease=lease
             )
             return
-        if await self._account_failed(runtime, stream, exc, now, replay):
+        if await self._account_failed(runtime, stream, exc, now, replay, lease):
             return
         delay_s = self._backoff_s(stream)
         retry_in_s = round(delay_s, 1)
@@ -758,7 +809,7 @@ class Scheduler:
                 exc_info=exc,
             )
         due = now + int(delay_s * 1000)
-        await self._store.record_error(stream.id, reason, due, replay=replay)
+        await self._store.record_error(stream.id, reason, due, replay=replay, lease=lease)
 
     async def _budget_ran_out(
         self,
@@ -767,6 +818,7 @@ class Scheduler:
         exc: errors.CtctError,
         now: int,
         replay: ReplayRequest | None,
+        lease: StreamLease | None = None,
     ) -> None:
         """The account's budget ran out, not the stream: its error count stays as it is. A spent
         quota or a Retry-After (a 429's or a 5xx's) pauses the account (every replica honours
@@ -794,7 +846,7 @@ class Scheduler:
             delay_s = self._settings.error_backoff_s * self._rng.uniform(0.5, 1.0)
             log.warning("poll.rate_limited", error=str(exc), retry_in_s=round(delay_s, 1))
             due = now + int(delay_s * 1000)
-            await self._store.defer_stream(stream.id, due, replay=replay)
+            await self._store.defer_stream(stream.id, due, replay=replay, lease=lease)
 
     async def _account_failed(
         self,
@@ -803,6 +855,7 @@ class Scheduler:
         exc: Exception,
         now: int,
         replay: ReplayRequest | None,
+        lease: StreamLease | None = None,
     ) -> bool:
         """Pause the account or its api_key for an error that is about them, not the stream
         (a pass's, or campaign discovery's: ``stream`` None). True: the budget ran out
@@ -810,7 +863,7 @@ class Scheduler:
         if not isinstance(exc, errors.CtctError):
             return False
         if isinstance(exc, _BUDGET_ERRORS) or asks_key_to_wait(exc):
-            await self._budget_ran_out(runtime, stream, exc, now, replay)
+            await self._budget_ran_out(runtime, stream, exc, now, replay, lease)
             return True
         if isinstance(exc, errors.UnauthorizedError):
             # Credentials will not fix themselves; retry hourly so a rotated key is picked up.

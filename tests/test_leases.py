@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection, Sequence
 import pytest
 
 from relay.leases import leased_job, new_replica_id, run_leased
-from relay.store import StoreError
+from relay.store import StoreError, StreamLease
 from relay.store.coordination import Reservation
 
 
@@ -48,6 +48,9 @@ class Leases:
         return set()
 
     async def release_streams(self, stream_ids: Collection[int]) -> None:
+        return None
+
+    def lease(self, stream_id: int) -> StreamLease | None:
         return None
 
     async def reserve_request(

@@ -14,6 +14,7 @@ from typing import cast
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from relay import logs
 from relay.ctct import errors
@@ -30,6 +31,7 @@ from relay.scheduler import (
     repeat_interval_s,
 )
 from relay.store import (
+    LeaseLostError,
     PassResult,
     PostgresSettings,
     PostgresStore,
@@ -37,6 +39,7 @@ from relay.store import (
     StoreError,
     Stream,
     StreamKey,
+    StreamLease,
     open_store,
 )
 from relay.store.coordination import PgCoordinator
@@ -142,6 +145,8 @@ class StandInPoller:
         stream: Stream,
         replay_from_ms: int | None = None,
         repeat_every_s: float | None = None,
+        *,
+        lease: StreamLease | None = None,
     ) -> PassOutcome:
         self.started.append((stream.id, replay_from_ms, repeat_every_s))
         self.fail()
@@ -313,6 +318,49 @@ async def test_a_pass_failing_on_the_store_is_logged_with_its_account_and_poll_i
     assert failed["account"] == "acme"
     assert failed["stream_id"] == 1
     assert len(failed["poll_id"]) == 12
+
+
+class FencedPoller(StandInPoller):
+    """A poller whose passes end on a lost stream lease (another replica took the stream
+    over while this one was paused)."""
+
+    def fail(self) -> None:
+        raise LeaseLostError("stream 1: this pass's lease (claim 1) is gone")
+
+
+async def test_a_pass_whose_lease_was_lost_records_nothing_and_holds_nothing_back(
+    tmp_path: Path,
+) -> None:
+    """A pass ending on LeaseLostError is no failure of the store nor of the stream: logged as
+    poll.lease_lost and counted by its class, no error recorded for the stream (it is the new
+    holder's), and the next due stream's pass starts at the next tick (a store error's backoff
+    would hold every pass back)."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        clock = [1_763_000_000_000]
+        await store.ensure_streams([StreamKey("acme", "contact", str(n)) for n in (1, 2)], clock[0])
+        poller = FencedPoller()
+        runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+        metrics = Metrics(lambda: clock[0])
+        settings = ScheduleSettings(min_interval_s=1, max_interval_s=10**9, concurrency=1)
+        scheduler = Scheduler(store, [runtime], settings, now_ms=lambda: clock[0], metrics=metrics)
+        with capture_logs() as logs:
+            await scheduler.tick()
+            await scheduler.wait_idle()
+            await scheduler.tick()
+            await scheduler.wait_idle()
+        assert poller.calls == 2
+        assert [line["event"] for line in logs if line["log_level"] == "warning"] == [
+            "poll.lease_lost",
+            "poll.lease_lost",
+        ]
+        streams = await store.streams()
+        assert [(s.consecutive_errors, s.last_error) for s in streams] == [(0, None), (0, None)]
+        passes = {"account": "acme", "result": "LeaseLostError"}
+        assert metrics.registry.get_sample_value("ctct_relay_poll_passes_total", passes) == 2
+    finally:
+        await store.close()
 
 
 async def test_a_pass_that_crashes_is_a_failed_pass_with_backoff(tmp_path: Path) -> None:
@@ -959,6 +1007,8 @@ class BlockedPoller(RecordingPoller):
         stream: Stream,
         replay_from_ms: int | None = None,
         repeat_every_s: float | None = None,
+        *,
+        lease: StreamLease | None = None,
     ) -> PassOutcome:
         self.started.append((stream.id, replay_from_ms, repeat_every_s))
         self.waiting.set()
@@ -1045,6 +1095,8 @@ class BlockedFailingPoller(BlockedPoller):
         stream: Stream,
         replay_from_ms: int | None = None,
         repeat_every_s: float | None = None,
+        *,
+        lease: StreamLease | None = None,
     ) -> PassOutcome:
         outcome = await super().run_pass(stream, replay_from_ms, repeat_every_s)
         if self.error is not None:

@@ -69,6 +69,35 @@ def counting_requests() -> Iterator[RequestCount]:
         _REQUEST_COUNT.reset(token)
 
 
+# A unit of work's own condition for sending at all, asked before each request it sends (see
+# ``guarding_requests``): per task, like the count, since the client is shared.
+_REQUEST_GUARD: ContextVar[Callable[[], None] | None] = ContextVar(
+    "ctct_request_guard", default=None
+)
+
+
+@contextmanager
+def guarding_requests(check: Callable[[], None] | None) -> Iterator[None]:
+    """Call ``check`` before each request (each attempt) this task (and tasks it starts) sends
+    inside the block, and again once the rate limiter admitted it (that may have waited): it
+    raises to stop the unit of work before the request leaves, the admission given back. A
+    pass whose stream lease ran out (its replica was paused past it) stops so, instead of
+    spending the key's budget, shared by every replica, on reads another replica makes too.
+    None: no check."""
+    token = _REQUEST_GUARD.set(check)
+    try:
+        yield
+    finally:
+        _REQUEST_GUARD.reset(token)
+
+
+def _guard() -> None:
+    """Raise what the unit of work's ``guarding_requests`` check raises, if it has one."""
+    check = _REQUEST_GUARD.get()
+    if check is not None:
+        check()
+
+
 def count_request(requests: int = 1) -> None:
     """Charge one request to the current unit of work, if one is counting (-1: take back one
     that never left)."""
@@ -254,10 +283,12 @@ class CtctClient:
         attempt = 1
         slept_until = 0.0  # a hold this request's own retry delay has already waited out
         while True:
+            _guard()
             probe = await self._key_admits(slept_until)
             admission: Admission | None = None
             try:
                 admission = await self._limiter.acquire()
+                await self._still_wanted(admission)
                 result = await self._attempt(name, path, params)
             except errors.QuotaExhaustedError:
                 self._breaker.succeeded(probe)
@@ -292,6 +323,15 @@ class CtctClient:
             else:
                 self._breaker.succeeded(probe)
                 return result
+
+    async def _still_wanted(self, admission: Admission) -> None:
+        """The unit of work's check (``guarding_requests``) after the limiter's wait: a request
+        it stops is given back, never sent."""
+        try:
+            _guard()
+        except BaseException:
+            await self._limiter.give_back(admission)
+            raise
 
     async def _key_admits(self, slept_until: float) -> bool:
         """Wait out a short hold of the key (one this request's retry delay covered already is

@@ -101,6 +101,34 @@ class NotFoundError(StoreError):
     """A webhook, delivery or stream that does not exist."""
 
 
+class LeaseLostError(StoreError):
+    """A pass's stream lease is no longer its own: another replica claimed the stream since
+    (the store refused the pass's write, in the transaction that would have made it), or the
+    lease ran out by this replica's own clock before its next upstream request (it was paused
+    past it, or its renewals did not get through). Not retriable for that pass: it ends, what
+    it committed before stays committed, and the stream's state is the new holder's to write.
+    """
+
+    retriable = False
+
+
+def lease_lost_message(lease: StreamLease, owner: str | None, epoch: int | None) -> str:
+    """The LeaseLostError of a write of ``lease``'s pass that found the stream's lease row
+    with ``owner`` and ``epoch`` (None: released, or no such stream)."""
+    if epoch is None:
+        now = "no longer there"
+    elif owner is None:
+        now = f"released after claim {epoch}"
+    else:
+        now = f"held by {owner} under claim {epoch}"
+    return (
+        f"stream {lease.stream_id}: this pass's lease (claim {lease.epoch}) is gone, the"
+        f" stream's lease is {now}: the stream was claimed again (taken over while this"
+        " replica was paused or could not renew); the pass ends here, what it committed before"
+        " stays committed"
+    )
+
+
 class GoneError(StoreError):
     """A delivery whose event is no longer in the outbox (pruned after ``outbox_retention_h``):
     it cannot be sent again."""
@@ -378,6 +406,33 @@ class PassResult:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamLease:
+    """One claim of a stream by a replica (PostgreSQL: ``Coordinator.claim_streams``), the
+    fencing token of that pass's writes. Every claim of a stream increases its ``epoch``, so a
+    pass that lost its lease (its replica paused past the expiry while another took the stream
+    over) is told apart from the new holder's, even by the same replica: each write of the pass
+    (``commit_page``, ``finish_pass`` …) checks the stream's lease row in its own transaction
+    and raises :class:`LeaseLostError` instead of writing when the row has another owner or
+    epoch. ``held`` is the same lease by this replica's own clock (``relay.leases.Tenure``), no
+    store call: checked before each upstream request of the pass (``check``)."""
+
+    stream_id: int
+    owner: str
+    epoch: int
+    held: Callable[[], bool] = field(default=lambda: True, compare=False, repr=False)
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError` if the lease ran out by this replica's clock."""
+        if not self.held():
+            raise LeaseLostError(
+                f"stream {self.stream_id}: this pass's lease (claim {self.epoch}) ran out by this"
+                " replica's clock before its next upstream request (the process was paused past"
+                " it, or its renewals did not get through): the pass ends without sending it;"
+                " what it committed before stays committed"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class ReplayRequest:
     """A stream's pending upstream replay: the activity time its next pass re-reads from, and
     which request it is (``asked``: how many were made of the stream), so that the end of a pass
@@ -437,7 +492,7 @@ class StreamStats:
     paused: int = 0
     retired: int = 0
     replaying: int = 0
-    oldest_watermark_ms: int | None = None  # over the feeds of active streams (not paused or retired)
+    oldest_watermark_ms: int | None = None  # over the feeds of active streams (not paused, retired)
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,20 +539,38 @@ class Store(Protocol):
         """One stream; raises StoreError when it does not exist."""
 
     async def commit_page(
-        self, stream_id: int, activities: Sequence[Activity], now_ms: int, *, emit: bool = True
+        self,
+        stream_id: int,
+        activities: Sequence[Activity],
+        now_ms: int,
+        *,
+        emit: bool = True,
+        lease: StreamLease | None = None,
     ) -> int:
         """Insert the page's unseen dedup keys and append exactly those events (none when not
-        ``emit``: seeding); returns how many keys were new. One transaction."""
+        ``emit``: seeding); returns how many keys were new. One transaction.
+
+        ``lease``: the claim the pass runs under (PostgreSQL replicas); the stream's lease row is
+        checked in the same transaction, and a pass whose lease another claim replaced writes
+        nothing: :class:`LeaseLostError`. The same holds for every write of a pass below
+        (``commit_replay_page``, ``finish_pass``, ``record_error``, ``defer_stream``,
+        ``end_replay``). None: not checked (SQLite: one process, which holds every stream)."""
 
     async def finish_pass(
-        self, stream_id: int, result: PassResult, *, replay: ReplayRequest | None = None
+        self,
+        stream_id: int,
+        result: PassResult,
+        *,
+        replay: ReplayRequest | None = None,
+        lease: StreamLease | None = None,
     ) -> None:
         """Advance watermarks (never backwards), store the summary and the feeds behind it,
         fix the history line if the stream has none, schedule the next pass.
 
         ``replay``: the replay the pass ran (``stream_replay`` before it; None: none). A replay
         asked for while the pass ran (even with the same time) keeps the stream due when it was
-        asked, here and in ``record_error`` and ``defer_stream``."""
+        asked, here and in ``record_error`` and ``defer_stream``. ``lease``: as in
+        ``commit_page``."""
 
     async def record_error(
         self,
@@ -507,12 +580,18 @@ class Store(Protocol):
         *,
         retire: bool = False,
         replay: ReplayRequest | None = None,
+        lease: StreamLease | None = None,
     ) -> None:
         """Count a failed pass, keep its message, back off (or retire the stream); a replay
         asked for while it ran keeps the stream due (``finish_pass``)."""
 
     async def defer_stream(
-        self, stream_id: int, next_due_ms: int, *, replay: ReplayRequest | None = None
+        self,
+        stream_id: int,
+        next_due_ms: int,
+        *,
+        replay: ReplayRequest | None = None,
+        lease: StreamLease | None = None,
     ) -> None:
         """Move the stream's next pass to ``next_due_ms`` without counting an error (the
         account's budget ran out, not the stream); a replay asked for while the pass ran keeps
@@ -781,12 +860,20 @@ class Store(Protocol):
     async def replays(self) -> dict[int, int]:
         """Every stream with a replay pending: stream id -> since (Unix ms)."""
 
-    async def end_replay(self, stream_id: int, replay: ReplayRequest) -> None:
+    async def end_replay(
+        self, stream_id: int, replay: ReplayRequest, *, lease: StreamLease | None = None
+    ) -> None:
         """A replay pass finished: clear the request, unless another was made since
         ``stream_replay`` read it (it is the next pass's)."""
 
     async def commit_replay_page(
-        self, stream_id: int, activities: Sequence[Activity], now_ms: int, since_ms: int
+        self,
+        stream_id: int,
+        activities: Sequence[Activity],
+        now_ms: int,
+        since_ms: int,
+        *,
+        lease: StreamLease | None = None,
     ) -> tuple[int, int]:
         """Like ``commit_page``, but also append events whose dedup key is known when they
         occurred at or after ``since_ms`` (they keep their ids), each activity once however often

@@ -2,8 +2,13 @@
 
 A *stream lease* says which replica polls a stream: a replica claims due streams with
 ``SELECT … FOR UPDATE SKIP LOCKED`` (two replicas claiming at once never get the same stream),
-marks them with its id and an expiry, renews them while the pass runs and releases them after.
-A replica that dies stops renewing; once its leases expire, another claims the streams.
+marks them with its id, an expiry and the next epoch of the stream's lease, renews them while
+the pass runs and releases them after. A replica that dies stops renewing; once its leases
+expire, another claims the streams. A replica that was only paused (SIGSTOP, a frozen VM, a long
+GC) past its lease's expiry wakes up with its pass still running: the claim's owner and epoch
+(:class:`StreamLease`, ``lease``) are that pass's fencing token, which each of its writes checks
+in its own transaction, so once another replica claimed the stream the old pass can write
+nothing more (neither pages nor bookkeeping) and ends.
 A *named lease* does the same for one thing at a time: the Kafka sink (one publisher keeps each
 contact's order), one webhook's deliveries (its concurrency limit holds), a periodic job.
 The *shared budget* is a request log per budget (one per api_key, named ``key:<hex>``; the
@@ -31,7 +36,7 @@ from typing import Protocol
 
 from asyncpg import Connection
 
-from relay.store.base import Store
+from relay.store.base import Store, StreamLease
 from relay.store.postgres import BUDGET_NS, DB_NOW_MS, PostgresSettings, PostgresStore
 
 _DAY_MS = 86_400_000
@@ -65,10 +70,16 @@ class Coordinator(Protocol):
         first, that no replica holds (``exclude``: this replica's passes in flight)."""
 
     async def renew_streams(self, stream_ids: Collection[int]) -> set[int]:
-        """Extend these stream leases; returns those this replica still holds."""
+        """Extend these stream leases (the claims this replica made); returns those it still
+        holds."""
 
     async def release_streams(self, stream_ids: Collection[int]) -> None:
-        """Give these streams back (their pass is over)."""
+        """Give these streams back (their pass is over), each only if this replica's claim of
+        it is still the stream's lease."""
+
+    def lease(self, stream_id: int) -> StreamLease | None:
+        """The claim this replica made of a stream it claimed and has not released: the
+        fencing token its pass hands the store's writes. None: nothing to fence (SQLite)."""
 
     async def hold(self, names: Sequence[str]) -> set[str]:
         """Take or extend named leases; returns the names this replica holds now."""
@@ -118,6 +129,9 @@ class LocalCoordinator:
     async def release_streams(self, stream_ids: Collection[int]) -> None:
         return None
 
+    def lease(self, stream_id: int) -> StreamLease | None:
+        return None  # one process holds the store (its file lock): no other writer to fence
+
     async def hold(self, names: Sequence[str]) -> set[str]:
         return set(names)
 
@@ -148,6 +162,8 @@ class PgCoordinator:
         self.lease_s = settings.lease_s
         self._lease_ms = int(settings.lease_s * 1000)
         self._margin_ms = int(settings.request_margin_s * 1000)
+        # stream -> the epoch of this replica's claim of it, from the claim until its release
+        self._epochs: dict[int, int] = {}
 
     async def claim_streams(
         self, account: str, now_ms: int, limit: int, exclude: Collection[int]
@@ -155,15 +171,16 @@ class PgCoordinator:
         if limit <= 0:
             return []
 
-        async def run(conn: Connection) -> list[int]:
+        async def run(conn: Connection) -> tuple[list[int], dict[int, int]]:
             rows = await conn.fetch(
                 "WITH due AS (SELECT id, next_due_ms FROM streams"  # noqa: S608 - constants only
                 " WHERE account = $1 AND retired = 0 AND paused = 0 AND next_due_ms <= $2"
                 f" AND (lease_expires_ms IS NULL OR lease_expires_ms < {DB_NOW_MS})"
                 " AND id <> ALL($5::bigint[])"
                 " ORDER BY next_due_ms, id LIMIT $3 FOR UPDATE SKIP LOCKED)"
-                f" UPDATE streams s SET lease_owner = $4, lease_expires_ms = {DB_NOW_MS} + $6"
-                " FROM due WHERE s.id = due.id RETURNING s.id, due.next_due_ms",
+                f" UPDATE streams s SET lease_owner = $4, lease_expires_ms = {DB_NOW_MS} + $6,"
+                " lease_epoch = s.lease_epoch + 1"
+                " FROM due WHERE s.id = due.id RETURNING s.id, due.next_due_ms, s.lease_epoch",
                 account,
                 now_ms,
                 limit,
@@ -171,39 +188,65 @@ class PgCoordinator:
                 list(exclude),
                 self._lease_ms,
             )
-            return [int(r[0]) for r in sorted(rows, key=lambda r: (r[1], r[0]))]
+            claimed = sorted(rows, key=lambda r: (r[1], r[0]))
+            return [int(r[0]) for r in claimed], {int(r[0]): int(r[2]) for r in claimed}
 
-        return await self._store.transaction(run)
+        ids, epochs = await self._store.transaction(run)
+        self._epochs.update(epochs)
+        return ids
+
+    def _claims(self, stream_ids: Collection[int]) -> tuple[list[int], list[int]]:
+        """The streams of ``stream_ids`` this replica claimed, and the epochs of its claims."""
+        mine = [s for s in stream_ids if s in self._epochs]
+        return mine, [self._epochs[s] for s in mine]
 
     async def renew_streams(self, stream_ids: Collection[int]) -> set[int]:
-        if not stream_ids:
+        ids, epochs = self._claims(stream_ids)
+        if not ids:
             return set()
 
         async def run(conn: Connection) -> set[int]:
+            # the epoch too: the owner alone is this replica's every claim of the stream, and an
+            # earlier one must not be kept alive by a later one's renewal (or the other way)
             rows = await conn.fetch(
-                f"UPDATE streams SET lease_expires_ms = {DB_NOW_MS} + $3"  # noqa: S608
-                " WHERE id = ANY($1::bigint[]) AND lease_owner = $2 RETURNING id",
-                list(stream_ids),
+                f"UPDATE streams s SET lease_expires_ms = {DB_NOW_MS} + $3"  # noqa: S608
+                " FROM unnest($1::bigint[], $4::bigint[]) AS c(id, epoch)"
+                " WHERE s.id = c.id AND s.lease_owner = $2 AND s.lease_epoch = c.epoch"
+                " RETURNING s.id",
+                ids,
                 self.replica,
                 self._lease_ms,
+                epochs,
             )
             return {int(r[0]) for r in rows}
 
         return await self._store.transaction(run)
 
     async def release_streams(self, stream_ids: Collection[int]) -> None:
-        if not stream_ids:
+        ids, epochs = self._claims(stream_ids)
+        if not ids:
             return
 
         async def run(conn: Connection) -> None:
+            # only the claim being released: the end of a pass whose lease was lost must not
+            # release a later claim of the same stream (by this replica: the owner is the same)
             await conn.execute(
-                "UPDATE streams SET lease_owner = NULL, lease_expires_ms = NULL"
-                " WHERE id = ANY($1::bigint[]) AND lease_owner = $2",
-                list(stream_ids),
+                "UPDATE streams s SET lease_owner = NULL, lease_expires_ms = NULL"
+                " FROM unnest($1::bigint[], $3::bigint[]) AS c(id, epoch)"
+                " WHERE s.id = c.id AND s.lease_owner = $2 AND s.lease_epoch = c.epoch",
+                ids,
                 self.replica,
+                epochs,
             )
 
         await self._store.transaction(run)
+        for stream_id, epoch in zip(ids, epochs, strict=True):
+            if self._epochs.get(stream_id) == epoch:
+                del self._epochs[stream_id]
+
+    def lease(self, stream_id: int) -> StreamLease | None:
+        epoch = self._epochs.get(stream_id)
+        return None if epoch is None else StreamLease(stream_id, self.replica, epoch)
 
     async def hold(self, names: Sequence[str]) -> set[str]:
         if not names:

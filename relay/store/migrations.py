@@ -218,4 +218,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # request asked again with the same (or a later) time while a pass ran the first: that
     # pass's end cleared it, and nothing re-read what the operator asked for
     ("ALTER TABLE streams ADD COLUMN replay_asked INTEGER NOT NULL DEFAULT 0",),
+    # PostgreSQL only: the epoch of each stream's lease, the fencing token of a pass's writes
+    # (see pg_migrations.py, version 16). One process holds a SQLite file and every stream in
+    # it, so there is no lease to fence: the version is recorded, the numbers stay in step
+    (),
 )

@@ -213,4 +213,9 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # how many upstream replays were asked of a stream (see migrations.py, version 15)
     ("ALTER TABLE streams ADD COLUMN replay_asked INTEGER NOT NULL DEFAULT 0",),
+    # the epoch of a stream's lease, increased by every claim: the fencing token of the pass
+    # that claimed it. Each write of a pass checks owner and epoch in its own transaction, so
+    # a replica paused past its lease while another took the stream over can no longer commit
+    # its pages, nor overwrite the new holder's summary, schedule and rate with its own
+    ("ALTER TABLE streams ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0",),
 )

@@ -60,6 +60,7 @@ from relay.store.base import (
     DueSend,
     DuplicateError,
     GoneError,
+    LeaseLostError,
     LimitError,
     NotFoundError,
     OutboxAppend,
@@ -73,12 +74,14 @@ from relay.store.base import (
     Stream,
     StreamFilter,
     StreamKey,
+    StreamLease,
     StreamRate,
     StreamStats,
     UnavailableError,
     UnwantedError,
     Webhook,
     gone_message,
+    lease_lost_message,
     limit_message,
     unwanted_message,
 )
@@ -444,13 +447,20 @@ class PostgresStore:
         return await self.transaction(run)
 
     async def commit_page(
-        self, stream_id: int, activities: Sequence[Activity], now_ms: int, *, emit: bool = True
+        self,
+        stream_id: int,
+        activities: Sequence[Activity],
+        now_ms: int,
+        *,
+        emit: bool = True,
+        lease: StreamLease | None = None,
     ) -> int:
         fresh: dict[bytes, Activity] = {}
         for activity in activities:
             fresh.setdefault(activity.event_id_bytes, activity)  # a page may repeat one
 
         async def run(conn: Connection) -> int:
+            await _fence(conn, stream_id, lease)
             new = await _insert_dedup(conn, fresh, now_ms)
             if emit and new:
                 rows = [
@@ -474,9 +484,15 @@ class PostgresStore:
         self._latch.listen(listener)
 
     async def finish_pass(
-        self, stream_id: int, result: PassResult, *, replay: ReplayRequest | None = None
+        self,
+        stream_id: int,
+        result: PassResult,
+        *,
+        replay: ReplayRequest | None = None,
+        lease: StreamLease | None = None,
     ) -> None:
         async def run(conn: Connection) -> None:
+            await _fence(conn, stream_id, lease)
             await conn.execute(
                 f"UPDATE streams SET next_due_ms = {_next_due('$1', '$10')},"  # noqa: S608 - constant fragments
                 " rate_per_h = $2, last_poll_ms = $3,"
@@ -511,8 +527,11 @@ class PostgresStore:
         *,
         retire: bool = False,
         replay: ReplayRequest | None = None,
+        lease: StreamLease | None = None,
     ) -> None:
-        await self._execute(
+        await self._fenced(
+            stream_id,
+            lease,
             "UPDATE streams SET consecutive_errors = consecutive_errors + 1, last_error = $1,"  # noqa: S608 - constant fragments
             f" next_due_ms = {_next_due('$2', '$5')}, retired = GREATEST(retired, $3)"
             " WHERE id = $4",
@@ -524,14 +543,33 @@ class PostgresStore:
         )
 
     async def defer_stream(
-        self, stream_id: int, next_due_ms: int, *, replay: ReplayRequest | None = None
+        self,
+        stream_id: int,
+        next_due_ms: int,
+        *,
+        replay: ReplayRequest | None = None,
+        lease: StreamLease | None = None,
     ) -> None:
-        await self._execute(
+        await self._fenced(
+            stream_id,
+            lease,
             f"UPDATE streams SET next_due_ms = {_next_due('$1', '$3')} WHERE id = $2",  # noqa: S608 - constant fragments
             next_due_ms,
             stream_id,
             _asked(replay),
         )
+
+    async def _fenced(
+        self, stream_id: int, lease: StreamLease | None, sql: str, *args: object
+    ) -> None:
+        """One statement of a pass on its stream, in a transaction that checks its lease
+        first (see ``_fence``)."""
+
+        async def run(conn: Connection) -> None:
+            await _fence(conn, stream_id, lease)
+            await conn.execute(sql, *args)
+
+        await self.transaction(run)
 
     async def set_paused(self, stream_id: int, paused: bool) -> None:
         await self._execute("UPDATE streams SET paused = $1 WHERE id = $2", int(paused), stream_id)
@@ -1233,21 +1271,32 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def end_replay(self, stream_id: int, replay: ReplayRequest) -> None:
-        await self._execute(
+    async def end_replay(
+        self, stream_id: int, replay: ReplayRequest, *, lease: StreamLease | None = None
+    ) -> None:
+        await self._fenced(
+            stream_id,
+            lease,
             "UPDATE streams SET replay_from_ms = NULL WHERE id = $1 AND replay_asked = $2",
             stream_id,
             replay.asked,
         )
 
     async def commit_replay_page(
-        self, stream_id: int, activities: Sequence[Activity], now_ms: int, since_ms: int
+        self,
+        stream_id: int,
+        activities: Sequence[Activity],
+        now_ms: int,
+        since_ms: int,
+        *,
+        lease: StreamLease | None = None,
     ) -> tuple[int, int]:
         unique: dict[bytes, Activity] = {}
         for activity in activities:
             unique.setdefault(activity.event_id_bytes, activity)  # a page may repeat one
 
         async def run(conn: Connection) -> tuple[int, int]:
+            await _fence(conn, stream_id, lease)
             inserted = await _insert_dedup(conn, unique, now_ms)
             rows = [
                 rowmap.outbox_row(key, activity, stream_id, now_ms)
@@ -1489,6 +1538,22 @@ async def _migrate(conn: Connection) -> None:
         for statement in script:
             await conn.execute(statement, timeout=_MIGRATE_WAIT_S)
         await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+
+
+async def _fence(conn: Connection, stream_id: int, lease: StreamLease | None) -> None:
+    """Raise :class:`LeaseLostError` unless ``lease`` (a pass's claim; None: not checked) still
+    holds the stream: its owner and epoch, the ones the claim wrote. The row stays locked until
+    the transaction ends, so no claim lands between this check and the commit: a claim by
+    another replica (``FOR UPDATE SKIP LOCKED``) passes the stream by meanwhile. ``NO KEY``: the
+    foreign keys of the watermarks and outbox rows written here do not wait for it."""
+    if lease is None:
+        return
+    row = await conn.fetchrow(
+        "SELECT lease_owner, lease_epoch FROM streams WHERE id = $1 FOR NO KEY UPDATE", stream_id
+    )
+    owner, epoch = (None, None) if row is None else (row[0], int(row[1]))
+    if owner != lease.owner or epoch != lease.epoch:
+        raise LeaseLostError(lease_lost_message(lease, owner, epoch))
 
 
 async def _watermarks(conn: Connection, stream_id: int | None) -> dict[int, dict[Kind, int]]:

@@ -12,6 +12,10 @@ second relay on the same file stops at start-up instead of polling the same stre
 (SQLite's own locks only serialize writes). A file with hard links is refused there: the lock
 cannot tell that another name is the same file.
 
+Stream leases (``StreamLease``, the fencing token of a pass's writes on PostgreSQL) are accepted
+and not checked: the lock makes this process the only writer of every stream, and its
+coordinator hands no lease out. The commit path pays nothing for them.
+
 A damaged file (SQLITE_CORRUPT, SQLITE_NOTADB) is a :class:`CorruptError`: the store refuses
 every later call and tells its ``on_fatal`` listeners, so the relay stops instead of failing
 every pass for ever.
@@ -64,6 +68,7 @@ from relay.store.base import (
     Stream,
     StreamFilter,
     StreamKey,
+    StreamLease,
     StreamRate,
     StreamStats,
     UnwantedError,
@@ -411,7 +416,13 @@ class SqliteStore:
         return await self._run(run)
 
     async def commit_page(
-        self, stream_id: int, activities: Sequence[Activity], now_ms: int, *, emit: bool = True
+        self,
+        stream_id: int,
+        activities: Sequence[Activity],
+        now_ms: int,
+        *,
+        emit: bool = True,
+        lease: StreamLease | None = None,  # not checked: see the module docstring
     ) -> int:
         # Ids are derived here (a SHA-1 each), and announced events built after the commit, in
         # the caller's thread: the store's one thread is the pipeline's narrowest stage, and
@@ -456,7 +467,12 @@ class SqliteStore:
         self._append_listeners.append(listener)
 
     async def finish_pass(
-        self, stream_id: int, result: PassResult, *, replay: ReplayRequest | None = None
+        self,
+        stream_id: int,
+        result: PassResult,
+        *,
+        replay: ReplayRequest | None = None,
+        lease: StreamLease | None = None,
     ) -> None:
         def run(conn: sqlite3.Connection) -> None:
             with _tx(conn):
@@ -498,6 +514,7 @@ class SqliteStore:
         *,
         retire: bool = False,
         replay: ReplayRequest | None = None,
+        lease: StreamLease | None = None,
     ) -> None:
         await self._run(
             lambda conn: _write(
@@ -510,7 +527,12 @@ class SqliteStore:
         )
 
     async def defer_stream(
-        self, stream_id: int, next_due_ms: int, *, replay: ReplayRequest | None = None
+        self,
+        stream_id: int,
+        next_due_ms: int,
+        *,
+        replay: ReplayRequest | None = None,
+        lease: StreamLease | None = None,
     ) -> None:
         await self._run(
             lambda conn: _write(
@@ -1180,7 +1202,9 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def end_replay(self, stream_id: int, replay: ReplayRequest) -> None:
+    async def end_replay(
+        self, stream_id: int, replay: ReplayRequest, *, lease: StreamLease | None = None
+    ) -> None:
         await self._run(
             lambda conn: _write(
                 conn,
@@ -1190,7 +1214,13 @@ class SqliteStore:
         )
 
     async def commit_replay_page(
-        self, stream_id: int, activities: Sequence[Activity], now_ms: int, since_ms: int
+        self,
+        stream_id: int,
+        activities: Sequence[Activity],
+        now_ms: int,
+        since_ms: int,
+        *,
+        lease: StreamLease | None = None,
     ) -> tuple[int, int]:
         def run(conn: sqlite3.Connection) -> tuple[int, int]:
             new = 0

@@ -27,6 +27,7 @@ from relay.ctct.client import (
     RetryPolicy,
     _date_ms,
     counting_requests,
+    guarding_requests,
     redact_url,
 )
 from relay.ctct.ratelimit import Budget, RateLimiter
@@ -813,6 +814,43 @@ async def test_requests_are_counted_per_task_on_a_shared_client(sim: Sim) -> Non
 
     assert await asyncio.gather(send(3), send(1)) == [3, 1]
     assert client.requests_sent == 4
+
+
+class Stopped(Exception):
+    """What a unit of work's request guard raises in these tests."""
+
+
+@pytest.mark.parametrize(
+    "allowed",
+    [
+        pytest.param(0, id="before-the-limiter"),
+        pytest.param(1, id="after-the-limiter-admitted-it"),
+    ],
+)
+async def test_a_guarded_unit_of_work_stops_before_its_request_leaves(
+    sim: Sim, allowed: int
+) -> None:
+    """guarding_requests asks its check before each request of the task, and again once the
+    limiter admitted it (which may have waited): a check that raises stops the request before
+    it is sent, and an admission already taken is given back (the day's count is untouched);
+    another task of the same client is not guarded."""
+    limiter = RateLimiter(Budget(requests_per_second=1000, requests_per_day=10**6))
+    client = CtctClient(sim.session, Credentials(sim.url, API_KEY, TOKEN), limiter)
+    summary = catalogue.get("contact.summary")
+    asked: list[int] = []
+
+    def check() -> None:
+        asked.append(1)
+        if len(asked) > allowed:
+            raise Stopped("lease ran out")
+
+    before = limiter.remaining_today
+    with counting_requests() as sent, guarding_requests(check), pytest.raises(Stopped):
+        await client.fetch(summary, resource_id="1001")
+    assert (len(asked), sent.requests, client.requests_sent) == (allowed + 1, 0, 0)
+    assert limiter.remaining_today == before
+    await client.fetch(summary, resource_id="1001")
+    assert client.requests_sent == 1
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,15 @@ from relay.ctct.errors import BudgetExhaustedError
 from relay.ctct.ratelimit import Budget, RateLimiter
 from relay.events import Activity, Kind, from_millis
 from relay.leases import AccountBudget
-from relay.store import PassResult, PostgresSettings, PostgresStore, StreamKey, open_store
+from relay.store import (
+    LeaseLostError,
+    PassResult,
+    PostgresSettings,
+    PostgresStore,
+    ReplayRequest,
+    StreamKey,
+    open_store,
+)
 from relay.store.coordination import LocalCoordinator, PgCoordinator
 
 T0 = 1_763_000_000_000
@@ -152,10 +160,10 @@ async def test_limiters_of_two_replicas_keep_one_per_second_limit(
 async def test_two_replicas_committing_the_same_page_append_each_event_once(
     stores: list[PostgresStore],
 ) -> None:
-    """Stream leases carry no fencing token: a replica that lost its lease unnoticed (frozen
-    past it) may finish its pass beside the new holder. The dedup keys absorb that: the same
-    page committed by both at once appends each event once, and the older pass's watermark
-    does not move the stream's back."""
+    """Commits not fenced by a lease (the same activity read by a contact's stream and its
+    campaign's, on two replicas): the dedup keys absorb them, the same page committed by both
+    at once appends each event once, and the older pass's watermark does not move the
+    stream's back."""
     events = [
         Activity(
             account="acme",
@@ -176,6 +184,97 @@ async def test_two_replicas_committing_the_same_page_append_each_event_once(
     await stores[1].finish_pass(stream, newer)
     await stores[0].finish_pass(stream, older)
     assert (await stores[0].stream(stream)).watermarks[Kind.OPEN] == T0 + 49
+
+
+def opens(count: int) -> list[Activity]:
+    return [
+        Activity(
+            account="acme",
+            kind=Kind.OPEN,
+            campaign_id="1",
+            contact_id=str(n),
+            email_address=f"c{n}@example.com",
+            occurred_at=from_millis(T0 + n),
+        )
+        for n in range(count)
+    ]
+
+
+async def test_a_pass_whose_lease_was_claimed_again_writes_nothing(
+    stores: list[PostgresStore],
+) -> None:
+    """a's lease runs out (a paused) and b claims the stream: every write of a's pass, made
+    with its claim, is refused in its own transaction (LeaseLostError, naming the stream, the
+    claims and the holder) and changes nothing: no dedup key, no event, neither the stream's
+    schedule, summary or errors nor its replay request. b's writes, with its own claim, go
+    through; once b released the stream, a's claim is still refused."""
+    a, b = replicas(stores, lease_s=1.0)
+    stream = (await stores[0].streams())[0].id
+    [first] = await a.claim_streams("acme", T0, 1, set())
+    assert first == stream
+    mine = a.lease(stream)
+    assert mine is not None
+    assert (mine.owner, mine.epoch) == ("replica-0", 1)
+    await asyncio.sleep(1.2)
+    assert await b.claim_streams("acme", T0, 1, set()) == [stream]
+    theirs = b.lease(stream)
+    assert theirs is not None
+    assert theirs.epoch == 2
+    replay = ReplayRequest(T0, 1)
+    await stores[0].request_replay([stream], T0, T0)
+    before = await stores[0].stream(stream)
+    result = PassResult({Kind.OPEN: T0 + 9}, {"opens": 10}, T0 + 60_000, 5.0, T0)
+    writes = {
+        "commit_page": lambda: stores[0].commit_page(stream, opens(10), T0, lease=mine),
+        "commit_replay_page": lambda: stores[0].commit_replay_page(
+            stream, opens(10), T0, T0, lease=mine
+        ),
+        "finish_pass": lambda: stores[0].finish_pass(stream, result, replay=replay, lease=mine),
+        "record_error": lambda: stores[0].record_error(stream, "500", T0 + 1, lease=mine),
+        "defer_stream": lambda: stores[0].defer_stream(stream, T0 + 1, lease=mine),
+        "end_replay": lambda: stores[0].end_replay(stream, replay, lease=mine),
+    }
+    for name, write in writes.items():
+        with pytest.raises(LeaseLostError) as refused:
+            await write()
+        assert str(refused.value).startswith(
+            f"stream {stream}: this pass's lease (claim 1) is gone, the stream's lease is held"
+            " by replica-1 under claim 2: the stream was claimed again"
+        ), name
+    assert await stores[0].dedup_count() == 0
+    assert await stores[0].read_outbox(0, 100) == []
+    assert await stores[0].stream(stream) == before
+    assert await stores[0].replays() == {stream: T0}
+    assert await stores[1].commit_page(stream, opens(10), T0, lease=theirs) == 10
+    await stores[1].finish_pass(stream, result, replay=replay, lease=theirs)
+    await stores[1].end_replay(stream, replay, lease=theirs)
+    assert (await stores[1].stream(stream)).summary == {"opens": 10}
+    await b.release_streams([stream])
+    assert b.lease(stream) is None
+    with pytest.raises(LeaseLostError, match="released after claim 2"):
+        await stores[0].commit_page(stream, opens(11), T0, lease=mine)
+    assert await stores[0].dedup_count() == 10
+
+
+async def test_a_lease_that_ran_out_unclaimed_still_writes_and_renews(
+    stores: list[PostgresStore],
+) -> None:
+    """A lease past its expiry that no other replica claimed is still the stream's only one:
+    the pass's writes go through, a renewal keeps it, and every new claim has a higher epoch
+    (released or not)."""
+    a, b = replicas(stores, lease_s=1.0)
+    [stream] = await a.claim_streams("acme", T0, 1, set())
+    mine = a.lease(stream)
+    await asyncio.sleep(1.2)
+    assert await stores[0].commit_page(stream, opens(3), T0, lease=mine) == 3
+    assert await a.renew_streams([stream]) == {stream}
+    others = [s.id for s in await stores[0].streams() if s.id != stream]
+    assert await b.claim_streams("acme", T0, 4, set()) == others
+    await a.release_streams([stream])
+    assert await b.claim_streams("acme", T0, 4, set(others)) == [stream]
+    again = b.lease(stream)
+    assert again is not None
+    assert again.epoch == 2
 
 
 async def _database_day(url: str) -> tuple[str, float]:
@@ -264,6 +363,7 @@ async def test_local_coordinator_is_everything_due(tmp_path: Path) -> None:
         ids = await store.due_streams(T0, 10)
         assert await local.claim_streams("acme", T0, 2, {ids[0]}) == ids[1:3]
         assert await local.renew_streams(ids) == set(ids)
+        assert local.lease(ids[1]) is None  # nothing to fence: one process
         assert await local.hold(["sink:kafka"]) == {"sink:kafka"}
         assert not local.shared_budget
     finally:
