@@ -20,7 +20,10 @@ from urllib.parse import parse_qsl, urlencode
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{3})?Z")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _DIGITS = re.compile(r"[0-9]{1,9}")
+# The v2 docs' "Paginated Output" table: the discovery lists default to 50 per page, campaign and
+# contact tracking to 500 (their maximum).
 DEFAULT_LIMIT = 50
+TRACKING_DEFAULT_LIMIT = 500
 START_AT = "startAt"
 NEXT = "next"
 
@@ -49,13 +52,16 @@ class PageRequest:
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def page_request(query: Mapping[str, str], max_limit: int) -> PageRequest:
-    """The page a request asks for: from its ``next`` token, or from its own parameters."""
+def page_request(
+    query: Mapping[str, str], max_limit: int, default_limit: int = DEFAULT_LIMIT
+) -> PageRequest:
+    """The page a request asks for: from its ``next`` token, or from its own parameters
+    (``default_limit`` records when it names no ``limit``)."""
     if NEXT in query:
         return _from_token(query[NEXT], max_limit)
     params = {k: v for k, v in query.items() if k not in ("api_key", START_AT)}
     limit_text = params.pop("limit", None)
-    limit = DEFAULT_LIMIT if limit_text is None else parse_limit(limit_text, max_limit)
+    limit = default_limit if limit_text is None else parse_limit(limit_text, max_limit)
     return PageRequest(0, limit, params)
 
 

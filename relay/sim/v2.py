@@ -14,7 +14,14 @@ from aiohttp import web
 from relay.ctct.catalogue import ENDPOINTS, Endpoint, Scope, Shape
 from relay.events import Kind
 from relay.sim import render
-from relay.sim.params import PageRequest, ParamError, page_request, parse_flag, parse_since
+from relay.sim.params import (
+    TRACKING_DEFAULT_LIMIT,
+    PageRequest,
+    ParamError,
+    page_request,
+    parse_flag,
+    parse_since,
+)
 from relay.sim.responses import bad_param, json_response, not_found
 from relay.sim.state import STATE, SimState
 from relay.sim.world import StreamKey, World
@@ -89,7 +96,7 @@ def _paged(request: web.Request, page: PageRequest, more: bool, results: object)
 
 
 def _activities(state: SimState, request: web.Request, endpoint: Endpoint) -> JsonObject:
-    page = page_request(_query(request), endpoint.max_limit or 0)
+    page = page_request(_query(request), endpoint.max_limit or 0, TRACKING_DEFAULT_LIMIT)
     since_ms = parse_since(page.params, "created_since")
     key = _stream_key(state.world, endpoint, request.match_info)
     items, more = state.world.stream(key).page(since_ms, page.start, page.limit)

@@ -220,12 +220,23 @@ async def test_bad_parameters_are_400(client: Client, params: dict[str, str], na
 
 
 async def test_default_limit_is_50(aiohttp_client: AiohttpClient) -> None:
-    """Without limit a page holds 50 records and links to the next."""
+    """Without limit a page of the contacts list holds 50 records and links to the next."""
     client = await aiohttp_client(create_app(scenario(contacts={"count": 60})))
     body = await get_json(client, "/v2/contacts")
     assert isinstance(body, dict)
     assert len(body["results"]) == 50
     assert "next_link" in body["meta"]["pagination"]
+
+
+async def test_tracking_default_limit_is_500(aiohttp_client: AiohttpClient) -> None:
+    """Without limit a tracking feed page holds up to 500 records, as the v2 docs' paginated-output
+    table gives for campaign and contact tracking (the discovery lists' default is 50)."""
+    client = await aiohttp_client(create_app(scenario(contacts={"count": 120})))
+    campaign = get_state(client.app).world.campaigns[0]
+    body = await get_json(client, f"/v2/emailmarketing/campaigns/{campaign.id}/tracking/sends")
+    assert isinstance(body, dict)
+    assert len(body["results"]) == 120
+    assert body["meta"] == {"pagination": {}}
 
 
 async def test_last_page_has_empty_pagination(client: Client) -> None:
