@@ -53,7 +53,11 @@ _SUMMARY_FIELDS = (
     ("unsubscribes", Kind.UNSUBSCRIBE),
     ("bounces", Kind.BOUNCE),
 )
-_BY_CAMPAIGN_FIELDS = tuple(row for row in _SUMMARY_FIELDS if row[1] is not Kind.UNSUBSCRIBE)
+# summaryByCampaign rows (v2 docs, and the Java SDK's ContactTrackingSummaryByCampaignReport):
+# campaign_id, contact_id and these counts; no sends, no unsubscribes.
+_BY_CAMPAIGN_FIELDS = tuple(
+    row for row in _SUMMARY_FIELDS if row[1] not in (Kind.SEND, Kind.UNSUBSCRIBE)
+)
 
 
 def routes() -> list[web.RouteDef]:
@@ -134,6 +138,8 @@ def _summary(state: SimState, request: web.Request, endpoint: Endpoint) -> JsonO
     body: JsonObject = {name: counts[kind] for name, kind in _SUMMARY_FIELDS}
     if endpoint.scope is Scope.CAMPAIGN:
         body["spam_count"] = world.spam_count(resource_id)
+    else:
+        body["contact_id"] = resource_id  # the v2 docs' contact summary names its contact
     return body
 
 
@@ -144,7 +150,11 @@ def _summary_by_campaign(
     if state.world.contact(contact_id) is None:
         raise not_found(f"contact {contact_id} not found")
     return [
-        {"campaign_id": campaign.id, **{name: counts[kind] for name, kind in _BY_CAMPAIGN_FIELDS}}
+        {
+            "campaign_id": campaign.id,
+            "contact_id": contact_id,
+            **{name: counts[kind] for name, kind in _BY_CAMPAIGN_FIELDS},
+        }
         for campaign, counts in state.world.counts_by_campaign(contact_id)
     ]
 

@@ -159,10 +159,17 @@ class World:
         return bisect.bisect_right(self._spam.get(campaign_id, ()), self.now_ms)
 
     def counts_by_campaign(self, contact_id: str) -> list[tuple[Campaign, Counter[Kind]]]:
-        """A contact's visible activities counted per campaign, most recently sent first."""
+        """A contact's visible activities counted per campaign, most recently sent first; clicks
+        count the distinct links clicked (v2 docs of summaryByCampaign: "clicks: Number of unique
+        link clicks the contact made", against "opens: Number of times the contact opened")."""
         per_campaign: dict[str, Counter[Kind]] = defaultdict(Counter)
+        links: defaultdict[str, set[str]] = defaultdict(set)
         for activity in self.stream((Scope.CONTACT, contact_id, None, "")).items():
             per_campaign[activity.campaign.id][activity.kind] += 1
+            if activity.kind is Kind.CLICK:
+                links[activity.campaign.id].add(activity.link_id)
+        for campaign_id, clicked in links.items():
+            per_campaign[campaign_id][Kind.CLICK] = len(clicked)
         rows = [(self._campaign_by_id[cid], counts) for cid, counts in per_campaign.items()]
         rows.sort(key=lambda row: (row[0].send_ms, row[0].index), reverse=True)
         return rows

@@ -351,7 +351,8 @@ async def test_summaries_count_what_is_visible(client: Client) -> None:
         }
         summary = await get_json(client, f"/v2/contacts/{contact}/tracking/reports/summary")
         expected = Counter(str(r["kind"]) for r in rows if r["contact_id"] == contact)
-        assert summary == {name: expected[kind] for name, kind in fields.items()}
+        counts: JsonObject = {name: expected[kind] for name, kind in fields.items()}
+        assert summary == {**counts, "contact_id": contact}  # the v2 docs' shape: with the id
 
 
 async def test_spam_count_is_reported(client: Client) -> None:
@@ -362,20 +363,36 @@ async def test_spam_count_is_reported(client: Client) -> None:
     assert sum(counts) > 0
 
 
-async def test_summary_by_campaign_is_a_plain_array(client: Client) -> None:
-    """summaryByCampaign: one row per campaign with activity, no unsubscribes key, not paged."""
+async def test_summary_by_campaign_is_a_plain_array(aiohttp_client: AiohttpClient) -> None:
+    """summaryByCampaign: one row per campaign with activity, not paged, in the v2 docs' shape
+    (campaign_id, contact_id, opens, clicks, forwards, bounces: no sends, no unsubscribes); opens,
+    forwards and bounces count times, clicks the distinct links clicked ("unique link clicks")."""
+    client = await aiohttp_client(create_app(scenario(rates={"reclick": 0.9})))
     await advance(client, 900)
     rows = await truth(client)
-    contact = busiest(rows, "contact_id", Kind.OPEN)
+    mine = [r for r in rows if r["kind"] == "click"]
+    # a contact who clicked one link more than once, so clicks and unique links differ
+    repeat = Counter((r["contact_id"], r["campaign_id"], r["link_id"]) for r in mine)
+    contact = next(contact for (contact, _, _), n in repeat.items() if n > 1)
     body = await get_json(client, f"/v2/contacts/{contact}/tracking/reports/summaryByCampaign")
     assert isinstance(body, list)
     mine = [r for r in rows if r["contact_id"] == contact]
     assert {row["campaign_id"] for row in body} == {r["campaign_id"] for r in mine}
+    differs = False
     for row in body:
-        assert set(row) == {"campaign_id", "sends", "opens", "clicks", "forwards", "bounces"}
-        expected = Counter(str(r["kind"]) for r in mine if r["campaign_id"] == row["campaign_id"])
-        assert row["opens"] == expected["open"]
-        assert row["sends"] == expected["send"]
+        assert set(row) == {"campaign_id", "contact_id", "opens", "clicks", "forwards", "bounces"}
+        assert row["contact_id"] == contact
+        here = [r for r in mine if r["campaign_id"] == row["campaign_id"]]
+        expected = Counter(str(r["kind"]) for r in here)
+        links = {r["link_id"] for r in here if r["kind"] == "click"}
+        assert (row["opens"], row["forwards"], row["bounces"]) == (
+            expected["open"],
+            expected["forward"],
+            expected["bounce"],
+        )
+        assert row["clicks"] == len(links)
+        differs |= expected["click"] != len(links)
+    assert differs, "the contact clicked a link twice in one campaign"
 
 
 async def test_update_summary_must_be_boolean(client: Client) -> None:
