@@ -334,12 +334,24 @@ async def test_clock_endpoints(client: Client) -> None:
         "elapsed_s": 0.0,
     }
     assert await advance(client, 90.5) == "2026-11-23T08:01:30.500Z"
-    for bad in ({"advance_s": -1}, {"advance_s": "soon"}, {"advanse_s": 1}):
+    for bad in ({"advance_s": -1}, {"advance_s": "soon"}, {"advanse_s": 1}, {"advance_s": 1e300}):
         resp = await client.post("/_sim/clock", json=bad)
         assert resp.status == 400
+        assert "advance" in (await resp.json())[0]["error_message"]
     resp = await client.post("/_sim/clock", data=b"{not json")
     assert resp.status == 400
     assert get_state(client.app).clock.elapsed_s() == 90.5
+
+
+async def test_time_stops_at_the_end_of_the_calendar(aiohttp_client: AiohttpClient) -> None:
+    """A clock running past 9999-01-01 (a huge time_scale) stops there: the simulator keeps
+    answering, where computing the date overflowed and it failed to start."""
+    client = await aiohttp_client(create_app(scenario(time_scale=1e300)))
+    await asyncio.sleep(0.01)
+    resp = await client.get("/_sim/clock")
+    assert resp.status == 200
+    assert (await resp.json())["now"] == "9999-01-01T00:00:00.000Z"
+    await get_json(client, CONTACTS)
 
 
 async def test_stats_show_world_size(client: Client) -> None:
