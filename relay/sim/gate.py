@@ -20,9 +20,18 @@ from relay.sim.v2 import Handler
 V2_PREFIX = "/v2/"
 _UNMATCHED = "(no such route)"
 _JSON_RANGES = frozenset({"*/*", "application/*", "application/json"})
+# The bodies Constant Contact's gateway sends (quoted on its developer forum), not Mashery's
+# generic "Account Over Queries Per Second Limit" texts.
+_MASHERY_ACCOUNT = "The Mashery account associated with this request is over its"
 _LIMIT_ERRORS = {
-    Reason.OVER_QPS: ("mashery.not.authorized.over.qps", "Account Over Queries Per Second Limit"),
-    Reason.OVER_RATELIMIT: ("mashery.not.authorized.over.ratelimit", "Account Over Rate Limit"),
+    Reason.OVER_QPS: (
+        "mashery.not.authorized.over.qps",
+        f"{_MASHERY_ACCOUNT} queries-per-second quota.",
+    ),
+    Reason.OVER_RATELIMIT: (
+        "mashery.not.authorized.over.ratelimit",
+        f"{_MASHERY_ACCOUNT} rate limit quota.",
+    ),
 }
 
 
