@@ -83,36 +83,45 @@ async def _gated(state: SimState, request: web.Request, handler: Handler) -> web
             406, "http.status.not_acceptable", "Only application/json responses are available"
         )
     plan = state.faults.plan(request.path)
-    state.stats.served(key.api_key, fault=plan.injected)
-    return await _serve(request, handler, plan)
+    response, faulted = await _serve(request, handler, plan)
+    if faulted:
+        state.faults.applied()
+    state.stats.served(key.api_key, fault=faulted)
+    return response
 
 
-async def _serve(request: web.Request, handler: Handler, plan: FaultPlan) -> web.StreamResponse:
+async def _serve(
+    request: web.Request, handler: Handler, plan: FaultPlan
+) -> tuple[web.StreamResponse, bool]:
+    """The answer under ``plan``, and whether the plan changed it."""
     if plan.delay_s:
         await asyncio.sleep(plan.delay_s)
     if plan.status is not None:
-        return error_response(
+        failure = error_response(
             plan.status,
             plan.error_key or error_key_for(plan.status),
             plan.error_message or f"Simulated failure ({plan.status})",
             retry_after_s=plan.retry_after_s,
         )
+        return failure, True
     try:
         response = await handler(request)
     except ApiError as exc:
-        return exc.response()
+        response = exc.response()
     except web.HTTPException as exc:  # the router's 404/405, in the API's error format
-        return error_response(exc.status, error_key_for(exc.status), exc.reason)
-    return _truncated(response) if plan.truncate else response
+        response = error_response(exc.status, error_key_for(exc.status), exc.reason)
+    cut = _truncated(response) if plan.truncate else None
+    return (response, bool(plan.delay_s)) if cut is None else (cut, True)
 
 
-def _truncated(response: web.StreamResponse) -> web.StreamResponse:
-    """The same 200 answer with its body cut in the middle: never valid JSON."""
+def _truncated(response: web.StreamResponse) -> web.StreamResponse | None:
+    """The same 200 answer with its body cut in the middle (never valid JSON); None for an
+    answer that is no 200 with a body."""
     if response.status != 200 or not isinstance(response, web.Response):
-        return response
+        return None
     body = response.body
     if not isinstance(body, bytes) or len(body) < 2:
-        return response
+        return None
     return web.Response(status=200, body=body[: len(body) // 2], content_type="application/json")
 
 

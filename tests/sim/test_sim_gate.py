@@ -186,7 +186,8 @@ async def test_daily_quota_is_403_over_ratelimit(aiohttp_client: AiohttpClient) 
 
 
 def test_daily_quota_resets_at_utc_midnight() -> None:
-    """The daily count starts over when the UTC date changes."""
+    """The daily count starts over when the UTC date changes (in the stats too, before the new
+    day's first request)."""
     wall = [datetime(2026, 11, 23, 23, 59, 59, tzinfo=UTC).timestamp()]
     mono = [100.0]
     limits = Limits(
@@ -195,8 +196,11 @@ def test_daily_quota_resets_at_utc_midnight() -> None:
     key = limits.authenticate("k", "Bearer t")
     assert key is not None
     assert [limits.admit(key) for _ in range(3)] == [None, None, "over_ratelimit"]
+    assert limits.describe("k")["used_today"] == 2
     wall[0] += 1.0
+    assert limits.describe("k")["used_today"] == 0  # a new day, before its first request
     assert limits.admit(key) is None
+    assert limits.describe("k")["used_today"] == 1
 
 
 def test_null_and_zero_limits_are_unenforced() -> None:
@@ -250,6 +254,23 @@ async def test_fault_script_is_played_in_order(client: Client) -> None:
     assert seen[4][3] >= 0.2
     assert '"down for maintenance"' in seen[5][2]
     assert (await stats(client))["faults_injected"] == 6
+
+
+async def test_a_truncation_with_nothing_to_cut_is_not_counted(client: Client) -> None:
+    """A truncate entry met by an error answer (a 404 here) leaves it whole, and the stats do not
+    count a fault that changed nothing (they counted every entry played)."""
+    await post_faults(client, {"script": [{"truncate": True}]})
+    body = await get_json(client, "/v2/contacts/999999/tracking/opens", expect=404)
+    assert isinstance(body, list)
+    counts = await stats(client)
+    assert counts["faults_injected"] == 0
+    keys = counts["keys"]
+    assert isinstance(keys, dict)
+    assert keys[KEY]["faults"] == 0
+    await post_faults(client, {"script": [{"truncate": True}]})
+    resp = await client.get(CONTACTS, params={"api_key": KEY}, headers=AUTH)
+    assert not (await resp.text()).endswith("}")
+    assert (await stats(client))["faults_injected"] == 1
 
 
 async def test_script_prefix_limits_which_requests_consume(client: Client) -> None:
