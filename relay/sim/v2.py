@@ -45,6 +45,9 @@ _CONTACT_STATUSES = {
     "OPTOUT": False,
     "REMOVED": False,
 }
+# A campaign summary asked without updateSummary=true is "current as of the last scheduled update"
+# (v2 docs); the simulator's schedule (upstream's is not documented) is every whole hour.
+SUMMARY_UPDATE_MS = 3_600_000
 _SUMMARY_FIELDS = (
     ("sends", Kind.SEND),
     ("opens", Kind.OPEN),
@@ -129,17 +132,22 @@ def _stream_key(world: World, endpoint: Endpoint, match: Mapping[str, str]) -> S
 def _summary(state: SimState, request: web.Request, endpoint: Endpoint) -> JsonObject:
     world, resource_id = state.world, request.match_info["resource_id"]
     if endpoint.scope is Scope.CAMPAIGN:
-        parse_flag(_query(request), "updateSummary")  # accepted; counts are always current
+        current = parse_flag(_query(request), "updateSummary")
         if world.campaign(resource_id) is None:
             raise not_found(f"campaign {resource_id} not found")
-    elif world.contact(resource_id) is None:
+        if current:
+            counts, updated_ms = world.counts(Scope.CAMPAIGN, resource_id), world.now_ms
+        else:
+            updated_ms = world.now_ms // SUMMARY_UPDATE_MS * SUMMARY_UPDATE_MS
+            counts = world.campaign_counts_at(resource_id, updated_ms)
+        body: JsonObject = {name: counts[kind] for name, kind in _SUMMARY_FIELDS}
+        body["spam_count"] = world.spam_count(resource_id, updated_ms)
+        return body
+    if world.contact(resource_id) is None:
         raise not_found(f"contact {resource_id} not found")
-    counts = world.counts(endpoint.scope, resource_id)
-    body: JsonObject = {name: counts[kind] for name, kind in _SUMMARY_FIELDS}
-    if endpoint.scope is Scope.CAMPAIGN:
-        body["spam_count"] = world.spam_count(resource_id)
-    else:
-        body["contact_id"] = resource_id  # the v2 docs' contact summary names its contact
+    counts = world.counts(Scope.CONTACT, resource_id)
+    body = {name: counts[kind] for name, kind in _SUMMARY_FIELDS}
+    body["contact_id"] = resource_id  # the v2 docs' contact summary names its contact
     return body
 
 

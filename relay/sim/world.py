@@ -154,9 +154,31 @@ class World:
                 counts[kind] = len(self._recipients.get((resource_id, kind), ()))
         return counts
 
-    def spam_count(self, campaign_id: str) -> int:
-        """Spam reports of a campaign visible by now."""
-        return bisect.bisect_right(self._spam.get(campaign_id, ()), self.now_ms)
+    def spam_count(self, campaign_id: str, at_ms: int | None = None) -> int:
+        """Spam reports of a campaign visible by now (by ``at_ms``, a time before now)."""
+        at_ms = self.now_ms if at_ms is None else min(at_ms, self.now_ms)
+        return bisect.bisect_right(self._spam.get(campaign_id, ()), at_ms)
+
+    def campaign_counts_at(self, campaign_id: str, at_ms: int) -> dict[Kind, int]:
+        """What a campaign's summary counted at ``at_ms`` (at most now), as :meth:`counts`
+        counts: a scan of its history up to then, for the rare summary asked without
+        updateSummary (the relay's ask for current counts)."""
+        at_ms = min(at_ms, self.now_ms)
+        counts = dict.fromkeys(Kind, 0)
+        campaign = self._campaign_by_id.get(campaign_id)
+        if campaign is None or campaign.index >= len(self._histories):
+            return counts
+        activities = self._histories[campaign.index].activities  # by visible_ms
+        end = bisect.bisect_right(activities, at_ms, key=_visible_ms)
+        recipients: defaultdict[Kind, set[str]] = defaultdict(set)
+        for activity in activities[:end]:
+            if activity.kind in UNIQUE_IN_CAMPAIGN:
+                recipients[activity.kind].add(activity.contact.id)
+            else:
+                counts[activity.kind] += 1
+        for kind, contacts in recipients.items():
+            counts[kind] = len(contacts)
+        return counts
 
     def counts_by_campaign(self, contact_id: str) -> list[tuple[Campaign, Counter[Kind]]]:
         """A contact's visible activities counted per campaign, most recently sent first; clicks

@@ -395,6 +395,25 @@ async def test_summary_by_campaign_is_a_plain_array(aiohttp_client: AiohttpClien
     assert differs, "the contact clicked a link twice in one campaign"
 
 
+async def test_campaign_summary_is_stale_without_update_summary(client: Client) -> None:
+    """Without updateSummary=true a campaign summary is "as of the last scheduled update" (v2
+    docs): here the last whole simulated hour; with it, current. So a relay that dropped the
+    parameter would see its summary gate miss activity, as it would upstream."""
+    state = get_state(client.app)
+    campaign = state.world.campaigns[1]  # sent at 07:55, five minutes before the start (08:00)
+    path = f"/v2/emailmarketing/campaigns/{campaign.id}/tracking/reports/summary"
+    at_start = await get_json(client, path, updateSummary="true")
+    await advance(client, 900)
+    current = await get_json(client, path, updateSummary="true")
+    assert current != at_start, "the campaign gained activity in the quarter hour"
+    assert await get_json(client, path) == at_start  # as of 08:00, the last whole hour
+    assert await get_json(client, path, updateSummary="false") == at_start
+    await advance(client, 2700)  # 09:00: the next scheduled update, for every campaign
+    for sent in state.world.campaigns:
+        path = f"/v2/emailmarketing/campaigns/{sent.id}/tracking/reports/summary"
+        assert await get_json(client, path) == await get_json(client, path, updateSummary="true")
+
+
 async def test_update_summary_must_be_boolean(client: Client) -> None:
     """updateSummary takes true or false only."""
     rows = await truth(client)
