@@ -128,4 +128,6 @@ def _retry_after(fields: Fields, status: int | None) -> float | None:
 
 
 def _describe_entry(plan: FaultPlan) -> JsonObject:
-    return {key: value for key, value in asdict(plan).items() if value not in (None, False, 0.0)}
+    # the values that differ from doing nothing; a retry_after of 0 is one (a header is sent)
+    nothing = asdict(FaultPlan())
+    return {key: value for key, value in asdict(plan).items() if value != nothing[key]}

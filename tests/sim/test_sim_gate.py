@@ -256,6 +256,20 @@ async def test_fault_script_is_played_in_order(client: Client) -> None:
     assert (await stats(client))["faults_injected"] == 6
 
 
+async def test_fault_script_is_described_as_it_will_play(client: Client) -> None:
+    """GET /_sim/faults lists each queued entry with every value it will use: a Retry-After of 0
+    (sent as "Retry-After: 0") is listed, where it was dropped as if none were set."""
+    script = [{"status": 503, "retry_after": 0}, {"status": 429}, {"delay_s": 0.5}]
+    state = await post_faults(client, {"script": script})
+    assert state["script"] == [
+        {"status": 503, "retry_after_s": 0.0},
+        {"status": 429, "retry_after_s": 1.0},
+        {"delay_s": 0.5},
+    ]
+    resp = await client.get(CONTACTS, params={"api_key": KEY}, headers=AUTH)
+    assert (resp.status, resp.headers.get("Retry-After")) == (503, "0")
+
+
 async def test_a_truncation_with_nothing_to_cut_is_not_counted(client: Client) -> None:
     """A truncate entry met by an error answer (a 404 here) leaves it whole, and the stats do not
     count a fault that changed nothing (they counted every entry played)."""
