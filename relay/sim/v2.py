@@ -23,7 +23,7 @@ from relay.sim.params import (
     parse_since,
 )
 from relay.sim.responses import bad_param, json_response, not_found
-from relay.sim.state import STATE, SimState
+from relay.sim.state import READ_AT, STATE, SimState
 from relay.sim.world import StreamKey, World
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -82,7 +82,7 @@ def _handler(endpoint: Endpoint) -> Handler:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
-        state.now_ms()
+        request[READ_AT] = state.now_ms()
         try:
             return json_response(serve(state, request, endpoint))
         except ParamError as exc:

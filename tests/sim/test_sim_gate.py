@@ -10,12 +10,14 @@ from datetime import UTC, datetime
 
 import aiohttp
 import pytest
+from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from relay.sim import ApiKey, create_app, get_state, serve
 from relay.sim.app import TICK_S
 from relay.sim.gate import accepts_json
 from relay.sim.limits import Limits
+from relay.sim.v2 import Handler
 from tests.sim import AUTH, KEY, TOKEN, Client, advance, get_json, scenario
 
 CONTACTS = "/v2/contacts"
@@ -397,6 +399,28 @@ async def test_time_stops_at_the_end_of_the_calendar(aiohttp_client: AiohttpClie
     assert resp.status == 200
     assert (await resp.json())["now"] == "9999-01-01T00:00:00.000Z"
     await get_json(client, CONTACTS)
+
+
+async def test_date_header_is_when_the_data_was_read(aiohttp_client: AiohttpClient) -> None:
+    """An answer's Date is the simulated time its data was read at, not when it was sent: the
+    time a request spends after the read (real seconds, times time_scale) made Date run ahead
+    of the data, by minutes at a high time_scale, skewing the relay's view of the API's clock."""
+
+    @web.middleware
+    async def slow_to_send(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if request.path.startswith("/v2/"):
+            get_state(request.app).clock.advance(3600)  # an hour passes after the read
+        return response
+
+    app = create_app(scenario())
+    app.middlewares.append(slow_to_send)  # inside the gate: between the read and the send
+    client = await aiohttp_client(app)
+    resp = await client.get(CONTACTS, params={"api_key": KEY}, headers=AUTH)
+    assert resp.status == 200
+    assert resp.headers["Date"] == "Mon, 23 Nov 2026 08:00:00 GMT"
+    resp = await client.get("/_sim/clock")  # no read of the world: the clock's time
+    assert resp.headers["Date"] == "Mon, 23 Nov 2026 09:00:00 GMT"
 
 
 async def test_stats_show_world_size(client: Client) -> None:
