@@ -1,8 +1,9 @@
 """Query parameters of /v2 requests: strict parsing, and the opaque paging token.
 
 A ``next_link`` is the request path plus ``?next=TOKEN``; the token is unpadded URL-safe base64 of
-a urlencoded query (``startAt=500&limit=500&created_since=…``) holding everything the next page
-needs, because the client sends it alone (with the api_key). A bad value raises
+a urlencoded query (``startAt=501&limit=500&created_since=…``) holding everything the next page
+needs, because the client sends it alone (with the api_key). ``startAt`` counts from 1, as in
+the v2 docs' tokens (``startAt=26&limit=25`` after a first page of 25). A bad value raises
 :class:`ParamError` naming the parameter; the app answers it with a 400.
 """
 
@@ -40,13 +41,13 @@ class ParamError(ValueError):
 class PageRequest:
     """One page to serve: offset, size, and the remaining (filter) parameters."""
 
-    start: int
+    start: int  # 0-based offset from the newest item (the token's startAt is 1-based)
     limit: int
     params: Mapping[str, str]  # everything but api_key, next, startAt and limit
 
     def next_token(self) -> str:
         """The token of the page after this one."""
-        query = [(START_AT, str(self.start + self.limit)), ("limit", str(self.limit))]
+        query = [(START_AT, str(self.start + self.limit + 1)), ("limit", str(self.limit))]
         query.extend(sorted(self.params.items()))
         raw = urlencode(query).encode()
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
@@ -111,8 +112,8 @@ def _from_token(token: str, max_limit: int) -> PageRequest:
     params = dict(pairs)
     start = params.pop(START_AT, "")
     limit = params.pop("limit", "")
-    if len(params) + 2 != len(pairs) or not _DIGITS.fullmatch(start):
+    if len(params) + 2 != len(pairs) or not _DIGITS.fullmatch(start) or int(start) < 1:
         raise invalid
     if not _DIGITS.fullmatch(limit) or not 1 <= int(limit) <= max_limit:
         raise invalid
-    return PageRequest(int(start), int(limit), params)
+    return PageRequest(int(start) - 1, int(limit), params)

@@ -206,6 +206,7 @@ async def test_created_since_without_millis_is_accepted(client: Client) -> None:
         pytest.param({"limit": "-5"}, "limit", id="limit-negative"),
         pytest.param({"next": "not*a*token"}, "next", id="bad-token-chars"),
         pytest.param({"next": "c3RhcnRBdD0x"}, "next", id="token-without-limit"),
+        pytest.param({"next": "c3RhcnRBdD0wJmxpbWl0PTU"}, "next", id="token-start-0"),
         pytest.param({"next": "Zm9vPWJhcg"}, "next", id="token-foreign"),
     ],
 )
@@ -248,7 +249,9 @@ async def test_last_page_has_empty_pagination(client: Client) -> None:
 
 
 async def test_paging_token_is_base64_query_sent_alone(client: Client) -> None:
-    """next_link is the path plus ?next=TOKEN, TOKEN unpadded base64url of startAt/limit/filters."""
+    """next_link is the path plus ?next=TOKEN, TOKEN unpadded base64url of startAt/limit/filters;
+    startAt counts from 1, as the v2 docs' tokens do (startAt=26&limit=25 after a first page of
+    25, startAt=3&limit=2 after one of 2)."""
     rows = await truth(client)
     campaign = busiest(rows, "campaign_id", Kind.SEND)
     path = f"/v2/emailmarketing/campaigns/{campaign}/tracking/sends"
@@ -260,7 +263,7 @@ async def test_paging_token_is_base64_query_sent_alone(client: Client) -> None:
     assert "=" not in token
     decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     assert parse_qs(decoded) == {
-        "startAt": ["5"],
+        "startAt": ["6"],
         "limit": ["5"],
         "created_since": ["2026-11-23T07:00:00.000Z"],
     }
