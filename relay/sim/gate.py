@@ -20,6 +20,17 @@ from relay.sim.v2 import Handler
 V2_PREFIX = "/v2/"
 _UNMATCHED = "(no such route)"
 _JSON_RANGES = frozenset({"*/*", "application/*", "application/json"})
+# Constant Contact's error keys for a bad api_key and a bad access token (its WordPress plugin,
+# among others, tells the two apart by them); the status is the v2 docs' 401.
+_INACTIVE_KEY = (
+    "mashery.not.authorized.inactive",
+    "The Mashery account associated with this request is not active, or an invalid API key was"
+    " used.",
+)
+_INVALID_TOKEN = (
+    "http.status.authentication.invalid_token",
+    "Not authorized: the Authorization: Bearer access token is not one of this api_key's",
+)
 # The bodies Constant Contact's gateway sends (quoted on its developer forum), not Mashery's
 # generic "Account Over Queries Per Second Limit" texts.
 _MASHERY_ACCOUNT = "The Mashery account associated with this request is over its"
@@ -68,11 +79,7 @@ async def _gated(state: SimState, request: web.Request, handler: Handler) -> web
         state.stats.rejected(
             request.query["api_key"] if known else UNKNOWN_KEY, Reason.UNAUTHORIZED
         )
-        return error_response(
-            401,
-            "http.status.unauthorized",
-            "Not authorized: api_key and the Authorization: Bearer access token must match",
-        )
+        return error_response(401, *(_INVALID_TOKEN if known else _INACTIVE_KEY))
     reason = state.limits.admit(key)
     if reason is not None:
         state.stats.rejected(key.api_key, reason)
