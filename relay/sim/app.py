@@ -12,6 +12,7 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 from aiohttp import web
@@ -22,7 +23,7 @@ from relay.sim.faults import FaultInjector
 from relay.sim.gate import v2_gate
 from relay.sim.limits import Limits, Stats
 from relay.sim.scenario import Scenario
-from relay.sim.state import STATE, SimState
+from relay.sim.state import READ_AT, STATE, SimState
 from relay.sim.world import World
 
 TICK_S = 0.2
@@ -61,8 +62,15 @@ def create_app(
 
 async def _simulated_date(request: web.Request, response: web.StreamResponse) -> None:
     """Date headers on the simulated clock, as the real API's are on its own: the relay bounds
-    watermarks by the upstream's clock, which here runs ``time_scale`` times real time."""
-    response.headers["Date"] = format_datetime(request.app[STATE].clock.now(), usegmt=True)
+    watermarks by the upstream's clock, which here runs ``time_scale`` times real time. An
+    answer with data is dated when the data was read: at a high time_scale, the real time spent
+    after the read (a slow fault, a busy loop) put the clock minutes past the data."""
+    read_at_ms = request.get(READ_AT)
+    if read_at_ms is None:
+        moment = request.app[STATE].clock.now()
+    else:
+        moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=read_at_ms)
+    response.headers["Date"] = format_datetime(moment, usegmt=True)
 
 
 async def _ticker(app: web.Application) -> AsyncIterator[None]:

@@ -67,9 +67,11 @@ async def post_clock(request: web.Request) -> web.Response:
         fields = Fields(await _json_body(request))
         seconds = fields.number("advance_s", 0.0)
         fields.finish()
+        state.clock.advance(seconds)
     except ScenarioError as exc:
         return error_response(400, _INVALID, str(exc))
-    state.clock.advance(seconds)
+    except ValueError as exc:  # past the end of simulated time
+        return error_response(400, _INVALID, f"advance_s: {exc}")
     return json_response(_clock(state))
 
 

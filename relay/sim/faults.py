@@ -43,14 +43,6 @@ class FaultPlan:
     retry_after_s: float | None = None
     truncate: bool = False  # serve, but cut the body in the middle
 
-    @property
-    def injected(self) -> bool:
-        """Whether anything is changed."""
-        return self != _NOTHING
-
-
-_NOTHING = FaultPlan()
-
 
 class FaultInjector:
     """Current fault settings and script; owns the seeded random source for faults."""
@@ -63,14 +55,16 @@ class FaultInjector:
         self.injected = 0
 
     def plan(self, path: str) -> FaultPlan:
-        """The fault for one request to ``path`` (consumes a matching script entry)."""
+        """The fault for one request to ``path`` (consumes a matching script entry); the gate
+        reports with :meth:`applied` whether it changed the answer."""
         if self._script and (self._prefix is None or path.startswith(self._prefix)):
-            plan = self._script.popleft()
-        else:
-            plan = self._random()
-        if plan.injected:
-            self.injected += 1
-        return plan
+            return self._script.popleft()
+        return self._random()
+
+    def applied(self) -> None:
+        """Count one fault that changed an answer (a truncation of an error answer does not:
+        there is no 200 body to cut)."""
+        self.injected += 1
 
     def _random(self) -> FaultPlan:
         rates, rng = self.settings, self._rng
@@ -134,4 +128,6 @@ def _retry_after(fields: Fields, status: int | None) -> float | None:
 
 
 def _describe_entry(plan: FaultPlan) -> JsonObject:
-    return {key: value for key, value in asdict(plan).items() if value not in (None, False, 0.0)}
+    # the values that differ from doing nothing; a retry_after of 0 is one (a header is sent)
+    nothing = asdict(FaultPlan())
+    return {key: value for key, value in asdict(plan).items() if value != nothing[key]}

@@ -20,9 +20,29 @@ from relay.sim.v2 import Handler
 V2_PREFIX = "/v2/"
 _UNMATCHED = "(no such route)"
 _JSON_RANGES = frozenset({"*/*", "application/*", "application/json"})
+# Constant Contact's error keys for a bad api_key and a bad access token (its WordPress plugin,
+# among others, tells the two apart by them); the status is the v2 docs' 401.
+_INACTIVE_KEY = (
+    "mashery.not.authorized.inactive",
+    "The Mashery account associated with this request is not active, or an invalid API key was"
+    " used.",
+)
+_INVALID_TOKEN = (
+    "http.status.authentication.invalid_token",
+    "Not authorized: the Authorization: Bearer access token is not one of this api_key's",
+)
+# The bodies Constant Contact's gateway sends (quoted on its developer forum), not Mashery's
+# generic "Account Over Queries Per Second Limit" texts.
+_MASHERY_ACCOUNT = "The Mashery account associated with this request is over its"
 _LIMIT_ERRORS = {
-    Reason.OVER_QPS: ("mashery.not.authorized.over.qps", "Account Over Queries Per Second Limit"),
-    Reason.OVER_RATELIMIT: ("mashery.not.authorized.over.ratelimit", "Account Over Rate Limit"),
+    Reason.OVER_QPS: (
+        "mashery.not.authorized.over.qps",
+        f"{_MASHERY_ACCOUNT} queries-per-second quota.",
+    ),
+    Reason.OVER_RATELIMIT: (
+        "mashery.not.authorized.over.ratelimit",
+        f"{_MASHERY_ACCOUNT} rate limit quota.",
+    ),
 }
 
 
@@ -59,11 +79,7 @@ async def _gated(state: SimState, request: web.Request, handler: Handler) -> web
         state.stats.rejected(
             request.query["api_key"] if known else UNKNOWN_KEY, Reason.UNAUTHORIZED
         )
-        return error_response(
-            401,
-            "http.status.unauthorized",
-            "Not authorized: api_key and the Authorization: Bearer access token must match",
-        )
+        return error_response(401, *(_INVALID_TOKEN if known else _INACTIVE_KEY))
     reason = state.limits.admit(key)
     if reason is not None:
         state.stats.rejected(key.api_key, reason)
@@ -74,36 +90,45 @@ async def _gated(state: SimState, request: web.Request, handler: Handler) -> web
             406, "http.status.not_acceptable", "Only application/json responses are available"
         )
     plan = state.faults.plan(request.path)
-    state.stats.served(key.api_key, fault=plan.injected)
-    return await _serve(request, handler, plan)
+    response, faulted = await _serve(request, handler, plan)
+    if faulted:
+        state.faults.applied()
+    state.stats.served(key.api_key, fault=faulted)
+    return response
 
 
-async def _serve(request: web.Request, handler: Handler, plan: FaultPlan) -> web.StreamResponse:
+async def _serve(
+    request: web.Request, handler: Handler, plan: FaultPlan
+) -> tuple[web.StreamResponse, bool]:
+    """The answer under ``plan``, and whether the plan changed it."""
     if plan.delay_s:
         await asyncio.sleep(plan.delay_s)
     if plan.status is not None:
-        return error_response(
+        failure = error_response(
             plan.status,
             plan.error_key or error_key_for(plan.status),
             plan.error_message or f"Simulated failure ({plan.status})",
             retry_after_s=plan.retry_after_s,
         )
+        return failure, True
     try:
         response = await handler(request)
     except ApiError as exc:
-        return exc.response()
+        response = exc.response()
     except web.HTTPException as exc:  # the router's 404/405, in the API's error format
-        return error_response(exc.status, error_key_for(exc.status), exc.reason)
-    return _truncated(response) if plan.truncate else response
+        response = error_response(exc.status, error_key_for(exc.status), exc.reason)
+    cut = _truncated(response) if plan.truncate else None
+    return (response, bool(plan.delay_s)) if cut is None else (cut, True)
 
 
-def _truncated(response: web.StreamResponse) -> web.StreamResponse:
-    """The same 200 answer with its body cut in the middle: never valid JSON."""
+def _truncated(response: web.StreamResponse) -> web.StreamResponse | None:
+    """The same 200 answer with its body cut in the middle (never valid JSON); None for an
+    answer that is no 200 with a body."""
     if response.status != 200 or not isinstance(response, web.Response):
-        return response
+        return None
     body = response.body
     if not isinstance(body, bytes) or len(body) < 2:
-        return response
+        return None
     return web.Response(status=200, body=body[: len(body) // 2], content_type="application/json")
 
 

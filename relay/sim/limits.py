@@ -73,7 +73,7 @@ class Limits:
         now = self._monotonic()
         while usage.window and usage.window[0] <= now - _WINDOW_S:
             usage.window.popleft()
-        today = datetime.fromtimestamp(self._wall_clock(), UTC).date()
+        today = self._today()
         if usage.day != today:
             usage.day, usage.today = today, 0
         if key.qps and len(usage.window) >= key.qps:
@@ -94,9 +94,13 @@ class Limits:
         return {
             "qps_limit": key.qps,
             "daily_limit": key.daily,
-            "used_today": usage.today,
+            # the count is reset by a new day's first request; until then it is yesterday's
+            "used_today": usage.today if usage.day == self._today() else 0,
             "max_per_1s": usage.max_per_window,
         }
+
+    def _today(self) -> date:
+        return datetime.fromtimestamp(self._wall_clock(), UTC).date()
 
     def names(self) -> list[str]:
         """The configured api keys."""

@@ -18,6 +18,7 @@ import yaml
 # written (YAML 1.1 made the first octal 83 and the second a traceback), true/false and decimal
 # numbers are still typed
 from relay.config import _Loader
+from relay.sim.clock import EARLIEST, END
 from relay.sim.fields import Fields
 from relay.sim.scenario import (
     ApiKey,
@@ -30,7 +31,7 @@ from relay.sim.scenario import (
     Scenario,
     ScenarioError,
 )
-from relay.sim.schedule import MAX_LINKS, generated_campaign_id
+from relay.sim.schedule import MAX_LINKS, earliest_ms, generated_campaign_id
 
 # Campaign and link ids are rendered as JSON numbers by the quirks, so they must round-trip
 # through a double: at most 15 digits, no leading zero.
@@ -113,7 +114,40 @@ def _scenario(root: Fields) -> Scenario:
     )
     faults_fields.finish()
     root.finish()
+    _check_calendar(scenario)
     return scenario
+
+
+def _check_calendar(scenario: Scenario) -> None:
+    """Nothing may lie before EARLIEST: such dates failed to render (a 500 on every list that
+    showed one), and a year before 1 not at all."""
+    start = scenario.start or datetime.now(UTC)
+    earliest = _unix_ms(EARLIEST)
+    for key, at_ms in earliest_ms(scenario.contacts, scenario.campaigns, _unix_ms(start)):
+        if at_ms >= earliest:
+            continue
+        if key == "contacts.count":
+            at = datetime.fromtimestamp(at_ms / 1000, UTC)
+            raise ScenarioError(
+                f"{key}: the first of {scenario.contacts.count} contacts would be created at"
+                f" {_utc_text(at)} (they are created an hour apart before the start),"
+                f" before {EARLIEST:%Y-%m-%d}: start later or use fewer contacts"
+            )
+        what = "the first campaign" if key == "campaigns.sent_every_s" else "the campaign"
+        raise ScenarioError(
+            f"{key}: {what} would be sent before {EARLIEST:%Y}, the earliest time the simulator"
+            f" serves (start {_utc_text(start)})"
+        )
+
+
+def _utc_text(moment: datetime) -> str:
+    # isoformat, not strftime: %Y writes the year 1 as "1"
+    return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _unix_ms(moment: datetime) -> int:
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
 
 
 def _start(root: Fields) -> datetime | None:
@@ -128,12 +162,20 @@ def _start(root: Fields) -> datetime | None:
             raise root.fail("start", f"expected an ISO 8601 date and time, got {value!r}") from None
     if isinstance(value, datetime):
         try:
-            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the year 1 in UTC
             raise root.fail("start", f"outside the years 1 to 9999 in UTC: {written!r}") from None
-    if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=UTC)
-    raise root.fail("start", f"expected an ISO 8601 date and time, got {value!r}")
+    elif isinstance(value, date):
+        value = datetime(value.year, value.month, value.day, tzinfo=UTC)
+    else:
+        raise root.fail("start", f"expected an ISO 8601 date and time, got {value!r}")
+    if not EARLIEST <= value < END:
+        raise root.fail(
+            "start",
+            f"{_utc_text(value)} is outside the simulator's calendar (from"
+            f" {EARLIEST:%Y-%m-%d} to before {END:%Y-%m-%d})",
+        )
+    return value
 
 
 def _keys(root: Fields) -> tuple[ApiKey, ...]:

@@ -1,8 +1,9 @@
 """Query parameters of /v2 requests: strict parsing, and the opaque paging token.
 
 A ``next_link`` is the request path plus ``?next=TOKEN``; the token is unpadded URL-safe base64 of
-a urlencoded query (``startAt=500&limit=500&created_since=…``) holding everything the next page
-needs, because the client sends it alone (with the api_key). A bad value raises
+a urlencoded query (``startAt=501&limit=500&created_since=…``) holding everything the next page
+needs, because the client sends it alone (with the api_key). ``startAt`` counts from 1, as in
+the v2 docs' tokens (``startAt=26&limit=25`` after a first page of 25). A bad value raises
 :class:`ParamError` naming the parameter; the app answers it with a 400.
 """
 
@@ -20,7 +21,10 @@ from urllib.parse import parse_qsl, urlencode
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{3})?Z")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _DIGITS = re.compile(r"[0-9]{1,9}")
+# The v2 docs' "Paginated Output" table: the discovery lists default to 50 per page, campaign and
+# contact tracking to 500 (their maximum).
 DEFAULT_LIMIT = 50
+TRACKING_DEFAULT_LIMIT = 500
 START_AT = "startAt"
 NEXT = "next"
 
@@ -37,25 +41,28 @@ class ParamError(ValueError):
 class PageRequest:
     """One page to serve: offset, size, and the remaining (filter) parameters."""
 
-    start: int
+    start: int  # 0-based offset from the newest item (the token's startAt is 1-based)
     limit: int
     params: Mapping[str, str]  # everything but api_key, next, startAt and limit
 
     def next_token(self) -> str:
         """The token of the page after this one."""
-        query = [(START_AT, str(self.start + self.limit)), ("limit", str(self.limit))]
+        query = [(START_AT, str(self.start + self.limit + 1)), ("limit", str(self.limit))]
         query.extend(sorted(self.params.items()))
         raw = urlencode(query).encode()
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def page_request(query: Mapping[str, str], max_limit: int) -> PageRequest:
-    """The page a request asks for: from its ``next`` token, or from its own parameters."""
+def page_request(
+    query: Mapping[str, str], max_limit: int, default_limit: int = DEFAULT_LIMIT
+) -> PageRequest:
+    """The page a request asks for: from its ``next`` token, or from its own parameters
+    (``default_limit`` records when it names no ``limit``)."""
     if NEXT in query:
         return _from_token(query[NEXT], max_limit)
     params = {k: v for k, v in query.items() if k not in ("api_key", START_AT)}
     limit_text = params.pop("limit", None)
-    limit = DEFAULT_LIMIT if limit_text is None else parse_limit(limit_text, max_limit)
+    limit = default_limit if limit_text is None else parse_limit(limit_text, max_limit)
     return PageRequest(0, limit, params)
 
 
@@ -105,8 +112,8 @@ def _from_token(token: str, max_limit: int) -> PageRequest:
     params = dict(pairs)
     start = params.pop(START_AT, "")
     limit = params.pop("limit", "")
-    if len(params) + 2 != len(pairs) or not _DIGITS.fullmatch(start):
+    if len(params) + 2 != len(pairs) or not _DIGITS.fullmatch(start) or int(start) < 1:
         raise invalid
     if not _DIGITS.fullmatch(limit) or not 1 <= int(limit) <= max_limit:
         raise invalid
-    return PageRequest(int(start), int(limit), params)
+    return PageRequest(int(start) - 1, int(limit), params)

@@ -65,6 +65,21 @@ def build_campaigns(spec: Campaigns, start_ms: int) -> tuple[Campaign, ...]:
     )
 
 
+def earliest_ms(contacts: Contacts, campaigns: Campaigns, start_ms: int) -> list[tuple[str, int]]:
+    """The earliest instant each scenario key places something at, by key path: the first
+    contact, the first generated send, each explicit send (as the builders above compute them)."""
+    rows = []
+    if contacts.count:
+        rows.append(("contacts.count", start_ms - contacts.count * _CONTACT_SPACING_MS))
+    if campaigns.count:
+        offset_ms = round((0.5 - campaigns.already_sent) * campaigns.sent_every_s * 1000)
+        rows.append(("campaigns.sent_every_s", _whole_second(start_ms + offset_ms)))
+    for i, item in enumerate(campaigns.explicit):
+        send_ms = _whole_second(start_ms + round(item.send_at_s * 1000))
+        rows.append((f"campaigns.explicit[{i}].send_at_s", send_ms))
+    return rows
+
+
 def _explicit_row(
     item: CampaignSpec, spec: Campaigns, start_ms: int
 ) -> tuple[int, str, str, Audience, tuple[str, ...] | None]:

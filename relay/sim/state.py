@@ -36,6 +36,8 @@ class SimState:
 
 
 STATE = web.AppKey("ctct_sim_state", SimState)
+# The simulated time (Unix ms) a /v2 request read the world at: its answer's Date header.
+READ_AT = web.RequestKey("ctct_sim_read_at", int)
 
 
 def get_state(app: web.Application) -> SimState:

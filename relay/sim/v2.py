@@ -14,9 +14,16 @@ from aiohttp import web
 from relay.ctct.catalogue import ENDPOINTS, Endpoint, Scope, Shape
 from relay.events import Kind
 from relay.sim import render
-from relay.sim.params import PageRequest, ParamError, page_request, parse_flag, parse_since
+from relay.sim.params import (
+    TRACKING_DEFAULT_LIMIT,
+    PageRequest,
+    ParamError,
+    page_request,
+    parse_flag,
+    parse_since,
+)
 from relay.sim.responses import bad_param, json_response, not_found
-from relay.sim.state import STATE, SimState
+from relay.sim.state import READ_AT, STATE, SimState
 from relay.sim.world import StreamKey, World
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,6 +45,9 @@ _CONTACT_STATUSES = {
     "OPTOUT": False,
     "REMOVED": False,
 }
+# A campaign summary asked without updateSummary=true is "current as of the last scheduled update"
+# (v2 docs); the simulator's schedule (upstream's is not documented) is every whole hour.
+SUMMARY_UPDATE_MS = 3_600_000
 _SUMMARY_FIELDS = (
     ("sends", Kind.SEND),
     ("opens", Kind.OPEN),
@@ -46,7 +56,11 @@ _SUMMARY_FIELDS = (
     ("unsubscribes", Kind.UNSUBSCRIBE),
     ("bounces", Kind.BOUNCE),
 )
-_BY_CAMPAIGN_FIELDS = tuple(row for row in _SUMMARY_FIELDS if row[1] is not Kind.UNSUBSCRIBE)
+# summaryByCampaign rows (v2 docs, and the Java SDK's ContactTrackingSummaryByCampaignReport):
+# campaign_id, contact_id and these counts; no sends, no unsubscribes.
+_BY_CAMPAIGN_FIELDS = tuple(
+    row for row in _SUMMARY_FIELDS if row[1] not in (Kind.SEND, Kind.UNSUBSCRIBE)
+)
 
 
 def routes() -> list[web.RouteDef]:
@@ -68,7 +82,7 @@ def _handler(endpoint: Endpoint) -> Handler:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
-        state.now_ms()
+        request[READ_AT] = state.now_ms()
         try:
             return json_response(serve(state, request, endpoint))
         except ParamError as exc:
@@ -89,7 +103,7 @@ def _paged(request: web.Request, page: PageRequest, more: bool, results: object)
 
 
 def _activities(state: SimState, request: web.Request, endpoint: Endpoint) -> JsonObject:
-    page = page_request(_query(request), endpoint.max_limit or 0)
+    page = page_request(_query(request), endpoint.max_limit or 0, TRACKING_DEFAULT_LIMIT)
     since_ms = parse_since(page.params, "created_since")
     key = _stream_key(state.world, endpoint, request.match_info)
     items, more = state.world.stream(key).page(since_ms, page.start, page.limit)
@@ -118,15 +132,22 @@ def _stream_key(world: World, endpoint: Endpoint, match: Mapping[str, str]) -> S
 def _summary(state: SimState, request: web.Request, endpoint: Endpoint) -> JsonObject:
     world, resource_id = state.world, request.match_info["resource_id"]
     if endpoint.scope is Scope.CAMPAIGN:
-        parse_flag(_query(request), "updateSummary")  # accepted; counts are always current
+        current = parse_flag(_query(request), "updateSummary")
         if world.campaign(resource_id) is None:
             raise not_found(f"campaign {resource_id} not found")
-    elif world.contact(resource_id) is None:
+        if current:
+            counts, updated_ms = world.counts(Scope.CAMPAIGN, resource_id), world.now_ms
+        else:
+            updated_ms = world.now_ms // SUMMARY_UPDATE_MS * SUMMARY_UPDATE_MS
+            counts = world.campaign_counts_at(resource_id, updated_ms)
+        body: JsonObject = {name: counts[kind] for name, kind in _SUMMARY_FIELDS}
+        body["spam_count"] = world.spam_count(resource_id, updated_ms)
+        return body
+    if world.contact(resource_id) is None:
         raise not_found(f"contact {resource_id} not found")
-    counts = world.counts(endpoint.scope, resource_id)
-    body: JsonObject = {name: counts[kind] for name, kind in _SUMMARY_FIELDS}
-    if endpoint.scope is Scope.CAMPAIGN:
-        body["spam_count"] = world.spam_count(resource_id)
+    counts = world.counts(Scope.CONTACT, resource_id)
+    body = {name: counts[kind] for name, kind in _SUMMARY_FIELDS}
+    body["contact_id"] = resource_id  # the v2 docs' contact summary names its contact
     return body
 
 
@@ -137,7 +158,11 @@ def _summary_by_campaign(
     if state.world.contact(contact_id) is None:
         raise not_found(f"contact {contact_id} not found")
     return [
-        {"campaign_id": campaign.id, **{name: counts[kind] for name, kind in _BY_CAMPAIGN_FIELDS}}
+        {
+            "campaign_id": campaign.id,
+            "contact_id": contact_id,
+            **{name: counts[kind] for name, kind in _BY_CAMPAIGN_FIELDS},
+        }
         for campaign, counts in state.world.counts_by_campaign(contact_id)
     ]
 

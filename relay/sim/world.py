@@ -154,15 +154,44 @@ class World:
                 counts[kind] = len(self._recipients.get((resource_id, kind), ()))
         return counts
 
-    def spam_count(self, campaign_id: str) -> int:
-        """Spam reports of a campaign visible by now."""
-        return bisect.bisect_right(self._spam.get(campaign_id, ()), self.now_ms)
+    def spam_count(self, campaign_id: str, at_ms: int | None = None) -> int:
+        """Spam reports of a campaign visible by now (by ``at_ms``, a time before now)."""
+        at_ms = self.now_ms if at_ms is None else min(at_ms, self.now_ms)
+        return bisect.bisect_right(self._spam.get(campaign_id, ()), at_ms)
+
+    def campaign_counts_at(self, campaign_id: str, at_ms: int) -> dict[Kind, int]:
+        """What a campaign's summary counted at ``at_ms`` (at most now), as :meth:`counts`
+        counts: a scan of its history up to then, for the rare summary asked without
+        updateSummary (the relay's ask for current counts)."""
+        at_ms = min(at_ms, self.now_ms)
+        counts = dict.fromkeys(Kind, 0)
+        campaign = self._campaign_by_id.get(campaign_id)
+        if campaign is None or campaign.index >= len(self._histories):
+            return counts
+        activities = self._histories[campaign.index].activities  # by visible_ms
+        end = bisect.bisect_right(activities, at_ms, key=_visible_ms)
+        recipients: defaultdict[Kind, set[str]] = defaultdict(set)
+        for activity in activities[:end]:
+            if activity.kind in UNIQUE_IN_CAMPAIGN:
+                recipients[activity.kind].add(activity.contact.id)
+            else:
+                counts[activity.kind] += 1
+        for kind, contacts in recipients.items():
+            counts[kind] = len(contacts)
+        return counts
 
     def counts_by_campaign(self, contact_id: str) -> list[tuple[Campaign, Counter[Kind]]]:
-        """A contact's visible activities counted per campaign, most recently sent first."""
+        """A contact's visible activities counted per campaign, most recently sent first; clicks
+        count the distinct links clicked (v2 docs of summaryByCampaign: "clicks: Number of unique
+        link clicks the contact made", against "opens: Number of times the contact opened")."""
         per_campaign: dict[str, Counter[Kind]] = defaultdict(Counter)
+        links: defaultdict[str, set[str]] = defaultdict(set)
         for activity in self.stream((Scope.CONTACT, contact_id, None, "")).items():
             per_campaign[activity.campaign.id][activity.kind] += 1
+            if activity.kind is Kind.CLICK:
+                links[activity.campaign.id].add(activity.link_id)
+        for campaign_id, clicked in links.items():
+            per_campaign[campaign_id][Kind.CLICK] = len(clicked)
         rows = [(self._campaign_by_id[cid], counts) for cid, counts in per_campaign.items()]
         rows.sort(key=lambda row: (row[0].send_ms, row[0].index), reverse=True)
         return rows

@@ -206,6 +206,7 @@ async def test_created_since_without_millis_is_accepted(client: Client) -> None:
         pytest.param({"limit": "-5"}, "limit", id="limit-negative"),
         pytest.param({"next": "not*a*token"}, "next", id="bad-token-chars"),
         pytest.param({"next": "c3RhcnRBdD0x"}, "next", id="token-without-limit"),
+        pytest.param({"next": "c3RhcnRBdD0wJmxpbWl0PTU"}, "next", id="token-start-0"),
         pytest.param({"next": "Zm9vPWJhcg"}, "next", id="token-foreign"),
     ],
 )
@@ -220,12 +221,23 @@ async def test_bad_parameters_are_400(client: Client, params: dict[str, str], na
 
 
 async def test_default_limit_is_50(aiohttp_client: AiohttpClient) -> None:
-    """Without limit a page holds 50 records and links to the next."""
+    """Without limit a page of the contacts list holds 50 records and links to the next."""
     client = await aiohttp_client(create_app(scenario(contacts={"count": 60})))
     body = await get_json(client, "/v2/contacts")
     assert isinstance(body, dict)
     assert len(body["results"]) == 50
     assert "next_link" in body["meta"]["pagination"]
+
+
+async def test_tracking_default_limit_is_500(aiohttp_client: AiohttpClient) -> None:
+    """Without limit a tracking feed page holds up to 500 records, as the v2 docs' paginated-output
+    table gives for campaign and contact tracking (the discovery lists' default is 50)."""
+    client = await aiohttp_client(create_app(scenario(contacts={"count": 120})))
+    campaign = get_state(client.app).world.campaigns[0]
+    body = await get_json(client, f"/v2/emailmarketing/campaigns/{campaign.id}/tracking/sends")
+    assert isinstance(body, dict)
+    assert len(body["results"]) == 120
+    assert body["meta"] == {"pagination": {}}
 
 
 async def test_last_page_has_empty_pagination(client: Client) -> None:
@@ -237,7 +249,9 @@ async def test_last_page_has_empty_pagination(client: Client) -> None:
 
 
 async def test_paging_token_is_base64_query_sent_alone(client: Client) -> None:
-    """next_link is the path plus ?next=TOKEN, TOKEN unpadded base64url of startAt/limit/filters."""
+    """next_link is the path plus ?next=TOKEN, TOKEN unpadded base64url of startAt/limit/filters;
+    startAt counts from 1, as the v2 docs' tokens do (startAt=26&limit=25 after a first page of
+    25, startAt=3&limit=2 after one of 2)."""
     rows = await truth(client)
     campaign = busiest(rows, "campaign_id", Kind.SEND)
     path = f"/v2/emailmarketing/campaigns/{campaign}/tracking/sends"
@@ -249,7 +263,7 @@ async def test_paging_token_is_base64_query_sent_alone(client: Client) -> None:
     assert "=" not in token
     decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     assert parse_qs(decoded) == {
-        "startAt": ["5"],
+        "startAt": ["6"],
         "limit": ["5"],
         "created_since": ["2026-11-23T07:00:00.000Z"],
     }
@@ -340,7 +354,8 @@ async def test_summaries_count_what_is_visible(client: Client) -> None:
         }
         summary = await get_json(client, f"/v2/contacts/{contact}/tracking/reports/summary")
         expected = Counter(str(r["kind"]) for r in rows if r["contact_id"] == contact)
-        assert summary == {name: expected[kind] for name, kind in fields.items()}
+        counts: JsonObject = {name: expected[kind] for name, kind in fields.items()}
+        assert summary == {**counts, "contact_id": contact}  # the v2 docs' shape: with the id
 
 
 async def test_spam_count_is_reported(client: Client) -> None:
@@ -351,20 +366,55 @@ async def test_spam_count_is_reported(client: Client) -> None:
     assert sum(counts) > 0
 
 
-async def test_summary_by_campaign_is_a_plain_array(client: Client) -> None:
-    """summaryByCampaign: one row per campaign with activity, no unsubscribes key, not paged."""
+async def test_summary_by_campaign_is_a_plain_array(aiohttp_client: AiohttpClient) -> None:
+    """summaryByCampaign: one row per campaign with activity, not paged, in the v2 docs' shape
+    (campaign_id, contact_id, opens, clicks, forwards, bounces: no sends, no unsubscribes); opens,
+    forwards and bounces count times, clicks the distinct links clicked ("unique link clicks")."""
+    client = await aiohttp_client(create_app(scenario(rates={"reclick": 0.9})))
     await advance(client, 900)
     rows = await truth(client)
-    contact = busiest(rows, "contact_id", Kind.OPEN)
+    mine = [r for r in rows if r["kind"] == "click"]
+    # a contact who clicked one link more than once, so clicks and unique links differ
+    repeat = Counter((r["contact_id"], r["campaign_id"], r["link_id"]) for r in mine)
+    contact = next(contact for (contact, _, _), n in repeat.items() if n > 1)
     body = await get_json(client, f"/v2/contacts/{contact}/tracking/reports/summaryByCampaign")
     assert isinstance(body, list)
     mine = [r for r in rows if r["contact_id"] == contact]
     assert {row["campaign_id"] for row in body} == {r["campaign_id"] for r in mine}
+    differs = False
     for row in body:
-        assert set(row) == {"campaign_id", "sends", "opens", "clicks", "forwards", "bounces"}
-        expected = Counter(str(r["kind"]) for r in mine if r["campaign_id"] == row["campaign_id"])
-        assert row["opens"] == expected["open"]
-        assert row["sends"] == expected["send"]
+        assert set(row) == {"campaign_id", "contact_id", "opens", "clicks", "forwards", "bounces"}
+        assert row["contact_id"] == contact
+        here = [r for r in mine if r["campaign_id"] == row["campaign_id"]]
+        expected = Counter(str(r["kind"]) for r in here)
+        links = {r["link_id"] for r in here if r["kind"] == "click"}
+        assert (row["opens"], row["forwards"], row["bounces"]) == (
+            expected["open"],
+            expected["forward"],
+            expected["bounce"],
+        )
+        assert row["clicks"] == len(links)
+        differs |= expected["click"] != len(links)
+    assert differs, "the contact clicked a link twice in one campaign"
+
+
+async def test_campaign_summary_is_stale_without_update_summary(client: Client) -> None:
+    """Without updateSummary=true a campaign summary is "as of the last scheduled update" (v2
+    docs): here the last whole simulated hour; with it, current. So a relay that dropped the
+    parameter would see its summary gate miss activity, as it would upstream."""
+    state = get_state(client.app)
+    campaign = state.world.campaigns[1]  # sent at 07:55, five minutes before the start (08:00)
+    path = f"/v2/emailmarketing/campaigns/{campaign.id}/tracking/reports/summary"
+    at_start = await get_json(client, path, updateSummary="true")
+    await advance(client, 900)
+    current = await get_json(client, path, updateSummary="true")
+    assert current != at_start, "the campaign gained activity in the quarter hour"
+    assert await get_json(client, path) == at_start  # as of 08:00, the last whole hour
+    assert await get_json(client, path, updateSummary="false") == at_start
+    await advance(client, 2700)  # 09:00: the next scheduled update, for every campaign
+    for sent in state.world.campaigns:
+        path = f"/v2/emailmarketing/campaigns/{sent.id}/tracking/reports/summary"
+        assert await get_json(client, path) == await get_json(client, path, updateSummary="true")
 
 
 async def test_update_summary_must_be_boolean(client: Client) -> None:

@@ -10,12 +10,14 @@ from datetime import UTC, datetime
 
 import aiohttp
 import pytest
+from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from relay.sim import ApiKey, create_app, get_state, serve
 from relay.sim.app import TICK_S
 from relay.sim.gate import accepts_json
 from relay.sim.limits import Limits
+from relay.sim.v2 import Handler
 from tests.sim import AUTH, KEY, TOKEN, Client, advance, get_json, scenario
 
 CONTACTS = "/v2/contacts"
@@ -41,30 +43,40 @@ async def stats(client: Client) -> dict[str, object]:
     return body
 
 
+INACTIVE = (
+    "mashery.not.authorized.inactive",
+    "The Mashery account associated with this request is not active, or an invalid API key was"
+    " used.",
+)
+INVALID_TOKEN = (
+    "http.status.authentication.invalid_token",
+    "Not authorized: the Authorization: Bearer access token is not one of this api_key's",
+)
+
+
 @pytest.mark.parametrize(
-    ("params", "headers"),
+    ("params", "headers", "error"),
     [
-        pytest.param({}, AUTH, id="no-api-key"),
-        pytest.param({"api_key": "other"}, AUTH, id="unknown-api-key"),
-        pytest.param({"api_key": KEY}, {}, id="no-authorization"),
-        pytest.param({"api_key": KEY}, {"Authorization": "Bearer wrong"}, id="wrong-token"),
-        pytest.param({"api_key": KEY}, {"Authorization": f"Basic {TOKEN}"}, id="not-bearer"),
+        pytest.param({}, AUTH, INACTIVE, id="no-api-key"),
+        pytest.param({"api_key": "other"}, AUTH, INACTIVE, id="unknown-api-key"),
+        pytest.param({"api_key": KEY}, {}, INVALID_TOKEN, id="no-authorization"),
+        pytest.param(
+            {"api_key": KEY}, {"Authorization": "Bearer wrong"}, INVALID_TOKEN, id="wrong-token"
+        ),
+        pytest.param(
+            {"api_key": KEY}, {"Authorization": f"Basic {TOKEN}"}, INVALID_TOKEN, id="not-bearer"
+        ),
     ],
 )
 async def test_credentials_must_match_or_401(
-    client: Client, params: dict[str, str], headers: dict[str, str]
+    client: Client, params: dict[str, str], headers: dict[str, str], error: tuple[str, str]
 ) -> None:
-    """Both the api_key and its bearer token are required; otherwise 401 and no data."""
+    """Both the api_key and its bearer token are required; otherwise 401 and no data, with the
+    error keys Constant Contact's API gives (clients such as its WordPress plugin branch on
+    them): mashery.not.authorized.inactive for the key, .invalid_token for the token."""
     resp = await client.get(CONTACTS, params=params, headers=headers)
     assert resp.status == 401
-    assert await resp.json() == [
-        {
-            "error_key": "http.status.unauthorized",
-            "error_message": (
-                "Not authorized: api_key and the Authorization: Bearer access token must match"
-            ),
-        }
-    ]
+    assert await resp.json() == [{"error_key": error[0], "error_message": error[1]}]
 
 
 async def test_rejections_are_counted_per_key(client: Client) -> None:
@@ -119,8 +131,13 @@ async def test_over_qps_is_403_and_nothing_is_served(aiohttp_client: AiohttpClie
         statuses.append(resp.status)
         if resp.status == 403:
             body = await resp.json()
-            assert body[0]["error_key"] == "mashery.not.authorized.over.qps"
-            assert "results" not in body
+            assert body == [  # the body Constant Contact's API sends (its developer forum)
+                {
+                    "error_key": "mashery.not.authorized.over.qps",
+                    "error_message": "The Mashery account associated with this request is over"
+                    " its queries-per-second quota.",
+                }
+            ]
     assert statuses[:3] == [200, 200, 200]
     assert 403 in statuses
     keys = (await stats(client))["keys"]
@@ -167,8 +184,13 @@ async def test_daily_quota_is_403_over_ratelimit(aiohttp_client: AiohttpClient) 
     for _ in range(3):
         await get_json(client, CONTACTS)
     body = await get_json(client, CONTACTS, expect=403)
-    assert isinstance(body, list)
-    assert body[0]["error_key"] == "mashery.not.authorized.over.ratelimit"
+    assert body == [
+        {
+            "error_key": "mashery.not.authorized.over.ratelimit",
+            "error_message": "The Mashery account associated with this request is over its rate"
+            " limit quota.",
+        }
+    ]
     keys = (await stats(client))["keys"]
     assert isinstance(keys, dict)
     assert keys[KEY]["used_today"] == 3
@@ -176,7 +198,8 @@ async def test_daily_quota_is_403_over_ratelimit(aiohttp_client: AiohttpClient) 
 
 
 def test_daily_quota_resets_at_utc_midnight() -> None:
-    """The daily count starts over when the UTC date changes."""
+    """The daily count starts over when the UTC date changes (in the stats too, before the new
+    day's first request)."""
     wall = [datetime(2026, 11, 23, 23, 59, 59, tzinfo=UTC).timestamp()]
     mono = [100.0]
     limits = Limits(
@@ -185,8 +208,11 @@ def test_daily_quota_resets_at_utc_midnight() -> None:
     key = limits.authenticate("k", "Bearer t")
     assert key is not None
     assert [limits.admit(key) for _ in range(3)] == [None, None, "over_ratelimit"]
+    assert limits.describe("k")["used_today"] == 2
     wall[0] += 1.0
+    assert limits.describe("k")["used_today"] == 0  # a new day, before its first request
     assert limits.admit(key) is None
+    assert limits.describe("k")["used_today"] == 1
 
 
 def test_null_and_zero_limits_are_unenforced() -> None:
@@ -240,6 +266,37 @@ async def test_fault_script_is_played_in_order(client: Client) -> None:
     assert seen[4][3] >= 0.2
     assert '"down for maintenance"' in seen[5][2]
     assert (await stats(client))["faults_injected"] == 6
+
+
+async def test_fault_script_is_described_as_it_will_play(client: Client) -> None:
+    """GET /_sim/faults lists each queued entry with every value it will use: a Retry-After of 0
+    (sent as "Retry-After: 0") is listed, where it was dropped as if none were set."""
+    script = [{"status": 503, "retry_after": 0}, {"status": 429}, {"delay_s": 0.5}]
+    state = await post_faults(client, {"script": script})
+    assert state["script"] == [
+        {"status": 503, "retry_after_s": 0.0},
+        {"status": 429, "retry_after_s": 1.0},
+        {"delay_s": 0.5},
+    ]
+    resp = await client.get(CONTACTS, params={"api_key": KEY}, headers=AUTH)
+    assert (resp.status, resp.headers.get("Retry-After")) == (503, "0")
+
+
+async def test_a_truncation_with_nothing_to_cut_is_not_counted(client: Client) -> None:
+    """A truncate entry met by an error answer (a 404 here) leaves it whole, and the stats do not
+    count a fault that changed nothing (they counted every entry played)."""
+    await post_faults(client, {"script": [{"truncate": True}]})
+    body = await get_json(client, "/v2/contacts/999999/tracking/opens", expect=404)
+    assert isinstance(body, list)
+    counts = await stats(client)
+    assert counts["faults_injected"] == 0
+    keys = counts["keys"]
+    assert isinstance(keys, dict)
+    assert keys[KEY]["faults"] == 0
+    await post_faults(client, {"script": [{"truncate": True}]})
+    resp = await client.get(CONTACTS, params={"api_key": KEY}, headers=AUTH)
+    assert not (await resp.text()).endswith("}")
+    assert (await stats(client))["faults_injected"] == 1
 
 
 async def test_script_prefix_limits_which_requests_consume(client: Client) -> None:
@@ -334,12 +391,46 @@ async def test_clock_endpoints(client: Client) -> None:
         "elapsed_s": 0.0,
     }
     assert await advance(client, 90.5) == "2026-11-23T08:01:30.500Z"
-    for bad in ({"advance_s": -1}, {"advance_s": "soon"}, {"advanse_s": 1}):
+    for bad in ({"advance_s": -1}, {"advance_s": "soon"}, {"advanse_s": 1}, {"advance_s": 1e300}):
         resp = await client.post("/_sim/clock", json=bad)
         assert resp.status == 400
+        assert "advance" in (await resp.json())[0]["error_message"]
     resp = await client.post("/_sim/clock", data=b"{not json")
     assert resp.status == 400
     assert get_state(client.app).clock.elapsed_s() == 90.5
+
+
+async def test_time_stops_at_the_end_of_the_calendar(aiohttp_client: AiohttpClient) -> None:
+    """A clock running past 9999-01-01 (a huge time_scale) stops there: the simulator keeps
+    answering, where computing the date overflowed and it failed to start."""
+    client = await aiohttp_client(create_app(scenario(time_scale=1e300)))
+    await asyncio.sleep(0.01)
+    resp = await client.get("/_sim/clock")
+    assert resp.status == 200
+    assert (await resp.json())["now"] == "9999-01-01T00:00:00.000Z"
+    await get_json(client, CONTACTS)
+
+
+async def test_date_header_is_when_the_data_was_read(aiohttp_client: AiohttpClient) -> None:
+    """An answer's Date is the simulated time its data was read at, not when it was sent: the
+    time a request spends after the read (real seconds, times time_scale) made Date run ahead
+    of the data, by minutes at a high time_scale, skewing the relay's view of the API's clock."""
+
+    @web.middleware
+    async def slow_to_send(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if request.path.startswith("/v2/"):
+            get_state(request.app).clock.advance(3600)  # an hour passes after the read
+        return response
+
+    app = create_app(scenario())
+    app.middlewares.append(slow_to_send)  # inside the gate: between the read and the send
+    client = await aiohttp_client(app)
+    resp = await client.get(CONTACTS, params={"api_key": KEY}, headers=AUTH)
+    assert resp.status == 200
+    assert resp.headers["Date"] == "Mon, 23 Nov 2026 08:00:00 GMT"
+    resp = await client.get("/_sim/clock")  # no read of the world: the clock's time
+    assert resp.headers["Date"] == "Mon, 23 Nov 2026 09:00:00 GMT"
 
 
 async def test_stats_show_world_size(client: Client) -> None:

@@ -135,6 +135,24 @@ def test_error_names_file_key_and_problem(tmp_path: Path) -> None:
         ),
         pytest.param({"rates": {"send_batch": 0}}, "rates.send_batch", id="batch"),
         pytest.param({"faults": {"slow_s": "x"}}, "faults.slow_s", id="slow"),
+        # every instant served lies in 1970..9999: out of it, dates failed to render (500s)
+        pytest.param({"start": "1960-01-01T00:00:00Z"}, "start: 1960-01-01", id="start-early"),
+        pytest.param({"start": "9999-06-01T00:00:00Z"}, "start: 9999-06-01", id="start-late"),
+        pytest.param(
+            {"start": "1970-01-02T00:00:00Z"},
+            "contacts.count: the first of 40 contacts would be created at 1969-12-31T08:00:00Z",
+            id="contacts-before-1970",
+        ),
+        pytest.param(
+            {"campaigns": {"sent_every_s": 1e300}},
+            "campaigns.sent_every_s: the first campaign would be sent before 1970",
+            id="schedule-before-1970",
+        ),
+        pytest.param(
+            {"campaigns": {"explicit": [{"id": "5", "send_at_s": -1e300}]}},
+            "campaigns.explicit[0].send_at_s: the campaign would be sent before 1970",
+            id="explicit-before-1970",
+        ),
     ],
 )
 def test_errors_name_the_key(data: dict[str, object], message: str) -> None:
