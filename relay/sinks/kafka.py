@@ -60,6 +60,7 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
+    RecordListTooLargeError,
     RecordTooLargeError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
@@ -89,14 +90,22 @@ SINK = "kafka"
 # The broker refuses these for this record, whatever we retry: dead-letter and move on.
 _PERMANENT = (
     MessageSizeTooLargeError,
+    RecordListTooLargeError,  # a batch above the topic's segment.bytes
     RecordTooLargeError,
     InvalidTopicError,
     CorruptRecordException,
     UnsupportedForMessageFormatError,
 )
 
-# The topic configuration that bounds a record batch, and the batch codecs of the Kafka protocol.
+# The topic configurations that bound a record batch, each with the error the broker refuses a
+# batch above it with (a batch above segment.bytes fits no log segment), and the batch codecs of
+# the Kafka protocol.
 _MAX_MESSAGE_BYTES = "max.message.bytes"
+_SEGMENT_BYTES = "segment.bytes"
+_LIMITS: dict[str, type[KafkaError]] = {
+    _MAX_MESSAGE_BYTES: MessageSizeTooLargeError,
+    _SEGMENT_BYTES: RecordListTooLargeError,
+}
 _CODECS = {"none": 0, "gzip": 1, "lz4": 3, "zstd": 4}
 # What a record batch of one record adds to the record's parts (61 bytes of batch header, the
 # record's varints), with room to spare: a record this far within a topic's limit is not measured.
@@ -497,8 +506,9 @@ class KafkaSink:
         self._current: AIOKafkaProducer | None = None
         self._switching = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()  # replaced producers being stopped
-        self._batch_bytes: dict[str, int] = {}  # topics whose max.message.bytes < max_batch_bytes
-        self._topic_limits: dict[str, int] = {}  # every topic's max.message.bytes, when read
+        self._batch_bytes: dict[str, int] = {}  # topics whose batch limit < max_batch_bytes
+        # every topic's limit of a record batch and the configuration that sets it, when read
+        self._topic_limits: dict[str, tuple[int, str]] = {}
         self._committed = asyncio.Event()
         self._settled = asyncio.Event()  # the acknowledging task finished a round
         # per partition: the last batch handed to the producer (or why none was)
@@ -795,22 +805,24 @@ class KafkaSink:
             raise _unauthorized_topics(names, self._settings, self._settings.bootstrap_servers)
 
     async def _read_batch_limits(self, admin: AIOKafkaAdminClient, topics: list[str]) -> None:
-        """Keep each topic's record batches within its ``max.message.bytes``.
+        """Keep each topic's record batches within its ``max.message.bytes`` and its
+        ``segment.bytes``.
 
-        The broker applies that limit to a whole record batch, so batches of ``max_batch_bytes``
-        above it would all be refused and sent again one record at a time. A lower limit caps
-        that topic's batches rather than stopping the relay: only a record too large on its own
-        is then refused (dead-lettered), and mirroring every topic's limit into the relay's
-        configuration would be the user's chore for no gain. Without the right to read topic
-        configurations (DescribeConfigs), batches keep ``max_batch_bytes``: a refusal still
-        costs only a resend of that batch's records one by one.
+        The broker applies both limits to a whole record batch (a batch must fit one log
+        segment), so batches of ``max_batch_bytes`` above either would all be refused and sent
+        again one record at a time. A lower limit caps that topic's batches rather than stopping
+        the relay: only a record too large on its own is then refused (dead-lettered), and
+        mirroring every topic's limits into the relay's configuration would be the user's chore
+        for no gain. Without the right to read topic configurations (DescribeConfigs), batches
+        keep ``max_batch_bytes``: a refusal still costs only a resend of that batch's records
+        one by one.
         """
         wanted = [
-            ConfigResource(ConfigResourceType.TOPIC, topic, {_MAX_MESSAGE_BYTES: None})
+            ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(_LIMITS))
             for topic in topics
         ]
         limits: dict[str, int] = {}
-        topic_limits: dict[str, int] = {}
+        topic_limits: dict[str, tuple[int, str]] = {}
         try:
             answers = await admin.describe_configs(wanted)
         except KafkaError as exc:
@@ -818,19 +830,22 @@ class KafkaSink:
             answers = []
         for answer in answers:
             for code, _message, _type, topic, entries in (r[:5] for r in answer.resources):
-                values = [e[1] for e in entries if e[0] == _MAX_MESSAGE_BYTES]
-                if code != 0 or not values or not str(values[0]).isdigit():
+                values = {e[0]: str(e[1]) for e in entries if e[0] in _LIMITS}
+                known = {n: int(v) for n, v in values.items() if v.isdigit()}
+                if code != 0 or not known:
                     error = for_code(code).__name__ if code else f"no {_MAX_MESSAGE_BYTES}"
                     log.warning("kafka.topic_limit_unknown", topic=topic, error=error)
                     continue
-                limit = topic_limits[topic] = int(values[0])
+                name = min(known, key=lambda n: known[n])  # the one that binds
+                limit = known[name]
+                topic_limits[topic] = (limit, name)
                 if limit < self._settings.max_batch_bytes:
                     limits[topic] = limit
                     log.info(
                         "kafka.batches_capped",
                         topic=topic,
-                        max_message_bytes=limit,
                         max_batch_bytes=self._settings.max_batch_bytes,
+                        **{name.replace(".", "_"): limit},
                     )
         self._batch_bytes = limits
         self._topic_limits = topic_limits
@@ -1139,23 +1154,25 @@ class KafkaSink:
 
     def _refusal(
         self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]], size: int
-    ) -> MessageSizeTooLargeError | None:
+    ) -> KafkaError | None:
         """Why a record must be dead-lettered without being sent, if it must: it is larger than
         a request may be (``kafka.max_request_bytes``: the producer would refuse it), or, as a
-        record batch of its own, than its topic's ``max.message.bytes`` read at start-up (the
-        broker would refuse it, with the same error). Sent anyway, such a record cost a refusal
-        and a fresh producer, and its batch's records were all sent again one per batch."""
+        record batch of its own, than its topic's ``max.message.bytes`` or ``segment.bytes``
+        read at start-up (the broker would refuse it, with the same error). Sent anyway, such a
+        record cost a refusal and a fresh producer, and its batch's records were all sent again
+        one per batch."""
         limit = self._settings.max_request_bytes
         if size > limit:
             return MessageSizeTooLargeError(f"{size} bytes > kafka.max_request_bytes {limit}")
-        topic_limit = self._topic_limits.get(topic)
-        if topic_limit is None or size + size // 64 + _BATCH_OVERHEAD <= topic_limit:
+        known = self._topic_limits.get(topic)
+        if known is None or size + size // 64 + _BATCH_OVERHEAD <= known[0]:
             return None  # no limit known, or far enough within it (compressed or not)
+        topic_limit, name = known
         batch = _batch_size(key, value, headers, _CODECS[self._settings.compression])
         if batch <= topic_limit:
             return None
-        return MessageSizeTooLargeError(
-            f"{batch} bytes as a record batch > max.message.bytes {topic_limit} of topic {topic}"
+        return _LIMITS[name](
+            f"{batch} bytes as a record batch > {name} {topic_limit} of topic {topic}"
         )
 
     async def _advance(

@@ -358,16 +358,19 @@ def bounce(i: int, contacts: int = 50, message: str = "") -> Activity:
     )
 
 
-async def set_topic_limit(admin: AIOKafkaAdminClient, topics: list[str], limit: int) -> None:
-    """Set the topics' max.message.bytes; returns once the broker applies it."""
-    resources = [ConfigResource(ConfigResourceType.TOPIC, t, {LIMIT: str(limit)}) for t in topics]
+async def set_topic_limit(
+    admin: AIOKafkaAdminClient, topics: list[str], limit: int, name: str = "max.message.bytes"
+) -> None:
+    """Set the topics' configuration ``name`` (a size limit); returns once the broker applies
+    it."""
+    resources = [ConfigResource(ConfigResourceType.TOPIC, t, {name: str(limit)}) for t in topics]
     await admin.alter_configs(resources)
     for _ in range(100):
         [answer] = await admin.describe_configs(resources)
-        if all(dict((e[0], e[1]) for e in r[4])[LIMIT] == str(limit) for r in answer.resources):
+        if all(dict((e[0], e[1]) for e in r[4])[name] == str(limit) for r in answer.resources):
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{LIMIT} of {topics} still not {limit}")
+    raise AssertionError(f"{name} of {topics} still not {limit}")
 
 
 LIMIT = "max.message.bytes"
@@ -543,6 +546,75 @@ async def test_batches_stay_within_the_topics_max_message_bytes(
     messages = await consume_all(kafka_bootstrap, settings.topics())
     assert_once_in_order(messages, outbox, set())
     assert sink.published == 3000
+
+
+@pytest.mark.parametrize(
+    "lowered",
+    [
+        # segment.bytes read at start-up: batches kept within it, the culprit never sent
+        pytest.param(False, id="known-at-start-up"),
+        # lowered after the sink read it: the broker refuses whole batches (RecordListTooLarge)
+        pytest.param(True, id="lowered-while-publishing"),
+    ],
+)
+async def test_a_topics_segment_bytes_bounds_batches_like_max_message_bytes(
+    tmp_path: Path, kafka_bootstrap: str, lowered: bool
+) -> None:
+    """The broker refuses a record batch larger than its topic's segment.bytes
+    (RecordListTooLarge), whatever max.message.bytes says: batches stay within it, a record
+    above it on its own is dead-lettered naming segment.bytes, the rest is published once and
+    in order. (The sink read max.message.bytes only: every batch above segment.bytes was
+    refused, the producer restarted, and the same batches refused again, for ever.)"""
+    prefix = f"seg{uuid.uuid4().hex[:8]}"
+    settings = KafkaSettings(
+        bootstrap_servers=kafka_bootstrap,
+        topic=prefix + ".{kind}",
+        batch_events=500,
+        request_timeout_s=10,
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        configs = {} if lowered else {SEGMENT: "65536"}
+        await admin.create_topics(
+            [NewTopic(t, 3, 1, topic_configs=configs) for t in settings.topics()]
+        )
+
+        async def lower() -> None:
+            if lowered:
+                await set_topic_limit(admin, settings.topics(), 65536, SEGMENT)
+
+        page = bounces(2000)
+        page[80] = bounce(80, message="y" * 100_000)  # fits max.message.bytes, not a segment
+        sink = KafkaSink(settings, store, metrics=Metrics(lambda: 0))
+        with capture_logs() as logs:
+            await publish(sink, store, page, lower)
+        letters = await store.dead_letters("kafka")
+        outbox = await store.read_outbox(0, 5000)
+        assert [d.seq for d in letters] == [outbox[80].seq]
+        if lowered:  # the broker's refusal, found by sending the batch again record by record
+            assert letters[0].reason.startswith("RecordListTooLargeError: "), letters[0].reason
+        else:
+            assert re.fullmatch(
+                r"RecordListTooLargeError: \[Error 18\] RecordListTooLargeError: 1\d{5} bytes"
+                rf" as a record batch > segment.bytes 65536 of topic {prefix}\.bounce",
+                letters[0].reason,
+            )
+            capped = [e for e in logs if e["event"] == "kafka.batches_capped"]
+            assert {e["topic"] for e in capped} == set(settings.topics())
+            assert {e["segment_bytes"] for e in capped} == {65536}
+            assert "kafka.batch_refused" not in [e["event"] for e in logs]
+        assert sink.published == 1999
+    finally:
+        await store.close()
+        await admin.close()
+    messages = await consume_all(kafka_bootstrap, settings.topics())
+    assert_once_in_order(messages, outbox, {80})
+
+
+SEGMENT = "segment.bytes"
 
 
 async def test_topics_the_broker_will_not_create_stop_the_sink_naming_them(
