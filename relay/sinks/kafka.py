@@ -540,6 +540,7 @@ class KafkaSink:
     async def _run(self, stop: asyncio.Event) -> None:
         attempt = 0
         while not stop.is_set() and self._valid():
+            connected_at: float | None = None
             try:
                 producer = self._producer()  # builds the TLS context when config did not
             except ValueError as exc:  # an option aiokafka refuses: retrying will not help
@@ -554,7 +555,7 @@ class KafkaSink:
                 self._online, self._stalled, self._probe_failed = True, False, False
                 self._started_once = True
                 self._report()
-                attempt = 0
+                connected_at = time.monotonic()
                 await self._drain(stop)
             except (KafkaSinkError, StoreError):
                 raise  # the store's own failures are retried by the caller (run_leased)
@@ -566,7 +567,9 @@ class KafkaSink:
                     # credentials, a certificate or ACLs wrong from the start: stop the relay
                     # with the cause, where retrying hid it in aiokafka's log for ever
                     raise KafkaSinkError(str(access)) from None
-                attempt += 1
+                if self._worked_since(connected_at):
+                    attempt = 0  # a new trouble: retry soon
+                attempt += 1  # a connection the broker refuses right away counts as a failure
                 self.last_error = str(access) if access else f"{type(exc).__name__}: {exc}"
                 delay = self._backoff(attempt)
                 event = "kafka.access_refused" if access else "kafka.unavailable"
@@ -585,6 +588,16 @@ class KafkaSink:
                     await _stop_quietly(current, 0.0 if self._unsettled else self._settle_s())
                 await asyncio.gather(*self._retiring)
                 await self._drop_deliveries()
+
+    def _worked_since(self, connected_at: float | None) -> bool:
+        """Whether the producer connected at ``connected_at`` (None: it did not) worked: the
+        broker answered a batch since, or it lasted longer than the longest backoff. A broker
+        that takes every connection and refuses every batch (an ACL, a topic setting) must
+        not get a new producer, producer id and topic check every half second."""
+        if connected_at is None:
+            return False
+        lasted_s = time.monotonic() - connected_at
+        return self._last_answer > connected_at or lasted_s > self._settings.retry_backoff_max_s
 
     def _settle_s(self) -> float:
         """How long a stop waits for acknowledgements of what was sent."""
