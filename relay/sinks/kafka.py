@@ -124,6 +124,7 @@ _HANDED_OVER_MAX = 20_000
 _STOP_SETTLE_MAX_S = 10.0
 _ABANDON_S = 2.0  # then the requests in flight of an abandoned producer are cut off too
 _DROP_S = 1.0  # then deliveries of the abandoned producer still waiting are cancelled
+_CLOSE_S = 0.5  # the stop of a producer that holds nothing (closing its connections)
 # The longest a stop of ``KafkaSink.run`` takes: its owner's grace (relay.app) must exceed it.
 STOP_MAX_S = _STOP_SETTLE_MAX_S + _ABANDON_S + _DROP_S
 
@@ -1080,18 +1081,44 @@ class KafkaSink:
 
     async def _replace(self, refused_on: AIOKafkaProducer) -> None:
         """Continue on a new producer (a new producer id, sequence numbers from 0) instead of
-        ``refused_on``, once however many of its partitions saw a refusal. The old one is
-        stopped in the background: it still delivers the batches it holds (each partition's
-        next batch waits for those)."""
+        ``refused_on``, once however many of its partitions saw a refusal.
+
+        The new one takes over once it has started: batches handed to a producer that has not
+        would wait for its metadata for ever if it never does. Until then the other partitions'
+        batches still go on ``refused_on``, whose sequence numbers for them are intact (the
+        refused partition's next batch waits for this). The old one is then stopped in the
+        background: it still delivers the batches it holds (each partition's next batch waits
+        for those). Raises a KafkaError if the new one does not start, as at start-up within
+        twice ``request_timeout_s``: the batch is sent again from the cursor after a backoff.
+        """
         async with self._switching:
             if self._current is not refused_on:
                 return  # replaced already
-            fresh = self._current = self._producer()  # run() stops it if start() fails
+            fresh = self._producer()
+            try:
+                await self._start_fresh(fresh)
+            except BaseException:
+                await _close_unused(fresh)
+                raise
+            if self._current is not refused_on:  # run() gave the old one up meanwhile
+                await _close_unused(fresh)
+                raise KafkaError("the Kafka producer is restarting")
+            self._current = fresh
             retiring = asyncio.create_task(_stop_quietly(refused_on), name="kafka:retire")
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
-            await fresh.start()
             log.info("kafka.producer_replaced", reason="a batch was refused for good")
+
+    async def _start_fresh(self, fresh: AIOKafkaProducer) -> None:
+        limit_s = 2 * self._settings.request_timeout_s
+        why = "kafka: a fresh producer (after a batch refused for good)"
+        try:
+            async with asyncio.timeout(limit_s):
+                await fresh.start()
+        except TimeoutError:
+            raise KafkaError(f"{why} did not start within {limit_s:g} s") from None
+        except (KafkaError, OSError) as exc:  # the cause stays: access_error() looks at it
+            raise KafkaError(f"{why} could not start: {type(exc).__name__}: {exc}") from exc
 
     async def _settle(self, sent: _Round, cursor: int) -> int:
         """Await a round's acknowledgements; move the cursor over the acknowledged (or
@@ -1322,6 +1349,13 @@ async def _stop_quietly(producer: AIOKafkaProducer, flush_s: float = _STOP_SETTL
             await _abandon(producer)
     if not stopping.cancelled() and (exc := stopping.exception()) is not None:
         log.warning("kafka.stop_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+async def _close_unused(producer: AIOKafkaProducer) -> None:
+    """Stop a producer nothing was handed to (its start failed, or it came too late)."""
+    with contextlib.suppress(Exception):  # TimeoutError too: it holds nothing of ours
+        async with asyncio.timeout(_CLOSE_S):
+            await producer.stop()
 
 
 async def _abandon(producer: AIOKafkaProducer) -> None:

@@ -28,6 +28,7 @@ from relay.metrics import Metrics
 from relay.sinks.kafka import KafkaSettings, KafkaSink, KafkaSinkError
 from relay.store import OutboxEvent, Store, StreamKey, open_store
 from tests.integration.conftest import DevKafkaFactory
+from tests.integration.kafkakit import BootstrapProxy, Running, until
 from tests.procs import (
     Identity,
     Proc,
@@ -504,6 +505,61 @@ async def test_records_refused_for_good_are_dead_lettered_and_the_rest_keep_orde
         await admin.close()
     messages = await consume_all(kafka_bootstrap, settings.topics())
     assert_once_in_order(messages, outbox, {40, 80})
+
+
+async def test_a_fresh_producer_that_cannot_start_does_not_hang_the_sink(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """A batch refused for good needs a fresh producer, and the bootstrap address does not
+    answer it (the broker itself still does): rounds ahead keep going on the producer they
+    were going on, the sink gives the fresh one up within twice request_timeout_s, backs off,
+    and publishes everything once the address answers again. (The sink handed later rounds to
+    the fresh producer before it had started, and when its start failed they waited for its
+    metadata for ever: publishing stopped for good, the broker back or not.)"""
+    prefix = f"fresh{uuid.uuid4().hex[:8]}"
+    proxy = BootstrapProxy(kafka_bootstrap)
+    await proxy.start()
+    settings = KafkaSettings(
+        bootstrap_servers=proxy.address,
+        topic=prefix + ".{kind}",
+        batch_events=200,  # rounds ahead wait for the refused one
+        request_timeout_s=3,
+        retry_backoff_max_s=1,
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await admin.create_topics([NewTopic(t, 3, 1) for t in settings.topics()])
+        page = bounces(3000)
+        page[40] = bounce(40, message="y" * 100_000)
+        with capture_logs() as logs:
+            run = Running(KafkaSink(settings, store), store)
+
+            async def connected() -> bool:
+                return run.sink.connected
+
+            await until(connected, 60, "the sink connects")
+            proxy.hold()  # from now on no bootstrap succeeds
+            await set_topic_limit(admin, settings.topics(), 65536)  # the sink does not know
+            await run.commit(page)
+            await asyncio.sleep(3 * settings.request_timeout_s)
+            proxy.hold(False)
+            await run.caught_up(60)
+            await run.stop(60)
+        letters = await store.dead_letters("kafka")
+        outbox = await store.read_outbox(0, 5000)
+    finally:
+        await store.close()
+        await admin.close()
+        await proxy.close()
+    assert [d.seq for d in letters] == [outbox[40].seq]
+    failures = [e["error"] for e in logs if e["event"] == "kafka.unavailable"]
+    assert any("a fresh producer" in f for f in failures), failures  # the case of this test
+    messages = await consume_all(kafka_bootstrap, settings.topics())
+    got = {m[2]["ce_id"].decode() for m in messages}  # a restart may send some twice
+    assert got == {e.event_id for i, e in enumerate(outbox) if i != 40}
 
 
 async def test_batches_stay_within_the_topics_max_message_bytes(
