@@ -561,8 +561,10 @@ class KafkaSink:
             except (KafkaSinkError, StoreError):
                 raise  # the store's own failures are retried by the caller (run_leased)
             except (KafkaError, OSError, KafkaAccessError) as exc:
-                if not self._valid():
-                    break  # the lease ran out (maybe what failed): not a broker problem
+                if stop.is_set() or not self._valid():
+                    # stopped, or the lease ran out (maybe what failed: rounds not sent because
+                    # of it): not a broker problem; a real one shows at the next start
+                    break
                 access = access_error(exc, self._settings)
                 if access is not None and not self._started_once:
                     # credentials, a certificate or ACLs wrong from the start: stop the relay
