@@ -143,6 +143,12 @@ class KafkaSecurityError(KafkaSinkError):
         self.problem = problem
 
 
+class KafkaTopicsError(Exception):
+    """A topic of the sink's that is gone, or cannot be created, found after start-up (a
+    :class:`KafkaSinkError` at start-up): reported and retried, as someone may fix it while the
+    relay runs; the message is the start-up one."""
+
+
 class KafkaUnreachableError(ConnectionError):
     """Start-up got no answer in time; the message says from where. Retried with backoff."""
 
@@ -560,7 +566,7 @@ class KafkaSink:
                 await self._drain(stop)
             except (KafkaSinkError, StoreError):
                 raise  # the store's own failures are retried by the caller (run_leased)
-            except (KafkaError, OSError, KafkaAccessError) as exc:
+            except (KafkaError, OSError, KafkaAccessError, KafkaTopicsError) as exc:
                 if stop.is_set() or not self._valid():
                     # stopped, or the lease ran out (maybe what failed: rounds not sent because
                     # of it): not a broker problem; a real one shows at the next start
@@ -573,7 +579,7 @@ class KafkaSink:
                 if self._worked_since(connected_at):
                     attempt = 0  # a new trouble: retry soon
                 attempt += 1  # a connection the broker refuses right away counts as a failure
-                self.last_error = str(access) if access else f"{type(exc).__name__}: {exc}"
+                self.last_error = _described(access or exc)
                 delay = self._backoff(attempt)
                 event = "kafka.access_refused" if access else "kafka.unavailable"
                 log.warning(event, error=self.last_error, retry_in_s=round(delay, 2))
@@ -636,7 +642,14 @@ class KafkaSink:
                         if refused is not None:
                             raise refused from None
                     raise
-                await self._check_topics()
+                try:
+                    await self._check_topics()
+                except KafkaSinkError as exc:
+                    if not self._started_once:
+                        raise  # the configuration or the cluster is wrong: stop the relay
+                    # they were there before (a topic deleted since, an ACL changed): report
+                    # and retry, as access problems; the poller and webhooks go on meanwhile
+                    raise KafkaTopicsError(str(exc)) from None
         except TimeoutError:
             if not deadline.expired():
                 raise
@@ -1261,6 +1274,13 @@ class KafkaSink:
         s = self._settings
         cap = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** min(attempt - 1, 16))
         return self._rng.uniform(cap / 2, cap)
+
+
+def _described(exc: BaseException) -> str:
+    """An error as status and logs show it: ours as they are, others with their type."""
+    if isinstance(exc, KafkaAccessError | KafkaTopicsError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _failed(sent: _Delivery | BaseException) -> bool:

@@ -738,6 +738,60 @@ async def test_topics_the_broker_will_not_create_stop_the_sink_naming_them(
     assert f"{prefix}.ctct.email.open: InvalidReplicationFactorError" in message
 
 
+async def test_a_topic_deleted_while_publishing_is_reported_and_retried(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """A topic deleted after start-up (create_topics: false) is reported as the sink's error and
+    retried, as access problems are: publishing resumes once it exists again. (The sink stopped
+    with it, and the relay exited 1 with it, polling and webhooks included.)"""
+    prefix = f"del{uuid.uuid4().hex[:8]}"
+    settings = KafkaSettings(
+        bootstrap_servers=kafka_bootstrap,
+        topic=prefix + ".{kind}",
+        request_timeout_s=3,
+        retry_backoff_max_s=1,
+    )
+    bounces_topic = settings.topic_for(Kind.BOUNCE)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await admin.create_topics([NewTopic(t, 1, 1) for t in settings.topics()])
+        with capture_logs() as logs:
+            run = Running(KafkaSink(settings, store), store)
+            await run.commit(bounces(5))
+            await run.caught_up(60)
+            await admin.delete_topics([bounces_topic])
+
+            async def deleted() -> bool:
+                return bounces_topic not in await admin.list_topics()
+
+            await until(deleted, 30, "the topic is deleted")
+            await run.commit([bounce(i) for i in range(5, 10)])
+
+            async def reported() -> bool:
+                assert not run.task.done(), run.task
+                return "do not exist" in (run.sink.last_error or "")
+
+            await until(reported, 60, "the missing topic is reported")
+            assert run.sink.last_error == (
+                f"kafka: topic(s) {bounces_topic} do not exist on {kafka_bootstrap}; create them"
+                " or set kafka.create_topics: true"
+            )
+            await admin.create_topics([NewTopic(bounces_topic, 1, 1)])
+            await run.caught_up(60)
+            await run.stop(60)
+    finally:
+        await store.close()
+        await admin.close()
+    warned = [e["error"] for e in logs if e["event"] == "kafka.unavailable"]
+    assert run.sink.last_error is None
+    assert any("do not exist" in w for w in warned), warned
+    messages = await consume_all(kafka_bootstrap, [bounces_topic])
+    assert len({m[2]["ce_id"] for m in messages}) == 5  # those after the deletion
+
+
 async def test_events_of_kinds_no_longer_polled_are_published_too(
     tmp_path: Path, kafka_bootstrap: str
 ) -> None:
