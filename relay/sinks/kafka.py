@@ -1060,7 +1060,7 @@ class KafkaSink:
         self._answered()
         await self._replace(producer)
         if len(batch.events) == 1:
-            return {batch.events[0].seq: refused}
+            return {batch.events[0].seq: _refused_alone(refused, batch)}
         log.warning(
             "kafka.batch_refused",
             error=f"{type(refused).__name__}: {refused}",
@@ -1085,7 +1085,7 @@ class KafkaSink:
                 self._answered()
             except _PERMANENT as exc:
                 self._answered()
-                dead[event.seq] = exc
+                dead[event.seq] = _refused_alone(exc, single)
                 await self._replace(producer)
         return dead
 
@@ -1274,6 +1274,16 @@ class KafkaSink:
         s = self._settings
         cap = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** min(attempt - 1, 16))
         return self._rng.uniform(cap / 2, cap)
+
+
+def _refused_alone(exc: BaseException, batch: _Batch) -> BaseException:
+    """The broker's refusal of a record sent alone, saying what it refused: the broker names
+    neither the size nor the limit (e.g. ``[Error 10] MessageSizeTooLargeError``), so the
+    dead letter's reason says how large the record was as a batch, and where it went."""
+    return type(exc)(
+        f"{batch.builder.size()} bytes as a record batch of its own, refused by the broker for"
+        f" topic {batch.topic}"
+    )
 
 
 def _described(exc: BaseException) -> str:
