@@ -352,7 +352,7 @@ async def test_java_home_is_the_java_that_runs_the_broker(
 
     assert dist.java == home / "bin" / "java"
     with pytest.raises(DevKafkaError, match=r"JAVA_HOME=.*: no .*bin/java"):
-        ensure_kafka(kafka_dist.libs_dir.parent, env={**env, "JAVA_HOME": str(tmp_path)})
+        ensure_kafka(kafka_dist.libs_dir.parent, env={**env, "JAVA_HOME": str(tmp_path / "gone")})
 
 
 @pytest.mark.parametrize(
