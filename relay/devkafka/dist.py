@@ -55,8 +55,9 @@ def ensure_kafka(
 ) -> KafkaDist:
     """Return the Kafka jars under `cache_dir`, running Maven first if they are not complete.
 
-    `env` is the environment whose PATH is searched for `java` and `mvn`, which may name the
-    cache and which Maven runs with; it defaults to this process's environment. Raises
+    `env` is the environment whose `JAVA_HOME` (else PATH) gives `java` and whose PATH gives
+    `mvn`, which may name the cache and which Maven runs with; it defaults to this process's
+    environment. Raises
     `DevKafkaError` saying what to install when a tool is missing, or with Maven's output.
     """
     environ = os.environ if env is None else env
@@ -75,7 +76,7 @@ def _ensure(root: Path, environ: Mapping[str, str], pom: Path, timeout_s: float)
     search_path = environ.get("PATH", os.defpath)
     stamp = _stamp(pom)
     complete = _read(root / _MARKER) == stamp and (root / "libs").is_dir()
-    java = shutil.which("java", path=search_path)
+    java = _java(environ, search_path)
     # Maven only fills the cache; a complete cache needs none.
     mvn = None if complete else shutil.which("mvn", path=search_path)
     absent = {"java": java is None, "mvn": not complete and mvn is None}
@@ -88,6 +89,21 @@ def _ensure(root: Path, environ: Mapping[str, str], pom: Path, timeout_s: float)
     if mvn is not None:
         _fill_cache(Path(mvn), pom, root, stamp, environ, timeout_s)
     return KafkaDist(libs_dir=root / "libs", version=KAFKA_VERSION, java=Path(java))
+
+
+def _java(environ: Mapping[str, str], search_path: str) -> str | None:
+    """`$JAVA_HOME/bin/java` when JAVA_HOME is set, as Kafka's own scripts and Maven choose it
+    (a `java` on PATH may be an older one), else `java` on PATH."""
+    home = environ.get("JAVA_HOME")
+    if not home:
+        return shutil.which("java", path=search_path)
+    java = Path(home) / "bin" / "java"
+    if not (java.is_file() and os.access(java, os.X_OK)):
+        raise DevKafkaError(
+            f"JAVA_HOME={home}: no {java}; point JAVA_HOME at a Java 17 installation, or unset"
+            " it to use the java on PATH"
+        )
+    return str(java)
 
 
 def _fill_cache(

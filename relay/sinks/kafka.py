@@ -60,6 +60,7 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
+    RecordListTooLargeError,
     RecordTooLargeError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
@@ -89,14 +90,22 @@ SINK = "kafka"
 # The broker refuses these for this record, whatever we retry: dead-letter and move on.
 _PERMANENT = (
     MessageSizeTooLargeError,
+    RecordListTooLargeError,  # a batch above the topic's segment.bytes
     RecordTooLargeError,
     InvalidTopicError,
     CorruptRecordException,
     UnsupportedForMessageFormatError,
 )
 
-# The topic configuration that bounds a record batch, and the batch codecs of the Kafka protocol.
+# The topic configurations that bound a record batch, each with the error the broker refuses a
+# batch above it with (a batch above segment.bytes fits no log segment), and the batch codecs of
+# the Kafka protocol.
 _MAX_MESSAGE_BYTES = "max.message.bytes"
+_SEGMENT_BYTES = "segment.bytes"
+_LIMITS: dict[str, type[KafkaError]] = {
+    _MAX_MESSAGE_BYTES: MessageSizeTooLargeError,
+    _SEGMENT_BYTES: RecordListTooLargeError,
+}
 _CODECS = {"none": 0, "gzip": 1, "lz4": 3, "zstd": 4}
 # What a record batch of one record adds to the record's parts (61 bytes of batch header, the
 # record's varints), with room to spare: a record this far within a topic's limit is not measured.
@@ -115,6 +124,7 @@ _HANDED_OVER_MAX = 20_000
 _STOP_SETTLE_MAX_S = 10.0
 _ABANDON_S = 2.0  # then the requests in flight of an abandoned producer are cut off too
 _DROP_S = 1.0  # then deliveries of the abandoned producer still waiting are cancelled
+_CLOSE_S = 0.5  # the stop of a producer that holds nothing (closing its connections)
 # The longest a stop of ``KafkaSink.run`` takes: its owner's grace (relay.app) must exceed it.
 STOP_MAX_S = _STOP_SETTLE_MAX_S + _ABANDON_S + _DROP_S
 
@@ -131,6 +141,12 @@ class KafkaSecurityError(KafkaSinkError):
         super().__init__(f"kafka.security.{key}: {problem}")
         self.key = key
         self.problem = problem
+
+
+class KafkaTopicsError(Exception):
+    """A topic of the sink's that is gone, or cannot be created, found after start-up (a
+    :class:`KafkaSinkError` at start-up): reported and retried, as someone may fix it while the
+    relay runs; the message is the start-up one."""
 
 
 class KafkaUnreachableError(ConnectionError):
@@ -497,8 +513,9 @@ class KafkaSink:
         self._current: AIOKafkaProducer | None = None
         self._switching = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()  # replaced producers being stopped
-        self._batch_bytes: dict[str, int] = {}  # topics whose max.message.bytes < max_batch_bytes
-        self._topic_limits: dict[str, int] = {}  # every topic's max.message.bytes, when read
+        self._batch_bytes: dict[str, int] = {}  # topics whose batch limit < max_batch_bytes
+        # every topic's limit of a record batch and the configuration that sets it, when read
+        self._topic_limits: dict[str, tuple[int, str]] = {}
         self._committed = asyncio.Event()
         self._settled = asyncio.Event()  # the acknowledging task finished a round
         # per partition: the last batch handed to the producer (or why none was)
@@ -530,6 +547,7 @@ class KafkaSink:
     async def _run(self, stop: asyncio.Event) -> None:
         attempt = 0
         while not stop.is_set() and self._valid():
+            connected_at: float | None = None
             try:
                 producer = self._producer()  # builds the TLS context when config did not
             except ValueError as exc:  # an option aiokafka refuses: retrying will not help
@@ -544,20 +562,24 @@ class KafkaSink:
                 self._online, self._stalled, self._probe_failed = True, False, False
                 self._started_once = True
                 self._report()
-                attempt = 0
+                connected_at = time.monotonic()
                 await self._drain(stop)
             except (KafkaSinkError, StoreError):
                 raise  # the store's own failures are retried by the caller (run_leased)
-            except (KafkaError, OSError, KafkaAccessError) as exc:
-                if not self._valid():
-                    break  # the lease ran out (maybe what failed): not a broker problem
+            except (KafkaError, OSError, KafkaAccessError, KafkaTopicsError) as exc:
+                if stop.is_set() or not self._valid():
+                    # stopped, or the lease ran out (maybe what failed: rounds not sent because
+                    # of it): not a broker problem; a real one shows at the next start
+                    break
                 access = access_error(exc, self._settings)
                 if access is not None and not self._started_once:
                     # credentials, a certificate or ACLs wrong from the start: stop the relay
                     # with the cause, where retrying hid it in aiokafka's log for ever
                     raise KafkaSinkError(str(access)) from None
-                attempt += 1
-                self.last_error = str(access) if access else f"{type(exc).__name__}: {exc}"
+                if self._worked_since(connected_at):
+                    attempt = 0  # a new trouble: retry soon
+                attempt += 1  # a connection the broker refuses right away counts as a failure
+                self.last_error = _described(access or exc)
                 delay = self._backoff(attempt)
                 event = "kafka.access_refused" if access else "kafka.unavailable"
                 log.warning(event, error=self.last_error, retry_in_s=round(delay, 2))
@@ -575,6 +597,16 @@ class KafkaSink:
                     await _stop_quietly(current, 0.0 if self._unsettled else self._settle_s())
                 await asyncio.gather(*self._retiring)
                 await self._drop_deliveries()
+
+    def _worked_since(self, connected_at: float | None) -> bool:
+        """Whether the producer connected at ``connected_at`` (None: it did not) worked: the
+        broker answered a batch since, or it lasted longer than the longest backoff. A broker
+        that takes every connection and refuses every batch (an ACL, a topic setting) must
+        not get a new producer, producer id and topic check every half second."""
+        if connected_at is None:
+            return False
+        lasted_s = time.monotonic() - connected_at
+        return self._last_answer > connected_at or lasted_s > self._settings.retry_backoff_max_s
 
     def _settle_s(self) -> float:
         """How long a stop waits for acknowledgements of what was sent."""
@@ -610,7 +642,14 @@ class KafkaSink:
                         if refused is not None:
                             raise refused from None
                     raise
-                await self._check_topics()
+                try:
+                    await self._check_topics()
+                except KafkaSinkError as exc:
+                    if not self._started_once:
+                        raise  # the configuration or the cluster is wrong: stop the relay
+                    # they were there before (a topic deleted since, an ACL changed): report
+                    # and retry, as access problems; the poller and webhooks go on meanwhile
+                    raise KafkaTopicsError(str(exc)) from None
         except TimeoutError:
             if not deadline.expired():
                 raise
@@ -795,22 +834,24 @@ class KafkaSink:
             raise _unauthorized_topics(names, self._settings, self._settings.bootstrap_servers)
 
     async def _read_batch_limits(self, admin: AIOKafkaAdminClient, topics: list[str]) -> None:
-        """Keep each topic's record batches within its ``max.message.bytes``.
+        """Keep each topic's record batches within its ``max.message.bytes`` and its
+        ``segment.bytes``.
 
-        The broker applies that limit to a whole record batch, so batches of ``max_batch_bytes``
-        above it would all be refused and sent again one record at a time. A lower limit caps
-        that topic's batches rather than stopping the relay: only a record too large on its own
-        is then refused (dead-lettered), and mirroring every topic's limit into the relay's
-        configuration would be the user's chore for no gain. Without the right to read topic
-        configurations (DescribeConfigs), batches keep ``max_batch_bytes``: a refusal still
-        costs only a resend of that batch's records one by one.
+        The broker applies both limits to a whole record batch (a batch must fit one log
+        segment), so batches of ``max_batch_bytes`` above either would all be refused and sent
+        again one record at a time. A lower limit caps that topic's batches rather than stopping
+        the relay: only a record too large on its own is then refused (dead-lettered), and
+        mirroring every topic's limits into the relay's configuration would be the user's chore
+        for no gain. Without the right to read topic configurations (DescribeConfigs), batches
+        keep ``max_batch_bytes``: a refusal still costs only a resend of that batch's records
+        one by one.
         """
         wanted = [
-            ConfigResource(ConfigResourceType.TOPIC, topic, {_MAX_MESSAGE_BYTES: None})
+            ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(_LIMITS))
             for topic in topics
         ]
         limits: dict[str, int] = {}
-        topic_limits: dict[str, int] = {}
+        topic_limits: dict[str, tuple[int, str]] = {}
         try:
             answers = await admin.describe_configs(wanted)
         except KafkaError as exc:
@@ -818,19 +859,22 @@ class KafkaSink:
             answers = []
         for answer in answers:
             for code, _message, _type, topic, entries in (r[:5] for r in answer.resources):
-                values = [e[1] for e in entries if e[0] == _MAX_MESSAGE_BYTES]
-                if code != 0 or not values or not str(values[0]).isdigit():
+                values = {e[0]: str(e[1]) for e in entries if e[0] in _LIMITS}
+                known = {n: int(v) for n, v in values.items() if v.isdigit()}
+                if code != 0 or not known:
                     error = for_code(code).__name__ if code else f"no {_MAX_MESSAGE_BYTES}"
                     log.warning("kafka.topic_limit_unknown", topic=topic, error=error)
                     continue
-                limit = topic_limits[topic] = int(values[0])
+                name = min(known, key=lambda n: known[n])  # the one that binds
+                limit = known[name]
+                topic_limits[topic] = (limit, name)
                 if limit < self._settings.max_batch_bytes:
                     limits[topic] = limit
                     log.info(
                         "kafka.batches_capped",
                         topic=topic,
-                        max_message_bytes=limit,
                         max_batch_bytes=self._settings.max_batch_bytes,
+                        **{name.replace(".", "_"): limit},
                     )
         self._batch_bytes = limits
         self._topic_limits = topic_limits
@@ -1016,7 +1060,7 @@ class KafkaSink:
         self._answered()
         await self._replace(producer)
         if len(batch.events) == 1:
-            return {batch.events[0].seq: refused}
+            return {batch.events[0].seq: _refused_alone(refused, batch)}
         log.warning(
             "kafka.batch_refused",
             error=f"{type(refused).__name__}: {refused}",
@@ -1041,7 +1085,7 @@ class KafkaSink:
                 self._answered()
             except _PERMANENT as exc:
                 self._answered()
-                dead[event.seq] = exc
+                dead[event.seq] = _refused_alone(exc, single)
                 await self._replace(producer)
         return dead
 
@@ -1052,18 +1096,44 @@ class KafkaSink:
 
     async def _replace(self, refused_on: AIOKafkaProducer) -> None:
         """Continue on a new producer (a new producer id, sequence numbers from 0) instead of
-        ``refused_on``, once however many of its partitions saw a refusal. The old one is
-        stopped in the background: it still delivers the batches it holds (each partition's
-        next batch waits for those)."""
+        ``refused_on``, once however many of its partitions saw a refusal.
+
+        The new one takes over once it has started: batches handed to a producer that has not
+        would wait for its metadata for ever if it never does. Until then the other partitions'
+        batches still go on ``refused_on``, whose sequence numbers for them are intact (the
+        refused partition's next batch waits for this). The old one is then stopped in the
+        background: it still delivers the batches it holds (each partition's next batch waits
+        for those). Raises a KafkaError if the new one does not start, as at start-up within
+        twice ``request_timeout_s``: the batch is sent again from the cursor after a backoff.
+        """
         async with self._switching:
             if self._current is not refused_on:
                 return  # replaced already
-            fresh = self._current = self._producer()  # run() stops it if start() fails
+            fresh = self._producer()
+            try:
+                await self._start_fresh(fresh)
+            except BaseException:
+                await _close_unused(fresh)
+                raise
+            if self._current is not refused_on:  # run() gave the old one up meanwhile
+                await _close_unused(fresh)
+                raise KafkaError("the Kafka producer is restarting")
+            self._current = fresh
             retiring = asyncio.create_task(_stop_quietly(refused_on), name="kafka:retire")
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
-            await fresh.start()
             log.info("kafka.producer_replaced", reason="a batch was refused for good")
+
+    async def _start_fresh(self, fresh: AIOKafkaProducer) -> None:
+        limit_s = 2 * self._settings.request_timeout_s
+        why = "kafka: a fresh producer (after a batch refused for good)"
+        try:
+            async with asyncio.timeout(limit_s):
+                await fresh.start()
+        except TimeoutError:
+            raise KafkaError(f"{why} did not start within {limit_s:g} s") from None
+        except (KafkaError, OSError) as exc:  # the cause stays: access_error() looks at it
+            raise KafkaError(f"{why} could not start: {type(exc).__name__}: {exc}") from exc
 
     async def _settle(self, sent: _Round, cursor: int) -> int:
         """Await a round's acknowledgements; move the cursor over the acknowledged (or
@@ -1139,23 +1209,25 @@ class KafkaSink:
 
     def _refusal(
         self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]], size: int
-    ) -> MessageSizeTooLargeError | None:
+    ) -> KafkaError | None:
         """Why a record must be dead-lettered without being sent, if it must: it is larger than
         a request may be (``kafka.max_request_bytes``: the producer would refuse it), or, as a
-        record batch of its own, than its topic's ``max.message.bytes`` read at start-up (the
-        broker would refuse it, with the same error). Sent anyway, such a record cost a refusal
-        and a fresh producer, and its batch's records were all sent again one per batch."""
+        record batch of its own, than its topic's ``max.message.bytes`` or ``segment.bytes``
+        read at start-up (the broker would refuse it, with the same error). Sent anyway, such a
+        record cost a refusal and a fresh producer, and its batch's records were all sent again
+        one per batch."""
         limit = self._settings.max_request_bytes
         if size > limit:
             return MessageSizeTooLargeError(f"{size} bytes > kafka.max_request_bytes {limit}")
-        topic_limit = self._topic_limits.get(topic)
-        if topic_limit is None or size + size // 64 + _BATCH_OVERHEAD <= topic_limit:
+        known = self._topic_limits.get(topic)
+        if known is None or size + size // 64 + _BATCH_OVERHEAD <= known[0]:
             return None  # no limit known, or far enough within it (compressed or not)
+        topic_limit, name = known
         batch = _batch_size(key, value, headers, _CODECS[self._settings.compression])
         if batch <= topic_limit:
             return None
-        return MessageSizeTooLargeError(
-            f"{batch} bytes as a record batch > max.message.bytes {topic_limit} of topic {topic}"
+        return _LIMITS[name](
+            f"{batch} bytes as a record batch > {name} {topic_limit} of topic {topic}"
         )
 
     async def _advance(
@@ -1202,6 +1274,23 @@ class KafkaSink:
         s = self._settings
         cap = min(s.retry_backoff_max_s, s.retry_backoff_s * 2 ** min(attempt - 1, 16))
         return self._rng.uniform(cap / 2, cap)
+
+
+def _refused_alone(exc: BaseException, batch: _Batch) -> BaseException:
+    """The broker's refusal of a record sent alone, saying what it refused: the broker names
+    neither the size nor the limit (e.g. ``[Error 10] MessageSizeTooLargeError``), so the
+    dead letter's reason says how large the record was as a batch, and where it went."""
+    return type(exc)(
+        f"{batch.builder.size()} bytes as a record batch of its own, refused by the broker for"
+        f" topic {batch.topic}"
+    )
+
+
+def _described(exc: BaseException) -> str:
+    """An error as status and logs show it: ours as they are, others with their type."""
+    if isinstance(exc, KafkaAccessError | KafkaTopicsError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _failed(sent: _Delivery | BaseException) -> bool:
@@ -1292,6 +1381,13 @@ async def _stop_quietly(producer: AIOKafkaProducer, flush_s: float = _STOP_SETTL
             await _abandon(producer)
     if not stopping.cancelled() and (exc := stopping.exception()) is not None:
         log.warning("kafka.stop_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+async def _close_unused(producer: AIOKafkaProducer) -> None:
+    """Stop a producer nothing was handed to (its start failed, or it came too late)."""
+    with contextlib.suppress(Exception):  # TimeoutError too: it holds nothing of ours
+        async with asyncio.timeout(_CLOSE_S):
+            await producer.stop()
 
 
 async def _abandon(producer: AIOKafkaProducer) -> None:

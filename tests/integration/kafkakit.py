@@ -4,6 +4,7 @@ or failed with its cause, a sink running until stopped, and waiting for a condit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -69,3 +70,67 @@ class Running:
         self.halt.set()
         await asyncio.wait_for(self.task, timeout_s)
         return time.monotonic() - started
+
+
+class BootstrapProxy:
+    """A TCP relay on 127.0.0.1 in front of a broker, for ``bootstrap_servers``: clients learn
+    the broker's advertised address from it and connect there directly afterwards, so holding
+    it (``hold``: connections accepted, never answered) fails only new bootstraps, as a broker
+    address that stopped answering would."""
+
+    def __init__(self, broker: str) -> None:
+        host, port = broker.rsplit(":", 1)
+        self._broker = (host, int(port))
+        self.held = False
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"127.0.0.1:{port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
+
+    def hold(self, held: bool = True) -> None:
+        """From now on, answer new connections (False) or leave them unanswered (True)."""
+        self.held = held
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for pipe in self._pipes:
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if self.held:
+                while await reader.read(65536):  # swallowed: the client waits for an answer
+                    pass
+                return
+            up_reader, up_writer = await asyncio.open_connection(*self._broker)
+            pipes = [
+                asyncio.create_task(_pipe(reader, up_writer)),
+                asyncio.create_task(_pipe(up_reader, writer)),
+            ]
+            self._pipes.update(pipes)
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            for pipe in pipes:
+                pipe.cancel()
+                self._pipes.discard(pipe)
+            up_writer.close()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()

@@ -94,11 +94,18 @@ class SecureKafka(DevKafka):
     async def grant(self, principal: str, *acl: str) -> None:
         """Add ACLs with Kafka's own tool, e.g. ``grant("User:reader", "--operation",
         "Describe", "--topic", "*")``."""
+        await self._acls(["--add"], principal, acl)
+
+    async def revoke(self, principal: str, *acl: str) -> None:
+        """Remove ACLs added by :meth:`grant` (the same arguments)."""
+        await self._acls(["--remove", "--force"], principal, acl)
+
+    async def _acls(self, action: list[str], principal: str, acl: tuple[str, ...]) -> None:
         command = self._java(
             "kafka.admin.AclCommand",
             "--bootstrap-server",
             self.bootstrap_servers,
-            "--add",
+            *action,
             "--allow-principal",
             principal,
             *acl,

@@ -335,6 +335,26 @@ async def test_complete_cache_needs_no_maven(kafka_dist: KafkaDist, tmp_path: Pa
     assert dist.libs_dir == kafka_dist.libs_dir
 
 
+@pytest.mark.integration
+async def test_java_home_is_the_java_that_runs_the_broker(
+    kafka_dist: KafkaDist, tmp_path: Path
+) -> None:
+    """`JAVA_HOME` names the Java, as Kafka's own scripts and Maven take it, ahead of an
+    (older) `java` on PATH; one without bin/java is named (it was ignored: the broker ran on
+    the PATH's java, and an old one failed with only the JVM's words in the broker log)."""
+    home = tmp_path / "jdk"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "java").symlink_to(kafka_dist.java)
+    fake_tool(tmp_path / "bin", "java", "echo 'java 1.8' >&2; exit 1")
+    env = {"PATH": str(tmp_path / "bin"), "JAVA_HOME": str(home)}
+
+    dist = ensure_kafka(kafka_dist.libs_dir.parent, env=env)
+
+    assert dist.java == home / "bin" / "java"
+    with pytest.raises(DevKafkaError, match=r"JAVA_HOME=.*: no .*bin/java"):
+        ensure_kafka(kafka_dist.libs_dir.parent, env={**env, "JAVA_HOME": str(tmp_path / "gone")})
+
+
 @pytest.mark.parametrize(
     ("present", "missing"),
     [

@@ -9,6 +9,7 @@ import logging
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -221,6 +222,48 @@ async def test_a_topic_the_principal_may_not_write_is_reported_and_retried(
         assert events[0]["error"] == run.sink.last_error
         await secure_kafka.grant("User:reader", "--operation", "Write", *pattern)
         await run.caught_up(60)
+        await run.stop(60)
+
+
+async def test_a_refusal_on_every_connection_backs_off_longer_each_time(
+    secure_kafka: SecureKafka, store: Store
+) -> None:
+    """The broker takes the connection, then refuses every batch (no Write ACL): each retry
+    waits longer than the one before, up to kafka's longest backoff (the backoff started over
+    on every connection, so it retried every half second for as long as the refusal lasted:
+    a new producer, producer id and topic check each time). A connection that gets an
+    acknowledgement starts the backoff over."""
+    prefix = f"bk{uuid.uuid4().hex[:8]}"
+    settings = replace(
+        settings_for(secure_kafka.sasl_bootstrap, prefix, sasl("reader", USERS["reader"])),
+        retry_backoff_s=0.5,
+        retry_backoff_max_s=30.0,
+    )
+    await create_topics(secure_kafka, settings)
+    pattern = ["--topic", f"{prefix}.ctct.email.", "--resource-pattern-type", "prefixed"]
+    await secure_kafka.grant("User:reader", "--operation", "Describe", *pattern)
+    await secure_kafka.grant("User:reader", "--operation", "IdempotentWrite", "--cluster")
+    with capture_logs() as logs:
+        run = Running(KafkaSink(settings, store), store)
+        await run.commit([bounce(i) for i in range(5)])
+
+        async def refused(times: int) -> bool:
+            assert not run.task.done(), run.task
+            return len([e for e in logs if e["event"] == "kafka.access_refused"]) >= times
+
+        await until(lambda: refused(4), 30, "four refusals")
+        delays = [e["retry_in_s"] for e in logs if e["event"] == "kafka.access_refused"]
+        # attempt n waits between half and all of 0.5 s * 2 ** (n - 1)
+        assert [0.25 <= d <= 0.5 for d in delays[:1]] == [True], delays
+        assert delays[3] >= 2.0, delays
+        await secure_kafka.grant("User:reader", "--operation", "Write", *pattern)
+        await run.caught_up(60)
+        before = len(delays)
+        await secure_kafka.revoke("User:reader", "--operation", "Write", *pattern)
+        await run.commit([bounce(i) for i in range(5, 10)])
+        await until(lambda: refused(before + 1), 60, "the refusal after an acknowledgement")
+        delays = [e["retry_in_s"] for e in logs if e["event"] == "kafka.access_refused"]
+        assert delays[before] <= 0.5, delays  # the backoff started over
         await run.stop(60)
 
 

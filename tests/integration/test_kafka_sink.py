@@ -28,6 +28,7 @@ from relay.metrics import Metrics
 from relay.sinks.kafka import KafkaSettings, KafkaSink, KafkaSinkError
 from relay.store import OutboxEvent, Store, StreamKey, open_store
 from tests.integration.conftest import DevKafkaFactory
+from tests.integration.kafkakit import BootstrapProxy, Running, until
 from tests.procs import (
     Identity,
     Proc,
@@ -358,16 +359,19 @@ def bounce(i: int, contacts: int = 50, message: str = "") -> Activity:
     )
 
 
-async def set_topic_limit(admin: AIOKafkaAdminClient, topics: list[str], limit: int) -> None:
-    """Set the topics' max.message.bytes; returns once the broker applies it."""
-    resources = [ConfigResource(ConfigResourceType.TOPIC, t, {LIMIT: str(limit)}) for t in topics]
+async def set_topic_limit(
+    admin: AIOKafkaAdminClient, topics: list[str], limit: int, name: str = "max.message.bytes"
+) -> None:
+    """Set the topics' configuration ``name`` (a size limit); returns once the broker applies
+    it."""
+    resources = [ConfigResource(ConfigResourceType.TOPIC, t, {name: str(limit)}) for t in topics]
     await admin.alter_configs(resources)
     for _ in range(100):
         [answer] = await admin.describe_configs(resources)
-        if all(dict((e[0], e[1]) for e in r[4])[LIMIT] == str(limit) for r in answer.resources):
+        if all(dict((e[0], e[1]) for e in r[4])[name] == str(limit) for r in answer.resources):
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{LIMIT} of {topics} still not {limit}")
+    raise AssertionError(f"{name} of {topics} still not {limit}")
 
 
 LIMIT = "max.message.bytes"
@@ -481,8 +485,13 @@ async def test_records_refused_for_good_are_dead_lettered_and_the_rest_keep_orde
             r" > kafka.max_request_bytes 300000",
             letters[0].reason,
         )
-        if lowered:  # the broker's refusal
-            assert "TooLarge" in letters[1].reason
+        if lowered:  # the broker's refusal, with the size the broker does not give
+            assert re.fullmatch(
+                r"MessageSizeTooLargeError: \[Error 10\] MessageSizeTooLargeError: 1\d{5} bytes"
+                rf" as a record batch of its own, refused by the broker for topic {prefix}"
+                r"\.ctct\.email\.bounce",
+                letters[1].reason,
+            )
         else:  # the broker's error, with the size and the limit
             assert re.fullmatch(
                 r"MessageSizeTooLargeError: \[Error 10\] MessageSizeTooLargeError: 1\d{5} bytes"
@@ -501,6 +510,100 @@ async def test_records_refused_for_good_are_dead_lettered_and_the_rest_keep_orde
         await admin.close()
     messages = await consume_all(kafka_bootstrap, settings.topics())
     assert_once_in_order(messages, outbox, {40, 80})
+
+
+async def test_a_fresh_producer_that_cannot_start_does_not_hang_the_sink(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """A batch refused for good needs a fresh producer, and the bootstrap address does not
+    answer it (the broker itself still does): rounds ahead keep going on the producer they
+    were going on, the sink gives the fresh one up within twice request_timeout_s, backs off,
+    and publishes everything once the address answers again. (The sink handed later rounds to
+    the fresh producer before it had started, and when its start failed they waited for its
+    metadata for ever: publishing stopped for good, the broker back or not.)"""
+    prefix = f"fresh{uuid.uuid4().hex[:8]}"
+    proxy = BootstrapProxy(kafka_bootstrap)
+    await proxy.start()
+    settings = KafkaSettings(
+        bootstrap_servers=proxy.address,
+        topic=prefix + ".{kind}",
+        batch_events=200,  # rounds ahead wait for the refused one
+        request_timeout_s=3,
+        retry_backoff_max_s=1,
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await admin.create_topics([NewTopic(t, 3, 1) for t in settings.topics()])
+        page = bounces(3000)
+        page[40] = bounce(40, message="y" * 100_000)
+        with capture_logs() as logs:
+            run = Running(KafkaSink(settings, store), store)
+
+            async def connected() -> bool:
+                return run.sink.connected
+
+            await until(connected, 60, "the sink connects")
+            proxy.hold()  # from now on no bootstrap succeeds
+            await set_topic_limit(admin, settings.topics(), 65536)  # the sink does not know
+            await run.commit(page)
+            await asyncio.sleep(3 * settings.request_timeout_s)
+            proxy.hold(False)
+            await run.caught_up(60)
+            await run.stop(60)
+        letters = await store.dead_letters("kafka")
+        outbox = await store.read_outbox(0, 5000)
+    finally:
+        await store.close()
+        await admin.close()
+        await proxy.close()
+    assert [d.seq for d in letters] == [outbox[40].seq]
+    failures = [e["error"] for e in logs if e["event"] == "kafka.unavailable"]
+    assert any("a fresh producer" in f for f in failures), failures  # the case of this test
+    messages = await consume_all(kafka_bootstrap, settings.topics())
+    got = {m[2]["ce_id"].decode() for m in messages}  # a restart may send some twice
+    assert got == {e.event_id for i, e in enumerate(outbox) if i != 40}
+
+
+async def test_a_stop_while_rounds_wait_for_their_partition_is_no_failure(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """Stopped while rounds wait for their partition's previous batch (one partition, small
+    rounds): the sink stops without reporting a failure, and what was acknowledged is behind
+    its cursor. (The rounds not sent because of the stop failed like an outage: every stop
+    under load logged ``kafka.unavailable`` "stopping: not sent" and left that as the sink's
+    last error.)"""
+    prefix = f"stop{uuid.uuid4().hex[:8]}"
+    settings = KafkaSettings(
+        bootstrap_servers=kafka_bootstrap,
+        topic=prefix + ".{kind}",
+        batch_events=20,
+        create_topics=True,
+        partitions=1,
+        request_timeout_s=10,
+    )
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        with capture_logs() as logs:
+            run = Running(KafkaSink(settings, store), store)
+            head = await run.commit(bounces(20_000))
+
+            async def publishing() -> bool:
+                return await store.sink_cursor("kafka") > 0
+
+            await until(publishing, 60, "the sink publishes")
+            await run.stop(60)
+        cursor = await store.sink_cursor("kafka")
+    finally:
+        await store.close()
+    assert 0 < cursor < head, "stopped while publishing"
+    assert [e for e in logs if e["log_level"] in {"warning", "error"}] == []
+    assert run.sink.last_error is None
+    messages = await consume_all(kafka_bootstrap, settings.topics())
+    assert len({m[2]["ce_id"] for m in messages}) >= cursor
 
 
 async def test_batches_stay_within_the_topics_max_message_bytes(
@@ -545,6 +648,80 @@ async def test_batches_stay_within_the_topics_max_message_bytes(
     assert sink.published == 3000
 
 
+@pytest.mark.parametrize(
+    "lowered",
+    [
+        # segment.bytes read at start-up: batches kept within it, the culprit never sent
+        pytest.param(False, id="known-at-start-up"),
+        # lowered after the sink read it: the broker refuses whole batches (RecordListTooLarge)
+        pytest.param(True, id="lowered-while-publishing"),
+    ],
+)
+async def test_a_topics_segment_bytes_bounds_batches_like_max_message_bytes(
+    tmp_path: Path, kafka_bootstrap: str, lowered: bool
+) -> None:
+    """The broker refuses a record batch larger than its topic's segment.bytes
+    (RecordListTooLarge), whatever max.message.bytes says: batches stay within it, a record
+    above it on its own is dead-lettered naming segment.bytes, the rest is published once and
+    in order. (The sink read max.message.bytes only: every batch above segment.bytes was
+    refused, the producer restarted, and the same batches refused again, for ever.)"""
+    prefix = f"seg{uuid.uuid4().hex[:8]}"
+    settings = KafkaSettings(
+        bootstrap_servers=kafka_bootstrap,
+        topic=prefix + ".{kind}",
+        batch_events=500,
+        request_timeout_s=10,
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        configs = {} if lowered else {SEGMENT: "65536"}
+        await admin.create_topics(
+            [NewTopic(t, 3, 1, topic_configs=configs) for t in settings.topics()]
+        )
+
+        async def lower() -> None:
+            if lowered:
+                await set_topic_limit(admin, settings.topics(), 65536, SEGMENT)
+
+        page = bounces(2000)
+        page[80] = bounce(80, message="y" * 100_000)  # fits max.message.bytes, not a segment
+        sink = KafkaSink(settings, store, metrics=Metrics(lambda: 0))
+        with capture_logs() as logs:
+            await publish(sink, store, page, lower)
+        letters = await store.dead_letters("kafka")
+        outbox = await store.read_outbox(0, 5000)
+        assert [d.seq for d in letters] == [outbox[80].seq]
+        if lowered:  # the broker's refusal, found by sending the batch again record by record
+            assert re.fullmatch(
+                r"RecordListTooLargeError: \[Error 18\] RecordListTooLargeError: 1\d{5} bytes"
+                rf" as a record batch of its own, refused by the broker for topic {prefix}"
+                r"\.bounce",
+                letters[0].reason,
+            )
+        else:
+            assert re.fullmatch(
+                r"RecordListTooLargeError: \[Error 18\] RecordListTooLargeError: 1\d{5} bytes"
+                rf" as a record batch > segment.bytes 65536 of topic {prefix}\.bounce",
+                letters[0].reason,
+            )
+            capped = [e for e in logs if e["event"] == "kafka.batches_capped"]
+            assert {e["topic"] for e in capped} == set(settings.topics())
+            assert {e["segment_bytes"] for e in capped} == {65536}
+            assert "kafka.batch_refused" not in [e["event"] for e in logs]
+        assert sink.published == 1999
+    finally:
+        await store.close()
+        await admin.close()
+    messages = await consume_all(kafka_bootstrap, settings.topics())
+    assert_once_in_order(messages, outbox, {80})
+
+
+SEGMENT = "segment.bytes"
+
+
 async def test_topics_the_broker_will_not_create_stop_the_sink_naming_them(
     tmp_path: Path, kafka_bootstrap: str
 ) -> None:
@@ -569,6 +746,60 @@ async def test_topics_the_broker_will_not_create_stop_the_sink_naming_them(
     message = str(stopped.value)
     assert message.startswith(f"kafka: cannot create topic(s) on {kafka_bootstrap}: ")
     assert f"{prefix}.ctct.email.open: InvalidReplicationFactorError" in message
+
+
+async def test_a_topic_deleted_while_publishing_is_reported_and_retried(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """A topic deleted after start-up (create_topics: false) is reported as the sink's error and
+    retried, as access problems are: publishing resumes once it exists again. (The sink stopped
+    with it, and the relay exited 1 with it, polling and webhooks included.)"""
+    prefix = f"del{uuid.uuid4().hex[:8]}"
+    settings = KafkaSettings(
+        bootstrap_servers=kafka_bootstrap,
+        topic=prefix + ".{kind}",
+        request_timeout_s=3,
+        retry_backoff_max_s=1,
+    )
+    bounces_topic = settings.topic_for(Kind.BOUNCE)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    await store.open()
+    try:
+        await admin.create_topics([NewTopic(t, 1, 1) for t in settings.topics()])
+        with capture_logs() as logs:
+            run = Running(KafkaSink(settings, store), store)
+            await run.commit(bounces(5))
+            await run.caught_up(60)
+            await admin.delete_topics([bounces_topic])
+
+            async def deleted() -> bool:
+                return bounces_topic not in await admin.list_topics()
+
+            await until(deleted, 30, "the topic is deleted")
+            await run.commit([bounce(i) for i in range(5, 10)])
+
+            async def reported() -> bool:
+                assert not run.task.done(), run.task
+                return "do not exist" in (run.sink.last_error or "")
+
+            await until(reported, 60, "the missing topic is reported")
+            assert run.sink.last_error == (
+                f"kafka: topic(s) {bounces_topic} do not exist on {kafka_bootstrap}; create them"
+                " or set kafka.create_topics: true"
+            )
+            await admin.create_topics([NewTopic(bounces_topic, 1, 1)])
+            await run.caught_up(60)
+            await run.stop(60)
+    finally:
+        await store.close()
+        await admin.close()
+    warned = [e["error"] for e in logs if e["event"] == "kafka.unavailable"]
+    assert run.sink.last_error is None
+    assert any("do not exist" in w for w in warned), warned
+    messages = await consume_all(kafka_bootstrap, [bounces_topic])
+    assert len({m[2]["ce_id"] for m in messages}) == 5  # those after the deletion
 
 
 async def test_events_of_kinds_no_longer_polled_are_published_too(
