@@ -350,16 +350,18 @@ class WebhookDispatcher:
         (read under the whole request's timeout, a 2xx with a stalled body was recorded as a
         timeout and sent again): a body not there with the headers is waited for at most
         ``EXCERPT_WAIT_S`` (or the request's time left), then the excerpt is what came. One
-        there already (the common case: it comes in the headers' packet) costs no timer."""
+        there already (the common case: it comes in the headers' packet) costs no timer. A body
+        that breaks off (the connection closed before the length announced, a bad chunk) keeps
+        the status too: a 2xx is delivered, not sent again, a 410 still disables."""
         s = self._settings
-        raw = content.read_nowait(s.response_cap_bytes)
-        if raw or content.is_eof():
-            return raw
-        left_s = s.timeout_s - (time.perf_counter() - started)
         try:
+            raw = content.read_nowait(s.response_cap_bytes)
+            if raw or content.is_eof():
+                return raw
+            left_s = s.timeout_s - (time.perf_counter() - started)
             async with asyncio.timeout(max(0.0, min(EXCERPT_WAIT_S, left_s))):
                 return await content.read(s.response_cap_bytes)
-        except TimeoutError:
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
             return b""
 
 

@@ -1310,5 +1310,43 @@ async def test_a_2xx_whose_body_stalls_is_delivered_not_timed_out_and_resent(
     assert (dispatcher.delivered, dispatcher.failed_attempts, endpoint.requests) == (1, 0, 1)
 
 
+@pytest.mark.parametrize("status", [200, 410])
+async def test_an_answer_whose_body_breaks_off_keeps_its_status(
+    any_store: Store, aiohttp_server: Callable[..., Awaitable[TestServer]], status: int
+) -> None:
+    """A real aiohttp endpoint sends the status line and headers, then its handler crashes and
+    the connection closes before the body it announced: the status stands (a 200 is delivered,
+    once; a 410 disables the endpoint). (The cut body's ClientPayloadError threw the status
+    away: the 200 was recorded as a failed attempt without a status and sent again until
+    dead-lettered, the 410 never disabled anything.)"""
+    store = any_store
+    requests: list[int] = []
+
+    async def crashing(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        requests.append(1)
+        answer = web.StreamResponse(status=status)
+        answer.content_length = 100
+        await answer.prepare(request)
+        await asyncio.sleep(0.05)  # the headers are out and the client waits for the body
+        raise RuntimeError("the endpoint's handler failed after its headers")
+
+    app = web.Application()
+    app.router.add_post("/hook", crashing)
+    server = await aiohttp_server(app)
+    hook = await register(store, str(server.make_url("/hook")))
+    await commit(store, [activity(1)])
+    async with Running(store) as dispatcher:
+        await until(lambda: dispatcher.delivered + dispatcher.failed_attempts > 0)
+        await asyncio.sleep(0.4)  # a resend would show here (the schedule's first wait: 50 ms)
+    (delivery,) = await store.deliveries(hook.id, 10)
+    [attempt, *_] = await store.attempts(delivery.id)
+    assert (attempt.status_code, attempt.error) == (status, None)
+    if status == 200:
+        assert (delivery.status, delivery.attempts, len(requests)) == ("delivered", 1, 1)
+    else:
+        assert not (await store.webhook(hook.id)).enabled
+
+
 def dispatcher_attempted(logs: list[dict[str, Any]]) -> bool:
     return any(line["event"] == "webhook.attempt_failed" for line in logs)
