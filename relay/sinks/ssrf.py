@@ -6,9 +6,10 @@ connect time on the addresses actually resolved (:class:`GuardedResolver`), so a
 resolves to 127.0.0.1 or 169.254.169.254 (DNS rebinding) is refused too. IPv6 addresses that
 carry an IPv4 address (IPv4-mapped and -translated, IPv4-compatible, NAT64 ``64:ff9b::/96``,
 6to4 ``2002::/16``) are judged by the IPv4 address, since networks that translate them reach
-it. ``https`` is required unless the destination is allowlisted. Numeric hosts other than the
-dotted quad (``2130706433``, ``0x7f.1``) are refused at registration: aiohttp will not connect
-to them.
+it. ``https`` is required unless the destination is allowlisted, checked at registration and
+again on the address a plain-http connection reached (:class:`GuardedConnector`). Numeric hosts
+other than the dotted quad (``2130706433``, ``0x7f.1``) are refused at registration: aiohttp
+will not connect to them.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
 from aiohttp.resolver import ThreadedResolver
+from aiohttp.tracing import Trace
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -119,6 +124,37 @@ class Guard:
         except ValueError:
             return
         self.check_ip(ip, host)
+
+
+class GuardedConnector(aiohttp.TCPConnector):
+    """aiohttp connector for webhook destinations: names resolve through
+    :class:`GuardedResolver`, and a plain-http connection is used only when the address it
+    reached is allowlisted, checked once connected, before a byte is sent. The https rule holds
+    at connect time as the address rules do: a name that resolved to allowlisted addresses at
+    registration may resolve elsewhere since, and the allowlist may have shrunk."""
+
+    def __init__(self, guard: Guard, *, limit: int = 100) -> None:
+        super().__init__(resolver=GuardedResolver(guard), limit=limit)
+        self._guard = guard
+
+    async def _create_connection(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature, overridden
+    ) -> ResponseHandler:
+        proto = await super()._create_connection(req, traces, timeout)
+        if req.is_ssl():
+            return proto
+        peer = proto.transport.get_extra_info("peername") if proto.transport else None
+        ip = ipaddress.ip_address(peer[0]) if peer else None
+        if ip is None or not self._guard.allowlisted(ip):
+            proto.close()
+            raise SsrfError(
+                f"url: https is required for {req.url.raw_host}: it resolves to {ip},"
+                " outside webhooks.allow_networks"
+            )
+        return proto
 
 
 class GuardedResolver(AbstractResolver):

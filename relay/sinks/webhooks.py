@@ -34,7 +34,7 @@ import structlog
 
 from relay.metrics import Metrics
 from relay.sinks import signing
-from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError, shown
+from relay.sinks.ssrf import Guard, GuardedConnector, SsrfError, shown
 from relay.store import (
     Attempt,
     DueSend,
@@ -159,7 +159,7 @@ class WebhookDispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fan out and keep workers in step with the registered webhooks until ``stop``."""
-        connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._guard), limit=0)
+        connector = GuardedConnector(self._guard, limit=0)
         # no cookie jar: an endpoint's Set-Cookie must not follow later deliveries to it or to
         # other endpoints on its host (attempts are stateless, as Standard Webhooks senders are)
         jar = aiohttp.DummyCookieJar()

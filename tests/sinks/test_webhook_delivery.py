@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import statistics
 import time
@@ -481,6 +482,37 @@ async def test_names_resolving_to_loopback_are_refused_at_connect_time(
     attempts = await store.attempts(delivery.id)
     assert attempts
     assert "loopback" in (attempts[0].error or "")
+
+
+class LoopbackIsPublic(Guard):
+    """The guard with loopback taken for a public address: the only address a test can reach,
+    standing for a public one that is outside ``allow_networks``."""
+
+    def check_ip(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str) -> None:
+        if not ip.is_loopback:
+            super().check_ip(ip, host)
+
+
+async def test_plain_http_goes_only_to_allowlisted_addresses_at_connect_time_too(
+    any_store: Store, receiver: Start
+) -> None:
+    """https is required unless the destination is allowlisted, also when the name resolves to
+    an address outside the allowlist only at delivery time (DNS changed, the allowlist shrank):
+    no request is sent, the attempt is refused naming the rule. (The rule held at registration
+    only: the signed events went out in clear text to any address the name came to resolve to.)"""
+    store = any_store
+    r = await receiver()
+    port = r.url.split(":")[2].split("/")[0]
+    url = await service.check_url(ALLOW_LOOPBACK, f"http://localhost:{port}/hook")  # allowlisted
+    hook = await register(store, url)
+    await commit(store, [activity(1)])
+    async with Running(store, guard=LoopbackIsPublic()) as dispatcher:  # outside the allowlist
+        await until(lambda: r.received or dispatcher.failed_attempts)
+    assert r.received == []
+    (delivery,) = await store.deliveries(hook.id, 10)
+    error = (await store.attempts(delivery.id))[0].error or ""
+    assert error.startswith("refused: url: https is required for localhost"), error
+    assert "webhooks.allow_networks" in error
 
 
 @pytest.mark.serial  # measures wall time: other workers would skew it
