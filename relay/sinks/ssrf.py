@@ -90,7 +90,12 @@ class Guard:
         plain = _unmapped(ip)
         if self.allowlisted(plain):
             return
-        if not plain.is_global or plain.is_multicast or any(plain in n for n in _NOT_PUBLIC):
+        if (
+            not plain.is_global
+            or plain.is_multicast
+            or plain.is_reserved  # IPv6 space IANA has not allocated: Python calls it global
+            or any(plain in n for n in _NOT_PUBLIC)
+        ):
             what = _category(plain)
             carried = f" (it carries {plain})" if plain != ip else ""
             raise SsrfError(f"url: {host} resolves to {ip}{carried}, {what} address")
