@@ -15,10 +15,12 @@ will not connect to them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,10 +28,14 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
-from aiohttp.resolver import ThreadedResolver
 from aiohttp.tracing import Trace
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# threads for webhook destinations' name lookups: more than the endpoints whose DNS may hang at
+# once (each holds one); started only as lookups overlap
+RESOLVER_THREADS = 64
+# as aiohttp's own resolver: only the address families configured on this host
+_AI_ADDRCONFIG = socket.AI_ADDRCONFIG & getattr(socket, "AI_MASK", socket.AI_ADDRCONFIG)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # IPv6 prefixes whose last 32 bits are an IPv4 address a translator or the stack reaches: the
@@ -163,22 +169,50 @@ class GuardedConnector(aiohttp.TCPConnector):
 
 
 class GuardedResolver(AbstractResolver):
-    """aiohttp resolver that refuses hosts resolving to forbidden addresses, at connect time."""
+    """aiohttp resolver that refuses hosts resolving to forbidden addresses, at connect time.
 
-    def __init__(self, guard: Guard) -> None:
+    Names are looked up on threads of its own (``threads``, started as needed), not the event
+    loop's default executor: that one has only a few threads (``min(32, CPUs + 4)``) and the
+    process's other lookups use it too, so a few endpoints whose DNS hangs (a lookup blocks its
+    thread for the resolver's whole timeout, again at every attempt, as failures are not cached)
+    held up every endpoint's connections, and the poller's. aiohttp looks up one name and port
+    once at a time, so each hanging endpoint holds one of these threads, never another's."""
+
+    def __init__(self, guard: Guard, threads: int = RESOLVER_THREADS) -> None:
         self._guard = guard
-        self._inner = ThreadedResolver()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="webhook-dns")
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        for result in results:
-            self._guard.check_ip(ipaddress.ip_address(result["host"]), host)
+        lookup = functools.partial(
+            socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, _AI_ADDRCONFIG
+        )
+        infos = await asyncio.get_running_loop().run_in_executor(self._pool, lookup)
+        results: list[ResolveResult] = []
+        for found, _, proto, _, address in infos:
+            if len(address) == 4:  # IPv6: host, port, flow info, scope (of a link-local one)
+                ip = f"{address[0]}%{address[3]}" if address[3] else str(address[0])
+            elif found == socket.AF_INET6:
+                continue  # IPv6 not supported by this Python build (as aiohttp's resolver)
+            else:
+                ip = str(address[0])
+            self._guard.check_ip(ipaddress.ip_address(ip), host)
+            results.append(
+                ResolveResult(
+                    hostname=host,
+                    host=ip,
+                    port=int(address[1]),
+                    family=found,
+                    proto=proto,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
         return results
 
     async def close(self) -> None:
-        await self._inner.close()
+        # lookups still blocked in a thread end on their own; nobody waits for them
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _resolve(host: str, port: int) -> list[IPAddress]:

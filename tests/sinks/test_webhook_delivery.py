@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import itertools
 import statistics
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -482,6 +483,29 @@ async def test_names_resolving_to_loopback_are_refused_at_connect_time(
     attempts = await store.attempts(delivery.id)
     assert attempts
     assert "loopback" in (attempts[0].error or "")
+
+
+async def test_name_lookups_do_not_wait_for_the_default_executor(
+    store: Store, receiver: Start
+) -> None:
+    """Every thread of the event loop's default executor is busy (lookups hanging elsewhere in
+    the process: endpoints whose DNS hangs, the upstream client's; ``to_thread`` calls): a
+    webhook whose host is a name is still delivered at once, its lookup on the resolver's own
+    threads. (Lookups ran on the default executor's few threads, so a few endpoints whose DNS
+    hung held up every endpoint's connections.)"""
+    r = await receiver()
+    port = r.url.split(":")[2].split("/")[0]
+    await register(store, f"http://localhost:{port}/hook")
+    await commit(store, [activity(1)])
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    busy = [loop.run_in_executor(None, release.wait, 30.0) for _ in range(40)]  # > 32 threads
+    try:
+        async with Running(store):
+            await until(lambda: r.received, 3)
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
 
 
 class LoopbackIsPublic(Guard):
