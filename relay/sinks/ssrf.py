@@ -145,8 +145,13 @@ class GuardedConnector(aiohttp.TCPConnector):
     registration may resolve elsewhere since, and the allowlist may have shrunk."""
 
     def __init__(self, guard: Guard, *, limit: int = 100) -> None:
-        super().__init__(resolver=GuardedResolver(guard), limit=limit)
+        self._guarded_resolver = GuardedResolver(guard)
+        super().__init__(resolver=self._guarded_resolver, limit=limit)
         self._guard = guard
+
+    async def close(self, *, abort_ssl: bool = False) -> None:
+        await super().close(abort_ssl=abort_ssl)
+        await self._guarded_resolver.close()  # its threads: aiohttp closes only its own resolver
 
     async def _create_connection(
         self,
