@@ -6,25 +6,36 @@ connect time on the addresses actually resolved (:class:`GuardedResolver`), so a
 resolves to 127.0.0.1 or 169.254.169.254 (DNS rebinding) is refused too. IPv6 addresses that
 carry an IPv4 address (IPv4-mapped and -translated, IPv4-compatible, NAT64 ``64:ff9b::/96``,
 6to4 ``2002::/16``) are judged by the IPv4 address, since networks that translate them reach
-it. ``https`` is required unless the destination is allowlisted. Numeric hosts other than the
-dotted quad (``2130706433``, ``0x7f.1``) are refused at registration: aiohttp will not connect
-to them.
+it. ``https`` is required unless the destination is allowlisted, checked at registration and
+again on the address a plain-http connection reached (:class:`GuardedConnector`). Numeric hosts
+other than the dotted quad (``2130706433``, ``0x7f.1``) are refused at registration: aiohttp
+will not connect to them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.tracing import Trace
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# threads for webhook destinations' name lookups: more than the endpoints whose DNS may hang at
+# once (each holds one); started only as lookups overlap
+RESOLVER_THREADS = 64
+# as aiohttp's own resolver: only the address families configured on this host
+_AI_ADDRCONFIG = socket.AI_ADDRCONFIG & getattr(socket, "AI_MASK", socket.AI_ADDRCONFIG)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # IPv6 prefixes whose last 32 bits are an IPv4 address a translator or the stack reaches: the
@@ -85,7 +96,12 @@ class Guard:
         plain = _unmapped(ip)
         if self.allowlisted(plain):
             return
-        if not plain.is_global or plain.is_multicast or any(plain in n for n in _NOT_PUBLIC):
+        if (
+            not plain.is_global
+            or plain.is_multicast
+            or plain.is_reserved  # IPv6 space IANA has not allocated: Python calls it global
+            or any(plain in n for n in _NOT_PUBLIC)
+        ):
             what = _category(plain)
             carried = f" (it carries {plain})" if plain != ip else ""
             raise SsrfError(f"url: {host} resolves to {ip}{carried}, {what} address")
@@ -121,23 +137,87 @@ class Guard:
         self.check_ip(ip, host)
 
 
-class GuardedResolver(AbstractResolver):
-    """aiohttp resolver that refuses hosts resolving to forbidden addresses, at connect time."""
+class GuardedConnector(aiohttp.TCPConnector):
+    """aiohttp connector for webhook destinations: names resolve through
+    :class:`GuardedResolver`, and a plain-http connection is used only when the address it
+    reached is allowlisted, checked once connected, before a byte is sent. The https rule holds
+    at connect time as the address rules do: a name that resolved to allowlisted addresses at
+    registration may resolve elsewhere since, and the allowlist may have shrunk."""
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Guard, *, limit: int = 100) -> None:
+        self._guarded_resolver = GuardedResolver(guard)
+        super().__init__(resolver=self._guarded_resolver, limit=limit)
         self._guard = guard
-        self._inner = ThreadedResolver()
+
+    async def close(self, *, abort_ssl: bool = False) -> None:
+        await super().close(abort_ssl=abort_ssl)
+        await self._guarded_resolver.close()  # its threads: aiohttp closes only its own resolver
+
+    async def _create_connection(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature, overridden
+    ) -> ResponseHandler:
+        proto = await super()._create_connection(req, traces, timeout)
+        if req.is_ssl():
+            return proto
+        peer = proto.transport.get_extra_info("peername") if proto.transport else None
+        ip = ipaddress.ip_address(peer[0]) if peer else None
+        if ip is None or not self._guard.allowlisted(ip):
+            proto.close()
+            raise SsrfError(
+                f"url: https is required for {req.url.raw_host}: it resolves to {ip},"
+                " outside webhooks.allow_networks"
+            )
+        return proto
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp resolver that refuses hosts resolving to forbidden addresses, at connect time.
+
+    Names are looked up on threads of its own (``threads``, started as needed), not the event
+    loop's default executor: that one has only a few threads (``min(32, CPUs + 4)``) and the
+    process's other lookups use it too, so a few endpoints whose DNS hangs (a lookup blocks its
+    thread for the resolver's whole timeout, again at every attempt, as failures are not cached)
+    held up every endpoint's connections, and the poller's. aiohttp looks up one name and port
+    once at a time, so each hanging endpoint holds one of these threads, never another's."""
+
+    def __init__(self, guard: Guard, threads: int = RESOLVER_THREADS) -> None:
+        self._guard = guard
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="webhook-dns")
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        for result in results:
-            self._guard.check_ip(ipaddress.ip_address(result["host"]), host)
+        lookup = functools.partial(
+            socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, _AI_ADDRCONFIG
+        )
+        infos = await asyncio.get_running_loop().run_in_executor(self._pool, lookup)
+        results: list[ResolveResult] = []
+        for found, _, proto, _, address in infos:
+            if len(address) == 4:  # IPv6: host, port, flow info, scope (of a link-local one)
+                ip = f"{address[0]}%{address[3]}" if address[3] else str(address[0])
+            elif found == socket.AF_INET6:
+                continue  # IPv6 not supported by this Python build (as aiohttp's resolver)
+            else:
+                ip = str(address[0])
+            self._guard.check_ip(ipaddress.ip_address(ip), host)
+            results.append(
+                ResolveResult(
+                    hostname=host,
+                    host=ip,
+                    port=int(address[1]),
+                    family=found,
+                    proto=proto,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
         return results
 
     async def close(self) -> None:
-        await self._inner.close()
+        # lookups still blocked in a thread end on their own; nobody waits for them
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _resolve(host: str, port: int) -> list[IPAddress]:

@@ -34,7 +34,7 @@ import structlog
 
 from relay.metrics import Metrics
 from relay.sinks import signing
-from relay.sinks.ssrf import Guard, GuardedResolver, SsrfError, shown
+from relay.sinks.ssrf import Guard, GuardedConnector, SsrfError, shown
 from relay.store import (
     Attempt,
     DueSend,
@@ -75,11 +75,11 @@ class DeliverySettings:
     @property
     def quiet_s(self) -> float:
         """The longest an endpoint failing continuously, with a delivery owed to it, goes
-        without a failed attempt: the longest retry wait (jitter included; a Retry-After can
-        lengthen one up to ``max_retry_after_s``), the attempt's timeout and a refresh. A
-        silence longer than twice this (see ``_Worker._settle``) restarts the failing clock."""
-        longest = max((*self.retry_schedule_s, 0.0)) * (1 + self.jitter)
-        return max(longest, self.max_retry_after_s) + self.timeout_s + self.refresh_s
+        without a failed attempt: the longest retry wait (a Retry-After can lengthen one up to
+        ``max_retry_after_s``; jitter included on either), the attempt's timeout and a refresh.
+        A silence longer than twice this (see ``_Worker._settle``) restarts the failing clock."""
+        longest = max((*self.retry_schedule_s, self.max_retry_after_s)) * (1 + self.jitter)
+        return longest + self.timeout_s + self.refresh_s
 
 
 class Outcome(NamedTuple):
@@ -159,7 +159,7 @@ class WebhookDispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fan out and keep workers in step with the registered webhooks until ``stop``."""
-        connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._guard), limit=0)
+        connector = GuardedConnector(self._guard, limit=0)
         # no cookie jar: an endpoint's Set-Cookie must not follow later deliveries to it or to
         # other endpoints on its host (attempts are stateless, as Standard Webhooks senders are)
         jar = aiohttp.DummyCookieJar()
@@ -294,14 +294,18 @@ class WebhookDispatcher:
     def _retry_delay_s(self, attempts_done: int, outcome: Outcome) -> float | None:
         """Wait before the next attempt, or None when the schedule is exhausted. A Retry-After
         (bounded by ``max_retry_after_s``) can only lengthen the scheduled wait: it never cuts a
-        long one short, and jitter never brings the retry before the time the endpoint asked."""
+        long one short, and jitter never brings the retry before the time the endpoint asked
+        (it spreads the retries after it)."""
         schedule = self._settings.retry_schedule_s
         if attempts_done > len(schedule):
             return None
         jitter = self._settings.jitter
         wait = schedule[attempts_done - 1] * random.uniform(1 - jitter, 1 + jitter)
         if outcome.retry_after_s is not None:
-            wait = max(wait, min(outcome.retry_after_s, self._settings.max_retry_after_s))
+            # jittered above the time asked for: a rate-limited endpoint tells a backlog the same
+            # time, and without it every one of those retries fell due at that one instant
+            asked = min(outcome.retry_after_s, self._settings.max_retry_after_s)
+            wait = max(wait, asked * random.uniform(1, 1 + jitter))
         return wait
 
     async def _attempt(
@@ -350,16 +354,18 @@ class WebhookDispatcher:
         (read under the whole request's timeout, a 2xx with a stalled body was recorded as a
         timeout and sent again): a body not there with the headers is waited for at most
         ``EXCERPT_WAIT_S`` (or the request's time left), then the excerpt is what came. One
-        there already (the common case: it comes in the headers' packet) costs no timer."""
+        there already (the common case: it comes in the headers' packet) costs no timer. A body
+        that breaks off (the connection closed before the length announced, a bad chunk) keeps
+        the status too: a 2xx is delivered, not sent again, a 410 still disables."""
         s = self._settings
-        raw = content.read_nowait(s.response_cap_bytes)
-        if raw or content.is_eof():
-            return raw
-        left_s = s.timeout_s - (time.perf_counter() - started)
         try:
+            raw = content.read_nowait(s.response_cap_bytes)
+            if raw or content.is_eof():
+                return raw
+            left_s = s.timeout_s - (time.perf_counter() - started)
             async with asyncio.timeout(max(0.0, min(EXCERPT_WAIT_S, left_s))):
                 return await content.read(s.response_cap_bytes)
-        except TimeoutError:
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
             return b""
 
 

@@ -36,7 +36,7 @@ def test_ipv6_forms_are_judged_by_the_ipv4_address_they_carry(
         "::ffff:93.184.216.34",
         "2606:4700::1111",
         "3fff:1000::1",  # just past the documentation /20
-        "5f01::1",  # just past the SRv6 /16
+        "3fff:ffff:ffff::1",  # the last of 2000::/3, IANA's global unicast space
     ],
 )
 def test_ipv6_forms_carrying_public_addresses_pass(address: str) -> None:
@@ -56,6 +56,12 @@ def test_ipv6_forms_carrying_public_addresses_pass(address: str) -> None:
         pytest.param("3fff:fff:ffff::1", "a non-public", id="ipv6-documentation-rfc9637-end"),
         pytest.param("5f00::1", "a reserved", id="srv6-sids-rfc9602"),
         pytest.param("5f00:ffff::1", "a reserved", id="srv6-sids-rfc9602-end"),
+        # IPv6 space IANA has not allocated: Python calls it global, nothing routes it publicly
+        pytest.param("4000::1", "a reserved", id="ipv6-unallocated-4000"),
+        pytest.param("5f01::1", "a reserved", id="ipv6-unallocated-past-srv6"),
+        pytest.param("e000::1", "a reserved", id="ipv6-unallocated-e000"),
+        pytest.param("fe00::1", "a reserved", id="ipv6-unallocated-fe00"),
+        pytest.param("200::1", "a reserved", id="ipv6-unallocated-200"),
     ],
 )
 def test_refused_without_an_embedded_reading(address: str, category: str) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import statistics
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -481,6 +483,60 @@ async def test_names_resolving_to_loopback_are_refused_at_connect_time(
     attempts = await store.attempts(delivery.id)
     assert attempts
     assert "loopback" in (attempts[0].error or "")
+
+
+async def test_name_lookups_do_not_wait_for_the_default_executor(
+    store: Store, receiver: Start
+) -> None:
+    """Every thread of the event loop's default executor is busy (lookups hanging elsewhere in
+    the process: endpoints whose DNS hangs, the upstream client's; ``to_thread`` calls): a
+    webhook whose host is a name is still delivered at once, its lookup on the resolver's own
+    threads. (Lookups ran on the default executor's few threads, so a few endpoints whose DNS
+    hung held up every endpoint's connections.)"""
+    r = await receiver()
+    port = r.url.split(":")[2].split("/")[0]
+    await register(store, f"http://localhost:{port}/hook")
+    await commit(store, [activity(1)])
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    busy = [loop.run_in_executor(None, release.wait, 30.0) for _ in range(40)]  # > 32 threads
+    try:
+        async with Running(store):
+            await until(lambda: r.received, 3)
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
+
+
+class LoopbackIsPublic(Guard):
+    """The guard with loopback taken for a public address: the only address a test can reach,
+    standing for a public one that is outside ``allow_networks``."""
+
+    def check_ip(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str) -> None:
+        if not ip.is_loopback:
+            super().check_ip(ip, host)
+
+
+async def test_plain_http_goes_only_to_allowlisted_addresses_at_connect_time_too(
+    any_store: Store, receiver: Start
+) -> None:
+    """https is required unless the destination is allowlisted, also when the name resolves to
+    an address outside the allowlist only at delivery time (DNS changed, the allowlist shrank):
+    no request is sent, the attempt is refused naming the rule. (The rule held at registration
+    only: the signed events went out in clear text to any address the name came to resolve to.)"""
+    store = any_store
+    r = await receiver()
+    port = r.url.split(":")[2].split("/")[0]
+    url = await service.check_url(ALLOW_LOOPBACK, f"http://localhost:{port}/hook")  # allowlisted
+    hook = await register(store, url)
+    await commit(store, [activity(1)])
+    async with Running(store, guard=LoopbackIsPublic()) as dispatcher:  # outside the allowlist
+        await until(lambda: r.received or dispatcher.failed_attempts)
+    assert r.received == []
+    (delivery,) = await store.deliveries(hook.id, 10)
+    error = (await store.attempts(delivery.id))[0].error or ""
+    assert error.startswith("refused: url: https is required for localhost"), error
+    assert "webhooks.allow_networks" in error
 
 
 @pytest.mark.serial  # measures wall time: other workers would skew it
@@ -1308,6 +1364,44 @@ async def test_a_2xx_whose_body_stalls_is_delivered_not_timed_out_and_resent(
     assert (attempt.status_code, attempt.response_excerpt, attempt.error) == (200, "", None)
     assert 900 <= attempt.latency_ms < 2000, attempt.latency_ms
     assert (dispatcher.delivered, dispatcher.failed_attempts, endpoint.requests) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("status", [200, 410])
+async def test_an_answer_whose_body_breaks_off_keeps_its_status(
+    any_store: Store, aiohttp_server: Callable[..., Awaitable[TestServer]], status: int
+) -> None:
+    """A real aiohttp endpoint sends the status line and headers, then its handler crashes and
+    the connection closes before the body it announced: the status stands (a 200 is delivered,
+    once; a 410 disables the endpoint). (The cut body's ClientPayloadError threw the status
+    away: the 200 was recorded as a failed attempt without a status and sent again until
+    dead-lettered, the 410 never disabled anything.)"""
+    store = any_store
+    requests: list[int] = []
+
+    async def crashing(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        requests.append(1)
+        answer = web.StreamResponse(status=status)
+        answer.content_length = 100
+        await answer.prepare(request)
+        await asyncio.sleep(0.05)  # the headers are out and the client waits for the body
+        raise RuntimeError("the endpoint's handler failed after its headers")
+
+    app = web.Application()
+    app.router.add_post("/hook", crashing)
+    server = await aiohttp_server(app)
+    hook = await register(store, str(server.make_url("/hook")))
+    await commit(store, [activity(1)])
+    async with Running(store) as dispatcher:
+        await until(lambda: dispatcher.delivered + dispatcher.failed_attempts > 0)
+        await asyncio.sleep(0.4)  # a resend would show here (the schedule's first wait: 50 ms)
+    (delivery,) = await store.deliveries(hook.id, 10)
+    [attempt, *_] = await store.attempts(delivery.id)
+    assert (attempt.status_code, attempt.error) == (status, None)
+    if status == 200:
+        assert (delivery.status, delivery.attempts, len(requests)) == ("delivered", 1, 1)
+    else:
+        assert not (await store.webhook(hook.id)).enabled
 
 
 def dispatcher_attempted(logs: list[dict[str, Any]]) -> bool:
