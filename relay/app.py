@@ -421,6 +421,7 @@ async def _limiter(
     shared = coordinator.shared_budget
     return RateLimiter(
         account.budget,
+        name=budget,
         used_today=used,
         # replicas: every request admitted and counted in PostgreSQL for the whole deployment
         ledger=None if shared else StoreLedger(store, budget),

@@ -683,8 +683,7 @@ class Scheduler:
                 # it would end the task unseen, the stream still due and claimed at every tick
                 await self._failed(runtime, stream, exc, replay, lease)
                 return
-            if replay is not None:
-                await self._store.end_replay(stream_id, replay, lease=lease)
+            if replay is not None:  # ended by finish_pass, in the transaction ending the pass
                 log.info("poll.replayed", since_ms=replay.since_ms, replayed=outcome.replayed)
 
     async def _finished(
@@ -727,7 +726,8 @@ class Scheduler:
             # the feeds it did not read are due when the key may send again (the pause that
             # follows keeps the stream from being polled before)
             interval = 0.0
-        # a replay asked for while the pass ran (not the one it ran) keeps the stream due
+        # ends the replay the pass ran with it (nothing between them can run it again); a
+        # replay asked for while the pass ran (not the one it ran) keeps the stream due
         await self._store.finish_pass(
             stream.id,
             outcome.result(now + int(interval * 1000), rate, now),

@@ -40,6 +40,7 @@ async def test_counts_stored_per_account_carry_over_once_into_the_keys_count(
     members = SETTINGS.budget_groups(salt)[budget]
     coordinator = LocalCoordinator(store, "test")
     limiter = await _limiter(account, budget, members, store, DAY, coordinator)
+    assert limiter.name == budget  # its log lines name it so (quota.give_back_failed)
     assert limiter.used_today == 500
     assert await store.quota_used(budget, DAY) == 500
     await limiter.acquire()

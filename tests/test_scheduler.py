@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -1154,6 +1154,48 @@ async def test_a_replay_asked_for_while_a_pass_runs_is_not_put_off(
     await scheduler.tick()  # the next tick starts the replay
     await scheduler.wait_idle()
     assert poller.replays[1:] == [(sid, now - 86_400_000)]
+
+
+class LostAfterFinish:
+    """The real store, whose finish_pass commits and then fails as a lost lease (or a crash)
+    right after it would: whatever the pass writes after its end does not happen."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def finish_pass(self, stream_id: int, result: PassResult, **kwargs: Any) -> None:
+        await self._store.finish_pass(stream_id, result, **kwargs)
+        raise LeaseLostError(f"stream {stream_id}: lost right after finish_pass (injected)")
+
+
+async def test_a_replay_ends_with_the_pass_that_ran_it(any_store: Store) -> None:
+    """A replay pass whose end committed is not run again when the pass fails right after (its
+    lease lost, the process gone): the replay's request ended in the same transaction. It was
+    cleared by a later write of its own, so the next pass re-read the feeds from the replay time
+    and appended every event again."""
+    store = any_store
+    now = [1_763_000_000_000]
+    await store.ensure_streams([StreamKey("acme", "campaign", "123")], now[0])
+    sid = (await store.streams("acme"))[0].id
+    await store.request_replay([sid], now[0] - 86_400_000, now[0])
+    poller = RecordingPoller()
+    runtime = AccountRuntime("acme", cast(Poller, poller), RateLimiter(Budget()), Planner(WIDE))
+    settings = ScheduleSettings(min_interval_s=60, max_interval_s=3600)
+    scheduler = Scheduler(
+        cast(Store, LostAfterFinish(store)), [runtime], settings, now_ms=lambda: now[0]
+    )
+    with capture_logs() as logs:
+        await scheduler.tick()
+        await scheduler.wait_idle()
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["poll.lease_lost"]
+    assert await store.stream_replay(sid) is None
+    now[0] += 7200_000  # the next planned pass
+    await scheduler.tick()
+    await scheduler.wait_idle()
+    assert poller.replays == [(sid, now[0] - 7200_000 - 86_400_000), (sid, None)]
 
 
 async def test_a_replica_clock_ahead_keeps_a_stored_pause_until_the_database_ends_it(

@@ -7,7 +7,7 @@ asked for it alone (``GET /v1/webhooks/{id}/secret``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from relay.api.responses import JsonObject
 from relay.events import format_time, from_millis
@@ -59,19 +59,24 @@ def secret_view(webhook: Webhook, now_ms: int) -> JsonObject:
     }
 
 
-def attempt_view(attempt: Attempt) -> JsonObject:
-    """One HTTP attempt of a delivery."""
+def attempt_view(attempt: Attempt, redact: Callable[[str], str]) -> JsonObject:
+    """One HTTP attempt of a delivery; its texts (the receiver's answer, the error met) through
+    ``redact``, the relay's redactor, as every other error text the API shows: a receiver or a
+    proxy may echo a URL with user info or query values, or a token."""
     return {
         "attempted_at": time_or_null(attempt.attempted_ms),
         "status_code": attempt.status_code,
         "latency_ms": round(attempt.latency_ms, 3),
-        "response_excerpt": attempt.response_excerpt,
-        "error": attempt.error,
+        "response_excerpt": redact(attempt.response_excerpt),
+        "error": _redacted(attempt.error, redact),
     }
 
 
-def delivery_view(delivery: Delivery, attempts: Sequence[Attempt]) -> JsonObject:
-    """A delivery with its attempts, oldest first."""
+def delivery_view(
+    delivery: Delivery, attempts: Sequence[Attempt], redact: Callable[[str], str]
+) -> JsonObject:
+    """A delivery with its attempts, oldest first; error texts through ``redact``
+    (:func:`attempt_view`)."""
     return {
         "id": delivery.id,
         "webhook_id": delivery.webhook_id,
@@ -81,8 +86,12 @@ def delivery_view(delivery: Delivery, attempts: Sequence[Attempt]) -> JsonObject
         "attempt_count": delivery.attempts,
         "next_attempt_at": time_or_null(delivery.next_attempt_ms),
         "last_status": delivery.last_status,
-        "last_error": delivery.last_error,
+        "last_error": _redacted(delivery.last_error, redact),
         "created_at": time_or_null(delivery.created_ms),
         "delivered_at": time_or_null(delivery.delivered_ms),
-        "attempts": [attempt_view(a) for a in attempts],
+        "attempts": [attempt_view(a, redact) for a in attempts],
     }
+
+
+def _redacted(text: str | None, redact: Callable[[str], str]) -> str | None:
+    return None if text is None else redact(text)

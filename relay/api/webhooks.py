@@ -173,7 +173,8 @@ async def _deliveries(request: web.Request) -> web.Response:
     # every delivery's attempts in one query: a query per delivery made a page of the largest
     # limit cost a thousand and one
     histories = await store.attempts_of([d.id for d in page])
-    views: list[JsonObject] = [delivery_view(d, histories.get(d.id, [])) for d in page]
+    redact = request.app[VIEW].redact
+    views: list[JsonObject] = [delivery_view(d, histories.get(d.id, []), redact) for d in page]
     next_before = page[-1].id if len(found) > limit else None
     return json_response({"deliveries": views, "next_before": next_before})
 
@@ -185,7 +186,8 @@ async def _redeliver(request: web.Request) -> web.Response:
         delivery = await store.redeliver(delivery_id, request.app[NOW_MS]())
     log.info("webhook.redelivery_asked", webhook=delivery.webhook_id, delivery=delivery_id)
     request.app[VIEW].webhook_changed(delivery.webhook_id)
-    return json_response(delivery_view(delivery, await store.attempts(delivery_id)), 202)
+    attempts = await store.attempts(delivery_id)
+    return json_response(delivery_view(delivery, attempts, request.app[VIEW].redact), 202)
 
 
 async def _recover(request: web.Request) -> web.Response:

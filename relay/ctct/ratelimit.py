@@ -120,13 +120,16 @@ class RateLimiter:
     ``give_back`` if it provably never left), so the daily count survives restarts (start with
     ``used_today`` read from the same ledger). With a ``shared``
     budget, each request is also admitted by it (and counted there, instead of in a ledger), so
-    several replicas together keep the account's limits.
+    several replicas together keep the account's limits. ``name``: the budget's name
+    (``AccountSettings.budget_name``, ``key:<hex>``, as /v1/status and /metrics show it; never
+    the api_key), for the limiter's log lines.
     """
 
     def __init__(
         self,
         budget: Budget,
         *,
+        name: str = "",
         used_today: int = 0,
         ledger: QuotaLedger | None = None,
         shared: SharedBudget | None = None,
@@ -137,6 +140,7 @@ class RateLimiter:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.budget = budget
+        self.name = name
         # the key's circuit and holds (a Retry-After, a pause): shared as the limiter is, by
         # every account and client of the key
         self.breaker = breaker or KeyBreaker(clock=wall_clock)
@@ -224,13 +228,24 @@ class RateLimiter:
         side) and is logged, not raised: the caller is handling the request's own error."""
         async with self._lock:
             counted_in: int | None = None
+            kept_by = ""  # where the count stays one too high if taking it back fails
             try:
                 if self._shared is not None and admission.shared_ms is not None:
+                    kept_by = "shared"  # the window and day's count every replica shares
                     counted_in = await self._shared.give_back(admission.day, admission.shared_ms)
                 elif self._ledger is not None:
+                    kept_by = "ledger"  # the store's count of the day
                     counted_in = await self._ledger.spend(admission.day, -1)
             except Exception as exc:
-                log.warning("quota.give_back_failed", day=admission.day, error=str(exc))
+                # the budget by the name /v1/status and /metrics show for it: a key shared by
+                # several accounts has one count, whichever account's request it was
+                log.warning(
+                    "quota.give_back_failed",
+                    budget=self.name or None,
+                    day=admission.day,
+                    counted_in=kept_by,
+                    error=str(exc),
+                )
                 self._forget_send(admission)
                 return
             self._take_back(admission, counted_in)

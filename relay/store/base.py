@@ -553,8 +553,8 @@ class Store(Protocol):
         ``lease``: the claim the pass runs under (PostgreSQL replicas); the stream's lease row is
         checked in the same transaction, and a pass whose lease another claim replaced writes
         nothing: :class:`LeaseLostError`. The same holds for every write of a pass below
-        (``commit_replay_page``, ``finish_pass``, ``record_error``, ``defer_stream``,
-        ``end_replay``). None: not checked (SQLite: one process, which holds every stream)."""
+        (``commit_replay_page``, ``finish_pass``, ``record_error``, ``defer_stream``). None: not
+        checked (SQLite: one process, which holds every stream)."""
 
     async def finish_pass(
         self,
@@ -567,10 +567,12 @@ class Store(Protocol):
         """Advance watermarks (never backwards), store the summary and the feeds behind it,
         fix the history line if the stream has none, schedule the next pass.
 
-        ``replay``: the replay the pass ran (``stream_replay`` before it; None: none). A replay
-        asked for while the pass ran (even with the same time) keeps the stream due when it was
-        asked, here and in ``record_error`` and ``defer_stream``. ``lease``: as in
-        ``commit_page``."""
+        ``replay``: the replay the pass ran (``stream_replay`` before it; None: none). Its
+        request ends in the same transaction (a pass that finished cannot leave it to run
+        again), unless another was made since ``stream_replay`` read it: that one is the next
+        pass's. A replay asked for while the pass ran (even with the same time) keeps the stream
+        due when it was asked, here and in ``record_error`` and ``defer_stream`` (which end no
+        request: the pass is retried). ``lease``: as in ``commit_page``."""
 
     async def record_error(
         self,
@@ -859,12 +861,6 @@ class Store(Protocol):
 
     async def replays(self) -> dict[int, int]:
         """Every stream with a replay pending: stream id -> since (Unix ms)."""
-
-    async def end_replay(
-        self, stream_id: int, replay: ReplayRequest, *, lease: StreamLease | None = None
-    ) -> None:
-        """A replay pass finished: clear the request, unless another was made since
-        ``stream_replay`` read it (it is the next pass's)."""
 
     async def commit_replay_page(
         self,

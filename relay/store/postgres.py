@@ -498,7 +498,8 @@ class PostgresStore:
                 " rate_per_h = $2, last_poll_ms = $3,"
                 " summary = $4, consecutive_errors = CASE WHEN $5::text IS NULL THEN 0"
                 " ELSE consecutive_errors + 1 END, last_error = $5, behind = $7,"
-                " line_ms = COALESCE(line_ms, $8), swept_ms = COALESCE($9, swept_ms) WHERE id = $6",
+                " line_ms = COALESCE(line_ms, $8), swept_ms = COALESCE($9, swept_ms),"
+                f" replay_from_ms = {_end_replay('$10')} WHERE id = $6",
                 result.next_due_ms,
                 result.rate_per_h,
                 result.polled_ms,
@@ -1271,17 +1272,6 @@ class PostgresStore:
 
         return await self.transaction(run)
 
-    async def end_replay(
-        self, stream_id: int, replay: ReplayRequest, *, lease: StreamLease | None = None
-    ) -> None:
-        await self._fenced(
-            stream_id,
-            lease,
-            "UPDATE streams SET replay_from_ms = NULL WHERE id = $1 AND replay_asked = $2",
-            stream_id,
-            replay.asked,
-        )
-
     async def commit_replay_page(
         self,
         stream_id: int,
@@ -1503,6 +1493,11 @@ _INSERT_WEBHOOK = (
 def _next_due(due: str, handled: str) -> str:
     """``rowmap.NEXT_DUE`` with these parameters (the handled replay's typed: it may be NULL)."""
     return rowmap.NEXT_DUE.format(due=due, handled=f"{handled}::integer", least="LEAST")
+
+
+def _end_replay(handled: str) -> str:
+    """``rowmap.END_REPLAY`` with this parameter (typed, as in ``_next_due``)."""
+    return rowmap.END_REPLAY.format(handled=f"{handled}::integer")
 
 
 def _asked(replay: ReplayRequest | None) -> int | None:

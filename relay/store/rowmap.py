@@ -48,6 +48,11 @@ NEXT_DUE = (
     "CASE WHEN replay_from_ms IS NOT NULL AND ({handled} IS NULL OR replay_asked <> {handled})"
     " THEN {least}(next_due_ms, {due}) ELSE {due} END"
 )
+# replay_from_ms as finish_pass writes it: the request the pass ran ({handled}, as above) ends in
+# the transaction that ends the pass, so a crash or a lost lease cannot come between them and run
+# the finished replay again (appending its events again); one asked for since is the next pass's.
+# The statement reads the row as it was, so NEXT_DUE beside it still sees the request.
+END_REPLAY = "CASE WHEN replay_asked = {handled} THEN NULL ELSE replay_from_ms END"
 
 WEBHOOK_COLUMNS = (
     "id, url, description, event_types, enabled, secret, previous_secret, previous_expires_ms,"

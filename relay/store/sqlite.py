@@ -482,7 +482,9 @@ class SqliteStore:
                     " summary = ?4, behind = ?5, line_ms = COALESCE(line_ms, ?6),"
                     " swept_ms = COALESCE(?7, swept_ms),"
                     " consecutive_errors = CASE WHEN ?8 IS NULL THEN 0"
-                    " ELSE consecutive_errors + 1 END, last_error = ?9 WHERE id = ?10",
+                    " ELSE consecutive_errors + 1 END, last_error = ?9,"
+                    f" replay_from_ms = {rowmap.END_REPLAY.format(handled='?11')}"
+                    " WHERE id = ?10",
                     (
                         result.next_due_ms,
                         result.rate_per_h,
@@ -1201,17 +1203,6 @@ class SqliteStore:
             return {int(i): int(r) for i, r in rows}
 
         return await self._run(run)
-
-    async def end_replay(
-        self, stream_id: int, replay: ReplayRequest, *, lease: StreamLease | None = None
-    ) -> None:
-        await self._run(
-            lambda conn: _write(
-                conn,
-                "UPDATE streams SET replay_from_ms = NULL WHERE id = ? AND replay_asked = ?",
-                (stream_id, replay.asked),
-            )
-        )
 
     async def commit_replay_page(
         self,

@@ -17,6 +17,7 @@ from standardwebhooks.webhooks import Webhook as Verifier
 from relay.api import AdminSettings, create_admin_app, service
 from relay.api.status import RelayView
 from relay.events import WILDCARD, Kind
+from relay.logs import Redactor
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
 from relay.store import Attempt, Store, Webhook
@@ -674,6 +675,42 @@ async def test_deliveries_with_attempts_filter_and_limit(
     assert [d["id"] for d in only_dead["deliveries"]] == [oldest.id]
     one = await ok(await client.get(path, params={"limit": "1"}, headers=AUTH))
     assert len(one["deliveries"]) == 1
+
+
+async def test_delivery_and_attempt_errors_go_through_the_redactor(
+    make_client: ClientFactory, store: Store
+) -> None:
+    """An attempt's error, its receiver's answer and the delivery's last error are shown as
+    dead-letter reasons and status's errors are, through the relay's redactor: a URL's password
+    and query values and a configured secret never reach an answer (listed or redelivered).
+    They were shown as stored, as the receiver or a proxy on the way said them."""
+    client = await make_client(view=RelayView(redact=Redactor(["k-secret-hook-token"]).text))
+    hook = await create(client)
+    await commit_events(store, [activity(1, T0 - 5000)], T0)
+    (delivery,) = await store.deliveries(str(hook["id"]), 10)
+    error = (
+        "ClientConnectorError: Cannot connect to host"
+        " https://ops:hunter2@crm.example.com/in?token=abc123 (k-secret-hook-token)"
+    )
+    excerpt = '{"detail": "redirected to https://sso.example.com/cb?code=xyz789&state=1"}'
+    attempt = Attempt(delivery.id, T0 + 1000, 502, 5.0, excerpt, error)
+    await store.finish_attempts([(attempt, "dead", T0 + 1000, 0)])
+    shown_error = (
+        "ClientConnectorError: Cannot connect to host"
+        " https://ops:***@crm.example.com/in?token=*** (***)"
+    )
+    shown_excerpt = '{"detail": "redirected to https://sso.example.com/cb?code=***&state=***"}'
+    listed = await ok(await client.get(f"/v1/webhooks/{hook['id']}/deliveries", headers=AUTH))
+    redelivered = await ok(
+        await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH), 202
+    )
+    for answer in (listed["deliveries"][0], redelivered):
+        assert answer["attempts"][0]["error"] == shown_error
+        assert answer["attempts"][0]["response_excerpt"] == shown_excerpt
+    assert listed["deliveries"][0]["last_error"] == shown_error
+    text = str(listed) + str(redelivered)
+    for secret in ("hunter2", "abc123", "k-secret-hook-token", "xyz789"):
+        assert secret not in text
 
 
 class CountingStore:

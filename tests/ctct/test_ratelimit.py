@@ -6,6 +6,7 @@ import itertools
 from datetime import UTC, datetime
 
 import pytest
+from structlog.testing import capture_logs
 
 from relay.ctct.errors import BudgetExhaustedError
 from relay.ctct.ratelimit import Budget, RateLimiter, next_utc_midnight
@@ -206,3 +207,46 @@ async def test_a_request_given_back_frees_its_slot_and_its_count() -> None:
     await lim.give_back(sent)
     assert ledger.total == 1
     assert lim.remaining_today == 0
+
+
+class LedgerFailingAfter(CountingLedger):
+    """A quota ledger whose writes fail after the first ``works`` (the store went away)."""
+
+    def __init__(self, works: int) -> None:
+        super().__init__()
+        self.works = works
+
+    async def spend(self, day: str, requests: int) -> int:
+        if self.works <= 0:
+            raise StoreError("state store (/data/state.db): database is locked")
+        self.works -= 1
+        return await super().spend(day, requests)
+
+
+async def test_a_give_back_that_failed_names_its_budget() -> None:
+    """A request the ledger could not take back is logged with the budget's name (as /v1/status
+    and /metrics show it), its day and where it stays counted: the line named only the day, and
+    an operator of several api_keys could not tell which count was one too high."""
+    clock = FakeTime(wall=1_700_000_000.0)
+    lim = RateLimiter(
+        Budget(requests_per_second=4, requests_per_day=100, reserved_share=0.0),
+        name="key:0123456789ab",
+        ledger=LedgerFailingAfter(works=1),
+        wall_clock=lambda: clock.wall,
+        monotonic=lambda: clock.mono,
+        sleep=clock.sleep,
+    )
+    unsent = await lim.acquire()
+    with capture_logs() as logs:
+        await lim.give_back(unsent)
+    assert logs == [
+        {
+            "event": "quota.give_back_failed",
+            "log_level": "warning",
+            "budget": "key:0123456789ab",
+            "day": "2023-11-14",
+            "counted_in": "ledger",
+            "error": "state store (/data/state.db): database is locked",
+        }
+    ]
+    assert lim.used_today == 1  # left counted: over-counting is the safe side

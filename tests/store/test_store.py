@@ -10,7 +10,7 @@ import re
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -729,8 +729,14 @@ async def test_operator_holds_are_apart_from_quota_pauses(store: Store) -> None:
     assert await store.account_pauses() == {"acme": (T0 + 1000, "quota")}
 
 
+def _finished(store: Store, sid: int, replay: ReplayRequest | None) -> Awaitable[None]:
+    """The end of a pass of ``sid`` that ran ``replay`` (None: none) and read nothing."""
+    return store.finish_pass(sid, PassResult({}, {}, T0 + 60_000, 1.0, T0), replay=replay)
+
+
 async def test_replay_request_keeps_the_earliest_time_and_ends_only_itself(store: Store) -> None:
-    """Two requests keep the earlier time; ending a replaced request leaves the newer one."""
+    """Two requests keep the earlier time; a pass that ran the replaced request does not end
+    the newer one; a pass that ran the newer one ends it."""
     sid = await one_stream(store)
     assert await store.request_replay([sid, 999], T0 - 10, T0) == 1
     first = await store.stream_replay(sid)
@@ -739,10 +745,30 @@ async def test_replay_request_keeps_the_earliest_time_and_ends_only_itself(store
     assert first is not None
     assert second is not None
     assert second.since_ms == T0 - 10
-    await store.end_replay(sid, first)
+    await _finished(store, sid, first)
     assert await store.replays() == {sid: T0 - 10}
-    await store.end_replay(sid, second)
+    await _finished(store, sid, second)
     assert await store.stream_replay(sid) is None
+
+
+async def test_the_pass_that_finishes_a_replay_ends_it_in_its_own_transaction(
+    store: Store,
+) -> None:
+    """finish_pass ends the replay the pass ran, with nothing else to call: a crash or a lost
+    lease right after it committed no longer left the request stored (ended by a separate
+    end_replay), so the next pass ran the finished replay again and appended its events again.
+    A pass that ran no replay, or failed or was put off, ends none: it is retried."""
+    sid = await one_stream(store)
+    await store.request_replay([sid], T0 - 10, T0)
+    running = await store.stream_replay(sid)
+    assert running is not None
+    await _finished(store, sid, None)
+    await store.record_error(sid, "boom", T0 + 1, replay=running)
+    await store.defer_stream(sid, T0 + 1, replay=running)
+    assert await store.stream_replay(sid) == running
+    await _finished(store, sid, running)
+    assert await store.stream_replay(sid) is None
+    assert await store.replays() == {}
 
 
 @pytest.mark.parametrize("again", [T0 - 10, T0 - 5], ids=["same-time", "later-time"])
@@ -750,13 +776,14 @@ async def test_a_replay_asked_again_is_not_ended_by_the_pass_running_the_first(
     store: Store, again: int
 ) -> None:
     """A request asked again while a pass runs the first, with the same or a later time (so the
-    stored time does not move), outlives the end of that pass: it cleared it."""
+    stored time does not move), outlives the end of that pass: it cleared it, though finish_pass
+    ends the request the pass ran."""
     sid = await one_stream(store)
     await store.request_replay([sid], T0 - 10, T0)
     running = await store.stream_replay(sid)
     assert running is not None
     await store.request_replay([sid], again, T0 + 1000)
-    await store.end_replay(sid, running)
+    await _finished(store, sid, running)
     assert await store.replays() == {sid: T0 - 10}
 
 
@@ -808,7 +835,7 @@ async def test_the_replay_a_pass_ran_does_not_keep_the_stream_due(
     store: Store, how: str, ran: int | None
 ) -> None:
     """Without a new request, the end of a pass schedules the next one as asked, whether it ran
-    the stream's replay (still stored until end_replay) or none."""
+    the stream's replay (ended by finish_pass, kept by the other two for the retry) or none."""
     sid = await one_stream(store)
     if ran is not None:
         await store.request_replay([sid], ran, T0)
