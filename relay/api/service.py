@@ -239,10 +239,15 @@ async def update_webhook(
         )
     if changes.enabled is not None:
         updated = _set_enabled(updated, changes.enabled, DISABLED_BY_API)
+    if updated.url != current.url:
+        # a new destination: the old one's failures are not its own (its clock near
+        # disable_after_s, one failure here disabled the webhook at once); the store makes the
+        # retries the old one earned due now in the same write
+        updated = _fresh_clock(updated)
     if updated == current:
         return current
     updated = dataclasses.replace(updated, updated_ms=now_ms)
-    await store.update_webhook(updated, changed_fields(current, updated))
+    await store.update_webhook(updated, _written(current, updated))
     log.info("webhook.updated", webhook_id=webhook_id, enabled=updated.enabled)
     return updated
 
@@ -355,7 +360,7 @@ async def _apply_declaration(
     if updated == existing:
         return existing
     updated = dataclasses.replace(updated, updated_ms=now_ms)
-    await store.update_webhook(updated, changed_fields(existing, updated))
+    await store.update_webhook(updated, _written(existing, updated))
     log.info("webhook.declared_updated", webhook_id=existing.id)
     return updated
 
@@ -392,10 +397,27 @@ def _set_enabled(webhook: Webhook, enabled: bool, reason: str) -> Webhook:
         return webhook  # disabling twice keeps the first reason, the informative one
     if enabled:
         # a fresh start: the failing clock of the old outage must not disable it again at once
-        return dataclasses.replace(
-            webhook, enabled=True, disabled_reason=None, failing_since_ms=None, last_failure_ms=None
-        )
+        # (and the store makes the retries it earned due now)
+        return _fresh_clock(dataclasses.replace(webhook, enabled=True, disabled_reason=None))
     return dataclasses.replace(webhook, enabled=False, disabled_reason=reason)
+
+
+def _fresh_clock(webhook: Webhook) -> Webhook:
+    return dataclasses.replace(webhook, failing_since_ms=None, last_failure_ms=None)
+
+
+_CLOCK_FIELDS = ("failing_since_ms", "last_failure_ms")
+
+
+def _written(before: Webhook, after: Webhook) -> tuple[str, ...]:
+    """:func:`changed_fields`, plus the failing clock when the change restarts it (enables the
+    webhook, moves it to another URL) even if ``before`` showed none: the dispatcher may have
+    started one since it was read, and it would count the old outage against the fresh start."""
+    fields = changed_fields(before, after)
+    fresh = before.url != after.url or (after.enabled and not before.enabled)
+    if fresh:
+        fields += tuple(name for name in _CLOCK_FIELDS if name not in fields)
+    return fields
 
 
 def changed_fields(before: Webhook, after: Webhook) -> tuple[str, ...]:

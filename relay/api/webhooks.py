@@ -15,6 +15,7 @@ from aiohttp import web
 
 from relay.api import body, service
 from relay.api.responses import (
+    WEBHOOK_DISABLED,
     WEBHOOK_LIMIT,
     ApiError,
     JsonObject,
@@ -26,7 +27,14 @@ from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE
 from relay.api.status import VIEW
 from relay.api.views import delivery_view, secret_view, webhook_view, webhook_with_secret
 from relay.events import EVENT_TYPES
-from relay.store import DuplicateError, GoneError, LimitError, NotFoundError, UnwantedError
+from relay.store import (
+    DisabledError,
+    DuplicateError,
+    GoneError,
+    LimitError,
+    NotFoundError,
+    UnwantedError,
+)
 
 CREATE_FIELDS = ("url", "event_types", "description", "enabled", "secret", "rate_limit_per_s")
 PATCH_FIELDS = ("url", "event_types", "description", "enabled", "rate_limit_per_s")
@@ -226,6 +234,8 @@ def _service_errors() -> Iterator[None]:
         raise ApiError(409, str(exc)) from None
     except UnwantedError as exc:  # a redelivery of a kind the webhook's filter now rejects
         raise ApiError(409, str(exc)) from None
+    except DisabledError as exc:  # a redelivery or recovery nothing would send until enabled
+        raise ApiError(409, str(exc), code=WEBHOOK_DISABLED) from None
     except LimitError as exc:  # a registration beyond webhooks.max_webhooks
         raise ApiError(409, str(exc), code=WEBHOOK_LIMIT) from None
     except GoneError as exc:  # a redelivery whose event was pruned
