@@ -219,10 +219,14 @@ def _rotate_secret() -> JsonObject:
     return {
         "operationId": "rotateWebhookSecret",
         "summary": "Replace the signing secret; the old one keeps signing for the grace period",
+        "description": "A webhook whose secret the config file declares (webhooks.declared[i]."
+        "secret) is a 409 naming the key: its secret changes there (the next start rotates to"
+        " it, the old one signing for admin.rotation_grace_s); rotated here, the next start"
+        " put the config's back.",
         "requestBody": _body("RotateSecret", required=False),
         "responses": {
             "200": _json("the webhook, with its new secret", _schema("WebhookWithSecret")),
-            **_errors(400, 401, 404, 413),
+            **_errors(400, 401, 404, 409, 413),
         },
     }
 
@@ -516,7 +520,9 @@ _ERROR_RESPONSES = {
         " registration, webhooks.max_webhooks webhooks are registered already (code"
         " webhook_limit); for a redelivery, the webhook's event_types no longer let the"
         " delivery's event type through (the message names them); or, for a redelivery or a"
-        " recovery, the webhook is disabled (code webhook_disabled: enable it first)",
+        " recovery, the webhook is disabled (code webhook_disabled: enable it first); or, for"
+        " a rotation, the config file declares the webhook's secret (the message names the"
+        " key)",
     ),
     410: (
         "Gone",

@@ -23,7 +23,7 @@ from relay.api.responses import (
     json_response,
     not_found,
 )
-from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE
+from relay.api.state import DECLARED_SECRETS, GUARD, NOW_MS, SETTINGS, STORE
 from relay.api.status import VIEW
 from relay.api.views import delivery_view, secret_view, webhook_view, webhook_with_secret
 from relay.events import EVENT_TYPES
@@ -150,6 +150,7 @@ async def _rotate(request: web.Request) -> web.Response:
             now,
             request.app[SETTINGS].rotation_grace_s,
             _secret(data),
+            request.app[DECLARED_SECRETS],
         )
     request.app[VIEW].webhook_changed(hook.id)
     return json_response(webhook_with_secret(hook, now))
@@ -233,6 +234,8 @@ def _service_errors() -> Iterator[None]:
     except DuplicateError as exc:  # the store's unique URL: race-free, unlike a lookup first
         raise ApiError(409, str(exc)) from None
     except UnwantedError as exc:  # a redelivery of a kind the webhook's filter now rejects
+        raise ApiError(409, str(exc)) from None
+    except service.DeclaredSecretError as exc:  # the config would put its secret back
         raise ApiError(409, str(exc)) from None
     except DisabledError as exc:  # a redelivery or recovery nothing would send until enabled
         raise ApiError(409, str(exc), code=WEBHOOK_DISABLED) from None

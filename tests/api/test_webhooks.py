@@ -626,6 +626,41 @@ async def test_rotation_keeps_previous_secret_for_the_grace(
     assert "secret" not in shown
 
 
+async def test_rotation_of_a_secret_the_config_declares_is_409_naming_the_key(
+    aiohttp_client: AiohttpClient, store: Store
+) -> None:
+    """A webhook whose secret the config file declares: rotated through the API, the next start
+    put the config's secret back, so rotate-secret is a 409 naming the config key (without the
+    secret) and changes nothing; a declared webhook without a secret rotates as usual."""
+    secret = signing.generate_secret()
+    other_url = "https://93.184.216.35/other"
+    declared = [
+        service.DeclaredWebhook(other_url, (CLICK,)),
+        service.DeclaredWebhook(PUBLIC_URL, (CLICK,), secret=secret),
+    ]
+    hooks = await service.upsert_declared(store, Guard(), declared, T0, "webhooks.declared")
+    app = create_admin_app(
+        store,
+        AdminSettings(token=TOKEN),
+        guard=Guard(),
+        now_ms=lambda: T0,
+        declared_secrets=service.declared_secrets(declared, "webhooks.declared"),
+    )
+    client = await aiohttp_client(app)
+    response = await client.post(f"/v1/webhooks/{hooks[1].id}/rotate-secret", headers=AUTH)
+    error = await error_of(response, 409)
+    assert error == {
+        "code": "conflict",
+        "message": f"secret: webhook {hooks[1].id}'s secret is declared in the config file"
+        " (webhooks.declared[1].secret): change it there; the next start rotates to it, the old"
+        " one signing for admin.rotation_grace_s",
+    }
+    assert secret not in error["message"]
+    assert await store.webhook(hooks[1].id) == hooks[1]
+    rotated = await client.post(f"/v1/webhooks/{hooks[0].id}/rotate-secret", headers=AUTH)
+    assert (await ok(rotated))["secret"] != hooks[0].secret
+
+
 async def test_rotation_to_a_given_secret(client: Client, store: Store) -> None:
     """A secret in the rotation body is validated and used; reusing the current one is a 400."""
     hook = await create(client)
