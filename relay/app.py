@@ -20,7 +20,13 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from relay.api import WebhookError, admin_runner, create_admin_app, upsert_declared
+from relay.api import (
+    WebhookError,
+    admin_runner,
+    create_admin_app,
+    declared_secrets,
+    upsert_declared,
+)
 from relay.api.status import FANOUT_SINK, AccountQuota, CircuitView, RelayView
 from relay.config import AccountSettings, ConfigError, Settings
 from relay.ctct.breaker import BreakerSettings, KeyBreaker
@@ -145,6 +151,7 @@ async def _relay(
                 now_ms(),
                 "webhooks.declared",
                 settings.admin.max_webhooks,
+                settings.admin.rotation_grace_s,
             )
 
         try:
@@ -328,7 +335,13 @@ async def _start_admin(
 ) -> web.AppRunner:
     """The admin API (webhooks, status, pauses, replay, targets, metrics) on its address."""
     app = create_admin_app(
-        store, settings.admin, guard=guard, now_ms=now_ms, metrics=metrics, view=view
+        store,
+        settings.admin,
+        guard=guard,
+        now_ms=now_ms,
+        metrics=metrics,
+        view=view,
+        declared_secrets=declared_secrets(settings.webhooks, "webhooks.declared"),
     )
     runner = admin_runner(app)
     await runner.setup()

@@ -17,6 +17,7 @@ from relay.api.service import (
     DeclaredWebhook,
     WebhookChanges,
     WebhookError,
+    declared_secrets,
     upsert_declared,
 )
 from relay.api.state import AdminSettings
@@ -30,6 +31,7 @@ __all__ = [
     "admin_runner",
     "check_exposure",
     "create_admin_app",
+    "declared_secrets",
     "openapi_document",
     "upsert_declared",
 ]

@@ -23,7 +23,7 @@ import ipaddress
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import orjson
 import structlog
@@ -32,7 +32,15 @@ from aiohttp.typedefs import Handler, Middleware
 
 from relay.api import body, openapi, origin, streams, webhooks
 from relay.api.responses import ApiError, error_response, json_response
-from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE, AdminSettings, StatusFn
+from relay.api.state import (
+    DECLARED_SECRETS,
+    GUARD,
+    NOW_MS,
+    SETTINGS,
+    STORE,
+    AdminSettings,
+    StatusFn,
+)
 from relay.api.status import VIEW, RelayView
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.metrics import Metrics
@@ -131,12 +139,15 @@ def create_admin_app(
     status: StatusFn | None = None,
     metrics: Metrics | None = None,
     view: RelayView | None = None,
+    declared_secrets: Mapping[str, str] | None = None,
 ) -> web.Application:
     """The admin API on an opened store. Raises AdminConfigError for unsafe settings.
 
     ``view`` is what the running relay adds to the store's state (its accounts' allowances, the
     scheduler to tell about pauses and targets); ``status``, when given, replaces the built-in
-    ``GET /v1/status``; ``metrics`` serves ``GET /metrics`` (Prometheus text format).
+    ``GET /v1/status``; ``metrics`` serves ``GET /metrics`` (Prometheus text format);
+    ``declared_secrets`` (``service.declared_secrets``): the webhooks whose secret the config file
+    declares, which ``rotate-secret`` refuses.
     """
     check_exposure(settings)
     middlewares: list[Middleware] = [_request_id, _errors]
@@ -151,6 +162,7 @@ def create_admin_app(
     app[GUARD] = guard
     app[NOW_MS] = now_ms
     app[VIEW] = view or RelayView()
+    app[DECLARED_SECRETS] = dict(declared_secrets or {})
     document = orjson.dumps(
         openapi.document(with_metrics=metrics is not None, metrics_public=settings.metrics_public)
     )

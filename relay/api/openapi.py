@@ -206,7 +206,10 @@ def _patch_webhook() -> JsonObject:
         "operationId": "updateWebhook",
         "summary": "Change a webhook; re-enabling clears the disabled reason and failing clock",
         "description": "Only the fields given are written, so a change never undoes what the"
-        " dispatcher records meanwhile (its failing clock, a disable). A url another webhook"
+        " dispatcher records meanwhile (its failing clock, a disable). Enabling a disabled"
+        " webhook, or changing its url, starts its failing clock afresh and makes its pending"
+        " deliveries waiting for a retry due at once, their attempt counts kept (in the same"
+        " transaction). A url another webhook"
         " already has (compared as at registration) is a 409. Changing event_types drops, in"
         " the same transaction, the webhook's pending deliveries (retries included) of the"
         " types the new filter rejects, with their attempts, but for those due within a"
@@ -235,10 +238,14 @@ def _rotate_secret() -> JsonObject:
     return {
         "operationId": "rotateWebhookSecret",
         "summary": "Replace the signing secret; the old one keeps signing for the grace period",
+        "description": "A webhook whose secret the config file declares (webhooks.declared[i]."
+        "secret) is a 409 naming the key: its secret changes there (the next start rotates to"
+        " it, the old one signing for admin.rotation_grace_s); rotated here, the next start"
+        " put the config's back.",
         "requestBody": _body("RotateSecret", required=False),
         "responses": {
             "200": _json("the webhook, with its new secret", _schema("WebhookWithSecret")),
-            **_errors(400, 401, 404, 413),
+            **_errors(400, 401, 404, 409, 413),
         },
     }
 
@@ -284,7 +291,10 @@ def _redeliver() -> JsonObject:
         "summary": "Make a delivery pending again, due now, with a fresh attempt budget",
         "description": "Only a delivery whose event type the webhook's event_types still let"
         " through: one they reject (narrowed since) is a 409 whose error message names them"
-        " (widen them with PATCH first), and one whose event was pruned is a 410.",
+        " (widen them with PATCH first), and one whose event was pruned is a 410. A disabled"
+        " webhook's delivery is a 409 with code webhook_disabled (nothing would be sent until"
+        " it is enabled: enable it with PATCH first, which makes its pending deliveries due"
+        " at once).",
         "responses": {
             "202": _json("the delivery, pending", _schema("Delivery")),
             **_errors(400, 401, 404, 409, 410),
@@ -296,6 +306,8 @@ def _recover() -> JsonObject:
     return {
         "operationId": "recoverWebhook",
         "summary": "Owe the webhook every matching event committed since a time, again",
+        "description": "A disabled webhook is a 409 with code webhook_disabled (nothing would be"
+        " sent until it is enabled): enable it with PATCH first.",
         "requestBody": _body("Recover"),
         "responses": {
             "202": _json(
@@ -304,7 +316,7 @@ def _recover() -> JsonObject:
                 " event in the outbox twice)",
                 _schema("RecoverResult"),
             ),
-            **_errors(400, 401, 404, 413),
+            **_errors(400, 401, 404, 409, 413),
         },
     }
 
@@ -525,8 +537,11 @@ _ERROR_RESPONSES = {
         "Conflict",
         "another webhook is registered for this URL (the message names it); for a"
         " registration, webhooks.max_webhooks webhooks are registered already (code"
-        " webhook_limit); or, for a redelivery, the webhook's event_types no longer let the"
-        " delivery's event type through (the message names them)",
+        " webhook_limit); for a redelivery, the webhook's event_types no longer let the"
+        " delivery's event type through (the message names them); or, for a redelivery or a"
+        " recovery, the webhook is disabled (code webhook_disabled: enable it first); or, for"
+        " a rotation, the config file declares the webhook's secret (the message names the"
+        " key)",
     ),
     410: (
         "Gone",

@@ -30,7 +30,8 @@ ERROR_CODES: Mapping[int, str] = {
 }
 # codes more specific than their status's, for errors a client may want to tell apart
 WEBHOOK_LIMIT = "webhook_limit"  # 409: webhooks.max_webhooks webhooks are registered already
-SPECIFIC_CODES = (WEBHOOK_LIMIT,)
+WEBHOOK_DISABLED = "webhook_disabled"  # 409: a redelivery or recovery for a disabled webhook
+SPECIFIC_CODES = (WEBHOOK_LIMIT, WEBHOOK_DISABLED)
 
 
 class ApiError(Exception):

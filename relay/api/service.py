@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -40,6 +40,14 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 class WebhookError(ValueError):
     """A webhook definition the relay refuses; the message starts with the field it is about."""
+
+
+class DeclaredSecretError(Exception):
+    """A change through the API to a secret the config file declares: the next start would put
+    the config's back, so it is refused; the message names the config key to change instead."""
+
+
+DEFAULT_GRACE_S = 86400.0  # admin.rotation_grace_s's default
 
 
 @dataclass(frozen=True)
@@ -239,33 +247,67 @@ async def update_webhook(
         )
     if changes.enabled is not None:
         updated = _set_enabled(updated, changes.enabled, DISABLED_BY_API)
+    if updated.url != current.url:
+        # a new destination: the old one's failures are not its own (its clock near
+        # disable_after_s, one failure here disabled the webhook at once); the store makes the
+        # retries the old one earned due now in the same write
+        updated = _fresh_clock(updated)
     if updated == current:
         return current
     updated = dataclasses.replace(updated, updated_ms=now_ms)
-    await store.update_webhook(updated, changed_fields(current, updated))
+    await store.update_webhook(updated, _written(current, updated))
     log.info("webhook.updated", webhook=webhook_id, enabled=updated.enabled)
     return updated
 
 
 async def rotate_secret(
-    store: Store, webhook_id: str, now_ms: int, grace_s: float, secret: str | None = None
+    store: Store,
+    webhook_id: str,
+    now_ms: int,
+    grace_s: float,
+    secret: str | None = None,
+    declared_secrets: Mapping[str, str] | None = None,
 ) -> Webhook:
-    """Replace the secret; the old one keeps signing for ``grace_s`` so receivers can switch."""
+    """Replace the secret; the old one keeps signing for ``grace_s`` so receivers can switch.
+    ``declared_secrets`` (:func:`declared_secrets`): a webhook whose secret the config file
+    declares is refused with DeclaredSecretError naming the key (the next start put the
+    config's secret back, and receivers that had switched rejected everything)."""
     current = await store.webhook(webhook_id)
+    where = (declared_secrets or {}).get(normalized_url(current.url))
+    if where is not None:
+        raise DeclaredSecretError(
+            f"secret: webhook {webhook_id}'s secret is declared in the config file ({where}):"
+            " change it there; the next start rotates to it, the old one signing for"
+            " admin.rotation_grace_s"
+        )
     new = check_secret(secret) if secret is not None else signing.generate_secret()
     if new == current.secret:
         raise WebhookError("secret: the new secret must differ from the current one")
+    rotated = _rotated(current, new, now_ms, grace_s)
+    await store.update_webhook(rotated, changed_fields(current, rotated))
+    log.info("webhook.secret_rotated", webhook=webhook_id, grace_s=grace_s)
+    return rotated
+
+
+def _rotated(current: Webhook, new: str, now_ms: int, grace_s: float) -> Webhook:
     grace_ms = int(grace_s * 1000)
-    rotated = dataclasses.replace(
+    return dataclasses.replace(
         current,
         secret=new,
         previous_secret=current.secret if grace_ms > 0 else None,
         previous_expires_ms=now_ms + grace_ms if grace_ms > 0 else None,
         updated_ms=now_ms,
     )
-    await store.update_webhook(rotated, changed_fields(current, rotated))
-    log.info("webhook.secret_rotated", webhook=webhook_id, grace_s=grace_s)
-    return rotated
+
+
+def declared_secrets(declared: Sequence[DeclaredWebhook], key: str) -> dict[str, str]:
+    """The normalised URLs of the declared webhooks that have a ``secret``, each with its config
+    key (``webhooks.declared[2].secret``): those whose secret only the config file changes."""
+    return {
+        normalized_url(spec.url): f"{key}[{index}].secret"
+        for index, spec in enumerate(declared)
+        if spec.secret is not None
+    }
 
 
 async def upsert_declared(
@@ -275,17 +317,19 @@ async def upsert_declared(
     now_ms: int,
     key: str = "webhooks",
     max_webhooks: int | None = None,
+    grace_s: float = DEFAULT_GRACE_S,
 ) -> list[Webhook]:
     """Create or update the config file's webhooks, matched by normalised URL; idempotent.
 
     Everything is validated before anything is written; errors name the entry under ``key``,
-    the config key of the list (``webhooks[1].url: …``). A declared secret replaces the stored
-    one when it differs; without one the stored secret stays (a new webhook gets a generated
-    one). Webhooks registered through the API and not declared are left alone. Two replicas
-    starting together may both try to create one: the store's unique URL lets one win and the
-    other updates it. A new one beyond ``max_webhooks`` registered (those registered through
-    the API count too) is a WebhookError naming the entry. Returns the webhooks in declaration
-    order.
+    the config key of the list (``webhooks[1].url: …``). A declared secret that differs from the
+    stored one is rotated to, the stored one signing too for ``grace_s`` (receivers given the
+    new one and those still on the old one both verify); without one the stored secret stays
+    (a new webhook gets a generated one). Webhooks registered through the API and not declared
+    are left alone. Two replicas starting together may both try to create one: the store's
+    unique URL lets one win and the other updates it. A new one beyond ``max_webhooks``
+    registered (those registered through the API count too) is a WebhookError naming the entry.
+    Returns the webhooks in declaration order.
     """
     stored: dict[str, Webhook] = {}
     for hook in await store.webhooks():
@@ -324,12 +368,12 @@ async def upsert_declared(
                 log.info("webhook.declared", webhook=created.id, host=_host(created.url))
                 out.append(created)
                 continue
-        out.append(await _apply_declaration(store, existing, spec, now_ms))
+        out.append(await _apply_declaration(store, existing, spec, now_ms, grace_s))
     return out
 
 
 async def _apply_declaration(
-    store: Store, existing: Webhook, spec: DeclaredWebhook, now_ms: int
+    store: Store, existing: Webhook, spec: DeclaredWebhook, now_ms: int, grace_s: float
 ) -> Webhook:
     updated = dataclasses.replace(
         existing,
@@ -338,9 +382,10 @@ async def _apply_declaration(
         rate_limit_per_s=spec.rate_limit_per_s,
     )
     if spec.secret is not None and spec.secret != existing.secret:
-        updated = dataclasses.replace(
-            updated, secret=spec.secret, previous_secret=None, previous_expires_ms=None
-        )
+        # a rotation, as through the API: replaced outright, every receiver still on the stored
+        # secret (one the API rotated to before the config declared it) rejected everything
+        updated = _rotated(updated, spec.secret, now_ms, grace_s)
+        log.info("webhook.declared_secret_rotated", webhook=existing.id, grace_s=grace_s)
     if not spec.enabled:
         updated = _set_enabled(updated, False, DISABLED_BY_CONFIG)
     elif existing.disabled_reason == DISABLED_BY_CONFIG:
@@ -355,7 +400,7 @@ async def _apply_declaration(
     if updated == existing:
         return existing
     updated = dataclasses.replace(updated, updated_ms=now_ms)
-    await store.update_webhook(updated, changed_fields(existing, updated))
+    await store.update_webhook(updated, _written(existing, updated))
     log.info("webhook.declared_updated", webhook=existing.id)
     return updated
 
@@ -392,10 +437,27 @@ def _set_enabled(webhook: Webhook, enabled: bool, reason: str) -> Webhook:
         return webhook  # disabling twice keeps the first reason, the informative one
     if enabled:
         # a fresh start: the failing clock of the old outage must not disable it again at once
-        return dataclasses.replace(
-            webhook, enabled=True, disabled_reason=None, failing_since_ms=None, last_failure_ms=None
-        )
+        # (and the store makes the retries it earned due now)
+        return _fresh_clock(dataclasses.replace(webhook, enabled=True, disabled_reason=None))
     return dataclasses.replace(webhook, enabled=False, disabled_reason=reason)
+
+
+def _fresh_clock(webhook: Webhook) -> Webhook:
+    return dataclasses.replace(webhook, failing_since_ms=None, last_failure_ms=None)
+
+
+_CLOCK_FIELDS = ("failing_since_ms", "last_failure_ms")
+
+
+def _written(before: Webhook, after: Webhook) -> tuple[str, ...]:
+    """:func:`changed_fields`, plus the failing clock when the change restarts it (enables the
+    webhook, moves it to another URL) even if ``before`` showed none: the dispatcher may have
+    started one since it was read, and it would count the old outage against the fresh start."""
+    fields = changed_fields(before, after)
+    fresh = before.url != after.url or (after.enabled and not before.enabled)
+    if fresh:
+        fields += tuple(name for name in _CLOCK_FIELDS if name not in fields)
+    return fields
 
 
 def changed_fields(before: Webhook, after: Webhook) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ they live apart from :mod:`relay.api.app` so route modules can use them without 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -36,3 +36,5 @@ STORE = web.AppKey[Store]("relay.store")
 SETTINGS = web.AppKey("relay.admin_settings", AdminSettings)
 GUARD = web.AppKey("relay.guard", Guard)
 NOW_MS = web.AppKey[Callable[[], int]]("relay.now_ms")
+# normalised URL -> config key, of the declared webhooks whose secret the config file sets
+DECLARED_SECRETS = web.AppKey[Mapping[str, str]]("relay.declared_secrets")

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from relay.api import body, service
 from relay.api.responses import (
+    WEBHOOK_DISABLED,
     WEBHOOK_LIMIT,
     ApiError,
     JsonObject,
@@ -22,11 +23,18 @@ from relay.api.responses import (
     json_response,
     not_found,
 )
-from relay.api.state import GUARD, NOW_MS, SETTINGS, STORE
+from relay.api.state import DECLARED_SECRETS, GUARD, NOW_MS, SETTINGS, STORE
 from relay.api.status import VIEW
 from relay.api.views import delivery_view, secret_view, webhook_view, webhook_with_secret
 from relay.events import EVENT_TYPES
-from relay.store import DuplicateError, GoneError, LimitError, NotFoundError, UnwantedError
+from relay.store import (
+    DisabledError,
+    DuplicateError,
+    GoneError,
+    LimitError,
+    NotFoundError,
+    UnwantedError,
+)
 
 CREATE_FIELDS = ("url", "event_types", "description", "enabled", "secret", "rate_limit_per_s")
 PATCH_FIELDS = ("url", "event_types", "description", "enabled", "rate_limit_per_s")
@@ -143,6 +151,7 @@ async def _rotate(request: web.Request) -> web.Response:
             now,
             request.app[SETTINGS].rotation_grace_s,
             _secret(data),
+            request.app[DECLARED_SECRETS],
         )
     request.app[VIEW].webhook_changed(hook.id)
     return json_response(webhook_with_secret(hook, now))
@@ -231,6 +240,10 @@ def _service_errors() -> Iterator[None]:
         raise ApiError(409, str(exc)) from None
     except UnwantedError as exc:  # a redelivery of a kind the webhook's filter now rejects
         raise ApiError(409, str(exc)) from None
+    except service.DeclaredSecretError as exc:  # the config would put its secret back
+        raise ApiError(409, str(exc)) from None
+    except DisabledError as exc:  # a redelivery or recovery nothing would send until enabled
+        raise ApiError(409, str(exc), code=WEBHOOK_DISABLED) from None
     except LimitError as exc:  # a registration beyond webhooks.max_webhooks
         raise ApiError(409, str(exc), code=WEBHOOK_LIMIT) from None
     except GoneError as exc:  # a redelivery whose event was pruned

@@ -156,6 +156,20 @@ def unwanted_message(delivery: Delivery, kind: str, hook: Webhook) -> str:
     )
 
 
+class DisabledError(StoreError):
+    """A redelivery or recovery for a disabled webhook: nothing would be sent until it is
+    enabled again, so it is refused rather than accepted and left waiting."""
+
+
+def disabled_message(hook: Webhook) -> str:
+    """The DisabledError of a redelivery or recovery for ``hook``, which is disabled."""
+    reason = f" ({hook.disabled_reason})" if hook.disabled_reason else ""
+    return (
+        f"webhook {hook.id} is disabled{reason}; enable it first (PATCH /v1/webhooks/{hook.id}"
+        f' {{"enabled": true}}, or ctct-relay webhooks update {hook.id} --enable)'
+    )
+
+
 class DuplicateError(StoreError):
     """A webhook URL that another webhook already has (``webhooks.url`` is unique, migration 3);
     the message names the webhook holding it."""
@@ -689,7 +703,15 @@ class Store(Protocol):
         ``webhook.updated_ms`` (the edit's time) plus ``SPARED_DUE_MS``: one of those may be in
         flight, and its attempt's record must find it (a success would otherwise vanish from
         the history); they stay pending, never read (``due_sends`` takes the wanted kinds),
-        until the worker drops them (:meth:`drop_unwanted`) once it holds none of them. Raises
+        until the worker drops them (:meth:`drop_unwanted`) once it holds none of them. Writing
+        ``url``, or ``enabled`` as true, makes the webhook's pending deliveries (retries waiting
+        included) due by ``webhook.updated_ms``, in the same transaction, their attempt counts
+        kept: a webhook enabled again resumes at once, and a new destination has failed none of
+        them. A URL change moves their versions on, as a reset does: the record of an attempt
+        in flight to the old URL then joins the history without settling its delivery, which
+        stays due (and is sent to the new URL, with the same ``webhook-id``, even if that
+        attempt succeeded); enabling does not (an attempt in flight then reached the same
+        endpoint: its record settles the delivery as usual). Raises
         NotFoundError, DuplicateError (the URL is taken), StoreError for a name that is not a
         field or is ``id``."""
 
@@ -792,14 +814,16 @@ class Store(Protocol):
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
         """Make a delivery pending again, due now, with a fresh attempt budget. Raises
         NotFoundError, GoneError when its event was pruned from the outbox (a delivered
-        delivery's history outlives its event), or UnwantedError when its webhook's filter no
-        longer lets its event's type through (decided in the same transaction as the write)."""
+        delivery's history outlives its event), DisabledError when its webhook is disabled, or
+        UnwantedError when its webhook's filter no longer lets its event's type through (both
+        decided in the same transaction as the write)."""
 
     async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
         """Owe the webhook every matching event committed since ``since_ms`` again, once: the
         webhook's pending delivery of the event is reset (whatever its seq: a log replay's copy),
         else its first seq since ``since_ms`` is owed. Returns how many events, each counted
-        once (one delivery created or reset per event)."""
+        once (one delivery created or reset per event). Raises NotFoundError, or DisabledError
+        when the webhook is disabled (decided in the same transaction as the write)."""
 
     async def prune_dedup(self, before_ms: int) -> int:
         """Forget dedup keys of activities older than ``before_ms`` that were also inserted

@@ -57,6 +57,7 @@ from relay.store.base import (
     DeadLetter,
     Delivery,
     DeliveryCounts,
+    DisabledError,
     DueSend,
     DuplicateError,
     GoneError,
@@ -80,6 +81,7 @@ from relay.store.base import (
     UnavailableError,
     UnwantedError,
     Webhook,
+    disabled_message,
     gone_message,
     lease_lost_message,
     limit_message,
@@ -783,6 +785,9 @@ class PostgresStore:
                 raise NotFoundError(f"no webhook with id {webhook.id!r}")
             if "event_types" in names:  # in the same transaction
                 await _drop_unwanted(conn, webhook, due_after_ms=webhook.updated_ms + SPARED_DUE_MS)
+            if rowmap.retries_now(webhook, names):
+                moved = int("url" in names)
+                await conn.execute(_RETRY_NOW, webhook.id, webhook.updated_ms, moved)
 
         await self.transaction(run)
 
@@ -1045,9 +1050,9 @@ class PostgresStore:
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
         async def run(conn: Connection) -> Delivery:
             await _owing(conn)
-            # only a kind the webhook's filter wants: the worker sends no other, so it would
-            # stay pending for ever (the webhook's row is locked while it is read, so a filter
-            # change cannot commit between this check and the write: see _check_wanted)
+            # only to an enabled webhook, of a kind its filter wants: the worker sends no other,
+            # so it would stay pending for ever (the webhook's row is locked while it is read, so
+            # a change cannot commit between this check and the write: see _check_wanted)
             await _check_wanted(conn, delivery_id)
             # only while its event is in the outbox (see the SQLite store)
             status = await conn.execute(
@@ -1068,7 +1073,10 @@ class PostgresStore:
         async def run(conn: Connection) -> int:
             await _owing(conn)
             # the filter as it stays until the commit (its row locked: see _check_wanted)
-            kinds = rowmap.wanted_kinds(await _get_webhook(conn, webhook_id, share=True))
+            hook = await _get_webhook(conn, webhook_id, share=True)
+            if not hook.enabled:  # nothing would be sent until it is enabled again
+                raise DisabledError(disabled_message(hook))
+            kinds = rowmap.wanted_kinds(hook)
             if not kinds:
                 return 0
             sql = rowmap.RECOVER.format(
@@ -1484,6 +1492,7 @@ _OUTBOX_COLUMNS_O = (
     "o.seq, o.event_id, o.account, o.kind, o.campaign_id, o.contact_id, o.occurred_ms,"
     " o.committed_ms, o.data"
 )
+_RETRY_NOW = rowmap.RETRY_NOW.format(hook="$1", now="$2::bigint", bump="$3::integer", least="LEAST")
 _INSERT_WEBHOOK = (
     f"INSERT INTO webhooks ({rowmap.WEBHOOK_COLUMNS})"  # noqa: S608 - column names are constants
     f" VALUES ({', '.join(f'${i}' for i in range(1, len(rowmap.WEBHOOK_COLUMNS.split(',')) + 1))})"
@@ -1683,15 +1692,18 @@ async def _drop_unwanted(
 
 
 async def _check_wanted(conn: Connection, delivery_id: int) -> None:
-    """UnwantedError when the delivery's event is of a kind its webhook's filter rejects (no
-    answer when the delivery or its event is gone: the caller says which). The webhook's row
-    is locked FOR SHARE: a filter edit (``update_webhook``) committing between this read and
-    the caller's write would not see the delivery pending, and leave it so."""
+    """DisabledError when the delivery's webhook is disabled, UnwantedError when its event is of
+    a kind the webhook's filter rejects (no answer when the delivery or its event is gone: the
+    caller says which). The webhook's row is locked FOR SHARE, so no change to it commits
+    between this read and the caller's write: a filter edit (``update_webhook``) would not see
+    the delivery pending and leave it so, a disable would leave it waiting unsent."""
     row = await conn.fetchrow(rowmap.DELIVERY_KIND.format(id="$1"), delivery_id)
     if row is None:
         return
     webhook_id, kind = row
     hook = await _get_webhook(conn, webhook_id, share=True)
+    if not hook.enabled:
+        raise DisabledError(disabled_message(hook))
     if not hook.wants(rowmap.KINDS[kind].event_type):
         raise UnwantedError(unwanted_message(await _get_delivery(conn, delivery_id), kind, hook))
 

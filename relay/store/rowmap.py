@@ -88,6 +88,25 @@ UNWANTED_PENDING = (
 )
 
 
+# a webhook's pending deliveries made due by {now} (``Store.update_webhook``: the webhook enabled
+# again or moved to another URL), their attempt counts kept; the deliveries_due index finds them.
+# {bump} 1 (a URL change) moves their versions on, as a reset does: the record of an attempt in
+# flight to the old URL then joins the history without settling its delivery, so a wait earned
+# there cannot come back; 0 (enabled again) lets such a record settle it (the same endpoint
+# answered: its failure is evidence, its success must not be sent again).
+RETRY_NOW = (
+    "UPDATE deliveries SET next_attempt_ms = {least}(next_attempt_ms, {now}),"
+    " version = version + {bump} WHERE webhook_id = {hook} AND status = 'pending'"
+)
+
+
+def retries_now(hook: Webhook, names: Collection[str]) -> bool:
+    """Whether an update writing the fields ``names`` of ``hook`` makes its waiting retries due
+    now: it enables the webhook (it "resumes at once": the waits were earned by an outage it is
+    back from) or writes its URL (the new destination has failed none of them)."""
+    return "url" in names or ("enabled" in names and hook.enabled)
+
+
 # the webhook and outbox kind of a delivery (no row: the delivery or its event is gone)
 DELIVERY_KIND = (
     "SELECT d.webhook_id, o.kind FROM deliveries d JOIN outbox o ON o.seq = d.seq WHERE d.id = {id}"

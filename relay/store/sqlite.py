@@ -52,6 +52,7 @@ from relay.store.base import (
     DeadLetter,
     Delivery,
     DeliveryCounts,
+    DisabledError,
     DueSend,
     DuplicateError,
     GoneError,
@@ -73,6 +74,7 @@ from relay.store.base import (
     StreamStats,
     UnwantedError,
     Webhook,
+    disabled_message,
     gone_message,
     limit_message,
     unwanted_message,
@@ -737,6 +739,10 @@ class SqliteStore:
                 ).rowcount
                 if changed and "event_types" in names:
                     _drop_unwanted(conn, webhook, due_after_ms=webhook.updated_ms + SPARED_DUE_MS)
+                if changed and rowmap.retries_now(webhook, names):
+                    moved = int("url" in names)
+                    args = {"hook": webhook.id, "now": webhook.updated_ms, "bump": moved}
+                    conn.execute(_RETRY_NOW, args)
             if not changed:
                 raise NotFoundError(f"no webhook with id {webhook.id!r}")
 
@@ -987,9 +993,10 @@ class SqliteStore:
     async def redeliver(self, delivery_id: int, now_ms: int) -> Delivery:
         def run(conn: sqlite3.Connection) -> Delivery:
             with _tx(conn):
-                # only a kind the webhook's filter wants: the worker sends no other, so it would
-                # stay pending for ever (a filter change in another transaction cannot come
-                # between this check and the write: SQLite runs one write transaction at a time)
+                # only to an enabled webhook (a disabled one has no worker: it would wait unsent)
+                # and of a kind its filter wants: the worker sends no other, so it would stay
+                # pending for ever (a change in another transaction cannot come between this
+                # check and the write: SQLite runs one write transaction at a time)
                 _check_wanted(conn, delivery_id)
                 # only while its event is in the outbox: the due read joins it, so a delivery
                 # made pending without it would be neither sent nor ever dead-lettered
@@ -1009,7 +1016,10 @@ class SqliteStore:
     async def recover(self, webhook_id: str, since_ms: int, now_ms: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
             with _tx(conn):
-                kinds = rowmap.wanted_kinds(_get_webhook(conn, webhook_id))
+                hook = _get_webhook(conn, webhook_id)
+                if not hook.enabled:  # nothing would be sent until it is enabled again
+                    raise DisabledError(disabled_message(hook))
+                kinds = rowmap.wanted_kinds(hook)
                 if not kinds:
                     return 0
                 marks = ", ".join(f"?{n}" for n in range(4, 4 + len(kinds)))
@@ -1484,6 +1494,7 @@ _SETTLE_DELIVERIES = (
     " delivered_ms = CASE WHEN batch.status = 'delivered' THEN batch.at ELSE delivered_ms END"
     " FROM batch WHERE deliveries.id = batch.id AND deliveries.version = batch.read"
 )
+_RETRY_NOW = rowmap.RETRY_NOW.format(hook=":hook", now=":now", bump=":bump", least="MIN")
 # the failing clock (Store.webhook_failed): started, or restarted when its last noted failure is
 # older than the silence allowed (every SET expression reads the row as it was before)
 _NOTE_FAILURE = (
@@ -1581,13 +1592,16 @@ def _drop_unwanted(
 
 
 def _check_wanted(conn: sqlite3.Connection, delivery_id: int) -> None:
-    """UnwantedError when the delivery's event is of a kind its webhook's filter rejects (no
-    answer when the delivery or its event is gone: the caller says which)."""
+    """DisabledError when the delivery's webhook is disabled, UnwantedError when its event is of
+    a kind the webhook's filter rejects (no answer when the delivery or its event is gone: the
+    caller says which)."""
     row = conn.execute(rowmap.DELIVERY_KIND.format(id="?"), (delivery_id,)).fetchone()
     if row is None:
         return
     webhook_id, kind = row
     hook = _get_webhook(conn, webhook_id)
+    if not hook.enabled:
+        raise DisabledError(disabled_message(hook))
     if not hook.wants(rowmap.KINDS[kind].event_type):
         raise UnwantedError(unwanted_message(_get_delivery(conn, delivery_id), kind, hook))
 

@@ -50,7 +50,9 @@ async def test_upsert_updates_fields_matched_by_url(store: Store) -> None:
 
 
 async def test_declared_secret_replaces_only_when_different(store: Store) -> None:
-    """A declared secret is used at creation and replaces the stored one only if it changed."""
+    """A declared secret is used at creation and replaces the stored one only if it changed: as
+    a rotation, the stored one signing too for the grace period (receivers that switched to
+    it, e.g. after an earlier rotation, keep verifying)."""
     secret, other = signing.generate_secret(), signing.generate_secret()
     (created,) = await upsert_declared(
         store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,), secret=secret)], T0
@@ -66,7 +68,16 @@ async def test_declared_secret_replaces_only_when_different(store: Store) -> Non
         store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,), secret=other)], T0 + 3
     )
     assert replaced.secret == other
-    assert (await store.webhook(created.id)).secrets_in_use(T0 + 3) == [other]
+    stored = await store.webhook(created.id)
+    day_ms = 86_400_000  # admin.rotation_grace_s's default
+    assert stored.secrets_in_use(T0 + 3) == [other, secret]
+    assert stored.previous_expires_ms == T0 + 3 + day_ms
+    assert stored.secrets_in_use(T0 + 3 + day_ms) == [other]
+    # and for the grace configured
+    (again,) = await upsert_declared(
+        store, Guard(), [DeclaredWebhook(PUBLIC_URL, (CLICK,), secret=secret)], T0 + 4, grace_s=60
+    )
+    assert (again.previous_secret, again.previous_expires_ms) == (other, T0 + 4 + 60_000)
 
 
 async def test_config_disable_and_reenable(store: Store) -> None:

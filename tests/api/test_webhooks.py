@@ -627,6 +627,41 @@ async def test_rotation_keeps_previous_secret_for_the_grace(
     assert "secret" not in shown
 
 
+async def test_rotation_of_a_secret_the_config_declares_is_409_naming_the_key(
+    aiohttp_client: AiohttpClient, store: Store
+) -> None:
+    """A webhook whose secret the config file declares: rotated through the API, the next start
+    put the config's secret back, so rotate-secret is a 409 naming the config key (without the
+    secret) and changes nothing; a declared webhook without a secret rotates as usual."""
+    secret = signing.generate_secret()
+    other_url = "https://93.184.216.35/other"
+    declared = [
+        service.DeclaredWebhook(other_url, (CLICK,)),
+        service.DeclaredWebhook(PUBLIC_URL, (CLICK,), secret=secret),
+    ]
+    hooks = await service.upsert_declared(store, Guard(), declared, T0, "webhooks.declared")
+    app = create_admin_app(
+        store,
+        AdminSettings(token=TOKEN),
+        guard=Guard(),
+        now_ms=lambda: T0,
+        declared_secrets=service.declared_secrets(declared, "webhooks.declared"),
+    )
+    client = await aiohttp_client(app)
+    response = await client.post(f"/v1/webhooks/{hooks[1].id}/rotate-secret", headers=AUTH)
+    error = await error_of(response, 409)
+    assert error == {
+        "code": "conflict",
+        "message": f"secret: webhook {hooks[1].id}'s secret is declared in the config file"
+        " (webhooks.declared[1].secret): change it there; the next start rotates to it, the old"
+        " one signing for admin.rotation_grace_s",
+    }
+    assert secret not in error["message"]
+    assert await store.webhook(hooks[1].id) == hooks[1]
+    rotated = await client.post(f"/v1/webhooks/{hooks[0].id}/rotate-secret", headers=AUTH)
+    assert (await ok(rotated))["secret"] != hooks[0].secret
+
+
 async def test_rotation_to_a_given_secret(client: Client, store: Store) -> None:
     """A secret in the rotation body is validated and used; reusing the current one is a 400."""
     hook = await create(client)
@@ -892,6 +927,66 @@ async def test_redeliver_of_a_kind_the_filter_no_longer_wants_is_409(
     await ok(await client.patch(f"/v1/webhooks/{hook_id}", json=both, headers=AUTH))
     response = await client.post(f"/v1/deliveries/{delivery.id}/redeliver", headers=AUTH)
     assert (await ok(response, 202))["status"] == "pending"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/v1/deliveries/{delivery}/redeliver", id="redeliver"),
+        pytest.param("/v1/webhooks/{hook}/recover", id="recover"),
+    ],
+)
+async def test_redeliver_and_recover_of_a_disabled_webhook_are_409(
+    client: Client, store: Store, path: str
+) -> None:
+    """Nothing is sent to a disabled webhook until it is enabled, so a redelivery or recovery
+    for one is refused with 409, code webhook_disabled, naming the webhook, its reason and how
+    to enable it, and changes nothing; enabled again, it is accepted."""
+    hook = await create(client)
+    hook_id = str(hook["id"])
+    await commit_events(store, [activity(1, T0 - 5000)], T0)
+    (delivery,) = await store.deliveries(hook_id, 10)
+    await store.finish_attempts([(Attempt(delivery.id, T0, 503, 5.0), "dead", T0, 0)])
+    off = {"enabled": False}
+    await ok(await client.patch(f"/v1/webhooks/{hook_id}", json=off, headers=AUTH))
+    url = path.format(delivery=delivery.id, hook=hook_id)
+    since = {"since": "2025-11-21T04:39:00+00:00"}
+    body = since if "recover" in path else None
+    error = await error_of(await client.post(url, json=body, headers=AUTH), 409)
+    assert error == {
+        "code": "webhook_disabled",
+        "message": f"webhook {hook_id} is disabled (disabled through the admin API); enable it"
+        f' first (PATCH /v1/webhooks/{hook_id} {{"enabled": true}}, or ctct-relay webhooks'
+        f" update {hook_id} --enable)",
+    }
+    assert (await store.deliveries(hook_id, 10)) == [await store.delivery(delivery.id)]
+    assert (await store.delivery(delivery.id)).status == "dead"
+    await ok(await client.patch(f"/v1/webhooks/{hook_id}", json={"enabled": True}, headers=AUTH))
+    await ok(await client.post(url, json=body, headers=AUTH), 202)
+    assert (await store.delivery(delivery.id)).status == "pending"
+
+
+async def test_a_new_url_starts_a_fresh_failing_clock_and_makes_retries_due(
+    client: Client, store: Store, clock: Clock
+) -> None:
+    """PATCH url: the failing clock of the old URL is gone (one failure at the new one must not
+    disable it) and the retries the old one earned are due now, their attempts kept."""
+    hook = await create(client)
+    hook_id = str(hook["id"])
+    await commit_events(store, [activity(1, T0 - 5000)], T0)
+    (delivery,) = await store.deliveries(hook_id, 10)
+    await store.finish_attempts(
+        [(Attempt(delivery.id, T0, 503, 5.0), "pending", T0 + 36_000_000, 0)]
+    )
+    await store.webhook_failed(hook_id, T0, disable_after_ms=10**12, restart_after_ms=10**12)
+    clock.now = T0 + 60_000
+    moved = {"url": "https://93.184.216.35/hook"}
+    body = await ok(await client.patch(f"/v1/webhooks/{hook_id}", json=moved, headers=AUTH))
+    assert body["failing_since"] is None
+    stored = await store.webhook(hook_id)
+    assert (stored.failing_since_ms, stored.last_failure_ms) == (None, None)
+    again = await store.delivery(delivery.id)
+    assert (again.status, again.attempts, again.next_attempt_ms) == ("pending", 1, T0 + 60_000)
 
 
 async def test_every_change_is_told_to_the_running_dispatcher(

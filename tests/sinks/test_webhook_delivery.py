@@ -1406,3 +1406,62 @@ async def test_an_answer_whose_body_breaks_off_keeps_its_status(
 
 def dispatcher_attempted(logs: list[dict[str, Any]]) -> bool:
     return any(line["event"] == "webhook.attempt_failed" for line in logs)
+
+
+LONG_WAIT = replace(FAST, retry_schedule_s=(36_000.0, 0.05), concurrency=1)  # a 10 h first wait
+
+
+async def test_a_webhook_enabled_again_resumes_its_waiting_retries_at_once(
+    any_store: Store, receiver: Start
+) -> None:
+    """A delivery failed once and waits 10 h for its retry; the webhook is disabled, then
+    enabled again through the service (as PATCH does): the retry is sent at once, its attempt
+    count kept."""
+    store = any_store
+    r = await receiver(answers=[500], default=200)
+    hook = await register(store, r.url)
+    await commit(store, [activity(1)])
+    async with Running(store, LONG_WAIT) as dispatcher:
+        await until(lambda: dispatcher.failed_attempts == 1)
+        await until(lambda: not dispatcher._workers[hook.id].held)  # its 10 h wait recorded
+        now = int(time.time() * 1000)
+        off = service.WebhookChanges(enabled=False)
+        await service.update_webhook(store, ALLOW_LOOPBACK, hook.id, off, now)
+        dispatcher.changed(hook.id)
+        on = service.WebhookChanges(enabled=True)
+        await service.update_webhook(store, ALLOW_LOOPBACK, hook.id, on, now + 1)
+        dispatcher.changed(hook.id)
+        await until(lambda: dispatcher.delivered == 1, timeout_s=5.0)
+    (delivery,) = await store.deliveries(hook.id, 10)
+    assert (delivery.status, delivery.attempts) == ("delivered", 2)
+
+
+async def test_a_new_url_starts_a_fresh_failing_clock_and_gets_the_waiting_retries_now(
+    any_store: Store, receiver: Start
+) -> None:
+    """The old URL has failed for disable_after_s and one delivery waits 10 h for its retry;
+    moved to a new URL (PATCH url), whose first answer is a 500: that failure starts a fresh
+    clock instead of disabling the webhook, and both deliveries reach the new URL at once."""
+    store = any_store
+    old, new = await receiver(default=500), await receiver(answers=[500], default=200)
+    hook = await register(store, old.url)
+    await commit(store, [activity(1)])
+    async with Running(store, LONG_WAIT) as dispatcher:
+        await until(lambda: dispatcher.failed_attempts == 1)
+    assert (await store.deliveries(hook.id, 10))[0].attempts == 1  # its 10 h wait recorded
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    # failing for 5 days (disable_after_s), its last failure just now: one more disables it
+    failing = replace(
+        await store.webhook(hook.id), failing_since_ms=now - 5 * day, last_failure_ms=now
+    )
+    await store.update_webhook(failing, ("failing_since_ms", "last_failure_ms"))
+    moved = service.WebhookChanges(url=new.url)
+    await service.update_webhook(store, ALLOW_LOOPBACK, hook.id, moved, now)
+    assert (await store.webhook(hook.id)).failing_since_ms is None
+    await commit(store, [activity(2)])
+    async with Running(store, LONG_WAIT) as dispatcher:
+        await until(lambda: dispatcher.delivered == 2, timeout_s=5.0)
+    stored = await store.webhook(hook.id)
+    assert (stored.enabled, stored.disabled_reason, stored.failing_since_ms) == (True, None, None)
+    assert len(old.received) == 1

@@ -21,6 +21,7 @@ from relay.events import WILDCARD, Activity, Kind, from_millis
 from relay.store import (
     Attempt,
     Behind,
+    DisabledError,
     DueSend,
     DuplicateError,
     GoneError,
@@ -1221,6 +1222,95 @@ async def test_update_writes_only_the_named_fields(store: Store) -> None:
         await store.update_webhook(stale, ("colour",))
     with pytest.raises(NotFoundError):
         await store.update_webhook(dataclasses.replace(stale, id="wh_9"), ("description",))
+
+
+HOUR_MS = 3_600_000
+
+
+@pytest.mark.parametrize(
+    ("change", "fields"),
+    [
+        pytest.param({"enabled": True}, ("enabled", "updated_ms"), id="enabled-again"),
+        pytest.param({"url": "https://example.com/new"}, ("url", "updated_ms"), id="url"),
+    ],
+)
+async def test_enabling_or_moving_a_webhook_makes_its_waiting_retries_due_now(
+    store: Store, change: dict[str, object], fields: tuple[str, ...]
+) -> None:
+    """Enabled again or moved to another URL, a webhook's pending deliveries waiting for a
+    retry (up to 10 h) are due at the change's time, their attempt counts kept, and the record
+    of an attempt in flight to the old URL does not bring its wait back; delivered and dead
+    ones and other webhooks' are left as they are; disabling it or changing another field makes
+    nothing due."""
+    sid = await one_stream(store)
+    first = await store.create_webhook(hook(1))
+    await store.create_webhook(hook(2, "https://example.com/other"))
+    await store.commit_page(sid, [activity(i, T0 + i) for i in range(5)], T0)  # seq 1..5
+    await store.fanout(100, T0)
+    by_seq = {d.seq: d for d in await store.deliveries("wh_1", 10)}
+    other = {d.seq: d for d in await store.deliveries("wh_2", 10)}
+    await store.finish_attempts(
+        [
+            (Attempt(by_seq[1].id, T0, 500, 1.0), "pending", T0 + 10 * HOUR_MS, 0),
+            (Attempt(by_seq[2].id, T0, 500, 1.0), "pending", T0 + 5, 0),  # due already
+            (Attempt(by_seq[3].id, T0, 200, 1.0), "delivered", T0, 0),
+            (Attempt(by_seq[4].id, T0, 500, 1.0), "dead", T0, 0),
+            (Attempt(other[1].id, T0, 500, 1.0), "pending", T0 + 10 * HOUR_MS, 0),
+        ]
+    )
+    later = T0 + 10_000
+    disabled = dataclasses.replace(first, enabled=False, updated_ms=later)
+    await store.update_webhook(disabled, ("enabled", "updated_ms"))
+    described = dataclasses.replace(disabled, description="crm", updated_ms=later)
+    await store.update_webhook(described, ("description", "updated_ms"))
+    assert (await store.delivery(by_seq[1].id)).next_attempt_ms == T0 + 10 * HOUR_MS
+    changed = dataclasses.replace(described, updated_ms=later + 1, **change)  # type: ignore[arg-type]
+    await store.update_webhook(changed, fields)
+    now = {
+        d.seq: (d.status, d.attempts, d.next_attempt_ms) for d in await store.deliveries("wh_1", 10)
+    }
+    assert now == {
+        1: ("pending", 1, later + 1),
+        2: ("pending", 1, T0 + 5),
+        3: ("delivered", 1, T0),
+        4: ("dead", 1, T0),
+        5: ("pending", 0, T0),
+    }
+    due = await store.due_sends("wh_1", later + 1, 10, kinds=["open"])
+    assert sorted(d.delivery_id for d in due) == sorted(by_seq[s].id for s in (1, 2, 5))
+    # seq 2's attempt was in flight at the change (read at version 1): to the old URL, its
+    # record (a 10 h wait earned there) joins the history and leaves the delivery due; to the
+    # endpoint enabled again, it settles it as usual (the same endpoint answered)
+    await store.finish_attempts(
+        [(Attempt(by_seq[2].id, later, 500, 1.0), "pending", later + 10 * HOUR_MS, 1)]
+    )
+    after = await store.delivery(by_seq[2].id)
+    moved = "url" in fields
+    expected = (1, T0 + 5) if moved else (2, later + 10 * HOUR_MS)
+    assert (after.status, after.attempts, after.next_attempt_ms) == ("pending", *expected)
+    assert len(await store.attempts(by_seq[2].id)) == 2
+    assert (await store.delivery(other[1].id)).next_attempt_ms == T0 + 10 * HOUR_MS
+
+
+async def test_redeliver_and_recover_refuse_a_disabled_webhook(store: Store) -> None:
+    """A disabled webhook has no worker: a redelivery or recovery for it would wait unsent, so
+    both raise DisabledError naming it and its reason, and change nothing."""
+    sid = await one_stream(store)
+    first = await store.create_webhook(hook(1))
+    await store.commit_page(sid, [activity(1, T0 + 1)], T0)
+    await store.fanout(100, T0)
+    (delivery,) = await store.deliveries("wh_1", 10)
+    await store.finish_attempts([(Attempt(delivery.id, T0, 500, 1.0), "dead", T0, 0)])
+    await store.disable_webhook("wh_1", "410 Gone from the endpoint", T0 + 1)
+    message = "webhook wh_1 is disabled (410 Gone from the endpoint); enable it first"
+    with pytest.raises(DisabledError, match=re.escape(message)):
+        await store.redeliver(delivery.id, T0 + 5)
+    with pytest.raises(DisabledError, match=re.escape(message)):
+        await store.recover("wh_1", 0, T0 + 5)
+    (left,) = await store.deliveries("wh_1", 10)
+    assert (left.status, left.attempts) == ("dead", 1)
+    await store.update_webhook(dataclasses.replace(first, enabled=True), ("enabled",))
+    assert (await store.redeliver(delivery.id, T0 + 6)).status == "pending"
 
 
 async def test_attempts_of_deleted_deliveries_are_skipped(store: Store) -> None:
