@@ -127,6 +127,11 @@ _DROP_S = 1.0  # then deliveries of the abandoned producer still waiting are can
 _CLOSE_S = 0.5  # the stop of a producer that holds nothing (closing its connections)
 # The longest a stop of ``KafkaSink.run`` takes: its owner's grace (relay.app) must exceed it.
 STOP_MAX_S = _STOP_SETTLE_MAX_S + _ABANDON_S + _DROP_S
+# Topics whose creation the controller refused with a retriable code (RequestTimedOut: the
+# creation may still go through; NotController: it moved) are asked for again after these
+# waits, while start-up's time allows (twice request_timeout_s, with producer and admin start)
+_CREATE_RETRY_WAITS_S = (0.25, 0.5, 1.0, 2.0)
+_CREATE_MARGIN_S = 0.05  # the retries end this long before start-up's deadline: theirs is named
 
 
 class KafkaSinkError(Exception):
@@ -284,6 +289,28 @@ class KafkaSettings:
             options["sasl_plain_username"] = sec.username
             options["sasl_plain_password"] = sec.password
         return options
+
+
+async def _ask_create(
+    admin: AIOKafkaAdminClient, topics: list[str], partitions: int, replication_factor: int
+) -> tuple[dict[str, str], set[str]]:
+    """One CreateTopics request: the topics refused (with the error and the broker's message)
+    and those of them refused with a retriable code. TopicAlreadyExists is no refusal: another
+    replica, or an earlier ask the controller timed out on, created it."""
+    new = [NewTopic(t, partitions, replication_factor) for t in topics]
+    # the answer carries an error code per topic (the call itself does not raise)
+    answer = await admin.create_topics(new)
+    refused: dict[str, str] = {}
+    retriable: set[str] = set()
+    for topic, code, *message in answer.topic_errors:  # message: from version 1 on
+        if code in (0, TopicAlreadyExistsError.errno):
+            continue
+        error = for_code(code)
+        detail = f" ({message[0]})" if message and message[0] else ""
+        refused[topic] = f"{topic}: {error.__name__}{detail}"
+        if error.retriable:
+            retriable.add(topic)
+    return refused, retriable
 
 
 def _read(key: str, path: str) -> bytes:
@@ -643,7 +670,7 @@ class KafkaSink:
                             raise refused from None
                     raise
                 try:
-                    await self._check_topics()
+                    await self._check_topics(deadline.when())
                 except KafkaSinkError as exc:
                     if not self._started_once:
                         raise  # the configuration or the cluster is wrong: stop the relay
@@ -769,23 +796,29 @@ class KafkaSink:
             max_request_size=s.max_request_bytes,
         )
 
-    async def _check_topics(self) -> None:
+    async def _check_topics(self, until: float | None = None) -> None:
         """Create missing topics when configured to; otherwise refuse to start without them.
 
         The topics of every kind, whatever ``poll.kinds`` says now: the outbox may hold events
         of any kind (kinds followed before, a replay), and one event without its topic would
-        hold the cursor, and every event after it, for good.
+        hold the cursor, and every event after it, for good. ``until``: the event loop's time
+        start-up gives up at, if bounded.
         """
         wanted = self._settings.topics()
         admin = AIOKafkaAdminClient(**self._settings.client_options())
         try:
             await admin.start()  # in the try: a start cancelled by a stop closes it too
-            await self._create_missing(admin, wanted)
+            await self._create_missing(admin, wanted, until)
             await self._read_batch_limits(admin, wanted)
         finally:
             await admin.close()
 
-    async def _create_missing(self, admin: AIOKafkaAdminClient, wanted: list[str]) -> None:
+    async def _create_missing(
+        self, admin: AIOKafkaAdminClient, wanted: list[str], until: float | None = None
+    ) -> None:
+        """Create the ``wanted`` topics that do not exist (when configured to); a refusal
+        stops start-up naming each topic and its code, once retriable ones were asked for
+        again until ``until`` (the loop's time; default: twice ``request_timeout_s`` on)."""
         existing = set(await admin.list_topics())
         missing = [t for t in wanted if t not in existing]
         if missing:
@@ -796,24 +829,49 @@ class KafkaSink:
                     f" {self._settings.bootstrap_servers}; create them or set"
                     " kafka.create_topics: true"
                 )
-            topics = [
-                NewTopic(t, self._settings.partitions, self._settings.replication_factor)
-                for t in missing
-            ]
-            # the answer carries an error code per topic (the call itself does not raise)
-            answer = await admin.create_topics(topics)
-            refused = []
-            for topic, code, *message in answer.topic_errors:  # message: from version 1 on
-                if code in (0, TopicAlreadyExistsError.errno):  # another replica was first
-                    continue
-                detail = f" ({message[0]})" if message and message[0] else ""
-                refused.append(f"{topic}: {for_code(code).__name__}{detail}")
+            if until is None:
+                until = asyncio.get_running_loop().time() + 2 * self._settings.request_timeout_s
+            refused, asked = await self._create(admin, missing, until - _CREATE_MARGIN_S)
             if refused:
+                tries = f" (asked {asked} times)" if asked > 1 else ""
                 raise KafkaSinkError(
                     f"kafka: cannot create topic(s) on {self._settings.bootstrap_servers}: "
-                    + "; ".join(refused)
+                    + "; ".join(refused.values())
+                    + tries
                 )
             log.info("kafka.topics_created", topics=missing)
+
+    async def _create(
+        self, admin: AIOKafkaAdminClient, topics: list[str], stop_at: float
+    ) -> tuple[dict[str, str], int]:
+        """Ask for ``topics``; returns the refusals (topic: what to show) and the asks made.
+        While every refusal is retriable, those topics are asked for again after a short wait
+        when the answer can come before ``stop_at`` (the loop's time); a retry cut off by it
+        leaves the refusals of the ask before."""
+        loop = asyncio.get_running_loop()
+        s = self._settings
+        refused, retriable = await _ask_create(admin, topics, s.partitions, s.replication_factor)
+        asked = 1
+        for wait_s in _CREATE_RETRY_WAITS_S:
+            if not refused or retriable != set(refused) or loop.time() + wait_s >= stop_at:
+                break
+            log.warning("kafka.create_topics_retry", refused=list(refused.values()), wait_s=wait_s)
+            await asyncio.sleep(wait_s)
+            retry = [t for t in topics if t in refused]
+            deadline = asyncio.timeout_at(stop_at)
+            try:
+                async with deadline:
+                    # aiokafka looks the controller up again only when a whole request is
+                    # refused with NotController, not when a topic's answer says so
+                    await admin._client.force_metadata_update()
+                    answer = await _ask_create(admin, retry, s.partitions, s.replication_factor)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                break
+            asked += 1
+            refused, retriable = answer
+        return refused, asked
 
     async def _check_authorized(self, topics: list[str]) -> None:
         """Raise the access error of the ``topics`` the relay's principal may not describe: a

@@ -6,10 +6,11 @@ connect time on the addresses actually resolved (:class:`GuardedResolver`), so a
 resolves to 127.0.0.1 or 169.254.169.254 (DNS rebinding) is refused too. IPv6 addresses that
 carry an IPv4 address (IPv4-mapped and -translated, IPv4-compatible, NAT64 ``64:ff9b::/96``,
 6to4 ``2002::/16``) are judged by the IPv4 address, since networks that translate them reach
-it. ``https`` is required unless the destination is allowlisted, checked at registration and
-again on the address a plain-http connection reached (:class:`GuardedConnector`). Numeric hosts
-other than the dotted quad (``2130706433``, ``0x7f.1``) are refused at registration: aiohttp
-will not connect to them.
+it; one is allowlisted when either that IPv4 address or its own IPv6 form is. ``https`` is
+required unless the destination is allowlisted, checked at registration and again on the
+address a plain-http connection reached (:class:`GuardedConnector`). Numeric hosts other than
+the dotted quad (``2130706433``, ``0x7f.1``) are refused at registration: aiohttp will not
+connect to them.
 """
 
 from __future__ import annotations
@@ -87,15 +88,21 @@ class Guard:
         return cls(parsed)
 
     def allowlisted(self, ip: IPAddress) -> bool:
-        """Whether the address is in an explicitly allowed network."""
-        ip = _unmapped(ip)
-        return any(ip in net for net in self._allow if net.version == ip.version)
+        """Whether the address is in an explicitly allowed network, in its own form or as the
+        IPv4 address it carries (an allowed NAT64 or 6to4 prefix allows its addresses, an
+        allowed IPv4 network the IPv6 forms that reach it)."""
+        return any(
+            form in net
+            for form in {ip, _unmapped(ip)}
+            for net in self._allow
+            if net.version == form.version
+        )
 
     def check_ip(self, ip: IPAddress, host: str) -> None:
         """Raise SsrfError unless the address is public or allowlisted."""
-        plain = _unmapped(ip)
-        if self.allowlisted(plain):
+        if self.allowlisted(ip):
             return
+        plain = _unmapped(ip)
         if (
             not plain.is_global
             or plain.is_multicast

@@ -52,6 +52,7 @@ DEFAULT_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 CONTENT_TYPE = "application/cloudevents+json"
 TALLY_S = 0.05  # settled attempts reach the metrics in batches, at most this late
 EXCERPT_WAIT_S = 1.0  # for a response body not there with the headers (the status is known)
+LOG_WEBHOOKS_MAX = 10  # webhooks a log line about a batch names (a batch may hold hundreds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -655,7 +656,7 @@ class _Worker:
         # attempt count could not tell: a reset sets it back to what a first attempt read)
         read = due.version
         if outcome.ok:
-            d._recorder.add(attempt, "delivered", now, read, self._recorded)
+            d._recorder.add(attempt, self.hook.id, "delivered", now, read, self._recorded)
             d._count("delivered", due.committed_ms, now)
             d.delivered += 1
             if self.failing_since_ms is None:
@@ -665,7 +666,7 @@ class _Worker:
         d.failed_attempts += 1
         delay = d._retry_delay_s(due.attempts + 1, outcome)
         status, next_ms = ("dead", now) if delay is None else ("pending", now + int(delay * 1000))
-        d._recorder.add(attempt, status, next_ms, read, self._recorded)
+        d._recorder.add(attempt, self.hook.id, status, next_ms, read, self._recorded)
         d._count(status, due.committed_ms, now)
         log.warning(
             "webhook.attempt_failed",
@@ -772,11 +773,18 @@ class _Recorder:
         self._backoffs: set[asyncio.TimerHandle] = set()
 
     def add(
-        self, attempt: Attempt, status: str, next_ms: int, read_version: int, done: Recorded
+        self,
+        attempt: Attempt,
+        webhook_id: str,
+        status: str,
+        next_ms: int,
+        read_version: int,
+        done: Recorded,
     ) -> None:
-        """Record an attempt of a delivery read at ``read_version``; ``done(delivery_id, status,
-        next_ms)`` runs once it is written (or after a backoff, when it cannot be)."""
-        self._pending.append((attempt, status, next_ms, read_version, done))
+        """Record an attempt of a delivery (of ``webhook_id``, named when its record cannot be
+        written) read at ``read_version``; ``done(delivery_id, status, next_ms)`` runs once it
+        is written (or after a backoff, when it cannot be)."""
+        self._pending.append((attempt, webhook_id, status, next_ms, read_version, done))
         if len(self._pending) >= self._max_backlog:
             self._room.clear()
         if self._flusher is None:
@@ -825,20 +833,27 @@ class _Recorder:
 
     async def _write(self, batch: list[_Record]) -> None:
         try:
-            await self._store.finish_attempts([(a, s, n, r) for a, s, n, r, _ in batch])
+            await self._store.finish_attempts([(a, s, n, r) for a, _, s, n, r, _ in batch])
         except StoreError as exc:
-            log.warning("webhook.store_error", error=str(exc), attempts=len(batch))
+            webhooks = _webhooks_named([record[1] for record in batch])
+            log.warning(
+                "webhook.store_error", webhooks=webhooks, error=str(exc), attempts=len(batch)
+            )
             if len(batch) == 1 or isinstance(exc, UnavailableError):
                 for record in batch:
                     self._back_off(record)
                 return
             for record in batch:  # which one the store refused: the others are written
-                attempt, status, next_ms, read, _ = record
+                attempt, webhook_id, status, next_ms, read, _ = record
                 try:
                     await self._store.finish_attempts([(attempt, status, next_ms, read)])
                 except StoreError as single:
-                    refused = attempt.delivery_id
-                    log.warning("webhook.record_refused", delivery=refused, error=str(single))
+                    log.warning(
+                        "webhook.record_refused",
+                        webhook=webhook_id,
+                        delivery=attempt.delivery_id,
+                        error=str(single),
+                    )
                     self._back_off(record)
                 else:
                     self._written(record)
@@ -847,13 +862,13 @@ class _Recorder:
                 self._written(record)
 
     def _written(self, record: _Record) -> None:
-        attempt, status, next_ms, _, done = record
+        attempt, _, status, next_ms, _, done = record
         self._failures.pop(attempt.delivery_id, None)
         done(attempt.delivery_id, status, next_ms)
 
     def _back_off(self, record: _Record) -> None:
         """Not recorded: the delivery stays held for the backoff, then is due again."""
-        attempt, _, _, _, done = record
+        attempt, _, _, _, _, done = record
         failures = self._failures.get(attempt.delivery_id, 0)
         self._failures[attempt.delivery_id] = failures + 1
         wait_s = min(self._backoff_s * 2 ** min(failures, 30), self._max_backoff_s)
@@ -866,7 +881,17 @@ class _Recorder:
         self._backoffs.add(handle)
 
 
-_Record = tuple[Attempt, str, int, int, Recorded]  # attempt, status, next_ms, version read, done
+# attempt, webhook id, status, next_ms, version read, done
+_Record = tuple[Attempt, str, str, int, int, Recorded]
+
+
+def _webhooks_named(webhook_ids: list[str]) -> list[str]:
+    """The distinct webhooks of a batch for a log line, in order, at most ``LOG_WEBHOOKS_MAX``
+    of them (then how many more): enough to find the endpoints, bounded for a line."""
+    distinct = list(dict.fromkeys(webhook_ids))
+    if len(distinct) <= LOG_WEBHOOKS_MAX:
+        return distinct
+    return [*distinct[:LOG_WEBHOOKS_MAX], f"... {len(distinct) - LOG_WEBHOOKS_MAX} more"]
 
 
 def _wanted_kinds(hook: Webhook) -> frozenset[str]:

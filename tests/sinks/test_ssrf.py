@@ -77,6 +77,41 @@ def test_the_allowlist_covers_the_forms_that_carry_an_allowed_address() -> None:
         guard.check_ip(ipaddress.ip_address("::1"), "::1")
 
 
+@pytest.mark.parametrize(
+    ("network", "address"),
+    [
+        pytest.param("64:ff9b::/96", "64:ff9b::a00:1", id="nat64"),
+        pytest.param("2002::/16", "2002:a9fe:a9fe::1", id="6to4"),
+        pytest.param("::ffff:0:0/96", "::ffff:127.0.0.1", id="mapped"),
+        pytest.param("::ffff:0:0:0/96", "::ffff:0:a9fe:a9fe", id="translated"),
+        pytest.param("::/96", "::7f00:1", id="compatible"),
+    ],
+)
+def test_an_allowlisted_prefix_that_embeds_ipv4_allows_its_addresses(
+    network: str, address: str
+) -> None:
+    """An IPv6 address carrying a non-public IPv4 one is allowed by a network in the allowlist
+    holding either its own form or the IPv4 it carries (only the latter was looked at: an
+    allowlisted NAT64, 6to4 or IPv4-mapped prefix never matched), and plain http with it."""
+    ip = ipaddress.ip_address(address)
+    with pytest.raises(SsrfError):
+        Guard().check_ip(ip, address)
+    guard = Guard.from_strings([network])
+    guard.check_ip(ip, address)
+    assert guard.allowlisted(ip)
+
+
+def test_an_allowlisted_embedding_prefix_allows_only_its_own_addresses() -> None:
+    """Allowlisting NAT64 allows neither the IPv4 addresses it reaches in other forms nor other
+    prefixes carrying them: what is outside every allowed network is refused as before."""
+    guard = Guard.from_strings(["64:ff9b::/96"])
+    for address in ("10.0.0.1", "::ffff:10.0.0.1", "2002:a00:1::1", "64:ff9b:1::a00:1"):
+        ip = ipaddress.ip_address(address)
+        with pytest.raises(SsrfError):
+            guard.check_ip(ip, address)
+        assert not guard.allowlisted(ip)
+
+
 async def test_messages_never_show_a_urls_password() -> None:
     """A refused URL's password is shown as ***."""
     with pytest.raises(SsrfError) as refused:

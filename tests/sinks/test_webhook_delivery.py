@@ -28,7 +28,12 @@ from relay.api import service
 from relay.events import Activity, Kind, from_millis
 from relay.sinks import signing
 from relay.sinks.ssrf import Guard
-from relay.sinks.webhooks import DeliverySettings, Outcome, WebhookDispatcher
+from relay.sinks.webhooks import (
+    DeliverySettings,
+    Outcome,
+    WebhookDispatcher,
+    _webhooks_named,
+)
 from relay.store import Attempt, Store, StoreError, StreamKey, UnwantedError, Webhook
 from relay.store.coordination import Coordinator, LocalCoordinator
 from tests.storekit import behind_the_store
@@ -963,6 +968,54 @@ async def test_a_record_the_store_refuses_backs_off_and_spares_the_rest_of_its_b
         await asyncio.sleep(0.2)
     assert (await store.delivery(poisoned)).status == "delivered"
     assert len(hits) == 12
+
+
+class RefusingAllRecords:
+    """The real store, refusing every attempt record once ``attempted`` says so: the first
+    batch waits for that, so the records of every attempt are written in at most two batches."""
+
+    def __init__(self, store: Store, attempted: Callable[[], bool]) -> None:
+        self._store = store
+        self._attempted = attempted
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def finish_attempts(self, results: Sequence[tuple[Attempt, str, int, int]]) -> None:
+        await until(self._attempted)
+        raise StoreError("invalid byte sequence for encoding UTF8: 0x00")
+
+
+async def test_the_store_refusing_records_is_logged_naming_their_webhooks(
+    store: Store, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    """A batch of attempt records the store refuses is logged with the distinct webhooks it
+    holds, and each record refused on its own with its webhook (neither named one)."""
+    served = [await serve(aiohttp_server, answering(200, b"ok")) for _ in range(2)]
+    hooks = [await register(store, url) for url, _ in served]
+    await commit(store, [activity(i) for i in range(2)])
+    await store.fanout(100, int(time.time() * 1000))
+    owner = {d.id: h.id for h in hooks for d in await store.deliveries(h.id, 10)}
+    refusing = RefusingAllRecords(store, lambda: sum(len(hits) for _, hits in served) >= 4)
+    with capture_logs() as logs:
+        async with Running(refusing):  # type: ignore[arg-type]
+            await until(lambda: any(x["event"] == "webhook.record_refused" for x in logs))
+    batches = [x for x in logs if x["event"] == "webhook.store_error" and "attempts" in x]
+    named = [name for x in batches for name in x.get("webhooks", [])]
+    assert sum(x["attempts"] for x in batches) >= 4  # every attempt, in one batch or two
+    assert set(named) == {h.id for h in hooks}
+    assert all(len(x["webhooks"]) == len(set(x["webhooks"])) for x in batches)  # distinct
+    refused = [x for x in logs if x["event"] == "webhook.record_refused"]
+    assert all(x.get("webhook") == owner[x["delivery"]] for x in refused)
+
+
+def test_a_batch_names_a_bounded_number_of_webhooks() -> None:
+    """A batch of records of many webhooks names the first few and counts the rest."""
+    assert _webhooks_named([f"wh_{i % 30}" for i in range(90)]) == [
+        *(f"wh_{i}" for i in range(10)),
+        "... 20 more",
+    ]
+    assert _webhooks_named(["wh_1", "wh_0", "wh_1"]) == ["wh_1", "wh_0"]
 
 
 class CrashingOnce(WebhookDispatcher):
