@@ -243,7 +243,7 @@ class WebhookDispatcher:
 
     def _drop_expired(self) -> None:
         if self._workers and time.monotonic() >= self._held_until:
-            log.warning("webhooks.leases_expired", webhooks=len(self._workers))
+            log.warning("webhooks.leases_expired", workers=len(self._workers))
             for hook_id in list(self._workers):
                 self._retire(self._workers.pop(hook_id))
 
