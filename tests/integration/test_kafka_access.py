@@ -72,6 +72,16 @@ async def create_topics(broker: SecureKafka, settings: KafkaSettings) -> None:
         await admin.close()
 
 
+async def reader_without_write(broker: SecureKafka, settings: KafkaSettings) -> list[str]:
+    """The topics made, and User:reader granted Describe on them and IdempotentWrite, not Write;
+    returns the ACL pattern of the topics, to grant or revoke Write with."""
+    await create_topics(broker, settings)
+    pattern = ["--topic", settings.topic.split("{", 1)[0], "--resource-pattern-type", "prefixed"]
+    await broker.grant("User:reader", "--operation", "Describe", *pattern)
+    await broker.grant("User:reader", "--operation", "IdempotentWrite", "--cluster")
+    return pattern
+
+
 def every_line(logs: list[dict[str, object]], caplog: pytest.LogCaptureFixture) -> str:
     """Our structured events and the libraries' records (aiokafka's), as one text."""
     return "\n".join([str(e) for e in logs] + [r.getMessage() for r in caplog.records])
@@ -197,10 +207,7 @@ async def test_a_topic_the_principal_may_not_write_is_reported_and_retried(
     (``kafka.access_refused``), and retries: an ACL granted later is picked up."""
     prefix = f"ro{uuid.uuid4().hex[:8]}"
     settings = settings_for(secure_kafka.sasl_bootstrap, prefix, sasl("reader", USERS["reader"]))
-    await create_topics(secure_kafka, settings)
-    pattern = ["--topic", f"{prefix}.ctct.email.", "--resource-pattern-type", "prefixed"]
-    await secure_kafka.grant("User:reader", "--operation", "Describe", *pattern)
-    await secure_kafka.grant("User:reader", "--operation", "IdempotentWrite", "--cluster")
+    pattern = await reader_without_write(secure_kafka, settings)
     with capture_logs() as logs:
         run = Running(KafkaSink(settings, store), store)
         await run.commit([bounce(i) for i in range(5)])
@@ -239,10 +246,7 @@ async def test_a_refusal_on_every_connection_backs_off_longer_each_time(
         retry_backoff_s=0.5,
         retry_backoff_max_s=30.0,
     )
-    await create_topics(secure_kafka, settings)
-    pattern = ["--topic", f"{prefix}.ctct.email.", "--resource-pattern-type", "prefixed"]
-    await secure_kafka.grant("User:reader", "--operation", "Describe", *pattern)
-    await secure_kafka.grant("User:reader", "--operation", "IdempotentWrite", "--cluster")
+    pattern = await reader_without_write(secure_kafka, settings)
     with capture_logs() as logs:
         run = Running(KafkaSink(settings, store), store)
         await run.commit([bounce(i) for i in range(5)])
